@@ -1,1 +1,31 @@
-pub fn x(){}
+//! textpoke: the Linux kernel's live code patching for multithreaded
+//! user-space processes.
+//!
+//! Layers, each using only those below it (see DESIGN.md):
+//!
+//! - [`text`]: the poke engine — batches of pokes validated as a whole and
+//!   committed by the breakpoint or the stop-machine strategy;
+//! - [`sync`]: the threads of this process — sync-core (membarrier or
+//!   signals), parking;
+//! - [`sys`]: thin wrappers over the kernel facilities;
+//! - [`arch`]: instruction encodings, decoding checks, trap emulation.
+//!
+//! ```no_run
+//! use textpoke::{Batch, Poke};
+//! # let site = 0usize; let target = 0usize;
+//! let call = textpoke::arch::encode_call(site, target).unwrap();
+//! let mut batch = Batch::new();
+//! batch.push(Poke::new(site, textpoke::arch::NOP5, call));
+//! batch.commit()?; // nothing is written if any poke is refused
+//! # Ok::<(), textpoke::PokeError>(())
+//! ```
+
+pub mod arch;
+pub mod error;
+pub mod stress;
+pub mod sync;
+pub mod sys;
+pub mod text;
+
+pub use error::PokeError;
+pub use text::{capabilities, Batch, Capabilities, CommitOptions, CommitStats, Poke, Strategy, SyncMethod, WriteMethod};

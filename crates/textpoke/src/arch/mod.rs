@@ -1,0 +1,16 @@
+//! The only layer that knows instruction encodings.
+//!
+//! Each supported ISA provides: the trap byte and NOP/CALL/JMP encodings,
+//! decoding checks (is this one whole instruction, is this address an
+//! instruction boundary), what the trap handler emulates for a new
+//! instruction, access to the interrupted context's PC and SP, and a
+//! core-serialising instruction. x86-64 first; aarch64 next (see DESIGN.md
+//! rule 6: there only B, BL, NOP and BRK may be swapped live).
+
+#[cfg(target_arch = "x86_64")]
+mod x86_64;
+#[cfg(target_arch = "x86_64")]
+pub use self::x86_64::*;
+
+#[cfg(not(target_arch = "x86_64"))]
+compile_error!("textpoke supports x86-64 only for now; aarch64 is next");

@@ -1,0 +1,209 @@
+//! x86-64: encodings, decoding checks (iced-x86) and trap emulation.
+
+use iced_x86::{Code, Decoder, DecoderOptions, FlowControl, Mnemonic};
+
+/// `int3`, the trap byte of the breakpoint protocol.
+pub const TRAP_BYTE: u8 = 0xcc;
+/// The 5-byte NOP gcc and clang emit for patchable entries (`nopl 0x0(%rax,%rax,1)`).
+pub const NOP5: [u8; 5] = [0x0f, 0x1f, 0x44, 0x00, 0x00];
+/// Length of a `call rel32` / `jmp rel32`.
+pub const REL32_LEN: usize = 5;
+
+/// What the trap handler does instead of executing a site's new instruction
+/// while the breakpoint protocol is in flight (the kernel's int3_emulate_*).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Emulation {
+    /// A NOP: continue after it.
+    Skip { len: usize },
+    /// `call target`: push `ret`, continue at `target`.
+    Call { target: usize, ret: usize },
+    /// `jmp target`.
+    Jmp { target: usize },
+}
+
+fn rel32(site: usize, len: usize, target: usize) -> Option<[u8; 4]> {
+    let disp = (target as i128) - (site as i128 + len as i128);
+    i32::try_from(disp).ok().map(i32::to_le_bytes)
+}
+
+/// `call target` placed at `site`, or `None` if `target` is farther than ±2 GiB.
+pub fn encode_call(site: usize, target: usize) -> Option<[u8; 5]> {
+    let d = rel32(site, REL32_LEN, target)?;
+    Some([0xe8, d[0], d[1], d[2], d[3]])
+}
+
+/// `jmp target` (rel32) placed at `site`, or `None` if out of range.
+pub fn encode_jmp(site: usize, target: usize) -> Option<[u8; 5]> {
+    let d = rel32(site, REL32_LEN, target)?;
+    Some([0xe9, d[0], d[1], d[2], d[3]])
+}
+
+fn decoder(ip: usize, bytes: &[u8]) -> Decoder<'_> {
+    Decoder::with_ip(64, bytes, ip as u64, DecoderOptions::NONE)
+}
+
+/// Checks that `bytes` at `ip` are exactly one valid instruction.
+/// On failure says what they are instead.
+pub fn check_one_instruction(ip: usize, bytes: &[u8]) -> Result<(), String> {
+    let mut dec = decoder(ip, bytes);
+    let insn = dec.decode();
+    if insn.is_invalid() {
+        return Err("not a valid instruction".into());
+    }
+    if insn.len() != bytes.len() {
+        return Err(format!("a {}-byte instruction followed by more", insn.len()));
+    }
+    Ok(())
+}
+
+/// Checks that `bytes` at `ip` decode as whole valid instructions ending
+/// exactly at the end of `bytes`.
+pub fn check_whole_instructions(ip: usize, bytes: &[u8]) -> bool {
+    let mut dec = decoder(ip, bytes);
+    while dec.can_decode() {
+        if dec.decode().is_invalid() {
+            return false; // also covers an instruction cut off by the end
+        }
+    }
+    true
+}
+
+/// Decodes from `start` (the bytes `code`) until reaching `target`.
+/// `Ok` if an instruction starts exactly at `target`; otherwise the
+/// instruction that steps over it.
+pub fn check_boundary(start: usize, code: &[u8], target: usize) -> Result<(), (usize, usize)> {
+    let mut dec = decoder(start, code);
+    let mut ip = start;
+    while ip < target && dec.can_decode() {
+        let insn = dec.decode();
+        let next = insn.next_ip() as usize;
+        if insn.is_invalid() || next > target {
+            return Err((ip, next));
+        }
+        ip = next;
+    }
+    if ip == target {
+        Ok(())
+    } else {
+        Err((ip, ip))
+    }
+}
+
+/// How the trap handler can stand in for the instruction `bytes` at `ip`
+/// (one whole instruction), or `None` if it cannot.
+pub fn emulation_for(ip: usize, bytes: &[u8]) -> Option<Emulation> {
+    let insn = decoder(ip, bytes).decode();
+    if insn.is_invalid() || insn.len() != bytes.len() {
+        return None;
+    }
+    let next = insn.next_ip() as usize;
+    match insn.code() {
+        Code::Call_rel32_64 => Some(Emulation::Call { target: insn.near_branch_target() as usize, ret: next }),
+        Code::Jmp_rel32_64 | Code::Jmp_rel8_64 => Some(Emulation::Jmp { target: insn.near_branch_target() as usize }),
+        _ if insn.mnemonic() == Mnemonic::Nop && insn.flow_control() == FlowControl::Next => {
+            Some(Emulation::Skip { len: bytes.len() })
+        }
+        _ => None,
+    }
+}
+
+/// The interrupted program counter of a signal context.
+///
+/// # Safety
+/// `ctx` must be the `ucontext_t` the kernel passed to an `SA_SIGINFO` handler.
+#[inline(always)]
+pub unsafe fn context_pc(ctx: *const libc::ucontext_t) -> usize {
+    (*ctx).uc_mcontext.gregs[libc::REG_RIP as usize] as usize
+}
+
+/// Sets the PC the interrupted thread resumes at.
+///
+/// # Safety
+/// As [`context_pc`]; `pc` must be code the thread may run.
+#[inline(always)]
+pub unsafe fn set_context_pc(ctx: *mut libc::ucontext_t, pc: usize) {
+    (*ctx).uc_mcontext.gregs[libc::REG_RIP as usize] = pc as i64;
+}
+
+/// The PC of a trap: `int3` reports the address after itself.
+#[inline(always)]
+pub fn trap_site(pc_after_trap: usize) -> usize {
+    pc_after_trap.wrapping_sub(1)
+}
+
+/// Makes the interrupted thread behave as if it had executed `emu` at `site`.
+///
+/// # Safety
+/// `ctx` as in [`context_pc`]. For `Call`, the interrupted thread's stack
+/// must have room for one more return address: true wherever the real CALL
+/// could run, and the kernel put the signal frame below the red zone.
+#[inline(always)]
+pub unsafe fn emulate(ctx: *mut libc::ucontext_t, site: usize, emu: Emulation) {
+    let g = &mut (*ctx).uc_mcontext.gregs;
+    match emu {
+        Emulation::Skip { len } => g[libc::REG_RIP as usize] = (site + len) as i64,
+        Emulation::Jmp { target } => g[libc::REG_RIP as usize] = target as i64,
+        Emulation::Call { target, ret } => {
+            let sp = (g[libc::REG_RSP as usize] as usize) - 8;
+            (sp as *mut usize).write(ret);
+            g[libc::REG_RSP as usize] = sp as i64;
+            g[libc::REG_RIP as usize] = target as i64;
+        }
+    }
+}
+
+/// Executes a core-serialising instruction: `serialize` where the CPU has
+/// it, `cpuid` otherwise (Intel SDM: cross-modifying code requires the
+/// executing core to serialise before it runs the new bytes).
+#[inline]
+pub fn serialize_core() {
+    use std::sync::atomic::{AtomicU8, Ordering};
+    static HAS_SERIALIZE: AtomicU8 = AtomicU8::new(0); // 0 unknown, 1 no, 2 yes
+    let mut has = HAS_SERIALIZE.load(Ordering::Relaxed);
+    if has == 0 {
+        let leaf7 = core::arch::x86_64::__cpuid_count(7, 0);
+        has = if leaf7.edx & (1 << 14) != 0 { 2 } else { 1 };
+        HAS_SERIALIZE.store(has, Ordering::Relaxed);
+    }
+    if has == 2 {
+        // SAFETY: `serialize` (0f 01 e8) has no operands and no effect but
+        // serialisation; the CPU advertises it (CPUID.7.0:EDX[14]).
+        unsafe { core::arch::asm!(".byte 0x0f, 0x01, 0xe8", options(nostack, preserves_flags)) };
+    } else {
+        // cpuid is architecturally serialising and always present.
+        core::arch::x86_64::__cpuid(0);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn call_and_jmp_encode_and_emulate() {
+        let site = 0x1000;
+        let call = encode_call(site, 0x2000).unwrap();
+        assert_eq!(call[0], 0xe8);
+        assert_eq!(emulation_for(site, &call), Some(Emulation::Call { target: 0x2000, ret: 0x1005 }));
+        let jmp = encode_jmp(site, 0x800).unwrap();
+        assert_eq!(emulation_for(site, &jmp), Some(Emulation::Jmp { target: 0x800 }));
+        assert_eq!(emulation_for(site, &NOP5), Some(Emulation::Skip { len: 5 }));
+        assert_eq!(emulation_for(site, &[0xeb, 0x10]), Some(Emulation::Jmp { target: 0x1012 }));
+        // mov eax, 1 is not emulated
+        assert_eq!(emulation_for(site, &[0xb8, 1, 0, 0, 0]), None);
+        assert!(encode_call(0x1000, 0x1000 + (1usize << 32)).is_none());
+    }
+
+    #[test]
+    fn instruction_checks() {
+        assert!(check_one_instruction(0, &NOP5).is_ok());
+        assert!(check_one_instruction(0, &[0x90, 0x90]).is_err());
+        assert!(check_one_instruction(0, &[0x0f, 0x1f]).is_err());
+        assert!(check_whole_instructions(0, &[0x66, 0x90, 0x0f, 0x1f, 0x00]));
+        assert!(!check_whole_instructions(0, &[0x66, 0x90, 0x0f, 0x1f]));
+        // push rbp; mov rbp,rsp; nop5
+        let code = [0x55, 0x48, 0x89, 0xe5, 0x0f, 0x1f, 0x44, 0, 0];
+        assert!(check_boundary(0x10, &code, 0x14).is_ok());
+        assert_eq!(check_boundary(0x10, &code, 0x12), Err((0x11, 0x14)));
+    }
+}

@@ -1,0 +1,70 @@
+//! Synchronising the threads of this process with the patcher.
+//!
+//! # Sync cores
+//!
+//! After bytes of code change, every core that may run them must execute a
+//! serialising instruction before it does (Intel SDM, cross-modifying code).
+//! The kernel does this with an IPI running `sync_core()`; user space has
+//! `membarrier(MEMBARRIER_CMD_PRIVATE_EXPEDITED_SYNC_CORE)`, registered once.
+//! Where the kernel refuses it, [`SyncMethod::Signals`] sends every other
+//! thread a real-time signal whose handler serialises its core and
+//! acknowledges; the patcher waits, bounded, for every thread that still
+//! exists (see [`rendezvous`]).
+//!
+//! The calling thread needs no round: x86 detects a store into code the same
+//! core is about to run (self-modifying code) by itself.
+//!
+//! # Parking
+//!
+//! The stop-machine strategy parks every other thread in a signal handler
+//! with all signals blocked, reads each interrupted PC, writes, and releases
+//! them; see [`rendezvous::park_others`].
+
+pub mod rendezvous;
+
+use crate::error::PokeError;
+use crate::sys::membarrier;
+use std::sync::OnceLock;
+
+/// How cores are synchronised after a write.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SyncMethod {
+    /// `membarrier(PRIVATE_EXPEDITED_SYNC_CORE)`: one syscall, IPIs only to
+    /// CPUs running this process.
+    Membarrier,
+    /// A real-time signal to every other thread; each serialises and acks.
+    Signals,
+}
+
+impl std::fmt::Display for SyncMethod {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            SyncMethod::Membarrier => "membarrier-sync-core",
+            SyncMethod::Signals => "signals",
+        })
+    }
+}
+
+/// The best method this kernel offers, decided (and registered) once.
+pub fn best_method() -> SyncMethod {
+    static METHOD: OnceLock<SyncMethod> = OnceLock::new();
+    *METHOD.get_or_init(|| {
+        if membarrier::sync_core_supported() && membarrier::register_sync_core().is_ok() {
+            SyncMethod::Membarrier
+        } else {
+            SyncMethod::Signals
+        }
+    })
+}
+
+/// Makes every thread of this process serialise its core before it next
+/// runs code written before this call. Pairs with the code writes that
+/// precede it (all plain stores, ordered by x86-TSO before the syscall or
+/// the signals).
+pub fn sync_cores(method: SyncMethod) -> Result<(), PokeError> {
+    match method {
+        SyncMethod::Membarrier => membarrier::sync_core()
+            .map_err(|source| PokeError::Sys { what: "membarrier(PRIVATE_EXPEDITED_SYNC_CORE)", source }),
+        SyncMethod::Signals => rendezvous::sync_by_signals(),
+    }
+}

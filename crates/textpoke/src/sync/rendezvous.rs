@@ -1,0 +1,354 @@
+//! A signal rendezvous with every other thread of this process.
+//!
+//! # Algorithm
+//!
+//! The patcher (commits are serialised, so there is one) fills a slot table
+//! with the ids of the threads it signals and starts a new request
+//! generation `gen`. Each thread is sent one real-time signal carrying
+//! `gen` and the request kind in `si_value`:
+//!
+//! - **sync**: the handler serialises its core, then stores `gen` into its
+//!   slot's `acked` (Release; pairs with the patcher's Acquire load).
+//! - **park**: the handler stores its interrupted PC, then `acked = gen`
+//!   (Release), then sleeps on the `RELEASED` futex until the patcher
+//!   releases `gen`, serialises its core, and returns. All signals are
+//!   blocked in the handler, so nothing else runs on that thread meanwhile.
+//!
+//! The patcher waits until every slot acked `gen` or its thread is gone
+//! (`tgkill(tid, 0)` says `ESRCH`), bounded by a deadline. Parking re-lists
+//! the threads after everyone acked, and parks newcomers, until a listing
+//! shows no thread that is not parked: only unparked threads can create
+//! threads, and the patcher creates none.
+//!
+//! Nothing between "park" and "release" allocates or takes a lock: the
+//! parked threads may hold any lock of the process, malloc's included. The
+//! slot table is sized before parking and never freed (a late handler may
+//! still read it); a stale handler of an earlier request sees its `gen`
+//! already released, or acks a `gen` nobody waits for.
+
+use crate::arch;
+use crate::error::PokeError;
+use crate::sys::threads::{self, for_each_tid, gettid, signal_thread};
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicPtr, AtomicU32, AtomicUsize, Ordering};
+use std::sync::Once;
+use std::time::{Duration, Instant};
+
+/// How long a thread may take to answer before the request fails.
+pub const RESPONSE_DEADLINE: Duration = Duration::from_secs(5);
+
+struct Slot {
+    tid: AtomicI32,
+    acked: AtomicU32,
+    pc: AtomicUsize,
+}
+
+struct Table {
+    slots: Box<[Slot]>,
+    used: AtomicUsize,
+}
+
+static TABLE: AtomicPtr<Table> = AtomicPtr::new(std::ptr::null_mut());
+static GEN: AtomicU32 = AtomicU32::new(0);
+/// Highest park generation released (futex word of parked threads).
+static RELEASED: AtomicU32 = AtomicU32::new(0);
+static INSTALLED: Once = Once::new();
+static INSTALL_FAILED: AtomicBool = AtomicBool::new(false);
+
+const PARK_BIT: usize = 1;
+
+/// The real-time signal textpoke uses for rendezvous: `SIGRTMAX - 1`,
+/// away from glibc's reserved low ones and the `SIGRTMIN + n` applications
+/// usually pick.
+pub fn rendezvous_signal() -> i32 {
+    libc::SIGRTMAX() - 1
+}
+
+/// `a` is at or past `b` in wrapping generation order.
+fn reached(a: u32, b: u32) -> bool {
+    (a.wrapping_sub(b) as i32) >= 0
+}
+
+fn table() -> &'static Table {
+    // SAFETY: once set, TABLE points to a leaked Table that lives forever.
+    unsafe { &*TABLE.load(Ordering::Acquire) }
+}
+
+/// Makes sure the table has room for `n` threads (allocates; call before
+/// parking). An old table is leaked, never freed: late handlers may read it.
+fn reserve(n: usize) {
+    let cur = TABLE.load(Ordering::Acquire);
+    // SAFETY: as in `table`.
+    if !cur.is_null() && unsafe { (&(*cur).slots).len() } >= n {
+        return;
+    }
+    let cap = n.next_power_of_two().max(64);
+    let slots = (0..cap)
+        .map(|_| Slot { tid: AtomicI32::new(0), acked: AtomicU32::new(0), pc: AtomicUsize::new(0) })
+        .collect();
+    let t = Box::into_raw(Box::new(Table { slots, used: AtomicUsize::new(0) }));
+    TABLE.store(t, Ordering::Release);
+}
+
+fn install() -> Result<(), PokeError> {
+    INSTALLED.call_once(|| {
+        reserve(64);
+        // SAFETY: sigaction is plain data; we fill the fields we use.
+        let mut sa: libc::sigaction = unsafe { std::mem::zeroed() };
+        sa.sa_sigaction = on_rendezvous as *const () as usize;
+        sa.sa_flags = libc::SA_SIGINFO | libc::SA_RESTART | libc::SA_ONSTACK;
+        // SAFETY: sa_mask is a valid sigset_t; block everything but the
+        // synchronous signals while the handler runs.
+        unsafe {
+            libc::sigfillset(&mut sa.sa_mask);
+            for s in [libc::SIGSEGV, libc::SIGBUS, libc::SIGILL, libc::SIGFPE, libc::SIGTRAP] {
+                libc::sigdelset(&mut sa.sa_mask, s);
+            }
+            if libc::sigaction(rendezvous_signal(), &sa, std::ptr::null_mut()) != 0 {
+                INSTALL_FAILED.store(true, Ordering::Relaxed);
+            }
+        }
+    });
+    if INSTALL_FAILED.load(Ordering::Relaxed) {
+        return Err(PokeError::Sys { what: "install the rendezvous signal handler", source: std::io::Error::last_os_error() });
+    }
+    Ok(())
+}
+
+/// The signal handler. Async-signal-safe: atomics, futex, no allocation.
+extern "C" fn on_rendezvous(_sig: i32, info: *mut libc::siginfo_t, ctx: *mut libc::c_void) {
+    // SAFETY: the kernel passes a valid siginfo to an SA_SIGINFO handler.
+    if unsafe { (*info).si_code } != libc::SI_QUEUE {
+        return; // not ours (someone else sent this signal number)
+    }
+    // SAFETY: SI_QUEUE signals of this number are sent by `signal_thread`.
+    let value = unsafe { threads::signal_value(info) };
+    let gen = (value >> 1) as u32;
+    let park = value & PARK_BIT != 0;
+    let t = TABLE.load(Ordering::Acquire);
+    if t.is_null() {
+        return;
+    }
+    // SAFETY: tables are leaked, never freed.
+    let t = unsafe { &*t };
+    let me = gettid();
+    let used = t.used.load(Ordering::Acquire).min(t.slots.len());
+    let Some(slot) = t.slots[..used].iter().find(|s| s.tid.load(Ordering::Relaxed) == me) else {
+        arch::serialize_core();
+        return;
+    };
+    if !park {
+        arch::serialize_core();
+        slot.acked.store(gen, Ordering::Release); // pairs with wait_all's Acquire
+        return;
+    }
+    if reached(RELEASED.load(Ordering::Acquire), gen) {
+        return; // a late signal of a request already over
+    }
+    // SAFETY: ctx is the ucontext_t the kernel passed.
+    slot.pc.store(unsafe { arch::context_pc(ctx.cast()) }, Ordering::Relaxed);
+    slot.acked.store(gen, Ordering::Release); // publishes pc; pairs with wait_all
+    loop {
+        let r = RELEASED.load(Ordering::Acquire); // pairs with release()'s Release
+        if reached(r, gen) {
+            break;
+        }
+        crate::sys::futex_wait(&RELEASED, r);
+    }
+    // The code changed while we were parked: serialise before returning to it.
+    arch::serialize_core();
+}
+
+/// Adds `tid` to the table and signals it. `Ok(false)` if the thread is gone
+/// or the table is full (`Err` from signal_thread other than ESRCH).
+fn enlist(t: &Table, tid: i32, gen: u32, park: bool) -> Result<bool, i32> {
+    let i = t.used.load(Ordering::Relaxed);
+    if i >= t.slots.len() {
+        return Err(-1);
+    }
+    t.slots[i].tid.store(tid, Ordering::Relaxed);
+    t.slots[i].acked.store(gen.wrapping_sub(1), Ordering::Relaxed);
+    t.used.store(i + 1, Ordering::Release); // slot visible before the signal
+    let value = ((gen as usize) << 1) | if park { PARK_BIT } else { 0 };
+    match signal_thread(tid, rendezvous_signal(), value) {
+        Ok(()) => Ok(true),
+        Err(e) if e.raw_os_error() == Some(libc::ESRCH) => {
+            t.slots[i].tid.store(0, Ordering::Relaxed); // gone: nothing to wait for
+            Ok(false)
+        }
+        Err(e) => Err(e.raw_os_error().unwrap_or(-1)),
+    }
+}
+
+fn is_enlisted(t: &Table, tid: i32) -> bool {
+    let used = t.used.load(Ordering::Relaxed);
+    t.slots[..used].iter().any(|s| s.tid.load(Ordering::Relaxed) == tid)
+}
+
+/// Waits until every enlisted thread acked `gen` or is gone. On timeout,
+/// the id of a thread that never answered.
+fn wait_all(t: &Table, gen: u32, deadline: Instant) -> Result<(), i32> {
+    let mut spins = 0u32;
+    loop {
+        let used = t.used.load(Ordering::Relaxed);
+        let mut pending = None;
+        for s in &t.slots[..used] {
+            let tid = s.tid.load(Ordering::Relaxed);
+            if tid != 0 && s.acked.load(Ordering::Acquire) != gen {
+                pending = Some(s);
+                break;
+            }
+        }
+        let Some(s) = pending else { return Ok(()) };
+        spins += 1;
+        if spins % 64 == 0 {
+            let tid = s.tid.load(Ordering::Relaxed);
+            if signal_thread(tid, 0, 0).is_err() {
+                s.tid.store(0, Ordering::Relaxed); // exited before answering
+                continue;
+            }
+            if Instant::now() > deadline {
+                return Err(tid);
+            }
+            sleep_briefly();
+        } else {
+            std::thread::yield_now();
+        }
+    }
+}
+
+fn sleep_briefly() {
+    let ts = libc::timespec { tv_sec: 0, tv_nsec: 20_000 };
+    // SAFETY: ts is valid; the remaining-time pointer may be null.
+    unsafe { libc::nanosleep(&ts, std::ptr::null_mut()) };
+}
+
+fn count_threads() -> usize {
+    let mut n = 0;
+    let _ = for_each_tid(|_| n += 1);
+    n
+}
+
+fn unresponsive(tid: i32, deadline_start: Instant) -> PokeError {
+    let sig = rendezvous_signal();
+    let hint = match threads::blocked_mask(tid) {
+        Some(mask) if mask & (1u64 << (sig - 1)) != 0 => format!(" (it blocks signal {sig})"),
+        Some(_) => " (is it stopped or traced?)".to_string(),
+        None => String::new(),
+    };
+    PokeError::ThreadUnresponsive { tid, signal: sig, waited_ms: deadline_start.elapsed().as_millis() as u64, hint }
+}
+
+/// Sync cores by signalling every other thread (see module docs).
+pub fn sync_by_signals() -> Result<(), PokeError> {
+    install()?;
+    reserve(count_threads() * 2 + 16);
+    let t = table();
+    let gen = GEN.fetch_add(1, Ordering::Relaxed).wrapping_add(1);
+    t.used.store(0, Ordering::Relaxed);
+    let me = gettid();
+    let start = Instant::now();
+    let mut full = false;
+    for_each_tid(|tid| {
+        if tid != me && enlist(t, tid, gen, false).is_err() {
+            full = true;
+        }
+    })
+    .map_err(|source| PokeError::Sys { what: "list /proc/self/task", source })?;
+    if full {
+        return Err(PokeError::Sys { what: "signal every thread", source: std::io::Error::from_raw_os_error(libc::EAGAIN) });
+    }
+    wait_all(t, gen, start + RESPONSE_DEADLINE).map_err(|tid| unresponsive(tid, start))?;
+    arch::serialize_core();
+    Ok(())
+}
+
+/// Every other thread parked; dropping it releases them.
+pub struct Parked {
+    gen: u32,
+    released: bool,
+}
+
+impl Parked {
+    /// Each parked thread with the PC it was stopped at.
+    pub fn for_each_pc(&self, mut f: impl FnMut(i32, usize)) {
+        let t = table();
+        for s in &t.slots[..t.used.load(Ordering::Relaxed)] {
+            let tid = s.tid.load(Ordering::Relaxed);
+            if tid != 0 && s.acked.load(Ordering::Acquire) == self.gen {
+                f(tid, s.pc.load(Ordering::Relaxed));
+            }
+        }
+    }
+
+    /// Releases every parked thread (each serialises its core first).
+    pub fn release(mut self) {
+        self.do_release();
+    }
+
+    fn do_release(&mut self) {
+        if !self.released {
+            self.released = true;
+            RELEASED.store(self.gen, Ordering::Release); // pairs with the handler's Acquire
+            crate::sys::futex_wake_all(&RELEASED);
+        }
+    }
+}
+
+impl Drop for Parked {
+    fn drop(&mut self) {
+        self.do_release();
+    }
+}
+
+/// Parks every other thread of the process (see module docs). Between the
+/// return of this function and the release of [`Parked`], the caller must
+/// not allocate or take a lock another thread could hold.
+pub fn park_others() -> Result<Parked, PokeError> {
+    install()?;
+    loop {
+        reserve(count_threads() * 2 + 16);
+        match try_park() {
+            Ok(p) => return Ok(p),
+            Err(None) => continue, // table full: threads appeared; grow and retry
+            Err(Some(e)) => return Err(e),
+        }
+    }
+}
+
+fn try_park() -> Result<Parked, Option<PokeError>> {
+    let t = table();
+    let gen = GEN.fetch_add(1, Ordering::Relaxed).wrapping_add(1);
+    t.used.store(0, Ordering::Relaxed);
+    let mut parked = Parked { gen, released: false };
+    let me = gettid();
+    let start = Instant::now();
+    loop {
+        let mut added = 0;
+        let mut full = false;
+        let listed = for_each_tid(|tid| {
+            if tid == me || full || is_enlisted(t, tid) {
+                return;
+            }
+            match enlist(t, tid, gen, true) {
+                Ok(true) => added += 1,
+                Ok(false) => {}
+                Err(_) => full = true,
+            }
+        });
+        if let Err(source) = listed {
+            parked.do_release();
+            return Err(Some(PokeError::Sys { what: "list /proc/self/task", source }));
+        }
+        if full {
+            parked.do_release();
+            return Err(None);
+        }
+        if let Err(tid) = wait_all(t, gen, start + RESPONSE_DEADLINE) {
+            parked.do_release();
+            return Err(Some(unresponsive(tid, start)));
+        }
+        if added == 0 {
+            return Ok(parked);
+        }
+    }
+}

@@ -1,0 +1,48 @@
+//! Thin wrappers over the kernel facilities textpoke uses, one module each;
+//! raw syscalls live here and nowhere else.
+
+pub mod maps;
+pub mod membarrier;
+pub mod threads;
+
+use std::io;
+
+/// `Err(last OS error)` when `ret` is -1.
+pub(crate) fn cvt(ret: libc::c_long) -> io::Result<libc::c_long> {
+    if ret == -1 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(ret)
+    }
+}
+
+/// Whether `prctl(PR_GET_MDWE)` reports `PR_MDWE_REFUSE_EXEC_GAIN`: no page
+/// of this process may become writable and executable.
+pub fn mdwe_refuses_exec_gain() -> bool {
+    // SAFETY: PR_GET_MDWE takes no pointers; unused arguments must be 0.
+    let r = unsafe { libc::prctl(libc::PR_GET_MDWE, 0, 0, 0, 0) };
+    r > 0 && (r as libc::c_uint & libc::PR_MDWE_REFUSE_EXEC_GAIN) != 0
+}
+
+/// Wait on a futex word while it holds `expected` (spurious wake-ups allowed).
+pub(crate) fn futex_wait(word: &std::sync::atomic::AtomicU32, expected: u32) {
+    // SAFETY: `word` is a valid, aligned u32 for the duration of the call;
+    // no timeout pointer.
+    unsafe {
+        libc::syscall(
+            libc::SYS_futex,
+            word.as_ptr(),
+            libc::FUTEX_WAIT | libc::FUTEX_PRIVATE_FLAG,
+            expected,
+            std::ptr::null::<libc::timespec>(),
+        );
+    }
+}
+
+/// Wake every waiter on a futex word.
+pub(crate) fn futex_wake_all(word: &std::sync::atomic::AtomicU32) {
+    // SAFETY: `word` is a valid, aligned u32.
+    unsafe {
+        libc::syscall(libc::SYS_futex, word.as_ptr(), libc::FUTEX_WAKE | libc::FUTEX_PRIVATE_FLAG, i32::MAX);
+    }
+}

@@ -1,0 +1,138 @@
+//! The threads of this process: listing them without allocating, and
+//! signalling one of them.
+//!
+//! Listing reads `/proc/self/task` with raw `getdents64` into a buffer on
+//! the stack, so it can run while other threads are parked in a signal
+//! handler holding who knows which lock (malloc's included).
+
+use std::io;
+
+/// The calling thread's id.
+#[inline]
+pub fn gettid() -> i32 {
+    // SAFETY: no arguments.
+    unsafe { libc::syscall(libc::SYS_gettid) as i32 }
+}
+
+/// Calls `f` with the id of every thread of this process. Allocation-free.
+pub fn for_each_tid(mut f: impl FnMut(i32)) -> io::Result<()> {
+    const PATH: &[u8] = b"/proc/self/task\0";
+    // SAFETY: PATH is NUL-terminated.
+    let fd = unsafe {
+        libc::open(PATH.as_ptr().cast(), libc::O_RDONLY | libc::O_DIRECTORY | libc::O_CLOEXEC)
+    };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let mut buf = [0u64; 512]; // 4 KiB, 8-aligned for linux_dirent64
+    let result = loop {
+        // SAFETY: buf is writable for its full size.
+        let n = unsafe { libc::syscall(libc::SYS_getdents64, fd, buf.as_mut_ptr(), std::mem::size_of_val(&buf)) };
+        if n < 0 {
+            break Err(io::Error::last_os_error());
+        }
+        if n == 0 {
+            break Ok(());
+        }
+        // SAFETY: the kernel filled `n` bytes of `buf`.
+        let bytes = unsafe { std::slice::from_raw_parts(buf.as_ptr().cast::<u8>(), n as usize) };
+        parse_dirents(bytes, &mut f);
+    };
+    // SAFETY: fd is ours.
+    unsafe { libc::close(fd) };
+    result
+}
+
+/// Parses `linux_dirent64` records: d_ino u64, d_off i64, d_reclen u16,
+/// d_type u8, then the NUL-terminated name.
+fn parse_dirents(bytes: &[u8], f: &mut impl FnMut(i32)) {
+    let mut off = 0;
+    while off + 19 < bytes.len() {
+        let reclen = u16::from_ne_bytes([bytes[off + 16], bytes[off + 17]]) as usize;
+        if reclen == 0 {
+            break;
+        }
+        let name = &bytes[off + 19..(off + reclen).min(bytes.len())];
+        let mut tid: i32 = 0;
+        let mut digits = 0;
+        for &c in name.iter().take_while(|&&c| c != 0) {
+            if !c.is_ascii_digit() {
+                digits = 0;
+                break;
+            }
+            tid = tid.wrapping_mul(10).wrapping_add((c - b'0') as i32);
+            digits += 1;
+        }
+        if digits > 0 {
+            f(tid);
+        }
+        off += reclen;
+    }
+}
+
+/// Sends `sig` to thread `tid` of this process, with `value` in `si_value`
+/// (`rt_tgsigqueueinfo`, `si_code = SI_QUEUE`). `sig == 0` only checks the
+/// thread exists. Errors: `ESRCH` when the thread has exited.
+pub fn signal_thread(tid: i32, sig: i32, value: usize) -> io::Result<()> {
+    // SAFETY: getpid has no preconditions.
+    let pid = unsafe { libc::getpid() };
+    if sig == 0 {
+        // SAFETY: plain syscall with integer arguments.
+        return super::cvt(unsafe { libc::syscall(libc::SYS_tgkill, pid, tid, 0) }).map(drop);
+    }
+    // SAFETY: siginfo_t is plain data; zeroed is a valid value.
+    let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
+    info.si_signo = sig;
+    info.si_code = libc::SI_QUEUE;
+    // siginfo_t for SI_QUEUE: si_pid (i32) at 16, si_uid (u32) at 20, si_value at 24.
+    // SAFETY: the struct is 128 bytes; these offsets are inside it and match
+    // the kernel's layout on 64-bit Linux.
+    unsafe {
+        let base = (&mut info as *mut libc::siginfo_t).cast::<u8>();
+        base.add(16).cast::<i32>().write_unaligned(pid);
+        base.add(20).cast::<u32>().write_unaligned(libc::getuid());
+        base.add(24).cast::<usize>().write_unaligned(value);
+    }
+    // SAFETY: info is a valid siginfo_t for the duration of the call.
+    super::cvt(unsafe { libc::syscall(libc::SYS_rt_tgsigqueueinfo, pid, tid, sig, &info) }).map(drop)
+}
+
+/// The `si_value` sent by [`signal_thread`].
+///
+/// # Safety
+/// `info` must point to the siginfo of a signal sent by [`signal_thread`].
+#[inline(always)]
+pub unsafe fn signal_value(info: *const libc::siginfo_t) -> usize {
+    info.cast::<u8>().add(24).cast::<usize>().read_unaligned()
+}
+
+/// The blocked-signal mask of thread `tid`, from `/proc/self/task/TID/status`
+/// (for error messages; allocates).
+pub fn blocked_mask(tid: i32) -> Option<u64> {
+    let s = std::fs::read_to_string(format!("/proc/self/task/{tid}/status")).ok()?;
+    let line = s.lines().find(|l| l.starts_with("SigBlk:"))?;
+    u64::from_str_radix(line["SigBlk:".len()..].trim(), 16).ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lists_own_threads() {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
+        let h = std::thread::spawn(move || {
+            tx.send(gettid()).unwrap();
+            done_rx.recv().unwrap();
+        });
+        let other = rx.recv().unwrap();
+        let mut seen = Vec::new();
+        for_each_tid(|t| seen.push(t)).unwrap();
+        assert!(seen.contains(&gettid()));
+        assert!(seen.contains(&other));
+        done_tx.send(()).unwrap();
+        h.join().unwrap();
+        assert_eq!(signal_thread(other, 0, 0).map_err(|e| e.raw_os_error()), Err(Some(libc::ESRCH)));
+    }
+}

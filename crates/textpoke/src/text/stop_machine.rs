@@ -1,0 +1,136 @@
+//! The stop-machine strategy: park every other thread, write, release.
+
+use super::write::{WriteMethod, Writer};
+use super::{CommitStats, Plan};
+use crate::error::PokeError;
+use crate::sync::rendezvous::{park_others, Parked};
+use crate::sync::{sync_cores, SyncMethod};
+use std::time::Duration;
+
+/// How often threads are parked before giving up on one that keeps
+/// stopping strictly inside a poke.
+pub const MAX_PARK_ATTEMPTS: u32 = 200;
+
+/// Commits a validated plan with every other thread parked.
+///
+///  1. make the pages writable (or open /proc/self/mem);
+///  2. block this thread's asynchronous signals: its own signal handlers
+///     are the NMIs of rule 4 and must not run half-written code;
+///  3. park every other thread in a signal handler with all signals
+///     blocked, each reporting the PC it was stopped at;
+///  4. if a PC lies strictly inside a poke (a thread between two
+///     instructions of a region), release everyone, back off, retry —
+///     bounded, then a clear error naming the thread;
+///  5. write every poke whole; **sync** (membarrier; parked threads also
+///     serialise their cores when released);
+///  6. release, unblock signals, restore protections.
+///
+/// Between 3 and 6 nothing allocates or locks: parked threads may hold
+/// malloc's lock. Threads stopped in signal handlers of their own (an
+/// outer frame inside a region) are not seen: rule 4, use the breakpoint
+/// strategy where that matters.
+pub(crate) fn commit(
+    plan: &Plan,
+    sync: SyncMethod,
+    write: Option<WriteMethod>,
+    stats: &mut CommitStats,
+) -> Result<(), PokeError> {
+    let writer = Writer::prepare(plan.runs.clone(), write)
+        .map_err(|source| PokeError::Sys { what: "make code pages writable", source })?;
+    stats.write_method = Some(writer.method());
+    let mask = SignalMask::block_async();
+    let result = park_and_write(plan, &writer, sync, stats);
+    drop(mask);
+    let restored = writer.finish();
+    result?;
+    restored.map_err(|source| PokeError::Sys { what: "restore code page protection", source })
+}
+
+fn park_and_write(plan: &Plan, w: &Writer, sync: SyncMethod, stats: &mut CommitStats) -> Result<(), PokeError> {
+    let mut inside = None;
+    for attempt in 0..MAX_PARK_ATTEMPTS {
+        stats.park_attempts += 1;
+        let parked = park_others()?;
+        inside = thread_inside(plan, &parked);
+        if inside.is_some() {
+            parked.release();
+            std::thread::sleep(Duration::from_micros(20 * (1 + attempt as u64).min(50)));
+            continue;
+        }
+        let written = write_all(plan, w);
+        // With signals as the sync method the parked threads, which block
+        // every signal, serialise when released instead.
+        let synced = match (written.is_ok(), sync) {
+            (true, SyncMethod::Membarrier) => sync_cores(sync),
+            _ => Ok(()),
+        };
+        parked.release();
+        written?;
+        synced?;
+        stats.sync_rounds += 1;
+        return Ok(());
+    }
+    let (tid, pc, i) = inside.expect("loop ran at least once");
+    Err(PokeError::ThreadInsideRegion { tid, pc, at: plan.pokes[i].at.clone(), attempts: MAX_PARK_ATTEMPTS })
+}
+
+/// A parked thread stopped strictly inside a poke: (tid, pc, poke index).
+/// Allocation-free.
+fn thread_inside(plan: &Plan, parked: &Parked) -> Option<(i32, usize, usize)> {
+    let mut hit = None;
+    parked.for_each_pc(|tid, pc| {
+        if hit.is_some() {
+            return;
+        }
+        let i = plan.pokes.partition_point(|p| p.addr < pc);
+        // The poke starting before pc is the only one that can contain it.
+        if i > 0 {
+            let p = &plan.pokes[i - 1];
+            if pc > p.addr && pc < p.addr + p.old.len() {
+                hit = Some((tid, pc, i - 1));
+            }
+        }
+    });
+    hit
+}
+
+fn write_all(plan: &Plan, w: &Writer) -> Result<(), PokeError> {
+    for p in &plan.pokes {
+        w.write(p.addr, &p.new).map_err(|source| PokeError::WriteFailed {
+            at: p.at.clone(),
+            len: p.new.len(),
+            source,
+            rollback: "; threads were released, earlier pokes of the batch were written".into(),
+        })?;
+    }
+    Ok(())
+}
+
+/// Blocks asynchronous signals on this thread until dropped.
+struct SignalMask {
+    old: libc::sigset_t,
+}
+
+impl SignalMask {
+    fn block_async() -> SignalMask {
+        // SAFETY: sigset_t values are plain data; pthread_sigmask with valid
+        // pointers.
+        unsafe {
+            let mut set: libc::sigset_t = std::mem::zeroed();
+            let mut old: libc::sigset_t = std::mem::zeroed();
+            libc::sigfillset(&mut set);
+            for s in [libc::SIGSEGV, libc::SIGBUS, libc::SIGILL, libc::SIGFPE, libc::SIGTRAP] {
+                libc::sigdelset(&mut set, s);
+            }
+            libc::pthread_sigmask(libc::SIG_BLOCK, &set, &mut old);
+            SignalMask { old }
+        }
+    }
+}
+
+impl Drop for SignalMask {
+    fn drop(&mut self) {
+        // SAFETY: restores the mask saved in block_async.
+        unsafe { libc::pthread_sigmask(libc::SIG_SETMASK, &self.old, std::ptr::null_mut()) };
+    }
+}

@@ -1,0 +1,220 @@
+//! Writing bytes into code pages.
+//!
+//! Two ways, chosen automatically per batch:
+//!
+//! - **mprotect**: each page range is made writable *and* executable for the
+//!   duration of the commit (never writable-only: other threads execute
+//!   those pages meanwhile), written with plain stores, and given back its
+//!   exact original protection at the end.
+//! - **/proc/self/mem**: `pwrite` through the process's own memory file. The
+//!   kernel writes with FOLL_FORCE, so no page protection ever changes. This
+//!   is the only way in a process that set
+//!   `prctl(PR_SET_MDWE, PR_MDWE_REFUSE_EXEC_GAIN)`, where `mprotect` to
+//!   writable+executable fails with EACCES.
+//!
+//! Preparing the writer does everything that can fail before the first byte
+//! is written: the protection changes, or opening the file and rewriting one
+//! unchanged byte per page (which also breaks copy-on-write sharing up
+//! front), so that a batch either writes nothing or writes everything.
+
+use crate::sys::maps::Maps;
+use std::io;
+
+/// How bytes get into code pages.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WriteMethod {
+    /// Temporarily add PROT_WRITE, store, restore.
+    Mprotect,
+    /// `pwrite` to `/proc/self/mem`.
+    ProcMem,
+}
+
+impl std::fmt::Display for WriteMethod {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            WriteMethod::Mprotect => "mprotect",
+            WriteMethod::ProcMem => "/proc/self/mem",
+        })
+    }
+}
+
+/// A run of pages with one original protection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct PageRun {
+    pub start: usize,
+    pub len: usize,
+    pub prot: libc::c_int,
+}
+
+pub(crate) fn page_size() -> usize {
+    // SAFETY: sysconf has no preconditions.
+    unsafe { libc::sysconf(libc::_SC_PAGESIZE) as usize }
+}
+
+/// The page runs covering `ranges` (address, length), with the protection
+/// each page has now according to `maps`. `None` if a page is unmapped.
+pub(crate) fn page_runs(maps: &Maps, ranges: impl Iterator<Item = (usize, usize)>) -> Option<Vec<PageRun>> {
+    let ps = page_size();
+    let mut pages: Vec<(usize, libc::c_int)> = Vec::new();
+    for (addr, len) in ranges {
+        let mut p = addr & !(ps - 1);
+        while p < addr + len {
+            pages.push((p, maps.find(p)?.prot()));
+            p += ps;
+        }
+    }
+    pages.sort_unstable();
+    pages.dedup_by_key(|p| p.0);
+    let mut runs: Vec<PageRun> = Vec::new();
+    for (p, prot) in pages {
+        match runs.last_mut() {
+            Some(r) if r.start + r.len == p && r.prot == prot => r.len += ps,
+            _ => runs.push(PageRun { start: p, len: ps, prot }),
+        }
+    }
+    Some(runs)
+}
+
+/// Ready to write; restores everything when finished or dropped.
+pub(crate) struct Writer {
+    method: WriteMethod,
+    runs: Vec<PageRun>,
+    /// Runs whose protection was changed (mprotect) and must be restored.
+    changed: usize,
+    fd: libc::c_int,
+}
+
+impl Writer {
+    pub fn method(&self) -> WriteMethod {
+        self.method
+    }
+
+    /// Prepares to write into `runs`. `forced` picks a method; otherwise
+    /// mprotect unless MDWE forbids it or the kernel refuses it.
+    pub fn prepare(runs: Vec<PageRun>, forced: Option<WriteMethod>) -> io::Result<Writer> {
+        let mut w = Writer { method: WriteMethod::Mprotect, runs, changed: 0, fd: -1 };
+        let want = forced.unwrap_or(if crate::sys::mdwe_refuses_exec_gain() {
+            WriteMethod::ProcMem
+        } else {
+            WriteMethod::Mprotect
+        });
+        if want == WriteMethod::Mprotect {
+            match w.unprotect() {
+                Ok(()) => return Ok(w),
+                Err(e) if forced.is_some() => return Err(e),
+                Err(e) if matches!(e.raw_os_error(), Some(libc::EACCES | libc::EPERM)) => w.restore()?,
+                Err(e) => return Err(e),
+            }
+        }
+        w.method = WriteMethod::ProcMem;
+        w.open_mem()?;
+        Ok(w)
+    }
+
+    fn unprotect(&mut self) -> io::Result<()> {
+        for r in &self.runs {
+            // SAFETY: the run is mapped (checked against /proc/self/maps);
+            // adding PROT_WRITE keeps every existing permission, so threads
+            // running this code are unaffected.
+            if unsafe { libc::mprotect(r.start as *mut _, r.len, r.prot | libc::PROT_WRITE) } != 0 {
+                return Err(io::Error::last_os_error());
+            }
+            self.changed += 1;
+        }
+        Ok(())
+    }
+
+    fn restore(&mut self) -> io::Result<()> {
+        let mut result = Ok(());
+        for r in &self.runs[..self.changed] {
+            // SAFETY: gives the run back the protection it had.
+            if unsafe { libc::mprotect(r.start as *mut _, r.len, r.prot) } != 0 && result.is_ok() {
+                result = Err(io::Error::last_os_error());
+            }
+        }
+        self.changed = 0;
+        result
+    }
+
+    fn open_mem(&mut self) -> io::Result<()> {
+        const PATH: &[u8] = b"/proc/self/mem\0";
+        // SAFETY: NUL-terminated path. Opened per batch, never cached: after
+        // fork a cached descriptor would write into the parent.
+        self.fd = unsafe { libc::open(PATH.as_ptr().cast(), libc::O_RDWR | libc::O_CLOEXEC) };
+        if self.fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        for i in 0..self.runs.len() {
+            let mut p = self.runs[i].start;
+            while p < self.runs[i].start + self.runs[i].len {
+                let b = read_byte(self.fd, p)?;
+                self.write(p, &[b])?; // same byte: proves writes work here
+                p += page_size();
+            }
+        }
+        Ok(())
+    }
+
+    /// Writes `bytes` at `addr`. Allocation-free.
+    pub fn write(&self, addr: usize, bytes: &[u8]) -> io::Result<()> {
+        match self.method {
+            WriteMethod::Mprotect => {
+                for (i, &b) in bytes.iter().enumerate() {
+                    // SAFETY: `addr..addr+len` lies in a run made writable in
+                    // `prepare` (validated to be mapped). Volatile: the order
+                    // of these stores is the protocol.
+                    unsafe { ((addr + i) as *mut u8).write_volatile(b) };
+                }
+                Ok(())
+            }
+            WriteMethod::ProcMem => {
+                // SAFETY: bytes is valid for reads; fd is /proc/self/mem.
+                let n = unsafe { libc::pwrite(self.fd, bytes.as_ptr().cast(), bytes.len(), addr as libc::off_t) };
+                match n {
+                    n if n == bytes.len() as isize => Ok(()),
+                    -1 => Err(io::Error::last_os_error()),
+                    _ => Err(io::Error::new(io::ErrorKind::WriteZero, "short write to /proc/self/mem")),
+                }
+            }
+        }
+    }
+
+    /// Restores protections and closes the file.
+    pub fn finish(mut self) -> io::Result<()> {
+        self.close()
+    }
+
+    fn close(&mut self) -> io::Result<()> {
+        let r = self.restore();
+        if self.fd >= 0 {
+            // SAFETY: fd is ours.
+            unsafe { libc::close(self.fd) };
+            self.fd = -1;
+        }
+        r
+    }
+}
+
+impl Drop for Writer {
+    fn drop(&mut self) {
+        let _ = self.close();
+    }
+}
+
+fn read_byte(fd: libc::c_int, addr: usize) -> io::Result<u8> {
+    let mut b = 0u8;
+    // SAFETY: b is a valid 1-byte buffer.
+    if unsafe { libc::pread(fd, (&mut b as *mut u8).cast(), 1, addr as libc::off_t) } != 1 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(b)
+}
+
+/// Reads `len` bytes of code at `addr` through `/proc/self/mem` (works for
+/// mapped pages whatever their protection).
+pub(crate) fn read_code(addr: usize, len: usize) -> io::Result<Vec<u8>> {
+    let f = std::fs::File::open("/proc/self/mem")?;
+    let mut buf = vec![0u8; len];
+    std::os::unix::fs::FileExt::read_exact_at(&f, &mut buf, addr as u64)?;
+    Ok(buf)
+}
