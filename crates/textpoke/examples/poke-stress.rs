@@ -48,11 +48,6 @@ fn parse() -> Result<StressConfig, String> {
             _ => return Err(format!("unknown option {flag}\n{USAGE}")),
         }
     }
-    if cfg.layout == Layout::Region {
-        // Rule 4: a timer handler interrupting a thread between the two
-        // instructions of a region hides it from stop-machine.
-        cfg.calls_in_handler = false;
-    }
     Ok(cfg)
 }
 

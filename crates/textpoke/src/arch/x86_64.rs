@@ -207,3 +207,81 @@ mod tests {
         assert_eq!(check_boundary(0x10, &code, 0x12), Err((0x11, 0x14)));
     }
 }
+
+/// Layout of the kernel's x86-64 `rt_sigframe` at address `a`: the return
+/// address `pretcode` (the handler's `sa_restorer`), then `struct ucontext`
+/// whose `uc_mcontext` (struct sigcontext) starts 40 bytes in.
+mod sigframe {
+    pub const UC: usize = 8;
+    pub const MCONTEXT: usize = UC + 40;
+    pub const RSP: usize = MCONTEXT + 15 * 8;
+    pub const RIP: usize = MCONTEXT + 16 * 8;
+    pub const FPSTATE: usize = MCONTEXT + 23 * 8;
+    pub const SIZE: usize = FPSTATE + 8;
+}
+
+/// The restorer address of the signal frame whose ucontext is `ctx`: the
+/// word just below it, `pretcode`.
+///
+/// # Safety
+/// `ctx` must be the ucontext the kernel passed to the running handler.
+#[inline(always)]
+pub unsafe fn frame_restorer(ctx: *const libc::ucontext_t) -> usize {
+    ctx.cast::<usize>().sub(1).read()
+}
+
+/// The interrupted stack pointer of a signal context.
+///
+/// # Safety
+/// As [`context_pc`].
+#[inline(always)]
+pub unsafe fn context_sp(ctx: *const libc::ucontext_t) -> usize {
+    (*ctx).uc_mcontext.gregs[libc::REG_RSP as usize] as usize
+}
+
+/// How far above a stack pointer signal frames are looked for.
+const MAX_FRAME_SCAN: usize = 256 << 10;
+
+/// Finds the signal frames above `sp` — a thread interrupted in a signal
+/// handler has the context it interrupted saved there — and calls `f` with
+/// each saved PC, outermost last. A frame is a word equal to `restorer`
+/// (glibc's `__restore_rt`) followed by a ucontext whose fpstate pointer
+/// lies just above it, as the kernel lays them out; after a frame the scan
+/// continues from the stack pointer it saved, which also follows a handler
+/// on an alternate stack back to the interrupted stack. `read` copies
+/// memory without faulting and returns how much it could copy. A false
+/// match can only make the caller more cautious. Allocation-free.
+pub fn for_each_outer_pc(sp: usize, restorer: usize, read: impl Fn(usize, &mut [u8]) -> usize, mut f: impl FnMut(usize)) {
+    let mut buf = [0u8; 4096];
+    let mut at = sp & !7;
+    let mut scanned = 0;
+    let mut frames = 0;
+    'chunks: while scanned < MAX_FRAME_SCAN && frames < 64 && restorer != 0 {
+        let n = read(at, &mut buf) & !7;
+        if n == 0 {
+            return;
+        }
+        for off in (0..n).step_by(8) {
+            if usize::from_ne_bytes(buf[off..off + 8].try_into().unwrap()) != restorer {
+                continue;
+            }
+            let a = at + off;
+            let mut fr = [0u8; sigframe::SIZE];
+            if read(a, &mut fr) != sigframe::SIZE {
+                continue;
+            }
+            let word = |o: usize| usize::from_ne_bytes(fr[o..o + 8].try_into().unwrap());
+            let (rsp, rip, fpstate) = (word(sigframe::RSP), word(sigframe::RIP), word(sigframe::FPSTATE));
+            if fpstate <= a || fpstate - a > 16 << 10 || rip == 0 {
+                continue; // not a frame the kernel built
+            }
+            f(rip);
+            frames += 1;
+            scanned += off;
+            at = rsp & !7;
+            continue 'chunks;
+        }
+        at += n;
+        scanned += n;
+    }
+}

@@ -40,6 +40,8 @@ struct Slot {
     tid: AtomicI32,
     acked: AtomicU32,
     pc: AtomicUsize,
+    sp: AtomicUsize,
+    restorer: AtomicUsize,
 }
 
 struct Table {
@@ -83,7 +85,13 @@ fn reserve(n: usize) {
     }
     let cap = n.next_power_of_two().max(64);
     let slots = (0..cap)
-        .map(|_| Slot { tid: AtomicI32::new(0), acked: AtomicU32::new(0), pc: AtomicUsize::new(0) })
+        .map(|_| Slot {
+            tid: AtomicI32::new(0),
+            acked: AtomicU32::new(0),
+            pc: AtomicUsize::new(0),
+            sp: AtomicUsize::new(0),
+            restorer: AtomicUsize::new(0),
+        })
         .collect();
     let t = Box::into_raw(Box::new(Table { slots, used: AtomicUsize::new(0) }));
     TABLE.store(t, Ordering::Release);
@@ -144,8 +152,12 @@ extern "C" fn on_rendezvous(_sig: i32, info: *mut libc::siginfo_t, ctx: *mut lib
     if reached(RELEASED.load(Ordering::Acquire), gen) {
         return; // a late signal of a request already over
     }
-    // SAFETY: ctx is the ucontext_t the kernel passed.
-    slot.pc.store(unsafe { arch::context_pc(ctx.cast()) }, Ordering::Relaxed);
+    // SAFETY: ctx is the ucontext_t the kernel passed to this handler.
+    unsafe {
+        slot.pc.store(arch::context_pc(ctx.cast()), Ordering::Relaxed);
+        slot.sp.store(arch::context_sp(ctx.cast()), Ordering::Relaxed);
+        slot.restorer.store(arch::frame_restorer(ctx.cast()), Ordering::Relaxed);
+    }
     slot.acked.store(gen, Ordering::Release); // publishes pc; pairs with wait_all
     loop {
         let r = RELEASED.load(Ordering::Acquire); // pairs with release()'s Release
@@ -269,14 +281,20 @@ pub struct Parked {
 }
 
 impl Parked {
-    /// Each parked thread with the PC it was stopped at.
+    /// Each parked thread with every PC it will resume at: the one it was
+    /// stopped at, then those saved in the signal frames of handlers it was
+    /// running (DESIGN.md rule 4: signal handlers are the NMIs of user
+    /// space). Allocation-free.
     pub fn for_each_pc(&self, mut f: impl FnMut(i32, usize)) {
         let t = table();
         for s in &t.slots[..t.used.load(Ordering::Relaxed)] {
             let tid = s.tid.load(Ordering::Relaxed);
-            if tid != 0 && s.acked.load(Ordering::Acquire) == self.gen {
-                f(tid, s.pc.load(Ordering::Relaxed));
+            if tid == 0 || s.acked.load(Ordering::Acquire) != self.gen {
+                continue;
             }
+            f(tid, s.pc.load(Ordering::Relaxed));
+            let (sp, restorer) = (s.sp.load(Ordering::Relaxed), s.restorer.load(Ordering::Relaxed));
+            arch::for_each_outer_pc(sp, restorer, crate::sys::read_memory, |pc| f(tid, pc));
         }
     }
 

@@ -46,3 +46,15 @@ pub(crate) fn futex_wake_all(word: &std::sync::atomic::AtomicU32) {
         libc::syscall(libc::SYS_futex, word.as_ptr(), libc::FUTEX_WAKE | libc::FUTEX_PRIVATE_FLAG, i32::MAX);
     }
 }
+
+/// Copies memory of this process at `addr` into `buf` without faulting
+/// (`process_vm_readv` on ourselves); returns how many bytes it could copy
+/// (0 if `addr` is unmapped). Allocation-free, async-signal-safe.
+pub fn read_memory(addr: usize, buf: &mut [u8]) -> usize {
+    let local = libc::iovec { iov_base: buf.as_mut_ptr().cast(), iov_len: buf.len() };
+    let remote = libc::iovec { iov_base: addr as *mut _, iov_len: buf.len() };
+    // SAFETY: `local` describes our writable buffer; the kernel checks
+    // `remote` and stops at the first unmapped page instead of faulting.
+    let n = unsafe { libc::process_vm_readv(libc::getpid(), &local, 1, &remote, 1, 0) };
+    n.max(0) as usize
+}
