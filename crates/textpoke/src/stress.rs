@@ -51,7 +51,8 @@ const REGION_NOPS: [u8; 5] = [0x66, 0x90, 0x0f, 0x1f, 0x00];
 /// Executable memory with `n` patchable site functions.
 pub struct SiteArena {
     base: usize,
-    size: usize,
+    #[allow(dead_code)] // owns the mapping
+    map: CodeMap,
     n: usize,
     layout: Layout,
 }
@@ -64,25 +65,19 @@ unsafe impl Sync for SiteArena {}
 impl SiteArena {
     /// Maps and fills an arena of `n` sites.
     pub fn new(n: usize, layout: Layout) -> io::Result<SiteArena> {
-        let size = (FIRST + STRIDE * n).next_multiple_of(crate::text::page_size());
-        // SAFETY: a fresh anonymous mapping; never writable.
-        let p = unsafe {
-            libc::mmap(std::ptr::null_mut(), size, libc::PROT_READ | libc::PROT_EXEC, libc::MAP_PRIVATE | libc::MAP_ANONYMOUS, -1, 0)
-        };
-        if p == libc::MAP_FAILED {
-            return Err(io::Error::last_os_error());
-        }
-        let arena = SiteArena { base: p as usize, size, n, layout };
-        let mut code = vec![0xccu8; size];
+        let mut code = vec![0xccu8; FIRST + STRIDE * n];
         code[..TRAMPOLINE.len()].copy_from_slice(&TRAMPOLINE);
+        let off_bytes = match layout {
+            Layout::Single => NOP5,
+            Layout::Region => REGION_NOPS,
+        };
         for i in 0..n {
-            let off = arena.site(i) - arena.base;
-            code[off..off + 5].copy_from_slice(&arena.off_bytes());
+            let off = FIRST + STRIDE * i;
+            code[off..off + 5].copy_from_slice(&off_bytes);
             code[off + 5] = 0xc3;
         }
-        let f = std::fs::OpenOptions::new().write(true).open("/proc/self/mem")?;
-        std::os::unix::fs::FileExt::write_all_at(&f, &code, arena.base as u64)?;
-        Ok(arena)
+        let map = CodeMap::new(&code)?;
+        Ok(SiteArena { base: map.addr(), map, n, layout })
     }
 
     pub fn len(&self) -> usize {
@@ -144,11 +139,49 @@ impl SiteArena {
     }
 }
 
-impl Drop for SiteArena {
+/// An anonymous executable mapping holding given code; never writable
+/// (filled through `/proc/self/mem`, so it works under MDWE too).
+pub struct CodeMap {
+    addr: usize,
+    size: usize,
+}
+
+impl CodeMap {
+    /// Maps `code` (rounded up to pages, padded with `int3`).
+    pub fn new(code: &[u8]) -> io::Result<CodeMap> {
+        let size = code.len().max(1).next_multiple_of(crate::text::page_size());
+        // SAFETY: a fresh anonymous mapping, readable and executable.
+        let p = unsafe {
+            libc::mmap(std::ptr::null_mut(), size, libc::PROT_READ | libc::PROT_EXEC, libc::MAP_PRIVATE | libc::MAP_ANONYMOUS, -1, 0)
+        };
+        if p == libc::MAP_FAILED {
+            return Err(io::Error::last_os_error());
+        }
+        let map = CodeMap { addr: p as usize, size };
+        let mut padded = code.to_vec();
+        padded.resize(size, 0xcc);
+        let f = std::fs::OpenOptions::new().write(true).open("/proc/self/mem")?;
+        std::os::unix::fs::FileExt::write_all_at(&f, &padded, map.addr as u64)?;
+        Ok(map)
+    }
+
+    pub fn addr(&self) -> usize {
+        self.addr
+    }
+
+    /// The bytes now at `addr + off`.
+    pub fn bytes(&self, off: usize, len: usize) -> Vec<u8> {
+        assert!(off + len <= self.size);
+        // SAFETY: inside our readable mapping.
+        unsafe { std::slice::from_raw_parts((self.addr + off) as *const u8, len) }.to_vec()
+    }
+}
+
+impl Drop for CodeMap {
     fn drop(&mut self) {
-        // SAFETY: our own mapping; no thread runs it any more (callers join
-        // their workers first).
-        unsafe { libc::munmap(self.base as *mut _, self.size) };
+        // SAFETY: our own mapping; no thread runs it any more (users join
+        // their threads first).
+        unsafe { libc::munmap(self.addr as *mut _, self.size) };
     }
 }
 

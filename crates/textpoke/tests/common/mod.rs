@@ -1,0 +1,96 @@
+//! Helpers shared by the integration tests.
+#![allow(dead_code)]
+
+use std::path::PathBuf;
+use std::process::Command;
+
+/// Compiles C source into a shared library with extra gcc flags; returns
+/// its path. Panics with gcc's output on failure.
+pub fn compile_so(name: &str, src: &str, flags: &[&str]) -> PathBuf {
+    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("textpoke-tests");
+    std::fs::create_dir_all(&dir).unwrap();
+    let c = dir.join(format!("{name}.c"));
+    let so = dir.join(format!("lib{name}-{}.so", std::process::id()));
+    std::fs::write(&c, src).unwrap();
+    let out = Command::new("gcc")
+        .args(["-O2", "-shared", "-fPIC", "-o"])
+        .arg(&so)
+        .arg(&c)
+        .args(flags)
+        .output()
+        .expect("gcc must be installed to build the C test fixtures");
+    assert!(out.status.success(), "gcc failed: {}", String::from_utf8_lossy(&out.stderr));
+    so
+}
+
+/// A dlopen'ed library.
+pub struct Lib(*mut libc::c_void);
+
+// SAFETY: dlopen handles may be used from any thread.
+unsafe impl Send for Lib {}
+unsafe impl Sync for Lib {}
+
+impl Lib {
+    pub fn open(path: &std::path::Path) -> Lib {
+        let c = std::ffi::CString::new(path.to_str().unwrap()).unwrap();
+        // SAFETY: valid C string.
+        let h = unsafe { libc::dlopen(c.as_ptr(), libc::RTLD_NOW) };
+        assert!(!h.is_null(), "dlopen {path:?} failed");
+        Lib(h)
+    }
+
+    pub fn sym(&self, name: &str) -> usize {
+        let c = std::ffi::CString::new(name).unwrap();
+        // SAFETY: valid handle and C string.
+        let p = unsafe { libc::dlsym(self.0, c.as_ptr()) };
+        assert!(!p.is_null(), "symbol {name} not found");
+        p as usize
+    }
+}
+
+/// Reads `len` bytes of this process at `addr`.
+pub fn peek(addr: usize, len: usize) -> Vec<u8> {
+    // SAFETY: tests only peek at code they mapped or loaded.
+    unsafe { std::slice::from_raw_parts(addr as *const u8, len) }.to_vec()
+}
+
+/// The permission string of the mapping containing `addr`.
+pub fn perms_at(addr: usize) -> String {
+    let maps = std::fs::read_to_string("/proc/self/maps").unwrap();
+    for line in maps.lines() {
+        let mut it = line.split_whitespace();
+        let range = it.next().unwrap();
+        let perms = it.next().unwrap();
+        let (s, e) = range.split_once('-').unwrap();
+        let (s, e) = (usize::from_str_radix(s, 16).unwrap(), usize::from_str_radix(e, 16).unwrap());
+        if s <= addr && addr < e {
+            return perms.to_string();
+        }
+    }
+    panic!("{addr:#x} is not mapped")
+}
+
+/// Whether any mapping of this process is writable and executable.
+pub fn wx_mappings() -> Vec<String> {
+    std::fs::read_to_string("/proc/self/maps")
+        .unwrap()
+        .lines()
+        .filter(|l| l.split_whitespace().nth(1).is_some_and(|p| p.starts_with("rwx")))
+        .map(str::to_string)
+        .collect()
+}
+
+/// Runs this test binary again with only test `name`, with `TEXTPOKE_CHILD`
+/// set to `scenario`; returns its exit status and output.
+pub fn rerun_self(name: &str, scenario: &str) -> std::process::Output {
+    Command::new(std::env::current_exe().unwrap())
+        .args(["--exact", name, "--nocapture", "--test-threads=1"])
+        .env("TEXTPOKE_CHILD", scenario)
+        .output()
+        .unwrap()
+}
+
+/// The child scenario this process runs, if it is a re-run child.
+pub fn child_scenario() -> Option<String> {
+    std::env::var("TEXTPOKE_CHILD").ok()
+}
