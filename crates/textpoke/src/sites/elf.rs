@@ -90,7 +90,9 @@ pub(crate) fn read_file(obj: &LoadedObject) -> Result<FileFacts, SitesError> {
     }
     let e_type = header.e_type(endian);
     if e_type != elf::ET_EXEC && e_type != elf::ET_DYN {
-        return Err(unsupported(format!("e_type {e_type}, not ET_EXEC or ET_DYN")));
+        return Err(unsupported(format!(
+            "e_type {e_type}, not ET_EXEC or ET_DYN"
+        )));
     }
 
     check_same_file(obj, header, endian, data)?;

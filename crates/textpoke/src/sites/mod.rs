@@ -220,7 +220,10 @@ impl fmt::Display for SkipReason {
             ),
             SkipReason::UnknownEntry => f.write_str("no symbol shows where the function starts"),
             SkipReason::NotAtEntry { offset } => {
-                write!(f, "the NOP is {offset} bytes into the function, not at its entry")
+                write!(
+                    f,
+                    "the NOP is {offset} bytes into the function, not at its entry"
+                )
             }
             SkipReason::UnexpectedBytes { addr, found } => {
                 write!(f, "bytes at {addr:#x} are {}, expected ", Hex(found))?;

@@ -369,10 +369,7 @@ fn enumerate() -> Listing {
                 .unwrap_or_else(|_| PathBuf::from("/proc/self/exe"));
             (exe, true)
         } else {
-            (
-                PathBuf::from(OsStr::from_bytes(e.name.as_bytes())),
-                false,
-            )
+            (PathBuf::from(OsStr::from_bytes(e.name.as_bytes())), false)
         };
         objects.push(RawObject {
             path,
@@ -425,7 +422,10 @@ unsafe extern "C" fn phdr_callback(
     let mut build_id = None;
     for note in phdrs.iter().filter(|p| p.p_type == libc::PT_NOTE) {
         let (vaddr, len) = (note.p_vaddr as usize, note.p_memsz as usize);
-        if !segments.iter().any(|s| s.is_readable() && s.covers(vaddr, len)) {
+        if !segments
+            .iter()
+            .any(|s| s.is_readable() && s.covers(vaddr, len))
+        {
             continue;
         }
         // SAFETY: the note lies inside a readable PT_LOAD segment of an

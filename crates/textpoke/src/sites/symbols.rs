@@ -40,9 +40,7 @@ impl Symbols {
     /// The first symbol starting in `[addr, addr + window]`.
     pub fn first_in(&self, addr: u64, window: u64) -> Option<&FuncSym> {
         let i = self.syms.partition_point(|s| s.addr < addr);
-        self.syms
-            .get(i)
-            .filter(|s| s.addr - addr <= window)
+        self.syms.get(i).filter(|s| s.addr - addr <= window)
     }
 
     /// The symbol containing `addr`: among the symbols at the greatest
