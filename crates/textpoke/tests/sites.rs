@@ -665,3 +665,48 @@ fn rescan_without_change_keeps_ids() {
     assert_eq!(objects.generation(), generation);
     assert_eq!(objects.iter().map(|o| o.id).collect::<Vec<_>>(), ids);
 }
+
+#[test]
+fn unload_and_reload_between_rescans_is_flagged() {
+    let _g = serial();
+    let cflags = with(
+        PIC,
+        &["-fpatchable-function-entry=5", "-fcf-protection=none"],
+    );
+    let path = build(
+        "reload",
+        &Flags {
+            cflags: &cflags,
+            ldflags: &[],
+        },
+    );
+    let mut table = SiteTable::new();
+    let lib = Lib::open(&path);
+    table.rescan();
+    let id = table.objects().by_path(&path).unwrap().id;
+    let generation = table.generation();
+
+    // dlclose and dlopen again with no rescan in between: the key (path,
+    // bias) may well be the same, but the loader counted one unload and one
+    // load.
+    lib.close();
+    let lib = Lib::open(&path);
+    let changes = table.rescan();
+    assert!(changes.possibly_reloaded, "{changes:?}");
+    assert!(table.generation() > generation);
+    // Whatever the new bias, the table holds the reloaded object's sites.
+    let obj = table.objects().by_path(&path).unwrap().clone();
+    if changes.added.is_empty() {
+        assert_eq!(obj.id, id, "same key keeps its id");
+    }
+    let sites = table.object_sites(obj.id).unwrap().unwrap();
+    let entries = lib.entries();
+    assert_eq!(sites.sites.len(), NAMES.len());
+    for site in &sites.sites {
+        check_site(site, &entries, Expect::Pad { n: 5, m: 0 });
+    }
+
+    // A later rescan with no change is quiet again.
+    assert!(table.rescan().is_empty());
+    lib.close();
+}

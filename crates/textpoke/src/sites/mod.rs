@@ -402,23 +402,25 @@ impl Scan<'_> {
         let count = (sec.size / 8) as usize;
         let runtime = (sec.addr as usize).wrapping_add(bias);
         let memory = match source {
-            RecordSource::Auto if sec.alloc => match self.read(runtime, sec.size as usize) {
-                Some(bytes) => Some(bytes),
-                // An SHF_ALLOC section outside every loaded segment: the file
-                // is not laid out as the loader mapped it, which the file
-                // check should have caught.
-                None => {
-                    return Err(SitesError::BadSection {
-                        path: self.obj.path.clone(),
-                        section: sec.kind.section_name(),
-                        what: format!(
-                            "{:#x}..{:#x} is not inside a readable loaded segment",
-                            runtime,
-                            runtime.wrapping_add(sec.size as usize)
-                        ),
-                    })
+            RecordSource::Auto if sec.alloc && count > 0 => {
+                match self.read(runtime, sec.size as usize) {
+                    Some(bytes) => Some(bytes),
+                    // An SHF_ALLOC section outside every loaded segment: the file
+                    // is not laid out as the loader mapped it, which the file
+                    // check should have caught.
+                    None => {
+                        return Err(SitesError::BadSection {
+                            path: self.obj.path.clone(),
+                            section: sec.kind.section_name(),
+                            what: format!(
+                                "{:#x}..{:#x} is not inside a readable loaded segment",
+                                runtime,
+                                runtime.wrapping_add(sec.size as usize)
+                            ),
+                        })
+                    }
                 }
-            },
+            }
             _ => None,
         };
         let from_file = |i: usize| sec.file_values[i].map(|v| (v as usize).wrapping_add(bias));

@@ -385,6 +385,12 @@ fn enumerate() -> Listing {
 
 /// `dl_iterate_phdr` callback: copy one object's facts into the `Vec<Entry>`
 /// behind `data`. Never unwinds (an `extern "C"` fn aborts on panic).
+///
+/// # Safety
+///
+/// Only for `dl_iterate_phdr`: `info` must point to a valid `dl_phdr_info`
+/// of `size` bytes describing an object that stays loaded during the call,
+/// and `data` to a `Vec<Entry>` not otherwise borrowed.
 unsafe extern "C" fn phdr_callback(
     info: *mut libc::dl_phdr_info,
     size: libc::size_t,
