@@ -6,7 +6,7 @@
 //! [`Objects`] lists the loaded objects with `dl_iterate_phdr` (main
 //! executable, shared libraries, the loader; not the vdso) and, on each
 //! [`Objects::rescan`], tells which appeared (dlopen) and which went
-//! (dlclose), keyed by `(path, load bias)`. See [`objects`](self::objects)
+//! (dlclose), keyed by `(path, load bias)`. See [`objects`]
 //! for the details, including how an object is kept loaded while it is read.
 //!
 //! # Site sections

@@ -41,11 +41,16 @@ use std::collections::HashMap;
 use std::ffi::{CStr, CString, OsStr};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use super::error::SitesError;
 
-/// Identity of one loaded object for as long as it stays loaded. Ids are
-/// handed out in increasing order and never reused within a process.
+/// Source of [`ObjectId`]s (a plain counter: no ordering with other data).
+static NEXT_ID: AtomicU64 = AtomicU64::new(0);
+
+/// Identity of one loaded object for as long as it stays loaded. Ids come
+/// from one process-wide counter and are never reused; two [`Objects`] lists
+/// give the same object different ids.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct ObjectId(u64);
 
@@ -222,7 +227,6 @@ impl ObjectChanges {
 pub struct Objects {
     objects: Vec<LoadedObject>,
     generation: u64,
-    next_id: u64,
     /// `(dlpi_adds, dlpi_subs)` seen at the last rescan.
     counters: Option<(u64, u64)>,
 }
@@ -247,8 +251,7 @@ impl Objects {
                 self.objects.push(kept);
                 continue;
             }
-            let id = ObjectId(self.next_id);
-            self.next_id += 1;
+            let id = ObjectId(NEXT_ID.fetch_add(1, Ordering::Relaxed));
             added.push(id);
             self.objects.push(LoadedObject {
                 id,
