@@ -5,6 +5,8 @@
 //!
 //! - [`text`]: the poke engine — batches of pokes validated as a whole and
 //!   committed by the breakpoint or the stop-machine strategy;
+//! - [`sites`]: where the patchable places are — patchable entries and
+//!   `__mcount_loc` sites of every loaded object, mapped to functions;
 //! - [`sync`]: the threads of this process — sync-core (membarrier or
 //!   signals), parking;
 //! - [`sys`]: thin wrappers over the kernel facilities;
@@ -22,6 +24,7 @@
 
 pub mod arch;
 pub mod error;
+pub mod sites;
 pub mod stress;
 pub mod sync;
 pub mod sys;

@@ -1,0 +1,461 @@
+//! The ELF objects loaded in this process, as the dynamic loader lists them.
+//!
+//! # Enumeration
+//!
+//! `dl_iterate_phdr` calls back once per loaded object with its name, its
+//! load bias (`dlpi_addr`: runtime address = link-time address + bias) and
+//! its program headers, while holding the loader's lock, so the object
+//! cannot be unloaded during the callback. The callback copies what it needs
+//! (name, `PT_LOAD` segments, the GNU build-id note, read from the mapped
+//! `PT_NOTE`) and returns; nothing is kept that points into the loader's data.
+//!
+//! - The main executable is the entry with an empty name; its file is
+//!   `/proc/self/exe`, which stays openable even if the path was replaced.
+//! - The vdso is skipped: it has no file. It is recognised by its ELF header
+//!   being at `getauxval(AT_SYSINFO_EHDR)`, not by its name.
+//! - Any other entry without a name is skipped too (no file to read).
+//!
+//! # Identity and rescans
+//!
+//! An object is identified by `(path, bias)`. [`Objects::rescan`] lists the
+//! objects again and compares: an object whose key is new gets a fresh
+//! [`ObjectId`] (ids are never reused), one whose key is gone is reported as
+//! removed, the others keep their id. The generation counts rescans that
+//! changed something.
+//!
+//! A library dlclosed and dlopened again at the same address between two
+//! rescans has the same key, so it looks unchanged, although its code was
+//! loaded afresh. The loader's own counters (`dlpi_adds`, `dlpi_subs`) catch
+//! that case without telling which object it was: when they moved by more
+//! than what the rescan saw, [`ObjectChanges::possibly_reloaded`] is set.
+//!
+//! # Pinning
+//!
+//! Between the enumeration and the reading of an object's memory, another
+//! thread may dlclose it. [`LoadedObject::pin`] takes a reference on it with
+//! `dlopen(name, RTLD_NOLOAD)` (which never loads anything), checks through
+//! `dlinfo(RTLD_DI_LINKMAP)` that it is the same object at the same bias, and
+//! holds it loaded until the [`Pin`] is dropped.
+
+use std::collections::HashMap;
+use std::ffi::{CStr, CString, OsStr};
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use super::error::SitesError;
+
+/// Source of [`ObjectId`]s (a plain counter: no ordering with other data).
+static NEXT_ID: AtomicU64 = AtomicU64::new(0);
+
+/// Identity of one loaded object for as long as it stays loaded. Ids come
+/// from one process-wide counter and are never reused; two [`Objects`] lists
+/// give the same object different ids.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ObjectId(u64);
+
+impl ObjectId {
+    /// The number behind the id.
+    pub fn get(self) -> u64 {
+        self.0
+    }
+}
+
+impl std::fmt::Display for ObjectId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "object#{}", self.0)
+    }
+}
+
+/// One `PT_LOAD` segment, at its link-time address (add the object's bias for
+/// the runtime address).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Segment {
+    /// Link-time virtual address (`p_vaddr`).
+    pub vaddr: usize,
+    /// Size in memory (`p_memsz`).
+    pub memsz: usize,
+    /// `PF_R`, `PF_W`, `PF_X` bits (`p_flags`).
+    pub flags: u32,
+}
+
+impl Segment {
+    /// Readable (`PF_R`).
+    pub fn is_readable(&self) -> bool {
+        self.flags & libc::PF_R != 0
+    }
+
+    /// Executable (`PF_X`).
+    pub fn is_executable(&self) -> bool {
+        self.flags & libc::PF_X != 0
+    }
+
+    /// Whether `[link_addr, link_addr + len)` lies inside this segment.
+    fn covers(&self, link_addr: usize, len: usize) -> bool {
+        link_addr >= self.vaddr
+            && link_addr
+                .checked_add(len)
+                .is_some_and(|end| end <= self.vaddr.saturating_add(self.memsz))
+    }
+}
+
+/// An ELF object loaded in this process.
+#[derive(Clone, Debug)]
+pub struct LoadedObject {
+    /// This object's id.
+    pub id: ObjectId,
+    /// Its file: the name the loader knows it by, or for the main executable
+    /// the target of `/proc/self/exe`.
+    pub path: PathBuf,
+    /// Load bias: runtime address minus link-time address (0 for a non-PIE
+    /// executable).
+    pub bias: usize,
+    /// Whether this is the main executable.
+    pub is_main: bool,
+    /// Its `PT_LOAD` segments as the loader mapped them.
+    pub segments: Vec<Segment>,
+    /// The GNU build-id read from the loaded object's memory, if it has one.
+    pub build_id: Option<Vec<u8>>,
+    /// What `dlpi_name` said (empty for the main executable).
+    pub(crate) dl_name: CString,
+}
+
+impl LoadedObject {
+    /// The path to open to read this object's file: `/proc/self/exe` for the
+    /// main executable (valid even if its path was since replaced).
+    pub fn file_to_open(&self) -> &Path {
+        if self.is_main {
+            Path::new("/proc/self/exe")
+        } else {
+            &self.path
+        }
+    }
+
+    /// The segment containing `[addr, addr + len)` (runtime addresses).
+    pub fn segment_at(&self, addr: usize, len: usize) -> Option<&Segment> {
+        let link = addr.checked_sub(self.bias)?;
+        self.segments.iter().find(|s| s.covers(link, len))
+    }
+
+    /// Keep this object loaded (see the module doc). Fails with
+    /// [`SitesError::Unloaded`] if it is no longer loaded at the same bias.
+    pub fn pin(&self) -> Result<Pin, SitesError> {
+        let unloaded = || SitesError::Unloaded {
+            path: self.path.clone(),
+            bias: self.bias,
+        };
+        let name = if self.is_main {
+            std::ptr::null()
+        } else {
+            self.dl_name.as_ptr()
+        };
+        // SAFETY: `name` is null or a valid NUL-terminated string that lives
+        // across the call. RTLD_NOLOAD never loads an object nor runs its
+        // initialisers; it only takes a reference on one already loaded.
+        let handle = unsafe { libc::dlopen(name, libc::RTLD_LAZY | libc::RTLD_NOLOAD) };
+        if handle.is_null() {
+            return Err(unloaded());
+        }
+        let pin = Pin { handle };
+        let mut map: *mut LinkMapHead = std::ptr::null_mut();
+        // SAFETY: `handle` is a live handle from dlopen; RTLD_DI_LINKMAP
+        // stores one `struct link_map *` through the pointer we pass.
+        let rc = unsafe {
+            libc::dlinfo(
+                pin.handle,
+                libc::RTLD_DI_LINKMAP,
+                (&mut map as *mut *mut LinkMapHead).cast(),
+            )
+        };
+        if rc != 0 || map.is_null() {
+            return Err(unloaded());
+        }
+        // SAFETY: glibc's `struct link_map` starts with `ElfW(Addr) l_addr`
+        // (the load bias); the object is pinned, so the map stays valid.
+        let l_addr = unsafe { (*map).l_addr };
+        if l_addr != self.bias {
+            return Err(unloaded());
+        }
+        Ok(pin)
+    }
+}
+
+/// The first field of glibc's `struct link_map`; the rest is not read.
+#[repr(C)]
+struct LinkMapHead {
+    l_addr: usize,
+}
+
+/// A reference that keeps one object loaded; see [`LoadedObject::pin`].
+#[derive(Debug)]
+pub struct Pin {
+    handle: *mut libc::c_void,
+}
+
+impl Drop for Pin {
+    fn drop(&mut self) {
+        // SAFETY: `handle` came from a successful dlopen and is closed once.
+        unsafe { libc::dlclose(self.handle) };
+    }
+}
+
+/// What one [`Objects::rescan`] found changed.
+#[derive(Clone, Debug, Default)]
+pub struct ObjectChanges {
+    /// The generation after this rescan.
+    pub generation: u64,
+    /// Objects that appeared, in the loader's order.
+    pub added: Vec<ObjectId>,
+    /// Objects that disappeared (dlclosed), with what was known of them.
+    pub removed: Vec<LoadedObject>,
+    /// The loader loaded or unloaded more objects since the previous rescan
+    /// than `added`/`removed` show: some object was unloaded and loaded
+    /// again at the same address, or loaded and unloaded in between. Objects
+    /// that kept their id may hold freshly loaded code.
+    pub possibly_reloaded: bool,
+}
+
+impl ObjectChanges {
+    /// Whether nothing changed.
+    pub fn is_empty(&self) -> bool {
+        self.added.is_empty() && self.removed.is_empty() && !self.possibly_reloaded
+    }
+}
+
+/// The loaded objects of this process, as of the last rescan.
+#[derive(Debug, Default)]
+pub struct Objects {
+    objects: Vec<LoadedObject>,
+    generation: u64,
+    /// `(dlpi_adds, dlpi_subs)` seen at the last rescan.
+    counters: Option<(u64, u64)>,
+}
+
+impl Objects {
+    /// An empty list; call [`rescan`](Self::rescan) to fill it.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// The objects loaded now, with what changed since the last rescan.
+    pub fn rescan(&mut self) -> ObjectChanges {
+        let listing = enumerate();
+        let mut old: HashMap<(PathBuf, usize), LoadedObject> = self
+            .objects
+            .drain(..)
+            .map(|o| ((o.path.clone(), o.bias), o))
+            .collect();
+        let mut added = Vec::new();
+        for raw in listing.objects {
+            if let Some(kept) = old.remove(&(raw.path.clone(), raw.bias)) {
+                self.objects.push(kept);
+                continue;
+            }
+            let id = ObjectId(NEXT_ID.fetch_add(1, Ordering::Relaxed));
+            added.push(id);
+            self.objects.push(LoadedObject {
+                id,
+                path: raw.path,
+                bias: raw.bias,
+                is_main: raw.is_main,
+                segments: raw.segments,
+                build_id: raw.build_id,
+                dl_name: raw.dl_name,
+            });
+        }
+        let mut removed: Vec<LoadedObject> = old.into_values().collect();
+        removed.sort_by_key(|o| o.id);
+
+        let possibly_reloaded = match (self.counters, listing.counters) {
+            (Some((adds0, subs0)), Some((adds1, subs1))) => {
+                adds1.wrapping_sub(adds0) != added.len() as u64
+                    || subs1.wrapping_sub(subs0) != removed.len() as u64
+            }
+            _ => false,
+        };
+        self.counters = listing.counters;
+        if !added.is_empty() || !removed.is_empty() || possibly_reloaded {
+            self.generation += 1;
+        }
+        ObjectChanges {
+            generation: self.generation,
+            added,
+            removed,
+            possibly_reloaded,
+        }
+    }
+
+    /// Number of rescans that changed something.
+    pub fn generation(&self) -> u64 {
+        self.generation
+    }
+
+    /// The objects, in the loader's order (main executable first).
+    pub fn iter(&self) -> impl Iterator<Item = &LoadedObject> {
+        self.objects.iter()
+    }
+
+    /// The object with this id, if still loaded as of the last rescan.
+    pub fn get(&self, id: ObjectId) -> Option<&LoadedObject> {
+        self.objects.iter().find(|o| o.id == id)
+    }
+
+    /// The main executable.
+    pub fn main(&self) -> Option<&LoadedObject> {
+        self.objects.iter().find(|o| o.is_main)
+    }
+
+    /// The object loaded from `path` (compared as given to dlopen, or
+    /// canonicalised: both are tried).
+    pub fn by_path(&self, path: &Path) -> Option<&LoadedObject> {
+        let canonical = std::fs::canonicalize(path).ok();
+        self.objects.iter().find(|o| {
+            o.path == path
+                || canonical.as_deref().is_some_and(|c| {
+                    o.path == c || std::fs::canonicalize(&o.path).ok().as_deref() == Some(c)
+                })
+        })
+    }
+}
+
+/// One object as the enumeration saw it.
+struct RawObject {
+    path: PathBuf,
+    dl_name: CString,
+    bias: usize,
+    is_main: bool,
+    segments: Vec<Segment>,
+    build_id: Option<Vec<u8>>,
+}
+
+struct Listing {
+    objects: Vec<RawObject>,
+    counters: Option<(u64, u64)>,
+}
+
+/// What the callback copies out of one `dl_phdr_info`.
+struct Entry {
+    name: CString,
+    bias: usize,
+    segments: Vec<Segment>,
+    /// Runtime address of the ELF header (the segment with file offset 0).
+    ehdr: Option<usize>,
+    build_id: Option<Vec<u8>>,
+    counters: Option<(u64, u64)>,
+}
+
+fn enumerate() -> Listing {
+    let mut entries: Vec<Entry> = Vec::new();
+    // SAFETY: the callback only reads the `dl_phdr_info` it is given and
+    // pushes into the Vec passed as `data`, which outlives the call.
+    unsafe {
+        libc::dl_iterate_phdr(
+            Some(phdr_callback),
+            (&mut entries as *mut Vec<Entry>).cast(),
+        );
+    }
+    // SAFETY: getauxval has no preconditions; 0 means "not present".
+    let vdso = unsafe { libc::getauxval(libc::AT_SYSINFO_EHDR) } as usize;
+    let counters = entries.last().and_then(|e| e.counters);
+    let mut objects = Vec::new();
+    let mut seen_main = false;
+    for e in entries {
+        if vdso != 0 && e.ehdr == Some(vdso) {
+            continue;
+        }
+        let (path, is_main) = if e.name.as_bytes().is_empty() {
+            if seen_main {
+                continue; // nameless and not the executable: no file to read
+            }
+            seen_main = true;
+            let exe = std::fs::read_link("/proc/self/exe")
+                .unwrap_or_else(|_| PathBuf::from("/proc/self/exe"));
+            (exe, true)
+        } else {
+            (PathBuf::from(OsStr::from_bytes(e.name.as_bytes())), false)
+        };
+        objects.push(RawObject {
+            path,
+            dl_name: e.name,
+            bias: e.bias,
+            is_main,
+            segments: e.segments,
+            build_id: e.build_id,
+        });
+    }
+    Listing { objects, counters }
+}
+
+/// `dl_iterate_phdr` callback: copy one object's facts into the `Vec<Entry>`
+/// behind `data`. Never unwinds (an `extern "C"` fn aborts on panic).
+///
+/// # Safety
+///
+/// Only for `dl_iterate_phdr`: `info` must point to a valid `dl_phdr_info`
+/// of `size` bytes describing an object that stays loaded during the call,
+/// and `data` to a `Vec<Entry>` not otherwise borrowed.
+unsafe extern "C" fn phdr_callback(
+    info: *mut libc::dl_phdr_info,
+    size: libc::size_t,
+    data: *mut libc::c_void,
+) -> libc::c_int {
+    // SAFETY: dl_iterate_phdr passes a valid `info` for the duration of the
+    // call and our own `data` pointer (a `&mut Vec<Entry>`, see enumerate).
+    let (info, entries) = unsafe { (&*info, &mut *data.cast::<Vec<Entry>>()) };
+    let name = if info.dlpi_name.is_null() {
+        CString::default()
+    } else {
+        // SAFETY: a non-null dlpi_name is a NUL-terminated string.
+        unsafe { CStr::from_ptr(info.dlpi_name) }.to_owned()
+    };
+    let bias = info.dlpi_addr as usize;
+    let phdrs: &[libc::Elf64_Phdr] = if info.dlpi_phdr.is_null() {
+        &[]
+    } else {
+        // SAFETY: the loader gives `dlpi_phnum` program headers at dlpi_phdr.
+        unsafe { std::slice::from_raw_parts(info.dlpi_phdr, info.dlpi_phnum as usize) }
+    };
+    let segments: Vec<Segment> = phdrs
+        .iter()
+        .filter(|p| p.p_type == libc::PT_LOAD)
+        .map(|p| Segment {
+            vaddr: p.p_vaddr as usize,
+            memsz: p.p_memsz as usize,
+            flags: p.p_flags,
+        })
+        .collect();
+    let ehdr = phdrs
+        .iter()
+        .find(|p| p.p_type == libc::PT_LOAD && p.p_offset == 0)
+        .map(|p| bias.wrapping_add(p.p_vaddr as usize));
+    let mut build_id = None;
+    for note in phdrs.iter().filter(|p| p.p_type == libc::PT_NOTE) {
+        let (vaddr, len) = (note.p_vaddr as usize, note.p_memsz as usize);
+        if !segments
+            .iter()
+            .any(|s| s.is_readable() && s.covers(vaddr, len))
+        {
+            continue;
+        }
+        // SAFETY: the note lies inside a readable PT_LOAD segment of an
+        // object the loader holds loaded during this callback.
+        let bytes =
+            unsafe { std::slice::from_raw_parts(bias.wrapping_add(vaddr) as *const u8, len) };
+        if let Some(id) = super::elf::gnu_build_id(bytes, note.p_align) {
+            build_id = Some(id);
+            break;
+        }
+    }
+    // dlpi_adds/dlpi_subs exist only if the loader's struct is long enough.
+    let counters_end = std::mem::offset_of!(libc::dl_phdr_info, dlpi_subs) + 8;
+    let counters = (size >= counters_end).then_some((info.dlpi_adds, info.dlpi_subs));
+    entries.push(Entry {
+        name,
+        bias,
+        segments,
+        ehdr,
+        build_id,
+        counters,
+    });
+    0
+}
