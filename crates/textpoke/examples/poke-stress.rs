@@ -26,7 +26,8 @@ fn parse() -> Result<StressConfig, String> {
             "--threads" => cfg.threads = num(&value)? as usize,
             "--sites" => cfg.sites = num(&value)?.max(1) as usize,
             "--seconds" => {
-                cfg.duration = Duration::from_secs_f64(value.parse().map_err(|_| format!("--seconds: {value:?} is not a number"))?)
+                cfg.duration =
+                    Duration::from_secs_f64(value.parse().map_err(|_| format!("--seconds: {value:?} is not a number"))?)
             }
             "--strategy" => cfg.strategy = value.parse::<Strategy>()?,
             "--layout" => {

@@ -31,4 +31,6 @@ pub mod sys;
 pub mod text;
 
 pub use error::PokeError;
-pub use text::{capabilities, Batch, Capabilities, CommitOptions, CommitStats, Poke, Strategy, SyncMethod, WriteMethod};
+pub use text::{
+    capabilities, Batch, Capabilities, CommitOptions, CommitStats, Poke, Strategy, SyncMethod, WriteMethod,
+};

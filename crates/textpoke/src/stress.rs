@@ -30,7 +30,7 @@ use crate::sys::threads::gettid;
 use crate::{Batch, CommitOptions, Poke, PokeError, Strategy};
 use std::cell::Cell;
 use std::io;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -152,7 +152,14 @@ impl CodeMap {
         let size = code.len().max(1).next_multiple_of(crate::text::page_size());
         // SAFETY: a fresh anonymous mapping, readable and executable.
         let p = unsafe {
-            libc::mmap(std::ptr::null_mut(), size, libc::PROT_READ | libc::PROT_EXEC, libc::MAP_PRIVATE | libc::MAP_ANONYMOUS, -1, 0)
+            libc::mmap(
+                std::ptr::null_mut(),
+                size,
+                libc::PROT_READ | libc::PROT_EXEC,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
         };
         if p == libc::MAP_FAILED {
             return Err(io::Error::last_os_error());
@@ -254,7 +261,8 @@ struct Worker {
     /// Phase word at the start of the last call this worker completed.
     done_phase: AtomicU64,
     handler_counter: AtomicU64,
-    next: Cell<usize>,
+    /// Next site the timer handler calls.
+    next: AtomicUsize,
 }
 
 thread_local! {
@@ -274,11 +282,9 @@ fn checked_call(sh: &Shared, i: usize, counter: &AtomicU64) -> u64 {
     let state = ph & 3;
     if ph == ph2 && state != PH_FLIPPING {
         let want = if state == PH_ON { 1 } else { 0 };
-        if after.wrapping_sub(before) != want {
-            if sh.violations.fetch_add(1, Ordering::Relaxed) == 0 {
-                let d = after.wrapping_sub(before) & 0xff;
-                sh.first_violation.store(((i as u64) << 32) | (state << 8) | d, Ordering::Relaxed);
-            }
+        if after.wrapping_sub(before) != want && sh.violations.fetch_add(1, Ordering::Relaxed) == 0 {
+            let d = after.wrapping_sub(before) & 0xff;
+            sh.first_violation.store(((i as u64) << 32) | (state << 8) | d, Ordering::Relaxed);
         }
     }
     ph
@@ -297,8 +303,8 @@ extern "C" fn on_timer(_sig: i32) {
     // (cleared before they are dropped; timers are deleted first).
     let (sh, w) = unsafe { (&*sh, &*w) };
     for _ in 0..4 {
-        let i = w.next.get();
-        w.next.set((i + 13) % sh.arena.len());
+        let i = w.next.load(Ordering::Relaxed);
+        w.next.store((i + 13) % sh.arena.len(), Ordering::Relaxed);
         let _ = checked_call(sh, i, &w.handler_counter);
         sh.handler_calls.fetch_add(1, Ordering::Relaxed);
     }
@@ -358,7 +364,7 @@ fn worker_loop(sh: &Shared, w: &Worker, timer_hz: u32) {
     WORKER.with(|c| c.set(w));
     let timer = ThreadTimer::start(timer_hz);
     let n = sh.arena.len();
-    let mut i = w.next.get();
+    let mut i = w.next.load(Ordering::Relaxed);
     let mut calls = 0u64;
     while !sh.stop.load(Ordering::Relaxed) {
         let ph = checked_call(sh, i, &w.counter);
@@ -369,14 +375,16 @@ fn worker_loop(sh: &Shared, w: &Worker, timer_hz: u32) {
     drop(timer);
     WORKER.with(|c| c.set(std::ptr::null()));
     sh.calls.fetch_add(calls, Ordering::Relaxed);
-    sh.counted.fetch_add(w.counter.load(Ordering::Relaxed) + w.handler_counter.load(Ordering::Relaxed), Ordering::Relaxed);
+    sh.counted
+        .fetch_add(w.counter.load(Ordering::Relaxed) + w.handler_counter.load(Ordering::Relaxed), Ordering::Relaxed);
 }
 
 /// Runs a stress test of the engine (one at a time per process).
 pub fn run(cfg: &StressConfig) -> Result<StressReport, PokeError> {
     static RUNNING: std::sync::Mutex<()> = std::sync::Mutex::new(());
     let _one = RUNNING.lock().unwrap_or_else(|e| e.into_inner());
-    let arena = SiteArena::new(cfg.sites, cfg.layout).map_err(|source| PokeError::Sys { what: "map the site arena", source })?;
+    let arena = SiteArena::new(cfg.sites, cfg.layout)
+        .map_err(|source| PokeError::Sys { what: "map the site arena", source })?;
     let straddling = arena.straddling();
     let sh = Arc::new(Shared {
         arena,
@@ -392,21 +400,21 @@ pub fn run(cfg: &StressConfig) -> Result<StressReport, PokeError> {
     SHARED.store(Arc::as_ptr(&sh) as *mut Shared, Ordering::Release);
     install_timer_handler();
     let workers: Vec<Arc<Worker>> = (0..cfg.threads)
-        .map(|t| Arc::new(Worker { counter: AtomicU64::new(0), done_phase: AtomicU64::new(u64::MAX), handler_counter: AtomicU64::new(0), next: Cell::new(t % cfg.sites.max(1)) }))
+        .map(|t| {
+            Arc::new(Worker {
+                counter: AtomicU64::new(0),
+                done_phase: AtomicU64::new(u64::MAX),
+                handler_counter: AtomicU64::new(0),
+                next: AtomicUsize::new(t % cfg.sites.max(1)),
+            })
+        })
         .collect();
-    // SAFETY-free sharing: each Worker is used by its own thread (and that
-    // thread's signal handler); the main thread reads its atomics only.
-    struct SendWorker(Arc<Worker>);
-    unsafe impl Send for SendWorker {}
     let handles: Vec<_> = workers
         .iter()
         .map(|w| {
-            let (sh, w) = (sh.clone(), SendWorker(w.clone()));
+            let (sh, w) = (sh.clone(), w.clone());
             let hz = cfg.timer_hz;
-            std::thread::spawn(move || {
-                let w = w;
-                worker_loop(&sh, &w.0, hz)
-            })
+            std::thread::spawn(move || worker_loop(&sh, &w, hz))
         })
         .collect();
 

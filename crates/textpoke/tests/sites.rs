@@ -12,8 +12,8 @@ use std::process::Command;
 use std::sync::{Mutex, MutexGuard};
 
 use textpoke::sites::{
-    scan_object, x86_64::ENDBR64, NopForm, ObjectSites, Objects, Pad, RecordSource, Site, SiteKind,
-    SiteTable, SitesError, SkipReason,
+    scan_object, x86_64::ENDBR64, NopForm, ObjectSites, Objects, Pad, RecordSource, Site, SiteKind, SiteTable,
+    SitesError, SkipReason,
 };
 
 /// dlopen/dlclose and byte patching tests run one at a time: a rescan in one
@@ -27,13 +27,7 @@ fn serial() -> MutexGuard<'static, ()> {
 const FIXTURES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures");
 
 /// The functions of the fixture, demangled.
-const NAMES: [&str; 5] = [
-    "tp_add",
-    "tp_mul",
-    "tp_call_hidden",
-    "tp_hidden",
-    "tp::scale(int, double)",
-];
+const NAMES: [&str; 5] = ["tp_add", "tp_mul", "tp_call_hidden", "tp_hidden", "tp::scale(int, double)"];
 
 /// How a fixture library is compiled and linked.
 struct Flags<'a> {
@@ -46,14 +40,8 @@ struct Flags<'a> {
 const PIC: &[&str] = &["-fPIC"];
 
 fn run(cmd: &mut Command) {
-    let out = cmd
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
-    assert!(
-        out.status.success(),
-        "{cmd:?} failed:\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let out = cmd.output().unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
+    assert!(out.status.success(), "{cmd:?} failed:\n{}", String::from_utf8_lossy(&out.stderr));
 }
 
 /// Build the fixture library `lib<tag>.so` with `flags`; returns its path.
@@ -73,11 +61,7 @@ fn build(tag: &str, flags: &Flags) -> PathBuf {
         .arg(&cpp_obj)
         .args(flags.cflags)
         .arg(Path::new(FIXTURES).join("sites_cpp.cpp")));
-    run(Command::new("gcc")
-        .args(["-shared", "-o"])
-        .arg(&so)
-        .args([&c_obj, &cpp_obj])
-        .args(flags.ldflags));
+    run(Command::new("gcc").args(["-shared", "-o"]).arg(&so).args([&c_obj, &cpp_obj]).args(flags.ldflags));
     so
 }
 
@@ -92,10 +76,7 @@ impl Lib {
         // SAFETY: a valid path; the fixture has no initialisers of its own.
         let handle = unsafe { libc::dlopen(c.as_ptr(), libc::RTLD_NOW | libc::RTLD_LOCAL) };
         assert!(!handle.is_null(), "dlopen {} failed", path.display());
-        Lib {
-            handle,
-            path: path.to_owned(),
-        }
+        Lib { handle, path: path.to_owned() }
     }
 
     fn sym(&self, name: &str) -> usize {
@@ -129,9 +110,7 @@ impl Lib {
 
 fn bytes_at(addr: usize, len: usize) -> Vec<u8> {
     // SAFETY: callers pass addresses inside the loaded fixture's code.
-    (0..len)
-        .map(|i| unsafe { ((addr + i) as *const u8).read_volatile() })
-        .collect()
+    (0..len).map(|i| unsafe { ((addr + i) as *const u8).read_volatile() }).collect()
 }
 
 /// Overwrite code bytes (test-only: mprotect the pages writable and back).
@@ -174,11 +153,7 @@ fn check_library(path: &Path, expect: Expect) -> ObjectSites {
         Some(Ok(s)) => s.clone(),
         other => panic!("scan of {} failed: {other:?}", path.display()),
     };
-    assert!(
-        sites.skipped.is_empty(),
-        "unexpected skipped: {:#?}",
-        sites.skipped
-    );
+    assert!(sites.skipped.is_empty(), "unexpected skipped: {:#?}", sites.skipped);
 
     let names: BTreeSet<&str> = sites.sites.iter().map(|s| s.function.as_str()).collect();
     assert_eq!(names, BTreeSet::from(NAMES));
@@ -209,10 +184,7 @@ fn check_library(path: &Path, expect: Expect) -> ObjectSites {
     assert!(!from_file.sections[0].from_memory);
 
     // The whole table has these sites and no errors in this process.
-    let errors: Vec<_> = table
-        .errors()
-        .map(|(o, e)| (o.path.clone(), e.to_string()))
-        .collect();
+    let errors: Vec<_> = table.errors().map(|(o, e)| (o.path.clone(), e.to_string())).collect();
     assert!(errors.is_empty(), "{errors:?}");
     assert_eq!(table.sites().filter(|s| s.object == obj.id).count(), 5);
 
@@ -220,10 +192,7 @@ fn check_library(path: &Path, expect: Expect) -> ObjectSites {
     let generation = table.generation();
     lib.close();
     let changes = table.rescan();
-    assert!(
-        changes.removed.iter().any(|o| o.id == obj.id),
-        "not removed: {changes:?}"
-    );
+    assert!(changes.removed.iter().any(|o| o.id == obj.id), "not removed: {changes:?}");
     assert!(table.generation() > generation);
     assert!(table.objects().get(obj.id).is_none());
     assert!(table.objects().by_path(path).is_none());
@@ -235,34 +204,19 @@ fn check_library(path: &Path, expect: Expect) -> ObjectSites {
 fn check_site(site: &Site, entries: &BTreeMap<&str, usize>, expect: Expect) {
     let entry = entries[site.function.as_str()];
     assert_eq!(site.entry, entry, "{site:#?}");
-    let raw = if site.function.starts_with("tp::") {
-        "_ZN2tp5scaleEid"
-    } else {
-        site.function.as_str()
-    };
+    let raw = if site.function.starts_with("tp::") { "_ZN2tp5scaleEid" } else { site.function.as_str() };
     assert_eq!(site.raw_symbol, raw);
     assert_eq!(site.nop_len, 5);
     let endbr = bytes_at(entry, 4) == ENDBR64;
-    assert_eq!(
-        site.nop_addr,
-        entry + if endbr { 4 } else { 0 },
-        "{site:#?}"
-    );
+    assert_eq!(site.nop_addr, entry + if endbr { 4 } else { 0 }, "{site:#?}");
     let nop = bytes_at(site.nop_addr, 5);
     match expect {
         Expect::Pad { n, m } => {
-            let pad = Pad {
-                start: entry - m as usize,
-                len: n,
-                entry_offset: m,
-            };
+            let pad = Pad { start: entry - m as usize, len: n, entry_offset: m };
             assert_eq!(site.kind, SiteKind::PatchableEntry(pad), "{site:#?}");
             // gcc's pad: M one-byte NOPs before the entry, N - M after it.
             assert_eq!(bytes_at(pad.start, m as usize), vec![0x90; m as usize]);
-            assert_eq!(
-                bytes_at(site.nop_addr, (n - m) as usize),
-                vec![0x90; (n - m) as usize]
-            );
+            assert_eq!(bytes_at(site.nop_addr, (n - m) as usize), vec![0x90; (n - m) as usize]);
             assert_eq!(site.nop_form, NopForm::Split { insns: 5 });
             assert_eq!(nop, [0x90; 5]);
         }
@@ -289,88 +243,43 @@ fn with(base: &[&'static str], more: &[&'static str]) -> Vec<&'static str> {
 #[test]
 fn patchable_entry_5() {
     let _g = serial();
-    let cflags = with(
-        PIC,
-        &["-fpatchable-function-entry=5", "-fcf-protection=none"],
-    );
-    let path = build(
-        "pfe5",
-        &Flags {
-            cflags: &cflags,
-            ldflags: &[],
-        },
-    );
+    let cflags = with(PIC, &["-fpatchable-function-entry=5", "-fcf-protection=none"]);
+    let path = build("pfe5", &Flags { cflags: &cflags, ldflags: &[] });
     check_library(&path, Expect::Pad { n: 5, m: 0 });
 }
 
 #[test]
 fn patchable_entry_16() {
     let _g = serial();
-    let cflags = with(
-        PIC,
-        &["-fpatchable-function-entry=16", "-fcf-protection=none"],
-    );
-    let path = build(
-        "pfe16",
-        &Flags {
-            cflags: &cflags,
-            ldflags: &[],
-        },
-    );
+    let cflags = with(PIC, &["-fpatchable-function-entry=16", "-fcf-protection=none"]);
+    let path = build("pfe16", &Flags { cflags: &cflags, ldflags: &[] });
     check_library(&path, Expect::Pad { n: 16, m: 0 });
 }
 
 #[test]
 fn patchable_entry_8_3() {
     let _g = serial();
-    let cflags = with(
-        PIC,
-        &["-fpatchable-function-entry=8,3", "-fcf-protection=none"],
-    );
-    let path = build(
-        "pfe8_3",
-        &Flags {
-            cflags: &cflags,
-            ldflags: &[],
-        },
-    );
+    let cflags = with(PIC, &["-fpatchable-function-entry=8,3", "-fcf-protection=none"]);
+    let path = build("pfe8_3", &Flags { cflags: &cflags, ldflags: &[] });
     check_library(&path, Expect::Pad { n: 8, m: 3 });
 }
 
 #[test]
 fn patchable_entry_8_3_with_endbr64() {
     let _g = serial();
-    let cflags = with(
-        PIC,
-        &["-fpatchable-function-entry=8,3", "-fcf-protection=full"],
-    );
-    let path = build(
-        "pfe8_3_cet",
-        &Flags {
-            cflags: &cflags,
-            ldflags: &[],
-        },
-    );
+    let cflags = with(PIC, &["-fpatchable-function-entry=8,3", "-fcf-protection=full"]);
+    let path = build("pfe8_3_cet", &Flags { cflags: &cflags, ldflags: &[] });
     let sites = check_library(&path, Expect::Pad { n: 8, m: 3 });
     // Every fixture function has its address taken or is global: all start
     // with endbr64, and the NOP follows it.
-    assert!(
-        sites.sites.iter().all(|s| s.nop_addr == s.entry + 4),
-        "{sites:#?}"
-    );
+    assert!(sites.sites.iter().all(|s| s.nop_addr == s.entry + 4), "{sites:#?}");
 }
 
 #[test]
 fn mcount_loc() {
     let _g = serial();
     let cflags = with(MCOUNT, &["-fcf-protection=none"]);
-    let path = build(
-        "mcount",
-        &Flags {
-            cflags: &cflags,
-            ldflags: &[],
-        },
-    );
+    let path = build("mcount", &Flags { cflags: &cflags, ldflags: &[] });
     check_library(&path, Expect::Mcount);
 }
 
@@ -378,18 +287,9 @@ fn mcount_loc() {
 fn mcount_loc_with_endbr64() {
     let _g = serial();
     let cflags = with(MCOUNT, &["-fcf-protection=full"]);
-    let path = build(
-        "mcount_cet",
-        &Flags {
-            cflags: &cflags,
-            ldflags: &[],
-        },
-    );
+    let path = build("mcount_cet", &Flags { cflags: &cflags, ldflags: &[] });
     let sites = check_library(&path, Expect::Mcount);
-    assert!(
-        sites.sites.iter().all(|s| s.nop_addr == s.entry + 4),
-        "{sites:#?}"
-    );
+    assert!(sites.sites.iter().all(|s| s.nop_addr == s.entry + 4), "{sites:#?}");
 }
 
 /// The section's contents in the file, as stored (before relocation).
@@ -398,64 +298,37 @@ fn section_words(path: &Path, name: &str) -> Vec<u64> {
     let data = std::fs::read(path).unwrap();
     let file = object::File::parse(&*data).unwrap();
     let sec = file.section_by_name(name).unwrap();
-    sec.data()
-        .unwrap()
-        .chunks(8)
-        .map(|c| u64::from_le_bytes(c.try_into().unwrap()))
-        .collect()
+    sec.data().unwrap().chunks(8).map(|c| u64::from_le_bytes(c.try_into().unwrap())).collect()
 }
 
 fn has_section(path: &Path, name: &str) -> bool {
     use object::Object;
     let data = std::fs::read(path).unwrap();
-    object::File::parse(&*data)
-        .unwrap()
-        .section_by_name(name)
-        .is_some()
+    object::File::parse(&*data).unwrap().section_by_name(name).is_some()
 }
 
 #[test]
 fn gnu_ld_stores_values_and_rela() {
     let _g = serial();
     let cflags = with(PIC, &["-fpatchable-function-entry=5"]);
-    let path = build(
-        "pfe5_bfd",
-        &Flags {
-            cflags: &cflags,
-            ldflags: &[],
-        },
-    );
-    assert!(section_words(&path, "__patchable_function_entries")
-        .iter()
-        .all(|&w| w != 0));
+    let path = build("pfe5_bfd", &Flags { cflags: &cflags, ldflags: &[] });
+    assert!(section_words(&path, "__patchable_function_entries").iter().all(|&w| w != 0));
     check_library(&path, Expect::Pad { n: 5, m: 0 });
 }
 
 #[test]
 fn relr_relocations() {
     let _g = serial();
-    let cflags = with(
-        PIC,
-        &["-fpatchable-function-entry=5", "-fcf-protection=none"],
-    );
+    let cflags = with(PIC, &["-fpatchable-function-entry=5", "-fcf-protection=none"]);
     let ldflags = ["-Wl,-z,pack-relative-relocs"];
-    let path = build(
-        "pfe5_relr",
-        &Flags {
-            cflags: &cflags,
-            ldflags: &ldflags,
-        },
-    );
+    let path = build("pfe5_relr", &Flags { cflags: &cflags, ldflags: &ldflags });
     assert!(has_section(&path, ".relr.dyn"));
     check_library(&path, Expect::Pad { n: 5, m: 0 });
 }
 
 /// rust-lld through the toolchain's `gcc-ld/ld.lld` wrapper, if present.
 fn lld_dir() -> Option<PathBuf> {
-    let out = Command::new("rustc")
-        .args(["--print", "sysroot"])
-        .output()
-        .ok()?;
+    let out = Command::new("rustc").args(["--print", "sysroot"]).output().ok()?;
     let sysroot = String::from_utf8(out.stdout).ok()?;
     let dir = Path::new(sysroot.trim()).join("lib/rustlib/x86_64-unknown-linux-gnu/bin/gcc-ld");
     dir.join("ld.lld").exists().then_some(dir)
@@ -468,19 +341,10 @@ fn lld_leaves_zeros_and_rela_addends() {
         eprintln!("SKIPPED: no rust-lld gcc-ld wrapper in the toolchain");
         return;
     };
-    let cflags = with(
-        PIC,
-        &["-fpatchable-function-entry=5", "-fcf-protection=none"],
-    );
+    let cflags = with(PIC, &["-fpatchable-function-entry=5", "-fcf-protection=none"]);
     let b = format!("-B{}", dir.display());
     let ldflags = ["-fuse-ld=lld", b.as_str()];
-    let path = build(
-        "pfe5_lld",
-        &Flags {
-            cflags: &cflags,
-            ldflags: &ldflags,
-        },
-    );
+    let path = build("pfe5_lld", &Flags { cflags: &cflags, ldflags: &ldflags });
     // lld keeps the values only in the RELA addends.
     let words = section_words(&path, "__patchable_function_entries");
     assert_eq!(words, vec![0; NAMES.len()]);
@@ -490,17 +354,8 @@ fn lld_leaves_zeros_and_rela_addends() {
 #[test]
 fn pad_too_short_is_skipped_with_reason() {
     let _g = serial();
-    let cflags = with(
-        PIC,
-        &["-fpatchable-function-entry=3", "-fcf-protection=none"],
-    );
-    let path = build(
-        "pfe3",
-        &Flags {
-            cflags: &cflags,
-            ldflags: &[],
-        },
-    );
+    let cflags = with(PIC, &["-fpatchable-function-entry=3", "-fcf-protection=none"]);
+    let path = build("pfe3", &Flags { cflags: &cflags, ldflags: &[] });
     let lib = Lib::open(&path);
     let mut objects = Objects::new();
     objects.rescan();
@@ -513,13 +368,7 @@ fn pad_too_short_is_skipped_with_reason() {
     for s in &sites.skipped {
         let entry = entries[s.function.as_str()];
         assert_eq!(s.entry, Some(entry));
-        assert_eq!(
-            s.reason,
-            SkipReason::PadTooShort {
-                addr: entry,
-                nops: 3
-            }
-        );
+        assert_eq!(s.reason, SkipReason::PadTooShort { addr: entry, nops: 3 });
     }
     lib.close();
 }
@@ -528,13 +377,7 @@ fn pad_too_short_is_skipped_with_reason() {
 fn changed_bytes_are_skipped_not_dropped() {
     let _g = serial();
     let cflags = with(MCOUNT, &["-fcf-protection=none"]);
-    let path = build(
-        "changed",
-        &Flags {
-            cflags: &cflags,
-            ldflags: &[],
-        },
-    );
+    let path = build("changed", &Flags { cflags: &cflags, ldflags: &[] });
     let lib = Lib::open(&path);
     let target = lib.sym("tp_mul");
     let mut table = SiteTable::new();
@@ -558,18 +401,8 @@ fn changed_bytes_are_skipped_not_dropped() {
     assert_eq!(s.section, "__mcount_loc");
     assert_eq!(s.record, target);
     assert_eq!(s.entry, Some(target));
-    assert_eq!(
-        s.reason,
-        SkipReason::UnexpectedBytes {
-            addr: target,
-            found: call.to_vec()
-        }
-    );
-    assert!(
-        s.reason.to_string().contains("e8 11 22 33 44"),
-        "{}",
-        s.reason
-    );
+    assert_eq!(s.reason, SkipReason::UnexpectedBytes { addr: target, found: call.to_vec() });
+    assert!(s.reason.to_string().contains("e8 11 22 33 44"), "{}", s.reason);
 
     // Restored: patchable again.
     let restored = table.rescan_object(id).unwrap().as_ref().unwrap();
@@ -581,13 +414,7 @@ fn changed_bytes_are_skipped_not_dropped() {
 fn missing_file_is_a_typed_error() {
     let _g = serial();
     let cflags = with(PIC, &["-fpatchable-function-entry=5"]);
-    let path = build(
-        "deleted",
-        &Flags {
-            cflags: &cflags,
-            ldflags: &[],
-        },
-    );
+    let path = build("deleted", &Flags { cflags: &cflags, ldflags: &[] });
     let lib = Lib::open(&path);
     std::fs::remove_file(&path).unwrap();
     let mut table = SiteTable::new();
@@ -606,24 +433,12 @@ fn missing_file_is_a_typed_error() {
 fn replaced_file_is_refused() {
     let _g = serial();
     let cflags = with(PIC, &["-fpatchable-function-entry=5"]);
-    let path = build(
-        "replaced",
-        &Flags {
-            cflags: &cflags,
-            ldflags: &[],
-        },
-    );
+    let path = build("replaced", &Flags { cflags: &cflags, ldflags: &[] });
     let lib = Lib::open(&path);
     // Replace the file on disk by another build (other pad size): the
     // mapping keeps the old inode, the path now names a different file.
     let cflags16 = with(PIC, &["-fpatchable-function-entry=16"]);
-    let other = build(
-        "replacement",
-        &Flags {
-            cflags: &cflags16,
-            ldflags: &[],
-        },
-    );
+    let other = build("replacement", &Flags { cflags: &cflags16, ldflags: &[] });
     std::fs::rename(&other, &path).unwrap();
     let mut objects = Objects::new();
     objects.rescan();
@@ -648,9 +463,7 @@ fn main_executable_has_no_sites() {
     assert!(sites.skipped.is_empty(), "{:#?}", sites.skipped);
     assert!(sites.sections.is_empty());
     // The vdso has no file and is not listed.
-    assert!(objects
-        .iter()
-        .all(|o| !o.path.to_string_lossy().contains("vdso")));
+    assert!(objects.iter().all(|o| !o.path.to_string_lossy().contains("vdso")));
 }
 
 #[test]
@@ -669,17 +482,8 @@ fn rescan_without_change_keeps_ids() {
 #[test]
 fn unload_and_reload_between_rescans_is_flagged() {
     let _g = serial();
-    let cflags = with(
-        PIC,
-        &["-fpatchable-function-entry=5", "-fcf-protection=none"],
-    );
-    let path = build(
-        "reload",
-        &Flags {
-            cflags: &cflags,
-            ldflags: &[],
-        },
-    );
+    let cflags = with(PIC, &["-fpatchable-function-entry=5", "-fcf-protection=none"]);
+    let path = build("reload", &Flags { cflags: &cflags, ldflags: &[] });
     let mut table = SiteTable::new();
     let lib = Lib::open(&path);
     table.rescan();

@@ -251,7 +251,12 @@ const MAX_FRAME_SCAN: usize = 256 << 10;
 /// on an alternate stack back to the interrupted stack. `read` copies
 /// memory without faulting and returns how much it could copy. A false
 /// match can only make the caller more cautious. Allocation-free.
-pub fn for_each_outer_pc(sp: usize, restorer: usize, read: impl Fn(usize, &mut [u8]) -> usize, mut f: impl FnMut(usize)) {
+pub fn for_each_outer_pc(
+    sp: usize,
+    restorer: usize,
+    read: impl Fn(usize, &mut [u8]) -> usize,
+    mut f: impl FnMut(usize),
+) {
     let mut buf = [0u8; 4096];
     let mut at = sp & !7;
     let mut scanned = 0;

@@ -70,16 +70,10 @@ pub(crate) struct FileFacts {
 /// file is the one that was loaded.
 pub(crate) fn read_file(obj: &LoadedObject) -> Result<FileFacts, SitesError> {
     let path = || obj.path.clone();
-    let file = File::open(obj.file_to_open()).map_err(|source| SitesError::Open {
-        path: path(),
-        source,
-    })?;
+    let file = File::open(obj.file_to_open()).map_err(|source| SitesError::Open { path: path(), source })?;
     let cache = ReadCache::new(file);
     let data = &cache;
-    let parse = |source| SitesError::Parse {
-        path: path(),
-        source,
-    };
+    let parse = |source| SitesError::Parse { path: path(), source };
     let unsupported = |what: String| SitesError::Unsupported { path: path(), what };
 
     let header = Elf::parse(data).map_err(parse)?;
@@ -90,9 +84,7 @@ pub(crate) fn read_file(obj: &LoadedObject) -> Result<FileFacts, SitesError> {
     }
     let e_type = header.e_type(endian);
     if e_type != elf::ET_EXEC && e_type != elf::ET_DYN {
-        return Err(unsupported(format!(
-            "e_type {e_type}, not ET_EXEC or ET_DYN"
-        )));
+        return Err(unsupported(format!("e_type {e_type}, not ET_EXEC or ET_DYN")));
     }
 
     check_same_file(obj, header, endian, data)?;
@@ -104,11 +96,7 @@ pub(crate) fn read_file(obj: &LoadedObject) -> Result<FileFacts, SitesError> {
         let Some((_, sh)) = sections.section_by_name(endian, name.as_bytes()) else {
             continue;
         };
-        let bad = |what: String| SitesError::BadSection {
-            path: path(),
-            section: name,
-            what,
-        };
+        let bad = |what: String| SitesError::BadSection { path: path(), section: name, what };
         let addr = sh.sh_addr(endian);
         let size = sh.sh_size(endian);
         if size % 8 != 0 {
@@ -117,20 +105,10 @@ pub(crate) fn read_file(obj: &LoadedObject) -> Result<FileFacts, SitesError> {
         let alloc = sh.sh_flags(endian) & u64::from(elf::SHF_ALLOC) != 0;
         let file_values = file_values(&sections, endian, data, sh)
             .map_err(|e| bad(format!("cannot read contents or relocations: {e}")))?;
-        found.push(RecordSection {
-            kind,
-            addr,
-            size,
-            alloc,
-            file_values,
-        });
+        found.push(RecordSection { kind, addr, size, alloc, file_values });
     }
     if found.is_empty() {
-        return Ok(FileFacts {
-            sections: found,
-            symbols: Symbols::default(),
-            dynsym_only: false,
-        });
+        return Ok(FileFacts { sections: found, symbols: Symbols::default(), dynsym_only: false });
     }
     let mut dynsym_only = false;
     let mut symbols = func_symbols(&sections, endian, data, elf::SHT_SYMTAB).map_err(parse)?;
@@ -138,11 +116,7 @@ pub(crate) fn read_file(obj: &LoadedObject) -> Result<FileFacts, SitesError> {
         symbols = func_symbols(&sections, endian, data, elf::SHT_DYNSYM).map_err(parse)?;
         dynsym_only = true;
     }
-    Ok(FileFacts {
-        sections: found,
-        symbols,
-        dynsym_only,
-    })
+    Ok(FileFacts { sections: found, symbols, dynsym_only })
 }
 
 /// Refuse a file that is not the loaded object: its `PT_LOAD` layout must be
@@ -153,16 +127,9 @@ fn check_same_file<'data, R: ReadRef<'data>>(
     endian: Endianness,
     data: R,
 ) -> Result<(), SitesError> {
-    let mismatch = |what: String| SitesError::FileMismatch {
-        path: obj.path.clone(),
-        what,
-    };
-    let phdrs = header
-        .program_headers(endian, data)
-        .map_err(|source| SitesError::Parse {
-            path: obj.path.clone(),
-            source,
-        })?;
+    let mismatch = |what: String| SitesError::FileMismatch { path: obj.path.clone(), what };
+    let phdrs =
+        header.program_headers(endian, data).map_err(|source| SitesError::Parse { path: obj.path.clone(), source })?;
     let file_loads: Vec<Segment> = phdrs
         .iter()
         .filter(|p| p.p_type(endian) == elf::PT_LOAD)
@@ -173,10 +140,7 @@ fn check_same_file<'data, R: ReadRef<'data>>(
         })
         .collect();
     if file_loads != obj.segments {
-        return Err(mismatch(format!(
-            "PT_LOAD segments differ (file {file_loads:x?}, loaded {:x?})",
-            obj.segments
-        )));
+        return Err(mismatch(format!("PT_LOAD segments differ (file {file_loads:x?}, loaded {:x?})", obj.segments)));
     }
     let mut file_id = None;
     for p in phdrs.iter().filter(|p| p.p_type(endian) == elf::PT_NOTE) {
@@ -189,11 +153,7 @@ fn check_same_file<'data, R: ReadRef<'data>>(
     }
     if let (Some(file_id), Some(mem_id)) = (&file_id, &obj.build_id) {
         if file_id != mem_id {
-            return Err(mismatch(format!(
-                "build-id {} on disk, {} loaded",
-                hex(file_id),
-                hex(mem_id)
-            )));
+            return Err(mismatch(format!("build-id {} on disk, {} loaded", hex(file_id), hex(mem_id))));
         }
     }
     Ok(())
@@ -242,11 +202,7 @@ fn file_values<'data, R: ReadRef<'data>>(
 ) -> object::read::Result<Vec<Option<u64>>> {
     let addr = sh.sh_addr(endian);
     let size = sh.sh_size(endian);
-    let contents: &[u8] = if sh.sh_type(endian) == elf::SHT_NOBITS {
-        &[]
-    } else {
-        sh.data(endian, data)?
-    };
+    let contents: &[u8] = if sh.sh_type(endian) == elf::SHT_NOBITS { &[] } else { sh.data(endian, data)? };
     let mut values: Vec<Option<u64>> = (0..size / 8)
         .map(|i| {
             let at = (i * 8) as usize;

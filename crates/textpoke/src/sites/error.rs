@@ -45,9 +45,5 @@ pub enum SitesError {
     /// A site section is malformed (size not a multiple of the address size,
     /// ...).
     #[error("{path}: section {section}: {what}")]
-    BadSection {
-        path: PathBuf,
-        section: &'static str,
-        what: String,
-    },
+    BadSection { path: PathBuf, section: &'static str, what: String },
 }

@@ -210,20 +210,15 @@ impl fmt::Display for SkipReason {
             SkipReason::NotInCode { addr } => {
                 write!(f, "{addr:#x} is not in an executable segment")
             }
-            SkipReason::RecordMismatch { memory, file } => write!(
-                f,
-                "record is {memory:#x} in memory but {file:#x} from the file"
-            ),
-            SkipReason::RecordUnknown { index } => write!(
-                f,
-                "record {index} depends on a symbol resolved by the loader; read it from memory"
-            ),
+            SkipReason::RecordMismatch { memory, file } => {
+                write!(f, "record is {memory:#x} in memory but {file:#x} from the file")
+            }
+            SkipReason::RecordUnknown { index } => {
+                write!(f, "record {index} depends on a symbol resolved by the loader; read it from memory")
+            }
             SkipReason::UnknownEntry => f.write_str("no symbol shows where the function starts"),
             SkipReason::NotAtEntry { offset } => {
-                write!(
-                    f,
-                    "the NOP is {offset} bytes into the function, not at its entry"
-                )
+                write!(f, "the NOP is {offset} bytes into the function, not at its entry")
             }
             SkipReason::UnexpectedBytes { addr, found } => {
                 write!(f, "bytes at {addr:#x} are {}, expected ", Hex(found))?;
@@ -307,11 +302,7 @@ pub fn scan_object(obj: &LoadedObject, source: RecordSource) -> Result<ObjectSit
         sections: Vec::new(),
         dynsym_only: facts.dynsym_only,
     };
-    let scan = Scan {
-        obj,
-        _pin: &pin,
-        symbols: &facts.symbols,
-    };
+    let scan = Scan { obj, _pin: &pin, symbols: &facts.symbols };
     for sec in &facts.sections {
         let (records, report) = scan.records(sec, source)?;
         out.sections.push(report);
@@ -387,17 +378,11 @@ impl Scan<'_> {
     }
 
     fn in_code(&self, addr: usize, len: usize) -> bool {
-        self.obj
-            .segment_at(addr, len)
-            .is_some_and(|s| s.is_executable() && s.is_readable())
+        self.obj.segment_at(addr, len).is_some_and(|s| s.is_executable() && s.is_readable())
     }
 
     /// The records of one section as runtime addresses.
-    fn records(
-        &self,
-        sec: &RecordSection,
-        source: RecordSource,
-    ) -> Result<(Vec<Record>, SectionReport), SitesError> {
+    fn records(&self, sec: &RecordSection, source: RecordSource) -> Result<(Vec<Record>, SectionReport), SitesError> {
         let bias = self.obj.bias;
         let count = (sec.size / 8) as usize;
         let runtime = (sec.addr as usize).wrapping_add(bias);
@@ -466,18 +451,14 @@ impl Scan<'_> {
         // First pass: the pads whose entry a symbol shows.
         let entries: Vec<Option<usize>> = pads.iter().map(|&p| self.entry_of_pad(p)).collect();
         // M of every located pad; used for the others when they all agree.
-        let mut ms = entries
-            .iter()
-            .zip(pads)
-            .filter_map(|(e, p)| e.map(|e| e - p));
+        let mut ms = entries.iter().zip(pads).filter_map(|(e, p)| e.map(|e| e - p));
         let consensus = ms.next().filter(|&m| ms.all(|x| x == m));
         pads.iter()
             .zip(entries)
             .map(|(&p, entry)| {
                 let entry = entry.or_else(|| {
                     let m = consensus?;
-                    (m == 0 || self.read(p, m).is_some_and(|b| x86_64::all_nops(&b)))
-                        .then_some(p + m)
+                    (m == 0 || self.read(p, m).is_some_and(|b| x86_64::all_nops(&b))).then_some(p + m)
                 });
                 self.pad_site(p, entry)
             })
@@ -539,20 +520,11 @@ impl Scan<'_> {
 
     /// The NOP at a function entry (after `endbr64` if there is one): its
     /// address, form and the length of the NOP run there (up to `max`).
-    fn nop_at_entry(
-        &self,
-        entry: usize,
-        max: usize,
-    ) -> Result<(usize, NopForm, usize), SkipReason> {
+    fn nop_at_entry(&self, entry: usize, max: usize) -> Result<(usize, NopForm, usize), SkipReason> {
         let head = self.read_upto(entry, 4);
-        let nop_addr = if x86_64::starts_with_endbr64(&head) {
-            entry + 4
-        } else {
-            entry
-        };
+        let nop_addr = if x86_64::starts_with_endbr64(&head) { entry + 4 } else { entry };
         let bytes = self.read_upto(nop_addr, max.max(NOP_LEN as usize));
-        self.check_nop(nop_addr, &bytes)
-            .map(|form| (nop_addr, form, x86_64::nop_run_len(&bytes)))
+        self.check_nop(nop_addr, &bytes).map(|form| (nop_addr, form, x86_64::nop_run_len(&bytes)))
     }
 
     /// Check the bytes at a site (`bytes` starts at `addr`).
@@ -568,10 +540,7 @@ impl Scan<'_> {
         if nops > 0 && nops < NOP_LEN as usize {
             return Err(SkipReason::PadTooShort { addr, nops });
         }
-        Err(SkipReason::UnexpectedBytes {
-            addr,
-            found: found.to_vec(),
-        })
+        Err(SkipReason::UnexpectedBytes { addr, found: found.to_vec() })
     }
 
     /// The site of one `__mcount_loc` record (the NOP's address).
@@ -588,11 +557,8 @@ impl Scan<'_> {
             return Err(skipped);
         }
         let link = (n - self.obj.bias) as u64;
-        let endbr_before = || {
-            n.checked_sub(4)
-                .and_then(|e| self.read(e, 4))
-                .is_some_and(|b| x86_64::starts_with_endbr64(&b))
-        };
+        let endbr_before =
+            || n.checked_sub(4).and_then(|e| self.read(e, 4)).is_some_and(|b| x86_64::starts_with_endbr64(&b));
         let (entry, function, raw_symbol) = match self.symbols.containing(link) {
             Some(sym) => {
                 let entry = self.obj.bias + sym.addr as usize;
@@ -644,10 +610,7 @@ impl SiteTable {
 
     /// An empty table that reads records from `source`.
     pub fn with_source(source: RecordSource) -> Self {
-        SiteTable {
-            source,
-            ..Self::default()
-        }
+        SiteTable { source, ..Self::default() }
     }
 
     /// List the loaded objects again; scan those that appeared, forget those
@@ -659,11 +622,8 @@ impl SiteTable {
         for gone in &changes.removed {
             self.scanned.remove(&gone.id);
         }
-        let to_scan: Vec<ObjectId> = if changes.possibly_reloaded {
-            self.objects.iter().map(|o| o.id).collect()
-        } else {
-            changes.added.clone()
-        };
+        let to_scan: Vec<ObjectId> =
+            if changes.possibly_reloaded { self.objects.iter().map(|o| o.id).collect() } else { changes.added.clone() };
         for id in to_scan {
             self.rescan_object(id);
         }
@@ -696,18 +656,12 @@ impl SiteTable {
 
     /// All patchable sites, object by object.
     pub fn sites(&self) -> impl Iterator<Item = &Site> {
-        self.scanned
-            .values()
-            .filter_map(|r| r.as_ref().ok())
-            .flat_map(|o| o.sites.iter())
+        self.scanned.values().filter_map(|r| r.as_ref().ok()).flat_map(|o| o.sites.iter())
     }
 
     /// All records that are not patchable sites.
     pub fn skipped(&self) -> impl Iterator<Item = &SkippedSite> {
-        self.scanned
-            .values()
-            .filter_map(|r| r.as_ref().ok())
-            .flat_map(|o| o.skipped.iter())
+        self.scanned.values().filter_map(|r| r.as_ref().ok()).flat_map(|o| o.skipped.iter())
     }
 
     /// The objects whose sites could not be found, with the reason.

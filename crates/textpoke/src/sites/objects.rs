@@ -93,9 +93,7 @@ impl Segment {
     /// Whether `[link_addr, link_addr + len)` lies inside this segment.
     fn covers(&self, link_addr: usize, len: usize) -> bool {
         link_addr >= self.vaddr
-            && link_addr
-                .checked_add(len)
-                .is_some_and(|end| end <= self.vaddr.saturating_add(self.memsz))
+            && link_addr.checked_add(len).is_some_and(|end| end <= self.vaddr.saturating_add(self.memsz))
     }
 }
 
@@ -140,15 +138,8 @@ impl LoadedObject {
     /// Keep this object loaded (see the module doc). Fails with
     /// [`SitesError::Unloaded`] if it is no longer loaded at the same bias.
     pub fn pin(&self) -> Result<Pin, SitesError> {
-        let unloaded = || SitesError::Unloaded {
-            path: self.path.clone(),
-            bias: self.bias,
-        };
-        let name = if self.is_main {
-            std::ptr::null()
-        } else {
-            self.dl_name.as_ptr()
-        };
+        let unloaded = || SitesError::Unloaded { path: self.path.clone(), bias: self.bias };
+        let name = if self.is_main { std::ptr::null() } else { self.dl_name.as_ptr() };
         // SAFETY: `name` is null or a valid NUL-terminated string that lives
         // across the call. RTLD_NOLOAD never loads an object nor runs its
         // initialisers; it only takes a reference on one already loaded.
@@ -160,13 +151,7 @@ impl LoadedObject {
         let mut map: *mut LinkMapHead = std::ptr::null_mut();
         // SAFETY: `handle` is a live handle from dlopen; RTLD_DI_LINKMAP
         // stores one `struct link_map *` through the pointer we pass.
-        let rc = unsafe {
-            libc::dlinfo(
-                pin.handle,
-                libc::RTLD_DI_LINKMAP,
-                (&mut map as *mut *mut LinkMapHead).cast(),
-            )
-        };
+        let rc = unsafe { libc::dlinfo(pin.handle, libc::RTLD_DI_LINKMAP, (&mut map as *mut *mut LinkMapHead).cast()) };
         if rc != 0 || map.is_null() {
             return Err(unloaded());
         }
@@ -240,11 +225,8 @@ impl Objects {
     /// The objects loaded now, with what changed since the last rescan.
     pub fn rescan(&mut self) -> ObjectChanges {
         let listing = enumerate();
-        let mut old: HashMap<(PathBuf, usize), LoadedObject> = self
-            .objects
-            .drain(..)
-            .map(|o| ((o.path.clone(), o.bias), o))
-            .collect();
+        let mut old: HashMap<(PathBuf, usize), LoadedObject> =
+            self.objects.drain(..).map(|o| ((o.path.clone(), o.bias), o)).collect();
         let mut added = Vec::new();
         for raw in listing.objects {
             if let Some(kept) = old.remove(&(raw.path.clone(), raw.bias)) {
@@ -268,8 +250,7 @@ impl Objects {
 
         let possibly_reloaded = match (self.counters, listing.counters) {
             (Some((adds0, subs0)), Some((adds1, subs1))) => {
-                adds1.wrapping_sub(adds0) != added.len() as u64
-                    || subs1.wrapping_sub(subs0) != removed.len() as u64
+                adds1.wrapping_sub(adds0) != added.len() as u64 || subs1.wrapping_sub(subs0) != removed.len() as u64
             }
             _ => false,
         };
@@ -277,12 +258,7 @@ impl Objects {
         if !added.is_empty() || !removed.is_empty() || possibly_reloaded {
             self.generation += 1;
         }
-        ObjectChanges {
-            generation: self.generation,
-            added,
-            removed,
-            possibly_reloaded,
-        }
+        ObjectChanges { generation: self.generation, added, removed, possibly_reloaded }
     }
 
     /// Number of rescans that changed something.
@@ -311,9 +287,9 @@ impl Objects {
         let canonical = std::fs::canonicalize(path).ok();
         self.objects.iter().find(|o| {
             o.path == path
-                || canonical.as_deref().is_some_and(|c| {
-                    o.path == c || std::fs::canonicalize(&o.path).ok().as_deref() == Some(c)
-                })
+                || canonical
+                    .as_deref()
+                    .is_some_and(|c| o.path == c || std::fs::canonicalize(&o.path).ok().as_deref() == Some(c))
         })
     }
 }
@@ -349,10 +325,7 @@ fn enumerate() -> Listing {
     // SAFETY: the callback only reads the `dl_phdr_info` it is given and
     // pushes into the Vec passed as `data`, which outlives the call.
     unsafe {
-        libc::dl_iterate_phdr(
-            Some(phdr_callback),
-            (&mut entries as *mut Vec<Entry>).cast(),
-        );
+        libc::dl_iterate_phdr(Some(phdr_callback), (&mut entries as *mut Vec<Entry>).cast());
     }
     // SAFETY: getauxval has no preconditions; 0 means "not present".
     let vdso = unsafe { libc::getauxval(libc::AT_SYSINFO_EHDR) } as usize;
@@ -368,8 +341,7 @@ fn enumerate() -> Listing {
                 continue; // nameless and not the executable: no file to read
             }
             seen_main = true;
-            let exe = std::fs::read_link("/proc/self/exe")
-                .unwrap_or_else(|_| PathBuf::from("/proc/self/exe"));
+            let exe = std::fs::read_link("/proc/self/exe").unwrap_or_else(|_| PathBuf::from("/proc/self/exe"));
             (exe, true)
         } else {
             (PathBuf::from(OsStr::from_bytes(e.name.as_bytes())), false)
@@ -418,11 +390,7 @@ unsafe extern "C" fn phdr_callback(
     let segments: Vec<Segment> = phdrs
         .iter()
         .filter(|p| p.p_type == libc::PT_LOAD)
-        .map(|p| Segment {
-            vaddr: p.p_vaddr as usize,
-            memsz: p.p_memsz as usize,
-            flags: p.p_flags,
-        })
+        .map(|p| Segment { vaddr: p.p_vaddr as usize, memsz: p.p_memsz as usize, flags: p.p_flags })
         .collect();
     let ehdr = phdrs
         .iter()
@@ -431,16 +399,12 @@ unsafe extern "C" fn phdr_callback(
     let mut build_id = None;
     for note in phdrs.iter().filter(|p| p.p_type == libc::PT_NOTE) {
         let (vaddr, len) = (note.p_vaddr as usize, note.p_memsz as usize);
-        if !segments
-            .iter()
-            .any(|s| s.is_readable() && s.covers(vaddr, len))
-        {
+        if !segments.iter().any(|s| s.is_readable() && s.covers(vaddr, len)) {
             continue;
         }
         // SAFETY: the note lies inside a readable PT_LOAD segment of an
         // object the loader holds loaded during this callback.
-        let bytes =
-            unsafe { std::slice::from_raw_parts(bias.wrapping_add(vaddr) as *const u8, len) };
+        let bytes = unsafe { std::slice::from_raw_parts(bias.wrapping_add(vaddr) as *const u8, len) };
         if let Some(id) = super::elf::gnu_build_id(bytes, note.p_align) {
             build_id = Some(id);
             break;
@@ -449,13 +413,6 @@ unsafe extern "C" fn phdr_callback(
     // dlpi_adds/dlpi_subs exist only if the loader's struct is long enough.
     let counters_end = std::mem::offset_of!(libc::dl_phdr_info, dlpi_subs) + 8;
     let counters = (size >= counters_end).then_some((info.dlpi_adds, info.dlpi_subs));
-    entries.push(Entry {
-        name,
-        bias,
-        segments,
-        ehdr,
-        build_id,
-        counters,
-    });
+    entries.push(Entry { name, bias, segments, ehdr, build_id, counters });
     0
 }

@@ -84,21 +84,13 @@ mod tests {
     use super::*;
 
     fn sym(addr: u64, size: u64, name: &str, rank: u8) -> FuncSym {
-        FuncSym {
-            addr,
-            size,
-            name: name.into(),
-            rank,
-        }
+        FuncSym { addr, size, name: name.into(), rank }
     }
 
     #[test]
     fn demangles_each_language() {
         assert_eq!(demangle("_ZN2tp5scaleEid"), "tp::scale(int, double)");
-        assert_eq!(
-            demangle("_ZN4core3fmt5write17h0123456789abcdefE"),
-            "core::fmt::write"
-        );
+        assert_eq!(demangle("_ZN4core3fmt5write17h0123456789abcdefE"), "core::fmt::write");
         assert_eq!(demangle("_RNvCs1234_7mycrate3foo"), "mycrate::foo");
         assert_eq!(demangle("tp_add"), "tp_add");
         assert_eq!(demangle("f2.constprop.0"), "f2.constprop.0");

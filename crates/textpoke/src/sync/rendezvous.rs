@@ -80,7 +80,7 @@ fn table() -> &'static Table {
 fn reserve(n: usize) {
     let cur = TABLE.load(Ordering::Acquire);
     // SAFETY: as in `table`.
-    if !cur.is_null() && unsafe { (&(*cur).slots).len() } >= n {
+    if !cur.is_null() && unsafe { &*cur }.slots.len() >= n {
         return;
     }
     let cap = n.next_power_of_two().max(64);
@@ -117,7 +117,10 @@ fn install() -> Result<(), PokeError> {
         }
     });
     if INSTALL_FAILED.load(Ordering::Relaxed) {
-        return Err(PokeError::Sys { what: "install the rendezvous signal handler", source: std::io::Error::last_os_error() });
+        return Err(PokeError::Sys {
+            what: "install the rendezvous signal handler",
+            source: std::io::Error::last_os_error(),
+        });
     }
     Ok(())
 }
@@ -212,7 +215,7 @@ fn wait_all(t: &Table, gen: u32, deadline: Instant) -> Result<(), i32> {
         }
         let Some(s) = pending else { return Ok(()) };
         spins += 1;
-        if spins % 64 == 0 {
+        if spins.is_multiple_of(64) {
             let tid = s.tid.load(Ordering::Relaxed);
             if signal_thread(tid, 0, 0).is_err() {
                 s.tid.store(0, Ordering::Relaxed); // exited before answering
@@ -267,7 +270,10 @@ pub fn sync_by_signals() -> Result<(), PokeError> {
     })
     .map_err(|source| PokeError::Sys { what: "list /proc/self/task", source })?;
     if full {
-        return Err(PokeError::Sys { what: "signal every thread", source: std::io::Error::from_raw_os_error(libc::EAGAIN) });
+        return Err(PokeError::Sys {
+            what: "signal every thread",
+            source: std::io::Error::from_raw_os_error(libc::EAGAIN),
+        });
     }
     wait_all(t, gen, start + RESPONSE_DEADLINE).map_err(|tid| unresponsive(tid, start))?;
     arch::serialize_core();

@@ -74,12 +74,7 @@ fn parse_line(line: &str) -> Option<Mapping> {
     let (s, e) = it.next()?.split_once('-')?;
     let perms = it.next()?.to_string();
     let path = it.nth(3).unwrap_or("").to_string();
-    Some(Mapping {
-        start: usize::from_str_radix(s, 16).ok()?,
-        end: usize::from_str_radix(e, 16).ok()?,
-        perms,
-        path,
-    })
+    Some(Mapping { start: usize::from_str_radix(s, 16).ok()?, end: usize::from_str_radix(e, 16).ok()?, perms, path })
 }
 
 #[cfg(test)]

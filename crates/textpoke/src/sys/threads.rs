@@ -18,9 +18,7 @@ pub fn gettid() -> i32 {
 pub fn for_each_tid(mut f: impl FnMut(i32)) -> io::Result<()> {
     const PATH: &[u8] = b"/proc/self/task\0";
     // SAFETY: PATH is NUL-terminated.
-    let fd = unsafe {
-        libc::open(PATH.as_ptr().cast(), libc::O_RDONLY | libc::O_DIRECTORY | libc::O_CLOEXEC)
-    };
+    let fd = unsafe { libc::open(PATH.as_ptr().cast(), libc::O_RDONLY | libc::O_DIRECTORY | libc::O_CLOEXEC) };
     if fd < 0 {
         return Err(io::Error::last_os_error());
     }

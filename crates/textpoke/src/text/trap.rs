@@ -47,7 +47,8 @@ struct Desc {
     len: AtomicUsize,
 }
 
-static DESC: Desc = Desc { refs: AtomicUsize::new(0), sites: AtomicPtr::new(std::ptr::null_mut()), len: AtomicUsize::new(0) };
+static DESC: Desc =
+    Desc { refs: AtomicUsize::new(0), sites: AtomicPtr::new(std::ptr::null_mut()), len: AtomicUsize::new(0) };
 
 /// Traps emulated since start (all batches); for statistics and tests.
 pub(crate) static TRAPS_EMULATED: AtomicU64 = AtomicU64::new(0);
@@ -109,9 +110,10 @@ pub(crate) fn remember(addrs: impl ExactSizeIterator<Item = usize>) {
     let mut head = EVER.load(Ordering::Acquire);
     // SAFETY: tables are leaked; the single writer holds the commit lock.
     let need = addrs.len() + if head.is_null() { 0 } else { unsafe { (*head).count.load(Ordering::Relaxed) } };
-    if head.is_null() || need * 2 > unsafe { (&(*head).slots).len() } {
+    if head.is_null() || need * 2 > unsafe { &*head }.slots.len() {
         let cap = (need * 4).next_power_of_two().max(1024);
-        let t = Table { slots: (0..cap).map(|_| AtomicUsize::new(0)).collect(), count: AtomicUsize::new(0), older: head };
+        let t =
+            Table { slots: (0..cap).map(|_| AtomicUsize::new(0)).collect(), count: AtomicUsize::new(0), older: head };
         head = Box::into_raw(Box::new(t));
         EVER.store(head, Ordering::Release);
     }

@@ -67,7 +67,11 @@ pub(crate) fn validate(pokes: &[Poke], strategy: Strategy) -> Result<Plan, PokeE
             return Err(PokeError::Empty { at: location(p, None) });
         }
         if p.expected.len() != p.new.len() {
-            return Err(PokeError::LengthMismatch { at: location(p, None), expected: p.expected.clone(), new: p.new.clone() });
+            return Err(PokeError::LengthMismatch {
+                at: location(p, None),
+                expected: p.expected.clone(),
+                new: p.new.clone(),
+            });
         }
     }
     let mut order: Vec<&Poke> = pokes.iter().collect();
@@ -89,8 +93,8 @@ pub(crate) fn validate(pokes: &[Poke], strategy: Strategy) -> Result<Plan, PokeE
             planned.push(pl);
         }
     }
-    let runs = page_runs(&maps, planned.iter().map(|p| (p.addr, p.old.len())))
-        .expect("validated pokes lie in mapped pages");
+    let runs =
+        page_runs(&maps, planned.iter().map(|p| (p.addr, p.old.len()))).expect("validated pokes lie in mapped pages");
     Ok(Plan { pokes: planned, runs })
 }
 
@@ -130,10 +134,21 @@ fn check_instructions(p: &Poke, at: &Location) -> Result<(), PokeError> {
     for (which, bytes) in [("expected", &p.expected), ("new", &p.new)] {
         if p.region {
             if !arch::check_whole_instructions(p.addr, bytes) {
-                return Err(PokeError::NotWholeInstructions { at: at.clone(), which, bytes: bytes.clone(), len: p.len() });
+                return Err(PokeError::NotWholeInstructions {
+                    at: at.clone(),
+                    which,
+                    bytes: bytes.clone(),
+                    len: p.len(),
+                });
             }
         } else if let Err(what) = arch::check_one_instruction(p.addr, bytes) {
-            return Err(PokeError::NotOneInstruction { at: at.clone(), which, bytes: bytes.clone(), len: p.len(), what });
+            return Err(PokeError::NotOneInstruction {
+                at: at.clone(),
+                which,
+                bytes: bytes.clone(),
+                len: p.len(),
+                what,
+            });
         }
     }
     Ok(())

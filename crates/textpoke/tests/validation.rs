@@ -1,0 +1,221 @@
+//! Bad input: every refusal of a batch is a typed error naming the site,
+//! and nothing of the batch is written. Good batches leave no page
+//! writable and executable and restore every page's protection.
+
+mod common;
+
+use common::{compile_so, peek, perms_at, Lib};
+use textpoke::arch::{encode_call, encode_jmp, NOP5};
+use textpoke::stress::{CodeMap, Layout, SiteArena};
+use textpoke::{Batch, CommitOptions, Poke, PokeError, Strategy};
+
+/// A batch of one good poke (site 0 on) plus `bad`; asserts the commit is
+/// refused with an error matching `check`, and that site 0 is untouched.
+fn refused(arena: &SiteArena, bad: Poke, strategy: Strategy, check: impl Fn(&PokeError) -> bool) -> String {
+    let before = peek(arena.site(0), 5);
+    let bad_before = peek(bad.addr(), bad.len()).to_vec();
+    let mut b = Batch::new();
+    b.push(arena.poke(0, true)).push(bad);
+    let err = b.commit_with(CommitOptions::strategy(strategy)).expect_err("batch must be refused");
+    assert!(check(&err), "unexpected error: {err:?}");
+    assert_eq!(peek(arena.site(0), 5), before, "the good poke of a refused batch was written");
+    assert_eq!(peek(b.pokes()[1].addr(), b.pokes()[1].len()), bad_before, "the refused poke wrote bytes");
+    err.to_string()
+}
+
+fn arena() -> SiteArena {
+    SiteArena::new(8, Layout::Single).unwrap()
+}
+
+#[test]
+fn mismatch_names_address_expected_and_found() {
+    let a = arena();
+    let bad = Poke::new(a.site(1), [0xe8, 1, 2, 3, 4], NOP5).named("site one");
+    let msg =
+        refused(&a, bad, Strategy::Breakpoint, |e| matches!(e, PokeError::Mismatch { found, .. } if found == &NOP5));
+    assert!(msg.contains("site one") && msg.contains("e8 01 02 03 04") && msg.contains("0f 1f 44 00 00"), "{msg}");
+    assert!(msg.contains(&format!("{:#x}", a.site(1))), "{msg}");
+}
+
+#[test]
+fn unmapped_address_is_refused() {
+    let a = arena();
+    // A page we map and unmap again, so nothing is there.
+    let gone = CodeMap::new(&[0x90; 16]).unwrap();
+    let addr = gone.addr();
+    drop(gone);
+    let mut b = Batch::new();
+    b.push(a.poke(0, true)).push(Poke::new(addr, NOP5, NOP5));
+    let err = b.commit().unwrap_err();
+    assert!(matches!(err, PokeError::NotMapped { .. }), "{err:?}");
+    assert_eq!(peek(a.site(0), 5), NOP5);
+    assert!(err.to_string().contains("not mapped"));
+}
+
+#[test]
+fn non_executable_address_is_refused() {
+    let a = arena();
+    static DATA: [u8; 5] = NOP5;
+    let addr = DATA.as_ptr() as usize;
+    let msg = refused(&a, Poke::new(addr, NOP5, [0xe9, 0, 0, 0, 0]), Strategy::Breakpoint, |e| {
+        matches!(e, PokeError::NotExecutable { .. })
+    });
+    assert!(msg.contains("not executable"), "{msg}");
+    let stack = [0x90u8; 5];
+    refused(&a, Poke::new(stack.as_ptr() as usize, [0x90; 5], NOP5), Strategy::StopMachine, |e| {
+        matches!(e, PokeError::NotExecutable { .. })
+    });
+}
+
+#[test]
+fn not_one_instruction_is_refused() {
+    let a = arena();
+    // Five one-byte NOPs are five instructions: rule 1.
+    let code = CodeMap::new(&[0x90, 0x90, 0x90, 0x90, 0x90, 0xc3]).unwrap();
+    let call = encode_call(code.addr(), a.trampoline()).unwrap();
+    let msg = refused(&a, Poke::new(code.addr(), [0x90; 5], call), Strategy::Breakpoint, |e| {
+        matches!(e, PokeError::NotOneInstruction { which: "expected", .. })
+    });
+    assert!(msg.contains("not exactly one instruction"), "{msg}");
+    // New bytes that are not one instruction either.
+    refused(&a, Poke::new(a.site(2), NOP5, [0x90, 0x90, 0x90, 0x90, 0x90]), Strategy::StopMachine, |e| {
+        matches!(e, PokeError::NotOneInstruction { which: "new", .. })
+    });
+    // A region poke whose new bytes cut an instruction.
+    refused(&a, Poke::region(code.addr(), [0x90; 5], [0x90, 0x90, 0x0f, 0x1f, 0x44]), Strategy::StopMachine, |e| {
+        matches!(e, PokeError::NotWholeInstructions { which: "new", .. })
+    });
+}
+
+#[test]
+fn overlapping_and_malformed_pokes_are_refused() {
+    let a = arena();
+    let s = a.site(3);
+    let mut b = Batch::new();
+    b.push(a.poke(0, true)).push(a.poke(3, true)).push(Poke::new(s + 2, [0x44, 0x00], [0x44, 0x00]));
+    assert!(matches!(b.commit().unwrap_err(), PokeError::Overlap { .. }));
+    let mut b = Batch::new();
+    b.push(a.poke(0, true)).push(Poke::new(s, NOP5, [0xe9, 0, 0, 0]));
+    assert!(matches!(b.commit().unwrap_err(), PokeError::LengthMismatch { .. }));
+    let mut b = Batch::new();
+    b.push(a.poke(0, true)).push(Poke::new(s, [], []));
+    assert!(matches!(b.commit().unwrap_err(), PokeError::Empty { .. }));
+    assert_eq!(peek(a.site(0), 5), NOP5);
+    assert_eq!(peek(s, 5), NOP5);
+}
+
+#[test]
+fn breakpoint_refuses_what_it_cannot_emulate_and_regions() {
+    let a = arena();
+    let mov = [0xb8, 1, 0, 0, 0]; // mov eax, 1
+    let msg = refused(&a, Poke::new(a.site(4), NOP5, mov), Strategy::Breakpoint, |e| {
+        matches!(e, PokeError::NotEmulatable { .. })
+    });
+    assert!(msg.contains("stop-machine"), "{msg}");
+    let r = SiteArena::new(2, Layout::Region).unwrap();
+    refused(&a, r.poke(0, true), Strategy::Breakpoint, |e| matches!(e, PokeError::RegionNeedsStopMachine { .. }));
+    // Stop-machine may write it, and back.
+    let p = Poke::new(a.site(4), NOP5, mov);
+    Batch::from_iter([p.clone()]).commit_with(CommitOptions::strategy(Strategy::StopMachine)).unwrap();
+    assert_eq!(peek(a.site(4), 5), mov);
+    Batch::from_iter([p.reversed()]).commit_with(CommitOptions::strategy(Strategy::StopMachine)).unwrap();
+    assert_eq!(peek(a.site(4), 5), NOP5);
+}
+
+#[test]
+fn not_at_instruction_boundary_is_refused() {
+    // tp_misaligned: `mov eax, 0x90909090; ret` — byte 1 is a valid
+    // one-byte NOP, but inside the MOV.
+    let so = compile_so(
+        "boundary",
+        r#"__asm__(".globl tp_misaligned\n.type tp_misaligned,@function\ntp_misaligned:\n"
+                   "  movl $0x90909090, %eax\n  ret\n.size tp_misaligned, .-tp_misaligned\n");"#,
+        &[],
+    );
+    let lib = Lib::open(&so);
+    let f = lib.sym("tp_misaligned");
+    let a = arena();
+    let msg = refused(&a, Poke::new(f + 1, [0x90], [0x90]), Strategy::Breakpoint, |e| {
+        matches!(e, PokeError::NotAtBoundary { .. })
+    });
+    assert!(msg.contains("tp_misaligned"), "names the function: {msg}");
+    assert!(msg.contains("tp_misaligned+0x1"), "names the offset: {msg}");
+}
+
+#[test]
+fn commits_leave_no_wx_page_and_restore_protection() {
+    let a = arena();
+    let before = perms_at(a.site(0));
+    assert_eq!(before, "r-xp");
+    for strategy in [Strategy::Breakpoint, Strategy::StopMachine] {
+        let st = a.batch(true).commit_with(CommitOptions::strategy(strategy)).unwrap();
+        assert_eq!(st.written, 8);
+        assert_eq!(perms_at(a.site(0)), before);
+        // (Other tests of this process commit concurrently, so only our
+        // pages are checked here; tests/processes.rs checks every mapping.)
+        assert!(!perms_at(a.site(7)).starts_with("rwx"));
+        a.batch(false).commit_with(CommitOptions::strategy(strategy)).unwrap();
+        assert_eq!(peek(a.site(7), 5), NOP5);
+    }
+}
+
+#[test]
+fn breakpoint_batches_take_three_sync_rounds_at_any_size() {
+    let a = SiteArena::new(3000, Layout::Single).unwrap();
+    for n in [1usize, 100, 3000] {
+        let on: Batch = (0..n).map(|i| a.poke(i, true)).collect();
+        let st = on.commit().unwrap();
+        assert_eq!((st.sync_rounds, st.written), (3, n));
+        let off: Batch = (0..n).map(|i| a.poke(i, false)).collect();
+        assert_eq!(off.commit().unwrap().sync_rounds, 3);
+    }
+    // A batch whose pokes change nothing writes nothing and syncs nothing.
+    let noop: Batch = (0..10).map(|i| Poke::new(a.site(i), NOP5, NOP5)).collect();
+    let st = noop.commit().unwrap();
+    assert_eq!((st.sync_rounds, st.written), (0, 0));
+}
+
+#[test]
+fn jmp_and_call_sites_behave() {
+    // A function returning 1, whose entry NOP can become a JMP to one
+    // returning 2 (the live-patching shape).
+    let code = CodeMap::new(&[
+        0x0f, 0x1f, 0x44, 0x00, 0x00, 0xb8, 1, 0, 0, 0, 0xc3, // f: nop5; mov eax,1; ret
+        0xb8, 2, 0, 0, 0, 0xc3, // g: mov eax,2; ret
+    ])
+    .unwrap();
+    let (f, g) = (code.addr(), code.addr() + 11);
+    // SAFETY: f is the function just mapped.
+    let call = || unsafe { std::mem::transmute::<usize, extern "C" fn() -> i32>(f)() };
+    assert_eq!(call(), 1);
+    let jmp = encode_jmp(f, g).unwrap();
+    Batch::from_iter([Poke::new(f, NOP5, jmp)]).commit().unwrap();
+    assert_eq!(call(), 2);
+    Batch::from_iter([Poke::new(f, jmp, NOP5)]).commit().unwrap();
+    assert_eq!(call(), 1);
+}
+
+#[test]
+fn concurrent_commits_are_serialised() {
+    // 8 threads each flip their own sites 200 times; each commit must see
+    // exactly the bytes it expects, so a lost or torn commit would fail.
+    let a = std::sync::Arc::new(SiteArena::new(64, Layout::Single).unwrap());
+    let handles: Vec<_> = (0..8)
+        .map(|t| {
+            let a = a.clone();
+            std::thread::spawn(move || {
+                for round in 0..200 {
+                    let on = round % 2 == 0;
+                    let b: Batch = (t * 8..t * 8 + 8).map(|i| a.poke(i, on)).collect();
+                    b.commit().unwrap();
+                }
+            })
+        })
+        .collect();
+    for h in handles {
+        h.join().unwrap();
+    }
+    for i in 0..64 {
+        assert_eq!(peek(a.site(i), 5), NOP5);
+    }
+}
