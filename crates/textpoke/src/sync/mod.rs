@@ -22,6 +22,28 @@
 
 pub mod rendezvous;
 
+use std::cell::Cell;
+
+thread_local! {
+    /// Times textpoke's signal handlers held this thread (a trap emulated or
+    /// replayed, a sync or park rendezvous). Const-initialised and without
+    /// destructor, so touching it from a signal handler is a plain TLS access.
+    static HELD: Cell<u64> = const { Cell::new(0) };
+}
+
+/// Counts one hold of the current thread; called from the handlers.
+#[inline(always)]
+pub(crate) fn note_held() {
+    HELD.with(|c| c.set(c.get().wrapping_add(1)));
+}
+
+/// How many times textpoke's handlers have held the calling thread: a
+/// benchmark compares it around a unit of work to tell pauses textpoke
+/// caused from pauses the scheduler caused.
+pub fn thread_holds() -> u64 {
+    HELD.with(Cell::get)
+}
+
 use crate::error::PokeError;
 use crate::sys::membarrier;
 use std::sync::OnceLock;

@@ -141,6 +141,7 @@ extern "C" fn on_rendezvous(_sig: i32, info: *mut libc::siginfo_t, ctx: *mut lib
     }
     // SAFETY: tables are leaked, never freed.
     let t = unsafe { &*t };
+    super::note_held();
     let me = gettid();
     let used = t.used.load(Ordering::Acquire).min(t.slots.len());
     let Some(slot) = t.slots[..used].iter().find(|s| s.tid.load(Ordering::Relaxed) == me) else {

@@ -206,6 +206,7 @@ extern "C" fn on_sigtrap(sig: i32, info: *mut libc::siginfo_t, uctx: *mut libc::
                 // instruction of this very site.
                 unsafe { arch::emulate(ctx, site, emu) };
                 TRAPS_EMULATED.fetch_add(1, Ordering::Relaxed);
+                crate::sync::note_held();
                 return;
             }
         }
@@ -215,6 +216,7 @@ extern "C" fn on_sigtrap(sig: i32, info: *mut libc::siginfo_t, uctx: *mut libc::
             // SAFETY: ctx is valid; the site is an instruction boundary.
             unsafe { arch::set_context_pc(ctx, site) };
             TRAPS_REPLAYED.fetch_add(1, Ordering::Relaxed);
+            crate::sync::note_held();
             return;
         }
     }
