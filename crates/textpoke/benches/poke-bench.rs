@@ -24,7 +24,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 use textpoke::stress::{Layout, SiteArena};
 use textpoke::sync::thread_holds;
-use textpoke::{Batch, CommitOptions, Strategy};
+use textpoke::{Batch, CommitOptions, Strategy, WriteMethod};
 
 const BUSY: usize = 4;
 
@@ -121,7 +121,7 @@ fn measure(b: &Busy, strategy: Strategy, n: usize, commits: usize) -> Row {
     let off: Batch = (0..n).map(|i| b.arena.poke(i, false)).collect();
     b.active.store(n as u64, Ordering::Relaxed);
     std::thread::sleep(Duration::from_millis(20));
-    let opts = CommitOptions::strategy(strategy);
+    let opts = CommitOptions { write: write_method(), ..CommitOptions::strategy(strategy) };
     let mut times = Vec::with_capacity(commits);
     let mut rounds = 0;
     for c in [&b.held_ns, &b.gap_ns, &b.held, &b.measured].into_iter().chain(&b.hist) {
@@ -157,10 +157,19 @@ fn measure(b: &Busy, strategy: Strategy, n: usize, commits: usize) -> Row {
     }
 }
 
+/// `TEXTPOKE_BENCH_WRITE=procmem|mprotect` forces a write method.
+fn write_method() -> Option<WriteMethod> {
+    match std::env::var("TEXTPOKE_BENCH_WRITE").as_deref() {
+        Ok("procmem") => Some(WriteMethod::ProcMem),
+        Ok("mprotect") => Some(WriteMethod::Mprotect),
+        _ => None,
+    }
+}
+
 fn idle_one_site(strategy: Strategy) -> (Duration, Duration) {
     let arena = SiteArena::new(1, Layout::Single).unwrap();
     let (on, off) = (arena.batch(true), arena.batch(false));
-    let opts = CommitOptions::strategy(strategy);
+    let opts = CommitOptions { write: write_method(), ..CommitOptions::strategy(strategy) };
     let mut t = Vec::new();
     for k in 0..2000 {
         let st = if k % 2 == 0 { on.commit_with(opts) } else { off.commit_with(opts) }.unwrap();
@@ -179,7 +188,8 @@ fn main() {
         return; // `cargo test --benches` probes harness=false benches this way
     }
     let caps = textpoke::capabilities();
-    println!("poke-bench: sync={} write={} cores={}", caps.sync_method, caps.write_method, num_cpus());
+    let write = write_method().unwrap_or(caps.write_method);
+    println!("poke-bench: sync={} write={write} cores={}", caps.sync_method, num_cpus());
 
     // Idle first, before any other thread exists.
     println!("\none-site commit, idle process (2000 commits):");
