@@ -85,7 +85,7 @@ pub enum PokeError {
     #[error("cannot {what}: {source}")]
     Sys { what: &'static str, source: std::io::Error },
 
-    #[error("thread {tid} did not answer signal {signal} within {waited_ms} ms{hint}; nothing was written")]
+    #[error("thread {tid} did not answer signal {signal} within {waited_ms} ms{hint}; the batch was not applied (nothing written, or rolled back)")]
     ThreadUnresponsive { tid: i32, signal: i32, waited_ms: u64, hint: String },
 
     #[error("thread {tid} stayed stopped strictly inside the poke at {at} (pc {pc:#x}) over {attempts} attempts; nothing was written, try again later")]

@@ -31,6 +31,7 @@ fn child_entry() {
         "dfl" => sig_dfl(),
         "ign" => sig_ign(),
         "mdwe" => mdwe(),
+        "blocked" => blocked_thread(),
         other => panic!("unknown scenario {other}"),
     }
     println!("scenario-ok {scenario}");
@@ -72,6 +73,12 @@ fn sig_ign_ignores_raise_but_not_a_real_trap() {
 fn hardened_process_is_patched_through_proc_mem() {
     let out = run_child("mdwe");
     assert!(out.status.success() && stdout_has(&out, "scenario-ok mdwe"));
+}
+
+#[test]
+fn a_thread_blocking_the_rendezvous_signal_fails_cleanly() {
+    let out = run_child("blocked");
+    assert!(out.status.success() && stdout_has(&out, "scenario-ok blocked"));
 }
 
 // ---------------------------------------------------------------- children
@@ -225,4 +232,46 @@ fn mdwe() {
     assert!(matches!(err, PokeError::Sys { .. }), "{err:?}");
     assert_eq!(peek(arena.site(0), 5), NOP5);
     assert!(wx_mappings().is_empty(), "W+X mappings: {:?}", wx_mappings());
+}
+
+fn blocked_thread() {
+    let arena = SiteArena::new(8, Layout::Single).unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let stop = Arc::new(AtomicBool::new(false));
+    let s2 = stop.clone();
+    let blocker = std::thread::spawn(move || {
+        // SAFETY: blocking every signal on this thread only.
+        unsafe {
+            let mut all: libc::sigset_t = std::mem::zeroed();
+            libc::sigfillset(&mut all);
+            libc::pthread_sigmask(libc::SIG_BLOCK, &all, std::ptr::null_mut());
+        }
+        tx.send(textpoke::sys::threads::gettid()).unwrap();
+        while !s2.load(Ordering::Relaxed) {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    });
+    let tid = rx.recv().unwrap();
+    for opts in [
+        CommitOptions::strategy(Strategy::StopMachine),
+        CommitOptions { sync: Some(textpoke::SyncMethod::Signals), ..CommitOptions::default() },
+    ] {
+        let err = arena.batch(true).commit_with(opts).unwrap_err();
+        match &err {
+            PokeError::ThreadUnresponsive { tid: t, .. } => assert_eq!(*t, tid),
+            other => panic!("expected ThreadUnresponsive, got {other:?}"),
+        }
+        let msg = err.to_string();
+        assert!(msg.contains(&tid.to_string()) && msg.contains("it blocks signal"), "{msg}");
+        assert!(msg.contains("not applied"), "{msg}");
+        for i in 0..8 {
+            assert_eq!(peek(arena.site(i), 5), NOP5, "{:?}: site {i} left changed", opts.strategy);
+        }
+        println!("refused: {msg}");
+    }
+    // With membarrier the blocked thread is no obstacle.
+    arena.batch(true).commit().unwrap();
+    arena.batch(false).commit().unwrap();
+    stop.store(true, Ordering::Relaxed);
+    blocker.join().unwrap();
 }

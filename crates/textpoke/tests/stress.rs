@@ -53,3 +53,71 @@ fn stop_machine_multi_instruction_regions_300_flips() {
     // or in an outer signal frame) must make the commit retry.
     stress(Strategy::StopMachine, Layout::Region, None, 300);
 }
+
+/// Threads that start and exit during commits must neither hang nor break
+/// any strategy: 4 churners keep spawning short-lived threads (half of them
+/// calling sites of their own arena) while the stress runs.
+#[test]
+fn thread_churn_during_commits() {
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+    use std::sync::Arc;
+    use textpoke::stress::SiteArena;
+    let stop = Arc::new(AtomicBool::new(false));
+    let spawned = Arc::new(AtomicU64::new(0));
+    let own = Arc::new(SiteArena::new(16, Layout::Single).unwrap());
+    let churners: Vec<_> = (0..4)
+        .map(|c| {
+            let (stop, spawned, own) = (stop.clone(), spawned.clone(), own.clone());
+            std::thread::spawn(move || {
+                while !stop.load(Ordering::Relaxed) {
+                    let own = own.clone();
+                    let t = std::thread::spawn(move || {
+                        let counter = AtomicU64::new(0);
+                        for i in 0..200 {
+                            own.call((i + c) % 16, &counter);
+                        }
+                    });
+                    spawned.fetch_add(1, Ordering::Relaxed);
+                    t.join().unwrap();
+                }
+            })
+        })
+        .collect();
+    let flipper = {
+        let (stop, own) = (stop.clone(), own.clone());
+        std::thread::spawn(move || {
+            let mut on = false;
+            while !stop.load(Ordering::Relaxed) {
+                own.batch(!on).commit().unwrap();
+                on = !on;
+            }
+            if on {
+                own.batch(false).commit().unwrap();
+            }
+        })
+    };
+    for (strategy, sync, commits) in [
+        (Strategy::Breakpoint, None, 500),
+        (Strategy::Breakpoint, Some(SyncMethod::Signals), 200),
+        (Strategy::StopMachine, None, 200),
+    ] {
+        let cfg = StressConfig {
+            threads: 4,
+            sites: 200,
+            strategy,
+            max_commits: Some(commits),
+            duration: Duration::from_secs(300),
+            options: CommitOptions { sync, ..CommitOptions::default() },
+            ..StressConfig::default()
+        };
+        let r = run(&cfg).expect("stress run");
+        assert_eq!(r.failures, 0, "{strategy} {sync:?}: {:?}", r.errors);
+        assert_eq!(r.commits, commits);
+    }
+    stop.store(true, Ordering::Relaxed);
+    flipper.join().unwrap();
+    for c in churners {
+        c.join().unwrap();
+    }
+    assert!(spawned.load(Ordering::Relaxed) > 100, "threads were churning: {}", spawned.load(Ordering::Relaxed));
+}

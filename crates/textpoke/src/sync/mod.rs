@@ -90,3 +90,12 @@ pub fn sync_cores(method: SyncMethod) -> Result<(), PokeError> {
         SyncMethod::Signals => rendezvous::sync_by_signals(),
     }
 }
+
+/// A best-effort sync for rolling back: signal answers are awaited only
+/// briefly (the full wait already failed once).
+pub(crate) fn sync_cores_briefly(method: SyncMethod) {
+    let _ = match method {
+        SyncMethod::Membarrier => sync_cores(method),
+        SyncMethod::Signals => rendezvous::sync_by_signals_within(std::time::Duration::from_millis(100)),
+    };
+}

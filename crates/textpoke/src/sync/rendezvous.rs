@@ -256,6 +256,11 @@ fn unresponsive(tid: i32, deadline_start: Instant) -> PokeError {
 
 /// Sync cores by signalling every other thread (see module docs).
 pub fn sync_by_signals() -> Result<(), PokeError> {
+    sync_by_signals_within(RESPONSE_DEADLINE)
+}
+
+/// As [`sync_by_signals`], waiting at most `deadline` for answers.
+pub fn sync_by_signals_within(deadline: Duration) -> Result<(), PokeError> {
     install()?;
     reserve(count_threads() * 2 + 16);
     let t = table();
@@ -276,7 +281,7 @@ pub fn sync_by_signals() -> Result<(), PokeError> {
             source: std::io::Error::from_raw_os_error(libc::EAGAIN),
         });
     }
-    wait_all(t, gen, start + RESPONSE_DEADLINE).map_err(|tid| unresponsive(tid, start))?;
+    wait_all(t, gen, start + deadline).map_err(|tid| unresponsive(tid, start))?;
     arch::serialize_core();
     Ok(())
 }

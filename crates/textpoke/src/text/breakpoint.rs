@@ -26,7 +26,11 @@ use crate::sync::{sync_cores, SyncMethod};
 ///     are whole;
 ///  7. drop the descriptor once no handler holds it, restore protections.
 ///
-/// Three sync rounds for any number of sites.
+/// Three sync rounds for any number of sites. If a step fails (a thread
+/// does not answer the signal sync, a write is refused), the batch is
+/// rolled back by the same protocol towards the old bytes, with the
+/// descriptor emulating the old instructions: trap bytes on every site,
+/// old tails, old heads, each followed by a best-effort sync.
 pub(crate) fn commit(
     plan: &Plan,
     sync: SyncMethod,
@@ -47,6 +51,9 @@ pub(crate) fn commit(
     trap::publish(sites); // Release: before any trap byte can be seen
 
     let result = run_protocol(&plan.pokes, &writer, sync, stats);
+    if result.is_err() {
+        roll_back(&plan.pokes, &writer, sync);
+    }
 
     trap::unpublish();
     let restored = writer.finish();
@@ -72,6 +79,35 @@ fn run_protocol(pokes: &[Planned], w: &Writer, sync: SyncMethod, stats: &mut Com
     sync_round(sync, stats)
 }
 
+/// Puts the old bytes back after a failed step (see [`commit`]).
+#[cold]
+fn roll_back(pokes: &[Planned], w: &Writer, sync: SyncMethod) {
+    // Emulate the old instruction where it can be; otherwise keep the new
+    // one's emulation (a thread trapping now runs the new instruction once,
+    // as it could have had the commit succeeded).
+    let sites: Box<[TrapSite]> = pokes
+        .iter()
+        .map(|p| TrapSite {
+            addr: p.addr,
+            emu: crate::arch::emulation_for(p.addr, &p.old).unwrap_or(p.emu.expect("emulatable")),
+        })
+        .collect();
+    trap::unpublish();
+    trap::publish(sites);
+    for p in pokes {
+        let _ = w.write(p.addr, &[TRAP_BYTE]);
+    }
+    crate::sync::sync_cores_briefly(sync);
+    for p in pokes.iter().filter(|p| p.old.len() > 1) {
+        let _ = w.write(p.addr + 1, &p.old[1..]);
+    }
+    crate::sync::sync_cores_briefly(sync);
+    for p in pokes {
+        let _ = w.write(p.addr, &p.old[..1]);
+    }
+    crate::sync::sync_cores_briefly(sync);
+}
+
 fn sync_round(sync: SyncMethod, stats: &mut CommitStats) -> Result<(), PokeError> {
     sync_cores(sync)?;
     stats.sync_rounds += 1;
@@ -87,6 +123,6 @@ fn write(w: &Writer, p: &Planned, addr: usize, bytes: &[u8]) -> Result<(), PokeE
         at: p.at.clone(),
         len: bytes.len(),
         source,
-        rollback: "; the batch stopped there (earlier sites of this step were written)".into(),
+        rollback: "; the batch was rolled back to the old bytes".into(),
     })
 }
