@@ -11,6 +11,10 @@
 mod x86_64;
 #[cfg(target_arch = "x86_64")]
 pub use self::x86_64::*;
+/// Run-time generated trampolines.
+#[cfg(target_arch = "x86_64")]
+#[path = "tramp_x86_64.rs"]
+pub mod tramp;
 
 #[cfg(not(target_arch = "x86_64"))]
 compile_error!("textpoke supports x86-64 only for now; aarch64 is next");

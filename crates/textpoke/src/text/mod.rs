@@ -23,13 +23,14 @@
 //! a signal handler is not supported.
 
 mod breakpoint;
+pub mod codemem;
 mod stop_machine;
 pub(crate) mod trap;
 mod validate;
 mod write;
 
 pub use self::trap::{reinstall_trap_handler, traps_emulated};
-pub(crate) use self::write::page_size;
+pub use self::write::page_size;
 pub use self::write::WriteMethod;
 pub use crate::sync::SyncMethod;
 

@@ -46,7 +46,7 @@ pub(crate) struct PageRun {
     pub prot: libc::c_int,
 }
 
-pub(crate) fn page_size() -> usize {
+pub fn page_size() -> usize {
     // SAFETY: sysconf has no preconditions.
     unsafe { libc::sysconf(libc::_SC_PAGESIZE) as usize }
 }
