@@ -29,6 +29,7 @@ pub mod stress;
 pub mod sync;
 pub mod sys;
 pub mod text;
+pub mod trace;
 
 pub use error::PokeError;
 pub use text::{

@@ -9,6 +9,9 @@
 //!
 //! - **sync**: the handler serialises its core, then stores `gen` into its
 //!   slot's `acked` (Release; pairs with the patcher's Acquire load).
+//! - **sample**: the handler stores its interrupted PC and stack pointer
+//!   and the value of the sample hook (the tracer's "am I inside tracer
+//!   code" count), then acks. Used by grace periods.
 //! - **park**: the handler stores its interrupted PC, then `acked = gen`
 //!   (Release), then sleeps on the `RELEASED` futex until the patcher
 //!   releases `gen`, serialises its core, and returns. All signals are
@@ -42,6 +45,7 @@ struct Slot {
     pc: AtomicUsize,
     sp: AtomicUsize,
     restorer: AtomicUsize,
+    aux: AtomicUsize,
 }
 
 struct Table {
@@ -56,7 +60,19 @@ static RELEASED: AtomicU32 = AtomicU32::new(0);
 static INSTALLED: Once = Once::new();
 static INSTALL_FAILED: AtomicBool = AtomicBool::new(false);
 
-const PARK_BIT: usize = 1;
+const KIND_SYNC: usize = 0;
+const KIND_PARK: usize = 1;
+const KIND_SAMPLE: usize = 2;
+const KIND_BITS: u32 = 2;
+
+/// A function the sample handler calls on each thread, whose result it
+/// reports (set once by the tracer).
+static SAMPLE_HOOK: AtomicUsize = AtomicUsize::new(0);
+
+/// Sets the sample hook (an async-signal-safe function).
+pub fn set_sample_hook(f: extern "C" fn() -> usize) {
+    SAMPLE_HOOK.store(f as *const () as usize, Ordering::Release);
+}
 
 /// The real-time signal textpoke uses for rendezvous: `SIGRTMAX - 1`,
 /// away from glibc's reserved low ones and the `SIGRTMIN + n` applications
@@ -91,6 +107,7 @@ fn reserve(n: usize) {
             pc: AtomicUsize::new(0),
             sp: AtomicUsize::new(0),
             restorer: AtomicUsize::new(0),
+            aux: AtomicUsize::new(0),
         })
         .collect();
     let t = Box::into_raw(Box::new(Table { slots, used: AtomicUsize::new(0) }));
@@ -133,8 +150,8 @@ extern "C" fn on_rendezvous(_sig: i32, info: *mut libc::siginfo_t, ctx: *mut lib
     }
     // SAFETY: SI_QUEUE signals of this number are sent by `signal_thread`.
     let value = unsafe { threads::signal_value(info) };
-    let gen = (value >> 1) as u32;
-    let park = value & PARK_BIT != 0;
+    let gen = (value >> KIND_BITS) as u32;
+    let kind = value & ((1 << KIND_BITS) - 1);
     let t = TABLE.load(Ordering::Acquire);
     if t.is_null() {
         return;
@@ -148,7 +165,21 @@ extern "C" fn on_rendezvous(_sig: i32, info: *mut libc::siginfo_t, ctx: *mut lib
         arch::serialize_core();
         return;
     };
-    if !park {
+    if kind == KIND_SAMPLE {
+        let hook = SAMPLE_HOOK.load(Ordering::Acquire);
+        let aux = if hook == 0 {
+            0
+        } else {
+            // SAFETY: set_sample_hook stored an `extern "C" fn() -> usize`.
+            unsafe { std::mem::transmute::<usize, extern "C" fn() -> usize>(hook)() }
+        };
+        // SAFETY: ctx is the ucontext_t the kernel passed to this handler.
+        unsafe { record_context(slot, ctx.cast()) };
+        slot.aux.store(aux, Ordering::Relaxed);
+        slot.acked.store(gen, Ordering::Release); // publishes the sample; pairs with wait_all
+        return;
+    }
+    if kind != KIND_PARK {
         arch::serialize_core();
         slot.acked.store(gen, Ordering::Release); // pairs with wait_all's Acquire
         return;
@@ -157,11 +188,7 @@ extern "C" fn on_rendezvous(_sig: i32, info: *mut libc::siginfo_t, ctx: *mut lib
         return; // a late signal of a request already over
     }
     // SAFETY: ctx is the ucontext_t the kernel passed to this handler.
-    unsafe {
-        slot.pc.store(arch::context_pc(ctx.cast()), Ordering::Relaxed);
-        slot.sp.store(arch::context_sp(ctx.cast()), Ordering::Relaxed);
-        slot.restorer.store(arch::frame_restorer(ctx.cast()), Ordering::Relaxed);
-    }
+    unsafe { record_context(slot, ctx.cast()) };
     slot.acked.store(gen, Ordering::Release); // publishes pc; pairs with wait_all
     loop {
         let r = RELEASED.load(Ordering::Acquire); // pairs with release()'s Release
@@ -174,9 +201,19 @@ extern "C" fn on_rendezvous(_sig: i32, info: *mut libc::siginfo_t, ctx: *mut lib
     arch::serialize_core();
 }
 
+/// Stores where the interrupted thread was.
+///
+/// # Safety
+/// `ctx` is the ucontext the kernel passed to the running handler.
+unsafe fn record_context(slot: &Slot, ctx: *const libc::ucontext_t) {
+    slot.pc.store(arch::context_pc(ctx), Ordering::Relaxed);
+    slot.sp.store(arch::context_sp(ctx), Ordering::Relaxed);
+    slot.restorer.store(arch::frame_restorer(ctx), Ordering::Relaxed);
+}
+
 /// Adds `tid` to the table and signals it. `Ok(false)` if the thread is gone
 /// or the table is full (`Err` from signal_thread other than ESRCH).
-fn enlist(t: &Table, tid: i32, gen: u32, park: bool) -> Result<bool, i32> {
+fn enlist(t: &Table, tid: i32, gen: u32, kind: usize) -> Result<bool, i32> {
     let i = t.used.load(Ordering::Relaxed);
     if i >= t.slots.len() {
         return Err(-1);
@@ -184,7 +221,7 @@ fn enlist(t: &Table, tid: i32, gen: u32, park: bool) -> Result<bool, i32> {
     t.slots[i].tid.store(tid, Ordering::Relaxed);
     t.slots[i].acked.store(gen.wrapping_sub(1), Ordering::Relaxed);
     t.used.store(i + 1, Ordering::Release); // slot visible before the signal
-    let value = ((gen as usize) << 1) | if park { PARK_BIT } else { 0 };
+    let value = ((gen as usize) << KIND_BITS) | kind;
     match signal_thread(tid, rendezvous_signal(), value) {
         Ok(()) => Ok(true),
         Err(e) if e.raw_os_error() == Some(libc::ESRCH) => {
@@ -261,6 +298,43 @@ pub fn sync_by_signals() -> Result<(), PokeError> {
 
 /// As [`sync_by_signals`], waiting at most `deadline` for answers.
 pub fn sync_by_signals_within(deadline: Duration) -> Result<(), PokeError> {
+    signal_round(KIND_SYNC, deadline)?;
+    arch::serialize_core();
+    Ok(())
+}
+
+/// What every other thread was doing when sampled.
+pub struct Samples {
+    gen: u32,
+}
+
+impl Samples {
+    /// Each sampled thread: its id, the hook's value, and every PC it will
+    /// resume at (the interrupted one, then those of outer signal frames).
+    pub fn for_each(&self, mut f: impl FnMut(i32, usize, &mut dyn Iterator<Item = usize>)) {
+        let t = table();
+        for s in &t.slots[..t.used.load(Ordering::Relaxed)] {
+            let tid = s.tid.load(Ordering::Relaxed);
+            if tid == 0 || s.acked.load(Ordering::Acquire) != self.gen {
+                continue;
+            }
+            let mut pcs = vec![s.pc.load(Ordering::Relaxed)];
+            let (sp, restorer) = (s.sp.load(Ordering::Relaxed), s.restorer.load(Ordering::Relaxed));
+            arch::for_each_outer_pc(sp, restorer, crate::sys::read_memory, |pc| pcs.push(pc));
+            f(tid, s.aux.load(Ordering::Relaxed), &mut pcs.into_iter());
+        }
+    }
+}
+
+/// Samples every other thread without stopping it (the "rude" flavour of
+/// a grace period: each thread answers a signal).
+pub fn sample_others() -> Result<Samples, PokeError> {
+    let gen = signal_round(KIND_SAMPLE, RESPONSE_DEADLINE)?;
+    Ok(Samples { gen })
+}
+
+/// Signals every other thread with a request of `kind`, waits for answers.
+fn signal_round(kind: usize, deadline: Duration) -> Result<u32, PokeError> {
     install()?;
     reserve(count_threads() * 2 + 16);
     let t = table();
@@ -270,7 +344,7 @@ pub fn sync_by_signals_within(deadline: Duration) -> Result<(), PokeError> {
     let start = Instant::now();
     let mut full = false;
     for_each_tid(|tid| {
-        if tid != me && enlist(t, tid, gen, false).is_err() {
+        if tid != me && enlist(t, tid, gen, kind).is_err() {
             full = true;
         }
     })
@@ -282,8 +356,7 @@ pub fn sync_by_signals_within(deadline: Duration) -> Result<(), PokeError> {
         });
     }
     wait_all(t, gen, start + deadline).map_err(|tid| unresponsive(tid, start))?;
-    arch::serialize_core();
-    Ok(())
+    Ok(gen)
 }
 
 /// Every other thread parked; dropping it releases them.
@@ -359,7 +432,7 @@ fn try_park() -> Result<Parked, Option<PokeError>> {
             if tid == me || full || is_enlisted(t, tid) {
                 return;
             }
-            match enlist(t, tid, gen, true) {
+            match enlist(t, tid, gen, KIND_PARK) {
                 Ok(true) => added += 1,
                 Ok(false) => {}
                 Err(_) => full = true,

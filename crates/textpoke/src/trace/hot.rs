@@ -1,0 +1,491 @@
+//! The tracer's hot path: what runs on every traced call, in any thread,
+//! including inside signal handlers.
+//!
+//! No allocation, no lock, no panic, no unbounded loop. Everything read
+//! here is published by an atomic (Release on the control side, Acquire
+//! here) and freed only after a grace period (see `grace.rs`): the op slots
+//! ([`OPS`]), the site table segments (never freed), per-thread state in
+//! TLS (const-initialised, no destructor: plain `%fs` accesses).
+//!
+//! # Entry
+//!
+//! A site's trampoline calls [`on_entry_list`] (or [`on_entry_direct`] for
+//! a site with a single op) with the saved registers and its frame. If this
+//! thread is already inside a callback, the call is not traced (the
+//! recursion guard: a callback calling a traced function, or a signal
+//! handler running one while a callback is interrupted). Otherwise each op
+//! of the site's mask gets `entry`; if some want the exit, the function's
+//! return address is pushed on this thread's shadow stack together with the
+//! mask and the entry time, and replaced by the return trampoline's address.
+//!
+//! # Exit
+//!
+//! The return trampoline calls [`on_return`] with the stack pointer the
+//! function returned with. The shadow entry whose return slot is exactly
+//! below it is the one; entries above it belong to frames that will never
+//! return (a `longjmp`, `siglongjmp` or exception skipped them) and are
+//! dropped and counted. Exact matching, rather than comparing addresses, is
+//! what keeps this right when signal handlers run on an alternate stack.
+//! The ops of the saved mask that are still registered get `exit`.
+
+use crate::arch::tramp::{SavedRegs, SavedReturn};
+use std::cell::Cell;
+use std::sync::atomic::{AtomicPtr, AtomicU64, AtomicU8, AtomicUsize, Ordering};
+use std::sync::Arc;
+
+/// The most ops registered at once (a site's ops are a `u64` mask).
+pub const MAX_OPS: usize = 64;
+
+/// A tracer: callbacks run on the traced thread, maybe in a signal handler.
+/// They must not allocate, lock, panic or block.
+pub trait TraceOp: Send + Sync + 'static {
+    /// A traced function was entered.
+    fn entry(&self, e: &Entry<'_>);
+    /// A traced function returned (only called if [`TraceOp::wants_exit`]).
+    fn exit(&self, _x: &Exit) {}
+    /// Whether to hook returns (function_graph).
+    fn wants_exit(&self) -> bool {
+        false
+    }
+    /// Whether [`Entry::time`] and [`Exit`] times are needed.
+    fn wants_time(&self) -> bool {
+        false
+    }
+}
+
+/// Where a site is in its function.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum SitePlace {
+    /// At the function's entry, before its prologue: `[frame+3]` is the
+    /// function's return address.
+    FunctionEntry = 0,
+    /// An entry site inside a function body (`#[traced]`).
+    BodyEntry = 1,
+    /// An exit site inside a function body (`#[traced]`'s drop guard).
+    BodyExit = 2,
+}
+
+/// What an entry callback sees.
+pub struct Entry<'a> {
+    /// Index of the site (see `Tracer::function`).
+    pub site: u32,
+    /// Traced frames of this thread below this one.
+    pub depth: u32,
+    /// Clock at entry (0 unless an op of the site wants time).
+    pub time: u64,
+    regs: &'a SavedRegs,
+    frame: *const usize,
+    place: SitePlace,
+}
+
+impl Entry<'_> {
+    /// Integer argument `n` (0-5: rdi, rsi, rdx, rcx, r8, r9) of a function
+    /// entered at its entry site; `None` for body sites.
+    pub fn arg(&self, n: usize) -> Option<u64> {
+        if self.place != SitePlace::FunctionEntry {
+            return None;
+        }
+        let r = self.regs;
+        [r.rdi, r.rsi, r.rdx, r.rcx, r.r8, r.r9].get(n).copied()
+    }
+    /// Floating-point argument `n` (xmm0-7), low 8 bytes.
+    pub fn float_arg(&self, n: usize) -> Option<f64> {
+        (self.place == SitePlace::FunctionEntry && n < 8)
+            .then(|| f64::from_le_bytes(self.regs.vec[n][..8].try_into().unwrap()))
+    }
+    /// The traced function's return address (entry sites only).
+    pub fn return_address(&self) -> Option<usize> {
+        // SAFETY: frame[3] is the word above the site's return address.
+        (self.place == SitePlace::FunctionEntry).then(|| unsafe { *self.frame.add(3) })
+    }
+    /// The stack pointer at the function's entry (entry sites only).
+    pub fn stack_pointer(&self) -> Option<usize> {
+        (self.place == SitePlace::FunctionEntry).then(|| self.frame as usize + 24)
+    }
+}
+
+/// What an exit callback sees.
+#[derive(Debug, Clone, Copy)]
+pub struct Exit {
+    pub site: u32,
+    pub depth: u32,
+    pub entry_time: u64,
+    pub exit_time: u64,
+    /// rax as the function returned it.
+    pub retval: u64,
+    /// xmm0 (low 8 bytes) as the function returned it.
+    pub fretval: f64,
+}
+
+// ---------------------------------------------------------------- ops
+
+/// A registered op, as the hot path sees it.
+pub(crate) struct OpBox {
+    pub op: Arc<dyn TraceOp>,
+    pub wants_exit: bool,
+    pub wants_time: bool,
+}
+
+/// Op slots; a site's mask has bit `i` for `OPS[i]`. Set before any site
+/// calls the op (Release; pairs with the Acquire in `for_each_op`), cleared
+/// before its box is retired.
+pub(crate) static OPS: [AtomicPtr<OpBox>; MAX_OPS] = [const { AtomicPtr::new(std::ptr::null_mut()) }; MAX_OPS];
+
+#[inline(always)]
+fn for_each_op(mut mask: u64, mut f: impl FnMut(u64, &OpBox)) {
+    while mask != 0 {
+        let i = mask.trailing_zeros() as usize;
+        mask &= mask - 1;
+        let p = OPS[i].load(Ordering::Acquire);
+        if !p.is_null() {
+            // SAFETY: a non-null slot points to a live OpBox; it is freed
+            // only after a grace period, which waits for this thread to
+            // leave the tracer (its `in_tramp` is non-zero now).
+            f(1 << i, unsafe { &*p });
+        }
+    }
+}
+
+// ---------------------------------------------------------------- sites
+
+/// The hot-path view of a site.
+pub(crate) struct SiteSlot {
+    pub mask: AtomicU64,
+    pub place: AtomicU8,
+    /// For a body exit site: the index of its entry site + 1 (0 = none).
+    pub pair: AtomicUsize,
+}
+
+const SEG_BITS: u32 = 12;
+const SEG_LEN: usize = 1 << SEG_BITS;
+const SEGMENTS: usize = 1024;
+
+type Segment = [SiteSlot; SEG_LEN];
+
+/// Segments of the site table, allocated on demand and never freed, so an
+/// index read by a trampoline always names valid memory.
+static SITES: [AtomicPtr<Segment>; SEGMENTS] = [const { AtomicPtr::new(std::ptr::null_mut()) }; SEGMENTS];
+
+/// The most sites the table holds.
+pub const MAX_SITES: usize = SEG_LEN * SEGMENTS;
+
+#[inline(always)]
+pub(crate) fn site_slot(i: u32) -> Option<&'static SiteSlot> {
+    let seg = SITES.get((i >> SEG_BITS) as usize)?.load(Ordering::Acquire);
+    // SAFETY: segments are leaked once published (Release in ensure_site).
+    (!seg.is_null()).then(|| unsafe { &(*seg)[i as usize & (SEG_LEN - 1)] })
+}
+
+/// Makes sure slot `i` exists (control side).
+pub(crate) fn ensure_site(i: u32) -> &'static SiteSlot {
+    let s = &SITES[(i >> SEG_BITS) as usize];
+    if s.load(Ordering::Acquire).is_null() {
+        let seg: Box<Segment> = Box::new(std::array::from_fn(|_| SiteSlot {
+            mask: AtomicU64::new(0),
+            place: AtomicU8::new(0),
+            pair: AtomicUsize::new(0),
+        }));
+        s.store(Box::into_raw(seg), Ordering::Release);
+    }
+    site_slot(i).expect("segment just published")
+}
+
+// ---------------------------------------------------------------- threads
+
+/// One frame on a shadow stack.
+#[derive(Clone, Copy)]
+#[repr(C)]
+struct ShadowEntry {
+    /// Address of the replaced return address (0 for body sites).
+    slot: usize,
+    orig: usize,
+    site: u32,
+    depth: u32,
+    mask: u64,
+    time: u64,
+}
+
+/// A thread's shadow stack, in its own anonymous mapping (mmap is
+/// async-signal-safe, malloc is not).
+#[repr(C)]
+struct Shadow {
+    len: usize,
+    cap: usize,
+    entries: [ShadowEntry; 0],
+}
+
+const SHADOW_BYTES: usize = 256 << 10;
+
+struct ThreadState {
+    /// Non-zero while this thread runs tracer code (callbacks, handlers):
+    /// the recursion guard, and what a grace period waits on.
+    in_tramp: Cell<u32>,
+    shadow: Cell<*mut Shadow>,
+}
+
+thread_local! {
+    static STATE: ThreadState = const { ThreadState { in_tramp: Cell::new(0), shadow: Cell::new(std::ptr::null_mut()) } };
+}
+
+/// Counters of things the hot path had to give up on.
+pub(crate) static LOST_EXITS: AtomicU64 = AtomicU64::new(0);
+pub(crate) static SHADOW_FULL: AtomicU64 = AtomicU64::new(0);
+
+/// How many times this thread is inside tracer code (0 = quiescent).
+#[inline]
+pub(crate) fn in_tracer() -> u32 {
+    STATE.with(|s| s.in_tramp.get())
+}
+
+/// Address of the return trampoline, set once before any op wants exits.
+pub(crate) static RETURN_TRAMPOLINE: AtomicUsize = AtomicUsize::new(0);
+/// pthread key whose destructor unmaps a thread's shadow stack.
+pub(crate) static SHADOW_KEY: AtomicUsize = AtomicUsize::new(usize::MAX);
+
+#[cold]
+fn new_shadow() -> *mut Shadow {
+    // SAFETY: a fresh anonymous mapping.
+    let p = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            SHADOW_BYTES,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+            -1,
+            0,
+        )
+    };
+    if p == libc::MAP_FAILED {
+        return std::ptr::null_mut();
+    }
+    let sh = p.cast::<Shadow>();
+    let cap = (SHADOW_BYTES - std::mem::size_of::<Shadow>()) / std::mem::size_of::<ShadowEntry>();
+    // SAFETY: the mapping is large enough and zeroed.
+    unsafe { (*sh).cap = cap };
+    let key = SHADOW_KEY.load(Ordering::Relaxed);
+    if key < 32 {
+        // Keys below 32 live in the thread descriptor: no allocation.
+        // SAFETY: a valid key created by the control side.
+        unsafe { libc::pthread_setspecific(key as libc::pthread_key_t, p) };
+    }
+    sh
+}
+
+/// Destructor of [`SHADOW_KEY`]: the thread is exiting.
+pub(crate) extern "C" fn drop_shadow(p: *mut libc::c_void) {
+    STATE.with(|s| s.shadow.set(std::ptr::null_mut()));
+    // SAFETY: p is the mapping made by new_shadow for this thread; the
+    // thread is exiting, no frame of it will return into the tracer.
+    unsafe { libc::munmap(p, SHADOW_BYTES) };
+}
+
+/// Reads the clock for timestamps. Invariant TSC ticks; the recorder
+/// converts them.
+#[inline(always)]
+pub fn now() -> u64 {
+    // SAFETY: rdtsc has no preconditions on x86-64.
+    unsafe { core::arch::x86_64::_rdtsc() }
+}
+
+// ---------------------------------------------------------------- handlers
+
+/// Entry handler of the list trampoline: every op of the site's mask.
+pub(crate) extern "C" fn on_entry_list(regs: *mut SavedRegs, frame: *mut usize, _ctx: usize) {
+    // SAFETY: the trampoline passes its frame: frame[1] is the site index.
+    let site = unsafe { *frame.add(1) } as u32;
+    let Some(slot) = site_slot(site) else { return };
+    enter(regs, frame, site, slot, slot.mask.load(Ordering::Acquire));
+}
+
+/// Entry handler of a direct trampoline: only op `op`.
+pub(crate) extern "C" fn on_entry_direct(regs: *mut SavedRegs, frame: *mut usize, op: usize) {
+    // SAFETY: as above.
+    let site = unsafe { *frame.add(1) } as u32;
+    let Some(slot) = site_slot(site) else { return };
+    enter(regs, frame, site, slot, 1 << op);
+}
+
+#[inline(always)]
+fn enter(regs: *mut SavedRegs, frame: *mut usize, site: u32, slot: &SiteSlot, mask: u64) {
+    STATE.with(|st| {
+        if st.in_tramp.get() != 0 {
+            return; // recursion: a callback (or a signal inside one) called a traced function
+        }
+        st.in_tramp.set(1);
+        // SAFETY: the trampoline passes its save area.
+        let regs = unsafe { &*regs };
+        let place = match slot.place.load(Ordering::Relaxed) {
+            0 => SitePlace::FunctionEntry,
+            1 => SitePlace::BodyEntry,
+            _ => SitePlace::BodyExit,
+        };
+        if place == SitePlace::BodyExit {
+            body_exit(st, site, slot, regs);
+        } else {
+            function_entry(st, site, mask, regs, frame, place);
+        }
+        st.in_tramp.set(0);
+    });
+}
+
+fn wants(mask: u64) -> (u64, bool) {
+    let mut exit_mask = 0;
+    let mut time = false;
+    for_each_op(mask, |bit, op| {
+        if op.wants_exit {
+            exit_mask |= bit;
+        }
+        time |= op.wants_time;
+    });
+    (exit_mask, time)
+}
+
+fn shadow(st: &ThreadState) -> Option<&mut Shadow> {
+    let mut p = st.shadow.get();
+    if p.is_null() {
+        p = new_shadow();
+        st.shadow.set(p);
+    }
+    // SAFETY: this thread's own mapping, used only by this thread (and its
+    // signal handlers, which are cut off by `in_tramp`).
+    (!p.is_null()).then(|| unsafe { &mut *p })
+}
+
+fn entries(sh: &mut Shadow) -> &mut [ShadowEntry] {
+    // SAFETY: `cap` entries fit in the mapping after the header.
+    unsafe { std::slice::from_raw_parts_mut(sh.entries.as_mut_ptr(), sh.cap) }
+}
+
+fn function_entry(st: &ThreadState, site: u32, mask: u64, regs: &SavedRegs, frame: *mut usize, place: SitePlace) {
+    let (exit_mask, wants_time) = wants(mask);
+    let time = if wants_time { now() } else { 0 };
+    let sh = if exit_mask != 0 { shadow(st) } else { None };
+    let depth = sh.as_ref().map_or(0, |s| s.len as u32);
+    let e = Entry { site, depth, time, regs, frame, place };
+    for_each_op(mask, |_, op| op.op.entry(&e));
+    let Some(sh) = sh else { return };
+    let ret = RETURN_TRAMPOLINE.load(Ordering::Acquire);
+    if sh.len == sh.cap || ret == 0 {
+        SHADOW_FULL.fetch_add(1, Ordering::Relaxed);
+        return; // too deep: this call's exit is not traced, nothing breaks
+    }
+    let slot_addr = if place == SitePlace::FunctionEntry { frame as usize + 24 } else { 0 };
+    // SAFETY: for an entry site, frame+24 is the function's return address.
+    let orig = if slot_addr != 0 { unsafe { *(slot_addr as *const usize) } } else { 0 };
+    let i = sh.len;
+    entries(sh)[i] = ShadowEntry { slot: slot_addr, orig, site, depth, mask: exit_mask, time };
+    sh.len += 1;
+    if slot_addr != 0 {
+        // SAFETY: replacing the return address of the function being entered.
+        unsafe { *(slot_addr as *mut usize) = ret };
+    }
+}
+
+fn call_exits(mask: u64, x: &Exit) {
+    for_each_op(mask, |_, op| {
+        if op.wants_exit {
+            op.op.exit(x)
+        }
+    });
+}
+
+/// A `#[traced]` function's exit site: pop its body-entry record.
+fn body_exit(st: &ThreadState, site: u32, slot: &SiteSlot, regs: &SavedRegs) {
+    let entry_site = slot.pair.load(Ordering::Relaxed).wrapping_sub(1) as u32;
+    let Some(sh) = shadow(st) else { return };
+    let len = sh.len;
+    let es = entries(sh);
+    // The newest body record of this function; body records have slot 0.
+    let Some(i) = (0..len).rev().take(64).find(|&i| es[i].slot == 0 && es[i].site == entry_site) else { return };
+    let e = es[i];
+    LOST_EXITS.fetch_add((len - i - 1) as u64, Ordering::Relaxed);
+    sh.len = i;
+    let x = Exit {
+        site,
+        depth: e.depth,
+        entry_time: e.time,
+        exit_time: if e.time != 0 { now() } else { 0 },
+        retval: regs.rax,
+        fretval: 0.0,
+    };
+    call_exits(e.mask, &x);
+}
+
+/// Called by the return trampoline; returns the original return address.
+pub(crate) extern "C" fn on_return(saved: *mut SavedReturn, caller_sp: usize) -> usize {
+    let slot = caller_sp - 8;
+    STATE.with(|st| {
+        let guard = st.in_tramp.get();
+        st.in_tramp.set(guard + 1);
+        let sh = st.shadow.get();
+        // SAFETY: a hijacked frame implies this thread's shadow stack exists.
+        let sh = unsafe { &mut *sh };
+        let len = sh.len;
+        let es = entries(sh);
+        let Some(i) = (0..len).rev().find(|&i| es[i].slot == slot) else {
+            lost_return_address(slot);
+        };
+        let e = es[i];
+        LOST_EXITS.fetch_add((len - i - 1) as u64, Ordering::Relaxed);
+        sh.len = i;
+        if guard == 0 {
+            // SAFETY: the trampoline passes its save area.
+            let r = unsafe { &*saved };
+            let x = Exit {
+                site: e.site,
+                depth: e.depth,
+                entry_time: e.time,
+                exit_time: if e.time != 0 { now() } else { 0 },
+                retval: r.rax,
+                fretval: f64::from_le_bytes(r.vec0[..8].try_into().unwrap()),
+            };
+            call_exits(e.mask, &x);
+        }
+        st.in_tramp.set(guard);
+        e.orig
+    })
+}
+
+/// A hijacked return with no shadow record: the stack was switched under
+/// us (user-level context switching). There is nowhere safe to return to.
+#[cold]
+fn lost_return_address(slot: usize) -> ! {
+    let msg = b"textpoke: a traced function returned with no shadow-stack record (stack switched by swapcontext or a coroutine library?); aborting\n";
+    // SAFETY: write(2) on stderr with a valid buffer.
+    unsafe { libc::write(2, msg.as_ptr().cast(), msg.len()) };
+    let _ = slot;
+    std::process::abort()
+}
+
+/// Restores every return address this thread's shadow stack replaced whose
+/// slot lies in `[lo, hi)` and drops those records (before an unwinder or a
+/// thread exit walks the stack). Returns how many were restored.
+pub fn restore_return_addresses(lo: usize, hi: usize) -> usize {
+    STATE.with(|st| {
+        let p = st.shadow.get();
+        if p.is_null() {
+            return 0;
+        }
+        // SAFETY: this thread's own shadow stack.
+        let sh = unsafe { &mut *p };
+        let len = sh.len;
+        let es = entries(sh);
+        let mut kept = 0;
+        let mut restored = 0;
+        for i in 0..len {
+            let e = es[i];
+            if e.slot != 0 && e.slot >= lo && e.slot < hi {
+                // SAFETY: the slot is a live frame's return address we replaced.
+                unsafe { *(e.slot as *mut usize) = e.orig };
+                restored += 1;
+            } else {
+                es[kept] = e;
+                kept += 1;
+            }
+        }
+        sh.len = kept;
+        LOST_EXITS.fetch_add(restored as u64, Ordering::Relaxed);
+        restored
+    })
+}

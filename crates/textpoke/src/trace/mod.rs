@@ -1,0 +1,631 @@
+//! The function tracer: ftrace and function_graph for user space.
+//!
+//! # Pieces
+//!
+//! - **Sites** come from [`crate::sites`]: patchable entries and mcount
+//!   NOPs of every loaded object, each with its function's name. Each gets
+//!   an index into a lock-free site table ([`hot`]) that trampolines read.
+//! - **Ops** ([`TraceOp`]) are callbacks with a [`Filter`]; up to
+//!   [`MAX_OPS`] at once. A site's ops are a bit mask.
+//! - **Trampolines** live in blocks of executable memory mapped within
+//!   ±2 GiB of the object whose sites they serve. A traced site calls its
+//!   own 10-byte stub (`push index; jmp`), which jumps to the block's
+//!   *direct* trampoline for the site's one op, or to its *list*
+//!   trampoline when the site has several. Trampolines save every
+//!   caller-saved register and call the hot path.
+//! - **function_graph**: ops that want exits get them through return
+//!   address replacement and a per-thread shadow stack ([`hot`]).
+//!
+//! # Changing what is traced
+//!
+//! Registering, re-filtering or unregistering an op recomputes each site's
+//! mask, and only sites whose mask changes are touched:
+//!
+//! 1. stubs (and trampolines they need) are written for the new targets;
+//!    sites still in gcc's five-one-byte-NOP form are first rewritten to
+//!    one 5-byte NOP, by the stop-machine strategy (rule 1);
+//! 2. the new masks are published (Release);
+//! 3. one breakpoint batch turns every changed site into `call new stub`
+//!    or back into a NOP;
+//! 4. the old stubs, emptied blocks and unregistered ops are retired and
+//!    freed after a grace period ([`grace`]).
+//!
+//! If the batch is refused (a site's bytes changed under us), nothing is
+//! written and the masks and stubs are put back.
+
+mod filter;
+mod grace;
+pub mod hot;
+
+pub use filter::{Filter, FilterError};
+pub use hot::{now, Entry, Exit, SitePlace, TraceOp, MAX_OPS};
+
+use crate::arch::{self, tramp, NOP5};
+use crate::error::PokeError;
+use crate::sites::{NopForm, ObjectId, SiteKind, SiteTable};
+use crate::text::codemem::CodeBlock;
+use crate::{Batch, CommitOptions, Poke, Strategy};
+use hot::{OpBox, OPS};
+use std::collections::HashMap;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Duration;
+
+/// Why a tracing change failed. Nothing was changed when it fails.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum TraceError {
+    #[error(transparent)]
+    Poke(#[from] PokeError),
+    #[error(transparent)]
+    Filter(#[from] FilterError),
+    #[error("at most {MAX_OPS} tracing ops may be registered at once")]
+    TooManyOps,
+    #[error("op {0} is not registered")]
+    UnknownOp(usize),
+    #[error("tracing cannot be changed from inside a tracing callback")]
+    InCallback,
+    #[error("cannot map trampoline memory within ±2 GiB of {near:#x}: {source}")]
+    TrampolineMemory { near: usize, source: std::io::Error },
+    #[error("cannot generate trampoline code: {0}")]
+    CodeGen(String),
+}
+
+/// A registered op.
+#[derive(Debug, PartialEq, Eq, Hash)]
+pub struct OpHandle(usize);
+
+impl OpHandle {
+    pub fn id(&self) -> usize {
+        self.0
+    }
+}
+
+/// A traceable function, as listed by [`Tracer::functions`].
+#[derive(Debug, Clone)]
+pub struct FunctionInfo {
+    pub site: u32,
+    pub function: Arc<str>,
+    /// The patched NOP.
+    pub addr: usize,
+    pub place: SitePlace,
+    /// Bit mask of the ops tracing it now.
+    pub ops: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Target {
+    Off,
+    Direct(usize),
+    List,
+}
+
+struct SiteInfo {
+    addr: usize,
+    function: Arc<str>,
+    object: ObjectId,
+    place: SitePlace,
+    /// Is the site one 5-byte NOP (or a call)? gcc pads need rewriting once.
+    prepared: bool,
+    mask: u64,
+    target: Target,
+    /// (block index, stub address) while the site calls a stub.
+    stub: Option<(usize, usize)>,
+    alive: bool,
+}
+
+struct TrampBlock {
+    code: Option<CodeBlock>,
+    object: ObjectId,
+    used: usize,
+    list: Option<usize>,
+    direct: [Option<usize>; MAX_OPS],
+    live_stubs: usize,
+    free_stubs: Vec<usize>,
+}
+
+const BLOCK_BYTES: usize = 64 << 10;
+const STUB_SLOT: usize = 16;
+
+struct OpInfo {
+    filter: Filter,
+    boxed: *mut OpBox,
+}
+
+// SAFETY: the raw OpBox pointer is owned by the tracer and only shared with
+// the hot path through OPS.
+unsafe impl Send for OpInfo {}
+
+/// Something waiting for a grace period before it is freed.
+struct Retired {
+    /// Code no thread may be executing.
+    ranges: Vec<(usize, usize)>,
+    what: RetiredKind,
+}
+
+enum RetiredKind {
+    /// A whole trampoline block (munmapped when dropped).
+    Block(#[allow(dead_code)] CodeBlock),
+    /// A stub slot, back to its block's free list.
+    Stub { block: usize, addr: usize },
+    /// An unregistered op's data; its id becomes reusable.
+    Op { id: usize, boxed: *mut OpBox },
+}
+
+// SAFETY: as OpInfo.
+unsafe impl Send for RetiredKind {}
+
+struct Inner {
+    table: SiteTable,
+    sites: Vec<SiteInfo>,
+    by_addr: HashMap<usize, u32>,
+    ops: Vec<Option<OpInfo>>,
+    /// Op ids retired but not yet reusable.
+    ids_pending: u64,
+    next_id: usize,
+    blocks: Vec<TrampBlock>,
+    return_block: Option<CodeBlock>,
+    retired: Vec<Retired>,
+    grace_enabled: bool,
+    avx: bool,
+}
+
+/// The process's tracer.
+pub struct Tracer {
+    inner: Mutex<Inner>,
+}
+
+/// Grace-period patience of a control operation before it returns and
+/// leaves the rest for later.
+const PATIENCE: Duration = Duration::from_millis(50);
+
+impl Tracer {
+    /// The tracer of this process (sites are found on first use).
+    pub fn global() -> &'static Tracer {
+        static T: OnceLock<Tracer> = OnceLock::new();
+        T.get_or_init(|| {
+            let mut key: libc::pthread_key_t = 0;
+            // SAFETY: creating a key with a valid destructor.
+            if unsafe { libc::pthread_key_create(&mut key, Some(hot::drop_shadow)) } == 0 {
+                hot::SHADOW_KEY.store(key as usize, Ordering::Relaxed);
+            }
+            let mut inner = Inner {
+                table: SiteTable::new(),
+                sites: Vec::new(),
+                by_addr: HashMap::new(),
+                ops: (0..MAX_OPS).map(|_| None).collect(),
+                ids_pending: 0,
+                next_id: 0,
+                blocks: Vec::new(),
+                return_block: None,
+                retired: Vec::new(),
+                grace_enabled: true,
+                avx: tramp::has_avx(),
+            };
+            inner.refresh();
+            Tracer { inner: Mutex::new(inner) }
+        })
+    }
+
+    fn lock(&self) -> Result<std::sync::MutexGuard<'_, Inner>, TraceError> {
+        if hot::in_tracer() != 0 {
+            return Err(TraceError::InCallback);
+        }
+        Ok(self.inner.lock().unwrap_or_else(|e| e.into_inner()))
+    }
+
+    /// Rescans loaded objects: sites of new objects (dlopen) join and get
+    /// the ops whose filters match; sites of unloaded ones are forgotten.
+    pub fn refresh(&self) -> Result<(), TraceError> {
+        let mut g = self.lock()?;
+        g.refresh();
+        g.apply(Vec::new())
+    }
+
+    /// Every traceable function found.
+    pub fn functions(&self) -> Vec<FunctionInfo> {
+        let g = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        g.sites.iter().enumerate().filter(|(_, s)| s.alive).map(|(i, _)| g.info(i)).collect()
+    }
+
+    /// The function of site `site`.
+    pub fn function(&self, site: u32) -> Option<FunctionInfo> {
+        let g = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        (g.sites.get(site as usize)?.alive).then(|| g.info(site as usize))
+    }
+
+    /// The site patched at `addr`.
+    pub fn site_at(&self, addr: usize) -> Option<u32> {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner()).by_addr.get(&addr).copied()
+    }
+
+    /// Registers an op tracing the functions `filter` matches.
+    pub fn register(&self, op: Arc<dyn TraceOp>, filter: Filter) -> Result<OpHandle, TraceError> {
+        let mut g = self.lock()?;
+        let id = g.free_id().ok_or(TraceError::TooManyOps)?;
+        if op.wants_exit() {
+            g.ensure_return_trampoline()?;
+        }
+        let boxed = Box::into_raw(Box::new(OpBox { wants_exit: op.wants_exit(), wants_time: op.wants_time(), op }));
+        OPS[id].store(boxed, Ordering::Release); // before any site can call it
+        g.ops[id] = Some(OpInfo { filter, boxed });
+        if let Err(e) = g.apply(Vec::new()) {
+            g.ops[id] = None;
+            OPS[id].store(std::ptr::null_mut(), Ordering::Release);
+            g.ids_pending |= 1 << id;
+            g.retire(vec![Retired { ranges: Vec::new(), what: RetiredKind::Op { id, boxed } }]);
+            return Err(e);
+        }
+        Ok(OpHandle(id))
+    }
+
+    /// Changes what an op traces; only sites whose op set changes are patched.
+    pub fn set_filter(&self, h: &OpHandle, filter: Filter) -> Result<(), TraceError> {
+        let mut g = self.lock()?;
+        let info = g.ops[h.0].as_mut().ok_or(TraceError::UnknownOp(h.0))?;
+        let old = std::mem::replace(&mut info.filter, filter);
+        if let Err(e) = g.apply(Vec::new()) {
+            g.ops[h.0].as_mut().expect("still registered").filter = old;
+            return Err(e);
+        }
+        Ok(())
+    }
+
+    /// Unregisters an op: its sites are unpatched (or keep other ops), and
+    /// its trampolines and data are freed after a grace period.
+    pub fn unregister(&self, h: OpHandle) -> Result<(), TraceError> {
+        let mut g = self.lock()?;
+        let info = g.ops[h.0].take().ok_or(TraceError::UnknownOp(h.0))?;
+        OPS[h.0].store(std::ptr::null_mut(), Ordering::Release); // no new callbacks
+        let retire = vec![Retired { ranges: Vec::new(), what: RetiredKind::Op { id: h.0, boxed: info.boxed } }];
+        g.ids_pending |= 1 << h.0;
+        g.apply(retire)
+    }
+
+    /// Tries again to free what earlier operations retired (waiting up to
+    /// `patience` for a grace period). Returns how many items were freed.
+    pub fn reclaim(&self, patience: Duration) -> Result<usize, TraceError> {
+        let mut g = self.lock()?;
+        g.reclaim(patience)
+    }
+
+    /// Items retired and not yet freed.
+    pub fn retired(&self) -> usize {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner()).retired.len()
+    }
+
+    /// Test-only switch: free retired memory at once, without a grace
+    /// period — shows what the grace period prevents.
+    #[doc(hidden)]
+    pub fn set_grace_period_for_tests(&self, enabled: bool) {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner()).grace_enabled = enabled;
+    }
+
+    /// Exits lost (frames skipped by longjmp or unwinding, or restored).
+    pub fn lost_exits(&self) -> u64 {
+        hot::LOST_EXITS.load(Ordering::Relaxed)
+    }
+}
+
+impl Inner {
+    fn info(&self, i: usize) -> FunctionInfo {
+        let s = &self.sites[i];
+        FunctionInfo { site: i as u32, function: s.function.clone(), addr: s.addr, place: s.place, ops: s.mask }
+    }
+
+    fn free_id(&mut self) -> Option<usize> {
+        (0..MAX_OPS).map(|k| (self.next_id + k) % MAX_OPS).find(|&i| self.ops[i].is_none() && self.ids_pending & (1 << i) == 0).inspect(
+            |&i| self.next_id = i + 1,
+        )
+    }
+
+    fn refresh(&mut self) {
+        let changes = self.table.rescan();
+        for gone in &changes.removed {
+            for s in self.sites.iter_mut().filter(|s| s.alive && s.object == gone.id) {
+                s.alive = false; // its code is gone; its stub is retired by apply
+                self.by_addr.remove(&s.addr);
+            }
+        }
+        for id in &changes.added {
+            let Some(Ok(objsites)) = self.table.object_sites(*id) else { continue };
+            for site in &objsites.sites {
+                if self.by_addr.contains_key(&site.nop_addr) || self.sites.len() >= hot::MAX_SITES {
+                    continue;
+                }
+                let place = match site.kind {
+                    SiteKind::Marked => SitePlace::BodyEntry,
+                    _ => SitePlace::FunctionEntry,
+                };
+                let i = self.sites.len() as u32;
+                let slot = hot::ensure_site(i);
+                slot.mask.store(0, Ordering::Relaxed);
+                slot.place.store(place as u8, Ordering::Relaxed);
+                self.by_addr.insert(site.nop_addr, i);
+                self.sites.push(SiteInfo {
+                    addr: site.nop_addr,
+                    function: Arc::from(site.function.as_str()),
+                    object: site.object,
+                    place,
+                    prepared: matches!(site.nop_form, NopForm::Single),
+                    mask: 0,
+                    target: Target::Off,
+                    stub: None,
+                    alive: true,
+                });
+            }
+        }
+    }
+
+    fn desired_mask(&self, s: &SiteInfo) -> u64 {
+        if !s.alive {
+            return 0;
+        }
+        let mut m = 0;
+        for (id, op) in self.ops.iter().enumerate() {
+            if op.as_ref().is_some_and(|o| o.filter.matches(&s.function)) {
+                m |= 1 << id;
+            }
+        }
+        m
+    }
+
+    fn ensure_return_trampoline(&mut self) -> Result<(), TraceError> {
+        if self.return_block.is_some() {
+            return Ok(());
+        }
+        let here = Self::ensure_return_trampoline as *const () as usize;
+        let block = CodeBlock::near(here, here, 4096)
+            .map_err(|source| TraceError::TrampolineMemory { near: here, source })?;
+        let code = tramp::return_trampoline(block.addr(), hot::on_return as *const () as usize, self.avx)
+            .map_err(|e| TraceError::CodeGen(e.to_string()))?;
+        block.write(0, &code).map_err(|source| TraceError::TrampolineMemory { near: here, source })?;
+        hot::RETURN_TRAMPOLINE.store(block.addr(), Ordering::Release);
+        self.return_block = Some(block); // never freed: shadow stacks point into it
+        Ok(())
+    }
+
+    /// Bump-allocates `len` bytes of code in block `b`.
+    fn alloc_in(&mut self, b: usize, len: usize) -> Option<usize> {
+        let blk = &mut self.blocks[b];
+        let code = blk.code.as_ref()?;
+        let off = blk.used.next_multiple_of(16);
+        (off + len <= code.len()).then(|| {
+            blk.used = off + len;
+            code.addr() + off
+        })
+    }
+
+    fn new_block(&mut self, site: usize, object: ObjectId) -> Result<usize, TraceError> {
+        let code = CodeBlock::near(site, site, BLOCK_BYTES)
+            .map_err(|source| TraceError::TrampolineMemory { near: site, source })?;
+        self.blocks.push(TrampBlock {
+            code: Some(code),
+            object,
+            used: 0,
+            list: None,
+            direct: [None; MAX_OPS],
+            live_stubs: 0,
+            free_stubs: Vec::new(),
+        });
+        Ok(self.blocks.len() - 1)
+    }
+
+    /// The trampoline for `target` in block `b`, generating it if needed.
+    fn trampoline_in(&mut self, b: usize, target: Target) -> Result<Option<usize>, TraceError> {
+        let existing = match target {
+            Target::List => self.blocks[b].list,
+            Target::Direct(op) => self.blocks[b].direct[op],
+            Target::Off => unreachable!("no trampoline for an unpatched site"),
+        };
+        if existing.is_some() {
+            return Ok(existing);
+        }
+        let Some(at) = self.alloc_in(b, 1024) else { return Ok(None) };
+        let (handler, ctx) = match target {
+            Target::List => (hot::on_entry_list as *const () as usize, 0),
+            Target::Direct(op) => (hot::on_entry_direct as *const () as usize, op),
+            Target::Off => unreachable!(),
+        };
+        let code = tramp::entry_trampoline(at, handler, ctx, self.avx).map_err(|e| TraceError::CodeGen(e.to_string()))?;
+        let blk = &self.blocks[b];
+        let code_block = blk.code.as_ref().expect("live block");
+        code_block
+            .write(at - code_block.addr(), &code)
+            .map_err(|source| TraceError::TrampolineMemory { near: at, source })?;
+        match target {
+            Target::List => self.blocks[b].list = Some(at),
+            Target::Direct(op) => self.blocks[b].direct[op] = Some(at),
+            Target::Off => {}
+        }
+        Ok(Some(at))
+    }
+
+    /// Writes a stub for site `i` jumping to its `target` trampoline.
+    fn make_stub(&mut self, i: usize, target: Target) -> Result<(usize, usize), TraceError> {
+        let (addr, object) = (self.sites[i].addr, self.sites[i].object);
+        let candidates: Vec<usize> = (0..self.blocks.len())
+            .filter(|&b| {
+                let blk = &self.blocks[b];
+                blk.object == object && blk.code.as_ref().is_some_and(|c| arch::encode_call(addr, c.addr()).is_some())
+            })
+            .collect();
+        for b in candidates.into_iter().chain(std::iter::once(usize::MAX)) {
+            let b = if b == usize::MAX { self.new_block(addr, object)? } else { b };
+            let Some(tramp_at) = self.trampoline_in(b, target)? else { continue };
+            let stub_at = match self.blocks[b].free_stubs.pop() {
+                Some(s) => s,
+                None => match self.alloc_in(b, STUB_SLOT) {
+                    Some(s) => s,
+                    None => continue,
+                },
+            };
+            let stub = tramp::stub(stub_at, i as u32, tramp_at).ok_or(TraceError::CodeGen("stub out of reach".into()))?;
+            let code = self.blocks[b].code.as_ref().expect("live block");
+            code.write(stub_at - code.addr(), &stub).map_err(|source| TraceError::TrampolineMemory { near: stub_at, source })?;
+            self.blocks[b].live_stubs += 1;
+            return Ok((b, stub_at));
+        }
+        unreachable!("a fresh block always has room")
+    }
+
+    fn site_bytes(&self, s: &SiteInfo) -> [u8; 5] {
+        match s.stub {
+            Some((_, stub)) => arch::encode_call(s.addr, stub).expect("stub in reach"),
+            None if s.prepared => NOP5,
+            None => [0x90; 5],
+        }
+    }
+
+    /// Brings every site to its desired op mask (see module docs).
+    fn apply(&mut self, mut retire: Vec<Retired>) -> Result<(), TraceError> {
+        struct Change {
+            i: usize,
+            mask: u64,
+            target: Target,
+            stub: Option<(usize, usize)>,
+        }
+        let mut changes = Vec::new();
+        for i in 0..self.sites.len() {
+            let mask = self.desired_mask(&self.sites[i]);
+            let target = match mask.count_ones() {
+                0 => Target::Off,
+                1 => Target::Direct(mask.trailing_zeros() as usize),
+                _ => Target::List,
+            };
+            let s = &self.sites[i];
+            if mask == s.mask && target == s.target {
+                continue;
+            }
+            if target == s.target && target == Target::List {
+                // Same trampoline: publishing the mask is enough.
+                self.sites[i].mask = mask;
+                hot::site_slot(i as u32).expect("site slot").mask.store(mask, Ordering::Release);
+                continue;
+            }
+            changes.push(Change { i, mask, target, stub: None });
+        }
+        if changes.is_empty() {
+            self.retire(retire);
+            return Ok(());
+        }
+        // 1. Stubs for the new targets; rewrite gcc pads once.
+        let mut prepare = Batch::new();
+        for c in changes.iter_mut() {
+            if c.target != Target::Off {
+                c.stub = Some(self.make_stub(c.i, c.target)?);
+                let s = &self.sites[c.i];
+                if !s.prepared {
+                    prepare.push(Poke::region(s.addr, [0x90; 5], NOP5).named(s.function.to_string()));
+                }
+            }
+        }
+        if !prepare.is_empty() {
+            if let Err(e) = prepare.commit_with(CommitOptions::strategy(Strategy::StopMachine)) {
+                self.drop_new_stubs(changes.iter().filter_map(|c| c.stub));
+                return Err(e.into());
+            }
+            for c in &changes {
+                if c.target != Target::Off {
+                    self.sites[c.i].prepared = true;
+                }
+            }
+        }
+        // 2. Publish the masks, 3. one breakpoint batch.
+        let mut batch = Batch::with_capacity(changes.len());
+        for c in &changes {
+            let s = &self.sites[c.i];
+            if !s.alive {
+                continue; // its object is gone: nothing to write
+            }
+            let old = self.site_bytes(s);
+            let new = match c.stub {
+                Some((_, stub)) => arch::encode_call(s.addr, stub).expect("stub in reach"),
+                None => NOP5,
+            };
+            batch.push(Poke::new(s.addr, old, new).named(s.function.to_string()));
+        }
+        for c in &changes {
+            hot::site_slot(c.i as u32).expect("site slot").mask.store(c.mask, Ordering::Release);
+        }
+        if let Err(e) = batch.commit() {
+            for c in &changes {
+                hot::site_slot(c.i as u32).expect("site slot").mask.store(self.sites[c.i].mask, Ordering::Release);
+            }
+            self.drop_new_stubs(changes.iter().filter_map(|c| c.stub));
+            return Err(e.into());
+        }
+        // 4. Retire what the sites no longer use.
+        for c in &changes {
+            let s = &mut self.sites[c.i];
+            if let Some((b, addr)) = s.stub.take() {
+                retire.push(Retired { ranges: vec![(addr, addr + STUB_SLOT)], what: RetiredKind::Stub { block: b, addr } });
+            }
+            s.stub = c.stub;
+            s.mask = c.mask;
+            s.target = c.target;
+        }
+        self.retire(retire);
+        Ok(())
+    }
+
+    /// Undoes `make_stub` for stubs no site was patched to call: they were
+    /// never reachable, so they go back to their blocks at once.
+    fn drop_new_stubs(&mut self, stubs: impl Iterator<Item = (usize, usize)>) {
+        for (b, addr) in stubs {
+            self.blocks[b].live_stubs -= 1;
+            self.blocks[b].free_stubs.push(addr);
+        }
+    }
+
+    fn retire(&mut self, mut items: Vec<Retired>) {
+        // A block whose last stub went is retired whole, trampolines and all.
+        let mut emptied = Vec::new();
+        for r in &items {
+            if let RetiredKind::Stub { block, .. } = r.what {
+                let blk = &mut self.blocks[block];
+                blk.live_stubs -= 1;
+                if blk.live_stubs == 0 {
+                    emptied.push(block);
+                }
+            }
+        }
+        for b in emptied {
+            if let Some(code) = self.blocks[b].code.take() {
+                let range = (code.addr(), code.addr() + code.len());
+                items.push(Retired { ranges: vec![range], what: RetiredKind::Block(code) });
+            }
+        }
+        self.retired.extend(items);
+        let _ = self.reclaim(PATIENCE);
+    }
+
+    fn reclaim(&mut self, patience: Duration) -> Result<usize, TraceError> {
+        if self.retired.is_empty() {
+            return Ok(0);
+        }
+        let ranges: Vec<(usize, usize)> = self.retired.iter().flat_map(|r| r.ranges.iter().copied()).collect();
+        if self.grace_enabled && !grace::wait(&ranges, patience)? {
+            return Ok(0);
+        }
+        let items = std::mem::take(&mut self.retired);
+        let n = items.len();
+        for r in items {
+            match r.what {
+                RetiredKind::Stub { block, addr } => {
+                    if self.blocks[block].code.is_some() {
+                        self.blocks[block].free_stubs.push(addr);
+                    }
+                }
+                RetiredKind::Op { id, boxed } => {
+                    // SAFETY: created by Box::into_raw in register; after the
+                    // grace period no thread can hold it.
+                    drop(unsafe { Box::from_raw(boxed) });
+                    self.ids_pending &= !(1 << id);
+                }
+                RetiredKind::Block(code) => drop(code), // munmap
+            }
+        }
+        Ok(n)
+    }
+}
