@@ -53,7 +53,12 @@ struct Table {
     used: AtomicUsize,
 }
 
-static TABLE: AtomicPtr<Table> = AtomicPtr::new(std::ptr::null_mut());
+/// Slot tables: one for sync and park rounds (run under the engine's
+/// commit lock), one for sample rounds (run by grace periods, which must
+/// not hold up commits).
+static TABLES: [AtomicPtr<Table>; 2] = [AtomicPtr::new(std::ptr::null_mut()), AtomicPtr::new(std::ptr::null_mut())];
+const COMMIT_TABLE: usize = 0;
+const SAMPLE_TABLE: usize = 1;
 static GEN: AtomicU32 = AtomicU32::new(0);
 /// Highest park generation released (futex word of parked threads).
 static RELEASED: AtomicU32 = AtomicU32::new(0);
@@ -86,15 +91,16 @@ fn reached(a: u32, b: u32) -> bool {
     (a.wrapping_sub(b) as i32) >= 0
 }
 
-fn table() -> &'static Table {
-    // SAFETY: once set, TABLE points to a leaked Table that lives forever.
-    unsafe { &*TABLE.load(Ordering::Acquire) }
+fn table(which: usize) -> &'static Table {
+    // SAFETY: once set, a table pointer names a leaked Table that lives
+    // forever; `reserve` runs before any use.
+    unsafe { &*TABLES[which].load(Ordering::Acquire) }
 }
 
 /// Makes sure the table has room for `n` threads (allocates; call before
 /// parking). An old table is leaked, never freed: late handlers may read it.
-fn reserve(n: usize) {
-    let cur = TABLE.load(Ordering::Acquire);
+fn reserve(which: usize, n: usize) {
+    let cur = TABLES[which].load(Ordering::Acquire);
     // SAFETY: as in `table`.
     if !cur.is_null() && unsafe { &*cur }.slots.len() >= n {
         return;
@@ -111,12 +117,13 @@ fn reserve(n: usize) {
         })
         .collect();
     let t = Box::into_raw(Box::new(Table { slots, used: AtomicUsize::new(0) }));
-    TABLE.store(t, Ordering::Release);
+    TABLES[which].store(t, Ordering::Release);
 }
 
 fn install() -> Result<(), PokeError> {
     INSTALLED.call_once(|| {
-        reserve(64);
+        reserve(COMMIT_TABLE, 64);
+        reserve(SAMPLE_TABLE, 64);
         // SAFETY: sigaction is plain data; we fill the fields we use.
         let mut sa: libc::sigaction = unsafe { std::mem::zeroed() };
         sa.sa_sigaction = on_rendezvous as *const () as usize;
@@ -152,7 +159,8 @@ extern "C" fn on_rendezvous(_sig: i32, info: *mut libc::siginfo_t, ctx: *mut lib
     let value = unsafe { threads::signal_value(info) };
     let gen = (value >> KIND_BITS) as u32;
     let kind = value & ((1 << KIND_BITS) - 1);
-    let t = TABLE.load(Ordering::Acquire);
+    let which = if kind == KIND_SAMPLE { SAMPLE_TABLE } else { COMMIT_TABLE };
+    let t = TABLES[which].load(Ordering::Acquire);
     if t.is_null() {
         return;
     }
@@ -312,7 +320,7 @@ impl Samples {
     /// Each sampled thread: its id, the hook's value, and every PC it will
     /// resume at (the interrupted one, then those of outer signal frames).
     pub fn for_each(&self, mut f: impl FnMut(i32, usize, &mut dyn Iterator<Item = usize>)) {
-        let t = table();
+        let t = table(SAMPLE_TABLE);
         for s in &t.slots[..t.used.load(Ordering::Relaxed)] {
             let tid = s.tid.load(Ordering::Relaxed);
             if tid == 0 || s.acked.load(Ordering::Acquire) != self.gen {
@@ -327,7 +335,9 @@ impl Samples {
 }
 
 /// Samples every other thread without stopping it (the "rude" flavour of
-/// a grace period: each thread answers a signal).
+/// a grace period: each thread answers a signal). One sampler at a time:
+/// callers serialise (the tracer's reclaim lock); it does not take the
+/// engine's commit lock.
 pub fn sample_others() -> Result<Samples, PokeError> {
     let gen = signal_round(KIND_SAMPLE, RESPONSE_DEADLINE)?;
     Ok(Samples { gen })
@@ -336,8 +346,9 @@ pub fn sample_others() -> Result<Samples, PokeError> {
 /// Signals every other thread with a request of `kind`, waits for answers.
 fn signal_round(kind: usize, deadline: Duration) -> Result<u32, PokeError> {
     install()?;
-    reserve(count_threads() * 2 + 16);
-    let t = table();
+    let which = if kind == KIND_SAMPLE { SAMPLE_TABLE } else { COMMIT_TABLE };
+    reserve(which, count_threads() * 2 + 16);
+    let t = table(which);
     let gen = GEN.fetch_add(1, Ordering::Relaxed).wrapping_add(1);
     t.used.store(0, Ordering::Relaxed);
     let me = gettid();
@@ -371,7 +382,7 @@ impl Parked {
     /// running (DESIGN.md rule 4: signal handlers are the NMIs of user
     /// space). Allocation-free.
     pub fn for_each_pc(&self, mut f: impl FnMut(i32, usize)) {
-        let t = table();
+        let t = table(COMMIT_TABLE);
         for s in &t.slots[..t.used.load(Ordering::Relaxed)] {
             let tid = s.tid.load(Ordering::Relaxed);
             if tid == 0 || s.acked.load(Ordering::Acquire) != self.gen {
@@ -409,7 +420,7 @@ impl Drop for Parked {
 pub fn park_others() -> Result<Parked, PokeError> {
     install()?;
     loop {
-        reserve(count_threads() * 2 + 16);
+        reserve(COMMIT_TABLE, count_threads() * 2 + 16);
         match try_park() {
             Ok(p) => return Ok(p),
             Err(None) => continue, // table full: threads appeared; grow and retry
@@ -419,7 +430,7 @@ pub fn park_others() -> Result<Parked, PokeError> {
 }
 
 fn try_park() -> Result<Parked, Option<PokeError>> {
-    let t = table();
+    let t = table(COMMIT_TABLE);
     let gen = GEN.fetch_add(1, Ordering::Relaxed).wrapping_add(1);
     t.used.store(0, Ordering::Relaxed);
     let mut parked = Parked { gen, released: false };

@@ -12,8 +12,13 @@
 //!    trampoline may sit on its stack);
 //! 2. a thread is quiescent if that count is zero and no PC lies in a
 //!    retired range;
-//! 3. when all are, everything retired *before* the sample may be freed;
-//!    otherwise sample again, bounded, and keep the rest for later.
+//! 3. a thread seen quiescent once is done: no site calls retired code
+//!    any more, so it cannot enter it again, and it held no return into
+//!    it. Threads are sampled again until each of them was seen quiescent
+//!    at least once (or exited) — as RCU-tasks waits for each task to pass
+//!    a quiescent state, not for all at the same instant. Threads created
+//!    after the retirement never saw the retired code. Bounded: after the
+//!    caller's patience the items stay retired for a later attempt.
 //!
 //! The calling thread is quiescent by construction: control operations are
 //! refused from inside a callback. Returns into the return trampoline are
@@ -26,37 +31,37 @@ extern "C" fn in_tracer_hook() -> usize {
     super::hot::in_tracer() as usize
 }
 
-/// Whether every other thread is quiescent with respect to `ranges`.
-fn quiescent(ranges: &[(usize, usize)]) -> Result<bool, PokeError> {
+/// The threads of one sample that were not quiescent w.r.t. `ranges`.
+fn busy_threads(ranges: &[(usize, usize)]) -> Result<Vec<i32>, PokeError> {
     crate::sync::rendezvous::set_sample_hook(in_tracer_hook);
-    let _lock = crate::text::commit_lock(); // the rendezvous table is shared with commits
     let samples = crate::sync::rendezvous::sample_others()?;
-    let mut clear = true;
-    samples.for_each(|_tid, in_tramp, pcs| {
-        if in_tramp != 0 {
-            clear = false;
-        }
+    let mut busy = Vec::new();
+    samples.for_each(|tid, in_tramp, pcs| {
+        let mut inside = in_tramp != 0;
         for pc in pcs {
-            if ranges.iter().any(|&(lo, hi)| pc >= lo && pc < hi) {
-                clear = false;
-            }
+            inside |= ranges.iter().any(|&(lo, hi)| pc >= lo && pc < hi);
+        }
+        if inside {
+            busy.push(tid);
         }
     });
-    Ok(clear)
+    Ok(busy)
 }
 
 /// Waits up to `patience` for a grace period over `ranges`: `true` once
-/// every other thread was seen quiescent, so what was retired before the
-/// call may be freed.
+/// every other thread was seen quiescent at least once since the call, so
+/// what was retired before the call may be freed.
 pub(crate) fn wait(ranges: &[(usize, usize)], patience: Duration) -> Result<bool, PokeError> {
     let start = Instant::now();
-    loop {
-        if quiescent(ranges)? {
-            return Ok(true);
-        }
+    // Threads not yet seen quiescent: those busy in every sample so far.
+    let mut pending = busy_threads(ranges)?;
+    while !pending.is_empty() {
         if start.elapsed() >= patience {
             return Ok(false);
         }
-        std::thread::sleep(Duration::from_micros(200));
+        std::thread::sleep(Duration::from_micros(100));
+        let busy = busy_threads(ranges)?;
+        pending.retain(|tid| busy.contains(tid));
     }
+    Ok(true)
 }

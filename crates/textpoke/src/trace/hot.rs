@@ -341,15 +341,14 @@ fn wants(mask: u64) -> (u64, bool) {
     (exit_mask, time)
 }
 
-fn shadow(st: &ThreadState) -> Option<&mut Shadow> {
+/// This thread's shadow stack, created on first use (null if mmap failed).
+fn shadow(st: &ThreadState) -> *mut Shadow {
     let mut p = st.shadow.get();
     if p.is_null() {
         p = new_shadow();
         st.shadow.set(p);
     }
-    // SAFETY: this thread's own mapping, used only by this thread (and its
-    // signal handlers, which are cut off by `in_tramp`).
-    (!p.is_null()).then(|| unsafe { &mut *p })
+    p
 }
 
 fn entries(sh: &mut Shadow) -> &mut [ShadowEntry] {
@@ -360,7 +359,10 @@ fn entries(sh: &mut Shadow) -> &mut [ShadowEntry] {
 fn function_entry(st: &ThreadState, site: u32, mask: u64, regs: &SavedRegs, frame: *mut usize, place: SitePlace) {
     let (exit_mask, wants_time) = wants(mask);
     let time = if wants_time { now() } else { 0 };
-    let sh = if exit_mask != 0 { shadow(st) } else { None };
+    let p = if exit_mask != 0 { shadow(st) } else { std::ptr::null_mut() };
+    // SAFETY: this thread's own mapping, used only by this thread (its
+    // signal handlers are cut off by `in_tramp`).
+    let sh = unsafe { p.as_mut() };
     let depth = sh.as_ref().map_or(0, |s| s.len as u32);
     let e = Entry { site, depth, time, regs, frame, place };
     for_each_op(mask, |_, op| op.op.entry(&e));
@@ -393,7 +395,8 @@ fn call_exits(mask: u64, x: &Exit) {
 /// A `#[traced]` function's exit site: pop its body-entry record.
 fn body_exit(st: &ThreadState, site: u32, slot: &SiteSlot, regs: &SavedRegs) {
     let entry_site = slot.pair.load(Ordering::Relaxed).wrapping_sub(1) as u32;
-    let Some(sh) = shadow(st) else { return };
+    // SAFETY: as in function_entry.
+    let Some(sh) = (unsafe { shadow(st).as_mut() }) else { return };
     let len = sh.len;
     let es = entries(sh);
     // The newest body record of this function; body records have slot 0.

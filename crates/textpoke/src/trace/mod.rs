@@ -28,7 +28,11 @@
 //! 3. one breakpoint batch turns every changed site into `call new stub`
 //!    or back into a NOP;
 //! 4. the old stubs, emptied blocks and unregistered ops are retired and
-//!    freed after a grace period ([`grace`]).
+//!    freed after a grace period ([`grace`]), by a background reclaimer
+//!    thread: a grace period needs every thread to run once, which on a
+//!    busy machine takes scheduler periods, and nobody should wait for it
+//!    (as the kernel frees ftrace trampolines from an RCU-tasks callback).
+//!    [`Tracer::reclaim`] waits for it explicitly.
 //!
 //! If the batch is refused (a site's bytes changed under us), nothing is
 //! written and the masks and stubs are put back.
@@ -173,11 +177,14 @@ struct Inner {
 /// The process's tracer.
 pub struct Tracer {
     inner: Mutex<Inner>,
+    /// Serialises reclaim steps (background and explicit).
+    reclaiming: Mutex<()>,
+    /// Pid whose reclaimer thread runs (it does not survive fork).
+    reclaimer_pid: std::sync::atomic::AtomicI32,
 }
 
-/// Grace-period patience of a control operation before it returns and
-/// leaves the rest for later.
-const PATIENCE: Duration = Duration::from_millis(50);
+/// How long the background reclaimer waits for one grace period.
+const PATIENCE: Duration = Duration::from_millis(500);
 
 impl Tracer {
     /// The tracer of this process (sites are found on first use).
@@ -203,8 +210,45 @@ impl Tracer {
                 avx: tramp::has_avx(),
             };
             inner.refresh();
-            Tracer { inner: Mutex::new(inner) }
+            Tracer { inner: Mutex::new(inner), reclaiming: Mutex::new(()), reclaimer_pid: 0.into() }
         })
+    }
+
+    /// Starts the background reclaimer of this process if needed.
+    fn wake_reclaimer(&'static self) {
+        // SAFETY: getpid has no preconditions.
+        let pid = unsafe { libc::getpid() };
+        if self.reclaimer_pid.swap(pid, Ordering::AcqRel) == pid {
+            return;
+        }
+        let spawned = std::thread::Builder::new().name("textpoke-reclaim".into()).spawn(move || loop {
+            std::thread::sleep(Duration::from_millis(5));
+            let pending = self.inner.lock().unwrap_or_else(|e| e.into_inner()).retired.len();
+            if pending > 0 {
+                let _ = self.reclaim_step(PATIENCE);
+            }
+        });
+        if spawned.is_err() {
+            self.reclaimer_pid.store(0, Ordering::Release); // try again next time
+        }
+    }
+
+    /// One grace period over everything retired now; frees it if it ends
+    /// within `patience`. Returns how many items were freed.
+    fn reclaim_step(&self, patience: Duration) -> Result<usize, TraceError> {
+        let _one = self.reclaiming.lock().unwrap_or_else(|e| e.into_inner());
+        let (ranges, n, grace) = {
+            let g = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+            let ranges: Vec<(usize, usize)> = g.retired.iter().flat_map(|r| r.ranges.iter().copied()).collect();
+            (ranges, g.retired.len(), g.grace_enabled)
+        };
+        if n == 0 || (grace && !grace::wait(&ranges, patience)?) {
+            return Ok(0);
+        }
+        let mut g = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        let items: Vec<Retired> = g.retired.drain(..n).collect();
+        g.free(items);
+        Ok(n)
     }
 
     fn lock(&self) -> Result<std::sync::MutexGuard<'_, Inner>, TraceError> {
@@ -216,10 +260,27 @@ impl Tracer {
 
     /// Rescans loaded objects: sites of new objects (dlopen) join and get
     /// the ops whose filters match; sites of unloaded ones are forgotten.
-    pub fn refresh(&self) -> Result<(), TraceError> {
+    pub fn refresh(&'static self) -> Result<(), TraceError> {
         let mut g = self.lock()?;
         g.refresh();
-        g.apply(Vec::new())
+        let r = g.apply(Vec::new());
+        self.after_change(g);
+        r
+    }
+
+    /// Frees at once without grace period (test switch), or hands retired
+    /// items to the reclaimer.
+    fn after_change(&'static self, mut g: std::sync::MutexGuard<'_, Inner>) {
+        if g.retired.is_empty() {
+            return;
+        }
+        if !g.grace_enabled {
+            let items = std::mem::take(&mut g.retired);
+            g.free(items);
+            return;
+        }
+        drop(g);
+        self.wake_reclaimer();
     }
 
     /// Every traceable function found.
@@ -240,8 +301,15 @@ impl Tracer {
     }
 
     /// Registers an op tracing the functions `filter` matches.
-    pub fn register(&self, op: Arc<dyn TraceOp>, filter: Filter) -> Result<OpHandle, TraceError> {
+    pub fn register(&'static self, op: Arc<dyn TraceOp>, filter: Filter) -> Result<OpHandle, TraceError> {
         let mut g = self.lock()?;
+        if g.free_id_peek().is_none() && g.ids_pending != 0 {
+            // Every free id still waits for its grace period: wait for one
+            // here rather than fail.
+            drop(g);
+            self.reclaim_step(Duration::from_secs(5))?;
+            g = self.lock()?;
+        }
         let id = g.free_id().ok_or(TraceError::TooManyOps)?;
         if op.wants_exit() {
             g.ensure_return_trampoline()?;
@@ -254,39 +322,46 @@ impl Tracer {
             OPS[id].store(std::ptr::null_mut(), Ordering::Release);
             g.ids_pending |= 1 << id;
             g.retire(vec![Retired { ranges: Vec::new(), what: RetiredKind::Op { id, boxed } }]);
+            self.after_change(g);
             return Err(e);
         }
+        self.after_change(g);
         Ok(OpHandle(id))
     }
 
     /// Changes what an op traces; only sites whose op set changes are patched.
-    pub fn set_filter(&self, h: &OpHandle, filter: Filter) -> Result<(), TraceError> {
+    pub fn set_filter(&'static self, h: &OpHandle, filter: Filter) -> Result<(), TraceError> {
         let mut g = self.lock()?;
         let info = g.ops[h.0].as_mut().ok_or(TraceError::UnknownOp(h.0))?;
         let old = std::mem::replace(&mut info.filter, filter);
-        if let Err(e) = g.apply(Vec::new()) {
+        let r = g.apply(Vec::new());
+        if r.is_err() {
             g.ops[h.0].as_mut().expect("still registered").filter = old;
-            return Err(e);
         }
-        Ok(())
+        self.after_change(g);
+        r
     }
 
     /// Unregisters an op: its sites are unpatched (or keep other ops), and
     /// its trampolines and data are freed after a grace period.
-    pub fn unregister(&self, h: OpHandle) -> Result<(), TraceError> {
+    pub fn unregister(&'static self, h: OpHandle) -> Result<(), TraceError> {
         let mut g = self.lock()?;
         let info = g.ops[h.0].take().ok_or(TraceError::UnknownOp(h.0))?;
         OPS[h.0].store(std::ptr::null_mut(), Ordering::Release); // no new callbacks
         let retire = vec![Retired { ranges: Vec::new(), what: RetiredKind::Op { id: h.0, boxed: info.boxed } }];
         g.ids_pending |= 1 << h.0;
-        g.apply(retire)
+        let r = g.apply(retire);
+        self.after_change(g);
+        r
     }
 
-    /// Tries again to free what earlier operations retired (waiting up to
-    /// `patience` for a grace period). Returns how many items were freed.
+    /// Waits up to `patience` for a grace period and frees what was
+    /// retired before the call. Returns how many items were freed.
     pub fn reclaim(&self, patience: Duration) -> Result<usize, TraceError> {
-        let mut g = self.lock()?;
-        g.reclaim(patience)
+        if hot::in_tracer() != 0 {
+            return Err(TraceError::InCallback);
+        }
+        self.reclaim_step(patience)
     }
 
     /// Items retired and not yet freed.
@@ -313,10 +388,15 @@ impl Inner {
         FunctionInfo { site: i as u32, function: s.function.clone(), addr: s.addr, place: s.place, ops: s.mask }
     }
 
+    fn free_id_peek(&self) -> Option<usize> {
+        (0..MAX_OPS).find(|&i| self.ops[i].is_none() && self.ids_pending & (1 << i) == 0)
+    }
+
     fn free_id(&mut self) -> Option<usize> {
-        (0..MAX_OPS).map(|k| (self.next_id + k) % MAX_OPS).find(|&i| self.ops[i].is_none() && self.ids_pending & (1 << i) == 0).inspect(
-            |&i| self.next_id = i + 1,
-        )
+        (0..MAX_OPS)
+            .map(|k| (self.next_id + k) % MAX_OPS)
+            .find(|&i| self.ops[i].is_none() && self.ids_pending & (1 << i) == 0)
+            .inspect(|&i| self.next_id = i + 1)
     }
 
     fn refresh(&mut self) {
@@ -375,8 +455,8 @@ impl Inner {
             return Ok(());
         }
         let here = Self::ensure_return_trampoline as *const () as usize;
-        let block = CodeBlock::near(here, here, 4096)
-            .map_err(|source| TraceError::TrampolineMemory { near: here, source })?;
+        let block =
+            CodeBlock::near(here, here, 4096).map_err(|source| TraceError::TrampolineMemory { near: here, source })?;
         let code = tramp::return_trampoline(block.addr(), hot::on_return as *const () as usize, self.avx)
             .map_err(|e| TraceError::CodeGen(e.to_string()))?;
         block.write(0, &code).map_err(|source| TraceError::TrampolineMemory { near: here, source })?;
@@ -427,7 +507,8 @@ impl Inner {
             Target::Direct(op) => (hot::on_entry_direct as *const () as usize, op),
             Target::Off => unreachable!(),
         };
-        let code = tramp::entry_trampoline(at, handler, ctx, self.avx).map_err(|e| TraceError::CodeGen(e.to_string()))?;
+        let code =
+            tramp::entry_trampoline(at, handler, ctx, self.avx).map_err(|e| TraceError::CodeGen(e.to_string()))?;
         let blk = &self.blocks[b];
         let code_block = blk.code.as_ref().expect("live block");
         code_block
@@ -460,9 +541,11 @@ impl Inner {
                     None => continue,
                 },
             };
-            let stub = tramp::stub(stub_at, i as u32, tramp_at).ok_or(TraceError::CodeGen("stub out of reach".into()))?;
+            let stub =
+                tramp::stub(stub_at, i as u32, tramp_at).ok_or(TraceError::CodeGen("stub out of reach".into()))?;
             let code = self.blocks[b].code.as_ref().expect("live block");
-            code.write(stub_at - code.addr(), &stub).map_err(|source| TraceError::TrampolineMemory { near: stub_at, source })?;
+            code.write(stub_at - code.addr(), &stub)
+                .map_err(|source| TraceError::TrampolineMemory { near: stub_at, source })?;
             self.blocks[b].live_stubs += 1;
             return Ok((b, stub_at));
         }
@@ -559,7 +642,10 @@ impl Inner {
         for c in &changes {
             let s = &mut self.sites[c.i];
             if let Some((b, addr)) = s.stub.take() {
-                retire.push(Retired { ranges: vec![(addr, addr + STUB_SLOT)], what: RetiredKind::Stub { block: b, addr } });
+                retire.push(Retired {
+                    ranges: vec![(addr, addr + STUB_SLOT)],
+                    what: RetiredKind::Stub { block: b, addr },
+                });
             }
             s.stub = c.stub;
             s.mask = c.mask;
@@ -597,19 +683,10 @@ impl Inner {
             }
         }
         self.retired.extend(items);
-        let _ = self.reclaim(PATIENCE);
     }
 
-    fn reclaim(&mut self, patience: Duration) -> Result<usize, TraceError> {
-        if self.retired.is_empty() {
-            return Ok(0);
-        }
-        let ranges: Vec<(usize, usize)> = self.retired.iter().flat_map(|r| r.ranges.iter().copied()).collect();
-        if self.grace_enabled && !grace::wait(&ranges, patience)? {
-            return Ok(0);
-        }
-        let items = std::mem::take(&mut self.retired);
-        let n = items.len();
+    /// Frees items whose grace period is over.
+    fn free(&mut self, items: Vec<Retired>) {
         for r in items {
             match r.what {
                 RetiredKind::Stub { block, addr } => {
@@ -626,6 +703,5 @@ impl Inner {
                 RetiredKind::Block(code) => drop(code), // munmap
             }
         }
-        Ok(n)
     }
 }

@@ -1,0 +1,152 @@
+//! The function tracer on C code compiled with patchable entries.
+
+mod common;
+
+use common::{compile_so, peek, Lib};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use textpoke::arch::NOP5;
+use textpoke::trace::{Entry, Exit, Filter, TraceOp, Tracer};
+
+/// Counts entries and exits per site; remembers the last return value.
+struct Counter {
+    entries: Vec<AtomicU64>,
+    exits: Vec<AtomicU64>,
+    last_ret: AtomicU64,
+    graph: bool,
+}
+
+impl Counter {
+    fn new(graph: bool) -> Arc<Counter> {
+        Arc::new(Counter {
+            entries: (0..4096).map(|_| AtomicU64::new(0)).collect(),
+            exits: (0..4096).map(|_| AtomicU64::new(0)).collect(),
+            last_ret: AtomicU64::new(0),
+            graph,
+        })
+    }
+    fn entries_of(&self, site: u32) -> u64 {
+        self.entries[site as usize].load(Ordering::Relaxed)
+    }
+    fn exits_of(&self, site: u32) -> u64 {
+        self.exits[site as usize].load(Ordering::Relaxed)
+    }
+}
+
+impl TraceOp for Counter {
+    fn entry(&self, e: &Entry<'_>) {
+        if let Some(c) = self.entries.get(e.site as usize) {
+            c.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+    fn exit(&self, x: &Exit) {
+        if let Some(c) = self.exits.get(x.site as usize) {
+            c.fetch_add(1, Ordering::Relaxed);
+        }
+        self.last_ret.store(x.retval, Ordering::Relaxed);
+    }
+    fn wants_exit(&self) -> bool {
+        self.graph
+    }
+}
+
+/// The tracer is process-wide: tests that register ops run one at a time.
+static SERIAL: Mutex<()> = Mutex::new(());
+
+fn site(t: &Tracer, name: &str) -> u32 {
+    t.functions().iter().find(|f| &*f.function == name).unwrap_or_else(|| panic!("no site for {name}")).site
+}
+
+const TREE: &str = r#"
+int tree_leaf(int x) { return x + 1; }
+int tree_mid(int x) { return tree_leaf(x) + tree_leaf(x + 1); }
+int tree_top(int n) { int s = 0; for (int i = 0; i < n; i++) s += tree_mid(i); return s; }
+long tree_fact(long n) { return n <= 1 ? 1 : n * tree_fact(n - 1); }
+"#;
+
+#[test]
+fn exact_counts_for_a_known_call_tree_and_graph_exits() {
+    let _s = SERIAL.lock().unwrap();
+    let lib = Lib::open(&compile_so("tree", TREE, &["-fpatchable-function-entry=5", "-O1", "-fno-inline"]));
+    let t = Tracer::global();
+    t.refresh().unwrap();
+    let (top, mid, leaf, fact) = (site(t, "tree_top"), site(t, "tree_mid"), site(t, "tree_leaf"), site(t, "tree_fact"));
+    // SAFETY: signatures as in TREE.
+    let tree_top = unsafe { std::mem::transmute::<usize, extern "C" fn(i32) -> i32>(lib.sym("tree_top")) };
+    let tree_fact = unsafe { std::mem::transmute::<usize, extern "C" fn(i64) -> i64>(lib.sym("tree_fact")) };
+    assert_eq!(peek(lib.sym("tree_top"), 5), [0x90; 5]);
+
+    let c = Counter::new(true);
+    let h = t.register(c.clone(), Filter::new(["tree_*"], ["tree_fact"]).unwrap()).unwrap();
+    assert_eq!(peek(lib.sym("tree_top"), 1), [0xe8], "entry is now a call");
+    assert_eq!(peek(lib.sym("tree_fact"), 5), [0x90; 5], "excluded function untouched");
+    assert_eq!(tree_top(10), (0..10).map(|i| 2 * i + 3).sum::<i32>());
+    assert_eq!((c.entries_of(top), c.entries_of(mid), c.entries_of(leaf)), (1, 10, 20));
+    assert_eq!((c.exits_of(top), c.exits_of(mid), c.exits_of(leaf)), (1, 10, 20));
+    assert_eq!(c.last_ret.load(Ordering::Relaxed), 120, "exit sees tree_top's return value");
+    assert_eq!(c.entries_of(fact), 0);
+
+    // Re-filter: only the recursive function, 20 deep.
+    t.set_filter(&h, Filter::new(["tree_fact"], Vec::<String>::new()).unwrap()).unwrap();
+    assert_eq!(peek(lib.sym("tree_top"), 5), NOP5, "no longer traced: one NOP");
+    assert_eq!(tree_fact(20), 2_432_902_008_176_640_000);
+    assert_eq!((c.entries_of(fact), c.exits_of(fact)), (20, 20));
+    assert_eq!(c.entries_of(top), 1);
+
+    t.unregister(h).unwrap();
+    assert_eq!(peek(lib.sym("tree_fact"), 5), NOP5);
+    assert_eq!(tree_fact(5), 120);
+    assert_eq!(c.entries_of(fact), 20);
+}
+
+const THREADS: &str = r#"
+int thr_leaf(int x) { return x * 2; }
+int thr_work(int x) { return thr_leaf(x) + 1; }
+"#;
+
+#[test]
+fn ops_come_and_go_while_eight_threads_run() {
+    let _s = SERIAL.lock().unwrap();
+    let lib =
+        Arc::new(Lib::open(&compile_so("threads", THREADS, &["-fpatchable-function-entry=5", "-O1", "-fno-inline"])));
+    let t = Tracer::global();
+    t.refresh().unwrap();
+    let stop = Arc::new(AtomicBool::new(false));
+    let workers: Vec<_> = (0..8)
+        .map(|k| {
+            let (lib, stop) = (lib.clone(), stop.clone());
+            std::thread::spawn(move || {
+                // SAFETY: signature as in THREADS.
+                let f = unsafe { std::mem::transmute::<usize, extern "C" fn(i32) -> i32>(lib.sym("thr_work")) };
+                let mut n = 0u64;
+                while !stop.load(Ordering::Relaxed) {
+                    assert_eq!(f(k), 2 * k + 1);
+                    n += 1;
+                }
+                n
+            })
+        })
+        .collect();
+    let leaf = site(t, "thr_leaf");
+    for round in 0..300 {
+        let a = Counter::new(round % 2 == 0);
+        let b = Counter::new(true);
+        let ha = t.register(a.clone(), Filter::new(["thr_*"], Vec::<String>::new()).unwrap()).unwrap();
+        let hb = t.register(b.clone(), Filter::new(["thr_leaf"], Vec::<String>::new()).unwrap()).unwrap();
+        std::thread::sleep(std::time::Duration::from_micros(200));
+        t.unregister(hb).unwrap();
+        t.unregister(ha).unwrap();
+        // Both saw calls while registered (the workers never stop), and
+        // exits never outnumber entries.
+        assert!(b.exits_of(leaf) <= b.entries_of(leaf));
+        if round == 299 {
+            assert!(a.entries_of(leaf) + b.entries_of(leaf) > 0);
+        }
+    }
+    stop.store(true, Ordering::Relaxed);
+    let total: u64 = workers.into_iter().map(|w| w.join().expect("worker got a wrong result")).sum();
+    assert!(total > 1000);
+    assert_eq!(peek(lib.sym("thr_work"), 5), NOP5);
+    t.reclaim(std::time::Duration::from_secs(2)).unwrap();
+    assert_eq!(t.retired(), 0, "everything retired was freed after a grace period");
+}
