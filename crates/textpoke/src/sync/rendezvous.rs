@@ -311,10 +311,15 @@ pub fn sync_by_signals_within(deadline: Duration) -> Result<(), PokeError> {
     Ok(())
 }
 
-/// What every other thread was doing when sampled.
+/// What every other thread was doing when sampled. Holds the sampler
+/// lock: the sample table is reused by the next round.
 pub struct Samples {
     gen: u32,
+    _one: std::sync::MutexGuard<'static, ()>,
 }
+
+/// One sample round at a time (grace periods of several callers).
+static SAMPLER: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
 impl Samples {
     /// Each sampled thread: its id, the hook's value, and every PC it will
@@ -335,12 +340,12 @@ impl Samples {
 }
 
 /// Samples every other thread without stopping it (the "rude" flavour of
-/// a grace period: each thread answers a signal). One sampler at a time:
-/// callers serialise (the tracer's reclaim lock); it does not take the
-/// engine's commit lock.
+/// a grace period: each thread answers a signal). Rounds are serialised
+/// among samplers, and independent of the engine's commit lock.
 pub fn sample_others() -> Result<Samples, PokeError> {
+    let one = SAMPLER.lock().unwrap_or_else(|e| e.into_inner());
     let gen = signal_round(KIND_SAMPLE, RESPONSE_DEADLINE)?;
-    Ok(Samples { gen })
+    Ok(Samples { gen, _one: one })
 }
 
 /// Signals every other thread with a request of `kind`, waits for answers.

@@ -42,6 +42,14 @@ mod grace;
 pub mod hot;
 
 pub use filter::{Filter, FilterError};
+
+/// Waits up to `patience` until every other thread of the process has been
+/// seen outside the code `ranges` and outside tracer callbacks (the
+/// tracer's grace period, usable on its own like synchronize_rcu_tasks).
+/// `Ok(false)` if some thread was not seen so in time.
+pub fn wait_for_grace(ranges: &[(usize, usize)], patience: Duration) -> Result<bool, TraceError> {
+    Ok(grace::wait(ranges, patience)?)
+}
 pub use hot::{now, Entry, Exit, SitePlace, TraceOp, MAX_OPS};
 
 use crate::arch::{self, tramp, NOP5};
