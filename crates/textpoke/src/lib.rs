@@ -24,6 +24,7 @@
 
 pub mod arch;
 pub mod error;
+pub mod record;
 pub mod sites;
 pub mod stress;
 pub mod sync;
