@@ -30,6 +30,7 @@ pub mod stress;
 pub mod sync;
 pub mod sys;
 pub mod text;
+pub mod tracedata;
 
 pub use error::PokeError;
 pub use text::{capabilities, Batch, Capabilities, CommitOptions, CommitStats, Poke, Strategy, SyncMethod, WriteMethod};
