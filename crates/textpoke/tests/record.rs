@@ -480,8 +480,8 @@ fn tsc_timestamps_convert_to_monotonic_ns() {
 }
 
 /// Ping-pong between two threads: B reads the clock after seeing A's
-/// timestamp (acquire). Plain rdtsc may run a little early; measure how
-/// much time order across threads can be off, and bound it.
+/// timestamp (acquire), so B's timestamp must not be earlier. (Plain
+/// `rdtsc` fails this on the development VM — see record/clock.rs.)
 #[test]
 fn cross_thread_order() {
     let _g = serial();
@@ -489,7 +489,7 @@ fn cross_thread_order() {
     let rec = record::start(RecorderConfig::new(&dir).count_only()).unwrap(); // selects the clock
     let slot = Arc::new(AtomicU64::new(0));
     let s2 = slot.clone();
-    const ROUNDS: u64 = 20_000;
+    const ROUNDS: u64 = 100_000;
     let b = std::thread::spawn(move || {
         let mut worst = 0i64;
         let mut violations = 0;
@@ -524,7 +524,7 @@ fn cross_thread_order() {
     let t = Trace::open(&dir).unwrap();
     let worst_ns = t.delta_ns(0, worst as u64);
     eprintln!("cross-thread order: {violations} of {ROUNDS} rounds reversed, worst by {worst_ns} ns");
-    assert!(worst_ns < 1_000, "timestamps across threads disagree by {worst_ns} ns");
+    assert_eq!(violations, 0, "timestamps contradict the threads' synchronisation, by up to {worst_ns} ns");
 }
 
 #[test]

@@ -13,26 +13,34 @@
 //! `clock_gettime(CLOCK_MONOTONIC)` (vDSO, no syscall), whose values are
 //! already nanoseconds.
 //!
-//! # Plain `rdtsc`, not `rdtscp` or `lfence; rdtsc`
+//! # `lfence; rdtsc`, not plain `rdtsc`
 //!
-//! Measured here (benches/record-bench.rs prints them every run): `rdtsc`
-//! 7 ns, `lfence; rdtsc` and `rdtscp` 12 ns, `clock_gettime` 17 ns.
-//! `rdtsc` is not serialising, so the out-of-order core may read it a few
-//! dozen instructions early or late; the error is a few nanoseconds, the
-//! same as the cost of recording, and below anything a trace shows. Order
-//! *within* a thread does not depend on it:
+//! Measured on the development VM (2.6 GHz Xeon, 2 vCPUs; the benchmark
+//! prints the costs every run): `rdtsc` 7 ns, `lfence; rdtsc` 12 ns,
+//! `rdtscp` 12.5 ns, `clock_gettime` 17 ns back to back.
 //!
-//! - a thread moving to another CPU passes through the kernel, which
-//!   serialises, and the TSCs are synchronised (above);
-//! - the recorder still clamps each thread's timestamps so they never go
-//!   backwards (`last_ts` in the ring buffer), so residual skew between
-//!   virtual CPUs cannot produce a time-reversed trace.
+//! Plain `rdtsc` is not ordered: the out-of-order core may execute it
+//! before earlier loads complete. In a ping-pong between two threads —
+//! A reads the clock and publishes the value (release), B sees it
+//! (acquire) and reads the clock — plain `rdtsc` gave B an *earlier*
+//! time than A in 609 and 1146 of 200 000 rounds (two runs), by up to
+//! 356 ticks (137 ns): timestamps would contradict the order the threads
+//! synchronised in. With `lfence; rdtsc`, `rdtscp` or `mfence; rdtsc`:
+//! 0 of 200 000. The TSCs themselves agree; the reversal is speculation.
 //!
-//! Across threads, a record made after synchronising with another thread
-//! (a lock hand-off) can at worst appear a few nanoseconds before the other
-//! thread's record; the test `cross_thread_order` in tests/record.rs
-//! measures it. The serialising variants would cost 5 ns more per read,
-//! twice per traced call, to remove an error of that size: not worth it.
+//! So [`Clock::now`] reads `lfence; rdtsc` (the kernel's `rdtsc_ordered`):
+//! the `lfence` waits for every earlier instruction to complete, so a
+//! timestamp is taken after whatever the thread did before it, including
+//! the load that observed another thread's work. The other direction needs
+//! nothing: a later store becomes visible only after it retires, after the
+//! `rdtsc`. `rdtscp` costs the same and also orders; `lfence; rdtsc` is
+//! chosen because it is what the kernel uses and works on every x86-64.
+//! The test `cross_thread_order` (tests/record.rs) asserts no reversal.
+//!
+//! Within a thread, moving to another CPU passes through the kernel, which
+//! serialises, and the TSCs are synchronised (above); the recorder still
+//! clamps each thread's timestamps to never go backwards (`last_ts` in the
+//! ring buffer) as a last defence against skew between virtual CPUs.
 //!
 //! # Calibration
 //!
@@ -62,7 +70,7 @@ impl Clock {
     #[inline(always)]
     pub fn now() -> u64 {
         if USE_TSC.load(Ordering::Relaxed) {
-            rdtsc()
+            rdtsc_ordered()
         } else {
             monotonic_ns()
         }
@@ -83,8 +91,8 @@ impl Clock {
     }
 }
 
-/// Reads the time-stamp counter (plain `rdtsc`; see the module docs).
-/// On other architectures: [`monotonic_ns`].
+/// Plain `rdtsc`, unordered (see the module docs: not what the recorder
+/// uses). For the benchmark's comparison; elsewhere [`monotonic_ns`].
 #[inline(always)]
 pub fn rdtsc() -> u64 {
     #[cfg(target_arch = "x86_64")]
@@ -99,10 +107,10 @@ pub fn rdtsc() -> u64 {
     }
 }
 
-/// `lfence; rdtsc`: waits for earlier instructions to complete. For the
-/// benchmark's comparison only.
+/// `lfence; rdtsc`: waits for earlier instructions to complete; what
+/// [`Clock::now`] reads. Elsewhere [`monotonic_ns`].
 #[inline(always)]
-pub fn rdtsc_lfence() -> u64 {
+pub fn rdtsc_ordered() -> u64 {
     #[cfg(target_arch = "x86_64")]
     {
         // SAFETY: lfence and rdtsc have no memory effects beyond ordering.
@@ -183,7 +191,7 @@ fn paired_read() -> (u64, u64) {
     let mut best = (0, 0, u64::MAX);
     for _ in 0..16 {
         let a = monotonic_ns();
-        let t = rdtsc_lfence();
+        let t = rdtsc_ordered();
         let b = monotonic_ns();
         if b - a < best.2 {
             best = (t, a + (b - a) / 2, b - a);

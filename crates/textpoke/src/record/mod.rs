@@ -138,9 +138,11 @@
 //!
 //! # Clock
 //!
-//! See [`clock`]: invariant TSC read with plain `rdtsc` when the CPU and
-//! kernel say it is one timebase, else `CLOCK_MONOTONIC`; calibrated
-//! against `CLOCK_MONOTONIC`, the conversion stored in `meta.json`.
+//! See [`clock`]: the invariant TSC read with `lfence; rdtsc` when the CPU
+//! and kernel say it is one timebase (plain `rdtsc` was measured to
+//! reverse the order of synchronised events across threads), else
+//! `CLOCK_MONOTONIC`; calibrated against `CLOCK_MONOTONIC`, the conversion
+//! stored in `meta.json`.
 //!
 //! # On-disk format (version 1)
 //!
