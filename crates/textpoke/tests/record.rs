@@ -20,7 +20,8 @@ fn serial() -> MutexGuard<'static, ()> {
 }
 
 fn tmpdir(name: &str) -> PathBuf {
-    let d = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("record-tests").join(format!("{name}-{}", std::process::id()));
+    let d =
+        PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("record-tests").join(format!("{name}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&d);
     let mut old = d.as_os_str().to_owned();
     old.push(".old");
@@ -125,7 +126,8 @@ fn eight_threads_with_signal_handlers_exact_counts() {
             tids.lock().unwrap().push(gettid());
             let mut t = Tally::default();
             for _ in 0..ITERS {
-                for ok in [record::entry(outer, 0), record::entry(inner, 1), record::exit(inner, 1), record::exit(outer, 0)]
+                for ok in
+                    [record::entry(outer, 0), record::entry(inner, 1), record::exit(inner, 1), record::exit(outer, 0)]
                 {
                     if ok {
                         t.recorded += 1
@@ -622,7 +624,7 @@ fn exit_flushes_a_complete_trace() {
                     record::exit(f, 0);
                 }
                 std::mem::forget(rec); // only the exit hook stops it
-                // SAFETY: exit runs the atexit handlers.
+                                       // SAFETY: exit runs the atexit handlers.
                 unsafe { libc::exit(0) };
             }
             // SAFETY: plain exit.

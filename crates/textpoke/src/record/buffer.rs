@@ -155,6 +155,10 @@ pub(crate) fn mark_writer_thread() {
 /// Records an entry or exit (H1–H8). `value` adds a [`KIND_VALUE`] record.
 #[inline(always)]
 pub(crate) fn record(kind: u8, func: u32, depth: u32, value: Option<u64>) -> bool {
+    if ACTIVE.load(Ordering::Relaxed) == 0 {
+        return false; // nothing records: skip the clock read
+    }
+    let now = Clock::now(); // H0
     let buf = tls_buf(); // H1
     if buf.is_null() {
         return slow_record(kind, func, depth, value);
@@ -163,7 +167,7 @@ pub(crate) fn record(kind: u8, func: u32, depth: u32, value: Option<u64>) -> boo
     // this thread replaces it (C5, X1) and the control path frees it only
     // after X2 (or in a forked child, for other threads' buffers).
     let b = unsafe { &*buf };
-    match try_push(b, kind, func, depth, value) {
+    match try_push(b, now, kind, func, depth, value) {
         Push::Done(ok) => ok,
         Push::Stale => slow_record(kind, func, depth, value),
     }
@@ -175,7 +179,7 @@ enum Push {
 }
 
 #[inline(always)]
-fn try_push(b: &ThreadBuf, kind: u8, func: u32, depth: u32, value: Option<u64>) -> Push {
+fn try_push(b: &ThreadBuf, now: u64, kind: u8, func: u32, depth: u32, value: Option<u64>) -> Push {
     let p = &b.p;
     if p.busy.load(Ordering::Relaxed) != 0 {
         return Push::Done(nested_drop(b)); // H2
@@ -207,7 +211,7 @@ fn try_push(b: &ThreadBuf, kind: u8, func: u32, depth: u32, value: Option<u64>) 
         }
     }
     // H5: the timestamp, never below this thread's previous one.
-    let mut ts = Clock::now();
+    let mut ts = now;
     let last = p.last_ts.load(Ordering::Relaxed);
     if ts < last {
         ts = last;
@@ -343,9 +347,11 @@ fn full_drop(b: &ThreadBuf, cap: u64) -> bool {
 #[cold]
 #[inline(never)]
 fn slow_record(kind: u8, func: u32, depth: u32, value: Option<u64>) -> bool {
-    let Some(b) = begin_acquire(MODE_RECORD) else { return false };
+    let Some(b) = begin_acquire(MODE_RECORD) else {
+        return false;
+    };
     // SAFETY: begin_acquire returns this thread's live buffer.
-    let ok = match try_push(unsafe { &*b }, kind, func, depth, value) {
+    let ok = match try_push(unsafe { &*b }, Clock::now(), kind, func, depth, value) {
         Push::Done(ok) => ok,
         Push::Stale => false, // the session changed again meanwhile
     };
@@ -370,7 +376,9 @@ fn slow_count(func: u32) -> bool {
             return false;
         }
     }
-    let Some(b) = begin_acquire(MODE_COUNT) else { return false };
+    let Some(b) = begin_acquire(MODE_COUNT) else {
+        return false;
+    };
     // SAFETY: begin_acquire returns this thread's live buffer.
     let b = unsafe { &*b };
     let ok = match try_count(b, func) {
@@ -522,7 +530,9 @@ unsafe fn reinit(b: *mut ThreadBuf, active: u64) -> bool {
             unsafe { super::os::unmap(old as *mut u8, cap as usize * rec) };
         }
         if want_cap != 0 {
-            let Some(m) = super::os::map(want_cap as usize * rec) else { return false };
+            let Some(m) = super::os::map(want_cap as usize * rec) else {
+                return false;
+            };
             b.p.ring.store(m as *mut RawRecord, Ordering::Relaxed);
             b.p.cap.store(want_cap, Ordering::Relaxed);
         }
@@ -543,7 +553,9 @@ unsafe fn reinit(b: *mut ThreadBuf, active: u64) -> bool {
             unsafe { super::os::unmap(counters as *mut u8, n as usize * 8) };
         }
         if want_funcs != 0 {
-            let Some(m) = super::os::map(want_funcs as usize * 8) else { return false };
+            let Some(m) = super::os::map(want_funcs as usize * 8) else {
+                return false;
+            };
             b.c.counters.store(m as *mut u64, Ordering::Relaxed);
             b.c.ncounters.store(want_funcs, Ordering::Relaxed);
         }

@@ -42,7 +42,12 @@
 //! - **H4** checks space against a cached copy of the writer's `tail`,
 //!   re-reading the real one only when the cache says full; still full →
 //!   dropped and counted (`dropped_full`), never overwriting unread data.
-//! - **H5** reads the clock, clamped to the thread's previous timestamp.
+//! - **H5** takes the timestamp read first thing (**H0**, after a check
+//!   that any session runs: the ordered clock read then waits for as little
+//!   earlier work as possible — 39 ns per entry+exit pair instead of 43
+//!   measured), clamped to the thread's previous timestamp (a signal
+//!   handler that records between H0 and H2 could otherwise leave a later
+//!   time before an earlier one).
 //! - **H6** writes the slot (two for [`exit_value`]).
 //! - **H7** publishes `head` (release); crossing half-full wakes the writer
 //!   (a futex wake, once per half buffer).

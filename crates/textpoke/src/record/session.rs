@@ -113,8 +113,13 @@ struct State {
     epoch: u64,
 }
 
-static STATE: ForkLock<State> =
-    ForkLock::new(State { session: None, registry: Vec::new(), symbols: Vec::new(), by_addr: BTreeMap::new(), epoch: 0 });
+static STATE: ForkLock<State> = ForkLock::new(State {
+    session: None,
+    registry: Vec::new(),
+    symbols: Vec::new(),
+    by_addr: BTreeMap::new(),
+    epoch: 0,
+});
 
 /// One thread's output within a session.
 struct ThreadOut {
@@ -378,7 +383,8 @@ fn drain(st: &mut State, force_counts: bool) {
         }
         i += 1;
     }
-    let counts_due = s.config.mode == Mode::Count && (force_counts || s.last_counts.elapsed() >= Duration::from_secs(1));
+    let counts_due =
+        s.config.mode == Mode::Count && (force_counts || s.last_counts.elapsed() >= Duration::from_secs(1));
     write_side_files(s, &st.symbols, &st.registry, counts_due, false);
 }
 
@@ -416,25 +422,19 @@ fn ensure_dir(s: &mut Session) -> bool {
 
 /// D1–D4 for one buffer.
 fn drain_one(s: &mut Session, bp: BufPtr, b: &ThreadBuf) {
-    if !s.threads.contains_key(&bp) {
-        let tid = b.p.tid.load(Ordering::Relaxed);
-        s.threads.insert(
-            bp,
-            ThreadOut {
-                tid,
-                name: None,
-                file: None,
-                len: 0,
-                records: 0,
-                entries: 0,
-                exits: 0,
-                checksum: format::CHECKSUM_SEED,
-                first_ts: 0,
-                last_ts: 0,
-                calls: 0,
-            },
-        );
-    }
+    s.threads.entry(bp).or_insert_with(|| ThreadOut {
+        tid: b.p.tid.load(Ordering::Relaxed),
+        name: None,
+        file: None,
+        len: 0,
+        records: 0,
+        entries: 0,
+        exits: 0,
+        checksum: format::CHECKSUM_SEED,
+        first_ts: 0,
+        last_ts: 0,
+        calls: 0,
+    });
     let cap = b.p.cap.load(Ordering::Relaxed);
     if cap == 0 {
         return; // count mode: counters are read when the counts are written
@@ -542,7 +542,9 @@ fn buffer_counts(b: &ThreadBuf, nsyms: usize) -> impl Iterator<Item = (usize, u6
 /// A thread exited: fold its counts into the totals and keep its final
 /// metadata.
 fn retire(s: &mut Session, bp: BufPtr, b: &ThreadBuf) {
-    let Some(mut out) = s.threads.remove(&bp) else { return };
+    let Some(mut out) = s.threads.remove(&bp) else {
+        return;
+    };
     if s.config.mode == Mode::Count {
         let n = b.c.ncounters.load(Ordering::Relaxed) as usize;
         if s.count_totals.len() < n {
@@ -642,8 +644,8 @@ fn write_side_files(s: &mut Session, symbols: &[Symbol], registry: &[BufPtr], co
     };
     s.calibration.refine();
     let total_records = threads.iter().map(|t| t.records).sum();
-    let total_dropped = threads.iter().map(|t| t.dropped_full + t.dropped_nested + t.dropped_range).sum::<u64>()
-        + unattributed.total();
+    let total_dropped =
+        threads.iter().map(|t| t.dropped_full + t.dropped_nested + t.dropped_range).sum::<u64>() + unattributed.total();
     s.last_dropped = total_dropped;
     let meta = Meta {
         format: format::FORMAT_NAME.into(),
@@ -709,7 +711,8 @@ pub(crate) fn flush() -> Result<TraceSummary, RecordError> {
 
 fn summary(s: &Session, complete: bool) -> TraceSummary {
     let threads = s.finished.len() + s.threads.len();
-    let records = s.finished.iter().map(|t| t.records).sum::<u64>() + s.threads.values().map(|t| t.records).sum::<u64>();
+    let records =
+        s.finished.iter().map(|t| t.records).sum::<u64>() + s.threads.values().map(|t| t.records).sum::<u64>();
     TraceSummary { dir: s.dir.clone(), threads, records, dropped: s.last_dropped, complete }
 }
 
@@ -718,7 +721,9 @@ pub(crate) fn stop() -> Result<TraceSummary, RecordError> {
     // Ask the writer to finish and wait for it, without holding the lock.
     let writer = {
         let mut st = STATE.lock();
-        let Some(s) = st.session.as_mut() else { return Err(RecordError::NotActive) };
+        let Some(s) = st.session.as_mut() else {
+            return Err(RecordError::NotActive);
+        };
         s.stop_requested = true;
         s.writer.take()
     };
@@ -727,7 +732,9 @@ pub(crate) fn stop() -> Result<TraceSummary, RecordError> {
         let _ = h.join();
     }
     let mut st = STATE.lock();
-    let Some(id) = st.session.as_ref().map(|s| s.id) else { return Err(RecordError::NotActive) };
+    let Some(id) = st.session.as_ref().map(|s| s.id) else {
+        return Err(RecordError::NotActive);
+    };
     // S1. SeqCst pairs with C2's SeqCst increment of CREATING.
     ACTIVE.store(0, Ordering::SeqCst);
     // S2: a full barrier on every thread, so a thread that set `busy` (H2)

@@ -81,7 +81,9 @@ pub enum TraceError {
     #[error("{path}: record {index} is corrupt: {what}")]
     CorruptRecord { path: PathBuf, index: u64, what: String },
 
-    #[error("{path}: checksum {found:016x} does not match the metadata's {expected}; the file was modified or damaged")]
+    #[error(
+        "{path}: checksum {found:016x} does not match the metadata's {expected}; the file was modified or damaged"
+    )]
     ChecksumMismatch { path: PathBuf, expected: String, found: u64 },
 
     #[error("trace {dir} is inconsistent: {what}")]
@@ -89,16 +91,10 @@ pub enum TraceError {
 }
 
 /// How to open a trace.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Copy, Debug, Default)]
 pub struct OpenOptions {
     /// Accept a trace whose `complete` is false and salvage it.
     pub allow_incomplete: bool,
-}
-
-impl Default for OpenOptions {
-    fn default() -> Self {
-        OpenOptions { allow_incomplete: false }
-    }
 }
 
 /// Entry or exit.
@@ -203,7 +199,8 @@ impl Trace {
         }
         // 1.
         let meta_path = dir.join(format::META_FILE);
-        let head: Head = read_json(&meta_path, "not a textpoke trace directory, or the recording never wrote anything")?;
+        let head: Head =
+            read_json(&meta_path, "not a textpoke trace directory, or the recording never wrote anything")?;
         if head.format != format::FORMAT_NAME {
             return Err(TraceError::NotATrace { path: meta_path, found: head.format });
         }
@@ -278,8 +275,9 @@ impl Trace {
             let records = check_thread_file(&path, t, nsyms, meta.complete, &mut salvage)?;
             threads.push(ThreadTrace { meta: t.clone(), path: Some(path), records });
         }
-        let dropped: u64 = meta.threads.iter().map(|t| t.dropped_full + t.dropped_nested + t.dropped_range).sum::<u64>()
-            + meta.unattributed_drops.total();
+        let dropped: u64 =
+            meta.threads.iter().map(|t| t.dropped_full + t.dropped_nested + t.dropped_range).sum::<u64>()
+                + meta.unattributed_drops.total();
         if dropped != meta.total_dropped {
             return Err(inconsistent(format!(
                 "total_dropped is {} but the drop counts add up to {dropped}",
@@ -417,7 +415,10 @@ fn check_thread_file(
     let f = match File::open(path) {
         Ok(f) => f,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            return Err(TraceError::MissingFile { path: path.to_path_buf(), hint: "the metadata lists this thread's record file" })
+            return Err(TraceError::MissingFile {
+                path: path.to_path_buf(),
+                hint: "the metadata lists this thread's record file",
+            })
         }
         Err(e) => return Err(TraceError::Io { path: path.to_path_buf(), source: e }),
     };
@@ -475,20 +476,13 @@ fn check_thread_file(
         check_sum(path, t, h)?;
     }
     if !complete && limit < t.records {
-        salvage.push(format!(
-            "{}: the metadata says {} records, the file holds {limit}",
-            path.display(),
-            t.records
-        ));
+        salvage.push(format!("{}: the metadata says {} records, the file holds {limit}", path.display(), t.records));
     }
     if complete && (entries != t.entries || exits != t.exits) {
         return Err(TraceError::CorruptRecord {
             path: path.to_path_buf(),
             index: limit,
-            what: format!(
-                "{entries} entries and {exits} exits, the metadata says {} and {}",
-                t.entries, t.exits
-            ),
+            what: format!("{entries} entries and {exits} exits, the metadata says {} and {}", t.entries, t.exits),
         });
     }
     Ok(limit)
@@ -564,7 +558,14 @@ pub struct ThreadRecords {
 impl ThreadRecords {
     fn open(t: &ThreadTrace) -> Result<ThreadRecords, TraceError> {
         let Some(path) = &t.path else {
-            return Ok(ThreadRecords { r: None, path: PathBuf::new(), tid: t.meta.tid, left: 0, index: 0, pending: None });
+            return Ok(ThreadRecords {
+                r: None,
+                path: PathBuf::new(),
+                tid: t.meta.tid,
+                left: 0,
+                index: 0,
+                pending: None,
+            });
         };
         let mut f = File::open(path).map_err(io(path))?;
         let mut h = [0u8; THREAD_HEADER_LEN];
