@@ -24,12 +24,14 @@
 
 pub mod arch;
 pub mod error;
+pub mod record;
 pub mod sites;
 pub mod stress;
 pub mod sync;
 pub mod sys;
 pub mod text;
 pub mod trace;
+pub mod tracedata;
 
 pub use error::PokeError;
 pub use text::{
