@@ -70,6 +70,8 @@ pub enum SitePlace {
 pub struct Entry<'a> {
     /// Index of the site (see `Tracer::function`).
     pub site: u32,
+    /// The recorder's id of the function ([`crate::record::FuncId`]).
+    pub func: u32,
     /// Traced frames of this thread below this one.
     pub depth: u32,
     /// Clock at entry (0 unless an op of the site wants time).
@@ -109,6 +111,8 @@ impl Entry<'_> {
 #[derive(Debug, Clone, Copy)]
 pub struct Exit {
     pub site: u32,
+    /// The recorder's id of the function.
+    pub func: u32,
     pub depth: u32,
     pub entry_time: u64,
     pub exit_time: u64,
@@ -152,6 +156,8 @@ fn for_each_op(mut mask: u64, mut f: impl FnMut(u64, &OpBox)) {
 /// The hot-path view of a site.
 pub(crate) struct SiteSlot {
     pub mask: AtomicU64,
+    /// The recorder's id of the site's function.
+    pub func: std::sync::atomic::AtomicU32,
     pub place: AtomicU8,
     /// For a body exit site: the index of its entry site + 1 (0 = none).
     pub pair: AtomicUsize,
@@ -183,6 +189,7 @@ pub(crate) fn ensure_site(i: u32) -> &'static SiteSlot {
     if s.load(Ordering::Acquire).is_null() {
         let seg: Box<Segment> = Box::new(std::array::from_fn(|_| SiteSlot {
             mask: AtomicU64::new(0),
+            func: std::sync::atomic::AtomicU32::new(0),
             place: AtomicU8::new(0),
             pair: AtomicUsize::new(0),
         }));
@@ -280,12 +287,11 @@ pub(crate) extern "C" fn drop_shadow(p: *mut libc::c_void) {
     unsafe { libc::munmap(p, SHADOW_BYTES) };
 }
 
-/// Reads the clock for timestamps. Invariant TSC ticks; the recorder
-/// converts them.
+/// Reads the clock for timestamps: the recorder's clock (ordered TSC
+/// where it is invariant, else CLOCK_MONOTONIC), monotonic across threads.
 #[inline(always)]
 pub fn now() -> u64 {
-    // SAFETY: rdtsc has no preconditions on x86-64.
-    unsafe { core::arch::x86_64::_rdtsc() }
+    crate::record::Clock::now()
 }
 
 // ---------------------------------------------------------------- handlers
@@ -323,7 +329,7 @@ fn enter(regs: *mut SavedRegs, frame: *mut usize, site: u32, slot: &SiteSlot, ma
         if place == SitePlace::BodyExit {
             body_exit(st, site, slot, regs);
         } else {
-            function_entry(st, site, mask, regs, frame, place);
+            function_entry(st, site, slot.func.load(Ordering::Relaxed), mask, regs, frame, place);
         }
         st.in_tramp.set(0);
     });
@@ -356,7 +362,15 @@ fn entries(sh: &mut Shadow) -> &mut [ShadowEntry] {
     unsafe { std::slice::from_raw_parts_mut(sh.entries.as_mut_ptr(), sh.cap) }
 }
 
-fn function_entry(st: &ThreadState, site: u32, mask: u64, regs: &SavedRegs, frame: *mut usize, place: SitePlace) {
+fn function_entry(
+    st: &ThreadState,
+    site: u32,
+    func: u32,
+    mask: u64,
+    regs: &SavedRegs,
+    frame: *mut usize,
+    place: SitePlace,
+) {
     let (exit_mask, wants_time) = wants(mask);
     let time = if wants_time { now() } else { 0 };
     let p = if exit_mask != 0 { shadow(st) } else { std::ptr::null_mut() };
@@ -364,7 +378,7 @@ fn function_entry(st: &ThreadState, site: u32, mask: u64, regs: &SavedRegs, fram
     // signal handlers are cut off by `in_tramp`).
     let sh = unsafe { p.as_mut() };
     let depth = sh.as_ref().map_or(0, |s| s.len as u32);
-    let e = Entry { site, depth, time, regs, frame, place };
+    let e = Entry { site, func, depth, time, regs, frame, place };
     for_each_op(mask, |_, op| op.op.entry(&e));
     let Some(sh) = sh else { return };
     let ret = RETURN_TRAMPOLINE.load(Ordering::Acquire);
@@ -406,6 +420,7 @@ fn body_exit(st: &ThreadState, site: u32, slot: &SiteSlot, regs: &SavedRegs) {
     sh.len = i;
     let x = Exit {
         site,
+        func: site_slot(entry_site).map_or(0, |s| s.func.load(Ordering::Relaxed)),
         depth: e.depth,
         entry_time: e.time,
         exit_time: if e.time != 0 { now() } else { 0 },
@@ -437,6 +452,7 @@ pub(crate) extern "C" fn on_return(saved: *mut SavedReturn, caller_sp: usize) ->
             let r = unsafe { &*saved };
             let x = Exit {
                 site: e.site,
+                func: site_slot(e.site).map_or(0, |s| s.func.load(Ordering::Relaxed)),
                 depth: e.depth,
                 entry_time: e.time,
                 exit_time: if e.time != 0 { now() } else { 0 },

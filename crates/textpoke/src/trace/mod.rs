@@ -40,6 +40,9 @@
 mod filter;
 mod grace;
 pub mod hot;
+mod record_op;
+
+pub use record_op::RecordOp;
 
 pub use filter::{Filter, FilterError};
 
@@ -428,6 +431,8 @@ impl Inner {
                 let i = self.sites.len() as u32;
                 let slot = hot::ensure_site(i);
                 slot.mask.store(0, Ordering::Relaxed);
+                let func = crate::record::register_function(site.entry, &site.function);
+                slot.func.store(func.0, Ordering::Relaxed);
                 slot.place.store(place as u8, Ordering::Relaxed);
                 self.by_addr.insert(site.nop_addr, i);
                 self.sites.push(SiteInfo {
