@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::{compile_so, Lib};
+use common::{child_scenario, compile_cxx_so, compile_so, rerun_self, Lib};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use textpoke::trace::{Entry, Exit, Filter, TraceOp, Tracer};
@@ -129,4 +129,56 @@ fn pthread_exit_and_cancellation_through_traced_frames() {
     }
     assert!(c.entries.load(Ordering::Relaxed) > 0);
     Tracer::global().unregister(h).unwrap();
+}
+
+const CXX: &str = r#"
+#include <stdexcept>
+#include <string>
+struct Guard { int *n; ~Guard() { ++*n; } };
+extern "C" int x_leaf(int x) { return x + 1; }
+extern "C" int x_thrower(int d, int *dtors) {
+    Guard g{dtors};
+    if (d == 0) throw std::runtime_error("deep");
+    return x_thrower(d - 1, dtors) + x_leaf(d);
+}
+extern "C" int x_catcher(int *dtors) {
+    try { return x_thrower(4, dtors); } catch (const std::exception &e) { return std::string(e.what()).size(); }
+}
+"#;
+
+/// C++ exceptions unwind through traced frames whose return addresses were
+/// replaced: destructors run, the catch is reached, the program goes on.
+fn cxx_exceptions() {
+    let lib = Lib::open(&compile_cxx_so("cxxgraph", CXX, &["-fpatchable-function-entry=5", "-O1", "-fno-inline"]));
+    let t = Tracer::global();
+    t.refresh().unwrap();
+    let c = Arc::new(Counts { entries: AtomicU64::new(0), exits: AtomicU64::new(0) });
+    let h = t.register(c.clone(), Filter::new(["x_*"], Vec::<String>::new()).unwrap()).unwrap();
+    // SAFETY: x_catcher(int *) -> int.
+    let catcher = unsafe { std::mem::transmute::<usize, extern "C" fn(*mut i32) -> i32>(lib.sym("x_catcher")) };
+    for round in 1..=100 {
+        let mut dtors = 0;
+        assert_eq!(catcher(&mut dtors), 4, "the catch got the exception");
+        assert_eq!(dtors, 5, "every Guard was destroyed (round {round})");
+    }
+    // x_catcher and 5 x_thrower per round; x_catcher returns normally.
+    assert_eq!(c.entries.load(Ordering::Relaxed), 600);
+    assert_eq!(c.exits.load(Ordering::Relaxed), 100);
+    t.unregister(h).unwrap();
+    println!("cxx-ok");
+}
+
+#[test]
+fn child_entry() {
+    if child_scenario().as_deref() == Some("cxx") {
+        cxx_exceptions();
+    }
+}
+
+#[test]
+fn cxx_exceptions_through_traced_frames() {
+    // In a child process: if unwinding broke, std::terminate would abort.
+    let out = rerun_self("child_entry", "cxx");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success() && stdout.contains("cxx-ok"), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
 }

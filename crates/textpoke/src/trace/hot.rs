@@ -477,10 +477,14 @@ fn lost_return_address(slot: usize) -> ! {
     std::process::abort()
 }
 
-/// Restores every return address this thread's shadow stack replaced whose
-/// slot lies in `[lo, hi)` and drops those records (before an unwinder or a
-/// thread exit walks the stack). Returns how many were restored.
-pub fn restore_return_addresses(lo: usize, hi: usize) -> usize {
+/// Low bit of a shadow entry's `slot`: its return address was put back for
+/// an unwinder (slots are 8-aligned, so the bit is free).
+const RESTORED: usize = 1;
+
+/// Before an unwinder walks this thread's stack: puts back every return
+/// address the shadow stack replaced, marking the records (an exception may
+/// be caught further up, see [`rehijack_after_catch`]). Returns how many.
+pub fn restore_return_addresses() -> usize {
     STATE.with(|st| {
         let p = st.shadow.get();
         if p.is_null() {
@@ -489,22 +493,51 @@ pub fn restore_return_addresses(lo: usize, hi: usize) -> usize {
         // SAFETY: this thread's own shadow stack.
         let sh = unsafe { &mut *p };
         let len = sh.len;
-        let es = entries(sh);
-        let mut kept = 0;
         let mut restored = 0;
-        for i in 0..len {
-            let e = es[i];
-            if e.slot != 0 && e.slot >= lo && e.slot < hi {
+        for e in &mut entries(sh)[..len] {
+            if e.slot != 0 && e.slot & RESTORED == 0 {
                 // SAFETY: the slot is a live frame's return address we replaced.
                 unsafe { *(e.slot as *mut usize) = e.orig };
+                e.slot |= RESTORED;
                 restored += 1;
-            } else {
-                es[kept] = e;
-                kept += 1;
             }
         }
-        sh.len = kept;
-        LOST_EXITS.fetch_add(restored as u64, Ordering::Relaxed);
         restored
+    })
+}
+
+/// An exception was caught by the frame whose stack pointer is
+/// `catch_sp`: frames below it were unwound (their records are dropped as
+/// lost exits); frames at or above it are live again, and get their
+/// return addresses replaced anew.
+pub(crate) extern "C" fn rehijack_after_catch(catch_sp: usize) {
+    STATE.with(|st| {
+        let p = st.shadow.get();
+        if p.is_null() {
+            return;
+        }
+        // SAFETY: this thread's own shadow stack.
+        let sh = unsafe { &mut *p };
+        let len = sh.len;
+        let ret = RETURN_TRAMPOLINE.load(Ordering::Acquire);
+        let es = entries(sh);
+        let mut kept = 0;
+        for i in 0..len {
+            let mut e = es[i];
+            if e.slot & RESTORED != 0 {
+                let slot = e.slot & !RESTORED;
+                // SAFETY: a slot at or above the catching frame is live.
+                if slot >= catch_sp && unsafe { *(slot as *const usize) } == e.orig {
+                    unsafe { *(slot as *mut usize) = ret };
+                    e.slot = slot;
+                } else {
+                    LOST_EXITS.fetch_add(1, Ordering::Relaxed);
+                    continue; // unwound
+                }
+            }
+            es[kept] = e;
+            kept += 1;
+        }
+        sh.len = kept;
     })
 }

@@ -41,6 +41,7 @@ mod filter;
 mod grace;
 pub mod hot;
 mod record_op;
+mod unwind;
 
 pub use record_op::RecordOp;
 
@@ -183,6 +184,8 @@ struct Inner {
     retired: Vec<Retired>,
     grace_enabled: bool,
     avx: bool,
+    /// Unwinder hooks, installed once an op wants exits.
+    unwind: Option<unwind::UnwindHooks>,
 }
 
 /// The process's tracer.
@@ -219,6 +222,7 @@ impl Tracer {
                 retired: Vec::new(),
                 grace_enabled: true,
                 avx: tramp::has_avx(),
+                unwind: None,
             };
             inner.refresh();
             Tracer { inner: Mutex::new(inner), reclaiming: Mutex::new(()), reclaimer_pid: 0.into() }
@@ -412,6 +416,9 @@ impl Inner {
 
     fn refresh(&mut self) {
         let changes = self.table.rescan();
+        if let Some(h) = self.unwind.as_mut() {
+            h.install(); // objects loaded since import the unwinder too
+        }
         for gone in &changes.removed {
             for s in self.sites.iter_mut().filter(|s| s.alive && s.object == gone.id) {
                 s.alive = false; // its code is gone; its stub is retired by apply
@@ -473,6 +480,10 @@ impl Inner {
         let code = tramp::return_trampoline(block.addr(), hot::on_return as *const () as usize, self.avx)
             .map_err(|e| TraceError::CodeGen(e.to_string()))?;
         block.write(0, &code).map_err(|source| TraceError::TrampolineMemory { near: here, source })?;
+        // Exceptions must unwind through replaced return addresses.
+        let mut hooks = unwind::UnwindHooks::default();
+        hooks.install();
+        self.unwind = Some(hooks);
         hot::RETURN_TRAMPOLINE.store(block.addr(), Ordering::Release);
         self.return_block = Some(block); // never freed: shadow stacks point into it
         Ok(())

@@ -7,19 +7,28 @@ use std::process::Command;
 /// Compiles C source into a shared library with extra gcc flags; returns
 /// its path. Panics with gcc's output on failure.
 pub fn compile_so(name: &str, src: &str, flags: &[&str]) -> PathBuf {
+    compile_so_with("gcc", "c", name, src, flags)
+}
+
+/// Compiles C++ source (g++) into a shared library.
+pub fn compile_cxx_so(name: &str, src: &str, flags: &[&str]) -> PathBuf {
+    compile_so_with("g++", "cc", name, src, flags)
+}
+
+fn compile_so_with(compiler: &str, ext: &str, name: &str, src: &str, flags: &[&str]) -> PathBuf {
     let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("textpoke-tests");
     std::fs::create_dir_all(&dir).unwrap();
-    let c = dir.join(format!("{name}.c"));
+    let c = dir.join(format!("{name}.{ext}"));
     let so = dir.join(format!("lib{name}-{}.so", std::process::id()));
     std::fs::write(&c, src).unwrap();
-    let out = Command::new("gcc")
+    let out = Command::new(compiler)
         .args(["-O2", "-shared", "-fPIC", "-o"])
         .arg(&so)
         .arg(&c)
         .args(flags)
         .output()
-        .expect("gcc must be installed to build the C test fixtures");
-    assert!(out.status.success(), "gcc failed: {}", String::from_utf8_lossy(&out.stderr));
+        .unwrap_or_else(|e| panic!("{compiler} must be installed to build the test fixtures: {e}"));
+    assert!(out.status.success(), "{compiler} failed: {}", String::from_utf8_lossy(&out.stderr));
     so
 }
 

@@ -1,0 +1,245 @@
+//! Letting C++ exceptions unwind through frames whose return addresses the
+//! function_graph tracer replaced.
+//!
+//! An unwinder walks the stack by return addresses and finds no unwind
+//! information for the return trampoline: `_Unwind_RaiseException` gives
+//! up and `std::terminate` aborts the program. uftrace hooks the unwinder
+//! by symbol interposition from its preloaded library; textpoke may run
+//! without one, so it hooks it in every loaded object's GOT instead: the
+//! `JUMP_SLOT`/`GLOB_DAT` entries importing `_Unwind_RaiseException` and
+//! `_Unwind_Resume_or_Rethrow` (used by `throw;`) are pointed at wrappers
+//! that first put back this thread's original return addresses (marking
+//! their shadow records) and then call the real function. `__cxa_begin_catch`
+//! is hooked too: the catching frame's records and those above it are live
+//! again and get their return addresses replaced anew; the frames the
+//! exception unwound are dropped, their exits counted as lost. A GOT entry
+//! is an aligned 8-byte word: replacing it is one atomic store, nothing
+//! like cross-modifying code. It is written through `/proc/self/mem`, so a
+//! RELRO (read-only) GOT needs no protection change.
+//!
+//! `pthread_exit` and cancellation need nothing: glibc's forced unwind
+//! stops at a frame it cannot unwind and still runs every cleanup handler
+//! (tested).
+
+use std::collections::HashSet;
+use std::ffi::{c_void, CStr};
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+static ORIG_RAISE: AtomicUsize = AtomicUsize::new(0);
+static ORIG_RETHROW: AtomicUsize = AtomicUsize::new(0);
+static ORIG_BEGIN_CATCH: AtomicUsize = AtomicUsize::new(0);
+
+const HOOKS: [&CStr; 3] = [c"_Unwind_RaiseException", c"_Unwind_Resume_or_Rethrow", c"__cxa_begin_catch"];
+
+extern "C-unwind" fn raise_hook(exc: *mut c_void) -> i32 {
+    super::hot::restore_return_addresses();
+    // SAFETY: ORIG_RAISE holds the real `_Unwind_RaiseException`, set before
+    // any GOT entry points here.
+    let f: extern "C-unwind" fn(*mut c_void) -> i32 =
+        unsafe { std::mem::transmute(ORIG_RAISE.load(Ordering::Acquire)) };
+    f(exc)
+}
+
+extern "C-unwind" fn rethrow_hook(exc: *mut c_void) -> i32 {
+    super::hot::restore_return_addresses();
+    // SAFETY: as above, the real `_Unwind_Resume_or_Rethrow`.
+    let f: extern "C-unwind" fn(*mut c_void) -> i32 =
+        unsafe { std::mem::transmute(ORIG_RETHROW.load(Ordering::Acquire)) };
+    f(exc)
+}
+
+/// `__cxa_begin_catch(exc)`, called by the catching frame's handler: tell
+/// the shadow stack where that frame is (the stack pointer just above our
+/// return address), then continue in the real function.
+#[unsafe(naked)]
+extern "C" fn begin_catch_hook() {
+    core::arch::naked_asm!(
+        "push rdi",          // the exception; also aligns the stack for the call
+        "lea rdi, [rsp + 16]", // the catching frame's stack pointer
+        "call {rehijack}",
+        "pop rdi",
+        "jmp qword ptr [rip + {orig}]",
+        rehijack = sym super::hot::rehijack_after_catch,
+        orig = sym ORIG_BEGIN_CATCH,
+    )
+}
+
+fn hook_for(name: &CStr) -> Option<(usize, &'static AtomicUsize)> {
+    if name == HOOKS[0] {
+        Some((raise_hook as *const () as usize, &ORIG_RAISE))
+    } else if name == HOOKS[1] {
+        Some((rethrow_hook as *const () as usize, &ORIG_RETHROW))
+    } else if name == HOOKS[2] {
+        Some((begin_catch_hook as *const () as usize, &ORIG_BEGIN_CATCH))
+    } else {
+        None
+    }
+}
+
+/// GOT entries already pointed at our hooks.
+#[derive(Default)]
+pub(crate) struct UnwindHooks {
+    hooked: HashSet<usize>,
+}
+
+/// `Elf64_Dyn` and the tags used (elf.h).
+#[repr(C)]
+struct Elf64Dyn {
+    d_tag: i64,
+    d_val: u64,
+}
+const DT_NULL: i64 = 0;
+const DT_PLTRELSZ: i64 = 2;
+const DT_STRTAB: i64 = 5;
+const DT_SYMTAB: i64 = 6;
+const DT_RELA: i64 = 7;
+const DT_RELASZ: i64 = 8;
+const DT_JMPREL: i64 = 23;
+
+struct Dyn {
+    rela: usize,
+    relasz: usize,
+    jmprel: usize,
+    pltrelsz: usize,
+    symtab: usize,
+    strtab: usize,
+}
+
+impl UnwindHooks {
+    /// Points every loaded object's imports of the unwinder entry points at
+    /// the hooks. Returns how many GOT entries were changed.
+    pub fn install(&mut self) -> usize {
+        let mut slots = Vec::new();
+        let mut importers = Vec::new();
+        for_each_dynamic(|name, bias, d| {
+            let before = slots.len();
+            collect_slots(bias, d, &mut slots);
+            for &(_, _, orig) in &slots[before..] {
+                importers.push((name.to_owned(), orig));
+            }
+        });
+        // Outside dl_iterate_phdr: resolve_original calls dlopen.
+        for (name, orig) in &importers {
+            resolve_original(name, orig);
+        }
+        let Ok(mem) = std::fs::OpenOptions::new().write(true).open("/proc/self/mem") else { return 0 };
+        let mut n = 0;
+        for (slot, hook, orig) in slots {
+            if orig.load(Ordering::Acquire) == 0 || !self.hooked.insert(slot) {
+                continue;
+            }
+            if std::os::unix::fs::FileExt::write_all_at(&mem, &hook.to_ne_bytes(), slot as u64).is_ok() {
+                n += 1;
+            }
+        }
+        n
+    }
+}
+
+/// The real function behind `orig`, looked up in the scope of the object
+/// named `name` that imports it: a library opened with RTLD_LOCAL has its
+/// dependencies (libstdc++) outside the global scope RTLD_DEFAULT sees.
+fn resolve_original(name: &CStr, orig: &'static AtomicUsize) {
+    if orig.load(Ordering::Acquire) != 0 {
+        return;
+    }
+    let sym = if std::ptr::eq(orig, &ORIG_RAISE) {
+        HOOKS[0]
+    } else if std::ptr::eq(orig, &ORIG_RETHROW) {
+        HOOKS[1]
+    } else {
+        HOOKS[2]
+    };
+    // SAFETY: dlopen with RTLD_NOLOAD only finds an object already loaded
+    // (and takes a reference we drop below); dlsym with valid strings.
+    unsafe {
+        let h = if name.is_empty() {
+            libc::RTLD_DEFAULT
+        } else {
+            libc::dlopen(name.as_ptr(), libc::RTLD_NOLOAD | libc::RTLD_LAZY)
+        };
+        if h.is_null() {
+            return;
+        }
+        let p = libc::dlsym(h, sym.as_ptr()) as usize;
+        if !name.is_empty() {
+            libc::dlclose(h);
+        }
+        orig.store(p, Ordering::Release);
+    }
+}
+
+/// Calls `f(name, bias, dynamic info)` for every loaded object with a
+/// dynamic section.
+fn for_each_dynamic(mut f: impl FnMut(&CStr, usize, &Dyn)) {
+    unsafe extern "C" fn cb(info: *mut libc::dl_phdr_info, _size: usize, data: *mut c_void) -> i32 {
+        // SAFETY: dl_iterate_phdr passes a valid info; data is our closure.
+        let (info, f) = unsafe { (&*info, &mut *(data as *mut &mut dyn FnMut(&CStr, usize, &Dyn))) };
+        // SAFETY: dlpi_name is a NUL-terminated string ("" for the program).
+        let name = if info.dlpi_name.is_null() { c"" } else { unsafe { CStr::from_ptr(info.dlpi_name) } };
+        let bias = info.dlpi_addr as usize;
+        // SAFETY: dlpi_phdr has dlpi_phnum entries.
+        let phdrs = unsafe { std::slice::from_raw_parts(info.dlpi_phdr, info.dlpi_phnum as usize) };
+        for ph in phdrs.iter().filter(|p| p.p_type == libc::PT_DYNAMIC) {
+            let mut d = Dyn { rela: 0, relasz: 0, jmprel: 0, pltrelsz: 0, symtab: 0, strtab: 0 };
+            let mut p = (bias + ph.p_vaddr as usize) as *const Elf64Dyn;
+            // SAFETY: the loaded dynamic section, terminated by DT_NULL.
+            unsafe {
+                while (*p).d_tag != DT_NULL {
+                    let v = (*p).d_val as usize;
+                    match (*p).d_tag {
+                        DT_RELA => d.rela = v,
+                        DT_RELASZ => d.relasz = v,
+                        DT_JMPREL => d.jmprel = v,
+                        DT_PLTRELSZ => d.pltrelsz = v,
+                        DT_SYMTAB => d.symtab = v,
+                        DT_STRTAB => d.strtab = v,
+                        _ => {}
+                    }
+                    p = p.add(1);
+                }
+            }
+            // The loader relocates these addresses in place for most objects;
+            // the vdso keeps them relative.
+            for a in [&mut d.rela, &mut d.jmprel, &mut d.symtab, &mut d.strtab] {
+                if *a != 0 && *a < bias {
+                    *a += bias;
+                }
+            }
+            f(name, bias, &d);
+        }
+        0
+    }
+    let mut f: &mut dyn FnMut(&CStr, usize, &Dyn) = &mut f;
+    // SAFETY: the callback only reads loader data while the loader lock is held.
+    unsafe { libc::dl_iterate_phdr(Some(cb), &mut f as *mut _ as *mut c_void) };
+}
+
+fn collect_slots(bias: usize, d: &Dyn, out: &mut Vec<(usize, usize, &'static AtomicUsize)>) {
+    if d.symtab == 0 || d.strtab == 0 {
+        return;
+    }
+    const R_X86_64_GLOB_DAT: u32 = 6;
+    const R_X86_64_JUMP_SLOT: u32 = 7;
+    for (table, size) in [(d.rela, d.relasz), (d.jmprel, d.pltrelsz)] {
+        if table == 0 {
+            continue;
+        }
+        // SAFETY: DT_RELA/DT_JMPREL name `size` bytes of Elf64_Rela in memory.
+        let relas = unsafe { std::slice::from_raw_parts(table as *const libc::Elf64_Rela, size / 24) };
+        for r in relas {
+            let (sym, ty) = ((r.r_info >> 32) as usize, (r.r_info & 0xffff_ffff) as u32);
+            if sym == 0 || !(ty == R_X86_64_JUMP_SLOT || ty == R_X86_64_GLOB_DAT) {
+                continue;
+            }
+            // SAFETY: the symbol index comes from the object's own relocation.
+            let name = unsafe {
+                let s = &*((d.symtab + sym * 24) as *const libc::Elf64_Sym);
+                CStr::from_ptr((d.strtab + s.st_name as usize) as *const libc::c_char)
+            };
+            if let Some((hook, orig)) = hook_for(name) {
+                out.push((bias + r.r_offset as usize, hook, orig));
+            }
+        }
+    }
+}
