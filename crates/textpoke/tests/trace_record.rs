@@ -20,7 +20,7 @@ fn source(p: &str, sig: i32) -> String {
     format!(
         r#"
 #include <signal.h>
-volatile int {p}_sink; /* keeps calls of leaf from being optimised away */
+static volatile int {p}_sink; /* keeps calls of leaf from being optimised away */
 int {p}_leaf(int x) {{ {p}_sink = x; return x + 1; }}
 int {p}_mid(int x) {{ return {p}_leaf(x) * 2; }}
 void {p}_handler(int s) {{ {p}_leaf(s); }}
