@@ -10,8 +10,10 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Display;
 use std::hint::black_box;
+use std::path::{Path, PathBuf};
+use std::process::Command;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Mutex, MutexGuard};
+use std::sync::{Mutex, MutexGuard, OnceLock};
 
 use textpoke::arch::{encode_call, NOP5};
 use textpoke::sites::{MarkedFunction, MarkedPoint, NopForm, Site, SiteKind, SiteTable};
@@ -335,25 +337,25 @@ fn sites_are_found_with_names_and_kinds() {
     }
 }
 
-/// The section needs no dynamic relocation and is read-only: its records are
-/// PC-relative.
-#[test]
-fn section_is_position_independent() {
+/// Check that the `textpoke_sites` section of the ELF file at `path` is
+/// allocated, read-only, made of whole records, and that no dynamic
+/// relocation applies to it (its records are PC-relative). Returns the
+/// number of records.
+fn check_section_position_independent(path: &Path) -> usize {
     use object::read::elf::{ElfFile64, FileHeader, Rela, SectionHeader};
     use object::{Object, ObjectSection};
-    let _serial = serial();
-    let data = std::fs::read("/proc/self/exe").unwrap();
+    let data = std::fs::read(path).unwrap();
     let file = ElfFile64::<object::Endianness>::parse(&*data).unwrap();
     let endian = file.endian();
-    let sec = file.section_by_name("textpoke_sites").expect("textpoke_sites in the test binary");
+    let sec = file.section_by_name("textpoke_sites").expect("a textpoke_sites section");
     let (start, size) = (sec.address(), sec.size());
-    assert!(size > 0 && size % 12 == 0, "size {size}");
+    assert!(size > 0 && size % 12 == 0, "{}: size {size}", path.display());
     let flags = match sec.flags() {
         object::SectionFlags::Elf { sh_flags } => sh_flags,
         other => panic!("{other:?}"),
     };
     assert_ne!(flags & u64::from(object::elf::SHF_ALLOC), 0);
-    assert_eq!(flags & u64::from(object::elf::SHF_WRITE), 0, "read-only");
+    assert_eq!(flags & u64::from(object::elf::SHF_WRITE), 0, "{}: read-only", path.display());
     let sections = file.elf_header().sections(endian, &*data).unwrap();
     let mut relocs = 0;
     for sh in sections.iter() {
@@ -365,7 +367,15 @@ fn section_is_position_independent() {
             }
         }
     }
-    assert!(relocs > 0, "a PIE has relocations elsewhere");
+    assert!(relocs > 0, "{}: position-independent objects have relocations elsewhere", path.display());
+    (size / 12) as usize
+}
+
+#[test]
+fn section_is_position_independent() {
+    let _serial = serial();
+    let records = check_section_position_independent(Path::new("/proc/self/exe"));
+    assert_eq!(records, marked_sites().values().map(Vec::len).sum::<usize>());
 }
 
 // ---------------------------------------------------------------------------
@@ -584,4 +594,148 @@ fn patched_sites_count_every_entry_and_exit() {
     });
     let now: BTreeMap<String, (u64, u64)> = counters.iter().map(|(n, c)| (n.clone(), c.get())).collect();
     assert_eq!(now, frozen);
+}
+
+// ---------------------------------------------------------------------------
+// A release build with LTO keeps the sites.
+
+const LTO_FIXTURE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/traced_lto");
+
+/// Build `tests/fixtures/traced_lto` with `cargo build --release` and
+/// `lto = true`, as a cdylib and a binary, once per test run (in
+/// `CARGO_TARGET_TMPDIR`, so later runs are incremental). Returns the
+/// directory holding the outputs.
+fn lto_fixture() -> &'static Path {
+    static BUILT: OnceLock<PathBuf> = OnceLock::new();
+    BUILT.get_or_init(|| {
+        let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("traced-lto");
+        let src = dir.join("src");
+        std::fs::create_dir_all(&src).unwrap();
+        let textpoke = env!("CARGO_MANIFEST_DIR");
+        let manifest = format!(
+            r#"[package]
+name = "traced_lto"
+version = "0.0.0"
+edition = "2021"
+publish = false
+
+[lib]
+path = "src/lib.rs"
+crate-type = ["cdylib", "rlib"]
+
+[[bin]]
+name = "traced_lto_main"
+path = "src/main.rs"
+
+[dependencies]
+textpoke = {{ path = "{textpoke}" }}
+
+[profile.release]
+lto = true
+
+[workspace]
+"#
+        );
+        // Rewrite only what changed, so that cargo rebuilds only then.
+        let write = |path: PathBuf, text: &str| {
+            if std::fs::read_to_string(&path).ok().as_deref() != Some(text) {
+                std::fs::write(&path, text).unwrap();
+            }
+        };
+        write(dir.join("Cargo.toml"), &manifest);
+        for f in ["lib.rs", "main.rs"] {
+            write(src.join(f), &std::fs::read_to_string(Path::new(LTO_FIXTURE).join(f)).unwrap());
+        }
+        // The workspace's lock file: the same dependency versions, no
+        // network needed.
+        let lock = dir.join("Cargo.lock");
+        if !lock.exists() {
+            std::fs::copy(Path::new(textpoke).join("../../Cargo.lock"), &lock).unwrap();
+        }
+        let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+        let out = Command::new(cargo)
+            .args(["build", "--release", "--offline", "--manifest-path"])
+            .arg(dir.join("Cargo.toml"))
+            .arg("--target-dir")
+            .arg(dir.join("target"))
+            .output()
+            .expect("run cargo");
+        assert!(out.status.success(), "building the LTO fixture failed:\n{}", String::from_utf8_lossy(&out.stderr));
+        dir.join("target/release")
+    })
+}
+
+/// The fixture's functions that are called, so that their sites must be
+/// found in every build.
+const LTO_FUNCTIONS: [&str; 2] = ["traced_lto::lto_answer", "traced_lto::lto_helper"];
+/// Never called: LTO may remove it with its sites; if not, it has both.
+const LTO_UNUSED: &str = "traced_lto::lto_unused";
+
+#[test]
+fn lto_release_binary_keeps_its_sites() {
+    let bin = lto_fixture().join("traced_lto_main");
+    check_section_position_independent(&bin);
+    let out = Command::new(&bin).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let stdout = String::from_utf8(out.stdout).unwrap();
+    assert!(!stdout.contains("skipped"), "{stdout}");
+    let mut found: BTreeSet<(&str, &str)> = stdout
+        .lines()
+        .map(|l| {
+            let f: Vec<&str> = l.split(' ').collect();
+            assert_eq!((f[0], f[3]), ("site", "0f1f440000"), "{l}");
+            (f[1], f[2])
+        })
+        .collect();
+    let unused = [(LTO_UNUSED, "Entry"), (LTO_UNUSED, "Exit")];
+    let unused_found = unused.iter().filter(|u| found.remove(*u)).count();
+    assert!(unused_found == 0 || unused_found == 2, "{stdout}");
+    let want: BTreeSet<(&str, &str)> =
+        LTO_FUNCTIONS.iter().flat_map(|&name| [(name, "Entry"), (name, "Exit")]).collect();
+    assert_eq!(found, want, "{stdout}");
+}
+
+#[test]
+fn lto_cdylib_sites_are_found_after_dlopen() {
+    let so = lto_fixture().join("libtraced_lto.so");
+    check_section_position_independent(&so);
+    let _serial = serial();
+    let c = std::ffi::CString::new(so.to_str().unwrap()).unwrap();
+    // SAFETY: a valid path; the library has no initialiser of its own.
+    let handle = unsafe { libc::dlopen(c.as_ptr(), libc::RTLD_NOW | libc::RTLD_LOCAL) };
+    assert!(!handle.is_null(), "dlopen {} failed", so.display());
+    let mut table = SiteTable::new();
+    table.rescan();
+    let obj = table.objects().by_path(&so).expect("the library is loaded").clone();
+    let scanned = match table.object_sites(obj.id) {
+        Some(Ok(s)) => s.clone(),
+        other => panic!("scan failed: {other:?}"),
+    };
+    assert!(scanned.skipped.is_empty(), "{:#?}", scanned.skipped);
+    let mut found = BTreeSet::new();
+    for s in &scanned.sites {
+        let (point, desc) = marked(s);
+        assert_eq!(bytes_at(s.nop_addr, 5), NOP5);
+        assert!(obj.segment_at(desc, MarkedFunction::SIZE).is_some(), "descriptor inside the library");
+        found.insert((s.function.clone(), point));
+    }
+    let unused = [(LTO_UNUSED.to_owned(), MarkedPoint::Entry), (LTO_UNUSED.to_owned(), MarkedPoint::Exit)];
+    let unused_found = unused.iter().filter(|u| found.remove(*u)).count();
+    assert!(unused_found == 0 || unused_found == 2, "{found:?}");
+    let want: BTreeSet<(String, MarkedPoint)> = LTO_FUNCTIONS
+        .iter()
+        .flat_map(|&name| [(name.to_owned(), MarkedPoint::Entry), (name.to_owned(), MarkedPoint::Exit)])
+        .collect();
+    assert_eq!(found, want);
+
+    // The library works, its sites untouched.
+    let sym = std::ffi::CString::new("lto_answer").unwrap();
+    // SAFETY: a live handle; `lto_answer` is `extern "C" fn(u64) -> u64`.
+    let answer: extern "C" fn(u64) -> u64 = unsafe { std::mem::transmute(libc::dlsym(handle, sym.as_ptr())) };
+    assert_eq!(answer(black_box(5)), 52);
+
+    // SAFETY: nothing of the library is used after this.
+    assert_eq!(unsafe { libc::dlclose(handle) }, 0);
+    table.rescan();
+    assert!(table.objects().get(obj.id).is_none());
 }
