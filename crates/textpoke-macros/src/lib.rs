@@ -292,10 +292,16 @@ fn rewrite(
     // guard's binding is hygienic (mixed site), so the body cannot see it.
     let span = sig.ident.span();
     let guard = syn::Ident::new("__textpoke_exit", Span::mixed_site());
+    // The added code is the attribute's, not the user's: no lint of theirs
+    // should fire on it (`inline_always`, `missing_docs_in_private_items`...).
     let prologue: TokenStream2 = quote_spanned! {span=>
+        #[allow(clippy::all, clippy::pedantic, clippy::nursery, clippy::restriction)]
         let #guard = {
+            #[allow(clippy::all, clippy::pedantic, clippy::nursery, clippy::restriction)]
             static __TEXTPOKE_FUNCTION: #krate::sites::MarkedFunction = #krate::sites::MarkedFunction::__new(#name);
+            #[allow(clippy::all, clippy::pedantic, clippy::nursery, clippy::restriction)]
             struct __TextpokeExit;
+            #[allow(clippy::all, clippy::pedantic, clippy::nursery, clippy::restriction)]
             impl ::core::ops::Drop for __TextpokeExit {
                 #[inline(always)]
                 fn drop(&mut self) {

@@ -5,8 +5,10 @@
 //!
 //! - [`text`]: the poke engine — batches of pokes validated as a whole and
 //!   committed by the breakpoint or the stop-machine strategy;
-//! - [`sites`]: where the patchable places are — patchable entries and
-//!   `__mcount_loc` sites of every loaded object, mapped to functions;
+//! - [`sites`]: where the patchable places are — patchable entries,
+//!   `__mcount_loc` sites and the entry and exit sites of Rust functions
+//!   marked with [`#[traced]`](traced), in every loaded object, mapped to
+//!   functions;
 //! - [`sync`]: the threads of this process — sync-core (membarrier or
 //!   signals), parking;
 //! - [`sys`]: thin wrappers over the kernel facilities;

@@ -16,7 +16,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard, OnceLock};
 
 use textpoke::arch::{encode_call, NOP5};
-use textpoke::sites::{MarkedFunction, MarkedPoint, NopForm, Site, SiteKind, SiteTable};
+use textpoke::sites::{scan_object, MarkedFunction, MarkedPoint, NopForm, RecordSource, Site, SiteKind, SiteTable};
 use textpoke::{Batch, Poke};
 
 fn serial() -> MutexGuard<'static, ()> {
@@ -254,6 +254,15 @@ fn marked_sites() -> BTreeMap<String, Vec<Site>> {
         out.entry(site.function.clone()).or_default().push(site.clone());
     }
     assert_eq!(report.records, out.values().map(Vec::len).sum::<usize>());
+    // The records need no relocation: the file alone gives the same sites.
+    let obj = table.objects().main().unwrap();
+    let from_file = scan_object(obj, RecordSource::File).expect("file-only scan");
+    let marked_only = |sites: &[Site]| -> Vec<Site> {
+        sites.iter().filter(|s| matches!(s.kind, SiteKind::Marked(_))).cloned().collect()
+    };
+    assert_eq!(marked_only(&from_file.sites), marked_only(&scanned.sites));
+    let file_report = from_file.sections.iter().find(|r| r.section == "textpoke_sites").unwrap();
+    assert!(!file_report.from_memory);
     out
 }
 

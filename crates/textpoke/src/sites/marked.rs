@@ -2,6 +2,43 @@
 //! the attribute leaves in the `textpoke_sites` section, their format, and
 //! how they are read back.
 //!
+//! # Example
+//!
+//! ```
+//! use textpoke::sites::{MarkedPoint, SiteKind, SiteTable};
+//!
+//! #[textpoke::traced]
+//! #[inline(never)]
+//! fn parse(input: &str) -> usize {
+//!     input.len()
+//! }
+//!
+//! assert_eq!(parse("abc"), 3);
+//! let mut table = SiteTable::new();
+//! table.rescan();
+//! let points: Vec<MarkedPoint> = table
+//!     .sites()
+//!     .filter(|s| s.function.ends_with("::parse"))
+//!     .filter_map(|s| match s.kind {
+//!         SiteKind::Marked(m) => Some(m.point),
+//!         _ => None,
+//!     })
+//!     .collect();
+//! assert!(points.contains(&MarkedPoint::Entry) && points.contains(&MarkedPoint::Exit));
+//! ```
+//!
+//! What cannot be traced does not compile:
+//!
+//! ```compile_fail
+//! #[textpoke::traced]
+//! const fn answer() -> u32 { 42 }
+//! ```
+//!
+//! ```compile_fail
+//! #[textpoke::traced]
+//! async fn fetch() -> u32 { 42 }
+//! ```
+//!
 //! # What the attribute emits
 //!
 //! `#[textpoke::traced]` (crate `textpoke-macros`) rewrites
@@ -157,7 +194,7 @@ pub enum MarkedPoint {
 }
 
 /// What a `textpoke_sites` record says about a site
-/// ([`SiteKind::Marked`](super::SiteKind::Marked)).
+/// ([`SiteKind::Marked`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct Marked {
     /// Entry or exit.
