@@ -379,6 +379,12 @@ mod tests {
         assert_eq!(out.matches("__traced_site").count(), 2, "{out}");
         let out = expand_str("", "impl fmt::Display for Foo { fn fmt(&self) {} }").unwrap();
         assert!(out.contains("\"<Foo as fmt::Display>::fmt\""), "{out}");
+        let out = expand_str("", "fn area(&self) -> f64 { self.0 }").unwrap();
+        assert!(out.contains("\"area\""), "{out}");
+        let err = expand_str("", "trait T { fn f(&self) {} }").unwrap_err();
+        assert!(err.contains("applies to a function"), "{err}");
+        let err = expand_str("", "fn f(&self);").unwrap_err();
+        assert!(err.contains("needs a function with a body"), "{err}");
         let out = expand_str("crate = my::tp", "fn r#type() {}").unwrap();
         assert!(out.contains("\"type\"") && out.contains("my :: tp :: __traced_site"), "{out}");
     }

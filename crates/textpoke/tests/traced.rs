@@ -16,8 +16,12 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard, OnceLock};
 
 use textpoke::arch::{encode_call, NOP5};
-use textpoke::sites::{scan_object, MarkedFunction, MarkedPoint, NopForm, RecordSource, Site, SiteKind, SiteTable};
+use textpoke::sites::{
+    scan_object, MarkedFunction, MarkedPoint, NopForm, RecordSource, Site, SiteKind, SiteTable, SkipReason,
+};
 use textpoke::{Batch, Poke};
+
+mod common;
 
 fn serial() -> MutexGuard<'static, ()> {
     static LOCK: Mutex<()> = Mutex::new(());
@@ -139,6 +143,13 @@ impl Meter {
 
 trait Area {
     fn area(&self) -> f64;
+
+    /// A trait's default method.
+    #[textpoke::traced]
+    #[inline(never)]
+    fn double_area(&self) -> f64 {
+        self.area() * 2.0
+    }
 }
 
 struct Rect(f64, f64);
@@ -179,6 +190,7 @@ const FUNCTIONS: &[(&str, bool)] = &[
     ("traced::bump", false),
     ("traced::Rect::scaled", false),
     ("traced::<Rect as Area>::area", false),
+    ("traced::double_area", false),
 ];
 
 /// Call every traced function once (with inputs depending on `i`), checking
@@ -211,6 +223,7 @@ fn call_all(i: u64, meter: &mut Meter) -> BTreeMap<&'static str, u64> {
     let r = Rect(f, 2.0).scaled(black_box(3.0));
     assert_eq!((r.0, r.1), (f * 3.0, 6.0));
     assert_eq!(r.area().to_bits(), (f * 3.0 * 6.0).to_bits());
+    assert_eq!(r.double_area().to_bits(), (f * 3.0 * 6.0 * 2.0).to_bits());
 
     BTreeMap::from([
         ("traced::add", 1),
@@ -221,7 +234,8 @@ fn call_all(i: u64, meter: &mut Meter) -> BTreeMap<&'static str, u64> {
         ("traced::checked", 1),
         ("traced::bump", 1),
         ("traced::Rect::scaled", 1),
-        ("traced::<Rect as Area>::area", 1),
+        ("traced::<Rect as Area>::area", 2),
+        ("traced::double_area", 1),
     ])
 }
 
@@ -385,6 +399,67 @@ fn section_is_position_independent() {
     let _serial = serial();
     let records = check_section_position_independent(Path::new("/proc/self/exe"));
     assert_eq!(records, marked_sites().values().map(Vec::len).sum::<usize>());
+}
+
+/// Records that are not sites are skipped, each with its reason: a C
+/// library with hand-written records (`tests/fixtures/traced_bad.c`).
+#[test]
+fn bad_records_are_skipped_with_a_reason() {
+    let src = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/traced_bad.c")).unwrap();
+    let so = common::compile_so("traced_bad", &src, &[]);
+    let _serial = serial();
+    let lib = common::Lib::open(&so);
+    let mut table = SiteTable::new();
+    table.rescan();
+    let obj = table.objects().by_path(&so).expect("loaded").clone();
+    let scanned = match table.object_sites(obj.id) {
+        Some(Ok(s)) => s.clone(),
+        other => panic!("scan failed: {other:?}"),
+    };
+    let f = lib.sym("tp_marked");
+    // The two good records: entry and exit of "c::good", in tp_marked.
+    let found: Vec<(String, MarkedPoint, String)> =
+        scanned.sites.iter().map(|s| (s.function.clone(), marked(s).0, s.raw_symbol.clone())).collect();
+    assert_eq!(
+        found,
+        [
+            ("c::good".into(), MarkedPoint::Entry, "tp_marked".into()),
+            ("c::good".into(), MarkedPoint::Exit, "tp_marked".into())
+        ]
+    );
+    assert!(scanned.sites.iter().all(|s| s.entry == f));
+
+    let mut reasons: Vec<String> = scanned
+        .skipped
+        .iter()
+        .map(|s| {
+            assert_eq!(s.section, "textpoke_sites");
+            match &s.reason {
+                SkipReason::BadRecord { what, .. } => format!("record: {what}"),
+                SkipReason::BadDescriptor { what, .. } => format!("descriptor: {what}"),
+                SkipReason::UnexpectedBytes { found, .. } => format!("bytes: {found:02x?} in {}", s.function),
+                SkipReason::NotInCode { .. } => format!("not in code: {}", s.function),
+                other => format!("{other:?}"),
+            }
+        })
+        .collect();
+    reasons.sort();
+    assert_eq!(
+        reasons,
+        [
+            "bytes: [90, 90, 90, 90, 90] in c::good",
+            "descriptor: magic 0x6e665054 version 9, expected 0x6e665054 version 1",
+            "descriptor: magic 0xdeadbeef version 1, expected 0x6e665054 version 1",
+            "not in code: c::good",
+            "record: version 1 kind 7, expected version 1 kind 0 or 1",
+            "record: version 2 kind 0, expected version 1 kind 0 or 1",
+        ],
+        "{:#?}",
+        scanned.skipped
+    );
+    // SAFETY: `tp_marked` is `int (int)`; its NOPs are harmless.
+    let tp_marked: extern "C" fn(i32) -> i32 = unsafe { std::mem::transmute(f) };
+    assert_eq!(tp_marked(41), 42);
 }
 
 // ---------------------------------------------------------------------------
@@ -567,6 +642,23 @@ fn patched_sites_count_every_entry_and_exit() {
     let _serial = serial();
     let tracing = Tracing::enable();
     assert!(tracing.counts().values().all(|&c| c == (0, 0)));
+
+    // While patched, a rescan reports every site as skipped: its bytes are
+    // the CALL, not the NOP.
+    let mut table = SiteTable::new();
+    table.rescan();
+    let main = table.objects().main().unwrap().id;
+    let scanned = table.object_sites(main).unwrap().unwrap();
+    assert!(!scanned.sites.iter().any(|s| matches!(s.kind, SiteKind::Marked(_))));
+    let calls: BTreeMap<usize, [u8; 5]> = tracing.pokes.iter().copied().collect();
+    let skipped: Vec<_> = scanned.skipped.iter().filter(|s| s.section == "textpoke_sites").collect();
+    assert_eq!(skipped.len(), calls.len());
+    for s in skipped {
+        match &s.reason {
+            SkipReason::UnexpectedBytes { addr, found } => assert_eq!(found[..], calls[addr][..]),
+            other => panic!("{other:?}"),
+        }
+    }
 
     let calls = run_threads(8, 2000);
     let counts = tracing.counts();

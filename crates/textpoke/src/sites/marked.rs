@@ -144,8 +144,11 @@
 //!   register; the compiler may keep anything in any register across the
 //!   site.
 //! - **Default memory effects** (neither `nomem` nor `readonly`): the
-//!   compiler cannot move a site across the body's loads and stores, so the
-//!   entry site comes before the body's work and the exit site after it.
+//!   compiler cannot move a site across the body's loads and stores or
+//!   calls, so the entry site comes before the body's effects and the exit
+//!   site after them. Work on registers (and loads of constants) may still
+//!   be scheduled across a site: the entry NOP is not necessarily the first
+//!   instruction after the prologue.
 //! - **`"aR"`.** `R` (`SHF_GNU_RETAIN`) keeps the records through
 //!   `--gc-sections` (nothing references them: they are found through the
 //!   section headers). `a` without `w`: PC-relative records need no dynamic

@@ -149,7 +149,10 @@ pub enum SiteKind {
     /// function's descriptor, and [`Site::entry`] and [`Site::raw_symbol`]
     /// are those of the machine function that contains the NOP — the
     /// function itself, one of its monomorphizations, or a caller it was
-    /// inlined into.
+    /// inlined into. The NOP is in the body, not at the entry: the compiler
+    /// may have set up the frame and moved register-only work before it, so
+    /// a tracer must not read arguments or replace the return address
+    /// there; the exit site is where the function ends.
     Marked(Marked),
 }
 
