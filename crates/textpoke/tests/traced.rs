@@ -117,6 +117,27 @@ fn triple_caller_b(x: u64) -> u64 {
     triple(x.rotate_left(1)) ^ 0xb
 }
 
+/// A leaf function with a buffer in memory, live across the sites of the
+/// inlined `triple`. Were the sites `nostack`, the compiler could keep the
+/// buffer in the red zone, where the site's call and the trampoline write:
+/// with `options(nostack)` added to `__traced_site!`, the release build of
+/// this test puts it at `-0x50(%rsp)` and the patched run fails here.
+#[inline(never)]
+fn red_zone_user(x: u64) -> u64 {
+    let mut buf = [0u64; 12];
+    for (i, b) in buf.iter_mut().enumerate() {
+        *b = x.wrapping_add(i as u64);
+    }
+    black_box(&mut buf);
+    let t = triple(x);
+    black_box(&mut buf);
+    buf.iter().fold(t, |a, b| a.wrapping_mul(3) ^ b)
+}
+
+fn red_zone_plain(x: u64) -> u64 {
+    (0..12).fold(x.wrapping_mul(3).wrapping_add(1), |a, i| a.wrapping_mul(3) ^ x.wrapping_add(i))
+}
+
 /// Panics for 13: the exit site runs while unwinding.
 #[textpoke::traced]
 #[inline(never)]
@@ -214,6 +235,7 @@ fn call_all(i: u64, meter: &mut Meter) -> BTreeMap<&'static str, u64> {
 
     assert_eq!(triple_caller_a(x), (x * 3 + 1) ^ 0xa);
     assert_eq!(triple_caller_b(x), (x.rotate_left(1).wrapping_mul(3) + 1) ^ 0xb);
+    assert_eq!(red_zone_user(x), red_zone_plain(x), "red_zone_user({i})");
 
     assert_eq!(checked(x % 13 + 14), x % 13 + 15);
 
@@ -230,7 +252,7 @@ fn call_all(i: u64, meter: &mut Meter) -> BTreeMap<&'static str, u64> {
         ("traced::floats", 1),
         ("traced::many", 1),
         ("traced::show", 2),
-        ("traced::triple", 2),
+        ("traced::triple", 3),
         ("traced::checked", 1),
         ("traced::bump", 1),
         ("traced::Rect::scaled", 1),
@@ -357,6 +379,7 @@ fn sites_are_found_with_names_and_kinds() {
     } else {
         assert!(triple.iter().any(|s| s.ends_with("triple_caller_a")), "{triple:?}");
         assert!(triple.iter().any(|s| s.ends_with("triple_caller_b")), "{triple:?}");
+        assert!(triple.iter().any(|s| s.ends_with("red_zone_user")), "{triple:?}");
     }
 }
 
@@ -521,22 +544,23 @@ impl Drop for NearCode {
 }
 
 /// Size of one trampoline in the code block.
-const TRAMPOLINE_LEN: usize = 32;
+const TRAMPOLINE_LEN: usize = 128;
 
 /// A trampoline that increments the `u64` at `counter` and preserves every
 /// register (it clobbers the flags, which the site allows). It also writes
-/// over the whole red zone of the site's function (128 bytes below the
-/// site's stack pointer), as any callee may: if the compiler had kept live
-/// data there across the site, the results would be wrong.
+/// over the whole red zone of the site's function (the 128 bytes below the
+/// site's stack pointer: the call and the `push` take the first 16, sixteen
+/// stores the rest), as any callee may: had the compiler kept live data
+/// there across the site, the results would be wrong.
 fn counting_trampoline(counter: *const AtomicU64) -> [u8; TRAMPOLINE_LEN] {
     let mut code = Vec::with_capacity(TRAMPOLINE_LEN);
     code.push(0x50); // push rax
     code.extend([0x48, 0xb8]); // mov rax, imm64
     code.extend((counter as u64).to_le_bytes());
     code.extend([0xf0, 0x48, 0xff, 0x00]); // lock inc qword [rax]
-    code.extend([0x48, 0x89, 0x44, 0x24, 0xf8]); // mov [rsp-0x08], rax
-    code.extend([0x48, 0x89, 0x44, 0x24, 0xc0]); // mov [rsp-0x40], rax
-    code.extend([0x48, 0x89, 0x44, 0x24, 0x88]); // mov [rsp-0x78], rax
+    for i in 1..=16u8 {
+        code.extend([0x48, 0x89, 0x44, 0x24, (i * 8).wrapping_neg()]); // mov [rsp-8*i], rax
+    }
     code.push(0x58); // pop rax
     code.push(0xc3); // ret
     assert!(code.len() <= TRAMPOLINE_LEN);
