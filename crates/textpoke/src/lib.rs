@@ -5,8 +5,10 @@
 //!
 //! - [`text`]: the poke engine — batches of pokes validated as a whole and
 //!   committed by the breakpoint or the stop-machine strategy;
-//! - [`sites`]: where the patchable places are — patchable entries and
-//!   `__mcount_loc` sites of every loaded object, mapped to functions;
+//! - [`sites`]: where the patchable places are — patchable entries,
+//!   `__mcount_loc` sites and the entry and exit sites of Rust functions
+//!   marked with [`#[traced]`](traced), in every loaded object, mapped to
+//!   functions;
 //! - [`sync`]: the threads of this process — sync-core (membarrier or
 //!   signals), parking;
 //! - [`sys`]: thin wrappers over the kernel facilities;
@@ -37,3 +39,10 @@ pub use error::PokeError;
 pub use text::{
     capabilities, Batch, Capabilities, CommitOptions, CommitStats, Poke, Strategy, SyncMethod, WriteMethod,
 };
+
+/// Marks a function, or every method of an `impl` block, for the function
+/// tracer: an entry site at the start of its body and an exit site run by a
+/// drop guard (also when a panic unwinds), each a 5-byte NOP recorded in the
+/// `textpoke_sites` section. See [`sites::marked`] for the record format and
+/// the crate `textpoke-macros` for the options.
+pub use textpoke_macros::traced;

@@ -46,9 +46,12 @@ fn load() -> Libs {
     // gcc refuses -mnop-mcount with PIC: a non-PIC shared library (TEXTREL).
     let mflags = ["-pg", "-mfentry", "-mnop-mcount", "-mrecord-mcount", "-fno-pic", "-O1", "-fno-inline"];
     let mcount = compile_so("recm", &source("recm", libc::SIGUSR1), &mflags);
-    let patchable = compile_so("recp", &source("recp", libc::SIGUSR2), &["-fpatchable-function-entry=8,3", "-O1", "-fno-inline"]);
+    let patchable =
+        compile_so("recp", &source("recp", libc::SIGUSR2), &["-fpatchable-function-entry=8,3", "-O1", "-fno-inline"]);
     let libs = Libs { mcount: Lib::open(&mcount), patchable: Lib::open(&patchable) };
-    for (lib, handler, sig) in [(&libs.mcount, "recm_handler", libc::SIGUSR1), (&libs.patchable, "recp_handler", libc::SIGUSR2)] {
+    for (lib, handler, sig) in
+        [(&libs.mcount, "recm_handler", libc::SIGUSR1), (&libs.patchable, "recp_handler", libc::SIGUSR2)]
+    {
         // SAFETY: installing the library's `void handler(int)`.
         unsafe { libc::signal(sig, lib.sym(handler)) };
     }
@@ -108,10 +111,12 @@ fn record_compiled_sites_end_to_end() {
     let t = Tracer::global();
     t.refresh().unwrap();
     let names: Vec<String> = t.functions().iter().map(|f| f.function.to_string()).collect();
-    for f in ["recm_leaf", "recm_mid", "recm_run", "recm_handler", "recp_leaf", "recp_mid", "recp_run", "recp_handler"] {
+    for f in ["recm_leaf", "recm_mid", "recm_run", "recm_handler", "recp_leaf", "recp_mid", "recp_run", "recp_handler"]
+    {
         assert!(names.iter().any(|n| n == f), "site of {f} found: {names:?}");
     }
-    let dir = std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("trace-record-{}", std::process::id()));
+    let dir =
+        std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("trace-record-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
 
     // function_graph records.

@@ -27,6 +27,9 @@ pub(crate) enum RecordKind {
     PatchableEntry,
     /// `__mcount_loc`: addresses of the 5-byte NOPs.
     Mcount,
+    /// `textpoke_sites`: PC-relative records of `#[textpoke::traced]`
+    /// (see `marked`).
+    Marked,
 }
 
 impl RecordKind {
@@ -34,6 +37,15 @@ impl RecordKind {
         match self {
             RecordKind::PatchableEntry => "__patchable_function_entries",
             RecordKind::Mcount => "__mcount_loc",
+            RecordKind::Marked => super::marked::SECTION,
+        }
+    }
+
+    /// Size of one record in bytes.
+    pub fn record_size(self) -> u64 {
+        match self {
+            RecordKind::PatchableEntry | RecordKind::Mcount => 8,
+            RecordKind::Marked => super::marked::RECORD_SIZE as u64,
         }
     }
 }
@@ -44,15 +56,19 @@ pub(crate) struct RecordSection {
     pub kind: RecordKind,
     /// Link-time address of the section (`sh_addr`).
     pub addr: u64,
-    /// Size in bytes (a multiple of 8).
+    /// Size in bytes (a multiple of the record size).
     pub size: u64,
     /// `SHF_ALLOC`: the section is part of the loaded image.
     pub alloc: bool,
     /// Link-time address each record points to, from the file: the RELA
     /// addend, or for RELR/REL and unrelocated entries the stored value.
     /// `None` where a relocation depends on a symbol that is not defined in
-    /// this object (only the loader knows its value).
+    /// this object (only the loader knows its value). Empty for
+    /// [`RecordKind::Marked`], whose records need no relocation.
     pub file_values: Vec<Option<u64>>,
+    /// The section's bytes in the file, for [`RecordKind::Marked`] (empty
+    /// for the others).
+    pub contents: Vec<u8>,
 }
 
 /// What is read from one object's file.
@@ -91,7 +107,7 @@ pub(crate) fn read_file(obj: &LoadedObject) -> Result<FileFacts, SitesError> {
 
     let sections = header.sections(endian, data).map_err(parse)?;
     let mut found = Vec::new();
-    for kind in [RecordKind::PatchableEntry, RecordKind::Mcount] {
+    for kind in [RecordKind::PatchableEntry, RecordKind::Mcount, RecordKind::Marked] {
         let name = kind.section_name();
         let Some((_, sh)) = sections.section_by_name(endian, name.as_bytes()) else {
             continue;
@@ -99,13 +115,23 @@ pub(crate) fn read_file(obj: &LoadedObject) -> Result<FileFacts, SitesError> {
         let bad = |what: String| SitesError::BadSection { path: path(), section: name, what };
         let addr = sh.sh_addr(endian);
         let size = sh.sh_size(endian);
-        if size % 8 != 0 {
-            return Err(bad(format!("size {size} is not a multiple of 8")));
+        let record_size = kind.record_size();
+        if size % record_size != 0 {
+            return Err(bad(format!("size {size} is not a multiple of {record_size}")));
         }
         let alloc = sh.sh_flags(endian) & u64::from(elf::SHF_ALLOC) != 0;
-        let file_values = file_values(&sections, endian, data, sh)
-            .map_err(|e| bad(format!("cannot read contents or relocations: {e}")))?;
-        found.push(RecordSection { kind, addr, size, alloc, file_values });
+        let (file_values, contents) = if kind == RecordKind::Marked {
+            if !alloc || sh.sh_type(endian) != elf::SHT_PROGBITS {
+                return Err(bad("not an allocated SHT_PROGBITS section".to_owned()));
+            }
+            let contents = sh.data(endian, data).map_err(|e| bad(format!("cannot read contents: {e}")))?;
+            (Vec::new(), contents.to_vec())
+        } else {
+            let values = file_values(&sections, endian, data, sh)
+                .map_err(|e| bad(format!("cannot read contents or relocations: {e}")))?;
+            (values, Vec::new())
+        };
+        found.push(RecordSection { kind, addr, size, alloc, file_values, contents });
     }
     if found.is_empty() {
         return Ok(FileFacts { sections: found, symbols: Symbols::default(), dynsym_only: false });

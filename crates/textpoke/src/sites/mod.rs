@@ -20,8 +20,11 @@
 //!   symbol and N-M after it;
 //! - `__mcount_loc` (`-pg -mfentry -mnop-mcount -mrecord-mcount`): one
 //!   pointer per function, to the 5-byte NOP at its entry;
-//! - `textpoke_sites`: reserved for Rust functions marked by an attribute
-//!   macro ([`SiteKind::Marked`]); not implemented yet.
+//! - `textpoke_sites`: Rust functions marked with `#[textpoke::traced]`
+//!   ([`SiteKind::Marked`]): one 12-byte PC-relative record per entry or exit
+//!   site, pointing to the function's static descriptor. These need no
+//!   relocation and are read and checked as the [`marked`] module describes;
+//!   what follows is about the two pointer arrays.
 //!
 //! # Reading the arrays: memory first, the file to check
 //!
@@ -95,6 +98,7 @@
 //! byte load is never torn.
 
 pub mod error;
+pub mod marked;
 pub mod objects;
 pub mod x86_64;
 
@@ -105,6 +109,7 @@ use std::collections::BTreeMap;
 use std::fmt;
 
 pub use error::SitesError;
+pub use marked::{Marked, MarkedFunction, MarkedPoint};
 pub use objects::{LoadedObject, ObjectChanges, ObjectId, Objects, Pin, Segment};
 pub use symbols::demangle;
 pub use x86_64::NopForm;
@@ -138,9 +143,17 @@ pub enum SiteKind {
     PatchableEntry(Pad),
     /// `__mcount_loc`.
     Mcount,
-    /// A Rust function marked by textpoke's attribute macro, recorded in the
-    /// `textpoke_sites` link section. Reserved: nothing produces it yet.
-    Marked,
+    /// A Rust function marked with `#[textpoke::traced]`, recorded in the
+    /// `textpoke_sites` section: its entry or its exit site (see
+    /// [`marked`]). For such a site, [`Site::function`] is the name in the
+    /// function's descriptor, and [`Site::entry`] and [`Site::raw_symbol`]
+    /// are those of the machine function that contains the NOP — the
+    /// function itself, one of its monomorphizations, or a caller it was
+    /// inlined into. The NOP is in the body, not at the entry: the compiler
+    /// may have set up the frame and moved register-only work before it, so
+    /// a tracer must not read arguments or replace the return address
+    /// there; the exit site is where the function ends.
+    Marked(Marked),
 }
 
 /// A patchable function-entry site.
@@ -202,6 +215,12 @@ pub enum SkipReason {
     UnexpectedBytes { addr: usize, found: Vec<u8> },
     /// Fewer than five NOP bytes at the site (N - M < 5).
     PadTooShort { addr: usize, nops: usize },
+    /// A `textpoke_sites` record (at runtime address `record`) of an
+    /// unknown version or kind.
+    BadRecord { record: usize, what: String },
+    /// The descriptor a `textpoke_sites` record points to (at `addr`) is not
+    /// one: outside the object, wrong magic or version, or a bad name.
+    BadDescriptor { addr: usize, what: String },
 }
 
 impl fmt::Display for SkipReason {
@@ -231,6 +250,8 @@ impl fmt::Display for SkipReason {
             SkipReason::PadTooShort { addr, nops } => {
                 write!(f, "only {nops} NOP bytes at {addr:#x}, need {NOP_LEN}")
             }
+            SkipReason::BadRecord { record, what } => write!(f, "record at {record:#x}: {what}"),
+            SkipReason::BadDescriptor { addr, what } => write!(f, "function descriptor at {addr:#x}: {what}"),
         }
     }
 }
@@ -304,6 +325,18 @@ pub fn scan_object(obj: &LoadedObject, source: RecordSource) -> Result<ObjectSit
     };
     let scan = Scan { obj, _pin: &pin, symbols: &facts.symbols };
     for sec in &facts.sections {
+        if sec.kind == RecordKind::Marked {
+            let addr = (sec.addr as usize).wrapping_add(obj.bias);
+            let (report, results) = scan.marked(addr, &sec.contents, source)?;
+            out.sections.push(report);
+            for r in results {
+                match r {
+                    Ok(site) => out.sites.push(site),
+                    Err(s) => out.skipped.push(s),
+                }
+            }
+            continue;
+        }
         let (records, report) = scan.records(sec, source)?;
         out.sections.push(report);
         let section = sec.kind.section_name();
@@ -325,6 +358,7 @@ pub fn scan_object(obj: &LoadedObject, source: RecordSource) -> Result<ObjectSit
         let results = match sec.kind {
             RecordKind::PatchableEntry => scan.patchable_entries(&located),
             RecordKind::Mcount => located.iter().map(|&n| scan.mcount(n)).collect(),
+            RecordKind::Marked => unreachable!("handled above"),
         };
         for r in results {
             match r {

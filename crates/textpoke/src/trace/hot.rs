@@ -159,7 +159,8 @@ pub(crate) struct SiteSlot {
     /// The recorder's id of the site's function.
     pub func: std::sync::atomic::AtomicU32,
     pub place: AtomicU8,
-    /// For a body exit site: the index of its entry site + 1 (0 = none).
+    /// The function's identity: its entry address, or for `#[traced]`
+    /// sites the descriptor shared by its entry and exit sites.
     pub pair: AtomicUsize,
 }
 
@@ -329,7 +330,8 @@ fn enter(regs: *mut SavedRegs, frame: *mut usize, site: u32, slot: &SiteSlot, ma
         if place == SitePlace::BodyExit {
             body_exit(st, site, slot, regs);
         } else {
-            function_entry(st, site, slot.func.load(Ordering::Relaxed), mask, regs, frame, place);
+            let ids = (slot.func.load(Ordering::Relaxed), slot.pair.load(Ordering::Relaxed));
+            function_entry(st, site, ids, mask, regs, frame, place);
         }
         st.in_tramp.set(0);
     });
@@ -365,7 +367,7 @@ fn entries(sh: &mut Shadow) -> &mut [ShadowEntry] {
 fn function_entry(
     st: &ThreadState,
     site: u32,
-    func: u32,
+    (func, identity): (u32, usize),
     mask: u64,
     regs: &SavedRegs,
     frame: *mut usize,
@@ -388,7 +390,9 @@ fn function_entry(
     }
     let slot_addr = if place == SitePlace::FunctionEntry { frame as usize + 24 } else { 0 };
     // SAFETY: for an entry site, frame+24 is the function's return address.
-    let orig = if slot_addr != 0 { unsafe { *(slot_addr as *const usize) } } else { 0 };
+    // A body entry keeps its function's identity there instead, for its exit
+    // site to find.
+    let orig = if slot_addr != 0 { unsafe { *(slot_addr as *const usize) } } else { identity };
     let i = sh.len;
     entries(sh)[i] = ShadowEntry { slot: slot_addr, orig, site, depth, mask: exit_mask, time };
     sh.len += 1;
@@ -408,19 +412,19 @@ fn call_exits(mask: u64, x: &Exit) {
 
 /// A `#[traced]` function's exit site: pop its body-entry record.
 fn body_exit(st: &ThreadState, site: u32, slot: &SiteSlot, regs: &SavedRegs) {
-    let entry_site = slot.pair.load(Ordering::Relaxed).wrapping_sub(1) as u32;
+    let identity = slot.pair.load(Ordering::Relaxed);
     // SAFETY: as in function_entry.
     let Some(sh) = (unsafe { shadow(st).as_mut() }) else { return };
     let len = sh.len;
     let es = entries(sh);
     // The newest body record of this function; body records have slot 0.
-    let Some(i) = (0..len).rev().take(64).find(|&i| es[i].slot == 0 && es[i].site == entry_site) else { return };
+    let Some(i) = (0..len).rev().take(64).find(|&i| es[i].slot == 0 && es[i].orig == identity) else { return };
     let e = es[i];
     LOST_EXITS.fetch_add((len - i - 1) as u64, Ordering::Relaxed);
     sh.len = i;
     let x = Exit {
         site,
-        func: site_slot(entry_site).map_or(0, |s| s.func.load(Ordering::Relaxed)),
+        func: slot.func.load(Ordering::Relaxed),
         depth: e.depth,
         entry_time: e.time,
         exit_time: if e.time != 0 { now() } else { 0 },

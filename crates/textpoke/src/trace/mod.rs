@@ -58,7 +58,7 @@ pub use hot::{now, Entry, Exit, SitePlace, TraceOp, MAX_OPS};
 
 use crate::arch::{self, tramp, NOP5};
 use crate::error::PokeError;
-use crate::sites::{NopForm, ObjectId, SiteKind, SiteTable};
+use crate::sites::{MarkedPoint, NopForm, ObjectId, SiteKind, SiteTable};
 use crate::text::codemem::CodeBlock;
 use crate::{Batch, CommitOptions, Poke, Strategy};
 use hot::{OpBox, OPS};
@@ -431,15 +431,20 @@ impl Inner {
                 if self.by_addr.contains_key(&site.nop_addr) || self.sites.len() >= hot::MAX_SITES {
                     continue;
                 }
-                let place = match site.kind {
-                    SiteKind::Marked => SitePlace::BodyEntry,
-                    _ => SitePlace::FunctionEntry,
+                // A #[traced] function's sites (entry and exit points, in every
+                // monomorphization and inlined copy) share its descriptor: it
+                // pairs exits with entries and names the function once.
+                let (place, identity) = match &site.kind {
+                    SiteKind::Marked(m) if m.point == MarkedPoint::Entry => (SitePlace::BodyEntry, m.descriptor),
+                    SiteKind::Marked(m) => (SitePlace::BodyExit, m.descriptor),
+                    _ => (SitePlace::FunctionEntry, site.entry),
                 };
                 let i = self.sites.len() as u32;
                 let slot = hot::ensure_site(i);
                 slot.mask.store(0, Ordering::Relaxed);
-                let func = crate::record::register_function(site.entry, &site.function);
+                let func = crate::record::register_function(identity, &site.function);
                 slot.func.store(func.0, Ordering::Relaxed);
+                slot.pair.store(identity, Ordering::Relaxed);
                 slot.place.store(place as u8, Ordering::Relaxed);
                 self.by_addr.insert(site.nop_addr, i);
                 self.sites.push(SiteInfo {
@@ -463,7 +468,11 @@ impl Inner {
         }
         let mut m = 0;
         for (id, op) in self.ops.iter().enumerate() {
-            if op.as_ref().is_some_and(|o| o.filter.matches(&s.function)) {
+            let Some(o) = op else { continue };
+            // An exit site only matters to ops that want exits.
+            // SAFETY: `boxed` stays valid while the op is registered.
+            let wants = s.place != SitePlace::BodyExit || unsafe { (*o.boxed).wants_exit };
+            if wants && o.filter.matches(&s.function) {
                 m |= 1 << id;
             }
         }
