@@ -5,6 +5,8 @@
 //!
 //! - [`text`]: the poke engine — batches of pokes validated as a whole and
 //!   committed by the breakpoint or the stop-machine strategy;
+//! - [`keys`]: static keys (jump labels) — branch sites compiled in as a
+//!   NOP or a JMP and flipped, all sites of a key in one batch;
 //! - [`sites`]: where the patchable places are — patchable entries and
 //!   `__mcount_loc` sites of every loaded object, mapped to functions;
 //! - [`sync`]: the threads of this process — sync-core (membarrier or
@@ -24,6 +26,7 @@
 
 pub mod arch;
 pub mod error;
+pub mod keys;
 pub mod sites;
 pub mod stress;
 pub mod sync;
