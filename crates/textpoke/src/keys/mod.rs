@@ -254,7 +254,9 @@ impl StaticKey {
             }
             debug_assert_eq!(v, 0, "only the keys lock holder sets -1");
             self.enabled.store(-1, Ordering::Relaxed);
-            return match flip_locked(reg, pins, &[(self, true)], CommitOptions::default()) {
+            let flipped = sync_locked(reg, pins, || names([self]))
+                .and_then(|()| flip_locked(reg, &[(self, true)], CommitOptions::default()));
+            return match flipped {
                 Ok(_) => {
                     // Pairs with the Acquire loads of the lock-free paths and
                     // is_enabled(): a positive count means patched sites.
@@ -290,7 +292,9 @@ impl StaticKey {
             if self.enabled.compare_exchange(1, 0, Ordering::AcqRel, Ordering::Acquire).is_err() {
                 continue;
             }
-            return match flip_locked(reg, pins, &[(self, false)], CommitOptions::default()) {
+            let flipped = sync_locked(reg, pins, || names([self]))
+                .and_then(|()| flip_locked(reg, &[(self, false)], CommitOptions::default()));
+            return match flipped {
                 Ok(_) => Ok(()),
                 Err(e) => {
                     // While the count is 0 no lock-free path changes it.
@@ -470,14 +474,13 @@ fn sync_locked(reg: &mut Registry, pins: &mut Vec<Pins>, what: impl FnOnce() -> 
 }
 
 /// Patches the sites of each key, going to the state paired with it, as one
-/// batch. Caller holds the keys lock and has set the counts in transition.
+/// batch. Caller holds the keys lock, has synced and pinned the objects
+/// ([`sync_locked`]) and set the counts in transition.
 fn flip_locked(
     reg: &mut Registry,
-    pins: &mut Vec<Pins>,
     changes: &[(&StaticKey, bool)],
     opts: CommitOptions,
 ) -> Result<(usize, Option<CommitStats>), KeyError> {
-    sync_locked(reg, pins, || names(changes.iter().map(|c| c.0)))?;
     let mut batch = Batch::new();
     for (key, to) in changes {
         let Some((table, rec)) = reg.key(key.addr()) else {
@@ -493,10 +496,9 @@ fn flip_locked(
         if rec.poisoned {
             return Err(KeyError::Poisoned { key: key.name().to_string() });
         }
-        let n = rec.sites.len();
-        for (i, s) in rec.sites.iter().enumerate() {
-            let name = format!("branch site {} of {n} of static key `{}`", i + 1, rec.name);
-            batch.push(Poke::new(s.addr, s.bytes(!to), s.bytes(*to)).named(name));
+        let name = format!("a branch site of static key `{}`", rec.name);
+        for s in &rec.sites {
+            batch.push(Poke::new(s.addr, s.bytes(!to), s.bytes(*to)).named(name.clone()));
         }
     }
     if batch.is_empty() {
@@ -649,7 +651,7 @@ impl<'a> Update<'a> {
             let mut stats =
                 UpdateStats { keys_changed: moving.len(), sites_patched: 0, commit: None, elapsed: Duration::ZERO };
             if !moving.is_empty() {
-                match flip_locked(reg, pins, &moving, self.options) {
+                match flip_locked(reg, &moving, self.options) {
                     Ok((sites, commit)) => {
                         for &(key, on) in &moving {
                             if on {

@@ -224,6 +224,34 @@ unsafe extern "C" fn phdr_callback(info: *mut libc::dl_phdr_info, _size: usize, 
     0
 }
 
+/// The loader's counters of objects loaded and unloaded so far
+/// (`dlpi_adds`, `dlpi_subs`): equal values at two moments mean no object
+/// was loaded or unloaded in between. `None` if the loader does not report
+/// them.
+pub(crate) fn loader_counters() -> Option<(u64, u64)> {
+    let mut counters: Option<(u64, u64)> = None;
+    // SAFETY: the callback writes only to the Option passed as `data`,
+    // which outlives the call.
+    unsafe { libc::dl_iterate_phdr(Some(counters_callback), (&mut counters as *mut Option<(u64, u64)>).cast()) };
+    counters
+}
+
+/// Reads the counters from the first object and stops the walk.
+///
+/// # Safety
+///
+/// Only for `dl_iterate_phdr` from [`loader_counters`]: `info` valid for
+/// `size` bytes, `data` the `Option<(u64, u64)>`.
+unsafe extern "C" fn counters_callback(info: *mut libc::dl_phdr_info, size: usize, data: *mut libc::c_void) -> i32 {
+    let end = std::mem::offset_of!(libc::dl_phdr_info, dlpi_subs) + std::mem::size_of::<u64>();
+    if size >= end {
+        // SAFETY: per this function's contract; the struct is long enough to
+        // hold both counters.
+        unsafe { *data.cast::<Option<(u64, u64)>>() = Some(((*info).dlpi_adds, (*info).dlpi_subs)) };
+    }
+    1 // one object is enough: the counters are the same in every call
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

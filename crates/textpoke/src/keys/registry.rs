@@ -84,6 +84,8 @@ pub(crate) struct Registry {
     /// Key address -> its object and its index in that object's table.
     index: HashMap<usize, (ObjectId, usize)>,
     started: bool,
+    /// The loader's counters when the tables were last known up to date.
+    counters: Option<(u64, u64)>,
 }
 
 /// Pins that keep the objects with keys loaded; drop them only after the
@@ -100,20 +102,29 @@ impl Registry {
     /// object that has records, so none can be unmapped until the pins are
     /// dropped:
     ///
-    ///  1. rescan the objects; forget the removed ones, read the notes of
-    ///     the added ones (of all, the first time or if an object may have
-    ///     been reloaded at the same address);
+    ///  1. read the loader's load/unload counters; if they moved since the
+    ///     last sync (or on the first), rescan the objects: forget the
+    ///     removed ones, read the notes of the added ones (of all, if an
+    ///     object may have been reloaded at the same address);
     ///  2. pin every object with records (`dlopen(RTLD_NOLOAD)`, which also
     ///     waits for a `dlopen` in progress on another thread to finish);
     ///     one that is gone already means a retry from step 1;
-    ///  3. rescan once more: if nothing was loaded or unloaded since step 1,
-    ///     the pinned objects are the ones whose notes were read; otherwise
-    ///     apply the changes and retry;
+    ///  3. read the counters again: if they did not move since step 1, no
+    ///     object was loaded or unloaded in between, so the pinned objects
+    ///     are the ones whose notes were read; otherwise retry;
     ///  4. read the names and defaults of new keys from the (pinned) keys.
+    ///
+    /// In the common case — no dlopen or dlclose since the last flip — that
+    /// is two walks of the loader's list that stop at the first object, and
+    /// one pin per object with keys. Without the counters (not glibc), every
+    /// sync rescans twice.
     pub fn sync(&mut self) -> Result<Pins, u32> {
         for _ in 0..SYNC_ATTEMPTS {
-            let changes = self.objects.rescan();
-            self.apply(&changes);
+            let before = notes::loader_counters();
+            if before.is_none() || before != self.counters || !self.started {
+                let changes = self.objects.rescan();
+                self.apply(&changes);
+            }
             let mut pins = Vec::with_capacity(self.tables.len());
             let mut lost = false;
             for id in self.tables.keys() {
@@ -126,14 +137,25 @@ impl Registry {
                 }
             }
             if lost {
+                self.counters = None; // rescan next time round
                 continue;
             }
-            let late = self.objects.rescan();
-            if late.is_empty() {
+            let after = notes::loader_counters();
+            let settled = match (before, after) {
+                (Some(b), Some(a)) => a == b,
+                _ => {
+                    let late = self.objects.rescan();
+                    let unchanged = late.is_empty();
+                    self.apply(&late);
+                    unchanged
+                }
+            };
+            if settled {
+                self.counters = before;
                 self.resolve();
                 return Ok(Pins(pins));
             }
-            self.apply(&late);
+            self.counters = None;
         }
         Err(SYNC_ATTEMPTS)
     }
