@@ -771,6 +771,53 @@ pub fn list() -> Result<Vec<KeyInfo>, KeyError> {
     })
 }
 
+/// One branch site of a key, as [`sites_of`] reports it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BranchSite {
+    /// Address of the 5-byte instruction.
+    pub addr: usize,
+    /// Where its JMP goes (the branch's label).
+    pub target: usize,
+    /// Whether it belongs to a `static_branch_likely!`.
+    pub likely: bool,
+    /// The bytes there now.
+    pub bytes: [u8; 5],
+    /// The bytes the key's state calls for (NOP or JMP).
+    pub expected: [u8; 5],
+}
+
+/// The branch sites of `key`, with the bytes they hold now.
+pub fn sites_of(key: &StaticKey) -> Result<Vec<BranchSite>, KeyError> {
+    locked(|reg, pins| {
+        sync_locked(reg, pins, || names([key]))?;
+        let Some((_, rec)) = reg.key(key.addr()) else {
+            return Err(KeyError::Unregistered { key: key.name().to_string(), addr: key.addr() });
+        };
+        let enabled = key.is_enabled();
+        Ok(rec
+            .sites
+            .iter()
+            .map(|s| {
+                let mut bytes = [0u8; 5];
+                for (i, b) in bytes.iter_mut().enumerate() {
+                    // SAFETY: the site lies in an executable segment of its
+                    // pinned object; single-byte volatile loads are never torn
+                    // by a concurrent patch (there is none: we hold the lock).
+                    *b = unsafe { ((s.addr + i) as *const u8).read_volatile() };
+                }
+                let rel = i32::from_le_bytes([s.jmp[1], s.jmp[2], s.jmp[3], s.jmp[4]]);
+                BranchSite {
+                    addr: s.addr,
+                    target: (s.addr + 5).wrapping_add(rel as isize as usize),
+                    likely: s.likely,
+                    bytes,
+                    expected: s.bytes(enabled),
+                }
+            })
+            .collect())
+    })
+}
+
 /// The key of this exact name, in whichever loaded object defines it.
 pub fn find(name: &str) -> Result<KeyInfo, KeyError> {
     let all = list()?;
