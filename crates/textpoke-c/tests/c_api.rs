@@ -61,7 +61,17 @@ fn c_file(name: &str) -> PathBuf {
 
 fn build_lib(compiler: &str) -> PathBuf {
     let so = out_dir().join(format!("libckeys-{compiler}.so"));
-    cc(compiler, &["-O2".as_ref(), "-fPIC".as_ref(), "-shared".as_ref(), "-o".as_ref(), so.as_os_str(), c_file("libckeys.c").as_os_str()]);
+    cc(
+        compiler,
+        &[
+            "-O2".as_ref(),
+            "-fPIC".as_ref(),
+            "-shared".as_ref(),
+            "-o".as_ref(),
+            so.as_os_str(),
+            c_file("libckeys.c").as_os_str(),
+        ],
+    );
     so
 }
 

@@ -210,15 +210,17 @@ fn site<const N: u64>(x: u64) -> u64 {
     }
 }
 
+type SiteFn = fn(u64) -> u64;
+
 macro_rules! tens {
     ($($t:literal)*) => { [$(units!($t; 0 1 2 3 4 5 6 7 8 9)),*] };
 }
 macro_rules! units {
-    ($t:literal; $($u:literal)*) => { [$(site::<{ $t * 10 + $u }> as fn(u64) -> u64),*] };
+    ($t:literal; $($u:literal)*) => { [$(site::<{ $t * 10 + $u }> as SiteFn),*] };
 }
 
-fn sites() -> Vec<fn(u64) -> u64> {
-    let t: [[fn(u64) -> u64; 10]; 10] = tens!(0 1 2 3 4 5 6 7 8 9);
+fn sites() -> Vec<SiteFn> {
+    let t: [[SiteFn; 10]; 10] = tens!(0 1 2 3 4 5 6 7 8 9);
     t.iter().flatten().copied().collect()
 }
 

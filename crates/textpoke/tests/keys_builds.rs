@@ -89,15 +89,16 @@ fn check_records(file: &Path) {
     let in_note_segment = elf64.elf_program_headers().iter().any(|ph| {
         use object::read::elf::ProgramHeader;
         let e = elf64.endian();
-        ph.p_type(e) == object::elf::PT_NOTE
-            && ph.p_vaddr(e) <= start
-            && start + size <= ph.p_vaddr(e) + ph.p_memsz(e)
+        ph.p_type(e) == object::elf::PT_NOTE && ph.p_vaddr(e) <= start && start + size <= ph.p_vaddr(e) + ph.p_memsz(e)
     });
     assert!(in_note_segment, "{file:?}: .note.textpoke is not in a PT_NOTE segment");
     assert!(elf.segments().any(|s| s.address() <= start && start + size <= s.address() + s.size()));
     if let Some(relocs) = elf.dynamic_relocations() {
         for (off, _) in relocs {
-            assert!(!(start..start + size).contains(&off), "{file:?}: dynamic relocation at {off:#x} in .note.textpoke");
+            assert!(
+                !(start..start + size).contains(&off),
+                "{file:?}: dynamic relocation at {off:#x} in .note.textpoke"
+            );
         }
     }
 }
@@ -170,7 +171,9 @@ fn cdylib_keys_are_flipped_from_here_and_forgotten_on_dlclose() {
     let lib = common::Lib::open(&so);
     let listed = lib_keys();
     let names: Vec<&str> = listed.iter().map(|k| k.name.as_str()).collect();
-    for n in ["keys_fixture::LIB_KEY", "keys_fixture::LIB_TRUE", "keys_fixture::LIB_UNUSED", "keys_fixture_dep::DEP_KEY"] {
+    for n in
+        ["keys_fixture::LIB_KEY", "keys_fixture::LIB_TRUE", "keys_fixture::LIB_UNUSED", "keys_fixture_dep::DEP_KEY"]
+    {
         assert!(names.contains(&n), "{n} listed: {names:?}");
     }
     for k in &listed {

@@ -61,13 +61,14 @@ pub enum KeyError {
     )]
     Poisoned { key: String },
 
-    /// The poke engine refused or failed the batch.
+    /// The poke engine refused or failed the batch (boxed: a `PokeError` is
+    /// large, and keys return `Result` on every flip).
     #[error("static key(s) {keys}: patching {sites} branch site(s) failed: {source}")]
     Patch {
         keys: String,
         sites: usize,
         #[source]
-        source: PokeError,
+        source: Box<PokeError>,
     },
 
     /// Objects kept being loaded and unloaded while the keys layer tried to

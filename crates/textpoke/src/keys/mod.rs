@@ -515,7 +515,7 @@ fn flip_locked(
                     }
                 }
             }
-            Err(KeyError::Patch { keys: names(changes.iter().map(|c| c.0)), sites, source })
+            Err(KeyError::Patch { keys: names(changes.iter().map(|c| c.0)), sites, source: Box::new(source) })
         }
     }
 }
@@ -713,7 +713,10 @@ fn find_locked<'r>(reg: &'r Registry, name: &str) -> Result<&'r registry::KeyRec
     match found.len() {
         0 => Err(KeyError::NotFound { name: name.to_string() }),
         1 => Ok(found[0].1),
-        _ => Err(KeyError::Ambiguous { name: name.to_string(), objects: found.iter().map(|f| f.0.path.clone()).collect() }),
+        _ => Err(KeyError::Ambiguous {
+            name: name.to_string(),
+            objects: found.iter().map(|f| f.0.path.clone()).collect(),
+        }),
     }
 }
 
