@@ -78,7 +78,7 @@ struct textpoke_static_key_false {
             ".long 9, 8, 2\n\t"                                               \
             ".asciz \"textpoke\"\n\t"                                         \
             ".balign 4\n"                                                     \
-            "0:\t.long " #name " - 0b\n\t"                                    \
+            "2:\t.long " #name " - 2b\n\t"                                    \
             ".long 0\n\t"                                                     \
             ".popsection")
 

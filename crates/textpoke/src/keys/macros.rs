@@ -44,19 +44,33 @@ macro_rules! __define_static_key {
             ::core::concat!(::core::module_path!(), "::", ::core::stringify!($name), "\0"),
         ));
 
-        // The key's record (type 2; see the keys module docs).
-        ::core::arch::global_asm!(
-            ".pushsection .note.textpoke,\"aR\",@note",
-            ".balign 4",
-            ".long 9, 8, 2",
-            ".asciz \"textpoke\"",
-            ".balign 4",
-            "0:",
-            ".long {key} - 0b",
-            ".long 0",
-            ".popsection",
-            key = sym $name,
-        );
+        // The key's record (type 2; see the keys module docs). Emitted by an
+        // `asm!` in a function kept by a `#[used]` static rather than by
+        // `global_asm!`, so that keys can be defined in function bodies too.
+        const _: () = {
+            #[used]
+            static RECORD: fn() = record;
+            fn record() {
+                // SAFETY: the block emits data into `.note.textpoke` and no
+                // instruction; the function is never called.
+                unsafe {
+                    ::core::arch::asm!(
+                        ".pushsection .note.textpoke,\"aR\",@note",
+                        ".balign 4",
+                        ".long 9, 8, 2",
+                        ".asciz \"textpoke\"",
+                        ".balign 4",
+                        // Not `0:`: in Intel syntax `0b` reads as a binary number.
+                        "2:",
+                        ".long {key} - 2b",
+                        ".long 0",
+                        ".popsection",
+                        key = sym $name,
+                        options(nomem, nostack, preserves_flags),
+                    )
+                }
+            }
+        };
     };
 }
 
