@@ -182,3 +182,44 @@ fn status_codes_match_the_header() {
         assert!(header.contains(&format!("{name} = {value}")), "{name} = {value} in textpoke.h");
     }
 }
+
+#[test]
+fn keys_of_an_object_with_bad_records_are_refused_and_nothing_is_patched() {
+    let so = out_dir().join("libbadrecords.so");
+    cc(
+        "gcc",
+        &[
+            "-O2".as_ref(),
+            "-fPIC".as_ref(),
+            "-shared".as_ref(),
+            "-o".as_ref(),
+            so.as_os_str(),
+            c_file("badrecords.c").as_os_str(),
+        ],
+    );
+    let c = std::ffi::CString::new(so.to_str().unwrap()).unwrap();
+    // SAFETY: a valid path; the library has no constructors.
+    let h = unsafe { libc::dlopen(c.as_ptr(), libc::RTLD_NOW) };
+    assert!(!h.is_null());
+    let n = std::ffi::CString::new("bad_branch").unwrap();
+    // SAFETY: valid handle and name; `int bad_branch(void)`.
+    let branch: extern "C" fn() -> i32 = unsafe { std::mem::transmute(libc::dlsym(h, n.as_ptr())) };
+    assert_eq!(branch(), 0);
+
+    let k = keys::find("bad_key").unwrap();
+    let problem = k.problem.expect("the key's object is reported as malformed");
+    assert!(problem.contains("compiled in as a jmp"), "{problem}");
+    assert!(problem.contains("type 9"), "{problem}");
+
+    let e = Update::new().enable_named("bad_key").commit().unwrap_err();
+    assert!(matches!(e, keys::KeyError::BadObject { .. }), "{e}");
+    let msg = e.to_string();
+    assert!(
+        msg.contains("bad_key") && msg.contains("libbadrecords.so") && msg.contains("nothing was patched"),
+        "{msg}"
+    );
+    assert_eq!(branch(), 0, "nothing patched");
+    assert!(!keys::find("bad_key").unwrap().enabled, "the count was restored");
+    // SAFETY: our handle.
+    assert_eq!(unsafe { libc::dlclose(h) }, 0);
+}
