@@ -73,23 +73,27 @@
 //! waits for that lock holding the keys lock). So every operation that
 //! needs the tables first brings them up to date and **pins** the objects:
 //!
-//!  1. rescan the loaded objects; forget the tables of the removed ones,
+//!  1. read the loader's load and unload counters (`dlpi_adds`,
+//!     `dlpi_subs`); if they moved since the tables were last up to date,
+//!     rescan the loaded objects: forget the tables of the removed ones,
 //!     read the records of the added ones;
 //!  2. pin each object with records (`dlopen(RTLD_NOLOAD)`): from now on it
 //!     cannot be unmapped; one already gone means a retry;
-//!  3. rescan: if nothing changed since step 1, the pinned objects are the
-//!     ones whose records were read; otherwise retry;
+//!  3. read the counters again: if they did not move since step 1, the
+//!     pinned objects are the ones whose records were read; otherwise retry;
 //!  4. patch; drop the pins once the keys lock is released.
 //!
 //! So the sites of an unloaded library are forgotten at the first operation
 //! after its `dlclose`, and no operation touches an object whose memory may
-//! go away during it.
+//! go away during it. With no `dlopen` or `dlclose` since the last flip, the
+//! check costs two short walks of the loader's list and one pin per object
+//! with keys.
 //!
 //! # Flipping
 //!
 //! A flip computes, for every site of every key that changes state, the
 //! pair (bytes now, bytes wanted) — NOP and JMP — and commits them as **one
-//! [`Batch`](crate::Batch)** with the breakpoint strategy: three sync rounds
+//! [`Batch`]** with the breakpoint strategy: three sync rounds
 //! whatever the number of sites and keys. The engine checks that every site
 //! holds exactly the expected bytes before writing anything, so a site that
 //! is not what the records say refuses the whole flip, naming the key and
