@@ -5,6 +5,8 @@
 //!
 //! - [`text`]: the poke engine — batches of pokes validated as a whole and
 //!   committed by the breakpoint or the stop-machine strategy;
+//! - [`keys`]: static keys (jump labels) — branch sites compiled in as a
+//!   NOP or a JMP and flipped, all sites of a key in one batch;
 //! - [`sites`]: where the patchable places are — patchable entries,
 //!   `__mcount_loc` sites and the entry and exit sites of Rust functions
 //!   marked with [`#[traced]`](traced), in every loaded object, mapped to
@@ -26,6 +28,7 @@
 
 pub mod arch;
 pub mod error;
+pub mod keys;
 pub mod record;
 pub mod sites;
 pub mod stress;

@@ -61,6 +61,13 @@ impl Lib {
         assert!(!p.is_null(), "symbol {name} not found");
         p as usize
     }
+
+    /// dlclose: the library is unmapped if this was its last reference.
+    pub fn close(self) {
+        // SAFETY: a handle from dlopen, closed once (self is consumed).
+        let rc = unsafe { libc::dlclose(self.0) };
+        assert_eq!(rc, 0, "dlclose failed");
+    }
 }
 
 /// Reads `len` bytes of this process at `addr`.

@@ -1,0 +1,313 @@
+//! The records the branch and key macros leave in every object: their
+//! format, and how they are read back from the process's memory.
+//!
+//! # Format
+//!
+//! Each record is one ELF note in the section `.note.textpoke`
+//! (`SHT_NOTE`, `SHF_ALLOC | SHF_GNU_RETAIN`, 4-byte aligned), with the
+//! owner name `"textpoke"`:
+//!
+//! ```text
+//!  namesz = 9 | descsz | type | "textpoke\0" + 3 bytes of padding | desc
+//!
+//!  type 1, a branch site (the kernel's jump_entry), descsz 16:
+//!      i32 code    site   - &code      the 5-byte NOP or JMP rel32
+//!      i32 target  label  - &target    where the JMP goes
+//!      i32 key     key    - &key       the StaticKey it follows
+//!      u32 flags   bit 0: the site belongs to a `likely` branch
+//!                  bit 1: compiled in as a JMP (key default XOR bit 0)
+//!
+//!  type 2, a key, descsz 8:
+//!      i32 key     key    - &key
+//!      u32 0       reserved
+//! ```
+//!
+//! Every address is an offset relative to the field that holds it, as in
+//! the kernel's `jump_entry`: the assembler or the linker resolves it, so the
+//! section has no dynamic relocation, can be read-only, and is valid as soon
+//! as the object is mapped, before the loader has relocated anything.
+//!
+//! # Why notes
+//!
+//! The linker groups `SHT_NOTE` sections into `PT_NOTE` segments, which the
+//! dynamic loader reports with the other program headers through
+//! `dl_iterate_phdr`. So the records of every loaded object — the main
+//! executable, each shared library, each library loaded later — are found in
+//! memory, without reading any file and without `__start_`/`__stop_` symbols
+//! (which exist once per object and are not exported). `SHF_GNU_RETAIN` (the
+//! `R` flag) keeps the section through `--gc-sections`; the `?` flag puts a
+//! site's record in the section group of the function containing it, so a
+//! record of a discarded COMDAT copy (a C++ inline function, a duplicated
+//! generic) is discarded with it instead of failing the link.
+//!
+//! # Reading
+//!
+//! [`read_objects`] walks `dl_iterate_phdr`; for each object asked for, it
+//! decodes the notes of its `PT_NOTE` segments that lie inside a readable
+//! `PT_LOAD` segment. The loader holds its lock during the callback, so the
+//! object cannot be unmapped while its notes are read. Only the notes are
+//! read there: they need no relocation, whereas the key's name pointer does,
+//! and is read later, once the object is pinned (the loader may list an
+//! object that another thread's `dlopen` has mapped but not yet relocated).
+
+use std::collections::HashSet;
+use std::ffi::{CStr, CString};
+
+/// Owner name of textpoke's notes, NUL included.
+pub(crate) const NOTE_NAME: &[u8] = b"textpoke\0";
+/// Note type of a branch site.
+pub(crate) const NT_BRANCH: u32 = 1;
+/// Note type of a key.
+pub(crate) const NT_KEY: u32 = 2;
+/// Size of a branch site's descriptor.
+const BRANCH_DESC: usize = 16;
+/// Size of a key's descriptor.
+const KEY_DESC: usize = 8;
+
+/// Site flag: the site belongs to a `likely` branch (the kernel's "branch"
+/// bit): it is a JMP when the key is disabled.
+pub const SITE_LIKELY: u32 = 1;
+/// Site flag: the site was compiled in as a JMP.
+pub const SITE_INIT_JMP: u32 = 2;
+
+/// One branch-site record, decoded to absolute addresses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct RawSite {
+    pub addr: usize,
+    pub target: usize,
+    pub key: usize,
+    pub flags: u32,
+}
+
+/// The records of one object.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub(crate) struct ObjectNotes {
+    /// Addresses of the keys it defines.
+    pub keys: Vec<usize>,
+    pub sites: Vec<RawSite>,
+    /// Malformed records, described; an object with any is not patched.
+    pub bad: Vec<String>,
+}
+
+impl ObjectNotes {
+    pub fn is_empty(&self) -> bool {
+        self.keys.is_empty() && self.sites.is_empty() && self.bad.is_empty()
+    }
+}
+
+fn read_u32(b: &[u8], off: usize) -> u32 {
+    u32::from_ne_bytes(b[off..off + 4].try_into().expect("4 bytes"))
+}
+
+/// Field at runtime address `field` holding `rel` (relative to itself).
+fn resolve(field: usize, rel: u32) -> usize {
+    field.wrapping_add(rel as i32 as isize as usize)
+}
+
+fn align_up(x: usize, a: usize) -> usize {
+    (x + a - 1) & !(a - 1)
+}
+
+/// Decodes the notes in `bytes`, which are mapped at runtime address `addr`,
+/// with the segment's alignment `align` (4 or 8); appends textpoke's records
+/// to `out` and ignores everybody else's.
+pub(crate) fn parse_notes(bytes: &[u8], addr: usize, align: usize, out: &mut ObjectNotes) {
+    let align = if align == 8 { 8 } else { 4 };
+    let mut off = 0;
+    while off + 12 <= bytes.len() {
+        let namesz = read_u32(bytes, off) as usize;
+        let descsz = read_u32(bytes, off + 4) as usize;
+        let ty = read_u32(bytes, off + 8);
+        let name_off = off + 12;
+        let Some(desc_off) = name_off.checked_add(namesz).map(|e| align_up(e, align)) else { return };
+        let Some(end) = desc_off.checked_add(descsz).map(|e| align_up(e, align)) else { return };
+        let name_seen = &bytes[name_off..(name_off + namesz).min(bytes.len())];
+        let ours = namesz == NOTE_NAME.len() && NOTE_NAME.starts_with(name_seen);
+        if desc_off + descsz > bytes.len() {
+            if ours {
+                out.bad.push(format!("note at {:#x} runs past the end of its segment", addr + off));
+            }
+            return; // not a note list we can follow any further
+        }
+        if ours {
+            let desc = &bytes[desc_off..desc_off + descsz];
+            let at = addr + desc_off;
+            match (ty, descsz) {
+                (NT_BRANCH, BRANCH_DESC) => out.sites.push(RawSite {
+                    addr: resolve(at, read_u32(desc, 0)),
+                    target: resolve(at + 4, read_u32(desc, 4)),
+                    key: resolve(at + 8, read_u32(desc, 8)),
+                    flags: read_u32(desc, 12),
+                }),
+                (NT_KEY, KEY_DESC) => out.keys.push(resolve(at, read_u32(desc, 0))),
+                _ => out.bad.push(format!(
+                    "note at {:#x} has type {ty} and {descsz} descriptor bytes, which this textpoke does not know \
+                     (built by a newer version?)",
+                    addr + off
+                )),
+            }
+        }
+        off = end;
+    }
+}
+
+/// One object's notes as the loader lists it: `dlpi_name` and bias identify
+/// it (as in [`crate::sites::Objects`]).
+pub(crate) struct ListedNotes {
+    pub name: CString,
+    pub bias: usize,
+    pub notes: ObjectNotes,
+}
+
+struct Walk<'a> {
+    wanted: &'a HashSet<(CString, usize)>,
+    found: Vec<ListedNotes>,
+}
+
+/// Reads the textpoke notes of the loaded objects identified in `wanted` by
+/// `(dlpi_name, bias)`. Objects with no textpoke note are returned too, with
+/// empty notes, so the caller knows they were seen.
+pub(crate) fn read_objects(wanted: &HashSet<(CString, usize)>) -> Vec<ListedNotes> {
+    let mut walk = Walk { wanted, found: Vec::new() };
+    // SAFETY: the callback only reads the `dl_phdr_info` it is given and the
+    // memory it describes, and pushes into the `Walk` passed as `data`,
+    // which outlives the call.
+    unsafe { libc::dl_iterate_phdr(Some(phdr_callback), (&mut walk as *mut Walk).cast()) };
+    walk.found
+}
+
+/// `dl_iterate_phdr` callback: decode the notes of one wanted object.
+///
+/// # Safety
+///
+/// Only for `dl_iterate_phdr` from [`read_objects`]: `info` must describe an
+/// object that stays mapped during the call, and `data` must be the `Walk`.
+unsafe extern "C" fn phdr_callback(info: *mut libc::dl_phdr_info, _size: usize, data: *mut libc::c_void) -> i32 {
+    // SAFETY: per this function's contract.
+    let (info, walk) = unsafe { (&*info, &mut *data.cast::<Walk>()) };
+    let name = if info.dlpi_name.is_null() {
+        CString::default()
+    } else {
+        // SAFETY: a non-null dlpi_name is a NUL-terminated string.
+        unsafe { CStr::from_ptr(info.dlpi_name) }.to_owned()
+    };
+    let bias = info.dlpi_addr as usize;
+    let key = (name, bias);
+    if !walk.wanted.contains(&key) {
+        return 0;
+    }
+    let phdrs: &[libc::Elf64_Phdr] = if info.dlpi_phdr.is_null() {
+        &[]
+    } else {
+        // SAFETY: the loader gives `dlpi_phnum` program headers at dlpi_phdr.
+        unsafe { std::slice::from_raw_parts(info.dlpi_phdr, info.dlpi_phnum as usize) }
+    };
+    let loads: Vec<(usize, usize)> = phdrs
+        .iter()
+        .filter(|p| p.p_type == libc::PT_LOAD && p.p_flags & libc::PF_R != 0)
+        .map(|p| (p.p_vaddr as usize, p.p_vaddr as usize + p.p_memsz as usize))
+        .collect();
+    let mut notes = ObjectNotes::default();
+    for ph in phdrs.iter().filter(|p| p.p_type == libc::PT_NOTE) {
+        let (start, len) = (ph.p_vaddr as usize, ph.p_memsz as usize);
+        if !loads.iter().any(|&(s, e)| s <= start && start + len <= e) {
+            continue; // not mapped: nothing of ours can be there
+        }
+        let at = bias.wrapping_add(start);
+        // SAFETY: the notes lie inside a readable PT_LOAD segment of an
+        // object the loader keeps mapped during this callback; notes are
+        // file contents, valid from the moment the object is mapped.
+        let bytes = unsafe { std::slice::from_raw_parts(at as *const u8, len) };
+        parse_notes(bytes, at, ph.p_align as usize, &mut notes);
+    }
+    walk.found.push(ListedNotes { name: key.0, bias, notes });
+    0
+}
+
+/// The loader's counters of objects loaded and unloaded so far
+/// (`dlpi_adds`, `dlpi_subs`): equal values at two moments mean no object
+/// was loaded or unloaded in between. `None` if the loader does not report
+/// them.
+pub(crate) fn loader_counters() -> Option<(u64, u64)> {
+    let mut counters: Option<(u64, u64)> = None;
+    // SAFETY: the callback writes only to the Option passed as `data`,
+    // which outlives the call.
+    unsafe { libc::dl_iterate_phdr(Some(counters_callback), (&mut counters as *mut Option<(u64, u64)>).cast()) };
+    counters
+}
+
+/// Reads the counters from the first object and stops the walk.
+///
+/// # Safety
+///
+/// Only for `dl_iterate_phdr` from [`loader_counters`]: `info` valid for
+/// `size` bytes, `data` the `Option<(u64, u64)>`.
+unsafe extern "C" fn counters_callback(info: *mut libc::dl_phdr_info, size: usize, data: *mut libc::c_void) -> i32 {
+    let end = std::mem::offset_of!(libc::dl_phdr_info, dlpi_subs) + std::mem::size_of::<u64>();
+    if size >= end {
+        // SAFETY: per this function's contract; the struct is long enough to
+        // hold both counters.
+        unsafe { *data.cast::<Option<(u64, u64)>>() = Some(((*info).dlpi_adds, (*info).dlpi_subs)) };
+    }
+    1 // one object is enough: the counters are the same in every call
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn note(ty: u32, desc: &[u8]) -> Vec<u8> {
+        let mut v = Vec::new();
+        v.extend_from_slice(&9u32.to_ne_bytes());
+        v.extend_from_slice(&(desc.len() as u32).to_ne_bytes());
+        v.extend_from_slice(&ty.to_ne_bytes());
+        v.extend_from_slice(b"textpoke\0\0\0\0");
+        v.extend_from_slice(desc);
+        v
+    }
+
+    fn rel(from: usize, to: usize) -> [u8; 4] {
+        (to.wrapping_sub(from) as i32).to_ne_bytes()
+    }
+
+    #[test]
+    fn decodes_relative_fields_and_skips_foreign_notes() {
+        let base = 0x10_000;
+        // A GNU build-id note first (namesz 4 "GNU\0", 4 bytes of id).
+        let mut bytes = Vec::new();
+        bytes.extend_from_slice(&4u32.to_ne_bytes());
+        bytes.extend_from_slice(&4u32.to_ne_bytes());
+        bytes.extend_from_slice(&3u32.to_ne_bytes());
+        bytes.extend_from_slice(b"GNU\0\x01\x02\x03\x04");
+        let desc_at = base + bytes.len() + 24;
+        let mut desc = Vec::new();
+        desc.extend_from_slice(&rel(desc_at, 0x5000));
+        desc.extend_from_slice(&rel(desc_at + 4, 0x5020));
+        desc.extend_from_slice(&rel(desc_at + 8, 0x9000));
+        desc.extend_from_slice(&SITE_LIKELY.to_ne_bytes());
+        bytes.extend(note(NT_BRANCH, &desc));
+        let key_at = base + bytes.len() + 24;
+        let mut kd = rel(key_at, 0x9000).to_vec();
+        kd.extend_from_slice(&0u32.to_ne_bytes());
+        bytes.extend(note(NT_KEY, &kd));
+        let mut out = ObjectNotes::default();
+        parse_notes(&bytes, base, 4, &mut out);
+        assert_eq!(out.bad, Vec::<String>::new());
+        assert_eq!(out.sites, vec![RawSite { addr: 0x5000, target: 0x5020, key: 0x9000, flags: SITE_LIKELY }]);
+        assert_eq!(out.keys, vec![0x9000]);
+    }
+
+    #[test]
+    fn unknown_record_kinds_and_truncation_are_reported() {
+        let mut out = ObjectNotes::default();
+        parse_notes(&note(7, &[0; 4]), 0x1000, 4, &mut out);
+        assert_eq!(out.bad.len(), 1, "{:?}", out.bad);
+        assert!(out.bad[0].contains("type 7"));
+        let mut out = ObjectNotes::default();
+        let mut b = note(NT_KEY, &[0; 8]);
+        b.truncate(b.len() - 2);
+        parse_notes(&b, 0x1000, 4, &mut out);
+        assert_eq!(out.bad.len(), 1, "{:?}", out.bad);
+        assert!(out.keys.is_empty());
+    }
+}
