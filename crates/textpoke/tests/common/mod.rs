@@ -48,12 +48,6 @@ impl Lib {
         Lib(h)
     }
 
-    /// dlclose.
-    pub fn close(self) {
-        // SAFETY: a handle from dlopen, closed once.
-        assert_eq!(unsafe { libc::dlclose(self.0) }, 0);
-    }
-
     pub fn sym(&self, name: &str) -> usize {
         let c = std::ffi::CString::new(name).unwrap();
         // SAFETY: valid handle and C string.
