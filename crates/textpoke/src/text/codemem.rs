@@ -25,8 +25,19 @@ pub struct CodeBlock {
 
 impl CodeBlock {
     /// Maps `len` bytes (rounded up to pages) within rel32 reach of every
-    /// address in `[lo, hi]`.
+    /// address in `[lo, hi]`. Another thread may map the chosen gap between
+    /// our look at the maps and our `mmap` (`EEXIST`): then look again.
     pub fn near(lo: usize, hi: usize, len: usize) -> io::Result<CodeBlock> {
+        let mut tries = 0;
+        loop {
+            match Self::try_near(lo, hi, len) {
+                Err(e) if e.raw_os_error() == Some(libc::EEXIST) && tries < 16 => tries += 1,
+                r => return r,
+            }
+        }
+    }
+
+    fn try_near(lo: usize, hi: usize, len: usize) -> io::Result<CodeBlock> {
         let ps = super::page_size();
         let len = len.max(1).next_multiple_of(ps);
         let maps = Maps::read()?;
