@@ -150,3 +150,77 @@ fn ops_come_and_go_while_eight_threads_run() {
     t.reclaim(std::time::Duration::from_secs(2)).unwrap();
     assert_eq!(t.retired(), 0, "everything retired was freed after a grace period");
 }
+
+const ABI: &str = r#"
+#include <stdarg.h>
+struct pair { long a; double b; };
+double abi_mix(long a, long b, long c, long d, long e, long f,
+               double x0, double x1, double x2, double x3, double x4, double x5, double x6, double x7) {
+    return a + 2*b + 3*c + 4*d + 5*e + 6*f + x0 + 2*x1 + 3*x2 + 4*x3 + 5*x4 + 6*x5 + 7*x6 + 8*x7;
+}
+long abi_var(int n, ...) {
+    va_list ap; va_start(ap, n); long s = 0; double t = 0;
+    for (int i = 0; i < n; i++) { s += va_arg(ap, long); t += va_arg(ap, double); }
+    va_end(ap); return s * 1000 + (long)t;
+}
+double abi_pair(struct pair p, struct pair q) { return p.a * p.b + q.a * q.b; }
+double abi_call_var(void) { return (double)abi_var(3, 1L, 1.5, 2L, 2.5, 3L, 3.0); }
+"#;
+
+/// Records the first integer and float arguments it saw.
+struct ArgSpy {
+    int0: AtomicU64,
+    float0: AtomicU64,
+}
+
+impl TraceOp for ArgSpy {
+    fn entry(&self, e: &Entry<'_>) {
+        self.int0.store(e.arg(0).unwrap_or(0), Ordering::Relaxed);
+        self.float0.store(e.float_arg(0).unwrap_or(0.0).to_bits(), Ordering::Relaxed);
+    }
+}
+
+#[test]
+fn arguments_and_results_survive_the_trampolines() {
+    let _s = SERIAL.lock().unwrap();
+    let lib = Lib::open(&compile_so("abi", ABI, &["-fpatchable-function-entry=5", "-O2", "-fno-inline"]));
+    let t = Tracer::global();
+    t.refresh().unwrap();
+    #[repr(C)]
+    #[derive(Clone, Copy)]
+    struct Pair {
+        a: i64,
+        b: f64,
+    }
+    // SAFETY: signatures as in ABI.
+    let mix = unsafe {
+        std::mem::transmute::<
+            usize,
+            extern "C" fn(i64, i64, i64, i64, i64, i64, f64, f64, f64, f64, f64, f64, f64, f64) -> f64,
+        >(lib.sym("abi_mix"))
+    };
+    let pair = unsafe { std::mem::transmute::<usize, extern "C" fn(Pair, Pair) -> f64>(lib.sym("abi_pair")) };
+    let var = unsafe { std::mem::transmute::<usize, extern "C" fn() -> f64>(lib.sym("abi_call_var")) };
+    let check = || {
+        assert_eq!(mix(1, 2, 3, 4, 5, 6, 0.5, 1.5, 2.5, 3.5, 4.5, 5.5, 6.5, 7.5), 91.0 + 186.0);
+        assert_eq!(pair(Pair { a: 3, b: 0.5 }, Pair { a: 4, b: 0.25 }), 2.5);
+        assert_eq!(var(), 6007.0);
+    };
+    check();
+    // One op (direct trampoline), then two (list trampoline), with exits.
+    let spy = Arc::new(ArgSpy { int0: AtomicU64::new(0), float0: AtomicU64::new(0) });
+    let g = Counter::new(true);
+    let h1 = t.register(spy.clone(), Filter::new(["abi_mix"], Vec::<String>::new()).unwrap()).unwrap();
+    check();
+    assert_eq!(spy.int0.load(Ordering::Relaxed), 1, "Entry::arg(0) is the first integer argument");
+    assert_eq!(f64::from_bits(spy.float0.load(Ordering::Relaxed)), 0.5, "Entry::float_arg(0)");
+    let h2 = t.register(g.clone(), Filter::new(["abi_*"], Vec::<String>::new()).unwrap()).unwrap();
+    for _ in 0..100 {
+        check();
+    }
+    assert_eq!(g.entries_of(site(t, "abi_var")), 100);
+    assert_eq!(g.exits_of(site(t, "abi_pair")), 100);
+    t.unregister(h1).unwrap();
+    t.unregister(h2).unwrap();
+    check();
+}

@@ -11,9 +11,10 @@
 //! On entry `[rsp]` is the site index, `[rsp+8]` the return address into
 //! the site, and for a site at a function's entry `[rsp+16]` is the
 //! function's own return address. The trampoline makes a frame (`rbp`),
-//! aligns the stack to 32 bytes, saves every caller-saved register (the 9
-//! general-purpose ones and xmm0-15, or ymm0-15 when the CPU has AVX) into
-//! a [`SavedRegs`], and calls `handler(regs, frame, ctx)` where `frame` is
+//! aligns the stack to 32 bytes, saves the registers that may be live
+//! ([`Live`]: at a function entry the argument registers; in a body every
+//! caller-saved one: 9 general-purpose and vectors 0-15; vectors as ymm
+//! when the CPU has AVX) into a [`SavedRegs`], and calls `handler(regs, frame, ctx)` where `frame` is
 //! its `rbp` (so `frame[1]` is the site index, `frame[2]` the return into
 //! the site, `frame[3]` the function's return address) and `ctx` a value
 //! baked into the code. Then it restores everything, drops the index and
@@ -105,19 +106,34 @@ pub fn stub(at: usize, index: u32, target: usize) -> Option<[u8; STUB_LEN]> {
     Some([0x68, imm[0], imm[1], imm[2], imm[3], 0xe9, disp[0], disp[1], disp[2], disp[3]])
 }
 
+/// Which registers an entry trampoline must preserve.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Live {
+    /// At a function's first instruction: only the argument registers (rdi,
+    /// rsi, rdx, rcx, r8, r9, rax for varargs, r10 for the static chain,
+    /// vector 0-7) are live; r11 and vectors 8-15 are dead by the ABI.
+    FunctionEntry,
+    /// Inside a body: every caller-saved register may hold a live value.
+    Body,
+}
+
 /// The entry trampoline placed at `at`, calling
 /// `handler(regs: *mut SavedRegs, frame: *mut u64, ctx: usize)`.
-pub fn entry_trampoline(at: usize, handler: usize, ctx: usize, avx: bool) -> Result<Vec<u8>, IcedError> {
-    let frame_size = (VEC_OFF as usize + 32 * 16) as i32;
+pub fn entry_trampoline(at: usize, handler: usize, ctx: usize, avx: bool, live: Live) -> Result<Vec<u8>, IcedError> {
+    let (gprs, vecs) = match live {
+        Live::FunctionEntry => (&GPR_OFF[..8], 8),
+        Live::Body => (&GPR_OFF[..], 16),
+    };
+    let frame_size = (VEC_OFF as usize + 32 * vecs) as i32;
     let mut a = CodeAssembler::new(64)?;
     a.push(rbp)?;
     a.mov(rbp, rsp)?;
     a.and(rsp, -32)?;
     a.sub(rsp, frame_size)?;
-    for (r, off) in GPR_OFF {
+    for &(r, off) in gprs {
         a.mov(qword_ptr(rsp + off), r)?;
     }
-    for i in 0..16 {
+    for i in 0..vecs {
         save_vec(&mut a, i, VEC_OFF + 32 * i as i32, avx)?;
     }
     a.mov(rdi, rsp)?;
@@ -125,10 +141,10 @@ pub fn entry_trampoline(at: usize, handler: usize, ctx: usize, avx: bool) -> Res
     a.mov(rdx, ctx as u64)?;
     a.mov(rax, handler as u64)?;
     a.call(rax)?;
-    for i in 0..16 {
+    for i in 0..vecs {
         load_vec(&mut a, i, VEC_OFF + 32 * i as i32, avx)?;
     }
-    for (r, off) in GPR_OFF {
+    for &(r, off) in gprs {
         a.mov(r, qword_ptr(rsp + off))?;
     }
     if avx {
@@ -187,7 +203,9 @@ mod tests {
     #[test]
     fn trampolines_assemble() {
         for avx in [false, true] {
-            let e = entry_trampoline(0x10000, 0x20000, 42, avx).unwrap();
+            let e = entry_trampoline(0x10000, 0x20000, 42, avx, Live::Body).unwrap();
+            let f = entry_trampoline(0x10000, 0x20000, 42, avx, Live::FunctionEntry).unwrap();
+            assert!(f.len() < e.len());
             assert!(e.len() > 100 && e.len() < 1024);
             let r = return_trampoline(0x10000, 0x20000, avx).unwrap();
             assert!(r.len() < 256);

@@ -134,8 +134,9 @@ struct TrampBlock {
     code: Option<CodeBlock>,
     object: ObjectId,
     used: usize,
-    list: Option<usize>,
-    direct: [Option<usize>; MAX_OPS],
+    /// Trampolines for function-entry sites [0] and body sites [1].
+    list: [Option<usize>; 2],
+    direct: [[Option<usize>; MAX_OPS]; 2],
     live_stubs: usize,
     free_stubs: Vec<usize>,
 }
@@ -516,19 +517,24 @@ impl Inner {
             code: Some(code),
             object,
             used: 0,
-            list: None,
-            direct: [None; MAX_OPS],
+            list: [None; 2],
+            direct: [[None; MAX_OPS]; 2],
             live_stubs: 0,
             free_stubs: Vec::new(),
         });
         Ok(self.blocks.len() - 1)
     }
 
-    /// The trampoline for `target` in block `b`, generating it if needed.
-    fn trampoline_in(&mut self, b: usize, target: Target) -> Result<Option<usize>, TraceError> {
+    /// The trampoline for `target` and sites at `place` in block `b`,
+    /// generating it if needed.
+    fn trampoline_in(&mut self, b: usize, target: Target, place: SitePlace) -> Result<Option<usize>, TraceError> {
+        let (k, live) = match place {
+            SitePlace::FunctionEntry => (0, tramp::Live::FunctionEntry),
+            _ => (1, tramp::Live::Body),
+        };
         let existing = match target {
-            Target::List => self.blocks[b].list,
-            Target::Direct(op) => self.blocks[b].direct[op],
+            Target::List => self.blocks[b].list[k],
+            Target::Direct(op) => self.blocks[b].direct[k][op],
             Target::Off => unreachable!("no trampoline for an unpatched site"),
         };
         if existing.is_some() {
@@ -540,16 +546,16 @@ impl Inner {
             Target::Direct(op) => (hot::on_entry_direct as *const () as usize, op),
             Target::Off => unreachable!(),
         };
-        let code =
-            tramp::entry_trampoline(at, handler, ctx, self.avx).map_err(|e| TraceError::CodeGen(e.to_string()))?;
+        let code = tramp::entry_trampoline(at, handler, ctx, self.avx, live)
+            .map_err(|e| TraceError::CodeGen(e.to_string()))?;
         let blk = &self.blocks[b];
         let code_block = blk.code.as_ref().expect("live block");
         code_block
             .write(at - code_block.addr(), &code)
             .map_err(|source| TraceError::TrampolineMemory { near: at, source })?;
         match target {
-            Target::List => self.blocks[b].list = Some(at),
-            Target::Direct(op) => self.blocks[b].direct[op] = Some(at),
+            Target::List => self.blocks[b].list[k] = Some(at),
+            Target::Direct(op) => self.blocks[b].direct[k][op] = Some(at),
             Target::Off => {}
         }
         Ok(Some(at))
@@ -557,7 +563,7 @@ impl Inner {
 
     /// Writes a stub for site `i` jumping to its `target` trampoline.
     fn make_stub(&mut self, i: usize, target: Target) -> Result<(usize, usize), TraceError> {
-        let (addr, object) = (self.sites[i].addr, self.sites[i].object);
+        let (addr, object, place) = (self.sites[i].addr, self.sites[i].object, self.sites[i].place);
         let candidates: Vec<usize> = (0..self.blocks.len())
             .filter(|&b| {
                 let blk = &self.blocks[b];
@@ -566,7 +572,7 @@ impl Inner {
             .collect();
         for b in candidates.into_iter().chain(std::iter::once(usize::MAX)) {
             let b = if b == usize::MAX { self.new_block(addr, object)? } else { b };
-            let Some(tramp_at) = self.trampoline_in(b, target)? else { continue };
+            let Some(tramp_at) = self.trampoline_in(b, target, place)? else { continue };
             let stub_at = match self.blocks[b].free_stubs.pop() {
                 Some(s) => s,
                 None => match self.alloc_in(b, STUB_SLOT) {
