@@ -39,7 +39,7 @@ struct Lib {
     looper: extern "C" fn(i64) -> i64,
 }
 
-fn open(path: &PathBuf, name: &str) -> Lib {
+fn open(path: &std::path::Path, name: &str) -> Lib {
     let c = std::ffi::CString::new(path.to_str().unwrap()).unwrap();
     let sym = std::ffi::CString::new(format!("{name}_loop")).unwrap();
     // SAFETY: dlopen/dlsym with valid strings; the symbol is `long f(long)`.

@@ -158,6 +158,54 @@ pub fn entry_trampoline(at: usize, handler: usize, ctx: usize, avx: bool, live: 
     a.assemble(at as u64)
 }
 
+/// The count trampoline placed at `at`: on entry `[rsp]` is the function's
+/// recorder id (pushed by its stub). It performs the recorder's count
+/// protocol (K1 save and set `busy`, K2 session and range checks, K3 one
+/// `inc`, K4 restore `busy`; see `record::buffer`) with four scratch
+/// registers it saves, and jumps to `slow` (a full entry trampoline whose
+/// handler calls `record::count`) when the thread has no buffer yet, the
+/// buffer is stale or the id is out of range.
+pub fn count_trampoline(at: usize, l: &crate::record::CountLayout, slow: usize) -> Result<Vec<u8>, IcedError> {
+    let mut a = CodeAssembler::new(64)?;
+    let mut undo = a.create_label();
+    let mut pop_slow = a.create_label();
+    let (busy, session, counters, ncounters) = (l.busy as i32, l.session as i32, l.counters as i32, l.ncounters as i32);
+    a.push(rax)?;
+    a.push(rcx)?;
+    a.push(rdx)?;
+    a.push(rsi)?;
+    a.mov(rax, qword_ptr(l.tls_buf as i32).fs())?; // this thread's buffer
+    a.test(rax, rax)?;
+    a.jz(pop_slow)?;
+    a.mov(edx, dword_ptr(rax + busy))?; // K1: was = busy; busy = 1
+    a.mov(dword_ptr(rax + busy), 1)?;
+    a.mov(rsi, l.active as u64)?;
+    a.mov(rsi, qword_ptr(rsi))?;
+    a.cmp(rsi, qword_ptr(rax + session))?; // K2: current session
+    a.jne(undo)?;
+    a.mov(ecx, dword_ptr(rsp + 32))?; // the id the stub pushed
+    a.cmp(rcx, qword_ptr(rax + ncounters))?; // K2: in range
+    a.jae(undo)?;
+    a.mov(rsi, qword_ptr(rax + counters))?;
+    a.inc(qword_ptr(rsi + rcx * 8))?; // K3: one instruction
+    a.mov(dword_ptr(rax + busy), edx)?; // K4 (a plain store is a release on x86)
+    a.pop(rsi)?;
+    a.pop(rdx)?;
+    a.pop(rcx)?;
+    a.pop(rax)?;
+    a.lea(rsp, qword_ptr(rsp + 8))?; // drop the id
+    a.ret()?;
+    a.set_label(&mut undo)?;
+    a.mov(dword_ptr(rax + busy), edx)?;
+    a.set_label(&mut pop_slow)?;
+    a.pop(rsi)?;
+    a.pop(rdx)?;
+    a.pop(rcx)?;
+    a.pop(rax)?;
+    a.jmp(slow as u64)?;
+    a.assemble(at as u64)
+}
+
 /// The return trampoline placed at `at`, calling
 /// `handler(saved: *mut SavedReturn, caller_sp: usize) -> usize` which
 /// returns the original return address.

@@ -132,6 +132,57 @@ thread_local! {
     static TLS: Tls = const { Tls { buf: Cell::new(ptr::null_mut()), state: Cell::new(ST_NORMAL) } };
 }
 
+/// Where count-mode state lives, for code that counts in a few
+/// instructions (the tracer's count trampoline): it must do exactly what
+/// [`try_count`] does (K1-K4) and fall back to [`count`] otherwise.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CountLayout {
+    /// Offset of this thread's buffer pointer from the thread pointer
+    /// (`fs:0`): the same in every thread.
+    pub tls_buf: isize,
+    /// Address of the session word every buffer's `session` must equal.
+    pub active: usize,
+    /// Offsets in a buffer of `busy` (u32), `session` (u64), `counters`
+    /// (pointer to u64s) and `ncounters` (u64).
+    pub busy: usize,
+    pub session: usize,
+    pub counters: usize,
+    pub ncounters: usize,
+}
+
+fn thread_pointer() -> usize {
+    let tp: usize;
+    // SAFETY: on x86-64 Linux `fs:0` holds the thread pointer itself (the
+    // TCB's self pointer); reading it has no side effect.
+    unsafe { core::arch::asm!("mov {}, fs:[0]", out(reg) tp, options(nostack, readonly, preserves_flags)) };
+    tp
+}
+
+fn tls_buf_offset() -> isize {
+    TLS.with(|t| t.buf.as_ptr() as isize) - thread_pointer() as isize
+}
+
+/// The count layout, if this module's thread-local lives in the static TLS
+/// block (the program itself, or a library loaded at start such as the
+/// preloaded agent): then its offset from the thread pointer is the same in
+/// every thread, which is checked in a second thread. `None` otherwise
+/// (a library loaded later may get dynamic TLS).
+pub fn count_layout() -> Option<CountLayout> {
+    static LAYOUT: std::sync::OnceLock<Option<CountLayout>> = std::sync::OnceLock::new();
+    *LAYOUT.get_or_init(|| {
+        let here = tls_buf_offset();
+        let there = std::thread::spawn(tls_buf_offset).join().ok()?;
+        (here == there && i32::try_from(here).is_ok()).then(|| CountLayout {
+            tls_buf: here,
+            active: &ACTIVE as *const AtomicU64 as usize,
+            busy: std::mem::offset_of!(ThreadBuf, p) + std::mem::offset_of!(Producer, busy),
+            session: std::mem::offset_of!(ThreadBuf, p) + std::mem::offset_of!(Producer, session),
+            counters: std::mem::offset_of!(ThreadBuf, c) + std::mem::offset_of!(Counters, counters),
+            ncounters: std::mem::offset_of!(ThreadBuf, c) + std::mem::offset_of!(Counters, ncounters),
+        })
+    })
+}
+
 #[inline(always)]
 fn tls_buf() -> *mut ThreadBuf {
     TLS.with(|t| t.buf.get())

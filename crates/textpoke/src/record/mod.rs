@@ -198,6 +198,7 @@ pub mod format;
 mod os;
 mod session;
 
+pub use buffer::{count_layout, CountLayout};
 pub use clock::Clock;
 pub use format::{ClockSource, Mode};
 

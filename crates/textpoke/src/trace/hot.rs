@@ -51,6 +51,12 @@ pub trait TraceOp: Send + Sync + 'static {
     fn wants_time(&self) -> bool {
         false
     }
+    /// Whether `entry` does exactly `record::count(FuncId(e.func))` and
+    /// nothing else: then a site traced by this op alone gets the count
+    /// trampoline, which counts in a few instructions without calling it.
+    fn counts_only(&self) -> bool {
+        false
+    }
 }
 
 /// Where a site is in its function.
@@ -303,6 +309,15 @@ pub(crate) extern "C" fn on_entry_list(regs: *mut SavedRegs, frame: *mut usize, 
     let site = unsafe { *frame.add(1) } as u32;
     let Some(slot) = site_slot(site) else { return };
     enter(regs, frame, site, slot, slot.mask.load(Ordering::Acquire));
+}
+
+/// Slow path of the count trampoline (no buffer yet, stale session, id out
+/// of range): `frame[1]` is the function's recorder id.
+pub(crate) extern "C" fn on_count_slow(_regs: *mut SavedRegs, frame: *mut usize, _ctx: usize) {
+    // SAFETY: the count trampoline jumped here with the id where a site
+    // index would be.
+    let func = unsafe { *frame.add(1) } as u32;
+    crate::record::count(crate::record::FuncId(func));
 }
 
 /// Entry handler of a direct trampoline: only op `op`.

@@ -114,6 +114,8 @@ enum Target {
     Off,
     Direct(usize),
     List,
+    /// A count-only op alone: the count trampoline, no callback.
+    Count(usize),
 }
 
 struct SiteInfo {
@@ -137,6 +139,8 @@ struct TrampBlock {
     /// Trampolines for function-entry sites [0] and body sites [1].
     list: [Option<usize>; 2],
     direct: [[Option<usize>; MAX_OPS]; 2],
+    /// The count trampoline and its slow path.
+    count: Option<usize>,
     live_stubs: usize,
     free_stubs: Vec<usize>,
 }
@@ -404,6 +408,13 @@ impl Inner {
         FunctionInfo { site: i as u32, function: s.function.clone(), addr: s.addr, place: s.place, ops: s.mask }
     }
 
+    /// Whether op `op` may use the count trampoline.
+    fn counts_only(&self, op: usize) -> bool {
+        // SAFETY: `boxed` stays valid while the op is registered.
+        self.ops[op].as_ref().is_some_and(|o| unsafe { (*o.boxed).op.counts_only() })
+            && crate::record::count_layout().is_some()
+    }
+
     fn free_id_peek(&self) -> Option<usize> {
         (0..MAX_OPS).find(|&i| self.ops[i].is_none() && self.ids_pending & (1 << i) == 0)
     }
@@ -519,15 +530,42 @@ impl Inner {
             used: 0,
             list: [None; 2],
             direct: [[None; MAX_OPS]; 2],
+            count: None,
             live_stubs: 0,
             free_stubs: Vec::new(),
         });
         Ok(self.blocks.len() - 1)
     }
 
+    /// Writes `code` made for address `at` into block `b`.
+    fn put_code(&self, b: usize, at: usize, code: &[u8]) -> Result<(), TraceError> {
+        let cb = self.blocks[b].code.as_ref().expect("live block");
+        cb.write(at - cb.addr(), code).map_err(|source| TraceError::TrampolineMemory { near: at, source })
+    }
+
+    /// The count trampoline of block `b` (and its slow path).
+    fn count_trampoline_in(&mut self, b: usize) -> Result<Option<usize>, TraceError> {
+        if let Some(t) = self.blocks[b].count {
+            return Ok(Some(t));
+        }
+        let layout = crate::record::count_layout().expect("Target::Count only with a layout");
+        let (Some(slow), Some(at)) = (self.alloc_in(b, 1024), self.alloc_in(b, 256)) else { return Ok(None) };
+        let handler = hot::on_count_slow as *const () as usize;
+        let code = tramp::entry_trampoline(slow, handler, 0, self.avx, tramp::Live::Body)
+            .map_err(|e| TraceError::CodeGen(e.to_string()))?;
+        self.put_code(b, slow, &code)?;
+        let code = tramp::count_trampoline(at, &layout, slow).map_err(|e| TraceError::CodeGen(e.to_string()))?;
+        self.put_code(b, at, &code)?;
+        self.blocks[b].count = Some(at);
+        Ok(Some(at))
+    }
+
     /// The trampoline for `target` and sites at `place` in block `b`,
     /// generating it if needed.
     fn trampoline_in(&mut self, b: usize, target: Target, place: SitePlace) -> Result<Option<usize>, TraceError> {
+        if let Target::Count(_) = target {
+            return self.count_trampoline_in(b);
+        }
         let (k, live) = match place {
             SitePlace::FunctionEntry => (0, tramp::Live::FunctionEntry),
             _ => (1, tramp::Live::Body),
@@ -535,7 +573,7 @@ impl Inner {
         let existing = match target {
             Target::List => self.blocks[b].list[k],
             Target::Direct(op) => self.blocks[b].direct[k][op],
-            Target::Off => unreachable!("no trampoline for an unpatched site"),
+            Target::Off | Target::Count(_) => unreachable!("handled above"),
         };
         if existing.is_some() {
             return Ok(existing);
@@ -544,7 +582,7 @@ impl Inner {
         let (handler, ctx) = match target {
             Target::List => (hot::on_entry_list as *const () as usize, 0),
             Target::Direct(op) => (hot::on_entry_direct as *const () as usize, op),
-            Target::Off => unreachable!(),
+            Target::Off | Target::Count(_) => unreachable!(),
         };
         let code = tramp::entry_trampoline(at, handler, ctx, self.avx, live)
             .map_err(|e| TraceError::CodeGen(e.to_string()))?;
@@ -556,7 +594,7 @@ impl Inner {
         match target {
             Target::List => self.blocks[b].list[k] = Some(at),
             Target::Direct(op) => self.blocks[b].direct[k][op] = Some(at),
-            Target::Off => {}
+            Target::Off | Target::Count(_) => {}
         }
         Ok(Some(at))
     }
@@ -612,7 +650,14 @@ impl Inner {
             let mask = self.desired_mask(&self.sites[i]);
             let target = match mask.count_ones() {
                 0 => Target::Off,
-                1 => Target::Direct(mask.trailing_zeros() as usize),
+                1 => {
+                    let op = mask.trailing_zeros() as usize;
+                    if self.counts_only(op) {
+                        Target::Count(op)
+                    } else {
+                        Target::Direct(op)
+                    }
+                }
                 _ => Target::List,
             };
             let s = &self.sites[i];

@@ -38,4 +38,7 @@ impl TraceOp for RecordOp {
     fn wants_exit(&self) -> bool {
         !self.count_only
     }
+    fn counts_only(&self) -> bool {
+        self.count_only
+    }
 }
