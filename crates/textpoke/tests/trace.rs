@@ -128,7 +128,7 @@ fn ops_come_and_go_while_eight_threads_run() {
         })
         .collect();
     let leaf = site(t, "thr_leaf");
-    for round in 0..300 {
+    for round in 0..1000 {
         let a = Counter::new(round % 2 == 0);
         let b = Counter::new(true);
         let ha = t.register(a.clone(), Filter::new(["thr_*"], Vec::<String>::new()).unwrap()).unwrap();
@@ -139,7 +139,7 @@ fn ops_come_and_go_while_eight_threads_run() {
         // Both saw calls while registered (the workers never stop), and
         // exits never outnumber entries.
         assert!(b.exits_of(leaf) <= b.entries_of(leaf));
-        if round == 299 {
+        if round == 999 {
             assert!(a.entries_of(leaf) + b.entries_of(leaf) > 0);
         }
     }
