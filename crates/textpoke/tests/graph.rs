@@ -5,26 +5,11 @@
 mod common;
 
 use common::{child_scenario, compile_cxx_so, compile_so, rerun_self, Lib};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
-use textpoke::trace::{Entry, Exit, Filter, TraceOp, Tracer};
+use textpoke::trace::{Filter, Tracer};
 
-struct Counts {
-    entries: AtomicU64,
-    exits: AtomicU64,
-}
-
-impl TraceOp for Counts {
-    fn entry(&self, _e: &Entry<'_>) {
-        self.entries.fetch_add(1, Ordering::Relaxed);
-    }
-    fn exit(&self, _x: &Exit) {
-        self.exits.fetch_add(1, Ordering::Relaxed);
-    }
-    fn wants_exit(&self) -> bool {
-        true
-    }
-}
+use common::EntryExitCounts as Counts;
 
 static SERIAL: Mutex<()> = Mutex::new(());
 
@@ -64,7 +49,7 @@ fn setup() -> (Lib, Arc<Counts>, textpoke::trace::OpHandle) {
     let lib = Lib::open(&compile_so("graph", SRC, &["-fpatchable-function-entry=5", "-O1", "-fno-inline", "-pthread"]));
     let t = Tracer::global();
     t.refresh().unwrap();
-    let c = Arc::new(Counts { entries: AtomicU64::new(0), exits: AtomicU64::new(0) });
+    let c = Counts::new();
     let h = t.register(c.clone(), Filter::new(["g_*"], Vec::<String>::new()).unwrap()).unwrap();
     (lib, c, h)
 }
@@ -152,7 +137,7 @@ fn cxx_exceptions() {
     let lib = Lib::open(&compile_cxx_so("cxxgraph", CXX, &["-fpatchable-function-entry=5", "-O1", "-fno-inline"]));
     let t = Tracer::global();
     t.refresh().unwrap();
-    let c = Arc::new(Counts { entries: AtomicU64::new(0), exits: AtomicU64::new(0) });
+    let c = Counts::new();
     let h = t.register(c.clone(), Filter::new(["x_*"], Vec::<String>::new()).unwrap()).unwrap();
     // SAFETY: x_catcher(int *) -> int.
     let catcher = unsafe { std::mem::transmute::<usize, extern "C" fn(*mut i32) -> i32>(lib.sym("x_catcher")) };

@@ -1,9 +1,10 @@
 //! The tracer on Rust functions marked `#[textpoke::traced]`: entry and
 //! exit sites in the body, exits also on panics.
 
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
-use textpoke::trace::{Entry, Exit, Filter, TraceOp, Tracer};
+mod common;
+
+use std::sync::atomic::Ordering;
+use textpoke::trace::{Filter, Tracer};
 
 #[textpoke::traced]
 fn tm_add(a: u64, b: u64) -> u64 {
@@ -28,22 +29,7 @@ fn tm_generic<T: Copy + Into<u64>>(x: T) -> u64 {
     x.into() + 1
 }
 
-struct Counts {
-    entries: AtomicU64,
-    exits: AtomicU64,
-}
-
-impl TraceOp for Counts {
-    fn entry(&self, _e: &Entry<'_>) {
-        self.entries.fetch_add(1, Ordering::Relaxed);
-    }
-    fn exit(&self, _x: &Exit) {
-        self.exits.fetch_add(1, Ordering::Relaxed);
-    }
-    fn wants_exit(&self) -> bool {
-        true
-    }
-}
+use common::EntryExitCounts as Counts;
 
 fn plain_outer(n: u64) -> u64 {
     (0..n).map(|i| i.wrapping_mul(31) ^ n).fold(0, u64::wrapping_add)
@@ -55,7 +41,7 @@ fn marked_functions_are_traced_with_balanced_exits() {
     t.refresh().unwrap();
     let names: Vec<String> = t.functions().iter().map(|f| f.function.to_string()).collect();
     assert!(names.iter().any(|n| n.ends_with("tm_outer")), "{names:?}");
-    let c = Arc::new(Counts { entries: AtomicU64::new(0), exits: AtomicU64::new(0) });
+    let c = Counts::new();
     let h = t.register(c.clone(), Filter::new(["*::tm_*"], Vec::<String>::new()).unwrap()).unwrap();
     let threads: Vec<_> = (0..8)
         .map(|_| {

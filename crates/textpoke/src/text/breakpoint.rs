@@ -38,9 +38,7 @@ pub(crate) fn commit(
     stats: &mut CommitStats,
 ) -> Result<(), PokeError> {
     trap::check_installed()?;
-    let writer = Writer::prepare(plan.runs.clone(), write)
-        .map_err(|source| PokeError::Sys { what: "make code pages writable", source })?;
-    stats.write_method = Some(writer.method());
+    let writer = super::prepare_writer(plan, write, stats)?;
 
     let sites: Box<[TrapSite]> = plan
         .pokes
@@ -56,9 +54,7 @@ pub(crate) fn commit(
     }
 
     trap::unpublish();
-    let restored = writer.finish();
-    result?;
-    restored.map_err(|source| PokeError::Sys { what: "restore code page protection", source })
+    super::finish_writer(writer, result)
 }
 
 fn run_protocol(pokes: &[Planned], w: &Writer, sync: SyncMethod, stats: &mut CommitStats) -> Result<(), PokeError> {

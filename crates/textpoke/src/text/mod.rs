@@ -244,6 +244,27 @@ pub(crate) struct Plan {
     pub runs: Vec<write::PageRun>,
 }
 
+/// Prepares the writer for a plan (the last step that can fail before a
+/// byte is written) and notes its method.
+fn prepare_writer(
+    plan: &Plan,
+    write: Option<WriteMethod>,
+    stats: &mut CommitStats,
+) -> Result<write::Writer, PokeError> {
+    let w = write::Writer::prepare(plan.runs.clone(), write)
+        .map_err(|source| PokeError::Sys { what: "make code pages writable", source })?;
+    stats.write_method = Some(w.method());
+    Ok(w)
+}
+
+/// Restores page protection after a strategy ran; the strategy's error
+/// comes first.
+fn finish_writer(w: write::Writer, result: Result<(), PokeError>) -> Result<(), PokeError> {
+    let restored = w.finish();
+    result?;
+    restored.map_err(|source| PokeError::Sys { what: "restore code page protection", source })
+}
+
 static COMMIT_LOCK: Mutex<()> = Mutex::new(());
 
 /// Serialises commits (and trap-handler installation) process-wide.

@@ -26,24 +26,21 @@ pub const MAX_PARK_ATTEMPTS: u32 = 200;
 ///  6. release, unblock signals, restore protections.
 ///
 /// Between 3 and 6 nothing allocates or locks: parked threads may hold
-/// malloc's lock. Threads stopped in signal handlers of their own (an
-/// outer frame inside a region) are not seen: rule 4, use the breakpoint
-/// strategy where that matters.
+/// malloc's lock. A thread stopped while running a signal handler of its
+/// own has the PC it interrupted saved in an outer signal frame (rule 4):
+/// those frames are found by scanning the parked thread's stack
+/// (`arch::for_each_outer_pc`) and their PCs are checked too.
 pub(crate) fn commit(
     plan: &Plan,
     sync: SyncMethod,
     write: Option<WriteMethod>,
     stats: &mut CommitStats,
 ) -> Result<(), PokeError> {
-    let writer = Writer::prepare(plan.runs.clone(), write)
-        .map_err(|source| PokeError::Sys { what: "make code pages writable", source })?;
-    stats.write_method = Some(writer.method());
+    let writer = super::prepare_writer(plan, write, stats)?;
     let mask = SignalMask::block_async();
     let result = park_and_write(plan, &writer, sync, stats);
     drop(mask);
-    let restored = writer.finish();
-    result?;
-    restored.map_err(|source| PokeError::Sys { what: "restore code page protection", source })
+    super::finish_writer(writer, result)
 }
 
 fn park_and_write(plan: &Plan, w: &Writer, sync: SyncMethod, stats: &mut CommitStats) -> Result<(), PokeError> {

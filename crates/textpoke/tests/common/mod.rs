@@ -110,3 +110,27 @@ pub fn rerun_self(name: &str, scenario: &str) -> std::process::Output {
 pub fn child_scenario() -> Option<String> {
     std::env::var("TEXTPOKE_CHILD").ok()
 }
+
+/// A tracing op counting entries and exits (function_graph).
+pub struct EntryExitCounts {
+    pub entries: std::sync::atomic::AtomicU64,
+    pub exits: std::sync::atomic::AtomicU64,
+}
+
+impl EntryExitCounts {
+    pub fn new() -> std::sync::Arc<EntryExitCounts> {
+        std::sync::Arc::new(EntryExitCounts { entries: 0.into(), exits: 0.into() })
+    }
+}
+
+impl textpoke::trace::TraceOp for EntryExitCounts {
+    fn entry(&self, _e: &textpoke::trace::Entry<'_>) {
+        self.entries.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
+    fn exit(&self, _x: &textpoke::trace::Exit) {
+        self.exits.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
+    fn wants_exit(&self) -> bool {
+        true
+    }
+}
