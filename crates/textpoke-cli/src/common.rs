@@ -74,9 +74,7 @@ pub fn progress(total: u64, what: &str) -> ProgressBar {
         return ProgressBar::hidden();
     }
     let bar = ProgressBar::with_draw_target(Some(total), ProgressDrawTarget::stderr());
-    if let Ok(style) =
-        ProgressStyle::with_template("{msg} [{bar:40}] {human_pos}/{human_len} records ({eta})")
-    {
+    if let Ok(style) = ProgressStyle::with_template("{msg} [{bar:40}] {human_pos}/{human_len} records ({eta})") {
         bar.set_style(style.progress_chars("=> "));
     }
     bar.set_message(what.to_string());

@@ -71,9 +71,9 @@ pub fn run(args: &Args) -> ExitCode {
         let res = match format {
             Format::Table => table(&r, w),
             Format::Csv => csv(&r, w),
-            Format::Json => serde_json::to_writer_pretty(&mut *w, &r)
-                .map_err(std::io::Error::from)
-                .and_then(|_| writeln!(w)),
+            Format::Json => {
+                serde_json::to_writer_pretty(&mut *w, &r).map_err(std::io::Error::from).and_then(|_| writeln!(w))
+            }
         };
         res.map_err(analysis::AnalysisError::Write)
     })
@@ -140,7 +140,7 @@ fn table(r: &Report, w: &mut dyn Write) -> std::io::Result<()> {
             "{:>12}  {:>12}  {:>12}  {:>12}  {:>12}  {:>12}  Function",
             "Calls", "Total", "Self", "Avg", "Min", "Max"
         )?;
-        writeln!(w, "{}  {}", ["  ==========";6].join("  "), "========")?;
+        writeln!(w, "{}  ========", ["  =========="; 6].join("  "))?;
         for f in &p.functions {
             let d = |v: Option<u64>| v.map(human_ns).unwrap_or_else(|| "-".into());
             let t = f.times;

@@ -18,9 +18,8 @@ fn serial() -> MutexGuard<'static, ()> {
 }
 
 fn tmpdir(name: &str) -> PathBuf {
-    let d = PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
-        .join("analysis-cli")
-        .join(format!("{name}-{}", std::process::id()));
+    let d =
+        PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("analysis-cli").join(format!("{name}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&d);
     std::fs::create_dir_all(d.parent().unwrap()).unwrap();
     d
@@ -423,7 +422,10 @@ fn a_forked_childs_calls_are_reported_apart() {
     let ev = v["traceEvents"].as_array().unwrap();
     let in_child = ev.iter().filter(|e| e["ph"] == "X" && e["pid"].as_i64() == Some(pid as i64)).count();
     assert_eq!(in_child, 7);
-    assert!(ev.iter().filter(|e| e["ph"] == "X" && e["name"] == "child_only").all(|e| e["pid"].as_i64() == Some(pid as i64)));
+    assert!(ev
+        .iter()
+        .filter(|e| e["ph"] == "X" && e["name"] == "child_only")
+        .all(|e| e["pid"].as_i64() == Some(pid as i64)));
     let folded = ok(&["dump", "--folded", "-i", d]);
     assert!(folded.lines().all(|l| l.contains("[pid ")), "each process its own tower: {folded}");
     let _ = std::fs::remove_dir_all(dir);
@@ -627,11 +629,8 @@ fn no_progress_bar_when_piped() {
     // On a terminal (script(1) gives one), the bar is drawn on stderr.
     let script = Path::new("/usr/bin/script");
     if script.exists() {
-        let cmd = format!(
-            "{} report -i {} --format csv > /dev/null",
-            env!("CARGO_BIN_EXE_textpoke"),
-            dir.to_str().unwrap()
-        );
+        let cmd =
+            format!("{} report -i {} --format csv > /dev/null", env!("CARGO_BIN_EXE_textpoke"), dir.to_str().unwrap());
         let o = Command::new(script).args(["-qec", &cmd, "/dev/null"]).output().unwrap();
         assert!(o.status.success(), "{}", stderr(&o));
         let tty = stdout(&o);

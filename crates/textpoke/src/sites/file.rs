@@ -426,7 +426,8 @@ impl Scan<'_, '_> {
         if !self.img.in_code(n, NOP_LEN as usize) {
             return Err(skipped);
         }
-        let endbr_before = || n.checked_sub(4).and_then(|e| self.img.read(e, 4)).is_some_and(x86_64::starts_with_endbr64);
+        let endbr_before =
+            || n.checked_sub(4).and_then(|e| self.img.read(e, 4)).is_some_and(x86_64::starts_with_endbr64);
         let (entry, function, raw_symbol) = match self.symbols.containing(n) {
             Some(sym) => {
                 let offset = n - sym.addr;
@@ -454,8 +455,12 @@ impl Scan<'_, '_> {
         let site = at.wrapping_add_signed(rel(0));
         let descriptor = (at + 4).wrapping_add_signed(rel(4));
         let (kind, version) = (rec[8], rec[9]);
-        let mut skipped =
-            FileSkipped { section: marked::SECTION, record: site, function: String::new(), reason: SkipReason::UnknownEntry };
+        let mut skipped = FileSkipped {
+            section: marked::SECTION,
+            record: site,
+            function: String::new(),
+            reason: SkipReason::UnknownEntry,
+        };
         let point = match (version, kind) {
             (marked::RECORD_VERSION, marked::KIND_ENTRY) => MarkedPoint::Entry,
             (marked::RECORD_VERSION, marked::KIND_EXIT) => MarkedPoint::Exit,
@@ -488,7 +493,14 @@ impl Scan<'_, '_> {
             skipped.reason = SkipReason::UnexpectedBytes { addr: site as usize, found: found.to_vec() };
             return Err(skipped);
         }
-        Ok(FileSite { kind: FileSiteKind::Marked(point), entry, nop_addr: site, nop_form: NopForm::Single, function, raw_symbol })
+        Ok(FileSite {
+            kind: FileSiteKind::Marked(point),
+            entry,
+            nop_addr: site,
+            nop_form: NopForm::Single,
+            function,
+            raw_symbol,
+        })
     }
 
     fn descriptor_name(&self, addr: u64) -> Result<String, String> {
