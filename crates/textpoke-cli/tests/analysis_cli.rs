@@ -431,6 +431,74 @@ fn a_forked_childs_calls_are_reported_apart() {
     let _ = std::fs::remove_dir_all(dir);
 }
 
+#[test]
+fn unbalanced_and_deeply_recursive_records() {
+    let _g = serial();
+    let dir = tmpdir("unbalanced");
+    let (outside, g, h, k, rec_fn) = (
+        record::register_function(0x7800, "entered_before_start"),
+        record::register_function(0x7810, "caller_g"),
+        record::register_function(0x7820, "lost_exit_h"),
+        record::register_function(0x7830, "never_returns_k"),
+        record::register_function(0x7840, "recurse"),
+    );
+    const DEPTH: u32 = 3000;
+    let rec = record::start(RecorderConfig::new(&dir)).unwrap();
+    let tid = std::thread::spawn(move || {
+        // The recording starts inside `entered_before_start`.
+        assert!(record::exit(outside, 0));
+        for d in 0..DEPTH {
+            assert!(record::entry(rec_fn, d));
+        }
+        for d in (0..DEPTH).rev() {
+            assert!(record::exit(rec_fn, d));
+        }
+        // h's exit is lost: g's exit closes it.
+        assert!(record::entry(g, 0) && record::entry(h, 1) && record::exit(g, 0));
+        // k never returns before the recording stops.
+        assert!(record::entry(k, 0));
+        // SAFETY: no arguments.
+        unsafe { libc::syscall(libc::SYS_gettid) as i32 }
+    })
+    .join()
+    .unwrap();
+    rec.stop().unwrap();
+    let d = dir.to_str().unwrap();
+
+    let rows = csv_rows(&ok(&["report", "-i", d, "--format", "csv"]));
+    assert!(!rows.contains_key("entered_before_start"), "an exit without entry is no call");
+    assert_eq!(num(&rows["recurse"][0]), DEPTH as u64);
+    assert_eq!(num(&rows["lost_exit_h"][0]), 1);
+    assert_eq!(num(&rows["never_returns_k"][0]), 1);
+    // Recursion is not counted twice in the total: the outermost call holds all.
+    assert_eq!(num(&rows["recurse"][1]), num(&rows["recurse"][5]), "total = longest (outermost) call");
+    let table = ok(&["report", "-i", d]);
+    assert!(table.contains("1 unfinished") && table.contains("1 exit(s) lost"), "{table}");
+    assert!(table.contains("1 exit(s) without an entry ignored"), "{table}");
+
+    let replay = ok(&["replay", "-i", d]);
+    let secs = sections(&replay);
+    let (opened, leaves) = check_balanced(&secs[&tid]);
+    assert_eq!((opened, leaves), (DEPTH as usize, 3), "{replay}"); // recurse x(DEPTH-1) + caller_g; leaves: innermost recurse, h, k
+    let marked = |mark: &str, call: &str| {
+        replay.lines().any(|l| l.trim_start().starts_with(mark) && l.ends_with(&format!("| {call}")))
+    };
+    assert!(marked("<", "  lost_exit_h();"), "exit lost: an upper bound, '<'\n{replay}");
+    assert!(marked(">", "never_returns_k();"), "unfinished: a lower bound, '>'\n{replay}");
+
+    let v: serde_json::Value = serde_json::from_str(&ok(&["dump", "--chrome", "-i", d])).unwrap();
+    let x: Vec<_> = v["traceEvents"].as_array().unwrap().iter().filter(|e| e["ph"] == "X").cloned().collect();
+    assert_eq!(x.len(), DEPTH as usize + 3);
+    assert_eq!(x.iter().filter(|e| e["args"]["unfinished"] == true).count(), 1);
+    assert_eq!(x.iter().filter(|e| e["args"]["exit_lost"] == true).count(), 1);
+    let folded = ok(&["dump", "--folded", "-i", d]);
+    let deepest = folded.lines().map(|l| l.matches(';').count()).max().unwrap();
+    assert_eq!(deepest, DEPTH as usize - 1);
+    let svg = ok(&["dump", "--flamegraph", "-i", d]);
+    assert!(svg.contains("recurse"));
+    let _ = std::fs::remove_dir_all(dir);
+}
+
 // ---------------------------------------------------------------------------
 // Bad input.
 
