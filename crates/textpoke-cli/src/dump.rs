@@ -13,7 +13,7 @@ pub struct Args {
     #[command(flatten)]
     input: TraceArgs,
     /// Chrome trace-event JSON: one event per call, per process and thread;
-    /// open it in Perfetto UI (ui.perfetto.dev) or chrome://tracing
+    /// open it in Perfetto UI or chrome://tracing
     #[arg(long)]
     chrome: bool,
     /// An SVG flame graph of self time (of calls, for a count-only trace)
