@@ -26,6 +26,7 @@
 //! # Ok::<(), textpoke::PokeError>(())
 //! ```
 
+pub mod analysis;
 pub mod arch;
 pub mod error;
 pub mod keys;

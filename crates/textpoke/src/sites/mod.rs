@@ -98,6 +98,7 @@
 //! byte load is never torn.
 
 pub mod error;
+pub mod file;
 pub mod marked;
 pub mod objects;
 pub mod x86_64;

@@ -1,0 +1,195 @@
+//! What the trace-reading commands share: the input options, the progress
+//! bar, and output that is written whole or not at all.
+
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use std::fs::File;
+use std::io::{self, BufWriter, IsTerminal, Write};
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use textpoke::analysis::{AnalysisError, TraceSet};
+use textpoke::tracedata::{OpenOptions, TraceError};
+
+/// The trace directory to read.
+#[derive(clap::Args, Debug)]
+pub struct TraceArgs {
+    /// Trace directory written by `textpoke record`
+    #[arg(short = 'i', long = "input", value_name = "DIR", default_value = "textpoke.data")]
+    pub input: PathBuf,
+    /// Read a trace whose recording did not finish (the program crashed, was
+    /// killed or called exec before the final flush): show what was written
+    /// and say what was cut
+    #[arg(long)]
+    pub salvage: bool,
+}
+
+impl TraceArgs {
+    /// Opens the trace and its forked children's; prints salvage notes.
+    pub fn open(&self) -> Result<TraceSet, String> {
+        let set = TraceSet::open(&self.input, OpenOptions { allow_incomplete: self.salvage }).map_err(|e| match e {
+            AnalysisError::Trace(t) => trace_error(&t),
+            e => e.to_string(),
+        })?;
+        for n in &set.notes {
+            eprintln!("textpoke: note: {n}");
+        }
+        Ok(set)
+    }
+}
+
+/// A trace error for people: the reader's message, and for an incomplete
+/// trace the option that reads it anyway.
+pub fn trace_error(e: &TraceError) -> String {
+    match e {
+        TraceError::Incomplete { dir } => format!(
+            "trace {} is incomplete: the recording did not finish (the process crashed, was killed, or called exec \
+             before the final flush); rerun with --salvage to read what was written",
+            dir.display()
+        ),
+        e => e.to_string(),
+    }
+}
+
+/// Keeps only process `pid` of `set`, or says which pids there are.
+pub fn select_pid(set: &mut TraceSet, pid: Option<i32>) -> Result<(), String> {
+    let Some(pid) = pid else {
+        return Ok(());
+    };
+    let pids = set.pids();
+    if set.retain_pid(pid) {
+        Ok(())
+    } else {
+        let list: Vec<String> = pids.iter().map(|p| p.to_string()).collect();
+        Err(format!("no process {pid} in this trace; its processes are: {}", list.join(", ")))
+    }
+}
+
+/// Fewer records than this convert too fast for a progress bar to help.
+const PROGRESS_MIN_RECORDS: u64 = 1 << 18;
+
+/// A progress bar over `total` records on stderr when stderr is a
+/// terminal and the conversion is long; hidden otherwise (piped, in
+/// scripts and tests).
+pub fn progress(total: u64, what: &str) -> ProgressBar {
+    if !io::stderr().is_terminal() || total < PROGRESS_MIN_RECORDS {
+        return ProgressBar::hidden();
+    }
+    let bar = ProgressBar::with_draw_target(Some(total), ProgressDrawTarget::stderr());
+    if let Ok(style) = ProgressStyle::with_template("{msg} [{bar:40}] {human_pos}/{human_len} records ({eta})") {
+        bar.set_style(style.progress_chars("=> "));
+    }
+    bar.set_message(what.to_string());
+    bar
+}
+
+/// Where the output goes.
+pub enum Output {
+    /// Standard output: the output is built in memory and written only
+    /// once complete, so a failure never leaves half a file on stdout.
+    Stdout(Vec<u8>),
+    /// A file: written to a temporary file beside it, renamed over it once
+    /// complete; on failure the temporary file is removed and `path` is
+    /// untouched.
+    File { path: PathBuf, tmp: PathBuf, w: BufWriter<File> },
+}
+
+impl Output {
+    /// Output to `path`, or stdout when `None`.
+    pub fn create(path: Option<&Path>) -> Result<Output, String> {
+        let Some(path) = path else {
+            return Ok(Output::Stdout(Vec::new()));
+        };
+        if path.is_dir() {
+            return Err(format!("{} is a directory; give a file name with -o", path.display()));
+        }
+        let name = path.file_name().ok_or_else(|| format!("{} has no file name", path.display()))?;
+        let dir = match path.parent() {
+            Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+            _ => PathBuf::from("."),
+        };
+        let mut tmp_name = std::ffi::OsString::from(".");
+        tmp_name.push(name);
+        tmp_name.push(format!(".tmp-{}", std::process::id()));
+        let tmp = dir.join(tmp_name);
+        let f = File::options()
+            .write(true)
+            .create_new(true)
+            .open(&tmp)
+            .map_err(|e| format!("cannot create {} (for {}): {e}", tmp.display(), path.display()))?;
+        Ok(Output::File { path: path.to_path_buf(), tmp, w: BufWriter::new(f) })
+    }
+
+    /// The writer to write the output to.
+    pub fn writer(&mut self) -> &mut dyn Write {
+        match self {
+            Output::Stdout(v) => v,
+            Output::File { w, .. } => w,
+        }
+    }
+
+    /// Publishes the output: writes stdout, or syncs and renames the file.
+    pub fn commit(self) -> Result<(), String> {
+        match self {
+            Output::Stdout(v) => {
+                let mut out = io::stdout().lock();
+                match out.write_all(&v).and_then(|_| out.flush()) {
+                    Ok(()) => Ok(()),
+                    // `textpoke replay | head`: the reader left, not an error.
+                    Err(e) if e.kind() == io::ErrorKind::BrokenPipe => Ok(()),
+                    Err(e) => Err(format!("cannot write to standard output: {e}")),
+                }
+            }
+            Output::File { path, tmp, w } => {
+                let done = w
+                    .into_inner()
+                    .map_err(|e| e.into_error())
+                    .and_then(|f| f.sync_all())
+                    .and_then(|_| std::fs::rename(&tmp, &path));
+                done.map_err(|e| {
+                    let _ = std::fs::remove_file(&tmp);
+                    format!("cannot write {}: {e}", path.display())
+                })
+            }
+        }
+    }
+
+    /// Drops a failed output: removes the temporary file.
+    pub fn abandon(self) {
+        if let Output::File { tmp, w, .. } = self {
+            drop(w);
+            let _ = std::fs::remove_file(&tmp);
+        }
+    }
+}
+
+/// Prints `textpoke CMD: error` and returns the failure exit code.
+pub fn fail(cmd: &str, msg: impl std::fmt::Display) -> ExitCode {
+    eprintln!("textpoke {cmd}: {msg}");
+    ExitCode::FAILURE
+}
+
+/// Runs `produce` into the output at `path` (stdout when `None`) with a
+/// progress bar over the trace's records; publishes the output only if it
+/// succeeded.
+pub fn convert(
+    cmd: &str,
+    set: &TraceSet,
+    path: Option<&Path>,
+    what: &str,
+    produce: impl FnOnce(&mut dyn Write, &mut dyn FnMut(u64)) -> Result<(), AnalysisError>,
+) -> ExitCode {
+    let mut out = match Output::create(path) {
+        Ok(o) => o,
+        Err(e) => return fail(cmd, e),
+    };
+    let bar = progress(set.total_records(), what);
+    let r = produce(out.writer(), &mut |n| bar.inc(n));
+    bar.finish_and_clear();
+    if let Err(e) = r {
+        out.abandon();
+        return fail(cmd, e);
+    }
+    match out.commit() {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => fail(cmd, e),
+    }
+}

@@ -1,0 +1,147 @@
+//! `textpoke list`: the functions of a trace's symbol table (`-i DIR`), or
+//! the patchable functions of a program's ELF file (`PROG`, read from the
+//! file without running it).
+
+use crate::common;
+use std::io::Write;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use textpoke::sites::file::{scan_file, FileSites};
+use textpoke::sites::NopForm;
+use textpoke::tracedata::{OpenOptions, Trace};
+
+/// The compiler flags that add patchable entries, for error messages.
+pub const HOW_TO_ADD_SITES: &str = "compile C and C++ with -fpatchable-function-entry=5 (gcc 8+, clang 10+), \
+     or with gcc -pg -mfentry -mnop-mcount -mrecord-mcount; mark Rust functions with #[textpoke::traced]";
+
+#[derive(clap::Args, Debug)]
+pub struct Args {
+    /// Trace directory whose functions (its symbol table) to list
+    /// [default: textpoke.data when no PROG is given]
+    #[arg(short = 'i', long = "input", value_name = "DIR", conflicts_with = "prog")]
+    input: Option<PathBuf>,
+    /// Read an incomplete trace directory (-i) anyway
+    #[arg(long, conflicts_with = "prog")]
+    salvage: bool,
+    /// Program or shared library whose patchable functions to list, read
+    /// from its ELF file without running it (a bare name is looked up in
+    /// PATH)
+    #[arg(value_name = "PROG")]
+    prog: Option<PathBuf>,
+    /// With PROG: also list the records that are not patchable sites, and why
+    #[arg(long, requires = "prog")]
+    skipped: bool,
+}
+
+pub fn run(args: &Args) -> ExitCode {
+    let mut out = common::Output::Stdout(Vec::new());
+    let r = match &args.prog {
+        Some(prog) => list_prog(prog, args.skipped, out.writer()),
+        None => {
+            let dir = args.input.clone().unwrap_or_else(|| PathBuf::from("textpoke.data"));
+            list_trace(&dir, args.salvage, out.writer())
+        }
+    };
+    if let Err(e) = r {
+        return common::fail("list", e);
+    }
+    match out.commit() {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => common::fail("list", e),
+    }
+}
+
+fn list_trace(dir: &Path, salvage: bool, w: &mut dyn Write) -> Result<(), String> {
+    let t = Trace::open_with(dir, OpenOptions { allow_incomplete: salvage }).map_err(|e| common::trace_error(&e))?;
+    for n in t.salvage_notes() {
+        eprintln!("textpoke: note: {n}");
+    }
+    let io = |e: std::io::Error| e.to_string();
+    for s in t.symbols() {
+        writeln!(w, "{:#014x}  {}", s.addr, s.name).map_err(io)?;
+    }
+    if t.symbols().is_empty() {
+        eprintln!("textpoke list: {}: the trace's symbol table is empty (nothing was traced)", dir.display());
+    }
+    Ok(())
+}
+
+/// Finds PROG: a path as given, or a bare name in PATH.
+fn resolve(prog: &Path) -> Result<PathBuf, String> {
+    let bare = prog.components().count() == 1 && !prog.as_os_str().as_encoded_bytes().contains(&b'/');
+    if !bare {
+        return match std::fs::metadata(prog) {
+            Ok(m) if m.is_dir() => Err(format!("{} is a directory, not a program", prog.display())),
+            Ok(_) => Ok(prog.to_path_buf()),
+            Err(e) => Err(format!("{}: {e}", prog.display())),
+        };
+    }
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    for dir in std::env::split_paths(&path) {
+        let cand = dir.join(prog);
+        if let Ok(m) = std::fs::metadata(&cand) {
+            if m.is_file() && m.permissions().mode() & 0o111 != 0 {
+                return Ok(cand);
+            }
+        }
+    }
+    Err(format!(
+        "{} not found: no such executable in PATH (for a file in the current directory, give ./{})",
+        prog.display(),
+        prog.display()
+    ))
+}
+
+fn list_prog(prog: &Path, skipped: bool, w: &mut dyn Write) -> Result<(), String> {
+    let path = resolve(prog)?;
+    let found = scan_file(&path).map_err(|e| e.to_string())?;
+    let io = |e: std::io::Error| e.to_string();
+    if found.sections.is_empty() {
+        return Err(format!(
+            "{} has no patchable function entries (no __patchable_function_entries, __mcount_loc or textpoke_sites section): {HOW_TO_ADD_SITES}",
+            path.display()
+        ));
+    }
+    for s in &found.sites {
+        let form = match s.nop_form {
+            NopForm::Single => "nop5",
+            NopForm::Split { .. } => "nop1x5",
+        };
+        let name = if s.function.is_empty() { "?" } else { &s.function };
+        writeln!(w, "{:#014x}  {:<12}  {form:<6}  {name}", s.entry, s.kind.short_name()).map_err(io)?;
+    }
+    if skipped {
+        for s in &found.skipped {
+            let name = if s.function.is_empty() { "?" } else { &s.function };
+            writeln!(w, "# skipped {} record {:#x} ({name}): {}", s.section, s.record, s.reason).map_err(io)?;
+        }
+    }
+    summary(&path, &found);
+    if found.sites.is_empty() {
+        return Err(format!(
+            "{}: none of its {} site record(s) is a patchable site (rerun with --skipped to see why)",
+            path.display(),
+            found.sections.iter().map(|s| s.1).sum::<usize>()
+        ));
+    }
+    Ok(())
+}
+
+fn summary(path: &Path, f: &FileSites) {
+    let mut funcs: Vec<&str> = f.sites.iter().map(|s| s.function.as_str()).collect();
+    funcs.sort_unstable();
+    funcs.dedup();
+    let sections: Vec<String> = f.sections.iter().map(|(n, c)| format!("{n}: {c}")).collect();
+    eprintln!(
+        "textpoke list: {}: {} site(s) in {} function(s), {} record(s) skipped ({})",
+        path.display(),
+        f.sites.len(),
+        funcs.len(),
+        f.skipped.len(),
+        sections.join(", ")
+    );
+    if f.dynsym_only {
+        eprintln!("textpoke list: the file is stripped: static functions have no name ('?')");
+    }
+}

@@ -1,0 +1,25 @@
+//! `textpoke replay`: the function graph of a trace, per thread.
+
+use crate::common::{self, TraceArgs};
+use std::process::ExitCode;
+use textpoke::analysis::{self, ReplayOptions};
+
+#[derive(clap::Args, Debug)]
+pub struct Args {
+    #[command(flatten)]
+    input: TraceArgs,
+    /// Show only this thread (of the traced process or of a forked child)
+    #[arg(long, value_name = "N")]
+    tid: Option<i32>,
+}
+
+pub fn run(args: &Args) -> ExitCode {
+    let set = match args.input.open() {
+        Ok(s) => s,
+        Err(e) => return common::fail("replay", e),
+    };
+    let opts = ReplayOptions { tid: args.tid };
+    common::convert("replay", &set, None, "replaying", |mut w, progress| {
+        analysis::replay(&set, &opts, &mut w, progress)
+    })
+}

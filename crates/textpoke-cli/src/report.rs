@@ -1,0 +1,189 @@
+//! `textpoke report`: per-function calls and times of a trace.
+
+use crate::common::{self, TraceArgs};
+use std::io::Write;
+use std::process::ExitCode;
+use textpoke::analysis::{self, human_ns, ProcessReport, Report, ReportOptions, SortKey};
+
+#[derive(clap::Args, Debug)]
+pub struct Args {
+    #[command(flatten)]
+    input: TraceArgs,
+    /// Order of the functions, largest first
+    #[arg(long, value_enum, default_value_t = Sort::Total)]
+    sort: Sort,
+    /// Output format: an aligned table, CSV (header
+    /// function,calls,total_ns,self_ns,avg_ns,min_ns,max_ns), or JSON
+    #[arg(long, value_enum, default_value_t = Format::Table)]
+    format: Format,
+    /// Report only this process: the traced one or one of the children it
+    /// forked (default: all, each in its own section)
+    #[arg(long, value_name = "PID")]
+    pid: Option<i32>,
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug)]
+enum Sort {
+    /// Number of calls
+    Calls,
+    /// Total time inside the function
+    Total,
+    /// Time in the function itself, not in traced callees
+    #[value(name = "self")]
+    SelfTime,
+    /// Average time per call
+    Avg,
+    /// Longest call
+    Max,
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+enum Format {
+    /// Aligned columns for people
+    Table,
+    /// Comma-separated values, one line per function
+    Csv,
+    /// One JSON document
+    Json,
+}
+
+/// The CSV header.
+pub const CSV_HEADER: &str = "function,calls,total_ns,self_ns,avg_ns,min_ns,max_ns";
+
+pub fn run(args: &Args) -> ExitCode {
+    let mut set = match args.input.open() {
+        Ok(s) => s,
+        Err(e) => return common::fail("report", e),
+    };
+    if let Err(e) = common::select_pid(&mut set, args.pid) {
+        return common::fail("report", e);
+    }
+    let sort = match args.sort {
+        Sort::Calls => SortKey::Calls,
+        Sort::Total => SortKey::Total,
+        Sort::SelfTime => SortKey::SelfTime,
+        Sort::Avg => SortKey::Avg,
+        Sort::Max => SortKey::Max,
+    };
+    let format = args.format;
+    common::convert("report", &set, None, "reading", |w, progress| {
+        let r = analysis::report(&set, &ReportOptions { sort }, progress)?;
+        let res = match format {
+            Format::Table => table(&r, w),
+            Format::Csv => csv(&r, w),
+            Format::Json => {
+                serde_json::to_writer_pretty(&mut *w, &r).map_err(std::io::Error::from).and_then(|_| writeln!(w))
+            }
+        };
+        res.map_err(analysis::AnalysisError::Write)
+    })
+}
+
+/// A CSV field, quoted when it must be (RFC 4180).
+fn csv_field(s: &str) -> String {
+    if s.contains([',', '"', '\n', '\r']) {
+        format!("\"{}\"", s.replace('"', "\"\""))
+    } else {
+        s.to_string()
+    }
+}
+
+fn csv(r: &Report, w: &mut dyn Write) -> std::io::Result<()> {
+    for (i, p) in r.processes.iter().enumerate() {
+        if i > 0 {
+            writeln!(w)?;
+            writeln!(w, "# pid {}{}", p.pid, forked_from(p))?;
+        }
+        writeln!(w, "{CSV_HEADER}")?;
+        for f in &p.functions {
+            let t = |v: Option<u64>| v.map(|v| v.to_string()).unwrap_or_default();
+            let times = f.times;
+            writeln!(
+                w,
+                "{},{},{},{},{},{},{}",
+                csv_field(&f.function),
+                f.calls,
+                t(times.map(|t| t.total_ns)),
+                t(times.map(|t| t.self_ns)),
+                t(times.map(|t| t.avg_ns)),
+                t(times.map(|t| t.min_ns)),
+                t(times.map(|t| t.max_ns)),
+            )?;
+        }
+    }
+    Ok(())
+}
+
+fn forked_from(p: &ProcessReport) -> String {
+    p.parent_pid.map(|pp| format!(" (forked from pid {pp})")).unwrap_or_default()
+}
+
+fn table(r: &Report, w: &mut dyn Write) -> std::io::Result<()> {
+    for (i, p) in r.processes.iter().enumerate() {
+        if i > 0 {
+            writeln!(w)?;
+        }
+        let kind = if p.parent_pid.is_some() && i > 0 { "forked child" } else { "process" };
+        writeln!(
+            w,
+            "# {kind} {} [pid {}]{}: {} thread(s), {} call(s){}",
+            p.process_name,
+            p.pid,
+            forked_from(p),
+            p.threads.len(),
+            p.calls,
+            if p.complete { "" } else { ", incomplete trace (salvaged)" }
+        )?;
+        let counts_only = p.functions.iter().all(|f| f.times.is_none()) && !p.functions.is_empty();
+        writeln!(
+            w,
+            "{:>12}  {:>12}  {:>12}  {:>12}  {:>12}  {:>12}  Function",
+            "Calls", "Total", "Self", "Avg", "Min", "Max"
+        )?;
+        writeln!(w, "{}  ========", ["  =========="; 6].join("  "))?;
+        for f in &p.functions {
+            let d = |v: Option<u64>| v.map(human_ns).unwrap_or_else(|| "-".into());
+            let t = f.times;
+            let mut notes = Vec::new();
+            if f.unfinished > 0 {
+                notes.push(format!("{} unfinished", f.unfinished));
+            }
+            if f.exit_lost > 0 {
+                notes.push(format!("{} exit(s) lost", f.exit_lost));
+            }
+            let notes = if notes.is_empty() { String::new() } else { format!("  ({})", notes.join(", ")) };
+            writeln!(
+                w,
+                "{:>12}  {:>12}  {:>12}  {:>12}  {:>12}  {:>12}  {}{notes}",
+                f.calls,
+                d(t.map(|t| t.total_ns)),
+                d(t.map(|t| t.self_ns)),
+                d(t.map(|t| t.avg_ns)),
+                d(t.map(|t| t.min_ns)),
+                d(t.map(|t| t.max_ns)),
+                f.function,
+            )?;
+        }
+        if p.functions.is_empty() {
+            writeln!(w, "# no calls recorded")?;
+        }
+        if counts_only {
+            writeln!(w, "# count-only trace: calls only, no times")?;
+        }
+        let orphans: u64 = p.threads.iter().map(|t| t.orphan_exits).sum();
+        let unfinished: u64 = p.threads.iter().map(|t| t.unfinished).sum();
+        if unfinished > 0 {
+            writeln!(
+                w,
+                "# {unfinished} call(s) had not returned when the recording ended: timed up to their thread's last record"
+            )?;
+        }
+        if orphans > 0 {
+            writeln!(w, "# {orphans} exit(s) without an entry ignored: the recording began inside those calls")?;
+        }
+        if p.dropped > 0 {
+            writeln!(w, "# {} record(s) were dropped while recording: counts and times are lower bounds", p.dropped)?;
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,306 @@
+//! Turning a recorded trace into what people read: a per-function report,
+//! a function-graph replay, Chrome trace-event JSON and a flame graph.
+//!
+//! ```no_run
+//! use textpoke::analysis::{self, ReportOptions, SortKey, TraceSet};
+//! use textpoke::tracedata::OpenOptions;
+//!
+//! let set = TraceSet::open("textpoke.data", OpenOptions::default())?;
+//! let report = analysis::report(&set, &ReportOptions { sort: SortKey::Total }, &mut |_| {})?;
+//! for f in &report.processes[0].functions {
+//!     println!("{} {} calls", f.function, f.calls);
+//! }
+//! # Ok::<(), textpoke::analysis::AnalysisError>(())
+//! ```
+//!
+//! # Processes
+//!
+//! A [`TraceSet`] is the traced process's trace directory and, recursively,
+//! the directories of the children it forked (`child-<pid>/`, written when
+//! the recorder follows forks). Each process is analysed apart — its own
+//! report section, its own replay section, its own `pid` in the Chrome
+//! trace, its own tower in the flame graph — as `uftrace` does. A child's
+//! trace is opened even if it is incomplete (a child that calls `exec` or
+//! `_exit` never runs the final flush: that is normal, not damage), and
+//! what salvaging cut is listed in [`TraceSet::notes`]; a child trace that
+//! is corrupt is an error like the parent's.
+//!
+//! # Rebuilding the stacks
+//!
+//! The records of one thread are that thread's entries and exits in program
+//! order. [`Rebuilder`] replays them against a stack of open calls:
+//!
+//! 1. an **entry** pushes a frame (function, recorded depth, timestamp);
+//! 2. an **exit** of function `f` at recorded depth `d` closes the innermost
+//!    open frame of `f` at depth `d`, or failing that the innermost open
+//!    frame of `f` (the recorded depth can jump: records dropped, a tracer
+//!    that counts untraced frames); the depth only chooses between frames
+//!    of the same function — recursion — never the nesting itself;
+//! 3. frames above the one closed lost their exits (a dropped record, a
+//!    `longjmp`, an unwinding that skipped the exit): they ended no later
+//!    than their caller, so they are closed at the same timestamp and
+//!    marked [`Closed::ExitLost`];
+//! 4. an exit that matches no open frame is an **orphan**: the trace began
+//!    inside that call (attached to a running program) or its entry was
+//!    dropped. It is counted and otherwise ignored;
+//! 5. at the end of the thread's records, the frames still open are closed
+//!    at the thread's last timestamp and marked [`Closed::Unfinished`]
+//!    (the recording stopped inside them): their times are lower bounds.
+//!
+//! When a frame closes, its inclusive time is `exit - entry` converted to
+//! nanoseconds, its **self** time is that minus the inclusive times of the
+//! frames it directly contained, and its inclusive time is added to its
+//! caller's children time. So `Enter`/`Leave` [`Event`]s always nest, even
+//! for damaged input, and every consumer below is written against that
+//! invariant. Memory is one frame per open call; records are streamed.
+//!
+//! # Report
+//!
+//! Per function ([`FunctionStats`]): calls (every entry, unfinished ones
+//! included), total, self, average, minimum and maximum time.
+//!
+//! - **total** is the time spent inside the function: for a recursive
+//!   function the time of an activation nested in another activation of
+//!   the same function on the same thread is not counted twice, so total
+//!   never exceeds the thread's time;
+//! - **self** adds up each call's self time;
+//! - **average**, **minimum** and **maximum** are over each call's
+//!   inclusive time: for a non-recursive function `avg = total / calls`,
+//!   for a recursive one the average is over every activation.
+//!
+//! A count-only trace ([`Mode::Count`](crate::record::Mode::Count)) has
+//! calls and no times ([`FunctionStats::times`] is `None`).
+//!
+//! # Replay
+//!
+//! [`replay`] prints the function graph of every thread like ftrace's
+//! `function_graph` tracer and `uftrace replay`: one line per entry
+//! (`func() {`), one per exit (`} /* func */`), a call without traced
+//! callees on one line (`func();`), the duration in the left column,
+//! indented by stack level. A call is known to be a leaf when its `Leave`
+//! event directly follows its `Enter`, so the printer holds back exactly
+//! one `Enter` event.
+//!
+//! # Chrome trace-event JSON
+//!
+//! [`chrome`] writes the JSON object format of the Trace Event Format that
+//! Perfetto UI and `chrome://tracing` open: one complete (`"ph": "X"`)
+//! event per call with `pid`, `tid`, `ts` and `dur` in microseconds (from
+//! the first process's start, so forked children line up in time), plus
+//! `process_name` and `thread_name` metadata events. Events are written as
+//! calls close, one at a time.
+//!
+//! # Flame graph
+//!
+//! [`flamegraph`] folds the rebuilt stacks into a prefix tree of call paths
+//! (one node per distinct path, per process), adds each call's self time to
+//! its path's node, writes the nodes as folded stack lines
+//! (`main;parse;lex 1234`, see [`folded`]) and renders them with `inferno`.
+//! A count-only trace has no stacks: each function is a one-frame stack
+//! weighted by its calls. With forked children, each process's stacks sit
+//! under a root frame naming it.
+
+mod chrome;
+mod flame;
+mod replay;
+mod report;
+mod stacks;
+#[cfg(test)]
+mod tests;
+
+pub use chrome::chrome;
+pub use flame::{flamegraph, folded, FlameOptions};
+pub use replay::{human_ns, replay, ReplayOptions};
+pub use report::{report, FunctionStats, ProcessReport, Report, ReportOptions, SortKey, ThreadStats, Times};
+pub use stacks::{Call, Closed, Event, Rebuilder};
+
+use crate::record::format::CHILD_DIR_PREFIX;
+use crate::tracedata::{OpenOptions, ThreadTrace, Trace, TraceError};
+use std::path::{Path, PathBuf};
+
+/// Why an analysis could not be made.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum AnalysisError {
+    /// The trace directory is missing, truncated, corrupt, ...
+    #[error(transparent)]
+    Trace(#[from] TraceError),
+
+    /// A forked child's trace directory is damaged.
+    #[error("the trace of a forked child, {dir}, cannot be read: {source}")]
+    Child {
+        /// The child's trace directory.
+        dir: PathBuf,
+        /// What is wrong with it.
+        #[source]
+        source: TraceError,
+    },
+
+    /// The analysis needs timestamps and the trace only counted calls.
+    #[error("{dir} is a count-only trace: it holds call counts but no timestamps, so it has no {what}; `textpoke report` shows its counts (record without --count-only for timings)")]
+    CountOnly {
+        /// The trace directory.
+        dir: PathBuf,
+        /// What cannot be made ("function graph", ...).
+        what: &'static str,
+    },
+
+    /// Nothing to draw or show.
+    #[error("trace {dir} holds no calls{detail}")]
+    Empty {
+        /// The trace directory.
+        dir: PathBuf,
+        /// More about why (may be empty).
+        detail: String,
+    },
+
+    /// A `--tid` that no thread of the trace has.
+    #[error("no thread {tid} in trace {dir}; its threads are: {known}")]
+    NoSuchThread {
+        /// The trace directory.
+        dir: PathBuf,
+        /// The thread asked for.
+        tid: i32,
+        /// The threads it has.
+        known: String,
+    },
+
+    /// Writing the output failed.
+    #[error("cannot write the output: {0}")]
+    Write(#[source] std::io::Error),
+}
+
+/// One process of a [`TraceSet`].
+#[derive(Debug)]
+pub struct Process {
+    /// Its trace.
+    pub trace: Trace,
+    /// Index of its parent in [`TraceSet::processes`] (`None` for the
+    /// traced process itself).
+    pub parent: Option<usize>,
+}
+
+impl Process {
+    /// The process id.
+    pub fn pid(&self) -> i32 {
+        self.trace.meta().pid
+    }
+
+    /// A short label: `name [pid N]`.
+    pub fn label(&self) -> String {
+        format!("{} [pid {}]", self.trace.meta().process_name, self.pid())
+    }
+}
+
+/// A trace directory and the traces of the processes it forked.
+#[derive(Debug)]
+pub struct TraceSet {
+    /// The traced process first, then its children depth-first in
+    /// directory order.
+    pub processes: Vec<Process>,
+    /// What salvaging incomplete traces cut, one note each.
+    pub notes: Vec<String>,
+}
+
+/// How deep `child-<pid>/child-<pid>/…` is followed.
+const MAX_FORK_DEPTH: usize = 32;
+
+impl TraceSet {
+    /// Opens the trace directory `dir` with `opts`, and its children's.
+    pub fn open(dir: impl AsRef<Path>, opts: OpenOptions) -> Result<TraceSet, AnalysisError> {
+        let trace = Trace::open_with(dir, opts)?;
+        Self::from_trace(trace)
+    }
+
+    /// A set from an open trace; its children are opened here.
+    pub fn from_trace(trace: Trace) -> Result<TraceSet, AnalysisError> {
+        let mut set = TraceSet { processes: Vec::new(), notes: Vec::new() };
+        set.add(trace, None, 0)?;
+        Ok(set)
+    }
+
+    fn add(&mut self, trace: Trace, parent: Option<usize>, level: usize) -> Result<(), AnalysisError> {
+        if !trace.is_complete() {
+            let what = if parent.is_none() { "the trace" } else { "a forked child's trace" };
+            self.notes.push(format!(
+                "{what} {} is incomplete (the process exited without the final flush); showing what was written",
+                trace.dir().display()
+            ));
+        }
+        self.notes.extend(trace.salvage_notes().iter().cloned());
+        let children: Vec<PathBuf> = trace.children().to_vec();
+        let me = self.processes.len();
+        self.processes.push(Process { trace, parent });
+        if level >= MAX_FORK_DEPTH {
+            if !children.is_empty() {
+                self.notes.push(format!("forks nested deeper than {MAX_FORK_DEPTH} levels are not shown"));
+            }
+            return Ok(());
+        }
+        for dir in children {
+            let child = Trace::open_with(&dir, OpenOptions { allow_incomplete: true })
+                .map_err(|source| AnalysisError::Child { dir: dir.clone(), source })?;
+            self.add(child, Some(me), level + 1)?;
+        }
+        Ok(())
+    }
+
+    /// The traced process's trace.
+    pub fn root(&self) -> &Trace {
+        &self.processes[0].trace
+    }
+
+    /// Records to read in all processes (for progress bars).
+    pub fn total_records(&self) -> u64 {
+        self.processes.iter().flat_map(|p| p.trace.threads()).map(|t| t.records).sum()
+    }
+
+    /// Keeps only the process `pid`; `false` if no process has it.
+    pub fn retain_pid(&mut self, pid: i32) -> bool {
+        let Some(i) = self.processes.iter().position(|p| p.pid() == pid) else {
+            return false;
+        };
+        let p = self.processes.swap_remove(i);
+        self.processes.clear();
+        self.processes.push(Process { parent: None, ..p });
+        true
+    }
+
+    /// The pids of the processes.
+    pub fn pids(&self) -> Vec<i32> {
+        self.processes.iter().map(Process::pid).collect()
+    }
+}
+
+/// Whether a path names a forked child's trace directory.
+pub fn is_child_dir(p: &Path) -> bool {
+    p.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with(CHILD_DIR_PREFIX))
+}
+
+/// How often (in records) the progress callback is called.
+const PROGRESS_STEP: u64 = 1 << 14;
+
+/// Runs one thread's records through `rb`, calling `sink` for each event,
+/// then closes what is left open. `progress` is told of records read.
+pub(crate) fn walk_thread(
+    trace: &Trace,
+    thread: &ThreadTrace,
+    rb: &mut Rebuilder<'_>,
+    progress: &mut dyn FnMut(u64),
+    sink: &mut impl FnMut(Event),
+) -> Result<(), TraceError> {
+    let mut n = 0u64;
+    for r in trace.records(thread)? {
+        let r = r?;
+        rb.push(&r, sink);
+        // Slots, as `ThreadTrace::records` counts them: a value is one more.
+        let slots = 1 + r.value.is_some() as u64;
+        if (n + slots) / PROGRESS_STEP != n / PROGRESS_STEP {
+            progress(PROGRESS_STEP);
+        }
+        n += slots;
+    }
+    rb.finish(sink);
+    progress(n % PROGRESS_STEP);
+    Ok(())
+}

@@ -1,0 +1,173 @@
+//! Rebuilding one thread's call stack from its entry and exit records.
+//!
+//! See the [module documentation](super) for the algorithm; this file is
+//! its implementation, [`Rebuilder`], and the [`Event`]s it emits.
+
+use crate::record::format::ClockInfo;
+use crate::record::FuncId;
+use crate::tracedata::{Record, RecordKind};
+
+/// How a call was closed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Closed {
+    /// Its exit record was found.
+    Returned,
+    /// Its exit record is missing, but a caller's exit arrived: it ended
+    /// before that, and is closed there (a dropped record, `longjmp`, an
+    /// exception that unwound it without an exit record).
+    ExitLost,
+    /// Still open when the thread's records ended (the trace stopped
+    /// inside it, or the thread was in it at exit): closed at the thread's
+    /// last timestamp, so its time is a lower bound.
+    Unfinished,
+}
+
+/// One call, once it is closed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Call {
+    /// The function.
+    pub func: FuncId,
+    /// Stack level in the rebuilt stack: 0 for a call with no traced
+    /// caller on this thread.
+    pub level: usize,
+    /// Depth as the tracer recorded it at entry (informative; the rebuilt
+    /// `level` is what nesting uses).
+    pub depth: u16,
+    /// Timestamp (clock ticks) of the entry.
+    pub start: u64,
+    /// Timestamp of the exit (or where it was closed, see [`Closed`]).
+    pub end: u64,
+    /// Inclusive time, nanoseconds.
+    pub total_ns: u64,
+    /// `total_ns` minus the inclusive time of its traced callees.
+    pub self_ns: u64,
+    /// How it was closed.
+    pub closed: Closed,
+    /// The return value, when the exit recorded one.
+    pub value: Option<u64>,
+}
+
+/// What the rebuilder tells its consumer, in order. `Enter` and `Leave`
+/// events nest properly: every `Leave` closes the most recent `Enter` not
+/// yet left, and every `Enter` is left before the thread's last event.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Event {
+    /// A call starts, at stack level `level`.
+    Enter {
+        /// The function.
+        func: FuncId,
+        /// Its stack level (0: no traced caller).
+        level: usize,
+        /// Entry timestamp (ticks).
+        ts: u64,
+    },
+    /// A call ends.
+    Leave(Call),
+    /// An exit record with no open call of its function: the trace started
+    /// inside that call (or its entry was dropped). Ignored for timing.
+    OrphanExit {
+        /// The function.
+        func: FuncId,
+        /// Exit timestamp (ticks).
+        ts: u64,
+    },
+}
+
+#[derive(Clone, Copy, Debug)]
+struct Frame {
+    func: FuncId,
+    depth: u16,
+    start: u64,
+    child_ns: u64,
+}
+
+/// Rebuilds one thread's calls from its records (see the module docs).
+///
+/// Feed every record of one thread, in order, to [`push`](Self::push),
+/// then call [`finish`](Self::finish) once.
+#[derive(Debug)]
+pub struct Rebuilder<'c> {
+    clock: &'c ClockInfo,
+    stack: Vec<Frame>,
+    last_ts: u64,
+}
+
+impl<'c> Rebuilder<'c> {
+    /// A rebuilder converting ticks with `clock` (the trace's
+    /// [`Trace::clock`](crate::tracedata::Trace::clock)).
+    pub fn new(clock: &'c ClockInfo) -> Self {
+        Rebuilder { clock, stack: Vec::new(), last_ts: 0 }
+    }
+
+    /// The open calls, outermost first, as `(function, entry timestamp)`.
+    pub fn open_calls(&self) -> impl Iterator<Item = (FuncId, u64)> + '_ {
+        self.stack.iter().map(|f| (f.func, f.start))
+    }
+
+    /// The current stack level (number of open calls).
+    pub fn level(&self) -> usize {
+        self.stack.len()
+    }
+
+    /// Processes one record, reporting what it opens or closes to `sink`.
+    pub fn push(&mut self, r: &Record, sink: &mut impl FnMut(Event)) {
+        self.last_ts = self.last_ts.max(r.ts);
+        match r.kind {
+            RecordKind::Entry => {
+                sink(Event::Enter { func: r.func, level: self.stack.len(), ts: r.ts });
+                self.stack.push(Frame { func: r.func, depth: r.depth, start: r.ts, child_ns: 0 });
+            }
+            RecordKind::Exit => {
+                // 1. The innermost open call of this function at this depth,
+                // 2. else the innermost open call of this function.
+                let found = self
+                    .stack
+                    .iter()
+                    .rposition(|f| f.func == r.func && f.depth == r.depth)
+                    .or_else(|| self.stack.iter().rposition(|f| f.func == r.func));
+                let Some(i) = found else {
+                    sink(Event::OrphanExit { func: r.func, ts: r.ts });
+                    return;
+                };
+                // 3. Calls opened after it lost their exits: they ended no
+                // later than this one.
+                while self.stack.len() > i + 1 {
+                    self.close(r.ts, Closed::ExitLost, None, sink);
+                }
+                self.close(r.ts, Closed::Returned, r.value, sink);
+            }
+        }
+    }
+
+    /// Closes every call still open at the thread's last timestamp, as
+    /// [`Closed::Unfinished`]. The rebuilder is then empty and may be
+    /// reused for another thread.
+    pub fn finish(&mut self, sink: &mut impl FnMut(Event)) {
+        while !self.stack.is_empty() {
+            self.close(self.last_ts, Closed::Unfinished, None, sink);
+        }
+        self.last_ts = 0;
+    }
+
+    fn close(&mut self, end: u64, closed: Closed, value: Option<u64>, sink: &mut impl FnMut(Event)) {
+        let Some(f) = self.stack.pop() else {
+            return;
+        };
+        let total_ns = self.clock.delta_ns(f.start, end);
+        if let Some(parent) = self.stack.last_mut() {
+            parent.child_ns = parent.child_ns.saturating_add(total_ns);
+        }
+        sink(Event::Leave(Call {
+            func: f.func,
+            level: self.stack.len(),
+            depth: f.depth,
+            start: f.start,
+            end,
+            total_ns,
+            self_ns: total_ns.saturating_sub(f.child_ns),
+            closed,
+            value,
+        }));
+    }
+}

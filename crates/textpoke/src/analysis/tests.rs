@@ -1,0 +1,449 @@
+//! Unit tests on hand-made record sequences, and on hand-written trace
+//! directories whose records are exactly what each test needs (nesting,
+//! self time, unbalanced records, recursion, depth jumps).
+
+use super::*;
+use crate::record::format::{
+    self, ClockInfo, ClockSource, CountsFile, Meta, Mode, RawRecord, Symbol, SymbolsFile, ThreadMeta,
+    UnattributedDrops, KIND_ENTRY, KIND_EXIT, KIND_VALUE,
+};
+use crate::record::FuncId;
+use crate::tracedata::{Record, RecordKind};
+
+/// One tick is one nanosecond.
+fn ns_clock() -> ClockInfo {
+    ClockInfo {
+        source: ClockSource::Monotonic,
+        ticks_per_sec: 1e9,
+        mult: 1,
+        shift: 0,
+        base_ticks: 0,
+        base_ns: 0,
+        calibration_ns: 0,
+    }
+}
+
+fn en(f: u32, depth: u16, ts: u64) -> Record {
+    Record { kind: RecordKind::Entry, func: FuncId(f), tid: 1, ts, depth, value: None }
+}
+
+fn ex(f: u32, depth: u16, ts: u64) -> Record {
+    Record { kind: RecordKind::Exit, func: FuncId(f), tid: 1, ts, depth, value: None }
+}
+
+fn rebuild(recs: &[Record]) -> Vec<Event> {
+    let clock = ns_clock();
+    let mut rb = Rebuilder::new(&clock);
+    let mut out = Vec::new();
+    for r in recs {
+        rb.push(r, &mut |e| out.push(e));
+    }
+    rb.finish(&mut |e| out.push(e));
+    assert_eq!(rb.level(), 0);
+    out
+}
+
+fn leaves(events: &[Event]) -> Vec<Call> {
+    events.iter().filter_map(|e| if let Event::Leave(c) = e { Some(*c) } else { None }).collect()
+}
+
+/// Every Leave closes the most recent open Enter.
+fn assert_nested(events: &[Event]) {
+    let mut stack = Vec::new();
+    for e in events {
+        match e {
+            Event::Enter { func, level, .. } => {
+                assert_eq!(*level, stack.len());
+                stack.push(*func);
+            }
+            Event::Leave(c) => {
+                assert_eq!(stack.pop(), Some(c.func), "{events:?}");
+                assert_eq!(c.level, stack.len());
+            }
+            Event::OrphanExit { .. } => {}
+        }
+    }
+    assert!(stack.is_empty());
+}
+
+#[test]
+fn nesting_and_self_time() {
+    // a { b { c(); } d(); }   times in ns
+    let recs = [
+        en(0, 0, 100),
+        en(1, 1, 110),
+        en(2, 2, 120),
+        ex(2, 2, 150),
+        ex(1, 1, 170),
+        en(3, 1, 200),
+        ex(3, 1, 260),
+        ex(0, 0, 300),
+    ];
+    let ev = rebuild(&recs);
+    assert_nested(&ev);
+    let calls = leaves(&ev);
+    let by = |f: u32| *calls.iter().find(|c| c.func == FuncId(f)).unwrap();
+    assert_eq!((by(2).total_ns, by(2).self_ns, by(2).level), (30, 30, 2));
+    assert_eq!((by(1).total_ns, by(1).self_ns), (60, 30));
+    assert_eq!((by(3).total_ns, by(3).self_ns), (60, 60));
+    assert_eq!((by(0).total_ns, by(0).self_ns), (200, 200 - 60 - 60));
+    assert!(calls.iter().all(|c| c.closed == Closed::Returned));
+}
+
+#[test]
+fn orphan_exits_are_ignored_and_open_entries_closed_at_the_end() {
+    // Starts inside x (exit without entry), ends inside y.
+    let recs = [
+        ex(9, 3, 10),
+        en(0, 2, 20),
+        ex(0, 2, 30),
+        ex(8, 1, 40),
+        en(1, 1, 50),
+        en(2, 2, 60),
+        ex(2, 2, 65),
+        en(3, 2, 70),
+    ];
+    let ev = rebuild(&recs);
+    assert_nested(&ev);
+    let orphans: Vec<_> =
+        ev.iter().filter_map(|e| if let Event::OrphanExit { func, .. } = e { Some(func.0) } else { None }).collect();
+    assert_eq!(orphans, [9, 8]);
+    let calls = leaves(&ev);
+    assert_eq!(calls.len(), 4);
+    let y = calls.iter().find(|c| c.func == FuncId(1)).unwrap();
+    let z = calls.iter().find(|c| c.func == FuncId(3)).unwrap();
+    assert_eq!((y.closed, y.end, y.total_ns, y.self_ns), (Closed::Unfinished, 70, 20, 20 - 5));
+    assert_eq!((z.closed, z.total_ns), (Closed::Unfinished, 0));
+    assert_eq!(calls.iter().filter(|c| c.closed == Closed::Returned).count(), 2);
+}
+
+#[test]
+fn lost_exits_are_closed_at_the_callers_exit() {
+    // a { b { c { (c's and b's exits lost) } a returns.
+    let recs = [en(0, 0, 0), en(1, 1, 10), en(2, 2, 20), ex(0, 0, 100)];
+    let calls = leaves(&rebuild(&recs));
+    let closed: Vec<_> = calls.iter().map(|c| (c.func.0, c.closed, c.end)).collect();
+    assert_eq!(closed, [(2, Closed::ExitLost, 100), (1, Closed::ExitLost, 100), (0, Closed::Returned, 100)]);
+    assert_eq!(calls[2].self_ns, 10);
+}
+
+#[test]
+fn recursion_matches_by_depth() {
+    // f(0) { f(1) { f(2) {} } } with the exit of f(1) lost: f(0)'s exit at
+    // depth 0 closes f(0), not the innermost f.
+    let recs = [en(0, 0, 0), en(0, 1, 10), en(0, 2, 20), ex(0, 2, 30), ex(0, 0, 100)];
+    let calls = leaves(&rebuild(&recs));
+    let got: Vec<_> = calls.iter().map(|c| (c.level, c.closed, c.total_ns)).collect();
+    assert_eq!(got, [(2, Closed::Returned, 10), (1, Closed::ExitLost, 90), (0, Closed::Returned, 100)]);
+}
+
+#[test]
+fn depth_jumps_do_not_break_nesting() {
+    // Depths recorded as 0, 7, 3 (a tracer that counts untraced frames):
+    // nesting comes from the order, depth only helps pick among equals.
+    let recs = [en(0, 0, 0), en(1, 7, 10), en(2, 3, 20), ex(2, 5, 30), ex(1, 1, 40), ex(0, 9, 50)];
+    let ev = rebuild(&recs);
+    assert_nested(&ev);
+    let calls = leaves(&ev);
+    assert!(calls.iter().all(|c| c.closed == Closed::Returned), "{calls:?}");
+    assert_eq!(calls.iter().map(|c| c.level).collect::<Vec<_>>(), [2, 1, 0]);
+}
+
+// ---------------------------------------------------------------------------
+// Hand-written trace directories.
+
+fn tmp(name: &str) -> std::path::PathBuf {
+    let d = std::env::temp_dir().join(format!("textpoke-analysis-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+fn raw(kind: u8, func: u32, depth: u16, ts: u64) -> RawRecord {
+    RawRecord { ts, func, depth, kind, flags: 0 }
+}
+
+/// Writes a valid trace directory: `names` are the symbols, `threads` the
+/// raw records of each thread, `counts` makes it count-only.
+fn write_trace(
+    dir: &std::path::Path,
+    pid: i32,
+    names: &[&str],
+    threads: &[(i32, Vec<RawRecord>)],
+    counts: Option<Vec<(u32, u64)>>,
+) {
+    let symbols = names
+        .iter()
+        .enumerate()
+        .map(|(i, n)| Symbol { id: i as u32, addr: 0x1000 + 16 * i as u64, name: n.to_string() })
+        .collect();
+    std::fs::write(dir.join(format::SYMBOLS_FILE), serde_json::to_vec(&SymbolsFile { symbols }).unwrap()).unwrap();
+    let mut tmetas = Vec::new();
+    for (tid, recs) in threads {
+        let file = if counts.is_some() { None } else { Some(format!("tid-{tid}.bin")) };
+        let mut bytes = format::thread_header(*tid).to_vec();
+        let mut h = format::CHECKSUM_SEED;
+        for r in recs {
+            let b = format::encode(r);
+            h = format::checksum_step(h, &b);
+            bytes.extend_from_slice(&b);
+        }
+        if let Some(f) = &file {
+            std::fs::write(dir.join(f), bytes).unwrap();
+        }
+        let ts: Vec<u64> = recs.iter().filter(|r| r.kind != KIND_VALUE).map(|r| r.ts).collect();
+        tmetas.push(ThreadMeta {
+            tid: *tid,
+            file,
+            records: recs.len() as u64,
+            entries: recs.iter().filter(|r| r.kind == KIND_ENTRY).count() as u64,
+            exits: recs.iter().filter(|r| r.kind == KIND_EXIT).count() as u64,
+            dropped_full: 0,
+            dropped_nested: 0,
+            dropped_range: 0,
+            calls: 0,
+            first_ts: ts.first().copied().unwrap_or(0),
+            last_ts: ts.last().copied().unwrap_or(0),
+            checksum: format!("{h:016x}"),
+            exited: true,
+        });
+    }
+    let total_records = tmetas.iter().map(|t| t.records).sum();
+    let meta = Meta {
+        format: format::FORMAT_NAME.into(),
+        version: format::FORMAT_VERSION,
+        complete: true,
+        mode: if counts.is_some() { Mode::Count } else { Mode::Record },
+        pid,
+        parent_pid: None,
+        process_name: "handmade".into(),
+        exe: None,
+        clock: ns_clock(),
+        start_unix_ns: 0,
+        start_ts: 0,
+        end_ts: Some(1000),
+        buffer_records: 1024,
+        max_functions: 64,
+        threads: tmetas,
+        unattributed_drops: UnattributedDrops::default(),
+        total_records,
+        total_dropped: 0,
+    };
+    if let Some(calls) = counts {
+        std::fs::write(dir.join(format::COUNTS_FILE), serde_json::to_vec(&CountsFile { calls }).unwrap()).unwrap();
+    }
+    std::fs::write(dir.join(format::META_FILE), serde_json::to_vec(&meta).unwrap()).unwrap();
+}
+
+fn open(dir: &std::path::Path) -> TraceSet {
+    TraceSet::open(dir, Default::default()).unwrap()
+}
+
+fn stats<'a>(r: &'a ProcessReport, name: &str) -> &'a FunctionStats {
+    r.functions.iter().find(|f| f.function == name).unwrap_or_else(|| panic!("{name} not in {r:?}"))
+}
+
+fn recursive_trace(name: &str) -> std::path::PathBuf {
+    let dir = tmp(name);
+    let (e, x) = (KIND_ENTRY, KIND_EXIT);
+    // Thread 10: main { fact { fact { fact(); } } leaf(); }
+    // Thread 11: starts inside something (orphan exit), leaf(), ends inside main.
+    let t10 = vec![
+        raw(e, 0, 0, 0),
+        raw(e, 1, 1, 10),
+        raw(e, 1, 2, 20),
+        raw(e, 1, 3, 30),
+        raw(x, 1, 3, 40),
+        raw(x, 1, 2, 60),
+        raw(x, 1, 1, 100),
+        raw(e, 2, 1, 110),
+        raw(x, 2, 1, 115),
+        raw(x, 0, 0, 200),
+    ];
+    let t11 = vec![raw(x, 0, 0, 5), raw(e, 2, 0, 10), raw(x, 2, 0, 13), raw(e, 0, 0, 20), raw(e, 2, 1, 30)];
+    write_trace(&dir, 10, &["main", "fact", "leaf", "never_called"], &[(10, t10), (11, t11)], None);
+    dir
+}
+
+#[test]
+fn report_of_recursion_and_unbalanced_threads() {
+    let dir = recursive_trace("report");
+    let set = open(&dir);
+    let mut seen = 0;
+    let r = report(&set, &ReportOptions { sort: SortKey::Calls }, &mut |n| seen += n).unwrap();
+    assert_eq!(seen, set.total_records());
+    assert_eq!(r.processes.len(), 1);
+    let p = &r.processes[0];
+    assert_eq!(p.functions.iter().map(|f| f.function.as_str()).collect::<Vec<_>>(), ["fact", "leaf", "main"]);
+    let fact = stats(p, "fact");
+    // Activations of 90, 40 and 10 ns; the outer one holds the others.
+    assert_eq!(fact.calls, 3);
+    assert_eq!(fact.times, Some(Times { total_ns: 90, self_ns: 90, avg_ns: 140 / 3, min_ns: 10, max_ns: 90 }));
+    let leaf = stats(p, "leaf");
+    // 5 ns on thread 10, 3 ns on 11, and one unfinished (closed at 30: 0 ns).
+    assert_eq!((leaf.calls, leaf.unfinished), (3, 1));
+    assert_eq!(leaf.times.unwrap().total_ns, 8);
+    assert_eq!(leaf.times.unwrap().min_ns, 0);
+    let main = stats(p, "main");
+    assert_eq!((main.calls, main.unfinished), (2, 1));
+    let mt = main.times.unwrap();
+    assert_eq!(mt.total_ns, 200 + 10);
+    assert_eq!(mt.self_ns, (200 - 90 - 5) + 10);
+    let t11 = p.threads.iter().find(|t| t.tid == 11).unwrap();
+    assert_eq!((t11.orphan_exits, t11.unfinished, t11.calls, t11.max_level), (1, 2, 3, 2));
+    // Sort keys.
+    let r = report(&set, &ReportOptions { sort: SortKey::Total }, &mut |_| {}).unwrap();
+    assert_eq!(r.processes[0].functions[0].function, "main");
+    let r = report(&set, &ReportOptions { sort: SortKey::Max }, &mut |_| {}).unwrap();
+    assert_eq!(
+        r.processes[0].functions.iter().map(|f| f.function.as_str()).collect::<Vec<_>>(),
+        ["main", "fact", "leaf"]
+    );
+    let r = report(&set, &ReportOptions { sort: SortKey::SelfTime }, &mut |_| {}).unwrap();
+    assert_eq!(r.processes[0].functions[0].function, "main"); // 115 > 90 > 8
+    let json = serde_json::to_value(&r).unwrap();
+    assert_eq!(json["processes"][0]["functions"][1]["function"], "fact");
+    assert_eq!(json["processes"][0]["functions"][1]["total_ns"], 90);
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[test]
+fn replay_is_balanced_and_marks_leaves() {
+    let dir = recursive_trace("replay");
+    let set = open(&dir);
+    let mut out = Vec::new();
+    replay(&set, &ReplayOptions { tid: Some(10) }, &mut out, &mut |_| {}).unwrap();
+    let text = String::from_utf8(out).unwrap();
+    let body: Vec<&str> = text.lines().filter(|l| !l.starts_with('#')).collect();
+    let expect = [
+        "              | main() {",
+        "              |   fact() {",
+        "              |     fact() {",
+        "     0.010 us |       fact();",
+        "     0.040 us |     } /* fact */",
+        "     0.090 us |   } /* fact */",
+        "     0.005 us |   leaf();",
+        "     0.200 us | } /* main */",
+    ];
+    assert_eq!(body, expect, "{text}");
+    assert!(!text.contains("thread 11"));
+    let mut out = Vec::new();
+    replay(&set, &ReplayOptions::default(), &mut out, &mut |_| {}).unwrap();
+    let text = String::from_utf8(out).unwrap();
+    assert!(text.contains("# 1 exit(s) without an entry ignored"), "{text}");
+    assert!(text.contains("    >0.010 us | } /* main */"), "{text}");
+    assert!(text.contains("    >0.000 us |   leaf();"), "{text}");
+    assert_eq!(text.matches(") {").count(), text.matches("} /*").count());
+    let e = replay(&set, &ReplayOptions { tid: Some(99) }, &mut Vec::new(), &mut |_| {}).unwrap_err();
+    assert!(matches!(e, AnalysisError::NoSuchThread { tid: 99, .. }), "{e}");
+    assert!(e.to_string().contains("10, 11"), "{e}");
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[test]
+fn chrome_events_and_folded_stacks() {
+    let dir = recursive_trace("chrome");
+    let set = open(&dir);
+    let mut out = Vec::new();
+    let n = chrome(&set, &mut out, &mut |_| {}).unwrap();
+    let v: serde_json::Value = serde_json::from_slice(&out).unwrap();
+    let events = v["traceEvents"].as_array().unwrap();
+    let x: Vec<_> = events.iter().filter(|e| e["ph"] == "X").collect();
+    assert_eq!(x.len() as u64, n);
+    assert_eq!(n, 5 + 3);
+    let main10 = x.iter().find(|e| e["name"] == "main" && e["tid"] == 10).unwrap();
+    assert_eq!((main10["ts"].as_f64(), main10["dur"].as_f64()), (Some(0.0), Some(0.2)));
+    assert_eq!(x.iter().filter(|e| e["args"]["unfinished"] == true).count(), 2);
+    let names: Vec<_> = events.iter().filter(|e| e["name"] == "thread_name").collect();
+    assert_eq!(names.len(), 2);
+
+    let (folded, unit) = folded(&set, &mut |_| {}).unwrap();
+    assert_eq!(unit, "ns");
+    let mut lines: Vec<&str> = folded.lines().collect();
+    lines.sort();
+    assert_eq!(
+        lines,
+        ["main 115", "main;fact 50", "main;fact;fact 30", "main;fact;fact;fact 10", "main;leaf 5", "leaf 3"]
+            .iter()
+            .copied()
+            .collect::<std::collections::BTreeSet<_>>()
+            .into_iter()
+            .collect::<Vec<_>>()
+    );
+    let mut svg = Vec::new();
+    flamegraph(&set, &FlameOptions::default(), &mut svg, &mut |_| {}).unwrap();
+    let svg = String::from_utf8(svg).unwrap();
+    assert!(svg.starts_with("<?xml"), "{}", &svg[..100]);
+    assert!(svg.contains("fact") && svg.contains("main"));
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[test]
+fn count_only_reports_calls_and_refuses_timelines() {
+    let dir = tmp("counts");
+    write_trace(&dir, 20, &["a", "b", "c"], &[(20, vec![]), (21, vec![])], Some(vec![(0, 5), (2, 12)]));
+    let set = open(&dir);
+    let r = report(&set, &ReportOptions { sort: SortKey::Total }, &mut |_| {}).unwrap();
+    let p = &r.processes[0];
+    let got: Vec<_> = p.functions.iter().map(|f| (f.function.as_str(), f.calls, f.times)).collect();
+    assert_eq!(got, [("c", 12, None), ("a", 5, None)]);
+    assert_eq!(p.calls, 17);
+    let json = serde_json::to_value(&r).unwrap();
+    assert!(json["processes"][0]["functions"][0]["total_ns"].is_null());
+    assert!(matches!(
+        replay(&set, &ReplayOptions::default(), &mut Vec::new(), &mut |_| {}),
+        Err(AnalysisError::CountOnly { .. })
+    ));
+    assert!(matches!(chrome(&set, &mut Vec::new(), &mut |_| {}), Err(AnalysisError::CountOnly { .. })));
+    let (folded, unit) = folded(&set, &mut |_| {}).unwrap();
+    assert_eq!(unit, "calls");
+    let mut lines: Vec<&str> = folded.lines().collect();
+    lines.sort();
+    assert_eq!(lines, ["a 5", "c 12"]);
+    let mut svg = Vec::new();
+    flamegraph(&set, &FlameOptions::default(), &mut svg, &mut |_| {}).unwrap();
+    assert!(String::from_utf8(svg).unwrap().contains("calls"));
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[test]
+fn forked_children_are_apart() {
+    let dir = tmp("fork");
+    let (e, x) = (KIND_ENTRY, KIND_EXIT);
+    write_trace(&dir, 30, &["parent_fn"], &[(30, vec![raw(e, 0, 0, 0), raw(x, 0, 0, 50)])], None);
+    let child = dir.join("child-31");
+    std::fs::create_dir(&child).unwrap();
+    write_trace(&child, 31, &["child_fn", "parent_fn"], &[(31, vec![raw(e, 0, 0, 60), raw(x, 0, 0, 90)])], None);
+    let set = open(&dir);
+    assert_eq!(set.pids(), [30, 31]);
+    let r = report(&set, &ReportOptions::default(), &mut |_| {}).unwrap();
+    assert_eq!(r.processes[1].parent_pid, Some(30));
+    assert_eq!(r.processes[0].functions.iter().map(|f| &f.function[..]).collect::<Vec<_>>(), ["parent_fn"]);
+    assert_eq!(r.processes[1].functions.iter().map(|f| &f.function[..]).collect::<Vec<_>>(), ["child_fn"]);
+    let (folded, _) = folded(&set, &mut |_| {}).unwrap();
+    assert!(folded.contains("handmade [pid 31];child_fn 30"), "{folded}");
+    assert!(folded.contains("handmade [pid 30];parent_fn 50"), "{folded}");
+    let mut out = Vec::new();
+    chrome(&set, &mut out, &mut |_| {}).unwrap();
+    let v: serde_json::Value = serde_json::from_slice(&out).unwrap();
+    let child_ev = v["traceEvents"].as_array().unwrap().iter().find(|e| e["name"] == "child_fn").unwrap().clone();
+    assert_eq!((child_ev["pid"].as_i64(), child_ev["ts"].as_f64()), (Some(31), Some(0.06)));
+    let mut set = open(&dir);
+    assert!(set.retain_pid(31));
+    assert_eq!(set.pids(), [31]);
+    // A damaged child is an error naming it.
+    std::fs::write(child.join("tid-31.bin"), b"garbage").unwrap();
+    let e = TraceSet::open(&dir, Default::default()).unwrap_err();
+    assert!(matches!(e, AnalysisError::Child { .. }), "{e}");
+    assert!(e.to_string().contains("child-31"), "{e}");
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[test]
+fn human_durations() {
+    assert_eq!(human_ns(0), "0.000 us");
+    assert_eq!(human_ns(1234), "1.234 us");
+    assert_eq!(human_ns(999_999), "999.999 us");
+    assert_eq!(human_ns(12_345_678), "12.345 ms");
+    assert_eq!(human_ns(3_000_000_001), "3.000 s");
+}
