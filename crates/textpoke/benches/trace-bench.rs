@@ -138,6 +138,21 @@ fn main() {
 fn ir_run(which: &str, n: i64) {
     let lib = match which {
         "plain" => open(&build("plain", &[]), "plain"),
+        "graph" => {
+            let l = open(&build("site", &["-fpatchable-function-entry=5"]), "site");
+            let t = Tracer::global();
+            t.refresh().unwrap();
+            let mut cfg = RecorderConfig::new(PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("trace-bench/ir-graph"));
+            cfg.buffer_records = 1 << 23;
+            let rec = record::start(cfg).unwrap();
+            let h = t
+                .register(Arc::new(RecordOp::graph()), Filter::new(["site_leaf"], Vec::<String>::new()).unwrap())
+                .unwrap();
+            std::hint::black_box((l.looper)(n));
+            t.unregister(h).unwrap();
+            rec.stop().unwrap();
+            return;
+        }
         _ => {
             let l = open(&build("site", &["-fpatchable-function-entry=5"]), "site");
             let t = Tracer::global();

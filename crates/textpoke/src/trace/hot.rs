@@ -134,13 +134,18 @@ pub struct Exit {
 pub(crate) struct OpBox {
     pub op: Arc<dyn TraceOp>,
     pub wants_exit: bool,
-    pub wants_time: bool,
 }
 
 /// Op slots; a site's mask has bit `i` for `OPS[i]`. Set before any site
 /// calls the op (Release; pairs with the Acquire in `for_each_op`), cleared
 /// before its box is retired.
 pub(crate) static OPS: [AtomicPtr<OpBox>; MAX_OPS] = [const { AtomicPtr::new(std::ptr::null_mut()) }; MAX_OPS];
+
+/// Ops (bits) that want exits, and that want time: kept by the control
+/// side when ops come and go, so the hot path needs no pass over the ops
+/// to learn it.
+pub(crate) static EXIT_OPS: AtomicU64 = AtomicU64::new(0);
+pub(crate) static TIME_OPS: AtomicU64 = AtomicU64::new(0);
 
 #[inline(always)]
 fn for_each_op(mut mask: u64, mut f: impl FnMut(u64, &OpBox)) {
@@ -218,6 +223,8 @@ struct ShadowEntry {
     depth: u32,
     mask: u64,
     time: u64,
+    /// The function's recorder id.
+    func: u32,
 }
 
 /// A thread's shadow stack, in its own anonymous mapping (mmap is
@@ -352,18 +359,6 @@ fn enter(regs: *mut SavedRegs, frame: *mut usize, site: u32, slot: &SiteSlot, ma
     });
 }
 
-fn wants(mask: u64) -> (u64, bool) {
-    let mut exit_mask = 0;
-    let mut time = false;
-    for_each_op(mask, |bit, op| {
-        if op.wants_exit {
-            exit_mask |= bit;
-        }
-        time |= op.wants_time;
-    });
-    (exit_mask, time)
-}
-
 /// This thread's shadow stack, created on first use (null if mmap failed).
 fn shadow(st: &ThreadState) -> *mut Shadow {
     let mut p = st.shadow.get();
@@ -388,8 +383,8 @@ fn function_entry(
     frame: *mut usize,
     place: SitePlace,
 ) {
-    let (exit_mask, wants_time) = wants(mask);
-    let time = if wants_time { now() } else { 0 };
+    let exit_mask = mask & EXIT_OPS.load(Ordering::Relaxed);
+    let time = if mask & TIME_OPS.load(Ordering::Relaxed) != 0 { now() } else { 0 };
     let p = if exit_mask != 0 { shadow(st) } else { std::ptr::null_mut() };
     // SAFETY: this thread's own mapping, used only by this thread (its
     // signal handlers are cut off by `in_tramp`).
@@ -409,7 +404,7 @@ fn function_entry(
     // site to find.
     let orig = if slot_addr != 0 { unsafe { *(slot_addr as *const usize) } } else { identity };
     let i = sh.len;
-    entries(sh)[i] = ShadowEntry { slot: slot_addr, orig, site, depth, mask: exit_mask, time };
+    entries(sh)[i] = ShadowEntry { slot: slot_addr, orig, site, depth, mask: exit_mask, time, func };
     sh.len += 1;
     if slot_addr != 0 {
         // SAFETY: replacing the return address of the function being entered.
@@ -471,7 +466,7 @@ pub(crate) extern "C" fn on_return(saved: *mut SavedReturn, caller_sp: usize) ->
             let r = unsafe { &*saved };
             let x = Exit {
                 site: e.site,
-                func: site_slot(e.site).map_or(0, |s| s.func.load(Ordering::Relaxed)),
+                func: e.func,
                 depth: e.depth,
                 entry_time: e.time,
                 exit_time: if e.time != 0 { now() } else { 0 },

@@ -334,12 +334,21 @@ impl Tracer {
         if op.wants_exit() {
             g.ensure_return_trampoline()?;
         }
-        let boxed = Box::into_raw(Box::new(OpBox { wants_exit: op.wants_exit(), wants_time: op.wants_time(), op }));
+        let (wants_exit, wants_time) = (op.wants_exit(), op.wants_time());
+        let boxed = Box::into_raw(Box::new(OpBox { wants_exit, op }));
         OPS[id].store(boxed, Ordering::Release); // before any site can call it
+        if wants_exit {
+            hot::EXIT_OPS.fetch_or(1 << id, Ordering::Release);
+        }
+        if wants_time {
+            hot::TIME_OPS.fetch_or(1 << id, Ordering::Release);
+        }
         g.ops[id] = Some(OpInfo { filter, boxed });
         if let Err(e) = g.apply(Vec::new()) {
             g.ops[id] = None;
             OPS[id].store(std::ptr::null_mut(), Ordering::Release);
+            hot::EXIT_OPS.fetch_and(!(1 << id), Ordering::Release);
+            hot::TIME_OPS.fetch_and(!(1 << id), Ordering::Release);
             g.ids_pending |= 1 << id;
             g.retire(vec![Retired { ranges: Vec::new(), what: RetiredKind::Op { id, boxed } }]);
             self.after_change(g);
@@ -368,6 +377,8 @@ impl Tracer {
         let mut g = self.lock()?;
         let info = g.ops[h.0].take().ok_or(TraceError::UnknownOp(h.0))?;
         OPS[h.0].store(std::ptr::null_mut(), Ordering::Release); // no new callbacks
+        hot::EXIT_OPS.fetch_and(!(1 << h.0), Ordering::Release);
+        hot::TIME_OPS.fetch_and(!(1 << h.0), Ordering::Release);
         let retire = vec![Retired { ranges: Vec::new(), what: RetiredKind::Op { id: h.0, boxed: info.boxed } }];
         g.ids_pending |= 1 << h.0;
         let r = g.apply(retire);
