@@ -27,6 +27,7 @@
 //! ```
 
 pub mod arch;
+pub mod control;
 pub mod error;
 pub mod keys;
 pub mod record;

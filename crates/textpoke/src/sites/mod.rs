@@ -98,6 +98,7 @@
 //! byte load is never torn.
 
 pub mod error;
+pub mod file;
 pub mod marked;
 pub mod objects;
 pub mod x86_64;
@@ -109,6 +110,7 @@ use std::collections::BTreeMap;
 use std::fmt;
 
 pub use error::SitesError;
+pub use file::{scan_file, FileSite, FileSites};
 pub use marked::{Marked, MarkedFunction, MarkedPoint};
 pub use objects::{LoadedObject, ObjectChanges, ObjectId, Objects, Pin, Segment};
 pub use symbols::demangle;
