@@ -31,7 +31,7 @@
 //! original return address on the stack.
 
 use crate::server;
-use crate::{as_agent, dir_snapshot, getpid, in_agent, Phase, AGENT, AGENT_PID, LOADED, STARTED};
+use crate::{as_agent, dir_snapshot, getpid, in_agent, AGENT, AGENT_PID, LOADED, STARTED};
 use std::ffi::{c_char, c_int, c_void, CStr};
 use std::sync::atomic::{AtomicUsize, Ordering};
 
@@ -579,7 +579,9 @@ pub unsafe extern "C" fn dlopen(file: *const c_char, mode: c_int) -> *mut c_void
 }
 
 /// `dlclose(3)`, then a rescan so the unloaded object's sites are
-/// forgotten at once.
+/// forgotten at once. The agent's lock is held across both: the tracer
+/// never patches (from the agent thread) code that a `dlclose` is
+/// unmapping, and never sees an object gone that it has not forgotten.
 ///
 /// # Safety
 ///
@@ -589,20 +591,32 @@ pub unsafe extern "C" fn dlclose(handle: *mut c_void) -> c_int {
     let Some(f) = real_fn::<unsafe extern "C" fn(*mut c_void) -> c_int>(DLCLOSE) else {
         return -1;
     };
-    // SAFETY: the caller's contract.
-    let r = unsafe { f(handle) };
-    if r == 0 && LOADED.load(Ordering::Acquire) && !in_agent() && own_process() {
-        as_agent(|| {
-            if let Some(a) = AGENT.lock().as_mut() {
-                if a.phase != Phase::Idle {
-                    crate::refresh(a);
-                }
+    let tracing = LOADED.load(Ordering::Acquire) && STARTED.load(Ordering::Acquire);
+    if !tracing || in_agent() || !own_process() {
+        // SAFETY: the caller's contract.
+        return unsafe { f(handle) };
+    }
+    let (mut r, mut called) = (-1, false);
+    as_agent(|| {
+        let mut g = AGENT.lock();
+        called = true;
+        // SAFETY: the caller's contract. Destructors run inside, on this
+        // thread, marked as agent code: their own dlopen/dlclose calls pass
+        // straight through (the lock is held).
+        r = unsafe { f(handle) };
+        if r == 0 {
+            if let Some(a) = g.as_mut() {
+                crate::refresh(a);
             }
-        });
-        // The rescan's own loader calls may have left an error message; the
-        // program's dlclose succeeded, so dlerror() must say nothing.
-        // SAFETY: no preconditions.
-        unsafe { libc::dlerror() };
+            // The rescan's own loader calls may have left an error message;
+            // the program's dlclose succeeded, so dlerror() must say nothing.
+            // SAFETY: no preconditions.
+            unsafe { libc::dlerror() };
+        }
+    });
+    if !called {
+        // SAFETY: as above (the wrapper failed before calling it).
+        return unsafe { f(handle) };
     }
     r
 }

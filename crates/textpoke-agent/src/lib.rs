@@ -260,6 +260,7 @@ fn load() {
     *g = Some(Agent { config, rules, dir, phase: Phase::Idle, recorder: None, op: None, functions: 0, traced: 0 });
     LOADED.store(true, Ordering::Release);
     let agent = g.as_mut().expect("just set");
+    server::note_counters();
     let tracer = Tracer::global(); // finds the sites of every loaded object
     if let Err(e) = try_start(agent, tracer) {
         fail(agent, &e);
@@ -370,6 +371,7 @@ pub(crate) fn refresh(agent: &mut Agent) {
         return;
     }
     let tracer = Tracer::global();
+    server::note_counters();
     if let Err(e) = tracer.refresh() {
         return fail(agent, &format!("cannot trace newly loaded code: {e}"));
     }

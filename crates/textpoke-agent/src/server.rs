@@ -27,6 +27,10 @@ use textpoke::trace::Tracer;
 /// How often the agent thread wakes without a reason.
 const TICK_MS: i32 = 50;
 
+/// After a `dlopen` starts, how long the agent thread looks every
+/// millisecond for the object to appear.
+const DLOPEN_WATCH: Duration = Duration::from_millis(250);
+
 /// The pid whose agent thread runs (threads do not survive fork).
 static THREAD_PID: AtomicI32 = AtomicI32::new(0);
 
@@ -179,6 +183,22 @@ fn make_wake_pipe() -> Option<Fd> {
     Some(r)
 }
 
+/// The loader's counters as of the last rescan (set just before it).
+static SEEN_ADDS: AtomicU64 = AtomicU64::new(0);
+static SEEN_SUBS: AtomicU64 = AtomicU64::new(0);
+
+/// Notes the loader's counters before a rescan, so that the agent thread
+/// rescans again when they move past them.
+pub(crate) fn note_counters() {
+    let (adds, subs) = dl_counters();
+    SEEN_ADDS.store(adds, Ordering::Relaxed);
+    SEEN_SUBS.store(subs, Ordering::Relaxed);
+}
+
+fn counters_moved() -> bool {
+    dl_counters() != (SEEN_ADDS.load(Ordering::Relaxed), SEEN_SUBS.load(Ordering::Relaxed))
+}
+
 /// The loader's (objects added, objects removed) counters.
 fn dl_counters() -> (u64, u64) {
     unsafe extern "C" fn first(info: *mut libc::dl_phdr_info, size: usize, out: *mut libc::c_void) -> libc::c_int {
@@ -196,6 +216,21 @@ fn dl_counters() -> (u64, u64) {
     out
 }
 
+/// Waits until no `dlopen` or `dlclose` is in progress: the counters move
+/// when an object joins the loader's list, before it is relocated and
+/// initialised, all under the loader's lock, which a `dlopen` of the main
+/// program (a no-op that loads nothing) takes and releases.
+fn wait_for_loader() {
+    // SAFETY: dlopen(NULL) returns the main program's handle, loading
+    // nothing; it is closed at once.
+    unsafe {
+        let h = libc::dlopen(std::ptr::null(), libc::RTLD_LAZY | libc::RTLD_NOLOAD);
+        if !h.is_null() {
+            libc::dlclose(h);
+        }
+    }
+}
+
 fn main_loop() {
     set_in_agent_thread();
     block_async_signals();
@@ -203,7 +238,7 @@ fn main_loop() {
     let mut wake_rd = make_wake_pipe();
     let mut listener: Option<Listener> = None;
     let mut socket_failed = false;
-    let mut counters = dl_counters();
+    let mut watch_until: Option<std::time::Instant> = None;
     while THREAD_PID.load(Ordering::Acquire) == me {
         if REBIND.swap(false, Ordering::AcqRel) {
             if let Some(l) = listener.take() {
@@ -228,7 +263,8 @@ fn main_loop() {
             fds.push(libc::pollfd { fd: l.fd.fd, events: libc::POLLIN, revents: 0 });
         }
         // SAFETY: `fds` is a valid array of its length.
-        unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, TICK_MS) };
+        let timeout = if watch_until.is_some_and(|t| std::time::Instant::now() < t) { 1 } else { TICK_MS };
+        unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, timeout) };
         let sig = PENDING_SIGNAL.swap(0, Ordering::AcqRel);
         if sig != 0 {
             stop_and_reraise(sig);
@@ -250,11 +286,14 @@ fn main_loop() {
                 accept_one(l);
             }
         }
-        let now = dl_counters();
-        if now != counters || NUDGED.swap(false, Ordering::AcqRel) {
-            counters = now;
+        if NUDGED.swap(false, Ordering::AcqRel) {
+            watch_until = Some(std::time::Instant::now() + DLOPEN_WATCH);
+        }
+        if counters_moved() {
+            watch_until = None;
+            wait_for_loader();
             if let Some(a) = AGENT.lock().as_mut() {
-                refresh(a);
+                refresh(a); // notes the counters first
             }
         }
     }
