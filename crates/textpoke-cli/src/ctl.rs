@@ -153,11 +153,11 @@ pub fn run(args: &Args) -> ExitCode {
     }
     match req {
         Request::Status => print_status(&reply),
-        _ => println!(
-            "{} functions traced of {}",
-            reply.get("traced").unwrap_or("?"),
-            reply.get("functions").unwrap_or("?")
-        ),
+        _ => {
+            let traced = reply.get("traced").unwrap_or("?");
+            let plural = if traced == "1" { "" } else { "s" };
+            println!("{traced} function{plural} traced of {}", reply.get("functions").unwrap_or("?"));
+        }
     }
     ExitCode::SUCCESS
 }
