@@ -173,7 +173,14 @@ pub(crate) fn as_agent<R>(f: impl FnOnce() -> R) -> Option<R> {
     match r {
         Ok(v) => Some(v),
         Err(_) => {
-            warn_once("internal error (panic); tracing is disabled");
+            // The guard unlocked while unwinding; disable what is left.
+            let _ = std::panic::catch_unwind(|| match AGENT.try_lock() {
+                Some(mut g) => match g.as_mut() {
+                    Some(a) => fail(a, "internal error (panic)"),
+                    None => warn_once("internal error (panic); tracing is disabled"),
+                },
+                None => warn_once("internal error (panic); tracing is disabled"),
+            });
             None
         }
     }
@@ -183,10 +190,22 @@ pub(crate) fn set_in_agent_thread() {
     IN_AGENT.with(|c| c.set(true));
 }
 
-/// Prints `textpoke: MSG` on stderr, once per process.
+/// Prints `textpoke: MSG` on stderr, once per process: the error that
+/// disabled tracing.
 pub(crate) fn warn_once(msg: &str) {
     static ONCE: AtomicBool = AtomicBool::new(false);
-    if !ONCE.swap(true, Ordering::Relaxed) {
+    print_once(&ONCE, msg);
+}
+
+/// As [`warn_once`], for a problem that leaves tracing on (no control
+/// socket): printed once too, and does not silence a later error.
+pub(crate) fn note_once(msg: &str) {
+    static ONCE: AtomicBool = AtomicBool::new(false);
+    print_once(&ONCE, msg);
+}
+
+fn print_once(once: &AtomicBool, msg: &str) {
+    if !once.swap(true, Ordering::Relaxed) {
         let _ = writeln!(std::io::stderr(), "textpoke: {msg}");
     }
 }

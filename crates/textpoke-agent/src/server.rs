@@ -12,7 +12,7 @@
 //! written to by the agent. Once a descriptor is no longer the agent's,
 //! the agent forgets it without closing it.
 
-use crate::{as_agent, fail, getpid, refresh, set_in_agent_thread, update_filter, warn_once, Agent, Phase, AGENT};
+use crate::{as_agent, fail, getpid, note_once, refresh, set_in_agent_thread, update_filter, Agent, Phase, AGENT};
 use std::ffi::CString;
 use std::io::{BufRead, BufReader, Read};
 use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd, OwnedFd, RawFd};
@@ -109,7 +109,7 @@ pub(crate) fn spawn() {
     });
     if r.is_err() {
         THREAD_PID.store(0, Ordering::Release);
-        warn_once("cannot start the agent thread: no control socket, libraries loaded later are not traced");
+        note_once("cannot start the agent thread: no control socket, libraries loaded later are not traced");
     }
 }
 
@@ -251,7 +251,7 @@ fn main_loop() {
                 Ok(l) => listener = Some(l),
                 Err(e) => {
                     socket_failed = true;
-                    warn_once(&format!("no control socket ({e}); textpoke ctl cannot reach this process"));
+                    note_once(&format!("no control socket ({e}); textpoke ctl cannot reach this process"));
                 }
             }
         }
@@ -500,10 +500,9 @@ extern "C" fn on_stop_signal(sig: libc::c_int) {
         wake();
         return;
     }
-    if !running {
-        // No agent thread to flush: behave as the default disposition.
-        reraise_default(sig);
-    }
+    // No agent thread to flush, or a second signal while the first is being
+    // handled (the user insists): behave as the default disposition now.
+    reraise_default(sig);
 }
 
 /// Gives the default disposition back to `sig` (if the handler is still
