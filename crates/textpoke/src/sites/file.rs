@@ -177,22 +177,27 @@ pub fn scan_file(path: &Path) -> Result<FileSites, SitesError> {
             RecordKind::Marked => (0..data.len() / size)
                 .map(|i| scan.marked(section.address() + (i * size) as u64, &data[i * size..(i + 1) * size]))
                 .collect(),
-            _ => (0..data.len() / size)
-                .map(|i| {
+            _ => {
+                let mut results = Vec::new();
+                let mut located = Vec::new();
+                for i in 0..data.len() / size {
                     let at = section.address() + (i * size) as u64;
-                    let value = image.pointer(at, &data[i * size..(i + 1) * size]);
-                    match (value, kind) {
-                        (None, _) => Err(FileSkipped {
+                    match image.pointer(at, &data[i * size..(i + 1) * size]) {
+                        Some(v) => located.push(v),
+                        None => results.push(Err(FileSkipped {
                             section: name,
                             record: 0,
                             function: String::new(),
                             reason: SkipReason::RecordUnknown { index: i },
-                        }),
-                        (Some(p), RecordKind::PatchableEntry) => scan.pad(p),
-                        (Some(n), _) => scan.mcount(n),
+                        })),
                     }
-                })
-                .collect(),
+                }
+                match kind {
+                    RecordKind::PatchableEntry => results.extend(scan.pads(&located)),
+                    _ => results.extend(located.iter().map(|&n| scan.mcount(n))),
+                }
+                results
+            }
         };
         for r in results {
             match r {
@@ -345,20 +350,42 @@ impl FileScan<'_> {
         Err(SkipReason::UnexpectedBytes { addr: nop_addr as usize, found: found.to_vec() })
     }
 
-    /// A `__patchable_function_entries` record: the pad starting at `p`.
-    fn pad(&self, p: u64) -> Result<FileSite, FileSkipped> {
+    /// The entry of the function whose pad starts at `p`, if a symbol
+    /// shows it.
+    fn entry_of_pad(&self, p: u64) -> Option<u64> {
+        if self.symbols.starting_at(p).is_some() {
+            return Some(p);
+        }
+        let sym = self.symbols.first_in(p, MAX_PREFIX as u64)?;
+        let between = self.image.read(p, (sym.addr - p) as usize)?;
+        x86_64::all_nops(&between).then_some(sym.addr)
+    }
+
+    /// `__patchable_function_entries` records (pad starts). A pad no symbol
+    /// shows (a static function of a stripped file) takes the M of all the
+    /// other pads when they agree, as in memory.
+    fn pads(&self, pads: &[u64]) -> Vec<Result<FileSite, FileSkipped>> {
+        let entries: Vec<Option<u64>> = pads.iter().map(|&p| self.entry_of_pad(p)).collect();
+        let mut ms = entries.iter().zip(pads).filter_map(|(e, p)| e.map(|e| e - p));
+        let consensus = ms.next().filter(|&m| ms.all(|x| x == m));
+        pads.iter()
+            .zip(entries)
+            .map(|(&p, entry)| {
+                let entry = entry.or_else(|| {
+                    let m = consensus?;
+                    (m == 0 || self.image.read(p, m as usize).is_some_and(|b| x86_64::all_nops(&b))).then_some(p + m)
+                });
+                self.pad(p, entry)
+            })
+            .collect()
+    }
+
+    /// The site of the pad starting at `p` whose function starts at `entry`.
+    fn pad(&self, p: u64, entry: Option<u64>) -> Result<FileSite, FileSkipped> {
         let section = RecordKind::PatchableEntry.section_name();
         if !self.image.in_code(p, 1) {
             return Err(self.skip(section, p, "", SkipReason::NotInCode { addr: p as usize }));
         }
-        let entry = if self.symbols.starting_at(p).is_some() {
-            Some(p)
-        } else {
-            self.symbols.first_in(p, MAX_PREFIX as u64).and_then(|sym| {
-                let between = self.image.read(p, (sym.addr - p) as usize)?;
-                x86_64::all_nops(&between).then_some(sym.addr)
-            })
-        };
         let Some(entry) = entry else {
             return Err(self.skip(section, p, "", SkipReason::UnknownEntry));
         };
