@@ -100,6 +100,19 @@ pub(crate) struct Config {
     pub socket_dir: PathBuf,
 }
 
+/// Why the agent cannot trace; printed once, then tracing is disabled.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum AgentError {
+    #[error("cannot record: {0}")]
+    Record(#[from] record::RecordError),
+    #[error("cannot trace: {0}")]
+    Trace(#[from] TraceError),
+    #[error("cannot trace newly loaded code: {0}")]
+    Refresh(TraceError),
+    #[error(transparent)]
+    Filter(#[from] textpoke::trace::FilterError),
+}
+
 /// What the agent is doing.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum Phase {
@@ -282,12 +295,12 @@ fn load() {
     server::note_counters();
     let tracer = Tracer::global(); // finds the sites of every loaded object
     if let Err(e) = try_start(agent, tracer) {
-        fail(agent, &e);
+        fail(agent, &e.to_string());
     }
 }
 
 /// Starts recording if there is anything to trace.
-fn try_start(agent: &mut Agent, tracer: &'static Tracer) -> Result<(), String> {
+fn try_start(agent: &mut Agent, tracer: &'static Tracer) -> Result<(), AgentError> {
     if agent.phase != Phase::Idle {
         return Ok(());
     }
@@ -299,15 +312,15 @@ fn try_start(agent: &mut Agent, tracer: &'static Tracer) -> Result<(), String> {
     if agent.config.count_only {
         cfg = cfg.count_only();
     }
-    let recorder = record::start(cfg).map_err(|e| format!("cannot record: {e}"))?;
+    let recorder = record::start(cfg)?;
     record::flush_at_exit();
     agent.recorder = Some(recorder);
     agent.phase = Phase::Recording;
     STARTED.store(true, Ordering::Release);
     let op = if agent.config.count_only { RecordOp::count_only() } else { RecordOp::graph() };
     let names = distinct_names(&functions);
-    let filter = agent.rules.filter(names.iter().map(String::as_str)).map_err(|e| e.to_string())?;
-    let handle = tracer.register(Arc::new(op), filter).map_err(|e| format!("cannot trace: {e}"))?;
+    let filter = agent.rules.filter(names.iter().map(String::as_str))?;
+    let handle = tracer.register(Arc::new(op), filter)?;
     agent.op = Some(handle);
     recount(agent, tracer);
     server::install_stop_signals();
@@ -391,16 +404,14 @@ pub(crate) fn refresh(agent: &mut Agent) {
     }
     let tracer = Tracer::global();
     server::note_counters();
-    if let Err(e) = tracer.refresh() {
-        return fail(agent, &format!("cannot trace newly loaded code: {e}"));
-    }
-    let r = match agent.phase {
-        Phase::Idle => try_start(agent, tracer),
-        Phase::Recording => update_filter(agent).map_err(|e| format!("cannot trace newly loaded code: {e}")),
-        _ => Ok(()),
+    let r = match tracer.refresh().map_err(AgentError::Refresh) {
+        Err(e) => Err(e),
+        Ok(()) if agent.phase == Phase::Idle => try_start(agent, tracer),
+        Ok(()) if agent.phase == Phase::Recording => update_filter(agent).map_err(AgentError::Refresh),
+        Ok(()) => Ok(()),
     };
     if let Err(e) = r {
-        fail(agent, &e);
+        fail(agent, &e.to_string());
     }
 }
 

@@ -53,6 +53,32 @@ static WAKE_INO: AtomicU64 = AtomicU64::new(0);
 static SOCKET_PATH: AtomicPtr<libc::c_char> = AtomicPtr::new(std::ptr::null_mut());
 static SOCKET_PID: AtomicI32 = AtomicI32::new(0);
 
+/// Every descriptor the agent made in this process (fd, device, inode;
+/// fd -1: free), for a forked child to close the parent's.
+static OWN_FDS: [[AtomicU64; 3]; 3] =
+    [const { [const { AtomicU64::new(u64::MAX) }, const { AtomicU64::new(0) }, const { AtomicU64::new(0) }] }; 3];
+
+fn remember(fd: &Fd) {
+    for slot in &OWN_FDS {
+        if slot[0].compare_exchange(u64::MAX, fd.fd as u64, Ordering::AcqRel, Ordering::Relaxed).is_ok() {
+            slot[1].store(fd.id.0, Ordering::Relaxed);
+            slot[2].store(fd.id.1, Ordering::Relaxed);
+            return;
+        }
+    }
+}
+
+/// Closes the descriptors the agent made before a fork (in the child).
+fn close_inherited() {
+    for slot in &OWN_FDS {
+        let fd = slot[0].swap(u64::MAX, Ordering::AcqRel);
+        if fd != u64::MAX {
+            let fd = Fd { fd: fd as RawFd, id: (slot[1].load(Ordering::Relaxed), slot[2].load(Ordering::Relaxed)) };
+            fd.close();
+        }
+    }
+}
+
 /// The device and inode of `fd`, if open.
 fn identity(fd: RawFd) -> Option<(u64, u64)> {
     // SAFETY: fstat writes one struct stat; zeroed is a valid value.
@@ -77,7 +103,9 @@ impl Fd {
         // SAFETY: duplicating a descriptor we own.
         let high = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_DUPFD_CLOEXEC, floor) };
         let fd = if high >= 0 { high } else { fd.into_raw_fd() }; // the original closes on drop
-        Some(Fd { fd, id: identity(fd)? })
+        let fd = Fd { fd, id: identity(fd)? };
+        remember(&fd);
+        Some(fd)
     }
 
     /// Still ours?
@@ -87,6 +115,9 @@ impl Fd {
 
     /// Closes it if it is still ours.
     fn close(self) {
+        for slot in &OWN_FDS {
+            let _ = slot[0].compare_exchange(self.fd as u64, u64::MAX, Ordering::AcqRel, Ordering::Relaxed);
+        }
         if self.ours() {
             // SAFETY: the descriptor is ours (checked just now).
             unsafe { libc::close(self.fd) };
@@ -356,6 +387,7 @@ pub(crate) fn after_fork_in_child() {
     PENDING_SIGNAL.store(0, Ordering::Release);
     WAKE_FD.store(-1, Ordering::Release);
     SOCKET_PATH.store(std::ptr::null_mut(), Ordering::Release); // the parent's
+    close_inherited();
 }
 
 fn accept_one(l: &Listener) {

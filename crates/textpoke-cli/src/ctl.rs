@@ -121,18 +121,24 @@ fn ask(pid: i32, req: &Request) -> Result<Reply, CliError> {
     Reply::read(&mut BufReader::new(&stream)).map_err(|e| CliError::new(1, format!("agent of {pid}: {e}")))
 }
 
-fn print_status(r: &Reply) {
+fn status_text(r: &Reply) -> String {
     let get = |k: &str| r.get(k).unwrap_or("?");
-    println!("pid        {} ({})", get("pid"), get("process"));
-    println!("state      {} ({} mode)", get("state"), get("mode"));
-    println!("dir        {}", get("dir"));
-    println!("functions  {} traced of {}", get("traced"), get("functions"));
-    if get("mode") == "count" {
-        println!("calls      {} counted, {} dropped", get("calls"), get("dropped"));
+    let counts = if get("mode") == "count" {
+        format!("calls      {} counted, {} dropped", get("calls"), get("dropped"))
     } else {
-        println!("records    {} written, {} dropped", get("records"), get("dropped"));
-    }
-    println!("rules      {}", r.all("rule").collect::<Vec<_>>().join(" "));
+        format!("records    {} written, {} dropped", get("records"), get("dropped"))
+    };
+    format!(
+        "pid        {} ({})\nstate      {} ({} mode)\ndir        {}\nfunctions  {} traced of {}\n{counts}\nrules      {}\n",
+        get("pid"),
+        get("process"),
+        get("state"),
+        get("mode"),
+        get("dir"),
+        get("traced"),
+        get("functions"),
+        r.all("rule").collect::<Vec<_>>().join(" ")
+    )
 }
 
 pub fn run(args: &Args) -> ExitCode {
@@ -151,13 +157,15 @@ pub fn run(args: &Args) -> ExitCode {
         eprintln!("textpoke ctl: {msg}{hint}");
         return ExitCode::FAILURE;
     }
-    match req {
-        Request::Status => print_status(&reply),
+    let text = match req {
+        Request::Status => status_text(&reply),
         _ => {
             let traced = reply.get("traced").unwrap_or("?");
             let plural = if traced == "1" { "" } else { "s" };
-            println!("{traced} function{plural} traced of {}", reply.get("functions").unwrap_or("?"));
+            format!("{traced} function{plural} traced of {}\n", reply.get("functions").unwrap_or("?"))
         }
-    }
+    };
+    // A closed stdout (`| head`) is not an error of the request.
+    let _ = std::io::stdout().write_all(text.as_bytes());
     ExitCode::SUCCESS
 }

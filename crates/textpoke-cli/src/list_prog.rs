@@ -6,6 +6,7 @@
 
 use crate::cmdutil::CliError;
 use crate::record::{resolve_program, HOW_TO_ADD_SITES};
+use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use textpoke::sites::{FileSite, MarkedPoint};
@@ -36,10 +37,15 @@ fn list(args: &Args) -> Result<(), CliError> {
     let shown = args.prog.display().to_string();
     let path = if args.prog.is_file() { args.prog.clone() } else { resolve_program(args.prog.as_os_str())? };
     let found = textpoke::sites::scan_file(&path).map_err(|e| CliError::new(2, e.to_string()))?;
+    let mut out = std::io::BufWriter::new(std::io::stdout().lock());
     for s in &found.sites {
         let name = if s.function.is_empty() { "?" } else { &s.function };
-        println!("{:#010x}  {:<12}  {name}", s.nop_addr, kind(s));
+        if writeln!(out, "{:#010x}  {:<12}  {name}", s.nop_addr, kind(s)).is_err() {
+            return Ok(()); // stdout closed (`| head`)
+        }
     }
+    let _ = out.flush();
+    drop(out);
     for s in &found.skipped {
         let name = if s.function.is_empty() { String::new() } else { format!(" ({})", s.function) };
         eprintln!("textpoke list: skipped {} record {:#x}{name}: {}", s.section, s.record, s.reason);
