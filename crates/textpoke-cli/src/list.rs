@@ -109,7 +109,7 @@ fn list_prog(prog: &Path, skipped: bool, w: &mut dyn Write) -> Result<(), String
             NopForm::Split { .. } => "nop1x5",
         };
         let name = if s.function.is_empty() { "?" } else { &s.function };
-        writeln!(w, "{:#014x}  {:<12}  {form:<6}  {name}", s.entry, s.kind.short_name()).map_err(io)?;
+        writeln!(w, "{:#014x}  {:<12}  {form:<6}  {name}", s.entry, kind(s)).map_err(io)?;
     }
     if skipped {
         for s in &found.skipped {
@@ -126,6 +126,17 @@ fn list_prog(prog: &Path, skipped: bool, w: &mut dyn Write) -> Result<(), String
         ));
     }
     Ok(())
+}
+
+/// `patchable`, `mcount`, `traced-entry` or `traced-exit`.
+fn kind(s: &textpoke::sites::FileSite) -> &'static str {
+    use textpoke::sites::MarkedPoint;
+    match (s.section, s.marked) {
+        (_, Some(MarkedPoint::Entry)) => "traced-entry",
+        (_, Some(MarkedPoint::Exit)) => "traced-exit",
+        ("__mcount_loc", _) => "mcount",
+        _ => "patchable",
+    }
 }
 
 fn summary(path: &Path, f: &FileSites) {

@@ -28,6 +28,7 @@
 
 pub mod analysis;
 pub mod arch;
+pub mod control;
 pub mod error;
 pub mod keys;
 pub mod record;

@@ -1,216 +1,208 @@
-//! The patchable sites of an ELF file that is **not loaded** in this
-//! process: what `textpoke list PROG` shows before anything runs.
+//! The patchable functions of an ELF file on disk, without loading it.
 //!
-//! # What differs from a loaded object
+//! [`scan_file`] answers "what could textpoke trace in this program?"
+//! before anything runs (`textpoke list PROG`, and `textpoke record`'s
+//! check that a program has sites at all). It reads the same three
+//! sections as [`scan_object`](super::scan_object) — but from the file
+//! only, so what the loader would compute is computed here:
 //!
-//! [`scan_object`](super::scan_object) reads the record arrays from memory
-//! (where the loader applied every relocation) and checks the bytes at each
-//! site in memory. Here there is no memory: everything comes from the file,
-//! at link-time addresses.
+//! - a record of `__patchable_function_entries` or `__mcount_loc` is the
+//!   8 bytes stored in the section, unless a dynamic relocation of the
+//!   file targets it: `R_X86_64_RELATIVE` gives its addend (GNU ld stores
+//!   the value as well, lld stores zeros), `R_X86_64_64` against a symbol
+//!   the file defines gives the symbol plus the addend, and any other
+//!   relocation (against a symbol of another object) makes the record
+//!   unknown. `.relr.dyn` entries keep the stored value, so they need no
+//!   handling;
+//! - a `textpoke_sites` record is PC-relative and needs nothing; the
+//!   function's name is the string its descriptor points to (a pointer
+//!   relocated like a record), else the symbol containing the site.
 //!
-//! 1. The file is read whole and parsed with `object`; it must be an x86-64
-//!    ELF executable or shared object.
-//! 2. **Record values.** Each 8-byte record of `__patchable_function_entries`
-//!    and `__mcount_loc` is the value stored in the section, unless a
-//!    dynamic relocation applies to it: `R_X86_64_RELATIVE` gives its addend
-//!    (lld stores zeros and relies on it), `R_X86_64_64` against a defined
-//!    symbol the symbol's value plus the addend; against an undefined symbol
-//!    or with another type the value is unknown and the record is skipped
-//!    ([`SkipReason::RecordUnknown`]). RELR relocations keep the stored
-//!    value, which is what the section holds. This is the
-//!    [`RecordSource::File`](super::RecordSource::File) reading, done with
-//!    `object`'s generic relocation iterator.
-//! 3. **`textpoke_sites` records** are PC-relative and need no relocation;
-//!    the name pointer in each function descriptor does (a RELATIVE
-//!    relocation in a PIE), and is resolved as in step 2.
-//! 4. **From a record to a site**, exactly as for a loaded object (see the
-//!    [module docs](super)): a pad's entry is the symbol at the pad or the
-//!    first one at most 255 bytes after it with only NOPs between (else the
-//!    M the other pads agree on); an `__mcount_loc` NOP must be at its
-//!    function's entry (or after `endbr64`); the site follows an `endbr64`.
-//! 5. **The bytes at each site** are read from the file-backed part of the
-//!    executable `PT_LOAD` segment that holds it and must be a NOP this
-//!    layer knows ([`NopForm`]); anything else is a [`FileSkipped`] with the
-//!    bytes found.
+//! Addresses are link-time addresses (what `nm` and `objdump` show). Code
+//! bytes come from the file's `PT_LOAD` segments, and each site is checked
+//! exactly as in memory: a known NOP at the entry (after `endbr64`), in an
+//! executable segment. A site that fails a check is reported in
+//! [`FileSites::skipped`] with the reason; none is dropped silently.
 //!
-//! Addresses in the result are link-time addresses (a PIE's are relative to
-//! its load address).
+//! The file is read through `object`'s `ReadCache` (only the byte ranges
+//! asked for), so a large library without site sections costs a few small
+//! reads.
 
 use std::collections::HashMap;
+use std::fs::File;
 use std::path::{Path, PathBuf};
 
-use object::read::{Object, ObjectSection, ObjectSegment, ObjectSymbol, ObjectSymbolTable};
-use object::{Architecture, BinaryFormat, ObjectKind, RelocationFlags, RelocationTarget, SectionKind, SymbolKind};
+use object::elf;
+use object::read::elf::{ElfFile64, ProgramHeader};
+use object::read::{Object, ObjectSection, ObjectSegment, ObjectSymbol, ReadCache, RelocationFlags, RelocationTarget};
+use object::{Endianness, FileKind, SymbolKind};
 
+use super::elf::RecordKind;
 use super::marked::{self, MarkedFunction, MarkedPoint};
-use super::symbols::{demangle, FuncSym, Symbols};
-use super::x86_64::{self, NopForm};
-use super::{SitesError, SkipReason, MAX_PREFIX, NOP_LEN};
+use super::symbols::{FuncSym, Symbols};
+use super::{demangle, x86_64, NopForm, SitesError, SkipReason, MAX_PREFIX, NOP_LEN};
 
-/// What kind of record a [`FileSite`] comes from.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum FileSiteKind {
-    /// `__patchable_function_entries`.
-    PatchableEntry {
-        /// Link-time address of the pad's first byte.
-        pad_start: u64,
-        /// M: pad bytes before the entry.
-        entry_offset: u8,
-    },
-    /// `__mcount_loc`.
-    Mcount,
-    /// `textpoke_sites` (`#[textpoke::traced]`): the entry or exit site.
-    Marked(MarkedPoint),
-}
-
-impl FileSiteKind {
-    /// A short name: `patchable`, `mcount`, `traced-entry`, `traced-exit`.
-    pub fn short_name(self) -> &'static str {
-        match self {
-            FileSiteKind::PatchableEntry { .. } => "patchable",
-            FileSiteKind::Mcount => "mcount",
-            FileSiteKind::Marked(MarkedPoint::Entry) => "traced-entry",
-            FileSiteKind::Marked(MarkedPoint::Exit) => "traced-exit",
-        }
-    }
-}
-
-/// A patchable site found in a file.
+/// One patchable function (or, for `#[textpoke::traced]`, one entry or
+/// exit site) found in a file.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct FileSite {
-    /// Where it was recorded.
-    pub kind: FileSiteKind,
+    /// The section the record is in.
+    pub section: &'static str,
+    /// The function's name, demangled; empty if no symbol names it.
+    pub function: String,
+    /// The symbol as in the symbol table; empty if none.
+    pub raw_symbol: String,
     /// Link-time address of the function's entry.
     pub entry: u64,
     /// Link-time address of the 5-byte NOP.
     pub nop_addr: u64,
     /// How the NOP is made.
     pub nop_form: NopForm,
-    /// The function's name, demangled (for a marked site, the name in its
-    /// descriptor); empty if no symbol names it.
-    pub function: String,
-    /// The symbol as in the symbol table; empty if none.
-    pub raw_symbol: String,
+    /// For `textpoke_sites`: entry or exit site.
+    pub marked: Option<MarkedPoint>,
 }
 
-/// A record that did not give a site, and why.
+/// A record of a file that is not a patchable site, and why.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct FileSkipped {
     /// The section the record is in.
     pub section: &'static str,
-    /// The record's value (link-time address), 0 when unknown.
+    /// The record's value (link-time address), when known.
     pub record: u64,
     /// The function's demangled name, when known.
     pub function: String,
-    /// Why it is not a site.
+    /// Why it is not a site (addresses in it are link-time).
     pub reason: SkipReason,
 }
 
-/// The sites of one ELF file.
+/// What [`scan_file`] found.
 #[derive(Clone, Debug)]
 pub struct FileSites {
     /// The file.
     pub path: PathBuf,
+    /// `ET_DYN` (PIE or shared object) rather than `ET_EXEC`.
+    pub position_independent: bool,
+    /// The program interpreter (`PT_INTERP`), if any: a file without one
+    /// is statically linked (or a shared library).
+    pub interpreter: Option<PathBuf>,
+    /// The site sections present, with their record counts.
+    pub sections: Vec<(&'static str, usize)>,
     /// Patchable sites, by NOP address.
     pub sites: Vec<FileSite>,
-    /// Records that are not sites.
+    /// Records that are not patchable sites.
     pub skipped: Vec<FileSkipped>,
-    /// Each site section found and its number of records.
-    pub sections: Vec<(&'static str, usize)>,
-    /// Symbols came from `.dynsym` only: static functions are unnamed.
+    /// Symbols came from `.dynsym` only (`.symtab` stripped).
     pub dynsym_only: bool,
 }
 
-/// The section names looked for, pointer arrays first.
-const ARRAYS: [&str; 2] = ["__patchable_function_entries", "__mcount_loc"];
+impl FileSites {
+    /// The distinct function names of the sites (sorted; unnamed sites
+    /// left out).
+    pub fn function_names(&self) -> Vec<String> {
+        let mut names: Vec<String> =
+            self.sites.iter().filter(|s| !s.function.is_empty()).map(|s| s.function.clone()).collect();
+        names.sort();
+        names.dedup();
+        names
+    }
+}
 
-/// Finds the patchable sites of the ELF file at `path` without loading it
-/// (see the module docs).
+type Elf64<'a> = ElfFile64<'a, Endianness, &'a ReadCache<File>>;
+
+/// Finds the patchable sites of the ELF file at `path` (see the module
+/// docs). A file without site sections gives an empty result; a file that
+/// is not a 64-bit x86-64 ELF executable or shared object is an error.
 pub fn scan_file(path: &Path) -> Result<FileSites, SitesError> {
-    let p = || path.to_path_buf();
-    let data = std::fs::read(path).map_err(|source| SitesError::Open { path: p(), source })?;
-    let file = object::File::parse(&*data).map_err(|source| SitesError::Parse { path: p(), source })?;
-    let unsupported = |what: String| SitesError::Unsupported { path: p(), what };
-    if file.format() != BinaryFormat::Elf {
-        return Err(unsupported(format!("{:?} file, not ELF", file.format())));
+    let file = File::open(path).map_err(|source| SitesError::Open { path: path.to_path_buf(), source })?;
+    let cache = ReadCache::new(file);
+    let parse = |source| SitesError::Parse { path: path.to_path_buf(), source };
+    let unsupported = |what: String| SitesError::Unsupported { path: path.to_path_buf(), what };
+    match FileKind::parse(&cache) {
+        Ok(FileKind::Elf64) => {}
+        Ok(FileKind::Elf32) => return Err(unsupported("a 32-bit ELF file; textpoke handles x86-64".into())),
+        Ok(kind) => return Err(unsupported(format!("not an ELF file ({kind:?})"))),
+        Err(_) => return Err(unsupported("not an ELF file".into())),
     }
-    if file.architecture() != Architecture::X86_64 || !file.is_64() {
-        return Err(unsupported(format!("{:?}, not x86-64", file.architecture())));
+    let elf: Elf64<'_> = ElfFile64::parse(&cache).map_err(parse)?;
+    let endian = elf.endian();
+    let header = elf.elf_header();
+    use object::read::elf::FileHeader;
+    if header.e_machine(endian) != elf::EM_X86_64 {
+        return Err(unsupported(format!("e_machine {}, not x86-64", header.e_machine(endian))));
     }
-    match file.kind() {
-        ObjectKind::Executable | ObjectKind::Dynamic => {}
-        k => return Err(unsupported(format!("{k:?} file, not an executable or a shared object"))),
+    let e_type = header.e_type(endian);
+    if e_type != elf::ET_EXEC && e_type != elf::ET_DYN {
+        return Err(unsupported(format!("e_type {e_type}, not an executable or shared object")));
     }
-    let img = Image::new(&file);
-    let mut out =
-        FileSites { path: p(), sites: Vec::new(), skipped: Vec::new(), sections: Vec::new(), dynsym_only: false };
-    let mut arrays = Vec::new();
-    for name in ARRAYS {
-        let Some(sec) = file.section_by_name(name) else {
-            continue;
-        };
-        let bad = |what: String| SitesError::BadSection { path: p(), section: name, what };
-        let size = sec.size();
-        if size % 8 != 0 {
-            return Err(bad(format!("size {size} is not a multiple of 8")));
-        }
-        let contents: &[u8] = if sec.kind() == SectionKind::UninitializedData {
-            &[]
-        } else {
-            sec.data().map_err(|e| bad(format!("cannot read contents: {e}")))?
-        };
-        let values: Vec<Option<u64>> = (0..size / 8)
-            .map(|i| img.pointer(sec.address() + 8 * i, contents.get(8 * i as usize..8 * i as usize + 8)))
-            .collect();
-        out.sections.push((name, values.len()));
-        arrays.push((name, values));
-    }
-    let marked_sec = file.section_by_name(marked::SECTION);
-    if let Some(sec) = &marked_sec {
-        let bad = |what: String| SitesError::BadSection { path: p(), section: marked::SECTION, what };
-        if sec.size() % marked::RECORD_SIZE as u64 != 0 {
-            return Err(bad(format!("size {} is not a multiple of {}", sec.size(), marked::RECORD_SIZE)));
-        }
-        out.sections.push((marked::SECTION, (sec.size() / marked::RECORD_SIZE as u64) as usize));
-    }
-    if out.sections.is_empty() {
+    let interpreter = elf
+        .elf_program_headers()
+        .iter()
+        .find(|p| p.p_type(endian) == elf::PT_INTERP)
+        .and_then(|p| p.data(endian, elf.data()).ok())
+        .map(|bytes| {
+            let s = bytes.split(|&b| b == 0).next().unwrap_or_default();
+            PathBuf::from(String::from_utf8_lossy(s).into_owned())
+        });
+    let mut out = FileSites {
+        path: path.to_path_buf(),
+        position_independent: e_type == elf::ET_DYN,
+        interpreter,
+        sections: Vec::new(),
+        sites: Vec::new(),
+        skipped: Vec::new(),
+        dynsym_only: false,
+    };
+    let kinds = [RecordKind::PatchableEntry, RecordKind::Mcount, RecordKind::Marked];
+    let found: Vec<_> = kinds.iter().filter_map(|&k| elf.section_by_name(k.section_name()).map(|s| (k, s))).collect();
+    if found.is_empty() {
         return Ok(out);
     }
-    let (symbols, dynsym_only) = func_symbols(&file);
-    out.dynsym_only = dynsym_only;
-    let scan = Scan { img: &img, symbols: &symbols };
-    for (name, values) in arrays {
-        let mut located = Vec::new();
-        for (i, v) in values.into_iter().enumerate() {
-            match v {
-                Some(v) => located.push(v),
-                None => out.skipped.push(FileSkipped {
-                    section: name,
-                    record: 0,
-                    function: String::new(),
-                    reason: SkipReason::RecordUnknown { index: i },
-                }),
-            }
+    let image = Image::new(&elf);
+    let mut symbols = image.func_symbols(false);
+    if symbols.is_empty() {
+        symbols = image.func_symbols(true);
+        out.dynsym_only = true;
+    }
+    let scan = FileScan { image: &image, symbols: &Symbols::new(symbols) };
+    for (kind, section) in found {
+        let name = kind.section_name();
+        let bad = |what: String| SitesError::BadSection { path: path.to_path_buf(), section: name, what };
+        let data = section.data().map_err(|e| bad(format!("cannot read contents: {e}")))?;
+        let size = kind.record_size() as usize;
+        if data.len() % size != 0 {
+            return Err(bad(format!("size {} is not a multiple of {size}", data.len())));
         }
-        let results: Vec<Result<FileSite, FileSkipped>> = if name == ARRAYS[0] {
-            scan.patchable_entries(&located)
-        } else {
-            located.iter().map(|&n| scan.mcount(n)).collect()
+        out.sections.push((name, data.len() / size));
+        let results: Vec<Result<FileSite, FileSkipped>> = match kind {
+            RecordKind::Marked => (0..data.len() / size)
+                .map(|i| scan.marked(section.address() + (i * size) as u64, &data[i * size..(i + 1) * size]))
+                .collect(),
+            _ => {
+                let mut results = Vec::new();
+                let mut located = Vec::new();
+                for i in 0..data.len() / size {
+                    let at = section.address() + (i * size) as u64;
+                    match image.pointer(at, &data[i * size..(i + 1) * size]) {
+                        Some(v) => located.push(v),
+                        None => results.push(Err(FileSkipped {
+                            section: name,
+                            record: 0,
+                            function: String::new(),
+                            reason: SkipReason::RecordUnknown { index: i },
+                        })),
+                    }
+                }
+                match kind {
+                    RecordKind::PatchableEntry => results.extend(scan.pads(&located)),
+                    _ => results.extend(located.iter().map(|&n| scan.mcount(n))),
+                }
+                results
+            }
         };
         for r in results {
             match r {
-                Ok(s) => out.sites.push(s),
-                Err(s) => out.skipped.push(s),
-            }
-        }
-    }
-    if let Some(sec) = marked_sec {
-        let contents = sec.data().map_err(|source| SitesError::Parse { path: p(), source })?;
-        for (i, rec) in contents.chunks_exact(marked::RECORD_SIZE).enumerate() {
-            let at = sec.address() + (i * marked::RECORD_SIZE) as u64;
-            match scan.marked(at, rec) {
-                Ok(s) => out.sites.push(s),
-                Err(s) => out.skipped.push(s),
+                Ok(site) => out.sites.push(site),
+                Err(skip) => out.skipped.push(skip),
             }
         }
     }
@@ -219,13 +211,100 @@ pub fn scan_file(path: &Path) -> Result<FileSites, SitesError> {
     Ok(out)
 }
 
-/// The function symbols: `.symtab`, else `.dynsym`.
-fn func_symbols(file: &object::File<'_>) -> (Symbols, bool) {
-    let collect = |syms: &mut dyn Iterator<Item = object::Symbol<'_, '_>>| -> Vec<FuncSym> {
-        syms.filter(|s| s.kind() == SymbolKind::Text && s.is_definition())
+/// A relocated pointer value in the file, by link-time address.
+#[derive(Clone, Copy)]
+enum Reloc {
+    Value(u64),
+    Unknown,
+}
+
+/// The file's loadable image: segments, dynamic relocations, symbols.
+struct Image<'a> {
+    elf: &'a Elf64<'a>,
+    /// (vaddr, memsz, executable) of each `PT_LOAD`.
+    segments: Vec<(u64, u64, bool)>,
+    relocs: HashMap<u64, Reloc>,
+}
+
+impl<'a> Image<'a> {
+    fn new(elf: &'a Elf64<'a>) -> Image<'a> {
+        let endian = elf.endian();
+        let segments = elf
+            .elf_program_headers()
+            .iter()
+            .filter(|p| p.p_type(endian) == elf::PT_LOAD)
+            .map(|p| (p.p_vaddr(endian), p.p_memsz(endian), p.p_flags(endian) & elf::PF_X != 0))
+            .collect();
+        let mut relocs = HashMap::new();
+        let dynsyms = elf.dynamic_symbol_table();
+        for (offset, r) in elf.dynamic_relocations().into_iter().flatten() {
+            let RelocationFlags::Elf { r_type } = r.flags() else {
+                continue;
+            };
+            let value = match r_type {
+                elf::R_X86_64_NONE => continue,
+                elf::R_X86_64_RELATIVE => Reloc::Value(r.addend() as u64),
+                elf::R_X86_64_64 => match r.target() {
+                    RelocationTarget::Symbol(index) => dynsyms
+                        .as_ref()
+                        .and_then(|t| {
+                            use object::read::ObjectSymbolTable;
+                            t.symbol_by_index(index).ok()
+                        })
+                        .filter(|s| s.is_definition())
+                        .map_or(Reloc::Unknown, |s| Reloc::Value(s.address().wrapping_add(r.addend() as u64))),
+                    RelocationTarget::Absolute => Reloc::Value(r.addend() as u64),
+                    _ => Reloc::Unknown,
+                },
+                _ => Reloc::Unknown,
+            };
+            relocs.insert(offset, value);
+        }
+        Image { elf, segments, relocs }
+    }
+
+    /// The pointer stored at link-time address `at`, whose 8 bytes in the
+    /// file are `stored`, after the file's dynamic relocations.
+    fn pointer(&self, at: u64, stored: &[u8]) -> Option<u64> {
+        match self.relocs.get(&at) {
+            Some(Reloc::Value(v)) => Some(*v),
+            Some(Reloc::Unknown) => None,
+            None => Some(u64::from_le_bytes(stored.get(..8)?.try_into().ok()?)),
+        }
+    }
+
+    /// Up to `len` bytes at link-time address `addr` from the segment that
+    /// holds it (fewer at the segment's end; zeros past its file part).
+    fn read(&self, addr: u64, len: usize) -> Option<Vec<u8>> {
+        let seg = self.elf.segments().find(|s| s.address() <= addr && addr < s.address() + s.size())?;
+        let len = (len as u64).min(seg.address() + seg.size() - addr);
+        let mut out = vec![0u8; len as usize];
+        if let Ok(data) = seg.data() {
+            let start = (addr - seg.address()) as usize;
+            if start < data.len() {
+                let n = (data.len() - start).min(out.len());
+                out[..n].copy_from_slice(&data[start..start + n]);
+            }
+        }
+        Some(out)
+    }
+
+    fn in_code(&self, addr: u64, len: u64) -> bool {
+        self.segments.iter().any(|&(v, m, x)| x && addr >= v && addr.saturating_add(len) <= v.saturating_add(m))
+    }
+
+    fn in_image(&self, addr: u64, len: u64) -> bool {
+        self.segments.iter().any(|&(v, m, _)| addr >= v && addr.saturating_add(len) <= v.saturating_add(m))
+    }
+
+    /// Function symbols of `.symtab` (or `.dynsym` when `dynamic`).
+    fn func_symbols(&self, dynamic: bool) -> Vec<FuncSym> {
+        let syms: Vec<_> = if dynamic { self.elf.dynamic_symbols().collect() } else { self.elf.symbols().collect() };
+        syms.into_iter()
+            .filter(|s| s.kind() == SymbolKind::Text && s.is_definition())
             .filter_map(|s| {
-                let name = s.name().ok()?.to_string();
-                let rank = if s.is_global() && !s.is_weak() {
+                let name = s.name().ok()?.to_owned();
+                let rank = if s.is_global() {
                     0
                 } else if s.is_weak() {
                     1
@@ -235,113 +314,57 @@ fn func_symbols(file: &object::File<'_>) -> (Symbols, bool) {
                 Some(FuncSym { addr: s.address(), size: s.size(), name, rank })
             })
             .collect()
-    };
-    let from_symtab = collect(&mut file.symbols());
-    if !from_symtab.is_empty() {
-        return (Symbols::new(from_symtab), false);
-    }
-    (Symbols::new(collect(&mut file.dynamic_symbols())), true)
-}
-
-/// The file's loadable image at link-time addresses.
-struct Image<'d> {
-    /// `(vaddr, file bytes, executable)` of each `PT_LOAD` segment.
-    segments: Vec<(u64, &'d [u8], bool)>,
-    /// Dynamic relocations by place: the value they give, `None` when only
-    /// the loader can know it.
-    relocs: HashMap<u64, Option<u64>>,
-}
-
-impl<'d> Image<'d> {
-    fn new(file: &object::File<'d>) -> Image<'d> {
-        let segments = file
-            .segments()
-            .filter_map(|s| {
-                let exec = match s.flags() {
-                    object::SegmentFlags::Elf { p_flags } => p_flags & object::elf::PF_X != 0,
-                    _ => false,
-                };
-                Some((s.address(), s.data().ok()?, exec))
-            })
-            .collect();
-        let mut relocs = HashMap::new();
-        let dynsyms = file.dynamic_symbol_table();
-        for (place, r) in file.dynamic_relocations().into_iter().flatten() {
-            let r_type = match r.flags() {
-                RelocationFlags::Elf { r_type } => r_type,
-                _ => continue,
-            };
-            let value = match r_type {
-                object::elf::R_X86_64_NONE => continue,
-                object::elf::R_X86_64_RELATIVE if !r.has_implicit_addend() => Some(r.addend() as u64),
-                // REL form: the stored value is the addend.
-                object::elf::R_X86_64_RELATIVE => continue,
-                object::elf::R_X86_64_64 if !r.has_implicit_addend() => match (r.target(), &dynsyms) {
-                    (RelocationTarget::Symbol(i), Some(t)) => t
-                        .symbol_by_index(i)
-                        .ok()
-                        .filter(|s| s.is_definition())
-                        .map(|s| s.address().wrapping_add(r.addend() as u64)),
-                    _ => None,
-                },
-                _ => None,
-            };
-            relocs.insert(place, value);
-        }
-        Image { segments, relocs }
-    }
-
-    /// The link-time value of the pointer at `place`, whose stored bytes
-    /// are `stored`.
-    fn pointer(&self, place: u64, stored: Option<&[u8]>) -> Option<u64> {
-        if let Some(v) = self.relocs.get(&place) {
-            return *v;
-        }
-        Some(u64::from_le_bytes(stored?.try_into().ok()?))
-    }
-
-    /// `len` file-backed bytes at `addr`, inside one segment.
-    fn read(&self, addr: u64, len: usize) -> Option<&'d [u8]> {
-        self.segments.iter().find_map(|&(vaddr, bytes, _)| {
-            let off = usize::try_from(addr.checked_sub(vaddr)?).ok()?;
-            bytes.get(off..off.checked_add(len)?)
-        })
-    }
-
-    /// Up to `max` bytes at `addr`, stopping at the end of its segment's
-    /// file-backed part.
-    fn read_upto(&self, addr: u64, max: usize) -> &'d [u8] {
-        self.segments
-            .iter()
-            .find_map(|&(vaddr, bytes, _)| {
-                let off = usize::try_from(addr.checked_sub(vaddr)?).ok()?;
-                let rest = bytes.get(off..)?;
-                (!rest.is_empty()).then(|| &rest[..rest.len().min(max)])
-            })
-            .unwrap_or(&[])
-    }
-
-    fn in_code(&self, addr: u64, len: usize) -> bool {
-        self.segments.iter().any(|&(vaddr, bytes, exec)| {
-            exec && addr >= vaddr && addr.checked_add(len as u64).is_some_and(|end| end <= vaddr + bytes.len() as u64)
-        })
     }
 }
 
-struct Scan<'a, 'd> {
-    img: &'a Image<'d>,
+struct FileScan<'a> {
+    image: &'a Image<'a>,
     symbols: &'a Symbols,
 }
 
-impl Scan<'_, '_> {
-    fn name_of(&self, addr: u64) -> (String, String) {
-        match self.symbols.starting_at(addr) {
-            Some(s) => (demangle(&s.name), s.name.clone()),
-            None => (String::new(), String::new()),
-        }
+impl FileScan<'_> {
+    fn skip(&self, section: &'static str, record: u64, function: &str, reason: SkipReason) -> FileSkipped {
+        FileSkipped { section, record, function: function.to_owned(), reason }
     }
 
-    fn patchable_entries(&self, pads: &[u64]) -> Vec<Result<FileSite, FileSkipped>> {
+    fn name_at(&self, entry: u64) -> (String, String) {
+        self.symbols.starting_at(entry).map_or((String::new(), String::new()), |s| (demangle(&s.name), s.name.clone()))
+    }
+
+    /// The NOP at `entry` (after `endbr64`): its address, form and run length.
+    fn nop_at_entry(&self, entry: u64, max: usize) -> Result<(u64, NopForm, usize), SkipReason> {
+        let head = self.image.read(entry, 4).unwrap_or_default();
+        let nop_addr = if x86_64::starts_with_endbr64(&head) { entry + 4 } else { entry };
+        if !self.image.in_code(nop_addr, NOP_LEN as u64) {
+            return Err(SkipReason::NotInCode { addr: nop_addr as usize });
+        }
+        let bytes = self.image.read(nop_addr, max.max(NOP_LEN as usize)).unwrap_or_default();
+        let found = &bytes[..bytes.len().min(NOP_LEN as usize)];
+        if let Some(form) = x86_64::classify(found) {
+            return Ok((nop_addr, form, x86_64::nop_run_len(&bytes)));
+        }
+        let nops = x86_64::nop_run_len(&bytes);
+        if nops > 0 && nops < NOP_LEN as usize {
+            return Err(SkipReason::PadTooShort { addr: nop_addr as usize, nops });
+        }
+        Err(SkipReason::UnexpectedBytes { addr: nop_addr as usize, found: found.to_vec() })
+    }
+
+    /// The entry of the function whose pad starts at `p`, if a symbol
+    /// shows it.
+    fn entry_of_pad(&self, p: u64) -> Option<u64> {
+        if self.symbols.starting_at(p).is_some() {
+            return Some(p);
+        }
+        let sym = self.symbols.first_in(p, MAX_PREFIX as u64)?;
+        let between = self.image.read(p, (sym.addr - p) as usize)?;
+        x86_64::all_nops(&between).then_some(sym.addr)
+    }
+
+    /// `__patchable_function_entries` records (pad starts). A pad no symbol
+    /// shows (a static function of a stripped file) takes the M of all the
+    /// other pads when they agree, as in memory.
+    fn pads(&self, pads: &[u64]) -> Vec<Result<FileSite, FileSkipped>> {
         let entries: Vec<Option<u64>> = pads.iter().map(|&p| self.entry_of_pad(p)).collect();
         let mut ms = entries.iter().zip(pads).filter_map(|(e, p)| e.map(|e| e - p));
         let consensus = ms.next().filter(|&m| ms.all(|x| x == m));
@@ -350,187 +373,106 @@ impl Scan<'_, '_> {
             .map(|(&p, entry)| {
                 let entry = entry.or_else(|| {
                     let m = consensus?;
-                    (m == 0 || self.img.read(p, m as usize).is_some_and(x86_64::all_nops)).then_some(p + m)
+                    (m == 0 || self.image.read(p, m as usize).is_some_and(|b| x86_64::all_nops(&b))).then_some(p + m)
                 });
-                self.pad_site(p, entry)
+                self.pad(p, entry)
             })
             .collect()
     }
 
-    fn entry_of_pad(&self, p: u64) -> Option<u64> {
-        if self.symbols.starting_at(p).is_some() {
-            return Some(p);
-        }
-        let sym = self.symbols.first_in(p, MAX_PREFIX as u64)?;
-        let m = sym.addr - p;
-        let between = self.img.read(p, m as usize)?;
-        x86_64::all_nops(between).then_some(p + m)
-    }
-
-    fn pad_site(&self, p: u64, entry: Option<u64>) -> Result<FileSite, FileSkipped> {
-        let mut skipped =
-            FileSkipped { section: ARRAYS[0], record: p, function: String::new(), reason: SkipReason::UnknownEntry };
-        if !self.img.in_code(p, 1) {
-            skipped.reason = SkipReason::NotInCode { addr: p as usize };
-            return Err(skipped);
+    /// The site of the pad starting at `p` whose function starts at `entry`.
+    fn pad(&self, p: u64, entry: Option<u64>) -> Result<FileSite, FileSkipped> {
+        let section = RecordKind::PatchableEntry.section_name();
+        if !self.image.in_code(p, 1) {
+            return Err(self.skip(section, p, "", SkipReason::NotInCode { addr: p as usize }));
         }
         let Some(entry) = entry else {
-            return Err(skipped);
+            return Err(self.skip(section, p, "", SkipReason::UnknownEntry));
         };
-        let (function, raw_symbol) = self.name_of(entry);
-        skipped.function = function.clone();
+        let (function, raw_symbol) = self.name_at(entry);
         let m = (entry - p) as usize;
-        let (nop_addr, nop_form) = self.nop_at_entry(entry, MAX_PREFIX - m).map_err(|reason| {
-            skipped.reason = reason;
-            skipped.clone()
-        })?;
-        Ok(FileSite {
-            kind: FileSiteKind::PatchableEntry { pad_start: p, entry_offset: m as u8 },
-            entry,
-            nop_addr,
-            nop_form,
-            function,
-            raw_symbol,
-        })
+        let (nop_addr, nop_form, _) =
+            self.nop_at_entry(entry, MAX_PREFIX - m).map_err(|r| self.skip(section, p, &function, r))?;
+        Ok(FileSite { section, function, raw_symbol, entry, nop_addr, nop_form, marked: None })
     }
 
-    fn nop_at_entry(&self, entry: u64, max: usize) -> Result<(u64, NopForm), SkipReason> {
-        let head = self.img.read_upto(entry, 4);
-        let nop_addr = if x86_64::starts_with_endbr64(head) { entry + 4 } else { entry };
-        let bytes = self.img.read_upto(nop_addr, max.max(NOP_LEN as usize));
-        self.check_nop(nop_addr, bytes).map(|form| (nop_addr, form))
-    }
-
-    fn check_nop(&self, addr: u64, bytes: &[u8]) -> Result<NopForm, SkipReason> {
-        if !self.img.in_code(addr, NOP_LEN as usize) {
-            return Err(SkipReason::NotInCode { addr: addr as usize });
-        }
-        let found = &bytes[..bytes.len().min(NOP_LEN as usize)];
-        if let Some(form) = x86_64::classify(found) {
-            return Ok(form);
-        }
-        let nops = x86_64::nop_run_len(bytes);
-        if nops > 0 && nops < NOP_LEN as usize {
-            return Err(SkipReason::PadTooShort { addr: addr as usize, nops });
-        }
-        Err(SkipReason::UnexpectedBytes { addr: addr as usize, found: found.to_vec() })
-    }
-
+    /// A `__mcount_loc` record: the NOP at `n`.
     fn mcount(&self, n: u64) -> Result<FileSite, FileSkipped> {
-        let mut skipped = FileSkipped {
-            section: ARRAYS[1],
-            record: n,
-            function: String::new(),
-            reason: SkipReason::NotInCode { addr: n as usize },
-        };
-        if !self.img.in_code(n, NOP_LEN as usize) {
-            return Err(skipped);
+        let section = RecordKind::Mcount.section_name();
+        if !self.image.in_code(n, NOP_LEN as u64) {
+            return Err(self.skip(section, n, "", SkipReason::NotInCode { addr: n as usize }));
         }
-        let endbr_before =
-            || n.checked_sub(4).and_then(|e| self.img.read(e, 4)).is_some_and(x86_64::starts_with_endbr64);
+        let endbr_before = n >= 4 && self.image.read(n - 4, 4).is_some_and(|b| x86_64::starts_with_endbr64(&b));
         let (entry, function, raw_symbol) = match self.symbols.containing(n) {
             Some(sym) => {
                 let offset = n - sym.addr;
-                skipped.function = demangle(&sym.name);
-                if offset != 0 && !(offset == 4 && endbr_before()) {
-                    skipped.reason = SkipReason::NotAtEntry { offset: offset as usize };
-                    return Err(skipped);
+                let function = demangle(&sym.name);
+                if offset != 0 && !(offset == 4 && endbr_before) {
+                    let reason = SkipReason::NotAtEntry { offset: offset as usize };
+                    return Err(self.skip(section, n, &function, reason));
                 }
-                (sym.addr, skipped.function.clone(), sym.name.clone())
+                (sym.addr, function, sym.name.clone())
             }
-            None if endbr_before() => (n - 4, String::new(), String::new()),
+            None if endbr_before => (n - 4, String::new(), String::new()),
             None => (n, String::new(), String::new()),
         };
-        let bytes = self.img.read_upto(n, NOP_LEN as usize);
-        let nop_form = self.check_nop(n, bytes).map_err(|reason| {
-            skipped.reason = reason;
-            skipped.clone()
-        })?;
-        Ok(FileSite { kind: FileSiteKind::Mcount, entry, nop_addr: n, nop_form, function, raw_symbol })
+        let (nop_addr, nop_form, _) =
+            self.nop_at_entry(entry, NOP_LEN as usize).map_err(|r| self.skip(section, n, &function, r))?;
+        Ok(FileSite { section, function, raw_symbol, entry, nop_addr, nop_form, marked: None })
     }
 
-    /// One `textpoke_sites` record at link-time address `at`.
-    fn marked(&self, at: u64, rec: &[u8]) -> Result<FileSite, FileSkipped> {
-        let rel = |off: usize| i32::from_le_bytes([rec[off], rec[off + 1], rec[off + 2], rec[off + 3]]) as i64;
+    /// A `textpoke_sites` record at link-time address `at`.
+    fn marked(&self, at: u64, bytes: &[u8]) -> Result<FileSite, FileSkipped> {
+        let section = marked::SECTION;
+        let rel = |off: usize| i32::from_le_bytes(bytes[off..off + 4].try_into().expect("4 bytes")) as i64;
         let site = at.wrapping_add_signed(rel(0));
         let descriptor = (at + 4).wrapping_add_signed(rel(4));
-        let (kind, version) = (rec[8], rec[9]);
-        let mut skipped = FileSkipped {
-            section: marked::SECTION,
-            record: site,
-            function: String::new(),
-            reason: SkipReason::UnknownEntry,
-        };
-        let point = match (version, kind) {
+        let point = match (bytes[9], bytes[8]) {
             (marked::RECORD_VERSION, marked::KIND_ENTRY) => MarkedPoint::Entry,
             (marked::RECORD_VERSION, marked::KIND_EXIT) => MarkedPoint::Exit,
             (version, kind) => {
-                skipped.reason = SkipReason::BadRecord {
-                    record: at as usize,
-                    what: format!(
-                        "version {version} kind {kind}, expected version {} kind 0 or 1",
-                        marked::RECORD_VERSION
-                    ),
-                };
-                return Err(skipped);
+                let what = format!("version {version} kind {kind}");
+                return Err(self.skip(section, site, "", SkipReason::BadRecord { record: at as usize, what }));
             }
         };
-        let (entry, raw_symbol) = match self.symbols.containing(site) {
-            Some(sym) => (sym.addr, sym.name.clone()),
-            None => (site, String::new()),
-        };
-        let function = self.descriptor_name(descriptor).map_err(|what| {
-            skipped.reason = SkipReason::BadDescriptor { addr: descriptor as usize, what };
-            skipped.clone()
-        })?;
-        skipped.function = function.clone();
-        if !self.img.in_code(site, NOP_LEN as usize) {
-            skipped.reason = SkipReason::NotInCode { addr: site as usize };
-            return Err(skipped);
+        let containing = self.symbols.containing(site);
+        let (entry, raw_symbol) = containing.map_or((site, String::new()), |s| (s.addr, s.name.clone()));
+        let function =
+            self.descriptor_name(descriptor).or_else(|| containing.map(|s| demangle(&s.name))).unwrap_or_default();
+        if !self.image.in_code(site, NOP_LEN as u64) {
+            return Err(self.skip(section, site, &function, SkipReason::NotInCode { addr: site as usize }));
         }
-        let found = self.img.read_upto(site, NOP_LEN as usize);
-        if x86_64::classify(found) != Some(NopForm::Single) {
-            skipped.reason = SkipReason::UnexpectedBytes { addr: site as usize, found: found.to_vec() };
-            return Err(skipped);
+        let found = self.image.read(site, NOP_LEN as usize).unwrap_or_default();
+        if x86_64::classify(&found) != Some(NopForm::Single) {
+            let reason = SkipReason::UnexpectedBytes { addr: site as usize, found };
+            return Err(self.skip(section, site, &function, reason));
         }
         Ok(FileSite {
-            kind: FileSiteKind::Marked(point),
+            section,
+            function,
+            raw_symbol,
             entry,
             nop_addr: site,
             nop_form: NopForm::Single,
-            function,
-            raw_symbol,
+            marked: Some(point),
         })
     }
 
-    fn descriptor_name(&self, addr: u64) -> Result<String, String> {
-        let bytes = self
-            .img
-            .read(addr, MarkedFunction::SIZE)
-            .ok_or_else(|| "not inside the file-backed part of a loadable segment".to_owned())?;
-        let word = |off: usize, len: usize| {
-            let mut w = [0u8; 8];
-            w[..len].copy_from_slice(&bytes[off..off + len]);
-            u64::from_le_bytes(w)
-        };
-        let (magic, version) = (word(0, 4) as u32, word(4, 4) as u32);
-        if magic != MarkedFunction::MAGIC || version != MarkedFunction::VERSION {
-            return Err(format!(
-                "magic {magic:#x} version {version}, expected {:#x} version {}",
-                MarkedFunction::MAGIC,
-                MarkedFunction::VERSION
-            ));
+    /// The name in the `MarkedFunction` descriptor at `addr`, if it checks.
+    fn descriptor_name(&self, addr: u64) -> Option<String> {
+        if !self.image.in_image(addr, MarkedFunction::SIZE as u64) {
+            return None;
         }
-        let name = self
-            .img
-            .pointer(addr + 8, Some(&bytes[8..16]))
-            .ok_or_else(|| "its name pointer is relocated against a symbol only the loader knows".to_owned())?;
-        let len = word(16, 8) as usize;
-        if len > 1 << 16 {
-            return Err(format!("name length {len} is implausible"));
+        let d = self.image.read(addr, MarkedFunction::SIZE)?;
+        let word = |off: usize| u32::from_le_bytes(d[off..off + 4].try_into().expect("4 bytes"));
+        if word(0) != MarkedFunction::MAGIC || word(4) != MarkedFunction::VERSION {
+            return None;
         }
-        let name_bytes =
-            self.img.read(name, len).ok_or_else(|| format!("name {name:#x}+{len} is not inside the file"))?;
-        String::from_utf8(name_bytes.to_vec()).map_err(|_| format!("name at {name:#x} is not UTF-8"))
+        let name = self.image.pointer(addr + 8, &d[8..16])?;
+        let len = u64::from_le_bytes(d[16..24].try_into().expect("8 bytes"));
+        if len > 4096 || !self.image.in_image(name, len) {
+            return None;
+        }
+        String::from_utf8(self.image.read(name, len as usize)?).ok()
     }
 }

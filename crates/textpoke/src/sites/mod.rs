@@ -110,6 +110,7 @@ use std::collections::BTreeMap;
 use std::fmt;
 
 pub use error::SitesError;
+pub use file::{scan_file, FileSite, FileSites};
 pub use marked::{Marked, MarkedFunction, MarkedPoint};
 pub use objects::{LoadedObject, ObjectChanges, ObjectId, Objects, Pin, Segment};
 pub use symbols::demangle;

@@ -1,0 +1,622 @@
+//! The C library functions the agent wraps (see the crate docs, steps 3,
+//! 5 and 6): the `exec` family, `_exit`/`_Exit`, `dlopen`, `dlclose`. The
+//! real functions are found with `dlsym(RTLD_NEXT, …)` at load.
+//!
+//! # exec
+//!
+//! An exec wrapper may run in a `vfork` child, which shares the parent's
+//! memory while the parent thread waits: it must not allocate, lock, or
+//! change any state of the parent. So the environment for the new program
+//! is built in memory from `mmap` (unmapped again if the exec fails), from
+//! the directory snapshot the agent keeps as a C string, and only a wrapper
+//! running in the agent's own process (its pid is the agent's) stops the
+//! recorder. The environment is rewritten only when the program passes
+//! `TEXTPOKE_DIR` on (a program that builds a clean environment gets it
+//! as it built it): `TEXTPOKE_DIR` becomes the new program's directory and
+//! `TEXTPOKE_PID` the pid that writes it.
+//!
+//! `execl`, `execlp` and `execle` are variadic, which stable Rust cannot
+//! define: a naked stub stores the five argument registers after the
+//! first next to each other and passes them, with the address of the
+//! arguments on the stack, to [`execl_impl`], which walks the list to its
+//! NULL (and, for `execle`, the environment after it).
+//!
+//! # dlopen
+//!
+//! glibc's `dlopen` decides where to look for a library from its caller
+//! (the caller's `RUNPATH`, its `$ORIGIN`, its namespace), found through
+//! the return address. A wrapper that called it would be the caller. So
+//! the wrapper is a naked stub that calls [`on_dlopen`] (which only wakes
+//! the agent thread) and then *jumps* to the real `dlopen` with the
+//! original return address on the stack.
+
+use crate::server;
+use crate::{as_agent, dir_snapshot, getpid, in_agent, AGENT, AGENT_PID, LOADED, STARTED};
+use std::ffi::{c_char, c_int, c_void, CStr};
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+extern "C" {
+    static mut environ: *const *const c_char;
+}
+
+const EXECVE: usize = 0;
+const EXECVPE: usize = 1;
+const FEXECVE: usize = 2;
+const EXECVEAT: usize = 3;
+const EXIT: usize = 4;
+const DLOPEN: usize = 5;
+const DLCLOSE: usize = 6;
+const NAMES: [&CStr; 7] = [c"execve", c"execvpe", c"fexecve", c"execveat", c"_exit", c"dlopen", c"dlclose"];
+static REAL: [AtomicUsize; 7] = [const { AtomicUsize::new(0) }; 7];
+
+/// Finds the real functions (at load, so that wrappers never need the
+/// loader, which a `vfork` child must not call).
+pub(crate) fn resolve() {
+    for (i, name) in NAMES.iter().enumerate() {
+        // SAFETY: RTLD_NEXT lookup of a NUL-terminated name.
+        let p = unsafe { libc::dlsym(libc::RTLD_NEXT, name.as_ptr()) };
+        REAL[i].store(p as usize, Ordering::Release);
+    }
+}
+
+fn real(i: usize) -> usize {
+    let p = REAL[i].load(Ordering::Acquire);
+    if p != 0 {
+        return p;
+    }
+    // A wrapper called before the agent's constructor ran.
+    // SAFETY: as in `resolve`.
+    let p = unsafe { libc::dlsym(libc::RTLD_NEXT, NAMES[i].as_ptr()) } as usize;
+    REAL[i].store(p, Ordering::Release);
+    p
+}
+
+fn errno() -> c_int {
+    // SAFETY: the thread's errno location is always valid.
+    unsafe { *libc::__errno_location() }
+}
+
+fn set_errno(e: c_int) {
+    // SAFETY: as in `errno`.
+    unsafe { *libc::__errno_location() = e };
+}
+
+/// The wrapper runs in the agent's process (not a `vfork` child).
+fn own_process() -> bool {
+    getpid() == AGENT_PID.load(Ordering::Relaxed)
+}
+
+// ---------------------------------------------------------------------------
+// Memory for the new environment.
+
+/// Anonymous memory (never malloc: see the module docs).
+struct Scratch {
+    base: *mut u8,
+    len: usize,
+    used: usize,
+}
+
+impl Scratch {
+    fn new(len: usize) -> Option<Scratch> {
+        let len = len.max(1);
+        // SAFETY: an anonymous private mapping; no file, no fixed address.
+        let p = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
+        };
+        (p != libc::MAP_FAILED).then_some(Scratch { base: p.cast(), len, used: 0 })
+    }
+
+    /// `n` pointer slots.
+    fn slots(&mut self, n: usize) -> *mut *const c_char {
+        let off = self.used.next_multiple_of(8);
+        assert!(off + n * 8 <= self.len, "scratch sized by the caller");
+        self.used = off + n * 8;
+        // SAFETY: in bounds (checked), 8-aligned (mmap is page-aligned).
+        unsafe { self.base.add(off).cast() }
+    }
+
+    /// The concatenation of `parts` as a C string.
+    fn string(&mut self, parts: &[&[u8]]) -> *const c_char {
+        let total: usize = parts.iter().map(|p| p.len()).sum::<usize>() + 1;
+        assert!(self.used + total <= self.len, "scratch sized by the caller");
+        // SAFETY: in bounds (checked); the parts do not overlap the block.
+        unsafe {
+            let start = self.base.add(self.used);
+            let mut at = start;
+            for p in parts {
+                std::ptr::copy_nonoverlapping(p.as_ptr(), at, p.len());
+                at = at.add(p.len());
+            }
+            *at = 0;
+            self.used += total;
+            start.cast()
+        }
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        // SAFETY: unmapping exactly the mapping made in `new`.
+        unsafe { libc::munmap(self.base.cast(), self.len) };
+    }
+}
+
+/// Decimal digits of `v` without allocating.
+fn digits(v: i32, buf: &mut [u8; 12]) -> &[u8] {
+    let mut n = v.unsigned_abs();
+    let mut i = buf.len();
+    loop {
+        i -= 1;
+        buf[i] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    &buf[i..]
+}
+
+/// The entries of a NULL-terminated array of C strings (a NULL array is
+/// empty).
+///
+/// # Safety
+///
+/// `v` is NULL or a valid NULL-terminated array of valid C strings.
+unsafe fn entries<'a>(v: *const *const c_char) -> impl Iterator<Item = *const c_char> + 'a {
+    let mut i = 0;
+    std::iter::from_fn(move || {
+        if v.is_null() {
+            return None;
+        }
+        // SAFETY: the caller's contract; we stop at the NULL.
+        let e = unsafe { *v.add(i) };
+        i += 1;
+        (!e.is_null()).then_some(e)
+    })
+}
+
+/// # Safety
+///
+/// `s` is a valid C string.
+unsafe fn starts_with(s: *const c_char, prefix: &[u8]) -> bool {
+    // SAFETY: comparing byte by byte, stopping at the string's NUL (which
+    // never equals a prefix byte, as the prefixes hold no NUL).
+    prefix.iter().enumerate().all(|(i, &b)| unsafe { *s.add(i) } as u8 == b)
+}
+
+const DIR_VAR: &[u8] = b"TEXTPOKE_DIR=";
+const PID_VAR: &[u8] = b"TEXTPOKE_PID=";
+
+/// The environment for the program an exec starts.
+struct ExecEnv {
+    envp: *const *const c_char,
+    _memory: Option<Scratch>,
+    own: bool,
+}
+
+/// Stops recording (in the agent's own process) and builds the new
+/// program's environment (see the module docs).
+///
+/// # Safety
+///
+/// `envp` is NULL or a valid environment array.
+unsafe fn prepare_exec(envp: *const *const c_char) -> ExecEnv {
+    let pass = ExecEnv { envp, _memory: None, own: false };
+    if !LOADED.load(Ordering::Acquire) || in_agent() {
+        return pass;
+    }
+    let pid = getpid();
+    let own = own_process();
+    if own {
+        as_agent(|| {
+            if let Some(a) = AGENT.lock().as_mut() {
+                crate::stop_recording(a, "exec");
+            }
+            server::remove_socket();
+        });
+    }
+    let base = dir_snapshot();
+    // SAFETY: the caller's contract.
+    let has_dir = unsafe { entries(envp) }.any(|e| unsafe { starts_with(e, DIR_VAR) });
+    if base.is_null() || !has_dir {
+        return ExecEnv { own, ..pass };
+    }
+    // SAFETY: a leaked C string that is never freed.
+    let base = unsafe { CStr::from_ptr(base) }.to_bytes();
+    let mut buf = [0u8; 12];
+    let pid_digits = digits(pid, &mut buf);
+    let suffix: &[&[u8]] = if !own {
+        &[b"/child-", pid_digits]
+    } else if STARTED.load(Ordering::Acquire) {
+        &[b"/child-", pid_digits, b"-exec"]
+    } else {
+        &[]
+    };
+    // SAFETY: the caller's contract.
+    let count = unsafe { entries(envp) }.count();
+    let strings = DIR_VAR.len() + base.len() + 32 + PID_VAR.len() + 16;
+    let Some(mut mem) = Scratch::new((count + 3) * 8 + strings) else {
+        return ExecEnv { own, ..pass };
+    };
+    let slots = mem.slots(count + 3);
+    let mut k = 0;
+    // SAFETY: the caller's contract.
+    for e in unsafe { entries(envp) } {
+        // SAFETY: `e` is a valid C string.
+        if unsafe { starts_with(e, DIR_VAR) || starts_with(e, PID_VAR) } {
+            continue;
+        }
+        // SAFETY: k < count + 3 slots.
+        unsafe { *slots.add(k) = e };
+        k += 1;
+    }
+    let dir_entry = match suffix.len() {
+        0 => mem.string(&[DIR_VAR, base]),
+        2 => mem.string(&[DIR_VAR, base, suffix[0], suffix[1]]),
+        _ => mem.string(&[DIR_VAR, base, suffix[0], suffix[1], suffix[2]]),
+    };
+    let pid_entry = mem.string(&[PID_VAR, pid_digits]);
+    // SAFETY: k + 3 <= count + 3 slots.
+    unsafe {
+        *slots.add(k) = dir_entry;
+        *slots.add(k + 1) = pid_entry;
+        *slots.add(k + 2) = std::ptr::null();
+    }
+    ExecEnv { envp: slots, _memory: Some(mem), own }
+}
+
+/// Runs the real exec `f` with the prepared environment; on failure
+/// (exec returned), frees it and keeps `errno`.
+///
+/// # Safety
+///
+/// `envp` as for [`prepare_exec`]; `f` performs an exec.
+unsafe fn run_exec(envp: *const *const c_char, f: impl FnOnce(*const *const c_char) -> c_int) -> c_int {
+    // SAFETY: the caller's contract.
+    let env = unsafe { prepare_exec(envp) };
+    let r = f(env.envp);
+    let e = errno();
+    let own = env.own;
+    drop(env);
+    if own {
+        server::exec_failed();
+    }
+    set_errno(e);
+    r
+}
+
+type ExecveFn = unsafe extern "C" fn(*const c_char, *const *const c_char, *const *const c_char) -> c_int;
+type FexecveFn = unsafe extern "C" fn(c_int, *const *const c_char, *const *const c_char) -> c_int;
+type ExecveatFn =
+    unsafe extern "C" fn(c_int, *const c_char, *const *const c_char, *const *const c_char, c_int) -> c_int;
+
+/// The real function `i` as type `F`, or `None` (ENOSYS) if not found.
+fn real_fn<F: Copy>(i: usize) -> Option<F> {
+    let p = real(i);
+    // SAFETY: `F` is the function pointer type of the libc function `i`.
+    (p != 0).then(|| unsafe { std::mem::transmute_copy::<usize, F>(&p) })
+}
+
+fn enosys() -> c_int {
+    set_errno(libc::ENOSYS);
+    -1
+}
+
+/// `execve(2)`, after stopping the recorder; see the module docs.
+///
+/// # Safety
+///
+/// The arguments of `execve(2)`.
+#[no_mangle]
+pub unsafe extern "C" fn execve(path: *const c_char, argv: *const *const c_char, envp: *const *const c_char) -> c_int {
+    // SAFETY: the caller's contract.
+    unsafe {
+        run_exec(envp, |e| match real_fn::<ExecveFn>(EXECVE) {
+            Some(f) => f(path, argv, e),
+            None => enosys(),
+        })
+    }
+}
+
+/// `execv(3)`.
+///
+/// # Safety
+///
+/// The arguments of `execv(3)`.
+#[no_mangle]
+pub unsafe extern "C" fn execv(path: *const c_char, argv: *const *const c_char) -> c_int {
+    // SAFETY: the caller's contract; `environ` is the process environment.
+    unsafe { execve(path, argv, environ) }
+}
+
+/// `execvpe(3)`: the real one searches `PATH` as without the agent.
+///
+/// # Safety
+///
+/// The arguments of `execvpe(3)`.
+#[no_mangle]
+pub unsafe extern "C" fn execvpe(file: *const c_char, argv: *const *const c_char, envp: *const *const c_char) -> c_int {
+    // SAFETY: the caller's contract.
+    unsafe {
+        run_exec(envp, |e| match real_fn::<ExecveFn>(EXECVPE) {
+            Some(f) => f(file, argv, e),
+            None => enosys(),
+        })
+    }
+}
+
+/// `execvp(3)` (glibc's is `execvpe` with `environ`).
+///
+/// # Safety
+///
+/// The arguments of `execvp(3)`.
+#[no_mangle]
+pub unsafe extern "C" fn execvp(file: *const c_char, argv: *const *const c_char) -> c_int {
+    // SAFETY: the caller's contract; `environ` is the process environment.
+    unsafe { execvpe(file, argv, environ) }
+}
+
+/// `fexecve(3)`.
+///
+/// # Safety
+///
+/// The arguments of `fexecve(3)`.
+#[no_mangle]
+pub unsafe extern "C" fn fexecve(fd: c_int, argv: *const *const c_char, envp: *const *const c_char) -> c_int {
+    // SAFETY: the caller's contract.
+    unsafe {
+        run_exec(envp, |e| match real_fn::<FexecveFn>(FEXECVE) {
+            Some(f) => f(fd, argv, e),
+            None => enosys(),
+        })
+    }
+}
+
+/// `execveat(2)`.
+///
+/// # Safety
+///
+/// The arguments of `execveat(2)`.
+#[no_mangle]
+pub unsafe extern "C" fn execveat(
+    dirfd: c_int,
+    path: *const c_char,
+    argv: *const *const c_char,
+    envp: *const *const c_char,
+    flags: c_int,
+) -> c_int {
+    // SAFETY: the caller's contract.
+    unsafe {
+        run_exec(envp, |e| match real_fn::<ExecveatFn>(EXECVEAT) {
+            Some(f) => f(dirfd, path, argv, e, flags),
+            None => libc::syscall(libc::SYS_execveat, dirfd, path, argv, e, flags) as c_int,
+        })
+    }
+}
+
+/// What an `execl`-family stub stands for.
+const KIND_EXECL: c_int = 0;
+const KIND_EXECLP: c_int = 1;
+const KIND_EXECLE: c_int = 2;
+
+/// The common part of the `execl` stubs: `regs` holds the variadic
+/// arguments that came in registers (the 2nd to 6th), `stack` points to
+/// the ones on the stack (the 7th on).
+///
+/// # Safety
+///
+/// Called only by the stubs below, from a C call of `execl(3)`,
+/// `execlp(3)` or `execle(3)`: a NULL-terminated list of C strings (then,
+/// for `execle`, an environment).
+unsafe extern "C" fn execl_impl(path: *const c_char, regs: *const usize, stack: *const usize, kind: c_int) -> c_int {
+    // SAFETY: the caller's contract: the list is readable up to its NULL
+    // (and the environment pointer after it for execle).
+    let arg = |i: usize| unsafe {
+        if i < 5 {
+            *regs.add(i)
+        } else {
+            *stack.add(i - 5)
+        }
+    };
+    let mut n = 0;
+    while arg(n) != 0 {
+        n += 1;
+    }
+    // SAFETY: `environ` is the process environment.
+    let envp = if kind == KIND_EXECLE { arg(n + 1) as *const *const c_char } else { unsafe { environ } };
+    let Some(mut mem) = Scratch::new((n + 1) * 8) else {
+        set_errno(libc::ENOMEM);
+        return -1;
+    };
+    let argv = mem.slots(n + 1);
+    for i in 0..=n {
+        // SAFETY: i <= n < n + 1 slots; arg(n) is the NULL.
+        unsafe { *argv.add(i) = arg(i) as *const c_char };
+    }
+    // SAFETY: the caller's contract.
+    let r = unsafe {
+        if kind == KIND_EXECLP {
+            execvpe(path, argv, envp)
+        } else {
+            execve(path, argv, envp)
+        }
+    };
+    let e = errno();
+    drop(mem);
+    set_errno(e);
+    r
+}
+
+macro_rules! execl_stub {
+    ($name:ident, $kind:expr) => {
+        /// The `execl`-family function of this name (variadic in C): see
+        /// the module docs.
+        ///
+        /// # Safety
+        ///
+        /// Called from C with the arguments of the libc function.
+        #[unsafe(naked)]
+        #[no_mangle]
+        pub unsafe extern "C" fn $name(path: *const c_char, arg0: *const c_char) -> c_int {
+            // Entry: rsp = 8 mod 16. 56 bytes keep the call aligned; the
+            // five register arguments go to [rsp, rsp + 40); the stack
+            // arguments start above the return address, at rsp + 64.
+            core::arch::naked_asm!(
+                "sub rsp, 56",
+                "mov [rsp], rsi",
+                "mov [rsp + 8], rdx",
+                "mov [rsp + 16], rcx",
+                "mov [rsp + 24], r8",
+                "mov [rsp + 32], r9",
+                "mov rsi, rsp",
+                "lea rdx, [rsp + 64]",
+                "mov ecx, {kind}",
+                "call {imp}",
+                "add rsp, 56",
+                "ret",
+                kind = const $kind,
+                imp = sym execl_impl,
+            )
+        }
+    };
+}
+
+execl_stub!(execl, KIND_EXECL);
+execl_stub!(execlp, KIND_EXECLP);
+execl_stub!(execle, KIND_EXECLE);
+
+// ---------------------------------------------------------------------------
+// _exit.
+
+/// Stops the recorder before an `_exit` of the agent's own process (not
+/// a `vfork` child; not if the lock is held, as in a signal handler that
+/// interrupted the agent on this thread).
+fn before_exit() {
+    if !LOADED.load(Ordering::Acquire) || in_agent() || !own_process() {
+        return;
+    }
+    as_agent(|| {
+        if let Some(mut g) = AGENT.try_lock() {
+            if let Some(a) = g.as_mut() {
+                crate::stop_recording(a, "_exit");
+            }
+        }
+        server::remove_socket();
+    });
+}
+
+fn real_exit(status: c_int) -> ! {
+    if let Some(f) = real_fn::<unsafe extern "C" fn(c_int) -> !>(EXIT) {
+        // SAFETY: libc's _exit.
+        unsafe { f(status) }
+    }
+    loop {
+        // SAFETY: ends the process.
+        unsafe { libc::syscall(libc::SYS_exit_group, status) };
+    }
+}
+
+/// `_exit(2)`, after stopping the recorder.
+#[no_mangle]
+pub extern "C" fn _exit(status: c_int) -> ! {
+    before_exit();
+    real_exit(status)
+}
+
+/// `_Exit(3)`, after stopping the recorder.
+#[no_mangle]
+pub extern "C" fn _Exit(status: c_int) -> ! {
+    before_exit();
+    real_exit(status)
+}
+
+// ---------------------------------------------------------------------------
+// dlopen, dlclose.
+
+/// Wakes the agent thread, returns the real `dlopen` to jump to.
+extern "C" fn on_dlopen() -> usize {
+    if LOADED.load(Ordering::Acquire) && !in_agent() && own_process() {
+        as_agent(server::nudge);
+    }
+    match real(DLOPEN) {
+        0 => dlopen_unavailable as *const () as usize,
+        p => p,
+    }
+}
+
+extern "C" fn dlopen_unavailable(_file: *const c_char, _mode: c_int) -> *mut c_void {
+    std::ptr::null_mut()
+}
+
+/// `dlopen(3)`: wakes the agent thread, then jumps to the real one with
+/// the caller's return address in place (see the module docs).
+///
+/// # Safety
+///
+/// The arguments of `dlopen(3)`.
+#[unsafe(naked)]
+#[no_mangle]
+pub unsafe extern "C" fn dlopen(file: *const c_char, mode: c_int) -> *mut c_void {
+    // Entry: rsp = 8 mod 16; two pushes and 8 bytes keep the call aligned.
+    core::arch::naked_asm!(
+        "push rdi",
+        "push rsi",
+        "sub rsp, 8",
+        "call {hook}",
+        "add rsp, 8",
+        "pop rsi",
+        "pop rdi",
+        "jmp rax",
+        hook = sym on_dlopen,
+    )
+}
+
+/// `dlclose(3)`, then a rescan so the unloaded object's sites are
+/// forgotten at once. The agent's lock is held across both: the tracer
+/// never patches (from the agent thread) code that a `dlclose` is
+/// unmapping, and never sees an object gone that it has not forgotten.
+///
+/// # Safety
+///
+/// The argument of `dlclose(3)`.
+#[no_mangle]
+pub unsafe extern "C" fn dlclose(handle: *mut c_void) -> c_int {
+    let Some(f) = real_fn::<unsafe extern "C" fn(*mut c_void) -> c_int>(DLCLOSE) else {
+        return -1;
+    };
+    let tracing = LOADED.load(Ordering::Acquire) && STARTED.load(Ordering::Acquire);
+    if !tracing || in_agent() || !own_process() {
+        // SAFETY: the caller's contract.
+        return unsafe { f(handle) };
+    }
+    let (mut r, mut called) = (-1, false);
+    as_agent(|| {
+        let mut g = AGENT.lock();
+        called = true;
+        // SAFETY: the caller's contract. Destructors run inside, on this
+        // thread, marked as agent code: their own dlopen/dlclose calls pass
+        // straight through (the lock is held).
+        r = unsafe { f(handle) };
+        if r == 0 {
+            if let Some(a) = g.as_mut() {
+                crate::refresh(a);
+            }
+            // The rescan's own loader calls may have left an error message;
+            // the program's dlclose succeeded, so dlerror() must say nothing.
+            // SAFETY: no preconditions.
+            unsafe { libc::dlerror() };
+        }
+    });
+    if !called {
+        // SAFETY: as above (the wrapper failed before calling it).
+        return unsafe { f(handle) };
+    }
+    r
+}

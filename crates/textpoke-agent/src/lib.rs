@@ -1,0 +1,462 @@
+//! The textpoke agent: a shared object that `textpoke record` preloads
+//! (`LD_PRELOAD`) into a program, so that the program traces itself into
+//! a trace directory and can be steered while it runs (`textpoke ctl`).
+//!
+//! It is a thin front end over the library: [`textpoke::trace::Tracer`]
+//! finds and patches the sites, [`textpoke::trace::RecordOp`] records into
+//! [`textpoke::record`], [`textpoke::control`] defines the socket.
+//!
+//! # Environment
+//!
+//! | variable | meaning |
+//! |---|---|
+//! | `TEXTPOKE_DIR` | the trace directory (default `textpoke.data`, relative to the working directory at load) |
+//! | `TEXTPOKE_PID` | the process that writes `TEXTPOKE_DIR` itself; any other process writes `TEXTPOKE_DIR/child-<pid>/`. Unset: this process (the agent then sets it, so that children started with `posix_spawn`, `system` or `popen` write their own directories) |
+//! | `TEXTPOKE_INCLUDE` | include globs (`-F`), one per line; none: every function |
+//! | `TEXTPOKE_EXCLUDE` | exclude globs (`-N`), one per line |
+//! | `TEXTPOKE_COUNT_ONLY` | `1`: count calls per function instead of recording entries and exits |
+//! | `TEXTPOKE_SOCKET_DIR` | where the control socket goes (see [`textpoke::control`]) |
+//!
+//! # Life cycle
+//!
+//! 1. **Load.** A constructor (an `.init_array` entry) reads the
+//!    environment, resolves the functions it wraps, registers fork
+//!    handlers and asks the tracer for the traceable functions of every
+//!    loaded object. None: the agent stays idle — no thread, no file, no
+//!    output — and the program runs as if it were not there.
+//! 2. **Record.** Otherwise it starts the recorder, registers the
+//!    recording op with the filter rules (see [`rules`]), registers the
+//!    exit flush (`record::flush_at_exit`), and starts the agent thread,
+//!    which serves the control socket and rescans loaded objects.
+//! 3. **Objects loaded later.** The agent thread compares the loader's
+//!    object counters (`dl_iterate_phdr`'s `dlpi_adds`/`dlpi_subs`) every
+//!    50 ms and calls `Tracer::refresh` when they move; `dlopen` is
+//!    wrapped only to wake it (the wrapper jumps to the real `dlopen`, so
+//!    that glibc still sees the caller's return address: the caller's
+//!    `RUNPATH` and `$ORIGIN` decide where the library is found, as without
+//!    the agent). `dlclose` is wrapped to refresh right after the real one
+//!    returns, so that the sites of an unloaded object are forgotten before
+//!    anything can be loaded at its address. A process that was idle
+//!    starts recording when an object with sites appears.
+//! 4. **fork.** The recorder follows the child into `DIR/child-<pid>/`; a
+//!    fork handler gives the child its own agent thread and socket.
+//! 5. **exec.** The `exec` family (`execve`, `execv`, `execvp`,
+//!    `execvpe`, `execl`, `execlp`, `execle`, `fexecve`, `execveat`) is
+//!    wrapped: the recorder is stopped first, so the trace is complete,
+//!    and the new program is told where to write: `DIR/child-<pid>-exec/`
+//!    if this program recorded, else this program's own directory. In a
+//!    `vfork` child (detected by its pid) nothing of the parent is touched
+//!    and the new program writes `DIR/child-<pid>/`. A failed exec leaves
+//!    recording stopped. A program without sites runs normally (step 1).
+//! 6. **Exit.** `exit` and a return from `main` stop the recorder
+//!    (`flush_at_exit`); `_exit` and `_Exit` are wrapped to do the same.
+//!    `SIGINT`, `SIGTERM` and `SIGHUP`, when their disposition is the
+//!    default at load, get a handler that asks the agent thread to stop the
+//!    recorder, then restores the default and raises the signal again: the
+//!    process still dies of the signal, with a complete trace.
+//!
+//! # Never harm the program
+//!
+//! Every entry point catches panics. An error is printed once on stderr,
+//! prefixed `textpoke:`, and tracing is disabled (the op unregistered, the
+//! recorder stopped with what it has); the program goes on. The agent
+//! thread blocks the usual asynchronous signals so they reach the
+//! program's threads, keeps its descriptors above the low numbers programs
+//! use, checks that they still are its own before every use (a program
+//! that closes every descriptor is not confused with the agent), writes to
+//! sockets with `MSG_NOSIGNAL`, and clears `dlerror` after its own loader
+//! calls made on a program thread.
+//!
+//! # Control socket
+//!
+//! `<socket dir>/<pid>.sock`, mode 0600 in a 0700 directory; the protocol
+//! is described in [`textpoke::control`]: `status`, `enable GLOB`,
+//! `disable GLOB`. Peers of another uid (root excepted) are refused.
+
+mod interpose;
+mod lock;
+pub mod rules;
+mod server;
+
+use lock::ForkLock;
+use rules::{Rule, Rules};
+use std::cell::Cell;
+use std::collections::BTreeSet;
+use std::ffi::{c_char, CString, OsStr};
+use std::io::Write;
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicPtr, Ordering};
+use std::sync::Arc;
+use textpoke::record::{self, Recorder, RecorderConfig};
+use textpoke::trace::{OpHandle, RecordOp, TraceError, Tracer};
+
+/// Settings read from the environment at load.
+#[derive(Clone, Debug)]
+pub(crate) struct Config {
+    pub include: Vec<String>,
+    pub exclude: Vec<String>,
+    pub count_only: bool,
+    pub socket_dir: PathBuf,
+}
+
+/// Why the agent cannot trace; printed once, then tracing is disabled.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum AgentError {
+    #[error("cannot record: {0}")]
+    Record(#[from] record::RecordError),
+    #[error("cannot trace: {0}")]
+    Trace(#[from] TraceError),
+    #[error("cannot trace newly loaded code: {0}")]
+    Refresh(TraceError),
+    #[error(transparent)]
+    Filter(#[from] textpoke::trace::FilterError),
+}
+
+/// What the agent is doing.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Phase {
+    /// Nothing to trace (yet).
+    Idle,
+    Recording,
+    /// Recording stopped (before exec, on a fatal signal, at `_exit`).
+    Stopped(&'static str),
+    /// An error disabled tracing.
+    Failed,
+}
+
+impl Phase {
+    pub fn name(self) -> String {
+        match self {
+            Phase::Idle => "idle".into(),
+            Phase::Recording => "recording".into(),
+            Phase::Stopped(why) => format!("stopped ({why})"),
+            Phase::Failed => "failed".into(),
+        }
+    }
+}
+
+/// The agent's state in this process.
+pub(crate) struct Agent {
+    pub config: Config,
+    pub rules: Rules,
+    /// The directory this program writes.
+    pub dir: PathBuf,
+    pub phase: Phase,
+    pub recorder: Option<Recorder>,
+    pub op: Option<OpHandle>,
+    /// Traceable functions found (distinct names).
+    pub functions: usize,
+    /// Functions the op traces (distinct names).
+    pub traced: usize,
+}
+
+pub(crate) static AGENT: ForkLock<Option<Agent>> = ForkLock::new(None);
+
+/// The pid the agent state belongs to (updated by the fork handler): a
+/// different `getpid()` means a `vfork` child sharing our memory.
+pub(crate) static AGENT_PID: AtomicI32 = AtomicI32::new(0);
+
+/// The agent was initialised in this image.
+pub(crate) static LOADED: AtomicBool = AtomicBool::new(false);
+
+/// `Agent::dir` as a C string (leaked), readable without the lock (by a
+/// `vfork` child about to exec).
+static DIR_SNAPSHOT: AtomicPtr<c_char> = AtomicPtr::new(std::ptr::null_mut());
+
+/// This image (or the parent it was forked from) started recording into
+/// its directory.
+pub(crate) static STARTED: AtomicBool = AtomicBool::new(false);
+
+thread_local! {
+    /// The agent's own code runs on this thread now: wrappers called from
+    /// it (the library's `dlopen`/`dlclose` of `Pin`) do nothing extra.
+    static IN_AGENT: Cell<bool> = const { Cell::new(false) };
+}
+
+pub(crate) fn in_agent() -> bool {
+    IN_AGENT.with(|c| c.get())
+}
+
+/// Runs `f` marked as agent code, catching panics.
+pub(crate) fn as_agent<R>(f: impl FnOnce() -> R) -> Option<R> {
+    let outer = IN_AGENT.with(|c| c.replace(true));
+    let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f));
+    IN_AGENT.with(|c| c.set(outer));
+    match r {
+        Ok(v) => Some(v),
+        Err(_) => {
+            // The guard unlocked while unwinding; disable what is left.
+            let _ = std::panic::catch_unwind(|| match AGENT.try_lock() {
+                Some(mut g) => match g.as_mut() {
+                    Some(a) => fail(a, "internal error (panic)"),
+                    None => warn_once("internal error (panic); tracing is disabled"),
+                },
+                None => warn_once("internal error (panic); tracing is disabled"),
+            });
+            None
+        }
+    }
+}
+
+pub(crate) fn set_in_agent_thread() {
+    IN_AGENT.with(|c| c.set(true));
+}
+
+/// Prints `textpoke: MSG` on stderr, once per process: the error that
+/// disabled tracing.
+pub(crate) fn warn_once(msg: &str) {
+    static ONCE: AtomicBool = AtomicBool::new(false);
+    print_once(&ONCE, msg);
+}
+
+/// As [`warn_once`], for a problem that leaves tracing on (no control
+/// socket): printed once too, and does not silence a later error.
+pub(crate) fn note_once(msg: &str) {
+    static ONCE: AtomicBool = AtomicBool::new(false);
+    print_once(&ONCE, msg);
+}
+
+fn print_once(once: &AtomicBool, msg: &str) {
+    if !once.swap(true, Ordering::Relaxed) {
+        let _ = writeln!(std::io::stderr(), "textpoke: {msg}");
+    }
+}
+
+pub(crate) fn dir_snapshot() -> *const c_char {
+    DIR_SNAPSHOT.load(Ordering::Acquire)
+}
+
+fn publish_dir(dir: &Path) {
+    if let Ok(c) = CString::new(dir.as_os_str().as_bytes()) {
+        // The old snapshot is leaked: a vfork child may be reading it.
+        DIR_SNAPSHOT.store(c.into_raw(), Ordering::Release);
+    }
+}
+
+pub(crate) fn getpid() -> i32 {
+    // SAFETY: no preconditions.
+    unsafe { libc::getpid() }
+}
+
+fn env_lines(name: &str) -> Vec<String> {
+    std::env::var(name).map(|v| v.lines().filter(|l| !l.is_empty()).map(str::to_owned).collect()).unwrap_or_default()
+}
+
+// ---------------------------------------------------------------------------
+// Load.
+
+#[used]
+#[link_section = ".init_array"]
+static INIT: extern "C" fn() = init;
+
+extern "C" fn init() {
+    as_agent(load);
+}
+
+fn load() {
+    interpose::resolve();
+    let pid = getpid();
+    AGENT_PID.store(pid, Ordering::Relaxed);
+    let cwd = std::env::current_dir().unwrap_or_else(|_| PathBuf::from("/"));
+    let base = cwd.join(std::env::var_os("TEXTPOKE_DIR").unwrap_or_else(|| "textpoke.data".into()));
+    let owner = std::env::var("TEXTPOKE_PID").ok().and_then(|p| p.parse::<i32>().ok());
+    let dir = match owner {
+        None => {
+            let v = CString::new(pid.to_string()).expect("digits");
+            // SAFETY: valid C strings; the program's own threads are not
+            // running yet (constructors run before main).
+            unsafe { libc::setenv(c"TEXTPOKE_PID".as_ptr(), v.as_ptr(), 1) };
+            base
+        }
+        Some(p) if p == pid => base,
+        Some(_) => base.join(format!("{}{pid}", record::format::CHILD_DIR_PREFIX)),
+    };
+    let config = Config {
+        include: env_lines("TEXTPOKE_INCLUDE"),
+        exclude: env_lines("TEXTPOKE_EXCLUDE"),
+        count_only: std::env::var_os("TEXTPOKE_COUNT_ONLY").is_some_and(|v| v == OsStr::new("1")),
+        socket_dir: textpoke::control::default_socket_dir(),
+    };
+    let rules = match Rules::new(&config.include, &config.exclude) {
+        Ok(r) => r,
+        Err(e) => {
+            warn_once(&format!("{e}; tracing is disabled"));
+            return;
+        }
+    };
+    publish_dir(&dir);
+    // SAFETY: three `extern "C"` handlers without arguments.
+    unsafe { libc::pthread_atfork(Some(fork_prepare), Some(fork_parent), Some(fork_child)) };
+    let mut g = AGENT.lock();
+    *g = Some(Agent { config, rules, dir, phase: Phase::Idle, recorder: None, op: None, functions: 0, traced: 0 });
+    LOADED.store(true, Ordering::Release);
+    let agent = g.as_mut().expect("just set");
+    server::note_counters();
+    let tracer = Tracer::global(); // finds the sites of every loaded object
+    if let Err(e) = try_start(agent, tracer) {
+        fail(agent, &e.to_string());
+    }
+}
+
+/// Starts recording if there is anything to trace.
+fn try_start(agent: &mut Agent, tracer: &'static Tracer) -> Result<(), AgentError> {
+    if agent.phase != Phase::Idle {
+        return Ok(());
+    }
+    let functions = tracer.functions();
+    if functions.is_empty() {
+        return Ok(());
+    }
+    let mut cfg = RecorderConfig::new(&agent.dir);
+    if agent.config.count_only {
+        cfg = cfg.count_only();
+    }
+    let recorder = record::start(cfg)?;
+    record::flush_at_exit();
+    agent.recorder = Some(recorder);
+    agent.phase = Phase::Recording;
+    STARTED.store(true, Ordering::Release);
+    let op = if agent.config.count_only { RecordOp::count_only() } else { RecordOp::graph() };
+    let names = distinct_names(&functions);
+    let filter = agent.rules.filter(names.iter().map(String::as_str))?;
+    let handle = tracer.register(Arc::new(op), filter)?;
+    agent.op = Some(handle);
+    recount(agent, tracer);
+    server::install_stop_signals();
+    server::spawn();
+    Ok(())
+}
+
+fn distinct_names(functions: &[textpoke::trace::FunctionInfo]) -> BTreeSet<String> {
+    functions.iter().map(|f| f.function.to_string()).collect()
+}
+
+/// Updates the counts of functions found and traced, and `agent.json`.
+fn recount(agent: &mut Agent, tracer: &Tracer) {
+    let functions = tracer.functions();
+    agent.functions = distinct_names(&functions).len();
+    agent.traced = match &agent.op {
+        Some(op) => functions
+            .iter()
+            .filter(|f| f.ops & (1u64 << op.id()) != 0)
+            .map(|f| f.function.as_ref())
+            .collect::<BTreeSet<&str>>()
+            .len(),
+        None => 0,
+    };
+    write_agent_json(agent);
+}
+
+/// `DIR/agent.json`: what the agent traced, for `textpoke record`'s
+/// summary (the trace reader ignores it).
+fn write_agent_json(agent: &Agent) {
+    if !agent.dir.is_dir() {
+        return;
+    }
+    let v = serde_json::json!({
+        "pid": getpid(),
+        "functions": agent.functions,
+        "traced": agent.traced,
+        "state": agent.phase.name(),
+        "rules": agent.rules.iter().map(Rule::text).collect::<Vec<_>>(),
+    });
+    let tmp = agent.dir.join("agent.json.tmp");
+    if std::fs::write(&tmp, format!("{v:#}\n")).is_ok() {
+        let _ = std::fs::rename(&tmp, agent.dir.join("agent.json"));
+    }
+}
+
+/// Reports an error once and disables tracing: the op is unregistered,
+/// the recorder stopped with what it has.
+pub(crate) fn fail(agent: &mut Agent, msg: &str) {
+    warn_once(&format!("{msg}; tracing is disabled"));
+    if let Some(op) = agent.op.take() {
+        let _ = Tracer::global().unregister(op);
+    }
+    if let Some(r) = agent.recorder.take() {
+        let _ = r.stop();
+    }
+    agent.traced = 0;
+    agent.phase = Phase::Failed;
+    write_agent_json(agent);
+}
+
+/// Stops recording (complete trace), keeping the sites as they are.
+pub(crate) fn stop_recording(agent: &mut Agent, why: &'static str) {
+    if agent.phase != Phase::Recording {
+        return;
+    }
+    agent.phase = Phase::Stopped(why);
+    write_agent_json(agent);
+    if let Some(r) = agent.recorder.take() {
+        if let Err(e) = r.stop() {
+            warn_once(&format!("the final trace flush failed: {e}"));
+        }
+    }
+}
+
+/// Rescans loaded objects and brings the op's filter up to date; a process
+/// that was idle starts recording when sites appear.
+pub(crate) fn refresh(agent: &mut Agent) {
+    if agent.phase == Phase::Failed {
+        return;
+    }
+    let tracer = Tracer::global();
+    server::note_counters();
+    let r = match tracer.refresh().map_err(AgentError::Refresh) {
+        Err(e) => Err(e),
+        Ok(()) if agent.phase == Phase::Idle => try_start(agent, tracer),
+        Ok(()) if agent.phase == Phase::Recording => update_filter(agent).map_err(AgentError::Refresh),
+        Ok(()) => Ok(()),
+    };
+    if let Err(e) = r {
+        fail(agent, &e.to_string());
+    }
+}
+
+/// Sets the op's filter from the rules over the functions known now.
+pub(crate) fn update_filter(agent: &mut Agent) -> Result<(), TraceError> {
+    let tracer = Tracer::global();
+    let Some(op) = &agent.op else { return Ok(()) };
+    let names = distinct_names(&tracer.functions());
+    let filter = agent.rules.filter(names.iter().map(String::as_str))?;
+    tracer.set_filter(op, filter)?;
+    recount(agent, tracer);
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------
+// fork.
+
+extern "C" fn fork_prepare() {
+    // SAFETY: released by fork_parent, or fork_child in the child.
+    unsafe { AGENT.raw_lock() };
+}
+
+extern "C" fn fork_parent() {
+    // SAFETY: locked by fork_prepare on this thread.
+    unsafe { AGENT.raw_unlock() };
+}
+
+/// In the child (one thread, the one that forked, holding the lock): the
+/// child writes `DIR/child-<pid>/` (the recorder follows it there when it
+/// was recording), serves its own socket from its own agent thread.
+extern "C" fn fork_child() {
+    let pid = getpid();
+    AGENT_PID.store(pid, Ordering::Relaxed);
+    // SAFETY: fork_prepare locked it; this thread forked.
+    let agent = unsafe { AGENT.get_locked() };
+    let mut respawn = false;
+    if let Some(a) = agent.as_mut() {
+        a.dir = a.dir.join(format!("{}{pid}", record::format::CHILD_DIR_PREFIX));
+        publish_dir(&a.dir);
+        respawn = a.phase == Phase::Recording;
+    }
+    server::after_fork_in_child();
+    // SAFETY: held since fork_prepare.
+    unsafe { AGENT.raw_unlock() };
+    if respawn {
+        server::spawn();
+    }
+}

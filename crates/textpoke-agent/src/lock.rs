@@ -1,0 +1,91 @@
+//! A mutex held across `fork`: the agent's `pthread_atfork` prepare
+//! handler takes it, so a child never inherits it locked by a thread that
+//! does not exist there, and never forks while the agent thread is half
+//! way through changing the tracer.
+
+use std::cell::UnsafeCell;
+
+/// A pthread mutex around `T`.
+pub struct ForkLock<T> {
+    m: UnsafeCell<libc::pthread_mutex_t>,
+    v: UnsafeCell<T>,
+}
+
+// SAFETY: access to `v` is serialised by the mutex.
+unsafe impl<T: Send> Sync for ForkLock<T> {}
+
+pub struct Guard<'a, T>(&'a ForkLock<T>);
+
+impl<T> ForkLock<T> {
+    pub const fn new(v: T) -> Self {
+        ForkLock { m: UnsafeCell::new(libc::PTHREAD_MUTEX_INITIALIZER), v: UnsafeCell::new(v) }
+    }
+
+    pub fn lock(&self) -> Guard<'_, T> {
+        // SAFETY: a valid, statically initialised mutex that lives as long
+        // as `self` (a static).
+        unsafe { libc::pthread_mutex_lock(self.m.get()) };
+        Guard(self)
+    }
+
+    /// Locks if nobody holds the lock (for `_exit`, which may be called
+    /// from a signal handler that interrupted a holder on this thread).
+    pub fn try_lock(&self) -> Option<Guard<'_, T>> {
+        // SAFETY: as in `lock`.
+        (unsafe { libc::pthread_mutex_trylock(self.m.get()) } == 0).then_some(Guard(self))
+    }
+
+    /// Locks without a guard (the atfork prepare handler).
+    ///
+    /// # Safety
+    ///
+    /// Must be paired with [`Self::raw_unlock`] on this thread, or in the
+    /// child of a fork made by this thread.
+    pub unsafe fn raw_lock(&self) {
+        // SAFETY: as in `lock`.
+        unsafe { libc::pthread_mutex_lock(self.m.get()) };
+    }
+
+    /// # Safety
+    ///
+    /// The calling thread (or, in a forked child, the thread that forked)
+    /// holds the lock through [`Self::raw_lock`].
+    pub unsafe fn raw_unlock(&self) {
+        // SAFETY: the caller holds the lock.
+        unsafe { libc::pthread_mutex_unlock(self.m.get()) };
+    }
+
+    /// The value while the lock is held raw.
+    ///
+    /// # Safety
+    ///
+    /// The caller holds the lock through [`Self::raw_lock`] and makes no
+    /// second reference.
+    #[allow(clippy::mut_from_ref)]
+    pub unsafe fn get_locked(&self) -> &mut T {
+        // SAFETY: the caller holds the lock.
+        unsafe { &mut *self.v.get() }
+    }
+}
+
+impl<T> std::ops::Deref for Guard<'_, T> {
+    type Target = T;
+    fn deref(&self) -> &T {
+        // SAFETY: the guard holds the lock.
+        unsafe { &*self.0.v.get() }
+    }
+}
+
+impl<T> std::ops::DerefMut for Guard<'_, T> {
+    fn deref_mut(&mut self) -> &mut T {
+        // SAFETY: the guard holds the lock.
+        unsafe { &mut *self.0.v.get() }
+    }
+}
+
+impl<T> Drop for Guard<'_, T> {
+    fn drop(&mut self) {
+        // SAFETY: the guard holds the lock.
+        unsafe { libc::pthread_mutex_unlock(self.0.m.get()) };
+    }
+}

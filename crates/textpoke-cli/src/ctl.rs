@@ -1,0 +1,171 @@
+//! `textpoke ctl PID status|enable GLOB|disable GLOB`: talks to the agent
+//! of a program running under `textpoke record`, through its control
+//! socket ([`textpoke::control`]), to see and change what it traces while
+//! its threads run.
+//!
+//! The socket is looked for where the agent put it: the socket directory
+//! computed from the program's own environment (`/proc/PID/environ`:
+//! `TEXTPOKE_SOCKET_DIR`, `XDG_RUNTIME_DIR`), then from this command's.
+//! Before connecting, the socket and its directory must belong to the user
+//! running `ctl` and be closed to others; anything else is refused.
+
+use crate::cmdutil::CliError;
+use std::ffi::OsString;
+use std::io::{BufReader, Write};
+use std::os::unix::ffi::OsStringExt;
+use std::os::unix::net::UnixStream;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+use textpoke::control::{self, Reply, Request};
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// The process id of a program running under `textpoke record`
+    pid: i32,
+    #[command(subcommand)]
+    action: Action,
+}
+
+#[derive(clap::Subcommand)]
+enum Action {
+    /// Show what the program traces and has recorded
+    Status,
+    /// Also trace the functions matching GLOB (patches the running program)
+    Enable {
+        /// A glob over function names, e.g. 'work*' (quote it for the shell)
+        glob: String,
+    },
+    /// Stop tracing the functions matching GLOB (patches the running program)
+    Disable {
+        /// A glob over function names; '*' stops tracing everything
+        glob: String,
+    },
+}
+
+/// The socket directories to look in for `pid`, most likely first.
+fn socket_dirs(pid: i32) -> Vec<PathBuf> {
+    let mut dirs = Vec::new();
+    if let Ok(bytes) = std::fs::read(format!("/proc/{pid}/environ")) {
+        let vars: Vec<(Vec<u8>, Vec<u8>)> = bytes
+            .split(|&b| b == 0)
+            .filter_map(|kv| {
+                let i = kv.iter().position(|&b| b == b'=')?;
+                Some((kv[..i].to_vec(), kv[i + 1..].to_vec()))
+            })
+            .collect();
+        dirs.push(control::socket_dir(|k| {
+            vars.iter().find(|(n, _)| n == k.as_bytes()).map(|(_, v)| OsString::from_vec(v.clone()))
+        }));
+    }
+    dirs.push(control::default_socket_dir());
+    dirs.dedup();
+    dirs
+}
+
+fn process_name(pid: i32) -> Option<String> {
+    std::fs::read_to_string(format!("/proc/{pid}/comm")).ok().map(|s| s.trim_end().to_owned())
+}
+
+/// Connects to the agent of `pid`.
+fn connect(pid: i32) -> Result<UnixStream, CliError> {
+    if pid <= 0 {
+        return Err(CliError::new(2, format!("{pid} is not a process id")));
+    }
+    let Some(name) = process_name(pid) else {
+        return Err(CliError::new(1, format!("no process {pid}")));
+    };
+    let dirs = socket_dirs(pid);
+    for dir in &dirs {
+        let path = control::socket_path(dir, pid);
+        if std::fs::symlink_metadata(&path).is_err() {
+            continue;
+        }
+        control::check_socket(&path).map_err(|e| CliError::new(1, e.to_string()))?;
+        return match UnixStream::connect(&path) {
+            Ok(s) => Ok(s),
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => Err(CliError::new(
+                1,
+                format!("no agent listens on {} (process {pid} ({name}) exec'd or is exiting)", path.display()),
+            )),
+            Err(e) => Err(CliError::new(1, format!("cannot connect to {}: {e}", path.display()))),
+        };
+    }
+    let shown: Vec<String> = dirs.iter().map(|d| d.display().to_string()).collect();
+    let loaded = std::fs::read_to_string(format!("/proc/{pid}/maps")).is_ok_and(|m| m.contains("libtextpoke_agent"));
+    if loaded {
+        return Err(CliError::new(
+            1,
+            format!(
+                "process {pid} ({name}) has the textpoke agent but no control socket in {}: it found nothing to \
+                 trace, or could not make the socket (see the program's stderr)",
+                shown.join(" or ")
+            ),
+        ));
+    }
+    Err(CliError::new(
+        1,
+        format!(
+            "process {pid} ({name}) is not running under `textpoke record`: no textpoke agent, no control socket in {}",
+            shown.join(" or ")
+        ),
+    ))
+}
+
+fn ask(pid: i32, req: &Request) -> Result<Reply, CliError> {
+    let stream = connect(pid)?;
+    let io = |e: std::io::Error| CliError::new(1, format!("talking to the agent of {pid}: {e}"));
+    stream.set_read_timeout(Some(Duration::from_secs(30))).map_err(io)?;
+    stream.set_write_timeout(Some(Duration::from_secs(5))).map_err(io)?;
+    (&stream).write_all(req.to_line().as_bytes()).map_err(io)?;
+    Reply::read(&mut BufReader::new(&stream)).map_err(|e| CliError::new(1, format!("agent of {pid}: {e}")))
+}
+
+fn status_text(r: &Reply) -> String {
+    let get = |k: &str| r.get(k).unwrap_or("?");
+    let counts = if get("mode") == "count" {
+        format!("calls      {} counted, {} dropped", get("calls"), get("dropped"))
+    } else {
+        format!("records    {} written, {} dropped", get("records"), get("dropped"))
+    };
+    format!(
+        "pid        {} ({})\nstate      {} ({} mode)\ndir        {}\nfunctions  {} traced of {}\n{counts}\nrules      {}\n",
+        get("pid"),
+        get("process"),
+        get("state"),
+        get("mode"),
+        get("dir"),
+        get("traced"),
+        get("functions"),
+        r.all("rule").collect::<Vec<_>>().join(" ")
+    )
+}
+
+pub fn run(args: &Args) -> ExitCode {
+    let req = match &args.action {
+        Action::Status => Request::Status,
+        Action::Enable { glob } => Request::Enable(glob.clone()),
+        Action::Disable { glob } => Request::Disable(glob.clone()),
+    };
+    let reply = match ask(args.pid, &req) {
+        Ok(r) => r,
+        Err(e) => return e.report("textpoke ctl"),
+    };
+    if let Some(msg) = &reply.error {
+        let hints: Vec<&str> = reply.all("hint").collect();
+        let hint = if hints.is_empty() { String::new() } else { format!("; did you mean: {}", hints.join(", ")) };
+        eprintln!("textpoke ctl: {msg}{hint}");
+        return ExitCode::FAILURE;
+    }
+    let text = match req {
+        Request::Status => status_text(&reply),
+        _ => {
+            let traced = reply.get("traced").unwrap_or("?");
+            let plural = if traced == "1" { "" } else { "s" };
+            format!("{traced} function{plural} traced of {}\n", reply.get("functions").unwrap_or("?"))
+        }
+    };
+    // A closed stdout (`| head`) is not an error of the request.
+    let _ = std::io::stdout().write_all(text.as_bytes());
+    ExitCode::SUCCESS
+}

@@ -1,0 +1,452 @@
+//! `textpoke record`: runs a program with the agent preloaded and writes
+//! its trace directory.
+//!
+//! # Before the run
+//!
+//! The program is found (`PATH` when the name has no `/`), checked to be
+//! an executable file, and, when it is an ELF file, read without running
+//! it ([`textpoke::sites::scan_file`]): it must be dynamically linked (the
+//! agent is preloaded), and it or a library it loads at start (listed by
+//! its interpreter, `ld.so --list`, which runs nothing) must have
+//! patchable entries. Every `-F`/`-N` glob must match one of their
+//! functions. A script (`#!`) is run as it is: the agent follows it into
+//! the programs it executes. A directory that is not a textpoke trace is
+//! not written over.
+//!
+//! # The agent
+//!
+//! `libtextpoke_agent.so` is built with the workspace: `textpoke-cli`
+//! depends on the `textpoke-agent` crate, so every build of this binary
+//! builds the agent in the same target directory (`target/<profile>/deps/`,
+//! and `target/<profile>/` when it is built on its own). It is looked for
+//! next to the running `textpoke` (the newest of `DIR/`, `DIR/deps/`), then
+//! in `DIR/../lib/textpoke/` (an installed layout); `TEXTPOKE_AGENT`
+//! overrides the search.
+//!
+//! # The run
+//!
+//! The program inherits stdin, stdout and stderr. `SIGHUP`, `SIGINT`,
+//! `SIGQUIT`, `SIGTERM`, `SIGUSR1`, `SIGUSR2` and `SIGALRM` sent to
+//! `textpoke` by a process are forwarded to the program; those the
+//! terminal sends (Ctrl-C) reach the program directly, as it is in the
+//! same process group, and are not sent twice. `textpoke` exits with the
+//! program's code, or dies of the program's signal (after printing the
+//! summary), as a shell would see it.
+
+use crate::cmdutil::{self as util, CliError};
+use std::ffi::{OsStr, OsString};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::process::{CommandExt, ExitStatusExt};
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::atomic::{AtomicI32, Ordering};
+use textpoke::record::format::{Mode, META_FILE};
+use textpoke::tracedata::{OpenOptions, Trace};
+
+/// The demo workload (empty when no C compiler was found at build time).
+static DEMO: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/textpoke-demo"));
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// Trace only the functions matching GLOB (repeatable; default: all)
+    #[arg(short = 'F', long = "filter", value_name = "GLOB")]
+    include: Vec<String>,
+    /// Do not trace the functions matching GLOB (repeatable)
+    #[arg(short = 'N', long = "notrace", value_name = "GLOB")]
+    exclude: Vec<String>,
+    /// The trace directory to write (an older trace there moves to DIR.old)
+    #[arg(short = 'o', long = "output", value_name = "DIR", default_value = "textpoke.data")]
+    output: PathBuf,
+    /// Count calls per function instead of recording each entry and exit
+    #[arg(long)]
+    count_only: bool,
+    /// The program to run, and its arguments; none: a bundled multithreaded demo
+    #[arg(value_name = "PROG [ARGS]", trailing_var_arg = true, allow_hyphen_values = true)]
+    command: Vec<OsString>,
+}
+
+/// Finds `name` as a shell would (`PATH` when it has no `/`) and checks
+/// that it is an executable file.
+pub fn resolve_program(name: &OsStr) -> Result<PathBuf, CliError> {
+    let shown = Path::new(name).display().to_string();
+    let candidates: Vec<PathBuf> = if name.as_bytes().contains(&b'/') {
+        vec![PathBuf::from(name)]
+    } else {
+        let path = std::env::var_os("PATH").unwrap_or_else(|| "/usr/local/bin:/usr/bin:/bin".into());
+        std::env::split_paths(&path).map(|d| d.join(name)).collect()
+    };
+    let mut not_executable = None;
+    for c in &candidates {
+        let Ok(meta) = std::fs::metadata(c) else { continue };
+        if meta.is_dir() {
+            not_executable.get_or_insert((c.clone(), "is a directory"));
+            continue;
+        }
+        if meta.permissions().mode() & 0o111 == 0 || !util::access_x(c) {
+            not_executable.get_or_insert((c.clone(), "is not executable (no execute permission)"));
+            continue;
+        }
+        return Ok(c.clone());
+    }
+    if let Some((p, why)) = not_executable {
+        return Err(CliError::new(126, format!("{} {why}", p.display())));
+    }
+    let where_ = if candidates.len() == 1 { "no such file".to_owned() } else { "not found in PATH".to_owned() };
+    Err(CliError::new(127, format!("{shown}: {where_}")))
+}
+
+pub const HOW_TO_ADD_SITES: &str = "\
+  build it with patchable function entries, one of:
+    gcc or clang:  -fpatchable-function-entry=5
+    gcc:           -pg -mfentry -mnop-mcount -mrecord-mcount when compiling (not linking),
+                   with -fno-pie (executables) or -fno-pic (libraries)
+    Rust:          #[textpoke::traced] on the functions to trace";
+
+/// The libraries `prog` loads at start, as its interpreter lists them
+/// (`ld.so --list`, which maps them without running anything).
+fn startup_libraries(interp: &Path, prog: &Path) -> Vec<PathBuf> {
+    let Ok(out) = std::process::Command::new(interp).arg("--list").arg(prog).output() else {
+        return Vec::new();
+    };
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| {
+            let (_, rest) = l.split_once("=> ")?;
+            let path = rest.rsplit_once(" (").map_or(rest, |(p, _)| p).trim();
+            path.starts_with('/').then(|| PathBuf::from(path))
+        })
+        .collect()
+}
+
+/// What is known of the program before it runs.
+struct Checked {
+    /// Function names with sites in the program and its startup libraries;
+    /// `None` for a script.
+    names: Option<Vec<String>>,
+}
+
+fn check_program(prog: &Path, shown: &str) -> Result<Checked, CliError> {
+    let mut head = [0u8; 4];
+    let n = std::fs::File::open(prog)
+        .and_then(|mut f| std::io::Read::read(&mut f, &mut head))
+        .map_err(|e| CliError::new(126, format!("cannot read {shown}: {e}")))?;
+    if head[..n].starts_with(b"#!") {
+        return Ok(Checked { names: None });
+    }
+    let sites = textpoke::sites::scan_file(prog).map_err(|e| CliError::new(2, format!("cannot trace {shown}: {e}")))?;
+    let Some(interp) = sites.interpreter.clone() else {
+        return Err(CliError::new(
+            2,
+            format!(
+                "{shown} is statically linked: textpoke loads its agent into the program with LD_PRELOAD, \
+                 which needs a dynamically linked program"
+            ),
+        ));
+    };
+    let mut names = sites.function_names();
+    for lib in startup_libraries(&interp, prog) {
+        if let Ok(s) = textpoke::sites::scan_file(&lib) {
+            names.extend(s.function_names());
+        }
+    }
+    names.sort();
+    names.dedup();
+    if names.is_empty() && sites.sites.is_empty() {
+        return Err(CliError::new(
+            2,
+            format!("{shown} has no patchable function entries, nor do the libraries it loads at start;\n{HOW_TO_ADD_SITES}"),
+        ));
+    }
+    Ok(Checked { names: Some(names) })
+}
+
+/// Every glob must match some function.
+fn check_globs(args: &Args, names: &[String]) -> Result<(), CliError> {
+    for (flag, globs) in [("-F", &args.include), ("-N", &args.exclude)] {
+        for g in globs {
+            let m = globset::Glob::new(g)
+                .map_err(|e| CliError::new(2, format!("bad glob {flag} {g:?}: {}", e.kind())))?
+                .compile_matcher();
+            if names.iter().any(|n| m.is_match(n)) {
+                continue;
+            }
+            let close = textpoke::control::close_names(g, names.iter().map(String::as_str), 5);
+            let hint = if close.is_empty() {
+                format!("({} traceable functions; list them with `textpoke list PROG`)", names.len())
+            } else {
+                format!("did you mean: {}", close.join(", "))
+            };
+            return Err(CliError::new(2, format!("{flag} {g:?} matches no traceable function; {hint}")));
+        }
+    }
+    Ok(())
+}
+
+/// `DIR` must be absent, empty, or an earlier trace.
+fn check_output(dir: &Path) -> Result<(), CliError> {
+    match std::fs::read_dir(dir) {
+        Ok(mut entries) => {
+            if entries.next().is_some() && !dir.join(META_FILE).exists() {
+                return Err(CliError::new(
+                    2,
+                    format!("{} is not empty and holds no textpoke trace; choose another -o DIR", dir.display()),
+                ));
+            }
+            Ok(())
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotADirectory => {
+            Err(CliError::new(2, format!("{} is a file, not a directory; choose another -o DIR", dir.display())))
+        }
+        Err(e) => Err(CliError::new(2, format!("cannot use {}: {e}", dir.display()))),
+    }
+}
+
+/// The agent shared object (see the module docs).
+pub fn agent_path() -> Result<PathBuf, CliError> {
+    if let Some(p) = std::env::var_os("TEXTPOKE_AGENT") {
+        let p = PathBuf::from(p);
+        return if p.is_file() {
+            Ok(p)
+        } else {
+            Err(CliError::new(1, format!("TEXTPOKE_AGENT={} is not a file", p.display())))
+        };
+    }
+    let exe = std::env::current_exe().map_err(|e| CliError::new(1, format!("cannot find this executable: {e}")))?;
+    let dir = exe.parent().unwrap_or(Path::new("/"));
+    const NAME: &str = "libtextpoke_agent.so";
+    let newest = [dir.join(NAME), dir.join("deps").join(NAME)]
+        .into_iter()
+        .filter_map(|p| Some((std::fs::metadata(&p).ok()?.modified().ok()?, p)))
+        .max_by_key(|(t, _)| *t)
+        .map(|(_, p)| p);
+    if let Some(p) = newest {
+        return Ok(p);
+    }
+    let installed = dir.join("../lib/textpoke").join(NAME);
+    if installed.is_file() {
+        return Ok(installed);
+    }
+    Err(CliError::new(
+        1,
+        format!(
+            "cannot find the agent {NAME} next to {} (nor in ../lib/textpoke/); build it with \
+             `cargo build -p textpoke-agent` (add --release to match a release textpoke) or set TEXTPOKE_AGENT",
+            exe.display()
+        ),
+    ))
+}
+
+// ---------------------------------------------------------------------------
+// Signals.
+
+/// The program's pid (0 before it starts, -1 after it ended).
+static CHILD: AtomicI32 = AtomicI32::new(0);
+/// A signal that came before the program started.
+static PENDING: AtomicI32 = AtomicI32::new(0);
+
+const FORWARDED: [libc::c_int; 7] =
+    [libc::SIGHUP, libc::SIGINT, libc::SIGQUIT, libc::SIGTERM, libc::SIGUSR1, libc::SIGUSR2, libc::SIGALRM];
+
+extern "C" fn forward(sig: libc::c_int, info: *mut libc::siginfo_t, _ctx: *mut libc::c_void) {
+    // SAFETY: the kernel passes a valid siginfo to an SA_SIGINFO handler.
+    let code = unsafe { (*info).si_code };
+    if code > 0 {
+        return; // sent by the kernel (the terminal): the program got it too
+    }
+    match CHILD.load(Ordering::Acquire) {
+        0 => PENDING.store(sig, Ordering::Release),
+        pid if pid > 0 => {
+            // SAFETY: kill is async-signal-safe.
+            unsafe { libc::kill(pid, sig) };
+        }
+        _ => {}
+    }
+}
+
+fn install_forwarding() {
+    for sig in FORWARDED {
+        // SAFETY: installing a handler with a valid, zero-initialised struct.
+        unsafe {
+            let mut act: libc::sigaction = std::mem::zeroed();
+            act.sa_sigaction = forward as *const () as usize;
+            act.sa_flags = libc::SA_SIGINFO | libc::SA_RESTART;
+            libc::sigemptyset(&mut act.sa_mask);
+            libc::sigaction(sig, &act, std::ptr::null_mut());
+        }
+    }
+}
+
+/// Dies of `sig` as the program did (no core file of `textpoke`).
+fn die_of(sig: libc::c_int) -> ExitCode {
+    // SAFETY: setting the default disposition, unblocking and raising;
+    // RLIMIT_CORE 0 keeps a core-dumping signal from dumping textpoke.
+    unsafe {
+        let lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+        libc::setrlimit(libc::RLIMIT_CORE, &lim);
+        libc::signal(sig, libc::SIG_DFL);
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, sig);
+        libc::pthread_sigmask(libc::SIG_UNBLOCK, &set, std::ptr::null_mut());
+        libc::raise(sig);
+    }
+    ExitCode::from((128 + sig).min(255) as u8)
+}
+
+// ---------------------------------------------------------------------------
+// The demo.
+
+/// A private temporary directory holding the demo, removed on drop.
+struct DemoFile {
+    dir: PathBuf,
+    exe: PathBuf,
+}
+
+impl DemoFile {
+    fn write() -> Result<DemoFile, CliError> {
+        if DEMO.is_empty() {
+            return Err(CliError::new(
+                1,
+                "the bundled demo was not built (no C compiler when textpoke was built); \
+                 give a program: textpoke record [OPTIONS] -- PROG [ARGS]",
+            ));
+        }
+        let dir = util::private_temp_dir("textpoke-demo")
+            .map_err(|e| CliError::new(1, format!("cannot make a temporary directory for the demo: {e}")))?;
+        let exe = dir.join("textpoke-demo");
+        let written = std::fs::write(&exe, DEMO)
+            .and_then(|()| std::fs::set_permissions(&exe, std::fs::Permissions::from_mode(0o700)));
+        if let Err(e) = written {
+            let _ = std::fs::remove_dir_all(&dir);
+            return Err(CliError::new(1, format!("cannot write the demo to {}: {e}", exe.display())));
+        }
+        Ok(DemoFile { dir, exe })
+    }
+}
+
+impl Drop for DemoFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Summary.
+
+/// The one-line summary of what was recorded in `dir` (shown as `shown`).
+fn summary(dir: &Path, shown: &str, prog: &str) -> String {
+    if !dir.join(META_FILE).exists() {
+        return format!("textpoke: nothing recorded: {prog} ran no traced code ({shown} was not written)");
+    }
+    let trace = match Trace::open_with(dir, OpenOptions { allow_incomplete: true }) {
+        Ok(t) => t,
+        Err(e) => return format!("textpoke: the trace in {shown} cannot be read: {e}"),
+    };
+    let agent: Option<serde_json::Value> =
+        std::fs::read(dir.join("agent.json")).ok().and_then(|b| serde_json::from_slice(&b).ok());
+    let count = |k: &str| agent.as_ref().and_then(|a| a.get(k)).and_then(|v| v.as_u64()).unwrap_or(0);
+    let meta = trace.meta();
+    let what = match trace.mode() {
+        Mode::Record => format!("{} records", meta.total_records),
+        Mode::Count => {
+            format!("{} calls counted", trace.counts().map_or(0, |c| c.iter().map(|(_, n)| n).sum::<u64>()))
+        }
+    };
+    let threads = trace.threads().len();
+    let children = match trace.children().len() {
+        0 => String::new(),
+        1 => ", 1 child trace".into(),
+        n => format!(", {n} child traces"),
+    };
+    let incomplete =
+        if trace.is_complete() { "" } else { " (incomplete: the program was killed before the final flush)" };
+    let traced = count("traced");
+    format!(
+        "textpoke: {traced} function{} traced (of {}), {what}, {} dropped, {threads} thread{}{children} -> {shown}{incomplete}",
+        if traced == 1 { "" } else { "s" },
+        count("functions"),
+        trace.dropped(),
+        if threads == 1 { "" } else { "s" },
+    )
+}
+
+// ---------------------------------------------------------------------------
+
+pub fn run(args: &Args) -> ExitCode {
+    match record(args) {
+        Ok(code) => code,
+        Err(e) => e.report("textpoke record"),
+    }
+}
+
+fn record(args: &Args) -> Result<ExitCode, CliError> {
+    for g in args.include.iter().chain(&args.exclude) {
+        globset::Glob::new(g).map_err(|e| CliError::new(2, format!("bad glob {g:?}: {}", e.kind())))?;
+    }
+    let demo = if args.command.is_empty() { Some(DemoFile::write()?) } else { None };
+    let (prog, arg0, rest): (PathBuf, OsString, &[OsString]) = match &demo {
+        Some(d) => (d.exe.clone(), "textpoke-demo".into(), &[]),
+        None => (resolve_program(&args.command[0])?, args.command[0].clone(), &args.command[1..]),
+    };
+    let shown = Path::new(&arg0).display().to_string();
+    let checked = check_program(&prog, &shown)?;
+    if let Some(names) = &checked.names {
+        check_globs(args, names)?;
+    }
+    let cwd = std::env::current_dir().map_err(|e| CliError::new(1, format!("no working directory: {e}")))?;
+    let dir = cwd.join(&args.output);
+    check_output(&dir)?;
+    let agent = agent_path()?;
+    if agent.as_os_str().as_bytes().iter().any(|&b| b == b' ' || b == b':') {
+        return Err(CliError::new(
+            1,
+            format!(
+                "the agent path {} has a space or colon, which LD_PRELOAD cannot hold; set TEXTPOKE_AGENT",
+                agent.display()
+            ),
+        ));
+    }
+    let mut preload = agent.into_os_string();
+    if let Some(old) = std::env::var_os("LD_PRELOAD").filter(|v| !v.is_empty()) {
+        preload.push(":");
+        preload.push(old);
+    }
+    let mut cmd = std::process::Command::new(&prog);
+    cmd.arg0(&arg0).args(rest).env("LD_PRELOAD", preload).env("TEXTPOKE_DIR", &dir).env_remove("TEXTPOKE_PID");
+    for (var, globs) in [("TEXTPOKE_INCLUDE", &args.include), ("TEXTPOKE_EXCLUDE", &args.exclude)] {
+        if globs.is_empty() {
+            cmd.env_remove(var);
+        } else {
+            cmd.env(var, globs.join("\n"));
+        }
+    }
+    if args.count_only {
+        cmd.env("TEXTPOKE_COUNT_ONLY", "1");
+    } else {
+        cmd.env_remove("TEXTPOKE_COUNT_ONLY");
+    }
+    install_forwarding();
+    let mut child = cmd.spawn().map_err(|e| CliError::new(126, format!("cannot run {shown}: {e}")))?;
+    CHILD.store(child.id() as i32, Ordering::Release);
+    let early = PENDING.swap(0, Ordering::AcqRel);
+    if early != 0 {
+        // SAFETY: signalling our own child.
+        unsafe { libc::kill(child.id() as i32, early) };
+    }
+    let status = child.wait().map_err(|e| CliError::new(1, format!("waiting for {shown}: {e}")));
+    CHILD.store(-1, Ordering::Release);
+    let status = status?;
+    drop(demo);
+    eprintln!("{}", summary(&dir, &args.output.display().to_string(), &shown));
+    if args.command.is_empty() {
+        let o = args.output.display();
+        eprintln!("textpoke: look at it with `textpoke report -i {o}` or `textpoke replay -i {o}`");
+    }
+    match (status.code(), status.signal()) {
+        (Some(c), _) => Ok(ExitCode::from(c as u8)),
+        (None, Some(sig)) => Ok(die_of(sig)),
+        _ => Ok(ExitCode::FAILURE),
+    }
+}

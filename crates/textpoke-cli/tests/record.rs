@@ -1,0 +1,856 @@
+//! `textpoke record`, `ctl` and `list PROG` end to end: C programs
+//! compiled here with gcc, run through the built `textpoke` binary (which
+//! preloads the agent), their traces read back with
+//! `textpoke::tracedata::Trace`.
+
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::process::ExitStatusExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+use textpoke::tracedata::{RecordKind, Trace};
+
+// ---------------------------------------------------------------------------
+// Helpers.
+
+fn work_dir() -> PathBuf {
+    let d = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("textpoke-cli-{}", std::process::id()));
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+/// A fresh path under the work directory.
+fn fresh(name: &str) -> PathBuf {
+    let p = work_dir().join(name);
+    let _ = std::fs::remove_dir_all(&p);
+    let _ = std::fs::remove_file(&p);
+    p
+}
+
+/// A private socket directory for one test.
+fn socket_dir(name: &str) -> PathBuf {
+    let d = fresh(&format!("sock-{name}"));
+    std::fs::create_dir(&d).unwrap();
+    std::fs::set_permissions(&d, std::fs::Permissions::from_mode(0o700)).unwrap();
+    d
+}
+
+fn textpoke(sockets: &Path) -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_textpoke"));
+    c.env("TEXTPOKE_SOCKET_DIR", sockets).current_dir(work_dir());
+    c
+}
+
+fn run(cmd: &mut Command) -> Output {
+    cmd.stdin(Stdio::null()).output().unwrap()
+}
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+/// Compiles C source `src` into an executable `name` with gcc and `flags`.
+fn compile(name: &str, src: &str, flags: &[&str]) -> PathBuf {
+    let dir = work_dir();
+    let c = dir.join(format!("{name}.c"));
+    let exe = dir.join(name);
+    std::fs::write(&c, src).unwrap();
+    let out = Command::new("gcc")
+        .args(["-O1", "-pthread", "-o"])
+        .arg(&exe)
+        .arg(&c)
+        .args(flags)
+        .output()
+        .expect("gcc must be installed to build the test programs");
+    assert!(out.status.success(), "gcc {name}: {}", text(&out.stderr));
+    exe
+}
+
+const SITES: &str = "-fpatchable-function-entry=5";
+
+/// Per function name: (entries, exits), summed over threads; checks that
+/// each thread's entries and exits balance per function.
+fn tally(trace: &Trace) -> BTreeMap<String, (u64, u64)> {
+    tally_with(trace, true)
+}
+
+/// As [`tally`], without the balance check (a process that execs never
+/// returns from main; a forked child returns from a main it entered in the
+/// parent).
+fn tally_with(trace: &Trace, balanced: bool) -> BTreeMap<String, (u64, u64)> {
+    let mut total: BTreeMap<String, (u64, u64)> = BTreeMap::new();
+    for th in trace.threads() {
+        let mut mine: BTreeMap<String, i64> = BTreeMap::new();
+        for r in trace.records(th).unwrap() {
+            let r = r.unwrap();
+            let name = trace.name(r.func).to_string();
+            let t = total.entry(name.clone()).or_default();
+            let m = mine.entry(name).or_default();
+            match r.kind {
+                RecordKind::Entry => (t.0 += 1, *m += 1),
+                RecordKind::Exit => (t.1 += 1, *m -= 1),
+            };
+        }
+        for (f, bal) in mine.into_iter().filter(|_| balanced) {
+            assert_eq!(bal, 0, "thread {}: {f} entries and exits do not balance", th.tid());
+        }
+    }
+    total
+}
+
+/// Calls per function name of a trace: entries (record mode) or counts.
+fn calls(trace: &Trace) -> BTreeMap<String, u64> {
+    match trace.counts() {
+        Some(c) => c.iter().filter(|(_, n)| *n > 0).map(|&(f, n)| (trace.name(f).to_string(), n)).collect(),
+        None => tally_with(trace, false).into_iter().filter(|(_, (e, _))| *e > 0).map(|(k, (e, _))| (k, e)).collect(),
+    }
+}
+
+fn expect(pairs: &[(&str, u64)]) -> BTreeMap<String, u64> {
+    pairs.iter().map(|&(k, v)| (k.to_string(), v)).collect()
+}
+
+fn open_complete(dir: &Path) -> Trace {
+    let t = Trace::open(dir).unwrap_or_else(|e| panic!("trace {}: {e}", dir.display()));
+    assert!(t.is_complete());
+    assert_eq!(t.dropped(), 0, "no record dropped");
+    t
+}
+
+fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: clock_gettime writes one timespec.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+/// The agent built with the binary under test.
+fn agent() -> PathBuf {
+    let bin = PathBuf::from(env!("CARGO_BIN_EXE_textpoke"));
+    let p = bin.parent().unwrap().join("deps/libtextpoke_agent.so");
+    assert!(p.is_file(), "{} is built with textpoke", p.display());
+    p
+}
+
+// ---------------------------------------------------------------------------
+// Programs.
+
+/// Threads, signal handlers, recursion: 4 threads each call leaf 50 times
+/// and signal themselves 5 times (the handler calls on_sig_work, which
+/// calls leaf), then fib(10) (177 calls). Exits with argv[1].
+const THREADS_C: &str = r#"
+#include <pthread.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+static volatile long sink;
+__attribute__((noinline)) long leaf(long x) { sink += x; return x + 1; }
+__attribute__((noinline)) long fib(int n) { if (n < 2) { sink += n; return n; } return fib(n - 1) + fib(n - 2); }
+__attribute__((noinline)) void on_sig_work(int s) { leaf(s); }
+static void handler(int s) { on_sig_work(s); }
+__attribute__((noinline)) void *worker(void *a) {
+    for (int i = 0; i < 50; i++) { leaf(i); if (i % 10 == 0) pthread_kill(pthread_self(), SIGUSR1); }
+    return (void *)fib(10);
+}
+int main(int argc, char **argv) {
+    struct sigaction sa = { .sa_handler = handler };
+    sigemptyset(&sa.sa_mask);
+    sigaction(SIGUSR1, &sa, NULL);
+    pthread_t t[4];
+    for (int i = 0; i < 4; i++) pthread_create(&t[i], NULL, worker, NULL);
+    long s = 0;
+    for (int i = 0; i < 4; i++) { void *r; pthread_join(t[i], &r); s += (long)r; }
+    printf("threads ok %ld\n", s);
+    return argc > 1 ? atoi(argv[1]) : 0;
+}
+"#;
+
+fn threads_prog() -> &'static Path {
+    static P: OnceLock<PathBuf> = OnceLock::new();
+    P.get_or_init(|| compile("threads", THREADS_C, &[SITES]))
+}
+
+/// A program without patchable entries: prints its arguments and a line
+/// of stdin, exits with 42.
+const PLAIN_C: &str = r#"
+#include <stdio.h>
+int main(int argc, char **argv) {
+    char line[256] = "";
+    if (!fgets(line, sizeof line, stdin)) line[0] = 0;
+    printf("plain:");
+    for (int i = 1; i < argc; i++) printf(" %s", argv[i]);
+    printf(" stdin=%s", line);
+    fflush(stdout);
+    fprintf(stderr, "plain stderr\n");
+    return 42;
+}
+"#;
+
+fn plain_prog() -> &'static Path {
+    static P: OnceLock<PathBuf> = OnceLock::new();
+    P.get_or_init(|| compile("plain", PLAIN_C, &[]))
+}
+
+/// A traced program to exec into: calls `leaf2` argv[1] times.
+const TRACED_CHILD_C: &str = r#"
+#include <stdio.h>
+#include <stdlib.h>
+static volatile long sink;
+__attribute__((noinline)) long leaf2(long x) { sink += x; return x; }
+int main(int argc, char **argv) {
+    int n = argc > 1 ? atoi(argv[1]) : 1;
+    for (int i = 0; i < n; i++) leaf2(i);
+    printf("traced child %d\n", n);
+    return 0;
+}
+"#;
+
+fn traced_child_prog() -> &'static Path {
+    static P: OnceLock<PathBuf> = OnceLock::new();
+    P.get_or_init(|| compile("traced_child", TRACED_CHILD_C, &[SITES]))
+}
+
+// ---------------------------------------------------------------------------
+// Recording.
+
+#[test]
+fn threads_signals_recursion_exact_counts_and_exit_code() {
+    let dir = fresh("threads.data");
+    let out = run(textpoke(&socket_dir("threads")).arg("record").arg("-o").arg(&dir).arg(threads_prog()).arg("7"));
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(7), "{stderr}");
+    assert_eq!(text(&out.stdout), format!("threads ok {}\n", 4 * 55));
+    let summary = stderr.lines().last().unwrap();
+    assert!(summary.starts_with("textpoke: 6 functions traced (of 6),"), "{stderr}");
+    assert!(summary.contains("5 threads") && summary.contains(&dir.display().to_string()), "{summary}");
+    let trace = open_complete(&dir);
+    assert_eq!(trace.threads().len(), 5);
+    let want = [
+        ("main", (1, 1)),
+        ("worker", (4, 4)),
+        ("leaf", (4 * 55, 4 * 55)),
+        ("handler", (20, 20)),
+        ("on_sig_work", (20, 20)),
+        ("fib", (4 * 177, 4 * 177)),
+    ];
+    let want: BTreeMap<String, (u64, u64)> = want.iter().map(|&(k, v)| (k.to_string(), v)).collect();
+    assert_eq!(tally(&trace), want);
+}
+
+#[test]
+fn count_only_and_filters() {
+    let sockets = socket_dir("filters");
+    let dir = fresh("counts.data");
+    let out = run(textpoke(&sockets).args(["record", "--count-only", "-o"]).arg(&dir).arg(threads_prog()));
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let trace = open_complete(&dir);
+    assert_eq!(
+        calls(&trace),
+        expect(&[("main", 1), ("worker", 4), ("leaf", 220), ("handler", 20), ("on_sig_work", 20), ("fib", 708)])
+    );
+    assert!(text(&out.stderr).contains(&format!("{} calls counted", 1 + 4 + 220 + 20 + 20 + 708)));
+
+    // -F twice, -N removing one of them: only leaf; `l*` matches nothing else.
+    let dir = fresh("filtered.data");
+    let out = run(textpoke(&sockets)
+        .args(["record", "-F", "l*", "-F", "fib", "-N", "fib", "-o"])
+        .arg(&dir)
+        .arg(threads_prog()));
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(text(&out.stderr).contains("1 function traced (of 6)"), "{}", text(&out.stderr));
+    assert_eq!(calls(&open_complete(&dir)), expect(&[("leaf", 220)]));
+
+    // A second recording moves the first to DIR.old.
+    let out = run(textpoke(&sockets).args(["record", "-F", "fib", "-o"]).arg(&dir).arg(threads_prog()));
+    assert!(out.status.success());
+    assert_eq!(calls(&open_complete(&dir)), expect(&[("fib", 708)]));
+    let mut old = dir.clone().into_os_string();
+    old.push(".old");
+    assert_eq!(calls(&open_complete(Path::new(&old))), expect(&[("leaf", 220)]));
+}
+
+#[test]
+fn demo_runs_without_a_program() {
+    let dir = fresh("demo.data");
+    let out = run(textpoke(&socket_dir("demo")).args(["record", "-o"]).arg(&dir));
+    let stderr = text(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(text(&out.stdout).starts_with("textpoke-demo: 4 threads, 20 items each, 16 signals handled"));
+    assert!(stderr.contains("8 functions traced (of 8)"), "{stderr}");
+    let trace = open_complete(&dir);
+    assert_eq!(trace.meta().process_name, "textpoke-demo");
+    // Per item: fib(12) is 465 calls, walk_tree(4) 31 with 16 leaves, each
+    // calling checksum, plus 16 checksum calls; every 5th item signals.
+    let items = 4 * 20;
+    assert_eq!(
+        calls(&trace),
+        expect(&[
+            ("main", 1),
+            ("worker", 4),
+            ("work_item", items),
+            ("fib", items * 465),
+            ("walk_tree", items * 31),
+            ("checksum", items * 32),
+            ("on_usr1", 16),
+            ("note_signal", 16),
+        ])
+    );
+}
+
+/// Forks twice: one child ends with `_exit`, the other returns from main.
+const FORK_C: &str = r#"
+#include <stdio.h>
+#include <stdlib.h>
+#include <unistd.h>
+#include <sys/wait.h>
+static volatile long sink;
+__attribute__((noinline)) long pwork(long x) { sink += x; return x; }
+__attribute__((noinline)) long cwork(long x) { sink -= x; return x; }
+int main(void) {
+    for (int i = 0; i < 10; i++) pwork(i);
+    fflush(stdout);
+    pid_t a = fork();
+    if (a == 0) { for (int i = 0; i < 7; i++) cwork(i); _exit(0); }
+    pid_t b = fork();
+    if (b == 0) { for (int i = 0; i < 3; i++) cwork(i); pwork(1); return 0; }
+    int st;
+    waitpid(a, &st, 0);
+    waitpid(b, &st, 0);
+    for (int i = 0; i < 5; i++) pwork(i);
+    printf("%d %d\n", (int)a, (int)b);
+    return 0;
+}
+"#;
+
+#[test]
+fn fork_children_are_recorded_apart() {
+    let prog = compile("forks", FORK_C, &[SITES]);
+    let dir = fresh("fork.data");
+    let out = run(textpoke(&socket_dir("fork")).args(["record", "-o"]).arg(&dir).arg(&prog));
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let stdout = text(&out.stdout);
+    let pids: Vec<&str> = stdout.split_whitespace().collect();
+    assert!(text(&out.stderr).contains("2 child traces"), "{}", text(&out.stderr));
+    let parent = open_complete(&dir);
+    assert_eq!(calls(&parent), expect(&[("main", 1), ("pwork", 15)]));
+    assert_eq!(parent.children().len(), 2);
+    let a = open_complete(&dir.join(format!("child-{}", pids[0])));
+    assert_eq!(calls(&a), expect(&[("cwork", 7)]), "the _exit child");
+    assert_eq!(a.meta().parent_pid, Some(parent.meta().pid));
+    let b = open_complete(&dir.join(format!("child-{}", pids[1])));
+    // The child returns from a main it entered in the parent.
+    let got = tally_with(&b, false);
+    assert_eq!(got["cwork"], (3, 3));
+    assert_eq!(got["pwork"], (1, 1));
+    assert_eq!(got["main"], (0, 1));
+}
+
+/// Calls `ework` three times, then execs argv[1] with the rest of argv (by
+/// `execv`, or `execlp` when argv[1] is "lp").
+const EXEC_C: &str = r#"
+#include <stdio.h>
+#include <unistd.h>
+static volatile long sink;
+__attribute__((noinline)) long ework(long x) { sink += x; return x; }
+int main(int argc, char **argv) {
+    for (int i = 0; i < 3; i++) ework(i);
+    fflush(stdout);
+    if (argv[1][0] == 'l' && argv[1][1] == 'p') execlp(argv[2], argv[2], argv[3], (char *)0);
+    else execv(argv[1], argv + 1);
+    perror("exec");
+    return 99;
+}
+"#;
+
+#[test]
+fn exec_of_a_program_without_sites_runs_normally() {
+    let prog = compile("execer", EXEC_C, &[SITES]);
+    let dir = fresh("exec-plain.data");
+    let mut child = textpoke(&socket_dir("exec-plain"))
+        .args(["record", "-o"])
+        .arg(&dir)
+        .arg(&prog)
+        .arg(plain_prog())
+        .args(["a", "b c"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child.stdin.take().unwrap().write_all(b"from stdin\n").unwrap();
+    let out = child.wait_with_output().unwrap();
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(42), "{stderr}");
+    assert_eq!(text(&out.stdout), "plain: a b c stdin=from stdin\n");
+    // The program's stderr, then the summary; nothing else from textpoke.
+    let lines: Vec<&str> = stderr.lines().collect();
+    assert_eq!(lines[0], "plain stderr", "{stderr}");
+    assert_eq!(lines.len(), 2, "{stderr}");
+    let trace = open_complete(&dir);
+    assert_eq!(calls(&trace), expect(&[("ework", 3), ("main", 1)]));
+    assert!(trace.children().is_empty(), "a program without sites writes nothing");
+}
+
+#[test]
+fn exec_of_a_traced_program_writes_its_own_trace() {
+    let prog = compile("execer2", EXEC_C, &[SITES]);
+    let dir = fresh("exec-traced.data");
+    let out = run(textpoke(&socket_dir("exec-traced"))
+        .args(["record", "-o"])
+        .arg(&dir)
+        .arg(&prog)
+        .arg("lp")
+        .arg(traced_child_prog())
+        .arg("9"));
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(text(&out.stdout), "traced child 9\n");
+    let trace = open_complete(&dir);
+    assert_eq!(calls(&trace), expect(&[("ework", 3), ("main", 1)]));
+    let pid = trace.meta().pid;
+    let exec_dir = dir.join(format!("child-{pid}-exec"));
+    assert_eq!(trace.children(), std::slice::from_ref(&exec_dir));
+    let after = open_complete(&exec_dir);
+    assert_eq!(after.meta().pid, pid, "the same process, after exec");
+    assert_eq!(calls(&after), expect(&[("leaf2", 9), ("main", 1)]));
+}
+
+/// `system` (posix_spawn inside glibc) and `vfork`+`execv` start traced
+/// children that write their own directories.
+const SPAWN_C: &str = r#"
+#include <stdio.h>
+#include <stdlib.h>
+#include <unistd.h>
+#include <sys/wait.h>
+int main(int argc, char **argv) {
+    char cmd[512];
+    snprintf(cmd, sizeof cmd, "exec %s 4", argv[1]);
+    if (system(cmd) != 0) return 1;
+    pid_t v = vfork();
+    if (v == 0) { char *args[] = { argv[1], "6", NULL }; execv(argv[1], args); _exit(127); }
+    int st;
+    waitpid(v, &st, 0);
+    printf("vfork %d\n", (int)v);
+    return WEXITSTATUS(st);
+}
+"#;
+
+#[test]
+fn spawned_and_vforked_children_write_their_own_traces() {
+    let prog = compile("spawner", SPAWN_C, &[SITES]);
+    let dir = fresh("spawn.data");
+    let out = run(textpoke(&socket_dir("spawn")).args(["record", "-o"]).arg(&dir).arg(&prog).arg(traced_child_prog()));
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let stdout = text(&out.stdout);
+    assert!(stdout.starts_with("traced child 4\ntraced child 6\nvfork "), "{stdout}");
+    let vpid: i32 = stdout.trim().rsplit(' ').next().unwrap().parse().unwrap();
+    let trace = open_complete(&dir);
+    assert_eq!(calls(&trace), expect(&[("main", 1)]));
+    let mut found: BTreeMap<u64, i32> = BTreeMap::new();
+    for c in trace.children() {
+        let t = open_complete(c);
+        found.insert(calls(&t)["leaf2"], t.meta().pid);
+    }
+    assert_eq!(found.len(), 2, "{:?}", trace.children());
+    assert_eq!(found[&6], vpid, "the vfork child writes child-<its pid>");
+}
+
+/// Prints its pid, then calls `tick` (and `tock` on a second thread)
+/// until stdin closes.
+const SPIN_C: &str = r#"
+#include <pthread.h>
+#include <stdio.h>
+#include <unistd.h>
+static volatile long sink;
+__attribute__((noinline)) long tick(long x) { sink += x; return x; }
+__attribute__((noinline)) long tock(long x) { sink -= x; return x; }
+static volatile int stop;
+void *spin(void *a) { while (!stop) { tock(1); usleep(200); } return a; }
+void *ticker(void *a) { while (!stop) { tick(1); usleep(200); } return a; }
+int main(void) {
+    pthread_t t[2];
+    pthread_create(&t[0], NULL, spin, NULL);
+    pthread_create(&t[1], NULL, ticker, NULL);
+    printf("%d\n", (int)getpid());
+    fflush(stdout);
+    char buf[16];
+    while (read(0, buf, sizeof buf) != 0) {}
+    stop = 1;
+    pthread_join(t[0], NULL);
+    pthread_join(t[1], NULL);
+    return 0;
+}
+"#;
+
+/// Starts the spin program under `textpoke record`; returns the CLI child
+/// and the program's pid.
+fn start_spin(sockets: &Path, dir: &Path, extra: &[&str]) -> (Child, i32) {
+    static P: OnceLock<PathBuf> = OnceLock::new();
+    let prog = P.get_or_init(|| compile("spin", SPIN_C, &[SITES]));
+    let mut child = textpoke(sockets)
+        .arg("record")
+        .args(extra)
+        .arg("-o")
+        .arg(dir)
+        .arg(prog)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(child.stdout.as_mut().unwrap()).read_line(&mut line).unwrap();
+    let pid: i32 = line.trim().parse().unwrap_or_else(|_| panic!("pid line {line:?}"));
+    let sock = sockets.join(format!("{pid}.sock"));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !sock.exists() {
+        assert!(Instant::now() < deadline, "the agent made no socket {}", sock.display());
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    (child, pid)
+}
+
+fn ctl(sockets: &Path, pid: i32, args: &[&str]) -> Output {
+    run(textpoke(sockets).arg("ctl").arg(pid.to_string()).args(args))
+}
+
+fn status_field(sockets: &Path, pid: i32, key: &str) -> String {
+    let out = ctl(sockets, pid, &["status"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let stdout = text(&out.stdout);
+    let line = stdout.lines().find(|l| l.starts_with(key)).unwrap_or_else(|| panic!("{key} in {stdout}"));
+    line[key.len()..].trim().to_string()
+}
+
+/// Records written so far (calls counted, in count mode).
+fn records_now(sockets: &Path, pid: i32) -> u64 {
+    let out = ctl(sockets, pid, &["status"]);
+    let stdout = text(&out.stdout);
+    let line = stdout.lines().find(|l| l.starts_with("records") || l.starts_with("calls")).expect("a count");
+    line.split_whitespace().nth(1).unwrap().parse().unwrap()
+}
+
+fn wait_growth(sockets: &Path, pid: i32) -> u64 {
+    let r0 = records_now(sockets, pid);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        std::thread::sleep(Duration::from_millis(50));
+        let r = records_now(sockets, pid);
+        if r > r0 {
+            return r;
+        }
+        assert!(Instant::now() < deadline, "records stay at {r0}");
+    }
+}
+
+#[test]
+fn ctl_toggles_tracing_of_a_live_program() {
+    let sockets = socket_dir("ctl");
+    let dir = fresh("ctl.data");
+    let (mut child, pid) = start_spin(&sockets, &dir, &[]);
+
+    assert_eq!(status_field(&sockets, pid, "state"), "recording (record mode)");
+    assert_eq!(status_field(&sockets, pid, "functions"), "5 traced of 5");
+    assert_eq!(status_field(&sockets, pid, "rules"), "+*");
+    let sock = sockets.join(format!("{pid}.sock"));
+    assert_eq!(std::fs::symlink_metadata(&sock).unwrap().permissions().mode() & 0o777, 0o600);
+    wait_growth(&sockets, pid);
+
+    // Disable everything: the records stop growing.
+    let out = ctl(&sockets, pid, &["disable", "*"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(text(&out.stdout), "0 functions traced of 5\n");
+    std::thread::sleep(Duration::from_millis(100)); // calls in flight return
+    let quiet_from = monotonic_ns();
+    let r1 = records_now(&sockets, pid);
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(records_now(&sockets, pid), r1, "no records while nothing is traced");
+    let quiet_to = monotonic_ns();
+
+    // Enable tick again: they grow.
+    let out = ctl(&sockets, pid, &["enable", "tick"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(text(&out.stdout), "1 function traced of 5\n");
+    assert!(wait_growth(&sockets, pid) > r1);
+    assert_eq!(status_field(&sockets, pid, "rules"), "+* -* +tick");
+    assert_eq!(status_field(&sockets, pid, "functions"), "1 traced of 5");
+
+    // A glob that matches nothing is refused with close names.
+    let out = ctl(&sockets, pid, &["enable", "tikc"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(text(&out.stderr).contains("no traceable function matches \"tikc\"; did you mean: tick"));
+    let out = ctl(&sockets, pid, &["disable", "a["]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(text(&out.stderr).contains("bad function filter"), "{}", text(&out.stderr));
+
+    drop(child.stdin.take()); // the program ends
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(text(&out.stderr).contains("1 function traced (of 5)"), "{}", text(&out.stderr));
+    assert!(!sock.exists(), "the socket is removed at exit");
+
+    // The trace: nothing between the disable and the enable; tock never
+    // again after the disable.
+    let trace = open_complete(&dir);
+    let mut tock_after = 0;
+    for th in trace.threads() {
+        for r in trace.records(th).unwrap() {
+            let r = r.unwrap();
+            let t = trace.to_ns(r.ts);
+            assert!(!(quiet_from..quiet_to).contains(&t), "a record while tracing was disabled");
+            if trace.name(r.func) == "tock" && t >= quiet_from {
+                tock_after += 1;
+            }
+        }
+    }
+    assert_eq!(tock_after, 0);
+    let got = tally(&trace);
+    assert!(got["tick"].0 > 0 && got["tock"].0 > 0);
+}
+
+#[test]
+fn signals_pass_through() {
+    let sockets = socket_dir("signals");
+    // SIGTERM sent to textpoke goes to the program, which dies of it; the
+    // agent stops the recorder first, so the trace is complete.
+    let dir = fresh("sigterm.data");
+    let (mut child, pid) = start_spin(&sockets, &dir, &["--count-only"]);
+    let stdin = child.stdin.take(); // kept open: the program runs until killed
+    wait_growth(&sockets, pid);
+    // SAFETY: signalling the textpoke process this test started.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let out = child.wait_with_output().unwrap();
+    drop(stdin);
+    assert_eq!(out.status.signal(), Some(libc::SIGTERM), "textpoke dies of the program's signal: {:?}", out.status);
+    let stderr = text(&out.stderr);
+    assert!(stderr.contains("calls counted"), "{stderr}");
+    assert!(!stderr.contains("incomplete"), "{stderr}");
+    let trace = open_complete(&dir);
+    assert!(calls(&trace)["tick"] > 0);
+
+    // SIGUSR1 sent to textpoke reaches the program's handler.
+    const USR1_C: &str = r#"
+#include <signal.h>
+#include <stdio.h>
+#include <unistd.h>
+static volatile sig_atomic_t got;
+__attribute__((noinline)) void note(int s) { got = s; }
+static void on_usr1(int s) { note(s); }
+int main(void) {
+    signal(SIGUSR1, on_usr1);
+    printf("ready\n");
+    fflush(stdout);
+    while (!got) usleep(1000);
+    printf("got %d\n", (int)got);
+    return 5;
+}
+"#;
+    let prog = compile("usr1", USR1_C, &[SITES]);
+    let dir = fresh("usr1.data");
+    let mut child = textpoke(&sockets)
+        .args(["record", "-o"])
+        .arg(&dir)
+        .arg(&prog)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdout = BufReader::new(child.stdout.take().unwrap());
+    let mut line = String::new();
+    stdout.read_line(&mut line).unwrap();
+    assert_eq!(line, "ready\n");
+    // SAFETY: signalling the textpoke process this test started.
+    unsafe { libc::kill(child.id() as i32, libc::SIGUSR1) };
+    let mut rest = String::new();
+    stdout.read_to_string(&mut rest).unwrap();
+    let status = child.wait().unwrap();
+    assert_eq!(rest, format!("got {}\n", libc::SIGUSR1));
+    assert_eq!(status.code(), Some(5));
+    assert_eq!(calls(&open_complete(&dir)), expect(&[("main", 1), ("note", 1), ("on_usr1", 1)]));
+}
+
+/// dlopen twice: the library's sites are traced after each load and
+/// forgotten at each dlclose.
+const DLOPEN_C: &str = r#"
+#include <dlfcn.h>
+#include <stdio.h>
+#include <time.h>
+static void settle(void) {
+    /* The agent patches new code within milliseconds; wait a second of
+       wall time (sleeps are interrupted by the patching signals). */
+    struct timespec t0, t, d = { 0, 10 * 1000 * 1000 };
+    clock_gettime(CLOCK_MONOTONIC, &t0);
+    do { nanosleep(&d, NULL); clock_gettime(CLOCK_MONOTONIC, &t); }
+    while ((t.tv_sec - t0.tv_sec) * 1000000000L + (t.tv_nsec - t0.tv_nsec) < 1000000000L);
+}
+int main(int argc, char **argv) {
+    for (int round = 0; round < 2; round++) {
+        void *h = dlopen(argv[1], RTLD_NOW);
+        if (!h) { printf("%s\n", dlerror()); return 1; }
+        long (*plug)(long) = (long (*)(long))dlsym(h, "plug");
+        settle();
+        for (int i = 0; i < 5; i++) plug(i);
+        if (dlclose(h) != 0 || dlerror() != NULL) return 2;
+    }
+    printf("done\n");
+    return 0;
+}
+"#;
+
+#[test]
+fn libraries_loaded_later_are_traced() {
+    let lib = work_dir().join("libplug.so");
+    let src = work_dir().join("plug.c");
+    std::fs::write(&src, "static volatile long s; long plug(long x) { s += x; return x; }\n").unwrap();
+    let out = Command::new("gcc").args(["-O1", "-shared", "-fPIC", SITES, "-o"]).arg(&lib).arg(&src).output().unwrap();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let prog = compile("dlopener", DLOPEN_C, &[SITES, "-ldl"]);
+    let dir = fresh("dlopen.data");
+    let out = run(textpoke(&socket_dir("dlopen")).args(["record", "-o"]).arg(&dir).arg(&prog).arg(&lib));
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let trace = open_complete(&dir);
+    let got = calls(&trace);
+    assert_eq!(got["plug"], 10, "{got:?} {}", text(&out.stderr));
+    assert_eq!(got["main"], 1);
+}
+
+// ---------------------------------------------------------------------------
+// The agent is harmless.
+
+#[test]
+fn agent_is_quiet_in_a_program_without_sites() {
+    let dir = fresh("quiet.data");
+    let sockets = socket_dir("quiet");
+    let out = Command::new(plain_prog())
+        .arg("x")
+        .env("LD_PRELOAD", agent())
+        .env("TEXTPOKE_DIR", &dir)
+        .env("TEXTPOKE_SOCKET_DIR", &sockets)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(42));
+    assert_eq!(text(&out.stdout), "plain: x stdin=");
+    assert_eq!(text(&out.stderr), "plain stderr\n");
+    assert!(!dir.exists(), "nothing written");
+    assert_eq!(std::fs::read_dir(&sockets).unwrap().count(), 0);
+}
+
+// ---------------------------------------------------------------------------
+// Bad input.
+
+fn refused(out: &Output, code: i32, needles: &[&str]) {
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(code), "{stderr}");
+    for n in needles {
+        assert!(stderr.contains(n), "{n:?} in {stderr}");
+    }
+}
+
+#[test]
+fn bad_programs_are_refused() {
+    let s = socket_dir("bad");
+    let out = run(textpoke(&s).args(["record", "--", "/nonexistent/prog"]));
+    refused(&out, 127, &["textpoke record: /nonexistent/prog: no such file"]);
+    let out = run(textpoke(&s).args(["record", "no-such-program-textpoke"]));
+    refused(&out, 127, &["not found in PATH"]);
+    let data = work_dir().join("not-executable");
+    std::fs::write(&data, "x").unwrap();
+    let out = run(textpoke(&s).arg("record").arg(&data));
+    refused(&out, 126, &["is not executable"]);
+    let out = run(textpoke(&s).arg("record").arg(work_dir()));
+    refused(&out, 126, &["is a directory"]);
+    let out = run(textpoke(&s).arg("record").arg(plain_prog()));
+    refused(
+        &out,
+        2,
+        &[
+            "has no patchable function entries",
+            "-fpatchable-function-entry=5",
+            "-pg -mfentry -mnop-mcount -mrecord-mcount",
+            "#[textpoke::traced]",
+        ],
+    );
+    let src = work_dir().join("static.c");
+    std::fs::write(&src, "int main(void) { return 0; }\n").unwrap();
+    let static_prog = work_dir().join("static");
+    let built = Command::new("gcc").args(["-static", SITES, "-o"]).arg(&static_prog).arg(&src).output().unwrap();
+    if built.status.success() {
+        let out = run(textpoke(&s).arg("record").arg(&static_prog));
+        refused(&out, 2, &["statically linked"]);
+    } else {
+        eprintln!("no static libc: the statically linked case is not checked");
+    }
+    // `list` only reads the file: not finding it is a plain failure (1),
+    // not the shell's "command not found" (127) that `record` uses.
+    let out = run(textpoke(&s).args(["list", "/nonexistent/prog"]));
+    refused(&out, 1, &["No such file"]);
+    let out = run(textpoke(&s).arg("list").arg(plain_prog()));
+    refused(&out, 1, &["has no patchable function entries", "-fpatchable-function-entry=5"]);
+}
+
+#[test]
+fn bad_filters_and_outputs_are_refused() {
+    let s = socket_dir("badf");
+    let out = run(textpoke(&s).args(["record", "-F", "wroker"]).arg(threads_prog()));
+    refused(&out, 2, &["-F \"wroker\" matches no traceable function; did you mean: worker"]);
+    let out = run(textpoke(&s).args(["record", "-N", "fibb"]).arg(threads_prog()));
+    refused(&out, 2, &["-N \"fibb\" matches no traceable function; did you mean: fib"]);
+    let out = run(textpoke(&s).args(["record", "-F", "a[b"]).arg(threads_prog()));
+    refused(&out, 2, &["bad glob"]);
+    let busy = fresh("busy");
+    std::fs::create_dir(&busy).unwrap();
+    std::fs::write(busy.join("precious"), "x").unwrap();
+    let out = run(textpoke(&s).arg("record").arg("-o").arg(&busy).arg(threads_prog()));
+    refused(&out, 2, &["is not empty and holds no textpoke trace"]);
+    assert!(busy.join("precious").exists());
+}
+
+#[test]
+fn ctl_refuses_what_is_not_an_agent() {
+    let s = socket_dir("ctl-bad");
+    let mut sleeper = Command::new("sleep").arg("30").spawn().unwrap();
+    let pid = sleeper.id() as i32;
+    let out = ctl(&s, pid, &["status"]);
+    refused(&out, 1, &[&format!("process {pid} (sleep) is not running under `textpoke record`")]);
+    let out = ctl(&s, 999_999_999, &["status"]);
+    refused(&out, 1, &["no process 999999999"]);
+
+    // A socket there that is not ours is refused before connecting.
+    let sock = s.join(format!("{pid}.sock"));
+    let _listener = std::os::unix::net::UnixListener::bind(&sock).unwrap();
+    std::fs::set_permissions(&sock, std::fs::Permissions::from_mode(0o666)).unwrap();
+    let out = ctl(&s, pid, &["status"]);
+    refused(&out, 1, &["lets other users in"]);
+    std::fs::set_permissions(&sock, std::fs::Permissions::from_mode(0o600)).unwrap();
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } == 0 {
+        let c = std::ffi::CString::new(sock.to_str().unwrap()).unwrap();
+        // SAFETY: chown of a file this test made.
+        assert_eq!(unsafe { libc::lchown(c.as_ptr(), 65534, 65534) }, 0);
+        let out = ctl(&s, pid, &["status"]);
+        refused(&out, 1, &["is owned by uid 65534, not by you (uid 0)"]);
+    } else {
+        eprintln!("not root: the foreign-owner case needs chown; checked the mode case only");
+    }
+    // A directory others may enter is refused too.
+    std::fs::set_permissions(&s, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let out = ctl(&s, pid, &["status"]);
+    refused(&out, 1, &["is not a safe socket directory"]);
+    let _ = sleeper.kill();
+    let _ = sleeper.wait();
+}
+
+#[test]
+fn list_shows_the_patchable_functions() {
+    let out = run(textpoke(&socket_dir("list")).arg("list").arg(threads_prog()));
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let stdout = text(&out.stdout);
+    let mut names: Vec<&str> = stdout.lines().map(|l| l.split_whitespace().last().unwrap()).collect();
+    names.sort();
+    assert_eq!(names, ["fib", "handler", "leaf", "main", "on_sig_work", "worker"]);
+    assert!(stdout.lines().all(|l| l.split_whitespace().nth(1) == Some("patchable")), "{stdout}");
+    assert!(text(&out.stderr).contains("6 site(s) in 6 function(s)"), "{}", text(&out.stderr));
+}

@@ -1,0 +1,381 @@
+//! The control socket shared by the agent (`textpoke-agent`, the server in
+//! the traced process) and `textpoke ctl` (the client): where the socket
+//! lives, the ownership checks on both ends, and the line protocol.
+//!
+//! # Where
+//!
+//! One Unix-domain stream socket per traced process, `<pid>.sock`, in a
+//! per-user directory:
+//!
+//! 1. `$TEXTPOKE_SOCKET_DIR` when set (tests, or a custom place);
+//! 2. else `$XDG_RUNTIME_DIR/textpoke/` when `XDG_RUNTIME_DIR` is set;
+//! 3. else `/tmp/textpoke-<uid>/`.
+//!
+//! The directory is created with mode 0700 and, before it is used by
+//! either side, must be a real directory (not a symbolic link) owned by the
+//! effective uid with no group or other permission bits
+//! ([`check_private_dir`]). The socket is made 0600; the client checks
+//! that it is a socket owned by its own uid with no group or other bits
+//! ([`check_socket`]) before connecting, so a socket planted by another
+//! user is refused rather than talked to. The agent also checks the
+//! peer's credentials (`SO_PEERCRED`) on every connection.
+//!
+//! # Protocol
+//!
+//! Requests are one line each; a connection may carry several:
+//!
+//! ```text
+//! status
+//! enable GLOB
+//! disable GLOB
+//! ```
+//!
+//! Each reply is a first line `ok` or `error MESSAGE`, then zero or more
+//! `KEY VALUE` lines, then an empty line. `status` answers with (in this
+//! order) `pid`, `process`, `state` (`recording`, `stopped` or `idle`),
+//! `mode` (`record` or `count`), `dir`, `functions` (traceable functions
+//! found), `traced` (functions the recording op traces now), `records`
+//! (records written so far), `calls` (count mode), `dropped`, and one
+//! `rule +GLOB` or `rule -GLOB` line per filter rule. `enable` and
+//! `disable` answer with `traced` and `functions`; an error may carry
+//! `hint` lines (close function names).
+//!
+//! Filter rules are applied in order, the last one that matches a function
+//! deciding: `textpoke record -F a -F b -N c` starts with `+a +b -c` (no
+//! `-F` starts with `+*`), `disable '*'` then `enable 'work*'` traces only
+//! the `work*` functions.
+
+use std::ffi::OsString;
+use std::io::BufRead;
+use std::os::unix::fs::{DirBuilderExt, FileTypeExt, MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+
+/// Environment variable naming the socket directory.
+pub const SOCKET_DIR_ENV: &str = "TEXTPOKE_SOCKET_DIR";
+
+/// Why a control-socket step failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ControlError {
+    #[error("{path} is not a safe socket directory: {why}")]
+    UnsafeDirectory { path: PathBuf, why: String },
+
+    #[error("refusing {path}: it is owned by uid {owner}, not by you (uid {uid})")]
+    ForeignSocket { path: PathBuf, owner: u32, uid: u32 },
+
+    #[error("refusing {path}: {why}")]
+    UnsafeSocket { path: PathBuf, why: String },
+
+    #[error("cannot {what} {path}: {source}")]
+    Io { what: &'static str, path: PathBuf, source: std::io::Error },
+
+    #[error("bad control message: {0}")]
+    Protocol(String),
+}
+
+fn euid() -> u32 {
+    // SAFETY: geteuid has no preconditions.
+    unsafe { libc::geteuid() }
+}
+
+/// The socket directory for an environment (`env` looks a variable up).
+pub fn socket_dir(env: impl Fn(&str) -> Option<OsString>) -> PathBuf {
+    if let Some(d) = env(SOCKET_DIR_ENV).filter(|d| !d.is_empty()) {
+        return PathBuf::from(d);
+    }
+    if let Some(d) = env("XDG_RUNTIME_DIR").filter(|d| !d.is_empty()) {
+        return PathBuf::from(d).join("textpoke");
+    }
+    PathBuf::from(format!("/tmp/textpoke-{}", euid()))
+}
+
+/// The socket directory of this process's environment.
+pub fn default_socket_dir() -> PathBuf {
+    socket_dir(|k| std::env::var_os(k))
+}
+
+/// The socket of process `pid` in `dir`.
+pub fn socket_path(dir: &Path, pid: i32) -> PathBuf {
+    dir.join(format!("{pid}.sock"))
+}
+
+/// Checks that `dir` is a directory (not a link) owned by the effective
+/// uid, with no group or other permission bits.
+pub fn check_private_dir(dir: &Path) -> Result<(), ControlError> {
+    let unsafe_dir = |why: String| ControlError::UnsafeDirectory { path: dir.to_path_buf(), why };
+    let m = std::fs::symlink_metadata(dir).map_err(|source| ControlError::Io {
+        what: "inspect",
+        path: dir.to_path_buf(),
+        source,
+    })?;
+    if !m.file_type().is_dir() {
+        return Err(unsafe_dir("not a directory (a symbolic link or a file)".into()));
+    }
+    if m.uid() != euid() {
+        return Err(unsafe_dir(format!("owned by uid {}, not by you (uid {})", m.uid(), euid())));
+    }
+    if m.mode() & 0o077 != 0 {
+        return Err(unsafe_dir(format!("mode {:o} lets other users in; it must be 0700", m.mode() & 0o7777)));
+    }
+    Ok(())
+}
+
+/// Creates `dir` with mode 0700 if it does not exist (its parent must), then
+/// checks it as [`check_private_dir`] does.
+pub fn prepare_private_dir(dir: &Path) -> Result<(), ControlError> {
+    match std::fs::DirBuilder::new().mode(0o700).create(dir) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+        Err(source) => return Err(ControlError::Io { what: "create directory", path: dir.to_path_buf(), source }),
+    }
+    check_private_dir(dir)
+}
+
+/// Checks that `path` is a socket owned by the effective uid with mode
+/// 0600 or stricter, in a private directory.
+pub fn check_socket(path: &Path) -> Result<(), ControlError> {
+    if let Some(dir) = path.parent() {
+        check_private_dir(dir)?;
+    }
+    let m = std::fs::symlink_metadata(path).map_err(|source| ControlError::Io {
+        what: "inspect",
+        path: path.to_path_buf(),
+        source,
+    })?;
+    if m.uid() != euid() {
+        return Err(ControlError::ForeignSocket { path: path.to_path_buf(), owner: m.uid(), uid: euid() });
+    }
+    if !m.file_type().is_socket() {
+        return Err(ControlError::UnsafeSocket { path: path.to_path_buf(), why: "not a socket".into() });
+    }
+    if m.mode() & 0o077 != 0 {
+        let why = format!("mode {:o} lets other users in; it must be 0600", m.mode() & 0o7777);
+        return Err(ControlError::UnsafeSocket { path: path.to_path_buf(), why });
+    }
+    Ok(())
+}
+
+/// Makes the socket file at `path` mode 0600.
+pub fn restrict_socket(path: &Path) -> Result<(), ControlError> {
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(|source| ControlError::Io {
+        what: "chmod",
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
+/// A request to the agent.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Request {
+    /// What is traced and recorded.
+    Status,
+    /// Trace the functions matching the glob (a `+GLOB` rule).
+    Enable(String),
+    /// Stop tracing the functions matching the glob (a `-GLOB` rule).
+    Disable(String),
+}
+
+impl Request {
+    /// Parses one request line (without its newline).
+    pub fn parse(line: &str) -> Result<Request, ControlError> {
+        let line = line.trim_end_matches(['\r', '\n']);
+        let (verb, arg) = match line.split_once(' ') {
+            Some((v, a)) => (v, Some(a)),
+            None => (line, None),
+        };
+        match (verb, arg) {
+            ("status", None) => Ok(Request::Status),
+            ("enable", Some(g)) if !g.is_empty() => Ok(Request::Enable(g.to_owned())),
+            ("disable", Some(g)) if !g.is_empty() => Ok(Request::Disable(g.to_owned())),
+            _ => Err(ControlError::Protocol(format!(
+                "unknown request {line:?}; expected `status`, `enable GLOB` or `disable GLOB`"
+            ))),
+        }
+    }
+
+    /// The request as one line, newline included.
+    pub fn to_line(&self) -> String {
+        match self {
+            Request::Status => "status\n".into(),
+            Request::Enable(g) => format!("enable {g}\n"),
+            Request::Disable(g) => format!("disable {g}\n"),
+        }
+    }
+}
+
+/// A reply from the agent.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Reply {
+    /// `None` for `ok`, the message for `error MESSAGE`.
+    pub error: Option<String>,
+    /// `KEY VALUE` lines, in order.
+    pub fields: Vec<(String, String)>,
+}
+
+impl Reply {
+    /// A successful reply.
+    pub fn ok() -> Reply {
+        Reply::default()
+    }
+
+    /// A failure.
+    pub fn error(message: impl Into<String>) -> Reply {
+        Reply { error: Some(message.into()), fields: Vec::new() }
+    }
+
+    /// Appends a field (newlines in the value become spaces).
+    pub fn field(mut self, key: &str, value: impl ToString) -> Reply {
+        self.fields.push((key.to_owned(), value.to_string().replace('\n', " ")));
+        self
+    }
+
+    /// The first value of `key`.
+    pub fn get(&self, key: &str) -> Option<&str> {
+        self.fields.iter().find(|(k, _)| k == key).map(|(_, v)| v.as_str())
+    }
+
+    /// Every value of `key`.
+    pub fn all<'a>(&'a self, key: &'a str) -> impl Iterator<Item = &'a str> + 'a {
+        self.fields.iter().filter(move |(k, _)| k == key).map(|(_, v)| v.as_str())
+    }
+
+    /// The reply as sent: status line, fields, empty line.
+    pub fn to_text(&self) -> String {
+        let mut s = match &self.error {
+            None => "ok\n".to_owned(),
+            Some(m) => format!("error {}\n", m.replace('\n', " ")),
+        };
+        for (k, v) in &self.fields {
+            s.push_str(k);
+            s.push(' ');
+            s.push_str(v);
+            s.push('\n');
+        }
+        s.push('\n');
+        s
+    }
+
+    /// Reads one reply.
+    pub fn read(r: &mut impl BufRead) -> Result<Reply, ControlError> {
+        let mut line = String::new();
+        let mut next = |line: &mut String| -> Result<bool, ControlError> {
+            line.clear();
+            let n = r.read_line(line).map_err(|e| ControlError::Protocol(format!("reading the reply: {e}")))?;
+            if n == 0 {
+                return Ok(false);
+            }
+            while line.ends_with(['\n', '\r']) {
+                line.pop();
+            }
+            Ok(true)
+        };
+        if !next(&mut line)? {
+            return Err(ControlError::Protocol("the agent closed the connection without replying".into()));
+        }
+        let mut reply = match line.split_once(' ') {
+            _ if line == "ok" => Reply::ok(),
+            Some(("error", m)) => Reply::error(m),
+            _ => return Err(ControlError::Protocol(format!("unexpected reply line {line:?}"))),
+        };
+        loop {
+            if !next(&mut line)? {
+                return Err(ControlError::Protocol("the reply ended early".into()));
+            }
+            if line.is_empty() {
+                return Ok(reply);
+            }
+            let (k, v) = line.split_once(' ').unwrap_or((line.as_str(), ""));
+            reply.fields.push((k.to_owned(), v.to_owned()));
+        }
+    }
+}
+
+/// Levenshtein distance between two strings, by characters.
+fn distance(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut prev: Vec<usize> = (0..=b.len()).collect();
+    let mut cur = vec![0; b.len() + 1];
+    for (i, ca) in a.chars().enumerate() {
+        cur[0] = i + 1;
+        for (j, &cb) in b.iter().enumerate() {
+            let sub = prev[j] + usize::from(ca != cb);
+            cur[j + 1] = sub.min(prev[j + 1] + 1).min(cur[j] + 1);
+        }
+        std::mem::swap(&mut prev, &mut cur);
+    }
+    prev[b.len()]
+}
+
+/// Up to `max` of `names` closest to the glob `pattern` by edit distance
+/// (glob characters left out), for "did you mean" hints. A name is
+/// compared whole, and also cut to the pattern's length when the pattern
+/// ends with `*`. Only names within a third of the pattern's length (at
+/// least 2 edits) are returned.
+pub fn close_names<'a>(pattern: &str, names: impl IntoIterator<Item = &'a str>, max: usize) -> Vec<String> {
+    let literal: String = pattern.chars().filter(|c| !matches!(c, '*' | '?' | '[' | ']' | '{' | '}')).collect();
+    if literal.is_empty() {
+        return Vec::new();
+    }
+    let prefix = pattern.ends_with('*');
+    let limit = (literal.chars().count() / 3).max(2);
+    let mut scored: Vec<(usize, &str)> = names
+        .into_iter()
+        .map(|n| {
+            let mut d = distance(&literal, n);
+            if prefix {
+                let cut: String = n.chars().take(literal.chars().count()).collect();
+                d = d.min(distance(&literal, &cut));
+            }
+            (d, n)
+        })
+        .filter(|&(d, _)| d <= limit)
+        .collect();
+    scored.sort();
+    scored.dedup_by(|a, b| a.1 == b.1);
+    scored.into_iter().take(max).map(|(_, n)| n.to_owned()).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn requests_round_trip() {
+        for r in [Request::Status, Request::Enable("work*".into()), Request::Disable("a b".into())] {
+            assert_eq!(Request::parse(&r.to_line()).unwrap(), r);
+        }
+        assert!(Request::parse("enable").is_err());
+        assert!(Request::parse("frob x").is_err());
+    }
+
+    #[test]
+    fn replies_round_trip() {
+        let r = Reply::ok().field("traced", 3).field("rule", "+*").field("rule", "-a b");
+        let back = Reply::read(&mut std::io::Cursor::new(r.to_text())).unwrap();
+        assert_eq!(back, r);
+        assert_eq!(back.all("rule").collect::<Vec<_>>(), ["+*", "-a b"]);
+        let e = Reply::error("no function matches").field("hint", "work");
+        assert_eq!(Reply::read(&mut std::io::Cursor::new(e.to_text())).unwrap(), e);
+        assert!(Reply::read(&mut std::io::Cursor::new("ok\nx 1\n")).is_err());
+    }
+
+    #[test]
+    fn close_names_by_edit_distance() {
+        let names = ["worker", "work", "fib", "leaf", "main", "on_signal"];
+        assert_eq!(close_names("wrok", names, 3), ["work"]);
+        assert_eq!(close_names("wrok*", names, 3), ["work", "worker"]);
+        assert_eq!(close_names("fibb*", names, 3), ["fib"]);
+        assert!(close_names("zzzzzz", names, 3).is_empty());
+        assert!(close_names("*", names, 3).is_empty());
+    }
+
+    #[test]
+    fn socket_dir_order() {
+        let env = |pairs: &'static [(&'static str, &'static str)]| {
+            move |k: &str| pairs.iter().find(|(n, _)| *n == k).map(|(_, v)| OsString::from(v))
+        };
+        assert_eq!(socket_dir(env(&[(SOCKET_DIR_ENV, "/x"), ("XDG_RUNTIME_DIR", "/r")])), Path::new("/x"));
+        assert_eq!(socket_dir(env(&[("XDG_RUNTIME_DIR", "/r")])), Path::new("/r/textpoke"));
+        assert_eq!(socket_dir(env(&[])), PathBuf::from(format!("/tmp/textpoke-{}", euid())));
+    }
+}
