@@ -3,6 +3,8 @@
  * crates/textpoke-c/tests/c_api.rs. argv[1]: path of libckeys.so.
  * Prints "ok" and exits 0 if every check passes. */
 #define _GNU_SOURCE
+#include <sched.h>
+#include <time.h>
 #include <dlfcn.h>
 #include <pthread.h>
 #include <stdatomic.h>
@@ -142,8 +144,17 @@ int main(int argc, char **argv) {
         int on = !textpoke_static_key_enabled(&k_stress);
         atomic_store_explicit(&phase, epoch++ << 2 | FLIPPING, memory_order_release);
         CHECK((on ? textpoke_static_key_enable(&k_stress) : textpoke_static_key_disable(&k_stress)) == TEXTPOKE_OK);
+        long seen = atomic_load(on ? &steady_on : &steady_off);
         atomic_store_explicit(&phase, epoch++ << 2 | (on ? ON : OFF), memory_order_release);
-        for (volatile int spin = 0; spin < 20000; spin++) {}
+        /* Hold the steady phase until a worker has checked a call in it (a
+         * scheduler can keep them off the CPU for a while); bounded. */
+        struct timespec t0, t;
+        clock_gettime(CLOCK_MONOTONIC, &t0);
+        while (atomic_load(on ? &steady_on : &steady_off) == seen) {
+            clock_gettime(CLOCK_MONOTONIC, &t);
+            if (t.tv_sec - t0.tv_sec > 2) break;
+            sched_yield();
+        }
     }
     atomic_store(&stop, 1);
     for (int i = 0; i < THREADS; i++) pthread_join(th[i], NULL);
