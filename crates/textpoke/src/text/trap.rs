@@ -164,6 +164,15 @@ pub(crate) fn unpublish() {
     }
 }
 
+/// The emulation of `site` in the batch in flight, if any.
+#[inline(always)]
+fn lookup(site: usize) -> Option<Emulation> {
+    let sites = get_desc()?;
+    let found = sites.binary_search_by_key(&site, |s| s.addr).ok().map(|i| sites[i].emu);
+    put_desc();
+    found
+}
+
 /// Takes a reference if a batch is in flight (the kernel's try_get_desc).
 #[inline(always)]
 fn get_desc() -> Option<&'static [TrapSite]> {
@@ -198,21 +207,36 @@ extern "C" fn on_sigtrap(sig: i32, info: *mut libc::siginfo_t, uctx: *mut libc::
         // An int3 (the kernel reports it with SI_KERNEL).
         // SAFETY: ctx is valid.
         let site = arch::trap_site(unsafe { arch::context_pc(ctx) });
-        if let Some(sites) = get_desc() {
-            let found = sites.binary_search_by_key(&site, |s| s.addr).ok().map(|i| sites[i].emu);
-            put_desc();
-            if let Some(emu) = found {
-                // SAFETY: ctx is valid; `emu` was computed from the new
-                // instruction of this very site.
-                unsafe { arch::emulate(ctx, site, emu) };
-                TRAPS_EMULATED.fetch_add(1, Ordering::Relaxed);
-                crate::sync::note_held();
-                return;
-            }
+        if let Some(emu) = lookup(site) {
+            // SAFETY: ctx is valid; `emu` was computed from the new
+            // instruction of this very site.
+            unsafe { arch::emulate(ctx, site, emu) };
+            TRAPS_EMULATED.fetch_add(1, Ordering::Relaxed);
+            crate::sync::note_held();
+            return;
         }
-        // SAFETY: an address in the ever-set was code we patched; the thread
-        // just executed a byte there, so it is mapped.
-        if ever_contains(site) && unsafe { (site as *const u8).read_volatile() } != arch::TRAP_BYTE {
+        if ever_contains(site) {
+            // A site of ours whose batch ended (late trap), or one a new
+            // batch is publishing right now: the descriptor is published
+            // before any trap byte is written, so a trap byte here with no
+            // descriptor seen means we looked before it was. Look again;
+            // else re-execute from the site: the instruction there now
+            // runs, or it traps again once the descriptor is visible.
+            for _ in 0..64 {
+                if let Some(emu) = lookup(site) {
+                    // SAFETY: as above.
+                    unsafe { arch::emulate(ctx, site, emu) };
+                    TRAPS_EMULATED.fetch_add(1, Ordering::Relaxed);
+                    crate::sync::note_held();
+                    return;
+                }
+                // SAFETY: an address in the ever-set was code we patched;
+                // the thread just executed a byte there, so it is mapped.
+                if unsafe { (site as *const u8).read_volatile() } != arch::TRAP_BYTE {
+                    break;
+                }
+                std::hint::spin_loop();
+            }
             // SAFETY: ctx is valid; the site is an instruction boundary.
             unsafe { arch::set_context_pc(ctx, site) };
             TRAPS_REPLAYED.fetch_add(1, Ordering::Relaxed);
