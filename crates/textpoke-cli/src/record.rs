@@ -139,8 +139,8 @@ fn check_program(prog: &Path, shown: &str) -> Result<Checked, CliError> {
         return Err(CliError::new(
             2,
             format!(
-                "{shown} is statically linked: textpoke loads its agent into the program with LD_PRELOAD, \
-                 which needs a dynamically linked program"
+                "{shown} has no program interpreter: it is statically linked (or a shared library); \
+                 textpoke loads its agent into the program with LD_PRELOAD, which needs a dynamically linked program"
             ),
         ));
     };
