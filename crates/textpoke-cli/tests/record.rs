@@ -813,6 +813,12 @@ fn ctl_refuses_what_is_not_an_agent() {
     let s = socket_dir("ctl-bad");
     let mut sleeper = Command::new("sleep").arg("30").spawn().unwrap();
     let pid = sleeper.id() as i32;
+    // spawn returns before the child's exec: wait until it is `sleep`.
+    let comm = format!("/proc/{pid}/comm");
+    let t0 = std::time::Instant::now();
+    while std::fs::read_to_string(&comm).map_or(true, |c| c.trim() != "sleep") && t0.elapsed().as_secs() < 10 {
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
     let out = ctl(&s, pid, &["status"]);
     refused(&out, 1, &[&format!("process {pid} (sleep) is not running under `textpoke record`")]);
     let out = ctl(&s, 999_999_999, &["status"]);
