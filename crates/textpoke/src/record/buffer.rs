@@ -212,7 +212,7 @@ pub(crate) fn record(kind: u8, func: u32, depth: u32, value: Option<u64>) -> boo
     let now = Clock::now(); // H0
     let buf = tls_buf(); // H1
     if buf.is_null() {
-        return slow_record(kind, func, depth, value);
+        return slow_record(now, kind, func, depth, value);
     }
     // SAFETY: a non-null TLS pointer is this thread's live buffer: only
     // this thread replaces it (C5, X1) and the control path frees it only
@@ -220,7 +220,7 @@ pub(crate) fn record(kind: u8, func: u32, depth: u32, value: Option<u64>) -> boo
     let b = unsafe { &*buf };
     match try_push(b, now, kind, func, depth, value) {
         Push::Done(ok) => ok,
-        Push::Stale => slow_record(kind, func, depth, value),
+        Push::Stale => slow_record(now, kind, func, depth, value),
     }
 }
 
@@ -249,10 +249,12 @@ fn try_push(b: &ThreadBuf, now: u64, kind: u8, func: u32, depth: u32, value: Opt
     let head = p.head.load(Ordering::Relaxed);
     let cap = p.cap.load(Ordering::Relaxed);
     let mut tail = p.cached_tail.load(Ordering::Relaxed);
+    let mut refreshed = false;
     if head + need - tail > cap {
         // H4. Acquire pairs with the writer's release store of `tail`
         // (D4): the slots it frees were read before we overwrite them.
         tail = b.cons.tail.load(Ordering::Acquire);
+        refreshed = true;
         p.cached_tail.store(tail, Ordering::Relaxed);
         if head + need - tail > cap {
             let ok = full_drop(b, cap);
@@ -285,8 +287,13 @@ fn try_push(b: &ThreadBuf, now: u64, kind: u8, func: u32, depth: u32, value: Opt
     // (D1): the slot contents are visible before the new head.
     p.head.store(head + need, Ordering::Release);
     if CFG_WAKE_HALF.load(Ordering::Relaxed) {
+        // Wake the writer when the ring reaches half full. Measured against
+        // the cached tail, the crossing is seen once per refresh of the
+        // cache; right after a refresh (the real tail) the ring may already
+        // be past half with the crossing missed, so wake whenever it is.
         let half = cap / 2;
-        if head - tail < half && head + need - tail >= half {
+        let now_full = head + need - tail >= half;
+        if now_full && (refreshed || head - tail < half) {
             wake_writer();
         }
     }
@@ -397,12 +404,13 @@ fn full_drop(b: &ThreadBuf, cap: u64) -> bool {
 /// No buffer, or a buffer made for another session.
 #[cold]
 #[inline(never)]
-fn slow_record(kind: u8, func: u32, depth: u32, value: Option<u64>) -> bool {
+/// `now` is the time of the event, read before the slow path.
+fn slow_record(now: u64, kind: u8, func: u32, depth: u32, value: Option<u64>) -> bool {
     let Some(b) = begin_acquire(MODE_RECORD) else {
         return false;
     };
     // SAFETY: begin_acquire returns this thread's live buffer.
-    let ok = match try_push(unsafe { &*b }, Clock::now(), kind, func, depth, value) {
+    let ok = match try_push(unsafe { &*b }, now, kind, func, depth, value) {
         Push::Done(ok) => ok,
         Push::Stale => false, // the session changed again meanwhile
     };
