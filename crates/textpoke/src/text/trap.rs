@@ -207,31 +207,25 @@ extern "C" fn on_sigtrap(sig: i32, info: *mut libc::siginfo_t, uctx: *mut libc::
         // An int3 (the kernel reports it with SI_KERNEL).
         // SAFETY: ctx is valid.
         let site = arch::trap_site(unsafe { arch::context_pc(ctx) });
-        if let Some(emu) = lookup(site) {
-            // SAFETY: ctx is valid; `emu` was computed from the new
-            // instruction of this very site.
-            unsafe { arch::emulate(ctx, site, emu) };
-            TRAPS_EMULATED.fetch_add(1, Ordering::Relaxed);
-            crate::sync::note_held();
-            return;
-        }
+        // Every site is remembered before its batch is published, so an
+        // address outside the set is not ours. One of ours is never passed
+        // on: emulate it if a batch in flight has it; a trap byte with no
+        // descriptor seen means a batch is being published (the descriptor
+        // goes out before any trap byte): look again; otherwise (a late
+        // trap, the byte is gone) re-execute from the site, which runs the
+        // instruction there now or traps again once a descriptor is visible.
         if ever_contains(site) {
-            // A site of ours whose batch ended (late trap), or one a new
-            // batch is publishing right now: the descriptor is published
-            // before any trap byte is written, so a trap byte here with no
-            // descriptor seen means we looked before it was. Look again;
-            // else re-execute from the site: the instruction there now
-            // runs, or it traps again once the descriptor is visible.
             for _ in 0..64 {
                 if let Some(emu) = lookup(site) {
-                    // SAFETY: as above.
+                    // SAFETY: ctx is valid; `emu` was computed from the new
+                    // instruction of this very site.
                     unsafe { arch::emulate(ctx, site, emu) };
                     TRAPS_EMULATED.fetch_add(1, Ordering::Relaxed);
                     crate::sync::note_held();
                     return;
                 }
-                // SAFETY: an address in the ever-set was code we patched;
-                // the thread just executed a byte there, so it is mapped.
+                // SAFETY: the thread just executed a byte at this site of
+                // ours, so it is mapped.
                 if unsafe { (site as *const u8).read_volatile() } != arch::TRAP_BYTE {
                     break;
                 }
