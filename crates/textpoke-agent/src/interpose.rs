@@ -579,9 +579,13 @@ pub unsafe extern "C" fn dlopen(file: *const c_char, mode: c_int) -> *mut c_void
 }
 
 /// `dlclose(3)`, then a rescan so the unloaded object's sites are
-/// forgotten at once. The agent's lock is held across both: the tracer
-/// never patches (from the agent thread) code that a `dlclose` is
-/// unmapping, and never sees an object gone that it has not forgotten.
+/// forgotten at once. The agent's lock is not held across the real call:
+/// the tracer pins every object whose code it patches for the length of a
+/// commit, and forgets the sites of an object it can no longer pin, so a
+/// commit never races the unmap. Nor is the lock waited for afterwards:
+/// this thread may hold the loader's lock (a destructor or constructor
+/// calling dlclose), which the agent thread's own rescan needs; if the
+/// agent is busy, its thread is nudged to rescan instead.
 ///
 /// # Safety
 ///
@@ -598,15 +602,19 @@ pub unsafe extern "C" fn dlclose(handle: *mut c_void) -> c_int {
     }
     let (mut r, mut called) = (-1, false);
     as_agent(|| {
-        let mut g = AGENT.lock();
         called = true;
         // SAFETY: the caller's contract. Destructors run inside, on this
         // thread, marked as agent code: their own dlopen/dlclose calls pass
-        // straight through (the lock is held).
+        // straight through.
         r = unsafe { f(handle) };
         if r == 0 {
-            if let Some(a) = g.as_mut() {
-                crate::refresh(a);
+            match AGENT.try_lock() {
+                Some(mut g) => {
+                    if let Some(a) = g.as_mut() {
+                        crate::refresh(a);
+                    }
+                }
+                None => crate::server::nudge(),
             }
             // The rescan's own loader calls may have left an error message;
             // the program's dlclose succeeded, so dlerror() must say nothing.

@@ -656,6 +656,10 @@ impl Inner {
             target: Target,
             stub: Option<(usize, usize)>,
         }
+        // Pin every object whose sites may be written, until the commit is
+        // over: a dlclose on another thread cannot unmap code mid-batch. An
+        // object that cannot be pinned is gone: forget its sites.
+        let _pins = self.pin_objects();
         let mut changes = Vec::new();
         for i in 0..self.sites.len() {
             let mask = self.desired_mask(&self.sites[i]);
@@ -748,6 +752,27 @@ impl Inner {
         }
         self.retire(retire);
         Ok(())
+    }
+
+    /// Pins the objects that own live sites; marks the sites of objects
+    /// that are gone as dead.
+    fn pin_objects(&mut self) -> Vec<crate::sites::Pin> {
+        let mut owners: Vec<ObjectId> = self.sites.iter().filter(|s| s.alive).map(|s| s.object).collect();
+        owners.sort_unstable_by_key(|o| o.get());
+        owners.dedup();
+        let mut pins = Vec::with_capacity(owners.len());
+        for id in owners {
+            match self.table.objects().get(id).map(|o| o.pin()) {
+                Some(Ok(pin)) => pins.push(pin),
+                _ => {
+                    for s in self.sites.iter_mut().filter(|s| s.alive && s.object == id) {
+                        s.alive = false;
+                        self.by_addr.remove(&s.addr);
+                    }
+                }
+            }
+        }
+        pins
     }
 
     /// Undoes `make_stub` for stubs no site was patched to call: they were
