@@ -12,8 +12,7 @@ use textpoke::sites::NopForm;
 use textpoke::tracedata::{OpenOptions, Trace};
 
 /// The compiler flags that add patchable entries, for error messages.
-pub const HOW_TO_ADD_SITES: &str = "compile C and C++ with -fpatchable-function-entry=5 (gcc 8+, clang 10+), \
-     or with gcc -pg -mfentry -mnop-mcount -mrecord-mcount; mark Rust functions with #[textpoke::traced]";
+use crate::record::HOW_TO_ADD_SITES;
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
@@ -99,7 +98,7 @@ fn list_prog(prog: &Path, skipped: bool, w: &mut dyn Write) -> Result<(), String
     let io = |e: std::io::Error| e.to_string();
     if found.sections.is_empty() {
         return Err(format!(
-            "{} has no patchable function entries (no __patchable_function_entries, __mcount_loc or textpoke_sites section): {HOW_TO_ADD_SITES}",
+            "{} has no patchable function entries (no __patchable_function_entries, __mcount_loc or textpoke_sites section);\n{HOW_TO_ADD_SITES}",
             path.display()
         ));
     }

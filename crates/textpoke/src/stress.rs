@@ -27,6 +27,7 @@
 
 use crate::arch::{encode_call, NOP5};
 use crate::sys::threads::gettid;
+use crate::text::codemem::CodeBlock;
 use crate::{Batch, CommitOptions, Poke, PokeError, Strategy};
 use std::cell::Cell;
 use std::io;
@@ -139,56 +140,32 @@ impl SiteArena {
     }
 }
 
-/// An anonymous executable mapping holding given code; never writable
-/// (filled through `/proc/self/mem`, so it works under MDWE too).
+/// Executable memory holding given code, padded with `int3` to whole
+/// pages; never writable (a [`CodeBlock`] written through
+/// `/proc/self/mem`, so it works under MDWE too).
 pub struct CodeMap {
-    addr: usize,
-    size: usize,
+    block: CodeBlock,
 }
 
 impl CodeMap {
-    /// Maps `code` (rounded up to pages, padded with `int3`).
+    /// Maps `code`.
     pub fn new(code: &[u8]) -> io::Result<CodeMap> {
-        let size = code.len().max(1).next_multiple_of(crate::text::page_size());
-        // SAFETY: a fresh anonymous mapping, readable and executable.
-        let p = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                size,
-                libc::PROT_READ | libc::PROT_EXEC,
-                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
-                -1,
-                0,
-            )
-        };
-        if p == libc::MAP_FAILED {
-            return Err(io::Error::last_os_error());
-        }
-        let map = CodeMap { addr: p as usize, size };
+        let block = CodeBlock::anywhere(code.len())?;
         let mut padded = code.to_vec();
-        padded.resize(size, 0xcc);
-        let f = std::fs::OpenOptions::new().write(true).open("/proc/self/mem")?;
-        std::os::unix::fs::FileExt::write_all_at(&f, &padded, map.addr as u64)?;
-        Ok(map)
+        padded.resize(block.len(), 0xcc);
+        block.write(0, &padded)?;
+        Ok(CodeMap { block })
     }
 
     pub fn addr(&self) -> usize {
-        self.addr
+        self.block.addr()
     }
 
     /// The bytes now at `addr + off`.
     pub fn bytes(&self, off: usize, len: usize) -> Vec<u8> {
-        assert!(off + len <= self.size);
+        assert!(off + len <= self.block.len());
         // SAFETY: inside our readable mapping.
-        unsafe { std::slice::from_raw_parts((self.addr + off) as *const u8, len) }.to_vec()
-    }
-}
-
-impl Drop for CodeMap {
-    fn drop(&mut self) {
-        // SAFETY: our own mapping; no thread runs it any more (users join
-        // their threads first).
-        unsafe { libc::munmap(self.addr as *mut _, self.size) };
+        unsafe { std::slice::from_raw_parts((self.block.addr() + off) as *const u8, len) }.to_vec()
     }
 }
 

@@ -1,8 +1,8 @@
 //! x86-64 encodings the `sites` layer must recognise.
 //!
-//! DESIGN.md keeps instruction encodings in the `arch` layer; that layer is
-//! not written yet, so the few byte patterns that site discovery needs live
-//! here, alone, to move into `arch::x86_64` when it lands.
+//! DESIGN.md keeps instruction encodings in the `arch` layer: the 5-byte
+//! NOP is `arch::NOP5`; the few patterns only site discovery needs (gcc's
+//! pads, `endbr64`) are here, and belong in `arch::x86_64` next.
 //!
 //! What gcc 12.2 emits (checked with objdump on this machine):
 //!
@@ -27,7 +27,7 @@
 use iced_x86::{Decoder, DecoderOptions, Mnemonic};
 
 /// The 5-byte NOP (`nopl 0x0(%rax,%rax,1)`), the kernel's `x86_nops[5]`.
-pub const NOP5: [u8; 5] = [0x0f, 0x1f, 0x44, 0x00, 0x00];
+pub use crate::arch::NOP5;
 
 /// Five 1-byte NOPs, what gcc emits for `-fpatchable-function-entry`.
 pub const NOP1X5: [u8; 5] = [0x90; 5];

@@ -209,6 +209,17 @@ extern "C" fn on_rendezvous(_sig: i32, info: *mut libc::siginfo_t, ctx: *mut lib
     arch::serialize_core();
 }
 
+impl Slot {
+    /// Every PC the thread will resume at: the one it was interrupted at,
+    /// then those saved in the signal frames of handlers it was running
+    /// (DESIGN.md rule 4). Allocation-free.
+    fn for_each_resume_pc(&self, mut f: impl FnMut(usize)) {
+        f(self.pc.load(Ordering::Relaxed));
+        let (sp, restorer) = (self.sp.load(Ordering::Relaxed), self.restorer.load(Ordering::Relaxed));
+        arch::for_each_outer_pc(sp, restorer, crate::sys::read_memory, f);
+    }
+}
+
 /// Stores where the interrupted thread was.
 ///
 /// # Safety
@@ -331,9 +342,8 @@ impl Samples {
             if tid == 0 || s.acked.load(Ordering::Acquire) != self.gen {
                 continue;
             }
-            let mut pcs = vec![s.pc.load(Ordering::Relaxed)];
-            let (sp, restorer) = (s.sp.load(Ordering::Relaxed), s.restorer.load(Ordering::Relaxed));
-            arch::for_each_outer_pc(sp, restorer, crate::sys::read_memory, |pc| pcs.push(pc));
+            let mut pcs = Vec::new();
+            s.for_each_resume_pc(|pc| pcs.push(pc));
             f(tid, s.aux.load(Ordering::Relaxed), &mut pcs.into_iter());
         }
     }
@@ -393,9 +403,7 @@ impl Parked {
             if tid == 0 || s.acked.load(Ordering::Acquire) != self.gen {
                 continue;
             }
-            f(tid, s.pc.load(Ordering::Relaxed));
-            let (sp, restorer) = (s.sp.load(Ordering::Relaxed), s.restorer.load(Ordering::Relaxed));
-            arch::for_each_outer_pc(sp, restorer, crate::sys::read_memory, |pc| f(tid, pc));
+            s.for_each_resume_pc(|pc| f(tid, pc));
         }
     }
 

@@ -24,6 +24,26 @@ pub struct CodeBlock {
 }
 
 impl CodeBlock {
+    /// Maps `len` bytes (rounded up to pages) wherever the kernel likes.
+    pub fn anywhere(len: usize) -> io::Result<CodeBlock> {
+        let len = len.max(1).next_multiple_of(super::page_size());
+        // SAFETY: a fresh anonymous mapping, readable and executable.
+        let p = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_EXEC,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
+        };
+        if p == libc::MAP_FAILED {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(CodeBlock { addr: p as usize, len })
+    }
+
     /// Maps `len` bytes (rounded up to pages) within rel32 reach of every
     /// address in `[lo, hi]`. Another thread may map the chosen gap between
     /// our look at the maps and our `mmap` (`EEXIST`): then look again.
