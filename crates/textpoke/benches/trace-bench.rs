@@ -9,7 +9,11 @@
 //! use). Rows: plain; the site untraced; count-only tracing; entry+exit
 //! records with timestamps (function_graph into the recorder); and two
 //! reads of the recorder's clock, the floor any timestamped entry+exit
-//! pays. Each figure is the minimum over interleaved rounds.
+//! pays; and the same entry+exit records taken through the generic hot
+//! path (the inline graph trampolines switched off), for comparison. Each
+//! recorded row makes one call first, outside the timing, so the thread's
+//! buffer (faulted in at creation) exists. Each figure is the minimum over
+//! interleaved rounds.
 
 use std::path::PathBuf;
 use std::process::Command;
@@ -91,36 +95,44 @@ fn main() {
     assert_eq!(t.functions().iter().find(|f| &*f.function == "site_leaf").unwrap().ops, 0);
 
     let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("trace-bench");
-    let mut best = [f64::MAX; 5];
+    let mut best = [f64::MAX; 6];
     for _round in 0..7 {
         best[0] = best[0].min(ns_per_call(|| assert!((plain.looper)(N) > 0)));
         best[1] = best[1].min(ns_per_call(|| assert!((site.looper)(N) > 0)));
 
         let rec = record::start(RecorderConfig::new(dir.join("count")).count_only()).unwrap();
         let h = t.register(Arc::new(RecordOp::count_only()), filter()).unwrap();
+        (site.looper)(1);
         best[2] = best[2].min(ns_per_call(|| assert!((site.looper)(N) > 0)));
         t.unregister(h).unwrap();
         rec.stop().unwrap();
 
-        let mut cfg = RecorderConfig::new(dir.join("graph"));
-        cfg.buffer_records = 1 << 23; // every record of a round fits: none dropped
-        let rec = record::start(cfg).unwrap();
-        let h = t.register(Arc::new(RecordOp::graph()), filter()).unwrap();
-        best[3] = best[3].min(ns_per_call(|| assert!((site.looper)(N) > 0)));
-        t.unregister(h).unwrap();
-        let summary = rec.stop().unwrap();
-        let _ = summary;
+        for (row, inline) in [(3, true), (5, false)] {
+            let mut cfg = RecorderConfig::new(dir.join(if inline { "graph" } else { "graph-generic" }));
+            cfg.buffer_records = 1 << 23; // every record of a round fits: none dropped
+            let rec = record::start(cfg).unwrap();
+            t.set_inline_recording(inline);
+            let h = t.register(Arc::new(RecordOp::graph()), filter()).unwrap();
+            (site.looper)(1);
+            best[row] = best[row].min(ns_per_call(|| assert!((site.looper)(N) > 0)));
+            t.unregister(h).unwrap();
+            rec.stop().unwrap();
+        }
+        t.set_inline_recording(true);
 
         best[4] = best[4].min(ns_per_call(|| assert!(clock_pair_loop() > 0)));
     }
-    let trace = textpoke::tracedata::Trace::open(dir.join("graph")).unwrap();
-    assert_eq!(trace.dropped(), 0, "the graph rows recorded every call");
+    for d in ["graph", "graph-generic"] {
+        let trace = textpoke::tracedata::Trace::open(dir.join(d)).unwrap();
+        assert_eq!(trace.dropped(), 0, "the graph rows recorded every call");
+    }
     println!("trace-bench: {N} calls of a C leaf function, minimum of 7 rounds (clock: {:?})", record::Clock::source());
     let rows = [
         ("plain (no site)", best[0]),
         ("untraced site (one NOP)", best[1]),
         ("count-only", best[2]),
         ("entry+exit recorded", best[3]),
+        ("  same, generic hot path", best[5]),
         ("2 x clock read", best[4]),
     ];
     for (name, ns) in rows {

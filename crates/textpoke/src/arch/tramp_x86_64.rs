@@ -165,7 +165,7 @@ pub fn entry_trampoline(at: usize, handler: usize, ctx: usize, avx: bool, live: 
 /// registers it saves, and jumps to `slow` (a full entry trampoline whose
 /// handler calls `record::count`) when the thread has no buffer yet, the
 /// buffer is stale or the id is out of range.
-pub fn count_trampoline(at: usize, l: &crate::record::CountLayout, slow: usize) -> Result<Vec<u8>, IcedError> {
+pub fn count_trampoline(at: usize, l: &crate::record::BufferLayout, slow: usize) -> Result<Vec<u8>, IcedError> {
     let mut a = CodeAssembler::new(64)?;
     let mut undo = a.create_label();
     let mut pop_slow = a.create_label();
@@ -174,7 +174,7 @@ pub fn count_trampoline(at: usize, l: &crate::record::CountLayout, slow: usize) 
     a.push(rcx)?;
     a.push(rdx)?;
     a.push(rsi)?;
-    a.mov(rax, qword_ptr(l.tls_buf as i32).fs())?; // this thread's buffer
+    a.mov(rax, qword_ptr(l.tls_buf).fs())?; // this thread's buffer
     a.test(rax, rax)?;
     a.jz(pop_slow)?;
     a.mov(edx, dword_ptr(rax + busy))?; // K1: was = busy; busy = 1
@@ -206,11 +206,262 @@ pub fn count_trampoline(at: usize, l: &crate::record::CountLayout, slow: usize) 
     a.assemble(at as u64)
 }
 
+/// Where the recorder's and the tracer's per-thread state are, for the
+/// graph trampolines.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct GraphLayout {
+    pub rec: crate::record::BufferLayout,
+    pub sh: crate::trace::ShadowLayout,
+}
+
+impl GraphLayout {
+    /// Both layouts, if both thread-locals are in the static TLS block.
+    pub fn get() -> Option<GraphLayout> {
+        Some(GraphLayout { rec: crate::record::buffer_layout()?, sh: crate::trace::shadow_layout()? })
+    }
+}
+
+/// The second word of a ring record (see `record::format::RawRecord`):
+/// `func | depth << 32 | kind << 48`, flags 0.
+const fn kind_bits(kind: u8) -> u64 {
+    (kind as u64) << 48
+}
+
+/// Reads the ordered TSC into rax (clobbers rdx): the recorder's clock
+/// when it is the TSC (the callers check `use_tsc`).
+fn read_clock(a: &mut CodeAssembler) -> Result<(), IcedError> {
+    a.lfence()?;
+    a.rdtsc()?;
+    a.shl(rdx, 32)?;
+    a.or(rax, rdx)
+}
+
+/// The recorder's protocol up to the slot write, for `need` slots, with
+/// the buffer in `buf` and `t` a scratch register: busy (H2), session
+/// (H3), room without refreshing the cached tail (H4), and no half-full
+/// crossing (the slow path wakes the writer there). Jumps to `slow` before
+/// taking `busy`, to `undo` after.
+fn claim_slots(
+    a: &mut CodeAssembler,
+    l: &crate::record::BufferLayout,
+    (buf, t): (AsmRegister64, AsmRegister64),
+    need: i32,
+    (slow, undo): (CodeLabel, CodeLabel),
+) -> Result<(), IcedError> {
+    let f = |off: usize| qword_ptr(buf + off as i32);
+    a.mov(buf, qword_ptr(l.tls_buf).fs())?; // H1
+    a.test(buf, buf)?;
+    a.jz(slow)?;
+    a.cmp(dword_ptr(buf + l.busy as i32), 0)?; // H2: nested records drop in the slow path
+    a.jne(slow)?;
+    a.mov(dword_ptr(buf + l.busy as i32), 1)?;
+    a.mov(t, l.active as u64)?; // H3
+    a.mov(t, qword_ptr(t))?;
+    a.cmp(t, f(l.session))?;
+    a.jne(undo)?;
+    a.mov(t, f(l.head))?; // H4: head + need - cached_tail <= cap
+    a.sub(t, f(l.cached_tail))?;
+    a.add(t, need)?;
+    a.cmp(t, f(l.cap))?;
+    a.ja(undo)?;
+    // Half full is crossed when head - tail goes from below cap/2 to at
+    // least cap/2: 2 * (head + need - tail) - cap in [0, 2 * need).
+    a.add(t, t)?;
+    a.sub(t, f(l.cap))?;
+    a.cmp(t, 2 * need - 1)?;
+    a.jbe(undo)
+}
+
+/// H5: clamps the timestamp in rax to the thread's last one, stores it.
+fn clamp_time(a: &mut CodeAssembler, l: &crate::record::BufferLayout, buf: AsmRegister64) -> Result<(), IcedError> {
+    a.cmp(rax, qword_ptr(buf + l.last_ts as i32))?;
+    a.cmovb(rax, qword_ptr(buf + l.last_ts as i32))?;
+    a.mov(qword_ptr(buf + l.last_ts as i32), rax)
+}
+
+/// `slot = ring + ((head + k) & (cap - 1)) * 16` into `out` (`t` scratch).
+fn ring_slot(
+    a: &mut CodeAssembler,
+    l: &crate::record::BufferLayout,
+    buf: AsmRegister64,
+    k: i32,
+    (out, t): (AsmRegister64, AsmRegister64),
+) -> Result<(), IcedError> {
+    a.mov(t, qword_ptr(buf + l.cap as i32))?;
+    a.dec(t)?;
+    a.mov(out, qword_ptr(buf + l.head as i32))?;
+    if k != 0 {
+        a.add(out, k)?;
+    }
+    a.and(out, t)?;
+    a.shl(out, 4)?;
+    a.add(out, qword_ptr(buf + l.ring as i32))
+}
+
+/// Length of a graph stub: `lea r11, [rip+5]; jmp rel32` and its data
+/// (see [`graph_stub`]).
+pub const GRAPH_STUB_LEN: usize = 28;
+/// Offsets in a graph stub's data (what `r11` points to): where the
+/// function continues after the site, the site index (a u64), the
+/// function's recorder id (u32, in the index's upper half).
+const GS_RESUME: i32 = 0;
+const GS_INDEX: i32 = 8;
+const GS_FUNC: i32 = 12;
+
+/// The stub of a site whose target is a graph trampoline, placed at `at`.
+/// The site *jumps* to it (no return address is pushed, so the return
+/// stack buffer stays in step: see [`graph_trampoline`]); it points `r11`
+/// (free at a function's entry) at its data — the address after the site
+/// (`resume`), the site `index` and the recorder id `func` — and jumps to
+/// `tramp`. `None` if `tramp` is out of rel32 reach.
+pub fn graph_stub(at: usize, resume: usize, index: u32, func: u32, tramp: usize) -> Option<[u8; GRAPH_STUB_LEN]> {
+    let disp = i32::try_from(tramp as i128 - (at as i128 + 12)).ok()?.to_le_bytes();
+    let mut s = [0u8; GRAPH_STUB_LEN];
+    s[..7].copy_from_slice(&[0x4c, 0x8d, 0x1d, 5, 0, 0, 0]); // lea r11, [rip+5]: the data
+    s[7] = 0xe9;
+    s[8..12].copy_from_slice(&disp);
+    s[12..20].copy_from_slice(&(resume as u64).to_le_bytes());
+    s[20..24].copy_from_slice(&index.to_le_bytes());
+    s[24..28].copy_from_slice(&func.to_le_bytes());
+    Some(s)
+}
+
+/// The graph trampoline placed at `at`, for function-entry sites whose
+/// only op `op` records the function graph (`TraceOp::records_graph`).
+///
+/// Entered from a [`graph_stub`] with `[rsp]` the function's return
+/// address and `r11` the stub's data. It reads the ordered TSC first (so
+/// the checks overlap its latency), records the entry (H1-H8 of
+/// `record::buffer`), pushes the shadow entry exactly as
+/// `hot::function_entry` does, drops the return address from the stack
+/// and jumps to `thunk`, a `call r11` (into the function, after the site)
+/// whose return address is the return trampoline: it lands in the very
+/// slot the old return address was in, so the function sees the stack it
+/// would have seen. Every call and return then pairs up — the caller's
+/// call with the return trampoline's final `ret`, the thunk's call with
+/// the function's `ret` — and the CPU predicts both returns, where
+/// replacing a return address in place costs a mispredicted return (9 ns
+/// measured here: over a third of the budget).
+///
+/// Any other case (a monotonic clock, a thread inside the tracer, no
+/// shadow stack or buffer yet, a full shadow stack, a nested record, a
+/// stale session, a ring that needs its tail refreshed or the writer
+/// woken) pushes the resume address and the site index as a stub's `call`
+/// and `push` would have and jumps to `slow`, the op's direct trampoline.
+pub fn graph_trampoline(
+    at: usize,
+    l: &GraphLayout,
+    op: usize,
+    thunk: usize,
+    slow: usize,
+) -> Result<Vec<u8>, IcedError> {
+    let (r, sh) = (&l.rec, &l.sh);
+    let mut a = CodeAssembler::new(64)?;
+    let mut undo = a.create_label();
+    let mut pop_slow = a.create_label();
+    // rdi, rsi, rdx, rcx, r8 (arguments) and rax (vector count of a
+    // varargs call) are restored; after the pushes [rsp+48] is the
+    // function's return address. r9 and r10 are not touched.
+    const SAVED: [AsmRegister64; 6] = [rax, rdx, rcx, rsi, rdi, r8];
+    for reg in SAVED {
+        a.push(reg)?;
+    }
+    let slot = 48;
+    read_clock(&mut a)?; // H0: rax
+    a.mov(rdx, r.use_tsc as u64)?;
+    a.cmp(byte_ptr(rdx), 0)?;
+    a.je(pop_slow)?;
+    a.cmp(dword_ptr(sh.tls_in_tramp).fs(), 0)?; // recursion guard
+    a.jne(pop_slow)?;
+    a.mov(rsi, qword_ptr(sh.tls_shadow).fs())?;
+    a.test(rsi, rsi)?;
+    a.jz(pop_slow)?;
+    a.mov(rcx, qword_ptr(rsi + sh.len as i32))?; // depth
+    a.cmp(rcx, qword_ptr(rsi + sh.cap as i32))?;
+    a.jae(pop_slow)?;
+    claim_slots(&mut a, r, (r8, rdx), 1, (pop_slow, undo))?;
+    clamp_time(&mut a, r, r8)?;
+    ring_slot(&mut a, r, r8, 0, (rdx, rdi))?; // H6
+    a.mov(qword_ptr(rdx), rax)?;
+    a.mov(edi, dword_ptr(r11 + GS_FUNC))?;
+    a.mov(rax, rcx)?;
+    a.shl(rax, 32)?;
+    a.or(rdi, rax)?; // func | depth << 32
+    a.mov(rax, kind_bits(crate::record::format::KIND_ENTRY))?;
+    a.or(rax, rdi)?;
+    a.mov(qword_ptr(rdx + 8), rax)?;
+    a.add(qword_ptr(r8 + r.head as i32), 1)?; // H7 (x86 stores are release)
+    a.mov(dword_ptr(r8 + r.busy as i32), 0)?; // H8
+                                              // The shadow entry, then the length: a signal handler tracing calls in
+                                              // between pushes above it and pops back.
+    a.imul_3(rdx, rcx, sh.entry_size as i32)?;
+    a.add(rdx, rsi)?;
+    let e = |off: usize| qword_ptr(rdx + (sh.entries + off) as i32);
+    a.lea(rax, qword_ptr(rsp + slot))?;
+    a.mov(e(sh.e_slot), rax)?;
+    a.mov(rax, qword_ptr(rax))?;
+    a.mov(e(sh.e_orig), rax)?;
+    a.mov(e(sh.e_func_depth), rdi)?;
+    a.mov(rax, 1u64 << op)?;
+    a.mov(e(sh.e_mask), rax)?;
+    a.mov(e(sh.e_time), 0)?;
+    a.mov(eax, dword_ptr(r11 + GS_INDEX))?;
+    a.mov(dword_ptr(rdx + (sh.entries + sh.e_site) as i32), eax)?;
+    a.inc(rcx)?;
+    a.mov(qword_ptr(rsi + sh.len as i32), rcx)?;
+    a.mov(r11, qword_ptr(r11 + GS_RESUME))?;
+    for reg in SAVED.iter().rev() {
+        a.pop(*reg)?;
+    }
+    a.lea(rsp, qword_ptr(rsp + 8))?; // the return address is in the shadow entry
+    a.jmp(thunk as u64)?;
+    a.set_label(&mut undo)?;
+    a.mov(dword_ptr(r8 + r.busy as i32), 0)?;
+    a.set_label(&mut pop_slow)?;
+    for reg in SAVED.iter().rev() {
+        a.pop(*reg)?;
+    }
+    a.push(qword_ptr(r11 + GS_RESUME))?; // as the site's call would have
+    a.push(qword_ptr(r11 + GS_INDEX))?; // as a stub's push: the index (func above it)
+    a.jmp(slow as u64)?;
+    a.assemble(at as u64)
+}
+
+/// Offset of the return trampoline in [`return_block`]: after the thunk.
+pub const RETURN_OFFSET: usize = 3;
+
+/// The tracer's never-freed return block placed at `at`: the thunk `call
+/// r11` that graph trampolines jump to, then, at [`RETURN_OFFSET`] (the
+/// thunk's return address), the return trampoline (see
+/// [`return_trampoline`]).
+pub fn return_block(at: usize, handler: usize, avx: bool, fast: Option<&GraphLayout>) -> Result<Vec<u8>, IcedError> {
+    let mut code = vec![0x41, 0xff, 0xd3]; // call r11
+    debug_assert_eq!(code.len(), RETURN_OFFSET);
+    code.extend(return_trampoline(at + RETURN_OFFSET, handler, avx, fast)?);
+    Ok(code)
+}
+
 /// The return trampoline placed at `at`, calling
 /// `handler(saved: *mut SavedReturn, caller_sp: usize) -> usize` which
 /// returns the original return address.
-pub fn return_trampoline(at: usize, handler: usize, avx: bool) -> Result<Vec<u8>, IcedError> {
+///
+/// With `fast` it first tries what `graph_trampoline` does for entries:
+/// when the shadow stack's top entry is this frame's (its slot is right
+/// below the stack pointer) and its mask is the graph-recording op's
+/// (`hot::FAST_EXIT`), it records the exit and the return value (H1-H8,
+/// two slots), pops the entry and returns to the original return address,
+/// touching only rax/rdx (restored) and registers no caller keeps across a
+/// call. Any other case goes to the handler.
+pub fn return_trampoline(
+    at: usize,
+    handler: usize,
+    avx: bool,
+    fast: Option<&GraphLayout>,
+) -> Result<Vec<u8>, IcedError> {
     let mut a = CodeAssembler::new(64)?;
+    if let Some(l) = fast {
+        fast_return(&mut a, l)?;
+    }
     a.push(0)?; // placeholder for the original return address
     a.push(rbp)?;
     a.mov(rbp, rsp)?;
@@ -235,6 +486,73 @@ pub fn return_trampoline(at: usize, handler: usize, avx: bool) -> Result<Vec<u8>
     a.assemble(at as u64)
 }
 
+/// The fast path of the return trampoline; falls through to the slow one
+/// with the stack and registers as they came.
+fn fast_return(a: &mut CodeAssembler, l: &GraphLayout) -> Result<(), IcedError> {
+    let (r, sh) = (&l.rec, &l.sh);
+    let mut undo = a.create_label();
+    let mut slow = a.create_label();
+    // The results, below the caller's stack pointer (nothing of the caller
+    // lives there after a return): [rsp] rdx, [rsp+8] rax, which also
+    // covers the dead return slot at caller_sp - 8.
+    a.push(rax)?;
+    a.push(rdx)?;
+    read_clock(a)?;
+    a.mov(rdx, r.use_tsc as u64)?;
+    a.cmp(byte_ptr(rdx), 0)?;
+    a.je(slow)?;
+    a.cmp(dword_ptr(sh.tls_in_tramp).fs(), 0)?;
+    a.jne(slow)?;
+    a.mov(rsi, qword_ptr(sh.tls_shadow).fs())?;
+    a.test(rsi, rsi)?;
+    a.jz(slow)?;
+    a.mov(rcx, qword_ptr(rsi + sh.len as i32))?;
+    a.test(rcx, rcx)?;
+    a.jz(slow)?;
+    a.dec(rcx)?; // the top entry's index, and the length after the pop
+    a.imul_3(rdi, rcx, sh.entry_size as i32)?;
+    a.add(rdi, rsi)?;
+    let e = |off: usize| qword_ptr(rdi + (sh.entries + off) as i32);
+    a.lea(r8, qword_ptr(rsp + 8))?; // caller_sp - 8: this frame's return slot
+    a.cmp(e(sh.e_slot), r8)?; // else frames were skipped, or restored for an unwinder
+    a.jne(slow)?;
+    a.mov(r8, sh.fast_exit as u64)?;
+    a.mov(r8, qword_ptr(r8))?;
+    a.cmp(e(sh.e_mask), r8)?;
+    a.jne(slow)?;
+    claim_slots(a, r, (r11, rdx), 2, (slow, undo))?;
+    // Nothing fails from here. Read the entry, then pop it: a signal
+    // handler tracing calls from now on pushes over it.
+    a.mov(rdx, e(sh.e_func_depth))?;
+    a.mov(rdi, e(sh.e_orig))?;
+    a.mov(qword_ptr(rsi + sh.len as i32), rcx)?;
+    clamp_time(a, r, r11)?;
+    ring_slot(a, r, r11, 0, (rsi, r8))?; // H6: the exit record
+    a.mov(qword_ptr(rsi), rax)?;
+    a.mov(rax, kind_bits(crate::record::format::KIND_EXIT))?;
+    a.or(rax, rdx)?;
+    a.mov(qword_ptr(rsi + 8), rax)?;
+    ring_slot(a, r, r11, 1, (rsi, r8))?; // and the value record
+    a.mov(rax, qword_ptr(rsp + 8))?;
+    a.mov(qword_ptr(rsi), rax)?;
+    a.mov(rax, kind_bits(crate::record::format::KIND_VALUE))?;
+    a.or(rax, rdx)?;
+    a.mov(qword_ptr(rsi + 8), rax)?;
+    a.add(qword_ptr(r11 + r.head as i32), 2)?; // H7
+    a.mov(dword_ptr(r11 + r.busy as i32), 0)?; // H8
+    a.pop(rdx)?;
+    a.pop(rax)?;
+    // `ret`, not `jmp`: after a graph trampoline's thunk, the caller's own
+    // call is the newest one the CPU has not seen return.
+    a.push(rdi)?;
+    a.ret()?;
+    a.set_label(&mut undo)?;
+    a.mov(dword_ptr(r11 + r.busy as i32), 0)?;
+    a.set_label(&mut slow)?;
+    a.pop(rdx)?;
+    a.pop(rax)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -255,7 +573,7 @@ mod tests {
             let f = entry_trampoline(0x10000, 0x20000, 42, avx, Live::FunctionEntry).unwrap();
             assert!(f.len() < e.len());
             assert!(e.len() > 100 && e.len() < 1024);
-            let r = return_trampoline(0x10000, 0x20000, avx).unwrap();
+            let r = return_trampoline(0x10000, 0x20000, avx, None).unwrap();
             assert!(r.len() < 256);
         }
     }

@@ -290,3 +290,24 @@ pub fn for_each_outer_pc(
         scanned += n;
     }
 }
+
+/// The thread pointer: on x86-64 Linux `fs:0` holds the TCB's own address.
+pub fn thread_pointer() -> usize {
+    let tp: usize;
+    // SAFETY: reading `fs:0` (the TCB's self pointer) has no side effect.
+    unsafe { core::arch::asm!("mov {}, fs:[0]", out(reg) tp, options(nostack, readonly, preserves_flags)) };
+    tp
+}
+
+/// The offset from the thread pointer of a thread-local whose address in
+/// the calling thread `addr` returns, if it is the same in every thread
+/// (the variable lives in the static TLS block: the program itself or a
+/// library loaded at start, such as the preloaded agent; a library loaded
+/// later may get dynamic TLS) and fits an `fs:disp32` operand. Checked in a
+/// second thread.
+pub fn static_tls_offset(addr: fn() -> usize) -> Option<i32> {
+    let offset = move || addr() as isize - thread_pointer() as isize;
+    let here = offset();
+    let there = std::thread::spawn(offset).join().ok()?;
+    (here == there).then(|| i32::try_from(here).ok()).flatten()
+}

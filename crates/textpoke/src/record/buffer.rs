@@ -28,6 +28,9 @@ pub(crate) static CFG_RING: AtomicU64 = AtomicU64::new(0);
 pub(crate) static CFG_FUNCS: AtomicU64 = AtomicU64::new(0);
 /// Whether a producer crossing half-full wakes the writer.
 pub(crate) static CFG_WAKE_HALF: AtomicBool = AtomicBool::new(true);
+/// Whether rings are faulted in when they are mapped (see
+/// `RecorderConfig::prefault_buffers`).
+pub(crate) static CFG_PREFAULT: AtomicBool = AtomicBool::new(true);
 
 /// Threads inside buffer creation (C2); the stop protocol waits for 0.
 pub(crate) static CREATING: AtomicU32 = AtomicU32::new(0);
@@ -132,53 +135,56 @@ thread_local! {
     static TLS: Tls = const { Tls { buf: Cell::new(ptr::null_mut()), state: Cell::new(ST_NORMAL) } };
 }
 
-/// Where count-mode state lives, for code that counts in a few
-/// instructions (the tracer's count trampoline): it must do exactly what
-/// [`try_count`] does (K1-K4) and fall back to [`count`] otherwise.
+/// Where the hot-path state lives, for code generated at run time that
+/// records or counts in a few instructions (the tracer's count and graph
+/// trampolines). Such code must do exactly what [`try_count`] (K1-K4) or
+/// [`try_push`] (H0-H8) do, and fall back to [`count`] or [`record`] in
+/// every other case.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct CountLayout {
+pub struct BufferLayout {
     /// Offset of this thread's buffer pointer from the thread pointer
     /// (`fs:0`): the same in every thread.
-    pub tls_buf: isize,
+    pub tls_buf: i32,
     /// Address of the session word every buffer's `session` must equal.
     pub active: usize,
-    /// Offsets in a buffer of `busy` (u32), `session` (u64), `counters`
-    /// (pointer to u64s) and `ncounters` (u64).
+    /// Address of the byte that is non-zero when the clock is the TSC read
+    /// as `lfence; rdtsc` (see `clock`); otherwise records take the slow path.
+    pub use_tsc: usize,
+    /// Offsets in a buffer: `busy` (u32), `session`, `head`, `cached_tail`,
+    /// `last_ts`, `ring` (pointer to 16-byte records), `cap` (u64s),
+    /// `counters` (pointer to u64s), `ncounters` (u64).
     pub busy: usize,
     pub session: usize,
+    pub head: usize,
+    pub cached_tail: usize,
+    pub last_ts: usize,
+    pub ring: usize,
+    pub cap: usize,
     pub counters: usize,
     pub ncounters: usize,
 }
 
-fn thread_pointer() -> usize {
-    let tp: usize;
-    // SAFETY: on x86-64 Linux `fs:0` holds the thread pointer itself (the
-    // TCB's self pointer); reading it has no side effect.
-    unsafe { core::arch::asm!("mov {}, fs:[0]", out(reg) tp, options(nostack, readonly, preserves_flags)) };
-    tp
-}
-
-fn tls_buf_offset() -> isize {
-    TLS.with(|t| t.buf.as_ptr() as isize) - thread_pointer() as isize
-}
-
-/// The count layout, if this module's thread-local lives in the static TLS
-/// block (the program itself, or a library loaded at start such as the
-/// preloaded agent): then its offset from the thread pointer is the same in
-/// every thread, which is checked in a second thread. `None` otherwise
-/// (a library loaded later may get dynamic TLS).
-pub fn count_layout() -> Option<CountLayout> {
-    static LAYOUT: std::sync::OnceLock<Option<CountLayout>> = std::sync::OnceLock::new();
+/// The buffer layout, if this module's thread-local lives in the static
+/// TLS block (see `arch::static_tls_offset`); `None` otherwise.
+pub fn buffer_layout() -> Option<BufferLayout> {
+    static LAYOUT: std::sync::OnceLock<Option<BufferLayout>> = std::sync::OnceLock::new();
     *LAYOUT.get_or_init(|| {
-        let here = tls_buf_offset();
-        let there = std::thread::spawn(tls_buf_offset).join().ok()?;
-        (here == there && i32::try_from(here).is_ok()).then(|| CountLayout {
-            tls_buf: here,
+        let tls_buf = crate::arch::static_tls_offset(|| TLS.with(|t| t.buf.as_ptr() as usize))?;
+        let p = std::mem::offset_of!(ThreadBuf, p);
+        let c = std::mem::offset_of!(ThreadBuf, c);
+        Some(BufferLayout {
+            tls_buf,
             active: &ACTIVE as *const AtomicU64 as usize,
-            busy: std::mem::offset_of!(ThreadBuf, p) + std::mem::offset_of!(Producer, busy),
-            session: std::mem::offset_of!(ThreadBuf, p) + std::mem::offset_of!(Producer, session),
-            counters: std::mem::offset_of!(ThreadBuf, c) + std::mem::offset_of!(Counters, counters),
-            ncounters: std::mem::offset_of!(ThreadBuf, c) + std::mem::offset_of!(Counters, ncounters),
+            use_tsc: super::clock::use_tsc_flag() as *const AtomicBool as usize,
+            busy: p + std::mem::offset_of!(Producer, busy),
+            session: p + std::mem::offset_of!(Producer, session),
+            head: p + std::mem::offset_of!(Producer, head),
+            cached_tail: p + std::mem::offset_of!(Producer, cached_tail),
+            last_ts: p + std::mem::offset_of!(Producer, last_ts),
+            ring: p + std::mem::offset_of!(Producer, ring),
+            cap: p + std::mem::offset_of!(Producer, cap),
+            counters: c + std::mem::offset_of!(Counters, counters),
+            ncounters: c + std::mem::offset_of!(Counters, ncounters),
         })
     })
 }
@@ -589,7 +595,10 @@ unsafe fn reinit(b: *mut ThreadBuf, active: u64) -> bool {
             unsafe { super::os::unmap(old as *mut u8, cap as usize * rec) };
         }
         if want_cap != 0 {
-            let Some(m) = super::os::map(want_cap as usize * rec) else {
+            let len = want_cap as usize * rec;
+            let m =
+                if CFG_PREFAULT.load(Ordering::Relaxed) { super::os::map_populated(len) } else { super::os::map(len) };
+            let Some(m) = m else {
                 return false;
             };
             b.p.ring.store(m as *mut RawRecord, Ordering::Relaxed);

@@ -61,6 +61,12 @@ use std::time::Duration;
 /// of the session word), read relaxed on the hot path.
 static USE_TSC: AtomicBool = AtomicBool::new(false);
 
+/// [`USE_TSC`] itself, for generated code that reads the clock inline
+/// (`record::BufferLayout::use_tsc`).
+pub(crate) fn use_tsc_flag() -> &'static AtomicBool {
+    &USE_TSC
+}
+
 /// The recorder's clock.
 pub struct Clock;
 

@@ -10,13 +10,23 @@ use std::time::Duration;
 /// Maps `len` bytes of zeroed, private, anonymous memory (pages are
 /// touched lazily; no swap reservation). `None` on failure.
 pub(crate) fn map(len: usize) -> Option<*mut u8> {
+    map_with(len, 0)
+}
+
+/// As [`map`], with every page faulted in now (`MAP_POPULATE`): code that
+/// writes the memory later never takes a page fault.
+pub(crate) fn map_populated(len: usize) -> Option<*mut u8> {
+    map_with(len, libc::MAP_POPULATE)
+}
+
+fn map_with(len: usize, flags: libc::c_int) -> Option<*mut u8> {
     // SAFETY: anonymous mapping at an address of the kernel's choosing.
     let p = unsafe {
         libc::mmap(
             std::ptr::null_mut(),
             len.max(1),
             libc::PROT_READ | libc::PROT_WRITE,
-            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE | flags,
             -1,
             0,
         )

@@ -227,11 +227,8 @@ pub(crate) fn start(config: RecorderConfig) -> Result<(), RecordError> {
     let mode_bits = if config.mode == Mode::Record { MODE_RECORD } else { MODE_COUNT };
     let id = st.epoch << 2 | mode_bits;
     let session = new_session(id, config.dir.clone(), None, config, calibration, true);
-    let ring = session.ring;
-    let funcs = session.config.max_functions as u64;
-    let wake = session.config.wake_writer_at_half;
+    publish(id, session.ring, &session.config);
     st.session = Some(session);
-    publish(id, ring, funcs, wake);
     let handle = spawn_writer(id).map_err(RecordError::Spawn);
     match handle {
         Ok(h) => {
@@ -288,10 +285,11 @@ fn new_session(
 
 /// Publishes a session to the hot path: configuration words first, then
 /// ACTIVE with release (pairs with the acquire load in C3).
-fn publish(id: u64, ring: u64, funcs: u64, wake: bool) {
+fn publish(id: u64, ring: u64, config: &RecorderConfig) {
     buffer::CFG_RING.store(ring, Ordering::Relaxed);
-    buffer::CFG_FUNCS.store(funcs, Ordering::Relaxed);
-    buffer::CFG_WAKE_HALF.store(wake, Ordering::Relaxed);
+    buffer::CFG_FUNCS.store(config.max_functions as u64, Ordering::Relaxed);
+    buffer::CFG_WAKE_HALF.store(config.wake_writer_at_half, Ordering::Relaxed);
+    buffer::CFG_PREFAULT.store(config.prefault_buffers, Ordering::Relaxed);
     ACTIVE.store(id, Ordering::Release);
 }
 
@@ -861,7 +859,7 @@ extern "C" fn fork_child() {
             config.process_name = None;
             let calibration = s.calibration;
             let child = new_session(id, dir, Some(ppid), config, calibration, false);
-            publish(id, child.ring, child.config.max_functions as u64, child.config.wake_writer_at_half);
+            publish(id, child.ring, &child.config);
             st.session = Some(child);
             spawn = Some(id);
         } else {

@@ -51,6 +51,14 @@ pub trait TraceOp: Send + Sync + 'static {
     fn wants_time(&self) -> bool {
         false
     }
+    /// Whether `entry` does exactly `record::entry(FuncId(e.func), e.depth)`,
+    /// `exit` exactly `record::exit_value(FuncId(x.func), x.depth,
+    /// x.retval)`, and the op wants exits but not time: then function-entry
+    /// sites traced by this op alone get the graph trampoline, which records
+    /// both in a few instructions without calling it.
+    fn records_graph(&self) -> bool {
+        false
+    }
     /// Whether `entry` does exactly `record::count(FuncId(e.func))` and
     /// nothing else: then a site traced by this op alone gets the count
     /// trampoline, which counts in a few instructions without calling it.
@@ -165,6 +173,7 @@ fn for_each_op(mut mask: u64, mut f: impl FnMut(u64, &OpBox)) {
 // ---------------------------------------------------------------- sites
 
 /// The hot-path view of a site.
+#[repr(C)]
 pub(crate) struct SiteSlot {
     pub mask: AtomicU64,
     /// The recorder's id of the site's function.
@@ -219,12 +228,30 @@ struct ShadowEntry {
     /// Address of the replaced return address (0 for body sites).
     slot: usize,
     orig: usize,
-    site: u32,
-    depth: u32,
+    /// The function's recorder id | its depth << 32: a record's second
+    /// word but for the kind (see [`ShadowEntry::func_depth`]). One field,
+    /// written and read whole: two u32 stores read back as one u64 load
+    /// defeat store forwarding, which measured 2x slower on the graph path.
+    func_depth: u64,
     mask: u64,
     time: u64,
-    /// The function's recorder id.
-    func: u32,
+    site: u32,
+}
+
+// The graph trampolines store a shadow stack's length as a record's depth
+// (a u16) without saturating it.
+const _: () = assert!(SHADOW_BYTES / std::mem::size_of::<ShadowEntry>() <= u16::MAX as usize);
+
+impl ShadowEntry {
+    fn func_depth(func: u32, depth: u32) -> u64 {
+        func as u64 | (depth as u64) << 32
+    }
+    fn func(&self) -> u32 {
+        self.func_depth as u32
+    }
+    fn depth(&self) -> u32 {
+        (self.func_depth >> 32) as u32
+    }
 }
 
 /// A thread's shadow stack, in its own anonymous mapping (mmap is
@@ -238,15 +265,90 @@ struct Shadow {
 
 const SHADOW_BYTES: usize = 256 << 10;
 
+#[repr(C)]
 struct ThreadState {
     /// Non-zero while this thread runs tracer code (callbacks, handlers):
     /// the recursion guard, and what a grace period waits on.
     in_tramp: Cell<u32>,
     shadow: Cell<*mut Shadow>,
+    /// Entries and returns this thread took through the hot path's
+    /// handlers (not inline in a graph or count trampoline).
+    slow_calls: Cell<u64>,
 }
 
 thread_local! {
-    static STATE: ThreadState = const { ThreadState { in_tramp: Cell::new(0), shadow: Cell::new(std::ptr::null_mut()) } };
+    static STATE: ThreadState = const {
+        ThreadState { in_tramp: Cell::new(0), shadow: Cell::new(std::ptr::null_mut()), slow_calls: Cell::new(0) }
+    };
+}
+
+/// The op bit whose exits the return trampoline may record itself: the
+/// one registered op that [`TraceOp::records_graph`], 0 when there is none
+/// or more than one. A shadow entry whose mask equals it gets exactly
+/// `record::exit_value` on return, which is what [`call_exits`] would do.
+pub(crate) static FAST_EXIT: AtomicU64 = AtomicU64::new(0);
+
+/// Where the per-thread state, the shadow stack and the site table are,
+/// for the graph trampolines (see `arch::tramp::graph_trampoline`), which
+/// push and pop shadow entries exactly as [`function_entry`] and
+/// [`on_return`] do when the site's only op records the function graph.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ShadowLayout {
+    /// Offsets from the thread pointer of this thread's `in_tramp` (u32)
+    /// and shadow stack pointer: the same in every thread.
+    pub tls_in_tramp: i32,
+    pub tls_shadow: i32,
+    /// Offsets in a shadow stack of `len`, `cap` (u64s) and the entries.
+    pub len: usize,
+    pub cap: usize,
+    pub entries: usize,
+    /// Size of an entry and offsets of its fields: `slot`, `orig` (u64),
+    /// `func_depth` (a u64: the function's recorder id, its depth << 32),
+    /// `mask`, `time` (u64), `site` (u32).
+    pub entry_size: usize,
+    pub e_slot: usize,
+    pub e_orig: usize,
+    pub e_func_depth: usize,
+    pub e_mask: usize,
+    pub e_time: usize,
+    pub e_site: usize,
+    /// Address of the site table's segment pointers, the bits of an index
+    /// that select the slot in a segment, a slot's size and the offset of
+    /// its `func` (u32).
+    pub sites: usize,
+    pub seg_bits: u32,
+    pub slot_size: usize,
+    pub slot_func: usize,
+    /// Address of [`FAST_EXIT`].
+    pub fast_exit: usize,
+}
+
+/// The shadow layout, if the tracer's thread-local lives in the static TLS
+/// block (as `record::buffer_layout` requires of the recorder's).
+pub fn shadow_layout() -> Option<ShadowLayout> {
+    use std::mem::{offset_of, size_of};
+    static LAYOUT: std::sync::OnceLock<Option<ShadowLayout>> = std::sync::OnceLock::new();
+    *LAYOUT.get_or_init(|| {
+        Some(ShadowLayout {
+            tls_in_tramp: crate::arch::static_tls_offset(|| STATE.with(|s| s.in_tramp.as_ptr() as usize))?,
+            tls_shadow: crate::arch::static_tls_offset(|| STATE.with(|s| s.shadow.as_ptr() as usize))?,
+            len: offset_of!(Shadow, len),
+            cap: offset_of!(Shadow, cap),
+            entries: offset_of!(Shadow, entries),
+            entry_size: size_of::<ShadowEntry>(),
+            e_slot: offset_of!(ShadowEntry, slot),
+            e_orig: offset_of!(ShadowEntry, orig),
+            e_func_depth: offset_of!(ShadowEntry, func_depth),
+            e_mask: offset_of!(ShadowEntry, mask),
+            e_time: offset_of!(ShadowEntry, time),
+            e_site: offset_of!(ShadowEntry, site),
+            sites: SITES.as_ptr() as usize,
+            seg_bits: SEG_BITS,
+            slot_size: size_of::<SiteSlot>(),
+            slot_func: offset_of!(SiteSlot, func),
+            fast_exit: &FAST_EXIT as *const AtomicU64 as usize,
+        })
+    })
 }
 
 /// Counters of things the hot path had to give up on.
@@ -324,6 +426,7 @@ pub(crate) extern "C" fn on_count_slow(_regs: *mut SavedRegs, frame: *mut usize,
     // SAFETY: the count trampoline jumped here with the id where a site
     // index would be.
     let func = unsafe { *frame.add(1) } as u32;
+    STATE.with(|st| st.slow_calls.set(st.slow_calls.get().wrapping_add(1)));
     crate::record::count(crate::record::FuncId(func));
 }
 
@@ -335,9 +438,18 @@ pub(crate) extern "C" fn on_entry_direct(regs: *mut SavedRegs, frame: *mut usize
     enter(regs, frame, site, slot, 1 << op);
 }
 
+/// How many entries and returns the calling thread took through the hot
+/// path's handlers rather than inline (tests check that graph trampolines
+/// do their work inline).
+#[doc(hidden)]
+pub fn slow_calls_of_this_thread() -> u64 {
+    STATE.with(|s| s.slow_calls.get())
+}
+
 #[inline(always)]
 fn enter(regs: *mut SavedRegs, frame: *mut usize, site: u32, slot: &SiteSlot, mask: u64) {
     STATE.with(|st| {
+        st.slow_calls.set(st.slow_calls.get().wrapping_add(1));
         if st.in_tramp.get() != 0 {
             return; // recursion: a callback (or a signal inside one) called a traced function
         }
@@ -404,7 +516,8 @@ fn function_entry(
     // site to find.
     let orig = if slot_addr != 0 { unsafe { *(slot_addr as *const usize) } } else { identity };
     let i = sh.len;
-    entries(sh)[i] = ShadowEntry { slot: slot_addr, orig, site, depth, mask: exit_mask, time, func };
+    let func_depth = ShadowEntry::func_depth(func, depth);
+    entries(sh)[i] = ShadowEntry { slot: slot_addr, orig, func_depth, mask: exit_mask, time, site };
     sh.len += 1;
     if slot_addr != 0 {
         // SAFETY: replacing the return address of the function being entered.
@@ -430,12 +543,12 @@ fn body_exit(st: &ThreadState, site: u32, slot: &SiteSlot, regs: &SavedRegs) {
     // The newest body record of this function; body records have slot 0.
     let Some(i) = (0..len).rev().take(64).find(|&i| es[i].slot == 0 && es[i].orig == identity) else { return };
     let e = es[i];
-    LOST_EXITS.fetch_add((len - i - 1) as u64, Ordering::Relaxed);
+    count_lost(len - i - 1);
     sh.len = i;
     let x = Exit {
         site,
         func: slot.func.load(Ordering::Relaxed),
-        depth: e.depth,
+        depth: e.depth(),
         entry_time: e.time,
         exit_time: if e.time != 0 { now() } else { 0 },
         retval: regs.rax,
@@ -444,10 +557,19 @@ fn body_exit(st: &ThreadState, site: u32, slot: &SiteSlot, regs: &SavedRegs) {
     call_exits(e.mask, &x);
 }
 
+/// Counts exits of skipped frames; no locked instruction in the common case.
+#[inline(always)]
+fn count_lost(n: usize) {
+    if n != 0 {
+        LOST_EXITS.fetch_add(n as u64, Ordering::Relaxed);
+    }
+}
+
 /// Called by the return trampoline; returns the original return address.
 pub(crate) extern "C" fn on_return(saved: *mut SavedReturn, caller_sp: usize) -> usize {
     let slot = caller_sp - 8;
     STATE.with(|st| {
+        st.slow_calls.set(st.slow_calls.get().wrapping_add(1));
         let guard = st.in_tramp.get();
         st.in_tramp.set(guard + 1);
         let sh = st.shadow.get();
@@ -459,15 +581,15 @@ pub(crate) extern "C" fn on_return(saved: *mut SavedReturn, caller_sp: usize) ->
             lost_return_address(slot);
         };
         let e = es[i];
-        LOST_EXITS.fetch_add((len - i - 1) as u64, Ordering::Relaxed);
+        count_lost(len - i - 1);
         sh.len = i;
         if guard == 0 {
             // SAFETY: the trampoline passes its save area.
             let r = unsafe { &*saved };
             let x = Exit {
                 site: e.site,
-                func: e.func,
-                depth: e.depth,
+                func: e.func(),
+                depth: e.depth(),
                 entry_time: e.time,
                 exit_time: if e.time != 0 { now() } else { 0 },
                 retval: r.rax,

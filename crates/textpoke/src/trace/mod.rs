@@ -54,7 +54,7 @@ pub use filter::{Filter, FilterError};
 pub fn wait_for_grace(ranges: &[(usize, usize)], patience: Duration) -> Result<bool, TraceError> {
     Ok(grace::wait(ranges, patience)?)
 }
-pub use hot::{now, Entry, Exit, SitePlace, TraceOp, MAX_OPS};
+pub use hot::{now, shadow_layout, slow_calls_of_this_thread, Entry, Exit, ShadowLayout, SitePlace, TraceOp, MAX_OPS};
 
 use crate::arch::{self, tramp, NOP5};
 use crate::error::PokeError;
@@ -107,6 +107,23 @@ pub struct FunctionInfo {
     pub place: SitePlace,
     /// Bit mask of the ops tracing it now.
     pub ops: u64,
+    /// How its ops are called now.
+    pub trampoline: TrampolineKind,
+}
+
+/// How a site's ops are called.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TrampolineKind {
+    /// Not traced: the site is a NOP.
+    None,
+    /// One op, called through the hot path.
+    Direct,
+    /// Several ops, called through the hot path.
+    List,
+    /// A count-only op alone, counted inline.
+    Count,
+    /// A graph-recording op alone at a function entry, recorded inline.
+    Graph,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -116,6 +133,9 @@ enum Target {
     List,
     /// A count-only op alone: the count trampoline, no callback.
     Count(usize),
+    /// A graph-recording op alone at a function entry: the graph
+    /// trampoline, which records entry and exit without a callback.
+    Graph(usize),
 }
 
 struct SiteInfo {
@@ -141,12 +161,16 @@ struct TrampBlock {
     direct: [[Option<usize>; MAX_OPS]; 2],
     /// The count trampoline and its slow path.
     count: Option<usize>,
+    /// Graph trampolines, per op (their slow paths are `direct[0][op]`).
+    graph: [Option<usize>; MAX_OPS],
     live_stubs: usize,
     free_stubs: Vec<usize>,
 }
 
 const BLOCK_BYTES: usize = 64 << 10;
-const STUB_SLOT: usize = 16;
+/// Room for one stub of either kind.
+const STUB_SLOT: usize = 32;
+const _: () = assert!(tramp::STUB_LEN <= STUB_SLOT && tramp::GRAPH_STUB_LEN <= STUB_SLOT);
 
 struct OpInfo {
     filter: Filter,
@@ -191,6 +215,12 @@ struct Inner {
     avx: bool,
     /// Unwinder hooks, installed once an op wants exits.
     unwind: Option<unwind::UnwindHooks>,
+    /// The layouts the graph trampolines use, once the return trampoline
+    /// was made with its fast path (both thread-locals in static TLS).
+    graph_layout: Option<tramp::GraphLayout>,
+    /// Whether count and graph trampolines may be used (a test and
+    /// benchmark switch: off, every site calls its op through the hot path).
+    inline_recording: bool,
 }
 
 /// The process's tracer.
@@ -227,6 +257,8 @@ impl Tracer {
                 retired: Vec::new(),
                 grace_enabled: true,
                 avx: tramp::has_avx(),
+                graph_layout: None,
+                inline_recording: true,
                 unwind: None,
             };
             inner.refresh();
@@ -344,8 +376,10 @@ impl Tracer {
             hot::TIME_OPS.fetch_or(1 << id, Ordering::Release);
         }
         g.ops[id] = Some(OpInfo { filter, boxed });
+        g.update_fast_exit();
         if let Err(e) = g.apply(Vec::new()) {
             g.ops[id] = None;
+            g.update_fast_exit();
             OPS[id].store(std::ptr::null_mut(), Ordering::Release);
             hot::EXIT_OPS.fetch_and(!(1 << id), Ordering::Release);
             hot::TIME_OPS.fetch_and(!(1 << id), Ordering::Release);
@@ -379,6 +413,7 @@ impl Tracer {
         OPS[h.0].store(std::ptr::null_mut(), Ordering::Release); // no new callbacks
         hot::EXIT_OPS.fetch_and(!(1 << h.0), Ordering::Release);
         hot::TIME_OPS.fetch_and(!(1 << h.0), Ordering::Release);
+        g.update_fast_exit();
         let retire = vec![Retired { ranges: Vec::new(), what: RetiredKind::Op { id: h.0, boxed: info.boxed } }];
         g.ids_pending |= 1 << h.0;
         let r = g.apply(retire);
@@ -407,23 +442,83 @@ impl Tracer {
         self.inner.lock().unwrap_or_else(|e| e.into_inner()).grace_enabled = enabled;
     }
 
+    /// Test and benchmark switch: whether ops that count or record the
+    /// function graph get the inline count and graph trampolines (default)
+    /// or are called through the hot path like any op. Takes effect for
+    /// ops registered afterwards.
+    #[doc(hidden)]
+    pub fn set_inline_recording(&self, enabled: bool) {
+        let mut g = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        g.inline_recording = enabled;
+        g.update_fast_exit();
+    }
+
     /// Exits lost (frames skipped by longjmp or unwinding, or restored).
     pub fn lost_exits(&self) -> u64 {
         hot::LOST_EXITS.load(Ordering::Relaxed)
     }
 }
 
+/// What a traced site becomes: a call to its stub, or for a graph
+/// trampoline a jump (its stub and trampoline call the function instead,
+/// see `tramp::graph_trampoline`).
+fn site_branch(site: usize, target: Target, stub: usize) -> [u8; 5] {
+    let b = match target {
+        Target::Graph(_) => arch::encode_jmp(site, stub),
+        _ => arch::encode_call(site, stub),
+    };
+    b.expect("stub in reach")
+}
+
 impl Inner {
     fn info(&self, i: usize) -> FunctionInfo {
         let s = &self.sites[i];
-        FunctionInfo { site: i as u32, function: s.function.clone(), addr: s.addr, place: s.place, ops: s.mask }
+        let trampoline = match s.target {
+            Target::Off => TrampolineKind::None,
+            Target::Direct(_) => TrampolineKind::Direct,
+            Target::List => TrampolineKind::List,
+            Target::Count(_) => TrampolineKind::Count,
+            Target::Graph(_) => TrampolineKind::Graph,
+        };
+        FunctionInfo {
+            site: i as u32,
+            function: s.function.clone(),
+            addr: s.addr,
+            place: s.place,
+            ops: s.mask,
+            trampoline,
+        }
     }
 
     /// Whether op `op` may use the count trampoline.
     fn counts_only(&self, op: usize) -> bool {
         // SAFETY: `boxed` stays valid while the op is registered.
-        self.ops[op].as_ref().is_some_and(|o| unsafe { (*o.boxed).op.counts_only() })
-            && crate::record::count_layout().is_some()
+        self.inline_recording
+            && self.ops[op].as_ref().is_some_and(|o| unsafe { (*o.boxed).op.counts_only() })
+            && crate::record::buffer_layout().is_some()
+    }
+
+    /// Whether op `op` may use graph trampolines (its exits are then
+    /// recorded by the return trampoline's fast path).
+    fn records_graph(&self, op: usize) -> bool {
+        // SAFETY: `boxed` stays valid while the op is registered.
+        self.inline_recording
+            && self.graph_layout.is_some()
+            && self.ops[op].as_ref().is_some_and(|o| unsafe {
+                let op = &(*o.boxed).op;
+                op.records_graph() && op.wants_exit() && !op.wants_time()
+            })
+    }
+
+    /// Publishes [`hot::FAST_EXIT`]: the bit of the one registered op whose
+    /// exits the return trampoline records itself, or 0.
+    fn update_fast_exit(&self) {
+        let mut graph = (0..MAX_OPS).filter(|&id| self.records_graph(id));
+        let bit = match (graph.next(), graph.next()) {
+            (Some(id), None) => 1u64 << id,
+            _ => 0,
+        };
+        hot::FAST_EXIT.store(bit, Ordering::Release);
     }
 
     fn free_id_peek(&self) -> Option<usize> {
@@ -509,15 +604,17 @@ impl Inner {
         let here = Self::ensure_return_trampoline as *const () as usize;
         let block =
             CodeBlock::near(here, here, 4096).map_err(|source| TraceError::TrampolineMemory { near: here, source })?;
-        let code = tramp::return_trampoline(block.addr(), hot::on_return as *const () as usize, self.avx)
+        let layout = tramp::GraphLayout::get();
+        let code = tramp::return_block(block.addr(), hot::on_return as *const () as usize, self.avx, layout.as_ref())
             .map_err(|e| TraceError::CodeGen(e.to_string()))?;
         block.write(0, &code).map_err(|source| TraceError::TrampolineMemory { near: here, source })?;
         // Exceptions must unwind through replaced return addresses.
         let mut hooks = unwind::UnwindHooks::default();
         hooks.install();
         self.unwind = Some(hooks);
-        hot::RETURN_TRAMPOLINE.store(block.addr(), Ordering::Release);
+        hot::RETURN_TRAMPOLINE.store(block.addr() + tramp::RETURN_OFFSET, Ordering::Release);
         self.return_block = Some(block); // never freed: shadow stacks point into it
+        self.graph_layout = layout;
         Ok(())
     }
 
@@ -542,6 +639,7 @@ impl Inner {
             list: [None; 2],
             direct: [[None; MAX_OPS]; 2],
             count: None,
+            graph: [None; MAX_OPS],
             live_stubs: 0,
             free_stubs: Vec::new(),
         });
@@ -559,7 +657,7 @@ impl Inner {
         if let Some(t) = self.blocks[b].count {
             return Ok(Some(t));
         }
-        let layout = crate::record::count_layout().expect("Target::Count only with a layout");
+        let layout = crate::record::buffer_layout().expect("Target::Count only with a layout");
         let (Some(slow), Some(at)) = (self.alloc_in(b, 1024), self.alloc_in(b, 256)) else { return Ok(None) };
         let handler = hot::on_count_slow as *const () as usize;
         let code = tramp::entry_trampoline(slow, handler, 0, self.avx, tramp::Live::Body)
@@ -571,11 +669,30 @@ impl Inner {
         Ok(Some(at))
     }
 
+    /// The graph trampoline of op `op` in block `b` (and its slow path,
+    /// the op's direct trampoline for function entries).
+    fn graph_trampoline_in(&mut self, b: usize, op: usize) -> Result<Option<usize>, TraceError> {
+        if let Some(t) = self.blocks[b].graph[op] {
+            return Ok(Some(t));
+        }
+        let layout = self.graph_layout.expect("Target::Graph only with a layout");
+        let Some(slow) = self.trampoline_in(b, Target::Direct(op), SitePlace::FunctionEntry)? else { return Ok(None) };
+        let Some(at) = self.alloc_in(b, 512) else { return Ok(None) };
+        let thunk = hot::RETURN_TRAMPOLINE.load(Ordering::Relaxed) - tramp::RETURN_OFFSET;
+        let code =
+            tramp::graph_trampoline(at, &layout, op, thunk, slow).map_err(|e| TraceError::CodeGen(e.to_string()))?;
+        self.put_code(b, at, &code)?;
+        self.blocks[b].graph[op] = Some(at);
+        Ok(Some(at))
+    }
+
     /// The trampoline for `target` and sites at `place` in block `b`,
     /// generating it if needed.
     fn trampoline_in(&mut self, b: usize, target: Target, place: SitePlace) -> Result<Option<usize>, TraceError> {
-        if let Target::Count(_) = target {
-            return self.count_trampoline_in(b);
+        match target {
+            Target::Count(_) => return self.count_trampoline_in(b),
+            Target::Graph(op) => return self.graph_trampoline_in(b, op),
+            _ => {}
         }
         let (k, live) = match place {
             SitePlace::FunctionEntry => (0, tramp::Live::FunctionEntry),
@@ -584,7 +701,7 @@ impl Inner {
         let existing = match target {
             Target::List => self.blocks[b].list[k],
             Target::Direct(op) => self.blocks[b].direct[k][op],
-            Target::Off | Target::Count(_) => unreachable!("handled above"),
+            Target::Off | Target::Count(_) | Target::Graph(_) => unreachable!("handled above"),
         };
         if existing.is_some() {
             return Ok(existing);
@@ -593,7 +710,7 @@ impl Inner {
         let (handler, ctx) = match target {
             Target::List => (hot::on_entry_list as *const () as usize, 0),
             Target::Direct(op) => (hot::on_entry_direct as *const () as usize, op),
-            Target::Off | Target::Count(_) => unreachable!(),
+            Target::Off | Target::Count(_) | Target::Graph(_) => unreachable!(),
         };
         let code = tramp::entry_trampoline(at, handler, ctx, self.avx, live)
             .map_err(|e| TraceError::CodeGen(e.to_string()))?;
@@ -605,7 +722,7 @@ impl Inner {
         match target {
             Target::List => self.blocks[b].list[k] = Some(at),
             Target::Direct(op) => self.blocks[b].direct[k][op] = Some(at),
-            Target::Off | Target::Count(_) => {}
+            Target::Off | Target::Count(_) | Target::Graph(_) => {}
         }
         Ok(Some(at))
     }
@@ -629,8 +746,14 @@ impl Inner {
                     None => continue,
                 },
             };
-            let stub =
-                tramp::stub(stub_at, i as u32, tramp_at).ok_or(TraceError::CodeGen("stub out of reach".into()))?;
+            let stub = match target {
+                Target::Graph(_) => {
+                    let func = hot::site_slot(i as u32).expect("site slot").func.load(Ordering::Relaxed);
+                    tramp::graph_stub(stub_at, addr + arch::REL32_LEN, i as u32, func, tramp_at).map(|s| s.to_vec())
+                }
+                _ => tramp::stub(stub_at, i as u32, tramp_at).map(|s| s.to_vec()),
+            };
+            let stub = stub.ok_or(TraceError::CodeGen("stub out of reach".into()))?;
             let code = self.blocks[b].code.as_ref().expect("live block");
             code.write(stub_at - code.addr(), &stub)
                 .map_err(|source| TraceError::TrampolineMemory { near: stub_at, source })?;
@@ -642,7 +765,7 @@ impl Inner {
 
     fn site_bytes(&self, s: &SiteInfo) -> [u8; 5] {
         match s.stub {
-            Some((_, stub)) => arch::encode_call(s.addr, stub).expect("stub in reach"),
+            Some((_, stub)) => site_branch(s.addr, s.target, stub),
             None if s.prepared => NOP5,
             None => [0x90; 5],
         }
@@ -669,6 +792,8 @@ impl Inner {
                     let op = mask.trailing_zeros() as usize;
                     if self.counts_only(op) {
                         Target::Count(op)
+                    } else if self.sites[i].place == SitePlace::FunctionEntry && self.records_graph(op) {
+                        Target::Graph(op)
                     } else {
                         Target::Direct(op)
                     }
@@ -722,7 +847,7 @@ impl Inner {
             }
             let old = self.site_bytes(s);
             let new = match c.stub {
-                Some((_, stub)) => arch::encode_call(s.addr, stub).expect("stub in reach"),
+                Some((_, stub)) => site_branch(s.addr, c.target, stub),
                 None => NOP5,
             };
             batch.push(Poke::new(s.addr, old, new).named(s.function.to_string()));

@@ -41,4 +41,7 @@ impl TraceOp for RecordOp {
     fn counts_only(&self) -> bool {
         self.count_only
     }
+    fn records_graph(&self) -> bool {
+        !self.count_only
+    }
 }
