@@ -392,8 +392,9 @@ pub fn graph_trampoline(
     a.mov(qword_ptr(rdx + 8), rax)?;
     a.add(qword_ptr(r8 + r.head as i32), 1)?; // H7 (x86 stores are release)
     a.mov(dword_ptr(r8 + r.busy as i32), 0)?; // H8
-                                              // The shadow entry, then the length: a signal handler tracing calls in
-                                              // between pushes above it and pops back.
+
+    // The shadow entry, then the length: a signal handler tracing calls in
+    // between pushes above it and pops back.
     a.imul_3(rdx, rcx, sh.entry_size as i32)?;
     a.add(rdx, rsi)?;
     let e = |off: usize| qword_ptr(rdx + (sh.entries + off) as i32);
