@@ -22,6 +22,14 @@
 //! and sites in a body tell the compiler so); the red zone is free (at an
 //! entry nothing lives below `rsp`; body sites are not `nostack`).
 //!
+//! # Count and graph trampolines
+//!
+//! For a site whose only op is the recorder's, the count trampoline
+//! ([`count_trampoline`]) and, at a function entry, the graph trampoline
+//! ([`graph_trampoline`], reached through a [`graph_stub`] the site jumps
+//! to) do the recorder's protocol in generated code and fall back to a
+//! direct trampoline for anything unusual.
+//!
 //! # Return trampoline (function_graph)
 //!
 //! A traced function whose return address was replaced returns here with
@@ -30,7 +38,9 @@
 //! where `caller_sp` is the stack pointer the function returned with (its
 //! return slot + 8), stores the returned original address into the
 //! placeholder, restores, and `ret`s to it: the caller sees the exact stack
-//! pointer and registers it would have seen.
+//! pointer and registers it would have seen. It sits in the never-freed
+//! return block right after the graph trampolines' thunk (`call r11`), whose
+//! return address it is; it first tries the graph op's exit inline.
 
 use iced_x86::code_asm::*;
 
@@ -358,6 +368,7 @@ pub fn graph_trampoline(
     let (r, sh) = (&l.rec, &l.sh);
     let mut a = CodeAssembler::new(64)?;
     let mut undo = a.create_label();
+    let mut leave = a.create_label();
     let mut pop_slow = a.create_label();
     // rdi, rsi, rdx, rcx, r8 (arguments) and rax (vector count of a
     // varargs call) are restored; after the pushes [rsp+48] is the
@@ -368,18 +379,23 @@ pub fn graph_trampoline(
     }
     let slot = 48;
     read_clock(&mut a)?; // H0: rax
+                         // The recursion guard, held until the shadow entry is pushed, as the
+                         // hot path holds it: a signal handler's traced calls meanwhile are not
+                         // traced. (Without it they pushed their entry over the one being
+                         // written here, before its length was stored: found by a signal storm.)
+    a.cmp(dword_ptr(sh.tls_in_tramp).fs(), 0)?;
+    a.jne(pop_slow)?;
+    a.mov(dword_ptr(sh.tls_in_tramp).fs(), 1)?;
     a.mov(rdx, r.use_tsc as u64)?;
     a.cmp(byte_ptr(rdx), 0)?;
-    a.je(pop_slow)?;
-    a.cmp(dword_ptr(sh.tls_in_tramp).fs(), 0)?; // recursion guard
-    a.jne(pop_slow)?;
+    a.je(leave)?;
     a.mov(rsi, qword_ptr(sh.tls_shadow).fs())?;
     a.test(rsi, rsi)?;
-    a.jz(pop_slow)?;
+    a.jz(leave)?;
     a.mov(rcx, qword_ptr(rsi + sh.len as i32))?; // depth
     a.cmp(rcx, qword_ptr(rsi + sh.cap as i32))?;
-    a.jae(pop_slow)?;
-    claim_slots(&mut a, r, (r8, rdx), 1, (pop_slow, undo))?;
+    a.jae(leave)?;
+    claim_slots(&mut a, r, (r8, rdx), 1, (leave, undo))?;
     clamp_time(&mut a, r, r8)?;
     ring_slot(&mut a, r, r8, 0, (rdx, rdi))?; // H6
     a.mov(qword_ptr(rdx), rax)?;
@@ -393,8 +409,7 @@ pub fn graph_trampoline(
     a.add(qword_ptr(r8 + r.head as i32), 1)?; // H7 (x86 stores are release)
     a.mov(dword_ptr(r8 + r.busy as i32), 0)?; // H8
 
-    // The shadow entry, then the length: a signal handler tracing calls in
-    // between pushes above it and pops back.
+    // The shadow entry, then its length.
     a.imul_3(rdx, rcx, sh.entry_size as i32)?;
     a.add(rdx, rsi)?;
     let e = |off: usize| qword_ptr(rdx + (sh.entries + off) as i32);
@@ -410,6 +425,7 @@ pub fn graph_trampoline(
     a.mov(dword_ptr(rdx + (sh.entries + sh.e_site) as i32), eax)?;
     a.inc(rcx)?;
     a.mov(qword_ptr(rsi + sh.len as i32), rcx)?;
+    a.mov(dword_ptr(sh.tls_in_tramp).fs(), 0)?;
     a.mov(r11, qword_ptr(r11 + GS_RESUME))?;
     for reg in SAVED.iter().rev() {
         a.pop(*reg)?;
@@ -418,6 +434,8 @@ pub fn graph_trampoline(
     a.jmp(thunk as u64)?;
     a.set_label(&mut undo)?;
     a.mov(dword_ptr(r8 + r.busy as i32), 0)?;
+    a.set_label(&mut leave)?;
+    a.mov(dword_ptr(sh.tls_in_tramp).fs(), 0)?;
     a.set_label(&mut pop_slow)?;
     for reg in SAVED.iter().rev() {
         a.pop(*reg)?;

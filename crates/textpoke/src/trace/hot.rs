@@ -18,6 +18,13 @@
 //! return address is pushed on this thread's shadow stack together with the
 //! mask and the entry time, and replaced by the return trampoline's address.
 //!
+//! The graph trampolines (`arch::tramp::graph_trampoline`) do exactly
+//! this, inline, for a site whose only op is the recorder's
+//! ([`TraceOp::records_graph`]), and the return trampoline does what
+//! [`on_return`] does for such entries ([`FAST_EXIT`]); [`ShadowLayout`]
+//! tells them where everything is. Both fall back to these handlers for
+//! anything unusual.
+//!
 //! # Exit
 //!
 //! The return trampoline calls [`on_return`] with the stack pointer the

@@ -13,8 +13,18 @@
 //!   *direct* trampoline for the site's one op, or to its *list*
 //!   trampoline when the site has several. Trampolines save every
 //!   caller-saved register and call the hot path.
+//! - **Inline recording**: a site whose only op is the recorder's gets a
+//!   trampoline that does the op's work itself, in a few instructions,
+//!   with the hot path as its fallback: the *count* trampoline
+//!   (count-only), or at a function entry the *graph* trampoline
+//!   (function_graph records). A graph site *jumps* to its stub, and the
+//!   trampoline calls the function through a thunk in the return block
+//!   (`arch::tramp::graph_trampoline`), so calls and returns pair up for
+//!   the CPU's return predictor. [`Tracer::set_inline_recording`] turns
+//!   both off (tests and benchmarks).
 //! - **function_graph**: ops that want exits get them through return
-//!   address replacement and a per-thread shadow stack ([`hot`]).
+//!   address replacement and a per-thread shadow stack ([`hot`]); the
+//!   return trampoline records a graph op's exits itself.
 //!
 //! # Changing what is traced
 //!

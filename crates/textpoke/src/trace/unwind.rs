@@ -28,6 +28,9 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 static ORIG_RAISE: AtomicUsize = AtomicUsize::new(0);
 static ORIG_RETHROW: AtomicUsize = AtomicUsize::new(0);
 static ORIG_BEGIN_CATCH: AtomicUsize = AtomicUsize::new(0);
+/// `std::uncaught_exceptions()` (libstdc++ exports it mangled; libc++abi as
+/// `__cxa_uncaught_exceptions`), found next to `__cxa_begin_catch`.
+static UNCAUGHT: AtomicUsize = AtomicUsize::new(0);
 
 const HOOKS: [&CStr; 3] = [c"_Unwind_RaiseException", c"_Unwind_Resume_or_Rethrow", c"__cxa_begin_catch"];
 
@@ -59,9 +62,29 @@ extern "C" fn begin_catch_hook() {
         "call {rehijack}",
         "pop rdi",
         "jmp qword ptr [rip + {orig}]",
-        rehijack = sym super::hot::rehijack_after_catch,
+        rehijack = sym rehijack_unless_unwinding,
         orig = sym ORIG_BEGIN_CATCH,
     )
+}
+
+/// Frames at or above a catching frame are live again — unless another
+/// exception is still being unwound: one caught inside a destructor run
+/// by that unwinding (`__cxa_begin_catch` has not yet counted this one
+/// caught, so a count above one means another is in flight). The outer
+/// exception's frames must keep their original return addresses until it
+/// is caught in turn (re-arming them aborted the program in
+/// `_Unwind_Resume`: the return trampoline has no unwind information).
+extern "C" fn rehijack_unless_unwinding(catch_sp: usize) {
+    let f = UNCAUGHT.load(Ordering::Acquire);
+    if f != 0 {
+        // SAFETY: `int std::uncaught_exceptions() noexcept` (or the
+        // unsigned C ABI twin): no arguments, a count in eax.
+        let uncaught: extern "C" fn() -> u32 = unsafe { std::mem::transmute(f) };
+        if uncaught() > 1 {
+            return;
+        }
+    }
+    super::hot::rehijack_after_catch(catch_sp)
 }
 
 fn hook_for(name: &CStr) -> Option<(usize, &'static AtomicUsize)> {
@@ -162,6 +185,13 @@ fn resolve_original(name: &CStr, orig: &'static AtomicUsize) {
             return;
         }
         let p = libc::dlsym(h, sym.as_ptr()) as usize;
+        if std::ptr::eq(orig, &ORIG_BEGIN_CATCH) {
+            let mut f = libc::dlsym(h, c"_ZSt19uncaught_exceptionsv".as_ptr());
+            if f.is_null() {
+                f = libc::dlsym(h, c"__cxa_uncaught_exceptions".as_ptr());
+            }
+            UNCAUGHT.store(f as usize, Ordering::Release);
+        }
         if !name.is_empty() {
             libc::dlclose(h);
         }
