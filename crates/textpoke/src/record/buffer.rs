@@ -378,7 +378,7 @@ unsafe fn increment(p: *mut u64) {
 pub(crate) fn wake_writer() {
     // Release pairs with the writer's acquire load of WAKE before it waits.
     WAKE.fetch_add(1, Ordering::Release);
-    super::os::futex_wake(&WAKE);
+    crate::sys::futex_wake(&WAKE, 1);
 }
 
 // ---------------------------------------------------------------------------
@@ -537,7 +537,7 @@ fn end_acquire() {
 /// thread-exit destructor and pushes the buffer onto [`INCOMING`].
 fn create(active: u64) -> Option<*mut ThreadBuf> {
     let size = std::mem::size_of::<ThreadBuf>();
-    let mem = super::os::map(size)?;
+    let mem = crate::sys::anon::map(size)?;
     let b = mem as *mut ThreadBuf;
     // SAFETY: a fresh zeroed mapping of the right size; all-zero bytes are
     // a valid ThreadBuf (atomics and null pointers).
@@ -551,7 +551,7 @@ fn create(active: u64) -> Option<*mut ThreadBuf> {
     // SAFETY: `b` is ours and not yet visible to anyone.
     if !unsafe { reinit(b, active) } {
         // SAFETY: mapped above with this size, never published.
-        unsafe { super::os::unmap(mem, size) };
+        unsafe { crate::sys::anon::unmap(mem, size) };
         return None;
     }
     if KEY_READY.load(Ordering::Acquire) {
@@ -592,12 +592,15 @@ unsafe fn reinit(b: *mut ThreadBuf, active: u64) -> bool {
         b.p.cap.store(0, Ordering::Relaxed);
         if !old.is_null() {
             // SAFETY: mapped by us with this length.
-            unsafe { super::os::unmap(old as *mut u8, cap as usize * rec) };
+            unsafe { crate::sys::anon::unmap(old as *mut u8, cap as usize * rec) };
         }
         if want_cap != 0 {
             let len = want_cap as usize * rec;
-            let m =
-                if CFG_PREFAULT.load(Ordering::Relaxed) { super::os::map_populated(len) } else { super::os::map(len) };
+            let m = if CFG_PREFAULT.load(Ordering::Relaxed) {
+                crate::sys::anon::map_populated(len)
+            } else {
+                crate::sys::anon::map(len)
+            };
             let Some(m) = m else {
                 return false;
             };
@@ -610,7 +613,7 @@ unsafe fn reinit(b: *mut ThreadBuf, active: u64) -> bool {
     if n == want_funcs && !counters.is_null() {
         // Fresh zero pages over the old counts.
         // SAFETY: our own mapping of this length.
-        if !unsafe { super::os::remap_zero(counters as *mut u8, n as usize * 8) } {
+        if !unsafe { crate::sys::anon::remap_zero(counters as *mut u8, n as usize * 8) } {
             return false;
         }
     } else if n != want_funcs {
@@ -618,10 +621,10 @@ unsafe fn reinit(b: *mut ThreadBuf, active: u64) -> bool {
         b.c.ncounters.store(0, Ordering::Relaxed);
         if !counters.is_null() {
             // SAFETY: our own mapping of this length.
-            unsafe { super::os::unmap(counters as *mut u8, n as usize * 8) };
+            unsafe { crate::sys::anon::unmap(counters as *mut u8, n as usize * 8) };
         }
         if want_funcs != 0 {
-            let Some(m) = super::os::map(want_funcs as usize * 8) else {
+            let Some(m) = crate::sys::anon::map(want_funcs as usize * 8) else {
                 return false;
             };
             b.c.counters.store(m as *mut u64, Ordering::Relaxed);
@@ -704,15 +707,15 @@ pub(crate) unsafe fn free(b: *mut ThreadBuf) {
     let ring = r.p.ring.load(Ordering::Relaxed);
     if !ring.is_null() {
         // SAFETY: mapped by reinit with this length.
-        unsafe { super::os::unmap(ring as *mut u8, r.p.cap.load(Ordering::Relaxed) as usize * rec) };
+        unsafe { crate::sys::anon::unmap(ring as *mut u8, r.p.cap.load(Ordering::Relaxed) as usize * rec) };
     }
     let c = r.c.counters.load(Ordering::Relaxed);
     if !c.is_null() {
         // SAFETY: mapped by reinit with this length.
-        unsafe { super::os::unmap(c as *mut u8, r.c.ncounters.load(Ordering::Relaxed) as usize * 8) };
+        unsafe { crate::sys::anon::unmap(c as *mut u8, r.c.ncounters.load(Ordering::Relaxed) as usize * 8) };
     }
     // SAFETY: mapped by create with this length.
-    unsafe { super::os::unmap(b as *mut u8, std::mem::size_of::<ThreadBuf>()) };
+    unsafe { crate::sys::anon::unmap(b as *mut u8, std::mem::size_of::<ThreadBuf>()) };
 }
 
 /// In a forked child: the creation counter of threads that do not exist

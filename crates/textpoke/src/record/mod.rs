@@ -195,7 +195,6 @@
 mod buffer;
 pub mod clock;
 pub mod format;
-mod os;
 mod session;
 
 pub use buffer::{buffer_layout, BufferLayout};

@@ -356,7 +356,7 @@ fn writer_main(id: u64) {
             drain(&mut st, false);
             st.session.as_ref().map(|s| s.config.flush_interval).unwrap_or_default()
         };
-        super::os::futex_wait(&buffer::WAKE, seen, interval);
+        crate::sys::futex_wait(&buffer::WAKE, seen, Some(interval));
     }
 }
 

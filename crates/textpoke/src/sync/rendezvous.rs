@@ -203,7 +203,7 @@ extern "C" fn on_rendezvous(_sig: i32, info: *mut libc::siginfo_t, ctx: *mut lib
         if reached(r, gen) {
             break;
         }
-        crate::sys::futex_wait(&RELEASED, r);
+        crate::sys::futex_wait(&RELEASED, r, None);
     }
     // The code changed while we were parked: serialise before returning to it.
     arch::serialize_core();
@@ -416,7 +416,7 @@ impl Parked {
         if !self.released {
             self.released = true;
             RELEASED.store(self.gen, Ordering::Release); // pairs with the handler's Acquire
-            crate::sys::futex_wake_all(&RELEASED);
+            crate::sys::futex_wake(&RELEASED, i32::MAX);
         }
     }
 }

@@ -1,6 +1,7 @@
 //! Thin wrappers over the kernel facilities textpoke uses, one module each;
 //! raw syscalls live here and nowhere else.
 
+pub(crate) mod anon;
 pub mod maps;
 pub mod membarrier;
 pub mod threads;
@@ -24,26 +25,26 @@ pub fn mdwe_refuses_exec_gain() -> bool {
     r > 0 && (r as libc::c_uint & libc::PR_MDWE_REFUSE_EXEC_GAIN) != 0
 }
 
-/// Wait on a futex word while it holds `expected` (spurious wake-ups allowed).
-pub(crate) fn futex_wait(word: &std::sync::atomic::AtomicU32, expected: u32) {
-    // SAFETY: `word` is a valid, aligned u32 for the duration of the call;
-    // no timeout pointer.
+/// Waits on a futex word while it holds `expected`, at most `timeout`
+/// when one is given (spurious wake-ups allowed). Async-signal-safe.
+pub(crate) fn futex_wait(word: &std::sync::atomic::AtomicU32, expected: u32, timeout: Option<std::time::Duration>) {
+    let ts = timeout.map(|t| libc::timespec {
+        tv_sec: t.as_secs().min(i64::MAX as u64) as libc::time_t,
+        tv_nsec: t.subsec_nanos() as libc::c_long,
+    });
+    let ts_ptr = ts.as_ref().map_or(std::ptr::null(), |t| t as *const libc::timespec);
+    // SAFETY: `word` is a valid, aligned u32 and `ts_ptr` null or a valid
+    // timespec for the duration of the call.
     unsafe {
-        libc::syscall(
-            libc::SYS_futex,
-            word.as_ptr(),
-            libc::FUTEX_WAIT | libc::FUTEX_PRIVATE_FLAG,
-            expected,
-            std::ptr::null::<libc::timespec>(),
-        );
+        libc::syscall(libc::SYS_futex, word.as_ptr(), libc::FUTEX_WAIT | libc::FUTEX_PRIVATE_FLAG, expected, ts_ptr);
     }
 }
 
-/// Wake every waiter on a futex word.
-pub(crate) fn futex_wake_all(word: &std::sync::atomic::AtomicU32) {
+/// Wakes up to `n` waiters on a futex word. Async-signal-safe.
+pub(crate) fn futex_wake(word: &std::sync::atomic::AtomicU32, n: i32) {
     // SAFETY: `word` is a valid, aligned u32.
     unsafe {
-        libc::syscall(libc::SYS_futex, word.as_ptr(), libc::FUTEX_WAKE | libc::FUTEX_PRIVATE_FLAG, i32::MAX);
+        libc::syscall(libc::SYS_futex, word.as_ptr(), libc::FUTEX_WAKE | libc::FUTEX_PRIVATE_FLAG, n);
     }
 }
 

@@ -375,20 +375,7 @@ pub(crate) static SHADOW_KEY: AtomicUsize = AtomicUsize::new(usize::MAX);
 
 #[cold]
 fn new_shadow() -> *mut Shadow {
-    // SAFETY: a fresh anonymous mapping.
-    let p = unsafe {
-        libc::mmap(
-            std::ptr::null_mut(),
-            SHADOW_BYTES,
-            libc::PROT_READ | libc::PROT_WRITE,
-            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
-            -1,
-            0,
-        )
-    };
-    if p == libc::MAP_FAILED {
-        return std::ptr::null_mut();
-    }
+    let Some(p) = crate::sys::anon::map(SHADOW_BYTES) else { return std::ptr::null_mut() };
     let sh = p.cast::<Shadow>();
     let cap = (SHADOW_BYTES - std::mem::size_of::<Shadow>()) / std::mem::size_of::<ShadowEntry>();
     // SAFETY: the mapping is large enough and zeroed.
@@ -397,7 +384,7 @@ fn new_shadow() -> *mut Shadow {
     if key < 32 {
         // Keys below 32 live in the thread descriptor: no allocation.
         // SAFETY: a valid key created by the control side.
-        unsafe { libc::pthread_setspecific(key as libc::pthread_key_t, p) };
+        unsafe { libc::pthread_setspecific(key as libc::pthread_key_t, p.cast()) };
     }
     sh
 }
@@ -407,7 +394,7 @@ pub(crate) extern "C" fn drop_shadow(p: *mut libc::c_void) {
     STATE.with(|s| s.shadow.set(std::ptr::null_mut()));
     // SAFETY: p is the mapping made by new_shadow for this thread; the
     // thread is exiting, no frame of it will return into the tracer.
-    unsafe { libc::munmap(p, SHADOW_BYTES) };
+    unsafe { crate::sys::anon::unmap(p.cast(), SHADOW_BYTES) };
 }
 
 /// Reads the clock for timestamps: the recorder's clock (ordered TSC

@@ -1,11 +1,6 @@
-//! The few raw system calls the recorder needs, all async-signal-safe.
-//!
-//! They belong in [`crate::sys`] (DESIGN.md: raw syscalls in one place);
-//! they live here until that layer takes them, to keep this branch inside
-//! its own module.
-
-use std::sync::atomic::AtomicU32;
-use std::time::Duration;
+//! Anonymous private memory for buffers that async-signal-safe code
+//! creates (mmap is async-signal-safe, malloc is not): the recorder's
+//! per-thread buffers and rings, the tracer's shadow stacks.
 
 /// Maps `len` bytes of zeroed, private, anonymous memory (pages are
 /// touched lazily; no swap reservation). `None` on failure.
@@ -66,25 +61,4 @@ pub(crate) unsafe fn remap_zero(p: *mut u8, len: usize) -> bool {
 pub(crate) unsafe fn unmap(p: *mut u8, len: usize) {
     // SAFETY: the caller's guarantee.
     unsafe { libc::munmap(p as *mut libc::c_void, len.max(1)) };
-}
-
-/// Wakes one waiter on `word`.
-pub(crate) fn futex_wake(word: &AtomicU32) {
-    // SAFETY: `word` is a valid, aligned u32.
-    unsafe {
-        libc::syscall(libc::SYS_futex, word.as_ptr(), libc::FUTEX_WAKE | libc::FUTEX_PRIVATE_FLAG, 1);
-    }
-}
-
-/// Waits while `word` holds `expected`, at most `timeout` (spurious
-/// wake-ups allowed).
-pub(crate) fn futex_wait(word: &AtomicU32, expected: u32, timeout: Duration) {
-    let ts = libc::timespec {
-        tv_sec: timeout.as_secs().min(i64::MAX as u64) as libc::time_t,
-        tv_nsec: timeout.subsec_nanos() as libc::c_long,
-    };
-    // SAFETY: valid word and timespec for the duration of the call.
-    unsafe {
-        libc::syscall(libc::SYS_futex, word.as_ptr(), libc::FUTEX_WAIT | libc::FUTEX_PRIVATE_FLAG, expected, &ts);
-    }
 }
