@@ -88,6 +88,25 @@ pub fn thread_header(tid: i32) -> [u8; THREAD_HEADER_LEN] {
     h
 }
 
+/// Checks a per-thread record file's header (the inverse of
+/// [`thread_header`]); returns the thread id it names, or what is wrong.
+pub fn parse_thread_header(h: &[u8; THREAD_HEADER_LEN]) -> Result<i32, String> {
+    if h[0..8] != THREAD_MAGIC {
+        return Err("wrong magic; not a textpoke thread file".into());
+    }
+    let le32 = |o: usize| u32::from_le_bytes([h[o], h[o + 1], h[o + 2], h[o + 3]]);
+    if le32(8) != FORMAT_VERSION {
+        return Err(format!("version {}, expected {FORMAT_VERSION}", le32(8)));
+    }
+    if le32(12) != RECORD_LEN as u32 {
+        return Err(format!("record length {}, expected {RECORD_LEN}", le32(12)));
+    }
+    if h[20..].iter().any(|&b| b != 0) {
+        return Err("reserved bytes are not zero".into());
+    }
+    Ok(le32(16) as i32)
+}
+
 /// Initial value of a record file's checksum.
 pub const CHECKSUM_SEED: u64 = 0x7465_7874_706f_6b65; // "textpoke"
 
@@ -199,6 +218,13 @@ pub struct ThreadMeta {
     pub checksum: String,
     /// Whether the thread had exited when this was written.
     pub exited: bool,
+}
+
+impl ThreadMeta {
+    /// Records this thread dropped, all causes (full, nested, out of range).
+    pub fn dropped(&self) -> u64 {
+        self.dropped_full + self.dropped_nested + self.dropped_range
+    }
 }
 
 /// Records dropped that no thread's buffer could count.

@@ -667,8 +667,7 @@ fn write_side_files(s: &mut Session, symbols: &[Symbol], registry: &[BufPtr], co
     };
     s.calibration.refine();
     let total_records = threads.iter().map(|t| t.records).sum();
-    let total_dropped =
-        threads.iter().map(|t| t.dropped_full + t.dropped_nested + t.dropped_range).sum::<u64>() + unattributed.total();
+    let total_dropped = threads.iter().map(|t| t.dropped()).sum::<u64>() + unattributed.total();
     s.last_dropped = total_dropped;
     let meta = Meta {
         format: format::FORMAT_NAME.into(),

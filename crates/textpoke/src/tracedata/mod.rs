@@ -143,7 +143,7 @@ impl ThreadTrace {
 
     /// Records this thread dropped (full buffer, nested, out of range).
     pub fn dropped(&self) -> u64 {
-        self.meta.dropped_full + self.meta.dropped_nested + self.meta.dropped_range
+        self.meta.dropped()
     }
 }
 
@@ -275,9 +275,7 @@ impl Trace {
             let records = check_thread_file(&path, t, nsyms, meta.complete, &mut salvage)?;
             threads.push(ThreadTrace { meta: t.clone(), path: Some(path), records });
         }
-        let dropped: u64 =
-            meta.threads.iter().map(|t| t.dropped_full + t.dropped_nested + t.dropped_range).sum::<u64>()
-                + meta.unattributed_drops.total();
+        let dropped: u64 = meta.threads.iter().map(|t| t.dropped()).sum::<u64>() + meta.unattributed_drops.total();
         if dropped != meta.total_dropped {
             return Err(inconsistent(format!(
                 "total_dropped is {} but the drop counts add up to {dropped}",
@@ -502,21 +500,9 @@ fn check_header(r: &mut impl Read, path: &Path, tid: i32, len: u64) -> Result<()
     }
     let mut h = [0u8; THREAD_HEADER_LEN];
     r.read_exact(&mut h).map_err(io(path))?;
-    if h[0..8] != format::THREAD_MAGIC {
-        return Err(bad("wrong magic; not a textpoke thread file".into()));
-    }
-    let le32 = |o: usize| u32::from_le_bytes([h[o], h[o + 1], h[o + 2], h[o + 3]]);
-    if le32(8) != format::FORMAT_VERSION {
-        return Err(bad(format!("version {}, expected {}", le32(8), format::FORMAT_VERSION)));
-    }
-    if le32(12) != RECORD_LEN as u32 {
-        return Err(bad(format!("record length {}, expected {RECORD_LEN}", le32(12))));
-    }
-    if le32(16) as i32 != tid {
-        return Err(bad(format!("thread id {}, the metadata says {tid}", le32(16) as i32)));
-    }
-    if h[20..].iter().any(|&b| b != 0) {
-        return Err(bad("reserved bytes are not zero".into()));
+    let file_tid = format::parse_thread_header(&h).map_err(bad)?;
+    if file_tid != tid {
+        return Err(bad(format!("thread id {file_tid}, the metadata says {tid}")));
     }
     Ok(())
 }
