@@ -340,8 +340,9 @@ pub fn graph_stub(at: usize, resume: usize, index: u32, func: u32, tramp: usize)
 /// only op `op` records the function graph (`TraceOp::records_graph`).
 ///
 /// Entered from a [`graph_stub`] with `[rsp]` the function's return
-/// address and `r11` the stub's data. It reads the ordered TSC first (so
-/// the checks overlap its latency), records the entry (H1-H8 of
+/// address and `r11` the stub's data. Under the recursion guard, it reads
+/// the ordered TSC as soon as it knows the op and clock are right (so the
+/// remaining checks overlap its latency), records the entry (H1-H8 of
 /// `record::buffer`), pushes the shadow entry exactly as
 /// `hot::function_entry` does, drops the return address from the stack
 /// and jumps to `thunk`, a `call r11` (into the function, after the site)
@@ -353,7 +354,8 @@ pub fn graph_stub(at: usize, resume: usize, index: u32, func: u32, tramp: usize)
 /// replacing a return address in place costs a mispredicted return (9 ns
 /// measured here: over a third of the budget).
 ///
-/// Any other case (a monotonic clock, a thread inside the tracer, no
+/// Any other case (a monotonic clock, an op no longer the recorder's
+/// registered graph op (`hot::FAST_EXIT`), a thread inside the tracer, no
 /// shadow stack or buffer yet, a full shadow stack, a nested record, a
 /// stale session, a ring that needs its tail refreshed or the writer
 /// woken) pushes the resume address and the site index as a stub's `call`
@@ -378,17 +380,25 @@ pub fn graph_trampoline(
         a.push(reg)?;
     }
     let slot = 48;
-    read_clock(&mut a)?; // H0: rax
-                         // The recursion guard, held until the shadow entry is pushed, as the
-                         // hot path holds it: a signal handler's traced calls meanwhile are not
-                         // traced. (Without it they pushed their entry over the one being
-                         // written here, before its length was stored: found by a signal storm.)
+    // The recursion guard, held until the shadow entry is pushed, as the
+    // hot path holds it: a signal handler's traced calls meanwhile are not
+    // traced. (Without it they pushed their entry over the one being
+    // written here, before its length was stored: found by a signal storm.)
     a.cmp(dword_ptr(sh.tls_in_tramp).fs(), 0)?;
     a.jne(pop_slow)?;
     a.mov(dword_ptr(sh.tls_in_tramp).fs(), 1)?;
+    // The op is still the one whose exits the return trampoline records
+    // (an op being unregistered gets no entry it would get no exit for),
+    // and the clock is the TSC: checked before reading it.
+    a.mov(rdx, sh.fast_exit as u64)?;
+    a.mov(rax, 1u64 << op)?;
+    a.cmp(qword_ptr(rdx), rax)?;
+    a.jne(leave)?;
     a.mov(rdx, r.use_tsc as u64)?;
     a.cmp(byte_ptr(rdx), 0)?;
     a.je(leave)?;
+    // H0, first of the record: the checks below overlap its latency.
+    read_clock(&mut a)?;
     a.mov(rsi, qword_ptr(sh.tls_shadow).fs())?;
     a.test(rsi, rsi)?;
     a.jz(leave)?;
@@ -510,36 +520,44 @@ pub fn return_trampoline(
 fn fast_return(a: &mut CodeAssembler, l: &GraphLayout) -> Result<(), IcedError> {
     let (r, sh) = (&l.rec, &l.sh);
     let mut undo = a.create_label();
-    let mut slow = a.create_label();
+    let mut out = a.create_label();
     // The results, below the caller's stack pointer (nothing of the caller
-    // lives there after a return): [rsp] rdx, [rsp+8] rax, which also
-    // covers the dead return slot at caller_sp - 8.
+    // lives there after a return) and below this frame's return slot at
+    // caller_sp - 8, which stays untouched: until the pop, the shadow entry
+    // points at it, and an unwinder's restore and re-arm (a signal handler
+    // throwing and catching) write there. [rsp] rdx, [rsp+8] rax.
+    a.lea(rsp, qword_ptr(rsp - 8))?;
     a.push(rax)?;
     a.push(rdx)?;
-    read_clock(a)?;
+    // Before the clock: whether the recorder's graph op is registered
+    // (other function_graph ops never pay a clock read here) and the clock
+    // is the TSC.
+    a.mov(r9, sh.fast_exit as u64)?;
+    a.mov(r9, qword_ptr(r9))?;
+    a.test(r9, r9)?;
+    a.jz(out)?;
     a.mov(rdx, r.use_tsc as u64)?;
     a.cmp(byte_ptr(rdx), 0)?;
-    a.je(slow)?;
+    a.je(out)?;
+    read_clock(a)?;
     a.cmp(dword_ptr(sh.tls_in_tramp).fs(), 0)?;
-    a.jne(slow)?;
+    a.jne(out)?;
     a.mov(rsi, qword_ptr(sh.tls_shadow).fs())?;
     a.test(rsi, rsi)?;
-    a.jz(slow)?;
+    a.jz(out)?;
     a.mov(rcx, qword_ptr(rsi + sh.len as i32))?;
     a.test(rcx, rcx)?;
-    a.jz(slow)?;
+    a.jz(out)?;
     a.dec(rcx)?; // the top entry's index, and the length after the pop
     a.imul_3(rdi, rcx, sh.entry_size as i32)?;
     a.add(rdi, rsi)?;
     let e = |off: usize| qword_ptr(rdi + (sh.entries + off) as i32);
-    a.lea(r8, qword_ptr(rsp + 8))?; // caller_sp - 8: this frame's return slot
+    a.lea(r8, qword_ptr(rsp + 16))?; // caller_sp - 8: this frame's return slot
     a.cmp(e(sh.e_slot), r8)?; // else frames were skipped, or restored for an unwinder
-    a.jne(slow)?;
-    a.mov(r8, sh.fast_exit as u64)?;
-    a.mov(r8, qword_ptr(r8))?;
-    a.cmp(e(sh.e_mask), r8)?;
-    a.jne(slow)?;
-    claim_slots(a, r, (r11, rdx), 2, (slow, undo))?;
+    a.jne(out)?;
+    a.cmp(e(sh.e_mask), r9)?;
+    a.jne(out)?;
+    claim_slots(a, r, (r11, rdx), 2, (out, undo))?;
     // Nothing fails from here. Read the entry, then pop it: a signal
     // handler tracing calls from now on pushes over it.
     a.mov(rdx, e(sh.e_func_depth))?;
@@ -563,13 +581,14 @@ fn fast_return(a: &mut CodeAssembler, l: &GraphLayout) -> Result<(), IcedError> 
     a.pop(rax)?;
     // `ret`, not `jmp`: after a graph trampoline's thunk, the caller's own
     // call is the newest one the CPU has not seen return.
-    a.push(rdi)?;
+    a.mov(qword_ptr(rsp), rdi)?;
     a.ret()?;
     a.set_label(&mut undo)?;
     a.mov(dword_ptr(r11 + r.busy as i32), 0)?;
-    a.set_label(&mut slow)?;
+    a.set_label(&mut out)?;
     a.pop(rdx)?;
-    a.pop(rax)
+    a.pop(rax)?;
+    a.lea(rsp, qword_ptr(rsp + 8))
 }
 
 #[cfg(test)]

@@ -178,6 +178,8 @@ struct TrampBlock {
 }
 
 const BLOCK_BYTES: usize = 64 << 10;
+/// Room for a graph trampoline.
+const GRAPH_TRAMP_BYTES: usize = 512;
 /// Room for one stub of either kind.
 const STUB_SLOT: usize = 32;
 const _: () = assert!(tramp::STUB_LEN <= STUB_SLOT && tramp::GRAPH_STUB_LEN <= STUB_SLOT);
@@ -687,7 +689,7 @@ impl Inner {
         }
         let layout = self.graph_layout.expect("Target::Graph only with a layout");
         let Some(slow) = self.trampoline_in(b, Target::Direct(op), SitePlace::FunctionEntry)? else { return Ok(None) };
-        let Some(at) = self.alloc_in(b, 512) else { return Ok(None) };
+        let Some(at) = self.alloc_in(b, GRAPH_TRAMP_BYTES) else { return Ok(None) };
         let thunk = hot::RETURN_TRAMPOLINE.load(Ordering::Relaxed) - tramp::RETURN_OFFSET;
         let code =
             tramp::graph_trampoline(at, &layout, op, thunk, slow).map_err(|e| TraceError::CodeGen(e.to_string()))?;
@@ -876,10 +878,15 @@ impl Inner {
         for c in &changes {
             let s = &mut self.sites[c.i];
             if let Some((b, addr)) = s.stub.take() {
-                retire.push(Retired {
-                    ranges: vec![(addr, addr + STUB_SLOT)],
-                    what: RetiredKind::Stub { block: b, addr },
-                });
+                let mut ranges = vec![(addr, addr + STUB_SLOT)];
+                if let Target::Graph(op) = s.target {
+                    // A graph trampoline reads its stub's data (through
+                    // r11) until it jumps on: a thread still in it must
+                    // not find the slot reused by another site.
+                    let t = self.blocks[b].graph[op].expect("the site's graph trampoline");
+                    ranges.push((t, t + GRAPH_TRAMP_BYTES));
+                }
+                retire.push(Retired { ranges, what: RetiredKind::Stub { block: b, addr } });
             }
             s.stub = c.stub;
             s.mask = c.mask;
