@@ -76,12 +76,16 @@
 //!  1. read the loader's load and unload counters (`dlpi_adds`,
 //!     `dlpi_subs`); if they moved since the tables were last up to date,
 //!     rescan the loaded objects: forget the tables of the removed ones,
-//!     read the records of the added ones;
-//!  2. pin each object with records (`dlopen(RTLD_NOLOAD)`): from now on it
-//!     cannot be unmapped; one already gone means a retry;
-//!  3. read the counters again: if they did not move since step 1, the
-//!     pinned objects are the ones whose records were read; otherwise retry;
-//!  4. patch; drop the pins once the keys lock is released.
+//!     note the added ones as unread;
+//!  2. pin each object with records and each unread one
+//!     (`dlopen(RTLD_NOLOAD)`): from now on it cannot be unmapped; an object
+//!     with records already gone means a retry;
+//!  3. read the counters again: if they did not move since step 1 (nor
+//!     since the rescan), the pinned objects are the ones the rescan listed
+//!     and whose records were read; otherwise retry;
+//!  4. read the records of the unread objects from their memory, where the
+//!     object table recorded their `PT_NOTE` segments;
+//!  5. patch; drop the pins once the keys lock is released.
 //!
 //! So the sites of an unloaded library are forgotten at the first operation
 //! after its `dlclose`, and no operation touches an object whose memory may
