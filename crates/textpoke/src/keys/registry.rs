@@ -87,8 +87,8 @@ pub(crate) struct Registry {
     /// Listed objects whose notes are still to be read, in the order they
     /// were listed; read once pinned (see [`Registry::sync`]).
     unread: Vec<ObjectId>,
-    started: bool,
-    /// The loader's counters when the tables were last known up to date.
+    /// The loader's counters when the tables were last known up to date;
+    /// `None` forces a rescan, as on the first sync.
     counters: Option<(u64, u64)>,
 }
 
@@ -129,7 +129,7 @@ impl Registry {
     pub fn sync(&mut self) -> Result<Pins, u32> {
         for _ in 0..SYNC_ATTEMPTS {
             let before = loader_counters();
-            if before.is_none() || before != self.counters || !self.started {
+            if before.is_none() || before != self.counters {
                 let changes = self.objects.rescan();
                 self.apply(&changes);
             }
@@ -183,18 +183,19 @@ impl Registry {
         Err(SYNC_ATTEMPTS)
     }
 
+    /// Takes in what a rescan found. The first rescan lists every object as
+    /// added, so all are read.
     fn apply(&mut self, changes: &ObjectChanges) {
         for gone in &changes.removed {
             self.forget(gone.id);
         }
-        if !self.started || changes.possibly_reloaded {
+        if changes.possibly_reloaded {
             self.tables.clear();
             self.index.clear();
             self.unread = self.objects.iter().map(|o| o.id).collect();
         } else {
             self.unread.extend_from_slice(&changes.added);
         }
-        self.started = true;
     }
 
     /// Reads the records of the unread objects, pinned as `unread` says,
