@@ -150,9 +150,10 @@ use std::sync::atomic::{AtomicI32, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
+use crate::sites::Pin;
 use crate::text::{CommitOptions, CommitStats, Poke};
 use crate::Batch;
-use registry::{Pins, Registry};
+use registry::Registry;
 
 /// `StaticKey::flags` bit: the key is enabled by default.
 const KEY_DEFAULT_TRUE: u32 = 1;
@@ -460,7 +461,7 @@ static REGISTRY: Mutex<Option<Registry>> = Mutex::new(None);
 
 /// Runs `f` under the keys lock; pins it collects are dropped after the
 /// lock is released.
-fn locked<R>(f: impl FnOnce(&mut Registry, &mut Vec<Pins>) -> R) -> R {
+fn locked<R>(f: impl FnOnce(&mut Registry, &mut Vec<Pin>) -> R) -> R {
     let mut pins = Vec::new();
     let r = {
         let mut guard = REGISTRY.lock().unwrap_or_else(|e| e.into_inner());
@@ -475,10 +476,8 @@ fn names<'a>(keys: impl IntoIterator<Item = &'a StaticKey>) -> String {
 }
 
 /// Brings the tables up to date and pins the objects (see "Objects").
-fn sync_locked(reg: &mut Registry, pins: &mut Vec<Pins>, what: impl FnOnce() -> String) -> Result<(), KeyError> {
-    let p = reg.sync().map_err(|attempts| KeyError::Unsettled { keys: what(), attempts })?;
-    pins.push(p);
-    Ok(())
+fn sync_locked(reg: &mut Registry, pins: &mut Vec<Pin>, what: impl FnOnce() -> String) -> Result<(), KeyError> {
+    reg.sync(pins).map_err(|attempts| KeyError::Unsettled { keys: what(), attempts })
 }
 
 /// Patches the sites of each key, going to the state paired with it, as one

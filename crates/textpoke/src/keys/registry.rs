@@ -92,11 +92,6 @@ pub(crate) struct Registry {
     counters: Option<(u64, u64)>,
 }
 
-/// Pins that keep the objects with keys loaded; drop them only after the
-/// keys lock is released (dropping the last reference to a library the
-/// application dlclosed meanwhile runs its destructors).
-pub(crate) struct Pins(#[allow(dead_code)] Vec<Pin>);
-
 impl Registry {
     pub fn new() -> Registry {
         Registry::default()
@@ -104,7 +99,10 @@ impl Registry {
 
     /// Brings the tables up to date with the loaded objects and pins every
     /// object that has records, so none can be unmapped until the pins are
-    /// dropped:
+    /// dropped. Every pin taken, by the attempt that succeeds or by one that
+    /// is retried, goes into `keep`: drop them only after the keys lock is
+    /// released (dropping the last reference to a library the application
+    /// dlclosed meanwhile runs its destructors, which may flip keys).
     ///
     ///  1. read the loader's load/unload counters; if they moved since the
     ///     last sync (or on the first), rescan the objects: forget the
@@ -126,18 +124,17 @@ impl Registry {
     /// is two walks of the loader's list that stop at the first object, and
     /// one pin per object with keys. Without the counters (not glibc), every
     /// sync rescans twice.
-    pub fn sync(&mut self) -> Result<Pins, u32> {
+    pub fn sync(&mut self, keep: &mut Vec<Pin>) -> Result<(), u32> {
         for _ in 0..SYNC_ATTEMPTS {
             let before = loader_counters();
             if before.is_none() || before != self.counters {
                 let changes = self.objects.rescan();
                 self.apply(&changes);
             }
-            let mut pins = Vec::with_capacity(self.tables.len() + self.unread.len());
             let mut lost = false;
             for id in self.tables.keys() {
                 match self.objects.get(*id).map(LoadedObject::pin) {
-                    Some(Ok(pin)) => pins.push(pin),
+                    Some(Ok(pin)) => keep.push(pin),
                     _ => {
                         lost = true;
                         break;
@@ -171,14 +168,16 @@ impl Registry {
                     unchanged
                 }
             };
-            if settled {
-                self.counters = before;
-                self.read(&unread);
-                pins.extend(unread.into_iter().filter_map(|(_, pin)| pin));
-                self.resolve();
-                return Ok(Pins(pins));
+            if !settled {
+                keep.extend(unread.into_iter().filter_map(|(_, pin)| pin));
+                self.counters = None;
+                continue;
             }
-            self.counters = None;
+            self.counters = before;
+            self.read(&unread);
+            keep.extend(unread.into_iter().filter_map(|(_, pin)| pin));
+            self.resolve();
+            return Ok(());
         }
         Err(SYNC_ATTEMPTS)
     }
