@@ -228,4 +228,49 @@ mod tests {
         assert_eq!(out.bad.len(), 1, "{:?}", out.bad);
         assert!(out.keys.is_empty());
     }
+
+    crate::define_static_key_false!(NOTES_TEST_KEY);
+
+    #[inline(never)]
+    fn notes_test_branch() -> bool {
+        crate::static_branch_unlikely!(NOTES_TEST_KEY)
+    }
+
+    #[test]
+    fn reads_this_executables_records_where_the_object_table_lists_them() {
+        use crate::sites::objects::loader_counters;
+        let key = &*NOTES_TEST_KEY as *const crate::keys::StaticKey as usize;
+        let mut objects = crate::sites::Objects::new();
+        for _ in 0..100 {
+            objects.rescan();
+            let main = objects.main().expect("main executable listed");
+            let pin = main.pin().expect("main executable pinned");
+            let seen = objects.counters().expect("glibc reports the loader's counters");
+            if loader_counters() != Some(seen) {
+                continue; // another test thread loaded or unloaded something
+            }
+            // SAFETY: `pin` holds the main executable, and no object was
+            // loaded or unloaded between the rescan that listed it and the pin.
+            let notes = unsafe { read_object(main, &pin) };
+            assert!(notes.bad.is_empty(), "{:?}", notes.bad);
+            assert!(notes.keys.contains(&key), "{key:#x} in {:x?}", notes.keys);
+            assert!(notes.sites.iter().any(|s| s.key == key), "{:x?}", notes.sites);
+            assert!(!notes_test_branch());
+            return;
+        }
+        panic!("libraries kept being loaded or unloaded");
+    }
+
+    #[test]
+    #[should_panic(expected = "a pin of")]
+    fn a_pin_of_another_object_is_refused() {
+        let mut objects = crate::sites::Objects::new();
+        objects.rescan();
+        let main = objects.main().expect("main executable listed");
+        let other = objects.iter().find(|o| !o.is_main).expect("a library listed (libc, at least)");
+        let pin = other.pin().expect("library pinned");
+        // SAFETY: not upheld, on purpose: the pin is checked against the
+        // object before anything is read, and the call panics.
+        let _ = unsafe { read_object(main, &pin) };
+    }
 }
