@@ -81,8 +81,8 @@
 //!     (`dlopen(RTLD_NOLOAD)`): from now on it cannot be unmapped; an object
 //!     with records already gone means a retry;
 //!  3. read the counters again: if they did not move since step 1 (nor
-//!     since the rescan), the pinned objects are the ones the rescan listed
-//!     and whose records were read; otherwise retry;
+//!     since the rescan), the pinned objects are the ones the rescan listed,
+//!     as it listed them; otherwise retry;
 //!  4. read the records of the unread objects from their memory, where the
 //!     object table recorded their `PT_NOTE` segments;
 //!  5. patch; drop the pins once the keys lock is released.

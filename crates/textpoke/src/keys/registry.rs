@@ -114,8 +114,8 @@ impl Registry {
     ///     unread object too;
     ///  3. read the counters again: if they did not move since step 1, and
     ///     the last rescan saw them too, no object was loaded or unloaded
-    ///     since that rescan, so the pinned objects are the ones it listed
-    ///     and whose records were read; otherwise retry;
+    ///     since that rescan, so the pinned objects are the ones it listed,
+    ///     with the tables built from their records; otherwise retry;
     ///  4. read the records of the unread objects, in place, under their
     ///     pins; then the names and defaults of new keys, from the (pinned)
     ///     keys.
