@@ -76,12 +76,16 @@
 //!  1. read the loader's load and unload counters (`dlpi_adds`,
 //!     `dlpi_subs`); if they moved since the tables were last up to date,
 //!     rescan the loaded objects: forget the tables of the removed ones,
-//!     read the records of the added ones;
-//!  2. pin each object with records (`dlopen(RTLD_NOLOAD)`): from now on it
-//!     cannot be unmapped; one already gone means a retry;
-//!  3. read the counters again: if they did not move since step 1, the
-//!     pinned objects are the ones whose records were read; otherwise retry;
-//!  4. patch; drop the pins once the keys lock is released.
+//!     note the added ones as unread;
+//!  2. pin each object with records and each unread one
+//!     (`dlopen(RTLD_NOLOAD)`): from now on it cannot be unmapped; an object
+//!     with records already gone means a retry;
+//!  3. read the counters again: if they did not move since step 1 (nor
+//!     since the rescan), the pinned objects are the ones the rescan listed,
+//!     as it listed them; otherwise retry;
+//!  4. read the records of the unread objects from their memory, where the
+//!     object table recorded their `PT_NOTE` segments;
+//!  5. patch; drop the pins once the keys lock is released.
 //!
 //! So the sites of an unloaded library are forgotten at the first operation
 //! after its `dlclose`, and no operation touches an object whose memory may
@@ -146,9 +150,10 @@ use std::sync::atomic::{AtomicI32, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
+use crate::sites::Pin;
 use crate::text::{CommitOptions, CommitStats, Poke};
 use crate::Batch;
-use registry::{Pins, Registry};
+use registry::Registry;
 
 /// `StaticKey::flags` bit: the key is enabled by default.
 const KEY_DEFAULT_TRUE: u32 = 1;
@@ -456,7 +461,7 @@ static REGISTRY: Mutex<Option<Registry>> = Mutex::new(None);
 
 /// Runs `f` under the keys lock; pins it collects are dropped after the
 /// lock is released.
-fn locked<R>(f: impl FnOnce(&mut Registry, &mut Vec<Pins>) -> R) -> R {
+fn locked<R>(f: impl FnOnce(&mut Registry, &mut Vec<Pin>) -> R) -> R {
     let mut pins = Vec::new();
     let r = {
         let mut guard = REGISTRY.lock().unwrap_or_else(|e| e.into_inner());
@@ -471,10 +476,8 @@ fn names<'a>(keys: impl IntoIterator<Item = &'a StaticKey>) -> String {
 }
 
 /// Brings the tables up to date and pins the objects (see "Objects").
-fn sync_locked(reg: &mut Registry, pins: &mut Vec<Pins>, what: impl FnOnce() -> String) -> Result<(), KeyError> {
-    let p = reg.sync().map_err(|attempts| KeyError::Unsettled { keys: what(), attempts })?;
-    pins.push(p);
-    Ok(())
+fn sync_locked(reg: &mut Registry, pins: &mut Vec<Pin>, what: impl FnOnce() -> String) -> Result<(), KeyError> {
+    reg.sync(pins).map_err(|attempts| KeyError::Unsettled { keys: what(), attempts })
 }
 
 /// Patches the sites of each key, going to the state paired with it, as one

@@ -31,7 +31,8 @@
 //!
 //! The linker groups `SHT_NOTE` sections into `PT_NOTE` segments, which the
 //! dynamic loader reports with the other program headers through
-//! `dl_iterate_phdr`. So the records of every loaded object — the main
+//! `dl_iterate_phdr` (the object table, [`crate::sites::Objects`], records
+//! where they are). So the records of every loaded object — the main
 //! executable, each shared library, each library loaded later — are found in
 //! memory, without reading any file and without `__start_`/`__stop_` symbols
 //! (which exist once per object and are not exported). `SHF_GNU_RETAIN` (the
@@ -42,16 +43,18 @@
 //!
 //! # Reading
 //!
-//! [`read_objects`] walks `dl_iterate_phdr`; for each object asked for, it
-//! decodes the notes of its `PT_NOTE` segments that lie inside a readable
-//! `PT_LOAD` segment. The loader holds its lock during the callback, so the
-//! object cannot be unmapped while its notes are read. Only the notes are
-//! read there: they need no relocation, whereas the key's name pointer does,
-//! and is read later, once the object is pinned (the loader may list an
-//! object that another thread's `dlopen` has mapped but not yet relocated).
+//! [`read_object`] decodes the notes of one object in place, from the
+//! `PT_NOTE` segments the object table recorded for it (those inside a
+//! readable `PT_LOAD` segment), while the object is pinned so that it cannot
+//! be unmapped during the read. The pin alone does not say that the pinned
+//! object is the one the table listed (one unloaded and another loaded from
+//! the same path at the same address passes its check); the caller checks
+//! that too, with the loader's counters (see `Registry::sync`). Reading under
+//! a pin rather than inside a `dl_iterate_phdr` callback also means that an
+//! object another thread's `dlopen` has mapped but not finished loading is
+//! read only once that `dlopen` is done: pinning waits for it.
 
-use std::collections::HashSet;
-use std::ffi::{CStr, CString};
+use crate::sites::{LoadedObject, Pin};
 
 /// Owner name of textpoke's notes, NUL included.
 pub(crate) const NOTE_NAME: &[u8] = b"textpoke\0";
@@ -151,105 +154,20 @@ pub(crate) fn parse_notes(bytes: &[u8], addr: usize, align: usize, out: &mut Obj
     }
 }
 
-/// One object's notes as the loader lists it: `dlpi_name` and bias identify
-/// it (as in [`crate::sites::Objects`]).
-pub(crate) struct ListedNotes {
-    pub name: CString,
-    pub bias: usize,
-    pub notes: ObjectNotes,
-}
-
-struct Walk<'a> {
-    wanted: &'a HashSet<(CString, usize)>,
-    found: Vec<ListedNotes>,
-}
-
-/// Reads the textpoke notes of the loaded objects identified in `wanted` by
-/// `(dlpi_name, bias)`. Objects with no textpoke note are returned too, with
-/// empty notes, so the caller knows they were seen.
-pub(crate) fn read_objects(wanted: &HashSet<(CString, usize)>) -> Vec<ListedNotes> {
-    let mut walk = Walk { wanted, found: Vec::new() };
-    // SAFETY: the callback only reads the `dl_phdr_info` it is given and the
-    // memory it describes, and pushes into the `Walk` passed as `data`,
-    // which outlives the call.
-    unsafe { libc::dl_iterate_phdr(Some(phdr_callback), (&mut walk as *mut Walk).cast()) };
-    walk.found
-}
-
-/// `dl_iterate_phdr` callback: decode the notes of one wanted object.
+/// Decodes the textpoke notes of `obj`, in place in its memory. An object
+/// with none gives empty notes.
 ///
 /// # Safety
 ///
-/// Only for `dl_iterate_phdr` from [`read_objects`]: `info` must describe an
-/// object that stays mapped during the call, and `data` must be the `Walk`.
-unsafe extern "C" fn phdr_callback(info: *mut libc::dl_phdr_info, _size: usize, data: *mut libc::c_void) -> i32 {
-    // SAFETY: per this function's contract.
-    let (info, walk) = unsafe { (&*info, &mut *data.cast::<Walk>()) };
-    let name = if info.dlpi_name.is_null() {
-        CString::default()
-    } else {
-        // SAFETY: a non-null dlpi_name is a NUL-terminated string.
-        unsafe { CStr::from_ptr(info.dlpi_name) }.to_owned()
-    };
-    let bias = info.dlpi_addr as usize;
-    let key = (name, bias);
-    if !walk.wanted.contains(&key) {
-        return 0;
-    }
-    let phdrs: &[libc::Elf64_Phdr] = if info.dlpi_phdr.is_null() {
-        &[]
-    } else {
-        // SAFETY: the loader gives `dlpi_phnum` program headers at dlpi_phdr.
-        unsafe { std::slice::from_raw_parts(info.dlpi_phdr, info.dlpi_phnum as usize) }
-    };
-    let loads: Vec<(usize, usize)> = phdrs
-        .iter()
-        .filter(|p| p.p_type == libc::PT_LOAD && p.p_flags & libc::PF_R != 0)
-        .map(|p| (p.p_vaddr as usize, p.p_vaddr as usize + p.p_memsz as usize))
-        .collect();
+/// As for [`LoadedObject::note_bytes`]: `pin` is a pin of `obj`, taken when
+/// `obj.notes` describes the object it holds.
+pub(crate) unsafe fn read_object(obj: &LoadedObject, pin: &Pin) -> ObjectNotes {
     let mut notes = ObjectNotes::default();
-    for ph in phdrs.iter().filter(|p| p.p_type == libc::PT_NOTE) {
-        let (start, len) = (ph.p_vaddr as usize, ph.p_memsz as usize);
-        if !loads.iter().any(|&(s, e)| s <= start && start + len <= e) {
-            continue; // not mapped: nothing of ours can be there
-        }
-        let at = bias.wrapping_add(start);
-        // SAFETY: the notes lie inside a readable PT_LOAD segment of an
-        // object the loader keeps mapped during this callback; notes are
-        // file contents, valid from the moment the object is mapped.
-        let bytes = unsafe { std::slice::from_raw_parts(at as *const u8, len) };
-        parse_notes(bytes, at, ph.p_align as usize, &mut notes);
+    // SAFETY: per this function's contract.
+    for (seg, bytes) in unsafe { obj.note_bytes(pin) } {
+        parse_notes(bytes, obj.bias.wrapping_add(seg.vaddr), seg.align, &mut notes);
     }
-    walk.found.push(ListedNotes { name: key.0, bias, notes });
-    0
-}
-
-/// The loader's counters of objects loaded and unloaded so far
-/// (`dlpi_adds`, `dlpi_subs`): equal values at two moments mean no object
-/// was loaded or unloaded in between. `None` if the loader does not report
-/// them.
-pub(crate) fn loader_counters() -> Option<(u64, u64)> {
-    let mut counters: Option<(u64, u64)> = None;
-    // SAFETY: the callback writes only to the Option passed as `data`,
-    // which outlives the call.
-    unsafe { libc::dl_iterate_phdr(Some(counters_callback), (&mut counters as *mut Option<(u64, u64)>).cast()) };
-    counters
-}
-
-/// Reads the counters from the first object and stops the walk.
-///
-/// # Safety
-///
-/// Only for `dl_iterate_phdr` from [`loader_counters`]: `info` valid for
-/// `size` bytes, `data` the `Option<(u64, u64)>`.
-unsafe extern "C" fn counters_callback(info: *mut libc::dl_phdr_info, size: usize, data: *mut libc::c_void) -> i32 {
-    let end = std::mem::offset_of!(libc::dl_phdr_info, dlpi_subs) + std::mem::size_of::<u64>();
-    if size >= end {
-        // SAFETY: per this function's contract; the struct is long enough to
-        // hold both counters.
-        unsafe { *data.cast::<Option<(u64, u64)>>() = Some(((*info).dlpi_adds, (*info).dlpi_subs)) };
-    }
-    1 // one object is enough: the counters are the same in every call
+    notes
 }
 
 #[cfg(test)]
@@ -309,5 +227,50 @@ mod tests {
         parse_notes(&b, 0x1000, 4, &mut out);
         assert_eq!(out.bad.len(), 1, "{:?}", out.bad);
         assert!(out.keys.is_empty());
+    }
+
+    crate::define_static_key_false!(NOTES_TEST_KEY);
+
+    #[inline(never)]
+    fn notes_test_branch() -> bool {
+        crate::static_branch_unlikely!(NOTES_TEST_KEY)
+    }
+
+    #[test]
+    fn reads_this_executables_records_where_the_object_table_lists_them() {
+        use crate::sites::objects::loader_counters;
+        let key = &*NOTES_TEST_KEY as *const crate::keys::StaticKey as usize;
+        let mut objects = crate::sites::Objects::new();
+        for _ in 0..100 {
+            objects.rescan();
+            let main = objects.main().expect("main executable listed");
+            let pin = main.pin().expect("main executable pinned");
+            let seen = objects.counters().expect("glibc reports the loader's counters");
+            if loader_counters() != Some(seen) {
+                continue; // another test thread loaded or unloaded something
+            }
+            // SAFETY: `pin` holds the main executable, and no object was
+            // loaded or unloaded between the rescan that listed it and the pin.
+            let notes = unsafe { read_object(main, &pin) };
+            assert!(notes.bad.is_empty(), "{:?}", notes.bad);
+            assert!(notes.keys.contains(&key), "{key:#x} in {:x?}", notes.keys);
+            assert!(notes.sites.iter().any(|s| s.key == key), "{:x?}", notes.sites);
+            assert!(!notes_test_branch());
+            return;
+        }
+        panic!("libraries kept being loaded or unloaded");
+    }
+
+    #[test]
+    #[should_panic(expected = "a pin of")]
+    fn a_pin_of_another_object_is_refused() {
+        let mut objects = crate::sites::Objects::new();
+        objects.rescan();
+        let main = objects.main().expect("main executable listed");
+        let other = objects.iter().find(|o| !o.is_main).expect("a library listed (libc, at least)");
+        let pin = other.pin().expect("library pinned");
+        // SAFETY: not upheld, on purpose: the pin is checked against the
+        // object before anything is read, and the call panics.
+        let _ = unsafe { read_object(main, &pin) };
     }
 }

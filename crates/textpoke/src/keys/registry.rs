@@ -2,12 +2,13 @@
 //! `dlopen`/`dlclose` (see the parent module's "Objects" section).
 
 use std::collections::{HashMap, HashSet};
-use std::ffi::{CStr, CString};
+use std::ffi::CStr;
 use std::path::PathBuf;
 
 use super::notes::{self, ObjectNotes, RawSite, SITE_INIT_JMP, SITE_LIKELY};
 use super::StaticKey;
 use crate::arch::{self, NOP5};
+use crate::sites::objects::loader_counters;
 use crate::sites::{LoadedObject, ObjectChanges, ObjectId, Objects, Pin};
 
 /// How many times [`Registry::sync`] lists and pins the objects before
@@ -83,15 +84,13 @@ pub(crate) struct Registry {
     tables: HashMap<ObjectId, Table>,
     /// Key address -> its object and its index in that object's table.
     index: HashMap<usize, (ObjectId, usize)>,
-    started: bool,
-    /// The loader's counters when the tables were last known up to date.
+    /// Listed objects whose notes are still to be read, in the order they
+    /// were listed; read once pinned (see [`Registry::sync`]).
+    unread: Vec<ObjectId>,
+    /// The loader's counters when the tables were last known up to date;
+    /// `None` forces a rescan, as on the first sync.
     counters: Option<(u64, u64)>,
 }
-
-/// Pins that keep the objects with keys loaded; drop them only after the
-/// keys lock is released (dropping the last reference to a library the
-/// application dlclosed meanwhile runs its destructors).
-pub(crate) struct Pins(#[allow(dead_code)] Vec<Pin>);
 
 impl Registry {
     pub fn new() -> Registry {
@@ -100,36 +99,42 @@ impl Registry {
 
     /// Brings the tables up to date with the loaded objects and pins every
     /// object that has records, so none can be unmapped until the pins are
-    /// dropped:
+    /// dropped. Every pin taken, by the attempt that succeeds or by one that
+    /// is retried, goes into `keep`: drop them only after the keys lock is
+    /// released (dropping the last reference to a library the application
+    /// dlclosed meanwhile runs its destructors, which may flip keys).
     ///
     ///  1. read the loader's load/unload counters; if they moved since the
     ///     last sync (or on the first), rescan the objects: forget the
-    ///     removed ones, read the notes of the added ones (of all, if an
+    ///     removed ones, note the added ones as unread (all of them, if an
     ///     object may have been reloaded at the same address);
     ///  2. pin every object with records (`dlopen(RTLD_NOLOAD)`, which also
     ///     waits for a `dlopen` in progress on another thread to finish);
-    ///     one that is gone already means a retry from step 1;
-    ///  3. read the counters again: if they did not move since step 1, no
-    ///     object was loaded or unloaded in between, so the pinned objects
-    ///     are the ones whose notes were read; otherwise retry;
-    ///  4. read the names and defaults of new keys from the (pinned) keys.
+    ///     one that is gone already means a retry from step 1; pin every
+    ///     unread object too;
+    ///  3. read the counters again: if they did not move since step 1, and
+    ///     the last rescan saw them too, no object was loaded or unloaded
+    ///     since that rescan, so the pinned objects are the ones it listed,
+    ///     with the tables built from their records; otherwise retry;
+    ///  4. read the records of the unread objects, in place, under their
+    ///     pins; then the names and defaults of new keys, from the (pinned)
+    ///     keys.
     ///
     /// In the common case — no dlopen or dlclose since the last flip — that
     /// is two walks of the loader's list that stop at the first object, and
     /// one pin per object with keys. Without the counters (not glibc), every
     /// sync rescans twice.
-    pub fn sync(&mut self) -> Result<Pins, u32> {
+    pub fn sync(&mut self, keep: &mut Vec<Pin>) -> Result<(), u32> {
         for _ in 0..SYNC_ATTEMPTS {
-            let before = notes::loader_counters();
-            if before.is_none() || before != self.counters || !self.started {
+            let before = loader_counters();
+            if before.is_none() || before != self.counters {
                 let changes = self.objects.rescan();
                 self.apply(&changes);
             }
-            let mut pins = Vec::with_capacity(self.tables.len());
             let mut lost = false;
             for id in self.tables.keys() {
                 match self.objects.get(*id).map(LoadedObject::pin) {
-                    Some(Ok(pin)) => pins.push(pin),
+                    Some(Ok(pin)) => keep.push(pin),
                     _ => {
                         lost = true;
                         break;
@@ -140,67 +145,90 @@ impl Registry {
                 self.counters = None; // rescan next time round
                 continue;
             }
-            let after = notes::loader_counters();
+            // An unread object that cannot be pinned is gone: step 3 sees
+            // the counters move (or the rescan without them sees it go) and
+            // retries. Should one be listed and still fail to pin, it is not
+            // read: its notes cannot be read safely, nor its keys pinned for
+            // a flip.
+            let unread: Vec<(ObjectId, Option<Pin>)> =
+                self.unread.iter().map(|&id| (id, self.objects.get(id).and_then(|o| o.pin().ok()))).collect();
+            let after = loader_counters();
             let settled = match (before, after) {
-                (Some(b), Some(a)) => a == b,
+                // No object was loaded or unloaded between `before` and
+                // `after`, nor between the last rescan (which read
+                // `objects.counters()` in its walk) and `after`: the objects
+                // pinned are the ones it listed, as it listed them.
+                (Some(b), Some(a)) => a == b && self.objects.counters() == Some(a),
                 _ => {
+                    // This rescan runs with the objects pinned: it describes
+                    // them (the notes of a listed object are those it lists).
                     let late = self.objects.rescan();
                     let unchanged = late.is_empty();
                     self.apply(&late);
                     unchanged
                 }
             };
-            if settled {
-                self.counters = before;
-                self.resolve();
-                return Ok(Pins(pins));
+            if !settled {
+                keep.extend(unread.into_iter().filter_map(|(_, pin)| pin));
+                self.counters = None;
+                continue;
             }
-            self.counters = None;
+            self.counters = before;
+            self.read(&unread);
+            keep.extend(unread.into_iter().filter_map(|(_, pin)| pin));
+            self.resolve();
+            return Ok(());
         }
         Err(SYNC_ATTEMPTS)
     }
 
+    /// Takes in what a rescan found. The first rescan lists every object as
+    /// added, so all are read.
     fn apply(&mut self, changes: &ObjectChanges) {
         for gone in &changes.removed {
             self.forget(gone.id);
         }
-        let read: Vec<ObjectId> = if !self.started || changes.possibly_reloaded {
+        if changes.possibly_reloaded {
             self.tables.clear();
             self.index.clear();
-            self.objects.iter().map(|o| o.id).collect()
+            self.unread = self.objects.iter().map(|o| o.id).collect();
         } else {
-            changes.added.clone()
-        };
-        self.started = true;
-        if read.is_empty() {
-            return;
+            self.unread.extend_from_slice(&changes.added);
         }
-        let mut wanted: HashMap<(CString, usize), ObjectId> = HashMap::new();
-        for id in read {
-            if let Some(o) = self.objects.get(id) {
-                wanted.insert((o.dl_name.clone(), o.bias), id);
-            }
-        }
-        let keys: HashSet<(CString, usize)> = wanted.keys().cloned().collect();
-        for listed in notes::read_objects(&keys) {
-            let Some(&id) = wanted.get(&(listed.name, listed.bias)) else { continue };
-            if listed.notes.is_empty() {
+    }
+
+    /// Reads the records of the unread objects, pinned as `unread` says,
+    /// and builds their tables. Only once [`sync`](Self::sync) has checked
+    /// that the pinned objects are the ones listed.
+    fn read(&mut self, unread: &[(ObjectId, Option<Pin>)]) {
+        for (id, pin) in unread {
+            let (Some(obj), Some(pin)) = (self.objects.get(*id), pin) else { continue };
+            // SAFETY: `pin` holds `obj`, and `obj.notes` describes the object
+            // it holds: the rescan that recorded them ran while the pin was
+            // held, or saw the loader's counters equal to those read after
+            // the pin was taken (see `sync`, step 3). This is what reading
+            // inside a dl_iterate_phdr callback, under the loader's lock,
+            // guaranteed: the bytes read are mapped, and are those of the
+            // object listed.
+            let notes = unsafe { notes::read_object(obj, pin) };
+            if notes.is_empty() {
                 continue;
             }
-            let obj = self.objects.get(id).expect("listed object");
-            let mut table = build_table(obj, listed.notes);
+            let mut table = build_table(obj, notes);
             for (i, k) in table.keys.iter().enumerate() {
                 if let Some((other, _)) = self.index.get(&k.addr) {
                     table.bad.push(format!("key at {:#x} is also recorded by {other}", k.addr));
                     continue;
                 }
-                self.index.insert(k.addr, (id, i));
+                self.index.insert(k.addr, (*id, i));
             }
-            self.tables.insert(id, table);
+            self.tables.insert(*id, table);
         }
+        self.unread.clear();
     }
 
     fn forget(&mut self, id: ObjectId) {
+        self.unread.retain(|u| *u != id);
         if let Some(t) = self.tables.remove(&id) {
             for k in &t.keys {
                 if self.index.get(&k.addr).is_some_and(|(o, _)| *o == id) {

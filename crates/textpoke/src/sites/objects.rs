@@ -6,8 +6,9 @@
 //! load bias (`dlpi_addr`: runtime address = link-time address + bias) and
 //! its program headers, while holding the loader's lock, so the object
 //! cannot be unloaded during the callback. The callback copies what it needs
-//! (name, `PT_LOAD` segments, the GNU build-id note, read from the mapped
-//! `PT_NOTE`) and returns; nothing is kept that points into the loader's data.
+//! (name, `PT_LOAD` segments, where the mapped `PT_NOTE` segments are, the GNU
+//! build-id read from them, the loader's counters) and returns; nothing is
+//! kept that points into the loader's data.
 //!
 //! - The main executable is the entry with an empty name; its file is
 //!   `/proc/self/exe`, which stays openable even if the path was replaced.
@@ -28,6 +29,14 @@
 //! loaded afresh. The loader's own counters (`dlpi_adds`, `dlpi_subs`) catch
 //! that case without telling which object it was: when they moved by more
 //! than what the rescan saw, [`ObjectChanges::possibly_reloaded`] is set.
+//! An object that keeps its id keeps what was first recorded of it, except
+//! its note segments ([`LoadedObject::notes`]), which are those of the
+//! latest rescan: they are read from memory (see "Reading notes").
+//!
+//! The counters are read in the same walk as the objects, under the same
+//! lock; `Objects::counters` keeps them, and `loader_counters` reads them
+//! again later, from the first object only: equal values mean that no object
+//! was loaded or unloaded in between.
 //!
 //! # Pinning
 //!
@@ -36,6 +45,21 @@
 //! `dlopen(name, RTLD_NOLOAD)` (which never loads anything), checks through
 //! `dlinfo(RTLD_DI_LINKMAP)` that it is the same object at the same bias, and
 //! holds it loaded until the [`Pin`] is dropped.
+//!
+//! # Reading notes
+//!
+//! The `PT_NOTE` segments of an object are in its memory, as the loader
+//! mapped them; [`LoadedObject::notes`] records where (only those inside a
+//! readable `PT_LOAD` segment: the others are not mapped). Reading them later
+//! needs more than a pin: the path and bias a pin checks are those of the
+//! listing, but an object unloaded and another loaded from the same path at
+//! the same address (a library replaced on disk, say) passes that check with
+//! other program headers. The recorded segments describe the pinned object
+//! when no object was loaded or unloaded between the rescan that recorded
+//! them and the pin (the counters read after the pin equal
+//! `Objects::counters`), or when the rescan ran while the pin was held.
+//! `LoadedObject::note_bytes` reads them on that condition, which its
+//! caller establishes.
 
 use std::collections::HashMap;
 use std::ffi::{CStr, CString, OsStr};
@@ -97,6 +121,19 @@ impl Segment {
     }
 }
 
+/// One `PT_NOTE` segment, at its link-time address (add the object's bias
+/// for the runtime address). Only those inside a readable `PT_LOAD` segment
+/// are recorded.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct NoteSegment {
+    /// Link-time virtual address (`p_vaddr`).
+    pub vaddr: usize,
+    /// Size in memory (`p_memsz`).
+    pub memsz: usize,
+    /// Alignment of the notes in it (`p_align`: 4 or 8).
+    pub align: usize,
+}
+
 /// An ELF object loaded in this process.
 #[derive(Clone, Debug)]
 pub struct LoadedObject {
@@ -114,6 +151,9 @@ pub struct LoadedObject {
     pub segments: Vec<Segment>,
     /// The GNU build-id read from the loaded object's memory, if it has one.
     pub build_id: Option<Vec<u8>>,
+    /// Its mapped `PT_NOTE` segments, in program-header order, as the latest
+    /// rescan listed them (see the module doc, "Reading notes").
+    pub notes: Vec<NoteSegment>,
     /// What `dlpi_name` said (empty for the main executable).
     pub(crate) dl_name: CString,
 }
@@ -147,7 +187,7 @@ impl LoadedObject {
         if handle.is_null() {
             return Err(unloaded());
         }
-        let pin = Pin { handle };
+        let pin = Pin { handle, object: self.id };
         let mut map: *mut LinkMapHead = std::ptr::null_mut();
         // SAFETY: `handle` is a live handle from dlopen; RTLD_DI_LINKMAP
         // stores one `struct link_map *` through the pointer we pass.
@@ -163,6 +203,36 @@ impl LoadedObject {
         }
         Ok(pin)
     }
+
+    /// Each of this object's [`notes`](Self::notes) segments with its bytes,
+    /// read in place from the object's memory.
+    ///
+    /// # Safety
+    ///
+    /// `pin` keeps this object loaded, and `notes` must describe the object
+    /// it holds (see the module doc, "Reading notes"): the rescan that
+    /// recorded them ran while `pin` was held, or no object was loaded or
+    /// unloaded between that rescan and the taking of `pin`.
+    ///
+    /// # Panics
+    ///
+    /// If `pin` is not a pin of this object.
+    pub(crate) unsafe fn note_bytes<'p>(&self, pin: &'p Pin) -> Vec<(NoteSegment, &'p [u8])> {
+        assert_eq!(pin.object, self.id, "a pin of {} used to read {}", pin.object, self.id);
+        self.notes
+            .iter()
+            .map(|n| {
+                // SAFETY: the listing checked that the segment lies inside a
+                // readable PT_LOAD segment of the object it listed; per the
+                // contract that is the object `pin` holds, so the bytes stay
+                // mapped for as long as the pin is borrowed. Notes are file
+                // contents, never written after mapping.
+                let bytes =
+                    unsafe { std::slice::from_raw_parts(self.bias.wrapping_add(n.vaddr) as *const u8, n.memsz) };
+                (*n, bytes)
+            })
+            .collect()
+    }
 }
 
 /// The first field of glibc's `struct link_map`; the rest is not read.
@@ -175,6 +245,8 @@ struct LinkMapHead {
 #[derive(Debug)]
 pub struct Pin {
     handle: *mut libc::c_void,
+    /// The object it was taken for.
+    object: ObjectId,
 }
 
 impl Drop for Pin {
@@ -229,7 +301,10 @@ impl Objects {
             self.objects.drain(..).map(|o| ((o.path.clone(), o.bias), o)).collect();
         let mut added = Vec::new();
         for raw in listing.objects {
-            if let Some(kept) = old.remove(&(raw.path.clone(), raw.bias)) {
+            if let Some(mut kept) = old.remove(&(raw.path.clone(), raw.bias)) {
+                // The same unless it was reloaded: then these are the ones
+                // mapped now (see "Reading notes").
+                kept.notes = raw.notes;
                 self.objects.push(kept);
                 continue;
             }
@@ -242,6 +317,7 @@ impl Objects {
                 is_main: raw.is_main,
                 segments: raw.segments,
                 build_id: raw.build_id,
+                notes: raw.notes,
                 dl_name: raw.dl_name,
             });
         }
@@ -264,6 +340,13 @@ impl Objects {
     /// Number of rescans that changed something.
     pub fn generation(&self) -> u64 {
         self.generation
+    }
+
+    /// The loader's counters (`dlpi_adds`, `dlpi_subs`) as the last rescan
+    /// read them, in the same walk as the objects. `None` before the first
+    /// rescan, or if the loader does not report them.
+    pub(crate) fn counters(&self) -> Option<(u64, u64)> {
+        self.counters
     }
 
     /// The objects, in the loader's order (main executable first).
@@ -302,6 +385,7 @@ struct RawObject {
     is_main: bool,
     segments: Vec<Segment>,
     build_id: Option<Vec<u8>>,
+    notes: Vec<NoteSegment>,
 }
 
 struct Listing {
@@ -317,6 +401,7 @@ struct Entry {
     /// Runtime address of the ELF header (the segment with file offset 0).
     ehdr: Option<usize>,
     build_id: Option<Vec<u8>>,
+    notes: Vec<NoteSegment>,
     counters: Option<(u64, u64)>,
 }
 
@@ -353,6 +438,7 @@ fn enumerate() -> Listing {
             is_main,
             segments: e.segments,
             build_id: e.build_id,
+            notes: e.notes,
         });
     }
     Listing { objects, counters }
@@ -396,23 +482,62 @@ unsafe extern "C" fn phdr_callback(
         .iter()
         .find(|p| p.p_type == libc::PT_LOAD && p.p_offset == 0)
         .map(|p| bias.wrapping_add(p.p_vaddr as usize));
+    let notes: Vec<NoteSegment> = phdrs
+        .iter()
+        .filter(|p| p.p_type == libc::PT_NOTE)
+        .map(|p| NoteSegment { vaddr: p.p_vaddr as usize, memsz: p.p_memsz as usize, align: p.p_align as usize })
+        .filter(|n| segments.iter().any(|s| s.is_readable() && s.covers(n.vaddr, n.memsz)))
+        .collect();
     let mut build_id = None;
-    for note in phdrs.iter().filter(|p| p.p_type == libc::PT_NOTE) {
-        let (vaddr, len) = (note.p_vaddr as usize, note.p_memsz as usize);
-        if !segments.iter().any(|s| s.is_readable() && s.covers(vaddr, len)) {
-            continue;
-        }
+    for note in &notes {
         // SAFETY: the note lies inside a readable PT_LOAD segment of an
         // object the loader holds loaded during this callback.
-        let bytes = unsafe { std::slice::from_raw_parts(bias.wrapping_add(vaddr) as *const u8, len) };
-        if let Some(id) = super::elf::gnu_build_id(bytes, note.p_align) {
+        let bytes = unsafe { std::slice::from_raw_parts(bias.wrapping_add(note.vaddr) as *const u8, note.memsz) };
+        if let Some(id) = super::elf::gnu_build_id(bytes, note.align as u64) {
             build_id = Some(id);
             break;
         }
     }
-    // dlpi_adds/dlpi_subs exist only if the loader's struct is long enough.
-    let counters_end = std::mem::offset_of!(libc::dl_phdr_info, dlpi_subs) + 8;
-    let counters = (size >= counters_end).then_some((info.dlpi_adds, info.dlpi_subs));
-    entries.push(Entry { name, bias, segments, ehdr, build_id, counters });
+    let counters = counters_of(info, size);
+    entries.push(Entry { name, bias, segments, ehdr, build_id, notes, counters });
     0
+}
+
+/// `dlpi_adds` and `dlpi_subs` of a `dl_phdr_info` of `size` bytes: they
+/// exist only if the loader's struct is long enough to hold them.
+fn counters_of(info: &libc::dl_phdr_info, size: libc::size_t) -> Option<(u64, u64)> {
+    let end = std::mem::offset_of!(libc::dl_phdr_info, dlpi_subs) + std::mem::size_of::<u64>();
+    (size >= end).then_some((info.dlpi_adds, info.dlpi_subs))
+}
+
+/// The loader's counters of objects loaded and unloaded so far (`dlpi_adds`,
+/// `dlpi_subs`), read now: equal values at two moments mean that no object
+/// was loaded or unloaded in between. `None` if the loader does not report
+/// them. Cheaper than a rescan: the walk stops at the first object.
+pub(crate) fn loader_counters() -> Option<(u64, u64)> {
+    let mut counters: Option<(u64, u64)> = None;
+    // SAFETY: the callback only reads the `dl_phdr_info` it is given and
+    // writes the Option passed as `data`, which outlives the call.
+    unsafe { libc::dl_iterate_phdr(Some(counters_callback), (&mut counters as *mut Option<(u64, u64)>).cast()) };
+    counters
+}
+
+/// `dl_iterate_phdr` callback: the counters of the first object, then stop
+/// (they are the same in every call).
+///
+/// # Safety
+///
+/// Only for `dl_iterate_phdr` from [`loader_counters`]: `info` must point to
+/// a valid `dl_phdr_info` of `size` bytes, and `data` to the
+/// `Option<(u64, u64)>`.
+unsafe extern "C" fn counters_callback(
+    info: *mut libc::dl_phdr_info,
+    size: libc::size_t,
+    data: *mut libc::c_void,
+) -> libc::c_int {
+    // SAFETY: dl_iterate_phdr passes a valid `info` for the duration of the
+    // call and our own `data` pointer (see loader_counters).
+    let (info, counters) = unsafe { (&*info, &mut *data.cast::<Option<(u64, u64)>>()) };
+    *counters = counters_of(info, size);
+    1
 }
