@@ -849,6 +849,53 @@ fn ctl_refuses_what_is_not_an_agent() {
     let _ = sleeper.wait();
 }
 
+/// Waits until process `pid` maps a file whose path ends with `suffix`
+/// (its exec and the loader are done).
+fn wait_mapped(pid: i32, suffix: &str) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).unwrap_or_default();
+        if maps.lines().any(|l| l.ends_with(suffix)) {
+            return;
+        }
+        assert!(Instant::now() < deadline, "process {pid} never mapped {suffix}");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+#[test]
+fn ctl_knows_the_agent_by_its_file_name() {
+    let s = socket_dir("ctl-maps");
+    // The agent loaded but idle (no sites): no socket, and ctl says so.
+    let mut idle = Command::new(plain_prog())
+        .env("LD_PRELOAD", agent())
+        .env("TEXTPOKE_SOCKET_DIR", &s)
+        .env("TEXTPOKE_DIR", fresh("ctl-maps.data"))
+        .stdin(Stdio::piped()) // kept open: the program waits for a line
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let pid = idle.id() as i32;
+    wait_mapped(pid, "/libtextpoke_agent.so");
+    let out = ctl(&s, pid, &["status"]);
+    refused(&out, 1, &[&format!("process {pid} (plain) has the textpoke agent but no control socket")]);
+    drop(idle.stdin.take());
+    let _ = idle.wait();
+
+    // A program whose mapped files' names merely contain the agent's (its
+    // own executable here: a copy of the plain program) has no agent.
+    let lookalike = work_dir().join("libtextpoke_agent.so.plain");
+    std::fs::copy(plain_prog(), &lookalike).unwrap();
+    let mut other = Command::new(&lookalike).stdin(Stdio::piped()).stdout(Stdio::null()).spawn().unwrap();
+    let pid = other.id() as i32;
+    wait_mapped(pid, "/libtextpoke_agent.so.plain");
+    let out = ctl(&s, pid, &["status"]);
+    refused(&out, 1, &[&format!("process {pid} (libtextpoke_age) is not running under `textpoke record`")]);
+    drop(other.stdin.take());
+    let _ = other.wait();
+}
+
 #[test]
 fn list_shows_the_patchable_functions() {
     let out = run(textpoke(&socket_dir("list")).arg("list").arg(threads_prog()));
