@@ -276,8 +276,11 @@ fn main_loop() {
                 l.fd.close();
             }
         }
-        let wants_socket = AGENT.lock().as_ref().is_some_and(|a| a.phase != Phase::Idle);
-        if wants_socket && listener.is_none() && !socket_failed {
+        // The lock is taken only for work: binding (once), a stop signal, a
+        // request on the socket, a rescan. A tick with nothing to do reads
+        // atomics only, so it never waits for (or delays) a program thread
+        // in the dlclose wrapper or a fork.
+        if listener.is_none() && !socket_failed && crate::left_idle() {
             match bind() {
                 Ok(l) => listener = Some(l),
                 Err(e) => {
@@ -582,4 +585,35 @@ fn stop_and_reraise(sig: libc::c_int) {
     }
     remove_socket();
     reraise_default(sig);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Instant;
+
+    /// The agent thread of an idle agent (this test binary has no
+    /// patchable functions: the constructor left the agent idle) ticks
+    /// without taking the agent's lock, also while it watches for a
+    /// `dlopen` after a nudge.
+    #[test]
+    fn idle_ticks_take_no_lock() {
+        assert!(crate::LOADED.load(Ordering::Acquire), "the constructor ran");
+        assert_eq!(AGENT.lock().as_ref().map(|a| a.phase), Some(Phase::Idle));
+        spawn();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while WAKE_FD.load(Ordering::Acquire) < 0 {
+            assert!(Instant::now() < deadline, "the agent thread did not start");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        let ticks = Duration::from_millis(6 * TICK_MS as u64);
+        let before = AGENT.times_taken();
+        std::thread::sleep(ticks);
+        nudge(); // a dlopen that loads nothing: 250 ms of 1 ms ticks
+        std::thread::sleep(DLOPEN_WATCH + ticks);
+        assert_eq!(AGENT.times_taken(), before, "the agent thread took the lock with nothing to do");
+        // Ends the thread (the loop runs while THREAD_PID is this pid).
+        THREAD_PID.store(0, Ordering::Release);
+        wake();
+    }
 }
