@@ -49,7 +49,10 @@
 //!    and the new program writes `DIR/child-<pid>/`. A failed exec leaves
 //!    recording stopped. A program without sites runs normally (step 1).
 //! 6. **Exit.** `exit` and a return from `main` stop the recorder
-//!    (`flush_at_exit`); `_exit` and `_Exit` are wrapped to do the same.
+//!    (`flush_at_exit`); `_exit` and `_Exit` are wrapped to have the agent
+//!    thread do the same while they wait (at most a few seconds: `_exit`
+//!    may be called from a signal handler, where the stop's allocations
+//!    could deadlock; see `interpose`).
 //!    `SIGINT`, `SIGTERM` and `SIGHUP`, when their disposition is the
 //!    default at load, get a handler that asks the agent thread to stop the
 //!    recorder, then restores the default and raises the signal again: the
@@ -152,8 +155,9 @@ impl Phase {
 }
 
 /// [`Agent::phase`] as a number ([`Phase::code`]), readable without the
-/// lock (the agent thread looks at it on every tick, which must not take
-/// the lock when there is nothing to do). Written only by
+/// lock: the agent thread looks at it on every tick, which must not take
+/// the lock when there is nothing to do, and the `_exit` wrapper, which
+/// must take no lock at all (see `interpose`). Written only by
 /// [`Agent::set_phase`], under the lock.
 static PHASE: AtomicU8 = AtomicU8::new(Phase::IDLE);
 
@@ -161,6 +165,11 @@ static PHASE: AtomicU8 = AtomicU8::new(Phase::IDLE);
 /// to trace, or failed trying.
 pub(crate) fn left_idle() -> bool {
     PHASE.load(Ordering::Acquire) != Phase::IDLE
+}
+
+/// The agent is in [`Phase::Recording`].
+pub(crate) fn recording() -> bool {
+    PHASE.load(Ordering::Acquire) == Phase::RECORDING
 }
 
 /// The agent's state in this process.

@@ -49,8 +49,9 @@ impl<T> ForkLock<T> {
         Guard(self)
     }
 
-    /// Locks if nobody holds the lock (for `_exit`, which may be called
-    /// from a signal handler that interrupted a holder on this thread).
+    /// Locks if nobody holds the lock (for callers that must not wait: the
+    /// `dlclose` wrapper, which may hold the loader's lock, and the panic
+    /// path).
     pub fn try_lock(&self) -> Option<Guard<'_, T>> {
         // SAFETY: as in `lock`.
         let locked = unsafe { libc::pthread_mutex_trylock(self.m.get()) } == 0;
