@@ -2,6 +2,35 @@
 //! 5 and 6): the `exec` family, `_exit`/`_Exit`, `dlopen`, `dlclose`. The
 //! real functions are found with `dlsym(RTLD_NEXT, …)` at load.
 //!
+//! # _exit
+//!
+//! `_exit` is async-signal-safe, and programs use it that way: a `SIGTERM`
+//! handler that cleans up and calls `_exit`. Such a handler may have
+//! interrupted its thread inside `malloc` (holding the heap's lock), inside
+//! stdio, or inside the agent's own code (holding the agent's lock).
+//! Stopping the recorder cannot be made async-signal-safe: the final drain,
+//! the metadata (JSON), the thread files' `fsync`, joining the writer
+//! thread all allocate or take locks, in the library (`record::stop`).
+//! Done on the thread in `_exit`, it would deadlock there, on a lock that
+//! thread itself holds and will never release.
+//!
+//! So the wrapper does no such work: it asks the agent thread to stop the
+//! recorder (an atomic and a byte down the wake pipe) and waits for its
+//! answer, polling an atomic between `nanosleep`s, for at most
+//! `server::EXIT_STOP_TIMEOUT` (the stop itself may wait 2 s for threads
+//! stuck in a record call, then `fsync`s every file). Everything on the
+//! calling thread is async-signal-safe: atomics, `getpid`, `gettid`,
+//! `fstat`, `write`, `clock_gettime`, `nanosleep`, `unlink`; no
+//! allocation, no lock, no thread-local. A program thread that holds a lock
+//! the agent thread needs can only make the agent thread wait; the wrapper
+//! still returns to the real `_exit` after the timeout, and the trace is
+//! left as the writer last wrote it, marked incomplete (which the trace
+//! reader and `textpoke record` report), with a note on stderr. A stop
+//! cut short by the exit leaves it so too: the library replaces each file
+//! whole (temporary file, rename) and marks the trace complete last.
+//! Without an agent thread (it could not be started) the trace is left
+//! incomplete at once.
+//!
 //! # exec
 //!
 //! An exec wrapper may run in a `vfork` child, which shares the parent's
@@ -495,21 +524,27 @@ execl_stub!(execle, KIND_EXECLE);
 // ---------------------------------------------------------------------------
 // _exit.
 
-/// Stops the recorder before an `_exit` of the agent's own process (not
-/// a `vfork` child; not if the lock is held, as in a signal handler that
-/// interrupted the agent on this thread).
+/// Finishes the trace before an `_exit` of the agent's own process (not
+/// a `vfork` child), without doing any of the work on this thread: see
+/// the module docs. Async-signal-safe.
 fn before_exit() {
-    if !LOADED.load(Ordering::Acquire) || in_agent() || !own_process() {
+    if !own_process() || !crate::recording() {
         return;
     }
-    as_agent(|| {
-        if let Some(mut g) = AGENT.try_lock() {
-            if let Some(a) = g.as_mut() {
-                crate::stop_recording(a, "_exit");
-            }
-        }
-        server::remove_socket();
-    });
+    if !server::stop_for_exit() {
+        note_unfinished_at_exit();
+    }
+    server::remove_socket();
+}
+
+/// Says on stderr that the trace is left incomplete, with `write(2)`
+/// (async-signal-safe, unlike the agent's other messages).
+#[cold] // only when the agent thread could not finish the trace in time
+fn note_unfinished_at_exit() {
+    const MSG: &[u8] = b"textpoke: the trace could not be finished at _exit (the agent thread did not answer; \
+        was _exit called from a signal handler?); it is left incomplete\n";
+    // SAFETY: writing from a valid static buffer.
+    unsafe { libc::write(libc::STDERR_FILENO, MSG.as_ptr().cast(), MSG.len()) };
 }
 
 fn real_exit(status: c_int) -> ! {
@@ -523,14 +558,14 @@ fn real_exit(status: c_int) -> ! {
     }
 }
 
-/// `_exit(2)`, after stopping the recorder.
+/// `_exit(2)`, after the agent thread stopped the recorder.
 #[no_mangle]
 pub extern "C" fn _exit(status: c_int) -> ! {
     before_exit();
     real_exit(status)
 }
 
-/// `_Exit(3)`, after stopping the recorder.
+/// `_Exit(3)`, after the agent thread stopped the recorder.
 #[no_mangle]
 pub extern "C" fn _Exit(status: c_int) -> ! {
     before_exit();

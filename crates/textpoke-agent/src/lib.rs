@@ -49,7 +49,10 @@
 //!    and the new program writes `DIR/child-<pid>/`. A failed exec leaves
 //!    recording stopped. A program without sites runs normally (step 1).
 //! 6. **Exit.** `exit` and a return from `main` stop the recorder
-//!    (`flush_at_exit`); `_exit` and `_Exit` are wrapped to do the same.
+//!    (`flush_at_exit`); `_exit` and `_Exit` are wrapped to have the agent
+//!    thread do the same while they wait (at most a few seconds: `_exit`
+//!    may be called from a signal handler, where the stop's allocations
+//!    could deadlock; see `interpose`).
 //!    `SIGINT`, `SIGTERM` and `SIGHUP`, when their disposition is the
 //!    default at load, get a handler that asks the agent thread to stop the
 //!    recorder, then restores the default and raises the signal again: the
@@ -86,7 +89,7 @@ use std::ffi::{c_char, CString, OsStr};
 use std::io::Write;
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicI32, AtomicPtr, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicPtr, AtomicU8, Ordering};
 use std::sync::Arc;
 use textpoke::record::{self, Recorder, RecorderConfig};
 use textpoke::trace::{OpHandle, RecordOp, TraceError, Tracer};
@@ -134,6 +137,39 @@ impl Phase {
             Phase::Failed => "failed".into(),
         }
     }
+
+    const IDLE: u8 = 0;
+    const RECORDING: u8 = 1;
+    const STOPPED: u8 = 2;
+    const FAILED: u8 = 3;
+
+    /// The phase without its reason, for [`PHASE`].
+    fn code(self) -> u8 {
+        match self {
+            Phase::Idle => Phase::IDLE,
+            Phase::Recording => Phase::RECORDING,
+            Phase::Stopped(_) => Phase::STOPPED,
+            Phase::Failed => Phase::FAILED,
+        }
+    }
+}
+
+/// [`Agent::phase`] as a number ([`Phase::code`]), readable without the
+/// lock: the agent thread looks at it on every tick, which must not take
+/// the lock when there is nothing to do, and the `_exit` wrapper, which
+/// must take no lock at all (see `interpose`). Written only by
+/// [`Agent::set_phase`], under the lock.
+static PHASE: AtomicU8 = AtomicU8::new(Phase::IDLE);
+
+/// The agent left [`Phase::Idle`] (it never goes back): it found something
+/// to trace, or failed trying.
+pub(crate) fn left_idle() -> bool {
+    PHASE.load(Ordering::Acquire) != Phase::IDLE
+}
+
+/// The agent is in [`Phase::Recording`].
+pub(crate) fn recording() -> bool {
+    PHASE.load(Ordering::Acquire) == Phase::RECORDING
 }
 
 /// The agent's state in this process.
@@ -149,6 +185,14 @@ pub(crate) struct Agent {
     pub functions: usize,
     /// Functions the op traces (distinct names).
     pub traced: usize,
+}
+
+impl Agent {
+    /// Changes the phase, and its lock-free copy [`PHASE`].
+    fn set_phase(&mut self, phase: Phase) {
+        self.phase = phase;
+        PHASE.store(phase.code(), Ordering::Release);
+    }
 }
 
 pub(crate) static AGENT: ForkLock<Option<Agent>> = ForkLock::new(None);
@@ -315,7 +359,7 @@ fn try_start(agent: &mut Agent, tracer: &'static Tracer) -> Result<(), AgentErro
     let recorder = record::start(cfg)?;
     record::flush_at_exit();
     agent.recorder = Some(recorder);
-    agent.phase = Phase::Recording;
+    agent.set_phase(Phase::Recording);
     STARTED.store(true, Ordering::Release);
     let op = if agent.config.count_only { RecordOp::count_only() } else { RecordOp::graph() };
     let names = distinct_names(&functions);
@@ -378,7 +422,7 @@ pub(crate) fn fail(agent: &mut Agent, msg: &str) {
         let _ = r.stop();
     }
     agent.traced = 0;
-    agent.phase = Phase::Failed;
+    agent.set_phase(Phase::Failed);
     write_agent_json(agent);
 }
 
@@ -387,7 +431,7 @@ pub(crate) fn stop_recording(agent: &mut Agent, why: &'static str) {
     if agent.phase != Phase::Recording {
         return;
     }
-    agent.phase = Phase::Stopped(why);
+    agent.set_phase(Phase::Stopped(why));
     write_agent_json(agent);
     if let Some(r) = agent.recorder.take() {
         if let Err(e) = r.stop() {

@@ -9,6 +9,9 @@ use std::cell::UnsafeCell;
 pub struct ForkLock<T> {
     m: UnsafeCell<libc::pthread_mutex_t>,
     v: UnsafeCell<T>,
+    /// How many times the lock was taken (tests count them).
+    #[cfg(test)]
+    taken: std::sync::atomic::AtomicU64,
 }
 
 // SAFETY: access to `v` is serialised by the mutex.
@@ -18,21 +21,44 @@ pub struct Guard<'a, T>(&'a ForkLock<T>);
 
 impl<T> ForkLock<T> {
     pub const fn new(v: T) -> Self {
-        ForkLock { m: UnsafeCell::new(libc::PTHREAD_MUTEX_INITIALIZER), v: UnsafeCell::new(v) }
+        ForkLock {
+            m: UnsafeCell::new(libc::PTHREAD_MUTEX_INITIALIZER),
+            v: UnsafeCell::new(v),
+            #[cfg(test)]
+            taken: std::sync::atomic::AtomicU64::new(0),
+        }
+    }
+
+    /// Counts one taking of the lock (tests only).
+    fn count(&self) {
+        #[cfg(test)]
+        self.taken.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// How many times the lock was taken so far.
+    #[cfg(test)]
+    pub fn times_taken(&self) -> u64 {
+        self.taken.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     pub fn lock(&self) -> Guard<'_, T> {
         // SAFETY: a valid, statically initialised mutex that lives as long
         // as `self` (a static).
         unsafe { libc::pthread_mutex_lock(self.m.get()) };
+        self.count();
         Guard(self)
     }
 
-    /// Locks if nobody holds the lock (for `_exit`, which may be called
-    /// from a signal handler that interrupted a holder on this thread).
+    /// Locks if nobody holds the lock (for callers that must not wait: the
+    /// `dlclose` wrapper, which may hold the loader's lock, and the panic
+    /// path).
     pub fn try_lock(&self) -> Option<Guard<'_, T>> {
         // SAFETY: as in `lock`.
-        (unsafe { libc::pthread_mutex_trylock(self.m.get()) } == 0).then_some(Guard(self))
+        let locked = unsafe { libc::pthread_mutex_trylock(self.m.get()) } == 0;
+        locked.then(|| {
+            self.count();
+            Guard(self)
+        })
     }
 
     /// Locks without a guard (the atfork prepare handler).
@@ -44,6 +70,7 @@ impl<T> ForkLock<T> {
     pub unsafe fn raw_lock(&self) {
         // SAFETY: as in `lock`.
         unsafe { libc::pthread_mutex_lock(self.m.get()) };
+        self.count();
     }
 
     /// # Safety

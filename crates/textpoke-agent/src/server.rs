@@ -1,6 +1,7 @@
 //! The agent thread: serves the control socket, rescans loaded objects
 //! when the loader's counters move, and stops the recorder when a stop
-//! signal arrives (see the crate docs, steps 3 and 6).
+//! signal arrives or a program thread is in `_exit` (see the crate docs,
+//! steps 3 and 6, and `interpose`).
 //!
 //! # Descriptors
 //!
@@ -18,7 +19,7 @@ use std::io::{BufRead, BufReader, Read};
 use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd, OwnedFd, RawFd};
 use std::os::unix::ffi::OsStringExt;
 use std::os::unix::net::{UnixListener, UnixStream};
-use std::sync::atomic::{AtomicBool, AtomicI32, AtomicPtr, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicPtr, AtomicU32, AtomicU64, Ordering};
 use std::time::Duration;
 use textpoke::control::{self, Reply, Request};
 use textpoke::record;
@@ -33,6 +34,9 @@ const DLOPEN_WATCH: Duration = Duration::from_millis(250);
 
 /// The pid whose agent thread runs (threads do not survive fork).
 static THREAD_PID: AtomicI32 = AtomicI32::new(0);
+
+/// The agent thread's tid (0 until it runs).
+static THREAD_TID: AtomicI32 = AtomicI32::new(0);
 
 /// A stop signal caught by [`on_stop_signal`], for the agent thread.
 static PENDING_SIGNAL: AtomicI32 = AtomicI32::new(0);
@@ -264,6 +268,7 @@ fn wait_for_loader() {
 
 fn main_loop() {
     set_in_agent_thread();
+    THREAD_TID.store(gettid(), Ordering::Release);
     block_async_signals();
     let me = getpid();
     let mut wake_rd = make_wake_pipe();
@@ -276,8 +281,11 @@ fn main_loop() {
                 l.fd.close();
             }
         }
-        let wants_socket = AGENT.lock().as_ref().is_some_and(|a| a.phase != Phase::Idle);
-        if wants_socket && listener.is_none() && !socket_failed {
+        // The lock is taken only for work: binding (once), a stop signal, a
+        // request on the socket, a rescan. A tick with nothing to do reads
+        // atomics only, so it never waits for (or delays) a program thread
+        // in the dlclose wrapper or a fork.
+        if listener.is_none() && !socket_failed && crate::left_idle() {
             match bind() {
                 Ok(l) => listener = Some(l),
                 Err(e) => {
@@ -296,6 +304,9 @@ fn main_loop() {
         // SAFETY: `fds` is a valid array of its length.
         let timeout = if watch_until.is_some_and(|t| std::time::Instant::now() < t) { 1 } else { TICK_MS };
         unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, timeout) };
+        if EXIT_STOP.load(Ordering::Acquire) == EXIT_ASKED {
+            stop_for_exit_on_agent_thread();
+        }
         let sig = PENDING_SIGNAL.swap(0, Ordering::AcqRel);
         if sig != 0 {
             stop_and_reraise(sig);
@@ -384,6 +395,8 @@ pub(crate) fn exec_failed() {
 /// In a forked child: the parent's descriptors and socket are not ours.
 pub(crate) fn after_fork_in_child() {
     THREAD_PID.store(0, Ordering::Release);
+    THREAD_TID.store(0, Ordering::Release);
+    EXIT_STOP.store(EXIT_NONE, Ordering::Release); // a parent thread's _exit
     PENDING_SIGNAL.store(0, Ordering::Release);
     WAKE_FD.store(-1, Ordering::Release);
     SOCKET_PATH.store(std::ptr::null_mut(), Ordering::Release); // the parent's
@@ -582,4 +595,110 @@ fn stop_and_reraise(sig: libc::c_int) {
     }
     remove_socket();
     reraise_default(sig);
+}
+
+// ---------------------------------------------------------------------------
+// _exit.
+
+/// The `_exit` handshake (see `interpose`, "_exit"): a program thread in
+/// `_exit` moves it from NONE to ASKED and wakes the agent thread, which
+/// stops the recorder and moves it to DONE. It stays DONE: the recorder is
+/// stopped for good, so a later `_exit` need not wait.
+static EXIT_STOP: AtomicU32 = AtomicU32::new(EXIT_NONE);
+const EXIT_NONE: u32 = 0;
+const EXIT_ASKED: u32 = 1;
+const EXIT_DONE: u32 = 2;
+
+/// How long `_exit` waits for the agent thread to stop the recorder. The
+/// stop waits up to 2 s for threads stuck in a record call, then writes
+/// and `fsync`s every file; past this the agent thread is taken to be
+/// blocked on a lock that the thread in `_exit` holds (a signal handler
+/// that interrupted `malloc`), and the program is let go.
+pub(crate) const EXIT_STOP_TIMEOUT: Duration = Duration::from_secs(5);
+
+fn gettid() -> i32 {
+    // SAFETY: no preconditions; a plain system call.
+    unsafe { libc::gettid() }
+}
+
+/// CLOCK_MONOTONIC in nanoseconds (`clock_gettime` is async-signal-safe).
+fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: clock_gettime writes one timespec.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    (ts.tv_sec as u64).saturating_mul(1_000_000_000).saturating_add(ts.tv_nsec as u64)
+}
+
+/// Called by the `_exit` wrapper while recording: has the agent thread
+/// stop the recorder and waits for it, at most [`EXIT_STOP_TIMEOUT`].
+/// Whether the recorder was stopped.
+///
+/// Async-signal-safe (the caller may be a signal handler that interrupted
+/// anything): atomics, `getpid`, `gettid`, `fstat` and `write` (in
+/// [`wake`]), `clock_gettime`, `nanosleep`; no allocation, no lock, no
+/// thread-local, nothing that can panic.
+pub(crate) fn stop_for_exit() -> bool {
+    if THREAD_PID.load(Ordering::Acquire) != getpid() {
+        return false; // no agent thread in this process
+    }
+    if THREAD_TID.load(Ordering::Acquire) == gettid() {
+        return false; // the agent thread itself: it cannot wait for itself
+    }
+    // Only the first caller asks; a second thread in `_exit` waits too.
+    let _ = EXIT_STOP.compare_exchange(EXIT_NONE, EXIT_ASKED, Ordering::AcqRel, Ordering::Acquire);
+    // A thread that has not made its wake pipe yet sees ASKED when it
+    // enters its loop.
+    wake();
+    let deadline = monotonic_ns().saturating_add(EXIT_STOP_TIMEOUT.as_nanos() as u64);
+    // Acquire pairs with the agent thread's release of DONE: the trace's
+    // files are written before this thread ends the process.
+    while EXIT_STOP.load(Ordering::Acquire) != EXIT_DONE {
+        if monotonic_ns() >= deadline {
+            return false;
+        }
+        let ms = libc::timespec { tv_sec: 0, tv_nsec: 1_000_000 };
+        // SAFETY: a valid timespec; an early return (a signal) only
+        // makes this loop look again.
+        unsafe { libc::nanosleep(&ms, std::ptr::null_mut()) };
+    }
+    true
+}
+
+/// The agent thread's half of the handshake.
+fn stop_for_exit_on_agent_thread() {
+    if let Some(a) = AGENT.lock().as_mut() {
+        crate::stop_recording(a, "_exit");
+    }
+    EXIT_STOP.store(EXIT_DONE, Ordering::Release);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Instant;
+
+    /// The agent thread of an idle agent (this test binary has no
+    /// patchable functions: the constructor left the agent idle) ticks
+    /// without taking the agent's lock, also while it watches for a
+    /// `dlopen` after a nudge.
+    #[test]
+    fn idle_ticks_take_no_lock() {
+        assert!(crate::LOADED.load(Ordering::Acquire), "the constructor ran");
+        assert_eq!(AGENT.lock().as_ref().map(|a| a.phase), Some(Phase::Idle));
+        spawn();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while WAKE_FD.load(Ordering::Acquire) < 0 {
+            assert!(Instant::now() < deadline, "the agent thread did not start");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        let ticks = Duration::from_millis(6 * TICK_MS as u64);
+        let before = AGENT.times_taken();
+        std::thread::sleep(ticks);
+        nudge(); // a dlopen that loads nothing: 250 ms of 1 ms ticks
+        std::thread::sleep(DLOPEN_WATCH + ticks);
+        assert_eq!(AGENT.times_taken(), before, "the agent thread took the lock with nothing to do");
+        // Ends the thread (the loop runs while THREAD_PID is this pid).
+        THREAD_PID.store(0, Ordering::Release);
+        wake();
+    }
 }

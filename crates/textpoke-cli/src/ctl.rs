@@ -92,7 +92,7 @@ fn connect(pid: i32) -> Result<UnixStream, CliError> {
         };
     }
     let shown: Vec<String> = dirs.iter().map(|d| d.display().to_string()).collect();
-    let loaded = std::fs::read_to_string(format!("/proc/{pid}/maps")).is_ok_and(|m| m.contains("libtextpoke_agent"));
+    let loaded = std::fs::read_to_string(format!("/proc/{pid}/maps")).is_ok_and(|m| maps_have_agent(&m));
     if loaded {
         return Err(CliError::new(
             1,
@@ -110,6 +110,34 @@ fn connect(pid: i32) -> Result<UnixStream, CliError> {
             shown.join(" or ")
         ),
     ))
+}
+
+/// The file name of the agent that `textpoke record` preloads.
+const AGENT_FILE_NAME: &str = "libtextpoke_agent.so";
+
+/// Whether a `/proc/PID/maps` text maps the agent: a mapping whose file's
+/// name is exactly [`AGENT_FILE_NAME`]. Not a substring of the line, so
+/// that a program that maps `libtextpoke_agent.so.bak`, a directory named
+/// after the agent, or any file whose name merely contains it is not taken
+/// for one running under `textpoke record`.
+fn maps_have_agent(maps: &str) -> bool {
+    maps.lines().filter_map(mapped_path).any(|path| path.rsplit('/').next() == Some(AGENT_FILE_NAME))
+}
+
+/// The path of the file a `/proc/PID/maps` line maps, if it maps one: the
+/// sixth field (`address perms offset dev inode path`), which runs to the
+/// end of the line and may hold spaces; the kernel appends ` (deleted)`
+/// when the file was removed or replaced since (a rebuilt agent).
+fn mapped_path(line: &str) -> Option<&str> {
+    let mut rest = line;
+    for _ in 0..5 {
+        rest = rest.trim_start_matches(' ');
+        rest = &rest[rest.find(' ')?..];
+    }
+    let path = rest.trim_start_matches(' ');
+    let path = path.strip_suffix(" (deleted)").unwrap_or(path);
+    // Anonymous memory has no path, `[heap]` and the like are no files.
+    path.starts_with('/').then_some(path)
 }
 
 fn ask(pid: i32, req: &Request) -> Result<Reply, CliError> {
@@ -168,4 +196,47 @@ pub fn run(args: &Args) -> ExitCode {
     // A closed stdout (`| head`) is not an error of the request.
     let _ = std::io::stdout().write_all(text.as_bytes());
     ExitCode::SUCCESS
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const LIBC: &str = "7f0000000000-7f0000001000 r-xp 00000000 08:01 1234        /usr/lib/x86_64-linux-gnu/libc.so.6";
+
+    fn line(path: &str) -> String {
+        format!("7f1000000000-7f1000002000 r--p 00000000 fd:00 98765                      {path}")
+    }
+
+    #[test]
+    fn mapped_paths_are_the_sixth_field() {
+        assert_eq!(mapped_path(LIBC), Some("/usr/lib/x86_64-linux-gnu/libc.so.6"));
+        assert_eq!(mapped_path(&line("/a dir/with spaces.so")), Some("/a dir/with spaces.so"));
+        assert_eq!(mapped_path(&line("/t/libtextpoke_agent.so (deleted)")), Some("/t/libtextpoke_agent.so"));
+        assert_eq!(mapped_path("7ffd0000-7ffd1000 rw-p 00000000 00:00 0                          [stack]"), None);
+        assert_eq!(mapped_path("7f2000000000-7f2000001000 rw-p 00000000 00:00 0 "), None);
+        assert_eq!(mapped_path("7f2000000000-7f2000001000 rw-p 00000000 00:00 0"), None);
+        assert_eq!(mapped_path(""), None);
+    }
+
+    #[test]
+    fn only_the_agents_own_file_name_counts() {
+        let with = |paths: &[&str]| {
+            let mut maps = String::from(LIBC);
+            for p in paths {
+                maps.push('\n');
+                maps.push_str(&line(p));
+            }
+            maps.push('\n');
+            maps_have_agent(&maps)
+        };
+        assert!(with(&["/build/target/debug/deps/libtextpoke_agent.so"]));
+        assert!(with(&["/opt/lib/textpoke/libtextpoke_agent.so (deleted)"]));
+        assert!(with(&["/dir with space/libtextpoke_agent.so"]));
+        assert!(!with(&[]));
+        assert!(!with(&["/home/u/libtextpoke_agent.so.bak"]));
+        assert!(!with(&["/home/u/notes-about-libtextpoke_agent.txt"]));
+        assert!(!with(&["/home/u/libtextpoke_agent.so/data.bin"]));
+        assert!(!with(&["/home/u/my_libtextpoke_agent.so"]));
+    }
 }

@@ -348,6 +348,124 @@ fn fork_children_are_recorded_apart() {
     assert_eq!(got["main"], (0, 1));
 }
 
+/// A `SIGTERM` handler that calls `_exit(3)`, run after `work` was called
+/// 100 times and the trace written once: raised from `main` (argv[1]
+/// "outside"), or from inside `malloc` while the heap's lock is held
+/// ("inside"). This program's allocator (not traced) takes a lock of its
+/// own around glibc's, as glibc's takes its arena lock; being the
+/// executable's, it serves every object, the agent included. Prints its
+/// pid first.
+const EXIT_IN_HANDLER_C: &str = r#"
+#include <errno.h>
+#include <pthread.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <unistd.h>
+extern void *__libc_malloc(size_t);
+extern void *__libc_calloc(size_t, size_t);
+extern void *__libc_realloc(void *, size_t);
+extern void *__libc_memalign(size_t, size_t);
+extern void __libc_free(void *);
+static pthread_mutex_t heap = PTHREAD_MUTEX_INITIALIZER;
+static volatile sig_atomic_t term_inside_malloc;
+/* Not traced: the writer's and the agent's allocations are not the program's. */
+#define NOTRACE __attribute__((patchable_function_entry(0, 0)))
+NOTRACE void *malloc(size_t n) {
+    pthread_mutex_lock(&heap);
+    if (term_inside_malloc) { term_inside_malloc = 0; raise(SIGTERM); }
+    void *p = __libc_malloc(n);
+    pthread_mutex_unlock(&heap);
+    return p;
+}
+NOTRACE void free(void *q) { pthread_mutex_lock(&heap); __libc_free(q); pthread_mutex_unlock(&heap); }
+NOTRACE void *calloc(size_t n, size_t m) {
+    pthread_mutex_lock(&heap); void *p = __libc_calloc(n, m); pthread_mutex_unlock(&heap); return p;
+}
+NOTRACE void *realloc(void *q, size_t n) {
+    pthread_mutex_lock(&heap); void *p = __libc_realloc(q, n); pthread_mutex_unlock(&heap); return p;
+}
+NOTRACE void *memalign(size_t a, size_t n) {
+    pthread_mutex_lock(&heap); void *p = __libc_memalign(a, n); pthread_mutex_unlock(&heap); return p;
+}
+NOTRACE void *aligned_alloc(size_t a, size_t n) { return memalign(a, n); }
+NOTRACE int posix_memalign(void **r, size_t a, size_t n) { void *p = memalign(a, n); if (!p) return ENOMEM; *r = p; return 0; }
+
+static volatile long sink;
+__attribute__((noinline)) long work(long x) { sink += x; return x; }
+__attribute__((noinline)) void cleanup(int s) { sink += s; }
+static void on_term(int s) { cleanup(s); _exit(3); }
+int main(int argc, char **argv) {
+    struct sigaction sa = { .sa_handler = on_term };
+    sigemptyset(&sa.sa_mask);
+    sigaction(SIGTERM, &sa, NULL);
+    printf("%d\n", (int)getpid());
+    fflush(stdout);
+    for (int i = 0; i < 100; i++) work(i);
+    usleep(200 * 1000); /* the writer drains the records */
+    if (argc > 1 && argv[1][0] == 'i') {
+        term_inside_malloc = 1;
+        void *volatile p = malloc(64);
+        free(p);
+    } else {
+        raise(SIGTERM);
+    }
+    return 0;
+}
+"#;
+
+/// Runs `cmd` (`textpoke record` of a program that prints its pid first);
+/// kills the program if the whole does not end within 30 s.
+fn run_or_kill(cmd: &mut Command) -> Output {
+    let mut child = cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+    let mut stdout = BufReader::new(child.stdout.take().unwrap());
+    let mut line = String::new();
+    stdout.read_line(&mut line).unwrap();
+    let pid: i32 = line.trim().parse().unwrap_or_else(|_| panic!("pid line {line:?}"));
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while child.try_wait().unwrap().is_none() {
+        if Instant::now() > deadline {
+            // SAFETY: signalling the program this test started.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+            let out = child.wait_with_output().unwrap();
+            panic!("process {pid} did not end within 30 s (deadlocked?): {}", text(&out.stderr));
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let mut out = child.wait_with_output().unwrap();
+    stdout.read_to_end(&mut out.stdout).unwrap();
+    out
+}
+
+#[test]
+fn exit_from_a_signal_handler_ends_the_program() {
+    let prog = compile("exit_in_handler", EXIT_IN_HANDLER_C, &[SITES, "-fno-builtin"]);
+    let sockets = socket_dir("exit-handler");
+
+    // A handler that interrupted nothing: the trace is finished.
+    let dir = fresh("exit-handler.data");
+    let out = run_or_kill(textpoke(&sockets).args(["record", "-o"]).arg(&dir).arg(&prog).arg("outside"));
+    assert_eq!(out.status.code(), Some(3), "{}", text(&out.stderr));
+    let trace = open_complete(&dir);
+    assert_eq!(calls(&trace), expect(&[("main", 1), ("work", 100), ("on_term", 1), ("cleanup", 1)]));
+
+    // A handler that interrupted malloc: stopping the recorder on the
+    // thread in `_exit` would deadlock on the heap's lock, which that
+    // thread holds. The program ends (after the agent's wait for its
+    // thread, which blocks on that lock) with the trace left as the writer
+    // last wrote it, marked incomplete.
+    let dir = fresh("exit-in-malloc.data");
+    let out = run_or_kill(textpoke(&sockets).args(["record", "-o"]).arg(&dir).arg(&prog).arg("inside"));
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(3), "{stderr}");
+    assert!(stderr.contains("the trace could not be finished at _exit"), "{stderr}");
+    assert!(stderr.contains("(incomplete: "), "{stderr}");
+    let trace = Trace::open_with(&dir, textpoke::tracedata::OpenOptions { allow_incomplete: true }).unwrap();
+    assert!(!trace.is_complete());
+    assert_eq!(calls(&trace)["work"], 100, "the records drained before the signal are kept");
+    assert_eq!(std::fs::read_dir(&sockets).unwrap().count(), 0, "the socket is removed");
+}
+
 /// Calls `ework` three times, then execs argv[1] with the rest of argv (by
 /// `execv`, or `execlp` when argv[1] is "lp").
 const EXEC_C: &str = r#"
@@ -847,6 +965,53 @@ fn ctl_refuses_what_is_not_an_agent() {
     refused(&out, 1, &["is not a safe socket directory"]);
     let _ = sleeper.kill();
     let _ = sleeper.wait();
+}
+
+/// Waits until process `pid` maps a file whose path ends with `suffix`
+/// (its exec and the loader are done).
+fn wait_mapped(pid: i32, suffix: &str) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).unwrap_or_default();
+        if maps.lines().any(|l| l.ends_with(suffix)) {
+            return;
+        }
+        assert!(Instant::now() < deadline, "process {pid} never mapped {suffix}");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+#[test]
+fn ctl_knows_the_agent_by_its_file_name() {
+    let s = socket_dir("ctl-maps");
+    // The agent loaded but idle (no sites): no socket, and ctl says so.
+    let mut idle = Command::new(plain_prog())
+        .env("LD_PRELOAD", agent())
+        .env("TEXTPOKE_SOCKET_DIR", &s)
+        .env("TEXTPOKE_DIR", fresh("ctl-maps.data"))
+        .stdin(Stdio::piped()) // kept open: the program waits for a line
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let pid = idle.id() as i32;
+    wait_mapped(pid, "/libtextpoke_agent.so");
+    let out = ctl(&s, pid, &["status"]);
+    refused(&out, 1, &[&format!("process {pid} (plain) has the textpoke agent but no control socket")]);
+    drop(idle.stdin.take());
+    let _ = idle.wait();
+
+    // A program whose mapped files' names merely contain the agent's (its
+    // own executable here: a copy of the plain program) has no agent.
+    let lookalike = work_dir().join("libtextpoke_agent.so.plain");
+    std::fs::copy(plain_prog(), &lookalike).unwrap();
+    let mut other = Command::new(&lookalike).stdin(Stdio::piped()).stdout(Stdio::null()).spawn().unwrap();
+    let pid = other.id() as i32;
+    wait_mapped(pid, "/libtextpoke_agent.so.plain");
+    let out = ctl(&s, pid, &["status"]);
+    refused(&out, 1, &[&format!("process {pid} (libtextpoke_age) is not running under `textpoke record`")]);
+    drop(other.stdin.take());
+    let _ = other.wait();
 }
 
 #[test]
