@@ -10,6 +10,7 @@
 //! running `ctl` and be closed to others; anything else is refused.
 
 use crate::cmdutil::CliError;
+use crate::record::AGENT_FILE_NAME;
 use std::ffi::OsString;
 use std::io::{BufReader, Write};
 use std::os::unix::ffi::OsStringExt;
@@ -111,9 +112,6 @@ fn connect(pid: i32) -> Result<UnixStream, CliError> {
         ),
     ))
 }
-
-/// The file name of the agent that `textpoke record` preloads.
-const AGENT_FILE_NAME: &str = "libtextpoke_agent.so";
 
 /// Whether a `/proc/PID/maps` text maps the agent: a mapping whose file's
 /// name is exactly [`AGENT_FILE_NAME`]. Not a substring of the line, so

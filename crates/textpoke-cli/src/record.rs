@@ -203,6 +203,10 @@ fn check_output(dir: &Path) -> Result<(), CliError> {
     }
 }
 
+/// The agent library's file name, as cargo builds it and as it is
+/// installed (`ctl` recognises a process's agent by it).
+pub const AGENT_FILE_NAME: &str = "libtextpoke_agent.so";
+
 /// The agent shared object (see the module docs).
 pub fn agent_path() -> Result<PathBuf, CliError> {
     if let Some(p) = std::env::var_os("TEXTPOKE_AGENT") {
@@ -215,7 +219,7 @@ pub fn agent_path() -> Result<PathBuf, CliError> {
     }
     let exe = std::env::current_exe().map_err(|e| CliError::new(1, format!("cannot find this executable: {e}")))?;
     let dir = exe.parent().unwrap_or(Path::new("/"));
-    const NAME: &str = "libtextpoke_agent.so";
+    const NAME: &str = AGENT_FILE_NAME;
     let newest = [dir.join(NAME), dir.join("deps").join(NAME)]
         .into_iter()
         .filter_map(|p| Some((std::fs::metadata(&p).ok()?.modified().ok()?, p)))
@@ -360,8 +364,11 @@ fn summary(dir: &Path, shown: &str, prog: &str) -> String {
         1 => ", 1 child trace".into(),
         n => format!(", {n} child traces"),
     };
-    let incomplete =
-        if trace.is_complete() { "" } else { " (incomplete: the program was killed before the final flush)" };
+    let incomplete = if trace.is_complete() {
+        ""
+    } else {
+        " (incomplete: the recording did not finish; the program was killed, or its exit could not wait for the final flush)"
+    };
     let traced = count("traced");
     format!(
         "textpoke: {traced} function{} traced (of {}), {what}, {} dropped, {threads} thread{}{children} -> {shown}{incomplete}",
