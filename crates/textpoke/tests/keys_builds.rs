@@ -122,7 +122,10 @@ fn cdylib_alone(release: bool) {
     let dir = build(release);
     let so = dir.join("libkeys_fixture.so");
     check_records(&so);
-    let driver = Path::new(env!("CARGO_TARGET_TMPDIR")).join("keys-dlopen-driver");
+    // One driver per test: the debug and release tests run in parallel, and
+    // running a file the other test is writing fails with ETXTBSY.
+    let driver = Path::new(env!("CARGO_TARGET_TMPDIR"))
+        .join(format!("keys-dlopen-driver-{}", if release { "release" } else { "debug" }));
     let out = Command::new("gcc")
         .arg("-O2")
         .arg("-o")
