@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::{Mutex, MutexGuard};
 
-use textpoke::sites::{scan_file, scan_object, NopForm, Objects, RecordSource};
+use textpoke::sites::{scan_file, scan_object, NopForm, Objects, RecordSource, SkipReason};
 
 fn serial() -> MutexGuard<'static, ()> {
     static LOCK: Mutex<()> = Mutex::new(());
@@ -147,6 +147,53 @@ fn stripped_symbols_and_executables() {
             assert_eq!(s.entry, sym.address());
             assert_eq!(s.nop_addr, sym.address());
         }
+    }
+}
+
+/// Hand-written `textpoke_sites` records (`tests/fixtures/traced_bad.c`:
+/// bad kinds and versions, bad descriptors, bytes that are not the NOP, a
+/// site outside the code): the file skips the same records, for the same
+/// reasons, as memory.
+#[test]
+fn bad_marked_records_are_skipped_as_in_memory() {
+    let _g = serial();
+    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("sites-file-fixtures");
+    std::fs::create_dir_all(&dir).unwrap();
+    let so = dir.join("libtraced_bad.so");
+    run(Command::new("gcc")
+        .args(["-O2", "-shared", "-fPIC", "-o"])
+        .arg(&so)
+        .arg(Path::new(FIXTURES).join("traced_bad.c")));
+    let (file, mem, skipped_file, skipped_mem) = both(&so);
+    assert_eq!(file, mem);
+    assert_eq!(file.iter().map(|(n, _, _)| n.as_str()).collect::<Vec<_>>(), ["c::good", "c::good"]);
+    assert_eq!((skipped_file, skipped_mem), (6, 6));
+    let c = CString::new(so.to_str().unwrap()).unwrap();
+    // SAFETY: a valid path; the fixture has no initialisers.
+    let h = unsafe { libc::dlopen(c.as_ptr(), libc::RTLD_NOW | libc::RTLD_LOCAL) };
+    assert!(!h.is_null());
+    let mut objects = Objects::new();
+    objects.rescan();
+    let obj = objects.by_path(&so).unwrap();
+    let mem = scan_object(obj, RecordSource::Auto).unwrap();
+    // (link-time record, the reason without its address)
+    let from_mem: BTreeSet<(usize, String)> =
+        mem.skipped.iter().map(|s| (s.record - obj.bias, without_addr(&s.reason))).collect();
+    // SAFETY: the handle from above, closed once.
+    assert_eq!(unsafe { libc::dlclose(h) }, 0);
+    let from_file: BTreeSet<(usize, String)> =
+        scan_file(&so).unwrap().skipped.iter().map(|s| (s.record as usize, without_addr(&s.reason))).collect();
+    assert_eq!(from_file, from_mem);
+    assert_eq!(from_file.len(), 6, "{from_file:#?}");
+}
+
+fn without_addr(r: &SkipReason) -> String {
+    match r {
+        SkipReason::BadRecord { what, .. } => format!("record: {what}"),
+        SkipReason::BadDescriptor { what, .. } => format!("descriptor: {what}"),
+        SkipReason::UnexpectedBytes { found, .. } => format!("bytes: {found:02x?}"),
+        SkipReason::NotInCode { .. } => "not in code".to_owned(),
+        other => format!("{other:?}"),
     }
 }
 

@@ -8,6 +8,7 @@
 //! concurrent truncation of the file could turn into SIGBUS.
 
 use std::fs::File;
+use std::path::Path;
 
 use object::elf::{self, FileHeader64};
 use object::read::elf::{FileHeader, ProgramHeader, Rel, Rela, SectionHeader, SectionTable, Sym};
@@ -80,6 +81,9 @@ pub(crate) struct FileFacts {
     /// Whether the symbols came from `.dynsym` only (`.symtab` stripped):
     /// static functions then have no name.
     pub dynsym_only: bool,
+    /// The file's dynamic relocations, when they were read (for
+    /// `__patchable_function_entries` or `__mcount_loc`).
+    pub relocs: Option<Relocs>,
 }
 
 /// Read the site sections and symbols of `obj`'s file, after checking that the
@@ -104,8 +108,23 @@ pub(crate) fn read_file(obj: &LoadedObject) -> Result<FileFacts, SitesError> {
     }
 
     check_same_file(obj, header, endian, data)?;
+    read_sites(&obj.path, header, endian, data)
+}
 
+/// Read the site sections of an ELF file, and its symbols when it has one
+/// (the header is checked by the caller). The records' file values are
+/// computed with [`Relocs`], which is kept in [`FileFacts::relocs`] when it
+/// was needed.
+pub(crate) fn read_sites<'data, R: ReadRef<'data>>(
+    path: &Path,
+    header: &Elf,
+    endian: Endianness,
+    data: R,
+) -> Result<FileFacts, SitesError> {
+    let path = || path.to_path_buf();
+    let parse = |source| SitesError::Parse { path: path(), source };
     let sections = header.sections(endian, data).map_err(parse)?;
+    let mut relocs = None;
     let mut found = Vec::new();
     for kind in [RecordKind::PatchableEntry, RecordKind::Mcount, RecordKind::Marked] {
         let name = kind.section_name();
@@ -127,14 +146,19 @@ pub(crate) fn read_file(obj: &LoadedObject) -> Result<FileFacts, SitesError> {
             let contents = sh.data(endian, data).map_err(|e| bad(format!("cannot read contents: {e}")))?;
             (Vec::new(), contents.to_vec())
         } else {
-            let values = file_values(&sections, endian, data, sh)
-                .map_err(|e| bad(format!("cannot read contents or relocations: {e}")))?;
+            let values = (|| {
+                if relocs.is_none() {
+                    relocs = Some(Relocs::read(&sections, endian, data)?);
+                }
+                file_values(relocs.as_ref().expect("just read"), endian, data, sh)
+            })()
+            .map_err(|e| bad(format!("cannot read contents or relocations: {e}")))?;
             (values, Vec::new())
         };
         found.push(RecordSection { kind, addr, size, alloc, file_values, contents });
     }
     if found.is_empty() {
-        return Ok(FileFacts { sections: found, symbols: Symbols::default(), dynsym_only: false });
+        return Ok(FileFacts { sections: found, symbols: Symbols::default(), dynsym_only: false, relocs });
     }
     let mut dynsym_only = false;
     let mut symbols = func_symbols(&sections, endian, data, elf::SHT_SYMTAB).map_err(parse)?;
@@ -142,7 +166,7 @@ pub(crate) fn read_file(obj: &LoadedObject) -> Result<FileFacts, SitesError> {
         symbols = func_symbols(&sections, endian, data, elf::SHT_DYNSYM).map_err(parse)?;
         dynsym_only = true;
     }
-    Ok(FileFacts { sections: found, symbols, dynsym_only })
+    Ok(FileFacts { sections: found, symbols, dynsym_only, relocs })
 }
 
 /// Refuse a file that is not the loaded object: its `PT_LOAD` layout must be
@@ -201,8 +225,9 @@ pub(crate) fn gnu_build_id(notes: &[u8], align: u64) -> Option<Vec<u8>> {
     None
 }
 
-/// The link-time value of each 8-byte record of section `sh`, applying what
-/// the dynamic relocations say about it.
+/// The dynamic relocations of a file that touch 8-byte pointers, by the
+/// link-time address they relocate: what they say about the pointer stored
+/// there.
 ///
 /// What linkers emit for these sections in a PIE or a shared object (checked
 /// with gcc 12.2, GNU ld 2.40 and rust-lld):
@@ -220,8 +245,116 @@ pub(crate) fn gnu_build_id(notes: &[u8], align: u64) -> Option<Vec<u8>> {
 /// So: a RELA addend wins over the stored value; REL and RELR keep the stored
 /// value; `R_X86_64_64` against a defined symbol is its value plus the addend;
 /// against an undefined one the value is unknown (`None`).
+pub(crate) struct Relocs {
+    /// (place, relocation), sorted by place; a place's relocations in file
+    /// order.
+    by_place: Vec<(u64, Reloc)>,
+}
+
+/// What one relocation makes of the pointer stored at its place.
+#[derive(Clone, Copy)]
+enum Reloc {
+    /// Keeps the stored value (`R_X86_64_NONE`; REL `R_X86_64_RELATIVE`).
+    Keep,
+    /// Replaces it (RELA; `None`: only the loader knows the value).
+    Set(Option<u64>),
+    /// Adds a symbol's value to it (REL `R_X86_64_64`; `None`: the symbol
+    /// is not defined in the file).
+    AddSymbol(Option<u64>),
+}
+
+impl Relocs {
+    /// The dynamic relocations of the file with header `header`.
+    pub fn read_file<'data, R: ReadRef<'data>>(
+        header: &Elf,
+        endian: Endianness,
+        data: R,
+    ) -> object::read::Result<Relocs> {
+        Relocs::read(&header.sections(endian, data)?, endian, data)
+    }
+
+    fn read<'data, R: ReadRef<'data>>(
+        sections: &SectionTable<'data, Elf, R>,
+        endian: Endianness,
+        data: R,
+    ) -> object::read::Result<Relocs> {
+        let mut by_place = Vec::new();
+        for rsh in sections.iter() {
+            // Only dynamic relocations (in the loaded image) are applied by
+            // the loader; link-time ones kept with --emit-relocs are not.
+            if rsh.sh_flags(endian) & u64::from(elf::SHF_ALLOC) == 0 {
+                continue;
+            }
+            match rsh.sh_type(endian) {
+                elf::SHT_RELA => {
+                    let Some((relas, symtab_index)) = rsh.rela(endian, data)? else {
+                        continue;
+                    };
+                    let symtab = sections.symbol_table_by_index(endian, data, symtab_index)?;
+                    for r in relas {
+                        let addend = r.r_addend(endian) as u64;
+                        let reloc = match r.r_type(endian, false) {
+                            elf::R_X86_64_NONE => Reloc::Keep,
+                            elf::R_X86_64_RELATIVE => Reloc::Set(Some(addend)),
+                            elf::R_X86_64_64 => Reloc::Set(
+                                symtab
+                                    .symbol(object::SymbolIndex(r.r_sym(endian, false) as usize))
+                                    .ok()
+                                    .filter(|s| !s.is_undefined(endian))
+                                    .map(|s| s.st_value(endian).wrapping_add(addend)),
+                            ),
+                            _ => Reloc::Set(None),
+                        };
+                        by_place.push((r.r_offset(endian), reloc));
+                    }
+                }
+                elf::SHT_REL => {
+                    let Some((rels, symtab_index)) = rsh.rel(endian, data)? else {
+                        continue;
+                    };
+                    let symtab = sections.symbol_table_by_index(endian, data, symtab_index)?;
+                    for r in rels {
+                        let reloc = match r.r_type(endian) {
+                            elf::R_X86_64_NONE | elf::R_X86_64_RELATIVE => Reloc::Keep,
+                            elf::R_X86_64_64 => Reloc::AddSymbol(
+                                symtab
+                                    .symbol(object::SymbolIndex(r.r_sym(endian) as usize))
+                                    .ok()
+                                    .filter(|s| !s.is_undefined(endian))
+                                    .map(|s| s.st_value(endian)),
+                            ),
+                            _ => Reloc::Set(None),
+                        };
+                        by_place.push((r.r_offset(endian), reloc));
+                    }
+                }
+                // RELR entries are RELATIVE with the stored value as addend:
+                // nothing to change.
+                _ => {}
+            }
+        }
+        // Stable: a place's relocations stay in file order.
+        by_place.sort_by_key(|&(place, _)| place);
+        Ok(Relocs { by_place })
+    }
+
+    /// The link-time value of the pointer at `place` whose stored value is
+    /// `stored` (`None`: not in the file), after its relocations; `None` if
+    /// only the loader knows it.
+    pub fn value(&self, place: u64, stored: Option<u64>) -> Option<u64> {
+        let first = self.by_place.partition_point(|&(p, _)| p < place);
+        let relocs = self.by_place[first..].iter().take_while(|&&(p, _)| p == place);
+        relocs.fold(stored, |value, &(_, r)| match r {
+            Reloc::Keep => value,
+            Reloc::Set(v) => v,
+            Reloc::AddSymbol(sym) => Some(sym?.wrapping_add(value?)),
+        })
+    }
+}
+
+/// The link-time value of each 8-byte record of section `sh` ([`Relocs`]).
 fn file_values<'data, R: ReadRef<'data>>(
-    sections: &SectionTable<'data, Elf, R>,
+    relocs: &Relocs,
     endian: Endianness,
     data: R,
     sh: &<Elf as FileHeader>::SectionHeader,
@@ -229,74 +362,13 @@ fn file_values<'data, R: ReadRef<'data>>(
     let addr = sh.sh_addr(endian);
     let size = sh.sh_size(endian);
     let contents: &[u8] = if sh.sh_type(endian) == elf::SHT_NOBITS { &[] } else { sh.data(endian, data)? };
-    let mut values: Vec<Option<u64>> = (0..size / 8)
+    Ok((0..size / 8)
         .map(|i| {
             let at = (i * 8) as usize;
-            let word = contents.get(at..at + 8)?;
-            Some(u64::from_le_bytes(word.try_into().ok()?))
+            let stored = contents.get(at..at + 8).map(|w| u64::from_le_bytes(w.try_into().expect("8 bytes")));
+            relocs.value(addr + i * 8, stored)
         })
-        .collect();
-    let slot = |offset: u64| -> Option<usize> {
-        let rel = offset.checked_sub(addr)?;
-        (rel < size && rel % 8 == 0).then_some((rel / 8) as usize)
-    };
-
-    for rsh in sections.iter() {
-        // Only dynamic relocations (in the loaded image) are applied by the
-        // loader; link-time ones kept with --emit-relocs are not.
-        if rsh.sh_flags(endian) & u64::from(elf::SHF_ALLOC) == 0 {
-            continue;
-        }
-        match rsh.sh_type(endian) {
-            elf::SHT_RELA => {
-                let Some((relas, symtab_index)) = rsh.rela(endian, data)? else {
-                    continue;
-                };
-                let symtab = sections.symbol_table_by_index(endian, data, symtab_index)?;
-                for r in relas {
-                    let Some(i) = slot(r.r_offset(endian)) else {
-                        continue;
-                    };
-                    let addend = r.r_addend(endian) as u64;
-                    values[i] = match r.r_type(endian, false) {
-                        elf::R_X86_64_NONE => values[i],
-                        elf::R_X86_64_RELATIVE => Some(addend),
-                        elf::R_X86_64_64 => symtab
-                            .symbol(object::SymbolIndex(r.r_sym(endian, false) as usize))
-                            .ok()
-                            .filter(|s| !s.is_undefined(endian))
-                            .map(|s| s.st_value(endian).wrapping_add(addend)),
-                        _ => None,
-                    };
-                }
-            }
-            elf::SHT_REL => {
-                let Some((rels, symtab_index)) = rsh.rel(endian, data)? else {
-                    continue;
-                };
-                let symtab = sections.symbol_table_by_index(endian, data, symtab_index)?;
-                for r in rels {
-                    let Some(i) = slot(r.r_offset(endian)) else {
-                        continue;
-                    };
-                    let stored = values[i];
-                    values[i] = match r.r_type(endian) {
-                        elf::R_X86_64_NONE | elf::R_X86_64_RELATIVE => stored,
-                        elf::R_X86_64_64 => symtab
-                            .symbol(object::SymbolIndex(r.r_sym(endian) as usize))
-                            .ok()
-                            .filter(|s| !s.is_undefined(endian))
-                            .and_then(|s| Some(s.st_value(endian).wrapping_add(stored?))),
-                        _ => None,
-                    };
-                }
-            }
-            // RELR entries are RELATIVE with the stored value as addend:
-            // nothing to change.
-            _ => {}
-        }
-    }
-    Ok(values)
+        .collect())
 }
 
 /// The defined function symbols of the symbol table of type `sh_type`.

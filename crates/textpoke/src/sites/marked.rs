@@ -170,7 +170,7 @@
 //! ([`SkipReason::UnexpectedBytes`], [`SkipReason::NotInCode`]).
 
 use super::x86_64::{self, NopForm};
-use super::{RecordSource, SectionReport, Site, SiteKind, SitesError, SkipReason, SkippedSite, NOP_LEN};
+use super::{Found, Hit, Miss, RecordSource, SectionReport, SiteKind, SitesError, SkipReason, NOP_LEN};
 
 /// Name of the section holding the records.
 pub const SECTION: &str = "textpoke_sites";
@@ -303,7 +303,7 @@ fn decode(bytes: &[u8], at: usize) -> RawRecord {
     }
 }
 
-impl super::Scan<'_> {
+impl<I: super::Image> super::Scan<'_, I> {
     /// The sites of a `textpoke_sites` section at runtime address `addr`,
     /// whose contents in the file are `file`. With [`RecordSource::Auto`]
     /// the records are read from memory and compared with the file.
@@ -312,12 +312,12 @@ impl super::Scan<'_> {
         addr: usize,
         file: &[u8],
         source: RecordSource,
-    ) -> Result<(SectionReport, Vec<Result<Site, SkippedSite>>), SitesError> {
+    ) -> Result<(SectionReport, Vec<Found>), SitesError> {
         let count = file.len() / RECORD_SIZE;
         let memory = match source {
             RecordSource::Auto if count > 0 => {
                 Some(self.read(addr, file.len()).ok_or_else(|| SitesError::BadSection {
-                    path: self.obj.path.clone(),
+                    path: self.path.to_path_buf(),
                     section: SECTION,
                     what: format!("{addr:#x}..{:#x} is not inside a readable loaded segment", addr + file.len()),
                 })?)
@@ -349,18 +349,11 @@ impl super::Scan<'_> {
         Ok((report, results))
     }
 
-    fn marked_skip(&self, raw: &RawRecord, reason: SkipReason) -> SkippedSite {
-        SkippedSite {
-            object: self.obj.id,
-            section: SECTION,
-            record: raw.site,
-            entry: None,
-            function: String::new(),
-            reason,
-        }
+    fn marked_skip(&self, raw: &RawRecord, reason: SkipReason) -> Miss {
+        Miss { section: SECTION, record: raw.site, entry: None, function: String::new(), reason }
     }
 
-    fn marked_site(&self, raw: &RawRecord) -> Result<Site, SkippedSite> {
+    fn marked_site(&self, raw: &RawRecord) -> Result<Hit, Miss> {
         let mut skipped = self.marked_skip(raw, SkipReason::UnknownEntry);
         let point = match (raw.version, raw.kind) {
             (RECORD_VERSION, KIND_ENTRY) => MarkedPoint::Entry,
@@ -375,9 +368,9 @@ impl super::Scan<'_> {
         };
         // The machine function the site is in: the function itself, one of
         // its monomorphizations, or a caller it was inlined into.
-        let containing = raw.site.checked_sub(self.obj.bias).and_then(|link| self.symbols.containing(link as u64));
+        let containing = raw.site.checked_sub(self.bias).and_then(|link| self.symbols.containing(link as u64));
         let (entry, raw_symbol) = match containing {
-            Some(sym) => (self.obj.bias + sym.addr as usize, sym.name.clone()),
+            Some(sym) => (self.bias + sym.addr as usize, sym.name.clone()),
             None => (raw.site, String::new()),
         };
         skipped.entry = Some(entry);
@@ -395,12 +388,10 @@ impl super::Scan<'_> {
             skipped.reason = SkipReason::UnexpectedBytes { addr: raw.site, found };
             return Err(skipped);
         }
-        Ok(Site {
-            object: self.obj.id,
+        Ok(Hit {
             kind: SiteKind::Marked(Marked { point, descriptor: raw.descriptor, record: raw.at }),
             entry,
             nop_addr: raw.site,
-            nop_len: NOP_LEN,
             nop_form: NopForm::Single,
             function,
             raw_symbol,
@@ -426,7 +417,11 @@ impl super::Scan<'_> {
                 MarkedFunction::VERSION
             ));
         }
-        let (name, len) = (word(8, 8) as usize, word(16, 8) as usize);
+        let stored = bytes[8..16].try_into().expect("8 bytes");
+        let name = self.image.pointer(addr + 8, stored).ok_or_else(|| {
+            format!("name pointer at {:#x} is relocated against a symbol the object does not define", addr + 8)
+        })?;
+        let len = word(16, 8) as usize;
         let name_bytes = if len == 0 {
             Vec::new()
         } else {

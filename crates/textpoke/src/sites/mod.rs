@@ -29,7 +29,7 @@
 //! # Reading the arrays: memory first, the file to check
 //!
 //! The pointers are link-time addresses that the loader relocates. The file
-//! says so in several ways (see `elf::file_values`): GNU ld stores the value
+//! says so in several ways (see `elf::Relocs`): GNU ld stores the value
 //! and adds an `R_X86_64_RELATIVE` with the same addend; lld stores zeros and
 //! only the RELA addend has the value; `-z pack-relative-relocs` puts the
 //! place in `.relr.dyn` and keeps the value; a non-PIC library (which
@@ -52,8 +52,10 @@
 //! is not what was loaded despite the checks below), and that record is
 //! skipped with both values: refuse, don't guess. Reading from the file alone
 //! ([`RecordSource::File`]) stays available for a section that is not in a
-//! loaded segment, and is what an object that is not mapped into this process
-//! will need.
+//! loaded segment, and is what [`scan_file`] does for a file that is not
+//! loaded: the scan below is generic over where the bytes come from (an
+//! `Image`: this process's memory, or the file's segments), so both read
+//! records, infer pads and check NOPs with the same code.
 //!
 //! Before anything is read, the file is checked to be the loaded object: its
 //! `PT_LOAD` segments must be those the loader reported, and the GNU
@@ -318,55 +320,21 @@ pub struct ObjectSites {
 pub fn scan_object(obj: &LoadedObject, source: RecordSource) -> Result<ObjectSites, SitesError> {
     let pin = obj.pin()?;
     let facts = elf::read_file(obj)?;
+    let memory = Memory { obj, _pin: &pin };
+    let scan =
+        Scan { image: &memory, path: &obj.path, bias: obj.bias, segments: &obj.segments, symbols: &facts.symbols };
+    let (sections, results) = scan.sections(&facts.sections, source)?;
     let mut out = ObjectSites {
         object: obj.id,
         sites: Vec::new(),
         skipped: Vec::new(),
-        sections: Vec::new(),
+        sections,
         dynsym_only: facts.dynsym_only,
     };
-    let scan = Scan { obj, _pin: &pin, symbols: &facts.symbols };
-    for sec in &facts.sections {
-        if sec.kind == RecordKind::Marked {
-            let addr = (sec.addr as usize).wrapping_add(obj.bias);
-            let (report, results) = scan.marked(addr, &sec.contents, source)?;
-            out.sections.push(report);
-            for r in results {
-                match r {
-                    Ok(site) => out.sites.push(site),
-                    Err(s) => out.skipped.push(s),
-                }
-            }
-            continue;
-        }
-        let (records, report) = scan.records(sec, source)?;
-        out.sections.push(report);
-        let section = sec.kind.section_name();
-        let skip = |record: usize, reason: SkipReason| SkippedSite {
-            object: obj.id,
-            section,
-            record,
-            entry: None,
-            function: String::new(),
-            reason,
-        };
-        let mut located = Vec::new();
-        for record in records {
-            match record {
-                Err((record, reason)) => out.skipped.push(skip(record, reason)),
-                Ok(addr) => located.push(addr),
-            }
-        }
-        let results = match sec.kind {
-            RecordKind::PatchableEntry => scan.patchable_entries(&located),
-            RecordKind::Mcount => located.iter().map(|&n| scan.mcount(n)).collect(),
-            RecordKind::Marked => unreachable!("handled above"),
-        };
-        for r in results {
-            match r {
-                Ok(site) => out.sites.push(site),
-                Err(s) => out.skipped.push(s),
-            }
+    for r in results {
+        match r {
+            Ok(hit) => out.sites.push(hit.site(obj.id)),
+            Err(miss) => out.skipped.push(miss.skipped(obj.id)),
         }
     }
     out.sites.sort_by_key(|s| (s.nop_addr, s.entry));
@@ -374,22 +342,69 @@ pub fn scan_object(obj: &LoadedObject, source: RecordSource) -> Result<ObjectSit
     Ok(out)
 }
 
-/// A record's runtime address, or why it has none.
-type Record = Result<usize, (usize, SkipReason)>;
-
-struct Scan<'a> {
-    obj: &'a LoadedObject,
-    /// Keeps `obj` loaded while its memory is read.
-    _pin: &'a Pin,
-    symbols: &'a Symbols,
+/// A site as a scan finds it: a [`Site`] before the object is named.
+struct Hit {
+    kind: SiteKind,
+    entry: usize,
+    nop_addr: usize,
+    nop_form: NopForm,
+    function: String,
+    raw_symbol: String,
 }
 
-impl Scan<'_> {
-    /// Copy `len` bytes at runtime address `addr`, if they lie in one
+impl Hit {
+    fn site(self, object: ObjectId) -> Site {
+        let Hit { kind, entry, nop_addr, nop_form, function, raw_symbol } = self;
+        Site { object, kind, entry, nop_addr, nop_len: NOP_LEN, nop_form, function, raw_symbol }
+    }
+}
+
+/// A skipped record as a scan finds it: a [`SkippedSite`] before the object
+/// is named.
+#[derive(Clone)]
+struct Miss {
+    section: &'static str,
+    record: usize,
+    entry: Option<usize>,
+    function: String,
+    reason: SkipReason,
+}
+
+impl Miss {
+    fn skipped(self, object: ObjectId) -> SkippedSite {
+        let Miss { section, record, entry, function, reason } = self;
+        SkippedSite { object, section, record, entry, function, reason }
+    }
+}
+
+/// What a scan makes of one record.
+type Found = Result<Hit, Miss>;
+
+/// A record's address, or why it has none.
+type Record = Result<usize, (usize, SkipReason)>;
+
+/// Where a scan reads an object's bytes: the loaded object's memory
+/// ([`Memory`]), or its file (`file::FileImage`, at link-time addresses).
+trait Image {
+    /// Copy `len` bytes at `addr`, which [`Scan::read`] has found in one
     /// readable segment of the object.
-    fn read(&self, addr: usize, len: usize) -> Option<Vec<u8>> {
-        let seg = self.obj.segment_at(addr, len)?;
-        if !seg.is_readable() {
+    fn load(&self, addr: usize, len: usize) -> Option<Vec<u8>>;
+    /// The pointer at `addr` whose bytes are `stored`, as the loader
+    /// relocates it; `None` if only the loader can know.
+    fn pointer(&self, addr: usize, stored: [u8; 8]) -> Option<usize>;
+}
+
+/// The memory of a loaded object, kept loaded by a [`Pin`].
+struct Memory<'a> {
+    obj: &'a LoadedObject,
+    _pin: &'a Pin,
+}
+
+impl Image for Memory<'_> {
+    fn load(&self, addr: usize, len: usize) -> Option<Vec<u8>> {
+        // Checked again here, so that this safe function reads nothing else
+        // whoever calls it.
+        if !self.obj.segment_at(addr, len)?.is_readable() {
             return None;
         }
         let out = (0..len)
@@ -404,22 +419,95 @@ impl Scan<'_> {
         Some(out)
     }
 
+    fn pointer(&self, _addr: usize, stored: [u8; 8]) -> Option<usize> {
+        Some(usize::from_le_bytes(stored))
+    }
+}
+
+/// One object's sites, found in `image`: memory at runtime addresses
+/// (`bias` the load bias), or the file at link-time addresses (`bias` 0).
+struct Scan<'a, I> {
+    image: &'a I,
+    /// The object's file, for errors.
+    path: &'a std::path::Path,
+    bias: usize,
+    /// The object's `PT_LOAD` segments (link-time addresses).
+    segments: &'a [Segment],
+    symbols: &'a Symbols,
+}
+
+impl<I: Image> Scan<'_, I> {
+    /// The sites of every site section, and how each section was read.
+    fn sections(
+        &self,
+        sections: &[RecordSection],
+        source: RecordSource,
+    ) -> Result<(Vec<SectionReport>, Vec<Found>), SitesError> {
+        let mut reports = Vec::new();
+        let mut out = Vec::new();
+        for sec in sections {
+            if sec.kind == RecordKind::Marked {
+                let addr = (sec.addr as usize).wrapping_add(self.bias);
+                let (report, results) = self.marked(addr, &sec.contents, source)?;
+                reports.push(report);
+                out.extend(results);
+                continue;
+            }
+            let (records, report) = self.records(sec, source)?;
+            reports.push(report);
+            let section = sec.kind.section_name();
+            let mut located = Vec::new();
+            for record in records {
+                match record {
+                    Err((record, reason)) => {
+                        out.push(Err(Miss { section, record, entry: None, function: String::new(), reason }))
+                    }
+                    Ok(addr) => located.push(addr),
+                }
+            }
+            match sec.kind {
+                RecordKind::PatchableEntry => out.extend(self.patchable_entries(&located)),
+                RecordKind::Mcount => out.extend(located.iter().map(|&n| self.mcount(n))),
+                RecordKind::Marked => unreachable!("handled above"),
+            }
+        }
+        Ok((reports, out))
+    }
+
+    /// The segment holding `[addr, addr + len)`.
+    fn segment_at(&self, addr: usize, len: usize) -> Option<&Segment> {
+        let link = addr.checked_sub(self.bias)?;
+        self.segments.iter().find(|s| {
+            link >= s.vaddr && link.checked_add(len).is_some_and(|end| end <= s.vaddr.saturating_add(s.memsz))
+        })
+    }
+
+    /// Copy `len` bytes at `addr`, if they lie in one readable segment of
+    /// the object.
+    fn read(&self, addr: usize, len: usize) -> Option<Vec<u8>> {
+        let seg = self.segment_at(addr, len)?;
+        if !seg.is_readable() {
+            return None;
+        }
+        self.image.load(addr, len)
+    }
+
     /// Up to `max` bytes at `addr`, stopping at the end of its segment.
     fn read_upto(&self, addr: usize, max: usize) -> Vec<u8> {
-        let Some(seg) = self.obj.segment_at(addr, 1) else {
+        let Some(seg) = self.segment_at(addr, 1) else {
             return Vec::new();
         };
-        let seg_end = self.obj.bias + seg.vaddr + seg.memsz;
+        let seg_end = self.bias + seg.vaddr + seg.memsz;
         self.read(addr, max.min(seg_end - addr)).unwrap_or_default()
     }
 
     fn in_code(&self, addr: usize, len: usize) -> bool {
-        self.obj.segment_at(addr, len).is_some_and(|s| s.is_executable() && s.is_readable())
+        self.segment_at(addr, len).is_some_and(|s| s.is_executable() && s.is_readable())
     }
 
-    /// The records of one section as runtime addresses.
+    /// The records of one section as addresses.
     fn records(&self, sec: &RecordSection, source: RecordSource) -> Result<(Vec<Record>, SectionReport), SitesError> {
-        let bias = self.obj.bias;
+        let bias = self.bias;
         let count = (sec.size / 8) as usize;
         let runtime = (sec.addr as usize).wrapping_add(bias);
         let memory = match source {
@@ -431,7 +519,7 @@ impl Scan<'_> {
                     // check should have caught.
                     None => {
                         return Err(SitesError::BadSection {
-                            path: self.obj.path.clone(),
+                            path: self.path.to_path_buf(),
                             section: sec.kind.section_name(),
                             what: format!(
                                 "{:#x}..{:#x} is not inside a readable loaded segment",
@@ -483,7 +571,7 @@ impl Scan<'_> {
     }
 
     /// Sites of `__patchable_function_entries` records (pad starts).
-    fn patchable_entries(&self, pads: &[usize]) -> Vec<Result<Site, SkippedSite>> {
+    fn patchable_entries(&self, pads: &[usize]) -> Vec<Found> {
         // First pass: the pads whose entry a symbol shows.
         let entries: Vec<Option<usize>> = pads.iter().map(|&p| self.entry_of_pad(p)).collect();
         // M of every located pad; used for the others when they all agree.
@@ -504,7 +592,7 @@ impl Scan<'_> {
     /// The entry of the function whose pad starts at `p`, if a symbol shows
     /// it.
     fn entry_of_pad(&self, p: usize) -> Option<usize> {
-        let link = p.checked_sub(self.obj.bias)? as u64;
+        let link = p.checked_sub(self.bias)? as u64;
         if self.symbols.starting_at(link).is_some() {
             return Some(p);
         }
@@ -514,16 +602,9 @@ impl Scan<'_> {
         x86_64::all_nops(&between).then_some(p + m)
     }
 
-    fn pad_site(&self, p: usize, entry: Option<usize>) -> Result<Site, SkippedSite> {
+    fn pad_site(&self, p: usize, entry: Option<usize>) -> Result<Hit, Miss> {
         let section = RecordKind::PatchableEntry.section_name();
-        let mut skipped = SkippedSite {
-            object: self.obj.id,
-            section,
-            record: p,
-            entry,
-            function: String::new(),
-            reason: SkipReason::UnknownEntry,
-        };
+        let mut skipped = Miss { section, record: p, entry, function: String::new(), reason: SkipReason::UnknownEntry };
         if !self.in_code(p, 1) {
             skipped.reason = SkipReason::NotInCode { addr: p };
             return Err(skipped);
@@ -531,15 +612,14 @@ impl Scan<'_> {
         let Some(entry) = entry else {
             return Err(skipped);
         };
-        let (function, raw_symbol) = self.name_of((entry - self.obj.bias) as u64);
+        let (function, raw_symbol) = self.name_of((entry - self.bias) as u64);
         skipped.function = function.clone();
         let m = entry - p;
         let (nop_addr, form, run) = self.nop_at_entry(entry, MAX_PREFIX - m).map_err(|reason| {
             skipped.reason = reason;
             skipped.clone()
         })?;
-        Ok(Site {
-            object: self.obj.id,
+        Ok(Hit {
             kind: SiteKind::PatchableEntry(Pad {
                 start: p,
                 len: (m + run).min(u8::MAX as usize) as u8,
@@ -547,7 +627,6 @@ impl Scan<'_> {
             }),
             entry,
             nop_addr,
-            nop_len: NOP_LEN,
             nop_form: form,
             function,
             raw_symbol,
@@ -580,9 +659,8 @@ impl Scan<'_> {
     }
 
     /// The site of one `__mcount_loc` record (the NOP's address).
-    fn mcount(&self, n: usize) -> Result<Site, SkippedSite> {
-        let mut skipped = SkippedSite {
-            object: self.obj.id,
+    fn mcount(&self, n: usize) -> Result<Hit, Miss> {
+        let mut skipped = Miss {
             section: RecordKind::Mcount.section_name(),
             record: n,
             entry: None,
@@ -592,12 +670,12 @@ impl Scan<'_> {
         if !self.in_code(n, NOP_LEN as usize) {
             return Err(skipped);
         }
-        let link = (n - self.obj.bias) as u64;
+        let link = (n - self.bias) as u64;
         let endbr_before =
             || n.checked_sub(4).and_then(|e| self.read(e, 4)).is_some_and(|b| x86_64::starts_with_endbr64(&b));
         let (entry, function, raw_symbol) = match self.symbols.containing(link) {
             Some(sym) => {
-                let entry = self.obj.bias + sym.addr as usize;
+                let entry = self.bias + sym.addr as usize;
                 let offset = n - entry;
                 skipped.entry = Some(entry);
                 skipped.function = demangle(&sym.name);
@@ -616,16 +694,7 @@ impl Scan<'_> {
             skipped.reason = reason;
             skipped.clone()
         })?;
-        Ok(Site {
-            object: self.obj.id,
-            kind: SiteKind::Mcount,
-            entry,
-            nop_addr: n,
-            nop_len: NOP_LEN,
-            nop_form: form,
-            function,
-            raw_symbol,
-        })
+        Ok(Hit { kind: SiteKind::Mcount, entry, nop_addr: n, nop_form: form, function, raw_symbol })
     }
 }
 
