@@ -173,8 +173,8 @@ fn ir_run(which: &str, n: i64) {
                 .register(Arc::new(RecordOp::count_only()), Filter::new(["site_leaf"], Vec::<String>::new()).unwrap())
                 .unwrap();
             t.unregister(h).unwrap(); // the pad is now one NOP
-            // Free the retired stub now: the reclaimer thread sampling for
-            // its grace period would add its instructions to the count.
+                                      // Free the retired stub now: the reclaimer thread sampling for
+                                      // its grace period would add its instructions to the count.
             t.reclaim(std::time::Duration::from_secs(10)).unwrap();
             l
         }
