@@ -477,9 +477,7 @@ impl<I: Image> Scan<'_, I> {
     /// The segment holding `[addr, addr + len)`.
     fn segment_at(&self, addr: usize, len: usize) -> Option<&Segment> {
         let link = addr.checked_sub(self.bias)?;
-        self.segments.iter().find(|s| {
-            link >= s.vaddr && link.checked_add(len).is_some_and(|end| end <= s.vaddr.saturating_add(s.memsz))
-        })
+        self.segments.iter().find(|s| s.covers(link, len))
     }
 
     /// Copy `len` bytes at `addr`, if they lie in one readable segment of

@@ -115,7 +115,7 @@ impl Segment {
     }
 
     /// Whether `[link_addr, link_addr + len)` lies inside this segment.
-    fn covers(&self, link_addr: usize, len: usize) -> bool {
+    pub(crate) fn covers(&self, link_addr: usize, len: usize) -> bool {
         link_addr >= self.vaddr
             && link_addr.checked_add(len).is_some_and(|end| end <= self.vaddr.saturating_add(self.memsz))
     }
