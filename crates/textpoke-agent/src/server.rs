@@ -491,6 +491,7 @@ fn status(agent: &mut Agent) -> Reply {
         std::fs::read(&meta_path).ok().and_then(|b| serde_json::from_slice(&b).ok());
     let process = std::fs::read_to_string("/proc/self/comm").map(|s| s.trim_end().to_owned()).unwrap_or_default();
     let mode = if agent.config.count_only { "count" } else { "record" };
+    let traced_sites = inline_sites();
     let mut r = Reply::ok()
         .field("pid", getpid())
         .field("process", process)
@@ -499,6 +500,8 @@ fn status(agent: &mut Agent) -> Reply {
         .field("dir", agent.dir.display())
         .field("functions", agent.functions)
         .field("traced", agent.traced)
+        .field("sites", traced_sites.0)
+        .field("inline", traced_sites.1)
         .field("records", meta.as_ref().map_or(0, |m| m.total_records))
         .field("calls", meta.as_ref().map_or(0, |m| m.threads.iter().map(|t| t.calls).sum::<u64>()))
         .field("dropped", meta.as_ref().map_or(0, |m| m.total_dropped));
@@ -506,6 +509,19 @@ fn status(agent: &mut Agent) -> Reply {
         r = r.field("rule", rule.text());
     }
     r
+}
+
+/// Sites traced now, and how many of them record in generated code (the
+/// count and graph trampolines) rather than through a callback: fewer
+/// than all means the cheap path is off for some (a body site, an agent
+/// loaded with dynamic TLS).
+fn inline_sites() -> (usize, usize) {
+    use textpoke::trace::TrampolineKind;
+    let functions = Tracer::global().functions();
+    let traced = functions.iter().filter(|f| f.trampoline != TrampolineKind::None);
+    let inline =
+        |f: &&textpoke::trace::FunctionInfo| matches!(f.trampoline, TrampolineKind::Count | TrampolineKind::Graph);
+    (traced.clone().count(), traced.filter(inline).count())
 }
 
 fn change(agent: &mut Agent, enable: bool, glob: &str) -> Reply {

@@ -155,7 +155,8 @@ fn status_text(r: &Reply) -> String {
         format!("records    {} written, {} dropped", get("records"), get("dropped"))
     };
     format!(
-        "pid        {} ({})\nstate      {} ({} mode)\ndir        {}\nfunctions  {} traced of {}\n{counts}\nrules      {}\n",
+        "pid        {} ({})\nstate      {} ({} mode)\ndir        {}\nfunctions  {} traced of {}\n\
+         sites      {} traced, {} recorded inline\n{counts}\nrules      {}\n",
         get("pid"),
         get("process"),
         get("state"),
@@ -163,6 +164,8 @@ fn status_text(r: &Reply) -> String {
         get("dir"),
         get("traced"),
         get("functions"),
+        get("sites"),
+        get("inline"),
         r.all("rule").collect::<Vec<_>>().join(" ")
     )
 }

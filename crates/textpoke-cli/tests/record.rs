@@ -671,6 +671,8 @@ fn ctl_toggles_tracing_of_a_live_program() {
 
     assert_eq!(status_field(&sockets, pid, "state"), "recording (record mode)");
     assert_eq!(status_field(&sockets, pid, "functions"), "5 traced of 5");
+    // Function entries whose only op is the recorder's record inline.
+    assert_eq!(status_field(&sockets, pid, "sites"), "5 traced, 5 recorded inline");
     assert_eq!(status_field(&sockets, pid, "rules"), "+*");
     let sock = sockets.join(format!("{pid}.sock"));
     assert_eq!(std::fs::symlink_metadata(&sock).unwrap().permissions().mode() & 0o777, 0o600);
