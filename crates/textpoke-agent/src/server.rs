@@ -301,8 +301,17 @@ fn main_loop() {
         if let Some(l) = listener.as_ref().filter(|l| l.fd.ours()) {
             fds.push(libc::pollfd { fd: l.fd.fd, events: libc::POLLIN, revents: 0 });
         }
+        // No wait when an `_exit` already asked: in a forked child it may
+        // have asked before this thread made its wake pipe (nobody to
+        // wake), and waited a whole tick for nothing (50 ms per child).
+        let timeout = if EXIT_STOP.load(Ordering::Acquire) == EXIT_ASKED {
+            0
+        } else if watch_until.is_some_and(|t| std::time::Instant::now() < t) {
+            1
+        } else {
+            TICK_MS
+        };
         // SAFETY: `fds` is a valid array of its length.
-        let timeout = if watch_until.is_some_and(|t| std::time::Instant::now() < t) { 1 } else { TICK_MS };
         unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, timeout) };
         if EXIT_STOP.load(Ordering::Acquire) == EXIT_ASKED {
             stop_for_exit_on_agent_thread();
