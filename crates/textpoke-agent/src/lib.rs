@@ -77,11 +77,9 @@
 //! `disable GLOB`. Peers of another uid (root excepted) are refused.
 
 mod interpose;
-mod lock;
 pub mod rules;
 mod server;
 
-use lock::ForkLock;
 use rules::{Rule, Rules};
 use std::cell::Cell;
 use std::collections::BTreeSet;
@@ -92,6 +90,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicI32, AtomicPtr, AtomicU8, Ordering};
 use std::sync::Arc;
 use textpoke::record::{self, Recorder, RecorderConfig};
+use textpoke::sync::ForkLock;
 use textpoke::trace::{OpHandle, RecordOp, TraceError, Tracer};
 
 /// Settings read from the environment at load.

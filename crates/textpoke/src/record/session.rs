@@ -6,7 +6,6 @@ use super::buffer::{self, ThreadBuf, ACTIVE, MODE_COUNT, MODE_MASK, MODE_RECORD}
 use super::clock::{self, Calibration, Clock};
 use super::format::{self, ClockSource, CountsFile, Meta, Mode, Symbol, SymbolsFile, ThreadMeta, UnattributedDrops};
 use super::{ClockChoice, RecordError, RecorderConfig, TraceSummary};
-use std::cell::UnsafeCell;
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs::File;
 use std::io::{Seek, SeekFrom, Write};
@@ -14,82 +13,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-// ---------------------------------------------------------------------------
-// A mutex that survives fork.
-
-/// A pthread mutex around `T`, held across `fork` by the atfork handlers
-/// (prepare locks, parent and child unlock) so the child never inherits it
-/// locked by a thread that does not exist there.
-pub(crate) struct ForkLock<T> {
-    m: UnsafeCell<libc::pthread_mutex_t>,
-    v: UnsafeCell<T>,
-}
-
-// SAFETY: access to `v` is serialised by the mutex.
-unsafe impl<T: Send> Sync for ForkLock<T> {}
-
-pub(crate) struct ForkGuard<'a, T>(&'a ForkLock<T>);
-
-impl<T> ForkLock<T> {
-    const fn new(v: T) -> Self {
-        ForkLock { m: UnsafeCell::new(libc::PTHREAD_MUTEX_INITIALIZER), v: UnsafeCell::new(v) }
-    }
-
-    fn lock(&self) -> ForkGuard<'_, T> {
-        // SAFETY: a valid, initialised mutex that lives forever (static).
-        unsafe { libc::pthread_mutex_lock(self.m.get()) };
-        ForkGuard(self)
-    }
-
-    /// # Safety
-    ///
-    /// Must be paired with [`Self::raw_unlock`] on this thread (or in the
-    /// forked child).
-    unsafe fn raw_lock(&self) {
-        // SAFETY: as in `lock`.
-        unsafe { libc::pthread_mutex_lock(self.m.get()) };
-    }
-
-    /// # Safety
-    ///
-    /// The calling thread (or, in a forked child, the thread that forked)
-    /// must hold the lock through [`Self::raw_lock`].
-    unsafe fn raw_unlock(&self) {
-        // SAFETY: the caller holds the lock.
-        unsafe { libc::pthread_mutex_unlock(self.m.get()) };
-    }
-
-    /// # Safety
-    ///
-    /// The caller must hold the lock (raw) and not create two references.
-    #[allow(clippy::mut_from_ref)]
-    unsafe fn get_locked(&self) -> &mut T {
-        // SAFETY: the caller holds the lock.
-        unsafe { &mut *self.v.get() }
-    }
-}
-
-impl<T> std::ops::Deref for ForkGuard<'_, T> {
-    type Target = T;
-    fn deref(&self) -> &T {
-        // SAFETY: the guard holds the lock.
-        unsafe { &*self.0.v.get() }
-    }
-}
-
-impl<T> std::ops::DerefMut for ForkGuard<'_, T> {
-    fn deref_mut(&mut self) -> &mut T {
-        // SAFETY: the guard holds the lock.
-        unsafe { &mut *self.0.v.get() }
-    }
-}
-
-impl<T> Drop for ForkGuard<'_, T> {
-    fn drop(&mut self) {
-        // SAFETY: the guard holds the lock.
-        unsafe { libc::pthread_mutex_unlock(self.0.m.get()) };
-    }
-}
+use crate::sync::ForkLock;
 
 // ---------------------------------------------------------------------------
 // State.

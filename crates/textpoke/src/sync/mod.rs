@@ -20,7 +20,10 @@
 //! with all signals blocked, reads each interrupted PC, writes, and releases
 //! them; see [`rendezvous::park_others`].
 
+mod fork_lock;
 pub mod rendezvous;
+
+pub use fork_lock::{ForkLock, Guard as ForkGuard};
 
 use std::cell::Cell;
 

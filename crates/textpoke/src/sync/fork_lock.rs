@@ -1,7 +1,8 @@
-//! A mutex held across `fork`: the agent's `pthread_atfork` prepare
-//! handler takes it, so a child never inherits it locked by a thread that
-//! does not exist there, and never forks while the agent thread is half
-//! way through changing the tracer.
+//! A mutex meant to be held across `fork`: its owner's `pthread_atfork`
+//! prepare handler takes it (`raw_lock`) and the parent and child handlers
+//! release it (`raw_unlock`), so a child never inherits it locked by a
+//! thread that does not exist there. The recorder's state and the agent's
+//! use it.
 
 use std::cell::UnsafeCell;
 
@@ -9,8 +10,7 @@ use std::cell::UnsafeCell;
 pub struct ForkLock<T> {
     m: UnsafeCell<libc::pthread_mutex_t>,
     v: UnsafeCell<T>,
-    /// How many times the lock was taken (tests count them).
-    #[cfg(test)]
+    /// How many times the lock was taken (a diagnostic: tests count them).
     taken: std::sync::atomic::AtomicU64,
 }
 
@@ -24,19 +24,17 @@ impl<T> ForkLock<T> {
         ForkLock {
             m: UnsafeCell::new(libc::PTHREAD_MUTEX_INITIALIZER),
             v: UnsafeCell::new(v),
-            #[cfg(test)]
             taken: std::sync::atomic::AtomicU64::new(0),
         }
     }
 
-    /// Counts one taking of the lock (tests only).
+    /// Counts one taking of the lock (a control path: the atomic costs
+    /// nothing that matters there).
     fn count(&self) {
-        #[cfg(test)]
         self.taken.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// How many times the lock was taken so far.
-    #[cfg(test)]
     pub fn times_taken(&self) -> u64 {
         self.taken.load(std::sync::atomic::Ordering::Relaxed)
     }
