@@ -12,15 +12,7 @@ use crate::tracedata::{Record, RecordKind};
 
 /// One tick is one nanosecond.
 fn ns_clock() -> ClockInfo {
-    ClockInfo {
-        source: ClockSource::Monotonic,
-        ticks_per_sec: 1e9,
-        mult: 1,
-        shift: 0,
-        base_ticks: 0,
-        base_ns: 0,
-        calibration_ns: 0,
-    }
+    ClockInfo::identity(ClockSource::Monotonic)
 }
 
 fn en(f: u32, depth: u16, ts: u64) -> Record {

@@ -213,21 +213,12 @@ impl Calibration {
     pub fn start(source: ClockSource, interval: Duration) -> Calibration {
         match source {
             ClockSource::Monotonic => {
-                let info = ClockInfo {
-                    source,
-                    ticks_per_sec: 1e9,
-                    mult: 1,
-                    shift: 0,
-                    base_ticks: 0,
-                    base_ns: 0,
-                    calibration_ns: 0,
-                };
-                Calibration { source, base_ticks: 0, base_ns: 0, info }
+                Calibration { source, base_ticks: 0, base_ns: 0, info: ClockInfo::identity(source) }
             }
             ClockSource::Tsc => {
                 let (t0, n0) = paired_read();
                 std::thread::sleep(interval);
-                let mut c = Calibration { source, base_ticks: t0, base_ns: n0, info: identity(source) };
+                let mut c = Calibration { source, base_ticks: t0, base_ns: n0, info: ClockInfo::identity(source) };
                 c.refine();
                 c
             }
@@ -262,10 +253,6 @@ impl Calibration {
     pub fn info(&self) -> ClockInfo {
         self.info
     }
-}
-
-fn identity(source: ClockSource) -> ClockInfo {
-    ClockInfo { source, ticks_per_sec: 1e9, mult: 1, shift: 0, base_ticks: 0, base_ns: 0, calibration_ns: 0 }
 }
 
 #[cfg(test)]

@@ -164,6 +164,12 @@ pub struct ClockInfo {
 }
 
 impl ClockInfo {
+    /// One tick is one nanosecond from 0 (a monotonic clock, or a TSC
+    /// conversion before its calibration).
+    pub fn identity(source: ClockSource) -> ClockInfo {
+        ClockInfo { source, ticks_per_sec: 1e9, mult: 1, shift: 0, base_ticks: 0, base_ns: 0, calibration_ns: 0 }
+    }
+
     /// `CLOCK_MONOTONIC` nanoseconds of a timestamp.
     pub fn to_ns(&self, ticks: u64) -> u64 {
         let d = ticks as i128 - self.base_ticks as i128;
