@@ -15,6 +15,10 @@
 //! | `TEXTPOKE_INCLUDE` | include globs (`-F`), one per line; none: every function |
 //! | `TEXTPOKE_EXCLUDE` | exclude globs (`-N`), one per line |
 //! | `TEXTPOKE_COUNT_ONLY` | `1`: count calls per function instead of recording entries and exits |
+//! | `TEXTPOKE_RETVAL` | globs (`-R`), one per line: record the return values of these functions |
+//! | `TEXTPOKE_BUFFER_SIZE` | the most one thread's buffer may hold, bytes (`-b`) |
+//! | `TEXTPOKE_MEMORY_LIMIT` | the most all buffers may hold together, bytes (`--memory-limit`) |
+//! | `TEXTPOKE_CLOCK` | `tsc`, `tsc-unordered` or `monotonic` (`--clock`); unset: the best this machine has |
 //! | `TEXTPOKE_SOCKET_DIR` | where the control socket goes (see [`textpoke::control`]) |
 //!
 //! # Life cycle
@@ -90,8 +94,9 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicI32, AtomicPtr, AtomicU8, Ordering};
 use std::sync::Arc;
 use textpoke::record::{self, Recorder, RecorderConfig};
+use textpoke::record::{ClockChoice, ClockSource, RecordOp};
 use textpoke::sync::ForkLock;
-use textpoke::trace::{OpHandle, RecordOp, TraceError, Tracer};
+use textpoke::trace::{OpHandle, TraceError, Tracer};
 
 /// Settings read from the environment at load.
 #[derive(Clone, Debug)]
@@ -100,6 +105,11 @@ pub(crate) struct Config {
     pub exclude: Vec<String>,
     pub count_only: bool,
     pub socket_dir: PathBuf,
+    /// Functions whose return values are recorded.
+    pub retval: Vec<String>,
+    pub buffer_size: Option<usize>,
+    pub memory_limit: Option<usize>,
+    pub clock: Option<ClockSource>,
 }
 
 /// Why the agent cannot trace; printed once, then tracing is disabled.
@@ -286,6 +296,32 @@ fn env_lines(name: &str) -> Vec<String> {
     std::env::var(name).map(|v| v.lines().filter(|l| !l.is_empty()).map(str::to_owned).collect()).unwrap_or_default()
 }
 
+/// A byte count from the environment; a value that is not one is said
+/// once and the default used.
+fn env_number(name: &str) -> Option<usize> {
+    let v = std::env::var(name).ok()?;
+    match v.trim().parse() {
+        Ok(n) => Some(n),
+        Err(_) => {
+            warn_once(&format!("{name}={v:?} is not a number of bytes; using the default"));
+            None
+        }
+    }
+}
+
+fn env_clock() -> Option<ClockSource> {
+    let v = std::env::var("TEXTPOKE_CLOCK").ok()?;
+    match v.as_str() {
+        "tsc" => Some(ClockSource::Tsc),
+        "tsc-unordered" => Some(ClockSource::TscUnordered),
+        "monotonic" => Some(ClockSource::Monotonic),
+        _ => {
+            warn_once(&format!("TEXTPOKE_CLOCK={v:?} is not tsc, tsc-unordered or monotonic; using the default"));
+            None
+        }
+    }
+}
+
 // ---------------------------------------------------------------------------
 // Load.
 
@@ -320,6 +356,10 @@ fn load() {
         exclude: env_lines("TEXTPOKE_EXCLUDE"),
         count_only: std::env::var_os("TEXTPOKE_COUNT_ONLY").is_some_and(|v| v == OsStr::new("1")),
         socket_dir: textpoke::control::default_socket_dir(),
+        retval: env_lines("TEXTPOKE_RETVAL"),
+        buffer_size: env_number("TEXTPOKE_BUFFER_SIZE"),
+        memory_limit: env_number("TEXTPOKE_MEMORY_LIMIT"),
+        clock: env_clock(),
     };
     let rules = match Rules::new(&config.include, &config.exclude) {
         Ok(r) => r,
@@ -351,16 +391,32 @@ fn try_start(agent: &mut Agent, tracer: &'static Tracer) -> Result<(), AgentErro
     if functions.is_empty() {
         return Ok(());
     }
+    let c = &agent.config;
     let mut cfg = RecorderConfig::new(&agent.dir);
-    if agent.config.count_only {
+    if c.count_only {
         cfg = cfg.count_only();
+    }
+    if let Some(n) = c.buffer_size {
+        cfg.thread_limit = n;
+    }
+    if let Some(n) = c.memory_limit {
+        cfg.memory_limit = n;
+    }
+    if let Some(source) = c.clock {
+        cfg.clock = ClockChoice::Force(source);
     }
     let recorder = record::start(cfg)?;
     record::flush_at_exit();
     agent.recorder = Some(recorder);
     agent.set_phase(Phase::Recording);
     STARTED.store(true, Ordering::Release);
-    let op = if agent.config.count_only { RecordOp::count_only() } else { RecordOp::graph() };
+    let op = if agent.config.count_only {
+        RecordOp::count_only()
+    } else if agent.config.retval.is_empty() {
+        RecordOp::graph()
+    } else {
+        RecordOp::graph().with_retval(textpoke::trace::Filter::new(agent.config.retval.clone(), Vec::<String>::new())?)
+    };
     let names = distinct_names(&functions);
     let filter = agent.rules.filter(names.iter().map(String::as_str))?;
     let handle = tracer.register(Arc::new(op), filter)?;

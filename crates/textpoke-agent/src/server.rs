@@ -511,8 +511,8 @@ fn status(agent: &mut Agent) -> Reply {
         .field("traced", agent.traced)
         .field("sites", traced_sites.0)
         .field("inline", traced_sites.1)
-        .field("records", meta.as_ref().map_or(0, |m| m.total_records))
-        .field("calls", meta.as_ref().map_or(0, |m| m.threads.iter().map(|t| t.calls).sum::<u64>()))
+        .field("calls", meta.as_ref().map_or(0, |m| m.total_calls))
+        .field("events", meta.as_ref().map_or(0, |m| m.total_events))
         .field("dropped", meta.as_ref().map_or(0, |m| m.total_dropped));
     for rule in agent.rules.iter() {
         r = r.field("rule", rule.text());

@@ -181,7 +181,7 @@ pub fn convert(
         Ok(o) => o,
         Err(e) => return fail(cmd, e),
     };
-    let bar = progress(set.total_records(), what);
+    let bar = progress(set.total_words(), what);
     let r = produce(out.writer(), &mut |n| bar.inc(n));
     bar.finish_and_clear();
     if let Err(e) = r {

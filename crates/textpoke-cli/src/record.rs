@@ -41,8 +41,7 @@ use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicI32, Ordering};
-use textpoke::record::format::{Mode, META_FILE};
-use textpoke::tracedata::{OpenOptions, Trace};
+use textpoke::record::format::{self, Mode, META_FILE};
 
 /// The demo workload (empty when no C compiler was found at build time).
 static DEMO: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/textpoke-demo"));
@@ -61,9 +60,45 @@ pub struct Args {
     /// Count calls per function instead of recording each entry and exit
     #[arg(long)]
     count_only: bool,
+    /// Record the return values of the functions matching GLOB (repeatable)
+    #[arg(short = 'R', long = "retval", value_name = "GLOB")]
+    retval: Vec<String>,
+    /// The most one thread's buffer may grow to while the writer is behind
+    /// (e.g. 64M, 1G); past it, events are lost and counted [default: 1G]
+    #[arg(short = 'b', long = "buffer-size", value_name = "SIZE", value_parser = parse_size)]
+    buffer_size: Option<u64>,
+    /// The most all threads' buffers may hold together [default: a quarter
+    /// of the memory, at most 4G]
+    #[arg(long = "memory-limit", value_name = "SIZE", value_parser = parse_size)]
+    memory_limit: Option<u64>,
+    /// The timestamp clock: tsc (ordered across threads), tsc-unordered
+    /// (cheaper; timestamps of different threads may be out of order by
+    /// up to ~100 ns), monotonic [default: tsc when it is invariant]
+    #[arg(long, value_name = "CLOCK", value_parser = ["tsc", "tsc-unordered", "monotonic"])]
+    clock: Option<String>,
     /// The program to run, and its arguments; none: a bundled multithreaded demo
     #[arg(value_name = "PROG [ARGS]", trailing_var_arg = true, allow_hyphen_values = true)]
     command: Vec<OsString>,
+}
+
+/// A size in bytes: a number with an optional K, M or G suffix (powers of
+/// 1024; `B`/`iB` accepted after it).
+fn parse_size(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let t = t.strip_suffix("iB").or_else(|| t.strip_suffix('B')).unwrap_or(t);
+    let (num, mult) = match t.chars().last() {
+        Some('k' | 'K') => (&t[..t.len() - 1], 1u64 << 10),
+        Some('m' | 'M') => (&t[..t.len() - 1], 1 << 20),
+        Some('g' | 'G') => (&t[..t.len() - 1], 1 << 30),
+        _ => (t, 1),
+    };
+    let n: u64 =
+        num.trim().parse().map_err(|_| format!("{s:?} is not a size (a number of bytes, or with K, M or G)"))?;
+    let bytes = n.checked_mul(mult).ok_or_else(|| format!("{s} is too large"))?;
+    if bytes < 64 << 10 {
+        return Err(format!("{s} is too small: at least 64K"));
+    }
+    Ok(bytes)
 }
 
 /// Finds `name` as a shell would (`PATH` when it has no `/`) and checks
@@ -339,44 +374,64 @@ impl Drop for DemoFile {
 // ---------------------------------------------------------------------------
 // Summary.
 
-/// The one-line summary of what was recorded in `dir` (shown as `shown`).
+/// The one-line summary of what was recorded in `dir` (shown as `shown`),
+/// from its metadata alone (the events are not read: a big trace's summary
+/// costs nothing), and a loud second line when events were lost.
 fn summary(dir: &Path, shown: &str, prog: &str) -> String {
     if !dir.join(META_FILE).exists() {
         return format!("textpoke: nothing recorded: {prog} ran no traced code ({shown} was not written)");
     }
-    let trace = match Trace::open_with(dir, OpenOptions { allow_incomplete: true }) {
-        Ok(t) => t,
+    let meta: format::Meta = match std::fs::read(dir.join(META_FILE))
+        .map_err(|e| e.to_string())
+        .and_then(|b| serde_json::from_slice(&b).map_err(|e| e.to_string()))
+    {
+        Ok(m) => m,
         Err(e) => return format!("textpoke: the trace in {shown} cannot be read: {e}"),
     };
     let agent: Option<serde_json::Value> =
         std::fs::read(dir.join("agent.json")).ok().and_then(|b| serde_json::from_slice(&b).ok());
     let count = |k: &str| agent.as_ref().and_then(|a| a.get(k)).and_then(|v| v.as_u64()).unwrap_or(0);
-    let meta = trace.meta();
-    let what = match trace.mode() {
-        Mode::Record => format!("{} records", meta.total_records),
-        Mode::Count => {
-            format!("{} calls counted", trace.counts().map_or(0, |c| c.iter().map(|(_, n)| n).sum::<u64>()))
-        }
+    let what = match meta.mode {
+        Mode::Record => format!("{} calls, {} events", meta.total_calls, meta.total_events),
+        Mode::Count => format!("{} calls counted", meta.total_calls),
     };
-    let threads = trace.threads().len();
-    let children = match trace.children().len() {
+    let threads = meta.threads.len();
+    let children = std::fs::read_dir(dir)
+        .map(|rd| {
+            rd.flatten().filter(|e| e.file_name().to_string_lossy().starts_with(format::CHILD_DIR_PREFIX)).count()
+        })
+        .unwrap_or(0);
+    let children = match children {
         0 => String::new(),
         1 => ", 1 child trace".into(),
         n => format!(", {n} child traces"),
     };
-    let incomplete = if trace.is_complete() {
+    let incomplete = if meta.complete {
         ""
     } else {
         " (incomplete: the recording did not finish; the program was killed, or its exit could not wait for the final flush)"
     };
     let traced = count("traced");
-    format!(
-        "textpoke: {traced} function{} traced (of {}), {what}, {} dropped, {threads} thread{}{children} -> {shown}{incomplete}",
+    let mut line = format!(
+        "textpoke: {traced} function{} traced (of {}), {what}, {} lost, {threads} thread{}{children} -> {shown}{incomplete}",
         if traced == 1 { "" } else { "s" },
         count("functions"),
-        trace.dropped(),
+        meta.total_dropped,
         if threads == 1 { "" } else { "s" },
-    )
+    );
+    if meta.total_dropped > 0 {
+        let b = &meta.buffers;
+        line.push_str(&format!(
+            "\ntextpoke: WARNING: {} events were LOST: the buffers reached their limit (per thread {} MiB, in all {} MiB; \
+             peak {} MiB). Call counts are exact; `replay` marks each gap. Raise -b/--buffer-size or --memory-limit, \
+             or trace fewer functions (-F/-N).",
+            meta.total_dropped,
+            b.thread_limit >> 20,
+            b.memory_limit >> 20,
+            b.peak_bytes >> 20,
+        ));
+    }
+    line
 }
 
 // ---------------------------------------------------------------------------
@@ -389,7 +444,7 @@ pub fn run(args: &Args) -> ExitCode {
 }
 
 fn record(args: &Args) -> Result<ExitCode, CliError> {
-    for g in args.include.iter().chain(&args.exclude) {
+    for g in args.include.iter().chain(&args.exclude).chain(&args.retval) {
         globset::Glob::new(g).map_err(|e| CliError::new(2, format!("bad glob {g:?}: {}", e.kind())))?;
     }
     let demo = if args.command.is_empty() { Some(DemoFile::write()?) } else { None };
@@ -433,6 +488,18 @@ fn record(args: &Args) -> Result<ExitCode, CliError> {
         cmd.env("TEXTPOKE_COUNT_ONLY", "1");
     } else {
         cmd.env_remove("TEXTPOKE_COUNT_ONLY");
+    }
+    let settings = [
+        ("TEXTPOKE_RETVAL", (!args.retval.is_empty()).then(|| args.retval.join("\n"))),
+        ("TEXTPOKE_BUFFER_SIZE", args.buffer_size.map(|n| n.to_string())),
+        ("TEXTPOKE_MEMORY_LIMIT", args.memory_limit.map(|n| n.to_string())),
+        ("TEXTPOKE_CLOCK", args.clock.clone()),
+    ];
+    for (var, value) in settings {
+        match value {
+            Some(v) => cmd.env(var, v),
+            None => cmd.env_remove(var),
+        };
     }
     install_forwarding();
     let mut child = cmd.spawn().map_err(|e| CliError::new(126, format!("cannot run {shown}: {e}")))?;

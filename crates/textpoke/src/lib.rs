@@ -28,8 +28,10 @@
 
 pub mod analysis;
 pub mod arch;
+pub mod clock;
 pub mod control;
 pub mod error;
+pub mod funcs;
 pub mod keys;
 pub mod record;
 pub mod sites;

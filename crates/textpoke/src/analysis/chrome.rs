@@ -34,14 +34,34 @@ struct Args {
     unfinished: bool,
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     exit_lost: bool,
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    cut_by_gap: bool,
     #[serde(skip_serializing_if = "Option::is_none")]
     ret: Option<u64>,
 }
 
 impl Args {
     fn is_empty(&self) -> bool {
-        !self.unfinished && !self.exit_lost && self.ret.is_none()
+        !self.unfinished && !self.exit_lost && !self.cut_by_gap && self.ret.is_none()
     }
+}
+
+/// An instant event: where events were lost.
+#[derive(Serialize)]
+struct Instant<'a> {
+    name: &'a str,
+    cat: &'static str,
+    ph: &'static str,
+    s: &'static str,
+    pid: i32,
+    tid: i32,
+    ts: f64,
+    args: GapArgs,
+}
+
+#[derive(Serialize)]
+struct GapArgs {
+    lost: u64,
 }
 
 #[derive(Serialize)]
@@ -83,7 +103,7 @@ fn us(ns: u64) -> f64 {
 pub fn chrome<W: Write>(set: &TraceSet, w: &mut W, progress: &mut dyn FnMut(u64)) -> Result<u64, AnalysisError> {
     let root = set.root();
     for p in &set.processes {
-        if p.trace.counts().is_some() {
+        if p.trace.mode() == crate::record::Mode::Count {
             return Err(AnalysisError::CountOnly {
                 dir: p.trace.dir().to_path_buf(),
                 what: "timeline for a trace-event file",
@@ -137,28 +157,50 @@ pub fn chrome<W: Write>(set: &TraceSet, w: &mut W, progress: &mut dyn FnMut(u64)
             .map_err(json)?;
             let mut err = None;
             walk_thread(trace, t, &mut rb, progress, &mut |e| {
-                let Event::Leave(c) = e else {
-                    return;
-                };
                 if err.is_some() {
                     return;
                 }
-                let start_ns = trace.to_ns(c.start).saturating_sub(base_ns);
-                let ev = Complete {
-                    name: trace.name(c.func),
-                    cat: "function",
-                    ph: "X",
-                    pid,
-                    tid,
-                    ts: us(start_ns),
-                    dur: us(c.total_ns),
-                    args: Args {
-                        unfinished: c.closed == Closed::Unfinished,
-                        exit_lost: c.closed == Closed::ExitLost,
-                        ret: c.value,
-                    },
+                let r = match e {
+                    Event::Leave(c) => {
+                        let start_ns = trace.to_ns(c.start).saturating_sub(base_ns);
+                        // A call cut by a gap is shown up to the last event
+                        // before it: what is known, and marked.
+                        let dur = match c.closed {
+                            Closed::Gap => trace.delta_ns(c.start, c.end),
+                            _ => c.total_ns,
+                        };
+                        let ev = Complete {
+                            name: trace.name(c.func),
+                            cat: "function",
+                            ph: "X",
+                            pid,
+                            tid,
+                            ts: us(start_ns),
+                            dur: us(dur),
+                            args: Args {
+                                unfinished: c.closed == Closed::Unfinished,
+                                exit_lost: c.closed == Closed::ExitLost,
+                                cut_by_gap: c.closed == Closed::Gap,
+                                ret: c.value,
+                            },
+                        };
+                        sep(w).and_then(|_| serde_json::to_writer(&mut *w, &ev).map_err(json))
+                    }
+                    Event::Gap { lost, ts, .. } => {
+                        let ev = Instant {
+                            name: "events lost",
+                            cat: "textpoke",
+                            ph: "i",
+                            s: "t",
+                            pid,
+                            tid,
+                            ts: us(trace.to_ns(ts).saturating_sub(base_ns)),
+                            args: GapArgs { lost },
+                        };
+                        sep(w).and_then(|_| serde_json::to_writer(&mut *w, &ev).map_err(json))
+                    }
+                    _ => return,
                 };
-                let r = sep(w).and_then(|_| serde_json::to_writer(&mut *w, &ev).map_err(json));
                 match r {
                     Ok(()) => events += 1,
                     Err(e) => err = Some(e),

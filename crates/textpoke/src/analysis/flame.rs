@@ -90,8 +90,9 @@ impl Tree {
 /// calls on that path in nanoseconds, or for a count-only trace the calls.
 /// The second value is the unit (`"ns"` or `"calls"`).
 pub fn folded(set: &TraceSet, progress: &mut dyn FnMut(u64)) -> Result<(String, &'static str), AnalysisError> {
-    let counts_only = set.processes.iter().all(|p| p.trace.counts().is_some());
-    let mixed = !counts_only && set.processes.iter().any(|p| p.trace.counts().is_some());
+    let is_count = |p: &super::Process| p.trace.mode() == crate::record::Mode::Count;
+    let counts_only = set.processes.iter().all(is_count);
+    let mixed = !counts_only && set.processes.iter().any(is_count);
     let unit = if counts_only { "calls" } else { "ns" };
     let mut tree = Tree::new();
     let labelled = set.processes.len() > 1;
@@ -103,7 +104,8 @@ pub fn folded(set: &TraceSet, progress: &mut dyn FnMut(u64)) -> Result<(String, 
         } else {
             0
         };
-        if let Some(counts) = trace.counts() {
+        if is_count(p) {
+            let counts = trace.counts();
             if mixed {
                 // Calls and nanoseconds do not add up: leave this process
                 // out rather than draw a wrong graph.
@@ -118,7 +120,10 @@ pub fn folded(set: &TraceSet, progress: &mut dyn FnMut(u64)) -> Result<(String, 
         }
         let mut names: HashMap<FuncId, u32> = HashMap::new();
         let mut rb = Rebuilder::new(trace.clock());
+        let unknown = tree.intern("[callers unknown: events lost]");
         for t in trace.threads() {
+            // The stack of nodes; its base is the root, or after a gap a
+            // frame saying the callers are not known.
             let mut stack: Vec<u32> = vec![root];
             walk_thread(trace, t, &mut rb, progress, &mut |e| match e {
                 Event::Enter { func, .. } => {
@@ -128,10 +133,18 @@ pub fn folded(set: &TraceSet, progress: &mut dyn FnMut(u64)) -> Result<(String, 
                     stack.push(node);
                 }
                 Event::Leave(c) => {
-                    // Enter/Leave nest: the top is this call's node.
+                    // Enter/Leave nest: the top is this call's node. A call
+                    // cut by a gap has no time: no weight.
                     if stack.len() > 1 {
                         let node = stack.pop().unwrap_or(root);
                         tree.weight[node as usize] = tree.weight[node as usize].saturating_add(c.self_ns);
+                    }
+                }
+                Event::Gap { level, .. } => {
+                    stack.truncate(1);
+                    if level > 0 {
+                        let node = tree.child(root, unknown);
+                        stack.push(node);
                     }
                 }
                 Event::OrphanExit { .. } => {}
@@ -154,7 +167,7 @@ pub fn flamegraph<W: Write>(
     let (folded, unit) = folded(set, progress)?;
     let root = set.root();
     if folded.is_empty() {
-        let detail = if set.processes.iter().all(|p| p.trace.counts().is_some()) {
+        let detail = if set.processes.iter().all(|p| p.trace.mode() == crate::record::Mode::Count) {
             " (no function was counted)".to_string()
         } else {
             " with a measurable self time (no completed calls)".to_string()

@@ -27,22 +27,27 @@
 //!
 //! # Rebuilding the stacks
 //!
-//! The records of one thread are that thread's entries and exits in program
-//! order. [`Rebuilder`] replays them against a stack of open calls:
+//! The records of one thread are that thread's entries, exits and gaps in
+//! program order; each entry and exit carries the depth the tracer saw (its
+//! shadow stack's length, exact). [`Rebuilder`] replays them against a
+//! stack of open calls:
 //!
-//! 1. an **entry** pushes a frame (function, recorded depth, timestamp);
-//! 2. an **exit** of function `f` at recorded depth `d` closes the innermost
-//!    open frame of `f` at depth `d`, or failing that the innermost open
-//!    frame of `f` (the recorded depth can jump: records dropped, a tracer
-//!    that counts untraced frames); the depth only chooses between frames
-//!    of the same function — recursion — never the nesting itself;
-//! 3. frames above the one closed lost their exits (a dropped record, a
-//!    `longjmp`, an unwinding that skipped the exit): they ended no later
-//!    than their caller, so they are closed at the same timestamp and
-//!    marked [`Closed::ExitLost`];
-//! 4. an exit that matches no open frame is an **orphan**: the trace began
-//!    inside that call (attached to a running program) or its entry was
-//!    dropped. It is counted and otherwise ignored;
+//! 1. an **entry** at depth `d` first closes the open frames at depth `d`
+//!    or deeper: their exits were lost (a `longjmp`, an exception that
+//!    unwound them, a full shadow stack), they ended no later than this
+//!    entry, so they are closed at its timestamp and marked
+//!    [`Closed::ExitLost`] (an upper bound); then it pushes a frame;
+//! 2. an **exit** of function `f` at depth `d` closes the innermost open
+//!    frame of `f` at depth `d`, or failing that the innermost open frame of
+//!    `f`; frames above it lost their exits and are closed as in 1;
+//! 3. an exit that matches no open frame is an **orphan**: the trace began
+//!    inside that call (attached to a running program), or its entry was
+//!    lost in a gap. It is counted and otherwise ignored;
+//! 4. a **gap** (events lost where the thread's buffer could not grow) is a
+//!    hard break: every open frame is closed as [`Closed::Gap`] with *no*
+//!    time (whether it returned during the gap is not known), and the calls
+//!    after it start at the depth recording resumed at, under callers that
+//!    are not known: nothing is nested across a gap, no duration spans one;
 //! 5. at the end of the thread's records, the frames still open are closed
 //!    at the thread's last timestamp and marked [`Closed::Unfinished`]
 //!    (the recording stopped inside them): their times are lower bounds.
@@ -52,21 +57,24 @@
 //! frames it directly contained, and its inclusive time is added to its
 //! caller's children time. So `Enter`/`Leave` [`Event`]s always nest, even
 //! for damaged input, and every consumer below is written against that
-//! invariant. Memory is one frame per open call; records are streamed.
+//! invariant. Memory is one frame per open call, at most [`MAX_LEVEL`];
+//! records are streamed.
 //!
 //! # Report
 //!
-//! Per function ([`FunctionStats`]): calls (every entry, unfinished ones
-//! included), total, self, average, minimum and maximum time.
+//! Per function ([`FunctionStats`]): calls, total, self, average, minimum
+//! and maximum time.
 //!
+//! - **calls** are the recorder's exact counts, kept whatever happened to
+//!   the events (a count-only trace has only them);
 //! - **total** is the time spent inside the function: for a recursive
 //!   function the time of an activation nested in another activation of
 //!   the same function on the same thread is not counted twice, so total
 //!   never exceeds the thread's time;
 //! - **self** adds up each call's self time;
-//! - **average**, **minimum** and **maximum** are over each call's
-//!   inclusive time: for a non-recursive function `avg = total / calls`,
-//!   for a recursive one the average is over every activation.
+//! - **average**, **minimum** and **maximum** are over the inclusive times
+//!   of the calls that have one (every call but those cut by a gap);
+//!   [`FunctionStats::timed`] says how many.
 //!
 //! A count-only trace ([`Mode::Count`](crate::record::Mode::Count)) has
 //! calls and no times ([`FunctionStats::times`] is `None`).
@@ -112,7 +120,7 @@ pub use chrome::chrome;
 pub use flame::{flamegraph, folded, FlameOptions};
 pub use replay::{human_ns, replay, ReplayOptions};
 pub use report::{report, FunctionStats, ProcessReport, Report, ReportOptions, SortKey, ThreadStats, Times};
-pub use stacks::{Call, Closed, Event, Rebuilder};
+pub use stacks::{Call, Closed, Event, Rebuilder, MAX_LEVEL};
 
 use crate::record::format::CHILD_DIR_PREFIX;
 use crate::tracedata::{OpenOptions, ThreadTrace, Trace, TraceError};
@@ -250,9 +258,9 @@ impl TraceSet {
         &self.processes[0].trace
     }
 
-    /// Records to read in all processes (for progress bars).
-    pub fn total_records(&self) -> u64 {
-        self.processes.iter().flat_map(|p| p.trace.threads()).map(|t| t.records).sum()
+    /// Words to read in all processes (for progress bars).
+    pub fn total_words(&self) -> u64 {
+        self.processes.iter().flat_map(|p| p.trace.threads()).map(|t| t.words).sum()
     }
 
     /// Keeps only the process `pid`; `false` if no process has it.
@@ -277,11 +285,12 @@ pub fn is_child_dir(p: &Path) -> bool {
     p.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with(CHILD_DIR_PREFIX))
 }
 
-/// How often (in records) the progress callback is called.
+/// How often (in words) the progress callback is called.
 const PROGRESS_STEP: u64 = 1 << 14;
 
 /// Runs one thread's records through `rb`, calling `sink` for each event,
-/// then closes what is left open. `progress` is told of records read.
+/// then closes what is left open. `progress` is told of words read (about:
+/// a record's words).
 pub(crate) fn walk_thread(
     trace: &Trace,
     thread: &ThreadTrace,
@@ -293,12 +302,11 @@ pub(crate) fn walk_thread(
     for r in trace.records(thread)? {
         let r = r?;
         rb.push(&r, sink);
-        // Slots, as `ThreadTrace::records` counts them: a value is one more.
-        let slots = 1 + r.value.is_some() as u64;
-        if (n + slots) / PROGRESS_STEP != n / PROGRESS_STEP {
+        let words = 1 + r.value.is_some() as u64;
+        if (n + words) / PROGRESS_STEP != n / PROGRESS_STEP {
             progress(PROGRESS_STEP);
         }
-        n += slots;
+        n += words;
     }
     rb.finish(sink);
     progress(n % PROGRESS_STEP);

@@ -11,10 +11,13 @@
 //!
 //! A `>` before a duration marks a call still open when the thread's
 //! records ended (its time is a lower bound), a `<` one whose exit was lost
-//! and that was closed at its caller's exit (an upper bound).
+//! and that was closed at its caller's exit (an upper bound). Where events
+//! were lost, a line says how many; the calls open there are left without
+//! a closing line or a time, and the calls after it are indented at the
+//! depth recording resumed at, under callers that are not known.
 
 use super::{walk_thread, AnalysisError, Call, Closed, Event, Rebuilder, TraceSet};
-use crate::record::FuncId;
+use crate::record::{FuncId, Mode};
 use crate::tracedata::Trace;
 use std::io::{self, Write};
 
@@ -56,6 +59,7 @@ struct Printer<'a, W: Write> {
     pending: Option<(FuncId, usize)>,
     err: Option<io::Error>,
     marks: bool,
+    gaps: u64,
 }
 
 impl<W: Write> Printer<'_, W> {
@@ -80,6 +84,7 @@ impl<W: Write> Printer<'_, W> {
             Closed::Returned => "",
             Closed::Unfinished => ">",
             Closed::ExitLost => "<",
+            Closed::Gap => "?",
         };
         self.marks |= !mark.is_empty();
         format!("{mark}{}", human_ns(c.total_ns))
@@ -90,6 +95,16 @@ impl<W: Write> Printer<'_, W> {
             Event::Enter { func, level, .. } => {
                 self.flush_pending();
                 self.pending = Some((func, level));
+            }
+            Event::Leave(c) if c.closed == Closed::Gap => self.flush_pending(),
+            Event::Gap { lost, level, .. } => {
+                self.flush_pending();
+                self.gaps += 1;
+                self.line(
+                    "",
+                    0,
+                    format_args!("========== {lost} event(s) lost here; resuming at depth {level} =========="),
+                );
             }
             Event::Leave(c) => {
                 let dur = self.duration(&c);
@@ -129,7 +144,7 @@ pub fn replay<W: Write>(
     let mut marks = false;
     for p in &set.processes {
         let trace = &p.trace;
-        if trace.counts().is_some() {
+        if trace.mode() == Mode::Count {
             return Err(AnalysisError::CountOnly { dir: trace.dir().to_path_buf(), what: "function graph to replay" });
         }
         let threads: Vec<_> = trace.threads().iter().filter(|t| opts.tid.is_none_or(|tid| t.tid() == tid)).collect();
@@ -146,26 +161,38 @@ pub fn replay<W: Write>(
         for t in threads {
             writeln!(w, "#\n# thread {}\n# {:>w$} | FUNCTION", t.tid(), "DURATION", w = DUR_WIDTH - 2)
                 .map_err(write)?;
-            let mut pr = Printer { w: &mut *w, trace, pending: None, err: None, marks: false };
-            let mut orphans = 0u64;
+            let mut pr = Printer { w: &mut *w, trace, pending: None, err: None, marks: false, gaps: 0 };
+            let (mut orphans, mut after_gap) = (0u64, 0u64);
             walk_thread(trace, t, &mut rb, progress, &mut |e| {
-                orphans += matches!(e, Event::OrphanExit { .. }) as u64;
+                if let Event::OrphanExit { after_gap: g, .. } = e {
+                    *(if g { &mut after_gap } else { &mut orphans }) += 1;
+                }
                 pr.event(e)
             })?;
             pr.flush_pending();
             marks |= pr.marks;
+            let gaps = pr.gaps;
             if let Some(e) = pr.err {
                 return Err(write(e));
             }
-            if t.records == 0 {
-                writeln!(w, "# (no records)").map_err(write)?;
+            if t.words == 0 {
+                writeln!(w, "# (no events)").map_err(write)?;
             }
             if orphans > 0 {
                 writeln!(w, "# {orphans} exit(s) without an entry ignored: the recording began inside those calls")
                     .map_err(write)?;
             }
+            if after_gap > 0 {
+                writeln!(w, "# {after_gap} exit(s) without an entry ignored: their entries were lost in a gap")
+                    .map_err(write)?;
+            }
             if t.dropped() > 0 {
-                writeln!(w, "# {} record(s) dropped on this thread while recording", t.dropped()).map_err(write)?;
+                writeln!(
+                    w,
+                    "# {} event(s) lost on this thread ({gaps} gap(s) above; the buffer limit was reached); call counts in `textpoke report` are exact",
+                    t.dropped()
+                )
+                .map_err(write)?;
             }
         }
         writeln!(w, "#").map_err(write)?;

@@ -4,6 +4,7 @@ use super::{walk_thread, AnalysisError, Closed, Event, Rebuilder, TraceSet};
 use crate::record::{FuncId, Mode};
 use crate::tracedata::Trace;
 use serde::Serialize;
+use std::collections::HashMap;
 use std::str::FromStr;
 
 /// What to sort the functions by (largest first; ties by name).
@@ -66,28 +67,35 @@ pub struct Times {
 
 /// One function's line of the report. As JSON: `function`, `calls`,
 /// `total_ns`, `self_ns`, `avg_ns`, `min_ns`, `max_ns` (null for a
-/// count-only trace), `unfinished`, `exit_lost`.
+/// count-only trace, or when no call has a time), `timed`, `unfinished`,
+/// `exit_lost`, `cut_by_gap`.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct FunctionStats {
-    /// Its id in the trace's symbol table.
+    /// Its id in the trace's symbol file.
     pub func: FuncId,
     /// Its name.
     pub function: String,
-    /// Calls (entries seen; for a count-only trace, the counts).
+    /// Calls: the recorder's exact count.
     pub calls: u64,
-    /// Times, `None` for a count-only trace.
+    /// Times, `None` for a count-only trace or when no call has one.
     pub times: Option<Times>,
-    /// Calls that were still open when the thread's records ended.
+    /// Calls whose times the statistics are over.
+    pub timed: u64,
+    /// Calls that were still open when the thread's records ended (their
+    /// times are lower bounds).
     pub unfinished: u64,
-    /// Calls whose exit was lost (closed at their caller's exit).
+    /// Calls whose exit was lost (closed at their caller's exit or the
+    /// next entry at their depth: upper bounds).
     pub exit_lost: u64,
+    /// Calls open where events were lost: no time.
+    pub cut_by_gap: u64,
 }
 
 impl Serialize for FunctionStats {
     fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         use serde::ser::SerializeStruct;
         let t = self.times;
-        let mut st = s.serialize_struct("FunctionStats", 9)?;
+        let mut st = s.serialize_struct("FunctionStats", 11)?;
         st.serialize_field("function", &self.function)?;
         st.serialize_field("calls", &self.calls)?;
         st.serialize_field("total_ns", &t.map(|t| t.total_ns))?;
@@ -95,8 +103,10 @@ impl Serialize for FunctionStats {
         st.serialize_field("avg_ns", &t.map(|t| t.avg_ns))?;
         st.serialize_field("min_ns", &t.map(|t| t.min_ns))?;
         st.serialize_field("max_ns", &t.map(|t| t.max_ns))?;
+        st.serialize_field("timed", &self.timed)?;
         st.serialize_field("unfinished", &self.unfinished)?;
         st.serialize_field("exit_lost", &self.exit_lost)?;
+        st.serialize_field("cut_by_gap", &self.cut_by_gap)?;
         st.end()
     }
 }
@@ -106,19 +116,26 @@ impl Serialize for FunctionStats {
 pub struct ThreadStats {
     /// Thread id.
     pub tid: i32,
-    /// Calls seen (entries; count-only: calls counted).
+    /// Calls counted on this thread (exact).
     pub calls: u64,
-    /// Exits without an entry, ignored.
+    /// Exits without an entry, ignored: the recording began inside those
+    /// calls.
     pub orphan_exits: u64,
+    /// Exits without an entry after a gap: their entries were lost.
+    pub orphan_exits_after_gap: u64,
     /// Calls closed at the end of the records.
     pub unfinished: u64,
     /// Calls closed at their caller's exit.
     pub exit_lost: u64,
+    /// Calls open where events were lost.
+    pub cut_by_gap: u64,
+    /// Places where events were lost.
+    pub gaps: u64,
     /// Deepest rebuilt stack level + 1.
     pub max_level: usize,
-    /// Records this thread dropped while recording.
+    /// Events this thread lost while recording.
     pub dropped: u64,
-    /// Wall time from its first to its last record, nanoseconds.
+    /// Wall time from its first to its last event, nanoseconds.
     pub span_ns: u64,
 }
 
@@ -135,10 +152,12 @@ pub struct ProcessReport {
     pub mode: Mode,
     /// Whether the trace was complete (else salvaged).
     pub complete: bool,
-    /// Records dropped while recording, all causes.
+    /// Events lost while recording, all causes.
     pub dropped: u64,
-    /// Calls, all functions.
+    /// Calls, all functions (exact).
     pub calls: u64,
+    /// Entry and exit events recorded.
+    pub events: u64,
     /// Per function, in the order asked for.
     pub functions: Vec<FunctionStats>,
     /// Per thread, by tid.
@@ -155,9 +174,12 @@ pub struct Report {
     pub notes: Vec<String>,
 }
 
-#[derive(Clone, Copy, Default)]
+#[derive(Clone, Copy)]
 struct Acc {
-    calls: u64,
+    /// Entries seen.
+    entered: u64,
+    /// Calls with a time.
+    timed: u64,
     total: u64,
     sum: u64,
     self_ns: u64,
@@ -165,12 +187,31 @@ struct Acc {
     max: u64,
     unfinished: u64,
     exit_lost: u64,
+    cut_by_gap: u64,
     /// Activations open on the current thread (recursion).
     active: u32,
 }
 
+impl Default for Acc {
+    fn default() -> Acc {
+        Acc {
+            entered: 0,
+            timed: 0,
+            total: 0,
+            sum: 0,
+            self_ns: 0,
+            min: u64::MAX,
+            max: 0,
+            unfinished: 0,
+            exit_lost: 0,
+            cut_by_gap: 0,
+            active: 0,
+        }
+    }
+}
+
 /// Builds the report of every process of `set`. `progress` is told how
-/// many records were read (see [`TraceSet::total_records`]).
+/// many words were read (see [`TraceSet::total_words`]).
 pub fn report(set: &TraceSet, opts: &ReportOptions, progress: &mut dyn FnMut(u64)) -> Result<Report, AnalysisError> {
     let mut processes = Vec::with_capacity(set.processes.len());
     for p in &set.processes {
@@ -185,110 +226,55 @@ pub fn report(set: &TraceSet, opts: &ReportOptions, progress: &mut dyn FnMut(u64
 
 fn process_report(trace: &Trace, progress: &mut dyn FnMut(u64)) -> Result<ProcessReport, AnalysisError> {
     let meta = trace.meta();
-    let nsyms = trace.symbols().len();
-    let mut accs = vec![Acc { min: u64::MAX, ..Acc::default() }; nsyms];
+    let mut accs: HashMap<FuncId, Acc> = HashMap::new();
+    let timed = meta.mode == Mode::Record;
+    let mut rb = Rebuilder::new(trace.clock());
     let mut threads = Vec::with_capacity(trace.threads().len());
-    match trace.counts() {
-        Some(counts) => {
-            for &(f, n) in counts {
-                if let Some(a) = accs.get_mut(f.0 as usize) {
-                    a.calls += n;
-                }
-            }
-            for t in trace.threads() {
-                threads.push(ThreadStats {
-                    tid: t.tid(),
-                    calls: t.meta.calls,
-                    orphan_exits: 0,
-                    unfinished: 0,
-                    exit_lost: 0,
-                    max_level: 0,
-                    dropped: t.dropped(),
-                    span_ns: trace.delta_ns(t.meta.first_ts, t.meta.last_ts),
-                });
-            }
+    for t in trace.threads() {
+        let mut ts = ThreadStats {
+            tid: t.tid(),
+            calls: t.meta.calls,
+            orphan_exits: 0,
+            orphan_exits_after_gap: 0,
+            unfinished: 0,
+            exit_lost: 0,
+            cut_by_gap: 0,
+            gaps: 0,
+            max_level: 0,
+            dropped: t.dropped(),
+            span_ns: trace.delta_ns(t.meta.first_ts, t.meta.last_ts),
+        };
+        if timed {
+            walk_thread(trace, t, &mut rb, progress, &mut |e| thread_event(e, &mut accs, &mut ts))?;
         }
-        None => {
-            let mut rb = Rebuilder::new(trace.clock());
-            for t in trace.threads() {
-                let mut ts = ThreadStats {
-                    tid: t.tid(),
-                    calls: 0,
-                    orphan_exits: 0,
-                    unfinished: 0,
-                    exit_lost: 0,
-                    max_level: 0,
-                    dropped: t.dropped(),
-                    span_ns: 0,
-                };
-                let (mut first, mut last) = (None, 0u64);
-                walk_thread(trace, t, &mut rb, progress, &mut |e| match e {
-                    Event::Enter { func, level, ts: at } => {
-                        first.get_or_insert(at);
-                        last = last.max(at);
-                        ts.calls += 1;
-                        ts.max_level = ts.max_level.max(level + 1);
-                        if let Some(a) = accs.get_mut(func.0 as usize) {
-                            a.active += 1;
-                        }
-                    }
-                    Event::Leave(c) => {
-                        last = last.max(c.end);
-                        let Some(a) = accs.get_mut(c.func.0 as usize) else {
-                            return;
-                        };
-                        a.calls += 1;
-                        a.active = a.active.saturating_sub(1);
-                        if a.active == 0 {
-                            a.total = a.total.saturating_add(c.total_ns);
-                        }
-                        a.sum = a.sum.saturating_add(c.total_ns);
-                        a.self_ns = a.self_ns.saturating_add(c.self_ns);
-                        a.min = a.min.min(c.total_ns);
-                        a.max = a.max.max(c.total_ns);
-                        match c.closed {
-                            Closed::Returned => {}
-                            Closed::ExitLost => {
-                                a.exit_lost += 1;
-                                ts.exit_lost += 1;
-                            }
-                            Closed::Unfinished => {
-                                a.unfinished += 1;
-                                ts.unfinished += 1;
-                            }
-                        }
-                    }
-                    Event::OrphanExit { ts: at, .. } => {
-                        first.get_or_insert(at);
-                        last = last.max(at);
-                        ts.orphan_exits += 1;
-                    }
-                })?;
-                ts.span_ns = first.map_or(0, |f| trace.delta_ns(f, last));
-                threads.push(ts);
-            }
-        }
+        threads.push(ts);
     }
-    let timed = trace.counts().is_none();
-    let functions: Vec<FunctionStats> = accs
-        .iter()
-        .enumerate()
-        .filter(|(_, a)| a.calls > 0)
-        .map(|(i, a)| {
-            let f = FuncId(i as u32);
+    // The exact counts; a salvaged trace whose counts were never written
+    // has only the entries seen (its notes say so).
+    let mut calls: Vec<(FuncId, u64)> = trace.counts().to_vec();
+    if calls.is_empty() && !meta.complete {
+        calls = accs.iter().map(|(&f, a)| (f, a.entered)).collect();
+        calls.sort();
+    }
+    let functions: Vec<FunctionStats> = calls
+        .into_iter()
+        .map(|(f, calls)| {
+            let a = accs.get(&f).copied().unwrap_or_default();
             FunctionStats {
                 func: f,
                 function: trace.name(f).to_string(),
-                calls: a.calls,
-                times: timed.then(|| Times {
+                calls,
+                times: (timed && a.timed > 0).then(|| Times {
                     total_ns: a.total,
                     self_ns: a.self_ns,
-                    avg_ns: a.sum / a.calls,
+                    avg_ns: a.sum / a.timed,
                     min_ns: a.min,
                     max_ns: a.max,
                 }),
+                timed: a.timed,
                 unfinished: a.unfinished,
                 exit_lost: a.exit_lost,
+                cut_by_gap: a.cut_by_gap,
             }
         })
         .collect();
@@ -300,9 +286,59 @@ fn process_report(trace: &Trace, progress: &mut dyn FnMut(u64)) -> Result<Proces
         complete: meta.complete,
         dropped: trace.dropped(),
         calls: functions.iter().map(|f| f.calls).sum(),
+        events: meta.threads.iter().map(|t| t.entries + t.exits).sum(),
         functions,
         threads,
     })
+}
+
+/// Folds one rebuilt event of a thread into the functions' and the
+/// thread's statistics.
+fn thread_event(e: Event, accs: &mut HashMap<FuncId, Acc>, ts: &mut ThreadStats) {
+    match e {
+        Event::Enter { func, level, .. } => {
+            ts.max_level = ts.max_level.max(level + 1);
+            let a = accs.entry(func).or_default();
+            a.active += 1;
+            a.entered += 1;
+        }
+        Event::Leave(c) => {
+            let a = accs.entry(c.func).or_default();
+            a.active = a.active.saturating_sub(1);
+            match c.closed {
+                Closed::Returned => {}
+                Closed::ExitLost => {
+                    a.exit_lost += 1;
+                    ts.exit_lost += 1;
+                }
+                Closed::Unfinished => {
+                    a.unfinished += 1;
+                    ts.unfinished += 1;
+                }
+                Closed::Gap => {
+                    a.cut_by_gap += 1;
+                    ts.cut_by_gap += 1;
+                    return; // no time
+                }
+            }
+            if a.active == 0 {
+                a.total = a.total.saturating_add(c.total_ns);
+            }
+            a.timed += 1;
+            a.sum = a.sum.saturating_add(c.total_ns);
+            a.self_ns = a.self_ns.saturating_add(c.self_ns);
+            a.min = a.min.min(c.total_ns);
+            a.max = a.max.max(c.total_ns);
+        }
+        Event::OrphanExit { after_gap, .. } => {
+            if after_gap {
+                ts.orphan_exits_after_gap += 1;
+            } else {
+                ts.orphan_exits += 1;
+            }
+        }
+        Event::Gap { .. } => ts.gaps += 1,
+    }
 }
 
 /// Sorts largest first by `key`, then by calls, then by name.

@@ -21,6 +21,10 @@ pub enum Closed {
     /// inside it, or the thread was in it at exit): closed at the thread's
     /// last timestamp, so its time is a lower bound.
     Unfinished,
+    /// Open when events were lost ([`Event::Gap`]): whether and when it
+    /// returned is not known, so it has no time (`total_ns` and `self_ns`
+    /// are 0 and `end` is the time of the last event before the gap).
+    Gap,
 }
 
 /// One call, once it is closed.
@@ -31,9 +35,8 @@ pub struct Call {
     /// Stack level in the rebuilt stack: 0 for a call with no traced
     /// caller on this thread.
     pub level: usize,
-    /// Depth as the tracer recorded it at entry (informative; the rebuilt
-    /// `level` is what nesting uses).
-    pub depth: u16,
+    /// Depth as the tracer recorded it at entry.
+    pub depth: u32,
     /// Timestamp (clock ticks) of the entry.
     pub start: u64,
     /// Timestamp of the exit (or where it was closed, see [`Closed`]).
@@ -65,22 +68,43 @@ pub enum Event {
     /// A call ends.
     Leave(Call),
     /// An exit record with no open call of its function: the trace started
-    /// inside that call (or its entry was dropped). Ignored for timing.
+    /// inside that call, or its entry was lost in a gap (`after_gap`).
+    /// Ignored for timing.
     OrphanExit {
         /// The function.
         func: FuncId,
         /// Exit timestamp (ticks).
         ts: u64,
+        /// Whether a gap came before it on this thread.
+        after_gap: bool,
+    },
+    /// `lost` events were lost here; every call open before was closed as
+    /// [`Closed::Gap`] just before this event, and the calls after it
+    /// start at stack level `level` (the depth recording resumed at: their
+    /// callers are not known).
+    Gap {
+        /// Events lost.
+        lost: u64,
+        /// Time of the last event before the gap (ticks).
+        ts: u64,
+        /// The level the next calls start at.
+        level: usize,
     },
 }
 
 #[derive(Clone, Copy, Debug)]
 struct Frame {
     func: FuncId,
-    depth: u16,
+    depth: u32,
     start: u64,
     child_ns: u64,
 }
+
+/// The deepest a rebuilt stack may go: a shadow stack is never deeper, and
+/// an entry at a recorded depth closes the frames at or above it, so only
+/// damaged input could nest deeper; bounded so that it cannot use
+/// unbounded memory.
+pub const MAX_LEVEL: usize = crate::trace::MAX_DEPTH + 1;
 
 /// Rebuilds one thread's calls from its records (see the module docs).
 ///
@@ -90,6 +114,10 @@ struct Frame {
 pub struct Rebuilder<'c> {
     clock: &'c ClockInfo,
     stack: Vec<Frame>,
+    /// Levels of unknown calls below the stack (after a gap).
+    base: usize,
+    /// Whether a gap was seen on this thread.
+    gapped: bool,
     last_ts: u64,
 }
 
@@ -97,7 +125,7 @@ impl<'c> Rebuilder<'c> {
     /// A rebuilder converting ticks with `clock` (the trace's
     /// [`Trace::clock`](crate::tracedata::Trace::clock)).
     pub fn new(clock: &'c ClockInfo) -> Self {
-        Rebuilder { clock, stack: Vec::new(), last_ts: 0 }
+        Rebuilder { clock, stack: Vec::new(), base: 0, gapped: false, last_ts: 0 }
     }
 
     /// The open calls, outermost first, as `(function, entry timestamp)`.
@@ -105,39 +133,68 @@ impl<'c> Rebuilder<'c> {
         self.stack.iter().map(|f| (f.func, f.start))
     }
 
-    /// The current stack level (number of open calls).
+    /// The current stack level (open calls, and unknown ones below them
+    /// after a gap).
     pub fn level(&self) -> usize {
-        self.stack.len()
+        self.base + self.stack.len()
     }
 
     /// Processes one record, reporting what it opens or closes to `sink`.
     pub fn push(&mut self, r: &Record, sink: &mut impl FnMut(Event)) {
         self.last_ts = self.last_ts.max(r.ts);
         match r.kind {
-            RecordKind::Entry => {
-                sink(Event::Enter { func: r.func, level: self.stack.len(), ts: r.ts });
-                self.stack.push(Frame { func: r.func, depth: r.depth, start: r.ts, child_ns: 0 });
-            }
-            RecordKind::Exit => {
-                // 1. The innermost open call of this function at this depth,
-                // 2. else the innermost open call of this function.
-                let found = self
-                    .stack
-                    .iter()
-                    .rposition(|f| f.func == r.func && f.depth == r.depth)
-                    .or_else(|| self.stack.iter().rposition(|f| f.func == r.func));
-                let Some(i) = found else {
-                    sink(Event::OrphanExit { func: r.func, ts: r.ts });
-                    return;
-                };
-                // 3. Calls opened after it lost their exits: they ended no
-                // later than this one.
-                while self.stack.len() > i + 1 {
-                    self.close(r.ts, Closed::ExitLost, None, sink);
-                }
-                self.close(r.ts, Closed::Returned, r.value, sink);
-            }
+            RecordKind::Entry => self.entry(r, sink),
+            RecordKind::Exit => self.exit(r, sink),
+            RecordKind::Gap => self.gap(r, sink),
         }
+    }
+
+    fn entry(&mut self, r: &Record, sink: &mut impl FnMut(Event)) {
+        // Calls at this recorded depth or deeper lost their exits (a
+        // longjmp, an exception, a full shadow stack): they ended no
+        // later than this entry.
+        while self.stack.last().is_some_and(|f| f.depth >= r.depth) || self.level() >= MAX_LEVEL {
+            if self.stack.is_empty() {
+                break;
+            }
+            self.close(r.ts, Closed::ExitLost, None, sink);
+        }
+        if self.stack.is_empty() && (r.depth as usize) < self.base {
+            self.base = r.depth as usize; // the unknown calls below returned
+        }
+        sink(Event::Enter { func: r.func, level: self.level(), ts: r.ts });
+        self.stack.push(Frame { func: r.func, depth: r.depth, start: r.ts, child_ns: 0 });
+    }
+
+    fn exit(&mut self, r: &Record, sink: &mut impl FnMut(Event)) {
+        // 1. The innermost open call of this function at this depth,
+        // 2. else the innermost open call of this function.
+        let found = self
+            .stack
+            .iter()
+            .rposition(|f| f.func == r.func && f.depth == r.depth)
+            .or_else(|| self.stack.iter().rposition(|f| f.func == r.func));
+        let Some(i) = found else {
+            sink(Event::OrphanExit { func: r.func, ts: r.ts, after_gap: self.gapped });
+            return;
+        };
+        // 3. Calls opened after it lost their exits: they ended no
+        // later than this one.
+        while self.stack.len() > i + 1 {
+            self.close(r.ts, Closed::ExitLost, None, sink);
+        }
+        self.close(r.ts, Closed::Returned, r.value, sink);
+    }
+
+    /// Events were lost: nothing open is known to be still open, and
+    /// nothing after is known to be inside it.
+    fn gap(&mut self, r: &Record, sink: &mut impl FnMut(Event)) {
+        while !self.stack.is_empty() {
+            self.close(r.ts, Closed::Gap, None, sink);
+        }
+        self.base = if r.depth == u32::MAX { 0 } else { (r.depth as usize).min(MAX_LEVEL - 1) };
+        self.gapped = true;
+        sink(Event::Gap { lost: r.lost, ts: r.ts, level: self.base });
     }
 
     /// Closes every call still open at the thread's last timestamp, as
@@ -148,24 +205,26 @@ impl<'c> Rebuilder<'c> {
             self.close(self.last_ts, Closed::Unfinished, None, sink);
         }
         self.last_ts = 0;
+        self.base = 0;
+        self.gapped = false;
     }
 
     fn close(&mut self, end: u64, closed: Closed, value: Option<u64>, sink: &mut impl FnMut(Event)) {
         let Some(f) = self.stack.pop() else {
             return;
         };
-        let total_ns = self.clock.delta_ns(f.start, end);
+        let total_ns = if closed == Closed::Gap { 0 } else { self.clock.delta_ns(f.start, end) };
         if let Some(parent) = self.stack.last_mut() {
             parent.child_ns = parent.child_ns.saturating_add(total_ns);
         }
         sink(Event::Leave(Call {
             func: f.func,
-            level: self.stack.len(),
+            level: self.base + self.stack.len(),
             depth: f.depth,
             start: f.start,
             end,
             total_ns,
-            self_ns: total_ns.saturating_sub(f.child_ns),
+            self_ns: if closed == Closed::Gap { 0 } else { total_ns.saturating_sub(f.child_ns) },
             closed,
             value,
         }));

@@ -16,5 +16,12 @@ pub use self::x86_64::*;
 #[path = "tramp_x86_64.rs"]
 pub mod tramp;
 
+/// The assembler features use to generate their own inline code for the
+/// trampolines (see [`tramp::Emit`]): iced-x86's `CodeAssembler`.
+#[cfg(target_arch = "x86_64")]
+pub mod asm {
+    pub use iced_x86::code_asm::*;
+}
+
 #[cfg(not(target_arch = "x86_64"))]
 compile_error!("textpoke supports x86-64 only for now; aarch64 is next");

@@ -168,144 +168,66 @@ pub fn entry_trampoline(at: usize, handler: usize, ctx: usize, avx: bool, live: 
     a.assemble(at as u64)
 }
 
+/// Code an op generates to run inline in a trampoline, instead of being
+/// called: `emit(a, fail)` appends it to `a`. It either falls through
+/// having done its work, or jumps to `fail` having changed nothing another
+/// thread or a later call could see. Which registers hold its inputs and
+/// which it may clobber depends on the trampoline: see
+/// [`count_trampoline`], [`graph_trampoline`] and [`return_block`].
+pub type Emit<'a> = &'a dyn Fn(&mut CodeAssembler, CodeLabel) -> Result<(), IcedError>;
+
 /// The count trampoline placed at `at`: on entry `[rsp]` is the function's
-/// recorder id (pushed by its stub). It performs the recorder's count
-/// protocol (K1 save and set `busy`, K2 session and range checks, K3 one
-/// `inc`, K4 restore `busy`; see `record::buffer`) with four scratch
-/// registers it saves, and jumps to `slow` (a full entry trampoline whose
-/// handler calls `record::count`) when the thread has no buffer yet, the
-/// buffer is stale or the id is out of range.
-pub fn count_trampoline(at: usize, l: &crate::record::BufferLayout, slow: usize) -> Result<Vec<u8>, IcedError> {
+/// id (pushed by its stub). It saves four scratch registers, loads the id
+/// into rcx and runs `count` (which may clobber rax, rcx, rdx and rsi),
+/// and jumps to `slow` (a full entry trampoline) when `count` fails.
+pub fn count_trampoline(at: usize, count: Emit<'_>, slow: usize) -> Result<Vec<u8>, IcedError> {
     let mut a = CodeAssembler::new(64)?;
-    let mut undo = a.create_label();
     let mut pop_slow = a.create_label();
-    let (busy, session, counters, ncounters) = (l.busy as i32, l.session as i32, l.counters as i32, l.ncounters as i32);
-    a.push(rax)?;
-    a.push(rcx)?;
-    a.push(rdx)?;
-    a.push(rsi)?;
-    a.mov(rax, qword_ptr(l.tls_buf).fs())?; // this thread's buffer
-    a.test(rax, rax)?;
-    a.jz(pop_slow)?;
-    a.mov(edx, dword_ptr(rax + busy))?; // K1: was = busy; busy = 1
-    a.mov(dword_ptr(rax + busy), 1)?;
-    a.mov(rsi, l.active as u64)?;
-    a.mov(rsi, qword_ptr(rsi))?;
-    a.cmp(rsi, qword_ptr(rax + session))?; // K2: current session
-    a.jne(undo)?;
+    const SAVED: [AsmRegister64; 4] = [rax, rcx, rdx, rsi];
+    for reg in SAVED {
+        a.push(reg)?;
+    }
     a.mov(ecx, dword_ptr(rsp + 32))?; // the id the stub pushed
-    a.cmp(rcx, qword_ptr(rax + ncounters))?; // K2: in range
-    a.jae(undo)?;
-    a.mov(rsi, qword_ptr(rax + counters))?;
-    a.inc(qword_ptr(rsi + rcx * 8))?; // K3: one instruction
-    a.mov(dword_ptr(rax + busy), edx)?; // K4 (a plain store is a release on x86)
-    a.pop(rsi)?;
-    a.pop(rdx)?;
-    a.pop(rcx)?;
-    a.pop(rax)?;
+    count(&mut a, pop_slow)?;
+    for reg in SAVED.iter().rev() {
+        a.pop(*reg)?;
+    }
     a.lea(rsp, qword_ptr(rsp + 8))?; // drop the id
     a.ret()?;
-    a.set_label(&mut undo)?;
-    a.mov(dword_ptr(rax + busy), edx)?;
     a.set_label(&mut pop_slow)?;
-    a.pop(rsi)?;
-    a.pop(rdx)?;
-    a.pop(rcx)?;
-    a.pop(rax)?;
+    for reg in SAVED.iter().rev() {
+        a.pop(*reg)?;
+    }
     a.jmp(slow as u64)?;
     a.assemble(at as u64)
 }
 
-/// Where the recorder's and the tracer's per-thread state are, for the
-/// graph trampolines.
+/// Where the tracer keeps its per-thread state and shadow stacks, for the
+/// graph and return trampolines (the tracer fills it in: this layer knows
+/// no feature, only the offsets it is given).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct GraphLayout {
-    pub rec: crate::record::BufferLayout,
-    pub sh: crate::trace::ShadowLayout,
-}
-
-impl GraphLayout {
-    /// Both layouts, if both thread-locals are in the static TLS block.
-    pub fn get() -> Option<GraphLayout> {
-        Some(GraphLayout { rec: crate::record::buffer_layout()?, sh: crate::trace::shadow_layout()? })
-    }
-}
-
-/// The second word of a ring record (see `record::format::RawRecord`):
-/// `func | depth << 32 | kind << 48`, flags 0.
-const fn kind_bits(kind: u8) -> u64 {
-    (kind as u64) << 48
-}
-
-/// Reads the ordered TSC into rax (clobbers rdx): the recorder's clock
-/// when it is the TSC (the callers check `use_tsc`).
-fn read_clock(a: &mut CodeAssembler) -> Result<(), IcedError> {
-    a.lfence()?;
-    a.rdtsc()?;
-    a.shl(rdx, 32)?;
-    a.or(rax, rdx)
-}
-
-/// The recorder's protocol up to the slot write, for `need` slots, with
-/// the buffer in `buf` and `t` a scratch register: busy (H2), session
-/// (H3), room without refreshing the cached tail (H4), and no half-full
-/// crossing (the slow path wakes the writer there). Jumps to `slow` before
-/// taking `busy`, to `undo` after.
-fn claim_slots(
-    a: &mut CodeAssembler,
-    l: &crate::record::BufferLayout,
-    (buf, t): (AsmRegister64, AsmRegister64),
-    need: i32,
-    (slow, undo): (CodeLabel, CodeLabel),
-) -> Result<(), IcedError> {
-    let f = |off: usize| qword_ptr(buf + off as i32);
-    a.mov(buf, qword_ptr(l.tls_buf).fs())?; // H1
-    a.test(buf, buf)?;
-    a.jz(slow)?;
-    a.cmp(dword_ptr(buf + l.busy as i32), 0)?; // H2: nested records drop in the slow path
-    a.jne(slow)?;
-    a.mov(dword_ptr(buf + l.busy as i32), 1)?;
-    a.mov(t, l.active as u64)?; // H3
-    a.mov(t, qword_ptr(t))?;
-    a.cmp(t, f(l.session))?;
-    a.jne(undo)?;
-    a.mov(t, f(l.head))?; // H4: head + need - cached_tail <= cap
-    a.sub(t, f(l.cached_tail))?;
-    a.add(t, need)?;
-    a.cmp(t, f(l.cap))?;
-    a.ja(undo)?;
-    // Half full is crossed when head - tail goes from below cap/2 to at
-    // least cap/2: 2 * (head + need - tail) - cap in [0, 2 * need).
-    a.add(t, t)?;
-    a.sub(t, f(l.cap))?;
-    a.cmp(t, 2 * need - 1)?;
-    a.jbe(undo)
-}
-
-/// H5: clamps the timestamp in rax to the thread's last one, stores it.
-fn clamp_time(a: &mut CodeAssembler, l: &crate::record::BufferLayout, buf: AsmRegister64) -> Result<(), IcedError> {
-    a.cmp(rax, qword_ptr(buf + l.last_ts as i32))?;
-    a.cmovb(rax, qword_ptr(buf + l.last_ts as i32))?;
-    a.mov(qword_ptr(buf + l.last_ts as i32), rax)
-}
-
-/// `slot = ring + ((head + k) & (cap - 1)) * 16` into `out` (`t` scratch).
-fn ring_slot(
-    a: &mut CodeAssembler,
-    l: &crate::record::BufferLayout,
-    buf: AsmRegister64,
-    k: i32,
-    (out, t): (AsmRegister64, AsmRegister64),
-) -> Result<(), IcedError> {
-    a.mov(t, qword_ptr(buf + l.cap as i32))?;
-    a.dec(t)?;
-    a.mov(out, qword_ptr(buf + l.head as i32))?;
-    if k != 0 {
-        a.add(out, k)?;
-    }
-    a.and(out, t)?;
-    a.shl(out, 4)?;
-    a.add(out, qword_ptr(buf + l.ring as i32))
+pub struct ShadowOffsets {
+    /// Offsets from the thread pointer of the thread's recursion guard
+    /// (`in_tramp`, u32) and shadow stack pointer: the same in every thread.
+    pub tls_in_tramp: i32,
+    pub tls_shadow: i32,
+    /// Offsets in a shadow stack of `len`, `cap` (u64s) and the entries.
+    pub len: usize,
+    pub cap: usize,
+    pub entries: usize,
+    /// Size of an entry and offsets of its fields: `slot`, `orig` (u64),
+    /// `func_depth` (u64: the function id, its depth << 32), `mask`,
+    /// `time` (u64), `site` (u32).
+    pub entry_size: usize,
+    pub e_slot: usize,
+    pub e_orig: usize,
+    pub e_func_depth: usize,
+    pub e_mask: usize,
+    pub e_time: usize,
+    pub e_site: usize,
+    /// Address of the word holding the op bit whose exits the return
+    /// trampoline may handle inline (0: none).
+    pub fast_exit: usize,
 }
 
 /// Length of a graph stub: `lea r11, [rip+5]; jmp rel32` and its data
@@ -313,7 +235,7 @@ fn ring_slot(
 pub const GRAPH_STUB_LEN: usize = 28;
 /// Offsets in a graph stub's data (what `r11` points to): where the
 /// function continues after the site, the site index (a u64), the
-/// function's recorder id (u32, in the index's upper half).
+/// function's id (u32, in the index's upper half).
 const GS_RESUME: i32 = 0;
 const GS_INDEX: i32 = 8;
 const GS_FUNC: i32 = 12;
@@ -322,7 +244,7 @@ const GS_FUNC: i32 = 12;
 /// The site *jumps* to it (no return address is pushed, so the return
 /// stack buffer stays in step: see [`graph_trampoline`]); it points `r11`
 /// (free at a function's entry) at its data — the address after the site
-/// (`resume`), the site `index` and the recorder id `func` — and jumps to
+/// (`resume`), the site `index` and the function id `func` — and jumps to
 /// `tramp`. `None` if `tramp` is out of rel32 reach.
 pub fn graph_stub(at: usize, resume: usize, index: u32, func: u32, tramp: usize) -> Option<[u8; GRAPH_STUB_LEN]> {
     let disp = i32::try_from(tramp as i128 - (at as i128 + 12)).ok()?.to_le_bytes();
@@ -337,15 +259,18 @@ pub fn graph_stub(at: usize, resume: usize, index: u32, func: u32, tramp: usize)
 }
 
 /// The graph trampoline placed at `at`, for function-entry sites whose
-/// only op `op` records the function graph (`TraceOp::records_graph`).
+/// only op `op` has inline entry and exit code (the tracer's
+/// `TraceOp::inline`).
 ///
 /// Entered from a [`graph_stub`] with `[rsp]` the function's return
-/// address and `r11` the stub's data. Under the recursion guard, it reads
-/// the ordered TSC as soon as it knows the op and clock are right (so the
-/// remaining checks overlap its latency), records the entry (H1-H8 of
-/// `record::buffer`), pushes the shadow entry exactly as
-/// `hot::function_entry` does, drops the return address from the stack
-/// and jumps to `thunk`, a `call r11` (into the function, after the site)
+/// address and `r11` the stub's data. Under the recursion guard, it checks
+/// that `op` is still the op whose exits the return trampoline handles
+/// (`sh.fast_exit`) and that the thread has room on its shadow stack, runs
+/// the op's `entry` code with rdi = the function id and rcx = the depth
+/// (it may clobber rax, rcx, rdx, rsi, rdi, r8 and the flags; r9, r10 and
+/// r11 are not its to touch), pushes the shadow entry exactly as the
+/// tracer's hot path does, drops the return address from the stack and
+/// jumps to `thunk`, a `call r11` (into the function, after the site)
 /// whose return address is the return trampoline: it lands in the very
 /// slot the old return address was in, so the function sees the stack it
 /// would have seen. Every call and return then pairs up — the caller's
@@ -354,22 +279,18 @@ pub fn graph_stub(at: usize, resume: usize, index: u32, func: u32, tramp: usize)
 /// replacing a return address in place costs a mispredicted return (9 ns
 /// measured here: over a third of the budget).
 ///
-/// Any other case (a monotonic clock, an op no longer the recorder's
-/// registered graph op (`hot::FAST_EXIT`), a thread inside the tracer, no
-/// shadow stack or buffer yet, a full shadow stack, a nested record, a
-/// stale session, a ring that needs its tail refreshed or the writer
-/// woken) pushes the resume address and the site index as a stub's `call`
-/// and `push` would have and jumps to `slow`, the op's direct trampoline.
+/// Any other case (an op no longer the fast-exit op, a thread inside the
+/// tracer, no shadow stack yet, a full shadow stack, the op's code failing)
+/// pushes the resume address and the site index as a stub's `call` and
+/// `push` would have and jumps to `slow`, the op's direct trampoline.
 pub fn graph_trampoline(
     at: usize,
-    l: &GraphLayout,
+    sh: &ShadowOffsets,
     op: usize,
-    thunk: usize,
-    slow: usize,
+    (thunk, slow): (usize, usize),
+    entry: Emit<'_>,
 ) -> Result<Vec<u8>, IcedError> {
-    let (r, sh) = (&l.rec, &l.sh);
     let mut a = CodeAssembler::new(64)?;
-    let mut undo = a.create_label();
     let mut leave = a.create_label();
     let mut pop_slow = a.create_label();
     // rdi, rsi, rdx, rcx, r8 (arguments) and rax (vector count of a
@@ -387,39 +308,24 @@ pub fn graph_trampoline(
     a.cmp(dword_ptr(sh.tls_in_tramp).fs(), 0)?;
     a.jne(pop_slow)?;
     a.mov(dword_ptr(sh.tls_in_tramp).fs(), 1)?;
-    // The op is still the one whose exits the return trampoline records
-    // (an op being unregistered gets no entry it would get no exit for),
-    // and the clock is the TSC: checked before reading it.
+    // The op is still the one whose exits the return trampoline handles
+    // (an op being unregistered gets no entry it would get no exit for).
     a.mov(rdx, sh.fast_exit as u64)?;
     a.mov(rax, 1u64 << op)?;
     a.cmp(qword_ptr(rdx), rax)?;
     a.jne(leave)?;
-    a.mov(rdx, r.use_tsc as u64)?;
-    a.cmp(byte_ptr(rdx), 0)?;
-    a.je(leave)?;
-    // H0, first of the record: the checks below overlap its latency.
-    read_clock(&mut a)?;
     a.mov(rsi, qword_ptr(sh.tls_shadow).fs())?;
     a.test(rsi, rsi)?;
     a.jz(leave)?;
     a.mov(rcx, qword_ptr(rsi + sh.len as i32))?; // depth
     a.cmp(rcx, qword_ptr(rsi + sh.cap as i32))?;
     a.jae(leave)?;
-    claim_slots(&mut a, r, (r8, rdx), 1, (leave, undo))?;
-    clamp_time(&mut a, r, r8)?;
-    ring_slot(&mut a, r, r8, 0, (rdx, rdi))?; // H6
-    a.mov(qword_ptr(rdx), rax)?;
     a.mov(edi, dword_ptr(r11 + GS_FUNC))?;
-    a.mov(rax, rcx)?;
-    a.shl(rax, 32)?;
-    a.or(rdi, rax)?; // func | depth << 32
-    a.mov(rax, kind_bits(crate::record::format::KIND_ENTRY))?;
-    a.or(rax, rdi)?;
-    a.mov(qword_ptr(rdx + 8), rax)?;
-    a.add(qword_ptr(r8 + r.head as i32), 1)?; // H7 (x86 stores are release)
-    a.mov(dword_ptr(r8 + r.busy as i32), 0)?; // H8
+    entry(&mut a, leave)?;
 
     // The shadow entry, then its length.
+    a.mov(rsi, qword_ptr(sh.tls_shadow).fs())?;
+    a.mov(rcx, qword_ptr(rsi + sh.len as i32))?;
     a.imul_3(rdx, rcx, sh.entry_size as i32)?;
     a.add(rdx, rsi)?;
     let e = |off: usize| qword_ptr(rdx + (sh.entries + off) as i32);
@@ -427,6 +333,10 @@ pub fn graph_trampoline(
     a.mov(e(sh.e_slot), rax)?;
     a.mov(rax, qword_ptr(rax))?;
     a.mov(e(sh.e_orig), rax)?;
+    a.mov(edi, dword_ptr(r11 + GS_FUNC))?;
+    a.mov(rax, rcx)?;
+    a.shl(rax, 32)?;
+    a.or(rdi, rax)?; // func | depth << 32
     a.mov(e(sh.e_func_depth), rdi)?;
     a.mov(rax, 1u64 << op)?;
     a.mov(e(sh.e_mask), rax)?;
@@ -442,8 +352,6 @@ pub fn graph_trampoline(
     }
     a.lea(rsp, qword_ptr(rsp + 8))?; // the return address is in the shadow entry
     a.jmp(thunk as u64)?;
-    a.set_label(&mut undo)?;
-    a.mov(dword_ptr(r8 + r.busy as i32), 0)?;
     a.set_label(&mut leave)?;
     a.mov(dword_ptr(sh.tls_in_tramp).fs(), 0)?;
     a.set_label(&mut pop_slow)?;
@@ -459,11 +367,15 @@ pub fn graph_trampoline(
 /// Offset of the return trampoline in [`return_block`]: after the thunk.
 pub const RETURN_OFFSET: usize = 3;
 
-/// The tracer's never-freed return block placed at `at`: the thunk `call
-/// r11` that graph trampolines jump to, then, at [`RETURN_OFFSET`] (the
-/// thunk's return address), the return trampoline (see
-/// [`return_trampoline`]).
-pub fn return_block(at: usize, handler: usize, avx: bool, fast: Option<&GraphLayout>) -> Result<Vec<u8>, IcedError> {
+/// A never-freed return block placed at `at`: the thunk `call r11` that
+/// graph trampolines jump to, then, at [`RETURN_OFFSET`] (the thunk's
+/// return address), the return trampoline (see [`return_trampoline`]).
+pub fn return_block(
+    at: usize,
+    handler: usize,
+    avx: bool,
+    fast: Option<(&ShadowOffsets, Emit<'_>)>,
+) -> Result<Vec<u8>, IcedError> {
     let mut code = vec![0x41, 0xff, 0xd3]; // call r11
     debug_assert_eq!(code.len(), RETURN_OFFSET);
     code.extend(return_trampoline(at + RETURN_OFFSET, handler, avx, fast)?);
@@ -474,22 +386,24 @@ pub fn return_block(at: usize, handler: usize, avx: bool, fast: Option<&GraphLay
 /// `handler(saved: *mut SavedReturn, caller_sp: usize) -> usize` which
 /// returns the original return address.
 ///
-/// With `fast` it first tries what `graph_trampoline` does for entries:
-/// when the shadow stack's top entry is this frame's (its slot is right
-/// below the stack pointer) and its mask is the graph-recording op's
-/// (`hot::FAST_EXIT`), it records the exit and the return value (H1-H8,
-/// two slots), pops the entry and returns to the original return address,
-/// touching only rax/rdx (restored) and registers no caller keeps across a
-/// call. Any other case goes to the handler.
+/// With `fast = (offsets, exit)` it first tries to do inline what the
+/// handler would: when the shadow stack's top entry is this frame's (its
+/// slot is right below the stack pointer) and its mask is the fast-exit
+/// op's, it runs the op's `exit` code with rdx = the entry's `func_depth`
+/// and the return value at `[rsp+8]` (it may clobber rax, rdx, rsi, r8,
+/// r9, r10, r11 and the flags, and must keep rcx and rdi), pops the entry
+/// and returns to the original return address, touching only registers no
+/// caller keeps across a call (rax and rdx are restored). Any other case
+/// goes to the handler.
 pub fn return_trampoline(
     at: usize,
     handler: usize,
     avx: bool,
-    fast: Option<&GraphLayout>,
+    fast: Option<(&ShadowOffsets, Emit<'_>)>,
 ) -> Result<Vec<u8>, IcedError> {
     let mut a = CodeAssembler::new(64)?;
-    if let Some(l) = fast {
-        fast_return(&mut a, l)?;
+    if let Some((sh, exit)) = fast {
+        fast_return(&mut a, sh, exit)?;
     }
     a.push(0)?; // placeholder for the original return address
     a.push(rbp)?;
@@ -517,9 +431,7 @@ pub fn return_trampoline(
 
 /// The fast path of the return trampoline; falls through to the slow one
 /// with the stack and registers as they came.
-fn fast_return(a: &mut CodeAssembler, l: &GraphLayout) -> Result<(), IcedError> {
-    let (r, sh) = (&l.rec, &l.sh);
-    let mut undo = a.create_label();
+fn fast_return(a: &mut CodeAssembler, sh: &ShadowOffsets, exit: Emit<'_>) -> Result<(), IcedError> {
     let mut out = a.create_label();
     // The results, below the caller's stack pointer (nothing of the caller
     // lives there after a return) and below this frame's return slot at
@@ -529,17 +441,10 @@ fn fast_return(a: &mut CodeAssembler, l: &GraphLayout) -> Result<(), IcedError> 
     a.lea(rsp, qword_ptr(rsp - 8))?;
     a.push(rax)?;
     a.push(rdx)?;
-    // Before the clock: whether the recorder's graph op is registered
-    // (other function_graph ops never pay a clock read here) and the clock
-    // is the TSC.
     a.mov(r9, sh.fast_exit as u64)?;
     a.mov(r9, qword_ptr(r9))?;
     a.test(r9, r9)?;
     a.jz(out)?;
-    a.mov(rdx, r.use_tsc as u64)?;
-    a.cmp(byte_ptr(rdx), 0)?;
-    a.je(out)?;
-    read_clock(a)?;
     a.cmp(dword_ptr(sh.tls_in_tramp).fs(), 0)?;
     a.jne(out)?;
     a.mov(rsi, qword_ptr(sh.tls_shadow).fs())?;
@@ -557,34 +462,19 @@ fn fast_return(a: &mut CodeAssembler, l: &GraphLayout) -> Result<(), IcedError> 
     a.jne(out)?;
     a.cmp(e(sh.e_mask), r9)?;
     a.jne(out)?;
-    claim_slots(a, r, (r11, rdx), 2, (out, undo))?;
-    // Nothing fails from here. Read the entry, then pop it: a signal
-    // handler tracing calls from now on pushes over it.
     a.mov(rdx, e(sh.e_func_depth))?;
-    a.mov(rdi, e(sh.e_orig))?;
+    exit(a, out)?;
+    // Recorded: pop the entry (a signal handler's traced calls from now on
+    // push over it), then return to the original address.
+    a.mov(r8, e(sh.e_orig))?;
+    a.mov(rsi, qword_ptr(sh.tls_shadow).fs())?;
     a.mov(qword_ptr(rsi + sh.len as i32), rcx)?;
-    clamp_time(a, r, r11)?;
-    ring_slot(a, r, r11, 0, (rsi, r8))?; // H6: the exit record
-    a.mov(qword_ptr(rsi), rax)?;
-    a.mov(rax, kind_bits(crate::record::format::KIND_EXIT))?;
-    a.or(rax, rdx)?;
-    a.mov(qword_ptr(rsi + 8), rax)?;
-    ring_slot(a, r, r11, 1, (rsi, r8))?; // and the value record
-    a.mov(rax, qword_ptr(rsp + 8))?;
-    a.mov(qword_ptr(rsi), rax)?;
-    a.mov(rax, kind_bits(crate::record::format::KIND_VALUE))?;
-    a.or(rax, rdx)?;
-    a.mov(qword_ptr(rsi + 8), rax)?;
-    a.add(qword_ptr(r11 + r.head as i32), 2)?; // H7
-    a.mov(dword_ptr(r11 + r.busy as i32), 0)?; // H8
     a.pop(rdx)?;
     a.pop(rax)?;
     // `ret`, not `jmp`: after a graph trampoline's thunk, the caller's own
     // call is the newest one the CPU has not seen return.
-    a.mov(qword_ptr(rsp), rdi)?;
+    a.mov(qword_ptr(rsp), r8)?;
     a.ret()?;
-    a.set_label(&mut undo)?;
-    a.mov(dword_ptr(r11 + r.busy as i32), 0)?;
     a.set_label(&mut out)?;
     a.pop(rdx)?;
     a.pop(rax)?;
@@ -616,39 +506,55 @@ mod tests {
         }
     }
 
-    /// Instructions on the straight path from `code`'s start (at `ip`) to
-    /// its first `jmp` or `ret`: every conditional branch of a fast path
-    /// leaves it, so this is what one traced call executes there.
-    fn straight_path(ip: u64, code: &[u8]) -> usize {
-        use iced_x86::{Decoder, DecoderOptions, FlowControl};
-        let mut d = Decoder::with_ip(64, code, ip, DecoderOptions::NONE);
-        let mut n = 0;
-        while d.can_decode() {
-            let i = d.decode();
-            n += 1;
-            if matches!(i.flow_control(), FlowControl::UnconditionalBranch | FlowControl::Return) {
-                return n;
-            }
-        }
-        panic!("no jmp or ret")
-    }
-
-    /// Each instruction between the two ordered clock reads of a traced
-    /// call costs about 0.035 ns (`lfence` waits for them to retire): a
-    /// guard against the fast paths growing unnoticed.
+    /// The tracer's part of the graph fast paths, with an op whose inline
+    /// code is one `nop`: what every traced call pays besides the op.
     #[test]
-    fn graph_fast_paths_stay_short() {
-        let (Some(l), Some(_)) = (GraphLayout::get(), crate::trace::shadow_layout()) else { return };
-        let entry = graph_trampoline(0x10000, &l, 3, 0x40000, 0x20000).unwrap();
-        let block = return_block(0x40000, 0x30000, true, Some(&l)).unwrap();
+    fn graph_frame_stays_short() {
+        let sh = ShadowOffsets {
+            tls_in_tramp: -64,
+            tls_shadow: -56,
+            len: 0,
+            cap: 8,
+            entries: 16,
+            entry_size: 48,
+            e_slot: 0,
+            e_orig: 8,
+            e_func_depth: 16,
+            e_mask: 24,
+            e_time: 32,
+            e_site: 40,
+            fast_exit: 0x7000,
+        };
+        let nop: Emit<'_> = &|a, _fail| a.nop();
+        let entry = graph_trampoline(0x10000, &sh, 3, (0x40000, 0x20000), nop).unwrap();
+        let block = return_block(0x40000, 0x30000, true, Some((&sh, nop))).unwrap();
         let stub = graph_stub(0x50000, 0x60005, 7, 9, 0x10000).unwrap();
         let (s, e, r) = (
             straight_path(0x50000, &stub),
             straight_path(0x10000, &entry),
             straight_path(0x40000 + RETURN_OFFSET as u64, &block[RETURN_OFFSET..]),
         );
-        println!("graph fast path: stub {s}, entry {e}, thunk 1, return {r} instructions");
+        println!("graph frame: stub {s}, entry {e}, thunk 1, return {r} instructions (1 of each is the op's)");
         assert_eq!(s, 2);
-        assert!(e <= 90 && r <= 85, "entry {e}, return {r}");
+        assert!(e <= 50 && r <= 35, "entry {e}, return {r}");
     }
+}
+
+/// Instructions on the straight path from `code`'s start (at `ip`) to its
+/// first `jmp` or `ret`: every conditional branch of a fast path leaves
+/// it, so this is what one traced call executes there (tests of the
+/// trampolines and of the ops that generate inline code count them).
+#[cfg(test)]
+pub(crate) fn straight_path(ip: u64, code: &[u8]) -> usize {
+    use iced_x86::{Decoder, DecoderOptions, FlowControl};
+    let mut d = Decoder::with_ip(64, code, ip, DecoderOptions::NONE);
+    let mut n = 0;
+    while d.can_decode() {
+        let i = d.decode();
+        n += 1;
+        if matches!(i.flow_control(), FlowControl::UnconditionalBranch | FlowControl::Return) {
+            return n;
+        }
+    }
+    panic!("no jmp or ret")
 }

@@ -1,10 +1,10 @@
-//! Per-thread buffers and the hot path. See the [`crate::record`] module
-//! documentation for the algorithm; the numbered steps there ("Hot path",
-//! "Buffer creation", "Thread exit") are referred to here as H1…, C1…,
-//! X1….
+//! Per-thread buffers (chains of segments) and the hot path. See the
+//! [`crate::record`] module documentation for the algorithm; the numbered
+//! steps there ("Hot path", "Segments", "Buffer creation", "Thread exit")
+//! are referred to here as H1…, G1…, C1…, X1….
 
-use super::clock::Clock;
-use super::format::{RawRecord, KIND_VALUE};
+use super::format::{self, KIND_ENTRY, KIND_EXIT_VALUE, SPECIAL_LONG, SPECIAL_SYNC};
+use crate::clock::Clock;
 use std::cell::Cell;
 use std::ptr;
 use std::sync::atomic::{compiler_fence, AtomicBool, AtomicI32, AtomicPtr, AtomicU32, AtomicU64, Ordering};
@@ -21,16 +21,22 @@ pub(crate) const MODE_RECORD: u64 = 1;
 pub(crate) const MODE_COUNT: u64 = 2;
 pub(crate) const MODE_MASK: u64 = 3;
 
-/// Ring capacity (records, a power of two) and counter array length for
-/// buffers made for the current session. Written before [`ACTIVE`] is
-/// published (release), read after it is loaded with acquire (C3).
-pub(crate) static CFG_RING: AtomicU64 = AtomicU64::new(0);
+/// Configuration of the buffers made for the current session. Written
+/// before [`ACTIVE`] is published (release), read after it is loaded with
+/// acquire (C3).
+pub(crate) static CFG_SEGMENT: AtomicU64 = AtomicU64::new(0);
 pub(crate) static CFG_FUNCS: AtomicU64 = AtomicU64::new(0);
-/// Whether a producer crossing half-full wakes the writer.
-pub(crate) static CFG_WAKE_HALF: AtomicBool = AtomicBool::new(true);
-/// Whether rings are faulted in when they are mapped (see
+pub(crate) static CFG_THREAD_LIMIT: AtomicU64 = AtomicU64::new(0);
+/// Whether segments are faulted in when they are mapped (see
 /// `RecorderConfig::prefault_buffers`).
 pub(crate) static CFG_PREFAULT: AtomicBool = AtomicBool::new(true);
+
+/// The overall memory limit of all segments, and what they use now (G3):
+/// the producers add when they map, the writer subtracts when it unmaps.
+pub(crate) static MEM_LIMIT: AtomicU64 = AtomicU64::new(u64::MAX);
+pub(crate) static MEM_USED: AtomicU64 = AtomicU64::new(0);
+/// The most [`MEM_USED`] was since the session started.
+pub(crate) static MEM_PEAK: AtomicU64 = AtomicU64::new(0);
 
 /// Threads inside buffer creation (C2); the stop protocol waits for 0.
 pub(crate) static CREATING: AtomicU32 = AtomicU32::new(0);
@@ -39,8 +45,8 @@ pub(crate) static CREATING: AtomicU32 = AtomicU32::new(0);
 /// stack (C6), taken whole by [`take_incoming`].
 static INCOMING: AtomicPtr<ThreadBuf> = AtomicPtr::new(ptr::null_mut());
 
-/// The writer's futex word: bumped and woken by producers crossing
-/// half-full and by the control path.
+/// The writer's futex word: bumped and woken by producers finishing a
+/// segment (G2) and by the control path.
 pub(crate) static WAKE: AtomicU32 = AtomicU32::new(0);
 
 /// Drops no thread buffer can count (see `format::UnattributedDrops`).
@@ -59,44 +65,147 @@ static KEY: AtomicU32 = AtomicU32::new(0);
 static KEY_READY: AtomicBool = AtomicBool::new(false);
 
 // ---------------------------------------------------------------------------
+// Segments.
+
+/// The header of a segment: a mapping of `SEG_HEADER + cap` bytes whose
+/// data (event words) follows the header.
+#[repr(C, align(64))]
+pub(crate) struct Segment {
+    /// The next segment of the thread's stream: set by the producer when
+    /// it moves on (G2, release), after `used`; null while it writes here.
+    pub next: AtomicPtr<Segment>,
+    /// Bytes of data written; final once `next` is set.
+    pub used: AtomicU64,
+    /// Bytes of data room (the mapping's length minus the header).
+    pub cap: u64,
+    /// Link in a free list.
+    pub link: AtomicPtr<Segment>,
+}
+
+/// Bytes before a segment's data.
+pub(crate) const SEG_HEADER: usize = 64;
+const _: () = assert!(std::mem::size_of::<Segment>() == SEG_HEADER);
+
+impl Segment {
+    /// Address of the first data byte.
+    pub fn data(&self) -> usize {
+        self as *const Segment as usize + SEG_HEADER
+    }
+    /// Address after the last data byte.
+    pub fn data_end(&self) -> usize {
+        self.data() + self.cap as usize
+    }
+    /// Bytes of the mapping.
+    pub fn mapping_len(&self) -> usize {
+        SEG_HEADER + self.cap as usize
+    }
+}
+
+/// Maps a segment of `len` bytes (G3); `None` if a limit or the kernel
+/// says no. Async-signal-safe.
+fn map_segment(len: u64, owned: &AtomicU64) -> Option<*mut Segment> {
+    let limit = CFG_THREAD_LIMIT.load(Ordering::Relaxed);
+    if owned.load(Ordering::Relaxed) + len > limit {
+        return None;
+    }
+    let used = MEM_USED.fetch_add(len, Ordering::Relaxed) + len;
+    if used > MEM_LIMIT.load(Ordering::Relaxed) {
+        MEM_USED.fetch_sub(len, Ordering::Relaxed);
+        return None;
+    }
+    let m = if CFG_PREFAULT.load(Ordering::Relaxed) {
+        crate::sys::anon::map_populated(len as usize)
+    } else {
+        crate::sys::anon::map(len as usize)
+    };
+    let Some(m) = m else {
+        MEM_USED.fetch_sub(len, Ordering::Relaxed);
+        return None;
+    };
+    MEM_PEAK.fetch_max(used, Ordering::Relaxed);
+    owned.fetch_add(len, Ordering::Relaxed);
+    let s = m as *mut Segment;
+    // SAFETY: a fresh zeroed mapping of `len` bytes, not yet shared.
+    unsafe { (*s).cap = len - SEG_HEADER as u64 };
+    Some(s)
+}
+
+/// Unmaps a segment and gives its bytes back to the limits.
+///
+/// # Safety
+///
+/// Nobody may use `s` any more (the owner's buffer was drained past it).
+pub(crate) unsafe fn unmap_segment(s: *mut Segment, owned: &AtomicU64) {
+    // SAFETY: the caller guarantees `s` is a live segment nobody uses.
+    let len = unsafe { &*s }.mapping_len();
+    owned.fetch_sub(len as u64, Ordering::Relaxed);
+    MEM_USED.fetch_sub(len as u64, Ordering::Relaxed);
+    // SAFETY: mapped by map_segment with this length.
+    unsafe { crate::sys::anon::unmap(s as *mut u8, len) };
+}
+
+// ---------------------------------------------------------------------------
 // The per-thread buffer.
 
-/// Fields written by the producer on every record: one cache line.
+/// Fields the producer reads or writes on every event: one cache line.
+/// Generated code uses them too ([`BufferLayout`]).
 #[repr(C, align(64))]
 pub(crate) struct Producer {
-    /// 1 while the thread is inside a record or count call (H2).
+    /// 1 while the thread is inside a record call (H2).
     pub busy: AtomicU32,
     /// Kernel thread id of the owner.
     pub tid: AtomicI32,
     /// The [`ACTIVE`] value this buffer records for.
     pub session: AtomicU64,
-    /// Records published: slots `[tail, head)` are readable by the writer.
-    pub head: AtomicU64,
-    /// The producer's last look at `tail` (producer-private).
-    pub cached_tail: AtomicU64,
-    /// The last timestamp recorded (producer-private; H5 clamps to it).
+    /// Address where the next word goes; bytes of the current segment
+    /// below it are published (H7, release).
+    pub pos: AtomicU64,
+    /// End of the current segment's data: an event goes in only if it
+    /// ends at or below it.
+    pub end: AtomicU64,
+    /// Time of the thread's last event (H5: deltas count from it).
     pub last_ts: AtomicU64,
-    /// The ring: `cap` records.
-    pub ring: AtomicPtr<RawRecord>,
-    /// Ring capacity, a power of two; 0 in count mode.
-    pub cap: AtomicU64,
+    /// Calls per function id (K3).
+    pub counters: AtomicPtr<u64>,
+    /// Length of `counters`.
+    pub ncounters: AtomicU64,
 }
 
-/// Count-mode array and drop counters, written by the producer only.
+/// The producer's stream state, touched only on a segment change, and its
+/// drop counters.
 #[repr(C, align(64))]
-pub(crate) struct Counters {
-    pub counters: AtomicPtr<u64>,
-    pub ncounters: AtomicU64,
+pub(crate) struct Stream {
+    /// The segment `pos` points into.
+    pub seg: AtomicPtr<Segment>,
+    /// Free segments only the producer uses (taken from `free`, G1).
+    pub spare: AtomicPtr<Segment>,
+    /// Events lost since the last sync record (G4).
+    pub lost: AtomicU64,
+    /// Sync records written.
+    pub seq: AtomicU64,
+    /// Events lost to the limits, in all.
     pub dropped_full: AtomicU64,
     pub dropped_nested: AtomicU64,
     pub dropped_range: AtomicU64,
+    /// Bytes of segments mapped for this buffer (the producer adds, the
+    /// writer subtracts when it unmaps).
+    pub owned: AtomicU64,
 }
 
-/// Written by the consumer.
+/// The consumer's side.
 #[repr(C, align(64))]
 pub(crate) struct Consumer {
-    /// Records consumed.
-    pub tail: AtomicU64,
+    /// Drained segments given back to the producer: a stack the writer
+    /// pushes onto and the producer takes whole (no ABA: nobody pops one).
+    pub free: AtomicPtr<Segment>,
+    /// How many segments `free` holds, about (the writer unmaps rather
+    /// than give back more than a few).
+    pub free_count: AtomicU64,
+    /// The writer's cursor: the segment it drains and the address up to
+    /// which it took the data (writer-only while the session runs; set by
+    /// the producer in C5 before the session is published).
+    pub drain_seg: AtomicPtr<Segment>,
+    pub drain_pos: AtomicU64,
 }
 
 /// Rarely touched.
@@ -114,7 +223,7 @@ pub(crate) struct Cold {
 #[repr(C)]
 pub(crate) struct ThreadBuf {
     pub p: Producer,
-    pub c: Counters,
+    pub s: Stream,
     pub cons: Consumer,
     pub cold: Cold,
 }
@@ -135,56 +244,48 @@ thread_local! {
     static TLS: Tls = const { Tls { buf: Cell::new(ptr::null_mut()), state: Cell::new(ST_NORMAL) } };
 }
 
-/// Where the hot-path state lives, for code generated at run time that
-/// records or counts in a few instructions (the tracer's count and graph
-/// trampolines). Such code must do exactly what [`try_count`] (K1-K4) or
-/// [`try_push`] (H0-H8) do, and fall back to [`count`] or [`record`] in
+/// Where the hot-path state lives, for the recorder's code generated at
+/// run time (`super::codegen`), which must do exactly what [`try_count`]
+/// (K1-K4) or [`try_push`] (H1-H8) do and fall back to the slow paths in
 /// every other case.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct BufferLayout {
+pub(crate) struct BufferLayout {
     /// Offset of this thread's buffer pointer from the thread pointer
     /// (`fs:0`): the same in every thread.
     pub tls_buf: i32,
     /// Address of the session word every buffer's `session` must equal.
     pub active: usize,
-    /// Address of the byte that is non-zero when the clock is the TSC read
-    /// as `lfence; rdtsc` (see `clock`); otherwise records take the slow path.
-    pub use_tsc: usize,
-    /// Offsets in a buffer: `busy` (u32), `session`, `head`, `cached_tail`,
-    /// `last_ts`, `ring` (pointer to 16-byte records), `cap` (u64s),
-    /// `counters` (pointer to u64s), `ncounters` (u64).
+    /// Address of the clock's mode byte (`clock::mode_byte`).
+    pub clock_mode: usize,
+    /// Offsets in a buffer: `busy` (u32), `session`, `pos`, `end`,
+    /// `last_ts` (u64s), `counters` (pointer to u64s), `ncounters` (u64).
     pub busy: usize,
     pub session: usize,
-    pub head: usize,
-    pub cached_tail: usize,
+    pub pos: usize,
+    pub end: usize,
     pub last_ts: usize,
-    pub ring: usize,
-    pub cap: usize,
     pub counters: usize,
     pub ncounters: usize,
 }
 
 /// The buffer layout, if this module's thread-local lives in the static
 /// TLS block (see `arch::static_tls_offset`); `None` otherwise.
-pub fn buffer_layout() -> Option<BufferLayout> {
+pub(crate) fn buffer_layout() -> Option<BufferLayout> {
     static LAYOUT: std::sync::OnceLock<Option<BufferLayout>> = std::sync::OnceLock::new();
     *LAYOUT.get_or_init(|| {
         let tls_buf = crate::arch::static_tls_offset(|| TLS.with(|t| t.buf.as_ptr() as usize))?;
         let p = std::mem::offset_of!(ThreadBuf, p);
-        let c = std::mem::offset_of!(ThreadBuf, c);
         Some(BufferLayout {
             tls_buf,
             active: &ACTIVE as *const AtomicU64 as usize,
-            use_tsc: super::clock::use_tsc_flag() as *const AtomicBool as usize,
+            clock_mode: crate::clock::mode_byte(),
             busy: p + std::mem::offset_of!(Producer, busy),
             session: p + std::mem::offset_of!(Producer, session),
-            head: p + std::mem::offset_of!(Producer, head),
-            cached_tail: p + std::mem::offset_of!(Producer, cached_tail),
+            pos: p + std::mem::offset_of!(Producer, pos),
+            end: p + std::mem::offset_of!(Producer, end),
             last_ts: p + std::mem::offset_of!(Producer, last_ts),
-            ring: p + std::mem::offset_of!(Producer, ring),
-            cap: p + std::mem::offset_of!(Producer, cap),
-            counters: c + std::mem::offset_of!(Counters, counters),
-            ncounters: c + std::mem::offset_of!(Counters, ncounters),
+            counters: p + std::mem::offset_of!(Producer, counters),
+            ncounters: p + std::mem::offset_of!(Producer, ncounters),
         })
     })
 }
@@ -200,7 +301,7 @@ pub(crate) fn current_buf() -> *mut ThreadBuf {
     tls_buf()
 }
 
-/// Marks the calling thread as the writer: its records are dropped and
+/// Marks the calling thread as the writer: its events are dropped and
 /// counted (the writer must not record into a buffer it drains).
 pub(crate) fn mark_writer_thread() {
     TLS.with(|t| t.state.set(ST_WRITER));
@@ -209,10 +310,11 @@ pub(crate) fn mark_writer_thread() {
 // ---------------------------------------------------------------------------
 // Hot path.
 
-/// Records an entry or exit (H1–H8). `value` adds a [`KIND_VALUE`] record.
+/// Records an entry or exit (H0–H8); an entry also counts the call (K3).
+/// `value` makes an exit a [`KIND_EXIT_VALUE`].
 #[inline(always)]
 pub(crate) fn record(kind: u8, func: u32, depth: u32, value: Option<u64>) -> bool {
-    if ACTIVE.load(Ordering::Relaxed) == 0 {
+    if ACTIVE.load(Ordering::Relaxed) & MODE_MASK != MODE_RECORD {
         return false; // nothing records: skip the clock read
     }
     let now = Clock::now(); // H0
@@ -239,7 +341,7 @@ enum Push {
 fn try_push(b: &ThreadBuf, now: u64, kind: u8, func: u32, depth: u32, value: Option<u64>) -> Push {
     let p = &b.p;
     if p.busy.load(Ordering::Relaxed) != 0 {
-        return Push::Done(nested_drop(b)); // H2
+        return Push::Done(nested_drop(b, kind, func)); // H2
     }
     p.busy.store(1, Ordering::Relaxed);
     // Signal fence: a handler that interrupts us after this point sees
@@ -251,63 +353,195 @@ fn try_push(b: &ThreadBuf, now: u64, kind: u8, func: u32, depth: u32, value: Opt
         p.busy.store(0, Ordering::Release);
         return Push::Stale; // H3
     }
-    let need: u64 = if value.is_some() { 2 } else { 1 };
-    let head = p.head.load(Ordering::Relaxed);
-    let cap = p.cap.load(Ordering::Relaxed);
-    let mut tail = p.cached_tail.load(Ordering::Relaxed);
-    let mut refreshed = false;
-    if head + need - tail > cap {
-        // H4. Acquire pairs with the writer's release store of `tail`
-        // (D4): the slots it frees were read before we overwrite them.
-        tail = b.cons.tail.load(Ordering::Acquire);
-        refreshed = true;
-        p.cached_tail.store(tail, Ordering::Relaxed);
-        if head + need - tail > cap {
-            let ok = full_drop(b, cap);
-            compiler_fence(Ordering::SeqCst);
-            p.busy.store(0, Ordering::Release);
-            return Push::Done(ok);
-        }
+    if kind == KIND_ENTRY {
+        count_call(b, func); // K3
     }
-    // H5: the timestamp, never below this thread's previous one.
-    let mut ts = now;
+    // H5: the time, never below this thread's previous one.
     let last = p.last_ts.load(Ordering::Relaxed);
-    if ts < last {
-        ts = last;
-    }
-    p.last_ts.store(ts, Ordering::Relaxed);
-    // H6: fill the slot(s).
-    let ring = p.ring.load(Ordering::Relaxed);
-    let mask = cap - 1;
-    let rec = RawRecord { ts, func, depth: depth.min(u16::MAX as u32) as u16, kind, flags: 0 };
-    // SAFETY: `head & mask < cap`, the ring holds `cap` records, and slots
-    // in `[tail + cap - ...)` beyond `head` are not read by the writer
-    // until `head` is published below.
-    unsafe { ring.add((head & mask) as usize).write(rec) };
-    if let Some(v) = value {
-        let vrec = RawRecord { ts: v, func, depth: rec.depth, kind: KIND_VALUE, flags: 0 };
-        // SAFETY: as above, `need` = 2 slots were checked free.
-        unsafe { ring.add(((head + 1) & mask) as usize).write(vrec) };
-    }
-    // H7: publish. Release pairs with the writer's acquire load of `head`
-    // (D1): the slot contents are visible before the new head.
-    p.head.store(head + need, Ordering::Release);
-    if CFG_WAKE_HALF.load(Ordering::Relaxed) {
-        // Wake the writer when the ring reaches half full. Measured against
-        // the cached tail, the crossing is seen once per refresh of the
-        // cache; right after a refresh (the real tail) the ring may already
-        // be past half with the crossing missed, so wake whenever it is.
-        let half = cap / 2;
-        let now_full = head + need - tail >= half;
-        if now_full && (refreshed || head - tail < half) {
-            wake_writer();
+    let ts = now.max(last);
+    let kind = if value.is_some() { KIND_EXIT_VALUE } else { kind };
+    let pos = p.pos.load(Ordering::Relaxed);
+    let need = if value.is_some() { 16 } else { 8 };
+    let ok = match format::compact(kind, func, depth, ts - last) {
+        // H4: room in the current segment.
+        Some(w) if pos + need <= p.end.load(Ordering::Relaxed) => {
+            // SAFETY: [pos, pos + need) lies in the current segment's
+            // data, beyond what was published: only we write it.
+            unsafe {
+                (pos as *mut u64).write(w); // H6
+                if let Some(v) = value {
+                    (pos as *mut u64).add(1).write(v);
+                }
+            }
+            // H7. Release pairs with the writer's acquire load of `pos`
+            // (D1): the words are visible before the new position.
+            p.pos.store(pos + need, Ordering::Release);
+            p.last_ts.store(ts, Ordering::Relaxed);
+            true
         }
-    }
+        _ => slow_push(b, ts, kind, func, depth, value),
+    };
     compiler_fence(Ordering::SeqCst);
     // H8. Release pairs with the stop protocol's acquire load of `busy`
     // (S4): everything published above is visible to the final drain.
     p.busy.store(0, Ordering::Release);
-    Push::Done(true)
+    Push::Done(ok)
+}
+
+/// K3: counts a call of `func` on this thread's buffer.
+#[inline(always)]
+fn count_call(b: &ThreadBuf, func: u32) {
+    if (func as u64) < b.p.ncounters.load(Ordering::Relaxed) {
+        // SAFETY: func < ncounters, the array's length.
+        unsafe { increment(b.p.counters.load(Ordering::Relaxed).add(func as usize)) };
+    } else {
+        b.s.dropped_range.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// H4 failed: the event does not fit a compact word, or the segment is
+/// full. Writes the event, switching segments if needed (G1-G4). `busy`
+/// is held. Returns whether the event was kept.
+#[cold]
+#[inline(never)]
+fn slow_push(b: &ThreadBuf, ts: u64, kind: u8, func: u32, depth: u32, value: Option<u64>) -> bool {
+    let p = &b.p;
+    let last = p.last_ts.load(Ordering::Relaxed);
+    let mut words = [0u64; 4];
+    let n = match format::compact(kind, func, depth, ts - last) {
+        Some(w) => {
+            words[0] = w;
+            words[1] = value.unwrap_or(0);
+            1 + value.is_some() as usize
+        }
+        None => {
+            let payload = 2 + value.is_some() as u8;
+            words[0] = format::special(SPECIAL_LONG, payload, kind as u64);
+            words[1] = ts;
+            words[2] = func as u64 | (depth as u64) << 32;
+            words[3] = value.unwrap_or(0);
+            1 + payload as usize
+        }
+    };
+    let need = n as u64 * 8;
+    if p.pos.load(Ordering::Relaxed) + need > p.end.load(Ordering::Relaxed) && !next_segment(b, depth) {
+        b.s.lost.fetch_add(1, Ordering::Relaxed); // G4
+        b.s.dropped_full.fetch_add(1, Ordering::Relaxed);
+        return false;
+    }
+    // next_segment wrote a sync record whose time is `last`: the words
+    // above still count from it.
+    let pos = p.pos.load(Ordering::Relaxed);
+    for (i, w) in words[..n].iter().enumerate() {
+        // SAFETY: room for `n` words was checked (or made) above.
+        unsafe { (pos as *mut u64).add(i).write(*w) };
+    }
+    p.pos.store(pos + need, Ordering::Release); // H7, as in try_push
+    p.last_ts.store(ts, Ordering::Relaxed);
+    true
+}
+
+/// G1-G2: moves the stream to a segment with room, starting it with a sync
+/// record for an event at `depth`. A segment nothing was written to yet
+/// (a new buffer's first) is started in place. `false`: no segment to be
+/// had (G4).
+fn next_segment(b: &ThreadBuf, depth: u32) -> bool {
+    let (p, s) = (&b.p, &b.s);
+    let cur = s.seg.load(Ordering::Relaxed);
+    // SAFETY: the current segment is mapped while the buffer lives.
+    let cur_ref = unsafe { &*cur };
+    let fresh = p.pos.load(Ordering::Relaxed) == cur_ref.data() as u64;
+    let seg = if fresh {
+        cur
+    } else {
+        match take_segment(b) {
+            Some(n) => n,
+            None => return false,
+        }
+    };
+    // SAFETY: `seg` is ours: fresh, or just taken from a free list.
+    let sr = unsafe { &*seg };
+    let sync = [
+        format::special(SPECIAL_SYNC, 3, depth as u64),
+        p.last_ts.load(Ordering::Relaxed),
+        s.lost.swap(0, Ordering::Relaxed),
+        s.seq.fetch_add(1, Ordering::Relaxed),
+    ];
+    let data = sr.data() as *mut u64;
+    for (i, w) in sync.iter().enumerate() {
+        // SAFETY: a segment holds far more than the sync record's words.
+        unsafe { data.add(i).write(*w) };
+    }
+    if !fresh {
+        // G2: the old segment's final length, then the link (release,
+        // pairs with the writer's acquire load of `next` in D2), then the
+        // position in the new one (release, pairs with D1).
+        cur_ref.used.store(p.pos.load(Ordering::Relaxed) - cur_ref.data() as u64, Ordering::Relaxed);
+        cur_ref.next.store(seg, Ordering::Release);
+        s.seg.store(seg, Ordering::Relaxed);
+    }
+    p.end.store(sr.data_end() as u64, Ordering::Relaxed);
+    p.pos.store((sr.data() + format::SYNC_WORDS * 8) as u64, Ordering::Release);
+    if !fresh {
+        wake_writer();
+    }
+    true
+}
+
+/// G1: a free segment: the producer's spares, else what the writer gave
+/// back, else a new mapping within the limits (G3).
+fn take_segment(b: &ThreadBuf) -> Option<*mut Segment> {
+    let s = &b.s;
+    let mut head = s.spare.load(Ordering::Relaxed);
+    if head.is_null() {
+        // Acquire pairs with the writer's release push in `give_back`.
+        head = b.cons.free.swap(ptr::null_mut(), Ordering::Acquire);
+        let mut n = 0;
+        let mut q = head;
+        while !q.is_null() {
+            n += 1;
+            // SAFETY: segments on the free list are mapped and ours.
+            q = unsafe { &*q }.link.load(Ordering::Relaxed);
+        }
+        b.cons.free_count.fetch_sub(n, Ordering::Relaxed);
+    }
+    if head.is_null() {
+        return map_segment(CFG_SEGMENT.load(Ordering::Relaxed), &s.owned);
+    }
+    // SAFETY: as above.
+    let h = unsafe { &*head };
+    s.spare.store(h.link.load(Ordering::Relaxed), Ordering::Relaxed);
+    h.next.store(ptr::null_mut(), Ordering::Relaxed);
+    h.used.store(0, Ordering::Relaxed);
+    Some(head)
+}
+
+/// Gives a drained segment back to its producer (D4), or unmaps it when
+/// the producer holds enough spares already. Writer side.
+///
+/// # Safety
+///
+/// `seg` must be a segment of `b` the writer drained and the producer has
+/// moved past (its `next` was set).
+pub(crate) unsafe fn give_back(b: &ThreadBuf, seg: *mut Segment) {
+    const KEEP: u64 = 2;
+    if b.cons.free_count.load(Ordering::Relaxed) >= KEEP {
+        // SAFETY: the caller's guarantee: nobody uses it any more.
+        unsafe { unmap_segment(seg, &b.s.owned) };
+        return;
+    }
+    b.cons.free_count.fetch_add(1, Ordering::Relaxed);
+    // SAFETY: as above.
+    let sr = unsafe { &*seg };
+    let mut head = b.cons.free.load(Ordering::Relaxed);
+    loop {
+        sr.link.store(head, Ordering::Relaxed);
+        // Release pairs with take_segment's acquire swap.
+        match b.cons.free.compare_exchange_weak(head, seg, Ordering::Release, Ordering::Relaxed) {
+            Ok(_) => break,
+            Err(h) => head = h,
+        }
+    }
 }
 
 /// Counts a call (K1–K4).
@@ -335,18 +569,14 @@ fn try_count(b: &ThreadBuf, func: u32) -> Option<bool> {
     p.busy.store(1, Ordering::Relaxed);
     compiler_fence(Ordering::SeqCst);
     let ok = ACTIVE.load(Ordering::Relaxed) == p.session.load(Ordering::Relaxed)
-        && (func as u64) < b.c.ncounters.load(Ordering::Relaxed);
+        && (func as u64) < p.ncounters.load(Ordering::Relaxed);
     if ok {
         // SAFETY: func < ncounters, the array's length.
-        unsafe { increment(b.c.counters.load(Ordering::Relaxed).add(func as usize)) };
+        unsafe { increment(p.counters.load(Ordering::Relaxed).add(func as usize)) };
     }
     compiler_fence(Ordering::SeqCst);
     p.busy.store(was, Ordering::Release); // K4, pairs with S4
-    if ok {
-        Some(true)
-    } else {
-        None
-    }
+    ok.then_some(true)
 }
 
 /// K3: adds one to a counter owned by this thread, in one instruction so
@@ -387,22 +617,13 @@ pub(crate) fn wake_writer() {
 /// A signal handler recorded while this thread was inside a record call.
 #[cold]
 #[inline(never)]
-fn nested_drop(b: &ThreadBuf) -> bool {
+fn nested_drop(b: &ThreadBuf, kind: u8, func: u32) -> bool {
     if ACTIVE.load(Ordering::Relaxed) == b.p.session.load(Ordering::Relaxed) {
+        if kind == KIND_ENTRY {
+            count_call(b, func); // the call still counts (K3 nests)
+        }
         // fetch_add: nested handlers may themselves be interrupted.
-        b.c.dropped_nested.fetch_add(1, Ordering::Relaxed);
-    }
-    false
-}
-
-/// The ring is full (or this is a count-only buffer with no ring).
-#[cold]
-#[inline(never)]
-fn full_drop(b: &ThreadBuf, cap: u64) -> bool {
-    if cap != 0 {
-        // Only the non-nested owner gets here (busy is held): load + store.
-        let d = &b.c.dropped_full;
-        d.store(d.load(Ordering::Relaxed) + 1, Ordering::Relaxed);
+        b.s.dropped_nested.fetch_add(1, Ordering::Relaxed);
     }
     false
 }
@@ -410,7 +631,6 @@ fn full_drop(b: &ThreadBuf, cap: u64) -> bool {
 /// No buffer, or a buffer made for another session.
 #[cold]
 #[inline(never)]
-/// `now` is the time of the event, read before the slow path.
 fn slow_record(now: u64, kind: u8, func: u32, depth: u32, value: Option<u64>) -> bool {
     let Some(b) = begin_acquire(MODE_RECORD) else {
         return false;
@@ -431,17 +651,17 @@ fn slow_count(func: u32) -> bool {
     if !buf.is_null() {
         // SAFETY: as in `record`.
         let b = unsafe { &*buf };
-        let active = ACTIVE.load(Ordering::Relaxed);
-        if active == b.p.session.load(Ordering::Relaxed) {
-            // Same session: the id is out of range (or this is a record
-            // session, where counting does nothing).
-            if active & MODE_MASK == MODE_COUNT {
-                b.c.dropped_range.fetch_add(1, Ordering::Relaxed);
-            }
+        if ACTIVE.load(Ordering::Relaxed) == b.p.session.load(Ordering::Relaxed) {
+            // Same session: the id is out of range.
+            b.s.dropped_range.fetch_add(1, Ordering::Relaxed);
             return false;
         }
     }
-    let Some(b) = begin_acquire(MODE_COUNT) else {
+    let want = ACTIVE.load(Ordering::Relaxed) & MODE_MASK;
+    if want == 0 {
+        return false;
+    }
+    let Some(b) = begin_acquire(want) else {
         return false;
     };
     // SAFETY: begin_acquire returns this thread's live buffer.
@@ -449,8 +669,8 @@ fn slow_count(func: u32) -> bool {
     let ok = match try_count(b, func) {
         Some(ok) => ok,
         None => {
-            if (func as u64) >= b.c.ncounters.load(Ordering::Relaxed) {
-                b.c.dropped_range.fetch_add(1, Ordering::Relaxed);
+            if (func as u64) >= b.p.ncounters.load(Ordering::Relaxed) {
+                b.s.dropped_range.fetch_add(1, Ordering::Relaxed);
             }
             false
         }
@@ -460,7 +680,7 @@ fn slow_count(func: u32) -> bool {
 }
 
 /// C1–C7: makes this thread's buffer current for the active session, if
-/// that session's mode is `want`. On success the caller writes its record
+/// that session's mode is `want`. On success the caller writes its event
 /// and calls [`end_acquire`]. Async-signal-safe: only mmap, munmap,
 /// gettid and pthread_setspecific (a key below 32: a store into the
 /// thread descriptor, no allocation), and a CAS loop that only other
@@ -527,7 +747,7 @@ fn begin_acquire(want: u64) -> Option<*mut ThreadBuf> {
 /// C7: leaves the creation section entered by [`begin_acquire`].
 fn end_acquire() {
     // Release pairs with the stop protocol's acquire load of CREATING (S3):
-    // our push to INCOMING and our record are visible once it sees 0.
+    // our push to INCOMING and our event are visible once it sees 0.
     CREATING.fetch_sub(1, Ordering::Release);
     compiler_fence(Ordering::SeqCst);
     TLS.with(|t| t.state.set(ST_NORMAL));
@@ -570,7 +790,38 @@ fn create(active: u64) -> Option<*mut ThreadBuf> {
     Some(b)
 }
 
-/// Sets up the ring or counters for session `active` and resets the
+/// Unmaps every segment of `b`: its stream (from the writer's cursor to
+/// the producer's segment), its spares and what the writer gave back.
+///
+/// # Safety
+///
+/// Nobody else may use `b`'s segments: its session is over and drained
+/// (or its owner is gone), and the caller is the owner or the control
+/// path after the owner exited.
+unsafe fn free_segments(b: &ThreadBuf) {
+    let mut seg = b.cons.drain_seg.swap(ptr::null_mut(), Ordering::Relaxed);
+    while !seg.is_null() {
+        // SAFETY: segments of the stream are mapped until freed here.
+        let next = unsafe { &*seg }.next.load(Ordering::Acquire);
+        // SAFETY: the caller's guarantee.
+        unsafe { unmap_segment(seg, &b.s.owned) };
+        seg = next;
+    }
+    for list in [&b.s.spare, &b.cons.free] {
+        let mut seg = list.swap(ptr::null_mut(), Ordering::Acquire);
+        while !seg.is_null() {
+            // SAFETY: as above.
+            let next = unsafe { &*seg }.link.load(Ordering::Relaxed);
+            // SAFETY: the caller's guarantee.
+            unsafe { unmap_segment(seg, &b.s.owned) };
+            seg = next;
+        }
+    }
+    b.cons.free_count.store(0, Ordering::Relaxed);
+    b.s.seg.store(ptr::null_mut(), Ordering::Relaxed);
+}
+
+/// Sets up the stream or counters for session `active` and resets the
 /// positions and drop counts; publishes `session` last.
 ///
 /// # Safety
@@ -580,45 +831,37 @@ fn create(active: u64) -> Option<*mut ThreadBuf> {
 unsafe fn reinit(b: *mut ThreadBuf, active: u64) -> bool {
     // SAFETY: the caller guarantees exclusive use.
     let b = unsafe { &*b };
-    let (want_cap, want_funcs) = if active & MODE_MASK == MODE_RECORD {
-        (CFG_RING.load(Ordering::Relaxed), 0)
+    // SAFETY: the old session's final drain is over (the caller's
+    // guarantee): nobody reads these segments.
+    unsafe { free_segments(b) };
+    if active & MODE_MASK == MODE_RECORD {
+        // The first segment, empty: the first event starts it (G1, fresh).
+        let Some(seg) = map_segment(CFG_SEGMENT.load(Ordering::Relaxed), &b.s.owned) else {
+            return false;
+        };
+        // SAFETY: just mapped.
+        let data = unsafe { &*seg }.data() as u64;
+        b.s.seg.store(seg, Ordering::Relaxed);
+        b.cons.drain_seg.store(seg, Ordering::Relaxed);
+        b.cons.drain_pos.store(data, Ordering::Relaxed);
+        b.p.pos.store(data, Ordering::Relaxed);
+        b.p.end.store(data, Ordering::Relaxed); // no room until started
     } else {
-        (0, CFG_FUNCS.load(Ordering::Relaxed))
-    };
-    let rec = std::mem::size_of::<RawRecord>();
-    let cap = b.p.cap.load(Ordering::Relaxed);
-    if cap != want_cap {
-        let old = b.p.ring.swap(ptr::null_mut(), Ordering::Relaxed);
-        b.p.cap.store(0, Ordering::Relaxed);
-        if !old.is_null() {
-            // SAFETY: mapped by us with this length.
-            unsafe { crate::sys::anon::unmap(old as *mut u8, cap as usize * rec) };
-        }
-        if want_cap != 0 {
-            let len = want_cap as usize * rec;
-            let m = if CFG_PREFAULT.load(Ordering::Relaxed) {
-                crate::sys::anon::map_populated(len)
-            } else {
-                crate::sys::anon::map(len)
-            };
-            let Some(m) = m else {
-                return false;
-            };
-            b.p.ring.store(m as *mut RawRecord, Ordering::Relaxed);
-            b.p.cap.store(want_cap, Ordering::Relaxed);
-        }
+        b.p.pos.store(0, Ordering::Relaxed);
+        b.p.end.store(0, Ordering::Relaxed);
     }
-    let n = b.c.ncounters.load(Ordering::Relaxed);
-    let counters = b.c.counters.load(Ordering::Relaxed);
+    let want_funcs = CFG_FUNCS.load(Ordering::Relaxed);
+    let n = b.p.ncounters.load(Ordering::Relaxed);
+    let counters = b.p.counters.load(Ordering::Relaxed);
     if n == want_funcs && !counters.is_null() {
         // Fresh zero pages over the old counts.
         // SAFETY: our own mapping of this length.
         if !unsafe { crate::sys::anon::remap_zero(counters as *mut u8, n as usize * 8) } {
             return false;
         }
-    } else if n != want_funcs {
-        b.c.counters.store(ptr::null_mut(), Ordering::Relaxed);
-        b.c.ncounters.store(0, Ordering::Relaxed);
+    } else {
+        b.p.counters.store(ptr::null_mut(), Ordering::Relaxed);
+        b.p.ncounters.store(0, Ordering::Relaxed);
         if !counters.is_null() {
             // SAFETY: our own mapping of this length.
             unsafe { crate::sys::anon::unmap(counters as *mut u8, n as usize * 8) };
@@ -627,18 +870,17 @@ unsafe fn reinit(b: *mut ThreadBuf, active: u64) -> bool {
             let Some(m) = crate::sys::anon::map(want_funcs as usize * 8) else {
                 return false;
             };
-            b.c.counters.store(m as *mut u64, Ordering::Relaxed);
-            b.c.ncounters.store(want_funcs, Ordering::Relaxed);
+            b.p.counters.store(m as *mut u64, Ordering::Relaxed);
+            b.p.ncounters.store(want_funcs, Ordering::Relaxed);
         }
     }
     b.p.tid.store(crate::sys::threads::gettid(), Ordering::Relaxed);
-    b.p.head.store(0, Ordering::Relaxed);
-    b.p.cached_tail.store(0, Ordering::Relaxed);
     b.p.last_ts.store(0, Ordering::Relaxed);
-    b.cons.tail.store(0, Ordering::Relaxed);
-    b.c.dropped_full.store(0, Ordering::Relaxed);
-    b.c.dropped_nested.store(0, Ordering::Relaxed);
-    b.c.dropped_range.store(0, Ordering::Relaxed);
+    b.s.lost.store(0, Ordering::Relaxed);
+    b.s.seq.store(0, Ordering::Relaxed);
+    b.s.dropped_full.store(0, Ordering::Relaxed);
+    b.s.dropped_nested.store(0, Ordering::Relaxed);
+    b.s.dropped_range.store(0, Ordering::Relaxed);
     b.cold.exited.store(0, Ordering::Relaxed);
     // Release pairs with the writer's acquire load of `session` (D0): a
     // writer that sees this session sees the reset fields.
@@ -664,7 +906,7 @@ pub(crate) fn ensure_key() {
 
 /// X1–X2: the pthread key destructor, run at thread exit.
 extern "C" fn thread_exit(p: *mut libc::c_void) {
-    // X1: later records on this thread (other destructors) drop and count.
+    // X1: later events on this thread (other destructors) drop and count.
     TLS.with(|t| {
         if t.buf.get() == p as *mut ThreadBuf {
             t.buf.set(ptr::null_mut());
@@ -676,8 +918,9 @@ extern "C" fn thread_exit(p: *mut libc::c_void) {
     // the control path frees it, after seeing `exited`).
     let b = unsafe { &*(p as *const ThreadBuf) };
     // X2. Release pairs with the writer's acquire load of `exited` (D5):
-    // every record of this thread is published before it is freed.
+    // every event of this thread is published before it is freed.
     b.cold.exited.store(1, Ordering::Release);
+    wake_writer();
 }
 
 /// Takes every buffer pushed since the last call. Acquire pairs with the
@@ -694,7 +937,7 @@ pub(crate) fn take_incoming() -> Vec<*mut ThreadBuf> {
     v
 }
 
-/// Unmaps a buffer.
+/// Unmaps a buffer and its segments.
 ///
 /// # Safety
 ///
@@ -703,16 +946,12 @@ pub(crate) fn take_incoming() -> Vec<*mut ThreadBuf> {
 pub(crate) unsafe fn free(b: *mut ThreadBuf) {
     // SAFETY: the caller guarantees exclusive use.
     let r = unsafe { &*b };
-    let rec = std::mem::size_of::<RawRecord>();
-    let ring = r.p.ring.load(Ordering::Relaxed);
-    if !ring.is_null() {
-        // SAFETY: mapped by reinit with this length.
-        unsafe { crate::sys::anon::unmap(ring as *mut u8, r.p.cap.load(Ordering::Relaxed) as usize * rec) };
-    }
-    let c = r.c.counters.load(Ordering::Relaxed);
+    // SAFETY: as above.
+    unsafe { free_segments(r) };
+    let c = r.p.counters.load(Ordering::Relaxed);
     if !c.is_null() {
         // SAFETY: mapped by reinit with this length.
-        unsafe { crate::sys::anon::unmap(c as *mut u8, r.c.ncounters.load(Ordering::Relaxed) as usize * 8) };
+        unsafe { crate::sys::anon::unmap(c as *mut u8, r.p.ncounters.load(Ordering::Relaxed) as usize * 8) };
     }
     // SAFETY: mapped by create with this length.
     unsafe { crate::sys::anon::unmap(b as *mut u8, std::mem::size_of::<ThreadBuf>()) };

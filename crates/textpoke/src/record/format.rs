@@ -3,92 +3,284 @@
 //!
 //! See the [`crate::record`] module documentation, section "On-disk
 //! format", for the description; this module holds the constants, the
-//! record encoding, the checksum and the serde types of the JSON files.
+//! event encoding, the checksum and the serde types of the JSON files.
+//!
+//! # Events (version 2)
+//!
+//! A thread's events are a stream of little-endian 64-bit words, the same
+//! in the ring segments and on disk. A *compact* event is one word:
+//!
+//! ```text
+//!  63          38 37            16 15         2 1   0
+//! | delta (26)   | function (22)   | depth (14)  | kind |
+//! ```
+//!
+//! `kind` is [`KIND_ENTRY`], [`KIND_EXIT`] or [`KIND_EXIT_VALUE`] (an exit
+//! followed by one word: the function's return value); `delta` is the
+//! event's time minus the time of the thread's previous event (or of the
+//! last sync record), in clock ticks; `depth` is the number of traced
+//! frames below the function on the thread's shadow stack (below
+//! `trace::MAX_DEPTH`, so it is exact); `function` is the id in the
+//! trace's symbol file. An event that does not fit (a delta of 2^26 ticks
+//! or more, about 25 ms at 2.6 GHz; an id of 2^22 or more) is written as a
+//! [`SPECIAL_LONG`] record instead.
+//!
+//! A *special* record is a word with kind 0, then `n` payload words:
+//!
+//! ```text
+//!  63                    16 15     8 7        2 1   0
+//! | argument (48)          | n (8)   | type (6)  |  0   |
+//! ```
+//!
+//! - [`SPECIAL_SYNC`] (argument: the depth of the next event; payload:
+//!   the time the next delta counts from, the number of events lost just
+//!   before this point, the segment's sequence number) starts every ring
+//!   segment: a reader can start decoding at any segment, and a gap where
+//!   events were lost is marked where it happened, with the depth to
+//!   resume at.
+//! - [`SPECIAL_LONG`] (argument: the kind; payload: the absolute time,
+//!   `function | depth << 32`, and for [`KIND_EXIT_VALUE`] the value).
+//! - [`SPECIAL_LOST`] (argument: events lost here; no payload).
+//!
+//! Readers skip special records of types they do not know (their length
+//! is in the word), so new types do not need a new version.
 
 use serde::{Deserialize, Serialize};
 
+pub use crate::clock::{ClockInfo, ClockSource};
+
 /// The format version written by this build and the only one it reads.
-pub const FORMAT_VERSION: u32 = 1;
+pub const FORMAT_VERSION: u32 = 2;
 /// `format` field of `meta.json`.
 pub const FORMAT_NAME: &str = "textpoke-trace";
 /// The metadata file; its `complete` field is written `true` last.
 pub const META_FILE: &str = "meta.json";
-/// The symbol table file.
-pub const SYMBOLS_FILE: &str = "symbols.json";
-/// The count-only mode's per-function call counts.
+/// The symbol file: one JSON object per line, for the functions that
+/// appear in the trace (appended as the writer first sees them).
+pub const SYMBOLS_FILE: &str = "symbols.jsonl";
+/// Exact per-function call counts, summed over threads.
 pub const COUNTS_FILE: &str = "counts.json";
 /// A forked child's trace directory is `child-<pid>` inside its parent's.
 pub const CHILD_DIR_PREFIX: &str = "child-";
 
-/// First 8 bytes of a per-thread record file.
+/// First 8 bytes of a per-thread event file.
 pub const THREAD_MAGIC: [u8; 8] = *b"TPKTHRD\0";
-/// Length of a per-thread record file's header.
+/// Length of a per-thread event file's header.
 pub const THREAD_HEADER_LEN: usize = 32;
-/// Length of one record.
-pub const RECORD_LEN: usize = 16;
+/// The unit of the event stream: one word.
+pub const WORD: usize = 8;
 
-/// Record kind: a function was entered.
+/// Event kind: a function was entered.
 pub const KIND_ENTRY: u8 = 1;
-/// Record kind: a function returned.
+/// Event kind: a function returned.
 pub const KIND_EXIT: u8 = 2;
-/// Record kind: the 64-bit value (return value) of the exit record just
-/// before it; its `ts` field holds the value.
-pub const KIND_VALUE: u8 = 3;
+/// Event kind: a function returned; the next word is its return value.
+pub const KIND_EXIT_VALUE: u8 = 3;
 
-/// One record as it is in a ring buffer slot; [`encode`] and [`decode`]
-/// give its on-disk form (little-endian, same layout).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-#[repr(C)]
-pub struct RawRecord {
-    /// Clock ticks ([`KIND_VALUE`]: the value).
-    pub ts: u64,
-    /// Function id (an index into the symbol table).
-    pub func: u32,
-    /// Call depth as the caller gave it, saturated at `u16::MAX`.
-    pub depth: u16,
-    /// [`KIND_ENTRY`], [`KIND_EXIT`] or [`KIND_VALUE`].
+/// Special record: start of a segment (see the module docs).
+pub const SPECIAL_SYNC: u8 = 1;
+/// Special record: an event that does not fit a compact word.
+pub const SPECIAL_LONG: u8 = 2;
+/// Special record: events lost at this point.
+pub const SPECIAL_LOST: u8 = 3;
+
+/// Bits of a compact event's depth, function and delta fields.
+pub const DEPTH_BITS: u32 = 14;
+pub const FUNC_BITS: u32 = 22;
+pub const DELTA_BITS: u32 = 26;
+/// Shifts of the fields in a compact event.
+pub const DEPTH_SHIFT: u32 = 2;
+pub const FUNC_SHIFT: u32 = 16;
+pub const DELTA_SHIFT: u32 = 38;
+const _: () = assert!(DEPTH_SHIFT + DEPTH_BITS == FUNC_SHIFT && FUNC_SHIFT + FUNC_BITS == DELTA_SHIFT);
+const _: () = assert!(DELTA_SHIFT + DELTA_BITS == 64);
+const _: () = assert!(crate::trace::MAX_DEPTH < 1 << DEPTH_BITS);
+
+/// Words of a sync record, header included.
+pub const SYNC_WORDS: usize = 4;
+
+/// A compact event word, or `None` if a field does not fit.
+#[inline]
+pub fn compact(kind: u8, func: u32, depth: u32, delta: u64) -> Option<u64> {
+    let fits = (func as u64) < 1 << FUNC_BITS && (depth as u64) < 1 << DEPTH_BITS && delta < 1 << DELTA_BITS;
+    fits.then(|| kind as u64 | (depth as u64) << DEPTH_SHIFT | (func as u64) << FUNC_SHIFT | delta << DELTA_SHIFT)
+}
+
+/// The header word of a special record of type `ty` with `n` payload
+/// words and a 48-bit `arg`.
+#[inline]
+pub fn special(ty: u8, n: u8, arg: u64) -> u64 {
+    ((ty as u64) << 2) | (n as u64) << 8 | (arg & ((1 << 48) - 1)) << 16
+}
+
+/// One event as the reader hands it out.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Event {
+    /// [`KIND_ENTRY`], [`KIND_EXIT`] or [`KIND_EXIT_VALUE`].
     pub kind: u8,
-    /// Reserved, 0.
-    pub flags: u8,
+    pub func: u32,
+    pub depth: u32,
+    /// Clock ticks.
+    pub ts: u64,
+    /// The return value ([`KIND_EXIT_VALUE`]).
+    pub value: Option<u64>,
 }
 
-const _: () = assert!(std::mem::size_of::<RawRecord>() == RECORD_LEN);
-
-/// The on-disk bytes of a record.
-#[inline]
-pub fn encode(r: &RawRecord) -> [u8; RECORD_LEN] {
-    let mut b = [0u8; RECORD_LEN];
-    b[0..8].copy_from_slice(&r.ts.to_le_bytes());
-    b[8..12].copy_from_slice(&r.func.to_le_bytes());
-    b[12..14].copy_from_slice(&r.depth.to_le_bytes());
-    b[14] = r.kind;
-    b[15] = r.flags;
-    b
+/// One decoded record of a thread's stream.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Item {
+    /// An entry or exit.
+    Event(Event),
+    /// A segment start: `lost` events were lost just before it, and the
+    /// next event is at `depth`.
+    Sync { depth: u32, lost: u64, seq: u64, base_ts: u64 },
+    /// `count` events were lost here.
+    Lost { count: u64 },
 }
 
-/// A record from its on-disk bytes.
-#[inline]
-pub fn decode(b: &[u8; RECORD_LEN]) -> RawRecord {
-    RawRecord {
-        ts: u64::from_le_bytes(b[0..8].try_into().unwrap_or_default()),
-        func: u32::from_le_bytes(b[8..12].try_into().unwrap_or_default()),
-        depth: u16::from_le_bytes(b[12..14].try_into().unwrap_or_default()),
-        kind: b[14],
-        flags: b[15],
+/// Why a stream does not decode.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DecodeError {
+    /// Word index in the stream.
+    pub word: u64,
+    pub what: String,
+}
+
+/// Decodes a thread's event stream incrementally: feed whole words (any
+/// split; a record cut between two calls is completed by the next one).
+#[derive(Clone, Debug, Default)]
+pub struct Decoder {
+    /// The time the next compact delta counts from; `None` before the
+    /// first sync or long record (a compact event then is an error).
+    time: Option<u64>,
+    /// Words of a record begun but not complete.
+    pending: Vec<u64>,
+    /// Words consumed so far.
+    words: u64,
+}
+
+impl Decoder {
+    pub fn new() -> Decoder {
+        Decoder::default()
+    }
+
+    /// Words consumed so far.
+    pub fn words(&self) -> u64 {
+        self.words
+    }
+
+    /// Whether a record was begun and not completed (at the end of a
+    /// stream: it is truncated).
+    pub fn in_record(&self) -> bool {
+        !self.pending.is_empty()
+    }
+
+    /// The time the next delta counts from.
+    pub fn time(&self) -> Option<u64> {
+        self.time
+    }
+
+    /// Decodes `words`, handing each complete item to `sink`. Stops at the
+    /// first invalid record.
+    pub fn feed(&mut self, words: &[u64], sink: &mut impl FnMut(Item)) -> Result<(), DecodeError> {
+        for &w in words {
+            self.words += 1;
+            if self.pending.is_empty() {
+                if w & 3 != 0 && w & 3 != KIND_EXIT_VALUE as u64 {
+                    let item = self.compact(w)?;
+                    sink(item);
+                    continue;
+                }
+                self.pending.push(w);
+            } else {
+                self.pending.push(w);
+            }
+            if self.pending.len() == self.record_words() {
+                let rec = std::mem::take(&mut self.pending);
+                let item = self.record(&rec)?;
+                self.pending = rec;
+                self.pending.clear();
+                if let Some(item) = item {
+                    sink(item);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Words of the record whose first word is pending.
+    fn record_words(&self) -> usize {
+        let w = self.pending[0];
+        if w & 3 == KIND_EXIT_VALUE as u64 {
+            2
+        } else {
+            1 + ((w >> 8) & 0xff) as usize
+        }
+    }
+
+    fn err(&self, what: impl Into<String>) -> DecodeError {
+        DecodeError { word: self.words - 1, what: what.into() }
+    }
+
+    fn compact(&mut self, w: u64) -> Result<Item, DecodeError> {
+        let Some(t) = self.time else {
+            return Err(self.err("an event before the first sync record"));
+        };
+        let ts = t + (w >> DELTA_SHIFT);
+        self.time = Some(ts);
+        let func = ((w >> FUNC_SHIFT) & ((1 << FUNC_BITS) - 1)) as u32;
+        let depth = ((w >> DEPTH_SHIFT) & ((1 << DEPTH_BITS) - 1)) as u32;
+        Ok(Item::Event(Event { kind: (w & 3) as u8, func, depth, ts, value: None }))
+    }
+
+    fn record(&mut self, rec: &[u64]) -> Result<Option<Item>, DecodeError> {
+        let w = rec[0];
+        if w & 3 == KIND_EXIT_VALUE as u64 {
+            let Item::Event(mut e) = self.compact(w)? else { unreachable!("compact gives events") };
+            e.value = Some(rec[1]);
+            return Ok(Some(Item::Event(e)));
+        }
+        let ty = ((w >> 2) & 0x3f) as u8;
+        let arg = w >> 16;
+        let p = &rec[1..];
+        match ty {
+            SPECIAL_SYNC if p.len() >= 3 => {
+                self.time = Some(p[0]);
+                Ok(Some(Item::Sync { depth: arg as u32, lost: p[1], seq: p[2], base_ts: p[0] }))
+            }
+            SPECIAL_LONG if p.len() >= 2 => {
+                let kind = arg as u8;
+                let want = if kind == KIND_EXIT_VALUE { 3 } else { 2 };
+                if !(KIND_ENTRY..=KIND_EXIT_VALUE).contains(&kind) || p.len() < want {
+                    return Err(self.err(format!("long event of kind {kind} with {} payload words", p.len())));
+                }
+                if self.time.is_some_and(|t| p[0] < t) {
+                    return Err(self.err("time goes backwards"));
+                }
+                self.time = Some(p[0]);
+                let value = (kind == KIND_EXIT_VALUE).then(|| p[2]);
+                let (func, depth) = (p[1] as u32, (p[1] >> 32) as u32);
+                Ok(Some(Item::Event(Event { kind, func, depth, ts: p[0], value })))
+            }
+            SPECIAL_LOST => Ok(Some(Item::Lost { count: arg })),
+            SPECIAL_SYNC | SPECIAL_LONG => Err(self.err(format!("special record {ty} too short"))),
+            0 => Err(self.err("special record of type 0")),
+            _ => Ok(None), // a type this build does not know: skipped
+        }
     }
 }
 
-/// The header of a per-thread record file.
+/// The header of a per-thread event file.
 pub fn thread_header(tid: i32) -> [u8; THREAD_HEADER_LEN] {
     let mut h = [0u8; THREAD_HEADER_LEN];
     h[0..8].copy_from_slice(&THREAD_MAGIC);
     h[8..12].copy_from_slice(&FORMAT_VERSION.to_le_bytes());
-    h[12..16].copy_from_slice(&(RECORD_LEN as u32).to_le_bytes());
+    h[12..16].copy_from_slice(&(WORD as u32).to_le_bytes());
     h[16..20].copy_from_slice(&tid.to_le_bytes());
     h
 }
 
-/// Checks a per-thread record file's header (the inverse of
+/// Checks a per-thread event file's header (the inverse of
 /// [`thread_header`]); returns the thread id it names, or what is wrong.
 pub fn parse_thread_header(h: &[u8; THREAD_HEADER_LEN]) -> Result<i32, String> {
     if h[0..8] != THREAD_MAGIC {
@@ -96,10 +288,13 @@ pub fn parse_thread_header(h: &[u8; THREAD_HEADER_LEN]) -> Result<i32, String> {
     }
     let le32 = |o: usize| u32::from_le_bytes([h[o], h[o + 1], h[o + 2], h[o + 3]]);
     if le32(8) != FORMAT_VERSION {
-        return Err(format!("version {}, expected {FORMAT_VERSION}", le32(8)));
+        return Err(format!(
+            "format version {}, this textpoke reads version {FORMAT_VERSION} (record the trace again with this textpoke, or read it with the textpoke that wrote it)",
+            le32(8)
+        ));
     }
-    if le32(12) != RECORD_LEN as u32 {
-        return Err(format!("record length {}, expected {RECORD_LEN}", le32(12)));
+    if le32(12) != WORD as u32 {
+        return Err(format!("word length {}, expected {WORD}", le32(12)));
     }
     if h[20..].iter().any(|&b| b != 0) {
         return Err("reserved bytes are not zero".into());
@@ -107,91 +302,42 @@ pub fn parse_thread_header(h: &[u8; THREAD_HEADER_LEN]) -> Result<i32, String> {
     Ok(le32(16) as i32)
 }
 
-/// Initial value of a record file's checksum.
+/// Initial value of an event file's checksum.
 pub const CHECKSUM_SEED: u64 = 0x7465_7874_706f_6b65; // "textpoke"
 
-/// Folds one record's bytes into a running checksum.
+/// Folds one word into a running checksum.
 ///
 /// Each step `h' = (rotl(h, 5) ^ w) * K` (K odd) is a bijection of `w` for
-/// a fixed `h` and of `h` for a fixed `w`, so changing any one 8-byte word
-/// of the file (any number of bit flips in it) always changes the result.
+/// a fixed `h` and of `h` for a fixed `w`, so changing any one word of the
+/// file (any number of bit flips in it) always changes the result.
 #[inline]
-pub fn checksum_step(h: u64, rec: &[u8; RECORD_LEN]) -> u64 {
+pub fn checksum_step(h: u64, w: u64) -> u64 {
     const K: u64 = 0x517c_c1b7_2722_0a95;
-    let w0 = u64::from_le_bytes(rec[0..8].try_into().unwrap_or_default());
-    let w1 = u64::from_le_bytes(rec[8..16].try_into().unwrap_or_default());
-    let h = (h.rotate_left(5) ^ w0).wrapping_mul(K);
-    (h.rotate_left(5) ^ w1).wrapping_mul(K)
-}
-
-/// The clock the timestamps were read from.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum ClockSource {
-    /// `rdtsc`: invariant TSC ticks, converted with a calibrated factor.
-    Tsc,
-    /// `clock_gettime(CLOCK_MONOTONIC)` nanoseconds.
-    Monotonic,
-}
-
-impl std::fmt::Display for ClockSource {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
-            ClockSource::Tsc => "tsc",
-            ClockSource::Monotonic => "monotonic",
-        })
-    }
-}
-
-/// How to turn a timestamp into `CLOCK_MONOTONIC` nanoseconds:
-/// `ns = base_ns + ((ticks - base_ticks) * mult) >> shift`.
-#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
-pub struct ClockInfo {
-    /// Where the ticks come from.
-    pub source: ClockSource,
-    /// Ticks per second (informative; `mult`/`shift` are exact).
-    pub ticks_per_sec: f64,
-    /// Fixed-point nanoseconds per tick, scaled by `2^shift`.
-    pub mult: u64,
-    /// See `mult`.
-    pub shift: u32,
-    /// A tick count read at `base_ns`.
-    pub base_ticks: u64,
-    /// `CLOCK_MONOTONIC` nanoseconds at `base_ticks`.
-    pub base_ns: u64,
-    /// How long the calibration measured, in nanoseconds (0 for monotonic).
-    pub calibration_ns: u64,
-}
-
-impl ClockInfo {
-    /// One tick is one nanosecond from 0 (a monotonic clock, or a TSC
-    /// conversion before its calibration).
-    pub fn identity(source: ClockSource) -> ClockInfo {
-        ClockInfo { source, ticks_per_sec: 1e9, mult: 1, shift: 0, base_ticks: 0, base_ns: 0, calibration_ns: 0 }
-    }
-
-    /// `CLOCK_MONOTONIC` nanoseconds of a timestamp.
-    pub fn to_ns(&self, ticks: u64) -> u64 {
-        let d = ticks as i128 - self.base_ticks as i128;
-        let scaled = (d * self.mult as i128) >> self.shift.min(64);
-        (self.base_ns as i128 + scaled).clamp(0, u64::MAX as i128) as u64
-    }
-
-    /// Nanoseconds between two timestamps (`later - earlier`, 0 if negative).
-    pub fn delta_ns(&self, earlier: u64, later: u64) -> u64 {
-        let d = later.saturating_sub(earlier) as u128;
-        ((d * self.mult as u128) >> self.shift.min(64)).min(u64::MAX as u128) as u64
-    }
+    (h.rotate_left(5) ^ w).wrapping_mul(K)
 }
 
 /// What the recorder recorded.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Mode {
-    /// Entry and exit records with timestamps.
+    /// Entry and exit events with timestamps, and exact call counts.
     Record,
     /// Per-function call counts only.
     Count,
+}
+
+/// What the recorder does with new events once a buffer may not grow.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FullPolicy {
+    /// Drop the new events, count them, and mark the gap in the stream
+    /// where recording resumes (LTTng's discard mode). The default: the
+    /// program never waits for the tracer, and what was kept is exact.
+    Discard,
+    /// Keep the newest events: nothing is written while the program runs;
+    /// the oldest segments are discarded as memory fills, and what is left
+    /// is written at the end (ftrace's overwrite mode; a flight recorder).
+    Overwrite,
 }
 
 /// One thread's entry in `meta.json`.
@@ -199,55 +345,56 @@ pub enum Mode {
 pub struct ThreadMeta {
     /// Kernel thread id.
     pub tid: i32,
-    /// Record file name inside the directory (record mode), else `None`.
+    /// Event file name inside the directory (record mode), else `None`.
     pub file: Option<String>,
-    /// Records in the file (entries + exits + values).
-    pub records: u64,
-    /// Entry records.
+    /// Words in the file after its header.
+    pub words: u64,
+    /// Entry and exit events in the file.
     pub entries: u64,
-    /// Exit records.
     pub exits: u64,
-    /// Records dropped because the ring buffer was full.
-    pub dropped_full: u64,
-    /// Records dropped because a signal handler recorded while this thread
-    /// was inside a record call.
+    /// Events lost because the thread's buffer could not grow (its own or
+    /// the overall memory limit), or overwritten (flight recorder).
+    pub lost: u64,
+    /// Events lost because a signal handler recorded while this thread was
+    /// inside a record call.
     pub dropped_nested: u64,
-    /// Count-only calls whose function id exceeded `max_functions`.
+    /// Calls not counted because the function id exceeded `max_functions`.
     pub dropped_range: u64,
-    /// Count-only mode: calls counted on this thread.
+    /// Calls counted on this thread (exact, also when events were lost).
     pub calls: u64,
-    /// Timestamp of the first and last record (0 when none).
+    /// Time of the first and last event (0 when none).
     pub first_ts: u64,
     /// See `first_ts`.
     pub last_ts: u64,
-    /// Checksum of the file's records, hex ([`checksum_step`]).
+    /// Checksum of the file's words, hex ([`checksum_step`]).
     pub checksum: String,
     /// Whether the thread had exited when this was written.
     pub exited: bool,
 }
 
 impl ThreadMeta {
-    /// Records this thread dropped, all causes (full, nested, out of range).
+    /// Events this thread lost, all causes (buffer limits, nesting).
     pub fn dropped(&self) -> u64 {
-        self.dropped_full + self.dropped_nested + self.dropped_range
+        self.lost + self.dropped_nested
     }
 }
 
-/// Records dropped that no thread's buffer could count.
+/// Events lost that no thread's buffer could count.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct UnattributedDrops {
     /// A signal handler recorded while its thread was creating its buffer.
     pub creating: u64,
-    /// A record after the thread's buffer was retired (thread exit).
+    /// An event after the thread's buffer was retired (thread exit).
     pub exiting: u64,
-    /// The buffer could not be mapped (out of memory).
+    /// The thread's first buffer could not be mapped (out of memory, or
+    /// the memory limit reached).
     pub no_memory: u64,
-    /// A record on the writer thread itself.
+    /// An event on the writer thread itself.
     pub writer_thread: u64,
-    /// Records drained but not written because writing the file failed.
+    /// Events drained but not written because writing the file failed.
     pub io: u64,
     /// Threads still inside a record call when the final flush gave up
-    /// waiting: each may have lost one record (or one count).
+    /// waiting: each may have lost one event (or one count).
     pub in_flight_at_stop: u64,
 }
 
@@ -256,6 +403,21 @@ impl UnattributedDrops {
     pub fn total(&self) -> u64 {
         self.creating + self.exiting + self.no_memory + self.writer_thread + self.io + self.in_flight_at_stop
     }
+}
+
+/// How the buffers were sized.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BufferInfo {
+    /// Bytes of one ring segment.
+    pub segment_bytes: u64,
+    /// The most one thread's buffer may hold, bytes.
+    pub thread_limit: u64,
+    /// The most all buffers together may hold, bytes.
+    pub memory_limit: u64,
+    /// What happened to events past a limit.
+    pub policy: FullPolicy,
+    /// The most memory the buffers held at once, bytes.
+    pub peak_bytes: u64,
 }
 
 /// `meta.json`.
@@ -285,39 +447,35 @@ pub struct Meta {
     pub start_ts: u64,
     /// Timestamp at the end (final flush), when complete.
     pub end_ts: Option<u64>,
-    /// Ring buffer capacity per thread, records.
-    pub buffer_records: u64,
-    /// Count-only mode: size of the per-thread counter arrays.
+    /// Buffer sizes and policy.
+    pub buffers: BufferInfo,
+    /// Size of the per-thread counter arrays (ids at or above it are not
+    /// counted: `dropped_range`).
     pub max_functions: u32,
     /// Every thread that recorded.
     pub threads: Vec<ThreadMeta>,
     /// Drops not attributable to one thread.
     pub unattributed_drops: UnattributedDrops,
-    /// Total records written (sum over threads).
-    pub total_records: u64,
-    /// Total records dropped (threads and unattributed).
+    /// Total entry and exit events written (sum over threads).
+    pub total_events: u64,
+    /// Total events lost (threads and unattributed).
     pub total_dropped: u64,
+    /// Total calls counted (exact).
+    pub total_calls: u64,
 }
 
-/// One entry of `symbols.json`.
+/// One line of the symbol file.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Symbol {
-    /// The function id used in records and counts.
+    /// The function id used in events and counts.
     pub id: u32,
-    /// The address the caller registered (function entry or site).
+    /// The address it was registered with (function entry or descriptor).
     pub addr: u64,
-    /// The function's name as the caller gave it.
+    /// The function's name.
     pub name: String,
 }
 
-/// `symbols.json`.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct SymbolsFile {
-    /// Symbols, sorted by id, ids dense from 0.
-    pub symbols: Vec<Symbol>,
-}
-
-/// `counts.json` (count-only mode).
+/// `counts.json`.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct CountsFile {
     /// `[function id, calls]` for every function called at least once,
@@ -329,22 +487,69 @@ pub struct CountsFile {
 mod tests {
     use super::*;
 
+    fn decode_all(words: &[u64]) -> Result<Vec<Item>, DecodeError> {
+        let mut out = Vec::new();
+        Decoder::new().feed(words, &mut |i| out.push(i))?;
+        Ok(out)
+    }
+
     #[test]
-    fn record_roundtrip() {
-        let r = RawRecord { ts: 0x0102_0304_0506_0708, func: 77, depth: 3, kind: KIND_EXIT, flags: 0 };
-        assert_eq!(decode(&encode(&r)), r);
-        assert_eq!(encode(&r)[0], 0x08, "little-endian");
+    fn compact_events_roundtrip_after_a_sync() {
+        let sync = [special(SPECIAL_SYNC, 3, 5), 1000, 7, 1];
+        let e = compact(KIND_ENTRY, 77, 5, 12).unwrap();
+        let x = compact(KIND_EXIT_VALUE, 77, 5, 30).unwrap();
+        let words = [&sync[..], &[e, x, 0xdead_beef]].concat();
+        let items = decode_all(&words).unwrap();
+        assert_eq!(items[0], Item::Sync { depth: 5, lost: 7, seq: 1, base_ts: 1000 });
+        assert_eq!(items[1], Item::Event(Event { kind: KIND_ENTRY, func: 77, depth: 5, ts: 1012, value: None }));
+        assert_eq!(
+            items[2],
+            Item::Event(Event { kind: KIND_EXIT_VALUE, func: 77, depth: 5, ts: 1042, value: Some(0xdead_beef) })
+        );
+    }
+
+    #[test]
+    fn fields_that_do_not_fit_are_refused() {
+        assert!(compact(KIND_ENTRY, 1 << FUNC_BITS, 0, 0).is_none());
+        assert!(compact(KIND_ENTRY, 0, 1 << DEPTH_BITS, 0).is_none());
+        assert!(compact(KIND_ENTRY, 0, 0, 1 << DELTA_BITS).is_none());
+        assert!(compact(KIND_ENTRY, (1 << FUNC_BITS) - 1, (1 << DEPTH_BITS) - 1, (1 << DELTA_BITS) - 1).is_some());
+    }
+
+    #[test]
+    fn records_split_across_feeds_and_unknown_types_skipped() {
+        let long = [special(SPECIAL_LONG, 3, KIND_EXIT_VALUE as u64), 5 << 40, 9 | 3 << 32, 42];
+        let unknown = [special(40, 2, 0), 1, 2];
+        let e = compact(KIND_ENTRY, 9, 3, 1).unwrap();
+        let words = [&long[..], &unknown[..], &[e]].concat();
+        let mut d = Decoder::new();
+        let mut out = Vec::new();
+        for w in words.chunks(1) {
+            d.feed(w, &mut |i| out.push(i)).unwrap();
+        }
+        assert!(!d.in_record());
+        assert_eq!(out.len(), 2);
+        assert_eq!(
+            out[0],
+            Item::Event(Event { kind: KIND_EXIT_VALUE, func: 9, depth: 3, ts: 5 << 40, value: Some(42) })
+        );
+        assert_eq!(out[1], Item::Event(Event { kind: KIND_ENTRY, func: 9, depth: 3, ts: (5 << 40) + 1, value: None }));
+    }
+
+    #[test]
+    fn malformed_streams_are_errors() {
+        assert!(decode_all(&[compact(KIND_ENTRY, 1, 0, 0).unwrap()]).is_err(), "event before any time base");
+        assert!(decode_all(&[special(0, 0, 0)]).is_err(), "type 0");
+        assert!(decode_all(&[special(SPECIAL_SYNC, 1, 0), 5]).is_err(), "short sync");
+        let back = [special(SPECIAL_SYNC, 3, 0), 100, 0, 0, special(SPECIAL_LONG, 2, 1), 50, 1];
+        assert!(decode_all(&back).is_err(), "time going backwards");
     }
 
     #[test]
     fn checksum_sees_any_word_change() {
-        let a = encode(&RawRecord { ts: 5, func: 1, depth: 0, kind: KIND_ENTRY, flags: 0 });
-        let mut b = a;
-        b[3] ^= 0x10;
-        assert_ne!(checksum_step(CHECKSUM_SEED, &a), checksum_step(CHECKSUM_SEED, &b));
-        let mut c = a;
-        c[15] ^= 1;
-        assert_ne!(checksum_step(CHECKSUM_SEED, &a), checksum_step(CHECKSUM_SEED, &c));
+        let a = checksum_step(CHECKSUM_SEED, 5);
+        assert_ne!(a, checksum_step(CHECKSUM_SEED, 5 ^ 1 << 40));
+        assert_ne!(checksum_step(a, 1), checksum_step(a, 2));
     }
 
     #[test]

@@ -1,10 +1,12 @@
-//! The recorder: per-thread lock-free ring buffers of entry/exit records,
-//! a background writer, and the trace directory it writes.
+//! The recorder: per-thread buffers that grow as chains of segments, a
+//! background writer, and the trace directory it writes. A client of the
+//! tracer like any op ([`RecordOp`]), bringing its own inline code for
+//! the tracer's trampolines.
 //!
 //! # Use
 //!
 //! ```no_run
-//! use textpoke::record::{self, FuncId, Mode, RecorderConfig};
+//! use textpoke::record::{self, FuncId, RecorderConfig};
 //!
 //! // Control path: name the functions, start a session.
 //! let f: FuncId = record::register_function(0x401000, "main");
@@ -14,48 +16,85 @@
 //! record::entry(f, 0);
 //! record::exit(f, 0);
 //!
-//! let summary = rec.stop()?; // final flush; writes "complete": true last
+//! let summary = rec.stop()?; // final drain; writes "complete": true last
 //! # Ok::<(), textpoke::record::RecordError>(())
 //! ```
 //!
-//! Function ids come from [`register_function`] (dense from 0, stable for
-//! the process; the tracer registers each site's function from
-//! [`crate::sites`] once and keeps the id in its per-site data). The hot
-//! path functions [`entry`], [`exit`], [`exit_value`] and [`count`] take
-//! that id and return whether the event was recorded; when no session of
-//! their kind runs they return `false` (after one load when none runs).
+//! Function ids come from [`crate::funcs`] (the tracer registers each
+//! site's function there; [`register_function`] does for callers of
+//! their own). The hot path functions [`entry`], [`exit`], [`exit_value`]
+//! and [`count`] take that id and return whether the event was kept; when
+//! no session of their kind runs they return `false` (after one load).
 //!
-//! # Hot path (H1–H8)
+//! # Nothing lost while memory allows
 //!
-//! Each thread owns one [`buffer`] (a ring of 16-byte records plus
-//! counters), reached through a `const`-initialised thread-local pointer.
-//! A record call:
+//! Each thread writes into a chain of *segments* (128 KiB by default).
+//! When one fills, the thread takes a free one — one the writer gave back
+//! after writing it out, or a new mapping — and goes on: a buffer grows
+//! while the writer is behind, up to the thread's limit
+//! ([`RecorderConfig::thread_limit`]) and the overall one
+//! ([`RecorderConfig::memory_limit`]). Only past a limit are events
+//! dropped: counted per thread, and marked in the thread's stream where
+//! recording resumes (a sync record carrying the number lost and the depth
+//! to resume at), so readers show the gap where it happened and never nest
+//! across it. That is LTTng's *discard* mode, chosen as the default
+//! because the traced program never waits for the tracer and what was
+//! kept is exact; LTTng's blocking mode would make the program wait for
+//! the disk (and can deadlock a program whose signal handlers record),
+//! and ftrace's overwrite mode loses the beginning of a run silently
+//! unless asked for. Calls are counted whatever happens to the events
+//! (K3), so call counts are exact even past a limit.
 //!
+//! # Hot path (H0–H8)
+//!
+//! Each thread owns one [`buffer`], reached through a `const`-initialised
+//! thread-local pointer. An event:
+//!
+//! - **H0** reads the clock first (after a check that a recording session
+//!   runs), so that the ordered read waits for as little earlier work as
+//!   possible.
 //! - **H1** loads the thread's buffer pointer; none → buffer creation (C).
 //! - **H2** per-thread recursion guard: if the buffer's `busy` flag is set,
 //!   a signal handler interrupted this thread inside a record call — the
-//!   record is dropped and counted (`dropped_nested`); else sets `busy`.
-//!   No lock, no retry: the outer call's slot reservation is never shared.
+//!   event is dropped and counted (`dropped_nested`; an entry's call is
+//!   still counted); else sets `busy`. No lock, no retry.
 //! - **H3** compares the global session word with the buffer's own: a
-//!   buffer made for an earlier session (or no session running) goes to the
-//!   cold path.
-//! - **H4** checks space against a cached copy of the writer's `tail`,
-//!   re-reading the real one only when the cache says full; still full →
-//!   dropped and counted (`dropped_full`), never overwriting unread data.
-//! - **H5** takes the timestamp read first thing (**H0**, after a check
-//!   that any session runs: the ordered clock read then waits for as little
-//!   earlier work as possible — 39 ns per entry+exit pair instead of 43
-//!   measured), clamped to the thread's previous timestamp (a signal
-//!   handler that records between H0 and H2 could otherwise leave a later
-//!   time before an earlier one).
-//! - **H6** writes the slot (two for [`exit_value`]).
-//! - **H7** publishes `head` (release); crossing half-full wakes the writer
-//!   (a futex wake, once per half buffer).
+//!   buffer made for an earlier session (or no session running) goes to
+//!   the cold path.
+//! - **K3** (entries) counts the call in the thread's counter array.
+//! - **H4** checks that the event fits the current segment (`pos` plus its
+//!   size at most `end`) and a compact word (see [`format`]); else the
+//!   segment steps below (G).
+//! - **H5** clamps the time to the thread's previous one (a signal handler
+//!   that records between H0 and H2 could otherwise leave a later time
+//!   before an earlier one) and takes the delta from it.
+//! - **H6** writes the word (and the return value after it).
+//! - **H7** publishes the new `pos` (release).
 //! - **H8** clears `busy` (release).
 //!
 //! No allocation, lock, panic or loop; async-signal-safe. Single producer
 //! (the thread, and its signal handlers, serialised by H2), single consumer
 //! (the writer, serialised by the session lock).
+//!
+//! # Segments (G1–G4)
+//!
+//! With `busy` held, when an event does not fit:
+//!
+//! - **G1** takes a segment: the thread's spares, else the whole list the
+//!   writer gave back (one atomic swap: the producer never pops a single
+//!   one, so there is no ABA), else a new mapping (`mmap`,
+//!   async-signal-safe).
+//! - **G2** starts it with a sync record (the time the next delta counts
+//!   from, the depth of the next event, the events lost just before) and
+//!   links it: the old segment's final `used`, then its `next` (release),
+//!   then `pos` in the new one (release); wakes the writer.
+//! - **G3** a new mapping must fit the thread's limit and the overall one
+//!   (an atomic add to the memory in use, undone if over).
+//! - **G4** no segment to be had: the event is dropped and counted; the
+//!   next sync record carries the count.
+//!
+//! A new buffer's first segment is started by its first event (a sync
+//! record at its depth).
 //!
 //! # Count-only mode (K1–K4)
 //!
@@ -65,50 +104,54 @@
 //! thread writes it, and a signal handler counting on the same thread runs
 //! between instructions, so counts nest without loss), **K4** restores
 //! `busy`. The writer sums the arrays. Ids out of range are counted as
-//! `dropped_range`.
+//! `dropped_range`. Record mode keeps the same arrays (K3 at every entry).
 //!
 //! # Buffer creation (C1–C7)
 //!
-//! The first record of a thread in a session (cold, `#[cold]`):
+//! The first event of a thread in a session (cold, `#[cold]`):
 //!
 //! - **C1** if the thread is already creating its buffer (a signal handler
 //!   interrupted C2–C7), has retired it (thread exit) or is the writer, the
-//!   record is dropped and counted in `unattributed_drops`.
+//!   event is dropped and counted in `unattributed_drops`.
 //! - **C2** marks the thread as creating and increments a global
 //!   `CREATING` counter (SeqCst; see S3).
-//! - **C3** re-reads the session word and the ring/counter sizes.
+//! - **C3** re-reads the session word and the configuration.
 //! - **C4** maps a new buffer with `mmap` (not malloc: the thread may be a
-//!   signal handler that interrupted malloc) and sets the thread-exit
-//!   destructor with `pthread_setspecific`, or
+//!   signal handler that interrupted malloc), its first segment and its
+//!   counters, and sets the thread-exit destructor with
+//!   `pthread_setspecific`, or
 //! - **C5** re-initialises the thread's stale buffer from an earlier
-//!   session (that session's final drain is over), publishing its new
-//!   `session` last (release, paired with the writer's acquire D0).
+//!   session (that session's final drain is over: its segments are
+//!   unmapped), publishing its new `session` last (release, paired with the
+//!   writer's acquire D0).
 //! - **C6** pushes a new buffer on a lock-free stack the writer adopts.
-//! - **C7** writes the record, then decrements `CREATING` (release).
-//!
-//! Every step is async-signal-safe; mapping failures are counted
-//! (`no_memory`).
+//! - **C7** writes the event, then decrements `CREATING` (release).
 //!
 //! # Thread exit (X1–X2)
 //!
 //! A pthread key destructor runs at thread exit: **X1** clears the
-//! thread-local pointer and marks the thread exited (later records, from
+//! thread-local pointer and marks the thread exited (later events, from
 //! other destructors, are dropped and counted as `exiting`); **X2** sets the
-//! buffer's `exited` flag (release). The writer (D5) drains the buffer a
-//! last time, keeps its final counts and unmaps it. (The main thread never
-//! runs key destructors: [`flush_at_exit`] covers it.)
+//! buffer's `exited` flag (release) and wakes the writer, which drains the
+//! buffer a last time, keeps its final counts and unmaps it (D5). (The main
+//! thread never runs key destructors: [`flush_at_exit`] covers it.)
 //!
 //! # Writer (D0–D5)
 //!
-//! A background thread wakes every `flush_interval` (or when woken) and,
-//! holding the session lock, for every buffer: **D5** loads `exited`
-//! (acquire) first, **D0** loads `session` (acquire) and skips buffers of
-//! other sessions; **D1** loads `head` (acquire, paired with H7); **D2**
-//! copies `[tail, head)` out; **D4** stores `tail = head` (release, paired
-//! with H4); **D3** appends the records to the thread's file. Then it
-//! rewrites `symbols.json` (when functions were added), `counts.json`
-//! (count mode, at most once a second) and `meta.json` with `complete:
-//! false`, each via a temporary file and `rename`.
+//! A background thread (`SCHED_BATCH`) wakes every `flush_interval`, or
+//! when a segment fills or a thread exits, and, holding the session lock,
+//! for every buffer: **D5** loads `exited` (acquire) first; **D0** loads
+//! `session` (acquire) and skips buffers of other sessions; **D1** loads
+//! `pos` (acquire, paired with H7): if it lies in the segment the writer's
+//! cursor is in, the words up to it are taken; **D2** otherwise the
+//! producer moved on: `next` (acquire, paired with G2) and the final
+//! `used` give the rest of the segment; **D3** the words are scanned
+//! (counts, checksum, the functions that appear) and appended to the
+//! thread's file (buffered), straight from the segment; **D4** a finished
+//! segment goes back to its producer's free list (or is unmapped when the
+//! producer holds spares already, so memory shrinks after a burst). The
+//! symbols of newly seen functions are appended to the symbol file; the
+//! metadata is rewritten at most once a second (for a salvage).
 //!
 //! # Stop (S1–S5)
 //!
@@ -124,8 +167,8 @@
 //!   has been pushed (C2's SeqCst increment against S1's SeqCst store);
 //! - **S4** waits until no buffer of the session is `busy` (acquire, paired
 //!   with H8);
-//! - **S5** drains every buffer, syncs the files, and writes `meta.json`
-//!   with `complete: true` last.
+//! - **S5** drains every buffer, flushes the files, writes the counts, the
+//!   symbols and `meta.json` with `complete: true` last.
 //!
 //! The waits are bounded (2 s); a thread still inside a record call then
 //! (stopped in a debugger, say) is reported as `in_flight_at_stop`.
@@ -137,83 +180,72 @@
 //! session has `follow_fork`, the child starts its own session writing
 //! `DIR/child-<pid>/` (a full trace directory, `parent_pid` set, created on
 //! its first data) with a new writer thread; the forking thread's buffer is
-//! re-initialised on its next record (C5), so the parent's unwritten
-//! records are not duplicated into the child. A child that calls `exec` or
+//! re-initialised on its next event (C5), so the parent's unwritten
+//! events are not duplicated into the child. A child that calls `exec` or
 //! `_exit` before stopping leaves that directory without `complete`.
 //!
 //! # Clock
 //!
-//! See [`clock`]: the invariant TSC read with `lfence; rdtsc` when the CPU
-//! and kernel say it is one timebase (plain `rdtsc` was measured to
-//! reverse the order of synchronised events across threads), else
-//! `CLOCK_MONOTONIC`; calibrated against `CLOCK_MONOTONIC`, the conversion
-//! stored in `meta.json`.
+//! See [`crate::clock`]: the invariant TSC read with `lfence; rdtsc` when
+//! the CPU and kernel say it is one timebase (plain `rdtsc` was measured to
+//! reverse the order of synchronised events across threads; it is offered
+//! as [`ClockSource::TscUnordered`]), else `CLOCK_MONOTONIC`; calibrated
+//! against `CLOCK_MONOTONIC`, the conversion stored in `meta.json`.
 //!
-//! # Costs
-//!
-//! `cargo bench -p textpoke --bench record-bench` (2-vCPU VM, 2.6 GHz
-//! Xeon): entry+exit recorded 41 ns against 26 ns for two `lfence; rdtsc`
-//! reads in the same run (1.57×; issue 4 asks ≤ 1.3×, not met yet); with
-//! `CLOCK_MONOTONIC` 40 ns against 32 ns (1.23×); count-only 0.7 ns per
-//! call above the bare loop; an idle call (no session) 0.4 ns.
-//!
-//! # On-disk format (version 1)
+//! # On-disk format (version 2)
 //!
 //! A trace directory holds:
 //!
 //! - `meta.json` ([`format::Meta`]): `format` = `"textpoke-trace"`,
-//!   `version` = 1, `complete` (written `true` only by the final flush,
-//!   after every other file was written and synced — a crashed or
-//!   truncated trace has `false`), `mode` (`record`|`count`), `pid`,
-//!   `parent_pid`, `process_name`, `exe`, `clock` (source `tsc` or
-//!   `monotonic`, `mult`, `shift`, `base_ticks`, `base_ns`: `ns = base_ns +
-//!   ((ticks - base_ticks) * mult >> shift)`, in `CLOCK_MONOTONIC` ns),
-//!   `start_unix_ns`, `start_ts`, `end_ts`, `buffer_records`,
+//!   `version` = 2, `complete` (written `true` only by the final flush,
+//!   after every other file was written — a crashed or truncated trace has
+//!   `false`), `mode` (`record`|`count`), `pid`, `parent_pid`,
+//!   `process_name`, `exe`, `clock` (source, `mult`, `shift`,
+//!   `base_ticks`, `base_ns`: `ns = base_ns + ((ticks - base_ticks) * mult
+//!   >> shift)`, in `CLOCK_MONOTONIC` ns), `start_unix_ns`, `start_ts`,
+//!   `end_ts`, `buffers` (segment size, limits, policy, peak memory),
 //!   `max_functions`, and per thread ([`format::ThreadMeta`]): `tid`,
-//!   `file`, `records`, `entries`, `exits`, `dropped_full`,
-//!   `dropped_nested`, `dropped_range`, `calls`, `first_ts`, `last_ts`,
-//!   `checksum`, `exited`; plus `unattributed_drops` (`creating`,
-//!   `exiting`, `no_memory`, `writer_thread`, `io`, `in_flight_at_stop`),
-//!   `total_records` and `total_dropped`.
-//! - `symbols.json` ([`format::SymbolsFile`]): `{"symbols": [{"id",
-//!   "addr", "name"}, …]}`, ids dense from 0.
+//!   `file`, `words`, `entries`, `exits`, `lost`, `dropped_nested`,
+//!   `dropped_range`, `calls`, `first_ts`, `last_ts`, `checksum`,
+//!   `exited`; plus `unattributed_drops` (`creating`, `exiting`,
+//!   `no_memory`, `writer_thread`, `io`, `in_flight_at_stop`),
+//!   `total_events`, `total_dropped` (events) and `total_calls`.
+//! - `symbols.jsonl`: one `{"id", "addr", "name"}` per line, for the
+//!   functions that appear in events or counts (and no other).
+//! - `counts.json` ([`format::CountsFile`]): `{"calls": [[id, calls],
+//!   …]}`: exact calls per function, summed over threads (both modes).
 //! - `tid-<tid>.bin` (record mode; `tid-<tid>-<n>.bin` if a tid was
-//!   reused): a 32-byte header — magic `TPKTHRD\0`, `u32` version (1),
-//!   `u32` record length (16), `i32` tid, 12 reserved zero bytes — then
-//!   16-byte little-endian records in the thread's program order:
-//!   `u64 ts` (clock ticks, non-decreasing), `u32 func`, `u16 depth`
-//!   (saturated), `u8 kind` (1 entry, 2 exit, 3 value: the return value of
-//!   the exit record before it, in the `ts` field), `u8 flags` (0). The
-//!   file has exactly `records` records, whose checksum
+//!   reused): a 32-byte header — magic `TPKTHRD\0`, `u32` version (2),
+//!   `u32` word length (8), `i32` tid, 12 reserved zero bytes — then the
+//!   thread's event stream ([`format`]: 8-byte compact events, sync and
+//!   long records). The file has exactly `words` words, whose checksum
 //!   ([`format::checksum_step`]) is `checksum`.
-//! - `counts.json` (count mode): `{"calls": [[id, calls], …]}`, summed
-//!   over threads.
 //! - `child-<pid>/`: the trace of a forked child, same layout.
 //!
 //! [`crate::tracedata`] reads and validates it.
 
 mod buffer;
-pub mod clock;
+mod codegen;
 pub mod format;
+mod op;
 mod session;
+mod writer;
 
-pub use buffer::{buffer_layout, BufferLayout};
-pub use clock::Clock;
-pub use format::{ClockSource, Mode};
+pub use crate::clock::{self, Clock};
+pub use crate::funcs::FuncId;
+pub use format::{ClockSource, FullPolicy, Mode};
+pub use op::RecordOp;
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-/// A function id: an index into the trace's symbol table.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct FuncId(pub u32);
-
 // ---------------------------------------------------------------------------
 // Hot path.
 
-/// Records entry into `func` at call depth `depth` on the calling thread.
-/// Returns whether it was recorded (false: no recording session, or
-/// dropped and counted). Async-signal-safe; no allocation, lock or panic.
+/// Records entry into `func` at call depth `depth` on the calling thread,
+/// and counts the call. Returns whether the event was kept (false: no
+/// recording session, or dropped and counted). Async-signal-safe; no
+/// allocation, lock or panic.
 #[inline(always)]
 pub fn entry(func: FuncId, depth: u32) -> bool {
     buffer::record(format::KIND_ENTRY, func.0, depth, None)
@@ -225,15 +257,16 @@ pub fn exit(func: FuncId, depth: u32) -> bool {
     buffer::record(format::KIND_EXIT, func.0, depth, None)
 }
 
-/// Records the return from `func` with its return value (two slots,
-/// recorded or dropped together). See [`entry`].
+/// Records the return from `func` with its return value (two words,
+/// kept or dropped together). See [`entry`].
 #[inline(always)]
 pub fn exit_value(func: FuncId, depth: u32, value: u64) -> bool {
     buffer::record(format::KIND_EXIT, func.0, depth, Some(value))
 }
 
-/// Counts one call of `func` (count-only sessions). Returns whether it was
-/// counted. Async-signal-safe; no allocation, lock or panic.
+/// Counts one call of `func` without an event (count-only sessions, and
+/// calls a record session must count but cannot record). Returns whether
+/// it was counted. Async-signal-safe; no allocation, lock or panic.
 #[inline(always)]
 pub fn count(func: FuncId) -> bool {
     buffer::count(func.0)
@@ -259,17 +292,24 @@ pub struct RecorderConfig {
     pub dir: PathBuf,
     /// Records or counts.
     pub mode: Mode,
-    /// Ring capacity per thread, in 16-byte records (rounded up to a power
-    /// of two). See `prefault_buffers`.
-    pub buffer_records: usize,
-    /// Count mode: counter array length per thread (function ids must be
-    /// below it).
+    /// Bytes of one segment of a thread's buffer (a multiple of 4096, at
+    /// least 8192). A thread's buffer starts with one and grows by more
+    /// while the writer is behind.
+    pub segment_bytes: usize,
+    /// The most one thread's buffer may hold, bytes (`-b/--buffer-size`).
+    pub thread_limit: usize,
+    /// The most all threads' buffers together may hold, bytes
+    /// (`--memory-limit`). See [`default_memory_limit`].
+    pub memory_limit: usize,
+    /// Counter array length per thread (function ids must be below it, at
+    /// most 2^22).
     pub max_functions: u32,
-    /// How often the writer drains.
+    /// How often the writer drains when no segment fills.
     pub flush_interval: Duration,
     /// Clock selection.
     pub clock: ClockChoice,
-    /// How long the initial TSC calibration measures.
+    /// How long the initial TSC calibration waits before a first rate (0:
+    /// the rate is measured over the whole recording, refined at the end).
     pub calibration: Duration,
     /// Process name for the metadata (default `/proc/self/comm`).
     pub process_name: Option<String>,
@@ -278,35 +318,46 @@ pub struct RecorderConfig {
     /// If `dir` holds a textpoke trace, move it to `DIR.old` (otherwise a
     /// non-empty `dir` is refused).
     pub replace_existing: bool,
-    /// Wake the writer when a thread's buffer crosses half-full.
-    pub wake_writer_at_half: bool,
-    /// Fault a thread's ring in when it is made (on the thread's first
-    /// record), so that recording never takes a page fault, as ftrace
-    /// allocates its ring pages up front. The memory is then committed:
-    /// `buffer_records` x 16 bytes per recording thread. Off: pages are
-    /// faulted in as records first reach them (about a microsecond per 256
-    /// records, on the traced thread).
+    /// Fault a segment in when it is mapped, so that recording never takes
+    /// a page fault, as ftrace allocates its ring pages up front. Off:
+    /// pages are faulted in as events first reach them (about a
+    /// microsecond per 4 KiB, on the traced thread).
     pub prefault_buffers: bool,
+    /// `fsync` the files before `complete: true` is written (off: the
+    /// trace survives the process, not a power cut).
+    pub sync_files: bool,
+}
+
+/// The default overall memory limit: a quarter of the machine's memory, at
+/// most 4 GiB, at least 64 MiB.
+pub fn default_memory_limit() -> usize {
+    // SAFETY: sysconf has no preconditions.
+    let (pages, size) = unsafe { (libc::sysconf(libc::_SC_PHYS_PAGES), libc::sysconf(libc::_SC_PAGESIZE)) };
+    let total = (pages.max(0) as u64).saturating_mul(size.max(0) as u64);
+    (total / 4).clamp(64 << 20, 4 << 30) as usize
 }
 
 impl RecorderConfig {
-    /// Defaults: record mode, 256 Ki records (4 MiB) per thread, 2^18
-    /// functions, 20 ms flush interval, automatic clock, 20 ms calibration,
-    /// follow fork, replace an old trace.
+    /// Defaults: record mode, 128 KiB segments, 1 GiB per thread, the
+    /// [`default_memory_limit`], 2^20 functions, 50 ms flush interval,
+    /// automatic clock calibrated over the run, follow fork, replace an old
+    /// trace, prefaulted segments, no fsync.
     pub fn new(dir: impl AsRef<Path>) -> Self {
         RecorderConfig {
             dir: dir.as_ref().to_path_buf(),
             mode: Mode::Record,
-            buffer_records: 1 << 18,
-            max_functions: 1 << 18,
-            flush_interval: Duration::from_millis(20),
+            segment_bytes: 128 << 10,
+            thread_limit: 1 << 30,
+            memory_limit: default_memory_limit(),
+            max_functions: 1 << 20,
+            flush_interval: Duration::from_millis(50),
             clock: ClockChoice::Auto,
-            calibration: Duration::from_millis(20),
+            calibration: Duration::ZERO,
             process_name: None,
             follow_fork: true,
             replace_existing: true,
-            wake_writer_at_half: true,
             prefault_buffers: true,
+            sync_files: false,
         }
     }
 
@@ -314,6 +365,34 @@ impl RecorderConfig {
     pub fn count_only(mut self) -> Self {
         self.mode = Mode::Count;
         self
+    }
+
+    /// Checks the sizes; says what is wrong.
+    fn validate(&self) -> Result<(), RecordError> {
+        let bad = |m: String| Err(RecordError::Config(m));
+        if self.segment_bytes < 8192 || self.segment_bytes % 4096 != 0 {
+            return bad(format!("segment_bytes {} must be a multiple of 4096, at least 8192", self.segment_bytes));
+        }
+        if self.mode == Mode::Record && self.thread_limit < self.segment_bytes {
+            return bad(format!(
+                "the per-thread buffer limit ({} bytes) must hold at least one segment ({} bytes)",
+                self.thread_limit, self.segment_bytes
+            ));
+        }
+        if self.mode == Mode::Record && self.memory_limit < self.segment_bytes {
+            return bad(format!(
+                "the memory limit ({} bytes) must hold at least one segment ({} bytes)",
+                self.memory_limit, self.segment_bytes
+            ));
+        }
+        if self.max_functions == 0 || self.max_functions > 1 << format::FUNC_BITS {
+            return bad(format!(
+                "max_functions {} must be between 1 and {}",
+                self.max_functions,
+                1u32 << format::FUNC_BITS
+            ));
+        }
+        Ok(())
     }
 }
 
@@ -339,7 +418,7 @@ pub enum RecordError {
     #[error("cannot start the writer thread: {0}")]
     Spawn(std::io::Error),
 
-    #[error("writing the trace failed: {0}; records drained meanwhile are counted as dropped (unattributed_drops.io)")]
+    #[error("writing the trace failed: {0}; events drained meanwhile are counted as lost (unattributed_drops.io)")]
     Write(String),
 }
 
@@ -350,24 +429,25 @@ pub struct TraceSummary {
     pub dir: PathBuf,
     /// Threads that recorded.
     pub threads: usize,
-    /// Records written.
-    pub records: u64,
-    /// Records dropped (all causes).
+    /// Entry and exit events written.
+    pub events: u64,
+    /// Calls counted (exact).
+    pub calls: u64,
+    /// Events lost (all causes).
     pub dropped: u64,
     /// Whether `meta.json` now says complete.
     pub complete: bool,
 }
 
-/// Registers a function (its address and name; the tracer passes a site's
-/// function from [`crate::sites`]) and returns its id. The same address
-/// always gets the same id. Control path (takes the session lock).
+/// Registers a function (its address and name) in [`crate::funcs`] and
+/// returns its id. The same address always gets the same id. Control path.
 pub fn register_function(addr: usize, name: &str) -> FuncId {
-    FuncId(session::register_function(addr, name))
+    crate::funcs::register(addr, name)
 }
 
 /// How many functions are registered.
 pub fn function_count() -> usize {
-    session::function_count()
+    crate::funcs::count()
 }
 
 /// Starts recording into `config.dir` (one session per process at a

@@ -1,14 +1,16 @@
-//! The control path: sessions, the background writer, the stop protocol,
-//! fork and exit hooks. See the [`crate::record`] module documentation,
-//! sections "Writer" (steps D0–D5), "Stop" (S1–S5) and "Fork".
+//! The control path: sessions, the background writer thread, the stop
+//! protocol, fork and exit hooks. See the [`crate::record`] module
+//! documentation, sections "Writer" (steps D0–D5), "Stop" (S1–S5) and
+//! "Fork".
 
 use super::buffer::{self, ThreadBuf, ACTIVE, MODE_COUNT, MODE_MASK, MODE_RECORD};
-use super::clock::{self, Calibration, Clock};
-use super::format::{self, ClockSource, CountsFile, Meta, Mode, Symbol, SymbolsFile, ThreadMeta, UnattributedDrops};
+use super::format::{self, BufferInfo, FullPolicy, Meta, Mode, ThreadMeta, UnattributedDrops};
+use super::writer::{self, SymbolsOut, ThreadOut};
 use super::{ClockChoice, RecordError, RecorderConfig, TraceSummary};
+use crate::clock::{self, Calibration, Clock};
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs::File;
-use std::io::{Seek, SeekFrom, Write};
+use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
@@ -25,40 +27,24 @@ struct BufPtr(*mut ThreadBuf);
 // design; the protocol in buffer.rs governs every access.
 unsafe impl Send for BufPtr {}
 
+impl BufPtr {
+    fn get(&self) -> &ThreadBuf {
+        // SAFETY: registered buffers stay mapped until freed by the
+        // control path, which removes them from the registry first.
+        unsafe { &*self.0 }
+    }
+}
+
 struct State {
     /// The running session, if any.
     session: Option<Session>,
     /// Every adopted buffer, of any session, until it is freed.
     registry: Vec<BufPtr>,
-    /// Function ids: dense, process-wide, stable across sessions.
-    symbols: Vec<Symbol>,
-    by_addr: BTreeMap<u64, u32>,
     /// Last session epoch used.
     epoch: u64,
 }
 
-static STATE: ForkLock<State> = ForkLock::new(State {
-    session: None,
-    registry: Vec::new(),
-    symbols: Vec::new(),
-    by_addr: BTreeMap::new(),
-    epoch: 0,
-});
-
-/// One thread's output within a session.
-struct ThreadOut {
-    tid: i32,
-    name: Option<String>,
-    file: Option<File>,
-    len: u64,
-    records: u64,
-    entries: u64,
-    exits: u64,
-    checksum: u64,
-    first_ts: u64,
-    last_ts: u64,
-    calls: u64,
-}
+static STATE: ForkLock<State> = ForkLock::new(State { session: None, registry: Vec::new(), epoch: 0 });
 
 struct Session {
     /// The ACTIVE word of this session.
@@ -70,14 +56,15 @@ struct Session {
     calibration: Calibration,
     start_unix_ns: u64,
     start_ts: u64,
-    ring: u64,
     /// Live threads' outputs, by buffer.
     threads: BTreeMap<BufPtr, ThreadOut>,
     /// Threads that exited, final.
     finished: Vec<ThreadMeta>,
+    /// File names used.
     names: BTreeSet<String>,
-    /// Count mode: calls of exited threads, by function id.
+    /// Calls of exited threads, by function id.
     count_totals: Vec<u64>,
+    symbols: SymbolsOut,
     /// Global drop counters when the session started.
     drops_base: [u64; 4],
     io_drops: u64,
@@ -85,14 +72,12 @@ struct Session {
     io_error: Option<String>,
     /// `total_dropped` of the last metadata written.
     last_dropped: u64,
-    symbols_written: usize,
-    last_counts: Instant,
+    /// When the metadata was last written, and whether anything changed
+    /// since (a thread appeared or exited).
+    last_meta: Option<Instant>,
+    meta_due: bool,
     writer: Option<std::thread::JoinHandle<()>>,
     stop_requested: bool,
-    /// The drain's copy of a ring's records, kept between drains rather
-    /// than allocated (megabytes, faulted in afresh, and unmapped or
-    /// trimmed by the allocator on free) on every drain.
-    scratch: Vec<u8>,
 }
 
 fn global_drops() -> [u64; 4] {
@@ -108,35 +93,15 @@ fn io_err<'a>(what: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error)
     move |source| RecordError::Io { what, path: path.to_path_buf(), source }
 }
 
-// ---------------------------------------------------------------------------
-// Symbols.
-
-pub(crate) fn register_function(addr: usize, name: &str) -> u32 {
-    let mut st = STATE.lock();
-    let st = &mut *st;
-    if let Some(&id) = st.by_addr.get(&(addr as u64)) {
-        return id;
-    }
-    let id = st.symbols.len() as u32;
-    st.symbols.push(Symbol { id, addr: addr as u64, name: name.to_string() });
-    st.by_addr.insert(addr as u64, id);
-    id
-}
-
-pub(crate) fn function_count() -> usize {
-    STATE.lock().symbols.len()
-}
+/// How often the metadata is rewritten while recording (for a salvage
+/// after a crash), at most.
+const META_INTERVAL: Duration = Duration::from_secs(1);
 
 // ---------------------------------------------------------------------------
 // Start.
 
 pub(crate) fn start(config: RecorderConfig) -> Result<(), RecordError> {
-    if config.buffer_records < 2 && config.mode == Mode::Record {
-        return Err(RecordError::Config("buffer_records must be at least 2".into()));
-    }
-    if config.max_functions == 0 && config.mode == Mode::Count {
-        return Err(RecordError::Config("max_functions must be at least 1".into()));
-    }
+    config.validate()?;
     buffer::ensure_key();
     install_fork_hooks();
     let mut st = STATE.lock();
@@ -154,8 +119,9 @@ pub(crate) fn start(config: RecorderConfig) -> Result<(), RecordError> {
     st.epoch += 1;
     let mode_bits = if config.mode == Mode::Record { MODE_RECORD } else { MODE_COUNT };
     let id = st.epoch << 2 | mode_bits;
-    let session = new_session(id, config.dir.clone(), None, config, calibration, true);
-    publish(id, session.ring, &session.config);
+    let mut session = new_session(id, config.dir.clone(), None, config, calibration, true);
+    write_meta(&mut session, &[], false);
+    publish(id, &session.config);
     st.session = Some(session);
     let handle = spawn_writer(id).map_err(RecordError::Spawn);
     match handle {
@@ -181,7 +147,6 @@ fn new_session(
     calibration: Calibration,
     dir_ready: bool,
 ) -> Session {
-    let ring = (config.buffer_records.max(2) as u64).next_power_of_two();
     Session {
         id,
         dir,
@@ -193,32 +158,34 @@ fn new_session(
             .map(|d| d.as_nanos() as u64)
             .unwrap_or(0),
         start_ts: Clock::now(),
-        ring,
         threads: BTreeMap::new(),
         finished: Vec::new(),
         names: BTreeSet::new(),
         count_totals: Vec::new(),
+        symbols: SymbolsOut::default(),
         drops_base: global_drops(),
         io_drops: 0,
         in_flight: 0,
         io_error: None,
         last_dropped: 0,
-        symbols_written: usize::MAX,
-        last_counts: Instant::now(),
+        last_meta: None,
+        meta_due: true,
         writer: None,
         stop_requested: false,
-        scratch: Vec::new(),
         config,
     }
 }
 
 /// Publishes a session to the hot path: configuration words first, then
 /// ACTIVE with release (pairs with the acquire load in C3).
-fn publish(id: u64, ring: u64, config: &RecorderConfig) {
-    buffer::CFG_RING.store(ring, Ordering::Relaxed);
+fn publish(id: u64, config: &RecorderConfig) {
+    let record = id & MODE_MASK == MODE_RECORD;
+    buffer::CFG_SEGMENT.store(if record { config.segment_bytes as u64 } else { 0 }, Ordering::Relaxed);
     buffer::CFG_FUNCS.store(config.max_functions as u64, Ordering::Relaxed);
-    buffer::CFG_WAKE_HALF.store(config.wake_writer_at_half, Ordering::Relaxed);
+    buffer::CFG_THREAD_LIMIT.store(config.thread_limit as u64, Ordering::Relaxed);
     buffer::CFG_PREFAULT.store(config.prefault_buffers, Ordering::Relaxed);
+    buffer::MEM_LIMIT.store(config.memory_limit as u64, Ordering::Relaxed);
+    buffer::MEM_PEAK.store(buffer::MEM_USED.load(Ordering::Relaxed), Ordering::Relaxed);
     ACTIVE.store(id, Ordering::Release);
 }
 
@@ -249,12 +216,11 @@ fn spawn_writer(id: u64) -> std::io::Result<std::thread::JoinHandle<()>> {
 }
 
 /// Puts the calling thread (the writer) in `SCHED_BATCH`: a producer
-/// that wakes it at half-full is not preempted by it. Under the default
-/// policy the scheduler ran the woken writer on the waker's CPU at once,
-/// stalling the traced thread for the whole drain (2 ms seen here, with
-/// the other CPU idle) — 25 ns per call averaged over a short loop. The
-/// writer keeps its fair share of CPU time. Best effort: on failure the
-/// writer just runs under the default policy.
+/// that wakes it when a segment fills is not preempted by it. Under the
+/// default policy the scheduler ran the woken writer on the waker's CPU at
+/// once, stalling the traced thread for the whole drain (2 ms seen here,
+/// with the other CPU idle). The writer keeps its fair share of CPU time.
+/// Best effort: on failure the writer just runs under the default policy.
 fn batch_scheduling() {
     // SAFETY: plain syscall on the calling thread with a valid param.
     unsafe {
@@ -264,7 +230,7 @@ fn batch_scheduling() {
 }
 
 /// The writer thread: drains every `flush_interval`, or sooner when a
-/// producer crosses half-full (H7) or the control path wakes it.
+/// producer finishes a segment (G2) or the control path wakes it.
 fn writer_main(id: u64) {
     buffer::mark_writer_thread();
     batch_scheduling();
@@ -288,9 +254,9 @@ fn writer_main(id: u64) {
 // Draining.
 
 /// Adopts new buffers, drains every buffer of the session, retires those
-/// whose thread exited, frees stale exited ones, and rewrites the
-/// metadata (complete = false).
-fn drain(st: &mut State, force_counts: bool) {
+/// whose thread exited, frees stale exited ones, and writes the side files
+/// (the metadata at most every [`META_INTERVAL`] unless `side_files`).
+fn drain(st: &mut State, side_files: bool) {
     for b in buffer::take_incoming() {
         st.registry.push(BufPtr(b));
     }
@@ -301,17 +267,16 @@ fn drain(st: &mut State, force_counts: bool) {
     let mut i = 0;
     while i < st.registry.len() {
         let bp = st.registry[i];
-        // SAFETY: registered buffers stay mapped until freed below.
-        let b = unsafe { &*bp.0 };
-        // D5 first: acquire pairs with X2, so after it every record of an
+        let b = bp.get();
+        // D5 first: acquire pairs with X2, so after it every event of an
         // exited thread is published and the drain below takes them all.
         let exited = b.cold.exited.load(Ordering::Acquire) != 0;
         // D0: acquire pairs with reinit's release of `session`.
         let sess = b.p.session.load(Ordering::Acquire);
         if sess == s.id {
-            drain_one(s, bp, b);
+            drain_one(s, bp);
             if exited {
-                retire(s, bp, b);
+                retire(s, bp);
                 st.registry.swap_remove(i);
                 // SAFETY: the owner exited (X2 seen) and we drained it.
                 unsafe { buffer::free(bp.0) };
@@ -326,9 +291,18 @@ fn drain(st: &mut State, force_counts: bool) {
         }
         i += 1;
     }
-    let counts_due =
-        s.config.mode == Mode::Count && (force_counts || s.last_counts.elapsed() >= Duration::from_secs(1));
-    write_side_files(s, &st.symbols, &st.registry, counts_due, false);
+    if ensure_dir(s) {
+        if let Err(e) = s.symbols.append(&s.dir) {
+            s.io_error.get_or_insert(e);
+        }
+    }
+    let due = s.meta_due && s.last_meta.is_none_or(|t| t.elapsed() >= META_INTERVAL);
+    if side_files || due {
+        let registry = st.registry.clone();
+        if let Some(s) = st.session.as_mut() {
+            write_meta(s, &registry, false);
+        }
+    }
 }
 
 /// Frees the exited buffers of no running session.
@@ -338,8 +312,7 @@ fn sweep(st: &mut State) {
     }
     let current = st.session.as_ref().map(|s| s.id);
     st.registry.retain(|bp| {
-        // SAFETY: registered buffers are mapped.
-        let b = unsafe { &*bp.0 };
+        let b = bp.get();
         let exited = b.cold.exited.load(Ordering::Acquire) != 0;
         if exited && Some(b.p.session.load(Ordering::Acquire)) != current {
             // SAFETY: owner exited, data of a finished session.
@@ -363,63 +336,61 @@ fn ensure_dir(s: &mut Session) -> bool {
     s.dir_ready
 }
 
-/// D1–D4 for one buffer.
-fn drain_one(s: &mut Session, bp: BufPtr, b: &ThreadBuf) {
-    s.threads.entry(bp).or_insert_with(|| ThreadOut {
-        tid: b.p.tid.load(Ordering::Relaxed),
-        name: None,
-        file: None,
-        len: 0,
-        records: 0,
-        entries: 0,
-        exits: 0,
-        checksum: format::CHECKSUM_SEED,
-        first_ts: 0,
-        last_ts: 0,
-        calls: 0,
-    });
-    let cap = b.p.cap.load(Ordering::Relaxed);
-    if cap == 0 {
-        return; // count mode: counters are read when the counts are written
+/// D1–D4 for one buffer: follows its segment chain from the writer's
+/// cursor to the producer's published position, appending the words to
+/// the thread's file and giving finished segments back.
+fn drain_one(s: &mut Session, bp: BufPtr) {
+    let b = bp.get();
+    if !s.threads.contains_key(&bp) {
+        s.threads.insert(bp, ThreadOut::new(b.p.tid.load(Ordering::Relaxed)));
+        s.meta_due = true;
     }
-    // D1: acquire pairs with H7's release of `head`.
-    let head = b.p.head.load(Ordering::Acquire);
-    let tail = b.cons.tail.load(Ordering::Relaxed);
-    if head == tail {
+    loop {
+        let seg = b.cons.drain_seg.load(Ordering::Relaxed);
+        if seg.is_null() {
+            return; // count mode: counters are read when counts are written
+        }
+        // SAFETY: the cursor's segment is mapped until given back below.
+        let sr = unsafe { &*seg };
+        let from = b.cons.drain_pos.load(Ordering::Relaxed);
+        // D1: acquire pairs with H7's release of `pos`.
+        let pos = b.p.pos.load(Ordering::Acquire);
+        if pos >= sr.data() as u64 && pos <= sr.data_end() as u64 {
+            write_words(s, bp, from, pos);
+            b.cons.drain_pos.store(pos, Ordering::Relaxed);
+            return;
+        }
+        // D2: the producer moved on; acquire pairs with G2's release of
+        // `next`, after which `used` is final.
+        let next = sr.next.load(Ordering::Acquire);
+        if next.is_null() {
+            return; // not yet visible: next time
+        }
+        let end = sr.data() as u64 + sr.used.load(Ordering::Relaxed);
+        write_words(s, bp, from, end);
+        // SAFETY: just mapped segments are linked; `next` is live.
+        let nr = unsafe { &*next };
+        b.cons.drain_seg.store(next, Ordering::Relaxed);
+        b.cons.drain_pos.store(nr.data() as u64, Ordering::Relaxed);
+        // D4: drained and left behind by the producer.
+        // SAFETY: the producer's `next` is set; we drained up to `used`.
+        unsafe { buffer::give_back(b, seg) };
+    }
+}
+
+/// D3: appends the words at `[from, to)` (addresses in a segment of `bp`)
+/// to its thread's file, scanning them on the way.
+fn write_words(s: &mut Session, bp: BufPtr, from: u64, to: u64) {
+    if to <= from {
         return;
     }
-    // D2: copy the published slots out.
-    let ring = b.p.ring.load(Ordering::Relaxed);
-    let mask = cap - 1;
-    let n = head - tail;
-    let mut bytes = std::mem::take(&mut s.scratch);
-    bytes.clear();
-    bytes.reserve(n as usize * format::RECORD_LEN);
-    let (mut entries, mut exits) = (0u64, 0u64);
-    let (mut first, mut last) = (0u64, 0u64);
-    for pos in tail..head {
-        // SAFETY: slots in [tail, head) were written before head was
-        // published (D1) and are not overwritten before D4.
-        let r = unsafe { ring.add((pos & mask) as usize).read() };
-        match r.kind {
-            format::KIND_ENTRY => entries += 1,
-            format::KIND_EXIT => exits += 1,
-            _ => {}
-        }
-        if r.kind != format::KIND_VALUE {
-            if first == 0 {
-                first = r.ts;
-            }
-            last = r.ts;
-        }
-        bytes.extend_from_slice(&format::encode(&r));
-    }
-    // D4: give the slots back. Release pairs with H4's acquire of `tail`.
-    b.cons.tail.store(head, Ordering::Release);
-    // D3: append to the thread's file.
+    // SAFETY: [from, to) lies in a segment's data below the published
+    // position (or its final `used`): written before the release store
+    // we acquired, and not reused before we give the segment back.
+    let words = unsafe { std::slice::from_raw_parts(from as *const u64, ((to - from) / 8) as usize) };
     let ok = ensure_dir(s);
     let dir = s.dir.clone();
-    let out = s.threads.get_mut(&bp).expect("inserted above");
+    let out = s.threads.get_mut(&bp).expect("inserted by drain_one");
     if ok && out.file.is_none() {
         let mut name = format!("tid-{}.bin", out.tid);
         let mut k = 1;
@@ -428,25 +399,30 @@ fn drain_one(s: &mut Session, bp: BufPtr, b: &ThreadBuf) {
             name = format!("tid-{}-{k}.bin", out.tid);
         }
         let path = dir.join(&name);
-        match File::create(&path).and_then(|mut f| f.write_all(&format::thread_header(out.tid)).map(|()| f)) {
-            Ok(f) => {
+        let made = File::create(&path).and_then(|f| {
+            let mut w = BufWriter::with_capacity(1 << 20, f);
+            w.write_all(&format::thread_header(out.tid)).map(|()| w)
+        });
+        match made {
+            Ok(w) => {
                 s.names.insert(name.clone());
                 out.name = Some(name);
-                out.file = Some(f);
-                out.len = format::THREAD_HEADER_LEN as u64;
+                out.file = Some(w);
+                s.meta_due = true;
             }
             Err(e) => {
                 s.io_error.get_or_insert_with(|| format!("create {}: {e}", path.display()));
             }
         }
     }
+    let symbols = &mut s.symbols;
+    let before = (out.scan.entries, out.scan.exits);
+    out.scan.words(words, &mut |f| symbols.see(f));
+    let bytes = words_as_bytes(words);
     let written = match out.file.as_mut() {
-        Some(f) => match f.write_all(&bytes) {
+        Some(f) => match f.write_all(bytes) {
             Ok(()) => true,
             Err(e) => {
-                // Cut the partial write off so the file stays whole records.
-                let _ = f.set_len(out.len);
-                let _ = f.seek(SeekFrom::Start(out.len));
                 s.io_error.get_or_insert_with(|| format!("write {}: {e}", out.name.as_deref().unwrap_or("?")));
                 false
             }
@@ -454,130 +430,85 @@ fn drain_one(s: &mut Session, bp: BufPtr, b: &ThreadBuf) {
         None => false,
     };
     if !written {
-        s.io_drops += entries + exits;
-        s.scratch = bytes;
-        return;
+        s.io_drops += out.scan.entries - before.0 + out.scan.exits - before.1;
     }
-    for chunk in bytes.chunks_exact(format::RECORD_LEN) {
-        out.checksum = format::checksum_step(out.checksum, chunk.try_into().expect("16 bytes"));
-    }
-    out.len += bytes.len() as u64;
-    out.records += n;
-    out.entries += entries;
-    out.exits += exits;
-    if out.first_ts == 0 {
-        out.first_ts = first;
-    }
-    if last != 0 {
-        out.last_ts = last;
-    }
-    s.scratch = bytes;
 }
 
-/// Calls counted in a live buffer, by function id, for ids below `nsyms`.
-fn buffer_counts(b: &ThreadBuf, nsyms: usize) -> impl Iterator<Item = (usize, u64)> + '_ {
-    let p = b.c.counters.load(Ordering::Relaxed);
-    let n = (b.c.ncounters.load(Ordering::Relaxed) as usize).min(nsyms);
-    (0..if p.is_null() { 0 } else { n }).filter_map(move |i| {
-        // SAFETY: i < ncounters; the producer updates counters with single
-        // aligned stores (K3), read here atomically.
-        let v = unsafe { &*(p.add(i) as *const std::sync::atomic::AtomicU64) }.load(Ordering::Relaxed);
-        (v != 0).then_some((i, v))
-    })
+/// The little-endian bytes of `words` (x86-64 and aarch64 are little-endian).
+fn words_as_bytes(words: &[u64]) -> &[u8] {
+    // SAFETY: u64 has no padding; the bytes live as long as the words.
+    unsafe { std::slice::from_raw_parts(words.as_ptr() as *const u8, std::mem::size_of_val(words)) }
 }
 
-/// A thread exited: fold its counts into the totals and keep its final
-/// metadata.
-fn retire(s: &mut Session, bp: BufPtr, b: &ThreadBuf) {
+/// A thread exited: fold its counts into the totals, close its file and
+/// keep its final metadata.
+fn retire(s: &mut Session, bp: BufPtr) {
     let Some(mut out) = s.threads.remove(&bp) else {
         return;
     };
-    if s.config.mode == Mode::Count {
-        let n = b.c.ncounters.load(Ordering::Relaxed) as usize;
-        if s.count_totals.len() < n {
-            s.count_totals.resize(n, 0);
+    let b = bp.get();
+    let mut calls = 0;
+    for (i, v) in writer::buffer_counts(b) {
+        if s.count_totals.len() <= i {
+            s.count_totals.resize(i + 1, 0);
+        }
+        s.count_totals[i] += v;
+        calls += v;
+    }
+    out.calls = calls;
+    if let Some(mut f) = out.file.take() {
+        if let Err(e) = f.flush() {
+            s.io_error.get_or_insert_with(|| format!("write {}: {e}", out.name.as_deref().unwrap_or("?")));
+        }
+    }
+    s.finished.push(out.meta(b, true));
+    s.meta_due = true;
+}
+
+/// Sums the calls of the session's live buffers (in `registry`) and its
+/// exited threads; sets each live thread's `calls`.
+fn sum_counts(s: &mut Session, registry: &[BufPtr]) -> Vec<u64> {
+    let mut totals = s.count_totals.clone();
+    for bp in registry {
+        let b = bp.get();
+        if b.p.session.load(Ordering::Acquire) != s.id {
+            continue;
         }
         let mut calls = 0;
-        for (i, v) in buffer_counts(b, n) {
-            s.count_totals[i] += v;
+        for (i, v) in writer::buffer_counts(b) {
+            if totals.len() <= i {
+                totals.resize(i + 1, 0);
+            }
+            totals[i] += v;
             calls += v;
         }
-        out.calls = calls;
+        if let Some(out) = s.threads.get_mut(bp) {
+            out.calls = calls;
+        }
     }
-    if let Some(f) = out.file.take() {
-        let _ = f.sync_data();
-    }
-    s.finished.push(thread_meta(&out, b, true));
+    totals
 }
 
-fn thread_meta(out: &ThreadOut, b: &ThreadBuf, exited: bool) -> ThreadMeta {
-    ThreadMeta {
-        tid: out.tid,
-        file: out.name.clone(),
-        records: out.records,
-        entries: out.entries,
-        exits: out.exits,
-        dropped_full: b.c.dropped_full.load(Ordering::Relaxed),
-        dropped_nested: b.c.dropped_nested.load(Ordering::Relaxed),
-        dropped_range: b.c.dropped_range.load(Ordering::Relaxed),
-        calls: out.calls,
-        first_ts: out.first_ts,
-        last_ts: out.last_ts,
-        checksum: format!("{:016x}", out.checksum),
-        exited,
-    }
-}
-
-/// Writes symbols (when new ones were registered), counts (when `counts`)
-/// and the metadata, each atomically (temporary file + rename).
-fn write_side_files(s: &mut Session, symbols: &[Symbol], registry: &[BufPtr], counts: bool, complete: bool) {
-    let anything = !s.threads.is_empty() || !s.finished.is_empty() || complete;
-    if !anything || !ensure_dir(s) {
+/// Writes the counts (exact calls per function, and the symbols of the
+/// functions called) and the metadata, each atomically; `complete` last.
+fn write_meta(s: &mut Session, registry: &[BufPtr], complete: bool) {
+    if !ensure_dir(s) {
         return;
     }
-    if s.symbols_written != symbols.len() || complete {
-        let file = SymbolsFile { symbols: symbols.to_vec() };
-        match write_json(&s.dir, format::SYMBOLS_FILE, &file, complete) {
-            Ok(()) => s.symbols_written = symbols.len(),
-            Err(e) => {
-                s.io_error.get_or_insert(e);
-            }
-        }
+    let totals = sum_counts(s, registry);
+    for (id, _) in totals.iter().enumerate().filter(|(_, &v)| v != 0) {
+        s.symbols.see(id as u32);
     }
-    let mut live_calls: BTreeMap<BufPtr, u64> = BTreeMap::new();
-    if counts && s.config.mode == Mode::Count {
-        let mut totals = s.count_totals.clone();
-        totals.resize(totals.len().max(symbols.len()), 0);
-        for bp in registry {
-            // SAFETY: registered buffers are mapped.
-            let b = unsafe { &*bp.0 };
-            if b.p.session.load(Ordering::Acquire) != s.id {
-                continue;
-            }
-            let mut calls = 0;
-            for (i, v) in buffer_counts(b, symbols.len()) {
-                totals[i] += v;
-                calls += v;
-            }
-            live_calls.insert(*bp, calls);
-        }
-        let file = CountsFile {
-            calls: totals.iter().enumerate().filter(|(_, &v)| v != 0).map(|(i, &v)| (i as u32, v)).collect(),
-        };
-        if let Err(e) = write_json(&s.dir, format::COUNTS_FILE, &file, complete) {
-            s.io_error.get_or_insert(e);
-        }
-        s.last_counts = Instant::now();
+    if let Err(e) = s.symbols.append(&s.dir) {
+        s.io_error.get_or_insert(e);
     }
-    for (bp, calls) in &live_calls {
-        if let Some(out) = s.threads.get_mut(bp) {
-            out.calls = *calls;
-        }
+    let sync = complete && s.config.sync_files;
+    if let Err(e) = writer::write_json(&s.dir, format::COUNTS_FILE, &writer::counts_file(&totals), sync) {
+        s.io_error.get_or_insert(e);
     }
     let mut threads = s.finished.clone();
     for (bp, out) in &s.threads {
-        // SAFETY: live outputs belong to registered, mapped buffers.
-        threads.push(thread_meta(out, unsafe { &*bp.0 }, false));
+        threads.push(out.meta(bp.get(), false));
     }
     threads.sort_by(|a, b| (a.tid, &a.file).cmp(&(b.tid, &b.file)));
     let now = global_drops();
@@ -589,54 +520,49 @@ fn write_side_files(s: &mut Session, symbols: &[Symbol], registry: &[BufPtr], co
         io: s.io_drops,
         in_flight_at_stop: s.in_flight,
     };
-    s.calibration.refine();
-    let total_records = threads.iter().map(|t| t.records).sum();
-    let total_dropped = threads.iter().map(|t| t.dropped()).sum::<u64>() + unattributed.total();
+    if complete {
+        s.calibration.refine();
+    }
+    let (total_events, total_dropped, total_calls) = writer::totals(&threads, &unattributed);
     s.last_dropped = total_dropped;
+    let c = &s.config;
     let meta = Meta {
         format: format::FORMAT_NAME.into(),
         version: format::FORMAT_VERSION,
         complete,
-        mode: s.config.mode,
+        mode: c.mode,
         // SAFETY: getpid has no preconditions.
         pid: unsafe { libc::getpid() },
         parent_pid: s.parent_pid,
-        process_name: s.config.process_name.clone().unwrap_or_else(process_name),
+        process_name: c.process_name.clone().unwrap_or_else(process_name),
         exe: std::fs::read_link("/proc/self/exe").ok().map(|p| p.to_string_lossy().into_owned()),
         clock: s.calibration.info(),
         start_unix_ns: s.start_unix_ns,
         start_ts: s.start_ts,
         end_ts: complete.then(Clock::now),
-        buffer_records: if s.config.mode == Mode::Record { s.ring } else { 0 },
-        max_functions: if s.config.mode == Mode::Count { s.config.max_functions } else { 0 },
+        buffers: BufferInfo {
+            segment_bytes: c.segment_bytes as u64,
+            thread_limit: c.thread_limit as u64,
+            memory_limit: c.memory_limit as u64,
+            policy: FullPolicy::Discard,
+            peak_bytes: buffer::MEM_PEAK.load(Ordering::Relaxed),
+        },
+        max_functions: c.max_functions,
         threads,
         unattributed_drops: unattributed,
-        total_records,
+        total_events,
         total_dropped,
+        total_calls,
     };
-    if let Err(e) = write_json(&s.dir, format::META_FILE, &meta, complete) {
+    if let Err(e) = writer::write_json(&s.dir, format::META_FILE, &meta, sync) {
         s.io_error.get_or_insert(e);
     }
+    s.last_meta = Some(Instant::now());
+    s.meta_due = false;
 }
 
 fn process_name() -> String {
     std::fs::read_to_string("/proc/self/comm").map(|s| s.trim_end().to_string()).unwrap_or_default()
-}
-
-/// Writes `name` atomically: `name.tmp`, (fsync when `sync`), rename.
-fn write_json<T: serde::Serialize>(dir: &Path, name: &str, v: &T, sync: bool) -> Result<(), String> {
-    let tmp = dir.join(format!("{name}.tmp"));
-    let path = dir.join(name);
-    let res = (|| -> std::io::Result<()> {
-        let mut f = File::create(&tmp)?;
-        serde_json::to_writer_pretty(&mut f, v).map_err(std::io::Error::other)?;
-        f.write_all(b"\n")?;
-        if sync {
-            f.sync_all()?;
-        }
-        std::fs::rename(&tmp, &path)
-    })();
-    res.map_err(|e| format!("write {}: {e}", path.display()))
 }
 
 // ---------------------------------------------------------------------------
@@ -648,6 +574,7 @@ pub(crate) fn flush() -> Result<TraceSummary, RecordError> {
         return Err(RecordError::NotActive);
     }
     drain(&mut st, true);
+    flush_files(st.session.as_mut().expect("checked above"));
     let s = st.session.as_ref().expect("checked above");
     if let Some(e) = &s.io_error {
         return Err(RecordError::Write(e.clone()));
@@ -655,11 +582,23 @@ pub(crate) fn flush() -> Result<TraceSummary, RecordError> {
     Ok(summary(s, false))
 }
 
+/// Pushes the threads' buffered file writes to the kernel.
+fn flush_files(s: &mut Session) {
+    for out in s.threads.values_mut() {
+        if let Some(f) = out.file.as_mut() {
+            if let Err(e) = f.flush() {
+                s.io_error.get_or_insert_with(|| format!("write {}: {e}", out.name.as_deref().unwrap_or("?")));
+            }
+        }
+    }
+}
+
 fn summary(s: &Session, complete: bool) -> TraceSummary {
+    let live = s.threads.values().map(|t| (t.scan.entries + t.scan.exits, t.calls));
+    let done = s.finished.iter().map(|t| (t.entries + t.exits, t.calls));
+    let (events, calls) = live.chain(done).fold((0, 0), |(e, c), (te, tc)| (e + te, c + tc));
     let threads = s.finished.len() + s.threads.len();
-    let records =
-        s.finished.iter().map(|t| t.records).sum::<u64>() + s.threads.values().map(|t| t.records).sum::<u64>();
-    TraceSummary { dir: s.dir.clone(), threads, records, dropped: s.last_dropped, complete }
+    TraceSummary { dir: s.dir.clone(), threads, events, calls, dropped: s.last_dropped, complete }
 }
 
 /// Stops the active session: S1–S5 of the module docs.
@@ -702,8 +641,7 @@ pub(crate) fn stop() -> Result<TraceSummary, RecordError> {
     // session. Acquire pairs with H8/K4's release store of `busy`.
     let mut stuck = stuck_creating;
     for bp in &st.registry {
-        // SAFETY: registered buffers are mapped.
-        let b = unsafe { &*bp.0 };
+        let b = bp.get();
         if b.p.session.load(Ordering::Acquire) != id {
             continue;
         }
@@ -718,26 +656,20 @@ pub(crate) fn stop() -> Result<TraceSummary, RecordError> {
     if let Some(s) = st.session.as_mut() {
         s.in_flight = stuck;
     }
-    drain(&mut st, true);
+    drain(&mut st, false);
     let st = &mut *st;
     let mut s = st.session.take().expect("checked above");
-    let mut registry_live = Vec::new();
-    for bp in &st.registry {
-        // SAFETY: registered buffers are mapped.
-        let b = unsafe { &*bp.0 };
-        if b.p.session.load(Ordering::Acquire) == s.id {
-            registry_live.push(*bp);
-        }
-    }
-    for out in s.threads.values_mut() {
-        if let Some(f) = &out.file {
-            if let Err(e) = f.sync_data() {
+    let live: Vec<BufPtr> =
+        st.registry.iter().copied().filter(|bp| bp.get().p.session.load(Ordering::Acquire) == s.id).collect();
+    flush_files(&mut s);
+    if s.config.sync_files {
+        for out in s.threads.values() {
+            if let Some(Err(e)) = out.file.as_ref().map(|f| f.get_ref().sync_data()) {
                 s.io_error.get_or_insert_with(|| format!("sync {}: {e}", out.name.as_deref().unwrap_or("?")));
             }
         }
     }
-    let symbols = st.symbols.clone();
-    write_side_files(&mut s, &symbols, &registry_live, true, true);
+    write_meta(&mut s, &live, true);
     let result = match &s.io_error {
         Some(e) => Err(RecordError::Write(e.clone())),
         None => Ok(summary(&s, true)),
@@ -807,13 +739,21 @@ extern "C" fn fork_child() {
             config.process_name = None;
             let calibration = s.calibration;
             let child = new_session(id, dir, Some(ppid), config, calibration, false);
-            publish(id, child.ring, &child.config);
+            publish(id, &child.config);
             st.session = Some(child);
             spawn = Some(id);
         } else {
             ACTIVE.store(0, Ordering::SeqCst);
         }
-        drop(s); // closes the parent's files in the child
+        // The parent's files: their buffers hold the parent's unwritten
+        // data, which the parent writes; close without flushing.
+        for out in s.threads.values_mut() {
+            if let Some(f) = out.file.take() {
+                let (f, _) = f.into_parts();
+                drop(f);
+            }
+        }
+        drop(s);
     }
     if let Some(id) = spawn {
         match spawn_writer(id) {
@@ -859,6 +799,6 @@ pub(crate) fn is_active() -> bool {
 }
 
 /// The clock source of the running session.
-pub(crate) fn active_clock() -> Option<ClockSource> {
+pub(crate) fn active_clock() -> Option<format::ClockSource> {
     STATE.lock().session.as_ref().map(|s| s.calibration.info().source)
 }

@@ -19,11 +19,11 @@
 //! mask and the entry time, and replaced by the return trampoline's address.
 //!
 //! The graph trampolines (`arch::tramp::graph_trampoline`) do exactly
-//! this, inline, for a site whose only op is the recorder's
-//! ([`TraceOp::records_graph`]), and the return trampoline does what
-//! [`on_return`] does for such entries ([`FAST_EXIT`]); [`ShadowLayout`]
-//! tells them where everything is. Both fall back to these handlers for
-//! anything unusual.
+//! this, inline, for a site whose only op has inline graph code
+//! ([`InlineCode::Graph`]), and the return trampoline does what
+//! [`on_return`] does for such entries ([`FAST_EXIT`]);
+//! [`shadow_offsets`] tells them where everything is. Both fall back to
+//! these handlers for anything unusual.
 //!
 //! # Exit
 //!
@@ -58,20 +58,46 @@ pub trait TraceOp: Send + Sync + 'static {
     fn wants_time(&self) -> bool {
         false
     }
-    /// Whether `entry` does exactly `record::entry(FuncId(e.func), e.depth)`,
-    /// `exit` exactly `record::exit_value(FuncId(x.func), x.depth,
-    /// x.retval)`, and the op wants exits but not time: then function-entry
-    /// sites traced by this op alone get the graph trampoline, which records
-    /// both in a few instructions without calling it.
-    fn records_graph(&self) -> bool {
-        false
+    /// A call of function `func` that `entry` does not see: the recursion
+    /// guard kept it from the op (a signal handler ran a traced function
+    /// while its thread was inside tracer code), or a count trampoline fell
+    /// back. An op keeping exact call counts counts it here. Same rules as
+    /// `entry`: async-signal-safe, no allocation, lock or traced code.
+    fn call_counted(&self, _func: u32) {}
+    /// Functions `ids` of [`crate::funcs`] gained sites the op may be
+    /// called for (the tracer found them, or the op was just registered:
+    /// then every known function): the op prepares any per-function data
+    /// before the first call. Control path, under the tracer's lock.
+    fn functions_added(&self, _ids: std::ops::Range<u32>) {}
+    /// Code the op runs inline in the tracer's trampolines instead of
+    /// being called, if it has any (see [`InlineCode`]).
+    fn inline(&self) -> Option<InlineCode> {
+        None
     }
-    /// Whether `entry` does exactly `record::count(FuncId(e.func))` and
-    /// nothing else: then a site traced by this op alone gets the count
-    /// trampoline, which counts in a few instructions without calling it.
-    fn counts_only(&self) -> bool {
-        false
-    }
+}
+
+/// A piece of an op's inline code: appends it to the assembler, with the
+/// label to jump to on failure (see `arch::tramp::Emit` for the contract,
+/// and the trampoline functions there for each piece's registers).
+pub type EmitFn =
+    fn(&mut crate::arch::asm::CodeAssembler, crate::arch::asm::CodeLabel) -> Result<(), iced_x86::IcedError>;
+
+/// What an op can do inline.
+#[derive(Clone, Copy)]
+pub enum InlineCode {
+    /// The op only counts calls: its `entry` does exactly
+    /// `call_counted(e.func)` and it wants no exits. A site it traces alone
+    /// gets the count trampoline, which runs `count`
+    /// (`arch::tramp::count_trampoline`).
+    Count { count: EmitFn },
+    /// The op records the function graph: it wants exits but not
+    /// [`Entry::time`], and `entry` and `exit` do exactly what the code
+    /// does. A function-entry site it traces alone gets a graph trampoline
+    /// running `entry` (`arch::tramp::graph_trampoline`), and its exits
+    /// run `exit` in the return trampoline. One op's code per process: the
+    /// return block holding `exit` is never freed, so the first graph
+    /// code registered is the one kept; ops with other code are called.
+    Graph { entry: EmitFn, exit: EmitFn },
 }
 
 /// Where a site is in its function.
@@ -91,7 +117,7 @@ pub enum SitePlace {
 pub struct Entry<'a> {
     /// Index of the site (see `Tracer::function`).
     pub site: u32,
-    /// The recorder's id of the function ([`crate::record::FuncId`]).
+    /// The function's id in [`crate::funcs`].
     pub func: u32,
     /// Traced frames of this thread below this one.
     pub depth: u32,
@@ -132,7 +158,7 @@ impl Entry<'_> {
 #[derive(Debug, Clone, Copy)]
 pub struct Exit {
     pub site: u32,
-    /// The recorder's id of the function.
+    /// The function's id in [`crate::funcs`].
     pub func: u32,
     pub depth: u32,
     pub entry_time: u64,
@@ -183,7 +209,7 @@ fn for_each_op(mut mask: u64, mut f: impl FnMut(u64, &OpBox)) {
 #[repr(C)]
 pub(crate) struct SiteSlot {
     pub mask: AtomicU64,
-    /// The recorder's id of the site's function.
+    /// The site's function ([`crate::funcs`] id).
     pub func: std::sync::atomic::AtomicU32,
     pub place: AtomicU8,
     /// The function's identity: its entry address, or for `#[traced]`
@@ -245,10 +271,6 @@ struct ShadowEntry {
     site: u32,
 }
 
-// The graph trampolines store a shadow stack's length as a record's depth
-// (a u16) without saturating it.
-const _: () = assert!(SHADOW_BYTES / std::mem::size_of::<ShadowEntry>() <= u16::MAX as usize);
-
 impl ShadowEntry {
     fn func_depth(func: u32, depth: u32) -> u64 {
         func as u64 | (depth as u64) << 32
@@ -289,54 +311,23 @@ thread_local! {
     };
 }
 
-/// The op bit whose exits the return trampoline may record itself: the
-/// one registered op that [`TraceOp::records_graph`], 0 when there is none
-/// or more than one. A shadow entry whose mask equals it gets exactly
-/// `record::exit_value` on return, which is what [`call_exits`] would do.
+/// The op bit whose exits the return trampoline handles inline: the one
+/// registered op with the graph code the return block was made with, 0
+/// when there is none or more than one. A shadow entry whose mask equals it
+/// gets exactly the op's inline exit code on return, which does what
+/// [`call_exits`] would.
 pub(crate) static FAST_EXIT: AtomicU64 = AtomicU64::new(0);
 
-/// Where the per-thread state, the shadow stack and the site table are,
-/// for the graph trampolines (see `arch::tramp::graph_trampoline`), which
-/// push and pop shadow entries exactly as [`function_entry`] and
-/// [`on_return`] do when the site's only op records the function graph.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct ShadowLayout {
-    /// Offsets from the thread pointer of this thread's `in_tramp` (u32)
-    /// and shadow stack pointer: the same in every thread.
-    pub tls_in_tramp: i32,
-    pub tls_shadow: i32,
-    /// Offsets in a shadow stack of `len`, `cap` (u64s) and the entries.
-    pub len: usize,
-    pub cap: usize,
-    pub entries: usize,
-    /// Size of an entry and offsets of its fields: `slot`, `orig` (u64),
-    /// `func_depth` (a u64: the function's recorder id, its depth << 32),
-    /// `mask`, `time` (u64), `site` (u32).
-    pub entry_size: usize,
-    pub e_slot: usize,
-    pub e_orig: usize,
-    pub e_func_depth: usize,
-    pub e_mask: usize,
-    pub e_time: usize,
-    pub e_site: usize,
-    /// Address of the site table's segment pointers, the bits of an index
-    /// that select the slot in a segment, a slot's size and the offset of
-    /// its `func` (u32).
-    pub sites: usize,
-    pub seg_bits: u32,
-    pub slot_size: usize,
-    pub slot_func: usize,
-    /// Address of [`FAST_EXIT`].
-    pub fast_exit: usize,
-}
-
-/// The shadow layout, if the tracer's thread-local lives in the static TLS
-/// block (as `record::buffer_layout` requires of the recorder's).
-pub fn shadow_layout() -> Option<ShadowLayout> {
+/// Where the per-thread state and the shadow stack are, for the graph and
+/// return trampolines (see `arch::tramp::graph_trampoline`), which push
+/// and pop shadow entries exactly as [`function_entry`] and [`on_return`]
+/// do. `None` unless the tracer's thread-local lives in the static TLS
+/// block (`arch::static_tls_offset`).
+pub(crate) fn shadow_offsets() -> Option<crate::arch::tramp::ShadowOffsets> {
     use std::mem::{offset_of, size_of};
-    static LAYOUT: std::sync::OnceLock<Option<ShadowLayout>> = std::sync::OnceLock::new();
+    static LAYOUT: std::sync::OnceLock<Option<crate::arch::tramp::ShadowOffsets>> = std::sync::OnceLock::new();
     *LAYOUT.get_or_init(|| {
-        Some(ShadowLayout {
+        Some(crate::arch::tramp::ShadowOffsets {
             tls_in_tramp: crate::arch::static_tls_offset(|| STATE.with(|s| s.in_tramp.as_ptr() as usize))?,
             tls_shadow: crate::arch::static_tls_offset(|| STATE.with(|s| s.shadow.as_ptr() as usize))?,
             len: offset_of!(Shadow, len),
@@ -349,14 +340,15 @@ pub fn shadow_layout() -> Option<ShadowLayout> {
             e_mask: offset_of!(ShadowEntry, mask),
             e_time: offset_of!(ShadowEntry, time),
             e_site: offset_of!(ShadowEntry, site),
-            sites: SITES.as_ptr() as usize,
-            seg_bits: SEG_BITS,
-            slot_size: size_of::<SiteSlot>(),
-            slot_func: offset_of!(SiteSlot, func),
             fast_exit: &FAST_EXIT as *const AtomicU64 as usize,
         })
     })
 }
+
+/// The deepest a shadow stack goes: depths are below it (the recorder's
+/// compact events hold 14 bits of depth).
+pub const MAX_DEPTH: usize = (SHADOW_BYTES - std::mem::size_of::<Shadow>()) / std::mem::size_of::<ShadowEntry>();
+const _: () = assert!(MAX_DEPTH < 1 << 14);
 
 /// Counters of things the hot path had to give up on.
 pub(crate) static LOST_EXITS: AtomicU64 = AtomicU64::new(0);
@@ -397,11 +389,11 @@ pub(crate) extern "C" fn drop_shadow(p: *mut libc::c_void) {
     unsafe { crate::sys::anon::unmap(p.cast(), SHADOW_BYTES) };
 }
 
-/// Reads the clock for timestamps: the recorder's clock (ordered TSC
-/// where it is invariant, else CLOCK_MONOTONIC), monotonic across threads.
+/// Reads the clock for timestamps ([`crate::clock::Clock`]: the ordered
+/// TSC where it is invariant, else CLOCK_MONOTONIC).
 #[inline(always)]
 pub fn now() -> u64 {
-    crate::record::Clock::now()
+    crate::clock::Clock::now()
 }
 
 // ---------------------------------------------------------------- handlers
@@ -414,14 +406,20 @@ pub(crate) extern "C" fn on_entry_list(regs: *mut SavedRegs, frame: *mut usize, 
     enter(regs, frame, site, slot, slot.mask.load(Ordering::Acquire));
 }
 
-/// Slow path of the count trampoline (no buffer yet, stale session, id out
-/// of range): `frame[1]` is the function's recorder id.
-pub(crate) extern "C" fn on_count_slow(_regs: *mut SavedRegs, frame: *mut usize, _ctx: usize) {
+/// Slow path of op `op`'s count trampoline (its inline code failed: no
+/// buffer yet, say): `frame[1]` is the function's id.
+pub(crate) extern "C" fn on_count_slow(_regs: *mut SavedRegs, frame: *mut usize, op: usize) {
     // SAFETY: the count trampoline jumped here with the id where a site
     // index would be.
     let func = unsafe { *frame.add(1) } as u32;
-    STATE.with(|st| st.slow_calls.set(st.slow_calls.get().wrapping_add(1)));
-    crate::record::count(crate::record::FuncId(func));
+    STATE.with(|st| {
+        st.slow_calls.set(st.slow_calls.get().wrapping_add(1));
+        // Guarded like any callback: an op's count calls nothing traced,
+        // but a grace period must see this thread inside the tracer.
+        st.in_tramp.set(st.in_tramp.get() + 1);
+        for_each_op(1 << op, |_, o| o.op.call_counted(func));
+        st.in_tramp.set(st.in_tramp.get() - 1);
+    });
 }
 
 /// Entry handler of a direct trampoline: only op `op`.
@@ -445,7 +443,11 @@ fn enter(regs: *mut SavedRegs, frame: *mut usize, site: u32, slot: &SiteSlot, ma
     STATE.with(|st| {
         st.slow_calls.set(st.slow_calls.get().wrapping_add(1));
         if st.in_tramp.get() != 0 {
-            return; // recursion: a callback (or a signal inside one) called a traced function
+            // Recursion: a callback (or a signal inside one) called a
+            // traced function. Not traced, but counted by ops that count.
+            let func = slot.func.load(Ordering::Relaxed);
+            for_each_op(mask, |_, op| op.op.call_counted(func));
+            return;
         }
         st.in_tramp.set(1);
         // SAFETY: the trampoline passes its save area.

@@ -13,18 +13,20 @@
 //!   *direct* trampoline for the site's one op, or to its *list*
 //!   trampoline when the site has several. Trampolines save every
 //!   caller-saved register and call the hot path.
-//! - **Inline recording**: a site whose only op is the recorder's gets a
-//!   trampoline that does the op's work itself, in a few instructions,
-//!   with the hot path as its fallback: the *count* trampoline
-//!   (count-only), or at a function entry the *graph* trampoline
-//!   (function_graph records). A graph site *jumps* to its stub, and the
-//!   trampoline calls the function through a thunk in the return block
+//! - **Inline code**: an op may bring code of its own for the tracer to
+//!   run in its trampolines instead of calling it ([`InlineCode`]: the
+//!   recorder does, `record::RecordOp`; the tracer knows nothing of what
+//!   the code does). A site whose only op has such code gets a trampoline
+//!   that runs it, with the hot path as its fallback: the *count*
+//!   trampoline, or at a function entry the *graph* trampoline. A graph
+//!   site *jumps* to its stub, and the trampoline calls the function
+//!   through a thunk in the graph return block
 //!   (`arch::tramp::graph_trampoline`), so calls and returns pair up for
 //!   the CPU's return predictor. [`Tracer::set_inline_recording`] turns
 //!   both off (tests and benchmarks).
 //! - **function_graph**: ops that want exits get them through return
 //!   address replacement and a per-thread shadow stack ([`hot`]); the
-//!   return trampoline records a graph op's exits itself.
+//!   graph return block runs a graph op's inline exit code itself.
 //!
 //! # Changing what is traced
 //!
@@ -50,10 +52,7 @@
 mod filter;
 mod grace;
 pub mod hot;
-mod record_op;
 mod unwind;
-
-pub use record_op::RecordOp;
 
 pub use filter::{Filter, FilterError};
 
@@ -64,7 +63,9 @@ pub use filter::{Filter, FilterError};
 pub fn wait_for_grace(ranges: &[(usize, usize)], patience: Duration) -> Result<bool, TraceError> {
     Ok(grace::wait(ranges, patience)?)
 }
-pub use hot::{now, shadow_layout, slow_calls_of_this_thread, Entry, Exit, ShadowLayout, SitePlace, TraceOp, MAX_OPS};
+pub use hot::{
+    now, slow_calls_of_this_thread, EmitFn, Entry, Exit, InlineCode, SitePlace, TraceOp, MAX_DEPTH, MAX_OPS,
+};
 
 use crate::arch::{self, tramp, NOP5};
 use crate::error::PokeError;
@@ -169,8 +170,8 @@ struct TrampBlock {
     /// Trampolines for function-entry sites [0] and body sites [1].
     list: [Option<usize>; 2],
     direct: [[Option<usize>; MAX_OPS]; 2],
-    /// The count trampoline and its slow path.
-    count: Option<usize>,
+    /// Count trampolines, per op (each with its slow path).
+    count: [Option<usize>; MAX_OPS],
     /// Graph trampolines, per op (their slow paths are `direct[0][op]`).
     graph: [Option<usize>; MAX_OPS],
     live_stubs: usize,
@@ -212,6 +213,15 @@ enum RetiredKind {
 // SAFETY: as OpInfo.
 unsafe impl Send for RetiredKind {}
 
+/// The graph code the graph return block was made with, and the block.
+struct GraphCode {
+    entry: EmitFn,
+    exit: EmitFn,
+    shadow: tramp::ShadowOffsets,
+    /// Starts with the thunk graph trampolines jump to; never freed.
+    block: CodeBlock,
+}
+
 struct Inner {
     table: SiteTable,
     sites: Vec<SiteInfo>,
@@ -227,9 +237,10 @@ struct Inner {
     avx: bool,
     /// Unwinder hooks, installed once an op wants exits.
     unwind: Option<unwind::UnwindHooks>,
-    /// The layouts the graph trampolines use, once the return trampoline
-    /// was made with its fast path (both thread-locals in static TLS).
-    graph_layout: Option<tramp::GraphLayout>,
+    /// The graph code whose exits the graph return block runs inline (the
+    /// first op with graph code registered), and that block: never freed,
+    /// like the plain return block.
+    graph_code: Option<GraphCode>,
     /// Whether count and graph trampolines may be used (a test and
     /// benchmark switch: off, every site calls its op through the hot path).
     inline_recording: bool,
@@ -269,7 +280,7 @@ impl Tracer {
                 retired: Vec::new(),
                 grace_enabled: true,
                 avx: tramp::has_avx(),
-                graph_layout: None,
+                graph_code: None,
                 inline_recording: true,
                 unwind: None,
             };
@@ -378,6 +389,9 @@ impl Tracer {
         if op.wants_exit() {
             g.ensure_return_trampoline()?;
         }
+        if let Some(InlineCode::Graph { entry, exit }) = op.inline() {
+            g.ensure_graph_block(entry, exit)?;
+        }
         let (wants_exit, wants_time) = (op.wants_exit(), op.wants_time());
         let boxed = Box::into_raw(Box::new(OpBox { wants_exit, op }));
         OPS[id].store(boxed, Ordering::Release); // before any site can call it
@@ -388,6 +402,8 @@ impl Tracer {
             hot::TIME_OPS.fetch_or(1 << id, Ordering::Release);
         }
         g.ops[id] = Some(OpInfo { filter, boxed });
+        // SAFETY: just boxed above, alive while registered.
+        unsafe { &(*boxed).op }.functions_added(0..crate::funcs::count() as u32);
         g.update_fast_exit();
         if let Err(e) = g.apply(Vec::new()) {
             g.ops[id] = None;
@@ -502,24 +518,40 @@ impl Inner {
         }
     }
 
-    /// Whether op `op` may use the count trampoline.
-    fn counts_only(&self, op: usize) -> bool {
+    /// The inline code of op `op`, if it is registered and inline code
+    /// is allowed.
+    fn inline_code(&self, op: usize) -> Option<InlineCode> {
         // SAFETY: `boxed` stays valid while the op is registered.
-        self.inline_recording
-            && self.ops[op].as_ref().is_some_and(|o| unsafe { (*o.boxed).op.counts_only() })
-            && crate::record::buffer_layout().is_some()
+        let o = unsafe { &(*self.ops[op].as_ref()?.boxed).op };
+        self.inline_recording.then(|| o.inline()).flatten()
     }
 
-    /// Whether op `op` may use graph trampolines (its exits are then
-    /// recorded by the return trampoline's fast path).
-    fn records_graph(&self, op: usize) -> bool {
+    /// Op `op`'s count code, if it may use the count trampoline.
+    fn count_code(&self, op: usize) -> Option<EmitFn> {
+        match self.inline_code(op)? {
+            InlineCode::Count { count } => Some(count),
+            InlineCode::Graph { .. } => None,
+        }
+    }
+
+    /// Op `op`'s entry code, if it may use graph trampolines (its exits
+    /// are then handled inline by the graph return block).
+    fn graph_entry_code(&self, op: usize) -> Option<EmitFn> {
+        let InlineCode::Graph { entry, exit } = self.inline_code(op)? else { return None };
         // SAFETY: `boxed` stays valid while the op is registered.
-        self.inline_recording
-            && self.graph_layout.is_some()
-            && self.ops[op].as_ref().is_some_and(|o| unsafe {
-                let op = &(*o.boxed).op;
-                op.records_graph() && op.wants_exit() && !op.wants_time()
-            })
+        let o = unsafe { &(*self.ops[op].as_ref()?.boxed).op };
+        // The same code (two functions merged by the linker would be the
+        // same code too).
+        let same = self
+            .graph_code
+            .as_ref()
+            .is_some_and(|g| std::ptr::fn_addr_eq(g.exit, exit) && std::ptr::fn_addr_eq(g.entry, entry));
+        (same && o.wants_exit() && !o.wants_time()).then_some(entry)
+    }
+
+    /// Whether op `op` may use graph trampolines.
+    fn records_graph(&self, op: usize) -> bool {
+        self.graph_entry_code(op).is_some()
     }
 
     /// Publishes [`hot::FAST_EXIT`]: the bit of the one registered op whose
@@ -545,6 +577,19 @@ impl Inner {
     }
 
     fn refresh(&mut self) {
+        let before = crate::funcs::count() as u32;
+        self.scan_objects();
+        let after = crate::funcs::count() as u32;
+        if after > before {
+            for o in self.ops.iter().flatten() {
+                // SAFETY: `boxed` stays valid while the op is registered.
+                unsafe { &(*o.boxed).op }.functions_added(before..after);
+            }
+        }
+    }
+
+    /// Forgets the sites of unloaded objects and adds those of new ones.
+    fn scan_objects(&mut self) {
         let changes = self.table.rescan();
         if let Some(h) = self.unwind.as_mut() {
             h.install(); // objects loaded since import the unwinder too
@@ -572,7 +617,7 @@ impl Inner {
                 let i = self.sites.len() as u32;
                 let slot = hot::ensure_site(i);
                 slot.mask.store(0, Ordering::Relaxed);
-                let func = crate::record::register_function(identity, &site.function);
+                let func = crate::funcs::register(identity, &site.function);
                 slot.func.store(func.0, Ordering::Relaxed);
                 slot.pair.store(identity, Ordering::Relaxed);
                 slot.place.store(place as u8, Ordering::Relaxed);
@@ -616,8 +661,7 @@ impl Inner {
         let here = Self::ensure_return_trampoline as *const () as usize;
         let block =
             CodeBlock::near(here, here, 4096).map_err(|source| TraceError::TrampolineMemory { near: here, source })?;
-        let layout = tramp::GraphLayout::get();
-        let code = tramp::return_block(block.addr(), hot::on_return as *const () as usize, self.avx, layout.as_ref())
+        let code = tramp::return_block(block.addr(), hot::on_return as *const () as usize, self.avx, None)
             .map_err(|e| TraceError::CodeGen(e.to_string()))?;
         block.write(0, &code).map_err(|source| TraceError::TrampolineMemory { near: here, source })?;
         // Exceptions must unwind through replaced return addresses.
@@ -626,7 +670,27 @@ impl Inner {
         self.unwind = Some(hooks);
         hot::RETURN_TRAMPOLINE.store(block.addr() + tramp::RETURN_OFFSET, Ordering::Release);
         self.return_block = Some(block); // never freed: shadow stacks point into it
-        self.graph_layout = layout;
+        Ok(())
+    }
+
+    /// Makes the graph return block for the first graph code registered:
+    /// a return trampoline whose fast path runs `exit`, preceded by the
+    /// thunk graph trampolines jump to. Nothing if the shadow stack's
+    /// layout is not known (its thread-local is not in static TLS) or a
+    /// block exists already (for other code, the op is then called).
+    fn ensure_graph_block(&mut self, entry: EmitFn, exit: EmitFn) -> Result<(), TraceError> {
+        let Some(sh) = hot::shadow_offsets() else { return Ok(()) };
+        if self.graph_code.is_some() {
+            return Ok(());
+        }
+        let here = Self::ensure_graph_block as *const () as usize;
+        let block =
+            CodeBlock::near(here, here, 4096).map_err(|source| TraceError::TrampolineMemory { near: here, source })?;
+        let fast: tramp::Emit<'_> = &exit;
+        let code = tramp::return_block(block.addr(), hot::on_return as *const () as usize, self.avx, Some((&sh, fast)))
+            .map_err(|e| TraceError::CodeGen(e.to_string()))?;
+        block.write(0, &code).map_err(|source| TraceError::TrampolineMemory { near: here, source })?;
+        self.graph_code = Some(GraphCode { entry, exit, shadow: sh, block });
         Ok(())
     }
 
@@ -650,7 +714,7 @@ impl Inner {
             used: 0,
             list: [None; 2],
             direct: [[None; MAX_OPS]; 2],
-            count: None,
+            count: [None; MAX_OPS],
             graph: [None; MAX_OPS],
             live_stubs: 0,
             free_stubs: Vec::new(),
@@ -664,20 +728,21 @@ impl Inner {
         cb.write(at - cb.addr(), code).map_err(|source| TraceError::TrampolineMemory { near: at, source })
     }
 
-    /// The count trampoline of block `b` (and its slow path).
-    fn count_trampoline_in(&mut self, b: usize) -> Result<Option<usize>, TraceError> {
-        if let Some(t) = self.blocks[b].count {
+    /// Op `op`'s count trampoline in block `b` (and its slow path).
+    fn count_trampoline_in(&mut self, b: usize, op: usize) -> Result<Option<usize>, TraceError> {
+        if let Some(t) = self.blocks[b].count[op] {
             return Ok(Some(t));
         }
-        let layout = crate::record::buffer_layout().expect("Target::Count only with a layout");
+        let count = self.count_code(op).expect("Target::Count only for an op with count code");
         let (Some(slow), Some(at)) = (self.alloc_in(b, 1024), self.alloc_in(b, 256)) else { return Ok(None) };
         let handler = hot::on_count_slow as *const () as usize;
-        let code = tramp::entry_trampoline(slow, handler, 0, self.avx, tramp::Live::Body)
+        let code = tramp::entry_trampoline(slow, handler, op, self.avx, tramp::Live::Body)
             .map_err(|e| TraceError::CodeGen(e.to_string()))?;
         self.put_code(b, slow, &code)?;
-        let code = tramp::count_trampoline(at, &layout, slow).map_err(|e| TraceError::CodeGen(e.to_string()))?;
+        let emit: tramp::Emit<'_> = &count;
+        let code = tramp::count_trampoline(at, emit, slow).map_err(|e| TraceError::CodeGen(e.to_string()))?;
         self.put_code(b, at, &code)?;
-        self.blocks[b].count = Some(at);
+        self.blocks[b].count[op] = Some(at);
         Ok(Some(at))
     }
 
@@ -687,12 +752,14 @@ impl Inner {
         if let Some(t) = self.blocks[b].graph[op] {
             return Ok(Some(t));
         }
-        let layout = self.graph_layout.expect("Target::Graph only with a layout");
+        let entry = self.graph_entry_code(op).expect("Target::Graph only for an op with graph code");
+        let g = self.graph_code.as_ref().expect("graph code implies its block");
+        let (sh, thunk) = (g.shadow, g.block.addr());
         let Some(slow) = self.trampoline_in(b, Target::Direct(op), SitePlace::FunctionEntry)? else { return Ok(None) };
         let Some(at) = self.alloc_in(b, GRAPH_TRAMP_BYTES) else { return Ok(None) };
-        let thunk = hot::RETURN_TRAMPOLINE.load(Ordering::Relaxed) - tramp::RETURN_OFFSET;
-        let code =
-            tramp::graph_trampoline(at, &layout, op, thunk, slow).map_err(|e| TraceError::CodeGen(e.to_string()))?;
+        let emit: tramp::Emit<'_> = &entry;
+        let code = tramp::graph_trampoline(at, &sh, op, (thunk, slow), emit)
+            .map_err(|e| TraceError::CodeGen(e.to_string()))?;
         self.put_code(b, at, &code)?;
         self.blocks[b].graph[op] = Some(at);
         Ok(Some(at))
@@ -702,7 +769,7 @@ impl Inner {
     /// generating it if needed.
     fn trampoline_in(&mut self, b: usize, target: Target, place: SitePlace) -> Result<Option<usize>, TraceError> {
         match target {
-            Target::Count(_) => return self.count_trampoline_in(b),
+            Target::Count(op) => return self.count_trampoline_in(b, op),
             Target::Graph(op) => return self.graph_trampoline_in(b, op),
             _ => {}
         }
@@ -802,7 +869,7 @@ impl Inner {
                 0 => Target::Off,
                 1 => {
                     let op = mask.trailing_zeros() as usize;
-                    if self.counts_only(op) {
+                    if self.count_code(op).is_some() {
                         Target::Count(op)
                     } else if self.sites[i].place == SitePlace::FunctionEntry && self.records_graph(op) {
                         Target::Graph(op)

@@ -3,42 +3,55 @@
 //! # Validation
 //!
 //! [`Trace::open`] checks the whole directory before it returns, so that
-//! what it hands out is either valid or an error — never partial garbage:
+//! what it hands out is either valid or an error — never partial garbage —
+//! and checks cheap things first, so that a damaged trace is refused
+//! quickly whatever its size:
 //!
-//! 1. the directory and `meta.json` exist; `meta.json` parses, names the
-//!    format and a version this build reads;
+//! 1. the directory and `meta.json` exist and are a directory and a
+//!    regular file (never a FIFO or a device: reading one could block
+//!    forever); `meta.json` parses, names the format and a version this
+//!    build reads (another version gets a message saying which);
 //! 2. `complete` is true — otherwise [`TraceError::Incomplete`], unless
 //!    [`OpenOptions::allow_incomplete`] asks to salvage (below);
-//! 3. `symbols.json` parses and its ids are dense from 0; in count mode
-//!    `counts.json` parses and names only known ids;
-//! 4. every thread file exists, has the right header (magic, version,
-//!    record length, tid), holds exactly the number of records the
-//!    metadata says (fewer: truncated; more or a partial record: trailing
-//!    data), and one pass over its records checks each kind, that a value
-//!    record follows an exit, that function ids are known, that
-//!    timestamps never go backwards, the entry/exit counts, and the
+//! 3. the metadata is consistent with itself: no thread listed twice, no
+//!    file named twice, plain file names, totals that add up;
+//! 4. `symbols.jsonl` parses (no id twice); `counts.json` parses and names
+//!    only known ids;
+//! 5. every thread file is a regular file of exactly the size the metadata
+//!    says (header + `words` words) — checked for all threads before any
+//!    is read;
+//! 6. one pass over each file decodes every record ([`format::Decoder`]),
+//!    checks that function ids are in the symbol file, that times never go
+//!    backwards nor beyond the trace's end, the entry/exit counts, and the
 //!    checksum.
 //!
 //! Iterating ([`Trace::records`], [`Trace::merged`]) re-reads the files
 //! and still returns errors, in case they changed since `open`.
+//!
+//! # Gaps
+//!
+//! Where a thread's buffer could not grow and events were lost, the stream
+//! holds a sync record with the number lost and the depth recording
+//! resumed at; the reader hands it out as a [`RecordKind::Gap`] record, in
+//! place, for the analyses to mark and resynchronise on.
 //!
 //! # Salvaging an incomplete trace
 //!
 //! With `allow_incomplete`, a trace whose `complete` is false (the process
 //! crashed, was killed, or called `exec` before the final flush) opens with
 //! [`Trace::is_complete`] false. Each thread keeps the whole records its
-//! file holds up to the first invalid one; the prefix the metadata vouches
-//! for must still match its checksum. [`Trace::salvage_notes`] says what
-//! was cut.
+//! file holds up to the first invalid one (a file may hold more than the
+//! metadata, written before the last metadata update, or less);
+//! [`Trace::salvage_notes`] says what was cut.
 
 use crate::record::format::{
-    self, ClockInfo, CountsFile, Meta, Mode, RawRecord, Symbol, SymbolsFile, ThreadMeta, KIND_ENTRY, KIND_EXIT,
-    KIND_VALUE, RECORD_LEN, THREAD_HEADER_LEN,
+    self, ClockInfo, CountsFile, Item, Meta, Mode, Symbol, ThreadMeta, KIND_ENTRY, THREAD_HEADER_LEN, WORD,
 };
 use crate::record::FuncId;
-use std::collections::BinaryHeap;
+use std::collections::{BinaryHeap, HashMap, HashSet};
 use std::fs::File;
-use std::io::{BufReader, Read};
+use std::io::{BufRead, BufReader, Read};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 /// Why a trace directory cannot be read.
@@ -54,6 +67,9 @@ pub enum TraceError {
     #[error("{path} is missing: {hint}")]
     MissingFile { path: PathBuf, hint: &'static str },
 
+    #[error("{path} is not a regular file ({kind}); a trace holds only regular files")]
+    NotAFile { path: PathBuf, kind: &'static str },
+
     #[error("cannot read {path}: {source}")]
     Io { path: PathBuf, source: std::io::Error },
 
@@ -63,22 +79,22 @@ pub enum TraceError {
     #[error("{path} is not a textpoke trace (format {found:?})")]
     NotATrace { path: PathBuf, found: String },
 
-    #[error("{path}: trace format version {found}, this textpoke reads version {supported}")]
+    #[error("{path}: trace format version {found}, this textpoke reads version {supported}; record the program again with this textpoke, or read the trace with the textpoke that wrote it")]
     UnsupportedVersion { path: PathBuf, found: u32, supported: u32 },
 
-    #[error("trace {dir} is incomplete: the recording did not finish (the process crashed, was killed, or called exec before the final flush); open it with allow_incomplete to read what was written")]
+    #[error("trace {dir} is incomplete: the recording did not finish (the process crashed, was killed, or called exec before the final flush); open it with allow_incomplete (--salvage) to read what was written")]
     Incomplete { dir: PathBuf },
 
     #[error("{path}: bad header: {what}")]
     BadHeader { path: PathBuf, what: String },
 
-    #[error("{path} is truncated: the metadata says {expected} records, the file holds {found}")]
+    #[error("{path} is truncated: the metadata says {expected} words, the file holds {found}")]
     Truncated { path: PathBuf, expected: u64, found: u64 },
 
-    #[error("{path} has {extra_bytes} byte(s) beyond the {expected} records the metadata says")]
+    #[error("{path} has {extra_bytes} byte(s) beyond the {expected} words the metadata says")]
     TrailingData { path: PathBuf, expected: u64, extra_bytes: u64 },
 
-    #[error("{path}: record {index} is corrupt: {what}")]
+    #[error("{path}: word {index} is corrupt: {what}")]
     CorruptRecord { path: PathBuf, index: u64, what: String },
 
     #[error(
@@ -97,19 +113,23 @@ pub struct OpenOptions {
     pub allow_incomplete: bool,
 }
 
-/// Entry or exit.
+/// What a record is.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum RecordKind {
     /// The function was entered.
     Entry,
     /// The function returned.
     Exit,
+    /// `lost` events were lost here (the thread's buffer could not grow);
+    /// the next event is at `depth`. `ts` is the time of the last event
+    /// before the gap; `func` means nothing.
+    Gap,
 }
 
-/// One event of one thread.
+/// One record of one thread.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Record {
-    /// Entry or exit.
+    /// Entry, exit or gap.
     pub kind: RecordKind,
     /// The function ([`Trace::symbol`]).
     pub func: FuncId,
@@ -117,10 +137,13 @@ pub struct Record {
     pub tid: i32,
     /// Clock ticks; [`Trace::to_ns`] converts.
     pub ts: u64,
-    /// Call depth as recorded.
-    pub depth: u16,
+    /// Traced frames below the function on the thread's stack, as the
+    /// tracer saw them (for a gap: the depth recording resumed at).
+    pub depth: u32,
     /// The return value, for an exit recorded with one.
     pub value: Option<u64>,
+    /// For a gap: how many events were lost.
+    pub lost: u64,
 }
 
 /// One thread of a trace.
@@ -128,11 +151,11 @@ pub struct Record {
 pub struct ThreadTrace {
     /// What the metadata says.
     pub meta: ThreadMeta,
-    /// Its record file.
+    /// Its event file.
     pub path: Option<PathBuf>,
-    /// Records (16-byte slots) usable: the metadata's count, or in a
-    /// salvaged trace the valid whole records found.
-    pub records: u64,
+    /// Words usable: the metadata's count, or in a salvaged trace the
+    /// whole records found.
+    pub words: u64,
 }
 
 impl ThreadTrace {
@@ -141,7 +164,7 @@ impl ThreadTrace {
         self.meta.tid
     }
 
-    /// Records this thread dropped (full buffer, nested, out of range).
+    /// Events this thread lost (buffer limits, nesting).
     pub fn dropped(&self) -> u64 {
         self.meta.dropped()
     }
@@ -152,8 +175,8 @@ impl ThreadTrace {
 pub struct Trace {
     dir: PathBuf,
     meta: Meta,
-    symbols: Vec<Symbol>,
-    counts: Option<Vec<(FuncId, u64)>>,
+    symbols: HashMap<u32, Symbol>,
+    counts: Vec<(FuncId, u64)>,
     threads: Vec<ThreadTrace>,
     children: Vec<PathBuf>,
     salvage: Vec<String>,
@@ -163,15 +186,52 @@ fn io(path: &Path) -> impl FnOnce(std::io::Error) -> TraceError + '_ {
     move |source| TraceError::Io { path: path.to_path_buf(), source }
 }
 
+/// Opens `path` for reading if it is a regular file: without blocking (a
+/// FIFO would block the open itself) and without following a symlink
+/// planted in the directory.
+fn open_regular(path: &Path, hint: &'static str) -> Result<(File, u64), TraceError> {
+    let f =
+        std::fs::OpenOptions::new().read(true).custom_flags(libc::O_NONBLOCK | libc::O_NOFOLLOW).open(path).map_err(
+            |e| match e.kind() {
+                std::io::ErrorKind::NotFound => TraceError::MissingFile { path: path.to_path_buf(), hint },
+                _ if e.raw_os_error() == Some(libc::ELOOP) => {
+                    TraceError::NotAFile { path: path.to_path_buf(), kind: "a symbolic link" }
+                }
+                _ => TraceError::Io { path: path.to_path_buf(), source: e },
+            },
+        )?;
+    let m = f.metadata().map_err(io(path))?;
+    if !m.is_file() {
+        use std::os::unix::fs::FileTypeExt;
+        let t = m.file_type();
+        let kind = if t.is_dir() {
+            "a directory"
+        } else if t.is_fifo() {
+            "a FIFO"
+        } else if t.is_socket() {
+            "a socket"
+        } else if t.is_char_device() || t.is_block_device() {
+            "a device"
+        } else {
+            "not a regular file"
+        };
+        return Err(TraceError::NotAFile { path: path.to_path_buf(), kind });
+    }
+    Ok((f, m.len()))
+}
+
+/// The most a JSON side file may hold: far more than any real trace's
+/// (a million threads' metadata), far less than memory.
+const MAX_JSON_BYTES: u64 = 1 << 30;
+
 fn read_json<T: serde::de::DeserializeOwned>(path: &Path, hint: &'static str) -> Result<T, TraceError> {
-    let bytes = match std::fs::read(path) {
-        Ok(b) => b,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            return Err(TraceError::MissingFile { path: path.to_path_buf(), hint })
-        }
-        Err(e) => return Err(TraceError::Io { path: path.to_path_buf(), source: e }),
-    };
-    serde_json::from_slice(&bytes).map_err(|source| TraceError::Json { path: path.to_path_buf(), source })
+    let (f, len) = open_regular(path, hint)?;
+    if len > MAX_JSON_BYTES {
+        let what = format!("{} is {len} bytes, more than any trace's metadata", path.display());
+        return Err(TraceError::Inconsistent { dir: path.parent().unwrap_or(path).to_path_buf(), what });
+    }
+    let r = BufReader::with_capacity(1 << 16, f);
+    serde_json::from_reader(r).map_err(|source| TraceError::Json { path: path.to_path_buf(), source })
 }
 
 /// The first fields of `meta.json`, read before the rest so that another
@@ -180,6 +240,29 @@ fn read_json<T: serde::de::DeserializeOwned>(path: &Path, hint: &'static str) ->
 struct Head {
     format: String,
     version: u32,
+}
+
+/// Reads the symbol file: one JSON object per line.
+fn read_symbols(path: &Path, hint: &'static str) -> Result<HashMap<u32, Symbol>, TraceError> {
+    let (f, _) = open_regular(path, hint)?;
+    let mut out = HashMap::new();
+    for (i, line) in BufReader::with_capacity(1 << 16, f).lines().enumerate() {
+        let line = line.map_err(io(path))?;
+        if line.is_empty() {
+            continue;
+        }
+        let s: Symbol =
+            serde_json::from_str(&line).map_err(|source| TraceError::Json { path: path.to_path_buf(), source })?;
+        if out.contains_key(&s.id) {
+            return Err(TraceError::CorruptRecord {
+                path: path.to_path_buf(),
+                index: i as u64,
+                what: format!("function id {} appears twice", s.id),
+            });
+        }
+        out.insert(s.id, s);
+    }
+    Ok(out)
 }
 
 impl Trace {
@@ -197,111 +280,38 @@ impl Trace {
             Ok(m) if !m.is_dir() => return Err(TraceError::NotADirectory { path: dir }),
             Ok(_) => {}
         }
-        // 1.
-        let meta_path = dir.join(format::META_FILE);
-        let head: Head =
-            read_json(&meta_path, "not a textpoke trace directory, or the recording never wrote anything")?;
-        if head.format != format::FORMAT_NAME {
-            return Err(TraceError::NotATrace { path: meta_path, found: head.format });
-        }
-        if head.version != format::FORMAT_VERSION {
-            return Err(TraceError::UnsupportedVersion {
-                path: meta_path,
-                found: head.version,
-                supported: format::FORMAT_VERSION,
-            });
-        }
-        let meta: Meta = read_json(&meta_path, "")?;
-        // 2.
+        let meta = read_meta(&dir)?;
         if !meta.complete && !opts.allow_incomplete {
             return Err(TraceError::Incomplete { dir });
         }
         let mut salvage = Vec::new();
-        let inconsistent = |what: String| TraceError::Inconsistent { dir: dir.clone(), what };
-        if meta.clock.shift > 64 || meta.clock.mult == 0 {
-            return Err(inconsistent(format!("clock conversion mult={} shift={}", meta.clock.mult, meta.clock.shift)));
-        }
-        // 3.
+        check_meta(&dir, &meta)?;
         let sym_path = dir.join(format::SYMBOLS_FILE);
-        let symbols = match read_json::<SymbolsFile>(&sym_path, "the trace has no symbol table") {
-            Ok(s) => s.symbols,
-            Err(TraceError::MissingFile { .. }) if !meta.complete && meta.threads.is_empty() => Vec::new(),
+        let symbols = match read_symbols(&sym_path, "the trace has no symbol file") {
+            Ok(s) => s,
+            Err(TraceError::MissingFile { .. }) if !meta.complete => {
+                salvage.push("symbols.jsonl was not written yet: functions are shown by id".to_string());
+                HashMap::new()
+            }
             Err(e) => return Err(e),
         };
-        if let Some((i, s)) = symbols.iter().enumerate().find(|(i, s)| s.id as usize != *i) {
-            return Err(TraceError::CorruptRecord {
-                path: sym_path,
-                index: i as u64,
-                what: format!("symbol id {} at position {i}; ids must be dense from 0", s.id),
-            });
-        }
-        let nsyms = symbols.len() as u64;
-        let counts = if meta.mode == Mode::Count {
-            let path = dir.join(format::COUNTS_FILE);
-            match read_json::<CountsFile>(&path, "a count-only trace must have call counts") {
-                Ok(c) => {
-                    if let Some(&(id, _)) = c.calls.iter().find(|(id, _)| *id as u64 >= nsyms) {
-                        return Err(TraceError::CorruptRecord {
-                            path,
-                            index: id as u64,
-                            what: format!("function id {id} is not in the symbol table ({nsyms} symbols)"),
-                        });
-                    }
-                    Some(c.calls.into_iter().map(|(id, n)| (FuncId(id), n)).collect())
-                }
-                Err(TraceError::MissingFile { .. }) if !meta.complete => {
-                    salvage.push("counts.json was not written yet: no counts".to_string());
-                    Some(Vec::new())
-                }
-                Err(e) => return Err(e),
-            }
-        } else {
-            None
-        };
-        // 4.
-        let mut threads = Vec::with_capacity(meta.threads.len());
+        let counts = read_counts(&dir, &meta, &symbols, &mut salvage)?;
+        // 5 for every thread, then 6.
+        let mut sized = Vec::with_capacity(meta.threads.len());
         for t in &meta.threads {
-            let Some(name) = &t.file else {
-                if t.records != 0 {
-                    return Err(inconsistent(format!("thread {} has {} records but no file", t.tid, t.records)));
-                }
-                threads.push(ThreadTrace { meta: t.clone(), path: None, records: 0 });
-                continue;
+            sized.push(size_thread_file(&dir, t, meta.complete, &mut salvage)?);
+        }
+        let known = |f: u32| symbols.contains_key(&f) || !meta.complete && symbols.is_empty();
+        let bounds = time_bounds(&meta);
+        let mut threads = Vec::with_capacity(meta.threads.len());
+        for (t, (path, words)) in meta.threads.iter().zip(sized) {
+            let words = match &path {
+                Some(p) => check_thread_file(p, t, words, (meta.complete, bounds), &known, &mut salvage)?,
+                None => 0,
             };
-            if name.is_empty() || name.contains('/') || name.starts_with('.') {
-                return Err(inconsistent(format!("thread {}: file name {name:?} is not a plain file name", t.tid)));
-            }
-            let path = dir.join(name);
-            let records = check_thread_file(&path, t, nsyms, meta.complete, &mut salvage)?;
-            threads.push(ThreadTrace { meta: t.clone(), path: Some(path), records });
+            threads.push(ThreadTrace { meta: t.clone(), path, words });
         }
-        let dropped: u64 = meta.threads.iter().map(|t| t.dropped()).sum::<u64>() + meta.unattributed_drops.total();
-        if dropped != meta.total_dropped {
-            return Err(inconsistent(format!(
-                "total_dropped is {} but the drop counts add up to {dropped}",
-                meta.total_dropped
-            )));
-        }
-        if meta.complete {
-            let sum: u64 = meta.threads.iter().map(|t| t.records).sum();
-            if sum != meta.total_records {
-                return Err(inconsistent(format!(
-                    "total_records is {} but the threads add up to {sum}",
-                    meta.total_records
-                )));
-            }
-        }
-        let mut children = Vec::new();
-        if let Ok(rd) = std::fs::read_dir(&dir) {
-            for e in rd.flatten() {
-                let name = e.file_name();
-                let name = name.to_string_lossy();
-                if name.starts_with(format::CHILD_DIR_PREFIX) && e.path().is_dir() {
-                    children.push(e.path());
-                }
-            }
-        }
-        children.sort();
+        let children = child_dirs(&dir);
         Ok(Trace { dir, meta, symbols, counts, threads, children, salvage })
     }
 
@@ -330,14 +340,16 @@ impl Trace {
         &self.salvage
     }
 
-    /// The symbol table, indexed by function id.
-    pub fn symbols(&self) -> &[Symbol] {
-        &self.symbols
+    /// The functions that appear in the trace, in id order.
+    pub fn symbols(&self) -> Vec<&Symbol> {
+        let mut v: Vec<&Symbol> = self.symbols.values().collect();
+        v.sort_by_key(|s| s.id);
+        v
     }
 
     /// A function's symbol.
     pub fn symbol(&self, f: FuncId) -> Option<&Symbol> {
-        self.symbols.get(f.0 as usize)
+        self.symbols.get(&f.0)
     }
 
     /// A function's name (`"?"` if unknown).
@@ -350,12 +362,13 @@ impl Trace {
         &self.threads
     }
 
-    /// Count-only traces: calls per function (summed over threads).
-    pub fn counts(&self) -> Option<&[(FuncId, u64)]> {
-        self.counts.as_deref()
+    /// Exact calls per function, summed over threads (also when events
+    /// were lost), in id order.
+    pub fn counts(&self) -> &[(FuncId, u64)] {
+        &self.counts
     }
 
-    /// Records dropped, all causes.
+    /// Events lost, all causes.
     pub fn dropped(&self) -> u64 {
         self.meta.total_dropped
     }
@@ -386,7 +399,9 @@ impl Trace {
         ThreadRecords::open(thread)
     }
 
-    /// Every thread's records merged in time order (ties: by tid).
+    /// Every thread's records merged in time order (ties: by tid). Holds
+    /// every thread's file open: for many threads, prefer
+    /// [`Trace::records`] thread by thread.
     pub fn merged(&self) -> Result<Merged, TraceError> {
         let mut iters = Vec::new();
         let mut heap = BinaryHeap::new();
@@ -402,88 +417,259 @@ impl Trace {
     }
 }
 
-/// Step 4 for one file; returns the usable record count.
+/// Step 1: `meta.json`, its format and version.
+fn read_meta(dir: &Path) -> Result<Meta, TraceError> {
+    let meta_path = dir.join(format::META_FILE);
+    let hint = "not a textpoke trace directory, or the recording never wrote anything";
+    let head: Head = read_json(&meta_path, hint)?;
+    if head.format != format::FORMAT_NAME {
+        return Err(TraceError::NotATrace { path: meta_path, found: head.format });
+    }
+    if head.version != format::FORMAT_VERSION {
+        return Err(TraceError::UnsupportedVersion {
+            path: meta_path,
+            found: head.version,
+            supported: format::FORMAT_VERSION,
+        });
+    }
+    read_json(&meta_path, hint)
+}
+
+/// Step 3: the metadata against itself.
+fn check_meta(dir: &Path, meta: &Meta) -> Result<(), TraceError> {
+    let inconsistent = |what: String| TraceError::Inconsistent { dir: dir.to_path_buf(), what };
+    if meta.clock.shift > 64 || meta.clock.mult == 0 {
+        return Err(inconsistent(format!("clock conversion mult={} shift={}", meta.clock.mult, meta.clock.shift)));
+    }
+    let mut files = HashSet::new();
+    let mut live_tids = HashSet::new();
+    for t in &meta.threads {
+        if !t.exited && !live_tids.insert(t.tid) {
+            return Err(inconsistent(format!("thread {} is listed twice as running", t.tid)));
+        }
+        match &t.file {
+            Some(name) => {
+                if name.is_empty() || name.contains('/') || name.starts_with('.') {
+                    return Err(inconsistent(format!("thread {}: file name {name:?} is not a plain file name", t.tid)));
+                }
+                if !files.insert(name.as_str()) {
+                    return Err(inconsistent(format!("file {name} is listed for two threads")));
+                }
+            }
+            None if t.words != 0 || t.entries + t.exits != 0 => {
+                return Err(inconsistent(format!("thread {} has {} words but no file", t.tid, t.words)));
+            }
+            None => {}
+        }
+    }
+    let dropped: u64 = meta.threads.iter().map(|t| t.dropped()).sum::<u64>() + meta.unattributed_drops.total();
+    if dropped != meta.total_dropped {
+        return Err(inconsistent(format!(
+            "total_dropped is {} but the drop counts add up to {dropped}",
+            meta.total_dropped
+        )));
+    }
+    if meta.complete {
+        let events: u64 = meta.threads.iter().map(|t| t.entries + t.exits).sum();
+        if events != meta.total_events {
+            return Err(inconsistent(format!(
+                "total_events is {} but the threads add up to {events}",
+                meta.total_events
+            )));
+        }
+        let calls: u64 = meta.threads.iter().map(|t| t.calls).sum();
+        if calls != meta.total_calls {
+            return Err(inconsistent(format!("total_calls is {} but the threads add up to {calls}", meta.total_calls)));
+        }
+    }
+    Ok(())
+}
+
+/// Step 4 for `counts.json`.
+fn read_counts(
+    dir: &Path,
+    meta: &Meta,
+    symbols: &HashMap<u32, Symbol>,
+    salvage: &mut Vec<String>,
+) -> Result<Vec<(FuncId, u64)>, TraceError> {
+    let path = dir.join(format::COUNTS_FILE);
+    match read_json::<CountsFile>(&path, "a trace must have its call counts") {
+        Ok(c) => {
+            let mut prev = None;
+            for (i, &(id, _)) in c.calls.iter().enumerate() {
+                if !symbols.contains_key(&id) && !(symbols.is_empty() && !meta.complete) {
+                    return Err(TraceError::CorruptRecord {
+                        path,
+                        index: i as u64,
+                        what: format!("function id {id} is not in the symbol file"),
+                    });
+                }
+                if prev.is_some_and(|p| p >= id) {
+                    return Err(TraceError::CorruptRecord {
+                        path,
+                        index: i as u64,
+                        what: format!("function id {id} out of order or twice"),
+                    });
+                }
+                prev = Some(id);
+            }
+            Ok(c.calls.into_iter().map(|(id, n)| (FuncId(id), n)).collect())
+        }
+        Err(TraceError::MissingFile { .. }) if !meta.complete => {
+            salvage.push("counts.json was not written yet: no exact call counts".to_string());
+            Ok(Vec::new())
+        }
+        Err(e) => Err(e),
+    }
+}
+
+/// The earliest and latest time an event may have, with a margin for the
+/// clock's reordering across threads; `None` for an incomplete trace (no
+/// end time).
+fn time_bounds(meta: &Meta) -> Option<(u64, u64)> {
+    let end = meta.end_ts?;
+    // A millisecond at any clock rate up to 10 GHz.
+    let slack = 10_000_000;
+    Some((meta.start_ts.saturating_sub(slack), end.saturating_add(slack)))
+}
+
+/// Step 5 for one thread: the file exists, is regular, and its size
+/// matches. Returns its path and the words to read.
+fn size_thread_file(
+    dir: &Path,
+    t: &ThreadMeta,
+    complete: bool,
+    salvage: &mut Vec<String>,
+) -> Result<(Option<PathBuf>, u64), TraceError> {
+    let Some(name) = &t.file else { return Ok((None, 0)) };
+    let path = dir.join(name);
+    let (_, len) = open_regular(&path, "the metadata lists this thread's event file")?;
+    if len < THREAD_HEADER_LEN as u64 {
+        let what = format!("the file has {len} bytes, shorter than the {THREAD_HEADER_LEN}-byte header");
+        return Err(TraceError::BadHeader { path, what });
+    }
+    let body = len - THREAD_HEADER_LEN as u64;
+    let (whole, partial) = (body / WORD as u64, body % WORD as u64);
+    if complete {
+        if whole < t.words {
+            return Err(TraceError::Truncated { path, expected: t.words, found: whole });
+        }
+        if body > t.words * WORD as u64 {
+            return Err(TraceError::TrailingData {
+                path,
+                expected: t.words,
+                extra_bytes: body - t.words * WORD as u64,
+            });
+        }
+        return Ok((Some(path), t.words));
+    }
+    if partial != 0 {
+        salvage.push(format!("{}: ignored a partial word of {partial} byte(s) at the end", path.display()));
+    }
+    Ok((Some(path), whole))
+}
+
+/// Step 6 for one file; returns the usable word count.
 fn check_thread_file(
     path: &Path,
     t: &ThreadMeta,
-    nsyms: u64,
-    complete: bool,
+    words: u64,
+    (complete, bounds): (bool, Option<(u64, u64)>),
+    known: &dyn Fn(u32) -> bool,
     salvage: &mut Vec<String>,
 ) -> Result<u64, TraceError> {
-    let f = match File::open(path) {
-        Ok(f) => f,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            return Err(TraceError::MissingFile {
-                path: path.to_path_buf(),
-                hint: "the metadata lists this thread's record file",
-            })
-        }
-        Err(e) => return Err(TraceError::Io { path: path.to_path_buf(), source: e }),
-    };
-    let len = f.metadata().map_err(io(path))?.len();
+    let (f, _) = open_regular(path, "the metadata lists this thread's event file")?;
     let mut r = BufReader::with_capacity(1 << 16, f);
-    check_header(&mut r, path, t.tid, len)?;
-    let body = len - THREAD_HEADER_LEN as u64;
-    let whole = body / RECORD_LEN as u64;
-    let partial = body % RECORD_LEN as u64;
-    let limit = if complete {
-        if whole < t.records {
-            return Err(TraceError::Truncated { path: path.to_path_buf(), expected: t.records, found: whole });
-        }
-        if body > t.records * RECORD_LEN as u64 {
-            return Err(TraceError::TrailingData {
-                path: path.to_path_buf(),
-                expected: t.records,
-                extra_bytes: body - t.records * RECORD_LEN as u64,
-            });
-        }
-        t.records
-    } else {
-        if partial != 0 {
-            salvage.push(format!("{}: ignored a partial record of {partial} byte(s) at the end", path.display()));
-        }
-        whole
-    };
+    check_header(&mut r, path, t.tid)?;
+    let mut dec = format::Decoder::new();
     let mut h = format::CHECKSUM_SEED;
     let (mut entries, mut exits) = (0u64, 0u64);
-    let mut last_ts = 0u64;
-    let mut prev_kind = 0u8;
-    let mut buf = [0u8; RECORD_LEN];
-    for i in 0..limit {
-        if i == t.records && !complete {
-            check_sum(path, t, h)?;
-        }
-        r.read_exact(&mut buf).map_err(io(path))?;
-        let rec = format::decode(&buf);
-        if let Err(what) = check_record(&rec, prev_kind, last_ts, nsyms) {
-            if complete || i < t.records {
-                return Err(TraceError::CorruptRecord { path: path.to_path_buf(), index: i, what });
+    let mut problem: Option<String> = None;
+    let mut good = 0u64; // words up to the end of the last whole, valid record
+    let mut buf = vec![0u64; 8192];
+    let mut read = 0u64;
+    while read < words && problem.is_none() {
+        let n = (words - read).min(buf.len() as u64) as usize;
+        read_words(&mut r, &mut buf[..n]).map_err(io(path))?;
+        for &w in &buf[..n] {
+            if complete || read < t.words {
+                h = format::checksum_step(h, w);
             }
-            salvage.push(format!("{}: cut at record {i} of {whole}: {what}", path.display()));
-            return Ok(i);
+            read += 1;
+            if !complete && read == t.words {
+                check_sum(path, t, h)?;
+            }
+            let mut sink = |item: Item| {
+                if let Item::Event(e) = item {
+                    if problem.is_none() {
+                        problem = check_event(&e, bounds, known).err();
+                    }
+                    entries += (e.kind == KIND_ENTRY) as u64;
+                    exits += (e.kind != KIND_ENTRY) as u64;
+                }
+            };
+            if let Err(e) = dec.feed(&[w], &mut sink) {
+                problem = Some(e.what);
+            }
+            if problem.is_some() {
+                break;
+            }
+            if !dec.in_record() {
+                good = read;
+            }
         }
-        if rec.kind != KIND_VALUE {
-            last_ts = rec.ts;
-        }
-        entries += (rec.kind == KIND_ENTRY) as u64;
-        exits += (rec.kind == KIND_EXIT) as u64;
-        prev_kind = rec.kind;
-        h = format::checksum_step(h, &buf);
     }
-    if complete || limit == t.records {
+    if let Some(what) = problem {
+        if complete || read <= t.words {
+            return Err(TraceError::CorruptRecord { path: path.to_path_buf(), index: read.saturating_sub(1), what });
+        }
+        salvage.push(format!("{}: cut at word {} of {words}: {what}", path.display(), read - 1));
+        return Ok(good);
+    }
+    if complete {
         check_sum(path, t, h)?;
+        if entries != t.entries || exits != t.exits {
+            return Err(TraceError::CorruptRecord {
+                path: path.to_path_buf(),
+                index: words,
+                what: format!("{entries} entries and {exits} exits, the metadata says {} and {}", t.entries, t.exits),
+            });
+        }
+        return Ok(words);
     }
-    if !complete && limit < t.records {
-        salvage.push(format!("{}: the metadata says {} records, the file holds {limit}", path.display(), t.records));
+    if words < t.words {
+        salvage.push(format!("{}: the metadata says {} words, the file holds {words}", path.display(), t.words));
     }
-    if complete && (entries != t.entries || exits != t.exits) {
-        return Err(TraceError::CorruptRecord {
-            path: path.to_path_buf(),
-            index: limit,
-            what: format!("{entries} entries and {exits} exits, the metadata says {} and {}", t.entries, t.exits),
-        });
+    if good < words {
+        salvage.push(format!("{}: ignored a record cut off at the end", path.display()));
     }
-    Ok(limit)
+    Ok(good)
+}
+
+/// Reads whole little-endian words.
+fn read_words(r: &mut impl Read, out: &mut [u64]) -> std::io::Result<()> {
+    // SAFETY: u64 has no invalid bit patterns; the slice is ours.
+    let bytes = unsafe { std::slice::from_raw_parts_mut(out.as_mut_ptr() as *mut u8, std::mem::size_of_val(out)) };
+    r.read_exact(bytes)?;
+    for w in out.iter_mut() {
+        *w = u64::from_le(*w);
+    }
+    Ok(())
+}
+
+fn check_event(e: &format::Event, bounds: Option<(u64, u64)>, known: &dyn Fn(u32) -> bool) -> Result<(), String> {
+    if !known(e.func) {
+        return Err(format!("function id {} is not in the symbol file", e.func));
+    }
+    if let Some((lo, hi)) = bounds {
+        if e.ts < lo || e.ts > hi {
+            return Err(format!("time {} lies outside the recording ({lo}..{hi})", e.ts));
+        }
+    }
+    if e.depth as usize > crate::trace::MAX_DEPTH {
+        return Err(format!("depth {} is deeper than any shadow stack", e.depth));
+    }
+    Ok(())
 }
 
 fn check_sum(path: &Path, t: &ThreadMeta, h: u64) -> Result<(), TraceError> {
@@ -493,11 +679,8 @@ fn check_sum(path: &Path, t: &ThreadMeta, h: u64) -> Result<(), TraceError> {
     Ok(())
 }
 
-fn check_header(r: &mut impl Read, path: &Path, tid: i32, len: u64) -> Result<(), TraceError> {
+fn check_header(r: &mut impl Read, path: &Path, tid: i32) -> Result<(), TraceError> {
     let bad = |what: String| TraceError::BadHeader { path: path.to_path_buf(), what };
-    if len < THREAD_HEADER_LEN as u64 {
-        return Err(bad(format!("the file has {len} bytes, shorter than the {THREAD_HEADER_LEN}-byte header")));
-    }
     let mut h = [0u8; THREAD_HEADER_LEN];
     r.read_exact(&mut h).map_err(io(path))?;
     let file_tid = format::parse_thread_header(&h).map_err(bad)?;
@@ -507,27 +690,20 @@ fn check_header(r: &mut impl Read, path: &Path, tid: i32, len: u64) -> Result<()
     Ok(())
 }
 
-fn check_record(r: &RawRecord, prev_kind: u8, last_ts: u64, nsyms: u64) -> Result<(), String> {
-    match r.kind {
-        KIND_ENTRY | KIND_EXIT => {
-            if r.ts < last_ts {
-                return Err(format!("timestamp {} goes back from {last_ts}", r.ts));
+fn child_dirs(dir: &Path) -> Vec<PathBuf> {
+    let mut children = Vec::new();
+    if let Ok(rd) = std::fs::read_dir(dir) {
+        for e in rd.flatten() {
+            let name = e.file_name();
+            let name = name.to_string_lossy();
+            let is_dir = e.file_type().is_ok_and(|t| t.is_dir());
+            if name.starts_with(format::CHILD_DIR_PREFIX) && is_dir {
+                children.push(e.path());
             }
         }
-        KIND_VALUE => {
-            if prev_kind != KIND_EXIT {
-                return Err("a value record that does not follow an exit".into());
-            }
-        }
-        k => return Err(format!("unknown kind {k}")),
     }
-    if r.flags != 0 {
-        return Err(format!("reserved flags {:#x}", r.flags));
-    }
-    if r.func as u64 >= nsyms {
-        return Err(format!("function id {} is not in the symbol table ({nsyms} symbols)", r.func));
-    }
-    Ok(())
+    children.sort();
+    children
 }
 
 /// One thread's records, in order. Yields errors if the file changed
@@ -536,52 +712,82 @@ pub struct ThreadRecords {
     r: Option<BufReader<File>>,
     path: PathBuf,
     tid: i32,
+    /// Words not yet read.
     left: u64,
-    index: u64,
-    pending: Option<RawRecord>,
+    dec: format::Decoder,
+    /// Decoded and not yet handed out.
+    queue: std::collections::VecDeque<Record>,
+    buf: Vec<u64>,
 }
 
 impl ThreadRecords {
     fn open(t: &ThreadTrace) -> Result<ThreadRecords, TraceError> {
-        let Some(path) = &t.path else {
-            return Ok(ThreadRecords {
-                r: None,
-                path: PathBuf::new(),
-                tid: t.meta.tid,
-                left: 0,
-                index: 0,
-                pending: None,
-            });
-        };
-        let mut f = File::open(path).map_err(io(path))?;
-        let mut h = [0u8; THREAD_HEADER_LEN];
-        f.read_exact(&mut h).map_err(io(path))?;
-        Ok(ThreadRecords {
-            r: Some(BufReader::with_capacity(1 << 16, f)),
-            path: path.clone(),
+        let mut it = ThreadRecords {
+            r: None,
+            path: t.path.clone().unwrap_or_default(),
             tid: t.meta.tid,
-            left: t.records,
-            index: 0,
-            pending: None,
-        })
+            left: 0,
+            dec: format::Decoder::new(),
+            queue: Default::default(),
+            buf: Vec::new(),
+        };
+        let Some(path) = &t.path else { return Ok(it) };
+        let (f, _) = open_regular(path, "the metadata lists this thread's event file")?;
+        let mut r = BufReader::with_capacity(1 << 16, f);
+        let mut h = [0u8; THREAD_HEADER_LEN];
+        r.read_exact(&mut h).map_err(io(path))?;
+        it.r = Some(r);
+        it.left = t.words;
+        Ok(it)
     }
 
-    fn raw(&mut self) -> Option<Result<RawRecord, TraceError>> {
-        if let Some(p) = self.pending.take() {
-            return Some(Ok(p));
-        }
-        if self.left == 0 {
-            return None;
-        }
-        let r = self.r.as_mut()?;
-        let mut buf = [0u8; RECORD_LEN];
-        if let Err(e) = r.read_exact(&mut buf) {
-            self.left = 0;
-            return Some(Err(TraceError::Io { path: self.path.clone(), source: e }));
-        }
-        self.left -= 1;
-        self.index += 1;
-        Some(Ok(format::decode(&buf)))
+    /// Reads and decodes the next chunk into the queue.
+    fn refill(&mut self) -> Result<(), TraceError> {
+        let Some(r) = self.r.as_mut() else { return Ok(()) };
+        let n = self.left.min(4096) as usize;
+        self.buf.resize(n, 0);
+        read_words(r, &mut self.buf).map_err(io(&self.path))?;
+        self.left -= n as u64;
+        let (tid, queue) = (self.tid, &mut self.queue);
+        let mut last = queue.back().map_or(0, |r: &Record| r.ts);
+        let mut sink = |item: Item| match item {
+            Item::Event(e) => {
+                last = e.ts;
+                queue.push_back(Record {
+                    kind: if e.kind == KIND_ENTRY { RecordKind::Entry } else { RecordKind::Exit },
+                    func: FuncId(e.func),
+                    tid,
+                    ts: e.ts,
+                    depth: e.depth,
+                    value: e.value,
+                    lost: 0,
+                })
+            }
+            Item::Sync { depth, lost, base_ts, .. } if lost > 0 => queue.push_back(Record {
+                kind: RecordKind::Gap,
+                func: FuncId(0),
+                tid,
+                ts: base_ts,
+                depth,
+                value: None,
+                lost,
+            }),
+            Item::Lost { count } => queue.push_back(Record {
+                kind: RecordKind::Gap,
+                func: FuncId(0),
+                tid,
+                ts: last,
+                depth: u32::MAX,
+                value: None,
+                lost: count,
+            }),
+            Item::Sync { .. } => {}
+        };
+        self.dec.feed(&self.buf, &mut sink).map_err(|e| TraceError::CorruptRecord {
+            path: self.path.clone(),
+            index: e.word,
+            what: format!("{} (file changed since open?)", e.what),
+        })
     }
 }
 
@@ -589,33 +795,13 @@ impl Iterator for ThreadRecords {
     type Item = Result<Record, TraceError>;
 
     fn next(&mut self) -> Option<Self::Item> {
-        let raw = match self.raw()? {
-            Ok(r) => r,
-            Err(e) => return Some(Err(e)),
-        };
-        let kind = match raw.kind {
-            KIND_ENTRY => RecordKind::Entry,
-            KIND_EXIT => RecordKind::Exit,
-            k => {
+        while self.queue.is_empty() && self.left > 0 {
+            if let Err(e) = self.refill() {
                 self.left = 0;
-                return Some(Err(TraceError::CorruptRecord {
-                    path: self.path.clone(),
-                    index: self.index - 1,
-                    what: format!("kind {k} where an entry or exit was expected (file changed since open?)"),
-                }));
-            }
-        };
-        let mut rec = Record { kind, func: FuncId(raw.func), tid: self.tid, ts: raw.ts, depth: raw.depth, value: None };
-        if kind == RecordKind::Exit {
-            // Look ahead: a value record belongs to this exit.
-            match self.raw() {
-                Some(Ok(v)) if v.kind == KIND_VALUE => rec.value = Some(v.ts),
-                Some(Ok(other)) => self.pending = Some(other),
-                Some(Err(e)) => return Some(Err(e)),
-                None => {}
+                return Some(Err(e));
             }
         }
-        Some(Ok(rec))
+        self.queue.pop_front().map(Ok)
     }
 }
 

@@ -1,4 +1,5 @@
-//! The timestamp source: invariant TSC or `CLOCK_MONOTONIC`.
+//! The timestamp clock, below the tracer and the recorder: invariant TSC
+//! (ordered or not) or `CLOCK_MONOTONIC`.
 //!
 //! # Choice
 //!
@@ -52,22 +53,106 @@
 //! so the factor gets more accurate the longer the recording runs. The
 //! factor stored in `meta.json` is the last one computed.
 
-use super::format::{ClockInfo, ClockSource};
-use std::sync::atomic::{AtomicBool, Ordering};
+use serde::{Deserialize, Serialize};
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::time::Duration;
 
-/// Whether [`Clock::now`] reads the TSC. Set by the recorder's start before
-/// it publishes the session (release, paired with the hot path's acquire
-/// of the session word), read relaxed on the hot path.
-static USE_TSC: AtomicBool = AtomicBool::new(false);
-
-/// [`USE_TSC`] itself, for generated code that reads the clock inline
-/// (`record::BufferLayout::use_tsc`).
-pub(crate) fn use_tsc_flag() -> &'static AtomicBool {
-    &USE_TSC
+/// The clock the timestamps were read from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ClockSource {
+    /// `lfence; rdtsc`: invariant TSC ticks, ordered with the thread's
+    /// earlier instructions, so timestamps of different threads follow the
+    /// order in which they synchronised (see the module docs).
+    Tsc,
+    /// Plain `rdtsc`: the same ticks without the `lfence`, cheaper; within
+    /// a thread still in order (the recorder clamps), but across threads a
+    /// timestamp may precede the one of an event it causally follows (by up
+    /// to a few hundred ticks, measured).
+    TscUnordered,
+    /// `clock_gettime(CLOCK_MONOTONIC)` nanoseconds.
+    Monotonic,
 }
 
-/// The recorder's clock.
+impl ClockSource {
+    /// Whether the ticks are TSC ticks (converted with a calibration).
+    pub fn is_tsc(self) -> bool {
+        matches!(self, ClockSource::Tsc | ClockSource::TscUnordered)
+    }
+}
+
+impl std::fmt::Display for ClockSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            ClockSource::Tsc => "tsc",
+            ClockSource::TscUnordered => "tsc-unordered",
+            ClockSource::Monotonic => "monotonic",
+        })
+    }
+}
+
+/// How to turn a timestamp into `CLOCK_MONOTONIC` nanoseconds:
+/// `ns = base_ns + ((ticks - base_ticks) * mult) >> shift`.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ClockInfo {
+    /// Where the ticks come from.
+    pub source: ClockSource,
+    /// Ticks per second (informative; `mult`/`shift` are exact).
+    pub ticks_per_sec: f64,
+    /// Fixed-point nanoseconds per tick, scaled by `2^shift`.
+    pub mult: u64,
+    /// See `mult`.
+    pub shift: u32,
+    /// A tick count read at `base_ns`.
+    pub base_ticks: u64,
+    /// `CLOCK_MONOTONIC` nanoseconds at `base_ticks`.
+    pub base_ns: u64,
+    /// How long the calibration measured, in nanoseconds (0 for monotonic).
+    pub calibration_ns: u64,
+}
+
+impl ClockInfo {
+    /// One tick is one nanosecond from 0 (a monotonic clock, or a TSC
+    /// conversion before its calibration).
+    pub fn identity(source: ClockSource) -> ClockInfo {
+        ClockInfo { source, ticks_per_sec: 1e9, mult: 1, shift: 0, base_ticks: 0, base_ns: 0, calibration_ns: 0 }
+    }
+
+    /// `CLOCK_MONOTONIC` nanoseconds of a timestamp.
+    pub fn to_ns(&self, ticks: u64) -> u64 {
+        let d = ticks as i128 - self.base_ticks as i128;
+        let scaled = (d * self.mult as i128) >> self.shift.min(64);
+        (self.base_ns as i128 + scaled).clamp(0, u64::MAX as i128) as u64
+    }
+
+    /// Nanoseconds between two timestamps (`later - earlier`, 0 if negative).
+    pub fn delta_ns(&self, earlier: u64, later: u64) -> u64 {
+        let d = later.saturating_sub(earlier) as u128;
+        ((d * self.mult as u128) >> self.shift.min(64)).min(u64::MAX as u128) as u64
+    }
+}
+
+/// What [`Clock::now`] reads: one byte, so that generated code can test it
+/// (see [`mode_byte`]). Set by the recorder's start before it publishes the
+/// session (release, paired with the hot path's acquire of the session
+/// word), read relaxed on the hot path.
+static MODE: AtomicU8 = AtomicU8::new(MODE_MONOTONIC);
+/// [`MODE`]: `CLOCK_MONOTONIC`.
+pub const MODE_MONOTONIC: u8 = 0;
+/// [`MODE`]: `lfence; rdtsc`.
+pub const MODE_TSC_ORDERED: u8 = 1;
+/// [`MODE`]: plain `rdtsc`.
+pub const MODE_TSC_UNORDERED: u8 = 2;
+
+/// Address of the mode byte ([`MODE_MONOTONIC`], [`MODE_TSC_ORDERED`] or
+/// [`MODE_TSC_UNORDERED`]), for generated code that reads the clock
+/// inline: it must read the TSC as the byte says, and leave a monotonic
+/// clock to its slow path.
+pub fn mode_byte() -> usize {
+    MODE.as_ptr() as usize
+}
+
+/// The timestamp clock shared by the tracer and the recorder.
 pub struct Clock;
 
 impl Clock {
@@ -75,25 +160,30 @@ impl Clock {
     /// inline, no allocation, async-signal-safe.
     #[inline(always)]
     pub fn now() -> u64 {
-        if USE_TSC.load(Ordering::Relaxed) {
-            rdtsc_ordered()
-        } else {
-            monotonic_ns()
+        match MODE.load(Ordering::Relaxed) {
+            MODE_TSC_ORDERED => rdtsc_ordered(),
+            MODE_TSC_UNORDERED => rdtsc(),
+            _ => monotonic_ns(),
         }
     }
 
     /// The source [`Clock::now`] currently reads.
     pub fn source() -> ClockSource {
-        if USE_TSC.load(Ordering::Relaxed) {
-            ClockSource::Tsc
-        } else {
-            ClockSource::Monotonic
+        match MODE.load(Ordering::Relaxed) {
+            MODE_TSC_ORDERED => ClockSource::Tsc,
+            MODE_TSC_UNORDERED => ClockSource::TscUnordered,
+            _ => ClockSource::Monotonic,
         }
     }
 
     /// Selects the source. Control path; the recorder calls it at start.
-    pub(crate) fn select(source: ClockSource) {
-        USE_TSC.store(source == ClockSource::Tsc, Ordering::Release);
+    pub fn select(source: ClockSource) {
+        let mode = match source {
+            ClockSource::Tsc => MODE_TSC_ORDERED,
+            ClockSource::TscUnordered => MODE_TSC_UNORDERED,
+            ClockSource::Monotonic => MODE_MONOTONIC,
+        };
+        MODE.store(mode, Ordering::Release);
     }
 }
 
@@ -182,6 +272,11 @@ pub fn detect() -> Detection {
     Detection { source, reason }
 }
 
+/// The shortest calibration interval: a refine this soon after the start
+/// waits (2 ms give a rate to a few parts per million, as the pairs are
+/// read to within tens of nanoseconds).
+pub const MIN_CALIBRATION: Duration = Duration::from_millis(2);
+
 /// A TSC↔`CLOCK_MONOTONIC` pairing, and the conversion derived from two.
 #[derive(Clone, Copy, Debug)]
 pub struct Calibration {
@@ -211,24 +306,29 @@ impl Calibration {
     /// with a monotonic time, waits `interval` and computes a first rate.
     /// For monotonic, the identity conversion.
     pub fn start(source: ClockSource, interval: Duration) -> Calibration {
-        match source {
-            ClockSource::Monotonic => {
-                Calibration { source, base_ticks: 0, base_ns: 0, info: ClockInfo::identity(source) }
-            }
-            ClockSource::Tsc => {
-                let (t0, n0) = paired_read();
-                std::thread::sleep(interval);
-                let mut c = Calibration { source, base_ticks: t0, base_ns: n0, info: ClockInfo::identity(source) };
-                c.refine();
-                c
-            }
+        if !source.is_tsc() {
+            return Calibration { source, base_ticks: 0, base_ns: 0, info: ClockInfo::identity(source) };
         }
+        let (t0, n0) = paired_read();
+        if !interval.is_zero() {
+            std::thread::sleep(interval);
+        }
+        let mut c = Calibration { source, base_ticks: t0, base_ns: n0, info: ClockInfo::identity(source) };
+        c.refine();
+        c
     }
 
-    /// Measures the TSC rate again over the whole time since the start.
+    /// Measures the TSC rate again over the whole time since the start (at
+    /// least [`MIN_CALIBRATION`]: a refine sooner than that waits for it),
+    /// so the factor gets more accurate the longer the recording runs.
     pub fn refine(&mut self) {
-        if self.source != ClockSource::Tsc {
+        if !self.source.is_tsc() {
             return;
+        }
+        let since = monotonic_ns().saturating_sub(self.base_ns);
+        let min = MIN_CALIBRATION.as_nanos() as u64;
+        if since < min {
+            std::thread::sleep(Duration::from_nanos(min - since));
         }
         let (t1, n1) = paired_read();
         let dt = t1.saturating_sub(self.base_ticks);

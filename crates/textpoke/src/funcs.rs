@@ -1,0 +1,135 @@
+//! The function table: a dense id for every function textpoke may trace,
+//! below the tracer (which registers the functions it finds sites for) and
+//! the recorder (which writes the names of the functions that appear in a
+//! trace, and nothing of the others).
+//!
+//! # Algorithm
+//!
+//! Append-only. [`register`] takes a mutex (control path: the tracer's
+//! scans, tests), looks the address up, and for a new function stores its
+//! entry into the next free slot of a segmented array, then publishes the
+//! new count with release. Readers ([`get`], [`count`]) take no lock:
+//! they load the count with acquire (pairing with that release) and read
+//! slots below it, which never change and are never freed. So the
+//! recorder's writer and a forked child (which may inherit the mutex held
+//! by a thread that does not exist there) read names without waiting.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicPtr, AtomicUsize, Ordering};
+use std::sync::Mutex;
+
+/// A function id: dense from 0, stable for the life of the process (an
+/// address registered again gets its old id).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct FuncId(pub u32);
+
+/// What the table knows of a function.
+#[derive(Debug)]
+pub struct Function {
+    /// The address it was registered with (its entry, or for a
+    /// `#[traced]` function its descriptor).
+    pub addr: u64,
+    /// Its name as the registrar gave it.
+    pub name: Box<str>,
+}
+
+const SEG_BITS: u32 = 14;
+const SEG_LEN: usize = 1 << SEG_BITS;
+const SEGMENTS: usize = 1 << 10;
+
+/// The most functions the table holds (16 Mi: ids fit the recorder's
+/// compact events, see `record::format`).
+pub const MAX_FUNCTIONS: usize = SEG_LEN * SEGMENTS;
+
+type Segment = [AtomicPtr<Function>; SEG_LEN];
+
+static SEGS: [AtomicPtr<Segment>; SEGMENTS] = [const { AtomicPtr::new(std::ptr::null_mut()) }; SEGMENTS];
+static COUNT: AtomicUsize = AtomicUsize::new(0);
+static BY_ADDR: Mutex<Option<HashMap<u64, u32>>> = Mutex::new(None);
+
+/// Registers a function and returns its id; an address already registered
+/// keeps its id (and its first name). Control path. Panics if the table is
+/// full ([`MAX_FUNCTIONS`]).
+pub fn register(addr: usize, name: &str) -> FuncId {
+    let mut g = BY_ADDR.lock().unwrap_or_else(|e| e.into_inner());
+    let map = g.get_or_insert_with(HashMap::new);
+    if let Some(&id) = map.get(&(addr as u64)) {
+        return FuncId(id);
+    }
+    let id = COUNT.load(Ordering::Relaxed);
+    assert!(id < MAX_FUNCTIONS, "more than {MAX_FUNCTIONS} functions registered");
+    let seg = &SEGS[id >> SEG_BITS];
+    if seg.load(Ordering::Relaxed).is_null() {
+        let fresh: Box<Segment> = Box::new([const { AtomicPtr::new(std::ptr::null_mut()) }; SEG_LEN]);
+        seg.store(Box::into_raw(fresh), Ordering::Relaxed);
+    }
+    let f = Box::into_raw(Box::new(Function { addr: addr as u64, name: name.into() }));
+    // SAFETY: the segment was published above (or earlier) and is never
+    // freed; only this function, under the mutex, writes slots.
+    let slots = unsafe { &*seg.load(Ordering::Relaxed) };
+    slots[id & (SEG_LEN - 1)].store(f, Ordering::Relaxed);
+    // Release pairs with the acquire loads of COUNT in `count` and `get`:
+    // a reader that sees the new count sees the slot and its segment.
+    COUNT.store(id + 1, Ordering::Release);
+    map.insert(addr as u64, id as u32);
+    FuncId(id as u32)
+}
+
+/// How many functions are registered.
+pub fn count() -> usize {
+    COUNT.load(Ordering::Acquire)
+}
+
+/// The function with id `id`, if registered. Lock-free.
+pub fn get(id: FuncId) -> Option<&'static Function> {
+    let i = id.0 as usize;
+    if i >= count() {
+        return None;
+    }
+    // SAFETY: slots below the count were published (release in
+    // `register`, acquire in `count`) and are never freed or changed.
+    let seg = unsafe { &*SEGS[i >> SEG_BITS].load(Ordering::Relaxed) };
+    // SAFETY: as above; the pointer comes from Box::into_raw, leaked.
+    Some(unsafe { &*seg[i & (SEG_LEN - 1)].load(Ordering::Relaxed) })
+}
+
+/// The id of the function registered at `addr`, if any.
+pub fn lookup(addr: usize) -> Option<FuncId> {
+    let g = BY_ADDR.lock().unwrap_or_else(|e| e.into_inner());
+    g.as_ref()?.get(&(addr as u64)).map(|&i| FuncId(i))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ids_are_dense_and_stable() {
+        let a = register(0xdead_0000, "first");
+        let b = register(0xdead_0010, "second");
+        assert_eq!(b.0, a.0 + 1);
+        assert_eq!(register(0xdead_0000, "renamed"), a);
+        assert_eq!(&*get(a).unwrap().name, "first");
+        assert_eq!(get(b).unwrap().addr, 0xdead_0010);
+        assert_eq!(lookup(0xdead_0010), Some(b));
+        assert!(get(FuncId(u32::MAX)).is_none());
+    }
+
+    #[test]
+    fn concurrent_readers_see_whole_entries() {
+        let base = 0xbeef_0000usize;
+        let reader = std::thread::spawn(|| {
+            for _ in 0..20_000 {
+                let n = count();
+                if n > 0 {
+                    let f = get(FuncId(n as u32 - 1)).expect("below the count");
+                    assert!(!f.name.is_empty());
+                }
+            }
+        });
+        for i in 0..20_000 {
+            register(base + i * 16, &format!("f{i}"));
+        }
+        reader.join().unwrap();
+    }
+}
