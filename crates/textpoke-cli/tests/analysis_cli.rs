@@ -581,8 +581,8 @@ fn damaged_traces_are_refused_with_the_file_named() {
     every_command_fails(&d, &["meta.json", "not valid JSON"]);
 
     let d = case("nosymbols");
-    std::fs::remove_file(d.join("symbols.json")).unwrap();
-    every_command_fails(&d, &["symbols.json is missing"]);
+    std::fs::remove_file(d.join("symbols.jsonl")).unwrap();
+    every_command_fails(&d, &["symbols.jsonl is missing"]);
 
     let d = case("truncated");
     let f = thread_file(&d);
@@ -690,7 +690,7 @@ fn no_progress_bar_when_piped() {
         h.join().unwrap();
     }
     let s = rec.stop().unwrap();
-    assert!(s.records >= 1 << 18, "{s:?}");
+    assert!(s.events >= 1 << 18, "{s:?}");
     let o = textpoke(&["dump", "--chrome", "-i", dir.to_str().unwrap(), "-o", dir.join("t.json").to_str().unwrap()]);
     assert!(o.status.success());
     assert!(o.stderr.is_empty(), "nothing on a piped stderr: {:?}", stderr(&o));

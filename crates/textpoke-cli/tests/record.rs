@@ -92,6 +92,7 @@ fn tally_with(trace: &Trace, balanced: bool) -> BTreeMap<String, (u64, u64)> {
             match r.kind {
                 RecordKind::Entry => (t.0 += 1, *m += 1),
                 RecordKind::Exit => (t.1 += 1, *m -= 1),
+                RecordKind::Gap => panic!("thread {}: {} events lost", th.tid(), r.lost),
             };
         }
         for (f, bal) in mine.into_iter().filter(|_| balanced) {
@@ -101,12 +102,17 @@ fn tally_with(trace: &Trace, balanced: bool) -> BTreeMap<String, (u64, u64)> {
     total
 }
 
-/// Calls per function name of a trace: entries (record mode) or counts.
+/// Calls per function name of a trace: its exact counts, which in record
+/// mode must also be the entries recorded.
 fn calls(trace: &Trace) -> BTreeMap<String, u64> {
-    match trace.counts() {
-        Some(c) => c.iter().filter(|(_, n)| *n > 0).map(|&(f, n)| (trace.name(f).to_string(), n)).collect(),
-        None => tally_with(trace, false).into_iter().filter(|(_, (e, _))| *e > 0).map(|(k, (e, _))| (k, e)).collect(),
+    let counted: BTreeMap<String, u64> =
+        trace.counts().iter().filter(|(_, n)| *n > 0).map(|&(f, n)| (trace.name(f).to_string(), n)).collect();
+    if trace.mode() == textpoke::record::Mode::Record {
+        let entered: BTreeMap<String, u64> =
+            tally_with(trace, false).into_iter().filter(|(_, (e, _))| *e > 0).map(|(k, (e, _))| (k, e)).collect();
+        assert_eq!(counted, entered, "counts and recorded entries agree");
     }
+    counted
 }
 
 fn expect(pairs: &[(&str, u64)]) -> BTreeMap<String, u64> {
@@ -238,6 +244,99 @@ fn threads_signals_recursion_exact_counts_and_exit_code() {
     ];
     let want: BTreeMap<String, (u64, u64)> = want.iter().map(|&(k, v)| (k.to_string(), v)).collect();
     assert_eq!(tally(&trace), want);
+}
+
+/// An independent count of every call: gcc's `-finstrument-functions`
+/// hooks count each function's calls in the program itself, which writes
+/// them to argv[1]. 8 threads (more than the cores) and a storm of
+/// signals whose handler calls traced functions; far more events than a
+/// buffer segment holds, so the writer works while the threads run.
+const COUNTED_C: &str = r#"
+#include <pthread.h>
+#include <signal.h>
+#include <stdatomic.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <unistd.h>
+#define NOI __attribute__((noinline))
+#define UNTRACED __attribute__((no_instrument_function, patchable_function_entry(0, 0)))
+#define THREADS 8
+#define ITERS 60000
+static void *fns[8];
+static const char *names[8];
+static int nfns;
+static _Atomic unsigned long counts[8];
+UNTRACED void __cyg_profile_func_enter(void *fn, void *site) {
+    (void)site;
+    for (int i = 0; i < nfns; i++)
+        if (fns[i] == fn) { atomic_fetch_add_explicit(&counts[i], 1, memory_order_relaxed); return; }
+}
+UNTRACED void __cyg_profile_func_exit(void *fn, void *site) { (void)fn; (void)site; }
+static volatile long sink;
+NOI long leaf(long x) { sink += x; return x + 1; }
+NOI long mid(long x) { return leaf(x) + leaf(x + 1); }
+NOI long fib(int n) { return n < 2 ? n : fib(n - 1) + fib(n - 2); }
+NOI void in_handler(int s) { mid(s); }
+UNTRACED static void handler(int s) { in_handler(s); }
+NOI void *worker(void *arg) {
+    (void)arg;
+    for (long i = 0; i < ITERS; i++) { mid(i); if (i % 100 == 0) fib(8); }
+    return 0;
+}
+static atomic_int done;
+UNTRACED static void *storm(void *arg) {
+    pthread_t *t = arg;
+    while (!atomic_load(&done)) {
+        for (int i = 0; i < THREADS; i++) pthread_kill(t[i], SIGUSR1);
+        usleep(20);
+    }
+    return 0;
+}
+#define REG(f) (fns[nfns] = (void *)f, names[nfns++] = #f)
+UNTRACED int main(int argc, char **argv) {
+    REG(leaf); REG(mid); REG(fib); REG(in_handler); REG(worker);
+    struct sigaction sa = { .sa_handler = handler, .sa_flags = SA_RESTART };
+    sigemptyset(&sa.sa_mask);
+    sigaction(SIGUSR1, &sa, NULL);
+    pthread_t t[THREADS], s;
+    for (int i = 0; i < THREADS; i++) pthread_create(&t[i], NULL, worker, NULL);
+    pthread_create(&s, NULL, storm, t);
+    for (int i = 0; i < THREADS; i++) pthread_join(t[i], NULL);
+    atomic_store(&done, 1);
+    pthread_join(s, NULL);
+    FILE *f = fopen(argv[1], "w");
+    for (int i = 0; i < nfns; i++) fprintf(f, "%s %lu\n", names[i], atomic_load(&counts[i]));
+    fclose(f);
+    return 0;
+}
+"#;
+
+#[test]
+fn counts_equal_an_independent_counter_under_a_signal_storm() {
+    let prog = compile("counted", COUNTED_C, &[SITES, "-finstrument-functions"]);
+    let sockets = socket_dir("counted");
+    let dir = fresh("counted.data");
+    let out_file = fresh("counted.txt");
+    let o = run(textpoke(&sockets).arg("record").arg("-o").arg(&dir).arg("--").arg(&prog).arg(&out_file));
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    let truth: BTreeMap<String, u64> = std::fs::read_to_string(&out_file)
+        .unwrap()
+        .lines()
+        .map(|l| {
+            let (name, n) = l.split_once(' ').unwrap();
+            (name.to_string(), n.parse().unwrap())
+        })
+        .collect();
+    assert!(truth["in_handler"] > 0, "signal handlers ran: {truth:?}");
+    let trace = open_complete(&dir);
+    let counted = calls(&trace); // also checks counts == recorded entries
+    for (name, &n) in &truth {
+        assert_eq!(counted.get(name).copied(), Some(n), "{name}: textpoke's count against the program's own");
+    }
+    let events: u64 = trace.meta().total_events;
+    let segment = trace.meta().buffers.segment_bytes / 8;
+    assert!(events > 20 * segment, "{events} events: many segments per thread were written while recording");
+    let _ = tally(&trace); // balanced per thread
 }
 
 #[test]

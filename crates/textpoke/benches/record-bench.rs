@@ -73,7 +73,7 @@ fn main() {
     let f = record::register_function(0x1000, "bench_leaf");
     let mut best = Best::default();
     let dirs: Vec<_> = (0..3).map(|i| tmp.join(format!("t{i}"))).collect();
-    let cfg = |d: &std::path::Path| RecorderConfig { buffer_records: (4 * N) as usize, ..RecorderConfig::new(d) };
+    let cfg = |d: &std::path::Path| RecorderConfig::new(d);
 
     let mut dropped = 0;
     for round in 0..ROUNDS {
@@ -131,7 +131,7 @@ fn main() {
         rec.flush().unwrap();
         best.put("entry+exit recorded", time(N, || pairs(f, N)));
         let s = rec.stop().unwrap();
-        assert_eq!(s.records, 2000 + 4 * N, "every record written");
+        assert_eq!(s.events, 2000 + 4 * N, "every event written");
         dropped += s.dropped;
 
         // Record mode, CLOCK_MONOTONIC forced.
@@ -150,7 +150,7 @@ fn main() {
         );
         best.put("entry+exit recorded (monotonic)", time(N, || pairs(f, N)));
         let s = rec.stop().unwrap();
-        assert_eq!(s.records, 2000 + 2 * N, "every record written");
+        assert_eq!(s.events, 2000 + 2 * N, "every event written");
         dropped += s.dropped;
 
         // Count-only.

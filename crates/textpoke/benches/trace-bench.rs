@@ -19,8 +19,9 @@ use std::path::PathBuf;
 use std::process::Command;
 use std::sync::Arc;
 use std::time::Instant;
-use textpoke::record::{self, Clock, RecorderConfig};
-use textpoke::trace::{Filter, RecordOp, Tracer};
+use textpoke::record::RecordOp;
+use textpoke::record::{self, Clock, ClockChoice, ClockSource, RecorderConfig};
+use textpoke::trace::{Filter, Tracer};
 
 const SRC: &str = r#"
 #define NOTRACE __attribute__((patchable_function_entry(0, 0), noinline))
@@ -95,7 +96,7 @@ fn main() {
     assert_eq!(t.functions().iter().find(|f| &*f.function == "site_leaf").unwrap().ops, 0);
 
     let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("trace-bench");
-    let mut best = [f64::MAX; 6];
+    let mut best = [f64::MAX; 7];
     for _round in 0..7 {
         best[0] = best[0].min(ns_per_call(|| assert!((plain.looper)(N) > 0)));
         best[1] = best[1].min(ns_per_call(|| assert!((site.looper)(N) > 0)));
@@ -107,9 +108,16 @@ fn main() {
         t.unregister(h).unwrap();
         rec.stop().unwrap();
 
-        for (row, inline) in [(3, true), (5, false)] {
-            let mut cfg = RecorderConfig::new(dir.join(if inline { "graph" } else { "graph-generic" }));
-            cfg.buffer_records = 1 << 23; // every record of a round fits: none dropped
+        for (row, inline, clock) in [(3, true, None), (5, false, None), (6, true, Some(ClockSource::TscUnordered))] {
+            let name = match row {
+                3 => "graph",
+                5 => "graph-generic",
+                _ => "graph-unordered",
+            };
+            let mut cfg = RecorderConfig::new(dir.join(name));
+            if let Some(c) = clock {
+                cfg.clock = ClockChoice::Force(c);
+            }
             let rec = record::start(cfg).unwrap();
             t.set_inline_recording(inline);
             let h = t.register(Arc::new(RecordOp::graph()), filter()).unwrap();
@@ -122,17 +130,21 @@ fn main() {
 
         best[4] = best[4].min(ns_per_call(|| assert!(clock_pair_loop() > 0)));
     }
-    for d in ["graph", "graph-generic"] {
+    for d in ["graph", "graph-generic", "graph-unordered"] {
         let trace = textpoke::tracedata::Trace::open(dir.join(d)).unwrap();
         assert_eq!(trace.dropped(), 0, "the graph rows recorded every call");
     }
-    println!("trace-bench: {N} calls of a C leaf function, minimum of 7 rounds (clock: {:?})", record::Clock::source());
+    println!(
+        "trace-bench: {N} calls of a C leaf function, minimum of 7 rounds (clock: {})",
+        record::clock::detect().source
+    );
     let rows = [
         ("plain (no site)", best[0]),
         ("untraced site (one NOP)", best[1]),
         ("count-only", best[2]),
         ("entry+exit recorded", best[3]),
         ("  same, generic hot path", best[5]),
+        ("  same, unordered TSC", best[6]),
         ("2 x clock read", best[4]),
     ];
     for (name, ns) in rows {
@@ -154,8 +166,7 @@ fn ir_run(which: &str, n: i64) {
             let l = open(&build("site", &["-fpatchable-function-entry=5"]), "site");
             let t = Tracer::global();
             t.refresh().unwrap();
-            let mut cfg = RecorderConfig::new(PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("trace-bench/ir-graph"));
-            cfg.buffer_records = 1 << 23;
+            let cfg = RecorderConfig::new(PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("trace-bench/ir-graph"));
             let rec = record::start(cfg).unwrap();
             let h = t
                 .register(Arc::new(RecordOp::graph()), Filter::new(["site_leaf"], Vec::<String>::new()).unwrap())

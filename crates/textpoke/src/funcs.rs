@@ -107,7 +107,7 @@ mod tests {
     fn ids_are_dense_and_stable() {
         let a = register(0xdead_0000, "first");
         let b = register(0xdead_0010, "second");
-        assert_eq!(b.0, a.0 + 1);
+        assert!(b.0 > a.0, "new ids come after older ones (other tests register too)");
         assert_eq!(register(0xdead_0000, "renamed"), a);
         assert_eq!(&*get(a).unwrap().name, "first");
         assert_eq!(get(b).unwrap().addr, 0xdead_0010);

@@ -11,8 +11,9 @@ use common::{compile_cxx_so, compile_so, Lib};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+use textpoke::record::RecordOp;
 use textpoke::record::{self, ClockChoice, ClockSource, RecorderConfig};
-use textpoke::trace::{Filter, RecordOp, Tracer, TrampolineKind};
+use textpoke::trace::{Filter, Tracer, TrampolineKind};
 
 static SERIAL: Mutex<()> = Mutex::new(());
 
@@ -23,7 +24,6 @@ fn filter(names: &[&str]) -> Filter {
 fn session(name: &str) -> record::Recorder {
     let dir = std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("{name}-{}", std::process::id()));
     let mut cfg = RecorderConfig::new(&dir);
-    cfg.buffer_records = 1 << 20;
     cfg.clock = ClockChoice::Force(ClockSource::Tsc); // the graph trampolines' clock
     record::start(cfg).unwrap()
 }

@@ -24,8 +24,9 @@ use std::fmt;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
+use textpoke::record::RecordOp;
 use textpoke::record::{self, ClockChoice, ClockSource, Recorder, RecorderConfig};
-use textpoke::trace::{slow_calls_of_this_thread, Filter, OpHandle, RecordOp, Tracer, TrampolineKind};
+use textpoke::trace::{slow_calls_of_this_thread, Filter, OpHandle, Tracer, TrampolineKind};
 use textpoke::tracedata::{RecordKind, Trace};
 
 /// Tests share the global tracer, the recorder and `lost_exits`.
@@ -47,6 +48,10 @@ enum Mode {
 }
 
 const MODES: [Mode; 2] = [Mode::Inline, Mode::Generic];
+
+/// Segments no scenario fills: the inline paths never hand over to the
+/// slow one at a segment's end, so slow calls can be counted exactly.
+const BIG_SEGMENT: usize = 1 << 24;
 
 impl Mode {
     fn inline(self) -> bool {
@@ -72,20 +77,20 @@ impl Mode {
 struct Ev {
     exit: bool,
     name: Arc<str>,
-    depth: u16,
+    depth: u32,
     value: Option<u64>,
 }
 
 impl Ev {
     fn entry(name: &Arc<str>, depth: usize) -> Ev {
-        Ev { exit: false, name: name.clone(), depth: depth as u16, value: None }
+        Ev { exit: false, name: name.clone(), depth: depth as u32, value: None }
     }
     fn exit(name: &Arc<str>, depth: usize, value: u64) -> Ev {
-        Ev { exit: true, name: name.clone(), depth: depth as u16, value: Some(value) }
+        Ev { exit: true, name: name.clone(), depth: depth as u32, value: Some(value) }
     }
     /// An exit whose return value (rax) means nothing (a double, a pointer).
     fn exit_opaque(name: &Arc<str>, depth: usize) -> Ev {
-        Ev { exit: true, name: name.clone(), depth: depth as u16, value: None }
+        Ev { exit: true, name: name.clone(), depth: depth as u32, value: None }
     }
 }
 
@@ -166,23 +171,27 @@ fn session<R>(
     mode: Mode,
     prefix: &str,
     traced: &[&str],
-    buffer_records: usize,
+    segment_bytes: usize,
     body: impl FnOnce() -> R,
 ) -> (R, Session) {
     let t = Tracer::global();
     t.refresh().unwrap();
     let mut c = Cleanup { op: None, rec: None };
     t.set_inline_recording(mode.inline());
-    let dir = trace_root().join(format!("{scenario}-{}", mode.name()));
+    let dir = trace_root().join(format!("{scenario}-{}-{segment_bytes}", mode.name()));
     let _ = std::fs::remove_dir_all(&dir);
     let mut cfg = RecorderConfig::new(&dir);
-    cfg.buffer_records = buffer_records;
+    // Small segments: the inline paths hand over to the slow one at every
+    // segment's end, thousands of times per scenario.
+    cfg.segment_bytes = segment_bytes;
     // Graph trampolines record inline only when the recorder reads the TSC
     // (this machine's clocksource); forced so the inline path is what runs.
     cfg.clock = ClockChoice::Force(ClockSource::Tsc);
     c.rec = Some(record::start(cfg).unwrap());
     let filter = Filter::new([format!("{prefix}_*")], Vec::<String>::new()).unwrap();
-    c.op = Some(t.register(Arc::new(RecordOp::graph()), filter).unwrap());
+    // Every traced function's return value is asked for.
+    let op = RecordOp::graph().with_retval(filter.clone());
+    c.op = Some(t.register(Arc::new(op), filter).unwrap());
     assert_kinds(prefix, traced, mode.kind());
     let r = body();
     t.unregister(c.op.take().unwrap()).unwrap();
@@ -194,7 +203,7 @@ fn session<R>(
     let mut interned: HashMap<u32, Arc<str>> = HashMap::new();
     let mut threads = Vec::new();
     for th in trace.threads() {
-        if th.records == 0 {
+        if th.words == 0 {
             continue;
         }
         let evs: Vec<Ev> = trace
@@ -284,6 +293,18 @@ fn check_nesting(what: &str, evs: &[Ev], how: Nesting) -> usize {
 }
 
 /// Runs `f` on a fresh thread (depth 0, no shadow stack or buffer yet).
+/// This thread's calls through the tracer's hot path that the tracer
+/// caused, in inline mode: the recorder's own slow path (a segment to
+/// start or change, a long time gap between two events) also takes the
+/// hot path from inline code, and those are subtracted.
+fn slow_calls(mode: Mode) -> u64 {
+    let all = slow_calls_of_this_thread();
+    match mode {
+        Mode::Inline => all - record::slow_events_of_this_thread(),
+        Mode::Generic => all,
+    }
+}
+
 fn on_thread<R: Send + 'static>(stack: usize, f: impl FnOnce() -> R + Send + 'static) -> R {
     let h = std::thread::Builder::new().stack_size(stack).spawn(f).unwrap();
     h.join().unwrap_or_else(|e| std::panic::resume_unwind(e))
@@ -415,22 +436,30 @@ fn call_tree_records_the_same_inline() {
     let run: extern "C" fn(i64) -> i64 = unsafe { func(&lib, "c1_run") };
     const N: usize = 200;
     let mut seqs = Vec::new();
-    for mode in MODES {
-        let ((warm, slow), s) = session("tree", mode, "c1", &C1_TRACED, 1 << 20, || {
+    // Inline and generic with segments that never fill, then inline with
+    // small ones: every segment's end hands over to the slow path once.
+    for (mode, segment) in [(Mode::Inline, BIG_SEGMENT), (Mode::Generic, BIG_SEGMENT), (Mode::Inline, 8192)] {
+        let ((warm, slow), s) = session("tree", mode, "c1", &C1_TRACED, segment, || {
             on_thread(1 << 20, move || {
-                let s0 = slow_calls_of_this_thread();
+                let s0 = slow_calls(mode);
                 assert_eq!(run(1), c1_result(1));
-                let s1 = slow_calls_of_this_thread();
+                let s1 = slow_calls(mode);
                 for _ in 0..N {
                     assert_eq!(run(10), c1_result(10));
                 }
-                (s1 - s0, slow_calls_of_this_thread() - s1)
+                (s1 - s0, slow_calls(mode) - s1)
             })
         });
         println!("tree {}: warm-up took {warm} slow calls, {N} calls {slow}", mode.name());
-        match mode {
-            Mode::Inline => assert_eq!(slow, 0, "graph trampolines record without calling Rust"),
-            Mode::Generic => assert_eq!(slow, (2 * c1_calls(10) * N) as u64, "an entry and a return per call"),
+        let words = s.trace.threads().iter().map(|t| t.words).sum::<u64>();
+        match (mode, segment) {
+            (Mode::Inline, BIG_SEGMENT) => assert_eq!(slow, 0, "graph trampolines record without calling Rust"),
+            (Mode::Inline, _) => {
+                let segments = words / ((segment as u64 - 64) / 8);
+                assert!(segments > 10, "{segments} segments filled");
+                assert_eq!(slow, 0, "segment changes are the only slow calls");
+            }
+            (Mode::Generic, _) => assert_eq!(slow, (2 * c1_calls(10) * N) as u64, "an entry and a return per call"),
         }
         assert_eq!(s.trace.dropped(), 0);
         let evs = s.single();
@@ -445,7 +474,7 @@ fn call_tree_records_the_same_inline() {
         let _ = std::fs::remove_dir_all(&s.dir);
         let _ = std::fs::remove_dir(trace_root());
     }
-    assert!(seqs[0] == seqs[1]);
+    assert!(seqs[0] == seqs[1] && seqs[0] == seqs[2]);
 }
 
 // ---------------------------------------------------------------------------
@@ -711,14 +740,14 @@ fn arguments_and_return_values_survive() {
     const ROUNDS: i64 = 1500;
     let mut seqs = Vec::new();
     for mode in MODES {
-        let (slow, s) = session("abi", mode, "c2", &C2_TRACED, 1 << 20, || {
+        let (slow, s) = session("abi", mode, "c2", &C2_TRACED, BIG_SEGMENT, || {
             on_thread(1 << 20, move || {
                 c2_round(&f, 0); // warm-up: the thread's buffer and shadow stack
-                let s0 = slow_calls_of_this_thread();
+                let s0 = slow_calls(mode);
                 for x in 1..ROUNDS {
                     c2_round(&f, x);
                 }
-                slow_calls_of_this_thread() - s0
+                slow_calls(mode) - s0
             })
         });
         match mode {
@@ -766,14 +795,14 @@ fn longjmp_over_graph_traced_frames() {
     let mut seqs = Vec::new();
     for mode in MODES {
         let lost = Tracer::global().lost_exits();
-        let (slow, s) = session("longjmp", mode, "c3", &["c3_jumper", "c3_leaf", "c3_test"], 1 << 20, || {
+        let (slow, s) = session("longjmp", mode, "c3", &["c3_jumper", "c3_leaf", "c3_test"], BIG_SEGMENT, || {
             on_thread(1 << 20, move || {
                 assert_eq!(test(), 2);
-                let s0 = slow_calls_of_this_thread();
+                let s0 = slow_calls(mode);
                 for _ in 0..ROUNDS {
                     assert_eq!(test(), 2);
                 }
-                slow_calls_of_this_thread() - s0
+                slow_calls(mode) - s0
             })
         });
         assert_eq!(Tracer::global().lost_exits() - lost, 6 * (ROUNDS + 1), "the skipped frames' exits are lost");
@@ -872,11 +901,11 @@ fn storm_session(lib: &Arc<Lib>, mode: Mode) -> (Vec<StormWorker>, u64, Session)
     // SAFETY: long (long).
     let run: extern "C" fn(i64) -> i64 = unsafe { func(lib, "c4_run") };
     let traced = ["c4_handler", "c4_leaf", "c4_mid", "c4_run"];
-    let ((workers, sent), s) = session("storm", mode, "c4", &traced, 1 << 20, || {
+    let ((workers, sent), s) = session("storm", mode, "c4", &traced, BIG_SEGMENT, || {
         let mut workers = Vec::new();
         let mut sent = 0u64;
         for round in 0..storm_rounds(mode) {
-            let (w, n) = storm_round(run, round);
+            let (w, n) = storm_round(run, round, mode);
             workers.extend(w);
             sent += n;
         }
@@ -885,7 +914,7 @@ fn storm_session(lib: &Arc<Lib>, mode: Mode) -> (Vec<StormWorker>, u64, Session)
     (workers, sent, s)
 }
 
-fn storm_round(run: extern "C" fn(i64) -> i64, round: i64) -> (Vec<StormWorker>, u64) {
+fn storm_round(run: extern "C" fn(i64) -> i64, round: i64, mode: Mode) -> (Vec<StormWorker>, u64) {
     let ready = Arc::new(AtomicUsize::new(0));
     let done = Arc::new(AtomicUsize::new(0));
     let go = Arc::new(AtomicBool::new(false));
@@ -901,7 +930,7 @@ fn storm_round(run: extern "C" fn(i64) -> i64, round: i64) -> (Vec<StormWorker>,
                 if run(base) != c4_result(base) {
                     failure = Some(format!("warm-up run({base})"));
                 }
-                let s0 = slow_calls_of_this_thread();
+                let s0 = slow_calls(mode);
                 ready.fetch_add(1, Ordering::SeqCst);
                 while !go.load(Ordering::SeqCst) {
                     std::hint::spin_loop();
@@ -919,7 +948,7 @@ fn storm_round(run: extern "C" fn(i64) -> i64, round: i64) -> (Vec<StormWorker>,
                 while !stop.load(Ordering::SeqCst) {
                     std::thread::yield_now();
                 }
-                StormWorker { tid, slow: slow_calls_of_this_thread() - s0, failure }
+                StormWorker { tid, slow: slow_calls(mode) - s0, failure }
             })
         })
         .collect();
@@ -1011,7 +1040,7 @@ fn storm(mode: Mode) {
         assert_eq!(s.threads.iter().map(|t| t.0).collect::<BTreeSet<_>>(), tids, "{what}: the workers recorded");
         let mut nested = 0;
         for th in s.trace.threads() {
-            assert_eq!((th.meta.dropped_full, th.meta.dropped_range), (0, 0), "{what}: thread {}", th.tid());
+            assert_eq!((th.meta.lost, th.meta.dropped_range), (0, 0), "{what}: thread {}", th.tid());
             nested += th.meta.dropped_nested;
         }
         assert_eq!(s.trace.dropped(), nested, "{what}: drops are nested records only");
@@ -1114,11 +1143,11 @@ fn recursion_deeper_than_the_shadow_stack_inline() {
     let mut seqs = Vec::new();
     for mode in MODES {
         let lost = Tracer::global().lost_exits();
-        let (slow, s) = session("deep", mode, "c5", &["c5_rec"], 1 << 20, || {
+        let (slow, s) = session("deep", mode, "c5", &["c5_rec"], BIG_SEGMENT, || {
             on_thread(64 << 20, move || {
-                let s0 = slow_calls_of_this_thread();
+                let s0 = slow_calls(mode);
                 assert_eq!(rec(DEPTH), DEPTH);
-                slow_calls_of_this_thread() - s0
+                slow_calls(mode) - s0
             })
         });
         assert_eq!(Tracer::global().lost_exits(), lost, "frames not in the shadow stack are not lost exits");
@@ -1188,7 +1217,7 @@ fn cxx() {
     let mut seqs = Vec::new();
     for mode in MODES {
         let lost = Tracer::global().lost_exits();
-        let ((), s) = session("cxx", mode, "c6", &traced, 1 << 20, || {
+        let ((), s) = session("cxx", mode, "c6", &traced, 8192, || {
             on_thread(1 << 20, move || {
                 for round in 1..=ROUNDS {
                     let mut dtors = 0;
@@ -1268,7 +1297,7 @@ fn cxx_nested(mode: Option<Mode>) {
     match mode {
         None => rounds(),
         Some(mode) => {
-            let ((), s) = session("cxx-nested", mode, "c7", &["c7_outer", "c7_quiet", "c7_thrower"], 1 << 20, || {
+            let ((), s) = session("cxx-nested", mode, "c7", &["c7_outer", "c7_quiet", "c7_thrower"], 8192, || {
                 on_thread(1 << 20, rounds)
             });
             let evs = s.single();

@@ -122,8 +122,8 @@ pub use replay::{human_ns, replay, ReplayOptions};
 pub use report::{report, FunctionStats, ProcessReport, Report, ReportOptions, SortKey, ThreadStats, Times};
 pub use stacks::{Call, Closed, Event, Rebuilder, MAX_LEVEL};
 
-use crate::record::format::CHILD_DIR_PREFIX;
-use crate::tracedata::{OpenOptions, ThreadTrace, Trace, TraceError};
+use crate::record::format::{self, CHILD_DIR_PREFIX};
+use crate::tracedata::{OpenOptions, RecordKind, ThreadTrace, Trace, TraceError};
 use std::path::{Path, PathBuf};
 
 /// Why an analysis could not be made.
@@ -298,17 +298,20 @@ pub(crate) fn walk_thread(
     progress: &mut dyn FnMut(u64),
     sink: &mut impl FnMut(Event),
 ) -> Result<(), TraceError> {
-    let mut n = 0u64;
+    let (mut n, mut told) = (0u64, 0u64);
     for r in trace.records(thread)? {
         let r = r?;
         rb.push(&r, sink);
-        let words = 1 + r.value.is_some() as u64;
-        if (n + words) / PROGRESS_STEP != n / PROGRESS_STEP {
-            progress(PROGRESS_STEP);
+        n += match r.kind {
+            RecordKind::Gap => format::SYNC_WORDS as u64,
+            _ => 1 + r.value.is_some() as u64,
+        };
+        if n - told >= PROGRESS_STEP && n <= thread.words {
+            progress(n - told);
+            told = n;
         }
-        n += words;
     }
     rb.finish(sink);
-    progress(n % PROGRESS_STEP);
+    progress(thread.words.saturating_sub(told));
     Ok(())
 }

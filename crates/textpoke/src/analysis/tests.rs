@@ -4,8 +4,8 @@
 
 use super::*;
 use crate::record::format::{
-    self, ClockInfo, ClockSource, CountsFile, Meta, Mode, RawRecord, Symbol, SymbolsFile, ThreadMeta,
-    UnattributedDrops, KIND_ENTRY, KIND_EXIT, KIND_VALUE,
+    self, BufferInfo, ClockInfo, ClockSource, CountsFile, FullPolicy, Meta, Mode, Symbol, ThreadMeta,
+    UnattributedDrops, KIND_ENTRY, KIND_EXIT,
 };
 use crate::record::FuncId;
 use crate::tracedata::{Record, RecordKind};
@@ -15,12 +15,17 @@ fn ns_clock() -> ClockInfo {
     ClockInfo::identity(ClockSource::Monotonic)
 }
 
-fn en(f: u32, depth: u16, ts: u64) -> Record {
-    Record { kind: RecordKind::Entry, func: FuncId(f), tid: 1, ts, depth, value: None }
+fn en(f: u32, depth: u32, ts: u64) -> Record {
+    Record { kind: RecordKind::Entry, func: FuncId(f), tid: 1, ts, depth, value: None, lost: 0 }
 }
 
-fn ex(f: u32, depth: u16, ts: u64) -> Record {
-    Record { kind: RecordKind::Exit, func: FuncId(f), tid: 1, ts, depth, value: None }
+fn ex(f: u32, depth: u32, ts: u64) -> Record {
+    Record { kind: RecordKind::Exit, func: FuncId(f), tid: 1, ts, depth, value: None, lost: 0 }
+}
+
+/// A gap: `lost` events lost after `ts`, resuming at `depth`.
+fn gap(lost: u64, depth: u32, ts: u64) -> Record {
+    Record { kind: RecordKind::Gap, func: FuncId(0), tid: 1, ts, depth, value: None, lost }
 }
 
 fn rebuild(recs: &[Record]) -> Vec<Event> {
@@ -42,17 +47,27 @@ fn leaves(events: &[Event]) -> Vec<Call> {
 /// Every Leave closes the most recent open Enter.
 fn assert_nested(events: &[Event]) {
     let mut stack = Vec::new();
+    let mut base = 0;
     for e in events {
         match e {
             Event::Enter { func, level, .. } => {
-                assert_eq!(*level, stack.len());
+                base = base.min(*level);
+                if stack.is_empty() {
+                    base = *level;
+                }
+                assert_eq!(*level, base + stack.len());
                 stack.push(*func);
             }
             Event::Leave(c) => {
                 assert_eq!(stack.pop(), Some(c.func), "{events:?}");
-                assert_eq!(c.level, stack.len());
+                assert_eq!(c.level, base + stack.len());
             }
             Event::OrphanExit { .. } => {}
+            Event::Gap { level, .. } => {
+                assert!(stack.is_empty(), "a gap closes every open call: {events:?}");
+                stack.clear();
+                base = *level;
+            }
         }
     }
     assert!(stack.is_empty());
@@ -131,14 +146,48 @@ fn recursion_matches_by_depth() {
 
 #[test]
 fn depth_jumps_do_not_break_nesting() {
-    // Depths recorded as 0, 7, 3 (a tracer that counts untraced frames):
-    // nesting comes from the order, depth only helps pick among equals.
-    let recs = [en(0, 0, 0), en(1, 7, 10), en(2, 3, 20), ex(2, 5, 30), ex(1, 1, 40), ex(0, 9, 50)];
+    // Depths recorded as 0, 7, 9 (another op's traced frames in between
+    // count too): deeper entries nest, whatever the jump.
+    let recs = [en(0, 0, 0), en(1, 7, 10), en(2, 9, 20), ex(2, 9, 30), ex(1, 7, 40), ex(0, 0, 50)];
     let ev = rebuild(&recs);
     assert_nested(&ev);
     let calls = leaves(&ev);
     assert!(calls.iter().all(|c| c.closed == Closed::Returned), "{calls:?}");
     assert_eq!(calls.iter().map(|c| c.level).collect::<Vec<_>>(), [2, 1, 0]);
+}
+
+#[test]
+fn an_entry_at_a_lower_depth_closes_the_deeper_calls() {
+    // main { a { b { (longjmp back into main) c(); } } }: c at depth 1
+    // ends a and b, whose exits never come.
+    let recs = [en(0, 0, 0), en(1, 1, 10), en(2, 2, 20), en(3, 1, 30), ex(3, 1, 35), ex(0, 0, 50)];
+    let ev = rebuild(&recs);
+    assert_nested(&ev);
+    let got: Vec<_> = leaves(&ev).iter().map(|c| (c.func.0, c.level, c.closed, c.end)).collect();
+    assert_eq!(
+        got,
+        [
+            (2, 2, Closed::ExitLost, 30),
+            (1, 1, Closed::ExitLost, 30),
+            (3, 1, Closed::Returned, 35),
+            (0, 0, Closed::Returned, 50)
+        ]
+    );
+}
+
+#[test]
+fn a_gap_is_a_hard_break() {
+    // main { a { gap (events lost) } } then, at depth 2: b() and exits of
+    // callers that are not known. Nothing spans the gap.
+    let recs = [en(0, 0, 0), en(1, 1, 10), gap(40, 2, 15), en(2, 2, 900), ex(2, 2, 910), ex(1, 1, 950), ex(0, 0, 990)];
+    let ev = rebuild(&recs);
+    assert_nested(&ev);
+    let calls = leaves(&ev);
+    let got: Vec<_> = calls.iter().map(|c| (c.func.0, c.level, c.closed, c.total_ns)).collect();
+    assert_eq!(got, [(1, 1, Closed::Gap, 0), (0, 0, Closed::Gap, 0), (2, 2, Closed::Returned, 10)]);
+    assert!(ev.contains(&Event::Gap { lost: 40, ts: 15, level: 2 }));
+    let orphans: Vec<_> = ev.iter().filter(|e| matches!(e, Event::OrphanExit { after_gap: true, .. })).collect();
+    assert_eq!(orphans.len(), 2, "a's and main's exits: their entries are before the gap");
 }
 
 // ---------------------------------------------------------------------------
@@ -151,61 +200,73 @@ fn tmp(name: &str) -> std::path::PathBuf {
     d
 }
 
-fn raw(kind: u8, func: u32, depth: u16, ts: u64) -> RawRecord {
-    RawRecord { ts, func, depth, kind, flags: 0 }
+fn raw(kind: u8, func: u32, depth: u32, ts: u64) -> format::Event {
+    format::Event { kind, func, depth, ts, value: None }
 }
 
 /// Writes a valid trace directory: `names` are the symbols, `threads` the
-/// raw records of each thread, `counts` makes it count-only.
+/// events of each thread, `counts` makes it count-only (else the counts
+/// are the entries).
 fn write_trace(
     dir: &std::path::Path,
     pid: i32,
     names: &[&str],
-    threads: &[(i32, Vec<RawRecord>)],
+    threads: &[(i32, Vec<format::Event>)],
     counts: Option<Vec<(u32, u64)>>,
 ) {
-    let symbols = names
-        .iter()
-        .enumerate()
-        .map(|(i, n)| Symbol { id: i as u32, addr: 0x1000 + 16 * i as u64, name: n.to_string() })
-        .collect();
-    std::fs::write(dir.join(format::SYMBOLS_FILE), serde_json::to_vec(&SymbolsFile { symbols }).unwrap()).unwrap();
+    let mut symbols = String::new();
+    for (i, n) in names.iter().enumerate() {
+        let s = Symbol { id: i as u32, addr: 0x1000 + 16 * i as u64, name: n.to_string() };
+        symbols.push_str(&serde_json::to_string(&s).unwrap());
+        symbols.push('\n');
+    }
+    std::fs::write(dir.join(format::SYMBOLS_FILE), symbols).unwrap();
     let mut tmetas = Vec::new();
-    for (tid, recs) in threads {
+    let mut entered = std::collections::BTreeMap::new();
+    for (tid, events) in threads {
         let file = if counts.is_some() { None } else { Some(format!("tid-{tid}.bin")) };
-        let mut bytes = format::thread_header(*tid).to_vec();
-        let mut h = format::CHECKSUM_SEED;
-        for r in recs {
-            let b = format::encode(r);
-            h = format::checksum_step(h, &b);
-            bytes.extend_from_slice(&b);
+        let mut enc = format::Encoder::new();
+        for e in events {
+            enc.event(e);
+            if e.kind == KIND_ENTRY {
+                *entered.entry(e.func).or_insert(0u64) += 1;
+            }
         }
+        let h = enc.words().iter().fold(format::CHECKSUM_SEED, |h, &w| format::checksum_step(h, w));
         if let Some(f) = &file {
+            let mut bytes = format::thread_header(*tid).to_vec();
+            bytes.extend(enc.bytes());
             std::fs::write(dir.join(f), bytes).unwrap();
         }
-        let ts: Vec<u64> = recs.iter().filter(|r| r.kind != KIND_VALUE).map(|r| r.ts).collect();
+        let entries = events.iter().filter(|r| r.kind == KIND_ENTRY).count() as u64;
         tmetas.push(ThreadMeta {
             tid: *tid,
+            words: if file.is_some() { enc.words().len() as u64 } else { 0 },
             file,
-            records: recs.len() as u64,
-            entries: recs.iter().filter(|r| r.kind == KIND_ENTRY).count() as u64,
-            exits: recs.iter().filter(|r| r.kind == KIND_EXIT).count() as u64,
-            dropped_full: 0,
+            entries,
+            exits: events.len() as u64 - entries,
+            lost: 0,
             dropped_nested: 0,
             dropped_range: 0,
-            calls: 0,
-            first_ts: ts.first().copied().unwrap_or(0),
-            last_ts: ts.last().copied().unwrap_or(0),
+            calls: entries,
+            first_ts: events.first().map_or(0, |e| e.ts),
+            last_ts: events.last().map_or(0, |e| e.ts),
             checksum: format!("{h:016x}"),
             exited: true,
         });
     }
-    let total_records = tmetas.iter().map(|t| t.records).sum();
+    let calls = counts.unwrap_or_else(|| entered.into_iter().collect());
+    if threads.iter().all(|(_, e)| e.is_empty()) {
+        let total: u64 = calls.iter().map(|c| c.1).sum();
+        if let Some(t) = tmetas.first_mut() {
+            t.calls = total;
+        }
+    }
     let meta = Meta {
         format: format::FORMAT_NAME.into(),
         version: format::FORMAT_VERSION,
         complete: true,
-        mode: if counts.is_some() { Mode::Count } else { Mode::Record },
+        mode: if tmetas.iter().all(|t| t.file.is_none()) { Mode::Count } else { Mode::Record },
         pid,
         parent_pid: None,
         process_name: "handmade".into(),
@@ -214,16 +275,21 @@ fn write_trace(
         start_unix_ns: 0,
         start_ts: 0,
         end_ts: Some(1000),
-        buffer_records: 1024,
+        buffers: BufferInfo {
+            segment_bytes: 8192,
+            thread_limit: 1 << 20,
+            memory_limit: 1 << 20,
+            policy: FullPolicy::Discard,
+            peak_bytes: 0,
+        },
         max_functions: 64,
+        total_events: tmetas.iter().map(|t| t.entries + t.exits).sum(),
+        total_calls: tmetas.iter().map(|t| t.calls).sum(),
         threads: tmetas,
         unattributed_drops: UnattributedDrops::default(),
-        total_records,
         total_dropped: 0,
     };
-    if let Some(calls) = counts {
-        std::fs::write(dir.join(format::COUNTS_FILE), serde_json::to_vec(&CountsFile { calls }).unwrap()).unwrap();
-    }
+    std::fs::write(dir.join(format::COUNTS_FILE), serde_json::to_vec(&CountsFile { calls }).unwrap()).unwrap();
     std::fs::write(dir.join(format::META_FILE), serde_json::to_vec(&meta).unwrap()).unwrap();
 }
 
@@ -263,7 +329,7 @@ fn report_of_recursion_and_unbalanced_threads() {
     let set = open(&dir);
     let mut seen = 0;
     let r = report(&set, &ReportOptions { sort: SortKey::Calls }, &mut |n| seen += n).unwrap();
-    assert_eq!(seen, set.total_records());
+    assert_eq!(seen, set.total_words());
     assert_eq!(r.processes.len(), 1);
     let p = &r.processes[0];
     assert_eq!(p.functions.iter().map(|f| f.function.as_str()).collect::<Vec<_>>(), ["fact", "leaf", "main"]);

@@ -481,6 +481,37 @@ fn fast_return(a: &mut CodeAssembler, sh: &ShadowOffsets, exit: Emit<'_>) -> Res
     a.lea(rsp, qword_ptr(rsp + 8))
 }
 
+/// Instructions on the path from `code`'s start (at `ip`) that takes no
+/// conditional branch, following unconditional jumps within `code`, to the
+/// first `ret` or jump out of it: every conditional branch of a fast path
+/// leaves it, so this is what one traced call executes there (tests of the
+/// trampolines and of the ops that generate inline code count them).
+#[cfg(test)]
+pub(crate) fn straight_path(ip: u64, code: &[u8]) -> usize {
+    use iced_x86::{Decoder, DecoderOptions, FlowControl};
+    let end = ip + code.len() as u64;
+    let mut d = Decoder::with_ip(64, code, ip, DecoderOptions::NONE);
+    let mut n = 0;
+    while d.can_decode() {
+        let i = d.decode();
+        n += 1;
+        match i.flow_control() {
+            FlowControl::Return => return n,
+            FlowControl::UnconditionalBranch => {
+                let t = i.near_branch_target();
+                if !(ip..end).contains(&t) {
+                    return n;
+                }
+                d.set_position((t - ip) as usize).expect("a target inside the code");
+                d.set_ip(t);
+            }
+            _ => {}
+        }
+        assert!(n < 10_000, "a loop on the straight path");
+    }
+    panic!("no jmp or ret")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -536,25 +567,7 @@ mod tests {
         );
         println!("graph frame: stub {s}, entry {e}, thunk 1, return {r} instructions (1 of each is the op's)");
         assert_eq!(s, 2);
-        assert!(e <= 50 && r <= 35, "entry {e}, return {r}");
+        // Measured: entry 51, return 31 (the nop included).
+        assert!(e <= 55 && r <= 35, "entry {e}, return {r}");
     }
-}
-
-/// Instructions on the straight path from `code`'s start (at `ip`) to its
-/// first `jmp` or `ret`: every conditional branch of a fast path leaves
-/// it, so this is what one traced call executes there (tests of the
-/// trampolines and of the ops that generate inline code count them).
-#[cfg(test)]
-pub(crate) fn straight_path(ip: u64, code: &[u8]) -> usize {
-    use iced_x86::{Decoder, DecoderOptions, FlowControl};
-    let mut d = Decoder::with_ip(64, code, ip, DecoderOptions::NONE);
-    let mut n = 0;
-    while d.can_decode() {
-        let i = d.decode();
-        n += 1;
-        if matches!(i.flow_control(), FlowControl::UnconditionalBranch | FlowControl::Return) {
-            return n;
-        }
-    }
-    panic!("no jmp or ret")
 }

@@ -233,6 +233,9 @@ pub(crate) struct ThreadBuf {
 struct Tls {
     buf: Cell<*mut ThreadBuf>,
     state: Cell<u8>,
+    /// Events this thread wrote through [`slow_push`] (see
+    /// [`slow_events_of_this_thread`]).
+    slow: Cell<u64>,
 }
 
 const ST_NORMAL: u8 = 0;
@@ -241,7 +244,8 @@ const ST_EXITED: u8 = 2;
 const ST_WRITER: u8 = 3;
 
 thread_local! {
-    static TLS: Tls = const { Tls { buf: Cell::new(ptr::null_mut()), state: Cell::new(ST_NORMAL) } };
+    static TLS: Tls =
+        const { Tls { buf: Cell::new(ptr::null_mut()), state: Cell::new(ST_NORMAL), slow: Cell::new(0) } };
 }
 
 /// Where the hot-path state lives, for the recorder's code generated at
@@ -299,6 +303,15 @@ fn tls_buf() -> *mut ThreadBuf {
 /// handler, which keeps the forking thread's buffer.
 pub(crate) fn current_buf() -> *mut ThreadBuf {
     tls_buf()
+}
+
+/// Events the calling thread wrote through the slow path of H4 (a segment
+/// to start or change, an event too far in time from the previous one or
+/// with too large an id for a compact word): inline code hands such events
+/// over to the hot path, so tests that count the tracer's slow calls
+/// subtract these.
+pub(crate) fn slow_events_of_this_thread() -> u64 {
+    TLS.with(|t| t.slow.get())
 }
 
 /// Marks the calling thread as the writer: its events are dropped and
@@ -405,7 +418,20 @@ fn count_call(b: &ThreadBuf, func: u32) {
 #[cold]
 #[inline(never)]
 fn slow_push(b: &ThreadBuf, ts: u64, kind: u8, func: u32, depth: u32, value: Option<u64>) -> bool {
+    TLS.with(|t| t.slow.set(t.slow.get().wrapping_add(1)));
     let p = &b.p;
+    let seg = b.s.seg.load(Ordering::Relaxed);
+    // SAFETY: the current segment is mapped while the buffer lives.
+    if !seg.is_null() && p.pos.load(Ordering::Relaxed) == unsafe { &*seg }.data() as u64 {
+        // A new buffer's first event: its segment starts with a sync record
+        // at this event's time, so that the event is a compact word.
+        p.last_ts.store(ts, Ordering::Relaxed);
+        if !next_segment(b, depth) {
+            b.s.lost.fetch_add(1, Ordering::Relaxed);
+            b.s.dropped_full.fetch_add(1, Ordering::Relaxed);
+            return false;
+        }
+    }
     let last = p.last_ts.load(Ordering::Relaxed);
     let mut words = [0u64; 4];
     let n = match format::compact(kind, func, depth, ts - last) {
@@ -632,7 +658,7 @@ fn nested_drop(b: &ThreadBuf, kind: u8, func: u32) -> bool {
 #[cold]
 #[inline(never)]
 fn slow_record(now: u64, kind: u8, func: u32, depth: u32, value: Option<u64>) -> bool {
-    let Some(b) = begin_acquire(MODE_RECORD) else {
+    let Some(b) = begin_acquire(MODE_RECORD, Some((now, depth))) else {
         return false;
     };
     // SAFETY: begin_acquire returns this thread's live buffer.
@@ -661,7 +687,7 @@ fn slow_count(func: u32) -> bool {
     if want == 0 {
         return false;
     }
-    let Some(b) = begin_acquire(want) else {
+    let Some(b) = begin_acquire(want, None) else {
         return false;
     };
     // SAFETY: begin_acquire returns this thread's live buffer.
@@ -686,7 +712,7 @@ fn slow_count(func: u32) -> bool {
 /// thread descriptor, no allocation), and a CAS loop that only other
 /// threads' buffer creations can make retry.
 #[cold]
-fn begin_acquire(want: u64) -> Option<*mut ThreadBuf> {
+fn begin_acquire(want: u64, first: Option<(u64, u32)>) -> Option<*mut ThreadBuf> {
     let state = TLS.with(|t| t.state.get());
     if state != ST_NORMAL {
         // C1: a signal handler interrupted this thread's own creation, or
@@ -723,12 +749,12 @@ fn begin_acquire(want: u64) -> Option<*mut ThreadBuf> {
             compiler_fence(Ordering::SeqCst);
             // SAFETY: `old` is this thread's buffer; no writer reads it
             // while its session differs from the active one.
-            if unsafe { reinit(old, active) } {
+            if unsafe { reinit(old, active, first) } {
                 result = Some(old);
             }
             // On failure the buffer stays registered with a stale session
             // and is freed when the thread exits.
-        } else if let Some(b) = create(active) {
+        } else if let Some(b) = create(active, first) {
             result = Some(b);
         }
         match result {
@@ -755,7 +781,7 @@ fn end_acquire() {
 
 /// C4 + C6: maps a new buffer for session `active`, registers the
 /// thread-exit destructor and pushes the buffer onto [`INCOMING`].
-fn create(active: u64) -> Option<*mut ThreadBuf> {
+fn create(active: u64, first: Option<(u64, u32)>) -> Option<*mut ThreadBuf> {
     let size = std::mem::size_of::<ThreadBuf>();
     let mem = crate::sys::anon::map(size)?;
     let b = mem as *mut ThreadBuf;
@@ -769,7 +795,7 @@ fn create(active: u64) -> Option<*mut ThreadBuf> {
         f();
     }
     // SAFETY: `b` is ours and not yet visible to anyone.
-    if !unsafe { reinit(b, active) } {
+    if !unsafe { reinit(b, active, first) } {
         // SAFETY: mapped above with this size, never published.
         unsafe { crate::sys::anon::unmap(mem, size) };
         return None;
@@ -822,13 +848,15 @@ unsafe fn free_segments(b: &ThreadBuf) {
 }
 
 /// Sets up the stream or counters for session `active` and resets the
-/// positions and drop counts; publishes `session` last.
+/// positions and drop counts; publishes `session` last. With `first` (the
+/// time and depth of the event about to be written), the first segment is
+/// started for it, so that it is a compact word; else by the first event.
 ///
 /// # Safety
 ///
 /// `b` must be the calling thread's buffer (or a new one) that no writer
 /// reads: its `session` differs from every running session's.
-unsafe fn reinit(b: *mut ThreadBuf, active: u64) -> bool {
+unsafe fn reinit(b: *mut ThreadBuf, active: u64, first: Option<(u64, u32)>) -> bool {
     // SAFETY: the caller guarantees exclusive use.
     let b = unsafe { &*b };
     // SAFETY: the old session's final drain is over (the caller's
@@ -878,6 +906,12 @@ unsafe fn reinit(b: *mut ThreadBuf, active: u64) -> bool {
     b.p.last_ts.store(0, Ordering::Relaxed);
     b.s.lost.store(0, Ordering::Relaxed);
     b.s.seq.store(0, Ordering::Relaxed);
+    if let (Some((ts, depth)), false) = (first, b.s.seg.load(Ordering::Relaxed).is_null()) {
+        b.p.last_ts.store(ts, Ordering::Relaxed);
+        if !next_segment(b, depth) {
+            return false;
+        }
+    }
     b.s.dropped_full.store(0, Ordering::Relaxed);
     b.s.dropped_nested.store(0, Ordering::Relaxed);
     b.s.dropped_range.store(0, Ordering::Relaxed);

@@ -103,7 +103,7 @@ pub const SYNC_WORDS: usize = 4;
 #[inline]
 pub fn compact(kind: u8, func: u32, depth: u32, delta: u64) -> Option<u64> {
     let fits = (func as u64) < 1 << FUNC_BITS && (depth as u64) < 1 << DEPTH_BITS && delta < 1 << DELTA_BITS;
-    fits.then(|| kind as u64 | (depth as u64) << DEPTH_SHIFT | (func as u64) << FUNC_SHIFT | delta << DELTA_SHIFT)
+    fits.then_some(kind as u64 | (depth as u64) << DEPTH_SHIFT | (func as u64) << FUNC_SHIFT | delta << DELTA_SHIFT)
 }
 
 /// The header word of a special record of type `ty` with `n` payload
@@ -267,6 +267,66 @@ impl Decoder {
             0 => Err(self.err("special record of type 0")),
             _ => Ok(None), // a type this build does not know: skipped
         }
+    }
+}
+
+/// Encodes events as a thread's stream, the inverse of [`Decoder`]: a
+/// sync record first, then each event as a compact word when it fits, else
+/// a long record. For tests and tools that write traces; the recorder
+/// itself encodes in its hot path.
+#[derive(Clone, Debug, Default)]
+pub struct Encoder {
+    time: Option<u64>,
+    seq: u64,
+    words: Vec<u64>,
+}
+
+impl Encoder {
+    pub fn new() -> Encoder {
+        Encoder::default()
+    }
+
+    /// A sync record: the next delta counts from `base_ts`, `lost` events
+    /// were lost just before, the next event is at `depth`.
+    pub fn sync(&mut self, depth: u32, lost: u64, base_ts: u64) {
+        self.words.extend([special(SPECIAL_SYNC, 3, depth as u64), base_ts, lost, self.seq]);
+        self.seq += 1;
+        self.time = Some(base_ts);
+    }
+
+    /// An event (its `value` only for [`KIND_EXIT_VALUE`]). Times must not
+    /// go backwards.
+    pub fn event(&mut self, e: &Event) {
+        let t = *self.time.get_or_insert_with(|| {
+            self.words.extend([special(SPECIAL_SYNC, 3, e.depth as u64), e.ts, 0, 0]);
+            self.seq = 1;
+            e.ts
+        });
+        match compact(e.kind, e.func, e.depth, e.ts.wrapping_sub(t)).filter(|_| e.ts >= t) {
+            Some(w) => self.words.push(w),
+            None => {
+                let n = if e.kind == KIND_EXIT_VALUE { 3 } else { 2 };
+                self.words.extend([
+                    special(SPECIAL_LONG, n, e.kind as u64),
+                    e.ts,
+                    e.func as u64 | (e.depth as u64) << 32,
+                ]);
+            }
+        }
+        if e.kind == KIND_EXIT_VALUE {
+            self.words.push(e.value.unwrap_or(0));
+        }
+        self.time = Some(e.ts);
+    }
+
+    /// The words so far.
+    pub fn words(&self) -> &[u64] {
+        &self.words
+    }
+
+    /// The bytes of the words (little-endian).
+    pub fn bytes(&self) -> Vec<u8> {
+        self.words.iter().flat_map(|w| w.to_le_bytes()).collect()
     }
 }
 
@@ -543,6 +603,29 @@ mod tests {
         assert!(decode_all(&[special(SPECIAL_SYNC, 1, 0), 5]).is_err(), "short sync");
         let back = [special(SPECIAL_SYNC, 3, 0), 100, 0, 0, special(SPECIAL_LONG, 2, 1), 50, 1];
         assert!(decode_all(&back).is_err(), "time going backwards");
+    }
+
+    #[test]
+    fn encoder_and_decoder_agree() {
+        let evs = [
+            Event { kind: KIND_ENTRY, func: 3, depth: 0, ts: 100, value: None },
+            Event { kind: KIND_ENTRY, func: 1 << 23, depth: 1, ts: 110, value: None },
+            Event { kind: KIND_EXIT_VALUE, func: 1 << 23, depth: 1, ts: 110 + (1 << 30), value: Some(7) },
+            Event { kind: KIND_EXIT, func: 3, depth: 0, ts: 111 + (1 << 30), value: None },
+        ];
+        let mut enc = Encoder::new();
+        for e in &evs[..2] {
+            enc.event(e);
+        }
+        enc.sync(1, 12, 110);
+        for e in &evs[2..] {
+            enc.event(e);
+        }
+        let items = decode_all(enc.words()).unwrap();
+        let got: Vec<Event> =
+            items.iter().filter_map(|i| if let Item::Event(e) = i { Some(*e) } else { None }).collect();
+        assert_eq!(got, evs);
+        assert!(items.contains(&Item::Sync { depth: 1, lost: 12, seq: 1, base_ts: 110 }));
     }
 
     #[test]

@@ -296,7 +296,8 @@ pub struct RecorderConfig {
     /// least 8192). A thread's buffer starts with one and grows by more
     /// while the writer is behind.
     pub segment_bytes: usize,
-    /// The most one thread's buffer may hold, bytes (`-b/--buffer-size`).
+    /// The most one thread's buffer may hold, bytes (`-b/--buffer-size`;
+    /// at least two segments).
     pub thread_limit: usize,
     /// The most all threads' buffers together may hold, bytes
     /// (`--memory-limit`). See [`default_memory_limit`].
@@ -370,12 +371,14 @@ impl RecorderConfig {
     /// Checks the sizes; says what is wrong.
     fn validate(&self) -> Result<(), RecordError> {
         let bad = |m: String| Err(RecordError::Config(m));
-        if self.segment_bytes < 8192 || self.segment_bytes % 4096 != 0 {
+        if self.segment_bytes < 8192 || !self.segment_bytes.is_multiple_of(4096) {
             return bad(format!("segment_bytes {} must be a multiple of 4096, at least 8192", self.segment_bytes));
         }
-        if self.mode == Mode::Record && self.thread_limit < self.segment_bytes {
+        if self.mode == Mode::Record && self.thread_limit < 2 * self.segment_bytes {
+            // One segment being written and one being drained: with less,
+            // a thread could never record again once its segment filled.
             return bad(format!(
-                "the per-thread buffer limit ({} bytes) must hold at least one segment ({} bytes)",
+                "the per-thread buffer limit ({} bytes) must hold at least two segments ({} bytes each)",
                 self.thread_limit, self.segment_bytes
             ));
         }
@@ -511,6 +514,20 @@ pub fn flush_active() -> Result<Option<TraceSummary>, RecordError> {
 /// agent calls it at load.
 pub fn flush_at_exit() {
     session::install_exit_flush();
+}
+
+/// Events the calling thread wrote through the recorder's slow path (a
+/// segment to start or change, a time gap too long for a compact event):
+/// the tracer's inline code hands those over to the hot path. For tests
+/// that count slow calls.
+#[doc(hidden)]
+pub fn slow_events_of_this_thread() -> u64 {
+    buffer::slow_events_of_this_thread()
+}
+
+/// Bytes of segments the threads' buffers hold now (all sessions).
+pub fn memory_in_use() -> u64 {
+    buffer::MEM_USED.load(std::sync::atomic::Ordering::Relaxed)
 }
 
 /// Whether a session is running.

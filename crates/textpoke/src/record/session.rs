@@ -341,8 +341,8 @@ fn ensure_dir(s: &mut Session) -> bool {
 /// the thread's file and giving finished segments back.
 fn drain_one(s: &mut Session, bp: BufPtr) {
     let b = bp.get();
-    if !s.threads.contains_key(&bp) {
-        s.threads.insert(bp, ThreadOut::new(b.p.tid.load(Ordering::Relaxed)));
+    if let std::collections::btree_map::Entry::Vacant(v) = s.threads.entry(bp) {
+        v.insert(ThreadOut::new(b.p.tid.load(Ordering::Relaxed)));
         s.meta_due = true;
     }
     loop {

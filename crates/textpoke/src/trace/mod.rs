@@ -690,6 +690,13 @@ impl Inner {
         let code = tramp::return_block(block.addr(), hot::on_return as *const () as usize, self.avx, Some((&sh, fast)))
             .map_err(|e| TraceError::CodeGen(e.to_string()))?;
         block.write(0, &code).map_err(|source| TraceError::TrampolineMemory { near: here, source })?;
+        // Its return trampoline handles any shadow entry (the fast path
+        // checks the entry's op, else calls the handler): the hot path's
+        // entries return through it too from now on, so that a call the
+        // graph trampoline handed to the hot path (the thread's first, a
+        // segment change) still returns inline. The plain block stays for
+        // the entries made before.
+        hot::RETURN_TRAMPOLINE.store(block.addr() + tramp::RETURN_OFFSET, Ordering::Release);
         self.graph_code = Some(GraphCode { entry, exit, shadow: sh, block });
         Ok(())
     }

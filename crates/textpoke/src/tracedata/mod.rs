@@ -497,7 +497,7 @@ fn read_counts(
         Ok(c) => {
             let mut prev = None;
             for (i, &(id, _)) in c.calls.iter().enumerate() {
-                if !symbols.contains_key(&id) && !(symbols.is_empty() && !meta.complete) {
+                if !symbols.contains_key(&id) && (!symbols.is_empty() || meta.complete) {
                     return Err(TraceError::CorruptRecord {
                         path,
                         index: i as u64,
