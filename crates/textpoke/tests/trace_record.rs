@@ -98,6 +98,7 @@ fn tally(trace: &Trace) -> HashMap<String, (u64, u64)> {
                     *m -= 1;
                 }
                 RecordKind::Gap => panic!("events lost: {r:?}"),
+                RecordKind::Cut => {}
             }
         }
         for (f, bal) in mine {

@@ -186,9 +186,14 @@ pub fn chrome<W: Write>(set: &TraceSet, w: &mut W, progress: &mut dyn FnMut(u64)
                         };
                         sep(w).and_then(|_| serde_json::to_writer(&mut *w, &ev).map_err(json))
                     }
-                    Event::Gap { lost, ts, .. } => {
+                    Event::Gap { lost, ts, .. } | Event::Cut { count: lost, ts } => {
+                        let name = if matches!(e, Event::Gap { .. }) {
+                            "events lost"
+                        } else {
+                            "signal handler's events not recorded"
+                        };
                         let ev = Instant {
-                            name: "events lost",
+                            name,
                             cat: "textpoke",
                             ph: "i",
                             s: "t",

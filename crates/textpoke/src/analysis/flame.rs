@@ -147,7 +147,7 @@ pub fn folded(set: &TraceSet, progress: &mut dyn FnMut(u64)) -> Result<(String, 
                         stack.push(node);
                     }
                 }
-                Event::OrphanExit { .. } => {}
+                Event::OrphanExit { .. } | Event::Cut { .. } => {}
             })?;
         }
     }

@@ -60,6 +60,8 @@ struct Printer<'a, W: Write> {
     err: Option<io::Error>,
     marks: bool,
     gaps: u64,
+    /// The level the next line would be at.
+    level: usize,
 }
 
 impl<W: Write> Printer<'_, W> {
@@ -95,11 +97,22 @@ impl<W: Write> Printer<'_, W> {
             Event::Enter { func, level, .. } => {
                 self.flush_pending();
                 self.pending = Some((func, level));
+                self.level = level + 1;
             }
             Event::Leave(c) if c.closed == Closed::Gap => self.flush_pending(),
+            Event::Cut { count, .. } => {
+                self.flush_pending();
+                let level = self.level;
+                self.line(
+                    "",
+                    level,
+                    format_args!("/* {count} event(s) of a signal handler's calls not recorded here */"),
+                );
+            }
             Event::Gap { lost, level, .. } => {
                 self.flush_pending();
                 self.gaps += 1;
+                self.level = level;
                 self.line(
                     "",
                     0,
@@ -107,6 +120,7 @@ impl<W: Write> Printer<'_, W> {
                 );
             }
             Event::Leave(c) => {
+                self.level = c.level;
                 let dur = self.duration(&c);
                 let name = self.trace.name(c.func);
                 let value = c.value.map(|v| format!(" = {}", value_text(v))).unwrap_or_default();
@@ -161,7 +175,7 @@ pub fn replay<W: Write>(
         for t in threads {
             writeln!(w, "#\n# thread {}\n# {:>w$} | FUNCTION", t.tid(), "DURATION", w = DUR_WIDTH - 2)
                 .map_err(write)?;
-            let mut pr = Printer { w: &mut *w, trace, pending: None, err: None, marks: false, gaps: 0 };
+            let mut pr = Printer { w: &mut *w, trace, pending: None, err: None, marks: false, gaps: 0, level: 0 };
             let (mut orphans, mut after_gap) = (0u64, 0u64);
             walk_thread(trace, t, &mut rb, progress, &mut |e| {
                 if let Event::OrphanExit { after_gap: g, .. } = e {

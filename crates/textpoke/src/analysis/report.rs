@@ -131,6 +131,9 @@ pub struct ThreadStats {
     pub cut_by_gap: u64,
     /// Places where events were lost.
     pub gaps: u64,
+    /// Events of signal handlers' calls not recorded (they ran while the
+    /// thread was inside the tracer; their calls are counted).
+    pub cut_events: u64,
     /// Deepest rebuilt stack level + 1.
     pub max_level: usize,
     /// Events this thread lost while recording.
@@ -240,6 +243,7 @@ fn process_report(trace: &Trace, progress: &mut dyn FnMut(u64)) -> Result<Proces
             exit_lost: 0,
             cut_by_gap: 0,
             gaps: 0,
+            cut_events: 0,
             max_level: 0,
             dropped: t.dropped(),
             span_ns: trace.delta_ns(t.meta.first_ts, t.meta.last_ts),
@@ -338,6 +342,7 @@ fn thread_event(e: Event, accs: &mut HashMap<FuncId, Acc>, ts: &mut ThreadStats)
             }
         }
         Event::Gap { .. } => ts.gaps += 1,
+        Event::Cut { count, .. } => ts.cut_events += count,
     }
 }
 

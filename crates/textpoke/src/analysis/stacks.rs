@@ -78,6 +78,15 @@ pub enum Event {
         /// Whether a gap came before it on this thread.
         after_gap: bool,
     },
+    /// `count` events of a signal handler's calls were not recorded here
+    /// (it ran while the thread was inside the tracer); nothing else is
+    /// affected.
+    Cut {
+        /// Events not recorded.
+        count: u64,
+        /// Time of the last event before (ticks).
+        ts: u64,
+    },
     /// `lost` events were lost here; every call open before was closed as
     /// [`Closed::Gap`] just before this event, and the calls after it
     /// start at stack level `level` (the depth recording resumed at: their
@@ -146,6 +155,7 @@ impl<'c> Rebuilder<'c> {
             RecordKind::Entry => self.entry(r, sink),
             RecordKind::Exit => self.exit(r, sink),
             RecordKind::Gap => self.gap(r, sink),
+            RecordKind::Cut => sink(Event::Cut { count: r.lost, ts: r.ts }),
         }
     }
 

@@ -3,7 +3,7 @@
 //! steps there ("Hot path", "Segments", "Buffer creation", "Thread exit")
 //! are referred to here as H1…, G1…, C1…, X1….
 
-use super::format::{self, KIND_ENTRY, KIND_EXIT_VALUE, SPECIAL_LONG, SPECIAL_SYNC};
+use super::format::{self, KIND_ENTRY, KIND_EXIT_VALUE, SPECIAL_CUT, SPECIAL_LONG, SPECIAL_SYNC};
 use crate::clock::Clock;
 use std::cell::Cell;
 use std::ptr;
@@ -190,6 +190,9 @@ pub(crate) struct Stream {
     /// Bytes of segments mapped for this buffer (the producer adds, the
     /// writer subtracts when it unmaps).
     pub owned: AtomicU64,
+    /// Events cut (not recorded because of the recursion guard) and not
+    /// yet marked in the stream (see [`mark_cut`]).
+    pub cut_pending: AtomicU64,
 }
 
 /// The consumer's side.
@@ -413,50 +416,44 @@ fn count_call(b: &ThreadBuf, func: u32) {
 }
 
 /// H4 failed: the event does not fit a compact word, or the segment is
-/// full. Writes the event, switching segments if needed (G1-G4). `busy`
-/// is held. Returns whether the event was kept.
+/// full, or a cut is to be marked. Writes the event, switching segments if
+/// needed (G1-G4). `busy` is held. Returns whether the event was kept.
 #[cold]
 #[inline(never)]
 fn slow_push(b: &ThreadBuf, ts: u64, kind: u8, func: u32, depth: u32, value: Option<u64>) -> bool {
     TLS.with(|t| t.slow.set(t.slow.get().wrapping_add(1)));
     let p = &b.p;
     let seg = b.s.seg.load(Ordering::Relaxed);
+    if seg.is_null() {
+        return false; // a count-only buffer has no stream
+    }
     // SAFETY: the current segment is mapped while the buffer lives.
-    if !seg.is_null() && p.pos.load(Ordering::Relaxed) == unsafe { &*seg }.data() as u64 {
+    let seg = unsafe { &*seg };
+    if p.pos.load(Ordering::Relaxed) == seg.data() as u64 {
         // A new buffer's first event: its segment starts with a sync record
         // at this event's time, so that the event is a compact word.
         p.last_ts.store(ts, Ordering::Relaxed);
         if !next_segment(b, depth) {
-            b.s.lost.fetch_add(1, Ordering::Relaxed);
-            b.s.dropped_full.fetch_add(1, Ordering::Relaxed);
-            return false;
+            return lose(b);
         }
+    } else {
+        // `mark_cut` lowers `end` to send the next event here: put it back.
+        p.end.store(seg.data_end() as u64, Ordering::Relaxed);
     }
-    let last = p.last_ts.load(Ordering::Relaxed);
-    let mut words = [0u64; 4];
-    let n = match format::compact(kind, func, depth, ts - last) {
-        Some(w) => {
-            words[0] = w;
-            words[1] = value.unwrap_or(0);
-            1 + value.is_some() as usize
-        }
-        None => {
-            let payload = 2 + value.is_some() as u8;
-            words[0] = format::special(SPECIAL_LONG, payload, kind as u64);
-            words[1] = ts;
-            words[2] = func as u64 | (depth as u64) << 32;
-            words[3] = value.unwrap_or(0);
-            1 + payload as usize
-        }
-    };
+    let cut = b.s.cut_pending.load(Ordering::Relaxed);
+    let mut words = [0u64; 5];
+    let mut n = 0;
+    if cut > 0 {
+        words[0] = format::special(SPECIAL_CUT, 0, cut);
+        n = 1;
+    }
+    n += encode(&mut words[n..], (kind, func, depth), (ts, p.last_ts.load(Ordering::Relaxed)), value);
     let need = n as u64 * 8;
     if p.pos.load(Ordering::Relaxed) + need > p.end.load(Ordering::Relaxed) && !next_segment(b, depth) {
-        b.s.lost.fetch_add(1, Ordering::Relaxed); // G4
-        b.s.dropped_full.fetch_add(1, Ordering::Relaxed);
-        return false;
+        return lose(b); // G4
     }
-    // next_segment wrote a sync record whose time is `last`: the words
-    // above still count from it.
+    // next_segment wrote a sync record whose time is the last event's:
+    // the words above still count from it.
     let pos = p.pos.load(Ordering::Relaxed);
     for (i, w) in words[..n].iter().enumerate() {
         // SAFETY: room for `n` words was checked (or made) above.
@@ -464,7 +461,68 @@ fn slow_push(b: &ThreadBuf, ts: u64, kind: u8, func: u32, depth: u32, value: Opt
     }
     p.pos.store(pos + need, Ordering::Release); // H7, as in try_push
     p.last_ts.store(ts, Ordering::Relaxed);
+    if cut > 0 {
+        // Not a store of 0: a handler may have cut more meanwhile.
+        b.s.cut_pending.fetch_sub(cut, Ordering::Relaxed);
+    }
     true
+}
+
+/// The words of one event into `out`: a compact word (and the value), or
+/// a long record; returns how many.
+fn encode(out: &mut [u64], (kind, func, depth): (u8, u32, u32), (ts, last): (u64, u64), value: Option<u64>) -> usize {
+    match format::compact(kind, func, depth, ts - last) {
+        Some(w) => {
+            out[0] = w;
+            out[1] = value.unwrap_or(0);
+            1 + value.is_some() as usize
+        }
+        None => {
+            let payload = 2 + value.is_some() as u8;
+            out[0] = format::special(SPECIAL_LONG, payload, kind as u64);
+            out[1] = ts;
+            out[2] = func as u64 | (depth as u64) << 32;
+            out[3] = value.unwrap_or(0);
+            1 + payload as usize
+        }
+    }
+}
+
+/// G4: an event lost for want of a segment.
+fn lose(b: &ThreadBuf) -> bool {
+    b.s.lost.fetch_add(1, Ordering::Relaxed);
+    b.s.dropped_full.fetch_add(1, Ordering::Relaxed);
+    false
+}
+
+/// `n` events of a signal handler's calls were not recorded (the handler
+/// ran while this thread was inside a record call, or inside tracer code):
+/// counts them, and lowers `end` so that the thread's next event takes
+/// the slow path, which marks them in the stream ([`SPECIAL_CUT`]) where
+/// they happened. Async-signal-safe; may interrupt the owner anywhere.
+fn mark_cut(b: &ThreadBuf, n: u64) {
+    // fetch_add: nested handlers may themselves be interrupted.
+    b.s.dropped_nested.fetch_add(n, Ordering::Relaxed);
+    b.s.cut_pending.fetch_add(n, Ordering::Relaxed);
+    b.p.end.store(0, Ordering::Relaxed);
+}
+
+/// A call the tracer's recursion guard kept from the recorder (a signal
+/// handler's call while its thread was inside tracer code): counted (K3),
+/// its entry and exit marked as cut.
+pub(crate) fn count_cut(func: u32) {
+    count(func);
+    let buf = tls_buf();
+    if buf.is_null() {
+        return;
+    }
+    // SAFETY: as in `record`.
+    let b = unsafe { &*buf };
+    if ACTIVE.load(Ordering::Relaxed) == b.p.session.load(Ordering::Relaxed)
+        && !b.s.seg.load(Ordering::Relaxed).is_null()
+    {
+        mark_cut(b, 2);
+    }
 }
 
 /// G1-G2: moves the stream to a segment with room, starting it with a sync
@@ -648,8 +706,7 @@ fn nested_drop(b: &ThreadBuf, kind: u8, func: u32) -> bool {
         if kind == KIND_ENTRY {
             count_call(b, func); // the call still counts (K3 nests)
         }
-        // fetch_add: nested handlers may themselves be interrupted.
-        b.s.dropped_nested.fetch_add(1, Ordering::Relaxed);
+        mark_cut(b, 1);
     }
     false
 }
@@ -915,6 +972,7 @@ unsafe fn reinit(b: *mut ThreadBuf, active: u64, first: Option<(u64, u32)>) -> b
     b.s.dropped_full.store(0, Ordering::Relaxed);
     b.s.dropped_nested.store(0, Ordering::Relaxed);
     b.s.dropped_range.store(0, Ordering::Relaxed);
+    b.s.cut_pending.store(0, Ordering::Relaxed);
     b.cold.exited.store(0, Ordering::Relaxed);
     // Release pairs with the writer's acquire load of `session` (D0): a
     // writer that sees this session sees the reset fields.

@@ -41,6 +41,10 @@
 //! - [`SPECIAL_LONG`] (argument: the kind; payload: the absolute time,
 //!   `function | depth << 32`, and for [`KIND_EXIT_VALUE`] the value).
 //! - [`SPECIAL_LOST`] (argument: events lost here; no payload).
+//! - [`SPECIAL_CUT`] (argument: events not recorded here because a signal
+//!   handler made calls while its thread was inside the tracer or the
+//!   recorder — its calls are counted, not recorded; what is around them
+//!   is unaffected; no payload).
 //!
 //! Readers skip special records of types they do not know (their length
 //! is in the word), so new types do not need a new version.
@@ -83,6 +87,10 @@ pub const SPECIAL_SYNC: u8 = 1;
 pub const SPECIAL_LONG: u8 = 2;
 /// Special record: events lost at this point.
 pub const SPECIAL_LOST: u8 = 3;
+/// Special record: events of calls a signal handler made while its thread
+/// was inside the tracer or recorder (the recursion guard), not recorded;
+/// the calls around them nest as recorded.
+pub const SPECIAL_CUT: u8 = 4;
 
 /// Bits of a compact event's depth, function and delta fields.
 pub const DEPTH_BITS: u32 = 14;
@@ -136,6 +144,8 @@ pub enum Item {
     Sync { depth: u32, lost: u64, seq: u64, base_ts: u64 },
     /// `count` events were lost here.
     Lost { count: u64 },
+    /// `count` events of a signal handler's calls were not recorded here.
+    Cut { count: u64 },
 }
 
 /// Why a stream does not decode.
@@ -263,6 +273,7 @@ impl Decoder {
                 Ok(Some(Item::Event(Event { kind, func, depth, ts: p[0], value })))
             }
             SPECIAL_LOST => Ok(Some(Item::Lost { count: arg })),
+            SPECIAL_CUT => Ok(Some(Item::Cut { count: arg })),
             SPECIAL_SYNC | SPECIAL_LONG => Err(self.err(format!("special record {ty} too short"))),
             0 => Err(self.err("special record of type 0")),
             _ => Ok(None), // a type this build does not know: skipped

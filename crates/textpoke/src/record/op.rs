@@ -80,6 +80,14 @@ impl TraceOp for RecordOp {
         super::count(FuncId(func));
     }
 
+    fn call_cut(&self, func: u32) {
+        if self.count_only {
+            super::count(FuncId(func));
+        } else {
+            buffer::count_cut(func);
+        }
+    }
+
     fn functions_added(&self, ids: std::ops::Range<u32>) {
         if ids.start == 0 {
             // Registered: forget an earlier op's choice.

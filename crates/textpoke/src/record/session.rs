@@ -400,7 +400,7 @@ fn write_words(s: &mut Session, bp: BufPtr, from: u64, to: u64) {
         }
         let path = dir.join(&name);
         let made = File::create(&path).and_then(|f| {
-            let mut w = BufWriter::with_capacity(1 << 20, f);
+            let mut w = BufWriter::with_capacity(64 << 10, f);
             w.write_all(&format::thread_header(out.tid)).map(|()| w)
         });
         match made {

@@ -62,3 +62,28 @@ pub(crate) unsafe fn unmap(p: *mut u8, len: usize) {
     // SAFETY: the caller's guarantee.
     unsafe { libc::munmap(p as *mut libc::c_void, len.max(1)) };
 }
+
+/// The page size these mappings use.
+pub(crate) const PAGE: usize = 4096;
+
+/// The indexes of the pages of `p..p+len` that are resident (`mincore`):
+/// the pages of an anonymous mapping that were ever written. Reading the
+/// others would fault zero pages in for nothing. On failure, every page.
+///
+/// # Safety
+///
+/// `p..p+len` must be a mapping made by [`map`].
+pub(crate) unsafe fn resident_pages(p: *mut u8, len: usize) -> Vec<usize> {
+    let pages = len.div_ceil(PAGE);
+    if p.is_null() || pages == 0 {
+        return Vec::new();
+    }
+    let mut vec = vec![0u8; pages];
+    // SAFETY: a page-aligned mapping of `len` bytes (the caller's
+    // guarantee) and a vector of one byte per page.
+    let r = unsafe { libc::mincore(p.cast(), len, vec.as_mut_ptr()) };
+    if r != 0 {
+        return (0..pages).collect();
+    }
+    vec.iter().enumerate().filter(|(_, &v)| v & 1 != 0).map(|(i, _)| i).collect()
+}

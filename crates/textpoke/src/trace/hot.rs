@@ -58,12 +58,16 @@ pub trait TraceOp: Send + Sync + 'static {
     fn wants_time(&self) -> bool {
         false
     }
-    /// A call of function `func` that `entry` does not see: the recursion
-    /// guard kept it from the op (a signal handler ran a traced function
-    /// while its thread was inside tracer code), or a count trampoline fell
-    /// back. An op keeping exact call counts counts it here. Same rules as
-    /// `entry`: async-signal-safe, no allocation, lock or traced code.
+    /// A call of function `func` for a count-only op's count trampoline
+    /// that fell back to the hot path ([`InlineCode::Count`]): does what
+    /// `entry` does, without an [`Entry`]. Same rules as `entry`.
     fn call_counted(&self, _func: u32) {}
+    /// A call of function `func` the recursion guard kept from the op (a
+    /// signal handler ran a traced function while its thread was inside
+    /// tracer code): not traced, neither entry nor exit. An op keeping
+    /// exact call counts counts it here. Same rules as `entry`:
+    /// async-signal-safe, no allocation, lock or traced code.
+    fn call_cut(&self, _func: u32) {}
     /// Functions `ids` of [`crate::funcs`] gained sites the op may be
     /// called for (the tracer found them, or the op was just registered:
     /// then every known function): the op prepares any per-function data
@@ -446,7 +450,7 @@ fn enter(regs: *mut SavedRegs, frame: *mut usize, site: u32, slot: &SiteSlot, ma
             // Recursion: a callback (or a signal inside one) called a
             // traced function. Not traced, but counted by ops that count.
             let func = slot.func.load(Ordering::Relaxed);
-            for_each_op(mask, |_, op| op.op.call_counted(func));
+            for_each_op(mask, |_, op| op.op.call_cut(func));
             return;
         }
         st.in_tramp.set(1);

@@ -124,6 +124,11 @@ pub enum RecordKind {
     /// the next event is at `depth`. `ts` is the time of the last event
     /// before the gap; `func` means nothing.
     Gap,
+    /// `lost` events of calls a signal handler made while this thread was
+    /// inside the tracer or the recorder were not recorded here (they are
+    /// counted); the calls around them nest as recorded. `ts` is the time
+    /// of the last event before; `func` and `depth` mean nothing.
+    Cut,
 }
 
 /// One record of one thread.
@@ -778,6 +783,15 @@ impl ThreadRecords {
                 tid,
                 ts: last,
                 depth: u32::MAX,
+                value: None,
+                lost: count,
+            }),
+            Item::Cut { count } => queue.push_back(Record {
+                kind: RecordKind::Cut,
+                func: FuncId(0),
+                tid,
+                ts: last,
+                depth: 0,
                 value: None,
                 lost: count,
             }),
