@@ -347,7 +347,10 @@ impl Clients {
     }
 
     /// Accepts the connections waiting on `listener` (at most [`cap`]).
-    pub fn accept(&mut self, listener: &Fd, now: Instant) {
+    /// False when accepting fails for want of descriptors or memory: the
+    /// connection stays in the backlog and the listener stays readable,
+    /// so the caller must not poll it again at once (it would spin).
+    pub fn accept(&mut self, listener: &Fd, now: Instant) -> bool {
         for _ in 0..cap() {
             // SAFETY: accept4 on our listening socket (checked by the
             // caller); no address wanted.
@@ -360,7 +363,12 @@ impl Clients {
                 )
             };
             if fd < 0 {
-                return; // none left (or a transient failure: next round)
+                let e = std::io::Error::last_os_error().raw_os_error();
+                match e {
+                    Some(libc::EINTR | libc::ECONNABORTED) => continue,
+                    Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM) => return false,
+                    _ => return true, // none left
+                }
             }
             // SAFETY: a new descriptor, owned here.
             let fd = unsafe { OwnedFd::from_raw_fd(fd) };
@@ -370,6 +378,7 @@ impl Clients {
             }
             self.add(fd, now);
         }
+        true
     }
 
     /// Serves a new connection, making room for it if the table is full.

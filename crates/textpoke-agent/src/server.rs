@@ -47,6 +47,10 @@ use textpoke::trace::Tracer;
 /// How often the agent thread wakes without a reason.
 const TICK_MS: i32 = 50;
 
+/// How long the agent thread leaves the listener alone after accepting
+/// failed for want of descriptors (the program is at its limit).
+const ACCEPT_PAUSE: Duration = Duration::from_millis(100);
+
 /// After a `dlopen` starts, how long the agent thread looks every
 /// millisecond for the object to appear.
 const DLOPEN_WATCH: Duration = Duration::from_millis(250);
@@ -243,6 +247,7 @@ fn main_loop() {
         clients: Clients::default(),
         front: front.map(front::Watch::start),
         watch_until: None,
+        accept_paused_until: None,
     };
     while THREAD_PID.load(Ordering::Acquire) == state.me {
         state.round();
@@ -262,6 +267,9 @@ struct LoopState {
     front: Option<front::Watch>,
     /// Until when to look every millisecond for an object being loaded.
     watch_until: Option<Instant>,
+    /// Until when not to poll the listener: accepting failed for want of
+    /// descriptors (the connection waits in the backlog).
+    accept_paused_until: Option<Instant>,
 }
 
 /// Appends `p` to `fds` if there is one; its index.
@@ -280,8 +288,9 @@ impl LoopState {
     fn round(&mut self) {
         self.make_socket();
         let mut fds = Vec::with_capacity(3 + self.clients.len());
-        let wake_at = push_poll(&mut fds, self.wake.as_ref().and_then(|w| poll_in(&w.read)));
-        let listen_at = push_poll(&mut fds, self.listener.as_ref().and_then(poll_in));
+        push_poll(&mut fds, self.wake.as_ref().and_then(|w| poll_in(&w.read)));
+        let listening = self.accept_paused_until.is_none_or(|t| Instant::now() >= t);
+        let listen_at = push_poll(&mut fds, self.listener.as_ref().filter(|_| listening).and_then(poll_in));
         let front_at = push_poll(&mut fds, self.front.as_ref().and_then(front::Watch::poll_fd));
         let clients_at = fds.len();
         self.clients.poll_fds(&mut fds);
@@ -298,7 +307,7 @@ impl LoopState {
         if sig != 0 {
             stop_and_reraise(sig);
         }
-        if wake_at.is_some() && !self.wake.as_ref().is_some_and(WakePipe::drain) {
+        if self.wake.as_ref().is_some_and(|w| !w.drain()) {
             self.wake = None; // the program took it over: no more waking
             WAKE_FD.store(-1, Ordering::Release);
         }
@@ -355,8 +364,8 @@ impl LoopState {
         if let Some(l) = &self.listener {
             if !l.ours() {
                 self.listener = None; // the program closed it: no more control
-            } else if listener_revents & libc::POLLIN != 0 {
-                self.clients.accept(l, now);
+            } else if listener_revents & libc::POLLIN != 0 && !self.clients.accept(l, now) {
+                self.accept_paused_until = Some(now + ACCEPT_PAUSE);
             }
         }
         if self.clients.len() > 0 {

@@ -930,12 +930,11 @@ fn killing_textpoke_finishes_the_trace_and_the_program_runs_on() {
         std::thread::sleep(Duration::from_millis(10));
     }
     wait_growth(&sockets, pid);
-    // The agent watches textpoke through a pidfd of its own, high; no
-    // pipe, socket or pidfd of textpoke's sits at the program's low numbers
-    // (the recorder's trace files may).
+    // Nothing was passed to the program to watch textpoke by (the agent's
+    // pidfd is its own, high): no pipe, socket or pidfd sits at the
+    // program's low numbers but stdin, stdout and stderr (the recorder's
+    // trace files may).
     let fds = fds_of(pid);
-    let pidfds: Vec<i32> = fds.iter().filter(|(_, t)| t.contains("pidfd")).map(|&(n, _)| n).collect();
-    assert!(pidfds.len() == 1 && pidfds[0] >= 10, "{fds:?}");
     assert!(fds.iter().all(|(n, t)| *n <= 2 || *n >= 10 || t.starts_with('/')), "{fds:?}");
 
     // SAFETY: killing the textpoke process this test started.
@@ -1160,6 +1159,112 @@ fn sockets_of_dead_processes_are_removed_when_an_agent_starts() {
     end_spin(child, &dir);
 }
 
+/// Starts a thread calling `work` every 200 µs and prints its pid; then,
+/// line by line on stdin: `fill` opens /dev/null until no descriptor is
+/// left (prints `full N`), `free` closes them (prints `freed`), the end of
+/// stdin ends it.
+const FD_HOG_C: &str = r#"
+#include <fcntl.h>
+#include <pthread.h>
+#include <stdio.h>
+#include <unistd.h>
+static volatile long sink;
+static volatile int stop;
+__attribute__((noinline)) long work(long x) { sink += x; return x; }
+static void *spin(void *a) { while (!stop) { work(1); usleep(200); } return a; }
+static void line(void) { char c; while (read(0, &c, 1) == 1 && c != '\n') {} }
+int main(void) {
+    pthread_t t;
+    pthread_create(&t, NULL, spin, NULL);
+    printf("%d\n", (int)getpid());
+    fflush(stdout);
+    line();
+    int fds[4096], n = 0;
+    /* Twice: a descriptor the recorder's writer held during the first
+       pass (a file being replaced) is taken in the second. */
+    for (int pass = 0; pass < 2; pass++) {
+        while (n < 4096 && (fds[n] = open("/dev/null", O_RDONLY)) >= 0) n++;
+        usleep(200 * 1000);
+    }
+    printf("full %d\n", n);
+    fflush(stdout);
+    line();
+    for (int i = 0; i < n; i++) close(fds[i]);
+    printf("freed\n");
+    fflush(stdout);
+    line();
+    stop = 1;
+    pthread_join(t, NULL);
+    return 0;
+}
+"#;
+
+/// CPU time (user + system, clock ticks) of the thread of `pid` named
+/// `name`.
+fn thread_cpu(pid: i32, name: &str) -> u64 {
+    for e in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap().flatten() {
+        let comm = std::fs::read_to_string(e.path().join("comm")).unwrap_or_default();
+        if comm.trim_end() != name {
+            continue;
+        }
+        let stat = std::fs::read_to_string(e.path().join("stat")).unwrap();
+        let fields: Vec<&str> = stat[stat.rfind(')').unwrap() + 2..].split(' ').collect();
+        // Fields 14 and 15 (utime, stime); the first after the name is 3.
+        return fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap();
+    }
+    panic!("process {pid} has no thread {name}");
+}
+
+#[test]
+fn a_program_out_of_descriptors_does_not_make_the_agent_spin() {
+    let prog = compile("fd_hog", FD_HOG_C, &[SITES]);
+    let sockets = socket_dir("fd-hog");
+    let dir = fresh("fd-hog.data");
+    let mut cmd = textpoke(&sockets);
+    cmd.args(["record", "-o"]).arg(&dir).arg(&prog);
+    // SAFETY: setrlimit is async-signal-safe; it runs in the forked child.
+    unsafe {
+        cmd.pre_exec(|| {
+            let lim = libc::rlimit { rlim_cur: 64, rlim_max: 64 };
+            libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
+            Ok(())
+        })
+    };
+    let (mut child, pid) = start_recording(cmd, &sockets);
+    wait_growth(&sockets, pid);
+    let mut stdin = child.stdin.take().unwrap();
+    let mut out = BufReader::new(child.stdout.take().unwrap());
+    stdin.write_all(b"fill\n").unwrap();
+    let mut line = String::new();
+    out.read_line(&mut line).unwrap();
+    assert!(line.starts_with("full "), "{line:?}");
+    // Clients while the table is full: the agent cannot accept them, and
+    // must not spin on the listener that stays readable. (Two, each saying
+    // all it has to say: should the program's table have one descriptor
+    // free after all, the other still waits.)
+    let clients: Vec<_> = (0..2).map(|_| raw_client(&sockets, pid)).collect();
+    for c in &clients {
+        (&*c).write_all(b"status\n").unwrap();
+        c.shutdown(std::net::Shutdown::Write).unwrap();
+    }
+    let cpu = thread_cpu(pid, "textpoke-agent");
+    std::thread::sleep(Duration::from_secs(1));
+    let spent = thread_cpu(pid, "textpoke-agent") - cpu;
+    eprintln!("agent thread CPU over 1 s with a client waiting and no descriptor free: {spent} ticks");
+    assert!(spent < 30, "the agent thread spent {spent} ticks of 1 s waiting for a descriptor");
+    // Descriptors free again: the client is served.
+    stdin.write_all(b"free\n").unwrap();
+    line.clear();
+    out.read_line(&mut line).unwrap();
+    assert_eq!(line, "freed\n");
+    for c in &clients {
+        assert_eq!(read_reply(&mut BufReader::new(c)).get("state"), Some("recording"));
+    }
+    drop(stdin);
+    let status = child.wait().unwrap();
+    assert!(status.success(), "{status:?}");
+}
+
 /// Starts a thread calling `work` every 200 µs, prints its pid, waits for
 /// a line on stdin, then stops the thread and calls `_exit(0)`.
 const EXIT_LATER_C: &str = r#"
@@ -1183,13 +1288,13 @@ int main(void) {
 }
 "#;
 
-/// An idle connection, and one that sent half a line and trickles a byte
-/// every 100 ms (until it is closed or told to stop).
+/// A connection that sends half a line and trickles a byte every 100 ms
+/// (until it is closed or told to stop), then an idle one.
 fn pester(sockets: &Path, pid: i32) -> (std::os::unix::net::UnixStream, std::sync::Arc<std::sync::atomic::AtomicBool>) {
     use std::sync::atomic::{AtomicBool, Ordering};
-    let idle = raw_client(sockets, pid);
     let stop = std::sync::Arc::new(AtomicBool::new(false));
     let trickler = raw_client(sockets, pid);
+    let idle = raw_client(sockets, pid);
     let flag = stop.clone();
     std::thread::spawn(move || {
         while !flag.load(Ordering::Relaxed) && (&trickler).write_all(b"s").is_ok() {
