@@ -115,8 +115,10 @@ fn pidfd_open(pid: i32) -> std::io::Result<OwnedFd> {
 
 /// Whether `/proc` (or `kill`, where `/proc` cannot be read) shows that
 /// `front` is gone: no such process, a zombie, or another process with
-/// its pid. False when it cannot tell.
-fn proc_says_gone(front: FrontProcess) -> bool {
+/// its pid. False when it cannot tell. Also used at load, so that a
+/// program started (or executed) after `textpoke record` died never
+/// starts recording.
+pub(crate) fn proc_says_gone(front: FrontProcess) -> bool {
     match proc_stat(front.pid) {
         Some(st) => matches!(st.state, 'Z' | 'X') || (front.start != 0 && st.start != front.start),
         None => !exists(front.pid),

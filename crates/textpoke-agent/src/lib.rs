@@ -66,7 +66,9 @@
 //!    complete and stops growing), and starts no recording afterwards;
 //!    the program runs on untouched, and `textpoke ctl` still answers
 //!    (state `stopped (textpoke record ended)`). It inherits nothing from
-//!    `textpoke record` but the variable: no descriptor.
+//!    `textpoke record` but the variable: no descriptor. A program that
+//!    starts (or is executed) when `textpoke record` is already gone
+//!    never starts recording.
 //!
 //! # Never harm the program
 //!
@@ -354,6 +356,9 @@ fn load() {
             return;
         }
     };
+    if config.front.is_some_and(front::proc_says_gone) {
+        FRONT_GONE.store(true, Ordering::Release); // step 7, before it started
+    }
     publish_dir(&dir);
     // SAFETY: three `extern "C"` handlers without arguments.
     unsafe { libc::pthread_atfork(Some(fork_prepare), Some(fork_parent), Some(fork_child)) };

@@ -968,6 +968,36 @@ fn killing_textpoke_finishes_the_trace_and_the_program_runs_on() {
     assert_eq!(unsafe { libc::kill(pid, 0) }, 0, "the program still runs");
 }
 
+#[test]
+fn a_program_started_after_textpoke_died_records_nothing() {
+    let sockets = socket_dir("front-gone");
+    let preloaded = |dir: &Path, front: String| {
+        Command::new(threads_prog())
+            .env("LD_PRELOAD", agent())
+            .env("TEXTPOKE_DIR", dir)
+            .env("TEXTPOKE_SOCKET_DIR", &sockets)
+            .env("TEXTPOKE_RECORD_PID", front)
+            .stdin(Stdio::null())
+            .output()
+            .unwrap()
+    };
+    let mut gone = Command::new("true").spawn().unwrap();
+    gone.wait().unwrap();
+    let dir = fresh("front-gone.data");
+    let out = preloaded(&dir, format!("{}:0", gone.id()));
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(text(&out.stdout), format!("threads ok {}\n", 4 * 55));
+    assert_eq!(text(&out.stderr), "");
+    assert!(!dir.exists(), "nothing recorded");
+    // This test process, alive, as the front: recorded.
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap();
+    let start = stat[stat.rfind(')').unwrap() + 2..].split(' ').nth(19).unwrap().to_owned();
+    let dir = fresh("front-alive.data");
+    let out = preloaded(&dir, format!("{}:{start}", std::process::id()));
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(calls(&open_complete(&dir))["fib"], 4 * 177);
+}
+
 // ---------------------------------------------------------------------------
 // The control socket under load and abuse.
 
