@@ -20,6 +20,7 @@
 //! | `TEXTPOKE_MEMORY_LIMIT` | the most all buffers may hold together, bytes (`--memory-limit`) |
 //! | `TEXTPOKE_CLOCK` | `tsc`, `tsc-unordered` or `monotonic` (`--clock`); unset: the best this machine has |
 //! | `TEXTPOKE_SOCKET_DIR` | where the control socket goes (see [`textpoke::control`]) |
+//! | `TEXTPOKE_RECORD_PID` | `PID:START`: the `textpoke record` process this run belongs to (step 7). Unset: no such process to watch (the agent preloaded by hand) |
 //!
 //! # Life cycle
 //!
@@ -61,6 +62,17 @@
 //!    default at load, get a handler that asks the agent thread to stop the
 //!    recorder, then restores the default and raises the signal again: the
 //!    process still dies of the signal, with a complete trace.
+//! 7. **`textpoke record` ends.** When `TEXTPOKE_RECORD_PID` names it,
+//!    the agent thread watches that process (a pidfd, see `front`). If it
+//!    is gone while the program runs (killed, crashed), nobody will stop
+//!    the recording: the agent unregisters its op (the sites are
+//!    unpatched), stops the recorder as an exit does (the trace is
+//!    complete and stops growing), and starts no recording afterwards;
+//!    the program runs on untouched, and `textpoke ctl` still answers
+//!    (state `stopped (textpoke record ended)`). It inherits nothing from
+//!    `textpoke record` but the variable: no descriptor. A program that
+//!    starts (or is executed) when `textpoke record` is already gone
+//!    never starts recording.
 //!
 //! # Never harm the program
 //!
@@ -78,8 +90,14 @@
 //!
 //! `<socket dir>/<pid>.sock`, mode 0600 in a 0700 directory; the protocol
 //! is described in [`textpoke::control`]: `status`, `enable GLOB`,
-//! `disable GLOB`. Peers of another uid (root excepted) are refused.
+//! `disable GLOB`. Peers of another uid (root excepted) are refused. The
+//! agent thread serves every connection at once without blocking on any
+//! (see `clients`), and removes the sockets that dead processes left in
+//! the directory when it makes its own (see `server`).
 
+mod clients;
+mod fds;
+mod front;
 mod interpose;
 pub mod rules;
 mod server;
@@ -93,6 +111,7 @@ use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicI32, AtomicPtr, AtomicU8, Ordering};
 use std::sync::Arc;
+use textpoke::control::FrontProcess;
 use textpoke::record::{self, Recorder, RecorderConfig};
 use textpoke::record::{ClockChoice, ClockSource, RecordOp};
 use textpoke::sync::ForkLock;
@@ -110,6 +129,8 @@ pub(crate) struct Config {
     pub buffer_size: Option<usize>,
     pub memory_limit: Option<usize>,
     pub clock: Option<ClockSource>,
+    /// `textpoke record`, to watch (step 7).
+    pub front: Option<FrontProcess>,
 }
 
 /// Why the agent cannot trace; printed once, then tracing is disabled.
@@ -220,6 +241,12 @@ static DIR_SNAPSHOT: AtomicPtr<c_char> = AtomicPtr::new(std::ptr::null_mut());
 /// This image (or the parent it was forked from) started recording into
 /// its directory.
 pub(crate) static STARTED: AtomicBool = AtomicBool::new(false);
+
+/// `textpoke record` is gone (step 7): no recording starts any more.
+static FRONT_GONE: AtomicBool = AtomicBool::new(false);
+
+/// Why recording stopped when `textpoke record` went away.
+const FRONT_GONE_WHY: &str = "textpoke record ended";
 
 thread_local! {
     /// The agent's own code runs on this thread now: wrappers called from
@@ -360,6 +387,7 @@ fn load() {
         buffer_size: env_number("TEXTPOKE_BUFFER_SIZE"),
         memory_limit: env_number("TEXTPOKE_MEMORY_LIMIT"),
         clock: env_clock(),
+        front: front_from_env(),
     };
     let rules = match Rules::new(&config.include, &config.exclude) {
         Ok(r) => r,
@@ -368,6 +396,9 @@ fn load() {
             return;
         }
     };
+    if config.front.is_some_and(front::proc_says_gone) {
+        FRONT_GONE.store(true, Ordering::Release); // step 7, before it started
+    }
     publish_dir(&dir);
     // SAFETY: three `extern "C"` handlers without arguments.
     unsafe { libc::pthread_atfork(Some(fork_prepare), Some(fork_parent), Some(fork_child)) };
@@ -382,9 +413,21 @@ fn load() {
     }
 }
 
+/// The `textpoke record` process named by the environment, if any.
+fn front_from_env() -> Option<FrontProcess> {
+    let v = std::env::var(textpoke::control::FRONT_ENV).ok()?;
+    match FrontProcess::parse(&v) {
+        Ok(f) => Some(f),
+        Err(e) => {
+            note_once(&format!("{e}; ignored: tracing will not stop if textpoke record is killed"));
+            None
+        }
+    }
+}
+
 /// Starts recording if there is anything to trace.
 fn try_start(agent: &mut Agent, tracer: &'static Tracer) -> Result<(), AgentError> {
-    if agent.phase != Phase::Idle {
+    if agent.phase != Phase::Idle || FRONT_GONE.load(Ordering::Acquire) {
         return Ok(());
     }
     let functions = tracer.functions();
@@ -493,6 +536,22 @@ pub(crate) fn stop_recording(agent: &mut Agent, why: &'static str) {
             warn_once(&format!("the final trace flush failed: {e}"));
         }
     }
+}
+
+/// `textpoke record` is gone (step 7): stops tracing (the op is
+/// unregistered, which unpatches its sites) and finishes the trace; an
+/// idle agent never starts one. The program runs on.
+pub(crate) fn front_ended() {
+    FRONT_GONE.store(true, Ordering::Release);
+    let mut g = AGENT.lock();
+    let Some(agent) = g.as_mut() else { return };
+    if let Some(op) = agent.op.take() {
+        if let Err(e) = Tracer::global().unregister(op) {
+            warn_once(&format!("textpoke record ended, but tracing cannot be turned off: {e}"));
+        }
+    }
+    agent.traced = 0;
+    stop_recording(agent, FRONT_GONE_WHY);
 }
 
 /// Rescans loaded objects and brings the op's filter up to date; a process

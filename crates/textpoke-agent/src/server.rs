@@ -1,32 +1,55 @@
 //! The agent thread: serves the control socket, rescans loaded objects
-//! when the loader's counters move, and stops the recorder when a stop
-//! signal arrives or a program thread is in `_exit` (see the crate docs,
-//! steps 3 and 6, and `interpose`).
+//! when the loader's counters move, stops the recorder when a stop signal
+//! arrives or a program thread is in `_exit`, and stops tracing when
+//! `textpoke record` is gone (see the crate docs, steps 3, 6 and 7,
+//! `interpose`, `front`).
 //!
-//! # Descriptors
+//! # The loop
 //!
-//! The listening socket and the wake pipe are moved above the descriptor
-//! numbers programs use (`F_DUPFD_CLOEXEC` from 900, or half the limit),
-//! and before every use their identity (device and inode, saved when they
-//! were made) is checked with `fstat`: a program that closes every
-//! descriptor and opens its own at the same number is never read from or
-//! written to by the agent. Once a descriptor is no longer the agent's,
-//! the agent forgets it without closing it.
+//! One thread, one `poll` over everything it waits for: the wake pipe
+//! (written by the stop-signal handler, the `_exit` wrapper and the
+//! `dlopen` wrapper), the listening socket, the pidfd of `textpoke record`,
+//! and every control connection (see `clients`). It never blocks anywhere
+//! else, so a client that connects and says nothing, or half a line,
+//! delays neither other clients nor a thread waiting in `_exit`. Each
+//! round handles, in this order: an `_exit` waiting for the trace, a stop
+//! signal, the end of `textpoke record`, the connections, a rescan of the
+//! loaded objects. `poll` returns at least every tick (50 ms; every
+//! millisecond for a while after a `dlopen`), at once when a connection
+//! has a request buffered, and at the connections' deadlines.
+//!
+//! The descriptors it keeps are the agent's own, checked before every use
+//! (see `fds`).
+//!
+//! # The socket file
+//!
+//! `<socket dir>/<pid>.sock`, made when the agent leaves the idle phase;
+//! removed at exit, before an exec (made again if the exec fails), and by
+//! the next agent to make its socket in the same directory if this process
+//! died without removing it (see [`remove_stale_sockets`]).
 
+use crate::clients::Clients;
+use crate::fds::{close_inherited, identity, Fd};
+use crate::front;
 use crate::{as_agent, fail, getpid, note_once, refresh, set_in_agent_thread, update_filter, Agent, Phase, AGENT};
-use std::ffi::CString;
-use std::io::{BufRead, BufReader, Read};
-use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd, OwnedFd, RawFd};
-use std::os::unix::ffi::OsStringExt;
-use std::os::unix::net::{UnixListener, UnixStream};
+use std::ffi::{CString, OsStr};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::unix::ffi::{OsStrExt, OsStringExt};
+use std::os::unix::fs::{FileTypeExt, MetadataExt};
+use std::os::unix::net::UnixListener;
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicI32, AtomicPtr, AtomicU32, AtomicU64, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use textpoke::control::{self, Reply, Request};
 use textpoke::record;
 use textpoke::trace::Tracer;
 
 /// How often the agent thread wakes without a reason.
 const TICK_MS: i32 = 50;
+
+/// How long the agent thread leaves the listener alone after accepting
+/// failed for want of descriptors (the program is at its limit).
+const ACCEPT_PAUSE: Duration = Duration::from_millis(100);
 
 /// After a `dlopen` starts, how long the agent thread looks every
 /// millisecond for the object to appear.
@@ -56,82 +79,6 @@ static WAKE_INO: AtomicU64 = AtomicU64::new(0);
 /// remove at exit and before exec without a lock.
 static SOCKET_PATH: AtomicPtr<libc::c_char> = AtomicPtr::new(std::ptr::null_mut());
 static SOCKET_PID: AtomicI32 = AtomicI32::new(0);
-
-/// Every descriptor the agent made in this process (fd, device, inode;
-/// fd -1: free), for a forked child to close the parent's.
-static OWN_FDS: [[AtomicU64; 3]; 3] =
-    [const { [const { AtomicU64::new(u64::MAX) }, const { AtomicU64::new(0) }, const { AtomicU64::new(0) }] }; 3];
-
-fn remember(fd: &Fd) {
-    for slot in &OWN_FDS {
-        if slot[0].compare_exchange(u64::MAX, fd.fd as u64, Ordering::AcqRel, Ordering::Relaxed).is_ok() {
-            slot[1].store(fd.id.0, Ordering::Relaxed);
-            slot[2].store(fd.id.1, Ordering::Relaxed);
-            return;
-        }
-    }
-}
-
-/// Closes the descriptors the agent made before a fork (in the child).
-fn close_inherited() {
-    for slot in &OWN_FDS {
-        let fd = slot[0].swap(u64::MAX, Ordering::AcqRel);
-        if fd != u64::MAX {
-            let fd = Fd { fd: fd as RawFd, id: (slot[1].load(Ordering::Relaxed), slot[2].load(Ordering::Relaxed)) };
-            fd.close();
-        }
-    }
-}
-
-/// The device and inode of `fd`, if open.
-fn identity(fd: RawFd) -> Option<(u64, u64)> {
-    // SAFETY: fstat writes one struct stat; zeroed is a valid value.
-    let mut st: libc::stat = unsafe { std::mem::zeroed() };
-    // SAFETY: `st` is a valid out pointer; fstat is async-signal-safe.
-    (unsafe { libc::fstat(fd, &mut st) } == 0).then_some((st.st_dev, st.st_ino))
-}
-
-/// A descriptor of the agent's, with the identity it had when made.
-struct Fd {
-    fd: RawFd,
-    id: (u64, u64),
-}
-
-impl Fd {
-    /// Moves `fd` to a high number (close-on-exec) and records its identity.
-    fn adopt(fd: OwnedFd) -> Option<Fd> {
-        let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
-        // SAFETY: getrlimit writes one struct.
-        unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) };
-        let floor = (lim.rlim_cur / 2).clamp(10, 900) as RawFd;
-        // SAFETY: duplicating a descriptor we own.
-        let high = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_DUPFD_CLOEXEC, floor) };
-        let fd = if high >= 0 { high } else { fd.into_raw_fd() }; // the original closes on drop
-        let fd = Fd { fd, id: identity(fd)? };
-        remember(&fd);
-        Some(fd)
-    }
-
-    /// Still ours?
-    fn ours(&self) -> bool {
-        identity(self.fd) == Some(self.id)
-    }
-
-    /// Closes it if it is still ours.
-    fn close(self) {
-        for slot in &OWN_FDS {
-            let _ = slot[0].compare_exchange(self.fd as u64, u64::MAX, Ordering::AcqRel, Ordering::Relaxed);
-        }
-        if self.ours() {
-            // SAFETY: the descriptor is ours (checked just now).
-            unsafe { libc::close(self.fd) };
-        }
-    }
-}
-
-struct Listener {
-    fd: Fd,
-}
 
 /// Starts the agent thread of this process if it is not running.
 pub(crate) fn spawn() {
@@ -202,20 +149,41 @@ fn block_async_signals() {
     }
 }
 
-fn make_wake_pipe() -> Option<Fd> {
-    let mut fds = [0; 2];
-    // SAFETY: pipe2 writes two descriptors.
-    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC | libc::O_NONBLOCK) } != 0 {
-        return None;
+/// The wake pipe: the agent thread polls the read end; signal handlers
+/// and wrappers write a byte to the write end (through [`WAKE_FD`]).
+struct WakePipe {
+    read: Fd,
+    /// Kept so that it stays open (and is closed with the loop).
+    _write: Fd,
+}
+
+impl WakePipe {
+    fn new() -> Option<WakePipe> {
+        let mut fds = [0; 2];
+        // SAFETY: pipe2 writes two descriptors.
+        if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC | libc::O_NONBLOCK) } != 0 {
+            return None;
+        }
+        // SAFETY: both descriptors were just created and are owned here.
+        let (r, w) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+        let read = Fd::adopt(r)?;
+        let write = Fd::adopt(w)?;
+        WAKE_DEV.store(write.id().0, Ordering::Relaxed);
+        WAKE_INO.store(write.id().1, Ordering::Relaxed);
+        WAKE_FD.store(write.raw(), Ordering::Release);
+        Some(WakePipe { read, _write: write })
     }
-    // SAFETY: both descriptors were just created and are owned here.
-    let (r, w) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
-    let r = Fd::adopt(r)?;
-    let w = Fd::adopt(w)?;
-    WAKE_DEV.store(w.id.0, Ordering::Relaxed);
-    WAKE_INO.store(w.id.1, Ordering::Relaxed);
-    WAKE_FD.store(w.fd, Ordering::Release);
-    Some(r)
+
+    /// Empties the pipe; false if the program took the read end over.
+    fn drain(&self) -> bool {
+        if !self.read.ours() {
+            return false;
+        }
+        let mut buf = [0u8; 64];
+        // SAFETY: reading into a local buffer from our own pipe.
+        while unsafe { libc::read(self.read.raw(), buf.as_mut_ptr().cast(), buf.len()) } > 0 {}
+        true
+    }
 }
 
 /// The loader's counters as of the last rescan (set just before it).
@@ -270,49 +238,68 @@ fn main_loop() {
     set_in_agent_thread();
     THREAD_TID.store(gettid(), Ordering::Release);
     block_async_signals();
-    let me = getpid();
-    let mut wake_rd = make_wake_pipe();
-    let mut listener: Option<Listener> = None;
-    let mut socket_failed = false;
-    let mut watch_until: Option<std::time::Instant> = None;
-    while THREAD_PID.load(Ordering::Acquire) == me {
-        if REBIND.swap(false, Ordering::AcqRel) {
-            if let Some(l) = listener.take() {
-                l.fd.close();
-            }
-        }
-        // The lock is taken only for work: binding (once), a stop signal, a
-        // request on the socket, a rescan. A tick with nothing to do reads
-        // atomics only, so it never waits for (or delays) a program thread
-        // in the dlclose wrapper or a fork.
-        if listener.is_none() && !socket_failed && crate::left_idle() {
-            match bind() {
-                Ok(l) => listener = Some(l),
-                Err(e) => {
-                    socket_failed = true;
-                    note_once(&format!("no control socket ({e}); textpoke ctl cannot reach this process"));
-                }
-            }
-        }
-        let mut fds = Vec::with_capacity(2);
-        if let Some(w) = wake_rd.as_ref().filter(|w| w.ours()) {
-            fds.push(libc::pollfd { fd: w.fd, events: libc::POLLIN, revents: 0 });
-        }
-        if let Some(l) = listener.as_ref().filter(|l| l.fd.ours()) {
-            fds.push(libc::pollfd { fd: l.fd.fd, events: libc::POLLIN, revents: 0 });
-        }
-        // No wait when an `_exit` already asked: in a forked child it may
-        // have asked before this thread made its wake pipe (nobody to
-        // wake), and waited a whole tick for nothing (50 ms per child).
-        let timeout = if EXIT_STOP.load(Ordering::Acquire) == EXIT_ASKED {
-            0
-        } else if watch_until.is_some_and(|t| std::time::Instant::now() < t) {
-            1
-        } else {
-            TICK_MS
-        };
+    let front = AGENT.lock().as_ref().and_then(|a| a.config.front);
+    let mut state = LoopState {
+        me: getpid(),
+        wake: WakePipe::new(),
+        listener: None,
+        socket_failed: false,
+        clients: Clients::default(),
+        front: front.map(front::Watch::start),
+        watch_until: None,
+        accept_paused_until: None,
+    };
+    while THREAD_PID.load(Ordering::Acquire) == state.me {
+        state.round();
+    }
+    WAKE_FD.store(-1, Ordering::Release); // the pipe closes with `state`
+}
+
+/// What the agent thread holds between rounds.
+struct LoopState {
+    me: i32,
+    wake: Option<WakePipe>,
+    listener: Option<Fd>,
+    /// The socket could not be made: do not try again every tick.
+    socket_failed: bool,
+    clients: Clients,
+    /// `textpoke record`, while it runs.
+    front: Option<front::Watch>,
+    /// Until when to look every millisecond for an object being loaded.
+    watch_until: Option<Instant>,
+    /// Until when not to poll the listener: accepting failed for want of
+    /// descriptors (the connection waits in the backlog).
+    accept_paused_until: Option<Instant>,
+}
+
+/// Appends `p` to `fds` if there is one; its index.
+fn push_poll(fds: &mut Vec<libc::pollfd>, p: Option<libc::pollfd>) -> Option<usize> {
+    let p = p?;
+    fds.push(p);
+    Some(fds.len() - 1)
+}
+
+fn poll_in(fd: &Fd) -> Option<libc::pollfd> {
+    fd.ours().then_some(libc::pollfd { fd: fd.raw(), events: libc::POLLIN, revents: 0 })
+}
+
+impl LoopState {
+    /// One round of the loop (see the module docs).
+    fn round(&mut self) {
+        self.make_socket();
+        let mut fds = Vec::with_capacity(3 + self.clients.len());
+        push_poll(&mut fds, self.wake.as_ref().and_then(|w| poll_in(&w.read)));
+        let listening = self.accept_paused_until.is_none_or(|t| Instant::now() >= t);
+        let listen_at = push_poll(&mut fds, self.listener.as_ref().filter(|_| listening).and_then(poll_in));
+        let front_at = push_poll(&mut fds, self.front.as_ref().and_then(front::Watch::poll_fd));
+        let clients_at = fds.len();
+        self.clients.poll_fds(&mut fds);
+        let timeout = self.timeout_ms();
         // SAFETY: `fds` is a valid array of its length.
         unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, timeout) };
+        let revents = |at: Option<usize>| at.map_or(0, |i| fds[i].revents);
+        // The urgent first: a program thread waits in `_exit`; a signal
+        // is to kill the process.
         if EXIT_STOP.load(Ordering::Acquire) == EXIT_ASKED {
             stop_for_exit_on_agent_thread();
         }
@@ -320,28 +307,80 @@ fn main_loop() {
         if sig != 0 {
             stop_and_reraise(sig);
         }
-        if let Some(w) = wake_rd.as_ref() {
-            if w.ours() {
-                let mut buf = [0u8; 64];
-                // SAFETY: reading into a local buffer from our own pipe.
-                while unsafe { libc::read(w.fd, buf.as_mut_ptr().cast(), buf.len()) } > 0 {}
-            } else {
-                wake_rd = None;
-                WAKE_FD.store(-1, Ordering::Release);
+        if self.wake.as_ref().is_some_and(|w| !w.drain()) {
+            self.wake = None; // the program took it over: no more waking
+            WAKE_FD.store(-1, Ordering::Release);
+        }
+        if self.front.as_mut().is_some_and(|w| w.gone(revents(front_at))) {
+            self.front = None;
+            crate::front_ended();
+        }
+        self.clients.note_polled(&fds[clients_at..]);
+        self.serve_clients(revents(listen_at));
+        self.follow_loader();
+    }
+
+    /// Makes the socket once the agent left the idle phase (again after a
+    /// failed exec removed it).
+    fn make_socket(&mut self) {
+        if REBIND.swap(false, Ordering::AcqRel) {
+            self.listener = None;
+        }
+        // A tick with nothing to do reads atomics only: the lock is taken
+        // for work (binding once, a request, a rescan, a stop), so that a
+        // tick never waits for (or delays) a program thread in the dlclose
+        // wrapper or a fork.
+        if self.listener.is_some() || self.socket_failed || !crate::left_idle() {
+            return;
+        }
+        match bind() {
+            Ok(l) => self.listener = Some(l),
+            Err(e) => {
+                self.socket_failed = true;
+                note_once(&format!("no control socket ({e}); textpoke ctl cannot reach this process"));
             }
         }
-        if let Some(l) = listener.as_ref() {
-            if !l.fd.ours() {
-                listener = None; // the program closed it: no more control
-            } else if fds.iter().any(|p| p.fd == l.fd.fd && p.revents & libc::POLLIN != 0) {
-                accept_one(l);
+    }
+
+    /// How long `poll` may wait, in milliseconds.
+    fn timeout_ms(&self) -> i32 {
+        // No wait when an `_exit` already asked: in a forked child it may
+        // have asked before this thread made its wake pipe (nobody to
+        // wake), and waited a whole tick for nothing (50 ms per child).
+        if EXIT_STOP.load(Ordering::Acquire) == EXIT_ASKED {
+            return 0;
+        }
+        let now = Instant::now();
+        let tick = if self.watch_until.is_some_and(|t| now < t) { 1 } else { TICK_MS };
+        match self.clients.timeout(now) {
+            Some(d) => (d.as_nanos().div_ceil(1_000_000) as i32).min(tick),
+            None => tick,
+        }
+    }
+
+    /// Accepts new connections and serves every connection once.
+    fn serve_clients(&mut self, listener_revents: i16) {
+        let now = Instant::now();
+        if let Some(l) = &self.listener {
+            if !l.ours() {
+                self.listener = None; // the program closed it: no more control
+            } else if listener_revents & libc::POLLIN != 0 && !self.clients.accept(l, now) {
+                self.accept_paused_until = Some(now + ACCEPT_PAUSE);
             }
         }
+        if self.clients.len() > 0 {
+            self.clients.serve(now, &mut handle);
+        }
+    }
+
+    /// Rescans the loaded objects when the loader's counters moved; after
+    /// a `dlopen` started, looks every millisecond for a while.
+    fn follow_loader(&mut self) {
         if NUDGED.swap(false, Ordering::AcqRel) {
-            watch_until = Some(std::time::Instant::now() + DLOPEN_WATCH);
+            self.watch_until = Some(Instant::now() + DLOPEN_WATCH);
         }
         if counters_moved() {
-            watch_until = None;
+            self.watch_until = None;
             wait_for_loader();
             if let Some(a) = AGENT.lock().as_mut() {
                 refresh(a); // notes the counters first
@@ -350,13 +389,14 @@ fn main_loop() {
     }
 }
 
-/// Creates `<dir>/<pid>.sock` (0600, in a 0700 directory).
-fn bind() -> Result<Listener, String> {
+/// Creates `<dir>/<pid>.sock` (0600, in a 0700 directory), after
+/// removing the sockets that dead processes left there.
+fn bind() -> Result<Fd, String> {
     let dir = AGENT.lock().as_ref().map(|a| a.config.socket_dir.clone()).ok_or("agent not loaded")?;
     control::prepare_private_dir(&dir).map_err(|e| e.to_string())?;
+    remove_stale_sockets(&dir);
     let path = control::socket_path(&dir, getpid());
     if let Ok(m) = std::fs::symlink_metadata(&path) {
-        use std::os::unix::fs::FileTypeExt;
         if !m.file_type().is_socket() {
             return Err(format!("{} exists and is not a socket", path.display()));
         }
@@ -370,7 +410,70 @@ fn bind() -> Result<Listener, String> {
     SOCKET_PID.store(getpid(), Ordering::Release);
     SOCKET_PATH.store(c.into_raw(), Ordering::Release);
     register_unlink_at_exit();
-    Ok(Listener { fd })
+    Ok(fd)
+}
+
+/// Removes from `dir` the sockets of processes that are gone: entries
+/// named `<pid>.sock` (the pid written as the agent writes it) that are
+/// sockets themselves (a symbolic link is never followed, nor removed),
+/// owned by the effective uid, whose pid does not exist, and on which a
+/// connection is refused. The last check keeps the socket of a live agent
+/// whose pid this process cannot see (another pid namespace sharing the
+/// directory); it also keeps a socket whose pid was reused by a process
+/// that listens on it. The directory is private (0700, checked), so
+/// nobody else can swap an entry between the checks and the removal.
+pub(crate) fn remove_stale_sockets(dir: &Path) {
+    let Ok(entries) = std::fs::read_dir(dir) else { return };
+    let me = getpid();
+    for entry in entries.flatten() {
+        let Some(pid) = socket_pid(&entry.file_name()) else { continue };
+        let path = entry.path();
+        if pid != me && is_stale(&path, pid) {
+            let _ = std::fs::remove_file(&path);
+        }
+    }
+}
+
+/// The pid of a socket file name `<pid>.sock`, written without sign or
+/// leading zeros.
+fn socket_pid(name: &OsStr) -> Option<i32> {
+    let digits = name.as_bytes().strip_suffix(b".sock")?;
+    let pid: i32 = std::str::from_utf8(digits).ok()?.parse().ok()?;
+    (pid > 0 && pid.to_string().as_bytes() == digits).then_some(pid)
+}
+
+fn is_stale(path: &Path, pid: i32) -> bool {
+    let Ok(m) = std::fs::symlink_metadata(path) else { return false };
+    // SAFETY: no preconditions.
+    let uid = unsafe { libc::geteuid() };
+    m.file_type().is_socket() && m.uid() == uid && !front::exists(pid) && connection_refused(path)
+}
+
+/// Whether connecting to the socket at `path` is refused (nobody listens).
+/// The attempt does not block: a live listener with a full backlog counts
+/// as listening.
+fn connection_refused(path: &Path) -> bool {
+    // SAFETY: sockaddr_un is plain data; zeroed is a valid value.
+    let mut addr: libc::sockaddr_un = unsafe { std::mem::zeroed() };
+    let bytes = path.as_os_str().as_bytes();
+    if bytes.len() >= addr.sun_path.len() {
+        return false;
+    }
+    addr.sun_family = libc::AF_UNIX as libc::sa_family_t;
+    for (d, &b) in addr.sun_path.iter_mut().zip(bytes) {
+        *d = b as libc::c_char;
+    }
+    // SAFETY: creates a socket; checked below.
+    let fd = unsafe { libc::socket(libc::AF_UNIX, libc::SOCK_STREAM | libc::SOCK_CLOEXEC | libc::SOCK_NONBLOCK, 0) };
+    if fd < 0 {
+        return false;
+    }
+    // SAFETY: a new descriptor, owned here (closed on drop).
+    let sock = unsafe { OwnedFd::from_raw_fd(fd) };
+    let len = std::mem::size_of::<libc::sockaddr_un>() as libc::socklen_t;
+    // SAFETY: `addr` is a valid, NUL-terminated sockaddr_un of `len` bytes.
+    let rc = unsafe { libc::connect(sock.as_raw_fd(), (&addr as *const libc::sockaddr_un).cast(), len) };
+    rc != 0 && std::io::Error::last_os_error().raw_os_error() == Some(libc::ECONNREFUSED)
 }
 
 fn register_unlink_at_exit() {
@@ -409,74 +512,7 @@ pub(crate) fn after_fork_in_child() {
     PENDING_SIGNAL.store(0, Ordering::Release);
     WAKE_FD.store(-1, Ordering::Release);
     SOCKET_PATH.store(std::ptr::null_mut(), Ordering::Release); // the parent's
-    close_inherited();
-}
-
-fn accept_one(l: &Listener) {
-    // SAFETY: accept4 on our listening socket; no address wanted.
-    let fd = unsafe { libc::accept4(l.fd.fd, std::ptr::null_mut(), std::ptr::null_mut(), libc::SOCK_CLOEXEC) };
-    if fd < 0 {
-        return;
-    }
-    // SAFETY: a new descriptor owned here.
-    let stream = unsafe { UnixStream::from_raw_fd(fd) };
-    let _ = stream.set_nonblocking(false);
-    let _ = stream.set_read_timeout(Some(Duration::from_secs(5)));
-    if !peer_allowed(&stream) {
-        let _ = send(&stream, &Reply::error("refused: you are not this process's user").to_text());
-        return;
-    }
-    let mut reader = BufReader::new(&stream);
-    loop {
-        let mut line = String::new();
-        match reader.by_ref().take(4096).read_line(&mut line) {
-            Ok(0) | Err(_) => return,
-            Ok(_) => {}
-        }
-        let reply = match Request::parse(&line) {
-            Ok(req) => handle(req),
-            Err(e) => Reply::error(e.to_string()),
-        };
-        if send(&stream, &reply.to_text()).is_err() {
-            return;
-        }
-    }
-}
-
-fn peer_allowed(s: &UnixStream) -> bool {
-    let mut cred = libc::ucred { pid: 0, uid: u32::MAX, gid: 0 };
-    let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
-    // SAFETY: SO_PEERCRED writes one struct ucred of `len` bytes.
-    let rc = unsafe {
-        libc::getsockopt(
-            s.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_PEERCRED,
-            (&mut cred as *mut libc::ucred).cast(),
-            &mut len,
-        )
-    };
-    // SAFETY: no preconditions.
-    let me = unsafe { libc::geteuid() };
-    rc == 0 && (cred.uid == me || cred.uid == 0)
-}
-
-/// Writes all of `text` without raising SIGPIPE in the program.
-fn send(s: &UnixStream, text: &str) -> std::io::Result<()> {
-    let mut buf = text.as_bytes();
-    while !buf.is_empty() {
-        // SAFETY: sending from a valid buffer on our connected socket.
-        let n = unsafe { libc::send(s.as_raw_fd(), buf.as_ptr().cast(), buf.len(), libc::MSG_NOSIGNAL) };
-        if n < 0 {
-            let e = std::io::Error::last_os_error();
-            if e.kind() == std::io::ErrorKind::Interrupted {
-                continue;
-            }
-            return Err(e);
-        }
-        buf = &buf[n as usize..];
-    }
-    Ok(())
+    close_inherited(); // the parent's listener, wake pipe, pidfd, connections
 }
 
 fn handle(req: Request) -> Reply {
@@ -700,7 +736,54 @@ fn stop_for_exit_on_agent_thread() {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::unix::fs::PermissionsExt;
+    use std::path::PathBuf;
     use std::time::Instant;
+
+    /// The pid of a process that ran and was reaped.
+    fn dead_pid() -> i32 {
+        let mut c = std::process::Command::new("true").spawn().unwrap();
+        c.wait().unwrap();
+        c.id() as i32
+    }
+
+    /// A socket file at `path` on which nobody listens.
+    fn dead_socket(path: &Path) {
+        drop(UnixListener::bind(path).unwrap());
+    }
+
+    /// Only the sockets of dead pids on which nobody listens are removed.
+    #[test]
+    fn stale_sockets_are_removed_and_nothing_else() {
+        let dir = std::env::temp_dir().join(format!("textpoke-stale-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir(&dir).unwrap();
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700)).unwrap();
+        let sock = |pid: i32| dir.join(format!("{pid}.sock"));
+        let stale = sock(dead_pid());
+        dead_socket(&stale);
+        // SAFETY: no preconditions.
+        let alive = sock(unsafe { libc::getppid() });
+        dead_socket(&alive);
+        let listened = sock(dead_pid());
+        let _listener = UnixListener::bind(&listened).unwrap();
+        let file = sock(dead_pid());
+        std::fs::write(&file, "x").unwrap();
+        let elsewhere = dir.join("elsewhere");
+        dead_socket(&elsewhere);
+        let link = sock(dead_pid());
+        std::os::unix::fs::symlink(&elsewhere, &link).unwrap();
+        let odd: Vec<PathBuf> = ["0001.sock", "+5.sock", "x.sock", ".sock"].iter().map(|n| dir.join(n)).collect();
+        for p in &odd {
+            dead_socket(p);
+        }
+        remove_stale_sockets(&dir);
+        assert!(std::fs::symlink_metadata(&stale).is_err(), "the dead process's socket is removed");
+        for kept in [&alive, &listened, &file, &elsewhere, &link].into_iter().chain(&odd) {
+            assert!(std::fs::symlink_metadata(kept).is_ok(), "{} is kept", kept.display());
+        }
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 
     /// The agent thread of an idle agent (this test binary has no
     /// patchable functions: the constructor left the agent idle) ticks

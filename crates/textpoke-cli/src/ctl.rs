@@ -170,12 +170,29 @@ fn status_text(r: &Reply) -> String {
     )
 }
 
+/// A glob must fit in one request line.
+fn check_glob(glob: &str) -> Result<(), CliError> {
+    if glob.contains(['\n', '\r']) {
+        return Err(CliError::new(2, format!("the glob {glob:?} holds a line break; a request is one line")));
+    }
+    let most = control::MAX_REQUEST_LINE - "disable ".len();
+    if glob.len() > most {
+        return Err(CliError::new(2, format!("the glob is {} bytes long; the agent takes at most {most}", glob.len())));
+    }
+    Ok(())
+}
+
 pub fn run(args: &Args) -> ExitCode {
     let req = match &args.action {
         Action::Status => Request::Status,
         Action::Enable { glob } => Request::Enable(glob.clone()),
         Action::Disable { glob } => Request::Disable(glob.clone()),
     };
+    if let Request::Enable(glob) | Request::Disable(glob) = &req {
+        if let Err(e) = check_glob(glob) {
+            return e.report("textpoke ctl");
+        }
+    }
     let reply = match ask(args.pid, &req) {
         Ok(r) => r,
         Err(e) => return e.report("textpoke ctl"),
@@ -207,6 +224,15 @@ mod tests {
 
     fn line(path: &str) -> String {
         format!("7f1000000000-7f1000002000 r--p 00000000 fd:00 98765                      {path}")
+    }
+
+    #[test]
+    fn globs_must_fit_one_line() {
+        assert!(check_glob("work*").is_ok());
+        assert!(check_glob(&"x".repeat(control::MAX_REQUEST_LINE - 8)).is_ok());
+        assert!(check_glob(&"x".repeat(control::MAX_REQUEST_LINE - 7)).is_err());
+        assert!(check_glob("a\nstatus").is_err());
+        assert!(check_glob("a\r").is_err());
     }
 
     #[test]

@@ -32,6 +32,16 @@
 //! same process group, and are not sent twice. `textpoke` exits with the
 //! program's code, or dies of the program's signal (after printing the
 //! summary), as a shell would see it.
+//!
+//! # If `textpoke` goes away first
+//!
+//! The program is told who runs it: `TEXTPOKE_RECORD_PID` holds this
+//! process's pid and start time ([`textpoke::control::FrontProcess`]).
+//! If `textpoke` is killed (or crashes) while the program runs, the agent
+//! of every traced process of the run sees it (a pidfd), stops tracing and
+//! finishes its trace, which is then complete; the programs run on. No
+//! descriptor is passed for this, so the program's descriptor table is the
+//! same as without `textpoke`.
 
 use crate::cmdutil::{self as util, CliError};
 use std::ffi::{OsStr, OsString};
@@ -477,6 +487,7 @@ fn record(args: &Args) -> Result<ExitCode, CliError> {
     }
     let mut cmd = std::process::Command::new(&prog);
     cmd.arg0(&arg0).args(rest).env("LD_PRELOAD", preload).env("TEXTPOKE_DIR", &dir).env_remove("TEXTPOKE_PID");
+    cmd.env(textpoke::control::FRONT_ENV, textpoke::control::FrontProcess::this().to_env());
     for (var, globs) in [("TEXTPOKE_INCLUDE", &args.include), ("TEXTPOKE_EXCLUDE", &args.exclude)] {
         if globs.is_empty() {
             cmd.env_remove(var);

@@ -6,7 +6,7 @@
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::fs::PermissionsExt;
-use std::os::unix::process::ExitStatusExt;
+use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::OnceLock;
@@ -724,19 +724,21 @@ int main(void) {
 /// Starts the spin program under `textpoke record`; returns the CLI child
 /// and the program's pid.
 fn start_spin(sockets: &Path, dir: &Path, extra: &[&str]) -> (Child, i32) {
+    let mut cmd = textpoke(sockets);
+    cmd.arg("record").args(extra).arg("-o").arg(dir).arg(spin_prog());
+    start_recording(cmd, sockets)
+}
+
+fn spin_prog() -> &'static Path {
     static P: OnceLock<PathBuf> = OnceLock::new();
-    let prog = P.get_or_init(|| compile("spin", SPIN_C, &[SITES]));
-    let mut child = textpoke(sockets)
-        .arg("record")
-        .args(extra)
-        .arg("-o")
-        .arg(dir)
-        .arg(prog)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    P.get_or_init(|| compile("spin", SPIN_C, &[SITES]))
+}
+
+/// Spawns `cmd`, a `textpoke record` of a program that prints its pid
+/// first, with stdin, stdout and stderr piped; returns the CLI child and
+/// the program's pid once the program's agent made its socket.
+fn start_recording(mut cmd: Command, sockets: &Path) -> (Child, i32) {
+    let mut child = cmd.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
     let mut line = String::new();
     BufReader::new(child.stdout.as_mut().unwrap()).read_line(&mut line).unwrap();
     let pid: i32 = line.trim().parse().unwrap_or_else(|_| panic!("pid line {line:?}"));
@@ -953,6 +955,559 @@ fn libraries_loaded_later_are_traced() {
     let got = calls(&trace);
     assert_eq!(got["plug"], 10, "{got:?} {}", text(&out.stderr));
     assert_eq!(got["main"], 1);
+}
+
+// ---------------------------------------------------------------------------
+// When `textpoke record` goes away.
+
+/// Prints its pid, then calls `beat` every 200 µs and prints `alive N`
+/// every 100 calls, forever.
+const CHATTY_C: &str = r#"
+#include <stdio.h>
+#include <unistd.h>
+static volatile long sink;
+__attribute__((noinline)) long beat(long x) { sink += x; return x; }
+int main(void) {
+    printf("%d\n", (int)getpid());
+    fflush(stdout);
+    for (long i = 0;; i++) {
+        beat(i);
+        if (i % 100 == 0) { printf("alive %ld\n", i); fflush(stdout); }
+        usleep(200);
+    }
+}
+"#;
+
+/// Kills a process this test started (and that outlived its parent) when
+/// the test ends, passed or not.
+struct KillOnDrop(i32);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        // SAFETY: signalling a process this test started.
+        unsafe { libc::kill(self.0, libc::SIGKILL) };
+    }
+}
+
+/// Total size of the files under `dir`, subdirectories included.
+fn tree_size(dir: &Path) -> u64 {
+    let mut total = 0;
+    for e in std::fs::read_dir(dir).unwrap().flatten() {
+        let m = e.metadata().unwrap();
+        total += if m.is_dir() { tree_size(&e.path()) } else { m.len() };
+    }
+    total
+}
+
+/// Reads `alive N` lines until N passed `past`; the last N.
+fn alive_past(out: &mut impl BufRead, past: u64) -> u64 {
+    let mut line = String::new();
+    loop {
+        line.clear();
+        assert!(out.read_line(&mut line).unwrap() > 0, "the program stopped printing");
+        let n: u64 = line.trim().strip_prefix("alive ").and_then(|n| n.parse().ok()).expect("an alive line");
+        if n > past {
+            return n;
+        }
+    }
+}
+
+/// The descriptors open in process `pid`, with what they point to.
+fn fds_of(pid: i32) -> Vec<(i32, String)> {
+    let mut fds = Vec::new();
+    for e in std::fs::read_dir(format!("/proc/{pid}/fd")).unwrap().flatten() {
+        let Ok(n) = e.file_name().to_string_lossy().parse::<i32>() else { continue };
+        let target = std::fs::read_link(e.path()).map(|t| t.display().to_string()).unwrap_or_default();
+        fds.push((n, target));
+    }
+    fds
+}
+
+#[test]
+fn killing_textpoke_finishes_the_trace_and_the_program_runs_on() {
+    let prog = compile("chatty", CHATTY_C, &[SITES]);
+    let sockets = socket_dir("front");
+    let dir = fresh("front.data");
+    let mut cli = textpoke(&sockets)
+        .args(["record", "-o"])
+        .arg(&dir)
+        .arg(&prog)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut out = BufReader::new(cli.stdout.take().unwrap());
+    let mut line = String::new();
+    out.read_line(&mut line).unwrap();
+    let pid: i32 = line.trim().parse().unwrap_or_else(|_| panic!("pid line {line:?}"));
+    let _program = KillOnDrop(pid);
+    let sock = sockets.join(format!("{pid}.sock"));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !sock.exists() {
+        assert!(Instant::now() < deadline, "the agent made no socket");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    wait_growth(&sockets, pid);
+    // Nothing was passed to the program to watch textpoke by (the agent's
+    // pidfd is its own, high): no pipe, socket or pidfd sits at the
+    // program's low numbers but stdin, stdout and stderr (the recorder's
+    // trace files may).
+    let fds = fds_of(pid);
+    assert!(fds.iter().all(|(n, t)| *n <= 2 || *n >= 10 || t.starts_with('/')), "{fds:?}");
+
+    // SAFETY: killing the textpoke process this test started.
+    unsafe { libc::kill(cli.id() as i32, libc::SIGKILL) };
+    let status = cli.wait().unwrap();
+    assert_eq!(status.signal(), Some(libc::SIGKILL));
+    let killed_at = alive_past(&mut out, 0);
+
+    // The agent finishes the trace: it becomes complete...
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let trace = loop {
+        match Trace::open(&dir) {
+            Ok(t) if t.is_complete() => break t,
+            _ => assert!(Instant::now() < deadline, "the trace was never finished after textpoke was killed"),
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(calls(&trace)["beat"] > 0);
+    // ... and stops growing, while the program goes on printing.
+    let size = tree_size(&dir);
+    let later = alive_past(&mut out, killed_at + 2_000);
+    assert!(later > killed_at);
+    assert_eq!(tree_size(&dir), size, "the trace directory grows after the trace was finished");
+    // Tracing is off (the sites unpatched) and stays so; ctl says why.
+    assert_eq!(status_field(&sockets, pid, "state"), "stopped (textpoke record ended) (record mode)");
+    assert_eq!(status_field(&sockets, pid, "sites"), "0 traced, 0 recorded inline");
+    assert_eq!(status_field(&sockets, pid, "functions"), "0 traced of 2");
+    let agent: serde_json::Value = serde_json::from_slice(&std::fs::read(dir.join("agent.json")).unwrap()).unwrap();
+    assert_eq!(agent["state"], "stopped (textpoke record ended)");
+    // SAFETY: signal 0 only checks that the process exists.
+    assert_eq!(unsafe { libc::kill(pid, 0) }, 0, "the program still runs");
+}
+
+#[test]
+fn a_program_started_after_textpoke_died_records_nothing() {
+    let sockets = socket_dir("front-gone");
+    let preloaded = |dir: &Path, front: String| {
+        Command::new(threads_prog())
+            .env("LD_PRELOAD", agent())
+            .env("TEXTPOKE_DIR", dir)
+            .env("TEXTPOKE_SOCKET_DIR", &sockets)
+            .env("TEXTPOKE_RECORD_PID", front)
+            .stdin(Stdio::null())
+            .output()
+            .unwrap()
+    };
+    let mut gone = Command::new("true").spawn().unwrap();
+    gone.wait().unwrap();
+    let dir = fresh("front-gone.data");
+    let out = preloaded(&dir, format!("{}:0", gone.id()));
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(text(&out.stdout), format!("threads ok {}\n", 4 * 55));
+    assert_eq!(text(&out.stderr), "");
+    assert!(!dir.exists(), "nothing recorded");
+    // This test process, alive, as the front: recorded.
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap();
+    let start = stat[stat.rfind(')').unwrap() + 2..].split(' ').nth(19).unwrap().to_owned();
+    let dir = fresh("front-alive.data");
+    let out = preloaded(&dir, format!("{}:{start}", std::process::id()));
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(calls(&open_complete(&dir))["fib"], 4 * 177);
+}
+
+// ---------------------------------------------------------------------------
+// The control socket under load and abuse.
+
+/// A raw connection to the agent of `pid`, with a generous read timeout.
+fn raw_client(sockets: &Path, pid: i32) -> std::os::unix::net::UnixStream {
+    let s = std::os::unix::net::UnixStream::connect(sockets.join(format!("{pid}.sock"))).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    s
+}
+
+fn read_reply(r: &mut impl BufRead) -> textpoke::control::Reply {
+    textpoke::control::Reply::read(r).unwrap()
+}
+
+/// The reply's error message, or a panic naming what came instead.
+fn error_of(r: &textpoke::control::Reply) -> &str {
+    r.error.as_deref().unwrap_or_else(|| panic!("an error reply, not {r:?}"))
+}
+
+/// `textpoke ctl PID status`, and how long it took.
+fn timed_status(sockets: &Path, pid: i32) -> Duration {
+    let t = Instant::now();
+    let out = ctl(sockets, pid, &["status"]);
+    let took = t.elapsed();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(text(&out.stdout).contains("state      recording"), "{}", text(&out.stdout));
+    took
+}
+
+/// Ends the spin program and checks that its trace is complete.
+fn end_spin(mut child: Child, dir: &Path) {
+    drop(child.stdin.take());
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    open_complete(dir);
+}
+
+/// Raises this process's soft descriptor limit to at least `n`.
+fn raise_nofile(n: u64) {
+    let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: getrlimit and setrlimit of this process with a valid struct.
+    unsafe {
+        libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim);
+        if lim.rlim_cur < n {
+            lim.rlim_cur = n.min(lim.rlim_max);
+            libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
+        }
+    }
+    // SAFETY: as above.
+    unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) };
+    assert!(lim.rlim_cur >= n, "this test needs {n} descriptors; the hard limit is {}", lim.rlim_max);
+}
+
+#[test]
+fn ctl_answers_with_thousands_of_idle_connections_open() {
+    const IDLE: usize = 2000;
+    raise_nofile(IDLE as u64 + 256);
+    let sockets = socket_dir("flood");
+    let dir = fresh("flood.data");
+    // The program runs with 256 descriptors: the agent serves at most a
+    // 32nd of them (8) at once.
+    let mut cmd = textpoke(&sockets);
+    cmd.args(["record", "-o"]).arg(&dir).arg(spin_prog());
+    // SAFETY: setrlimit is async-signal-safe; it runs in the forked child.
+    unsafe {
+        cmd.pre_exec(|| {
+            let lim = libc::rlimit { rlim_cur: 256, rlim_max: 256 };
+            libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
+            Ok(())
+        })
+    };
+    let (child, pid) = start_recording(cmd, &sockets);
+    let idle: Vec<_> = (0..IDLE).map(|_| raw_client(&sockets, pid)).collect();
+    let took = timed_status(&sockets, pid);
+    eprintln!("ctl status with {IDLE} idle connections open: {took:?}");
+    assert!(took < Duration::from_secs(2), "status took {took:?}");
+    let mut first = BufReader::new(&idle[0]);
+    assert!(error_of(&read_reply(&mut first)).contains("too many connections"), "the oldest idle one is closed");
+    // Its sockets: the listener and the connections it serves.
+    let sockets_held = fds_of(pid).iter().filter(|(_, t)| t.starts_with("socket:")).count();
+    eprintln!("sockets the agent holds with RLIMIT_NOFILE 256: {sockets_held} (the listener and the connections)");
+    assert!(sockets_held <= 1 + 8, "the agent holds {sockets_held} sockets with RLIMIT_NOFILE 256");
+    // A raw client's round trip, for the record.
+    let s = raw_client(&sockets, pid);
+    let t = Instant::now();
+    (&s).write_all(b"status\n").unwrap();
+    assert_eq!(read_reply(&mut BufReader::new(&s)).get("state"), Some("recording"));
+    eprintln!("one status round trip with {IDLE} idle connections open: {:?}", t.elapsed());
+    drop(idle);
+    end_spin(child, &dir);
+}
+
+#[test]
+fn a_half_written_request_delays_no_other_client() {
+    let sockets = socket_dir("half");
+    let dir = fresh("half.data");
+    let (child, pid) = start_spin(&sockets, &dir, &[]);
+    let half = raw_client(&sockets, pid);
+    (&half).write_all(b"stat").unwrap();
+    let idle = raw_client(&sockets, pid);
+    let took = timed_status(&sockets, pid);
+    eprintln!("ctl status with a half-written request and an idle connection open: {took:?}");
+    assert!(took < Duration::from_secs(2), "status waited {took:?} for the half-written request");
+    // The half line is refused at its deadline; the idle connection has none.
+    let e = read_reply(&mut BufReader::new(&half));
+    assert!(error_of(&e).contains("no newline within 5 s"), "{e:?}");
+    (&idle).write_all(b"status\n").unwrap();
+    assert_eq!(read_reply(&mut BufReader::new(&idle)).get("state"), Some("recording"));
+    end_spin(child, &dir);
+}
+
+#[test]
+fn malformed_requests_get_error_replies() {
+    let sockets = socket_dir("malformed");
+    let dir = fresh("malformed.data");
+    let (child, pid) = start_spin(&sockets, &dir, &[]);
+
+    // Garbage, bad UTF-8, NUL, no glob, unknown: an error each, and the
+    // connection goes on.
+    let s = raw_client(&sockets, pid);
+    (&s).write_all(b"\x00\x01\x02\xff\xfe binary\nenable \xff\xfe*\nenable \nfrobnicate\nstatus\n").unwrap();
+    let mut r = BufReader::new(&s);
+    for want in ["NUL byte", "not UTF-8 text", "`enable` needs a GLOB", "unknown request \"frobnicate\""] {
+        let e = read_reply(&mut r);
+        assert!(error_of(&e).contains(want), "{want}: {e:?}");
+    }
+    assert_eq!(read_reply(&mut r).get("state"), Some("recording"));
+
+    // A 1 MB line: refused once it passes the limit, then closed.
+    let s = raw_client(&sockets, pid);
+    let writer = {
+        let s = s.try_clone().unwrap();
+        std::thread::spawn(move || (&s).write_all(&vec![b'x'; 1 << 20]).is_ok())
+    };
+    let e = read_reply(&mut BufReader::new(&s));
+    assert!(error_of(&e).contains("request line too long (over 4096 bytes)"), "{e:?}");
+    assert!(!writer.join().unwrap(), "the rest of the line is not read");
+
+    // Binary garbage without a newline, then the end of the input.
+    let s = raw_client(&sockets, pid);
+    (&s).write_all(b"\xde\xad\xbe\xef\x00").unwrap();
+    s.shutdown(std::net::Shutdown::Write).unwrap();
+    let e = read_reply(&mut BufReader::new(&s));
+    assert!(error_of(&e).contains("ended in the middle of a request line"), "{e:?}");
+
+    // Through ctl: an empty glob.
+    let out = ctl(&sockets, pid, &["enable", ""]);
+    refused(&out, 1, &["`enable` needs a GLOB"]);
+    end_spin(child, &dir);
+}
+
+#[test]
+fn sockets_of_dead_processes_are_removed_when_an_agent_starts() {
+    let sockets = socket_dir("stale");
+    let dead = || {
+        let mut c = Command::new("true").spawn().unwrap();
+        c.wait().unwrap();
+        c.id()
+    };
+    let sock = |pid: u32| sockets.join(format!("{pid}.sock"));
+    let bind_and_leave = |p: &Path| drop(std::os::unix::net::UnixListener::bind(p).unwrap());
+    let stale = sock(dead());
+    bind_and_leave(&stale);
+    let file = sock(dead());
+    std::fs::write(&file, "not a socket").unwrap();
+    let outside = fresh("stale-outside.sock");
+    bind_and_leave(&outside);
+    let link = sock(dead());
+    std::os::unix::fs::symlink(&outside, &link).unwrap();
+    let listening = sock(dead());
+    let _listener = std::os::unix::net::UnixListener::bind(&listening).unwrap();
+    let mut kept = vec![file, link, outside, listening];
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } == 0 {
+        let foreign = sock(dead());
+        bind_and_leave(&foreign);
+        let c = std::ffi::CString::new(foreign.to_str().unwrap()).unwrap();
+        // SAFETY: chown of a file this test made.
+        assert_eq!(unsafe { libc::lchown(c.as_ptr(), 65534, 65534) }, 0);
+        kept.push(foreign);
+    }
+
+    let dir = fresh("stale.data");
+    let (child, _pid) = start_spin(&sockets, &dir, &[]);
+    assert!(std::fs::symlink_metadata(&stale).is_err(), "{} is left behind", stale.display());
+    for k in &kept {
+        assert!(std::fs::symlink_metadata(k).is_ok(), "{} was removed", k.display());
+    }
+    end_spin(child, &dir);
+}
+
+/// Starts a thread calling `work` every 200 µs and prints its pid; then,
+/// line by line on stdin: `fill` opens /dev/null until no descriptor is
+/// left (prints `full N`), `free` closes them (prints `freed`), the end of
+/// stdin ends it.
+const FD_HOG_C: &str = r#"
+#include <fcntl.h>
+#include <pthread.h>
+#include <stdio.h>
+#include <unistd.h>
+static volatile long sink;
+static volatile int stop;
+__attribute__((noinline)) long work(long x) { sink += x; return x; }
+static void *spin(void *a) { while (!stop) { work(1); usleep(200); } return a; }
+static void line(void) { char c; while (read(0, &c, 1) == 1 && c != '\n') {} }
+int main(void) {
+    pthread_t t;
+    pthread_create(&t, NULL, spin, NULL);
+    printf("%d\n", (int)getpid());
+    fflush(stdout);
+    line();
+    int fds[4096], n = 0;
+    /* Twice: a descriptor the recorder's writer held during the first
+       pass (a file being replaced) is taken in the second. */
+    for (int pass = 0; pass < 2; pass++) {
+        while (n < 4096 && (fds[n] = open("/dev/null", O_RDONLY)) >= 0) n++;
+        usleep(200 * 1000);
+    }
+    printf("full %d\n", n);
+    fflush(stdout);
+    line();
+    for (int i = 0; i < n; i++) close(fds[i]);
+    printf("freed\n");
+    fflush(stdout);
+    line();
+    stop = 1;
+    pthread_join(t, NULL);
+    return 0;
+}
+"#;
+
+/// CPU time (user + system, clock ticks) of the thread of `pid` named
+/// `name`.
+fn thread_cpu(pid: i32, name: &str) -> u64 {
+    for e in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap().flatten() {
+        let comm = std::fs::read_to_string(e.path().join("comm")).unwrap_or_default();
+        if comm.trim_end() != name {
+            continue;
+        }
+        let stat = std::fs::read_to_string(e.path().join("stat")).unwrap();
+        let fields: Vec<&str> = stat[stat.rfind(')').unwrap() + 2..].split(' ').collect();
+        // Fields 14 and 15 (utime, stime); the first after the name is 3.
+        return fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap();
+    }
+    panic!("process {pid} has no thread {name}");
+}
+
+#[test]
+fn a_program_out_of_descriptors_does_not_make_the_agent_spin() {
+    let prog = compile("fd_hog", FD_HOG_C, &[SITES]);
+    let sockets = socket_dir("fd-hog");
+    let dir = fresh("fd-hog.data");
+    let mut cmd = textpoke(&sockets);
+    cmd.args(["record", "-o"]).arg(&dir).arg(&prog);
+    // SAFETY: setrlimit is async-signal-safe; it runs in the forked child.
+    unsafe {
+        cmd.pre_exec(|| {
+            let lim = libc::rlimit { rlim_cur: 64, rlim_max: 64 };
+            libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
+            Ok(())
+        })
+    };
+    let (mut child, pid) = start_recording(cmd, &sockets);
+    wait_growth(&sockets, pid);
+    let mut stdin = child.stdin.take().unwrap();
+    let mut out = BufReader::new(child.stdout.take().unwrap());
+    stdin.write_all(b"fill\n").unwrap();
+    let mut line = String::new();
+    out.read_line(&mut line).unwrap();
+    assert!(line.starts_with("full "), "{line:?}");
+    // Clients while the table is full: the agent cannot accept them, and
+    // must not spin on the listener that stays readable. (Two, each saying
+    // all it has to say: should the program's table have one descriptor
+    // free after all, the other still waits.)
+    let clients: Vec<_> = (0..2).map(|_| raw_client(&sockets, pid)).collect();
+    for c in &clients {
+        (&*c).write_all(b"status\n").unwrap();
+        c.shutdown(std::net::Shutdown::Write).unwrap();
+    }
+    let cpu = thread_cpu(pid, "textpoke-agent");
+    std::thread::sleep(Duration::from_secs(1));
+    let spent = thread_cpu(pid, "textpoke-agent") - cpu;
+    eprintln!("agent thread CPU over 1 s with a client waiting and no descriptor free: {spent} ticks");
+    assert!(spent < 30, "the agent thread spent {spent} ticks of 1 s waiting for a descriptor");
+    // Descriptors free again: the client is served.
+    stdin.write_all(b"free\n").unwrap();
+    line.clear();
+    out.read_line(&mut line).unwrap();
+    assert_eq!(line, "freed\n");
+    for c in &clients {
+        assert_eq!(read_reply(&mut BufReader::new(c)).get("state"), Some("recording"));
+    }
+    drop(stdin);
+    let status = child.wait().unwrap();
+    assert!(status.success(), "{status:?}");
+}
+
+/// Starts a thread calling `work` every 200 µs, prints its pid, waits for
+/// a line on stdin, then stops the thread and calls `_exit(0)`.
+const EXIT_LATER_C: &str = r#"
+#include <pthread.h>
+#include <stdio.h>
+#include <unistd.h>
+static volatile long sink;
+static volatile int stop;
+__attribute__((noinline)) long work(long x) { sink += x; return x; }
+static void *spin(void *a) { while (!stop) { work(1); usleep(200); } return a; }
+int main(void) {
+    pthread_t t;
+    pthread_create(&t, NULL, spin, NULL);
+    printf("%d\n", (int)getpid());
+    fflush(stdout);
+    char buf[16];
+    if (read(0, buf, sizeof buf) < 0) return 1;
+    stop = 1;
+    pthread_join(t, NULL);
+    _exit(0);
+}
+"#;
+
+/// A connection that sends half a line and trickles a byte every 100 ms
+/// (until it is closed or told to stop), then an idle one.
+fn pester(sockets: &Path, pid: i32) -> (std::os::unix::net::UnixStream, std::sync::Arc<std::sync::atomic::AtomicBool>) {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let stop = std::sync::Arc::new(AtomicBool::new(false));
+    let trickler = raw_client(sockets, pid);
+    let idle = raw_client(sockets, pid);
+    let flag = stop.clone();
+    std::thread::spawn(move || {
+        while !flag.load(Ordering::Relaxed) && (&trickler).write_all(b"s").is_ok() {
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    });
+    std::thread::sleep(Duration::from_millis(200)); // both are connected
+    (idle, stop)
+}
+
+#[test]
+fn exit_and_stop_signals_are_not_held_up_by_clients() {
+    use std::sync::atomic::Ordering;
+    let prog = compile("exit_later", EXIT_LATER_C, &[SITES]);
+    let sockets = socket_dir("exit-clients");
+
+    // `_exit` while clients are connected: the agent thread finishes the
+    // trace at once (it used to sit in a client's read while `_exit`
+    // waited 5 s, then gave up: an incomplete trace).
+    let dir = fresh("exit-clients.data");
+    let mut cmd = textpoke(&sockets);
+    cmd.args(["record", "-o"]).arg(&dir).arg(&prog);
+    let (mut child, pid) = start_recording(cmd, &sockets);
+    wait_growth(&sockets, pid);
+    let (_idle, stop) = pester(&sockets, pid);
+    child.stdin.take().unwrap().write_all(b"go\n").unwrap();
+    let out = child.wait_with_output().unwrap();
+    stop.store(true, Ordering::Relaxed);
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+    assert!(!stderr.contains("could not be finished at _exit"), "{stderr}");
+    assert!(!stderr.contains("incomplete"), "{stderr}");
+    assert!(calls(&open_complete(&dir))["work"] > 0);
+
+    // SIGTERM while clients are connected: the program dies of it with a
+    // complete trace (the agent thread stops the recorder first).
+    let dir = fresh("term-clients.data");
+    let mut cmd = textpoke(&sockets);
+    cmd.args(["record", "-o"]).arg(&dir).arg(&prog);
+    let (child, pid) = start_recording(cmd, &sockets);
+    wait_growth(&sockets, pid);
+    let (_idle, stop) = pester(&sockets, pid);
+    // SAFETY: signalling the textpoke process this test started.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let out = run_until(child, Duration::from_secs(20), pid);
+    stop.store(true, Ordering::Relaxed);
+    assert_eq!(out.status.signal(), Some(libc::SIGTERM), "{}", text(&out.stderr));
+    open_complete(&dir);
+}
+
+/// Waits for `child` (`textpoke record` of program `pid`) at most `limit`,
+/// then kills the program and fails.
+fn run_until(mut child: Child, limit: Duration, pid: i32) -> Output {
+    let deadline = Instant::now() + limit;
+    while child.try_wait().unwrap().is_none() {
+        if Instant::now() > deadline {
+            // SAFETY: signalling the program this test started.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+            let out = child.wait_with_output().unwrap();
+            panic!("process {pid} did not end within {limit:?}: {}", text(&out.stderr));
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    child.wait_with_output().unwrap()
 }
 
 // ---------------------------------------------------------------------------

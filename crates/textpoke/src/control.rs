@@ -22,7 +22,9 @@
 //!
 //! # Protocol
 //!
-//! Requests are one line each; a connection may carry several:
+//! Requests are one line each, at most [`MAX_REQUEST_LINE`] bytes before
+//! the newline (`\r\n` is accepted too); a connection may carry several,
+//! and each gets its reply in order:
 //!
 //! ```text
 //! status
@@ -32,18 +34,55 @@
 //!
 //! Each reply is a first line `ok` or `error MESSAGE`, then zero or more
 //! `KEY VALUE` lines, then an empty line. `status` answers with (in this
-//! order) `pid`, `process`, `state` (`recording`, `stopped` or `idle`),
-//! `mode` (`record` or `count`), `dir`, `functions` (traceable functions
-//! found), `traced` (functions the recording op traces now), `records`
-//! (records written so far), `calls` (count mode), `dropped`, and one
-//! `rule +GLOB` or `rule -GLOB` line per filter rule. `enable` and
-//! `disable` answer with `traced` and `functions`; an error may carry
-//! `hint` lines (close function names).
+//! order) `pid`, `process`, `state` (`recording`, `stopped (WHY)`, `idle`
+//! or `failed`), `mode` (`record` or `count`), `dir`, `functions`
+//! (traceable functions found), `traced` (functions the recording op
+//! traces now), `sites` (sites traced now), `inline` (of those, the ones
+//! recorded by generated code), `records` (records written so far),
+//! `calls` (count mode), `dropped`, and one `rule +GLOB` or `rule -GLOB`
+//! line per filter rule. `enable` and `disable` answer with `traced` and
+//! `functions`; an error may carry `hint` lines (close function names).
+//!
+//! Every malformed request gets an `error` reply ([`Request::parse_bytes`]
+//! says why: not UTF-8, a NUL byte, an unknown verb, a missing glob), and
+//! the connection stays usable. Two errors also close the connection after
+//! their reply, since the rest of the input cannot be read as requests: a
+//! line longer than [`MAX_REQUEST_LINE`], and input that ends in the
+//! middle of a line.
+//!
+//! ## How the agent serves it
+//!
+//! The agent serves every connection from its one thread, without ever
+//! blocking on one of them (see the agent's `clients` module): a client
+//! that connects and sends nothing, or half a line, delays no other. It
+//! keeps at most a few dozen connections (fewer under a low
+//! `RLIMIT_NOFILE`); beyond that, the least recently active one is closed
+//! after an `error too many connections` reply. Half a line must be
+//! completed within 5 s, and a reply read within 5 s, or the connection
+//! is closed. A connection that is idle between requests stays open until
+//! it is the least recently active one of a full table.
+//!
+//! When an agent makes its socket, it removes the sockets of processes
+//! that are gone from the same directory: files named `<pid>.sock` (not
+//! followed if they are symbolic links) that are sockets, owned by the
+//! effective uid, whose pid no longer exists, and on which nobody listens
+//! (a connection attempt is refused: the last check keeps the socket of a
+//! live agent in another pid namespace sharing the directory).
 //!
 //! Filter rules are applied in order, the last one that matches a function
 //! deciding: `textpoke record -F a -F b -N c` starts with `+a +b -c` (no
 //! `-F` starts with `+*`), `disable '*'` then `enable 'work*'` traces only
 //! the `work*` functions.
+//!
+//! # The front process
+//!
+//! `textpoke record` tells the agent who it is in [`FRONT_ENV`]
+//! (`PID:START`, START being the process's start time in clock ticks after
+//! boot, the 22nd field of `/proc/PID/stat`, 0 when unknown; see
+//! [`FrontProcess`]). The pid alone could name another process once the
+//! front one is gone and its pid reused: the start time tells them apart.
+//! The agent watches that process and, when it is gone (killed, crashed),
+//! finishes the trace and stops tracing while the program runs on.
 
 use std::ffi::OsString;
 use std::io::BufRead;
@@ -52,6 +91,12 @@ use std::path::{Path, PathBuf};
 
 /// Environment variable naming the socket directory.
 pub const SOCKET_DIR_ENV: &str = "TEXTPOKE_SOCKET_DIR";
+
+/// Environment variable naming the front process (`textpoke record`).
+pub const FRONT_ENV: &str = "TEXTPOKE_RECORD_PID";
+
+/// The longest request line the agent reads, in bytes, newline excluded.
+pub const MAX_REQUEST_LINE: usize = 4096;
 
 /// Why a control-socket step failed.
 #[derive(Debug, thiserror::Error)]
@@ -164,6 +209,67 @@ pub fn restrict_socket(path: &Path) -> Result<(), ControlError> {
     })
 }
 
+/// The `textpoke record` process an agent reports to, as passed in
+/// [`FRONT_ENV`] (see the module docs, "The front process").
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FrontProcess {
+    pub pid: i32,
+    /// Start time in clock ticks after boot (`/proc/PID/stat`); 0: unknown.
+    pub start: u64,
+}
+
+impl FrontProcess {
+    /// This process.
+    pub fn this() -> FrontProcess {
+        // SAFETY: getpid has no preconditions.
+        let pid = unsafe { libc::getpid() };
+        FrontProcess { pid, start: proc_stat(pid).map_or(0, |s| s.start) }
+    }
+
+    /// The value of [`FRONT_ENV`]: `PID:START`.
+    pub fn to_env(&self) -> String {
+        format!("{}:{}", self.pid, self.start)
+    }
+
+    /// Reads a [`FRONT_ENV`] value.
+    pub fn parse(v: &str) -> Result<FrontProcess, ControlError> {
+        let bad = || ControlError::Protocol(format!("{FRONT_ENV}={v:?} is not PID:START (two decimal numbers)"));
+        let (pid, start) = v.split_once(':').ok_or_else(bad)?;
+        let pid: i32 = pid.parse().map_err(|_| bad())?;
+        let start: u64 = start.parse().map_err(|_| bad())?;
+        if pid <= 0 {
+            return Err(bad());
+        }
+        Ok(FrontProcess { pid, start })
+    }
+}
+
+/// What `/proc/PID/stat` says of a process.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ProcStat {
+    /// The state letter (`R`, `S`, `Z` for a zombie, ...).
+    pub state: char,
+    /// Start time in clock ticks after boot.
+    pub start: u64,
+}
+
+/// Reads `/proc/PID/stat`; `None` if it cannot be read or parsed.
+pub fn proc_stat(pid: i32) -> Option<ProcStat> {
+    parse_stat(&std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?)
+}
+
+/// Parses a `/proc/PID/stat` line. The command name (2nd field) is in
+/// parentheses and may hold spaces and parentheses itself: the fields
+/// that follow start after the last `)`.
+fn parse_stat(text: &str) -> Option<ProcStat> {
+    let rest = &text[text.rfind(')')? + 1..];
+    let mut fields = rest.split_ascii_whitespace();
+    let state = fields.next()?.chars().next()?;
+    // Field 3 is the state; the start time is field 22.
+    let start = fields.nth(22 - 4)?.parse().ok()?;
+    Some(ProcStat { state, start })
+}
+
 /// A request to the agent.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Request {
@@ -176,20 +282,37 @@ pub enum Request {
 }
 
 impl Request {
-    /// Parses one request line (without its newline).
+    /// Parses one request line as received (newline optional), checking
+    /// first that it is text: UTF-8 without NUL bytes.
+    pub fn parse_bytes(line: &[u8]) -> Result<Request, ControlError> {
+        let line = line.strip_suffix(b"\n").unwrap_or(line);
+        let line = line.strip_suffix(b"\r").unwrap_or(line);
+        if line.contains(&0) {
+            return Err(ControlError::Protocol("the request holds a NUL byte; requests are text lines".into()));
+        }
+        let text = std::str::from_utf8(line).map_err(|e| {
+            ControlError::Protocol(format!("the request is not UTF-8 text (bad byte at offset {})", e.valid_up_to()))
+        })?;
+        Request::parse(text)
+    }
+
+    /// Parses one request line (its newline optional).
     pub fn parse(line: &str) -> Result<Request, ControlError> {
         let line = line.trim_end_matches(['\r', '\n']);
         let (verb, arg) = match line.split_once(' ') {
             Some((v, a)) => (v, Some(a)),
             None => (line, None),
         };
+        let bad = |why: String| Err(ControlError::Protocol(why));
         match (verb, arg) {
             ("status", None) => Ok(Request::Status),
             ("enable", Some(g)) if !g.is_empty() => Ok(Request::Enable(g.to_owned())),
             ("disable", Some(g)) if !g.is_empty() => Ok(Request::Disable(g.to_owned())),
-            _ => Err(ControlError::Protocol(format!(
-                "unknown request {line:?}; expected `status`, `enable GLOB` or `disable GLOB`"
-            ))),
+            ("enable" | "disable", _) => bad(format!("`{verb}` needs a GLOB: `{verb} GLOB`, e.g. `{verb} work*`")),
+            ("status", Some(_)) => bad("`status` takes no argument".into()),
+            _ => {
+                bad(format!("unknown request {:?}; expected `status`, `enable GLOB` or `disable GLOB`", shorten(line)))
+            }
         }
     }
 
@@ -200,6 +323,14 @@ impl Request {
             Request::Enable(g) => format!("enable {g}\n"),
             Request::Disable(g) => format!("disable {g}\n"),
         }
+    }
+}
+
+/// `s`, cut to 60 characters (with `...`) to be quoted in an error.
+fn shorten(s: &str) -> String {
+    match s.char_indices().nth(60) {
+        Some((i, _)) => format!("{}...", &s[..i]),
+        None => s.to_owned(),
     }
 }
 
@@ -346,6 +477,38 @@ mod tests {
         }
         assert!(Request::parse("enable").is_err());
         assert!(Request::parse("frob x").is_err());
+    }
+
+    #[test]
+    fn malformed_requests_say_why() {
+        let why = |b: &[u8]| Request::parse_bytes(b).unwrap_err().to_string();
+        assert_eq!(Request::parse_bytes(b"enable work*\r\n").unwrap(), Request::Enable("work*".into()));
+        assert_eq!(Request::parse_bytes(b"status").unwrap(), Request::Status);
+        assert!(why(b"enable \xff*\n").contains("not UTF-8 text (bad byte at offset 7)"));
+        assert!(why(b"sta\0tus\n").contains("NUL byte"));
+        assert!(why(b"enable \n").contains("`enable` needs a GLOB"));
+        assert!(why(b"disable\n").contains("`disable` needs a GLOB"));
+        assert!(why(b"status now\n").contains("takes no argument"));
+        assert!(why(b"\n").contains("unknown request \"\""));
+        assert!(why(b"frob\n").contains("unknown request \"frob\""));
+        let long = why(&[b'x'; 5000]);
+        assert!(long.contains(&format!("unknown request \"{}...\"", "x".repeat(60))), "{long}");
+    }
+
+    #[test]
+    fn front_process_value_and_stat() {
+        let f = FrontProcess { pid: 42, start: 1234 };
+        assert_eq!(FrontProcess::parse(&f.to_env()).unwrap(), f);
+        for bad in ["", "42", "42:", ":5", "x:1", "-3:1", "0:1", "1:2:3"] {
+            assert!(FrontProcess::parse(bad).is_err(), "{bad:?}");
+        }
+        let line = "77 (a) b) c) S 1 77 77 0 -1 4194560 100 0 0 0 1 2 0 0 20 0 1 0 98765 1000 200";
+        assert_eq!(parse_stat(line), Some(ProcStat { state: 'S', start: 98765 }));
+        assert_eq!(parse_stat("77 (x) Z 1 2"), None);
+        let me = FrontProcess::this();
+        assert_eq!(me.pid, std::process::id() as i32);
+        assert!(me.start > 0, "this process's start time is readable");
+        assert_eq!(proc_stat(me.pid).map(|s| s.start), Some(me.start));
     }
 
     #[test]
