@@ -194,6 +194,7 @@
 
 mod buffer;
 pub mod clock;
+pub mod dir;
 pub mod format;
 mod session;
 
