@@ -1,6 +1,7 @@
 //! What the trace-reading commands share: the input options, the progress
 //! bar, and output that is written whole or not at all.
 
+use crate::cmdutil::eprint_line;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use std::fs::File;
 use std::io::{self, BufWriter, IsTerminal, Write};
@@ -30,7 +31,7 @@ impl TraceArgs {
             e => e.to_string(),
         })?;
         for n in &set.notes {
-            eprintln!("textpoke: note: {n}");
+            eprint_line(&format!("textpoke: note: {n}"));
         }
         Ok(set)
     }
@@ -161,9 +162,10 @@ impl Output {
     }
 }
 
-/// Prints `textpoke CMD: error` and returns the failure exit code.
+/// Prints `textpoke CMD: error` ([`eprint_line`]) and returns the failure
+/// exit code.
 pub fn fail(cmd: &str, msg: impl std::fmt::Display) -> ExitCode {
-    eprintln!("textpoke {cmd}: {msg}");
+    eprint_line(&format!("textpoke {cmd}: {msg}"));
     ExitCode::FAILURE
 }
 

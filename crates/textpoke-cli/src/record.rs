@@ -155,8 +155,9 @@ fn check_program(prog: &Path, shown: &str) -> Result<Checked, CliError> {
     if names.is_empty() && sites.sites.is_empty() {
         return Err(CliError::new(
             2,
-            format!("{shown} has no patchable function entries, nor do the libraries it loads at start;\n{HOW_TO_ADD_SITES}"),
-        ));
+            format!("{shown} has no patchable function entries, nor do the libraries it loads at start;"),
+        )
+        .with_help(HOW_TO_ADD_SITES));
     }
     Ok(Checked { names: Some(names) })
 }
@@ -446,10 +447,10 @@ fn record(args: &Args) -> Result<ExitCode, CliError> {
     CHILD.store(-1, Ordering::Release);
     let status = status?;
     drop(demo);
-    eprintln!("{}", summary(&dir, &args.output.display().to_string(), &shown));
+    util::eprint_line(&summary(&dir, &args.output.display().to_string(), &shown));
     if args.command.is_empty() {
         let o = args.output.display();
-        eprintln!("textpoke: look at it with `textpoke report -i {o}` or `textpoke replay -i {o}`");
+        util::eprint_line(&format!("textpoke: look at it with `textpoke report -i {o}` or `textpoke replay -i {o}`"));
     }
     match (status.code(), status.signal()) {
         (Some(c), _) => Ok(ExitCode::from(c as u8)),

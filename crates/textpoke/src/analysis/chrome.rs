@@ -11,7 +11,7 @@
 //! their exit and `args.ret` for a recorded return value; each process and
 //! thread gets a `"ph": "M"` name event.
 
-use super::{walk_thread, AnalysisError, Closed, Event, Rebuilder, TraceSet};
+use super::{to_json_writer, walk_thread, AnalysisError, Closed, Event, Rebuilder, TraceSet};
 use serde::Serialize;
 use std::io::Write;
 
@@ -107,13 +107,13 @@ pub fn chrome<W: Write>(set: &TraceSet, w: &mut W, progress: &mut dyn FnMut(u64)
         let pid = p.pid();
         let pname = p.label();
         sep(w)?;
-        serde_json::to_writer(
+        to_json_writer(
             &mut *w,
             &Metadata { name: "process_name", ph: "M", pid, tid: pid, args: NameArgs { name: &pname } },
         )
         .map_err(json)?;
         sep(w)?;
-        serde_json::to_writer(
+        to_json_writer(
             &mut *w,
             &SortMetadata {
                 name: "process_sort_index",
@@ -130,7 +130,7 @@ pub fn chrome<W: Write>(set: &TraceSet, w: &mut W, progress: &mut dyn FnMut(u64)
             let tname =
                 if tid == pid { format!("{} (main)", trace.meta().process_name) } else { format!("thread {tid}") };
             sep(w)?;
-            serde_json::to_writer(
+            to_json_writer(
                 &mut *w,
                 &Metadata { name: "thread_name", ph: "M", pid, tid, args: NameArgs { name: &tname } },
             )
@@ -158,7 +158,7 @@ pub fn chrome<W: Write>(set: &TraceSet, w: &mut W, progress: &mut dyn FnMut(u64)
                         ret: c.value,
                     },
                 };
-                let r = sep(w).and_then(|_| serde_json::to_writer(&mut *w, &ev).map_err(json));
+                let r = sep(w).and_then(|_| to_json_writer(&mut *w, &ev).map_err(json));
                 match r {
                     Ok(()) => events += 1,
                     Err(e) => err = Some(e),
@@ -178,7 +178,7 @@ pub fn chrome<W: Write>(set: &TraceSet, w: &mut W, progress: &mut dyn FnMut(u64)
         "complete": set.processes.iter().all(|p| p.trace.is_complete()),
     });
     write!(w, "\n],\"displayTimeUnit\":\"ns\",\"otherData\":").map_err(write)?;
-    serde_json::to_writer(&mut *w, &other).map_err(json)?;
+    to_json_writer(&mut *w, &other).map_err(json)?;
     writeln!(w, "}}").map_err(write)?;
     Ok(events)
 }

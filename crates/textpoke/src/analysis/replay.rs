@@ -13,7 +13,7 @@
 //! records ended (its time is a lower bound), a `<` one whose exit was lost
 //! and that was closed at its caller's exit (an upper bound).
 
-use super::{walk_thread, AnalysisError, Call, Closed, Event, Rebuilder, TraceSet};
+use super::{escape, walk_thread, AnalysisError, Call, Closed, Event, Rebuilder, TraceSet};
 use crate::record::FuncId;
 use crate::tracedata::Trace;
 use std::io::{self, Write};
@@ -70,7 +70,7 @@ impl<W: Write> Printer<'_, W> {
 
     fn flush_pending(&mut self) {
         if let Some((f, level)) = self.pending.take() {
-            let name = self.trace.name(f);
+            let name = escape(self.trace.name(f));
             self.line("", level, format_args!("{name}() {{"));
         }
     }
@@ -93,7 +93,7 @@ impl<W: Write> Printer<'_, W> {
             }
             Event::Leave(c) => {
                 let dur = self.duration(&c);
-                let name = self.trace.name(c.func);
+                let name = escape(self.trace.name(c.func));
                 let value = c.value.map(|v| format!(" = {}", value_text(v))).unwrap_or_default();
                 if self.pending.take().is_some() {
                     // Enter directly followed by its Leave: a leaf.
@@ -137,10 +137,9 @@ pub fn replay<W: Write>(
             continue;
         }
         match p.parent {
-            None => writeln!(w, "# process {}", p.label()).map_err(write)?,
-            Some(i) => {
-                writeln!(w, "# process {}, forked from pid {}", p.label(), set.processes[i].pid()).map_err(write)?
-            }
+            None => writeln!(w, "# process {}", escape(&p.label())).map_err(write)?,
+            Some(i) => writeln!(w, "# process {}, forked from pid {}", escape(&p.label()), set.processes[i].pid())
+                .map_err(write)?,
         }
         let mut rb = Rebuilder::new(trace.clock());
         for t in threads {
