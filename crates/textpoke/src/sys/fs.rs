@@ -82,7 +82,7 @@ fn on_procfs(dir: &Path) -> io::Result<bool> {
     if unsafe { libc::statfs(c.as_ptr(), &mut buf) } != 0 {
         return Err(io::Error::last_os_error());
     }
-    Ok(buf.f_type as i64 == libc::PROC_SUPER_MAGIC as i64)
+    Ok(buf.f_type == libc::PROC_SUPER_MAGIC)
 }
 
 /// Refuses to follow `link` (in `dir`) where the kernel's
