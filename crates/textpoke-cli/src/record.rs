@@ -184,24 +184,11 @@ fn check_globs(args: &Args, names: &[String]) -> Result<(), CliError> {
     Ok(())
 }
 
-/// `DIR` must be absent, empty, or an earlier trace.
+/// `DIR` must be what the agent's recorder accepts (absent, empty, or an
+/// earlier trace whose `DIR.old` may be replaced: see
+/// [`textpoke::record::dir`]), checked before the program runs.
 fn check_output(dir: &Path) -> Result<(), CliError> {
-    match std::fs::read_dir(dir) {
-        Ok(mut entries) => {
-            if entries.next().is_some() && !dir.join(META_FILE).exists() {
-                return Err(CliError::new(
-                    2,
-                    format!("{} is not empty and holds no textpoke trace; choose another -o DIR", dir.display()),
-                ));
-            }
-            Ok(())
-        }
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-        Err(e) if e.kind() == std::io::ErrorKind::NotADirectory => {
-            Err(CliError::new(2, format!("{} is a file, not a directory; choose another -o DIR", dir.display())))
-        }
-        Err(e) => Err(CliError::new(2, format!("cannot use {}: {e}", dir.display()))),
-    }
+    textpoke::record::dir::check(dir, true).map_err(|e| CliError::new(2, e.to_string()))
 }
 
 /// The agent library's file name, as cargo builds it and as it is
