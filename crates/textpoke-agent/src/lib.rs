@@ -299,7 +299,9 @@ pub(crate) fn note_once(msg: &str) {
 
 fn print_once(once: &AtomicBool, msg: &str) {
     if !once.swap(true, Ordering::Relaxed) {
-        let _ = writeln!(std::io::stderr(), "textpoke: {msg}");
+        // Messages quote function names and paths: escaped, so that they
+        // cannot act on the terminal the program's stderr goes to.
+        let _ = writeln!(std::io::stderr(), "textpoke: {}", textpoke::analysis::escape(msg));
     }
 }
 

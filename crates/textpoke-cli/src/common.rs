@@ -1,9 +1,10 @@
 //! What the trace-reading commands share: the input options, the progress
-//! bar, and output that is written whole or not at all.
+//! bar, errors, and running a conversion into an [`Output`].
 
+use crate::cmdutil::eprint_line;
+pub use crate::output::Output;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
-use std::fs::File;
-use std::io::{self, BufWriter, IsTerminal, Write};
+use std::io::{self, IsTerminal, Write};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use textpoke::analysis::{AnalysisError, TraceSet};
@@ -30,7 +31,7 @@ impl TraceArgs {
             e => e.to_string(),
         })?;
         for n in &set.notes {
-            eprintln!("textpoke: note: {n}");
+            eprint_line(&format!("textpoke: note: {n}"));
         }
         Ok(set)
     }
@@ -81,89 +82,10 @@ pub fn progress(total: u64, what: &str) -> ProgressBar {
     bar
 }
 
-/// Where the output goes.
-pub enum Output {
-    /// Standard output: the output is built in memory and written only
-    /// once complete, so a failure never leaves half a file on stdout.
-    Stdout(Vec<u8>),
-    /// A file: written to a temporary file beside it, renamed over it once
-    /// complete; on failure the temporary file is removed and `path` is
-    /// untouched.
-    File { path: PathBuf, tmp: PathBuf, w: BufWriter<File> },
-}
-
-impl Output {
-    /// Output to `path`, or stdout when `None`.
-    pub fn create(path: Option<&Path>) -> Result<Output, String> {
-        let Some(path) = path else {
-            return Ok(Output::Stdout(Vec::new()));
-        };
-        if path.is_dir() {
-            return Err(format!("{} is a directory; give a file name with -o", path.display()));
-        }
-        let name = path.file_name().ok_or_else(|| format!("{} has no file name", path.display()))?;
-        let dir = match path.parent() {
-            Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
-            _ => PathBuf::from("."),
-        };
-        let mut tmp_name = std::ffi::OsString::from(".");
-        tmp_name.push(name);
-        tmp_name.push(format!(".tmp-{}", std::process::id()));
-        let tmp = dir.join(tmp_name);
-        let f = File::options()
-            .write(true)
-            .create_new(true)
-            .open(&tmp)
-            .map_err(|e| format!("cannot create {} (for {}): {e}", tmp.display(), path.display()))?;
-        Ok(Output::File { path: path.to_path_buf(), tmp, w: BufWriter::new(f) })
-    }
-
-    /// The writer to write the output to.
-    pub fn writer(&mut self) -> &mut dyn Write {
-        match self {
-            Output::Stdout(v) => v,
-            Output::File { w, .. } => w,
-        }
-    }
-
-    /// Publishes the output: writes stdout, or syncs and renames the file.
-    pub fn commit(self) -> Result<(), String> {
-        match self {
-            Output::Stdout(v) => {
-                let mut out = io::stdout().lock();
-                match out.write_all(&v).and_then(|_| out.flush()) {
-                    Ok(()) => Ok(()),
-                    // `textpoke replay | head`: the reader left, not an error.
-                    Err(e) if e.kind() == io::ErrorKind::BrokenPipe => Ok(()),
-                    Err(e) => Err(format!("cannot write to standard output: {e}")),
-                }
-            }
-            Output::File { path, tmp, w } => {
-                let done = w
-                    .into_inner()
-                    .map_err(|e| e.into_error())
-                    .and_then(|f| f.sync_all())
-                    .and_then(|_| std::fs::rename(&tmp, &path));
-                done.map_err(|e| {
-                    let _ = std::fs::remove_file(&tmp);
-                    format!("cannot write {}: {e}", path.display())
-                })
-            }
-        }
-    }
-
-    /// Drops a failed output: removes the temporary file.
-    pub fn abandon(self) {
-        if let Output::File { tmp, w, .. } = self {
-            drop(w);
-            let _ = std::fs::remove_file(&tmp);
-        }
-    }
-}
-
-/// Prints `textpoke CMD: error` and returns the failure exit code.
+/// Prints `textpoke CMD: error` ([`eprint_line`]) and returns the failure
+/// exit code.
 pub fn fail(cmd: &str, msg: impl std::fmt::Display) -> ExitCode {
-    eprintln!("textpoke {cmd}: {msg}");
+    eprint_line(&format!("textpoke {cmd}: {msg}"));
     ExitCode::FAILURE
 }
 

@@ -9,7 +9,7 @@
 //! Before connecting, the socket and its directory must belong to the user
 //! running `ctl` and be closed to others; anything else is refused.
 
-use crate::cmdutil::CliError;
+use crate::cmdutil::{eprint_line, CliError};
 use crate::record::AGENT_FILE_NAME;
 use std::ffi::OsString;
 use std::io::{BufReader, Write};
@@ -18,6 +18,7 @@ use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
+use textpoke::analysis::escape;
 use textpoke::control::{self, Reply, Request};
 
 #[derive(clap::Args)]
@@ -147,8 +148,10 @@ fn ask(pid: i32, req: &Request) -> Result<Reply, CliError> {
     Reply::read(&mut BufReader::new(&stream)).map_err(|e| CliError::new(1, format!("agent of {pid}: {e}")))
 }
 
+/// The status for people. Every value comes from the program (its name,
+/// its directory, the rules it was given) and is escaped ([`escape`]).
 fn status_text(r: &Reply) -> String {
-    let get = |k: &str| r.get(k).unwrap_or("?");
+    let get = |k: &str| escape(r.get(k).unwrap_or("?"));
     let counts = if get("mode") == "count" {
         format!("calls      {} counted, {} dropped", get("calls"), get("dropped"))
     } else {
@@ -166,7 +169,7 @@ fn status_text(r: &Reply) -> String {
         get("functions"),
         get("sites"),
         get("inline"),
-        r.all("rule").collect::<Vec<_>>().join(" ")
+        r.all("rule").map(escape).collect::<Vec<_>>().join(" ")
     )
 }
 
@@ -200,15 +203,15 @@ pub fn run(args: &Args) -> ExitCode {
     if let Some(msg) = &reply.error {
         let hints: Vec<&str> = reply.all("hint").collect();
         let hint = if hints.is_empty() { String::new() } else { format!("; did you mean: {}", hints.join(", ")) };
-        eprintln!("textpoke ctl: {msg}{hint}");
+        eprint_line(&format!("textpoke ctl: {msg}{hint}"));
         return ExitCode::FAILURE;
     }
     let text = match req {
         Request::Status => status_text(&reply),
         _ => {
-            let traced = reply.get("traced").unwrap_or("?");
+            let traced = escape(reply.get("traced").unwrap_or("?"));
             let plural = if traced == "1" { "" } else { "s" };
-            format!("{traced} function{plural} traced of {}\n", reply.get("functions").unwrap_or("?"))
+            format!("{traced} function{plural} traced of {}\n", escape(reply.get("functions").unwrap_or("?")))
         }
     };
     // A closed stdout (`| head`) is not an error of the request.
@@ -233,6 +236,25 @@ mod tests {
         assert!(check_glob(&"x".repeat(control::MAX_REQUEST_LINE - 7)).is_err());
         assert!(check_glob("a\nstatus").is_err());
         assert!(check_glob("a\r").is_err());
+    }
+
+    #[test]
+    fn status_values_from_the_program_are_escaped() {
+        let mut r = Reply::ok();
+        for (k, v) in [
+            ("pid", "42"),
+            ("process", "p\x1b[2J"),
+            ("dir", "/tmp/t\r\x07"),
+            ("rule", "+work*"),
+            ("rule", "-a\u{202e}b"),
+        ] {
+            r.fields.push((k.into(), v.into()));
+        }
+        let text = status_text(&r);
+        assert!(!text.chars().any(|c| (c.is_control() && c != '\n') || c == '\u{202e}'), "{text:?}");
+        assert!(text.contains("pid        42 (p\\e[2J)\n"), "{text}");
+        assert!(text.contains("dir        /tmp/t\\r\\x07\n"), "{text}");
+        assert!(text.contains("rules      +work* -a\\u{202e}b\n"), "{text}");
     }
 
     #[test]

@@ -23,8 +23,9 @@ pub struct Args {
     /// of flamegraph.pl and inferno-flamegraph
     #[arg(long)]
     folded: bool,
-    /// Write to FILE (replaced only once the output is complete) instead of
-    /// standard output
+    /// Write to FILE instead of standard output: a regular file is replaced
+    /// once the output is complete and keeps its mode; a device or a FIFO is
+    /// written in place; a symbolic link is kept and what it names written
     #[arg(short = 'o', long = "output", value_name = "FILE")]
     output: Option<PathBuf>,
     /// Only this process: the traced one or a child it forked (default: all)

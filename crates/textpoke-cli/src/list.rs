@@ -2,11 +2,13 @@
 //! the patchable functions of a program's ELF file (`PROG`, read from the
 //! file without running it).
 
+use crate::cmdutil::{eprint_line, CliError};
 use crate::common;
 use std::io::Write;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use textpoke::analysis::escape;
 use textpoke::sites::file::{scan_file, FileSites};
 use textpoke::sites::NopForm;
 use textpoke::tracedata::{OpenOptions, Trace};
@@ -43,7 +45,7 @@ pub fn run(args: &Args) -> ExitCode {
         }
     };
     if let Err(e) = r {
-        return common::fail("list", e);
+        return e.report("textpoke list");
     }
     match out.commit() {
         Ok(()) => ExitCode::SUCCESS,
@@ -51,17 +53,29 @@ pub fn run(args: &Args) -> ExitCode {
     }
 }
 
-fn list_trace(dir: &Path, salvage: bool, w: &mut dyn Write) -> Result<(), String> {
-    let t = Trace::open_with(dir, OpenOptions { allow_incomplete: salvage }).map_err(|e| common::trace_error(&e))?;
+/// A failure of `list`: exit code 1.
+fn failed(message: impl Into<String>) -> CliError {
+    CliError::new(1, message)
+}
+
+fn write_failed(e: std::io::Error) -> CliError {
+    failed(e.to_string())
+}
+
+fn list_trace(dir: &Path, salvage: bool, w: &mut dyn Write) -> Result<(), CliError> {
+    let t = Trace::open_with(dir, OpenOptions { allow_incomplete: salvage })
+        .map_err(|e| failed(common::trace_error(&e)))?;
     for n in t.salvage_notes() {
-        eprintln!("textpoke: note: {n}");
+        eprint_line(&format!("textpoke: note: {n}"));
     }
-    let io = |e: std::io::Error| e.to_string();
     for s in t.symbols() {
-        writeln!(w, "{:#014x}  {}", s.addr, s.name).map_err(io)?;
+        writeln!(w, "{:#014x}  {}", s.addr, escape(&s.name)).map_err(write_failed)?;
     }
     if t.symbols().is_empty() {
-        eprintln!("textpoke list: {}: the trace's symbol table is empty (nothing was traced)", dir.display());
+        eprint_line(&format!(
+            "textpoke list: {}: the trace's symbol table is empty (nothing was traced)",
+            dir.display()
+        ));
     }
     Ok(())
 }
@@ -92,37 +106,40 @@ fn resolve(prog: &Path) -> Result<PathBuf, String> {
     ))
 }
 
-fn list_prog(prog: &Path, skipped: bool, w: &mut dyn Write) -> Result<(), String> {
-    let path = resolve(prog)?;
-    let found = scan_file(&path).map_err(|e| e.to_string())?;
-    let io = |e: std::io::Error| e.to_string();
+fn list_prog(prog: &Path, skipped: bool, w: &mut dyn Write) -> Result<(), CliError> {
+    let path = resolve(prog).map_err(failed)?;
+    let found = scan_file(&path).map_err(|e| failed(e.to_string()))?;
     if found.sections.is_empty() {
-        return Err(format!(
-            "{} has no patchable function entries (no __patchable_function_entries, __mcount_loc or textpoke_sites section);\n{HOW_TO_ADD_SITES}",
+        return Err(failed(format!(
+            "{} has no patchable function entries (no __patchable_function_entries, __mcount_loc or textpoke_sites section);",
             path.display()
-        ));
+        ))
+        .with_help(HOW_TO_ADD_SITES));
     }
     for s in &found.sites {
         let form = match s.nop_form {
             NopForm::Single => "nop5",
             NopForm::Split { .. } => "nop1x5",
         };
-        let name = if s.function.is_empty() { "?" } else { &s.function };
-        writeln!(w, "{:#014x}  {:<12}  {form:<6}  {name}", s.entry, kind(s)).map_err(io)?;
+        let name = if s.function.is_empty() { "?".into() } else { escape(&s.function) };
+        writeln!(w, "{:#014x}  {:<12}  {form:<6}  {name}", s.entry, kind(s)).map_err(write_failed)?;
     }
     if skipped {
         for s in &found.skipped {
-            let name = if s.function.is_empty() { "?" } else { &s.function };
-            writeln!(w, "# skipped {} record {:#x} ({name}): {}", s.section, s.record, s.reason).map_err(io)?;
+            let name = if s.function.is_empty() { "?".into() } else { escape(&s.function) };
+            // Descriptor errors may quote bytes of the file.
+            let reason = s.reason.to_string();
+            let reason = escape(&reason);
+            writeln!(w, "# skipped {} record {:#x} ({name}): {reason}", s.section, s.record).map_err(write_failed)?;
         }
     }
     summary(&path, &found);
     if found.sites.is_empty() {
-        return Err(format!(
+        return Err(failed(format!(
             "{}: none of its {} site record(s) is a patchable site (rerun with --skipped to see why)",
             path.display(),
             found.sections.iter().map(|s| s.1).sum::<usize>()
-        ));
+        )));
     }
     Ok(())
 }
@@ -143,14 +160,14 @@ fn summary(path: &Path, f: &FileSites) {
     funcs.sort_unstable();
     funcs.dedup();
     let sections: Vec<String> = f.sections.iter().map(|(n, c)| format!("{n}: {c}")).collect();
-    eprintln!(
+    eprint_line(&format!(
         "textpoke list: {}: {} site(s) in {} function(s), {} record(s) skipped ({})",
         path.display(),
         f.sites.len(),
         funcs.len(),
         f.skipped.len(),
         sections.join(", ")
-    );
+    ));
     if f.dynsym_only {
         eprintln!("textpoke list: the file is stripped: static functions have no name ('?')");
     }

@@ -5,6 +5,7 @@ mod common;
 mod ctl;
 mod dump;
 mod list;
+mod output;
 mod record;
 mod replay;
 mod report;

@@ -200,8 +200,9 @@ fn check_program(prog: &Path, shown: &str) -> Result<Checked, CliError> {
     if names.is_empty() && sites.sites.is_empty() {
         return Err(CliError::new(
             2,
-            format!("{shown} has no patchable function entries, nor do the libraries it loads at start;\n{HOW_TO_ADD_SITES}"),
-        ));
+            format!("{shown} has no patchable function entries, nor do the libraries it loads at start;"),
+        )
+        .with_help(HOW_TO_ADD_SITES));
     }
     Ok(Checked { names: Some(names) })
 }
@@ -228,24 +229,11 @@ fn check_globs(args: &Args, names: &[String]) -> Result<(), CliError> {
     Ok(())
 }
 
-/// `DIR` must be absent, empty, or an earlier trace.
+/// `DIR` must be what the agent's recorder accepts (absent, empty, or an
+/// earlier trace whose `DIR.old` may be replaced: see
+/// [`textpoke::record::dir`]), checked before the program runs.
 fn check_output(dir: &Path) -> Result<(), CliError> {
-    match std::fs::read_dir(dir) {
-        Ok(mut entries) => {
-            if entries.next().is_some() && !dir.join(META_FILE).exists() {
-                return Err(CliError::new(
-                    2,
-                    format!("{} is not empty and holds no textpoke trace; choose another -o DIR", dir.display()),
-                ));
-            }
-            Ok(())
-        }
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-        Err(e) if e.kind() == std::io::ErrorKind::NotADirectory => {
-            Err(CliError::new(2, format!("{} is a file, not a directory; choose another -o DIR", dir.display())))
-        }
-        Err(e) => Err(CliError::new(2, format!("cannot use {}: {e}", dir.display()))),
-    }
+    textpoke::record::dir::check(dir, true).map_err(|e| CliError::new(2, e.to_string()))
 }
 
 /// The agent library's file name, as cargo builds it and as it is
@@ -524,10 +512,10 @@ fn record(args: &Args) -> Result<ExitCode, CliError> {
     CHILD.store(-1, Ordering::Release);
     let status = status?;
     drop(demo);
-    eprintln!("{}", summary(&dir, &args.output.display().to_string(), &shown));
+    util::eprint_line(&summary(&dir, &args.output.display().to_string(), &shown));
     if args.command.is_empty() {
         let o = args.output.display();
-        eprintln!("textpoke: look at it with `textpoke report -i {o}` or `textpoke replay -i {o}`");
+        util::eprint_line(&format!("textpoke: look at it with `textpoke report -i {o}` or `textpoke replay -i {o}`"));
     }
     match (status.code(), status.signal()) {
         (Some(c), _) => Ok(ExitCode::from(c as u8)),

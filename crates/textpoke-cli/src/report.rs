@@ -3,7 +3,7 @@
 use crate::common::{self, TraceArgs};
 use std::io::Write;
 use std::process::ExitCode;
-use textpoke::analysis::{self, human_ns, ProcessReport, Report, ReportOptions, SortKey};
+use textpoke::analysis::{self, escape, human_ns, ProcessReport, Report, ReportOptions, SortKey};
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
@@ -72,19 +72,22 @@ pub fn run(args: &Args) -> ExitCode {
             Format::Table => table(&r, w),
             Format::Csv => csv(&r, w),
             Format::Json => {
-                serde_json::to_writer_pretty(&mut *w, &r).map_err(std::io::Error::from).and_then(|_| writeln!(w))
+                analysis::to_json_writer_pretty(&mut *w, &r).map_err(std::io::Error::from).and_then(|_| writeln!(w))
             }
         };
         res.map_err(analysis::AnalysisError::Write)
     })
 }
 
-/// A CSV field, quoted when it must be (RFC 4180).
+/// A CSV field: escaped like every text output ([`escape`]: CSV is read
+/// on terminals too; the JSON format has the exact names), then quoted
+/// when it must be (RFC 4180).
 fn csv_field(s: &str) -> String {
-    if s.contains([',', '"', '\n', '\r']) {
+    let s = escape(s);
+    if s.contains([',', '"']) {
         format!("\"{}\"", s.replace('"', "\"\""))
     } else {
-        s.to_string()
+        s.into_owned()
     }
 }
 
@@ -127,7 +130,7 @@ fn table(r: &Report, w: &mut dyn Write) -> std::io::Result<()> {
         writeln!(
             w,
             "# {kind} {} [pid {}]{}: {} thread(s), {} call(s){}",
-            p.process_name,
+            escape(&p.process_name),
             p.pid,
             forked_from(p),
             p.threads.len(),
@@ -161,7 +164,7 @@ fn table(r: &Report, w: &mut dyn Write) -> std::io::Result<()> {
                 d(t.map(|t| t.avg_ns)),
                 d(t.map(|t| t.min_ns)),
                 d(t.map(|t| t.max_ns)),
-                f.function,
+                escape(&f.function),
             )?;
         }
         if p.functions.is_empty() {

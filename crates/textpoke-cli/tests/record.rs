@@ -1602,6 +1602,37 @@ fn bad_filters_and_outputs_are_refused() {
     assert!(busy.join("precious").exists());
 }
 
+/// What `DIR.old` holds is removed only when it is an earlier trace: the
+/// user's own directory there, or a link, is refused before the program
+/// runs, and left as it was.
+#[test]
+fn dir_old_that_is_not_a_trace_is_refused_and_kept() {
+    let s = socket_dir("dir-old");
+    let dir = fresh("old-kept.data");
+    std::fs::create_dir(&dir).unwrap();
+    std::fs::write(dir.join("meta.json"), "{}").unwrap(); // an earlier trace, as far as the check sees
+    let mut old = dir.clone().into_os_string();
+    old.push(".old");
+    let old = PathBuf::from(old);
+    let _ = std::fs::remove_dir_all(&old);
+    let _ = std::fs::remove_file(&old);
+    std::fs::create_dir(&old).unwrap();
+    std::fs::write(old.join("thesis.tex"), "keep").unwrap();
+    let out = run(textpoke(&s).arg("record").arg("-o").arg(&dir).arg(threads_prog()));
+    refused(&out, 2, &["old-kept.data.old", "holds no textpoke trace, which textpoke does not remove"]);
+    assert!(out.stdout.is_empty(), "the program did not run: {}", text(&out.stdout));
+    assert_eq!(std::fs::read_to_string(old.join("thesis.tex")).unwrap(), "keep");
+    assert!(dir.join("meta.json").exists());
+
+    std::fs::remove_dir_all(&old).unwrap();
+    let elsewhere = fresh("old-kept-elsewhere");
+    std::fs::create_dir(&elsewhere).unwrap();
+    std::os::unix::fs::symlink(&elsewhere, &old).unwrap();
+    let out = run(textpoke(&s).arg("record").arg("-o").arg(&dir).arg(threads_prog()));
+    refused(&out, 2, &["it is a symbolic link, which textpoke does not remove"]);
+    assert!(std::fs::symlink_metadata(&old).unwrap().file_type().is_symlink());
+}
+
 #[test]
 fn ctl_refuses_what_is_not_an_agent() {
     let s = socket_dir("ctl-bad");

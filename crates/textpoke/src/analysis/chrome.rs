@@ -11,7 +11,7 @@
 //! their exit and `args.ret` for a recorded return value; each process and
 //! thread gets a `"ph": "M"` name event.
 
-use super::{walk_thread, AnalysisError, Closed, Event, Rebuilder, TraceSet};
+use super::{to_json_writer, walk_thread, AnalysisError, Closed, Event, Rebuilder, TraceSet};
 use serde::Serialize;
 use std::io::Write;
 
@@ -127,13 +127,13 @@ pub fn chrome<W: Write>(set: &TraceSet, w: &mut W, progress: &mut dyn FnMut(u64)
         let pid = p.pid();
         let pname = p.label();
         sep(w)?;
-        serde_json::to_writer(
+        to_json_writer(
             &mut *w,
             &Metadata { name: "process_name", ph: "M", pid, tid: pid, args: NameArgs { name: &pname } },
         )
         .map_err(json)?;
         sep(w)?;
-        serde_json::to_writer(
+        to_json_writer(
             &mut *w,
             &SortMetadata {
                 name: "process_sort_index",
@@ -150,7 +150,7 @@ pub fn chrome<W: Write>(set: &TraceSet, w: &mut W, progress: &mut dyn FnMut(u64)
             let tname =
                 if tid == pid { format!("{} (main)", trace.meta().process_name) } else { format!("thread {tid}") };
             sep(w)?;
-            serde_json::to_writer(
+            to_json_writer(
                 &mut *w,
                 &Metadata { name: "thread_name", ph: "M", pid, tid, args: NameArgs { name: &tname } },
             )
@@ -184,7 +184,7 @@ pub fn chrome<W: Write>(set: &TraceSet, w: &mut W, progress: &mut dyn FnMut(u64)
                                 ret: c.value,
                             },
                         };
-                        sep(w).and_then(|_| serde_json::to_writer(&mut *w, &ev).map_err(json))
+                        sep(w).and_then(|_| to_json_writer(&mut *w, &ev).map_err(json))
                     }
                     Event::Gap { lost, ts, .. } | Event::Cut { count: lost, ts } => {
                         let name = if matches!(e, Event::Gap { .. }) {
@@ -202,7 +202,7 @@ pub fn chrome<W: Write>(set: &TraceSet, w: &mut W, progress: &mut dyn FnMut(u64)
                             ts: us(trace.to_ns(ts).saturating_sub(base_ns)),
                             args: GapArgs { lost },
                         };
-                        sep(w).and_then(|_| serde_json::to_writer(&mut *w, &ev).map_err(json))
+                        sep(w).and_then(|_| to_json_writer(&mut *w, &ev).map_err(json))
                     }
                     _ => return,
                 };
@@ -225,7 +225,7 @@ pub fn chrome<W: Write>(set: &TraceSet, w: &mut W, progress: &mut dyn FnMut(u64)
         "complete": set.processes.iter().all(|p| p.trace.is_complete()),
     });
     write!(w, "\n],\"displayTimeUnit\":\"ns\",\"otherData\":").map_err(write)?;
-    serde_json::to_writer(&mut *w, &other).map_err(json)?;
+    to_json_writer(&mut *w, &other).map_err(json)?;
     writeln!(w, "}}").map_err(write)?;
     Ok(events)
 }

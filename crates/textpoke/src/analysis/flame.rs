@@ -1,7 +1,7 @@
 //! Folded stacks and the SVG flame graph (see the [module
 //! documentation](super)).
 
-use super::{walk_thread, AnalysisError, Event, Rebuilder, TraceSet};
+use super::{escape, walk_thread, AnalysisError, Event, Rebuilder, TraceSet};
 use crate::record::FuncId;
 use std::collections::HashMap;
 use std::io::Write;
@@ -39,8 +39,10 @@ impl Tree {
         if let Some(&i) = self.name_ids.get(name) {
             return i;
         }
-        // Folded lines separate frames with ';' and end with " count".
-        let clean: String = name.chars().map(|c| if c == ';' { ':' } else { c }).collect();
+        // Folded lines separate frames with ';', end with " count" and a
+        // newline, and are read by people and by inferno's XML writer
+        // (which does not escape control characters): escaped, ';' as ':'.
+        let clean = escape(name).replace(';', ":");
         let clean = if clean.is_empty() { "?".to_string() } else { clean };
         let i = self.names.len() as u32;
         self.names.push(clean);
@@ -175,7 +177,7 @@ pub fn flamegraph<W: Write>(
         return Err(AnalysisError::Empty { dir: root.dir().to_path_buf(), detail });
     }
     let mut o = inferno::flamegraph::Options::default();
-    o.title = opts.title.clone().unwrap_or_else(|| {
+    let title = opts.title.clone().unwrap_or_else(|| {
         let m = root.meta();
         if unit == "calls" {
             format!("{} [pid {}]: calls (count-only trace)", m.process_name, m.pid)
@@ -183,6 +185,7 @@ pub fn flamegraph<W: Write>(
             format!("{} [pid {}]: self time", m.process_name, m.pid)
         }
     });
+    o.title = escape(&title).into_owned();
     o.count_name = unit.to_string();
     o.name_type = "Function:".to_string();
     inferno::flamegraph::from_lines(&mut o, folded.lines(), w).map_err(AnalysisError::Write)

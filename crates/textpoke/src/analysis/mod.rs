@@ -109,6 +109,7 @@
 //! under a root frame naming it.
 
 mod chrome;
+mod escape;
 mod flame;
 mod replay;
 mod report;
@@ -117,6 +118,7 @@ mod stacks;
 mod tests;
 
 pub use chrome::chrome;
+pub use escape::{escape, to_json_writer, to_json_writer_pretty};
 pub use flame::{flamegraph, folded, FlameOptions};
 pub use replay::{human_ns, replay, ReplayOptions};
 pub use report::{report, FunctionStats, ProcessReport, Report, ReportOptions, SortKey, ThreadStats, Times};

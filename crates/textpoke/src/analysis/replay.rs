@@ -16,7 +16,7 @@
 //! a closing line or a time, and the calls after it are indented at the
 //! depth recording resumed at, under callers that are not known.
 
-use super::{walk_thread, AnalysisError, Call, Closed, Event, Rebuilder, TraceSet};
+use super::{escape, walk_thread, AnalysisError, Call, Closed, Event, Rebuilder, TraceSet};
 use crate::record::{FuncId, Mode};
 use crate::tracedata::Trace;
 use std::io::{self, Write};
@@ -76,7 +76,7 @@ impl<W: Write> Printer<'_, W> {
 
     fn flush_pending(&mut self) {
         if let Some((f, level)) = self.pending.take() {
-            let name = self.trace.name(f);
+            let name = escape(self.trace.name(f));
             self.line("", level, format_args!("{name}() {{"));
         }
     }
@@ -122,7 +122,7 @@ impl<W: Write> Printer<'_, W> {
             Event::Leave(c) => {
                 self.level = c.level;
                 let dur = self.duration(&c);
-                let name = self.trace.name(c.func);
+                let name = escape(self.trace.name(c.func));
                 let value = c.value.map(|v| format!(" = {}", value_text(v))).unwrap_or_default();
                 if self.pending.take().is_some() {
                     // Enter directly followed by its Leave: a leaf.
@@ -166,10 +166,9 @@ pub fn replay<W: Write>(
             continue;
         }
         match p.parent {
-            None => writeln!(w, "# process {}", p.label()).map_err(write)?,
-            Some(i) => {
-                writeln!(w, "# process {}, forked from pid {}", p.label(), set.processes[i].pid()).map_err(write)?
-            }
+            None => writeln!(w, "# process {}", escape(&p.label())).map_err(write)?,
+            Some(i) => writeln!(w, "# process {}, forked from pid {}", escape(&p.label()), set.processes[i].pid())
+                .map_err(write)?,
         }
         let mut rb = Rebuilder::new(trace.clock());
         for t in threads {

@@ -226,6 +226,7 @@
 
 mod buffer;
 mod codegen;
+pub mod dir;
 pub mod format;
 mod op;
 mod session;

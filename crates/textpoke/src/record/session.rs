@@ -11,7 +11,7 @@ use crate::clock::{self, Calibration, Clock};
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs::File;
 use std::io::{BufWriter, Write};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
@@ -89,10 +89,6 @@ fn global_drops() -> [u64; 4] {
     ]
 }
 
-fn io_err<'a>(what: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> RecordError + 'a {
-    move |source| RecordError::Io { what, path: path.to_path_buf(), source }
-}
-
 /// How often the metadata is rewritten while recording (for a salvage
 /// after a crash), at most.
 const META_INTERVAL: Duration = Duration::from_secs(1);
@@ -108,7 +104,7 @@ pub(crate) fn start(config: RecorderConfig) -> Result<(), RecordError> {
     if let Some(s) = &st.session {
         return Err(RecordError::AlreadyActive { dir: s.dir.clone() });
     }
-    prepare_dir(&config.dir, config.replace_existing)?;
+    super::dir::prepare(&config.dir, config.replace_existing)?;
     let source = match config.clock {
         ClockChoice::Auto => clock::detect().source,
         ClockChoice::Force(s) => s,
@@ -187,28 +183,6 @@ fn publish(id: u64, config: &RecorderConfig) {
     buffer::MEM_LIMIT.store(config.memory_limit as u64, Ordering::Relaxed);
     buffer::MEM_PEAK.store(buffer::MEM_USED.load(Ordering::Relaxed), Ordering::Relaxed);
     ACTIVE.store(id, Ordering::Release);
-}
-
-/// Makes `dir` ready for a new trace: created if missing; an old textpoke
-/// trace is moved to `DIR.old` when `replace`; anything else non-empty is
-/// refused.
-fn prepare_dir(dir: &Path, replace: bool) -> Result<(), RecordError> {
-    if dir.exists() {
-        let mut entries = std::fs::read_dir(dir).map_err(io_err("read directory", dir))?;
-        if entries.next().is_some() {
-            if !(replace && dir.join(format::META_FILE).exists()) {
-                return Err(RecordError::DirNotEmpty { dir: dir.to_path_buf() });
-            }
-            let mut old = dir.as_os_str().to_owned();
-            old.push(".old");
-            let old = PathBuf::from(old);
-            if old.exists() {
-                std::fs::remove_dir_all(&old).map_err(io_err("remove", &old))?;
-            }
-            std::fs::rename(dir, &old).map_err(io_err("rename", dir))?;
-        }
-    }
-    std::fs::create_dir_all(dir).map_err(io_err("create directory", dir))
 }
 
 fn spawn_writer(id: u64) -> std::io::Result<std::thread::JoinHandle<()>> {

@@ -2,6 +2,7 @@
 //! raw syscalls live here and nowhere else.
 
 pub(crate) mod anon;
+pub mod fs;
 pub mod maps;
 pub mod membarrier;
 pub mod threads;
