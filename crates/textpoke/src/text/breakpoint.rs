@@ -32,7 +32,7 @@ use crate::sync::{sync_cores, SyncMethod};
 /// descriptor emulating the old instructions: trap bytes on every site,
 /// old tails, old heads, each followed by a best-effort sync.
 pub(crate) fn commit(
-    plan: &Plan,
+    plan: &Plan<'_>,
     sync: SyncMethod,
     write: Option<WriteMethod>,
     stats: &mut CommitStats,
@@ -57,27 +57,27 @@ pub(crate) fn commit(
     super::finish_writer(writer, result)
 }
 
-fn run_protocol(pokes: &[Planned], w: &Writer, sync: SyncMethod, stats: &mut CommitStats) -> Result<(), PokeError> {
+fn run_protocol(pokes: &[Planned<'_>], w: &Writer, sync: SyncMethod, stats: &mut CommitStats) -> Result<(), PokeError> {
     // Step 4: trap bytes.
     for p in pokes {
         write(w, p, p.addr, &[TRAP_BYTE])?;
     }
     sync_round(sync, stats)?;
     // Step 5: tails.
-    for p in pokes.iter().filter(|p| p.new.len() > 1) {
-        write(w, p, p.addr + 1, &p.new[1..])?;
+    for p in pokes.iter().filter(|p| p.new().len() > 1) {
+        write(w, p, p.addr + 1, &p.new()[1..])?;
     }
     sync_round(sync, stats)?;
     // Step 6: heads.
     for p in pokes {
-        write(w, p, p.addr, &p.new[..1])?;
+        write(w, p, p.addr, &p.new()[..1])?;
     }
     sync_round(sync, stats)
 }
 
 /// Puts the old bytes back after a failed step (see [`commit`]).
 #[cold]
-fn roll_back(pokes: &[Planned], w: &Writer, sync: SyncMethod) {
+fn roll_back(pokes: &[Planned<'_>], w: &Writer, sync: SyncMethod) {
     // Emulate the old instruction where it can be; otherwise keep the new
     // one's emulation (a thread trapping now runs the new instruction once,
     // as it could have had the commit succeeded).
@@ -85,7 +85,7 @@ fn roll_back(pokes: &[Planned], w: &Writer, sync: SyncMethod) {
         .iter()
         .map(|p| TrapSite {
             addr: p.addr,
-            emu: crate::arch::emulation_for(p.addr, &p.old).unwrap_or(p.emu.expect("emulatable")),
+            emu: crate::arch::emulation_for(p.addr, p.old()).unwrap_or(p.emu.expect("emulatable")),
         })
         .collect();
     trap::unpublish();
@@ -94,12 +94,12 @@ fn roll_back(pokes: &[Planned], w: &Writer, sync: SyncMethod) {
         let _ = w.write(p.addr, &[TRAP_BYTE]);
     }
     crate::sync::sync_cores_briefly(sync);
-    for p in pokes.iter().filter(|p| p.old.len() > 1) {
-        let _ = w.write(p.addr + 1, &p.old[1..]);
+    for p in pokes.iter().filter(|p| p.old().len() > 1) {
+        let _ = w.write(p.addr + 1, &p.old()[1..]);
     }
     crate::sync::sync_cores_briefly(sync);
     for p in pokes {
-        let _ = w.write(p.addr, &p.old[..1]);
+        let _ = w.write(p.addr, &p.old()[..1]);
     }
     crate::sync::sync_cores_briefly(sync);
 }
@@ -114,9 +114,9 @@ fn sync_round(sync: SyncMethod, stats: &mut CommitStats) -> Result<(), PokeError
 /// (mprotect'ed pages are plain stores; /proc/self/mem pages were probed).
 /// Should it happen, say exactly where, and that sites may be half-done.
 #[cold]
-fn write(w: &Writer, p: &Planned, addr: usize, bytes: &[u8]) -> Result<(), PokeError> {
+fn write(w: &Writer, p: &Planned<'_>, addr: usize, bytes: &[u8]) -> Result<(), PokeError> {
     w.write(addr, bytes).map_err(|source| PokeError::WriteFailed {
-        at: p.at.clone(),
+        at: p.at(),
         len: bytes.len(),
         source,
         rollback: "; the batch was rolled back to the old bytes".into(),

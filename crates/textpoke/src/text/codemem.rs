@@ -9,6 +9,15 @@
 //!
 //! Freeing a block that threads may still execute is the caller's problem:
 //! the tracer frees trampolines only after a grace period.
+//!
+//! # Many small writes
+//!
+//! Opening `/proc/self/mem` costs more than a small write through it
+//! (about 0.85 µs to open and 0.3 µs to close against 0.55 µs for a
+//! 10-byte write, measured with the tracer's 100,000 stubs). A
+//! [`WriteSession`] keeps one descriptor open for the writes its thread
+//! makes until it is dropped, as the engine's writer keeps one for a batch;
+//! without one, each write opens and closes its own.
 
 use crate::sys::maps::Maps;
 use std::io;
@@ -129,11 +138,70 @@ impl CodeBlock {
         addr >= self.addr && addr < self.addr + self.len
     }
 
-    /// Writes code at `off` (no thread may be running those bytes).
+    /// Writes code at `off` (no thread may be running those bytes), through
+    /// this thread's [`WriteSession`] if one is open.
     pub fn write(&self, off: usize, code: &[u8]) -> io::Result<()> {
         assert!(off + code.len() <= self.len, "write past the block");
+        let at = (self.addr + off) as u64;
+        if let Some(fd) = WriteSession::current() {
+            // SAFETY: the session's descriptor stays open until the session,
+            // on this thread, is dropped; ManuallyDrop never closes it.
+            let f = std::mem::ManuallyDrop::new(unsafe { <std::fs::File as std::os::fd::FromRawFd>::from_raw_fd(fd) });
+            return std::os::unix::fs::FileExt::write_all_at(&*f, code, at);
+        }
         let f = std::fs::OpenOptions::new().write(true).open("/proc/self/mem")?;
-        std::os::unix::fs::FileExt::write_all_at(&f, code, (self.addr + off) as u64)
+        std::os::unix::fs::FileExt::write_all_at(&f, code, at)
+    }
+}
+
+/// One `/proc/self/mem` descriptor for the [`CodeBlock::write`]s of this
+/// thread until dropped (see the module docs). Sessions nest; the
+/// descriptor is close-on-exec and used only in the process that opened
+/// it (after `fork` it would write into the parent).
+#[derive(Debug)]
+pub struct WriteSession {
+    /// Ours, or -1 when the file could not be opened (writes then open
+    /// their own, and fail as they would have).
+    fd: libc::c_int,
+    /// The session this one hides, restored on drop.
+    outer: (libc::c_int, libc::pid_t),
+    /// Dropped on the thread that opened it.
+    _thread_bound: std::marker::PhantomData<*const ()>,
+}
+
+thread_local! {
+    /// The innermost session of this thread: (descriptor, pid that opened it).
+    static SESSION: std::cell::Cell<(libc::c_int, libc::pid_t)> = const { std::cell::Cell::new((-1, 0)) };
+}
+
+impl WriteSession {
+    /// Opens the session.
+    pub fn open() -> WriteSession {
+        const PATH: &[u8] = b"/proc/self/mem\0";
+        // SAFETY: NUL-terminated path.
+        let fd = unsafe { libc::open(PATH.as_ptr().cast(), libc::O_WRONLY | libc::O_CLOEXEC) };
+        // SAFETY: getpid has no preconditions.
+        let pid = unsafe { libc::getpid() };
+        let outer = SESSION.with(|s| s.replace(if fd >= 0 { (fd, pid) } else { (-1, 0) }));
+        WriteSession { fd, outer, _thread_bound: std::marker::PhantomData }
+    }
+
+    /// The descriptor of this thread's session, if one is open in this
+    /// process.
+    fn current() -> Option<libc::c_int> {
+        let (fd, pid) = SESSION.with(|s| s.get());
+        // SAFETY: getpid has no preconditions.
+        (fd >= 0 && pid == unsafe { libc::getpid() }).then_some(fd)
+    }
+}
+
+impl Drop for WriteSession {
+    fn drop(&mut self) {
+        SESSION.with(|s| s.set(self.outer));
+        if self.fd >= 0 {
+            // SAFETY: ours, opened in `open`, closed once.
+            unsafe { libc::close(self.fd) };
+        }
     }
 }
 
@@ -157,5 +225,29 @@ mod tests {
         b.write(0, &[0xc3]).unwrap();
         // SAFETY: the block holds `ret`.
         unsafe { std::mem::transmute::<usize, extern "C" fn()>(b.addr())() };
+    }
+
+    #[test]
+    fn sessions_write_and_nest() {
+        let b = CodeBlock::anywhere(4096).unwrap();
+        let peek = |off: usize| {
+            // SAFETY: the block is mapped readable.
+            unsafe { ((b.addr() + off) as *const u8).read_volatile() }
+        };
+        {
+            let _s = WriteSession::open();
+            let fd = WriteSession::current().expect("a session is open");
+            b.write(0, &[1, 2]).unwrap();
+            {
+                let _inner = WriteSession::open();
+                assert_ne!(WriteSession::current(), Some(fd), "the inner session's own descriptor");
+                b.write(2, &[3]).unwrap();
+            }
+            assert_eq!(WriteSession::current(), Some(fd), "the outer session is back");
+            b.write(3, &[4]).unwrap();
+        }
+        assert_eq!(WriteSession::current(), None);
+        b.write(4, &[5]).unwrap(); // no session: its own descriptor
+        assert_eq!((0..5).map(peek).collect::<Vec<_>>(), [1, 2, 3, 4, 5]);
     }
 }

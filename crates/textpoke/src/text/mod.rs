@@ -24,6 +24,7 @@
 
 mod breakpoint;
 pub mod codemem;
+mod dynsym;
 mod stop_machine;
 pub(crate) mod trap;
 mod validate;
@@ -35,33 +36,42 @@ pub use self::write::WriteMethod;
 pub use crate::sync::SyncMethod;
 
 use crate::error::{Location, PokeError};
-use std::sync::{Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 /// One replacement: at `addr`, the bytes `expected` become `new`.
+///
+/// A poke of one instruction keeps its bytes inline and its name shared
+/// (an `Arc<str>`): a batch of many pokes allocates nothing per poke.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Poke {
     addr: usize,
-    expected: Vec<u8>,
-    new: Vec<u8>,
-    name: Option<String>,
+    expected: Bytes,
+    new: Bytes,
+    name: Option<Arc<str>>,
     region: bool,
 }
 
 impl Poke {
     /// Replaces one whole instruction at `addr`.
-    pub fn new(addr: usize, expected: impl Into<Vec<u8>>, new: impl Into<Vec<u8>>) -> Poke {
-        Poke { addr, expected: expected.into(), new: new.into(), name: None, region: false }
+    pub fn new(addr: usize, expected: impl AsRef<[u8]>, new: impl AsRef<[u8]>) -> Poke {
+        Poke {
+            addr,
+            expected: Bytes::from(expected.as_ref()),
+            new: Bytes::from(new.as_ref()),
+            name: None,
+            region: false,
+        }
     }
 
     /// Replaces a region of several whole instructions (stop-machine only:
     /// a thread between two of them must not resume into the new bytes).
-    pub fn region(addr: usize, expected: impl Into<Vec<u8>>, new: impl Into<Vec<u8>>) -> Poke {
+    pub fn region(addr: usize, expected: impl AsRef<[u8]>, new: impl AsRef<[u8]>) -> Poke {
         Poke { region: true, ..Poke::new(addr, expected, new) }
     }
 
     /// Names the site in error messages (otherwise the symbol, if any).
-    pub fn named(mut self, name: impl Into<String>) -> Poke {
+    pub fn named(mut self, name: impl Into<Arc<str>>) -> Poke {
         self.name = Some(name.into());
         self
     }
@@ -81,10 +91,53 @@ impl Poke {
     pub fn is_empty(&self) -> bool {
         self.expected.is_empty()
     }
+    /// Whether it replaces a region of several instructions.
+    pub fn is_region(&self) -> bool {
+        self.region
+    }
 
     /// The poke undoing this one.
     pub fn reversed(&self) -> Poke {
         Poke { expected: self.new.clone(), new: self.expected.clone(), ..self.clone() }
+    }
+}
+
+/// The longest byte string kept inline (the longest x86 instruction).
+const INLINE_BYTES: usize = 15;
+
+/// A poke's bytes: inline when short (every single instruction), else on
+/// the heap.
+#[derive(Clone, PartialEq, Eq)]
+enum Bytes {
+    Inline { len: u8, buf: [u8; INLINE_BYTES] },
+    Heap(Box<[u8]>),
+}
+
+impl From<&[u8]> for Bytes {
+    fn from(b: &[u8]) -> Bytes {
+        if b.len() <= INLINE_BYTES {
+            let mut buf = [0; INLINE_BYTES];
+            buf[..b.len()].copy_from_slice(b);
+            Bytes::Inline { len: b.len() as u8, buf }
+        } else {
+            Bytes::Heap(b.into())
+        }
+    }
+}
+
+impl std::ops::Deref for Bytes {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        match self {
+            Bytes::Inline { len, buf } => &buf[..*len as usize],
+            Bytes::Heap(b) => b,
+        }
+    }
+}
+
+impl std::fmt::Debug for Bytes {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        std::fmt::Debug::fmt(&**self, f)
     }
 }
 
@@ -225,29 +278,45 @@ impl Extend<Poke> for Batch {
     }
 }
 
-/// A validated poke, ready to write.
+/// A validated poke, ready to write: the batch's poke itself, borrowed.
 #[derive(Debug)]
-pub(crate) struct Planned {
+pub(crate) struct Planned<'a> {
     pub addr: usize,
-    pub old: Vec<u8>,
-    pub new: Vec<u8>,
-    pub at: Location,
+    pub poke: &'a Poke,
     /// What the trap handler emulates (breakpoint strategy only).
     pub emu: Option<crate::arch::Emulation>,
+}
+
+impl Planned<'_> {
+    /// The bytes there now.
+    pub fn old(&self) -> &[u8] {
+        self.poke.expected()
+    }
+    /// The bytes to write.
+    pub fn new(&self) -> &[u8] {
+        self.poke.new_bytes()
+    }
+    /// Where it is, for an error message. Asks the dynamic linker for the
+    /// symbol (unless the poke is named): never call it while threads are
+    /// parked, they may hold the linker's lock.
+    #[cold]
+    pub fn at(&self) -> Location {
+        validate::locate(self.poke)
+    }
 }
 
 /// A validated batch: pokes sorted by address, no-ops dropped, and the page
 /// runs they touch.
 #[derive(Debug)]
-pub(crate) struct Plan {
-    pub pokes: Vec<Planned>,
+pub(crate) struct Plan<'a> {
+    pub pokes: Vec<Planned<'a>>,
     pub runs: Vec<write::PageRun>,
 }
 
 /// Prepares the writer for a plan (the last step that can fail before a
 /// byte is written) and notes its method.
 fn prepare_writer(
-    plan: &Plan,
+    plan: &Plan<'_>,
     write: Option<WriteMethod>,
     stats: &mut CommitStats,
 ) -> Result<write::Writer, PokeError> {

@@ -22,16 +22,19 @@ pub const MAX_PARK_ATTEMPTS: u32 = 200;
 ///     instructions of a region), release everyone, back off, retry —
 ///     bounded, then a clear error naming the thread;
 ///  5. write every poke whole; **sync** (membarrier; parked threads also
-///     serialise their cores when released);
+///     serialise their cores when released). If a write fails, the pokes
+///     written so far (and the failed one) get their old bytes back while
+///     the threads are still parked: a failed commit leaves the old code;
 ///  6. release, unblock signals, restore protections.
 ///
 /// Between 3 and 6 nothing allocates or locks: parked threads may hold
-/// malloc's lock. A thread stopped while running a signal handler of its
-/// own has the PC it interrupted saved in an outer signal frame (rule 4):
-/// those frames are found by scanning the parked thread's stack
+/// malloc's lock (or the loader's). Errors are made after the release.
+/// A thread stopped while running a signal handler of its own has the PC
+/// it interrupted saved in an outer signal frame (rule 4): those frames
+/// are found by scanning the parked thread's stack
 /// (`arch::for_each_outer_pc`) and their PCs are checked too.
 pub(crate) fn commit(
-    plan: &Plan,
+    plan: &Plan<'_>,
     sync: SyncMethod,
     write: Option<WriteMethod>,
     stats: &mut CommitStats,
@@ -43,7 +46,7 @@ pub(crate) fn commit(
     super::finish_writer(writer, result)
 }
 
-fn park_and_write(plan: &Plan, w: &Writer, sync: SyncMethod, stats: &mut CommitStats) -> Result<(), PokeError> {
+fn park_and_write(plan: &Plan<'_>, w: &Writer, sync: SyncMethod, stats: &mut CommitStats) -> Result<(), PokeError> {
     let mut inside = None;
     for attempt in 0..MAX_PARK_ATTEMPTS {
         stats.park_attempts += 1;
@@ -57,23 +60,25 @@ fn park_and_write(plan: &Plan, w: &Writer, sync: SyncMethod, stats: &mut CommitS
         let written = write_all(plan, w);
         // With signals as the sync method the parked threads, which block
         // every signal, serialise when released instead.
-        let synced = match (written.is_ok(), sync) {
-            (true, SyncMethod::Membarrier) => sync_cores(sync),
+        let synced = match (&written, sync) {
+            (Ok(()), SyncMethod::Membarrier) => sync_cores(sync),
             _ => Ok(()),
         };
         parked.release();
-        written?;
+        if let Err(failed) = written {
+            return Err(failed.into_error(plan));
+        }
         synced?;
         stats.sync_rounds += 1;
         return Ok(());
     }
     let (tid, pc, i) = inside.expect("loop ran at least once");
-    Err(PokeError::ThreadInsideRegion { tid, pc, at: plan.pokes[i].at.clone(), attempts: MAX_PARK_ATTEMPTS })
+    Err(PokeError::ThreadInsideRegion { tid, pc, at: plan.pokes[i].at(), attempts: MAX_PARK_ATTEMPTS })
 }
 
 /// A parked thread stopped strictly inside a poke: (tid, pc, poke index).
 /// Allocation-free.
-fn thread_inside(plan: &Plan, parked: &Parked) -> Option<(i32, usize, usize)> {
+fn thread_inside(plan: &Plan<'_>, parked: &Parked) -> Option<(i32, usize, usize)> {
     let mut hit = None;
     parked.for_each_pc(|tid, pc| {
         if hit.is_some() {
@@ -83,7 +88,7 @@ fn thread_inside(plan: &Plan, parked: &Parked) -> Option<(i32, usize, usize)> {
         // The poke starting before pc is the only one that can contain it.
         if i > 0 {
             let p = &plan.pokes[i - 1];
-            if pc > p.addr && pc < p.addr + p.old.len() {
+            if pc > p.addr && pc < p.addr + p.old().len() {
                 hit = Some((tid, pc, i - 1));
             }
         }
@@ -91,14 +96,43 @@ fn thread_inside(plan: &Plan, parked: &Parked) -> Option<(i32, usize, usize)> {
     hit
 }
 
-fn write_all(plan: &Plan, w: &Writer) -> Result<(), PokeError> {
-    for p in &plan.pokes {
-        w.write(p.addr, &p.new).map_err(|source| PokeError::WriteFailed {
-            at: p.at.clone(),
-            len: p.new.len(),
-            source,
-            rollback: "; threads were released, earlier pokes of the batch were written".into(),
-        })?;
+/// A write that failed while threads were parked, described without
+/// allocating; [`WriteFailure::into_error`] makes the error afterwards.
+struct WriteFailure {
+    index: usize,
+    source: std::io::Error,
+    /// Whether every poke up to and including `index` got its old bytes back.
+    restored: bool,
+}
+
+impl WriteFailure {
+    #[cold]
+    fn into_error(self, plan: &Plan<'_>) -> PokeError {
+        let p = &plan.pokes[self.index];
+        PokeError::WriteFailed {
+            at: p.at(),
+            len: p.new().len(),
+            source: self.source,
+            rollback: if self.restored {
+                "; the pokes written before it were rolled back to the old bytes, nothing of the batch is left".into()
+            } else {
+                "; rolling back the pokes written before it failed too: some of them may hold the new bytes".into()
+            },
+        }
+    }
+}
+
+/// Writes every poke; on a failure, puts the old bytes back. Runs while
+/// threads are parked: allocation-free (an `io::Error` from the OS holds
+/// just its code).
+fn write_all(plan: &Plan<'_>, w: &Writer) -> Result<(), WriteFailure> {
+    for (index, p) in plan.pokes.iter().enumerate() {
+        if let Err(source) = w.write(p.addr, p.new()) {
+            // No thread runs this code now, and none is strictly inside a
+            // poke: the old bytes can go back whole.
+            let restored = plan.pokes[..=index].iter().all(|q| w.write(q.addr, q.old()).is_ok());
+            return Err(WriteFailure { index, source, restored });
+        }
     }
     Ok(())
 }

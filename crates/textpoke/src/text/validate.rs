@@ -1,24 +1,33 @@
 //! Validation of a batch before anything is written (see the parent
 //! module's docs for the list of checks).
+//!
+//! # One pass
+//!
+//! The pokes are sorted by address once; then the mappings and the
+//! dynamic symbols are looked up for all of them together: one read of
+//! `/proc/self/maps`, one walk of the loaded objects for the symbols
+//! covering the pokes ([`dynsym`]: each object's table read once, not
+//! once per poke as `dladdr1` does), and one loop over the pokes that
+//! compares their bytes in place. Nothing is allocated per poke: a
+//! [`Planned`] borrows its [`Poke`], and a refusal's [`Location`] (the
+//! symbol name, from `dladdr1`) is made only for the poke refused.
 
+use super::dynsym::{self, Covering, RTLD_DL_SYMENT};
 use super::write::{page_runs, read_code};
 use super::{Plan, Planned, Poke, Strategy};
 use crate::arch;
 use crate::error::{Location, PokeError};
-use crate::sys::maps::Maps;
+use crate::sys::maps::{Mapping, Maps};
 use std::ffi::CStr;
-
-/// `dladdr1` flag asking for the symbol's `ElfW(Sym)` (glibc <dlfcn.h>).
-const RTLD_DL_SYMENT: libc::c_int = 1;
 
 /// The largest function prefix decoded to prove an instruction boundary.
 const MAX_BOUNDARY_SCAN: usize = 1 << 20;
 
-/// The function symbol covering an address, from the dynamic linker.
+/// The function symbol covering an address, with its name, from the
+/// dynamic linker (for messages).
 struct FuncSym {
     name: String,
     start: usize,
-    size: usize,
 }
 
 fn func_symbol(addr: usize) -> Option<FuncSym> {
@@ -36,41 +45,45 @@ fn func_symbol(addr: usize) -> Option<FuncSym> {
     let name = unsafe { CStr::from_ptr(info.dli_sname) }.to_string_lossy().into_owned();
     // SAFETY: sym, when set, points into the object's dynamic symbol table.
     let (size, kind) = if sym.is_null() { (0, 0) } else { unsafe { ((*sym).st_size as usize, (*sym).st_info & 0xf) } };
-    const STT_FUNC: u8 = 2;
     let start = info.dli_saddr as usize;
-    (kind == STT_FUNC && start <= addr && addr < start + size).then_some(FuncSym { name, start, size })
+    function_range(addr, Covering { start, size, kind }).map(|_| FuncSym { name, start })
 }
 
-fn location(p: &Poke, sym: Option<&FuncSym>) -> Location {
-    let symbol = match (&p.name, sym) {
-        (Some(n), _) => Some(n.clone()),
-        (None, Some(s)) => Some(format!("{}+{:#x}", s.name, p.addr - s.start)),
-        (None, None) => None,
-    };
+/// A covering symbol that is a function holding `addr`: its start and size.
+fn function_range(addr: usize, c: Covering) -> Option<(usize, usize)> {
+    const STT_FUNC: u8 = 2;
+    (c.kind == STT_FUNC && c.start <= addr && addr - c.start < c.size).then_some((c.start, c.size))
+}
+
+/// Where a poke is, for a message: its name, else `symbol+offset` when the
+/// dynamic linker knows a function there. Asks the linker: never while
+/// threads are parked.
+#[cold]
+pub(super) fn locate(p: &Poke) -> Location {
+    if let Some(n) = &p.name {
+        return Location { addr: p.addr, symbol: Some(n.to_string()) };
+    }
+    let symbol = func_symbol(p.addr).map(|s| format!("{}+{:#x}", s.name, p.addr - s.start));
     Location { addr: p.addr, symbol }
 }
 
-fn read_bytes(maps: &Maps, addr: usize, len: usize) -> Result<Vec<u8>, PokeError> {
-    let readable = maps.covering(addr, len).is_some_and(|ms| ms.iter().all(|m| m.readable()));
-    if readable {
-        // SAFETY: every byte is in a readable mapping of this process.
-        Ok(unsafe { std::slice::from_raw_parts(addr as *const u8, len) }.to_vec())
-    } else {
-        read_code(addr, len).map_err(|source| PokeError::Sys { what: "read code through /proc/self/mem", source })
-    }
+/// Where a poke is without asking the linker (for refusals of the batch's
+/// shape, before any lookup).
+fn named_location(p: &Poke) -> Location {
+    Location { addr: p.addr, symbol: p.name.as_deref().map(str::to_owned) }
 }
 
 /// Checks every poke; returns the plan of what to write.
-pub(crate) fn validate(pokes: &[Poke], strategy: Strategy) -> Result<Plan, PokeError> {
+pub(crate) fn validate(pokes: &[Poke], strategy: Strategy) -> Result<Plan<'_>, PokeError> {
     for p in pokes {
         if p.expected.is_empty() {
-            return Err(PokeError::Empty { at: location(p, None) });
+            return Err(PokeError::Empty { at: named_location(p) });
         }
         if p.expected.len() != p.new.len() {
             return Err(PokeError::LengthMismatch {
-                at: location(p, None),
-                expected: p.expected.clone(),
-                new: p.new.clone(),
+                at: named_location(p),
+                expected: p.expected.to_vec(),
+                new: p.new.to_vec(),
             });
         }
     }
@@ -79,73 +92,130 @@ pub(crate) fn validate(pokes: &[Poke], strategy: Strategy) -> Result<Plan, PokeE
     for w in order.windows(2) {
         if w[0].addr.saturating_add(w[0].len()) > w[1].addr {
             return Err(PokeError::Overlap {
-                at: location(w[0], None),
+                at: named_location(w[0]),
                 len: w[0].len(),
-                other: location(w[1], None),
+                other: named_location(w[1]),
                 other_len: w[1].len(),
             });
         }
     }
     let maps = Maps::read().map_err(|source| PokeError::Sys { what: "read /proc/self/maps", source })?;
+    let addrs: Vec<usize> = order.iter().map(|p| p.addr).collect();
+    let symbols = dynsym::covering_sorted(&addrs);
+    drop(addrs);
     let mut planned = Vec::with_capacity(order.len());
-    for p in order {
-        if let Some(pl) = validate_one(p, &maps, strategy)? {
+    for (p, sym) in order.into_iter().zip(symbols) {
+        let function = sym.and_then(|c| function_range(p.addr, c));
+        if let Some(pl) = validate_one(p, &maps, function, strategy)? {
             planned.push(pl);
         }
     }
     let runs =
-        page_runs(&maps, planned.iter().map(|p| (p.addr, p.old.len()))).expect("validated pokes lie in mapped pages");
+        page_runs(&maps, planned.iter().map(|p| (p.addr, p.old().len()))).expect("validated pokes lie in mapped pages");
     Ok(Plan { pokes: planned, runs })
 }
 
-fn validate_one(p: &Poke, maps: &Maps, strategy: Strategy) -> Result<Option<Planned>, PokeError> {
-    let sym = func_symbol(p.addr);
-    let at = location(p, sym.as_ref());
+/// The mappings of `[addr, addr + len)` in order, or the first byte that
+/// is not mapped. Allocation-free.
+fn for_each_mapping<'m>(
+    maps: &'m Maps,
+    addr: usize,
+    len: usize,
+    mut f: impl FnMut(&'m Mapping) -> bool,
+) -> Result<bool, ()> {
+    let end = addr.checked_add(len).ok_or(())?;
+    let mut at = addr;
+    while at < end {
+        let m = maps.find(at).ok_or(())?;
+        if !f(m) {
+            return Ok(false);
+        }
+        at = m.end;
+    }
+    Ok(true)
+}
+
+/// Whether every byte of `[addr, addr + len)` is in a readable mapping.
+fn readable(maps: &Maps, addr: usize, len: usize) -> bool {
+    for_each_mapping(maps, addr, len, |m| m.readable()) == Ok(true)
+}
+
+/// Calls `f` with the `len` bytes at `addr` (a copy on the stack for a
+/// short read; `/proc/self/mem` for pages that are not readable).
+fn with_bytes<R>(maps: &Maps, addr: usize, len: usize, f: impl FnOnce(&[u8]) -> R) -> Result<R, PokeError> {
+    if !readable(maps, addr, len) {
+        let bytes = read_code(addr, len)
+            .map_err(|source| PokeError::Sys { what: "read code through /proc/self/mem", source })?;
+        return Ok(f(&bytes));
+    }
+    let mut small = [0u8; 32];
+    if len <= small.len() {
+        // SAFETY: every byte is in a readable mapping of this process.
+        unsafe { std::ptr::copy_nonoverlapping(addr as *const u8, small.as_mut_ptr(), len) };
+        return Ok(f(&small[..len]));
+    }
+    // SAFETY: as above.
+    Ok(f(unsafe { std::slice::from_raw_parts(addr as *const u8, len) }))
+}
+
+fn validate_one<'a>(
+    p: &'a Poke,
+    maps: &Maps,
+    function: Option<(usize, usize)>,
+    strategy: Strategy,
+) -> Result<Option<Planned<'a>>, PokeError> {
     let len = p.len();
-    let Some(mappings) = maps.covering(p.addr, len) else {
-        return Err(PokeError::NotMapped { at, len });
-    };
-    if let Some(m) = mappings.iter().find(|m| !m.executable()) {
-        return Err(PokeError::NotExecutable { at, perms: m.perms.clone() });
+    let mut not_executable = None;
+    let mapped = for_each_mapping(maps, p.addr, len, |m| {
+        if !m.executable() {
+            not_executable = Some(m.perms.clone());
+        }
+        m.executable()
+    });
+    if mapped.is_err() {
+        return Err(PokeError::NotMapped { at: locate(p), len });
     }
-    let found = read_bytes(maps, p.addr, len)?;
-    if found != p.expected {
-        return Err(PokeError::Mismatch { at, expected: p.expected.clone(), found });
+    if let Some(perms) = not_executable {
+        return Err(PokeError::NotExecutable { at: locate(p), perms });
     }
-    check_instructions(p, &at)?;
-    if let Some(s) = &sym {
-        check_boundary(p, s, maps, &at)?;
+    let found = with_bytes(maps, p.addr, len, |b| (b != &*p.expected).then(|| b.to_vec()))?;
+    if let Some(found) = found {
+        return Err(PokeError::Mismatch { at: locate(p), expected: p.expected.to_vec(), found });
+    }
+    check_instructions(p)?;
+    if let Some((start, size)) = function {
+        check_boundary(p, start, size, maps)?;
     }
     let emu = match strategy {
         Strategy::StopMachine => None,
-        Strategy::Breakpoint if p.region => return Err(PokeError::RegionNeedsStopMachine { at }),
+        Strategy::Breakpoint if p.region => return Err(PokeError::RegionNeedsStopMachine { at: locate(p) }),
         Strategy::Breakpoint => match arch::emulation_for(p.addr, &p.new) {
             Some(e) => Some(e),
-            None => return Err(PokeError::NotEmulatable { at, new: p.new.clone() }),
+            None => return Err(PokeError::NotEmulatable { at: locate(p), new: p.new.to_vec() }),
         },
     };
     if p.expected == p.new {
         return Ok(None); // nothing to write
     }
-    Ok(Some(Planned { addr: p.addr, old: p.expected.clone(), new: p.new.clone(), at, emu }))
+    Ok(Some(Planned { addr: p.addr, poke: p, emu }))
 }
 
-fn check_instructions(p: &Poke, at: &Location) -> Result<(), PokeError> {
+fn check_instructions(p: &Poke) -> Result<(), PokeError> {
     for (which, bytes) in [("expected", &p.expected), ("new", &p.new)] {
         if p.region {
             if !arch::check_whole_instructions(p.addr, bytes) {
                 return Err(PokeError::NotWholeInstructions {
-                    at: at.clone(),
+                    at: locate(p),
                     which,
-                    bytes: bytes.clone(),
+                    bytes: bytes.to_vec(),
                     len: p.len(),
                 });
             }
         } else if let Err(what) = arch::check_one_instruction(p.addr, bytes) {
             return Err(PokeError::NotOneInstruction {
-                at: at.clone(),
+                at: locate(p),
                 which,
-                bytes: bytes.clone(),
+                bytes: bytes.to_vec(),
                 len: p.len(),
                 what,
             });
@@ -155,16 +225,16 @@ fn check_instructions(p: &Poke, at: &Location) -> Result<(), PokeError> {
 }
 
 /// Decodes the covering function from its start up to the poke.
-fn check_boundary(p: &Poke, s: &FuncSym, maps: &Maps, at: &Location) -> Result<(), PokeError> {
-    let prefix = p.addr - s.start;
-    if prefix == 0 || prefix > MAX_BOUNDARY_SCAN || s.size == 0 {
+fn check_boundary(p: &Poke, start: usize, size: usize, maps: &Maps) -> Result<(), PokeError> {
+    let prefix = p.addr - start;
+    if prefix == 0 || prefix > MAX_BOUNDARY_SCAN || size == 0 {
         return Ok(());
     }
-    let code = read_bytes(maps, s.start, prefix)?;
-    arch::check_boundary(s.start, &code, p.addr).map_err(|(insn_start, insn_end)| PokeError::NotAtBoundary {
-        at: at.clone(),
-        function: s.name.clone(),
-        start: s.start,
+    let decoded = with_bytes(maps, start, prefix, |code| arch::check_boundary(start, code, p.addr))?;
+    decoded.map_err(|(insn_start, insn_end)| PokeError::NotAtBoundary {
+        at: locate(p),
+        function: func_symbol(p.addr).map(|s| s.name).unwrap_or_default(),
+        start,
         insn_start,
         insn_end,
     })

@@ -53,13 +53,16 @@ pub fn page_size() -> usize {
 
 /// The page runs covering `ranges` (address, length), with the protection
 /// each page has now according to `maps`. `None` if a page is unmapped.
+/// Ranges sorted by address (a validated plan's) cost one look-up per page.
 pub(crate) fn page_runs(maps: &Maps, ranges: impl Iterator<Item = (usize, usize)>) -> Option<Vec<PageRun>> {
     let ps = page_size();
     let mut pages: Vec<(usize, libc::c_int)> = Vec::new();
     for (addr, len) in ranges {
         let mut p = addr & !(ps - 1);
         while p < addr + len {
-            pages.push((p, maps.find(p)?.prot()));
+            if pages.last().is_none_or(|&(last, _)| last != p) {
+                pages.push((p, maps.find(p)?.prot()));
+            }
             p += ps;
         }
     }
@@ -155,7 +158,7 @@ impl Writer {
         Ok(())
     }
 
-    /// Writes `bytes` at `addr`. Allocation-free.
+    /// Writes `bytes` at `addr`. Allocation-free, errors included.
     pub fn write(&self, addr: usize, bytes: &[u8]) -> io::Result<()> {
         match self.method {
             WriteMethod::Mprotect => {
@@ -173,7 +176,9 @@ impl Writer {
                 match n {
                     n if n == bytes.len() as isize => Ok(()),
                     -1 => Err(io::Error::last_os_error()),
-                    _ => Err(io::Error::new(io::ErrorKind::WriteZero, "short write to /proc/self/mem")),
+                    // A short write; an error of a kind only, which does not
+                    // allocate (writes run while threads are parked).
+                    _ => Err(io::ErrorKind::WriteZero.into()),
                 }
             }
         }
