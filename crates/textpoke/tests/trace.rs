@@ -6,7 +6,8 @@ use common::{compile_so, peek, Lib};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use textpoke::arch::NOP5;
-use textpoke::trace::{Entry, Exit, Filter, TraceOp, Tracer};
+use textpoke::trace::{Entry, Exit, Filter, TraceError, TraceOp, Tracer};
+use textpoke::{Batch, CommitOptions, Poke, PokeError, Strategy};
 
 /// Counts entries and exits per site; remembers the last return value.
 struct Counter {
@@ -97,6 +98,60 @@ fn exact_counts_for_a_known_call_tree_and_graph_exits() {
     assert_eq!(peek(lib.sym("tree_fact"), 5), NOP5);
     assert_eq!(tree_fact(5), 120);
     assert_eq!(c.entries_of(fact), 20);
+}
+
+const REFUSE: &str = r#"
+int ref_a(int x) { return x + 1; }
+int ref_b(int x) { return x + 2; }
+int ref_c(int x) { return x + 3; }
+"#;
+
+/// gcc's pads get their calls in one stop-machine batch: a pad whose
+/// bytes changed after the scan refuses the whole batch, and no other pad
+/// is written.
+#[test]
+fn a_batch_refused_for_one_pad_writes_no_pad() {
+    let _s = SERIAL.lock().unwrap();
+    let lib = Lib::open(&compile_so("refuse", REFUSE, &["-fpatchable-function-entry=5", "-O1", "-fno-inline"]));
+    let t = Tracer::global();
+    t.refresh().unwrap();
+    let names = ["ref_a", "ref_b", "ref_c"];
+    let addrs: Vec<usize> = names.iter().map(|n| lib.sym(n)).collect();
+    for &a in &addrs {
+        assert_eq!(peek(a, 5), [0x90; 5], "gcc's pad");
+    }
+    let stop_machine = CommitOptions::strategy(Strategy::StopMachine);
+    // Someone else makes ref_b's pad one NOP after the tracer found it.
+    Batch::from_iter([Poke::region(addrs[1], [0x90; 5], NOP5)]).commit_with(stop_machine).unwrap();
+    let filter = || Filter::new(["ref_*"], Vec::<String>::new()).unwrap();
+    let c = Counter::new(true);
+    let err = t.register(c.clone(), filter()).err().expect("the batch is refused");
+    assert!(matches!(err, TraceError::Poke(PokeError::Mismatch { .. })), "{err:?}");
+    assert!(err.to_string().contains("ref_b"), "names the site: {err}");
+    assert_eq!(
+        (peek(addrs[0], 5), peek(addrs[1], 5), peek(addrs[2], 5)),
+        ([0x90; 5].into(), NOP5.into(), [0x90; 5].into())
+    );
+    assert!(t.functions().iter().filter(|f| names.contains(&&*f.function)).all(|f| f.ops == 0), "nothing traced");
+    // SAFETY: signature as in REFUSE.
+    let call = |i: usize| unsafe { std::mem::transmute::<usize, extern "C" fn(i32) -> i32>(addrs[i])(10) };
+    assert_eq!((call(0), call(1), call(2)), (11, 12, 13));
+    assert_eq!(c.entries_of(site(t, "ref_a")), 0);
+
+    // The pad put back, the same registration goes through.
+    Batch::from_iter([Poke::region(addrs[1], NOP5, [0x90; 5])]).commit_with(stop_machine).unwrap();
+    let h = t.register(c.clone(), filter()).unwrap();
+    for &a in &addrs {
+        assert_eq!(peek(a, 1), [0xe8], "each pad is one call now");
+    }
+    assert_eq!((call(0), call(1), call(2)), (11, 12, 13));
+    for n in names {
+        assert_eq!((c.entries_of(site(t, n)), c.exits_of(site(t, n))), (1, 1), "{n}");
+    }
+    t.unregister(h).unwrap();
+    for &a in &addrs {
+        assert_eq!(peek(a, 5), NOP5, "back to one NOP (by the breakpoint protocol)");
+    }
 }
 
 const THREADS: &str = r#"

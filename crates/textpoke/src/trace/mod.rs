@@ -34,11 +34,20 @@
 //! mask, and only sites whose mask changes are touched:
 //!
 //! 1. stubs (and trampolines they need) are written for the new targets;
-//!    sites still in gcc's five-one-byte-NOP form are first rewritten to
-//!    one 5-byte NOP, by the stop-machine strategy (rule 1);
 //! 2. the new masks are published (Release);
-//! 3. one breakpoint batch turns every changed site into `call new stub`
-//!    or back into a NOP;
+//! 3. one batch turns every changed site into `call new stub` (`jmp` for
+//!    a graph trampoline) or back into a NOP: by the breakpoint protocol,
+//!    or, when a site still in gcc's five-one-byte-NOP form gets its
+//!    branch, the whole batch by the stop-machine strategy, which writes
+//!    the branch over the five NOPs at once with every other thread
+//!    parked and none of them between two of the NOPs (rule 1: the only
+//!    way to make one instruction of several). A pad written so is one
+//!    instruction from then on, for the breakpoint protocol. One batch,
+//!    not a stop-machine rewrite of the pads followed by a breakpoint
+//!    batch: the threads are parked once and nothing is half done if it
+//!    is refused. A program's first registration (the agent's, from a
+//!    constructor: usually no thread but textpoke's own) parks at most
+//!    those;
 //! 4. the old stubs, emptied blocks and unregistered ops are retired and
 //!    freed after a grace period ([`grace`]), by a background reclaimer
 //!    thread: a grace period needs every thread to run once, which on a
@@ -902,30 +911,20 @@ impl Inner {
             self.retire(retire);
             return Ok(());
         }
-        // 1. Stubs for the new targets; rewrite gcc pads once.
-        let mut prepare = Batch::new();
-        for c in changes.iter_mut() {
-            if c.target != Target::Off {
-                c.stub = Some(self.make_stub(c.i, c.target)?);
-                let s = &self.sites[c.i];
-                if !s.prepared {
-                    prepare.push(Poke::region(s.addr, [0x90; 5], NOP5).named(s.function.to_string()));
-                }
-            }
-        }
-        if !prepare.is_empty() {
-            if let Err(e) = prepare.commit_with(CommitOptions::strategy(Strategy::StopMachine)) {
-                self.drop_new_stubs(changes.iter().filter_map(|c| c.stub));
-                return Err(e.into());
-            }
-            for c in &changes {
+        // 1. Stubs for the new targets (written through one descriptor).
+        {
+            let _writes = crate::text::codemem::WriteSession::open();
+            for c in changes.iter_mut() {
                 if c.target != Target::Off {
-                    self.sites[c.i].prepared = true;
+                    c.stub = Some(self.make_stub(c.i, c.target)?);
                 }
             }
         }
-        // 2. Publish the masks, 3. one breakpoint batch.
+        // 2. Publish the masks, 3. one batch: by the breakpoint protocol,
+        // or whole by stop-machine when a gcc pad (five 1-byte NOPs) gets
+        // its branch (rule 1).
         let mut batch = Batch::with_capacity(changes.len());
+        let mut split = false;
         for c in &changes {
             let s = &self.sites[c.i];
             if !s.alive {
@@ -936,18 +935,22 @@ impl Inner {
                 Some((_, stub)) => site_branch(s.addr, c.target, stub),
                 None => NOP5,
             };
-            batch.push(Poke::new(s.addr, old, new).named(s.function.to_string()));
+            split |= !s.prepared;
+            let poke = if s.prepared { Poke::new(s.addr, old, new) } else { Poke::region(s.addr, old, new) };
+            batch.push(poke.named(s.function.clone()));
         }
         for c in &changes {
             hot::site_slot(c.i as u32).expect("site slot").mask.store(c.mask, Ordering::Release);
         }
-        if let Err(e) = batch.commit() {
+        let strategy = if split { Strategy::StopMachine } else { Strategy::Breakpoint };
+        if let Err(e) = batch.commit_with(CommitOptions::strategy(strategy)) {
             for c in &changes {
                 hot::site_slot(c.i as u32).expect("site slot").mask.store(self.sites[c.i].mask, Ordering::Release);
             }
             self.drop_new_stubs(changes.iter().filter_map(|c| c.stub));
             return Err(e.into());
         }
+        drop(batch);
         // 4. Retire what the sites no longer use.
         for c in &changes {
             let s = &mut self.sites[c.i];
@@ -962,6 +965,7 @@ impl Inner {
                 }
                 retire.push(Retired { ranges, what: RetiredKind::Stub { block: b, addr } });
             }
+            s.prepared |= c.stub.is_some(); // a pad that was written is one instruction now
             s.stub = c.stub;
             s.mask = c.mask;
             s.target = c.target;
