@@ -372,6 +372,8 @@ fn file_values<'data, R: ReadRef<'data>>(
 }
 
 /// The defined function symbols of the symbol table of type `sh_type`.
+/// The symbols and their string table are read whole, once each (not one
+/// read per name).
 fn func_symbols<'data, R: ReadRef<'data>>(
     sections: &SectionTable<'data, Elf, R>,
     endian: Endianness,
@@ -379,27 +381,28 @@ fn func_symbols<'data, R: ReadRef<'data>>(
     sh_type: u32,
 ) -> object::read::Result<Symbols> {
     let table = sections.symbols(endian, data, sh_type)?;
-    let strings = table.strings();
+    if table.is_empty() {
+        return Ok(Symbols::default());
+    }
+    let strings: &[u8] = sections.section(table.string_section())?.data(endian, data)?;
     let mut out = Vec::new();
     for s in table.iter() {
         let st_type = s.st_type();
         if (st_type != elf::STT_FUNC && st_type != elf::STT_GNU_IFUNC) || s.is_undefined(endian) {
             continue;
         }
-        let Ok(name) = s.name(endian, strings) else {
+        // A name must end inside the table (as `object`'s lookup requires).
+        let at = s.st_name(endian) as usize;
+        let Some(len) = strings.get(at..).and_then(|rest| rest.iter().position(|&b| b == 0)) else {
             continue;
         };
+        let (Ok(at), Ok(len)) = (u32::try_from(at), u32::try_from(len)) else { continue };
         let rank = match s.st_bind() {
             elf::STB_GLOBAL => 0,
             elf::STB_WEAK => 1,
             _ => 2,
         };
-        out.push(FuncSym {
-            addr: s.st_value(endian),
-            size: s.st_size(endian),
-            name: String::from_utf8_lossy(name).into_owned(),
-            rank,
-        });
+        out.push(FuncSym::new(s.st_value(endian), s.st_size(endian), at, len, rank));
     }
-    Ok(Symbols::new(out))
+    Ok(Symbols::new(out, strings.into()))
 }

@@ -370,7 +370,7 @@ impl<I: super::Image> super::Scan<'_, I> {
         // its monomorphizations, or a caller it was inlined into.
         let containing = raw.site.checked_sub(self.bias).and_then(|link| self.symbols.containing(link as u64));
         let (entry, raw_symbol) = match containing {
-            Some(sym) => (self.bias + sym.addr as usize, sym.name.clone()),
+            Some(sym) => (self.bias + sym.addr as usize, self.symbols.name(sym).into_owned()),
             None => (raw.site, String::new()),
         };
         skipped.entry = Some(entry);

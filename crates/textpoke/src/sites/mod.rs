@@ -563,7 +563,10 @@ impl<I: Image> Scan<'_, I> {
 
     fn name_of(&self, link_addr: u64) -> (String, String) {
         match self.symbols.starting_at(link_addr) {
-            Some(s) => (demangle(&s.name), s.name.clone()),
+            Some(s) => {
+                let raw = self.symbols.name(s);
+                (demangle(&raw), raw.into_owned())
+            }
             None => (String::new(), String::new()),
         }
     }
@@ -676,12 +679,13 @@ impl<I: Image> Scan<'_, I> {
                 let entry = self.bias + sym.addr as usize;
                 let offset = n - entry;
                 skipped.entry = Some(entry);
-                skipped.function = demangle(&sym.name);
+                let raw = self.symbols.name(sym);
+                skipped.function = demangle(&raw);
                 if offset != 0 && !(offset == 4 && endbr_before()) {
                     skipped.reason = SkipReason::NotAtEntry { offset };
                     return Err(skipped);
                 }
-                (entry, skipped.function.clone(), sym.name.clone())
+                (entry, skipped.function.clone(), raw.into_owned())
             }
             None if endbr_before() => (n - 4, String::new(), String::new()),
             None => (n, String::new(), String::new()),

@@ -1,5 +1,11 @@
 //! Function symbols of one object, looked up by link-time address, and
 //! demangling.
+//!
+//! The names stay in the object's string table, read whole once: a symbol
+//! is 24 bytes and no allocation, and only the names of sites become
+//! strings.
+
+use std::borrow::Cow;
 
 /// One function symbol (`STT_FUNC` or `STT_GNU_IFUNC`, defined).
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -8,27 +14,45 @@ pub(crate) struct FuncSym {
     pub addr: u64,
     /// `st_size` (0 when the assembler did not say).
     pub size: u64,
-    /// The raw (mangled) name.
-    pub name: String,
+    /// The raw (mangled) name: where it is in [`Symbols`]' string table.
+    name_at: u32,
+    name_len: u32,
     /// Preference among aliases at one address: 0 global, 1 weak, 2 local.
     pub rank: u8,
+}
+
+impl FuncSym {
+    /// A symbol named by `strings[name_at..name_at + name_len]`.
+    pub fn new(addr: u64, size: u64, name_at: u32, name_len: u32, rank: u8) -> FuncSym {
+        FuncSym { addr, size, name_at, name_len, rank }
+    }
 }
 
 /// Function symbols sorted by address, best alias first at each address.
 #[derive(Clone, Debug, Default)]
 pub(crate) struct Symbols {
     syms: Vec<FuncSym>,
+    /// The string table the names are in.
+    strings: Box<[u8]>,
 }
 
 impl Symbols {
-    pub fn new(mut syms: Vec<FuncSym>) -> Self {
-        syms.sort_by(|a, b| (a.addr, a.rank, &a.name).cmp(&(b.addr, b.rank, &b.name)));
-        syms.dedup_by(|a, b| a.addr == b.addr && a.name == b.name);
-        Symbols { syms }
+    /// `syms` named in `strings` (a string table: offsets and lengths).
+    pub fn new(mut syms: Vec<FuncSym>, strings: Box<[u8]>) -> Self {
+        let raw = |s: &FuncSym| &strings[s.name_at as usize..][..s.name_len as usize];
+        syms.sort_by(|a, b| (a.addr, a.rank, raw(a)).cmp(&(b.addr, b.rank, raw(b))));
+        syms.dedup_by(|a, b| a.addr == b.addr && raw(a) == raw(b));
+        Symbols { syms, strings }
     }
 
     pub fn is_empty(&self) -> bool {
         self.syms.is_empty()
+    }
+
+    /// The raw (mangled) name of `s`, a symbol of this table; invalid UTF-8
+    /// replaced.
+    pub fn name(&self, s: &FuncSym) -> Cow<'_, str> {
+        String::from_utf8_lossy(&self.strings[s.name_at as usize..][..s.name_len as usize])
     }
 
     /// The best symbol starting exactly at `addr`.
@@ -83,8 +107,16 @@ pub fn demangle(raw: &str) -> String {
 mod tests {
     use super::*;
 
-    fn sym(addr: u64, size: u64, name: &str, rank: u8) -> FuncSym {
-        FuncSym { addr, size, name: name.into(), rank }
+    /// A table of `(addr, size, name, rank)`.
+    fn table(syms: &[(u64, u64, &str, u8)]) -> Symbols {
+        let mut strings = Vec::new();
+        let mut out = Vec::new();
+        for &(addr, size, name, rank) in syms {
+            out.push(FuncSym::new(addr, size, strings.len() as u32, name.len() as u32, rank));
+            strings.extend_from_slice(name.as_bytes());
+            strings.push(0);
+        }
+        Symbols::new(out, strings.into())
     }
 
     #[test]
@@ -99,21 +131,24 @@ mod tests {
 
     #[test]
     fn lookups() {
-        let s = Symbols::new(vec![
-            sym(0x1000, 0x10, "local_alias", 2),
-            sym(0x1000, 0x10, "global", 0),
-            sym(0x1010, 0, "sizeless", 0),
-            sym(0x1040, 0x20, "next", 0),
+        let s = table(&[
+            (0x1000, 0x10, "local_alias", 2),
+            (0x1000, 0x10, "global", 0),
+            (0x1010, 0, "sizeless", 0),
+            (0x1040, 0x20, "next", 0),
+            (0x1040, 0x20, "next", 0),
         ]);
-        assert_eq!(s.starting_at(0x1000).unwrap().name, "global");
+        let name = |f: Option<&FuncSym>| s.name(f.expect("a symbol")).into_owned();
+        assert_eq!(name(s.starting_at(0x1000)), "global");
         assert!(s.starting_at(0x1001).is_none());
-        assert_eq!(s.containing(0x100f).unwrap().name, "global");
-        assert_eq!(s.containing(0x1010).unwrap().name, "sizeless");
+        assert_eq!(name(s.containing(0x100f)), "global");
+        assert_eq!(name(s.containing(0x1010)), "sizeless");
         assert!(s.containing(0x1011).is_none());
         assert!(s.containing(0xfff).is_none());
-        assert_eq!(s.containing(0x105f).unwrap().name, "next");
+        assert_eq!(name(s.containing(0x105f)), "next");
         assert!(s.containing(0x1060).is_none());
-        assert_eq!(s.first_in(0x103d, 3).unwrap().name, "next");
+        assert_eq!(name(s.first_in(0x103d, 3)), "next");
         assert!(s.first_in(0x103c, 3).is_none());
+        assert_eq!(s.syms.len(), 4, "a duplicate is dropped");
     }
 }
