@@ -256,6 +256,16 @@ fn patchable_entry_16() {
     check_library(&path, Expect::Pad { n: 16, m: 0 });
 }
 
+/// A run of NOPs longer than the first chunk the scan reads is measured
+/// whole (N inferred as 60, with 10 before the entry).
+#[test]
+fn patchable_entry_60_10() {
+    let _g = serial();
+    let cflags = with(PIC, &["-fpatchable-function-entry=60,10", "-fcf-protection=none"]);
+    let path = build("pfe60_10", &Flags { cflags: &cflags, ldflags: &[] });
+    check_library(&path, Expect::Pad { n: 60, m: 10 });
+}
+
 #[test]
 fn patchable_entry_8_3() {
     let _g = serial();

@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::{Mutex, MutexGuard};
 
-use textpoke::sites::{scan_file, scan_object, NopForm, Objects, RecordSource, SkipReason};
+use textpoke::sites::{probe_file, scan_file, scan_object, NopForm, Objects, RecordSource, SkipReason};
 
 fn serial() -> MutexGuard<'static, ()> {
     static LOCK: Mutex<()> = Mutex::new(());
@@ -72,6 +72,11 @@ fn both(path: &Path) -> (Found, Found, usize, usize) {
 }
 
 fn check(path: &Path, form: NopForm) {
+    // The headers alone tell the same sections and record counts.
+    let (probe, scan) = (probe_file(path).unwrap(), scan_file(path).unwrap());
+    assert_eq!(probe.sections, scan.sections);
+    assert!(probe.has_records());
+    assert_eq!((probe.interpreter, probe.position_independent), (scan.interpreter, scan.position_independent));
     let (file, mem, skipped_file, skipped_mem) = both(path);
     assert_eq!(file, mem);
     assert_eq!(skipped_file, skipped_mem);
@@ -136,9 +141,16 @@ fn stripped_symbols_and_executables() {
         let exe = dir.join(format!("exe-{tag}"));
         run(Command::new("gcc").args(["-O1", "-fpatchable-function-entry=5", "-o"]).arg(&exe).arg(&c).args(flags));
         let found = scan_file(&exe).unwrap();
+        let probe = probe_file(&exe).unwrap();
+        assert_eq!((probe.sections, probe.interpreter), (found.sections.clone(), found.interpreter.clone()));
         assert_eq!(found.position_independent, tag == "pie");
         assert!(found.interpreter.as_ref().is_some_and(|i| i.to_string_lossy().contains("ld-linux")));
         assert_eq!(found.function_names(), ["f", "main"]);
+        // Without the flag: no site section, which the headers tell.
+        let plain = dir.join(format!("exe-{tag}-plain"));
+        run(Command::new("gcc").args(["-O1", "-o"]).arg(&plain).arg(&c).args(flags));
+        let probe = probe_file(&plain).unwrap();
+        assert!(probe.sections.is_empty() && !probe.has_records() && probe.interpreter.is_some(), "{probe:?}");
         let data = std::fs::read(&exe).unwrap();
         use object::{Object, ObjectSymbol};
         let file = object::File::parse(&*data).unwrap();
@@ -147,6 +159,20 @@ fn stripped_symbols_and_executables() {
             assert_eq!(s.entry, sym.address());
             assert_eq!(s.nop_addr, sym.address());
         }
+    }
+}
+
+/// What is not an x86-64 executable or shared object is refused by the
+/// headers as by a full scan.
+#[test]
+fn probing_refuses_what_scanning_refuses() {
+    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("sites-file-fixtures");
+    std::fs::create_dir_all(&dir).unwrap();
+    let text = dir.join("not-elf.txt");
+    std::fs::write(&text, "#!/bin/sh\necho hi\n").unwrap();
+    for p in [text.as_path(), Path::new("/nonexistent/textpoke-probe")] {
+        let (a, b) = (probe_file(p).unwrap_err().to_string(), scan_file(p).unwrap_err().to_string());
+        assert_eq!(a, b);
     }
 }
 

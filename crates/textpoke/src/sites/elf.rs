@@ -126,18 +126,11 @@ pub(crate) fn read_sites<'data, R: ReadRef<'data>>(
     let sections = header.sections(endian, data).map_err(parse)?;
     let mut relocs = None;
     let mut found = Vec::new();
-    for kind in [RecordKind::PatchableEntry, RecordKind::Mcount, RecordKind::Marked] {
+    for (kind, sh) in site_sections(header, &sections, endian, data) {
         let name = kind.section_name();
-        let Some((_, sh)) = sections.section_by_name(endian, name.as_bytes()) else {
-            continue;
-        };
         let bad = |what: String| SitesError::BadSection { path: path(), section: name, what };
         let addr = sh.sh_addr(endian);
-        let size = sh.sh_size(endian);
-        let record_size = kind.record_size();
-        if size % record_size != 0 {
-            return Err(bad(format!("size {size} is not a multiple of {record_size}")));
-        }
+        let size = record_count(kind, sh, endian).map_err(bad)? * kind.record_size();
         let alloc = sh.sh_flags(endian) & u64::from(elf::SHF_ALLOC) != 0;
         let (file_values, contents) = if kind == RecordKind::Marked {
             if !alloc || sh.sh_type(endian) != elf::SHT_PROGBITS {
@@ -167,6 +160,53 @@ pub(crate) fn read_sites<'data, R: ReadRef<'data>>(
         dynsym_only = true;
     }
     Ok(FileFacts { sections: found, symbols, dynsym_only, relocs })
+}
+
+/// The site sections of a file (the first of each name), in
+/// [`RecordKind`] order. The section names are read in one piece, not one
+/// read per name.
+pub(crate) fn site_sections<'data, 's, R: ReadRef<'data>>(
+    header: &Elf,
+    sections: &'s SectionTable<'data, Elf, R>,
+    endian: Endianness,
+    data: R,
+) -> Vec<(RecordKind, &'s <Elf as FileHeader>::SectionHeader)> {
+    const KINDS: [RecordKind; 3] = [RecordKind::PatchableEntry, RecordKind::Mcount, RecordKind::Marked];
+    let names: Option<&[u8]> = header
+        .shstrndx(endian, data)
+        .ok()
+        .and_then(|i| sections.section(object::SectionIndex(i as usize)).ok())
+        .and_then(|sh| sh.data(endian, data).ok());
+    let Some(names) = names else {
+        // Let `object` read them name by name.
+        return KINDS
+            .into_iter()
+            .filter_map(|k| sections.section_by_name(endian, k.section_name().as_bytes()).map(|(_, sh)| (k, sh)))
+            .collect();
+    };
+    let mut found: [Option<&<Elf as FileHeader>::SectionHeader>; 3] = [None; 3];
+    for sh in sections.iter() {
+        let Some(rest) = names.get(sh.sh_name(endian) as usize..) else { continue };
+        let name = &rest[..rest.iter().position(|&b| b == 0).unwrap_or(rest.len())];
+        if let Some(k) = KINDS.iter().position(|k| k.section_name().as_bytes() == name) {
+            found[k].get_or_insert(sh);
+        }
+    }
+    KINDS.into_iter().zip(found).filter_map(|(k, sh)| Some((k, sh?))).collect()
+}
+
+/// The number of records in a site section, or why its size is wrong.
+pub(crate) fn record_count(
+    kind: RecordKind,
+    sh: &<Elf as FileHeader>::SectionHeader,
+    endian: Endianness,
+) -> Result<u64, String> {
+    let size = sh.sh_size(endian);
+    let record_size = kind.record_size();
+    if size % record_size != 0 {
+        return Err(format!("size {size} is not a multiple of {record_size}"));
+    }
+    Ok(size / record_size)
 }
 
 /// Refuse a file that is not the loaded object: its `PT_LOAD` layout must be

@@ -23,6 +23,12 @@
 //! The file is read through `object`'s `ReadCache` (only the byte ranges
 //! asked for), so a large library without site sections costs a few small
 //! reads.
+//!
+//! [`probe_file`] reads only the headers: whether the file can be traced at
+//! all (an x86-64 executable or shared object, its interpreter) and which
+//! site sections it has, with their record counts, without reading a
+//! record or a symbol (`textpoke record`'s check that a program has sites,
+//! which a 100,000-function program would otherwise pay a full scan for).
 
 use std::fs::File;
 use std::path::{Path, PathBuf};
@@ -32,7 +38,7 @@ use object::read::elf::{FileHeader, ProgramHeader};
 use object::read::{ReadCache, ReadRef};
 use object::{Endianness, FileKind};
 
-use super::elf::{read_sites, Relocs};
+use super::elf::{read_sites, record_count, site_sections, Relocs};
 use super::marked::{self, MarkedPoint};
 use super::{Image, NopForm, RecordSource, Scan, Segment, SiteKind, SitesError, SkipReason};
 
@@ -101,13 +107,51 @@ impl FileSites {
     }
 }
 
-/// Finds the patchable sites of the ELF file at `path` (see the module
-/// docs). A file without site sections gives an empty result; a file that
-/// is not a 64-bit x86-64 ELF executable or shared object is an error.
-pub fn scan_file(path: &Path) -> Result<FileSites, SitesError> {
+/// What [`probe_file`] finds in a file's headers.
+#[derive(Clone, Debug)]
+pub struct FileProbe {
+    /// `ET_DYN` (PIE or shared object) rather than `ET_EXEC`.
+    pub position_independent: bool,
+    /// The program interpreter (`PT_INTERP`), if any.
+    pub interpreter: Option<PathBuf>,
+    /// The site sections present, with their record counts (from their
+    /// sizes: records that will not give sites are counted too).
+    pub sections: Vec<(&'static str, usize)>,
+}
+
+impl FileProbe {
+    /// Whether a site section holds at least one record.
+    pub fn has_records(&self) -> bool {
+        self.sections.iter().any(|&(_, n)| n > 0)
+    }
+}
+
+/// Reads the headers of the ELF file at `path` only (see the module
+/// docs); errors as [`scan_file`] for a file that is not a 64-bit x86-64
+/// executable or shared object, or whose site section has a size that is
+/// not a whole number of records.
+pub fn probe_file(path: &Path) -> Result<FileProbe, SitesError> {
     let file = File::open(path).map_err(|source| SitesError::Open { path: path.to_path_buf(), source })?;
     let cache = ReadCache::new(file);
     let data = &cache;
+    let (header, endian, probe) = probe_headers(path, data)?;
+    let parse = |source| SitesError::Parse { path: path.to_path_buf(), source };
+    let sections = header.sections(endian, data).map_err(parse)?;
+    let mut out = probe;
+    for (kind, sh) in site_sections(header, &sections, endian, data) {
+        let bad =
+            |what: String| SitesError::BadSection { path: path.to_path_buf(), section: kind.section_name(), what };
+        out.sections.push((kind.section_name(), record_count(kind, sh, endian).map_err(bad)? as usize));
+    }
+    Ok(out)
+}
+
+/// The ELF header of a file checked to be a 64-bit x86-64 executable or
+/// shared object, and what its program headers say (no sections yet).
+fn probe_headers<'d>(
+    path: &Path,
+    data: &'d ReadCache<File>,
+) -> Result<(&'d FileHeader64<Endianness>, Endianness, FileProbe), SitesError> {
     let parse = |source| SitesError::Parse { path: path.to_path_buf(), source };
     let unsupported = |what: String| SitesError::Unsupported { path: path.to_path_buf(), what };
     match FileKind::parse(data) {
@@ -133,10 +177,23 @@ pub fn scan_file(path: &Path) -> Result<FileSites, SitesError> {
                 PathBuf::from(String::from_utf8_lossy(s).into_owned())
             },
         );
+    Ok((header, endian, FileProbe { position_independent: e_type == elf::ET_DYN, interpreter, sections: Vec::new() }))
+}
+
+/// Finds the patchable sites of the ELF file at `path` (see the module
+/// docs). A file without site sections gives an empty result; a file that
+/// is not a 64-bit x86-64 ELF executable or shared object is an error.
+pub fn scan_file(path: &Path) -> Result<FileSites, SitesError> {
+    let file = File::open(path).map_err(|source| SitesError::Open { path: path.to_path_buf(), source })?;
+    let cache = ReadCache::new(file);
+    let data = &cache;
+    let parse = |source| SitesError::Parse { path: path.to_path_buf(), source };
+    let (header, endian, probe) = probe_headers(path, data)?;
+    let phdrs = header.program_headers(endian, data).map_err(parse)?;
     let mut out = FileSites {
         path: path.to_path_buf(),
-        position_independent: e_type == elf::ET_DYN,
-        interpreter,
+        position_independent: probe.position_independent,
+        interpreter: probe.interpreter,
         sections: Vec::new(),
         sites: Vec::new(),
         skipped: Vec::new(),
@@ -212,18 +269,18 @@ struct FileImage<'a> {
 
 impl Image for FileImage<'_> {
     /// The bytes from the file part of the segment at `addr`; zeros past it.
-    fn load(&self, addr: usize, len: usize) -> Option<Vec<u8>> {
+    fn load_into(&self, addr: usize, out: &mut [u8]) -> Option<()> {
         let addr = addr as u64;
         let &(vaddr, _, offset, filesz) = self.loads.iter().find(|&&(v, m, _, _)| v <= addr && addr - v < m)?;
-        let mut out = vec![0u8; len];
+        out.fill(0);
         let start = addr - vaddr;
         if let Ok(bytes) = self.data.read_bytes_at(offset, filesz) {
             if let Some(part) = bytes.get(start as usize..) {
-                let n = part.len().min(len);
+                let n = part.len().min(out.len());
                 out[..n].copy_from_slice(&part[..n]);
             }
         }
-        Some(out)
+        Some(())
     }
 
     fn pointer(&self, addr: usize, stored: [u8; 8]) -> Option<usize> {

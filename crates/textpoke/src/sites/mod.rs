@@ -112,7 +112,7 @@ use std::collections::BTreeMap;
 use std::fmt;
 
 pub use error::SitesError;
-pub use file::{scan_file, FileSite, FileSites};
+pub use file::{probe_file, scan_file, FileProbe, FileSite, FileSites};
 pub use marked::{Marked, MarkedFunction, MarkedPoint};
 pub use objects::{LoadedObject, ObjectChanges, ObjectId, Objects, Pin, Segment};
 pub use symbols::demangle;
@@ -331,12 +331,17 @@ pub fn scan_object(obj: &LoadedObject, source: RecordSource) -> Result<ObjectSit
         sections,
         dynsym_only: facts.dynsym_only,
     };
-    for r in results {
-        match r {
-            Ok(hit) => out.sites.push(hit.site(obj.id)),
-            Err(miss) => out.skipped.push(miss.skipped(obj.id)),
-        }
-    }
+    // Collected in place: the results' buffer holds the sites.
+    out.sites = results
+        .into_iter()
+        .filter_map(|r| match r {
+            Ok(hit) => Some(hit.site(obj.id)),
+            Err(miss) => {
+                out.skipped.push(miss.skipped(obj.id));
+                None
+            }
+        })
+        .collect();
     out.sites.sort_by_key(|s| (s.nop_addr, s.entry));
     out.skipped.sort_by_key(|s| (s.section, s.record));
     Ok(out)
@@ -386,12 +391,38 @@ type Record = Result<usize, (usize, SkipReason)>;
 /// Where a scan reads an object's bytes: the loaded object's memory
 /// ([`Memory`]), or its file (`file::FileImage`, at link-time addresses).
 trait Image {
-    /// Copy `len` bytes at `addr`, which [`Scan::read`] has found in one
-    /// readable segment of the object.
-    fn load(&self, addr: usize, len: usize) -> Option<Vec<u8>>;
+    /// Copy the bytes at `addr` into `out`, which [`Scan::read`] has found
+    /// in one readable segment of the object.
+    fn load_into(&self, addr: usize, out: &mut [u8]) -> Option<()>;
+    /// Copy `len` bytes at `addr` (as [`Image::load_into`]).
+    fn load(&self, addr: usize, len: usize) -> Option<Vec<u8>> {
+        let mut out = vec![0; len];
+        self.load_into(addr, &mut out).map(|()| out)
+    }
     /// The pointer at `addr` whose bytes are `stored`, as the loader
     /// relocates it; `None` if only the loader can know.
     fn pointer(&self, addr: usize, stored: [u8; 8]) -> Option<usize>;
+}
+
+/// The most bytes a scan reads per site: a pad's `M` and the NOP run after
+/// its entry are each at most [`MAX_PREFIX`].
+const SMALL_READ: usize = MAX_PREFIX + 1;
+/// The bytes first read to measure a run of NOPs.
+const RUN_CHUNK: usize = 32;
+/// The longest x86 instruction.
+const MAX_INSN_LEN: usize = 15;
+
+/// A short read, on the stack.
+struct Small {
+    bytes: [u8; SMALL_READ],
+    len: usize,
+}
+
+impl std::ops::Deref for Small {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        &self.bytes[..self.len]
+    }
 }
 
 /// The memory of a loaded object, kept loaded by a [`Pin`].
@@ -401,22 +432,20 @@ struct Memory<'a> {
 }
 
 impl Image for Memory<'_> {
-    fn load(&self, addr: usize, len: usize) -> Option<Vec<u8>> {
+    fn load_into(&self, addr: usize, out: &mut [u8]) -> Option<()> {
         // Checked again here, so that this safe function reads nothing else
         // whoever calls it.
-        if !self.obj.segment_at(addr, len)?.is_readable() {
+        if !self.obj.segment_at(addr, out.len())?.is_readable() {
             return None;
         }
-        let out = (0..len)
-            .map(|i| {
-                // SAFETY: [addr, addr + len) lies in a readable PT_LOAD
-                // segment of an object that `_pin` keeps loaded, so it is
-                // mapped and readable. Volatile: the bytes may be rewritten
-                // by another thread; a byte load cannot tear.
-                unsafe { std::ptr::read_volatile((addr + i) as *const u8) }
-            })
-            .collect();
-        Some(out)
+        for (i, b) in out.iter_mut().enumerate() {
+            // SAFETY: [addr, addr + len) lies in a readable PT_LOAD segment
+            // of an object that `_pin` keeps loaded, so it is mapped and
+            // readable. Volatile: the bytes may be rewritten by another
+            // thread; a byte load cannot tear.
+            *b = unsafe { std::ptr::read_volatile((addr + i) as *const u8) };
+        }
+        Some(())
     }
 
     fn pointer(&self, _addr: usize, stored: [u8; 8]) -> Option<usize> {
@@ -490,13 +519,26 @@ impl<I: Image> Scan<'_, I> {
         self.image.load(addr, len)
     }
 
-    /// Up to `max` bytes at `addr`, stopping at the end of its segment.
-    fn read_upto(&self, addr: usize, max: usize) -> Vec<u8> {
+    /// As [`Scan::read`], for at most [`SMALL_READ`] bytes, on the stack.
+    fn read_small(&self, addr: usize, len: usize) -> Option<Small> {
+        let seg = self.segment_at(addr, len)?;
+        if !seg.is_readable() || len > SMALL_READ {
+            return None;
+        }
+        let mut out = Small { bytes: [0; SMALL_READ], len };
+        self.image.load_into(addr, &mut out.bytes[..len])?;
+        Some(out)
+    }
+
+    /// Up to `max` bytes at `addr` (at most [`SMALL_READ`]), stopping at
+    /// the end of its segment, on the stack.
+    fn read_upto_small(&self, addr: usize, max: usize) -> Small {
+        let empty = Small { bytes: [0; SMALL_READ], len: 0 };
         let Some(seg) = self.segment_at(addr, 1) else {
-            return Vec::new();
+            return empty;
         };
         let seg_end = self.bias + seg.vaddr + seg.memsz;
-        self.read(addr, max.min(seg_end - addr)).unwrap_or_default()
+        self.read_small(addr, max.min(seg_end - addr).min(SMALL_READ)).unwrap_or(empty)
     }
 
     fn in_code(&self, addr: usize, len: usize) -> bool {
@@ -583,7 +625,7 @@ impl<I: Image> Scan<'_, I> {
             .map(|(&p, entry)| {
                 let entry = entry.or_else(|| {
                     let m = consensus?;
-                    (m == 0 || self.read(p, m).is_some_and(|b| x86_64::all_nops(&b))).then_some(p + m)
+                    (m == 0 || self.read_small(p, m).is_some_and(|b| x86_64::all_nops(&b))).then_some(p + m)
                 });
                 self.pad_site(p, entry)
             })
@@ -599,7 +641,7 @@ impl<I: Image> Scan<'_, I> {
         }
         let sym = self.symbols.first_in(link, MAX_PREFIX as u64)?;
         let m = (sym.addr - link) as usize;
-        let between = self.read(p, m)?;
+        let between = self.read_small(p, m)?;
         x86_64::all_nops(&between).then_some(p + m)
     }
 
@@ -637,10 +679,18 @@ impl<I: Image> Scan<'_, I> {
     /// The NOP at a function entry (after `endbr64` if there is one): its
     /// address, form and the length of the NOP run there (up to `max`).
     fn nop_at_entry(&self, entry: usize, max: usize) -> Result<(usize, NopForm, usize), SkipReason> {
-        let head = self.read_upto(entry, 4);
+        let head = self.read_upto_small(entry, 4);
         let nop_addr = if x86_64::starts_with_endbr64(&head) { entry + 4 } else { entry };
-        let bytes = self.read_upto(nop_addr, max.max(NOP_LEN as usize));
-        self.check_nop(nop_addr, &bytes).map(|form| (nop_addr, form, x86_64::nop_run_len(&bytes)))
+        let max = max.max(NOP_LEN as usize);
+        // The run is measured in a first chunk; read on only when it may go
+        // past it (an instruction cut by the chunk's end ends a run too).
+        let bytes = self.read_upto_small(nop_addr, max.min(RUN_CHUNK));
+        let form = self.check_nop(nop_addr, &bytes)?;
+        let mut run = x86_64::nop_run_len(&bytes);
+        if bytes.len() == RUN_CHUNK && max > RUN_CHUNK && run > RUN_CHUNK - MAX_INSN_LEN {
+            run = x86_64::nop_run_len(&self.read_upto_small(nop_addr, max));
+        }
+        Ok((nop_addr, form, run))
     }
 
     /// Check the bytes at a site (`bytes` starts at `addr`).
@@ -673,7 +723,7 @@ impl<I: Image> Scan<'_, I> {
         }
         let link = (n - self.bias) as u64;
         let endbr_before =
-            || n.checked_sub(4).and_then(|e| self.read(e, 4)).is_some_and(|b| x86_64::starts_with_endbr64(&b));
+            || n.checked_sub(4).and_then(|e| self.read_small(e, 4)).is_some_and(|b| x86_64::starts_with_endbr64(&b));
         let (entry, function, raw_symbol) = match self.symbols.containing(link) {
             Some(sym) => {
                 let entry = self.bias + sym.addr as usize;
@@ -691,7 +741,7 @@ impl<I: Image> Scan<'_, I> {
             None => (n, String::new(), String::new()),
         };
         skipped.entry = Some(entry);
-        let bytes = self.read_upto(n, NOP_LEN as usize);
+        let bytes = self.read_upto_small(n, NOP_LEN as usize);
         let form = self.check_nop(n, &bytes).map_err(|reason| {
             skipped.reason = reason;
             skipped.clone()
@@ -754,6 +804,14 @@ impl SiteTable {
     /// The objects' generation (see [`Objects::generation`]).
     pub fn generation(&self) -> u64 {
         self.objects.generation()
+    }
+
+    /// Moves the sites of one object out of the table, leaving its skipped
+    /// records and section reports: for a caller that keeps the sites its
+    /// own way (the tracer), so that they are not held twice. `None` if the
+    /// object is not in the table or its scan failed.
+    pub fn take_sites(&mut self, id: ObjectId) -> Option<Vec<Site>> {
+        Some(std::mem::take(&mut self.scanned.get_mut(&id)?.as_mut().ok()?.sites))
     }
 
     /// What the last scan of one object gave.
