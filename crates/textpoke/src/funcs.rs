@@ -8,7 +8,9 @@
 //! Append-only. [`register`] takes a mutex (control path: the tracer's
 //! scans, tests), looks the address up, and for a new function stores its
 //! entry into the next free slot of a segmented array, then publishes the
-//! new count with release. Readers ([`get`], [`count`]) take no lock:
+//! new count with release. A [`Registrar`] holds the mutex for many
+//! registrations (a scan's), and names are shared (`Arc<str>`) with the
+//! caller, which keeps them too. Readers ([`get`], [`count`]) take no lock:
 //! they load the count with acquire (pairing with that release) and read
 //! slots below it, which never change and are never freed. So the
 //! recorder's writer and a forked child (which may inherit the mutex held
@@ -16,7 +18,7 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicPtr, AtomicUsize, Ordering};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex, MutexGuard};
 
 /// A function id: dense from 0, stable for the life of the process (an
 /// address registered again gets its old id).
@@ -30,7 +32,7 @@ pub struct Function {
     /// `#[traced]` function its descriptor).
     pub addr: u64,
     /// Its name as the registrar gave it.
-    pub name: Box<str>,
+    pub name: Arc<str>,
 }
 
 const SEG_BITS: u32 = 14;
@@ -51,28 +53,50 @@ static BY_ADDR: Mutex<Option<HashMap<u64, u32>>> = Mutex::new(None);
 /// keeps its id (and its first name). Control path. Panics if the table is
 /// full ([`MAX_FUNCTIONS`]).
 pub fn register(addr: usize, name: &str) -> FuncId {
-    let mut g = BY_ADDR.lock().unwrap_or_else(|e| e.into_inner());
-    let map = g.get_or_insert_with(HashMap::new);
-    if let Some(&id) = map.get(&(addr as u64)) {
-        return FuncId(id);
+    registrar().register(addr, &Arc::from(name))
+}
+
+/// Holds the table's lock for many registrations; see [`registrar`].
+pub struct Registrar {
+    map: MutexGuard<'static, Option<HashMap<u64, u32>>>,
+}
+
+/// Takes the table's lock until the returned [`Registrar`] is dropped
+/// (readers never wait for it).
+pub fn registrar() -> Registrar {
+    Registrar { map: BY_ADDR.lock().unwrap_or_else(|e| e.into_inner()) }
+}
+
+impl Registrar {
+    /// Makes room for `n` more functions in the address index.
+    pub fn reserve(&mut self, n: usize) {
+        self.map.get_or_insert_with(HashMap::new).reserve(n);
     }
-    let id = COUNT.load(Ordering::Relaxed);
-    assert!(id < MAX_FUNCTIONS, "more than {MAX_FUNCTIONS} functions registered");
-    let seg = &SEGS[id >> SEG_BITS];
-    if seg.load(Ordering::Relaxed).is_null() {
-        let fresh: Box<Segment> = Box::new([const { AtomicPtr::new(std::ptr::null_mut()) }; SEG_LEN]);
-        seg.store(Box::into_raw(fresh), Ordering::Relaxed);
+
+    /// As [`register`], keeping a reference to `name`.
+    pub fn register(&mut self, addr: usize, name: &Arc<str>) -> FuncId {
+        let map = self.map.get_or_insert_with(HashMap::new);
+        if let Some(&id) = map.get(&(addr as u64)) {
+            return FuncId(id);
+        }
+        let id = COUNT.load(Ordering::Relaxed);
+        assert!(id < MAX_FUNCTIONS, "more than {MAX_FUNCTIONS} functions registered");
+        let seg = &SEGS[id >> SEG_BITS];
+        if seg.load(Ordering::Relaxed).is_null() {
+            let fresh: Box<Segment> = Box::new([const { AtomicPtr::new(std::ptr::null_mut()) }; SEG_LEN]);
+            seg.store(Box::into_raw(fresh), Ordering::Relaxed);
+        }
+        let f = Box::into_raw(Box::new(Function { addr: addr as u64, name: name.clone() }));
+        // SAFETY: the segment was published above (or earlier) and is never
+        // freed; only a Registrar, holding the mutex, writes slots.
+        let slots = unsafe { &*seg.load(Ordering::Relaxed) };
+        slots[id & (SEG_LEN - 1)].store(f, Ordering::Relaxed);
+        // Release pairs with the acquire loads of COUNT in `count` and `get`:
+        // a reader that sees the new count sees the slot and its segment.
+        COUNT.store(id + 1, Ordering::Release);
+        map.insert(addr as u64, id as u32);
+        FuncId(id as u32)
     }
-    let f = Box::into_raw(Box::new(Function { addr: addr as u64, name: name.into() }));
-    // SAFETY: the segment was published above (or earlier) and is never
-    // freed; only this function, under the mutex, writes slots.
-    let slots = unsafe { &*seg.load(Ordering::Relaxed) };
-    slots[id & (SEG_LEN - 1)].store(f, Ordering::Relaxed);
-    // Release pairs with the acquire loads of COUNT in `count` and `get`:
-    // a reader that sees the new count sees the slot and its segment.
-    COUNT.store(id + 1, Ordering::Release);
-    map.insert(addr as u64, id as u32);
-    FuncId(id as u32)
 }
 
 /// How many functions are registered.
@@ -109,6 +133,13 @@ mod tests {
         let b = register(0xdead_0010, "second");
         assert!(b.0 > a.0, "new ids come after older ones (other tests register too)");
         assert_eq!(register(0xdead_0000, "renamed"), a);
+        let shared: Arc<str> = Arc::from("third");
+        let mut r = registrar();
+        r.reserve(2);
+        let c = r.register(0xdead_0020, &shared);
+        assert_eq!(r.register(0xdead_0020, &Arc::from("again")), c);
+        drop(r);
+        assert!(Arc::ptr_eq(&get(c).unwrap().name, &shared), "the name is shared, not copied");
         assert_eq!(&*get(a).unwrap().name, "first");
         assert_eq!(get(b).unwrap().addr, 0xdead_0010);
         assert_eq!(lookup(0xdead_0010), Some(b));

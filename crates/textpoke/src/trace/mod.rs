@@ -610,8 +610,13 @@ impl Inner {
             }
         }
         for id in &changes.added {
-            let Some(Ok(objsites)) = self.table.object_sites(*id) else { continue };
-            for site in &objsites.sites {
+            // The sites move here: the table keeps what else the scan found.
+            let Some(sites) = self.table.take_sites(*id) else { continue };
+            self.sites.reserve(sites.len());
+            self.by_addr.reserve(sites.len());
+            let mut funcs = crate::funcs::registrar();
+            funcs.reserve(sites.len());
+            for site in sites {
                 if self.by_addr.contains_key(&site.nop_addr) || self.sites.len() >= hot::MAX_SITES {
                     continue;
                 }
@@ -623,17 +628,18 @@ impl Inner {
                     SiteKind::Marked(m) => (SitePlace::BodyExit, m.descriptor),
                     _ => (SitePlace::FunctionEntry, site.entry),
                 };
+                let function: Arc<str> = Arc::from(site.function);
                 let i = self.sites.len() as u32;
                 let slot = hot::ensure_site(i);
                 slot.mask.store(0, Ordering::Relaxed);
-                let func = crate::funcs::register(identity, &site.function);
+                let func = funcs.register(identity, &function);
                 slot.func.store(func.0, Ordering::Relaxed);
                 slot.pair.store(identity, Ordering::Relaxed);
                 slot.place.store(place as u8, Ordering::Relaxed);
                 self.by_addr.insert(site.nop_addr, i);
                 self.sites.push(SiteInfo {
                     addr: site.nop_addr,
-                    function: Arc::from(site.function.as_str()),
+                    function,
                     object: site.object,
                     place,
                     prepared: matches!(site.nop_form, NopForm::Single),
