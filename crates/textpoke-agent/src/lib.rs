@@ -436,6 +436,10 @@ fn try_start(agent: &mut Agent, tracer: &'static Tracer) -> Result<(), AgentErro
     if functions.is_empty() {
         return Ok(());
     }
+    // Register for membarrier's SYNC_CORE before the recorder starts its
+    // thread: with one thread (at load) the kernel skips the RCU grace
+    // period (10-20 ms) it waits for when there are several.
+    textpoke::sync::best_method();
     let c = &agent.config;
     let mut cfg = RecorderConfig::new(&agent.dir);
     if c.count_only {
@@ -462,8 +466,8 @@ fn try_start(agent: &mut Agent, tracer: &'static Tracer) -> Result<(), AgentErro
     } else {
         RecordOp::graph().with_retval(textpoke::trace::Filter::new(agent.config.retval.clone(), Vec::<String>::new())?)
     };
-    let names = distinct_names(&functions);
-    let filter = agent.rules.filter(names.iter().map(String::as_str))?;
+    let filter = agent.rules.filter(distinct_names(&functions))?;
+    drop(functions);
     let handle = tracer.register(Arc::new(op), filter)?;
     agent.op = Some(handle);
     recount(agent, tracer);
@@ -472,8 +476,8 @@ fn try_start(agent: &mut Agent, tracer: &'static Tracer) -> Result<(), AgentErro
     Ok(())
 }
 
-fn distinct_names(functions: &[textpoke::trace::FunctionInfo]) -> BTreeSet<String> {
-    functions.iter().map(|f| f.function.to_string()).collect()
+fn distinct_names(functions: &[textpoke::trace::FunctionInfo]) -> BTreeSet<&str> {
+    functions.iter().map(|f| &*f.function).collect()
 }
 
 /// Updates the counts of functions found and traced, and `agent.json`.
@@ -579,8 +583,8 @@ pub(crate) fn refresh(agent: &mut Agent) {
 pub(crate) fn update_filter(agent: &mut Agent) -> Result<(), TraceError> {
     let tracer = Tracer::global();
     let Some(op) = &agent.op else { return Ok(()) };
-    let names = distinct_names(&tracer.functions());
-    let filter = agent.rules.filter(names.iter().map(String::as_str))?;
+    let functions = tracer.functions();
+    let filter = agent.rules.filter(distinct_names(&functions))?;
     tracer.set_filter(op, filter)?;
     recount(agent, tracer);
     Ok(())
