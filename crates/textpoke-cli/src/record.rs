@@ -5,13 +5,17 @@
 //!
 //! The program is found (`PATH` when the name has no `/`), checked to be
 //! an executable file, and, when it is an ELF file, read without running
-//! it ([`textpoke::sites::scan_file`]): it must be dynamically linked (the
-//! agent is preloaded), and it or a library it loads at start (listed by
-//! its interpreter, `ld.so --list`, which runs nothing) must have
-//! patchable entries. Every `-F`/`-N` glob must match one of their
-//! functions. A script (`#!`) is run as it is: the agent follows it into
-//! the programs it executes. A directory that is not a textpoke trace is
-//! not written over.
+//! it: it must be dynamically linked (the agent is preloaded), and it or a
+//! library it loads at start (listed by its interpreter, `ld.so --list`,
+//! which runs nothing; asked only when the program has no sites of its
+//! own) must have patchable entries. That needs the headers only
+//! ([`textpoke::sites::probe_file`]: a site section with records); the
+//! sites themselves are read ([`textpoke::sites::scan_file`]) only to
+//! check `-F`/`-N` globs, each of which must match one of their functions
+//! (a mistyped one is answered with the close names). The agent reads the
+//! sites again in the process anyway. A script (`#!`) is run as it is:
+//! the agent follows it into the programs it executes. A directory that is
+//! not a textpoke trace is not written over.
 //!
 //! # The agent
 //!
@@ -167,11 +171,14 @@ fn startup_libraries(interp: &Path, prog: &Path) -> Vec<PathBuf> {
 /// What is known of the program before it runs.
 struct Checked {
     /// Function names with sites in the program and its startup libraries;
-    /// `None` for a script.
+    /// `None` for a script, or when no name was asked for.
     names: Option<Vec<String>>,
 }
 
-fn check_program(prog: &Path, shown: &str) -> Result<Checked, CliError> {
+/// Checks that `prog` can be traced (see the module docs); with
+/// `want_names`, reads the names of its functions (and its startup
+/// libraries') too.
+fn check_program(prog: &Path, shown: &str, want_names: bool) -> Result<Checked, CliError> {
     let mut head = [0u8; 4];
     let n = std::fs::File::open(prog)
         .and_then(|mut f| std::io::Read::read(&mut f, &mut head))
@@ -179,8 +186,9 @@ fn check_program(prog: &Path, shown: &str) -> Result<Checked, CliError> {
     if head[..n].starts_with(b"#!") {
         return Ok(Checked { names: None });
     }
-    let sites = textpoke::sites::scan_file(prog).map_err(|e| CliError::new(2, format!("cannot trace {shown}: {e}")))?;
-    let Some(interp) = sites.interpreter.clone() else {
+    let cannot = |e: textpoke::sites::SitesError| CliError::new(2, format!("cannot trace {shown}: {e}"));
+    let probe = textpoke::sites::probe_file(prog).map_err(cannot)?;
+    let Some(interp) = probe.interpreter.clone() else {
         return Err(CliError::new(
             2,
             format!(
@@ -189,6 +197,18 @@ fn check_program(prog: &Path, shown: &str) -> Result<Checked, CliError> {
             ),
         ));
     };
+    let no_sites = || {
+        CliError::new(2, format!("{shown} has no patchable function entries, nor do the libraries it loads at start;"))
+            .with_help(HOW_TO_ADD_SITES)
+    };
+    if !want_names {
+        let has_records = |p: &Path| textpoke::sites::probe_file(p).is_ok_and(|f| f.has_records());
+        if probe.has_records() || startup_libraries(&interp, prog).iter().any(|l| has_records(l)) {
+            return Ok(Checked { names: None });
+        }
+        return Err(no_sites());
+    }
+    let sites = textpoke::sites::scan_file(prog).map_err(cannot)?;
     let mut names = sites.function_names();
     for lib in startup_libraries(&interp, prog) {
         if let Ok(s) = textpoke::sites::scan_file(&lib) {
@@ -198,11 +218,7 @@ fn check_program(prog: &Path, shown: &str) -> Result<Checked, CliError> {
     names.sort();
     names.dedup();
     if names.is_empty() && sites.sites.is_empty() {
-        return Err(CliError::new(
-            2,
-            format!("{shown} has no patchable function entries, nor do the libraries it loads at start;"),
-        )
-        .with_help(HOW_TO_ADD_SITES));
+        return Err(no_sites());
     }
     Ok(Checked { names: Some(names) })
 }
@@ -451,7 +467,7 @@ fn record(args: &Args) -> Result<ExitCode, CliError> {
         None => (resolve_program(&args.command[0])?, args.command[0].clone(), &args.command[1..]),
     };
     let shown = Path::new(&arg0).display().to_string();
-    let checked = check_program(&prog, &shown)?;
+    let checked = check_program(&prog, &shown, !(args.include.is_empty() && args.exclude.is_empty()))?;
     if let Some(names) = &checked.names {
         check_globs(args, names)?;
     }
