@@ -917,14 +917,17 @@ impl Inner {
             self.retire(retire);
             return Ok(());
         }
-        // 1. Stubs for the new targets (written through one descriptor).
-        {
-            let _writes = crate::text::codemem::WriteSession::open();
-            for c in changes.iter_mut() {
-                if c.target != Target::Off {
-                    c.stub = Some(self.make_stub(c.i, c.target)?);
-                }
+        // 1. Stubs for the new targets, written together when the session
+        // finishes (nothing reaches them before the batch).
+        let writes = crate::text::codemem::WriteSession::open();
+        for c in changes.iter_mut() {
+            if c.target != Target::Off {
+                c.stub = Some(self.make_stub(c.i, c.target)?);
             }
+        }
+        if let Err(source) = writes.finish() {
+            self.drop_new_stubs(changes.iter().filter_map(|c| c.stub));
+            return Err(TraceError::TrampolineMemory { near: self.sites[changes[0].i].addr, source });
         }
         // 2. Publish the masks, 3. one batch: by the breakpoint protocol,
         // or whole by stop-machine when a gcc pad (five 1-byte NOPs) gets
