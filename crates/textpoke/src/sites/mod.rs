@@ -385,9 +385,6 @@ impl Miss {
 /// What a scan makes of one record.
 type Found = Result<Hit, Miss>;
 
-/// A record's address, or why it has none.
-type Record = Result<usize, (usize, SkipReason)>;
-
 /// Where a scan reads an object's bytes: the loaded object's memory
 /// ([`Memory`]), or its file (`file::FileImage`, at link-time addresses).
 trait Image {
@@ -482,17 +479,11 @@ impl<I: Image> Scan<'_, I> {
                 out.extend(results);
                 continue;
             }
-            let (records, report) = self.records(sec, source)?;
+            let (located, unknown, report) = self.records(sec, source)?;
             reports.push(report);
             let section = sec.kind.section_name();
-            let mut located = Vec::new();
-            for record in records {
-                match record {
-                    Err((record, reason)) => {
-                        out.push(Err(Miss { section, record, entry: None, function: String::new(), reason }))
-                    }
-                    Ok(addr) => located.push(addr),
-                }
+            for (record, reason) in unknown {
+                out.push(Err(Miss { section, record, entry: None, function: String::new(), reason }));
             }
             match sec.kind {
                 RecordKind::PatchableEntry => out.extend(self.patchable_entries(&located)),
@@ -545,8 +536,13 @@ impl<I: Image> Scan<'_, I> {
         self.segment_at(addr, len).is_some_and(|s| s.is_executable() && s.is_readable())
     }
 
-    /// The records of one section as addresses.
-    fn records(&self, sec: &RecordSection, source: RecordSource) -> Result<(Vec<Record>, SectionReport), SitesError> {
+    /// The records of one section as addresses, and those that give none
+    /// (with the record's value, when known, and why).
+    fn records(
+        &self,
+        sec: &RecordSection,
+        source: RecordSource,
+    ) -> Result<(Vec<usize>, Vec<(usize, SkipReason)>, SectionReport), SitesError> {
         let bias = self.bias;
         let count = (sec.size / 8) as usize;
         let runtime = (sec.addr as usize).wrapping_add(bias);
@@ -579,8 +575,10 @@ impl<I: Image> Scan<'_, I> {
             from_memory: memory.is_some(),
             cross_checked: 0,
         };
-        let records = (0..count)
-            .map(|i| match &memory {
+        let mut located = Vec::with_capacity(count);
+        let mut unknown = Vec::new();
+        for i in 0..count {
+            let record = match &memory {
                 Some(bytes) => {
                     let mut word = [0u8; 8];
                     word.copy_from_slice(&bytes[i * 8..i * 8 + 8]);
@@ -598,9 +596,13 @@ impl<I: Image> Scan<'_, I> {
                     }
                 }
                 None => from_file(i).ok_or((0, SkipReason::RecordUnknown { index: i })),
-            })
-            .collect();
-        Ok((records, report))
+            };
+            match record {
+                Ok(addr) => located.push(addr),
+                Err(e) => unknown.push(e),
+            }
+        }
+        Ok((located, unknown, report))
     }
 
     fn name_of(&self, link_addr: u64) -> (String, String) {
@@ -647,21 +649,19 @@ impl<I: Image> Scan<'_, I> {
 
     fn pad_site(&self, p: usize, entry: Option<usize>) -> Result<Hit, Miss> {
         let section = RecordKind::PatchableEntry.section_name();
-        let mut skipped = Miss { section, record: p, entry, function: String::new(), reason: SkipReason::UnknownEntry };
+        let miss = |entry, function, reason| Miss { section, record: p, entry, function, reason };
         if !self.in_code(p, 1) {
-            skipped.reason = SkipReason::NotInCode { addr: p };
-            return Err(skipped);
+            return Err(miss(entry, String::new(), SkipReason::NotInCode { addr: p }));
         }
         let Some(entry) = entry else {
-            return Err(skipped);
+            return Err(miss(None, String::new(), SkipReason::UnknownEntry));
         };
         let (function, raw_symbol) = self.name_of((entry - self.bias) as u64);
-        skipped.function = function.clone();
         let m = entry - p;
-        let (nop_addr, form, run) = self.nop_at_entry(entry, MAX_PREFIX - m).map_err(|reason| {
-            skipped.reason = reason;
-            skipped.clone()
-        })?;
+        let (nop_addr, form, run) = match self.nop_at_entry(entry, MAX_PREFIX - m) {
+            Ok(found) => found,
+            Err(reason) => return Err(miss(Some(entry), function, reason)),
+        };
         Ok(Hit {
             kind: SiteKind::PatchableEntry(Pad {
                 start: p,
@@ -711,15 +711,10 @@ impl<I: Image> Scan<'_, I> {
 
     /// The site of one `__mcount_loc` record (the NOP's address).
     fn mcount(&self, n: usize) -> Result<Hit, Miss> {
-        let mut skipped = Miss {
-            section: RecordKind::Mcount.section_name(),
-            record: n,
-            entry: None,
-            function: String::new(),
-            reason: SkipReason::NotInCode { addr: n },
-        };
+        let section = RecordKind::Mcount.section_name();
+        let miss = |entry, function, reason| Miss { section, record: n, entry, function, reason };
         if !self.in_code(n, NOP_LEN as usize) {
-            return Err(skipped);
+            return Err(miss(None, String::new(), SkipReason::NotInCode { addr: n }));
         }
         let link = (n - self.bias) as u64;
         let endbr_before =
@@ -728,24 +723,21 @@ impl<I: Image> Scan<'_, I> {
             Some(sym) => {
                 let entry = self.bias + sym.addr as usize;
                 let offset = n - entry;
-                skipped.entry = Some(entry);
                 let raw = self.symbols.name(sym);
-                skipped.function = demangle(&raw);
+                let function = demangle(&raw);
                 if offset != 0 && !(offset == 4 && endbr_before()) {
-                    skipped.reason = SkipReason::NotAtEntry { offset };
-                    return Err(skipped);
+                    return Err(miss(Some(entry), function, SkipReason::NotAtEntry { offset }));
                 }
-                (entry, skipped.function.clone(), raw.into_owned())
+                (entry, function, raw.into_owned())
             }
             None if endbr_before() => (n - 4, String::new(), String::new()),
             None => (n, String::new(), String::new()),
         };
-        skipped.entry = Some(entry);
         let bytes = self.read_upto_small(n, NOP_LEN as usize);
-        let form = self.check_nop(n, &bytes).map_err(|reason| {
-            skipped.reason = reason;
-            skipped.clone()
-        })?;
+        let form = match self.check_nop(n, &bytes) {
+            Ok(form) => form,
+            Err(reason) => return Err(miss(Some(entry), function, reason)),
+        };
         Ok(Hit { kind: SiteKind::Mcount, entry, nop_addr: n, nop_form: form, function, raw_symbol })
     }
 }

@@ -40,7 +40,9 @@ impl Symbols {
     /// `syms` named in `strings` (a string table: offsets and lengths).
     pub fn new(mut syms: Vec<FuncSym>, strings: Box<[u8]>) -> Self {
         let raw = |s: &FuncSym| &strings[s.name_at as usize..][..s.name_len as usize];
-        syms.sort_by(|a, b| (a.addr, a.rank, raw(a)).cmp(&(b.addr, b.rank, raw(b))));
+        // Names compared only between aliases (the tuple would slice both
+        // names for every comparison).
+        syms.sort_by(|a, b| (a.addr, a.rank).cmp(&(b.addr, b.rank)).then_with(|| raw(a).cmp(raw(b))));
         syms.dedup_by(|a, b| a.addr == b.addr && raw(a) == raw(b));
         Symbols { syms, strings }
     }
