@@ -104,7 +104,6 @@ mod server;
 
 use rules::{Rule, Rules};
 use std::cell::Cell;
-use std::collections::BTreeSet;
 use std::ffi::{c_char, CString, OsStr};
 use std::io::Write;
 use std::os::unix::ffi::OsStrExt;
@@ -476,8 +475,16 @@ fn try_start(agent: &mut Agent, tracer: &'static Tracer) -> Result<(), AgentErro
     Ok(())
 }
 
-fn distinct_names(functions: &[textpoke::trace::FunctionInfo]) -> BTreeSet<&str> {
-    functions.iter().map(|f| &*f.function).collect()
+/// The names of `functions`, each once (sorted).
+fn distinct_names(functions: &[textpoke::trace::FunctionInfo]) -> Vec<&str> {
+    distinct(functions.iter().map(|f| &*f.function))
+}
+
+fn distinct<'a>(names: impl Iterator<Item = &'a str>) -> Vec<&'a str> {
+    let mut v: Vec<&str> = names.collect();
+    v.sort_unstable();
+    v.dedup();
+    v
 }
 
 /// Updates the counts of functions found and traced, and `agent.json`.
@@ -485,12 +492,7 @@ fn recount(agent: &mut Agent, tracer: &Tracer) {
     let functions = tracer.functions();
     agent.functions = distinct_names(&functions).len();
     agent.traced = match &agent.op {
-        Some(op) => functions
-            .iter()
-            .filter(|f| f.ops & (1u64 << op.id()) != 0)
-            .map(|f| f.function.as_ref())
-            .collect::<BTreeSet<&str>>()
-            .len(),
+        Some(op) => distinct(functions.iter().filter(|f| f.ops & (1u64 << op.id()) != 0).map(|f| &*f.function)).len(),
         None => 0,
     };
     write_agent_json(agent);

@@ -383,8 +383,9 @@ impl<I: super::Image> super::Scan<'_, I> {
             skipped.reason = SkipReason::NotInCode { addr: raw.site };
             return Err(skipped);
         }
-        let found = self.read_upto_small(raw.site, NOP_LEN as usize);
-        if x86_64::classify(&found) != Some(NopForm::Single) {
+        let mut buf = [0u8; NOP_LEN as usize];
+        let found = self.read_upto_into(raw.site, &mut buf);
+        if x86_64::classify(found) != Some(NopForm::Single) {
             skipped.reason = SkipReason::UnexpectedBytes { addr: raw.site, found: found.to_vec() };
             return Err(skipped);
         }

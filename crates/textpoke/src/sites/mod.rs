@@ -409,19 +409,6 @@ const RUN_CHUNK: usize = 32;
 /// The longest x86 instruction.
 const MAX_INSN_LEN: usize = 15;
 
-/// A short read, on the stack.
-struct Small {
-    bytes: [u8; SMALL_READ],
-    len: usize,
-}
-
-impl std::ops::Deref for Small {
-    type Target = [u8];
-    fn deref(&self) -> &[u8] {
-        &self.bytes[..self.len]
-    }
-}
-
 /// The memory of a loaded object, kept loaded by a [`Pin`].
 struct Memory<'a> {
     obj: &'a LoadedObject,
@@ -510,26 +497,27 @@ impl<I: Image> Scan<'_, I> {
         self.image.load(addr, len)
     }
 
-    /// As [`Scan::read`], for at most [`SMALL_READ`] bytes, on the stack.
-    fn read_small(&self, addr: usize, len: usize) -> Option<Small> {
-        let seg = self.segment_at(addr, len)?;
-        if !seg.is_readable() || len > SMALL_READ {
+    /// As [`Scan::read`], into `buf` (its length), e.g. on the stack.
+    fn read_into<'b>(&self, addr: usize, buf: &'b mut [u8]) -> Option<&'b [u8]> {
+        if !self.segment_at(addr, buf.len())?.is_readable() {
             return None;
         }
-        let mut out = Small { bytes: [0; SMALL_READ], len };
-        self.image.load_into(addr, &mut out.bytes[..len])?;
-        Some(out)
+        self.image.load_into(addr, buf)?;
+        Some(buf)
     }
 
-    /// Up to `max` bytes at `addr` (at most [`SMALL_READ`]), stopping at
-    /// the end of its segment, on the stack.
-    fn read_upto_small(&self, addr: usize, max: usize) -> Small {
-        let empty = Small { bytes: [0; SMALL_READ], len: 0 };
+    /// Up to `buf.len()` bytes at `addr`, stopping at the end of its
+    /// segment, into `buf`.
+    fn read_upto_into<'b>(&self, addr: usize, buf: &'b mut [u8]) -> &'b [u8] {
         let Some(seg) = self.segment_at(addr, 1) else {
-            return empty;
+            return &[];
         };
         let seg_end = self.bias + seg.vaddr + seg.memsz;
-        self.read_small(addr, max.min(seg_end - addr).min(SMALL_READ)).unwrap_or(empty)
+        let len = buf.len().min(seg_end - addr);
+        match self.read_into(addr, &mut buf[..len]) {
+            Some(b) => b,
+            None => &[],
+        }
     }
 
     fn in_code(&self, addr: usize, len: usize) -> bool {
@@ -627,7 +615,10 @@ impl<I: Image> Scan<'_, I> {
             .map(|(&p, entry)| {
                 let entry = entry.or_else(|| {
                     let m = consensus?;
-                    (m == 0 || self.read_small(p, m).is_some_and(|b| x86_64::all_nops(&b))).then_some(p + m)
+                    let mut buf = [0u8; SMALL_READ];
+                    let nops =
+                        m == 0 || buf.get_mut(..m).and_then(|b| self.read_into(p, b)).is_some_and(x86_64::all_nops);
+                    nops.then_some(p + m)
                 });
                 self.pad_site(p, entry)
             })
@@ -643,7 +634,8 @@ impl<I: Image> Scan<'_, I> {
         }
         let sym = self.symbols.first_in(link, MAX_PREFIX as u64)?;
         let m = (sym.addr - link) as usize;
-        let between = self.read_small(p, m)?;
+        let mut buf = [0u8; SMALL_READ];
+        let between = self.read_into(p, buf.get_mut(..m)?)?;
         x86_64::all_nops(&between).then_some(p + m)
     }
 
@@ -679,16 +671,17 @@ impl<I: Image> Scan<'_, I> {
     /// The NOP at a function entry (after `endbr64` if there is one): its
     /// address, form and the length of the NOP run there (up to `max`).
     fn nop_at_entry(&self, entry: usize, max: usize) -> Result<(usize, NopForm, usize), SkipReason> {
-        let head = self.read_upto_small(entry, 4);
-        let nop_addr = if x86_64::starts_with_endbr64(&head) { entry + 4 } else { entry };
-        let max = max.max(NOP_LEN as usize);
+        let endbr = x86_64::starts_with_endbr64(self.read_upto_into(entry, &mut [0u8; 4]));
+        let nop_addr = if endbr { entry + 4 } else { entry };
+        let max = max.max(NOP_LEN as usize).min(SMALL_READ);
         // The run is measured in a first chunk; read on only when it may go
         // past it (an instruction cut by the chunk's end ends a run too).
-        let bytes = self.read_upto_small(nop_addr, max.min(RUN_CHUNK));
-        let form = self.check_nop(nop_addr, &bytes)?;
-        let mut run = x86_64::nop_run_len(&bytes);
+        let mut chunk = [0u8; RUN_CHUNK];
+        let bytes = self.read_upto_into(nop_addr, &mut chunk[..max.min(RUN_CHUNK)]);
+        let form = self.check_nop(nop_addr, bytes)?;
+        let mut run = x86_64::nop_run_len(bytes);
         if bytes.len() == RUN_CHUNK && max > RUN_CHUNK && run > RUN_CHUNK - MAX_INSN_LEN {
-            run = x86_64::nop_run_len(&self.read_upto_small(nop_addr, max));
+            run = x86_64::nop_run_len(self.read_upto_into(nop_addr, &mut [0u8; SMALL_READ][..max]));
         }
         Ok((nop_addr, form, run))
     }
@@ -717,8 +710,10 @@ impl<I: Image> Scan<'_, I> {
             return Err(miss(None, String::new(), SkipReason::NotInCode { addr: n }));
         }
         let link = (n - self.bias) as u64;
-        let endbr_before =
-            || n.checked_sub(4).and_then(|e| self.read_small(e, 4)).is_some_and(|b| x86_64::starts_with_endbr64(&b));
+        let endbr_before = || {
+            n.checked_sub(4).and_then(|e| self.read_into(e, &mut [0u8; 4]).map(x86_64::starts_with_endbr64))
+                == Some(true)
+        };
         let (entry, function, raw_symbol) = match self.symbols.containing(link) {
             Some(sym) => {
                 let entry = self.bias + sym.addr as usize;
@@ -733,8 +728,9 @@ impl<I: Image> Scan<'_, I> {
             None if endbr_before() => (n - 4, String::new(), String::new()),
             None => (n, String::new(), String::new()),
         };
-        let bytes = self.read_upto_small(n, NOP_LEN as usize);
-        let form = match self.check_nop(n, &bytes) {
+        let mut buf = [0u8; NOP_LEN as usize];
+        let bytes = self.read_upto_into(n, &mut buf);
+        let form = match self.check_nop(n, bytes) {
             Ok(form) => form,
             Err(reason) => return Err(miss(Some(entry), function, reason)),
         };

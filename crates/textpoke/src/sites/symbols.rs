@@ -42,7 +42,7 @@ impl Symbols {
         let raw = |s: &FuncSym| &strings[s.name_at as usize..][..s.name_len as usize];
         // Names compared only between aliases (the tuple would slice both
         // names for every comparison).
-        syms.sort_by(|a, b| (a.addr, a.rank).cmp(&(b.addr, b.rank)).then_with(|| raw(a).cmp(raw(b))));
+        syms.sort_unstable_by(|a, b| (a.addr, a.rank).cmp(&(b.addr, b.rank)).then_with(|| raw(a).cmp(raw(b))));
         syms.dedup_by(|a, b| a.addr == b.addr && raw(a) == raw(b));
         Symbols { syms, strings }
     }
@@ -89,6 +89,12 @@ impl Symbols {
 /// the hash; C++ (Itanium ABI) with cpp_demangle; anything else, C included,
 /// as it is.
 pub fn demangle(raw: &str) -> String {
+    // Rust names (`_ZN`, `_R`, with zero, one or two underscores first, as
+    // rustc-demangle accepts them) and C++ names (`_Z`) start with one of
+    // these; a C name mostly does not, and is itself.
+    if !raw.starts_with(['_', 'Z', 'R']) {
+        return raw.to_owned();
+    }
     // rustc-demangle recognises only Rust symbols (`_R...`, and `_ZN...E`
     // legacy paths, which it rejects when C++ parameter types follow the E),
     // so it goes first; a C++ name falls through to cpp_demangle.
@@ -129,6 +135,9 @@ mod tests {
         assert_eq!(demangle("tp_add"), "tp_add");
         assert_eq!(demangle("f2.constprop.0"), "f2.constprop.0");
         assert_eq!(demangle("_Znot a symbol"), "_Znot a symbol");
+        // rustc-demangle's forms without the leading underscore.
+        assert_eq!(demangle("ZN4core3fmt5write17h0123456789abcdefE"), "core::fmt::write");
+        assert_eq!(demangle("RNvCs1234_7mycrate3foo"), "mycrate::foo");
     }
 
     #[test]
