@@ -465,7 +465,7 @@ fn try_start(agent: &mut Agent, tracer: &'static Tracer) -> Result<(), AgentErro
     } else {
         RecordOp::graph().with_retval(textpoke::trace::Filter::new(agent.config.retval.clone(), Vec::<String>::new())?)
     };
-    let filter = agent.rules.filter(distinct_names(&functions))?;
+    let filter = agent.rules.filter(functions.iter().map(|f| &*f.function))?;
     drop(functions);
     let handle = tracer.register(Arc::new(op), filter)?;
     agent.op = Some(handle);
@@ -475,24 +475,17 @@ fn try_start(agent: &mut Agent, tracer: &'static Tracer) -> Result<(), AgentErro
     Ok(())
 }
 
-/// The names of `functions`, each once (sorted).
-fn distinct_names(functions: &[textpoke::trace::FunctionInfo]) -> Vec<&str> {
-    distinct(functions.iter().map(|f| &*f.function))
-}
-
-fn distinct<'a>(names: impl Iterator<Item = &'a str>) -> Vec<&'a str> {
-    let mut v: Vec<&str> = names.collect();
-    v.sort_unstable();
-    v.dedup();
-    v
+/// How many distinct names.
+fn distinct<'a>(names: impl Iterator<Item = &'a str>) -> usize {
+    names.collect::<std::collections::HashSet<&str>>().len()
 }
 
 /// Updates the counts of functions found and traced, and `agent.json`.
 fn recount(agent: &mut Agent, tracer: &Tracer) {
     let functions = tracer.functions();
-    agent.functions = distinct_names(&functions).len();
+    agent.functions = distinct(functions.iter().map(|f| &*f.function));
     agent.traced = match &agent.op {
-        Some(op) => distinct(functions.iter().filter(|f| f.ops & (1u64 << op.id()) != 0).map(|f| &*f.function)).len(),
+        Some(op) => distinct(functions.iter().filter(|f| f.ops & (1u64 << op.id()) != 0).map(|f| &*f.function)),
         None => 0,
     };
     write_agent_json(agent);
@@ -586,7 +579,7 @@ pub(crate) fn update_filter(agent: &mut Agent) -> Result<(), TraceError> {
     let tracer = Tracer::global();
     let Some(op) = &agent.op else { return Ok(()) };
     let functions = tracer.functions();
-    let filter = agent.rules.filter(distinct_names(&functions))?;
+    let filter = agent.rules.filter(functions.iter().map(|f| &*f.function))?;
     tracer.set_filter(op, filter)?;
     recount(agent, tracer);
     Ok(())

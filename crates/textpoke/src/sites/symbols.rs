@@ -40,9 +40,19 @@ impl Symbols {
     /// `syms` named in `strings` (a string table: offsets and lengths).
     pub fn new(mut syms: Vec<FuncSym>, strings: Box<[u8]>) -> Self {
         let raw = |s: &FuncSym| &strings[s.name_at as usize..][..s.name_len as usize];
-        // Names compared only between aliases (the tuple would slice both
-        // names for every comparison).
-        syms.sort_unstable_by(|a, b| (a.addr, a.rank).cmp(&(b.addr, b.rank)).then_with(|| raw(a).cmp(raw(b))));
+        // Sorted by (address, rank), then by name only among aliases: a
+        // symbol table is mostly in address order already, which a stable
+        // sort on a small key takes in one pass.
+        syms.sort_by_key(|s| (s.addr, s.rank));
+        let mut i = 0;
+        while i < syms.len() {
+            let key = (syms[i].addr, syms[i].rank);
+            let run = syms[i..].iter().take_while(|s| (s.addr, s.rank) == key).count();
+            if run > 1 {
+                syms[i..i + run].sort_by(|a, b| raw(a).cmp(raw(b)));
+            }
+            i += run;
+        }
         syms.dedup_by(|a, b| a.addr == b.addr && raw(a) == raw(b));
         Symbols { syms, strings }
     }
