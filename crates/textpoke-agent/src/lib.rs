@@ -475,9 +475,25 @@ fn try_start(agent: &mut Agent, tracer: &'static Tracer) -> Result<(), AgentErro
     Ok(())
 }
 
-/// How many distinct names.
+/// How many distinct names (hashed with FNV-1a, not SipHash: the names
+/// are the program's own; counting 100,000 twice took 83 M instructions
+/// with SipHash, 48 M with this; callgrind).
 fn distinct<'a>(names: impl Iterator<Item = &'a str>) -> usize {
-    names.collect::<std::collections::HashSet<&str>>().len()
+    #[derive(Default)]
+    struct Fnv(u64);
+    impl std::hash::Hasher for Fnv {
+        fn finish(&self) -> u64 {
+            self.0
+        }
+        fn write(&mut self, bytes: &[u8]) {
+            let mut h = self.0 ^ 0xcbf2_9ce4_8422_2325;
+            for &b in bytes {
+                h = (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3);
+            }
+            self.0 = h;
+        }
+    }
+    names.collect::<std::collections::HashSet<&str, std::hash::BuildHasherDefault<Fnv>>>().len()
 }
 
 /// Updates the counts of functions found and traced, and `agent.json`.
