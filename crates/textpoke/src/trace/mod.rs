@@ -652,17 +652,23 @@ impl Inner {
         }
     }
 
-    fn desired_mask(&self, s: &SiteInfo) -> u64 {
+    /// The registered ops, as [`Inner::desired_mask`] needs them: (id,
+    /// filter, wants exits).
+    fn live_ops(&self) -> Vec<(usize, &Filter, bool)> {
+        let ops = self.ops.iter().enumerate();
+        // SAFETY: `boxed` stays valid while the op is registered.
+        ops.filter_map(|(id, op)| op.as_ref().map(|o| (id, &o.filter, unsafe { (*o.boxed).wants_exit }))).collect()
+    }
+
+    fn desired_mask(s: &SiteInfo, ops: &[(usize, &Filter, bool)]) -> u64 {
         if !s.alive {
             return 0;
         }
         let mut m = 0;
-        for (id, op) in self.ops.iter().enumerate() {
-            let Some(o) = op else { continue };
+        for &(id, filter, wants_exit) in ops {
             // An exit site only matters to ops that want exits.
-            // SAFETY: `boxed` stays valid while the op is registered.
-            let wants = s.place != SitePlace::BodyExit || unsafe { (*o.boxed).wants_exit };
-            if wants && o.filter.matches(&s.function) {
+            let wants = s.place != SitePlace::BodyExit || wants_exit;
+            if wants && filter.matches(&s.function) {
                 m |= 1 << id;
             }
         }
@@ -885,15 +891,24 @@ impl Inner {
         // object that cannot be pinned is gone: forget its sites.
         let _pins = self.pin_objects();
         let mut changes = Vec::new();
-        for i in 0..self.sites.len() {
-            let mask = self.desired_mask(&self.sites[i]);
+        // What is the same for every site, once: the registered ops, and
+        // which of them count or record the graph inline.
+        let live = self.live_ops();
+        let (mut counts, mut graphs) = (0u64, 0u64);
+        for &(op, _, _) in &live {
+            counts |= u64::from(self.count_code(op).is_some()) << op;
+            graphs |= u64::from(self.records_graph(op)) << op;
+        }
+        let masks: Vec<u64> = self.sites.iter().map(|s| Self::desired_mask(s, &live)).collect();
+        drop(live);
+        for (i, mask) in masks.into_iter().enumerate() {
             let target = match mask.count_ones() {
                 0 => Target::Off,
                 1 => {
                     let op = mask.trailing_zeros() as usize;
-                    if self.count_code(op).is_some() {
+                    if counts & mask != 0 {
                         Target::Count(op)
-                    } else if self.sites[i].place == SitePlace::FunctionEntry && self.records_graph(op) {
+                    } else if self.sites[i].place == SitePlace::FunctionEntry && graphs & mask != 0 {
                         Target::Graph(op)
                     } else {
                         Target::Direct(op)
