@@ -125,7 +125,7 @@ fn a_batch_refused_for_one_pad_writes_no_pad() {
     Batch::from_iter([Poke::region(addrs[1], [0x90; 5], NOP5)]).commit_with(stop_machine).unwrap();
     let filter = || Filter::new(["ref_*"], Vec::<String>::new()).unwrap();
     let c = Counter::new(true);
-    let err = t.register(c.clone(), filter()).err().expect("the batch is refused");
+    let err = t.register(c.clone(), filter()).expect_err("the batch is refused");
     assert!(matches!(err, TraceError::Poke(PokeError::Mismatch { .. })), "{err:?}");
     assert!(err.to_string().contains("ref_b"), "names the site: {err}");
     assert_eq!(

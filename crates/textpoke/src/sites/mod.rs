@@ -385,6 +385,9 @@ impl Miss {
 /// What a scan makes of one record.
 type Found = Result<Hit, Miss>;
 
+/// A record that gives no address: its value (when known) and why.
+type Unknown = (usize, SkipReason);
+
 /// Where a scan reads an object's bytes: the loaded object's memory
 /// ([`Memory`]), or its file (`file::FileImage`, at link-time addresses).
 trait Image {
@@ -530,7 +533,7 @@ impl<I: Image> Scan<'_, I> {
         &self,
         sec: &RecordSection,
         source: RecordSource,
-    ) -> Result<(Vec<usize>, Vec<(usize, SkipReason)>, SectionReport), SitesError> {
+    ) -> Result<(Vec<usize>, Vec<Unknown>, SectionReport), SitesError> {
         let bias = self.bias;
         let count = (sec.size / 8) as usize;
         let runtime = (sec.addr as usize).wrapping_add(bias);
@@ -636,7 +639,7 @@ impl<I: Image> Scan<'_, I> {
         let m = (sym.addr - link) as usize;
         let mut buf = [0u8; SMALL_READ];
         let between = self.read_into(p, buf.get_mut(..m)?)?;
-        x86_64::all_nops(&between).then_some(p + m)
+        x86_64::all_nops(between).then_some(p + m)
     }
 
     fn pad_site(&self, p: usize, entry: Option<usize>) -> Result<Hit, Miss> {

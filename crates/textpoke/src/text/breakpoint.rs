@@ -64,13 +64,13 @@ fn run_protocol(pokes: &[Planned<'_>], w: &Writer, sync: SyncMethod, stats: &mut
     }
     sync_round(sync, stats)?;
     // Step 5: tails.
-    for p in pokes.iter().filter(|p| p.new().len() > 1) {
-        write(w, p, p.addr + 1, &p.new()[1..])?;
+    for p in pokes.iter().filter(|p| p.new_bytes().len() > 1) {
+        write(w, p, p.addr + 1, &p.new_bytes()[1..])?;
     }
     sync_round(sync, stats)?;
     // Step 6: heads.
     for p in pokes {
-        write(w, p, p.addr, &p.new()[..1])?;
+        write(w, p, p.addr, &p.new_bytes()[..1])?;
     }
     sync_round(sync, stats)
 }

@@ -68,7 +68,8 @@ struct Mapping {
 }
 
 impl Mapping {
-    fn new(addr: usize, len: usize) -> CodeBlock {
+    /// A block of the mapping at `addr`, `len` bytes.
+    fn block(addr: usize, len: usize) -> CodeBlock {
         let writing = std::sync::Mutex::new(());
         CodeBlock {
             map: Arc::new(Mapping { addr, len, hwm: AtomicUsize::new(0), writing, poisoned: AtomicBool::new(false) }),
@@ -102,7 +103,7 @@ impl CodeBlock {
         if p == libc::MAP_FAILED {
             return Err(io::Error::last_os_error());
         }
-        Ok(Mapping::new(p as usize, len))
+        Ok(Mapping::block(p as usize, len))
     }
 
     /// Maps `len` bytes (rounded up to pages) within rel32 reach of every
@@ -174,7 +175,7 @@ impl CodeBlock {
             unsafe { libc::munmap(p, len) };
             return Err(io::Error::new(io::ErrorKind::AddrInUse, "kernel placed the block elsewhere"));
         }
-        Ok(Mapping::new(start, len))
+        Ok(Mapping::block(start, len))
     }
 
     pub fn addr(&self) -> usize {

@@ -293,7 +293,7 @@ impl Planned<'_> {
         self.poke.expected()
     }
     /// The bytes to write.
-    pub fn new(&self) -> &[u8] {
+    pub fn new_bytes(&self) -> &[u8] {
         self.poke.new_bytes()
     }
     /// Where it is, for an error message. Asks the dynamic linker for the

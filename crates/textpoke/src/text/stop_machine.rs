@@ -111,7 +111,7 @@ impl WriteFailure {
         let p = &plan.pokes[self.index];
         PokeError::WriteFailed {
             at: p.at(),
-            len: p.new().len(),
+            len: p.new_bytes().len(),
             source: self.source,
             rollback: if self.restored {
                 "; the pokes written before it were rolled back to the old bytes, nothing of the batch is left".into()
@@ -127,7 +127,7 @@ impl WriteFailure {
 /// just its code).
 fn write_all(plan: &Plan<'_>, w: &Writer) -> Result<(), WriteFailure> {
     for (index, p) in plan.pokes.iter().enumerate() {
-        if let Err(source) = w.write(p.addr, p.new()) {
+        if let Err(source) = w.write(p.addr, p.new_bytes()) {
             // No thread runs this code now, and none is strictly inside a
             // poke: the old bytes can go back whole.
             let restored = plan.pokes[..=index].iter().all(|q| w.write(q.addr, q.old()).is_ok());
