@@ -901,6 +901,7 @@ impl Inner {
         }
         let masks: Vec<u64> = self.sites.iter().map(|s| Self::desired_mask(s, &live)).collect();
         drop(live);
+        changes.reserve(masks.iter().zip(&self.sites).filter(|(&m, s)| m != s.mask).count());
         for (i, mask) in masks.into_iter().enumerate() {
             let target = match mask.count_ones() {
                 0 => Target::Off,
