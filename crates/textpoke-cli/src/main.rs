@@ -6,6 +6,7 @@ mod ctl;
 mod dump;
 mod list;
 mod output;
+mod perfetto;
 mod record;
 mod replay;
 mod report;

@@ -293,7 +293,7 @@ const PROGRESS_STEP: u64 = 1 << 14;
 /// Runs one thread's records through `rb`, calling `sink` for each event,
 /// then closes what is left open. `progress` is told of words read (about:
 /// a record's words).
-pub(crate) fn walk_thread(
+pub fn walk_thread(
     trace: &Trace,
     thread: &ThreadTrace,
     rb: &mut Rebuilder<'_>,

@@ -330,7 +330,7 @@ fn drain_one(s: &mut Session, bp: BufPtr) {
         // D1: acquire pairs with H7's release of `pos`.
         let pos = b.p.pos.load(Ordering::Acquire);
         if pos >= sr.data() as u64 && pos <= sr.data_end() as u64 {
-            write_words(s, bp, from, pos);
+            write_range(s, bp, from, pos);
             b.cons.drain_pos.store(pos, Ordering::Relaxed);
             return;
         }
@@ -341,7 +341,7 @@ fn drain_one(s: &mut Session, bp: BufPtr) {
             return; // not yet visible: next time
         }
         let end = sr.data() as u64 + sr.used.load(Ordering::Relaxed);
-        write_words(s, bp, from, end);
+        write_range(s, bp, from, end);
         // SAFETY: just mapped segments are linked; `next` is live.
         let nr = unsafe { &*next };
         b.cons.drain_seg.store(next, Ordering::Relaxed);
@@ -352,9 +352,8 @@ fn drain_one(s: &mut Session, bp: BufPtr) {
     }
 }
 
-/// D3: appends the words at `[from, to)` (addresses in a segment of `bp`)
-/// to its thread's file, scanning them on the way.
-fn write_words(s: &mut Session, bp: BufPtr, from: u64, to: u64) {
+/// D3 for the words at `[from, to)`, addresses in a segment of `bp`.
+fn write_range(s: &mut Session, bp: BufPtr, from: u64, to: u64) {
     if to <= from {
         return;
     }
@@ -362,6 +361,21 @@ fn write_words(s: &mut Session, bp: BufPtr, from: u64, to: u64) {
     // position (or its final `used`): written before the release store
     // we acquired, and not reused before we give the segment back.
     let words = unsafe { std::slice::from_raw_parts(from as *const u64, ((to - from) / 8) as usize) };
+    write_words(s, bp, words);
+}
+
+/// The cut events of a thread whose stream ends before its next event
+/// could mark them (X2, or the session's end): marked at the end.
+fn mark_pending_cut(s: &mut Session, bp: BufPtr) {
+    let b = bp.get();
+    let cut = b.s.cut_pending.swap(0, Ordering::Relaxed);
+    if cut > 0 && !b.s.seg.load(Ordering::Relaxed).is_null() {
+        write_words(s, bp, &[format::special(format::SPECIAL_CUT, 0, cut)]);
+    }
+}
+
+/// D3: appends `words` to `bp`'s thread's file, scanning them on the way.
+fn write_words(s: &mut Session, bp: BufPtr, words: &[u64]) {
     let ok = ensure_dir(s);
     let dir = s.dir.clone();
     let out = s.threads.get_mut(&bp).expect("inserted by drain_one");
@@ -417,6 +431,7 @@ fn words_as_bytes(words: &[u64]) -> &[u8] {
 /// A thread exited: fold its counts into the totals, close its file and
 /// keep its final metadata.
 fn retire(s: &mut Session, bp: BufPtr) {
+    mark_pending_cut(s, bp);
     let Some(mut out) = s.threads.remove(&bp) else {
         return;
     };
@@ -633,6 +648,10 @@ pub(crate) fn stop() -> Result<TraceSummary, RecordError> {
     drain(&mut st, false);
     let st = &mut *st;
     let mut s = st.session.take().expect("checked above");
+    let live: Vec<BufPtr> = s.threads.keys().copied().collect();
+    for bp in live {
+        mark_pending_cut(&mut s, bp);
+    }
     let live: Vec<BufPtr> =
         st.registry.iter().copied().filter(|bp| bp.get().p.session.load(Ordering::Acquire) == s.id).collect();
     flush_files(&mut s);
