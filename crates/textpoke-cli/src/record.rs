@@ -375,16 +375,16 @@ impl Drop for DemoFile {
 /// The one-line summary of what was recorded in `dir` (shown as `shown`),
 /// from its metadata alone (the events are not read: a big trace's summary
 /// costs nothing), and a loud second line when events were lost.
-fn summary(dir: &Path, shown: &str, prog: &str) -> String {
+fn summary(dir: &Path, shown: &str, prog: &str) -> Vec<String> {
     if !dir.join(META_FILE).exists() {
-        return format!("textpoke: nothing recorded: {prog} ran no traced code ({shown} was not written)");
+        return vec![format!("textpoke: nothing recorded: {prog} ran no traced code ({shown} was not written)")];
     }
     let meta: format::Meta = match std::fs::read(dir.join(META_FILE))
         .map_err(|e| e.to_string())
         .and_then(|b| serde_json::from_slice(&b).map_err(|e| e.to_string()))
     {
         Ok(m) => m,
-        Err(e) => return format!("textpoke: the trace in {shown} cannot be read: {e}"),
+        Err(e) => return vec![format!("textpoke: the trace in {shown} cannot be read: {e}")],
     };
     let agent: Option<serde_json::Value> =
         std::fs::read(dir.join("agent.json")).ok().and_then(|b| serde_json::from_slice(&b).ok());
@@ -410,26 +410,35 @@ fn summary(dir: &Path, shown: &str, prog: &str) -> String {
         " (incomplete: the recording did not finish; the program was killed, or its exit could not wait for the final flush)"
     };
     let traced = count("traced");
-    let mut line = format!(
+    let mut lines = vec![format!(
         "textpoke: {traced} function{} traced (of {}), {what}, {} lost, {threads} thread{}{children} -> {shown}{incomplete}",
         if traced == 1 { "" } else { "s" },
         count("functions"),
         meta.total_dropped,
         if threads == 1 { "" } else { "s" },
-    );
+    )];
     if meta.total_dropped > 0 {
         let b = &meta.buffers;
-        line.push_str(&format!(
-            "\ntextpoke: WARNING: {} events were LOST: the buffers reached their limit (per thread {} MiB, in all {} MiB; \
-             peak {} MiB). Call counts are exact; `replay` marks each gap. Raise -b/--buffer-size or --memory-limit, \
+        lines.push(format!(
+            "textpoke: WARNING: {} events were LOST: the buffers reached their limit (per thread {}, in all {}; \
+             peak {}). Call counts are exact; `replay` marks each gap. Raise -b/--buffer-size or --memory-limit, \
              or trace fewer functions (-F/-N).",
             meta.total_dropped,
-            b.thread_limit >> 20,
-            b.memory_limit >> 20,
-            b.peak_bytes >> 20,
+            human_bytes(b.thread_limit),
+            human_bytes(b.memory_limit),
+            human_bytes(b.peak_bytes),
         ));
     }
-    line
+    lines
+}
+
+/// `512 KiB`, `16 MiB`, `4 GiB`.
+fn human_bytes(n: u64) -> String {
+    match n {
+        n if n >= 1 << 30 && n % (1 << 30) == 0 => format!("{} GiB", n >> 30),
+        n if n >= 1 << 20 => format!("{} MiB", n >> 20),
+        n => format!("{} KiB", n >> 10),
+    }
 }
 
 // ---------------------------------------------------------------------------
@@ -512,7 +521,9 @@ fn record(args: &Args) -> Result<ExitCode, CliError> {
     CHILD.store(-1, Ordering::Release);
     let status = status?;
     drop(demo);
-    util::eprint_line(&summary(&dir, &args.output.display().to_string(), &shown));
+    for line in summary(&dir, &args.output.display().to_string(), &shown) {
+        util::eprint_line(&line);
+    }
     if args.command.is_empty() {
         let o = args.output.display();
         util::eprint_line(&format!("textpoke: look at it with `textpoke report -i {o}` or `textpoke replay -i {o}`"));
