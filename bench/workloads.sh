@@ -106,7 +106,9 @@ EOF
 [ -x st ] || gcc -O2 -g -pthread -fpatchable-function-entry=5 -DSQLITE_DISABLE_INLINE -o st st.c sqlite3.c -ldl -lm
 if [ ! -x lua ]; then
     srcs=$(ls lua54/*.c | grep -v -e luac.c -e onelua.c -e ltests.c)
-    gcc -O2 -g -fpatchable-function-entry=5 -DLUA_USE_LINUX -o lua $srcs -lm -ldl
+    # A fixed string-hash seed (Lua seeds it from the clock and addresses),
+    # so that both tools see the same calls (with ASLR off, below).
+    gcc -O2 -g -fpatchable-function-entry=5 -DLUA_USE_LINUX '-Dluai_makeseed()=0' -o lua $srcs -lm -ldl
 fi
 
 # --- runs ----------------------------------------------------------------------
@@ -124,14 +126,22 @@ wall() {
     done
     echo "$best"
 }
-tp_run() { rm -rf tp.data && "$textpoke" record -o tp.data -- "$@"; }
-uf_run() { rm -rf u.data && uftrace record -P . -d u.data "$@"; }
+# Without address randomisation, so that runs are the same program run.
+norand="setarch $(uname -m) -R"
+tp_run() { rm -rf tp.data && $norand "$textpoke" record -o tp.data -- "$@"; }
+uf_run() { rm -rf u.data && $norand uftrace record -P . -d u.data "$@"; }
 
-# name count per line, sorted
+# name count per line, sorted. uftrace also reports the program's calls
+# into shared libraries (through the PLT: malloc, memcpy...), which
+# textpoke does not trace, and "(pre-empted)" pseudo-calls: they are left
+# out of uftrace's list (counted apart) by keeping the functions the
+# program itself defines (nm).
 tp_counts() { "$textpoke" report -i tp.data --format csv | awk -F, 'NR > 1 { print $1, $2 }' | sort; }
 uf_counts() {
     uftrace report -d u.data --no-pager 2>/dev/null |
-        awk 'NR > 2 && NF >= 6 { print $NF, $5 }' | sort
+        awk 'NR > 2 && NF >= 6 { print $NF, $5 }' | sort >c.uf.all
+    nm --defined-only "$1" | awk '$2 ~ /[tT]/ { print $3 }' | sort -u >defined
+    join c.uf.all defined
 }
 
 table=()
@@ -147,7 +157,7 @@ measure() { # name CMD...
     bytes_tp=$(du -sb tp.data | cut -f1)
     bytes_uf=$(du -sb u.data | cut -f1)
     tp_counts >c.tp
-    uf_counts >c.uf
+    uf_counts "$1" >c.uf
     local funcs differ
     funcs=$(wc -l <c.tp)
     differ=$(join c.tp c.uf | awk '$2 != $3' | wc -l)
@@ -167,6 +177,7 @@ measure "Lua 5.4 (fib, sort)" ./lua bench.lua
 echo
 echo "best of $REPS runs, $(nproc) CPUs, Linux $(uname -r); bytes per call: trace on disk / calls"
 echo "counts: functions whose call counts differ from uftrace's / only in textpoke's report / only in uftrace's"
+echo "(uftrace's calls into shared libraries and pre-emption marks are left out; textpoke does not trace those)"
 echo
 echo "| program                |  textpoke  |  uftrace   |  ratio | events lost | B/call | uftrace B/call | funcs | counts    |"
 echo "|------------------------|-----------:|-----------:|-------:|------------:|-------:|---------------:|------:|----------:|"
