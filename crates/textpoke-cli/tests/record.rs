@@ -359,6 +359,31 @@ fn counts_equal_an_independent_counter_under_a_signal_storm() {
     let _ = tally(&trace); // balanced per thread
 }
 
+/// A shell script (no sites of its own) that runs three traced programs,
+/// without exec: the summary counts what they recorded, and `report` on
+/// the trace directory shows the three processes.
+#[test]
+fn a_script_running_traced_children() {
+    let prog = threads_prog();
+    let sockets = socket_dir("script");
+    let dir = fresh("script.data");
+    let script = work_dir().join("run3.sh");
+    std::fs::write(&script, format!("#!/bin/sh\n{p} 0\n{p} 0\n{p} 0\n", p = prog.display())).unwrap();
+    std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let o = run(textpoke(&sockets).arg("record").arg("-o").arg(&dir).arg("--").arg(&script));
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    let err = text(&o.stderr);
+    assert!(err.contains("ran no traced code itself; the 3 processes it started recorded"), "{err}");
+    assert!(!err.contains("nothing recorded"), "{err}");
+    let r = run(textpoke(&sockets).args(["report", "-i"]).arg(&dir));
+    assert!(r.status.success(), "{}", text(&r.stderr));
+    let out = text(&r.stdout);
+    assert_eq!(out.lines().filter(|l| l.starts_with("# process")).count(), 3, "{out}");
+    assert!(out.lines().filter(|l| l.contains(" leaf")).count() >= 3, "each process's report: {out}");
+    let rp = run(textpoke(&sockets).args(["replay", "-i"]).arg(&dir));
+    assert!(rp.status.success(), "{}", text(&rp.stderr));
+}
+
 #[test]
 fn count_only_and_filters() {
     let sockets = socket_dir("filters");

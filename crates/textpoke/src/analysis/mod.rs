@@ -218,8 +218,37 @@ const MAX_FORK_DEPTH: usize = 32;
 impl TraceSet {
     /// Opens the trace directory `dir` with `opts`, and its children's.
     pub fn open(dir: impl AsRef<Path>, opts: OpenOptions) -> Result<TraceSet, AnalysisError> {
-        let trace = Trace::open_with(dir, opts)?;
-        Self::from_trace(trace)
+        let dir = dir.as_ref();
+        match Trace::open_with(dir, opts) {
+            Ok(trace) => Self::from_trace(trace),
+            // The program itself ran no traced code, but processes it
+            // started did (a shell script running traced programs): their
+            // traces, side by side.
+            Err(TraceError::MissingFile { path, .. })
+                if path.file_name().is_some_and(|n| n == format::META_FILE) && has_children(dir) =>
+            {
+                Self::children_only(dir)
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// The traces of the processes `dir`'s program started, each a process
+    /// of its own (with its own children).
+    fn children_only(dir: &Path) -> Result<TraceSet, AnalysisError> {
+        let mut set = TraceSet { processes: Vec::new(), notes: Vec::new() };
+        let children = child_dirs(dir);
+        set.notes.push(format!(
+            "{} holds no trace of its own (the program ran no traced code); showing the {} process(es) it started",
+            dir.display(),
+            children.len()
+        ));
+        for child in children {
+            let trace = Trace::open_with(&child, OpenOptions { allow_incomplete: true })
+                .map_err(|source| AnalysisError::Child { dir: child.clone(), source })?;
+            set.add(trace, None, 1)?;
+        }
+        Ok(set)
     }
 
     /// A set from an open trace; its children are opened here.
@@ -280,6 +309,20 @@ impl TraceSet {
     pub fn pids(&self) -> Vec<i32> {
         self.processes.iter().map(Process::pid).collect()
     }
+}
+
+/// The trace directories of the processes `dir`'s program started
+/// (`child-<pid>`, `child-<pid>-exec`), sorted.
+fn child_dirs(dir: &Path) -> Vec<PathBuf> {
+    let mut v: Vec<PathBuf> = std::fs::read_dir(dir)
+        .map(|rd| rd.flatten().map(|e| e.path()).filter(|p| is_child_dir(p) && p.is_dir()).collect())
+        .unwrap_or_default();
+    v.sort();
+    v
+}
+
+fn has_children(dir: &Path) -> bool {
+    !child_dirs(dir).is_empty()
 }
 
 /// Whether a path names a forked child's trace directory.
