@@ -189,6 +189,9 @@ fn main() {
     let _ = std::fs::remove_dir_all(&tmp);
 }
 
+/// A clock read and its name.
+type ClockRead = (&'static str, fn() -> u64);
+
 /// What the unordered clock costs in order across threads: thread A reads
 /// the clock and publishes the value (release); thread B sees it (acquire)
 /// and reads the clock. A timestamp of B's below A's contradicts the order
@@ -201,7 +204,7 @@ fn cross_thread_order() {
         "
 cross-thread order (ping-pong of {ROUNDS} rounds between two threads):"
     );
-    let reads: [(&str, fn() -> u64); 2] =
+    let reads: [ClockRead; 2] =
         [("lfence; rdtsc (tsc)", clock::rdtsc_ordered), ("rdtsc (tsc-unordered)", clock::rdtsc)];
     let cal = clock::Calibration::start(ClockSource::Tsc, Duration::from_millis(20)).info();
     for (name, read) in reads {
