@@ -287,6 +287,7 @@ fn write_trace(
         total_calls: tmetas.iter().map(|t| t.calls).sum(),
         threads: tmetas,
         unattributed_drops: UnattributedDrops::default(),
+        unattributed_calls: 0,
         total_dropped: 0,
     };
     std::fs::write(dir.join(format::COUNTS_FILE), serde_json::to_vec(&CountsFile { calls }).unwrap()).unwrap();

@@ -527,11 +527,17 @@ pub struct Meta {
     pub threads: Vec<ThreadMeta>,
     /// Drops not attributable to one thread.
     pub unattributed_drops: UnattributedDrops,
+    /// Calls counted while their thread had no buffer to count them in (a
+    /// signal handler during the buffer's creation, a destructor after the
+    /// thread's buffer was retired): in `counts.json`, not in a thread's
+    /// `calls`.
+    #[serde(default)]
+    pub unattributed_calls: u64,
     /// Total entry and exit events written (sum over threads).
     pub total_events: u64,
     /// Total events lost (threads and unattributed).
     pub total_dropped: u64,
-    /// Total calls counted (exact).
+    /// Total calls counted (exact): the threads' and `unattributed_calls`.
     pub total_calls: u64,
 }
 

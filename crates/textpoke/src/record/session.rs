@@ -72,6 +72,8 @@ struct Session {
     io_error: Option<String>,
     /// `total_dropped` of the last metadata written.
     last_dropped: u64,
+    /// Calls counted with no thread's buffer (`unattributed_calls`).
+    orphan_calls: u64,
     /// When the metadata was last written, and whether anything changed
     /// since (a thread appeared or exited).
     last_meta: Option<Instant>,
@@ -164,6 +166,7 @@ fn new_session(
         in_flight: 0,
         io_error: None,
         last_dropped: 0,
+        orphan_calls: 0,
         last_meta: None,
         meta_due: true,
         writer: None,
@@ -182,6 +185,7 @@ fn publish(id: u64, config: &RecorderConfig) {
     buffer::CFG_PREFAULT.store(config.prefault_buffers, Ordering::Relaxed);
     buffer::MEM_LIMIT.store(config.memory_limit as u64, Ordering::Relaxed);
     buffer::MEM_PEAK.store(buffer::MEM_USED.load(Ordering::Relaxed), Ordering::Relaxed);
+    buffer::reset_orphans();
     ACTIVE.store(id, Ordering::Release);
 }
 
@@ -475,6 +479,16 @@ fn sum_counts(s: &mut Session, registry: &[BufPtr]) -> Vec<u64> {
             out.calls = calls;
         }
     }
+    // Calls that had no buffer to be counted in (C1').
+    let mut orphans = 0;
+    for (i, v) in writer::orphan_counts() {
+        if totals.len() <= i {
+            totals.resize(i + 1, 0);
+        }
+        totals[i] += v;
+        orphans += v;
+    }
+    s.orphan_calls = orphans;
     totals
 }
 
@@ -512,7 +526,8 @@ fn write_meta(s: &mut Session, registry: &[BufPtr], complete: bool) {
     if complete {
         s.calibration.refine();
     }
-    let (total_events, total_dropped, total_calls) = writer::totals(&threads, &unattributed);
+    let (total_events, total_dropped, thread_calls) = writer::totals(&threads, &unattributed);
+    let total_calls = thread_calls + s.orphan_calls;
     s.last_dropped = total_dropped;
     let c = &s.config;
     let meta = Meta {
@@ -539,6 +554,7 @@ fn write_meta(s: &mut Session, registry: &[BufPtr], complete: bool) {
         max_functions: c.max_functions,
         threads,
         unattributed_drops: unattributed,
+        unattributed_calls: s.orphan_calls,
         total_events,
         total_dropped,
         total_calls,

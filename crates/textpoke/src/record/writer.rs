@@ -221,6 +221,27 @@ pub(crate) fn buffer_counts(b: &ThreadBuf) -> Vec<(usize, u64)> {
     out
 }
 
+/// Calls counted in the process-wide array of calls that had no buffer to
+/// be counted in (see `buffer::count_orphan`), by function id.
+pub(crate) fn orphan_counts() -> Vec<(usize, u64)> {
+    let Some(p) = super::buffer::orphans(false) else { return Vec::new() };
+    let n = super::buffer::ORPHANS_LEN;
+    let mut out = Vec::new();
+    // SAFETY: the array's own mapping, `n` words long, never unmapped.
+    let touched = unsafe { crate::sys::anon::resident_pages(p as *mut u8, n * 8) };
+    let per_page = crate::sys::anon::PAGE / 8;
+    for page in touched {
+        for i in page * per_page..((page + 1) * per_page).min(n) {
+            // SAFETY: i < n; updated with atomic adds.
+            let v = unsafe { &*p.add(i) }.load(Ordering::Relaxed);
+            if v != 0 {
+                out.push((i, v));
+            }
+        }
+    }
+    out
+}
+
 /// Writes `v` as JSON to `dir/name` atomically: `name.tmp`, (fsync when
 /// `sync`), rename. Buffered: one write for small files.
 pub(crate) fn write_json<T: serde::Serialize>(dir: &Path, name: &str, v: &T, sync: bool) -> Result<(), String> {
