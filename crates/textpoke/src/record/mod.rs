@@ -226,6 +226,7 @@
 
 mod buffer;
 mod codegen;
+pub mod crash;
 pub mod dir;
 pub mod format;
 mod op;
@@ -539,6 +540,18 @@ pub fn is_active() -> bool {
 /// The clock source of the running session.
 pub fn active_clock() -> Option<ClockSource> {
     session::active_clock()
+}
+
+/// Sets functions called on a thread when it makes its buffer (step C4:
+/// its first event in a session) and when it retires it (X1: thread exit);
+/// `None` clears one. Both must be async-signal-safe (C4 may run in a
+/// signal handler) and must not record. The agent gives recording threads
+/// an alternate signal stack there, for the crash flush.
+pub fn set_thread_hooks(start: Option<extern "C" fn()>, exit: Option<extern "C" fn()>) {
+    let p = |h: Option<extern "C" fn()>| h.map_or(std::ptr::null_mut(), |f| f as *mut ());
+    // Release pairs with the acquire load in buffer::call_hook.
+    buffer::THREAD_START_HOOK.store(p(start), std::sync::atomic::Ordering::Release);
+    buffer::THREAD_EXIT_HOOK.store(p(exit), std::sync::atomic::Ordering::Release);
 }
 
 /// Test support: calls `hook` in the middle of buffer creation (step C4),

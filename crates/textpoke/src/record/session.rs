@@ -22,65 +22,65 @@ use crate::sync::ForkLock;
 
 /// A buffer pointer owned by the registry.
 #[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
-struct BufPtr(*mut ThreadBuf);
+pub(super) struct BufPtr(pub(super) *mut ThreadBuf);
 // SAFETY: buffers are shared between their thread and the control path by
 // design; the protocol in buffer.rs governs every access.
 unsafe impl Send for BufPtr {}
 
 impl BufPtr {
-    fn get(&self) -> &ThreadBuf {
+    pub(super) fn get(&self) -> &ThreadBuf {
         // SAFETY: registered buffers stay mapped until freed by the
         // control path, which removes them from the registry first.
         unsafe { &*self.0 }
     }
 }
 
-struct State {
+pub(super) struct State {
     /// The running session, if any.
-    session: Option<Session>,
+    pub(super) session: Option<Session>,
     /// Every adopted buffer, of any session, until it is freed.
-    registry: Vec<BufPtr>,
+    pub(super) registry: Vec<BufPtr>,
     /// Last session epoch used.
     epoch: u64,
 }
 
-static STATE: ForkLock<State> = ForkLock::new(State { session: None, registry: Vec::new(), epoch: 0 });
+pub(super) static STATE: ForkLock<State> = ForkLock::new(State { session: None, registry: Vec::new(), epoch: 0 });
 
-struct Session {
+pub(super) struct Session {
     /// The ACTIVE word of this session.
-    id: u64,
-    config: RecorderConfig,
-    dir: PathBuf,
-    dir_ready: bool,
-    parent_pid: Option<i32>,
-    calibration: Calibration,
-    start_unix_ns: u64,
-    start_ts: u64,
+    pub(super) id: u64,
+    pub(super) config: RecorderConfig,
+    pub(super) dir: PathBuf,
+    pub(super) dir_ready: bool,
+    pub(super) parent_pid: Option<i32>,
+    pub(super) calibration: Calibration,
+    pub(super) start_unix_ns: u64,
+    pub(super) start_ts: u64,
     /// Live threads' outputs, by buffer.
-    threads: BTreeMap<BufPtr, ThreadOut>,
+    pub(super) threads: BTreeMap<BufPtr, ThreadOut>,
     /// Threads that exited, final.
-    finished: Vec<ThreadMeta>,
+    pub(super) finished: Vec<ThreadMeta>,
     /// File names used.
-    names: BTreeSet<String>,
+    pub(super) names: BTreeSet<String>,
     /// Calls of exited threads, by function id.
-    count_totals: Vec<u64>,
-    symbols: SymbolsOut,
+    pub(super) count_totals: Vec<u64>,
+    pub(super) symbols: SymbolsOut,
     /// Global drop counters when the session started.
-    drops_base: [u64; 4],
-    io_drops: u64,
-    in_flight: u64,
-    io_error: Option<String>,
+    pub(super) drops_base: [u64; 4],
+    pub(super) io_drops: u64,
+    pub(super) in_flight: u64,
+    pub(super) io_error: Option<String>,
     /// `total_dropped` of the last metadata written.
-    last_dropped: u64,
+    pub(super) last_dropped: u64,
     /// When the metadata was last written, and whether anything changed
     /// since (a thread appeared or exited).
-    last_meta: Option<Instant>,
-    meta_due: bool,
-    writer: Option<std::thread::JoinHandle<()>>,
-    stop_requested: bool,
+    pub(super) last_meta: Option<Instant>,
+    pub(super) meta_due: bool,
+    pub(super) writer: Option<std::thread::JoinHandle<()>>,
+    pub(super) stop_requested: bool,
 }
 
-fn global_drops() -> [u64; 4] {
+pub(super) fn global_drops() -> [u64; 4] {
     [
         buffer::DROP_CREATING.load(Ordering::Relaxed),
         buffer::DROP_EXITING.load(Ordering::Relaxed),
@@ -98,6 +98,7 @@ const META_INTERVAL: Duration = Duration::from_secs(1);
 
 pub(crate) fn start(config: RecorderConfig) -> Result<(), RecordError> {
     config.validate()?;
+    super::crash::reset(); // a flush that found the recorder busy is over
     buffer::ensure_key();
     install_fork_hooks();
     let mut st = STATE.lock();
@@ -158,7 +159,7 @@ fn new_session(
         finished: Vec::new(),
         names: BTreeSet::new(),
         count_totals: Vec::new(),
-        symbols: SymbolsOut::default(),
+        symbols: SymbolsOut::with_room(),
         drops_base: global_drops(),
         io_drops: 0,
         in_flight: 0,
@@ -231,6 +232,12 @@ fn writer_main(id: u64) {
 /// whose thread exited, frees stale exited ones, and writes the side files
 /// (the metadata at most every [`META_INTERVAL`] unless `side_files`).
 fn drain(st: &mut State, side_files: bool) {
+    if super::crash::writer_rests() {
+        // F8: a fatal signal's flush just wrote the trace and the process
+        // is about to die of it; a pass now would write `meta.json` again
+        // without saying so.
+        return;
+    }
     for b in buffer::take_incoming() {
         st.registry.push(BufPtr(b));
     }
@@ -527,6 +534,7 @@ fn write_meta(s: &mut Session, registry: &[BufPtr], complete: bool) {
         total_events,
         total_dropped,
         total_calls,
+        ended_by: None,
     };
     if let Err(e) = writer::write_json(&s.dir, format::META_FILE, &meta, sync) {
         s.io_error.get_or_insert(e);
@@ -577,6 +585,8 @@ fn summary(s: &Session, complete: bool) -> TraceSummary {
 
 /// Stops the active session: S1–S5 of the module docs.
 pub(crate) fn stop() -> Result<TraceSummary, RecordError> {
+    // A process that stops normally outlived any crash flush (F8).
+    super::crash::reset();
     // Ask the writer to finish and wait for it, without holding the lock.
     let writer = {
         let mut st = STATE.lock();
