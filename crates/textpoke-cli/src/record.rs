@@ -404,10 +404,15 @@ fn summary(dir: &Path, shown: &str, prog: &str) -> String {
         1 => ", 1 child trace".into(),
         n => format!(", {n} child traces"),
     };
-    let incomplete = if meta.complete {
-        ""
-    } else {
-        " (incomplete: the recording did not finish; the program was killed, or its exit could not wait for the final flush)"
+    let incomplete = match (&meta.ended_by, meta.complete) {
+        (_, true) => String::new(),
+        (Some(e), false) => format!(
+            " (incomplete: {}; the trace holds everything recorded up to it: read it with --salvage)",
+            e.describe(meta.pid)
+        ),
+        (None, false) => " (incomplete: the recording did not finish; the program was killed, or its exit could not \
+                          wait for the final flush)"
+            .into(),
     };
     let traced = count("traced");
     let mut line = format!(

@@ -231,10 +231,12 @@ pub(crate) fn reset() {
     }
 }
 
-/// Whether the calling thread is inside [`flush_for_signal`]: a fatal
-/// signal now is a fault of the flush itself. Async-signal-safe.
-pub fn flushing_here() -> bool {
-    PHASE.load(Ordering::Acquire) == FLUSHING << 32 | crate::sys::threads::gettid() as u32 as u64
+/// The signal the calling thread is flushing for, if it is inside
+/// [`flush_for_signal`]: a fatal signal now is a fault of the flush itself
+/// (A2 in the agent). Async-signal-safe.
+pub fn flushing_signal_here() -> Option<i32> {
+    let mine = FLUSHING << 32 | crate::sys::threads::gettid() as u32 as u64;
+    (PHASE.load(Ordering::Acquire) == mine).then(|| FIRST.load(Ordering::Relaxed))
 }
 
 /// Writes everything the recorder's buffers hold to the trace, for the
