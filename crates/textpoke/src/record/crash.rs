@@ -30,14 +30,17 @@
 //!   [`CrashFlush::Reentered`]: die at once, of the first signal.
 //! - **F2** takes the recorder's lock with `pthread_mutex_trylock`, again
 //!   every millisecond for at most [`LOCK_WAIT`]: the writer holds it for
-//!   a drain pass (milliseconds), the control path for a stop. On the
-//!   writer thread it tries once: a writer that crashed in a pass holds it
-//!   itself. Not had: nothing is written, the trace stays as the writer
-//!   last wrote it ([`CrashFlush::Busy`]).
+//!   a drain pass (milliseconds), and takes no more while a flush waits
+//!   (busy threads would have it take the lock again at once), the
+//!   control path holds it for a stop. On the writer thread it tries once:
+//!   a writer that crashed in a pass holds it itself. Not had: nothing is
+//!   written, the trace stays as the writer last wrote it
+//!   ([`CrashFlush::Busy`]).
 //! - **F3** maps scratch memory for what the flush computes (`mmap`).
 //! - **F4** for every buffer of the session (adopted, or still on the
 //!   stack of new buffers), takes the words from the writer's cursor to
-//!   the producer's published position, following the segment chain as
+//!   the producer's published position (read once: the end of that
+//!   thread's trace, which goes on recording), following the segment chain as
 //!   the writer does (D1/D2, without moving the cursor; acquire pairs
 //!   with H7 and G2), and writes them to the thread's file with `pwrite`
 //!   at the offsets the writer would use: after what it wrote and what it
@@ -203,22 +206,25 @@ fn sleep_ms() {
     unsafe { libc::nanosleep(&ms, std::ptr::null_mut()) };
 }
 
-/// Whether the writer must skip its pass (F8). Called by the writer and
-/// the control path with the session lock held. A rest that is over means
-/// the process outlived its crash flush: the phase goes back to idle.
+/// Whether the writer must skip its pass: a flush wants the lock (F2) or
+/// has just written the trace (F8). A rest that is over means the process
+/// outlived its crash flush: the phase goes back to idle.
 pub(crate) fn writer_rests() -> bool {
     // Acquire pairs with F8's release store of DONE: REST_UNTIL is set.
     let p = PHASE.load(Ordering::Acquire);
-    if p >> 32 != DONE {
-        return false;
+    match p >> 32 {
+        FLUSHING => true,
+        DONE => {
+            let until = REST_UNTIL.load(Ordering::Relaxed);
+            if until != 0 && monotonic_ns() < until {
+                return true;
+            }
+            REST_UNTIL.store(0, Ordering::Relaxed);
+            let _ = PHASE.compare_exchange(p, IDLE, Ordering::AcqRel, Ordering::Relaxed);
+            false
+        }
+        _ => false,
     }
-    let until = REST_UNTIL.load(Ordering::Relaxed);
-    if until != 0 && monotonic_ns() < until {
-        return true;
-    }
-    REST_UNTIL.store(0, Ordering::Relaxed);
-    let _ = PHASE.compare_exchange(p, IDLE, Ordering::AcqRel, Ordering::Relaxed);
-    false
 }
 
 /// A normal stop: whatever flush happened, the process lives on and ends
@@ -769,10 +775,14 @@ fn for_each_buffer(registry: &[BufPtr], id: u64, incoming: *mut ThreadBuf, mut f
 }
 
 /// F4's walk: calls `f` with each run of words from the writer's cursor
-/// to the producer's published position (D1/D2, read-only).
+/// to the producer's position as this walk starts (D1/D2, read-only): the
+/// end of the thread's trace, however far it records meanwhile.
 fn for_each_unwritten(b: &ThreadBuf, max_hops: usize, mut f: impl FnMut(&[u64])) {
     let mut seg = b.cons.drain_seg.load(Ordering::Relaxed);
     let mut from = b.cons.drain_pos.load(Ordering::Relaxed);
+    // D1: acquire pairs with H7's (and G2's) release of `pos`: the words
+    // below it, and the links and lengths of the segments before it.
+    let end = b.p.pos.load(Ordering::Acquire);
     let mut emit = |from: u64, to: u64| {
         if to > from {
             // SAFETY: [from, to) lies in a segment's data below the
@@ -790,13 +800,12 @@ fn for_each_unwritten(b: &ThreadBuf, max_hops: usize, mut f: impl FnMut(&[u64]))
         // mapped until the writer gives them back (not while we hold the
         // lock).
         let sr = unsafe { &*seg };
-        // D1: acquire pairs with H7's release of `pos`.
-        let pos = b.p.pos.load(Ordering::Acquire);
-        if pos >= sr.data() as u64 && pos <= sr.data_end() as u64 {
-            emit(from, pos);
+        if end >= sr.data() as u64 && end <= sr.data_end() as u64 {
+            emit(from, end);
             return;
         }
-        // D2: acquire pairs with G2's release of `next`.
+        // D2: the producer had moved past this segment; acquire pairs with
+        // G2's release of `next`, after which `used` is final.
         let next = sr.next.load(Ordering::Acquire);
         if next.is_null() {
             return;
@@ -932,12 +941,12 @@ fn flush_locked(st: &mut State, sig: &FatalSignal, tid: i32) -> CrashFlush {
         }
     }
     // F4 and F5, buffer by buffer.
-    let (mut flushed, mut io_lost, mut busy) = (0u64, 0u64, 0u64);
+    // A thread inside a record call now publishes its event after this
+    // snapshot, which is the end of its trace like all it records later:
+    // not counted as lost.
+    let (mut flushed, mut io_lost) = (0u64, 0u64);
     let max_hops = (c.thread_limit / c.segment_bytes.max(1)).saturating_add(4);
     for_each_buffer(registry, id, incoming, |bp, b| {
-        if b.p.busy.load(Ordering::Acquire) != 0 {
-            busy += 1; // inside a record call: that event is not published
-        }
         let out = threads.get(&bp);
         let btid = out.map_or_else(|| b.p.tid.load(Ordering::Relaxed), |o| o.tid);
         let mut scan: Scan = out.map(|o| o.scan.clone()).unwrap_or_default();
@@ -1066,7 +1075,7 @@ fn flush_locked(st: &mut State, sig: &FatalSignal, tid: i32) -> CrashFlush {
         no_memory: now[2] - s.drops_base[2],
         writer_thread: now[3] - s.drops_base[3],
         io: s.io_drops + io_lost,
-        in_flight_at_stop: s.in_flight + busy,
+        in_flight_at_stop: s.in_flight,
     };
     let (mut events, mut dropped, mut calls) = (0, unattributed.total(), 0);
     for r in rows.iter() {

@@ -497,8 +497,10 @@ pub struct SignalEnd {
     pub sender_pid: Option<i32>,
     /// The time of the flush (clock ticks).
     pub ts: u64,
-    /// Events the flush wrote: they were still in memory, and would have
-    /// been lost with the process.
+    /// Events the flush took from the threads' buffers: recorded after
+    /// the writer's last pass, they would have been lost with the process.
+    /// (What the writer had taken and still held in its own buffers was
+    /// written too, and is not counted here.)
     pub flushed_events: u64,
 }
 

@@ -210,6 +210,14 @@ fn writer_main(id: u64) {
     buffer::mark_writer_thread();
     batch_scheduling();
     loop {
+        if super::crash::writer_rests() {
+            // F2/F8: a fatal signal's flush wants the lock (a writer busy
+            // with threads that fill segments would take it again at once)
+            // or has just written the trace, which a pass would rewrite
+            // without saying so, while the process dies.
+            std::thread::sleep(Duration::from_millis(1));
+            continue;
+        }
         // Acquire pairs with wake_writer's release increment.
         let seen = buffer::WAKE.load(Ordering::Acquire);
         let interval = {
@@ -232,12 +240,6 @@ fn writer_main(id: u64) {
 /// whose thread exited, frees stale exited ones, and writes the side files
 /// (the metadata at most every [`META_INTERVAL`] unless `side_files`).
 fn drain(st: &mut State, side_files: bool) {
-    if super::crash::writer_rests() {
-        // F8: a fatal signal's flush just wrote the trace and the process
-        // is about to die of it; a pass now would write `meta.json` again
-        // without saying so.
-        return;
-    }
     for b in buffer::take_incoming() {
         st.registry.push(BufPtr(b));
     }
@@ -247,6 +249,9 @@ fn drain(st: &mut State, side_files: bool) {
     };
     let mut i = 0;
     while i < st.registry.len() {
+        if yield_to_crash() {
+            return;
+        }
         let bp = st.registry[i];
         let b = bp.get();
         // D5 first: acquire pairs with X2, so after it every event of an
@@ -284,6 +289,14 @@ fn drain(st: &mut State, side_files: bool) {
             write_meta(s, &registry, false);
         }
     }
+}
+
+/// Whether the writer thread must end its pass now: a fatal signal's
+/// flush waits for the lock (F2). A producer that fills segments as fast
+/// as the writer drains them keeps one pass going; the final drain of a
+/// stop (on another thread) goes on.
+fn yield_to_crash() -> bool {
+    buffer::is_writer_thread() && super::crash::writer_rests()
 }
 
 /// Frees the exited buffers of no running session.
@@ -330,6 +343,9 @@ fn drain_one(s: &mut Session, bp: BufPtr) {
         let seg = b.cons.drain_seg.load(Ordering::Relaxed);
         if seg.is_null() {
             return; // count mode: counters are read when counts are written
+        }
+        if yield_to_crash() {
+            return; // the cursor is where this pass got to
         }
         // SAFETY: the cursor's segment is mapped until given back below.
         let sr = unsafe { &*seg };
@@ -555,7 +571,9 @@ pub(crate) fn flush() -> Result<TraceSummary, RecordError> {
     if st.session.is_none() {
         return Err(RecordError::NotActive);
     }
-    drain(&mut st, true);
+    if !super::crash::writer_rests() {
+        drain(&mut st, true); // not over a crash flush's metadata (F8)
+    }
     flush_files(st.session.as_mut().expect("checked above"));
     let s = st.session.as_ref().expect("checked above");
     if let Some(e) = &s.io_error {
