@@ -241,6 +241,14 @@ fn resolve(cell: &AtomicUsize, name: &std::ffi::CStr) -> usize {
     p
 }
 
+/// Finds the real functions, at load: the wrappers may be called from
+/// signal handlers, where `dlsym` must not run.
+pub(crate) fn resolve_all() {
+    resolve(&REAL_SIGACTION, c"sigaction");
+    resolve(&REAL_SIGNAL, c"signal");
+    resolve(&REAL_SYSV_SIGNAL, c"sysv_signal");
+}
+
 /// glibc's `sigaction`; -1 (ENOSYS) if it cannot be found.
 fn real_sigaction(sig: c_int, act: *const libc::sigaction, old: *mut libc::sigaction) -> c_int {
     match resolve(&REAL_SIGACTION, c"sigaction") {
@@ -311,9 +319,7 @@ const CRASH_STACK: usize = 256 << 10;
 pub(crate) fn install() {
     static ONCE: std::sync::Once = std::sync::Once::new();
     ONCE.call_once(|| {
-        resolve(&REAL_SIGACTION, c"sigaction");
-        resolve(&REAL_SIGNAL, c"signal");
-        resolve(&REAL_SYSV_SIGNAL, c"sysv_signal");
+        resolve_all();
         map_crash_stack();
         crate::altstack::enable();
         for (i, &sig) in FATAL.iter().enumerate() {

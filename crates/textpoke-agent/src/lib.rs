@@ -374,6 +374,7 @@ extern "C" fn init() {
 
 fn load() {
     interpose::resolve();
+    fatal::resolve_all();
     let pid = getpid();
     AGENT_PID.store(pid, Ordering::Relaxed);
     let cwd = std::env::current_dir().unwrap_or_else(|_| PathBuf::from("/"));
