@@ -173,6 +173,16 @@
 //! The waits are bounded (2 s); a thread still inside a record call then
 //! (stopped in a debugger, say) is reported as `in_flight_at_stop`.
 //!
+//! # Crash (F1–F8)
+//!
+//! When a fatal signal is about to kill the process, the thread it hit
+//! writes what the buffers hold — from its signal handler, holding the
+//! session lock it only tries to take, allocating nothing — with the
+//! counts, the missing symbols and `meta.json` (`complete: false`,
+//! `ended_by`: the signal and the thread), so that the trace ends where
+//! the program did; the writer yields the lock to it and rests after it.
+//! See [`crash`] (the agent calls it from its handler).
+//!
 //! # Fork
 //!
 //! `pthread_atfork` handlers hold the session lock across `fork`. In the
@@ -209,7 +219,10 @@
 //!   `dropped_range`, `calls`, `first_ts`, `last_ts`, `checksum`,
 //!   `exited`; plus `unattributed_drops` (`creating`, `exiting`,
 //!   `no_memory`, `writer_thread`, `io`, `in_flight_at_stop`),
-//!   `total_events`, `total_dropped` (events) and `total_calls`.
+//!   `total_events`, `total_dropped` (events) and `total_calls`; and,
+//!   when a fatal signal ended the recording, `ended_by`
+//!   ([`format::SignalEnd`]: signal, name, thread, `si_code`, address or
+//!   sender, time, events the crash flush wrote).
 //! - `symbols.jsonl`: one `{"id", "addr", "name"}` per line, for the
 //!   functions that appear in events or counts (and no other).
 //! - `counts.json` ([`format::CountsFile`]): `{"calls": [[id, calls],
