@@ -132,7 +132,8 @@ impl FatalSignal {
         let i = unsafe { &*info };
         f.code = i.si_code;
         let fault = matches!(signal, libc::SIGSEGV | libc::SIGBUS | libc::SIGILL | libc::SIGFPE | libc::SIGTRAP);
-        if f.code > 0 && fault {
+        // SI_KERNEL: a general protection fault, which has no address.
+        if f.code > 0 && f.code != SI_KERNEL && fault {
             // SAFETY: a kernel-reported fault carries si_addr.
             f.addr = Some(unsafe { i.si_addr() } as u64);
         } else if f.code <= 0 {
@@ -142,6 +143,11 @@ impl FatalSignal {
         f
     }
 }
+
+/// `si_code` of a fault the kernel reports without an address (a general
+/// protection fault: a non-canonical address, some privileged
+/// instructions).
+pub const SI_KERNEL: i32 = 0x80;
 
 /// What [`flush_for_signal`] did.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -534,6 +534,7 @@ impl SignalEnd {
             (_, libc::SI_USER) if own => "sent by the process to itself",
             (_, libc::SI_USER | libc::SI_TKILL) => "sent by another process",
             (_, libc::SI_QUEUE) => "sent with sigqueue",
+            (_, 0x80) => "a general protection fault: a non-canonical address or a privileged instruction",
             (libc::SIGSEGV, 1) => "address not mapped",
             (libc::SIGSEGV, 2) => "access not permitted",
             (libc::SIGBUS, 1) => "misaligned address",
@@ -658,6 +659,35 @@ mod tests {
         let mut out = Vec::new();
         Decoder::new().feed(words, &mut |i| out.push(i))?;
         Ok(out)
+    }
+
+    #[test]
+    fn signal_ends_are_described_for_people() {
+        let end = |signal, code, addr, sender_pid| SignalEnd {
+            signal,
+            name: SignalEnd::signal_name(signal).into(),
+            tid: 7,
+            code,
+            addr,
+            sender_pid,
+            ts: 0,
+            flushed_events: 0,
+        };
+        let d = |e: SignalEnd| e.describe(100);
+        assert_eq!(d(end(libc::SIGSEGV, 1, Some(0), None)), "SIGSEGV (address not mapped, at 0x0) on thread 7");
+        assert_eq!(
+            d(end(libc::SIGSEGV, 0x80, None, None)),
+            "SIGSEGV (a general protection fault: a non-canonical address or a privileged instruction) on thread 7"
+        );
+        assert_eq!(
+            d(end(libc::SIGABRT, libc::SI_TKILL, None, Some(100))),
+            "SIGABRT (abort(), a failed assert() or raise()) on thread 7"
+        );
+        assert_eq!(
+            d(end(libc::SIGBUS, libc::SI_USER, None, Some(55))),
+            "SIGBUS (sent by another process, pid 55) on thread 7"
+        );
+        assert_eq!(d(end(libc::SIGUSR1, 99, None, None)), "signal 10 on thread 7");
     }
 
     #[test]
