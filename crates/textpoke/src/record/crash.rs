@@ -22,7 +22,7 @@
 //!
 //! # Algorithm (F1–F8)
 //!
-//! - **F1** claims the flush: [`PHASE`] goes from idle to flushing by this
+//! - **F1** claims the flush: `PHASE` goes from idle to flushing by this
 //!   thread. One flush per crash: a fatal signal on another thread
 //!   meanwhile waits for it (at most [`WAIT_OTHER`]) and then lets its own
 //!   signal kill the process; one on this thread (the flush itself
@@ -75,17 +75,15 @@
 //! `clock_gettime`, `gettid`, `mmap`/`munmap`/`mincore`,
 //! `open`/`read`/`readlink`/`lseek`/`pwrite`/`write`/`close`/`rename`/
 //! `mkdir`: all async-signal-safe. No allocation: the JSON goes through
-//! serde_json's serializer straight into a fixed buffer ([`FdOut`], which
+//! serde_json's serializer straight into a fixed buffer (`FdOut`, which
 //! never reports an error — serde_json would box it), from borrowed
 //! mirrors of the metadata types; paths, names and numbers are formatted
 //! into scratch memory; sorting is in place (`sort_unstable_by`). The
 //! session's structures are read, not changed, except the symbol file's
 //! written bits and pending list (F6), which were sized beforehand
-//! ([`SymbolsOut::with_room`]). No lock but the recorder's, tried. Every
+//! (`SymbolsOut::with_room`). No lock but the recorder's, tried. Every
 //! wait is bounded. A test runs the flush on a thread whose allocations
 //! are counted.
-//!
-//! [`SymbolsOut::with_room`]: super::writer::SymbolsOut::with_room
 
 use super::buffer::{self, ThreadBuf, MODE_MASK, MODE_RECORD};
 use super::format::{

@@ -219,10 +219,9 @@
 //!   `dropped_range`, `calls`, `first_ts`, `last_ts`, `checksum`,
 //!   `exited`; plus `unattributed_drops` (`creating`, `exiting`,
 //!   `no_memory`, `writer_thread`, `io`, `in_flight_at_stop`),
-//!   `total_events`, `total_dropped` (events) and `total_calls`; and,
-//!   when a fatal signal ended the recording, `ended_by`
-//!   ([`format::SignalEnd`]: signal, name, thread, `si_code`, address or
-//!   sender, time, events the crash flush wrote).
+//!   `total_events`, `total_dropped` (events) and `total_calls`.
+//!   When a fatal signal ended the recording, `ended_by` too
+//!   ([`format::SignalEnd`]: what the crash flush saw).
 //! - `symbols.jsonl`: one `{"id", "addr", "name"}` per line, for the
 //!   functions that appear in events or counts (and no other).
 //! - `counts.json` ([`format::CountsFile`]): `{"calls": [[id, calls],
