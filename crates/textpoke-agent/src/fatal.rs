@@ -379,7 +379,7 @@ fn map_crash_stack() {
 /// The arguments of `sigaction(2)`.
 #[no_mangle]
 pub unsafe extern "C" fn sigaction(sig: c_int, act: *const libc::sigaction, old: *mut libc::sigaction) -> c_int {
-    let Some(i) = slot_of(sig).filter(|&i| SLOTS[i].taken.load(Ordering::Acquire) && own_process()) else {
+    let Some(i) = slot_of(sig).filter(|_| own_process()) else {
         return real_sigaction(sig, act, old);
     };
     // Copied before the lock: a bad pointer faults here, as in glibc.
@@ -387,6 +387,11 @@ pub unsafe extern "C" fn sigaction(sig: c_int, act: *const libc::sigaction, old:
     let new = (!act.is_null()).then(|| unsafe { *act });
     let mut failed = 0;
     let r = with_write_lock(|| {
+        if !SLOTS[i].taken.load(Ordering::Acquire) {
+            // Not (or no longer) the agent's: the kernel's, under the lock
+            // so that `install` cannot read an old disposition meanwhile.
+            return None;
+        }
         // SAFETY: plain data.
         let mut cur: libc::sigaction = unsafe { std::mem::zeroed() };
         real_sigaction(sig, std::ptr::null(), &mut cur);
@@ -408,7 +413,14 @@ pub unsafe extern "C" fn sigaction(sig: c_int, act: *const libc::sigaction, old:
         Some((prev, cur))
     });
     let Some((prev, cur)) = r else {
-        return real_sigaction(sig, act, old);
+        let mut res = 0;
+        let mut e = 0;
+        with_write_lock(|| {
+            res = real_sigaction(sig, new.as_ref().map_or(std::ptr::null(), |n| n as *const _), old);
+            e = errno();
+        });
+        set_errno(e);
+        return res;
     };
     if failed != 0 {
         set_errno(failed);
@@ -447,8 +459,10 @@ fn emulated_signal(sig: c_int, handler: libc::sighandler_t, flags: c_int, mask_s
     old.sa_sigaction
 }
 
-fn taken(sig: c_int) -> bool {
-    slot_of(sig).is_some_and(|i| SLOTS[i].taken.load(Ordering::Acquire)) && own_process()
+/// One of the five signals in the agent's own process: [`sigaction`]
+/// decides (the agent's table, or the kernel's under its lock).
+fn routed(sig: c_int) -> bool {
+    slot_of(sig).is_some() && own_process()
 }
 
 fn real_signal(
@@ -475,7 +489,7 @@ fn real_signal(
 /// The arguments of `signal(3)`.
 #[no_mangle]
 pub unsafe extern "C" fn signal(sig: c_int, handler: libc::sighandler_t) -> libc::sighandler_t {
-    if taken(sig) {
+    if routed(sig) {
         return emulated_signal(sig, handler, libc::SA_RESTART, true);
     }
     real_signal(&REAL_SIGNAL, c"signal", sig, handler)
@@ -499,7 +513,7 @@ pub unsafe extern "C" fn bsd_signal(sig: c_int, handler: libc::sighandler_t) -> 
 /// The arguments of `sysv_signal(3)`.
 #[no_mangle]
 pub unsafe extern "C" fn sysv_signal(sig: c_int, handler: libc::sighandler_t) -> libc::sighandler_t {
-    if taken(sig) {
+    if routed(sig) {
         return emulated_signal(sig, handler, libc::SA_RESETHAND | libc::SA_NODEFER, false);
     }
     real_signal(&REAL_SYSV_SIGNAL, c"sysv_signal", sig, handler)
