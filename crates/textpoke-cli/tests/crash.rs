@@ -760,3 +760,68 @@ fn a_fatal_signal_sent_from_outside_is_flushed() {
     let report = text(&textpoke(&["report", "--salvage"], &r.dir).stdout);
     assert!(report.contains(&format!("SIGABRT (sent by another process, pid {})", std::process::id())), "{report}");
 }
+
+/// A library with sites (`lib_work`, `lib_crash`), and a program without
+/// any that installs its SIGSEGV handler (re-raising with SIG_DFL) first,
+/// then loads the library: recording, and the agent's handler, start only
+/// then, in front of the program's.
+const LATE_LIB_C: &str = r#"
+static volatile long sink;
+__attribute__((noinline)) long lib_work(long x) { sink += x; return x; }
+__attribute__((noinline)) void lib_crash(int *p) { int *volatile q = p; *q = 42; }
+"#;
+
+const LATE_MAIN_C: &str = r#"
+#include <dlfcn.h>
+#include <signal.h>
+#include <stdio.h>
+#include <time.h>
+#include <unistd.h>
+static void on_segv(int s) { write(2, "on_segv ran\n", 12); signal(s, SIG_DFL); raise(s); }
+int main(int argc, char **argv) {
+    (void)argc;
+    signal(SIGSEGV, on_segv);
+    void *h = dlopen(argv[1], RTLD_NOW);
+    if (!h) { fprintf(stderr, "%s\n", dlerror()); return 2; }
+    long (*work)(long) = (long (*)(long))dlsym(h, "lib_work");
+    void (*crash)(int *) = (void (*)(int *))dlsym(h, "lib_crash");
+    /* The agent thread finds the new sites (its patching may interrupt
+       the sleep: sleep on). */
+    struct timespec t = { 0, 500 * 1000 * 1000 };
+    while (nanosleep(&t, &t) != 0) {}
+    for (int i = 0; i < 10; i++) work(i);
+    crash(0);
+    return 0;
+}
+"#;
+
+/// A handler the program installed before the agent took the signal over
+/// (recording starts with a library loaded later) still runs, and the
+/// process dies of the signal with the trace flushed.
+#[test]
+fn a_handler_installed_before_recording_started_is_kept() {
+    let dir = work_dir();
+    let lib = dir.join("liblate.so");
+    let c = dir.join("liblate.c");
+    std::fs::write(&c, LATE_LIB_C).unwrap();
+    let out = Command::new("gcc")
+        .args(["-O1", "-shared", "-fPIC", "-fpatchable-function-entry=5", "-o"])
+        .arg(&lib)
+        .arg(&c)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let main_c = dir.join("late_main.c");
+    let exe = dir.join("late_main");
+    std::fs::write(&main_c, LATE_MAIN_C).unwrap();
+    let out = Command::new("gcc").args(["-O1", "-o"]).arg(&exe).arg(&main_c).arg("-ldl").output().unwrap();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let r = run_preloaded("late", &exe, &[lib.to_str().unwrap()]);
+    assert_died_of(&r, libc::SIGSEGV);
+    assert!(r.stderr.contains("on_segv ran"), "the program's handler ran: {}", r.stderr);
+    let t = salvage(&r.dir);
+    assert_eq!(ended_by(&t).signal, libc::SIGSEGV);
+    let recs = records(&t, t.meta().pid);
+    assert_eq!(recs.last(), Some(&("lib_crash".to_string(), RecordKind::Entry)));
+    assert_eq!(entries(&recs)["lib_work"], 10);
+}
