@@ -10,10 +10,13 @@
 //! (its first event in a session, step C4) and [`thread_exit`] when it
 //! retires it (X1, at thread exit). A thread that has an alternate stack
 //! already (the program's: Rust's runtime gives its threads one) keeps it;
-//! otherwise it gets 64 KiB of its own (address space only until touched,
-//! a guard page below), which [`thread_exit`] unmaps, after turning it
-//! off. The handler uses little of it: the flush runs on a stack of its
-//! own.
+//! otherwise it gets 256 KiB of its own (address space only until
+//! touched, a guard page below), which [`thread_exit`] unmaps, after
+//! turning it off. The agent's handler uses little of it (the flush runs
+//! on a stack of its own); the room is for the handlers that now run there
+//! rather than on the thread's stack: those asking for `SA_ONSTACK`,
+//! textpoke's own (the breakpoint trap, the rendezvous), and what nests in
+//! them.
 //!
 //! # Invisible
 //!
@@ -29,7 +32,7 @@ use std::cell::Cell;
 use std::ffi::c_int;
 
 /// Bytes of the agent's stack, and the guard page below it.
-const SIZE: usize = 64 << 10;
+const SIZE: usize = 256 << 10;
 const GUARD: usize = 4096;
 
 thread_local! {
