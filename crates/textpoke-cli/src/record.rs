@@ -467,10 +467,15 @@ fn summary(dir: &Path, shown: &str, prog: &str) -> Vec<String> {
         Mode::Count => format!("{} calls counted", meta.total_calls),
     };
     let threads = meta.threads.len();
-    let incomplete = if meta.complete {
-        ""
-    } else {
-        " (incomplete: the recording did not finish; the program was killed, or its exit could not wait for the final flush)"
+    let incomplete = match (&meta.ended_by, meta.complete) {
+        (_, true) => String::new(),
+        (Some(e), false) => format!(
+            " (incomplete: {}; the trace holds everything recorded up to it: read it with --salvage)",
+            e.describe(meta.pid)
+        ),
+        (None, false) => " (incomplete: the recording did not finish; the program was killed, or its exit could not \
+                          wait for the final flush)"
+            .into(),
     };
     let traced = count("traced");
     let mut lines = vec![format!(

@@ -851,11 +851,11 @@ fn status_field(sockets: &Path, pid: i32, key: &str) -> String {
     line[key.len()..].trim().to_string()
 }
 
-/// Records written so far (calls counted, in count mode).
+/// Calls counted so far (exact, in both modes).
 fn records_now(sockets: &Path, pid: i32) -> u64 {
     let out = ctl(sockets, pid, &["status"]);
     let stdout = text(&out.stdout);
-    let line = stdout.lines().find(|l| l.starts_with("records") || l.starts_with("calls")).expect("a count");
+    let line = stdout.lines().find(|l| l.starts_with("calls")).expect("a count");
     line.split_whitespace().nth(1).unwrap().parse().unwrap()
 }
 

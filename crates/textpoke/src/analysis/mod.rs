@@ -261,10 +261,17 @@ impl TraceSet {
     fn add(&mut self, trace: Trace, parent: Option<usize>, level: usize) -> Result<(), AnalysisError> {
         if !trace.is_complete() {
             let what = if parent.is_none() { "the trace" } else { "a forked child's trace" };
-            self.notes.push(format!(
-                "{what} {} is incomplete (the process exited without the final flush); showing what was written",
-                trace.dir().display()
-            ));
+            self.notes.push(match ending(&trace) {
+                Some(end) => format!(
+                    "{what} {} is incomplete: {end}; everything recorded up to then was written; events lost: {}",
+                    trace.dir().display(),
+                    losses(&trace)
+                ),
+                None => format!(
+                    "{what} {} is incomplete (the process exited without the final flush); showing what was written",
+                    trace.dir().display()
+                ),
+            });
         }
         self.notes.extend(trace.salvage_notes().iter().cloned());
         let children: Vec<PathBuf> = trace.children().to_vec();
@@ -323,6 +330,36 @@ fn child_dirs(dir: &Path) -> Vec<PathBuf> {
 
 fn has_children(dir: &Path) -> bool {
     !child_dirs(dir).is_empty()
+}
+
+/// Who lost events while `trace` was recorded, for people: `none`, or
+/// `thread 12: 3, thread 14: 1, 2 more on no one thread` (events lost to
+/// the buffer limits or to signal handlers inside the recorder; see
+/// [`ThreadTrace::dropped`]).
+pub fn losses(trace: &Trace) -> String {
+    let mut parts: Vec<String> = trace
+        .threads()
+        .iter()
+        .filter(|t| t.dropped() > 0)
+        .map(|t| format!("thread {}: {}", t.tid(), t.dropped()))
+        .collect();
+    let unattributed = trace.meta().unattributed_drops.total();
+    if unattributed > 0 {
+        parts.push(format!("{unattributed} more on no one thread"));
+    }
+    if parts.is_empty() {
+        "none".into()
+    } else {
+        parts.join(", ")
+    }
+}
+
+/// For a trace that a fatal signal ended (the crash flush, see
+/// [`crate::record::crash`]): `the recording ended with SIGSEGV (address
+/// not mapped, at 0x0) on thread 12, which crashed the process`.
+pub fn ending(trace: &Trace) -> Option<String> {
+    let end = trace.meta().ended_by.as_ref()?;
+    Some(format!("the recording ended with {}, which crashed the process", end.describe(trace.meta().pid)))
 }
 
 /// Whether a path names a forked child's trace directory.

@@ -289,6 +289,7 @@ fn write_trace(
         unattributed_drops: UnattributedDrops::default(),
         unattributed_calls: 0,
         total_dropped: 0,
+        ended_by: None,
     };
     std::fs::write(dir.join(format::COUNTS_FILE), serde_json::to_vec(&CountsFile { calls }).unwrap()).unwrap();
     std::fs::write(dir.join(format::META_FILE), serde_json::to_vec(&meta).unwrap()).unwrap();

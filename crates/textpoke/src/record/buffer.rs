@@ -68,6 +68,24 @@ pub(crate) const ORPHANS_LEN: usize = 1 << format::FUNC_BITS;
 /// raise a signal there. Null when unset.
 pub(crate) static CREATION_HOOK: AtomicPtr<()> = AtomicPtr::new(ptr::null_mut());
 
+/// Called on a thread when it makes its buffer (C4) and when it retires
+/// it (X1), if set (`record::set_thread_hooks`): the agent gives recording
+/// threads an alternate signal stack there. Async-signal-safe functions
+/// (C4 may run in a signal handler). Null when unset.
+pub(crate) static THREAD_START_HOOK: AtomicPtr<()> = AtomicPtr::new(ptr::null_mut());
+pub(crate) static THREAD_EXIT_HOOK: AtomicPtr<()> = AtomicPtr::new(ptr::null_mut());
+
+/// Calls the hook in `slot`, if any.
+fn call_hook(slot: &AtomicPtr<()>) {
+    let h = slot.load(Ordering::Acquire);
+    if !h.is_null() {
+        // SAFETY: only `record::set_thread_hooks` stores here, an
+        // `extern "C" fn()`.
+        let f: extern "C" fn() = unsafe { std::mem::transmute(h) };
+        f();
+    }
+}
+
 /// The pthread key whose destructor retires a thread's buffer (X1); valid
 /// once `KEY_READY` is true.
 static KEY: AtomicU32 = AtomicU32::new(0);
@@ -330,6 +348,11 @@ pub(crate) fn slow_events_of_this_thread() -> u64 {
 /// counted (the writer must not record into a buffer it drains).
 pub(crate) fn mark_writer_thread() {
     TLS.with(|t| t.state.set(ST_WRITER));
+}
+
+/// Whether the calling thread is a writer thread. Async-signal-safe.
+pub(crate) fn is_writer_thread() -> bool {
+    TLS.with(|t| t.state.get()) == ST_WRITER
 }
 
 // ---------------------------------------------------------------------------
@@ -924,6 +947,7 @@ fn create(active: u64, first: Option<(u64, u32)>) -> Option<*mut ThreadBuf> {
     if KEY_READY.load(Ordering::Acquire) {
         // SAFETY: KEY is a valid key (KEY_READY); the value is our buffer.
         unsafe { libc::pthread_setspecific(KEY.load(Ordering::Relaxed), b as *const libc::c_void) };
+        call_hook(&THREAD_START_HOOK);
     }
     // C6: push. Release pairs with take_incoming's acquire swap.
     let mut head = INCOMING.load(Ordering::Relaxed);
@@ -1077,6 +1101,15 @@ extern "C" fn thread_exit(p: *mut libc::c_void) {
     // every event of this thread is published before it is freed.
     b.cold.exited.store(1, Ordering::Release);
     wake_writer();
+    call_hook(&THREAD_EXIT_HOOK);
+}
+
+/// The top of the stack of buffers not yet adopted (C6), to walk through
+/// `cold.next` without taking them (the crash flush, which holds the
+/// session lock, so that nobody takes or frees them meanwhile). Acquire
+/// pairs with the release CAS of C6.
+pub(crate) fn incoming_head() -> *mut ThreadBuf {
+    INCOMING.load(Ordering::Acquire)
 }
 
 /// Takes every buffer pushed since the last call. Acquire pairs with the

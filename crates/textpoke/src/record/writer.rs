@@ -157,6 +157,21 @@ pub(crate) struct SymbolsOut {
 }
 
 impl SymbolsOut {
+    /// Empty, with a written bit for every id the function table can hand
+    /// out already in place, so that the crash flush (`crash`, F6) marks
+    /// the lines it writes without allocating. Zeroed memory (2 MiB of
+    /// address space, pages touched as ids are marked).
+    pub fn with_room() -> SymbolsOut {
+        SymbolsOut { written: vec![0; crate::funcs::MAX_FUNCTIONS / 64], ..SymbolsOut::default() }
+    }
+
+    /// The parts the crash flush (F6) works with: the written bits, the
+    /// ids seen but not yet appended, and the file (`None` before the first
+    /// append).
+    pub fn parts(&mut self) -> (&mut [u64], &mut Vec<u32>, Option<&mut BufWriter<File>>) {
+        (&mut self.written, &mut self.pending, self.file.as_mut())
+    }
+
     /// Notes that function `id` appears in the trace.
     #[inline]
     pub fn see(&mut self, id: u32) {
