@@ -281,7 +281,7 @@ fn a_thread_preempted_right_after_a_site_call_survives_the_unmapping() {
         let f: extern "C" fn(i64) -> i64 = unsafe { std::mem::transmute(lib2.sym("held_fn")) };
         let spin: extern "C" fn() = unsafe { std::mem::transmute(lib2.sym("spin")) };
         assert_eq!(f(1), 2); // traced once: the thread is registered
-        // SAFETY: no preconditions.
+                             // SAFETY: no preconditions.
         tx.send(unsafe { libc::pthread_self() }).unwrap();
         spin();
     });

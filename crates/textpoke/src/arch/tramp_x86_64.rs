@@ -472,7 +472,13 @@ const GS_TAIL: i32 = 24;
 /// 46: cold: call [header.graph] ; register_routine (Skip::ToResume)
 /// 52: jmp again
 /// ```
-pub fn graph_stub(at: usize, data: usize, header: usize, count: i32, (resume, index, func): (usize, u32, u32)) -> Option<StubCode> {
+pub fn graph_stub(
+    at: usize,
+    data: usize,
+    header: usize,
+    count: i32,
+    (resume, index, func): (usize, u32, u32),
+) -> Option<StubCode> {
     let mut c = Vec::with_capacity(56);
     c.extend([0x4c, 0x8d, 0x1d]);
     c.extend(rel32(at + 7, data)?);

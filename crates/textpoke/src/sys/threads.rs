@@ -146,7 +146,10 @@ mod tests {
         assert!(!running, "asleep in nanosleep");
         assert!(switches >= 1);
         t.join().unwrap();
-        assert_eq!(parse_sched_state("State:\tR (running)\nvoluntary_ctxt_switches:\t3\nnonvoluntary_ctxt_switches:\t4\n"), Some((true, 7)));
+        assert_eq!(
+            parse_sched_state("State:\tR (running)\nvoluntary_ctxt_switches:\t3\nnonvoluntary_ctxt_switches:\t4\n"),
+            Some((true, 7))
+        );
         assert_eq!(parse_sched_state("State:\tS (sleeping)\n"), None);
     }
 

@@ -139,9 +139,7 @@ pub(crate) fn wait(patience: Duration) -> Result<bool, PokeError> {
     let start = Instant::now();
     let me = gettid();
     // 1. Barrier.
-    let memb = !FORCE_FALLBACK.load(Ordering::Relaxed)
-        && membarrier_ready()
-        && membarrier::expedited().is_ok();
+    let memb = !FORCE_FALLBACK.load(Ordering::Relaxed) && membarrier_ready() && membarrier::expedited().is_ok();
     if !memb {
         // Our unpublishing stores are visible before any look at a thread.
         std::sync::atomic::fence(Ordering::SeqCst);

@@ -856,8 +856,8 @@ impl Inner {
             Some(g) => g.block.addr(),
             None => Self::new_block as *const () as usize,
         };
-        let code = CodeBlock::near(near, near, BLOCK_BYTES)
-            .map_err(|source| TraceError::TrampolineMemory { near, source })?;
+        let code =
+            CodeBlock::near(near, near, BLOCK_BYTES).map_err(|source| TraceError::TrampolineMemory { near, source })?;
         let blk = TrampBlock {
             code,
             used: 0,
@@ -1040,8 +1040,8 @@ impl Inner {
         let header = self.routines()?;
         let mem = |source| TraceError::TrampolineMemory { near: addr, source };
         let code = CodeBlock::near(addr, addr, STUBS_PER_BLOCK * tramp::STUB_CODE).map_err(mem)?;
-        let data = DataBlock::near(code.addr(), code.addr() + code.len(), STUBS_PER_BLOCK * tramp::STUB_DATA)
-            .map_err(mem)?;
+        let data =
+            DataBlock::near(code.addr(), code.addr() + code.len(), STUBS_PER_BLOCK * tramp::STUB_DATA).map_err(mem)?;
         let words = [(tramp::HDR_CALL, header[0]), (tramp::HDR_GRAPH, header[1]), (tramp::HDR_LEAVE, header[2])];
         for (off, value) in words {
             // SAFETY: the header slot of our fresh, writable data block, not
@@ -1083,7 +1083,9 @@ impl Inner {
         // (no site calls this stub before the batch that patches it, which
         // orders these stores before it).
         unsafe { std::ptr::copy_nonoverlapping(code.data.as_ptr(), data as *mut u8, tramp::STUB_DATA) };
-        blk.code.write(slot * tramp::STUB_CODE, &code.code).map_err(|source| TraceError::TrampolineMemory { near: at, source })?;
+        blk.code
+            .write(slot * tramp::STUB_CODE, &code.code)
+            .map_err(|source| TraceError::TrampolineMemory { near: at, source })?;
         blk.used += 1;
         Ok(Stub { code: at, word: data + code.word, null: code.null, block: None })
     }
@@ -1317,15 +1319,17 @@ impl Inner {
     /// stub past its raise is waited for like any.
     fn retire_stubs_of_unloaded_objects(&mut self) {
         let dead = |sb: &StubBlock| !self.sites.iter().any(|s| s.alive && s.object == sb.object);
-        let gone: Vec<usize> = (0..self.stub_blocks.len())
-            .filter(|&k| self.stub_blocks[k].as_ref().is_some_and(dead))
-            .collect();
+        let gone: Vec<usize> =
+            (0..self.stub_blocks.len()).filter(|&k| self.stub_blocks[k].as_ref().is_some_and(dead)).collect();
         for k in gone {
             let sb = self.stub_blocks[k].take().expect("live stub block");
             let range = sb.code.addr()..sb.code.addr() + sb.code.len();
             for s in self.sites.iter_mut().filter(|s| !s.alive) {
                 for stub in s.stubs.iter_mut().filter(|x| x.is_some_and(|st| range.contains(&st.code))) {
-                    debug_assert!(stub.is_some_and(|st| st.block.is_none()), "a dead site's word points at its null path");
+                    debug_assert!(
+                        stub.is_some_and(|st| st.block.is_none()),
+                        "a dead site's word points at its null path"
+                    );
                     *stub = None;
                 }
             }
@@ -1347,7 +1351,7 @@ impl Inner {
                     drop(unsafe { Box::from_raw(boxed) });
                     self.ids_pending &= !(1 << id);
                 }
-                Retired::Block(code) => drop(code),           // munmap
+                Retired::Block(code) => drop(code),               // munmap
                 Retired::Stubs(code, data) => drop((code, data)), // munmap
             }
         }

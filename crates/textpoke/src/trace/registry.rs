@@ -267,7 +267,8 @@ mod tests {
     #[test]
     fn claim_read_release_reuse() {
         let counts: Vec<&'static AtomicU32> = (0..300).map(|_| &*Box::leak(Box::new(AtomicU32::new(0)))).collect();
-        let ids: Vec<u32> = counts.iter().enumerate().map(|(k, c)| claim(1_000_000 + k as i32, *c, true).unwrap()).collect();
+        let ids: Vec<u32> =
+            counts.iter().enumerate().map(|(k, c)| claim(1_000_000 + k as i32, *c, true).unwrap()).collect();
         assert!(ids.iter().any(|&i| i >= CHUNK as u32), "a second chunk was linked");
         counts[299].store(3 | UNREGISTERED, Ordering::Relaxed);
         {

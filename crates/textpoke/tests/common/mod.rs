@@ -153,7 +153,8 @@ pub fn stub_and_trampoline(site: usize) -> (usize, usize) {
     let disp = i32::from_le_bytes(code[call + 2..call + 6].try_into().unwrap());
     let word = (stub + call + 6).wrapping_add(disp as isize as usize);
     // SAFETY: the word is an aligned usize in the stub's data page.
-    let tramp = unsafe { (*(word as *const std::sync::atomic::AtomicUsize)).load(std::sync::atomic::Ordering::Acquire) };
+    let tramp =
+        unsafe { (*(word as *const std::sync::atomic::AtomicUsize)).load(std::sync::atomic::Ordering::Acquire) };
     (stub, tramp)
 }
 
