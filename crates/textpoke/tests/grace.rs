@@ -105,11 +105,43 @@ fn held_thread_while_unregistering(grace: bool) -> bool {
 
 #[test]
 fn child_entry() {
-    if let Some(s) = child_scenario() {
-        assert_eq!(s, "no-grace");
-        held_thread_while_unregistering(false);
-        println!("survived");
+    match child_scenario().as_deref() {
+        Some("no-grace") => {
+            held_thread_while_unregistering(false);
+            println!("survived");
+        }
+        Some("dynamic-tls") => {
+            // TEXTPOKE_TEST_DYNAMIC_TLS=1: stubs call the never-freed
+            // enter and leave routines instead of counting in place.
+            assert_eq!(Tracer::global().counter_mode(), "calls");
+            assert!(held_thread_while_unregistering(true));
+            std::env::set_var("GRACE_STRESS_ROUNDS", "300");
+            stress();
+            println!("dynamic-tls-ok");
+        }
+        Some(other) => panic!("unknown scenario {other}"),
+        None => {}
     }
+}
+
+/// With the count behind helper calls (the tracer's thread-local in
+/// dynamic TLS, forced by a test switch): the same grace periods.
+#[test]
+fn grace_periods_with_the_count_in_dynamic_tls() {
+    let _s = serial();
+    let out = std::process::Command::new(std::env::current_exe().unwrap())
+        .args(["--exact", "child_entry", "--nocapture", "--test-threads=1"])
+        .env("TEXTPOKE_CHILD", "dynamic-tls")
+        .env("TEXTPOKE_TEST_DYNAMIC_TLS", "1")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && stdout.contains("dynamic-tls-ok"),
+        "{:?}\n{stdout}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 #[test]
@@ -313,6 +345,10 @@ fn a_thread_preempted_right_after_a_site_call_survives_the_unmapping() {
 #[test]
 fn preempted_threads_survive_thousands_of_retirements() {
     let _s = serial();
+    stress();
+}
+
+fn stress() {
     let lib = Arc::new(Lib::open(&compile_so(
         "gstress",
         r#"

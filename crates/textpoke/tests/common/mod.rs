@@ -18,7 +18,9 @@ pub fn compile_cxx_so(name: &str, src: &str, flags: &[&str]) -> PathBuf {
 fn compile_so_with(compiler: &str, ext: &str, name: &str, src: &str, flags: &[&str]) -> PathBuf {
     let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("textpoke-tests");
     std::fs::create_dir_all(&dir).unwrap();
-    let c = dir.join(format!("{name}.{ext}"));
+    // Per process: a test may run its own binary as a child that builds
+    // the same fixtures meanwhile.
+    let c = dir.join(format!("{name}-{}.{ext}", std::process::id()));
     let so = dir.join(format!("lib{name}-{}.so", std::process::id()));
     std::fs::write(&c, src).unwrap();
     let out = Command::new(compiler)
@@ -147,7 +149,9 @@ pub fn branch_target(at: usize) -> usize {
 pub fn stub_and_trampoline(site: usize) -> (usize, usize) {
     let stub = branch_target(site);
     let code = peek(stub, 32);
-    let push = code.iter().position(|&b| b == 0x68).expect("the stub's push");
+    // `inc dword fs:[..]; js; push` (static TLS), or `call [enter]; push`.
+    let push = if code[0] == 0x64 { 10 } else { 6 };
+    assert_eq!(code[push], 0x68, "the stub's push: {code:02x?}");
     let call = push + 5;
     assert_eq!(&code[call..call + 2], &[0xff, 0x15], "call [rip+disp32] after the push: {code:02x?}");
     let disp = i32::from_le_bytes(code[call + 2..call + 6].try_into().unwrap());
