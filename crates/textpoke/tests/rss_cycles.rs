@@ -80,7 +80,7 @@ fn rss_stays_flat_over_enable_disable_cycles() {
             t.reclaim(Duration::from_secs(5)).unwrap();
             base = rss_anon_kib();
         }
-        if i >= warm_up && (i - warm_up) % (cycles / 10).max(1) == 0 {
+        if i >= warm_up && (i - warm_up).is_multiple_of((cycles / 10).max(1)) {
             println!(
                 "cycle {}: RssAnon {} KiB, {} retired, {:?}",
                 i - warm_up,

@@ -190,8 +190,10 @@ fn count_trampolines_count_the_function_of_the_site() {
     let f = |n: &str| t.functions().into_iter().find(|x| &*x.function == n).unwrap();
     assert_eq!(f("cid_a").trampoline, textpoke::trace::TrampolineKind::Count);
     // SAFETY: int (int).
-    let (a, b): (extern "C" fn(i32) -> i32, extern "C" fn(i32) -> i32) =
-        unsafe { (std::mem::transmute(lib.sym("cid_a")), std::mem::transmute(lib.sym("cid_b"))) };
+    type F = extern "C" fn(i32) -> i32;
+    let (a, b) = unsafe {
+        (std::mem::transmute::<usize, F>(lib.sym("cid_a")), std::mem::transmute::<usize, F>(lib.sym("cid_b")))
+    };
     for i in 0..10 {
         assert_eq!(a(i), i + 1);
     }

@@ -165,7 +165,7 @@ pub(crate) fn wait(patience: Duration) -> Result<bool, PokeError> {
         // 3. Wait. Threads busy in traced code leave it within nanoseconds:
         // look again at once a few times, then sleep.
         round += 1;
-        if round % 16 == 0 {
+        if round.is_multiple_of(16) {
             reap_gone(&mut pending);
         }
         if start.elapsed() >= patience {

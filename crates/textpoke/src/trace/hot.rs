@@ -42,9 +42,10 @@
 //!
 //! A site's trampoline calls [`on_entry_list`] (or [`on_entry_direct`] for
 //! a site with a single op) with the saved registers and its frame. If this
-//! thread is already inside a callback, the call is not traced (the
-//! recursion guard: a callback calling a traced function, or a signal
-//! handler running one while a callback is interrupted). Otherwise each op
+//! thread was already inside tracer code, the call is not traced (the
+//! recursion guard, see "Quiescence count": a callback calling a traced
+//! function, or a signal handler running one while a stub, trampoline or
+//! callback is interrupted). Otherwise each op
 //! of the site's mask gets `entry`; if some want the exit, the function's
 //! return address is pushed on this thread's shadow stack together with the
 //! mask and the entry time, and replaced by the return trampoline's address.

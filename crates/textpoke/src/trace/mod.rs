@@ -976,7 +976,7 @@ impl Inner {
         if let Some(found) = live().find_map(|(b, blk)| Self::cached(blk, target, place).map(|t| (b, t))) {
             return Ok(found);
         }
-        let newest = live().map(|(b, _)| b).last();
+        let newest = live().map(|(b, _)| b).next_back();
         if let Some(b) = newest {
             if let Some(t) = self.trampoline_in(b, target, place)? {
                 return Ok((b, t));
