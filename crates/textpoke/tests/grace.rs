@@ -411,3 +411,34 @@ F long gs_loop(long n) { long s = 0; for (long i = 0; i < n; i++) s += gs_b(i); 
     assert!(freed >= 2 * rounds, "every round's trampolines and ops were freed ({freed})");
     assert!(op.0.load(Ordering::Relaxed) > 0, "the sites were traced");
 }
+
+/// A site's stubs live as long as its object: unloaded while traced, the
+/// object's stub block is retired at the next refresh and freed after a
+/// grace period.
+#[test]
+fn stubs_of_an_unloaded_object_are_freed() {
+    let _s = serial();
+    let lib = Lib::open(&compile_so(
+        "gunload",
+        "long gu_fn(long x) { return x * 3; }",
+        &["-fpatchable-function-entry=5", "-O1"],
+    ));
+    let t = Tracer::global();
+    t.refresh().unwrap();
+    t.set_grace_period_for_tests(true);
+    let op = Arc::new(Count(AtomicU64::new(0)));
+    let h = t.register(op.clone(), filter(&["gu_fn"])).unwrap();
+    // SAFETY: long (long).
+    let f: extern "C" fn(i64) -> i64 = unsafe { std::mem::transmute(lib.sym("gu_fn")) };
+    assert_eq!(f(2), 6);
+    assert_eq!(op.0.load(Ordering::Relaxed), 1);
+    let (stub, _) = stub_and_trampoline(lib.sym("gu_fn"));
+    lib.close();
+    t.refresh().unwrap();
+    assert!(!t.functions().iter().any(|x| &*x.function == "gu_fn"));
+    t.reclaim(Duration::from_secs(5)).unwrap();
+    assert!(!mapped(stub), "the stubs of the unloaded library were unmapped");
+    t.unregister(h).unwrap();
+    t.reclaim(Duration::from_secs(5)).unwrap();
+    assert_eq!(t.retired(), 0);
+}

@@ -1286,7 +1286,6 @@ impl Inner {
             s.mask = c.mask;
             s.target = c.target;
         }
-        self.retire_stubs_of_unloaded_objects();
         self.retire(retire);
         Ok(())
     }
@@ -1313,12 +1312,18 @@ impl Inner {
     }
 
     /// Retires the stub blocks of objects that are no longer loaded (their
-    /// sites are dead, and step 4 pointed their words at the null paths).
+    /// sites are dead and Off: step 4 pointed their words at the null
+    /// paths).
     /// A thread can only be in such a stub if it ran the object's code
     /// after the object went, which the program does not do; one inside a
     /// stub past its raise is waited for like any.
     fn retire_stubs_of_unloaded_objects(&mut self) {
-        let dead = |sb: &StubBlock| !self.sites.iter().any(|s| s.alive && s.object == sb.object);
+        if self.stub_blocks.iter().flatten().next().is_none() {
+            return;
+        }
+        let loaded: std::collections::HashSet<ObjectId> =
+            self.sites.iter().filter(|s| s.alive || s.target != Target::Off).map(|s| s.object).collect();
+        let dead = |sb: &StubBlock| !loaded.contains(&sb.object);
         let gone: Vec<usize> =
             (0..self.stub_blocks.len()).filter(|&k| self.stub_blocks[k].as_ref().is_some_and(dead)).collect();
         for k in gone {
@@ -1339,6 +1344,7 @@ impl Inner {
 
     fn retire(&mut self, items: Vec<Retired>) {
         self.retired.extend(items);
+        self.retire_stubs_of_unloaded_objects();
     }
 
     /// Frees items whose grace period is over.

@@ -115,7 +115,12 @@ fn slots() -> impl Iterator<Item = (u32, &'static Slot)> {
 }
 
 fn slot(i: u32) -> Option<&'static Slot> {
-    slots().nth(i as usize).map(|(_, s)| s)
+    let mut chunk: &'static Chunk = &FIRST;
+    for _ in 0..i as usize / CHUNK {
+        // SAFETY: chunks are never freed once linked.
+        chunk = unsafe { chunk.next.load(Ordering::Acquire).as_ref() }?;
+    }
+    Some(&chunk.slots[i as usize % CHUNK])
 }
 
 /// Step 1: registers thread `tid` whose count is at `count`. Returns its
