@@ -364,20 +364,26 @@ thread_local! {
 /// pointer, if the tracer's thread-local lives in the static TLS block
 /// (then stubs raise it in place: `arch::tramp::Counter::Tls`).
 pub(crate) fn count_offset() -> Option<i32> {
-    static OFF: std::sync::OnceLock<Option<i32>> = std::sync::OnceLock::new();
-    *OFF.get_or_init(|| crate::arch::static_tls_offset(|| STATE.with(|s| s.in_tramp.as_ptr() as usize)))
+    shadow_offsets().map(|sh| sh.tls_in_tramp)
 }
+
+/// The process whose threads register (set at start and in a forked
+/// child): a `vfork` child shares its parent's memory, TLS included, and
+/// must not register in its parent thread's place.
+pub(crate) static PROCESS: std::sync::atomic::AtomicI32 = std::sync::atomic::AtomicI32::new(0);
 
 /// pthread key whose destructor releases a thread's registry slot
 /// ([`thread_exit`]); its value is the slot + 1.
 pub(crate) static REGISTRY_KEY: AtomicUsize = AtomicUsize::new(usize::MAX);
 
 /// Registers the calling thread (see `registry.rs`): its count loses
-/// `UNREGISTERED`, keeping its nesting. `false` if it is exiting or no slot
-/// could be made: it must then stay out of anything freeable.
+/// `UNREGISTERED`, keeping its nesting. `false` if it is exiting, is a
+/// `vfork` child, or no slot could be made: it must then stay out of
+/// anything freeable.
 /// Async-signal-safe (atomics, mmap, sigprocmask, a low pthread key).
 fn register(st: &ThreadState) -> bool {
-    if st.exiting.get() {
+    // SAFETY: getpid has no preconditions.
+    if st.exiting.get() || unsafe { libc::getpid() } != PROCESS.load(Ordering::Relaxed) {
         return false;
     }
     // No signal handler of this thread may register it meanwhile (it would
@@ -474,6 +480,8 @@ pub(crate) extern "C" fn thread_exit(_: *mut libc::c_void) {
 /// the child) has a new id; its slot must say so, or grace periods would
 /// take it for gone.
 pub(crate) extern "C" fn after_fork_child() {
+    // SAFETY: getpid has no preconditions.
+    PROCESS.store(unsafe { libc::getpid() }, Ordering::Relaxed);
     STATE.with(|st| {
         if let Some(i) = st.slot.get().checked_sub(1) {
             super::registry::set_tid(i, crate::sys::threads::gettid());

@@ -368,6 +368,7 @@ impl Tracer {
                     hot::SHADOW_KEY.store(key as usize, Ordering::Relaxed);
                 }
                 libc::pthread_atfork(None, None, Some(hot::after_fork_child));
+                hot::PROCESS.store(libc::getpid(), Ordering::Relaxed);
             }
             // Stubs raise the count in place when it is in static TLS; a
             // test switch makes them call the helpers, as with dynamic TLS.
