@@ -380,22 +380,24 @@ pub(crate) static REGISTRY_KEY: AtomicUsize = AtomicUsize::new(usize::MAX);
 /// `UNREGISTERED`, keeping its nesting. `false` if it is exiting, is a
 /// `vfork` child, or no slot could be made: it must then stay out of
 /// anything freeable.
-/// Async-signal-safe (atomics, mmap, sigprocmask, a low pthread key).
+/// Async-signal-safe (atomics, mmap, rt_sigprocmask, a low pthread key);
+/// keeps `errno`.
 fn register(st: &ThreadState) -> bool {
     // SAFETY: getpid has no preconditions.
     if st.exiting.get() || unsafe { libc::getpid() } != PROCESS.load(Ordering::Relaxed) {
         return false;
     }
     // No signal handler of this thread may register it meanwhile (it would
-    // take a second slot): block them all, briefly, once per thread.
-    // SAFETY: sigset_t is plain data; sigfillset and pthread_sigmask with
-    // valid pointers are async-signal-safe.
-    let mut old: libc::sigset_t = unsafe { std::mem::zeroed() };
-    unsafe {
-        let mut all: libc::sigset_t = std::mem::zeroed();
-        libc::sigfillset(&mut all);
-        libc::pthread_sigmask(libc::SIG_BLOCK, &all, &mut old);
-    }
+    // take a second slot): block them all, briefly, once per thread. The
+    // system call itself, not glibc's helpers: this runs at a traced site,
+    // where only the registers the stub's routine saved may change (glibc's
+    // memset may use vector registers it does not save), and `errno` must
+    // survive (rule 9).
+    let saved_errno = errno();
+    let (all, mut old) = (!0u64, 0u64);
+    // SAFETY: rt_sigprocmask with valid pointers to kernel sigsets (8 bytes
+    // on x86-64); async-signal-safe.
+    unsafe { libc::syscall(libc::SYS_rt_sigprocmask, libc::SIG_BLOCK, &all, &mut old, 8) };
     let raw = st.in_tramp.load(Ordering::Relaxed);
     let ok = raw & UNREGISTERED == 0 || {
         let key = REGISTRY_KEY.load(Ordering::Relaxed);
@@ -418,8 +420,19 @@ fn register(st: &ThreadState) -> bool {
         }
     };
     // SAFETY: restoring the mask saved above.
-    unsafe { libc::pthread_sigmask(libc::SIG_SETMASK, &old, std::ptr::null_mut()) };
+    unsafe { libc::syscall(libc::SYS_rt_sigprocmask, libc::SIG_SETMASK, &old, std::ptr::null_mut::<u64>(), 8) };
+    set_errno(saved_errno);
     ok
+}
+
+fn errno() -> i32 {
+    // SAFETY: glibc's thread-local errno location.
+    unsafe { *libc::__errno_location() }
+}
+
+fn set_errno(e: i32) {
+    // SAFETY: as in `errno`.
+    unsafe { *libc::__errno_location() = e };
 }
 
 /// Called by a stub's cold path (`arch::tramp::register_routine`, every
