@@ -1,39 +1,46 @@
 #!/usr/bin/env bash
 # What one traced call costs under textpoke and under its peers, side by side
-# in one run (not part of CI; these machines are shared and noisy, so only
+# in one run, at sustained load: every recorder writes its trace while the
+# loop runs (not part of CI; these machines are shared and noisy, so only
 # figures from one run are compared).
 #
-#   bench/peers.sh                 # N=80000 calls per run, best of REPS=9 runs
-#   N=20000 REPS=15 bench/peers.sh
+#   bench/peers.sh                     # N=10,000,000 calls per run, best of REPS=5
+#   N=2000000 REPS=3 bench/peers.sh
 #
-# The workload is one C loop calling a leaf function N times; the program
-# runs the loop once to warm up (buffers mapped and faulted in), waits
-# 200 ms (background writers drain), then times the loop (CLOCK_MONOTONIC)
-# and writes ns per call: tool start-up, first-touch page faults and trace
-# writing at exit are not counted. Rows:
+# The workload is a C loop calling a leaf function N times, on one thread,
+# then on THREADS threads (default 8, more than the cores) sharing the N
+# calls; the program times the loop itself (CLOCK_MONOTONIC) after a short
+# warm-up (100,000 calls, so that buffers exist), so tool start-up and the
+# final flush are not counted — but the recorders' writing during the loop
+# is: a trace of 10M calls is hundreds of times one thread's initial buffer.
+# Rows:
 #
 #   plain (gcc)                gcc -O2 -fpatchable-function-entry=5, run as is
 #   textpoke record            entry + exit with timestamps (function_graph)
+#   textpoke, tsc-unordered    the same with plain rdtsc (--clock tsc-unordered)
 #   textpoke --count-only      calls per function
 #   uftrace record -P leaf     uftrace's dynamic patching of the same binary
 #   plain (clang)              clang-16 -O2 -fxray-instrument, XRay not patched
 #   XRay FDR                   all sleds patched, FDR mode recording every call
-#                              (func_duration_threshold_us=0), flushed at the end
+#                              (func_duration_threshold_us=0; buffers for the
+#                              whole run, so nothing is overwritten)
 #   XRay empty handler         all sleds patched, a handler that does nothing
-#   bpftrace uprobe+uretprobe  counting in both probes
+#   bpftrace uprobe+uretprobe  counting in both probes (1/10 of the calls)
 #
-# "overhead" is ns per call above the plain build of the same compiler;
-# "peer/textpoke" divides a peer's overhead by textpoke's (timestamped peers
-# by `textpoke record`, the empty XRay handler by `--count-only`).
+# Columns: ns per call (the multithreaded rows: wall time x CPUs / calls, the
+# CPU time one call costs), overhead above the plain build of the same
+# compiler, a peer's overhead divided by textpoke's (timestamped peers by
+# `textpoke record`'s, the empty XRay handler by `--count-only`'s), events
+# lost (textpoke: from the trace's metadata; uftrace: LOST records in
+# `uftrace info`), and bytes of trace on disk per call.
 #
-# N is small enough (3 records per call) that textpoke's per-thread ring
-# (256 Ki records) does not fill during the timed loop: no record is
-# dropped, so every call pays the full cost (the script warns otherwise). Installs Debian's uftrace, bpftrace, clang-16 and
-# libclang-rt-16-dev when missing (needs root or sudo; bpftrace needs root).
+# Installs Debian's uftrace, bpftrace, clang-16 and libclang-rt-16-dev when
+# missing (needs root or sudo; bpftrace needs root).
 set -euo pipefail
 
-N=${N:-80000}
-REPS=${REPS:-9}
+N=${N:-10000000}
+REPS=${REPS:-5}
+THREADS=${THREADS:-8}
 root=$(cd "$(dirname "$0")/.." && pwd)
 
 missing=()
@@ -55,6 +62,7 @@ work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 cd "$work"
 cat >w.c <<'EOF'
+#include <pthread.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -70,9 +78,22 @@ int __xray_log_finalize(void);
 int __xray_log_flushLog(void);
 #endif
 static volatile long sink;
+static long per_thread;
 __attribute__((noinline)) long leaf(long x) { sink += x; return x + 1; }
+__attribute__((noinline)) void *worker(void *arg) {
+    long s = 0;
+    for (long i = 0; i < per_thread; i++) s += leaf(i);
+    return (void *)s;
+}
+static double now(void) {
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return t.tv_sec * 1e9 + t.tv_nsec;
+}
+/* argv: calls, output file, threads (0: the loop on the main thread) */
 int main(int argc, char **argv) {
     long n = atol(argv[1]);
+    int threads = argc > 3 ? atoi(argv[3]) : 0;
 #ifdef XRAY_EMPTY
     __xray_set_handler(empty_handler);
     __xray_patch();
@@ -80,105 +101,147 @@ int main(int argc, char **argv) {
 #ifdef XRAY_FDR
     if (__xray_log_init_mode("xray-fdr", "") != 2) { fprintf(stderr, "XRay FDR mode did not start\n"); return 1; }
 #endif
-    /* Warm up: as many calls again as timed below (buffers are mapped and
-       faulted in), then 200 ms for background writers to drain them. */
-    for (long i = 0; i < n; i++) leaf(i);
-    struct timespec a, b, nap = { 0, 10 * 1000 * 1000 };
-    clock_gettime(CLOCK_MONOTONIC, &a);
-    do { nanosleep(&nap, NULL); clock_gettime(CLOCK_MONOTONIC, &b); }
-    while ((b.tv_sec - a.tv_sec) * 1000000000L + (b.tv_nsec - a.tv_nsec) < 200000000L);
-    clock_gettime(CLOCK_MONOTONIC, &a);
+    for (long i = 0; i < 100000; i++) leaf(i); /* warm-up: buffers exist */
+    double a = now();
     long s = 0;
-    for (long i = 0; i < n; i++) s += leaf(i);
-    clock_gettime(CLOCK_MONOTONIC, &b);
+    if (threads == 0) {
+        for (long i = 0; i < n; i++) s += leaf(i);
+    } else {
+        pthread_t t[64];
+        per_thread = n / threads;
+        for (int i = 0; i < threads; i++) pthread_create(&t[i], NULL, worker, NULL);
+        for (int i = 0; i < threads; i++) { void *r; pthread_join(t[i], &r); s += (long)r; }
+        n = per_thread * threads;
+    }
+    double b = now();
 #ifdef XRAY_FDR
     __xray_log_finalize();
     __xray_log_flushLog();
 #endif
     FILE *f = fopen(argv[2], "w");
-    fprintf(f, "%.3f\n", ((b.tv_sec - a.tv_sec) * 1e9 + (b.tv_nsec - a.tv_nsec)) / n);
+    fprintf(f, "%.3f\n", (b - a) / n);
     fclose(f);
     return s == 42;
 }
 EOF
-gcc -O2 -fpatchable-function-entry=5 -o w.gcc w.c
-clang-16 -O2 -fxray-instrument -fxray-instruction-threshold=1 -o w.clang w.c
-clang-16 -O2 -DXRAY_FDR -fxray-instrument -fxray-instruction-threshold=1 -o w.fdr w.c
-clang-16 -O2 -DXRAY_EMPTY -fxray-instrument -fxray-instruction-threshold=1 -o w.empty w.c
+gcc -O2 -pthread -fpatchable-function-entry=5 -o w.gcc w.c
+clang-16 -O2 -pthread -fxray-instrument -fxray-instruction-threshold=1 -o w.clang w.c
+clang-16 -O2 -pthread -DXRAY_FDR -fxray-instrument -fxray-instruction-threshold=1 -o w.fdr w.c
+clang-16 -O2 -pthread -DXRAY_EMPTY -fxray-instrument -fxray-instruction-threshold=1 -o w.empty w.c
+ncpu=$(nproc)
 
 # best REPS CMD...: runs CMD (which writes ns/call to $work/ns) REPS times,
-# prints the smallest figure (as cargo bench --bench trace-bench does: the
-# run least disturbed by the rest of the machine).
+# prints the smallest figure (the run least disturbed by the rest of the
+# machine) and leaves that run's extra figures (lost, bytes) in best.*.
 best() {
     local reps=$1
     shift
-    local vals=()
+    local b="" l="" y=""
     for ((i = 0; i < reps; i++)); do
-        rm -f ns
+        rm -f ns lost bytes
         "$@" >/dev/null 2>>log
-        vals+=("$(cat ns)")
+        local v
+        v=$(cat ns)
+        if [ -z "$b" ] || awk -v a="$v" -v b="$b" 'BEGIN { exit !(a < b) }'; then
+            b=$v
+            l=$(cat lost 2>/dev/null || echo "")
+            y=$(cat bytes 2>/dev/null || echo "")
+        fi
     done
-    printf '%s\n' "${vals[@]}" | sort -g | head -n 1
+    echo "$l" >best.lost
+    echo "$y" >best.bytes
+    echo "$b"
 }
 
-tp_record() {
+bytes_of() { du -sb "$1" | cut -f1; }
+
+tp() { # tp THREADS [record options...]
+    local t=$1
+    shift
     rm -rf tp.data
-    "$textpoke" record -o tp.data -- ./w.gcc "$N" ns 2>tp.err
-    grep -q ', 0 dropped' tp.err || cat tp.err >>drops
+    "$textpoke" record "$@" -o tp.data -- ./w.gcc "$N" ns "$t" 2>tp.err
+    python3 -c 'import json,sys; print(json.load(open("tp.data/meta.json"))["total_dropped"])' >lost
+    bytes_of tp.data >bytes
 }
-tp_count() {
-    rm -rf tp.data
-    "$textpoke" record --count-only -o tp.data -- ./w.gcc "$N" ns 2>tp.err
-    grep -q ', 0 dropped' tp.err || cat tp.err >>drops
-}
-uftrace_rec() {
+uf() {
     rm -rf u.data
-    uftrace record -d u.data -P leaf ./w.gcc "$N" ns
+    uftrace record -d u.data -P leaf ./w.gcc "$N" ns "$1"
+    (uftrace info -d u.data 2>/dev/null | grep -ci "lost" || true) >lost
+    bytes_of u.data >bytes
 }
 fdr() {
     rm -f xray-log.*
+    # Buffers for every call of the run (16-byte records, entry and exit):
+    # FDR is a flight recorder and overwrites what does not fit.
+    local bufs=$(((N * 32 + 100000 * 32) / 1048576 + 64))
     XRAY_OPTIONS="patch_premain=true xray_mode=xray-fdr xray_logfile_base=$work/xray-log." \
-        XRAY_FDR_OPTIONS="func_duration_threshold_us=0 buffer_size=1048576 buffer_max=64" ./w.fdr "$N" ns
+        XRAY_FDR_OPTIONS="func_duration_threshold_us=0 buffer_size=1048576 buffer_max=$bufs" ./w.fdr "$N" ns "$1"
+    echo "n/a" >lost
+    cat xray-log.* | wc -c >bytes
 }
 bpf() {
+    local n=$((N / 10))
     bpftrace -e "uprobe:$work/w.gcc:leaf { @calls = count(); } uretprobe:$work/w.gcc:leaf { @returns = count(); }" \
-        -c "$work/w.gcc $N $work/ns"
+        -c "$work/w.gcc $n $work/ns $1"
+    echo "n/a" >lost
+    echo "" >bytes
 }
 
-echo "running: $N calls per run, best of $REPS runs ($(nproc) CPUs, $(uname -r))" >&2
-plain_gcc=$(best "$REPS" ./w.gcc "$N" ns)
-t_rec=$(best "$REPS" tp_record)
-t_cnt=$(best "$REPS" tp_count)
-t_uf=$(best "$REPS" uftrace_rec)
-plain_clang=$(best "$REPS" ./w.clang "$N" ns)
-t_fdr=$(best "$REPS" fdr)
-t_empty=$(XRAY_OPTIONS="patch_premain=false" best "$REPS" ./w.empty "$N" ns)
-t_bpf=$(best 3 bpf)
-
-row() { # name ns plain reference-overhead
-    awk -v name="$1" -v ns="$2" -v base="$3" -v ref="$4" 'BEGIN {
+rows=()
+row() { # name ns plain reference-overhead calls
+    local lost bytes
+    lost=$(cat best.lost)
+    bytes=$(cat best.bytes)
+    rows+=("$(awk -v name="$1" -v ns="$2" -v base="$3" -v ref="$4" -v lost="$lost" -v bytes="$bytes" -v calls="$5" 'BEGIN {
         o = ns - base
         r = (ref == "") ? "" : sprintf("%.1fx", o / ref)
-        printf "| %-28s | %9.1f | %9.1f | %13s |\n", name, ns, o, r
-    }'
+        b = (bytes == "" || calls == 0) ? "" : sprintf("%.1f", bytes / calls)
+        printf "| %-41s | %9.1f | %9.1f | %13s | %11s | %10s |", name, ns, o, r, lost, b
+    }')")
 }
-o_rec=$(awk -v a="$t_rec" -v b="$plain_gcc" 'BEGIN { print a - b }')
-o_cnt=$(awk -v a="$t_cnt" -v b="$plain_gcc" 'BEGIN { print a - b }')
+plainrow() {
+    echo "" >best.lost
+    echo "" >best.bytes
+    row "$1" "$2" "$2" "" 0
+}
+calls=$((N + 100000))
+
+for t in 0 "$THREADS"; do
+    if [ "$t" = 0 ]; then
+        label=""
+        scale=1
+    else
+        label=" ($t threads)"
+        scale=$ncpu
+    fi
+    sc() { awk -v a="$1" -v s="$scale" 'BEGIN { print a * s }'; }
+    echo "running $N calls${label}, best of $REPS runs ($ncpu CPUs, $(uname -r))" >&2
+    plain_gcc=$(sc "$(best "$REPS" ./w.gcc "$N" ns "$t")")
+    plainrow "plain (gcc)$label" "$plain_gcc"
+    t_rec=$(sc "$(best "$REPS" tp "$t")")
+    o_rec=$(awk -v a="$t_rec" -v b="$plain_gcc" 'BEGIN { print a - b }')
+    row "textpoke record$label" "$t_rec" "$plain_gcc" "" "$calls"
+    t_un=$(sc "$(best "$REPS" tp "$t" --clock tsc-unordered)")
+    row "textpoke, tsc-unordered$label" "$t_un" "$plain_gcc" "" "$calls"
+    t_cnt=$(sc "$(best "$REPS" tp "$t" --count-only)")
+    o_cnt=$(awk -v a="$t_cnt" -v b="$plain_gcc" 'BEGIN { print a - b }')
+    row "textpoke --count-only$label" "$t_cnt" "$plain_gcc" "" "$calls"
+    t_uf=$(sc "$(best "$REPS" uf "$t")")
+    row "uftrace record -P leaf$label" "$t_uf" "$plain_gcc" "$o_rec" "$calls"
+    plain_clang=$(sc "$(best "$REPS" ./w.clang "$N" ns "$t")")
+    plainrow "plain (clang, XRay sleds)$label" "$plain_clang"
+    t_fdr=$(sc "$(best "$REPS" fdr "$t")")
+    row "XRay FDR$label" "$t_fdr" "$plain_clang" "$o_rec" "$calls"
+    t_empty=$(sc "$(XRAY_OPTIONS="patch_premain=false" best "$REPS" ./w.empty "$N" ns "$t")")
+    row "XRay empty handler$label" "$t_empty" "$plain_clang" "$o_cnt" 0
+    t_bpf=$(sc "$(best 3 bpf "$t")")
+    row "bpftrace uprobe+uretprobe$label" "$t_bpf" "$plain_gcc" "$o_rec" 0
+done
+
 echo
-echo "N=$N calls, best of $REPS runs (bpftrace: 3), $(nproc) CPUs, Linux $(uname -r)"
+echo "N=$N calls (bpftrace: N/10), best of $REPS runs (bpftrace: 3), $ncpu CPUs, Linux $(uname -r)"
+echo "multithreaded rows: $THREADS threads sharing the calls; ns/call = wall time x $ncpu CPUs / calls"
 echo
-echo "| mode                         |   ns/call |  overhead | peer/textpoke |"
-echo "|------------------------------|----------:|----------:|--------------:|"
-row "plain (gcc)" "$plain_gcc" "$plain_gcc" ""
-row "textpoke record" "$t_rec" "$plain_gcc" ""
-row "textpoke --count-only" "$t_cnt" "$plain_gcc" ""
-row "uftrace record -P leaf" "$t_uf" "$plain_gcc" "$o_rec"
-row "plain (clang, XRay sleds)" "$plain_clang" "$plain_clang" ""
-row "XRay FDR" "$t_fdr" "$plain_clang" "$o_rec"
-row "XRay empty handler" "$t_empty" "$plain_clang" "$o_cnt"
-row "bpftrace uprobe+uretprobe" "$t_bpf" "$plain_gcc" "$o_rec"
-if [ -s drops ]; then
-    echo
-    echo "warning: textpoke dropped records in some runs (lower N):"
-    cat drops
-fi
+echo "| mode                                      |   ns/call |  overhead | peer/textpoke | events lost | bytes/call |"
+echo "|-------------------------------------------|----------:|----------:|--------------:|------------:|-----------:|"
+printf '%s\n' "${rows[@]}"

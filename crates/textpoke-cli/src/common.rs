@@ -106,9 +106,14 @@ pub fn convert(
     let bar = progress(set.total_words(), what);
     let r = produce(out.writer(), &mut |n| bar.inc(n));
     bar.finish_and_clear();
-    if let Err(e) = r {
-        out.abandon();
-        return fail(cmd, e);
+    match r {
+        // The reader left (`| head`): not an error.
+        Err(AnalysisError::Write(e)) if e.kind() == std::io::ErrorKind::BrokenPipe => return ExitCode::SUCCESS,
+        Err(e) => {
+            out.abandon();
+            return fail(cmd, e);
+        }
+        Ok(()) => {}
     }
     match out.commit() {
         Ok(()) => ExitCode::SUCCESS,

@@ -1,6 +1,7 @@
-//! `textpoke dump`: a trace converted for other tools — Chrome trace-event
-//! JSON (Perfetto UI, chrome://tracing), an SVG flame graph, or folded
-//! stacks.
+//! `textpoke dump`: a trace converted for other tools — a Perfetto
+//! protobuf trace, Chrome trace-event JSON (Perfetto UI, chrome://tracing),
+//! an SVG flame graph, or folded stacks. Every output is streamed: memory
+//! does not grow with the trace.
 
 use crate::common::{self, TraceArgs};
 use std::path::PathBuf;
@@ -8,12 +9,16 @@ use std::process::ExitCode;
 use textpoke::analysis::{self, FlameOptions};
 
 #[derive(clap::Args, Debug)]
-#[command(group(clap::ArgGroup::new("format").required(true).args(["chrome", "flamegraph", "folded"])))]
+#[command(group(clap::ArgGroup::new("format").required(true).args(["perfetto", "chrome", "flamegraph", "folded"])))]
 pub struct Args {
     #[command(flatten)]
     input: TraceArgs,
+    /// A Perfetto protobuf trace: a slice per call on a track per thread;
+    /// open it in ui.perfetto.dev (any size) or trace_processor
+    #[arg(long)]
+    perfetto: bool,
     /// Chrome trace-event JSON: one event per call, per process and thread;
-    /// open it in Perfetto UI or chrome://tracing
+    /// browsers load it whole, so prefer --perfetto for big traces
     #[arg(long)]
     chrome: bool,
     /// An SVG flame graph of self time (of calls, for a count-only trace)
@@ -45,7 +50,12 @@ pub fn run(args: &Args) -> ExitCode {
         return common::fail("dump", e);
     }
     let out = args.output.as_deref();
-    if args.chrome {
+    if args.perfetto {
+        common::convert("dump", &set, out, "converting", |w, progress| {
+            crate::perfetto::perfetto(&set, w, progress).map(|_| ())
+        })
+    } else if args.chrome {
+        warn_if_too_big_for_a_browser(&set);
         common::convert("dump", &set, out, "converting", |mut w, progress| {
             analysis::chrome(&set, &mut w, progress).map(|_| ())
         })
@@ -59,5 +69,27 @@ pub fn run(args: &Args) -> ExitCode {
             let (folded, _unit) = analysis::folded(&set, progress)?;
             w.write_all(folded.as_bytes()).map_err(analysis::AnalysisError::Write)
         })
+    }
+}
+
+/// About what a call costs in Chrome JSON (one complete event, ~100 bytes).
+const JSON_BYTES_PER_CALL: u64 = 110;
+/// Browsers and the Perfetto UI's JSON importer hold the whole text in one
+/// string: beyond about this, they fail.
+const JSON_BROWSER_LIMIT: u64 = 500 << 20;
+
+/// Says so on stderr when the Chrome JSON of `set` will likely be too big
+/// for a browser to open.
+fn warn_if_too_big_for_a_browser(set: &textpoke::analysis::TraceSet) {
+    let events: u64 = set.processes.iter().map(|p| p.trace.meta().total_events).sum();
+    let bytes = events / 2 * JSON_BYTES_PER_CALL;
+    if bytes > JSON_BROWSER_LIMIT {
+        eprintln!(
+            "textpoke dump: warning: this Chrome JSON will be about {} MB, more than a browser or the Perfetto UI's \
+             JSON importer can load (about {} MB); `textpoke dump --perfetto` writes a protobuf trace the Perfetto UI \
+             opens at any size",
+            bytes >> 20,
+            JSON_BROWSER_LIMIT >> 20
+        );
     }
 }

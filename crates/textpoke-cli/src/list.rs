@@ -36,16 +36,26 @@ pub struct Args {
 }
 
 pub fn run(args: &Args) -> ExitCode {
-    let mut out = common::Output::Stdout(Vec::new());
+    // Made whole before it is written: a refusal prints nothing else.
+    let mut listing = Vec::new();
     let r = match &args.prog {
-        Some(prog) => list_prog(prog, args.skipped, out.writer()),
+        Some(prog) => list_prog(prog, args.skipped, &mut listing),
         None => {
             let dir = args.input.clone().unwrap_or_else(|| PathBuf::from("textpoke.data"));
-            list_trace(&dir, args.salvage, out.writer())
+            list_trace(&dir, args.salvage, &mut listing)
         }
     };
     if let Err(e) = r {
         return e.report("textpoke list");
+    }
+    let mut out = match common::Output::create(None) {
+        Ok(o) => o,
+        Err(e) => return common::fail("list", e),
+    };
+    if let Err(e) = out.writer().write_all(&listing) {
+        if e.kind() != std::io::ErrorKind::BrokenPipe {
+            return common::fail("list", format!("cannot write to standard output: {e}"));
+        }
     }
     match out.commit() {
         Ok(()) => ExitCode::SUCCESS,

@@ -1,10 +1,10 @@
-//! Where a command's output goes: written whole or not at all, and without
-//! harming what `-o FILE` names.
+//! Where a command's output goes: streamed, in bounded memory whatever the
+//! trace's size, and without harming what `-o FILE` names.
 //!
 //! # Standard output
 //!
-//! The output is built in memory and written once complete, so a failure
-//! never leaves half of it.
+//! Written as it is made, like any Unix filter (a failure midway leaves
+//! what was written; a reader that leaves, `| head`, is not an error).
 //!
 //! # `-o FILE`
 //!
@@ -17,9 +17,8 @@
 //!   there keeps its mode, and its owner and group as far as the user may
 //!   set them (root may; others keep the group if they belong to it).
 //! - **a character or block device, or a FIFO**: opened as it is, never
-//!   created, truncated or replaced, and written in place once the output
-//!   is complete (built in memory, as for standard output). A FIFO blocks
-//!   until a reader opens it, as a shell's `>` does.
+//!   created, truncated or replaced, and written in place as the output is
+//!   made. A FIFO blocks until a reader opens it, as a shell's `>` does.
 //! - **a procfs link** (`/dev/stdout`, `/dev/fd/N`, `/proc/self/fd/N`):
 //!   one of this process's descriptors is written through that descriptor
 //!   (its offset and `O_APPEND` hold, as when writing to standard output);
@@ -36,14 +35,34 @@ use textpoke::sys::fs::{follow_links, kind_name};
 
 /// Where the output goes (see the module documentation).
 pub enum Output {
-    /// Standard output, written once complete.
-    Stdout(Vec<u8>),
+    /// Standard output, streamed.
+    Stdout(BufWriter<io::Stdout>),
     /// A temporary file beside `path`, renamed over it once complete.
     Replace { path: PathBuf, tmp: PathBuf, w: BufWriter<File> },
-    /// A device, FIFO or descriptor, open, written once complete; a
-    /// regular file is then cut to the output's length when `cut`.
-    InPlace { shown: PathBuf, file: File, buf: Vec<u8>, cut: bool },
+    /// A device, FIFO or descriptor, open, streamed; a regular file is
+    /// then cut to the output's length when `cut`.
+    InPlace { shown: PathBuf, w: BufWriter<Counted<File>>, cut: bool },
 }
+
+/// A writer that counts the bytes written through it.
+pub struct Counted<W> {
+    inner: W,
+    n: u64,
+}
+
+impl<W: Write> Write for Counted<W> {
+    fn write(&mut self, b: &[u8]) -> io::Result<usize> {
+        let k = self.inner.write(b)?;
+        self.n += k as u64;
+        Ok(k)
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        self.inner.flush()
+    }
+}
+
+/// Buffer size of a streamed output.
+const STREAM_BUFFER: usize = 256 << 10;
 
 /// What an existing `-o` path is, for the choice of [`Output`].
 enum Found {
@@ -57,7 +76,7 @@ impl Output {
     /// Output to `path`, or stdout when `None`.
     pub fn create(path: Option<&Path>) -> Result<Output, String> {
         let Some(path) = path else {
-            return Ok(Output::Stdout(Vec::new()));
+            return Ok(Output::Stdout(BufWriter::with_capacity(STREAM_BUFFER, io::stdout())));
         };
         let cannot = |e: io::Error| format!("cannot write {}: {e}", path.display());
         let followed = follow_links(path).map_err(cannot)?;
@@ -87,12 +106,17 @@ impl Output {
         }
     }
 
+    fn in_place(shown: &Path, file: File, cut: bool) -> Output {
+        let w = BufWriter::with_capacity(STREAM_BUFFER, Counted { inner: file, n: 0 });
+        Output::InPlace { shown: shown.to_path_buf(), w, cut }
+    }
+
     /// The writer to write the output to.
     pub fn writer(&mut self) -> &mut dyn Write {
         match self {
-            Output::Stdout(v) => v,
+            Output::Stdout(w) => w,
             Output::Replace { w, .. } => w,
-            Output::InPlace { buf, .. } => buf,
+            Output::InPlace { w, .. } => w,
         }
     }
 
@@ -100,15 +124,12 @@ impl Output {
     /// renames the file.
     pub fn commit(self) -> Result<(), String> {
         match self {
-            Output::Stdout(v) => {
-                let mut out = io::stdout().lock();
-                match out.write_all(&v).and_then(|_| out.flush()) {
-                    Ok(()) => Ok(()),
-                    // `textpoke replay | head`: the reader left, not an error.
-                    Err(e) if e.kind() == io::ErrorKind::BrokenPipe => Ok(()),
-                    Err(e) => Err(format!("cannot write to standard output: {e}")),
-                }
-            }
+            Output::Stdout(mut w) => match w.flush() {
+                Ok(()) => Ok(()),
+                // `textpoke replay | head`: the reader left, not an error.
+                Err(e) if e.kind() == io::ErrorKind::BrokenPipe => Ok(()),
+                Err(e) => Err(format!("cannot write to standard output: {e}")),
+            },
             Output::Replace { path, tmp, w } => {
                 let done = w
                     .into_inner()
@@ -120,8 +141,15 @@ impl Output {
                     format!("cannot write {}: {e}", path.display())
                 })
             }
-            Output::InPlace { shown, mut file, buf, cut } => {
-                let done = file.write_all(&buf).and_then(|_| if cut { file.set_len(buf.len() as u64) } else { Ok(()) });
+            Output::InPlace { shown, w, cut } => {
+                let done = w.into_inner().map_err(|e| e.into_error()).and_then(|c| {
+                    let (file, n) = (c.inner, c.n);
+                    if cut {
+                        file.set_len(n)
+                    } else {
+                        Ok(())
+                    }
+                });
                 match done {
                     Ok(()) => Ok(()),
                     // A FIFO's reader left, as with `| head`.
@@ -227,7 +255,7 @@ fn in_place(path: &Path, target: &Path, cut_file: bool) -> Result<Output, String
         .open(target)
         .map_err(|e| format!("cannot open {}: {e}", shown(path, target)))?;
     let cut = cut_file && file.metadata().is_ok_and(|m| m.is_file());
-    Ok(Output::InPlace { shown: path.to_path_buf(), file, buf: Vec::new(), cut })
+    Ok(Output::in_place(path, file, cut))
 }
 
 /// This process's descriptor `fd`, written through a duplicate of it.
@@ -236,7 +264,7 @@ fn through_descriptor(path: &Path, fd: i32) -> Result<Output, String> {
     // only borrowed for the duplicate.
     let borrowed = unsafe { BorrowedFd::borrow_raw(fd) };
     let owned = borrowed.try_clone_to_owned().map_err(|e| format!("cannot write {}: {e}", path.display()))?;
-    Ok(Output::InPlace { shown: path.to_path_buf(), file: File::from(owned), buf: Vec::new(), cut: false })
+    Ok(Output::in_place(path, File::from(owned), false))
 }
 
 /// The descriptor number if `link` is `…/fd/N` of this process

@@ -308,6 +308,71 @@ fn chrome_json_has_one_event_per_call_and_thread_names() {
     let _ = std::fs::remove_dir_all(outdir);
 }
 
+/// `dump --perfetto`: the protobuf parses as a Perfetto trace; each thread
+/// has a track under the process's, and its slices begin and end in nested
+/// order, one per call, with interned names.
+#[test]
+fn perfetto_trace_has_a_slice_per_call_on_each_threads_track() {
+    use perfetto_protos::trace::Trace as PTrace;
+    use perfetto_protos::track_event::track_event::Type;
+    use protobuf::Message;
+    let _g = serial();
+    let (dir, tids) = workload_trace("perfetto", false);
+    let d = dir.to_str().unwrap();
+    let outdir = tmpdir("perfetto-out");
+    std::fs::create_dir_all(&outdir).unwrap();
+    let file = outdir.join("t.pftrace");
+    let o = textpoke(&["dump", "--perfetto", "-i", d, "-o", file.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let t = PTrace::parse_from_bytes(&std::fs::read(&file).unwrap()).unwrap();
+    let mut threads: HashMap<u64, i32> = HashMap::new();
+    let mut process = None;
+    for p in &t.packet {
+        if p.has_track_descriptor() {
+            let d = p.track_descriptor();
+            if d.thread.is_some() {
+                assert_eq!(d.parent_uuid(), process.expect("the process's track first"));
+                threads.insert(d.uuid(), d.thread.tid());
+            } else if d.process.is_some() {
+                assert_eq!(d.process.pid(), std::process::id() as i32);
+                process = Some(d.uuid());
+            }
+        }
+    }
+    assert_eq!(threads.len() as u64, THREADS);
+    assert!(tids.iter().all(|t| threads.values().any(|v| v == t)));
+    // Per sequence: names interned once, slices nested, one per call.
+    let mut names: HashMap<(u32, u64), String> = HashMap::new();
+    let mut stacks: HashMap<u32, Vec<String>> = HashMap::new();
+    let mut calls = 0u64;
+    let mut last_ts: HashMap<u32, u64> = HashMap::new();
+    for p in t.packet.iter().filter(|p| p.has_track_event()) {
+        let seq = p.trusted_packet_sequence_id();
+        for n in &p.interned_data.event_names {
+            assert!(names.insert((seq, n.iid()), n.name().to_string()).is_none(), "interned twice");
+        }
+        let e = p.track_event();
+        assert!(threads.contains_key(&e.track_uuid()), "an event on a thread's track");
+        let ts = last_ts.entry(seq).or_insert(0);
+        assert!(p.timestamp() >= *ts, "time goes on within a sequence");
+        *ts = p.timestamp();
+        let stack = stacks.entry(seq).or_default();
+        match e.type_() {
+            Type::TYPE_SLICE_BEGIN => stack.push(names[&(seq, e.name_iid())].clone()),
+            Type::TYPE_SLICE_END => {
+                stack.pop().expect("an end closes a begin");
+                calls += 1;
+            }
+            other => panic!("unexpected event type {other:?}"),
+        }
+    }
+    assert!(stacks.values().all(|s| s.is_empty()), "every slice ends");
+    assert_eq!(calls, 3 * total_outer() + THREADS);
+    assert!(names.values().any(|n| n == "outer_work") && names.values().any(|n| n == "inner_leaf"));
+    let _ = std::fs::remove_dir_all(dir);
+    let _ = std::fs::remove_dir_all(outdir);
+}
+
 #[test]
 fn flamegraph_svg_names_the_functions() {
     let _g = serial();
@@ -587,7 +652,7 @@ fn damaged_traces_are_refused_with_the_file_named() {
     let d = case("truncated");
     let f = thread_file(&d);
     let len = std::fs::metadata(&f).unwrap().len();
-    std::fs::OpenOptions::new().write(true).open(&f).unwrap().set_len(len - 16 * 3).unwrap();
+    std::fs::OpenOptions::new().write(true).open(&f).unwrap().set_len(len - 8 * 3).unwrap();
     let name = f.file_name().unwrap().to_str().unwrap().to_string();
     every_command_fails(&d, &[&name, "truncated"]);
 
@@ -599,16 +664,18 @@ fn damaged_traces_are_refused_with_the_file_named() {
     let d = case("flipped");
     let f = thread_file(&d);
     let mut bytes = std::fs::read(&f).unwrap();
-    bytes[32 + 16 * 5 + 12] ^= 0x40; // a depth bit: only the checksum sees it
+    bytes[32 + 8 * 6 + 1] ^= 0x40; // a depth bit of an event: only the checksum sees it
     std::fs::write(&f, bytes).unwrap();
     every_command_fails(&d, &[f.file_name().unwrap().to_str().unwrap(), "checksum"]);
 
     let d = case("badkind");
     let f = thread_file(&d);
     let mut bytes = std::fs::read(&f).unwrap();
-    bytes[32 + 16 * 3 + 14] = 9;
+    // Word 5 (after the 4-word sync record and one event) made a special
+    // record of type 0.
+    bytes[32 + 8 * 5..32 + 8 * 6].copy_from_slice(&[0; 8]);
     std::fs::write(&f, bytes).unwrap();
-    every_command_fails(&d, &[f.file_name().unwrap().to_str().unwrap(), "record 3 is corrupt", "unknown kind 9"]);
+    every_command_fails(&d, &[f.file_name().unwrap().to_str().unwrap(), "word 5 is corrupt", "type 0"]);
 
     let d = case("badmagic");
     let f = thread_file(&d);

@@ -72,16 +72,12 @@ fn claim(
     a.jne(undo)
 }
 
-/// H0 and H5: reads the TSC as the clock's mode byte says (a monotonic
-/// clock goes to `undo`) into rax, clamps it to the thread's last time,
-/// and leaves the delta in rdx (to `undo` if it does not fit).
-fn read_clock(
-    a: &mut CodeAssembler,
-    l: &BufferLayout,
-    buf: AsmRegister64,
-    undo: CodeLabel,
-    cold: &mut Vec<Cold>,
-) -> Result<(), IcedError> {
+/// H0: reads the TSC into rax as the clock's mode byte says (a monotonic
+/// clock goes to `fail`: nothing was claimed yet); clobbers rdx. First
+/// thing in a piece, so that the ordered read's `lfence` waits for as few
+/// earlier instructions as possible and the checks after it overlap its
+/// latency (a signal handler recording meanwhile is why H5 clamps).
+fn read_tsc(a: &mut CodeAssembler, l: &BufferLayout, fail: CodeLabel, cold: &mut Vec<Cold>) -> Result<(), IcedError> {
     let unordered = a.create_label();
     let mut read = a.create_label();
     a.mov(rdx, l.clock_mode as u64)?;
@@ -93,15 +89,20 @@ fn read_clock(
     a.rdtsc()?;
     a.shl(rdx, 32)?;
     a.or(rax, rdx)?;
-    a.mov(rdx, qword_ptr(buf + l.last_ts))?; // H5: never below the last time
+    cold.push(Cold::Unordered { at: unordered, read, fail });
+    Ok(())
+}
+
+/// H5: clamps the time in rax to the thread's last one and leaves the
+/// delta in rdx (to `undo` if it does not fit a compact event).
+fn clamp_delta(a: &mut CodeAssembler, l: &BufferLayout, buf: AsmRegister64, undo: CodeLabel) -> Result<(), IcedError> {
+    a.mov(rdx, qword_ptr(buf + l.last_ts))?; // never below the last time
     a.cmp(rax, rdx)?;
     a.cmovb(rax, rdx)?;
     a.neg(rdx)?;
     a.add(rdx, rax)?; // the delta
     a.cmp(rdx, DELTA_LIMIT)?;
-    a.jae(undo)?;
-    cold.push(Cold::Unordered { at: unordered, read, undo });
-    Ok(())
+    a.jae(undo)
 }
 
 /// Code placed after a piece's main path, out of the way of the common
@@ -109,7 +110,7 @@ fn read_clock(
 enum Cold {
     /// The clock is not the ordered TSC: plain `rdtsc` if it is the
     /// unordered one, else the slow path.
-    Unordered { at: CodeLabel, read: CodeLabel, undo: CodeLabel },
+    Unordered { at: CodeLabel, read: CodeLabel, fail: CodeLabel },
     /// Give `busy` back and fail.
     Undo { at: CodeLabel, buf: AsmRegister64, fail: CodeLabel },
 }
@@ -121,10 +122,10 @@ fn finish(a: &mut CodeAssembler, l: &BufferLayout, cold: Vec<Cold>) -> Result<()
     a.jmp(done)?;
     for c in cold {
         match c {
-            Cold::Unordered { mut at, read, undo } => {
+            Cold::Unordered { mut at, read, fail } => {
                 a.set_label(&mut at)?;
                 a.cmp(edx, MODE_TSC_UNORDERED as u32)?;
-                a.jne(undo)?;
+                a.jne(fail)?;
                 a.jmp(read)?;
             }
             Cold::Undo { mut at, buf, fail } => {
@@ -139,20 +140,21 @@ fn finish(a: &mut CodeAssembler, l: &BufferLayout, cold: Vec<Cold>) -> Result<()
 }
 
 /// The entry event of a graph trampoline: rdi = the function id, rcx =
-/// the depth; clobbers rax, rcx, rdx, rsi, rdi, r8. Counts the call (K3),
-/// then H4–H8 with one compact word.
+/// the depth; clobbers rax, rcx, rdx, rsi, rdi, r8. H0, then counts the
+/// call (K3) and H1–H8 with one compact word.
 pub(crate) fn emit_entry(a: &mut CodeAssembler, fail: CodeLabel) -> Result<(), IcedError> {
     let l = layout();
     let undo = a.create_label();
     let mut cold = vec![Cold::Undo { at: undo, buf: r8, fail }];
-    claim(a, &l, (r8, rax), (fail, undo))?;
+    read_tsc(a, &l, fail, &mut cold)?; // rax
+    claim(a, &l, (r8, rdx), (fail, undo))?;
     a.cmp(rdi, qword_ptr(r8 + l.ncounters))?; // out of range: counted as such by the slow path
     a.jae(undo)?;
     a.mov(rsi, qword_ptr(r8 + l.pos))?; // H4: room for one word
-    a.lea(rax, qword_ptr(rsi + 8))?;
-    a.cmp(rax, qword_ptr(r8 + l.end))?;
+    a.lea(rdx, qword_ptr(rsi + 8))?;
+    a.cmp(rdx, qword_ptr(r8 + l.end))?;
     a.ja(undo)?;
-    read_clock(a, &l, r8, undo, &mut cold)?;
+    clamp_delta(a, &l, r8, undo)?;
     a.mov(qword_ptr(r8 + l.last_ts), rax)?;
     a.mov(rax, qword_ptr(r8 + l.counters))?; // K3: one instruction
     a.inc(qword_ptr(rax + rdi * 8))?;
@@ -172,8 +174,8 @@ pub(crate) fn emit_entry(a: &mut CodeAssembler, fail: CodeLabel) -> Result<(), I
 
 /// The exit event of a return trampoline: rdx = `function | depth << 32`,
 /// the return value at `[rsp+8]`; clobbers rax, rdx, rsi, r8, r9, r10,
-/// r11 and keeps rcx and rdi. H4–H8 with one compact word, and the value
-/// after it when the function's bit in `retval` is set.
+/// r11 and keeps rcx and rdi. H0, then H1–H8 with one compact word, and
+/// the value after it when the function's bit in `retval` is set.
 pub(crate) fn emit_exit(a: &mut CodeAssembler, fail: CodeLabel) -> Result<(), IcedError> {
     let l = layout();
     let undo = a.create_label();
@@ -181,20 +183,21 @@ pub(crate) fn emit_exit(a: &mut CodeAssembler, fail: CodeLabel) -> Result<(), Ic
     a.mov(r10d, edx)?; // the function
     a.mov(r11, rdx)?;
     a.shr(r11, 32)?; // the depth
-    claim(a, &l, (r8, rax), (fail, undo))?;
+    read_tsc(a, &l, fail, &mut cold)?; // rax
+    claim(a, &l, (r8, rdx), (fail, undo))?;
     // r9 = 1 when the return value is wanted: the function's bit.
-    a.mov(rax, super::op::retval_bits() as u64)?;
+    a.mov(rdx, super::op::retval_bits() as u64)?;
     a.mov(r9, r10)?;
     a.shr(r9, 6)?;
-    a.mov(r9, qword_ptr(rax + r9 * 8))?;
+    a.mov(r9, qword_ptr(rdx + r9 * 8))?;
     a.bt(r9, r10)?; // the bit index is taken modulo 64
     a.setc(r9b)?;
     a.movzx(r9d, r9b)?;
     a.mov(rsi, qword_ptr(r8 + l.pos))?; // H4: room for two words, always
-    a.lea(rax, qword_ptr(rsi + 16))?;
-    a.cmp(rax, qword_ptr(r8 + l.end))?;
+    a.lea(rdx, qword_ptr(rsi + 16))?;
+    a.cmp(rdx, qword_ptr(r8 + l.end))?;
     a.ja(undo)?;
-    read_clock(a, &l, r8, undo, &mut cold)?;
+    clamp_delta(a, &l, r8, undo)?;
     a.mov(qword_ptr(r8 + l.last_ts), rax)?;
     a.shl(rdx, format::DELTA_SHIFT)?;
     a.shl(r10, format::FUNC_SHIFT)?;
@@ -217,6 +220,19 @@ mod tests {
     use super::*;
     use crate::arch::tramp::{self, straight_path, RETURN_OFFSET};
 
+    fn dump(ip: u64, code: &[u8]) {
+        use iced_x86::{Decoder, DecoderOptions, Formatter, IntelFormatter};
+        let mut d = Decoder::with_ip(64, code, ip, DecoderOptions::NONE);
+        let mut f = IntelFormatter::new();
+        let mut out = String::new();
+        while d.can_decode() {
+            let i = d.decode();
+            out.clear();
+            f.format(&i, &mut out);
+            println!("{:x}  {out}", i.ip());
+        }
+    }
+
     /// Each instruction between the two ordered clock reads of a traced
     /// call costs about 0.035 ns (`lfence` waits for them to retire): a
     /// guard against the fast paths growing unnoticed. Counts the tracer's
@@ -235,6 +251,10 @@ mod tests {
             straight_path(0x50000, &c),
         );
         println!("fast paths: graph entry {e}, return {r}, count {c} instructions");
+        if std::env::var_os("TEXTPOKE_DUMP_CODE").is_some() {
+            dump(0x10000, &tramp::graph_trampoline(0x10000, &sh, 3, (0x40000, 0x20000), entry).unwrap());
+            dump(0x40000, &tramp::return_block(0x40000, 0x30000, true, Some((&sh, exit))).unwrap());
+        }
         // Measured: entry 96, return 86, count 27.
         assert!(e <= 100 && r <= 90 && c <= 28, "entry {e}, return {r}, count {c}");
     }

@@ -22,65 +22,70 @@ use crate::sync::ForkLock;
 
 /// A buffer pointer owned by the registry.
 #[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
-struct BufPtr(*mut ThreadBuf);
+pub(super) struct BufPtr(pub(super) *mut ThreadBuf);
 // SAFETY: buffers are shared between their thread and the control path by
 // design; the protocol in buffer.rs governs every access.
 unsafe impl Send for BufPtr {}
 
 impl BufPtr {
-    fn get(&self) -> &ThreadBuf {
+    pub(super) fn get(&self) -> &ThreadBuf {
         // SAFETY: registered buffers stay mapped until freed by the
         // control path, which removes them from the registry first.
         unsafe { &*self.0 }
     }
 }
 
-struct State {
+pub(super) struct State {
     /// The running session, if any.
-    session: Option<Session>,
+    pub(super) session: Option<Session>,
     /// Every adopted buffer, of any session, until it is freed.
-    registry: Vec<BufPtr>,
+    pub(super) registry: Vec<BufPtr>,
     /// Last session epoch used.
     epoch: u64,
 }
 
-static STATE: ForkLock<State> = ForkLock::new(State { session: None, registry: Vec::new(), epoch: 0 });
+pub(super) static STATE: ForkLock<State> = ForkLock::new(State { session: None, registry: Vec::new(), epoch: 0 });
 
-struct Session {
+pub(super) struct Session {
     /// The ACTIVE word of this session.
-    id: u64,
-    config: RecorderConfig,
-    dir: PathBuf,
-    dir_ready: bool,
-    parent_pid: Option<i32>,
-    calibration: Calibration,
-    start_unix_ns: u64,
-    start_ts: u64,
+    pub(super) id: u64,
+    pub(super) config: RecorderConfig,
+    pub(super) dir: PathBuf,
+    pub(super) dir_ready: bool,
+    pub(super) parent_pid: Option<i32>,
+    pub(super) calibration: Calibration,
+    pub(super) start_unix_ns: u64,
+    pub(super) start_ts: u64,
     /// Live threads' outputs, by buffer.
-    threads: BTreeMap<BufPtr, ThreadOut>,
+    pub(super) threads: BTreeMap<BufPtr, ThreadOut>,
     /// Threads that exited, final.
-    finished: Vec<ThreadMeta>,
+    pub(super) finished: Vec<ThreadMeta>,
     /// File names used.
-    names: BTreeSet<String>,
+    pub(super) names: BTreeSet<String>,
     /// Calls of exited threads, by function id.
-    count_totals: Vec<u64>,
-    symbols: SymbolsOut,
+    pub(super) count_totals: Vec<u64>,
+    pub(super) symbols: SymbolsOut,
     /// Global drop counters when the session started.
-    drops_base: [u64; 4],
-    io_drops: u64,
-    in_flight: u64,
-    io_error: Option<String>,
+    pub(super) drops_base: [u64; 4],
+    pub(super) io_drops: u64,
+    pub(super) in_flight: u64,
+    pub(super) io_error: Option<String>,
     /// `total_dropped` of the last metadata written.
-    last_dropped: u64,
+    pub(super) last_dropped: u64,
+    /// Calls counted with no thread's buffer (`unattributed_calls`).
+    pub(super) orphan_calls: u64,
     /// When the metadata was last written, and whether anything changed
     /// since (a thread appeared or exited).
-    last_meta: Option<Instant>,
-    meta_due: bool,
-    writer: Option<std::thread::JoinHandle<()>>,
-    stop_requested: bool,
+    pub(super) last_meta: Option<Instant>,
+    pub(super) meta_due: bool,
+    /// Words appended to the thread files so far (a pass that adds none
+    /// is idle: see [`drain`]).
+    pub(super) words_out: u64,
+    pub(super) writer: Option<std::thread::JoinHandle<()>>,
+    pub(super) stop_requested: bool,
 }
 
-fn global_drops() -> [u64; 4] {
+pub(super) fn global_drops() -> [u64; 4] {
     [
         buffer::DROP_CREATING.load(Ordering::Relaxed),
         buffer::DROP_EXITING.load(Ordering::Relaxed),
@@ -98,6 +103,7 @@ const META_INTERVAL: Duration = Duration::from_secs(1);
 
 pub(crate) fn start(config: RecorderConfig) -> Result<(), RecordError> {
     config.validate()?;
+    super::crash::reset(); // a flush that found the recorder busy is over
     buffer::ensure_key();
     install_fork_hooks();
     let mut st = STATE.lock();
@@ -158,14 +164,16 @@ fn new_session(
         finished: Vec::new(),
         names: BTreeSet::new(),
         count_totals: Vec::new(),
-        symbols: SymbolsOut::default(),
+        symbols: SymbolsOut::with_room(),
         drops_base: global_drops(),
         io_drops: 0,
         in_flight: 0,
         io_error: None,
         last_dropped: 0,
+        orphan_calls: 0,
         last_meta: None,
         meta_due: true,
+        words_out: 0,
         writer: None,
         stop_requested: false,
         config,
@@ -182,6 +190,7 @@ fn publish(id: u64, config: &RecorderConfig) {
     buffer::CFG_PREFAULT.store(config.prefault_buffers, Ordering::Relaxed);
     buffer::MEM_LIMIT.store(config.memory_limit as u64, Ordering::Relaxed);
     buffer::MEM_PEAK.store(buffer::MEM_USED.load(Ordering::Relaxed), Ordering::Relaxed);
+    buffer::reset_orphans();
     ACTIVE.store(id, Ordering::Release);
 }
 
@@ -209,6 +218,14 @@ fn writer_main(id: u64) {
     buffer::mark_writer_thread();
     batch_scheduling();
     loop {
+        if super::crash::writer_rests() {
+            // F2/F8: a fatal signal's flush wants the lock (a writer busy
+            // with threads that fill segments would take it again at once)
+            // or has just written the trace, which a pass would rewrite
+            // without saying so, while the process dies.
+            std::thread::sleep(Duration::from_millis(1));
+            continue;
+        }
         // Acquire pairs with wake_writer's release increment.
         let seen = buffer::WAKE.load(Ordering::Acquire);
         let interval = {
@@ -238,8 +255,12 @@ fn drain(st: &mut State, side_files: bool) {
         sweep(st);
         return;
     };
+    let words_before = s.words_out;
     let mut i = 0;
     while i < st.registry.len() {
+        if yield_to_crash() {
+            return;
+        }
         let bp = st.registry[i];
         let b = bp.get();
         // D5 first: acquire pairs with X2, so after it every event of an
@@ -270,13 +291,30 @@ fn drain(st: &mut State, side_files: bool) {
             s.io_error.get_or_insert(e);
         }
     }
-    let due = s.meta_due && s.last_meta.is_none_or(|t| t.elapsed() >= META_INTERVAL);
+    // The side files follow the events: at most every META_INTERVAL while
+    // events flow, and at the first idle pass after some did (a program
+    // that waits, or is about to be killed, has its counts on disk); in
+    // count mode (no events to see) every META_INTERVAL.
+    let active = s.words_out != words_before;
+    if active || s.config.mode == Mode::Count {
+        s.meta_due = true;
+    }
+    let idle_write = !active && s.config.mode == Mode::Record;
+    let due = s.meta_due && (idle_write || s.last_meta.is_none_or(|t| t.elapsed() >= META_INTERVAL));
     if side_files || due {
         let registry = st.registry.clone();
         if let Some(s) = st.session.as_mut() {
             write_meta(s, &registry, false);
         }
     }
+}
+
+/// Whether the writer thread must end its pass now: a fatal signal's
+/// flush waits for the lock (F2). A producer that fills segments as fast
+/// as the writer drains them keeps one pass going; the final drain of a
+/// stop (on another thread) goes on.
+fn yield_to_crash() -> bool {
+    buffer::is_writer_thread() && super::crash::writer_rests()
 }
 
 /// Frees the exited buffers of no running session.
@@ -324,13 +362,16 @@ fn drain_one(s: &mut Session, bp: BufPtr) {
         if seg.is_null() {
             return; // count mode: counters are read when counts are written
         }
+        if yield_to_crash() {
+            return; // the cursor is where this pass got to
+        }
         // SAFETY: the cursor's segment is mapped until given back below.
         let sr = unsafe { &*seg };
         let from = b.cons.drain_pos.load(Ordering::Relaxed);
         // D1: acquire pairs with H7's release of `pos`.
         let pos = b.p.pos.load(Ordering::Acquire);
         if pos >= sr.data() as u64 && pos <= sr.data_end() as u64 {
-            write_words(s, bp, from, pos);
+            write_range(s, bp, from, pos);
             b.cons.drain_pos.store(pos, Ordering::Relaxed);
             return;
         }
@@ -341,7 +382,7 @@ fn drain_one(s: &mut Session, bp: BufPtr) {
             return; // not yet visible: next time
         }
         let end = sr.data() as u64 + sr.used.load(Ordering::Relaxed);
-        write_words(s, bp, from, end);
+        write_range(s, bp, from, end);
         // SAFETY: just mapped segments are linked; `next` is live.
         let nr = unsafe { &*next };
         b.cons.drain_seg.store(next, Ordering::Relaxed);
@@ -352,9 +393,8 @@ fn drain_one(s: &mut Session, bp: BufPtr) {
     }
 }
 
-/// D3: appends the words at `[from, to)` (addresses in a segment of `bp`)
-/// to its thread's file, scanning them on the way.
-fn write_words(s: &mut Session, bp: BufPtr, from: u64, to: u64) {
+/// D3 for the words at `[from, to)`, addresses in a segment of `bp`.
+fn write_range(s: &mut Session, bp: BufPtr, from: u64, to: u64) {
     if to <= from {
         return;
     }
@@ -362,6 +402,21 @@ fn write_words(s: &mut Session, bp: BufPtr, from: u64, to: u64) {
     // position (or its final `used`): written before the release store
     // we acquired, and not reused before we give the segment back.
     let words = unsafe { std::slice::from_raw_parts(from as *const u64, ((to - from) / 8) as usize) };
+    write_words(s, bp, words);
+}
+
+/// The cut events of a thread whose stream ends before its next event
+/// could mark them (X2, or the session's end): marked at the end.
+fn mark_pending_cut(s: &mut Session, bp: BufPtr) {
+    let b = bp.get();
+    let cut = b.s.cut_pending.swap(0, Ordering::Relaxed);
+    if cut > 0 && !b.s.seg.load(Ordering::Relaxed).is_null() {
+        write_words(s, bp, &[format::special(format::SPECIAL_CUT, 0, cut)]);
+    }
+}
+
+/// D3: appends `words` to `bp`'s thread's file, scanning them on the way.
+fn write_words(s: &mut Session, bp: BufPtr, words: &[u64]) {
     let ok = ensure_dir(s);
     let dir = s.dir.clone();
     let out = s.threads.get_mut(&bp).expect("inserted by drain_one");
@@ -389,6 +444,7 @@ fn write_words(s: &mut Session, bp: BufPtr, from: u64, to: u64) {
             }
         }
     }
+    s.words_out += words.len() as u64;
     let symbols = &mut s.symbols;
     let before = (out.scan.entries, out.scan.exits);
     out.scan.words(words, &mut |f| symbols.see(f));
@@ -417,6 +473,7 @@ fn words_as_bytes(words: &[u64]) -> &[u8] {
 /// A thread exited: fold its counts into the totals, close its file and
 /// keep its final metadata.
 fn retire(s: &mut Session, bp: BufPtr) {
+    mark_pending_cut(s, bp);
     let Some(mut out) = s.threads.remove(&bp) else {
         return;
     };
@@ -460,6 +517,16 @@ fn sum_counts(s: &mut Session, registry: &[BufPtr]) -> Vec<u64> {
             out.calls = calls;
         }
     }
+    // Calls that had no buffer to be counted in (C1').
+    let mut orphans = 0;
+    for (i, v) in writer::orphan_counts() {
+        if totals.len() <= i {
+            totals.resize(i + 1, 0);
+        }
+        totals[i] += v;
+        orphans += v;
+    }
+    s.orphan_calls = orphans;
     totals
 }
 
@@ -468,6 +535,13 @@ fn sum_counts(s: &mut Session, registry: &[BufPtr]) -> Vec<u64> {
 fn write_meta(s: &mut Session, registry: &[BufPtr], complete: bool) {
     if !ensure_dir(s) {
         return;
+    }
+    // The thread files first, so the metadata never counts words that are
+    // not in them yet.
+    for out in s.threads.values_mut() {
+        if let Some(Err(e)) = out.file.as_mut().map(|f| f.flush()) {
+            s.io_error.get_or_insert_with(|| format!("write {}: {e}", out.name.as_deref().unwrap_or("?")));
+        }
     }
     let totals = sum_counts(s, registry);
     for (id, _) in totals.iter().enumerate().filter(|(_, &v)| v != 0) {
@@ -497,7 +571,8 @@ fn write_meta(s: &mut Session, registry: &[BufPtr], complete: bool) {
     if complete {
         s.calibration.refine();
     }
-    let (total_events, total_dropped, total_calls) = writer::totals(&threads, &unattributed);
+    let (total_events, total_dropped, thread_calls) = writer::totals(&threads, &unattributed);
+    let total_calls = thread_calls + s.orphan_calls;
     s.last_dropped = total_dropped;
     let c = &s.config;
     let meta = Meta {
@@ -524,9 +599,11 @@ fn write_meta(s: &mut Session, registry: &[BufPtr], complete: bool) {
         max_functions: c.max_functions,
         threads,
         unattributed_drops: unattributed,
+        unattributed_calls: s.orphan_calls,
         total_events,
         total_dropped,
         total_calls,
+        ended_by: None,
     };
     if let Err(e) = writer::write_json(&s.dir, format::META_FILE, &meta, sync) {
         s.io_error.get_or_insert(e);
@@ -547,7 +624,9 @@ pub(crate) fn flush() -> Result<TraceSummary, RecordError> {
     if st.session.is_none() {
         return Err(RecordError::NotActive);
     }
-    drain(&mut st, true);
+    if !super::crash::writer_rests() {
+        drain(&mut st, true); // not over a crash flush's metadata (F8)
+    }
     flush_files(st.session.as_mut().expect("checked above"));
     let s = st.session.as_ref().expect("checked above");
     if let Some(e) = &s.io_error {
@@ -577,6 +656,8 @@ fn summary(s: &Session, complete: bool) -> TraceSummary {
 
 /// Stops the active session: S1–S5 of the module docs.
 pub(crate) fn stop() -> Result<TraceSummary, RecordError> {
+    // A process that stops normally outlived any crash flush (F8).
+    super::crash::reset();
     // Ask the writer to finish and wait for it, without holding the lock.
     let writer = {
         let mut st = STATE.lock();
@@ -633,6 +714,10 @@ pub(crate) fn stop() -> Result<TraceSummary, RecordError> {
     drain(&mut st, false);
     let st = &mut *st;
     let mut s = st.session.take().expect("checked above");
+    let live: Vec<BufPtr> = s.threads.keys().copied().collect();
+    for bp in live {
+        mark_pending_cut(&mut s, bp);
+    }
     let live: Vec<BufPtr> =
         st.registry.iter().copied().filter(|bp| bp.get().p.session.load(Ordering::Acquire) == s.id).collect();
     flush_files(&mut s);

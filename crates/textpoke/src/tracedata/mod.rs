@@ -482,9 +482,12 @@ fn check_meta(dir: &Path, meta: &Meta) -> Result<(), TraceError> {
                 meta.total_events
             )));
         }
-        let calls: u64 = meta.threads.iter().map(|t| t.calls).sum();
+        let calls: u64 = meta.threads.iter().map(|t| t.calls).sum::<u64>() + meta.unattributed_calls;
         if calls != meta.total_calls {
-            return Err(inconsistent(format!("total_calls is {} but the threads add up to {calls}", meta.total_calls)));
+            return Err(inconsistent(format!(
+                "total_calls is {} but the threads and unattributed_calls add up to {calls}",
+                meta.total_calls
+            )));
         }
     }
     Ok(())
