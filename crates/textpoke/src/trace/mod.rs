@@ -60,9 +60,12 @@
 //!    call). A pad written so is one instruction from then on, for the
 //!    breakpoint protocol. One batch, not a stop-machine rewrite of the
 //!    pads followed by a breakpoint batch: the threads are parked once and
-//!    nothing is half done if it is refused. A program's first
-//!    registration (the agent's, from a constructor: usually no thread
-//!    but textpoke's own) parks at most those;
+//!    nothing is half done if it is refused. The threads being parked
+//!    anyway, such a batch also turns every other pad of a live site into
+//!    one 5-byte NOP, so that tracing it later takes the breakpoint
+//!    protocol and signals nobody. A program's first registration (the
+//!    agent's, from a constructor: usually no thread but textpoke's own)
+//!    so prepares every pad of the objects loaded at start;
 //! 4. the words of stubs the sites keep are pointed at their new
 //!    trampolines, those of stubs no site calls any more at their null
 //!    paths (the *unpublish*); blocks no word points into any more, stub
@@ -1299,6 +1302,15 @@ impl Inner {
             let poke = if s.prepared { Poke::new(s.addr, old, new) } else { Poke::region(s.addr, old, new) };
             batch.push(poke.named(s.function.clone()));
         }
+        // Parked anyway: every other gcc pad becomes one 5-byte NOP in the
+        // same batch, so that tracing it later needs no stop-machine (and no
+        // signal: a thread waiting in `nanosleep` would get EINTR).
+        let padded =
+            if split { self.pads_to_prepare(&changes.iter().map(|c| c.i).collect::<Vec<_>>()) } else { vec![] };
+        for &i in &padded {
+            let s = &self.sites[i];
+            batch.push(Poke::region(s.addr, [0x90; 5], NOP5).named(s.function.clone()));
+        }
         for c in &changes {
             hot::site_slot(c.i as u32).expect("site slot").mask.store(c.mask, Ordering::Release);
         }
@@ -1312,6 +1324,9 @@ impl Inner {
             return Err(e.into());
         }
         drop(batch);
+        for i in padded {
+            self.sites[i].prepared = true;
+        }
         // 4. Point the words the sites keep at their new trampolines and
         // those they left at their null paths (unpublish); retire what no
         // word reaches any more.
@@ -1329,6 +1344,20 @@ impl Inner {
         }
         self.retire(retire);
         Ok(())
+    }
+
+    /// The live sites still in gcc's five-one-byte-NOP form that `changing`
+    /// (site indexes, ascending) does not write.
+    fn pads_to_prepare(&self, changing: &[usize]) -> Vec<usize> {
+        let mut next = changing.iter().copied().peekable();
+        let mut pads = Vec::new();
+        for (i, s) in self.sites.iter().enumerate() {
+            let changes = next.next_if_eq(&i).is_some();
+            if !changes && s.alive && !s.prepared && s.target == Target::Off {
+                pads.push(i);
+            }
+        }
+        pads
     }
 
     /// Pins the objects that own live sites; marks the sites of objects
