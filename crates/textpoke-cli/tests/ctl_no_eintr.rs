@@ -74,7 +74,11 @@ static void *waiter(void *arg) {
         }
         if (r == -1) err = errno;
         long took = ms_since(&t0);
-        if (r != 0 || took < WAIT_MS - 1) {
+        /* SO_RCVTIMEO counts jiffies (schedule_timeout): it may end up to
+           one tick (10 ms at HZ=100) short of the time asked; the others
+           are hrtimers. An early return by a signal is EINTR, not this. */
+        long slack = kind == 5 ? 10 : 1;
+        if (r != 0 || took < WAIT_MS - slack) {
             if (atomic_fetch_add(&errors, 1) < 5)
                 fprintf(stderr, "waiter %ld: returned %ld (%s) after %ld ms of %d\n", kind, r, strerror(err), took, WAIT_MS);
         } else {
