@@ -420,6 +420,9 @@ fn load() {
     let agent = g.as_mut().expect("just set");
     server::note_counters();
     let tracer = Tracer::global(); // finds the sites of every loaded object
+                                   // Pads made one instruction at the first change (no program thread
+                                   // yet): a later `ctl enable` then signals no thread.
+    tracer.set_prepare_pads(true);
     if let Err(e) = try_start(agent, tracer) {
         fail(agent, &e.to_string());
     }

@@ -60,12 +60,13 @@
 //!    call). A pad written so is one instruction from then on, for the
 //!    breakpoint protocol. One batch, not a stop-machine rewrite of the
 //!    pads followed by a breakpoint batch: the threads are parked once and
-//!    nothing is half done if it is refused. The threads being parked
-//!    anyway, such a batch also turns every other pad of a live site into
-//!    one 5-byte NOP, so that tracing it later takes the breakpoint
-//!    protocol and signals nobody. A program's first registration (the
-//!    agent's, from a constructor: usually no thread but textpoke's own)
-//!    so prepares every pad of the objects loaded at start;
+//!    nothing is half done if it is refused. With
+//!    [`Tracer::set_prepare_pads`] (the agent's choice), the threads being
+//!    parked anyway, such a batch also turns every other pad of a live
+//!    site into one 5-byte NOP, so that tracing it later takes the
+//!    breakpoint protocol and signals nobody. A program's first
+//!    registration (the agent's, from a constructor: usually no thread but
+//!    textpoke's own) so prepares every pad of the objects loaded at start;
 //! 4. the words of stubs the sites keep are pointed at their new
 //!    trampolines, those of stubs no site calls any more at their null
 //!    paths (the *unpublish*); blocks no word points into any more, stub
@@ -340,6 +341,9 @@ struct Inner {
     return_block: Option<CodeBlock>,
     retired: Vec<Retired>,
     grace_enabled: bool,
+    /// Whether a stop-machine batch also prepares every other gcc pad
+    /// ([`Tracer::set_prepare_pads`]).
+    prepare_pads: bool,
     avx: bool,
     /// Unwinder hooks, installed once an op wants exits.
     unwind: Option<unwind::UnwindHooks>,
@@ -404,6 +408,7 @@ impl Tracer {
                 return_block: None,
                 retired: Vec::new(),
                 grace_enabled: true,
+                prepare_pads: false,
                 avx: tramp::has_avx(),
                 graph_code: None,
                 inline_recording: true,
@@ -590,6 +595,17 @@ impl Tracer {
     /// Items retired and not yet freed.
     pub fn retired(&self) -> usize {
         self.inner.lock().unwrap_or_else(|e| e.into_inner()).retired.len()
+    }
+
+    /// Whether a batch that parks every thread anyway (stop-machine: a gcc
+    /// pad of five one-byte NOPs gets its branch) also turns every other
+    /// pad into one 5-byte NOP, so that tracing those later takes the
+    /// breakpoint protocol and sends no signal (a thread waiting in
+    /// `nanosleep` or `poll` would get `EINTR`). Off by default: functions
+    /// never traced keep their bytes. The agent turns it on (it starts
+    /// before the program's threads, and owns the process's tracing).
+    pub fn set_prepare_pads(&self, on: bool) {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner()).prepare_pads = on;
     }
 
     /// Test-only switch: free retired memory at once, without a grace
@@ -1302,11 +1318,14 @@ impl Inner {
             let poke = if s.prepared { Poke::new(s.addr, old, new) } else { Poke::region(s.addr, old, new) };
             batch.push(poke.named(s.function.clone()));
         }
-        // Parked anyway: every other gcc pad becomes one 5-byte NOP in the
-        // same batch, so that tracing it later needs no stop-machine (and no
-        // signal: a thread waiting in `nanosleep` would get EINTR).
-        let padded =
-            if split { self.pads_to_prepare(&changes.iter().map(|c| c.i).collect::<Vec<_>>()) } else { vec![] };
+        // Parked anyway: with `prepare_pads`, every other gcc pad becomes
+        // one 5-byte NOP in the same batch, so that tracing it later needs
+        // no stop-machine (and no signal: a thread waiting in `nanosleep`
+        // would get EINTR).
+        let padded = match split && self.prepare_pads {
+            true => self.pads_to_prepare(&changes.iter().map(|c| c.i).collect::<Vec<_>>()),
+            false => Vec::new(),
+        };
         for &i in &padded {
             let s = &self.sites[i];
             batch.push(Poke::region(s.addr, [0x90; 5], NOP5).named(s.function.clone()));
