@@ -955,6 +955,17 @@ fn storm_round(run: extern "C" fn(i64) -> i64, round: i64, mode: Mode) -> (Vec<S
                 while !stop.load(Ordering::SeqCst) {
                     std::thread::yield_now();
                 }
+                // A signal sent before `stop` may still be pending here, to
+                // be delivered at the thread's next return to user mode:
+                // after its slow calls were read, its handler run would be
+                // accounted for with none of them. Blocked, it never runs.
+                // SAFETY: a signal set on the stack, this thread's mask.
+                unsafe {
+                    let mut set: libc::sigset_t = std::mem::zeroed();
+                    libc::sigemptyset(&mut set);
+                    libc::sigaddset(&mut set, libc::SIGUSR1);
+                    libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+                }
                 StormWorker { tid, slow: slow_calls(mode) - s0, failure }
             })
         })
