@@ -505,3 +505,57 @@ fn human_durations() {
     assert_eq!(human_ns(12_345_678), "12.345 ms");
     assert_eq!(human_ns(3_000_000_001), "3.000 s");
 }
+
+/// Found by textpoke-fuzz (fuzz/corpus/reader/deep-call-trees.tpf): the
+/// folded text of deep stacks grows with the square of their depth, and
+/// `folded` and `flamegraph` held it all (a 10 MB trace of such stacks
+/// needs gigabytes). A 5,000-level recursion whose every level has self
+/// time: its folded text (512 MB) is refused, its flame graph is drawn
+/// from the lines that fit the budget, and says so.
+#[test]
+fn deep_stacks_have_bounded_folded_stacks_and_flame_graphs() {
+    const DEPTH: u32 = 5000;
+    let dir = tmp("deep");
+    let name = "r".repeat(40);
+    let mut events: Vec<format::Event> = (0..DEPTH).map(|d| raw(KIND_ENTRY, 0, d, 10 * d as u64)).collect();
+    events.extend((0..DEPTH).rev().map(|d| raw(KIND_EXIT, 0, d, 10 * (2 * DEPTH - d) as u64)));
+    write_trace(&dir, 7, &[&name], &[(7, events)], None);
+    let set = open(&dir);
+    let e = folded_to(&set, &mut std::io::sink(), &mut |_| {}).unwrap_err();
+    let msg = e.to_string();
+    assert!(matches!(e, AnalysisError::TooBig { .. }), "{msg}");
+    assert!(msg.contains(&dir.display().to_string()) && msg.contains("5000 frames deep"), "{msg}");
+    assert!(msg.contains("--flamegraph") && msg.contains("--perfetto"), "it says what to do instead: {msg}");
+    let mut svg = Vec::new();
+    flamegraph(&set, &FlameOptions::default(), &mut svg, &mut |_| {}).unwrap();
+    let svg = String::from_utf8(svg).unwrap();
+    assert!(svg.contains("of the width left out"), "the subtitle says what was left out");
+    // A line per level fits no budget: each line kept holds at least its
+    // share of the width, so far fewer frames are drawn.
+    let frames = svg.matches("<g>").count();
+    assert!(frames > 100 && frames < DEPTH as usize, "{frames} frames");
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+/// The same shape, shallower: the folded text is written whole, and the
+/// flame graph (under its budget) shows every level.
+#[test]
+fn folded_stacks_under_the_bound_are_whole() {
+    const DEPTH: u32 = 300;
+    let dir = tmp("deep-ok");
+    let mut events: Vec<format::Event> = (0..DEPTH).map(|d| raw(KIND_ENTRY, 0, d, 10 * d as u64)).collect();
+    events.extend((0..DEPTH).rev().map(|d| raw(KIND_EXIT, 0, d, 10 * (2 * DEPTH - d) as u64)));
+    write_trace(&dir, 7, &["f"], &[(7, events)], None);
+    let set = open(&dir);
+    let mut text = Vec::new();
+    assert_eq!(folded_to(&set, &mut text, &mut |_| {}).unwrap(), "ns");
+    let text = String::from_utf8(text).unwrap();
+    assert_eq!(text.lines().count(), DEPTH as usize);
+    assert_eq!(text.lines().last().unwrap(), format!("{} 20", vec!["f"; DEPTH as usize].join(";")));
+    let mut svg = Vec::new();
+    flamegraph(&set, &FlameOptions::default(), &mut svg, &mut |_| {}).unwrap();
+    let svg = String::from_utf8(svg).unwrap();
+    assert!(!svg.contains("left out"));
+    assert_eq!(svg.matches("<g>").count(), DEPTH as usize + 1, "every level and the root frame");
+    let _ = std::fs::remove_dir_all(dir);
+}
