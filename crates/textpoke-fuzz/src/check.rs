@@ -11,7 +11,7 @@
 //! | `open-salvage` | the same with `allow_incomplete` (`--salvage`)                    |
 //! | `report`       | `TraceSet::open` (children too), `analysis::report`, its JSON      |
 //! | `replay`       | `analysis::replay`                                                |
-//! | `folded`       | `analysis::folded`                                                |
+//! | `folded`       | `analysis::folded_to`                                             |
 //! | `flamegraph`   | `analysis::flamegraph`                                            |
 //! | `chrome`       | `analysis::chrome`                                                |
 //! | `perfetto`     | the CLI's `dump --perfetto` exporter (its source, compiled here)  |
@@ -382,7 +382,9 @@ fn validate(dir: &Path, findings: &mut Vec<Finding>) {
             bad("replay", format!("replay output: {what}"));
         }
     }
-    if let Ok((folded, _)) = analysis::folded(&set, &mut |_| {}) {
+    w.data.clear();
+    if analysis::folded_to(&set, &mut w, &mut |_| {}).is_ok() {
+        let folded = String::from_utf8_lossy(&w.data);
         if let Some(what) = control_chars(folded.as_bytes(), b"\n") {
             bad("folded", format!("folded output: {what}"));
         }
@@ -486,7 +488,7 @@ pub fn check_reader(dir: &Path, limits: &Limits, validate_outputs: bool) -> Outc
     });
     step(&mut out, "folded", limits, &d, |f| {
         let set = open_set(dir)?;
-        analysis::folded(&set, &mut |_| {}).map(drop).map_err(|e| analysis_error(e, true, "folded", f))
+        analysis::folded_to(&set, &mut *sink, &mut |_| {}).map(drop).map_err(|e| analysis_error(e, true, "folded", f))
     });
     step(&mut out, "flamegraph", limits, &d, |f| {
         let set = open_set(dir)?;

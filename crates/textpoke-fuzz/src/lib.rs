@@ -56,7 +56,8 @@ pub fn message_shape(msg: &str, dir: &str) -> String {
     let mut out = String::with_capacity(msg.len().min(200));
     let mut last_digit = false;
     let mut quoted = false;
-    for c in msg.replace(dir, "DIR").chars().take(200) {
+    let msg = if dir.is_empty() { msg.to_string() } else { msg.replace(dir, "DIR") };
+    for c in msg.chars().take(200) {
         if c == '"' {
             quoted = !quoted;
             if quoted {

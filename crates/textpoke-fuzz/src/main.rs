@@ -169,12 +169,14 @@ fn cmd_record(o: &Opts) -> ExitCode {
     }
 }
 
-/// The bounds for a reader input of `size` bytes.
-fn reader_limits(size: usize, from_base: bool) -> Limits {
-    let mut l = if from_base {
-        Limits { seconds: 2.0, bytes: 200 << 20, cap: None }
-    } else {
-        Limits::scaled(size as u64, 256 << 10, 1.0)
+/// The bounds for a reader input of `size` bytes, derived from a base
+/// trace of `base` bytes if any: the 2 s and 200 MB for a base of
+/// 10 MB or more, else those per byte of the base (or of the input).
+fn reader_limits(size: usize, base: Option<usize>) -> Limits {
+    let mut l = match base {
+        Some(b) if b >= 10_000_000 => Limits { seconds: 2.0, bytes: 200 << 20, cap: None },
+        Some(b) => Limits::scaled(b as u64, 256 << 10, 1.0),
+        None => Limits::scaled(size as u64, 256 << 10, 1.0),
     };
     l.cap = Some(2 << 30);
     l
@@ -229,7 +231,7 @@ fn cmd_check(o: &Opts) -> ExitCode {
             if let Err(e) = t.write_to(&dir) {
                 return fail(format!("cannot write {}: {e}", dir.display()));
             }
-            let o = check::check_reader(&dir, &reader_limits(t.size(), false), true);
+            let o = check::check_reader(&dir, &reader_limits(t.size(), None), true);
             let _ = std::fs::remove_dir_all(&dir);
             o
         } else {
@@ -267,6 +269,11 @@ struct Run {
     /// Per step: the most CPU and memory, and the input's number, for
     /// inputs derived from the base trace and for the others.
     worst: HashMap<(bool, &'static str), (f64, u64, u64, u64)>,
+    /// Per step: how many inputs it succeeded on.
+    succeeded: HashMap<&'static str, u64>,
+    /// How often each error shape of the `report` step came (what stops
+    /// inputs before the analyses).
+    refusals: HashMap<String, u64>,
 }
 
 impl Run {
@@ -284,6 +291,8 @@ impl Run {
             seen: HashSet::new(),
             new_inputs: 0,
             worst: HashMap::new(),
+            succeeded: HashMap::new(),
+            refusals: HashMap::new(),
         }
     }
 
@@ -295,6 +304,7 @@ impl Run {
         self.from_base += from_base as u64;
         let n = self.inputs;
         for s in &o.steps {
+            *self.succeeded.entry(s.name).or_default() += s.error.is_none() as u64;
             let w = self.worst.entry((from_base, s.name)).or_insert((0.0, 0, 0, 0));
             if s.cpu > w.0 {
                 (w.0, w.1) = (s.cpu, n);
@@ -306,7 +316,13 @@ impl Run {
         for f in &o.findings {
             let shape = match &f.problem {
                 check::Problem::Slow { .. } | check::Problem::Memory { .. } => String::new(),
-                p => message_shape(&format!("{p:?}"), dir),
+                // A panic is known by where it happened.
+                check::Problem::Panic(m) => m.rsplit_once(" at ").map_or(m.as_str(), |(_, at)| at).to_string(),
+                check::Problem::Unnamed(m)
+                | check::Problem::Inconsistent(m)
+                | check::Problem::Nesting(m)
+                | check::Problem::BadOutput(m)
+                | check::Problem::Control(m) => message_shape(m, dir),
             };
             let key = format!("{} {} {shape}", f.step, f.problem.kind());
             match self.findings.get_mut(&key) {
@@ -323,6 +339,9 @@ impl Run {
                     self.findings.insert(key, (1, path));
                 }
             }
+        }
+        if let Some(e) = o.step("report").and_then(|s| s.error.as_deref()) {
+            *self.refusals.entry(message_shape(e, dir)).or_default() += 1;
         }
         let mut new = false;
         for s in &o.steps {
@@ -380,6 +399,16 @@ impl Run {
             for ((_, step), (cpu, ci, peak, pi)) in rows {
                 println!("    {step:<13} {cpu:>8.3} s  #{ci:<7} {:>9.1} MB  #{pi}", *peak as f64 / (1 << 20) as f64);
             }
+        }
+        let mut ok: Vec<_> = self.succeeded.iter().collect();
+        ok.sort();
+        let ok: Vec<String> =
+            ok.iter().map(|(s, n)| format!("{s} {:.0}%", **n as f64 * 100.0 / self.inputs.max(1) as f64)).collect();
+        println!("  inputs each step succeeded on: {}", ok.join(", "));
+        let mut refusals: Vec<_> = self.refusals.iter().collect();
+        refusals.sort_by(|a, b| b.1.cmp(a.1));
+        for (shape, n) in refusals.iter().take(8) {
+            println!("    refused {n:>6} x {}", shorten(shape, 150));
         }
         println!(
             "  inputs that did something new: {} (saved under {})",
@@ -497,7 +526,8 @@ fn fuzz_reader(o: &Opts) -> ExitCode {
         }
         STARTED.store(now_ms(), Ordering::Relaxed);
         let validate = input.size() < POOL_INPUT_MAX;
-        let outcome = check::check_reader(&dir, &reader_limits(input.size(), from_base), validate);
+        let base_size = if from_base { Some(parent.size()) } else { None };
+        let outcome = check::check_reader(&dir, &reader_limits(input.size(), base_size), validate);
         STARTED.store(0, Ordering::Relaxed);
         let log = log.join("; ");
         let new = run.record(&outcome, from_base, &dir_s, &log, &|| input.to_bytes());

@@ -474,7 +474,17 @@ fn mutate_words(rng: &mut Rng, w: &mut Vec<u64>, funcs: &[u64], room: usize) -> 
         ])
     };
     let near = w.iter().skip(1).copied().find(|&x| x > 1 << 30 && x < 1 << 62).unwrap_or(1 << 40);
-    match rng.below(17) {
+    // Deep stacks and long runs half the time: the shapes that cost the
+    // analyses the most.
+    let deep = |rng: &mut Rng| {
+        if rng.one_in(2) {
+            rng.range(1, MAX_DEPTH as usize - 1)
+        } else {
+            rng.len_upto(MAX_DEPTH as usize - 1)
+        }
+    };
+    let long = |rng: &mut Rng, max: usize| if rng.one_in(2) { max } else { rng.len_upto(max) };
+    match rng.below(26) {
         0 if n > 0 => {
             let k = rng.below(4) as u64;
             w[i] = (w[i] & !3) | k;
@@ -551,7 +561,7 @@ fn mutate_words(rng: &mut Rng, w: &mut Vec<u64>, funcs: &[u64], room: usize) -> 
                     format::KIND_ENTRY,
                     f as u32 & 0x3f_ffff,
                     (d0 + k as u64).min((1 << 14) - 1) as u32,
-                    1,
+                    1000,
                 )
                 .unwrap_or(*x);
             }
@@ -562,7 +572,7 @@ fn mutate_words(rng: &mut Rng, w: &mut Vec<u64>, funcs: &[u64], room: usize) -> 
             let f = func(rng);
             let d = depth(rng);
             for x in &mut w[i..i + len] {
-                *x = format::compact(format::KIND_EXIT, f as u32 & 0x3f_ffff, d as u32, 1).unwrap_or(*x);
+                *x = format::compact(format::KIND_EXIT, f as u32 & 0x3f_ffff, d as u32, 1000).unwrap_or(*x);
             }
             format!("words {i}..{}: exits of function {f} at depth {d}", i + len)
         }
@@ -584,6 +594,44 @@ fn mutate_words(rng: &mut Rng, w: &mut Vec<u64>, funcs: &[u64], room: usize) -> 
             let bit = rng.below(64);
             w[i] ^= 1 << bit;
             format!("word {i}: bit {bit} flipped")
+        }
+        16..=21 if n > 0 => {
+            // Deep, fully nested call trees of random functions, one after
+            // the other, over a run: long paths, deep indentation.
+            let len = long(rng, n - i);
+            let depth = deep(rng);
+            let mut stack = Vec::new();
+            let mut k = 0;
+            while k < len {
+                let word = if stack.len() < depth && (k + stack.len() + 1 < len) {
+                    let f = func(rng) as u32 & 0x3f_ffff;
+                    stack.push(f);
+                    format::compact(format::KIND_ENTRY, f, stack.len() as u32 - 1, 1000)
+                } else if let Some(f) = stack.pop() {
+                    format::compact(format::KIND_EXIT, f, stack.len() as u32, 1000)
+                } else {
+                    break;
+                };
+                w[i + k] = word.unwrap_or(w[i + k]);
+                k += 1;
+            }
+            format!("words {i}..{}: call trees {depth} deep", i + k)
+        }
+        22..=24 if n > 0 => {
+            // A deep stack, then exits that match none of it (orphans):
+            // each one is looked for through the whole stack.
+            let len = long(rng, n - i);
+            let depth = deep(rng).min(len);
+            let f = func(rng) as u32 & 0x3f_ffff;
+            for (k, x) in w[i..i + len].iter_mut().enumerate() {
+                let word = if k < depth {
+                    format::compact(format::KIND_ENTRY, f, k as u32, 1000)
+                } else {
+                    format::compact(format::KIND_EXIT, f ^ 1, (k % depth) as u32, 1000)
+                };
+                *x = word.unwrap_or(*x);
+            }
+            format!("words {i}..{}: a stack {depth} deep, then exits of another function", i + len)
         }
         15 => {
             let what = *rng.pick(&[SPECIAL_LOST, SPECIAL_CUT]);
@@ -947,8 +995,9 @@ fn mutate_files(rng: &mut Rng, input: &mut TraceInput, dir: &str, room: usize) -
                 return "no room for a reused tid".into();
             }
             let copy = format!("{}-2.bin", file.trim_end_matches(".bin"));
-            t["file"] = Value::from(copy.clone());
-            t["exited"] = Value::from(true);
+            let Some(o) = t.as_object_mut() else { return "a thread that is not an object".into() };
+            o.insert("file".into(), Value::from(copy.clone()));
+            o.insert("exited".into(), Value::from(true));
             threads.push(t);
             input.set_file(&join(dir, &copy), data);
             input.set_file(&meta_path, serde_json::to_vec(&meta).unwrap_or_default());
@@ -964,9 +1013,12 @@ fn mutate_files(rng: &mut Rng, input: &mut TraceInput, dir: &str, room: usize) -
                 return "fewer than two threads".into();
             };
             let (a, b) = (rng.below(threads.len()), rng.below(threads.len()));
-            let fa = threads[a]["file"].clone();
-            threads[a]["file"] = threads[b]["file"].clone();
-            threads[b]["file"] = fa;
+            let (fa, fb) = (threads[a]["file"].clone(), threads[b]["file"].clone());
+            for (i, f) in [(a, fb), (b, fa)] {
+                if let Some(o) = threads[i].as_object_mut() {
+                    o.insert("file".into(), f);
+                }
+            }
             input.set_file(&meta_path, serde_json::to_vec(&meta).unwrap_or_default());
             format!("threads {a} and {b} of {dir:?}: files swapped")
         }
@@ -980,7 +1032,8 @@ pub fn mutate_trace(rng: &mut Rng, input: &TraceInput, pool: &[&TraceInput], roo
     let mut log = Log::new();
     for _ in 0..rng.len_upto(4) {
         let dirs = trace_dirs(&out);
-        let dir = rng.pick(&dirs).clone();
+        // The top directory half the time: it holds most of the events.
+        let dir = if rng.one_in(2) { dirs[0].clone() } else { rng.pick(&dirs).clone() };
         let names = names_in(&out, &dir);
         let what = match rng.below(26) {
             0..=5 => {
