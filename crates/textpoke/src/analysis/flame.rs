@@ -18,10 +18,11 @@
 //!   (children first), and a path that keeps its line keeps all the
 //!   weight under it, so every frame that is drawn has its width to
 //!   within 1/20,000. That leaves at most 20,000 lines besides the
-//!   outermost frames'. If their text would still pass
-//!   [`MAX_FLAME_TEXT`] bytes (stacks thousands of levels deep), the
-//!   threshold doubles until it does not, and the graph's subtitle says
-//!   how narrow a frame had to be to be left out.
+//!   outermost frames'. If their text would still pass its budget (stacks
+//!   thousands of levels deep) — twice the trace's event bytes, at least
+//!   1 MiB and at most [`MAX_FLAME_TEXT`], so that a small trace stays
+//!   small — the threshold doubles until it does not, and the graph's
+//!   subtitle says how narrow a frame had to be to be left out.
 
 use super::{escape, walk_thread, AnalysisError, Event, Rebuilder, TraceSet};
 use crate::record::FuncId;
@@ -31,7 +32,8 @@ use std::io::Write;
 /// The most bytes of folded stacks [`folded_to`] writes.
 pub const MAX_FOLDED_BYTES: u64 = 256 << 20;
 
-/// The most bytes of folded stacks a flame graph is drawn from.
+/// The most bytes of folded stacks a flame graph is drawn from (see the
+/// module docs for the budget of a smaller trace).
 pub const MAX_FLAME_TEXT: u64 = 32 << 20;
 
 /// A path lighter than the total over this gives its weight to its
@@ -306,10 +308,11 @@ pub fn flamegraph<W: Write>(
     o.name_type = "Function:".to_string();
     // The lines that can be seen, within the text budget (module docs).
     let paths = tree.path_bytes();
+    let budget = set.total_words().saturating_mul(16).clamp(1 << 20, MAX_FLAME_TEXT);
     let fine = (total / FLAME_RESOLUTION).max(1);
     let mut t = fine;
     let mut weights = tree.coarse(t);
-    while t < total && text_bytes(&weights, &paths) > MAX_FLAME_TEXT {
+    while t < total && text_bytes(&weights, &paths) > budget {
         t = t.saturating_mul(2).min(total);
         weights = tree.coarse(t);
     }
