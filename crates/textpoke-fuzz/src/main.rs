@@ -39,6 +39,7 @@ OPTIONS (reader, control):
   --base-share P   reader: the share of inputs derived from --base (default 0.25; 1 with --only-base)
   --only-base      reader: derive every input from --base
   --work DIR       reader: where inputs are written out (default /dev/shm/textpoke-fuzz-PID)
+  --keep-if TEXT   also save every input whose mutations mention TEXT (A|B: either) under OUT/kept
 
 Bounds: a command on an input derived from --base gets 2 s of CPU and 200 MB of heap (issue #10);
 other inputs the same per byte (200 ns and 20 bytes per byte, counted as at least 256 KiB).
@@ -60,6 +61,7 @@ struct Opts {
     base_share: Option<f64>,
     only_base: bool,
     work: Option<PathBuf>,
+    keep_if: Option<String>,
     free: Vec<String>,
     flags: HashSet<String>,
     values: HashMap<String, String>,
@@ -84,6 +86,7 @@ fn parse_opts(args: &[String], flags: &[&str], values: &[&str]) -> Result<Opts, 
             "--base-share" => o.base_share = Some(num(a, val(a)?)?),
             "--only-base" => o.only_base = true,
             "--work" => o.work = Some(val(a)?.into()),
+            "--keep-if" => o.keep_if = Some(val(a)?),
             f if flags.contains(&f) => {
                 o.flags.insert(f.to_string());
             }
@@ -357,21 +360,22 @@ impl Run {
         new
     }
 
+    /// Saves an input asked for with `--keep-if`, with its mutations and
+    /// what each step did.
+    fn keep(&self, bytes: &[u8], log: &str, o: &Outcome) {
+        let dir = self.out.join("kept");
+        let _ = std::fs::create_dir_all(&dir);
+        let path = dir.join(format!("{}-{}.tpf", self.seed, self.inputs));
+        let _ = std::fs::write(&path, bytes);
+        let _ = std::fs::write(path.with_extension("txt"), format!("mutations: {log}\n\nsteps:\n{}", steps_text(o)));
+    }
+
     fn save(&self, stem: &str, bytes: Vec<u8>, log: &str, o: &Outcome, f: &Finding) -> PathBuf {
         let _ = std::fs::create_dir_all(&self.out);
         let ext = if self.name == "reader" { "tpf" } else { "line" };
         let path = self.out.join(format!("{stem}.{ext}"));
         let _ = std::fs::write(&path, bytes);
-        let mut text = format!("finding: {f}\nmutations: {log}\n\nsteps:\n");
-        for s in &o.steps {
-            text.push_str(&format!(
-                "  {} {:.3} s CPU, {} KB, {}\n",
-                s.name,
-                s.cpu,
-                s.peak >> 10,
-                s.error.as_deref().unwrap_or("ok")
-            ));
-        }
+        let text = format!("finding: {f}\nmutations: {log}\n\nsteps:\n{}", steps_text(o));
         let _ = std::fs::write(path.with_extension("txt"), text);
         path
     }
@@ -427,6 +431,16 @@ impl Run {
         }
         ExitCode::FAILURE
     }
+}
+
+/// Each step's figures and outcome, a line each.
+fn steps_text(o: &Outcome) -> String {
+    o.steps
+        .iter()
+        .map(|s| {
+            format!("  {} {:.3} s CPU, {} KB, {}\n", s.name, s.cpu, s.peak >> 10, s.error.as_deref().unwrap_or("ok"))
+        })
+        .collect()
 }
 
 /// When an input started (ms since the Unix epoch; 0: none running).
@@ -531,6 +545,9 @@ fn fuzz_reader(o: &Opts) -> ExitCode {
         STARTED.store(0, Ordering::Relaxed);
         let log = log.join("; ");
         let new = run.record(&outcome, from_base, &dir_s, &log, &|| input.to_bytes());
+        if o.keep_if.as_ref().is_some_and(|k| k.split('|').any(|t| log.contains(t))) {
+            run.keep(&input.to_bytes(), &log, &outcome);
+        }
         if new && input.size() <= POOL_INPUT_MAX {
             if pool.len() < POOL_MAX {
                 pool.push(Arc::new(input));
