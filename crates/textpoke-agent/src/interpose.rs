@@ -1,6 +1,8 @@
 //! The C library functions the agent wraps (see the crate docs, steps 3,
 //! 5 and 6): the `exec` family, `_exit`/`_Exit`, `dlopen`, `dlclose`. The
-//! real functions are found with `dlsym(RTLD_NEXT, …)` at load.
+//! real functions are found with `dlsym(RTLD_NEXT, …)` at load. (`fatal`
+//! wraps `sigaction`, `signal`, `bsd_signal` and `sysv_signal`, and
+//! `altstack` wraps `sigaltstack`, for the crash flush.)
 //!
 //! # _exit
 //!

@@ -62,6 +62,14 @@
 //!    default at load, get a handler that asks the agent thread to stop the
 //!    recorder, then restores the default and raises the signal again: the
 //!    process still dies of the signal, with a complete trace.
+//!    `SIGSEGV`, `SIGBUS`, `SIGILL`, `SIGFPE` and `SIGABRT` (`abort()`)
+//!    get the agent's handler whatever their disposition: the program's own
+//!    handlers still run as they asked (`sigaction` and `signal` are
+//!    wrapped), and when the default action is about to kill the process,
+//!    the thread the signal hit first writes the trace up to the crash
+//!    (`textpoke::record::crash`), then dies of that signal, with its core
+//!    dump (see `fatal`). Recording threads get an alternate signal stack,
+//!    so that a stack overflow is flushed too (see `altstack`).
 //! 7. **`textpoke record` ends.** When `TEXTPOKE_RECORD_PID` names it,
 //!    the agent thread watches that process (a pidfd, see `front`). If it
 //!    is gone while the program runs (killed, crashed), nobody will stop
@@ -95,7 +103,9 @@
 //! (see `clients`), and removes the sockets that dead processes left in
 //! the directory when it makes its own (see `server`).
 
+mod altstack;
 mod clients;
+mod fatal;
 mod fds;
 mod front;
 mod interpose;
@@ -364,6 +374,7 @@ extern "C" fn init() {
 
 fn load() {
     interpose::resolve();
+    fatal::resolve_all();
     let pid = getpid();
     AGENT_PID.store(pid, Ordering::Relaxed);
     let cwd = std::env::current_dir().unwrap_or_else(|_| PathBuf::from("/"));
@@ -468,6 +479,7 @@ fn try_start(agent: &mut Agent, tracer: &'static Tracer) -> Result<(), AgentErro
     agent.op = Some(handle);
     recount(agent, tracer);
     server::install_stop_signals();
+    fatal::install();
     server::spawn();
     Ok(())
 }

@@ -10,6 +10,13 @@
 //! filter lists the chosen names literally (escaped). Functions of objects
 //! loaded later are evaluated when the tracer finds them (the agent
 //! recomputes the filter after every refresh).
+//!
+//! A rule drops the earlier rules it overrides everywhere: those with the
+//! same glob, and all of them when its glob is `*`. They could decide
+//! nothing any more, and `textpoke ctl PID enable|disable` may push rules
+//! forever: kept, each (a compiled matcher of a few KiB) grew the
+//! program's memory and the time every filter update takes (issue #10,
+//! defect 1).
 
 use globset::{Glob, GlobMatcher};
 use std::collections::BTreeSet;
@@ -64,7 +71,14 @@ impl Rules {
         Ok(Rules { rules })
     }
 
+    /// Adds `rule` after the others, dropping those it overrides for every
+    /// name (same glob, or any glob when it is `*`).
     pub fn push(&mut self, rule: Rule) {
+        if rule.glob == "*" {
+            self.rules.clear();
+        } else {
+            self.rules.retain(|r| r.glob != rule.glob);
+        }
         self.rules.push(rule);
     }
 
@@ -137,5 +151,28 @@ mod tests {
         r.push(Rule::new(true, "ns::*").unwrap());
         r.push(Rule::new(true, "a[[]1]").unwrap());
         assert_eq!(traced(&r), ["work", "ns::f<int>()", "a[1]"]);
+    }
+
+    #[test]
+    fn overridden_rules_are_dropped() {
+        let text = |r: &Rules| r.iter().map(Rule::text).collect::<Vec<_>>().join(" ");
+        let mut r = Rules::new(&[], &["leaf".into()]).unwrap();
+        for _ in 0..10_000 {
+            r.push(Rule::new(false, "*").unwrap());
+            r.push(Rule::new(true, "*").unwrap());
+        }
+        assert_eq!(text(&r), "+*", "enable/disable cycles keep one rule");
+        for _ in 0..10_000 {
+            r.push(Rule::new(false, "w*").unwrap());
+            r.push(Rule::new(true, "w*").unwrap());
+        }
+        assert_eq!(text(&r), "+* +w*");
+        r.push(Rule::new(false, "worker").unwrap());
+        r.push(Rule::new(false, "w*").unwrap());
+        assert_eq!(text(&r), "+* -worker -w*", "the same glob moves last");
+        assert_eq!(traced(&r), ["fib", "leaf", "main", "ns::f<int>()", "a[1]"]);
+        r.push(Rule::new(false, "*").unwrap());
+        assert_eq!(text(&r), "-*");
+        assert!(traced(&r).is_empty());
     }
 }

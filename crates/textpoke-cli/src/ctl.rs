@@ -153,9 +153,9 @@ fn ask(pid: i32, req: &Request) -> Result<Reply, CliError> {
 fn status_text(r: &Reply) -> String {
     let get = |k: &str| escape(r.get(k).unwrap_or("?"));
     let counts = if get("mode") == "count" {
-        format!("calls      {} counted, {} dropped", get("calls"), get("dropped"))
+        format!("calls      {} counted", get("calls"))
     } else {
-        format!("records    {} written, {} dropped", get("records"), get("dropped"))
+        format!("calls      {} counted\nevents     {} written, {} lost", get("calls"), get("events"), get("dropped"))
     };
     format!(
         "pid        {} ({})\nstate      {} ({} mode)\ndir        {}\nfunctions  {} traced of {}\n\

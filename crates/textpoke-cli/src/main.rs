@@ -12,7 +12,8 @@ mod replay;
 mod report;
 mod selftest;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
+use std::path::PathBuf;
 use std::process::ExitCode;
 
 #[derive(Parser)]
@@ -34,10 +35,43 @@ enum Command {
     Report(report::Args),
     /// The function graph of a trace per thread, with durations (like uftrace replay)
     Replay(replay::Args),
-    /// Convert a trace: Chrome trace-event JSON (--chrome) or an SVG flame graph (--flamegraph)
+    /// Convert a trace: Perfetto (--perfetto), Chrome JSON (--chrome), a flame graph (--flamegraph), folded stacks
     Dump(dump::Args),
     /// The functions of a trace (-i DIR) or the patchable functions of a program (PROG)
     List(list::Args),
+    /// Print a shell completion script (e.g. `textpoke completions bash > /etc/bash_completion.d/textpoke`)
+    Completions {
+        /// The shell
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// Write the manual pages (textpoke.1, textpoke-record.1, ...) into DIR
+    Man {
+        /// The directory (created if missing)
+        #[arg(value_name = "DIR")]
+        dir: PathBuf,
+    },
+}
+
+/// Writes `textpoke.1` and a page per subcommand (`textpoke-record.1`...)
+/// into `dir`, made from the command-line definitions.
+fn write_man_pages(dir: &std::path::Path) -> Result<usize, String> {
+    std::fs::create_dir_all(dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+    let cmd = Cli::command();
+    let mut pages = vec![("textpoke".to_string(), cmd.clone())];
+    for sub in cmd.get_subcommands() {
+        let name = format!("textpoke-{}", sub.get_name());
+        // The page's title is the command's name: leaked, one per page.
+        let title: &'static str = Box::leak(name.clone().into_boxed_str());
+        pages.push((name, sub.clone().name(title)));
+    }
+    for (name, page) in &pages {
+        let path = dir.join(format!("{name}.1"));
+        let mut out = Vec::new();
+        clap_mangen::Man::new(page.clone()).render(&mut out).map_err(|e| e.to_string())?;
+        std::fs::write(&path, out).map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+    }
+    Ok(pages.len())
 }
 
 fn main() -> ExitCode {
@@ -50,5 +84,23 @@ fn main() -> ExitCode {
         Command::Replay(args) => replay::run(&args),
         Command::Dump(args) => dump::run(&args),
         Command::List(args) => list::run(&args),
+        Command::Completions { shell } => {
+            let mut script = Vec::new();
+            clap_complete::generate(shell, &mut Cli::command(), "textpoke", &mut script);
+            use std::io::Write;
+            match std::io::stdout().write_all(&script) {
+                Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => {
+                    common::fail("completions", format!("cannot write to standard output: {e}"))
+                }
+                _ => ExitCode::SUCCESS,
+            }
+        }
+        Command::Man { dir } => match write_man_pages(&dir) {
+            Ok(n) => {
+                eprintln!("textpoke: {n} manual pages written to {}", dir.display());
+                ExitCode::SUCCESS
+            }
+            Err(e) => common::fail("man", e),
+        },
     }
 }

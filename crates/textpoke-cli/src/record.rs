@@ -372,19 +372,92 @@ impl Drop for DemoFile {
 // ---------------------------------------------------------------------------
 // Summary.
 
-/// The one-line summary of what was recorded in `dir` (shown as `shown`),
-/// from its metadata alone (the events are not read: a big trace's summary
-/// costs nothing), and a loud second line when events were lost.
+/// What the processes a program started recorded (`child-*` directories,
+/// recursively): their metadata, read alone.
+#[derive(Default)]
+struct Children {
+    traces: usize,
+    calls: u64,
+    events: u64,
+    lost: u64,
+    incomplete: usize,
+}
+
+impl Children {
+    fn add_under(&mut self, dir: &Path, depth: usize) {
+        let Ok(rd) = std::fs::read_dir(dir) else { return };
+        for e in rd.flatten() {
+            let p = e.path();
+            if !e.file_name().to_string_lossy().starts_with(format::CHILD_DIR_PREFIX) || !p.is_dir() || depth > 32 {
+                continue;
+            }
+            if let Some(m) = read_meta(&p) {
+                self.traces += 1;
+                self.calls += m.total_calls;
+                self.events += m.total_events;
+                self.lost += m.total_dropped;
+                self.incomplete += !m.complete as usize;
+            }
+            self.add_under(&p, depth + 1);
+        }
+    }
+
+    /// `, 3 child traces (1200 calls, 2400 events, 0 lost)`, or nothing.
+    fn clause(&self) -> String {
+        if self.traces == 0 {
+            return String::new();
+        }
+        let incomplete = match self.incomplete {
+            0 => String::new(),
+            n => format!(", {n} incomplete"),
+        };
+        format!(
+            ", {} child trace{} ({} calls, {} events, {} lost{incomplete})",
+            self.traces,
+            if self.traces == 1 { "" } else { "s" },
+            self.calls,
+            self.events,
+            self.lost
+        )
+    }
+}
+
+fn read_meta(dir: &Path) -> Option<format::Meta> {
+    std::fs::read(dir.join(META_FILE)).ok().and_then(|b| serde_json::from_slice(&b).ok())
+}
+
+/// The one-line summary of what was recorded in `dir` (shown as `shown`)
+/// and by the processes the program started, from the metadata alone (the
+/// events are not read: a big trace's summary costs nothing), and a loud
+/// second line when events were lost.
 fn summary(dir: &Path, shown: &str, prog: &str) -> Vec<String> {
+    let mut children = Children::default();
+    children.add_under(dir, 0);
     if !dir.join(META_FILE).exists() {
+        if children.traces > 0 {
+            let c = &children;
+            let mut lines = vec![format!(
+                "textpoke: {prog} ran no traced code itself; the {} process{} it started recorded {} calls, {} events, \
+                 {} lost -> {shown}/child-*; `textpoke report -i {shown}` shows them",
+                c.traces,
+                if c.traces == 1 { "" } else { "es" },
+                c.calls,
+                c.events,
+                c.lost
+            )];
+            if c.lost > 0 {
+                lines.push(format!(
+                    "textpoke: WARNING: {} events were LOST: the buffers reached their limit. Call counts are exact; \
+                     `replay` marks each gap. Raise -b/--buffer-size or --memory-limit.",
+                    c.lost
+                ));
+            }
+            return lines;
+        }
         return vec![format!("textpoke: nothing recorded: {prog} ran no traced code ({shown} was not written)")];
     }
-    let meta: format::Meta = match std::fs::read(dir.join(META_FILE))
-        .map_err(|e| e.to_string())
-        .and_then(|b| serde_json::from_slice(&b).map_err(|e| e.to_string()))
-    {
-        Ok(m) => m,
-        Err(e) => return vec![format!("textpoke: the trace in {shown} cannot be read: {e}")],
+    let Some(meta) = read_meta(dir) else {
+        return vec![format!("textpoke: the trace in {shown} cannot be read: its meta.json is not valid")];
     };
     let agent: Option<serde_json::Value> =
         std::fs::read(dir.join("agent.json")).ok().and_then(|b| serde_json::from_slice(&b).ok());
@@ -394,36 +467,32 @@ fn summary(dir: &Path, shown: &str, prog: &str) -> Vec<String> {
         Mode::Count => format!("{} calls counted", meta.total_calls),
     };
     let threads = meta.threads.len();
-    let children = std::fs::read_dir(dir)
-        .map(|rd| {
-            rd.flatten().filter(|e| e.file_name().to_string_lossy().starts_with(format::CHILD_DIR_PREFIX)).count()
-        })
-        .unwrap_or(0);
-    let children = match children {
-        0 => String::new(),
-        1 => ", 1 child trace".into(),
-        n => format!(", {n} child traces"),
-    };
-    let incomplete = if meta.complete {
-        ""
-    } else {
-        " (incomplete: the recording did not finish; the program was killed, or its exit could not wait for the final flush)"
+    let incomplete = match (&meta.ended_by, meta.complete) {
+        (_, true) => String::new(),
+        (Some(e), false) => format!(
+            " (incomplete: {}; the trace holds everything recorded up to it: read it with --salvage)",
+            e.describe(meta.pid)
+        ),
+        (None, false) => " (incomplete: the recording did not finish; the program was killed, or its exit could not \
+                          wait for the final flush)"
+            .into(),
     };
     let traced = count("traced");
     let mut lines = vec![format!(
-        "textpoke: {traced} function{} traced (of {}), {what}, {} lost, {threads} thread{}{children} -> {shown}{incomplete}",
+        "textpoke: {traced} function{} traced (of {}), {what}, {} lost, {threads} thread{}{} -> {shown}{incomplete}",
         if traced == 1 { "" } else { "s" },
         count("functions"),
         meta.total_dropped,
         if threads == 1 { "" } else { "s" },
+        children.clause(),
     )];
-    if meta.total_dropped > 0 {
+    let lost = meta.total_dropped + children.lost;
+    if lost > 0 {
         let b = &meta.buffers;
         lines.push(format!(
-            "textpoke: WARNING: {} events were LOST: the buffers reached their limit (per thread {}, in all {}; \
+            "textpoke: WARNING: {lost} events were LOST: the buffers reached their limit (per thread {}, in all {}; \
              peak {}). Call counts are exact; `replay` marks each gap. Raise -b/--buffer-size or --memory-limit, \
              or trace fewer functions (-F/-N).",
-            meta.total_dropped,
             human_bytes(b.thread_limit),
             human_bytes(b.memory_limit),
             human_bytes(b.peak_bytes),

@@ -117,6 +117,22 @@ fn csv(r: &Report, w: &mut dyn Write) -> std::io::Result<()> {
     Ok(())
 }
 
+/// Who lost events, for people: `none`, or `thread 12: 3, thread 14: 1,
+/// 2 more on no one thread` (as [`textpoke::analysis::losses`] says it).
+fn losses(p: &ProcessReport) -> String {
+    let mut parts: Vec<String> =
+        p.threads.iter().filter(|t| t.dropped > 0).map(|t| format!("thread {}: {}", t.tid, t.dropped)).collect();
+    let rest = p.dropped.saturating_sub(p.threads.iter().map(|t| t.dropped).sum());
+    if rest > 0 {
+        parts.push(format!("{rest} more on no one thread"));
+    }
+    if parts.is_empty() {
+        "none".into()
+    } else {
+        parts.join(", ")
+    }
+}
+
 fn forked_from(p: &ProcessReport) -> String {
     p.parent_pid.map(|pp| format!(" (forked from pid {pp})")).unwrap_or_default()
 }
@@ -135,7 +151,11 @@ fn table(r: &Report, w: &mut dyn Write) -> std::io::Result<()> {
             forked_from(p),
             p.threads.len(),
             p.calls,
-            if p.complete { "" } else { ", incomplete trace (salvaged)" }
+            match (&p.ended_by, p.complete) {
+                (_, true) => String::new(),
+                (Some(e), false) => format!(", incomplete trace (salvaged: {} on thread {})", e.name, e.tid),
+                (None, false) => ", incomplete trace (salvaged)".into(),
+            }
         )?;
         let counts_only = p.functions.iter().all(|f| f.times.is_none()) && !p.functions.is_empty();
         writeln!(
@@ -186,6 +206,14 @@ fn table(r: &Report, w: &mut dyn Write) -> std::io::Result<()> {
         }
         if p.dropped > 0 {
             writeln!(w, "# {} record(s) were dropped while recording: counts and times are lower bounds", p.dropped)?;
+        }
+        if let Some(e) = p.ended_by.as_ref().filter(|_| !p.complete) {
+            writeln!(
+                w,
+                "# the recording ended with {}, which crashed the process; events lost: {}",
+                escape(&e.describe(p.pid)),
+                losses(p)
+            )?;
         }
     }
     Ok(())

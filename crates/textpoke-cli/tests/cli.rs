@@ -33,3 +33,25 @@ fn bad_arguments_are_refused() {
     let out = textpoke(&["frobnicate"]);
     assert_eq!(out.status.code(), Some(2));
 }
+
+/// Completion scripts for the usual shells, and a manual page per command,
+/// made from the command-line definitions.
+#[test]
+fn completions_and_manual_pages() {
+    for shell in ["bash", "zsh", "fish"] {
+        let o = textpoke(&["completions", shell]);
+        assert!(o.status.success(), "{shell}: {}", String::from_utf8_lossy(&o.stderr));
+        let script = String::from_utf8_lossy(&o.stdout);
+        assert!(script.contains("textpoke") && script.contains("record") && script.contains("retval"), "{shell}");
+    }
+    let dir = std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("man-{}", std::process::id()));
+    let o = textpoke(&["man", dir.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    for page in ["textpoke.1", "textpoke-record.1", "textpoke-report.1", "textpoke-dump.1"] {
+        let text = std::fs::read_to_string(dir.join(page)).unwrap_or_else(|e| panic!("{page}: {e}"));
+        assert!(text.starts_with(".ie") || text.contains(".TH"), "{page} is a roff page");
+    }
+    let record = std::fs::read_to_string(dir.join("textpoke-record.1")).unwrap();
+    assert!(record.contains("buffer\\-size") || record.contains("buffer-size"), "options documented");
+    let _ = std::fs::remove_dir_all(dir);
+}

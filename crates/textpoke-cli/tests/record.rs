@@ -359,6 +359,94 @@ fn counts_equal_an_independent_counter_under_a_signal_storm() {
     let _ = tally(&trace); // balanced per thread
 }
 
+/// The buffers' limit reached on purpose (`-b 256K`: two segments per
+/// thread, 8 busy threads on 2 cores): events are lost, said loudly, and
+/// marked where they were lost; `replay` shows the gaps and stays nested;
+/// `report`'s calls are still exact (the program's own counts).
+#[test]
+fn past_the_buffer_limit_losses_are_said_marked_and_calls_exact() {
+    let prog = compile("counted-limit", COUNTED_C, &[SITES, "-finstrument-functions"]);
+    let sockets = socket_dir("limit");
+    let dir = fresh("limit.data");
+    let out_file = fresh("limit.txt");
+    let o = run(textpoke(&sockets).args(["record", "-b", "256K", "-o"]).arg(&dir).arg("--").arg(&prog).arg(&out_file));
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    let err = text(&o.stderr);
+    let trace = Trace::open(&dir).unwrap();
+    let lost: u64 = trace.threads().iter().map(|t| t.meta.lost).sum();
+    assert!(lost > 0, "8 threads on 2 cores outran the writer with 256 KiB each: {err}");
+    assert!(err.contains("WARNING") && err.contains("LOST") && err.contains("256 KiB"), "{err}");
+    // Every loss marked where it happened (the last ones may end a thread's
+    // stream with no later segment to carry the mark).
+    let mut marked = 0;
+    for th in trace.threads() {
+        marked += trace.records(th).unwrap().map(|r| r.unwrap()).filter(|r| r.kind == RecordKind::Gap).count();
+    }
+    assert!(marked > 0, "gaps in the streams");
+    let r = run(textpoke(&sockets).args(["replay", "-i"]).arg(&dir));
+    assert!(r.status.success(), "{}", text(&r.stderr));
+    let replay = text(&r.stdout);
+    assert!(replay.contains("event(s) lost here; resuming at depth"), "replay marks the gaps");
+    // Nested per thread between gaps: every closing line closes the last
+    // open call of the same name.
+    for section in replay.split("# thread ").skip(1) {
+        let mut open: Vec<&str> = Vec::new();
+        for line in section.lines() {
+            let Some((_, body)) = line.split_once(" | ") else { continue };
+            let body = body.trim();
+            if body.starts_with("==========") {
+                open.clear(); // a gap: what was open is closed there
+            } else if let Some(name) = body.strip_suffix("() {") {
+                open.push(name);
+            } else if let Some(rest) = body.strip_prefix("} /* ") {
+                let name = rest.trim_end_matches(" */");
+                if open.last() == Some(&name) {
+                    open.pop();
+                } else {
+                    assert!(open.is_empty(), "'{name}' closes '{:?}'", open.last());
+                }
+            }
+        }
+    }
+    let truth: BTreeMap<String, u64> = std::fs::read_to_string(&out_file)
+        .unwrap()
+        .lines()
+        .map(|l| {
+            let (name, n) = l.split_once(' ').unwrap();
+            (name.to_string(), n.parse().unwrap())
+        })
+        .collect();
+    let counted: BTreeMap<String, u64> = trace.counts().iter().map(|&(f, n)| (trace.name(f).to_string(), n)).collect();
+    for (name, &n) in &truth {
+        assert_eq!(counted.get(name).copied(), Some(n), "{name}: exact calls past the limit");
+    }
+}
+
+/// A shell script (no sites of its own) that runs three traced programs,
+/// without exec: the summary counts what they recorded, and `report` on
+/// the trace directory shows the three processes.
+#[test]
+fn a_script_running_traced_children() {
+    let prog = threads_prog();
+    let sockets = socket_dir("script");
+    let dir = fresh("script.data");
+    let script = work_dir().join("run3.sh");
+    std::fs::write(&script, format!("#!/bin/sh\n{p} 0\n{p} 0\n{p} 0\n", p = prog.display())).unwrap();
+    std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let o = run(textpoke(&sockets).arg("record").arg("-o").arg(&dir).arg("--").arg(&script));
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    let err = text(&o.stderr);
+    assert!(err.contains("ran no traced code itself; the 3 processes it started recorded"), "{err}");
+    assert!(!err.contains("nothing recorded"), "{err}");
+    let r = run(textpoke(&sockets).args(["report", "-i"]).arg(&dir));
+    assert!(r.status.success(), "{}", text(&r.stderr));
+    let out = text(&r.stdout);
+    assert_eq!(out.lines().filter(|l| l.starts_with("# process")).count(), 3, "{out}");
+    assert!(out.lines().filter(|l| l.contains(" leaf")).count() >= 3, "each process's report: {out}");
+    let rp = run(textpoke(&sockets).args(["replay", "-i"]).arg(&dir));
+    assert!(rp.status.success(), "{}", text(&rp.stderr));
+}
+
 #[test]
 fn count_only_and_filters() {
     let sockets = socket_dir("filters");
@@ -763,11 +851,11 @@ fn status_field(sockets: &Path, pid: i32, key: &str) -> String {
     line[key.len()..].trim().to_string()
 }
 
-/// Records written so far (calls counted, in count mode).
+/// Calls counted so far (exact, in both modes).
 fn records_now(sockets: &Path, pid: i32) -> u64 {
     let out = ctl(sockets, pid, &["status"]);
     let stdout = text(&out.stdout);
-    let line = stdout.lines().find(|l| l.starts_with("records") || l.starts_with("calls")).expect("a count");
+    let line = stdout.lines().find(|l| l.starts_with("calls")).expect("a count");
     line.split_whitespace().nth(1).unwrap().parse().unwrap()
 }
 
@@ -815,7 +903,8 @@ fn ctl_toggles_tracing_of_a_live_program() {
     assert!(out.status.success(), "{}", text(&out.stderr));
     assert_eq!(text(&out.stdout), "1 function traced of 5\n");
     assert!(wait_growth(&sockets, pid) > r1);
-    assert_eq!(status_field(&sockets, pid, "rules"), "+* -* +tick");
+    // `-*` overrode `+*` for every function: it was dropped.
+    assert_eq!(status_field(&sockets, pid, "rules"), "-* +tick");
     assert_eq!(status_field(&sockets, pid, "functions"), "1 traced of 5");
 
     // A glob that matches nothing is refused with close names.

@@ -38,8 +38,9 @@
 //! or `failed`), `mode` (`record` or `count`), `dir`, `functions`
 //! (traceable functions found), `traced` (functions the recording op
 //! traces now), `sites` (sites traced now), `inline` (of those, the ones
-//! recorded by generated code), `records` (records written so far),
-//! `calls` (count mode), `dropped`, and one `rule +GLOB` or `rule -GLOB`
+//! recorded by generated code), `calls` (calls counted so far, exact),
+//! `events` (entry and exit events written so far; 0 in count mode),
+//! `dropped` (events lost), and one `rule +GLOB` or `rule -GLOB`
 //! line per filter rule. `enable` and `disable` answer with `traced` and
 //! `functions`; an error may carry `hint` lines (close function names).
 //!

@@ -2,8 +2,8 @@
 //! purpose: a signal handler that throws and catches a C++ exception while
 //! a traced function returns (the return slot must stay untouched until
 //! the shadow entry is popped), and a graph stub retired while a thread is
-//! still inside the graph trampoline that reads it (the trampoline's range
-//! belongs to the stub's grace period).
+//! still inside the graph trampoline that reads it (a site's stubs are
+//! never freed nor given to another site).
 
 mod common;
 
@@ -163,7 +163,10 @@ fn graph_stub_outlives_threads_in_its_trampoline() {
     let site_a = site_of("h2_a");
     assert_eq!(site_a.trampoline, TrampolineKind::Graph);
     let stub_a = rel_target(site_a.addr, 5);
-    TRAMP.store(rel_target(stub_a, 12), Ordering::SeqCst); // the stub's `jmp`
+    // The stub's `lea r11, [rip+disp32]` (7 bytes) points at its data, whose
+    // word (at 16) holds the graph trampoline.
+    let data = rel_target(stub_a, 7);
+    TRAMP.store(u64::from_le_bytes(common::peek(data + 16, 8).try_into().unwrap()) as usize, Ordering::SeqCst);
     let stop = Arc::new(AtomicBool::new(false));
     let bad = Arc::new(Mutex::new(Vec::new()));
     let (stop2, bad2) = (stop.clone(), bad.clone());

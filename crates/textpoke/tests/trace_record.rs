@@ -165,3 +165,43 @@ fn record_compiled_sites_end_to_end() {
     t.refresh().unwrap();
     assert!(!t.functions().iter().any(|f| f.function.starts_with("rec")), "sites of unloaded libraries are forgotten");
 }
+
+/// A count trampoline counts under the function's id, which its stub
+/// pushes: not under the site's index (the stubs pushed the index, which
+/// counted every call of `cid_a` for function 0 here).
+#[test]
+fn count_trampolines_count_the_function_of_the_site() {
+    for i in 0..3 {
+        record::register_function(0x7000 + i, &format!("cid_dummy{i}"));
+    }
+    let lib = Lib::open(&compile_so(
+        "cid",
+        "__attribute__((noipa)) int cid_a(int x) { return x + 1; }\n\
+         __attribute__((noipa)) int cid_b(int x) { return x + 2; }",
+        &["-fpatchable-function-entry=5", "-O1"],
+    ));
+    let t = Tracer::global();
+    t.refresh().unwrap();
+    let dir = std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("trace-cid-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let rec = record::start(RecorderConfig::new(&dir).count_only()).unwrap();
+    let h =
+        t.register(Arc::new(RecordOp::count_only()), Filter::new(["cid_?"], Vec::<String>::new()).unwrap()).unwrap();
+    let f = |n: &str| t.functions().into_iter().find(|x| &*x.function == n).unwrap();
+    assert_eq!(f("cid_a").trampoline, textpoke::trace::TrampolineKind::Count);
+    // SAFETY: int (int).
+    type F = extern "C" fn(i32) -> i32;
+    let (a, b) = unsafe {
+        (std::mem::transmute::<usize, F>(lib.sym("cid_a")), std::mem::transmute::<usize, F>(lib.sym("cid_b")))
+    };
+    for i in 0..10 {
+        assert_eq!(a(i), i + 1);
+    }
+    assert_eq!(b(1), 3);
+    t.unregister(h).unwrap();
+    rec.stop().unwrap();
+    let trace = Trace::open(&dir).unwrap();
+    let counts: HashMap<String, u64> =
+        trace.counts().iter().filter(|c| c.1 > 0).map(|&(id, n)| (trace.name(id).to_string(), n)).collect();
+    assert_eq!(counts, HashMap::from([("cid_a".to_string(), 10), ("cid_b".to_string(), 1)]));
+}

@@ -235,8 +235,37 @@ const MAX_FORK_DEPTH: usize = 32;
 impl TraceSet {
     /// Opens the trace directory `dir` with `opts`, and its children's.
     pub fn open(dir: impl AsRef<Path>, opts: OpenOptions) -> Result<TraceSet, AnalysisError> {
-        let trace = Trace::open_with(dir, opts)?;
-        Self::from_trace(trace)
+        let dir = dir.as_ref();
+        match Trace::open_with(dir, opts) {
+            Ok(trace) => Self::from_trace(trace),
+            // The program itself ran no traced code, but processes it
+            // started did (a shell script running traced programs): their
+            // traces, side by side.
+            Err(TraceError::MissingFile { path, .. })
+                if path.file_name().is_some_and(|n| n == format::META_FILE) && has_children(dir) =>
+            {
+                Self::children_only(dir)
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// The traces of the processes `dir`'s program started, each a process
+    /// of its own (with its own children).
+    fn children_only(dir: &Path) -> Result<TraceSet, AnalysisError> {
+        let mut set = TraceSet { processes: Vec::new(), notes: Vec::new() };
+        let children = child_dirs(dir);
+        set.notes.push(format!(
+            "{} holds no trace of its own (the program ran no traced code); showing the {} process(es) it started",
+            dir.display(),
+            children.len()
+        ));
+        for child in children {
+            let trace = Trace::open_with(&child, OpenOptions { allow_incomplete: true })
+                .map_err(|source| AnalysisError::Child { dir: child.clone(), source })?;
+            set.add(trace, None, 1)?;
+        }
+        Ok(set)
     }
 
     /// A set from an open trace; its children are opened here.
@@ -249,10 +278,17 @@ impl TraceSet {
     fn add(&mut self, trace: Trace, parent: Option<usize>, level: usize) -> Result<(), AnalysisError> {
         if !trace.is_complete() {
             let what = if parent.is_none() { "the trace" } else { "a forked child's trace" };
-            self.notes.push(format!(
-                "{what} {} is incomplete (the process exited without the final flush); showing what was written",
-                trace.dir().display()
-            ));
+            self.notes.push(match ending(&trace) {
+                Some(end) => format!(
+                    "{what} {} is incomplete: {end}; everything recorded up to then was written; events lost: {}",
+                    trace.dir().display(),
+                    losses(&trace)
+                ),
+                None => format!(
+                    "{what} {} is incomplete (the process exited without the final flush); showing what was written",
+                    trace.dir().display()
+                ),
+            });
         }
         self.notes.extend(trace.salvage_notes().iter().cloned());
         let children: Vec<PathBuf> = trace.children().to_vec();
@@ -297,6 +333,50 @@ impl TraceSet {
     pub fn pids(&self) -> Vec<i32> {
         self.processes.iter().map(Process::pid).collect()
     }
+}
+
+/// The trace directories of the processes `dir`'s program started
+/// (`child-<pid>`, `child-<pid>-exec`), sorted.
+fn child_dirs(dir: &Path) -> Vec<PathBuf> {
+    let mut v: Vec<PathBuf> = std::fs::read_dir(dir)
+        .map(|rd| rd.flatten().map(|e| e.path()).filter(|p| is_child_dir(p) && p.is_dir()).collect())
+        .unwrap_or_default();
+    v.sort();
+    v
+}
+
+fn has_children(dir: &Path) -> bool {
+    !child_dirs(dir).is_empty()
+}
+
+/// Who lost events while `trace` was recorded, for people: `none`, or
+/// `thread 12: 3, thread 14: 1, 2 more on no one thread` (events lost to
+/// the buffer limits or to signal handlers inside the recorder; see
+/// [`ThreadTrace::dropped`]).
+pub fn losses(trace: &Trace) -> String {
+    let mut parts: Vec<String> = trace
+        .threads()
+        .iter()
+        .filter(|t| t.dropped() > 0)
+        .map(|t| format!("thread {}: {}", t.tid(), t.dropped()))
+        .collect();
+    let unattributed = trace.meta().unattributed_drops.total();
+    if unattributed > 0 {
+        parts.push(format!("{unattributed} more on no one thread"));
+    }
+    if parts.is_empty() {
+        "none".into()
+    } else {
+        parts.join(", ")
+    }
+}
+
+/// For a trace that a fatal signal ended (the crash flush, see
+/// [`crate::record::crash`]): `the recording ended with SIGSEGV (address
+/// not mapped, at 0x0) on thread 12, which crashed the process`.
+pub fn ending(trace: &Trace) -> Option<String> {
+    let end = trace.meta().ended_by.as_ref()?;
+    Some(format!("the recording ended with {}, which crashed the process", end.describe(trace.meta().pid)))
 }
 
 /// Whether a path names a forked child's trace directory.

@@ -207,6 +207,14 @@ pub fn replay<W: Write>(
                 )
                 .map_err(write)?;
             }
+            if let Some(end) = trace.meta().ended_by.as_ref().filter(|e| e.tid == t.tid()) {
+                writeln!(
+                    w,
+                    "# the recording ends here: {} crashed the process inside the calls left open above",
+                    escape(&end.describe(trace.meta().pid))
+                )
+                .map_err(write)?;
+            }
         }
         writeln!(w, "#").map_err(write)?;
     }

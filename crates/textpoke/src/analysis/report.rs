@@ -165,6 +165,10 @@ pub struct ProcessReport {
     pub functions: Vec<FunctionStats>,
     /// Per thread, by tid.
     pub threads: Vec<ThreadStats>,
+    /// The fatal signal that ended the recording, when one did (the crash
+    /// flush wrote the trace up to it).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ended_by: Option<crate::record::format::SignalEnd>,
 }
 
 /// The report of a [`TraceSet`]: the traced process, then its forked
@@ -295,6 +299,7 @@ fn process_report(trace: &Trace, progress: &mut dyn FnMut(u64)) -> Result<Proces
         events: meta.threads.iter().map(|t| t.entries + t.exits).sum(),
         functions,
         threads,
+        ended_by: meta.ended_by.clone(),
     })
 }
 

@@ -287,7 +287,9 @@ fn write_trace(
         total_calls: tmetas.iter().map(|t| t.calls).sum(),
         threads: tmetas,
         unattributed_drops: UnattributedDrops::default(),
+        unattributed_calls: 0,
         total_dropped: 0,
+        ended_by: None,
     };
     std::fs::write(dir.join(format::COUNTS_FILE), serde_json::to_vec(&CountsFile { calls }).unwrap()).unwrap();
     std::fs::write(dir.join(format::META_FILE), serde_json::to_vec(&meta).unwrap()).unwrap();

@@ -1,26 +1,58 @@
 //! Trampoline code for x86-64, generated at run time.
 //!
-//! # Stub
+//! # Quiescence counter
 //!
-//! Every traced site calls its own 10-byte stub: `push imm32` (the site's
-//! index) then `jmp rel32` to a shared trampoline. No register is touched,
-//! so stubs also serve sites in the middle of a function body.
+//! The tracer frees trampolines after a grace period that reads a
+//! per-thread nesting count instead of interrupting threads (see
+//! `trace::grace`). That count must cover every instant a thread can be in
+//! code that may be freed, so it is raised by code that is never freed
+//! *before* the thread enters such code, and lowered only after it has
+//! left it. [`Counter`] says where the count is: a `u32` at a fixed offset
+//! from the thread pointer (`inc`/`dec` in place), or, when the tracer's
+//! thread-local is not in the static TLS block, behind never-freed helper
+//! routines that save every register.
+//!
+//! # Stubs
+//!
+//! Every traced site has its own stubs (one per kind: [`call_stub`] for
+//! trampolines entered by `call`, whose pushed value is the site index or
+//! the function id; [`graph_stub`] for graph trampolines, entered by
+//! `jmp`), made once and never freed or given to another site while the
+//! site's object is loaded. A stub is code (near the site, rel32 reach)
+//! and data (a writable page near it): the stub raises the count, then
+//! goes on through its *word*, an 8-byte data slot holding the address of
+//! its trampoline. Changing a site's trampoline is an atomic store to that
+//! word, not a code change; retiring a trampoline points the word at the
+//! stub's own *null* path (lower the count, carry on untraced) before the
+//! grace period. A thread that registered nowhere yet takes a cold path
+//! first (the count starts at [`UNREGISTERED`], so the stub's `inc` leaves
+//! the sign flag set): a never-freed [`register_routine`] saves every
+//! register and calls the tracer, which records where the thread's count
+//! is, so grace periods can read it.
+//!
+//! A call stub is `inc count; js register; push value; call [word];
+//! lea rsp, [rsp+8]; dec count; ret`: the trampoline returns into the stub,
+//! which drops the value, lowers the count and returns into the site. No
+//! register but the flags changes, so stubs also serve sites in the
+//! middle of a function body.
 //!
 //! # Entry trampoline
 //!
-//! On entry `[rsp]` is the site index, `[rsp+8]` the return address into
-//! the site, and for a site at a function's entry `[rsp+16]` is the
-//! function's own return address. The trampoline makes a frame (`rbp`),
-//! aligns the stack to 32 bytes, saves the registers that may be live
-//! ([`Live`]: at a function entry the argument registers; in a body every
-//! caller-saved one: 9 general-purpose and vectors 0-15; vectors as ymm
-//! when the CPU has AVX) into a [`SavedRegs`], and calls `handler(regs, frame, ctx)` where `frame` is
-//! its `rbp` (so `frame[1]` is the site index, `frame[2]` the return into
-//! the site, `frame[3]` the function's return address) and `ctx` a value
-//! baked into the code. Then it restores everything, drops the index and
-//! returns into the site. Flags are clobbered (allowed at a function entry,
-//! and sites in a body tell the compiler so); the red zone is free (at an
-//! entry nothing lives below `rsp`; body sites are not `nostack`).
+//! On entry `[rsp]` is the return into the stub, `[rsp+8]` the value the
+//! stub pushed (the site index), `[rsp+16]` the return address into the
+//! site, and for a site at a function's entry `[rsp+24]` is the function's
+//! own return address. The trampoline makes a frame (`rbp`), aligns the
+//! stack to 32 bytes, saves the registers that may be live ([`Live`]: at a
+//! function entry the argument registers; in a body every caller-saved
+//! one: 9 general-purpose and vectors 0-15; vectors as ymm when the CPU
+//! has AVX) into a [`SavedRegs`], and calls `handler(regs, frame, ctx)`
+//! where `frame` is its `rbp` (so `frame[1]` is the return into the stub,
+//! `frame[2]` the site index, `frame[3]` the return into the site,
+//! `frame[4]` the function's return address) and `ctx` a value baked into
+//! the code. Then it restores everything and returns into the stub. Flags
+//! are clobbered (allowed at a function entry, and sites in a body tell
+//! the compiler so); the red zone is free (at an entry nothing lives below
+//! `rsp`; body sites are not `nostack`).
 //!
 //! # Count and graph trampolines
 //!
@@ -39,13 +71,121 @@
 //! return slot + 8), stores the returned original address into the
 //! placeholder, restores, and `ret`s to it: the caller sees the exact stack
 //! pointer and registers it would have seen. It sits in the never-freed
-//! return block right after the graph trampolines' thunk (`call r11`), whose
-//! return address it is; it first tries the graph op's exit inline.
+//! return block right after the graph trampolines' thunk (`dec count; call
+//! r11`), whose return address it is; it first tries the graph op's exit
+//! inline. It is never freed, so it needs no count of its own.
 
 use iced_x86::code_asm::*;
 
-/// Length of a stub.
-pub const STUB_LEN: usize = 10;
+/// A thread's count while it is not registered with the tracer (bit 31):
+/// a stub's `inc` then leaves the sign flag set and takes its cold path.
+/// The low bits still count nesting.
+pub const UNREGISTERED: u32 = 1 << 31;
+
+/// Where a thread's quiescence count is (see the module docs).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Counter {
+    /// A `u32` at this offset from the thread pointer: stubs `inc` and
+    /// `dec` it in place.
+    Tls(i32),
+    /// Not addressable from generated code (dynamic TLS): stubs call the
+    /// never-freed helpers of [`enter_routine`] and [`leave_routine`].
+    Calls,
+}
+
+/// Size of a stub's code slot and of its data slot.
+pub const STUB_CODE: usize = 64;
+pub const STUB_DATA: usize = 32;
+
+/// A stub block's header is its first data slot: the words stubs call the
+/// never-freed routines through (code and data blocks may lie farther
+/// than rel32 from those routines). With [`Counter::Tls`]: the register
+/// routines of call stubs and graph stubs ([`register_routine`]); with
+/// [`Counter::Calls`]: the enter and leave routines.
+pub const HDR_CALL: usize = 0;
+pub const HDR_GRAPH: usize = 8;
+pub const HDR_LEAVE: usize = 16;
+
+/// A stub, ready to be written: its code, its data slot's initial bytes,
+/// the offset of its word in the data slot, and the address the word
+/// holds while the stub has no trampoline (its null path).
+#[derive(Debug, Clone)]
+pub struct StubCode {
+    pub code: Vec<u8>,
+    pub data: [u8; STUB_DATA],
+    pub word: usize,
+    pub null: usize,
+}
+
+/// `rel32` from the end of an instruction at `next` to `target`.
+fn rel32(next: usize, target: usize) -> Option<[u8; 4]> {
+    i32::try_from(target as i128 - next as i128).ok().map(i32::to_le_bytes)
+}
+
+/// `inc dword fs:[off]` (1) or `dec dword fs:[off]` (0x0c).
+fn fs_incdec(modrm: u8, off: i32) -> [u8; 8] {
+    let d = off.to_le_bytes();
+    [0x64, 0xff, modrm, 0x25, d[0], d[1], d[2], d[3]]
+}
+const INC: u8 = 0x04;
+const DEC: u8 = 0x0c;
+
+/// A call stub placed at `at` with its data slot at `data` and its block's
+/// header at `header`: the site calls it; it raises the count, pushes
+/// `value` (the site index, or for a count trampoline the function id),
+/// calls through its word, then drops the value, lowers the count and
+/// returns into the site. `None` if the data is out of rel32 reach.
+///
+/// With [`Counter::Tls`] (54 bytes at most, 4 instructions on the way in,
+/// 3 on the way out):
+///
+/// ```text
+///  0: inc dword fs:[count]
+///  8: js cold
+/// 10: again: push value
+/// 15: call [word]
+/// 21: lea rsp, [rsp+8]
+/// 26: dec dword fs:[count]
+/// 34: ret                     ; the null path: the word points here
+/// 35: cold: call [header.call] ; register_routine: returns to `again`,
+/// 41: jmp again                ; or into the site (thread exiting)
+/// ```
+pub fn call_stub(at: usize, data: usize, header: usize, value: u32, counter: Counter) -> Option<StubCode> {
+    let v = i32::try_from(value).ok()?.to_le_bytes();
+    let mut c = Vec::with_capacity(48);
+    let null = match counter {
+        Counter::Tls(off) => {
+            c.extend(fs_incdec(INC, off));
+            c.extend([0x78, 35 - 10]); // js cold
+            c.extend([0x68, v[0], v[1], v[2], v[3]]);
+            c.extend([0xff, 0x15]);
+            c.extend(rel32(at + 21, data)?);
+            c.extend([0x48, 0x8d, 0x64, 0x24, 0x08]);
+            c.extend(fs_incdec(DEC, off));
+            c.push(0xc3);
+            c.extend([0xff, 0x15]);
+            c.extend(rel32(at + 41, header + HDR_CALL)?);
+            c.extend([0xeb, (10i32 - 43) as u8]); // jmp again
+            at + 34
+        }
+        Counter::Calls => {
+            c.extend([0xff, 0x15]);
+            c.extend(rel32(at + 6, header + HDR_CALL)?); // enter: or into the site
+            c.extend([0x68, v[0], v[1], v[2], v[3]]);
+            c.extend([0xff, 0x15]);
+            c.extend(rel32(at + 17, data)?);
+            c.extend([0x48, 0x8d, 0x64, 0x24, 0x08]);
+            c.extend([0xff, 0x15]);
+            c.extend(rel32(at + 28, header + HDR_LEAVE)?);
+            c.push(0xc3);
+            at + 28
+        }
+    };
+    debug_assert!(c.len() <= STUB_CODE);
+    let mut d = [0u8; STUB_DATA];
+    d[..8].copy_from_slice(&(null as u64).to_le_bytes());
+    Some(StubCode { code: c, data: d, word: 0, null })
+}
 
 /// Registers saved by the entry trampoline, in this order.
 #[repr(C, align(32))]
@@ -108,14 +248,6 @@ fn load_vec(a: &mut CodeAssembler, i: usize, off: i32, avx: bool) -> Result<(), 
     }
 }
 
-/// `push imm32(index); jmp target`, placed at `at`. `None` if `target` is
-/// out of rel32 reach or the index does not fit.
-pub fn stub(at: usize, index: u32, target: usize) -> Option<[u8; STUB_LEN]> {
-    let imm = i32::try_from(index).ok()?.to_le_bytes();
-    let disp = i32::try_from(target as i128 - (at as i128 + STUB_LEN as i128)).ok()?.to_le_bytes();
-    Some([0x68, imm[0], imm[1], imm[2], imm[3], 0xe9, disp[0], disp[1], disp[2], disp[3]])
-}
-
 /// Which registers an entry trampoline must preserve.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Live {
@@ -163,7 +295,82 @@ pub fn entry_trampoline(at: usize, handler: usize, ctx: usize, avx: bool, live: 
     }
     a.mov(rsp, rbp)?;
     a.pop(rbp)?;
-    a.lea(rsp, qword_ptr(rsp + 8))?; // drop the site index, keep flags as they are
+    a.ret()?; // into the stub, which drops the index and lowers the count
+    a.assemble(at as u64)
+}
+
+/// Saves every register a site in a function body may have live (the
+/// nine caller-saved general-purpose ones, vectors 0-15 as ymm with
+/// `avx`), calls `handler() -> u32`, restores them all and leaves the zero
+/// flag set when the handler returned 0. Only the flags change.
+fn save_all_and_call(a: &mut CodeAssembler, handler: usize, avx: bool) -> Result<(), IcedError> {
+    let frame_size = VEC_OFF + 32 * 16;
+    a.push(rbp)?;
+    a.mov(rbp, rsp)?;
+    a.and(rsp, -32)?;
+    a.sub(rsp, frame_size)?;
+    for &(r, off) in &GPR_OFF {
+        a.mov(qword_ptr(rsp + off), r)?;
+    }
+    for i in 0..16 {
+        save_vec(a, i, VEC_OFF + 32 * i as i32, avx)?;
+    }
+    a.mov(rax, handler as u64)?;
+    a.call(rax)?;
+    a.test(eax, eax)?; // what follows keeps the flags: moves, pop
+    for i in 0..16 {
+        load_vec(a, i, VEC_OFF + 32 * i as i32, avx)?;
+    }
+    for &(r, off) in &GPR_OFF {
+        a.mov(r, qword_ptr(rsp + off))?;
+    }
+    a.mov(rsp, rbp)?;
+    a.pop(rbp)
+}
+
+/// Where a stub's cold path goes when its thread may not be traced (it is
+/// exiting): back into a call site, or on into the function after a graph
+/// site.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Skip {
+    /// Called from a [`call_stub`]: `[rsp]` returns into the stub,
+    /// `[rsp+8]` into the site.
+    ToSite,
+    /// Called from a [`graph_stub`]: `[rsp]` returns into the stub,
+    /// `[rsp+8]` is the function's return address, r11 the stub's data.
+    ToResume,
+}
+
+/// A never-freed routine placed at `at` that a stub calls on its cold
+/// path (its thread's count had [`UNREGISTERED`] set): saves every
+/// register, calls `handler() -> u32` (the tracer registers the thread,
+/// which clears the flag and keeps the nesting count; it returns 0, having
+/// undone the stub's `inc`, when the thread may not be traced), restores
+/// everything, and returns into the stub, or on handler 0 leaves as
+/// `skip` says: untraced, the stub's trampoline never reached. With
+/// [`Counter::Calls`] it is the *enter* routine every call stub calls
+/// first (the handler also raises the count).
+pub fn register_routine(at: usize, handler: usize, avx: bool, skip: Skip) -> Result<Vec<u8>, IcedError> {
+    let mut a = CodeAssembler::new(64)?;
+    let mut skipped = a.create_label();
+    save_all_and_call(&mut a, handler, avx)?;
+    a.jz(skipped)?;
+    a.ret()?;
+    a.set_label(&mut skipped)?;
+    a.lea(rsp, qword_ptr(rsp + 8))?; // the return into the stub
+    match skip {
+        Skip::ToSite => a.ret()?,
+        Skip::ToResume => a.jmp(qword_ptr(r11 + GS_RESUME))?,
+    }
+    a.assemble(at as u64)
+}
+
+/// The never-freed *leave* routine of [`Counter::Calls`] placed at `at`:
+/// every call stub calls it on its way out; it saves every register,
+/// calls `handler()` (which lowers the count) and returns.
+pub fn leave_routine(at: usize, handler: usize, avx: bool) -> Result<Vec<u8>, IcedError> {
+    let mut a = CodeAssembler::new(64)?;
+    save_all_and_call(&mut a, handler, avx)?;
     a.ret()?;
     a.assemble(at as u64)
 }
@@ -176,10 +383,11 @@ pub fn entry_trampoline(at: usize, handler: usize, ctx: usize, avx: bool, live: 
 /// [`count_trampoline`], [`graph_trampoline`] and [`return_block`].
 pub type Emit<'a> = &'a dyn Fn(&mut CodeAssembler, CodeLabel) -> Result<(), IcedError>;
 
-/// The count trampoline placed at `at`: on entry `[rsp]` is the function's
-/// id (pushed by its stub). It saves four scratch registers, loads the id
-/// into rcx and runs `count` (which may clobber rax, rcx, rdx and rsi),
-/// and jumps to `slow` (a full entry trampoline) when `count` fails.
+/// The count trampoline placed at `at`: on entry `[rsp]` returns into the
+/// stub and `[rsp+8]` is the function's id (pushed by its stub). It saves
+/// four scratch registers, loads the id into rcx and runs `count` (which
+/// may clobber rax, rcx, rdx and rsi), and returns into the stub, or jumps
+/// to `slow` (a full entry trampoline, same stack) when `count` fails.
 pub fn count_trampoline(at: usize, count: Emit<'_>, slow: usize) -> Result<Vec<u8>, IcedError> {
     let mut a = CodeAssembler::new(64)?;
     let mut pop_slow = a.create_label();
@@ -187,13 +395,12 @@ pub fn count_trampoline(at: usize, count: Emit<'_>, slow: usize) -> Result<Vec<u
     for reg in SAVED {
         a.push(reg)?;
     }
-    a.mov(ecx, dword_ptr(rsp + 32))?; // the id the stub pushed
+    a.mov(ecx, dword_ptr(rsp + 40))?; // the id the stub pushed
     count(&mut a, pop_slow)?;
     for reg in SAVED.iter().rev() {
         a.pop(*reg)?;
     }
-    a.lea(rsp, qword_ptr(rsp + 8))?; // drop the id
-    a.ret()?;
+    a.ret()?; // into the stub, which drops the id and lowers the count
     a.set_label(&mut pop_slow)?;
     for reg in SAVED.iter().rev() {
         a.pop(*reg)?;
@@ -207,8 +414,10 @@ pub fn count_trampoline(at: usize, count: Emit<'_>, slow: usize) -> Result<Vec<u
 /// no feature, only the offsets it is given).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ShadowOffsets {
-    /// Offsets from the thread pointer of the thread's recursion guard
-    /// (`in_tramp`, u32) and shadow stack pointer: the same in every thread.
+    /// Offsets from the thread pointer of the thread's quiescence count
+    /// (`in_tramp`, a u32 nesting count that is also the recursion guard:
+    /// a graph stub raised it to 1, more means the thread was already in
+    /// tracer code) and shadow stack pointer: the same in every thread.
     pub tls_in_tramp: i32,
     pub tls_shadow: i32,
     /// Offsets in a shadow stack of `len`, `cap` (u64s) and the entries.
@@ -230,32 +439,69 @@ pub struct ShadowOffsets {
     pub fast_exit: usize,
 }
 
-/// Length of a graph stub: `lea r11, [rip+5]; jmp rel32` and its data
-/// (see [`graph_stub`]).
-pub const GRAPH_STUB_LEN: usize = 28;
 /// Offsets in a graph stub's data (what `r11` points to): where the
 /// function continues after the site, the site index (a u64), the
-/// function's id (u32, in the index's upper half).
+/// function's id (u32, in the index's upper half), the stub's word (its
+/// graph trampoline) and its tail (what a direct trampoline entered on the
+/// graph trampoline's slow path returns to).
 const GS_RESUME: i32 = 0;
 const GS_INDEX: i32 = 8;
 const GS_FUNC: i32 = 12;
+const GS_WORD: usize = 16;
+const GS_TAIL: i32 = 24;
 
-/// The stub of a site whose target is a graph trampoline, placed at `at`.
-/// The site *jumps* to it (no return address is pushed, so the return
-/// stack buffer stays in step: see [`graph_trampoline`]); it points `r11`
-/// (free at a function's entry) at its data — the address after the site
-/// (`resume`), the site `index` and the function id `func` — and jumps to
-/// `tramp`. `None` if `tramp` is out of rel32 reach.
-pub fn graph_stub(at: usize, resume: usize, index: u32, func: u32, tramp: usize) -> Option<[u8; GRAPH_STUB_LEN]> {
-    let disp = i32::try_from(tramp as i128 - (at as i128 + 12)).ok()?.to_le_bytes();
-    let mut s = [0u8; GRAPH_STUB_LEN];
-    s[..7].copy_from_slice(&[0x4c, 0x8d, 0x1d, 5, 0, 0, 0]); // lea r11, [rip+5]: the data
-    s[7] = 0xe9;
-    s[8..12].copy_from_slice(&disp);
-    s[12..20].copy_from_slice(&(resume as u64).to_le_bytes());
-    s[20..24].copy_from_slice(&index.to_le_bytes());
-    s[24..28].copy_from_slice(&func.to_le_bytes());
-    Some(s)
+/// The stub of a site whose target is a graph trampoline, placed at `at`
+/// with its data slot at `data` and its block's header at `header` (needs
+/// [`Counter::Tls`] at offset `count`). The site *jumps* to it (no return
+/// address is pushed, so the return stack buffer stays in step: see
+/// [`graph_trampoline`]); it points `r11` (free at a function's entry) at
+/// its data — the address after the site (`resume`), the site `index`, the
+/// function id `func`, its word and its tail — raises the count and jumps
+/// through its word. `None` if the data is out of rel32 reach.
+///
+/// ```text
+///  0: lea r11, [data]
+///  7: inc dword fs:[count]
+/// 15: js cold
+/// 17: again: jmp [r11+word]
+/// 21: tail: lea rsp, [rsp+8]   ; a direct trampoline returns here:
+/// 26: dec dword fs:[count]     ; drop the index, lower the count,
+/// 34: ret                      ; return to `resume`
+/// 35: null: dec dword fs:[count] ; the word points here when the stub
+/// 43: jmp [r11]                ; has no trampoline: on, untraced
+/// 46: cold: call [header.graph] ; register_routine (Skip::ToResume)
+/// 52: jmp again
+/// ```
+pub fn graph_stub(
+    at: usize,
+    data: usize,
+    header: usize,
+    count: i32,
+    (resume, index, func): (usize, u32, u32),
+) -> Option<StubCode> {
+    let mut c = Vec::with_capacity(56);
+    c.extend([0x4c, 0x8d, 0x1d]);
+    c.extend(rel32(at + 7, data)?);
+    c.extend(fs_incdec(INC, count));
+    c.extend([0x78, 46 - 17]); // js cold
+    c.extend([0x41, 0xff, 0x63, GS_WORD as u8]); // jmp [r11+word]
+    c.extend([0x48, 0x8d, 0x64, 0x24, 0x08]);
+    c.extend(fs_incdec(DEC, count));
+    c.push(0xc3);
+    c.extend(fs_incdec(DEC, count));
+    c.extend([0x41, 0xff, 0x23]); // jmp [r11]
+    c.extend([0xff, 0x15]);
+    c.extend(rel32(at + 52, header + HDR_GRAPH)?);
+    c.extend([0xeb, (17i32 - 54) as u8]); // jmp again
+    debug_assert!(c.len() <= STUB_CODE);
+    let null = at + 35;
+    let mut d = [0u8; STUB_DATA];
+    d[0..8].copy_from_slice(&(resume as u64).to_le_bytes());
+    d[8..12].copy_from_slice(&index.to_le_bytes());
+    d[12..16].copy_from_slice(&func.to_le_bytes());
+    d[GS_WORD..GS_WORD + 8].copy_from_slice(&(null as u64).to_le_bytes());
+    d[24..32].copy_from_slice(&((at + 21) as u64).to_le_bytes());
+    Some(StubCode { code: c, data: d, word: GS_WORD, null })
 }
 
 /// The graph trampoline placed at `at`, for function-entry sites whose
@@ -263,15 +509,18 @@ pub fn graph_stub(at: usize, resume: usize, index: u32, func: u32, tramp: usize)
 /// `TraceOp::inline`).
 ///
 /// Entered from a [`graph_stub`] with `[rsp]` the function's return
-/// address and `r11` the stub's data. Under the recursion guard, it checks
+/// address, `r11` the stub's data and the thread's count raised by the
+/// stub. If the count is 1 (the thread was not already in tracer code: the
+/// count is the recursion guard), it checks
 /// that `op` is still the op whose exits the return trampoline handles
 /// (`sh.fast_exit`) and that the thread has room on its shadow stack, runs
 /// the op's `entry` code with rdi = the function id and rcx = the depth
 /// (it may clobber rax, rcx, rdx, rsi, rdi, r8 and the flags; r9, r10 and
 /// r11 are not its to touch), pushes the shadow entry exactly as the
 /// tracer's hot path does, drops the return address from the stack and
-/// jumps to `thunk`, a `call r11` (into the function, after the site)
-/// whose return address is the return trampoline: it lands in the very
+/// jumps to `thunk`, `dec count; call r11` (lowers the count in
+/// never-freed code, then calls into the function, after the site) whose
+/// return address is the return trampoline: it lands in the very
 /// slot the old return address was in, so the function sees the stack it
 /// would have seen. Every call and return then pairs up — the caller's
 /// call with the return trampoline's final `ret`, the thunk's call with
@@ -281,8 +530,10 @@ pub fn graph_stub(at: usize, resume: usize, index: u32, func: u32, tramp: usize)
 ///
 /// Any other case (an op no longer the fast-exit op, a thread inside the
 /// tracer, no shadow stack yet, a full shadow stack, the op's code failing)
-/// pushes the resume address and the site index as a stub's `call` and
-/// `push` would have and jumps to `slow`, the op's direct trampoline.
+/// pushes the resume address, the site index and the stub's tail as a
+/// site's `call` and a call stub's `push` and `call` would have and jumps
+/// to `slow`, the op's direct trampoline, which returns into the tail
+/// (which lowers the count and returns to the resume address).
 pub fn graph_trampoline(
     at: usize,
     sh: &ShadowOffsets,
@@ -291,7 +542,6 @@ pub fn graph_trampoline(
     entry: Emit<'_>,
 ) -> Result<Vec<u8>, IcedError> {
     let mut a = CodeAssembler::new(64)?;
-    let mut leave = a.create_label();
     let mut pop_slow = a.create_label();
     // rdi, rsi, rdx, rcx, r8 (arguments) and rax (vector count of a
     // varargs call) are restored; after the pushes [rsp+48] is the
@@ -301,27 +551,27 @@ pub fn graph_trampoline(
         a.push(reg)?;
     }
     let slot = 48;
-    // The recursion guard, held until the shadow entry is pushed, as the
-    // hot path holds it: a signal handler's traced calls meanwhile are not
-    // traced. (Without it they pushed their entry over the one being
-    // written here, before its length was stored: found by a signal storm.)
-    a.cmp(dword_ptr(sh.tls_in_tramp).fs(), 0)?;
+    // The recursion guard: the count the stub raised, held until the thunk
+    // lowers it, after the shadow entry is pushed: a signal handler's
+    // traced calls meanwhile are not traced. (Without a guard they pushed
+    // their entry over the one being written here, before its length was
+    // stored: found by a signal storm.)
+    a.cmp(dword_ptr(sh.tls_in_tramp).fs(), 1)?;
     a.jne(pop_slow)?;
-    a.mov(dword_ptr(sh.tls_in_tramp).fs(), 1)?;
     // The op is still the one whose exits the return trampoline handles
     // (an op being unregistered gets no entry it would get no exit for).
     a.mov(rdx, sh.fast_exit as u64)?;
     a.mov(rax, 1u64 << op)?;
     a.cmp(qword_ptr(rdx), rax)?;
-    a.jne(leave)?;
+    a.jne(pop_slow)?;
     a.mov(rsi, qword_ptr(sh.tls_shadow).fs())?;
     a.test(rsi, rsi)?;
-    a.jz(leave)?;
+    a.jz(pop_slow)?;
     a.mov(rcx, qword_ptr(rsi + sh.len as i32))?; // depth
     a.cmp(rcx, qword_ptr(rsi + sh.cap as i32))?;
-    a.jae(leave)?;
+    a.jae(pop_slow)?;
     a.mov(edi, dword_ptr(r11 + GS_FUNC))?;
-    entry(&mut a, leave)?;
+    entry(&mut a, pop_slow)?;
 
     // The shadow entry, then its length.
     a.mov(rsi, qword_ptr(sh.tls_shadow).fs())?;
@@ -345,38 +595,41 @@ pub fn graph_trampoline(
     a.mov(dword_ptr(rdx + (sh.entries + sh.e_site) as i32), eax)?;
     a.inc(rcx)?;
     a.mov(qword_ptr(rsi + sh.len as i32), rcx)?;
-    a.mov(dword_ptr(sh.tls_in_tramp).fs(), 0)?;
     a.mov(r11, qword_ptr(r11 + GS_RESUME))?;
     for reg in SAVED.iter().rev() {
         a.pop(*reg)?;
     }
     a.lea(rsp, qword_ptr(rsp + 8))?; // the return address is in the shadow entry
-    a.jmp(thunk as u64)?;
-    a.set_label(&mut leave)?;
-    a.mov(dword_ptr(sh.tls_in_tramp).fs(), 0)?;
+    a.jmp(thunk as u64)?; // lowers the count, calls the function
     a.set_label(&mut pop_slow)?;
     for reg in SAVED.iter().rev() {
         a.pop(*reg)?;
     }
     a.push(qword_ptr(r11 + GS_RESUME))?; // as the site's call would have
     a.push(qword_ptr(r11 + GS_INDEX))?; // as a stub's push: the index (func above it)
+    a.push(qword_ptr(r11 + GS_TAIL))?; // as a stub's call: the return into its tail
     a.jmp(slow as u64)?;
     a.assemble(at as u64)
 }
 
 /// Offset of the return trampoline in [`return_block`]: after the thunk.
-pub const RETURN_OFFSET: usize = 3;
+pub const RETURN_OFFSET: usize = 11;
 
-/// A never-freed return block placed at `at`: the thunk `call r11` that
-/// graph trampolines jump to, then, at [`RETURN_OFFSET`] (the thunk's
-/// return address), the return trampoline (see [`return_trampoline`]).
+/// A never-freed return block placed at `at`: the thunk `dec count; call
+/// r11` that graph trampolines jump to (with `fast`; `int3` padding
+/// without), then, at [`RETURN_OFFSET`] (the thunk's return address), the
+/// return trampoline (see [`return_trampoline`]).
 pub fn return_block(
     at: usize,
     handler: usize,
     avx: bool,
     fast: Option<(&ShadowOffsets, Emit<'_>)>,
 ) -> Result<Vec<u8>, IcedError> {
-    let mut code = vec![0x41, 0xff, 0xd3]; // call r11
+    let mut code = match fast {
+        Some((sh, _)) => fs_incdec(DEC, sh.tls_in_tramp).to_vec(),
+        None => vec![0xcc; 8],
+    };
+    code.extend([0x41, 0xff, 0xd3]); // call r11
     debug_assert_eq!(code.len(), RETURN_OFFSET);
     code.extend(return_trampoline(at + RETURN_OFFSET, handler, avx, fast)?);
     Ok(code)
@@ -496,7 +749,7 @@ pub(crate) fn straight_path(ip: u64, code: &[u8]) -> usize {
         let i = d.decode();
         n += 1;
         match i.flow_control() {
-            FlowControl::Return => return n,
+            FlowControl::Return | FlowControl::IndirectBranch => return n,
             FlowControl::UnconditionalBranch => {
                 let t = i.near_branch_target();
                 if !(ip..end).contains(&t) {
@@ -516,13 +769,88 @@ pub(crate) fn straight_path(ip: u64, code: &[u8]) -> usize {
 mod tests {
     use super::*;
 
+    fn disasm(ip: usize, code: &[u8]) -> Vec<String> {
+        use iced_x86::{Decoder, DecoderOptions, Formatter, IntelFormatter};
+        let mut f = IntelFormatter::new();
+        Decoder::with_ip(64, code, ip as u64, DecoderOptions::NONE)
+            .into_iter()
+            .map(|i| {
+                let mut s = String::new();
+                f.format(&i, &mut s);
+                format!("{:x}:{s}", i.ip())
+            })
+            .collect()
+    }
+
     #[test]
-    fn stub_encodes_push_and_jmp() {
-        let s = stub(0x1000, 7, 0x2000).unwrap();
-        assert_eq!(&s[..5], &[0x68, 7, 0, 0, 0]);
-        assert_eq!(s[5], 0xe9);
-        assert_eq!(i32::from_le_bytes(s[6..].try_into().unwrap()), 0x2000 - 0x100a);
-        assert!(stub(0x1000, 7, 0x1000 + (1 << 32)).is_none());
+    fn call_stubs_raise_the_count_first_and_lower_it_last() {
+        let (at, data, header) = (0x1000, 0x9000, 0x8000);
+        let s = call_stub(at, data, header, 7, Counter::Tls(-0x40)).unwrap();
+        let d = disasm(at, &s.code);
+        assert_eq!(
+            d,
+            [
+                "1000:inc dword ptr fs:[0FFFFFFFFFFFFFFC0h]",
+                "1008:js short 0000000000001023h",
+                "100a:push 7",
+                "100f:call qword ptr [9000h]",
+                "1015:lea rsp,[rsp+8]",
+                "101a:dec dword ptr fs:[0FFFFFFFFFFFFFFC0h]",
+                "1022:ret",
+                "1023:call qword ptr [8000h]",
+                "1029:jmp short 000000000000100Ah",
+            ],
+            "{d:#?}"
+        );
+        assert_eq!((s.null, s.word), (0x1022, 0));
+        assert_eq!(u64::from_le_bytes(s.data[..8].try_into().unwrap()), 0x1022, "the word starts at the null path");
+        // In, through the word, out: 4 instructions before the trampoline, 3 after.
+        assert_eq!(straight_path(at as u64, &s.code), 7);
+        let c = call_stub(at, data, header, 7, Counter::Calls).unwrap();
+        let d = disasm(at, &c.code);
+        assert_eq!(
+            d,
+            [
+                "1000:call qword ptr [8000h]",
+                "1006:push 7",
+                "100b:call qword ptr [9000h]",
+                "1011:lea rsp,[rsp+8]",
+                "1016:call qword ptr [8010h]",
+                "101c:ret",
+            ],
+            "{d:#?}"
+        );
+        assert_eq!(c.null, 0x101c);
+        assert!(call_stub(at, at + (1 << 32), header, 7, Counter::Calls).is_none(), "data out of reach");
+        assert!(call_stub(at, data, header, 1 << 31, Counter::Calls).is_none(), "value does not fit");
+    }
+
+    #[test]
+    fn graph_stubs_point_r11_at_their_data() {
+        let (at, data, header) = (0x1000, 0x9000, 0x8000);
+        let s = graph_stub(at, data, header, -0x40, (0x5005, 3, 9)).unwrap();
+        let d = disasm(at, &s.code);
+        assert_eq!(
+            d,
+            [
+                "1000:lea r11,[9000h]",
+                "1007:inc dword ptr fs:[0FFFFFFFFFFFFFFC0h]",
+                "100f:js short 000000000000102Eh",
+                "1011:jmp qword ptr [r11+10h]",
+                "1015:lea rsp,[rsp+8]",
+                "101a:dec dword ptr fs:[0FFFFFFFFFFFFFFC0h]",
+                "1022:ret",
+                "1023:dec dword ptr fs:[0FFFFFFFFFFFFFFC0h]",
+                "102b:jmp qword ptr [r11]",
+                "102e:call qword ptr [8008h]",
+                "1034:jmp short 0000000000001011h",
+            ],
+            "{d:#?}"
+        );
+        let word = |o: usize| u64::from_le_bytes(s.data[o..o + 8].try_into().unwrap());
+        assert_eq!((word(0), word(8), word(16), word(24)), (0x5005, 3 | 9 << 32, 0x1023, 0x1015));
+        assert_eq!((s.null, s.word), (0x1023, 16));
+        assert_eq!(straight_path(at as u64, &s.code), 4);
     }
 
     #[test]
@@ -559,15 +887,18 @@ mod tests {
         let nop: Emit<'_> = &|a, _fail| a.nop();
         let entry = graph_trampoline(0x10000, &sh, 3, (0x40000, 0x20000), nop).unwrap();
         let block = return_block(0x40000, 0x30000, true, Some((&sh, nop))).unwrap();
-        let stub = graph_stub(0x50000, 0x60005, 7, 9, 0x10000).unwrap();
-        let (s, e, r) = (
-            straight_path(0x50000, &stub),
+        let stub = graph_stub(0x50000, 0x60000, 0x61000, -64, (0x70005, 7, 9)).unwrap();
+        let (s, e, t, r) = (
+            straight_path(0x50000, &stub.code),
             straight_path(0x10000, &entry),
+            disasm(0x40000, &block[..RETURN_OFFSET]).len(), // dec, call r11
             straight_path(0x40000 + RETURN_OFFSET as u64, &block[RETURN_OFFSET..]),
         );
-        println!("graph frame: stub {s}, entry {e}, thunk 1, return {r} instructions (1 of each is the op's)");
-        assert_eq!(s, 2);
-        // Measured: entry 51, return 31 (the nop included).
-        assert!(e <= 55 && r <= 35, "entry {e}, return {r}");
+        println!("graph frame: stub {s}, entry {e}, thunk {t}, return {r} instructions (1 of each is the op's)");
+        // The stub's count (inc, js) and the thunk's dec are the grace
+        // period's; the trampoline no longer sets and clears the guard.
+        assert_eq!((s, t), (4, 2));
+        // Measured: entry 49, return 31 (the nop included).
+        assert!(e <= 53 && r <= 35, "entry {e}, return {r}");
     }
 }

@@ -55,9 +55,36 @@ pub(crate) static DROP_EXITING: AtomicU64 = AtomicU64::new(0);
 pub(crate) static DROP_NOMEM: AtomicU64 = AtomicU64::new(0);
 pub(crate) static DROP_WRITER: AtomicU64 = AtomicU64::new(0);
 
+/// Calls counted while their thread had no buffer to count them in (C1':
+/// a signal handler during the buffer's creation, a destructor after its
+/// retirement, the writer thread, a buffer that could not be mapped), by
+/// function id: a process-wide array of [`ORPHANS_LEN`] counters, mapped
+/// on first use (pages touched lazily) and never unmapped.
+static ORPHANS: AtomicPtr<AtomicU64> = AtomicPtr::new(ptr::null_mut());
+/// Length of [`ORPHANS`]: every id a compact event can hold.
+pub(crate) const ORPHANS_LEN: usize = 1 << format::FUNC_BITS;
+
 /// Test hook: called in the middle of buffer creation (C4), so a test can
 /// raise a signal there. Null when unset.
 pub(crate) static CREATION_HOOK: AtomicPtr<()> = AtomicPtr::new(ptr::null_mut());
+
+/// Called on a thread when it makes its buffer (C4) and when it retires
+/// it (X1), if set (`record::set_thread_hooks`): the agent gives recording
+/// threads an alternate signal stack there. Async-signal-safe functions
+/// (C4 may run in a signal handler). Null when unset.
+pub(crate) static THREAD_START_HOOK: AtomicPtr<()> = AtomicPtr::new(ptr::null_mut());
+pub(crate) static THREAD_EXIT_HOOK: AtomicPtr<()> = AtomicPtr::new(ptr::null_mut());
+
+/// Calls the hook in `slot`, if any.
+fn call_hook(slot: &AtomicPtr<()>) {
+    let h = slot.load(Ordering::Acquire);
+    if !h.is_null() {
+        // SAFETY: only `record::set_thread_hooks` stores here, an
+        // `extern "C" fn()`.
+        let f: extern "C" fn() = unsafe { std::mem::transmute(h) };
+        f();
+    }
+}
 
 /// The pthread key whose destructor retires a thread's buffer (X1); valid
 /// once `KEY_READY` is true.
@@ -321,6 +348,11 @@ pub(crate) fn slow_events_of_this_thread() -> u64 {
 /// counted (the writer must not record into a buffer it drains).
 pub(crate) fn mark_writer_thread() {
     TLS.with(|t| t.state.set(ST_WRITER));
+}
+
+/// Whether the calling thread is a writer thread. Async-signal-safe.
+pub(crate) fn is_writer_thread() -> bool {
+    TLS.with(|t| t.state.get()) == ST_WRITER
 }
 
 // ---------------------------------------------------------------------------
@@ -715,7 +747,8 @@ fn nested_drop(b: &ThreadBuf, kind: u8, func: u32) -> bool {
 #[cold]
 #[inline(never)]
 fn slow_record(now: u64, kind: u8, func: u32, depth: u32, value: Option<u64>) -> bool {
-    let Some(b) = begin_acquire(MODE_RECORD, Some((now, depth))) else {
+    let counted = (kind == KIND_ENTRY).then_some(func);
+    let Some(b) = begin_acquire(MODE_RECORD, Some((now, depth)), counted) else {
         return false;
     };
     // SAFETY: begin_acquire returns this thread's live buffer.
@@ -744,7 +777,7 @@ fn slow_count(func: u32) -> bool {
     if want == 0 {
         return false;
     }
-    let Some(b) = begin_acquire(want, None) else {
+    let Some(b) = begin_acquire(want, None, Some(func)) else {
         return false;
     };
     // SAFETY: begin_acquire returns this thread's live buffer.
@@ -764,12 +797,13 @@ fn slow_count(func: u32) -> bool {
 
 /// C1–C7: makes this thread's buffer current for the active session, if
 /// that session's mode is `want`. On success the caller writes its event
-/// and calls [`end_acquire`]. Async-signal-safe: only mmap, munmap,
+/// and calls [`end_acquire`]; on failure a call of `counted` is counted
+/// in the process-wide array (C1'). Async-signal-safe: only mmap, munmap,
 /// gettid and pthread_setspecific (a key below 32: a store into the
 /// thread descriptor, no allocation), and a CAS loop that only other
 /// threads' buffer creations can make retry.
 #[cold]
-fn begin_acquire(want: u64, first: Option<(u64, u32)>) -> Option<*mut ThreadBuf> {
+fn begin_acquire(want: u64, first: Option<(u64, u32)>, counted: Option<u32>) -> Option<*mut ThreadBuf> {
     let state = TLS.with(|t| t.state.get());
     if state != ST_NORMAL {
         // C1: a signal handler interrupted this thread's own creation, or
@@ -780,6 +814,9 @@ fn begin_acquire(want: u64, first: Option<(u64, u32)>) -> Option<*mut ThreadBuf>
                 ST_EXITED => DROP_EXITING.fetch_add(1, Ordering::Relaxed),
                 _ => DROP_WRITER.fetch_add(1, Ordering::Relaxed),
             };
+            if let Some(f) = counted {
+                count_orphan(f);
+            }
         }
         return None;
     }
@@ -818,6 +855,9 @@ fn begin_acquire(want: u64, first: Option<(u64, u32)>) -> Option<*mut ThreadBuf>
             Some(b) => TLS.with(|t| t.buf.set(b)),
             None => {
                 DROP_NOMEM.fetch_add(1, Ordering::Relaxed);
+                if let Some(f) = counted {
+                    count_orphan(f);
+                }
             }
         }
     }
@@ -825,6 +865,53 @@ fn begin_acquire(want: u64, first: Option<(u64, u32)>) -> Option<*mut ThreadBuf>
         end_acquire();
     }
     result
+}
+
+/// C1': counts a call of `func` in the process-wide array, inside the
+/// creation section (C2/C7's `CREATING` protocol), so that the stop
+/// protocol's final sum (after S3) sees it or the session had ended.
+fn count_orphan(func: u32) {
+    if func as usize >= ORPHANS_LEN {
+        return;
+    }
+    // SeqCst pairs with S1/S3 as in C2.
+    CREATING.fetch_add(1, Ordering::SeqCst);
+    if ACTIVE.load(Ordering::SeqCst) != 0 {
+        if let Some(a) = orphans(true) {
+            // SAFETY: func < ORPHANS_LEN, the array's length.
+            unsafe { &*a.add(func as usize) }.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+    // Release pairs with S3's acquire load of CREATING.
+    CREATING.fetch_sub(1, Ordering::Release);
+}
+
+/// The process-wide array of [`ORPHANS`], mapped on first use when `make`.
+pub(crate) fn orphans(make: bool) -> Option<*mut AtomicU64> {
+    let p = ORPHANS.load(Ordering::Acquire);
+    if !p.is_null() || !make {
+        return (!p.is_null()).then_some(p);
+    }
+    let m = crate::sys::anon::map(ORPHANS_LEN * 8)? as *mut AtomicU64;
+    // Release pairs with the acquire load above: the zeroed mapping is
+    // visible before the pointer.
+    match ORPHANS.compare_exchange(ptr::null_mut(), m, Ordering::AcqRel, Ordering::Acquire) {
+        Ok(_) => Some(m),
+        Err(other) => {
+            // SAFETY: ours, never published.
+            unsafe { crate::sys::anon::unmap(m as *mut u8, ORPHANS_LEN * 8) };
+            Some(other)
+        }
+    }
+}
+
+/// Zeroes the process-wide counts for a new session. Control path, no
+/// session running (S3 of the last one waited for every `count_orphan`).
+pub(crate) fn reset_orphans() {
+    if let Some(p) = orphans(false) {
+        // SAFETY: our mapping of this length; no counting runs (see above).
+        unsafe { crate::sys::anon::remap_zero(p as *mut u8, ORPHANS_LEN * 8) };
+    }
 }
 
 /// C7: leaves the creation section entered by [`begin_acquire`].
@@ -860,6 +947,7 @@ fn create(active: u64, first: Option<(u64, u32)>) -> Option<*mut ThreadBuf> {
     if KEY_READY.load(Ordering::Acquire) {
         // SAFETY: KEY is a valid key (KEY_READY); the value is our buffer.
         unsafe { libc::pthread_setspecific(KEY.load(Ordering::Relaxed), b as *const libc::c_void) };
+        call_hook(&THREAD_START_HOOK);
     }
     // C6: push. Release pairs with take_incoming's acquire swap.
     let mut head = INCOMING.load(Ordering::Relaxed);
@@ -1013,6 +1101,15 @@ extern "C" fn thread_exit(p: *mut libc::c_void) {
     // every event of this thread is published before it is freed.
     b.cold.exited.store(1, Ordering::Release);
     wake_writer();
+    call_hook(&THREAD_EXIT_HOOK);
+}
+
+/// The top of the stack of buffers not yet adopted (C6), to walk through
+/// `cold.next` without taking them (the crash flush, which holds the
+/// session lock, so that nobody takes or frees them meanwhile). Acquire
+/// pairs with the release CAS of C6.
+pub(crate) fn incoming_head() -> *mut ThreadBuf {
+    INCOMING.load(Ordering::Acquire)
 }
 
 /// Takes every buffer pushed since the last call. Acquire pairs with the

@@ -478,6 +478,99 @@ impl UnattributedDrops {
     }
 }
 
+/// How a recording ended early: a fatal signal, for which the thread it
+/// hit wrote everything the buffers held (the crash flush,
+/// [`crate::record::crash`]). The process normally died of it right after.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SignalEnd {
+    /// The signal number.
+    pub signal: i32,
+    /// Its name (`SIGSEGV`, …; `signal N` for others).
+    pub name: String,
+    /// The thread that received it.
+    pub tid: i32,
+    /// `si_code`: why (`SEGV_MAPERR`, …) or who (`SI_USER`, `SI_TKILL`).
+    pub code: i32,
+    /// The faulting address, for a fault the kernel reported (`si_code` >
+    /// 0: `SIGSEGV`, `SIGBUS`, `SIGILL`, `SIGFPE`).
+    pub addr: Option<u64>,
+    /// The process that sent it, for a signal sent with `kill`, `raise`
+    /// or `abort` (`si_code` <= 0).
+    pub sender_pid: Option<i32>,
+    /// The time of the flush (clock ticks).
+    pub ts: u64,
+    /// Events the flush took from the threads' buffers: recorded after
+    /// the writer's last pass, they would have been lost with the process.
+    /// (What the writer had taken and still held in its own buffers was
+    /// written too, and is not counted here.)
+    pub flushed_events: u64,
+}
+
+impl SignalEnd {
+    /// The name of signal `sig` as the crash flush writes it.
+    pub fn signal_name(sig: i32) -> &'static str {
+        match sig {
+            libc::SIGSEGV => "SIGSEGV",
+            libc::SIGBUS => "SIGBUS",
+            libc::SIGILL => "SIGILL",
+            libc::SIGFPE => "SIGFPE",
+            libc::SIGABRT => "SIGABRT",
+            libc::SIGTRAP => "SIGTRAP",
+            libc::SIGSYS => "SIGSYS",
+            libc::SIGQUIT => "SIGQUIT",
+            libc::SIGTERM => "SIGTERM",
+            libc::SIGINT => "SIGINT",
+            libc::SIGHUP => "SIGHUP",
+            libc::SIGKILL => "SIGKILL",
+            _ => "signal",
+        }
+    }
+
+    /// What the code says, in words (`address not mapped`, `raised by the
+    /// process itself`…), if known. `pid` is the traced process's.
+    pub fn reason(&self, pid: i32) -> Option<&'static str> {
+        let own = self.sender_pid == Some(pid);
+        Some(match (self.signal, self.code) {
+            (libc::SIGABRT, libc::SI_TKILL) if own => "abort(), a failed assert() or raise()",
+            (_, libc::SI_TKILL) if own => "raised by the process itself",
+            (_, libc::SI_USER) if own => "sent by the process to itself",
+            (_, libc::SI_USER | libc::SI_TKILL) => "sent by another process",
+            (_, libc::SI_QUEUE) => "sent with sigqueue",
+            (_, 0x80) => "a general protection fault: a non-canonical address or a privileged instruction",
+            (libc::SIGSEGV, 1) => "address not mapped",
+            (libc::SIGSEGV, 2) => "access not permitted",
+            (libc::SIGBUS, 1) => "misaligned address",
+            (libc::SIGBUS, 2) => "no memory behind the address (past the end of a mapped file?)",
+            (libc::SIGBUS, 3) => "hardware error",
+            (libc::SIGILL, 1) => "illegal opcode",
+            (libc::SIGILL, 2) => "illegal operand",
+            (libc::SIGILL, 5) => "privileged opcode",
+            (libc::SIGFPE, 1) => "integer division by zero",
+            (libc::SIGFPE, 2) => "integer overflow",
+            (libc::SIGFPE, 3..=8) => "floating-point exception",
+            _ => return None,
+        })
+    }
+
+    /// `SIGSEGV (address not mapped, at 0x10) on thread 4242`, for
+    /// people; `pid` is the traced process's.
+    pub fn describe(&self, pid: i32) -> String {
+        let mut why = Vec::new();
+        if let Some(r) = self.reason(pid) {
+            why.push(r.to_string());
+        }
+        if let Some(a) = self.addr {
+            why.push(format!("at {a:#x}"));
+        }
+        if let Some(p) = self.sender_pid.filter(|&p| p != pid) {
+            why.push(format!("pid {p}"));
+        }
+        let name = if self.name == "signal" { format!("signal {}", self.signal) } else { self.name.clone() };
+        let why = if why.is_empty() { String::new() } else { format!(" ({})", why.join(", ")) };
+        format!("{name}{why} on thread {}", self.tid)
+    }
+}
+
 /// How the buffers were sized.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct BufferInfo {
@@ -529,12 +622,22 @@ pub struct Meta {
     pub threads: Vec<ThreadMeta>,
     /// Drops not attributable to one thread.
     pub unattributed_drops: UnattributedDrops,
+    /// Calls counted while their thread had no buffer to count them in (a
+    /// signal handler during the buffer's creation, a destructor after the
+    /// thread's buffer was retired): in `counts.json`, not in a thread's
+    /// `calls`.
+    #[serde(default)]
+    pub unattributed_calls: u64,
     /// Total entry and exit events written (sum over threads).
     pub total_events: u64,
     /// Total events lost (threads and unattributed).
     pub total_dropped: u64,
-    /// Total calls counted (exact).
+    /// Total calls counted (exact): the threads' and `unattributed_calls`.
     pub total_calls: u64,
+    /// Set when the recording ended with a fatal signal whose handler
+    /// flushed the trace (then `complete` is false); absent otherwise.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ended_by: Option<SignalEnd>,
 }
 
 /// One line of the symbol file.
@@ -564,6 +667,35 @@ mod tests {
         let mut out = Vec::new();
         Decoder::new().feed(words, &mut |i| out.push(i))?;
         Ok(out)
+    }
+
+    #[test]
+    fn signal_ends_are_described_for_people() {
+        let end = |signal, code, addr, sender_pid| SignalEnd {
+            signal,
+            name: SignalEnd::signal_name(signal).into(),
+            tid: 7,
+            code,
+            addr,
+            sender_pid,
+            ts: 0,
+            flushed_events: 0,
+        };
+        let d = |e: SignalEnd| e.describe(100);
+        assert_eq!(d(end(libc::SIGSEGV, 1, Some(0), None)), "SIGSEGV (address not mapped, at 0x0) on thread 7");
+        assert_eq!(
+            d(end(libc::SIGSEGV, 0x80, None, None)),
+            "SIGSEGV (a general protection fault: a non-canonical address or a privileged instruction) on thread 7"
+        );
+        assert_eq!(
+            d(end(libc::SIGABRT, libc::SI_TKILL, None, Some(100))),
+            "SIGABRT (abort(), a failed assert() or raise()) on thread 7"
+        );
+        assert_eq!(
+            d(end(libc::SIGBUS, libc::SI_USER, None, Some(55))),
+            "SIGBUS (sent by another process, pid 55) on thread 7"
+        );
+        assert_eq!(d(end(libc::SIGUSR1, 99, None, None)), "signal 10 on thread 7");
     }
 
     #[test]

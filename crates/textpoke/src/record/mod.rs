@@ -173,6 +173,16 @@
 //! The waits are bounded (2 s); a thread still inside a record call then
 //! (stopped in a debugger, say) is reported as `in_flight_at_stop`.
 //!
+//! # Crash (F1–F8)
+//!
+//! When a fatal signal is about to kill the process, the thread it hit
+//! writes what the buffers hold — from its signal handler, holding the
+//! session lock it only tries to take, allocating nothing — with the
+//! counts, the missing symbols and `meta.json` (`complete: false`,
+//! `ended_by`: the signal and the thread), so that the trace ends where
+//! the program did; the writer yields the lock to it and rests after it.
+//! See [`crash`] (the agent calls it from its handler).
+//!
 //! # Fork
 //!
 //! `pthread_atfork` handlers hold the session lock across `fork`. In the
@@ -210,6 +220,8 @@
 //!   `exited`; plus `unattributed_drops` (`creating`, `exiting`,
 //!   `no_memory`, `writer_thread`, `io`, `in_flight_at_stop`),
 //!   `total_events`, `total_dropped` (events) and `total_calls`.
+//!   When a fatal signal ended the recording, `ended_by` too
+//!   ([`format::SignalEnd`]: what the crash flush saw).
 //! - `symbols.jsonl`: one `{"id", "addr", "name"}` per line, for the
 //!   functions that appear in events or counts (and no other).
 //! - `counts.json` ([`format::CountsFile`]): `{"calls": [[id, calls],
@@ -226,6 +238,7 @@
 
 mod buffer;
 mod codegen;
+pub mod crash;
 pub mod dir;
 pub mod format;
 mod op;
@@ -539,6 +552,18 @@ pub fn is_active() -> bool {
 /// The clock source of the running session.
 pub fn active_clock() -> Option<ClockSource> {
     session::active_clock()
+}
+
+/// Sets functions called on a thread when it makes its buffer (step C4:
+/// its first event in a session) and when it retires it (X1: thread exit);
+/// `None` clears one. Both must be async-signal-safe (C4 may run in a
+/// signal handler) and must not record. The agent gives recording threads
+/// an alternate signal stack there, for the crash flush.
+pub fn set_thread_hooks(start: Option<extern "C" fn()>, exit: Option<extern "C" fn()>) {
+    let p = |h: Option<extern "C" fn()>| h.map_or(std::ptr::null_mut(), |f| f as *mut ());
+    // Release pairs with the acquire load in buffer::call_hook.
+    buffer::THREAD_START_HOOK.store(p(start), std::sync::atomic::Ordering::Release);
+    buffer::THREAD_EXIT_HOOK.store(p(exit), std::sync::atomic::Ordering::Release);
 }
 
 /// Test support: calls `hook` in the middle of buffer creation (step C4),

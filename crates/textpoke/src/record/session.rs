@@ -22,65 +22,70 @@ use crate::sync::ForkLock;
 
 /// A buffer pointer owned by the registry.
 #[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
-struct BufPtr(*mut ThreadBuf);
+pub(super) struct BufPtr(pub(super) *mut ThreadBuf);
 // SAFETY: buffers are shared between their thread and the control path by
 // design; the protocol in buffer.rs governs every access.
 unsafe impl Send for BufPtr {}
 
 impl BufPtr {
-    fn get(&self) -> &ThreadBuf {
+    pub(super) fn get(&self) -> &ThreadBuf {
         // SAFETY: registered buffers stay mapped until freed by the
         // control path, which removes them from the registry first.
         unsafe { &*self.0 }
     }
 }
 
-struct State {
+pub(super) struct State {
     /// The running session, if any.
-    session: Option<Session>,
+    pub(super) session: Option<Session>,
     /// Every adopted buffer, of any session, until it is freed.
-    registry: Vec<BufPtr>,
+    pub(super) registry: Vec<BufPtr>,
     /// Last session epoch used.
     epoch: u64,
 }
 
-static STATE: ForkLock<State> = ForkLock::new(State { session: None, registry: Vec::new(), epoch: 0 });
+pub(super) static STATE: ForkLock<State> = ForkLock::new(State { session: None, registry: Vec::new(), epoch: 0 });
 
-struct Session {
+pub(super) struct Session {
     /// The ACTIVE word of this session.
-    id: u64,
-    config: RecorderConfig,
-    dir: PathBuf,
-    dir_ready: bool,
-    parent_pid: Option<i32>,
-    calibration: Calibration,
-    start_unix_ns: u64,
-    start_ts: u64,
+    pub(super) id: u64,
+    pub(super) config: RecorderConfig,
+    pub(super) dir: PathBuf,
+    pub(super) dir_ready: bool,
+    pub(super) parent_pid: Option<i32>,
+    pub(super) calibration: Calibration,
+    pub(super) start_unix_ns: u64,
+    pub(super) start_ts: u64,
     /// Live threads' outputs, by buffer.
-    threads: BTreeMap<BufPtr, ThreadOut>,
+    pub(super) threads: BTreeMap<BufPtr, ThreadOut>,
     /// Threads that exited, final.
-    finished: Vec<ThreadMeta>,
+    pub(super) finished: Vec<ThreadMeta>,
     /// File names used.
-    names: BTreeSet<String>,
+    pub(super) names: BTreeSet<String>,
     /// Calls of exited threads, by function id.
-    count_totals: Vec<u64>,
-    symbols: SymbolsOut,
+    pub(super) count_totals: Vec<u64>,
+    pub(super) symbols: SymbolsOut,
     /// Global drop counters when the session started.
-    drops_base: [u64; 4],
-    io_drops: u64,
-    in_flight: u64,
-    io_error: Option<String>,
+    pub(super) drops_base: [u64; 4],
+    pub(super) io_drops: u64,
+    pub(super) in_flight: u64,
+    pub(super) io_error: Option<String>,
     /// `total_dropped` of the last metadata written.
-    last_dropped: u64,
+    pub(super) last_dropped: u64,
+    /// Calls counted with no thread's buffer (`unattributed_calls`).
+    pub(super) orphan_calls: u64,
     /// When the metadata was last written, and whether anything changed
     /// since (a thread appeared or exited).
-    last_meta: Option<Instant>,
-    meta_due: bool,
-    writer: Option<std::thread::JoinHandle<()>>,
-    stop_requested: bool,
+    pub(super) last_meta: Option<Instant>,
+    pub(super) meta_due: bool,
+    /// Words appended to the thread files so far (a pass that adds none
+    /// is idle: see [`drain`]).
+    pub(super) words_out: u64,
+    pub(super) writer: Option<std::thread::JoinHandle<()>>,
+    pub(super) stop_requested: bool,
 }
 
-fn global_drops() -> [u64; 4] {
+pub(super) fn global_drops() -> [u64; 4] {
     [
         buffer::DROP_CREATING.load(Ordering::Relaxed),
         buffer::DROP_EXITING.load(Ordering::Relaxed),
@@ -98,6 +103,7 @@ const META_INTERVAL: Duration = Duration::from_secs(1);
 
 pub(crate) fn start(config: RecorderConfig) -> Result<(), RecordError> {
     config.validate()?;
+    super::crash::reset(); // a flush that found the recorder busy is over
     buffer::ensure_key();
     install_fork_hooks();
     let mut st = STATE.lock();
@@ -158,14 +164,16 @@ fn new_session(
         finished: Vec::new(),
         names: BTreeSet::new(),
         count_totals: Vec::new(),
-        symbols: SymbolsOut::default(),
+        symbols: SymbolsOut::with_room(),
         drops_base: global_drops(),
         io_drops: 0,
         in_flight: 0,
         io_error: None,
         last_dropped: 0,
+        orphan_calls: 0,
         last_meta: None,
         meta_due: true,
+        words_out: 0,
         writer: None,
         stop_requested: false,
         config,
@@ -182,6 +190,7 @@ fn publish(id: u64, config: &RecorderConfig) {
     buffer::CFG_PREFAULT.store(config.prefault_buffers, Ordering::Relaxed);
     buffer::MEM_LIMIT.store(config.memory_limit as u64, Ordering::Relaxed);
     buffer::MEM_PEAK.store(buffer::MEM_USED.load(Ordering::Relaxed), Ordering::Relaxed);
+    buffer::reset_orphans();
     ACTIVE.store(id, Ordering::Release);
 }
 
@@ -209,6 +218,14 @@ fn writer_main(id: u64) {
     buffer::mark_writer_thread();
     batch_scheduling();
     loop {
+        if super::crash::writer_rests() {
+            // F2/F8: a fatal signal's flush wants the lock (a writer busy
+            // with threads that fill segments would take it again at once)
+            // or has just written the trace, which a pass would rewrite
+            // without saying so, while the process dies.
+            std::thread::sleep(Duration::from_millis(1));
+            continue;
+        }
         // Acquire pairs with wake_writer's release increment.
         let seen = buffer::WAKE.load(Ordering::Acquire);
         let interval = {
@@ -238,8 +255,12 @@ fn drain(st: &mut State, side_files: bool) {
         sweep(st);
         return;
     };
+    let words_before = s.words_out;
     let mut i = 0;
     while i < st.registry.len() {
+        if yield_to_crash() {
+            return;
+        }
         let bp = st.registry[i];
         let b = bp.get();
         // D5 first: acquire pairs with X2, so after it every event of an
@@ -270,13 +291,30 @@ fn drain(st: &mut State, side_files: bool) {
             s.io_error.get_or_insert(e);
         }
     }
-    let due = s.meta_due && s.last_meta.is_none_or(|t| t.elapsed() >= META_INTERVAL);
+    // The side files follow the events: at most every META_INTERVAL while
+    // events flow, and at the first idle pass after some did (a program
+    // that waits, or is about to be killed, has its counts on disk); in
+    // count mode (no events to see) every META_INTERVAL.
+    let active = s.words_out != words_before;
+    if active || s.config.mode == Mode::Count {
+        s.meta_due = true;
+    }
+    let idle_write = !active && s.config.mode == Mode::Record;
+    let due = s.meta_due && (idle_write || s.last_meta.is_none_or(|t| t.elapsed() >= META_INTERVAL));
     if side_files || due {
         let registry = st.registry.clone();
         if let Some(s) = st.session.as_mut() {
             write_meta(s, &registry, false);
         }
     }
+}
+
+/// Whether the writer thread must end its pass now: a fatal signal's
+/// flush waits for the lock (F2). A producer that fills segments as fast
+/// as the writer drains them keeps one pass going; the final drain of a
+/// stop (on another thread) goes on.
+fn yield_to_crash() -> bool {
+    buffer::is_writer_thread() && super::crash::writer_rests()
 }
 
 /// Frees the exited buffers of no running session.
@@ -323,6 +361,9 @@ fn drain_one(s: &mut Session, bp: BufPtr) {
         let seg = b.cons.drain_seg.load(Ordering::Relaxed);
         if seg.is_null() {
             return; // count mode: counters are read when counts are written
+        }
+        if yield_to_crash() {
+            return; // the cursor is where this pass got to
         }
         // SAFETY: the cursor's segment is mapped until given back below.
         let sr = unsafe { &*seg };
@@ -403,6 +444,7 @@ fn write_words(s: &mut Session, bp: BufPtr, words: &[u64]) {
             }
         }
     }
+    s.words_out += words.len() as u64;
     let symbols = &mut s.symbols;
     let before = (out.scan.entries, out.scan.exits);
     out.scan.words(words, &mut |f| symbols.see(f));
@@ -475,6 +517,16 @@ fn sum_counts(s: &mut Session, registry: &[BufPtr]) -> Vec<u64> {
             out.calls = calls;
         }
     }
+    // Calls that had no buffer to be counted in (C1').
+    let mut orphans = 0;
+    for (i, v) in writer::orphan_counts() {
+        if totals.len() <= i {
+            totals.resize(i + 1, 0);
+        }
+        totals[i] += v;
+        orphans += v;
+    }
+    s.orphan_calls = orphans;
     totals
 }
 
@@ -483,6 +535,13 @@ fn sum_counts(s: &mut Session, registry: &[BufPtr]) -> Vec<u64> {
 fn write_meta(s: &mut Session, registry: &[BufPtr], complete: bool) {
     if !ensure_dir(s) {
         return;
+    }
+    // The thread files first, so the metadata never counts words that are
+    // not in them yet.
+    for out in s.threads.values_mut() {
+        if let Some(Err(e)) = out.file.as_mut().map(|f| f.flush()) {
+            s.io_error.get_or_insert_with(|| format!("write {}: {e}", out.name.as_deref().unwrap_or("?")));
+        }
     }
     let totals = sum_counts(s, registry);
     for (id, _) in totals.iter().enumerate().filter(|(_, &v)| v != 0) {
@@ -512,7 +571,8 @@ fn write_meta(s: &mut Session, registry: &[BufPtr], complete: bool) {
     if complete {
         s.calibration.refine();
     }
-    let (total_events, total_dropped, total_calls) = writer::totals(&threads, &unattributed);
+    let (total_events, total_dropped, thread_calls) = writer::totals(&threads, &unattributed);
+    let total_calls = thread_calls + s.orphan_calls;
     s.last_dropped = total_dropped;
     let c = &s.config;
     let meta = Meta {
@@ -539,9 +599,11 @@ fn write_meta(s: &mut Session, registry: &[BufPtr], complete: bool) {
         max_functions: c.max_functions,
         threads,
         unattributed_drops: unattributed,
+        unattributed_calls: s.orphan_calls,
         total_events,
         total_dropped,
         total_calls,
+        ended_by: None,
     };
     if let Err(e) = writer::write_json(&s.dir, format::META_FILE, &meta, sync) {
         s.io_error.get_or_insert(e);
@@ -562,7 +624,9 @@ pub(crate) fn flush() -> Result<TraceSummary, RecordError> {
     if st.session.is_none() {
         return Err(RecordError::NotActive);
     }
-    drain(&mut st, true);
+    if !super::crash::writer_rests() {
+        drain(&mut st, true); // not over a crash flush's metadata (F8)
+    }
     flush_files(st.session.as_mut().expect("checked above"));
     let s = st.session.as_ref().expect("checked above");
     if let Some(e) = &s.io_error {
@@ -592,6 +656,8 @@ fn summary(s: &Session, complete: bool) -> TraceSummary {
 
 /// Stops the active session: S1–S5 of the module docs.
 pub(crate) fn stop() -> Result<TraceSummary, RecordError> {
+    // A process that stops normally outlived any crash flush (F8).
+    super::crash::reset();
     // Ask the writer to finish and wait for it, without holding the lock.
     let writer = {
         let mut st = STATE.lock();

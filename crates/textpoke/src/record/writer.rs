@@ -157,6 +157,21 @@ pub(crate) struct SymbolsOut {
 }
 
 impl SymbolsOut {
+    /// Empty, with a written bit for every id the function table can hand
+    /// out already in place, so that the crash flush (`crash`, F6) marks
+    /// the lines it writes without allocating. Zeroed memory (2 MiB of
+    /// address space, pages touched as ids are marked).
+    pub fn with_room() -> SymbolsOut {
+        SymbolsOut { written: vec![0; crate::funcs::MAX_FUNCTIONS / 64], ..SymbolsOut::default() }
+    }
+
+    /// The parts the crash flush (F6) works with: the written bits, the
+    /// ids seen but not yet appended, and the file (`None` before the first
+    /// append).
+    pub fn parts(&mut self) -> (&mut [u64], &mut Vec<u32>, Option<&mut BufWriter<File>>) {
+        (&mut self.written, &mut self.pending, self.file.as_mut())
+    }
+
     /// Notes that function `id` appears in the trace.
     #[inline]
     pub fn see(&mut self, id: u32) {
@@ -213,6 +228,27 @@ pub(crate) fn buffer_counts(b: &ThreadBuf) -> Vec<(usize, u64)> {
             // SAFETY: i < ncounters; the producer updates counters with
             // single aligned stores (K3), read here atomically.
             let v = unsafe { &*(p.add(i) as *const std::sync::atomic::AtomicU64) }.load(Ordering::Relaxed);
+            if v != 0 {
+                out.push((i, v));
+            }
+        }
+    }
+    out
+}
+
+/// Calls counted in the process-wide array of calls that had no buffer to
+/// be counted in (see `buffer::count_orphan`), by function id.
+pub(crate) fn orphan_counts() -> Vec<(usize, u64)> {
+    let Some(p) = super::buffer::orphans(false) else { return Vec::new() };
+    let n = super::buffer::ORPHANS_LEN;
+    let mut out = Vec::new();
+    // SAFETY: the array's own mapping, `n` words long, never unmapped.
+    let touched = unsafe { crate::sys::anon::resident_pages(p as *mut u8, n * 8) };
+    let per_page = crate::sys::anon::PAGE / 8;
+    for page in touched {
+        for i in page * per_page..((page + 1) * per_page).min(n) {
+            // SAFETY: i < n; updated with atomic adds.
+            let v = unsafe { &*p.add(i) }.load(Ordering::Relaxed);
             if v != 0 {
                 out.push((i, v));
             }

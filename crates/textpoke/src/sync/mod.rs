@@ -11,6 +11,15 @@
 //! acknowledges; the patcher waits, bounded, for every thread that still
 //! exists (see [`rendezvous`]).
 //!
+//! That fallback signals threads blocked in system calls too, so their
+//! `nanosleep`, `poll`, `epoll_wait`, `select`, timed socket and `futex`
+//! waits fail with EINTR (DESIGN.md rule 9 is not met there): such a
+//! thread needs no barrier, but it does need a serialising instruction
+//! before it runs the changed code, and it returns to user space through
+//! `sysret`, which is not one (the kernel's SYNC_CORE serialises it
+//! explicitly, `sync_core_before_usermode`). Grace periods do not use this:
+//! they need no serialisation (`trace::grace`).
+//!
 //! The calling thread needs no round: x86 detects a store into code the same
 //! core is about to run (self-modifying code) by itself.
 //!
@@ -58,6 +67,7 @@ pub enum SyncMethod {
     /// CPUs running this process.
     Membarrier,
     /// A real-time signal to every other thread; each serialises and acks.
+    /// A thread blocked in an interruptible system call gets EINTR.
     Signals,
 }
 

@@ -9,9 +9,10 @@
 //!
 //! - **sync**: the handler serialises its core, then stores `gen` into its
 //!   slot's `acked` (Release; pairs with the patcher's Acquire load).
-//! - **sample**: the handler stores its interrupted PC and stack pointer
-//!   and the value of the sample hook (the tracer's "am I inside tracer
-//!   code" count), then acks. Used by grace periods.
+//! - **sample**: the handler stores the value of the sample hook (the
+//!   tracer's "am I inside tracer code" count), then acks. Used only by
+//!   grace periods on kernels without `membarrier`, and only for threads
+//!   seen running user code (see `trace::grace`).
 //! - **park**: the handler stores its interrupted PC, then `acked = gen`
 //!   (Release), then sleeps on the `RELEASED` futex until the patcher
 //!   releases `gen`, serialises its core, and returns. All signals are
@@ -181,8 +182,6 @@ extern "C" fn on_rendezvous(_sig: i32, info: *mut libc::siginfo_t, ctx: *mut lib
             // SAFETY: set_sample_hook stored an `extern "C" fn() -> usize`.
             unsafe { std::mem::transmute::<usize, extern "C" fn() -> usize>(hook)() }
         };
-        // SAFETY: ctx is the ucontext_t the kernel passed to this handler.
-        unsafe { record_context(slot, ctx.cast()) };
         slot.aux.store(aux, Ordering::Relaxed);
         slot.acked.store(gen, Ordering::Release); // publishes the sample; pairs with wait_all
         return;
@@ -322,48 +321,45 @@ pub fn sync_by_signals_within(deadline: Duration) -> Result<(), PokeError> {
     Ok(())
 }
 
-/// What every other thread was doing when sampled. Holds the sampler
-/// lock: the sample table is reused by the next round.
-pub struct Samples {
-    gen: u32,
-    _one: std::sync::MutexGuard<'static, ()>,
-}
-
 /// One sample round at a time (grace periods of several callers).
 static SAMPLER: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
-impl Samples {
-    /// Each sampled thread: its id, the hook's value, and every PC it will
-    /// resume at (the interrupted one, then those of outer signal frames).
-    pub fn for_each(&self, mut f: impl FnMut(i32, usize, &mut dyn Iterator<Item = usize>)) {
-        let t = table(SAMPLE_TABLE);
-        for s in &t.slots[..t.used.load(Ordering::Relaxed)] {
-            let tid = s.tid.load(Ordering::Relaxed);
-            if tid == 0 || s.acked.load(Ordering::Acquire) != self.gen {
-                continue;
-            }
-            let mut pcs = Vec::new();
-            s.for_each_resume_pc(|pc| pcs.push(pc));
-            f(tid, s.aux.load(Ordering::Relaxed), &mut pcs.into_iter());
+/// Samples threads `tids` (each answers a signal with the sample hook's
+/// value on that thread) and returns the answers that came within
+/// `deadline`: a thread that blocks the signal, is stopped, or exited is
+/// simply not in the result. Rounds are serialised among samplers, and
+/// independent of the engine's commit lock. Every signalled thread's
+/// interruptible system call, if it entered one meanwhile, fails with
+/// EINTR: callers signal only threads seen running user code.
+pub fn sample_threads(tids: &[i32], deadline: Duration) -> Result<Vec<(i32, usize)>, PokeError> {
+    install()?;
+    let _one = SAMPLER.lock().unwrap_or_else(|e| e.into_inner());
+    reserve(SAMPLE_TABLE, tids.len() * 2 + 16);
+    let t = table(SAMPLE_TABLE);
+    let gen = GEN.fetch_add(1, Ordering::Relaxed).wrapping_add(1);
+    t.used.store(0, Ordering::Relaxed);
+    for &tid in tids {
+        if let Err(e) = enlist(t, tid, gen, KIND_SAMPLE) {
+            return Err(PokeError::Sys {
+                what: "signal a thread for a grace period sample",
+                source: std::io::Error::from_raw_os_error(if e > 0 { e } else { libc::EAGAIN }),
+            });
         }
     }
-}
-
-/// Samples every other thread without stopping it (the "rude" flavour of
-/// a grace period: each thread answers a signal). Rounds are serialised
-/// among samplers, and independent of the engine's commit lock.
-pub fn sample_others() -> Result<Samples, PokeError> {
-    let one = SAMPLER.lock().unwrap_or_else(|e| e.into_inner());
-    let gen = signal_round(KIND_SAMPLE, RESPONSE_DEADLINE)?;
-    Ok(Samples { gen, _one: one })
+    let _ = wait_all(t, gen, Instant::now() + deadline); // late answers are left out
+    let used = t.used.load(Ordering::Relaxed);
+    Ok(t.slots[..used]
+        .iter()
+        .filter(|s| s.tid.load(Ordering::Relaxed) != 0 && s.acked.load(Ordering::Acquire) == gen)
+        .map(|s| (s.tid.load(Ordering::Relaxed), s.aux.load(Ordering::Relaxed)))
+        .collect())
 }
 
 /// Signals every other thread with a request of `kind`, waits for answers.
 fn signal_round(kind: usize, deadline: Duration) -> Result<u32, PokeError> {
     install()?;
-    let which = if kind == KIND_SAMPLE { SAMPLE_TABLE } else { COMMIT_TABLE };
-    reserve(which, count_threads() * 2 + 16);
-    let t = table(which);
+    reserve(COMMIT_TABLE, count_threads() * 2 + 16);
+    let t = table(COMMIT_TABLE);
     let gen = GEN.fetch_add(1, Ordering::Relaxed).wrapping_add(1);
     t.used.store(0, Ordering::Relaxed);
     let me = gettid();

@@ -87,3 +87,19 @@ pub(crate) unsafe fn resident_pages(p: *mut u8, len: usize) -> Vec<usize> {
     }
     vec.iter().enumerate().filter(|(_, &v)| v & 1 != 0).map(|(i, _)| i).collect()
 }
+
+/// As [`resident_pages`], without allocating: one byte per page of
+/// `p..p+len` into `out` (bit 0 set: resident). False if `mincore` failed
+/// or `out` is too short. Async-signal-safe.
+///
+/// # Safety
+///
+/// `p..p+len` must be a mapping made by [`map`] (page-aligned).
+pub(crate) unsafe fn resident_into(p: *mut u8, len: usize, out: &mut [u8]) -> bool {
+    if p.is_null() || len == 0 || out.len() < len.div_ceil(PAGE) {
+        return false;
+    }
+    // SAFETY: a page-aligned mapping of `len` bytes (the caller's
+    // guarantee) and at least one byte per page in `out`.
+    unsafe { libc::mincore(p.cast(), len, out.as_mut_ptr()) == 0 }
+}

@@ -112,9 +112,46 @@ pub fn blocked_mask(tid: i32) -> Option<u64> {
     u64::from_str_radix(line["SigBlk:".len()..].trim(), 16).ok()
 }
 
+/// Whether thread `tid` is running (or runnable: `State: R`) rather than
+/// blocked in the kernel or stopped, and how many context switches it made
+/// (voluntary and involuntary), from `/proc/self/task/TID/status`, read
+/// without disturbing the thread. `None` if it is gone. Allocates.
+pub fn sched_state(tid: i32) -> Option<(bool, u64)> {
+    let s = std::fs::read_to_string(format!("/proc/self/task/{tid}/status")).ok()?;
+    parse_sched_state(&s)
+}
+
+fn parse_sched_state(status: &str) -> Option<(bool, u64)> {
+    let field = |name: &str| status.lines().find_map(|l| l.strip_prefix(name)).map(str::trim);
+    let running = field("State:")?.starts_with('R');
+    let vol: u64 = field("voluntary_ctxt_switches:")?.parse().ok()?;
+    let invol: u64 = field("nonvoluntary_ctxt_switches:")?.parse().ok()?;
+    Some((running, vol + invol))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn sched_state_of_a_sleeping_thread() {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let t = std::thread::spawn(move || {
+            tx.send(gettid()).unwrap();
+            std::thread::sleep(std::time::Duration::from_millis(300));
+        });
+        let tid = rx.recv().unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        let (running, switches) = sched_state(tid).unwrap();
+        assert!(!running, "asleep in nanosleep");
+        assert!(switches >= 1);
+        t.join().unwrap();
+        assert_eq!(
+            parse_sched_state("State:\tR (running)\nvoluntary_ctxt_switches:\t3\nnonvoluntary_ctxt_switches:\t4\n"),
+            Some((true, 7))
+        );
+        assert_eq!(parse_sched_state("State:\tS (sleeping)\n"), None);
+    }
 
     #[test]
     fn lists_own_threads() {

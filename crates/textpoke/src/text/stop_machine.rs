@@ -1,4 +1,19 @@
 //! The stop-machine strategy: park every other thread, write, release.
+//!
+//! # What it costs a thread in a system call
+//!
+//! Every other thread is stopped by design, with a real-time signal: the
+//! only way to bring a thread out of the kernel before it can run a
+//! region being rewritten instruction by instruction (rule 1). A thread
+//! blocked in `nanosleep`, `clock_nanosleep`, `poll`, `epoll_wait`,
+//! `select`, a socket call with a timeout or a timed `futex` wait returns
+//! `EINTR` when released, whatever `SA_RESTART` says (glibc's `sleep`
+//! returns the seconds left); calls the kernel restarts under
+//! `SA_RESTART` (`read`, `write`, `wait`...) restart unseen. Every thread
+//! also waits, parked, for the slowest to answer and for the writes. The
+//! breakpoint strategy has none of this (with `membarrier`); the tracer
+//! parks only to turn a site's gcc pad (five one-byte NOPs) into one NOP,
+//! once per site, the first time it is traced.
 
 use super::write::{WriteMethod, Writer};
 use super::{CommitStats, Plan};

@@ -7,13 +7,45 @@
 //! ([`OPS`]), the site table segments (never freed), per-thread state in
 //! TLS (const-initialised, no destructor: plain `%fs` accesses).
 //!
+//! # Quiescence count
+//!
+//! Each thread has a nesting count, `in_tramp`: how many times it is
+//! inside tracer code. Grace periods read it instead of interrupting the
+//! thread, so it covers every instant the thread may run or hold anything
+//! that can be freed:
+//!
+//! - a site's stub (never freed) raises it before it jumps through its
+//!   word into a trampoline, and lowers it after the trampoline returned
+//!   (`arch::tramp::call_stub`); a graph stub raises it and the graph
+//!   return block's thunk (never freed) lowers it;
+//! - [`on_return`] (called from the never-freed return trampoline) raises
+//!   it around the exit callbacks, which read op data.
+//!
+//! A raise is a plain increment followed by a compiler barrier (the CPU's
+//! store-to-load reordering is the grace period's `membarrier`'s to
+//! cover); a lowering is a Release store (x86 stores in generated code are
+//! releases), after which the thread touches nothing freeable.
+//!
+//! The count is also the recursion guard: at [`enter`] it is 1 (the
+//! stub's raise) unless the thread was already inside tracer code — a
+//! callback calling a traced function, or a signal handler running one
+//! while the thread was in a trampoline. Such calls are not traced.
+//!
+//! A thread's count starts at `UNREGISTERED` (bit 31). The first stub it
+//! enters finds the bit (the sign flag after `inc`) and has the thread
+//! registered ([`stub_register`]) in `registry.rs`, where grace periods
+//! find its count, before it goes anywhere freeable. At exit (a pthread
+//! key's destructor) the bit is set again and the slot released; stubs
+//! then let the thread through untraced.
+//!
 //! # Entry
 //!
 //! A site's trampoline calls [`on_entry_list`] (or [`on_entry_direct`] for
 //! a site with a single op) with the saved registers and its frame. If this
-//! thread is already inside a callback, the call is not traced (the
-//! recursion guard: a callback calling a traced function, or a signal
-//! handler running one while a callback is interrupted). Otherwise each op
+//! thread was already inside tracer code, the call is not traced (the
+//! recursion guard, see "Quiescence count": a callback calling a traced
+//! function, or a signal handler running one while a stub, trampoline or
+//! callback is interrupted). Otherwise each op
 //! of the site's mask gets `entry`; if some want the exit, the function's
 //! return address is pushed on this thread's shadow stack together with the
 //! mask and the entry time, and replaced by the return trampoline's address.
@@ -35,9 +67,9 @@
 //! what keeps this right when signal handlers run on an alternate stack.
 //! The ops of the saved mask that are still registered get `exit`.
 
-use crate::arch::tramp::{SavedRegs, SavedReturn};
+use crate::arch::tramp::{SavedRegs, SavedReturn, UNREGISTERED};
 use std::cell::Cell;
-use std::sync::atomic::{AtomicPtr, AtomicU64, AtomicU8, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicPtr, AtomicU32, AtomicU64, AtomicU8, AtomicUsize, Ordering};
 use std::sync::Arc;
 
 /// The most ops registered at once (a site's ops are a `u64` mask).
@@ -149,12 +181,13 @@ impl Entry<'_> {
     }
     /// The traced function's return address (entry sites only).
     pub fn return_address(&self) -> Option<usize> {
-        // SAFETY: frame[3] is the word above the site's return address.
-        (self.place == SitePlace::FunctionEntry).then(|| unsafe { *self.frame.add(3) })
+        // SAFETY: frame[4] is the word above the site's return address
+        // (arch::tramp's entry trampoline frame).
+        (self.place == SitePlace::FunctionEntry).then(|| unsafe { *self.frame.add(4) })
     }
     /// The stack pointer at the function's entry (entry sites only).
     pub fn stack_pointer(&self) -> Option<usize> {
-        (self.place == SitePlace::FunctionEntry).then(|| self.frame as usize + 24)
+        (self.place == SitePlace::FunctionEntry).then(|| self.frame as usize + 32)
     }
 }
 
@@ -201,7 +234,7 @@ fn for_each_op(mut mask: u64, mut f: impl FnMut(u64, &OpBox)) {
         if !p.is_null() {
             // SAFETY: a non-null slot points to a live OpBox; it is freed
             // only after a grace period, which waits for this thread to
-            // leave the tracer (its `in_tramp` is non-zero now).
+            // leave the tracer (its `in_tramp` count is raised now).
             f(1 << i, unsafe { &*p });
         }
     }
@@ -300,9 +333,15 @@ const SHADOW_BYTES: usize = 256 << 10;
 
 #[repr(C)]
 struct ThreadState {
-    /// Non-zero while this thread runs tracer code (callbacks, handlers):
-    /// the recursion guard, and what a grace period waits on.
-    in_tramp: Cell<u32>,
+    /// The quiescence count (module docs): how many times this thread is
+    /// inside tracer code, with `UNREGISTERED` set until it registers.
+    /// Written only by this thread (its signal handlers leave it as they
+    /// found it), read by grace periods.
+    in_tramp: AtomicU32,
+    /// This thread's registry slot + 1 (0: none).
+    slot: Cell<u32>,
+    /// Its exit destructor ran: it is not registered again.
+    exiting: Cell<bool>,
     shadow: Cell<*mut Shadow>,
     /// Entries and returns this thread took through the hot path's
     /// handlers (not inline in a graph or count trampoline).
@@ -311,8 +350,156 @@ struct ThreadState {
 
 thread_local! {
     static STATE: ThreadState = const {
-        ThreadState { in_tramp: Cell::new(0), shadow: Cell::new(std::ptr::null_mut()), slow_calls: Cell::new(0) }
+        ThreadState {
+            in_tramp: AtomicU32::new(UNREGISTERED),
+            slot: Cell::new(0),
+            exiting: Cell::new(false),
+            shadow: Cell::new(std::ptr::null_mut()),
+            slow_calls: Cell::new(0),
+        }
     };
+}
+
+/// Where this thread's quiescence count is, as an offset from the thread
+/// pointer, if the tracer's thread-local lives in the static TLS block
+/// (then stubs raise it in place: `arch::tramp::Counter::Tls`).
+pub(crate) fn count_offset() -> Option<i32> {
+    shadow_offsets().map(|sh| sh.tls_in_tramp)
+}
+
+/// The process whose threads register (set at start and in a forked
+/// child): a `vfork` child shares its parent's memory, TLS included, and
+/// must not register in its parent thread's place.
+pub(crate) static PROCESS: std::sync::atomic::AtomicI32 = std::sync::atomic::AtomicI32::new(0);
+
+/// pthread key whose destructor releases a thread's registry slot
+/// ([`thread_exit`]); its value is the slot + 1.
+pub(crate) static REGISTRY_KEY: AtomicUsize = AtomicUsize::new(usize::MAX);
+
+/// Registers the calling thread (see `registry.rs`): its count loses
+/// `UNREGISTERED`, keeping its nesting. `false` if it is exiting, is a
+/// `vfork` child, or no slot could be made: it must then stay out of
+/// anything freeable.
+/// Async-signal-safe (atomics, mmap, rt_sigprocmask, a low pthread key);
+/// keeps `errno`.
+fn register(st: &ThreadState) -> bool {
+    // SAFETY: getpid has no preconditions.
+    if st.exiting.get() || unsafe { libc::getpid() } != PROCESS.load(Ordering::Relaxed) {
+        return false;
+    }
+    // No signal handler of this thread may register it meanwhile (it would
+    // take a second slot): block them all, briefly, once per thread. The
+    // system call itself, not glibc's helpers: this runs at a traced site,
+    // where only the registers the stub's routine saved may change (glibc's
+    // memset may use vector registers it does not save), and `errno` must
+    // survive (rule 9).
+    let saved_errno = errno();
+    let (all, mut old) = (!0u64, 0u64);
+    // SAFETY: rt_sigprocmask with valid pointers to kernel sigsets (8 bytes
+    // on x86-64); async-signal-safe.
+    unsafe { libc::syscall(libc::SYS_rt_sigprocmask, libc::SIG_BLOCK, &all, &mut old, 8) };
+    let raw = st.in_tramp.load(Ordering::Relaxed);
+    let ok = raw & UNREGISTERED == 0 || {
+        let key = REGISTRY_KEY.load(Ordering::Relaxed);
+        let low_key = key < 32; // set without allocating (registry.rs)
+        let tid = crate::sys::threads::gettid();
+        match super::registry::claim(tid, &st.in_tramp, low_key) {
+            Some(i) => {
+                st.slot.set(i + 1);
+                if low_key {
+                    // SAFETY: a key created by the tracer; below 32 its value
+                    // lives in the thread descriptor (no allocation).
+                    unsafe { libc::pthread_setspecific(key as libc::pthread_key_t, (i as usize + 1) as *const _) };
+                }
+                // After the slot is LIVE (SeqCst in claim): a scan that sees
+                // the slot reads either value, with the same nesting.
+                st.in_tramp.store(raw & !UNREGISTERED, Ordering::Relaxed);
+                true
+            }
+            None => false,
+        }
+    };
+    // SAFETY: restoring the mask saved above.
+    unsafe { libc::syscall(libc::SYS_rt_sigprocmask, libc::SIG_SETMASK, &old, std::ptr::null_mut::<u64>(), 8) };
+    set_errno(saved_errno);
+    ok
+}
+
+fn errno() -> i32 {
+    // SAFETY: glibc's thread-local errno location.
+    unsafe { *libc::__errno_location() }
+}
+
+fn set_errno(e: i32) {
+    // SAFETY: as in `errno`.
+    unsafe { *libc::__errno_location() = e };
+}
+
+/// Called by a stub's cold path (`arch::tramp::register_routine`, every
+/// register saved) when its `inc` left `UNREGISTERED` set: registers the
+/// thread and returns 1, or undoes the stub's raise and returns 0 (the
+/// call goes on untraced).
+pub(crate) extern "C" fn stub_register() -> u32 {
+    STATE.with(|st| {
+        if register(st) {
+            1
+        } else {
+            st.in_tramp.store(st.in_tramp.load(Ordering::Relaxed).wrapping_sub(1), Ordering::Relaxed);
+            0
+        }
+    })
+}
+
+/// The enter routine of `Counter::Calls` (dynamic TLS): registers the
+/// thread if needed and raises its count; 0 if the call must go on
+/// untraced.
+pub(crate) extern "C" fn stub_enter() -> u32 {
+    STATE.with(|st| {
+        if st.in_tramp.load(Ordering::Relaxed) & UNREGISTERED != 0 && !register(st) {
+            return 0;
+        }
+        st.in_tramp.store(st.in_tramp.load(Ordering::Relaxed) + 1, Ordering::Relaxed);
+        // The raise before what it protects (the stub's word, read after
+        // this returns: a call boundary the compiler cannot cross anyway).
+        std::sync::atomic::compiler_fence(Ordering::SeqCst);
+        1
+    })
+}
+
+/// The leave routine of `Counter::Calls`: lowers the count.
+pub(crate) extern "C" fn stub_leave() -> u32 {
+    STATE.with(|st| {
+        // Release: the trampoline's accesses happened before (pairs with
+        // the grace period's Acquire read, registry.rs).
+        st.in_tramp.store(st.in_tramp.load(Ordering::Relaxed).wrapping_sub(1), Ordering::Release);
+        1
+    })
+}
+
+/// Destructor of [`REGISTRY_KEY`]: the thread is exiting. Stubs let it
+/// through untraced from now on, and its slot is released (waiting for a
+/// scan that may be reading its count, registry.rs step 3).
+pub(crate) extern "C" fn thread_exit(_: *mut libc::c_void) {
+    STATE.with(|st| {
+        st.exiting.set(true);
+        st.in_tramp.store(st.in_tramp.load(Ordering::Relaxed) | UNREGISTERED, Ordering::SeqCst);
+        if let Some(i) = st.slot.replace(0).checked_sub(1) {
+            super::registry::release(i);
+        }
+    })
+}
+
+/// `pthread_atfork` child handler: the calling thread (the only one in
+/// the child) has a new id; its slot must say so, or grace periods would
+/// take it for gone.
+pub(crate) extern "C" fn after_fork_child() {
+    // SAFETY: getpid has no preconditions.
+    PROCESS.store(unsafe { libc::getpid() }, Ordering::Relaxed);
+    STATE.with(|st| {
+        if let Some(i) = st.slot.get().checked_sub(1) {
+            super::registry::set_tid(i, crate::sys::threads::gettid());
+        }
+    })
 }
 
 /// The op bit whose exits the return trampoline handles inline: the one
@@ -361,7 +548,7 @@ pub(crate) static SHADOW_FULL: AtomicU64 = AtomicU64::new(0);
 /// How many times this thread is inside tracer code (0 = quiescent).
 #[inline]
 pub(crate) fn in_tracer() -> u32 {
-    STATE.with(|s| s.in_tramp.get())
+    STATE.with(|s| s.in_tramp.load(Ordering::Relaxed) & !UNREGISTERED)
 }
 
 /// Address of the return trampoline, set once before any op wants exits.
@@ -404,8 +591,8 @@ pub fn now() -> u64 {
 
 /// Entry handler of the list trampoline: every op of the site's mask.
 pub(crate) extern "C" fn on_entry_list(regs: *mut SavedRegs, frame: *mut usize, _ctx: usize) {
-    // SAFETY: the trampoline passes its frame: frame[1] is the site index.
-    let site = unsafe { *frame.add(1) } as u32;
+    // SAFETY: the trampoline passes its frame: frame[2] is the site index.
+    let site = unsafe { *frame.add(2) } as u32;
     let Some(slot) = site_slot(site) else { return };
     enter(regs, frame, site, slot, slot.mask.load(Ordering::Acquire));
 }
@@ -415,21 +602,19 @@ pub(crate) extern "C" fn on_entry_list(regs: *mut SavedRegs, frame: *mut usize, 
 pub(crate) extern "C" fn on_count_slow(_regs: *mut SavedRegs, frame: *mut usize, op: usize) {
     // SAFETY: the count trampoline jumped here with the id where a site
     // index would be.
-    let func = unsafe { *frame.add(1) } as u32;
+    let func = unsafe { *frame.add(2) } as u32;
     STATE.with(|st| {
         st.slow_calls.set(st.slow_calls.get().wrapping_add(1));
-        // Guarded like any callback: an op's count calls nothing traced,
-        // but a grace period must see this thread inside the tracer.
-        st.in_tramp.set(st.in_tramp.get() + 1);
+        // The count stub's raise covers this: a grace period sees the
+        // thread inside the tracer. (An op's count calls nothing traced.)
         for_each_op(1 << op, |_, o| o.op.call_counted(func));
-        st.in_tramp.set(st.in_tramp.get() - 1);
     });
 }
 
 /// Entry handler of a direct trampoline: only op `op`.
 pub(crate) extern "C" fn on_entry_direct(regs: *mut SavedRegs, frame: *mut usize, op: usize) {
     // SAFETY: as above.
-    let site = unsafe { *frame.add(1) } as u32;
+    let site = unsafe { *frame.add(2) } as u32;
     let Some(slot) = site_slot(site) else { return };
     enter(regs, frame, site, slot, 1 << op);
 }
@@ -446,14 +631,15 @@ pub fn slow_calls_of_this_thread() -> u64 {
 fn enter(regs: *mut SavedRegs, frame: *mut usize, site: u32, slot: &SiteSlot, mask: u64) {
     STATE.with(|st| {
         st.slow_calls.set(st.slow_calls.get().wrapping_add(1));
-        if st.in_tramp.get() != 0 {
-            // Recursion: a callback (or a signal inside one) called a
-            // traced function. Not traced, but counted by ops that count.
+        // 1 is the raise of the stub that brought us here (module docs).
+        if st.in_tramp.load(Ordering::Relaxed) != 1 {
+            // Recursion: a callback (or a signal inside one, or inside a
+            // trampoline) called a traced function. Not traced, but
+            // counted by ops that count.
             let func = slot.func.load(Ordering::Relaxed);
             for_each_op(mask, |_, op| op.op.call_cut(func));
             return;
         }
-        st.in_tramp.set(1);
         // SAFETY: the trampoline passes its save area.
         let regs = unsafe { &*regs };
         let place = match slot.place.load(Ordering::Relaxed) {
@@ -467,7 +653,6 @@ fn enter(regs: *mut SavedRegs, frame: *mut usize, site: u32, slot: &SiteSlot, ma
             let ids = (slot.func.load(Ordering::Relaxed), slot.pair.load(Ordering::Relaxed));
             function_entry(st, site, ids, mask, regs, frame, place);
         }
-        st.in_tramp.set(0);
     });
 }
 
@@ -510,8 +695,8 @@ fn function_entry(
         SHADOW_FULL.fetch_add(1, Ordering::Relaxed);
         return; // too deep: this call's exit is not traced, nothing breaks
     }
-    let slot_addr = if place == SitePlace::FunctionEntry { frame as usize + 24 } else { 0 };
-    // SAFETY: for an entry site, frame+24 is the function's return address.
+    let slot_addr = if place == SitePlace::FunctionEntry { frame as usize + 32 } else { 0 };
+    // SAFETY: for an entry site, frame+32 is the function's return address.
     // A body entry keeps its function's identity there instead, for its exit
     // site to find.
     let orig = if slot_addr != 0 { unsafe { *(slot_addr as *const usize) } } else { identity };
@@ -570,8 +755,17 @@ pub(crate) extern "C" fn on_return(saved: *mut SavedReturn, caller_sp: usize) ->
     let slot = caller_sp - 8;
     STATE.with(|st| {
         st.slow_calls.set(st.slow_calls.get().wrapping_add(1));
-        let guard = st.in_tramp.get();
-        st.in_tramp.set(guard + 1);
+        let raw = st.in_tramp.load(Ordering::Relaxed);
+        // An exiting thread (its slot released, `UNREGISTERED` set again)
+        // returns without exit callbacks: grace periods no longer see it.
+        let guard = if raw & UNREGISTERED != 0 { u32::MAX } else { raw };
+        if guard != u32::MAX {
+            st.in_tramp.store(raw + 1, Ordering::Relaxed);
+            // The raise before any load of op data (call_exits); the CPU's
+            // store-load reordering is covered by the grace period's
+            // membarrier.
+            std::sync::atomic::compiler_fence(Ordering::SeqCst);
+        }
         let sh = st.shadow.get();
         // SAFETY: a hijacked frame implies this thread's shadow stack exists.
         let sh = unsafe { &mut *sh };
@@ -597,7 +791,11 @@ pub(crate) extern "C" fn on_return(saved: *mut SavedReturn, caller_sp: usize) ->
             };
             call_exits(e.mask, &x);
         }
-        st.in_tramp.set(guard);
+        if guard != u32::MAX {
+            // Release: the callbacks' reads of op data happened before
+            // (pairs with the grace period's Acquire read, registry.rs).
+            st.in_tramp.store(raw, Ordering::Release);
+        }
         e.orig
     })
 }

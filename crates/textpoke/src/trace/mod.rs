@@ -7,12 +7,21 @@
 //!   an index into a lock-free site table ([`hot`]) that trampolines read.
 //! - **Ops** ([`TraceOp`]) are callbacks with a [`Filter`]; up to
 //!   [`MAX_OPS`] at once. A site's ops are a bit mask.
-//! - **Trampolines** live in blocks of executable memory mapped within
-//!   ±2 GiB of the object whose sites they serve. A traced site calls its
-//!   own 10-byte stub (`push index; jmp`), which jumps to the block's
-//!   *direct* trampoline for the site's one op, or to its *list*
-//!   trampoline when the site has several. Trampolines save every
-//!   caller-saved register and call the hot path.
+//! - **Stubs**: a traced site calls (or for a graph trampoline jumps to)
+//!   its own stub (`arch::tramp::call_stub`, `graph_stub`), made on first
+//!   need in a stub block mapped within ±2 GiB of the site's object and
+//!   never freed or given to another site while that object is loaded.
+//!   A stub raises its thread's quiescence count (see [`grace`]), then
+//!   goes through its *word*, a data slot holding its trampoline's
+//!   address, and lowers the count once the trampoline returned. A site
+//!   has up to three stubs, one per kind: a call stub pushing its index
+//!   (direct and list trampolines), one pushing its function's id (count
+//!   trampolines), a graph stub.
+//! - **Trampolines** live in blocks of executable memory shared by every
+//!   site: the *direct* trampoline of a site's one op, or the *list*
+//!   trampoline when the site has several. They save every caller-saved
+//!   register and call the hot path. A block is retired once no stub's
+//!   word points into it.
 //! - **Inline code**: an op may bring code of its own for the tracer to
 //!   run in its trampolines instead of calling it ([`InlineCode`]: the
 //!   recorder does, `record::RecordOp`; the tracer knows nothing of what
@@ -33,35 +42,52 @@
 //! Registering, re-filtering or unregistering an op recomputes each site's
 //! mask, and only sites whose mask changes are touched:
 //!
-//! 1. stubs (and trampolines they need) are written for the new targets;
-//!    sites still in gcc's five-one-byte-NOP form are first rewritten to
-//!    one 5-byte NOP, by the stop-machine strategy (rule 1);
+//! 1. the stubs and trampolines the new targets need are made; if new
+//!    trampoline code was written, cores are synced (a stub's word may
+//!    lead a core there without any site changing); the words of stubs
+//!    the sites do not call yet are pointed at their trampolines; sites
+//!    still in gcc's five-one-byte-NOP form are first rewritten to one
+//!    5-byte NOP, by the stop-machine strategy (rule 1: it parks every
+//!    thread, see `text::stop_machine` for what that costs a thread in a
+//!    system call);
 //! 2. the new masks are published (Release);
-//! 3. one breakpoint batch turns every changed site into `call new stub`
-//!    or back into a NOP;
-//! 4. the old stubs, emptied blocks and unregistered ops are retired and
-//!    freed after a grace period ([`grace`]), by a background reclaimer
-//!    thread: a grace period needs every thread to run once, which on a
-//!    busy machine takes scheduler periods, and nobody should wait for it
-//!    (as the kernel frees ftrace trampolines from an RCU-tasks callback).
-//!    [`Tracer::reclaim`] waits for it explicitly.
+//! 3. one breakpoint batch turns every site that changes stub kind into
+//!    `call stub`, `jmp graph stub` or a NOP; a site that keeps its stub
+//!    is not written;
+//! 4. the words of stubs the sites keep are pointed at their new
+//!    trampolines, those of stubs no site calls any more at their null
+//!    paths (the *unpublish*); blocks no word points into any more, stub
+//!    blocks of unloaded objects and unregistered ops are retired, and
+//!    freed after a grace period ([`grace`]) by a background reclaimer
+//!    thread: a grace period waits for every thread in tracer code to
+//!    leave it, and nobody should wait for that (as the kernel frees
+//!    ftrace trampolines from an RCU-tasks callback). [`Tracer::reclaim`]
+//!    waits for it explicitly. Grace periods send no signal (where the
+//!    kernel has `membarrier`): tracing changes never make a system call of
+//!    the program fail with EINTR.
 //!
 //! If the batch is refused (a site's bytes changed under us), nothing is
-//! written and the masks and stubs are put back.
+//! written and the masks and words are put back.
 
 mod filter;
 mod grace;
 pub mod hot;
+mod registry;
 mod unwind;
 
 pub use filter::{Filter, FilterError};
 
 /// Waits up to `patience` until every other thread of the process has been
-/// seen outside the code `ranges` and outside tracer callbacks (the
-/// tracer's grace period, usable on its own like synchronize_rcu_tasks).
-/// `Ok(false)` if some thread was not seen so in time.
-pub fn wait_for_grace(ranges: &[(usize, usize)], patience: Duration) -> Result<bool, TraceError> {
-    Ok(grace::wait(ranges, patience)?)
+/// seen outside tracer code (stubs past their first instruction,
+/// trampolines, callbacks) at least once since the call: the tracer's
+/// grace period ([`grace`]), usable on its own like synchronize_rcu. It
+/// sends no signal where the kernel has `membarrier`. `Ok(false)` if some
+/// thread was not seen so in time.
+pub fn wait_for_grace(patience: Duration) -> Result<bool, TraceError> {
+    if hot::in_tracer() != 0 {
+        return Err(TraceError::InCallback);
+    }
+    Ok(grace::wait(patience)?)
 }
 pub use hot::{
     now, slow_calls_of_this_thread, EmitFn, Entry, Exit, InlineCode, SitePlace, TraceOp, MAX_DEPTH, MAX_OPS,
@@ -70,11 +96,11 @@ pub use hot::{
 use crate::arch::{self, tramp, NOP5};
 use crate::error::PokeError;
 use crate::sites::{MarkedPoint, NopForm, ObjectId, SiteKind, SiteTable};
-use crate::text::codemem::CodeBlock;
+use crate::text::codemem::{CodeBlock, DataBlock};
 use crate::{Batch, CommitOptions, Poke, Strategy};
 use hot::{OpBox, OPS};
 use std::collections::HashMap;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
@@ -158,14 +184,72 @@ struct SiteInfo {
     prepared: bool,
     mask: u64,
     target: Target,
-    /// (block index, stub address) while the site calls a stub.
-    stub: Option<(usize, usize)>,
+    /// The site's stubs by kind ([`StubKind`]), made on first need and
+    /// kept: never freed or given to another site while its object is
+    /// loaded (a thread may sit on a stub's first instruction for as long
+    /// as the scheduler likes).
+    stubs: [Option<Stub>; 3],
     alive: bool,
 }
 
-struct TrampBlock {
-    code: Option<CodeBlock>,
+/// Which stub a target is reached through.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum StubKind {
+    /// A call stub pushing the site index: direct and list trampolines.
+    Call = 0,
+    /// A call stub pushing the function id: count trampolines.
+    Count = 1,
+    /// A graph stub (the site jumps to it): graph trampolines.
+    Graph = 2,
+}
+
+impl Target {
+    fn stub_kind(self) -> Option<StubKind> {
+        match self {
+            Target::Off => None,
+            Target::Direct(_) | Target::List => Some(StubKind::Call),
+            Target::Count(_) => Some(StubKind::Count),
+            Target::Graph(_) => Some(StubKind::Graph),
+        }
+    }
+}
+
+/// One stub of a site.
+#[derive(Debug, Clone, Copy)]
+struct Stub {
+    code: usize,
+    /// Address of its word (in its stub block's data).
+    word: usize,
+    /// What the word holds while the stub has no trampoline.
+    null: usize,
+    /// The trampoline block the word points into, if any.
+    block: Option<usize>,
+}
+
+/// Where the words of a change's stub must point: a trampoline in block
+/// `block`, reached from the site through the stub at `stub`.
+#[derive(Debug, Clone, Copy)]
+struct Wire {
+    block: usize,
+    tramp: usize,
+    stub: usize,
+}
+
+/// Stubs of one object: code within rel32 reach of its sites, data (the
+/// words) within reach of the code. Never freed while the object is
+/// loaded.
+struct StubBlock {
+    code: CodeBlock,
+    data: DataBlock,
     object: ObjectId,
+    /// Slots handed out (slot 0 of the data is the header).
+    used: usize,
+}
+
+/// Trampolines shared by every site. Retired once no stub's word points
+/// into it.
+struct TrampBlock {
+    code: CodeBlock,
     used: usize,
     /// Trampolines for function-entry sites [0] and body sites [1].
     list: [Option<usize>; 2],
@@ -174,16 +258,24 @@ struct TrampBlock {
     count: [Option<usize>; MAX_OPS],
     /// Graph trampolines, per op (their slow paths are `direct[0][op]`).
     graph: [Option<usize>; MAX_OPS],
-    live_stubs: usize,
-    free_stubs: Vec<usize>,
+    /// Stub words pointing into the block.
+    users: usize,
 }
 
+/// Trampoline blocks: 64 KiB of address space each, two or three pages
+/// touched.
 const BLOCK_BYTES: usize = 64 << 10;
 /// Room for a graph trampoline.
 const GRAPH_TRAMP_BYTES: usize = 512;
-/// Room for one stub of either kind.
-const STUB_SLOT: usize = 32;
-const _: () = assert!(tramp::STUB_LEN <= STUB_SLOT && tramp::GRAPH_STUB_LEN <= STUB_SLOT);
+/// Stub blocks: code and data for this many stubs (slot 0 is the header).
+const STUBS_PER_BLOCK: usize = 1024;
+
+/// The never-freed routines stubs call through their block's header.
+struct Routines {
+    /// `arch::tramp::HDR_CALL`, `HDR_GRAPH`, `HDR_LEAVE`.
+    header: [usize; 3],
+    _code: CodeBlock,
+}
 
 struct OpInfo {
     filter: Filter,
@@ -195,23 +287,17 @@ struct OpInfo {
 unsafe impl Send for OpInfo {}
 
 /// Something waiting for a grace period before it is freed.
-struct Retired {
-    /// Code no thread may be executing.
-    ranges: Vec<(usize, usize)>,
-    what: RetiredKind,
-}
-
-enum RetiredKind {
-    /// A whole trampoline block (munmapped when dropped).
+enum Retired {
+    /// A trampoline block (munmapped when dropped).
     Block(#[allow(dead_code)] CodeBlock),
-    /// A stub slot, back to its block's free list.
-    Stub { block: usize, addr: usize },
+    /// The stubs of an unloaded object (munmapped when dropped).
+    Stubs(#[allow(dead_code)] CodeBlock, #[allow(dead_code)] DataBlock),
     /// An unregistered op's data; its id becomes reusable.
     Op { id: usize, boxed: *mut OpBox },
 }
 
 // SAFETY: as OpInfo.
-unsafe impl Send for RetiredKind {}
+unsafe impl Send for Retired {}
 
 /// The graph code the graph return block was made with, and the block.
 struct GraphCode {
@@ -230,7 +316,15 @@ struct Inner {
     /// Op ids retired but not yet reusable.
     ids_pending: u64,
     next_id: usize,
-    blocks: Vec<TrampBlock>,
+    /// Trampoline blocks; a retired block's index is reused.
+    blocks: Vec<Option<TrampBlock>>,
+    /// Stub blocks; those of unloaded objects become `None`.
+    stub_blocks: Vec<Option<StubBlock>>,
+    /// Where threads' quiescence counts are (`arch::tramp::Counter`).
+    counter: tramp::Counter,
+    routines: Option<Routines>,
+    /// Trampoline code was written since cores were last synced.
+    fresh_code: bool,
     return_block: Option<CodeBlock>,
     retired: Vec<Retired>,
     grace_enabled: bool,
@@ -264,10 +358,25 @@ impl Tracer {
         static T: OnceLock<Tracer> = OnceLock::new();
         T.get_or_init(|| {
             let mut key: libc::pthread_key_t = 0;
-            // SAFETY: creating a key with a valid destructor.
-            if unsafe { libc::pthread_key_create(&mut key, Some(hot::drop_shadow)) } == 0 {
-                hot::SHADOW_KEY.store(key as usize, Ordering::Relaxed);
+            // SAFETY: creating keys with valid destructors; registering a
+            // fork handler that only touches this thread's state.
+            unsafe {
+                if libc::pthread_key_create(&mut key, Some(hot::thread_exit)) == 0 {
+                    hot::REGISTRY_KEY.store(key as usize, Ordering::Relaxed);
+                }
+                if libc::pthread_key_create(&mut key, Some(hot::drop_shadow)) == 0 {
+                    hot::SHADOW_KEY.store(key as usize, Ordering::Relaxed);
+                }
+                libc::pthread_atfork(None, None, Some(hot::after_fork_child));
+                hot::PROCESS.store(libc::getpid(), Ordering::Relaxed);
             }
+            // Stubs raise the count in place when it is in static TLS; a
+            // test switch makes them call the helpers, as with dynamic TLS.
+            let dynamic = std::env::var_os("TEXTPOKE_TEST_DYNAMIC_TLS").is_some_and(|v| v == "1");
+            let counter = match hot::count_offset() {
+                Some(off) if !dynamic => tramp::Counter::Tls(off),
+                _ => tramp::Counter::Calls,
+            };
             let mut inner = Inner {
                 table: SiteTable::new(),
                 sites: Vec::new(),
@@ -276,6 +385,10 @@ impl Tracer {
                 ids_pending: 0,
                 next_id: 0,
                 blocks: Vec::new(),
+                stub_blocks: Vec::new(),
+                counter,
+                routines: None,
+                fresh_code: false,
                 return_block: None,
                 retired: Vec::new(),
                 grace_enabled: true,
@@ -312,12 +425,12 @@ impl Tracer {
     /// within `patience`. Returns how many items were freed.
     fn reclaim_step(&self, patience: Duration) -> Result<usize, TraceError> {
         let _one = self.reclaiming.lock().unwrap_or_else(|e| e.into_inner());
-        let (ranges, n, grace) = {
+        let (n, grace) = {
             let g = self.inner.lock().unwrap_or_else(|e| e.into_inner());
-            let ranges: Vec<(usize, usize)> = g.retired.iter().flat_map(|r| r.ranges.iter().copied()).collect();
-            (ranges, g.retired.len(), g.grace_enabled)
+            (g.retired.len(), g.grace_enabled)
         };
-        if n == 0 || (grace && !grace::wait(&ranges, patience)?) {
+        // Everything counted in `n` was unpublished before the grace period.
+        if n == 0 || (grace && !grace::wait(patience)?) {
             return Ok(0);
         }
         let mut g = self.inner.lock().unwrap_or_else(|e| e.into_inner());
@@ -412,7 +525,8 @@ impl Tracer {
             hot::EXIT_OPS.fetch_and(!(1 << id), Ordering::Release);
             hot::TIME_OPS.fetch_and(!(1 << id), Ordering::Release);
             g.ids_pending |= 1 << id;
-            g.retire(vec![Retired { ranges: Vec::new(), what: RetiredKind::Op { id, boxed } }]);
+            g.forget_op_trampolines(id);
+            g.retire(vec![Retired::Op { id, boxed }]);
             self.after_change(g);
             return Err(e);
         }
@@ -442,9 +556,12 @@ impl Tracer {
         hot::EXIT_OPS.fetch_and(!(1 << h.0), Ordering::Release);
         hot::TIME_OPS.fetch_and(!(1 << h.0), Ordering::Release);
         g.update_fast_exit();
-        let retire = vec![Retired { ranges: Vec::new(), what: RetiredKind::Op { id: h.0, boxed: info.boxed } }];
+        let retire = vec![Retired::Op { id: h.0, boxed: info.boxed }];
         g.ids_pending |= 1 << h.0;
         let r = g.apply(retire);
+        // Its count and graph trampolines hold its code: the next op with
+        // its id gets new ones (the old go with their blocks).
+        g.forget_op_trampolines(h.0);
         self.after_change(g);
         r
     }
@@ -468,6 +585,24 @@ impl Tracer {
     #[doc(hidden)]
     pub fn set_grace_period_for_tests(&self, enabled: bool) {
         self.inner.lock().unwrap_or_else(|e| e.into_inner()).grace_enabled = enabled;
+    }
+
+    /// Test-only switch: run grace periods as on a kernel without
+    /// `membarrier(PRIVATE_EXPEDITED)` (see [`grace`], "Without
+    /// membarrier").
+    #[doc(hidden)]
+    pub fn set_grace_fallback_for_tests(&self, on: bool) {
+        grace::force_fallback_for_tests(on);
+    }
+
+    /// How threads' quiescence counts are kept: `"tls"` (stubs raise them
+    /// in place) or `"calls"` (dynamic TLS: stubs call helpers).
+    #[doc(hidden)]
+    pub fn counter_mode(&self) -> &'static str {
+        match self.inner.lock().unwrap_or_else(|e| e.into_inner()).counter {
+            tramp::Counter::Tls(_) => "tls",
+            tramp::Counter::Calls => "calls",
+        }
     }
 
     /// Test and benchmark switch: whether ops that count or record the
@@ -523,7 +658,9 @@ impl Inner {
     fn inline_code(&self, op: usize) -> Option<InlineCode> {
         // SAFETY: `boxed` stays valid while the op is registered.
         let o = unsafe { &(*self.ops[op].as_ref()?.boxed).op };
-        self.inline_recording.then(|| o.inline()).flatten()
+        // Count and graph stubs raise the count in place (static TLS).
+        let tls = matches!(self.counter, tramp::Counter::Tls(_));
+        (self.inline_recording && tls).then(|| o.inline()).flatten()
     }
 
     /// Op `op`'s count code, if it may use the count trampoline.
@@ -630,7 +767,7 @@ impl Inner {
                     prepared: matches!(site.nop_form, NopForm::Single),
                     mask: 0,
                     target: Target::Off,
-                    stub: None,
+                    stubs: [None; 3],
                     alive: true,
                 });
             }
@@ -703,41 +840,57 @@ impl Inner {
 
     /// Bump-allocates `len` bytes of code in block `b`.
     fn alloc_in(&mut self, b: usize, len: usize) -> Option<usize> {
-        let blk = &mut self.blocks[b];
-        let code = blk.code.as_ref()?;
+        let blk = self.blocks[b].as_mut()?;
         let off = blk.used.next_multiple_of(16);
-        (off + len <= code.len()).then(|| {
+        (off + len <= blk.code.len()).then(|| {
             blk.used = off + len;
-            code.addr() + off
+            blk.code.addr() + off
         })
     }
 
-    fn new_block(&mut self, site: usize, object: ObjectId) -> Result<usize, TraceError> {
-        let code = CodeBlock::near(site, site, BLOCK_BYTES)
-            .map_err(|source| TraceError::TrampolineMemory { near: site, source })?;
-        self.blocks.push(TrampBlock {
-            code: Some(code),
-            object,
+    /// A new trampoline block; its index (a retired block's is reused).
+    fn new_block(&mut self) -> Result<usize, TraceError> {
+        // Near the graph return block, whose thunk graph trampolines jump to
+        // (rel32; iced makes it an indirect jump when out of reach), else
+        // near the tracer's code.
+        let near = match &self.graph_code {
+            Some(g) => g.block.addr(),
+            None => Self::new_block as *const () as usize,
+        };
+        let code =
+            CodeBlock::near(near, near, BLOCK_BYTES).map_err(|source| TraceError::TrampolineMemory { near, source })?;
+        let blk = TrampBlock {
+            code,
             used: 0,
             list: [None; 2],
             direct: [[None; MAX_OPS]; 2],
             count: [None; MAX_OPS],
             graph: [None; MAX_OPS],
-            live_stubs: 0,
-            free_stubs: Vec::new(),
-        });
-        Ok(self.blocks.len() - 1)
+            users: 0,
+        };
+        match self.blocks.iter().position(Option::is_none) {
+            Some(b) => {
+                self.blocks[b] = Some(blk);
+                Ok(b)
+            }
+            None => {
+                self.blocks.push(Some(blk));
+                Ok(self.blocks.len() - 1)
+            }
+        }
     }
 
     /// Writes `code` made for address `at` into block `b`.
-    fn put_code(&self, b: usize, at: usize, code: &[u8]) -> Result<(), TraceError> {
-        let cb = self.blocks[b].code.as_ref().expect("live block");
-        cb.write(at - cb.addr(), code).map_err(|source| TraceError::TrampolineMemory { near: at, source })
+    fn put_code(&mut self, b: usize, at: usize, code: &[u8]) -> Result<(), TraceError> {
+        let cb = &self.blocks[b].as_ref().expect("live block").code;
+        cb.write(at - cb.addr(), code).map_err(|source| TraceError::TrampolineMemory { near: at, source })?;
+        self.fresh_code = true;
+        Ok(())
     }
 
     /// Op `op`'s count trampoline in block `b` (and its slow path).
     fn count_trampoline_in(&mut self, b: usize, op: usize) -> Result<Option<usize>, TraceError> {
-        if let Some(t) = self.blocks[b].count[op] {
+        if let Some(t) = self.blocks[b].as_ref().expect("live block").count[op] {
             return Ok(Some(t));
         }
         let count = self.count_code(op).expect("Target::Count only for an op with count code");
@@ -749,14 +902,14 @@ impl Inner {
         let emit: tramp::Emit<'_> = &count;
         let code = tramp::count_trampoline(at, emit, slow).map_err(|e| TraceError::CodeGen(e.to_string()))?;
         self.put_code(b, at, &code)?;
-        self.blocks[b].count[op] = Some(at);
+        self.blocks[b].as_mut().expect("live block").count[op] = Some(at);
         Ok(Some(at))
     }
 
     /// The graph trampoline of op `op` in block `b` (and its slow path,
     /// the op's direct trampoline for function entries).
     fn graph_trampoline_in(&mut self, b: usize, op: usize) -> Result<Option<usize>, TraceError> {
-        if let Some(t) = self.blocks[b].graph[op] {
+        if let Some(t) = self.blocks[b].as_ref().expect("live block").graph[op] {
             return Ok(Some(t));
         }
         let entry = self.graph_entry_code(op).expect("Target::Graph only for an op with graph code");
@@ -768,102 +921,248 @@ impl Inner {
         let code = tramp::graph_trampoline(at, &sh, op, (thunk, slow), emit)
             .map_err(|e| TraceError::CodeGen(e.to_string()))?;
         self.put_code(b, at, &code)?;
-        self.blocks[b].graph[op] = Some(at);
+        self.blocks[b].as_mut().expect("live block").graph[op] = Some(at);
         Ok(Some(at))
     }
 
     /// The trampoline for `target` and sites at `place` in block `b`,
-    /// generating it if needed.
+    /// generating it if needed; `None` if the block is full.
     fn trampoline_in(&mut self, b: usize, target: Target, place: SitePlace) -> Result<Option<usize>, TraceError> {
         match target {
             Target::Count(op) => return self.count_trampoline_in(b, op),
             Target::Graph(op) => return self.graph_trampoline_in(b, op),
             _ => {}
         }
+        if let Some(t) = Self::cached(self.blocks[b].as_ref().expect("live block"), target, place) {
+            return Ok(Some(t));
+        }
         let (k, live) = match place {
             SitePlace::FunctionEntry => (0, tramp::Live::FunctionEntry),
             _ => (1, tramp::Live::Body),
         };
-        let existing = match target {
-            Target::List => self.blocks[b].list[k],
-            Target::Direct(op) => self.blocks[b].direct[k][op],
-            Target::Off | Target::Count(_) | Target::Graph(_) => unreachable!("handled above"),
-        };
-        if existing.is_some() {
-            return Ok(existing);
-        }
         let Some(at) = self.alloc_in(b, 1024) else { return Ok(None) };
         let (handler, ctx) = match target {
             Target::List => (hot::on_entry_list as *const () as usize, 0),
             Target::Direct(op) => (hot::on_entry_direct as *const () as usize, op),
-            Target::Off | Target::Count(_) | Target::Graph(_) => unreachable!(),
+            Target::Off | Target::Count(_) | Target::Graph(_) => unreachable!("handled above"),
         };
         let code = tramp::entry_trampoline(at, handler, ctx, self.avx, live)
             .map_err(|e| TraceError::CodeGen(e.to_string()))?;
-        let blk = &self.blocks[b];
-        let code_block = blk.code.as_ref().expect("live block");
-        code_block
-            .write(at - code_block.addr(), &code)
-            .map_err(|source| TraceError::TrampolineMemory { near: at, source })?;
+        self.put_code(b, at, &code)?;
+        let blk = self.blocks[b].as_mut().expect("live block");
         match target {
-            Target::List => self.blocks[b].list[k] = Some(at),
-            Target::Direct(op) => self.blocks[b].direct[k][op] = Some(at),
+            Target::List => blk.list[k] = Some(at),
+            Target::Direct(op) => blk.direct[k][op] = Some(at),
             Target::Off | Target::Count(_) | Target::Graph(_) => {}
         }
         Ok(Some(at))
     }
 
-    /// Writes a stub for site `i` jumping to its `target` trampoline.
-    fn make_stub(&mut self, i: usize, target: Target) -> Result<(usize, usize), TraceError> {
-        let (addr, object, place) = (self.sites[i].addr, self.sites[i].object, self.sites[i].place);
-        let candidates: Vec<usize> = (0..self.blocks.len())
-            .filter(|&b| {
-                let blk = &self.blocks[b];
-                blk.object == object && blk.code.as_ref().is_some_and(|c| arch::encode_call(addr, c.addr()).is_some())
-            })
-            .collect();
-        for b in candidates.into_iter().chain(std::iter::once(usize::MAX)) {
-            let b = if b == usize::MAX { self.new_block(addr, object)? } else { b };
-            let Some(tramp_at) = self.trampoline_in(b, target, place)? else { continue };
-            let stub_at = match self.blocks[b].free_stubs.pop() {
-                Some(s) => s,
-                None => match self.alloc_in(b, STUB_SLOT) {
-                    Some(s) => s,
-                    None => continue,
-                },
-            };
-            let stub = match target {
-                Target::Graph(_) => {
-                    let func = hot::site_slot(i as u32).expect("site slot").func.load(Ordering::Relaxed);
-                    tramp::graph_stub(stub_at, addr + arch::REL32_LEN, i as u32, func, tramp_at).map(|s| s.to_vec())
-                }
-                _ => tramp::stub(stub_at, i as u32, tramp_at).map(|s| s.to_vec()),
-            };
-            let stub = stub.ok_or(TraceError::CodeGen("stub out of reach".into()))?;
-            let code = self.blocks[b].code.as_ref().expect("live block");
-            code.write(stub_at - code.addr(), &stub)
-                .map_err(|source| TraceError::TrampolineMemory { near: stub_at, source })?;
-            self.blocks[b].live_stubs += 1;
-            return Ok((b, stub_at));
+    /// The trampoline for `target` at `place` block `blk` has already.
+    fn cached(blk: &TrampBlock, target: Target, place: SitePlace) -> Option<usize> {
+        let k = if place == SitePlace::FunctionEntry { 0 } else { 1 };
+        match target {
+            Target::Off => None,
+            Target::List => blk.list[k],
+            Target::Direct(op) => blk.direct[k][op],
+            Target::Count(op) => blk.count[op],
+            Target::Graph(op) => blk.graph[op],
         }
-        unreachable!("a fresh block always has room")
+    }
+
+    /// The trampoline for `target` at `place`: an existing one, else new
+    /// code in the newest block with room, else in a new block.
+    fn trampoline_for(&mut self, target: Target, place: SitePlace) -> Result<(usize, usize), TraceError> {
+        let live = || self.blocks.iter().enumerate().filter_map(|(b, x)| x.as_ref().map(|x| (b, x)));
+        if let Some(found) = live().find_map(|(b, blk)| Self::cached(blk, target, place).map(|t| (b, t))) {
+            return Ok(found);
+        }
+        let newest = live().map(|(b, _)| b).next_back();
+        if let Some(b) = newest {
+            if let Some(t) = self.trampoline_in(b, target, place)? {
+                return Ok((b, t));
+            }
+        }
+        let b = self.new_block()?;
+        let t = self.trampoline_in(b, target, place)?.expect("a fresh block has room for any trampoline");
+        Ok((b, t))
+    }
+
+    /// An op's count and graph trampolines hold its own code: forgotten
+    /// when the op goes, so that the next op with its id gets its own.
+    /// (The code stays until its block is retired; nothing points there.)
+    fn forget_op_trampolines(&mut self, op: usize) {
+        for blk in self.blocks.iter_mut().flatten() {
+            blk.count[op] = None;
+            blk.graph[op] = None;
+        }
+    }
+
+    /// The never-freed routines stubs call (`arch::tramp::register_routine`
+    /// and, for `Counter::Calls`, `leave_routine`), made once.
+    fn routines(&mut self) -> Result<[usize; 3], TraceError> {
+        if let Some(r) = &self.routines {
+            return Ok(r.header);
+        }
+        let here = Self::routines as *const () as usize;
+        let mem = |source| TraceError::TrampolineMemory { near: here, source };
+        let gen = |e: iced_x86::IcedError| TraceError::CodeGen(e.to_string());
+        let code = CodeBlock::anywhere(4096).map_err(mem)?;
+        let (call_at, graph_at, leave_at) = (code.addr(), code.addr() + 1024, code.addr() + 2048);
+        let (call, graph, leave) = match self.counter {
+            tramp::Counter::Tls(_) => {
+                let handler = hot::stub_register as *const () as usize;
+                (
+                    tramp::register_routine(call_at, handler, self.avx, tramp::Skip::ToSite).map_err(gen)?,
+                    tramp::register_routine(graph_at, handler, self.avx, tramp::Skip::ToResume).map_err(gen)?,
+                    Vec::new(),
+                )
+            }
+            tramp::Counter::Calls => {
+                let (enter, leave) = (hot::stub_enter as *const () as usize, hot::stub_leave as *const () as usize);
+                (
+                    tramp::register_routine(call_at, enter, self.avx, tramp::Skip::ToSite).map_err(gen)?,
+                    Vec::new(),
+                    tramp::leave_routine(leave_at, leave, self.avx).map_err(gen)?,
+                )
+            }
+        };
+        assert!(call.len() <= 1024 && graph.len() <= 1024 && leave.len() <= 1024);
+        code.write(0, &call).map_err(mem)?;
+        code.write(1024, &graph).map_err(mem)?;
+        code.write(2048, &leave).map_err(mem)?;
+        let header = [call_at, graph_at, leave_at];
+        self.routines = Some(Routines { header, _code: code });
+        Ok(header)
+    }
+
+    /// A stub block for `object` within reach of site `addr`.
+    fn new_stub_block(&mut self, addr: usize, object: ObjectId) -> Result<usize, TraceError> {
+        let header = self.routines()?;
+        let mem = |source| TraceError::TrampolineMemory { near: addr, source };
+        let code = CodeBlock::near(addr, addr, STUBS_PER_BLOCK * tramp::STUB_CODE).map_err(mem)?;
+        let data =
+            DataBlock::near(code.addr(), code.addr() + code.len(), STUBS_PER_BLOCK * tramp::STUB_DATA).map_err(mem)?;
+        let words = [(tramp::HDR_CALL, header[0]), (tramp::HDR_GRAPH, header[1]), (tramp::HDR_LEAVE, header[2])];
+        for (off, value) in words {
+            // SAFETY: the header slot of our fresh, writable data block, not
+            // yet reachable by any thread.
+            unsafe { ((data.addr() + off) as *mut usize).write(value) };
+        }
+        self.stub_blocks.push(Some(StubBlock { code, data, object, used: 1 }));
+        Ok(self.stub_blocks.len() - 1)
+    }
+
+    /// Makes site `i`'s stub of `kind` (its word at the null path).
+    fn new_stub(&mut self, i: usize, kind: StubKind) -> Result<Stub, TraceError> {
+        let (addr, object) = (self.sites[i].addr, self.sites[i].object);
+        let has_room = |sb: &StubBlock| {
+            sb.object == object
+                && sb.used < STUBS_PER_BLOCK
+                && arch::encode_call(addr, sb.code.addr() + sb.used * tramp::STUB_CODE).is_some()
+        };
+        let sb = match self.stub_blocks.iter().position(|x| x.as_ref().is_some_and(has_room)) {
+            Some(sb) => sb,
+            None => self.new_stub_block(addr, object)?,
+        };
+        let blk = self.stub_blocks[sb].as_mut().expect("live stub block");
+        let slot = blk.used;
+        let (at, data, header) =
+            (blk.code.addr() + slot * tramp::STUB_CODE, blk.data.addr() + slot * tramp::STUB_DATA, blk.data.addr());
+        let slot_info = hot::site_slot(i as u32).expect("site slot");
+        let func = slot_info.func.load(Ordering::Relaxed);
+        let code = match (kind, self.counter) {
+            (StubKind::Call, c) => tramp::call_stub(at, data, header, i as u32, c),
+            (StubKind::Count, c) => tramp::call_stub(at, data, header, func, c),
+            (StubKind::Graph, tramp::Counter::Tls(off)) => {
+                tramp::graph_stub(at, data, header, off, (addr + arch::REL32_LEN, i as u32, func))
+            }
+            (StubKind::Graph, tramp::Counter::Calls) => unreachable!("graph targets need Counter::Tls"),
+        };
+        let code = code.ok_or(TraceError::CodeGen("stub data out of reach".into()))?;
+        // SAFETY: a slot of our writable data block no thread can reach yet
+        // (no site calls this stub before the batch that patches it, which
+        // orders these stores before it).
+        unsafe { std::ptr::copy_nonoverlapping(code.data.as_ptr(), data as *mut u8, tramp::STUB_DATA) };
+        blk.code
+            .write(slot * tramp::STUB_CODE, &code.code)
+            .map_err(|source| TraceError::TrampolineMemory { near: at, source })?;
+        blk.used += 1;
+        Ok(Stub { code: at, word: data + code.word, null: code.null, block: None })
+    }
+
+    /// Makes sure site `i` has its stub for `target` and that `target`'s
+    /// trampoline exists; where the stub's word must point.
+    fn make_stub(&mut self, i: usize, target: Target) -> Result<Wire, TraceError> {
+        let kind = target.stub_kind().expect("a target with a trampoline");
+        let stub = match self.sites[i].stubs[kind as usize] {
+            Some(s) => s,
+            None => {
+                let s = self.new_stub(i, kind)?;
+                self.sites[i].stubs[kind as usize] = Some(s);
+                s
+            }
+        };
+        let (block, tramp) = self.trampoline_for(target, self.sites[i].place)?;
+        Ok(Wire { block, tramp, stub: stub.code })
+    }
+
+    /// Points site `i`'s stub of `kind` at trampoline `to` (block, address),
+    /// or at its null path; the block it leaves is retired if no word
+    /// points into it any more.
+    fn point_word(&mut self, i: usize, kind: StubKind, to: Option<(usize, usize)>) {
+        let Some(stub) = self.sites[i].stubs[kind as usize].as_mut() else { return };
+        let value = to.map_or(stub.null, |(_, t)| t);
+        // SAFETY: the word is an aligned usize in a data block of ours that
+        // lives as long as the stub.
+        let word = unsafe { &*(stub.word as *const AtomicUsize) };
+        // Release: the trampoline's code (written before, and synced) is
+        // there before a thread can read its address; pairs with the
+        // stub's load of the word (`call [word]`, an x86 load: acquire).
+        word.store(value, Ordering::Release);
+        let old = std::mem::replace(&mut stub.block, to.map(|(b, _)| b));
+        if let Some((b, _)) = to {
+            self.blocks[b].as_mut().expect("live block").users += 1;
+        }
+        if let Some(b) = old {
+            let blk = self.blocks[b].as_mut().expect("live block");
+            blk.users -= 1;
+            if blk.users == 0 {
+                let blk = self.blocks[b].take().expect("live block");
+                self.retired.push(Retired::Block(blk.code));
+            }
+        }
+    }
+
+    /// The words of the stubs `changes` made point at new trampolines in
+    /// step 1 (stubs their sites did not call yet) back at their null paths:
+    /// the change failed. A straggler (a thread on the first instruction
+    /// of such a stub since an earlier use) may have followed them, so the
+    /// blocks they leave go through a grace period like any.
+    fn unwire(&mut self, changes: impl Iterator<Item = (usize, Target)>) {
+        for (i, target) in changes {
+            let kind = target.stub_kind();
+            if let Some(k) = kind.filter(|&k| Some(k) != self.sites[i].target.stub_kind()) {
+                self.point_word(i, k, None);
+            }
+        }
     }
 
     fn site_bytes(&self, s: &SiteInfo) -> [u8; 5] {
-        match s.stub {
-            Some((_, stub)) => site_branch(s.addr, s.target, stub),
+        match s.target.stub_kind().and_then(|k| s.stubs[k as usize]) {
+            Some(stub) => site_branch(s.addr, s.target, stub.code),
             None if s.prepared => NOP5,
             None => [0x90; 5],
         }
     }
 
     /// Brings every site to its desired op mask (see module docs).
-    fn apply(&mut self, mut retire: Vec<Retired>) -> Result<(), TraceError> {
+    fn apply(&mut self, retire: Vec<Retired>) -> Result<(), TraceError> {
         struct Change {
             i: usize,
             mask: u64,
             target: Target,
-            stub: Option<(usize, usize)>,
+            stub: Option<Wire>,
         }
         // Pin every object whose sites may be written, until the commit is
         // over: a dlclose on another thread cannot unmap code mid-batch. An
@@ -902,20 +1201,43 @@ impl Inner {
             self.retire(retire);
             return Ok(());
         }
-        // 1. Stubs for the new targets; rewrite gcc pads once.
+        // 1. Stubs and trampolines for the new targets; rewrite gcc pads once.
         let mut prepare = Batch::new();
         for c in changes.iter_mut() {
             if c.target != Target::Off {
-                c.stub = Some(self.make_stub(c.i, c.target)?);
+                match self.make_stub(c.i, c.target) {
+                    Ok(w) => c.stub = Some(w),
+                    Err(e) => {
+                        self.retire(retire);
+                        return Err(e);
+                    }
+                }
                 let s = &self.sites[c.i];
                 if !s.prepared {
                     prepare.push(Poke::region(s.addr, [0x90; 5], NOP5).named(s.function.to_string()));
                 }
             }
         }
+        if std::mem::take(&mut self.fresh_code) {
+            // New trampoline code may be reached through a word without any
+            // site being written (which would sync): serialise every core
+            // first (cross-modifying code, as for a site).
+            if let Err(e) = crate::sync::sync_cores(crate::sync::best_method()) {
+                self.retire(retire);
+                return Err(e.into());
+            }
+        }
+        for c in &changes {
+            // Stubs the sites do not call yet (stragglers aside) point at
+            // their trampolines now; the others after the batch, in step 4.
+            if let Some(w) = c.stub.filter(|_| c.target.stub_kind() != self.sites[c.i].target.stub_kind()) {
+                self.point_word(c.i, c.target.stub_kind().expect("a stub kind"), Some((w.block, w.tramp)));
+            }
+        }
         if !prepare.is_empty() {
             if let Err(e) = prepare.commit_with(CommitOptions::strategy(Strategy::StopMachine)) {
-                self.drop_new_stubs(changes.iter().filter_map(|c| c.stub));
+                self.unwire(changes.iter().filter(|c| c.stub.is_some()).map(|c| (c.i, c.target)));
+                self.retire(retire);
                 return Err(e.into());
             }
             for c in &changes {
@@ -933,10 +1255,12 @@ impl Inner {
             }
             let old = self.site_bytes(s);
             let new = match c.stub {
-                Some((_, stub)) => site_branch(s.addr, c.target, stub),
+                Some(w) => site_branch(s.addr, c.target, w.stub),
                 None => NOP5,
             };
-            batch.push(Poke::new(s.addr, old, new).named(s.function.to_string()));
+            if old != new {
+                batch.push(Poke::new(s.addr, old, new).named(s.function.to_string()));
+            } // else the site keeps its stub: its word changes in step 4
         }
         for c in &changes {
             hot::site_slot(c.i as u32).expect("site slot").mask.store(c.mask, Ordering::Release);
@@ -945,24 +1269,21 @@ impl Inner {
             for c in &changes {
                 hot::site_slot(c.i as u32).expect("site slot").mask.store(self.sites[c.i].mask, Ordering::Release);
             }
-            self.drop_new_stubs(changes.iter().filter_map(|c| c.stub));
+            self.unwire(changes.iter().filter(|c| c.stub.is_some()).map(|c| (c.i, c.target)));
+            self.retire(retire);
             return Err(e.into());
         }
-        // 4. Retire what the sites no longer use.
+        // 4. Point the words the sites keep at their new trampolines and
+        // those they left at their null paths (unpublish); retire what no
+        // word reaches any more.
         for c in &changes {
-            let s = &mut self.sites[c.i];
-            if let Some((b, addr)) = s.stub.take() {
-                let mut ranges = vec![(addr, addr + STUB_SLOT)];
-                if let Target::Graph(op) = s.target {
-                    // A graph trampoline reads its stub's data (through
-                    // r11) until it jumps on: a thread still in it must
-                    // not find the slot reused by another site.
-                    let t = self.blocks[b].graph[op].expect("the site's graph trampoline");
-                    ranges.push((t, t + GRAPH_TRAMP_BYTES));
-                }
-                retire.push(Retired { ranges, what: RetiredKind::Stub { block: b, addr } });
+            let (old, new) = (self.sites[c.i].target.stub_kind(), c.target.stub_kind());
+            match (old, c.stub) {
+                (Some(k), Some(w)) if old == new => self.point_word(c.i, k, Some((w.block, w.tramp))),
+                (Some(k), _) => self.point_word(c.i, k, None),
+                (None, _) => {}
             }
-            s.stub = c.stub;
+            let s = &mut self.sites[c.i];
             s.mask = c.mask;
             s.target = c.target;
         }
@@ -991,52 +1312,54 @@ impl Inner {
         pins
     }
 
-    /// Undoes `make_stub` for stubs no site was patched to call: they were
-    /// never reachable, so they go back to their blocks at once.
-    fn drop_new_stubs(&mut self, stubs: impl Iterator<Item = (usize, usize)>) {
-        for (b, addr) in stubs {
-            self.blocks[b].live_stubs -= 1;
-            self.blocks[b].free_stubs.push(addr);
+    /// Retires the stub blocks of objects that are no longer loaded (their
+    /// sites are dead and Off: step 4 pointed their words at the null
+    /// paths).
+    /// A thread can only be in such a stub if it ran the object's code
+    /// after the object went, which the program does not do; one inside a
+    /// stub past its raise is waited for like any.
+    fn retire_stubs_of_unloaded_objects(&mut self) {
+        if self.stub_blocks.iter().flatten().next().is_none() {
+            return;
+        }
+        let loaded: std::collections::HashSet<ObjectId> =
+            self.sites.iter().filter(|s| s.alive || s.target != Target::Off).map(|s| s.object).collect();
+        let dead = |sb: &StubBlock| !loaded.contains(&sb.object);
+        let gone: Vec<usize> =
+            (0..self.stub_blocks.len()).filter(|&k| self.stub_blocks[k].as_ref().is_some_and(dead)).collect();
+        for k in gone {
+            let sb = self.stub_blocks[k].take().expect("live stub block");
+            let range = sb.code.addr()..sb.code.addr() + sb.code.len();
+            for s in self.sites.iter_mut().filter(|s| !s.alive) {
+                for stub in s.stubs.iter_mut().filter(|x| x.is_some_and(|st| range.contains(&st.code))) {
+                    debug_assert!(
+                        stub.is_some_and(|st| st.block.is_none()),
+                        "a dead site's word points at its null path"
+                    );
+                    *stub = None;
+                }
+            }
+            self.retired.push(Retired::Stubs(sb.code, sb.data));
         }
     }
 
-    fn retire(&mut self, mut items: Vec<Retired>) {
-        // A block whose last stub went is retired whole, trampolines and all.
-        let mut emptied = Vec::new();
-        for r in &items {
-            if let RetiredKind::Stub { block, .. } = r.what {
-                let blk = &mut self.blocks[block];
-                blk.live_stubs -= 1;
-                if blk.live_stubs == 0 {
-                    emptied.push(block);
-                }
-            }
-        }
-        for b in emptied {
-            if let Some(code) = self.blocks[b].code.take() {
-                let range = (code.addr(), code.addr() + code.len());
-                items.push(Retired { ranges: vec![range], what: RetiredKind::Block(code) });
-            }
-        }
+    fn retire(&mut self, items: Vec<Retired>) {
         self.retired.extend(items);
+        self.retire_stubs_of_unloaded_objects();
     }
 
     /// Frees items whose grace period is over.
     fn free(&mut self, items: Vec<Retired>) {
         for r in items {
-            match r.what {
-                RetiredKind::Stub { block, addr } => {
-                    if self.blocks[block].code.is_some() {
-                        self.blocks[block].free_stubs.push(addr);
-                    }
-                }
-                RetiredKind::Op { id, boxed } => {
+            match r {
+                Retired::Op { id, boxed } => {
                     // SAFETY: created by Box::into_raw in register; after the
                     // grace period no thread can hold it.
                     drop(unsafe { Box::from_raw(boxed) });
                     self.ids_pending &= !(1 << id);
                 }
-                RetiredKind::Block(code) => drop(code), // munmap
+                Retired::Block(code) => drop(code),               // munmap
+                Retired::Stubs(code, data) => drop((code, data)), // munmap
             }
         }
     }

@@ -492,7 +492,9 @@ fn check_meta(dir: &Path, meta: &Meta) -> Result<(), TraceError> {
         .try_fold(dropped.ok_or_else(|| overflow("the threads' drop counts"))?, u64::checked_add)
         .ok_or_else(|| overflow("the drop counts"))?;
     let events = events.ok_or_else(|| overflow("the threads' event counts"))?;
-    let calls = calls.ok_or_else(|| overflow("the threads' call counts"))?;
+    let calls = calls
+        .and_then(|n| n.checked_add(meta.unattributed_calls))
+        .ok_or_else(|| overflow("the threads' and unattributed call counts"))?;
     if dropped != meta.total_dropped {
         return Err(inconsistent(format!(
             "total_dropped is {} but the drop counts add up to {dropped}",
@@ -507,7 +509,10 @@ fn check_meta(dir: &Path, meta: &Meta) -> Result<(), TraceError> {
             )));
         }
         if calls != meta.total_calls {
-            return Err(inconsistent(format!("total_calls is {} but the threads add up to {calls}", meta.total_calls)));
+            return Err(inconsistent(format!(
+                "total_calls is {} but the threads and unattributed_calls add up to {calls}",
+                meta.total_calls
+            )));
         }
     }
     Ok(())

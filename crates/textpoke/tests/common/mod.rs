@@ -18,7 +18,9 @@ pub fn compile_cxx_so(name: &str, src: &str, flags: &[&str]) -> PathBuf {
 fn compile_so_with(compiler: &str, ext: &str, name: &str, src: &str, flags: &[&str]) -> PathBuf {
     let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("textpoke-tests");
     std::fs::create_dir_all(&dir).unwrap();
-    let c = dir.join(format!("{name}.{ext}"));
+    // Per process: a test may run its own binary as a child that builds
+    // the same fixtures meanwhile.
+    let c = dir.join(format!("{name}-{}.{ext}", std::process::id()));
     let so = dir.join(format!("lib{name}-{}.so", std::process::id()));
     std::fs::write(&c, src).unwrap();
     let out = Command::new(compiler)
@@ -133,4 +135,38 @@ impl textpoke::trace::TraceOp for EntryExitCounts {
     fn wants_exit(&self) -> bool {
         true
     }
+}
+
+/// The target of the rel32 call or jmp at `at` (5 bytes).
+pub fn branch_target(at: usize) -> usize {
+    let b = peek(at + 1, 4);
+    (at + 5).wrapping_add(i32::from_le_bytes(b.try_into().unwrap()) as isize as usize)
+}
+
+/// The stub a traced site calls, and the trampoline its word points to now
+/// (`textpoke::arch::tramp::call_stub`: the word is read by the
+/// `call [rip+disp32]` after the stub's `push imm32`).
+pub fn stub_and_trampoline(site: usize) -> (usize, usize) {
+    let stub = branch_target(site);
+    let code = peek(stub, 32);
+    // `inc dword fs:[..]; js; push` (static TLS), or `call [enter]; push`.
+    let push = if code[0] == 0x64 { 10 } else { 6 };
+    assert_eq!(code[push], 0x68, "the stub's push: {code:02x?}");
+    let call = push + 5;
+    assert_eq!(&code[call..call + 2], &[0xff, 0x15], "call [rip+disp32] after the push: {code:02x?}");
+    let disp = i32::from_le_bytes(code[call + 2..call + 6].try_into().unwrap());
+    let word = (stub + call + 6).wrapping_add(disp as isize as usize);
+    // SAFETY: the word is an aligned usize in the stub's data page.
+    let tramp =
+        unsafe { (*(word as *const std::sync::atomic::AtomicUsize)).load(std::sync::atomic::Ordering::Acquire) };
+    (stub, tramp)
+}
+
+/// Whether `addr` is in a mapping of this process.
+pub fn mapped(addr: usize) -> bool {
+    std::fs::read_to_string("/proc/self/maps").unwrap().lines().any(|l| {
+        let (s, e) = l.split_whitespace().next().unwrap().split_once('-').unwrap();
+        let (s, e) = (usize::from_str_radix(s, 16).unwrap(), usize::from_str_radix(e, 16).unwrap());
+        s <= addr && addr < e
+    })
 }
