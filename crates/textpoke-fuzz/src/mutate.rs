@@ -907,7 +907,8 @@ fn mutate_files(rng: &mut Rng, input: &mut TraceInput, dir: &str, room: usize) -
             format!("{a} and {b} swapped")
         }
         3 => {
-            let name = join(dir, rng.pick(&["tid-999.bin", "junk", "child-x", ".hidden", "meta.json.tmp"]));
+            let names: [&str; 5] = ["tid-999.bin", "junk", "child-x", ".hidden", "meta.json.tmp"];
+            let name = join(dir, rng.pick::<&str>(&names));
             let data: Vec<u8> = (0..rng.len_upto(256)).map(|_| rng.next_u64() as u8).collect();
             input.set_file(&name, data);
             format!("{name} added")
@@ -1220,7 +1221,7 @@ pub fn mutate_line(rng: &mut Rng, line: &[u8], pool: &[&[u8]]) -> (Vec<u8>, Stri
                 mutate_bytes(rng, &mut l, other)
             }
             3 => {
-                let ins: &[u8] = rng.pick(&[
+                let ins: &[u8] = rng.pick::<&[u8]>(&[
                     b"\0".as_slice(),
                     b"\r",
                     b"\n",
@@ -1240,7 +1241,7 @@ pub fn mutate_line(rng: &mut Rng, line: &[u8], pool: &[&[u8]]) -> (Vec<u8>, Stri
                 format!("{ins:?} inserted at {at}")
             }
             4 => {
-                let g: &[u8] = rng.pick(&[
+                let g: &[u8] = rng.pick::<&[u8]>(&[
                     b"*".as_slice(),
                     b"**",
                     b"?",
@@ -1261,7 +1262,7 @@ pub fn mutate_line(rng: &mut Rng, line: &[u8], pool: &[&[u8]]) -> (Vec<u8>, Stri
                 format!("glob {:?} inserted at {at}", String::from_utf8_lossy(g))
             }
             5 => {
-                let v: &[u8] = rng.pick(&[
+                let v: &[u8] = rng.pick::<&[u8]>(&[
                     b"status".as_slice(),
                     b"enable ",
                     b"disable ",
