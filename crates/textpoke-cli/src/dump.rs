@@ -1,7 +1,8 @@
 //! `textpoke dump`: a trace converted for other tools — a Perfetto
 //! protobuf trace, Chrome trace-event JSON (Perfetto UI, chrome://tracing),
-//! an SVG flame graph, or folded stacks. Every output is streamed: memory
-//! does not grow with the trace.
+//! an SVG flame graph, or folded stacks. Every output is streamed; the
+//! folded stacks and the flame graph hold the tree of call paths (a node
+//! per distinct path) and are bounded (see `textpoke::analysis`).
 
 use crate::common::{self, TraceArgs};
 use std::path::PathBuf;
@@ -66,8 +67,7 @@ pub fn run(args: &Args) -> ExitCode {
         })
     } else {
         common::convert("dump", &set, out, "folding stacks", |w, progress| {
-            let (folded, _unit) = analysis::folded(&set, progress)?;
-            w.write_all(folded.as_bytes()).map_err(analysis::AnalysisError::Write)
+            analysis::folded_to(&set, w, progress).map(drop)
         })
     }
 }

@@ -58,7 +58,12 @@
 //! caller's children time. So `Enter`/`Leave` [`Event`]s always nest, even
 //! for damaged input, and every consumer below is written against that
 //! invariant. Memory is one frame per open call, at most [`MAX_LEVEL`];
-//! records are streamed.
+//! records are streamed. Time is amortised O(log depth) per record, however
+//! damaged the input: recorded depths strictly increase up the stack (step
+//! 1), so the call at an exit's depth is found by binary search; a deep
+//! stack counts its open calls per function, so an orphan exit is known
+//! without looking through it; and the calls looked through in step 2 are
+//! closed at once.
 //!
 //! # Report
 //!
@@ -103,7 +108,9 @@
 //! [`flamegraph`] folds the rebuilt stacks into a prefix tree of call paths
 //! (one node per distinct path, per process), adds each call's self time to
 //! its path's node, writes the nodes as folded stack lines
-//! (`main;parse;lex 1234`, see [`folded`]) and renders them with `inferno`.
+//! (`main;parse;lex 1234`, see [`folded_to`]) and renders them with
+//! `inferno` — the lines that can be seen, so that deep or numerous stacks
+//! cost bounded memory (see the `flame` module's "Bounds").
 //! A count-only trace has no stacks: each function is a one-frame stack
 //! weighted by its calls. With forked children, each process's stacks sit
 //! under a root frame naming it.
@@ -119,7 +126,7 @@ mod tests;
 
 pub use chrome::chrome;
 pub use escape::{escape, to_json_writer, to_json_writer_pretty};
-pub use flame::{flamegraph, folded, FlameOptions};
+pub use flame::{flamegraph, folded, folded_to, FlameOptions, MAX_FLAME_TEXT, MAX_FOLDED_BYTES};
 pub use replay::{human_ns, replay, ReplayOptions};
 pub use report::{report, FunctionStats, ProcessReport, Report, ReportOptions, SortKey, ThreadStats, Times};
 pub use stacks::{Call, Closed, Event, Rebuilder, MAX_LEVEL};
@@ -178,6 +185,16 @@ pub enum AnalysisError {
     /// Writing the output failed.
     #[error("cannot write the output: {0}")]
     Write(#[source] std::io::Error),
+
+    /// The output would be too big to be of use (see
+    /// [`MAX_FOLDED_BYTES`]).
+    #[error("trace {dir}: {what}")]
+    TooBig {
+        /// The trace directory.
+        dir: PathBuf,
+        /// What would be too big, and what to do instead.
+        what: String,
+    },
 }
 
 /// One process of a [`TraceSet`].

@@ -293,7 +293,9 @@ fn process_report(trace: &Trace, progress: &mut dyn FnMut(u64)) -> Result<Proces
         mode: meta.mode,
         complete: meta.complete,
         dropped: trace.dropped(),
-        calls: functions.iter().map(|f| f.calls).sum(),
+        // counts.json is not checked against the threads' totals: a
+        // damaged one could add up past 2^64.
+        calls: functions.iter().fold(0u64, |n, f| n.saturating_add(f.calls)),
         events: meta.threads.iter().map(|t| t.entries + t.exits).sum(),
         functions,
         threads,

@@ -507,3 +507,120 @@ fn human_durations() {
     assert_eq!(human_ns(12_345_678), "12.345 ms");
     assert_eq!(human_ns(3_000_000_001), "3.000 s");
 }
+
+/// Found by textpoke-fuzz (fuzz/corpus/reader/deep-call-trees.tpf): the
+/// folded text of deep stacks grows with the square of their depth, and
+/// `folded` and `flamegraph` held it all (a 10 MB trace of such stacks
+/// needs gigabytes). A 5,000-level recursion whose every level has self
+/// time: its folded text (512 MB) is refused, its flame graph is drawn
+/// from the lines that fit the budget, and says so.
+#[test]
+fn deep_stacks_have_bounded_folded_stacks_and_flame_graphs() {
+    const DEPTH: u32 = 5000;
+    let dir = tmp("deep");
+    let name = "r".repeat(40);
+    let mut events: Vec<format::Event> = (0..DEPTH).map(|d| raw(KIND_ENTRY, 0, d, 10 * d as u64)).collect();
+    events.extend((0..DEPTH).rev().map(|d| raw(KIND_EXIT, 0, d, 10 * (2 * DEPTH - d) as u64)));
+    write_trace(&dir, 7, &[&name], &[(7, events)], None);
+    let set = open(&dir);
+    let e = folded_to(&set, &mut std::io::sink(), &mut |_| {}).unwrap_err();
+    let msg = e.to_string();
+    assert!(matches!(e, AnalysisError::TooBig { .. }), "{msg}");
+    assert!(msg.contains(&dir.display().to_string()) && msg.contains("5000 frames deep"), "{msg}");
+    assert!(msg.contains("--flamegraph") && msg.contains("--perfetto"), "it says what to do instead: {msg}");
+    let mut svg = Vec::new();
+    flamegraph(&set, &FlameOptions::default(), &mut svg, &mut |_| {}).unwrap();
+    let svg = String::from_utf8(svg).unwrap();
+    assert!(svg.contains("of the width left out"), "the subtitle says what was left out");
+    // A line per level fits no budget: each line kept holds at least its
+    // share of the width, so far fewer frames are drawn.
+    let frames = svg.matches("<g>").count();
+    assert!(frames > 100 && frames < DEPTH as usize, "{frames} frames");
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+/// The same shape, shallower: the folded text is written whole, and the
+/// flame graph (under its budget) shows every level.
+#[test]
+fn folded_stacks_under_the_bound_are_whole() {
+    const DEPTH: u32 = 300;
+    let dir = tmp("deep-ok");
+    let mut events: Vec<format::Event> = (0..DEPTH).map(|d| raw(KIND_ENTRY, 0, d, 10 * d as u64)).collect();
+    events.extend((0..DEPTH).rev().map(|d| raw(KIND_EXIT, 0, d, 10 * (2 * DEPTH - d) as u64)));
+    write_trace(&dir, 7, &["f"], &[(7, events)], None);
+    let set = open(&dir);
+    let mut text = Vec::new();
+    assert_eq!(folded_to(&set, &mut text, &mut |_| {}).unwrap(), "ns");
+    let text = String::from_utf8(text).unwrap();
+    assert_eq!(text.lines().count(), DEPTH as usize);
+    assert_eq!(text.lines().last().unwrap(), format!("{} 20", vec!["f"; DEPTH as usize].join(";")));
+    let mut svg = Vec::new();
+    flamegraph(&set, &FlameOptions::default(), &mut svg, &mut |_| {}).unwrap();
+    let svg = String::from_utf8(svg).unwrap();
+    assert!(!svg.contains("left out"));
+    assert_eq!(svg.matches("<g>").count(), DEPTH as usize + 1, "every level and the root frame");
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+/// Found by textpoke-fuzz (fuzz/corpus/reader/deep-stack-orphans.tpf):
+/// each exit matching no open call looked through the whole stack twice;
+/// a 5,400-deep stack then 1.2 million such exits (10 MB of trace) took
+/// 32 s of CPU per analysis, optimised. Now the call at the exit's depth is
+/// found by binary search and a deep stack is indexed by function: 0.15 s.
+#[test]
+fn orphan_exits_under_a_deep_stack_are_cheap() {
+    fn cpu() -> f64 {
+        let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+        // SAFETY: a valid timespec to fill.
+        unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
+        ts.tv_sec as f64 + ts.tv_nsec as f64 * 1e-9
+    }
+    let clock = ns_clock();
+    let mut rb = Rebuilder::new(&clock);
+    let depth = 5400u32;
+    let t = cpu();
+    let (mut orphans, mut events) = (0u64, 0u64);
+    let mut count = |e: Event| {
+        events += 1;
+        orphans += matches!(e, Event::OrphanExit { .. }) as u64;
+    };
+    for d in 0..depth {
+        rb.push(&en(1, d, d as u64), &mut count);
+    }
+    for k in 0..200_000u64 {
+        rb.push(&ex(2, (k % depth as u64) as u32, 10_000 + k), &mut count);
+    }
+    rb.finish(&mut count);
+    let spent = cpu() - t;
+    assert_eq!(orphans, 200_000);
+    assert_eq!(events, 200_000 + 2 * depth as u64);
+    // About 0.5 s unoptimised; it was over 5 s optimised.
+    assert!(spent < 10.0, "{spent} s of CPU");
+}
+
+/// Exits whose depth matches no open call still close the innermost call
+/// of their function, on a stack deep enough to be indexed and after it
+/// shrank back.
+#[test]
+fn exits_off_their_depth_on_deep_stacks() {
+    // f0 at depths 0..100, f1 at 100, f0 at 101..200.
+    let mut recs: Vec<Record> = (0..200).map(|d| en(if d == 100 { 1 } else { 0 }, d, d as u64)).collect();
+    recs.push(ex(1, 7, 1000)); // f1 at a wrong depth: closes 101..199 as exit lost, then f1
+    recs.push(ex(3, 50, 1001)); // nothing of f3 open: an orphan
+    recs.push(ex(0, 150, 1002)); // f0 at a depth no call has: the innermost f0 (99)
+    for d in (0..99).rev() {
+        recs.push(ex(0, d, 1100 - d as u64));
+    }
+    recs.push(ex(0, 0, 2000)); // an orphan once the stack is empty
+    let events = rebuild(&recs);
+    assert_nested(&events);
+    let calls = leaves(&events);
+    assert_eq!(calls.len(), 200);
+    assert_eq!(calls.iter().filter(|c| c.closed == Closed::ExitLost).count(), 99);
+    let f1 = calls.iter().find(|c| c.func == FuncId(1)).unwrap();
+    assert_eq!((f1.depth, f1.closed, f1.end), (100, Closed::Returned, 1000));
+    let f0_99 = calls.iter().find(|c| c.depth == 99).unwrap();
+    assert_eq!((f0_99.closed, f0_99.end), (Closed::Returned, 1002));
+    assert!(calls.iter().filter(|c| c.depth < 99).all(|c| c.closed == Closed::Returned));
+    assert_eq!(events.iter().filter(|e| matches!(e, Event::OrphanExit { .. })).count(), 2);
+}

@@ -236,7 +236,9 @@ impl Decoder {
         let Some(t) = self.time else {
             return Err(self.err("an event before the first sync record"));
         };
-        let ts = t + (w >> DELTA_SHIFT);
+        let Some(ts) = t.checked_add(w >> DELTA_SHIFT) else {
+            return Err(self.err("the time passes 2^64 ticks"));
+        };
         self.time = Some(ts);
         let func = ((w >> FUNC_SHIFT) & ((1 << FUNC_BITS) - 1)) as u32;
         let depth = ((w >> DEPTH_SHIFT) & ((1 << DEPTH_BITS) - 1)) as u32;

@@ -14,7 +14,8 @@
 //! 2. `complete` is true — otherwise [`TraceError::Incomplete`], unless
 //!    [`OpenOptions::allow_incomplete`] asks to salvage (below);
 //! 3. the metadata is consistent with itself: no thread listed twice, no
-//!    file named twice, plain file names, totals that add up;
+//!    file named twice, plain file names, totals that add up (and fit
+//!    in 64 bits, as every sum a reader makes of them then does);
 //! 4. `symbols.jsonl` parses (no id twice); `counts.json` parses and names
 //!    only known ids;
 //! 5. every thread file is a regular file of exactly the size the metadata
@@ -22,11 +23,13 @@
 //!    is read;
 //! 6. one pass over each file decodes every record ([`format::Decoder`]),
 //!    checks that function ids are in the symbol file, that times never go
-//!    backwards nor beyond the trace's end, the entry/exit counts, and the
-//!    checksum.
+//!    backwards (a sync record may not set an earlier one either) nor
+//!    beyond the trace's end, the entry/exit counts, and the checksum.
 //!
 //! Iterating ([`Trace::records`], [`Trace::merged`]) re-reads the files
-//! and still returns errors, in case they changed since `open`.
+//! and still returns errors, in case they changed since `open`. Its memory
+//! is bounded whatever the trace: one chunk per thread (a fixed budget
+//! shared by all threads when merging, with no file held open).
 //!
 //! # Gaps
 //!
@@ -401,17 +404,19 @@ impl Trace {
 
     /// One thread's records in time order (its program order).
     pub fn records(&self, thread: &ThreadTrace) -> Result<ThreadRecords, TraceError> {
-        ThreadRecords::open(thread)
+        ThreadRecords::open(thread, CHUNK_WORDS, false)
     }
 
     /// Every thread's records merged in time order (ties: by tid). Holds
-    /// every thread's file open: for many threads, prefer
-    /// [`Trace::records`] thread by thread.
+    /// no file open and at most 4 MiB of read buffers, however many
+    /// threads there are (see [`ThreadRecords`]); reading thread by thread
+    /// ([`Trace::records`]) is faster.
     pub fn merged(&self) -> Result<Merged, TraceError> {
         let mut iters = Vec::new();
         let mut heap = BinaryHeap::new();
+        let chunk = (MERGE_BUFFER_BYTES / WORD / self.threads.len().max(1)).clamp(MERGE_MIN_CHUNK_WORDS, CHUNK_WORDS);
         for t in &self.threads {
-            let mut it = ThreadRecords::open(t)?;
+            let mut it = ThreadRecords::open(t, chunk, true)?;
             if let Some(r) = it.next() {
                 let r = r?;
                 heap.push(std::cmp::Reverse((r.ts, r.tid, iters.len())));
@@ -461,13 +466,35 @@ fn check_meta(dir: &Path, meta: &Meta) -> Result<(), TraceError> {
                     return Err(inconsistent(format!("file {name} is listed for two threads")));
                 }
             }
-            None if t.words != 0 || t.entries + t.exits != 0 => {
+            None if t.words != 0 || t.entries != 0 || t.exits != 0 => {
                 return Err(inconsistent(format!("thread {} has {} words but no file", t.tid, t.words)));
             }
             None => {}
         }
     }
-    let dropped: u64 = meta.threads.iter().map(|t| t.dropped()).sum::<u64>() + meta.unattributed_drops.total();
+    // The sums below, and those readers make later (a thread's events and
+    // drops, the totals), must fit in 64 bits: a count past that is damage.
+    let overflow = |what: &str| inconsistent(format!("{what} add up to more than 2^64"));
+    let mut dropped = Some(0u64);
+    let mut events = Some(0u64);
+    let mut calls = Some(0u64);
+    for t in &meta.threads {
+        let (Some(e), Some(d)) = (t.entries.checked_add(t.exits), t.lost.checked_add(t.dropped_nested)) else {
+            return Err(overflow(&format!("thread {}: its event or drop counts", t.tid)));
+        };
+        events = events.and_then(|n| n.checked_add(e));
+        dropped = dropped.and_then(|n| n.checked_add(d));
+        calls = calls.and_then(|n| n.checked_add(t.calls));
+    }
+    let u = &meta.unattributed_drops;
+    let dropped = [u.creating, u.exiting, u.no_memory, u.writer_thread, u.io, u.in_flight_at_stop]
+        .into_iter()
+        .try_fold(dropped.ok_or_else(|| overflow("the threads' drop counts"))?, u64::checked_add)
+        .ok_or_else(|| overflow("the drop counts"))?;
+    let events = events.ok_or_else(|| overflow("the threads' event counts"))?;
+    let calls = calls
+        .and_then(|n| n.checked_add(meta.unattributed_calls))
+        .ok_or_else(|| overflow("the threads' and unattributed call counts"))?;
     if dropped != meta.total_dropped {
         return Err(inconsistent(format!(
             "total_dropped is {} but the drop counts add up to {dropped}",
@@ -475,14 +502,12 @@ fn check_meta(dir: &Path, meta: &Meta) -> Result<(), TraceError> {
         )));
     }
     if meta.complete {
-        let events: u64 = meta.threads.iter().map(|t| t.entries + t.exits).sum();
         if events != meta.total_events {
             return Err(inconsistent(format!(
                 "total_events is {} but the threads add up to {events}",
                 meta.total_events
             )));
         }
-        let calls: u64 = meta.threads.iter().map(|t| t.calls).sum::<u64>() + meta.unattributed_calls;
         if calls != meta.total_calls {
             return Err(inconsistent(format!(
                 "total_calls is {} but the threads and unattributed_calls add up to {calls}",
@@ -596,6 +621,7 @@ fn check_thread_file(
     let mut good = 0u64; // words up to the end of the last whole, valid record
     let mut buf = vec![0u64; 8192];
     let mut read = 0u64;
+    let mut last_ts = 0u64;
     while read < words && problem.is_none() {
         let n = (words - read).min(buf.len() as u64) as usize;
         read_words(&mut r, &mut buf[..n]).map_err(io(path))?;
@@ -612,6 +638,12 @@ fn check_thread_file(
                     if problem.is_none() {
                         problem = check_event(&e, bounds, known).err();
                     }
+                    if problem.is_none() && e.ts < last_ts {
+                        // A sync record can set any time; the recorder's
+                        // never go back (H5 clamps every event's).
+                        problem = Some(format!("time goes backwards, from {last_ts} to {}", e.ts));
+                    }
+                    last_ts = e.ts;
                     entries += (e.kind == KIND_ENTRY) as u64;
                     exits += (e.kind != KIND_ENTRY) as u64;
                 }
@@ -714,53 +746,103 @@ fn child_dirs(dir: &Path) -> Vec<PathBuf> {
     children
 }
 
+/// Words a thread's iterator reads at a time when it is read alone.
+const CHUNK_WORDS: usize = 8192;
+/// The most memory the read buffers of a [`Merged`] stream take, all
+/// threads together.
+const MERGE_BUFFER_BYTES: usize = 4 << 20;
+/// The fewest words a thread's iterator in a [`Merged`] stream reads at
+/// a time.
+const MERGE_MIN_CHUNK_WORDS: usize = 64;
+
+const EVENT_FILE_HINT: &str = "the metadata lists this thread's event file";
+
 /// One thread's records, in order. Yields errors if the file changed
 /// since [`Trace::open`] validated it.
+///
+/// It reads a chunk of words at a time at its place in the file and
+/// decodes them one by one, so that it holds one chunk and a record.
+/// Read alone ([`Trace::records`]), it keeps its file open and reads
+/// 64 KiB chunks; in a [`Merged`] stream, which holds one per thread, it
+/// opens the file again for each chunk and its chunks share a fixed
+/// budget, so that merging ten thousand threads needs neither ten
+/// thousand descriptors nor ten thousand big buffers.
 pub struct ThreadRecords {
-    r: Option<BufReader<File>>,
+    /// The open file, unless it is opened for each chunk.
+    file: Option<File>,
     path: PathBuf,
     tid: i32,
+    /// Byte offset of the next chunk.
+    offset: u64,
     /// Words not yet read.
     left: u64,
     dec: format::Decoder,
     /// Decoded and not yet handed out.
     queue: std::collections::VecDeque<Record>,
+    /// The current chunk and the next word of it to decode.
     buf: Vec<u64>,
+    pos: usize,
+    chunk: usize,
+    /// Time of the last event (where a lost or cut mark is placed).
+    last: u64,
 }
 
 impl ThreadRecords {
-    fn open(t: &ThreadTrace) -> Result<ThreadRecords, TraceError> {
+    /// An iterator reading `chunk` words at a time, keeping its file open
+    /// unless `reopen`.
+    fn open(t: &ThreadTrace, chunk: usize, reopen: bool) -> Result<ThreadRecords, TraceError> {
         let mut it = ThreadRecords {
-            r: None,
+            file: None,
             path: t.path.clone().unwrap_or_default(),
             tid: t.meta.tid,
+            offset: THREAD_HEADER_LEN as u64,
             left: 0,
             dec: format::Decoder::new(),
             queue: Default::default(),
             buf: Vec::new(),
+            pos: 0,
+            chunk,
+            last: 0,
         };
         let Some(path) = &t.path else { return Ok(it) };
-        let (f, _) = open_regular(path, "the metadata lists this thread's event file")?;
-        let mut r = BufReader::with_capacity(1 << 16, f);
-        let mut h = [0u8; THREAD_HEADER_LEN];
-        r.read_exact(&mut h).map_err(io(path))?;
-        it.r = Some(r);
+        if !reopen {
+            it.file = Some(open_regular(path, EVENT_FILE_HINT)?.0);
+        }
         it.left = t.words;
         Ok(it)
     }
 
-    /// Reads and decodes the next chunk into the queue.
+    /// Reads the next chunk.
     fn refill(&mut self) -> Result<(), TraceError> {
-        let Some(r) = self.r.as_mut() else { return Ok(()) };
-        let n = self.left.min(4096) as usize;
+        use std::os::unix::fs::FileExt;
+        let n = self.left.min(self.chunk as u64) as usize;
         self.buf.resize(n, 0);
-        read_words(r, &mut self.buf).map_err(io(&self.path))?;
+        let opened;
+        let f = match &self.file {
+            Some(f) => f,
+            None => {
+                opened = open_regular(&self.path, EVENT_FILE_HINT)?.0;
+                &opened
+            }
+        };
+        // SAFETY: u64 has no invalid bit patterns; the slice is ours.
+        let bytes = unsafe { std::slice::from_raw_parts_mut(self.buf.as_mut_ptr() as *mut u8, n * WORD) };
+        f.read_exact_at(bytes, self.offset).map_err(io(&self.path))?;
+        for w in self.buf.iter_mut() {
+            *w = u64::from_le(*w);
+        }
+        self.offset += (n * WORD) as u64;
         self.left -= n as u64;
-        let (tid, queue) = (self.tid, &mut self.queue);
-        let mut last = queue.back().map_or(0, |r: &Record| r.ts);
+        self.pos = 0;
+        Ok(())
+    }
+
+    /// Decodes one word into the queue.
+    fn decode(&mut self, w: u64) -> Result<(), TraceError> {
+        let (tid, queue, last) = (self.tid, &mut self.queue, &mut self.last);
         let mut sink = |item: Item| match item {
             Item::Event(e) => {
-                last = e.ts;
+                *last = e.ts;
                 queue.push_back(Record {
                     kind: if e.kind == KIND_ENTRY { RecordKind::Entry } else { RecordKind::Exit },
                     func: FuncId(e.func),
@@ -784,7 +866,7 @@ impl ThreadRecords {
                 kind: RecordKind::Gap,
                 func: FuncId(0),
                 tid,
-                ts: last,
+                ts: *last,
                 depth: u32::MAX,
                 value: None,
                 lost: count,
@@ -793,14 +875,14 @@ impl ThreadRecords {
                 kind: RecordKind::Cut,
                 func: FuncId(0),
                 tid,
-                ts: last,
+                ts: *last,
                 depth: 0,
                 value: None,
                 lost: count,
             }),
             Item::Sync { .. } => {}
         };
-        self.dec.feed(&self.buf, &mut sink).map_err(|e| TraceError::CorruptRecord {
+        self.dec.feed(&[w], &mut sink).map_err(|e| TraceError::CorruptRecord {
             path: self.path.clone(),
             index: e.word,
             what: format!("{} (file changed since open?)", e.what),
@@ -812,13 +894,28 @@ impl Iterator for ThreadRecords {
     type Item = Result<Record, TraceError>;
 
     fn next(&mut self) -> Option<Self::Item> {
-        while self.queue.is_empty() && self.left > 0 {
-            if let Err(e) = self.refill() {
-                self.left = 0;
+        loop {
+            if let Some(r) = self.queue.pop_front() {
+                return Some(Ok(r));
+            }
+            if self.pos == self.buf.len() {
+                if self.left == 0 {
+                    return None;
+                }
+                if let Err(e) = self.refill() {
+                    self.left = 0;
+                    self.buf.clear();
+                    self.pos = 0;
+                    return Some(Err(e));
+                }
+            }
+            let w = self.buf[self.pos];
+            self.pos += 1;
+            if let Err(e) = self.decode(w) {
+                (self.left, self.pos) = (0, self.buf.len());
                 return Some(Err(e));
             }
         }
-        self.queue.pop_front().map(Ok)
     }
 }
 
