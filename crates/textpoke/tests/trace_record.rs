@@ -14,6 +14,9 @@ use textpoke::record::{self, RecorderConfig};
 use textpoke::trace::{Filter, Tracer};
 use textpoke::tracedata::{RecordKind, Trace};
 
+/// The recorder is one per process: its tests take turns.
+static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 /// A library whose `P_run` calls `P_mid` (which calls `P_leaf`) and
 /// raises `sig` 4 times; the handler (installed from Rust, as non-PIC code
 /// cannot take a function's address in a shared object) calls `P_leaf`.
@@ -110,6 +113,7 @@ fn tally(trace: &Trace) -> HashMap<String, (u64, u64)> {
 
 #[test]
 fn record_compiled_sites_end_to_end() {
+    let _s = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let libs = Arc::new(load());
     let t = Tracer::global();
     t.refresh().unwrap();
@@ -171,6 +175,7 @@ fn record_compiled_sites_end_to_end() {
 /// counted every call of `cid_a` for function 0 here).
 #[test]
 fn count_trampolines_count_the_function_of_the_site() {
+    let _s = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     for i in 0..3 {
         record::register_function(0x7000 + i, &format!("cid_dummy{i}"));
     }

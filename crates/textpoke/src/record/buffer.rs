@@ -264,8 +264,9 @@ struct Tls {
     buf: Cell<*mut ThreadBuf>,
     state: Cell<u8>,
     /// Events this thread wrote through [`slow_push`] (see
-    /// [`slow_events_of_this_thread`]).
-    slow: Cell<u64>,
+    /// [`slow_events_of_this_thread`]). Atomic only to be one
+    /// instruction, safe against this thread's signal handlers; Relaxed.
+    slow: AtomicU64,
 }
 
 const ST_NORMAL: u8 = 0;
@@ -275,7 +276,7 @@ const ST_WRITER: u8 = 3;
 
 thread_local! {
     static TLS: Tls =
-        const { Tls { buf: Cell::new(ptr::null_mut()), state: Cell::new(ST_NORMAL), slow: Cell::new(0) } };
+        const { Tls { buf: Cell::new(ptr::null_mut()), state: Cell::new(ST_NORMAL), slow: AtomicU64::new(0) } };
 }
 
 /// Where the hot-path state lives, for the recorder's code generated at
@@ -341,7 +342,7 @@ pub(crate) fn current_buf() -> *mut ThreadBuf {
 /// over to the hot path, so tests that count the tracer's slow calls
 /// subtract these.
 pub(crate) fn slow_events_of_this_thread() -> u64 {
-    TLS.with(|t| t.slow.get())
+    TLS.with(|t| t.slow.load(Ordering::Relaxed))
 }
 
 /// Marks the calling thread as the writer: its events are dropped and
@@ -453,7 +454,7 @@ fn count_call(b: &ThreadBuf, func: u32) {
 #[cold]
 #[inline(never)]
 fn slow_push(b: &ThreadBuf, ts: u64, kind: u8, func: u32, depth: u32, value: Option<u64>) -> bool {
-    TLS.with(|t| t.slow.set(t.slow.get().wrapping_add(1)));
+    TLS.with(|t| t.slow.fetch_add(1, Ordering::Relaxed));
     let p = &b.p;
     let seg = b.s.seg.load(Ordering::Relaxed);
     if seg.is_null() {

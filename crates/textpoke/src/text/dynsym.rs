@@ -62,8 +62,18 @@ pub(crate) struct Covering {
     pub kind: u8,
 }
 
+/// Up to this many addresses, `dladdr1` each (see [`covering_sorted`]).
+const FEW: usize = 16;
+
 /// The symbol `dladdr1` gives for each of `addrs` (sorted ascending).
 pub(crate) fn covering_sorted(addrs: &[usize]) -> Vec<Option<Covering>> {
+    if addrs.len() <= FEW {
+        // A few lookups walk the table a few times; reading, sorting and
+        // sweeping it costs about as much as FEW walks (s log s), every
+        // batch: a static key flip (two pokes) in a program exporting many
+        // symbols spent most of its time here.
+        return addrs.iter().map(|&a| by_dladdr(a)).collect();
+    }
     let (mut out, fallback) = from_tables(addrs);
     for i in fallback {
         out[i] = by_dladdr(addrs[i]);
