@@ -108,7 +108,7 @@ if [ ! -x lua ]; then
     srcs=$(ls lua54/*.c | grep -v -e luac.c -e onelua.c -e ltests.c)
     # A fixed string-hash seed (Lua seeds it from the clock and addresses),
     # so that both tools see the same calls (with ASLR off, below).
-    gcc -O2 -g -fpatchable-function-entry=5 -DLUA_USE_LINUX '-Dluai_makeseed()=0' -o lua $srcs -lm -ldl
+    gcc -O2 -g -fpatchable-function-entry=5 -DLUA_USE_LINUX '-Dluai_makeseed(L)=0' -o lua $srcs -lm -ldl
 fi
 
 # --- runs ----------------------------------------------------------------------
