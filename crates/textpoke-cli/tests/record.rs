@@ -1216,12 +1216,12 @@ fn raw_client(sockets: &Path, pid: i32) -> std::os::unix::net::UnixStream {
     s
 }
 
-fn read_reply(r: &mut impl BufRead) -> textpoke::control::Reply {
-    textpoke::control::Reply::read(r).unwrap()
+fn read_reply(r: &mut impl BufRead) -> textpoke_control::Reply {
+    textpoke_control::Reply::read(r).unwrap()
 }
 
 /// The reply's error message, or a panic naming what came instead.
-fn error_of(r: &textpoke::control::Reply) -> &str {
+fn error_of(r: &textpoke_control::Reply) -> &str {
     r.error.as_deref().unwrap_or_else(|| panic!("an error reply, not {r:?}"))
 }
 

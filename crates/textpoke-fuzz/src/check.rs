@@ -554,7 +554,7 @@ pub const MAX_ERROR_MESSAGE: usize = 1024;
 /// Checks one request line (module docs). `names`: see
 /// [`function_names`].
 pub fn check_control(line: &[u8], names: &[String], limits: &Limits) -> Outcome {
-    use textpoke::control::{close_names, ControlError, Reply, Request};
+    use textpoke_control::{close_names, ControlError, Reply, Request};
     let mut out = Outcome::default();
     let ctl = |what: String| Finding { step: "control", problem: Problem::Control(what) };
     step(&mut out, "control", limits, "", |f| {

@@ -29,7 +29,6 @@
 pub mod analysis;
 pub mod arch;
 pub mod clock;
-pub mod control;
 pub mod error;
 pub mod funcs;
 pub mod keys;

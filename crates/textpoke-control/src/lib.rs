@@ -2,6 +2,12 @@
 //! the traced process) and `textpoke ctl` (the client): where the socket
 //! lives, the ownership checks on both ends, and the line protocol.
 //!
+//! A crate of its own, using nothing of textpoke (it was the engine's
+//! `textpoke::control` module): the two ends and the fuzzer need the
+//! protocol and nothing else — `textpoke ctl` needs no recorder, the
+//! fuzzer no tracer — and the engine crate `textpoke` carries nothing
+//! only a front end needs.
+//!
 //! # Where
 //!
 //! One Unix-domain stream socket per traced process, `<pid>.sock`, in a
@@ -211,7 +217,7 @@ pub fn restrict_socket(path: &Path) -> Result<(), ControlError> {
 }
 
 /// The `textpoke record` process an agent reports to, as passed in
-/// [`FRONT_ENV`] (see the module docs, "The front process").
+/// [`FRONT_ENV`] (see the crate docs, "The front process").
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct FrontProcess {
     pub pid: i32,
