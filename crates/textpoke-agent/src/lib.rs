@@ -310,7 +310,7 @@ fn print_once(once: &AtomicBool, msg: &str) {
     if !once.swap(true, Ordering::Relaxed) {
         // Messages quote function names and paths: escaped, so that they
         // cannot act on the terminal the program's stderr goes to.
-        let _ = writeln!(std::io::stderr(), "textpoke: {}", textpoke::analysis::escape(msg));
+        let _ = writeln!(std::io::stderr(), "textpoke: {}", textpoke_analysis::escape(msg));
     }
 }
 

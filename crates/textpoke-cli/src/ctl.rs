@@ -18,7 +18,7 @@ use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
-use textpoke::analysis::escape;
+use textpoke_analysis::escape;
 use textpoke_control::{self as control, Reply, Request};
 
 #[derive(clap::Args)]

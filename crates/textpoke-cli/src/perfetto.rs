@@ -17,7 +17,7 @@
 //! it by id), so a slice costs a few bytes whatever its name's length.
 //!
 //! Calls closed without their exit are ended where the analysis closed
-//! them (see `textpoke::analysis`), with an annotation saying why; where
+//! them (see `textpoke_analysis`), with an annotation saying why; where
 //! events were lost, an instant event says how many.
 //!
 //! # Encoding
@@ -38,8 +38,8 @@ use perfetto_protos::track_event::track_event::Type;
 use protobuf::{Message, MessageField};
 use std::collections::HashMap;
 use std::io::Write;
-use textpoke::analysis::{self, AnalysisError, Closed, Event, Rebuilder, TraceSet};
 use textpoke::record::FuncId;
+use textpoke_analysis::{self as analysis, AnalysisError, Closed, Event, Rebuilder, TraceSet};
 
 /// The protobuf wire format, for the few fields written by hand (field
 /// numbers from perfetto's `trace_packet.proto`, `track_event.proto`,

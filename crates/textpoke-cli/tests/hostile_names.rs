@@ -1,7 +1,7 @@
 //! Names from the traced program that hold terminal controls (`ESC [2J`,
 //! BEL, CR, LF, C1 controls, bidi overrides, invalid UTF-8) never reach
 //! the reader's terminal raw: every text output shows them escaped
-//! (`textpoke::analysis::escape`), no line is forged, and the JSON outputs
+//! (`textpoke_analysis::escape`), no line is forged, and the JSON outputs
 //! keep the exact names.
 //!
 //! Two sources of such names: a trace this test process records with

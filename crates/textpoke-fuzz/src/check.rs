@@ -61,8 +61,10 @@ use std::io::Write;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::Path;
 use std::time::Instant;
-use textpoke::analysis::{self, AnalysisError, Event, FlameOptions, Rebuilder, ReplayOptions, ReportOptions, TraceSet};
 use textpoke::tracedata::{OpenOptions, RecordKind, Trace};
+use textpoke_analysis::{
+    self as analysis, AnalysisError, Event, FlameOptions, Rebuilder, ReplayOptions, ReportOptions, TraceSet,
+};
 
 /// Bounds for one step.
 #[derive(Clone, Copy, Debug)]

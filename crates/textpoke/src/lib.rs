@@ -26,7 +26,6 @@
 //! # Ok::<(), textpoke::PokeError>(())
 //! ```
 
-pub mod analysis;
 pub mod arch;
 pub mod clock;
 pub mod error;

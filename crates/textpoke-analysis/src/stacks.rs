@@ -3,10 +3,10 @@
 //! See the [module documentation](super) for the algorithm; this file is
 //! its implementation, [`Rebuilder`], and the [`Event`]s it emits.
 
-use crate::record::format::ClockInfo;
-use crate::record::FuncId;
-use crate::tracedata::{Record, RecordKind};
 use std::collections::HashMap;
+use textpoke::record::format::ClockInfo;
+use textpoke::record::FuncId;
+use textpoke::tracedata::{Record, RecordKind};
 
 /// How a call was closed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize)]
@@ -114,7 +114,7 @@ struct Frame {
 /// an entry at a recorded depth closes the frames at or above it, so only
 /// damaged input could nest deeper; bounded so that it cannot use
 /// unbounded memory.
-pub const MAX_LEVEL: usize = crate::trace::MAX_DEPTH + 1;
+pub const MAX_LEVEL: usize = textpoke::trace::MAX_DEPTH + 1;
 
 /// A stack deeper than this is indexed by function ([`Rebuilder::open`]);
 /// the index is dropped when it is back under half of it. A shallower one
@@ -145,7 +145,7 @@ pub struct Rebuilder<'c> {
 
 impl<'c> Rebuilder<'c> {
     /// A rebuilder converting ticks with `clock` (the trace's
-    /// [`Trace::clock`](crate::tracedata::Trace::clock)).
+    /// [`Trace::clock`](textpoke::tracedata::Trace::clock)).
     pub fn new(clock: &'c ClockInfo) -> Self {
         Rebuilder { clock, stack: Vec::new(), open: None, base: 0, gapped: false, last_ts: 0 }
     }

@@ -17,9 +17,9 @@
 //! depth recording resumed at, under callers that are not known.
 
 use super::{escape, walk_thread, AnalysisError, Call, Closed, Event, Rebuilder, TraceSet};
-use crate::record::{FuncId, Mode};
-use crate::tracedata::Trace;
 use std::io::{self, Write};
+use textpoke::record::{FuncId, Mode};
+use textpoke::tracedata::Trace;
 
 /// How to replay.
 #[derive(Clone, Debug, Default)]

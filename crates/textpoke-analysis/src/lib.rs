@@ -1,8 +1,13 @@
 //! Turning a recorded trace into what people read: a per-function report,
 //! a function-graph replay, Chrome trace-event JSON and a flame graph.
 //!
+//! A crate above the engine and the trace format (it was the engine's
+//! `textpoke_analysis` module): it reads traces and patches nothing, and
+//! what it needs to write JSON and draw flame graphs (serde_json,
+//! inferno) is nothing the engine, static keys or the recorder need.
+//!
 //! ```no_run
-//! use textpoke::analysis::{self, ReportOptions, SortKey, TraceSet};
+//! use textpoke_analysis::{self as analysis, ReportOptions, SortKey, TraceSet};
 //! use textpoke::tracedata::OpenOptions;
 //!
 //! let set = TraceSet::open("textpoke.data", OpenOptions::default())?;
@@ -10,7 +15,7 @@
 //! for f in &report.processes[0].functions {
 //!     println!("{} {} calls", f.function, f.calls);
 //! }
-//! # Ok::<(), textpoke::analysis::AnalysisError>(())
+//! # Ok::<(), textpoke_analysis::AnalysisError>(())
 //! ```
 //!
 //! # Processes
@@ -81,7 +86,7 @@
 //!   of the calls that have one (every call but those cut by a gap);
 //!   [`FunctionStats::timed`] says how many.
 //!
-//! A count-only trace ([`Mode::Count`](crate::record::Mode::Count)) has
+//! A count-only trace ([`Mode::Count`](textpoke::record::Mode::Count)) has
 //! calls and no times ([`FunctionStats::times`] is `None`).
 //!
 //! # Replay
@@ -131,9 +136,9 @@ pub use replay::{human_ns, replay, ReplayOptions};
 pub use report::{report, FunctionStats, ProcessReport, Report, ReportOptions, SortKey, ThreadStats, Times};
 pub use stacks::{Call, Closed, Event, Rebuilder, MAX_LEVEL};
 
-use crate::record::format::{self, CHILD_DIR_PREFIX};
-use crate::tracedata::{OpenOptions, RecordKind, ThreadTrace, Trace, TraceError};
 use std::path::{Path, PathBuf};
+use textpoke::record::format::{self, CHILD_DIR_PREFIX};
+use textpoke::tracedata::{OpenOptions, RecordKind, ThreadTrace, Trace, TraceError};
 
 /// Why an analysis could not be made.
 #[derive(Debug, thiserror::Error)]
@@ -372,7 +377,7 @@ pub fn losses(trace: &Trace) -> String {
 }
 
 /// For a trace that a fatal signal ended (the crash flush, see
-/// [`crate::record::crash`]): `the recording ended with SIGSEGV (address
+/// [`textpoke::record::crash`]): `the recording ended with SIGSEGV (address
 /// not mapped, at 0x0) on thread 12, which crashed the process`.
 pub fn ending(trace: &Trace) -> Option<String> {
     let end = trace.meta().ended_by.as_ref()?;

@@ -3,12 +3,12 @@
 //! self time, unbalanced records, recursion, depth jumps).
 
 use super::*;
-use crate::record::format::{
+use textpoke::record::format::{
     self, BufferInfo, ClockInfo, ClockSource, CountsFile, FullPolicy, Meta, Mode, Symbol, ThreadMeta,
     UnattributedDrops, KIND_ENTRY, KIND_EXIT,
 };
-use crate::record::FuncId;
-use crate::tracedata::{Record, RecordKind};
+use textpoke::record::FuncId;
+use textpoke::tracedata::{Record, RecordKind};
 
 /// One tick is one nanosecond.
 fn ns_clock() -> ClockInfo {
