@@ -4,7 +4,7 @@
 //!
 //! It is a thin front end over the library: [`textpoke::trace::Tracer`]
 //! finds and patches the sites, [`textpoke::trace::RecordOp`] records into
-//! [`textpoke::record`], [`textpoke_control`] defines the socket.
+//! [`textpoke_record`], [`textpoke_control`] defines the socket.
 //!
 //! # Environment
 //!
@@ -67,7 +67,7 @@
 //!    handlers still run as they asked (`sigaction` and `signal` are
 //!    wrapped), and when the default action is about to kill the process,
 //!    the thread the signal hit first writes the trace up to the crash
-//!    (`textpoke::record::crash`), then dies of that signal, with its core
+//!    (`textpoke_record::crash`), then dies of that signal, with its core
 //!    dump (see `fatal`). Recording threads get an alternate signal stack,
 //!    so that a stack overflow is flushed too (see `altstack`).
 //! 7. **`textpoke record` ends.** When `TEXTPOKE_RECORD_PID` names it,
@@ -120,11 +120,11 @@ use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicI32, AtomicPtr, AtomicU8, Ordering};
 use std::sync::Arc;
-use textpoke::record::{self, Recorder, RecorderConfig};
-use textpoke::record::{ClockChoice, ClockSource, RecordOp};
 use textpoke::sync::ForkLock;
 use textpoke::trace::{OpHandle, TraceError, Tracer};
 use textpoke_control::FrontProcess;
+use textpoke_record::{self as record, Recorder, RecorderConfig};
+use textpoke_record::{ClockChoice, ClockSource, RecordOp};
 
 /// Settings read from the environment at load.
 #[derive(Clone, Debug)]

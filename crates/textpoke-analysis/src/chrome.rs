@@ -103,7 +103,7 @@ fn us(ns: u64) -> f64 {
 pub fn chrome<W: Write>(set: &TraceSet, w: &mut W, progress: &mut dyn FnMut(u64)) -> Result<u64, AnalysisError> {
     let root = set.root();
     for p in &set.processes {
-        if p.trace.mode() == textpoke::record::Mode::Count {
+        if p.trace.mode() == textpoke_record::Mode::Count {
             return Err(AnalysisError::CountOnly {
                 dir: p.trace.dir().to_path_buf(),
                 what: "timeline for a trace-event file",

@@ -27,7 +27,7 @@
 use super::{escape, walk_thread, AnalysisError, Event, Rebuilder, TraceSet};
 use std::collections::HashMap;
 use std::io::Write;
-use textpoke::record::FuncId;
+use textpoke_record::FuncId;
 
 /// The most bytes of folded stacks [`folded_to`] writes.
 pub const MAX_FOLDED_BYTES: u64 = 256 << 20;
@@ -211,7 +211,7 @@ pub fn folded(set: &TraceSet, progress: &mut dyn FnMut(u64)) -> Result<(String, 
 
 /// The call-path tree of `set` and its weights' unit.
 fn stack_tree(set: &TraceSet, progress: &mut dyn FnMut(u64)) -> Result<(Tree, &'static str), AnalysisError> {
-    let is_count = |p: &super::Process| p.trace.mode() == textpoke::record::Mode::Count;
+    let is_count = |p: &super::Process| p.trace.mode() == textpoke_record::Mode::Count;
     let counts_only = set.processes.iter().all(is_count);
     let mixed = !counts_only && set.processes.iter().any(is_count);
     let unit = if counts_only { "calls" } else { "ns" };
@@ -287,7 +287,7 @@ pub fn flamegraph<W: Write>(
     let root = set.root();
     let total = tree.weight.iter().fold(0u64, |t, &w| t.saturating_add(w));
     if total == 0 {
-        let detail = if set.processes.iter().all(|p| p.trace.mode() == textpoke::record::Mode::Count) {
+        let detail = if set.processes.iter().all(|p| p.trace.mode() == textpoke_record::Mode::Count) {
             " (no function was counted)".to_string()
         } else {
             " with a measurable self time (no completed calls)".to_string()

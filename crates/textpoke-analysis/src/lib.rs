@@ -8,7 +8,7 @@
 //!
 //! ```no_run
 //! use textpoke_analysis::{self as analysis, ReportOptions, SortKey, TraceSet};
-//! use textpoke::tracedata::OpenOptions;
+//! use textpoke_record::tracedata::OpenOptions;
 //!
 //! let set = TraceSet::open("textpoke.data", OpenOptions::default())?;
 //! let report = analysis::report(&set, &ReportOptions { sort: SortKey::Total }, &mut |_| {})?;
@@ -86,7 +86,7 @@
 //!   of the calls that have one (every call but those cut by a gap);
 //!   [`FunctionStats::timed`] says how many.
 //!
-//! A count-only trace ([`Mode::Count`](textpoke::record::Mode::Count)) has
+//! A count-only trace ([`Mode::Count`](textpoke_record::Mode::Count)) has
 //! calls and no times ([`FunctionStats::times`] is `None`).
 //!
 //! # Replay
@@ -137,8 +137,8 @@ pub use report::{report, FunctionStats, ProcessReport, Report, ReportOptions, So
 pub use stacks::{Call, Closed, Event, Rebuilder, MAX_LEVEL};
 
 use std::path::{Path, PathBuf};
-use textpoke::record::format::{self, CHILD_DIR_PREFIX};
-use textpoke::tracedata::{OpenOptions, RecordKind, ThreadTrace, Trace, TraceError};
+use textpoke_record::format::{self, CHILD_DIR_PREFIX};
+use textpoke_record::tracedata::{OpenOptions, RecordKind, ThreadTrace, Trace, TraceError};
 
 /// Why an analysis could not be made.
 #[derive(Debug, thiserror::Error)]
@@ -377,7 +377,7 @@ pub fn losses(trace: &Trace) -> String {
 }
 
 /// For a trace that a fatal signal ended (the crash flush, see
-/// [`textpoke::record::crash`]): `the recording ended with SIGSEGV (address
+/// [`textpoke_record::crash`]): `the recording ended with SIGSEGV (address
 /// not mapped, at 0x0) on thread 12, which crashed the process`.
 pub fn ending(trace: &Trace) -> Option<String> {
     let end = trace.meta().ended_by.as_ref()?;

@@ -18,8 +18,8 @@
 
 use super::{escape, walk_thread, AnalysisError, Call, Closed, Event, Rebuilder, TraceSet};
 use std::io::{self, Write};
-use textpoke::record::{FuncId, Mode};
-use textpoke::tracedata::Trace;
+use textpoke_record::tracedata::Trace;
+use textpoke_record::{FuncId, Mode};
 
 /// How to replay.
 #[derive(Clone, Debug, Default)]

@@ -4,8 +4,8 @@ use super::{walk_thread, AnalysisError, Closed, Event, Rebuilder, TraceSet};
 use serde::Serialize;
 use std::collections::HashMap;
 use std::str::FromStr;
-use textpoke::record::{FuncId, Mode};
-use textpoke::tracedata::Trace;
+use textpoke_record::tracedata::Trace;
+use textpoke_record::{FuncId, Mode};
 
 /// What to sort the functions by (largest first; ties by name).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
@@ -168,7 +168,7 @@ pub struct ProcessReport {
     /// The fatal signal that ended the recording, when one did (the crash
     /// flush wrote the trace up to it).
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub ended_by: Option<textpoke::record::format::SignalEnd>,
+    pub ended_by: Option<textpoke_record::format::SignalEnd>,
 }
 
 /// The report of a [`TraceSet`]: the traced process, then its forked

@@ -4,9 +4,9 @@
 //! its implementation, [`Rebuilder`], and the [`Event`]s it emits.
 
 use std::collections::HashMap;
-use textpoke::record::format::ClockInfo;
-use textpoke::record::FuncId;
-use textpoke::tracedata::{Record, RecordKind};
+use textpoke_record::format::ClockInfo;
+use textpoke_record::tracedata::{Record, RecordKind};
+use textpoke_record::FuncId;
 
 /// How a call was closed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize)]
@@ -145,7 +145,7 @@ pub struct Rebuilder<'c> {
 
 impl<'c> Rebuilder<'c> {
     /// A rebuilder converting ticks with `clock` (the trace's
-    /// [`Trace::clock`](textpoke::tracedata::Trace::clock)).
+    /// [`Trace::clock`](textpoke_record::tracedata::Trace::clock)).
     pub fn new(clock: &'c ClockInfo) -> Self {
         Rebuilder { clock, stack: Vec::new(), open: None, base: 0, gapped: false, last_ts: 0 }
     }

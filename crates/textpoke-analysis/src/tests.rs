@@ -3,12 +3,12 @@
 //! self time, unbalanced records, recursion, depth jumps).
 
 use super::*;
-use textpoke::record::format::{
+use textpoke_record::format::{
     self, BufferInfo, ClockInfo, ClockSource, CountsFile, FullPolicy, Meta, Mode, Symbol, ThreadMeta,
     UnattributedDrops, KIND_ENTRY, KIND_EXIT,
 };
-use textpoke::record::FuncId;
-use textpoke::tracedata::{Record, RecordKind};
+use textpoke_record::tracedata::{Record, RecordKind};
+use textpoke_record::FuncId;
 
 /// One tick is one nanosecond.
 fn ns_clock() -> ClockInfo {

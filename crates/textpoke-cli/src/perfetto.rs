@@ -38,8 +38,8 @@ use perfetto_protos::track_event::track_event::Type;
 use protobuf::{Message, MessageField};
 use std::collections::HashMap;
 use std::io::Write;
-use textpoke::record::FuncId;
 use textpoke_analysis::{self as analysis, AnalysisError, Closed, Event, Rebuilder, TraceSet};
+use textpoke_record::FuncId;
 
 /// The protobuf wire format, for the few fields written by hand (field
 /// numbers from perfetto's `trace_packet.proto`, `track_event.proto`,
@@ -207,7 +207,7 @@ fn descriptor(uuid: u64, parent: Option<u64>, f: impl FnOnce(&mut TrackDescripto
 /// Returns the number of calls written.
 pub fn perfetto(set: &TraceSet, w: &mut dyn Write, progress: &mut dyn FnMut(u64)) -> Result<u64, AnalysisError> {
     for p in &set.processes {
-        if p.trace.mode() == textpoke::record::Mode::Count {
+        if p.trace.mode() == textpoke_record::Mode::Count {
             let dir = p.trace.dir().to_path_buf();
             return Err(AnalysisError::CountOnly { dir, what: "timeline for a Perfetto trace" });
         }

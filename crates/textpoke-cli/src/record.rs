@@ -55,7 +55,7 @@ use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicI32, Ordering};
-use textpoke::record::format::{self, Mode, META_FILE};
+use textpoke_record::format::{self, Mode, META_FILE};
 
 /// The demo workload (empty when no C compiler was found at build time).
 static DEMO: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/textpoke-demo"));
@@ -247,9 +247,9 @@ fn check_globs(args: &Args, names: &[String]) -> Result<(), CliError> {
 
 /// `DIR` must be what the agent's recorder accepts (absent, empty, or an
 /// earlier trace whose `DIR.old` may be replaced: see
-/// [`textpoke::record::dir`]), checked before the program runs.
+/// [`textpoke_record::dir`]), checked before the program runs.
 fn check_output(dir: &Path) -> Result<(), CliError> {
-    textpoke::record::dir::check(dir, true).map_err(|e| CliError::new(2, e.to_string()))
+    textpoke_record::dir::check(dir, true).map_err(|e| CliError::new(2, e.to_string()))
 }
 
 /// The agent library's file name, as cargo builds it and as it is

@@ -61,10 +61,10 @@ use std::io::Write;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::Path;
 use std::time::Instant;
-use textpoke::tracedata::{OpenOptions, RecordKind, Trace};
 use textpoke_analysis::{
     self as analysis, AnalysisError, Event, FlameOptions, Rebuilder, ReplayOptions, ReportOptions, TraceSet,
 };
+use textpoke_record::tracedata::{OpenOptions, RecordKind, Trace};
 
 /// Bounds for one step.
 #[derive(Clone, Copy, Debug)]
@@ -420,12 +420,12 @@ fn validate(dir: &Path, findings: &mut Vec<Finding>) {
 /// Checks that the rebuilt events of every thread nest (module docs).
 fn check_stacks(set: &TraceSet, findings: &mut Vec<Finding>) -> Result<(), String> {
     for p in &set.processes {
-        if p.trace.mode() == textpoke::record::Mode::Count {
+        if p.trace.mode() == textpoke_record::Mode::Count {
             continue;
         }
         let mut rb = Rebuilder::new(p.trace.clock());
         for t in p.trace.threads() {
-            let mut open: Vec<(textpoke::record::FuncId, usize, u64)> = Vec::new();
+            let mut open: Vec<(textpoke_record::FuncId, usize, u64)> = Vec::new();
             let mut problem: Option<String> = None;
             let mut check = |e: Event| {
                 if problem.is_some() {

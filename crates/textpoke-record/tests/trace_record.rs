@@ -4,15 +4,16 @@
 //! back by the validating reader: exact counts, entries and exits balanced
 //! per thread; count-only mode; sites forgotten on dlclose.
 
+#[path = "../../textpoke/tests/common/mod.rs"]
 mod common;
 
 use common::{compile_so, Lib};
 use std::collections::HashMap;
 use std::sync::Arc;
-use textpoke::record::RecordOp;
-use textpoke::record::{self, RecorderConfig};
 use textpoke::trace::{Filter, Tracer};
-use textpoke::tracedata::{RecordKind, Trace};
+use textpoke_record::tracedata::{RecordKind, Trace};
+use textpoke_record::RecordOp;
+use textpoke_record::{self as record, RecorderConfig};
 
 /// A library whose `P_run` calls `P_mid` (which calls `P_leaf`) and
 /// raises `sig` 4 times; the handler (installed from Rust, as non-PIC code

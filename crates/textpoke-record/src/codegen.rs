@@ -12,8 +12,8 @@
 
 use super::buffer::{buffer_layout, BufferLayout};
 use super::format::{self, KIND_ENTRY, KIND_EXIT};
-use crate::arch::asm::*;
-use crate::clock::{MODE_TSC_ORDERED, MODE_TSC_UNORDERED};
+use textpoke::arch::asm::*;
+use textpoke::clock::{MODE_TSC_ORDERED, MODE_TSC_UNORDERED};
 
 /// The largest delta a compact event holds, plus one.
 const DELTA_LIMIT: i32 = 1 << format::DELTA_BITS;
@@ -218,7 +218,7 @@ pub(crate) fn emit_exit(a: &mut CodeAssembler, fail: CodeLabel) -> Result<(), Ic
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::arch::tramp::{self, straight_path, RETURN_OFFSET};
+    use textpoke::arch::tramp::{self, straight_path, RETURN_OFFSET};
 
     fn dump(ip: u64, code: &[u8]) {
         use iced_x86::{Decoder, DecoderOptions, Formatter, IntelFormatter};
@@ -239,7 +239,7 @@ mod tests {
     /// frame with the recorder's code in it, as a traced call runs it.
     #[test]
     fn graph_fast_paths_stay_short() {
-        let (Some(_), Some(sh)) = (buffer_layout(), crate::trace::hot::shadow_offsets()) else { return };
+        let (Some(_), Some(sh)) = (buffer_layout(), textpoke::trace::hot::shadow_offsets()) else { return };
         let (entry, exit): (tramp::Emit<'_>, tramp::Emit<'_>) = (&emit_entry, &emit_exit);
         let e = tramp::graph_trampoline(0x10000, &sh, 3, (0x40000, 0x20000), entry).unwrap();
         let r = tramp::return_block(0x40000, 0x30000, true, Some((&sh, exit))).unwrap();

@@ -10,8 +10,8 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
-use textpoke::record::{self, ClockChoice, ClockSource, FuncId, Mode, RecorderConfig};
-use textpoke::tracedata::{OpenOptions, Record, RecordKind, Trace, TraceError};
+use textpoke_record::tracedata::{OpenOptions, Record, RecordKind, Trace, TraceError};
+use textpoke_record::{self as record, ClockChoice, ClockSource, FuncId, Mode, RecorderConfig};
 
 static SERIAL: Mutex<()> = Mutex::new(());
 

@@ -1,7 +1,7 @@
 //! The trace directory's on-disk format, shared by the writer
-//! ([`crate::record`]) and the reader ([`crate::tracedata`]).
+//! ([`crate::start`]) and the reader ([`crate::tracedata`]).
 //!
-//! See the [`crate::record`] module documentation, section "On-disk
+//! See the [crate documentation](crate), section "On-disk
 //! format", for the description; this module holds the constants, the
 //! event encoding, the checksum and the serde types of the JSON files.
 //!
@@ -51,7 +51,32 @@
 
 use serde::{Deserialize, Serialize};
 
-pub use crate::clock::{ClockInfo, ClockSource};
+pub use textpoke::clock::{ClockInfo, ClockSource};
+
+/// How [`ClockSource`] is written in `meta.json` (the engine's clock has no
+/// serde: this is serde's "remote" definition of it, field for field).
+#[derive(Serialize, Deserialize)]
+#[serde(remote = "ClockSource", rename_all = "snake_case")]
+enum ClockSourceDef {
+    Tsc,
+    TscUnordered,
+    Monotonic,
+}
+
+/// How [`ClockInfo`] is written in `meta.json` (`#[serde(with =
+/// "ClockInfoDef")]` on a field of that type), as [`ClockSourceDef`].
+#[derive(Serialize, Deserialize)]
+#[serde(remote = "ClockInfo")]
+pub(crate) struct ClockInfoDef {
+    #[serde(with = "ClockSourceDef")]
+    source: ClockSource,
+    ticks_per_sec: f64,
+    mult: u64,
+    shift: u32,
+    base_ticks: u64,
+    base_ns: u64,
+    calibration_ns: u64,
+}
 
 /// The format version written by this build and the only one it reads.
 pub const FORMAT_VERSION: u32 = 2;
@@ -102,7 +127,7 @@ pub const FUNC_SHIFT: u32 = 16;
 pub const DELTA_SHIFT: u32 = 38;
 const _: () = assert!(DEPTH_SHIFT + DEPTH_BITS == FUNC_SHIFT && FUNC_SHIFT + FUNC_BITS == DELTA_SHIFT);
 const _: () = assert!(DELTA_SHIFT + DELTA_BITS == 64);
-const _: () = assert!(crate::trace::MAX_DEPTH < 1 << DEPTH_BITS);
+const _: () = assert!(textpoke::trace::MAX_DEPTH < 1 << DEPTH_BITS);
 
 /// Words of a sync record, header included.
 pub const SYNC_WORDS: usize = 4;
@@ -480,7 +505,7 @@ impl UnattributedDrops {
 
 /// How a recording ended early: a fatal signal, for which the thread it
 /// hit wrote everything the buffers held (the crash flush,
-/// [`crate::record::crash`]). The process normally died of it right after.
+/// [`crate::crash`]). The process normally died of it right after.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SignalEnd {
     /// The signal number.
@@ -606,6 +631,7 @@ pub struct Meta {
     /// `/proc/self/exe`, when readable.
     pub exe: Option<String>,
     /// How to convert timestamps.
+    #[serde(with = "ClockInfoDef")]
     pub clock: ClockInfo,
     /// Wall-clock time at the start, nanoseconds since the Unix epoch.
     pub start_unix_ns: u64,

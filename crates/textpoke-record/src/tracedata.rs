@@ -1,4 +1,4 @@
-//! Reading a trace directory written by [`crate::record`].
+//! Reading a trace directory written by the recorder ([`crate::start`]).
 //!
 //! # Validation
 //!
@@ -47,10 +47,10 @@
 //! metadata, written before the last metadata update, or less);
 //! [`Trace::salvage_notes`] says what was cut.
 
-use crate::record::format::{
+use crate::format::{
     self, ClockInfo, CountsFile, Item, Meta, Mode, Symbol, ThreadMeta, KIND_ENTRY, THREAD_HEADER_LEN, WORD,
 };
-use crate::record::FuncId;
+use crate::FuncId;
 use std::collections::{BinaryHeap, HashMap, HashSet};
 use std::fs::File;
 use std::io::{BufRead, BufReader, Read};
@@ -706,7 +706,7 @@ fn check_event(e: &format::Event, bounds: Option<(u64, u64)>, known: &dyn Fn(u32
             return Err(format!("time {} lies outside the recording ({lo}..{hi})", e.ts));
         }
     }
-    if e.depth as usize > crate::trace::MAX_DEPTH {
+    if e.depth as usize > textpoke::trace::MAX_DEPTH {
         return Err(format!("depth {} is deeper than any shadow stack", e.depth));
     }
     Ok(())

@@ -5,9 +5,9 @@
 
 use super::buffer;
 use super::codegen;
-use crate::funcs::{self, FuncId};
-use crate::trace::{Entry, Exit, Filter, InlineCode, TraceOp};
 use std::sync::atomic::{AtomicU64, Ordering};
+use textpoke::funcs::{self, FuncId};
+use textpoke::trace::{Entry, Exit, Filter, InlineCode, TraceOp};
 
 /// Bit per function id: record its return value. Read by the exit code
 /// (generated and Rust); set by [`RecordOp::functions_added`]. One table
@@ -24,7 +24,7 @@ fn wants_retval(func: u32) -> bool {
     RETVAL.get(func as usize / 64).is_some_and(|w| w.load(Ordering::Relaxed) >> (func % 64) & 1 != 0)
 }
 
-/// Records traced calls into the running [`crate::record`] session.
+/// Records traced calls into the running recording session ([`crate::start`]).
 #[derive(Debug, Clone)]
 pub struct RecordOp {
     count_only: bool,

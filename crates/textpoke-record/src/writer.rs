@@ -1,6 +1,6 @@
 //! The writer's work on one session: draining the threads' segment chains
 //! into their event files (D0–D5), and the side files (symbols, counts,
-//! metadata). See the [`crate::record`] module documentation, sections
+//! metadata). See the [crate documentation](crate), sections
 //! "Writer" and "On-disk format".
 
 use super::buffer::ThreadBuf;
@@ -8,11 +8,11 @@ use super::format::{
     self, CountsFile, Symbol, ThreadMeta, UnattributedDrops, KIND_ENTRY, KIND_EXIT, KIND_EXIT_VALUE, SPECIAL_LONG,
     SPECIAL_SYNC,
 };
-use crate::funcs::{self, FuncId};
 use std::fs::File;
 use std::io::{BufWriter, Write};
 use std::path::Path;
 use std::sync::atomic::Ordering;
+use textpoke::funcs::{self, FuncId};
 
 /// What the writer keeps of one thread's event stream while it scans it:
 /// every word passes through [`Scan::words`] once, on its way to disk.
@@ -162,7 +162,7 @@ impl SymbolsOut {
     /// the lines it writes without allocating. Zeroed memory (2 MiB of
     /// address space, pages touched as ids are marked).
     pub fn with_room() -> SymbolsOut {
-        SymbolsOut { written: vec![0; crate::funcs::MAX_FUNCTIONS / 64], ..SymbolsOut::default() }
+        SymbolsOut { written: vec![0; textpoke::funcs::MAX_FUNCTIONS / 64], ..SymbolsOut::default() }
     }
 
     /// The parts the crash flush (F6) works with: the written bits, the
@@ -221,8 +221,8 @@ pub(crate) fn buffer_counts(b: &ThreadBuf) -> Vec<(usize, u64)> {
     let n = if p.is_null() { 0 } else { b.p.ncounters.load(Ordering::Relaxed) as usize };
     let mut out = Vec::new();
     // SAFETY: the counter array's own mapping, `n` words long.
-    let touched = unsafe { crate::sys::anon::resident_pages(p as *mut u8, n * 8) };
-    let per_page = crate::sys::anon::PAGE / 8;
+    let touched = unsafe { textpoke::sys::anon::resident_pages(p as *mut u8, n * 8) };
+    let per_page = textpoke::sys::anon::PAGE / 8;
     for page in touched {
         for i in page * per_page..((page + 1) * per_page).min(n) {
             // SAFETY: i < ncounters; the producer updates counters with
@@ -243,8 +243,8 @@ pub(crate) fn orphan_counts() -> Vec<(usize, u64)> {
     let n = super::buffer::ORPHANS_LEN;
     let mut out = Vec::new();
     // SAFETY: the array's own mapping, `n` words long, never unmapped.
-    let touched = unsafe { crate::sys::anon::resident_pages(p as *mut u8, n * 8) };
-    let per_page = crate::sys::anon::PAGE / 8;
+    let touched = unsafe { textpoke::sys::anon::resident_pages(p as *mut u8, n * 8) };
+    let per_page = textpoke::sys::anon::PAGE / 8;
     for page in touched {
         for i in page * per_page..((page + 1) * per_page).min(n) {
             // SAFETY: i < n; updated with atomic adds.

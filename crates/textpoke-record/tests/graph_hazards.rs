@@ -5,15 +5,16 @@
 //! still inside the graph trampoline that reads it (a site's stubs are
 //! never freed nor given to another site).
 
+#[path = "../../textpoke/tests/common/mod.rs"]
 mod common;
 
 use common::{compile_cxx_so, compile_so, Lib};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-use textpoke::record::RecordOp;
-use textpoke::record::{self, ClockChoice, ClockSource, RecorderConfig};
 use textpoke::trace::{Filter, Tracer, TrampolineKind};
+use textpoke_record::RecordOp;
+use textpoke_record::{self as record, ClockChoice, ClockSource, RecorderConfig};
 
 static SERIAL: Mutex<()> = Mutex::new(());
 

@@ -12,9 +12,9 @@ use std::path::PathBuf;
 use std::sync::mpsc;
 use std::sync::{Mutex, MutexGuard};
 use std::time::Duration;
-use textpoke::record::crash::{self, CrashFlush, FatalSignal};
-use textpoke::record::{self, FuncId, RecorderConfig};
-use textpoke::tracedata::{OpenOptions, RecordKind, Trace};
+use textpoke_record::crash::{self, CrashFlush, FatalSignal};
+use textpoke_record::tracedata::{OpenOptions, RecordKind, Trace};
+use textpoke_record::{self as record, FuncId, RecorderConfig};
 
 // ---------------------------------------------------------------------------
 // An allocator that counts the allocations of a thread that asks it to.

@@ -1,13 +1,13 @@
 //! Per-thread buffers (chains of segments) and the hot path. See the
-//! [`crate::record`] module documentation for the algorithm; the numbered
+//! [crate documentation](crate) for the algorithm; the numbered
 //! steps there ("Hot path", "Segments", "Buffer creation", "Thread exit")
 //! are referred to here as H1…, G1…, C1…, X1….
 
 use super::format::{self, KIND_ENTRY, KIND_EXIT_VALUE, SPECIAL_CUT, SPECIAL_LONG, SPECIAL_SYNC};
-use crate::clock::Clock;
 use std::cell::Cell;
 use std::ptr;
 use std::sync::atomic::{compiler_fence, AtomicBool, AtomicI32, AtomicPtr, AtomicU32, AtomicU64, Ordering};
+use textpoke::clock::Clock;
 
 // ---------------------------------------------------------------------------
 // Global words read by the hot path.
@@ -141,9 +141,9 @@ fn map_segment(len: u64, owned: &AtomicU64) -> Option<*mut Segment> {
         return None;
     }
     let m = if CFG_PREFAULT.load(Ordering::Relaxed) {
-        crate::sys::anon::map_populated(len as usize)
+        textpoke::sys::anon::map_populated(len as usize)
     } else {
-        crate::sys::anon::map(len as usize)
+        textpoke::sys::anon::map(len as usize)
     };
     let Some(m) = m else {
         MEM_USED.fetch_sub(len, Ordering::Relaxed);
@@ -168,7 +168,7 @@ pub(crate) unsafe fn unmap_segment(s: *mut Segment, owned: &AtomicU64) {
     owned.fetch_sub(len as u64, Ordering::Relaxed);
     MEM_USED.fetch_sub(len as u64, Ordering::Relaxed);
     // SAFETY: mapped by map_segment with this length.
-    unsafe { crate::sys::anon::unmap(s as *mut u8, len) };
+    unsafe { textpoke::sys::anon::unmap(s as *mut u8, len) };
 }
 
 // ---------------------------------------------------------------------------
@@ -307,12 +307,12 @@ pub(crate) struct BufferLayout {
 pub(crate) fn buffer_layout() -> Option<BufferLayout> {
     static LAYOUT: std::sync::OnceLock<Option<BufferLayout>> = std::sync::OnceLock::new();
     *LAYOUT.get_or_init(|| {
-        let tls_buf = crate::arch::static_tls_offset(|| TLS.with(|t| t.buf.as_ptr() as usize))?;
+        let tls_buf = textpoke::arch::static_tls_offset(|| TLS.with(|t| t.buf.as_ptr() as usize))?;
         let p = std::mem::offset_of!(ThreadBuf, p);
         Some(BufferLayout {
             tls_buf,
             active: &ACTIVE as *const AtomicU64 as usize,
-            clock_mode: crate::clock::mode_byte(),
+            clock_mode: textpoke::clock::mode_byte(),
             busy: p + std::mem::offset_of!(Producer, busy),
             session: p + std::mem::offset_of!(Producer, session),
             pos: p + std::mem::offset_of!(Producer, pos),
@@ -724,7 +724,7 @@ unsafe fn increment(p: *mut u64) {
 pub(crate) fn wake_writer() {
     // Release pairs with the writer's acquire load of WAKE before it waits.
     WAKE.fetch_add(1, Ordering::Release);
-    crate::sys::futex_wake(&WAKE, 1);
+    textpoke::sys::futex_wake(&WAKE, 1);
 }
 
 // ---------------------------------------------------------------------------
@@ -892,14 +892,14 @@ pub(crate) fn orphans(make: bool) -> Option<*mut AtomicU64> {
     if !p.is_null() || !make {
         return (!p.is_null()).then_some(p);
     }
-    let m = crate::sys::anon::map(ORPHANS_LEN * 8)? as *mut AtomicU64;
+    let m = textpoke::sys::anon::map(ORPHANS_LEN * 8)? as *mut AtomicU64;
     // Release pairs with the acquire load above: the zeroed mapping is
     // visible before the pointer.
     match ORPHANS.compare_exchange(ptr::null_mut(), m, Ordering::AcqRel, Ordering::Acquire) {
         Ok(_) => Some(m),
         Err(other) => {
             // SAFETY: ours, never published.
-            unsafe { crate::sys::anon::unmap(m as *mut u8, ORPHANS_LEN * 8) };
+            unsafe { textpoke::sys::anon::unmap(m as *mut u8, ORPHANS_LEN * 8) };
             Some(other)
         }
     }
@@ -910,7 +910,7 @@ pub(crate) fn orphans(make: bool) -> Option<*mut AtomicU64> {
 pub(crate) fn reset_orphans() {
     if let Some(p) = orphans(false) {
         // SAFETY: our mapping of this length; no counting runs (see above).
-        unsafe { crate::sys::anon::remap_zero(p as *mut u8, ORPHANS_LEN * 8) };
+        unsafe { textpoke::sys::anon::remap_zero(p as *mut u8, ORPHANS_LEN * 8) };
     }
 }
 
@@ -927,7 +927,7 @@ fn end_acquire() {
 /// thread-exit destructor and pushes the buffer onto [`INCOMING`].
 fn create(active: u64, first: Option<(u64, u32)>) -> Option<*mut ThreadBuf> {
     let size = std::mem::size_of::<ThreadBuf>();
-    let mem = crate::sys::anon::map(size)?;
+    let mem = textpoke::sys::anon::map(size)?;
     let b = mem as *mut ThreadBuf;
     // SAFETY: a fresh zeroed mapping of the right size; all-zero bytes are
     // a valid ThreadBuf (atomics and null pointers).
@@ -941,7 +941,7 @@ fn create(active: u64, first: Option<(u64, u32)>) -> Option<*mut ThreadBuf> {
     // SAFETY: `b` is ours and not yet visible to anyone.
     if !unsafe { reinit(b, active, first) } {
         // SAFETY: mapped above with this size, never published.
-        unsafe { crate::sys::anon::unmap(mem, size) };
+        unsafe { textpoke::sys::anon::unmap(mem, size) };
         return None;
     }
     if KEY_READY.load(Ordering::Acquire) {
@@ -1029,7 +1029,7 @@ unsafe fn reinit(b: *mut ThreadBuf, active: u64, first: Option<(u64, u32)>) -> b
     if n == want_funcs && !counters.is_null() {
         // Fresh zero pages over the old counts.
         // SAFETY: our own mapping of this length.
-        if !unsafe { crate::sys::anon::remap_zero(counters as *mut u8, n as usize * 8) } {
+        if !unsafe { textpoke::sys::anon::remap_zero(counters as *mut u8, n as usize * 8) } {
             return false;
         }
     } else {
@@ -1037,17 +1037,17 @@ unsafe fn reinit(b: *mut ThreadBuf, active: u64, first: Option<(u64, u32)>) -> b
         b.p.ncounters.store(0, Ordering::Relaxed);
         if !counters.is_null() {
             // SAFETY: our own mapping of this length.
-            unsafe { crate::sys::anon::unmap(counters as *mut u8, n as usize * 8) };
+            unsafe { textpoke::sys::anon::unmap(counters as *mut u8, n as usize * 8) };
         }
         if want_funcs != 0 {
-            let Some(m) = crate::sys::anon::map(want_funcs as usize * 8) else {
+            let Some(m) = textpoke::sys::anon::map(want_funcs as usize * 8) else {
                 return false;
             };
             b.p.counters.store(m as *mut u64, Ordering::Relaxed);
             b.p.ncounters.store(want_funcs, Ordering::Relaxed);
         }
     }
-    b.p.tid.store(crate::sys::threads::gettid(), Ordering::Relaxed);
+    b.p.tid.store(textpoke::sys::threads::gettid(), Ordering::Relaxed);
     b.p.last_ts.store(0, Ordering::Relaxed);
     b.s.lost.store(0, Ordering::Relaxed);
     b.s.seq.store(0, Ordering::Relaxed);
@@ -1140,10 +1140,10 @@ pub(crate) unsafe fn free(b: *mut ThreadBuf) {
     let c = r.p.counters.load(Ordering::Relaxed);
     if !c.is_null() {
         // SAFETY: mapped by reinit with this length.
-        unsafe { crate::sys::anon::unmap(c as *mut u8, r.p.ncounters.load(Ordering::Relaxed) as usize * 8) };
+        unsafe { textpoke::sys::anon::unmap(c as *mut u8, r.p.ncounters.load(Ordering::Relaxed) as usize * 8) };
     }
     // SAFETY: mapped by create with this length.
-    unsafe { crate::sys::anon::unmap(b as *mut u8, std::mem::size_of::<ThreadBuf>()) };
+    unsafe { textpoke::sys::anon::unmap(b as *mut u8, std::mem::size_of::<ThreadBuf>()) };
 }
 
 /// In a forked child: the creation counter of threads that do not exist

@@ -3,10 +3,22 @@
 //! tracer like any op ([`RecordOp`]), bringing its own inline code for
 //! the tracer's trampolines.
 //!
+//! # The crate
+//!
+//! It was the engine's `textpoke::record` and `textpoke::tracedata`
+//! modules; it sits above the engine (`textpoke`) and uses it as any
+//! client would: the tracer's ops and inline-code hook ([`RecordOp`]),
+//! the assembler and trampoline frames of `textpoke::arch` for its
+//! generated code, the clock, the function table, `sys`. The engine knows
+//! nothing of it. One crate holds the writer, the on-disk [`format`] and
+//! its reader ([`tracedata`]): the three change together (the format's
+//! version), a round trip is tested in one place, and they need the same
+//! serde and serde_json, which the engine does not.
+//!
 //! # Use
 //!
 //! ```no_run
-//! use textpoke::record::{self, FuncId, RecorderConfig};
+//! use textpoke_record::{self as record, FuncId, RecorderConfig};
 //!
 //! // Control path: name the functions, start a session.
 //! let f: FuncId = record::register_function(0x401000, "main");
@@ -17,10 +29,10 @@
 //! record::exit(f, 0);
 //!
 //! let summary = rec.stop()?; // final drain; writes "complete": true last
-//! # Ok::<(), textpoke::record::RecordError>(())
+//! # Ok::<(), textpoke_record::RecordError>(())
 //! ```
 //!
-//! Function ids come from [`crate::funcs`] (the tracer registers each
+//! Function ids come from [`textpoke::funcs`] (the tracer registers each
 //! site's function there; [`register_function`] does for callers of
 //! their own). The hot path functions [`entry`], [`exit`], [`exit_value`]
 //! and [`count`] take that id and return whether the event was kept; when
@@ -159,7 +171,7 @@
 //! writer thread, then:
 //!
 //! - **S1** stores 0 into the session word (SeqCst);
-//! - **S2** runs a membarrier (`crate::sync::sync_cores`), a full barrier
+//! - **S2** runs a membarrier (`textpoke::sync::sync_cores`), a full barrier
 //!   on every thread: a thread whose H2 store of `busy` precedes its
 //!   barrier is seen busy by S4, and one whose H3 load follows it sees the
 //!   session ended — the hot path itself needs no fence for this;
@@ -196,7 +208,7 @@
 //!
 //! # Clock
 //!
-//! See [`crate::clock`]: the invariant TSC read with `lfence; rdtsc` when
+//! See [`textpoke::clock`]: the invariant TSC read with `lfence; rdtsc` when
 //! the CPU and kernel say it is one timebase (plain `rdtsc` was measured to
 //! reverse the order of synchronised events across threads; it is offered
 //! as [`ClockSource::TscUnordered`]), else `CLOCK_MONOTONIC`; calibrated
@@ -243,12 +255,13 @@ pub mod dir;
 pub mod format;
 mod op;
 mod session;
+pub mod tracedata;
 mod writer;
 
-pub use crate::clock::{self, Clock};
-pub use crate::funcs::FuncId;
 pub use format::{ClockSource, FullPolicy, Mode};
 pub use op::RecordOp;
+pub use textpoke::clock::{self, Clock};
+pub use textpoke::funcs::FuncId;
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -456,15 +469,15 @@ pub struct TraceSummary {
     pub complete: bool,
 }
 
-/// Registers a function (its address and name) in [`crate::funcs`] and
+/// Registers a function (its address and name) in [`textpoke::funcs`] and
 /// returns its id. The same address always gets the same id. Control path.
 pub fn register_function(addr: usize, name: &str) -> FuncId {
-    crate::funcs::register(addr, name)
+    textpoke::funcs::register(addr, name)
 }
 
 /// How many functions are registered.
 pub fn function_count() -> usize {
-    crate::funcs::count()
+    textpoke::funcs::count()
 }
 
 /// Starts recording into `config.dir` (one session per process at a

@@ -91,7 +91,6 @@ use super::format::{
 };
 use super::session::{self, BufPtr, State};
 use super::writer::Scan;
-use crate::clock::Clock;
 use serde::ser::{SerializeSeq, Serializer};
 use serde::Serialize;
 use std::collections::BTreeSet;
@@ -100,6 +99,7 @@ use std::os::fd::AsRawFd;
 use std::os::unix::ffi::OsStrExt;
 use std::sync::atomic::{AtomicI32, AtomicU64, Ordering};
 use std::time::Duration;
+use textpoke::clock::Clock;
 
 /// What a fatal signal was, from the siginfo its handler got.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -245,7 +245,7 @@ pub(crate) fn reset() {
 /// [`flush_for_signal`]: a fatal signal now is a fault of the flush itself
 /// (A2 in the agent). Async-signal-safe.
 pub fn flushing_signal_here() -> Option<i32> {
-    let mine = FLUSHING << 32 | crate::sys::threads::gettid() as u32 as u64;
+    let mine = FLUSHING << 32 | textpoke::sys::threads::gettid() as u32 as u64;
     (PHASE.load(Ordering::Acquire) == mine).then(|| FIRST.load(Ordering::Relaxed))
 }
 
@@ -256,7 +256,7 @@ pub fn flushing_signal_here() -> Option<i32> {
 /// with some room (the agent switches to one of its own: the JSON
 /// serializer nests a few kilobytes deep).
 pub fn flush_for_signal(sig: &FatalSignal) -> CrashFlush {
-    let tid = crate::sys::threads::gettid();
+    let tid = textpoke::sys::threads::gettid();
     let mine = FLUSHING << 32 | tid as u32 as u64;
     // F1. Acquire pairs with the release of DONE by another flusher.
     match PHASE.compare_exchange(IDLE, mine, Ordering::AcqRel, Ordering::Acquire) {
@@ -318,8 +318,8 @@ struct Scratch {
 
 impl Scratch {
     fn map(len: usize) -> Option<Scratch> {
-        let len = len.next_multiple_of(crate::sys::anon::PAGE);
-        let base = crate::sys::anon::map(len)?;
+        let len = len.next_multiple_of(textpoke::sys::anon::PAGE);
+        let base = textpoke::sys::anon::map(len)?;
         Some(Scratch { base, len, used: std::cell::Cell::new(0) })
     }
 
@@ -369,7 +369,7 @@ impl Drop for Scratch {
     fn drop(&mut self) {
         // SAFETY: our own mapping; the slices handed out do not outlive
         // the flush that owns `self`.
-        unsafe { crate::sys::anon::unmap(self.base, self.len) };
+        unsafe { textpoke::sys::anon::unmap(self.base, self.len) };
     }
 }
 
@@ -696,6 +696,7 @@ struct MetaOut<'a> {
     parent_pid: Option<i32>,
     process_name: &'a str,
     exe: Option<&'a str>,
+    #[serde(with = "format::ClockInfoDef")]
     clock: ClockInfo,
     start_unix_ns: u64,
     start_ts: u64,
@@ -724,7 +725,7 @@ impl Serialize for CountsOut<'_> {
         impl Serialize for Calls<'_> {
             fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
                 let mut seq = s.serialize_seq(None)?;
-                let per_page = crate::sys::anon::PAGE / 8;
+                let per_page = textpoke::sys::anon::PAGE / 8;
                 for (page, &r) in self.0.resident.iter().enumerate() {
                     if r & 1 == 0 {
                         continue;
@@ -830,10 +831,10 @@ fn for_each_counter(b: &ThreadBuf, resident: &mut [u8], mut f: impl FnMut(usize,
         return;
     }
     let n = b.p.ncounters.load(Ordering::Relaxed) as usize;
-    let per_page = crate::sys::anon::PAGE / 8;
+    let per_page = textpoke::sys::anon::PAGE / 8;
     let pages = n.div_ceil(per_page);
     // SAFETY: the counter array's own mapping, `n` words long.
-    let known = unsafe { crate::sys::anon::resident_into(p as *mut u8, n * 8, resident) };
+    let known = unsafe { textpoke::sys::anon::resident_into(p as *mut u8, n * 8, resident) };
     for page in 0..pages {
         if known && resident.get(page).is_some_and(|r| r & 1 == 0) {
             continue;
@@ -854,10 +855,10 @@ fn for_each_counter(b: &ThreadBuf, resident: &mut [u8], mut f: impl FnMut(usize,
 fn add_orphans(sc: &Scratch, totals: &mut [u64], need: &mut Ids<'_>) -> u64 {
     let Some(p) = buffer::orphans(false) else { return 0 };
     let n = buffer::ORPHANS_LEN;
-    let per_page = crate::sys::anon::PAGE / 8;
+    let per_page = textpoke::sys::anon::PAGE / 8;
     let Some(resident) = sc.zeroed::<u8>(n.div_ceil(per_page)) else { return 0 };
     // SAFETY: the array's own mapping, `n` words long, never unmapped.
-    if !unsafe { crate::sys::anon::resident_into(p as *mut u8, n * 8, resident) } {
+    if !unsafe { textpoke::sys::anon::resident_into(p as *mut u8, n * 8, resident) } {
         return 0; // cannot tell which pages to read; reading all 32 MiB would map them
     }
     let mut sum = 0;
@@ -927,9 +928,9 @@ fn flush_locked(st: &mut State, sig: &FatalSignal, tid: i32) -> CrashFlush {
     // F3: sizes, then the scratch memory.
     let mut live_count = 0usize;
     for_each_buffer(registry, id, incoming, |_, _| live_count += 1);
-    let ids = (c.max_functions as usize).max(crate::funcs::count()).max(count_totals.len());
+    let ids = (c.max_functions as usize).max(textpoke::funcs::count()).max(count_totals.len());
     let nrows = live_count + finished.len();
-    let page = crate::sys::anon::PAGE;
+    let page = textpoke::sys::anon::PAGE;
     let io_len = 64 << 10;
     let dir = s.dir.as_os_str().as_bytes();
     let scratch_len = 2 * nrows * std::mem::size_of::<Row>()
@@ -1089,7 +1090,7 @@ fn flush_locked(st: &mut State, sig: &FatalSignal, tid: i32) -> CrashFlush {
     // F7: counts.json.
     let resident_totals = sc.zeroed::<u8>((ids * 8).div_ceil(page)).unwrap_or_default();
     // SAFETY: `tot` is a page-aligned mapping that starts with `totals`.
-    if !unsafe { crate::sys::anon::resident_into(tot.base, ids * 8, resident_totals) } {
+    if !unsafe { textpoke::sys::anon::resident_into(tot.base, ids * 8, resident_totals) } {
         resident_totals.fill(1); // read every page, then
     }
     let counts = CountsOut { totals, resident: resident_totals };
@@ -1224,7 +1225,7 @@ fn append_symbols(
     };
     let mut out = FdOut::new(fd, io, None);
     let mut line = |id: u32| {
-        let (addr, name) = match crate::funcs::get(crate::funcs::FuncId(id)) {
+        let (addr, name) = match textpoke::funcs::get(textpoke::funcs::FuncId(id)) {
             Some(f) => (f.addr, &*f.name),
             None => (0, ""),
         };
@@ -1262,7 +1263,7 @@ fn append_symbols(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::record::format::Meta;
+    use crate::format::Meta;
 
     /// The borrowed mirrors serialize to what the metadata types read, and
     /// name every field they have: the destructuring below stops compiling

@@ -24,10 +24,10 @@
 
 use super::format::META_FILE;
 use super::RecordError;
-use crate::sys::fs::{follow_links, kind_name};
 use std::ffi::OsString;
 use std::io;
 use std::path::{Path, PathBuf};
+use textpoke::sys::fs::{follow_links, kind_name};
 
 /// What [`prepare`] will do.
 #[derive(Debug, PartialEq, Eq)]

@@ -1,21 +1,21 @@
 //! The control path: sessions, the background writer thread, the stop
-//! protocol, fork and exit hooks. See the [`crate::record`] module
-//! documentation, sections "Writer" (steps D0–D5), "Stop" (S1–S5) and
+//! protocol, fork and exit hooks. See the [crate documentation](crate),
+//! sections "Writer" (steps D0–D5), "Stop" (S1–S5) and
 //! "Fork".
 
 use super::buffer::{self, ThreadBuf, ACTIVE, MODE_COUNT, MODE_MASK, MODE_RECORD};
 use super::format::{self, BufferInfo, FullPolicy, Meta, Mode, ThreadMeta, UnattributedDrops};
 use super::writer::{self, SymbolsOut, ThreadOut};
 use super::{ClockChoice, RecordError, RecorderConfig, TraceSummary};
-use crate::clock::{self, Calibration, Clock};
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs::File;
 use std::io::{BufWriter, Write};
 use std::path::PathBuf;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
+use textpoke::clock::{self, Calibration, Clock};
 
-use crate::sync::ForkLock;
+use textpoke::sync::ForkLock;
 
 // ---------------------------------------------------------------------------
 // State.
@@ -237,7 +237,7 @@ fn writer_main(id: u64) {
             drain(&mut st, false);
             st.session.as_ref().map(|s| s.config.flush_interval).unwrap_or_default()
         };
-        crate::sys::futex_wait(&buffer::WAKE, seen, Some(interval));
+        textpoke::sys::futex_wait(&buffer::WAKE, seen, Some(interval));
     }
 }
 
@@ -679,7 +679,7 @@ pub(crate) fn stop() -> Result<TraceSummary, RecordError> {
     ACTIVE.store(0, Ordering::SeqCst);
     // S2: a full barrier on every thread, so a thread that set `busy` (H2)
     // before it is visible to S4, and one that did not sees ACTIVE = 0.
-    if crate::sync::sync_cores(crate::sync::best_method()).is_err() {
+    if textpoke::sync::sync_cores(textpoke::sync::best_method()).is_err() {
         std::thread::sleep(Duration::from_millis(10)); // best effort
     }
     let deadline = Instant::now() + Duration::from_secs(2);

@@ -1,6 +1,6 @@
 //! Recorder costs, side by side in one run (DESIGN.md "Measuring").
 //!
-//! `cargo bench -p textpoke --bench record-bench`
+//! `cargo bench -p textpoke-record --bench record-bench`
 //!
 //! Prints ns per operation (the minimum over interleaved rounds, so every
 //! figure saw the same machine noise), then the ratios issue 4 sets
@@ -17,7 +17,7 @@
 
 use std::hint::black_box;
 use std::time::{Duration, Instant};
-use textpoke::record::{self, clock, Clock, ClockChoice, ClockSource, FuncId, RecorderConfig};
+use textpoke_record::{self as record, clock, Clock, ClockChoice, ClockSource, FuncId, RecorderConfig};
 
 const N: u64 = 20_000; // operations per timed chunk
 const ROUNDS: usize = 60;

@@ -1,7 +1,7 @@
 //! trace-bench: what a traced call costs, side by side in one run.
 //!
-//! cargo bench -p textpoke --bench trace-bench              # ns per call
-//! cargo bench -p textpoke --bench trace-bench -- callgrind # instructions
+//! cargo bench -p textpoke-record --bench trace-bench              # ns per call
+//! cargo bench -p textpoke-record --bench trace-bench -- callgrind # instructions
 //!
 //! A C leaf function (`int leaf(int x) { return x + 1; }`) is called from a
 //! C loop, built twice: plain, and with `-fpatchable-function-entry=5`
@@ -19,9 +19,9 @@ use std::path::PathBuf;
 use std::process::Command;
 use std::sync::Arc;
 use std::time::Instant;
-use textpoke::record::RecordOp;
-use textpoke::record::{self, Clock, ClockChoice, ClockSource, RecorderConfig};
 use textpoke::trace::{Filter, Tracer};
+use textpoke_record::RecordOp;
+use textpoke_record::{self as record, Clock, ClockChoice, ClockSource, RecorderConfig};
 
 const SRC: &str = r#"
 #define NOTRACE __attribute__((patchable_function_entry(0, 0), noinline))
@@ -131,7 +131,7 @@ fn main() {
         best[4] = best[4].min(ns_per_call(|| assert!(clock_pair_loop() > 0)));
     }
     for d in ["graph", "graph-generic", "graph-unordered"] {
-        let trace = textpoke::tracedata::Trace::open(dir.join(d)).unwrap();
+        let trace = textpoke_record::tracedata::Trace::open(dir.join(d)).unwrap();
         assert_eq!(trace.dropped(), 0, "the graph rows recorded every call");
     }
     println!(

@@ -16,6 +16,7 @@
 //! a crash, an abort or std::terminate there fails the test with the
 //! child's output instead of taking the test binary down.
 
+#[path = "../../textpoke/tests/common/mod.rs"]
 mod common;
 
 use common::{child_scenario, compile_cxx_so, compile_so, Lib};
@@ -24,10 +25,10 @@ use std::fmt;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
-use textpoke::record::RecordOp;
-use textpoke::record::{self, ClockChoice, ClockSource, Recorder, RecorderConfig};
 use textpoke::trace::{slow_calls_of_this_thread, Filter, OpHandle, Tracer, TrampolineKind};
-use textpoke::tracedata::{RecordKind, Trace};
+use textpoke_record::tracedata::{RecordKind, Trace};
+use textpoke_record::RecordOp;
+use textpoke_record::{self as record, ClockChoice, ClockSource, Recorder, RecorderConfig};
 
 /// Tests share the global tracer, the recorder and `lost_exits`.
 static SERIAL: Mutex<()> = Mutex::new(());
