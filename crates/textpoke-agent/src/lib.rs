@@ -477,7 +477,8 @@ fn try_start(agent: &mut Agent, tracer: &'static Tracer) -> Result<(), AgentErro
     } else if agent.config.retval.is_empty() {
         RecordOp::graph()
     } else {
-        RecordOp::graph().with_retval(textpoke::trace::Filter::new(agent.config.retval.clone(), Vec::<String>::new())?)
+        RecordOp::graph()
+            .with_retval(textpoke_record::filter::glob_filter(agent.config.retval.clone(), Vec::<String>::new())?)
     };
     let filter = agent.rules.filter(functions.iter().map(|f| &*f.function))?;
     drop(functions);

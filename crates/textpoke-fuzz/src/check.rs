@@ -575,7 +575,7 @@ pub fn check_control(line: &[u8], names: &[String], limits: &Limits) -> Outcome 
                     if read.as_ref().ok() != Some(&reply) {
                         f.push(ctl(format!("the reply {reply:?} reads back as {read:?}")));
                     }
-                    let filter = textpoke::trace::Filter::new([g.as_str()], Vec::<String>::new());
+                    let filter = textpoke_record::filter::glob_filter([g.as_str()], Vec::<String>::new());
                     if let Ok(filter) = filter {
                         std::hint::black_box(names.iter().filter(|n| filter.matches(n)).count());
                     }

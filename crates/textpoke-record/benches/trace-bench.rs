@@ -19,7 +19,8 @@ use std::path::PathBuf;
 use std::process::Command;
 use std::sync::Arc;
 use std::time::Instant;
-use textpoke::trace::{Filter, Tracer};
+use textpoke::trace::Tracer;
+use textpoke_record::filter::glob_filter;
 use textpoke_record::RecordOp;
 use textpoke_record::{self as record, Clock, ClockChoice, ClockSource, RecorderConfig};
 
@@ -89,7 +90,7 @@ fn main() {
     let site = open(&build("site", &["-fpatchable-function-entry=5"]), "site");
     let t = Tracer::global();
     t.refresh().unwrap();
-    let filter = || Filter::new(["site_leaf"], Vec::<String>::new()).unwrap();
+    let filter = || glob_filter(["site_leaf"], Vec::<String>::new()).unwrap();
     // Rewrite the gcc pad to one NOP once (first enable), then untrace.
     let h = t.register(Arc::new(RecordOp::count_only()), filter()).unwrap();
     t.unregister(h).unwrap();
@@ -169,7 +170,7 @@ fn ir_run(which: &str, n: i64) {
             let cfg = RecorderConfig::new(PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("trace-bench/ir-graph"));
             let rec = record::start(cfg).unwrap();
             let h = t
-                .register(Arc::new(RecordOp::graph()), Filter::new(["site_leaf"], Vec::<String>::new()).unwrap())
+                .register(Arc::new(RecordOp::graph()), glob_filter(["site_leaf"], Vec::<String>::new()).unwrap())
                 .unwrap();
             std::hint::black_box((l.looper)(n));
             t.unregister(h).unwrap();
@@ -181,7 +182,7 @@ fn ir_run(which: &str, n: i64) {
             let t = Tracer::global();
             t.refresh().unwrap();
             let h = t
-                .register(Arc::new(RecordOp::count_only()), Filter::new(["site_leaf"], Vec::<String>::new()).unwrap())
+                .register(Arc::new(RecordOp::count_only()), glob_filter(["site_leaf"], Vec::<String>::new()).unwrap())
                 .unwrap();
             t.unregister(h).unwrap(); // the pad is now one NOP
                                       // Free the retired stub now: the reclaimer thread sampling for

@@ -13,7 +13,10 @@
 //! nothing of it. One crate holds the writer, the on-disk [`format`] and
 //! its reader ([`tracedata`]): the three change together (the format's
 //! version), a round trip is tested in one place, and they need the same
-//! serde and serde_json, which the engine does not.
+//! serde and serde_json, which the engine does not. Glob filters for the
+//! tracer ([`filter`], with globset) live here too: the engine's
+//! `trace::Filter` takes any matcher, and the agent and the CLI, which
+//! turn `-F`/`-N` globs into filters, both use this crate.
 //!
 //! # Use
 //!
@@ -252,6 +255,7 @@ mod buffer;
 mod codegen;
 pub mod crash;
 pub mod dir;
+pub mod filter;
 pub mod format;
 mod op;
 mod session;

@@ -13,13 +13,14 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use textpoke::trace::{Filter, Tracer, TrampolineKind};
+use textpoke_record::filter::glob_filter;
 use textpoke_record::RecordOp;
 use textpoke_record::{self as record, ClockChoice, ClockSource, RecorderConfig};
 
 static SERIAL: Mutex<()> = Mutex::new(());
 
 fn filter(names: &[&str]) -> Filter {
-    Filter::new(names.iter().map(|s| s.to_string()), Vec::<String>::new()).unwrap()
+    glob_filter(names.iter().map(|s| s.to_string()), Vec::<String>::new()).unwrap()
 }
 
 fn session(name: &str) -> record::Recorder {

@@ -25,7 +25,8 @@ use std::fmt;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
-use textpoke::trace::{slow_calls_of_this_thread, Filter, OpHandle, Tracer, TrampolineKind};
+use textpoke::trace::{slow_calls_of_this_thread, OpHandle, Tracer, TrampolineKind};
+use textpoke_record::filter::glob_filter;
 use textpoke_record::tracedata::{RecordKind, Trace};
 use textpoke_record::RecordOp;
 use textpoke_record::{self as record, ClockChoice, ClockSource, Recorder, RecorderConfig};
@@ -189,7 +190,7 @@ fn session<R>(
     // (this machine's clocksource); forced so the inline path is what runs.
     cfg.clock = ClockChoice::Force(ClockSource::Tsc);
     c.rec = Some(record::start(cfg).unwrap());
-    let filter = Filter::new([format!("{prefix}_*")], Vec::<String>::new()).unwrap();
+    let filter = glob_filter([format!("{prefix}_*")], Vec::<String>::new()).unwrap();
     // Every traced function's return value is asked for.
     let op = RecordOp::graph().with_retval(filter.clone());
     c.op = Some(t.register(Arc::new(op), filter).unwrap());

@@ -10,7 +10,8 @@ mod common;
 use common::{compile_so, Lib};
 use std::collections::HashMap;
 use std::sync::Arc;
-use textpoke::trace::{Filter, Tracer};
+use textpoke::trace::Tracer;
+use textpoke_record::filter::glob_filter;
 use textpoke_record::tracedata::{RecordKind, Trace};
 use textpoke_record::RecordOp;
 use textpoke_record::{self as record, RecorderConfig};
@@ -125,7 +126,7 @@ fn record_compiled_sites_end_to_end() {
 
     // function_graph records.
     let rec = record::start(RecorderConfig::new(dir.join("graph"))).unwrap();
-    let h = t.register(Arc::new(RecordOp::graph()), Filter::new(["rec?_*"], Vec::<String>::new()).unwrap()).unwrap();
+    let h = t.register(Arc::new(RecordOp::graph()), glob_filter(["rec?_*"], Vec::<String>::new()).unwrap()).unwrap();
     run_threads(&libs);
     t.unregister(h).unwrap();
     rec.stop().unwrap();
@@ -143,7 +144,7 @@ fn record_compiled_sites_end_to_end() {
 
     // Count-only.
     let rec = record::start(RecorderConfig::new(dir.join("counts")).count_only()).unwrap();
-    let h = t.register(Arc::new(RecordOp::count_only()), Filter::new(["recp_*"], ["recp_handler"]).unwrap()).unwrap();
+    let h = t.register(Arc::new(RecordOp::count_only()), glob_filter(["recp_*"], ["recp_handler"]).unwrap()).unwrap();
     run_threads(&libs);
     t.unregister(h).unwrap();
     rec.stop().unwrap();
@@ -187,7 +188,7 @@ fn count_trampolines_count_the_function_of_the_site() {
     let _ = std::fs::remove_dir_all(&dir);
     let rec = record::start(RecorderConfig::new(&dir).count_only()).unwrap();
     let h =
-        t.register(Arc::new(RecordOp::count_only()), Filter::new(["cid_?"], Vec::<String>::new()).unwrap()).unwrap();
+        t.register(Arc::new(RecordOp::count_only()), glob_filter(["cid_?"], Vec::<String>::new()).unwrap()).unwrap();
     let f = |n: &str| t.functions().into_iter().find(|x| &*x.function == n).unwrap();
     assert_eq!(f("cid_a").trampoline, textpoke::trace::TrampolineKind::Count);
     // SAFETY: int (int).
