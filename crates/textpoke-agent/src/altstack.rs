@@ -46,7 +46,7 @@ thread_local! {
 
 /// Has the recorder call [`thread_start`] and [`thread_exit`].
 pub(crate) fn enable() {
-    textpoke::record::set_thread_hooks(Some(thread_start), Some(thread_exit));
+    textpoke_record::set_thread_hooks(Some(thread_start), Some(thread_exit));
 }
 
 /// The kernel's `sigaltstack`, not the wrapper below.

@@ -1,6 +1,6 @@
 //! The control socket's connections, served together by the agent thread
 //! without ever blocking on one of them (the protocol is in
-//! [`textpoke::control`]).
+//! [`textpoke_control`]).
 //!
 //! # Why not one at a time
 //!
@@ -59,7 +59,7 @@
 use crate::fds::{nofile_limit, Fd};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::time::{Duration, Instant};
-use textpoke::control::{Reply, Request, MAX_REQUEST_LINE};
+use textpoke_control::{Reply, Request, MAX_REQUEST_LINE};
 
 /// The most connections served at once (fewer under a low
 /// `RLIMIT_NOFILE`: see [`cap`]).

@@ -1,6 +1,6 @@
 //! Fatal signals — `SIGSEGV`, `SIGBUS`, `SIGILL`, `SIGFPE`, `SIGABRT` —
 //! and the crash flush (see the crate docs, step 6, and
-//! `textpoke::record::crash`): when one is about to kill the process, the
+//! `textpoke_record::crash`): when one is about to kill the process, the
 //! trace is written up to it first; the process then dies of it as it
 //! would have, with a core dump when the default action dumps core.
 //!
@@ -66,7 +66,7 @@
 use crate::{getpid, AGENT_PID};
 use std::ffi::{c_int, c_void};
 use std::sync::atomic::{fence, AtomicBool, AtomicI32, AtomicU32, AtomicU64, AtomicUsize, Ordering};
-use textpoke::record::crash::{self, CrashFlush, FatalSignal};
+use textpoke_record::crash::{self, CrashFlush, FatalSignal};
 
 /// The signals whose default action the crash flush precedes.
 pub(crate) const FATAL: [c_int; 5] = [libc::SIGSEGV, libc::SIGBUS, libc::SIGILL, libc::SIGFPE, libc::SIGABRT];
@@ -722,7 +722,7 @@ fn die_now(first: c_int) -> ! {
 /// `textpoke: SIGNAME{before}{errno}{after}` on a line of stderr, with
 /// `write(2)`.
 fn note(sig: c_int, before: &[u8], err: Option<i32>, after: &[u8]) {
-    let name = textpoke::record::format::SignalEnd::signal_name(sig).as_bytes();
+    let name = textpoke_record::format::SignalEnd::signal_name(sig).as_bytes();
     let mut line = [0u8; 320];
     let mut at = 0;
     let mut put = |b: &[u8]| {

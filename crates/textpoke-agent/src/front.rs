@@ -13,7 +13,7 @@
 //! # How
 //!
 //! `textpoke record` passes its pid and start time in the environment
-//! (`TEXTPOKE_RECORD_PID`, see [`textpoke::control`], "The front
+//! (`TEXTPOKE_RECORD_PID`, see [`textpoke_control`], "The front
 //! process"). The agent thread opens a pidfd of that process
 //! (`pidfd_open`) and polls it along with its other descriptors: it
 //! becomes readable when the process ends, which wakes the agent thread at
@@ -47,7 +47,7 @@
 use crate::fds::Fd;
 use std::os::fd::{FromRawFd, OwnedFd};
 use std::time::{Duration, Instant};
-use textpoke::control::{proc_stat, FrontProcess};
+use textpoke_control::{proc_stat, FrontProcess};
 
 /// How often the front process is looked at without a pidfd.
 const RECHECK: Duration = Duration::from_millis(50);

@@ -4,7 +4,7 @@
 //!
 //! It is a thin front end over the library: [`textpoke::trace::Tracer`]
 //! finds and patches the sites, [`textpoke::trace::RecordOp`] records into
-//! [`textpoke::record`], [`textpoke::control`] defines the socket.
+//! [`textpoke_record`], [`textpoke_control`] defines the socket.
 //!
 //! # Environment
 //!
@@ -19,7 +19,7 @@
 //! | `TEXTPOKE_BUFFER_SIZE` | the most one thread's buffer may hold, bytes (`-b`) |
 //! | `TEXTPOKE_MEMORY_LIMIT` | the most all buffers may hold together, bytes (`--memory-limit`) |
 //! | `TEXTPOKE_CLOCK` | `tsc`, `tsc-unordered` or `monotonic` (`--clock`); unset: the best this machine has |
-//! | `TEXTPOKE_SOCKET_DIR` | where the control socket goes (see [`textpoke::control`]) |
+//! | `TEXTPOKE_SOCKET_DIR` | where the control socket goes (see [`textpoke_control`]) |
 //! | `TEXTPOKE_RECORD_PID` | `PID:START`: the `textpoke record` process this run belongs to (step 7). Unset: no such process to watch (the agent preloaded by hand) |
 //!
 //! # Life cycle
@@ -67,7 +67,7 @@
 //!    handlers still run as they asked (`sigaction` and `signal` are
 //!    wrapped), and when the default action is about to kill the process,
 //!    the thread the signal hit first writes the trace up to the crash
-//!    (`textpoke::record::crash`), then dies of that signal, with its core
+//!    (`textpoke_record::crash`), then dies of that signal, with its core
 //!    dump (see `fatal`). Recording threads get an alternate signal stack,
 //!    so that a stack overflow is flushed too (see `altstack`).
 //! 7. **`textpoke record` ends.** When `TEXTPOKE_RECORD_PID` names it,
@@ -97,7 +97,7 @@
 //! # Control socket
 //!
 //! `<socket dir>/<pid>.sock`, mode 0600 in a 0700 directory; the protocol
-//! is described in [`textpoke::control`]: `status`, `enable GLOB`,
+//! is described in [`textpoke_control`]: `status`, `enable GLOB`,
 //! `disable GLOB`. Peers of another uid (root excepted) are refused. The
 //! agent thread serves every connection at once without blocking on any
 //! (see `clients`), and removes the sockets that dead processes left in
@@ -120,11 +120,11 @@ use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicI32, AtomicPtr, AtomicU8, Ordering};
 use std::sync::Arc;
-use textpoke::control::FrontProcess;
-use textpoke::record::{self, Recorder, RecorderConfig};
-use textpoke::record::{ClockChoice, ClockSource, RecordOp};
 use textpoke::sync::ForkLock;
 use textpoke::trace::{OpHandle, TraceError, Tracer};
+use textpoke_control::FrontProcess;
+use textpoke_record::{self as record, Recorder, RecorderConfig};
+use textpoke_record::{ClockChoice, ClockSource, RecordOp};
 
 /// Settings read from the environment at load.
 #[derive(Clone, Debug)]
@@ -310,7 +310,7 @@ fn print_once(once: &AtomicBool, msg: &str) {
     if !once.swap(true, Ordering::Relaxed) {
         // Messages quote function names and paths: escaped, so that they
         // cannot act on the terminal the program's stderr goes to.
-        let _ = writeln!(std::io::stderr(), "textpoke: {}", textpoke::analysis::escape(msg));
+        let _ = writeln!(std::io::stderr(), "textpoke: {}", textpoke_analysis::escape(msg));
     }
 }
 
@@ -394,7 +394,7 @@ fn load() {
         include: env_lines("TEXTPOKE_INCLUDE"),
         exclude: env_lines("TEXTPOKE_EXCLUDE"),
         count_only: std::env::var_os("TEXTPOKE_COUNT_ONLY").is_some_and(|v| v == OsStr::new("1")),
-        socket_dir: textpoke::control::default_socket_dir(),
+        socket_dir: textpoke_control::default_socket_dir(),
         retval: env_lines("TEXTPOKE_RETVAL"),
         buffer_size: env_number("TEXTPOKE_BUFFER_SIZE"),
         memory_limit: env_number("TEXTPOKE_MEMORY_LIMIT"),
@@ -430,7 +430,7 @@ fn load() {
 
 /// The `textpoke record` process named by the environment, if any.
 fn front_from_env() -> Option<FrontProcess> {
-    let v = std::env::var(textpoke::control::FRONT_ENV).ok()?;
+    let v = std::env::var(textpoke_control::FRONT_ENV).ok()?;
     match FrontProcess::parse(&v) {
         Ok(f) => Some(f),
         Err(e) => {
@@ -477,7 +477,8 @@ fn try_start(agent: &mut Agent, tracer: &'static Tracer) -> Result<(), AgentErro
     } else if agent.config.retval.is_empty() {
         RecordOp::graph()
     } else {
-        RecordOp::graph().with_retval(textpoke::trace::Filter::new(agent.config.retval.clone(), Vec::<String>::new())?)
+        RecordOp::graph()
+            .with_retval(textpoke_record::filter::glob_filter(agent.config.retval.clone(), Vec::<String>::new())?)
     };
     let filter = agent.rules.filter(functions.iter().map(|f| &*f.function))?;
     drop(functions);

@@ -2,9 +2,10 @@
 //! rule matching a function decides) and their translation into the
 //! tracer's [`Filter`].
 //!
-//! The tracer's filter is an include set and an exclude set, which cannot
-//! say "trace `work*` although an earlier rule excluded `w*`". So except
-//! for the plain cases that a [`Filter`] says exactly (only `+` rules, then
+//! The glob filter ([`GlobFilter`](textpoke_record::filter::GlobFilter))
+//! is an include set and an exclude set, which cannot say "trace `work*`
+//! although an earlier rule excluded `w*`". So except for the plain cases
+//! that a glob [`Filter`] says exactly (only `+` rules, then
 //! only `-` rules: what `textpoke record -F … -N …` gives), the rules are
 //! evaluated over the names of the functions the tracer knows, and the
 //! filter lists the chosen names literally (escaped). Functions of objects
@@ -21,6 +22,7 @@
 use globset::{Glob, GlobMatcher};
 use std::collections::BTreeSet;
 use textpoke::trace::{Filter, FilterError};
+use textpoke_record::filter::glob_filter;
 
 /// One rule.
 #[derive(Clone, Debug)]
@@ -105,15 +107,15 @@ impl Rules {
             let include: Vec<&str> = self.rules.iter().filter(|r| r.enable).map(|r| r.glob.as_str()).collect();
             let exclude: Vec<&str> = self.rules.iter().filter(|r| !r.enable).map(|r| r.glob.as_str()).collect();
             if include.is_empty() {
-                return Filter::new(Vec::<String>::new(), ["*"]);
+                return glob_filter(Vec::<String>::new(), ["*"]);
             }
-            return Filter::new(include, exclude);
+            return glob_filter(include, exclude);
         }
         let chosen: BTreeSet<String> = names.into_iter().filter(|n| self.traces(n)).map(globset::escape).collect();
         if chosen.is_empty() {
-            return Filter::new(Vec::<String>::new(), ["*"]);
+            return glob_filter(Vec::<String>::new(), ["*"]);
         }
-        Filter::new(chosen, Vec::<String>::new())
+        glob_filter(chosen, Vec::<String>::new())
     }
 }
 

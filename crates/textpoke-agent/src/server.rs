@@ -40,9 +40,9 @@ use std::os::unix::net::UnixListener;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicI32, AtomicPtr, AtomicU32, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
-use textpoke::control::{self, Reply, Request};
-use textpoke::record;
 use textpoke::trace::Tracer;
+use textpoke_control::{self as control, Reply, Request};
+use textpoke_record as record;
 
 /// How often the agent thread wakes without a reason.
 const TICK_MS: i32 = 50;

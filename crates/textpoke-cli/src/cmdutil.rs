@@ -6,7 +6,7 @@ use std::ffi::CString;
 use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use textpoke::analysis::escape;
+use textpoke_analysis::escape;
 
 /// A failure of a command: the message and the exit code (2 for input the
 /// command refuses, 126 and 127 for a program that cannot be run or found,

@@ -7,8 +7,8 @@ use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use std::io::{self, IsTerminal, Write};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use textpoke::analysis::{AnalysisError, TraceSet};
-use textpoke::tracedata::{OpenOptions, TraceError};
+use textpoke_analysis::{AnalysisError, TraceSet};
+use textpoke_record::tracedata::{OpenOptions, TraceError};
 
 /// The trace directory to read.
 #[derive(clap::Args, Debug)]

@@ -1,6 +1,6 @@
 //! `textpoke ctl PID status|enable GLOB|disable GLOB`: talks to the agent
 //! of a program running under `textpoke record`, through its control
-//! socket ([`textpoke::control`]), to see and change what it traces while
+//! socket ([`textpoke_control`]), to see and change what it traces while
 //! its threads run.
 //!
 //! The socket is looked for where the agent put it: the socket directory
@@ -18,8 +18,8 @@ use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
-use textpoke::analysis::escape;
-use textpoke::control::{self, Reply, Request};
+use textpoke_analysis::escape;
+use textpoke_control::{self as control, Reply, Request};
 
 #[derive(clap::Args)]
 pub struct Args {

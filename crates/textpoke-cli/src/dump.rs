@@ -2,12 +2,12 @@
 //! protobuf trace, Chrome trace-event JSON (Perfetto UI, chrome://tracing),
 //! an SVG flame graph, or folded stacks. Every output is streamed; the
 //! folded stacks and the flame graph hold the tree of call paths (a node
-//! per distinct path) and are bounded (see `textpoke::analysis`).
+//! per distinct path) and are bounded (see `textpoke_analysis`).
 
 use crate::common::{self, TraceArgs};
 use std::path::PathBuf;
 use std::process::ExitCode;
-use textpoke::analysis::{self, FlameOptions};
+use textpoke_analysis::{self as analysis, FlameOptions};
 
 #[derive(clap::Args, Debug)]
 #[command(group(clap::ArgGroup::new("format").required(true).args(["perfetto", "chrome", "flamegraph", "folded"])))]
@@ -80,7 +80,7 @@ const JSON_BROWSER_LIMIT: u64 = 500 << 20;
 
 /// Says so on stderr when the Chrome JSON of `set` will likely be too big
 /// for a browser to open.
-fn warn_if_too_big_for_a_browser(set: &textpoke::analysis::TraceSet) {
+fn warn_if_too_big_for_a_browser(set: &textpoke_analysis::TraceSet) {
     let events: u64 = set.processes.iter().map(|p| p.trace.meta().total_events).sum();
     let bytes = events / 2 * JSON_BYTES_PER_CALL;
     if bytes > JSON_BROWSER_LIMIT {

@@ -8,10 +8,10 @@ use std::io::Write;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use textpoke::analysis::escape;
 use textpoke::sites::file::{scan_file, FileSites};
 use textpoke::sites::NopForm;
-use textpoke::tracedata::{OpenOptions, Trace};
+use textpoke_analysis::escape;
+use textpoke_record::tracedata::{OpenOptions, Trace};
 
 /// The compiler flags that add patchable entries, for error messages.
 use crate::record::HOW_TO_ADD_SITES;

@@ -17,7 +17,7 @@
 //! it by id), so a slice costs a few bytes whatever its name's length.
 //!
 //! Calls closed without their exit are ended where the analysis closed
-//! them (see `textpoke::analysis`), with an annotation saying why; where
+//! them (see `textpoke_analysis`), with an annotation saying why; where
 //! events were lost, an instant event says how many.
 //!
 //! # Encoding
@@ -38,8 +38,8 @@ use perfetto_protos::track_event::track_event::Type;
 use protobuf::{Message, MessageField};
 use std::collections::HashMap;
 use std::io::Write;
-use textpoke::analysis::{self, AnalysisError, Closed, Event, Rebuilder, TraceSet};
-use textpoke::record::FuncId;
+use textpoke_analysis::{self as analysis, AnalysisError, Closed, Event, Rebuilder, TraceSet};
+use textpoke_record::FuncId;
 
 /// The protobuf wire format, for the few fields written by hand (field
 /// numbers from perfetto's `trace_packet.proto`, `track_event.proto`,
@@ -207,7 +207,7 @@ fn descriptor(uuid: u64, parent: Option<u64>, f: impl FnOnce(&mut TrackDescripto
 /// Returns the number of calls written.
 pub fn perfetto(set: &TraceSet, w: &mut dyn Write, progress: &mut dyn FnMut(u64)) -> Result<u64, AnalysisError> {
     for p in &set.processes {
-        if p.trace.mode() == textpoke::record::Mode::Count {
+        if p.trace.mode() == textpoke_record::Mode::Count {
             let dir = p.trace.dir().to_path_buf();
             return Err(AnalysisError::CountOnly { dir, what: "timeline for a Perfetto trace" });
         }

@@ -40,7 +40,7 @@
 //! # If `textpoke` goes away first
 //!
 //! The program is told who runs it: `TEXTPOKE_RECORD_PID` holds this
-//! process's pid and start time ([`textpoke::control::FrontProcess`]).
+//! process's pid and start time ([`textpoke_control::FrontProcess`]).
 //! If `textpoke` is killed (or crashes) while the program runs, the agent
 //! of every traced process of the run sees it (a pidfd), stops tracing and
 //! finishes its trace, which is then complete; the programs run on. No
@@ -55,7 +55,7 @@ use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicI32, Ordering};
-use textpoke::record::format::{self, Mode, META_FILE};
+use textpoke_record::format::{self, Mode, META_FILE};
 
 /// The demo workload (empty when no C compiler was found at build time).
 static DEMO: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/textpoke-demo"));
@@ -233,7 +233,7 @@ fn check_globs(args: &Args, names: &[String]) -> Result<(), CliError> {
             if names.iter().any(|n| m.is_match(n)) {
                 continue;
             }
-            let close = textpoke::control::close_names(g, names.iter().map(String::as_str), 5);
+            let close = textpoke_control::close_names(g, names.iter().map(String::as_str), 5);
             let hint = if close.is_empty() {
                 format!("({} traceable functions; list them with `textpoke list PROG`)", names.len())
             } else {
@@ -247,9 +247,9 @@ fn check_globs(args: &Args, names: &[String]) -> Result<(), CliError> {
 
 /// `DIR` must be what the agent's recorder accepts (absent, empty, or an
 /// earlier trace whose `DIR.old` may be replaced: see
-/// [`textpoke::record::dir`]), checked before the program runs.
+/// [`textpoke_record::dir`]), checked before the program runs.
 fn check_output(dir: &Path) -> Result<(), CliError> {
-    textpoke::record::dir::check(dir, true).map_err(|e| CliError::new(2, e.to_string()))
+    textpoke_record::dir::check(dir, true).map_err(|e| CliError::new(2, e.to_string()))
 }
 
 /// The agent library's file name, as cargo builds it and as it is
@@ -569,7 +569,7 @@ fn record(args: &Args) -> Result<ExitCode, CliError> {
     }
     let mut cmd = std::process::Command::new(&prog);
     cmd.arg0(&arg0).args(rest).env("LD_PRELOAD", preload).env("TEXTPOKE_DIR", &dir).env_remove("TEXTPOKE_PID");
-    cmd.env(textpoke::control::FRONT_ENV, textpoke::control::FrontProcess::this().to_env());
+    cmd.env(textpoke_control::FRONT_ENV, textpoke_control::FrontProcess::this().to_env());
     for (var, globs) in [("TEXTPOKE_INCLUDE", &args.include), ("TEXTPOKE_EXCLUDE", &args.exclude)] {
         if globs.is_empty() {
             cmd.env_remove(var);

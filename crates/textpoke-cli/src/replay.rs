@@ -2,7 +2,7 @@
 
 use crate::common::{self, TraceArgs};
 use std::process::ExitCode;
-use textpoke::analysis::{self, ReplayOptions};
+use textpoke_analysis::{self as analysis, ReplayOptions};
 
 #[derive(clap::Args, Debug)]
 pub struct Args {

@@ -3,7 +3,7 @@
 use crate::common::{self, TraceArgs};
 use std::io::Write;
 use std::process::ExitCode;
-use textpoke::analysis::{self, escape, human_ns, ProcessReport, Report, ReportOptions, SortKey};
+use textpoke_analysis::{self as analysis, escape, human_ns, ProcessReport, Report, ReportOptions, SortKey};
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
@@ -118,7 +118,7 @@ fn csv(r: &Report, w: &mut dyn Write) -> std::io::Result<()> {
 }
 
 /// Who lost events, for people: `none`, or `thread 12: 3, thread 14: 1,
-/// 2 more on no one thread` (as [`textpoke::analysis::losses`] says it).
+/// 2 more on no one thread` (as [`textpoke_analysis::losses`] says it).
 fn losses(p: &ProcessReport) -> String {
     let mut parts: Vec<String> =
         p.threads.iter().filter(|t| t.dropped > 0).map(|t| format!("thread {}: {}", t.tid, t.dropped)).collect();

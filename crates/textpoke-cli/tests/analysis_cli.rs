@@ -1,5 +1,5 @@
 //! `textpoke report`, `replay`, `dump` and `list` through the built binary,
-//! on traces this test process records with `textpoke::record` (several
+//! on traces this test process records with `textpoke_record` (several
 //! threads, count-only, a forked child), on damaged traces, and on C
 //! programs compiled here.
 //!
@@ -9,7 +9,7 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::sync::{Mutex, MutexGuard, OnceLock};
-use textpoke::record::{self, FuncId, RecorderConfig};
+use textpoke_record::{self as record, FuncId, RecorderConfig};
 
 static SERIAL: Mutex<()> = Mutex::new(());
 

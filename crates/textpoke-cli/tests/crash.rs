@@ -5,15 +5,15 @@
 //! C programs compiled here with gcc, run with the agent preloaded (so
 //! that the test sees the program's own wait status and core dump) or
 //! through `textpoke record`; their traces read back with
-//! `textpoke::tracedata::Trace` and the CLI's `--salvage`.
+//! `textpoke_record::tracedata::Trace` and the CLI's `--salvage`.
 
 use std::collections::BTreeMap;
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitStatus, Output, Stdio};
-use textpoke::record::format::SignalEnd;
-use textpoke::tracedata::{OpenOptions, RecordKind, Trace};
+use textpoke_record::format::SignalEnd;
+use textpoke_record::tracedata::{OpenOptions, RecordKind, Trace};
 
 // ---------------------------------------------------------------------------
 // Helpers.

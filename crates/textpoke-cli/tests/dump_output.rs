@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
-use textpoke::record::{self, RecorderConfig};
+use textpoke_record::{self as record, RecorderConfig};
 
 fn tmpdir(name: &str) -> PathBuf {
     let d =

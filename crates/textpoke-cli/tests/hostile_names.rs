@@ -1,17 +1,17 @@
 //! Names from the traced program that hold terminal controls (`ESC [2J`,
 //! BEL, CR, LF, C1 controls, bidi overrides, invalid UTF-8) never reach
 //! the reader's terminal raw: every text output shows them escaped
-//! (`textpoke::analysis::escape`), no line is forged, and the JSON outputs
+//! (`textpoke_analysis::escape`), no line is forged, and the JSON outputs
 //! keep the exact names.
 //!
 //! Two sources of such names: a trace this test process records with
-//! `textpoke::record` under names it registers, and a C program compiled
+//! `textpoke_record` under names it registers, and a C program compiled
 //! here whose symbol table is patched to hold them, recorded through
 //! `textpoke record`.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
-use textpoke::record::{self, RecorderConfig};
+use textpoke_record::{self as record, RecorderConfig};
 
 /// Controls, a C1 CSI, a right-to-left override and a backslash.
 const EVIL: &str = "evil\x1b[2J\x07\r\nforged\u{9b}31m\u{202e}RLO\\end";

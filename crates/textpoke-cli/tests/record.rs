@@ -1,7 +1,7 @@
 //! `textpoke record`, `ctl` and `list PROG` end to end: C programs
 //! compiled here with gcc, run through the built `textpoke` binary (which
 //! preloads the agent), their traces read back with
-//! `textpoke::tracedata::Trace`.
+//! `textpoke_record::tracedata::Trace`.
 
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Read, Write};
@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
-use textpoke::tracedata::{RecordKind, Trace};
+use textpoke_record::tracedata::{RecordKind, Trace};
 
 // ---------------------------------------------------------------------------
 // Helpers.
@@ -108,7 +108,7 @@ fn tally_with(trace: &Trace, balanced: bool) -> BTreeMap<String, (u64, u64)> {
 fn calls(trace: &Trace) -> BTreeMap<String, u64> {
     let counted: BTreeMap<String, u64> =
         trace.counts().iter().filter(|(_, n)| *n > 0).map(|&(f, n)| (trace.name(f).to_string(), n)).collect();
-    if trace.mode() == textpoke::record::Mode::Record {
+    if trace.mode() == textpoke_record::Mode::Record {
         let entered: BTreeMap<String, u64> =
             tally_with(trace, false).into_iter().filter(|(_, (e, _))| *e > 0).map(|(k, (e, _))| (k, e)).collect();
         if trace.dropped() == 0 {
@@ -667,7 +667,7 @@ fn exit_from_a_signal_handler_ends_the_program() {
     assert_eq!(out.status.code(), Some(3), "{stderr}");
     assert!(stderr.contains("the trace could not be finished at _exit"), "{stderr}");
     assert!(stderr.contains("(incomplete: "), "{stderr}");
-    let trace = Trace::open_with(&dir, textpoke::tracedata::OpenOptions { allow_incomplete: true }).unwrap();
+    let trace = Trace::open_with(&dir, textpoke_record::tracedata::OpenOptions { allow_incomplete: true }).unwrap();
     assert!(!trace.is_complete());
     assert_eq!(calls(&trace)["work"], 100, "the records drained before the signal are kept");
     assert_eq!(std::fs::read_dir(&sockets).unwrap().count(), 0, "the socket is removed");
@@ -1216,12 +1216,12 @@ fn raw_client(sockets: &Path, pid: i32) -> std::os::unix::net::UnixStream {
     s
 }
 
-fn read_reply(r: &mut impl BufRead) -> textpoke::control::Reply {
-    textpoke::control::Reply::read(r).unwrap()
+fn read_reply(r: &mut impl BufRead) -> textpoke_control::Reply {
+    textpoke_control::Reply::read(r).unwrap()
 }
 
 /// The reply's error message, or a panic naming what came instead.
-fn error_of(r: &textpoke::control::Reply) -> &str {
+fn error_of(r: &textpoke_control::Reply) -> &str {
     r.error.as_deref().unwrap_or_else(|| panic!("an error reply, not {r:?}"))
 }
 

@@ -61,8 +61,10 @@ use std::io::Write;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::Path;
 use std::time::Instant;
-use textpoke::analysis::{self, AnalysisError, Event, FlameOptions, Rebuilder, ReplayOptions, ReportOptions, TraceSet};
-use textpoke::tracedata::{OpenOptions, RecordKind, Trace};
+use textpoke_analysis::{
+    self as analysis, AnalysisError, Event, FlameOptions, Rebuilder, ReplayOptions, ReportOptions, TraceSet,
+};
+use textpoke_record::tracedata::{OpenOptions, RecordKind, Trace};
 
 /// Bounds for one step.
 #[derive(Clone, Copy, Debug)]
@@ -418,12 +420,12 @@ fn validate(dir: &Path, findings: &mut Vec<Finding>) {
 /// Checks that the rebuilt events of every thread nest (module docs).
 fn check_stacks(set: &TraceSet, findings: &mut Vec<Finding>) -> Result<(), String> {
     for p in &set.processes {
-        if p.trace.mode() == textpoke::record::Mode::Count {
+        if p.trace.mode() == textpoke_record::Mode::Count {
             continue;
         }
         let mut rb = Rebuilder::new(p.trace.clock());
         for t in p.trace.threads() {
-            let mut open: Vec<(textpoke::record::FuncId, usize, u64)> = Vec::new();
+            let mut open: Vec<(textpoke_record::FuncId, usize, u64)> = Vec::new();
             let mut problem: Option<String> = None;
             let mut check = |e: Event| {
                 if problem.is_some() {
@@ -554,7 +556,7 @@ pub const MAX_ERROR_MESSAGE: usize = 1024;
 /// Checks one request line (module docs). `names`: see
 /// [`function_names`].
 pub fn check_control(line: &[u8], names: &[String], limits: &Limits) -> Outcome {
-    use textpoke::control::{close_names, ControlError, Reply, Request};
+    use textpoke_control::{close_names, ControlError, Reply, Request};
     let mut out = Outcome::default();
     let ctl = |what: String| Finding { step: "control", problem: Problem::Control(what) };
     step(&mut out, "control", limits, "", |f| {
@@ -573,7 +575,7 @@ pub fn check_control(line: &[u8], names: &[String], limits: &Limits) -> Outcome 
                     if read.as_ref().ok() != Some(&reply) {
                         f.push(ctl(format!("the reply {reply:?} reads back as {read:?}")));
                     }
-                    let filter = textpoke::trace::Filter::new([g.as_str()], Vec::<String>::new());
+                    let filter = textpoke_record::filter::glob_filter([g.as_str()], Vec::<String>::new());
                     if let Ok(filter) = filter {
                         std::hint::black_box(names.iter().filter(|n| filter.matches(n)).count());
                     }

@@ -15,7 +15,7 @@
 use crate::rng::Rng;
 use std::path::Path;
 use std::time::Duration;
-use textpoke::record::{self, FuncId, RecorderConfig};
+use textpoke_record::{self as record, FuncId, RecorderConfig};
 
 /// What to record.
 #[derive(Clone, Debug)]

@@ -54,7 +54,7 @@
 use crate::container::{Entry, Kind, TraceInput};
 use crate::rng::Rng;
 use serde_json::{Map, Value};
-use textpoke::record::format::{self, SPECIAL_CUT, SPECIAL_LONG, SPECIAL_LOST, SPECIAL_SYNC, THREAD_HEADER_LEN};
+use textpoke_record::format::{self, SPECIAL_CUT, SPECIAL_LONG, SPECIAL_LOST, SPECIAL_SYNC, THREAD_HEADER_LEN};
 
 /// `trace::MAX_DEPTH`, the deepest recorded depth the reader accepts.
 const MAX_DEPTH: u64 = textpoke::trace::MAX_DEPTH as u64;

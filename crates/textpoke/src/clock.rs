@@ -53,13 +53,11 @@
 //! so the factor gets more accurate the longer the recording runs. The
 //! factor stored in `meta.json` is the last one computed.
 
-use serde::{Deserialize, Serialize};
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::time::Duration;
 
 /// The clock the timestamps were read from.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ClockSource {
     /// `lfence; rdtsc`: invariant TSC ticks, ordered with the thread's
     /// earlier instructions, so timestamps of different threads follow the
@@ -92,8 +90,10 @@ impl std::fmt::Display for ClockSource {
 }
 
 /// How to turn a timestamp into `CLOCK_MONOTONIC` nanoseconds:
-/// `ns = base_ns + ((ticks - base_ticks) * mult) >> shift`.
-#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+/// `ns = base_ns + ((ticks - base_ticks) * mult) >> shift`. A trace's
+/// `meta.json` carries one (the recorder crate, `textpoke-record`, holds
+/// how it is written).
+#[derive(Clone, Copy, Debug, PartialEq)]
 pub struct ClockInfo {
     /// Where the ticks come from.
     pub source: ClockSource,

@@ -26,21 +26,17 @@
 //! # Ok::<(), textpoke::PokeError>(())
 //! ```
 
-pub mod analysis;
 pub mod arch;
 pub mod clock;
-pub mod control;
 pub mod error;
 pub mod funcs;
 pub mod keys;
-pub mod record;
 pub mod sites;
 pub mod stress;
 pub mod sync;
 pub mod sys;
 pub mod text;
 pub mod trace;
-pub mod tracedata;
 
 pub use error::PokeError;
 pub use text::{

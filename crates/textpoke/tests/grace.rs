@@ -7,7 +7,7 @@
 
 mod common;
 
-use common::{child_scenario, compile_so, mapped, peek, rerun_self, stub_and_trampoline, Lib};
+use common::{child_scenario, compile_so, glob_filter, mapped, peek, rerun_self, stub_and_trampoline, Lib};
 use std::os::unix::process::ExitStatusExt;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -22,7 +22,7 @@ fn serial() -> std::sync::MutexGuard<'static, ()> {
 }
 
 fn filter(names: &[&str]) -> Filter {
-    Filter::new(names.iter().map(|s| s.to_string()), Vec::<String>::new()).unwrap()
+    glob_filter(names.iter().map(|s| s.to_string()), Vec::<String>::new()).unwrap()
 }
 
 /// An op whose callback holds the calling thread until released.

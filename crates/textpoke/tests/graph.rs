@@ -4,10 +4,10 @@
 
 mod common;
 
-use common::{child_scenario, compile_cxx_so, compile_so, rerun_self, Lib};
+use common::{child_scenario, compile_cxx_so, compile_so, glob_filter, rerun_self, Lib};
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
-use textpoke::trace::{Filter, Tracer};
+use textpoke::trace::Tracer;
 
 use common::EntryExitCounts as Counts;
 
@@ -50,7 +50,7 @@ fn setup() -> (Lib, Arc<Counts>, textpoke::trace::OpHandle) {
     let t = Tracer::global();
     t.refresh().unwrap();
     let c = Counts::new();
-    let h = t.register(c.clone(), Filter::new(["g_*"], Vec::<String>::new()).unwrap()).unwrap();
+    let h = t.register(c.clone(), glob_filter(["g_*"], Vec::<String>::new()).unwrap()).unwrap();
     (lib, c, h)
 }
 
@@ -138,7 +138,7 @@ fn cxx_exceptions() {
     let t = Tracer::global();
     t.refresh().unwrap();
     let c = Counts::new();
-    let h = t.register(c.clone(), Filter::new(["x_*"], Vec::<String>::new()).unwrap()).unwrap();
+    let h = t.register(c.clone(), glob_filter(["x_*"], Vec::<String>::new()).unwrap()).unwrap();
     // SAFETY: x_catcher(int *) -> int.
     let catcher = unsafe { std::mem::transmute::<usize, extern "C" fn(*mut i32) -> i32>(lib.sym("x_catcher")) };
     for round in 1..=100 {

@@ -9,7 +9,7 @@
 
 mod common;
 
-use common::{compile_so, Lib};
+use common::{compile_so, glob_filter, Lib};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -33,7 +33,7 @@ impl TraceOp for Count {
 }
 
 fn filter(names: &[&str]) -> Filter {
-    Filter::new(names.iter().map(|s| s.to_string()), Vec::<String>::new()).unwrap()
+    glob_filter(names.iter().map(|s| s.to_string()), Vec::<String>::new()).unwrap()
 }
 
 const WAIT: Duration = Duration::from_millis(20);

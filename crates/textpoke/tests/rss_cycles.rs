@@ -11,11 +11,11 @@
 
 mod common;
 
-use common::{compile_so, Lib};
+use common::{compile_so, glob_filter, Lib};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use textpoke::trace::{Entry, Exit, Filter, TraceOp, Tracer};
+use textpoke::trace::{Entry, Exit, TraceOp, Tracer};
 
 /// Counts entries and exits (function_graph: return trampolines too).
 struct Count(AtomicU64);
@@ -66,8 +66,8 @@ fn rss_stays_flat_over_enable_disable_cycles() {
         })
         .collect();
     let op = Arc::new(Count(AtomicU64::new(0)));
-    let on = || Filter::new(["rss_*"], Vec::<String>::new()).unwrap();
-    let off = || Filter::new(["no-function-is-called-this"], Vec::<String>::new()).unwrap();
+    let on = || glob_filter(["rss_*"], Vec::<String>::new()).unwrap();
+    let off = || glob_filter(["no-function-is-called-this"], Vec::<String>::new()).unwrap();
     let h = t.register(op.clone(), off()).unwrap();
     let cycles: u64 = std::env::var("RSS_CYCLES").ok().and_then(|s| s.parse().ok()).unwrap_or(3000);
     let warm_up = (cycles / 10).max(200);

@@ -2,11 +2,11 @@
 
 mod common;
 
-use common::{compile_so, peek, Lib};
+use common::{compile_so, glob_filter, peek, Lib};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use textpoke::arch::NOP5;
-use textpoke::trace::{Entry, Exit, Filter, TraceError, TraceOp, Tracer};
+use textpoke::trace::{Entry, Exit, TraceError, TraceOp, Tracer};
 use textpoke::{Batch, CommitOptions, Poke, PokeError, Strategy};
 
 /// Counts entries and exits per site; remembers the last return value.
@@ -78,7 +78,7 @@ fn exact_counts_for_a_known_call_tree_and_graph_exits() {
     assert_eq!(peek(lib.sym("tree_top"), 5), [0x90; 5]);
 
     let c = Counter::new(true);
-    let h = t.register(c.clone(), Filter::new(["tree_*"], ["tree_fact"]).unwrap()).unwrap();
+    let h = t.register(c.clone(), glob_filter(["tree_*"], ["tree_fact"]).unwrap()).unwrap();
     assert_eq!(peek(lib.sym("tree_top"), 1), [0xe8], "entry is now a call");
     assert_eq!(peek(lib.sym("tree_fact"), 5), [0x90; 5], "excluded function untouched");
     assert_eq!(tree_top(10), (0..10).map(|i| 2 * i + 3).sum::<i32>());
@@ -88,7 +88,7 @@ fn exact_counts_for_a_known_call_tree_and_graph_exits() {
     assert_eq!(c.entries_of(fact), 0);
 
     // Re-filter: only the recursive function, 20 deep.
-    t.set_filter(&h, Filter::new(["tree_fact"], Vec::<String>::new()).unwrap()).unwrap();
+    t.set_filter(&h, glob_filter(["tree_fact"], Vec::<String>::new()).unwrap()).unwrap();
     assert_eq!(peek(lib.sym("tree_top"), 5), NOP5, "no longer traced: one NOP");
     assert_eq!(tree_fact(20), 2_432_902_008_176_640_000);
     assert_eq!((c.entries_of(fact), c.exits_of(fact)), (20, 20));
@@ -123,7 +123,7 @@ fn a_batch_refused_for_one_pad_writes_no_pad() {
     let stop_machine = CommitOptions::strategy(Strategy::StopMachine);
     // Someone else makes ref_b's pad one NOP after the tracer found it.
     Batch::from_iter([Poke::region(addrs[1], [0x90; 5], NOP5)]).commit_with(stop_machine).unwrap();
-    let filter = || Filter::new(["ref_*"], Vec::<String>::new()).unwrap();
+    let filter = || glob_filter(["ref_*"], Vec::<String>::new()).unwrap();
     let c = Counter::new(true);
     let err = t.register(c.clone(), filter()).expect_err("the batch is refused");
     assert!(matches!(err, TraceError::Poke(PokeError::Mismatch { .. })), "{err:?}");
@@ -186,8 +186,8 @@ fn ops_come_and_go_while_eight_threads_run() {
     for round in 0..1000 {
         let a = Counter::new(round % 2 == 0);
         let b = Counter::new(true);
-        let ha = t.register(a.clone(), Filter::new(["thr_*"], Vec::<String>::new()).unwrap()).unwrap();
-        let hb = t.register(b.clone(), Filter::new(["thr_leaf"], Vec::<String>::new()).unwrap()).unwrap();
+        let ha = t.register(a.clone(), glob_filter(["thr_*"], Vec::<String>::new()).unwrap()).unwrap();
+        let hb = t.register(b.clone(), glob_filter(["thr_leaf"], Vec::<String>::new()).unwrap()).unwrap();
         std::thread::sleep(std::time::Duration::from_micros(200));
         t.unregister(hb).unwrap();
         t.unregister(ha).unwrap();
@@ -265,11 +265,11 @@ fn arguments_and_results_survive_the_trampolines() {
     // One op (direct trampoline), then two (list trampoline), with exits.
     let spy = Arc::new(ArgSpy { int0: AtomicU64::new(0), float0: AtomicU64::new(0) });
     let g = Counter::new(true);
-    let h1 = t.register(spy.clone(), Filter::new(["abi_mix"], Vec::<String>::new()).unwrap()).unwrap();
+    let h1 = t.register(spy.clone(), glob_filter(["abi_mix"], Vec::<String>::new()).unwrap()).unwrap();
     check();
     assert_eq!(spy.int0.load(Ordering::Relaxed), 1, "Entry::arg(0) is the first integer argument");
     assert_eq!(f64::from_bits(spy.float0.load(Ordering::Relaxed)), 0.5, "Entry::float_arg(0)");
-    let h2 = t.register(g.clone(), Filter::new(["abi_*"], Vec::<String>::new()).unwrap()).unwrap();
+    let h2 = t.register(g.clone(), glob_filter(["abi_*"], Vec::<String>::new()).unwrap()).unwrap();
     for _ in 0..100 {
         check();
     }

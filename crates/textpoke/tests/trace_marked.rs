@@ -4,7 +4,7 @@
 mod common;
 
 use std::sync::atomic::Ordering;
-use textpoke::trace::{Filter, Tracer};
+use textpoke::trace::Tracer;
 
 #[textpoke::traced]
 fn tm_add(a: u64, b: u64) -> u64 {
@@ -29,6 +29,7 @@ fn tm_generic<T: Copy + Into<u64>>(x: T) -> u64 {
     x.into() + 1
 }
 
+use common::glob_filter;
 use common::EntryExitCounts as Counts;
 
 fn plain_outer(n: u64) -> u64 {
@@ -42,7 +43,7 @@ fn marked_functions_are_traced_with_balanced_exits() {
     let names: Vec<String> = t.functions().iter().map(|f| f.function.to_string()).collect();
     assert!(names.iter().any(|n| n.ends_with("tm_outer")), "{names:?}");
     let c = Counts::new();
-    let h = t.register(c.clone(), Filter::new(["*::tm_*"], Vec::<String>::new()).unwrap()).unwrap();
+    let h = t.register(c.clone(), glob_filter(["*::tm_*"], Vec::<String>::new()).unwrap()).unwrap();
     let threads: Vec<_> = (0..8)
         .map(|_| {
             std::thread::spawn(|| {

@@ -19,7 +19,7 @@ pub mod tramp;
 /// The assembler features use to generate their own inline code for the
 /// trampolines (see [`tramp::Emit`]): iced-x86's `CodeAssembler`.
 #[cfg(target_arch = "x86_64")]
-pub(crate) mod asm {
+pub mod asm {
     pub use iced_x86::code_asm::*;
 }
 

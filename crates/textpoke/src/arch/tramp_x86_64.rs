@@ -738,9 +738,9 @@ fn fast_return(a: &mut CodeAssembler, sh: &ShadowOffsets, exit: Emit<'_>) -> Res
 /// conditional branch, following unconditional jumps within `code`, to the
 /// first `ret` or jump out of it: every conditional branch of a fast path
 /// leaves it, so this is what one traced call executes there (tests of the
-/// trampolines and of the ops that generate inline code count them).
-#[cfg(test)]
-pub(crate) fn straight_path(ip: u64, code: &[u8]) -> usize {
+/// trampolines and of the ops that generate inline code count them;
+/// public for the latter, which live in crates above this one).
+pub fn straight_path(ip: u64, code: &[u8]) -> usize {
     use iced_x86::{Decoder, DecoderOptions, FlowControl};
     let end = ip + code.len() as u64;
     let mut d = Decoder::with_ip(64, code, ip, DecoderOptions::NONE);

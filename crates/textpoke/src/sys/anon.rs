@@ -4,13 +4,13 @@
 
 /// Maps `len` bytes of zeroed, private, anonymous memory (pages are
 /// touched lazily; no swap reservation). `None` on failure.
-pub(crate) fn map(len: usize) -> Option<*mut u8> {
+pub fn map(len: usize) -> Option<*mut u8> {
     map_with(len, 0)
 }
 
 /// As [`map`], with every page faulted in now (`MAP_POPULATE`): code that
 /// writes the memory later never takes a page fault.
-pub(crate) fn map_populated(len: usize) -> Option<*mut u8> {
+pub fn map_populated(len: usize) -> Option<*mut u8> {
     map_with(len, libc::MAP_POPULATE)
 }
 
@@ -38,7 +38,7 @@ fn map_with(len: usize, flags: libc::c_int) -> Option<*mut u8> {
 /// # Safety
 ///
 /// `p..p+len` must be a mapping made by [`map`] that nothing else uses.
-pub(crate) unsafe fn remap_zero(p: *mut u8, len: usize) -> bool {
+pub unsafe fn remap_zero(p: *mut u8, len: usize) -> bool {
     // SAFETY: MAP_FIXED over our own mapping (the caller's guarantee).
     let r = unsafe {
         libc::mmap(
@@ -58,13 +58,13 @@ pub(crate) unsafe fn remap_zero(p: *mut u8, len: usize) -> bool {
 /// # Safety
 ///
 /// `p..p+len` must be a mapping made by [`map`] that nothing uses any more.
-pub(crate) unsafe fn unmap(p: *mut u8, len: usize) {
+pub unsafe fn unmap(p: *mut u8, len: usize) {
     // SAFETY: the caller's guarantee.
     unsafe { libc::munmap(p as *mut libc::c_void, len.max(1)) };
 }
 
 /// The page size these mappings use.
-pub(crate) const PAGE: usize = 4096;
+pub const PAGE: usize = 4096;
 
 /// The indexes of the pages of `p..p+len` that are resident (`mincore`):
 /// the pages of an anonymous mapping that were ever written. Reading the
@@ -73,7 +73,7 @@ pub(crate) const PAGE: usize = 4096;
 /// # Safety
 ///
 /// `p..p+len` must be a mapping made by [`map`].
-pub(crate) unsafe fn resident_pages(p: *mut u8, len: usize) -> Vec<usize> {
+pub unsafe fn resident_pages(p: *mut u8, len: usize) -> Vec<usize> {
     let pages = len.div_ceil(PAGE);
     if p.is_null() || pages == 0 {
         return Vec::new();
@@ -95,7 +95,7 @@ pub(crate) unsafe fn resident_pages(p: *mut u8, len: usize) -> Vec<usize> {
 /// # Safety
 ///
 /// `p..p+len` must be a mapping made by [`map`] (page-aligned).
-pub(crate) unsafe fn resident_into(p: *mut u8, len: usize, out: &mut [u8]) -> bool {
+pub unsafe fn resident_into(p: *mut u8, len: usize, out: &mut [u8]) -> bool {
     if p.is_null() || len == 0 || out.len() < len.div_ceil(PAGE) {
         return false;
     }

@@ -1,7 +1,7 @@
 //! Thin wrappers over the kernel facilities textpoke uses, one module each;
 //! raw syscalls live here and nowhere else.
 
-pub(crate) mod anon;
+pub mod anon;
 pub mod fs;
 pub mod maps;
 pub mod membarrier;
@@ -28,7 +28,7 @@ pub fn mdwe_refuses_exec_gain() -> bool {
 
 /// Waits on a futex word while it holds `expected`, at most `timeout`
 /// when one is given (spurious wake-ups allowed). Async-signal-safe.
-pub(crate) fn futex_wait(word: &std::sync::atomic::AtomicU32, expected: u32, timeout: Option<std::time::Duration>) {
+pub fn futex_wait(word: &std::sync::atomic::AtomicU32, expected: u32, timeout: Option<std::time::Duration>) {
     let ts = timeout.map(|t| libc::timespec {
         tv_sec: t.as_secs().min(i64::MAX as u64) as libc::time_t,
         tv_nsec: t.subsec_nanos() as libc::c_long,
@@ -42,7 +42,7 @@ pub(crate) fn futex_wait(word: &std::sync::atomic::AtomicU32, expected: u32, tim
 }
 
 /// Wakes up to `n` waiters on a futex word. Async-signal-safe.
-pub(crate) fn futex_wake(word: &std::sync::atomic::AtomicU32, n: i32) {
+pub fn futex_wake(word: &std::sync::atomic::AtomicU32, n: i32) {
     // SAFETY: `word` is a valid, aligned u32.
     unsafe {
         libc::syscall(libc::SYS_futex, word.as_ptr(), libc::FUTEX_WAKE | libc::FUTEX_PRIVATE_FLAG, n);

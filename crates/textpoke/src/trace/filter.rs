@@ -1,33 +1,33 @@
-//! Which functions an op traces: include and exclude glob lists over
-//! (demangled) function names, as ftrace's set_ftrace_filter and
-//! set_ftrace_notrace and uftrace's -F/-N do.
+//! Which functions an op traces: a [`Filter`] asks a matcher about each
+//! (demangled) function name, as ftrace's set_ftrace_filter and
+//! set_ftrace_notrace and uftrace's -F/-N choose functions.
+//!
+//! The engine knows no pattern syntax: a matcher is any shareable
+//! `Fn(&str) -> bool`. Glob lists (what `textpoke record -F/-N` and `ctl`
+//! take) are compiled above the engine, with globset, by the recorder
+//! crate's `textpoke_record::filter`, which builds a [`Filter`] and
+//! reports a glob that does not parse as a [`FilterError`].
 
-use globset::{Glob, GlobSet, GlobSetBuilder};
+use std::fmt;
+use std::sync::Arc;
 
-/// Include and exclude globs. No include glob means "everything".
-#[derive(Clone, Debug, Default)]
+/// What a [`Filter`] asks: whether the op traces the function of this
+/// name.
+type Matcher = dyn Fn(&str) -> bool + Send + Sync;
+
+/// Which functions an op traces: those its matcher says yes to, or all.
+#[derive(Clone, Default)]
 pub struct Filter {
-    include: Vec<String>,
-    exclude: Vec<String>,
-    inc: GlobSet,
-    exc: GlobSet,
+    /// `None`: every function.
+    matcher: Option<Arc<Matcher>>,
 }
 
-/// A glob that does not parse.
+/// A filter that could not be built: a pattern that does not parse.
 #[derive(Debug, thiserror::Error)]
 #[error("bad function filter {glob:?}: {reason}")]
 pub struct FilterError {
     pub glob: String,
     pub reason: String,
-}
-
-fn build(globs: &[String]) -> Result<GlobSet, FilterError> {
-    let mut b = GlobSetBuilder::new();
-    for g in globs {
-        let glob = Glob::new(g).map_err(|e| FilterError { glob: g.clone(), reason: e.kind().to_string() })?;
-        b.add(glob);
-    }
-    b.build().map_err(|e| FilterError { glob: globs.join(","), reason: e.to_string() })
 }
 
 impl Filter {
@@ -36,29 +36,21 @@ impl Filter {
         Filter::default()
     }
 
-    /// Traces what matches some `include` glob (all if empty) and no
-    /// `exclude` glob.
-    pub fn new<I, E>(include: I, exclude: E) -> Result<Filter, FilterError>
-    where
-        I: IntoIterator,
-        I::Item: Into<String>,
-        E: IntoIterator,
-        E::Item: Into<String>,
-    {
-        let include: Vec<String> = include.into_iter().map(Into::into).collect();
-        let exclude: Vec<String> = exclude.into_iter().map(Into::into).collect();
-        Ok(Filter { inc: build(&include)?, exc: build(&exclude)?, include, exclude })
+    /// Traces the functions whose names `matcher` says yes to. It is asked
+    /// on the control path only (registering an op, changing its filter,
+    /// finding new sites), never on a traced call.
+    pub fn new(matcher: impl Fn(&str) -> bool + Send + Sync + 'static) -> Filter {
+        Filter { matcher: Some(Arc::new(matcher)) }
     }
 
     pub fn matches(&self, function: &str) -> bool {
-        (self.include.is_empty() || self.inc.is_match(function)) && !self.exc.is_match(function)
+        self.matcher.as_ref().is_none_or(|m| m(function))
     }
+}
 
-    pub fn include(&self) -> &[String] {
-        &self.include
-    }
-    pub fn exclude(&self) -> &[String] {
-        &self.exclude
+impl fmt::Debug for Filter {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(if self.matcher.is_some() { "Filter(matcher)" } else { "Filter(all)" })
     }
 }
 
@@ -67,11 +59,10 @@ mod tests {
     use super::*;
 
     #[test]
-    fn include_exclude() {
-        let f = Filter::new(["tp_*", "main"], ["tp_skip*"]).unwrap();
-        assert!(f.matches("tp_work") && f.matches("main"));
-        assert!(!f.matches("tp_skip_me") && !f.matches("other"));
+    fn all_or_matcher() {
         assert!(Filter::all().matches("anything"));
-        assert!(Filter::new(["a[b"], Vec::<String>::new()).is_err());
+        let f = Filter::new(|name| name.starts_with("tp_") && name != "tp_skip");
+        assert!(f.matches("tp_work") && !f.matches("tp_skip") && !f.matches("other"));
+        assert!(f.clone().matches("tp_work"));
     }
 }

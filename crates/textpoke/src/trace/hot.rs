@@ -517,7 +517,7 @@ pub(crate) static FAST_EXIT: AtomicU64 = AtomicU64::new(0);
 /// and pop shadow entries exactly as [`function_entry`] and [`on_return`]
 /// do. `None` unless the tracer's thread-local lives in the static TLS
 /// block (`arch::static_tls_offset`).
-pub(crate) fn shadow_offsets() -> Option<crate::arch::tramp::ShadowOffsets> {
+pub fn shadow_offsets() -> Option<crate::arch::tramp::ShadowOffsets> {
     use std::mem::{offset_of, size_of};
     static LAYOUT: std::sync::OnceLock<Option<crate::arch::tramp::ShadowOffsets>> = std::sync::OnceLock::new();
     *LAYOUT.get_or_init(|| {

@@ -170,3 +170,28 @@ pub fn mapped(addr: usize) -> bool {
         s <= addr && addr < e
     })
 }
+
+/// A tracer filter from include and exclude globs, as the recorder crate's
+/// `textpoke_record::filter::glob_filter` builds it: the engine knows no
+/// glob syntax, and its own tests, below the recorder, compile globs here
+/// (globset is their dev-dependency).
+pub fn glob_filter<I, E>(include: I, exclude: E) -> Result<textpoke::trace::Filter, textpoke::trace::FilterError>
+where
+    I: IntoIterator,
+    I::Item: Into<String>,
+    E: IntoIterator,
+    E::Item: Into<String>,
+{
+    use textpoke::trace::FilterError;
+    let set = |globs: &[String]| {
+        let mut b = globset::GlobSetBuilder::new();
+        for g in globs {
+            b.add(globset::Glob::new(g).map_err(|e| FilterError { glob: g.clone(), reason: e.kind().to_string() })?);
+        }
+        b.build().map_err(|e| FilterError { glob: globs.join(","), reason: e.to_string() })
+    };
+    let include: Vec<String> = include.into_iter().map(Into::into).collect();
+    let exclude: Vec<String> = exclude.into_iter().map(Into::into).collect();
+    let (all, inc, exc) = (include.is_empty(), set(&include)?, set(&exclude)?);
+    Ok(textpoke::trace::Filter::new(move |f: &str| (all || inc.is_match(f)) && !exc.is_match(f)))
+}
