@@ -36,7 +36,8 @@
 //! nothing: a later store becomes visible only after it retires, after the
 //! `rdtsc`. `rdtscp` costs the same and also orders; `lfence; rdtsc` is
 //! chosen because it is what the kernel uses and works on every x86-64.
-//! The test `cross_thread_order` (tests/record.rs) asserts no reversal.
+//! The test `cross_thread_order` (`crates/textpoke-record/tests/record.rs`)
+//! asserts no reversal.
 //!
 //! Within a thread, moving to another CPU passes through the kernel, which
 //! serialises, and the TSCs are synchronised (above); the recorder still

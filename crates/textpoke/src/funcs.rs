@@ -40,7 +40,7 @@ const SEG_LEN: usize = 1 << SEG_BITS;
 const SEGMENTS: usize = 1 << 10;
 
 /// The most functions the table holds (16 Mi: ids fit the recorder's
-/// compact events, see `record::format`).
+/// compact events, see `textpoke_record::format`).
 pub const MAX_FUNCTIONS: usize = SEG_LEN * SEGMENTS;
 
 type Segment = [AtomicPtr<Function>; SEG_LEN];

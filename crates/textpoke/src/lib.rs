@@ -16,6 +16,13 @@
 //! - [`sys`]: thin wrappers over the kernel facilities;
 //! - [`arch`]: instruction encodings, decoding checks, trap emulation.
 //!
+//! This crate is the engine: it depends on nothing a front end needs.
+//! Above it, each in its own crate: the recorder, the trace format and its
+//! reader, and glob filters for the tracer (`textpoke-record`); the
+//! analyses (`textpoke-analysis`); the control protocol
+//! (`textpoke-control`); the front ends (`textpoke-cli`, `textpoke-agent`,
+//! and the C API `textpoke-c`, which needs only static keys).
+//!
 //! ```no_run
 //! use textpoke::{Batch, Poke};
 //! # let site = 0usize; let target = 0usize;

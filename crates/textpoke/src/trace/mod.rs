@@ -24,9 +24,9 @@
 //!   word points into it.
 //! - **Inline code**: an op may bring code of its own for the tracer to
 //!   run in its trampolines instead of calling it ([`InlineCode`]: the
-//!   recorder does, `record::RecordOp`; the tracer knows nothing of what
-//!   the code does). A site whose only op has such code gets a trampoline
-//!   that runs it, with the hot path as its fallback: the *count*
+//!   recorder does, `textpoke_record::RecordOp`; the tracer knows nothing
+//!   of what the code does). A site whose only op has such code gets a
+//!   trampoline that runs it, with the hot path as its fallback: the *count*
 //!   trampoline, or at a function entry the *graph* trampoline. A graph
 //!   site *jumps* to its stub, and the trampoline calls the function
 //!   through a thunk in the graph return block
