@@ -148,6 +148,7 @@ fn c_keys_flipped_from_rust() {
         // SAFETY: valid handle and name; the symbols are `int f(void)`.
         let p = unsafe { libc::dlsym(h, n.as_ptr()) };
         assert!(!p.is_null());
+        // SAFETY: a non-null address of such a function (above).
         unsafe { std::mem::transmute::<*mut libc::c_void, extern "C" fn() -> i32>(p) }
     };
     let (branch, likely) = (sym("lib_branch"), sym("lib_likely"));

@@ -196,8 +196,8 @@ fn count_trampolines_count_the_function_of_the_site() {
         t.register(Arc::new(RecordOp::count_only()), glob_filter(["cid_?"], Vec::<String>::new()).unwrap()).unwrap();
     let f = |n: &str| t.functions().into_iter().find(|x| &*x.function == n).unwrap();
     assert_eq!(f("cid_a").trampoline, textpoke::trace::TrampolineKind::Count);
-    // SAFETY: int (int).
     type F = extern "C" fn(i32) -> i32;
+    // SAFETY: both are `int f(int)`.
     let (a, b) = unsafe {
         (std::mem::transmute::<usize, F>(lib.sym("cid_a")), std::mem::transmute::<usize, F>(lib.sym("cid_b")))
     };

@@ -61,6 +61,8 @@ pub struct SiteArena {
 // SAFETY: the arena is immutable from Rust's point of view (its code changes
 // only through the poke engine, which is thread-safe).
 unsafe impl Send for SiteArena {}
+// SAFETY: as for Send: nothing in it is changed through a shared reference
+// but by the poke engine, which serialises its commits.
 unsafe impl Sync for SiteArena {}
 
 impl SiteArena {

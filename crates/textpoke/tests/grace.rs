@@ -309,8 +309,9 @@ fn a_thread_preempted_right_after_a_site_call_survives_the_unmapping() {
     let lib2 = lib.clone();
     let (tx, rx) = std::sync::mpsc::channel();
     let worker = std::thread::spawn(move || {
-        // SAFETY: long (long), void (void).
+        // SAFETY: long (long).
         let f: extern "C" fn(i64) -> i64 = unsafe { std::mem::transmute(lib2.sym("held_fn")) };
+        // SAFETY: void (void).
         let spin: extern "C" fn() = unsafe { std::mem::transmute(lib2.sym("spin")) };
         assert_eq!(f(1), 2); // traced once: the thread is registered
                              // SAFETY: no preconditions.

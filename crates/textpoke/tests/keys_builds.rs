@@ -162,6 +162,7 @@ fn lib_keys() -> Vec<keys::KeyInfo> {
 }
 
 fn branches(lib: &common::Lib) -> u32 {
+    // SAFETY: the fixture exports `uint32_t fixture_branches(void)`.
     let f: extern "C" fn() -> u32 = unsafe { std::mem::transmute(lib.sym("fixture_branches")) };
     f()
 }

@@ -51,7 +51,7 @@ fn wait_once(kind: &str, fds: (i32, i32, i32)) -> Result<(), String> {
     let (epfd, pipe_r, sock) = fds;
     let t0 = Instant::now();
     let ms = WAIT.as_millis() as i32;
-    // SAFETY (all arms): plain system calls on descriptors this test owns,
+    // SAFETY: plain system calls (all arms) on descriptors this test owns,
     // with valid pointers to locals.
     let (r, e) = unsafe {
         let r = match kind {

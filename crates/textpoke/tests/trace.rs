@@ -74,6 +74,7 @@ fn exact_counts_for_a_known_call_tree_and_graph_exits() {
     let (top, mid, leaf, fact) = (site(t, "tree_top"), site(t, "tree_mid"), site(t, "tree_leaf"), site(t, "tree_fact"));
     // SAFETY: signatures as in TREE.
     let tree_top = unsafe { std::mem::transmute::<usize, extern "C" fn(i32) -> i32>(lib.sym("tree_top")) };
+    // SAFETY: as above.
     let tree_fact = unsafe { std::mem::transmute::<usize, extern "C" fn(i64) -> i64>(lib.sym("tree_fact")) };
     assert_eq!(peek(lib.sym("tree_top"), 5), [0x90; 5]);
 
@@ -254,7 +255,9 @@ fn arguments_and_results_survive_the_trampolines() {
             extern "C" fn(i64, i64, i64, i64, i64, i64, f64, f64, f64, f64, f64, f64, f64, f64) -> f64,
         >(lib.sym("abi_mix"))
     };
+    // SAFETY: signatures as in the C source above.
     let pair = unsafe { std::mem::transmute::<usize, extern "C" fn(Pair, Pair) -> f64>(lib.sym("abi_pair")) };
+    // SAFETY: as above.
     let var = unsafe { std::mem::transmute::<usize, extern "C" fn() -> f64>(lib.sym("abi_call_var")) };
     let check = || {
         assert_eq!(mix(1, 2, 3, 4, 5, 6, 0.5, 1.5, 2.5, 3.5, 4.5, 5.5, 6.5, 7.5), 91.0 + 186.0);

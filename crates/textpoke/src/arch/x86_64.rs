@@ -113,7 +113,8 @@ pub fn emulation_for(ip: usize, bytes: &[u8]) -> Option<Emulation> {
 /// `ctx` must be the `ucontext_t` the kernel passed to an `SA_SIGINFO` handler.
 #[inline(always)]
 pub unsafe fn context_pc(ctx: *const libc::ucontext_t) -> usize {
-    (*ctx).uc_mcontext.gregs[libc::REG_RIP as usize] as usize
+    // SAFETY: the caller passes the kernel's ucontext, valid for reads.
+    unsafe { (*ctx).uc_mcontext.gregs[libc::REG_RIP as usize] as usize }
 }
 
 /// Sets the PC the interrupted thread resumes at.
@@ -122,7 +123,9 @@ pub unsafe fn context_pc(ctx: *const libc::ucontext_t) -> usize {
 /// As [`context_pc`]; `pc` must be code the thread may run.
 #[inline(always)]
 pub unsafe fn set_context_pc(ctx: *mut libc::ucontext_t, pc: usize) {
-    (*ctx).uc_mcontext.gregs[libc::REG_RIP as usize] = pc as i64;
+    // SAFETY: the caller passes the kernel's ucontext, valid for writes;
+    // the kernel restores the thread from it.
+    unsafe { (*ctx).uc_mcontext.gregs[libc::REG_RIP as usize] = pc as i64 };
 }
 
 /// The PC of a trap: `int3` reports the address after itself.
@@ -139,13 +142,16 @@ pub fn trap_site(pc_after_trap: usize) -> usize {
 /// could run, and the kernel put the signal frame below the red zone.
 #[inline(always)]
 pub unsafe fn emulate(ctx: *mut libc::ucontext_t, site: usize, emu: Emulation) {
-    let g = &mut (*ctx).uc_mcontext.gregs;
+    // SAFETY: the caller passes the kernel's ucontext, valid for writes.
+    let g = unsafe { &mut (*ctx).uc_mcontext.gregs };
     match emu {
         Emulation::Skip { len } => g[libc::REG_RIP as usize] = (site + len) as i64,
         Emulation::Jmp { target } => g[libc::REG_RIP as usize] = target as i64,
         Emulation::Call { target, ret } => {
             let sp = (g[libc::REG_RSP as usize] as usize) - 8;
-            (sp as *mut usize).write(ret);
+            // SAFETY: the caller guarantees room for one more return
+            // address below the interrupted stack pointer.
+            unsafe { (sp as *mut usize).write(ret) };
             g[libc::REG_RSP as usize] = sp as i64;
             g[libc::REG_RIP as usize] = target as i64;
         }
@@ -227,7 +233,9 @@ mod sigframe {
 /// `ctx` must be the ucontext the kernel passed to the running handler.
 #[inline(always)]
 pub unsafe fn frame_restorer(ctx: *const libc::ucontext_t) -> usize {
-    ctx.cast::<usize>().sub(1).read()
+    // SAFETY: the kernel's rt_sigframe puts `pretcode` right below the
+    // ucontext the caller passes.
+    unsafe { ctx.cast::<usize>().sub(1).read() }
 }
 
 /// The interrupted stack pointer of a signal context.
@@ -236,7 +244,8 @@ pub unsafe fn frame_restorer(ctx: *const libc::ucontext_t) -> usize {
 /// As [`context_pc`].
 #[inline(always)]
 pub unsafe fn context_sp(ctx: *const libc::ucontext_t) -> usize {
-    (*ctx).uc_mcontext.gregs[libc::REG_RSP as usize] as usize
+    // SAFETY: the caller passes the kernel's ucontext, valid for reads.
+    unsafe { (*ctx).uc_mcontext.gregs[libc::REG_RSP as usize] as usize }
 }
 
 /// How far above a stack pointer signal frames are looked for.

@@ -224,9 +224,11 @@ impl Slot {
 /// # Safety
 /// `ctx` is the ucontext the kernel passed to the running handler.
 unsafe fn record_context(slot: &Slot, ctx: *const libc::ucontext_t) {
-    slot.pc.store(arch::context_pc(ctx), Ordering::Relaxed);
-    slot.sp.store(arch::context_sp(ctx), Ordering::Relaxed);
-    slot.restorer.store(arch::frame_restorer(ctx), Ordering::Relaxed);
+    // SAFETY: `ctx` is the running handler's ucontext (this fn's contract).
+    let (pc, sp, restorer) = unsafe { (arch::context_pc(ctx), arch::context_sp(ctx), arch::frame_restorer(ctx)) };
+    slot.pc.store(pc, Ordering::Relaxed);
+    slot.sp.store(sp, Ordering::Relaxed);
+    slot.restorer.store(restorer, Ordering::Relaxed);
 }
 
 /// Adds `tid` to the table and signals it. `Ok(false)` if the thread is gone

@@ -101,7 +101,9 @@ pub fn signal_thread(tid: i32, sig: i32, value: usize) -> io::Result<()> {
 /// `info` must point to the siginfo of a signal sent by [`signal_thread`].
 #[inline(always)]
 pub unsafe fn signal_value(info: *const libc::siginfo_t) -> usize {
-    info.cast::<u8>().add(24).cast::<usize>().read_unaligned()
+    // SAFETY: a queued signal's siginfo holds `si_value` at offset 24 on
+    // x86-64 Linux; the caller passes such a siginfo.
+    unsafe { info.cast::<u8>().add(24).cast::<usize>().read_unaligned() }
 }
 
 /// The blocked-signal mask of thread `tid`, from `/proc/self/task/TID/status`

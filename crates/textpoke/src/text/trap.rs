@@ -110,6 +110,7 @@ pub(crate) fn remember(addrs: impl ExactSizeIterator<Item = usize>) {
     let mut head = EVER.load(Ordering::Acquire);
     // SAFETY: tables are leaked; the single writer holds the commit lock.
     let need = addrs.len() + if head.is_null() { 0 } else { unsafe { (*head).count.load(Ordering::Relaxed) } };
+    // SAFETY: as above: a leaked table, read under the commit lock.
     if head.is_null() || need * 2 > unsafe { &*head }.slots.len() {
         let cap = (need * 4).next_power_of_two().max(1024);
         let t =
@@ -332,6 +333,7 @@ pub(crate) fn check_installed() -> Result<(), PokeError> {
 fn take_over() -> Result<(), PokeError> {
     // SAFETY: querying the current disposition into a leaked box.
     let prev = Box::into_raw(Box::new(unsafe { std::mem::zeroed::<libc::sigaction>() }));
+    // SAFETY: `prev` is a valid, writable sigaction; no new action is set.
     unsafe { libc::sigaction(libc::SIGTRAP, std::ptr::null(), prev) };
     PREVIOUS.store(prev, Ordering::Release); // before the handler can run
     let ours = our_action();

@@ -865,6 +865,7 @@ pub(crate) extern "C" fn rehijack_after_catch(catch_sp: usize) {
                 let slot = e.slot & !RESTORED;
                 // SAFETY: a slot at or above the catching frame is live.
                 if slot >= catch_sp && unsafe { *(slot as *const usize) } == e.orig {
+                    // SAFETY: the same live slot, just read.
                     unsafe { *(slot as *mut usize) = ret };
                     e.slot = slot;
                 } else {

@@ -39,6 +39,7 @@ pub struct Lib(*mut libc::c_void);
 
 // SAFETY: dlopen handles may be used from any thread.
 unsafe impl Send for Lib {}
+// SAFETY: as for Send: dlsym and dlclose are thread-safe.
 unsafe impl Sync for Lib {}
 
 impl Lib {
