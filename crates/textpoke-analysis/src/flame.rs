@@ -325,5 +325,62 @@ pub fn flamegraph<W: Write>(
     let mut text = Vec::new();
     tree.write_folded(&weights, &mut text).map_err(AnalysisError::Write)?;
     let text = String::from_utf8_lossy(&text);
-    inferno::flamegraph::from_lines(&mut o, text.lines(), w).map_err(AnalysisError::Write)
+    let mut svg = Vec::new();
+    inferno::flamegraph::from_lines(&mut o, text.lines(), &mut svg).map_err(AnalysisError::Write)?;
+    let label = match &set.processes[..] {
+        [p] => format!("all: {}", p.label()),
+        ps => format!("all: {} processes", ps.len()),
+    };
+    let svg = label_root(svg, total, unit, &escape(&label));
+    w.write_all(&svg).map_err(AnalysisError::Write)
+}
+
+/// Writes `label` on the root frame of an SVG drawn by inferno, which
+/// leaves it blank (flamegraph.pl writes "all" there), and in its title,
+/// which the SVG's script shows on the frame after a zoom. The root is the
+/// frame titled `all (TOTAL UNIT, 100%)`: the first `<title>` of the
+/// drawing, with its `<text>` element after it. An SVG not drawn that way
+/// is returned as it is.
+fn label_root(svg: Vec<u8>, total: u64, unit: &str, label: &str) -> Vec<u8> {
+    let title = format!("<title>all ({} {unit}, 100%)</title>", thousands(total));
+    let Some(at) = find(&svg, title.as_bytes(), 0) else { return svg };
+    let after = at + title.len();
+    let Some(open) = find(&svg, b"<text ", after) else { return svg };
+    let Some(close) = find(&svg, b"></text>", open) else { return svg };
+    // Only the root's own text: no other element between its title and it.
+    if svg[after..open].windows(7).any(|w| w == b"<title>") {
+        return svg;
+    }
+    let label = xml_text(label);
+    let mut out = Vec::with_capacity(svg.len() + 2 * label.len());
+    out.extend_from_slice(&svg[..at]);
+    out.extend_from_slice(format!("<title>{label} ({} {unit}, 100%)</title>", thousands(total)).as_bytes());
+    out.extend_from_slice(&svg[after..close + 1]);
+    out.extend_from_slice(label.as_bytes());
+    out.extend_from_slice(&svg[close + 1..]);
+    out
+}
+
+/// The first place of `needle` in `hay` at or after `from`.
+fn find(hay: &[u8], needle: &[u8], from: usize) -> Option<usize> {
+    hay.get(from..)?.windows(needle.len()).position(|w| w == needle).map(|i| i + from)
+}
+
+/// `n` with thousands separators, as inferno writes sample counts
+/// (`116,619`).
+fn thousands(n: u64) -> String {
+    let digits = n.to_string();
+    let mut out = String::with_capacity(digits.len() * 4 / 3);
+    for (i, c) in digits.chars().enumerate() {
+        if i > 0 && (digits.len() - i) % 3 == 0 {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    out
+}
+
+/// `s` as XML character data.
+fn xml_text(s: &str) -> String {
+    s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;")
 }

@@ -21,14 +21,20 @@
 //! # Processes
 //!
 //! A [`TraceSet`] is the traced process's trace directory and, recursively,
-//! the directories of the children it forked (`child-<pid>/`, written when
-//! the recorder follows forks). Each process is analysed apart — its own
-//! report section, its own replay section, its own `pid` in the Chrome
-//! trace, its own tower in the flame graph — as `uftrace` does. A child's
-//! trace is opened even if it is incomplete (a child that calls `exec` or
-//! `_exit` never runs the final flush: that is normal, not damage), and
-//! what salvaging cut is listed in [`TraceSet::notes`]; a child trace that
-//! is corrupt is an error like the parent's.
+//! the directories of the processes it forked or started (`child-<pid>/`,
+//! written when the recorder follows forks and execs; `child-<pid>-exec/`
+//! for the program a traced process exec'd). Each process is analysed
+//! apart — its own report section, its own replay section, its own `pid`
+//! in the Chrome trace, its own tower in the flame graph — as `uftrace`
+//! does; [`Process::origin`] says how it came to be traced. A program that
+//! ran no traced code itself but started programs that did (a shell
+//! script) leaves a directory of children and no trace: its children are
+//! shown in its place, and so are those of a child directory without a
+//! trace (a subshell's commands). A child's trace is opened even if it is
+//! incomplete (a child that calls `exec` or `_exit` never runs the final
+//! flush: that is normal, not damage), and what salvaging cut is listed in
+//! [`TraceSet::notes`]; a child trace that is corrupt is an error like the
+//! parent's.
 //!
 //! # Rebuilding the stacks
 //!
@@ -121,6 +127,7 @@
 //! under a root frame naming it.
 
 mod chrome;
+pub mod color;
 mod escape;
 mod flame;
 mod replay;
@@ -136,6 +143,7 @@ pub use replay::{human_ns, replay, ReplayOptions};
 pub use report::{report, FunctionStats, ProcessReport, Report, ReportOptions, SortKey, ThreadStats, Times};
 pub use stacks::{Call, Closed, Event, Rebuilder, MAX_LEVEL};
 
+use serde::Serialize;
 use std::path::{Path, PathBuf};
 use textpoke_record::format::{self, CHILD_DIR_PREFIX};
 use textpoke_record::tracedata::{OpenOptions, RecordKind, ThreadTrace, Trace, TraceError};
@@ -202,14 +210,54 @@ pub enum AnalysisError {
     },
 }
 
+/// How a process of a [`TraceSet`] came to be traced, as the place of its
+/// trace directory says (the agent writes a forked child's trace, and
+/// that of a program a traced process started, in `child-<pid>/` inside
+/// its parent's directory; that of the program a traced process exec'd in
+/// `child-<pid>-exec/`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Origin {
+    /// The program `textpoke record` ran.
+    Recorded,
+    /// A child forked by a traced process, running on in the same program
+    /// (its trace names its parent).
+    Forked,
+    /// A program another process started (fork and exec, `posix_spawn`,
+    /// `vfork`): the commands of a shell script, say.
+    Started,
+    /// The program a traced process exec'd: the same pid, a new program.
+    Exec,
+}
+
+impl Origin {
+    /// Where a process came from, for people: `forked from pid 12`,
+    /// `started by pid 12`, `pid 12 after exec`; empty for the recorded
+    /// program.
+    pub fn describe(self, parent_pid: Option<i32>) -> String {
+        match (self, parent_pid) {
+            (Origin::Recorded, _) => String::new(),
+            (Origin::Forked, Some(p)) => format!("forked from pid {p}"),
+            (Origin::Forked, None) => "forked".into(),
+            (Origin::Started, Some(p)) => format!("started by pid {p}"),
+            (Origin::Started, None) => "started by the recorded program".into(),
+            (Origin::Exec, Some(p)) => format!("pid {p} after exec"),
+            (Origin::Exec, None) => "after exec".into(),
+        }
+    }
+}
+
 /// One process of a [`TraceSet`].
 #[derive(Debug)]
 pub struct Process {
     /// Its trace.
     pub trace: Trace,
-    /// Index of its parent in [`TraceSet::processes`] (`None` for the
-    /// traced process itself).
-    pub parent: Option<usize>,
+    /// How it came to be traced.
+    pub origin: Origin,
+    /// The process that forked, started or exec'd it, when known (a
+    /// program started by a recorded program that traced nothing itself
+    /// has none).
+    pub parent_pid: Option<i32>,
 }
 
 impl Process {
@@ -222,67 +270,84 @@ impl Process {
     pub fn label(&self) -> String {
         format!("{} [pid {}]", self.trace.meta().process_name, self.pid())
     }
+
+    /// Where it came from, for people (see [`Origin::describe`]).
+    pub fn origin_text(&self) -> String {
+        self.origin.describe(self.parent_pid)
+    }
 }
 
-/// A trace directory and the traces of the processes it forked.
+/// A trace directory and the traces of the processes it forked or started.
 #[derive(Debug)]
 pub struct TraceSet {
-    /// The traced process first, then its children depth-first in
-    /// directory order.
+    /// The traced process first, then depth first the processes each
+    /// process forked or started, in the order they started.
     pub processes: Vec<Process>,
-    /// What salvaging incomplete traces cut, one note each.
+    /// What salvaging incomplete traces cut, one note each, and which
+    /// processes left no trace of their own.
     pub notes: Vec<String>,
+    /// The pids of the `child-<pid>` directories without a trace (see
+    /// [`TraceSet::open`]).
+    silent: Vec<i32>,
 }
 
 /// How deep `child-<pid>/child-<pid>/…` is followed.
 const MAX_FORK_DEPTH: usize = 32;
 
 impl TraceSet {
-    /// Opens the trace directory `dir` with `opts`, and its children's.
+    /// Opens the trace directory `dir` with `opts`, and those of the
+    /// processes it forked or started (`child-*`, recursively).
+    ///
+    /// A directory without a trace of its own (no `meta.json`) that holds
+    /// children is no error: the program ran no traced code, but programs
+    /// it started did (a shell script running traced programs, each
+    /// command in its own `child-<pid>/`; a subshell's commands one level
+    /// down). Its children are shown in its place, and a note says so.
     pub fn open(dir: impl AsRef<Path>, opts: OpenOptions) -> Result<TraceSet, AnalysisError> {
         let dir = dir.as_ref();
+        let mut set = TraceSet::empty();
         match Trace::open_with(dir, opts) {
-            Ok(trace) => Self::from_trace(trace),
-            // The program itself ran no traced code, but processes it
-            // started did (a shell script running traced programs): their
-            // traces, side by side.
-            Err(TraceError::MissingFile { path, .. })
-                if path.file_name().is_some_and(|n| n == format::META_FILE) && has_children(dir) =>
-            {
-                Self::children_only(dir)
+            Ok(trace) => set.add(trace, Origin::Recorded, None, 0)?,
+            Err(e) if is_missing_meta(&e, dir) && !child_dirs(dir).is_empty() => {
+                set.add_children(dir, None, 1)?;
+                if set.processes.is_empty() {
+                    return Err(e.into());
+                }
+                set.notes.insert(
+                    0,
+                    format!(
+                        "{} holds no trace of its own (the program ran no traced code); showing the {} process(es) \
+                         it started",
+                        dir.display(),
+                        set.processes.len()
+                    ),
+                );
             }
-            Err(e) => Err(e.into()),
+            Err(e) => return Err(e.into()),
         }
-    }
-
-    /// The traces of the processes `dir`'s program started, each a process
-    /// of its own (with its own children).
-    fn children_only(dir: &Path) -> Result<TraceSet, AnalysisError> {
-        let mut set = TraceSet { processes: Vec::new(), notes: Vec::new() };
-        let children = child_dirs(dir);
-        set.notes.push(format!(
-            "{} holds no trace of its own (the program ran no traced code); showing the {} process(es) it started",
-            dir.display(),
-            children.len()
-        ));
-        for child in children {
-            let trace = Trace::open_with(&child, OpenOptions { allow_incomplete: true })
-                .map_err(|source| AnalysisError::Child { dir: child.clone(), source })?;
-            set.add(trace, None, 1)?;
-        }
+        set.note_silent();
         Ok(set)
     }
 
     /// A set from an open trace; its children are opened here.
     pub fn from_trace(trace: Trace) -> Result<TraceSet, AnalysisError> {
-        let mut set = TraceSet { processes: Vec::new(), notes: Vec::new() };
-        set.add(trace, None, 0)?;
+        let mut set = TraceSet::empty();
+        set.add(trace, Origin::Recorded, None, 0)?;
+        set.note_silent();
         Ok(set)
     }
 
-    fn add(&mut self, trace: Trace, parent: Option<usize>, level: usize) -> Result<(), AnalysisError> {
+    fn empty() -> TraceSet {
+        TraceSet { processes: Vec::new(), notes: Vec::new(), silent: Vec::new() }
+    }
+
+    /// Adds `trace` (at fork depth `level`) and the processes under it.
+    fn add(&mut self, trace: Trace, origin: Origin, parent_pid: Option<i32>, level: usize) -> Result<(), AnalysisError> {
         if !trace.is_complete() {
-            let what = if parent.is_none() { "the trace" } else { "a forked child's trace" };
+            let what = match origin {
+                Origin::Recorded => "the trace".to_string(),
+                _ => format!("the trace of pid {}", trace.meta().pid),
+            };
             self.notes.push(match ending(&trace) {
                 Some(end) => format!(
                     "{what} {} is incomplete: {end}; everything recorded up to then was written; events lost: {}",
@@ -296,24 +361,64 @@ impl TraceSet {
             });
         }
         self.notes.extend(trace.salvage_notes().iter().cloned());
-        let children: Vec<PathBuf> = trace.children().to_vec();
-        let me = self.processes.len();
-        self.processes.push(Process { trace, parent });
-        if level >= MAX_FORK_DEPTH {
-            if !children.is_empty() {
+        let (dir, pid) = (trace.dir().to_path_buf(), trace.meta().pid);
+        self.processes.push(Process { trace, origin, parent_pid });
+        self.add_children(&dir, Some(pid), level + 1)
+    }
+
+    /// Adds the processes whose directories are in `dir` (the process
+    /// `pid`'s, when known), at fork depth `level`: those with a trace in
+    /// the order they started, then those of the directories without one
+    /// (a subshell's commands).
+    fn add_children(&mut self, dir: &Path, pid: Option<i32>, level: usize) -> Result<(), AnalysisError> {
+        let dirs = child_dirs(dir);
+        if level > MAX_FORK_DEPTH {
+            if !dirs.is_empty() {
                 self.notes.push(format!("forks nested deeper than {MAX_FORK_DEPTH} levels are not shown"));
             }
             return Ok(());
         }
-        for dir in children {
-            let child = Trace::open_with(&dir, OpenOptions { allow_incomplete: true })
-                .map_err(|source| AnalysisError::Child { dir: dir.clone(), source })?;
-            self.add(child, Some(me), level + 1)?;
+        let (mut traces, mut silent) = (Vec::new(), Vec::new());
+        for d in dirs {
+            match Trace::open_with(&d, OpenOptions { allow_incomplete: true }) {
+                Ok(t) => traces.push((is_exec_dir(&d), t)),
+                Err(e) if is_missing_meta(&e, &d) => silent.push(d),
+                Err(source) => return Err(AnalysisError::Child { dir: d, source }),
+            }
+        }
+        traces.sort_by_key(|(_, t)| (t.meta().start_unix_ns, t.meta().pid));
+        for (exec, t) in traces {
+            let (origin, parent) = match t.meta().parent_pid {
+                _ if exec => (Origin::Exec, pid),
+                Some(p) => (Origin::Forked, Some(p)),
+                None => (Origin::Started, pid),
+            };
+            self.add(t, origin, parent, level)?;
+        }
+        for d in silent {
+            let child_pid = dir_pid(&d);
+            self.silent.extend(child_pid);
+            self.add_children(&d, child_pid.or(pid), level + 1)?;
         }
         Ok(())
     }
 
-    /// The traced process's trace.
+    /// One note for the directories without a trace.
+    fn note_silent(&mut self) {
+        if self.silent.is_empty() {
+            return;
+        }
+        let pids: Vec<String> = self.silent.iter().map(|p| p.to_string()).collect();
+        self.notes.push(format!(
+            "{} process(es) left a directory but no trace of their own (pid {}): they ran no traced code (a shell \
+             running commands, say) or ended before their first flush; the processes they started are shown",
+            pids.len(),
+            pids.join(", ")
+        ));
+    }
+
+    /// The traced process's trace (the first process's, when the program
+    /// recorded nothing itself).
     pub fn root(&self) -> &Trace {
         &self.processes[0].trace
     }
@@ -323,35 +428,48 @@ impl TraceSet {
         self.processes.iter().flat_map(|p| p.trace.threads()).map(|t| t.words).sum()
     }
 
-    /// Keeps only the process `pid`; `false` if no process has it.
+    /// Keeps only the process `pid` (its programs before and after an
+    /// exec, if it exec'd); `false` if no process has it.
     pub fn retain_pid(&mut self, pid: i32) -> bool {
-        let Some(i) = self.processes.iter().position(|p| p.pid() == pid) else {
+        if !self.processes.iter().any(|p| p.pid() == pid) {
             return false;
-        };
-        let p = self.processes.swap_remove(i);
-        self.processes.clear();
-        self.processes.push(Process { parent: None, ..p });
+        }
+        self.processes.retain(|p| p.pid() == pid);
         true
     }
 
-    /// The pids of the processes.
+    /// The pids of the processes, in order (a pid twice when its process
+    /// exec'd a traced program).
     pub fn pids(&self) -> Vec<i32> {
         self.processes.iter().map(Process::pid).collect()
     }
 }
 
-/// The trace directories of the processes `dir`'s program started
-/// (`child-<pid>`, `child-<pid>-exec`), sorted.
+/// Whether `e` says that `dir` has no `meta.json`.
+fn is_missing_meta(e: &TraceError, dir: &Path) -> bool {
+    matches!(e, TraceError::MissingFile { path, .. } if *path == dir.join(format::META_FILE))
+}
+
+/// The trace directories of the processes `dir`'s program forked or
+/// started (`child-<pid>`, `child-<pid>-exec`), sorted by name.
 fn child_dirs(dir: &Path) -> Vec<PathBuf> {
     let mut v: Vec<PathBuf> = std::fs::read_dir(dir)
-        .map(|rd| rd.flatten().map(|e| e.path()).filter(|p| is_child_dir(p) && p.is_dir()).collect())
+        .map(|rd| rd.flatten().filter(|e| e.file_type().is_ok_and(|t| t.is_dir())).map(|e| e.path()).collect())
         .unwrap_or_default();
+    v.retain(|p| is_child_dir(p));
     v.sort();
     v
 }
 
-fn has_children(dir: &Path) -> bool {
-    !child_dirs(dir).is_empty()
+/// Whether `dir` is `child-<pid>-exec`: the program a process exec'd.
+fn is_exec_dir(dir: &Path) -> bool {
+    dir.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.ends_with("-exec"))
+}
+
+/// The pid in a `child-<pid>` or `child-<pid>-exec` directory's name.
+fn dir_pid(dir: &Path) -> Option<i32> {
+    let name = dir.file_name()?.to_str()?.strip_prefix(CHILD_DIR_PREFIX)?;
+    name.strip_suffix("-exec").unwrap_or(name).parse().ok()
 }
 
 /// Who lost events while `trace` was recorded, for people: `none`, or

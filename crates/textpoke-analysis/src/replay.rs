@@ -16,6 +16,7 @@
 //! a closing line or a time, and the calls after it are indented at the
 //! depth recording resumed at, under callers that are not known.
 
+use super::color::{Colors, Style};
 use super::{escape, walk_thread, AnalysisError, Call, Closed, Event, Rebuilder, TraceSet};
 use std::io::{self, Write};
 use textpoke_record::tracedata::Trace;
@@ -26,6 +27,9 @@ use textpoke_record::{FuncId, Mode};
 pub struct ReplayOptions {
     /// Only this thread (of whichever process has it).
     pub tid: Option<i32>,
+    /// Colour the headings, the long durations and where events were lost
+    /// (see [`color`](super::color)).
+    pub colors: Colors,
 }
 
 /// A duration for people: `0.412 us`, `12.093 ms`, `1.200 s`.
@@ -55,6 +59,7 @@ const DUR_WIDTH: usize = 13;
 struct Printer<'a, W: Write> {
     w: &'a mut W,
     trace: &'a Trace,
+    colors: Colors,
     /// An entry not printed yet: a leaf if its exit comes next.
     pending: Option<(FuncId, usize)>,
     err: Option<io::Error>,
@@ -65,19 +70,30 @@ struct Printer<'a, W: Write> {
 }
 
 impl<W: Write> Printer<'_, W> {
-    fn line(&mut self, dur: &str, level: usize, text: std::fmt::Arguments<'_>) {
-        if self.err.is_none() {
-            let indent = level * 2;
-            if let Err(e) = writeln!(self.w, "{dur:>DUR_WIDTH$} | {:indent$}{text}", "") {
-                self.err = Some(e);
+    /// Writes a line: `dur` (the duration of a call of `ns`, or nothing)
+    /// in the left column, `text` indented by `level`.
+    fn line(&mut self, dur: &str, ns: Option<u64>, level: usize, text: std::fmt::Arguments<'_>) {
+        if self.err.is_some() {
+            return;
+        }
+        let indent = level * 2;
+        let r = match ns.filter(|_| self.colors.on) {
+            Some(ns) => {
+                let dur = self.colors.duration(ns, &format!("{dur:>DUR_WIDTH$}"));
+                writeln!(self.w, "{dur} | {:indent$}{text}", "")
             }
+            None => writeln!(self.w, "{dur:>DUR_WIDTH$} | {:indent$}{text}", ""),
+        };
+        if let Err(e) = r {
+            self.err = Some(e);
         }
     }
+
 
     fn flush_pending(&mut self) {
         if let Some((f, level)) = self.pending.take() {
             let name = escape(self.trace.name(f));
-            self.line("", level, format_args!("{name}() {{"));
+            self.line("", None, level, format_args!("{name}() {{"));
         }
     }
 
@@ -105,6 +121,7 @@ impl<W: Write> Printer<'_, W> {
                 let level = self.level;
                 self.line(
                     "",
+                    None,
                     level,
                     format_args!("/* {count} event(s) of a signal handler's calls not recorded here */"),
                 );
@@ -113,11 +130,13 @@ impl<W: Write> Printer<'_, W> {
                 self.flush_pending();
                 self.gaps += 1;
                 self.level = level;
-                self.line(
-                    "",
-                    0,
-                    format_args!("========== {lost} event(s) lost here; resuming at depth {level} =========="),
-                );
+                let text = format_args!("========== {lost} event(s) lost here; resuming at depth {level} ==========");
+                if self.colors.on {
+                    let text = self.colors.paint(Style::Red, &text.to_string());
+                    self.line("", None, 0, format_args!("{text}"));
+                } else {
+                    self.line("", None, 0, text);
+                }
             }
             Event::Leave(c) => {
                 self.level = c.level;
@@ -126,10 +145,10 @@ impl<W: Write> Printer<'_, W> {
                 let value = c.value.map(|v| format!(" = {}", value_text(v))).unwrap_or_default();
                 if self.pending.take().is_some() {
                     // Enter directly followed by its Leave: a leaf.
-                    self.line(&dur, c.level, format_args!("{name}(){value};"));
+                    self.line(&dur, Some(c.total_ns), c.level, format_args!("{name}(){value};"));
                 } else {
                     let value = if value.is_empty() { value } else { format!("{value};") };
-                    self.line(&dur, c.level, format_args!("}}{value} /* {name} */"));
+                    self.line(&dur, Some(c.total_ns), c.level, format_args!("}}{value} /* {name} */"));
                 }
             }
             Event::OrphanExit { .. } => {}
@@ -155,6 +174,9 @@ pub fn replay<W: Write>(
         }
     }
     let write = AnalysisError::Write;
+    let colors = opts.colors;
+    // A comment line, in `style`.
+    let comment = |w: &mut W, style: Style, text: String| writeln!(w, "{}", colors.paint(style, &text)).map_err(write);
     let mut marks = false;
     for p in &set.processes {
         let trace = &p.trace;
@@ -165,16 +187,16 @@ pub fn replay<W: Write>(
         if threads.is_empty() {
             continue;
         }
-        match p.parent {
-            None => writeln!(w, "# process {}", escape(&p.label())).map_err(write)?,
-            Some(i) => writeln!(w, "# process {}, forked from pid {}", escape(&p.label()), set.processes[i].pid())
-                .map_err(write)?,
-        }
+        let origin = p.origin_text();
+        let origin = if origin.is_empty() { origin } else { format!(", {origin}") };
+        comment(w, Style::Bold, format!("# process {}{origin}", escape(&p.label())))?;
         let mut rb = Rebuilder::new(trace.clock());
         for t in threads {
-            writeln!(w, "#\n# thread {}\n# {:>w$} | FUNCTION", t.tid(), "DURATION", w = DUR_WIDTH - 2)
-                .map_err(write)?;
-            let mut pr = Printer { w: &mut *w, trace, pending: None, err: None, marks: false, gaps: 0, level: 0 };
+            writeln!(w, "#").map_err(write)?;
+            comment(w, Style::Bold, format!("# thread {}", t.tid()))?;
+            writeln!(w, "# {:>w$} | FUNCTION", "DURATION", w = DUR_WIDTH - 2).map_err(write)?;
+            let mut pr =
+                Printer { w: &mut *w, trace, colors, pending: None, err: None, marks: false, gaps: 0, level: 0 };
             let (mut orphans, mut after_gap) = (0u64, 0u64);
             walk_thread(trace, t, &mut rb, progress, &mut |e| {
                 if let Event::OrphanExit { after_gap: g, .. } = e {
@@ -200,20 +222,25 @@ pub fn replay<W: Write>(
                     .map_err(write)?;
             }
             if t.dropped() > 0 {
-                writeln!(
+                comment(
                     w,
-                    "# {} event(s) lost on this thread ({gaps} gap(s) above; the buffer limit was reached); call counts in `textpoke report` are exact",
-                    t.dropped()
-                )
-                .map_err(write)?;
+                    Style::Red,
+                    format!(
+                        "# {} event(s) lost on this thread ({gaps} gap(s) above; the buffer limit was reached); call \
+                         counts in `textpoke report` are exact",
+                        t.dropped()
+                    ),
+                )?;
             }
             if let Some(end) = trace.meta().ended_by.as_ref().filter(|e| e.tid == t.tid()) {
-                writeln!(
+                comment(
                     w,
-                    "# the recording ends here: {} crashed the process inside the calls left open above",
-                    escape(&end.describe(trace.meta().pid))
-                )
-                .map_err(write)?;
+                    Style::Red,
+                    format!(
+                        "# the recording ends here: {} crashed the process inside the calls left open above",
+                        escape(&end.describe(trace.meta().pid))
+                    ),
+                )?;
             }
         }
         writeln!(w, "#").map_err(write)?;

@@ -1,6 +1,6 @@
 //! The per-function report (see the [module documentation](super)).
 
-use super::{walk_thread, AnalysisError, Closed, Event, Rebuilder, TraceSet};
+use super::{walk_thread, AnalysisError, Closed, Event, Origin, Rebuilder, TraceSet};
 use serde::Serialize;
 use std::collections::HashMap;
 use std::str::FromStr;
@@ -147,10 +147,14 @@ pub struct ThreadStats {
 pub struct ProcessReport {
     /// Process id.
     pub pid: i32,
-    /// Parent process id, for a forked child.
+    /// The process that forked, started or exec'd it, when known.
     pub parent_pid: Option<i32>,
+    /// How it came to be traced.
+    pub origin: Origin,
     /// Process name.
     pub process_name: String,
+    /// Its program's path, when it was readable.
+    pub exe: Option<String>,
     /// `"record"` or `"count"`.
     pub mode: Mode,
     /// Whether the trace was complete (else salvaged).
@@ -222,9 +226,9 @@ impl Default for Acc {
 pub fn report(set: &TraceSet, opts: &ReportOptions, progress: &mut dyn FnMut(u64)) -> Result<Report, AnalysisError> {
     let mut processes = Vec::with_capacity(set.processes.len());
     for p in &set.processes {
-        let parent_pid = p.parent.map(|i| set.processes[i].pid()).or(p.trace.meta().parent_pid);
         let mut r = process_report(&p.trace, progress)?;
-        r.parent_pid = parent_pid;
+        r.parent_pid = p.parent_pid;
+        r.origin = p.origin;
         sort(&mut r.functions, opts.sort);
         processes.push(r);
     }
@@ -289,7 +293,9 @@ fn process_report(trace: &Trace, progress: &mut dyn FnMut(u64)) -> Result<Proces
     Ok(ProcessReport {
         pid: meta.pid,
         parent_pid: meta.parent_pid,
+        origin: Origin::Recorded,
         process_name: meta.process_name.clone(),
+        exe: meta.exe.clone(),
         mode: meta.mode,
         complete: meta.complete,
         dropped: trace.dropped(),

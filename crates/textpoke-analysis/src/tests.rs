@@ -372,7 +372,7 @@ fn replay_is_balanced_and_marks_leaves() {
     let dir = recursive_trace("replay");
     let set = open(&dir);
     let mut out = Vec::new();
-    replay(&set, &ReplayOptions { tid: Some(10) }, &mut out, &mut |_| {}).unwrap();
+    replay(&set, &ReplayOptions { tid: Some(10), ..Default::default() }, &mut out, &mut |_| {}).unwrap();
     let text = String::from_utf8(out).unwrap();
     let body: Vec<&str> = text.lines().filter(|l| !l.starts_with('#')).collect();
     let expect = [
@@ -394,7 +394,8 @@ fn replay_is_balanced_and_marks_leaves() {
     assert!(text.contains("    >0.010 us | } /* main */"), "{text}");
     assert!(text.contains("    >0.000 us |   leaf();"), "{text}");
     assert_eq!(text.matches(") {").count(), text.matches("} /*").count());
-    let e = replay(&set, &ReplayOptions { tid: Some(99) }, &mut Vec::new(), &mut |_| {}).unwrap_err();
+    let e = replay(&set, &ReplayOptions { tid: Some(99), ..Default::default() }, &mut Vec::new(), &mut |_| {})
+        .unwrap_err();
     assert!(matches!(e, AnalysisError::NoSuchThread { tid: 99, .. }), "{e}");
     assert!(e.to_string().contains("10, 11"), "{e}");
     let _ = std::fs::remove_dir_all(dir);
@@ -435,6 +436,10 @@ fn chrome_events_and_folded_stacks() {
     let svg = String::from_utf8(svg).unwrap();
     assert!(svg.starts_with("<?xml"), "{}", &svg[..100]);
     assert!(svg.contains("fact") && svg.contains("main"));
+    // The root frame is labelled (inferno leaves it blank), and so is its
+    // title, which the SVG's script shows there after a zoom.
+    assert!(svg.contains(">all: handmade [pid 10]</text>"), "{svg}");
+    assert!(svg.contains("<title>all: handmade [pid 10] (213 ns, 100%)</title>"), "{svg}");
     let _ = std::fs::remove_dir_all(dir);
 }
 
@@ -496,6 +501,86 @@ fn forked_children_are_apart() {
     let e = TraceSet::open(&dir, Default::default()).unwrap_err();
     assert!(matches!(e, AnalysisError::Child { .. }), "{e}");
     assert!(e.to_string().contains("child-31"), "{e}");
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+/// Sets fields of the `meta.json` of `dir`.
+fn edit_meta(dir: &std::path::Path, edit: impl FnOnce(&mut serde_json::Value)) {
+    let path = dir.join(format::META_FILE);
+    let mut m: serde_json::Value = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+    edit(&mut m);
+    std::fs::write(path, serde_json::to_vec(&m).unwrap()).unwrap();
+}
+
+/// A trace of one call of `f` by thread `pid`, started at `start` (Unix
+/// ns), in `dir`.
+fn one_call_trace(dir: &std::path::Path, pid: i32, f: &str, start: u64) {
+    std::fs::create_dir_all(dir).unwrap();
+    write_trace(dir, pid, &[f], &[(pid, vec![raw(KIND_ENTRY, 0, 0, 0), raw(KIND_EXIT, 0, 0, 10)])], None);
+    edit_meta(dir, |m| m["start_unix_ns"] = start.into());
+}
+
+/// What a shell script running traced programs leaves: a directory with
+/// no trace of its own and one per command; a subshell's commands one
+/// level down, under a directory without a trace either; a command that
+/// exec'd a traced program; a directory a process left empty.
+#[test]
+fn children_without_a_trace_of_their_own() {
+    let dir = tmp("script");
+    // Started in the order 45, 44: shown in that order, not by name.
+    one_call_trace(&dir.join("child-44"), 44, "second", 300);
+    one_call_trace(&dir.join("child-45"), 45, "first", 100);
+    one_call_trace(&dir.join("child-50/child-51"), 51, "in_subshell", 400);
+    one_call_trace(&dir.join("child-50/child-51/child-51-exec"), 51, "after_exec", 500);
+    std::fs::create_dir_all(dir.join("child-60")).unwrap();
+    let set = open(&dir);
+    assert_eq!(set.pids(), [45, 44, 51, 51]);
+    let origins: Vec<_> = set.processes.iter().map(|p| (p.origin, p.parent_pid)).collect();
+    assert_eq!(
+        origins,
+        [(Origin::Started, None), (Origin::Started, None), (Origin::Started, Some(50)), (Origin::Exec, Some(51))]
+    );
+    assert_eq!(set.processes[2].origin_text(), "started by pid 50");
+    assert_eq!(set.processes[3].origin_text(), "pid 51 after exec");
+    assert!(set.notes[0].contains("holds no trace of its own") && set.notes[0].contains("the 4 process(es)"));
+    assert!(set.notes.iter().any(|n| n.contains("(pid 50, 60)")), "{:?}", set.notes);
+    let r = report(&set, &ReportOptions::default(), &mut |_| {}).unwrap();
+    let firsts: Vec<_> = r.processes.iter().map(|p| p.functions[0].function.as_str()).collect();
+    assert_eq!(firsts, ["first", "second", "in_subshell", "after_exec"]);
+    assert_eq!((r.processes[3].origin, r.processes[3].parent_pid), (Origin::Exec, Some(51)));
+    let (folded, _) = folded(&set, &mut |_| {}).unwrap();
+    assert!(folded.contains("handmade [pid 51];after_exec 10"), "{folded}");
+    // --pid keeps a process's programs before and after its exec.
+    let mut one = open(&dir);
+    assert!(one.retain_pid(51));
+    assert_eq!(one.pids(), [51, 51]);
+    assert!(!one.retain_pid(44));
+
+    // Nothing but directories without a trace: the missing trace is the
+    // error, as for an empty directory.
+    let empty = tmp("script-empty");
+    std::fs::create_dir_all(empty.join("child-7/child-8")).unwrap();
+    let e = TraceSet::open(&empty, Default::default()).unwrap_err();
+    assert!(e.to_string().contains("meta.json"), "{e}");
+    let _ = std::fs::remove_dir_all(dir);
+    let _ = std::fs::remove_dir_all(empty);
+}
+
+#[test]
+fn replay_colours_only_when_asked() {
+    let dir = recursive_trace("replay-colour");
+    let set = open(&dir);
+    let mut plain = Vec::new();
+    replay(&set, &ReplayOptions::default(), &mut plain, &mut |_| {}).unwrap();
+    assert!(!plain.contains(&0x1b), "{}", String::from_utf8_lossy(&plain));
+    let mut coloured = Vec::new();
+    let opts = ReplayOptions { colors: color::Colors { on: true }, ..Default::default() };
+    replay(&set, &opts, &mut coloured, &mut |_| {}).unwrap();
+    let text = String::from_utf8(coloured).unwrap();
+    assert!(text.contains("\x1b[1m# process handmade [pid 10]\x1b[0m"), "{text}");
+    // Without the escape sequences, the same text.
+    let stripped = text.replace("\x1b[1m", "").replace("\x1b[0m", "");
+    assert_eq!(stripped, String::from_utf8(plain).unwrap());
     let _ = std::fs::remove_dir_all(dir);
 }
 

@@ -1,12 +1,98 @@
 //! Small pieces shared by the commands: an error with the exit code it
-//! ends the command with, printing a message safely, and a few system
-//! calls.
+//! ends the command with, printing a message safely, whether to colour,
+//! and a few system calls.
 
-use std::ffi::CString;
+use std::ffi::{CString, OsString};
+use std::io::IsTerminal;
 use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::sync::OnceLock;
+use textpoke_analysis::color::{Colors, Style};
 use textpoke_analysis::escape;
+
+/// When to colour (`--color`).
+#[derive(clap::ValueEnum, Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum ColorChoice {
+    /// When the output is a terminal, `NO_COLOR` is not set and `TERM` is
+    /// not `dumb` (`CLICOLOR_FORCE` colours pipes too)
+    #[default]
+    Auto,
+    /// Always, even into pipes and files (and whatever `NO_COLOR` says)
+    Always,
+    /// Never
+    Never,
+}
+
+impl ColorChoice {
+    /// Whether to colour an output that is a terminal or not, given the
+    /// environment `var` reads. An explicit `--color` wins; in `auto`,
+    /// `NO_COLOR` (set and not empty: no-color.org) turns colour off,
+    /// `CLICOLOR_FORCE` (set, not empty, not `0`) on even into pipes.
+    pub fn decide(self, terminal: bool, var: impl Fn(&str) -> Option<OsString>) -> bool {
+        let set = |name: &str| var(name).is_some_and(|v| !v.is_empty());
+        match self {
+            ColorChoice::Always => true,
+            ColorChoice::Never => false,
+            ColorChoice::Auto if set("NO_COLOR") => false,
+            ColorChoice::Auto if set("CLICOLOR_FORCE") && var("CLICOLOR_FORCE").is_some_and(|v| v != "0") => true,
+            ColorChoice::Auto => terminal && var("TERM").is_none_or(|t| t != "dumb"),
+        }
+    }
+
+    /// The choice `--color` gives on this command line (before clap parses
+    /// it, so that clap's own messages follow it too): the last one before
+    /// `--`, `auto` when there is none or it is not understood (clap then
+    /// says so).
+    pub fn from_args(args: &[OsString]) -> ColorChoice {
+        let mut choice = ColorChoice::Auto;
+        let mut it = args.iter().skip(1);
+        while let Some(a) = it.next() {
+            let value = match a.to_str() {
+                Some("--") => break,
+                Some("--color") => it.next().and_then(|v| v.to_str()),
+                Some(a) => a.strip_prefix("--color="),
+                None => None,
+            };
+            choice = match value {
+                Some("always") => ColorChoice::Always,
+                Some("never") => ColorChoice::Never,
+                Some("auto") => ColorChoice::Auto,
+                _ => choice,
+            };
+        }
+        choice
+    }
+}
+
+/// Whether standard output and standard error are coloured, set once at
+/// the start ([`set_colors`]).
+static COLORS: OnceLock<(Colors, Colors)> = OnceLock::new();
+
+/// Decides, once, whether standard output and standard error are
+/// coloured.
+pub fn set_colors(choice: ColorChoice) {
+    let var = |n: &str| std::env::var_os(n);
+    let out = choice.decide(std::io::stdout().is_terminal(), var);
+    let err = choice.decide(std::io::stderr().is_terminal(), var);
+    let _ = COLORS.set((Colors { on: out }, Colors { on: err }));
+}
+
+/// The colours of standard output (none until [`set_colors`]).
+pub fn stdout_colors() -> Colors {
+    COLORS.get().map_or(Colors::OFF, |c| c.0)
+}
+
+/// The colours of standard error (none until [`set_colors`]).
+pub fn stderr_colors() -> Colors {
+    COLORS.get().map_or(Colors::OFF, |c| c.1)
+}
+
+/// Prints `PREFIX: MESSAGE` on stderr, the prefix in `style` (see
+/// [`eprint_line`] for the message).
+pub fn eprint_prefixed(prefix: &str, style: Style, message: &str) {
+    eprintln!("{} {}", stderr_colors().paint(style, &format!("{prefix}:")), escape(message));
+}
 
 /// A failure of a command: the message and the exit code (2 for input the
 /// command refuses, 126 and 127 for a program that cannot be run or found,
@@ -30,10 +116,11 @@ impl CliError {
         CliError { help, ..self }
     }
 
-    /// Prints `PREFIX: MESSAGE` (see [`eprint_line`]) and the help on
-    /// stderr, and returns the exit code.
+    /// Prints `PREFIX: MESSAGE` (see [`eprint_line`]; the prefix in red
+    /// when stderr is coloured) and the help on stderr, and returns the
+    /// exit code.
     pub fn report(&self, prefix: &str) -> ExitCode {
-        eprint_line(&format!("{prefix}: {}", self.message));
+        eprint_prefixed(prefix, Style::Red, &self.message);
         if !self.help.is_empty() {
             eprintln!("{}", self.help);
         }
@@ -68,4 +155,38 @@ pub fn private_temp_dir(name: &str) -> std::io::Result<PathBuf> {
     }
     bytes.pop();
     Ok(PathBuf::from(std::ffi::OsString::from_vec(bytes)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env<'a>(pairs: &'a [(&'a str, &'a str)]) -> impl Fn(&str) -> Option<OsString> + 'a {
+        move |n| pairs.iter().find(|(k, _)| *k == n).map(|(_, v)| OsString::from(v))
+    }
+
+    #[test]
+    fn color_choice_follows_the_flag_then_no_color_then_the_terminal() {
+        use ColorChoice::*;
+        assert!(Auto.decide(true, env(&[])));
+        assert!(!Auto.decide(false, env(&[])));
+        assert!(!Auto.decide(true, env(&[("NO_COLOR", "1")])));
+        assert!(Auto.decide(true, env(&[("NO_COLOR", "")])), "an empty NO_COLOR is not set");
+        assert!(!Auto.decide(true, env(&[("TERM", "dumb")])));
+        assert!(Auto.decide(false, env(&[("CLICOLOR_FORCE", "1")])));
+        assert!(!Auto.decide(false, env(&[("CLICOLOR_FORCE", "0")])));
+        assert!(!Auto.decide(false, env(&[("CLICOLOR_FORCE", "1"), ("NO_COLOR", "1")])));
+        assert!(Always.decide(false, env(&[("NO_COLOR", "1")])));
+        assert!(!Never.decide(true, env(&[("CLICOLOR_FORCE", "1")])));
+    }
+
+    #[test]
+    fn color_choice_is_found_before_clap_parses() {
+        let args = |a: &[&str]| a.iter().map(OsString::from).collect::<Vec<_>>();
+        assert_eq!(ColorChoice::from_args(&args(&["tp", "report", "--color=always"])), ColorChoice::Always);
+        assert_eq!(ColorChoice::from_args(&args(&["tp", "--color", "never", "report"])), ColorChoice::Never);
+        assert_eq!(ColorChoice::from_args(&args(&["tp", "--color=never", "--color=always"])), ColorChoice::Always);
+        assert_eq!(ColorChoice::from_args(&args(&["tp", "record", "--", "prog", "--color=never"])), ColorChoice::Auto);
+        assert_eq!(ColorChoice::from_args(&args(&["tp", "--color=purple"])), ColorChoice::Auto);
+    }
 }

@@ -34,22 +34,24 @@ pub struct Args {
     /// written in place; a symbolic link is kept and what it names written
     #[arg(short = 'o', long = "output", value_name = "FILE")]
     output: Option<PathBuf>,
-    /// Only this process: the traced one or a child it forked (default: all)
-    #[arg(long, value_name = "PID")]
-    pid: Option<i32>,
     /// Title of the flame graph
     #[arg(long, value_name = "TEXT", requires = "flamegraph")]
     title: Option<String>,
 }
 
 pub fn run(args: &Args) -> ExitCode {
-    let mut set = match args.input.open() {
+    let set = match args.input.open() {
         Ok(s) => s,
         Err(e) => return common::fail("dump", e),
     };
-    if let Err(e) = common::select_pid(&mut set, args.pid) {
-        return common::fail("dump", e);
-    }
+    common::note_processes(
+        &set,
+        if args.perfetto || args.chrome {
+            "each is a process of its own in the output"
+        } else {
+            "each is a tower of its own, under a frame naming it"
+        },
+    );
     let out = args.output.as_deref();
     if args.perfetto {
         common::convert("dump", &set, out, "converting", |w, progress| {
@@ -84,12 +86,14 @@ fn warn_if_too_big_for_a_browser(set: &textpoke_analysis::TraceSet) {
     let events: u64 = set.processes.iter().map(|p| p.trace.meta().total_events).sum();
     let bytes = events / 2 * JSON_BYTES_PER_CALL;
     if bytes > JSON_BROWSER_LIMIT {
-        eprintln!(
-            "textpoke dump: warning: this Chrome JSON will be about {} MB, more than a browser or the Perfetto UI's \
-             JSON importer can load (about {} MB); `textpoke dump --perfetto` writes a protobuf trace the Perfetto UI \
-             opens at any size",
-            bytes >> 20,
-            JSON_BROWSER_LIMIT >> 20
+        common::warn(
+            "dump",
+            &format!(
+                "this Chrome JSON will be about {} MB, more than a browser or the Perfetto UI's JSON importer can load \
+                 (about {} MB); `textpoke dump --perfetto` writes a protobuf trace the Perfetto UI opens at any size",
+                bytes >> 20,
+                JSON_BROWSER_LIMIT >> 20
+            ),
         );
     }
 }

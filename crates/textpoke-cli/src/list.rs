@@ -11,7 +11,6 @@ use std::process::ExitCode;
 use textpoke::sites::file::{scan_file, FileSites};
 use textpoke::sites::NopForm;
 use textpoke_analysis::escape;
-use textpoke_record::tracedata::{OpenOptions, Trace};
 
 /// The compiler flags that add patchable entries, for error messages.
 use crate::record::HOW_TO_ADD_SITES;
@@ -25,6 +24,11 @@ pub struct Args {
     /// Read an incomplete trace directory (-i) anyway
     #[arg(long, conflicts_with = "prog")]
     salvage: bool,
+    /// Only this process of the trace (-i): the recorded program, or one it
+    /// forked or started (default: all, each under a `# process` line when
+    /// there are several)
+    #[arg(long, value_name = "PID", conflicts_with = "prog")]
+    pid: Option<i32>,
     /// Program or shared library whose patchable functions to list, read
     /// from its ELF file without running it (a bare name is looked up in
     /// PATH)
@@ -42,7 +46,7 @@ pub fn run(args: &Args) -> ExitCode {
         Some(prog) => list_prog(prog, args.skipped, &mut listing),
         None => {
             let dir = args.input.clone().unwrap_or_else(|| PathBuf::from("textpoke.data"));
-            list_trace(&dir, args.salvage, &mut listing)
+            list_trace(&dir, args.salvage, args.pid, &mut listing)
         }
     };
     if let Err(e) = r {
@@ -72,20 +76,27 @@ fn write_failed(e: std::io::Error) -> CliError {
     failed(e.to_string())
 }
 
-fn list_trace(dir: &Path, salvage: bool, w: &mut dyn Write) -> Result<(), CliError> {
-    let t = Trace::open_with(dir, OpenOptions { allow_incomplete: salvage })
-        .map_err(|e| failed(common::trace_error(&e)))?;
-    for n in t.salvage_notes() {
-        eprint_line(&format!("textpoke: note: {n}"));
-    }
-    for s in t.symbols() {
-        writeln!(w, "{:#014x}  {}", s.addr, escape(&s.name)).map_err(write_failed)?;
-    }
-    if t.symbols().is_empty() {
-        eprint_line(&format!(
-            "textpoke list: {}: the trace's symbol table is empty (nothing was traced)",
-            dir.display()
-        ));
+/// The symbol table of the trace in `dir`, or of each of its processes.
+fn list_trace(dir: &Path, salvage: bool, pid: Option<i32>, w: &mut dyn Write) -> Result<(), CliError> {
+    let input = common::TraceArgs { input: dir.to_path_buf(), salvage, pid };
+    let set = input.open().map_err(failed)?;
+    let several = set.processes.len() > 1;
+    for p in &set.processes {
+        let t = &p.trace;
+        if several {
+            let origin = p.origin_text();
+            let origin = if origin.is_empty() { origin } else { format!(" ({origin})") };
+            writeln!(w, "# process {}{origin}", escape(&p.label())).map_err(write_failed)?;
+        }
+        for s in t.symbols() {
+            writeln!(w, "{:#014x}  {}", s.addr, escape(&s.name)).map_err(write_failed)?;
+        }
+        if t.symbols().is_empty() {
+            eprint_line(&format!(
+                "textpoke list: {}: the trace's symbol table is empty (nothing was traced)",
+                t.dir().display()
+            ));
+        }
     }
     Ok(())
 }

@@ -12,13 +12,25 @@ mod replay;
 mod report;
 mod selftest;
 
-use clap::{CommandFactory, Parser, Subcommand};
-use std::path::PathBuf;
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
+use cmdutil::ColorChoice;
+use std::io::Write;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 #[derive(Parser)]
-#[command(name = "textpoke", version, about = "Live code patching for running multithreaded programs")]
+#[command(
+    name = "textpoke",
+    version,
+    about = "Live code patching for running multithreaded programs",
+    after_help = "Shell completions: `textpoke completions bash|zsh|fish|elvish|powershell`; \
+                  manual pages: `textpoke man | man -l -`, or `textpoke man DIR` for one page per command."
+)]
 struct Cli {
+    /// When to colour the output: auto colours a terminal unless NO_COLOR
+    /// is set; always colours pipes and files too
+    #[arg(long, global = true, value_enum, value_name = "WHEN", default_value_t = ColorChoice::Auto)]
+    color: ColorChoice,
     #[command(subcommand)]
     command: Command,
 }
@@ -39,23 +51,30 @@ enum Command {
     Dump(dump::Args),
     /// The functions of a trace (-i DIR) or the patchable functions of a program (PROG)
     List(list::Args),
-    /// Print a shell completion script (e.g. `textpoke completions bash > /etc/bash_completion.d/textpoke`)
+    /// Print a shell completion script
+    #[command(after_help = "Install it where your shell looks, for example:\n  \
+        bash: textpoke completions bash > ~/.local/share/bash-completion/completions/textpoke\n  \
+        zsh:  textpoke completions zsh > ~/.zfunc/_textpoke   (with fpath+=~/.zfunc before compinit)\n  \
+        fish: textpoke completions fish > ~/.config/fish/completions/textpoke.fish")]
     Completions {
         /// The shell
         #[arg(value_enum)]
         shell: clap_complete::Shell,
     },
-    /// Write the manual pages (textpoke.1, textpoke-record.1, ...) into DIR
+    /// Print the manual page (roff), or write one page per command into DIR
+    #[command(after_help = "Read it with `textpoke man | man -l -`; install the pages with \
+        `textpoke man /usr/local/share/man/man1` (or ~/.local/share/man/man1).")]
     Man {
-        /// The directory (created if missing)
+        /// Write textpoke.1, textpoke-record.1, textpoke-report.1... into
+        /// this directory (created if missing) instead of printing textpoke.1
         #[arg(value_name = "DIR")]
-        dir: PathBuf,
+        dir: Option<PathBuf>,
     },
 }
 
 /// Writes `textpoke.1` and a page per subcommand (`textpoke-record.1`...)
 /// into `dir`, made from the command-line definitions.
-fn write_man_pages(dir: &std::path::Path) -> Result<usize, String> {
+fn write_man_pages(dir: &Path) -> Result<usize, String> {
     std::fs::create_dir_all(dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
     let cmd = Cli::command();
     let mut pages = vec![("textpoke".to_string(), cmd.clone())];
@@ -74,8 +93,35 @@ fn write_man_pages(dir: &std::path::Path) -> Result<usize, String> {
     Ok(pages.len())
 }
 
+/// Writes `bytes` to standard output; a reader that left is not an error.
+fn print(cmd: &str, bytes: &[u8]) -> ExitCode {
+    let mut out = std::io::stdout().lock();
+    match out.write_all(bytes).and_then(|()| out.flush()) {
+        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => {
+            common::fail(cmd, format!("cannot write to standard output: {e}"))
+        }
+        _ => ExitCode::SUCCESS,
+    }
+}
+
+/// The command line, parsed with clap's own messages (help, errors)
+/// coloured as `--color` says.
+fn parse() -> Cli {
+    let args: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    let clap_color = match ColorChoice::from_args(&args) {
+        // clap's auto follows NO_COLOR, CLICOLOR_FORCE and the terminal too.
+        ColorChoice::Auto => clap::ColorChoice::Auto,
+        ColorChoice::Always => clap::ColorChoice::Always,
+        ColorChoice::Never => clap::ColorChoice::Never,
+    };
+    let mut cmd = Cli::command().color(clap_color);
+    let matches = cmd.clone().get_matches_from(&args);
+    Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.format(&mut cmd).exit())
+}
+
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = parse();
+    cmdutil::set_colors(cli.color);
     match cli.command {
         Command::Selftest(args) => selftest::run(&args),
         Command::Record(args) => record::run(&args),
@@ -87,15 +133,16 @@ fn main() -> ExitCode {
         Command::Completions { shell } => {
             let mut script = Vec::new();
             clap_complete::generate(shell, &mut Cli::command(), "textpoke", &mut script);
-            use std::io::Write;
-            match std::io::stdout().write_all(&script) {
-                Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => {
-                    common::fail("completions", format!("cannot write to standard output: {e}"))
-                }
-                _ => ExitCode::SUCCESS,
+            print("completions", &script)
+        }
+        Command::Man { dir: None } => {
+            let mut page = Vec::new();
+            match clap_mangen::Man::new(Cli::command()).render(&mut page) {
+                Ok(()) => print("man", &page),
+                Err(e) => common::fail("man", e),
             }
         }
-        Command::Man { dir } => match write_man_pages(&dir) {
+        Command::Man { dir: Some(dir) } => match write_man_pages(&dir) {
             Ok(n) => {
                 eprintln!("textpoke: {n} manual pages written to {}", dir.display());
                 ExitCode::SUCCESS

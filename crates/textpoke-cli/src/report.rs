@@ -1,9 +1,11 @@
 //! `textpoke report`: per-function calls and times of a trace.
 
+use crate::cmdutil::stdout_colors;
 use crate::common::{self, TraceArgs};
 use std::io::Write;
 use std::process::ExitCode;
-use textpoke_analysis::{self as analysis, escape, human_ns, ProcessReport, Report, ReportOptions, SortKey};
+use textpoke_analysis::color::{Colors, Style};
+use textpoke_analysis::{self as analysis, escape, human_ns, Origin, ProcessReport, Report, ReportOptions, SortKey};
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
@@ -16,10 +18,6 @@ pub struct Args {
     /// function,calls,total_ns,self_ns,avg_ns,min_ns,max_ns), or JSON
     #[arg(long, value_enum, default_value_t = Format::Table)]
     format: Format,
-    /// Report only this process: the traced one or one of the children it
-    /// forked (default: all, each in its own section)
-    #[arg(long, value_name = "PID")]
-    pid: Option<i32>,
 }
 
 #[derive(clap::ValueEnum, Clone, Copy, Debug)]
@@ -51,13 +49,10 @@ enum Format {
 pub const CSV_HEADER: &str = "function,calls,total_ns,self_ns,avg_ns,min_ns,max_ns";
 
 pub fn run(args: &Args) -> ExitCode {
-    let mut set = match args.input.open() {
+    let set = match args.input.open() {
         Ok(s) => s,
         Err(e) => return common::fail("report", e),
     };
-    if let Err(e) = common::select_pid(&mut set, args.pid) {
-        return common::fail("report", e);
-    }
     let sort = match args.sort {
         Sort::Calls => SortKey::Calls,
         Sort::Total => SortKey::Total,
@@ -66,10 +61,11 @@ pub fn run(args: &Args) -> ExitCode {
         Sort::Max => SortKey::Max,
     };
     let format = args.format;
+    let colors = stdout_colors();
     common::convert("report", &set, None, "reading", |w, progress| {
         let r = analysis::report(&set, &ReportOptions { sort }, progress)?;
         let res = match format {
-            Format::Table => table(&r, w),
+            Format::Table => table(&r, w, colors),
             Format::Csv => csv(&r, w),
             Format::Json => {
                 analysis::to_json_writer_pretty(&mut *w, &r).map_err(std::io::Error::from).and_then(|_| writeln!(w))
@@ -95,7 +91,7 @@ fn csv(r: &Report, w: &mut dyn Write) -> std::io::Result<()> {
     for (i, p) in r.processes.iter().enumerate() {
         if i > 0 {
             writeln!(w)?;
-            writeln!(w, "# pid {}{}", p.pid, forked_from(p))?;
+            writeln!(w, "# pid {}{}", p.pid, origin(p))?;
         }
         writeln!(w, "{CSV_HEADER}")?;
         for f in &p.functions {
@@ -133,22 +129,56 @@ fn losses(p: &ProcessReport) -> String {
     }
 }
 
-fn forked_from(p: &ProcessReport) -> String {
-    p.parent_pid.map(|pp| format!(" (forked from pid {pp})")).unwrap_or_default()
+/// ` (forked from pid 12)`, ` (started by pid 12)`... or nothing for the
+/// recorded program.
+fn origin(p: &ProcessReport) -> String {
+    let text = p.origin.describe(p.parent_pid);
+    if text.is_empty() {
+        text
+    } else {
+        format!(" ({text})")
+    }
 }
 
-fn table(r: &Report, w: &mut dyn Write) -> std::io::Result<()> {
+/// The processes of a report with several, one line each, with their
+/// totals; the sections follow.
+fn overview(r: &Report, w: &mut dyn Write, colors: Colors) -> std::io::Result<()> {
+    let n = r.processes.len();
+    writeln!(w, "{}", colors.paint(Style::Bold, &format!("# {n} processes, each in its section below (--pid PID for one):")))?;
+    writeln!(w, "#  {:>8}  {:>8}  {:>7}  {:>12}  Process", "PID", "Parent", "Threads", "Calls")?;
+    for p in &r.processes {
+        let parent = p.parent_pid.map(|pp| pp.to_string()).unwrap_or_else(|| "-".into());
+        let exe = p.exe.as_deref().map(|e| format!(" {}", escape(e))).unwrap_or_default();
+        let exec = if p.origin == Origin::Exec { " (after exec)" } else { "" };
+        writeln!(
+            w,
+            "#  {:>8}  {parent:>8}  {:>7}  {:>12}  {}{exe}{exec}",
+            p.pid,
+            p.threads.len(),
+            p.calls,
+            escape(&p.process_name)
+        )?;
+    }
+    let calls = r.processes.iter().fold(0u64, |t, p| t.saturating_add(p.calls));
+    let threads: usize = r.processes.iter().map(|p| p.threads.len()).sum();
+    writeln!(w, "#  {:>8}  {:>8}  {threads:>7}  {calls:>12}", "total", "")?;
+    writeln!(w)
+}
+
+fn table(r: &Report, w: &mut dyn Write, colors: Colors) -> std::io::Result<()> {
+    if r.processes.len() > 1 {
+        overview(r, w, colors)?;
+    }
     for (i, p) in r.processes.iter().enumerate() {
         if i > 0 {
             writeln!(w)?;
         }
-        let kind = if p.parent_pid.is_some() && i > 0 { "forked child" } else { "process" };
-        writeln!(
-            w,
+        let kind = if p.origin == Origin::Forked { "forked child" } else { "process" };
+        let heading = format!(
             "# {kind} {} [pid {}]{}: {} thread(s), {} call(s){}",
             escape(&p.process_name),
             p.pid,
-            forked_from(p),
+            origin(p),
             p.threads.len(),
             p.calls,
             match (&p.ended_by, p.complete) {
@@ -156,16 +186,21 @@ fn table(r: &Report, w: &mut dyn Write) -> std::io::Result<()> {
                 (Some(e), false) => format!(", incomplete trace (salvaged: {} on thread {})", e.name, e.tid),
                 (None, false) => ", incomplete trace (salvaged)".into(),
             }
-        )?;
+        );
+        writeln!(w, "{}", colors.paint(Style::Bold, &heading))?;
         let counts_only = p.functions.iter().all(|f| f.times.is_none()) && !p.functions.is_empty();
-        writeln!(
-            w,
+        let columns = format!(
             "{:>12}  {:>12}  {:>12}  {:>12}  {:>12}  {:>12}  Function",
             "Calls", "Total", "Self", "Avg", "Min", "Max"
-        )?;
+        );
+        writeln!(w, "{}", colors.paint(Style::Bold, &columns))?;
         writeln!(w, "{}  ========", ["  =========="; 6].join("  "))?;
         for f in &p.functions {
-            let d = |v: Option<u64>| v.map(human_ns).unwrap_or_else(|| "-".into());
+            // Padded, then coloured: the escape sequences take no room.
+            let d = |v: Option<u64>| match v {
+                Some(ns) => colors.duration(ns, &format!("{:>12}", human_ns(ns))),
+                None => format!("{:>12}", "-"),
+            };
             let t = f.times;
             let mut notes = Vec::new();
             if f.unfinished > 0 {
@@ -174,10 +209,14 @@ fn table(r: &Report, w: &mut dyn Write) -> std::io::Result<()> {
             if f.exit_lost > 0 {
                 notes.push(format!("{} exit(s) lost", f.exit_lost));
             }
-            let notes = if notes.is_empty() { String::new() } else { format!("  ({})", notes.join(", ")) };
+            let notes = if notes.is_empty() {
+                String::new()
+            } else {
+                colors.paint(Style::Yellow, &format!("  ({})", notes.join(", ")))
+            };
             writeln!(
                 w,
-                "{:>12}  {:>12}  {:>12}  {:>12}  {:>12}  {:>12}  {}{notes}",
+                "{:>12}  {}  {}  {}  {}  {}  {}{notes}",
                 f.calls,
                 d(t.map(|t| t.total_ns)),
                 d(t.map(|t| t.self_ns)),
@@ -205,15 +244,16 @@ fn table(r: &Report, w: &mut dyn Write) -> std::io::Result<()> {
             writeln!(w, "# {orphans} exit(s) without an entry ignored: the recording began inside those calls")?;
         }
         if p.dropped > 0 {
-            writeln!(w, "# {} record(s) were dropped while recording: counts and times are lower bounds", p.dropped)?;
+            let text = format!("# {} record(s) were dropped while recording: counts and times are lower bounds", p.dropped);
+            writeln!(w, "{}", colors.paint(Style::Red, &text))?;
         }
         if let Some(e) = p.ended_by.as_ref().filter(|_| !p.complete) {
-            writeln!(
-                w,
+            let text = format!(
                 "# the recording ended with {}, which crashed the process; events lost: {}",
                 escape(&e.describe(p.pid)),
                 losses(p)
-            )?;
+            );
+            writeln!(w, "{}", colors.paint(Style::Red, &text))?;
         }
     }
     Ok(())
