@@ -739,7 +739,7 @@ fn usage_errors_exit_2() {
 #[test]
 fn no_progress_bar_when_piped() {
     let _g = serial();
-    // Enough records for the bar's threshold (2^18): 4 threads x 40000 calls x 2.
+    // 4 threads x 40000 calls x 2 records: a replay of megabytes.
     let dir = tmpdir("big");
     let f = record::register_function(0x7600, "big_leaf");
     let rec = record::start(RecorderConfig::new(&dir)).unwrap();
@@ -761,11 +761,16 @@ fn no_progress_bar_when_piped() {
     let o = textpoke(&["dump", "--chrome", "-i", dir.to_str().unwrap(), "-o", dir.join("t.json").to_str().unwrap()]);
     assert!(o.status.success());
     assert!(o.stderr.is_empty(), "nothing on a piped stderr: {:?}", stderr(&o));
-    // On a terminal (script(1) gives one), the bar is drawn on stderr.
+    // On a terminal (script(1) gives one), the bar is drawn on stderr once
+    // the command has run for a second: here a reader that waits two
+    // seconds before it reads holds the replay up.
     let script = Path::new("/usr/bin/script");
     if script.exists() {
-        let cmd =
-            format!("{} report -i {} --format csv > /dev/null", env!("CARGO_BIN_EXE_textpoke"), dir.to_str().unwrap());
+        let cmd = format!(
+            "{} replay -i {} | (sleep 2; cat > /dev/null)",
+            env!("CARGO_BIN_EXE_textpoke"),
+            dir.to_str().unwrap()
+        );
         let o = Command::new(script).args(["-qec", &cmd, "/dev/null"]).output().unwrap();
         assert!(o.status.success(), "{}", stderr(&o));
         let tty = stdout(&o);
