@@ -342,7 +342,13 @@ impl TraceSet {
     }
 
     /// Adds `trace` (at fork depth `level`) and the processes under it.
-    fn add(&mut self, trace: Trace, origin: Origin, parent_pid: Option<i32>, level: usize) -> Result<(), AnalysisError> {
+    fn add(
+        &mut self,
+        trace: Trace,
+        origin: Origin,
+        parent_pid: Option<i32>,
+        level: usize,
+    ) -> Result<(), AnalysisError> {
         if !trace.is_complete() {
             let what = match origin {
                 Origin::Recorded => "the trace".to_string(),
@@ -367,9 +373,9 @@ impl TraceSet {
     }
 
     /// Adds the processes whose directories are in `dir` (the process
-    /// `pid`'s, when known), at fork depth `level`: those with a trace in
-    /// the order they started, then those of the directories without one
-    /// (a subshell's commands).
+    /// `pid`'s, when known), at fork depth `level`, each with the processes
+    /// under it, in the order they started: a directory without a trace
+    /// (a subshell's) where the first process under it started.
     fn add_children(&mut self, dir: &Path, pid: Option<i32>, level: usize) -> Result<(), AnalysisError> {
         let dirs = child_dirs(dir);
         if level > MAX_FORK_DEPTH {
@@ -378,28 +384,32 @@ impl TraceSet {
             }
             return Ok(());
         }
-        let (mut traces, mut silent) = (Vec::new(), Vec::new());
+        let mut blocks: Vec<Vec<Process>> = Vec::with_capacity(dirs.len());
         for d in dirs {
+            let before = self.processes.len();
             match Trace::open_with(&d, OpenOptions { allow_incomplete: true }) {
-                Ok(t) => traces.push((is_exec_dir(&d), t)),
-                Err(e) if is_missing_meta(&e, &d) => silent.push(d),
+                Ok(t) => {
+                    let (origin, parent) = match t.meta().parent_pid {
+                        _ if is_exec_dir(&d) => (Origin::Exec, pid),
+                        Some(p) => (Origin::Forked, Some(p)),
+                        None => (Origin::Started, pid),
+                    };
+                    self.add(t, origin, parent, level)?;
+                }
+                Err(e) if is_missing_meta(&e, &d) => {
+                    let child_pid = dir_pid(&d);
+                    self.silent.extend(child_pid);
+                    self.add_children(&d, child_pid.or(pid), level + 1)?;
+                }
                 Err(source) => return Err(AnalysisError::Child { dir: d, source }),
             }
+            blocks.push(self.processes.split_off(before));
         }
-        traces.sort_by_key(|(_, t)| (t.meta().start_unix_ns, t.meta().pid));
-        for (exec, t) in traces {
-            let (origin, parent) = match t.meta().parent_pid {
-                _ if exec => (Origin::Exec, pid),
-                Some(p) => (Origin::Forked, Some(p)),
-                None => (Origin::Started, pid),
-            };
-            self.add(t, origin, parent, level)?;
-        }
-        for d in silent {
-            let child_pid = dir_pid(&d);
-            self.silent.extend(child_pid);
-            self.add_children(&d, child_pid.or(pid), level + 1)?;
-        }
+        // A process starts before those under it: a block's earliest start
+        // is its first process's, or for a directory without a trace its
+        // first child's.
+        blocks.sort_by_cached_key(|b| b.iter().map(|p| (p.trace.meta().start_unix_ns, p.pid())).min());
+        self.processes.extend(blocks.into_iter().flatten());
         Ok(())
     }
 

@@ -89,7 +89,6 @@ impl<W: Write> Printer<'_, W> {
         }
     }
 
-
     fn flush_pending(&mut self) {
         if let Some((f, level)) = self.pending.take() {
             let name = escape(self.trace.name(f));

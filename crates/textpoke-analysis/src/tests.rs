@@ -394,8 +394,8 @@ fn replay_is_balanced_and_marks_leaves() {
     assert!(text.contains("    >0.010 us | } /* main */"), "{text}");
     assert!(text.contains("    >0.000 us |   leaf();"), "{text}");
     assert_eq!(text.matches(") {").count(), text.matches("} /*").count());
-    let e = replay(&set, &ReplayOptions { tid: Some(99), ..Default::default() }, &mut Vec::new(), &mut |_| {})
-        .unwrap_err();
+    let e =
+        replay(&set, &ReplayOptions { tid: Some(99), ..Default::default() }, &mut Vec::new(), &mut |_| {}).unwrap_err();
     assert!(matches!(e, AnalysisError::NoSuchThread { tid: 99, .. }), "{e}");
     assert!(e.to_string().contains("10, 11"), "{e}");
     let _ = std::fs::remove_dir_all(dir);
@@ -527,34 +527,35 @@ fn one_call_trace(dir: &std::path::Path, pid: i32, f: &str, start: u64) {
 #[test]
 fn children_without_a_trace_of_their_own() {
     let dir = tmp("script");
-    // Started in the order 45, 44: shown in that order, not by name.
-    one_call_trace(&dir.join("child-44"), 44, "second", 300);
+    // Started in the order 45, the subshell 50's 51 (which exec'd), 44:
+    // shown in that order, not by name.
+    one_call_trace(&dir.join("child-44"), 44, "last", 600);
     one_call_trace(&dir.join("child-45"), 45, "first", 100);
     one_call_trace(&dir.join("child-50/child-51"), 51, "in_subshell", 400);
     one_call_trace(&dir.join("child-50/child-51/child-51-exec"), 51, "after_exec", 500);
     std::fs::create_dir_all(dir.join("child-60")).unwrap();
     let set = open(&dir);
-    assert_eq!(set.pids(), [45, 44, 51, 51]);
+    assert_eq!(set.pids(), [45, 51, 51, 44]);
     let origins: Vec<_> = set.processes.iter().map(|p| (p.origin, p.parent_pid)).collect();
     assert_eq!(
         origins,
-        [(Origin::Started, None), (Origin::Started, None), (Origin::Started, Some(50)), (Origin::Exec, Some(51))]
+        [(Origin::Started, None), (Origin::Started, Some(50)), (Origin::Exec, Some(51)), (Origin::Started, None)]
     );
-    assert_eq!(set.processes[2].origin_text(), "started by pid 50");
-    assert_eq!(set.processes[3].origin_text(), "pid 51 after exec");
+    assert_eq!(set.processes[1].origin_text(), "started by pid 50");
+    assert_eq!(set.processes[2].origin_text(), "pid 51 after exec");
     assert!(set.notes[0].contains("holds no trace of its own") && set.notes[0].contains("the 4 process(es)"));
     assert!(set.notes.iter().any(|n| n.contains("(pid 50, 60)")), "{:?}", set.notes);
     let r = report(&set, &ReportOptions::default(), &mut |_| {}).unwrap();
     let firsts: Vec<_> = r.processes.iter().map(|p| p.functions[0].function.as_str()).collect();
-    assert_eq!(firsts, ["first", "second", "in_subshell", "after_exec"]);
-    assert_eq!((r.processes[3].origin, r.processes[3].parent_pid), (Origin::Exec, Some(51)));
+    assert_eq!(firsts, ["first", "in_subshell", "after_exec", "last"]);
+    assert_eq!((r.processes[2].origin, r.processes[2].parent_pid), (Origin::Exec, Some(51)));
     let (folded, _) = folded(&set, &mut |_| {}).unwrap();
     assert!(folded.contains("handmade [pid 51];after_exec 10"), "{folded}");
     // --pid keeps a process's programs before and after its exec.
     let mut one = open(&dir);
     assert!(one.retain_pid(51));
     assert_eq!(one.pids(), [51, 51]);
-    assert!(!one.retain_pid(44));
+    assert!(!one.retain_pid(44), "not kept");
 
     // Nothing but directories without a trace: the missing trace is the
     // error, as for an empty directory.

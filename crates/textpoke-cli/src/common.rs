@@ -78,11 +78,7 @@ pub fn note_processes(set: &TraceSet, what: &str) {
         })
         .map(|p| escape(&p.label()).into_owned())
         .collect();
-    note(&format!(
-        "{} processes in this trace: {}; {what} (--pid PID for one)",
-        list.len(),
-        list.join(", ")
-    ));
+    note(&format!("{} processes in this trace: {}; {what} (--pid PID for one)", list.len(), list.join(", ")));
 }
 
 /// A trace error for people: the reader's message, and for an incomplete

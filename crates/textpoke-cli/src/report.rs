@@ -144,7 +144,11 @@ fn origin(p: &ProcessReport) -> String {
 /// totals; the sections follow.
 fn overview(r: &Report, w: &mut dyn Write, colors: Colors) -> std::io::Result<()> {
     let n = r.processes.len();
-    writeln!(w, "{}", colors.paint(Style::Bold, &format!("# {n} processes, each in its section below (--pid PID for one):")))?;
+    writeln!(
+        w,
+        "{}",
+        colors.paint(Style::Bold, &format!("# {n} processes, each in its section below (--pid PID for one):"))
+    )?;
     writeln!(w, "#  {:>8}  {:>8}  {:>7}  {:>12}  Process", "PID", "Parent", "Threads", "Calls")?;
     for p in &r.processes {
         let parent = p.parent_pid.map(|pp| pp.to_string()).unwrap_or_else(|| "-".into());
@@ -244,7 +248,8 @@ fn table(r: &Report, w: &mut dyn Write, colors: Colors) -> std::io::Result<()> {
             writeln!(w, "# {orphans} exit(s) without an entry ignored: the recording began inside those calls")?;
         }
         if p.dropped > 0 {
-            let text = format!("# {} record(s) were dropped while recording: counts and times are lower bounds", p.dropped);
+            let text =
+                format!("# {} record(s) were dropped while recording: counts and times are lower bounds", p.dropped);
             writeln!(w, "{}", colors.paint(Style::Red, &text))?;
         }
         if let Some(e) = p.ended_by.as_ref().filter(|_| !p.complete) {

@@ -84,7 +84,8 @@ fn compile(name: &str, flags: &[&str]) -> PathBuf {
 fn programs() -> &'static (PathBuf, PathBuf) {
     static P: OnceLock<(PathBuf, PathBuf)> = OnceLock::new();
     P.get_or_init(|| {
-        let mcount = compile("work-mcount", &["-pg", "-mfentry", "-mnop-mcount", "-mrecord-mcount", "-fno-pie", "-no-pie"]);
+        let mcount =
+            compile("work-mcount", &["-pg", "-mfentry", "-mnop-mcount", "-mrecord-mcount", "-fno-pie", "-no-pie"]);
         let patchable = compile("work-patchable", &["-fpatchable-function-entry=5"]);
         (mcount, patchable)
     })
@@ -155,7 +156,11 @@ fn a_script_running_three_traced_children() {
     let o = textpoke(&["report", "--pid", "1", "-i"]).arg(&dir).output().unwrap();
     assert!(!o.status.success());
     let listed = pids.iter().map(|p| p.to_string()).collect::<Vec<_>>().join(", ");
-    assert!(text(&o.stderr).contains(&format!("no process 1 in this trace; its processes are: {listed}")), "{}", text(&o.stderr));
+    assert!(
+        text(&o.stderr).contains(&format!("no process 1 in this trace; its processes are: {listed}")),
+        "{}",
+        text(&o.stderr)
+    );
 
     // JSON: the same, with origin and program.
     let json: serde_json::Value = serde_json::from_slice(&ok(&["report", "--format", "json"], &dir).stdout).unwrap();

@@ -170,7 +170,11 @@ fn messages_and_help_follow_color_too() {
         assert!(text(&o.stderr).starts_with(&format!("textpoke {cmd}: trace directory")), "{}", text(&o.stderr));
         args.push("--color=always");
         let o = textpoke(&args, &[]);
-        assert!(text(&o.stderr).starts_with(&format!("\x1b[31mtextpoke {cmd}:\x1b[0m trace directory")), "{}", text(&o.stderr));
+        assert!(
+            text(&o.stderr).starts_with(&format!("\x1b[31mtextpoke {cmd}:\x1b[0m trace directory")),
+            "{}",
+            text(&o.stderr)
+        );
     }
     assert!(has_escapes(&ok(&["--color=always", "--help"], &[]).stdout));
     assert!(!has_escapes(&ok(&["--color=never", "--help"], &[("CLICOLOR_FORCE", "1")]).stdout));
