@@ -29,7 +29,7 @@ use std::process::ExitCode;
 struct Cli {
     /// When to colour the output: auto colours a terminal unless NO_COLOR
     /// is set; always colours pipes and files too
-    #[arg(long, global = true, value_enum, value_name = "WHEN", default_value_t = ColorChoice::Auto)]
+    #[arg(long, global = true, value_enum, value_name = "WHEN", default_value_t = ColorChoice::Auto, display_order = 900)]
     color: ColorChoice,
     #[command(subcommand)]
     command: Command,
