@@ -8,19 +8,13 @@
 //!
 //! # Environment
 //!
-//! | variable | meaning |
-//! |---|---|
-//! | `TEXTPOKE_DIR` | the trace directory (default `textpoke.data`, relative to the working directory at load) |
-//! | `TEXTPOKE_PID` | the process that writes `TEXTPOKE_DIR` itself; any other process writes `TEXTPOKE_DIR/child-<pid>/`. Unset: this process (the agent then sets it, so that children started with `posix_spawn`, `system` or `popen` write their own directories) |
-//! | `TEXTPOKE_INCLUDE` | include globs (`-F`), one per line; none: every function |
-//! | `TEXTPOKE_EXCLUDE` | exclude globs (`-N`), one per line |
-//! | `TEXTPOKE_COUNT_ONLY` | `1`: count calls per function instead of recording entries and exits |
-//! | `TEXTPOKE_RETVAL` | globs (`-R`), one per line: record the return values of these functions |
-//! | `TEXTPOKE_BUFFER_SIZE` | the most one thread's buffer may hold, bytes (`-b`) |
-//! | `TEXTPOKE_MEMORY_LIMIT` | the most all buffers may hold together, bytes (`--memory-limit`) |
-//! | `TEXTPOKE_CLOCK` | `tsc`, `tsc-unordered` or `monotonic` (`--clock`); unset: the best this machine has |
-//! | `TEXTPOKE_SOCKET_DIR` | where the control socket goes (see [`textpoke_control`]) |
-//! | `TEXTPOKE_RECORD_PID` | `PID:START`: the `textpoke record` process this run belongs to (step 7). Unset: no such process to watch (the agent preloaded by hand) |
+//! `textpoke record` passes its settings in the environment: the trace
+//! directory (`TEXTPOKE_DIR`), the process that writes it itself
+//! (`TEXTPOKE_PID`), the filters, the mode, the buffer sizes, the clock,
+//! the socket directory, and the `textpoke record` process to watch
+//! (`TEXTPOKE_RECORD_PID`, step 7). The variables, their meaning and the
+//! checks of their values are [`textpoke_control::AgentConfig`]'s, which
+//! the CLI uses to set them: they are written down once, there.
 //!
 //! # Life cycle
 //!
@@ -114,7 +108,7 @@ mod server;
 
 use rules::{Rule, Rules};
 use std::cell::Cell;
-use std::ffi::{c_char, CString, OsStr};
+use std::ffi::{c_char, CString};
 use std::io::Write;
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
@@ -122,25 +116,9 @@ use std::sync::atomic::{AtomicBool, AtomicI32, AtomicPtr, AtomicU8, Ordering};
 use std::sync::Arc;
 use textpoke::sync::ForkLock;
 use textpoke::trace::{OpHandle, TraceError, Tracer};
-use textpoke_control::FrontProcess;
+use textpoke_control::{AgentClock, AgentConfig, ConfigWarning};
 use textpoke_record::{self as record, Recorder, RecorderConfig};
 use textpoke_record::{ClockChoice, ClockSource, RecordOp};
-
-/// Settings read from the environment at load.
-#[derive(Clone, Debug)]
-pub(crate) struct Config {
-    pub include: Vec<String>,
-    pub exclude: Vec<String>,
-    pub count_only: bool,
-    pub socket_dir: PathBuf,
-    /// Functions whose return values are recorded.
-    pub retval: Vec<String>,
-    pub buffer_size: Option<usize>,
-    pub memory_limit: Option<usize>,
-    pub clock: Option<ClockSource>,
-    /// `textpoke record`, to watch (step 7).
-    pub front: Option<FrontProcess>,
-}
 
 /// Why the agent cannot trace; printed once, then tracing is disabled.
 #[derive(Debug, thiserror::Error)]
@@ -213,7 +191,11 @@ pub(crate) fn recording() -> bool {
 
 /// The agent's state in this process.
 pub(crate) struct Agent {
-    pub config: Config,
+    /// The settings, read from the environment at load.
+    pub config: AgentConfig,
+    /// Where the control socket goes: `config.socket_dir`, else the
+    /// default of the environment at load.
+    pub socket_dir: PathBuf,
     pub rules: Rules,
     /// The directory this program writes.
     pub dir: PathBuf,
@@ -330,34 +312,30 @@ pub(crate) fn getpid() -> i32 {
     unsafe { libc::getpid() }
 }
 
-fn env_lines(name: &str) -> Vec<String> {
-    std::env::var(name).map(|v| v.lines().filter(|l| !l.is_empty()).map(str::to_owned).collect()).unwrap_or_default()
-}
-
-/// A byte count from the environment; a value that is not one is said
-/// once and the default used.
-fn env_number(name: &str) -> Option<usize> {
-    let v = std::env::var(name).ok()?;
-    match v.trim().parse() {
-        Ok(n) => Some(n),
-        Err(_) => {
-            warn_once(&format!("{name}={v:?} is not a number of bytes; using the default"));
-            None
+/// Says what was wrong with the settings: a value that cannot be used
+/// as `warn_once` (as an error would), a front process that cannot be
+/// watched as `note_once` (tracing goes on as asked).
+fn report_config_warnings(warnings: &[ConfigWarning]) {
+    for w in warnings {
+        match w {
+            ConfigWarning::BadFront { .. } => note_once(&w.to_string()),
+            _ => warn_once(&w.to_string()),
         }
     }
 }
 
-fn env_clock() -> Option<ClockSource> {
-    let v = std::env::var("TEXTPOKE_CLOCK").ok()?;
-    match v.as_str() {
-        "tsc" => Some(ClockSource::Tsc),
-        "tsc-unordered" => Some(ClockSource::TscUnordered),
-        "monotonic" => Some(ClockSource::Monotonic),
-        _ => {
-            warn_once(&format!("TEXTPOKE_CLOCK={v:?} is not tsc, tsc-unordered or monotonic; using the default"));
-            None
-        }
+/// The recorder's clock source for the one asked for.
+fn clock_source(clock: AgentClock) -> ClockSource {
+    match clock {
+        AgentClock::Tsc => ClockSource::Tsc,
+        AgentClock::TscUnordered => ClockSource::TscUnordered,
+        AgentClock::Monotonic => ClockSource::Monotonic,
     }
+}
+
+/// A byte count as the recorder takes it.
+fn bytes(n: u64) -> usize {
+    usize::try_from(n).unwrap_or(usize::MAX)
 }
 
 // ---------------------------------------------------------------------------
@@ -376,31 +354,23 @@ fn load() {
     fatal::resolve_all();
     let pid = getpid();
     AGENT_PID.store(pid, Ordering::Relaxed);
+    let (config, warnings) = AgentConfig::from_env();
     let cwd = std::env::current_dir().unwrap_or_else(|_| PathBuf::from("/"));
-    let base = cwd.join(std::env::var_os("TEXTPOKE_DIR").unwrap_or_else(|| "textpoke.data".into()));
-    let owner = std::env::var("TEXTPOKE_PID").ok().and_then(|p| p.parse::<i32>().ok());
-    let dir = match owner {
+    let base = config.dir_from(&cwd);
+    let dir = match config.owner_pid {
         None => {
+            let name = CString::new(textpoke_control::agent::PID_ENV).expect("a name without NUL");
             let v = CString::new(pid.to_string()).expect("digits");
             // SAFETY: valid C strings; the program's own threads are not
             // running yet (constructors run before main).
-            unsafe { libc::setenv(c"TEXTPOKE_PID".as_ptr(), v.as_ptr(), 1) };
+            unsafe { libc::setenv(name.as_ptr(), v.as_ptr(), 1) };
             base
         }
         Some(p) if p == pid => base,
         Some(_) => base.join(format!("{}{pid}", record::format::CHILD_DIR_PREFIX)),
     };
-    let config = Config {
-        include: env_lines("TEXTPOKE_INCLUDE"),
-        exclude: env_lines("TEXTPOKE_EXCLUDE"),
-        count_only: std::env::var_os("TEXTPOKE_COUNT_ONLY").is_some_and(|v| v == OsStr::new("1")),
-        socket_dir: textpoke_control::default_socket_dir(),
-        retval: env_lines("TEXTPOKE_RETVAL"),
-        buffer_size: env_number("TEXTPOKE_BUFFER_SIZE"),
-        memory_limit: env_number("TEXTPOKE_MEMORY_LIMIT"),
-        clock: env_clock(),
-        front: front_from_env(),
-    };
+    report_config_warnings(&warnings);
+    let socket_dir = config.socket_dir.clone().unwrap_or_else(textpoke_control::default_socket_dir);
     let rules = match Rules::new(&config.include, &config.exclude) {
         Ok(r) => r,
         Err(e) => {
@@ -415,7 +385,17 @@ fn load() {
     // SAFETY: three `extern "C"` handlers without arguments.
     unsafe { libc::pthread_atfork(Some(fork_prepare), Some(fork_parent), Some(fork_child)) };
     let mut g = AGENT.lock();
-    *g = Some(Agent { config, rules, dir, phase: Phase::Idle, recorder: None, op: None, functions: 0, traced: 0 });
+    *g = Some(Agent {
+        config,
+        socket_dir,
+        rules,
+        dir,
+        phase: Phase::Idle,
+        recorder: None,
+        op: None,
+        functions: 0,
+        traced: 0,
+    });
     LOADED.store(true, Ordering::Release);
     let agent = g.as_mut().expect("just set");
     server::note_counters();
@@ -425,18 +405,6 @@ fn load() {
     tracer.set_prepare_pads(true);
     if let Err(e) = try_start(agent, tracer) {
         fail(agent, &e.to_string());
-    }
-}
-
-/// The `textpoke record` process named by the environment, if any.
-fn front_from_env() -> Option<FrontProcess> {
-    let v = std::env::var(textpoke_control::FRONT_ENV).ok()?;
-    match FrontProcess::parse(&v) {
-        Ok(f) => Some(f),
-        Err(e) => {
-            note_once(&format!("{e}; ignored: tracing will not stop if textpoke record is killed"));
-            None
-        }
     }
 }
 
@@ -459,13 +427,13 @@ fn try_start(agent: &mut Agent, tracer: &'static Tracer) -> Result<(), AgentErro
         cfg = cfg.count_only();
     }
     if let Some(n) = c.buffer_size {
-        cfg.thread_limit = n;
+        cfg.thread_limit = bytes(n);
     }
     if let Some(n) = c.memory_limit {
-        cfg.memory_limit = n;
+        cfg.memory_limit = bytes(n);
     }
-    if let Some(source) = c.clock {
-        cfg.clock = ClockChoice::Force(source);
+    if let Some(clock) = c.clock {
+        cfg.clock = ClockChoice::Force(clock_source(clock));
     }
     let recorder = record::start(cfg)?;
     record::flush_at_exit();

@@ -392,7 +392,7 @@ impl LoopState {
 /// Creates `<dir>/<pid>.sock` (0600, in a 0700 directory), after
 /// removing the sockets that dead processes left there.
 fn bind() -> Result<Fd, String> {
-    let dir = AGENT.lock().as_ref().map(|a| a.config.socket_dir.clone()).ok_or("agent not loaded")?;
+    let dir = AGENT.lock().as_ref().map(|a| a.socket_dir.clone()).ok_or("agent not loaded")?;
     control::prepare_private_dir(&dir).map_err(|e| e.to_string())?;
     remove_stale_sockets(&dir);
     let path = control::socket_path(&dir, getpid());
