@@ -19,7 +19,7 @@
 //! So the wrapper does no such work: it asks the agent thread to stop the
 //! recorder (an atomic and a byte down the wake pipe) and waits for its
 //! answer, polling an atomic between `nanosleep`s, for at most
-//! `server::EXIT_STOP_TIMEOUT` (the stop itself may wait 2 s for threads
+//! `server::exit::EXIT_STOP_TIMEOUT` (the stop itself may wait 2 s for threads
 //! stuck in a record call, then `fsync`s every file). Everything on the
 //! calling thread is async-signal-safe: atomics, `getpid`, `gettid`,
 //! `fstat`, `write`, `clock_gettime`, `nanosleep`, `unlink`; no
@@ -257,7 +257,7 @@ unsafe fn prepare_exec(envp: *const *const c_char) -> ExecEnv {
             if let Some(a) = AGENT.lock().as_mut() {
                 crate::stop_recording(a, "exec");
             }
-            server::remove_socket();
+            server::socket::remove_socket();
         });
     }
     let base = dir_snapshot();
@@ -322,7 +322,7 @@ unsafe fn run_exec(envp: *const *const c_char, f: impl FnOnce(*const *const c_ch
     let own = env.own;
     drop(env);
     if own {
-        server::exec_failed();
+        server::socket::exec_failed();
     }
     set_errno(e);
     r
@@ -538,10 +538,10 @@ fn before_exit() {
     if !own_process() || !crate::recording() {
         return;
     }
-    if !server::stop_for_exit() {
+    if !server::exit::stop_for_exit() {
         note_unfinished_at_exit();
     }
-    server::remove_socket();
+    server::socket::remove_socket();
 }
 
 /// Says on stderr that the trace is left incomplete, with `write(2)`
@@ -585,7 +585,7 @@ pub extern "C" fn _Exit(status: c_int) -> ! {
 /// Wakes the agent thread, returns the real `dlopen` to jump to.
 extern "C" fn on_dlopen() -> usize {
     if LOADED.load(Ordering::Acquire) && !in_agent() && own_process() {
-        as_agent(server::nudge);
+        as_agent(server::loader::nudge);
     }
     match real(DLOPEN) {
         0 => dlopen_unavailable as *const () as usize,
@@ -656,7 +656,7 @@ pub unsafe extern "C" fn dlclose(handle: *mut c_void) -> c_int {
                         crate::refresh(a);
                     }
                 }
-                None => crate::server::nudge(),
+                None => server::loader::nudge(),
             }
             // The rescan's own loader calls may have left an error message;
             // the program's dlclose succeeded, so dlerror() must say nothing.

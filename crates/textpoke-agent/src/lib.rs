@@ -95,7 +95,7 @@
 //! `disable GLOB`. Peers of another uid (root excepted) are refused. The
 //! agent thread serves every connection at once without blocking on any
 //! (see `clients`), and removes the sockets that dead processes left in
-//! the directory when it makes its own (see `server`).
+//! the directory when it makes its own (see `server::socket`).
 
 mod altstack;
 mod clients;
@@ -398,7 +398,7 @@ fn load() {
     });
     LOADED.store(true, Ordering::Release);
     let agent = g.as_mut().expect("just set");
-    server::note_counters();
+    server::loader::note_counters();
     let tracer = Tracer::global(); // finds the sites of every loaded object
                                    // Pads made one instruction at the first change (no program thread
                                    // yet): a later `ctl enable` then signals no thread.
@@ -453,7 +453,7 @@ fn try_start(agent: &mut Agent, tracer: &'static Tracer) -> Result<(), AgentErro
     let handle = tracer.register(Arc::new(op), filter)?;
     agent.op = Some(handle);
     recount(agent, tracer);
-    server::install_stop_signals();
+    server::stop_signals::install();
     fatal::install();
     server::spawn();
     Ok(())
@@ -562,7 +562,7 @@ pub(crate) fn refresh(agent: &mut Agent) {
         return;
     }
     let tracer = Tracer::global();
-    server::note_counters();
+    server::loader::note_counters();
     let r = match tracer.refresh().map_err(AgentError::Refresh) {
         Err(e) => Err(e),
         Ok(()) if agent.phase == Phase::Idle => try_start(agent, tracer),
