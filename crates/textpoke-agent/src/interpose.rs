@@ -121,7 +121,8 @@ fn own_process() -> bool {
 // ---------------------------------------------------------------------------
 // Memory for the new environment.
 
-/// Anonymous memory (never malloc: see the module docs).
+/// Anonymous memory (never malloc: see the module docs), from
+/// [`textpoke::sys::anon`].
 struct Scratch {
     base: *mut u8,
     len: usize,
@@ -130,19 +131,8 @@ struct Scratch {
 
 impl Scratch {
     fn new(len: usize) -> Option<Scratch> {
-        let len = len.max(1);
-        // SAFETY: an anonymous private mapping; no file, no fixed address.
-        let p = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
-                -1,
-                0,
-            )
-        };
-        (p != libc::MAP_FAILED).then_some(Scratch { base: p.cast(), len, used: 0 })
+        let base = textpoke::sys::anon::map(len)?;
+        Some(Scratch { base, len, used: 0 })
     }
 
     /// `n` pointer slots.
@@ -175,8 +165,9 @@ impl Scratch {
 
 impl Drop for Scratch {
     fn drop(&mut self) {
-        // SAFETY: unmapping exactly the mapping made in `new`.
-        unsafe { libc::munmap(self.base.cast(), self.len) };
+        // SAFETY: exactly the mapping made in `new`; the exec it was for
+        // has failed (or was never tried), so nothing uses it any more.
+        unsafe { textpoke::sys::anon::unmap(self.base, self.len) };
     }
 }
 

@@ -56,6 +56,7 @@ use crate::front;
 use crate::{as_agent, getpid, note_once, set_in_agent_thread, AGENT};
 use std::sync::atomic::{AtomicI32, Ordering};
 use std::time::Instant;
+use textpoke::sys::threads::gettid;
 
 /// How often the agent thread wakes without a reason.
 const TICK_MS: i32 = 50;
@@ -89,11 +90,6 @@ fn running() -> bool {
 /// Whether `tid` is the agent thread's (async-signal-safe).
 fn is_agent_thread(tid: i32) -> bool {
     THREAD_TID.load(Ordering::Acquire) == tid
-}
-
-fn gettid() -> i32 {
-    // SAFETY: no preconditions; a plain system call.
-    unsafe { libc::gettid() }
 }
 
 fn block_async_signals() {

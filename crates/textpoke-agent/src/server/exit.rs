@@ -11,6 +11,8 @@
 use crate::AGENT;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
+use textpoke::clock::monotonic_ns;
+use textpoke::sys::threads::gettid;
 
 /// The state of the handshake: [`EXIT_NONE`], [`EXIT_ASKED`] or
 /// [`EXIT_DONE`].
@@ -26,14 +28,6 @@ const EXIT_DONE: u32 = 2;
 /// that interrupted `malloc`), and the program is let go.
 pub(crate) const EXIT_STOP_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// CLOCK_MONOTONIC in nanoseconds (`clock_gettime` is async-signal-safe).
-fn monotonic_ns() -> u64 {
-    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
-    // SAFETY: clock_gettime writes one timespec.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-    (ts.tv_sec as u64).saturating_mul(1_000_000_000).saturating_add(ts.tv_nsec as u64)
-}
-
 /// Called by the `_exit` wrapper while recording: has the agent thread
 /// stop the recorder and waits for it, at most [`EXIT_STOP_TIMEOUT`].
 /// Whether the recorder was stopped.
@@ -46,7 +40,7 @@ pub(crate) fn stop_for_exit() -> bool {
     if !super::running() {
         return false; // no agent thread in this process
     }
-    if super::is_agent_thread(super::gettid()) {
+    if super::is_agent_thread(gettid()) {
         return false; // the agent thread itself: it cannot wait for itself
     }
     // Only the first caller asks; a second thread in `_exit` waits too.
