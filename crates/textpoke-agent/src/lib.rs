@@ -3,7 +3,7 @@
 //! a trace directory and can be steered while it runs (`textpoke ctl`).
 //!
 //! It is a thin front end over the library: [`textpoke::trace::Tracer`]
-//! finds and patches the sites, [`textpoke::trace::RecordOp`] records into
+//! finds and patches the sites, [`textpoke_record::RecordOp`] records into
 //! [`textpoke_record`], [`textpoke_control`] defines the socket.
 //!
 //! # Environment
@@ -75,6 +75,28 @@
 //!    `textpoke record` but the variable: no descriptor. A program that
 //!    starts (or is executed) when `textpoke record` is already gone
 //!    never starts recording.
+//! 8. **Shutdown.** [`shutdown`] turns the agent off for good in a
+//!    program that runs on, as a detach will (issue #11): tracing ends as
+//!    in step 7 (op unregistered, sites unpatched, trace finished, the
+//!    recorder's writer thread joined), then the agent thread is ended and
+//!    joined (its descriptors close with it) and the socket file removed.
+//!    Nothing starts again. What stays: the wrappers and signal handlers,
+//!    which then pass everything through to the program (the real
+//!    functions, the program's own handlers, the default dispositions),
+//!    and the tracer's reclaimer thread if one was started (the engine
+//!    does not stop it yet: TODO(#14)).
+//!
+//! ## Injected into a running program (issue #11)
+//!
+//! Steps 1 and 2 assume a constructor that runs before `main`, alone:
+//! the settings come from the environment, and `TEXTPOKE_PID` is set with
+//! `setenv`. An agent loaded into a running program by `textpoke record
+//! -p` must instead take its settings as a message
+//! ([`textpoke_control::AgentConfig::from_message`]) and leave the
+//! program's environment alone (`setenv` races the program's threads'
+//! `getenv`); the stop-signal handlers (step 6) are installed only where
+//! the disposition is still the default, as now. Steps 3 to 8 are the
+//! same; a detach is step 8.
 //!
 //! # Never harm the program
 //!
@@ -233,11 +255,15 @@ static DIR_SNAPSHOT: AtomicPtr<c_char> = AtomicPtr::new(std::ptr::null_mut());
 /// its directory.
 pub(crate) static STARTED: AtomicBool = AtomicBool::new(false);
 
-/// `textpoke record` is gone (step 7): no recording starts any more.
-static FRONT_GONE: AtomicBool = AtomicBool::new(false);
+/// Tracing ended for good: `textpoke record` is gone (step 7) or the
+/// agent was shut down (step 8). No recording starts any more.
+pub(crate) static ENDED: AtomicBool = AtomicBool::new(false);
 
 /// Why recording stopped when `textpoke record` went away.
 const FRONT_GONE_WHY: &str = "textpoke record ended";
+
+/// Why recording stopped at [`shutdown`].
+const SHUTDOWN_WHY: &str = "the agent was shut down";
 
 thread_local! {
     /// The agent's own code runs on this thread now: wrappers called from
@@ -379,7 +405,7 @@ fn load() {
         }
     };
     if config.front.is_some_and(front::proc_says_gone) {
-        FRONT_GONE.store(true, Ordering::Release); // step 7, before it started
+        ENDED.store(true, Ordering::Release); // step 7, before it started
     }
     publish_dir(&dir);
     // SAFETY: three `extern "C"` handlers without arguments.
@@ -410,7 +436,7 @@ fn load() {
 
 /// Starts recording if there is anything to trace.
 fn try_start(agent: &mut Agent, tracer: &'static Tracer) -> Result<(), AgentError> {
-    if agent.phase != Phase::Idle || FRONT_GONE.load(Ordering::Acquire) {
+    if agent.phase != Phase::Idle || ENDED.load(Ordering::Acquire) {
         return Ok(());
     }
     let functions = tracer.functions();
@@ -543,16 +569,41 @@ pub(crate) fn stop_recording(agent: &mut Agent, why: &'static str) {
 /// unregistered, which unpatches its sites) and finishes the trace; an
 /// idle agent never starts one. The program runs on.
 pub(crate) fn front_ended() {
-    FRONT_GONE.store(true, Ordering::Release);
+    end_tracing(FRONT_GONE_WHY);
+}
+
+/// Ends tracing for good (steps 7 and 8): the op is unregistered (its
+/// sites unpatched), the recorder stopped as an exit does, and no
+/// recording starts afterwards.
+fn end_tracing(why: &'static str) {
+    ENDED.store(true, Ordering::Release);
     let mut g = AGENT.lock();
     let Some(agent) = g.as_mut() else { return };
     if let Some(op) = agent.op.take() {
         if let Err(e) = Tracer::global().unregister(op) {
-            warn_once(&format!("textpoke record ended, but tracing cannot be turned off: {e}"));
+            warn_once(&format!("{why}, but tracing cannot be turned off: {e}"));
         }
     }
     agent.traced = 0;
-    stop_recording(agent, FRONT_GONE_WHY);
+    stop_recording(agent, why);
+}
+
+/// Turns the agent off for good (step 8), for a program that runs on
+/// without it: an injected agent detaching (issue #11). Tracing ends as
+/// when `textpoke record` is gone (the sites unpatched, the trace
+/// finished, the recorder's writer thread joined), then the agent thread
+/// is ended and joined (its socket, wake pipe, pidfd and connections
+/// closed with it) and the socket file removed. Nothing starts again:
+/// not recording, not the agent thread.
+///
+/// Call it from a thread of the program (or of an injector), not from the
+/// agent thread, and not from within a wrapper the agent installed.
+pub fn shutdown() {
+    as_agent(|| {
+        end_tracing(SHUTDOWN_WHY);
+        server::stop();
+        server::socket::remove_socket();
+    });
 }
 
 /// Rescans loaded objects and brings the op's filter up to date; a process
@@ -591,9 +642,11 @@ pub(crate) fn update_filter(agent: &mut Agent) -> Result<(), TraceError> {
 extern "C" fn fork_prepare() {
     // SAFETY: released by fork_parent, or fork_child in the child.
     unsafe { AGENT.raw_lock() };
+    server::fork_prepare(); // after AGENT: the locks' order
 }
 
 extern "C" fn fork_parent() {
+    server::fork_parent();
     // SAFETY: locked by fork_prepare on this thread.
     unsafe { AGENT.raw_unlock() };
 }

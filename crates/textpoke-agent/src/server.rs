@@ -42,6 +42,15 @@
 //! forgets the parent's agent thread and everything it held (each job's
 //! own state, the descriptors), and the fork handler starts a new thread
 //! when the child records.
+//!
+//! # Stop
+//!
+//! [`stop`] (the agent's shutdown, step 8) ends the loop and joins the
+//! thread: its handle is kept in [`THREAD`]. The loop runs while
+//! [`THREAD_PID`] is this process's pid; `stop` clears it, wakes the
+//! thread, which finishes its round (at most a tick if it had no wake
+//! pipe yet), drops what it holds (descriptors close) and returns. No
+//! agent thread starts afterwards, not even for a `dlopen`.
 
 mod commands;
 pub(crate) mod exit;
@@ -54,8 +63,10 @@ use crate::clients::Clients;
 use crate::fds::{close_inherited, Fd};
 use crate::front;
 use crate::{as_agent, getpid, note_once, set_in_agent_thread, AGENT};
-use std::sync::atomic::{AtomicI32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
+use std::thread::JoinHandle;
 use std::time::Instant;
+use textpoke::sync::ForkLock;
 use textpoke::sys::threads::gettid;
 
 /// How often the agent thread wakes without a reason.
@@ -67,19 +78,66 @@ static THREAD_PID: AtomicI32 = AtomicI32::new(0);
 /// The agent thread's tid (0 until it runs).
 static THREAD_TID: AtomicI32 = AtomicI32::new(0);
 
+/// The agent thread's handle, for [`stop`] to join it. Its lock is taken
+/// after the agent's (`AGENT`) when both are, and held across `fork` by
+/// the fork handlers.
+static THREAD: ForkLock<Option<JoinHandle<()>>> = ForkLock::new(None);
+
+/// [`stop`] ran: no agent thread starts any more.
+static STOPPED: AtomicBool = AtomicBool::new(false);
+
 /// Starts the agent thread of this process if it is not running.
 pub(crate) fn spawn() {
     let pid = getpid();
-    if THREAD_PID.swap(pid, Ordering::AcqRel) == pid {
+    // Held while the thread is made, so that `stop` finds its handle.
+    let mut thread = THREAD.lock();
+    if STOPPED.load(Ordering::Acquire) || THREAD_PID.swap(pid, Ordering::AcqRel) == pid {
         return;
     }
     let r = std::thread::Builder::new().name("textpoke-agent".into()).spawn(|| {
         as_agent(main_loop);
     });
-    if r.is_err() {
-        THREAD_PID.store(0, Ordering::Release);
-        note_once("cannot start the agent thread: no control socket, libraries loaded later are not traced");
+    match r {
+        Ok(h) => *thread = Some(h),
+        Err(_) => {
+            THREAD_PID.store(0, Ordering::Release);
+            note_once("cannot start the agent thread: no control socket, libraries loaded later are not traced");
+        }
     }
+}
+
+/// Ends the agent thread and waits for it (see the module docs, "Stop");
+/// no agent thread starts afterwards. On the agent thread itself it only
+/// asks (a thread cannot wait for itself). The caller must not hold the
+/// agent's lock, which the thread may be waiting for.
+pub(crate) fn stop() {
+    let handle = {
+        let mut thread = THREAD.lock();
+        STOPPED.store(true, Ordering::Release);
+        // Release pairs with the loop's Acquire load of THREAD_PID.
+        THREAD_PID.store(0, Ordering::Release);
+        thread.take()
+    };
+    wake::wake();
+    if let Some(h) = handle {
+        if h.thread().id() != std::thread::current().id() {
+            let _ = h.join();
+        }
+    }
+}
+
+/// Before `fork` (after the agent's lock): [`THREAD`] is consistent in
+/// the child.
+pub(crate) fn fork_prepare() {
+    // SAFETY: released by `fork_parent`, or `after_fork_in_child` in the
+    // child, on this thread.
+    unsafe { THREAD.raw_lock() };
+}
+
+/// After `fork`, in the parent.
+pub(crate) fn fork_parent() {
+    // SAFETY: locked by `fork_prepare` on this thread.
+    unsafe { THREAD.raw_unlock() };
 }
 
 /// Whether this process's agent thread runs (async-signal-safe).
@@ -218,6 +276,13 @@ impl LoopState {
 /// In a forked child: the parent's agent thread, descriptors and socket
 /// are not ours.
 pub(crate) fn after_fork_in_child() {
+    // SAFETY: `fork_prepare` locked it on this thread, the only one here.
+    let parents = unsafe { THREAD.get_locked() }.take();
+    // The parent's thread does not exist here: its handle is forgotten
+    // (joining or detaching it would act on a thread of the parent).
+    std::mem::forget(parents);
+    // SAFETY: held since `fork_prepare`.
+    unsafe { THREAD.raw_unlock() };
     THREAD_PID.store(0, Ordering::Release);
     THREAD_TID.store(0, Ordering::Release);
     exit::after_fork_in_child(); // a parent thread's _exit
@@ -236,9 +301,10 @@ mod tests {
     /// The agent thread of an idle agent (this test binary has no
     /// patchable functions: the constructor left the agent idle) ticks
     /// without taking the agent's lock, also while it watches for a
-    /// `dlopen` after a nudge.
+    /// `dlopen` after a nudge; `shutdown` ends it for good. (One test:
+    /// the shutdown is for the whole process.)
     #[test]
-    fn idle_ticks_take_no_lock() {
+    fn idle_ticks_take_no_lock_and_shutdown_joins_the_thread() {
         assert!(crate::LOADED.load(Ordering::Acquire), "the constructor ran");
         assert_eq!(AGENT.lock().as_ref().map(|a| a.phase), Some(Phase::Idle));
         spawn();
@@ -247,14 +313,38 @@ mod tests {
             assert!(Instant::now() < deadline, "the agent thread did not start");
             std::thread::sleep(Duration::from_millis(1));
         }
+        assert_eq!(agent_threads(), 1);
         let ticks = Duration::from_millis(6 * TICK_MS as u64);
         let before = AGENT.times_taken();
         std::thread::sleep(ticks);
         loader::nudge(); // a dlopen that loads nothing: 250 ms of 1 ms ticks
         std::thread::sleep(loader::DLOPEN_WATCH + ticks);
         assert_eq!(AGENT.times_taken(), before, "the agent thread took the lock with nothing to do");
-        // Ends the thread (the loop runs while THREAD_PID is this pid).
-        THREAD_PID.store(0, Ordering::Release);
-        wake::wake();
+
+        crate::shutdown();
+        // Joined: the thread finished its loop (it forgets its wake pipe
+        // last) before shutdown returned...
+        assert!(!wake::is_open(), "shutdown returned before the agent thread ended");
+        assert!(!running());
+        // ...and the kernel lets go of it a moment later.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while agent_threads() != 0 {
+            assert!(Instant::now() < deadline, "the agent thread is still there after shutdown");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        loader::nudge(); // a dlopen after the shutdown starts nothing
+        spawn();
+        std::thread::sleep(ticks);
+        assert_eq!(agent_threads(), 0, "an agent thread started after shutdown");
+        assert!(crate::ENDED.load(Ordering::Acquire), "no recording starts after shutdown");
+    }
+
+    /// How many threads of this process are named `textpoke-agent`.
+    fn agent_threads() -> usize {
+        let tasks = std::fs::read_dir("/proc/self/task").unwrap();
+        tasks
+            .flatten()
+            .filter(|t| std::fs::read_to_string(t.path().join("comm")).is_ok_and(|c| c.trim_end() == "textpoke-agent"))
+            .count()
     }
 }
