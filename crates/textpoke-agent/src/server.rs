@@ -63,7 +63,7 @@ use crate::clients::Clients;
 use crate::fds::{close_inherited, Fd};
 use crate::front;
 use crate::{as_agent, getpid, note_once, set_in_agent_thread, AGENT};
-use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
+use std::sync::atomic::{AtomicI32, Ordering};
 use std::thread::JoinHandle;
 use std::time::Instant;
 use textpoke::sync::ForkLock;
@@ -81,24 +81,27 @@ static THREAD_TID: AtomicI32 = AtomicI32::new(0);
 /// The agent thread's handle, for [`stop`] to join it. Its lock is taken
 /// after the agent's (`AGENT`) when both are, and held across `fork` by
 /// the fork handlers.
-static THREAD: ForkLock<Option<JoinHandle<()>>> = ForkLock::new(None);
+static THREAD: ForkLock<AgentThread> = ForkLock::new(AgentThread { handle: None, stopped: false });
 
-/// [`stop`] ran: no agent thread starts any more.
-static STOPPED: AtomicBool = AtomicBool::new(false);
+struct AgentThread {
+    handle: Option<JoinHandle<()>>,
+    /// [`stop`] ran: no agent thread starts any more.
+    stopped: bool,
+}
 
 /// Starts the agent thread of this process if it is not running.
 pub(crate) fn spawn() {
     let pid = getpid();
     // Held while the thread is made, so that `stop` finds its handle.
     let mut thread = THREAD.lock();
-    if STOPPED.load(Ordering::Acquire) || THREAD_PID.swap(pid, Ordering::AcqRel) == pid {
+    if thread.stopped || THREAD_PID.swap(pid, Ordering::AcqRel) == pid {
         return;
     }
     let r = std::thread::Builder::new().name("textpoke-agent".into()).spawn(|| {
         as_agent(main_loop);
     });
     match r {
-        Ok(h) => *thread = Some(h),
+        Ok(h) => thread.handle = Some(h),
         Err(_) => {
             THREAD_PID.store(0, Ordering::Release);
             note_once("cannot start the agent thread: no control socket, libraries loaded later are not traced");
@@ -113,10 +116,10 @@ pub(crate) fn spawn() {
 pub(crate) fn stop() {
     let handle = {
         let mut thread = THREAD.lock();
-        STOPPED.store(true, Ordering::Release);
+        thread.stopped = true;
         // Release pairs with the loop's Acquire load of THREAD_PID.
         THREAD_PID.store(0, Ordering::Release);
-        thread.take()
+        thread.handle.take()
     };
     wake::wake();
     if let Some(h) = handle {
@@ -277,7 +280,7 @@ impl LoopState {
 /// are not ours.
 pub(crate) fn after_fork_in_child() {
     // SAFETY: `fork_prepare` locked it on this thread, the only one here.
-    let parents = unsafe { THREAD.get_locked() }.take();
+    let parents = unsafe { THREAD.get_locked() }.handle.take();
     // The parent's thread does not exist here: its handle is forgotten
     // (joining or detaching it would act on a thread of the parent).
     std::mem::forget(parents);
