@@ -66,6 +66,7 @@
 use crate::{getpid, AGENT_PID};
 use std::ffi::{c_int, c_void};
 use std::sync::atomic::{fence, AtomicBool, AtomicI32, AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use textpoke::sys::threads::gettid;
 use textpoke_record::crash::{self, CrashFlush, FatalSignal};
 
 /// The signals whose default action the crash flush precedes.
@@ -271,11 +272,6 @@ fn errno() -> c_int {
 fn set_errno(e: c_int) {
     // SAFETY: as in `errno`.
     unsafe { *libc::__errno_location() = e };
-}
-
-fn gettid() -> i32 {
-    // SAFETY: no preconditions.
-    unsafe { libc::gettid() }
 }
 
 /// The kernel's disposition the agent sets for the program's `a`.

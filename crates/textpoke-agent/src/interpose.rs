@@ -19,7 +19,7 @@
 //! So the wrapper does no such work: it asks the agent thread to stop the
 //! recorder (an atomic and a byte down the wake pipe) and waits for its
 //! answer, polling an atomic between `nanosleep`s, for at most
-//! `server::EXIT_STOP_TIMEOUT` (the stop itself may wait 2 s for threads
+//! `server::exit::EXIT_STOP_TIMEOUT` (the stop itself may wait 2 s for threads
 //! stuck in a record call, then `fsync`s every file). Everything on the
 //! calling thread is async-signal-safe: atomics, `getpid`, `gettid`,
 //! `fstat`, `write`, `clock_gettime`, `nanosleep`, `unlink`; no
@@ -65,6 +65,7 @@ use crate::server;
 use crate::{as_agent, dir_snapshot, getpid, in_agent, AGENT, AGENT_PID, LOADED, STARTED};
 use std::ffi::{c_char, c_int, c_void, CStr};
 use std::sync::atomic::{AtomicUsize, Ordering};
+use textpoke_record::format::CHILD_DIR_PREFIX;
 
 extern "C" {
     static mut environ: *const *const c_char;
@@ -120,7 +121,8 @@ fn own_process() -> bool {
 // ---------------------------------------------------------------------------
 // Memory for the new environment.
 
-/// Anonymous memory (never malloc: see the module docs).
+/// Anonymous memory (never malloc: see the module docs), from
+/// [`textpoke::sys::anon`].
 struct Scratch {
     base: *mut u8,
     len: usize,
@@ -129,19 +131,8 @@ struct Scratch {
 
 impl Scratch {
     fn new(len: usize) -> Option<Scratch> {
-        let len = len.max(1);
-        // SAFETY: an anonymous private mapping; no file, no fixed address.
-        let p = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
-                -1,
-                0,
-            )
-        };
-        (p != libc::MAP_FAILED).then_some(Scratch { base: p.cast(), len, used: 0 })
+        let base = textpoke::sys::anon::map(len)?;
+        Some(Scratch { base, len, used: 0 })
     }
 
     /// `n` pointer slots.
@@ -174,8 +165,9 @@ impl Scratch {
 
 impl Drop for Scratch {
     fn drop(&mut self) {
-        // SAFETY: unmapping exactly the mapping made in `new`.
-        unsafe { libc::munmap(self.base.cast(), self.len) };
+        // SAFETY: exactly the mapping made in `new`; the exec it was for
+        // has failed (or was never tried), so nothing uses it any more.
+        unsafe { textpoke::sys::anon::unmap(self.base, self.len) };
     }
 }
 
@@ -213,17 +205,23 @@ unsafe fn entries<'a>(v: *const *const c_char) -> impl Iterator<Item = *const c_
     })
 }
 
+/// Whether the environment entry `e` (`NAME=VALUE`) sets the variable
+/// `name` (which holds no NUL and no `=`).
+///
 /// # Safety
 ///
-/// `s` is a valid C string.
-unsafe fn starts_with(s: *const c_char, prefix: &[u8]) -> bool {
+/// `e` is a valid C string.
+unsafe fn sets_var(e: *const c_char, name: &str) -> bool {
     // SAFETY: comparing byte by byte, stopping at the string's NUL (which
-    // never equals a prefix byte, as the prefixes hold no NUL).
-    prefix.iter().enumerate().all(|(i, &b)| unsafe { *s.add(i) } as u8 == b)
+    // never equals a byte of the name); when the whole name matched, the
+    // string goes on at least to its NUL at `name.len()`.
+    name.bytes().enumerate().all(|(i, b)| unsafe { *e.add(i) } as u8 == b)
+        && unsafe { *e.add(name.len()) } == b'=' as c_char
 }
 
-const DIR_VAR: &[u8] = b"TEXTPOKE_DIR=";
-const PID_VAR: &[u8] = b"TEXTPOKE_PID=";
+/// The variables an exec rewrites (see the module docs).
+const DIR_VAR: &str = textpoke_control::agent::DIR_ENV;
+const PID_VAR: &str = textpoke_control::agent::PID_ENV;
 
 /// The environment for the program an exec starts.
 struct ExecEnv {
@@ -250,12 +248,12 @@ unsafe fn prepare_exec(envp: *const *const c_char) -> ExecEnv {
             if let Some(a) = AGENT.lock().as_mut() {
                 crate::stop_recording(a, "exec");
             }
-            server::remove_socket();
+            server::socket::remove_socket();
         });
     }
     let base = dir_snapshot();
     // SAFETY: the caller's contract.
-    let has_dir = unsafe { entries(envp) }.any(|e| unsafe { starts_with(e, DIR_VAR) });
+    let has_dir = unsafe { entries(envp) }.any(|e| unsafe { sets_var(e, DIR_VAR) });
     if base.is_null() || !has_dir {
         return ExecEnv { own, ..pass };
     }
@@ -263,17 +261,19 @@ unsafe fn prepare_exec(envp: *const *const c_char) -> ExecEnv {
     let base = unsafe { CStr::from_ptr(base) }.to_bytes();
     let mut buf = [0u8; 12];
     let pid_digits = digits(pid, &mut buf);
-    let suffix: &[&[u8]] = if !own {
-        &[b"/child-", pid_digits]
+    let (dir, child) = (DIR_VAR.as_bytes(), CHILD_DIR_PREFIX.as_bytes());
+    let dir_parts: &[&[u8]] = if !own {
+        &[dir, b"=", base, b"/", child, pid_digits]
     } else if STARTED.load(Ordering::Acquire) {
-        &[b"/child-", pid_digits, b"-exec"]
+        &[dir, b"=", base, b"/", child, pid_digits, b"-exec"]
     } else {
-        &[]
+        &[dir, b"=", base]
     };
+    let pid_parts: &[&[u8]] = &[PID_VAR.as_bytes(), b"=", pid_digits];
+    let size = |parts: &[&[u8]]| parts.iter().map(|p| p.len()).sum::<usize>() + 1;
     // SAFETY: the caller's contract.
     let count = unsafe { entries(envp) }.count();
-    let strings = DIR_VAR.len() + base.len() + 32 + PID_VAR.len() + 16;
-    let Some(mut mem) = Scratch::new((count + 3) * 8 + strings) else {
+    let Some(mut mem) = Scratch::new((count + 3) * 8 + size(dir_parts) + size(pid_parts)) else {
         return ExecEnv { own, ..pass };
     };
     let slots = mem.slots(count + 3);
@@ -281,19 +281,15 @@ unsafe fn prepare_exec(envp: *const *const c_char) -> ExecEnv {
     // SAFETY: the caller's contract.
     for e in unsafe { entries(envp) } {
         // SAFETY: `e` is a valid C string.
-        if unsafe { starts_with(e, DIR_VAR) || starts_with(e, PID_VAR) } {
+        if unsafe { sets_var(e, DIR_VAR) || sets_var(e, PID_VAR) } {
             continue;
         }
         // SAFETY: k < count + 3 slots.
         unsafe { *slots.add(k) = e };
         k += 1;
     }
-    let dir_entry = match suffix.len() {
-        0 => mem.string(&[DIR_VAR, base]),
-        2 => mem.string(&[DIR_VAR, base, suffix[0], suffix[1]]),
-        _ => mem.string(&[DIR_VAR, base, suffix[0], suffix[1], suffix[2]]),
-    };
-    let pid_entry = mem.string(&[PID_VAR, pid_digits]);
+    let dir_entry = mem.string(dir_parts);
+    let pid_entry = mem.string(pid_parts);
     // SAFETY: k + 3 <= count + 3 slots.
     unsafe {
         *slots.add(k) = dir_entry;
@@ -317,7 +313,7 @@ unsafe fn run_exec(envp: *const *const c_char, f: impl FnOnce(*const *const c_ch
     let own = env.own;
     drop(env);
     if own {
-        server::exec_failed();
+        server::socket::exec_failed();
     }
     set_errno(e);
     r
@@ -533,10 +529,10 @@ fn before_exit() {
     if !own_process() || !crate::recording() {
         return;
     }
-    if !server::stop_for_exit() {
+    if !server::exit::stop_for_exit() {
         note_unfinished_at_exit();
     }
-    server::remove_socket();
+    server::socket::remove_socket();
 }
 
 /// Says on stderr that the trace is left incomplete, with `write(2)`
@@ -580,7 +576,7 @@ pub extern "C" fn _Exit(status: c_int) -> ! {
 /// Wakes the agent thread, returns the real `dlopen` to jump to.
 extern "C" fn on_dlopen() -> usize {
     if LOADED.load(Ordering::Acquire) && !in_agent() && own_process() {
-        as_agent(server::nudge);
+        as_agent(server::loader::nudge);
     }
     match real(DLOPEN) {
         0 => dlopen_unavailable as *const () as usize,
@@ -651,7 +647,7 @@ pub unsafe extern "C" fn dlclose(handle: *mut c_void) -> c_int {
                         crate::refresh(a);
                     }
                 }
-                None => crate::server::nudge(),
+                None => server::loader::nudge(),
             }
             // The rescan's own loader calls may have left an error message;
             // the program's dlclose succeeded, so dlerror() must say nothing.

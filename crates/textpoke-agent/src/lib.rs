@@ -3,24 +3,18 @@
 //! a trace directory and can be steered while it runs (`textpoke ctl`).
 //!
 //! It is a thin front end over the library: [`textpoke::trace::Tracer`]
-//! finds and patches the sites, [`textpoke::trace::RecordOp`] records into
+//! finds and patches the sites, [`textpoke_record::RecordOp`] records into
 //! [`textpoke_record`], [`textpoke_control`] defines the socket.
 //!
 //! # Environment
 //!
-//! | variable | meaning |
-//! |---|---|
-//! | `TEXTPOKE_DIR` | the trace directory (default `textpoke.data`, relative to the working directory at load) |
-//! | `TEXTPOKE_PID` | the process that writes `TEXTPOKE_DIR` itself; any other process writes `TEXTPOKE_DIR/child-<pid>/`. Unset: this process (the agent then sets it, so that children started with `posix_spawn`, `system` or `popen` write their own directories) |
-//! | `TEXTPOKE_INCLUDE` | include globs (`-F`), one per line; none: every function |
-//! | `TEXTPOKE_EXCLUDE` | exclude globs (`-N`), one per line |
-//! | `TEXTPOKE_COUNT_ONLY` | `1`: count calls per function instead of recording entries and exits |
-//! | `TEXTPOKE_RETVAL` | globs (`-R`), one per line: record the return values of these functions |
-//! | `TEXTPOKE_BUFFER_SIZE` | the most one thread's buffer may hold, bytes (`-b`) |
-//! | `TEXTPOKE_MEMORY_LIMIT` | the most all buffers may hold together, bytes (`--memory-limit`) |
-//! | `TEXTPOKE_CLOCK` | `tsc`, `tsc-unordered` or `monotonic` (`--clock`); unset: the best this machine has |
-//! | `TEXTPOKE_SOCKET_DIR` | where the control socket goes (see [`textpoke_control`]) |
-//! | `TEXTPOKE_RECORD_PID` | `PID:START`: the `textpoke record` process this run belongs to (step 7). Unset: no such process to watch (the agent preloaded by hand) |
+//! `textpoke record` passes its settings in the environment: the trace
+//! directory (`TEXTPOKE_DIR`), the process that writes it itself
+//! (`TEXTPOKE_PID`), the filters, the mode, the buffer sizes, the clock,
+//! the socket directory, and the `textpoke record` process to watch
+//! (`TEXTPOKE_RECORD_PID`, step 7). The variables, their meaning and the
+//! checks of their values are [`textpoke_control::AgentConfig`]'s, which
+//! the CLI uses to set them: they are written down once, there.
 //!
 //! # Life cycle
 //!
@@ -81,6 +75,28 @@
 //!    `textpoke record` but the variable: no descriptor. A program that
 //!    starts (or is executed) when `textpoke record` is already gone
 //!    never starts recording.
+//! 8. **Shutdown.** [`shutdown`] turns the agent off for good in a
+//!    program that runs on, as a detach will (issue #11): tracing ends as
+//!    in step 7 (op unregistered, sites unpatched, trace finished, the
+//!    recorder's writer thread joined), then the agent thread is ended and
+//!    joined (its descriptors close with it) and the socket file removed.
+//!    Nothing starts again. What stays: the wrappers and signal handlers,
+//!    which then pass everything through to the program (the real
+//!    functions, the program's own handlers, the default dispositions),
+//!    and the tracer's reclaimer thread if one was started (the engine
+//!    does not stop it yet: TODO(#14)).
+//!
+//! ## Injected into a running program (issue #11)
+//!
+//! Steps 1 and 2 assume a constructor that runs before `main`, alone:
+//! the settings come from the environment, and `TEXTPOKE_PID` is set with
+//! `setenv`. An agent loaded into a running program by `textpoke record
+//! -p` must instead take its settings as a message
+//! ([`textpoke_control::AgentConfig::from_message`]) and leave the
+//! program's environment alone (`setenv` races the program's threads'
+//! `getenv`); the stop-signal handlers (step 6) are installed only where
+//! the disposition is still the default, as now. Steps 3 to 8 are the
+//! same; a detach is step 8.
 //!
 //! # Never harm the program
 //!
@@ -101,7 +117,7 @@
 //! `disable GLOB`. Peers of another uid (root excepted) are refused. The
 //! agent thread serves every connection at once without blocking on any
 //! (see `clients`), and removes the sockets that dead processes left in
-//! the directory when it makes its own (see `server`).
+//! the directory when it makes its own (see `server::socket`).
 
 mod altstack;
 mod clients;
@@ -114,7 +130,7 @@ mod server;
 
 use rules::{Rule, Rules};
 use std::cell::Cell;
-use std::ffi::{c_char, CString, OsStr};
+use std::ffi::{c_char, CString};
 use std::io::Write;
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
@@ -122,25 +138,9 @@ use std::sync::atomic::{AtomicBool, AtomicI32, AtomicPtr, AtomicU8, Ordering};
 use std::sync::Arc;
 use textpoke::sync::ForkLock;
 use textpoke::trace::{OpHandle, TraceError, Tracer};
-use textpoke_control::FrontProcess;
+use textpoke_control::{AgentClock, AgentConfig, ConfigWarning};
 use textpoke_record::{self as record, Recorder, RecorderConfig};
 use textpoke_record::{ClockChoice, ClockSource, RecordOp};
-
-/// Settings read from the environment at load.
-#[derive(Clone, Debug)]
-pub(crate) struct Config {
-    pub include: Vec<String>,
-    pub exclude: Vec<String>,
-    pub count_only: bool,
-    pub socket_dir: PathBuf,
-    /// Functions whose return values are recorded.
-    pub retval: Vec<String>,
-    pub buffer_size: Option<usize>,
-    pub memory_limit: Option<usize>,
-    pub clock: Option<ClockSource>,
-    /// `textpoke record`, to watch (step 7).
-    pub front: Option<FrontProcess>,
-}
 
 /// Why the agent cannot trace; printed once, then tracing is disabled.
 #[derive(Debug, thiserror::Error)]
@@ -213,7 +213,11 @@ pub(crate) fn recording() -> bool {
 
 /// The agent's state in this process.
 pub(crate) struct Agent {
-    pub config: Config,
+    /// The settings, read from the environment at load.
+    pub config: AgentConfig,
+    /// Where the control socket goes: `config.socket_dir`, else the
+    /// default of the environment at load.
+    pub socket_dir: PathBuf,
     pub rules: Rules,
     /// The directory this program writes.
     pub dir: PathBuf,
@@ -251,11 +255,15 @@ static DIR_SNAPSHOT: AtomicPtr<c_char> = AtomicPtr::new(std::ptr::null_mut());
 /// its directory.
 pub(crate) static STARTED: AtomicBool = AtomicBool::new(false);
 
-/// `textpoke record` is gone (step 7): no recording starts any more.
-static FRONT_GONE: AtomicBool = AtomicBool::new(false);
+/// Tracing ended for good: `textpoke record` is gone (step 7) or the
+/// agent was shut down (step 8). No recording starts any more.
+pub(crate) static ENDED: AtomicBool = AtomicBool::new(false);
 
 /// Why recording stopped when `textpoke record` went away.
 const FRONT_GONE_WHY: &str = "textpoke record ended";
+
+/// Why recording stopped at [`shutdown`].
+const SHUTDOWN_WHY: &str = "the agent was shut down";
 
 thread_local! {
     /// The agent's own code runs on this thread now: wrappers called from
@@ -330,34 +338,30 @@ pub(crate) fn getpid() -> i32 {
     unsafe { libc::getpid() }
 }
 
-fn env_lines(name: &str) -> Vec<String> {
-    std::env::var(name).map(|v| v.lines().filter(|l| !l.is_empty()).map(str::to_owned).collect()).unwrap_or_default()
-}
-
-/// A byte count from the environment; a value that is not one is said
-/// once and the default used.
-fn env_number(name: &str) -> Option<usize> {
-    let v = std::env::var(name).ok()?;
-    match v.trim().parse() {
-        Ok(n) => Some(n),
-        Err(_) => {
-            warn_once(&format!("{name}={v:?} is not a number of bytes; using the default"));
-            None
+/// Says what was wrong with the settings: a value that cannot be used
+/// as `warn_once` (as an error would), a front process that cannot be
+/// watched as `note_once` (tracing goes on as asked).
+fn report_config_warnings(warnings: &[ConfigWarning]) {
+    for w in warnings {
+        match w {
+            ConfigWarning::BadFront { .. } => note_once(&w.to_string()),
+            _ => warn_once(&w.to_string()),
         }
     }
 }
 
-fn env_clock() -> Option<ClockSource> {
-    let v = std::env::var("TEXTPOKE_CLOCK").ok()?;
-    match v.as_str() {
-        "tsc" => Some(ClockSource::Tsc),
-        "tsc-unordered" => Some(ClockSource::TscUnordered),
-        "monotonic" => Some(ClockSource::Monotonic),
-        _ => {
-            warn_once(&format!("TEXTPOKE_CLOCK={v:?} is not tsc, tsc-unordered or monotonic; using the default"));
-            None
-        }
+/// The recorder's clock source for the one asked for.
+fn clock_source(clock: AgentClock) -> ClockSource {
+    match clock {
+        AgentClock::Tsc => ClockSource::Tsc,
+        AgentClock::TscUnordered => ClockSource::TscUnordered,
+        AgentClock::Monotonic => ClockSource::Monotonic,
     }
+}
+
+/// A byte count as the recorder takes it.
+fn bytes(n: u64) -> usize {
+    usize::try_from(n).unwrap_or(usize::MAX)
 }
 
 // ---------------------------------------------------------------------------
@@ -376,31 +380,23 @@ fn load() {
     fatal::resolve_all();
     let pid = getpid();
     AGENT_PID.store(pid, Ordering::Relaxed);
+    let (config, warnings) = AgentConfig::from_env();
     let cwd = std::env::current_dir().unwrap_or_else(|_| PathBuf::from("/"));
-    let base = cwd.join(std::env::var_os("TEXTPOKE_DIR").unwrap_or_else(|| "textpoke.data".into()));
-    let owner = std::env::var("TEXTPOKE_PID").ok().and_then(|p| p.parse::<i32>().ok());
-    let dir = match owner {
+    let base = config.dir_from(&cwd);
+    let dir = match config.owner_pid {
         None => {
+            let name = CString::new(textpoke_control::agent::PID_ENV).expect("a name without NUL");
             let v = CString::new(pid.to_string()).expect("digits");
             // SAFETY: valid C strings; the program's own threads are not
             // running yet (constructors run before main).
-            unsafe { libc::setenv(c"TEXTPOKE_PID".as_ptr(), v.as_ptr(), 1) };
+            unsafe { libc::setenv(name.as_ptr(), v.as_ptr(), 1) };
             base
         }
         Some(p) if p == pid => base,
         Some(_) => base.join(format!("{}{pid}", record::format::CHILD_DIR_PREFIX)),
     };
-    let config = Config {
-        include: env_lines("TEXTPOKE_INCLUDE"),
-        exclude: env_lines("TEXTPOKE_EXCLUDE"),
-        count_only: std::env::var_os("TEXTPOKE_COUNT_ONLY").is_some_and(|v| v == OsStr::new("1")),
-        socket_dir: textpoke_control::default_socket_dir(),
-        retval: env_lines("TEXTPOKE_RETVAL"),
-        buffer_size: env_number("TEXTPOKE_BUFFER_SIZE"),
-        memory_limit: env_number("TEXTPOKE_MEMORY_LIMIT"),
-        clock: env_clock(),
-        front: front_from_env(),
-    };
+    report_config_warnings(&warnings);
+    let socket_dir = config.socket_dir.clone().unwrap_or_else(textpoke_control::default_socket_dir);
     let rules = match Rules::new(&config.include, &config.exclude) {
         Ok(r) => r,
         Err(e) => {
@@ -409,16 +405,26 @@ fn load() {
         }
     };
     if config.front.is_some_and(front::proc_says_gone) {
-        FRONT_GONE.store(true, Ordering::Release); // step 7, before it started
+        ENDED.store(true, Ordering::Release); // step 7, before it started
     }
     publish_dir(&dir);
     // SAFETY: three `extern "C"` handlers without arguments.
     unsafe { libc::pthread_atfork(Some(fork_prepare), Some(fork_parent), Some(fork_child)) };
     let mut g = AGENT.lock();
-    *g = Some(Agent { config, rules, dir, phase: Phase::Idle, recorder: None, op: None, functions: 0, traced: 0 });
+    *g = Some(Agent {
+        config,
+        socket_dir,
+        rules,
+        dir,
+        phase: Phase::Idle,
+        recorder: None,
+        op: None,
+        functions: 0,
+        traced: 0,
+    });
     LOADED.store(true, Ordering::Release);
     let agent = g.as_mut().expect("just set");
-    server::note_counters();
+    server::loader::note_counters();
     let tracer = Tracer::global(); // finds the sites of every loaded object
                                    // Pads made one instruction at the first change (no program thread
                                    // yet): a later `ctl enable` then signals no thread.
@@ -428,21 +434,9 @@ fn load() {
     }
 }
 
-/// The `textpoke record` process named by the environment, if any.
-fn front_from_env() -> Option<FrontProcess> {
-    let v = std::env::var(textpoke_control::FRONT_ENV).ok()?;
-    match FrontProcess::parse(&v) {
-        Ok(f) => Some(f),
-        Err(e) => {
-            note_once(&format!("{e}; ignored: tracing will not stop if textpoke record is killed"));
-            None
-        }
-    }
-}
-
 /// Starts recording if there is anything to trace.
 fn try_start(agent: &mut Agent, tracer: &'static Tracer) -> Result<(), AgentError> {
-    if agent.phase != Phase::Idle || FRONT_GONE.load(Ordering::Acquire) {
+    if agent.phase != Phase::Idle || ENDED.load(Ordering::Acquire) {
         return Ok(());
     }
     let functions = tracer.functions();
@@ -459,13 +453,13 @@ fn try_start(agent: &mut Agent, tracer: &'static Tracer) -> Result<(), AgentErro
         cfg = cfg.count_only();
     }
     if let Some(n) = c.buffer_size {
-        cfg.thread_limit = n;
+        cfg.thread_limit = bytes(n);
     }
     if let Some(n) = c.memory_limit {
-        cfg.memory_limit = n;
+        cfg.memory_limit = bytes(n);
     }
-    if let Some(source) = c.clock {
-        cfg.clock = ClockChoice::Force(source);
+    if let Some(clock) = c.clock {
+        cfg.clock = ClockChoice::Force(clock_source(clock));
     }
     let recorder = record::start(cfg)?;
     record::flush_at_exit();
@@ -485,7 +479,7 @@ fn try_start(agent: &mut Agent, tracer: &'static Tracer) -> Result<(), AgentErro
     let handle = tracer.register(Arc::new(op), filter)?;
     agent.op = Some(handle);
     recount(agent, tracer);
-    server::install_stop_signals();
+    server::stop_signals::install();
     fatal::install();
     server::spawn();
     Ok(())
@@ -575,16 +569,41 @@ pub(crate) fn stop_recording(agent: &mut Agent, why: &'static str) {
 /// unregistered, which unpatches its sites) and finishes the trace; an
 /// idle agent never starts one. The program runs on.
 pub(crate) fn front_ended() {
-    FRONT_GONE.store(true, Ordering::Release);
+    end_tracing(FRONT_GONE_WHY);
+}
+
+/// Ends tracing for good (steps 7 and 8): the op is unregistered (its
+/// sites unpatched), the recorder stopped as an exit does, and no
+/// recording starts afterwards.
+fn end_tracing(why: &'static str) {
+    ENDED.store(true, Ordering::Release);
     let mut g = AGENT.lock();
     let Some(agent) = g.as_mut() else { return };
     if let Some(op) = agent.op.take() {
         if let Err(e) = Tracer::global().unregister(op) {
-            warn_once(&format!("textpoke record ended, but tracing cannot be turned off: {e}"));
+            warn_once(&format!("{why}, but tracing cannot be turned off: {e}"));
         }
     }
     agent.traced = 0;
-    stop_recording(agent, FRONT_GONE_WHY);
+    stop_recording(agent, why);
+}
+
+/// Turns the agent off for good (step 8), for a program that runs on
+/// without it: an injected agent detaching (issue #11). Tracing ends as
+/// when `textpoke record` is gone (the sites unpatched, the trace
+/// finished, the recorder's writer thread joined), then the agent thread
+/// is ended and joined (its socket, wake pipe, pidfd and connections
+/// closed with it) and the socket file removed. Nothing starts again:
+/// not recording, not the agent thread.
+///
+/// Call it from a thread of the program (or of an injector), not from the
+/// agent thread, and not from within a wrapper the agent installed.
+pub fn shutdown() {
+    as_agent(|| {
+        end_tracing(SHUTDOWN_WHY);
+        server::stop();
+        server::socket::remove_socket();
+    });
 }
 
 /// Rescans loaded objects and brings the op's filter up to date; a process
@@ -594,7 +613,7 @@ pub(crate) fn refresh(agent: &mut Agent) {
         return;
     }
     let tracer = Tracer::global();
-    server::note_counters();
+    server::loader::note_counters();
     let r = match tracer.refresh().map_err(AgentError::Refresh) {
         Err(e) => Err(e),
         Ok(()) if agent.phase == Phase::Idle => try_start(agent, tracer),
@@ -623,9 +642,11 @@ pub(crate) fn update_filter(agent: &mut Agent) -> Result<(), TraceError> {
 extern "C" fn fork_prepare() {
     // SAFETY: released by fork_parent, or fork_child in the child.
     unsafe { AGENT.raw_lock() };
+    server::fork_prepare(); // after AGENT: the locks' order
 }
 
 extern "C" fn fork_parent() {
+    server::fork_parent();
     // SAFETY: locked by fork_prepare on this thread.
     unsafe { AGENT.raw_unlock() };
 }

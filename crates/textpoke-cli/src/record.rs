@@ -55,6 +55,7 @@ use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicI32, Ordering};
+use textpoke_control::{AgentClock, AgentConfig, FrontProcess};
 use textpoke_record::format::{self, Mode, META_FILE};
 
 /// The demo workload (empty when no C compiler was found at build time).
@@ -88,7 +89,7 @@ pub struct Args {
     /// The timestamp clock: tsc (ordered across threads), tsc-unordered
     /// (cheaper; timestamps of different threads may be out of order by
     /// up to ~100 ns), monotonic [default: tsc when it is invariant]
-    #[arg(long, value_name = "CLOCK", value_parser = ["tsc", "tsc-unordered", "monotonic"])]
+    #[arg(long, value_name = "CLOCK", value_parser = AgentClock::NAMES)]
     clock: Option<String>,
     /// The program to run, and its arguments; none: a bundled multithreaded demo
     #[arg(value_name = "PROG [ARGS]", trailing_var_arg = true, allow_hyphen_values = true)]
@@ -528,6 +529,25 @@ fn human_bytes(n: u64) -> String {
 
 // ---------------------------------------------------------------------------
 
+/// What the agent is told (see [`textpoke_control::agent`]): the trace
+/// directory `dir`, written by the program itself (the agent takes the
+/// program's pid), the options, and this process to watch.
+fn agent_config(args: &Args, dir: PathBuf) -> AgentConfig {
+    AgentConfig {
+        dir: Some(dir),
+        owner_pid: None,
+        include: args.include.clone(),
+        exclude: args.exclude.clone(),
+        count_only: args.count_only,
+        retval: args.retval.clone(),
+        buffer_size: args.buffer_size,
+        memory_limit: args.memory_limit,
+        clock: args.clock.as_deref().and_then(AgentClock::parse),
+        socket_dir: None, // as this process's environment says
+        front: Some(FrontProcess::this()),
+    }
+}
+
 pub fn run(args: &Args) -> ExitCode {
     match record(args) {
         Ok(code) => code,
@@ -568,32 +588,8 @@ fn record(args: &Args) -> Result<ExitCode, CliError> {
         preload.push(old);
     }
     let mut cmd = std::process::Command::new(&prog);
-    cmd.arg0(&arg0).args(rest).env("LD_PRELOAD", preload).env("TEXTPOKE_DIR", &dir).env_remove("TEXTPOKE_PID");
-    cmd.env(textpoke_control::FRONT_ENV, textpoke_control::FrontProcess::this().to_env());
-    for (var, globs) in [("TEXTPOKE_INCLUDE", &args.include), ("TEXTPOKE_EXCLUDE", &args.exclude)] {
-        if globs.is_empty() {
-            cmd.env_remove(var);
-        } else {
-            cmd.env(var, globs.join("\n"));
-        }
-    }
-    if args.count_only {
-        cmd.env("TEXTPOKE_COUNT_ONLY", "1");
-    } else {
-        cmd.env_remove("TEXTPOKE_COUNT_ONLY");
-    }
-    let settings = [
-        ("TEXTPOKE_RETVAL", (!args.retval.is_empty()).then(|| args.retval.join("\n"))),
-        ("TEXTPOKE_BUFFER_SIZE", args.buffer_size.map(|n| n.to_string())),
-        ("TEXTPOKE_MEMORY_LIMIT", args.memory_limit.map(|n| n.to_string())),
-        ("TEXTPOKE_CLOCK", args.clock.clone()),
-    ];
-    for (var, value) in settings {
-        match value {
-            Some(v) => cmd.env(var, v),
-            None => cmd.env_remove(var),
-        };
-    }
+    cmd.arg0(&arg0).args(rest).env("LD_PRELOAD", preload);
+    agent_config(args, dir.clone()).apply_to(&mut cmd);
     install_forwarding();
     let mut child = cmd.spawn().map_err(|e| CliError::new(126, format!("cannot run {shown}: {e}")))?;
     CHILD.store(child.id() as i32, Ordering::Release);

@@ -90,6 +90,18 @@
 //! front one is gone and its pid reused: the start time tells them apart.
 //! The agent watches that process and, when it is gone (killed, crashed),
 //! finishes the trace and stops tracing while the program runs on.
+//!
+//! # The settings of a recording
+//!
+//! What `textpoke record` asks of the agent (the trace directory, the
+//! filters, the buffer sizes, the clock, the front process...) is one type,
+//! [`AgentConfig`], passed in the environment of a program started under
+//! `textpoke record`, or as a message to an agent injected into a running
+//! one; the [`agent`] module holds both forms and the variables' names.
+
+pub mod agent;
+
+pub use agent::{AgentClock, AgentConfig, ConfigWarning};
 
 use std::ffi::OsString;
 use std::io::BufRead;
