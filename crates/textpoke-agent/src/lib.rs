@@ -449,6 +449,10 @@ fn try_start(agent: &mut Agent, tracer: &'static Tracer) -> Result<(), AgentErro
     textpoke::sync::best_method();
     let c = &agent.config;
     let mut cfg = RecorderConfig::new(&agent.dir);
+    // An exec'd image of a process of this recording whose earlier image
+    // recorded nothing writes the directory that image would have, where
+    // the children it started may already be.
+    cfg.keep_children = c.owner_pid == Some(AGENT_PID.load(Ordering::Relaxed));
     if c.count_only {
         cfg = cfg.count_only();
     }

@@ -236,11 +236,11 @@ fn check_globs(args: &Args, names: &[String]) -> Result<(), CliError> {
             }
             let close = textpoke_control::close_names(g, names.iter().map(String::as_str), 5);
             let hint = if close.is_empty() {
-                format!("({} traceable functions; list them with `textpoke list PROG`)", names.len())
+                format!(" ({} traceable functions; list them with `textpoke list PROG`)", names.len())
             } else {
-                format!("did you mean: {}", close.join(", "))
+                format!("; did you mean: {}", close.join(", "))
             };
-            return Err(CliError::new(2, format!("{flag} {g:?} matches no traceable function; {hint}")));
+            return Err(CliError::new(2, format!("{flag} {g:?} matches no traceable function{hint}")));
         }
     }
     Ok(())

@@ -274,3 +274,21 @@ int main(void) {{ return start(); }}
     assert!(table.contains("started by pid"), "{table}");
     assert!(table.contains(&format!("[pid {}]: 1 thread(s), 2 call(s)", sections[0].0)), "{table}");
 }
+
+/// A script that runs two traced programs and then `exec`s a third: the
+/// exec'd program records into the script's own directory, beside the
+/// two children's, and all three are shown (the script's first image
+/// recorded nothing; its directory held only the children's).
+#[test]
+fn a_script_ending_in_exec() {
+    let (mcount, patchable) = programs();
+    let body = format!("{m} 2\n{p} 3\nexec {m} 4\n", m = mcount.display(), p = patchable.display());
+    let exec = script("exec.sh", &body);
+    let dir = fresh("exec.data");
+    record(&dir, &exec);
+    assert!(dir.join("meta.json").exists(), "the exec'd program's trace is the top one");
+    let table = text(&ok(&["report"], &dir).stdout);
+    let mut calls: Vec<u64> = leaf_calls(&table).iter().map(|s| s.1).collect();
+    calls.sort_unstable();
+    assert_eq!(calls, [2, 3, 4], "{table}");
+}

@@ -1681,6 +1681,8 @@ fn bad_filters_and_outputs_are_refused() {
     refused(&out, 2, &["-F \"wroker\" matches no traceable function; did you mean: worker"]);
     let out = run(textpoke(&s).args(["record", "-N", "fibb"]).arg(threads_prog()));
     refused(&out, 2, &["-N \"fibb\" matches no traceable function; did you mean: fib"]);
+    let out = run(textpoke(&s).args(["record", "-F", "zzzzqqqq*"]).arg(threads_prog()));
+    refused(&out, 2, &["-F \"zzzzqqqq*\" matches no traceable function (", "traceable functions; list them"]);
     let out = run(textpoke(&s).args(["record", "-F", "a[b"]).arg(threads_prog()));
     refused(&out, 2, &["bad glob"]);
     let busy = fresh("busy");

@@ -16,13 +16,18 @@
 //!    to `DIR.old`. What is at `DIR.old` is removed first only if it is an
 //!    earlier trace or an empty directory; a symbolic link, a file, or a
 //!    directory holding anything else is refused and left as it is.
-//! 6. Anything else (a trace when not `replace`, a directory of other
+//! 6. With `keep_children`, a directory holding only `child-*`
+//!    directories and no trace: used as it is. That is the directory of a
+//!    process that exec'd a traced program after its earlier image, which
+//!    recorded nothing, started traced children (a shell script ending in
+//!    `exec ./prog`): the new image's trace is written beside them.
+//! 7. Anything else (a trace when not `replace`, a directory of other
 //!    files): refused.
 //!
 //! [`check`] makes the same decisions without changing anything, so that
 //! a front end can refuse before it starts a program.
 
-use super::format::META_FILE;
+use super::format::{CHILD_DIR_PREFIX, META_FILE};
 use super::RecordError;
 use std::ffi::OsString;
 use std::io;
@@ -43,13 +48,14 @@ enum Plan {
 
 /// Checks that [`prepare`] would accept `dir`, changing nothing.
 pub fn check(dir: &Path, replace: bool) -> Result<(), RecordError> {
-    plan(dir, replace).map(|_| ())
+    plan(dir, replace, false).map(|_| ())
 }
 
 /// Makes `dir` ready for a new trace (see the [module
 /// documentation](self)): afterwards it is an empty directory.
-pub fn prepare(dir: &Path, replace: bool) -> Result<(), RecordError> {
-    match plan(dir, replace)? {
+/// `keep_children`: rule 6.
+pub fn prepare(dir: &Path, replace: bool, keep_children: bool) -> Result<(), RecordError> {
+    match plan(dir, replace, keep_children)? {
         Plan::Create(target) => std::fs::create_dir_all(&target).map_err(io_err("create directory", &target)),
         Plan::Use => Ok(()),
         Plan::MoveAside { dir, old, clear_old } => {
@@ -62,7 +68,7 @@ pub fn prepare(dir: &Path, replace: bool) -> Result<(), RecordError> {
     }
 }
 
-fn plan(dir: &Path, replace: bool) -> Result<Plan, RecordError> {
+fn plan(dir: &Path, replace: bool, keep_children: bool) -> Result<Plan, RecordError> {
     let followed = follow_links(dir).map_err(io_err("follow the links of", dir))?;
     let target = followed.path;
     if followed.magic {
@@ -82,6 +88,9 @@ fn plan(dir: &Path, replace: bool) -> Result<Plan, RecordError> {
         return Ok(Plan::Use);
     }
     if !holds_trace(&target) {
+        if keep_children && holds_only_children(&target) {
+            return Ok(Plan::Use);
+        }
         return Err(RecordError::DirNotEmpty { dir: target });
     }
     if !replace {
@@ -102,6 +111,17 @@ fn old_path(dir: &Path) -> PathBuf {
 /// Whether `dir` holds a textpoke trace: a `meta.json` file (not a link).
 fn holds_trace(dir: &Path) -> bool {
     std::fs::symlink_metadata(dir.join(META_FILE)).is_ok_and(|m| m.is_file())
+}
+
+/// Whether every entry of `dir` is a `child-*` directory (not a link).
+fn holds_only_children(dir: &Path) -> bool {
+    let Ok(entries) = std::fs::read_dir(dir) else { return false };
+    entries.into_iter().all(|e| {
+        e.is_ok_and(|e| {
+            e.file_name().as_encoded_bytes().starts_with(CHILD_DIR_PREFIX.as_bytes())
+                && e.file_type().is_ok_and(|t| t.is_dir())
+        })
+    })
 }
 
 /// Whether `old` must be removed before the trace moves there: `false`
@@ -170,7 +190,7 @@ mod tests {
     }
 
     fn err(dir: &Path) -> String {
-        let e = prepare(dir, true).unwrap_err();
+        let e = prepare(dir, true, false).unwrap_err();
         assert_eq!(check(dir, true).unwrap_err().to_string(), e.to_string(), "check and prepare agree");
         e.to_string()
     }
@@ -179,27 +199,27 @@ mod tests {
     fn missing_empty_and_earlier_traces() {
         let d = tmp("basic");
         let dir = d.join("a/b/trace");
-        prepare(&dir, true).unwrap();
+        prepare(&dir, true, false).unwrap();
         assert!(is_empty_dir(&dir));
-        prepare(&dir, true).unwrap();
+        prepare(&dir, true, false).unwrap();
         assert!(is_empty_dir(&dir));
         trace(&dir, "first");
-        prepare(&dir, true).unwrap();
+        prepare(&dir, true, false).unwrap();
         assert!(is_empty_dir(&dir));
         assert_eq!(mark(&old_path(&dir)), "first");
         // An earlier DIR.old trace is replaced by the newer one.
         trace(&dir, "second");
-        prepare(&dir, true).unwrap();
+        prepare(&dir, true, false).unwrap();
         assert_eq!(mark(&old_path(&dir)), "second");
         // An empty DIR.old is replaced too.
         std::fs::remove_dir_all(old_path(&dir)).unwrap();
         std::fs::create_dir(old_path(&dir)).unwrap();
         trace(&dir, "third");
-        prepare(&dir, true).unwrap();
+        prepare(&dir, true, false).unwrap();
         assert_eq!(mark(&old_path(&dir)), "third");
         // Not asked to replace: refused, left.
         trace(&dir, "fourth");
-        let e = prepare(&dir, false).unwrap_err().to_string();
+        let e = prepare(&dir, false, false).unwrap_err().to_string();
         assert!(e.contains("holds an earlier trace"), "{e}");
         assert_eq!(mark(&dir), "fourth");
         let _ = std::fs::remove_dir_all(d);
@@ -218,6 +238,23 @@ mod tests {
         std::fs::write(other.join("notes.txt"), "keep").unwrap();
         assert!(err(&other).contains("holds no textpoke trace"), "{}", err(&other));
         assert!(other.join("notes.txt").exists());
+        let _ = std::fs::remove_dir_all(d);
+    }
+
+    #[test]
+    fn children_of_an_exec_d_process_are_kept_only_when_asked() {
+        let d = tmp("children");
+        let dir = d.join("t");
+        std::fs::create_dir_all(dir.join("child-41")).unwrap();
+        trace(&dir.join("child-41"), "sibling");
+        // A front end (no keep_children) refuses it, leaving it alone.
+        assert!(err(&dir).contains("holds no textpoke trace"), "{}", err(&dir));
+        prepare(&dir, true, true).unwrap();
+        assert_eq!(mark(&dir.join("child-41")), "sibling");
+        // Anything else beside the children: refused even so.
+        std::fs::write(dir.join("notes.txt"), "keep").unwrap();
+        assert!(prepare(&dir, true, true).is_err());
+        assert!(dir.join("notes.txt").exists());
         let _ = std::fs::remove_dir_all(d);
     }
 
@@ -260,7 +297,7 @@ mod tests {
         let link = d.join("trace");
         trace(&real, "first");
         symlink("disk/run", &link).unwrap();
-        prepare(&link, true).unwrap();
+        prepare(&link, true, false).unwrap();
         assert_eq!(std::fs::read_link(&link).unwrap(), Path::new("disk/run"), "the link is kept");
         assert!(is_empty_dir(&real));
         assert_eq!(mark(&d.join("disk/run.old")), "first", "the old trace moves beside the target");
@@ -268,7 +305,7 @@ mod tests {
         // A dangling link: its target is created.
         let dangling = d.join("dangling");
         symlink("made/here", &dangling).unwrap();
-        prepare(&dangling, true).unwrap();
+        prepare(&dangling, true, false).unwrap();
         assert!(is_empty_dir(&d.join("made/here")));
         assert!(std::fs::symlink_metadata(&dangling).unwrap().file_type().is_symlink());
         // A link to a file is refused like the file.

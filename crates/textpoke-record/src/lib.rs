@@ -350,6 +350,11 @@ pub struct RecorderConfig {
     /// If `dir` holds a textpoke trace, move it to `DIR.old` (otherwise a
     /// non-empty `dir` is refused).
     pub replace_existing: bool,
+    /// `dir` may already hold the `child-*` directories of processes this
+    /// process started before it exec'd the traced program (its earlier
+    /// image recorded nothing): they are kept and the trace written beside
+    /// them (`dir` module, rule 6).
+    pub keep_children: bool,
     /// Fault a segment in when it is mapped, so that recording never takes
     /// a page fault, as ftrace allocates its ring pages up front. Off:
     /// pages are faulted in as events first reach them (about a
@@ -388,6 +393,7 @@ impl RecorderConfig {
             process_name: None,
             follow_fork: true,
             replace_existing: true,
+            keep_children: false,
             prefault_buffers: true,
             sync_files: false,
         }

@@ -27,7 +27,7 @@ pub(crate) fn start(config: RecorderConfig) -> Result<(), RecordError> {
     if let Some(s) = &st.session {
         return Err(RecordError::AlreadyActive { dir: s.dir.clone() });
     }
-    crate::dir::prepare(&config.dir, config.replace_existing)?;
+    crate::dir::prepare(&config.dir, config.replace_existing, config.keep_children)?;
     let source = match config.clock {
         ClockChoice::Auto => clock::detect().source,
         ClockChoice::Force(s) => s,
