@@ -51,9 +51,9 @@ impl fmt::Display for PermissionCause {
                 "kernel.yama.ptrace_scope is 1: only a parent may attach to its descendants; \
                  run textpoke with sudo, set the sysctl to 0, or have the program call prctl(PR_SET_PTRACER, ...)",
             ),
-            PermissionCause::Yama(2) => {
-                f.write_str("kernel.yama.ptrace_scope is 2: only a tracer with CAP_SYS_PTRACE may attach; run textpoke with sudo")
-            }
+            PermissionCause::Yama(2) => f.write_str(
+                "kernel.yama.ptrace_scope is 2: only a tracer with CAP_SYS_PTRACE may attach; run textpoke with sudo",
+            ),
             PermissionCause::Yama(n) => write!(
                 f,
                 "kernel.yama.ptrace_scope is {n}: ptrace attach is disabled until reboot; \

@@ -63,8 +63,9 @@
 //!     the loader image ([`loader`]: code, the saved registers, mask and
 //!     xstate, the resume recipe, libc pointers, path and entry name) and
 //!     write it into its memfd.
-//! 11. `mmap` the loader `PROT_READ | PROT_EXEC` from its memfd; `close`
-//!     the loader memfd and the socket's first end in the target.
+//! 11. `mmap` the loader `PROT_READ | PROT_EXEC` from its memfd. (Its
+//!     memfd and the socket's first end stay open in the target: the
+//!     loader thread closes them, two remote calls fewer here.)
 //! 12. `PTRACE_SETSIGMASK` = all blocked but glibc's 32 (`SIGCANCEL`) and
 //!     33 (`SIGSETXID`): the new thread inherits this mask, and a thread
 //!     blocking `SIGSETXID` would hang every later `setuid` of the
@@ -137,6 +138,11 @@ use remote::{Mem, Remote};
 pub const SCRATCH_LEN: u64 = 64 * 1024;
 /// Attempts at a consistent `r_debug` (1 ms apart).
 const LINKMAP_ATTEMPTS: u32 = 50;
+/// Rounds of survey and attempts (1 ms apart) while the only refusals
+/// are at the stop (§3.3: a thread inside malloc or a previous loader).
+const THREAD_ROUNDS: u32 = 50;
+/// Rounds while every thread is refused by the survey alone.
+const SURVEY_ONLY_ROUNDS: u32 = 3;
 /// glibc's `SIGCANCEL` and `SIGSETXID`, left unblocked (bits 31, 32).
 const GLIBC_INTERNAL_SIGNALS: u64 = (1 << 31) | (1 << 32);
 const DF: u64 = 1 << 10;
@@ -240,42 +246,92 @@ pub fn inject(pid: i32, opts: &InjectOptions<'_>) -> Result<Injected> {
     };
     // Step 2.
     let api = libc_api(&target)?;
+    // The loader, assembled now: too slow to do during the stop.
+    let template =
+        loader::Template::build(&api.calls, opts.entry, std::arch::is_x86_feature_detected!("xsave")).map_err(|e| {
+            InjectError::Io { what: format!("assembling the loader: {e}"), source: std::io::ErrorKind::Other.into() }
+        })?;
     // Step 3.
     if let Some(tid) = opts.thread {
         if !precheck::tasks(pid).unwrap_or_default().contains(&tid) {
             return Err(InjectError::NotAThread { pid, tid });
         }
     }
-    let (candidates, mut passed_over) = threads::survey(pid, &target.pidfd, opts.thread);
     let maps = threads::mappings(pid);
     let mut attempts = 0;
-    for cand in candidates {
-        attempts += 1;
-        match hijack(&target, &api, cand.tid, &maps, opts.entry)? {
-            Hijack::PassedOver(why) => passed_over.push((cand.tid, why)),
-            Hijack::Done(done) => {
-                let detached = t0.elapsed();
-                let socket = finish(pid, &so, done.local)?;
-                let socket = wait_report(pid, &target.pidfd, socket, opts.ready_timeout, done.noted.group_stop)?;
-                return Ok(Injected {
-                    socket,
-                    pid,
-                    tid: cand.tid,
-                    interrupted: done.interrupted,
-                    timing: Timing {
-                        stop: done.stop,
-                        until_detached: detached,
-                        until_ready: t0.elapsed(),
-                        remote_syscalls: done.remote_syscalls,
-                        attempts,
-                    },
-                    left_mapped: done.left_mapped,
-                    passed_over,
-                });
+    let mut passed_over = Vec::new();
+    for round in 0..THREAD_ROUNDS {
+        if round > 0 {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        let (candidates, refused) = threads::survey(pid, &target.pidfd, opts.thread);
+        passed_over = refused;
+        let mut transient = false;
+        for cand in candidates {
+            attempts += 1;
+            match hijack(&target, &api, cand.tid, &maps, &template)? {
+                Hijack::PassedOver(why) => {
+                    transient = true;
+                    passed_over.push((cand.tid, why));
+                }
+                Hijack::Done(done) => {
+                    let detached = t0.elapsed();
+                    let socket = finish(pid, &so, done.local)?;
+                    let socket = wait_report(pid, &target.pidfd, socket, opts.ready_timeout, done.noted.group_stop)?;
+                    return Ok(Injected {
+                        socket,
+                        pid,
+                        tid: cand.tid,
+                        interrupted: done.interrupted,
+                        timing: Timing {
+                            stop: done.stop,
+                            until_detached: detached,
+                            until_ready: t0.elapsed(),
+                            remote_syscalls: done.remote_syscalls,
+                            attempts,
+                        },
+                        left_mapped: done.left_mapped,
+                        passed_over,
+                    });
+                }
             }
         }
+        // Refusals by the survey (epoll_wait, D state, ...) are about
+        // what the threads are doing and can be retried as well; but a
+        // thread refused at the stop (lock check) is the common transient
+        // case: it was inside malloc, or still in a previous loader.
+        if !transient && round >= SURVEY_ONLY_ROUNDS {
+            break;
+        }
+    }
+    if let Some(gone) = exited(pid) {
+        return Err(gone);
     }
     Err(InjectError::NoSafeThread { pid, tried: passed_over })
+}
+
+/// The error to report if the pidfd says process `pid` has exited. Its
+/// socket is reset a moment before the pidfd turns readable (descriptors
+/// are closed early in `do_exit`), so this waits up to 200 ms.
+fn exit_seen(pid: i32, pidfd: &OwnedFd) -> Option<InjectError> {
+    let mut p = libc::pollfd { fd: pidfd.as_raw_fd(), events: libc::POLLIN, revents: 0 };
+    // SAFETY: one live pollfd.
+    let n = unsafe { libc::poll(&mut p, 1, 200) };
+    (n == 1).then(|| InjectError::ExitedDuringInjection {
+        pid,
+        tid: pid,
+        how: "exited before the loader reported".into(),
+    })
+}
+
+/// The error to report if process `pid` has exited meanwhile.
+fn exited(pid: i32) -> Option<InjectError> {
+    let tids = precheck::tasks(pid).unwrap_or_default();
+    let live = tids.iter().any(|t| {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/task/{t}/stat")).unwrap_or_default();
+        !matches!(precheck::stat_state(&stat), None | Some('Z') | Some('X'))
+    });
+    (!live).then(|| InjectError::ExitedDuringInjection { pid, tid: pid, how: "no live thread left".into() })
 }
 
 /// Step 2, retried while the loader is busy.
@@ -314,13 +370,19 @@ enum Hijack {
 }
 
 /// Steps 4–13 on thread `tid`.
-fn hijack(target: &Target, api: &LibcApi, tid: i32, maps: &[(u64, u64)], entry: &str) -> Result<Hijack> {
+fn hijack(
+    target: &Target,
+    api: &LibcApi,
+    tid: i32,
+    maps: &[(u64, u64)],
+    template: &loader::Template,
+) -> Result<Hijack> {
     let pid = target.pid;
     // Step 4.
     if let Err(e) = ptrace::seize(tid) {
         return match e.raw_os_error() {
             Some(libc::ESRCH) => Ok(Hijack::PassedOver("exited before it could be seized".into())),
-            Some(libc::EPERM) => Err(seize_eperm(target)),
+            Some(libc::EPERM) => Err(seize_eperm(target, tid)),
             _ => Err(InjectError::Ptrace { op: "SEIZE", tid, source: e }),
         };
     }
@@ -381,7 +443,7 @@ fn hijack(target: &Target, api: &LibcApi, tid: i32, maps: &[(u64, u64)], entry: 
         if let Some((_, word)) = rseq {
             session.mem.write_all(word, &0u64.to_le_bytes())?;
         }
-        session.inject_loader(target, api, &saved, &fp, mask, resume_rip, resume_rax, entry)
+        session.inject_loader(target, template, &saved, &fp, mask, resume_rip, resume_rax)
     })();
     match committed {
         Ok((local, left_mapped)) => {
@@ -389,7 +451,14 @@ fn hijack(target: &Target, api: &LibcApi, tid: i32, maps: &[(u64, u64)], entry: 
             let remote_syscalls = session.remote.count;
             let mut local = local;
             local.held_signals = session.remote.noted.held_signals.clone();
-            Ok(Hijack::Done(Done { local, interrupted, stop, remote_syscalls, left_mapped, noted: session.remote.noted }))
+            Ok(Hijack::Done(Done {
+                local,
+                interrupted,
+                stop,
+                remote_syscalls,
+                left_mapped,
+                noted: session.remote.noted,
+            }))
         }
         Err(e) => {
             if !matches!(e, InjectError::ExitedDuringInjection { .. }) {
@@ -400,10 +469,16 @@ fn hijack(target: &Target, api: &LibcApi, tid: i32, maps: &[(u64, u64)], entry: 
     }
 }
 
-/// `EPERM` from `PTRACE_SEIZE`: a tracer that arrived after the
-/// pre-flight, or the predicted permission cause.
-fn seize_eperm(target: &Target) -> InjectError {
+/// `EPERM` from `PTRACE_SEIZE`: the thread is exiting (the kernel
+/// refuses to attach to those), a tracer arrived after the pre-flight, or
+/// the predicted permission cause.
+fn seize_eperm(target: &Target, tid: i32) -> InjectError {
     let pid = target.pid;
+    if let InjectError::ExitedDuringInjection { how, .. } =
+        remote::ptrace_error(pid, tid, "SEIZE", std::io::Error::from_raw_os_error(libc::ESRCH))
+    {
+        return InjectError::ExitedDuringInjection { pid, tid, how };
+    }
     for tid in precheck::tasks(pid).unwrap_or_default() {
         let st = std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/status")).unwrap_or_default();
         let tracer = st
@@ -453,8 +528,11 @@ impl Session {
     }
 
     fn memfd(&mut self, name_at: u64) -> Result<u64> {
-        let fd = match self.remote.syscall("memfd_create", libc::SYS_memfd_create, [name_at, MFD_CLOEXEC | MFD_EXEC, 0, 0, 0, 0])
-        {
+        let fd = match self.remote.syscall(
+            "memfd_create",
+            libc::SYS_memfd_create,
+            [name_at, MFD_CLOEXEC | MFD_EXEC, 0, 0, 0, 0],
+        ) {
             // Before Linux 6.3 MFD_EXEC is unknown (and executable is the default).
             Err(InjectError::RemoteSyscall { source, .. }) if source.raw_os_error() == Some(libc::EINVAL) => {
                 self.remote.syscall("memfd_create", libc::SYS_memfd_create, [name_at, MFD_CLOEXEC, 0, 0, 0, 0])?
@@ -465,28 +543,23 @@ impl Session {
         Ok(fd)
     }
 
-    fn close(&mut self, fd: u64) -> Result<()> {
-        self.remote.syscall("close", libc::SYS_close, [fd, 0, 0, 0, 0, 0])?;
-        self.undo.retain(|u| !matches!(u, Undo::Close(f) if *f == fd));
-        Ok(())
-    }
-
     fn getfd(&self, target: &Target, fd: u64) -> Result<OwnedFd> {
-        precheck::pidfd_getfd(&target.pidfd, fd as i32)
-            .map_err(|e| InjectError::Io { what: format!("pidfd_getfd of descriptor {fd} of process {}", self.pid), source: e })
+        precheck::pidfd_getfd(&target.pidfd, fd as i32).map_err(|e| InjectError::Io {
+            what: format!("pidfd_getfd of descriptor {fd} of process {}", self.pid),
+            source: e,
+        })
     }
 
     #[allow(clippy::too_many_arguments)]
     fn inject_loader(
         &mut self,
         target: &Target,
-        api: &LibcApi,
+        template: &loader::Template,
         saved: &Regs,
         fp: &FpState,
         mask: u64,
         resume_rip: u64,
         resume_rax: u64,
-        entry: &str,
     ) -> Result<(Local, Vec<Leftover>)> {
         let tid = self.tid;
         // Step 8.
@@ -512,30 +585,43 @@ impl Session {
         let so_local = self.getfd(target, so_fd)?;
         let socket_local = self.getfd(target, sv0)?;
         let path = format!("/proc/{}/fd/{so_fd}", target.nspid);
-        let image = loader::build(&loader::LoaderInput {
-            calls: &api.calls,
+        let input = loader::LoaderInput {
             sock_fd: sv1 as i32,
             so_fd: so_fd as i32,
+            loader_fd: loader_fd as i32,
+            peer_fd: sv0 as i32,
             path: &path,
-            entry,
             regs: saved,
             resume_rip,
             resume_rax,
             fpstate: fp,
             sigmask: mask,
-        })
-        .map_err(|e| InjectError::Io { what: format!("assembling the loader: {e}"), source: std::io::ErrorKind::Other.into() })?;
+        };
+        let image = if template.xsave() == matches!(fp, FpState::Xsave(_)) {
+            template.fill(&input)
+        } else {
+            // The kernel exported the other kind of state than the CPU
+            // flags suggested: assemble again (slower, still correct).
+            template
+                .rebuilt(!template.xsave())
+                .map_err(|e| InjectError::Io {
+                    what: format!("assembling the loader: {e}"),
+                    source: std::io::ErrorKind::Other.into(),
+                })?
+                .fill(&input)
+        };
         std::fs::File::from(loader_local)
             .write_all_at(&image, 0)
             .map_err(|e| InjectError::Io { what: "writing the loader into its memfd".into(), source: e })?;
         // Step 11.
         let prot_rx = (libc::PROT_READ | libc::PROT_EXEC) as u64;
         let code_len = image.len() as u64;
-        let code =
-            self.remote.syscall("mmap", libc::SYS_mmap, [0, code_len, prot_rx, libc::MAP_PRIVATE as u64, loader_fd, 0])?;
+        let code = self.remote.syscall(
+            "mmap",
+            libc::SYS_mmap,
+            [0, code_len, prot_rx, libc::MAP_PRIVATE as u64, loader_fd, 0],
+        )?;
         self.undo.push(Undo::Unmap(code, code_len));
-        self.close(loader_fd)?;
-        self.close(sv0)?;
         // Step 12.
         ptrace::set_sigmask(tid, !GLIBC_INTERNAL_SIGNALS).map_err(self.perr("SETSIGMASK"))?;
         // Step 13.
@@ -623,7 +709,14 @@ fn wait_report(pid: i32, pidfd: &OwnedFd, socket: OwnedFd, timeout: Duration, gr
 
 /// Reads exactly `buf.len()` bytes from `socket` before `deadline`,
 /// watching `pidfd` for the target's exit.
-fn read_full(pid: i32, pidfd: &OwnedFd, socket: &OwnedFd, buf: &mut [u8], deadline: Instant, timeout: Duration) -> Result<()> {
+fn read_full(
+    pid: i32,
+    pidfd: &OwnedFd,
+    socket: &OwnedFd,
+    buf: &mut [u8],
+    deadline: Instant,
+    timeout: Duration,
+) -> Result<()> {
     let mut done = 0;
     while done < buf.len() {
         let left = deadline.saturating_duration_since(Instant::now());
@@ -647,23 +740,32 @@ fn read_full(pid: i32, pidfd: &OwnedFd, socket: &OwnedFd, buf: &mut [u8], deadli
                 done += r as usize;
                 continue;
             }
+            let e = std::io::Error::last_os_error();
+            if r < 0 && e.kind() == std::io::ErrorKind::Interrupted {
+                continue;
+            }
+            // EOF or ECONNRESET: most likely the process died.
+            if let Some(gone) = exit_seen(pid, pidfd) {
+                return Err(gone);
+            }
             if r == 0 {
                 return Err(InjectError::Protocol {
                     pid,
                     what: format!("the loader closed its socket after {done} bytes of its report"),
                 });
             }
-            let e = std::io::Error::last_os_error();
-            if e.kind() != std::io::ErrorKind::Interrupted {
-                return Err(InjectError::Io { what: "reading the loader's report".into(), source: e });
-            }
-            continue;
+            return Err(InjectError::Io { what: "reading the loader's report".into(), source: e });
         }
         if fds[1].revents != 0 {
-            return Err(InjectError::ExitedDuringInjection { pid, tid: pid, how: "exited before the loader reported".into() });
+            return Err(InjectError::ExitedDuringInjection {
+                pid,
+                tid: pid,
+                how: "exited before the loader reported".into(),
+            });
         }
         if n == 0 {
-            let state = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok().and_then(|s| precheck::stat_state(&s));
+            let state =
+                std::fs::read_to_string(format!("/proc/{pid}/stat")).ok().and_then(|s| precheck::stat_state(&s));
             let why = match state {
                 Some('T') => "the process is stopped (SIGSTOP?); it loads the object once continued".to_string(),
                 Some(c) => format!("process state {c}"),

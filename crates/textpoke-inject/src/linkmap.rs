@@ -269,11 +269,12 @@ impl SymbolTable<'_> {
         let h = gnu_hash(name);
         let buckets = at + 16 + bloom_size * 8;
         let chains = buckets + nbuckets * 4;
-        let mut idx = self.mem.read_u32(buckets + (h as u64 % nbuckets) * 4)? as u64;
-        if idx < symoffset {
+        let first = self.mem.read_u32(buckets + (h as u64 % nbuckets) * 4)? as u64;
+        if first < symoffset {
             return Ok(None);
         }
-        for _ in 0..MAX_OBJECTS {
+        // The chain of this bucket ends at the first entry with bit 0 set.
+        for idx in first..first + MAX_OBJECTS as u64 {
             let ch = self.mem.read_u32(chains + (idx - symoffset) * 4)?;
             if (ch | 1) == (h | 1) {
                 if let Some(s) = self.matches(idx, name, data)? {
@@ -283,7 +284,6 @@ impl SymbolTable<'_> {
             if ch & 1 != 0 {
                 break;
             }
-            idx += 1;
         }
         Ok(None)
     }
@@ -467,8 +467,11 @@ impl LinkMap {
             let l_addr = mem.read_u64(lm)?;
             let l_name = mem.read_u64(lm + 8)?;
             let l_ld = mem.read_u64(lm + 16)?;
-            let name =
-                if l_name != 0 { String::from_utf8_lossy(&mem.read_cstr(l_name, 4096)?).into_owned() } else { String::new() };
+            let name = if l_name != 0 {
+                String::from_utf8_lossy(&mem.read_cstr(l_name, 4096)?).into_owned()
+            } else {
+                String::new()
+            };
             objects.push(object_at(&mem, l_addr, name, l_ld)?);
             lm = mem.read_u64(lm + 24)?;
         }
@@ -503,7 +506,11 @@ impl LinkMap {
             lerr(format!(
                 "no libc.so.6 in its link map ({} objects: {}); only glibc programs can be injected",
                 self.objects.len(),
-                self.objects.iter().map(|o| o.soname.clone().unwrap_or_else(|| o.name.clone())).collect::<Vec<_>>().join(", ")
+                self.objects
+                    .iter()
+                    .map(|o| o.soname.clone().unwrap_or_else(|| o.name.clone()))
+                    .collect::<Vec<_>>()
+                    .join(", ")
             ))
         })?;
         let need = |name: &str, hint: &str| -> Result<u64> {

@@ -28,8 +28,8 @@
 //!    stack. Nothing is ever pushed on the thread's own stack, so its red
 //!    zone is intact and no assumption about its `rsp` alignment is made.
 //!    On failure: a report (status, error number) is sent on the socket
-//!    with a raw `sendto(MSG_NOSIGNAL)`, and the socket and the .so memfd
-//!    are closed with raw `close`.
+//!    with a raw `sendto(MSG_NOSIGNAL)`, and the four descriptors (socket,
+//!    the injector's socket end, both memfds) are closed with raw `close`.
 //! 2. **Self-restore** (§4.1 of the design note; none of Frida, kubo or
 //!    libpulp does this: all need the tracer to come back, and crash the
 //!    target if it died meanwhile):
@@ -59,6 +59,10 @@
 //! Inherits the blocked mask (all but 32/33), so no program signal
 //! handler ever runs on it.
 //!
+//! 0. `close` the loader's memfd (already mapped) and the injector's end
+//!    of the socketpair (the injector holds a duplicate): two remote
+//!    calls fewer during the stop. Closing the latter first also makes
+//!    the `recv` below see EOF if the injector dies.
 //! 1. `recv(sock, &byte, 1, 0)`: wait for the injector's start byte `G`,
 //!    sent once the .so is written into its memfd (so that writing it
 //!    does not lengthen the hijacked thread's stop). EOF (the injector
@@ -77,6 +81,7 @@
 //! length; then the message (at most 1024 bytes of `dlerror()` text).
 
 use iced_x86::code_asm::*;
+use iced_x86::BlockEncoderOptions;
 
 use crate::error::LoaderStage;
 use crate::linkmap::Calls;
@@ -120,18 +125,19 @@ pub fn stage_of(status: u32) -> LoaderStage {
     }
 }
 
-/// What the loader needs to know.
+/// What is known only at the stop, patched into a [`Template`].
 pub struct LoaderInput<'a> {
-    /// libc functions in the target.
-    pub calls: &'a Calls,
     /// The target's end of the socketpair.
     pub sock_fd: i32,
     /// The memfd holding the .so.
     pub so_fd: i32,
+    /// The loader's own memfd (closed by the loader thread).
+    pub loader_fd: i32,
+    /// The injector's end of the socketpair, still open in the target
+    /// (closed by the loader thread; the injector has its duplicate).
+    pub peer_fd: i32,
     /// The path `dlopen` opens (the memfd as the target sees it).
     pub path: &'a str,
-    /// The entry symbol.
-    pub entry: &'a str,
     /// The saved registers.
     pub regs: &'a Regs,
     /// Where to resume, and with which `rax` (the restart recipe).
@@ -144,56 +150,137 @@ pub struct LoaderInput<'a> {
     pub sigmask: u64,
 }
 
+/// Room for the `dlopen` path, `/proc/<pid>/fd/<n>`.
+pub const PATH_ROOM: usize = 64;
+
+/// The data slots of the image, in order.
+const SLOTS: [&str; 34] = [
+    "pthread_create",
+    "pthread_detach",
+    "pthread_self",
+    "dlopen",
+    "dlsym",
+    "dlerror",
+    "dlclose",
+    "close",
+    "send",
+    "recv",
+    "sock",
+    "so_fd",
+    "loader_fd",
+    "peer_fd",
+    "rfbm",
+    "sigmask",
+    "rflags",
+    "rax",
+    "rbx",
+    "rcx",
+    "rdx",
+    "rsi",
+    "rdi",
+    "rbp",
+    "r8",
+    "r9",
+    "r10",
+    "r11",
+    "r12",
+    "r13",
+    "r14",
+    "r15",
+    "rsp",
+    "rip",
+];
+
+/// The loader assembled ahead of the stop: code and data page with every
+/// value known only at the stop left as a slot, filled by
+/// [`Template::fill`] in microseconds (assembling takes about half a
+/// millisecond, too long to hold a thread stopped for).
+#[derive(Debug, Clone)]
+pub struct Template {
+    page: Vec<u8>,
+    slots: std::collections::BTreeMap<&'static str, usize>,
+    path: usize,
+    xsave: bool,
+    calls: Calls,
+    entry: String,
+}
+
 /// The requested-feature bitmap for `XRSTOR` (see the module doc, 2.1).
 pub fn xrstor_mask(fp: &FpState) -> u64 {
     !AMX_COMPONENTS | (fp.xstate_bv() & AMX_COMPONENTS)
 }
 
-/// Builds the loader image; its entry is at offset 0.
-pub fn build(input: &LoaderInput<'_>) -> Result<Vec<u8>, IcedError> {
+impl Template {
+    /// Assembles the loader for these libc functions and `entry` symbol;
+    /// `xsave`: the state is restored with `XRSTOR64` (else `FXRSTOR64`).
+    pub fn build(calls: &Calls, entry: &str, xsave: bool) -> Result<Template, String> {
+        build(calls, entry, xsave).map_err(|e| e.to_string())
+    }
+
+    /// The same loader for the other kind of extended state.
+    pub fn rebuilt(&self, xsave: bool) -> Result<Template, String> {
+        Template::build(&self.calls, &self.entry, xsave)
+    }
+
+    /// Does it restore with `XRSTOR64`?
+    pub fn xsave(&self) -> bool {
+        self.xsave
+    }
+
+    /// The image for one injection: the page with its slots filled, then
+    /// the saved extended state at [`XSAVE_OFFSET`]; its entry is at
+    /// offset 0. Panics if `input.fpstate` is not of the template's kind
+    /// or the path does not fit (both checked by the caller).
+    pub fn fill(&self, input: &LoaderInput<'_>) -> Vec<u8> {
+        assert_eq!(matches!(input.fpstate, FpState::Xsave(_)), self.xsave, "extended-state kind");
+        assert!(input.path.len() < PATH_ROOM, "path {:?} too long", input.path);
+        let r = input.regs;
+        let mut image = self.page.clone();
+        let mut put = |name: &str, value: u64| {
+            let at = self.slots[name];
+            image[at..at + 8].copy_from_slice(&value.to_le_bytes());
+        };
+        put("sock", input.sock_fd as u32 as u64);
+        put("so_fd", input.so_fd as u32 as u64);
+        put("loader_fd", input.loader_fd as u32 as u64);
+        put("peer_fd", input.peer_fd as u32 as u64);
+        put("rfbm", xrstor_mask(input.fpstate));
+        put("sigmask", input.sigmask);
+        put("rflags", r.eflags);
+        put("rax", input.resume_rax);
+        put("rbx", r.rbx);
+        put("rcx", r.rcx);
+        put("rdx", r.rdx);
+        put("rsi", r.rsi);
+        put("rdi", r.rdi);
+        put("rbp", r.rbp);
+        put("r8", r.r8);
+        put("r9", r.r9);
+        put("r10", r.r10);
+        put("r11", r.r11);
+        put("r12", r.r12);
+        put("r13", r.r13);
+        put("r14", r.r14);
+        put("r15", r.r15);
+        put("rsp", r.rsp);
+        put("rip", input.resume_rip);
+        image[self.path..self.path + input.path.len()].copy_from_slice(input.path.as_bytes());
+        image[self.path + input.path.len()] = 0;
+        image.extend_from_slice(input.fpstate.bytes());
+        image.resize(image.len().next_multiple_of(4096), 0);
+        image
+    }
+}
+
+fn build(calls: &Calls, entry: &str, xsave: bool) -> Result<Template, IcedError> {
     let mut a = CodeAssembler::new(64)?;
     let mut base = a.create_label();
     let mut restore = a.create_label();
     let mut loader_main = a.create_label();
     // Data labels.
     let mut d = std::collections::BTreeMap::new();
-    for name in [
-        "pthread_create",
-        "pthread_detach",
-        "pthread_self",
-        "dlopen",
-        "dlsym",
-        "dlerror",
-        "dlclose",
-        "close",
-        "send",
-        "recv",
-        "sock",
-        "so_fd",
-        "rfbm",
-        "sigmask",
-        "rflags",
-        "rax",
-        "rbx",
-        "rcx",
-        "rdx",
-        "rsi",
-        "rdi",
-        "rbp",
-        "r8",
-        "r9",
-        "r10",
-        "r11",
-        "r12",
-        "r13",
-        "r14",
-        "r15",
-        "rsp",
-        "rip",
-        "path",
-        "entry",
-    ] {
-        d.insert(name, a.create_label());
+    for name in SLOTS.iter().chain(&["path", "entry"]) {
+        d.insert(*name, a.create_label());
     }
     let l = |name: &str| d[name];
 
@@ -225,22 +312,23 @@ pub fn build(input: &LoaderInput<'_>) -> Result<Vec<u8>, IcedError> {
     a.mov(eax, SYS_CLOSE)?;
     a.mov(edi, dword_ptr(l("sock")))?;
     a.syscall()?;
-    a.mov(eax, SYS_CLOSE)?;
-    a.mov(edi, dword_ptr(l("so_fd")))?;
-    a.syscall()?;
+    for fd in ["so_fd", "loader_fd", "peer_fd"] {
+        a.mov(eax, SYS_CLOSE)?;
+        a.mov(edi, dword_ptr(l(fd)))?;
+        a.syscall()?;
+    }
 
     // 2. Self-restore.
     a.set_label(&mut restore)?;
     // 2.1 Extended state.
     a.lea(rbx, ptr(base))?;
-    match input.fpstate {
-        FpState::Xsave(_) => {
-            a.mov(rax, qword_ptr(l("rfbm")))?;
-            a.mov(rdx, rax)?;
-            a.shr(rdx, 32)?;
-            a.xrstor64(ptr(rbx + XSAVE_OFFSET as i32))?;
-        }
-        FpState::Fxsave(_) => a.fxrstor64(ptr(rbx + XSAVE_OFFSET as i32))?,
+    if xsave {
+        a.mov(rax, qword_ptr(l("rfbm")))?;
+        a.mov(rdx, rax)?;
+        a.shr(rdx, 32)?;
+        a.xrstor64(ptr(rbx + XSAVE_OFFSET as i32))?;
+    } else {
+        a.fxrstor64(ptr(rbx + XSAVE_OFFSET as i32))?;
     }
     // 2.2 Signal mask.
     a.mov(eax, SYS_RT_SIGPROCMASK)?;
@@ -286,6 +374,12 @@ pub fn build(input: &LoaderInput<'_>) -> Result<Vec<u8>, IcedError> {
     a.push(r12)?;
     a.push(r13)?;
     a.sub(rsp, MAIN_FRAME)?; // rsp ≡ 0 mod 16 here and at every call
+                             // 0. Close what the hijacked thread could not wait for: the loader
+                             // memfd (mapped) and the injector's socket end (duplicated).
+    a.mov(edi, dword_ptr(l("loader_fd")))?;
+    a.call(qword_ptr(l("close")))?;
+    a.mov(edi, dword_ptr(l("peer_fd")))?;
+    a.call(qword_ptr(l("close")))?;
     // 1. The start byte.
     a.mov(edi, dword_ptr(l("sock")))?;
     a.mov(rsi, rsp)?;
@@ -384,9 +478,8 @@ pub fn build(input: &LoaderInput<'_>) -> Result<Vec<u8>, IcedError> {
     a.ret()?;
 
     // ---- data ----
-    let r = input.regs;
-    let c = input.calls;
-    let words: [(&str, u64); 32] = [
+    let c = calls;
+    let known: [(&str, u64); 10] = [
         ("pthread_create", c.pthread_create),
         ("pthread_detach", c.pthread_detach),
         ("pthread_self", c.pthread_self),
@@ -397,48 +490,33 @@ pub fn build(input: &LoaderInput<'_>) -> Result<Vec<u8>, IcedError> {
         ("close", c.close),
         ("send", c.send),
         ("recv", c.recv),
-        ("sock", input.sock_fd as u32 as u64),
-        ("so_fd", input.so_fd as u32 as u64),
-        ("rfbm", xrstor_mask(input.fpstate)),
-        ("sigmask", input.sigmask),
-        ("rflags", r.eflags),
-        ("rax", input.resume_rax),
-        ("rbx", r.rbx),
-        ("rcx", r.rcx),
-        ("rdx", r.rdx),
-        ("rsi", r.rsi),
-        ("rdi", r.rdi),
-        ("rbp", r.rbp),
-        ("r8", r.r8),
-        ("r9", r.r9),
-        ("r10", r.r10),
-        ("r11", r.r11),
-        ("r12", r.r12),
-        ("r13", r.r13),
-        ("r14", r.r14),
-        ("r15", r.r15),
-        ("rsp", r.rsp),
-        ("rip", input.resume_rip),
     ];
-    for (name, value) in words {
+    let mut placed = Vec::new();
+    for name in SLOTS {
         let mut label = d[name];
         a.set_label(&mut label)?;
-        a.dq(&[value])?;
+        a.dq(&[known.iter().find(|k| k.0 == name).map_or(0, |k| k.1)])?;
+        placed.push((name, label));
     }
-    for (name, text) in [("path", input.path), ("entry", input.entry)] {
-        let mut label = d[name];
-        a.set_label(&mut label)?;
-        let mut bytes = text.as_bytes().to_vec();
-        bytes.push(0);
-        a.db(&bytes)?;
-    }
+    let mut path_label = d["path"];
+    a.set_label(&mut path_label)?;
+    a.db(&[0u8; PATH_ROOM])?;
+    let mut entry_label = d["entry"];
+    a.set_label(&mut entry_label)?;
+    let mut bytes = entry.as_bytes().to_vec();
+    bytes.push(0);
+    a.db(&bytes)?;
 
-    let mut image = a.assemble(0)?;
-    assert!(image.len() <= XSAVE_OFFSET, "loader code and data outgrew their page ({} bytes)", image.len());
-    image.resize(XSAVE_OFFSET, 0xcc);
-    image.extend_from_slice(input.fpstate.bytes());
-    image.resize(image.len().next_multiple_of(4096), 0);
-    Ok(image)
+    let out = a.assemble_options(0, BlockEncoderOptions::RETURN_NEW_INSTRUCTION_OFFSETS)?;
+    let mut slots = std::collections::BTreeMap::new();
+    for (name, label) in placed {
+        slots.insert(name, out.label_ip(&label)? as usize);
+    }
+    let path = out.label_ip(&path_label)? as usize;
+    let mut page = out.inner.code_buffer;
+    assert!(page.len() <= XSAVE_OFFSET, "loader code and data outgrew their page ({} bytes)", page.len());
+    page.resize(XSAVE_OFFSET, 0xcc);
+    Ok(Template { page, slots, path, xsave, calls: *calls, entry: entry.to_string() })
 }
 
 #[cfg(test)]
@@ -446,13 +524,13 @@ mod tests {
     use super::*;
     use iced_x86::{Code, Decoder, DecoderOptions, Mnemonic};
 
-    fn input<'a>(regs: &'a Regs, calls: &'a Calls, fp: &'a FpState) -> LoaderInput<'a> {
+    fn input<'a>(regs: &'a Regs, fp: &'a FpState) -> LoaderInput<'a> {
         LoaderInput {
-            calls,
             sock_fd: 7,
             so_fd: 8,
+            loader_fd: 5,
+            peer_fd: 6,
             path: "/proc/123/fd/8",
-            entry: "hello_entry",
             regs,
             resume_rip: 0x1234_5678,
             resume_rax: 230,
@@ -472,11 +550,13 @@ mod tests {
         xsave[512] = 0x07; // XSTATE_BV: x87, SSE, AVX
         xsave[600] = 0xab;
         let fp = FpState::Xsave(xsave.clone());
-        let image = build(&input(&regs, &calls, &fp)).unwrap();
+        let template = Template::build(&calls, "hello_entry", true).unwrap();
+        let image = template.fill(&input(&regs, &fp));
         assert_eq!(image.len() % 4096, 0);
         assert_eq!(&image[XSAVE_OFFSET..XSAVE_OFFSET + xsave.len()], &xsave[..]);
         let find = |needle: &[u8]| image.windows(needle.len()).position(|w| w == needle);
         assert!(find(b"/proc/123/fd/8\0").is_some());
+        assert!(find(&0x1111u64.to_le_bytes()).is_some(), "the pthread_create pointer");
         assert!(find(b"hello_entry\0").is_some());
         assert!(find(&0x1515_1515_1515_1515u64.to_le_bytes()).is_some());
         assert!(find(&0x1234_5678u64.to_le_bytes()).is_some());

@@ -116,7 +116,9 @@ fn my_pid() -> i32 {
 
 fn has_cap_sys_ptrace() -> bool {
     let Ok(st) = Status::read("/proc/self/status") else { return false };
-    st.field("CapEff").and_then(|v| u64::from_str_radix(v, 16).ok()).is_some_and(|caps| caps & (1 << CAP_SYS_PTRACE) != 0)
+    st.field("CapEff")
+        .and_then(|v| u64::from_str_radix(v, 16).ok())
+        .is_some_and(|caps| caps & (1 << CAP_SYS_PTRACE) != 0)
 }
 
 fn yama_scope() -> u32 {
@@ -240,18 +242,16 @@ fn permission(pid: i32, status: &Status) -> Result<PermissionCause> {
     let gids = status.ints("Gid");
     // SAFETY: getuid/getgid have no preconditions.
     let (ruid, rgid) = unsafe { (libc::getuid(), libc::getgid()) };
-    if !cap {
-        if uids.len() >= 3 && gids.len() >= 3 {
-            let same_user = uids[..3].iter().all(|&u| u == ruid) && gids[..3].iter().all(|&g| g == rgid);
-            if !same_user {
-                let cause = PermissionCause::OtherUser { ours: ruid, theirs: [uids[0], uids[1], uids[2]] };
-                return Err(InjectError::NotPermitted { pid, cause });
-            }
-            // A non-dumpable process's /proc directory belongs to root.
-            if let Ok(md) = std::fs::metadata(format!("/proc/{pid}")) {
-                if md.uid() != uids[1] {
-                    return Err(InjectError::NotPermitted { pid, cause: PermissionCause::NotDumpable });
-                }
+    if !cap && uids.len() >= 3 && gids.len() >= 3 {
+        let same_user = uids[..3].iter().all(|&u| u == ruid) && gids[..3].iter().all(|&g| g == rgid);
+        if !same_user {
+            let cause = PermissionCause::OtherUser { ours: ruid, theirs: [uids[0], uids[1], uids[2]] };
+            return Err(InjectError::NotPermitted { pid, cause });
+        }
+        // A non-dumpable process's /proc directory belongs to root.
+        if let Ok(md) = std::fs::metadata(format!("/proc/{pid}")) {
+            if md.uid() != uids[1] {
+                return Err(InjectError::NotPermitted { pid, cause: PermissionCause::NotDumpable });
             }
         }
     }

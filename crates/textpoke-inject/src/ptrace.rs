@@ -243,9 +243,8 @@ fn is_our_child(tid: i32) -> bool {
     let Ok(status) = std::fs::read_to_string(format!("/proc/{tid}/status")) else {
         return false;
     };
-    let field = |name: &str| {
-        status.lines().find_map(|l| l.strip_prefix(name)).and_then(|v| v.trim().parse::<i32>().ok())
-    };
+    let field =
+        |name: &str| status.lines().find_map(|l| l.strip_prefix(name)).and_then(|v| v.trim().parse::<i32>().ok());
     // SAFETY: getpid has no preconditions.
     let me = unsafe { libc::getpid() };
     field("PPid:") == Some(me) && field("Tgid:") == Some(tid)
@@ -263,7 +262,11 @@ pub fn wait_event(tid: i32) -> io::Result<Event> {
                 if !is_our_child(tid) {
                     waitid_raw(tid, flags)?;
                 }
-                return Ok(if info.si_code == libc::CLD_EXITED { Event::Exited(status) } else { Event::Killed(status) });
+                return Ok(if info.si_code == libc::CLD_EXITED {
+                    Event::Exited(status)
+                } else {
+                    Event::Killed(status)
+                });
             }
             _ => {
                 // Consume the stop. Without WEXITED a racing exit is not
@@ -313,6 +316,9 @@ mod tests {
         assert_eq!(decode_stop(libc::SIGTRAP | 0x80), Event::Syscall);
         assert_eq!(decode_stop(libc::SIGTRAP | (libc::PTRACE_EVENT_EXEC << 8)), Event::Exec);
         assert_eq!(decode_stop(libc::SIGALRM), Event::Signal(libc::SIGALRM));
-        assert_eq!(decode_stop(libc::SIGTRAP | (libc::PTRACE_EVENT_CLONE << 8)), Event::OtherEvent(libc::PTRACE_EVENT_CLONE));
+        assert_eq!(
+            decode_stop(libc::SIGTRAP | (libc::PTRACE_EVENT_CLONE << 8)),
+            Event::OtherEvent(libc::PTRACE_EVENT_CLONE)
+        );
     }
 }

@@ -153,6 +153,13 @@ impl Mem {
     }
 
     fn fault(&self, addr: u64, source: io::Error) -> InjectError {
+        if source.raw_os_error() == Some(libc::ESRCH) {
+            return InjectError::ExitedDuringInjection {
+                pid: self.pid,
+                tid: self.pid,
+                how: "gone while its memory was read".into(),
+            };
+        }
         InjectError::Memory { pid: self.pid, addr, source }
     }
 }
@@ -226,7 +233,8 @@ impl Remote {
             sig = 0;
             match ptrace::wait_event(self.tid).map_err(|e| self.perr("waitid", e))? {
                 Event::Syscall => {
-                    let (kind, at_nr) = ptrace::syscall_stop_kind(self.tid).map_err(|e| self.perr("GET_SYSCALL_INFO", e))?;
+                    let (kind, at_nr) =
+                        ptrace::syscall_stop_kind(self.tid).map_err(|e| self.perr("GET_SYSCALL_INFO", e))?;
                     if kind == want && (want != ptrace::SYSCALL_INFO_ENTRY || at_nr == nr as u64) {
                         return Ok(());
                     }
@@ -259,10 +267,26 @@ impl Remote {
     }
 }
 
-/// A ptrace failure; `ESRCH` means the thread is gone.
+/// A ptrace failure. `ESRCH` on a thread we hold stopped means it was
+/// killed (`SIGKILL` ends a ptrace stop): reported as an exit once its
+/// `/proc` entry shows it dying, which takes a moment.
 pub(crate) fn ptrace_error(pid: i32, tid: i32, op: &'static str, source: io::Error) -> InjectError {
-    if source.raw_os_error() == Some(libc::ESRCH) && !std::path::Path::new(&format!("/proc/{pid}/task/{tid}")).exists() {
-        return InjectError::ExitedDuringInjection { pid, tid, how: format!("gone at {op}") };
+    if source.raw_os_error() == Some(libc::ESRCH) {
+        for _ in 0..50 {
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/stat"));
+            let dying = match &stat {
+                Err(_) => true,
+                Ok(s) => matches!(crate::precheck::stat_state(s), Some('Z') | Some('X') | None),
+            };
+            if dying {
+                return InjectError::ExitedDuringInjection {
+                    pid,
+                    tid,
+                    how: format!("killed or exited (ptrace {op}: ESRCH)"),
+                };
+            }
+            std::thread::sleep(std::time::Duration::from_micros(200));
+        }
     }
     InjectError::Ptrace { op, tid, source }
 }

@@ -110,8 +110,15 @@ const FD_CALLS: &[(u64, &str)] = &[
 ];
 
 /// Other calls that survive a ptrace stop, rank 2.
-const RANK2: &[(u64, &str)] =
-    &[(34, "pause"), (130, "rt_sigsuspend"), (61, "wait4"), (247, "waitid"), (73, "flock"), (72, "fcntl"), (70, "msgrcv")];
+const RANK2: &[(u64, &str)] = &[
+    (34, "pause"),
+    (130, "rt_sigsuspend"),
+    (61, "wait4"),
+    (247, "waitid"),
+    (73, "flock"),
+    (72, "fcntl"),
+    (70, "msgrcv"),
+];
 
 /// Calls that return `EINTR` when their thread is merely stopped.
 pub const EINTR_CLASS: &[(u64, &str)] = &[
@@ -209,7 +216,8 @@ fn judge(pid: i32, pidfd: &OwnedFd, tid: i32) -> std::result::Result<Candidate, 
         'D' => return Err("in uninterruptible sleep (D)".into()),
         other => return Err(format!("in state {other}")),
     }
-    let sys = std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/syscall")).map_err(|e| format!("syscall file: {e}"))?;
+    let sys =
+        std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/syscall")).map_err(|e| format!("syscall file: {e}"))?;
     let activity = parse_activity(&sys).ok_or_else(|| format!("unreadable syscall file {sys:?}"))?;
     let rank = match activity {
         Activity::Running => 0,
@@ -338,10 +346,7 @@ impl Interrupted {
 pub fn caught_signal_pending(pid: i32, tid: i32, blocked: u64) -> bool {
     let Ok(st) = std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/status")) else { return false };
     let hex = |name: &str| {
-        st.lines()
-            .find_map(|l| l.strip_prefix(name))
-            .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
-            .unwrap_or(0)
+        st.lines().find_map(|l| l.strip_prefix(name)).and_then(|v| u64::from_str_radix(v.trim(), 16).ok()).unwrap_or(0)
     };
     (hex("SigPnd:") | hex("ShdPnd:")) & hex("SigCgt:") & !blocked != 0
 }
@@ -400,7 +405,10 @@ pub fn inspect(mem: &Mem, regs: &Regs, api: &LibcApi, maps: &[(u64, u64)]) -> Re
         for (i, w) in buf[..n].chunks_exact(8).enumerate() {
             let v = u64::from_le_bytes(w.try_into().unwrap());
             if let Some(f) = inside(v) {
-                return Ok(Err(format!("its stack holds an address inside {f} (at rsp+{:#x})", at + i as u64 * 8 - sp)));
+                return Ok(Err(format!(
+                    "its stack holds {v:#x}, inside {f} (at rsp+{:#x}): a frame of it may hold its locks",
+                    at + i as u64 * 8 - sp
+                )));
             }
         }
         at += n as u64;
@@ -477,7 +485,11 @@ mod tests {
         let epoll = regs(232, -4, 0x5002);
         assert_eq!(Interrupted::classify(&epoll, false), Interrupted::Rewound { nr: 232 });
         assert_eq!(Interrupted::Rewound { nr: 232 }.resume(&epoll), (0x5000, 232));
-        assert_eq!(Interrupted::classify(&epoll, true), Interrupted::Completed { nr: 232 }, "a handler would EINTR it anyway");
+        assert_eq!(
+            Interrupted::classify(&epoll, true),
+            Interrupted::Completed { nr: 232 },
+            "a handler would EINTR it anyway"
+        );
         // A read's EINTR is not ours (reads return -ERESTARTSYS when stopped).
         assert_eq!(Interrupted::classify(&regs(0, -4, 0x6002), false), Interrupted::Completed { nr: 0 });
     }
