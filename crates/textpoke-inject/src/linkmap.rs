@@ -331,6 +331,8 @@ pub struct Calls {
     pub send: u64,
     /// `recv`.
     pub recv: u64,
+    /// `__errno_location`.
+    pub errno_location: u64,
 }
 
 /// Functions a thread must not be inside when it is made to call
@@ -536,6 +538,7 @@ impl LinkMap {
             close: need("close", "")?,
             send: need("send", "")?,
             recv: need("recv", "")?,
+            errno_location: need("__errno_location", "")?,
         };
         let libc = &self.objects[libc_i];
         let table = self.table(libc)?;

@@ -25,14 +25,16 @@
 //! clear:
 //!
 //! 1. `pthread_create(&slot, NULL, loader_main, NULL)` on the scratch
-//!    stack. Nothing is ever pushed on the thread's own stack, so its red
+//!    stack, the thread's `errno` saved around it (`__errno_location()`:
+//!    `pthread_create` may change it, and the program may be between a
+//!    failed call and reading it). Nothing is ever pushed on the thread's own stack, so its red
 //!    zone is intact and no assumption about its `rsp` alignment is made.
 //!    On failure: a report (status, error number) is sent on the socket
 //!    with a raw `sendto(MSG_NOSIGNAL)`, and the four descriptors (socket,
 //!    the injector's socket end, both memfds) are closed with raw `close`.
 //! 2. **Self-restore** (§4.1 of the design note; none of Frida, kubo or
 //!    libpulp does this: all need the tracer to come back, and crash the
-//!    target if it died meanwhile):
+//!    target if it died meanwhile). First `errno` is written back, then:
 //!    1. `XRSTOR64` of the saved area with `EDX:EAX` = every component
 //!       except AMX tile config/data (17, 18) unless they were in use
 //!       (`XSTATE_BV`): components in their initial state are
@@ -154,7 +156,7 @@ pub struct LoaderInput<'a> {
 pub const PATH_ROOM: usize = 64;
 
 /// The data slots of the image, in order.
-const SLOTS: [&str; 34] = [
+const SLOTS: [&str; 35] = [
     "pthread_create",
     "pthread_detach",
     "pthread_self",
@@ -165,6 +167,7 @@ const SLOTS: [&str; 34] = [
     "close",
     "send",
     "recv",
+    "errno_location",
     "sock",
     "so_fd",
     "loader_fd",
@@ -286,9 +289,13 @@ fn build(calls: &Calls, entry: &str, xsave: bool) -> Result<Template, IcedError>
 
     // ---- the hijacked thread ----
     a.set_label(&mut base)?;
-    // 1. pthread_create on the scratch stack, one slot for the pthread_t.
+    // 1. pthread_create on the scratch stack, one slot for the pthread_t;
+    // the thread's errno (TLS memory, not a register) kept in r12/r13.
     a.and(rsp, -16)?;
     a.sub(rsp, 16)?;
+    a.call(qword_ptr(l("errno_location")))?;
+    a.mov(r12, rax)?;
+    a.mov(r13d, dword_ptr(rax))?;
     a.mov(rdi, rsp)?;
     a.xor(esi, esi)?;
     a.lea(rdx, ptr(loader_main))?;
@@ -320,6 +327,8 @@ fn build(calls: &Calls, entry: &str, xsave: bool) -> Result<Template, IcedError>
 
     // 2. Self-restore.
     a.set_label(&mut restore)?;
+    // 2.0 errno.
+    a.mov(dword_ptr(r12), r13d)?;
     // 2.1 Extended state.
     a.lea(rbx, ptr(base))?;
     if xsave {
@@ -479,7 +488,7 @@ fn build(calls: &Calls, entry: &str, xsave: bool) -> Result<Template, IcedError>
 
     // ---- data ----
     let c = calls;
-    let known: [(&str, u64); 10] = [
+    let known: [(&str, u64); 11] = [
         ("pthread_create", c.pthread_create),
         ("pthread_detach", c.pthread_detach),
         ("pthread_self", c.pthread_self),
@@ -490,6 +499,7 @@ fn build(calls: &Calls, entry: &str, xsave: bool) -> Result<Template, IcedError>
         ("close", c.close),
         ("send", c.send),
         ("recv", c.recv),
+        ("errno_location", c.errno_location),
     ];
     let mut placed = Vec::new();
     for name in SLOTS {
