@@ -74,6 +74,9 @@
 //!     −1`, `DF` and `TF` cleared. `PTRACE_DETACH`. The stop time is
 //!     measured (`CLOCK_MONOTONIC`) from the interrupt to here.
 //!
+//! [`start`] ends here with a [`Pending`]; [`Pending::finish`] does the
+//! rest ([`inject`] is both).
+//!
 //! After the detach, the thread runs the loader untraced (`loader` doc):
 //! `pthread_create`, then it restores its own xstate, mask, flags and
 //! registers and jumps back — re-issuing an interrupted call with the
@@ -226,8 +229,73 @@ pub struct Injected {
 }
 
 /// Loads `opts.so` into process `pid` and calls its `opts.entry` on a new
-/// thread with a socket whose other end is returned.
+/// thread with a socket whose other end is returned: [`start`] then
+/// [`Pending::finish`].
 pub fn inject(pid: i32, opts: &InjectOptions<'_>) -> Result<Injected> {
+    start(pid, opts)?.finish()
+}
+
+/// An injection whose hijacked thread was let go (steps 1–13): the
+/// target is running its loader, whose new thread waits for the object.
+/// [`Pending::finish`] hands it over. Dropping a `Pending` is what the
+/// injector dying at this point amounts to: the hijacked thread has
+/// restored itself already, and the loader thread sees its socket close,
+/// closes its descriptors and exits; nothing is loaded.
+#[derive(Debug)]
+pub struct Pending<'a> {
+    pid: i32,
+    tid: i32,
+    pidfd: OwnedFd,
+    so: Cow<'a, [u8]>,
+    local: Local,
+    interrupted: Interrupted,
+    timing: Timing,
+    started: Instant,
+    ready_timeout: Duration,
+    group_stop: bool,
+    left_mapped: Vec<Leftover>,
+    passed_over: Vec<(i32, String)>,
+}
+
+impl Pending<'_> {
+    /// The hijacked thread.
+    pub fn tid(&self) -> i32 {
+        self.tid
+    }
+
+    /// What it was doing.
+    pub fn interrupted(&self) -> Interrupted {
+        self.interrupted
+    }
+
+    /// Timings so far (`stop` and `until_detached` are final).
+    pub fn timing(&self) -> Timing {
+        self.timing
+    }
+
+    /// Steps 14–16: writes the object into its memfd, lets the loader
+    /// thread `dlopen` it, and waits for its report.
+    pub fn finish(self) -> Result<Injected> {
+        let pid = self.pid;
+        let socket = finish(pid, &self.so, self.local)?;
+        let socket = wait_report(pid, &self.pidfd, socket, self.ready_timeout, self.group_stop)?;
+        let mut timing = self.timing;
+        timing.until_ready = self.started.elapsed();
+        Ok(Injected {
+            socket,
+            pid,
+            tid: self.tid,
+            interrupted: self.interrupted,
+            timing,
+            left_mapped: self.left_mapped,
+            passed_over: self.passed_over,
+        })
+    }
+}
+
+/// Steps 1–13: checks, chooses and hijacks a thread, and lets it go into
+/// the loader.
+pub fn start<'a>(pid: i32, opts: &InjectOptions<'a>) -> Result<Pending<'a>> {
     let t0 = Instant::now();
     // Step 1.
     let target = precheck::check(pid, precheck::CheckOptions { seccomp_unverified: opts.seccomp_unverified })?;
@@ -238,7 +306,7 @@ pub fn inject(pid: i32, opts: &InjectOptions<'_>) -> Result<Injected> {
             source: std::io::ErrorKind::InvalidInput.into(),
         });
     }
-    let so: Cow<'_, [u8]> = match opts.so {
+    let so: Cow<'a, [u8]> = match opts.so {
         SoImage::Path(p) => Cow::Owned(
             std::fs::read(p).map_err(|e| InjectError::Io { what: format!("reading {}", p.display()), source: e })?,
         ),
@@ -275,21 +343,23 @@ pub fn inject(pid: i32, opts: &InjectOptions<'_>) -> Result<Injected> {
                     passed_over.push((cand.tid, why));
                 }
                 Hijack::Done(done) => {
-                    let detached = t0.elapsed();
-                    let socket = finish(pid, &so, done.local)?;
-                    let socket = wait_report(pid, &target.pidfd, socket, opts.ready_timeout, done.noted.group_stop)?;
-                    return Ok(Injected {
-                        socket,
+                    return Ok(Pending {
                         pid,
                         tid: cand.tid,
+                        pidfd: target.pidfd,
+                        so,
+                        local: done.local,
                         interrupted: done.interrupted,
                         timing: Timing {
                             stop: done.stop,
-                            until_detached: detached,
-                            until_ready: t0.elapsed(),
+                            until_detached: t0.elapsed(),
+                            until_ready: Duration::ZERO,
                             remote_syscalls: done.remote_syscalls,
                             attempts,
                         },
+                        started: t0,
+                        ready_timeout: opts.ready_timeout,
+                        group_stop: done.noted.group_stop,
                         left_mapped: done.left_mapped,
                         passed_over,
                     });
@@ -349,6 +419,7 @@ fn libc_api(target: &Target) -> Result<LibcApi> {
 }
 
 /// Our duplicates of the target's descriptors, for after the detach.
+#[derive(Debug)]
 struct Local {
     so_memfd: OwnedFd,
     socket: OwnedFd,

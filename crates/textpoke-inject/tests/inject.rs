@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use textpoke_inject::threads::RestartKind;
-use textpoke_inject::{inject, InjectError, InjectOptions, Injected, Interrupted, SoImage};
+use textpoke_inject::{inject, start, InjectError, InjectOptions, Injected, Interrupted, SoImage};
 
 /// What the injected entry wrote, up to the socket's EOF.
 fn hello(inj: &Injected) -> String {
@@ -133,4 +133,56 @@ fn injects_sixty_times_into_a_busy_multithreaded_target() {
         stops[stops.len() - 1],
         out.trim()
     );
+}
+
+/// The injector "dies" right after the detach (the `Pending` is dropped):
+/// the hijacked thread restores itself, the loader thread sees its socket
+/// close and exits, nothing is loaded, and the program notices nothing.
+#[test]
+fn an_injector_gone_after_the_detach_leaves_the_target_unharmed() {
+    let exe = gcc("target.c", "target", &["-pthread"]);
+    let so = hello_so();
+    let p = Proc::spawn(&exe, &[]);
+    let pid = p.pid();
+    let base_tasks = tasks(pid);
+    let base_fds = fds(pid);
+    let base_masks = masks(pid);
+    let maps_before = std::fs::read_to_string(format!("/proc/{pid}/maps")).unwrap();
+
+    let roles = ["spin0", "nanosleep", "read", "futex", "futex_t", "poll", "spin1", "clocksleep"];
+    let mut retries = 0;
+    for (i, role) in roles.iter().cycle().take(24).enumerate() {
+        let mut opts = InjectOptions::new(SoImage::Path(&so), "hello_entry");
+        opts.thread = Some(p.role(role));
+        let pending = loop {
+            match start(pid, &opts) {
+                Ok(pending) => break pending,
+                Err(InjectError::NoSafeThread { .. }) if retries < 200 => {
+                    retries += 1;
+                    std::thread::sleep(Duration::from_millis(3));
+                }
+                Err(e) => panic!("start {i} on {role}: {e}"),
+            }
+        };
+        assert_eq!(pending.tid(), p.role(role));
+        drop(pending);
+        std::thread::sleep(Duration::from_millis((i as u64 * 5) % 11));
+    }
+
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while (tasks(pid) != base_tasks || fds(pid) != base_fds) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert_eq!(tasks(pid), base_tasks, "loader threads left behind");
+    assert_eq!(fds(pid), base_fds, "descriptors left behind");
+    assert_eq!(masks(pid), base_masks, "a signal mask changed");
+    assert_running_untraced(pid);
+    // Nothing was loaded: no mapping of the object (its memfd's name).
+    let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).unwrap();
+    assert!(!maps.contains("textpoke-so"), "the object was mapped:\n{maps}");
+    assert!(maps_before.lines().count() < maps.lines().count(), "the loader mappings stay (documented)");
+
+    let (code, out) = p.finish();
+    assert_eq!(code, 0, "the target found a problem: {out}");
+    assert!(out.contains("done errors=0"), "{out}");
 }
