@@ -43,7 +43,10 @@
 //! 6. Lock check: a glibc thread (`fs_base` is its TCB), neither `rip`
 //!    nor any live stack word inside malloc, pthread_create/exit, fork,
 //!    set*id, dl* or the dynamic loader. Refused: detach untouched (a
-//!    rewound call is re-issued), try the next candidate.
+//!    rewound call is re-issued), try the next candidate; when every
+//!    candidate was refused here, survey again 1 ms later (up to 50
+//!    rounds: the thread was inside malloc, or still in a previous
+//!    loader).
 //! 7. rseq: stopped inside a critical section → resume at its abort
 //!    handler, `rseq_cs` cleared (what the kernel would have done).
 //!
@@ -59,10 +62,11 @@
 //!    written with `process_vm_writev`); `memfd_create` the loader's and
 //!    the object's memfds; `socketpair(AF_UNIX, SOCK_STREAM |
 //!    SOCK_CLOEXEC)` into scratch.
-//! 10. Here: `pidfd_getfd` both memfds and the socket's first end; build
-//!     the loader image ([`loader`]: code, the saved registers, mask and
-//!     xstate, the resume recipe, libc pointers, path and entry name) and
-//!     write it into its memfd.
+//! 10. Here: `pidfd_getfd` both memfds and the socket's first end; fill
+//!     the loader template ([`loader`], assembled before the stop: code,
+//!     libc pointers, entry name) with the saved registers, mask and
+//!     xstate, the resume recipe, the descriptors and the path, and write
+//!     it into its memfd.
 //! 11. `mmap` the loader `PROT_READ | PROT_EXEC` from its memfd. (Its
 //!     memfd and the socket's first end stay open in the target: the
 //!     loader thread closes them, two remote calls fewer here.)
@@ -78,9 +82,13 @@
 //! rest ([`inject`] is both).
 //!
 //! After the detach, the thread runs the loader untraced (`loader` doc):
-//! `pthread_create`, then it restores its own xstate, mask, flags and
-//! registers and jumps back — re-issuing an interrupted call with the
-//! kernel's restart recipe. If we die now the target is unharmed.
+//! `pthread_create`, then it restores its own errno, xstate, mask, flags
+//! and registers and jumps back — re-issuing an interrupted call with the
+//! kernel's restart recipe. If we die from here on the target is unharmed
+//! (tested: dropping a [`Pending`]). If we die *during* steps 8–13, the
+//! kernel detaches the thread with the registers of our current remote
+//! call and it resumes there, which the program will not survive: that
+//! window is the stop itself (about 0.3 ms on an idle machine).
 //!
 //! 14. Signals held back during the remote calls (only `SIGSTOP` can get
 //!     through the mask) are sent again to the process.
@@ -480,24 +488,30 @@ fn hijack(
             Event::Syscall | Event::OtherEvent(_) => ptrace::resume(tid, 0).map_err(perr("CONT"))?,
         }
     }
+    // From here until the session owns the thread, an error must not
+    // leave it stopped under us.
+    let detach_on_error = |e: InjectError| {
+        let _ = ptrace::detach(tid, 0);
+        e
+    };
     // Step 5.
-    let saved = ptrace::get_regs(tid).map_err(perr("GETREGS"))?;
-    let fp = ptrace::get_fpstate(tid).map_err(perr("GETREGSET"))?;
-    let mask = ptrace::get_sigmask(tid).map_err(perr("GETSIGMASK"))?;
+    let saved = ptrace::get_regs(tid).map_err(perr("GETREGS")).map_err(detach_on_error)?;
+    let fp = ptrace::get_fpstate(tid).map_err(perr("GETREGSET")).map_err(detach_on_error)?;
+    let mask = ptrace::get_sigmask(tid).map_err(perr("GETSIGMASK")).map_err(detach_on_error)?;
     let eintr = saved.orig_rax as i64 >= 0 && saved.rax as i64 == -(libc::EINTR as i64);
     let caught = eintr && threads::caught_signal_pending(pid, tid, mask);
     let interrupted = Interrupted::classify(&saved, caught);
     let (mut resume_rip, resume_rax) = interrupted.resume(&saved);
     // Step 6.
     let mem = Mem::new(pid);
-    if let Err(why) = threads::inspect(&mem, &saved, api, maps)? {
+    if let Err(why) = threads::inspect(&mem, &saved, api, maps) {
         let mut back = saved;
         if let Interrupted::Rewound { .. } = interrupted {
             // Re-issue the call our stop broke (rax is no -ERESTART code,
             // so the kernel leaves these registers alone).
             back.rip = resume_rip;
             back.rax = resume_rax;
-            ptrace::set_regs(tid, &back).map_err(perr("SETREGS"))?;
+            ptrace::set_regs(tid, &back).map_err(perr("SETREGS")).map_err(detach_on_error)?;
         }
         ptrace::detach(tid, 0).map_err(perr("DETACH"))?;
         return Ok(Hijack::PassedOver(why));

@@ -64,7 +64,6 @@
 
 use std::os::fd::{AsRawFd, OwnedFd};
 
-use crate::error::Result;
 use crate::linkmap::LibcApi;
 use crate::precheck::{self, stat_state};
 use crate::ptrace::Regs;
@@ -366,7 +365,7 @@ pub fn mappings(pid: i32) -> Vec<(u64, u64)> {
 const MAX_STACK_SCAN: u64 = 8 << 20;
 
 /// The lock check at the stop: `Ok` or why the thread must be let go.
-pub fn inspect(mem: &Mem, regs: &Regs, api: &LibcApi, maps: &[(u64, u64)]) -> Result<std::result::Result<(), String>> {
+pub fn inspect(mem: &Mem, regs: &Regs, api: &LibcApi, maps: &[(u64, u64)]) -> Result<(), String> {
     // A glibc thread: tcbhead_t.tcb (offset 0) and .self (offset 16) both
     // point at the thread pointer.
     let fs = regs.fs_base;
@@ -375,7 +374,7 @@ pub fn inspect(mem: &Mem, regs: &Regs, api: &LibcApi, maps: &[(u64, u64)]) -> Re
         u64::from_le_bytes(t[0..8].try_into().unwrap()) == fs && u64::from_le_bytes(t[16..24].try_into().unwrap()) == fs
     });
     if !glibc_tcb {
-        return Ok(Err(format!("fs_base {fs:#x} is not a glibc thread control block (a raw clone thread?)")));
+        return Err(format!("fs_base {fs:#x} is not a glibc thread control block (a raw clone thread?)"));
     }
     let mut deny: Vec<&(String, u64, u64)> = api.deny.iter().collect();
     deny.sort_by_key(|d| d.1);
@@ -384,7 +383,7 @@ pub fn inspect(mem: &Mem, regs: &Regs, api: &LibcApi, maps: &[(u64, u64)]) -> Re
         (i > 0 && addr < deny[i - 1].2).then(|| deny[i - 1].0.as_str())
     };
     if let Some(f) = inside(regs.rip) {
-        return Ok(Err(format!("executing inside {f}")));
+        return Err(format!("executing inside {f}"));
     }
     let sp = regs.rsp & !7;
     let end = maps
@@ -398,25 +397,24 @@ pub fn inspect(mem: &Mem, regs: &Regs, api: &LibcApi, maps: &[(u64, u64)]) -> Re
     let mut buf = vec![0u8; 64 * 1024];
     while at < end {
         let want = ((end - at) as usize).min(buf.len());
+        // A short read stops at the end of the mapping; a read of less
+        // than a word (or none) ends the scan.
         let n = match mem.read(at, &mut buf[..want]) {
-            Ok(0) | Err(_) => break,
-            Ok(n) => n & !7,
+            Ok(n) if n >= 8 => n & !7,
+            _ => break,
         };
         for (i, w) in buf[..n].chunks_exact(8).enumerate() {
             let v = u64::from_le_bytes(w.try_into().unwrap());
             if let Some(f) = inside(v) {
-                return Ok(Err(format!(
+                return Err(format!(
                     "its stack holds {v:#x}, inside {f} (at rsp+{:#x}): a frame of it may hold its locks",
                     at + i as u64 * 8 - sp
-                )));
+                ));
             }
         }
         at += n as u64;
-        if n == 0 {
-            break;
-        }
     }
-    Ok(Ok(()))
+    Ok(())
 }
 
 /// §3.4: if the thread stopped inside its rseq critical section, the
