@@ -119,7 +119,11 @@
 //! namespace (for the memfd path); seccomp filters are not evaluated
 //! (refused unless `seccomp_unverified`); the lock check scans the stack
 //! conservatively (no unwinder), so a stale pointer can make a thread be
-//! passed over; a tail call out of a lock holder is not seen.
+//! passed over; a tail call out of a lock holder is not seen. The wait
+//! for the interrupt stop has no timeout (the survey refuses threads in
+//! `D` state, the only ones that could delay it); the note's fallback for
+//! a process whose every thread sits in `epoll_wait` (catch one at its
+//! next syscall entry) is not implemented: such a process is refused.
 
 pub mod error;
 pub mod linkmap;
