@@ -1,5 +1,9 @@
 //! x86-64: encodings, decoding checks (iced-x86) and trap emulation.
 
+mod entry;
+
+pub use self::entry::*;
+
 use iced_x86::{Code, Decoder, DecoderOptions, FlowControl, Mnemonic};
 
 /// `int3`, the trap byte of the breakpoint protocol.
@@ -8,6 +12,30 @@ pub const TRAP_BYTE: u8 = 0xcc;
 pub const NOP5: [u8; 5] = [0x0f, 0x1f, 0x44, 0x00, 0x00];
 /// Length of a `call rel32` / `jmp rel32`.
 pub const REL32_LEN: usize = 5;
+/// The longest x86-64 instruction, in bytes.
+pub const MAX_INSN_LEN: usize = 15;
+
+/// [`NOP5`] as an assembler directive, for sites compiled into a program:
+/// `asm!($crate::__nop5_asm!(), ...)` emits exactly the bytes the `sites`
+/// and `keys` layers expect there.
+#[doc(hidden)]
+#[macro_export]
+macro_rules! __nop5_asm {
+    () => {
+        ".byte 0x0f, 0x1f, 0x44, 0x00, 0x00"
+    };
+}
+
+/// The opcode of `jmp rel32` as an assembler directive, for sites compiled
+/// into a program: the `.long` that follows it must be the displacement
+/// from the end of the [`REL32_LEN`]-byte instruction to the target.
+#[doc(hidden)]
+#[macro_export]
+macro_rules! __jmp_rel32_opcode_asm {
+    () => {
+        ".byte 0xe9"
+    };
+}
 
 /// What the trap handler does instead of executing a site's new instruction
 /// while the breakpoint protocol is in flight (the kernel's int3_emulate_*).
@@ -198,6 +226,33 @@ mod tests {
         // mov eax, 1 is not emulated
         assert_eq!(emulation_for(site, &[0xb8, 1, 0, 0, 0]), None);
         assert!(encode_call(0x1000, 0x1000 + (1usize << 32)).is_none());
+    }
+
+    /// The bytes the asm directives emit, read back from the code.
+    #[test]
+    fn asm_directives_emit_the_encodings() {
+        let (nop, jmp): (usize, usize);
+        // SAFETY: only takes two code addresses; the bytes between the
+        // labels are jumped over, never executed.
+        unsafe {
+            core::arch::asm!(
+                "lea {nop}, [rip + 3f]",
+                "lea {jmp}, [rip + 4f]",
+                "jmp 5f",
+                "3:",
+                crate::__nop5_asm!(),
+                "4:",
+                crate::__jmp_rel32_opcode_asm!(),
+                ".long 5f - 4b - 5",
+                "5:",
+                nop = out(reg) nop,
+                jmp = out(reg) jmp,
+            )
+        };
+        // SAFETY: both addresses are of code in this function, mapped readable.
+        let read = |a: usize| unsafe { std::slice::from_raw_parts(a as *const u8, REL32_LEN) }.to_vec();
+        assert_eq!(read(nop), NOP5);
+        assert_eq!(read(jmp), encode_jmp(jmp, jmp + REL32_LEN).unwrap());
     }
 
     #[test]

@@ -110,8 +110,8 @@ impl Poke {
     }
 }
 
-/// The longest byte string kept inline (the longest x86 instruction).
-const INLINE_BYTES: usize = 15;
+/// The longest byte string kept inline (the longest instruction).
+const INLINE_BYTES: usize = crate::arch::MAX_INSN_LEN;
 
 /// A poke's bytes: inline when short (every single instruction), else on
 /// the heap.
