@@ -238,13 +238,12 @@ pub fn rdtscp() -> u64 {
     }
 }
 
-/// `clock_gettime(CLOCK_MONOTONIC)` in nanoseconds. Async-signal-safe.
+/// `clock_gettime(CLOCK_MONOTONIC)` in nanoseconds
+/// ([`sys::time::monotonic_ns`](crate::sys::time::monotonic_ns)).
+/// Async-signal-safe.
 #[inline(always)]
 pub fn monotonic_ns() -> u64 {
-    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
-    // SAFETY: `ts` is a valid out-pointer; CLOCK_MONOTONIC always exists.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+    crate::sys::time::monotonic_ns()
 }
 
 /// What [`detect`] found.

@@ -16,8 +16,7 @@ use std::sync::{Mutex, MutexGuard};
 const ENDBR64: [u8; 4] = [0xf3, 0x0f, 0x1e, 0xfa];
 
 use textpoke::sites::{
-    scan_object, NopForm, ObjectSites, Objects, Pad, RecordSource, Site, SiteKind, SiteTable,
-    SitesError, SkipReason,
+    scan_object, NopForm, ObjectSites, Objects, Pad, RecordSource, Site, SiteKind, SiteTable, SitesError, SkipReason,
 };
 
 /// dlopen/dlclose and byte patching tests run one at a time: a rescan in one

@@ -169,8 +169,8 @@
 //! [`NOP5`](crate::arch::NOP5), in an executable segment
 //! ([`SkipReason::UnexpectedBytes`], [`SkipReason::NotInCode`]).
 
-use crate::arch::{self, NopForm};
 use super::{Found, Hit, Miss, RecordSource, SectionReport, SiteKind, SitesError, SkipReason, NOP_LEN};
+use crate::arch::{self, NopForm};
 
 /// Name of the section holding the records.
 pub const SECTION: &str = "textpoke_sites";

@@ -110,12 +110,12 @@ mod symbols;
 use std::collections::BTreeMap;
 use std::fmt;
 
+pub use crate::arch::NopForm;
 pub use error::SitesError;
 pub use file::{probe_file, scan_file, FileProbe, FileSite, FileSites};
 pub use marked::{Marked, MarkedFunction, MarkedPoint};
 pub use objects::{LoadedObject, ObjectChanges, ObjectId, Objects, Pin, Segment};
 pub use symbols::demangle;
-pub use crate::arch::NopForm;
 
 use crate::arch;
 use elf::{RecordKind, RecordSection};

@@ -32,8 +32,9 @@
 
 use crate::arch;
 use crate::error::PokeError;
+use crate::sys::signals;
 use crate::sys::threads::{self, for_each_tid, gettid, signal_thread};
-use std::sync::atomic::{AtomicBool, AtomicI32, AtomicPtr, AtomicU32, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicI32, AtomicPtr, AtomicU32, AtomicUsize, Ordering};
 use std::sync::Once;
 use std::time::{Duration, Instant};
 
@@ -64,7 +65,8 @@ static GEN: AtomicU32 = AtomicU32::new(0);
 /// Highest park generation released (futex word of parked threads).
 static RELEASED: AtomicU32 = AtomicU32::new(0);
 static INSTALLED: Once = Once::new();
-static INSTALL_FAILED: AtomicBool = AtomicBool::new(false);
+/// The OS error installing the handler failed with, or 0.
+static INSTALL_ERROR: AtomicI32 = AtomicI32::new(0);
 
 const KIND_SYNC: usize = 0;
 const KIND_PARK: usize = 1;
@@ -84,7 +86,7 @@ pub fn set_sample_hook(f: extern "C" fn() -> usize) {
 /// away from glibc's reserved low ones and the `SIGRTMIN + n` applications
 /// usually pick.
 pub fn rendezvous_signal() -> i32 {
-    libc::SIGRTMAX() - 1
+    signals::realtime_max() - 1
 }
 
 /// `a` is at or past `b` in wrapping generation order.
@@ -125,29 +127,21 @@ fn install() -> Result<(), PokeError> {
     INSTALLED.call_once(|| {
         reserve(COMMIT_TABLE, 64);
         reserve(SAMPLE_TABLE, 64);
-        // SAFETY: sigaction is plain data; we fill the fields we use.
-        let mut sa: libc::sigaction = unsafe { std::mem::zeroed() };
-        sa.sa_sigaction = on_rendezvous as *const () as usize;
-        sa.sa_flags = libc::SA_SIGINFO | libc::SA_RESTART | libc::SA_ONSTACK;
-        // SAFETY: sa_mask is a valid sigset_t; block everything but the
-        // synchronous signals while the handler runs.
-        unsafe {
-            libc::sigfillset(&mut sa.sa_mask);
-            for s in [libc::SIGSEGV, libc::SIGBUS, libc::SIGILL, libc::SIGFPE, libc::SIGTRAP] {
-                libc::sigdelset(&mut sa.sa_mask, s);
-            }
-            if libc::sigaction(rendezvous_signal(), &sa, std::ptr::null_mut()) != 0 {
-                INSTALL_FAILED.store(true, Ordering::Relaxed);
-            }
+        // Everything but the synchronous signals blocked while the handler
+        // runs (see `sys::signals`).
+        let flags = libc::SA_RESTART | libc::SA_ONSTACK;
+        if let Err(e) = signals::install(rendezvous_signal(), on_rendezvous, flags) {
+            // Relaxed: `call_once` orders it before every later load.
+            INSTALL_ERROR.store(e.raw_os_error().unwrap_or(libc::EINVAL), Ordering::Relaxed);
         }
     });
-    if INSTALL_FAILED.load(Ordering::Relaxed) {
-        return Err(PokeError::Sys {
+    match INSTALL_ERROR.load(Ordering::Relaxed) {
+        0 => Ok(()),
+        e => Err(PokeError::Sys {
             what: "install the rendezvous signal handler",
-            source: std::io::Error::last_os_error(),
-        });
+            source: std::io::Error::from_raw_os_error(e),
+        }),
     }
-    Ok(())
 }
 
 /// The signal handler. Async-signal-safe: atomics, futex, no allocation.
@@ -290,9 +284,7 @@ fn wait_all(t: &Table, gen: u32, deadline: Instant) -> Result<(), i32> {
 }
 
 fn sleep_briefly() {
-    let ts = libc::timespec { tv_sec: 0, tv_nsec: 20_000 };
-    // SAFETY: ts is valid; the remaining-time pointer may be null.
-    unsafe { libc::nanosleep(&ts, std::ptr::null_mut()) };
+    crate::sys::time::sleep_once(Duration::from_micros(20));
 }
 
 fn count_threads() -> usize {

@@ -3,9 +3,10 @@
 //! A `call rel32` reaches ±2 GiB, so trampolines for a site must live
 //! within that distance. [`CodeBlock::near`] reads `/proc/self/maps`, picks
 //! the free gap closest to the target that keeps the whole block in reach,
-//! and maps it there with `MAP_FIXED_NOREPLACE`, readable and executable
-//! and never writable: code is written through `/proc/self/mem`, so no page
-//! is ever writable and executable (and it works under MDWE).
+//! and maps it there with `MAP_FIXED_NOREPLACE` ([`sys::anon::map_exactly`](crate::sys::anon::map_exactly)),
+//! readable and executable and never writable: code is written through
+//! `/proc/self/mem` ([`ProcMem`]), so no page is ever writable and
+//! executable (and it works under MDWE).
 //!
 //! Freeing a block that threads may still execute is the caller's problem:
 //! the tracer frees trampolines only after a grace period.
@@ -37,7 +38,9 @@
 //! so code it was believed to hold is never made reachable. A block stays
 //! mapped while a session holds writes for it.
 
+use crate::sys::anon;
 use crate::sys::maps::Maps;
+use crate::sys::mem::ProcMem;
 use std::cell::RefCell;
 use std::io;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -81,7 +84,7 @@ impl Drop for Mapping {
     fn drop(&mut self) {
         // SAFETY: our mapping; the block's owner guarantees no thread can
         // run it, and no session holds writes for it any more.
-        unsafe { libc::munmap(self.addr as *mut _, self.len) };
+        unsafe { anon::unmap(self.addr as *mut u8, self.len) };
     }
 }
 
@@ -89,21 +92,8 @@ impl CodeBlock {
     /// Maps `len` bytes (rounded up to pages) wherever the kernel likes.
     pub fn anywhere(len: usize) -> io::Result<CodeBlock> {
         let len = len.max(1).next_multiple_of(super::page_size());
-        // SAFETY: a fresh anonymous mapping, readable and executable.
-        let p = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                libc::PROT_READ | libc::PROT_EXEC,
-                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
-                -1,
-                0,
-            )
-        };
-        if p == libc::MAP_FAILED {
-            return Err(io::Error::last_os_error());
-        }
-        Ok(Mapping::block(p as usize, len))
+        let addr = anon::map_anywhere(len, libc::PROT_READ | libc::PROT_EXEC)?;
+        Ok(Mapping::block(addr, len))
     }
 
     /// Maps `len` bytes (rounded up to pages) within rel32 reach of every
@@ -151,8 +141,7 @@ impl CodeBlock {
             return Ok(());
         }
         let _writing = self.map.writing.lock().unwrap_or_else(|e| e.into_inner());
-        let f = std::fs::OpenOptions::new().write(true).open("/proc/self/mem")?;
-        std::os::unix::fs::FileExt::write_all_at(&f, code, (self.addr() + off) as u64)?;
+        ProcMem::open()?.write_all(self.addr() + off, code)?;
         self.map.hwm.fetch_max(off + code.len(), Ordering::Relaxed);
         Ok(())
     }
@@ -205,7 +194,7 @@ impl Pending {
         if self.blocks.is_empty() {
             return Ok(());
         }
-        let file = std::fs::OpenOptions::new().write(true).open("/proc/self/mem");
+        let file = ProcMem::open();
         let mut result = Ok(());
         for b in &self.blocks {
             let written = match &file {
@@ -225,7 +214,7 @@ impl Pending {
 
 impl PendingBlock {
     /// The ranges to write, each with its bytes: see the module docs, step 2.
-    fn flush(&self, f: &std::fs::File, bytes: &[u8]) -> io::Result<()> {
+    fn flush(&self, f: &ProcMem, bytes: &[u8]) -> io::Result<()> {
         let _writing = self.map.writing.lock().unwrap_or_else(|e| e.into_inner());
         let mark = self.map.hwm.load(Ordering::Relaxed);
         let lo = self.writes.iter().map(|w| w.0).min().expect("a block with writes");
@@ -250,7 +239,7 @@ impl PendingBlock {
             }
         }
         for (start, end) in joined {
-            std::os::unix::fs::FileExt::write_all_at(f, &image[start - lo..end - lo], (self.map.addr + start) as u64)?;
+            f.write_all(self.map.addr + start, &image[start - lo..end - lo])?;
             self.map.hwm.fetch_max(end, Ordering::Relaxed);
         }
         Ok(())
@@ -346,26 +335,7 @@ fn try_map_near(lo: usize, hi: usize, len: usize, prot: libc::c_int) -> io::Resu
         prev_end = prev_end.max(m.end);
     }
     let start = best.ok_or_else(|| io::Error::new(io::ErrorKind::OutOfMemory, "no free gap within ±2 GiB"))?;
-    // SAFETY: MAP_FIXED_NOREPLACE never replaces an existing mapping.
-    let p = unsafe {
-        libc::mmap(
-            start as *mut _,
-            len,
-            prot,
-            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_FIXED_NOREPLACE,
-            -1,
-            0,
-        )
-    };
-    if p == libc::MAP_FAILED {
-        return Err(io::Error::last_os_error());
-    }
-    if p as usize != start {
-        // SAFETY: an old kernel ignoring NOREPLACE gave us another address.
-        unsafe { libc::munmap(p, len) };
-        return Err(io::Error::new(io::ErrorKind::AddrInUse, "kernel placed the block elsewhere"));
-    }
-    Ok((start, len))
+    Ok((anon::map_exactly(start, len, prot)?, len))
 }
 
 /// An anonymous mapping that is readable and writable and never
@@ -400,7 +370,7 @@ impl DataBlock {
 impl Drop for DataBlock {
     fn drop(&mut self) {
         // SAFETY: our mapping; the owner guarantees no thread can read it.
-        unsafe { libc::munmap(self.addr as *mut _, self.len) };
+        unsafe { anon::unmap(self.addr as *mut u8, self.len) };
     }
 }
 

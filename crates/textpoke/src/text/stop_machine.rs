@@ -55,7 +55,7 @@ pub(crate) fn commit(
     stats: &mut CommitStats,
 ) -> Result<(), PokeError> {
     let writer = super::prepare_writer(plan, write, stats)?;
-    let mask = SignalMask::block_async();
+    let mask = crate::sys::signals::block_async();
     let result = park_and_write(plan, &writer, sync, stats);
     drop(mask);
     super::finish_writer(writer, result)
@@ -150,33 +150,4 @@ fn write_all(plan: &Plan<'_>, w: &Writer) -> Result<(), WriteFailure> {
         }
     }
     Ok(())
-}
-
-/// Blocks asynchronous signals on this thread until dropped.
-struct SignalMask {
-    old: libc::sigset_t,
-}
-
-impl SignalMask {
-    fn block_async() -> SignalMask {
-        // SAFETY: sigset_t values are plain data; pthread_sigmask with valid
-        // pointers.
-        unsafe {
-            let mut set: libc::sigset_t = std::mem::zeroed();
-            let mut old: libc::sigset_t = std::mem::zeroed();
-            libc::sigfillset(&mut set);
-            for s in [libc::SIGSEGV, libc::SIGBUS, libc::SIGILL, libc::SIGFPE, libc::SIGTRAP] {
-                libc::sigdelset(&mut set, s);
-            }
-            libc::pthread_sigmask(libc::SIG_BLOCK, &set, &mut old);
-            SignalMask { old }
-        }
-    }
-}
-
-impl Drop for SignalMask {
-    fn drop(&mut self) {
-        // SAFETY: restores the mask saved in block_async.
-        unsafe { libc::pthread_sigmask(libc::SIG_SETMASK, &self.old, std::ptr::null_mut()) };
-    }
 }

@@ -31,6 +31,7 @@
 
 use crate::arch::{self, Emulation};
 use crate::error::PokeError;
+use crate::sys::signals;
 use std::sync::atomic::{AtomicPtr, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Mutex;
 
@@ -271,13 +272,7 @@ fn chain(sig: i32, info: *mut libc::siginfo_t, uctx: *mut libc::c_void) {
 /// delivered before this returns.
 #[cold]
 fn default_action(sig: i32) {
-    // SAFETY: plain sigaction/tgkill calls, async-signal-safe.
-    unsafe {
-        let mut dfl: libc::sigaction = std::mem::zeroed();
-        dfl.sa_sigaction = libc::SIG_DFL;
-        libc::sigaction(sig, &dfl, std::ptr::null_mut());
-        libc::syscall(libc::SYS_tgkill, libc::getpid(), crate::sys::threads::gettid(), sig);
-    }
+    signals::raise_default(sig);
 }
 
 // ---------------------------------------------------------------- install
@@ -286,32 +281,17 @@ fn handler_addr() -> usize {
     on_sigtrap as *const () as usize
 }
 
+/// Our handler, with asynchronous signals blocked while it runs (they wait
+/// until the short handler is done; see `sys::signals`). SA_NODEFER: a
+/// signal handler interrupting nothing of ours may still hit a site while
+/// a trap is being handled further up this thread's stack; a forced
+/// SIGTRAP while SIGTRAP is blocked would kill the process.
 fn our_action() -> libc::sigaction {
-    // SAFETY: plain data.
-    let mut sa: libc::sigaction = unsafe { std::mem::zeroed() };
-    sa.sa_sigaction = handler_addr();
-    // SA_NODEFER: a signal handler interrupting nothing of ours may still hit
-    // a site while a trap is being handled further up this thread's stack; a
-    // forced SIGTRAP while SIGTRAP is blocked would kill the process.
-    sa.sa_flags = libc::SA_SIGINFO | libc::SA_NODEFER | libc::SA_RESTART | libc::SA_ONSTACK;
-    // SAFETY: sa_mask is a valid sigset_t. Asynchronous signals wait until
-    // the (short) handler is done.
-    unsafe {
-        libc::sigfillset(&mut sa.sa_mask);
-        for s in [libc::SIGSEGV, libc::SIGBUS, libc::SIGILL, libc::SIGFPE, libc::SIGTRAP] {
-            libc::sigdelset(&mut sa.sa_mask, s);
-        }
-    }
-    sa
+    signals::handler_action(on_sigtrap, libc::SA_NODEFER | libc::SA_RESTART | libc::SA_ONSTACK)
 }
 
 fn current_handler() -> usize {
-    // SAFETY: querying only.
-    unsafe {
-        let mut cur: libc::sigaction = std::mem::zeroed();
-        libc::sigaction(libc::SIGTRAP, std::ptr::null(), &mut cur);
-        cur.sa_sigaction
-    }
+    signals::action(libc::SIGTRAP).sa_sigaction
 }
 
 /// Installs our handler once, chaining to whatever was there. If it was
@@ -331,19 +311,16 @@ pub(crate) fn check_installed() -> Result<(), PokeError> {
 }
 
 fn take_over() -> Result<(), PokeError> {
-    // SAFETY: querying the current disposition into a leaked box.
-    let prev = Box::into_raw(Box::new(unsafe { std::mem::zeroed::<libc::sigaction>() }));
-    // SAFETY: `prev` is a valid, writable sigaction; no new action is set.
-    unsafe { libc::sigaction(libc::SIGTRAP, std::ptr::null(), prev) };
+    // The current disposition, leaked: the handler may read it any time.
+    let prev = Box::into_raw(Box::new(signals::action(libc::SIGTRAP)));
     PREVIOUS.store(prev, Ordering::Release); // before the handler can run
+                                             // A handler installed between the query and here would be lost; the
+                                             // commit lock makes textpoke's own calls exclusive and applications
+                                             // install handlers at start-up.
     let ours = our_action();
-    // SAFETY: installing a valid action. A handler installed between the
-    // query and here would be lost; the commit lock makes textpoke's own
-    // calls exclusive and applications install handlers at start-up.
-    if unsafe { libc::sigaction(libc::SIGTRAP, &ours, std::ptr::null_mut()) } != 0 {
-        return Err(PokeError::TrapInstall { source: std::io::Error::last_os_error() });
-    }
-    Ok(())
+    // SAFETY: our action runs `on_sigtrap`, an SA_SIGINFO handler that lives
+    // as long as the process.
+    unsafe { signals::set_action(libc::SIGTRAP, &ours) }.map_err(|source| PokeError::TrapInstall { source })
 }
 
 /// Takes SIGTRAP back after the application installed its own handler over
