@@ -161,6 +161,8 @@ impl Clock {
     /// inline, no allocation, async-signal-safe.
     #[inline(always)]
     pub fn now() -> u64 {
+        // Relaxed: the byte is all a reader needs (as for the generated
+        // code's plain load of it).
         match MODE.load(Ordering::Relaxed) {
             MODE_TSC_ORDERED => rdtsc_ordered(),
             MODE_TSC_UNORDERED => rdtsc(),
@@ -171,6 +173,7 @@ impl Clock {
     /// The source [`Clock::now`] currently reads.
     pub fn source() -> ClockSource {
         match MODE.load(Ordering::Relaxed) {
+            // as in `now`
             MODE_TSC_ORDERED => ClockSource::Tsc,
             MODE_TSC_UNORDERED => ClockSource::TscUnordered,
             _ => ClockSource::Monotonic,
@@ -184,6 +187,10 @@ impl Clock {
             ClockSource::TscUnordered => MODE_TSC_UNORDERED,
             ClockSource::Monotonic => MODE_MONOTONIC,
         };
+        // Release pairs with no Acquire: readers (`now`, generated code)
+        // need only the byte. It costs nothing on x86 (a plain store) and
+        // orders what the caller did before (its calibration) for a reader
+        // that would acquire.
         MODE.store(mode, Ordering::Release);
     }
 }
@@ -212,6 +219,9 @@ pub fn rdtsc_ordered() -> u64 {
     {
         // SAFETY: lfence and rdtsc have no memory effects beyond ordering.
         unsafe {
+            // Orders the read after the thread's earlier loads, among them
+            // an Acquire that saw another thread's work (the module docs,
+            // "`lfence; rdtsc`"): a timestamp never precedes what it follows.
             core::arch::x86_64::_mm_lfence();
             core::arch::x86_64::_rdtsc()
         }

@@ -192,7 +192,10 @@ pub unsafe fn emulate(ctx: *mut libc::ucontext_t, site: usize, emu: Emulation) {
 #[inline]
 pub fn serialize_core() {
     use std::sync::atomic::{AtomicU8, Ordering};
-    static HAS_SERIALIZE: AtomicU8 = AtomicU8::new(0); // 0 unknown, 1 no, 2 yes
+    // 0 unknown, 1 no, 2 yes. Relaxed: a cache of what CPUID says, the
+    // same whichever thread computes it; nothing else is read on its
+    // strength.
+    static HAS_SERIALIZE: AtomicU8 = AtomicU8::new(0);
     let mut has = HAS_SERIALIZE.load(Ordering::Relaxed);
     if has == 0 {
         let leaf7 = core::arch::x86_64::__cpuid_count(7, 0);

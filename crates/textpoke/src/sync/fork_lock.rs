@@ -26,7 +26,8 @@ impl<T> ForkLock<T> {
     }
 
     /// Counts one taking of the lock (a control path: the atomic costs
-    /// nothing that matters there).
+    /// nothing that matters there). Relaxed: a diagnostic count, ordering
+    /// nothing.
     fn count(&self) {
         self.taken.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     }

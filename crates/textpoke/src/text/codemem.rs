@@ -62,11 +62,13 @@ struct Mapping {
     addr: usize,
     len: usize,
     /// End offset of every byte ever written (see the module docs);
-    /// changed under `writing`.
+    /// read and changed under `writing` only, so Relaxed.
     hwm: AtomicUsize,
     /// Taken by every write, and by a session writing its bytes.
     writing: std::sync::Mutex<()>,
-    /// A session's writes to it failed: it refuses writes.
+    /// A session's writes to it failed: it refuses writes. Stored with
+    /// Release, loaded with Acquire; the flag is the only datum it carries:
+    /// nothing else is read on its strength.
     poisoned: AtomicBool,
 }
 
@@ -120,13 +122,14 @@ impl CodeBlock {
     /// Whether a session's writes to this block failed: the code put in it
     /// since may not be there, and it takes no more.
     pub fn is_poisoned(&self) -> bool {
-        self.map.poisoned.load(Ordering::Acquire)
+        self.map.poisoned.load(Ordering::Acquire) // pairs with Pending::flush's Release
     }
 
     /// Writes code at `off` (no thread may be running those bytes); with a
     /// [`WriteSession`] open on this thread, when the session finishes.
     pub fn write(&self, off: usize, code: &[u8]) -> io::Result<()> {
         assert!(off + code.len() <= self.len(), "write past the block");
+        // Acquire: pairs with Pending::flush's Release.
         if self.map.poisoned.load(Ordering::Acquire) {
             return Err(io::Error::other("an earlier write of code to this block failed; it takes no more"));
         }
@@ -142,7 +145,7 @@ impl CodeBlock {
         }
         let _writing = self.map.writing.lock().unwrap_or_else(|e| e.into_inner());
         ProcMem::open()?.write_all(self.addr() + off, code)?;
-        self.map.hwm.fetch_max(off + code.len(), Ordering::Relaxed);
+        self.map.hwm.fetch_max(off + code.len(), Ordering::Relaxed); // under `writing`
         Ok(())
     }
 }
@@ -202,7 +205,7 @@ impl Pending {
                 Err(e) => Err(io::Error::new(e.kind(), e.to_string())),
             };
             if let Err(e) = written {
-                b.map.poisoned.store(true, Ordering::Release);
+                b.map.poisoned.store(true, Ordering::Release); // pairs with `write`'s Acquire
                 if result.is_ok() {
                     result = Err(e);
                 }
@@ -216,7 +219,7 @@ impl PendingBlock {
     /// The ranges to write, each with its bytes: see the module docs, step 2.
     fn flush(&self, f: &ProcMem, bytes: &[u8]) -> io::Result<()> {
         let _writing = self.map.writing.lock().unwrap_or_else(|e| e.into_inner());
-        let mark = self.map.hwm.load(Ordering::Relaxed);
+        let mark = self.map.hwm.load(Ordering::Relaxed); // under `writing`
         let lo = self.writes.iter().map(|w| w.0).min().expect("a block with writes");
         let hi = self.writes.iter().map(|w| w.0 + w.2).max().expect("a block with writes");
         // What the span holds now (the gaps keep it), then the writes in order.
@@ -240,7 +243,7 @@ impl PendingBlock {
         }
         for (start, end) in joined {
             f.write_all(self.map.addr + start, &image[start - lo..end - lo])?;
-            self.map.hwm.fetch_max(end, Ordering::Relaxed);
+            self.map.hwm.fetch_max(end, Ordering::Relaxed); // under `writing`
         }
         Ok(())
     }
@@ -458,7 +461,7 @@ mod tests {
     #[test]
     fn a_poisoned_block_refuses_writes() {
         let b = CodeBlock::anywhere(4096).unwrap();
-        b.map.poisoned.store(true, Ordering::Release);
+        b.map.poisoned.store(true, Ordering::Release); // as Pending::flush does
         assert!(b.write(0, &[0xc3]).is_err());
     }
 }
