@@ -1,4 +1,27 @@
 //! x86-64: encodings, decoding checks (iced-x86) and trap emulation.
+//!
+//! - **Encodings.** `int3` is the trap byte; a patchable site is the 5-byte
+//!   NOP ([`NOP5`]), a `call rel32` or a `jmp rel32` ([`encode_call`],
+//!   [`encode_jmp`]: `None` beyond ±2 GiB). What compilers put at entries
+//!   is in the `entry` submodule ([`NopForm`], [`branch_target_len`]).
+//! - **Decoding checks** (iced-x86, 64-bit mode). A poke's bytes must be
+//!   one whole instruction ([`check_one_instruction`]) or whole
+//!   instructions ([`check_whole_instructions`]); an address is an
+//!   instruction boundary when decoding from its function's start lands on
+//!   it exactly ([`check_boundary`], which otherwise names the instruction
+//!   that steps over it).
+//! - **Trap emulation.** [`emulation_for`] says what the trap handler does
+//!   instead of a new instruction (the kernel's `int3_emulate_*`): skip a
+//!   NOP, jump, or push the return address and jump; [`emulate`] does it
+//!   on the interrupted context.
+//! - **Parked threads.** A thread stopped in a signal handler of its own
+//!   resumes later at the PC saved in that handler's signal frame:
+//!   [`for_each_outer_pc`] finds those frames above a stack pointer by the
+//!   kernel's `rt_sigframe` layout.
+//! - **Serialisation.** [`serialize_core`]: `serialize` where the CPU has
+//!   it, `cpuid` otherwise.
+//! - **Thread pointer.** `fs:0`, and the static-TLS offset generated code
+//!   uses to reach a thread-local ([`static_tls_offset`]).
 
 mod entry;
 

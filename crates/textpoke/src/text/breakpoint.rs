@@ -1,4 +1,16 @@
-//! The breakpoint strategy: the user-space text_poke_bp_batch.
+//! The breakpoint strategy: the user-space text_poke_bp_batch (seed 004;
+//! DESIGN.md rule 2).
+//!
+//! A site's instruction changes while other threads may be running it. The
+//! first byte of every site becomes a trap byte first, so that from then on
+//! a thread reaching a site traps instead of running a mix of old and new
+//! bytes, and the SIGTRAP handler ([`trap`]) stands in for the *new*
+//! instruction (CALL: push and jump; JMP: jump; NOP: skip). Then the tails
+//! are written, then the heads, replacing the trap bytes: each step
+//! followed by a sync of every core, so three syncs for the whole batch
+//! however many sites it has. The steps are numbered on [`commit`], which
+//! runs them; a failure runs them again towards the old bytes (see
+//! "What an error leaves behind" in the parent module).
 
 use super::trap::{self, TrapSite};
 use super::write::{WriteMethod, Writer};
