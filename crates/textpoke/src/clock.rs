@@ -161,6 +161,8 @@ impl Clock {
     /// inline, no allocation, async-signal-safe.
     #[inline(always)]
     pub fn now() -> u64 {
+        // Relaxed: the byte is all a reader needs (as for the generated
+        // code's plain load of it).
         match MODE.load(Ordering::Relaxed) {
             MODE_TSC_ORDERED => rdtsc_ordered(),
             MODE_TSC_UNORDERED => rdtsc(),
@@ -171,6 +173,7 @@ impl Clock {
     /// The source [`Clock::now`] currently reads.
     pub fn source() -> ClockSource {
         match MODE.load(Ordering::Relaxed) {
+            // as in `now`
             MODE_TSC_ORDERED => ClockSource::Tsc,
             MODE_TSC_UNORDERED => ClockSource::TscUnordered,
             _ => ClockSource::Monotonic,
@@ -184,6 +187,10 @@ impl Clock {
             ClockSource::TscUnordered => MODE_TSC_UNORDERED,
             ClockSource::Monotonic => MODE_MONOTONIC,
         };
+        // Release pairs with no Acquire: readers (`now`, generated code)
+        // need only the byte. It costs nothing on x86 (a plain store) and
+        // orders what the caller did before (its calibration) for a reader
+        // that would acquire.
         MODE.store(mode, Ordering::Release);
     }
 }
@@ -212,6 +219,9 @@ pub fn rdtsc_ordered() -> u64 {
     {
         // SAFETY: lfence and rdtsc have no memory effects beyond ordering.
         unsafe {
+            // Orders the read after the thread's earlier loads, among them
+            // an Acquire that saw another thread's work (the module docs,
+            // "`lfence; rdtsc`"): a timestamp never precedes what it follows.
             core::arch::x86_64::_mm_lfence();
             core::arch::x86_64::_rdtsc()
         }
@@ -238,13 +248,12 @@ pub fn rdtscp() -> u64 {
     }
 }
 
-/// `clock_gettime(CLOCK_MONOTONIC)` in nanoseconds. Async-signal-safe.
+/// `clock_gettime(CLOCK_MONOTONIC)` in nanoseconds
+/// ([`sys::time::monotonic_ns`](crate::sys::time::monotonic_ns)).
+/// Async-signal-safe.
 #[inline(always)]
 pub fn monotonic_ns() -> u64 {
-    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
-    // SAFETY: `ts` is a valid out-pointer; CLOCK_MONOTONIC always exists.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+    crate::sys::time::monotonic_ns()
 }
 
 /// What [`detect`] found.

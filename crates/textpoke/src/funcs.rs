@@ -104,9 +104,11 @@ impl Registrar {
         if let Some(&id) = map.get(&(addr as u64)) {
             return FuncId(id);
         }
-        let id = COUNT.load(Ordering::Relaxed);
+        let id = COUNT.load(Ordering::Relaxed); // only Registrars store COUNT, under the mutex we hold
         assert!(id < MAX_FUNCTIONS, "more than {MAX_FUNCTIONS} functions registered");
         let seg = &SEGS[id >> SEG_BITS];
+        // Relaxed: the segment and slot stores are published to readers by
+        // the Release store of COUNT below.
         if seg.load(Ordering::Relaxed).is_null() {
             let fresh: Box<Segment> = Box::new([const { AtomicPtr::new(std::ptr::null_mut()) }; SEG_LEN]);
             seg.store(Box::into_raw(fresh), Ordering::Relaxed);
@@ -126,7 +128,7 @@ impl Registrar {
 
 /// How many functions are registered.
 pub fn count() -> usize {
-    COUNT.load(Ordering::Acquire)
+    COUNT.load(Ordering::Acquire) // pairs with Registrar::register's Release
 }
 
 /// The function with id `id`, if registered. Lock-free.
@@ -136,7 +138,8 @@ pub fn get(id: FuncId) -> Option<&'static Function> {
         return None;
     }
     // SAFETY: slots below the count were published (release in
-    // `register`, acquire in `count`) and are never freed or changed.
+    // `register`, acquire in `count`) and are never freed or changed; so
+    // the loads are Relaxed.
     let seg = unsafe { &*SEGS[i >> SEG_BITS].load(Ordering::Relaxed) };
     // SAFETY: as above; the pointer comes from Box::into_raw, leaked.
     Some(unsafe { &*seg[i & (SEG_LEN - 1)].load(Ordering::Relaxed) })

@@ -1,11 +1,29 @@
-//! The only layer that knows instruction encodings.
+//! The only layer that knows instruction encodings. It uses no other
+//! module of the crate: layers above ask it questions ("is this a NOP
+//! this site may hold, how long is the marker at this entry, how does the
+//! trap handler stand in for this instruction") and never look at bytes
+//! themselves.
 //!
-//! Each supported ISA provides: the trap byte and NOP/CALL/JMP encodings,
-//! decoding checks (is this one whole instruction, is this address an
-//! instruction boundary), what the trap handler emulates for a new
-//! instruction, access to the interrupted context's PC and SP, and a
-//! core-serialising instruction. x86-64 first; aarch64 next (see DESIGN.md
-//! rule 6: there only B, BL, NOP and BRK may be swapped live).
+//! Each supported ISA provides:
+//!
+//! - the trap byte and the NOP/CALL/JMP encodings ([`encode_call`],
+//!   [`encode_jmp`]), and the same as assembler directives for sites
+//!   compiled into a program (`__nop5_asm!`);
+//! - what compilers put at a patchable function entry: the NOP forms
+//!   ([`NopForm`]: gcc's pad of 1-byte NOPs, the single 5-byte NOP), the
+//!   branch-target marker before them (`endbr64`), the length of a run of
+//!   NOPs ([`nop_run_len`]);
+//! - decoding checks: is this one whole instruction, whole instructions,
+//!   is this address an instruction boundary (decode from the function's
+//!   start and see whether an instruction starts exactly there);
+//! - what the trap handler emulates for a new instruction ([`Emulation`]),
+//!   access to the interrupted context's PC and SP, and the signal frames
+//!   a parked thread holds further up its stack ([`for_each_outer_pc`]);
+//! - a core-serialising instruction ([`serialize_core`]);
+//! - an assembler ([`asm`]) and trampoline frames ([`tramp`]).
+//!
+//! x86-64 first; aarch64 next (see DESIGN.md rule 6: there only B, BL,
+//! NOP and BRK may be swapped live).
 
 #[cfg(target_arch = "x86_64")]
 mod x86_64;

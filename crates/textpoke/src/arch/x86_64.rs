@@ -1,4 +1,31 @@
 //! x86-64: encodings, decoding checks (iced-x86) and trap emulation.
+//!
+//! - **Encodings.** `int3` is the trap byte; a patchable site is the 5-byte
+//!   NOP ([`NOP5`]), a `call rel32` or a `jmp rel32` ([`encode_call`],
+//!   [`encode_jmp`]: `None` beyond ±2 GiB). What compilers put at entries
+//!   is in the `entry` submodule ([`NopForm`], [`branch_target_len`]).
+//! - **Decoding checks** (iced-x86, 64-bit mode). A poke's bytes must be
+//!   one whole instruction ([`check_one_instruction`]) or whole
+//!   instructions ([`check_whole_instructions`]); an address is an
+//!   instruction boundary when decoding from its function's start lands on
+//!   it exactly ([`check_boundary`], which otherwise names the instruction
+//!   that steps over it).
+//! - **Trap emulation.** [`emulation_for`] says what the trap handler does
+//!   instead of a new instruction (the kernel's `int3_emulate_*`): skip a
+//!   NOP, jump, or push the return address and jump; [`emulate`] does it
+//!   on the interrupted context.
+//! - **Parked threads.** A thread stopped in a signal handler of its own
+//!   resumes later at the PC saved in that handler's signal frame:
+//!   [`for_each_outer_pc`] finds those frames above a stack pointer by the
+//!   kernel's `rt_sigframe` layout.
+//! - **Serialisation.** [`serialize_core`]: `serialize` where the CPU has
+//!   it, `cpuid` otherwise.
+//! - **Thread pointer.** `fs:0`, and the static-TLS offset generated code
+//!   uses to reach a thread-local ([`static_tls_offset`]).
+
+mod entry;
+
+pub use self::entry::*;
 
 use iced_x86::{Code, Decoder, DecoderOptions, FlowControl, Mnemonic};
 
@@ -8,6 +35,30 @@ pub const TRAP_BYTE: u8 = 0xcc;
 pub const NOP5: [u8; 5] = [0x0f, 0x1f, 0x44, 0x00, 0x00];
 /// Length of a `call rel32` / `jmp rel32`.
 pub const REL32_LEN: usize = 5;
+/// The longest x86-64 instruction, in bytes.
+pub const MAX_INSN_LEN: usize = 15;
+
+/// [`NOP5`] as an assembler directive, for sites compiled into a program:
+/// `asm!($crate::__nop5_asm!(), ...)` emits exactly the bytes the `sites`
+/// and `keys` layers expect there.
+#[doc(hidden)]
+#[macro_export]
+macro_rules! __nop5_asm {
+    () => {
+        ".byte 0x0f, 0x1f, 0x44, 0x00, 0x00"
+    };
+}
+
+/// The opcode of `jmp rel32` as an assembler directive, for sites compiled
+/// into a program: the `.long` that follows it must be the displacement
+/// from the end of the [`REL32_LEN`]-byte instruction to the target.
+#[doc(hidden)]
+#[macro_export]
+macro_rules! __jmp_rel32_opcode_asm {
+    () => {
+        ".byte 0xe9"
+    };
+}
 
 /// What the trap handler does instead of executing a site's new instruction
 /// while the breakpoint protocol is in flight (the kernel's int3_emulate_*).
@@ -164,7 +215,10 @@ pub unsafe fn emulate(ctx: *mut libc::ucontext_t, site: usize, emu: Emulation) {
 #[inline]
 pub fn serialize_core() {
     use std::sync::atomic::{AtomicU8, Ordering};
-    static HAS_SERIALIZE: AtomicU8 = AtomicU8::new(0); // 0 unknown, 1 no, 2 yes
+    // 0 unknown, 1 no, 2 yes. Relaxed: a cache of what CPUID says, the
+    // same whichever thread computes it; nothing else is read on its
+    // strength.
+    static HAS_SERIALIZE: AtomicU8 = AtomicU8::new(0);
     let mut has = HAS_SERIALIZE.load(Ordering::Relaxed);
     if has == 0 {
         let leaf7 = core::arch::x86_64::__cpuid_count(7, 0);
@@ -198,6 +252,33 @@ mod tests {
         // mov eax, 1 is not emulated
         assert_eq!(emulation_for(site, &[0xb8, 1, 0, 0, 0]), None);
         assert!(encode_call(0x1000, 0x1000 + (1usize << 32)).is_none());
+    }
+
+    /// The bytes the asm directives emit, read back from the code.
+    #[test]
+    fn asm_directives_emit_the_encodings() {
+        let (nop, jmp): (usize, usize);
+        // SAFETY: only takes two code addresses; the bytes between the
+        // labels are jumped over, never executed.
+        unsafe {
+            core::arch::asm!(
+                "lea {nop}, [rip + 3f]",
+                "lea {jmp}, [rip + 4f]",
+                "jmp 5f",
+                "3:",
+                crate::__nop5_asm!(),
+                "4:",
+                crate::__jmp_rel32_opcode_asm!(),
+                ".long 5f - 4b - 5",
+                "5:",
+                nop = out(reg) nop,
+                jmp = out(reg) jmp,
+            )
+        };
+        // SAFETY: both addresses are of code in this function, mapped readable.
+        let read = |a: usize| unsafe { std::slice::from_raw_parts(a as *const u8, REL32_LEN) }.to_vec();
+        assert_eq!(read(nop), NOP5);
+        assert_eq!(read(jmp), encode_jmp(jmp, jmp + REL32_LEN).unwrap());
     }
 
     #[test]

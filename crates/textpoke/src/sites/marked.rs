@@ -166,11 +166,11 @@
 //! in a readable segment of the same object, carry the magic and version, and
 //! name a valid UTF-8 string inside the object
 //! ([`SkipReason::BadDescriptor`]), and the five bytes at the site must be
-//! [`NOP5`](super::x86_64::NOP5), in an executable segment
+//! [`NOP5`](crate::arch::NOP5), in an executable segment
 //! ([`SkipReason::UnexpectedBytes`], [`SkipReason::NotInCode`]).
 
-use super::x86_64::{self, NopForm};
 use super::{Found, Hit, Miss, RecordSource, SectionReport, SiteKind, SitesError, SkipReason, NOP_LEN};
+use crate::arch::{self, NopForm};
 
 /// Name of the section holding the records.
 pub const SECTION: &str = "textpoke_sites";
@@ -268,7 +268,7 @@ macro_rules! __traced_site {
         unsafe {
             ::core::arch::asm!(
                 "2:",
-                ".byte 0x0f, 0x1f, 0x44, 0x00, 0x00",
+                $crate::__nop5_asm!(),
                 ".pushsection textpoke_sites,\"aR\",@progbits",
                 ".balign 4",
                 ".long 2b - .",
@@ -385,7 +385,7 @@ impl<I: super::Image> super::Scan<'_, I> {
         }
         let mut buf = [0u8; NOP_LEN as usize];
         let found = self.read_upto_into(raw.site, &mut buf);
-        if x86_64::classify(found) != Some(NopForm::Single) {
+        if arch::classify_site_nop(found) != Some(NopForm::Single) {
             skipped.reason = SkipReason::UnexpectedBytes { addr: raw.site, found: found.to_vec() };
             return Err(skipped);
         }

@@ -103,7 +103,6 @@ pub mod error;
 pub mod file;
 pub mod marked;
 pub mod objects;
-pub mod x86_64;
 
 mod elf;
 mod symbols;
@@ -111,18 +110,19 @@ mod symbols;
 use std::collections::BTreeMap;
 use std::fmt;
 
+pub use crate::arch::NopForm;
 pub use error::SitesError;
 pub use file::{probe_file, scan_file, FileProbe, FileSite, FileSites};
 pub use marked::{Marked, MarkedFunction, MarkedPoint};
 pub use objects::{LoadedObject, ObjectChanges, ObjectId, Objects, Pin, Segment};
 pub use symbols::demangle;
-pub use x86_64::NopForm;
 
+use crate::arch;
 use elf::{RecordKind, RecordSection};
 use symbols::Symbols;
 
 /// Length of the patchable NOP at every site, in bytes.
-pub const NOP_LEN: u8 = 5;
+pub const NOP_LEN: u8 = arch::NOP5.len() as u8;
 
 /// Largest M (bytes of pad before the function symbol) looked for.
 const MAX_PREFIX: usize = 255;
@@ -245,7 +245,7 @@ impl fmt::Display for SkipReason {
             }
             SkipReason::UnexpectedBytes { addr, found } => {
                 write!(f, "bytes at {addr:#x} are {}, expected ", Hex(found))?;
-                for (i, nop) in x86_64::EXPECTED_NOPS.iter().enumerate() {
+                for (i, nop) in arch::SITE_NOPS.iter().enumerate() {
                     let sep = if i == 0 { "" } else { " or " };
                     write!(f, "{sep}{}", Hex(nop))?;
                 }
@@ -409,8 +409,6 @@ trait Image {
 const SMALL_READ: usize = MAX_PREFIX + 1;
 /// The bytes first read to measure a run of NOPs.
 const RUN_CHUNK: usize = 32;
-/// The longest x86 instruction.
-const MAX_INSN_LEN: usize = 15;
 
 /// The memory of a loaded object, kept loaded by a [`Pin`].
 struct Memory<'a> {
@@ -620,7 +618,7 @@ impl<I: Image> Scan<'_, I> {
                     let m = consensus?;
                     let mut buf = [0u8; SMALL_READ];
                     let nops =
-                        m == 0 || buf.get_mut(..m).and_then(|b| self.read_into(p, b)).is_some_and(x86_64::all_nops);
+                        m == 0 || buf.get_mut(..m).and_then(|b| self.read_into(p, b)).is_some_and(arch::all_nops);
                     nops.then_some(p + m)
                 });
                 self.pad_site(p, entry)
@@ -639,7 +637,7 @@ impl<I: Image> Scan<'_, I> {
         let m = (sym.addr - link) as usize;
         let mut buf = [0u8; SMALL_READ];
         let between = self.read_into(p, buf.get_mut(..m)?)?;
-        x86_64::all_nops(between).then_some(p + m)
+        arch::all_nops(between).then_some(p + m)
     }
 
     fn pad_site(&self, p: usize, entry: Option<usize>) -> Result<Hit, Miss> {
@@ -671,20 +669,21 @@ impl<I: Image> Scan<'_, I> {
         })
     }
 
-    /// The NOP at a function entry (after `endbr64` if there is one): its
-    /// address, form and the length of the NOP run there (up to `max`).
+    /// The NOP at a function entry (after its branch-target marker,
+    /// `endbr64`, if there is one): its address, form and the length of the
+    /// NOP run there (up to `max`).
     fn nop_at_entry(&self, entry: usize, max: usize) -> Result<(usize, NopForm, usize), SkipReason> {
-        let endbr = x86_64::starts_with_endbr64(self.read_upto_into(entry, &mut [0u8; 4]));
-        let nop_addr = if endbr { entry + 4 } else { entry };
+        let mut marker = [0u8; arch::BRANCH_TARGET_LEN];
+        let nop_addr = entry + arch::branch_target_len(self.read_upto_into(entry, &mut marker));
         let max = max.max(NOP_LEN as usize).min(SMALL_READ);
         // The run is measured in a first chunk; read on only when it may go
         // past it (an instruction cut by the chunk's end ends a run too).
         let mut chunk = [0u8; RUN_CHUNK];
         let bytes = self.read_upto_into(nop_addr, &mut chunk[..max.min(RUN_CHUNK)]);
         let form = self.check_nop(nop_addr, bytes)?;
-        let mut run = x86_64::nop_run_len(bytes);
-        if bytes.len() == RUN_CHUNK && max > RUN_CHUNK && run > RUN_CHUNK - MAX_INSN_LEN {
-            run = x86_64::nop_run_len(self.read_upto_into(nop_addr, &mut [0u8; SMALL_READ][..max]));
+        let mut run = arch::nop_run_len(bytes);
+        if bytes.len() == RUN_CHUNK && max > RUN_CHUNK && run > RUN_CHUNK - arch::MAX_INSN_LEN {
+            run = arch::nop_run_len(self.read_upto_into(nop_addr, &mut [0u8; SMALL_READ][..max]));
         }
         Ok((nop_addr, form, run))
     }
@@ -695,10 +694,10 @@ impl<I: Image> Scan<'_, I> {
             return Err(SkipReason::NotInCode { addr });
         }
         let found = &bytes[..bytes.len().min(NOP_LEN as usize)];
-        if let Some(form) = x86_64::classify(found) {
+        if let Some(form) = arch::classify_site_nop(found) {
             return Ok(form);
         }
-        let nops = x86_64::nop_run_len(bytes);
+        let nops = arch::nop_run_len(bytes);
         if nops > 0 && nops < NOP_LEN as usize {
             return Err(SkipReason::PadTooShort { addr, nops });
         }
@@ -713,8 +712,11 @@ impl<I: Image> Scan<'_, I> {
             return Err(miss(None, String::new(), SkipReason::NotInCode { addr: n }));
         }
         let link = (n - self.bias) as u64;
-        let endbr_before = || {
-            n.checked_sub(4).and_then(|e| self.read_into(e, &mut [0u8; 4]).map(x86_64::starts_with_endbr64))
+        // The entry when the NOP follows a branch-target marker (`endbr64`).
+        const MARKER: usize = arch::BRANCH_TARGET_LEN;
+        let marker_before = || {
+            n.checked_sub(MARKER)
+                .and_then(|e| self.read_into(e, &mut [0u8; MARKER]).map(|b| arch::branch_target_len(b) == MARKER))
                 == Some(true)
         };
         let (entry, function, raw_symbol) = match self.symbols.containing(link) {
@@ -723,12 +725,12 @@ impl<I: Image> Scan<'_, I> {
                 let offset = n - entry;
                 let raw = self.symbols.name(sym);
                 let function = demangle(&raw);
-                if offset != 0 && !(offset == 4 && endbr_before()) {
+                if offset != 0 && !(offset == MARKER && marker_before()) {
                     return Err(miss(Some(entry), function, SkipReason::NotAtEntry { offset }));
                 }
                 (entry, function, raw.into_owned())
             }
-            None if endbr_before() => (n - 4, String::new(), String::new()),
+            None if marker_before() => (n - MARKER, String::new(), String::new()),
             None => (n, String::new(), String::new()),
         };
         let mut buf = [0u8; NOP_LEN as usize];

@@ -62,12 +62,14 @@
 //! caller establishes.
 
 use std::collections::HashMap;
-use std::ffi::{CStr, CString, OsStr};
+use std::ffi::{CString, OsStr};
+use std::ops::ControlFlow;
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use super::error::SitesError;
+use crate::sys::loader::{self, LoadedObjectInfo};
 
 /// Source of [`ObjectId`]s (a plain counter: no ordering with other data).
 static NEXT_ID: AtomicU64 = AtomicU64::new(0);
@@ -179,29 +181,12 @@ impl LoadedObject {
     /// [`SitesError::Unloaded`] if it is no longer loaded at the same bias.
     pub fn pin(&self) -> Result<Pin, SitesError> {
         let unloaded = || SitesError::Unloaded { path: self.path.clone(), bias: self.bias };
-        let name = if self.is_main { std::ptr::null() } else { self.dl_name.as_ptr() };
-        // SAFETY: `name` is null or a valid NUL-terminated string that lives
-        // across the call. RTLD_NOLOAD never loads an object nor runs its
-        // initialisers; it only takes a reference on one already loaded.
-        let handle = unsafe { libc::dlopen(name, libc::RTLD_LAZY | libc::RTLD_NOLOAD) };
-        if handle.is_null() {
+        let name = (!self.is_main).then_some(self.dl_name.as_c_str());
+        let handle = loader::Handle::noload(name).ok_or_else(unloaded)?;
+        if handle.load_bias() != Some(self.bias) {
             return Err(unloaded());
         }
-        let pin = Pin { handle, object: self.id };
-        let mut map: *mut LinkMapHead = std::ptr::null_mut();
-        // SAFETY: `handle` is a live handle from dlopen; RTLD_DI_LINKMAP
-        // stores one `struct link_map *` through the pointer we pass.
-        let rc = unsafe { libc::dlinfo(pin.handle, libc::RTLD_DI_LINKMAP, (&mut map as *mut *mut LinkMapHead).cast()) };
-        if rc != 0 || map.is_null() {
-            return Err(unloaded());
-        }
-        // SAFETY: glibc's `struct link_map` starts with `ElfW(Addr) l_addr`
-        // (the load bias); the object is pinned, so the map stays valid.
-        let l_addr = unsafe { (*map).l_addr };
-        if l_addr != self.bias {
-            return Err(unloaded());
-        }
-        Ok(pin)
+        Ok(Pin { _handle: handle, object: self.id })
     }
 
     /// Each of this object's [`notes`](Self::notes) segments with its bytes,
@@ -235,25 +220,13 @@ impl LoadedObject {
     }
 }
 
-/// The first field of glibc's `struct link_map`; the rest is not read.
-#[repr(C)]
-struct LinkMapHead {
-    l_addr: usize,
-}
-
 /// A reference that keeps one object loaded; see [`LoadedObject::pin`].
 #[derive(Debug)]
 pub struct Pin {
-    handle: *mut libc::c_void,
+    /// Closed (`dlclose`) when the pin is dropped.
+    _handle: loader::Handle,
     /// The object it was taken for.
     object: ObjectId,
-}
-
-impl Drop for Pin {
-    fn drop(&mut self) {
-        // SAFETY: `handle` came from a successful dlopen and is closed once.
-        unsafe { libc::dlclose(self.handle) };
-    }
 }
 
 /// What one [`Objects::rescan`] found changed.
@@ -407,18 +380,16 @@ struct Entry {
 
 fn enumerate() -> Listing {
     let mut entries: Vec<Entry> = Vec::new();
-    // SAFETY: the callback only reads the `dl_phdr_info` it is given and
-    // pushes into the Vec passed as `data`, which outlives the call.
-    unsafe {
-        libc::dl_iterate_phdr(Some(phdr_callback), (&mut entries as *mut Vec<Entry>).cast());
-    }
-    // SAFETY: getauxval has no preconditions; 0 means "not present".
-    let vdso = unsafe { libc::getauxval(libc::AT_SYSINFO_EHDR) } as usize;
+    loader::for_each_object(|info| {
+        entries.push(Entry::of(info));
+        ControlFlow::Continue(())
+    });
+    let vdso = loader::vdso_base();
     let counters = entries.last().and_then(|e| e.counters);
     let mut objects = Vec::new();
     let mut seen_main = false;
     for e in entries {
-        if vdso != 0 && e.ehdr == Some(vdso) {
+        if vdso.is_some() && e.ehdr == vdso {
             continue;
         }
         let (path, is_main) = if e.name.as_bytes().is_empty() {
@@ -444,70 +415,39 @@ fn enumerate() -> Listing {
     Listing { objects, counters }
 }
 
-/// `dl_iterate_phdr` callback: copy one object's facts into the `Vec<Entry>`
-/// behind `data`. Never unwinds (an `extern "C"` fn aborts on panic).
-///
-/// # Safety
-///
-/// Only for `dl_iterate_phdr`: `info` must point to a valid `dl_phdr_info`
-/// of `size` bytes describing an object that stays loaded during the call,
-/// and `data` to a `Vec<Entry>` not otherwise borrowed.
-unsafe extern "C" fn phdr_callback(
-    info: *mut libc::dl_phdr_info,
-    size: libc::size_t,
-    data: *mut libc::c_void,
-) -> libc::c_int {
-    // SAFETY: dl_iterate_phdr passes a valid `info` for the duration of the
-    // call and our own `data` pointer (a `&mut Vec<Entry>`, see enumerate).
-    let (info, entries) = unsafe { (&*info, &mut *data.cast::<Vec<Entry>>()) };
-    let name = if info.dlpi_name.is_null() {
-        CString::default()
-    } else {
-        // SAFETY: a non-null dlpi_name is a NUL-terminated string.
-        unsafe { CStr::from_ptr(info.dlpi_name) }.to_owned()
-    };
-    let bias = info.dlpi_addr as usize;
-    let phdrs: &[libc::Elf64_Phdr] = if info.dlpi_phdr.is_null() {
-        &[]
-    } else {
-        // SAFETY: the loader gives `dlpi_phnum` program headers at dlpi_phdr.
-        unsafe { std::slice::from_raw_parts(info.dlpi_phdr, info.dlpi_phnum as usize) }
-    };
-    let segments: Vec<Segment> = phdrs
-        .iter()
-        .filter(|p| p.p_type == libc::PT_LOAD)
-        .map(|p| Segment { vaddr: p.p_vaddr as usize, memsz: p.p_memsz as usize, flags: p.p_flags })
-        .collect();
-    let ehdr = phdrs
-        .iter()
-        .find(|p| p.p_type == libc::PT_LOAD && p.p_offset == 0)
-        .map(|p| bias.wrapping_add(p.p_vaddr as usize));
-    let notes: Vec<NoteSegment> = phdrs
-        .iter()
-        .filter(|p| p.p_type == libc::PT_NOTE)
-        .map(|p| NoteSegment { vaddr: p.p_vaddr as usize, memsz: p.p_memsz as usize, align: p.p_align as usize })
-        .filter(|n| segments.iter().any(|s| s.is_readable() && s.covers(n.vaddr, n.memsz)))
-        .collect();
-    let mut build_id = None;
-    for note in &notes {
-        // SAFETY: the note lies inside a readable PT_LOAD segment of an
-        // object the loader holds loaded during this callback.
-        let bytes = unsafe { std::slice::from_raw_parts(bias.wrapping_add(note.vaddr) as *const u8, note.memsz) };
-        if let Some(id) = super::elf::gnu_build_id(bytes, note.align as u64) {
-            build_id = Some(id);
-            break;
+impl Entry {
+    /// One object's facts, copied during the loader's walk (under its lock:
+    /// the object stays loaded meanwhile). Never panics (a panic here would
+    /// abort: the loader's frames cannot be unwound).
+    fn of(info: &LoadedObjectInfo<'_>) -> Entry {
+        let (name, bias, phdrs) = (info.name.to_owned(), info.bias, info.phdrs);
+        let segments: Vec<Segment> = phdrs
+            .iter()
+            .filter(|p| p.p_type == libc::PT_LOAD)
+            .map(|p| Segment { vaddr: p.p_vaddr as usize, memsz: p.p_memsz as usize, flags: p.p_flags })
+            .collect();
+        let ehdr = phdrs
+            .iter()
+            .find(|p| p.p_type == libc::PT_LOAD && p.p_offset == 0)
+            .map(|p| bias.wrapping_add(p.p_vaddr as usize));
+        let notes: Vec<NoteSegment> = phdrs
+            .iter()
+            .filter(|p| p.p_type == libc::PT_NOTE)
+            .map(|p| NoteSegment { vaddr: p.p_vaddr as usize, memsz: p.p_memsz as usize, align: p.p_align as usize })
+            .filter(|n| segments.iter().any(|s| s.is_readable() && s.covers(n.vaddr, n.memsz)))
+            .collect();
+        let mut build_id = None;
+        for note in &notes {
+            // SAFETY: the note lies inside a readable PT_LOAD segment of an
+            // object the loader holds loaded during this callback.
+            let bytes = unsafe { std::slice::from_raw_parts(bias.wrapping_add(note.vaddr) as *const u8, note.memsz) };
+            if let Some(id) = super::elf::gnu_build_id(bytes, note.align as u64) {
+                build_id = Some(id);
+                break;
+            }
         }
+        Entry { name, bias, segments, ehdr, build_id, notes, counters: info.counters }
     }
-    let counters = counters_of(info, size);
-    entries.push(Entry { name, bias, segments, ehdr, build_id, notes, counters });
-    0
-}
-
-/// `dlpi_adds` and `dlpi_subs` of a `dl_phdr_info` of `size` bytes: they
-/// exist only if the loader's struct is long enough to hold them.
-fn counters_of(info: &libc::dl_phdr_info, size: libc::size_t) -> Option<(u64, u64)> {
-    let end = std::mem::offset_of!(libc::dl_phdr_info, dlpi_subs) + std::mem::size_of::<u64>();
-    (size >= end).then_some((info.dlpi_adds, info.dlpi_subs))
 }
 
 /// The loader's counters of objects loaded and unloaded so far (`dlpi_adds`,
@@ -515,29 +455,5 @@ fn counters_of(info: &libc::dl_phdr_info, size: libc::size_t) -> Option<(u64, u6
 /// was loaded or unloaded in between. `None` if the loader does not report
 /// them. Cheaper than a rescan: the walk stops at the first object.
 pub(crate) fn loader_counters() -> Option<(u64, u64)> {
-    let mut counters: Option<(u64, u64)> = None;
-    // SAFETY: the callback only reads the `dl_phdr_info` it is given and
-    // writes the Option passed as `data`, which outlives the call.
-    unsafe { libc::dl_iterate_phdr(Some(counters_callback), (&mut counters as *mut Option<(u64, u64)>).cast()) };
-    counters
-}
-
-/// `dl_iterate_phdr` callback: the counters of the first object, then stop
-/// (they are the same in every call).
-///
-/// # Safety
-///
-/// Only for `dl_iterate_phdr` from [`loader_counters`]: `info` must point to
-/// a valid `dl_phdr_info` of `size` bytes, and `data` to the
-/// `Option<(u64, u64)>`.
-unsafe extern "C" fn counters_callback(
-    info: *mut libc::dl_phdr_info,
-    size: libc::size_t,
-    data: *mut libc::c_void,
-) -> libc::c_int {
-    // SAFETY: dl_iterate_phdr passes a valid `info` for the duration of the
-    // call and our own `data` pointer (see loader_counters).
-    let (info, counters) = unsafe { (&*info, &mut *data.cast::<Option<(u64, u64)>>()) };
-    *counters = counters_of(info, size);
-    1
+    loader::counters()
 }

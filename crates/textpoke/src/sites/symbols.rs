@@ -4,6 +4,17 @@
 //! The names stay in the object's string table, read whole once: a symbol
 //! is 24 bytes and no allocation, and only the names of sites become
 //! strings.
+//!
+//! # Lookup
+//!
+//! The symbols are sorted once by address, then by rank (global, weak,
+//! local: the best alias first), then by name among aliases of one rank,
+//! and exact duplicates dropped. Every lookup is a binary search for the
+//! first symbol at or after an address: [`Symbols::starting_at`] (a pad's
+//! or an entry's function), [`Symbols::first_in`] (the entry a few bytes
+//! after a pad's start), [`Symbols::containing`] (the function around an
+//! `__mcount_loc` NOP: only the symbols at the greatest address at or
+//! below it are considered, since functions do not nest).
 
 use std::borrow::Cow;
 

@@ -4,11 +4,12 @@
 //! thread that does not exist there. The recorder's state and the agent's
 //! use it.
 
+use crate::sys::mutex::RawMutex;
 use std::cell::UnsafeCell;
 
 /// A pthread mutex around `T`.
 pub struct ForkLock<T> {
-    m: UnsafeCell<libc::pthread_mutex_t>,
+    m: RawMutex,
     v: UnsafeCell<T>,
     /// How many times the lock was taken (a diagnostic: tests count them).
     taken: std::sync::atomic::AtomicU64,
@@ -21,15 +22,12 @@ pub struct Guard<'a, T>(&'a ForkLock<T>);
 
 impl<T> ForkLock<T> {
     pub const fn new(v: T) -> Self {
-        ForkLock {
-            m: UnsafeCell::new(libc::PTHREAD_MUTEX_INITIALIZER),
-            v: UnsafeCell::new(v),
-            taken: std::sync::atomic::AtomicU64::new(0),
-        }
+        ForkLock { m: RawMutex::new(), v: UnsafeCell::new(v), taken: std::sync::atomic::AtomicU64::new(0) }
     }
 
     /// Counts one taking of the lock (a control path: the atomic costs
-    /// nothing that matters there).
+    /// nothing that matters there). Relaxed: a diagnostic count, ordering
+    /// nothing.
     fn count(&self) {
         self.taken.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     }
@@ -40,9 +38,7 @@ impl<T> ForkLock<T> {
     }
 
     pub fn lock(&self) -> Guard<'_, T> {
-        // SAFETY: a valid, statically initialised mutex that lives as long
-        // as `self` (a static).
-        unsafe { libc::pthread_mutex_lock(self.m.get()) };
+        self.m.lock();
         self.count();
         Guard(self)
     }
@@ -51,9 +47,7 @@ impl<T> ForkLock<T> {
     /// `dlclose` wrapper, which may hold the loader's lock, and the panic
     /// path).
     pub fn try_lock(&self) -> Option<Guard<'_, T>> {
-        // SAFETY: as in `lock`.
-        let locked = unsafe { libc::pthread_mutex_trylock(self.m.get()) } == 0;
-        locked.then(|| {
+        self.m.try_lock().then(|| {
             self.count();
             Guard(self)
         })
@@ -66,8 +60,7 @@ impl<T> ForkLock<T> {
     /// Must be paired with [`Self::raw_unlock`] on this thread, or in the
     /// child of a fork made by this thread.
     pub unsafe fn raw_lock(&self) {
-        // SAFETY: as in `lock`.
-        unsafe { libc::pthread_mutex_lock(self.m.get()) };
+        self.m.lock();
         self.count();
     }
 
@@ -77,7 +70,7 @@ impl<T> ForkLock<T> {
     /// holds the lock through [`Self::raw_lock`].
     pub unsafe fn raw_unlock(&self) {
         // SAFETY: the caller holds the lock.
-        unsafe { libc::pthread_mutex_unlock(self.m.get()) };
+        unsafe { self.m.unlock() };
     }
 
     /// The value while the lock is held raw.
@@ -111,6 +104,6 @@ impl<T> std::ops::DerefMut for Guard<'_, T> {
 impl<T> Drop for Guard<'_, T> {
     fn drop(&mut self) {
         // SAFETY: the guard holds the lock.
-        unsafe { libc::pthread_mutex_unlock(self.0.m.get()) };
+        unsafe { self.0.m.unlock() };
     }
 }

@@ -29,11 +29,34 @@
 //! slot table is sized before parking and never freed (a late handler may
 //! still read it); a stale handler of an earlier request sees its `gen`
 //! already released, or acks a `gen` nobody waits for.
+//!
+//! # Memory ordering
+//!
+//! Four pairs of barriers; every other access is Relaxed because one of
+//! them orders it, or because only the patcher touches it:
+//!
+//! - a new table: `TABLES` stored with Release in `reserve`, loaded with
+//!   Acquire by `table` and the handler (the slots' initial values);
+//! - a slot: filled (`tid`, `acked`) with Relaxed stores, published by the
+//!   Release store of `used` in `enlist`, which the handler loads with
+//!   Acquire before it looks for its `tid` (the signal, a system call, is
+//!   sent after that store anyway);
+//! - an answer: the handler's Relaxed stores of `pc`/`sp`/`restorer` or
+//!   `aux`, published by its Release store of `acked`, which `wait_all`,
+//!   `Parked::for_each_pc` and `sample_threads` load with Acquire before
+//!   they read them;
+//! - the release: the patcher's code writes, then its Release store of
+//!   `RELEASED` in `Parked::do_release`, which a parked handler loads with
+//!   Acquire before it serialises its core and returns to the code.
+//!
+//! `GEN` is a counter (Relaxed `fetch_add`: unique values, nothing
+//! published through it; a generation travels in the signal's value).
 
 use crate::arch;
 use crate::error::PokeError;
+use crate::sys::signals;
 use crate::sys::threads::{self, for_each_tid, gettid, signal_thread};
-use std::sync::atomic::{AtomicBool, AtomicI32, AtomicPtr, AtomicU32, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicI32, AtomicPtr, AtomicU32, AtomicUsize, Ordering};
 use std::sync::Once;
 use std::time::{Duration, Instant};
 
@@ -64,7 +87,8 @@ static GEN: AtomicU32 = AtomicU32::new(0);
 /// Highest park generation released (futex word of parked threads).
 static RELEASED: AtomicU32 = AtomicU32::new(0);
 static INSTALLED: Once = Once::new();
-static INSTALL_FAILED: AtomicBool = AtomicBool::new(false);
+/// The OS error installing the handler failed with, or 0.
+static INSTALL_ERROR: AtomicI32 = AtomicI32::new(0);
 
 const KIND_SYNC: usize = 0;
 const KIND_PARK: usize = 1;
@@ -77,6 +101,8 @@ static SAMPLE_HOOK: AtomicUsize = AtomicUsize::new(0);
 
 /// Sets the sample hook (an async-signal-safe function).
 pub fn set_sample_hook(f: extern "C" fn() -> usize) {
+    // Release: pairs with the Acquire load in `on_rendezvous`, which then
+    // calls the function.
     SAMPLE_HOOK.store(f as *const () as usize, Ordering::Release);
 }
 
@@ -84,7 +110,7 @@ pub fn set_sample_hook(f: extern "C" fn() -> usize) {
 /// away from glibc's reserved low ones and the `SIGRTMIN + n` applications
 /// usually pick.
 pub fn rendezvous_signal() -> i32 {
-    libc::SIGRTMAX() - 1
+    signals::realtime_max() - 1
 }
 
 /// `a` is at or past `b` in wrapping generation order.
@@ -94,15 +120,16 @@ fn reached(a: u32, b: u32) -> bool {
 
 fn table(which: usize) -> &'static Table {
     // SAFETY: once set, a table pointer names a leaked Table that lives
-    // forever; `reserve` runs before any use.
+    // forever; `reserve` runs before any use. Acquire: pairs with the
+    // Release store in `reserve` (the table's initial slots).
     unsafe { &*TABLES[which].load(Ordering::Acquire) }
 }
 
 /// Makes sure the table has room for `n` threads (allocates; call before
 /// parking). An old table is leaked, never freed: late handlers may read it.
 fn reserve(which: usize, n: usize) {
-    let cur = TABLES[which].load(Ordering::Acquire);
-    // SAFETY: as in `table`.
+    let cur = TABLES[which].load(Ordering::Acquire); // pairs with the store below (an earlier reserve)
+                                                     // SAFETY: as in `table`.
     if !cur.is_null() && unsafe { &*cur }.slots.len() >= n {
         return;
     }
@@ -118,6 +145,8 @@ fn reserve(which: usize, n: usize) {
         })
         .collect();
     let t = Box::into_raw(Box::new(Table { slots, used: AtomicUsize::new(0) }));
+    // Release: publishes the table's initial slots; pairs with the Acquire
+    // loads in `table`, `reserve` and `on_rendezvous`.
     TABLES[which].store(t, Ordering::Release);
 }
 
@@ -125,29 +154,21 @@ fn install() -> Result<(), PokeError> {
     INSTALLED.call_once(|| {
         reserve(COMMIT_TABLE, 64);
         reserve(SAMPLE_TABLE, 64);
-        // SAFETY: sigaction is plain data; we fill the fields we use.
-        let mut sa: libc::sigaction = unsafe { std::mem::zeroed() };
-        sa.sa_sigaction = on_rendezvous as *const () as usize;
-        sa.sa_flags = libc::SA_SIGINFO | libc::SA_RESTART | libc::SA_ONSTACK;
-        // SAFETY: sa_mask is a valid sigset_t; block everything but the
-        // synchronous signals while the handler runs.
-        unsafe {
-            libc::sigfillset(&mut sa.sa_mask);
-            for s in [libc::SIGSEGV, libc::SIGBUS, libc::SIGILL, libc::SIGFPE, libc::SIGTRAP] {
-                libc::sigdelset(&mut sa.sa_mask, s);
-            }
-            if libc::sigaction(rendezvous_signal(), &sa, std::ptr::null_mut()) != 0 {
-                INSTALL_FAILED.store(true, Ordering::Relaxed);
-            }
+        // Everything but the synchronous signals blocked while the handler
+        // runs (see `sys::signals`).
+        let flags = libc::SA_RESTART | libc::SA_ONSTACK;
+        if let Err(e) = signals::install(rendezvous_signal(), on_rendezvous, flags) {
+            // Relaxed: `call_once` orders it before every later load.
+            INSTALL_ERROR.store(e.raw_os_error().unwrap_or(libc::EINVAL), Ordering::Relaxed);
         }
     });
-    if INSTALL_FAILED.load(Ordering::Relaxed) {
-        return Err(PokeError::Sys {
+    match INSTALL_ERROR.load(Ordering::Relaxed) {
+        0 => Ok(()),
+        e => Err(PokeError::Sys {
             what: "install the rendezvous signal handler",
-            source: std::io::Error::last_os_error(),
-        });
+            source: std::io::Error::from_raw_os_error(e),
+        }),
     }
-    Ok(())
 }
 
 /// The signal handler. Async-signal-safe: atomics, futex, no allocation.
@@ -161,7 +182,7 @@ extern "C" fn on_rendezvous(_sig: i32, info: *mut libc::siginfo_t, ctx: *mut lib
     let gen = (value >> KIND_BITS) as u32;
     let kind = value & ((1 << KIND_BITS) - 1);
     let which = if kind == KIND_SAMPLE { SAMPLE_TABLE } else { COMMIT_TABLE };
-    let t = TABLES[which].load(Ordering::Acquire);
+    let t = TABLES[which].load(Ordering::Acquire); // pairs with reserve's Release
     if t.is_null() {
         return;
     }
@@ -169,36 +190,44 @@ extern "C" fn on_rendezvous(_sig: i32, info: *mut libc::siginfo_t, ctx: *mut lib
     let t = unsafe { &*t };
     super::note_held();
     let me = gettid();
+    // Acquire: pairs with enlist's Release store of `used`, so the Relaxed
+    // `tid` loads below see the slots filled before it.
     let used = t.used.load(Ordering::Acquire).min(t.slots.len());
     let Some(slot) = t.slots[..used].iter().find(|s| s.tid.load(Ordering::Relaxed) == me) else {
         arch::serialize_core();
         return;
     };
     if kind == KIND_SAMPLE {
-        let hook = SAMPLE_HOOK.load(Ordering::Acquire);
+        let hook = SAMPLE_HOOK.load(Ordering::Acquire); // pairs with set_sample_hook's Release
         let aux = if hook == 0 {
             0
         } else {
             // SAFETY: set_sample_hook stored an `extern "C" fn() -> usize`.
             unsafe { std::mem::transmute::<usize, extern "C" fn() -> usize>(hook)() }
         };
-        slot.aux.store(aux, Ordering::Relaxed);
-        slot.acked.store(gen, Ordering::Release); // publishes the sample; pairs with wait_all
+        slot.aux.store(aux, Ordering::Relaxed); // published by the Release below
+                                                // Release: publishes `aux`; pairs with the Acquire loads of `acked`
+                                                // in `wait_all` and `sample_threads`.
+        slot.acked.store(gen, Ordering::Release);
         return;
     }
     if kind != KIND_PARK {
         arch::serialize_core();
-        slot.acked.store(gen, Ordering::Release); // pairs with wait_all's Acquire
+        slot.acked.store(gen, Ordering::Release); // after the serialisation; pairs with wait_all's Acquire
         return;
     }
+    // Acquire: pairs with do_release's Release (a late signal returns to
+    // code the patcher has finished writing).
     if reached(RELEASED.load(Ordering::Acquire), gen) {
         return; // a late signal of a request already over
     }
     // SAFETY: ctx is the ucontext_t the kernel passed to this handler.
     unsafe { record_context(slot, ctx.cast()) };
-    slot.acked.store(gen, Ordering::Release); // publishes pc; pairs with wait_all
+    // Release: publishes pc/sp/restorer; pairs with the Acquire loads of
+    // `acked` in `wait_all` and `Parked::for_each_pc`.
+    slot.acked.store(gen, Ordering::Release);
     loop {
-        let r = RELEASED.load(Ordering::Acquire); // pairs with release()'s Release
+        let r = RELEASED.load(Ordering::Acquire); // pairs with do_release's Release: the writes are done
         if reached(r, gen) {
             break;
         }
@@ -213,6 +242,8 @@ impl Slot {
     /// then those saved in the signal frames of handlers it was running
     /// (DESIGN.md rule 4). Allocation-free.
     fn for_each_resume_pc(&self, mut f: impl FnMut(usize)) {
+        // Relaxed: the caller loaded `acked` with Acquire first (pairs with
+        // the handler's Release after record_context).
         f(self.pc.load(Ordering::Relaxed));
         let (sp, restorer) = (self.sp.load(Ordering::Relaxed), self.restorer.load(Ordering::Relaxed));
         arch::for_each_outer_pc(sp, restorer, crate::sys::read_memory, f);
@@ -226,6 +257,7 @@ impl Slot {
 unsafe fn record_context(slot: &Slot, ctx: *const libc::ucontext_t) {
     // SAFETY: `ctx` is the running handler's ucontext (this fn's contract).
     let (pc, sp, restorer) = unsafe { (arch::context_pc(ctx), arch::context_sp(ctx), arch::frame_restorer(ctx)) };
+    // Relaxed: published by the handler's Release store of `acked`.
     slot.pc.store(pc, Ordering::Relaxed);
     slot.sp.store(sp, Ordering::Relaxed);
     slot.restorer.store(restorer, Ordering::Relaxed);
@@ -234,18 +266,23 @@ unsafe fn record_context(slot: &Slot, ctx: *const libc::ucontext_t) {
 /// Adds `tid` to the table and signals it. `Ok(false)` if the thread is gone
 /// or the table is full (`Err` from signal_thread other than ESRCH).
 fn enlist(t: &Table, tid: i32, gen: u32, kind: usize) -> Result<bool, i32> {
-    let i = t.used.load(Ordering::Relaxed);
+    let i = t.used.load(Ordering::Relaxed); // only the patcher (one per table) writes `used`
     if i >= t.slots.len() {
         return Err(-1);
     }
+    // Relaxed: published by the Release store of `used` below.
     t.slots[i].tid.store(tid, Ordering::Relaxed);
     t.slots[i].acked.store(gen.wrapping_sub(1), Ordering::Relaxed);
-    t.used.store(i + 1, Ordering::Release); // slot visible before the signal
+    // Release: the slot is visible before the signal; pairs with the
+    // handler's Acquire load of `used`.
+    t.used.store(i + 1, Ordering::Release);
     let value = ((gen as usize) << KIND_BITS) | kind;
     match signal_thread(tid, rendezvous_signal(), value) {
         Ok(()) => Ok(true),
         Err(e) if e.raw_os_error() == Some(libc::ESRCH) => {
-            t.slots[i].tid.store(0, Ordering::Relaxed); // gone: nothing to wait for
+            // Gone: nothing to wait for. Relaxed: read back by this thread;
+            // no handler of that thread will look.
+            t.slots[i].tid.store(0, Ordering::Relaxed);
             Ok(false)
         }
         Err(e) => Err(e.raw_os_error().unwrap_or(-1)),
@@ -253,6 +290,7 @@ fn enlist(t: &Table, tid: i32, gen: u32, kind: usize) -> Result<bool, i32> {
 }
 
 fn is_enlisted(t: &Table, tid: i32) -> bool {
+    // Relaxed: the patcher reads back its own stores.
     let used = t.used.load(Ordering::Relaxed);
     t.slots[..used].iter().any(|s| s.tid.load(Ordering::Relaxed) == tid)
 }
@@ -262,10 +300,13 @@ fn is_enlisted(t: &Table, tid: i32) -> bool {
 fn wait_all(t: &Table, gen: u32, deadline: Instant) -> Result<(), i32> {
     let mut spins = 0u32;
     loop {
+        // Relaxed: `used` and `tid` are the patcher's own stores.
         let used = t.used.load(Ordering::Relaxed);
         let mut pending = None;
         for s in &t.slots[..used] {
             let tid = s.tid.load(Ordering::Relaxed);
+            // Acquire: pairs with the handler's Release store of `acked`
+            // (what it published is visible once it acked).
             if tid != 0 && s.acked.load(Ordering::Acquire) != gen {
                 pending = Some(s);
                 break;
@@ -274,9 +315,9 @@ fn wait_all(t: &Table, gen: u32, deadline: Instant) -> Result<(), i32> {
         let Some(s) = pending else { return Ok(()) };
         spins += 1;
         if spins.is_multiple_of(64) {
-            let tid = s.tid.load(Ordering::Relaxed);
+            let tid = s.tid.load(Ordering::Relaxed); // the patcher's own store
             if signal_thread(tid, 0, 0).is_err() {
-                s.tid.store(0, Ordering::Relaxed); // exited before answering
+                s.tid.store(0, Ordering::Relaxed); // exited before answering (the patcher's own)
                 continue;
             }
             if Instant::now() > deadline {
@@ -290,9 +331,7 @@ fn wait_all(t: &Table, gen: u32, deadline: Instant) -> Result<(), i32> {
 }
 
 fn sleep_briefly() {
-    let ts = libc::timespec { tv_sec: 0, tv_nsec: 20_000 };
-    // SAFETY: ts is valid; the remaining-time pointer may be null.
-    unsafe { libc::nanosleep(&ts, std::ptr::null_mut()) };
+    crate::sys::time::sleep_once(Duration::from_micros(20));
 }
 
 fn count_threads() -> usize {
@@ -338,7 +377,9 @@ pub fn sample_threads(tids: &[i32], deadline: Duration) -> Result<Vec<(i32, usiz
     let _one = SAMPLER.lock().unwrap_or_else(|e| e.into_inner());
     reserve(SAMPLE_TABLE, tids.len() * 2 + 16);
     let t = table(SAMPLE_TABLE);
-    let gen = GEN.fetch_add(1, Ordering::Relaxed).wrapping_add(1);
+    let gen = GEN.fetch_add(1, Ordering::Relaxed).wrapping_add(1); // a counter (module docs)
+                                                                   // Relaxed: a late handler of an earlier round that still sees the old
+                                                                   // count acks its own, older `gen`, which nobody waits for.
     t.used.store(0, Ordering::Relaxed);
     for &tid in tids {
         if let Err(e) = enlist(t, tid, gen, KIND_SAMPLE) {
@@ -349,7 +390,9 @@ pub fn sample_threads(tids: &[i32], deadline: Duration) -> Result<Vec<(i32, usiz
         }
     }
     let _ = wait_all(t, gen, Instant::now() + deadline); // late answers are left out
-    let used = t.used.load(Ordering::Relaxed);
+    let used = t.used.load(Ordering::Relaxed); // the patcher's own store
+                                               // Acquire on `acked` pairs with the handler's Release: the Relaxed
+                                               // load of `aux` after it sees the sample.
     Ok(t.slots[..used]
         .iter()
         .filter(|s| s.tid.load(Ordering::Relaxed) != 0 && s.acked.load(Ordering::Acquire) == gen)
@@ -362,8 +405,8 @@ fn signal_round(kind: usize, deadline: Duration) -> Result<u32, PokeError> {
     install()?;
     reserve(COMMIT_TABLE, count_threads() * 2 + 16);
     let t = table(COMMIT_TABLE);
-    let gen = GEN.fetch_add(1, Ordering::Relaxed).wrapping_add(1);
-    t.used.store(0, Ordering::Relaxed);
+    let gen = GEN.fetch_add(1, Ordering::Relaxed).wrapping_add(1); // a counter (module docs)
+    t.used.store(0, Ordering::Relaxed); // as in sample_threads
     let me = gettid();
     let start = Instant::now();
     let mut full = false;
@@ -396,8 +439,11 @@ impl Parked {
     /// space). Allocation-free.
     pub fn for_each_pc(&self, mut f: impl FnMut(i32, usize)) {
         let t = table(COMMIT_TABLE);
+        // Relaxed `used` and `tid`: the patcher's own stores.
         for s in &t.slots[..t.used.load(Ordering::Relaxed)] {
             let tid = s.tid.load(Ordering::Relaxed);
+            // Acquire: pairs with the handler's Release store of `acked`,
+            // after its Relaxed stores of pc/sp/restorer.
             if tid == 0 || s.acked.load(Ordering::Acquire) != self.gen {
                 continue;
             }
@@ -413,7 +459,9 @@ impl Parked {
     fn do_release(&mut self) {
         if !self.released {
             self.released = true;
-            RELEASED.store(self.gen, Ordering::Release); // pairs with the handler's Acquire
+            // Release: the code writes before it are visible to a parked
+            // handler that sees it; pairs with its Acquire loads.
+            RELEASED.store(self.gen, Ordering::Release);
             crate::sys::futex_wake(&RELEASED, i32::MAX);
         }
     }
@@ -442,8 +490,8 @@ pub fn park_others() -> Result<Parked, PokeError> {
 
 fn try_park() -> Result<Parked, Option<PokeError>> {
     let t = table(COMMIT_TABLE);
-    let gen = GEN.fetch_add(1, Ordering::Relaxed).wrapping_add(1);
-    t.used.store(0, Ordering::Relaxed);
+    let gen = GEN.fetch_add(1, Ordering::Relaxed).wrapping_add(1); // a counter (module docs)
+    t.used.store(0, Ordering::Relaxed); // as in sample_threads
     let mut parked = Parked { gen, released: false };
     let me = gettid();
     let start = Instant::now();

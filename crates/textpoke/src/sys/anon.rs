@@ -1,6 +1,18 @@
-//! Anonymous private memory for buffers that async-signal-safe code
-//! creates (mmap is async-signal-safe, malloc is not): the recorder's
-//! per-thread buffers and rings, the tracer's shadow stacks.
+//! Anonymous private memory: the one place textpoke calls `mmap`,
+//! `munmap` and `mincore`.
+//!
+//! - **Buffers** ([`map`], [`map_populated`], [`remap_zero`]): readable and
+//!   writable, without swap reservation, for buffers that async-signal-safe
+//!   code creates (mmap is async-signal-safe, malloc is not): the
+//!   recorder's per-thread buffers and rings, the tracer's shadow stacks.
+//!   [`resident_pages`] tells which pages were ever written.
+//! - **Blocks at a place** ([`map_anywhere`], [`map_exactly`]): any
+//!   protection, wherever the kernel likes or exactly at an address nothing
+//!   is mapped at (`MAP_FIXED_NOREPLACE`, never replacing a mapping): the
+//!   engine's code and data blocks, which must lie within rel32 reach of
+//!   the code that uses them (`text::codemem` picks the address).
+
+use std::io;
 
 /// Maps `len` bytes of zeroed, private, anonymous memory (pages are
 /// touched lazily; no swap reservation). `None` on failure.
@@ -33,6 +45,46 @@ fn map_with(len: usize, flags: libc::c_int) -> Option<*mut u8> {
     }
 }
 
+/// Maps `len` bytes of zeroed, private, anonymous memory with protection
+/// `prot` (`PROT_*` bits) wherever the kernel likes. Returns its address.
+pub fn map_anywhere(len: usize, prot: libc::c_int) -> io::Result<usize> {
+    // SAFETY: anonymous mapping at an address of the kernel's choosing.
+    let p = unsafe { libc::mmap(std::ptr::null_mut(), len, prot, libc::MAP_PRIVATE | libc::MAP_ANONYMOUS, -1, 0) };
+    if p == libc::MAP_FAILED {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(p as usize)
+}
+
+/// Maps `len` bytes of zeroed, private, anonymous memory with protection
+/// `prot` exactly at `addr` (page-aligned), if nothing is mapped in
+/// `[addr, addr + len)`: `EEXIST` if something is (another thread may map
+/// a gap between a look at the maps and this call). An existing mapping
+/// is never replaced.
+pub fn map_exactly(addr: usize, len: usize, prot: libc::c_int) -> io::Result<usize> {
+    // SAFETY: MAP_FIXED_NOREPLACE never replaces an existing mapping.
+    let p = unsafe {
+        libc::mmap(
+            addr as *mut libc::c_void,
+            len,
+            prot,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_FIXED_NOREPLACE,
+            -1,
+            0,
+        )
+    };
+    if p == libc::MAP_FAILED {
+        return Err(io::Error::last_os_error());
+    }
+    if p as usize != addr {
+        // SAFETY: a kernel older than 4.17 ignores NOREPLACE and gave us a
+        // fresh mapping elsewhere, which nothing uses yet.
+        unsafe { libc::munmap(p, len) };
+        return Err(io::Error::new(io::ErrorKind::AddrInUse, "the kernel placed the mapping elsewhere"));
+    }
+    Ok(addr)
+}
+
 /// Replaces the mapping at `p` with fresh zero pages.
 ///
 /// # Safety
@@ -53,11 +105,12 @@ pub unsafe fn remap_zero(p: *mut u8, len: usize) -> bool {
     r != libc::MAP_FAILED
 }
 
-/// Unmaps memory made by [`map`].
+/// Unmaps memory made by a function of this module.
 ///
 /// # Safety
 ///
-/// `p..p+len` must be a mapping made by [`map`] that nothing uses any more.
+/// `p..p+len` must be a mapping made here that nothing uses any more (no
+/// reference into it, no thread running or about to run code in it).
 pub unsafe fn unmap(p: *mut u8, len: usize) {
     // SAFETY: the caller's guarantee.
     unsafe { libc::munmap(p as *mut libc::c_void, len.max(1)) };
@@ -102,4 +155,29 @@ pub unsafe fn resident_into(p: *mut u8, len: usize, out: &mut [u8]) -> bool {
     // SAFETY: a page-aligned mapping of `len` bytes (the caller's
     // guarantee) and at least one byte per page in `out`.
     unsafe { libc::mincore(p.cast(), len, out.as_mut_ptr()) == 0 }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn maps_exactly_where_asked_and_never_over_a_mapping() {
+        let len = 2 * PAGE;
+        let free = map_anywhere(len, libc::PROT_READ).unwrap();
+        // SAFETY: ours, unused: the range is free again (unless another
+        // thread maps it meanwhile, which the EEXIST arm accepts).
+        unsafe { unmap(free as *mut u8, len) };
+        match map_exactly(free, len, libc::PROT_READ | libc::PROT_WRITE) {
+            Ok(at) => {
+                assert_eq!(at, free);
+                assert_eq!(map_exactly(at, PAGE, libc::PROT_READ).unwrap_err().raw_os_error(), Some(libc::EEXIST));
+                // SAFETY: the mapping is readable and writable, and ours.
+                unsafe { (at as *mut u8).write(7) };
+                // SAFETY: ours; nothing uses it any more.
+                unsafe { unmap(at as *mut u8, len) };
+            }
+            Err(e) => assert_eq!(e.raw_os_error(), Some(libc::EEXIST), "{e}"),
+        }
+    }
 }

@@ -1,4 +1,10 @@
 //! `/proc/self/maps`: which ranges are mapped and with what protection.
+//!
+//! [`Maps::read`] parses the file once into a vector sorted by address (the
+//! kernel lists mappings in order); [`Maps::find`] is a binary search for
+//! the first mapping ending after an address, and [`Maps::covering`] walks
+//! from there, mapping to adjacent mapping, until a range is covered or a
+//! hole shows. A snapshot: another thread may map or unmap meanwhile.
 
 use std::io;
 

@@ -1,13 +1,51 @@
-//! Thin wrappers over the kernel facilities textpoke uses, one module each;
-//! raw syscalls live here and nowhere else.
+//! The one place for raw system calls and libc's kernel facilities:
+//! thin wrappers, safe where they can be and documented `unsafe` where the
+//! caller must promise something, one file per facility (the manner of
+//! rustix). Every other module of the engine (and the crates above it)
+//! calls these instead of `libc`; it may still use `libc`'s types and
+//! constants.
+//!
+//! | file | facility | used by |
+//! |------|----------|---------|
+//! | [`anon`] | `mmap`/`munmap`/`mincore`: buffers, and code and data blocks at a chosen place | the recorder's buffers, the tracer's shadow stacks, `text::codemem` |
+//! | [`mem`] | `mprotect`, `/proc/self/mem` ([`mem::ProcMem`]), faultless copies (`process_vm_readv`), the page size, MDWE | `text::write`, `text::codemem`, the frame scan of `sync::rendezvous` |
+//! | [`signals`] | `sigaction`, signal masks (one set for every handler textpoke installs), the default action of a signal | `text::trap`, `sync::rendezvous`, `text::stop_machine` |
+//! | [`threads`] | thread and process ids, listing threads without allocating (`getdents64`), `tgkill`, `rt_tgsigqueueinfo`, `/proc/self/task`; thread-specific keys, fork handlers, `errno` | `sync`, the tracer |
+//! | [`membarrier`] | `membarrier(2)`: sync cores, grace-period barriers | `sync`, `trace::grace` |
+//! | [`futex`] | `futex(2)` wait and wake | parked threads, the recorder's writer |
+//! | [`loader`] | `dl_iterate_phdr` (with the load/unload counters), `dladdr1`, `dlopen(RTLD_NOLOAD)` pins, the vdso | `sites::objects`, `text::dynsym`, `text::validate`, `keys` |
+//! | [`mutex`] | a pthread mutex taken and released without a guard | `sync::ForkLock` |
+//! | [`time`] | `CLOCK_MONOTONIC`, one `nanosleep` | `clock`, `sync::rendezvous` |
+//! | [`maps`] | `/proc/self/maps` | validation, `text::codemem` |
+//! | [`fs`] | where an output path leads (symbolic links, procfs) | the command line's `-o` |
+//!
+//! And [`write_stderr`], one `write(2)` for messages from places that may
+//! not allocate.
 
 pub mod anon;
 pub mod fs;
+pub mod futex;
+pub mod loader;
 pub mod maps;
+pub mod mem;
 pub mod membarrier;
+pub mod mutex;
+pub mod signals;
 pub mod threads;
+pub mod time;
+
+pub use futex::{futex_wait, futex_wake};
+pub use mem::{mdwe_refuses_exec_gain, read_memory};
 
 use std::io;
+
+/// Writes `msg` to standard error with one `write(2)`, for messages from
+/// places that may not allocate or lock (a signal handler, a traced
+/// site about to abort). Async-signal-safe; a short write is not retried.
+pub fn write_stderr(msg: &[u8]) {
+    // SAFETY: `msg` is valid for reads of its length.
+    unsafe { libc::write(2, msg.as_ptr().cast(), msg.len()) };
+}
 
 /// `Err(last OS error)` when `ret` is -1.
 pub(crate) fn cvt(ret: libc::c_long) -> io::Result<libc::c_long> {
@@ -16,47 +54,4 @@ pub(crate) fn cvt(ret: libc::c_long) -> io::Result<libc::c_long> {
     } else {
         Ok(ret)
     }
-}
-
-/// Whether `prctl(PR_GET_MDWE)` reports `PR_MDWE_REFUSE_EXEC_GAIN`: no page
-/// of this process may become writable and executable.
-pub fn mdwe_refuses_exec_gain() -> bool {
-    // SAFETY: PR_GET_MDWE takes no pointers; unused arguments must be 0.
-    let r = unsafe { libc::prctl(libc::PR_GET_MDWE, 0, 0, 0, 0) };
-    r > 0 && (r as libc::c_uint & libc::PR_MDWE_REFUSE_EXEC_GAIN) != 0
-}
-
-/// Waits on a futex word while it holds `expected`, at most `timeout`
-/// when one is given (spurious wake-ups allowed). Async-signal-safe.
-pub fn futex_wait(word: &std::sync::atomic::AtomicU32, expected: u32, timeout: Option<std::time::Duration>) {
-    let ts = timeout.map(|t| libc::timespec {
-        tv_sec: t.as_secs().min(i64::MAX as u64) as libc::time_t,
-        tv_nsec: t.subsec_nanos() as libc::c_long,
-    });
-    let ts_ptr = ts.as_ref().map_or(std::ptr::null(), |t| t as *const libc::timespec);
-    // SAFETY: `word` is a valid, aligned u32 and `ts_ptr` null or a valid
-    // timespec for the duration of the call.
-    unsafe {
-        libc::syscall(libc::SYS_futex, word.as_ptr(), libc::FUTEX_WAIT | libc::FUTEX_PRIVATE_FLAG, expected, ts_ptr);
-    }
-}
-
-/// Wakes up to `n` waiters on a futex word. Async-signal-safe.
-pub fn futex_wake(word: &std::sync::atomic::AtomicU32, n: i32) {
-    // SAFETY: `word` is a valid, aligned u32.
-    unsafe {
-        libc::syscall(libc::SYS_futex, word.as_ptr(), libc::FUTEX_WAKE | libc::FUTEX_PRIVATE_FLAG, n);
-    }
-}
-
-/// Copies memory of this process at `addr` into `buf` without faulting
-/// (`process_vm_readv` on ourselves); returns how many bytes it could copy
-/// (0 if `addr` is unmapped). Allocation-free, async-signal-safe.
-pub fn read_memory(addr: usize, buf: &mut [u8]) -> usize {
-    let local = libc::iovec { iov_base: buf.as_mut_ptr().cast(), iov_len: buf.len() };
-    let remote = libc::iovec { iov_base: addr as *mut _, iov_len: buf.len() };
-    // SAFETY: `local` describes our writable buffer; the kernel checks
-    // `remote` and stops at the first unmapped page instead of faulting.
-    let n = unsafe { libc::process_vm_readv(libc::getpid(), &local, 1, &remote, 1, 0) };
-    n.max(0) as usize
 }

@@ -1,5 +1,7 @@
-//! The threads of this process: listing them without allocating, and
-//! signalling one of them.
+//! The threads of this process: their ids, listing them without
+//! allocating, signalling one of them, what `/proc` says of one, and the
+//! per-thread facilities of the C library (thread-specific data keys,
+//! fork handlers, `errno`).
 //!
 //! Listing reads `/proc/self/task` with raw `getdents64` into a buffer on
 //! the stack, so it can run while other threads are parked in a signal
@@ -12,6 +14,73 @@ use std::io;
 pub fn gettid() -> i32 {
     // SAFETY: no arguments.
     unsafe { libc::syscall(libc::SYS_gettid) as i32 }
+}
+
+/// This process's id. Async-signal-safe.
+#[inline]
+pub fn getpid() -> i32 {
+    // SAFETY: getpid has no preconditions.
+    unsafe { libc::getpid() }
+}
+
+/// Sends `sig` to thread `tid` of this process (`tgkill`); `sig == 0` only
+/// checks that the thread exists. Errors: `ESRCH` when it has exited.
+/// Async-signal-safe.
+pub fn kill_thread(tid: i32, sig: i32) -> io::Result<()> {
+    // SAFETY: plain syscall with integer arguments.
+    super::cvt(unsafe { libc::syscall(libc::SYS_tgkill, getpid(), tid, sig) }).map(drop)
+}
+
+/// Creates a thread-specific data key whose `destructor` runs, at a
+/// thread's exit, with the thread's non-null value (`pthread_key_create`).
+/// Keys below 32 keep their values in the thread descriptor: setting one
+/// never allocates.
+pub fn key_create(destructor: unsafe extern "C" fn(*mut libc::c_void)) -> io::Result<libc::pthread_key_t> {
+    let mut key: libc::pthread_key_t = 0;
+    // SAFETY: `key` is a valid out-pointer; the destructor has the type
+    // pthread expects.
+    match unsafe { libc::pthread_key_create(&mut key, Some(destructor)) } {
+        0 => Ok(key),
+        e => Err(io::Error::from_raw_os_error(e)),
+    }
+}
+
+/// Sets the calling thread's value of `key` (`pthread_setspecific`).
+/// Async-signal-safe for a key below 32 (nothing is allocated).
+///
+/// # Safety
+///
+/// `key` was made by [`key_create`], and `value` is what its destructor
+/// expects to be called with.
+pub unsafe fn set_specific(key: libc::pthread_key_t, value: *const libc::c_void) {
+    // SAFETY: a valid key (the caller's guarantee); pthread only stores
+    // the value.
+    unsafe { libc::pthread_setspecific(key, value) };
+}
+
+/// Registers `child` to run in the child of every later `fork`, on its
+/// one thread (`pthread_atfork` with no prepare or parent handler).
+pub fn at_fork_child(child: unsafe extern "C" fn()) -> io::Result<()> {
+    // SAFETY: registering a handler of the right type.
+    match unsafe { libc::pthread_atfork(None, None, Some(child)) } {
+        0 => Ok(()),
+        e => Err(io::Error::from_raw_os_error(e)),
+    }
+}
+
+/// The calling thread's `errno`.
+#[inline(always)]
+pub fn errno() -> i32 {
+    // SAFETY: glibc's thread-local errno location, valid in every thread.
+    unsafe { *libc::__errno_location() }
+}
+
+/// Sets the calling thread's `errno` (code that must leave a program's
+/// `errno` as it found it puts it back with this).
+#[inline(always)]
+pub fn set_errno(e: i32) {
+    // SAFETY: as in `errno`.
+    unsafe { *libc::__errno_location() = e };
 }
 
 /// Calls `f` with the id of every thread of this process. Allocation-free.
@@ -72,12 +141,10 @@ fn parse_dirents(bytes: &[u8], f: &mut impl FnMut(i32)) {
 /// (`rt_tgsigqueueinfo`, `si_code = SI_QUEUE`). `sig == 0` only checks the
 /// thread exists. Errors: `ESRCH` when the thread has exited.
 pub fn signal_thread(tid: i32, sig: i32, value: usize) -> io::Result<()> {
-    // SAFETY: getpid has no preconditions.
-    let pid = unsafe { libc::getpid() };
     if sig == 0 {
-        // SAFETY: plain syscall with integer arguments.
-        return super::cvt(unsafe { libc::syscall(libc::SYS_tgkill, pid, tid, 0) }).map(drop);
+        return kill_thread(tid, 0);
     }
+    let pid = getpid();
     // SAFETY: siginfo_t is plain data; zeroed is a valid value.
     let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
     info.si_signo = sig;
@@ -153,6 +220,28 @@ mod tests {
             Some((true, 7))
         );
         assert_eq!(parse_sched_state("State:\tS (sleeping)\n"), None);
+    }
+
+    #[test]
+    fn keys_errno_and_kill() {
+        static DROPPED: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        extern "C" fn count(v: *mut libc::c_void) {
+            DROPPED.fetch_add(v as usize, std::sync::atomic::Ordering::Relaxed);
+        }
+        let key = key_create(count).unwrap();
+        std::thread::spawn(move || {
+            // SAFETY: a key of ours whose destructor takes any value.
+            unsafe { set_specific(key, 5 as *const libc::c_void) };
+        })
+        .join()
+        .unwrap();
+        assert_eq!(DROPPED.load(std::sync::atomic::Ordering::Relaxed), 5, "the destructor ran at the thread's exit");
+        let saved = errno();
+        set_errno(libc::EINTR);
+        assert_eq!(errno(), libc::EINTR);
+        set_errno(saved);
+        assert!(kill_thread(gettid(), 0).is_ok());
+        assert_eq!(getpid(), std::process::id() as i32);
     }
 
     #[test]

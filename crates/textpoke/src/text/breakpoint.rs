@@ -1,4 +1,16 @@
-//! The breakpoint strategy: the user-space text_poke_bp_batch.
+//! The breakpoint strategy: the user-space text_poke_bp_batch (seed 004;
+//! DESIGN.md rule 2).
+//!
+//! A site's instruction changes while other threads may be running it. The
+//! first byte of every site becomes a trap byte first, so that from then on
+//! a thread reaching a site traps instead of running a mix of old and new
+//! bytes, and the SIGTRAP handler ([`trap`]) stands in for the *new*
+//! instruction (CALL: push and jump; JMP: jump; NOP: skip). Then the tails
+//! are written, then the heads, replacing the trap bytes: each step
+//! followed by a sync of every core, so three syncs for the whole batch
+//! however many sites it has. The steps are numbered on [`commit`], which
+//! runs them; a failure runs them again towards the old bytes (see
+//! "What an error leaves behind" in the parent module).
 
 use super::trap::{self, TrapSite};
 use super::write::{WriteMethod, Writer};
@@ -30,7 +42,10 @@ use crate::sync::{sync_cores, SyncMethod};
 /// does not answer the signal sync, a write is refused), the batch is
 /// rolled back by the same protocol towards the old bytes, with the
 /// descriptor emulating the old instructions: trap bytes on every site,
-/// old tails, old heads, each followed by a best-effort sync.
+/// old tails, old heads, each followed by a best-effort sync. A
+/// [`PokeError::WriteFailed`] says whether every write of the rollback
+/// succeeded (then every site holds its old bytes) or not (then a site may
+/// hold a trap byte or part of its new bytes).
 pub(crate) fn commit(
     plan: &Plan<'_>,
     sync: SyncMethod,
@@ -48,9 +63,16 @@ pub(crate) fn commit(
     trap::remember(plan.pokes.iter().map(|p| p.addr));
     trap::publish(sites); // Release: before any trap byte can be seen
 
-    let result = run_protocol(&plan.pokes, &writer, sync, stats);
-    if result.is_err() {
-        roll_back(&plan.pokes, &writer, sync);
+    let mut result = run_protocol(&plan.pokes, &writer, sync, stats);
+    if let Err(e) = &mut result {
+        let restored = roll_back(&plan.pokes, &writer, sync);
+        if let PokeError::WriteFailed { rollback, .. } = e {
+            *rollback = if restored {
+                "; the batch was rolled back to the old bytes".into()
+            } else {
+                "; rolling the batch back failed too: a site may hold a trap byte or part of its new bytes".into()
+            };
+        }
     }
 
     trap::unpublish();
@@ -75,9 +97,11 @@ fn run_protocol(pokes: &[Planned<'_>], w: &Writer, sync: SyncMethod, stats: &mut
     sync_round(sync, stats)
 }
 
-/// Puts the old bytes back after a failed step (see [`commit`]).
+/// Puts the old bytes back after a failed step (see [`commit`]). Whether
+/// every write succeeded (the syncs are best-effort: parked or signalled
+/// threads serialise anyway before they run the code again).
 #[cold]
-fn roll_back(pokes: &[Planned<'_>], w: &Writer, sync: SyncMethod) {
+fn roll_back(pokes: &[Planned<'_>], w: &Writer, sync: SyncMethod) -> bool {
     // Emulate the old instruction where it can be; otherwise keep the new
     // one's emulation (a thread trapping now runs the new instruction once,
     // as it could have had the commit succeeded).
@@ -90,18 +114,22 @@ fn roll_back(pokes: &[Planned<'_>], w: &Writer, sync: SyncMethod) {
         .collect();
     trap::unpublish();
     trap::publish(sites);
+    // Every write is tried even after one failed: each site gets as close
+    // to its old bytes as it can.
+    let mut all = true;
     for p in pokes {
-        let _ = w.write(p.addr, &[TRAP_BYTE]);
+        all &= w.write(p.addr, &[TRAP_BYTE]).is_ok();
     }
     crate::sync::sync_cores_briefly(sync);
     for p in pokes.iter().filter(|p| p.old().len() > 1) {
-        let _ = w.write(p.addr + 1, &p.old()[1..]);
+        all &= w.write(p.addr + 1, &p.old()[1..]).is_ok();
     }
     crate::sync::sync_cores_briefly(sync);
     for p in pokes {
-        let _ = w.write(p.addr, &p.old()[..1]);
+        all &= w.write(p.addr, &p.old()[..1]).is_ok();
     }
     crate::sync::sync_cores_briefly(sync);
+    all
 }
 
 fn sync_round(sync: SyncMethod, stats: &mut CommitStats) -> Result<(), PokeError> {
@@ -112,13 +140,14 @@ fn sync_round(sync: SyncMethod, stats: &mut CommitStats) -> Result<(), PokeError
 
 /// A write the prepared writer refuses cannot happen for a validated page
 /// (mprotect'ed pages are plain stores; /proc/self/mem pages were probed).
-/// Should it happen, say exactly where, and that sites may be half-done.
+/// Should it happen, say exactly where; [`commit`] says what the rollback
+/// achieved.
 #[cold]
 fn write(w: &Writer, p: &Planned<'_>, addr: usize, bytes: &[u8]) -> Result<(), PokeError> {
     w.write(addr, bytes).map_err(|source| PokeError::WriteFailed {
         at: p.at(),
         len: bytes.len(),
         source,
-        rollback: "; the batch was rolled back to the old bytes".into(),
+        rollback: String::new(), // filled in by `commit` after the rollback
     })
 }

@@ -3,9 +3,10 @@
 //! A `call rel32` reaches ±2 GiB, so trampolines for a site must live
 //! within that distance. [`CodeBlock::near`] reads `/proc/self/maps`, picks
 //! the free gap closest to the target that keeps the whole block in reach,
-//! and maps it there with `MAP_FIXED_NOREPLACE`, readable and executable
-//! and never writable: code is written through `/proc/self/mem`, so no page
-//! is ever writable and executable (and it works under MDWE).
+//! and maps it there with `MAP_FIXED_NOREPLACE` ([`sys::anon::map_exactly`](crate::sys::anon::map_exactly)),
+//! readable and executable and never writable: code is written through
+//! `/proc/self/mem` ([`ProcMem`]), so no page is ever writable and
+//! executable (and it works under MDWE).
 //!
 //! Freeing a block that threads may still execute is the caller's problem:
 //! the tracer frees trampolines only after a grace period.
@@ -37,7 +38,9 @@
 //! so code it was believed to hold is never made reachable. A block stays
 //! mapped while a session holds writes for it.
 
+use crate::sys::anon;
 use crate::sys::maps::Maps;
+use crate::sys::mem::ProcMem;
 use std::cell::RefCell;
 use std::io;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -59,11 +62,13 @@ struct Mapping {
     addr: usize,
     len: usize,
     /// End offset of every byte ever written (see the module docs);
-    /// changed under `writing`.
+    /// read and changed under `writing` only, so Relaxed.
     hwm: AtomicUsize,
     /// Taken by every write, and by a session writing its bytes.
     writing: std::sync::Mutex<()>,
-    /// A session's writes to it failed: it refuses writes.
+    /// A session's writes to it failed: it refuses writes. Stored with
+    /// Release, loaded with Acquire; the flag is the only datum it carries:
+    /// nothing else is read on its strength.
     poisoned: AtomicBool,
 }
 
@@ -81,7 +86,7 @@ impl Drop for Mapping {
     fn drop(&mut self) {
         // SAFETY: our mapping; the block's owner guarantees no thread can
         // run it, and no session holds writes for it any more.
-        unsafe { libc::munmap(self.addr as *mut _, self.len) };
+        unsafe { anon::unmap(self.addr as *mut u8, self.len) };
     }
 }
 
@@ -89,21 +94,8 @@ impl CodeBlock {
     /// Maps `len` bytes (rounded up to pages) wherever the kernel likes.
     pub fn anywhere(len: usize) -> io::Result<CodeBlock> {
         let len = len.max(1).next_multiple_of(super::page_size());
-        // SAFETY: a fresh anonymous mapping, readable and executable.
-        let p = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                libc::PROT_READ | libc::PROT_EXEC,
-                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
-                -1,
-                0,
-            )
-        };
-        if p == libc::MAP_FAILED {
-            return Err(io::Error::last_os_error());
-        }
-        Ok(Mapping::block(p as usize, len))
+        let addr = anon::map_anywhere(len, libc::PROT_READ | libc::PROT_EXEC)?;
+        Ok(Mapping::block(addr, len))
     }
 
     /// Maps `len` bytes (rounded up to pages) within rel32 reach of every
@@ -130,13 +122,14 @@ impl CodeBlock {
     /// Whether a session's writes to this block failed: the code put in it
     /// since may not be there, and it takes no more.
     pub fn is_poisoned(&self) -> bool {
-        self.map.poisoned.load(Ordering::Acquire)
+        self.map.poisoned.load(Ordering::Acquire) // pairs with Pending::flush's Release
     }
 
     /// Writes code at `off` (no thread may be running those bytes); with a
     /// [`WriteSession`] open on this thread, when the session finishes.
     pub fn write(&self, off: usize, code: &[u8]) -> io::Result<()> {
         assert!(off + code.len() <= self.len(), "write past the block");
+        // Acquire: pairs with Pending::flush's Release.
         if self.map.poisoned.load(Ordering::Acquire) {
             return Err(io::Error::other("an earlier write of code to this block failed; it takes no more"));
         }
@@ -151,9 +144,8 @@ impl CodeBlock {
             return Ok(());
         }
         let _writing = self.map.writing.lock().unwrap_or_else(|e| e.into_inner());
-        let f = std::fs::OpenOptions::new().write(true).open("/proc/self/mem")?;
-        std::os::unix::fs::FileExt::write_all_at(&f, code, (self.addr() + off) as u64)?;
-        self.map.hwm.fetch_max(off + code.len(), Ordering::Relaxed);
+        ProcMem::open()?.write_all(self.addr() + off, code)?;
+        self.map.hwm.fetch_max(off + code.len(), Ordering::Relaxed); // under `writing`
         Ok(())
     }
 }
@@ -205,7 +197,7 @@ impl Pending {
         if self.blocks.is_empty() {
             return Ok(());
         }
-        let file = std::fs::OpenOptions::new().write(true).open("/proc/self/mem");
+        let file = ProcMem::open();
         let mut result = Ok(());
         for b in &self.blocks {
             let written = match &file {
@@ -213,7 +205,7 @@ impl Pending {
                 Err(e) => Err(io::Error::new(e.kind(), e.to_string())),
             };
             if let Err(e) = written {
-                b.map.poisoned.store(true, Ordering::Release);
+                b.map.poisoned.store(true, Ordering::Release); // pairs with `write`'s Acquire
                 if result.is_ok() {
                     result = Err(e);
                 }
@@ -225,9 +217,9 @@ impl Pending {
 
 impl PendingBlock {
     /// The ranges to write, each with its bytes: see the module docs, step 2.
-    fn flush(&self, f: &std::fs::File, bytes: &[u8]) -> io::Result<()> {
+    fn flush(&self, f: &ProcMem, bytes: &[u8]) -> io::Result<()> {
         let _writing = self.map.writing.lock().unwrap_or_else(|e| e.into_inner());
-        let mark = self.map.hwm.load(Ordering::Relaxed);
+        let mark = self.map.hwm.load(Ordering::Relaxed); // under `writing`
         let lo = self.writes.iter().map(|w| w.0).min().expect("a block with writes");
         let hi = self.writes.iter().map(|w| w.0 + w.2).max().expect("a block with writes");
         // What the span holds now (the gaps keep it), then the writes in order.
@@ -250,8 +242,8 @@ impl PendingBlock {
             }
         }
         for (start, end) in joined {
-            std::os::unix::fs::FileExt::write_all_at(f, &image[start - lo..end - lo], (self.map.addr + start) as u64)?;
-            self.map.hwm.fetch_max(end, Ordering::Relaxed);
+            f.write_all(self.map.addr + start, &image[start - lo..end - lo])?;
+            self.map.hwm.fetch_max(end, Ordering::Relaxed); // under `writing`
         }
         Ok(())
     }
@@ -346,26 +338,7 @@ fn try_map_near(lo: usize, hi: usize, len: usize, prot: libc::c_int) -> io::Resu
         prev_end = prev_end.max(m.end);
     }
     let start = best.ok_or_else(|| io::Error::new(io::ErrorKind::OutOfMemory, "no free gap within ±2 GiB"))?;
-    // SAFETY: MAP_FIXED_NOREPLACE never replaces an existing mapping.
-    let p = unsafe {
-        libc::mmap(
-            start as *mut _,
-            len,
-            prot,
-            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_FIXED_NOREPLACE,
-            -1,
-            0,
-        )
-    };
-    if p == libc::MAP_FAILED {
-        return Err(io::Error::last_os_error());
-    }
-    if p as usize != start {
-        // SAFETY: an old kernel ignoring NOREPLACE gave us another address.
-        unsafe { libc::munmap(p, len) };
-        return Err(io::Error::new(io::ErrorKind::AddrInUse, "kernel placed the block elsewhere"));
-    }
-    Ok((start, len))
+    Ok((anon::map_exactly(start, len, prot)?, len))
 }
 
 /// An anonymous mapping that is readable and writable and never
@@ -400,7 +373,7 @@ impl DataBlock {
 impl Drop for DataBlock {
     fn drop(&mut self) {
         // SAFETY: our mapping; the owner guarantees no thread can read it.
-        unsafe { libc::munmap(self.addr as *mut _, self.len) };
+        unsafe { anon::unmap(self.addr as *mut u8, self.len) };
     }
 }
 
@@ -488,7 +461,7 @@ mod tests {
     #[test]
     fn a_poisoned_block_refuses_writes() {
         let b = CodeBlock::anywhere(4096).unwrap();
-        b.map.poisoned.store(true, Ordering::Release);
+        b.map.poisoned.store(true, Ordering::Release); // as Pending::flush does
         assert!(b.write(0, &[0xc3]).is_err());
     }
 }

@@ -49,8 +49,10 @@
 //! by address. Cost: one walk of the objects, and for each object holding
 //! addresses O((s + n) log s).
 
+use crate::sys::loader::{self, LoadedObjectInfo};
 use std::cmp::Reverse;
 use std::collections::BinaryHeap;
+use std::ops::ControlFlow;
 
 /// What validation needs of the symbol covering an address.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -86,11 +88,10 @@ pub(crate) fn covering_sorted(addrs: &[usize]) -> Vec<Option<Covering>> {
 fn from_tables(addrs: &[usize]) -> (Vec<Option<Covering>>, Vec<usize>) {
     debug_assert!(addrs.windows(2).all(|w| w[0] <= w[1]));
     let mut walk = Walk { addrs, out: vec![None; addrs.len()], fallback: Vec::new() };
-    // SAFETY: the callback only reads the `dl_phdr_info` it is given (and,
-    // checked against its segments, the object's memory, which the loader
-    // keeps mapped during the callback) and writes the `Walk` passed as
-    // `data`, which outlives the call.
-    unsafe { libc::dl_iterate_phdr(Some(callback), (&mut walk as *mut Walk<'_>).cast()) };
+    loader::for_each_object(|info| {
+        walk.object(info);
+        ControlFlow::Continue(())
+    });
     (walk.out, walk.fallback)
 }
 
@@ -101,45 +102,29 @@ struct Walk<'a> {
     fallback: Vec<usize>,
 }
 
-/// `dl_iterate_phdr` callback: the symbols of one object for the
-/// addresses inside it. Never unwinds (nothing here panics on bad data:
-/// every read is checked).
-///
-/// # Safety
-///
-/// Only for `dl_iterate_phdr` from [`covering_sorted`]: `info` points to a
-/// valid `dl_phdr_info` of an object kept loaded during the call, `data`
-/// to the `Walk`.
-unsafe extern "C" fn callback(
-    info: *mut libc::dl_phdr_info,
-    _size: libc::size_t,
-    data: *mut libc::c_void,
-) -> libc::c_int {
-    // SAFETY: as the contract says.
-    let (info, walk) = unsafe { (&*info, &mut *data.cast::<Walk<'_>>()) };
-    if info.dlpi_phdr.is_null() {
-        return 0;
+impl Walk<'_> {
+    /// The symbols of one object (as the loader's walk gives it, under its
+    /// lock) for the addresses inside it. Never panics on bad data: every
+    /// read is checked (a panic here would abort: the loader's frames
+    /// cannot be unwound).
+    fn object(&mut self, info: &LoadedObjectInfo<'_>) {
+        let object = Object::new(info.bias, info.phdrs);
+        let mut inside: Vec<usize> = Vec::new();
+        for s in &object.loads {
+            let lo = self.addrs.partition_point(|&a| a < s.start);
+            let hi = self.addrs.partition_point(|&a| a < s.end);
+            inside.extend(lo..hi);
+        }
+        if inside.is_empty() {
+            return;
+        }
+        inside.sort_unstable();
+        inside.dedup();
+        match object.symbols(info.phdrs) {
+            Some(syms) => sweep(syms, self.addrs, &inside, &mut self.out),
+            None => self.fallback.extend(inside),
+        }
     }
-    // SAFETY: the loader gives `dlpi_phnum` program headers at dlpi_phdr.
-    let phdrs = unsafe { std::slice::from_raw_parts(info.dlpi_phdr, info.dlpi_phnum as usize) };
-    let bias = info.dlpi_addr as usize;
-    let object = Object::new(bias, phdrs);
-    let mut inside: Vec<usize> = Vec::new();
-    for s in &object.loads {
-        let lo = walk.addrs.partition_point(|&a| a < s.start);
-        let hi = walk.addrs.partition_point(|&a| a < s.end);
-        inside.extend(lo..hi);
-    }
-    if inside.is_empty() {
-        return 0;
-    }
-    inside.sort_unstable();
-    inside.dedup();
-    match object.symbols(phdrs) {
-        Some(syms) => sweep(syms, walk.addrs, &inside, &mut walk.out),
-        None => walk.fallback.extend(inside),
-    }
-    0
 }
 
 /// A `PT_LOAD` segment at its runtime address.
@@ -329,24 +314,9 @@ fn sweep(mut syms: Vec<Sym>, addrs: &[usize], inside: &[usize], out: &mut [Optio
 
 /// `dladdr1`'s answer for one address.
 fn by_dladdr(addr: usize) -> Option<Covering> {
-    // SAFETY: plain data out-parameters for dladdr1.
-    let mut info: libc::Dl_info = unsafe { std::mem::zeroed() };
-    let mut sym: *const libc::Elf64_Sym = std::ptr::null();
-    // SAFETY: RTLD_DL_SYMENT makes dladdr1 store an `const ElfW(Sym) *`.
-    let ok = unsafe {
-        libc::dladdr1(addr as *const _, &mut info, (&mut sym as *mut *const libc::Elf64_Sym).cast(), RTLD_DL_SYMENT)
-    };
-    if ok == 0 || sym.is_null() || info.dli_saddr.is_null() {
-        return None;
-    }
-    // SAFETY: sym points into the object's dynamic symbol table, which the
-    // loader keeps while the object is loaded; read at once.
-    let (size, kind) = unsafe { ((*sym).st_size as usize, (*sym).st_info & 0xf) };
-    Some(Covering { start: info.dli_saddr as usize, size, kind })
+    let sym = loader::symbol_at(addr).filter(|s| s.has_entry)?;
+    Some(Covering { start: sym.start, size: sym.size, kind: sym.kind })
 }
-
-/// `dladdr1` flag asking for the symbol's `ElfW(Sym)` (glibc <dlfcn.h>).
-pub(crate) const RTLD_DL_SYMENT: libc::c_int = 1;
 
 #[cfg(test)]
 mod tests {

@@ -29,6 +29,31 @@
 //!
 //! Commits from several threads are serialised by one lock. Committing from
 //! a signal handler is not supported.
+//!
+//! # What an error leaves behind
+//!
+//! - **Refused: nothing written.** Every error of validation, and every
+//!   error before the first byte is written: the SIGTRAP handler cannot be
+//!   installed or was replaced ([`PokeError::TrapInstall`],
+//!   [`PokeError::TrapHandlerReplaced`]), the pages cannot be made
+//!   writable, threads cannot be parked ([`PokeError::ThreadUnresponsive`]
+//!   while parking) or stay inside a region
+//!   ([`PokeError::ThreadInsideRegion`]).
+//! - **Failed mid-commit: put back.** A sync round that fails
+//!   ([`PokeError::ThreadUnresponsive`], or [`PokeError::Sys`] from
+//!   `membarrier` or from signalling the threads) or a write that fails
+//!   ([`PokeError::WriteFailed`]) makes the commit put the old bytes back
+//!   before it returns: the breakpoint strategy runs its protocol again
+//!   towards them, stop-machine rewrites them while the threads are still
+//!   parked. A `WriteFailed` says whether every write of that rollback
+//!   succeeded; if one did not, some sites may still hold a trap byte or
+//!   part of their new bytes, and nothing can say which (the static keys
+//!   poison their keys). After the other errors the rollback writes pages
+//!   that were just written with the same writer.
+//! - **Written, protection not restored.** `PokeError::Sys` "restore code
+//!   page protection (the batch was written)": the whole batch was written
+//!   and synced, but a page kept the write permission it was given for the
+//!   commit (the mprotect method).
 
 mod breakpoint;
 pub mod codemem;
@@ -110,8 +135,8 @@ impl Poke {
     }
 }
 
-/// The longest byte string kept inline (the longest x86 instruction).
-const INLINE_BYTES: usize = 15;
+/// The longest byte string kept inline (the longest instruction).
+const INLINE_BYTES: usize = crate::arch::MAX_INSN_LEN;
 
 /// A poke's bytes: inline when short (every single instruction), else on
 /// the heap.
@@ -244,7 +269,11 @@ impl Batch {
         self.commit_with(CommitOptions::default())
     }
 
-    /// Validates and commits. On `Err`, nothing of the batch was written.
+    /// Validates and commits. On `Err`, nothing of the batch is left
+    /// written, except as the module docs say ("What an error leaves
+    /// behind"): when putting the old bytes back failed too (the
+    /// `WriteFailed` message says so), or when only the restoring of the
+    /// pages' protection failed after the batch was written.
     pub fn commit_with(&self, opts: CommitOptions) -> Result<CommitStats, PokeError> {
         let _lock = commit_lock();
         let start = Instant::now();
@@ -339,7 +368,8 @@ fn prepare_writer(
 fn finish_writer(w: write::Writer, result: Result<(), PokeError>) -> Result<(), PokeError> {
     let restored = w.finish();
     result?;
-    restored.map_err(|source| PokeError::Sys { what: "restore code page protection", source })
+    // The batch is written: only a page's protection is not what it was.
+    restored.map_err(|source| PokeError::Sys { what: "restore code page protection (the batch was written)", source })
 }
 
 static COMMIT_LOCK: Mutex<()> = Mutex::new(());

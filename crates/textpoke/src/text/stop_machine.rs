@@ -39,7 +39,9 @@ pub const MAX_PARK_ATTEMPTS: u32 = 200;
 ///  5. write every poke whole; **sync** (membarrier; parked threads also
 ///     serialise their cores when released). If a write fails, the pokes
 ///     written so far (and the failed one) get their old bytes back while
-///     the threads are still parked: a failed commit leaves the old code;
+///     the threads are still parked; if the sync fails, every poke does: a
+///     failed commit leaves the old code (the error says so, or that
+///     putting it back failed too);
 ///  6. release, unblock signals, restore protections.
 ///
 /// Between 3 and 6 nothing allocates or locks: parked threads may hold
@@ -55,7 +57,7 @@ pub(crate) fn commit(
     stats: &mut CommitStats,
 ) -> Result<(), PokeError> {
     let writer = super::prepare_writer(plan, write, stats)?;
-    let mask = SignalMask::block_async();
+    let mask = crate::sys::signals::block_async();
     let result = park_and_write(plan, &writer, sync, stats);
     drop(mask);
     super::finish_writer(writer, result)
@@ -79,11 +81,22 @@ fn park_and_write(plan: &Plan<'_>, w: &Writer, sync: SyncMethod, stats: &mut Com
             (Ok(()), SyncMethod::Membarrier) => sync_cores(sync),
             _ => Ok(()),
         };
+        // A failed sync fails the commit: put the old code back while no
+        // thread runs it (they serialise when released, before running it).
+        let restored = synced.is_err().then(|| restore(&plan.pokes, w));
         parked.release();
         if let Err(failed) = written {
             return Err(failed.into_error(plan));
         }
-        synced?;
+        if let Err(e) = synced {
+            return Err(match (e, restored) {
+                (PokeError::Sys { source, .. }, Some(false)) => PokeError::Sys {
+                    what: "sync cores (and putting the old bytes back failed: some pokes may hold the new bytes)",
+                    source,
+                },
+                (e, _) => e,
+            });
+        }
         stats.sync_rounds += 1;
         return Ok(());
     }
@@ -143,40 +156,20 @@ impl WriteFailure {
 fn write_all(plan: &Plan<'_>, w: &Writer) -> Result<(), WriteFailure> {
     for (index, p) in plan.pokes.iter().enumerate() {
         if let Err(source) = w.write(p.addr, p.new_bytes()) {
-            // No thread runs this code now, and none is strictly inside a
-            // poke: the old bytes can go back whole.
-            let restored = plan.pokes[..=index].iter().all(|q| w.write(q.addr, q.old()).is_ok());
+            let restored = restore(&plan.pokes[..=index], w);
             return Err(WriteFailure { index, source, restored });
         }
     }
     Ok(())
 }
 
-/// Blocks asynchronous signals on this thread until dropped.
-struct SignalMask {
-    old: libc::sigset_t,
-}
-
-impl SignalMask {
-    fn block_async() -> SignalMask {
-        // SAFETY: sigset_t values are plain data; pthread_sigmask with valid
-        // pointers.
-        unsafe {
-            let mut set: libc::sigset_t = std::mem::zeroed();
-            let mut old: libc::sigset_t = std::mem::zeroed();
-            libc::sigfillset(&mut set);
-            for s in [libc::SIGSEGV, libc::SIGBUS, libc::SIGILL, libc::SIGFPE, libc::SIGTRAP] {
-                libc::sigdelset(&mut set, s);
-            }
-            libc::pthread_sigmask(libc::SIG_BLOCK, &set, &mut old);
-            SignalMask { old }
-        }
+/// Writes the old bytes of `pokes` back (threads parked, none strictly
+/// inside a poke: they can go back whole), trying every one even after a
+/// failure; whether all succeeded. Allocation-free.
+fn restore(pokes: &[super::Planned<'_>], w: &Writer) -> bool {
+    let mut all = true;
+    for q in pokes {
+        all &= w.write(q.addr, q.old()).is_ok();
     }
-}
-
-impl Drop for SignalMask {
-    fn drop(&mut self) {
-        // SAFETY: restores the mask saved in block_async.
-        unsafe { libc::pthread_sigmask(libc::SIG_SETMASK, &self.old, std::ptr::null_mut()) };
-    }
+    all
 }

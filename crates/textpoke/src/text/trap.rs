@@ -20,6 +20,22 @@
 //! where the trap byte is gone, is re-executed from the site (PC = site):
 //! the thread then runs whatever instruction is there now.
 //!
+//! # Memory ordering
+//!
+//! - The ever-set: a table is published by a Release store of `EVER`
+//!   (its zeroed slots and its link to the older tables), an address by a
+//!   Release store into its slot; the handler loads both with Acquire.
+//!   Every address is stored before its batch's descriptor is published
+//!   and so before its trap byte is written.
+//! - The descriptor: the sites and their count are stored Relaxed and
+//!   published by the Release store `refs = 1`, which the handler's
+//!   Acquire compare-exchange (`get_desc`) pairs with; a handler drops its
+//!   reference with a Release decrement, which the patcher's Acquire loads
+//!   in `unpublish` pair with before the sites are freed.
+//! - The previous disposition: stored (Release) before our handler is
+//!   installed, loaded (Acquire) by the handler.
+//! - The counters of emulated and replayed traps are statistics (Relaxed).
+//!
 //! # Chaining
 //!
 //! Traps that are not ours go to the disposition the application had before
@@ -31,6 +47,7 @@
 
 use crate::arch::{self, Emulation};
 use crate::error::PokeError;
+use crate::sys::signals;
 use std::sync::atomic::{AtomicPtr, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Mutex;
 
@@ -61,7 +78,7 @@ static INSTALL: Mutex<bool> = Mutex::new(false);
 
 /// Total traps emulated by the handler since the process started.
 pub fn traps_emulated() -> u64 {
-    TRAPS_EMULATED.load(Ordering::Relaxed)
+    TRAPS_EMULATED.load(Ordering::Relaxed) // statistics: orders nothing
 }
 
 // ---------------------------------------------------------------- ever-set
@@ -84,6 +101,7 @@ fn table_contains(t: &Table, addr: usize) -> bool {
     let mask = t.slots.len() - 1;
     let mut i = hash(addr, mask);
     loop {
+        // Acquire: pairs with remember's Release store of the slot.
         match t.slots[i].load(Ordering::Acquire) {
             0 => return false,
             a if a == addr => return true,
@@ -93,7 +111,7 @@ fn table_contains(t: &Table, addr: usize) -> bool {
 }
 
 fn ever_contains(addr: usize) -> bool {
-    let mut p = EVER.load(Ordering::Acquire);
+    let mut p = EVER.load(Ordering::Acquire); // pairs with remember's Release: the table's slots and link
     while !p.is_null() {
         // SAFETY: tables are leaked and never freed.
         let t = unsafe { &*p };
@@ -107,6 +125,8 @@ fn ever_contains(addr: usize) -> bool {
 
 /// Records addresses that will hold trap bytes. Caller holds the commit lock.
 pub(crate) fn remember(addrs: impl ExactSizeIterator<Item = usize>) {
+    // Only this function stores EVER, under the commit lock (which orders
+    // it with the last store): the Acquire is more than needed here.
     let mut head = EVER.load(Ordering::Acquire);
     // SAFETY: tables are leaked; the single writer holds the commit lock.
     let need = addrs.len() + if head.is_null() { 0 } else { unsafe { (*head).count.load(Ordering::Relaxed) } };
@@ -116,6 +136,8 @@ pub(crate) fn remember(addrs: impl ExactSizeIterator<Item = usize>) {
         let t =
             Table { slots: (0..cap).map(|_| AtomicUsize::new(0)).collect(), count: AtomicUsize::new(0), older: head };
         head = Box::into_raw(Box::new(t));
+        // Release: publishes the zeroed slots and the link to the older
+        // tables; pairs with ever_contains's Acquire.
         EVER.store(head, Ordering::Release);
     }
     // SAFETY: as above.
@@ -126,11 +148,12 @@ pub(crate) fn remember(addrs: impl ExactSizeIterator<Item = usize>) {
             continue;
         }
         let mut i = hash(addr, mask);
+        // Relaxed: the single writer reads its own stores.
         while t.slots[i].load(Ordering::Relaxed) != 0 {
             i = (i + 1) & mask;
         }
-        t.slots[i].store(addr, Ordering::Release); // pairs with table_contains
-        t.count.fetch_add(1, Ordering::Relaxed);
+        t.slots[i].store(addr, Ordering::Release); // pairs with table_contains's Acquire
+        t.count.fetch_add(1, Ordering::Relaxed); // read only by this writer
     }
 }
 
@@ -142,6 +165,7 @@ pub(crate) fn publish(sites: Box<[TrapSite]>) {
     debug_assert!(sites.windows(2).all(|w| w[0].addr < w[1].addr));
     debug_assert_eq!(DESC.refs.load(Ordering::Relaxed), 0);
     let len = sites.len();
+    // Relaxed: published by the Release store of `refs` below.
     DESC.len.store(len, Ordering::Relaxed);
     DESC.sites.store(Box::into_raw(sites).cast(), Ordering::Relaxed);
     // Pairs with the Acquire in `get_desc`: a handler that sees refs != 0
@@ -152,10 +176,14 @@ pub(crate) fn publish(sites: Box<[TrapSite]>) {
 /// Ends the batch: drops the patcher's reference, waits until no handler
 /// holds one, and frees the sites. Call after the final sync.
 pub(crate) fn unpublish() {
+    // AcqRel and Acquire: pair with the Release decrement of every handler
+    // that held a reference (`put_desc`): it is done reading the sites.
     DESC.refs.fetch_sub(1, Ordering::AcqRel);
     while DESC.refs.load(Ordering::Acquire) != 0 {
         std::thread::yield_now(); // a handler is between get_desc and put_desc
     }
+    // Relaxed: only the patcher stores these; no handler reads them now
+    // (a late one sees refs == 0 and takes no reference).
     let len = DESC.len.load(Ordering::Relaxed);
     let p = DESC.sites.swap(std::ptr::null_mut(), Ordering::Relaxed);
     if !p.is_null() {
@@ -177,25 +205,26 @@ fn lookup(site: usize) -> Option<Emulation> {
 /// Takes a reference if a batch is in flight (the kernel's try_get_desc).
 #[inline(always)]
 fn get_desc() -> Option<&'static [TrapSite]> {
-    let mut r = DESC.refs.load(Ordering::Relaxed);
+    let mut r = DESC.refs.load(Ordering::Relaxed); // a guess; the compare-exchange below orders
     loop {
         if r == 0 {
             return None;
         }
+        // Acquire on success: pairs with publish's Release of `refs`.
         match DESC.refs.compare_exchange_weak(r, r + 1, Ordering::Acquire, Ordering::Relaxed) {
             Ok(_) => break,
             Err(now) => r = now,
         }
     }
-    let p = DESC.sites.load(Ordering::Relaxed);
-    // SAFETY: refs != 0 keeps `unpublish` from freeing the sites; the
-    // Acquire above pairs with publish's Release, so p and len are set.
+    let p = DESC.sites.load(Ordering::Relaxed); // ordered by the Acquire above
+                                                // SAFETY: refs != 0 keeps `unpublish` from freeing the sites; the
+                                                // Acquire above pairs with publish's Release, so p and len are set.
     Some(unsafe { std::slice::from_raw_parts(p, DESC.len.load(Ordering::Relaxed)) })
 }
 
 #[inline(always)]
 fn put_desc() {
-    DESC.refs.fetch_sub(1, Ordering::Release); // pairs with unpublish's Acquire
+    DESC.refs.fetch_sub(1, Ordering::Release); // the sites are read; pairs with unpublish's Acquire
 }
 
 // ---------------------------------------------------------------- handler
@@ -221,7 +250,7 @@ extern "C" fn on_sigtrap(sig: i32, info: *mut libc::siginfo_t, uctx: *mut libc::
                     // SAFETY: ctx is valid; `emu` was computed from the new
                     // instruction of this very site.
                     unsafe { arch::emulate(ctx, site, emu) };
-                    TRAPS_EMULATED.fetch_add(1, Ordering::Relaxed);
+                    TRAPS_EMULATED.fetch_add(1, Ordering::Relaxed); // statistics
                     crate::sync::note_held();
                     return;
                 }
@@ -234,7 +263,7 @@ extern "C" fn on_sigtrap(sig: i32, info: *mut libc::siginfo_t, uctx: *mut libc::
             }
             // SAFETY: ctx is valid; the site is an instruction boundary.
             unsafe { arch::set_context_pc(ctx, site) };
-            TRAPS_REPLAYED.fetch_add(1, Ordering::Relaxed);
+            TRAPS_REPLAYED.fetch_add(1, Ordering::Relaxed); // statistics
             crate::sync::note_held();
             return;
         }
@@ -244,8 +273,8 @@ extern "C" fn on_sigtrap(sig: i32, info: *mut libc::siginfo_t, uctx: *mut libc::
 
 /// Hands a trap that is not ours to the previous disposition.
 fn chain(sig: i32, info: *mut libc::siginfo_t, uctx: *mut libc::c_void) {
-    let prev = PREVIOUS.load(Ordering::Acquire);
-    // SAFETY: PREVIOUS is set before our handler is installed, never freed.
+    let prev = PREVIOUS.load(Ordering::Acquire); // pairs with take_over's Release
+                                                 // SAFETY: PREVIOUS is set before our handler is installed, never freed.
     let prev = unsafe { &*prev };
     // SAFETY: info is valid.
     let from_kernel = unsafe { (*info).si_code } > 0;
@@ -271,13 +300,7 @@ fn chain(sig: i32, info: *mut libc::siginfo_t, uctx: *mut libc::c_void) {
 /// delivered before this returns.
 #[cold]
 fn default_action(sig: i32) {
-    // SAFETY: plain sigaction/tgkill calls, async-signal-safe.
-    unsafe {
-        let mut dfl: libc::sigaction = std::mem::zeroed();
-        dfl.sa_sigaction = libc::SIG_DFL;
-        libc::sigaction(sig, &dfl, std::ptr::null_mut());
-        libc::syscall(libc::SYS_tgkill, libc::getpid(), crate::sys::threads::gettid(), sig);
-    }
+    signals::raise_default(sig);
 }
 
 // ---------------------------------------------------------------- install
@@ -286,32 +309,17 @@ fn handler_addr() -> usize {
     on_sigtrap as *const () as usize
 }
 
+/// Our handler, with asynchronous signals blocked while it runs (they wait
+/// until the short handler is done; see `sys::signals`). SA_NODEFER: a
+/// signal handler interrupting nothing of ours may still hit a site while
+/// a trap is being handled further up this thread's stack; a forced
+/// SIGTRAP while SIGTRAP is blocked would kill the process.
 fn our_action() -> libc::sigaction {
-    // SAFETY: plain data.
-    let mut sa: libc::sigaction = unsafe { std::mem::zeroed() };
-    sa.sa_sigaction = handler_addr();
-    // SA_NODEFER: a signal handler interrupting nothing of ours may still hit
-    // a site while a trap is being handled further up this thread's stack; a
-    // forced SIGTRAP while SIGTRAP is blocked would kill the process.
-    sa.sa_flags = libc::SA_SIGINFO | libc::SA_NODEFER | libc::SA_RESTART | libc::SA_ONSTACK;
-    // SAFETY: sa_mask is a valid sigset_t. Asynchronous signals wait until
-    // the (short) handler is done.
-    unsafe {
-        libc::sigfillset(&mut sa.sa_mask);
-        for s in [libc::SIGSEGV, libc::SIGBUS, libc::SIGILL, libc::SIGFPE, libc::SIGTRAP] {
-            libc::sigdelset(&mut sa.sa_mask, s);
-        }
-    }
-    sa
+    signals::handler_action(on_sigtrap, libc::SA_NODEFER | libc::SA_RESTART | libc::SA_ONSTACK)
 }
 
 fn current_handler() -> usize {
-    // SAFETY: querying only.
-    unsafe {
-        let mut cur: libc::sigaction = std::mem::zeroed();
-        libc::sigaction(libc::SIGTRAP, std::ptr::null(), &mut cur);
-        cur.sa_sigaction
-    }
+    signals::action(libc::SIGTRAP).sa_sigaction
 }
 
 /// Installs our handler once, chaining to whatever was there. If it was
@@ -331,19 +339,18 @@ pub(crate) fn check_installed() -> Result<(), PokeError> {
 }
 
 fn take_over() -> Result<(), PokeError> {
-    // SAFETY: querying the current disposition into a leaked box.
-    let prev = Box::into_raw(Box::new(unsafe { std::mem::zeroed::<libc::sigaction>() }));
-    // SAFETY: `prev` is a valid, writable sigaction; no new action is set.
-    unsafe { libc::sigaction(libc::SIGTRAP, std::ptr::null(), prev) };
-    PREVIOUS.store(prev, Ordering::Release); // before the handler can run
+    // The current disposition, leaked: the handler may read it any time.
+    let prev = Box::into_raw(Box::new(signals::action(libc::SIGTRAP)));
+    // Release, before the handler can run: pairs with chain's Acquire (the
+    // leaked action's contents).
+    PREVIOUS.store(prev, Ordering::Release);
+    // A handler installed between the query and here would be lost; the
+    // commit lock makes textpoke's own calls exclusive and applications
+    // install handlers at start-up.
     let ours = our_action();
-    // SAFETY: installing a valid action. A handler installed between the
-    // query and here would be lost; the commit lock makes textpoke's own
-    // calls exclusive and applications install handlers at start-up.
-    if unsafe { libc::sigaction(libc::SIGTRAP, &ours, std::ptr::null_mut()) } != 0 {
-        return Err(PokeError::TrapInstall { source: std::io::Error::last_os_error() });
-    }
-    Ok(())
+    // SAFETY: our action runs `on_sigtrap`, an SA_SIGINFO handler that lives
+    // as long as the process.
+    unsafe { signals::set_action(libc::SIGTRAP, &ours) }.map_err(|source| PokeError::TrapInstall { source })
 }
 
 /// Takes SIGTRAP back after the application installed its own handler over

@@ -12,13 +12,13 @@
 //! [`Planned`] borrows its [`Poke`], and a refusal's [`Location`] (the
 //! symbol name, from `dladdr1`) is made only for the poke refused.
 
-use super::dynsym::{self, Covering, RTLD_DL_SYMENT};
+use super::dynsym::{self, Covering};
 use super::write::{page_runs, read_code};
 use super::{Plan, Planned, Poke, Strategy};
 use crate::arch;
 use crate::error::{Location, PokeError};
+use crate::sys::loader;
 use crate::sys::maps::{Mapping, Maps};
-use std::ffi::CStr;
 
 /// The largest function prefix decoded to prove an instruction boundary.
 const MAX_BOUNDARY_SCAN: usize = 1 << 20;
@@ -31,22 +31,9 @@ struct FuncSym {
 }
 
 fn func_symbol(addr: usize) -> Option<FuncSym> {
-    // SAFETY: plain data out-parameters for dladdr1.
-    let mut info: libc::Dl_info = unsafe { std::mem::zeroed() };
-    let mut sym: *const libc::Elf64_Sym = std::ptr::null();
-    // SAFETY: RTLD_DL_SYMENT makes dladdr1 store an `const ElfW(Sym) *`.
-    let ok = unsafe {
-        libc::dladdr1(addr as *const _, &mut info, (&mut sym as *mut *const libc::Elf64_Sym).cast(), RTLD_DL_SYMENT)
-    };
-    if ok == 0 || info.dli_sname.is_null() || info.dli_saddr.is_null() {
-        return None;
-    }
-    // SAFETY: dli_sname is a NUL-terminated string owned by the loader.
-    let name = unsafe { CStr::from_ptr(info.dli_sname) }.to_string_lossy().into_owned();
-    // SAFETY: sym, when set, points into the object's dynamic symbol table.
-    let (size, kind) = if sym.is_null() { (0, 0) } else { unsafe { ((*sym).st_size as usize, (*sym).st_info & 0xf) } };
-    let start = info.dli_saddr as usize;
-    function_range(addr, Covering { start, size, kind }).map(|_| FuncSym { name, start })
+    let (name, sym) = loader::named_symbol_at(addr)?;
+    let covering = Covering { start: sym.start, size: sym.size, kind: sym.kind };
+    function_range(addr, covering).map(|_| FuncSym { name, start: sym.start })
 }
 
 /// A covering symbol that is a function holding `addr`: its start and size.

@@ -18,7 +18,10 @@
 //! front), so that a batch either writes nothing or writes everything.
 
 use crate::sys::maps::Maps;
+use crate::sys::mem::{self, ProcMem};
 use std::io;
+
+pub use crate::sys::mem::page_size;
 
 /// How bytes get into code pages.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -44,11 +47,6 @@ pub(crate) struct PageRun {
     pub start: usize,
     pub len: usize,
     pub prot: libc::c_int,
-}
-
-pub fn page_size() -> usize {
-    // SAFETY: sysconf has no preconditions.
-    unsafe { libc::sysconf(libc::_SC_PAGESIZE) as usize }
 }
 
 /// The page runs covering `ranges` (address, length), with the protection
@@ -84,7 +82,8 @@ pub(crate) struct Writer {
     runs: Vec<PageRun>,
     /// Runs whose protection was changed (mprotect) and must be restored.
     changed: usize,
-    fd: libc::c_int,
+    /// `/proc/self/mem` (the ProcMem method).
+    mem: Option<ProcMem>,
 }
 
 impl Writer {
@@ -95,7 +94,7 @@ impl Writer {
     /// Prepares to write into `runs`. `forced` picks a method; otherwise
     /// mprotect unless MDWE forbids it or the kernel refuses it.
     pub fn prepare(runs: Vec<PageRun>, forced: Option<WriteMethod>) -> io::Result<Writer> {
-        let mut w = Writer { method: WriteMethod::Mprotect, runs, changed: 0, fd: -1 };
+        let mut w = Writer { method: WriteMethod::Mprotect, runs, changed: 0, mem: None };
         let want = forced.unwrap_or(if crate::sys::mdwe_refuses_exec_gain() {
             WriteMethod::ProcMem
         } else {
@@ -116,12 +115,10 @@ impl Writer {
 
     fn unprotect(&mut self) -> io::Result<()> {
         for r in &self.runs {
-            // SAFETY: the run is mapped (checked against /proc/self/maps);
-            // adding PROT_WRITE keeps every existing permission, so threads
-            // running this code are unaffected.
-            if unsafe { libc::mprotect(r.start as *mut _, r.len, r.prot | libc::PROT_WRITE) } != 0 {
-                return Err(io::Error::last_os_error());
-            }
+            // SAFETY: the run is mapped and page-aligned (checked against
+            // /proc/self/maps); adding PROT_WRITE keeps every existing
+            // permission, so threads running this code are unaffected.
+            unsafe { mem::protect(r.start, r.len, r.prot | libc::PROT_WRITE) }?;
             self.changed += 1;
         }
         Ok(())
@@ -130,9 +127,11 @@ impl Writer {
     fn restore(&mut self) -> io::Result<()> {
         let mut result = Ok(());
         for r in &self.runs[..self.changed] {
-            // SAFETY: gives the run back the protection it had.
-            if unsafe { libc::mprotect(r.start as *mut _, r.len, r.prot) } != 0 && result.is_ok() {
-                result = Err(io::Error::last_os_error());
+            // SAFETY: gives the run back the protection it had; nothing of
+            // ours stores into it any more.
+            let restored = unsafe { mem::protect(r.start, r.len, r.prot) };
+            if result.is_ok() {
+                result = restored;
             }
         }
         self.changed = 0;
@@ -140,19 +139,14 @@ impl Writer {
     }
 
     fn open_mem(&mut self) -> io::Result<()> {
-        const PATH: &[u8] = b"/proc/self/mem\0";
-        // SAFETY: NUL-terminated path. Opened per batch, never cached: after
-        // fork a cached descriptor would write into the parent.
-        self.fd = unsafe { libc::open(PATH.as_ptr().cast(), libc::O_RDWR | libc::O_CLOEXEC) };
-        if self.fd < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        for i in 0..self.runs.len() {
-            let mut p = self.runs[i].start;
-            while p < self.runs[i].start + self.runs[i].len {
-                let b = read_byte(self.fd, p)?;
-                self.write(p, &[b])?; // same byte: proves writes work here
-                p += page_size();
+        // Opened per batch, never cached: after fork a cached descriptor
+        // would write into the parent.
+        let mem = self.mem.insert(ProcMem::open()?);
+        for r in &self.runs {
+            for p in (r.start..r.start + r.len).step_by(page_size()) {
+                let mut b = [0u8];
+                mem.read(p, &mut b)?;
+                mem.write(p, &b)?; // same byte: proves writes work here
             }
         }
         Ok(())
@@ -170,17 +164,12 @@ impl Writer {
                 }
                 Ok(())
             }
-            WriteMethod::ProcMem => {
-                // SAFETY: bytes is valid for reads; fd is /proc/self/mem.
-                let n = unsafe { libc::pwrite(self.fd, bytes.as_ptr().cast(), bytes.len(), addr as libc::off_t) };
-                match n {
-                    n if n == bytes.len() as isize => Ok(()),
-                    -1 => Err(io::Error::last_os_error()),
-                    // A short write; an error of a kind only, which does not
-                    // allocate (writes run while threads are parked).
-                    _ => Err(io::ErrorKind::WriteZero.into()),
-                }
-            }
+            // Allocation-free, errors included (writes run while threads
+            // are parked).
+            WriteMethod::ProcMem => match &self.mem {
+                Some(mem) => mem.write(addr, bytes),
+                None => Err(io::ErrorKind::NotConnected.into()),
+            },
         }
     }
 
@@ -191,11 +180,7 @@ impl Writer {
 
     fn close(&mut self) -> io::Result<()> {
         let r = self.restore();
-        if self.fd >= 0 {
-            // SAFETY: fd is ours.
-            unsafe { libc::close(self.fd) };
-            self.fd = -1;
-        }
+        self.mem = None;
         r
     }
 }
@@ -206,20 +191,8 @@ impl Drop for Writer {
     }
 }
 
-fn read_byte(fd: libc::c_int, addr: usize) -> io::Result<u8> {
-    let mut b = 0u8;
-    // SAFETY: b is a valid 1-byte buffer.
-    if unsafe { libc::pread(fd, (&mut b as *mut u8).cast(), 1, addr as libc::off_t) } != 1 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(b)
-}
-
 /// Reads `len` bytes of code at `addr` through `/proc/self/mem` (works for
 /// mapped pages whatever their protection).
 pub(crate) fn read_code(addr: usize, len: usize) -> io::Result<Vec<u8>> {
-    let f = std::fs::File::open("/proc/self/mem")?;
-    let mut buf = vec![0u8; len];
-    std::os::unix::fs::FileExt::read_exact_at(&f, &mut buf, addr as u64)?;
-    Ok(buf)
+    mem::read_vec(addr, len)
 }

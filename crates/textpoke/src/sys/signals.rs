@@ -1,0 +1,218 @@
+//! Signal dispositions and masks: the one place textpoke calls
+//! `sigaction`, `pthread_sigmask` and `tgkill`.
+//!
+//! # The mask of textpoke's handlers
+//!
+//! Every handler textpoke installs (the SIGTRAP handler of the breakpoint
+//! protocol, the rendezvous handler) runs with every signal blocked but
+//! the [`SYNCHRONOUS`] ones, and the stop-machine patcher blocks the same
+//! set on its own thread while other threads are parked:
+//! [`all_but_synchronous`] builds that set once for the three. Asynchronous
+//! signals wait until the short handler (or the short write) is done; the
+//! synchronous ones cannot wait — a fault or a trap raised while they are
+//! blocked kills the process — and a handler that raises one is broken
+//! anyway, so leaving them deliverable costs nothing.
+//!
+//! # Raw kernel masks
+//!
+//! [`block_all_raw`] and [`restore_mask_raw`] are `rt_sigprocmask` itself,
+//! on the kernel's 8-byte mask, for code that runs at a traced site (where
+//! only the registers a stub saved may change, so glibc's helpers, which
+//! may use vector registers, are out) and must keep `errno`.
+
+use std::io;
+
+/// The signals a thread raises itself by faulting or trapping: they are
+/// never blocked by textpoke (see the module docs).
+pub const SYNCHRONOUS: [libc::c_int; 5] = [libc::SIGSEGV, libc::SIGBUS, libc::SIGILL, libc::SIGFPE, libc::SIGTRAP];
+
+/// An `SA_SIGINFO` handler.
+pub type InfoHandler = extern "C" fn(libc::c_int, *mut libc::siginfo_t, *mut libc::c_void);
+
+/// The highest real-time signal number (`SIGRTMAX`, as glibc reserves
+/// the lowest ones for itself).
+pub fn realtime_max() -> libc::c_int {
+    libc::SIGRTMAX()
+}
+
+/// Every signal but the [`SYNCHRONOUS`] ones.
+pub fn all_but_synchronous() -> libc::sigset_t {
+    // SAFETY: sigset_t is plain data; sigfillset and sigdelset write only
+    // the set they are given, and every signal number here is valid.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigfillset(&mut set);
+        for s in SYNCHRONOUS {
+            libc::sigdelset(&mut set, s);
+        }
+        set
+    }
+}
+
+/// The action that runs `handler` with `SA_SIGINFO | flags`, every
+/// asynchronous signal blocked meanwhile ([`all_but_synchronous`]).
+pub fn handler_action(handler: InfoHandler, flags: libc::c_int) -> libc::sigaction {
+    // SAFETY: sigaction is plain data; the fields used are set below.
+    let mut sa: libc::sigaction = unsafe { std::mem::zeroed() };
+    sa.sa_sigaction = handler as *const () as usize;
+    sa.sa_flags = libc::SA_SIGINFO | flags;
+    sa.sa_mask = all_but_synchronous();
+    sa
+}
+
+/// Installs `handler` for `sig` as [`handler_action`] makes it.
+pub fn install(sig: libc::c_int, handler: InfoHandler, flags: libc::c_int) -> io::Result<()> {
+    let sa = handler_action(handler, flags);
+    // SAFETY: the action runs a function of the right type for SA_SIGINFO.
+    unsafe { set_action(sig, &sa) }
+}
+
+/// The current disposition of `sig` (a zeroed action, `SIG_DFL`, if the
+/// number is invalid).
+pub fn action(sig: libc::c_int) -> libc::sigaction {
+    // SAFETY: sigaction is plain data; querying changes nothing.
+    unsafe {
+        let mut cur: libc::sigaction = std::mem::zeroed();
+        libc::sigaction(sig, std::ptr::null(), &mut cur);
+        cur
+    }
+}
+
+/// Sets the disposition of `sig`. Async-signal-safe.
+///
+/// # Safety
+///
+/// `act.sa_sigaction` must be `SIG_DFL`, `SIG_IGN`, or a function of the
+/// type its `sa_flags` say (`SA_SIGINFO`: an [`InfoHandler`], else
+/// `extern "C" fn(c_int)`) that stays callable for as long as it may be
+/// delivered.
+pub unsafe fn set_action(sig: libc::c_int, act: &libc::sigaction) -> io::Result<()> {
+    // SAFETY: `act` is a valid action (the caller's guarantee for its
+    // handler); no old action is asked for.
+    if unsafe { libc::sigaction(sig, act, std::ptr::null_mut()) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Does what `SIG_DFL` does for `sig`, from a handler of it: restores the
+/// default disposition and sends `sig` to the calling thread. The default
+/// action (for SIGTRAP, terminate with a core dump) happens when the
+/// signal is unblocked: at once in a handler installed with `SA_NODEFER`.
+/// Async-signal-safe.
+#[cold]
+pub fn raise_default(sig: libc::c_int) {
+    // SAFETY: sigaction is plain data; SIG_DFL is a valid disposition.
+    let mut dfl: libc::sigaction = unsafe { std::mem::zeroed() };
+    dfl.sa_sigaction = libc::SIG_DFL;
+    // SAFETY: as above.
+    let _ = unsafe { set_action(sig, &dfl) };
+    let _ = super::threads::kill_thread(super::threads::gettid(), sig);
+}
+
+/// This thread's signal mask as it was before [`block_async`]; restored
+/// when dropped.
+pub struct BlockedAsync {
+    old: libc::sigset_t,
+    /// A mask belongs to one thread.
+    _thread_bound: std::marker::PhantomData<*const ()>,
+}
+
+/// Blocks every asynchronous signal ([`all_but_synchronous`]) on the
+/// calling thread until the result is dropped.
+pub fn block_async() -> BlockedAsync {
+    let set = all_but_synchronous();
+    // SAFETY: sigset_t is plain data; pthread_sigmask writes the old mask.
+    let mut old: libc::sigset_t = unsafe { std::mem::zeroed() };
+    // SAFETY: valid pointers to sigsets.
+    unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &set, &mut old) };
+    BlockedAsync { old, _thread_bound: std::marker::PhantomData }
+}
+
+impl Drop for BlockedAsync {
+    fn drop(&mut self) {
+        // SAFETY: restores the mask saved by `block_async` on this thread.
+        unsafe { libc::pthread_sigmask(libc::SIG_SETMASK, &self.old, std::ptr::null_mut()) };
+    }
+}
+
+/// Blocks every signal on the calling thread with the raw system call and
+/// returns the kernel mask it had (see the module docs, "Raw kernel
+/// masks"). Async-signal-safe; leaves `errno` alone on success.
+#[inline(always)]
+pub fn block_all_raw() -> u64 {
+    let (all, mut old) = (!0u64, 0u64);
+    // SAFETY: rt_sigprocmask with valid pointers to kernel sigsets (8 bytes
+    // on x86-64).
+    unsafe { libc::syscall(libc::SYS_rt_sigprocmask, libc::SIG_BLOCK, &all, &mut old, 8) };
+    old
+}
+
+/// Sets the calling thread's kernel mask back to `old`, as
+/// [`block_all_raw`] returned it. Async-signal-safe.
+#[inline(always)]
+pub fn restore_mask_raw(old: u64) {
+    // SAFETY: rt_sigprocmask with a valid pointer to a kernel sigset.
+    unsafe { libc::syscall(libc::SYS_rt_sigprocmask, libc::SIG_SETMASK, &old, std::ptr::null_mut::<u64>(), 8) };
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The mask of the calling thread.
+    fn current_mask() -> libc::sigset_t {
+        // SAFETY: sigset_t is plain data; querying changes nothing.
+        unsafe {
+            let mut cur: libc::sigset_t = std::mem::zeroed();
+            libc::pthread_sigmask(libc::SIG_BLOCK, std::ptr::null(), &mut cur);
+            cur
+        }
+    }
+
+    fn is_member(set: &libc::sigset_t, sig: libc::c_int) -> bool {
+        // SAFETY: a valid set and signal number.
+        unsafe { libc::sigismember(set, sig) == 1 }
+    }
+
+    #[test]
+    fn blocks_asynchronous_signals_only_and_restores() {
+        let set = all_but_synchronous();
+        for s in SYNCHRONOUS {
+            assert!(!is_member(&set, s), "signal {s} stays deliverable");
+        }
+        for s in [libc::SIGINT, libc::SIGUSR1, libc::SIGALRM, libc::SIGRTMAX()] {
+            assert!(is_member(&set, s), "signal {s} is blocked");
+        }
+        std::thread::spawn(|| {
+            assert!(!is_member(&current_mask(), libc::SIGUSR2));
+            let blocked = block_async();
+            assert!(is_member(&current_mask(), libc::SIGUSR2));
+            assert!(!is_member(&current_mask(), libc::SIGSEGV));
+            drop(blocked);
+            assert!(!is_member(&current_mask(), libc::SIGUSR2));
+            let old = block_all_raw();
+            assert!(is_member(&current_mask(), libc::SIGUSR2));
+            restore_mask_raw(old);
+            assert!(!is_member(&current_mask(), libc::SIGUSR2));
+        })
+        .join()
+        .unwrap();
+    }
+
+    extern "C" fn ignore(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
+
+    #[test]
+    fn installs_and_reads_back() {
+        // SIGWINCH: ignored by default, nothing else in the tests uses it.
+        let before = action(libc::SIGWINCH);
+        install(libc::SIGWINCH, ignore, libc::SA_RESTART).unwrap();
+        let now = action(libc::SIGWINCH);
+        assert_eq!(now.sa_sigaction, ignore as *const () as usize);
+        assert_ne!(now.sa_flags & libc::SA_SIGINFO, 0);
+        assert!(is_member(&now.sa_mask, libc::SIGINT) && !is_member(&now.sa_mask, libc::SIGTRAP));
+        // SAFETY: the disposition read before, put back.
+        unsafe { set_action(libc::SIGWINCH, &before) }.unwrap();
+        assert_eq!(action(libc::SIGWINCH).sa_sigaction, before.sa_sigaction);
+    }
+}
