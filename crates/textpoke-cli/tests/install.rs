@@ -5,7 +5,7 @@
 //!
 //! The install test builds the workspace in release (`cargo install`'s
 //! profile) into `CARGO_TARGET_TMPDIR/install-target`, which is kept
-//! between runs: the first run takes minutes (about 6 on 2 busy cores),
+//! between runs: the first run takes minutes (about 8 on 2 shared cores),
 //! later ones only rebuild what changed (seconds when nothing did).
 
 use std::collections::BTreeMap;
