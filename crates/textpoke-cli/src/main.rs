@@ -1,5 +1,6 @@
 //! The `textpoke` command: a thin front end over the textpoke library.
 
+mod agent_file;
 mod cmdutil;
 mod common;
 mod ctl;

@@ -19,13 +19,11 @@
 //!
 //! # The agent
 //!
-//! `libtextpoke_agent.so` is built with the workspace: `textpoke-cli`
-//! depends on the `textpoke-agent` crate, so every build of this binary
-//! builds the agent in the same target directory (`target/<profile>/deps/`,
-//! and `target/<profile>/` when it is built on its own). It is looked for
-//! next to the running `textpoke` (the newest of `DIR/`, `DIR/deps/`), then
-//! in `DIR/../lib/textpoke/` (an installed layout); `TEXTPOKE_AGENT`
-//! overrides the search.
+//! `libtextpoke_agent.so` is preloaded into the program. It is found by
+//! [`agent_path`]: `TEXTPOKE_AGENT`, beside `textpoke` (a workspace
+//! build), in `../lib/textpoke/` (an installed layout), or else the copy
+//! built into `textpoke`, written once to a private file (see
+//! [`crate::agent_file`] for the search and why a file).
 //!
 //! # The run
 //!
@@ -257,39 +255,11 @@ fn check_output(dir: &Path) -> Result<(), CliError> {
 /// installed (`ctl` recognises a process's agent by it).
 pub const AGENT_FILE_NAME: &str = "libtextpoke_agent.so";
 
-/// The agent shared object (see the module docs).
+/// The agent shared object: `TEXTPOKE_AGENT`, beside this executable, in
+/// `../lib/textpoke/`, or the copy `textpoke` carries (see
+/// [`crate::agent_file`]).
 pub fn agent_path() -> Result<PathBuf, CliError> {
-    if let Some(p) = std::env::var_os("TEXTPOKE_AGENT") {
-        let p = PathBuf::from(p);
-        return if p.is_file() {
-            Ok(p)
-        } else {
-            Err(CliError::new(1, format!("TEXTPOKE_AGENT={} is not a file", p.display())))
-        };
-    }
-    let exe = std::env::current_exe().map_err(|e| CliError::new(1, format!("cannot find this executable: {e}")))?;
-    let dir = exe.parent().unwrap_or(Path::new("/"));
-    const NAME: &str = AGENT_FILE_NAME;
-    let newest = [dir.join(NAME), dir.join("deps").join(NAME)]
-        .into_iter()
-        .filter_map(|p| Some((std::fs::metadata(&p).ok()?.modified().ok()?, p)))
-        .max_by_key(|(t, _)| *t)
-        .map(|(_, p)| p);
-    if let Some(p) = newest {
-        return Ok(p);
-    }
-    let installed = dir.join("../lib/textpoke").join(NAME);
-    if installed.is_file() {
-        return Ok(installed);
-    }
-    Err(CliError::new(
-        1,
-        format!(
-            "cannot find the agent {NAME} next to {} (nor in ../lib/textpoke/); build it with \
-             `cargo build -p textpoke-agent` (add --release to match a release textpoke) or set TEXTPOKE_AGENT",
-            exe.display()
-        ),
-    ))
+    crate::agent_file::find()
 }
 
 // ---------------------------------------------------------------------------
