@@ -116,7 +116,7 @@ pub trait TraceOp: Send + Sync + 'static {
 /// label to jump to on failure (see `arch::tramp::Emit` for the contract,
 /// and the trampoline functions there for each piece's registers).
 pub type EmitFn =
-    fn(&mut crate::arch::asm::CodeAssembler, crate::arch::asm::CodeLabel) -> Result<(), iced_x86::IcedError>;
+    fn(&mut crate::arch::asm::Assembler, crate::arch::asm::Label) -> Result<(), crate::arch::asm::AsmError>;
 
 /// What an op can do inline.
 #[derive(Clone, Copy)]

@@ -1052,7 +1052,7 @@ impl Inner {
         }
         let here = Self::routines as *const () as usize;
         let mem = |source| TraceError::TrampolineMemory { near: here, source };
-        let gen = |e: iced_x86::IcedError| TraceError::CodeGen(e.to_string());
+        let gen = |e: crate::arch::asm::AsmError| TraceError::CodeGen(e.to_string());
         let code = CodeBlock::anywhere(4096).map_err(mem)?;
         let (call_at, graph_at, leave_at) = (code.addr(), code.addr() + 1024, code.addr() + 2048);
         let (call, graph, leave) = match self.counter {
