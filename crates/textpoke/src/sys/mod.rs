@@ -5,6 +5,7 @@ pub mod anon;
 pub mod fs;
 pub mod maps;
 pub mod membarrier;
+pub(crate) mod process;
 pub mod threads;
 
 use std::io;

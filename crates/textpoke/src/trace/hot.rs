@@ -68,6 +68,7 @@
 //! The ops of the saved mask that are still registered get `exit`.
 
 use crate::arch::tramp::{SavedRegs, SavedReturn, UNREGISTERED};
+use crate::sys::process;
 use std::cell::Cell;
 use std::sync::atomic::{AtomicPtr, AtomicU32, AtomicU64, AtomicU8, AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -386,8 +387,7 @@ pub(crate) static REGISTRY_KEY: AtomicUsize = AtomicUsize::new(usize::MAX);
 /// Async-signal-safe (atomics, mmap, rt_sigprocmask, a low pthread key);
 /// keeps `errno`.
 fn register(st: &ThreadState) -> bool {
-    // SAFETY: getpid has no preconditions.
-    if st.exiting.get() || unsafe { libc::getpid() } != PROCESS.load(Ordering::Relaxed) {
+    if st.exiting.get() || process::getpid() != PROCESS.load(Ordering::Relaxed) {
         return false;
     }
     // No signal handler of this thread may register it meanwhile (it would
@@ -396,11 +396,8 @@ fn register(st: &ThreadState) -> bool {
     // where only the registers the stub's routine saved may change (glibc's
     // memset may use vector registers it does not save), and `errno` must
     // survive (rule 9).
-    let saved_errno = errno();
-    let (all, mut old) = (!0u64, 0u64);
-    // SAFETY: rt_sigprocmask with valid pointers to kernel sigsets (8 bytes
-    // on x86-64); async-signal-safe.
-    unsafe { libc::syscall(libc::SYS_rt_sigprocmask, libc::SIG_BLOCK, &all, &mut old, 8) };
+    let saved_errno = process::errno();
+    let old_mask = process::block_all_raw();
     let raw = st.in_tramp.load(Ordering::Relaxed);
     let ok = raw & UNREGISTERED == 0 || {
         let key = REGISTRY_KEY.load(Ordering::Relaxed);
@@ -410,9 +407,7 @@ fn register(st: &ThreadState) -> bool {
             Some(i) => {
                 st.slot.set(i + 1);
                 if low_key {
-                    // SAFETY: a key created by the tracer; below 32 its value
-                    // lives in the thread descriptor (no allocation).
-                    unsafe { libc::pthread_setspecific(key as libc::pthread_key_t, (i as usize + 1) as *const _) };
+                    process::set_specific(key, (i as usize + 1) as *const _);
                 }
                 // After the slot is LIVE (SeqCst in claim): a scan that sees
                 // the slot reads either value, with the same nesting.
@@ -422,20 +417,9 @@ fn register(st: &ThreadState) -> bool {
             None => false,
         }
     };
-    // SAFETY: restoring the mask saved above.
-    unsafe { libc::syscall(libc::SYS_rt_sigprocmask, libc::SIG_SETMASK, &old, std::ptr::null_mut::<u64>(), 8) };
-    set_errno(saved_errno);
+    process::restore_mask_raw(old_mask);
+    process::set_errno(saved_errno);
     ok
-}
-
-fn errno() -> i32 {
-    // SAFETY: glibc's thread-local errno location.
-    unsafe { *libc::__errno_location() }
-}
-
-fn set_errno(e: i32) {
-    // SAFETY: as in `errno`.
-    unsafe { *libc::__errno_location() = e };
 }
 
 /// Called by a stub's cold path (`arch::tramp::register_routine`, every
@@ -496,8 +480,7 @@ pub(crate) extern "C" fn thread_exit(_: *mut libc::c_void) {
 /// the child) has a new id; its slot must say so, or grace periods would
 /// take it for gone.
 pub(crate) extern "C" fn after_fork_child() {
-    // SAFETY: getpid has no preconditions.
-    PROCESS.store(unsafe { libc::getpid() }, Ordering::Relaxed);
+    PROCESS.store(process::getpid(), Ordering::Relaxed);
     STATE.with(|st| {
         if let Some(i) = st.slot.get().checked_sub(1) {
             super::registry::set_tid(i, crate::sys::threads::gettid());
@@ -569,8 +552,7 @@ fn new_shadow() -> *mut Shadow {
     let key = SHADOW_KEY.load(Ordering::Relaxed);
     if key < 32 {
         // Keys below 32 live in the thread descriptor: no allocation.
-        // SAFETY: a valid key created by the control side.
-        unsafe { libc::pthread_setspecific(key as libc::pthread_key_t, p.cast()) };
+        process::set_specific(key, p.cast());
     }
     sh
 }
@@ -808,8 +790,7 @@ pub(crate) extern "C" fn on_return(saved: *mut SavedReturn, caller_sp: usize) ->
 #[cold]
 fn lost_return_address(slot: usize) -> ! {
     let msg = b"textpoke: a traced function returned with no shadow-stack record (stack switched by swapcontext or a coroutine library?); aborting\n";
-    // SAFETY: write(2) on stderr with a valid buffer.
-    unsafe { libc::write(2, msg.as_ptr().cast(), msg.len()) };
+    process::write_stderr(msg);
     let _ = slot;
     std::process::abort()
 }

@@ -74,8 +74,7 @@ static FIRST: Chunk = Chunk { slots: [EMPTY; CHUNK], next: AtomicPtr::new(std::p
 static SCAN: AtomicU64 = AtomicU64::new(0);
 
 fn pid() -> u32 {
-    // SAFETY: getpid has no preconditions.
-    unsafe { libc::getpid() as u32 }
+    crate::sys::process::getpid() as u32
 }
 
 /// The chunk after `c`, mapped and linked if there is none yet. `None` if
