@@ -138,7 +138,7 @@ pub use stacks::{Call, Closed, Event, Rebuilder, MAX_LEVEL};
 
 use std::path::{Path, PathBuf};
 use textpoke_record::format::{self, CHILD_DIR_PREFIX};
-use textpoke_record::tracedata::{OpenOptions, RecordKind, ThreadTrace, Trace, TraceError};
+use textpoke_record::tracedata::{OpenOptions, RecordKind, ThreadTrace, Trace, TraceReadError};
 
 /// Why an analysis could not be made.
 #[derive(Debug, thiserror::Error)]
@@ -146,7 +146,7 @@ use textpoke_record::tracedata::{OpenOptions, RecordKind, ThreadTrace, Trace, Tr
 pub enum AnalysisError {
     /// The trace directory is missing, truncated, corrupt, ...
     #[error(transparent)]
-    Trace(#[from] TraceError),
+    Trace(#[from] TraceReadError),
 
     /// A forked child's trace directory is damaged.
     #[error("the trace of a forked child, {dir}, cannot be read: {source}")]
@@ -155,7 +155,7 @@ pub enum AnalysisError {
         dir: PathBuf,
         /// What is wrong with it.
         #[source]
-        source: TraceError,
+        source: TraceReadError,
     },
 
     /// The analysis needs timestamps and the trace only counted calls.
@@ -246,7 +246,7 @@ impl TraceSet {
             // The program itself ran no traced code, but processes it
             // started did (a shell script running traced programs): their
             // traces, side by side.
-            Err(TraceError::MissingFile { path, .. })
+            Err(TraceReadError::MissingFile { path, .. })
                 if path.file_name().is_some_and(|n| n == format::META_FILE) && has_children(dir) =>
             {
                 Self::children_only(dir)
@@ -401,7 +401,7 @@ pub fn walk_thread(
     rb: &mut Rebuilder<'_>,
     progress: &mut dyn FnMut(u64),
     sink: &mut impl FnMut(Event),
-) -> Result<(), TraceError> {
+) -> Result<(), TraceReadError> {
     let (mut n, mut told) = (0u64, 0u64);
     for r in trace.records(thread)? {
         let r = r?;

@@ -8,7 +8,7 @@ use std::io::{self, IsTerminal, Write};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use textpoke_analysis::{AnalysisError, TraceSet};
-use textpoke_record::tracedata::{OpenOptions, TraceError};
+use textpoke_record::tracedata::{OpenOptions, TraceReadError};
 
 /// The trace directory to read.
 #[derive(clap::Args, Debug)]
@@ -39,9 +39,9 @@ impl TraceArgs {
 
 /// A trace error for people: the reader's message, and for an incomplete
 /// trace the option that reads it anyway.
-pub fn trace_error(e: &TraceError) -> String {
+pub fn trace_error(e: &TraceReadError) -> String {
     match e {
-        TraceError::Incomplete { dir } => format!(
+        TraceReadError::Incomplete { dir } => format!(
             "trace {} is incomplete: the recording did not finish (the process crashed, was killed, or called exec \
              before the final flush); rerun with --salvage to read what was written",
             dir.display()
