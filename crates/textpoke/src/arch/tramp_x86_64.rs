@@ -764,22 +764,32 @@ pub fn straight_path(ip: u64, code: &[u8]) -> usize {
     panic!("no jmp or ret")
 }
 
+/// `code` placed at `ip`, disassembled: one `address:instruction` per
+/// element (Intel syntax).
+#[cfg(any(test, feature = "testing"))]
+fn disasm(ip: usize, code: &[u8]) -> Vec<String> {
+    use iced_x86::{Decoder, DecoderOptions, Formatter, IntelFormatter};
+    let mut f = IntelFormatter::new();
+    Decoder::with_ip(64, code, ip as u64, DecoderOptions::NONE)
+        .into_iter()
+        .map(|i| {
+            let mut s = String::new();
+            f.format(&i, &mut s);
+            format!("{:x}:{s}", i.ip())
+        })
+        .collect()
+}
+
+/// `code` placed at `ip`, disassembled, one instruction a line (for
+/// tests that print generated code).
+#[cfg(feature = "testing")]
+pub(crate) fn listing(ip: usize, code: &[u8]) -> String {
+    disasm(ip, code).into_iter().map(|l| l + "\n").collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn disasm(ip: usize, code: &[u8]) -> Vec<String> {
-        use iced_x86::{Decoder, DecoderOptions, Formatter, IntelFormatter};
-        let mut f = IntelFormatter::new();
-        Decoder::with_ip(64, code, ip as u64, DecoderOptions::NONE)
-            .into_iter()
-            .map(|i| {
-                let mut s = String::new();
-                f.format(&i, &mut s);
-                format!("{:x}:{s}", i.ip())
-            })
-            .collect()
-    }
 
     #[test]
     fn call_stubs_raise_the_count_first_and_lower_it_last() {

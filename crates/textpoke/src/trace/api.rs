@@ -4,7 +4,7 @@
 use super::hot::{self, InlineCode, OpBox, TraceOp, MAX_OPS, OPS};
 use super::reclaim::Retired;
 use super::state::{Inner, OpInfo};
-use super::{grace, Filter, FunctionInfo, OpHandle, TraceError};
+use super::{Filter, FunctionInfo, OpHandle, TraceError};
 use crate::arch::tramp;
 use crate::sites::SiteTable;
 use crate::sys::process;
@@ -37,8 +37,10 @@ impl Tracer {
             process::at_fork_child(hot::after_fork_child);
             hot::PROCESS.store(process::getpid(), Ordering::Relaxed);
             // Stubs raise the count in place when it is in static TLS; a
-            // test switch makes them call the helpers, as with dynamic TLS.
-            let dynamic = std::env::var_os("TEXTPOKE_TEST_DYNAMIC_TLS").is_some_and(|v| v == "1");
+            // test switch (`testing` builds only) makes them call the
+            // helpers, as with dynamic TLS.
+            let dynamic =
+                cfg!(feature = "testing") && std::env::var_os("TEXTPOKE_TEST_DYNAMIC_TLS").is_some_and(|v| v == "1");
             let counter = match hot::count_offset() {
                 Some(off) if !dynamic => tramp::Counter::Tls(off),
                 _ => tramp::Counter::Calls,
@@ -206,9 +208,9 @@ impl Tracer {
         self.inner.lock().unwrap_or_else(|e| e.into_inner()).prepare_pads = on;
     }
 
-    /// Test-only switch: free retired memory at once, without a grace
-    /// period — shows what the grace period prevents.
-    #[doc(hidden)]
+    /// Test switch: free retired memory at once, without a grace period —
+    /// shows what the grace period prevents.
+    #[cfg(feature = "testing")]
     pub fn set_grace_period_for_tests(&self, enabled: bool) {
         self.inner.lock().unwrap_or_else(|e| e.into_inner()).grace_enabled = enabled;
     }
@@ -216,14 +218,14 @@ impl Tracer {
     /// Test-only switch: run grace periods as on a kernel without
     /// `membarrier(PRIVATE_EXPEDITED)` (see [`grace`], "Without
     /// membarrier").
-    #[doc(hidden)]
+    #[cfg(feature = "testing")]
     pub fn set_grace_fallback_for_tests(&self, on: bool) {
-        grace::force_fallback_for_tests(on);
+        super::grace::force_fallback_for_tests(on);
     }
 
     /// How threads' quiescence counts are kept: `"tls"` (stubs raise them
-    /// in place) or `"calls"` (dynamic TLS: stubs call helpers).
-    #[doc(hidden)]
+    /// in place) or `"calls"` (dynamic TLS: stubs call helpers). For tests.
+    #[cfg(feature = "testing")]
     pub fn counter_mode(&self) -> &'static str {
         match self.inner.lock().unwrap_or_else(|e| e.into_inner()).counter {
             tramp::Counter::Tls(_) => "tls",
@@ -235,7 +237,7 @@ impl Tracer {
     /// function graph get the inline count and graph trampolines (default)
     /// or are called through the hot path like any op. Takes effect for
     /// ops registered afterwards.
-    #[doc(hidden)]
+    #[cfg(feature = "testing")]
     pub fn set_inline_recording(&self, enabled: bool) {
         let mut g = self.inner.lock().unwrap_or_else(|e| e.into_inner());
         g.inline_recording = enabled;

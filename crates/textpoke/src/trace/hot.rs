@@ -345,10 +345,12 @@ struct ThreadState {
     exiting: Cell<bool>,
     shadow: Cell<*mut Shadow>,
     /// Entries and returns this thread took through the hot path's
-    /// handlers (not inline in a graph or count trampoline). Atomic only
-    /// to be one instruction: a signal handler's slow calls landing
-    /// between a load and a store would be lost (a `Cell` lost 1 to 4 in
-    /// a signal storm). Only this thread writes it; Relaxed.
+    /// handlers (not inline in a graph or count trampoline), counted in
+    /// `testing` builds only. Atomic only to be one instruction: a signal
+    /// handler's slow calls landing between a load and a store would be
+    /// lost (a `Cell` lost 1 to 4 in a signal storm). Only this thread
+    /// writes it; Relaxed.
+    #[cfg(feature = "testing")]
     slow_calls: AtomicU64,
 }
 
@@ -359,6 +361,7 @@ thread_local! {
             slot: Cell::new(0),
             exiting: Cell::new(false),
             shadow: Cell::new(std::ptr::null_mut()),
+            #[cfg(feature = "testing")]
             slow_calls: AtomicU64::new(0),
         }
     };
@@ -589,7 +592,7 @@ pub(crate) extern "C" fn on_count_slow(_regs: *mut SavedRegs, frame: *mut usize,
     // index would be.
     let func = unsafe { *frame.add(2) } as u32;
     STATE.with(|st| {
-        st.slow_calls.fetch_add(1, Ordering::Relaxed);
+        count_slow_call(st);
         // The count stub's raise covers this: a grace period sees the
         // thread inside the tracer. (An op's count calls nothing traced.)
         for_each_op(1 << op, |_, o| o.op.call_counted(func));
@@ -607,15 +610,23 @@ pub(crate) extern "C" fn on_entry_direct(regs: *mut SavedRegs, frame: *mut usize
 /// How many entries and returns the calling thread took through the hot
 /// path's handlers rather than inline (tests check that graph trampolines
 /// do their work inline).
-#[doc(hidden)]
+#[cfg(feature = "testing")]
 pub fn slow_calls_of_this_thread() -> u64 {
     STATE.with(|s| s.slow_calls.load(Ordering::Relaxed))
+}
+
+/// Counts a call through the hot path's handlers (`testing` builds; in
+/// others it is nothing).
+#[inline(always)]
+fn count_slow_call(_st: &ThreadState) {
+    #[cfg(feature = "testing")]
+    _st.slow_calls.fetch_add(1, Ordering::Relaxed);
 }
 
 #[inline(always)]
 fn enter(regs: *mut SavedRegs, frame: *mut usize, site: u32, slot: &SiteSlot, mask: u64) {
     STATE.with(|st| {
-        st.slow_calls.fetch_add(1, Ordering::Relaxed);
+        count_slow_call(st);
         // 1 is the raise of the stub that brought us here (module docs).
         if st.in_tramp.load(Ordering::Relaxed) != 1 {
             // Recursion: a callback (or a signal inside one, or inside a
@@ -739,7 +750,7 @@ fn count_lost(n: usize) {
 pub(crate) extern "C" fn on_return(saved: *mut SavedReturn, caller_sp: usize) -> usize {
     let slot = caller_sp - 8;
     STATE.with(|st| {
-        st.slow_calls.fetch_add(1, Ordering::Relaxed);
+        count_slow_call(st);
         let raw = st.in_tramp.load(Ordering::Relaxed);
         // An exiting thread (its slot released, `UNREGISTERED` set again)
         // returns without exit callbacks: grace periods no longer see it.

@@ -95,6 +95,7 @@
 //! | `grace.rs`, `registry.rs` | grace periods, and the registered threads whose counts they read |
 //! | `unwind.rs` | exceptions unwinding through replaced return addresses |
 //! | `filter.rs` | which functions an op traces |
+//! | `testing.rs` | (`testing` builds) the trampolines around an op's inline code, for its tests |
 
 mod api;
 mod apply;
@@ -109,9 +110,14 @@ mod unwind;
 
 pub use api::Tracer;
 pub use filter::{Filter, FilterError};
-pub use hot::{
-    now, slow_calls_of_this_thread, EmitFn, Entry, Exit, InlineCode, SitePlace, TraceOp, MAX_DEPTH, MAX_OPS,
-};
+pub use hot::{now, EmitFn, Entry, Exit, InlineCode, SitePlace, TraceOp, MAX_DEPTH, MAX_OPS};
+
+#[cfg(feature = "testing")]
+mod testing;
+#[cfg(feature = "testing")]
+pub use hot::slow_calls_of_this_thread;
+#[cfg(feature = "testing")]
+pub use testing::{inline_fast_paths, FastPaths};
 
 use crate::error::PokeError;
 use std::sync::Arc;
