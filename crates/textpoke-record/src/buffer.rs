@@ -1062,7 +1062,7 @@ unsafe fn reinit(b: *mut ThreadBuf, active: u64, first: Option<(u64, u32)>) -> b
             b.p.ncounters.store(want_funcs, Ordering::Relaxed);
         }
     }
-    b.p.tid.store(textpoke::sys::threads::gettid(), Ordering::Relaxed);
+    b.p.tid.store(textpoke::sys::gettid(), Ordering::Relaxed);
     b.p.last_ts.store(0, Ordering::Relaxed);
     b.s.lost.store(0, Ordering::Relaxed);
     b.s.seq.store(0, Ordering::Relaxed);

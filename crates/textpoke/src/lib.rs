@@ -35,7 +35,7 @@
 
 pub mod arch;
 pub mod clock;
-pub mod error;
+mod error;
 pub mod funcs;
 pub mod keys;
 pub mod sites;
@@ -45,10 +45,12 @@ pub mod sys;
 pub mod text;
 pub mod trace;
 
-pub use error::PokeError;
-pub use text::{
-    capabilities, Batch, Capabilities, CommitOptions, CommitStats, Poke, Strategy, SyncMethod, WriteMethod,
-};
+pub use error::{Location, PokeError};
+pub use keys::{KeyError, StaticKey, StaticKeyFalse, StaticKeyTrue, Update};
+pub use sites::{Site, SiteKind, SiteTable, SitesError};
+pub use sync::SyncMethod;
+pub use text::{capabilities, Batch, Capabilities, CommitOptions, CommitStats, Poke, Strategy, WriteMethod};
+pub use trace::{Entry, Exit, Filter, OpHandle, TraceError, TraceOp, Tracer};
 
 /// Marks a function, or every method of an `impl` block, for the function
 /// tracer: an entry site at the start of its body and an exit site run by a

@@ -739,6 +739,7 @@ fn fast_return(a: &mut Assembler, sh: &ShadowOffsets, exit: Emit<'_>) -> Result<
 /// leaves it, so this is what one traced call executes there (tests of the
 /// trampolines and of the ops that generate inline code count them;
 /// public for the latter, which live in crates above this one).
+#[cfg(any(test, feature = "testing"))]
 pub fn straight_path(ip: u64, code: &[u8]) -> usize {
     use iced_x86::{Decoder, DecoderOptions, FlowControl};
     let end = ip + code.len() as u64;

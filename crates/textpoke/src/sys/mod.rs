@@ -4,9 +4,14 @@
 pub mod anon;
 pub mod fs;
 pub mod maps;
-pub mod membarrier;
+pub(crate) mod membarrier;
 pub(crate) mod process;
-pub mod threads;
+pub(crate) mod threads;
+
+// What the crates above the engine use (the recorder's buffers and
+// writer, the agent, the command line): `anon`, `fs`, the futex calls and
+// this thread's id. The rest is the engine's own.
+pub use threads::gettid;
 
 use std::io;
 
@@ -21,7 +26,7 @@ pub(crate) fn cvt(ret: libc::c_long) -> io::Result<libc::c_long> {
 
 /// Whether `prctl(PR_GET_MDWE)` reports `PR_MDWE_REFUSE_EXEC_GAIN`: no page
 /// of this process may become writable and executable.
-pub fn mdwe_refuses_exec_gain() -> bool {
+pub(crate) fn mdwe_refuses_exec_gain() -> bool {
     // SAFETY: PR_GET_MDWE takes no pointers; unused arguments must be 0.
     let r = unsafe { libc::prctl(libc::PR_GET_MDWE, 0, 0, 0, 0) };
     r > 0 && (r as libc::c_uint & libc::PR_MDWE_REFUSE_EXEC_GAIN) != 0
@@ -53,7 +58,7 @@ pub fn futex_wake(word: &std::sync::atomic::AtomicU32, n: i32) {
 /// Copies memory of this process at `addr` into `buf` without faulting
 /// (`process_vm_readv` on ourselves); returns how many bytes it could copy
 /// (0 if `addr` is unmapped). Allocation-free, async-signal-safe.
-pub fn read_memory(addr: usize, buf: &mut [u8]) -> usize {
+pub(crate) fn read_memory(addr: usize, buf: &mut [u8]) -> usize {
     let local = libc::iovec { iov_base: buf.as_mut_ptr().cast(), iov_len: buf.len() };
     let remote = libc::iovec { iov_base: addr as *mut _, iov_len: buf.len() };
     // SAFETY: `local` describes our writable buffer; the kernel checks

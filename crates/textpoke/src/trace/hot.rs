@@ -266,7 +266,7 @@ type Segment = [SiteSlot; SEG_LEN];
 static SITES: [AtomicPtr<Segment>; SEGMENTS] = [const { AtomicPtr::new(std::ptr::null_mut()) }; SEGMENTS];
 
 /// The most sites the table holds.
-pub const MAX_SITES: usize = SEG_LEN * SEGMENTS;
+pub(crate) const MAX_SITES: usize = SEG_LEN * SEGMENTS;
 
 #[inline(always)]
 pub(crate) fn site_slot(i: u32) -> Option<&'static SiteSlot> {
@@ -503,7 +503,7 @@ pub(crate) static FAST_EXIT: AtomicU64 = AtomicU64::new(0);
 /// and pop shadow entries exactly as [`function_entry`] and [`on_return`]
 /// do. `None` unless the tracer's thread-local lives in the static TLS
 /// block (`arch::static_tls_offset`).
-pub fn shadow_offsets() -> Option<crate::arch::tramp::ShadowOffsets> {
+pub(crate) fn shadow_offsets() -> Option<crate::arch::tramp::ShadowOffsets> {
     use std::mem::{offset_of, size_of};
     static LAYOUT: std::sync::OnceLock<Option<crate::arch::tramp::ShadowOffsets>> = std::sync::OnceLock::new();
     *LAYOUT.get_or_init(|| {
@@ -813,7 +813,7 @@ const RESTORED: usize = 1;
 /// Before an unwinder walks this thread's stack: puts back every return
 /// address the shadow stack replaced, marking the records (an exception may
 /// be caught further up, see [`rehijack_after_catch`]). Returns how many.
-pub fn restore_return_addresses() -> usize {
+pub(crate) fn restore_return_addresses() -> usize {
     STATE.with(|st| {
         let p = st.shadow.get();
         if p.is_null() {

@@ -4,14 +4,14 @@
 //!
 //! - **Sites** come from [`crate::sites`]: patchable entries and mcount
 //!   NOPs of every loaded object, each with its function's name. Each gets
-//!   an index into a lock-free site table ([`hot`]) that trampolines read.
+//!   an index into a lock-free site table (`hot.rs`) that trampolines read.
 //! - **Ops** ([`TraceOp`]) are callbacks with a [`Filter`]; up to
 //!   [`MAX_OPS`] at once. A site's ops are a bit mask.
 //! - **Stubs**: a traced site calls (or for a graph trampoline jumps to)
 //!   its own stub (`arch::tramp::call_stub`, `graph_stub`), made on first
 //!   need in a stub block mapped within ±2 GiB of the site's object and
 //!   never freed or given to another site while that object is loaded.
-//!   A stub raises its thread's quiescence count (see [`grace`]), then
+//!   A stub raises its thread's quiescence count (see `grace.rs`), then
 //!   goes through its *word*, a data slot holding its trampoline's
 //!   address, and lowers the count once the trampoline returned. A site
 //!   has up to three stubs, one per kind: a call stub pushing its index
@@ -31,10 +31,10 @@
 //!   site *jumps* to its stub, and the trampoline calls the function
 //!   through a thunk in the graph return block
 //!   (`arch::tramp::graph_trampoline`), so calls and returns pair up for
-//!   the CPU's return predictor. [`Tracer::set_inline_recording`] turns
-//!   both off (tests and benchmarks).
+//!   the CPU's return predictor. `Tracer::set_inline_recording` (a test
+//!   switch) turns both off.
 //! - **function_graph**: ops that want exits get them through return
-//!   address replacement and a per-thread shadow stack ([`hot`]); the
+//!   address replacement and a per-thread shadow stack (`hot.rs`); the
 //!   graph return block runs a graph op's inline exit code itself.
 //!
 //! # Changing what is traced
@@ -71,7 +71,7 @@
 //!    trampolines, those of stubs no site calls any more at their null
 //!    paths (the *unpublish*); blocks no word points into any more, stub
 //!    blocks of unloaded objects and unregistered ops are retired, and
-//!    freed after a grace period ([`grace`]) by a background reclaimer
+//!    freed after a grace period (`grace.rs`) by a background reclaimer
 //!    thread: a grace period waits for every thread in tracer code to
 //!    leave it, and nobody should wait for that (as the kernel frees
 //!    ftrace trampolines from an RCU-tasks callback). [`Tracer::reclaim`]
@@ -101,7 +101,7 @@ mod api;
 mod apply;
 mod filter;
 mod grace;
-pub mod hot;
+mod hot;
 mod reclaim;
 mod registry;
 mod state;
@@ -146,7 +146,7 @@ pub enum TraceError {
 /// Waits up to `patience` until every other thread of the process has been
 /// seen outside tracer code (stubs past their first instruction,
 /// trampolines, callbacks) at least once since the call: the tracer's
-/// grace period ([`grace`]), usable on its own like synchronize_rcu. It
+/// grace period (`grace.rs`), usable on its own like synchronize_rcu. It
 /// sends no signal where the kernel has `membarrier`. `Ok(false)` if some
 /// thread was not seen so in time.
 pub fn wait_for_grace(patience: Duration) -> Result<bool, TraceError> {
