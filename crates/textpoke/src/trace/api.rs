@@ -124,11 +124,19 @@ impl Tracer {
         }
         let (wants_exit, wants_time) = (op.wants_exit(), op.wants_time());
         let boxed = Box::into_raw(Box::new(OpBox { wants_exit, op }));
-        OPS[id].store(boxed, Ordering::Release); // before any site can call it
+        // Release: the box is complete before any site can call the op (apply
+        // points sites at it only after this); pairs with the Acquire load in
+        // `hot::for_each_op`.
+        OPS[id].store(boxed, Ordering::Release);
         if wants_exit {
+            // Release, though the hot path loads these bits Relaxed: it loads them
+            // after a site's mask (Acquire, `hot::on_entry_list`) or a stub's word
+            // (an x86 load), which apply stores after this with Release; those
+            // pairs carry the bits too.
             hot::EXIT_OPS.fetch_or(1 << id, Ordering::Release);
         }
         if wants_time {
+            // Release: partner as EXIT_OPS's just above.
             hot::TIME_OPS.fetch_or(1 << id, Ordering::Release);
         }
         g.ops[id] = Some(OpInfo { filter, boxed });
@@ -138,9 +146,12 @@ impl Tracer {
         if let Err(e) = g.apply(Vec::new()) {
             g.ops[id] = None;
             g.update_fast_exit();
+            // The op never became reachable (apply put the masks back). Release
+            // as when set: `hot::for_each_op`'s Acquire load (its partner) sees
+            // the box or null, and skips null; the bits' partners as above.
             OPS[id].store(std::ptr::null_mut(), Ordering::Release);
-            hot::EXIT_OPS.fetch_and(!(1 << id), Ordering::Release);
-            hot::TIME_OPS.fetch_and(!(1 << id), Ordering::Release);
+            hot::EXIT_OPS.fetch_and(!(1 << id), Ordering::Release); // partner: as when set
+            hot::TIME_OPS.fetch_and(!(1 << id), Ordering::Release); // partner: as when set
             g.ids_pending |= 1 << id;
             g.forget_op_trampolines(id);
             g.retire(vec![Retired::Op { id, boxed }]);
@@ -169,9 +180,13 @@ impl Tracer {
     pub fn unregister(&'static self, h: OpHandle) -> Result<(), TraceError> {
         let mut g = self.lock()?;
         let info = g.ops[h.0].take().ok_or(TraceError::UnknownOp(h.0))?;
-        OPS[h.0].store(std::ptr::null_mut(), Ordering::Release); // no new callbacks
-        hot::EXIT_OPS.fetch_and(!(1 << h.0), Ordering::Release);
-        hot::TIME_OPS.fetch_and(!(1 << h.0), Ordering::Release);
+        // No new callbacks: `hot::for_each_op`'s Acquire load (pairs with this
+        // Release) sees null and skips the op; a callback that loaded the box
+        // before may use it until the grace period after apply's unpublish.
+        // The bits' partners: as in `register`.
+        OPS[h.0].store(std::ptr::null_mut(), Ordering::Release);
+        hot::EXIT_OPS.fetch_and(!(1 << h.0), Ordering::Release); // partner: as when set
+        hot::TIME_OPS.fetch_and(!(1 << h.0), Ordering::Release); // partner: as when set
         g.update_fast_exit();
         let retire = vec![Retired::Op { id: h.0, boxed: info.boxed }];
         g.ids_pending |= 1 << h.0;

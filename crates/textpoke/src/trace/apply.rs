@@ -108,6 +108,8 @@ impl Inner {
             if target == s.target && target == Target::List {
                 // Same trampoline: publishing the mask is enough.
                 self.sites[i].mask = mask;
+                // Release pairs with the Acquire load of the mask in
+                // `hot::on_entry_list`: the new ops are registered (OPS) before.
                 hot::site_slot(i as u32).expect("site slot").mask.store(mask, Ordering::Release);
                 continue;
             }
@@ -190,11 +192,16 @@ impl Inner {
             batch.push(Poke::region(s.addr, GCC_PAD, NOP5).named(s.function.clone()));
         }
         for c in &changes {
+            // Release pairs with the Acquire load in `hot::on_entry_list` (list
+            // trampolines); the other trampolines bake their op in, and a thread
+            // reaches them after step 3's syncs or through a word stored with
+            // Release in step 1.
             hot::site_slot(c.i as u32).expect("site slot").mask.store(c.mask, Ordering::Release);
         }
         let strategy = if split { Strategy::StopMachine } else { Strategy::Breakpoint };
         if let Err(e) = batch.commit_with(CommitOptions::strategy(strategy)) {
             for c in &changes {
+                // Put back (Release: partner as in step 2); the batch wrote nothing.
                 hot::site_slot(c.i as u32).expect("site slot").mask.store(self.sites[c.i].mask, Ordering::Release);
             }
             self.unwire(changes.iter().filter(|c| c.stub.is_some()).map(|c| (c.i, c.target)));

@@ -152,7 +152,10 @@ pub(crate) fn wait(patience: Duration) -> Result<bool, PokeError> {
     // 1. Barrier.
     let memb = !fallback_forced() && membarrier_ready() && membarrier::expedited().is_ok();
     if !memb {
-        // Our unpublishing stores are visible before any look at a thread.
+        // Our unpublishing stores are visible before any look at a thread:
+        // pairs with the full barrier each thread then passes by itself
+        // (a switch, a kernel entry) or in the sampling signal's handler
+        // (see "Without membarrier").
         std::sync::atomic::fence(Ordering::SeqCst);
     }
     // 2. Scan.

@@ -231,6 +231,8 @@ fn for_each_op(mut mask: u64, mut f: impl FnMut(u64, &OpBox)) {
     while mask != 0 {
         let i = mask.trailing_zeros() as usize;
         mask &= mask - 1;
+        // Pairs with the Release store in `Tracer::register`: the box is
+        // complete.
         let p = OPS[i].load(Ordering::Acquire);
         if !p.is_null() {
             // SAFETY: a non-null slot points to a live OpBox; it is freed
@@ -270,6 +272,8 @@ pub(crate) const MAX_SITES: usize = SEG_LEN * SEGMENTS;
 
 #[inline(always)]
 pub(crate) fn site_slot(i: u32) -> Option<&'static SiteSlot> {
+    // Pairs with the Release store in `ensure_site`: the slots are
+    // initialised.
     let seg = SITES.get((i >> SEG_BITS) as usize)?.load(Ordering::Acquire);
     // SAFETY: segments are leaked once published (Release in ensure_site).
     (!seg.is_null()).then(|| unsafe { &(*seg)[i as usize & (SEG_LEN - 1)] })
@@ -278,6 +282,8 @@ pub(crate) fn site_slot(i: u32) -> Option<&'static SiteSlot> {
 /// Makes sure slot `i` exists (control side).
 pub(crate) fn ensure_site(i: u32) -> &'static SiteSlot {
     let s = &SITES[(i >> SEG_BITS) as usize];
+    // Pairs with the Release store below of an earlier call (segments are
+    // added under the tracer's lock only).
     if s.load(Ordering::Acquire).is_null() {
         let seg: Box<Segment> = Box::new(std::array::from_fn(|_| SiteSlot {
             mask: AtomicU64::new(0),
@@ -285,6 +291,8 @@ pub(crate) fn ensure_site(i: u32) -> &'static SiteSlot {
             place: AtomicU8::new(0),
             pair: AtomicUsize::new(0),
         }));
+        // Pairs with the Acquire load in `site_slot`: a trampoline or handler
+        // that sees the segment sees its slots initialised.
         s.store(Box::into_raw(seg), Ordering::Release);
     }
     site_slot(i).expect("segment just published")
@@ -451,6 +459,8 @@ pub(crate) extern "C" fn stub_enter() -> u32 {
         st.in_tramp.store(st.in_tramp.load(Ordering::Relaxed) + 1, Ordering::Relaxed);
         // The raise before what it protects (the stub's word, read after
         // this returns: a call boundary the compiler cannot cross anyway).
+        // Pairs with the grace period's membarrier (grace.rs, step 1),
+        // which orders it for the CPU, and its Acquire read of the count.
         std::sync::atomic::compiler_fence(Ordering::SeqCst);
         1
     })
@@ -472,6 +482,10 @@ pub(crate) extern "C" fn stub_leave() -> u32 {
 pub(crate) extern "C" fn thread_exit(_: *mut libc::c_void) {
     STATE.with(|st| {
         st.exiting.set(true);
+        // SeqCst, though no load pairs with it: the bit matters to this
+        // thread's own stubs and `on_return` (program order), and grace
+        // periods mask it off (registry.rs); the handshake with scans is the
+        // slot's release just below.
         st.in_tramp.store(st.in_tramp.load(Ordering::Relaxed) | UNREGISTERED, Ordering::SeqCst);
         if let Some(i) = st.slot.replace(0).checked_sub(1) {
             super::registry::release(i);
@@ -582,6 +596,7 @@ pub(crate) extern "C" fn on_entry_list(regs: *mut SavedRegs, frame: *mut usize, 
     // SAFETY: the trampoline passes its frame: frame[2] is the site index.
     let site = unsafe { *frame.add(2) } as u32;
     let Some(slot) = site_slot(site) else { return };
+    // Pairs with the Release stores of the mask in apply.rs.
     enter(regs, frame, site, slot, slot.mask.load(Ordering::Acquire));
 }
 
@@ -686,6 +701,8 @@ fn function_entry(
     let e = Entry { site, func, depth, time, regs, frame, place };
     for_each_op(mask, |_, op| op.op.entry(&e));
     let Some(sh) = sh else { return };
+    // Pairs with the Release stores in tramp_alloc.rs: the return block's
+    // code is written before its address is seen.
     let ret = RETURN_TRAMPOLINE.load(Ordering::Acquire);
     if sh.len == sh.cap || ret == 0 {
         SHADOW_FULL.fetch_add(1, Ordering::Relaxed);
@@ -759,7 +776,8 @@ pub(crate) extern "C" fn on_return(saved: *mut SavedReturn, caller_sp: usize) ->
             st.in_tramp.store(raw + 1, Ordering::Relaxed);
             // The raise before any load of op data (call_exits); the CPU's
             // store-load reordering is covered by the grace period's
-            // membarrier.
+            // membarrier: pairs with it (grace.rs, step 1) and with its
+            // Acquire read of the count.
             std::sync::atomic::compiler_fence(Ordering::SeqCst);
         }
         let sh = st.shadow.get();
@@ -848,7 +866,7 @@ pub(crate) extern "C" fn rehijack_after_catch(catch_sp: usize) {
         // SAFETY: this thread's own shadow stack.
         let sh = unsafe { &mut *p };
         let len = sh.len;
-        let ret = RETURN_TRAMPOLINE.load(Ordering::Acquire);
+        let ret = RETURN_TRAMPOLINE.load(Ordering::Acquire); // pairs as in function_entry
         let es = entries(sh);
         let mut kept = 0;
         for i in 0..len {

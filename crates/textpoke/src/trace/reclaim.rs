@@ -34,6 +34,9 @@ impl Tracer {
     /// Starts the background reclaimer of this process if needed.
     fn wake_reclaimer(&'static self) {
         let pid = crate::sys::process::getpid();
+        // AcqRel pairs with the Release reset below after a failed start. No
+        // data rides on it: it elects the thread that starts this process's
+        // reclaimer.
         if self.reclaimer_pid.swap(pid, Ordering::AcqRel) == pid {
             return;
         }
@@ -45,7 +48,8 @@ impl Tracer {
             }
         });
         if spawned.is_err() {
-            self.reclaimer_pid.store(0, Ordering::Release); // try again next time
+            // Try again next time: pairs with the swap above in a later call.
+            self.reclaimer_pid.store(0, Ordering::Release);
         }
     }
 

@@ -186,6 +186,9 @@ impl Inner {
             (Some(id), None) => 1u64 << id,
             _ => 0,
         };
+        // Release pairs with the graph and return trampolines' plain loads of
+        // it in generated code (`arch::tramp::graph_trampoline`,
+        // `fast_return`: x86 loads, acquire).
         hot::FAST_EXIT.store(bit, Ordering::Release);
     }
 

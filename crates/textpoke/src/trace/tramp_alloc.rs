@@ -88,6 +88,9 @@ impl Inner {
         let mut hooks = unwind::UnwindHooks::default();
         hooks.install();
         self.unwind = Some(hooks);
+        // Release pairs with the Acquire loads in `hot::function_entry` and
+        // `hot::rehijack_after_catch`: the block's code is written before
+        // (a fresh mapping, which no core has executed).
         hot::RETURN_TRAMPOLINE.store(block.addr() + tramp::RETURN_OFFSET, Ordering::Release);
         self.return_block = Some(block); // never freed: shadow stacks point into it
         Ok(())
@@ -115,7 +118,8 @@ impl Inner {
         // entries return through it too from now on, so that a call the
         // graph trampoline handed to the hot path (the thread's first, a
         // segment change) still returns inline. The plain block stays for
-        // the entries made before.
+        // the entries made before. Release: partner as in
+        // `ensure_return_trampoline`.
         hot::RETURN_TRAMPOLINE.store(block.addr() + tramp::RETURN_OFFSET, Ordering::Release);
         self.graph_code = Some(GraphCode { entry, exit, shadow: sh, block });
         Ok(())

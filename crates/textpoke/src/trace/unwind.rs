@@ -39,7 +39,7 @@ extern "C-unwind" fn raise_hook(exc: *mut c_void) -> i32 {
     // SAFETY: ORIG_RAISE holds the real `_Unwind_RaiseException`, set before
     // any GOT entry points here.
     let f: extern "C-unwind" fn(*mut c_void) -> i32 =
-        unsafe { std::mem::transmute(ORIG_RAISE.load(Ordering::Acquire)) };
+        unsafe { std::mem::transmute(ORIG_RAISE.load(Ordering::Acquire)) }; // pairs with resolve_original
     f(exc)
 }
 
@@ -47,7 +47,7 @@ extern "C-unwind" fn rethrow_hook(exc: *mut c_void) -> i32 {
     super::hot::restore_return_addresses();
     // SAFETY: as above, the real `_Unwind_Resume_or_Rethrow`.
     let f: extern "C-unwind" fn(*mut c_void) -> i32 =
-        unsafe { std::mem::transmute(ORIG_RETHROW.load(Ordering::Acquire)) };
+        unsafe { std::mem::transmute(ORIG_RETHROW.load(Ordering::Acquire)) }; // pairs with resolve_original
     f(exc)
 }
 
@@ -75,6 +75,7 @@ extern "C" fn begin_catch_hook() {
 /// is caught in turn (re-arming them aborted the program in
 /// `_Unwind_Resume`: the return trampoline has no unwind information).
 extern "C" fn rehijack_unless_unwinding(catch_sp: usize) {
+    // Pairs with the Release store in `resolve_original`.
     let f = UNCAUGHT.load(Ordering::Acquire);
     if f != 0 {
         // SAFETY: `int std::uncaught_exceptions() noexcept` (or the
@@ -148,6 +149,8 @@ impl UnwindHooks {
         let Ok(mem) = std::fs::OpenOptions::new().write(true).open("/proc/self/mem") else { return 0 };
         let mut n = 0;
         for (slot, hook, orig) in slots {
+            // Pairs with `resolve_original`'s Release store (this thread's, or an
+            // earlier install's).
             if orig.load(Ordering::Acquire) == 0 || !self.hooked.insert(slot) {
                 continue;
             }
@@ -163,6 +166,7 @@ impl UnwindHooks {
 /// named `name` that imports it: a library opened with RTLD_LOCAL has its
 /// dependencies (libstdc++) outside the global scope RTLD_DEFAULT sees.
 fn resolve_original(name: &CStr, orig: &'static AtomicUsize) {
+    // Pairs with the Release store below (an earlier call's).
     if orig.load(Ordering::Acquire) != 0 {
         return;
     }
@@ -190,11 +194,15 @@ fn resolve_original(name: &CStr, orig: &'static AtomicUsize) {
             if f.is_null() {
                 f = libc::dlsym(h, c"__cxa_uncaught_exceptions".as_ptr());
             }
+            // Pairs with the Acquire load in `rehijack_unless_unwinding`.
             UNCAUGHT.store(f as usize, Ordering::Release);
         }
         if !name.is_empty() {
             libc::dlclose(h);
         }
+        // Before any GOT slot points at a hook (`install` writes them
+        // afterwards): pairs with the hooks' Acquire loads (`raise_hook`,
+        // `rethrow_hook`; `begin_catch_hook`'s plain x86 load).
         orig.store(p, Ordering::Release);
     }
 }
