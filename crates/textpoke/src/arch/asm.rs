@@ -1,5 +1,5 @@
 //! A small x86-64 assembler: the instructions and operands the tracer's
-//! trampolines and the ops' inline code ([`crate::trace::InlineCode`])
+//! trampolines and the ops' inline code (the tracer's `InlineCode`)
 //! are written with, and labels for their branches.
 //!
 //! It is textpoke's own face over iced-x86's `CodeAssembler`, which does
@@ -19,7 +19,7 @@
 //! ```
 //!
 //! An op's code receives an `Assembler` and the label to jump to when it
-//! fails (see [`crate::trace::EmitFn`]); the trampoline around it says
+//! fails (the tracer's `EmitFn`); the trampoline around it says
 //! which registers hold its inputs and which it may clobber.
 //!
 //! Immediates are sign-extended to the operand size, as the instructions
