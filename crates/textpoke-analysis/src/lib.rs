@@ -146,7 +146,7 @@ pub use stacks::{Call, Closed, Event, Rebuilder, MAX_LEVEL};
 use serde::Serialize;
 use std::path::{Path, PathBuf};
 use textpoke_record::format::{self, CHILD_DIR_PREFIX};
-use textpoke_record::tracedata::{OpenOptions, RecordKind, ThreadTrace, Trace, TraceError};
+use textpoke_record::tracedata::{OpenOptions, RecordKind, ThreadTrace, Trace, TraceReadError};
 
 /// Why an analysis could not be made.
 #[derive(Debug, thiserror::Error)]
@@ -154,7 +154,7 @@ use textpoke_record::tracedata::{OpenOptions, RecordKind, ThreadTrace, Trace, Tr
 pub enum AnalysisError {
     /// The trace directory is missing, truncated, corrupt, ...
     #[error(transparent)]
-    Trace(#[from] TraceError),
+    Trace(#[from] TraceReadError),
 
     /// A forked child's trace directory is damaged.
     #[error("the trace of a forked child, {dir}, cannot be read: {source}")]
@@ -163,7 +163,7 @@ pub enum AnalysisError {
         dir: PathBuf,
         /// What is wrong with it.
         #[source]
-        source: TraceError,
+        source: TraceReadError,
     },
 
     /// The analysis needs timestamps and the trace only counted calls.
@@ -456,8 +456,8 @@ impl TraceSet {
 }
 
 /// Whether `e` says that `dir` has no `meta.json`.
-fn is_missing_meta(e: &TraceError, dir: &Path) -> bool {
-    matches!(e, TraceError::MissingFile { path, .. } if *path == dir.join(format::META_FILE))
+fn is_missing_meta(e: &TraceReadError, dir: &Path) -> bool {
+    matches!(e, TraceReadError::MissingFile { path, .. } if *path == dir.join(format::META_FILE))
 }
 
 /// The trace directories of the processes `dir`'s program forked or
@@ -529,7 +529,7 @@ pub fn walk_thread(
     rb: &mut Rebuilder<'_>,
     progress: &mut dyn FnMut(u64),
     sink: &mut impl FnMut(Event),
-) -> Result<(), TraceError> {
+) -> Result<(), TraceReadError> {
     let (mut n, mut told) = (0u64, 0u64);
     for r in trace.records(thread)? {
         let r = r?;

@@ -11,7 +11,7 @@ use std::process::ExitCode;
 use std::time::{Duration, Instant};
 use textpoke_analysis::color::Style;
 use textpoke_analysis::{escape, AnalysisError, TraceSet};
-use textpoke_record::tracedata::{OpenOptions, TraceError};
+use textpoke_record::tracedata::{OpenOptions, TraceReadError};
 
 /// The trace directory to read.
 #[derive(clap::Args, Debug)]
@@ -83,9 +83,9 @@ pub fn note_processes(set: &TraceSet, what: &str) {
 
 /// A trace error for people: the reader's message, and for an incomplete
 /// trace the option that reads it anyway.
-pub fn trace_error(e: &TraceError) -> String {
+pub fn trace_error(e: &TraceReadError) -> String {
     match e {
-        TraceError::Incomplete { dir } => format!(
+        TraceReadError::Incomplete { dir } => format!(
             "trace {} is incomplete: the recording did not finish (the process crashed, was killed, or called exec \
              before the final flush); rerun with --salvage to read what was written",
             dir.display()

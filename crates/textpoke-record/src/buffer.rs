@@ -66,6 +66,7 @@ pub(crate) const ORPHANS_LEN: usize = 1 << format::FUNC_BITS;
 
 /// Test hook: called in the middle of buffer creation (C4), so a test can
 /// raise a signal there. Null when unset.
+#[cfg(feature = "testing")]
 pub(crate) static CREATION_HOOK: AtomicPtr<()> = AtomicPtr::new(ptr::null_mut());
 
 /// Called on a thread when it makes its buffer (C4) and when it retires
@@ -264,8 +265,10 @@ struct Tls {
     buf: Cell<*mut ThreadBuf>,
     state: Cell<u8>,
     /// Events this thread wrote through [`slow_push`] (see
-    /// [`slow_events_of_this_thread`]). Atomic only to be one
-    /// instruction, safe against this thread's signal handlers; Relaxed.
+    /// `slow_events_of_this_thread`), counted in `testing` builds only.
+    /// Atomic only to be one instruction, safe against this thread's
+    /// signal handlers; Relaxed.
+    #[cfg(feature = "testing")]
     slow: AtomicU64,
 }
 
@@ -275,8 +278,14 @@ const ST_EXITED: u8 = 2;
 const ST_WRITER: u8 = 3;
 
 thread_local! {
-    static TLS: Tls =
-        const { Tls { buf: Cell::new(ptr::null_mut()), state: Cell::new(ST_NORMAL), slow: AtomicU64::new(0) } };
+    static TLS: Tls = const {
+        Tls {
+            buf: Cell::new(ptr::null_mut()),
+            state: Cell::new(ST_NORMAL),
+            #[cfg(feature = "testing")]
+            slow: AtomicU64::new(0),
+        }
+    };
 }
 
 /// Where the hot-path state lives, for the recorder's code generated at
@@ -341,6 +350,7 @@ pub(crate) fn current_buf() -> *mut ThreadBuf {
 /// with too large an id for a compact word): inline code hands such events
 /// over to the hot path, so tests that count the tracer's slow calls
 /// subtract these.
+#[cfg(feature = "testing")]
 pub(crate) fn slow_events_of_this_thread() -> u64 {
     TLS.with(|t| t.slow.load(Ordering::Relaxed))
 }
@@ -454,6 +464,7 @@ fn count_call(b: &ThreadBuf, func: u32) {
 #[cold]
 #[inline(never)]
 fn slow_push(b: &ThreadBuf, ts: u64, kind: u8, func: u32, depth: u32, value: Option<u64>) -> bool {
+    #[cfg(feature = "testing")]
     TLS.with(|t| t.slow.fetch_add(1, Ordering::Relaxed));
     let p = &b.p;
     let seg = b.s.seg.load(Ordering::Relaxed);
@@ -933,11 +944,14 @@ fn create(active: u64, first: Option<(u64, u32)>) -> Option<*mut ThreadBuf> {
     // SAFETY: a fresh zeroed mapping of the right size; all-zero bytes are
     // a valid ThreadBuf (atomics and null pointers).
     let bref = unsafe { &*b };
-    let hook = CREATION_HOOK.load(Ordering::Relaxed);
-    if !hook.is_null() {
-        // SAFETY: only tests set the hook, to an `extern "C" fn()`.
-        let f: extern "C" fn() = unsafe { std::mem::transmute(hook) };
-        f();
+    #[cfg(feature = "testing")]
+    {
+        let hook = CREATION_HOOK.load(Ordering::Relaxed);
+        if !hook.is_null() {
+            // SAFETY: only tests set the hook, to an `extern "C" fn()`.
+            let f: extern "C" fn() = unsafe { std::mem::transmute(hook) };
+            f();
+        }
     }
     // SAFETY: `b` is ours and not yet visible to anyone.
     if !unsafe { reinit(b, active, first) } {
@@ -1048,7 +1062,7 @@ unsafe fn reinit(b: *mut ThreadBuf, active: u64, first: Option<(u64, u32)>) -> b
             b.p.ncounters.store(want_funcs, Ordering::Relaxed);
         }
     }
-    b.p.tid.store(textpoke::sys::threads::gettid(), Ordering::Relaxed);
+    b.p.tid.store(textpoke::sys::gettid(), Ordering::Relaxed);
     b.p.last_ts.store(0, Ordering::Relaxed);
     b.s.lost.store(0, Ordering::Relaxed);
     b.s.seq.store(0, Ordering::Relaxed);

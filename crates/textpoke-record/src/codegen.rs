@@ -12,7 +12,9 @@
 
 use super::buffer::{buffer_layout, BufferLayout};
 use super::format::{self, KIND_ENTRY, KIND_EXIT};
-use textpoke::arch::asm::*;
+use textpoke::arch::asm::{
+    byte_ptr, dword_ptr, qword_ptr, AsmError, Assembler, Label, Reg32::*, Reg64, Reg64::*, Reg8::*,
+};
 use textpoke::clock::{MODE_TSC_ORDERED, MODE_TSC_UNORDERED};
 
 /// The largest delta a compact event holds, plus one.
@@ -26,10 +28,10 @@ fn layout() -> BufferLayout {
 
 /// K1–K4 for the count trampoline: rcx = the function id; clobbers rax,
 /// rcx, rdx, rsi.
-pub(crate) fn emit_count(a: &mut CodeAssembler, fail: CodeLabel) -> Result<(), IcedError> {
+pub(crate) fn emit_count(a: &mut Assembler, fail: Label) -> Result<(), AsmError> {
     let l = layout();
-    let mut undo = a.create_label();
-    let mut done = a.create_label();
+    let undo = a.create_label();
+    let done = a.create_label();
     a.mov(rax, qword_ptr(l.tls_buf).fs())?; // this thread's buffer
     a.test(rax, rax)?;
     a.jz(fail)?;
@@ -45,21 +47,21 @@ pub(crate) fn emit_count(a: &mut CodeAssembler, fail: CodeLabel) -> Result<(), I
     a.inc(qword_ptr(rsi + rcx * 8))?; // K3: one instruction
     a.mov(dword_ptr(rax + l.busy), edx)?; // K4 (a plain store is a release on x86)
     a.jmp(done)?;
-    a.set_label(&mut undo)?;
+    a.set_label(undo)?;
     a.mov(dword_ptr(rax + l.busy), edx)?;
     a.jmp(fail)?;
-    a.set_label(&mut done)?;
+    a.set_label(done)?;
     a.nop() // the label needs an instruction; the trampoline's code follows
 }
 
 /// H1–H3 with the buffer in `buf` and `t` a scratch register: the buffer,
 /// not busy (else `fail`), busy taken, the session current (else `undo`).
 fn claim(
-    a: &mut CodeAssembler,
+    a: &mut Assembler,
     l: &BufferLayout,
-    (buf, t): (AsmRegister64, AsmRegister64),
-    (fail, undo): (CodeLabel, CodeLabel),
-) -> Result<(), IcedError> {
+    (buf, t): (Reg64, Reg64),
+    (fail, undo): (Label, Label),
+) -> Result<(), AsmError> {
     a.mov(buf, qword_ptr(l.tls_buf).fs())?; // H1
     a.test(buf, buf)?;
     a.jz(fail)?;
@@ -77,15 +79,15 @@ fn claim(
 /// thing in a piece, so that the ordered read's `lfence` waits for as few
 /// earlier instructions as possible and the checks after it overlap its
 /// latency (a signal handler recording meanwhile is why H5 clamps).
-fn read_tsc(a: &mut CodeAssembler, l: &BufferLayout, fail: CodeLabel, cold: &mut Vec<Cold>) -> Result<(), IcedError> {
+fn read_tsc(a: &mut Assembler, l: &BufferLayout, fail: Label, cold: &mut Vec<Cold>) -> Result<(), AsmError> {
     let unordered = a.create_label();
-    let mut read = a.create_label();
+    let read = a.create_label();
     a.mov(rdx, l.clock_mode as u64)?;
     a.movzx(edx, byte_ptr(rdx))?;
     a.cmp(edx, MODE_TSC_ORDERED as u32)?;
     a.jne(unordered)?;
     a.lfence()?;
-    a.set_label(&mut read)?;
+    a.set_label(read)?;
     a.rdtsc()?;
     a.shl(rdx, 32)?;
     a.or(rax, rdx)?;
@@ -95,7 +97,7 @@ fn read_tsc(a: &mut CodeAssembler, l: &BufferLayout, fail: CodeLabel, cold: &mut
 
 /// H5: clamps the time in rax to the thread's last one and leaves the
 /// delta in rdx (to `undo` if it does not fit a compact event).
-fn clamp_delta(a: &mut CodeAssembler, l: &BufferLayout, buf: AsmRegister64, undo: CodeLabel) -> Result<(), IcedError> {
+fn clamp_delta(a: &mut Assembler, l: &BufferLayout, buf: Reg64, undo: Label) -> Result<(), AsmError> {
     a.mov(rdx, qword_ptr(buf + l.last_ts))?; // never below the last time
     a.cmp(rax, rdx)?;
     a.cmovb(rax, rdx)?;
@@ -110,39 +112,39 @@ fn clamp_delta(a: &mut CodeAssembler, l: &BufferLayout, buf: AsmRegister64, undo
 enum Cold {
     /// The clock is not the ordered TSC: plain `rdtsc` if it is the
     /// unordered one, else the slow path.
-    Unordered { at: CodeLabel, read: CodeLabel, fail: CodeLabel },
+    Unordered { at: Label, read: Label, fail: Label },
     /// Give `busy` back and fail.
-    Undo { at: CodeLabel, buf: AsmRegister64, fail: CodeLabel },
+    Undo { at: Label, buf: Reg64, fail: Label },
 }
 
 /// Ends a piece: jumps over the cold code, emits it, and gives the label
 /// the trampoline's code follows.
-fn finish(a: &mut CodeAssembler, l: &BufferLayout, cold: Vec<Cold>) -> Result<(), IcedError> {
-    let mut done = a.create_label();
+fn finish(a: &mut Assembler, l: &BufferLayout, cold: Vec<Cold>) -> Result<(), AsmError> {
+    let done = a.create_label();
     a.jmp(done)?;
     for c in cold {
         match c {
-            Cold::Unordered { mut at, read, fail } => {
-                a.set_label(&mut at)?;
+            Cold::Unordered { at, read, fail } => {
+                a.set_label(at)?;
                 a.cmp(edx, MODE_TSC_UNORDERED as u32)?;
                 a.jne(fail)?;
                 a.jmp(read)?;
             }
-            Cold::Undo { mut at, buf, fail } => {
-                a.set_label(&mut at)?;
+            Cold::Undo { at, buf, fail } => {
+                a.set_label(at)?;
                 a.mov(dword_ptr(buf + l.busy), 0)?;
                 a.jmp(fail)?;
             }
         }
     }
-    a.set_label(&mut done)?;
+    a.set_label(done)?;
     a.nop()
 }
 
 /// The entry event of a graph trampoline: rdi = the function id, rcx =
 /// the depth; clobbers rax, rcx, rdx, rsi, rdi, r8. H0, then counts the
 /// call (K3) and H1–H8 with one compact word.
-pub(crate) fn emit_entry(a: &mut CodeAssembler, fail: CodeLabel) -> Result<(), IcedError> {
+pub(crate) fn emit_entry(a: &mut Assembler, fail: Label) -> Result<(), AsmError> {
     let l = layout();
     let undo = a.create_label();
     let mut cold = vec![Cold::Undo { at: undo, buf: r8, fail }];
@@ -176,7 +178,7 @@ pub(crate) fn emit_entry(a: &mut CodeAssembler, fail: CodeLabel) -> Result<(), I
 /// the return value at `[rsp+8]`; clobbers rax, rdx, rsi, r8, r9, r10,
 /// r11 and keeps rcx and rdi. H0, then H1–H8 with one compact word, and
 /// the value after it when the function's bit in `retval` is set.
-pub(crate) fn emit_exit(a: &mut CodeAssembler, fail: CodeLabel) -> Result<(), IcedError> {
+pub(crate) fn emit_exit(a: &mut Assembler, fail: Label) -> Result<(), AsmError> {
     let l = layout();
     let undo = a.create_label();
     let mut cold = vec![Cold::Undo { at: undo, buf: r8, fail }];
@@ -218,20 +220,6 @@ pub(crate) fn emit_exit(a: &mut CodeAssembler, fail: CodeLabel) -> Result<(), Ic
 #[cfg(test)]
 mod tests {
     use super::*;
-    use textpoke::arch::tramp::{self, straight_path, RETURN_OFFSET};
-
-    fn dump(ip: u64, code: &[u8]) {
-        use iced_x86::{Decoder, DecoderOptions, Formatter, IntelFormatter};
-        let mut d = Decoder::with_ip(64, code, ip, DecoderOptions::NONE);
-        let mut f = IntelFormatter::new();
-        let mut out = String::new();
-        while d.can_decode() {
-            let i = d.decode();
-            out.clear();
-            f.format(&i, &mut out);
-            println!("{:x}  {out}", i.ip());
-        }
-    }
 
     /// Each instruction between the two ordered clock reads of a traced
     /// call costs about 0.035 ns (`lfence` waits for them to retire): a
@@ -239,21 +227,14 @@ mod tests {
     /// frame with the recorder's code in it, as a traced call runs it.
     #[test]
     fn graph_fast_paths_stay_short() {
-        let (Some(_), Some(sh)) = (buffer_layout(), textpoke::trace::hot::shadow_offsets()) else { return };
-        let (entry, exit): (tramp::Emit<'_>, tramp::Emit<'_>) = (&emit_entry, &emit_exit);
-        let e = tramp::graph_trampoline(0x10000, &sh, 3, (0x40000, 0x20000), entry).unwrap();
-        let r = tramp::return_block(0x40000, 0x30000, true, Some((&sh, exit))).unwrap();
-        let count: tramp::Emit<'_> = &emit_count;
-        let c = tramp::count_trampoline(0x50000, count, 0x20000).unwrap();
-        let (e, r, c) = (
-            straight_path(0x10000, &e),
-            straight_path(0x40000 + RETURN_OFFSET as u64, &r[RETURN_OFFSET..]),
-            straight_path(0x50000, &c),
-        );
+        if buffer_layout().is_none() {
+            return; // no inline code without a known buffer layout
+        }
+        let Some(p) = textpoke::trace::inline_fast_paths(emit_count, emit_entry, emit_exit) else { return };
+        let (e, r, c) = (p.graph_entry, p.graph_return, p.count);
         println!("fast paths: graph entry {e}, return {r}, count {c} instructions");
         if std::env::var_os("TEXTPOKE_DUMP_CODE").is_some() {
-            dump(0x10000, &tramp::graph_trampoline(0x10000, &sh, 3, (0x40000, 0x20000), entry).unwrap());
-            dump(0x40000, &tramp::return_block(0x40000, 0x30000, true, Some((&sh, exit))).unwrap());
+            print!("{}", p.listing);
         }
         // Measured: entry 96, return 86, count 27.
         assert!(e <= 100 && r <= 90 && c <= 28, "entry {e}, return {r}, count {c}");

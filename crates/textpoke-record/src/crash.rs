@@ -245,7 +245,7 @@ pub(crate) fn reset() {
 /// [`flush_for_signal`]: a fatal signal now is a fault of the flush itself
 /// (A2 in the agent). Async-signal-safe.
 pub fn flushing_signal_here() -> Option<i32> {
-    let mine = FLUSHING << 32 | textpoke::sys::threads::gettid() as u32 as u64;
+    let mine = FLUSHING << 32 | textpoke::sys::gettid() as u32 as u64;
     (PHASE.load(Ordering::Acquire) == mine).then(|| FIRST.load(Ordering::Relaxed))
 }
 
@@ -256,7 +256,7 @@ pub fn flushing_signal_here() -> Option<i32> {
 /// with some room (the agent switches to one of its own: the JSON
 /// serializer nests a few kilobytes deep).
 pub fn flush_for_signal(sig: &FatalSignal) -> CrashFlush {
-    let tid = textpoke::sys::threads::gettid();
+    let tid = textpoke::sys::gettid();
     let mine = FLUSHING << 32 | tid as u32 as u64;
     // F1. Acquire pairs with the release of DONE by another flusher.
     match PHASE.compare_exchange(IDLE, mine, Ordering::AcqRel, Ordering::Acquire) {

@@ -556,8 +556,8 @@ pub fn flush_at_exit() {
 /// Events the calling thread wrote through the recorder's slow path (a
 /// segment to start or change, a time gap too long for a compact event):
 /// the tracer's inline code hands those over to the hot path. For tests
-/// that count slow calls.
-#[doc(hidden)]
+/// that count slow calls (counted in `testing` builds only).
+#[cfg(feature = "testing")]
 pub fn slow_events_of_this_thread() -> u64 {
     buffer::slow_events_of_this_thread()
 }
@@ -589,9 +589,9 @@ pub fn set_thread_hooks(start: Option<extern "C" fn()>, exit: Option<extern "C" 
     buffer::THREAD_EXIT_HOOK.store(p(exit), std::sync::atomic::Ordering::Release);
 }
 
-/// Test support: calls `hook` in the middle of buffer creation (step C4),
+/// Test switch: calls `hook` in the middle of buffer creation (step C4),
 /// e.g. to raise a signal whose handler records; `None` clears it.
-#[doc(hidden)]
+#[cfg(feature = "testing")]
 pub fn set_creation_hook(hook: Option<extern "C" fn()>) {
     let p = hook.map_or(std::ptr::null_mut(), |f| f as *mut ());
     buffer::CREATION_HOOK.store(p, std::sync::atomic::Ordering::Relaxed);

@@ -11,7 +11,7 @@
 //!    regular file (never a FIFO or a device: reading one could block
 //!    forever); `meta.json` parses, names the format and a version this
 //!    build reads (another version gets a message saying which);
-//! 2. `complete` is true — otherwise [`TraceError::Incomplete`], unless
+//! 2. `complete` is true — otherwise [`TraceReadError::Incomplete`], unless
 //!    [`OpenOptions::allow_incomplete`] asks to salvage (below);
 //! 3. the metadata is consistent with itself: no thread listed twice, no
 //!    file named twice, plain file names, totals that add up (and fit
@@ -60,7 +60,7 @@ use std::path::{Path, PathBuf};
 /// Why a trace directory cannot be read.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
-pub enum TraceError {
+pub enum TraceReadError {
     #[error("trace directory {path} does not exist; record one first (textpoke record)")]
     NotFound { path: PathBuf },
 
@@ -190,22 +190,22 @@ pub struct Trace {
     salvage: Vec<String>,
 }
 
-fn io(path: &Path) -> impl FnOnce(std::io::Error) -> TraceError + '_ {
-    move |source| TraceError::Io { path: path.to_path_buf(), source }
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> TraceReadError + '_ {
+    move |source| TraceReadError::Io { path: path.to_path_buf(), source }
 }
 
 /// Opens `path` for reading if it is a regular file: without blocking (a
 /// FIFO would block the open itself) and without following a symlink
 /// planted in the directory.
-fn open_regular(path: &Path, hint: &'static str) -> Result<(File, u64), TraceError> {
+fn open_regular(path: &Path, hint: &'static str) -> Result<(File, u64), TraceReadError> {
     let f =
         std::fs::OpenOptions::new().read(true).custom_flags(libc::O_NONBLOCK | libc::O_NOFOLLOW).open(path).map_err(
             |e| match e.kind() {
-                std::io::ErrorKind::NotFound => TraceError::MissingFile { path: path.to_path_buf(), hint },
+                std::io::ErrorKind::NotFound => TraceReadError::MissingFile { path: path.to_path_buf(), hint },
                 _ if e.raw_os_error() == Some(libc::ELOOP) => {
-                    TraceError::NotAFile { path: path.to_path_buf(), kind: "a symbolic link" }
+                    TraceReadError::NotAFile { path: path.to_path_buf(), kind: "a symbolic link" }
                 }
-                _ => TraceError::Io { path: path.to_path_buf(), source: e },
+                _ => TraceReadError::Io { path: path.to_path_buf(), source: e },
             },
         )?;
     let m = f.metadata().map_err(io(path))?;
@@ -223,7 +223,7 @@ fn open_regular(path: &Path, hint: &'static str) -> Result<(File, u64), TraceErr
         } else {
             "not a regular file"
         };
-        return Err(TraceError::NotAFile { path: path.to_path_buf(), kind });
+        return Err(TraceReadError::NotAFile { path: path.to_path_buf(), kind });
     }
     Ok((f, m.len()))
 }
@@ -232,14 +232,14 @@ fn open_regular(path: &Path, hint: &'static str) -> Result<(File, u64), TraceErr
 /// (a million threads' metadata), far less than memory.
 const MAX_JSON_BYTES: u64 = 1 << 30;
 
-fn read_json<T: serde::de::DeserializeOwned>(path: &Path, hint: &'static str) -> Result<T, TraceError> {
+fn read_json<T: serde::de::DeserializeOwned>(path: &Path, hint: &'static str) -> Result<T, TraceReadError> {
     let (f, len) = open_regular(path, hint)?;
     if len > MAX_JSON_BYTES {
         let what = format!("{} is {len} bytes, more than any trace's metadata", path.display());
-        return Err(TraceError::Inconsistent { dir: path.parent().unwrap_or(path).to_path_buf(), what });
+        return Err(TraceReadError::Inconsistent { dir: path.parent().unwrap_or(path).to_path_buf(), what });
     }
     let r = BufReader::with_capacity(1 << 16, f);
-    serde_json::from_reader(r).map_err(|source| TraceError::Json { path: path.to_path_buf(), source })
+    serde_json::from_reader(r).map_err(|source| TraceReadError::Json { path: path.to_path_buf(), source })
 }
 
 /// The first fields of `meta.json`, read before the rest so that another
@@ -251,7 +251,7 @@ struct Head {
 }
 
 /// Reads the symbol file: one JSON object per line.
-fn read_symbols(path: &Path, hint: &'static str) -> Result<HashMap<u32, Symbol>, TraceError> {
+fn read_symbols(path: &Path, hint: &'static str) -> Result<HashMap<u32, Symbol>, TraceReadError> {
     let (f, _) = open_regular(path, hint)?;
     let mut out = HashMap::new();
     for (i, line) in BufReader::with_capacity(1 << 16, f).lines().enumerate() {
@@ -260,9 +260,9 @@ fn read_symbols(path: &Path, hint: &'static str) -> Result<HashMap<u32, Symbol>,
             continue;
         }
         let s: Symbol =
-            serde_json::from_str(&line).map_err(|source| TraceError::Json { path: path.to_path_buf(), source })?;
+            serde_json::from_str(&line).map_err(|source| TraceReadError::Json { path: path.to_path_buf(), source })?;
         if out.contains_key(&s.id) {
-            return Err(TraceError::CorruptRecord {
+            return Err(TraceReadError::CorruptRecord {
                 path: path.to_path_buf(),
                 index: i as u64,
                 what: format!("function id {} appears twice", s.id),
@@ -275,29 +275,29 @@ fn read_symbols(path: &Path, hint: &'static str) -> Result<HashMap<u32, Symbol>,
 
 impl Trace {
     /// Opens and validates a complete trace directory.
-    pub fn open(dir: impl AsRef<Path>) -> Result<Trace, TraceError> {
+    pub fn open(dir: impl AsRef<Path>) -> Result<Trace, TraceReadError> {
         Self::open_with(dir, OpenOptions::default())
     }
 
     /// Opens a trace directory with options.
-    pub fn open_with(dir: impl AsRef<Path>, opts: OpenOptions) -> Result<Trace, TraceError> {
+    pub fn open_with(dir: impl AsRef<Path>, opts: OpenOptions) -> Result<Trace, TraceReadError> {
         let dir = dir.as_ref().to_path_buf();
         match std::fs::metadata(&dir) {
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Err(TraceError::NotFound { path: dir }),
-            Err(e) => return Err(TraceError::Io { path: dir, source: e }),
-            Ok(m) if !m.is_dir() => return Err(TraceError::NotADirectory { path: dir }),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Err(TraceReadError::NotFound { path: dir }),
+            Err(e) => return Err(TraceReadError::Io { path: dir, source: e }),
+            Ok(m) if !m.is_dir() => return Err(TraceReadError::NotADirectory { path: dir }),
             Ok(_) => {}
         }
         let meta = read_meta(&dir)?;
         if !meta.complete && !opts.allow_incomplete {
-            return Err(TraceError::Incomplete { dir });
+            return Err(TraceReadError::Incomplete { dir });
         }
         let mut salvage = Vec::new();
         check_meta(&dir, &meta)?;
         let sym_path = dir.join(format::SYMBOLS_FILE);
         let symbols = match read_symbols(&sym_path, "the trace has no symbol file") {
             Ok(s) => s,
-            Err(TraceError::MissingFile { .. }) if !meta.complete => {
+            Err(TraceReadError::MissingFile { .. }) if !meta.complete => {
                 salvage.push("symbols.jsonl was not written yet: functions are shown by id".to_string());
                 HashMap::new()
             }
@@ -403,7 +403,7 @@ impl Trace {
     }
 
     /// One thread's records in time order (its program order).
-    pub fn records(&self, thread: &ThreadTrace) -> Result<ThreadRecords, TraceError> {
+    pub fn records(&self, thread: &ThreadTrace) -> Result<ThreadRecords, TraceReadError> {
         ThreadRecords::open(thread, CHUNK_WORDS, false)
     }
 
@@ -411,7 +411,7 @@ impl Trace {
     /// no file open and at most 4 MiB of read buffers, however many
     /// threads there are (see [`ThreadRecords`]); reading thread by thread
     /// ([`Trace::records`]) is faster.
-    pub fn merged(&self) -> Result<Merged, TraceError> {
+    pub fn merged(&self) -> Result<Merged, TraceReadError> {
         let mut iters = Vec::new();
         let mut heap = BinaryHeap::new();
         let chunk = (MERGE_BUFFER_BYTES / WORD / self.threads.len().max(1)).clamp(MERGE_MIN_CHUNK_WORDS, CHUNK_WORDS);
@@ -428,15 +428,15 @@ impl Trace {
 }
 
 /// Step 1: `meta.json`, its format and version.
-fn read_meta(dir: &Path) -> Result<Meta, TraceError> {
+fn read_meta(dir: &Path) -> Result<Meta, TraceReadError> {
     let meta_path = dir.join(format::META_FILE);
     let hint = "not a textpoke trace directory, or the recording never wrote anything";
     let head: Head = read_json(&meta_path, hint)?;
     if head.format != format::FORMAT_NAME {
-        return Err(TraceError::NotATrace { path: meta_path, found: head.format });
+        return Err(TraceReadError::NotATrace { path: meta_path, found: head.format });
     }
     if head.version != format::FORMAT_VERSION {
-        return Err(TraceError::UnsupportedVersion {
+        return Err(TraceReadError::UnsupportedVersion {
             path: meta_path,
             found: head.version,
             supported: format::FORMAT_VERSION,
@@ -446,8 +446,8 @@ fn read_meta(dir: &Path) -> Result<Meta, TraceError> {
 }
 
 /// Step 3: the metadata against itself.
-fn check_meta(dir: &Path, meta: &Meta) -> Result<(), TraceError> {
-    let inconsistent = |what: String| TraceError::Inconsistent { dir: dir.to_path_buf(), what };
+fn check_meta(dir: &Path, meta: &Meta) -> Result<(), TraceReadError> {
+    let inconsistent = |what: String| TraceReadError::Inconsistent { dir: dir.to_path_buf(), what };
     if meta.clock.shift > 64 || meta.clock.mult == 0 {
         return Err(inconsistent(format!("clock conversion mult={} shift={}", meta.clock.mult, meta.clock.shift)));
     }
@@ -524,21 +524,21 @@ fn read_counts(
     meta: &Meta,
     symbols: &HashMap<u32, Symbol>,
     salvage: &mut Vec<String>,
-) -> Result<Vec<(FuncId, u64)>, TraceError> {
+) -> Result<Vec<(FuncId, u64)>, TraceReadError> {
     let path = dir.join(format::COUNTS_FILE);
     match read_json::<CountsFile>(&path, "a trace must have its call counts") {
         Ok(c) => {
             let mut prev = None;
             for (i, &(id, _)) in c.calls.iter().enumerate() {
                 if !symbols.contains_key(&id) && (!symbols.is_empty() || meta.complete) {
-                    return Err(TraceError::CorruptRecord {
+                    return Err(TraceReadError::CorruptRecord {
                         path,
                         index: i as u64,
                         what: format!("function id {id} is not in the symbol file"),
                     });
                 }
                 if prev.is_some_and(|p| p >= id) {
-                    return Err(TraceError::CorruptRecord {
+                    return Err(TraceReadError::CorruptRecord {
                         path,
                         index: i as u64,
                         what: format!("function id {id} out of order or twice"),
@@ -548,7 +548,7 @@ fn read_counts(
             }
             Ok(c.calls.into_iter().map(|(id, n)| (FuncId(id), n)).collect())
         }
-        Err(TraceError::MissingFile { .. }) if !meta.complete => {
+        Err(TraceReadError::MissingFile { .. }) if !meta.complete => {
             salvage.push("counts.json was not written yet: no exact call counts".to_string());
             Ok(Vec::new())
         }
@@ -573,22 +573,22 @@ fn size_thread_file(
     t: &ThreadMeta,
     complete: bool,
     salvage: &mut Vec<String>,
-) -> Result<(Option<PathBuf>, u64), TraceError> {
+) -> Result<(Option<PathBuf>, u64), TraceReadError> {
     let Some(name) = &t.file else { return Ok((None, 0)) };
     let path = dir.join(name);
     let (_, len) = open_regular(&path, "the metadata lists this thread's event file")?;
     if len < THREAD_HEADER_LEN as u64 {
         let what = format!("the file has {len} bytes, shorter than the {THREAD_HEADER_LEN}-byte header");
-        return Err(TraceError::BadHeader { path, what });
+        return Err(TraceReadError::BadHeader { path, what });
     }
     let body = len - THREAD_HEADER_LEN as u64;
     let (whole, partial) = (body / WORD as u64, body % WORD as u64);
     if complete {
         if whole < t.words {
-            return Err(TraceError::Truncated { path, expected: t.words, found: whole });
+            return Err(TraceReadError::Truncated { path, expected: t.words, found: whole });
         }
         if body > t.words * WORD as u64 {
-            return Err(TraceError::TrailingData {
+            return Err(TraceReadError::TrailingData {
                 path,
                 expected: t.words,
                 extra_bytes: body - t.words * WORD as u64,
@@ -610,7 +610,7 @@ fn check_thread_file(
     (complete, bounds): (bool, Option<(u64, u64)>),
     known: &dyn Fn(u32) -> bool,
     salvage: &mut Vec<String>,
-) -> Result<u64, TraceError> {
+) -> Result<u64, TraceReadError> {
     let (f, _) = open_regular(path, "the metadata lists this thread's event file")?;
     let mut r = BufReader::with_capacity(1 << 16, f);
     check_header(&mut r, path, t.tid)?;
@@ -661,7 +661,11 @@ fn check_thread_file(
     }
     if let Some(what) = problem {
         if complete || read <= t.words {
-            return Err(TraceError::CorruptRecord { path: path.to_path_buf(), index: read.saturating_sub(1), what });
+            return Err(TraceReadError::CorruptRecord {
+                path: path.to_path_buf(),
+                index: read.saturating_sub(1),
+                what,
+            });
         }
         salvage.push(format!("{}: cut at word {} of {words}: {what}", path.display(), read - 1));
         return Ok(good);
@@ -669,7 +673,7 @@ fn check_thread_file(
     if complete {
         check_sum(path, t, h)?;
         if entries != t.entries || exits != t.exits {
-            return Err(TraceError::CorruptRecord {
+            return Err(TraceReadError::CorruptRecord {
                 path: path.to_path_buf(),
                 index: words,
                 what: format!("{entries} entries and {exits} exits, the metadata says {} and {}", t.entries, t.exits),
@@ -712,15 +716,19 @@ fn check_event(e: &format::Event, bounds: Option<(u64, u64)>, known: &dyn Fn(u32
     Ok(())
 }
 
-fn check_sum(path: &Path, t: &ThreadMeta, h: u64) -> Result<(), TraceError> {
+fn check_sum(path: &Path, t: &ThreadMeta, h: u64) -> Result<(), TraceReadError> {
     if format!("{h:016x}") != t.checksum {
-        return Err(TraceError::ChecksumMismatch { path: path.to_path_buf(), expected: t.checksum.clone(), found: h });
+        return Err(TraceReadError::ChecksumMismatch {
+            path: path.to_path_buf(),
+            expected: t.checksum.clone(),
+            found: h,
+        });
     }
     Ok(())
 }
 
-fn check_header(r: &mut impl Read, path: &Path, tid: i32) -> Result<(), TraceError> {
-    let bad = |what: String| TraceError::BadHeader { path: path.to_path_buf(), what };
+fn check_header(r: &mut impl Read, path: &Path, tid: i32) -> Result<(), TraceReadError> {
+    let bad = |what: String| TraceReadError::BadHeader { path: path.to_path_buf(), what };
     let mut h = [0u8; THREAD_HEADER_LEN];
     r.read_exact(&mut h).map_err(io(path))?;
     let file_tid = format::parse_thread_header(&h).map_err(bad)?;
@@ -790,7 +798,7 @@ pub struct ThreadRecords {
 impl ThreadRecords {
     /// An iterator reading `chunk` words at a time, keeping its file open
     /// unless `reopen`.
-    fn open(t: &ThreadTrace, chunk: usize, reopen: bool) -> Result<ThreadRecords, TraceError> {
+    fn open(t: &ThreadTrace, chunk: usize, reopen: bool) -> Result<ThreadRecords, TraceReadError> {
         let mut it = ThreadRecords {
             file: None,
             path: t.path.clone().unwrap_or_default(),
@@ -813,7 +821,7 @@ impl ThreadRecords {
     }
 
     /// Reads the next chunk.
-    fn refill(&mut self) -> Result<(), TraceError> {
+    fn refill(&mut self) -> Result<(), TraceReadError> {
         use std::os::unix::fs::FileExt;
         let n = self.left.min(self.chunk as u64) as usize;
         self.buf.resize(n, 0);
@@ -838,7 +846,7 @@ impl ThreadRecords {
     }
 
     /// Decodes one word into the queue.
-    fn decode(&mut self, w: u64) -> Result<(), TraceError> {
+    fn decode(&mut self, w: u64) -> Result<(), TraceReadError> {
         let (tid, queue, last) = (self.tid, &mut self.queue, &mut self.last);
         let mut sink = |item: Item| match item {
             Item::Event(e) => {
@@ -882,7 +890,7 @@ impl ThreadRecords {
             }),
             Item::Sync { .. } => {}
         };
-        self.dec.feed(&[w], &mut sink).map_err(|e| TraceError::CorruptRecord {
+        self.dec.feed(&[w], &mut sink).map_err(|e| TraceReadError::CorruptRecord {
             path: self.path.clone(),
             index: e.word,
             what: format!("{} (file changed since open?)", e.what),
@@ -891,7 +899,7 @@ impl ThreadRecords {
 }
 
 impl Iterator for ThreadRecords {
-    type Item = Result<Record, TraceError>;
+    type Item = Result<Record, TraceReadError>;
 
     fn next(&mut self) -> Option<Self::Item> {
         loop {
@@ -927,7 +935,7 @@ pub struct Merged {
 }
 
 impl Iterator for Merged {
-    type Item = Result<Record, TraceError>;
+    type Item = Result<Record, TraceReadError>;
 
     fn next(&mut self) -> Option<Self::Item> {
         if self.failed {

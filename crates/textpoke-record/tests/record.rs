@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
-use textpoke_record::tracedata::{OpenOptions, Record, RecordKind, Trace, TraceError};
+use textpoke_record::tracedata::{OpenOptions, Record, RecordKind, Trace, TraceReadError};
 use textpoke_record::{self as record, ClockChoice, ClockSource, FuncId, Mode, RecorderConfig};
 
 static SERIAL: Mutex<()> = Mutex::new(());
@@ -801,18 +801,18 @@ fn reader_reports_each_kind_of_damage() {
     assert_eq!(t.name(t.threads().iter().map(|th| all_records(&t, th.tid())[0].func).next().unwrap()), "sample_a");
 
     let e = Trace::open(good.join("nope")).unwrap_err();
-    assert!(matches!(e, TraceError::NotFound { .. }), "{e}");
+    assert!(matches!(e, TraceReadError::NotFound { .. }), "{e}");
     let e = Trace::open(good.join("meta.json")).unwrap_err();
-    assert!(matches!(e, TraceError::NotADirectory { .. }), "{e}");
+    assert!(matches!(e, TraceReadError::NotADirectory { .. }), "{e}");
 
     let d = copy_dir(&good, "r-nometa");
     std::fs::remove_file(d.join("meta.json")).unwrap();
-    assert!(matches!(Trace::open(&d).unwrap_err(), TraceError::MissingFile { .. }));
+    assert!(matches!(Trace::open(&d).unwrap_err(), TraceReadError::MissingFile { .. }));
 
     let d = copy_dir(&good, "r-incomplete");
     edit_meta(&d, |v| v["complete"] = false.into());
     let e = Trace::open(&d).unwrap_err();
-    assert!(matches!(e, TraceError::Incomplete { .. }), "{e}");
+    assert!(matches!(e, TraceReadError::Incomplete { .. }), "{e}");
     assert!(e.to_string().contains("allow_incomplete"));
     let s = Trace::open_with(&d, OpenOptions { allow_incomplete: true }).unwrap();
     assert!(!s.is_complete());
@@ -820,31 +820,31 @@ fn reader_reports_each_kind_of_damage() {
 
     let d = copy_dir(&good, "r-garbage");
     std::fs::write(d.join("meta.json"), "{ not json").unwrap();
-    assert!(matches!(Trace::open(&d).unwrap_err(), TraceError::Json { .. }));
+    assert!(matches!(Trace::open(&d).unwrap_err(), TraceReadError::Json { .. }));
 
     let d = copy_dir(&good, "r-version");
     edit_meta(&d, |v| v["version"] = 99.into());
     let e = Trace::open(&d).unwrap_err();
-    assert!(matches!(e, TraceError::UnsupportedVersion { found: 99, .. }), "{e}");
+    assert!(matches!(e, TraceReadError::UnsupportedVersion { found: 99, .. }), "{e}");
 
     let d = copy_dir(&good, "r-format");
     edit_meta(&d, |v| v["format"] = "something-else".into());
-    assert!(matches!(Trace::open(&d).unwrap_err(), TraceError::NotATrace { .. }));
+    assert!(matches!(Trace::open(&d).unwrap_err(), TraceReadError::NotATrace { .. }));
 
     let d = copy_dir(&good, "r-nosyms");
     std::fs::remove_file(d.join("symbols.jsonl")).unwrap();
-    assert!(matches!(Trace::open(&d).unwrap_err(), TraceError::MissingFile { .. }));
+    assert!(matches!(Trace::open(&d).unwrap_err(), TraceReadError::MissingFile { .. }));
 
     let d = copy_dir(&good, "r-nofile");
     std::fs::remove_file(&thread_files(&d)[0]).unwrap();
-    assert!(matches!(Trace::open(&d).unwrap_err(), TraceError::MissingFile { .. }));
+    assert!(matches!(Trace::open(&d).unwrap_err(), TraceReadError::MissingFile { .. }));
 
     let d = copy_dir(&good, "r-trunc");
     let f = &thread_files(&d)[0];
     let len = std::fs::metadata(f).unwrap().len();
     std::fs::OpenOptions::new().write(true).open(f).unwrap().set_len(len - 8).unwrap();
     let e = Trace::open(&d).unwrap_err();
-    assert!(matches!(e, TraceError::Truncated { .. }), "{e}");
+    assert!(matches!(e, TraceReadError::Truncated { .. }), "{e}");
     // Salvaging a truncated, incomplete trace keeps the whole records.
     edit_meta(&d, |v| v["complete"] = false.into());
     let s = Trace::open_with(&d, OpenOptions { allow_incomplete: true }).unwrap();
@@ -856,14 +856,14 @@ fn reader_reports_each_kind_of_damage() {
     let mut bytes = std::fs::read(f).unwrap();
     bytes.extend_from_slice(&[0; 8]);
     std::fs::write(f, &bytes).unwrap();
-    assert!(matches!(Trace::open(&d).unwrap_err(), TraceError::TrailingData { .. }));
+    assert!(matches!(Trace::open(&d).unwrap_err(), TraceReadError::TrailingData { .. }));
 
     let d = copy_dir(&good, "r-magic");
     let f = &thread_files(&d)[0];
     let mut bytes = std::fs::read(f).unwrap();
     bytes[0] = b'X';
     std::fs::write(f, &bytes).unwrap();
-    assert!(matches!(Trace::open(&d).unwrap_err(), TraceError::BadHeader { .. }));
+    assert!(matches!(Trace::open(&d).unwrap_err(), TraceReadError::BadHeader { .. }));
 
     // Word 5 (after the 4-word sync record and one event) made a special
     // record of type 0.
@@ -873,7 +873,7 @@ fn reader_reports_each_kind_of_damage() {
     bytes[32 + 8 * 5..32 + 8 * 6].copy_from_slice(&0u64.to_le_bytes());
     std::fs::write(f, &bytes).unwrap();
     let e = Trace::open(&d).unwrap_err();
-    assert!(matches!(e, TraceError::CorruptRecord { index: 5, .. }), "{e}");
+    assert!(matches!(e, TraceReadError::CorruptRecord { index: 5, .. }), "{e}");
 
     // A change that keeps every event plausible: swap two entry words (both
     // known functions, same depth) — only the checksum sees it.
@@ -886,13 +886,13 @@ fn reader_reports_each_kind_of_damage() {
     }
     std::fs::write(f, &bytes).unwrap();
     let e = Trace::open(&d).unwrap_err();
-    assert!(matches!(e, TraceError::ChecksumMismatch { .. }), "{e}");
+    assert!(matches!(e, TraceReadError::ChecksumMismatch { .. }), "{e}");
 
     // A trace written by an earlier textpoke (format 1) is named as such.
     let d = copy_dir(&good, "r-v1");
     edit_meta(&d, |v| v["version"] = 1.into());
     let e = Trace::open(&d).unwrap_err();
-    assert!(matches!(e, TraceError::UnsupportedVersion { found: 1, .. }), "{e}");
+    assert!(matches!(e, TraceReadError::UnsupportedVersion { found: 1, .. }), "{e}");
     assert!(e.to_string().contains("record the program again"), "{e}");
 
     // A FIFO in place of a thread file is refused, not read (which would
@@ -904,7 +904,7 @@ fn reader_reports_each_kind_of_damage() {
     // SAFETY: a valid path.
     assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
     let e = Trace::open(&d).unwrap_err();
-    assert!(matches!(e, TraceError::NotAFile { kind: "a FIFO", .. }), "{e}");
+    assert!(matches!(e, TraceReadError::NotAFile { kind: "a FIFO", .. }), "{e}");
 
     // The same thread listed twice.
     let d = copy_dir(&good, "r-dup");
@@ -913,7 +913,7 @@ fn reader_reports_each_kind_of_damage() {
         v["threads"].as_array_mut().unwrap().push(t);
     });
     let e = Trace::open(&d).unwrap_err();
-    assert!(matches!(e, TraceError::Inconsistent { .. }), "{e}");
+    assert!(matches!(e, TraceReadError::Inconsistent { .. }), "{e}");
 
     // Events far outside the recording's start and end.
     let d = copy_dir(&good, "r-future");

@@ -285,7 +285,7 @@ pub fn detect() -> Detection {
 /// The shortest calibration interval: a refine this soon after the start
 /// waits (2 ms give a rate to a few parts per million, as the pairs are
 /// read to within tens of nanoseconds).
-pub const MIN_CALIBRATION: Duration = Duration::from_millis(2);
+pub(crate) const MIN_CALIBRATION: Duration = Duration::from_millis(2);
 
 /// A TSC↔`CLOCK_MONOTONIC` pairing, and the conversion derived from two.
 #[derive(Clone, Copy, Debug)]
@@ -329,7 +329,7 @@ impl Calibration {
     }
 
     /// Measures the TSC rate again over the whole time since the start (at
-    /// least [`MIN_CALIBRATION`]: a refine sooner than that waits for it),
+    /// least `MIN_CALIBRATION` (2 ms): a refine sooner than that waits for it),
     /// so the factor gets more accurate the longer the recording runs.
     pub fn refine(&mut self) {
         if !self.source.is_tsc() {

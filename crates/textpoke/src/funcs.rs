@@ -8,7 +8,7 @@
 //! Append-only. [`register`] takes a mutex (control path: the tracer's
 //! scans, tests), looks the address up, and for a new function stores its
 //! entry into the next free slot of a segmented array, then publishes the
-//! new count with release. A [`Registrar`] holds the mutex for many
+//! new count with release. A `Registrar` holds the mutex for many
 //! registrations (a scan's), and names are shared (`Arc<str>`) with the
 //! caller, which keeps them too. Readers ([`get`], [`count`]) take no lock:
 //! they load the count with acquire (pairing with that release) and read
@@ -82,13 +82,13 @@ pub fn register(addr: usize, name: &str) -> FuncId {
 }
 
 /// Holds the table's lock for many registrations; see [`registrar`].
-pub struct Registrar {
+pub(crate) struct Registrar {
     map: MutexGuard<'static, Option<ByAddr>>,
 }
 
 /// Takes the table's lock until the returned [`Registrar`] is dropped
 /// (readers never wait for it).
-pub fn registrar() -> Registrar {
+pub(crate) fn registrar() -> Registrar {
     Registrar { map: BY_ADDR.lock().unwrap_or_else(|e| e.into_inner()) }
 }
 

@@ -1,20 +1,36 @@
 //! textpoke: the Linux kernel's live code patching for multithreaded
 //! user-space processes.
 //!
-//! Layers, each using only those below it (see DESIGN.md):
+//! The layers, from the bottom up; each uses only those before it in
+//! this list (DESIGN.md's picture; `ARCHITECTURE.md` at the repository's
+//! root is the map, with where to start reading for each):
 //!
-//! - [`text`]: the poke engine — batches of pokes validated as a whole and
-//!   committed by the breakpoint or the stop-machine strategy;
-//! - [`keys`]: static keys (jump labels) — branch sites compiled in as a
-//!   NOP or a JMP and flipped, all sites of a key in one batch;
-//! - [`sites`]: where the patchable places are — patchable entries,
-//!   `__mcount_loc` sites and the entry and exit sites of Rust functions
-//!   marked with [`#[traced]`](traced), in every loaded object, mapped to
-//!   functions;
-//! - [`sync`]: the threads of this process — sync-core (membarrier or
-//!   signals), parking;
-//! - [`sys`]: thin wrappers over the kernel facilities;
-//! - [`arch`]: instruction encodings, decoding checks, trap emulation.
+//! 1. [`arch`]: the only module that knows instruction encodings —
+//!    encodings, decoding checks, trap emulation, an assembler
+//!    ([`arch::asm`]) and the trampoline frames; it uses no feature;
+//! 2. [`sys`]: thin wrappers over the kernel facilities, the one place
+//!    for raw system calls;
+//! 3. [`sync`]: the threads of this process — sync-core (membarrier or
+//!    signals), parking them, the fork lock;
+//! 4. [`text`]: the poke engine — batches of pokes validated as a whole
+//!    and committed by the breakpoint or the stop-machine strategy;
+//! 5. [`sites`]: where the patchable places are — patchable entries,
+//!    `__mcount_loc` sites and the entry and exit sites of Rust functions
+//!    marked with [`#[traced]`](traced), in every loaded object, mapped to
+//!    functions;
+//! 6. [`funcs`] and [`clock`]: the dense ids of traced functions, and the
+//!    timestamp clock — for the tracer and the ops above it;
+//! 7. [`keys`]: static keys (jump labels) — branch sites compiled in as a
+//!    NOP or a JMP and flipped, all sites of a key in one batch;
+//! 8. [`trace`]: the function tracer — ops ([`TraceOp`]) called at
+//!    traced sites through stubs and trampolines, the function graph,
+//!    grace periods before anything is freed.
+//!
+//! Beside them, [`stress`] runs the poke engine against threads and
+//! signal handlers calling the sites it flips (`textpoke selftest`).
+//! The main types are re-exported here: [`Batch`], [`Poke`],
+//! [`PokeError`], the key types, the site types, [`Tracer`],
+//! [`TraceError`]. Test switches exist only with the `testing` feature.
 //!
 //! This crate is the engine: it depends on nothing a front end needs.
 //! Above it, each in its own crate: the recorder, the trace format and its
@@ -35,7 +51,7 @@
 
 pub mod arch;
 pub mod clock;
-pub mod error;
+mod error;
 pub mod funcs;
 pub mod keys;
 pub mod sites;
@@ -45,10 +61,12 @@ pub mod sys;
 pub mod text;
 pub mod trace;
 
-pub use error::PokeError;
-pub use text::{
-    capabilities, Batch, Capabilities, CommitOptions, CommitStats, Poke, Strategy, SyncMethod, WriteMethod,
-};
+pub use error::{Location, PokeError};
+pub use keys::{KeyError, StaticKey, StaticKeyFalse, StaticKeyTrue, Update};
+pub use sites::{Site, SiteKind, SiteTable, SitesError};
+pub use sync::SyncMethod;
+pub use text::{capabilities, Batch, Capabilities, CommitOptions, CommitStats, Poke, Strategy, WriteMethod};
+pub use trace::{Entry, Exit, Filter, OpHandle, TraceError, TraceOp, Tracer};
 
 /// Marks a function, or every method of an `impl` block, for the function
 /// tracer: an entry site at the start of its body and an exit site run by a

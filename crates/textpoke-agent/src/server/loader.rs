@@ -51,25 +51,10 @@ fn counters_moved() -> bool {
     dl_counters() != (SEEN_ADDS.load(Ordering::Relaxed), SEEN_SUBS.load(Ordering::Relaxed))
 }
 
-/// The loader's (objects added, objects removed) counters.
-// TODO(#14): textpoke::sys::loader_counters. The engine reads the same
-// counters (`sites::objects::loader_counters`, crate-private here; the
-// `sys` work of #14 makes them `textpoke::sys::loader::counters`): call
-// that once it is public and delete this copy.
+/// The loader's (objects added, objects removed) counters; (0, 0) when
+/// the loader does not report them (every check then sees no change).
 fn dl_counters() -> (u64, u64) {
-    unsafe extern "C" fn first(info: *mut libc::dl_phdr_info, size: usize, out: *mut libc::c_void) -> libc::c_int {
-        let end = std::mem::offset_of!(libc::dl_phdr_info, dlpi_subs) + 8;
-        if size >= end {
-            // SAFETY: the loader passes a valid info of `size` bytes, which
-            // covers both counters; `out` is the pair passed below.
-            unsafe { *(out as *mut (u64, u64)) = ((*info).dlpi_adds, (*info).dlpi_subs) };
-        }
-        1 // the first object is enough
-    }
-    let mut out = (0u64, 0u64);
-    // SAFETY: the callback only writes `out`, which outlives the call.
-    unsafe { libc::dl_iterate_phdr(Some(first), (&mut out as *mut (u64, u64)).cast()) };
-    out
+    textpoke::sys::loader::counters().unwrap_or_default()
 }
 
 /// Waits until no `dlopen` or `dlclose` is in progress: the counters move

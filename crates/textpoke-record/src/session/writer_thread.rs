@@ -57,7 +57,7 @@ fn writer_blocked_signals() -> libc::sigset_t {
         for s in [libc::SIGSEGV, libc::SIGBUS, libc::SIGILL, libc::SIGFPE, libc::SIGTRAP, libc::SIGSYS] {
             libc::sigdelset(&mut set, s);
         }
-        libc::sigdelset(&mut set, textpoke::sync::rendezvous::rendezvous_signal());
+        libc::sigdelset(&mut set, textpoke::sync::rendezvous_signal());
         set
     }
 }
@@ -129,7 +129,7 @@ mod tests {
     fn the_writer_is_born_with_the_programs_signals_blocked() {
         let before = mask();
         let theirs = spawn_with_signals_blocked("mask-test", mask).unwrap().join().unwrap();
-        let rendezvous = textpoke::sync::rendezvous::rendezvous_signal();
+        let rendezvous = textpoke::sync::rendezvous_signal();
         for sig in [libc::SIGINT, libc::SIGTERM, libc::SIGUSR1, libc::SIGCHLD, libc::SIGALRM, libc::SIGRTMIN()] {
             assert!(blocked(&theirs, sig), "signal {sig} reaches the writer");
         }

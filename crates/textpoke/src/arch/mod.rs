@@ -27,19 +27,22 @@
 
 #[cfg(target_arch = "x86_64")]
 mod x86_64;
+// Everything of the ISA for the layers above; the few items crates above
+// the engine need (a poke's bytes, the TLS offset of generated code's
+// thread-locals) are public.
 #[cfg(target_arch = "x86_64")]
-pub use self::x86_64::*;
+pub(crate) use self::x86_64::*;
+#[cfg(target_arch = "x86_64")]
+pub use self::x86_64::{encode_call, encode_jmp, static_tls_offset, NopForm, NOP5};
 /// Run-time generated trampolines.
 #[cfg(target_arch = "x86_64")]
 #[path = "tramp_x86_64.rs"]
-pub mod tramp;
+pub(crate) mod tramp;
 
-/// The assembler features use to generate their own inline code for the
-/// trampolines (see [`tramp::Emit`]): iced-x86's `CodeAssembler`.
+// The assembler the trampolines are written with, and features their own
+// inline code for them (see `tramp::Emit`); its docs are in asm.rs.
 #[cfg(target_arch = "x86_64")]
-pub mod asm {
-    pub use iced_x86::code_asm::*;
-}
+pub mod asm;
 
 #[cfg(not(target_arch = "x86_64"))]
 compile_error!("textpoke supports x86-64 only for now; aarch64 is next");

@@ -75,7 +75,12 @@
 //! r11`), whose return address it is; it first tries the graph op's exit
 //! inline. It is never freed, so it needs no count of its own.
 
-use iced_x86::code_asm::*;
+use super::asm::{
+    dword_ptr, qword_ptr, AsmError, Assembler, Label,
+    Reg32::*,
+    Reg64::{self, *},
+    Vector,
+};
 
 /// A thread's count while it is not registered with the tracer (bit 31):
 /// a stub's `inc` then leaves the sign flag set and takes its cold path.
@@ -216,7 +221,7 @@ pub struct SavedReturn {
     pub vec1: [u8; 32],
 }
 
-const GPR_OFF: [(AsmRegister64, i32); 9] =
+const GPR_OFF: [(Reg64, i32); 9] =
     [(rax, 0), (rcx, 8), (rdx, 16), (rsi, 24), (rdi, 32), (r8, 40), (r9, 48), (r10, 56), (r11, 64)];
 const VEC_OFF: i32 = 96;
 
@@ -225,27 +230,21 @@ pub fn has_avx() -> bool {
     std::arch::is_x86_feature_detected!("avx")
 }
 
-fn ymm_reg(i: usize) -> AsmRegisterYmm {
-    [ymm0, ymm1, ymm2, ymm3, ymm4, ymm5, ymm6, ymm7, ymm8, ymm9, ymm10, ymm11, ymm12, ymm13, ymm14, ymm15][i]
-}
-fn xmm_reg(i: usize) -> AsmRegisterXmm {
-    [xmm0, xmm1, xmm2, xmm3, xmm4, xmm5, xmm6, xmm7, xmm8, xmm9, xmm10, xmm11, xmm12, xmm13, xmm14, xmm15][i]
-}
-
-fn save_vec(a: &mut CodeAssembler, i: usize, off: i32, avx: bool) -> Result<(), IcedError> {
+/// Vector register `i` as saved: ymm with AVX, else xmm.
+fn vector(i: usize, avx: bool) -> Vector {
     if avx {
-        a.vmovdqu(ymmword_ptr(rsp + off), ymm_reg(i))
+        Vector::Ymm(i as u8)
     } else {
-        a.movdqu(xmmword_ptr(rsp + off), xmm_reg(i))
+        Vector::Xmm(i as u8)
     }
 }
 
-fn load_vec(a: &mut CodeAssembler, i: usize, off: i32, avx: bool) -> Result<(), IcedError> {
-    if avx {
-        a.vmovdqu(ymm_reg(i), ymmword_ptr(rsp + off))
-    } else {
-        a.movdqu(xmm_reg(i), xmmword_ptr(rsp + off))
-    }
+fn save_vec(a: &mut Assembler, i: usize, off: i32, avx: bool) -> Result<(), AsmError> {
+    a.store_vector(rsp + off, vector(i, avx))
+}
+
+fn load_vec(a: &mut Assembler, i: usize, off: i32, avx: bool) -> Result<(), AsmError> {
+    a.load_vector(vector(i, avx), rsp + off)
 }
 
 /// Which registers an entry trampoline must preserve.
@@ -261,13 +260,13 @@ pub enum Live {
 
 /// The entry trampoline placed at `at`, calling
 /// `handler(regs: *mut SavedRegs, frame: *mut u64, ctx: usize)`.
-pub fn entry_trampoline(at: usize, handler: usize, ctx: usize, avx: bool, live: Live) -> Result<Vec<u8>, IcedError> {
+pub fn entry_trampoline(at: usize, handler: usize, ctx: usize, avx: bool, live: Live) -> Result<Vec<u8>, AsmError> {
     let (gprs, vecs) = match live {
         Live::FunctionEntry => (&GPR_OFF[..8], 8),
         Live::Body => (&GPR_OFF[..], 16),
     };
     let frame_size = (VEC_OFF as usize + 32 * vecs) as i32;
-    let mut a = CodeAssembler::new(64)?;
+    let mut a = Assembler::new()?;
     a.push(rbp)?;
     a.mov(rbp, rsp)?;
     a.and(rsp, -32)?;
@@ -296,14 +295,14 @@ pub fn entry_trampoline(at: usize, handler: usize, ctx: usize, avx: bool, live: 
     a.mov(rsp, rbp)?;
     a.pop(rbp)?;
     a.ret()?; // into the stub, which drops the index and lowers the count
-    a.assemble(at as u64)
+    a.assemble(at)
 }
 
 /// Saves every register a site in a function body may have live (the
 /// nine caller-saved general-purpose ones, vectors 0-15 as ymm with
 /// `avx`), calls `handler() -> u32`, restores them all and leaves the zero
 /// flag set when the handler returned 0. Only the flags change.
-fn save_all_and_call(a: &mut CodeAssembler, handler: usize, avx: bool) -> Result<(), IcedError> {
+fn save_all_and_call(a: &mut Assembler, handler: usize, avx: bool) -> Result<(), AsmError> {
     let frame_size = VEC_OFF + 32 * 16;
     a.push(rbp)?;
     a.mov(rbp, rsp)?;
@@ -350,29 +349,29 @@ pub enum Skip {
 /// `skip` says: untraced, the stub's trampoline never reached. With
 /// [`Counter::Calls`] it is the *enter* routine every call stub calls
 /// first (the handler also raises the count).
-pub fn register_routine(at: usize, handler: usize, avx: bool, skip: Skip) -> Result<Vec<u8>, IcedError> {
-    let mut a = CodeAssembler::new(64)?;
-    let mut skipped = a.create_label();
+pub fn register_routine(at: usize, handler: usize, avx: bool, skip: Skip) -> Result<Vec<u8>, AsmError> {
+    let mut a = Assembler::new()?;
+    let skipped = a.create_label();
     save_all_and_call(&mut a, handler, avx)?;
     a.jz(skipped)?;
     a.ret()?;
-    a.set_label(&mut skipped)?;
+    a.set_label(skipped)?;
     a.lea(rsp, qword_ptr(rsp + 8))?; // the return into the stub
     match skip {
         Skip::ToSite => a.ret()?,
-        Skip::ToResume => a.jmp(qword_ptr(r11 + GS_RESUME))?,
+        Skip::ToResume => a.jmp_mem(qword_ptr(r11 + GS_RESUME))?,
     }
-    a.assemble(at as u64)
+    a.assemble(at)
 }
 
 /// The never-freed *leave* routine of [`Counter::Calls`] placed at `at`:
 /// every call stub calls it on its way out; it saves every register,
 /// calls `handler()` (which lowers the count) and returns.
-pub fn leave_routine(at: usize, handler: usize, avx: bool) -> Result<Vec<u8>, IcedError> {
-    let mut a = CodeAssembler::new(64)?;
+pub fn leave_routine(at: usize, handler: usize, avx: bool) -> Result<Vec<u8>, AsmError> {
+    let mut a = Assembler::new()?;
     save_all_and_call(&mut a, handler, avx)?;
     a.ret()?;
-    a.assemble(at as u64)
+    a.assemble(at)
 }
 
 /// Code an op generates to run inline in a trampoline, instead of being
@@ -381,17 +380,17 @@ pub fn leave_routine(at: usize, handler: usize, avx: bool) -> Result<Vec<u8>, Ic
 /// thread or a later call could see. Which registers hold its inputs and
 /// which it may clobber depends on the trampoline: see
 /// [`count_trampoline`], [`graph_trampoline`] and [`return_block`].
-pub type Emit<'a> = &'a dyn Fn(&mut CodeAssembler, CodeLabel) -> Result<(), IcedError>;
+pub type Emit<'a> = &'a dyn Fn(&mut Assembler, Label) -> Result<(), AsmError>;
 
 /// The count trampoline placed at `at`: on entry `[rsp]` returns into the
 /// stub and `[rsp+8]` is the function's id (pushed by its stub). It saves
 /// four scratch registers, loads the id into rcx and runs `count` (which
 /// may clobber rax, rcx, rdx and rsi), and returns into the stub, or jumps
 /// to `slow` (a full entry trampoline, same stack) when `count` fails.
-pub fn count_trampoline(at: usize, count: Emit<'_>, slow: usize) -> Result<Vec<u8>, IcedError> {
-    let mut a = CodeAssembler::new(64)?;
-    let mut pop_slow = a.create_label();
-    const SAVED: [AsmRegister64; 4] = [rax, rcx, rdx, rsi];
+pub fn count_trampoline(at: usize, count: Emit<'_>, slow: usize) -> Result<Vec<u8>, AsmError> {
+    let mut a = Assembler::new()?;
+    let pop_slow = a.create_label();
+    const SAVED: [Reg64; 4] = [rax, rcx, rdx, rsi];
     for reg in SAVED {
         a.push(reg)?;
     }
@@ -401,12 +400,12 @@ pub fn count_trampoline(at: usize, count: Emit<'_>, slow: usize) -> Result<Vec<u
         a.pop(*reg)?;
     }
     a.ret()?; // into the stub, which drops the id and lowers the count
-    a.set_label(&mut pop_slow)?;
+    a.set_label(pop_slow)?;
     for reg in SAVED.iter().rev() {
         a.pop(*reg)?;
     }
-    a.jmp(slow as u64)?;
-    a.assemble(at as u64)
+    a.jmp_to(slow)?;
+    a.assemble(at)
 }
 
 /// Where the tracer keeps its per-thread state and shadow stacks, for the
@@ -540,13 +539,13 @@ pub fn graph_trampoline(
     op: usize,
     (thunk, slow): (usize, usize),
     entry: Emit<'_>,
-) -> Result<Vec<u8>, IcedError> {
-    let mut a = CodeAssembler::new(64)?;
-    let mut pop_slow = a.create_label();
+) -> Result<Vec<u8>, AsmError> {
+    let mut a = Assembler::new()?;
+    let pop_slow = a.create_label();
     // rdi, rsi, rdx, rcx, r8 (arguments) and rax (vector count of a
     // varargs call) are restored; after the pushes [rsp+48] is the
     // function's return address. r9 and r10 are not touched.
-    const SAVED: [AsmRegister64; 6] = [rax, rdx, rcx, rsi, rdi, r8];
+    const SAVED: [Reg64; 6] = [rax, rdx, rcx, rsi, rdi, r8];
     for reg in SAVED {
         a.push(reg)?;
     }
@@ -600,16 +599,16 @@ pub fn graph_trampoline(
         a.pop(*reg)?;
     }
     a.lea(rsp, qword_ptr(rsp + 8))?; // the return address is in the shadow entry
-    a.jmp(thunk as u64)?; // lowers the count, calls the function
-    a.set_label(&mut pop_slow)?;
+    a.jmp_to(thunk)?; // lowers the count, calls the function
+    a.set_label(pop_slow)?;
     for reg in SAVED.iter().rev() {
         a.pop(*reg)?;
     }
     a.push(qword_ptr(r11 + GS_RESUME))?; // as the site's call would have
     a.push(qword_ptr(r11 + GS_INDEX))?; // as a stub's push: the index (func above it)
     a.push(qword_ptr(r11 + GS_TAIL))?; // as a stub's call: the return into its tail
-    a.jmp(slow as u64)?;
-    a.assemble(at as u64)
+    a.jmp_to(slow)?;
+    a.assemble(at)
 }
 
 /// Offset of the return trampoline in [`return_block`]: after the thunk.
@@ -624,7 +623,7 @@ pub fn return_block(
     handler: usize,
     avx: bool,
     fast: Option<(&ShadowOffsets, Emit<'_>)>,
-) -> Result<Vec<u8>, IcedError> {
+) -> Result<Vec<u8>, AsmError> {
     let mut code = match fast {
         Some((sh, _)) => fs_incdec(DEC, sh.tls_in_tramp).to_vec(),
         None => vec![0xcc; 8],
@@ -653,8 +652,8 @@ pub fn return_trampoline(
     handler: usize,
     avx: bool,
     fast: Option<(&ShadowOffsets, Emit<'_>)>,
-) -> Result<Vec<u8>, IcedError> {
-    let mut a = CodeAssembler::new(64)?;
+) -> Result<Vec<u8>, AsmError> {
+    let mut a = Assembler::new()?;
     if let Some((sh, exit)) = fast {
         fast_return(&mut a, sh, exit)?;
     }
@@ -679,13 +678,13 @@ pub fn return_trampoline(
     a.mov(rsp, rbp)?;
     a.pop(rbp)?;
     a.ret()?;
-    a.assemble(at as u64)
+    a.assemble(at)
 }
 
 /// The fast path of the return trampoline; falls through to the slow one
 /// with the stack and registers as they came.
-fn fast_return(a: &mut CodeAssembler, sh: &ShadowOffsets, exit: Emit<'_>) -> Result<(), IcedError> {
-    let mut out = a.create_label();
+fn fast_return(a: &mut Assembler, sh: &ShadowOffsets, exit: Emit<'_>) -> Result<(), AsmError> {
+    let out = a.create_label();
     // The results, below the caller's stack pointer (nothing of the caller
     // lives there after a return) and below this frame's return slot at
     // caller_sp - 8, which stays untouched: until the pop, the shadow entry
@@ -728,7 +727,7 @@ fn fast_return(a: &mut CodeAssembler, sh: &ShadowOffsets, exit: Emit<'_>) -> Res
     // call is the newest one the CPU has not seen return.
     a.mov(qword_ptr(rsp), r8)?;
     a.ret()?;
-    a.set_label(&mut out)?;
+    a.set_label(out)?;
     a.pop(rdx)?;
     a.pop(rax)?;
     a.lea(rsp, qword_ptr(rsp + 8))
@@ -740,6 +739,7 @@ fn fast_return(a: &mut CodeAssembler, sh: &ShadowOffsets, exit: Emit<'_>) -> Res
 /// leaves it, so this is what one traced call executes there (tests of the
 /// trampolines and of the ops that generate inline code count them;
 /// public for the latter, which live in crates above this one).
+#[cfg(any(test, feature = "testing"))]
 pub fn straight_path(ip: u64, code: &[u8]) -> usize {
     use iced_x86::{Decoder, DecoderOptions, FlowControl};
     let end = ip + code.len() as u64;
@@ -765,22 +765,32 @@ pub fn straight_path(ip: u64, code: &[u8]) -> usize {
     panic!("no jmp or ret")
 }
 
+/// `code` placed at `ip`, disassembled: one `address:instruction` per
+/// element (Intel syntax).
+#[cfg(any(test, feature = "testing"))]
+fn disasm(ip: usize, code: &[u8]) -> Vec<String> {
+    use iced_x86::{Decoder, DecoderOptions, Formatter, IntelFormatter};
+    let mut f = IntelFormatter::new();
+    Decoder::with_ip(64, code, ip as u64, DecoderOptions::NONE)
+        .into_iter()
+        .map(|i| {
+            let mut s = String::new();
+            f.format(&i, &mut s);
+            format!("{:x}:{s}", i.ip())
+        })
+        .collect()
+}
+
+/// `code` placed at `ip`, disassembled, one instruction a line (for
+/// tests that print generated code).
+#[cfg(feature = "testing")]
+pub(crate) fn listing(ip: usize, code: &[u8]) -> String {
+    disasm(ip, code).into_iter().map(|l| l + "\n").collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn disasm(ip: usize, code: &[u8]) -> Vec<String> {
-        use iced_x86::{Decoder, DecoderOptions, Formatter, IntelFormatter};
-        let mut f = IntelFormatter::new();
-        Decoder::with_ip(64, code, ip as u64, DecoderOptions::NONE)
-            .into_iter()
-            .map(|i| {
-                let mut s = String::new();
-                f.format(&i, &mut s);
-                format!("{:x}:{s}", i.ip())
-            })
-            .collect()
-    }
 
     #[test]
     fn call_stubs_raise_the_count_first_and_lower_it_last() {

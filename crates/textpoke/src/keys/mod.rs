@@ -206,12 +206,14 @@ impl StaticKey {
     /// Whether the key is enabled (its reference count is positive).
     #[inline]
     pub fn is_enabled(&self) -> bool {
+        // Pairs with the Release stores of a positive count (`inc`,
+        // `Update::commit`), made once the sites are patched.
         self.enabled.load(Ordering::Acquire) > 0
     }
 
     /// The reference count: 0 disabled, positive enabled.
     pub fn count(&self) -> i32 {
-        self.enabled.load(Ordering::Acquire).max(0)
+        self.enabled.load(Ordering::Acquire).max(0) // pairs as in is_enabled
     }
 
     /// Whether the key is enabled when its object is loaded.
@@ -223,6 +225,7 @@ impl StaticKey {
     /// positive count is left alone. When this returns `Ok`, every branch
     /// on the key is taken (by threads that start it afterwards).
     pub fn enable(&self) -> Result<(), KeyError> {
+        // Pairs as in `is_enabled`: a positive count means patched sites.
         if self.enabled.load(Ordering::Acquire) > 0 {
             return Ok(());
         }
@@ -233,6 +236,8 @@ impl StaticKey {
     /// left alone; a count above 1 (held by `inc()`) is refused with
     /// [`KeyError::Shared`].
     pub fn disable(&self) -> Result<(), KeyError> {
+        // Pairs with the stores that make the count 0 (the CASes of `dec`
+        // and `begin_transition`, `rollback`, a failed `inc`).
         if self.enabled.load(Ordering::Acquire) == 0 {
             return Ok(());
         }
@@ -254,6 +259,8 @@ impl StaticKey {
             return Ok(());
         }
         locked(|reg, pins| loop {
+            // Pairs with every Release store and CAS of the count (other
+            // lock holders, the lock-free paths).
             let v = self.enabled.load(Ordering::Acquire);
             if v > 0 {
                 if self.try_inc_fast()? {
@@ -273,6 +280,7 @@ impl StaticKey {
                     Ok(())
                 }
                 Err(e) => {
+                    // Nothing patched: 0 again (partner as for 1 above).
                     self.enabled.store(0, Ordering::Release);
                     Err(e)
                 }
@@ -287,6 +295,7 @@ impl StaticKey {
             return Ok(());
         }
         locked(|reg, pins| loop {
+            // Pairs as in `inc`.
             let v = self.enabled.load(Ordering::Acquire);
             if v > 1 {
                 if self.try_dec_fast() {
@@ -298,6 +307,9 @@ impl StaticKey {
                 return Err(KeyError::Underflow { key: self.name().to_string() });
             }
             // 1 -> 0; a lock-free inc() may have made it 2 meanwhile.
+            // Acquire pairs with the Release that made it 1; Release with
+            // the Acquire loads of `is_enabled` and the lock-free paths,
+            // which from now on see 0 and leave the count to us.
             if self.enabled.compare_exchange(1, 0, Ordering::AcqRel, Ordering::Acquire).is_err() {
                 continue;
             }
@@ -307,6 +319,8 @@ impl StaticKey {
                 Ok(_) => Ok(()),
                 Err(e) => {
                     // While the count is 0 no lock-free path changes it.
+                    // Back to 1, the sites still patched: pairs with the
+                    // Acquire loads of `is_enabled` and the lock-free paths.
                     self.enabled.store(1, Ordering::Release);
                     Err(e)
                 }
@@ -316,11 +330,16 @@ impl StaticKey {
 
     /// Increments a positive count; `Ok(false)` if it is not positive.
     fn try_inc_fast(&self) -> Result<bool, KeyError> {
+        // Pairs with the Release that made the count positive: the sites
+        // are patched.
         let mut v = self.enabled.load(Ordering::Acquire);
         while v > 0 {
             if v == i32::MAX {
                 return Err(KeyError::Overflow { key: self.name().to_string() });
             }
+            // Acquire pairs as the load above; Release pairs with the next
+            // change's Acquire (every change of the count is a Release store
+            // or an AcqRel RMW, so each sees the ones before).
             match self.enabled.compare_exchange_weak(v, v + 1, Ordering::AcqRel, Ordering::Acquire) {
                 Ok(_) => return Ok(true),
                 Err(now) => v = now,
@@ -331,8 +350,10 @@ impl StaticKey {
 
     /// Decrements a count above 1; `false` if it is not above 1.
     fn try_dec_fast(&self) -> bool {
+        // Pairs as in `try_inc_fast`.
         let mut v = self.enabled.load(Ordering::Acquire);
         while v > 1 {
+            // AcqRel: partners as in `try_inc_fast`.
             match self.enabled.compare_exchange_weak(v, v - 1, Ordering::AcqRel, Ordering::Acquire) {
                 Ok(_) => return true,
                 Err(now) => v = now,
@@ -662,6 +683,8 @@ impl<'a> Update<'a> {
                     Ok((sites, commit)) => {
                         for &(key, on) in &moving {
                             if on {
+                                // The sites are patched: pairs with the Acquire
+                                // loads of `is_enabled` and the lock-free paths.
                                 key.enabled.store(1, Ordering::Release);
                             }
                         }
@@ -684,6 +707,7 @@ impl<'a> Update<'a> {
 /// `Ok(false)` if it already is in that state.
 fn begin_transition(key: &StaticKey, on: bool) -> Result<bool, KeyError> {
     loop {
+        // Pairs as in `StaticKey::inc`.
         let v = key.enabled.load(Ordering::Acquire);
         match (on, v) {
             (true, v) if v > 0 => return Ok(false),
@@ -694,6 +718,7 @@ fn begin_transition(key: &StaticKey, on: bool) -> Result<bool, KeyError> {
             }
             (false, 0) => return Ok(false),
             (false, 1) => {
+                // AcqRel: partners as in `StaticKey::dec`.
                 if key.enabled.compare_exchange(1, 0, Ordering::AcqRel, Ordering::Acquire).is_ok() {
                     return Ok(true);
                 } // a lock-free inc() made it 2: look again
@@ -706,6 +731,8 @@ fn begin_transition(key: &StaticKey, on: bool) -> Result<bool, KeyError> {
 /// Undoes [`begin_transition`] for keys whose flip did not happen.
 fn rollback(moving: &[(&StaticKey, bool)]) {
     for &(key, on) in moving {
+        // The count before the transition, nothing patched: pairs with the
+        // Acquire loads of `is_enabled` and the lock-free paths.
         key.enabled.store(if on { 0 } else { 1 }, Ordering::Release);
     }
 }
@@ -756,6 +783,7 @@ pub fn list() -> Result<Vec<KeyInfo>, KeyError> {
         for t in reg.tables() {
             for k in &t.keys {
                 // SAFETY: the object is pinned until after the lock is released.
+                // Pairs as in `StaticKey::is_enabled`.
                 let count = unsafe { k.key() }.enabled.load(Ordering::Acquire);
                 let problem = if !t.bad.is_empty() {
                     Some(format!("malformed records in {}: {}", t.path.display(), t.bad.join("; ")))

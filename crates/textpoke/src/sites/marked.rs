@@ -173,19 +173,19 @@ use super::{Found, Hit, Miss, RecordSource, SectionReport, SiteKind, SitesError,
 use crate::arch::{self, NopForm};
 
 /// Name of the section holding the records.
-pub const SECTION: &str = "textpoke_sites";
+pub(crate) const SECTION: &str = "textpoke_sites";
 
 /// Size of one record in bytes.
-pub const RECORD_SIZE: usize = 12;
+pub(crate) const RECORD_SIZE: usize = 12;
 
 /// The record format's version (byte 9 of a record).
-pub const RECORD_VERSION: u8 = 1;
+pub(crate) const RECORD_VERSION: u8 = 1;
 
 /// Record kind of an entry site.
-pub const KIND_ENTRY: u8 = 0;
+pub(crate) const KIND_ENTRY: u8 = 0;
 
 /// Record kind of an exit site.
-pub const KIND_EXIT: u8 = 1;
+pub(crate) const KIND_EXIT: u8 = 1;
 
 /// Which end of a marked function a site is.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]

@@ -33,6 +33,7 @@ impl<T> ForkLock<T> {
     }
 
     /// How many times the lock was taken so far.
+    #[cfg(feature = "testing")]
     pub fn times_taken(&self) -> u64 {
         self.taken.load(std::sync::atomic::Ordering::Relaxed)
     }

@@ -9,7 +9,7 @@
 //! Where the kernel refuses it, [`SyncMethod::Signals`] sends every other
 //! thread a real-time signal whose handler serialises its core and
 //! acknowledges; the patcher waits, bounded, for every thread that still
-//! exists (see [`rendezvous`]).
+//! exists (see `rendezvous.rs`).
 //!
 //! That fallback signals threads blocked in system calls too, so their
 //! `nanosleep`, `poll`, `epoll_wait`, `select`, timed socket and `futex`
@@ -27,12 +27,15 @@
 //!
 //! The stop-machine strategy parks every other thread in a signal handler
 //! with all signals blocked, reads each interrupted PC, writes, and releases
-//! them; see [`rendezvous::park_others`].
+//! them; see `rendezvous::park_others`.
 
 mod fork_lock;
-pub mod rendezvous;
+pub(crate) mod rendezvous;
 
 pub use fork_lock::{ForkLock, Guard as ForkGuard};
+/// The real-time signal the rendezvous parks threads with (a textpoke
+/// thread that blocks signals must leave this one open).
+pub use rendezvous::rendezvous_signal;
 
 use std::cell::Cell;
 
@@ -52,6 +55,7 @@ pub(crate) fn note_held() {
 /// How many times textpoke's handlers have held the calling thread: a
 /// benchmark compares it around a unit of work to tell pauses textpoke
 /// caused from pauses the scheduler caused.
+#[cfg(feature = "testing")]
 pub fn thread_holds() -> u64 {
     HELD.with(Cell::get)
 }

@@ -22,27 +22,30 @@
 //! And [`write_stderr`], one `write(2)` for messages from places that may
 //! not allocate.
 
+// Public: what the crates above the engine use (the recorder's buffers
+// and writer, the agent, the command line). The rest is the engine's own.
 pub mod anon;
 pub mod fs;
 pub mod futex;
 pub mod loader;
-pub mod maps;
-pub mod mem;
-pub mod membarrier;
-pub mod mutex;
-pub mod signals;
+pub(crate) mod maps;
+pub(crate) mod mem;
+pub(crate) mod membarrier;
+pub(crate) mod mutex;
+pub(crate) mod signals;
 pub mod threads;
 pub mod time;
 
 pub use futex::{futex_wait, futex_wake};
-pub use mem::{mdwe_refuses_exec_gain, read_memory};
+pub(crate) use mem::{mdwe_refuses_exec_gain, read_memory};
+pub use threads::gettid;
 
 use std::io;
 
 /// Writes `msg` to standard error with one `write(2)`, for messages from
 /// places that may not allocate or lock (a signal handler, a traced
 /// site about to abort). Async-signal-safe; a short write is not retried.
-pub fn write_stderr(msg: &[u8]) {
+pub(crate) fn write_stderr(msg: &[u8]) {
     // SAFETY: `msg` is valid for reads of its length.
     unsafe { libc::write(2, msg.as_ptr().cast(), msg.len()) };
 }

@@ -64,7 +64,7 @@ mod validate;
 mod write;
 
 pub use self::trap::{reinstall_trap_handler, traps_emulated};
-pub use self::write::page_size;
+pub(crate) use self::write::page_size;
 pub use self::write::WriteMethod;
 pub use crate::sync::SyncMethod;
 

@@ -95,7 +95,7 @@ use crate::error::PokeError;
 use crate::sync::rendezvous;
 use crate::sys::membarrier;
 use crate::sys::threads::{gettid, signal_thread};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
@@ -104,10 +104,21 @@ use std::time::{Duration, Instant};
 pub(crate) const SIGNAL_AFTER: Duration = Duration::from_millis(20);
 
 /// Test switch: behave as on a kernel without membarrier.
-static FORCE_FALLBACK: AtomicBool = AtomicBool::new(false);
+#[cfg(feature = "testing")]
+static FORCE_FALLBACK: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
+#[cfg(feature = "testing")]
 pub(crate) fn force_fallback_for_tests(on: bool) {
     FORCE_FALLBACK.store(on, Ordering::Relaxed);
+}
+
+/// Whether a test forced the fallback (never outside `testing` builds).
+fn fallback_forced() -> bool {
+    #[cfg(feature = "testing")]
+    if FORCE_FALLBACK.load(Ordering::Relaxed) {
+        return true;
+    }
+    false
 }
 
 /// Whether `membarrier(PRIVATE_EXPEDITED)` is available (registered once).
@@ -139,9 +150,12 @@ pub(crate) fn wait(patience: Duration) -> Result<bool, PokeError> {
     let start = Instant::now();
     let me = gettid();
     // 1. Barrier.
-    let memb = !FORCE_FALLBACK.load(Ordering::Relaxed) && membarrier_ready() && membarrier::expedited().is_ok();
+    let memb = !fallback_forced() && membarrier_ready() && membarrier::expedited().is_ok();
     if !memb {
-        // Our unpublishing stores are visible before any look at a thread.
+        // Our unpublishing stores are visible before any look at a thread:
+        // pairs with the full barrier each thread then passes by itself
+        // (a switch, a kernel entry) or in the sampling signal's handler
+        // (see "Without membarrier").
         std::sync::atomic::fence(Ordering::SeqCst);
     }
     // 2. Scan.

@@ -68,6 +68,7 @@
 //! The ops of the saved mask that are still registered get `exit`.
 
 use crate::arch::tramp::{SavedRegs, SavedReturn, UNREGISTERED};
+use crate::sys::{signals, threads};
 use std::cell::Cell;
 use std::sync::atomic::{AtomicPtr, AtomicU32, AtomicU64, AtomicU8, AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -116,7 +117,7 @@ pub trait TraceOp: Send + Sync + 'static {
 /// label to jump to on failure (see `arch::tramp::Emit` for the contract,
 /// and the trampoline functions there for each piece's registers).
 pub type EmitFn =
-    fn(&mut crate::arch::asm::CodeAssembler, crate::arch::asm::CodeLabel) -> Result<(), iced_x86::IcedError>;
+    fn(&mut crate::arch::asm::Assembler, crate::arch::asm::Label) -> Result<(), crate::arch::asm::AsmError>;
 
 /// What an op can do inline.
 #[derive(Clone, Copy)]
@@ -230,6 +231,8 @@ fn for_each_op(mut mask: u64, mut f: impl FnMut(u64, &OpBox)) {
     while mask != 0 {
         let i = mask.trailing_zeros() as usize;
         mask &= mask - 1;
+        // Pairs with the Release store in `Tracer::register`: the box is
+        // complete.
         let p = OPS[i].load(Ordering::Acquire);
         if !p.is_null() {
             // SAFETY: a non-null slot points to a live OpBox; it is freed
@@ -265,10 +268,12 @@ type Segment = [SiteSlot; SEG_LEN];
 static SITES: [AtomicPtr<Segment>; SEGMENTS] = [const { AtomicPtr::new(std::ptr::null_mut()) }; SEGMENTS];
 
 /// The most sites the table holds.
-pub const MAX_SITES: usize = SEG_LEN * SEGMENTS;
+pub(crate) const MAX_SITES: usize = SEG_LEN * SEGMENTS;
 
 #[inline(always)]
 pub(crate) fn site_slot(i: u32) -> Option<&'static SiteSlot> {
+    // Pairs with the Release store in `ensure_site`: the slots are
+    // initialised.
     let seg = SITES.get((i >> SEG_BITS) as usize)?.load(Ordering::Acquire);
     // SAFETY: segments are leaked once published (Release in ensure_site).
     (!seg.is_null()).then(|| unsafe { &(*seg)[i as usize & (SEG_LEN - 1)] })
@@ -277,6 +282,8 @@ pub(crate) fn site_slot(i: u32) -> Option<&'static SiteSlot> {
 /// Makes sure slot `i` exists (control side).
 pub(crate) fn ensure_site(i: u32) -> &'static SiteSlot {
     let s = &SITES[(i >> SEG_BITS) as usize];
+    // Pairs with the Release store below of an earlier call (segments are
+    // added under the tracer's lock only).
     if s.load(Ordering::Acquire).is_null() {
         let seg: Box<Segment> = Box::new(std::array::from_fn(|_| SiteSlot {
             mask: AtomicU64::new(0),
@@ -284,6 +291,8 @@ pub(crate) fn ensure_site(i: u32) -> &'static SiteSlot {
             place: AtomicU8::new(0),
             pair: AtomicUsize::new(0),
         }));
+        // Pairs with the Acquire load in `site_slot`: a trampoline or handler
+        // that sees the segment sees its slots initialised.
         s.store(Box::into_raw(seg), Ordering::Release);
     }
     site_slot(i).expect("segment just published")
@@ -344,10 +353,12 @@ struct ThreadState {
     exiting: Cell<bool>,
     shadow: Cell<*mut Shadow>,
     /// Entries and returns this thread took through the hot path's
-    /// handlers (not inline in a graph or count trampoline). Atomic only
-    /// to be one instruction: a signal handler's slow calls landing
-    /// between a load and a store would be lost (a `Cell` lost 1 to 4 in
-    /// a signal storm). Only this thread writes it; Relaxed.
+    /// handlers (not inline in a graph or count trampoline), counted in
+    /// `testing` builds only. Atomic only to be one instruction: a signal
+    /// handler's slow calls landing between a load and a store would be
+    /// lost (a `Cell` lost 1 to 4 in a signal storm). Only this thread
+    /// writes it; Relaxed.
+    #[cfg(feature = "testing")]
     slow_calls: AtomicU64,
 }
 
@@ -358,6 +369,7 @@ thread_local! {
             slot: Cell::new(0),
             exiting: Cell::new(false),
             shadow: Cell::new(std::ptr::null_mut()),
+            #[cfg(feature = "testing")]
             slow_calls: AtomicU64::new(0),
         }
     };
@@ -386,8 +398,7 @@ pub(crate) static REGISTRY_KEY: AtomicUsize = AtomicUsize::new(usize::MAX);
 /// Async-signal-safe (atomics, mmap, rt_sigprocmask, a low pthread key);
 /// keeps `errno`.
 fn register(st: &ThreadState) -> bool {
-    // SAFETY: getpid has no preconditions.
-    if st.exiting.get() || unsafe { libc::getpid() } != PROCESS.load(Ordering::Relaxed) {
+    if st.exiting.get() || threads::getpid() != PROCESS.load(Ordering::Relaxed) {
         return false;
     }
     // No signal handler of this thread may register it meanwhile (it would
@@ -396,11 +407,8 @@ fn register(st: &ThreadState) -> bool {
     // where only the registers the stub's routine saved may change (glibc's
     // memset may use vector registers it does not save), and `errno` must
     // survive (rule 9).
-    let saved_errno = errno();
-    let (all, mut old) = (!0u64, 0u64);
-    // SAFETY: rt_sigprocmask with valid pointers to kernel sigsets (8 bytes
-    // on x86-64); async-signal-safe.
-    unsafe { libc::syscall(libc::SYS_rt_sigprocmask, libc::SIG_BLOCK, &all, &mut old, 8) };
+    let saved_errno = threads::errno();
+    let old_mask = signals::block_all_raw();
     let raw = st.in_tramp.load(Ordering::Relaxed);
     let ok = raw & UNREGISTERED == 0 || {
         let key = REGISTRY_KEY.load(Ordering::Relaxed);
@@ -410,9 +418,9 @@ fn register(st: &ThreadState) -> bool {
             Some(i) => {
                 st.slot.set(i + 1);
                 if low_key {
-                    // SAFETY: a key created by the tracer; below 32 its value
-                    // lives in the thread descriptor (no allocation).
-                    unsafe { libc::pthread_setspecific(key as libc::pthread_key_t, (i as usize + 1) as *const _) };
+                    // SAFETY: REGISTRY_KEY's key, whose destructor
+                    // (`thread_exit`) takes the slot number + 1.
+                    unsafe { threads::set_specific(key as libc::pthread_key_t, (i as usize + 1) as *const _) };
                 }
                 // After the slot is LIVE (SeqCst in claim): a scan that sees
                 // the slot reads either value, with the same nesting.
@@ -422,20 +430,9 @@ fn register(st: &ThreadState) -> bool {
             None => false,
         }
     };
-    // SAFETY: restoring the mask saved above.
-    unsafe { libc::syscall(libc::SYS_rt_sigprocmask, libc::SIG_SETMASK, &old, std::ptr::null_mut::<u64>(), 8) };
-    set_errno(saved_errno);
+    signals::restore_mask_raw(old_mask);
+    threads::set_errno(saved_errno);
     ok
-}
-
-fn errno() -> i32 {
-    // SAFETY: glibc's thread-local errno location.
-    unsafe { *libc::__errno_location() }
-}
-
-fn set_errno(e: i32) {
-    // SAFETY: as in `errno`.
-    unsafe { *libc::__errno_location() = e };
 }
 
 /// Called by a stub's cold path (`arch::tramp::register_routine`, every
@@ -464,6 +461,8 @@ pub(crate) extern "C" fn stub_enter() -> u32 {
         st.in_tramp.store(st.in_tramp.load(Ordering::Relaxed) + 1, Ordering::Relaxed);
         // The raise before what it protects (the stub's word, read after
         // this returns: a call boundary the compiler cannot cross anyway).
+        // Pairs with the grace period's membarrier (grace.rs, step 1),
+        // which orders it for the CPU, and its Acquire read of the count.
         std::sync::atomic::compiler_fence(Ordering::SeqCst);
         1
     })
@@ -485,6 +484,10 @@ pub(crate) extern "C" fn stub_leave() -> u32 {
 pub(crate) extern "C" fn thread_exit(_: *mut libc::c_void) {
     STATE.with(|st| {
         st.exiting.set(true);
+        // SeqCst, though no load pairs with it: the bit matters to this
+        // thread's own stubs and `on_return` (program order), and grace
+        // periods mask it off (registry.rs); the handshake with scans is the
+        // slot's release just below.
         st.in_tramp.store(st.in_tramp.load(Ordering::Relaxed) | UNREGISTERED, Ordering::SeqCst);
         if let Some(i) = st.slot.replace(0).checked_sub(1) {
             super::registry::release(i);
@@ -496,8 +499,7 @@ pub(crate) extern "C" fn thread_exit(_: *mut libc::c_void) {
 /// the child) has a new id; its slot must say so, or grace periods would
 /// take it for gone.
 pub(crate) extern "C" fn after_fork_child() {
-    // SAFETY: getpid has no preconditions.
-    PROCESS.store(unsafe { libc::getpid() }, Ordering::Relaxed);
+    PROCESS.store(threads::getpid(), Ordering::Relaxed);
     STATE.with(|st| {
         if let Some(i) = st.slot.get().checked_sub(1) {
             super::registry::set_tid(i, crate::sys::threads::gettid());
@@ -517,7 +519,7 @@ pub(crate) static FAST_EXIT: AtomicU64 = AtomicU64::new(0);
 /// and pop shadow entries exactly as [`function_entry`] and [`on_return`]
 /// do. `None` unless the tracer's thread-local lives in the static TLS
 /// block (`arch::static_tls_offset`).
-pub fn shadow_offsets() -> Option<crate::arch::tramp::ShadowOffsets> {
+pub(crate) fn shadow_offsets() -> Option<crate::arch::tramp::ShadowOffsets> {
     use std::mem::{offset_of, size_of};
     static LAYOUT: std::sync::OnceLock<Option<crate::arch::tramp::ShadowOffsets>> = std::sync::OnceLock::new();
     *LAYOUT.get_or_init(|| {
@@ -569,8 +571,9 @@ fn new_shadow() -> *mut Shadow {
     let key = SHADOW_KEY.load(Ordering::Relaxed);
     if key < 32 {
         // Keys below 32 live in the thread descriptor: no allocation.
-        // SAFETY: a valid key created by the control side.
-        unsafe { libc::pthread_setspecific(key as libc::pthread_key_t, p.cast()) };
+        // SAFETY: SHADOW_KEY's key, whose destructor (`drop_shadow`)
+        // takes this thread's shadow stack.
+        unsafe { threads::set_specific(key as libc::pthread_key_t, p.cast()) };
     }
     sh
 }
@@ -597,6 +600,7 @@ pub(crate) extern "C" fn on_entry_list(regs: *mut SavedRegs, frame: *mut usize, 
     // SAFETY: the trampoline passes its frame: frame[2] is the site index.
     let site = unsafe { *frame.add(2) } as u32;
     let Some(slot) = site_slot(site) else { return };
+    // Pairs with the Release stores of the mask in apply.rs.
     enter(regs, frame, site, slot, slot.mask.load(Ordering::Acquire));
 }
 
@@ -607,7 +611,7 @@ pub(crate) extern "C" fn on_count_slow(_regs: *mut SavedRegs, frame: *mut usize,
     // index would be.
     let func = unsafe { *frame.add(2) } as u32;
     STATE.with(|st| {
-        st.slow_calls.fetch_add(1, Ordering::Relaxed);
+        count_slow_call(st);
         // The count stub's raise covers this: a grace period sees the
         // thread inside the tracer. (An op's count calls nothing traced.)
         for_each_op(1 << op, |_, o| o.op.call_counted(func));
@@ -625,15 +629,23 @@ pub(crate) extern "C" fn on_entry_direct(regs: *mut SavedRegs, frame: *mut usize
 /// How many entries and returns the calling thread took through the hot
 /// path's handlers rather than inline (tests check that graph trampolines
 /// do their work inline).
-#[doc(hidden)]
+#[cfg(feature = "testing")]
 pub fn slow_calls_of_this_thread() -> u64 {
     STATE.with(|s| s.slow_calls.load(Ordering::Relaxed))
+}
+
+/// Counts a call through the hot path's handlers (`testing` builds; in
+/// others it is nothing).
+#[inline(always)]
+fn count_slow_call(_st: &ThreadState) {
+    #[cfg(feature = "testing")]
+    _st.slow_calls.fetch_add(1, Ordering::Relaxed);
 }
 
 #[inline(always)]
 fn enter(regs: *mut SavedRegs, frame: *mut usize, site: u32, slot: &SiteSlot, mask: u64) {
     STATE.with(|st| {
-        st.slow_calls.fetch_add(1, Ordering::Relaxed);
+        count_slow_call(st);
         // 1 is the raise of the stub that brought us here (module docs).
         if st.in_tramp.load(Ordering::Relaxed) != 1 {
             // Recursion: a callback (or a signal inside one, or inside a
@@ -693,6 +705,8 @@ fn function_entry(
     let e = Entry { site, func, depth, time, regs, frame, place };
     for_each_op(mask, |_, op| op.op.entry(&e));
     let Some(sh) = sh else { return };
+    // Pairs with the Release stores in tramp_alloc.rs: the return block's
+    // code is written before its address is seen.
     let ret = RETURN_TRAMPOLINE.load(Ordering::Acquire);
     if sh.len == sh.cap || ret == 0 {
         SHADOW_FULL.fetch_add(1, Ordering::Relaxed);
@@ -757,7 +771,7 @@ fn count_lost(n: usize) {
 pub(crate) extern "C" fn on_return(saved: *mut SavedReturn, caller_sp: usize) -> usize {
     let slot = caller_sp - 8;
     STATE.with(|st| {
-        st.slow_calls.fetch_add(1, Ordering::Relaxed);
+        count_slow_call(st);
         let raw = st.in_tramp.load(Ordering::Relaxed);
         // An exiting thread (its slot released, `UNREGISTERED` set again)
         // returns without exit callbacks: grace periods no longer see it.
@@ -766,7 +780,8 @@ pub(crate) extern "C" fn on_return(saved: *mut SavedReturn, caller_sp: usize) ->
             st.in_tramp.store(raw + 1, Ordering::Relaxed);
             // The raise before any load of op data (call_exits); the CPU's
             // store-load reordering is covered by the grace period's
-            // membarrier.
+            // membarrier: pairs with it (grace.rs, step 1) and with its
+            // Acquire read of the count.
             std::sync::atomic::compiler_fence(Ordering::SeqCst);
         }
         let sh = st.shadow.get();
@@ -808,8 +823,7 @@ pub(crate) extern "C" fn on_return(saved: *mut SavedReturn, caller_sp: usize) ->
 #[cold]
 fn lost_return_address(slot: usize) -> ! {
     let msg = b"textpoke: a traced function returned with no shadow-stack record (stack switched by swapcontext or a coroutine library?); aborting\n";
-    // SAFETY: write(2) on stderr with a valid buffer.
-    unsafe { libc::write(2, msg.as_ptr().cast(), msg.len()) };
+    crate::sys::write_stderr(msg);
     let _ = slot;
     std::process::abort()
 }
@@ -821,7 +835,7 @@ const RESTORED: usize = 1;
 /// Before an unwinder walks this thread's stack: puts back every return
 /// address the shadow stack replaced, marking the records (an exception may
 /// be caught further up, see [`rehijack_after_catch`]). Returns how many.
-pub fn restore_return_addresses() -> usize {
+pub(crate) fn restore_return_addresses() -> usize {
     STATE.with(|st| {
         let p = st.shadow.get();
         if p.is_null() {
@@ -856,7 +870,7 @@ pub(crate) extern "C" fn rehijack_after_catch(catch_sp: usize) {
         // SAFETY: this thread's own shadow stack.
         let sh = unsafe { &mut *p };
         let len = sh.len;
-        let ret = RETURN_TRAMPOLINE.load(Ordering::Acquire);
+        let ret = RETURN_TRAMPOLINE.load(Ordering::Acquire); // pairs as in function_entry
         let es = entries(sh);
         let mut kept = 0;
         for i in 0..len {

@@ -74,8 +74,7 @@ static FIRST: Chunk = Chunk { slots: [EMPTY; CHUNK], next: AtomicPtr::new(std::p
 static SCAN: AtomicU64 = AtomicU64::new(0);
 
 fn pid() -> u32 {
-    // SAFETY: getpid has no preconditions.
-    unsafe { libc::getpid() as u32 }
+    crate::sys::threads::getpid() as u32
 }
 
 /// The chunk after `c`, mapped and linked if there is none yet. `None` if
@@ -85,6 +84,9 @@ fn next_chunk(c: &Chunk) -> Option<&'static Chunk> {
     if next.is_null() {
         let fresh = crate::sys::anon::map(std::mem::size_of::<Chunk>())?.cast::<Chunk>();
         // Zeroed memory is a chunk of free slots with no successor.
+        // Release (success) pairs with the Acquire loads of `next` (above,
+        // `slots`, `slot`): the chunk is mapped before it is linked; Acquire
+        // (failure) with the winner's Release.
         match c.next.compare_exchange(std::ptr::null_mut(), fresh, Ordering::AcqRel, Ordering::Acquire) {
             Ok(_) => next = fresh,
             Err(won) => {
@@ -104,6 +106,7 @@ fn slots() -> impl Iterator<Item = (u32, &'static Slot)> {
     let mut base = 0u32;
     std::iter::from_fn(move || {
         let c = chunk?;
+        // Pairs with the linking CAS in `next_chunk`.
         let n = c.next.load(Ordering::Acquire);
         // SAFETY: chunks are never freed once linked.
         chunk = (!n.is_null()).then(|| unsafe { &*n });
@@ -118,7 +121,7 @@ fn slot(i: u32) -> Option<&'static Slot> {
     let mut chunk: &'static Chunk = &FIRST;
     for _ in 0..i as usize / CHUNK {
         // SAFETY: chunks are never freed once linked.
-        chunk = unsafe { chunk.next.load(Ordering::Acquire).as_ref() }?;
+        chunk = unsafe { chunk.next.load(Ordering::Acquire).as_ref() }?; // pairs with next_chunk's CAS
     }
     Some(&chunk.slots[i as usize % CHUNK])
 }
@@ -131,6 +134,8 @@ pub(crate) fn claim(tid: i32, count: *const AtomicU32, released_at_exit: bool) -
     loop {
         for (i, s) in chunk.slots.iter().enumerate() {
             if s.state.load(Ordering::Relaxed) == FREE
+                // Acquire pairs with the Release store of FREE in `release` or
+                // `Scan::reap`: the slot's last owner is done with it.
                 && s.state.compare_exchange(FREE, CLAIMING, Ordering::Acquire, Ordering::Relaxed).is_ok()
             {
                 s.tid.store(tid, Ordering::Relaxed);
@@ -150,9 +155,12 @@ pub(crate) fn claim(tid: i32, count: *const AtomicU32, released_at_exit: bool) -
 /// tracer code again; waits for a scan that may be reading its count.
 pub(crate) fn release(i: u32) {
     let Some(s) = slot(i) else { return };
-    s.state.store(RELEASING, Ordering::SeqCst); // Dekker: before reading SCAN
-    let seen = SCAN.load(Ordering::SeqCst);
+    // Dekker, before reading SCAN: the store and the load pair with
+    // `Scan::start`'s SeqCst store and its SeqCst loads of the state.
+    s.state.store(RELEASING, Ordering::SeqCst);
+    let seen = SCAN.load(Ordering::SeqCst); // pairs with Scan::start, as above
     if seen & 1 == 1 && (seen >> 32) as u32 == pid() {
+        // Pairs with the SeqCst store in `Scan::drop`: the scan is over.
         while SCAN.load(Ordering::SeqCst) == seen {
             std::thread::yield_now(); // a scan is between its reads; they are short
         }
@@ -206,13 +214,15 @@ impl Scan {
         }
         let seq = SCAN.load(Ordering::Relaxed) as u32;
         let v = (me as u64) << 32 | (seq.wrapping_add(1) | 1) as u64;
-        SCAN.store(v, Ordering::SeqCst); // Dekker: before reading any state
+        SCAN.store(v, Ordering::SeqCst); // Dekker, before reading any state: pairs with release
         Scan { v }
     }
 
     /// Every live slot: its index and thread id.
     pub(crate) fn live(&self) -> Vec<(u32, i32)> {
         slots()
+            // SeqCst pairs with `claim`'s LIVE store (the fields are published)
+            // and, Dekker, with `release`'s RELEASING store.
             .filter(|(_, s)| s.state.load(Ordering::SeqCst) == LIVE)
             .map(|(i, s)| (i, s.tid.load(Ordering::Relaxed)))
             .collect()
@@ -221,7 +231,8 @@ impl Scan {
     /// The count of thread `tid` in slot `i`.
     pub(crate) fn count(&self, i: u32, tid: i32) -> Count {
         let Some(s) = slot(i) else { return Count::Gone };
-        // SeqCst: the Dekker read of step 2 (after the announcement).
+        // SeqCst: the Dekker read of step 2 (after the announcement); pairs
+        // with `claim`'s LIVE store and `release`'s RELEASING store.
         if s.state.load(Ordering::SeqCst) != LIVE || s.tid.load(Ordering::Relaxed) != tid {
             return Count::Gone;
         }
@@ -238,6 +249,8 @@ impl Scan {
             if crate::sys::read_memory(p as usize, &mut b) != 4 {
                 return Count::Unknown;
             }
+            // Pairs with the Release store of a decrement, as the Acquire load
+            // above (the copy was a plain read).
             std::sync::atomic::fence(Ordering::Acquire);
             u32::from_ne_bytes(b)
         };
@@ -248,11 +261,13 @@ impl Scan {
     pub(crate) fn reap(&self, i: u32, tid: i32) {
         if let Some(s) = slot(i) {
             if s.tid.load(Ordering::Relaxed) == tid
+                // SeqCst like `release`'s mark; it pairs with `claim`'s LIVE store
+                // (the thread is gone: no handshake is needed).
                 && s.state.compare_exchange(LIVE, RELEASING, Ordering::SeqCst, Ordering::Relaxed).is_ok()
             {
                 s.tid.store(0, Ordering::Relaxed);
                 s.count.store(std::ptr::null_mut(), Ordering::Relaxed);
-                s.state.store(FREE, Ordering::Release);
+                s.state.store(FREE, Ordering::Release); // pairs with claim's Acquire CAS
             }
         }
     }
@@ -260,7 +275,9 @@ impl Scan {
 
 impl Drop for Scan {
     fn drop(&mut self) {
-        SCAN.store(self.v.wrapping_add(1), Ordering::SeqCst); // even: over
+        // Even: over. Pairs with `release`'s SeqCst loads of SCAN.
+        SCAN.store(self.v.wrapping_add(1), Ordering::SeqCst);
+        // Pairs with the Acquire CAS in `Scan::start`.
         SCANNER.store(0, Ordering::Release);
     }
 }

@@ -21,6 +21,7 @@
 //! stops at a frame it cannot unwind and still runs every cleanup handler
 //! (tested).
 
+use crate::sys;
 use std::collections::HashSet;
 use std::ffi::{c_void, CStr};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -39,7 +40,7 @@ extern "C-unwind" fn raise_hook(exc: *mut c_void) -> i32 {
     // SAFETY: ORIG_RAISE holds the real `_Unwind_RaiseException`, set before
     // any GOT entry points here.
     let f: extern "C-unwind" fn(*mut c_void) -> i32 =
-        unsafe { std::mem::transmute(ORIG_RAISE.load(Ordering::Acquire)) };
+        unsafe { std::mem::transmute(ORIG_RAISE.load(Ordering::Acquire)) }; // pairs with resolve_original
     f(exc)
 }
 
@@ -47,7 +48,7 @@ extern "C-unwind" fn rethrow_hook(exc: *mut c_void) -> i32 {
     super::hot::restore_return_addresses();
     // SAFETY: as above, the real `_Unwind_Resume_or_Rethrow`.
     let f: extern "C-unwind" fn(*mut c_void) -> i32 =
-        unsafe { std::mem::transmute(ORIG_RETHROW.load(Ordering::Acquire)) };
+        unsafe { std::mem::transmute(ORIG_RETHROW.load(Ordering::Acquire)) }; // pairs with resolve_original
     f(exc)
 }
 
@@ -75,6 +76,7 @@ extern "C" fn begin_catch_hook() {
 /// is caught in turn (re-arming them aborted the program in
 /// `_Unwind_Resume`: the return trampoline has no unwind information).
 extern "C" fn rehijack_unless_unwinding(catch_sp: usize) {
+    // Pairs with the Release store in `resolve_original`.
     let f = UNCAUGHT.load(Ordering::Acquire);
     if f != 0 {
         // SAFETY: `int std::uncaught_exceptions() noexcept` (or the
@@ -145,13 +147,15 @@ impl UnwindHooks {
         for (name, orig) in &importers {
             resolve_original(name, orig);
         }
-        let Ok(mem) = std::fs::OpenOptions::new().write(true).open("/proc/self/mem") else { return 0 };
+        let Ok(mem) = sys::mem::ProcMem::open() else { return 0 };
         let mut n = 0;
         for (slot, hook, orig) in slots {
+            // Pairs with `resolve_original`'s Release store (this thread's, or an
+            // earlier install's).
             if orig.load(Ordering::Acquire) == 0 || !self.hooked.insert(slot) {
                 continue;
             }
-            if std::os::unix::fs::FileExt::write_all_at(&mem, &hook.to_ne_bytes(), slot as u64).is_ok() {
+            if mem.write_all(slot, &hook.to_ne_bytes()).is_ok() {
                 n += 1;
             }
         }
@@ -163,6 +167,7 @@ impl UnwindHooks {
 /// named `name` that imports it: a library opened with RTLD_LOCAL has its
 /// dependencies (libstdc++) outside the global scope RTLD_DEFAULT sees.
 fn resolve_original(name: &CStr, orig: &'static AtomicUsize) {
+    // Pairs with the Release store below (an earlier call's).
     if orig.load(Ordering::Acquire) != 0 {
         return;
     }
@@ -173,47 +178,37 @@ fn resolve_original(name: &CStr, orig: &'static AtomicUsize) {
     } else {
         HOOKS[2]
     };
-    // SAFETY: dlopen with RTLD_NOLOAD only finds an object already loaded
-    // (and takes a reference we drop below); dlsym with valid strings.
-    unsafe {
-        let h = if name.is_empty() {
-            libc::RTLD_DEFAULT
-        } else {
-            libc::dlopen(name.as_ptr(), libc::RTLD_NOLOAD | libc::RTLD_LAZY)
-        };
-        if h.is_null() {
-            return;
-        }
-        let p = libc::dlsym(h, sym.as_ptr()) as usize;
-        if std::ptr::eq(orig, &ORIG_BEGIN_CATCH) {
-            let mut f = libc::dlsym(h, c"_ZSt19uncaught_exceptionsv".as_ptr());
-            if f.is_null() {
-                f = libc::dlsym(h, c"__cxa_uncaught_exceptions".as_ptr());
-            }
-            UNCAUGHT.store(f as usize, Ordering::Release);
-        }
-        if !name.is_empty() {
-            libc::dlclose(h);
-        }
-        orig.store(p, Ordering::Release);
+    // The object already loaded under `name` (a reference, dropped at the
+    // end; loads nothing), or the global scope for the program itself.
+    let held = if name.is_empty() { None } else { sys::loader::Handle::noload(Some(name)) };
+    if !name.is_empty() && held.is_none() {
+        return;
     }
+    let lookup = |s: &CStr| match &held {
+        Some(h) => h.symbol(s),
+        None => sys::loader::global_symbol(s),
+    };
+    let p = lookup(sym).unwrap_or(0);
+    if std::ptr::eq(orig, &ORIG_BEGIN_CATCH) {
+        let f = lookup(c"_ZSt19uncaught_exceptionsv").or_else(|| lookup(c"__cxa_uncaught_exceptions"));
+        // Pairs with the Acquire load in `rehijack_unless_unwinding`.
+        UNCAUGHT.store(f.unwrap_or(0), Ordering::Release);
+    }
+    // Before any GOT slot points at a hook (`install` writes them
+    // afterwards): pairs with the hooks' Acquire loads (`raise_hook`,
+    // `rethrow_hook`; `begin_catch_hook`'s plain x86 load).
+    orig.store(p, Ordering::Release);
 }
 
 /// Calls `f(name, bias, dynamic info)` for every loaded object with a
 /// dynamic section.
 fn for_each_dynamic(mut f: impl FnMut(&CStr, usize, &Dyn)) {
-    unsafe extern "C" fn cb(info: *mut libc::dl_phdr_info, _size: usize, data: *mut c_void) -> i32 {
-        // SAFETY: dl_iterate_phdr passes a valid info; data is our closure.
-        let (info, f) = unsafe { (&*info, &mut *(data as *mut &mut dyn FnMut(&CStr, usize, &Dyn))) };
-        // SAFETY: dlpi_name is a NUL-terminated string ("" for the program).
-        let name = if info.dlpi_name.is_null() { c"" } else { unsafe { CStr::from_ptr(info.dlpi_name) } };
-        let bias = info.dlpi_addr as usize;
-        // SAFETY: dlpi_phdr has dlpi_phnum entries.
-        let phdrs = unsafe { std::slice::from_raw_parts(info.dlpi_phdr, info.dlpi_phnum as usize) };
-        for ph in phdrs.iter().filter(|p| p.p_type == libc::PT_DYNAMIC) {
+    sys::loader::for_each_object(|o| {
+        for ph in o.phdrs.iter().filter(|p| p.p_type == libc::PT_DYNAMIC) {
             let mut d = Dyn { rela: 0, relasz: 0, jmprel: 0, pltrelsz: 0, symtab: 0, strtab: 0 };
-            let mut p = (bias + ph.p_vaddr as usize) as *const Elf64Dyn;
-            // SAFETY: the loaded dynamic section, terminated by DT_NULL.
+            let mut p = (o.bias + ph.p_vaddr as usize) as *const Elf64Dyn;
+            // SAFETY: the loaded dynamic section, terminated by DT_NULL;
+            // the walk holds the loader's lock, so the object stays.
             unsafe {
                 while (*p).d_tag != DT_NULL {
                     let v = (*p).d_val as usize;
@@ -232,17 +227,14 @@ fn for_each_dynamic(mut f: impl FnMut(&CStr, usize, &Dyn)) {
             // The loader relocates these addresses in place for most objects;
             // the vdso keeps them relative.
             for a in [&mut d.rela, &mut d.jmprel, &mut d.symtab, &mut d.strtab] {
-                if *a != 0 && *a < bias {
-                    *a += bias;
+                if *a != 0 && *a < o.bias {
+                    *a += o.bias;
                 }
             }
-            f(name, bias, &d);
+            f(o.name, o.bias, &d);
         }
-        0
-    }
-    let mut f: &mut dyn FnMut(&CStr, usize, &Dyn) = &mut f;
-    // SAFETY: the callback only reads loader data while the loader lock is held.
-    unsafe { libc::dl_iterate_phdr(Some(cb), &mut f as *mut _ as *mut c_void) };
+        std::ops::ControlFlow::Continue(())
+    });
 }
 
 fn collect_slots(bias: usize, d: &Dyn, out: &mut Vec<(usize, usize, &'static AtomicUsize)>) {
