@@ -120,6 +120,7 @@
 //! the directory when it makes its own (see `server::socket`).
 
 mod altstack;
+pub mod attach;
 mod clients;
 mod fatal;
 mod fds;
@@ -315,6 +316,9 @@ pub(crate) fn note_once(msg: &str) {
 }
 
 fn print_once(once: &AtomicBool, msg: &str) {
+    if attach::divert(msg) {
+        return; // an attach session's reply carries it
+    }
     if !once.swap(true, Ordering::Relaxed) {
         // Messages quote function names and paths: escaped, so that they
         // cannot act on the terminal the program's stderr goes to.
@@ -372,7 +376,13 @@ fn bytes(n: u64) -> usize {
 static INIT: extern "C" fn() = init;
 
 extern "C" fn init() {
-    as_agent(load);
+    as_agent(|| {
+        let preloaded = attach::loaded_at_start();
+        attach::note_mode(preloaded);
+        if preloaded {
+            load();
+        }
+    });
 }
 
 fn load() {
@@ -483,8 +493,11 @@ fn try_start(agent: &mut Agent, tracer: &'static Tracer) -> Result<(), AgentErro
     let handle = tracer.register(Arc::new(op), filter)?;
     agent.op = Some(handle);
     recount(agent, tracer);
-    server::stop_signals::install();
-    fatal::install();
+    if !attach::injected() {
+        // Injected: the program's dispositions stay its own (see `attach`).
+        server::stop_signals::install();
+        fatal::install();
+    }
     server::spawn();
     Ok(())
 }
@@ -608,6 +621,13 @@ pub fn shutdown() {
         server::stop();
         server::socket::remove_socket();
     });
+}
+
+/// Makes a shut-down agent startable again (a second `textpoke record -p`
+/// attaching, see `attach`): recording may start, and the agent thread.
+pub(crate) fn rearm() {
+    ENDED.store(false, Ordering::Release);
+    server::rearm();
 }
 
 /// Rescans loaded objects and brings the op's filter up to date; a process

@@ -53,6 +53,7 @@
 //! agent thread starts afterwards, not even for a `dlopen`.
 
 mod commands;
+pub(crate) use commands::inline_sites;
 pub(crate) mod exit;
 pub(crate) mod loader;
 pub(crate) mod socket;
@@ -127,6 +128,12 @@ pub(crate) fn stop() {
             let _ = h.join();
         }
     }
+}
+
+/// Undoes [`stop`]'s "for good": the agent thread may start again (an
+/// injected agent attached again, see `attach`).
+pub(crate) fn rearm() {
+    THREAD.lock().stopped = false;
 }
 
 /// Before `fork` (after the agent's lock): [`THREAD`] is consistent in
