@@ -47,7 +47,12 @@
 //!    freed after their grace period, and the `SIGTRAP` disposition given
 //!    back to the program once no trap can be pending (see below).
 //! 5. It answers with a [`Reply`]: `ok` and the trace's `calls`,
-//!    `events`, `dropped`, `threads`, `complete`, `detach-us`, `sigtrap`
+//!    `events`, `dropped`, `threads`, `complete`, `sites-changed` (sites
+//!    that do not hold the bytes they had before the first attach: gcc's
+//!    five-one-byte-NOP pads
+//!    stay the one 5-byte NOP the engine made them), `unpatch-us`,
+//!    `detach-us`, `rendezvous-signal` (the signal, when its handler was
+//!    installed during the session and stays), `sigtrap`
 //!    (`restored`, `untouched`, or why it was kept), and one `warning`
 //!    line per message the agent would have printed; then closes.
 //!
@@ -81,10 +86,14 @@
 //! only after every other thread was seen, since the last trap byte was
 //! removed, with no `SIGTRAP` pending (`SigPnd`) and one of: asleep in the
 //! kernel (`S` or `D`: to get there it ran user code, which a queued signal
-//! precedes), a voluntary context switch (the same), or running on a CPU
-//! without any switch between two looks (`schedstat`'s run time grew, the
-//! switch counts did not): a trap taken before is delivered within
-//! microseconds of its `int3` unless the thread is descheduled. A thread
+//! precedes), switched out since the first look (it ran after the trap
+//! bytes were gone: a trap it took before was queued within nanoseconds
+//! of running again, and shows in `SigPnd` until it is delivered), or
+//! running on a CPU without any switch between two looks (`schedstat`'s
+//! run time grew, the switch counts did not). The one trap this cannot
+//! see is one whose thread was switched out between its `int3` and the
+//! kernel queueing the signal (a few instructions), ran again after our
+//! first look, and was switched out again before those instructions. A thread
 //! not seen so within [`TRAP_QUIESCENCE`] keeps the handler installed (it
 //! chains every trap that is not textpoke's to the program's disposition),
 //! and the summary says so. The next attach installs the handler again
@@ -141,6 +150,13 @@ static ENGINE_TRAP: AtomicUsize = AtomicUsize::new(0);
 /// The program's `SIGTRAP` disposition before the engine's handler took
 /// it, for detach to give back.
 static PROGRAM_TRAP: Mutex<Option<SigAction>> = Mutex::new(None);
+
+/// Each site's bytes before any session changed it (address → its five
+/// bytes), for detach to say which did not get them back.
+static SITE_BYTES: Mutex<Option<std::collections::HashMap<usize, [u8; 5]>>> = Mutex::new(None);
+
+/// The rendezvous signal's handler when the session started.
+static RENDEZVOUS_BEFORE: AtomicUsize = AtomicUsize::new(0);
 
 /// A `libc::sigaction` that may sit in a static.
 #[derive(Clone, Copy)]
@@ -452,6 +468,7 @@ fn start(config: AgentConfig) -> Result<Reply, String> {
     publish_dir(&dir);
     crate::rearm();
     prepare_sigtrap();
+    RENDEZVOUS_BEFORE.store(rendezvous_handler(), Ordering::Release);
     let mut g = AGENT.lock();
     *g = Some(Agent {
         config,
@@ -470,6 +487,7 @@ fn start(config: AgentConfig) -> Result<Reply, String> {
     if tracer.functions().is_empty() {
         return Err(format!("process {} has no patchable function entries in its program or libraries", getpid()));
     }
+    note_site_bytes(tracer);
     if let Err(e) = crate::try_start(agent, tracer) {
         crate::fail(agent, &e.to_string());
     }
@@ -511,8 +529,47 @@ fn wait_for_socket() -> Option<PathBuf> {
     }
 }
 
+/// The bytes at `addr`, a site of a loaded object (code is readable).
+fn read5(addr: usize) -> [u8; 5] {
+    // SAFETY: `addr` is a site the tracer found in a loaded object's code,
+    // mapped readable; a volatile read, as other threads may change it.
+    unsafe { std::ptr::read_volatile(addr as *const [u8; 5]) }
+}
+
+/// Notes the bytes of each site not seen by an earlier session, before
+/// anything is patched: the bytes the program had (the sites of objects
+/// unloaded since are forgotten).
+fn note_site_bytes(tracer: &Tracer) {
+    let mut g = SITE_BYTES.lock().unwrap_or_else(|e| e.into_inner());
+    let known = g.get_or_insert_with(Default::default);
+    let live: std::collections::HashSet<usize> = tracer.functions().iter().map(|f| f.addr).collect();
+    known.retain(|a, _| live.contains(a));
+    for a in live {
+        known.entry(a).or_insert_with(|| read5(a));
+    }
+}
+
+/// After the op is gone: how many sites (of objects still loaded) do not
+/// hold the bytes the program had before the first session (gcc's pads of
+/// five one-byte NOPs stay the one 5-byte NOP the engine made them).
+fn sites_changed(tracer: &Tracer) -> usize {
+    let g = SITE_BYTES.lock().unwrap_or_else(|e| e.into_inner());
+    let Some(known) = g.as_ref() else { return 0 };
+    tracer.functions().iter().filter(|f| known.get(&f.addr).is_some_and(|b| read5(f.addr) != *b)).count()
+}
+
 // ---------------------------------------------------------------------------
 // SIGTRAP.
+
+/// The handler of textpoke's rendezvous signal now.
+fn rendezvous_handler() -> usize {
+    // SAFETY: querying only, into a zeroed struct.
+    unsafe {
+        let mut cur: libc::sigaction = std::mem::zeroed();
+        libc::sigaction(textpoke::sync::rendezvous::rendezvous_signal(), std::ptr::null(), &mut cur);
+        cur.sa_sigaction
+    }
+}
 
 fn current_sigtrap() -> libc::sigaction {
     // SAFETY: querying only, into a zeroed struct.
@@ -588,7 +645,6 @@ fn restore_sigtrap() -> String {
 struct Look {
     state: u8,
     trap_pending: bool,
-    voluntary: u64,
     switches: u64,
     runtime: Option<u64>,
 }
@@ -606,7 +662,6 @@ fn look(tid: i32) -> Option<Look> {
     Some(Look {
         state,
         trap_pending: pending & (1 << (libc::SIGTRAP - 1)) != 0,
-        voluntary,
         switches: voluntary + involuntary,
         runtime,
     })
@@ -631,7 +686,7 @@ fn wait_trap_quiescence(patience: Duration) -> Vec<i32> {
             let Some(now) = look(*tid) else { return false }; // gone
             let done = !now.trap_pending
                 && (matches!(now.state, b'S' | b'D' | b'Z' | b'X')
-                    || first.is_some_and(|f| now.voluntary > f.voluntary)
+                    || first.is_some_and(|f| now.switches > f.switches)
                     || prev.is_some_and(|p| {
                         !p.trap_pending
                             && p.switches == now.switches
@@ -663,12 +718,15 @@ fn detach() -> Reply {
         }
     }
     let unpatched = t0.elapsed();
+    let changed = sites_changed(Tracer::global());
     crate::server::stop();
     crate::server::socket::remove_socket();
     if let Err(e) = Tracer::global().reclaim(RECLAIM_PATIENCE) {
         crate::note_once(&format!("retired trampolines are left for the reclaimer: {e}"));
     }
+    note_engine_trap(); // also when only the unregister put traps
     let sigtrap = restore_sigtrap();
+    let rendezvous = rendezvous_handler() != RENDEZVOUS_BEFORE.load(Ordering::Acquire);
     let mut r = Reply::ok();
     if let Some(s) = summary {
         r = r
@@ -678,7 +736,13 @@ fn detach() -> Reply {
             .field("threads", s.threads)
             .field("complete", s.complete);
     }
-    r.field("unpatch-us", unpatched.as_micros()).field("detach-us", t0.elapsed().as_micros()).field("sigtrap", sigtrap)
+    if rendezvous {
+        r = r.field("rendezvous-signal", textpoke::sync::rendezvous::rendezvous_signal());
+    }
+    r.field("sites-changed", changed)
+        .field("unpatch-us", unpatched.as_micros())
+        .field("detach-us", t0.elapsed().as_micros())
+        .field("sigtrap", sigtrap)
 }
 
 /// Unregisters the op (every site back to its original bytes) and stops

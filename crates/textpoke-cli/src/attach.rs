@@ -541,9 +541,22 @@ fn report_end(
                 "restored" | "untouched" => String::new(),
                 other => format!("; SIGTRAP: {}", textpoke_analysis::escape(other)),
             };
-            util::eprint_line(&format!(
-                "textpoke: detached from {who}: every site has its original bytes again{trap_note}"
-            ));
+            let sites = match reply.get("sites-changed").and_then(|v| v.parse::<u64>().ok()) {
+                Some(0) => "every site has its original bytes again".to_string(),
+                Some(n) => format!(
+                    "{n} site(s) stay one 5-byte NOP (gcc's five one-byte NOPs, made one instruction while \
+                     attached), the others have their original bytes again"
+                ),
+                None => "the agent did not say whether every site has its original bytes again".to_string(),
+            };
+            let rendezvous = match reply.get("rendezvous-signal") {
+                Some(sig) => format!(
+                    "; signal {sig} keeps textpoke's rendezvous handler (installed to park the threads while the \
+                     pads were rewritten; it ignores signals textpoke did not queue)"
+                ),
+                None => String::new(),
+            };
+            util::eprint_line(&format!("textpoke: detached from {who}: {sites}{trap_note}{rendezvous}"));
             if args.verbose {
                 let us = |k: &str| reply.get(k).and_then(|v| v.parse::<u64>().ok()).map(Duration::from_micros);
                 util::eprint_line(&format!(
