@@ -37,8 +37,10 @@
 //!    thread: the program's dispositions and stacks stay its own.
 //! 3. It answers with a [`Reply`]: `ok` and the fields `functions`,
 //!    `traced`, `sites`, `inline`, `dir`, `socket`, `live-ns` (the
-//!    `CLOCK_MONOTONIC` time at which the sites were live), or `error
-//!    TEXT` (after undoing what it started).
+//!    `CLOCK_MONOTONIC` time at which the sites were live), `scan-us` and
+//!    `start-us` (finding the sites; starting the recorder, patching and
+//!    starting the agent thread), or `error TEXT` (after undoing what it
+//!    started).
 //! 4. It waits for `detach` (or for the end of the socket: the CLI died),
 //!    then detaches ([`detach`]): the op is unregistered (every site gets
 //!    its original bytes back, by the breakpoint protocol), the recorder
@@ -59,6 +61,13 @@
 //! Messages the agent prints on the program's stderr when preloaded are
 //! sent in the replies instead while a session runs ([`divert`]): the
 //! program's stderr is not textpoke's to write to.
+//!
+//! A child the program forks during a session records into
+//! `DIR/child-<pid>/` (the recorder follows it) and keeps a duplicate of
+//! the session socket; when the CLI closes its end (after the parent's
+//! detach, or because it died), the child's agent thread ends tracing in
+//! the child the same way (see [`fork_child`]). Grandchildren do not
+//! watch: they record until they exit.
 //!
 //! One session at a time: an entry called while one runs (a concurrent
 //! `textpoke record -p`) answers `error` at once, as does one in a
@@ -112,7 +121,7 @@ use std::os::fd::{FromRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::MetadataExt;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, AtomicU8, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, AtomicU8, AtomicUsize, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 use textpoke::clock::monotonic_ns;
@@ -139,6 +148,17 @@ static MODE: AtomicU8 = AtomicU8::new(MODE_UNKNOWN);
 
 /// A session runs (one at a time).
 static SESSION: AtomicBool = AtomicBool::new(false);
+
+/// The running session's socket (-1: none), for a forked child to watch.
+static SESSION_FD: AtomicI32 = AtomicI32::new(-1);
+
+/// The session socket's identity (device, inode), checked by a forked
+/// child before it keeps its duplicate.
+static SESSION_ID: [AtomicU64; 2] = [AtomicU64::new(0), AtomicU64::new(0)];
+
+/// In a child forked during a session: its duplicate of the session
+/// socket, for its agent thread to watch (-1: none).
+static INHERITED: AtomicI32 = AtomicI32::new(-1);
 
 /// The messages of the running session (`Some` while one runs).
 static MESSAGES: Mutex<Option<Vec<String>>> = Mutex::new(None);
@@ -381,6 +401,11 @@ fn serve(owned: OwnedFd) {
         )));
         return;
     };
+    SESSION_ID[0].store(conn.fd.id().0, Ordering::Relaxed);
+    SESSION_ID[1].store(conn.fd.id().1, Ordering::Relaxed);
+    // Release pairs with `fork_child`'s Acquire: the identity is set.
+    SESSION_FD.store(conn.fd.raw(), Ordering::Release);
+    let _published = Published;
     let mut reader = BufReader::new(&conn);
     let config = match AgentConfig::read_message(&mut reader) {
         Ok(c) => c,
@@ -402,6 +427,15 @@ fn serve(owned: OwnedFd) {
     }
     let summary = detach();
     conn.send(&with_warnings(summary));
+}
+
+/// Clears [`SESSION_FD`] when the session ends (before its socket closes).
+struct Published;
+
+impl Drop for Published {
+    fn drop(&mut self) {
+        SESSION_FD.store(-1, Ordering::Release);
+    }
 }
 
 /// Reads requests until `detach` or the end of the socket.
@@ -440,6 +474,49 @@ fn set_thread_mask() {
         libc::sigdelset(&mut set, textpoke::sync::rendezvous::rendezvous_signal());
         libc::pthread_sigmask(libc::SIG_SETMASK, &set, std::ptr::null_mut());
     }
+}
+
+// ---------------------------------------------------------------------------
+// fork.
+
+/// In a child forked during a session (one thread, in the fork handler,
+/// before the parent's descriptors are closed): a child that records
+/// keeps a duplicate of the session socket, whose end (the CLI closing it
+/// after the parent's detach, or dying) its agent thread sees and then
+/// ends tracing in the child as a detach does (see
+/// [`inherited_session_ended`]). A child that does not record is no part
+/// of the session. Async-signal-safe (atomics, `fcntl`).
+pub(crate) fn fork_child(recording: bool) {
+    let fd = SESSION_FD.swap(-1, Ordering::AcqRel);
+    let id = (SESSION_ID[0].load(Ordering::Relaxed), SESSION_ID[1].load(Ordering::Relaxed));
+    // The session's thread may have closed it while the process forked
+    // (memory and descriptors are copied one after the other): the
+    // descriptor must still be the session's.
+    if fd >= 0 && recording && crate::fds::identity(fd) == Some(id) {
+        // SAFETY: duplicating a descriptor of this (child) process.
+        let high = unsafe { libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, crate::fds::high_floor()) };
+        INHERITED.store(high, Ordering::Release);
+    } else {
+        SESSION.store(false, Ordering::Release);
+    }
+}
+
+/// The inherited session socket, for this child's agent thread (once).
+pub(crate) fn take_inherited() -> Option<Fd> {
+    let fd = INHERITED.swap(-1, Ordering::AcqRel);
+    // SAFETY: the duplicate made by `fork_child`, owned by nobody else.
+    (fd >= 0).then(|| Fd::adopt(unsafe { OwnedFd::from_raw_fd(fd) })).flatten()
+}
+
+/// The session a forked child inherited is over: tracing ends in the
+/// child (its sites unpatched, its trace finished), its agent thread
+/// stops, its socket file goes. Called on that agent thread.
+pub(crate) fn inherited_session_ended() {
+    crate::end_tracing(DETACH_WHY);
+    *MESSAGES.lock().unwrap_or_else(|e| e.into_inner()) = None;
+    SESSION.store(false, Ordering::Release);
+    crate::server::stop(); // on the agent thread: asks its loop to end
+    crate::server::socket::remove_socket();
 }
 
 // ---------------------------------------------------------------------------
@@ -483,14 +560,18 @@ fn start(config: AgentConfig) -> Result<Reply, String> {
     });
     let agent = g.as_mut().expect("just set");
     crate::server::loader::note_counters();
-    let tracer = Tracer::global(); // finds the sites of every loaded object
+    let t_scan = Instant::now();
+    let tracer = scan_sites()?;
+    let scan = t_scan.elapsed();
     if tracer.functions().is_empty() {
         return Err(format!("process {} has no patchable function entries in its program or libraries", getpid()));
     }
     note_site_bytes(tracer);
+    let t_start = Instant::now();
     if let Err(e) = crate::try_start(agent, tracer) {
         crate::fail(agent, &e.to_string());
     }
+    let started = t_start.elapsed();
     if agent.phase != Phase::Recording {
         let why = take_messages().join("; ");
         return Err(if why.is_empty() { format!("the agent did not start ({})", agent.phase.name()) } else { why });
@@ -508,11 +589,25 @@ fn start(config: AgentConfig) -> Result<Reply, String> {
         .field("sites", sites)
         .field("inline", inline)
         .field("dir", dir.display())
-        .field("live-ns", live_ns);
+        .field("live-ns", live_ns)
+        .field("scan-us", scan.as_micros())
+        .field("start-us", started.as_micros());
     if let Some(s) = socket {
         r = r.field("socket", s.display());
     }
     Ok(r)
+}
+
+/// The tracer with the sites of every object loaded now: found when it is
+/// made (the first session), found again by the next ones (objects may
+/// have been loaded or unloaded between two sessions).
+fn scan_sites() -> Result<&'static Tracer, String> {
+    static MADE: AtomicBool = AtomicBool::new(false);
+    let tracer = Tracer::global();
+    if MADE.swap(true, Ordering::AcqRel) {
+        tracer.refresh().map_err(|e| format!("cannot find the sites of the objects loaded now: {e}"))?;
+    }
+    Ok(tracer)
 }
 
 /// The control socket, once the agent thread has made it.

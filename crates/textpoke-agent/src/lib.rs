@@ -689,6 +689,7 @@ extern "C" fn fork_child() {
         publish_dir(&a.dir);
         respawn = a.phase == Phase::Recording;
     }
+    attach::fork_child(respawn); // before the parent's descriptors close
     server::after_fork_in_child();
     // SAFETY: held since fork_prepare.
     unsafe { AGENT.raw_unlock() };

@@ -31,7 +31,9 @@
 //!    original bytes, stops the recorder (the trace is complete), ends its
 //!    threads and answers with the run's summary, which is printed as
 //!    `textpoke record` prints its last lines (lost events included), with
-//!    the agent's warnings. Exit 0.
+//!    the agent's warnings. Children the target forked while attached
+//!    end their tracing when the session socket closes (they hold a
+//!    duplicate): their traces are waited for (2 s at most). Exit 0.
 //!
 //! If this command dies at any point after the injection, the agent sees
 //! its socket close and detaches by itself: the trace is complete and the
@@ -74,6 +76,8 @@ const START_TIMEOUT: Duration = Duration::from_secs(60);
 /// How long the agent may take to detach (the final flush writes the
 /// whole trace).
 const DETACH_TIMEOUT: Duration = Duration::from_secs(120);
+/// How long to wait for the traces of children forked while attached.
+const CHILDREN_WAIT: Duration = Duration::from_secs(2);
 
 /// `--duration`: seconds, fractions allowed.
 pub(crate) fn parse_secs(s: &str) -> Result<Duration, String> {
@@ -442,16 +446,22 @@ pub(crate) fn record_pid(args: &Args, pid: i32) -> Result<ExitCode, CliError> {
     }
     print_start(args, &target, &who, &started, &shown_dir);
     if args.verbose {
+        let us = |k: &str| {
+            started.get(k).and_then(|v| v.parse::<u64>().ok()).map_or("?".into(), |v| ms(Duration::from_micros(v)))
+        };
         let live = started.get("live-ns").and_then(|v| v.parse::<u64>().ok()).map(|ns| ns.saturating_sub(t0_ns));
         util::eprint_line(&format!(
             "textpoke: attach: pre-flight {}, thread {} stopped {} ({} remote calls), agent loaded at {}, \
-             sites live at {}, recording confirmed at {} (from the start of the command)",
+             sites live at {} (the agent found them in {}, recorded from {} later), recording confirmed at {} \
+             (from the start of the command)",
             ms(preflight_done),
             injected.tid,
             ms(timing.stop),
             timing.remote_syscalls,
             ms(timing.until_ready + preflight_done),
             live.map_or("?".into(), |ns| ms(Duration::from_nanos(ns))),
+            us("scan-us"),
+            us("start-us"),
             ms(ready),
         ));
     }
@@ -471,11 +481,37 @@ pub(crate) fn record_pid(args: &Args, pid: i32) -> Result<ExitCode, CliError> {
         }
     };
     drop(reader);
-    drop(session);
+    drop(session); // children forked while attached end their tracing now
+    wait_for_children(&dir, CHILDREN_WAIT);
     for line in record::summary(&dir, &shown_dir, &target.comm) {
         util::eprint_line(&line);
     }
     report_end(args, pid, &who, end, summary)
+}
+
+/// Whether every `child-*` trace under `dir` (recursively) is complete.
+fn children_complete(dir: &Path, depth: usize) -> bool {
+    let Ok(rd) = std::fs::read_dir(dir) else { return true };
+    rd.flatten().all(|e| {
+        let p = e.path();
+        if depth > 32 || !e.file_name().to_string_lossy().starts_with("child-") || !p.is_dir() {
+            return true;
+        }
+        let meta: Option<serde_json::Value> =
+            std::fs::read(p.join("meta.json")).ok().and_then(|b| serde_json::from_slice(&b).ok());
+        let complete = meta.is_none_or(|m| m.get("complete").and_then(|c| c.as_bool()) == Some(true));
+        complete && children_complete(&p, depth + 1)
+    })
+}
+
+/// Children forked while attached finish their traces once the session
+/// socket closes: waits a moment for them, so that the summary counts
+/// them complete (one that exec'd or died stays incomplete, and is shown so).
+fn wait_for_children(dir: &Path, patience: Duration) {
+    let deadline = Instant::now() + patience;
+    while !children_complete(dir, 0) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(10));
+    }
 }
 
 /// The agent did not answer the settings.

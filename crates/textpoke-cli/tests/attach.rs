@@ -86,7 +86,8 @@ fn compile(name: &str, src: &str, flags: &[&str]) -> PathBuf {
 /// commands on stdin; the main thread. Any failed call, `EINTR` or short
 /// wait is counted and printed.
 ///
-/// stdin commands: `c` prints `counts WORK LEAF TICK`; `q` stops the
+/// stdin commands: `c` prints `counts WORK LEAF TICK`; `f` forks a child
+/// that calls `t_work` every 200 µs until killed, prints `child PID`; `q` stops the
 /// threads, checks, prints `done errors=N ...` and exits 0 iff N is 0.
 const TARGET_C: &str = r#"
 #define _GNU_SOURCE
@@ -208,6 +209,14 @@ static void *commands(void *a) {
     char line[64];
     while (fgets(line, sizeof line, stdin)) {
         if (line[0] == 'q') break;
+        if (line[0] == 'f') {
+            pid_t child = fork();
+            if (child == 0) { /* one thread: calls traced code until killed */
+                for (;;) { sink += t_work(5); usleep(200); }
+            }
+            printf("child %d\n", (int)child);
+            fflush(stdout);
+        }
         if (line[0] == 'c') {
             printf("counts %ld %ld %ld\n", atomic_load(&n_work), atomic_load(&n_leaf), atomic_load(&n_tick));
             fflush(stdout);
@@ -286,6 +295,14 @@ impl Target {
         let n: Vec<u64> = line.split_whitespace().skip(1).map(|v| v.parse().unwrap()).collect();
         assert_eq!(n.len(), 3, "{line}");
         (n[0], n[1], n[2])
+    }
+
+    /// Forks a child (see the program): its pid.
+    fn fork(&mut self) -> i32 {
+        writeln!(self.stdin, "f").unwrap();
+        let mut line = String::new();
+        self.out.read_line(&mut line).unwrap();
+        line.trim().strip_prefix("child ").and_then(|p| p.parse().ok()).expect(&line)
     }
 
     /// Stops it: its summary line, after checking it found no error.
@@ -673,4 +690,75 @@ fn a_process_under_textpoke_record_is_refused() {
     out.read_to_string(&mut rest).unwrap();
     assert!(rest.contains("done errors=0 "), "{rest}");
     assert!(rec.wait().unwrap().success());
+}
+
+/// A child forked while attached records into `DIR/child-<pid>/`; when the
+/// parent detaches, the child (still running) ends tracing too: its trace
+/// is complete, its sites have their bytes back, its agent thread and
+/// descriptors are gone.
+#[test]
+fn a_child_forked_while_attached_detaches_with_its_parent() {
+    let exe = compile("forking", TARGET_C, MCOUNT);
+    let sockets = socket_dir("forking");
+    let mut target = Target::start(exe, &sockets);
+    let pid = target.pid;
+    let sites = sites_of(&target.exe);
+    let original = site_bytes(pid, &sites);
+    let parent_fds = target.snapshot().fds;
+    let dir = fresh("forking.data");
+    let mut rec = textpoke(&sockets)
+        .args(["record", "--duration", "60", "-p", &pid.to_string(), "-o"])
+        .arg(&dir)
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut err = BufReader::new(rec.stderr.take().unwrap());
+    let mut line = String::new();
+    err.read_line(&mut line).unwrap();
+    assert!(line.contains("attached to process"), "{line}");
+    let child = target.fork();
+    std::thread::sleep(Duration::from_millis(300));
+    assert_ne!(site_bytes(child, &sites), original, "the child inherited patched sites");
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(rec.id() as i32, libc::SIGINT) };
+    let mut rest = String::new();
+    err.read_to_string(&mut rest).unwrap();
+    assert!(rec.wait().unwrap().success(), "{rest}");
+    assert!(rest.contains("1 child trace") && !rest.contains("incomplete"), "{rest}");
+    let child_dir = dir.join(format!("child-{child}"));
+    let (ok, why) = settle(|| {
+        let complete = Trace::open(&child_dir).is_ok_and(|t| t.is_complete());
+        let bytes = site_bytes(child, &sites) == original;
+        let tasks: Vec<String> = std::fs::read_dir(format!("/proc/{child}/task"))
+            .unwrap()
+            .flatten()
+            .map(|t| std::fs::read_to_string(t.path().join("comm")).unwrap_or_default().trim_end().to_string())
+            .collect();
+        let agents = tasks.iter().filter(|c| c.starts_with("textpoke") && c.as_str() != RECLAIMER).count();
+        // The child's descriptors are those it inherited from the program.
+        let extra: Vec<String> = std::fs::read_dir(format!("/proc/{child}/fd"))
+            .unwrap()
+            .flatten()
+            .filter(|e| !parent_fds.contains_key(&*e.file_name().to_string_lossy()))
+            .map(|e| format!("{:?} -> {:?}", e.file_name(), std::fs::read_link(e.path()).unwrap_or_default()))
+            .collect();
+        let socket = sockets.join(format!("{child}.sock")).exists();
+        let ok = complete && bytes && agents == 0 && extra.is_empty() && !socket;
+        (
+            ok,
+            (
+                ok,
+                format!(
+                    "complete {complete}, sites back {bytes}, threads {tasks:?}, extra fds {extra:?}, socket {socket}"
+                ),
+            ),
+        )
+    });
+    // SAFETY: the target's child, which the test made it fork.
+    unsafe { libc::kill(child, libc::SIGKILL) };
+    assert!(ok, "the child after its parent's detach: {why}\n{rest}");
+    let trace = Trace::open(&child_dir).unwrap();
+    let counts: BTreeMap<String, u64> = trace.counts().iter().map(|&(f, n)| (trace.name(f).to_string(), n)).collect();
+    assert!(counts.get("t_work").copied().unwrap_or(0) > 0, "{counts:?}");
+    println!("{}", target.finish());
 }
