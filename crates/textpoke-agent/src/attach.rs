@@ -377,7 +377,13 @@ pub extern "C" fn textpoke_agent_attach(fd: c_int) {
     }
     // SAFETY: the injector's loader hands the descriptor over to us.
     let owned = unsafe { OwnedFd::from_raw_fd(fd) };
-    as_agent(move || serve(owned));
+    if as_agent(move || serve(owned)).is_none() {
+        // A panic (caught: the socket closed while unwinding, so the CLI
+        // says the agent failed): leave nothing running.
+        as_agent(|| {
+            let _ = detach();
+        });
+    }
 }
 
 fn serve(owned: OwnedFd) {

@@ -80,7 +80,8 @@
 //!    in step 7 (op unregistered, sites unpatched, trace finished, the
 //!    recorder's writer thread joined), then the agent thread is ended and
 //!    joined (its descriptors close with it) and the socket file removed.
-//!    Nothing starts again. What stays: the wrappers and signal handlers,
+//!    Nothing starts again, except through a new attach session, which
+//!    re-arms the agent (`rearm`). What stays: the wrappers and signal handlers,
 //!    which then pass everything through to the program (the real
 //!    functions, the program's own handlers, the default dispositions),
 //!    and the tracer's reclaimer thread if one was started (the engine
@@ -91,12 +92,11 @@
 //! Steps 1 and 2 assume a constructor that runs before `main`, alone:
 //! the settings come from the environment, and `TEXTPOKE_PID` is set with
 //! `setenv`. An agent loaded into a running program by `textpoke record
-//! -p` must instead take its settings as a message
-//! ([`textpoke_control::AgentConfig::from_message`]) and leave the
-//! program's environment alone (`setenv` races the program's threads'
-//! `getenv`); the stop-signal handlers (step 6) are installed only where
-//! the disposition is still the default, as now. Steps 3 to 8 are the
-//! same; a detach is step 8.
+//! -p` starts nothing in its constructor (it tells the two cases apart by
+//! `LD_PRELOAD`); its entry `textpoke_agent_attach` takes the settings as
+//! a message, does step 2 without the stop-signal and fatal-signal
+//! handlers, serves the session until the CLI detaches, and can be
+//! attached again: see [`attach`].
 //!
 //! # Never harm the program
 //!
