@@ -96,7 +96,7 @@
 //! `LD_PRELOAD`); its entry `textpoke_agent_attach` takes the settings as
 //! a message, does step 2 without the stop-signal and fatal-signal
 //! handlers, serves the session until the CLI detaches, and can be
-//! attached again: see [`attach`].
+//! attached again: see `attach`.
 //!
 //! # Never harm the program
 //!
@@ -120,7 +120,7 @@
 //! the directory when it makes its own (see `server::socket`).
 
 mod altstack;
-pub mod attach;
+mod attach;
 mod clients;
 mod fatal;
 mod fds;
