@@ -95,7 +95,7 @@ pub(crate) fn nofile_limit() -> u64 {
 }
 
 /// The lowest number the agent moves its descriptors to.
-fn high_floor() -> RawFd {
+pub(crate) fn high_floor() -> RawFd {
     (nofile_limit() / 2).clamp(10, 900) as RawFd
 }
 

@@ -80,7 +80,8 @@
 //!    in step 7 (op unregistered, sites unpatched, trace finished, the
 //!    recorder's writer thread joined), then the agent thread is ended and
 //!    joined (its descriptors close with it) and the socket file removed.
-//!    Nothing starts again. What stays: the wrappers and signal handlers,
+//!    Nothing starts again, except through a new attach session, which
+//!    re-arms the agent (`rearm`). What stays: the wrappers and signal handlers,
 //!    which then pass everything through to the program (the real
 //!    functions, the program's own handlers, the default dispositions),
 //!    and the tracer's reclaimer thread if one was started (the engine
@@ -91,12 +92,11 @@
 //! Steps 1 and 2 assume a constructor that runs before `main`, alone:
 //! the settings come from the environment, and `TEXTPOKE_PID` is set with
 //! `setenv`. An agent loaded into a running program by `textpoke record
-//! -p` must instead take its settings as a message
-//! ([`textpoke_control::AgentConfig::from_message`]) and leave the
-//! program's environment alone (`setenv` races the program's threads'
-//! `getenv`); the stop-signal handlers (step 6) are installed only where
-//! the disposition is still the default, as now. Steps 3 to 8 are the
-//! same; a detach is step 8.
+//! -p` starts nothing in its constructor (it tells the two cases apart by
+//! `LD_PRELOAD`); its entry `textpoke_agent_attach` takes the settings as
+//! a message, does step 2 without the stop-signal and fatal-signal
+//! handlers, serves the session until the CLI detaches, and can be
+//! attached again: see `attach`.
 //!
 //! # Never harm the program
 //!
@@ -120,6 +120,7 @@
 //! the directory when it makes its own (see `server::socket`).
 
 mod altstack;
+mod attach;
 mod clients;
 mod fatal;
 mod fds;
@@ -315,6 +316,9 @@ pub(crate) fn note_once(msg: &str) {
 }
 
 fn print_once(once: &AtomicBool, msg: &str) {
+    if attach::divert(msg) {
+        return; // an attach session's reply carries it
+    }
     if !once.swap(true, Ordering::Relaxed) {
         // Messages quote function names and paths: escaped, so that they
         // cannot act on the terminal the program's stderr goes to.
@@ -372,7 +376,13 @@ fn bytes(n: u64) -> usize {
 static INIT: extern "C" fn() = init;
 
 extern "C" fn init() {
-    as_agent(load);
+    as_agent(|| {
+        let preloaded = attach::loaded_at_start();
+        attach::note_mode(preloaded);
+        if preloaded {
+            load();
+        }
+    });
 }
 
 fn load() {
@@ -483,8 +493,11 @@ fn try_start(agent: &mut Agent, tracer: &'static Tracer) -> Result<(), AgentErro
     let handle = tracer.register(Arc::new(op), filter)?;
     agent.op = Some(handle);
     recount(agent, tracer);
-    server::stop_signals::install();
-    fatal::install();
+    if !attach::injected() {
+        // Injected: the program's dispositions stay its own (see `attach`).
+        server::stop_signals::install();
+        fatal::install();
+    }
     server::spawn();
     Ok(())
 }
@@ -610,6 +623,13 @@ pub fn shutdown() {
     });
 }
 
+/// Makes a shut-down agent startable again (a second `textpoke record -p`
+/// attaching, see `attach`): recording may start, and the agent thread.
+pub(crate) fn rearm() {
+    ENDED.store(false, Ordering::Release);
+    server::rearm();
+}
+
 /// Rescans loaded objects and brings the op's filter up to date; a process
 /// that was idle starts recording when sites appear.
 pub(crate) fn refresh(agent: &mut Agent) {
@@ -669,6 +689,7 @@ extern "C" fn fork_child() {
         publish_dir(&a.dir);
         respawn = a.phase == Phase::Recording;
     }
+    attach::fork_child(respawn); // before the parent's descriptors close
     server::after_fork_in_child();
     // SAFETY: held since fork_prepare.
     unsafe { AGENT.raw_unlock() };

@@ -53,6 +53,7 @@
 //! agent thread starts afterwards, not even for a `dlopen`.
 
 mod commands;
+pub(crate) use commands::inline_sites;
 pub(crate) mod exit;
 pub(crate) mod loader;
 pub(crate) mod socket;
@@ -129,6 +130,12 @@ pub(crate) fn stop() {
     }
 }
 
+/// Undoes [`stop`]'s "for good": the agent thread may start again (an
+/// injected agent attached again, see `attach`).
+pub(crate) fn rearm() {
+    THREAD.lock().stopped = false;
+}
+
 /// Before `fork` (after the agent's lock): [`THREAD`] is consistent in
 /// the child.
 pub(crate) fn fork_prepare() {
@@ -195,6 +202,7 @@ fn main_loop() {
         clients: Clients::default(),
         front: front.map(front::Watch::start),
         loader: loader::Follower::default(),
+        session: crate::attach::take_inherited(),
     };
     while THREAD_PID.load(Ordering::Acquire) == state.me {
         state.round();
@@ -211,6 +219,9 @@ struct LoopState {
     /// `textpoke record`, while it runs.
     front: Option<front::Watch>,
     loader: loader::Follower,
+    /// In a child forked during an attach session: the session socket,
+    /// whose end ends tracing here (see `attach::fork_child`).
+    session: Option<Fd>,
 }
 
 /// Appends `p` to `fds` if there is one; its index.
@@ -232,6 +243,12 @@ impl LoopState {
         push_poll(&mut fds, self.wake.as_ref().and_then(|w| poll_in(&w.read)));
         let listen_at = push_poll(&mut fds, self.socket.poll_fd());
         let front_at = push_poll(&mut fds, self.front.as_ref().and_then(front::Watch::poll_fd));
+        // No events asked: only its end (POLLHUP, POLLERR) wakes us; the
+        // parent's session thread reads what the CLI sends.
+        let session_at = push_poll(
+            &mut fds,
+            self.session.as_ref().filter(|f| f.ours()).map(|f| libc::pollfd { fd: f.raw(), events: 0, revents: 0 }),
+        );
         let clients_at = fds.len();
         self.clients.poll_fds(&mut fds);
         let timeout = self.timeout_ms();
@@ -249,6 +266,10 @@ impl LoopState {
         if self.front.as_mut().is_some_and(|w| w.gone(revents(front_at))) {
             self.front = None;
             crate::front_ended();
+        }
+        if revents(session_at) & (libc::POLLHUP | libc::POLLERR) != 0 {
+            self.session = None;
+            crate::attach::inherited_session_ended();
         }
         self.clients.note_polled(&fds[clients_at..]);
         let now = Instant::now();

@@ -1,6 +1,7 @@
 //! The `textpoke` command: a thin front end over the textpoke library.
 
 mod agent_file;
+mod attach;
 mod cmdutil;
 mod common;
 mod ctl;
@@ -40,7 +41,7 @@ struct Cli {
 enum Command {
     /// Check what this kernel offers and run a short stress of both patching strategies
     Selftest(selftest::Args),
-    /// Run a program traced and write its trace directory (no program: a bundled demo)
+    /// Run a program traced, or attach to a running one (-p PID), and write its trace directory (no program: a bundled demo)
     Record(record::Args),
     /// See and change what a program running under `textpoke record` traces
     Ctl(ctl::Args),

@@ -69,10 +69,10 @@ pub struct Args {
     exclude: Vec<String>,
     /// The trace directory to write (an older trace there moves to DIR.old)
     #[arg(short = 'o', long = "output", value_name = "DIR", default_value = "textpoke.data")]
-    output: PathBuf,
+    pub(crate) output: PathBuf,
     /// Count calls per function instead of recording each entry and exit
     #[arg(long)]
-    count_only: bool,
+    pub(crate) count_only: bool,
     /// Record the return values of the functions matching GLOB (repeatable)
     #[arg(short = 'R', long = "retval", value_name = "GLOB")]
     retval: Vec<String>,
@@ -89,6 +89,17 @@ pub struct Args {
     /// up to ~100 ns), monotonic [default: tsc when it is invariant]
     #[arg(long, value_name = "CLOCK", value_parser = AgentClock::NAMES)]
     clock: Option<String>,
+    /// Attach to the running process PID instead of starting a program;
+    /// detach on Ctrl-C, after --duration, or when it exits, leaving it as
+    /// it was
+    #[arg(short = 'p', long = "pid", value_name = "PID", conflicts_with = "command")]
+    pub(crate) pid: Option<i32>,
+    /// With -p: detach after SECS seconds (e.g. 0.5)
+    #[arg(long, value_name = "SECS", requires = "pid", value_parser = crate::attach::parse_secs)]
+    pub(crate) duration: Option<std::time::Duration>,
+    /// With -p: also print how long the attach and the detach took
+    #[arg(short = 'v', long, requires = "pid")]
+    pub(crate) verbose: bool,
     /// The program to run, and its arguments; none: a bundled multithreaded demo
     #[arg(value_name = "PROG [ARGS]", trailing_var_arg = true, allow_hyphen_values = true)]
     command: Vec<OsString>,
@@ -223,7 +234,7 @@ fn check_program(prog: &Path, shown: &str, want_names: bool) -> Result<Checked, 
 }
 
 /// Every glob must match some function.
-fn check_globs(args: &Args, names: &[String]) -> Result<(), CliError> {
+pub(crate) fn check_globs(args: &Args, names: &[String]) -> Result<(), CliError> {
     for (flag, globs) in [("-F", &args.include), ("-N", &args.exclude)] {
         for g in globs {
             let m = globset::Glob::new(g)
@@ -247,7 +258,7 @@ fn check_globs(args: &Args, names: &[String]) -> Result<(), CliError> {
 /// `DIR` must be what the agent's recorder accepts (absent, empty, or an
 /// earlier trace whose `DIR.old` may be replaced: see
 /// [`textpoke_record::dir`]), checked before the program runs.
-fn check_output(dir: &Path) -> Result<(), CliError> {
+pub(crate) fn check_output(dir: &Path) -> Result<(), CliError> {
     textpoke_record::dir::check(dir, true).map_err(|e| CliError::new(2, e.to_string()))
 }
 
@@ -417,7 +428,7 @@ fn read_meta(dir: &Path) -> Option<format::Meta> {
 /// and by the processes the program started, from the metadata alone (the
 /// events are not read: a big trace's summary costs nothing), and a loud
 /// second line when events were lost.
-fn summary(dir: &Path, shown: &str, prog: &str) -> Vec<String> {
+pub(crate) fn summary(dir: &Path, shown: &str, prog: &str) -> Vec<String> {
     let mut children = Children::default();
     children.add_under(dir, 0);
     if !dir.join(META_FILE).exists() {
@@ -502,7 +513,7 @@ fn human_bytes(n: u64) -> String {
 /// What the agent is told (see [`textpoke_control::agent`]): the trace
 /// directory `dir`, written by the program itself (the agent takes the
 /// program's pid), the options, and this process to watch.
-fn agent_config(args: &Args, dir: PathBuf) -> AgentConfig {
+pub(crate) fn agent_config(args: &Args, dir: PathBuf) -> AgentConfig {
     AgentConfig {
         dir: Some(dir),
         owner_pid: None,
@@ -528,6 +539,9 @@ pub fn run(args: &Args) -> ExitCode {
 fn record(args: &Args) -> Result<ExitCode, CliError> {
     for g in args.include.iter().chain(&args.exclude).chain(&args.retval) {
         globset::Glob::new(g).map_err(|e| CliError::new(2, format!("bad glob {g:?}: {}", e.kind())))?;
+    }
+    if let Some(pid) = args.pid {
+        return crate::attach::record_pid(args, pid);
     }
     let demo = if args.command.is_empty() { Some(DemoFile::write()?) } else { None };
     let (prog, arg0, rest): (PathBuf, OsString, &[OsString]) = match &demo {

@@ -95,6 +95,8 @@
 //! 15. Write the object into its memfd, send the start byte; the loader
 //!     thread `dlopen`s it, looks the entry up and reports (OK, or the
 //!     `dlerror()` text) before calling `entry(sock)`.
+//!     ([`SoImage::TargetPath`]: the memfd stays empty, `dlopen` opens
+//!     the path, so a second injection of it finds the loaded object.)
 //! 16. Wait for the report (watching the pidfd for the target's exit).
 //!
 //! On an error between 8 and 13 the remote objects are closed and
@@ -172,6 +174,13 @@ pub enum SoImage<'a> {
     Path(&'a Path),
     /// The object's bytes.
     Bytes(&'a [u8]),
+    /// A file the target `dlopen`s by this absolute path itself, as the
+    /// target sees it (its mount namespace): nothing is copied. `dlopen`
+    /// finds an object already loaded from the same file (same device and
+    /// inode), so injecting the same path again runs the entry again in
+    /// the image the first injection loaded, with its state (a memfd is a
+    /// new file each time: each injection would load another copy).
+    TargetPath(&'a Path),
 }
 
 /// What to inject and how.
@@ -323,6 +332,11 @@ pub fn start<'a>(pid: i32, opts: &InjectOptions<'a>) -> Result<Pending<'a>> {
             std::fs::read(p).map_err(|e| InjectError::Io { what: format!("reading {}", p.display()), source: e })?,
         ),
         SoImage::Bytes(b) => Cow::Borrowed(b),
+        SoImage::TargetPath(_) => Cow::Borrowed(&[]),
+    };
+    let dlopen_path = match opts.so {
+        SoImage::TargetPath(p) => Some(target_path(p)?),
+        _ => None,
     };
     // Step 2.
     let api = libc_api(&target)?;
@@ -349,7 +363,7 @@ pub fn start<'a>(pid: i32, opts: &InjectOptions<'a>) -> Result<Pending<'a>> {
         let mut transient = false;
         for cand in candidates {
             attempts += 1;
-            match hijack(&target, &api, cand.tid, &maps, &template)? {
+            match hijack(&target, &api, cand.tid, &maps, &template, dlopen_path.as_deref())? {
                 Hijack::PassedOver(why) => {
                     transient = true;
                     passed_over.push((cand.tid, why));
@@ -416,6 +430,23 @@ fn exited(pid: i32) -> Option<InjectError> {
     (!live).then(|| InjectError::ExitedDuringInjection { pid, tid: pid, how: "no live thread left".into() })
 }
 
+/// The path of [`SoImage::TargetPath`] as the loader holds it: absolute,
+/// text without NUL, short enough for its slot.
+fn target_path(p: &Path) -> Result<String> {
+    let bad = |why: &str| InjectError::Io {
+        what: format!("the object's path {} {why}", p.display()),
+        source: std::io::ErrorKind::InvalidInput.into(),
+    };
+    let s = p.to_str().ok_or_else(|| bad("is not UTF-8"))?;
+    if !p.is_absolute() || s.contains('\0') {
+        return Err(bad("must be absolute, without NUL"));
+    }
+    if s.len() >= loader::PATH_ROOM {
+        return Err(bad(&format!("is too long (at most {} bytes)", loader::PATH_ROOM - 1)));
+    }
+    Ok(s.to_owned())
+}
+
 /// Step 2, retried while the loader is busy.
 fn libc_api(target: &Target) -> Result<LibcApi> {
     let mut tries = 0;
@@ -459,6 +490,7 @@ fn hijack(
     tid: i32,
     maps: &[(u64, u64)],
     template: &loader::Template,
+    dlopen_path: Option<&str>,
 ) -> Result<Hijack> {
     let pid = target.pid;
     // Step 4.
@@ -532,7 +564,7 @@ fn hijack(
         if let Some((_, word)) = rseq {
             session.mem.write_all(word, &0u64.to_le_bytes())?;
         }
-        session.inject_loader(target, template, &saved, &fp, mask, resume_rip, resume_rax)
+        session.inject_loader(target, template, &saved, &fp, mask, resume_rip, resume_rax, dlopen_path)
     })();
     match committed {
         Ok((local, left_mapped)) => {
@@ -649,6 +681,7 @@ impl Session {
         mask: u64,
         resume_rip: u64,
         resume_rax: u64,
+        dlopen_path: Option<&str>,
     ) -> Result<(Local, Vec<Leftover>)> {
         let tid = self.tid;
         // Step 8.
@@ -673,7 +706,7 @@ impl Session {
         let loader_local = self.getfd(target, loader_fd)?;
         let so_local = self.getfd(target, so_fd)?;
         let socket_local = self.getfd(target, sv0)?;
-        let path = format!("/proc/{}/fd/{so_fd}", target.nspid);
+        let path = dlopen_path.map_or_else(|| format!("/proc/{}/fd/{so_fd}", target.nspid), str::to_owned);
         let input = loader::LoaderInput {
             sock_fd: sv1 as i32,
             so_fd: so_fd as i32,

@@ -138,7 +138,8 @@ pub struct LoaderInput<'a> {
     /// The injector's end of the socketpair, still open in the target
     /// (closed by the loader thread; the injector has its duplicate).
     pub peer_fd: i32,
-    /// The path `dlopen` opens (the memfd as the target sees it).
+    /// The path `dlopen` opens (the memfd as the target sees it, or the
+    /// object's own path).
     pub path: &'a str,
     /// The saved registers.
     pub regs: &'a Regs,
@@ -152,8 +153,9 @@ pub struct LoaderInput<'a> {
     pub sigmask: u64,
 }
 
-/// Room for the `dlopen` path, `/proc/<pid>/fd/<n>`.
-pub const PATH_ROOM: usize = 64;
+/// Room for the `dlopen` path: `/proc/<pid>/fd/<n>`, or the object's own
+/// path ([`crate::SoImage::TargetPath`]).
+pub const PATH_ROOM: usize = 512;
 
 /// The data slots of the image, in order.
 const SLOTS: [&str; 35] = [

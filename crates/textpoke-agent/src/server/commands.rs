@@ -58,7 +58,7 @@ fn status(agent: &mut Agent) -> Reply {
 /// count and graph trampolines) rather than through a callback: fewer
 /// than all means the cheap path is off for some (a body site, an agent
 /// loaded with dynamic TLS).
-fn inline_sites() -> (usize, usize) {
+pub(crate) fn inline_sites() -> (usize, usize) {
     use textpoke::trace::TrampolineKind;
     let functions = Tracer::global().functions();
     let traced = functions.iter().filter(|f| f.trampoline != TrampolineKind::None);

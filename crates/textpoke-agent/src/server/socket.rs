@@ -200,6 +200,16 @@ pub(crate) fn remove_socket() {
     }
 }
 
+/// This process's socket file, once the agent thread made it.
+pub(crate) fn bound_path() -> Option<std::path::PathBuf> {
+    if SOCKET_PID.load(Ordering::Acquire) != getpid() {
+        return None;
+    }
+    let p = SOCKET_PATH.load(Ordering::Acquire);
+    // SAFETY: a NUL-terminated path made by `bind`, leaked, never freed.
+    (!p.is_null()).then(|| std::ffi::OsStr::from_bytes(unsafe { std::ffi::CStr::from_ptr(p) }.to_bytes()).into())
+}
+
 /// An exec failed after [`remove_socket`]: make the socket again.
 pub(crate) fn exec_failed() {
     REBIND.store(true, Ordering::Release);

@@ -84,7 +84,7 @@ pub(crate) fn set_errno(e: i32) {
 }
 
 /// Calls `f` with the id of every thread of this process. Allocation-free.
-pub(crate) fn for_each_tid(mut f: impl FnMut(i32)) -> io::Result<()> {
+pub fn for_each_tid(mut f: impl FnMut(i32)) -> io::Result<()> {
     const PATH: &[u8] = b"/proc/self/task\0";
     // SAFETY: PATH is NUL-terminated.
     let fd = unsafe { libc::open(PATH.as_ptr().cast(), libc::O_RDONLY | libc::O_DIRECTORY | libc::O_CLOEXEC) };
