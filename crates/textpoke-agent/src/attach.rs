@@ -772,9 +772,9 @@ fn look(tid: i32) -> Option<Look> {
 /// taken before the call (module docs); the threads not seen so within
 /// `patience`.
 fn wait_trap_quiescence(patience: Duration) -> Vec<i32> {
-    let me = textpoke::sys::threads::gettid();
+    let me = textpoke_sys::threads::gettid();
     let mut tids = Vec::new();
-    let _ = textpoke::sys::threads::for_each_tid(|t| {
+    let _ = textpoke_sys::threads::for_each_tid(|t| {
         if t != me {
             tids.push(t)
         }

@@ -66,8 +66,8 @@
 use crate::{getpid, AGENT_PID};
 use std::ffi::{c_int, c_void};
 use std::sync::atomic::{fence, AtomicBool, AtomicI32, AtomicU32, AtomicU64, AtomicUsize, Ordering};
-use textpoke::sys::threads::gettid;
 use textpoke_record::crash::{self, CrashFlush, FatalSignal};
+use textpoke_sys::threads::gettid;
 
 /// The signals whose default action the crash flush precedes.
 pub(crate) const FATAL: [c_int; 5] = [libc::SIGSEGV, libc::SIGBUS, libc::SIGILL, libc::SIGFPE, libc::SIGABRT];

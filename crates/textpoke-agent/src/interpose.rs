@@ -122,7 +122,7 @@ fn own_process() -> bool {
 // Memory for the new environment.
 
 /// Anonymous memory (never malloc: see the module docs), from
-/// [`textpoke::sys::anon`].
+/// [`textpoke_sys::anon`].
 struct Scratch {
     base: *mut u8,
     len: usize,
@@ -131,7 +131,7 @@ struct Scratch {
 
 impl Scratch {
     fn new(len: usize) -> Option<Scratch> {
-        let base = textpoke::sys::anon::map(len)?;
+        let base = textpoke_sys::anon::map(len)?;
         Some(Scratch { base, len, used: 0 })
     }
 
@@ -167,7 +167,7 @@ impl Drop for Scratch {
     fn drop(&mut self) {
         // SAFETY: exactly the mapping made in `new`; the exec it was for
         // has failed (or was never tried), so nothing uses it any more.
-        unsafe { textpoke::sys::anon::unmap(self.base, self.len) };
+        unsafe { textpoke_sys::anon::unmap(self.base, self.len) };
     }
 }
 

@@ -68,7 +68,7 @@ use std::sync::atomic::{AtomicI32, Ordering};
 use std::thread::JoinHandle;
 use std::time::Instant;
 use textpoke::sync::ForkLock;
-use textpoke::sys::threads::gettid;
+use textpoke_sys::threads::gettid;
 
 /// How often the agent thread wakes without a reason.
 const TICK_MS: i32 = 50;

@@ -8,7 +8,7 @@
 //!
 //! # `-o FILE`
 //!
-//! FILE's symbolic links are followed first (`textpoke::sys::fs::follow_links`):
+//! FILE's symbolic links are followed first (`textpoke_sys::fs::follow_links`):
 //! a link is kept and what it names is written. Then, by what FILE is:
 //!
 //! - **nothing, or a regular file**: the output goes to a temporary file
@@ -31,7 +31,7 @@ use std::io::{self, BufWriter, Write};
 use std::os::fd::BorrowedFd;
 use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
-use textpoke::sys::fs::{follow_links, kind_name};
+use textpoke_sys::fs::{follow_links, kind_name};
 
 /// Where the output goes (see the module documentation).
 pub enum Output {

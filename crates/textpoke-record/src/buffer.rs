@@ -142,9 +142,9 @@ fn map_segment(len: u64, owned: &AtomicU64) -> Option<*mut Segment> {
         return None;
     }
     let m = if CFG_PREFAULT.load(Ordering::Relaxed) {
-        textpoke::sys::anon::map_populated(len as usize)
+        textpoke_sys::anon::map_populated(len as usize)
     } else {
-        textpoke::sys::anon::map(len as usize)
+        textpoke_sys::anon::map(len as usize)
     };
     let Some(m) = m else {
         MEM_USED.fetch_sub(len, Ordering::Relaxed);
@@ -169,7 +169,7 @@ pub(crate) unsafe fn unmap_segment(s: *mut Segment, owned: &AtomicU64) {
     owned.fetch_sub(len as u64, Ordering::Relaxed);
     MEM_USED.fetch_sub(len as u64, Ordering::Relaxed);
     // SAFETY: mapped by map_segment with this length.
-    unsafe { textpoke::sys::anon::unmap(s as *mut u8, len) };
+    unsafe { textpoke_sys::anon::unmap(s as *mut u8, len) };
 }
 
 // ---------------------------------------------------------------------------
@@ -736,7 +736,7 @@ unsafe fn increment(p: *mut u64) {
 pub(crate) fn wake_writer() {
     // Release pairs with the writer's acquire load of WAKE before it waits.
     WAKE.fetch_add(1, Ordering::Release);
-    textpoke::sys::futex_wake(&WAKE, 1);
+    textpoke_sys::futex_wake(&WAKE, 1);
 }
 
 // ---------------------------------------------------------------------------
@@ -904,14 +904,14 @@ pub(crate) fn orphans(make: bool) -> Option<*mut AtomicU64> {
     if !p.is_null() || !make {
         return (!p.is_null()).then_some(p);
     }
-    let m = textpoke::sys::anon::map(ORPHANS_LEN * 8)? as *mut AtomicU64;
+    let m = textpoke_sys::anon::map(ORPHANS_LEN * 8)? as *mut AtomicU64;
     // Release pairs with the acquire load above: the zeroed mapping is
     // visible before the pointer.
     match ORPHANS.compare_exchange(ptr::null_mut(), m, Ordering::AcqRel, Ordering::Acquire) {
         Ok(_) => Some(m),
         Err(other) => {
             // SAFETY: ours, never published.
-            unsafe { textpoke::sys::anon::unmap(m as *mut u8, ORPHANS_LEN * 8) };
+            unsafe { textpoke_sys::anon::unmap(m as *mut u8, ORPHANS_LEN * 8) };
             Some(other)
         }
     }
@@ -922,7 +922,7 @@ pub(crate) fn orphans(make: bool) -> Option<*mut AtomicU64> {
 pub(crate) fn reset_orphans() {
     if let Some(p) = orphans(false) {
         // SAFETY: our mapping of this length; no counting runs (see above).
-        unsafe { textpoke::sys::anon::remap_zero(p as *mut u8, ORPHANS_LEN * 8) };
+        unsafe { textpoke_sys::anon::remap_zero(p as *mut u8, ORPHANS_LEN * 8) };
     }
 }
 
@@ -939,7 +939,7 @@ fn end_acquire() {
 /// thread-exit destructor and pushes the buffer onto [`INCOMING`].
 fn create(active: u64, first: Option<(u64, u32)>) -> Option<*mut ThreadBuf> {
     let size = std::mem::size_of::<ThreadBuf>();
-    let mem = textpoke::sys::anon::map(size)?;
+    let mem = textpoke_sys::anon::map(size)?;
     let b = mem as *mut ThreadBuf;
     // SAFETY: a fresh zeroed mapping of the right size; all-zero bytes are
     // a valid ThreadBuf (atomics and null pointers).
@@ -956,7 +956,7 @@ fn create(active: u64, first: Option<(u64, u32)>) -> Option<*mut ThreadBuf> {
     // SAFETY: `b` is ours and not yet visible to anyone.
     if !unsafe { reinit(b, active, first) } {
         // SAFETY: mapped above with this size, never published.
-        unsafe { textpoke::sys::anon::unmap(mem, size) };
+        unsafe { textpoke_sys::anon::unmap(mem, size) };
         return None;
     }
     if KEY_READY.load(Ordering::Acquire) {
@@ -1044,7 +1044,7 @@ unsafe fn reinit(b: *mut ThreadBuf, active: u64, first: Option<(u64, u32)>) -> b
     if n == want_funcs && !counters.is_null() {
         // Fresh zero pages over the old counts.
         // SAFETY: our own mapping of this length.
-        if !unsafe { textpoke::sys::anon::remap_zero(counters as *mut u8, n as usize * 8) } {
+        if !unsafe { textpoke_sys::anon::remap_zero(counters as *mut u8, n as usize * 8) } {
             return false;
         }
     } else {
@@ -1052,17 +1052,17 @@ unsafe fn reinit(b: *mut ThreadBuf, active: u64, first: Option<(u64, u32)>) -> b
         b.p.ncounters.store(0, Ordering::Relaxed);
         if !counters.is_null() {
             // SAFETY: our own mapping of this length.
-            unsafe { textpoke::sys::anon::unmap(counters as *mut u8, n as usize * 8) };
+            unsafe { textpoke_sys::anon::unmap(counters as *mut u8, n as usize * 8) };
         }
         if want_funcs != 0 {
-            let Some(m) = textpoke::sys::anon::map(want_funcs as usize * 8) else {
+            let Some(m) = textpoke_sys::anon::map(want_funcs as usize * 8) else {
                 return false;
             };
             b.p.counters.store(m as *mut u64, Ordering::Relaxed);
             b.p.ncounters.store(want_funcs, Ordering::Relaxed);
         }
     }
-    b.p.tid.store(textpoke::sys::gettid(), Ordering::Relaxed);
+    b.p.tid.store(textpoke_sys::gettid(), Ordering::Relaxed);
     b.p.last_ts.store(0, Ordering::Relaxed);
     b.s.lost.store(0, Ordering::Relaxed);
     b.s.seq.store(0, Ordering::Relaxed);
@@ -1155,10 +1155,10 @@ pub(crate) unsafe fn free(b: *mut ThreadBuf) {
     let c = r.p.counters.load(Ordering::Relaxed);
     if !c.is_null() {
         // SAFETY: mapped by reinit with this length.
-        unsafe { textpoke::sys::anon::unmap(c as *mut u8, r.p.ncounters.load(Ordering::Relaxed) as usize * 8) };
+        unsafe { textpoke_sys::anon::unmap(c as *mut u8, r.p.ncounters.load(Ordering::Relaxed) as usize * 8) };
     }
     // SAFETY: mapped by create with this length.
-    unsafe { textpoke::sys::anon::unmap(b as *mut u8, std::mem::size_of::<ThreadBuf>()) };
+    unsafe { textpoke_sys::anon::unmap(b as *mut u8, std::mem::size_of::<ThreadBuf>()) };
 }
 
 /// In a forked child: the creation counter of threads that do not exist

@@ -245,7 +245,7 @@ pub(crate) fn reset() {
 /// [`flush_for_signal`]: a fatal signal now is a fault of the flush itself
 /// (A2 in the agent). Async-signal-safe.
 pub fn flushing_signal_here() -> Option<i32> {
-    let mine = FLUSHING << 32 | textpoke::sys::gettid() as u32 as u64;
+    let mine = FLUSHING << 32 | textpoke_sys::gettid() as u32 as u64;
     (PHASE.load(Ordering::Acquire) == mine).then(|| FIRST.load(Ordering::Relaxed))
 }
 
@@ -256,7 +256,7 @@ pub fn flushing_signal_here() -> Option<i32> {
 /// with some room (the agent switches to one of its own: the JSON
 /// serializer nests a few kilobytes deep).
 pub fn flush_for_signal(sig: &FatalSignal) -> CrashFlush {
-    let tid = textpoke::sys::gettid();
+    let tid = textpoke_sys::gettid();
     let mine = FLUSHING << 32 | tid as u32 as u64;
     // F1. Acquire pairs with the release of DONE by another flusher.
     match PHASE.compare_exchange(IDLE, mine, Ordering::AcqRel, Ordering::Acquire) {
@@ -318,8 +318,8 @@ struct Scratch {
 
 impl Scratch {
     fn map(len: usize) -> Option<Scratch> {
-        let len = len.next_multiple_of(textpoke::sys::anon::PAGE);
-        let base = textpoke::sys::anon::map(len)?;
+        let len = len.next_multiple_of(textpoke_sys::anon::PAGE);
+        let base = textpoke_sys::anon::map(len)?;
         Some(Scratch { base, len, used: std::cell::Cell::new(0) })
     }
 
@@ -369,7 +369,7 @@ impl Drop for Scratch {
     fn drop(&mut self) {
         // SAFETY: our own mapping; the slices handed out do not outlive
         // the flush that owns `self`.
-        unsafe { textpoke::sys::anon::unmap(self.base, self.len) };
+        unsafe { textpoke_sys::anon::unmap(self.base, self.len) };
     }
 }
 
@@ -725,7 +725,7 @@ impl Serialize for CountsOut<'_> {
         impl Serialize for Calls<'_> {
             fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
                 let mut seq = s.serialize_seq(None)?;
-                let per_page = textpoke::sys::anon::PAGE / 8;
+                let per_page = textpoke_sys::anon::PAGE / 8;
                 for (page, &r) in self.0.resident.iter().enumerate() {
                     if r & 1 == 0 {
                         continue;
@@ -831,10 +831,10 @@ fn for_each_counter(b: &ThreadBuf, resident: &mut [u8], mut f: impl FnMut(usize,
         return;
     }
     let n = b.p.ncounters.load(Ordering::Relaxed) as usize;
-    let per_page = textpoke::sys::anon::PAGE / 8;
+    let per_page = textpoke_sys::anon::PAGE / 8;
     let pages = n.div_ceil(per_page);
     // SAFETY: the counter array's own mapping, `n` words long.
-    let known = unsafe { textpoke::sys::anon::resident_into(p as *mut u8, n * 8, resident) };
+    let known = unsafe { textpoke_sys::anon::resident_into(p as *mut u8, n * 8, resident) };
     for page in 0..pages {
         if known && resident.get(page).is_some_and(|r| r & 1 == 0) {
             continue;
@@ -855,10 +855,10 @@ fn for_each_counter(b: &ThreadBuf, resident: &mut [u8], mut f: impl FnMut(usize,
 fn add_orphans(sc: &Scratch, totals: &mut [u64], need: &mut Ids<'_>) -> u64 {
     let Some(p) = buffer::orphans(false) else { return 0 };
     let n = buffer::ORPHANS_LEN;
-    let per_page = textpoke::sys::anon::PAGE / 8;
+    let per_page = textpoke_sys::anon::PAGE / 8;
     let Some(resident) = sc.zeroed::<u8>(n.div_ceil(per_page)) else { return 0 };
     // SAFETY: the array's own mapping, `n` words long, never unmapped.
-    if !unsafe { textpoke::sys::anon::resident_into(p as *mut u8, n * 8, resident) } {
+    if !unsafe { textpoke_sys::anon::resident_into(p as *mut u8, n * 8, resident) } {
         return 0; // cannot tell which pages to read; reading all 32 MiB would map them
     }
     let mut sum = 0;
@@ -930,7 +930,7 @@ fn flush_locked(st: &mut State, sig: &FatalSignal, tid: i32) -> CrashFlush {
     for_each_buffer(registry, id, incoming, |_, _| live_count += 1);
     let ids = (c.max_functions as usize).max(textpoke::funcs::count()).max(count_totals.len());
     let nrows = live_count + finished.len();
-    let page = textpoke::sys::anon::PAGE;
+    let page = textpoke_sys::anon::PAGE;
     let io_len = 64 << 10;
     let dir = s.dir.as_os_str().as_bytes();
     let scratch_len = 2 * nrows * std::mem::size_of::<Row>()
@@ -1090,7 +1090,7 @@ fn flush_locked(st: &mut State, sig: &FatalSignal, tid: i32) -> CrashFlush {
     // F7: counts.json.
     let resident_totals = sc.zeroed::<u8>((ids * 8).div_ceil(page)).unwrap_or_default();
     // SAFETY: `tot` is a page-aligned mapping that starts with `totals`.
-    if !unsafe { textpoke::sys::anon::resident_into(tot.base, ids * 8, resident_totals) } {
+    if !unsafe { textpoke_sys::anon::resident_into(tot.base, ids * 8, resident_totals) } {
         resident_totals.fill(1); // read every page, then
     }
     let counts = CountsOut { totals, resident: resident_totals };

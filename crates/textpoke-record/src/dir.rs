@@ -32,7 +32,7 @@ use super::RecordError;
 use std::ffi::OsString;
 use std::io;
 use std::path::{Path, PathBuf};
-use textpoke::sys::fs::{follow_links, kind_name};
+use textpoke_sys::fs::{follow_links, kind_name};
 
 /// What [`prepare`] will do.
 #[derive(Debug, PartialEq, Eq)]

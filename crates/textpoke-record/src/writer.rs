@@ -221,8 +221,8 @@ pub(crate) fn buffer_counts(b: &ThreadBuf) -> Vec<(usize, u64)> {
     let n = if p.is_null() { 0 } else { b.p.ncounters.load(Ordering::Relaxed) as usize };
     let mut out = Vec::new();
     // SAFETY: the counter array's own mapping, `n` words long.
-    let touched = unsafe { textpoke::sys::anon::resident_pages(p as *mut u8, n * 8) };
-    let per_page = textpoke::sys::anon::PAGE / 8;
+    let touched = unsafe { textpoke_sys::anon::resident_pages(p as *mut u8, n * 8) };
+    let per_page = textpoke_sys::anon::PAGE / 8;
     for page in touched {
         for i in page * per_page..((page + 1) * per_page).min(n) {
             // SAFETY: i < ncounters; the producer updates counters with
@@ -243,8 +243,8 @@ pub(crate) fn orphan_counts() -> Vec<(usize, u64)> {
     let n = super::buffer::ORPHANS_LEN;
     let mut out = Vec::new();
     // SAFETY: the array's own mapping, `n` words long, never unmapped.
-    let touched = unsafe { textpoke::sys::anon::resident_pages(p as *mut u8, n * 8) };
-    let per_page = textpoke::sys::anon::PAGE / 8;
+    let touched = unsafe { textpoke_sys::anon::resident_pages(p as *mut u8, n * 8) };
+    let per_page = textpoke_sys::anon::PAGE / 8;
     for page in touched {
         for i in page * per_page..((page + 1) * per_page).min(n) {
             // SAFETY: i < n; updated with atomic adds.

@@ -8,8 +8,9 @@
 //! 1. [`arch`]: the only module that knows instruction encodings —
 //!    encodings, decoding checks, trap emulation, an assembler
 //!    ([`arch::asm`]) and the trampoline frames; it uses no feature;
-//! 2. [`sys`]: thin wrappers over the kernel facilities, the one place
-//!    for raw system calls;
+//! 2. `sys`: thin wrappers over the kernel facilities, the one place
+//!    for raw system calls — the crate `textpoke-sys`, which the crates
+//!    above use too;
 //! 3. [`sync`]: the threads of this process — sync-core (membarrier or
 //!    signals), parking them, the fork lock;
 //! 4. [`text`]: the poke engine — batches of pokes validated as a whole
@@ -57,7 +58,8 @@ pub mod keys;
 pub mod sites;
 pub mod stress;
 pub mod sync;
-pub mod sys;
+/// The bottom layer, a crate of its own (see the list above).
+pub(crate) use textpoke_sys as sys;
 pub mod text;
 pub mod trace;
 

@@ -246,7 +246,7 @@ fn blocked_thread() {
             libc::sigfillset(&mut all);
             libc::pthread_sigmask(libc::SIG_BLOCK, &all, std::ptr::null_mut());
         }
-        tx.send(textpoke::sys::gettid()).unwrap();
+        tx.send(textpoke_sys::gettid()).unwrap();
         while !s2.load(Ordering::Relaxed) {
             std::thread::sleep(Duration::from_millis(1));
         }

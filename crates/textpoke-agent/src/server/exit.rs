@@ -12,7 +12,7 @@ use crate::AGENT;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 use textpoke::clock::monotonic_ns;
-use textpoke::sys::threads::gettid;
+use textpoke_sys::threads::gettid;
 
 /// The state of the handshake: [`EXIT_NONE`], [`EXIT_ASKED`] or
 /// [`EXIT_DONE`].

@@ -54,7 +54,7 @@ fn counters_moved() -> bool {
 /// The loader's (objects added, objects removed) counters; (0, 0) when
 /// the loader does not report them (every check then sees no change).
 fn dl_counters() -> (u64, u64) {
-    textpoke::sys::loader::counters().unwrap_or_default()
+    textpoke_sys::loader::counters().unwrap_or_default()
 }
 
 /// Waits until no `dlopen` or `dlclose` is in progress: the counters move

@@ -47,7 +47,7 @@ fn spawn_with_signals_blocked<T: Send + 'static>(
 
 /// The signals the writer thread blocks (see the module docs).
 // TODO(#14): the same set for every long-lived textpoke thread (the agent
-// thread, the tracer's reclaimer) belongs in `textpoke::sys::signals`.
+// thread, the tracer's reclaimer) belongs in `textpoke_sys::signals`.
 fn writer_blocked_signals() -> libc::sigset_t {
     // SAFETY: sigset_t is plain data; sigfillset and sigdelset write only
     // the set they are given, and every signal number here is valid.
@@ -101,7 +101,7 @@ fn writer_main(id: u64) {
             drain(&mut st, false);
             st.session.as_ref().map(|s| s.config.flush_interval).unwrap_or_default()
         };
-        textpoke::sys::futex_wait(&buffer::WAKE, seen, Some(interval));
+        textpoke_sys::futex_wait(&buffer::WAKE, seen, Some(interval));
     }
 }
 

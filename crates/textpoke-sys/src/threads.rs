@@ -18,7 +18,7 @@ pub fn gettid() -> i32 {
 
 /// This process's id. Async-signal-safe.
 #[inline]
-pub(crate) fn getpid() -> i32 {
+pub fn getpid() -> i32 {
     // SAFETY: getpid has no preconditions.
     unsafe { libc::getpid() }
 }
@@ -26,7 +26,7 @@ pub(crate) fn getpid() -> i32 {
 /// Sends `sig` to thread `tid` of this process (`tgkill`); `sig == 0` only
 /// checks that the thread exists. Errors: `ESRCH` when it has exited.
 /// Async-signal-safe.
-pub(crate) fn kill_thread(tid: i32, sig: i32) -> io::Result<()> {
+pub fn kill_thread(tid: i32, sig: i32) -> io::Result<()> {
     // SAFETY: plain syscall with integer arguments.
     super::cvt(unsafe { libc::syscall(libc::SYS_tgkill, getpid(), tid, sig) }).map(drop)
 }
@@ -35,7 +35,7 @@ pub(crate) fn kill_thread(tid: i32, sig: i32) -> io::Result<()> {
 /// thread's exit, with the thread's non-null value (`pthread_key_create`).
 /// Keys below 32 keep their values in the thread descriptor: setting one
 /// never allocates.
-pub(crate) fn key_create(destructor: unsafe extern "C" fn(*mut libc::c_void)) -> io::Result<libc::pthread_key_t> {
+pub fn key_create(destructor: unsafe extern "C" fn(*mut libc::c_void)) -> io::Result<libc::pthread_key_t> {
     let mut key: libc::pthread_key_t = 0;
     // SAFETY: `key` is a valid out-pointer; the destructor has the type
     // pthread expects.
@@ -52,7 +52,7 @@ pub(crate) fn key_create(destructor: unsafe extern "C" fn(*mut libc::c_void)) ->
 ///
 /// `key` was made by [`key_create`], and `value` is what its destructor
 /// expects to be called with.
-pub(crate) unsafe fn set_specific(key: libc::pthread_key_t, value: *const libc::c_void) {
+pub unsafe fn set_specific(key: libc::pthread_key_t, value: *const libc::c_void) {
     // SAFETY: a valid key (the caller's guarantee); pthread only stores
     // the value.
     unsafe { libc::pthread_setspecific(key, value) };
@@ -60,7 +60,7 @@ pub(crate) unsafe fn set_specific(key: libc::pthread_key_t, value: *const libc::
 
 /// Registers `child` to run in the child of every later `fork`, on its
 /// one thread (`pthread_atfork` with no prepare or parent handler).
-pub(crate) fn at_fork_child(child: unsafe extern "C" fn()) -> io::Result<()> {
+pub fn at_fork_child(child: unsafe extern "C" fn()) -> io::Result<()> {
     // SAFETY: registering a handler of the right type.
     match unsafe { libc::pthread_atfork(None, None, Some(child)) } {
         0 => Ok(()),
@@ -70,7 +70,7 @@ pub(crate) fn at_fork_child(child: unsafe extern "C" fn()) -> io::Result<()> {
 
 /// The calling thread's `errno`.
 #[inline(always)]
-pub(crate) fn errno() -> i32 {
+pub fn errno() -> i32 {
     // SAFETY: glibc's thread-local errno location, valid in every thread.
     unsafe { *libc::__errno_location() }
 }
@@ -78,7 +78,7 @@ pub(crate) fn errno() -> i32 {
 /// Sets the calling thread's `errno` (code that must leave a program's
 /// `errno` as it found it puts it back with this).
 #[inline(always)]
-pub(crate) fn set_errno(e: i32) {
+pub fn set_errno(e: i32) {
     // SAFETY: as in `errno`.
     unsafe { *libc::__errno_location() = e };
 }
@@ -140,7 +140,7 @@ fn parse_dirents(bytes: &[u8], f: &mut impl FnMut(i32)) {
 /// Sends `sig` to thread `tid` of this process, with `value` in `si_value`
 /// (`rt_tgsigqueueinfo`, `si_code = SI_QUEUE`). `sig == 0` only checks the
 /// thread exists. Errors: `ESRCH` when the thread has exited.
-pub(crate) fn signal_thread(tid: i32, sig: i32, value: usize) -> io::Result<()> {
+pub fn signal_thread(tid: i32, sig: i32, value: usize) -> io::Result<()> {
     if sig == 0 {
         return kill_thread(tid, 0);
     }
@@ -167,7 +167,7 @@ pub(crate) fn signal_thread(tid: i32, sig: i32, value: usize) -> io::Result<()> 
 /// # Safety
 /// `info` must point to the siginfo of a signal sent by [`signal_thread`].
 #[inline(always)]
-pub(crate) unsafe fn signal_value(info: *const libc::siginfo_t) -> usize {
+pub unsafe fn signal_value(info: *const libc::siginfo_t) -> usize {
     // SAFETY: a queued signal's siginfo holds `si_value` at offset 24 on
     // x86-64 Linux; the caller passes such a siginfo.
     unsafe { info.cast::<u8>().add(24).cast::<usize>().read_unaligned() }
@@ -175,7 +175,7 @@ pub(crate) unsafe fn signal_value(info: *const libc::siginfo_t) -> usize {
 
 /// The blocked-signal mask of thread `tid`, from `/proc/self/task/TID/status`
 /// (for error messages; allocates).
-pub(crate) fn blocked_mask(tid: i32) -> Option<u64> {
+pub fn blocked_mask(tid: i32) -> Option<u64> {
     let s = std::fs::read_to_string(format!("/proc/self/task/{tid}/status")).ok()?;
     let line = s.lines().find(|l| l.starts_with("SigBlk:"))?;
     u64::from_str_radix(line["SigBlk:".len()..].trim(), 16).ok()
@@ -185,7 +185,7 @@ pub(crate) fn blocked_mask(tid: i32) -> Option<u64> {
 /// blocked in the kernel or stopped, and how many context switches it made
 /// (voluntary and involuntary), from `/proc/self/task/TID/status`, read
 /// without disturbing the thread. `None` if it is gone. Allocates.
-pub(crate) fn sched_state(tid: i32) -> Option<(bool, u64)> {
+pub fn sched_state(tid: i32) -> Option<(bool, u64)> {
     let s = std::fs::read_to_string(format!("/proc/self/task/{tid}/status")).ok()?;
     parse_sched_state(&s)
 }

@@ -34,7 +34,7 @@ use std::ops::ControlFlow;
 
 /// One loaded object as the loader describes it during a walk.
 #[derive(Clone, Copy)]
-pub(crate) struct LoadedObjectInfo<'a> {
+pub struct LoadedObjectInfo<'a> {
     /// The name the loader knows it by (empty for the main executable).
     pub name: &'a CStr,
     /// The load bias: runtime address = link-time address + bias.
@@ -48,7 +48,7 @@ pub(crate) struct LoadedObjectInfo<'a> {
 
 /// Calls `f` with every loaded object, in the loader's order, under the
 /// loader's lock, until it returns `Break` (see the module docs).
-pub(crate) fn for_each_object(mut f: impl FnMut(&LoadedObjectInfo<'_>) -> ControlFlow<()>) {
+pub fn for_each_object(mut f: impl FnMut(&LoadedObjectInfo<'_>) -> ControlFlow<()>) {
     let mut f: &mut Visit<'_> = &mut f;
     // SAFETY: the callback only reads the `dl_phdr_info` it is given and
     // calls the closure passed as `data`, which outlives the walk.
@@ -114,7 +114,7 @@ pub fn counters() -> Option<(u64, u64)> {
 
 /// Where the vdso's ELF header is mapped (`getauxval(AT_SYSINFO_EHDR)`), if
 /// the kernel gave the process one.
-pub(crate) fn vdso_base() -> Option<usize> {
+pub fn vdso_base() -> Option<usize> {
     // SAFETY: getauxval has no preconditions; 0 means "not present".
     let at = unsafe { libc::getauxval(libc::AT_SYSINFO_EHDR) } as usize;
     (at != 0).then_some(at)
@@ -122,7 +122,7 @@ pub(crate) fn vdso_base() -> Option<usize> {
 
 /// The dynamic symbol `dladdr1` finds covering an address.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) struct SymbolAt {
+pub struct SymbolAt {
     /// Runtime address of the symbol.
     pub start: usize,
     /// `st_size` (0 when the loader gave no symbol entry).
@@ -164,14 +164,14 @@ fn symbol_of(info: &libc::Dl_info, sym: *const libc::Elf64_Sym) -> SymbolAt {
 
 /// The dynamic symbol covering `addr`, as `dladdr1` finds it (it walks the
 /// object's whole table). Allocation-free.
-pub(crate) fn symbol_at(addr: usize) -> Option<SymbolAt> {
+pub fn symbol_at(addr: usize) -> Option<SymbolAt> {
     let (info, sym) = dladdr1(addr)?;
     Some(symbol_of(&info, sym))
 }
 
 /// As [`symbol_at`], with the symbol's name; `None` also when the loader
 /// knows no name.
-pub(crate) fn named_symbol_at(addr: usize) -> Option<(String, SymbolAt)> {
+pub fn named_symbol_at(addr: usize) -> Option<(String, SymbolAt)> {
     let (info, sym) = dladdr1(addr)?;
     if info.dli_sname.is_null() {
         return None;
@@ -183,7 +183,7 @@ pub(crate) fn named_symbol_at(addr: usize) -> Option<(String, SymbolAt)> {
 
 /// The address `dlsym(RTLD_DEFAULT, name)` gives: the definition of `name`
 /// the program's own references resolve to.
-pub(crate) fn global_symbol(name: &CStr) -> Option<usize> {
+pub fn global_symbol(name: &CStr) -> Option<usize> {
     // SAFETY: a NUL-terminated name; RTLD_DEFAULT searches the global scope.
     let p = unsafe { libc::dlsym(libc::RTLD_DEFAULT, name.as_ptr()) };
     (!p.is_null()).then_some(p as usize)
@@ -192,7 +192,7 @@ pub(crate) fn global_symbol(name: &CStr) -> Option<usize> {
 /// A reference that keeps one loaded object loaded (see the module docs);
 /// `dlclose`d when dropped.
 #[derive(Debug)]
-pub(crate) struct Handle {
+pub struct Handle {
     handle: *mut c_void,
 }
 

@@ -1,14 +1,16 @@
-//! The one place for raw system calls and libc's kernel facilities:
-//! thin wrappers, safe where they can be and documented `unsafe` where the
-//! caller must promise something, one file per facility (the manner of
-//! rustix). Every other module of the engine (and the crates above it)
-//! calls these instead of `libc`; it may still use `libc`'s types and
-//! constants.
+//! textpoke's one place for raw system calls and libc's kernel
+//! facilities: thin wrappers, safe where they can be and documented
+//! `unsafe` where the caller must promise something, one file per facility
+//! (the manner of rustix). The bottom layer of textpoke: the engine
+//! (`textpoke`, which uses it as `crate::sys`), the recorder and the agent
+//! call these instead of `libc`; they may still use `libc`'s types and
+//! constants. A crate of its own so that each of them can, without the
+//! wrappers becoming part of the engine's public API.
 //!
 //! | file | facility | used by |
 //! |------|----------|---------|
 //! | [`anon`] | `mmap`/`munmap`/`mincore`: buffers, and code and data blocks at a chosen place | the recorder's buffers, the tracer's shadow stacks, `text::codemem` |
-//! | [`mem`] | `mprotect`, `/proc/self/mem` ([`mem::ProcMem`]), faultless copies (`process_vm_readv`), the page size, MDWE | `text::write`, `text::codemem`, the frame scan of `sync::rendezvous` |
+//! | [`mem`] | `mprotect`, `/proc/self/mem` ([`mem::ProcMem`]), faultless copies (`process_vm_readv`), the page size, MDWE | the engine's `text::write` and `text::codemem`, the frame scan of `sync::rendezvous` |
 //! | [`signals`] | `sigaction`, signal masks (one set for every handler textpoke installs), the default action of a signal | `text::trap`, `sync::rendezvous`, `text::stop_machine` |
 //! | [`threads`] | thread and process ids, listing threads without allocating (`getdents64`), `tgkill`, `rt_tgsigqueueinfo`, `/proc/self/task`; thread-specific keys, fork handlers, `errno` | `sync`, the tracer |
 //! | [`membarrier`] | `membarrier(2)`: sync cores, grace-period barriers | `sync`, `trace::grace` |
@@ -22,22 +24,20 @@
 //! And [`write_stderr`], one `write(2)` for messages from places that may
 //! not allocate.
 
-// Public: what the crates above the engine use (the recorder's buffers
-// and writer, the agent, the command line). The rest is the engine's own.
 pub mod anon;
 pub mod fs;
 pub mod futex;
 pub mod loader;
-pub(crate) mod maps;
-pub(crate) mod mem;
-pub(crate) mod membarrier;
-pub(crate) mod mutex;
-pub(crate) mod signals;
+pub mod maps;
+pub mod mem;
+pub mod membarrier;
+pub mod mutex;
+pub mod signals;
 pub mod threads;
 pub mod time;
 
 pub use futex::{futex_wait, futex_wake};
-pub(crate) use mem::{mdwe_refuses_exec_gain, read_memory};
+pub use mem::{mdwe_refuses_exec_gain, read_memory};
 pub use threads::gettid;
 
 use std::io;
@@ -45,13 +45,13 @@ use std::io;
 /// Writes `msg` to standard error with one `write(2)`, for messages from
 /// places that may not allocate or lock (a signal handler, a traced
 /// site about to abort). Async-signal-safe; a short write is not retried.
-pub(crate) fn write_stderr(msg: &[u8]) {
+pub fn write_stderr(msg: &[u8]) {
     // SAFETY: `msg` is valid for reads of its length.
     unsafe { libc::write(2, msg.as_ptr().cast(), msg.len()) };
 }
 
 /// `Err(last OS error)` when `ret` is -1.
-pub(crate) fn cvt(ret: libc::c_long) -> io::Result<libc::c_long> {
+pub fn cvt(ret: libc::c_long) -> io::Result<libc::c_long> {
     if ret == -1 {
         Err(io::Error::last_os_error())
     } else {

@@ -15,7 +15,7 @@ pub fn monotonic_ns() -> u64 {
 /// One `nanosleep` of `d`: returns early if a signal handler runs on this
 /// thread meanwhile (unlike `std::thread::sleep`, which sleeps on).
 /// Async-signal-safe.
-pub(crate) fn sleep_once(d: Duration) {
+pub fn sleep_once(d: Duration) {
     let ts = libc::timespec {
         tv_sec: d.as_secs().min(libc::time_t::MAX as u64) as libc::time_t,
         tv_nsec: d.subsec_nanos() as libc::c_long,

@@ -47,7 +47,7 @@ fn map_with(len: usize, flags: libc::c_int) -> Option<*mut u8> {
 
 /// Maps `len` bytes of zeroed, private, anonymous memory with protection
 /// `prot` (`PROT_*` bits) wherever the kernel likes. Returns its address.
-pub(crate) fn map_anywhere(len: usize, prot: libc::c_int) -> io::Result<usize> {
+pub fn map_anywhere(len: usize, prot: libc::c_int) -> io::Result<usize> {
     // SAFETY: anonymous mapping at an address of the kernel's choosing.
     let p = unsafe { libc::mmap(std::ptr::null_mut(), len, prot, libc::MAP_PRIVATE | libc::MAP_ANONYMOUS, -1, 0) };
     if p == libc::MAP_FAILED {
@@ -61,7 +61,7 @@ pub(crate) fn map_anywhere(len: usize, prot: libc::c_int) -> io::Result<usize> {
 /// `[addr, addr + len)`: `EEXIST` if something is (another thread may map
 /// a gap between a look at the maps and this call). An existing mapping
 /// is never replaced.
-pub(crate) fn map_exactly(addr: usize, len: usize, prot: libc::c_int) -> io::Result<usize> {
+pub fn map_exactly(addr: usize, len: usize, prot: libc::c_int) -> io::Result<usize> {
     // SAFETY: MAP_FIXED_NOREPLACE never replaces an existing mapping.
     let p = unsafe {
         libc::mmap(
