@@ -88,7 +88,9 @@
 //!   are ordinary `JUMP_SLOT`s whose resolved value is the implementation
 //!   the resolver chose, and `dlsym` runs the resolver the same way.
 //! - Functions that return twice or never, or that look at their own
-//!   return address: `setjmp` and `longjmp` families, `vfork`, the
+//!   return address: `setjmp` and `longjmp` families, `vfork`, `fork`,
+//!   `clone`, the `exec` and `posix_spawn` families (the agent flushes
+//!   the trace around them), the
 //!   `*context` family, `exit` and friends, `pthread_exit`, the unwinder
 //!   and `__cxa_throw` family (textpoke's unwind hooks own some of those
 //!   slots, `trace::unwind`), `dlopen`/`dlsym` (which find their caller's
@@ -157,6 +159,18 @@ const SKIP: &[&str] = &[
     "__longjmp_chk",
     "vfork",
     "__vfork",
+    "fork",
+    "clone",
+    "execve",
+    "execv",
+    "execvp",
+    "execvpe",
+    "execl",
+    "execlp",
+    "execle",
+    "fexecve",
+    "posix_spawn",
+    "posix_spawnp",
     "getcontext",
     "setcontext",
     "swapcontext",
