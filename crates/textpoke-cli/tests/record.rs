@@ -236,7 +236,12 @@ fn traced_child_prog() -> &'static Path {
 #[test]
 fn threads_signals_recursion_exact_counts_and_exit_code() {
     let dir = fresh("threads.data");
-    let out = run(textpoke(&socket_dir("threads")).args(["record", "--no-libcall"]).arg("-o").arg(&dir).arg(threads_prog()).arg("7"));
+    let out = run(textpoke(&socket_dir("threads"))
+        .args(["record", "--no-libcall"])
+        .arg("-o")
+        .arg(&dir)
+        .arg(threads_prog())
+        .arg("7"));
     let stderr = text(&out.stderr);
     assert_eq!(out.status.code(), Some(7), "{stderr}");
     assert_eq!(text(&out.stdout), format!("threads ok {}\n", 4 * 55));
@@ -332,7 +337,13 @@ fn counts_equal_an_independent_counter_under_a_signal_storm() {
     let sockets = socket_dir("counted");
     let dir = fresh("counted.data");
     let out_file = fresh("counted.txt");
-    let o = run(textpoke(&sockets).args(["record", "--no-libcall"]).arg("-o").arg(&dir).arg("--").arg(&prog).arg(&out_file));
+    let o = run(textpoke(&sockets)
+        .args(["record", "--no-libcall"])
+        .arg("-o")
+        .arg(&dir)
+        .arg("--")
+        .arg(&prog)
+        .arg(&out_file));
     assert!(o.status.success(), "{}", text(&o.stderr));
     let truth: BTreeMap<String, u64> = std::fs::read_to_string(&out_file)
         .unwrap()
@@ -372,7 +383,12 @@ fn past_the_buffer_limit_losses_are_said_marked_and_calls_exact() {
     let sockets = socket_dir("limit");
     let dir = fresh("limit.data");
     let out_file = fresh("limit.txt");
-    let o = run(textpoke(&sockets).args(["record", "--no-libcall", "-b", "256K", "-o"]).arg(&dir).arg("--").arg(&prog).arg(&out_file));
+    let o = run(textpoke(&sockets)
+        .args(["record", "--no-libcall", "-b", "256K", "-o"])
+        .arg(&dir)
+        .arg("--")
+        .arg(&prog)
+        .arg(&out_file));
     assert!(o.status.success(), "{}", text(&o.stderr));
     let err = text(&o.stderr);
     let trace = Trace::open(&dir).unwrap();
@@ -454,7 +470,8 @@ fn a_script_running_traced_children() {
 fn count_only_and_filters() {
     let sockets = socket_dir("filters");
     let dir = fresh("counts.data");
-    let out = run(textpoke(&sockets).args(["record", "--no-libcall", "--count-only", "-o"]).arg(&dir).arg(threads_prog()));
+    let out =
+        run(textpoke(&sockets).args(["record", "--no-libcall", "--count-only", "-o"]).arg(&dir).arg(threads_prog()));
     assert!(out.status.success(), "{}", text(&out.stderr));
     let trace = open_complete(&dir);
     assert_eq!(
@@ -654,7 +671,8 @@ fn exit_from_a_signal_handler_ends_the_program() {
 
     // A handler that interrupted nothing: the trace is finished.
     let dir = fresh("exit-handler.data");
-    let out = run_or_kill(textpoke(&sockets).args(["record", "--no-libcall", "-o"]).arg(&dir).arg(&prog).arg("outside"));
+    let out =
+        run_or_kill(textpoke(&sockets).args(["record", "--no-libcall", "-o"]).arg(&dir).arg(&prog).arg("outside"));
     assert_eq!(out.status.code(), Some(3), "{}", text(&out.stderr));
     let trace = open_complete(&dir);
     assert_eq!(calls(&trace), expect(&[("main", 1), ("work", 100), ("on_term", 1), ("cleanup", 1)]));
@@ -769,7 +787,11 @@ int main(int argc, char **argv) {
 fn spawned_and_vforked_children_write_their_own_traces() {
     let prog = compile("spawner", SPAWN_C, &[SITES]);
     let dir = fresh("spawn.data");
-    let out = run(textpoke(&socket_dir("spawn")).args(["record", "--no-libcall", "-o"]).arg(&dir).arg(&prog).arg(traced_child_prog()));
+    let out = run(textpoke(&socket_dir("spawn"))
+        .args(["record", "--no-libcall", "-o"])
+        .arg(&dir)
+        .arg(&prog)
+        .arg(traced_child_prog()));
     assert!(out.status.success(), "{}", text(&out.stderr));
     let stdout = text(&out.stdout);
     assert!(stdout.starts_with("traced child 4\ntraced child 6\nvfork "), "{stdout}");
@@ -1041,7 +1063,8 @@ fn libraries_loaded_later_are_traced() {
     assert!(out.status.success(), "{}", text(&out.stderr));
     let prog = compile("dlopener", DLOPEN_C, &[SITES, "-ldl"]);
     let dir = fresh("dlopen.data");
-    let out = run(textpoke(&socket_dir("dlopen")).args(["record", "--no-libcall", "-o"]).arg(&dir).arg(&prog).arg(&lib));
+    let out =
+        run(textpoke(&socket_dir("dlopen")).args(["record", "--no-libcall", "-o"]).arg(&dir).arg(&prog).arg(&lib));
     assert!(out.status.success(), "{}", text(&out.stderr));
     let trace = open_complete(&dir);
     let got = calls(&trace);

@@ -113,7 +113,8 @@ fn scenario(prefix: &str, link: &[&str], mode: libc::c_int) {
     let t = Tracer::global();
     t.refresh().unwrap();
     let op = Arc::new(PerSite::new());
-    let h = t.register(op.clone(), glob_filter(["malloc", "free", "strlen", "pthread_create"], [""; 0]).unwrap()).unwrap();
+    let h =
+        t.register(op.clone(), glob_filter(["malloc", "free", "strlen", "pthread_create"], [""; 0]).unwrap()).unwrap();
     assert!(t.set_libcalls(true).unwrap() >= 5, "malloc, free, strlen, pthread_create, pthread_join switched");
     assert!(t.libcalls());
     let join = t.functions().into_iter().find(|f| &*f.function == "pthread_join").expect("a pthread_join PLT site");

@@ -208,7 +208,10 @@ const SKIP: &[&str] = &[
 ];
 
 fn skipped(name: &str) -> bool {
-    SKIP.contains(&name) || name.starts_with("_Unwind_") || name.starts_with("__textpoke") || name.starts_with("textpoke")
+    SKIP.contains(&name)
+        || name.starts_with("_Unwind_")
+        || name.starts_with("__textpoke")
+        || name.starts_with("textpoke")
 }
 
 /// An import read from an object's relocations, not yet resolved.
@@ -383,7 +386,7 @@ fn plt_scan_marker() {}
 /// store, making a read-only (RELRO) page writable around it.
 fn store_word(maps: &sys::maps::Maps, got: usize, value: usize) -> std::io::Result<()> {
     let m = maps.find(got).ok_or_else(|| std::io::Error::from_raw_os_error(libc::EFAULT))?;
-    if got % 8 != 0 || got + 8 > m.end {
+    if !got.is_multiple_of(8) || got + 8 > m.end {
         return Err(std::io::Error::from_raw_os_error(libc::EINVAL));
     }
     let page = got & !(sys::mem::page_size() - 1);
