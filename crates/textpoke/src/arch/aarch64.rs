@@ -258,12 +258,7 @@ const MAX_FRAME_SCAN: usize = 256 << 10;
 /// (what [`frame_restorer`] read from a frame of this process) and whose
 /// saved SP lies above it; the scan continues from that saved SP.
 /// `read` copies memory without faulting. Allocation-free.
-pub fn for_each_outer_pc(
-    sp: usize,
-    marker: usize,
-    read: impl Fn(usize, &mut [u8]) -> usize,
-    mut f: impl FnMut(usize),
-) {
+pub fn for_each_outer_pc(sp: usize, marker: usize, read: impl Fn(usize, &mut [u8]) -> usize, mut f: impl FnMut(usize)) {
     if marker != sigframe::FPSIMD_HEADER {
         return; // not a layout this scan knows
     }
@@ -318,4 +313,3 @@ pub fn static_tls_offset(addr: fn() -> usize) -> Option<i32> {
     let there = std::thread::spawn(offset).join().ok()?;
     (here == there).then(|| i32::try_from(here).ok()).flatten()
 }
-

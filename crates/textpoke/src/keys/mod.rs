@@ -847,13 +847,7 @@ pub fn sites_of(key: &StaticKey) -> Result<Vec<BranchSite>, KeyError> {
                     Some(crate::arch::Emulation::Jmp { target }) => target,
                     _ => unreachable!("SiteRec::jmp is encode_jmp's"),
                 };
-                BranchSite {
-                    addr: s.addr,
-                    target,
-                    likely: s.likely,
-                    bytes,
-                    expected: s.bytes(enabled),
-                }
+                BranchSite { addr: s.addr, target, likely: s.likely, bytes, expected: s.bytes(enabled) }
             })
             .collect())
     })

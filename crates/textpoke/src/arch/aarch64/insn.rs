@@ -183,7 +183,6 @@ pub fn emulation_for(ip: usize, bytes: &[u8]) -> Option<Emulation> {
     })
 }
 
-
 /// Length of a patchable entry: two instructions.
 pub const ENTRY_LEN: usize = 2 * INSN_LEN;
 /// Offset of the live site (the word swapped between NOP and BL) in a
