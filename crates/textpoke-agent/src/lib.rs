@@ -449,10 +449,15 @@ fn try_start(agent: &mut Agent, tracer: &'static Tracer) -> Result<(), AgentErro
     if agent.phase != Phase::Idle || ENDED.load(Ordering::Acquire) {
         return Ok(());
     }
-    let functions = tracer.functions();
-    if functions.is_empty() {
+    if tracer.functions().is_empty() {
         return Ok(());
     }
+    if !agent.config.no_libcall {
+        // Library calls (uftrace's default): a site per PLT slot of every
+        // traced object, named after the import, before the filter is made.
+        tracer.set_libcalls(true)?;
+    }
+    let functions = tracer.functions();
     // Register for membarrier's SYNC_CORE before the recorder starts its
     // thread: with one thread (at load) the kernel skips the RCU grace
     // period (10-20 ms) it waits for when there are several.
@@ -560,6 +565,7 @@ pub(crate) fn fail(agent: &mut Agent, msg: &str) {
     if let Some(op) = agent.op.take() {
         let _ = Tracer::global().unregister(op);
     }
+    let _ = Tracer::global().set_libcalls(false);
     if let Some(r) = agent.recorder.take() {
         let _ = r.stop();
     }
@@ -601,6 +607,8 @@ fn end_tracing(why: &'static str) {
             warn_once(&format!("{why}, but tracing cannot be turned off: {e}"));
         }
     }
+    // The GOT words get their real targets back (the thunks stay mapped).
+    let _ = Tracer::global().set_libcalls(false);
     agent.traced = 0;
     stop_recording(agent, why);
 }

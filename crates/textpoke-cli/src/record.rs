@@ -73,6 +73,10 @@ pub struct Args {
     /// Count calls per function instead of recording each entry and exit
     #[arg(long)]
     pub(crate) count_only: bool,
+    /// Do not trace calls into shared libraries through the PLT (traced by
+    /// default, named after the library function, matched by -F/-N)
+    #[arg(long)]
+    no_libcall: bool,
     /// Record the return values of the functions matching GLOB (repeatable)
     #[arg(short = 'R', long = "retval", value_name = "GLOB")]
     retval: Vec<String>,
@@ -520,6 +524,7 @@ pub(crate) fn agent_config(args: &Args, dir: PathBuf) -> AgentConfig {
         include: args.include.clone(),
         exclude: args.exclude.clone(),
         count_only: args.count_only,
+        no_libcall: args.no_libcall,
         retval: args.retval.clone(),
         buffer_size: args.buffer_size,
         memory_limit: args.memory_limit,

@@ -26,6 +26,7 @@
 //! | `TEXTPOKE_INCLUDE` ([`INCLUDE_ENV`]) | `include` | include globs (`-F`), one per line; none: every function |
 //! | `TEXTPOKE_EXCLUDE` ([`EXCLUDE_ENV`]) | `exclude` | exclude globs (`-N`), one per line |
 //! | `TEXTPOKE_COUNT_ONLY` ([`COUNT_ONLY_ENV`]) | `count_only` | `1`: count calls per function instead of recording entries and exits |
+//! | `TEXTPOKE_NO_LIBCALL` ([`NO_LIBCALL_ENV`]) | `no_libcall` | `1`: do not trace library calls through the PLT (`--no-libcall`) |
 //! | `TEXTPOKE_RETVAL` ([`RETVAL_ENV`]) | `retval` | globs (`-R`), one per line: record the return values of these functions |
 //! | `TEXTPOKE_BUFFER_SIZE` ([`BUFFER_SIZE_ENV`]) | `buffer_size` | the most one thread's buffer may hold, bytes (`-b`) |
 //! | `TEXTPOKE_MEMORY_LIMIT` ([`MEMORY_LIMIT_ENV`]) | `memory_limit` | the most all buffers may hold together, bytes (`--memory-limit`) |
@@ -82,6 +83,8 @@ pub const INCLUDE_ENV: &str = "TEXTPOKE_INCLUDE";
 pub const EXCLUDE_ENV: &str = "TEXTPOKE_EXCLUDE";
 /// `1`: count calls only ([`AgentConfig::count_only`]).
 pub const COUNT_ONLY_ENV: &str = "TEXTPOKE_COUNT_ONLY";
+/// `1`: library calls are not traced ([`AgentConfig::no_libcall`]).
+pub const NO_LIBCALL_ENV: &str = "TEXTPOKE_NO_LIBCALL";
 /// Globs of functions whose return values are recorded ([`AgentConfig::retval`]).
 pub const RETVAL_ENV: &str = "TEXTPOKE_RETVAL";
 /// One thread's buffer limit, bytes ([`AgentConfig::buffer_size`]).
@@ -145,6 +148,9 @@ pub struct AgentConfig {
     pub exclude: Vec<String>,
     /// Count calls per function instead of recording entries and exits.
     pub count_only: bool,
+    /// Do not trace calls into shared libraries through the PLT
+    /// (`--no-libcall`, as uftrace's); traced by default.
+    pub no_libcall: bool,
     /// Globs of the functions whose return values are recorded (`-R`).
     pub retval: Vec<String>,
     /// The most one thread's buffer may hold, bytes.
@@ -240,6 +246,7 @@ impl AgentConfig {
             include: list(INCLUDE_ENV),
             exclude: list(EXCLUDE_ENV),
             count_only: get(COUNT_ONLY_ENV).is_some_and(|v| v == "1"),
+            no_libcall: get(NO_LIBCALL_ENV).is_some_and(|v| v == "1"),
             retval: list(RETVAL_ENV),
             buffer_size,
             memory_limit,
@@ -262,6 +269,7 @@ impl AgentConfig {
             (INCLUDE_ENV, list(&self.include)),
             (EXCLUDE_ENV, list(&self.exclude)),
             (COUNT_ONLY_ENV, self.count_only.then(|| OsString::from("1"))),
+            (NO_LIBCALL_ENV, self.no_libcall.then(|| OsString::from("1"))),
             (RETVAL_ENV, list(&self.retval)),
             (BUFFER_SIZE_ENV, number(self.buffer_size)),
             (MEMORY_LIMIT_ENV, number(self.memory_limit)),
@@ -310,6 +318,9 @@ impl AgentConfig {
         }
         if self.count_only {
             line("count-only", None);
+        }
+        if self.no_libcall {
+            line("no-libcall", None);
         }
         for g in &self.retval {
             line("retval", Some(g.as_bytes()));
@@ -418,6 +429,12 @@ impl AgentConfig {
                 self.count_only = true;
                 Ok(())
             }
+            "no-libcall" if raw.is_some() => Err("takes no value".into()),
+            "no-libcall" if self.no_libcall => Err("given twice".into()),
+            "no-libcall" => {
+                self.no_libcall = true;
+                Ok(())
+            }
             "buffer-size" => once(&mut self.buffer_size, number()?),
             "memory-limit" => once(&mut self.memory_limit, number()?),
             "clock" => {
@@ -502,6 +519,7 @@ mod tests {
             include: vec!["work*".into(), "main".into()],
             exclude: vec!["leaf".into()],
             count_only: true,
+            no_libcall: true,
             retval: vec!["fib".into(), "r*".into()],
             buffer_size: Some(64 << 20),
             memory_limit: Some(1 << 30),

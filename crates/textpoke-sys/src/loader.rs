@@ -189,6 +189,23 @@ pub fn global_symbol(name: &CStr) -> Option<usize> {
     (!p.is_null()).then_some(p as usize)
 }
 
+/// `dlvsym(RTLD_DEFAULT, name, version)`, or [`global_symbol`] without a
+/// version: the definition of that version of `name` in the global scope.
+pub(crate) fn global_symbol_version(name: &CStr, version: Option<&CStr>) -> Option<usize> {
+    lookup(libc::RTLD_DEFAULT, name, version)
+}
+
+fn lookup(handle: *mut c_void, name: &CStr, version: Option<&CStr>) -> Option<usize> {
+    // SAFETY: a live handle or RTLD_DEFAULT, and NUL-terminated strings.
+    let p = unsafe {
+        match version {
+            Some(v) => libc::dlvsym(handle, name.as_ptr(), v.as_ptr()),
+            None => libc::dlsym(handle, name.as_ptr()),
+        }
+    };
+    (!p.is_null()).then_some(p as usize)
+}
+
 /// A reference that keeps one loaded object loaded (see the module docs);
 /// `dlclose`d when dropped.
 #[derive(Debug)]
@@ -229,6 +246,14 @@ impl Handle {
         // SAFETY: a live handle and a NUL-terminated name.
         let p = unsafe { libc::dlsym(self.handle, name.as_ptr()) };
         (!p.is_null()).then_some(p as usize)
+    }
+}
+
+impl Handle {
+    /// As [`global_symbol_version`], in the object held and its
+    /// dependencies.
+    pub fn symbol_version(&self, name: &CStr, version: Option<&CStr>) -> Option<usize> {
+        lookup(self.handle, name, version)
     }
 }
 

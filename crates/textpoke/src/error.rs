@@ -73,6 +73,9 @@ pub enum PokeError {
     #[error("poke at {at}: the breakpoint strategy can only emulate CALL rel32, JMP rel8/rel32 and NOPs from its trap handler, not {new}; use the stop-machine strategy", new = Hex(.new))]
     NotEmulatable { at: Location, new: Vec<u8> },
 
+    #[error("poke at {at}: on aarch64 only B, BL, NOP and BRK may replace each other while threads run them (Arm ARM, concurrent modification and execution), not {bytes}; use the stop-machine strategy", bytes = Hex(.bytes))]
+    NotSwappable { at: Location, bytes: Vec<u8> },
+
     #[error("poke at {at}: a multi-instruction region needs the stop-machine strategy (rule 1: never let a thread run between instructions that are being combined)")]
     RegionNeedsStopMachine { at: Location },
 

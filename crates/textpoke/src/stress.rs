@@ -41,6 +41,7 @@ pub enum Layout {
     Region,
 }
 
+#[cfg_attr(target_arch = "aarch64", path = "stress/arena_aarch64.rs")]
 mod arena;
 #[cfg(not(feature = "testing"))]
 use arena::SiteArena;

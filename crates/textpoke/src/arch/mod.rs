@@ -22,8 +22,8 @@
 //! - a core-serialising instruction ([`serialize_core`]);
 //! - an assembler ([`asm`]) and trampoline frames ([`tramp`]).
 //!
-//! x86-64 first; aarch64 next (see DESIGN.md rule 6: there only B, BL,
-//! NOP and BRK may be swapped live).
+//! x86-64 (`x86_64.rs`) and aarch64 (`aarch64.rs`, `aarch64/insn.rs`; see
+//! DESIGN.md rule 6: there only B, BL, NOP and BRK may be swapped live).
 
 #[cfg(target_arch = "x86_64")]
 mod x86_64;
@@ -34,6 +34,9 @@ mod x86_64;
 pub(crate) use self::x86_64::*;
 #[cfg(target_arch = "x86_64")]
 pub use self::x86_64::{encode_call, encode_jmp, static_tls_offset, NopForm, NOP5};
+
+/// The bytes of a single-instruction site: NOP, JMP or CALL (5 on x86-64, 4 on aarch64).
+pub type SiteInsn = [u8; SITE_NOP.len()];
 /// Run-time generated trampolines.
 #[cfg(target_arch = "x86_64")]
 #[path = "tramp_x86_64.rs"]
@@ -44,5 +47,33 @@ pub(crate) mod tramp;
 #[cfg(target_arch = "x86_64")]
 pub mod asm;
 
-#[cfg(not(target_arch = "x86_64"))]
-compile_error!("textpoke supports x86-64 only for now; aarch64 is next");
+/// The NOP of a single-instruction site (a static key's disabled branch).
+#[cfg(target_arch = "x86_64")]
+pub const SITE_NOP: [u8; 5] = NOP5;
+
+/// After code was written at `addr..addr + len`: nothing on x86-64, whose
+/// instruction fetch snoops stores (cross-modifying code needs only each
+/// core's serialisation, the sync-core rounds).
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+pub(crate) fn sync_icache(_addr: usize, _len: usize) {}
+
+// aarch64 (issue 13): encodings, swappability, cache maintenance, signal
+// contexts. No trampolines and no assembler yet: the tracer is compiled
+// out there (see lib.rs).
+#[cfg(target_arch = "aarch64")]
+mod aarch64;
+#[cfg(target_arch = "aarch64")]
+pub(crate) use self::aarch64::*;
+#[cfg(target_arch = "aarch64")]
+pub use self::aarch64::{encode_call, encode_jmp, static_tls_offset, NopForm, NOP, SITE_NOP};
+
+// The aarch64 encoders are pure functions: their unit tests run on the
+// x86-64 host too.
+#[cfg(all(test, target_arch = "x86_64"))]
+#[path = "aarch64/insn.rs"]
+#[allow(dead_code)]
+mod aarch64_insn;
+
+#[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
+compile_error!("textpoke supports x86-64 and aarch64");

@@ -120,6 +120,7 @@ macro_rules! __static_branch {
             // the two, and its trap handler emulates exactly that); the
             // record in `.note.textpoke` describes this site, its label and
             // its key, at offsets the linker resolves.
+            #[cfg(target_arch = "x86_64")]
             unsafe {
                 ::core::arch::asm!(
                     "2:",
@@ -130,6 +131,38 @@ macro_rules! __static_branch {
                     ".byte 0x0f, 0x1f, 0x44, 0x00, 0x00",
                     ".endif",
                     ".pushsection .note.textpoke,\"a?R\",@note",
+                    ".balign 4",
+                    ".long 9, 16, 1",
+                    ".asciz \"textpoke\"",
+                    ".balign 4",
+                    "3:",
+                    ".long 2b - 3b",
+                    ".long {yes} - 3b - 4",
+                    ".long {key} - 3b - 8",
+                    ".long {flags}",
+                    ".popsection",
+                    init = const $crate::keys::__private::site_init_jmp(&$key, $likely),
+                    flags = const $crate::keys::__private::site_flags(&$key, $likely),
+                    key = sym $key,
+                    yes = label { break 'textpoke_site true },
+                    options(readonly, nostack, preserves_flags),
+                );
+            }
+            // SAFETY (aarch64: the kernel's arm64 jump_label): one `nop` or
+            // `b {yes}`, swapped only with each other (Arm ARM: concurrent
+            // modification of B and NOP is allowed, so no trap is needed);
+            // reads and writes no register, no memory and no flags, never
+            // uses the stack; the record as above.
+            #[cfg(target_arch = "aarch64")]
+            unsafe {
+                ::core::arch::asm!(
+                    "2:",
+                    ".if {init}",
+                    "b {yes}",
+                    ".else",
+                    "nop",
+                    ".endif",
+                    ".pushsection .note.textpoke,\"a?R\",%note",
                     ".balign 4",
                     ".long 9, 16, 1",
                     ".asciz \"textpoke\"",

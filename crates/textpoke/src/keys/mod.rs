@@ -812,16 +812,16 @@ pub fn list() -> Result<Vec<KeyInfo>, KeyError> {
 /// One branch site of a key, as [`sites_of`] reports it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BranchSite {
-    /// Address of the 5-byte instruction.
+    /// Address of the instruction (5 bytes on x86-64, 4 on aarch64).
     pub addr: usize,
     /// Where its JMP goes (the branch's label).
     pub target: usize,
     /// Whether it belongs to a `static_branch_likely!`.
     pub likely: bool,
     /// The bytes there now.
-    pub bytes: [u8; 5],
+    pub bytes: crate::arch::SiteInsn,
     /// The bytes the key's state calls for (NOP or JMP).
-    pub expected: [u8; 5],
+    pub expected: crate::arch::SiteInsn,
 }
 
 /// The branch sites of `key`, with the bytes they hold now.
@@ -836,21 +836,18 @@ pub fn sites_of(key: &StaticKey) -> Result<Vec<BranchSite>, KeyError> {
             .sites
             .iter()
             .map(|s| {
-                let mut bytes = [0u8; 5];
+                let mut bytes = crate::arch::SiteInsn::default();
                 for (i, b) in bytes.iter_mut().enumerate() {
                     // SAFETY: the site lies in an executable segment of its
                     // pinned object; single-byte volatile loads are never torn
                     // by a concurrent patch (there is none: we hold the lock).
                     *b = unsafe { ((s.addr + i) as *const u8).read_volatile() };
                 }
-                let rel = i32::from_le_bytes([s.jmp[1], s.jmp[2], s.jmp[3], s.jmp[4]]);
-                BranchSite {
-                    addr: s.addr,
-                    target: (s.addr + 5).wrapping_add(rel as isize as usize),
-                    likely: s.likely,
-                    bytes,
-                    expected: s.bytes(enabled),
-                }
+                let target = match crate::arch::emulation_for(s.addr, &s.jmp) {
+                    Some(crate::arch::Emulation::Jmp { target }) => target,
+                    _ => unreachable!("SiteRec::jmp is encode_jmp's"),
+                };
+                BranchSite { addr: s.addr, target, likely: s.likely, bytes, expected: s.bytes(enabled) }
             })
             .collect())
     })

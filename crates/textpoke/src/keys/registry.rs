@@ -7,7 +7,7 @@ use std::path::PathBuf;
 
 use super::notes::{self, ObjectNotes, RawSite, SITE_INIT_JMP, SITE_LIKELY};
 use super::StaticKey;
-use crate::arch::{self, NOP5};
+use crate::arch::{self, SiteInsn, SITE_NOP};
 use crate::sites::objects::loader_counters;
 use crate::sites::{LoadedObject, ObjectChanges, ObjectId, Objects, Pin};
 
@@ -20,7 +20,7 @@ pub(crate) const SYNC_ATTEMPTS: u32 = 16;
 pub(crate) struct SiteRec {
     pub addr: usize,
     /// `jmp` to the branch's label, encoded at `addr`.
-    pub jmp: [u8; 5],
+    pub jmp: SiteInsn,
     /// Belongs to a `likely` branch: a JMP when the key is disabled.
     pub likely: bool,
     /// Compiled in as a JMP (the record's flag).
@@ -29,11 +29,11 @@ pub(crate) struct SiteRec {
 
 impl SiteRec {
     /// The instruction the site holds while its key is `enabled`.
-    pub fn bytes(&self, enabled: bool) -> [u8; 5] {
+    pub fn bytes(&self, enabled: bool) -> SiteInsn {
         if enabled != self.likely {
             self.jmp
         } else {
-            NOP5
+            SITE_NOP
         }
     }
 }
@@ -314,9 +314,9 @@ fn build_table(obj: &LoadedObject, notes: ObjectNotes) -> Table {
     Table { path: obj.path.clone(), bad, keys, resolved: false }
 }
 
-fn check_site(obj: &LoadedObject, s: &RawSite) -> Result<[u8; 5], String> {
+fn check_site(obj: &LoadedObject, s: &RawSite) -> Result<SiteInsn, String> {
     let exec = |a: usize, len: usize| obj.segment_at(a, len).is_some_and(|seg| seg.is_executable());
-    if !exec(s.addr, 5) {
+    if !exec(s.addr, SITE_NOP.len()) {
         return Err(format!("branch site at {:#x} is not in an executable segment", s.addr));
     }
     if !exec(s.target, 1) {
@@ -326,7 +326,7 @@ fn check_site(obj: &LoadedObject, s: &RawSite) -> Result<[u8; 5], String> {
         return Err(format!("branch site at {:#x} has unknown flags {:#x}", s.addr, s.flags));
     }
     arch::encode_jmp(s.addr, s.target)
-        .ok_or_else(|| format!("branch site at {:#x}: its label {:#x} is out of jmp rel32 range", s.addr, s.target))
+        .ok_or_else(|| format!("branch site at {:#x}: its label {:#x} is out of the jump's range", s.addr, s.target))
 }
 
 /// Longest key name read.

@@ -122,7 +122,7 @@ use elf::{RecordKind, RecordSection};
 use symbols::Symbols;
 
 /// Length of the patchable NOP at every site, in bytes.
-pub const NOP_LEN: u8 = arch::NOP5.len() as u8;
+pub const NOP_LEN: u8 = arch::SITE_NOPS[0].len() as u8;
 
 /// Largest M (bytes of pad before the function symbol) looked for.
 const MAX_PREFIX: usize = 255;

@@ -387,7 +387,11 @@ mod tests {
         let b = CodeBlock::near(target, target, 10_000).unwrap();
         assert!(b.addr().abs_diff(target) < 1 << 31);
         assert!(crate::arch::encode_call(target, b.addr()).is_some());
+        #[cfg(target_arch = "x86_64")]
         b.write(0, &[0xc3]).unwrap();
+        #[cfg(target_arch = "aarch64")]
+        b.write(0, &crate::arch::RET.to_le_bytes()).unwrap();
+        crate::arch::sync_icache(b.addr(), 4);
         // SAFETY: the block holds `ret`.
         unsafe { std::mem::transmute::<usize, extern "C" fn()>(b.addr())() };
     }

@@ -55,6 +55,11 @@
 //!   and synced, but a page kept the write permission it was given for the
 //!   commit (the mprotect method).
 
+#[cfg(target_arch = "x86_64")]
+mod breakpoint;
+// aarch64: the live strategy is a batch of atomic word swaps, one sync.
+#[cfg(target_arch = "aarch64")]
+#[path = "swap_aarch64.rs"]
 mod breakpoint;
 pub mod codemem;
 mod dynsym;

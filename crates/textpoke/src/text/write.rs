@@ -155,6 +155,14 @@ impl Writer {
     /// Writes `bytes` at `addr`. Allocation-free, errors included.
     pub fn write(&self, addr: usize, bytes: &[u8]) -> io::Result<()> {
         match self.method {
+            #[cfg(target_arch = "aarch64")]
+            WriteMethod::Mprotect => {
+                // SAFETY: as below; an aligned word is one atomic store.
+                unsafe { crate::arch::store_code(addr, bytes) };
+                crate::arch::sync_icache(addr, bytes.len());
+                Ok(())
+            }
+            #[cfg(target_arch = "x86_64")]
             WriteMethod::Mprotect => {
                 for (i, &b) in bytes.iter().enumerate() {
                     // SAFETY: `addr..addr+len` lies in a run made writable in
@@ -167,7 +175,11 @@ impl Writer {
             // Allocation-free, errors included (writes run while threads
             // are parked).
             WriteMethod::ProcMem => match &self.mem {
-                Some(mem) => mem.write(addr, bytes),
+                Some(mem) => {
+                    mem.write(addr, bytes)?;
+                    crate::arch::sync_icache(addr, bytes.len());
+                    Ok(())
+                }
                 None => Err(io::ErrorKind::NotConnected.into()),
             },
         }

@@ -68,6 +68,7 @@ impl Tracer {
                 graph_code: None,
                 inline_recording: true,
                 unwind: None,
+                plt: Default::default(),
             };
             inner.refresh();
             Tracer { inner: Mutex::new(inner), reclaiming: Mutex::new(()), reclaimer_pid: 0.into() }

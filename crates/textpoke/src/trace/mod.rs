@@ -93,6 +93,7 @@
 //! | `reclaim.rs` | retiring what no word reaches, the background reclaimer, freeing after a grace period |
 //! | `hot.rs` | what runs on every traced call: handlers, shadow stacks, the quiescence count |
 //! | `grace.rs`, `registry.rs` | grace periods, and the registered threads whose counts they read |
+//! | `plt.rs` | library calls: a site and a thunk per PLT slot, switched by a GOT store |
 //! | `unwind.rs` | exceptions unwinding through replaced return addresses |
 //! | `filter.rs` | which functions an op traces |
 //! | `testing.rs` | (`testing` builds) the trampolines around an op's inline code, for its tests |
@@ -102,6 +103,7 @@ mod apply;
 mod filter;
 mod grace;
 mod hot;
+mod plt;
 mod reclaim;
 mod registry;
 mod state;

@@ -118,6 +118,8 @@ pub(super) struct Inner {
     /// Whether count and graph trampolines may be used (a test and
     /// benchmark switch: off, every site calls its op through the hot path).
     pub(super) inline_recording: bool,
+    /// Library calls: PLT slots, their thunks and sites (`plt.rs`).
+    pub(super) plt: super::plt::PltState,
 }
 
 impl Inner {
@@ -206,6 +208,7 @@ impl Inner {
     pub(super) fn refresh(&mut self) {
         let before = crate::funcs::count() as u32;
         self.scan_objects();
+        self.plt_scan();
         let after = crate::funcs::count() as u32;
         if after > before {
             for o in self.ops.iter().flatten() {

@@ -126,6 +126,7 @@ impl EntryExitCounts {
     }
 }
 
+#[cfg(target_arch = "x86_64")]
 impl textpoke::trace::TraceOp for EntryExitCounts {
     fn entry(&self, _e: &textpoke::trace::Entry<'_>) {
         self.entries.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -172,6 +173,7 @@ pub fn mapped(addr: usize) -> bool {
     })
 }
 
+#[cfg(target_arch = "x86_64")]
 /// A tracer filter from include and exclude globs, as the recorder crate's
 /// `textpoke_record::filter::glob_filter` builds it: the engine knows no
 /// glob syntax, and its own tests, below the recorder, compile globs here
