@@ -191,7 +191,7 @@ pub fn global_symbol(name: &CStr) -> Option<usize> {
 
 /// `dlvsym(RTLD_DEFAULT, name, version)`, or [`global_symbol`] without a
 /// version: the definition of that version of `name` in the global scope.
-pub(crate) fn global_symbol_version(name: &CStr, version: Option<&CStr>) -> Option<usize> {
+pub fn global_symbol_version(name: &CStr, version: Option<&CStr>) -> Option<usize> {
     lookup(libc::RTLD_DEFAULT, name, version)
 }
 

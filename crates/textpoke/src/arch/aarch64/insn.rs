@@ -137,7 +137,7 @@ pub enum Emulation {
 /// it is a *swappable* one is [`emulation_for`]'s and the strategy's
 /// question.)
 pub fn check_one_instruction(ip: usize, bytes: &[u8]) -> Result<(), String> {
-    if ip % INSN_LEN != 0 {
+    if !ip.is_multiple_of(INSN_LEN) {
         return Err(format!("address {ip:#x} is not 4-byte aligned"));
     }
     if bytes.len() != INSN_LEN {
@@ -149,7 +149,7 @@ pub fn check_one_instruction(ip: usize, bytes: &[u8]) -> Result<(), String> {
 /// Checks that `bytes` at `ip` are whole instructions: aligned, a multiple
 /// of 4 bytes long.
 pub fn check_whole_instructions(ip: usize, bytes: &[u8]) -> bool {
-    ip % INSN_LEN == 0 && bytes.len() % INSN_LEN == 0 && !bytes.is_empty()
+    ip.is_multiple_of(INSN_LEN) && bytes.len().is_multiple_of(INSN_LEN) && !bytes.is_empty()
 }
 
 /// Whether an instruction starts at `target` in the function at `start`:
@@ -169,7 +169,7 @@ pub fn check_boundary(start: usize, _code: &[u8], target: usize) -> Result<(), (
 /// for anything else (BRK is swappable too, but a site never becomes one).
 pub fn emulation_for(ip: usize, bytes: &[u8]) -> Option<Emulation> {
     let w = word(bytes)?;
-    if ip % INSN_LEN != 0 {
+    if !ip.is_multiple_of(INSN_LEN) {
         return None;
     }
     if w == NOP_WORD {
@@ -289,7 +289,7 @@ pub fn nop_run_len(bytes: &[u8]) -> usize {
 
 /// Whether `bytes` is exactly a sequence of NOPs.
 pub fn all_nops(bytes: &[u8]) -> bool {
-    bytes.len() % INSN_LEN == 0 && nop_run_len(bytes) == bytes.len()
+    bytes.len().is_multiple_of(INSN_LEN) && nop_run_len(bytes) == bytes.len()
 }
 
 #[cfg(test)]
