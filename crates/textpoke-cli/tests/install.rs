@@ -101,7 +101,7 @@ fn record_and_report(exe: &Path, work: &Path, prog: &Path) -> PathBuf {
     std::fs::create_dir_all(&run).unwrap();
     let _ = std::fs::remove_dir_all(run.join("t.data"));
     let cache = work.join("cache");
-    let out = textpoke(exe, &run, &cache, &["record", "-o", "t.data", "--", prog.to_str().unwrap()]);
+    let out = textpoke(exe, &run, &cache, &["record", "--no-libcall", "-o", "t.data", "--", prog.to_str().unwrap()]);
     let stdout = text(&out.stdout);
     assert!(out.status.success(), "record: {}\n{stdout}", text(&out.stderr));
     assert!(stdout.contains("sum 49"), "{stdout}");
