@@ -148,6 +148,12 @@ mod tests {
     use super::*;
 
     #[test]
+    fn physical_memory_is_at_least_a_page() {
+        let total = physical_memory();
+        assert!(total >= page_size() as u64 && total.is_multiple_of(page_size() as u64), "{total}");
+    }
+
+    #[test]
     fn proc_mem_reads_and_writes_read_only_pages() {
         let ps = page_size();
         let p = super::super::anon::map(ps).unwrap();

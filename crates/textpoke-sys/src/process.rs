@@ -56,3 +56,33 @@ pub fn exit_group(status: libc::c_int) -> ! {
         unsafe { libc::syscall(libc::SYS_exit_group, status) };
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kill_with_signal_zero_tells_whether_a_process_exists() {
+        kill_process(super::super::threads::getpid(), 0).unwrap();
+        // Above pid_max (at most 2^22): no such process.
+        let err = kill_process(1 << 30, 0).unwrap_err();
+        assert_eq!(err.raw_os_error(), Some(libc::ESRCH));
+    }
+
+    #[test]
+    fn a_pidfd_of_an_exited_child_is_readable() {
+        let mut child = std::process::Command::new("true").spawn().unwrap();
+        let opened = pidfd_open(child.id() as i32);
+        child.wait().unwrap();
+        let pidfd = match opened {
+            Ok(fd) => fd,
+            // Linux before 5.3, or a seccomp filter: nothing to check.
+            Err(e) if e.raw_os_error() == Some(libc::ENOSYS) => return,
+            Err(e) => panic!("pidfd_open: {e}"),
+        };
+        let mut pfd = libc::pollfd { fd: std::os::fd::AsRawFd::as_raw_fd(&pidfd), events: libc::POLLIN, revents: 0 };
+        // SAFETY: one valid pollfd.
+        assert_eq!(unsafe { libc::poll(&mut pfd, 1, 10_000) }, 1);
+        assert_ne!(pfd.revents & libc::POLLIN, 0);
+    }
+}

@@ -308,19 +308,8 @@ pub fn restore_mask_raw(old: u64) {
 mod tests {
     use super::*;
 
-    /// The mask of the calling thread.
-    fn current_mask() -> libc::sigset_t {
-        // SAFETY: sigset_t is plain data; querying changes nothing.
-        unsafe {
-            let mut cur: libc::sigset_t = std::mem::zeroed();
-            libc::pthread_sigmask(libc::SIG_BLOCK, std::ptr::null(), &mut cur);
-            cur
-        }
-    }
-
     fn is_member(set: &libc::sigset_t, sig: libc::c_int) -> bool {
-        // SAFETY: a valid set and signal number.
-        unsafe { libc::sigismember(set, sig) == 1 }
+        contains(set, sig)
     }
 
     #[test]
@@ -362,5 +351,60 @@ mod tests {
         // SAFETY: the disposition read before, put back.
         unsafe { set_action(libc::SIGWINCH, &before) }.unwrap();
         assert_eq!(action(libc::SIGWINCH).sa_sigaction, before.sa_sigaction);
+    }
+
+    #[test]
+    fn service_threads_take_only_the_signals_that_must_reach_them() {
+        let rendezvous = realtime_max() - 1;
+        let set = service_thread_mask(rendezvous);
+        for s in SYNCHRONOUS.into_iter().chain([libc::SIGSYS, rendezvous]) {
+            assert!(!contains(&set, s), "signal {s} stays deliverable");
+        }
+        for s in [libc::SIGINT, libc::SIGTERM, libc::SIGUSR1, libc::SIGCHLD, realtime_max()] {
+            assert!(contains(&set, s), "signal {s} is blocked");
+        }
+        let few = set_of(&[libc::SIGUSR1, libc::SIGHUP]);
+        assert!(contains(&few, libc::SIGUSR1) && contains(&few, libc::SIGHUP) && !contains(&few, libc::SIGINT));
+        std::thread::spawn(move || {
+            let old = swap_mask(libc::SIG_BLOCK, &set);
+            assert!(!contains(&old, libc::SIGUSR1));
+            assert!(contains(&current_mask(), libc::SIGUSR1));
+            set_mask(libc::SIG_UNBLOCK, &set_of(&[libc::SIGUSR1]));
+            assert!(!contains(&current_mask(), libc::SIGUSR1));
+            assert!(contains(&current_mask(), libc::SIGUSR2));
+            set_mask(libc::SIG_SETMASK, &old);
+            assert!(!contains(&current_mask(), libc::SIGUSR2));
+        })
+        .join()
+        .unwrap();
+    }
+
+    #[test]
+    fn sets_and_turns_off_an_alternate_stack() {
+        std::thread::spawn(|| {
+            const LEN: usize = 64 << 10;
+            let p = crate::anon::map_with_guard(LEN, crate::anon::PAGE).unwrap();
+            let mut probe = [0u8; 8];
+            assert_eq!(crate::read_memory(p as usize, &mut probe), 0, "the guard page is inaccessible");
+            assert_eq!(crate::read_memory(p as usize + crate::anon::PAGE, &mut probe), 8);
+            // SAFETY: plain data.
+            let mut off: libc::stack_t = unsafe { std::mem::zeroed() };
+            off.ss_flags = libc::SS_DISABLE;
+            // SAFETY: turning a stack off needs no memory.
+            unsafe { set_altstack(&off) }.unwrap();
+            assert_ne!(altstack().unwrap().ss_flags & libc::SS_DISABLE, 0);
+            let ours = libc::stack_t { ss_sp: p.wrapping_add(crate::anon::PAGE).cast(), ss_flags: 0, ss_size: LEN };
+            // SAFETY: a fresh mapping of our own, unmapped only after the
+            // stack is turned off below.
+            unsafe { set_altstack(&ours) }.unwrap();
+            let cur = altstack().unwrap();
+            assert_eq!((cur.ss_sp, cur.ss_size, cur.ss_flags & libc::SS_DISABLE), (ours.ss_sp, LEN, 0));
+            // SAFETY: as above.
+            unsafe { set_altstack(&off) }.unwrap();
+            // SAFETY: no longer the thread's stack; nothing else uses it.
+            unsafe { crate::anon::unmap(p, LEN + crate::anon::PAGE) };
+        })
+        .join()
+        .unwrap();
     }
 }
