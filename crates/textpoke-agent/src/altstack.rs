@@ -30,6 +30,7 @@
 
 use std::cell::Cell;
 use std::ffi::c_int;
+use textpoke_sys::{anon, signals};
 
 /// Bytes of the agent's stack, and the guard page below it.
 const SIZE: usize = 256 << 10;
@@ -49,12 +50,6 @@ pub(crate) fn enable() {
     textpoke_record::set_thread_hooks(Some(thread_start), Some(thread_exit));
 }
 
-/// The kernel's `sigaltstack`, not the wrapper below.
-fn raw(ss: *const libc::stack_t, old: *mut libc::stack_t) -> c_int {
-    // SAFETY: the caller passes null or valid stack_t pointers.
-    unsafe { libc::syscall(libc::SYS_sigaltstack, ss, old) as c_int }
-}
-
 fn ours_stack(base: usize) -> libc::stack_t {
     libc::stack_t { ss_sp: (base + GUARD) as *mut libc::c_void, ss_flags: 0, ss_size: SIZE }
 }
@@ -65,31 +60,20 @@ extern "C" fn thread_start() {
     if OURS.with(Cell::get) != 0 {
         return;
     }
-    // SAFETY: plain data.
-    let mut cur: libc::stack_t = unsafe { std::mem::zeroed() };
-    if raw(std::ptr::null(), &mut cur) != 0 || cur.ss_flags & libc::SS_DISABLE == 0 {
-        return; // the program's (or we run on one)
+    match signals::altstack() {
+        Ok(cur) if cur.ss_flags & libc::SS_DISABLE != 0 => {}
+        _ => return, // the program's (or we run on one)
     }
-    // SAFETY: a fresh anonymous mapping of our own; its lowest page is
-    // made a guard.
-    let base = unsafe {
-        let p = libc::mmap(
-            std::ptr::null_mut(),
-            SIZE + GUARD,
-            libc::PROT_READ | libc::PROT_WRITE,
-            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
-            -1,
-            0,
-        );
-        if p == libc::MAP_FAILED {
-            return;
-        }
-        libc::mprotect(p, GUARD, libc::PROT_NONE);
-        p as usize
+    // Its lowest page is a guard.
+    let Some(p) = anon::map_with_guard(SIZE, GUARD) else {
+        return;
     };
-    if raw(&ours_stack(base), std::ptr::null_mut()) != 0 {
+    let base = p as usize;
+    // SAFETY: the stack is a fresh mapping of our own, unmapped only by
+    // thread_exit once it is no longer the kernel's.
+    if unsafe { signals::set_altstack(&ours_stack(base)) }.is_err() {
         // SAFETY: unmapping the mapping made above, never used.
-        unsafe { libc::munmap(base as *mut libc::c_void, SIZE + GUARD) };
+        unsafe { anon::unmap(p, SIZE + GUARD) };
         return;
     }
     OURS.with(|o| o.set(base));
@@ -102,22 +86,21 @@ extern "C" fn thread_exit() {
     if base == 0 {
         return;
     }
-    // SAFETY: plain data.
-    let mut cur: libc::stack_t = unsafe { std::mem::zeroed() };
-    if raw(std::ptr::null(), &mut cur) != 0 {
+    let Ok(cur) = signals::altstack() else {
         return;
-    }
+    };
     if cur.ss_sp as usize == base + GUARD && cur.ss_flags & libc::SS_DISABLE == 0 {
         // SAFETY: plain data.
         let mut off: libc::stack_t = unsafe { std::mem::zeroed() };
         off.ss_flags = libc::SS_DISABLE;
-        if raw(&off, std::ptr::null_mut()) != 0 {
+        // SAFETY: turning the stack off needs no memory.
+        if unsafe { signals::set_altstack(&off) }.is_err() {
             return; // running on it (EPERM): leave it mapped
         }
     }
     OURS.with(|o| o.set(0));
     // SAFETY: ours, and no longer the kernel's alternate stack.
-    unsafe { libc::munmap(base as *mut libc::c_void, SIZE + GUARD) };
+    unsafe { anon::unmap(base as *mut u8, SIZE + GUARD) };
 }
 
 /// `sigaltstack(2)`: on a thread with the agent's stack, the program's
@@ -130,14 +113,13 @@ extern "C" fn thread_exit() {
 pub unsafe extern "C" fn sigaltstack(ss: *const libc::stack_t, old: *mut libc::stack_t) -> c_int {
     let base = OURS.with(Cell::get);
     if base == 0 {
-        return raw(ss, old);
+        // SAFETY: the caller's contract is the system call's.
+        return unsafe { signals::sigaltstack_raw(ss, old) };
     }
     let program = PROGRAM_HAS_ONE.with(Cell::get);
-    // SAFETY: plain data.
-    let mut cur: libc::stack_t = unsafe { std::mem::zeroed() };
-    if raw(std::ptr::null(), &mut cur) != 0 {
+    let Ok(cur) = signals::altstack() else {
         return -1;
-    }
+    };
     let view = if program {
         cur
     } else {
@@ -150,13 +132,15 @@ pub unsafe extern "C" fn sigaltstack(ss: *const libc::stack_t, old: *mut libc::s
         if new.ss_flags & libc::SS_DISABLE != 0 {
             if program {
                 // Back to the agent's (EPERM while on the program's).
-                if raw(&ours_stack(base), std::ptr::null_mut()) != 0 {
+                // SAFETY: the agent's stack, still mapped (see thread_exit).
+                if unsafe { signals::set_altstack(&ours_stack(base)) }.is_err() {
                     return -1;
                 }
                 PROGRAM_HAS_ONE.with(|p| p.set(false));
             }
         } else {
-            if raw(&new, std::ptr::null_mut()) != 0 {
+            // SAFETY: the program's stack (the caller's contract).
+            if unsafe { signals::set_altstack(&new) }.is_err() {
                 return -1; // the kernel's errno (ENOMEM, EINVAL, EPERM)
             }
             PROGRAM_HAS_ONE.with(|p| p.set(true));

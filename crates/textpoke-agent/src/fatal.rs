@@ -67,7 +67,8 @@ use crate::{getpid, AGENT_PID};
 use std::ffi::{c_int, c_void};
 use std::sync::atomic::{fence, AtomicBool, AtomicI32, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use textpoke_record::crash::{self, CrashFlush, FatalSignal};
-use textpoke_sys::threads::gettid;
+use textpoke_sys::threads::{self, gettid};
+use textpoke_sys::{anon, process, signals};
 
 /// The signals whose default action the crash flush precedes.
 pub(crate) const FATAL: [c_int; 5] = [libc::SIGSEGV, libc::SIGBUS, libc::SIGILL, libc::SIGFPE, libc::SIGABRT];
@@ -170,22 +171,14 @@ fn store(i: usize, a: Action) {
 /// Runs `f` holding [`WRITING`] with every signal blocked, so that no
 /// handler on this thread can wait for it.
 fn with_write_lock<R>(f: impl FnOnce() -> R) -> R {
-    // SAFETY: plain signal-mask calls with valid sets.
-    let old = unsafe {
-        let mut all: libc::sigset_t = std::mem::zeroed();
-        let mut old: libc::sigset_t = std::mem::zeroed();
-        libc::sigfillset(&mut all);
-        libc::pthread_sigmask(libc::SIG_SETMASK, &all, &mut old);
-        old
-    };
+    let old = signals::swap_mask(libc::SIG_SETMASK, &signals::all_but(&[]));
     // Acquire pairs with the release below on another thread.
     while WRITING.swap(true, Ordering::Acquire) {
         std::hint::spin_loop();
     }
     let r = f();
     WRITING.store(false, Ordering::Release);
-    // SAFETY: restores the mask saved above.
-    unsafe { libc::pthread_sigmask(libc::SIG_SETMASK, &old, std::ptr::null_mut()) };
+    signals::set_mask(libc::SIG_SETMASK, &old); // the mask saved above
     r
 }
 
@@ -207,15 +200,7 @@ fn mask_set(bits: u64) -> libc::sigset_t {
 
 /// The signals the agent's code may block: all but the faults.
 fn async_signals() -> libc::sigset_t {
-    // SAFETY: plain set manipulation on a local set.
-    unsafe {
-        let mut set: libc::sigset_t = std::mem::zeroed();
-        libc::sigfillset(&mut set);
-        for s in SYNC {
-            libc::sigdelset(&mut set, s);
-        }
-        set
-    }
+    signals::all_but(&SYNC)
 }
 
 // ---------------------------------------------------------------------------
@@ -264,15 +249,7 @@ fn real_sigaction(sig: c_int, act: *const libc::sigaction, old: *mut libc::sigac
     }
 }
 
-fn errno() -> c_int {
-    // SAFETY: the thread's errno location is always valid.
-    unsafe { *libc::__errno_location() }
-}
-
-fn set_errno(e: c_int) {
-    // SAFETY: as in `errno`.
-    unsafe { *libc::__errno_location() = e };
-}
+use textpoke_sys::threads::{errno, set_errno};
 
 /// The kernel's disposition the agent sets for the program's `a`.
 fn kernel_action(a: Action) -> libc::sigaction {
@@ -345,21 +322,9 @@ pub(crate) fn install() {
 
 fn map_crash_stack() {
     let page = 4096;
-    // SAFETY: an anonymous mapping of our own; the lowest page becomes a
-    // guard (an overflow faults instead of writing below).
-    unsafe {
-        let p = libc::mmap(
-            std::ptr::null_mut(),
-            CRASH_STACK + page,
-            libc::PROT_READ | libc::PROT_WRITE,
-            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
-            -1,
-            0,
-        );
-        if p == libc::MAP_FAILED {
-            return;
-        }
-        libc::mprotect(p, page, libc::PROT_NONE);
+    // The lowest page is a guard: an overflow faults instead of writing
+    // below.
+    if let Some(p) = anon::map_with_guard(CRASH_STACK, page) {
         CRASH_STACK_TOP.store(p as usize + CRASH_STACK + page, Ordering::Release);
     }
 }
@@ -443,8 +408,7 @@ fn emulated_signal(sig: c_int, handler: libc::sighandler_t, flags: c_int, mask_s
     sa.sa_sigaction = handler;
     sa.sa_flags = flags;
     if mask_self {
-        // SAFETY: as above.
-        unsafe { libc::sigaddset(&mut sa.sa_mask, sig) };
+        sa.sa_mask = signals::set_of(&[sig]); // the zeroed mask was empty
     }
     // SAFETY: plain data.
     let mut old: libc::sigaction = unsafe { std::mem::zeroed() };
@@ -595,8 +559,7 @@ fn flush(sig: c_int, info: *const libc::siginfo_t) {
         return; // a vfork child: the recorder is its parent's
     }
     let set = async_signals();
-    // SAFETY: blocks signals on this thread with a valid set.
-    unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) };
+    signals::set_mask(libc::SIG_BLOCK, &set);
     // SAFETY: the kernel's siginfo for `sig`.
     let mut job = Job { sig: unsafe { FatalSignal::from_siginfo(sig, info) }, out: CrashFlush::NotRecording };
     let top = CRASH_STACK_TOP.load(Ordering::Acquire);
@@ -660,59 +623,26 @@ unsafe extern "C" fn call_on_stack(arg: *mut c_void, f: extern "C" fn(*mut c_voi
 /// siginfo and unblocked in the context the handler returns to: delivered
 /// as the handler returns, it kills the process.
 fn requeue_default(sig: c_int, info: *mut libc::siginfo_t, uc: *mut c_void) {
-    set_default(sig);
+    signals::set_default_raw(sig);
     if !uc.is_null() {
         // SAFETY: the kernel's ucontext for this handler; its mask is the
         // one sigreturn restores.
-        unsafe { libc::sigdelset(&mut (*(uc as *mut libc::ucontext_t)).uc_sigmask, sig) };
+        signals::remove(unsafe { &mut (*(uc as *mut libc::ucontext_t)).uc_sigmask }, sig);
     }
-    // SAFETY: queues a signal to this thread with the kernel's siginfo
-    // (allowed for a process's own threads whatever si_code says).
-    let r = unsafe { libc::syscall(libc::SYS_rt_tgsigqueueinfo, getpid(), gettid(), sig, info) };
-    if r != 0 {
-        // SAFETY: plain tgkill to ourselves.
-        unsafe { libc::syscall(libc::SYS_tgkill, getpid(), gettid(), sig) };
+    // SAFETY: the kernel's siginfo for `sig`.
+    if unsafe { threads::requeue_to_self(sig, info) }.is_err() {
+        let _ = threads::kill_thread(gettid(), sig);
     }
-}
-
-/// The kernel's disposition of `sig` becomes `SIG_DFL` (a raw
-/// `rt_sigaction`: no restorer is needed for it).
-fn set_default(sig: c_int) {
-    /// The kernel's `struct sigaction` on x86-64.
-    #[repr(C)]
-    struct KernelSigaction {
-        handler: usize,
-        flags: u64,
-        restorer: usize,
-        mask: u64,
-    }
-    let dfl = KernelSigaction { handler: libc::SIG_DFL, flags: 0, restorer: 0, mask: 0 };
-    // SAFETY: a valid kernel sigaction of the size passed.
-    unsafe {
-        libc::syscall(
-            libc::SYS_rt_sigaction,
-            sig,
-            &dfl as *const KernelSigaction,
-            std::ptr::null_mut::<KernelSigaction>(),
-            8usize,
-        )
-    };
 }
 
 /// A2: the flush faulted: the process dies now, of `first`.
 fn die_now(first: c_int) -> ! {
-    set_default(first);
-    let set = mask_set(1u64 << (first - 1));
-    // SAFETY: unblocks `first` and sends it to this thread: delivered at
-    // once, with the default action.
-    unsafe {
-        libc::pthread_sigmask(libc::SIG_UNBLOCK, &set, std::ptr::null_mut());
-        libc::syscall(libc::SYS_tgkill, getpid(), gettid(), first);
-    }
-    loop {
-        // SAFETY: ends the process (if the signal somehow did not).
-        unsafe { libc::syscall(libc::SYS_exit_group, 128 + first) };
-    }
+    signals::set_default_raw(first);
+    // Unblocked and sent to this thread: delivered at once, with the
+    // default action.
+    signals::set_mask(libc::SIG_UNBLOCK, &mask_set(1u64 << (first - 1)));
+    let _ = threads::kill_thread(gettid(), first);
+    process::exit_group(128 + first) // if the signal somehow did not end it
 }
 
 /// `textpoke: SIGNAME{before}{errno}{after}` on a line of stderr, with
@@ -745,8 +675,7 @@ fn note(sig: c_int, before: &[u8], err: Option<i32>, after: &[u8]) {
     }
     put(after);
     line[at] = b'\n';
-    // SAFETY: writing from a valid buffer.
-    unsafe { libc::write(libc::STDERR_FILENO, line.as_ptr().cast(), at + 1) };
+    textpoke_sys::write_stderr(&line[..at + 1]);
 }
 
 #[cfg(test)]
@@ -756,20 +685,14 @@ mod tests {
     #[test]
     fn masks_round_trip_and_exclude_the_faults() {
         let set = mask_set(1 << (libc::SIGUSR1 - 1) | 1 << (libc::SIGTERM - 1));
-        // SAFETY: a valid set.
-        unsafe {
-            assert_eq!(libc::sigismember(&set, libc::SIGUSR1), 1);
-            assert_eq!(libc::sigismember(&set, libc::SIGTERM), 1);
-            assert_eq!(libc::sigismember(&set, libc::SIGINT), 0);
-        }
+        assert!(signals::contains(&set, libc::SIGUSR1));
+        assert!(signals::contains(&set, libc::SIGTERM));
+        assert!(!signals::contains(&set, libc::SIGINT));
         assert_eq!(mask_bits(&set), 1 << (libc::SIGUSR1 - 1) | 1 << (libc::SIGTERM - 1));
         let a = async_signals();
-        // SAFETY: a valid set.
-        unsafe {
-            assert_eq!(libc::sigismember(&a, libc::SIGSEGV), 0);
-            assert_eq!(libc::sigismember(&a, libc::SIGTRAP), 0);
-            assert_eq!(libc::sigismember(&a, libc::SIGABRT), 1);
-        }
+        assert!(!signals::contains(&a, libc::SIGSEGV));
+        assert!(!signals::contains(&a, libc::SIGTRAP));
+        assert!(signals::contains(&a, libc::SIGABRT));
     }
 
     #[test]

@@ -45,9 +45,9 @@
 //! `/proc/PID/stat` instead, at most once per tick (50 ms).
 
 use crate::fds::Fd;
-use std::os::fd::{FromRawFd, OwnedFd};
 use std::time::{Duration, Instant};
 use textpoke_control::{proc_stat, FrontProcess};
+use textpoke_sys::process::{self, pidfd_open};
 
 /// How often the front process is looked at without a pidfd.
 const RECHECK: Duration = Duration::from_millis(50);
@@ -102,17 +102,6 @@ impl Watch {
     }
 }
 
-fn pidfd_open(pid: i32) -> std::io::Result<OwnedFd> {
-    // SAFETY: pidfd_open takes a pid and flags and returns a new
-    // descriptor (close-on-exec) or -1.
-    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
-    if fd < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    // SAFETY: a new descriptor, owned here.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
-}
-
 /// Whether `/proc` (or `kill`, where `/proc` cannot be read) shows that
 /// `front` is gone: no such process, a zombie, or another process with
 /// its pid. False when it cannot tell. Also used at load, so that a
@@ -127,9 +116,10 @@ pub(crate) fn proc_says_gone(front: FrontProcess) -> bool {
 
 /// `kill(pid, 0)`: whether the pid names a process (possibly a zombie).
 pub(crate) fn exists(pid: i32) -> bool {
-    // SAFETY: signal 0 only checks that the process exists.
-    let rc = unsafe { libc::kill(pid, 0) };
-    rc == 0 || std::io::Error::last_os_error().raw_os_error() != Some(libc::ESRCH)
+    match process::kill_process(pid, 0) {
+        Ok(()) => true,
+        Err(e) => e.raw_os_error() != Some(libc::ESRCH),
+    }
 }
 
 #[cfg(test)]

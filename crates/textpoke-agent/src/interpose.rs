@@ -103,15 +103,7 @@ fn real(i: usize) -> usize {
     p
 }
 
-fn errno() -> c_int {
-    // SAFETY: the thread's errno location is always valid.
-    unsafe { *libc::__errno_location() }
-}
-
-fn set_errno(e: c_int) {
-    // SAFETY: as in `errno`.
-    unsafe { *libc::__errno_location() = e };
-}
+use textpoke_sys::threads::{errno, set_errno};
 
 /// The wrapper runs in the agent's process (not a `vfork` child).
 fn own_process() -> bool {
@@ -423,7 +415,7 @@ pub unsafe extern "C" fn execveat(
     unsafe {
         run_exec(envp, |e| match real_fn::<ExecveatFn>(EXECVEAT) {
             Some(f) => f(dirfd, path, argv, e, flags),
-            None => libc::syscall(libc::SYS_execveat, dirfd, path, argv, e, flags) as c_int,
+            None => textpoke_sys::process::execveat(dirfd, path, argv, e, flags),
         })
     }
 }
@@ -541,8 +533,7 @@ fn before_exit() {
 fn note_unfinished_at_exit() {
     const MSG: &[u8] = b"textpoke: the trace could not be finished at _exit (the agent thread did not answer; \
         was _exit called from a signal handler?); it is left incomplete\n";
-    // SAFETY: writing from a valid static buffer.
-    unsafe { libc::write(libc::STDERR_FILENO, MSG.as_ptr().cast(), MSG.len()) };
+    textpoke_sys::write_stderr(MSG);
 }
 
 fn real_exit(status: c_int) -> ! {
@@ -550,10 +541,7 @@ fn real_exit(status: c_int) -> ! {
         // SAFETY: libc's _exit.
         unsafe { f(status) }
     }
-    loop {
-        // SAFETY: ends the process.
-        unsafe { libc::syscall(libc::SYS_exit_group, status) };
-    }
+    textpoke_sys::process::exit_group(status)
 }
 
 /// `_exit(2)`, after the agent thread stopped the recorder.

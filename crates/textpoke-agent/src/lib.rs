@@ -337,10 +337,7 @@ fn publish_dir(dir: &Path) {
     }
 }
 
-pub(crate) fn getpid() -> i32 {
-    // SAFETY: no preconditions.
-    unsafe { libc::getpid() }
-}
+pub(crate) use textpoke_sys::threads::getpid;
 
 /// Says what was wrong with the settings: a value that cannot be used
 /// as `warn_once` (as an error would), a front process that cannot be

@@ -161,33 +161,26 @@ fn is_agent_thread(tid: i32) -> bool {
 }
 
 fn block_async_signals() {
-    // SAFETY: plain signal set manipulation on a local set.
-    unsafe {
-        let mut set: libc::sigset_t = std::mem::zeroed();
-        libc::sigemptyset(&mut set);
-        for s in [
-            libc::SIGHUP,
-            libc::SIGINT,
-            libc::SIGQUIT,
-            libc::SIGTERM,
-            libc::SIGUSR1,
-            libc::SIGUSR2,
-            libc::SIGALRM,
-            libc::SIGCHLD,
-            libc::SIGPIPE,
-            libc::SIGWINCH,
-            libc::SIGIO,
-            libc::SIGURG,
-            libc::SIGPROF,
-            libc::SIGVTALRM,
-            libc::SIGTSTP,
-            libc::SIGTTIN,
-            libc::SIGTTOU,
-        ] {
-            libc::sigaddset(&mut set, s);
-        }
-        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
-    }
+    let set = textpoke_sys::signals::set_of(&[
+        libc::SIGHUP,
+        libc::SIGINT,
+        libc::SIGQUIT,
+        libc::SIGTERM,
+        libc::SIGUSR1,
+        libc::SIGUSR2,
+        libc::SIGALRM,
+        libc::SIGCHLD,
+        libc::SIGPIPE,
+        libc::SIGWINCH,
+        libc::SIGIO,
+        libc::SIGURG,
+        libc::SIGPROF,
+        libc::SIGVTALRM,
+        libc::SIGTSTP,
+        libc::SIGTTIN,
+        libc::SIGTTOU,
+    ]);
+    textpoke_sys::signals::set_mask(libc::SIG_BLOCK, &set);
 }
 
 fn main_loop() {

@@ -960,8 +960,9 @@ fn create(active: u64, first: Option<(u64, u32)>) -> Option<*mut ThreadBuf> {
         return None;
     }
     if KEY_READY.load(Ordering::Acquire) {
-        // SAFETY: KEY is a valid key (KEY_READY); the value is our buffer.
-        unsafe { libc::pthread_setspecific(KEY.load(Ordering::Relaxed), b as *const libc::c_void) };
+        // SAFETY: KEY is a valid key (KEY_READY); the value is our buffer,
+        // what thread_exit takes.
+        unsafe { textpoke_sys::threads::set_specific(KEY.load(Ordering::Relaxed), b as *const libc::c_void) };
         call_hook(&THREAD_START_HOOK);
     }
     // C6: push. Release pairs with take_incoming's acquire swap.
@@ -1090,9 +1091,7 @@ unsafe fn reinit(b: *mut ThreadBuf, active: u64, first: Option<(u64, u32)>) -> b
 pub(crate) fn ensure_key() {
     static ONCE: std::sync::Once = std::sync::Once::new();
     ONCE.call_once(|| {
-        let mut key: libc::pthread_key_t = 0;
-        // SAFETY: valid out-pointer and an `extern "C"` destructor.
-        if unsafe { libc::pthread_key_create(&mut key, Some(thread_exit)) } == 0 {
+        if let Ok(key) = textpoke_sys::threads::key_create(thread_exit) {
             KEY.store(key, Ordering::Relaxed);
             KEY_READY.store(true, Ordering::Release);
         }

@@ -441,10 +441,7 @@ fn write_all(fd: i32, mut bytes: &[u8], mut at: Option<u64>) -> Result<(), i32> 
     Ok(())
 }
 
-fn errno() -> i32 {
-    // SAFETY: the thread's errno location is always valid.
-    unsafe { *libc::__errno_location() }
-}
+use textpoke_sys::threads::errno;
 
 /// Opens `path` for writing, created or truncated; the descriptor.
 fn create(path: *const libc::c_char) -> Result<i32, i32> {
@@ -1138,8 +1135,7 @@ fn flush_locked(st: &mut State, sig: &FatalSignal, tid: i32) -> CrashFlush {
         version: format::FORMAT_VERSION,
         complete: false,
         mode: c.mode,
-        // SAFETY: getpid has no preconditions.
-        pid: unsafe { libc::getpid() },
+        pid: textpoke_sys::threads::getpid(),
         parent_pid: s.parent_pid,
         process_name: c.process_name.as_deref().unwrap_or(comm),
         exe,

@@ -368,9 +368,7 @@ pub struct RecorderConfig {
 /// The default overall memory limit: a quarter of the machine's memory, at
 /// most 4 GiB, at least 64 MiB.
 pub fn default_memory_limit() -> usize {
-    // SAFETY: sysconf has no preconditions.
-    let (pages, size) = unsafe { (libc::sysconf(libc::_SC_PHYS_PAGES), libc::sysconf(libc::_SC_PAGESIZE)) };
-    let total = (pages.max(0) as u64).saturating_mul(size.max(0) as u64);
+    let total = textpoke_sys::mem::physical_memory();
     (total / 4).clamp(64 << 20, 4 << 30) as usize
 }
 

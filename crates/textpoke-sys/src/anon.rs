@@ -45,6 +45,21 @@ fn map_with(len: usize, flags: libc::c_int) -> Option<*mut u8> {
     }
 }
 
+/// As [`map`], `guard + len` bytes whose lowest `guard` bytes (a multiple
+/// of the page size) are then made inaccessible (`mprotect(PROT_NONE)`,
+/// best effort: its failure is ignored): a stack at `base + guard` that
+/// overflows faults instead of writing below. Returns the base of the
+/// whole mapping, which [`unmap`] takes with `guard + len`. `None` when
+/// `mmap` fails. Async-signal-safe (one `mmap`, one `mprotect`): the
+/// agent maps signal stacks with it from its thread hooks and handlers.
+pub fn map_with_guard(len: usize, guard: usize) -> Option<*mut u8> {
+    let p = map_with(guard + len, 0)?;
+    // SAFETY: the lowest pages of a fresh mapping of our own, that nothing
+    // uses yet.
+    let _ = unsafe { super::mem::protect(p as usize, guard, libc::PROT_NONE) };
+    Some(p)
+}
+
 /// Maps `len` bytes of zeroed, private, anonymous memory with protection
 /// `prot` (`PROT_*` bits) wherever the kernel likes. Returns its address.
 pub fn map_anywhere(len: usize, prot: libc::c_int) -> io::Result<usize> {

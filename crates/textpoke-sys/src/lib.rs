@@ -9,10 +9,11 @@
 //!
 //! | file | facility | used by |
 //! |------|----------|---------|
-//! | [`anon`] | `mmap`/`munmap`/`mincore`: buffers, and code and data blocks at a chosen place | the recorder's buffers, the tracer's shadow stacks, `text::codemem` |
-//! | [`mem`] | `mprotect`, `/proc/self/mem` ([`mem::ProcMem`]), faultless copies (`process_vm_readv`), the page size, MDWE | the engine's `text::write` and `text::codemem`, the frame scan of `sync::rendezvous` |
-//! | [`signals`] | `sigaction`, signal masks (one set for every handler textpoke installs), the default action of a signal | `text::trap`, `sync::rendezvous`, `text::stop_machine` |
-//! | [`threads`] | thread and process ids, listing threads without allocating (`getdents64`), `tgkill`, `rt_tgsigqueueinfo`, `/proc/self/task`; thread-specific keys, fork handlers, `errno` | `sync`, the tracer |
+//! | [`anon`] | `mmap`/`munmap`/`mincore`: buffers, stacks with a guard page, and code and data blocks at a chosen place | the recorder's buffers, the tracer's shadow stacks, the agent's signal stacks, `text::codemem` |
+//! | [`mem`] | `mprotect`, `/proc/self/mem` ([`mem::ProcMem`]), faultless copies (`process_vm_readv`), the page size and physical memory, MDWE | the engine's `text::write` and `text::codemem`, the frame scan of `sync::rendezvous` |
+//! | [`signals`] | `sigaction` (and a raw `rt_sigaction` to `SIG_DFL`), signal masks (one set for every handler textpoke installs, one for service threads), the default action of a signal, raw `sigaltstack` | `text::trap`, `sync::rendezvous`, `text::stop_machine`, the recorder's writer, the agent's threads and fatal-signal handlers |
+//! | [`threads`] | thread and process ids, listing threads without allocating (`getdents64`), `tgkill`, `rt_tgsigqueueinfo`, `/proc/self/task`, `SCHED_BATCH`; thread-specific keys, fork handlers, `errno` | `sync`, the tracer |
+//! | [`process`] | `kill`, `pidfd_open`, raw `execveat` and `exit_group` | the agent's exec interposition, fatal-signal handling and watch on the front process |
 //! | [`membarrier`] | `membarrier(2)`: sync cores, grace-period barriers | `sync`, `trace::grace` |
 //! | [`futex`] | `futex(2)` wait and wake | parked threads, the recorder's writer |
 //! | [`loader`] | `dl_iterate_phdr` (with the load/unload counters), `dladdr1`, `dlopen(RTLD_NOLOAD)` pins, the vdso | `sites::objects`, `text::dynsym`, `text::validate`, `keys` |
@@ -32,6 +33,7 @@ pub mod maps;
 pub mod mem;
 pub mod membarrier;
 pub mod mutex;
+pub mod process;
 pub mod signals;
 pub mod threads;
 pub mod time;

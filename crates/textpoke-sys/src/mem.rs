@@ -23,6 +23,14 @@ pub fn page_size() -> usize {
     unsafe { libc::sysconf(libc::_SC_PAGESIZE) as usize }
 }
 
+/// The machine's physical memory in bytes (`sysconf(_SC_PHYS_PAGES)`
+/// times the page size; 0 when the system does not say).
+pub fn physical_memory() -> u64 {
+    // SAFETY: sysconf has no preconditions.
+    let (pages, size) = unsafe { (libc::sysconf(libc::_SC_PHYS_PAGES), libc::sysconf(libc::_SC_PAGESIZE)) };
+    (pages.max(0) as u64).saturating_mul(size.max(0) as u64)
+}
+
 /// Whether `prctl(PR_GET_MDWE)` reports `PR_MDWE_REFUSE_EXEC_GAIN`: no page
 /// of this process may become writable and executable.
 pub fn mdwe_refuses_exec_gain() -> bool {
@@ -138,6 +146,12 @@ pub fn read_memory(addr: usize, buf: &mut [u8]) -> usize {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn physical_memory_is_at_least_a_page() {
+        let total = physical_memory();
+        assert!(total >= page_size() as u64 && total.is_multiple_of(page_size() as u64), "{total}");
+    }
 
     #[test]
     fn proc_mem_reads_and_writes_read_only_pages() {

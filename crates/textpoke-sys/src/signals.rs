@@ -37,15 +37,91 @@ pub fn realtime_max() -> libc::c_int {
 
 /// Every signal but the [`SYNCHRONOUS`] ones.
 pub fn all_but_synchronous() -> libc::sigset_t {
-    // SAFETY: sigset_t is plain data; sigfillset and sigdelset write only
-    // the set they are given, and every signal number here is valid.
+    all_but(&SYNCHRONOUS)
+}
+
+/// The set of `signals` (`sigemptyset`, `sigaddset` on a local set: no
+/// system call). Async-signal-safe.
+pub fn set_of(signals: &[libc::c_int]) -> libc::sigset_t {
+    // SAFETY: sigset_t is plain data; sigemptyset and sigaddset write only
+    // the set they are given.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        for &s in signals {
+            libc::sigaddset(&mut set, s);
+        }
+        set
+    }
+}
+
+/// Every signal but `signals` (`sigfillset`, `sigdelset` on a local set:
+/// no system call). Async-signal-safe.
+pub fn all_but(signals: &[libc::c_int]) -> libc::sigset_t {
+    // SAFETY: as in `set_of`.
     unsafe {
         let mut set: libc::sigset_t = std::mem::zeroed();
         libc::sigfillset(&mut set);
-        for s in SYNCHRONOUS {
+        for &s in signals {
             libc::sigdelset(&mut set, s);
         }
         set
+    }
+}
+
+/// Whether `sig` is in `set` (`sigismember`; false for an invalid number).
+pub fn contains(set: &libc::sigset_t, sig: libc::c_int) -> bool {
+    // SAFETY: a valid set; sigismember only reads it.
+    unsafe { libc::sigismember(set, sig) == 1 }
+}
+
+/// Takes `sig` out of `set` (`sigdelset`: no system call). Async-signal-safe.
+pub fn remove(set: &mut libc::sigset_t, sig: libc::c_int) {
+    // SAFETY: a valid set; sigdelset writes only it.
+    unsafe { libc::sigdelset(set, sig) };
+}
+
+/// The mask of a long-lived textpoke service thread (the recorder's
+/// writer, the agent's attach thread): every signal blocked but the
+/// [`SYNCHRONOUS`] ones, `SIGSYS` (raised by a seccomp filter on the
+/// thread's own system call, like a fault) and `rendezvous`, the signal
+/// the engine's rendezvous parks threads with, which must reach every
+/// thread. Such a thread, started with this mask (see [`swap_mask`]),
+/// never takes a signal meant for the program: the kernel delivers those
+/// to a program thread that does not block them.
+pub fn service_thread_mask(rendezvous: libc::c_int) -> libc::sigset_t {
+    let mut set = all_but(&SYNCHRONOUS);
+    remove(&mut set, libc::SIGSYS);
+    remove(&mut set, rendezvous);
+    set
+}
+
+/// Changes the calling thread's signal mask (`pthread_sigmask(how, set,
+/// NULL)`; `how` is `SIG_BLOCK`, `SIG_UNBLOCK` or `SIG_SETMASK`).
+/// Async-signal-safe.
+pub fn set_mask(how: libc::c_int, set: &libc::sigset_t) {
+    // SAFETY: a valid set; no old mask is asked for.
+    unsafe { libc::pthread_sigmask(how, set, std::ptr::null_mut()) };
+}
+
+/// As [`set_mask`], and returns the mask the thread had before (to give
+/// back with `set_mask(SIG_SETMASK, &old)`). Async-signal-safe.
+pub fn swap_mask(how: libc::c_int, set: &libc::sigset_t) -> libc::sigset_t {
+    // SAFETY: sigset_t is plain data; pthread_sigmask writes the old mask.
+    let mut old: libc::sigset_t = unsafe { std::mem::zeroed() };
+    // SAFETY: valid pointers to sigsets.
+    unsafe { libc::pthread_sigmask(how, set, &mut old) };
+    old
+}
+
+/// The calling thread's signal mask.
+pub fn current_mask() -> libc::sigset_t {
+    // SAFETY: sigset_t is plain data; SIG_BLOCK with no new set only
+    // reads the mask.
+    unsafe {
+        let mut cur: libc::sigset_t = std::mem::zeroed();
+        libc::pthread_sigmask(libc::SIG_BLOCK, std::ptr::null(), &mut cur);
+        cur
     }
 }
 
@@ -110,6 +186,78 @@ pub fn raise_default(sig: libc::c_int) {
     let _ = super::threads::kill_thread(super::threads::gettid(), sig);
 }
 
+/// Sets the kernel's disposition of `sig` to `SIG_DFL` with a raw
+/// `rt_sigaction` system call, bypassing the C library (and any
+/// interposed `sigaction`): no restorer is needed for `SIG_DFL`. Errors
+/// are ignored. Async-signal-safe; for the agent's fatal-signal handler.
+pub fn set_default_raw(sig: libc::c_int) {
+    /// The kernel's `struct sigaction` on x86-64.
+    #[repr(C)]
+    struct KernelSigaction {
+        handler: usize,
+        flags: u64,
+        restorer: usize,
+        mask: u64,
+    }
+    let dfl = KernelSigaction { handler: libc::SIG_DFL, flags: 0, restorer: 0, mask: 0 };
+    // SAFETY: a valid kernel sigaction of the mask size passed (8 bytes);
+    // no old action is asked for.
+    unsafe {
+        libc::syscall(
+            libc::SYS_rt_sigaction,
+            sig,
+            &dfl as *const KernelSigaction,
+            std::ptr::null_mut::<KernelSigaction>(),
+            8usize,
+        )
+    };
+}
+
+/// The `sigaltstack` system call itself, bypassing the C library (and
+/// the agent's interposed `sigaltstack`): -1 with `errno` set on failure.
+/// Async-signal-safe.
+///
+/// # Safety
+///
+/// `ss` and `old` are null or valid pointers; a stack `ss` sets (unless
+/// its `ss_flags` is `SS_DISABLE`) is writable memory that nothing else
+/// uses and that stays mapped for as long as it is this thread's
+/// alternate stack.
+pub unsafe fn sigaltstack_raw(ss: *const libc::stack_t, old: *mut libc::stack_t) -> libc::c_int {
+    // SAFETY: the caller's guarantee.
+    unsafe { libc::syscall(libc::SYS_sigaltstack, ss, old) as libc::c_int }
+}
+
+/// The calling thread's alternate signal stack, as the kernel has it
+/// ([`sigaltstack_raw`]). Async-signal-safe.
+pub fn altstack() -> io::Result<libc::stack_t> {
+    // SAFETY: stack_t is plain data.
+    let mut cur: libc::stack_t = unsafe { std::mem::zeroed() };
+    // SAFETY: no new stack; a valid pointer for the old one.
+    if unsafe { sigaltstack_raw(std::ptr::null(), &mut cur) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(cur)
+}
+
+/// Sets (or, with `SS_DISABLE`, turns off) the calling thread's alternate
+/// signal stack ([`sigaltstack_raw`]). Errors: `EPERM` while running on
+/// the current one. Async-signal-safe.
+///
+/// # Safety
+///
+/// Unless `ss.ss_flags` is `SS_DISABLE`, `ss.ss_sp..+ss.ss_size` must be
+/// writable memory that nothing else uses and that stays mapped for as
+/// long as it is this thread's alternate stack.
+pub unsafe fn set_altstack(ss: &libc::stack_t) -> io::Result<()> {
+    // SAFETY: a valid stack_t (the caller's guarantee for its memory); no
+    // old stack is asked for.
+    if unsafe { sigaltstack_raw(ss, std::ptr::null_mut()) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 /// This thread's signal mask as it was before [`block_async`]; restored
 /// when dropped.
 pub struct BlockedAsync {
@@ -160,19 +308,8 @@ pub fn restore_mask_raw(old: u64) {
 mod tests {
     use super::*;
 
-    /// The mask of the calling thread.
-    fn current_mask() -> libc::sigset_t {
-        // SAFETY: sigset_t is plain data; querying changes nothing.
-        unsafe {
-            let mut cur: libc::sigset_t = std::mem::zeroed();
-            libc::pthread_sigmask(libc::SIG_BLOCK, std::ptr::null(), &mut cur);
-            cur
-        }
-    }
-
     fn is_member(set: &libc::sigset_t, sig: libc::c_int) -> bool {
-        // SAFETY: a valid set and signal number.
-        unsafe { libc::sigismember(set, sig) == 1 }
+        contains(set, sig)
     }
 
     #[test]
@@ -214,5 +351,60 @@ mod tests {
         // SAFETY: the disposition read before, put back.
         unsafe { set_action(libc::SIGWINCH, &before) }.unwrap();
         assert_eq!(action(libc::SIGWINCH).sa_sigaction, before.sa_sigaction);
+    }
+
+    #[test]
+    fn service_threads_take_only_the_signals_that_must_reach_them() {
+        let rendezvous = realtime_max() - 1;
+        let set = service_thread_mask(rendezvous);
+        for s in SYNCHRONOUS.into_iter().chain([libc::SIGSYS, rendezvous]) {
+            assert!(!contains(&set, s), "signal {s} stays deliverable");
+        }
+        for s in [libc::SIGINT, libc::SIGTERM, libc::SIGUSR1, libc::SIGCHLD, realtime_max()] {
+            assert!(contains(&set, s), "signal {s} is blocked");
+        }
+        let few = set_of(&[libc::SIGUSR1, libc::SIGHUP]);
+        assert!(contains(&few, libc::SIGUSR1) && contains(&few, libc::SIGHUP) && !contains(&few, libc::SIGINT));
+        std::thread::spawn(move || {
+            let old = swap_mask(libc::SIG_BLOCK, &set);
+            assert!(!contains(&old, libc::SIGUSR1));
+            assert!(contains(&current_mask(), libc::SIGUSR1));
+            set_mask(libc::SIG_UNBLOCK, &set_of(&[libc::SIGUSR1]));
+            assert!(!contains(&current_mask(), libc::SIGUSR1));
+            assert!(contains(&current_mask(), libc::SIGUSR2));
+            set_mask(libc::SIG_SETMASK, &old);
+            assert!(!contains(&current_mask(), libc::SIGUSR2));
+        })
+        .join()
+        .unwrap();
+    }
+
+    #[test]
+    fn sets_and_turns_off_an_alternate_stack() {
+        std::thread::spawn(|| {
+            const LEN: usize = 64 << 10;
+            let p = crate::anon::map_with_guard(LEN, crate::anon::PAGE).unwrap();
+            let mut probe = [0u8; 8];
+            assert_eq!(crate::read_memory(p as usize, &mut probe), 0, "the guard page is inaccessible");
+            assert_eq!(crate::read_memory(p as usize + crate::anon::PAGE, &mut probe), 8);
+            // SAFETY: plain data.
+            let mut off: libc::stack_t = unsafe { std::mem::zeroed() };
+            off.ss_flags = libc::SS_DISABLE;
+            // SAFETY: turning a stack off needs no memory.
+            unsafe { set_altstack(&off) }.unwrap();
+            assert_ne!(altstack().unwrap().ss_flags & libc::SS_DISABLE, 0);
+            let ours = libc::stack_t { ss_sp: p.wrapping_add(crate::anon::PAGE).cast(), ss_flags: 0, ss_size: LEN };
+            // SAFETY: a fresh mapping of our own, unmapped only after the
+            // stack is turned off below.
+            unsafe { set_altstack(&ours) }.unwrap();
+            let cur = altstack().unwrap();
+            assert_eq!((cur.ss_sp, cur.ss_size, cur.ss_flags & libc::SS_DISABLE), (ours.ss_sp, LEN, 0));
+            // SAFETY: as above.
+            unsafe { set_altstack(&off) }.unwrap();
+            // SAFETY: no longer the thread's stack; nothing else uses it.
+            unsafe { crate::anon::unmap(p, LEN + crate::anon::PAGE) };
+        })
+        .join()
+        .unwrap();
     }
 }

@@ -31,6 +31,30 @@ pub fn kill_thread(tid: i32, sig: i32) -> io::Result<()> {
     super::cvt(unsafe { libc::syscall(libc::SYS_tgkill, getpid(), tid, sig) }).map(drop)
 }
 
+/// Queues `sig` again to the calling thread with the siginfo `info`
+/// (`rt_tgsigqueueinfo(getpid(), gettid(), sig, info)`): the kernel allows
+/// any `si_code` for a process's own threads, so a fault handler can hand
+/// the signal it took, siginfo and all, to the default action.
+/// Async-signal-safe.
+///
+/// # Safety
+///
+/// `info` points to a valid `siginfo_t` (the one the kernel passed the
+/// handler, typically).
+pub unsafe fn requeue_to_self(sig: i32, info: *mut libc::siginfo_t) -> io::Result<()> {
+    // SAFETY: a valid siginfo (the caller's guarantee) sent to this thread.
+    super::cvt(unsafe { libc::syscall(libc::SYS_rt_tgsigqueueinfo, getpid(), gettid(), sig, info) }).map(drop)
+}
+
+/// Puts the calling thread in `SCHED_BATCH` (`sched_setscheduler(0, ...)`,
+/// priority 0): it keeps its fair share of CPU time but does not preempt
+/// the thread that woke it.
+pub fn set_batch_scheduling() -> io::Result<()> {
+    let param = libc::sched_param { sched_priority: 0 };
+    // SAFETY: the calling thread, with a valid param.
+    super::cvt(unsafe { libc::sched_setscheduler(0, libc::SCHED_BATCH, &param) } as libc::c_long).map(drop)
+}
+
 /// Creates a thread-specific data key whose `destructor` runs, at a
 /// thread's exit, with the thread's non-null value (`pthread_key_create`).
 /// Keys below 32 keep their values in the thread descriptor: setting one

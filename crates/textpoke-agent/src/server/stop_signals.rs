@@ -11,6 +11,7 @@
 
 use crate::AGENT;
 use std::sync::atomic::{AtomicI32, Ordering};
+use textpoke_sys::{process, signals, threads};
 
 const STOP_SIGNALS: [libc::c_int; 3] = [libc::SIGINT, libc::SIGTERM, libc::SIGHUP];
 
@@ -31,18 +32,15 @@ extern "C" fn on_stop_signal(sig: libc::c_int) {
 /// Gives the default disposition back to `sig` (if the handler is still
 /// ours) and raises it process-wide.
 fn reraise_default(sig: libc::c_int) {
-    // SAFETY: querying and setting a disposition with valid structs;
     // sigaction and kill are async-signal-safe.
-    unsafe {
-        let mut old: libc::sigaction = std::mem::zeroed();
-        libc::sigaction(sig, std::ptr::null(), &mut old);
-        if old.sa_sigaction == on_stop_signal as *const () as usize {
-            let mut dfl: libc::sigaction = std::mem::zeroed();
-            dfl.sa_sigaction = libc::SIG_DFL;
-            libc::sigaction(sig, &dfl, std::ptr::null_mut());
-        }
-        libc::kill(libc::getpid(), sig);
+    if signals::action(sig).sa_sigaction == on_stop_signal as *const () as usize {
+        // SAFETY: sigaction is plain data; SIG_DFL is a valid disposition.
+        let mut dfl: libc::sigaction = unsafe { std::mem::zeroed() };
+        dfl.sa_sigaction = libc::SIG_DFL;
+        // SAFETY: as above.
+        let _ = unsafe { signals::set_action(sig, &dfl) };
     }
+    let _ = process::kill_process(threads::getpid(), sig);
 }
 
 /// On `SIGINT`, `SIGTERM`, `SIGHUP` whose disposition is the default: a
@@ -51,18 +49,19 @@ pub(crate) fn install() {
     static ONCE: std::sync::Once = std::sync::Once::new();
     ONCE.call_once(|| {
         for sig in STOP_SIGNALS {
-            // SAFETY: querying and installing dispositions with valid structs.
-            unsafe {
-                let mut old: libc::sigaction = std::mem::zeroed();
-                if libc::sigaction(sig, std::ptr::null(), &mut old) != 0 || old.sa_sigaction != libc::SIG_DFL {
-                    continue;
-                }
-                let mut act: libc::sigaction = std::mem::zeroed();
-                act.sa_sigaction = on_stop_signal as *const () as usize;
-                act.sa_flags = libc::SA_RESTART;
-                libc::sigemptyset(&mut act.sa_mask);
-                libc::sigaction(sig, &act, std::ptr::null_mut());
+            // (A stop signal is a valid number: reading its action
+            // cannot fail.)
+            if signals::action(sig).sa_sigaction != libc::SIG_DFL {
+                continue;
             }
+            // SAFETY: sigaction is plain data; the fields used are set below.
+            let mut act: libc::sigaction = unsafe { std::mem::zeroed() };
+            act.sa_sigaction = on_stop_signal as *const () as usize;
+            act.sa_flags = libc::SA_RESTART;
+            act.sa_mask = signals::set_of(&[]);
+            // SAFETY: on_stop_signal is an `extern "C" fn(c_int)`, as the
+            // flags (no SA_SIGINFO) say, and lives as long as the process.
+            let _ = unsafe { signals::set_action(sig, &act) };
         }
     });
 }

@@ -57,8 +57,7 @@ extern "C" fn fork_child() {
             std::mem::forget(h);
         }
         if s.config.follow_fork {
-            // SAFETY: no preconditions.
-            let pid = unsafe { libc::getpid() };
+            let pid = textpoke_sys::threads::getpid();
             // SAFETY: no preconditions.
             let ppid = unsafe { libc::getppid() };
             st.epoch += 1;

@@ -100,8 +100,7 @@ pub(super) fn write_meta(s: &mut Session, registry: &[BufPtr], complete: bool) {
         version: format::FORMAT_VERSION,
         complete,
         mode: c.mode,
-        // SAFETY: getpid has no preconditions.
-        pid: unsafe { libc::getpid() },
+        pid: textpoke_sys::threads::getpid(),
         parent_pid: s.parent_pid,
         process_name: c.process_name.clone().unwrap_or_else(process_name),
         exe: std::fs::read_link("/proc/self/exe").ok().map(|p| p.to_string_lossy().into_owned()),

@@ -22,6 +22,7 @@ use super::STATE;
 use crate::buffer;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
+use textpoke_sys::signals;
 
 pub(super) fn spawn_writer(id: u64) -> std::io::Result<std::thread::JoinHandle<()>> {
     spawn_with_signals_blocked("textpoke-writer", move || writer_main(id))
@@ -33,33 +34,18 @@ fn spawn_with_signals_blocked<T: Send + 'static>(
     name: &str,
     f: impl FnOnce() -> T + Send + 'static,
 ) -> std::io::Result<std::thread::JoinHandle<T>> {
-    let set = writer_blocked_signals();
-    // SAFETY: sigset_t is plain data; zeroed is a valid value to write into.
-    let mut old: libc::sigset_t = unsafe { std::mem::zeroed() };
-    // SAFETY: valid pointers to sigsets; the caller's mask is restored below,
-    // and a signal that came meanwhile is delivered then.
-    unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &set, &mut old) };
+    // The caller's mask is restored below, and a signal that came
+    // meanwhile is delivered then.
+    let old = signals::swap_mask(libc::SIG_BLOCK, &writer_blocked_signals());
     let spawned = std::thread::Builder::new().name(name.into()).spawn(f);
-    // SAFETY: restores the mask saved above, on the same thread.
-    unsafe { libc::pthread_sigmask(libc::SIG_SETMASK, &old, std::ptr::null_mut()) };
+    signals::set_mask(libc::SIG_SETMASK, &old);
     spawned
 }
 
-/// The signals the writer thread blocks (see the module docs).
-// TODO(#14): the same set for every long-lived textpoke thread (the agent
-// thread, the tracer's reclaimer) belongs in `textpoke_sys::signals`.
+/// The signals the writer thread blocks (see the module docs): those of
+/// every long-lived textpoke service thread.
 fn writer_blocked_signals() -> libc::sigset_t {
-    // SAFETY: sigset_t is plain data; sigfillset and sigdelset write only
-    // the set they are given, and every signal number here is valid.
-    unsafe {
-        let mut set: libc::sigset_t = std::mem::zeroed();
-        libc::sigfillset(&mut set);
-        for s in [libc::SIGSEGV, libc::SIGBUS, libc::SIGILL, libc::SIGFPE, libc::SIGTRAP, libc::SIGSYS] {
-            libc::sigdelset(&mut set, s);
-        }
-        libc::sigdelset(&mut set, textpoke::sync::rendezvous_signal());
-        set
-    }
+    signals::service_thread_mask(textpoke::sync::rendezvous_signal())
 }
 
 /// Puts the calling thread (the writer) in `SCHED_BATCH`: a producer
@@ -69,11 +55,7 @@ fn writer_blocked_signals() -> libc::sigset_t {
 /// with the other CPU idle). The writer keeps its fair share of CPU time.
 /// Best effort: on failure the writer just runs under the default policy.
 fn batch_scheduling() {
-    // SAFETY: plain syscall on the calling thread with a valid param.
-    unsafe {
-        let param = libc::sched_param { sched_priority: 0 };
-        libc::sched_setscheduler(0, libc::SCHED_BATCH, &param);
-    }
+    let _ = textpoke_sys::threads::set_batch_scheduling();
 }
 
 /// The writer thread: drains every `flush_interval`, or sooner when a
@@ -111,18 +93,11 @@ mod tests {
 
     /// The calling thread's signal mask.
     fn mask() -> libc::sigset_t {
-        // SAFETY: sigset_t is plain data; SIG_BLOCK with no new set only
-        // reads the mask.
-        unsafe {
-            let mut cur: libc::sigset_t = std::mem::zeroed();
-            libc::pthread_sigmask(libc::SIG_BLOCK, std::ptr::null(), &mut cur);
-            cur
-        }
+        signals::current_mask()
     }
 
     fn blocked(set: &libc::sigset_t, sig: libc::c_int) -> bool {
-        // SAFETY: a valid set and signal number.
-        unsafe { libc::sigismember(set, sig) == 1 }
+        signals::contains(set, sig)
     }
 
     #[test]
