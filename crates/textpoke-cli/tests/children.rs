@@ -101,7 +101,7 @@ fn script(name: &str, body: &str) -> PathBuf {
 
 /// `textpoke record -o DIR -- PROG`; returns record's stderr.
 fn record(dir: &Path, prog: &Path) -> String {
-    let o = textpoke(&["record", "-o"]).arg(dir).arg("--").arg(prog).output().unwrap();
+    let o = textpoke(&["record", "--no-libcall", "-o"]).arg(dir).arg("--").arg(prog).output().unwrap();
     assert!(o.status.success(), "record {}: {}", prog.display(), text(&o.stderr));
     text(&o.stderr)
 }

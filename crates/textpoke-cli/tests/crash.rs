@@ -131,6 +131,12 @@ struct Run {
 /// it), writing `name.data`, allowed to dump core; the core file is
 /// removed.
 fn run_preloaded(name: &str, prog: &Path, args: &[&str]) -> Run {
+    run_preloaded_with(name, prog, args, false)
+}
+
+/// As [`run_preloaded`]; `libcalls`: library calls traced too (off above,
+/// where the tests compare exact lists of the program's own functions).
+fn run_preloaded_with(name: &str, prog: &Path, args: &[&str], libcalls: bool) -> Run {
     let dir = fresh(&format!("{name}.data"));
     let cwd = fresh(&format!("{name}.cwd"));
     std::fs::create_dir(&cwd).unwrap();
@@ -142,6 +148,7 @@ fn run_preloaded(name: &str, prog: &Path, args: &[&str]) -> Run {
         .env("TEXTPOKE_SOCKET_DIR", socket_dir(name))
         .env_remove("TEXTPOKE_PID")
         .env_remove("TEXTPOKE_RECORD_PID")
+        .env("TEXTPOKE_NO_LIBCALL", if libcalls { "0" } else { "1" })
         .stdin(Stdio::null());
     allow_core(&mut cmd);
     let child = cmd.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
@@ -561,6 +568,37 @@ fn handlers_that_reraise_run_then_the_trace_is_flushed() {
     }
 }
 
+/// The same with library calls traced: the program's `signal` and
+/// `raise`, called through thunks, still reach the agent's interposed
+/// `signal` (a lazily bound slot is resolved as the loader would bind it:
+/// to the preloaded unversioned definition, not libc's versioned one), so
+/// the crash is flushed and says which signal ended the recording; the
+/// program's own functions are recorded as without library calls.
+#[test]
+fn handlers_that_reraise_through_traced_library_calls() {
+    let prog = compile("handlers-reraise-libcall", HANDLERS_C);
+    let r = run_preloaded_with("handler-reraise-libcall", &prog, &["reraise"], true);
+    assert_died_of(&r, libc::SIGSEGV);
+    let t = salvage(&r.dir);
+    assert_eq!(ended_by(&t).signal, libc::SIGSEGV);
+    let recs = records(&t, t.meta().pid);
+    let names: Vec<&str> = recs.iter().map(|(f, _)| f.as_str()).collect();
+    assert!(names.contains(&"signal") && names.contains(&"raise"), "library calls recorded: {names:?}");
+    let own: Vec<(String, RecordKind)> =
+        recs.iter().filter(|(f, _)| ["crash_here", "reraise", "on_segv"].contains(&f.as_str())).cloned().collect();
+    let ev = |f: &str, k| (f.to_string(), k);
+    assert_eq!(
+        own,
+        [
+            ev("crash_here", RecordKind::Entry),
+            ev("reraise", RecordKind::Entry),
+            ev("on_segv", RecordKind::Entry),
+            ev("on_segv", RecordKind::Exit),
+            ev("reraise", RecordKind::Exit),
+        ]
+    );
+}
+
 /// A burst: 200,000 calls (400,000 events, 3 MB, two dozen segments) and
 /// at once a crash, through `textpoke record`: whatever the writer had not
 /// drained is written at the crash, nothing is lost, and the summary says
@@ -584,7 +622,7 @@ fn a_burst_just_before_the_crash_is_kept() {
     let dir = fresh("burst.data");
     let out = Command::new(env!("CARGO_BIN_EXE_textpoke"))
         .env("TEXTPOKE_SOCKET_DIR", socket_dir("burst"))
-        .args(["record", "-o"])
+        .args(["record", "--no-libcall", "-o"])
         .arg(&dir)
         .arg(&prog)
         .stdin(Stdio::null())

@@ -169,6 +169,13 @@ pub fn symbol_at(addr: usize) -> Option<SymbolAt> {
     Some(symbol_of(&info, sym))
 }
 
+/// The base address of the loaded object that contains `addr` (dladdr's
+/// `dli_fbase`), if any.
+pub fn object_base(addr: usize) -> Option<usize> {
+    let (info, _) = dladdr1(addr)?;
+    (!info.dli_fbase.is_null()).then_some(info.dli_fbase as usize)
+}
+
 /// As [`symbol_at`], with the symbol's name; `None` also when the loader
 /// knows no name.
 pub fn named_symbol_at(addr: usize) -> Option<(String, SymbolAt)> {

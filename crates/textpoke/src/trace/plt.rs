@@ -416,8 +416,23 @@ fn resolve(imp: &Import, lazy: bool, held: Option<&sys::loader::Handle>) -> Opti
         return Some(imp.value);
     }
     let version = imp.version.as_deref();
-    sys::loader::global_symbol_version(&imp.name, version)
-        .or_else(|| held.and_then(|h| h.symbol_version(&imp.name, version)))
+    let exact = sys::loader::global_symbol_version(&imp.name, version)
+        .or_else(|| held.and_then(|h| h.symbol_version(&imp.name, version)));
+    // An unversioned definition earlier in the search order (a preloaded
+    // interposer: the agent's `signal`, `sigaction`, `execve`, `_exit`...)
+    // satisfies a versioned reference for the loader, but not for dlvsym,
+    // which wants the exact version: the loader would bind the first one
+    // (dlsym's answer) when it lies in another object than the exact one.
+    let first = version.and_then(|_| sys::loader::global_symbol(&imp.name));
+    match (first, exact) {
+        (Some(f), Some(e))
+            if sys::loader::object_base(f).is_some() && sys::loader::object_base(f) != sys::loader::object_base(e) =>
+        {
+            Some(f)
+        }
+        (_, Some(e)) => Some(e),
+        (f, None) => f,
+    }
 }
 
 /// `Elf64_Dyn` (elf.h).
