@@ -73,6 +73,9 @@ pub enum PokeError {
     #[error("poke at {at}: the breakpoint strategy can only emulate CALL rel32, JMP rel8/rel32 and NOPs from its trap handler, not {new}; use the stop-machine strategy", new = Hex(.new))]
     NotEmulatable { at: Location, new: Vec<u8> },
 
+    #[error("poke at {at}: a first-byte poke changes the first byte only, but the expected bytes ({expected}) and the new bytes ({new}) differ after it; use Poke::new for one instruction, or Poke::region with the stop-machine strategy", expected = Hex(.expected), new = Hex(.new))]
+    TailChanged { at: Location, expected: Vec<u8>, new: Vec<u8> },
+
     #[error("poke at {at}: a multi-instruction region needs the stop-machine strategy (rule 1: never let a thread run between instructions that are being combined)")]
     RegionNeedsStopMachine { at: Location },
 

@@ -102,7 +102,25 @@ impl CodeBlock {
     /// address in `[lo, hi]`. Another thread may map the chosen gap between
     /// our look at the maps and our `mmap` (`EEXIST`): then look again.
     pub fn near(lo: usize, hi: usize, len: usize) -> io::Result<CodeBlock> {
-        let (addr, len) = map_near(lo, hi, len, libc::PROT_READ | libc::PROT_EXEC)?;
+        Self::near_preferring(lo, hi, lo, len)
+    }
+
+    /// As [`CodeBlock::near`], as close to `prefer` as a free gap allows
+    /// (`near` prefers `lo`): the tracer keeps the stubs of a gcc pad
+    /// near its function, away from its mirror 1.74 GiB below, where other
+    /// objects' mirrors are.
+    pub fn near_preferring(lo: usize, hi: usize, prefer: usize, len: usize) -> io::Result<CodeBlock> {
+        let (addr, len) = map_near(lo, hi, prefer, len, libc::PROT_READ | libc::PROT_EXEC)?;
+        Ok(Mapping::block(addr, len))
+    }
+
+    /// Maps `len` bytes (rounded up to pages) exactly at `addr` (a page
+    /// boundary), if nothing is mapped there (`MAP_FIXED_NOREPLACE`: an
+    /// existing mapping is never replaced; `EEXIST` then). For code whose
+    /// address is dictated, such as the tracer's mirrors of gcc's pads.
+    pub fn exactly(addr: usize, len: usize) -> io::Result<CodeBlock> {
+        let len = len.max(1).next_multiple_of(super::page_size());
+        let addr = anon::map_exactly(addr, len, libc::PROT_READ | libc::PROT_EXEC)?;
         Ok(Mapping::block(addr, len))
     }
 
@@ -289,19 +307,20 @@ impl Drop for WriteSession {
 }
 
 /// Maps `len` bytes (rounded up to pages) with `prot` within rel32 reach of
-/// every address in `[lo, hi]`. Another thread may map the chosen gap
-/// between our look at the maps and our `mmap` (`EEXIST`): then look again.
-fn map_near(lo: usize, hi: usize, len: usize, prot: libc::c_int) -> io::Result<(usize, usize)> {
+/// every address in `[lo, hi]`, as close to `prefer` as a free gap allows.
+/// Another thread may map the chosen gap between our look at the maps and
+/// our `mmap` (`EEXIST`): then look again.
+fn map_near(lo: usize, hi: usize, prefer: usize, len: usize, prot: libc::c_int) -> io::Result<(usize, usize)> {
     let mut tries = 0;
     loop {
-        match try_map_near(lo, hi, len, prot) {
+        match try_map_near(lo, hi, prefer, len, prot) {
             Err(e) if e.raw_os_error() == Some(libc::EEXIST) && tries < 16 => tries += 1,
             r => return r,
         }
     }
 }
 
-fn try_map_near(lo: usize, hi: usize, len: usize, prot: libc::c_int) -> io::Result<(usize, usize)> {
+fn try_map_near(lo: usize, hi: usize, prefer: usize, len: usize, prot: libc::c_int) -> io::Result<(usize, usize)> {
     let ps = super::page_size();
     let len = len.max(1).next_multiple_of(ps);
     let maps = Maps::read()?;
@@ -311,8 +330,8 @@ fn try_map_near(lo: usize, hi: usize, len: usize, prot: libc::c_int) -> io::Resu
     let mut best: Option<usize> = None;
     let mut consider = |start: usize| {
         if start >= min && start + len <= max_end {
-            let d = start.abs_diff(lo);
-            if best.is_none_or(|b| b.abs_diff(lo) > d) {
+            let d = start.abs_diff(prefer);
+            if best.is_none_or(|b| b.abs_diff(prefer) > d) {
                 best = Some(start);
             }
         }
@@ -326,12 +345,12 @@ fn try_map_near(lo: usize, hi: usize, len: usize, prot: libc::c_int) -> io::Resu
     })) {
         if m.start >= prev_end + len {
             // Candidates in the gap [prev_end, m.start): its two ends and
-            // the point nearest `lo`.
+            // the point nearest `prefer`.
             let gap_lo = prev_end;
             let gap_hi = m.start - len;
             consider(gap_lo);
             consider(gap_hi);
-            consider((lo & !(ps - 1)).clamp(gap_lo, gap_hi));
+            consider((prefer & !(ps - 1)).clamp(gap_lo, gap_hi));
             consider(min.clamp(gap_lo, gap_hi));
             consider((max_end - len).clamp(gap_lo, gap_hi));
         }
@@ -355,7 +374,7 @@ impl DataBlock {
     /// Maps `len` bytes (rounded up to pages) within rel32 reach of every
     /// address in `[lo, hi]`.
     pub fn near(lo: usize, hi: usize, len: usize) -> io::Result<DataBlock> {
-        let (addr, len) = map_near(lo, hi, len, libc::PROT_READ | libc::PROT_WRITE)?;
+        let (addr, len) = map_near(lo, hi, lo, len, libc::PROT_READ | libc::PROT_WRITE)?;
         Ok(DataBlock { addr, len })
     }
 

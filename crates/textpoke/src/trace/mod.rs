@@ -102,6 +102,7 @@ mod apply;
 mod filter;
 mod grace;
 mod hot;
+mod mirror;
 mod reclaim;
 mod registry;
 mod state;
@@ -111,6 +112,7 @@ mod unwind;
 pub use api::Tracer;
 pub use filter::{Filter, FilterError};
 pub use hot::{now, EmitFn, Entry, Exit, InlineCode, SitePlace, TraceOp, MAX_DEPTH, MAX_OPS};
+pub use mirror::{PadMode, RefusedPad};
 
 #[cfg(feature = "testing")]
 mod testing;

@@ -30,7 +30,9 @@ pub(super) struct SiteInfo {
     pub(super) function: Arc<str>,
     pub(super) object: ObjectId,
     pub(super) place: SitePlace,
-    /// Is the site one 5-byte NOP (or a call)? gcc pads need rewriting once.
+    /// Is the site one 5-byte NOP (or a call)? A gcc pad is not: it is
+    /// rewritten once by stop-machine, or enabled by its first byte
+    /// (`mirror.rs`), which leaves it unprepared.
     pub(super) prepared: bool,
     pub(super) mask: u64,
     pub(super) target: Target,
@@ -118,6 +120,9 @@ pub(super) struct Inner {
     /// Whether count and graph trampolines may be used (a test and
     /// benchmark switch: off, every site calls its op through the hot path).
     pub(super) inline_recording: bool,
+    /// gcc's pads enabled by one byte: the pad mode, the mirror slots
+    /// (`mirror.rs`).
+    pub(super) mirrors: super::mirror::Mirrors,
 }
 
 impl Inner {
