@@ -100,7 +100,8 @@ F double pd_d(double x) { return x * 0.5 + 1.0; }
 "#;
 
 struct Pads {
-    lib: Lib,
+    /// Kept loaded.
+    _lib: Lib,
     /// pd_a, pd_b, pd_c, pd_d.
     funcs: [usize; 4],
 }
@@ -112,7 +113,7 @@ fn load(name: &str) -> Pads {
     for &f in &funcs {
         assert_eq!(peek(f, 5), PAD, "gcc pads entries with one-byte NOPs");
     }
-    Pads { lib, funcs }
+    Pads { _lib: lib, funcs }
 }
 
 /// Calls function `i` with arguments from `x`, checks its result; the
@@ -363,7 +364,6 @@ fn a_disabled_pad_holds_its_original_bytes_and_counts_are_exact() {
     tracer.unregister(op).unwrap();
     assert_eq!(peek(p.funcs[2], 5), PAD);
     assert_eq!(tracer.is_gcc_pad(site), Some(true));
-    drop(p.lib);
 }
 
 /// Maps a page at `addr` (page-aligned) so that nothing else can.

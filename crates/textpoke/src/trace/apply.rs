@@ -19,6 +19,9 @@ use std::sync::atomic::Ordering;
 // first byte, `GCC_PAD_JMP` (`mirror.rs`).
 use crate::arch::{GCC_PAD, GCC_PAD_JMP};
 
+/// One of `Poke`'s constructors, for a site's five bytes.
+type MakePoke = fn(usize, [u8; 5], [u8; 5]) -> Poke;
+
 /// What a traced site becomes: a call to its stub, or for a graph
 /// trampoline a jump (its stub and trampoline call the function instead,
 /// see `tramp::graph_trampoline`).
@@ -211,7 +214,7 @@ impl Inner {
                 batch.push(p); // the pad's slot, jmp to jmp
             }
             let old = self.site_bytes(s);
-            let (new, poke): ([u8; 5], fn(usize, [u8; 5], [u8; 5]) -> Poke) = match (c.stub, c.mirror) {
+            let (new, poke): ([u8; 5], MakePoke) = match (c.stub, c.mirror) {
                 (Some(_), Some(_)) => (GCC_PAD_JMP, Poke::first_byte),
                 (Some(w), None) if s.prepared => (site_branch(s.addr, c.target, w.stub), Poke::new),
                 (Some(w), None) => (site_branch(s.addr, c.target, w.stub), Poke::region),

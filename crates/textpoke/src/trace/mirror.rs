@@ -114,7 +114,8 @@ pub struct RefusedPad {
     pub function: Arc<str>,
     /// The pad.
     pub addr: usize,
-    /// Why its mirror cannot be placed, and what to do.
+    /// Why its mirror cannot be placed, and what to do (the same text for
+    /// every pad refused for the same cause).
     pub reason: String,
 }
 
@@ -272,10 +273,15 @@ impl Inner {
             }
             match CodeBlock::exactly(page, ps) {
                 Ok(code) => self.mirrors.add(code, object),
+                Err(e) if e.raw_os_error() == Some(libc::EEXIST) => {
+                    return Err(NoMirror::Unavailable(
+                        "the address its first byte would jump to, 1.74 GiB below it, is taken by another mapping"
+                            .into(),
+                    ))
+                }
                 Err(e) => {
                     return Err(NoMirror::Unavailable(format!(
-                        "the address its first byte would jump to ({slot:#x}) is taken ({e}); another mapping sits \
-                         1.74 GiB below the function"
+                        "the address its first byte would jump to, 1.74 GiB below it, cannot be mapped: {e}"
                     )))
                 }
             }
@@ -310,7 +316,7 @@ impl Inner {
         let (sb, at) = self.stub_code_slot(i)?;
         let (Some(call), Some(jmp)) = (arch::encode_call(at, stub), arch::encode_jmp(at + arch::REL32_LEN, resume))
         else {
-            return Err(NoMirror::Unavailable("its stub memory is out of reach of the function".into()));
+            return Err(NoMirror::Unavailable("no stub memory is free within reach of it and of its mirror".into()));
         };
         let mut code = [0u8; 2 * arch::REL32_LEN];
         code[..arch::REL32_LEN].copy_from_slice(&call);
@@ -328,10 +334,9 @@ impl Inner {
     /// the slot must become, or why the pad cannot be enabled so.
     pub(super) fn mirror_for(&mut self, i: usize, target: Target, stub: usize) -> Result<MirrorChange, NoMirror> {
         let Some(slot) = self.mirror_addr(i) else {
-            let at = self.sites[i].addr;
             return Err(NoMirror::Unavailable(format!(
-                "its first byte would jump below address {MIN_SLOT:#x} (the pad is at {at:#x}: a program not \
-                 built as position-independent); rebuild it with -fPIE -pie, or run it under `textpoke record`"
+                "its first byte would jump below address {MIN_SLOT:#x} (a program linked at a fixed address, not \
+                 position-independent); rebuild it with -fPIE -pie, or run it under `textpoke record`"
             )));
         };
         self.slot_pages(i, slot)?;
@@ -340,7 +345,7 @@ impl Inner {
             kind => self.adapter(i, kind, stub)?,
         };
         let Some(jmp) = arch::encode_jmp(slot, entry) else {
-            return Err(NoMirror::Unavailable(format!("its stub at {entry:#x} is out of reach of its mirror")));
+            return Err(NoMirror::Unavailable("no stub memory is free within reach of it and of its mirror".into()));
         };
         if let Some(s) = self.mirrors.slots.get(&(i as u32)) {
             return Ok(MirrorChange { slot, from: Some(s.to), to: entry });
