@@ -39,20 +39,24 @@
 //!    `traced`, `sites`, `inline`, `dir`, `socket`, `live-ns` (the
 //!    `CLOCK_MONOTONIC` time at which the sites were live), `scan-us` and
 //!    `start-us` (finding the sites; starting the recorder, patching and
-//!    starting the agent thread), or `error TEXT` (after undoing what it
-//!    started).
+//!    starting the agent thread), `left-out` (how many functions the
+//!    filters match but the tracer left untraced: gcc pads whose mirror
+//!    cannot be placed, see below) with one `left-out-why` line per cause
+//!    (`NAME, NAME... (and N more): why`, at most [`LEFT_OUT_SHOWN`] names),
+//!    or `error TEXT` (after undoing what it started).
 //! 4. It waits for `detach` (or for the end of the socket: the CLI died),
 //!    then detaches ([`detach`]): the op is unregistered (every site gets
 //!    its original bytes back, by the breakpoint protocol), the recorder
 //!    stopped (the trace's `meta.json` says complete), the agent thread
 //!    ended and joined, the socket file removed, the retired trampolines
-//!    freed after their grace period, and the `SIGTRAP` disposition given
-//!    back to the program once no trap can be pending (see below).
+//!    freed after their grace period and the tracer's reclaimer thread
+//!    stopped and joined (the next attach starts it again), and the
+//!    `SIGTRAP` disposition given back to the program once no trap can be
+//!    pending (see below).
 //! 5. It answers with a [`Reply`]: `ok` and the trace's `calls`,
 //!    `events`, `dropped`, `threads`, `complete`, `sites-changed` (sites
-//!    that do not hold the bytes they had before the first attach: gcc's
-//!    five-one-byte-NOP pads
-//!    stay the one 5-byte NOP the engine made them), `unpatch-us`,
+//!    that do not hold the bytes they had before the first attach: none,
+//!    unless some code changed them meanwhile), `unpatch-us`,
 //!    `detach-us`, `rendezvous-signal` (the signal, when its handler was
 //!    installed during the session and stays), `sigtrap`
 //!    (`restored`, `untouched`, or why it was kept), and one `warning`
@@ -108,9 +112,24 @@
 //! and the summary says so. The next attach installs the handler again
 //! (`reinstall_trap_handler`) before it changes a site.
 //!
+//! # gcc's pads
+//!
+//! A pad of five one-byte NOPs (`-fpatchable-function-entry=5`) is traced
+//! by its first byte alone ([`PadMode::OneByteOnly`]: `90` becomes a jump
+//! to the site's mirror, 1.74 GiB below, and back; see the engine's
+//! `trace::mirror`): no thread is stopped or signalled, and detach gives
+//! every pad its exact bytes back. A pad whose mirror cannot be placed (a
+//! program linked at a fixed address, not position-independent; another
+//! mapping where the mirror must go) is left untraced, and the start
+//! reply names it (`left-out-why`): making it one instruction would take
+//! the stop-machine strategy, whose signal interrupts the program's
+//! waits. (A function traced through several sites is named once per
+//! cause.)
+//!
 //! The rendezvous signal's handler (installed only when a batch parks
-//! threads: gcc's five-one-byte-NOP pads) cannot be given back: the engine
-//! installs it once per process. The summary names it when it is there.
+//! threads, which an attached session never does) cannot be given back:
+//! the engine installs it once per process. The summary names it when it
+//! is there.
 
 use crate::fds::Fd;
 use crate::rules::Rules;
@@ -125,7 +144,7 @@ use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, AtomicU8, AtomicUsize,
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 use textpoke::clock::monotonic_ns;
-use textpoke::trace::Tracer;
+use textpoke::trace::{PadMode, Tracer};
 use textpoke_control::{AgentConfig, Reply};
 use textpoke_record as record;
 
@@ -138,6 +157,8 @@ const SOCKET_WAIT: Duration = Duration::from_secs(2);
 const RECLAIM_PATIENCE: Duration = Duration::from_millis(200);
 /// Why recording stopped at a detach.
 const DETACH_WHY: &str = "detached";
+/// How many functions left out the start reply names per cause.
+const LEFT_OUT_SHOWN: usize = 8;
 
 const MODE_UNKNOWN: u8 = 0;
 const MODE_PRELOADED: u8 = 1;
@@ -573,6 +594,9 @@ fn start(config: AgentConfig) -> Result<Reply, String> {
         return Err(format!("process {} has no patchable function entries in its program or libraries", getpid()));
     }
     note_site_bytes(tracer);
+    // gcc's pads by their first byte, or not at all: no thread of the
+    // program may get a signal (see the module docs).
+    tracer.set_pad_mode(PadMode::OneByteOnly);
     let t_start = Instant::now();
     if let Err(e) = crate::try_start(agent, tracer) {
         crate::fail(agent, &e.to_string());
@@ -601,7 +625,29 @@ fn start(config: AgentConfig) -> Result<Reply, String> {
     if let Some(s) = socket {
         r = r.field("socket", s.display());
     }
-    Ok(r)
+    Ok(with_left_out(r, tracer))
+}
+
+/// The start reply with the functions the filters match that are left
+/// untraced: `left-out` (how many), and per cause a `left-out-why` line,
+/// `NAME, NAME... (and N more): why`.
+fn with_left_out(mut r: Reply, tracer: &Tracer) -> Reply {
+    let mut by_reason: std::collections::BTreeMap<String, std::collections::BTreeSet<std::sync::Arc<str>>> =
+        Default::default();
+    for p in tracer.refused_pads() {
+        by_reason.entry(p.reason).or_default().insert(p.function);
+    }
+    let all: std::collections::BTreeSet<&std::sync::Arc<str>> = by_reason.values().flatten().collect();
+    r = r.field("left-out", all.len());
+    for (why, functions) in by_reason {
+        let shown: Vec<&str> = functions.iter().take(LEFT_OUT_SHOWN).map(|f| &**f).collect();
+        let more = match functions.len() - shown.len() {
+            0 => String::new(),
+            n => format!(" (and {n} more)"),
+        };
+        r = r.field("left-out-why", format!("{}{more}: {why}", shown.join(", ")));
+    }
+    r
 }
 
 /// The tracer with the sites of every object loaded now: found when it is
@@ -651,8 +697,8 @@ fn note_site_bytes(tracer: &Tracer) {
 }
 
 /// After the op is gone: how many sites (of objects still loaded) do not
-/// hold the bytes the program had before the first session (gcc's pads of
-/// five one-byte NOPs stay the one 5-byte NOP the engine made them).
+/// hold the bytes the program had before the first session (gcc's pads
+/// too: enabled by their first byte, they get their five NOPs back).
 fn sites_changed(tracer: &Tracer) -> usize {
     let g = SITE_BYTES.lock().unwrap_or_else(|e| e.into_inner());
     let Some(known) = g.as_ref() else { return 0 };
@@ -823,8 +869,10 @@ fn detach() -> Reply {
     crate::server::stop();
     crate::server::socket::remove_socket();
     if let Err(e) = Tracer::global().reclaim(RECLAIM_PATIENCE) {
-        crate::note_once(&format!("retired trampolines are left for the reclaimer: {e}"));
+        crate::note_once(&format!("retired trampolines are left for the next attach: {e}"));
     }
+    // No thread of textpoke's stays; the next change starts it again.
+    Tracer::global().stop_reclaimer();
     note_engine_trap(); // also when only the unregister put traps
     let sigtrap = restore_sigtrap();
     let rendezvous = rendezvous_handler() != RENDEZVOUS_BEFORE.load(Ordering::Acquire);

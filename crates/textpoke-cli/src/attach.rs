@@ -44,10 +44,11 @@
 //!
 //! The agent's code (threads may still return through its return
 //! trampoline), the injector's loader image and scratch, the tracer's
-//! never-freed blocks and its reclaimer thread (`textpoke-reclaim`,
-//! asleep), the agent's fork handlers, and, when some thread could not be
-//! seen past a possible trap, textpoke's `SIGTRAP` handler (which passes
-//! every other trap to the program's disposition; the summary says so).
+//! never-freed blocks (with the mirror slots of gcc's pads, 1.74 GiB below
+//! their objects), the agent's fork handlers, and, when some thread could
+//! not be seen past a possible trap, textpoke's `SIGTRAP` handler (which
+//! passes every other trap to the program's disposition; the summary says
+//! so). No thread of textpoke's stays.
 //!
 //! `--verbose` prints the timings: the hijacked thread's stop, the time to
 //! the agent's first live site, and the detach.
@@ -539,6 +540,7 @@ fn print_start(args: &Args, target: &Target, who: &str, started: &Reply, shown_d
         get("functions"),
         started.get("sites").map_or(target.sites.to_string(), str::to_owned),
     ));
+    print_left_out(started);
     if let (Some(sites), Some(inline)) = (started.get("sites"), started.get("inline")) {
         if args.verbose && sites != inline {
             util::eprint_line(&format!(
@@ -546,6 +548,24 @@ fn print_start(args: &Args, target: &Target, who: &str, started: &Reply, shown_d
                  (an injected agent's thread-locals are in dynamic TLS)"
             ));
         }
+    }
+}
+
+/// The functions the filters match that the agent left untraced (gcc
+/// pads whose jump target cannot be mapped: tracing them would signal the
+/// program's threads), with why.
+fn print_left_out(started: &Reply) {
+    let n = started.get("left-out").and_then(|v| v.parse::<usize>().ok()).unwrap_or(0);
+    if n == 0 {
+        return;
+    }
+    util::eprint_line(&format!(
+        "textpoke: {n} function(s) left out: gcc's pads (five one-byte NOPs) are traced by changing their first byte \
+         into a jump to a slot textpoke maps 1.74 GiB below them, and theirs cannot be mapped (making them one \
+         instruction instead would signal every thread of the process):"
+    ));
+    for why in started.all("left-out-why") {
+        util::eprint_line(&format!("  {}", textpoke_analysis::escape(why)));
     }
 }
 
@@ -580,8 +600,8 @@ fn report_end(
             let sites = match reply.get("sites-changed").and_then(|v| v.parse::<u64>().ok()) {
                 Some(0) => "every site has its original bytes again".to_string(),
                 Some(n) => format!(
-                    "{n} site(s) stay one 5-byte NOP (gcc's five one-byte NOPs, made one instruction while \
-                     attached), the others have their original bytes again"
+                    "{n} site(s) do not hold the bytes they had before the first attach (changed by other code?), \
+                     the others have their original bytes again"
                 ),
                 None => "the agent did not say whether every site has its original bytes again".to_string(),
             };

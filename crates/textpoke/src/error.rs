@@ -75,6 +75,8 @@ pub enum PokeError {
 
     #[error("poke at {at}: on aarch64 only B, BL, NOP and BRK may replace each other while threads run them (Arm ARM, concurrent modification and execution), not {bytes}; use the stop-machine strategy", bytes = Hex(.bytes))]
     NotSwappable { at: Location, bytes: Vec<u8> },
+    #[error("poke at {at}: a first-byte poke changes the first byte only, but the expected bytes ({expected}) and the new bytes ({new}) differ after it; use Poke::new for one instruction, or Poke::region with the stop-machine strategy", expected = Hex(.expected), new = Hex(.new))]
+    TailChanged { at: Location, expected: Vec<u8>, new: Vec<u8> },
 
     #[error("poke at {at}: a multi-instruction region needs the stop-machine strategy (rule 1: never let a thread run between instructions that are being combined)")]
     RegionNeedsStopMachine { at: Location },

@@ -219,3 +219,45 @@ fn concurrent_commits_are_serialised() {
         assert_eq!(peek(a.site(i), 5), NOP5);
     }
 }
+
+/// `Poke::first_byte` (gcc's pad enabled by its first byte): accepted when
+/// only the first byte differs between whole instructions, in either
+/// direction, by the breakpoint protocol; refused when a later byte
+/// differs or a side is not whole instructions, with nothing written.
+#[test]
+fn first_byte_pokes_change_the_first_byte_only() {
+    let a = arena();
+    const PAD: [u8; 5] = [0x90; 5];
+    const PAD_JMP: [u8; 5] = [0xe9, 0x90, 0x90, 0x90, 0x90];
+    let code = CodeMap::new(&[0x90, 0x90, 0x90, 0x90, 0x90, 0xc3]).unwrap();
+    let at = code.addr();
+    // A later byte differs: refused.
+    let msg = refused(&a, Poke::first_byte(at, PAD, [0xe9, 0x90, 0x90, 0x90, 0x91]), Strategy::Breakpoint, |e| {
+        matches!(e, PokeError::TailChanged { .. })
+    });
+    assert!(msg.contains("first byte only") && msg.contains("e9 90 90 90 91"), "{msg}");
+    // The new bytes are not whole instructions (0f 90 /r wants more bytes).
+    refused(&a, Poke::first_byte(at, PAD, [0x0f, 0x90, 0x90, 0x90, 0x90]), Strategy::Breakpoint, |e| {
+        matches!(e, PokeError::NotWholeInstructions { which: "new", .. })
+    });
+    // The expected bytes are not what is there.
+    refused(&a, Poke::first_byte(at, PAD_JMP, PAD), Strategy::Breakpoint, |e| matches!(e, PokeError::Mismatch { .. }));
+    // Poke::new still refuses the pad (five instructions), rule 1.
+    refused(&a, Poke::new(at, PAD, PAD_JMP), Strategy::Breakpoint, |e| {
+        matches!(e, PokeError::NotOneInstruction { which: "expected", .. })
+    });
+    // Accepted both ways, by the breakpoint protocol (three syncs); the
+    // jump is never run.
+    let on = Poke::first_byte(at, PAD, PAD_JMP);
+    let st = Batch::from_iter([on.clone()]).commit().unwrap();
+    assert_eq!((st.written, st.sync_rounds), (1, 3));
+    assert_eq!(peek(at, 6), [0xe9, 0x90, 0x90, 0x90, 0x90, 0xc3]);
+    Batch::from_iter([on.reversed()]).commit().unwrap();
+    assert_eq!(peek(at, 6), [0x90, 0x90, 0x90, 0x90, 0x90, 0xc3]);
+    assert!(on.is_first_byte() && !on.is_region());
+    // And by stop-machine.
+    Batch::from_iter([on.clone()]).commit_with(CommitOptions::strategy(Strategy::StopMachine)).unwrap();
+    assert_eq!(peek(at, 5), PAD_JMP);
+    Batch::from_iter([on.reversed()]).commit_with(CommitOptions::strategy(Strategy::StopMachine)).unwrap();
+    assert_eq!(peek(at, 5), PAD);
+}

@@ -33,7 +33,9 @@ use crate::sync::{sync_cores, SyncMethod};
 ///     From here a thread reaching a site traps and is emulated; none can
 ///     run a mix of old and new bytes;
 ///  5. write all but the first byte of every site; **sync**. No thread
-///     executes them: the first byte still traps;
+///     executes them: the first byte still traps. A tail equal to the old
+///     one is not written (a [`Poke::first_byte`](super::Poke::first_byte)'s
+///     never is: threads between its old instructions run those bytes);
 ///  6. write the first byte of every site; **sync**. The new instructions
 ///     are whole;
 ///  7. drop the descriptor once no handler holds it, restore protections.
@@ -85,8 +87,8 @@ fn run_protocol(pokes: &[Planned<'_>], w: &Writer, sync: SyncMethod, stats: &mut
         write(w, p, p.addr, &[TRAP_BYTE])?;
     }
     sync_round(sync, stats)?;
-    // Step 5: tails.
-    for p in pokes.iter().filter(|p| p.new_bytes().len() > 1) {
+    // Step 5: tails (those that change).
+    for p in pokes.iter().filter(|p| p.new_bytes().len() > 1 && p.new_bytes()[1..] != p.old()[1..]) {
         write(w, p, p.addr + 1, &p.new_bytes()[1..])?;
     }
     sync_round(sync, stats)?;
@@ -109,7 +111,7 @@ fn roll_back(pokes: &[Planned<'_>], w: &Writer, sync: SyncMethod) -> bool {
         .iter()
         .map(|p| TrapSite {
             addr: p.addr,
-            emu: crate::arch::emulation_for(p.addr, p.old()).unwrap_or(p.emu.expect("emulatable")),
+            emu: super::validate::emulation(p.poke, p.old()).unwrap_or(p.emu.expect("emulatable")),
         })
         .collect();
     trap::unpublish();
@@ -121,7 +123,7 @@ fn roll_back(pokes: &[Planned<'_>], w: &Writer, sync: SyncMethod) -> bool {
         all &= w.write(p.addr, &[TRAP_BYTE]).is_ok();
     }
     crate::sync::sync_cores_briefly(sync);
-    for p in pokes.iter().filter(|p| p.old().len() > 1) {
+    for p in pokes.iter().filter(|p| p.old().len() > 1 && p.new_bytes()[1..] != p.old()[1..]) {
         all &= w.write(p.addr + 1, &p.old()[1..]).is_ok();
     }
     crate::sync::sync_cores_briefly(sync);

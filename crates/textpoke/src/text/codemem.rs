@@ -24,10 +24,11 @@
 //!    write to it takes), the written ranges are merged, and two of them
 //!    are joined across the gap between them when the whole gap lies at or
 //!    above the block's **high-water mark**, the end of every byte written
-//!    to it so far: bytes never written, which nobody can be executing
-//!    (code is reached only after it was written), rewritten with what
-//!    they hold. Below the mark ranges are written as they are: a byte a
-//!    thread may execute is never rewritten, not even with itself;
+//!    to it so far, and is at most a page long: bytes never written, which
+//!    nobody can be executing (code is reached only after it was written),
+//!    rewritten with what they hold. Below the mark ranges are written as
+//!    they are: a byte a thread may execute is never rewritten, not even
+//!    with itself;
 //! 3. one descriptor, one `pwrite` per joined range; later writes to the
 //!    same bytes win, as if written at once; the mark is raised.
 //!
@@ -102,7 +103,25 @@ impl CodeBlock {
     /// address in `[lo, hi]`. Another thread may map the chosen gap between
     /// our look at the maps and our `mmap` (`EEXIST`): then look again.
     pub fn near(lo: usize, hi: usize, len: usize) -> io::Result<CodeBlock> {
-        let (addr, len) = map_near(lo, hi, len, libc::PROT_READ | libc::PROT_EXEC)?;
+        Self::near_preferring(lo, hi, lo, len)
+    }
+
+    /// As [`CodeBlock::near`], as close to `prefer` as a free gap allows
+    /// (`near` prefers `lo`): the tracer keeps the stubs of a gcc pad
+    /// near its function, away from its mirror 1.74 GiB below, where other
+    /// objects' mirrors are.
+    pub fn near_preferring(lo: usize, hi: usize, prefer: usize, len: usize) -> io::Result<CodeBlock> {
+        let (addr, len) = map_near(lo, hi, prefer, len, libc::PROT_READ | libc::PROT_EXEC)?;
+        Ok(Mapping::block(addr, len))
+    }
+
+    /// Maps `len` bytes (rounded up to pages) exactly at `addr` (a page
+    /// boundary), if nothing is mapped there (`MAP_FIXED_NOREPLACE`: an
+    /// existing mapping is never replaced; `EEXIST` then). For code whose
+    /// address is dictated, such as the tracer's mirrors of gcc's pads.
+    pub fn exactly(addr: usize, len: usize) -> io::Result<CodeBlock> {
+        let len = len.max(1).next_multiple_of(super::page_size());
+        let addr = anon::map_exactly(addr, len, libc::PROT_READ | libc::PROT_EXEC)?;
         Ok(Mapping::block(addr, len))
     }
 
@@ -220,34 +239,50 @@ impl PendingBlock {
     fn flush(&self, f: &ProcMem, bytes: &[u8]) -> io::Result<()> {
         let _writing = self.map.writing.lock().unwrap_or_else(|e| e.into_inner());
         let mark = self.map.hwm.load(Ordering::Relaxed); // under `writing`
-        let lo = self.writes.iter().map(|w| w.0).min().expect("a block with writes");
-        let hi = self.writes.iter().map(|w| w.0 + w.2).max().expect("a block with writes");
-        // What the span holds now (the gaps keep it), then the writes in order.
-        let mut image = vec![0u8; hi - lo];
-        // SAFETY: [lo, hi) is inside the block (checked by `write`), mapped
-        // readable (PROT_READ | PROT_EXEC) while `self.map` is held.
-        unsafe { std::ptr::copy_nonoverlapping((self.map.addr + lo) as *const u8, image.as_mut_ptr(), hi - lo) };
-        let mut ranges: Vec<(usize, usize)> = Vec::with_capacity(self.writes.len());
-        for &(off, at, len) in &self.writes {
-            image[off - lo..off - lo + len].copy_from_slice(&bytes[at..at + len]);
-            ranges.push((off, off + len));
-        }
+        let mut ranges: Vec<(usize, usize)> = self.writes.iter().map(|&(off, _, len)| (off, off + len)).collect();
         ranges.sort_unstable();
         let mut joined: Vec<(usize, usize)> = Vec::new();
         for (start, end) in ranges {
             match joined.last_mut() {
-                // Overlapping or touching, or a gap of never-written bytes.
-                Some(last) if start <= last.1 || last.1 >= mark => last.1 = last.1.max(end),
+                // Overlapping or touching, or a short gap of never-written bytes.
+                Some(last) if start <= last.1 || (last.1 >= mark && start - last.1 <= MAX_JOINED_GAP) => {
+                    last.1 = last.1.max(end)
+                }
                 _ => joined.push((start, end)),
             }
         }
-        for (start, end) in joined {
-            f.write_all(self.map.addr + start, &image[start - lo..end - lo])?;
+        // Each range's image: what it holds now (the gaps keep it), then
+        // the writes in it, in order (each lies in one range).
+        let mut images: Vec<Vec<u8>> = joined
+            .iter()
+            .map(|&(start, end)| {
+                let mut image = vec![0u8; end - start];
+                // SAFETY: [start, end) is inside the block (checked by
+                // `write`), mapped readable (PROT_READ | PROT_EXEC) while
+                // `self.map` is held.
+                unsafe {
+                    std::ptr::copy_nonoverlapping((self.map.addr + start) as *const u8, image.as_mut_ptr(), end - start)
+                };
+                image
+            })
+            .collect();
+        for &(off, at, len) in &self.writes {
+            let r = joined.partition_point(|&(_, end)| end <= off);
+            let start = joined[r].0;
+            images[r][off - start..off - start + len].copy_from_slice(&bytes[at..at + len]);
+        }
+        for ((start, end), image) in joined.into_iter().zip(images) {
+            f.write_all(self.map.addr + start, &image)?;
             self.map.hwm.fetch_max(end, Ordering::Relaxed); // under `writing`
         }
         Ok(())
     }
 }
+
+/// The longest gap of never-written bytes a session rewrites to join two
+/// writes into one `pwrite`: a page at most is made resident for it (the
+/// tracer's mirror slots lie as far apart as the functions they serve).
+const MAX_JOINED_GAP: usize = 4096;
 
 impl WriteSession {
     /// Opens a session on this thread.
@@ -289,19 +324,20 @@ impl Drop for WriteSession {
 }
 
 /// Maps `len` bytes (rounded up to pages) with `prot` within rel32 reach of
-/// every address in `[lo, hi]`. Another thread may map the chosen gap
-/// between our look at the maps and our `mmap` (`EEXIST`): then look again.
-fn map_near(lo: usize, hi: usize, len: usize, prot: libc::c_int) -> io::Result<(usize, usize)> {
+/// every address in `[lo, hi]`, as close to `prefer` as a free gap allows.
+/// Another thread may map the chosen gap between our look at the maps and
+/// our `mmap` (`EEXIST`): then look again.
+fn map_near(lo: usize, hi: usize, prefer: usize, len: usize, prot: libc::c_int) -> io::Result<(usize, usize)> {
     let mut tries = 0;
     loop {
-        match try_map_near(lo, hi, len, prot) {
+        match try_map_near(lo, hi, prefer, len, prot) {
             Err(e) if e.raw_os_error() == Some(libc::EEXIST) && tries < 16 => tries += 1,
             r => return r,
         }
     }
 }
 
-fn try_map_near(lo: usize, hi: usize, len: usize, prot: libc::c_int) -> io::Result<(usize, usize)> {
+fn try_map_near(lo: usize, hi: usize, prefer: usize, len: usize, prot: libc::c_int) -> io::Result<(usize, usize)> {
     let ps = super::page_size();
     let len = len.max(1).next_multiple_of(ps);
     let maps = Maps::read()?;
@@ -311,8 +347,8 @@ fn try_map_near(lo: usize, hi: usize, len: usize, prot: libc::c_int) -> io::Resu
     let mut best: Option<usize> = None;
     let mut consider = |start: usize| {
         if start >= min && start + len <= max_end {
-            let d = start.abs_diff(lo);
-            if best.is_none_or(|b| b.abs_diff(lo) > d) {
+            let d = start.abs_diff(prefer);
+            if best.is_none_or(|b| b.abs_diff(prefer) > d) {
                 best = Some(start);
             }
         }
@@ -326,12 +362,12 @@ fn try_map_near(lo: usize, hi: usize, len: usize, prot: libc::c_int) -> io::Resu
     })) {
         if m.start >= prev_end + len {
             // Candidates in the gap [prev_end, m.start): its two ends and
-            // the point nearest `lo`.
+            // the point nearest `prefer`.
             let gap_lo = prev_end;
             let gap_hi = m.start - len;
             consider(gap_lo);
             consider(gap_hi);
-            consider((lo & !(ps - 1)).clamp(gap_lo, gap_hi));
+            consider((prefer & !(ps - 1)).clamp(gap_lo, gap_hi));
             consider(min.clamp(gap_lo, gap_hi));
             consider((max_end - len).clamp(gap_lo, gap_hi));
         }
@@ -355,7 +391,7 @@ impl DataBlock {
     /// Maps `len` bytes (rounded up to pages) within rel32 reach of every
     /// address in `[lo, hi]`.
     pub fn near(lo: usize, hi: usize, len: usize) -> io::Result<DataBlock> {
-        let (addr, len) = map_near(lo, hi, len, libc::PROT_READ | libc::PROT_WRITE)?;
+        let (addr, len) = map_near(lo, hi, lo, len, libc::PROT_READ | libc::PROT_WRITE)?;
         Ok(DataBlock { addr, len })
     }
 
@@ -448,6 +484,26 @@ mod tests {
         b.write(9, &[4]).unwrap();
         s.finish().unwrap();
         assert_eq!(peek(&b, 0, 11), [1, 3, 0, 0, 0, 9, 0, 0, 0, 4, 2]);
+    }
+
+    /// Writes far apart are not joined: the pages between them are never
+    /// written (a mirror region is as large as its object's code).
+    #[test]
+    fn far_writes_leave_the_pages_between_untouched() {
+        let len = 64 * 4096;
+        let b = CodeBlock::anywhere(len).unwrap();
+        let s = WriteSession::open();
+        b.write(10, &[1]).unwrap();
+        b.write(40 * 4096 + 7, &[2, 3]).unwrap();
+        b.write(40 * 4096 + 100, &[4]).unwrap(); // joined with the one before
+        s.finish().unwrap();
+        assert_eq!(peek(&b, 40 * 4096 + 7, 2), [2, 3]);
+        assert_eq!(peek(&b, 40 * 4096 + 100, 1), [4]);
+        let mut resident = vec![0u8; 64];
+        // SAFETY: a page-aligned mapping of `len` bytes, one byte per page.
+        assert_eq!(unsafe { libc::mincore(b.addr() as *mut libc::c_void, len, resident.as_mut_ptr()) }, 0);
+        let written: Vec<usize> = (0..64).filter(|&p| resident[p] & 1 != 0).collect();
+        assert_eq!(written, [0, 40], "only the pages written are resident");
     }
 
     #[test]

@@ -7,7 +7,9 @@
 //! (DESIGN.md rule 8, the kernel's ftrace_bug): its bytes lie in executable
 //! mappings of this process; the bytes there are exactly the expected ones;
 //! expected and new bytes are each one whole instruction of the poke's
-//! length (or, for a [`Poke::region`], whole instructions covering it);
+//! length (or, for a [`Poke::region`], whole instructions covering it; for
+//! a [`Poke::first_byte`], one side one instruction and the other whole
+//! instructions, differing in their first byte only: see [`validate`]);
 //! where a function symbol of the dynamic linker covers the address,
 //! decoding from the function's start lands exactly on it (an instruction
 //! boundary); pokes do not overlap. Any refusal is a [`PokeError`] and
@@ -87,7 +89,19 @@ pub struct Poke {
     expected: Bytes,
     new: Bytes,
     name: Option<Arc<str>>,
-    region: bool,
+    shape: Shape,
+}
+
+/// What a poke's bytes are, which decides how it may be committed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Shape {
+    /// One whole instruction becomes another ([`Poke::new`]).
+    One,
+    /// Whole instructions become others ([`Poke::region`]).
+    Region,
+    /// Only the first byte changes, between whole instructions and one
+    /// instruction ([`Poke::first_byte`]).
+    FirstByte,
 }
 
 impl Poke {
@@ -98,14 +112,27 @@ impl Poke {
             expected: Bytes::from(expected.as_ref()),
             new: Bytes::from(new.as_ref()),
             name: None,
-            region: false,
+            shape: Shape::One,
         }
     }
 
     /// Replaces a region of several whole instructions (stop-machine only:
     /// a thread between two of them must not resume into the new bytes).
     pub fn region(addr: usize, expected: impl AsRef<[u8]>, new: impl AsRef<[u8]>) -> Poke {
-        Poke { region: true, ..Poke::new(addr, expected, new) }
+        Poke { shape: Shape::Region, ..Poke::new(addr, expected, new) }
+    }
+
+    /// Changes the first byte only, turning whole instructions into one
+    /// instruction of the same length, or one into several: gcc's pad of
+    /// five one-byte NOPs (`90 90 90 90 90`) becomes `jmp rel32` (`e9 90 90
+    /// 90 90`) and back. The bytes after the first are never written, so a
+    /// thread between two of the old instructions runs on over the same
+    /// bytes, and the breakpoint protocol may commit it while threads run
+    /// (the rule and its proof are in the docs of `text::validate`).
+    /// Validation refuses it unless exactly one side is one instruction,
+    /// the other whole instructions, and only the first byte differs.
+    pub fn first_byte(addr: usize, expected: impl AsRef<[u8]>, new: impl AsRef<[u8]>) -> Poke {
+        Poke { shape: Shape::FirstByte, ..Poke::new(addr, expected, new) }
     }
 
     /// Names the site in error messages (otherwise the symbol, if any).
@@ -131,7 +158,11 @@ impl Poke {
     }
     /// Whether it replaces a region of several instructions.
     pub fn is_region(&self) -> bool {
-        self.region
+        self.shape == Shape::Region
+    }
+    /// Whether it changes the first byte only ([`Poke::first_byte`]).
+    pub fn is_first_byte(&self) -> bool {
+        self.shape == Shape::FirstByte
     }
 
     /// The poke undoing this one.

@@ -11,10 +11,68 @@
 //! compares their bytes in place. Nothing is allocated per poke: a
 //! [`Planned`] borrows its [`Poke`], and a refusal's [`Location`] (the
 //! symbol name, from `dladdr1`) is made only for the poke refused.
+//!
+//! # What a poke's bytes may be
+//!
+//! - [`Poke::new`]: expected and new bytes are each exactly one whole
+//!   instruction. Rule 1 of DESIGN.md holds trivially: no thread can be
+//!   between two instructions of a single one.
+//! - [`Poke::region`]: each side is whole instructions covering the poke
+//!   exactly. A thread may be between two of them, so only the
+//!   stop-machine strategy may commit it (which checks that no parked
+//!   thread is strictly inside).
+//! - [`Poke::first_byte`]: each side is whole instructions covering the
+//!   poke exactly, **and the two differ in their first byte only**. It
+//!   may be committed by the breakpoint protocol while threads run, the
+//!   trap handler standing in for the *first instruction* of the new
+//!   bytes. This is how gcc's pad `90 90 90 90 90` (five instructions)
+//!   becomes `e9 90 90 90 90` (one `jmp rel32`, whose displacement is the
+//!   four unchanged NOPs) and back, without parking anyone (attach.md
+//!   §6.3; the tracer puts the jump's target, the site's *mirror*, where
+//!   that displacement leads: `trace::mirror`).
+//!
+//! ## Why a first-byte poke is safe
+//!
+//! Let the poke cover `[S, S+n)`, old bytes `o0 t1..t(n-1)`, new bytes
+//! `w0 t1..t(n-1)` (the same tail `t`), each side whole instructions
+//! ending exactly at `S+n`, `S` an instruction boundary.
+//!
+//! 1. *No instruction of the tail is modified.* Only the byte at `S` is
+//!    ever written (the breakpoint protocol skips a tail equal to the old
+//!    one): first `int3`, then `w0`. The bytes `t` are the same at every
+//!    instant, before, during and after.
+//! 2. *A thread at `S+k`, `0 < k < n`,* is there because it executed the
+//!    first instruction(s) of one side and was preempted, interrupted by
+//!    a signal whose frame saved that PC, or because code jumps there: in
+//!    each case `S+k` is a boundary of the old or the new decoding. It
+//!    decodes from `S+k` onward bytes of `t` only, which both sides share,
+//!    so it runs the same instructions it would have run had nothing
+//!    changed, and those end exactly at `S+n` (both sides decode as whole
+//!    instructions ending there) — whatever the byte at `S` holds.
+//! 3. *A thread at `S`* decodes the byte there: `o0` (the old first
+//!    instruction, `o0` followed by unchanged tail bytes: whole and old;
+//!    then point 2), `int3` (the trap handler emulates the new first
+//!    instruction, rule 2 of DESIGN.md), or `w0` (the new first
+//!    instruction, `w0` followed by unchanged tail bytes: whole and new).
+//!    An instruction mixing old and new bytes cannot be decoded: the one
+//!    byte that differs is read once, and every other byte it may be
+//!    combined with is the same on both sides.
+//! 4. *Cross-modification* of the byte at `S` follows the breakpoint
+//!    protocol with every core synced between steps, as for any poke.
+//!
+//! Rule 1 of DESIGN.md forbids combining instructions "while another
+//! thread may be between them" because that thread would resume in the
+//! middle of the new instruction, or run a mix of the two; by 2 and 3
+//! neither can happen when only the first byte changes. The same holds in
+//! the other direction (one instruction becomes several), and the
+//! stop-machine strategy may commit a first-byte poke too (it writes
+//! while every thread is parked; its check that none is inside is more
+//! than this needs). A first-byte poke whose tails differ is refused
+//! ([`PokeError::TailChanged`]).
 
 use super::dynsym::{self, Covering};
 use super::write::{page_runs, read_code};
-use super::{Plan, Planned, Poke, Strategy};
+use super::{Plan, Planned, Poke, Shape, Strategy};
 use crate::arch;
 use crate::error::{Location, PokeError};
 use crate::sys::loader;
@@ -175,8 +233,10 @@ fn validate_one<'a>(
     }
     let emu = match strategy {
         Strategy::StopMachine => None,
-        Strategy::Breakpoint if p.region => return Err(PokeError::RegionNeedsStopMachine { at: locate(p) }),
-        Strategy::Breakpoint => match arch::emulation_for(p.addr, &p.new) {
+        Strategy::Breakpoint if p.shape == Shape::Region => {
+            return Err(PokeError::RegionNeedsStopMachine { at: locate(p) })
+        }
+        Strategy::Breakpoint => match emulation(p, &p.new) {
             Some(e) => Some(e),
             None => return Err(PokeError::NotEmulatable { at: locate(p), new: p.new.to_vec() }),
         },
@@ -188,27 +248,54 @@ fn validate_one<'a>(
 }
 
 fn check_instructions(p: &Poke) -> Result<(), PokeError> {
+    if p.shape == Shape::FirstByte && p.expected[1..] != p.new[1..] {
+        return Err(PokeError::TailChanged { at: locate(p), expected: p.expected.to_vec(), new: p.new.to_vec() });
+    }
     for (which, bytes) in [("expected", &p.expected), ("new", &p.new)] {
-        if p.region {
-            if !arch::check_whole_instructions(p.addr, bytes) {
-                return Err(PokeError::NotWholeInstructions {
-                    at: locate(p),
-                    which,
-                    bytes: bytes.to_vec(),
-                    len: p.len(),
-                });
+        match p.shape {
+            Shape::Region | Shape::FirstByte => {
+                if !arch::check_whole_instructions(p.addr, bytes) {
+                    return Err(PokeError::NotWholeInstructions {
+                        at: locate(p),
+                        which,
+                        bytes: bytes.to_vec(),
+                        len: p.len(),
+                    });
+                }
             }
-        } else if let Err(what) = arch::check_one_instruction(p.addr, bytes) {
-            return Err(PokeError::NotOneInstruction {
-                at: locate(p),
-                which,
-                bytes: bytes.to_vec(),
-                len: p.len(),
-                what,
-            });
+            Shape::One => {
+                if let Err(what) = arch::check_one_instruction(p.addr, bytes) {
+                    return Err(PokeError::NotOneInstruction {
+                        at: locate(p),
+                        which,
+                        bytes: bytes.to_vec(),
+                        len: p.len(),
+                        what,
+                    });
+                }
+            }
         }
     }
     Ok(())
+}
+
+/// How the trap handler stands in for `bytes` (a side of `p`) while `p`
+/// is committed by the breakpoint protocol: for a first-byte poke the
+/// first instruction of `bytes` (a thread that traps at the first byte
+/// runs only that one; the rest is unchanged code it then runs itself),
+/// otherwise the one instruction `bytes` are.
+pub(super) fn emulation(p: &Poke, bytes: &[u8]) -> Option<arch::Emulation> {
+    let len = match p.shape {
+        Shape::FirstByte => first_instruction_len(p.addr, bytes)?,
+        Shape::One | Shape::Region => bytes.len(),
+    };
+    arch::emulation_for(p.addr, &bytes[..len])
+}
+
+/// The length of the first instruction of `bytes` at `ip`: the shortest
+/// prefix that decodes as exactly one instruction.
+fn first_instruction_len(ip: usize, bytes: &[u8]) -> Option<usize> {
+    (1..=bytes.len()).find(|&n| arch::check_one_instruction(ip, &bytes[..n]).is_ok())
 }
 
 /// Decodes the covering function from its start up to the poke.

@@ -4,7 +4,7 @@
 use super::hot::{self, InlineCode, OpBox, TraceOp, MAX_OPS, OPS};
 use super::reclaim::Retired;
 use super::state::{Inner, OpInfo};
-use super::{Filter, FunctionInfo, OpHandle, TraceError};
+use super::{Filter, FunctionInfo, OpHandle, PadMode, RefusedPad, TraceError};
 use crate::arch::tramp;
 use crate::sites::SiteTable;
 use crate::sys::threads;
@@ -18,8 +18,11 @@ pub struct Tracer {
     pub(super) inner: Mutex<Inner>,
     /// Serialises reclaim steps (background and explicit).
     pub(super) reclaiming: Mutex<()>,
-    /// Pid whose reclaimer thread runs (it does not survive fork).
+    /// Pid whose reclaimer thread runs (it does not survive fork): the
+    /// fast path of `wake_reclaimer`.
     pub(super) reclaimer_pid: std::sync::atomic::AtomicI32,
+    /// The reclaimer thread, to stop and join (`stop_reclaimer`).
+    pub(super) reclaimer: Mutex<Option<super::reclaim::Reclaimer>>,
 }
 
 impl Tracer {
@@ -69,9 +72,15 @@ impl Tracer {
                 inline_recording: true,
                 unwind: None,
                 plt: Default::default(),
+                mirrors: Default::default(),
             };
             inner.refresh();
-            Tracer { inner: Mutex::new(inner), reclaiming: Mutex::new(()), reclaimer_pid: 0.into() }
+            Tracer {
+                inner: Mutex::new(inner),
+                reclaiming: Mutex::new(()),
+                reclaimer_pid: 0.into(),
+                reclaimer: Mutex::new(None),
+            }
         })
     }
 
@@ -225,6 +234,33 @@ impl Tracer {
     /// before the program's threads, and owns the process's tracing).
     pub fn set_prepare_pads(&self, on: bool) {
         self.inner.lock().unwrap_or_else(|e| e.into_inner()).prepare_pads = on;
+    }
+
+    /// How gcc's pads get their branch when first traced ([`PadMode`]):
+    /// by stop-machine (the default), or by their first byte alone, which
+    /// signals no thread. Takes effect at the next change.
+    pub fn set_pad_mode(&self, mode: PadMode) {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner()).mirrors.mode = mode;
+    }
+
+    /// The pad mode ([`Tracer::set_pad_mode`]).
+    pub fn pad_mode(&self) -> PadMode {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner()).mirrors.mode
+    }
+
+    /// The pads an op's filter matches that are left untraced because
+    /// their mirror cannot be placed ([`PadMode::OneByteOnly`]), with why;
+    /// as of the last change.
+    pub fn refused_pads(&self) -> Vec<RefusedPad> {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner()).refused_pads()
+    }
+
+    /// Whether site `site` is still gcc's pad of five one-byte NOPs when
+    /// not traced (it was never made one 5-byte NOP: it is enabled by its
+    /// first byte, or was never traced); `None` for no such live site.
+    pub fn is_gcc_pad(&self, site: u32) -> Option<bool> {
+        let g = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        g.sites.get(site as usize).filter(|s| s.alive).map(|s| !s.prepared)
     }
 
     /// Test switch: free retired memory at once, without a grace period —

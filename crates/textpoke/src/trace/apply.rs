@@ -3,6 +3,7 @@
 //! [`Inner::apply`].
 
 use super::hot::{self, SitePlace};
+use super::mirror::{MirrorChange, NoMirror, PadMode};
 use super::reclaim::Retired;
 use super::state::{Inner, SiteInfo, Target};
 use super::tramp_alloc::Wire;
@@ -14,8 +15,12 @@ use crate::{Batch, CommitOptions, Poke, Strategy};
 use std::sync::atomic::Ordering;
 
 // gcc's pad at a patchable entry, five 1-byte NOPs: five instructions,
-// made one ([`NOP5`]) only by stop-machine (step 3).
-use crate::arch::GCC_PAD;
+// made one ([`NOP5`]) only by stop-machine (step 3), or enabled by its
+// first byte, `GCC_PAD_JMP` (`mirror.rs`).
+use crate::arch::{GCC_PAD, GCC_PAD_JMP};
+
+/// One of `Poke`'s constructors, for a site's five bytes.
+type MakePoke = fn(usize, [u8; 5], [u8; 5]) -> Poke;
 
 /// What a traced site becomes: a call to its stub, or for a graph
 /// trampoline a jump (its stub and trampoline call the function instead,
@@ -54,6 +59,8 @@ impl Inner {
 
     fn site_bytes(&self, s: &SiteInfo) -> [u8; 5] {
         match s.target.stub_kind().and_then(|k| s.stubs[k as usize]) {
+            // A pad with a trampoline is one enabled by its first byte.
+            Some(_) if !s.prepared => GCC_PAD_JMP,
             Some(stub) => site_branch(s.addr, s.target, stub.code),
             None if s.prepared => NOP5,
             None => GCC_PAD,
@@ -68,6 +75,8 @@ impl Inner {
             mask: u64,
             target: Target,
             stub: Option<Wire>,
+            /// A pad enabled by its first byte: what its mirror slot becomes.
+            mirror: Option<MirrorChange>,
         }
         // Pin every object whose sites may be written, until the commit is
         // over: a dlclose on another thread cannot unmap code mid-batch. An
@@ -84,6 +93,7 @@ impl Inner {
         }
         let masks: Vec<u64> = self.sites.iter().map(|s| Self::desired_mask(s, &live)).collect();
         drop(live);
+        self.forget_refusals();
         changes.reserve(masks.iter().zip(&self.sites).filter(|(&m, s)| m != s.mask).count());
         for (i, mask) in masks.into_iter().enumerate() {
             let target = match mask.count_ones() {
@@ -112,20 +122,44 @@ impl Inner {
                 hot::site_slot(i as u32).expect("site slot").mask.store(mask, Ordering::Release);
                 continue;
             }
-            changes.push(Change { i, mask, target, stub: None });
+            changes.push(Change { i, mask, target, stub: None, mirror: None });
         }
         if changes.is_empty() {
             self.retire(retire);
             return Ok(());
         }
         // 1. Stubs and trampolines for the new targets, their code written
-        // together when the session finishes (nothing reaches it before).
+        // together when the session finishes (nothing reaches it before);
+        // the mirror slots of pads enabled by their first byte (every
+        // object's mirror region mapped first, before any stub block is
+        // placed where a slot must go: `mirror.rs`).
+        if changes.iter().any(|c| self.wants_mirror(c.i, c.target)) {
+            self.reserve_mirrors();
+        }
         let writes = crate::text::codemem::WriteSession::open();
         let mut made = Ok(());
-        for c in changes.iter_mut().filter(|c| c.target != Target::Off) {
-            match self.make_stub(c.i, c.target) {
-                Ok(w) => c.stub = Some(w),
+        let mut refused = Vec::new();
+        for (k, c) in changes.iter_mut().enumerate().filter(|(_, c)| c.target != Target::Off) {
+            let w = match self.make_stub(c.i, c.target) {
+                Ok(w) => w,
                 Err(e) => {
+                    made = Err(e);
+                    break;
+                }
+            };
+            c.stub = Some(w);
+            if !self.wants_mirror(c.i, c.target) {
+                continue;
+            }
+            match self.mirror_for(c.i, c.target, w.stub) {
+                Ok(m) => c.mirror = Some(m),
+                // Made one instruction by stop-machine in step 3.
+                Err(NoMirror::Unavailable(_)) if self.mirrors.mode == PadMode::OneByte => {}
+                Err(NoMirror::Unavailable(why)) => {
+                    self.refuse_pad(c.i, why);
+                    refused.push(k);
+                }
+                Err(NoMirror::Failed(e)) => {
                     made = Err(e);
                     break;
                 }
@@ -133,12 +167,22 @@ impl Inner {
         }
         if let Err(source) = writes.finish() {
             self.forget_unwritten_code();
+            let fresh = changes.iter().filter(|c| c.mirror.is_some_and(|m| m.from.is_none())).map(|c| c.i);
+            self.forget_unwritten_mirrors(fresh);
             self.retire(retire);
             return Err(TraceError::TrampolineMemory { near: self.sites[changes[0].i].addr, source });
         }
         if let Err(e) = made {
             self.retire(retire);
             return Err(e);
+        }
+        // Refused pads (no mirror, no signal allowed) stay as they are.
+        for k in refused.into_iter().rev() {
+            changes.remove(k);
+        }
+        if changes.is_empty() {
+            self.retire(retire);
+            return Ok(());
         }
         if std::mem::take(&mut self.fresh_code) {
             // New trampoline code may be reached through a word without any
@@ -158,7 +202,7 @@ impl Inner {
         }
         // 2. Publish the masks, 3. one batch: by the breakpoint protocol,
         // or whole by stop-machine when a gcc pad (five 1-byte NOPs) gets
-        // its branch (rule 1).
+        // its branch (rule 1) other than by its first byte.
         let mut batch = Batch::with_capacity(changes.len());
         let mut split = false;
         for c in &changes {
@@ -166,17 +210,22 @@ impl Inner {
             if !s.alive {
                 continue; // its object is gone: nothing to write
             }
+            if let Some(p) = c.mirror.and_then(|m| self.mirror_poke(c.i, m)) {
+                batch.push(p); // the pad's slot, jmp to jmp
+            }
             let old = self.site_bytes(s);
-            let new = match c.stub {
-                Some(w) => site_branch(s.addr, c.target, w.stub),
-                None => NOP5,
+            let (new, poke): ([u8; 5], MakePoke) = match (c.stub, c.mirror) {
+                (Some(_), Some(_)) => (GCC_PAD_JMP, Poke::first_byte),
+                (Some(w), None) if s.prepared => (site_branch(s.addr, c.target, w.stub), Poke::new),
+                (Some(w), None) => (site_branch(s.addr, c.target, w.stub), Poke::region),
+                (None, _) if s.prepared => (NOP5, Poke::new),
+                (None, _) => (GCC_PAD, Poke::first_byte), // a pad enabled by its first byte goes off
             };
             if old == new {
-                continue; // the site keeps its stub: its word changes in step 4
+                continue; // the site keeps its stub (or slot): its word changes in step 4
             }
-            split |= !s.prepared;
-            let poke = if s.prepared { Poke::new(s.addr, old, new) } else { Poke::region(s.addr, old, new) };
-            batch.push(poke.named(s.function.clone()));
+            split |= !s.prepared && c.mirror.is_none() && c.stub.is_some();
+            batch.push(poke(s.addr, old, new).named(s.function.clone()));
         }
         // Parked anyway: with `prepare_pads`, every other gcc pad becomes
         // one 5-byte NOP in the same batch, so that tracing it later needs
@@ -221,8 +270,13 @@ impl Inner {
                 (Some(k), _) => self.point_word(c.i, k, None),
                 (None, _) => {}
             }
+            if let Some(m) = c.mirror {
+                self.mirror_committed(c.i, m);
+            }
             let s = &mut self.sites[c.i];
-            s.prepared |= c.stub.is_some(); // a pad that was written is one instruction now
+            // A pad written by stop-machine is one instruction now; one
+            // enabled by its first byte is still the pad after it.
+            s.prepared |= c.stub.is_some() && c.mirror.is_none();
             s.mask = c.mask;
             s.target = c.target;
         }

@@ -51,22 +51,34 @@
 //! 2. the new masks are published (Release);
 //! 3. one batch turns every site that changes stub kind into `call stub`,
 //!    `jmp graph stub` or a NOP (a site that keeps its stub is not
-//!    written): by the breakpoint protocol, or, when a site still in gcc's
-//!    five-one-byte-NOP form gets its branch, the whole batch by the
-//!    stop-machine strategy, which writes the branch over the five NOPs at
-//!    once with every other thread parked and none of them between two of
-//!    the NOPs (rule 1: the only way to make one instruction of several;
-//!    see `text::stop_machine` for what that costs a thread in a system
-//!    call). A pad written so is one instruction from then on, for the
-//!    breakpoint protocol. One batch, not a stop-machine rewrite of the
-//!    pads followed by a breakpoint batch: the threads are parked once and
-//!    nothing is half done if it is refused. With
-//!    [`Tracer::set_prepare_pads`] (the agent's choice), the threads being
-//!    parked anyway, such a batch also turns every other pad of a live
-//!    site into one 5-byte NOP, so that tracing it later takes the
-//!    breakpoint protocol and signals nobody. A program's first
-//!    registration (the agent's, from a constructor: usually no thread but
-//!    textpoke's own) so prepares every pad of the objects loaded at start;
+//!    written): by the breakpoint protocol. A site still in gcc's
+//!    five-one-byte-NOP form (a *pad*) getting its branch is a special
+//!    case, decided by the [`PadMode`] ([`Tracer::set_pad_mode`]):
+//!    - [`PadMode::OneByte`] and [`PadMode::OneByteOnly`]: only its first
+//!      byte changes, `90` to `e9`, a jump to the site's *mirror slot*
+//!      1.74 GiB below, which jumps on to its stub (`mirror.rs`); back to
+//!      `90` when it goes off, the pad's exact bytes. A first-byte poke in
+//!      the same breakpoint batch (`text::validate` proves it safe), with
+//!      the pokes re-pointing slots whose site changes trampoline kind.
+//!      Where no mirror can be placed, `OneByte` falls back to the next
+//!      point and `OneByteOnly` leaves the pad untraced
+//!      ([`Tracer::refused_pads`]);
+//!    - [`PadMode::StopMachine`] (the default): the whole batch by the
+//!      stop-machine strategy, which writes the branch over the five NOPs
+//!      at once with every other thread parked and none of them between
+//!      two of the NOPs (rule 1: the only way to make one instruction of
+//!      several; see `text::stop_machine` for what that costs a thread in
+//!      a system call). A pad written so is one instruction from then on,
+//!      for the breakpoint protocol. One batch, not a stop-machine rewrite
+//!      of the pads followed by a breakpoint batch: the threads are parked
+//!      once and nothing is half done if it is refused. With
+//!      [`Tracer::set_prepare_pads`] (the preloaded agent's choice), the
+//!      threads being parked anyway, such a batch also turns every other
+//!      pad of a live site into one 5-byte NOP, so that tracing it later
+//!      takes the breakpoint protocol and signals nobody. A program's
+//!      first registration (the agent's, from a constructor: usually no
+//!      thread but textpoke's own) so prepares every pad of the objects
+//!      loaded at start;
 //! 4. the words of stubs the sites keep are pointed at their new
 //!    trampolines, those of stubs no site calls any more at their null
 //!    paths (the *unpublish*); blocks no word points into any more, stub
@@ -90,7 +102,8 @@
 //! | `state.rs` | the sites and ops the tracer knows, rescanning loaded objects, which inline code an op may use |
 //! | `apply.rs` | steps 1 to 4 above, for every site whose ops change |
 //! | `tramp_alloc.rs` | trampoline and stub blocks: allocation, code generation (`arch::tramp`), stub words |
-//! | `reclaim.rs` | retiring what no word reaches, the background reclaimer, freeing after a grace period |
+//! | `mirror.rs` | gcc's pads enabled by their first byte: mirror slots, adapters, the pad mode |
+//! | `reclaim.rs` | retiring what no word reaches, the background reclaimer (stopped by [`Tracer::stop_reclaimer`]), freeing after a grace period |
 //! | `hot.rs` | what runs on every traced call: handlers, shadow stacks, the quiescence count |
 //! | `grace.rs`, `registry.rs` | grace periods, and the registered threads whose counts they read |
 //! | `plt.rs` | library calls: a site and a thunk per PLT slot, switched by a GOT store |
@@ -103,6 +116,7 @@ mod apply;
 mod filter;
 mod grace;
 mod hot;
+mod mirror;
 mod plt;
 mod reclaim;
 mod registry;
@@ -113,6 +127,7 @@ mod unwind;
 pub use api::Tracer;
 pub use filter::{Filter, FilterError};
 pub use hot::{now, EmitFn, Entry, Exit, InlineCode, SitePlace, TraceOp, MAX_DEPTH, MAX_OPS};
+pub use mirror::{PadMode, RefusedPad};
 
 #[cfg(feature = "testing")]
 mod testing;

@@ -11,7 +11,8 @@ use super::tramp_alloc::StubBlock;
 use super::TraceError;
 use crate::sites::ObjectId;
 use crate::text::codemem::{CodeBlock, DataBlock};
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 /// Something waiting for a grace period before it is freed.
@@ -30,27 +31,81 @@ unsafe impl Send for Retired {}
 /// How long the background reclaimer waits for one grace period.
 const PATIENCE: Duration = Duration::from_millis(500);
 
+/// The background reclaimer thread: its process (a forked child has none)
+/// and the flag that asks it to end.
+pub(super) struct Reclaimer {
+    pid: i32,
+    stop: Arc<AtomicBool>,
+    handle: std::thread::JoinHandle<()>,
+}
+
 impl Tracer {
     /// Starts the background reclaimer of this process if needed.
     fn wake_reclaimer(&'static self) {
         let pid = crate::sys::threads::getpid();
-        // AcqRel pairs with the Release reset below after a failed start. No
-        // data rides on it: it elects the thread that starts this process's
-        // reclaimer.
-        if self.reclaimer_pid.swap(pid, Ordering::AcqRel) == pid {
+        // Acquire pairs with the Release stores below and in
+        // `stop_reclaimer`. No data rides on it: a fast path for "this
+        // process's reclaimer runs"; the mutex decides.
+        if self.reclaimer_pid.load(Ordering::Acquire) == pid {
             return;
         }
-        let spawned = std::thread::Builder::new().name("textpoke-reclaim".into()).spawn(move || loop {
-            std::thread::sleep(Duration::from_millis(5));
-            let pending = self.inner.lock().unwrap_or_else(|e| e.into_inner()).retired.len();
-            if pending > 0 {
-                let _ = self.reclaim_step(PATIENCE);
+        let mut r = self.reclaimer.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(old) = r.take() {
+            if old.pid == pid {
+                *r = Some(old);
+                self.reclaimer_pid.store(pid, Ordering::Release); // partner: the load above
+                return;
+            }
+            // The parent's, before a fork: no such thread here. Its handle
+            // names a thread of the parent; leave it be.
+            std::mem::forget(old.handle);
+        }
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = stop.clone();
+        let spawned = std::thread::Builder::new().name("textpoke-reclaim".into()).spawn(move || {
+            // Acquire pairs with `stop_reclaimer`'s Release: nothing rides
+            // on it but the request to end.
+            while !flag.load(Ordering::Acquire) {
+                std::thread::park_timeout(Duration::from_millis(5));
+                let pending = self.inner.lock().unwrap_or_else(|e| e.into_inner()).retired.len();
+                if pending > 0 && !flag.load(Ordering::Acquire) {
+                    let _ = self.reclaim_step(PATIENCE);
+                }
             }
         });
-        if spawned.is_err() {
-            // Try again next time: pairs with the swap above in a later call.
-            self.reclaimer_pid.store(0, Ordering::Release);
+        if let Ok(handle) = spawned {
+            *r = Some(Reclaimer { pid, stop, handle });
+            self.reclaimer_pid.store(pid, Ordering::Release); // partner: the load above
+        } // else: tried again at the next change
+    }
+
+    /// Stops the background reclaimer thread and waits for it to end (at
+    /// most one grace period's patience, half a second, if it is waiting
+    /// for one). What is retired and not freed stays for the next
+    /// [`Tracer::reclaim`] or the next reclaimer, which the next change
+    /// that retires anything starts again. For a detach that must leave no
+    /// thread of textpoke's behind. Call it with no lock of the tracer's
+    /// held (not from a tracing callback).
+    pub fn stop_reclaimer(&self) {
+        let mut r = self.reclaimer.lock().unwrap_or_else(|e| e.into_inner());
+        // Release pairs with `wake_reclaimer`'s Acquire load: a change made
+        // after this starts a new reclaimer (it waits for this mutex).
+        self.reclaimer_pid.store(0, Ordering::Release);
+        let Some(old) = r.take() else { return };
+        if old.pid != crate::sys::threads::getpid() {
+            std::mem::forget(old.handle); // the parent's thread (see `wake_reclaimer`)
+            return;
         }
+        // Release pairs with the reclaimer's Acquire loads of its flag.
+        old.stop.store(true, Ordering::Release);
+        old.handle.thread().unpark();
+        let _ = old.handle.join();
+    }
+
+    /// Whether this process's background reclaimer thread runs.
+    pub fn reclaimer_running(&self) -> bool {
+        let r = self.reclaimer.lock().unwrap_or_else(|e| e.into_inner());
+        r.as_ref().is_some_and(|r| r.pid == crate::sys::threads::getpid() && !r.handle.is_finished())
     }
 
     /// One grace period over everything retired now; frees it if it ends
@@ -98,8 +153,7 @@ impl Inner {
         if self.stub_blocks.iter().flatten().next().is_none() {
             return;
         }
-        let loaded: std::collections::HashSet<ObjectId> =
-            self.sites.iter().filter(|s| s.alive || s.target != Target::Off).map(|s| s.object).collect();
+        let loaded = self.loaded_objects();
         let dead = |sb: &StubBlock| !loaded.contains(&sb.object);
         let gone: Vec<usize> =
             (0..self.stub_blocks.len()).filter(|&k| self.stub_blocks[k].as_ref().is_some_and(dead)).collect();
@@ -122,6 +176,18 @@ impl Inner {
     pub(super) fn retire(&mut self, items: Vec<Retired>) {
         self.retired.extend(items);
         self.retire_stubs_of_unloaded_objects();
+        if self.has_mirrors() {
+            // Mirror slots of unloaded objects: as their stubs.
+            let loaded = self.loaded_objects();
+            let gone = self.retire_mirrors(&loaded);
+            self.retired.extend(gone.into_iter().map(Retired::Block));
+        }
+    }
+
+    /// The objects whose sites are live (or whose stubs a site still
+    /// calls).
+    fn loaded_objects(&self) -> std::collections::HashSet<ObjectId> {
+        self.sites.iter().filter(|s| s.alive || s.target != Target::Off).map(|s| s.object).collect()
     }
 
     /// Frees items whose grace period is over.

@@ -30,7 +30,9 @@ pub(super) struct SiteInfo {
     pub(super) function: Arc<str>,
     pub(super) object: ObjectId,
     pub(super) place: SitePlace,
-    /// Is the site one 5-byte NOP (or a call)? gcc pads need rewriting once.
+    /// Is the site one 5-byte NOP (or a call)? A gcc pad is not: it is
+    /// rewritten once by stop-machine, or enabled by its first byte
+    /// (`mirror.rs`), which leaves it unprepared.
     pub(super) prepared: bool,
     pub(super) mask: u64,
     pub(super) target: Target,
@@ -120,6 +122,9 @@ pub(super) struct Inner {
     pub(super) inline_recording: bool,
     /// Library calls: PLT slots, their thunks and sites (`plt.rs`).
     pub(super) plt: super::plt::PltState,
+    /// gcc's pads enabled by one byte: the pad mode, the mirror slots
+    /// (`mirror.rs`).
+    pub(super) mirrors: super::mirror::Mirrors,
 }
 
 impl Inner {

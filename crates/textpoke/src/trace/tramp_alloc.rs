@@ -329,11 +329,14 @@ impl Inner {
         Ok(header)
     }
 
-    /// A stub block for `object` within reach of site `addr`.
-    fn new_stub_block(&mut self, addr: usize, object: ObjectId) -> Result<usize, TraceError> {
+    /// A stub block for `object` within reach of every address in
+    /// `[lo, addr]` (site `addr`, and for a pad enabled by one byte its
+    /// mirror slot `lo`), as near the site as can be (a pad's mirror is
+    /// 1.74 GiB below, among other objects' mirrors).
+    fn new_stub_block(&mut self, lo: usize, addr: usize, object: ObjectId) -> Result<usize, TraceError> {
         let header = self.routines()?;
         let mem = |source| TraceError::TrampolineMemory { near: addr, source };
-        let code = CodeBlock::near(addr, addr, STUBS_PER_BLOCK * tramp::STUB_CODE).map_err(mem)?;
+        let code = CodeBlock::near_preferring(lo, addr, addr, STUBS_PER_BLOCK * tramp::STUB_CODE).map_err(mem)?;
         let data =
             DataBlock::near(code.addr(), code.addr() + code.len(), STUBS_PER_BLOCK * tramp::STUB_DATA).map_err(mem)?;
         let words = [(tramp::HDR_CALL, header[0]), (tramp::HDR_GRAPH, header[1]), (tramp::HDR_LEAVE, header[2])];
@@ -346,23 +349,39 @@ impl Inner {
         Ok(self.stub_blocks.len() - 1)
     }
 
-    /// Makes site `i`'s stub of `kind` (its word at the null path).
-    fn new_stub(&mut self, i: usize, kind: StubKind) -> Result<Stub, TraceError> {
+    /// A free slot of stub memory for site `i`, taken: (stub block, its
+    /// code's address). Within rel32 reach of the site, and of its mirror
+    /// slot when it is a pad enabled by one byte (`mirror`: the slot jumps
+    /// to its stubs and adapters).
+    pub(super) fn stub_code_slot(&mut self, i: usize) -> Result<(usize, usize), TraceError> {
         let (addr, object) = (self.sites[i].addr, self.sites[i].object);
+        let mirror = self.mirror_addr(i);
+        let reach = |at: usize| {
+            arch::encode_call(addr, at).is_some() && mirror.is_none_or(|m| arch::encode_jmp(m, at).is_some())
+        };
         let has_room = |sb: &StubBlock| {
             sb.object == object
                 && !sb.code.is_poisoned()
                 && sb.used < STUBS_PER_BLOCK
-                && arch::encode_call(addr, sb.code.addr() + sb.used * tramp::STUB_CODE).is_some()
+                && reach(sb.code.addr() + sb.used * tramp::STUB_CODE)
         };
         let sb = match self.stub_blocks.iter().position(|x| x.as_ref().is_some_and(has_room)) {
             Some(sb) => sb,
-            None => self.new_stub_block(addr, object)?,
+            None => self.new_stub_block(mirror.unwrap_or(addr).min(addr), addr, object)?,
         };
         let blk = self.stub_blocks[sb].as_mut().expect("live stub block");
-        let slot = blk.used;
-        let (at, data, header) =
-            (blk.code.addr() + slot * tramp::STUB_CODE, blk.data.addr() + slot * tramp::STUB_DATA, blk.data.addr());
+        let at = blk.code.addr() + blk.used * tramp::STUB_CODE;
+        blk.used += 1;
+        Ok((sb, at))
+    }
+
+    /// Makes site `i`'s stub of `kind` (its word at the null path).
+    fn new_stub(&mut self, i: usize, kind: StubKind) -> Result<Stub, TraceError> {
+        let addr = self.sites[i].addr;
+        let (sb, at) = self.stub_code_slot(i)?;
+        let blk = self.stub_blocks[sb].as_mut().expect("live stub block");
+        let slot = (at - blk.code.addr()) / tramp::STUB_CODE;
+        let (data, header) = (blk.data.addr() + slot * tramp::STUB_DATA, blk.data.addr());
         let slot_info = hot::site_slot(i as u32).expect("site slot");
         let func = slot_info.func.load(Ordering::Relaxed);
         let code = match (kind, self.counter) {
@@ -381,7 +400,6 @@ impl Inner {
         blk.code
             .write(slot * tramp::STUB_CODE, &code.code)
             .map_err(|source| TraceError::TrampolineMemory { near: at, source })?;
-        blk.used += 1;
         Ok(Stub { code: at, word: data + code.word, null: code.null, block: None })
     }
 

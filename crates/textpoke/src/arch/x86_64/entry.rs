@@ -41,6 +41,22 @@ use iced_x86::{Decoder, DecoderOptions, Mnemonic};
 /// Five 1-byte NOPs, what gcc emits for `-fpatchable-function-entry`.
 pub const GCC_PAD: [u8; 5] = [0x90; 5];
 
+/// [`GCC_PAD`] with its first byte made `jmp rel32` (`e9`): the four
+/// NOPs after it are the displacement, so that one changed byte, a whole
+/// instruction at each end, turns the pad into one jump and back
+/// (`Poke::first_byte`). Where it lands: [`gcc_pad_jmp_target`].
+pub const GCC_PAD_JMP: [u8; 5] = [0xe9, GCC_PAD[1], GCC_PAD[2], GCC_PAD[3], GCC_PAD[4]];
+
+/// Where [`GCC_PAD_JMP`] placed at `site` jumps: `site + 5` plus the
+/// sign-extended displacement `0x90909090` (`site - 0x6f6f6f6b`, about
+/// 1.74 GiB below); `None` below address 0 (a program linked at
+/// `0x400000`).
+pub fn gcc_pad_jmp_target(site: usize) -> Option<usize> {
+    let disp = i32::from_le_bytes([GCC_PAD_JMP[1], GCC_PAD_JMP[2], GCC_PAD_JMP[3], GCC_PAD_JMP[4]]);
+    let end = site.checked_add(GCC_PAD_JMP.len())?;
+    end.checked_add_signed(disp as isize)
+}
+
 /// `endbr64`, which `-fcf-protection` puts at the entry of functions whose
 /// address may be taken.
 pub const ENDBR64: [u8; 4] = [0xf3, 0x0f, 0x1e, 0xfa];
