@@ -239,7 +239,9 @@ impl PendingBlock {
     fn flush(&self, f: &ProcMem, bytes: &[u8]) -> io::Result<()> {
         let _writing = self.map.writing.lock().unwrap_or_else(|e| e.into_inner());
         let mark = self.map.hwm.load(Ordering::Relaxed); // under `writing`
-        let mut ranges: Vec<(usize, usize)> = self.writes.iter().map(|&(off, _, len)| (off, off + len)).collect();
+        // An empty write changes nothing and lies in no range: skipped.
+        let mut ranges: Vec<(usize, usize)> =
+            self.writes.iter().filter(|w| w.2 > 0).map(|&(off, _, len)| (off, off + len)).collect();
         ranges.sort_unstable();
         let mut joined: Vec<(usize, usize)> = Vec::new();
         for (start, end) in ranges {
@@ -266,7 +268,7 @@ impl PendingBlock {
                 image
             })
             .collect();
-        for &(off, at, len) in &self.writes {
+        for &(off, at, len) in self.writes.iter().filter(|w| w.2 > 0) {
             let r = joined.partition_point(|&(_, end)| end <= off);
             let start = joined[r].0;
             images[r][off - start..off - start + len].copy_from_slice(&bytes[at..at + len]);
