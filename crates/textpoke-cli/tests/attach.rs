@@ -604,7 +604,7 @@ fn pads_of_a_program_at_a_fixed_address_are_left_out() {
     let base = target.snapshot();
     let dir = fresh("pads-fixed.data");
     let out = textpoke(&sockets)
-        .args(["record", "--duration", "0.5", "-p", &pid.to_string(), "-o"])
+        .args(["record", "--no-libcall", "--duration", "0.5", "-p", &pid.to_string(), "-o"])
         .arg(&dir)
         .output()
         .unwrap();
