@@ -872,7 +872,9 @@ fn detach() -> Reply {
         crate::note_once(&format!("retired trampolines are left for the next attach: {e}"));
     }
     // No thread of textpoke's stays; the next change starts it again.
-    Tracer::global().stop_reclaimer();
+    if let Err(e) = Tracer::global().stop_reclaimer() {
+        crate::note_once(&format!("the tracer's reclaimer thread keeps running: {e}"));
+    }
     note_engine_trap(); // also when only the unregister put traps
     let sigtrap = restore_sigtrap();
     let rendezvous = rendezvous_handler() != RENDEZVOUS_BEFORE.load(Ordering::Acquire);

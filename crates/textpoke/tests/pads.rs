@@ -490,7 +490,7 @@ fn the_reclaimer_stops_and_starts_again() {
             std::thread::sleep(Duration::from_millis(1));
         }
         assert_eq!(reclaimers(), 1, "round {round}");
-        tracer.stop_reclaimer();
+        tracer.stop_reclaimer().unwrap();
         assert!(!tracer.reclaimer_running());
         assert_eq!(reclaimers(), 0, "round {round}: stopped and joined");
         tracer.reclaim(Duration::from_secs(5)).unwrap();

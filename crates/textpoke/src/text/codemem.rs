@@ -254,7 +254,8 @@ impl PendingBlock {
             }
         }
         // Each range's image: what it holds now (the gaps keep it), then
-        // the writes in it, in order (each lies in one range).
+        // the writes in it, in order (each but an empty one lies in exactly
+        // one range: the first whose end is past its start).
         let mut images: Vec<Vec<u8>> = joined
             .iter()
             .map(|&(start, end)| {
@@ -498,6 +499,7 @@ mod tests {
         b.write(10, &[1]).unwrap();
         b.write(40 * 4096 + 7, &[2, 3]).unwrap();
         b.write(40 * 4096 + 100, &[4]).unwrap(); // joined with the one before
+        b.write(50 * 4096, &[]).unwrap(); // nothing (the routines' block writes an empty routine)
         s.finish().unwrap();
         assert_eq!(peek(&b, 40 * 4096 + 7, 2), [2, 3]);
         assert_eq!(peek(&b, 40 * 4096 + 100, 1), [4]);

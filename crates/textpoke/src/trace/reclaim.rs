@@ -83,23 +83,34 @@ impl Tracer {
     /// most one grace period's patience, half a second, if it is waiting
     /// for one). What is retired and not freed stays for the next
     /// [`Tracer::reclaim`] or the next reclaimer, which the next change
-    /// that retires anything starts again. For a detach that must leave no
-    /// thread of textpoke's behind. Call it with no lock of the tracer's
-    /// held (not from a tracing callback).
-    pub fn stop_reclaimer(&self) {
-        let mut r = self.reclaimer.lock().unwrap_or_else(|e| e.into_inner());
-        // Release pairs with `wake_reclaimer`'s Acquire load: a change made
-        // after this starts a new reclaimer (it waits for this mutex).
-        self.reclaimer_pid.store(0, Ordering::Release);
-        let Some(old) = r.take() else { return };
+    /// that retires anything starts again (a change made by another thread
+    /// while this waits may start it already). For a detach that must leave no
+    /// thread of textpoke's behind. Refused from a tracing callback (the
+    /// reclaimer may be waiting for that very thread to leave tracer
+    /// code).
+    pub fn stop_reclaimer(&self) -> Result<(), TraceError> {
+        if super::hot::in_tracer() != 0 {
+            return Err(TraceError::InCallback);
+        }
+        // Held briefly, never across the join: a fork meanwhile must not
+        // leave the child a locked mutex.
+        let old = {
+            let mut r = self.reclaimer.lock().unwrap_or_else(|e| e.into_inner());
+            // Release pairs with `wake_reclaimer`'s Acquire load: a change
+            // made after this starts a new reclaimer.
+            self.reclaimer_pid.store(0, Ordering::Release);
+            r.take()
+        };
+        let Some(old) = old else { return Ok(()) };
         if old.pid != crate::sys::threads::getpid() {
             std::mem::forget(old.handle); // the parent's thread (see `wake_reclaimer`)
-            return;
+            return Ok(());
         }
         // Release pairs with the reclaimer's Acquire loads of its flag.
         old.stop.store(true, Ordering::Release);
         old.handle.thread().unpark();
-        let _ = old.handle.join();
+        let _ = old.handle.join(); // a panic in it was a panic in a reclaim step: nothing left to undo
+        Ok(())
     }
 
     /// Whether this process's background reclaimer thread runs.
