@@ -8,8 +8,8 @@
 //! mappings of this process; the bytes there are exactly the expected ones;
 //! expected and new bytes are each one whole instruction of the poke's
 //! length (or, for a [`Poke::region`], whole instructions covering it; for
-//! a [`Poke::first_byte`], one side one instruction and the other whole
-//! instructions, differing in their first byte only: see [`validate`]);
+//! a [`Poke::first_byte`], whole instructions covering it on each side,
+//! the two differing in their first byte only: see `validate`);
 //! where a function symbol of the dynamic linker covers the address,
 //! decoding from the function's start lands exactly on it (an instruction
 //! boundary); pokes do not overlap. Any refusal is a [`PokeError`] and
@@ -99,8 +99,8 @@ enum Shape {
     One,
     /// Whole instructions become others ([`Poke::region`]).
     Region,
-    /// Only the first byte changes, between whole instructions and one
-    /// instruction ([`Poke::first_byte`]).
+    /// Only the first byte changes; each side is whole instructions
+    /// ([`Poke::first_byte`]).
     FirstByte,
 }
 
@@ -129,8 +129,9 @@ impl Poke {
     /// thread between two of the old instructions runs on over the same
     /// bytes, and the breakpoint protocol may commit it while threads run
     /// (the rule and its proof are in the docs of `text::validate`).
-    /// Validation refuses it unless exactly one side is one instruction,
-    /// the other whole instructions, and only the first byte differs.
+    /// Validation refuses it unless each side is whole instructions
+    /// covering the poke and only the first byte differs
+    /// ([`PokeError::TailChanged`] otherwise).
     pub fn first_byte(addr: usize, expected: impl AsRef<[u8]>, new: impl AsRef<[u8]>) -> Poke {
         Poke { shape: Shape::FirstByte, ..Poke::new(addr, expected, new) }
     }
