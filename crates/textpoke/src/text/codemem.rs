@@ -239,6 +239,7 @@ impl PendingBlock {
     fn flush(&self, f: &ProcMem, bytes: &[u8]) -> io::Result<()> {
         let _writing = self.map.writing.lock().unwrap_or_else(|e| e.into_inner());
         let mark = self.map.hwm.load(Ordering::Relaxed); // under `writing`
+
         // An empty write changes nothing and lies in no range: skipped.
         let mut ranges: Vec<(usize, usize)> =
             self.writes.iter().filter(|w| w.2 > 0).map(|&(off, _, len)| (off, off + len)).collect();
