@@ -315,3 +315,73 @@ mod tests {
         assert_eq!(Handle::noload(Some(c"libtextpoke-no-such-library.so")).map(|h| h.handle), None);
     }
 }
+
+/// The entries of a loaded object's dynamic section that textpoke reads
+/// (0 when absent), addresses at run time: the relocation tables, the
+/// dynamic symbols and strings, and the symbol versions.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Dynamic {
+    pub rela: usize,
+    pub relasz: usize,
+    pub jmprel: usize,
+    pub pltrelsz: usize,
+    pub symtab: usize,
+    pub strtab: usize,
+    pub versym: usize,
+    pub verneed: usize,
+    pub verneednum: usize,
+}
+
+/// Reads the dynamic section at `at` of an object loaded at `bias`.
+///
+/// # Safety
+///
+/// `at` is a loaded object's `PT_DYNAMIC`, terminated by `DT_NULL`, and the
+/// object stays loaded during the call.
+pub unsafe fn read_dynamic(at: usize, bias: usize) -> Dynamic {
+    const DT_NULL: i64 = 0;
+    const DT_PLTRELSZ: i64 = 2;
+    const DT_STRTAB: i64 = 5;
+    const DT_SYMTAB: i64 = 6;
+    const DT_RELA: i64 = 7;
+    const DT_RELASZ: i64 = 8;
+    const DT_JMPREL: i64 = 23;
+    const DT_VERSYM: i64 = 0x6fff_fff0;
+    const DT_VERNEED: i64 = 0x6fff_fffe;
+    const DT_VERNEEDNUM: i64 = 0x6fff_ffff;
+    /// `Elf64_Dyn` (elf.h).
+    #[repr(C)]
+    struct Elf64Dyn {
+        d_tag: i64,
+        d_val: u64,
+    }
+    let mut d = Dynamic::default();
+    let mut p = at as *const Elf64Dyn;
+    // SAFETY: the caller's promise: entries up to DT_NULL are readable.
+    unsafe {
+        while (*p).d_tag != DT_NULL {
+            let v = (*p).d_val as usize;
+            match (*p).d_tag {
+                DT_RELA => d.rela = v,
+                DT_RELASZ => d.relasz = v,
+                DT_JMPREL => d.jmprel = v,
+                DT_PLTRELSZ => d.pltrelsz = v,
+                DT_SYMTAB => d.symtab = v,
+                DT_STRTAB => d.strtab = v,
+                DT_VERSYM => d.versym = v,
+                DT_VERNEED => d.verneed = v,
+                DT_VERNEEDNUM => d.verneednum = v,
+                _ => {}
+            }
+            p = p.add(1);
+        }
+    }
+    // The loader relocates these addresses in place for most objects; the
+    // vdso keeps them relative.
+    for a in [&mut d.rela, &mut d.jmprel, &mut d.symtab, &mut d.strtab, &mut d.versym, &mut d.verneed] {
+        if *a != 0 && *a < bias {
+            *a += bias;
+        }
+    }
+    d
+}

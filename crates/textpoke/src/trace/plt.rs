@@ -435,34 +435,10 @@ fn resolve(imp: &Import, lazy: bool, held: Option<&sys::loader::Handle>) -> Opti
     }
 }
 
-/// `Elf64_Dyn` (elf.h).
-#[repr(C)]
-struct Elf64Dyn {
-    d_tag: i64,
-    d_val: u64,
-}
+use sys::loader::Dynamic as Dyn;
 
-/// `Elf64_Dyn` tags (elf.h).
-const DT_NULL: i64 = 0;
-const DT_PLTRELSZ: i64 = 2;
-const DT_STRTAB: i64 = 5;
-const DT_SYMTAB: i64 = 6;
-const DT_JMPREL: i64 = 23;
-const DT_VERSYM: i64 = 0x6fff_fff0;
-const DT_VERNEED: i64 = 0x6fff_fffe;
-const DT_VERNEEDNUM: i64 = 0x6fff_ffff;
+/// The relocation type of a PLT slot (elf.h).
 const R_X86_64_JUMP_SLOT: u32 = 7;
-
-#[derive(Default)]
-struct Dyn {
-    jmprel: usize,
-    pltrelsz: usize,
-    symtab: usize,
-    strtab: usize,
-    versym: usize,
-    verneed: usize,
-    verneednum: usize,
-}
 
 /// The `JUMP_SLOT` imports of the loaded object `dl_name` at `bias`,
 /// those in [`SKIP`] left out.
@@ -475,48 +451,13 @@ fn read_imports(dl_name: &CStr, bias: usize) -> Vec<Import> {
         for ph in o.phdrs.iter().filter(|p| p.p_type == libc::PT_DYNAMIC) {
             // SAFETY: the object's loaded dynamic section; the walk holds
             // the loader's lock, so the object stays.
-            let d = unsafe { read_dynamic(o.bias + ph.p_vaddr as usize, o.bias) };
+            let d = unsafe { sys::loader::read_dynamic(o.bias + ph.p_vaddr as usize, o.bias) };
             // SAFETY: the tables `d` names, in the same loaded object.
             unsafe { collect(bias, &d, &mut out) };
         }
         ControlFlow::Break(())
     });
     out
-}
-
-/// Reads a dynamic section.
-///
-/// # Safety
-///
-/// `at` is a loaded object's `PT_DYNAMIC`, terminated by `DT_NULL`, that
-/// stays loaded during the call.
-unsafe fn read_dynamic(at: usize, bias: usize) -> Dyn {
-    let mut d = Dyn::default();
-    let mut p = at as *const Elf64Dyn;
-    // SAFETY: the caller's promise: entries up to DT_NULL are readable.
-    unsafe {
-        while (*p).d_tag != DT_NULL {
-            let v = (*p).d_val as usize;
-            match (*p).d_tag {
-                DT_JMPREL => d.jmprel = v,
-                DT_PLTRELSZ => d.pltrelsz = v,
-                DT_SYMTAB => d.symtab = v,
-                DT_STRTAB => d.strtab = v,
-                DT_VERSYM => d.versym = v,
-                DT_VERNEED => d.verneed = v,
-                DT_VERNEEDNUM => d.verneednum = v,
-                _ => {}
-            }
-            p = p.add(1);
-        }
-    }
-    // The loader relocates these in place for most objects (not the vdso).
-    for a in [&mut d.jmprel, &mut d.symtab, &mut d.strtab, &mut d.versym, &mut d.verneed] {
-        if *a != 0 && *a < bias {
-            *a += bias;
-        }
-    }
-    d
 }
 
 /// Appends the `JUMP_SLOT` imports `d` lists.

@@ -107,28 +107,7 @@ pub(crate) struct UnwindHooks {
     hooked: HashSet<usize>,
 }
 
-/// `Elf64_Dyn` and the tags used (elf.h).
-#[repr(C)]
-struct Elf64Dyn {
-    d_tag: i64,
-    d_val: u64,
-}
-const DT_NULL: i64 = 0;
-const DT_PLTRELSZ: i64 = 2;
-const DT_STRTAB: i64 = 5;
-const DT_SYMTAB: i64 = 6;
-const DT_RELA: i64 = 7;
-const DT_RELASZ: i64 = 8;
-const DT_JMPREL: i64 = 23;
-
-struct Dyn {
-    rela: usize,
-    relasz: usize,
-    jmprel: usize,
-    pltrelsz: usize,
-    symtab: usize,
-    strtab: usize,
-}
+use sys::loader::Dynamic as Dyn;
 
 impl UnwindHooks {
     /// Points every loaded object's imports of the unwinder entry points at
@@ -205,32 +184,9 @@ fn resolve_original(name: &CStr, orig: &'static AtomicUsize) {
 fn for_each_dynamic(mut f: impl FnMut(&CStr, usize, &Dyn)) {
     sys::loader::for_each_object(|o| {
         for ph in o.phdrs.iter().filter(|p| p.p_type == libc::PT_DYNAMIC) {
-            let mut d = Dyn { rela: 0, relasz: 0, jmprel: 0, pltrelsz: 0, symtab: 0, strtab: 0 };
-            let mut p = (o.bias + ph.p_vaddr as usize) as *const Elf64Dyn;
             // SAFETY: the loaded dynamic section, terminated by DT_NULL;
             // the walk holds the loader's lock, so the object stays.
-            unsafe {
-                while (*p).d_tag != DT_NULL {
-                    let v = (*p).d_val as usize;
-                    match (*p).d_tag {
-                        DT_RELA => d.rela = v,
-                        DT_RELASZ => d.relasz = v,
-                        DT_JMPREL => d.jmprel = v,
-                        DT_PLTRELSZ => d.pltrelsz = v,
-                        DT_SYMTAB => d.symtab = v,
-                        DT_STRTAB => d.strtab = v,
-                        _ => {}
-                    }
-                    p = p.add(1);
-                }
-            }
-            // The loader relocates these addresses in place for most objects;
-            // the vdso keeps them relative.
-            for a in [&mut d.rela, &mut d.jmprel, &mut d.symtab, &mut d.strtab] {
-                if *a != 0 && *a < o.bias {
-                    *a += o.bias;
-                }
-            }
+            let d = unsafe { sys::loader::read_dynamic(o.bias + ph.p_vaddr as usize, o.bias) };
             f(o.name, o.bias, &d);
         }
         std::ops::ControlFlow::Continue(())
