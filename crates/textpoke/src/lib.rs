@@ -60,6 +60,9 @@ pub mod clock;
 mod error;
 pub mod funcs;
 pub mod keys;
+// Live patching redirects entry sites the tracer owns: x86-64 only for now.
+#[cfg(target_arch = "x86_64")]
+pub mod live;
 pub mod sites;
 pub mod stress;
 pub mod sync;

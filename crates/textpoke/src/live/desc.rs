@@ -1,0 +1,67 @@
+//! What a live patch is, as the transition engine sees it.
+//!
+//! This is the contract between the two halves of `live`: the patch-object
+//! reader (`object`: a patch `.so`'s `.note.textpoke` records, symbol
+//! resolution, build-id checks) produces a [`PatchDesc`]; the transition
+//! engine (`Patcher`) consumes it. A program that patches itself from code
+//! it built in memory (a plugin hot-swapping a function) can also fill one
+//! in directly.
+
+use std::any::Any;
+use std::ffi::c_int;
+
+/// One patch: the functions it replaces, its callbacks, what keeps its
+/// code loaded.
+pub struct PatchDesc {
+    /// Shown by `textpoke patch --list` and in reports (the patch file's
+    /// name, or the name the patch gives itself).
+    pub name: String,
+    /// Atomic replace (the kernel's `klp_patch.replace`): on completion this
+    /// patch replaces every earlier one; functions they patched and this one
+    /// does not go back to their original code.
+    pub replace: bool,
+    /// The functions replaced; targets are distinct.
+    pub funcs: Vec<FuncDesc>,
+    /// The kernel's per-object pre/post (un)patch callbacks.
+    pub callbacks: Callbacks,
+    /// Owns whatever keeps the replacements' code mapped (a `dlopen`
+    /// handle). Dropped after the patch is reverted and a grace period has
+    /// passed, never for a forced patch (its code may still be running).
+    pub keep_alive: Option<Box<dyn Any + Send + Sync>>,
+}
+
+/// One replaced function.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FuncDesc {
+    /// The target's name as the program's symbol table spells it (reports).
+    pub name: String,
+    /// The target's entry address (its symbol's value in memory). The engine
+    /// finds its entry site there and refuses a target without one.
+    pub target: usize,
+    /// The target's size in bytes (its symbol's `st_size`, at least 1): with
+    /// `target`, the range a stack check looks for.
+    pub target_size: usize,
+    /// The replacement's entry address.
+    pub replacement: usize,
+    /// The replacement's size in bytes (at least 1), checked when reverting.
+    pub replacement_size: usize,
+}
+
+/// A pre-patch / pre-unpatch callback: non-zero cancels the operation
+/// (the kernel's `klp_pre_patch_callback` returning an error).
+pub type PreCallback = unsafe extern "C" fn() -> c_int;
+/// A post-patch / post-unpatch callback.
+pub type PostCallback = unsafe extern "C" fn();
+
+/// Callbacks, each optional, run on the thread that drives the transition.
+#[derive(Clone, Copy, Default, Debug)]
+pub struct Callbacks {
+    /// Before any site is redirected; non-zero cancels the patch.
+    pub pre_patch: Option<PreCallback>,
+    /// After every thread switched to the new versions.
+    pub post_patch: Option<PostCallback>,
+    /// Before a revert starts; non-zero cancels the revert.
+    pub pre_unpatch: Option<PreCallback>,
+    /// After every thread switched back.
+    pub post_unpatch: Option<PostCallback>,
+}
