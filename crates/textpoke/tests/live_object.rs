@@ -1,0 +1,366 @@
+//! Patch objects (`live::notes`, `live::object`): C patches built with gcc
+//! from `tests/fixtures/live_object` against a target library and a target
+//! executable built here too; the Rust `livepatch!` macro's records read
+//! back from this test executable.
+
+use std::ffi::{c_void, CString};
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::OnceLock;
+
+use textpoke::live::notes::{CallbackKind, SymbolKind, TargetRef};
+use textpoke::live::object::{load, ObjectError, PatchFile};
+
+const FIXTURES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/live_object");
+const INCLUDE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../textpoke-c/include");
+
+fn dir() -> PathBuf {
+    let d = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("live_object-{}", std::process::id()));
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+fn gcc(args: &[&str]) {
+    let out = Command::new("gcc").args(args).output().expect("gcc must be installed to build the test fixtures");
+    assert!(out.status.success(), "gcc {args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+}
+
+fn fixture(name: &str) -> String {
+    format!("{FIXTURES}/{name}")
+}
+
+fn build_id(path: &Path) -> String {
+    use object::Object;
+    let data = std::fs::read(path).unwrap();
+    let file = object::File::parse(&*data).unwrap();
+    let id = file.build_id().unwrap().expect("linked with --build-id");
+    id.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// The target library, built once and loaded into this process.
+struct Target {
+    path: PathBuf,
+    handle: usize,
+    build_id: String,
+}
+
+fn target() -> &'static Target {
+    static T: OnceLock<Target> = OnceLock::new();
+    T.get_or_init(|| {
+        let path = dir().join("liblp_target.so.1");
+        gcc(&[
+            "-O2",
+            "-shared",
+            "-fPIC",
+            "-flive-patching=inline-clone",
+            "-Wl,--build-id",
+            "-Wl,-soname,liblp_target.so.1",
+            "-o",
+            path.to_str().unwrap(),
+            &fixture("target_a.c"),
+            &fixture("target_b.c"),
+        ]);
+        let c = CString::new(path.to_str().unwrap()).unwrap();
+        // SAFETY: a valid path; the library has no initialiser of its own.
+        let handle = unsafe { libc::dlopen(c.as_ptr(), libc::RTLD_NOW) } as usize;
+        assert_ne!(handle, 0, "dlopen {path:?}");
+        let build_id = build_id(&path);
+        Target { path, handle, build_id }
+    })
+}
+
+fn sym(name: &str) -> usize {
+    let c = CString::new(name).unwrap();
+    // SAFETY: a live handle and a C string.
+    let p = unsafe { libc::dlsym(target().handle as *mut c_void, c.as_ptr()) };
+    assert!(!p.is_null(), "{name} in the target library");
+    p as usize
+}
+
+/// Builds patch `src` into `lib<out>.so` with `defines`.
+fn patch(src: &str, out: &str, defines: &[String]) -> PathBuf {
+    let so = dir().join(format!("lib{out}.so"));
+    let mut args: Vec<String> = vec!["-O2".into(), "-shared".into(), "-fPIC".into(), "-Wall".into(), "-Werror".into()];
+    args.extend(["-I".into(), INCLUDE.into(), "-o".into(), so.to_str().unwrap().into(), fixture(src)]);
+    args.extend(defines.iter().cloned());
+    gcc(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    so
+}
+
+fn define(name: &str, string: &str) -> String {
+    format!("-D{name}=\"{string}\"")
+}
+
+/// The error of loading `path` (PatchDesc is not Debug).
+fn load_err(path: &Path) -> ObjectError {
+    match load(path) {
+        Ok(desc) => panic!("{path:?} loaded as {} with {} functions", desc.name, desc.funcs.len()),
+        Err(e) => e,
+    }
+}
+
+/// Calls `extern "C" fn(i32) -> i32` at `addr`.
+fn call(addr: usize, x: i32) -> i32 {
+    // SAFETY: the fixtures' functions all have this signature.
+    unsafe { std::mem::transmute::<usize, extern "C" fn(i32) -> i32>(addr)(x) }
+}
+
+#[test]
+fn c_patch_resolves_global_and_static_targets_slots_and_callbacks() {
+    let t = target();
+    let so = patch("patch.c", "lp_patch", &[define("TARGET_BUILD_ID", &t.build_id)]);
+    let desc = load(&so).unwrap();
+    assert_eq!(desc.name, "fix-1");
+    assert!(!desc.replace);
+    assert!(desc.keep_alive.is_some());
+    assert_eq!(desc.funcs.len(), 2);
+    let outer = &desc.funcs[0];
+    assert_eq!((outer.name.as_str(), outer.target), ("lp_outer", sym("lp_outer")));
+    assert!(outer.target_size > 0 && outer.replacement_size > 0);
+    assert_eq!(call(outer.target, 1), 202, "the original lp_outer");
+    assert_eq!(call(outer.replacement, 2), 6, "outer_v2");
+    let helper = &desc.funcs[1];
+    assert_eq!(helper.name, "helper");
+    assert_eq!(call(helper.target, 1), 101, "target_a.c's helper, not target_b.c's");
+    assert_eq!(call(helper.replacement, 1), 1001);
+
+    // The slots were filled: the callbacks use the target's variable and
+    // the engine's shadow variables through them.
+    let counter = sym("lp_counter") as *mut i32;
+    let pre = desc.callbacks.pre_patch.expect("pre-patch callback");
+    // SAFETY: the fixture's callback, with its slots filled.
+    assert_eq!(unsafe { pre() }, 0);
+    // SAFETY: the target's `int lp_counter`.
+    assert_eq!(unsafe { counter.read_volatile() }, 42);
+    let data = textpoke::live::shadow::get(counter.cast(), 7);
+    assert!(!data.is_null(), "the patch's shadow variable, in the engine's table");
+    // SAFETY: the ctor stored a long there.
+    assert_eq!(unsafe { *data.cast::<i64>() }, 1234);
+    assert!(desc.callbacks.post_patch.is_none() && desc.callbacks.pre_unpatch.is_none());
+    // SAFETY: as above.
+    unsafe { desc.callbacks.post_unpatch.expect("post-unpatch callback")() };
+    assert!(textpoke::live::shadow::get(counter.cast(), 7).is_null(), "freed by free_all");
+
+    // The same records, read from the file alone.
+    let file = PatchFile::open(&so).unwrap();
+    let n = &file.notes;
+    assert_eq!(n.name.as_deref(), Some("fix-1"));
+    assert!(!n.rust);
+    assert_eq!(n.objects.len(), 1);
+    assert_eq!(n.objects[0].object.as_deref(), Some("liblp_target.so.1"));
+    assert_eq!(textpoke::live::notes::hex(&n.objects[0].build_id), t.build_id);
+    assert_eq!(
+        n.funcs[1].target,
+        TargetRef {
+            object: Some("liblp_target.so.1".into()),
+            name: "helper".into(),
+            file: Some("target_a.c".into()),
+            sympos: 0
+        }
+    );
+    assert!(n.symbols.iter().any(|s| s.kind == SymbolKind::Api));
+    assert!(n.symbols.iter().any(|s| s.target.as_ref().is_some_and(|t| t.name == "lp_counter")));
+    let kinds: Vec<_> = n.callbacks.iter().map(|c| c.kind).collect();
+    assert_eq!(kinds, [CallbackKind::PrePatch, CallbackKind::PostUnpatch]);
+}
+
+#[test]
+fn a_static_by_position_and_the_replace_flag() {
+    target();
+    let desc = load(&patch("patch_pos.c", "lp_patch_pos", &[])).unwrap();
+    assert!(desc.replace);
+    assert_eq!(desc.name, "liblp_patch_pos.so", "no name record: the file's name");
+    assert_eq!(call(desc.funcs[0].target, 1), 201, "the second `helper`: target_b.c's");
+    assert_eq!(call(desc.funcs[0].replacement, 1), 3001);
+}
+
+#[test]
+fn an_ambiguous_static_is_refused_listing_the_candidates() {
+    target();
+    let err = load_err(&patch("patch_ambiguous.c", "lp_patch_ambiguous", &[]));
+    let msg = err.to_string();
+    assert!(matches!(&err, ObjectError::Ambiguous { candidates, .. } if candidates.len() == 2), "{msg}");
+    assert!(msg.contains("unresolvable ambiguity"), "{msg}");
+    assert!(msg.contains("target_a.c") && msg.contains("target_b.c"), "{msg}");
+}
+
+#[test]
+fn a_build_id_mismatch_is_refused_showing_both_ids() {
+    let t = target();
+    let wrong = "00112233445566778899aabbccddeeff00112233";
+    let so = patch("patch.c", "lp_patch_wrong_id", &[define("TARGET_BUILD_ID", wrong)]);
+    let err = load_err(&so);
+    let msg = err.to_string();
+    assert!(matches!(err, ObjectError::BuildIdMismatch { .. }), "{msg}");
+    assert!(msg.contains(wrong) && msg.contains(&t.build_id), "{msg}");
+    assert!(msg.contains("nothing was patched"), "{msg}");
+}
+
+#[test]
+fn malformed_records_are_refused() {
+    let so = patch("patch_malformed.c", "lp_patch_malformed", &[]);
+    for err in [load_err(&so), PatchFile::open(&so).unwrap_err()] {
+        let msg = err.to_string();
+        let ObjectError::Notes { error, .. } = &err else { panic!("{msg}") };
+        assert_eq!(error.problem, textpoke::live::notes::NoteProblem::BadSize { expected: 24, found: 20 });
+        assert!(msg.contains("LP_FUNC record #0"), "{msg}");
+    }
+}
+
+#[test]
+fn a_library_without_records_is_not_a_patch() {
+    let err = load_err(&target().path);
+    assert!(matches!(err, ObjectError::NoFunctions { .. }), "{err}");
+}
+
+/// A function of this executable that a C patch targets by name.
+#[no_mangle]
+#[inline(never)]
+pub extern "C" fn lp_test_main_target(x: i32) -> i32 {
+    std::hint::black_box(x) * 5
+}
+
+#[test]
+fn targets_in_the_main_executable_are_checked_and_resolved() {
+    let t = target();
+    let me = build_id(Path::new("/proc/self/exe"));
+    let defines = [
+        define("TARGET_BUILD_ID", &t.build_id),
+        define("MAIN_BUILD_ID", &me),
+        "-DMAIN_FUNC=lp_test_main_target".to_string(),
+    ];
+    let desc = load(&patch("patch_main.c", "lp_patch_main", &defines)).unwrap();
+    assert_eq!(desc.funcs[0].target, lp_test_main_target as *const () as usize);
+    assert_eq!(desc.funcs[1].target, sym("lp_outer"));
+}
+
+#[test]
+fn patch_file_is_checked_against_a_running_process() {
+    let t = target();
+    let exe = dir().join("lp_target_main");
+    let lib_dir = t.path.parent().unwrap().to_str().unwrap();
+    gcc(&[
+        "-O2",
+        "-Wl,--build-id",
+        "-o",
+        exe.to_str().unwrap(),
+        &fixture("target_main.c"),
+        &format!("-L{lib_dir}"),
+        "-l:liblp_target.so.1",
+        &format!("-Wl,-rpath,{lib_dir}"),
+    ]);
+    let mut child = Command::new(&exe).stdin(Stdio::piped()).stdout(Stdio::piped()).spawn().unwrap();
+    let mut line = String::new();
+    BufReader::new(child.stdout.as_mut().unwrap()).read_line(&mut line).unwrap();
+    assert_eq!(line.trim(), "7 202", "the child runs, its library loaded");
+    let pid = child.id() as i32;
+    let main_id = build_id(&exe);
+
+    let good =
+        [define("TARGET_BUILD_ID", &t.build_id), define("MAIN_BUILD_ID", &main_id), "-DMAIN_FUNC=lp_main_func".into()];
+    let file = PatchFile::open(&patch("patch_main.c", "lp_patch_child", &good)).unwrap();
+    let found = file.check_process(pid).unwrap();
+    assert_eq!(found.len(), 2);
+    assert_eq!(found[0].object, None);
+    assert_eq!(found[1].path, t.path);
+
+    let wrong = "ffeeddccbbaa99887766554433221100ffeeddcc";
+    let bad =
+        [define("TARGET_BUILD_ID", &t.build_id), define("MAIN_BUILD_ID", wrong), "-DMAIN_FUNC=lp_main_func".into()];
+    let file = PatchFile::open(&patch("patch_main.c", "lp_patch_child_bad", &bad)).unwrap();
+    let msg = file.check_process(pid).unwrap_err().to_string();
+    assert!(msg.contains(wrong) && msg.contains(&main_id) && msg.contains(&format!("process {pid}")), "{msg}");
+
+    drop(child.stdin.take());
+    assert!(child.wait().unwrap().success());
+    let gone = PatchFile::open(&patch("patch_main.c", "lp_patch_child", &good)).unwrap().check_process(pid);
+    assert!(matches!(gone, Err(ObjectError::Process { .. })), "{gone:?}");
+}
+
+// ---------------------------------------------------------------- Rust
+
+#[inline(never)]
+extern "C" fn outer_rs_v2(x: i32) -> i32 {
+    x + 2
+}
+#[inline(never)]
+extern "C" fn helper_rs_v2(x: i32) -> i32 {
+    x + 3
+}
+extern "C" fn rs_pre() -> std::ffi::c_int {
+    0
+}
+extern "C" fn rs_post_unpatch() {}
+
+textpoke::livepatch! {
+    name = "rust-fix",
+    replace = true,
+    api = LP_API,
+    "lp_test_main_target" => outer_rs_v2,
+    symbol MAIN_COUNTER = "lp_test_counter",
+    object = "liblp_target.so.1",
+    build_id = "0a1b2c",
+    "helper" in "target_b.c" => helper_rs_v2,
+    "helper" @ 1 => helper_rs_v2,
+    pre_patch = rs_pre,
+    post_unpatch = rs_post_unpatch,
+}
+
+#[no_mangle]
+#[allow(non_upper_case_globals)] // the C-style name the patch gives
+pub static lp_test_counter: std::sync::atomic::AtomicI32 = std::sync::atomic::AtomicI32::new(0);
+
+#[test]
+fn the_rust_macro_emits_the_same_records() {
+    let file = PatchFile::open(Path::new("/proc/self/exe")).unwrap();
+    let n = &file.notes;
+    assert_eq!(n.name.as_deref(), Some("rust-fix"));
+    assert!(n.replace && n.rust);
+    assert_eq!(n.objects.len(), 1);
+    assert_eq!(n.objects[0].object.as_deref(), Some("liblp_target.so.1"));
+    assert_eq!(n.objects[0].build_id, [0x0a, 0x1b, 0x2c]);
+    let mut bias = 0;
+    textpoke_sys::loader::for_each_object(|o| {
+        bias = o.bias;
+        std::ops::ControlFlow::Break(())
+    });
+    let mut names: Vec<_> = n.funcs.iter().map(|f| (f.target.clone(), f.replacement as usize + bias)).collect();
+    let lib = Some("liblp_target.so.1".to_string());
+    // global_asm! blocks are emitted in no particular order.
+    names.sort_by_key(|(t, _)| (t.object.clone(), t.file.clone(), t.sympos));
+    assert_eq!(
+        names,
+        [
+            (
+                TargetRef { object: None, name: "lp_test_main_target".into(), file: None, sympos: 0 },
+                outer_rs_v2 as *const () as usize
+            ),
+            (
+                TargetRef { object: lib.clone(), name: "helper".into(), file: None, sympos: 1 },
+                helper_rs_v2 as *const () as usize
+            ),
+            (
+                TargetRef { object: lib, name: "helper".into(), file: Some("target_b.c".into()), sympos: 0 },
+                helper_rs_v2 as *const () as usize
+            ),
+        ]
+    );
+    let api = n.symbols.iter().find(|s| s.kind == SymbolKind::Api).expect("API slot record");
+    assert_eq!(api.slot as usize + bias, &LP_API as *const _ as usize);
+    let counter = n.symbols.iter().find(|s| s.kind == SymbolKind::Address).expect("symbol slot record");
+    assert_eq!(counter.slot as usize + bias, &MAIN_COUNTER as *const _ as usize);
+    assert_eq!(counter.target.as_ref().unwrap().name, "lp_test_counter");
+    assert_eq!(counter.target.as_ref().unwrap().object, None, "declared before `object =`");
+    let cbs: Vec<_> = n.callbacks.iter().map(|c| (c.kind, c.func as usize + bias)).collect();
+    assert_eq!(
+        cbs,
+        [
+            (CallbackKind::PrePatch, rs_pre as *const () as usize),
+            (CallbackKind::PostUnpatch, rs_post_unpatch as *const () as usize)
+        ]
+    );
+    // Empty until a loader fills them.
+    assert!(LP_API.api().is_none() && MAIN_COUNTER.addr() == 0);
+    assert!(LP_API.shadow_get(std::ptr::null(), 1).is_null());
+}
