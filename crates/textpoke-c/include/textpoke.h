@@ -250,7 +250,9 @@ const char *textpoke_last_error(void);
  * Rules:
  * - Replacements and callbacks are functions of the patch that are not
  *   exported (static, or hidden visibility): records reach them
- *   PC-relatively. A replacement has exactly the target's signature.
+ *   PC-relatively. A replacement has exactly the target's signature. In
+ *   C++, define them with TEXTPOKE_LIVEPATCH_FUNCTION (extern "C", hidden):
+ *   records name them by their unmangled names.
  * - TEXTPOKE_LIVEPATCH_OBJECT applies to the records after it in the same
  *   file (assembler state); without it, targets are in the main executable.
  *   Pass NULL (literally) as the object for the executable with a build-id.
@@ -287,6 +289,23 @@ const char *textpoke_last_error(void);
 extern "C" {
 #endif
 
+#ifdef __cplusplus
+#define TEXTPOKE__LP_ASSERT static_assert
+#define TEXTPOKE__LP_C_BEGIN extern "C" {
+#define TEXTPOKE__LP_C_END }
+#define TEXTPOKE__LP_C extern "C"
+#else
+#define TEXTPOKE__LP_ASSERT _Static_assert
+#define TEXTPOKE__LP_C_BEGIN
+#define TEXTPOKE__LP_C_END
+#define TEXTPOKE__LP_C
+#endif
+
+/* Marks a replacement or callback: not exported (hidden), kept, and with
+ * an unmangled name in C++ (the records name functions by their assembler
+ * name; in C, a plain `static` function works too):
+ *     TEXTPOKE_LIVEPATCH_FUNCTION int outer_v2(int x) { ... }        */
+#define TEXTPOKE_LIVEPATCH_FUNCTION TEXTPOKE__LP_C __attribute__((visibility("hidden"), used))
 #define TEXTPOKE__LP_STR(x) #x
 #define TEXTPOKE__LP_XSTR(x) TEXTPOKE__LP_STR(x)
 
@@ -404,8 +423,10 @@ typedef void (*textpoke_lp_post_fn)(void);
  * `target` (a variable or function) before the pre-patch callback: the
  * kernel's .klp.sym relocations. */
 #define TEXTPOKE__LP_SYMBOL(type, slot, target, file, sympos)                 \
+    TEXTPOKE__LP_C_BEGIN                                                      \
     __attribute__((visibility("hidden"), used, aligned(8))) type slot;        \
-    _Static_assert(sizeof(type) == sizeof(void *), "a slot is pointer-sized"); \
+    TEXTPOKE__LP_C_END                                                        \
+    TEXTPOKE__LP_ASSERT(sizeof(type) == sizeof(void *), "a slot is pointer-sized"); \
     __asm__(TEXTPOKE__LP_HEAD(7, 24)                                          \
             ".long " #slot " - 2b\n\t"                                        \
             ".long 3f - 2b - 4\n\t"                                           \

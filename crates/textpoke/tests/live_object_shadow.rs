@@ -40,9 +40,7 @@ fn racing_get_or_alloc_constructs_exactly_once() {
                 for k in 0..KEYS {
                     barrier.wait();
                     // SAFETY: counting_ctor is a valid constructor for 8 bytes.
-                    let p = unsafe {
-                        shadow::get_or_alloc(obj(base, k), 11, 8, Some(counting_ctor), k as *mut c_void)
-                    };
+                    let p = unsafe { shadow::get_or_alloc(obj(base, k), 11, 8, Some(counting_ctor), k as *mut c_void) };
                     assert!(!p.is_null());
                     // SAFETY: constructed before it was published; never freed here.
                     assert_eq!(unsafe { p.cast::<usize>().read() }, k * 3 + 1);
