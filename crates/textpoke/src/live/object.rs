@@ -82,10 +82,17 @@ pub enum ObjectError {
     ObjectAmbiguous { patch: PathBuf, object: String, candidates: Vec<String> },
     /// A target's build-id is not the one the patch was built for.
     #[error(
-        "patch {patch} was built for {object} with build-id {expected}, but {path} in {process} has build-id \
-         {found}; refusing (nothing was patched): build the patch against this exact build of the target"
+        "patch {patch} was built for {object} with build-id {expected}, but {found_in} has build-id {found}; \
+         refusing (nothing was patched): build the patch against this exact build of the target"
     )]
-    BuildIdMismatch { patch: PathBuf, object: String, path: PathBuf, process: String, expected: String, found: String },
+    BuildIdMismatch {
+        patch: PathBuf,
+        object: String,
+        /// "PATH in process PID".
+        found_in: String,
+        expected: String,
+        found: String,
+    },
     /// The file on disk is not the one mapped (replaced since loading).
     #[error(
         "{path} on disk (build-id {on_disk}) is not the file loaded in this process (build-id {mapped}): it was \
@@ -94,17 +101,17 @@ pub enum ObjectError {
     FileChanged { path: PathBuf, on_disk: String, mapped: String },
     /// No symbol matches a target.
     #[error("patch {patch}: no symbol {target} (is the file stripped? static functions need its .symtab)")]
-    SymbolNotFound { patch: PathBuf, target: TargetRef },
+    SymbolNotFound { patch: PathBuf, target: Box<TargetRef> },
     /// Several symbols match a target.
     #[error(
         "patch {patch}: unresolvable ambiguity for {target}: {} match ({}); name the file \
          (TEXTPOKE_LIVEPATCH_STATIC / `\"name\" in \"file.c\"`) or the position (TEXTPOKE_LIVEPATCH_POS / `@ N`)",
         candidates.len(), candidates.join(", ")
     )]
-    Ambiguous { patch: PathBuf, target: TargetRef, candidates: Vec<String> },
+    Ambiguous { patch: PathBuf, target: Box<TargetRef>, candidates: Vec<String> },
     /// The symbol cannot be patched or pointed to.
     #[error("patch {patch}: {target} {what}")]
-    BadTarget { patch: PathBuf, target: TargetRef, what: String },
+    BadTarget { patch: PathBuf, target: Box<TargetRef>, what: String },
     /// A replacement, callback or slot of the patch itself is unusable.
     #[error("patch {patch}: {what}")]
     BadPatch { patch: PathBuf, what: String },
@@ -113,7 +120,7 @@ pub enum ObjectError {
         "patch {patch}: {target} has the Rust ABI, which only the same compiler keeps: the target was built by \
          {target_rustc}, the patch by {patch_rustc}; rebuild the patch with the target's rustc (and flags)"
     )]
-    Rustc { patch: PathBuf, target: TargetRef, target_rustc: String, patch_rustc: String },
+    Rustc { patch: PathBuf, target: Box<TargetRef>, target_rustc: String, patch_rustc: String },
     /// The process cannot be inspected.
     #[error("cannot inspect process {pid}: {error}")]
     Process { pid: i32, error: String },
@@ -221,7 +228,7 @@ fn find_symbol(patch: &Path, facts: &FileFacts, t: &TargetRef, want_func: bool) 
         .collect();
     if t.sympos != 0 {
         let Some(s) = cands.get(t.sympos as usize - 1).copied() else {
-            return Err(ObjectError::SymbolNotFound { patch: patch.into(), target: t.clone() });
+            return Err(ObjectError::SymbolNotFound { patch: patch.into(), target: Box::new(t.clone()) });
         };
         cands = vec![s];
     }
@@ -235,10 +242,10 @@ fn find_symbol(patch: &Path, facts: &FileFacts, t: &TargetRef, want_func: bool) 
         format!("{:#x} size {}{}", s.addr, s.size, s.file.as_ref().map(|f| format!(" in {f}")).unwrap_or_default())
     };
     match addrs[..] {
-        [] => Err(ObjectError::SymbolNotFound { patch: patch.into(), target: t.clone() }),
+        [] => Err(ObjectError::SymbolNotFound { patch: patch.into(), target: Box::new(t.clone()) }),
         [s] if !kind_ok(s.kind) => Err(ObjectError::BadTarget {
             patch: patch.into(),
-            target: t.clone(),
+            target: Box::new(t.clone()),
             what: format!(
                 "is not a {} (symbol kind {:?})",
                 if want_func { "function" } else { "function or variable" },
@@ -247,13 +254,13 @@ fn find_symbol(patch: &Path, facts: &FileFacts, t: &TargetRef, want_func: bool) 
         }),
         [s] if want_func && s.size == 0 => Err(ObjectError::BadTarget {
             patch: patch.into(),
-            target: t.clone(),
+            target: Box::new(t.clone()),
             what: "has no size in the symbol table (an assembly function without .size?)".into(),
         }),
         [s] => Ok((s.addr, s.size)),
         _ => Err(ObjectError::Ambiguous {
             patch: patch.into(),
-            target: t.clone(),
+            target: Box::new(t.clone()),
             candidates: addrs.iter().map(|s| describe(s)).collect(),
         }),
     }
@@ -388,8 +395,7 @@ fn check_build_id(
     Err(ObjectError::BuildIdMismatch {
         patch: patch.into(),
         object: object.unwrap_or("the main executable").into(),
-        path: path.into(),
-        process: process.into(),
+        found_in: format!("{path} in {process}"),
         expected: hex(expected),
         found: found.map_or_else(|| "none (linked without --build-id)".into(), hex),
     })
@@ -605,7 +611,7 @@ fn check_rustc(patch: &Path, t: &TargetRef, target: Option<&str>, mine: Option<&
     }
     Err(ObjectError::Rustc {
         patch: patch.into(),
-        target: t.clone(),
+        target: Box::new(t.clone()),
         target_rustc: target_rustc.into(),
         patch_rustc: mine.unwrap_or("no rustc (a C patch, or the patch's .comment is stripped)").into(),
     })
@@ -643,20 +649,22 @@ fn callbacks(patch: &Path, me: &Loaded, notes: &PatchNotes) -> Result<Callbacks,
     let mut cb = Callbacks::default();
     for c in &notes.callbacks {
         let addr = code_addr(patch, me, c.func, "callback", &format!("{:?}", c.kind))?;
-        // SAFETY (each arm): the address is code of the patch, which the
-        // records declare as a callback of this kind; the macros type-check
-        // its signature (C: a function-pointer initialiser; Rust: a const
-        // of the callback type).
-        match c.kind {
-            CallbackKind::PrePatch => cb.pre_patch = Some(unsafe { std::mem::transmute::<usize, PreCallback>(addr) }),
-            CallbackKind::PreUnpatch => {
-                cb.pre_unpatch = Some(unsafe { std::mem::transmute::<usize, PreCallback>(addr) })
+        if matches!(c.kind, CallbackKind::PrePatch | CallbackKind::PreUnpatch) {
+            // SAFETY: the address is code of the patch, which the records
+            // declare as a pre callback; the macros type-check its
+            // signature (C: a function-pointer initialiser; Rust: a const of
+            // the callback type).
+            let f = unsafe { std::mem::transmute::<usize, PreCallback>(addr) };
+            match c.kind {
+                CallbackKind::PrePatch => cb.pre_patch = Some(f),
+                _ => cb.pre_unpatch = Some(f),
             }
-            CallbackKind::PostPatch => {
-                cb.post_patch = Some(unsafe { std::mem::transmute::<usize, PostCallback>(addr) })
-            }
-            CallbackKind::PostUnpatch => {
-                cb.post_unpatch = Some(unsafe { std::mem::transmute::<usize, PostCallback>(addr) })
+        } else {
+            // SAFETY: as above, for a post callback.
+            let f = unsafe { std::mem::transmute::<usize, PostCallback>(addr) };
+            match c.kind {
+                CallbackKind::PostPatch => cb.post_patch = Some(f),
+                _ => cb.post_unpatch = Some(f),
             }
         }
     }
@@ -669,7 +677,7 @@ fn slot_addr(patch: &Path, me: &Loaded, vaddr: u64) -> Result<usize, ObjectError
     let word = std::mem::size_of::<usize>() as u64;
     let writable = me.segs.iter().any(|s| s.ty == libc::PT_LOAD && s.flags & libc::PF_W != 0 && s.holds(vaddr, word));
     let relro = me.segs.iter().any(|s| s.ty == libc::PT_GNU_RELRO && s.holds(vaddr, 1));
-    if vaddr % word == 0 && writable && !relro {
+    if vaddr.is_multiple_of(word) && writable && !relro {
         return Ok(me.bias.wrapping_add(vaddr as usize));
     }
     Err(ObjectError::BadPatch {

@@ -143,7 +143,7 @@ const EMPTY_SHARD: Shard =
 static TABLE: [Shard; SHARDS] = [EMPTY_SHARD; SHARDS];
 
 fn shard(obj: usize, id: c_ulong) -> &'static Shard {
-    let h = (obj as u64 ^ (id as u64).rotate_left(32)).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    let h = (obj as u64 ^ id.rotate_left(32)).wrapping_mul(0x9e37_79b9_7f4a_7c15);
     &TABLE[(h >> (64 - SHARDS.trailing_zeros())) as usize]
 }
 
