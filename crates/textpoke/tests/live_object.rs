@@ -186,6 +186,14 @@ fn an_ambiguous_static_is_refused_listing_the_candidates() {
 }
 
 #[test]
+fn one_function_named_twice_is_refused() {
+    target();
+    let err = load_err(&patch("patch_twice.c", "lp_patch_twice", &[]));
+    let msg = err.to_string();
+    assert!(matches!(err, ObjectError::BadPatch { .. }) && msg.contains("are the same function"), "{msg}");
+}
+
+#[test]
 fn a_build_id_mismatch_is_refused_showing_both_ids() {
     let t = target();
     let wrong = "00112233445566778899aabbccddeeff00112233";

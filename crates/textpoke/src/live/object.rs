@@ -11,8 +11,9 @@
 //!    memory, strings from its read-only segments.
 //! 3. Each target object is found among the loaded objects (the main
 //!    executable when the record names none; else the object whose path is
-//!    the name, ends with `/name`, or whose file name is `name`), and its
-//!    GNU build-id (read from its notes in memory) compared with the one
+//!    the name or ends with `/name`: the file name, or more path
+//!    components; the executable may be named too; SONAMEs are not
+//!    compared), and its GNU build-id (read from its notes in memory) compared with the one
 //!    the patch expects: a mismatch is refused, showing both.
 //! 4. Each target symbol is looked up in the object's file on disk
 //!    (`.symtab`, else `.dynsym`), whose build-id must be the mapped one's:
@@ -368,7 +369,7 @@ fn pick<'o>(
             process: process.into(),
         });
     };
-    let m: Vec<&Loaded> = objects.iter().filter(|o| !o.is_main && object_matches(&o.path, wanted)).collect();
+    let m: Vec<&Loaded> = objects.iter().filter(|o| object_matches(&o.path, wanted)).collect();
     match m[..] {
         [o] => Ok(o),
         [] => Err(ObjectError::ObjectNotLoaded { patch: patch.into(), object: wanted.into(), process: process.into() }),
@@ -565,6 +566,15 @@ pub fn load(path: &Path) -> Result<PatchDesc, ObjectError> {
             replacement: code_addr(&path, me, f.replacement, "replacement of", &f.target.to_string())?,
             replacement_size: replacement_size(&path, &own, f)?,
         });
+    }
+    for (i, f) in funcs.iter().enumerate() {
+        if let Some(j) = funcs[..i].iter().position(|g| g.target == f.target) {
+            let what = format!(
+                "{} and {} are the same function ({:#x}); replace it once",
+                notes.funcs[j].target, notes.funcs[i].target, f.target
+            );
+            return Err(ObjectError::BadPatch { patch: path, what });
+        }
     }
     let callbacks = callbacks(&path, me, &notes)?;
     let mut writes = Vec::new();
@@ -799,6 +809,19 @@ mod tests {
         assert!(file_matches("src/parse.c", "parse.c"));
         assert!(file_matches("parse.c", "src/parse.c"));
         assert!(!file_matches("reparse.c", "parse.c"));
+    }
+
+    #[test]
+    fn rust_abi_targets_need_the_same_rustc() {
+        let t = TargetRef { object: None, name: "_ZN1a1f17h0123456789abcdefE".into(), file: None, sympos: 0 };
+        let p = Path::new("p.so");
+        let v = "rustc version 1.95.0 (59807616e 2026-01-01)";
+        assert!(check_rustc(p, &t, Some(v), Some(v)).is_ok());
+        assert!(check_rustc(p, &t, None, None).is_ok(), "a target not built by rustc");
+        let e = check_rustc(p, &t, Some(v), Some("rustc version 1.94.0")).unwrap_err().to_string();
+        assert!(e.contains("1.95.0") && e.contains("1.94.0"), "{e}");
+        let e = check_rustc(p, &t, Some(v), None).unwrap_err().to_string();
+        assert!(e.contains("no rustc"), "{e}");
     }
 
     #[test]
