@@ -372,3 +372,114 @@ fn the_rust_macro_emits_the_same_records() {
     assert!(LP_API.api().is_none() && MAIN_COUNTER.addr() == 0);
     assert!(LP_API.shadow_get(std::ptr::null(), 1).is_null());
 }
+
+// ------------------------------------------------- a Rust patch, end to end
+
+/// A Rust-ABI function of this executable, replaced by a patch built with
+/// `livepatch!` below.
+#[inline(never)]
+pub fn rust_abi_target(x: u64) -> u64 {
+    std::hint::black_box(x) + 1
+}
+
+/// This executable's symbol for `rust_abi_target` (mangled, with its hash).
+fn mangled_rust_abi_target() -> String {
+    use object::{Object, ObjectSymbol};
+    let data = std::fs::read("/proc/self/exe").unwrap();
+    let file = object::File::parse(&*data).unwrap();
+    let found = file.symbols().filter_map(|s| s.name().ok().map(str::to_string)).find(|n| {
+        format!("{:#}", rustc_demangle::demangle(n)) == "live_object::rust_abi_target"
+    });
+    found.expect("rust_abi_target in this executable's .symtab")
+}
+
+/// Builds a Rust `cdylib` patch from `src` with the `textpoke` this test
+/// was built against (its rlib next to this executable) and the same rustc.
+fn rust_patch(src: &str, name: &str) -> PathBuf {
+    let deps = std::env::current_exe().unwrap().parent().unwrap().to_path_buf();
+    let rlib = std::fs::read_dir(&deps)
+        .unwrap()
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| {
+            let n = p.file_name().unwrap().to_string_lossy();
+            n.starts_with("libtextpoke-") && n.ends_with(".rlib")
+        })
+        .max_by_key(|p| p.metadata().and_then(|m| m.modified()).ok())
+        .expect("libtextpoke-*.rlib next to the test executable");
+    let rs = dir().join(format!("{name}.rs"));
+    let so = dir().join(format!("lib{name}.so"));
+    std::fs::write(&rs, src).unwrap();
+    let rustc = std::env::var("RUSTC").unwrap_or_else(|_| "rustc".into());
+    let out = Command::new(rustc)
+        .args(["--edition", "2021", "--crate-type", "cdylib", "--crate-name", name, "-C", "debuginfo=0", "-o"])
+        .arg(&so)
+        .arg("--extern")
+        .arg(format!("textpoke={}", rlib.display()))
+        .arg("-L")
+        .arg(format!("dependency={}", deps.display()))
+        .arg(&rs)
+        .output()
+        .expect("rustc");
+    assert!(out.status.success(), "rustc failed: {}", String::from_utf8_lossy(&out.stderr));
+    so
+}
+
+#[test]
+fn a_rust_patch_replaces_a_rust_abi_function_and_reaches_the_engine() {
+    assert_eq!(rust_abi_target(1), 2);
+    let src = format!(
+        r#"
+use std::ffi::c_int;
+use std::sync::atomic::{{AtomicI32, Ordering}};
+
+fn abi_v2(x: u64) -> u64 {{
+    x * 1000
+}}
+
+extern "C" fn pre() -> c_int {{
+    let counter = COUNTER.ptr::<AtomicI32>();
+    if counter.is_null() {{
+        return -1;
+    }}
+    // SAFETY: the loader pointed the slot at the target's AtomicI32.
+    unsafe {{ (*counter).store(77, Ordering::SeqCst) }};
+    // SAFETY: no constructor; 8 bytes.
+    let p = unsafe {{ LP.shadow_get_or_alloc(counter.cast(), 5, 8, None, std::ptr::null_mut()) }};
+    if p.is_null() {{
+        return -2;
+    }}
+    // SAFETY: 8 zeroed bytes, ours.
+    unsafe {{ *p.cast::<u64>() = 99 }};
+    0
+}}
+
+textpoke::livepatch! {{
+    name = "rust-e2e",
+    api = LP,
+    symbol COUNTER = "lp_test_counter",
+    build_id = "{id}",
+    "{target}" => abi_v2,
+    pre_patch = pre,
+}}
+"#,
+        id = build_id(Path::new("/proc/self/exe")),
+        target = mangled_rust_abi_target()
+    );
+    let so = rust_patch(&src, "lp_rust_patch");
+    let file = PatchFile::open(&so).unwrap();
+    assert!(file.notes.rust);
+    let desc = load(&so).unwrap();
+    assert_eq!(desc.name, "rust-e2e");
+    assert_eq!(desc.funcs.len(), 1);
+    assert_eq!(desc.funcs[0].target, rust_abi_target as *const () as usize);
+    // SAFETY: the replacement has the target's signature (Rust ABI, same rustc).
+    let v2 = unsafe { std::mem::transmute::<usize, fn(u64) -> u64>(desc.funcs[0].replacement) };
+    assert_eq!(v2(5), 5000);
+    // SAFETY: the patch's callback, its slots filled by load().
+    assert_eq!(unsafe { desc.callbacks.pre_patch.unwrap()() }, 0, "the callback found both slots filled");
+    assert_eq!(lp_test_counter.load(std::sync::atomic::Ordering::SeqCst), 77);
+    let data = textpoke::live::shadow::get(&lp_test_counter as *const _ as *const c_void, 5);
+    assert!(!data.is_null(), "the patch's ApiSlot reached this process's shadow table, not its own copy");
+    // SAFETY: the patch stored a u64 there.
+    assert_eq!(unsafe { *data.cast::<u64>() }, 99);
+}
