@@ -173,6 +173,13 @@ fn a_static_by_position_and_the_replace_flag() {
     assert_eq!(desc.name, "liblp_patch_pos.so", "no name record: the file's name");
     assert_eq!(call(desc.funcs[0].target, 1), 201, "the second `helper`: target_b.c's");
     assert_eq!(call(desc.funcs[0].replacement, 1), 3001);
+    drop(desc);
+
+    // As the agent loads it: through a descriptor, /proc/self/fd/N.
+    let file = std::fs::File::open(dir().join("liblp_patch_pos.so")).unwrap();
+    let by_fd = PathBuf::from(format!("/proc/self/fd/{}", std::os::fd::AsRawFd::as_raw_fd(&file)));
+    let desc = load(&by_fd).unwrap();
+    assert_eq!(call(desc.funcs[0].target, 1), 201);
 }
 
 #[test]
@@ -387,9 +394,10 @@ fn mangled_rust_abi_target() -> String {
     use object::{Object, ObjectSymbol};
     let data = std::fs::read("/proc/self/exe").unwrap();
     let file = object::File::parse(&*data).unwrap();
-    let found = file.symbols().filter_map(|s| s.name().ok().map(str::to_string)).find(|n| {
-        format!("{:#}", rustc_demangle::demangle(n)) == "live_object::rust_abi_target"
-    });
+    let found = file
+        .symbols()
+        .filter_map(|s| s.name().ok().map(str::to_string))
+        .find(|n| format!("{:#}", rustc_demangle::demangle(n)) == "live_object::rust_abi_target");
     found.expect("rust_abi_target in this executable's .symtab")
 }
 

@@ -412,6 +412,28 @@ unsafe impl Send for PatchHandle {}
 // SAFETY: as above; it is only ever closed, once, by Drop.
 unsafe impl Sync for PatchHandle {}
 
+impl PatchHandle {
+    /// The load bias of the object (`l_addr` of its link map).
+    fn load_bias(&self) -> Option<usize> {
+        let mut map: *mut LinkMapHead = std::ptr::null_mut();
+        // SAFETY: a live handle; RTLD_DI_LINKMAP stores one `struct
+        // link_map *` through the pointer passed.
+        let rc = unsafe { libc::dlinfo(self.0, libc::RTLD_DI_LINKMAP, (&mut map as *mut *mut LinkMapHead).cast()) };
+        if rc != 0 || map.is_null() {
+            return None;
+        }
+        // SAFETY: glibc's `struct link_map` starts with `ElfW(Addr) l_addr`;
+        // the handle keeps the map alive.
+        Some(unsafe { (*map).l_addr })
+    }
+}
+
+/// The first field of glibc's `struct link_map`.
+#[repr(C)]
+struct LinkMapHead {
+    l_addr: usize,
+}
+
 impl Drop for PatchHandle {
     fn drop(&mut self) {
         // SAFETY: a handle from a successful dlopen, closed once.
@@ -526,11 +548,13 @@ fn target<'o>(
 ///
 /// Writes the patch's `LP_SYMBOL` slots; patches nothing.
 pub fn load(path: &Path) -> Result<PatchDesc, ObjectError> {
-    let path = std::fs::canonicalize(path).map_err(|e| read_err(path, e))?;
+    // Absolute (dlopen searches the library path for a bare name), but not
+    // canonical: an agent loads `/proc/self/fd/N`, which must stay that.
+    let path = std::path::absolute(path).map_err(|e| read_err(path, e))?;
     let handle = dlopen_local(&path)?;
-    let bias = loader::Handle::noload(CString::new(path.as_os_str().as_encoded_bytes()).ok().as_deref())
-        .and_then(|h| h.load_bias())
-        .ok_or_else(|| ObjectError::Open { path: path.clone(), error: "loaded, but not found by its path".into() })?;
+    let bias = handle
+        .load_bias()
+        .ok_or_else(|| ObjectError::Open { path: path.clone(), error: "loaded, but its link map is unknown".into() })?;
     let objects = loaded_objects();
     let me = objects.iter().find(|o| !o.is_main && o.bias == bias).ok_or_else(|| ObjectError::Open {
         path: path.clone(),
