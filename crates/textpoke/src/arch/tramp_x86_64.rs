@@ -788,6 +788,120 @@ pub(crate) fn listing(ip: usize, code: &[u8]) -> String {
     disasm(ip, code).into_iter().map(|l| l + "\n").collect()
 }
 
+// ---------------------------------------------------------------- live patching
+//
+// The code `crate::live` (issue 12) runs at a patched function's entry
+// during a transition. The site is `jmp stub` (a jump: nothing is pushed,
+// the chosen version returns straight to the caller).
+
+/// A live-patching transition stub placed at `at`, for live site `index`.
+/// Its fast path compares the tag of the site's *word* (at `word`: bits
+/// 48-63 the transition's tag for its target state, bits 0-47 the target
+/// state's version) with the calling thread's tag (a `u64` at `mirror`
+/// from the thread pointer, `None` when the live module's thread-local is
+/// not in static TLS: then every call takes the slow path) and on a match
+/// jumps to that version; else it pushes `index` and goes to `slow` (see
+/// [`live_slow_path`]). One load of the word decides both, so a stale
+/// word is a stale pair, never a mix. Only the flags change, and the 32
+/// bytes below the stack pointer (the function's red zone: the function
+/// has not run yet, and signal frames skip the red zone):
+///
+/// ```text
+///     push rax; push rcx
+///     mov rax, WORD; mov rax, [rax]
+///     mov rcx, rax; shr rcx, 48; shl rcx, 48
+///     cmp rcx, fs:[mirror]; jne slow
+///     shl rax, 16; shr rax, 16       ; the version
+///     mov [rsp-8], rax; pop rcx; pop rax
+///     jmp [rsp-24]
+/// slow:
+///     pop rcx; pop rax
+///     push index; push rax
+///     mov rax, SLOW; mov [rsp-8], rax; pop rax
+///     jmp [rsp-16]
+/// ```
+pub fn live_stub(at: usize, word: usize, mirror: Option<i32>, index: u32, slow: usize) -> Result<Vec<u8>, AsmError> {
+    let mut a = Assembler::new()?;
+    let slow_label = a.create_label();
+    a.push(rax)?;
+    a.push(rcx)?;
+    a.mov(rax, word as u64)?;
+    a.mov(rax, qword_ptr(rax))?;
+    match mirror {
+        Some(off) => {
+            a.mov(rcx, rax)?;
+            a.shr(rcx, 48)?;
+            a.shl(rcx, 48)?;
+            a.cmp(rcx, qword_ptr(off).fs())?;
+            a.jne(slow_label)?;
+        }
+        None => a.jmp(slow_label)?,
+    }
+    a.shl(rax, 16)?;
+    a.shr(rax, 16)?;
+    a.mov(qword_ptr(rsp - 8), rax)?;
+    a.pop(rcx)?;
+    a.pop(rax)?;
+    a.jmp_mem(qword_ptr(rsp - 24))?;
+    a.set_label(slow_label)?;
+    a.pop(rcx)?;
+    a.pop(rax)?;
+    a.push(i64::from(index))?;
+    a.push(rax)?;
+    a.mov(rax, slow as u64)?;
+    a.mov(qword_ptr(rsp - 8), rax)?;
+    a.pop(rax)?;
+    a.jmp_mem(qword_ptr(rsp - 16))?;
+    a.assemble(at)
+}
+
+/// The shared slow path of [`live_stub`]s, placed at `at`. On entry
+/// `[rsp]` is the live site index the stub pushed and `[rsp+8]` the
+/// patched function's return address. Saves every caller-saved register
+/// (r10, the static chain, and r11 included; vectors 0-15, as ymm with
+/// `avx`), calls `handler(index, entry_sp, caller_rbp) -> version` where
+/// `entry_sp` is the address of that return address, restores everything
+/// and jumps to the version with the stack exactly as the caller's `call`
+/// left it.
+pub fn live_slow_path(at: usize, handler: usize, avx: bool) -> Result<Vec<u8>, AsmError> {
+    let frame_size = VEC_OFF + 32 * 16;
+    let mut a = Assembler::new()?;
+    a.push(rbp)?;
+    a.mov(rbp, rsp)?;
+    a.and(rsp, -32)?;
+    a.sub(rsp, frame_size)?;
+    for &(r, off) in &GPR_OFF {
+        a.mov(qword_ptr(rsp + off), r)?;
+    }
+    for i in 0..16 {
+        save_vec(&mut a, i, VEC_OFF + 32 * i as i32, avx)?;
+    }
+    a.mov(rdi, qword_ptr(rbp + 8))?;
+    a.lea(rsi, qword_ptr(rbp + 16))?;
+    a.mov(rdx, qword_ptr(rbp))?;
+    a.mov(rax, handler as u64)?;
+    a.call(rax)?;
+    a.mov(qword_ptr(rbp + 8), rax)?; // the index's slot: where `ret` goes
+    for i in 0..16 {
+        load_vec(&mut a, i, VEC_OFF + 32 * i as i32, avx)?;
+    }
+    for &(r, off) in &GPR_OFF {
+        a.mov(r, qword_ptr(rsp + off))?;
+    }
+    a.mov(rsp, rbp)?;
+    a.pop(rbp)?;
+    a.ret()?;
+    a.assemble(at)
+}
+
+/// A far jump placed anywhere: `jmp [rip+0]; .quad to` (14 bytes), for a
+/// site whose replacement lies beyond rel32 reach.
+pub fn far_jump(to: usize) -> Vec<u8> {
+    let mut c = vec![0xff, 0x25, 0, 0, 0, 0];
+    c.extend((to as u64).to_le_bytes());
+    c
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

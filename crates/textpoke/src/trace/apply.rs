@@ -43,8 +43,8 @@ impl Inner {
     }
 
     fn desired_mask(s: &SiteInfo, ops: &[(usize, &Filter, bool)]) -> u64 {
-        if !s.alive {
-            return 0;
+        if !s.alive || s.live {
+            return 0; // gone, or a live patch's (trace/live.rs)
         }
         let mut m = 0;
         for &(id, filter, wants_exit) in ops {

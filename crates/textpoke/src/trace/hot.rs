@@ -893,3 +893,154 @@ pub(crate) extern "C" fn rehijack_after_catch(catch_sp: usize) {
         sh.len = kept;
     })
 }
+
+// ---------------------------------------------------------------- live patching hooks
+//
+// What `live` (the transition engine, issue 12) needs of the function graph
+// machinery: a frame entered through a live-patch stub while its thread has
+// not switched is counted by a *marked* shadow entry (`func == LP_FUNC`, the
+// marker's tag in the depth half, no op in its mask: its return runs no
+// callback). Such entries are popped, dropped as lost (longjmp, exceptions,
+// cancellation) and restored for unwinders exactly like the tracer's own, so
+// counting the marked entries present is an exact count of those frames.
+
+/// The `func` half of a live-patching shadow entry.
+pub(crate) const LP_FUNC: u32 = u32::MAX;
+
+/// Runs `f` with this thread's quiescence count raised (grace periods then
+/// wait for it), passing whether the thread was already inside tracer or
+/// live-patching code (the recursion guard: `f` must then push nothing).
+pub(crate) fn lp_guarded<R>(f: impl FnOnce(bool) -> R) -> R {
+    STATE.with(|st| {
+        let raw = st.in_tramp.load(Ordering::Relaxed);
+        st.in_tramp.store(raw + 1, Ordering::Relaxed);
+        // The raise before any load of data a grace period protects; the
+        // CPU's store-load reordering is the grace period's membarrier's
+        // (grace.rs step 1, as in `on_return`).
+        std::sync::atomic::compiler_fence(Ordering::SeqCst);
+        let r = f(raw & !UNREGISTERED != 0);
+        // Release: pairs with the grace period's Acquire read (registry.rs).
+        st.in_tramp.store(raw, Ordering::Release);
+        r
+    })
+}
+
+/// Pushes a marked entry for the frame whose return address is at
+/// `ret_slot` (a function being entered) and replaces that return address
+/// by the return trampoline. `false` (nothing done) when the shadow stack
+/// is full or missing, or no return trampoline exists. Only under
+/// [`lp_guarded`] with no nesting.
+pub(crate) fn lp_push_marked(ret_slot: usize, tag: u32) -> bool {
+    STATE.with(|st| {
+        // SAFETY: this thread's own mapping; its signal handlers are cut
+        // off by the raised count (`lp_guarded`).
+        let Some(sh) = (unsafe { shadow(st).as_mut() }) else { return false };
+        // Pairs with the Release store in tramp_alloc.rs (as in function_entry).
+        let ret = RETURN_TRAMPOLINE.load(Ordering::Acquire);
+        if sh.len == sh.cap || ret == 0 {
+            return false;
+        }
+        // SAFETY: `ret_slot` holds the return address of the function being
+        // entered (the live slow path passes the entry stack pointer).
+        let orig = unsafe { *(ret_slot as *const usize) };
+        let i = sh.len;
+        entries(sh)[i] = ShadowEntry {
+            slot: ret_slot,
+            orig,
+            func_depth: ShadowEntry::func_depth(LP_FUNC, tag),
+            mask: 0,
+            time: 0,
+            site: u32::MAX,
+        };
+        sh.len += 1;
+        // SAFETY: as above: replacing that return address.
+        unsafe { *(ret_slot as *mut usize) = ret };
+        true
+    })
+}
+
+/// The address of this thread's shadow-stack pointer (a thread-local
+/// cell), for [`lp_read_shadow`] from another thread.
+pub(crate) fn lp_shadow_cell() -> usize {
+    STATE.with(|st| st.shadow.as_ptr() as usize)
+}
+
+/// One shadow entry as live patching reads it: the return slot (low bit:
+/// restored for an unwinder), the original return address, and for a
+/// marked entry its tag.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct LpShadowEntry {
+    pub slot: usize,
+    pub orig: usize,
+    pub marked: Option<u32>,
+}
+
+/// Calls `f` with each shadow entry of the thread whose shadow cell
+/// ([`lp_shadow_cell`]) is at `cell`, oldest first, read with
+/// `process_vm_readv` (never faults; async-signal-safe). `false` if the
+/// cell or the stack could not be read.
+pub(crate) fn lp_read_shadow(cell: usize, mut f: impl FnMut(LpShadowEntry)) -> bool {
+    let mut word = [0u8; 8];
+    if cell == 0 || crate::sys::mem::read_memory(cell, &mut word) != 8 {
+        return false;
+    }
+    let sh = usize::from_ne_bytes(word);
+    if sh == 0 {
+        return true; // no shadow stack yet: no entries
+    }
+    let mut hdr = [0u8; 16];
+    if crate::sys::mem::read_memory(sh, &mut hdr) != 16 {
+        return false;
+    }
+    let len = usize::from_ne_bytes(hdr[..8].try_into().expect("8 bytes"));
+    if len > MAX_DEPTH {
+        return false;
+    }
+    let base = sh + std::mem::offset_of!(Shadow, entries);
+    let size = std::mem::size_of::<ShadowEntry>();
+    let mut buf = [0u8; 4096];
+    let per = buf.len() / size;
+    let mut i = 0;
+    while i < len {
+        let n = per.min(len - i);
+        if crate::sys::mem::read_memory(base + i * size, &mut buf[..n * size]) != n * size {
+            return false;
+        }
+        for k in 0..n {
+            // SAFETY: `buf` holds `n` whole entries copied from the thread's
+            // shadow stack; ShadowEntry is plain data.
+            let e: ShadowEntry = unsafe { std::ptr::read_unaligned(buf.as_ptr().add(k * size).cast()) };
+            let marked = (e.func() == LP_FUNC && e.mask == 0).then(|| e.depth());
+            f(LpShadowEntry { slot: e.slot, orig: e.orig, marked });
+        }
+        i += n;
+    }
+    true
+}
+
+/// Calls `f` with this thread's own shadow entries (see [`lp_read_shadow`]).
+pub(crate) fn lp_own_shadow(mut f: impl FnMut(LpShadowEntry)) {
+    STATE.with(|st| {
+        let p = st.shadow.get();
+        if p.is_null() {
+            return;
+        }
+        // SAFETY: this thread's own shadow stack, not changed while we read
+        // it (the caller holds `lp_guarded`).
+        let sh = unsafe { &mut *p };
+        let len = sh.len;
+        for e in &entries(sh)[..len] {
+            let marked = (e.func() == LP_FUNC && e.mask == 0).then(|| e.depth());
+            f(LpShadowEntry { slot: e.slot, orig: e.orig, marked });
+        }
+    })
+}
+
+impl Entry<'_> {
+    /// The caller's `rbp` at the function's entry (the trampoline's frame
+    /// saved it), for a live-patching stack check from an entry callback.
+    pub(crate) fn lp_caller_rbp(&self) -> usize {
+        // SAFETY: frame[0] is the trampoline's saved rbp.
+        unsafe { *self.frame }
+    }
+}

@@ -109,6 +109,7 @@
 //! | `plt.rs` | library calls: a site and a thunk per PLT slot, switched by a GOT store |
 //! | `unwind.rs` | exceptions unwinding through replaced return addresses |
 //! | `filter.rs` | which functions an op traces |
+//! | `live.rs` | the hooks live patching (`crate::live`) uses: claiming function-entry sites, writing their jumps, the return trampoline |
 //! | `testing.rs` | (`testing` builds) the trampolines around an op's inline code, for its tests |
 
 mod api;
@@ -116,6 +117,8 @@ mod apply;
 mod filter;
 mod grace;
 mod hot;
+#[cfg(target_arch = "x86_64")]
+pub(crate) mod live;
 mod mirror;
 mod plt;
 mod reclaim;
@@ -126,6 +129,8 @@ mod unwind;
 
 pub use api::Tracer;
 pub use filter::{Filter, FilterError};
+#[cfg(target_arch = "x86_64")]
+pub(crate) use hot::{lp_guarded, lp_own_shadow, lp_push_marked, lp_read_shadow, lp_shadow_cell, LpShadowEntry};
 pub use hot::{now, EmitFn, Entry, Exit, InlineCode, SitePlace, TraceOp, MAX_DEPTH, MAX_OPS};
 pub use mirror::{PadMode, RefusedPad};
 

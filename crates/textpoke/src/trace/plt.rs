@@ -328,6 +328,7 @@ impl Inner {
             target: Target::Off,
             stubs: [None; 3],
             alive: true,
+            live: false,
         });
         self.plt.slots.push(Slot { got: imp.got, object, resolved, thunk, switched: false });
         Ok(())

@@ -42,6 +42,9 @@ pub(super) struct SiteInfo {
     /// as the scheduler likes).
     pub(super) stubs: [Option<Stub>; 3],
     pub(super) alive: bool,
+    /// Claimed by live patching (`trace/live.rs`): no op traces it; its
+    /// bytes are the live patcher's.
+    pub(super) live: bool,
 }
 
 /// Which stub a target is reached through.
@@ -273,6 +276,7 @@ impl Inner {
                     target: Target::Off,
                     stubs: [None; 3],
                     alive: true,
+                    live: false,
                 });
             }
         }
