@@ -344,3 +344,42 @@ fn arguments_and_results_survive_the_trampolines() {
     t.unregister(h2).unwrap();
     check();
 }
+
+/// Counts entries, nothing else.
+struct Entries(AtomicU64);
+
+impl TraceOp for Entries {
+    fn entry(&self, _e: &Entry<'_>) {
+        self.0.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// Not a test: prints where the tracer's generated code is (the
+/// executable anonymous mappings) and calls a traced function
+/// `MEASURE_CALLS` times, for counting the instructions a traced call runs
+/// there under `qemu-aarch64 -singlestep -d exec,nochain -dfilter <ranges>`
+/// (ARCHITECTURE.md, "aarch64").
+#[test]
+#[ignore]
+fn measure_traced_call() {
+    let _s = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let lib = Lib::open(&compile_so("measure", "int m_leaf(int x) { return x + 1; }\n", &[PATCHABLE, "-O2"]));
+    let t = Tracer::global();
+    t.refresh().unwrap();
+    let op = Arc::new(Entries(AtomicU64::new(0)));
+    let h = t.register(op.clone(), glob_filter(["m_leaf"], Vec::<String>::new()).unwrap()).unwrap();
+    // SAFETY: int m_leaf(int).
+    let f = unsafe { std::mem::transmute::<usize, extern "C" fn(i32) -> i32>(lib.sym("m_leaf")) };
+    let n: u64 = std::env::var("MEASURE_CALLS").ok().and_then(|v| v.parse().ok()).unwrap_or(1000);
+    f(0); // the thread registers on its first traced call
+    for i in 0..n {
+        assert_eq!(f(i as i32), i as i32 + 1);
+    }
+    assert_eq!(op.0.load(Ordering::Relaxed), n + 1);
+    let maps = std::fs::read_to_string("/proc/self/maps").unwrap();
+    for l in maps.lines().filter(|l| l.split_whitespace().nth(1) == Some("r-xp") && l.split_whitespace().count() == 5) {
+        println!("generated code: {}", l.split_whitespace().next().unwrap());
+    }
+    println!("site {:#x}", lib.sym("m_leaf"));
+    t.unregister(h).unwrap();
+}

@@ -346,30 +346,24 @@ pub unsafe fn entry_sp(frame: *const usize) -> usize {
     unsafe { *frame.add(TF_STUB_SP as usize / 8) + 16 }
 }
 
-/// Saves x0–x18 at `[sp + x]` and q0..`vecs` at `[sp + v]` (`vecs` even).
-fn save_regs(a: &mut Assembler, x: i32, v: i32, vecs: u8) -> Result<(), AsmError> {
+/// Saves x0–x18 at `[sp + x]`.
+fn save_gprs(a: &mut Assembler, x: i32) -> Result<(), AsmError> {
     for i in (0..18).step_by(2) {
         a.stp(Reg(i), Reg(i + 1), SP, x + 8 * i as i32, Index::Offset)?;
     }
-    a.str(Reg(18), SP, x + 8 * 18)?;
-    for i in (0..vecs).step_by(2) {
-        a.stp_q(i, i + 1, SP, v + 16 * i as i32)?;
-    }
-    Ok(())
+    a.str(Reg(18), SP, x + 8 * 18)
 }
 
-fn restore_regs(a: &mut Assembler, x: i32, v: i32, vecs: u8) -> Result<(), AsmError> {
-    for i in (0..vecs).step_by(2) {
-        a.ldp_q(i, i + 1, SP, v + 16 * i as i32)?;
-    }
+/// Restores what [`save_gprs`] saved.
+fn restore_gprs(a: &mut Assembler, x: i32) -> Result<(), AsmError> {
     for i in (0..18).step_by(2) {
         a.ldp(Reg(i), Reg(i + 1), SP, x + 8 * i as i32, Index::Offset)?;
     }
     a.ldr(Reg(18), SP, x + 8 * 18)
 }
 
-/// `stp` with a pair offset beyond ±512 is out of range: the register
-/// area is addressed from SP, and the frame stays below 1 KiB + 512.
+/// The size of a frame holding `vecs` q registers after the general ones
+/// (a multiple of 16: SP stays 16-aligned).
 fn frame_size(vecs: u8) -> u32 {
     (REGS_V as u32 + 16 * vecs as u32).next_multiple_of(16)
 }
@@ -390,7 +384,6 @@ pub fn entry_trampoline(at: usize, handler: usize, ctx: usize, _avx: bool, live:
     a.str(X9, SP, TF_VALUE)?;
     a.add_imm(X9, SP, size)?; // the stub's SP
     a.str(X9, SP, TF_STUB_SP)?;
-    // q-pairs reach [sp + 1008] at most: the vectors are addressed from x17.
     save_gprs_and_vecs(&mut a, vecs, true)?;
     a.add_imm(Reg(0), SP, TF_REGS as u32)?;
     a.mov_sp(Reg(1), SP)?;
@@ -410,7 +403,7 @@ pub fn entry_trampoline(at: usize, handler: usize, ctx: usize, _avx: bool, live:
 /// (the stub used it), and restored last on the way out.
 fn save_gprs_and_vecs(a: &mut Assembler, vecs: u8, save: bool) -> Result<(), AsmError> {
     if save {
-        save_regs(a, REGS_X, 0, 0)?;
+        save_gprs(a, REGS_X)?;
         a.add_imm(X17, SP, REGS_V as u32)?;
         for i in (0..vecs).step_by(2) {
             a.stp_q(i, i + 1, X17, 16 * i as i32)?;
@@ -421,7 +414,7 @@ fn save_gprs_and_vecs(a: &mut Assembler, vecs: u8, save: bool) -> Result<(), Asm
         for i in (0..vecs).step_by(2) {
             a.ldp_q(i, i + 1, X17, 16 * i as i32)?;
         }
-        restore_regs(a, REGS_X, 0, 0)
+        restore_gprs(a, REGS_X)
     }
 }
 
