@@ -175,6 +175,10 @@ fn exact_counts_from_eight_threads() {
     let lib = Arc::new(Lib::open(&compile_so("exact8", EXACT, &[PATCHABLE, "-O1", "-fno-inline"])));
     let t = Tracer::global();
     t.refresh().unwrap();
+    // Stubs raise the count in place (TPIDR_EL0 + offset), or with
+    // TEXTPOKE_TEST_DYNAMIC_TLS=1 call the enter and leave routines.
+    let dynamic = std::env::var_os("TEXTPOKE_TEST_DYNAMIC_TLS").is_some_and(|v| v == "1");
+    assert_eq!(t.counter_mode(), if dynamic { "calls" } else { "tls" });
     let c = Counter::new(true);
     let h = t.register(c.clone(), glob_filter(["ex8_*"], Vec::<String>::new()).unwrap()).unwrap();
     const CALLS: u64 = 20_000;
