@@ -16,6 +16,8 @@ use object::read::{ReadCache, ReadRef};
 use object::Endianness;
 
 use super::error::SitesError;
+use super::objects::{LoadedObject, Segment};
+use super::symbols::{FuncSym, Symbols};
 
 /// The ELF machine this build reads, and its relocation types for 8-byte
 /// pointers (none, relative, symbol + addend).
@@ -37,8 +39,6 @@ mod machine {
     pub const R_RELATIVE: u32 = elf::R_AARCH64_RELATIVE;
     pub const R_64: u32 = elf::R_AARCH64_ABS64;
 }
-use super::objects::{LoadedObject, Segment};
-use super::symbols::{FuncSym, Symbols};
 
 type Elf = FileHeader64<Endianness>;
 

@@ -397,7 +397,8 @@ impl Inner {
         let code = stub_code_near(lo, addr, STUBS_PER_BLOCK * tramp::STUB_CODE).map_err(mem)?;
         let data = retry_elsewhere(|k| {
             let shift = k * (32 << 20); // aarch64 only: the data is reached by adrp, ±4 GiB
-            DataBlock::near(code.addr() - shift, code.addr() + code.len() - shift, STUBS_PER_BLOCK * tramp::STUB_DATA)
+            let (lo, hi) = (code.addr().saturating_sub(shift), (code.addr() + code.len()).saturating_sub(shift));
+            DataBlock::near(lo, hi, STUBS_PER_BLOCK * tramp::STUB_DATA)
         })
         .map_err(mem)?;
         let words = [(tramp::HDR_CALL, header[0]), (tramp::HDR_GRAPH, header[1]), (tramp::HDR_LEAVE, header[2])];
