@@ -296,6 +296,14 @@ pub fn for_each_outer_pc(sp: usize, marker: usize, read: impl Fn(usize, &mut [u8
     }
 }
 
+/// Where the first-byte jump of a gcc pad would land (x86-64's one-byte
+/// pad mode, the tracer's `mirror.rs`): nowhere on aarch64, where a pad's
+/// first NOP is swapped with a `b` to its stub directly
+/// (`arch/tramp_aarch64.rs`), so no pad has a mirror slot.
+pub fn gcc_pad_jmp_target(_pad: usize) -> Option<usize> {
+    None
+}
+
 /// The thread pointer (`TPIDR_EL0`).
 pub fn thread_pointer() -> usize {
     let tp: usize;
