@@ -95,9 +95,10 @@ pub const RESPONSE_DEADLINE: Duration = Duration::from_secs(5);
 /// qemu delivers it a signal unblocks within microseconds.
 pub const EMULATOR_GRACE: Duration = Duration::from_millis(50);
 
-/// The emulator's own threads found so far (0: a free entry). Written
-/// only by the patcher that owns the commit table; Relaxed throughout
-/// (no other data is published with an entry).
+/// The emulator's own threads found so far (0: a free entry): a cache,
+/// filled and emptied with compare-and-swap by the patcher and the grace
+/// periods' sampler alike. Relaxed throughout: no other data is published
+/// with an entry, and a lost or doubled entry only costs a wait.
 static EMULATOR_THREADS: [AtomicI32; 4] = [const { AtomicI32::new(0) }; 4];
 
 struct Slot {
@@ -399,8 +400,7 @@ fn enlist(t: &Table, tid: i32, gen: u32, kind: usize) -> Result<bool, EnlistErro
 
 /// Whether `tid` is a thread of the emulator found earlier (module docs,
 /// "Under a user-mode emulator"), looked at again: an entry whose thread
-/// no longer blocks every signal is forgotten. Allocation-free; called
-/// only by the patcher of the commit table.
+/// no longer blocks every signal is forgotten. Allocation-free.
 fn known_emulator_thread(tid: i32) -> bool {
     // Relaxed: see EMULATOR_THREADS.
     let Some(e) = EMULATOR_THREADS.iter().find(|e| e.load(Ordering::Relaxed) == tid) else {
@@ -409,7 +409,8 @@ fn known_emulator_thread(tid: i32) -> bool {
     if emulation::is_emulator_thread(tid) {
         return true;
     }
-    e.store(0, Ordering::Relaxed); // its id now names another thread
+    // Its id now names another thread.
+    let _ = e.compare_exchange(tid, 0, Ordering::Relaxed, Ordering::Relaxed);
     false
 }
 
@@ -417,9 +418,10 @@ fn known_emulator_thread(tid: i32) -> bool {
 /// without it the thread is only found again, after the grace, next time).
 fn remember_emulator_thread(tid: i32) {
     // Relaxed: see EMULATOR_THREADS.
-    if let Some(e) = EMULATOR_THREADS.iter().find(|e| e.load(Ordering::Relaxed) == 0) {
-        e.store(tid, Ordering::Relaxed);
+    if EMULATOR_THREADS.iter().any(|e| e.load(Ordering::Relaxed) == tid) {
+        return;
     }
+    let _ = EMULATOR_THREADS.iter().find(|e| e.compare_exchange(0, tid, Ordering::Relaxed, Ordering::Relaxed).is_ok());
 }
 
 fn is_enlisted(t: &Table, tid: i32) -> bool {
