@@ -20,11 +20,15 @@
 //!   them succeeds and does nothing; sending one fails with `EINVAL`
 //!   ([`can_send_to_self`] finds out without a handler).
 //!
-//! [`user_mode_emulator`] tells whether the process runs under such an
-//! emulator: qemu answers `/proc/self/exe` with the guest program, while
-//! the kernel's own view through the thread's directory,
-//! `/proc/self/task/TID/exe`, names the emulator. On a kernel running the
-//! program natively both are the same file.
+//! [`user_mode_emulator`] tells whether the process runs under qemu-user:
+//! qemu answers `/proc/self/exe` with the guest program, while the
+//! kernel's own view through the thread's directory,
+//! `/proc/self/task/TID/exe`, names the emulator, a `qemu-*` binary. On a
+//! kernel running the program natively both are the same file. Other
+//! emulators that answer `/proc/self/exe` the same way (valgrind does) are
+//! not taken for qemu: their threads' host masks mean other things
+//! (valgrind blocks signals in every thread waiting for its lock), and
+//! leaving one of those threads out of a rendezvous would be wrong.
 
 use std::io;
 use std::sync::atomic::{AtomicU8, Ordering};
@@ -34,7 +38,7 @@ const NATIVE: u8 = 1;
 const EMULATED: u8 = 2;
 static DETECTED: AtomicU8 = AtomicU8::new(UNKNOWN);
 
-/// Whether this process runs under a user-mode emulator (module docs).
+/// Whether this process runs under qemu-user (module docs).
 /// The first call allocates (it reads two links); later calls are one
 /// atomic load, allocation-free and async-signal-safe.
 pub fn user_mode_emulator() -> bool {
@@ -55,7 +59,8 @@ pub fn user_mode_emulator() -> bool {
 fn detect() -> bool {
     let told = std::fs::read_link("/proc/self/exe");
     let kernel = std::fs::read_link(format!("/proc/self/task/{}/exe", super::gettid()));
-    matches!((told, kernel), (Ok(a), Ok(b)) if a != b)
+    let is_qemu = |p: &std::path::Path| p.file_name().is_some_and(|n| n.to_string_lossy().starts_with("qemu-"));
+    matches!((told, kernel), (Ok(a), Ok(b)) if a != b && is_qemu(&b))
 }
 
 /// The signals a thread of the emulator blocks and a guest thread's host
@@ -87,7 +92,7 @@ const ASYNC_SIGNALS: u64 = {
     mask
 };
 
-/// Under a user-mode emulator, whether thread `tid` blocks every
+/// Under qemu-user, whether thread `tid` blocks every
 /// asynchronous signal in its host mask: one of the emulator's own
 /// threads, or a guest thread caught in the microseconds in which qemu
 /// blocks everything to deliver a signal (callers look again later, after

@@ -68,14 +68,15 @@
 //! - `/proc/self/task` lists the emulator's own threads (qemu's
 //!   `call_rcu`), which run no program code and block every signal, so
 //!   they never answer. A thread that has not answered after
-//!   [`EMULATOR_GRACE`] while the process is emulated and whose host mask
-//!   blocks every asynchronous signal is taken for one: it is left out of
+//!   [`EMULATOR_GRACE`] while the process runs under qemu-user and whose
+//!   host mask blocks every asynchronous signal is taken for one: it is left out of
 //!   the request (nothing to park: it runs no program code) and
 //!   remembered, so later requests do not signal it at all. A remembered
 //!   thread is looked at again each time (its mask read from `/proc`,
 //!   allocation-free), in case its id was reused by a program thread. On a
-//!   kernel running the program natively none of this applies: no thread
-//!   is ever left out, and one blocking the signal fails the request.
+//!   kernel running the program natively, or under another emulator
+//!   (valgrind), none of this applies: no thread is ever left out, and one
+//!   blocking the signal fails the request.
 
 use crate::arch;
 use crate::error::PokeError;
