@@ -169,7 +169,7 @@ fn settle() {
     if p.transition().is_some() {
         let _ = p.force();
     }
-    while let Ok(_) = p.revert(None) {
+    while p.revert(None).is_ok() {
         if p.wait(Duration::from_secs(10)).is_err() {
             let _ = p.force();
         }
