@@ -3,7 +3,8 @@
 //! `lp_enter` runs when a thread's mirror does not match its stub's word:
 //! its first call in a transition, or any call while it has not switched.
 //! Steps (note §4.2), under the tracer's quiescence count (so grace periods
-//! wait for it, and a signal handler nested in it is cut off):
+//! wait for it, and a signal handler nested in it, or a call from tracer
+//! code, is "nested": it never switches and pushes nothing):
 //!
 //! 1. No transition involves the site (a thread late in a stub after the
 //!    transition completed): the settled version.
@@ -23,8 +24,10 @@
 //! Every read of the slots is inside a seqlock read section
 //! (`state::read_begin`): a stale view is never mixed with new versions.
 //! After a CAS the view is loaded again: a reversal meanwhile means the
-//! decision is taken again (the completion re-checks after a grace period
-//! when there were reversals, `patcher.rs`).
+//! decision is taken again. Decisions run inside a deciding section
+//! (`state::Deciding`), which the completion waits for before its last
+//! look at the records (`patcher.rs`). Before the transition is armed
+//! (every site jumps to its stub) no thread switches: step 3 is skipped.
 
 use super::stack::{self, Lookups, OwnMemory, Start, Verdict};
 use super::state::{self, LpThread, View};

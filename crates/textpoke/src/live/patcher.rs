@@ -14,19 +14,23 @@
 //!    version for every function of earlier patches it leaves out) on each
 //!    site's stack;
 //! 3. in one seqlock write section: each site's versions by state, its
-//!    stub's word, then the transition word (active, new generation);
-//!    publish the stack-check ranges first (Release);
+//!    stub's word, then the transition word (active, not armed, new
+//!    generation); publish the stack-check ranges first (Release);
 //! 4. one batch turns every site into `jmp stub`: from its last sync on,
-//!    every call of a transitioning function goes through its stub.
+//!    every call of a transitioning function goes through its stub; then
+//!    the transition is *armed*: threads may switch.
 //!
 //! Drive (`wait`): the calling thread checks itself; every other thread
 //! not at the target is checked from outside if it is blocked
 //! (`outside.rs`), else left to switch itself; after 2 ms of running
 //! threads pending, the checkpoint op (an op on every prepared traced
 //! entry: `enter::checkpoint`) lets busy threads switch at any traced
-//! call. Complete when every thread of `/proc/self/task` is at the target
-//! (after a reversal: again after a grace period, for slow paths that
-//! read the transition before the reversal).
+//! call. When every thread of `/proc/self/task` is at the target, the
+//! transition is marked *completing* (threads created since count as
+//! switched), the deciding sections begun before are waited for
+//! (`state::sync_deciders`: a decision taken on an older transition word,
+//! before a reversal say, is over), and every record and thread is looked
+//! at again; then it completes.
 //!
 //! Complete: settled versions and an inactive transition word (one write
 //! section); one batch makes each site `jmp replacement` (a near far-jump
