@@ -26,6 +26,10 @@
 //! 8. [`trace`]: the function tracer — ops ([`TraceOp`]) called at
 //!    traced sites through stubs and trampolines, the function graph,
 //!    grace periods before anything is freed.
+//! 9. [`live`]: live patching — functions replaced with the kernel's
+//!    per-thread consistency model ([`live::Patcher`], [`live::PatchDesc`],
+//!    [`live::LiveError`], the transition reports), on the tracer's entry
+//!    sites.
 //!
 //! Beside them, [`stress`] runs the poke engine against threads and
 //! signal handlers calling the sites it flips (`textpoke selftest`).

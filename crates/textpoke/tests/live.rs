@@ -32,7 +32,13 @@ V int rec(int n, int fd, int *got) {
 }
 V int f(void) { return 1; }
 V int g(void) { return 1; }
+V long mix(long a, long b, long c, long d, long e, long f, double x, double y) {
+    return a + 2 * b + 3 * c + 4 * d + 5 * e + 6 * f + (long)(x * 10) + (long)(y * 100);
+}
 /* Version 2: a patch's. */
+V long mix_v2(long a, long b, long c, long d, long e, long f, double x, double y) {
+    return 1000000 + a + 2 * b + 3 * c + 4 * d + 5 * e + 6 * f + (long)(x * 10) + (long)(y * 100);
+}
 V int inner_v2(void) { return 2; }
 V int outer_v2(int fd, int *got) { if (fd >= 0) { char c; *got = read(fd, &c, 1); } return 10 * 2 + inner(); }
 V int rec_v2(int n, int fd, int *got) {
@@ -169,7 +175,7 @@ fn settle() {
     if p.transition().is_some() {
         let _ = p.force();
     }
-    while let Ok(_) = p.revert(None) {
+    while p.revert(None).is_ok() {
         if p.wait(Duration::from_secs(10)).is_err() {
             let _ = p.force();
         }
@@ -464,6 +470,37 @@ fn a_transition_reversed_midway_ends_in_the_original_versions() {
     unsafe { libc::close(wr) };
 }
 
+/// Every argument register (six integers, two vectors) survives the
+/// stubs' slow path, taken by a thread's first call in a transition.
+fn arguments_survive_the_slow_path() {
+    settle();
+    let p = Patcher::global();
+    type Mix = extern "C" fn(i64, i64, i64, i64, i64, i64, f64, f64) -> i64;
+    // SAFETY: the C signature.
+    let mix = unsafe { std::mem::transmute::<usize, Mix>(fixture().lib.sym("mix")) };
+    let expect = 1 + 2 * 2 + 3 * 3 + 4 * 4 + 5 * 5 + 6 * 6 + 15 + 250;
+    assert_eq!(mix(1, 2, 3, 4, 5, 6, 1.5, 2.5), expect);
+    // A pinned thread keeps the transition pending: every thread's first
+    // call goes through the slow path meanwhile.
+    let (tid, wr, sleeper) = blocked_caller(false);
+    let id = p
+        .apply(desc("mix", vec![func("outer", "outer_v2"), func("inner", "inner_v2"), func("mix", "mix_v2")]))
+        .unwrap();
+    assert_eq!(mix(1, 2, 3, 4, 5, 6, 1.5, 2.5), 1_000_000 + expect, "switched in the slow path");
+    let other = std::thread::spawn(move || mix(1, 2, 3, 4, 5, 6, 1.5, 2.5)).join().unwrap();
+    assert_eq!(other, 1_000_000 + expect);
+    let report = p.transition().expect("pending");
+    assert!(report.pending.iter().any(|t| t.tid == tid), "{report}");
+    write_byte(wr);
+    assert_eq!(sleeper.join().unwrap(), (11, 1));
+    // SAFETY: our descriptor.
+    unsafe { libc::close(wr) };
+    p.wait(Duration::from_secs(20)).unwrap_or_else(|e| panic!("{e}"));
+    p.revert(Some(id)).unwrap();
+    p.wait(Duration::from_secs(20)).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(mix(1, 2, 3, 4, 5, 6, 1.5, 2.5), expect);
+}
+
 fn refused_patches_write_nothing() {
     settle();
     let p = Patcher::global();
@@ -582,6 +619,8 @@ fn live_patching_scenarios() {
     a_thread_that_never_leaves_is_named_and_force_completes();
     eprintln!("scenario: a_transition_reversed_midway_ends_in_the_original_versions");
     a_transition_reversed_midway_ends_in_the_original_versions();
+    eprintln!("scenario: arguments_survive_the_slow_path");
+    arguments_survive_the_slow_path();
     eprintln!("scenario: refused_patches_write_nothing");
     refused_patches_write_nothing();
     eprintln!("scenario: blocked_threads_see_no_eintr_over_a_hundred_cycles");

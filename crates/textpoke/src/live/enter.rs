@@ -3,7 +3,8 @@
 //! `lp_enter` runs when a thread's mirror does not match its stub's word:
 //! its first call in a transition, or any call while it has not switched.
 //! Steps (note §4.2), under the tracer's quiescence count (so grace periods
-//! wait for it, and a signal handler nested in it is cut off):
+//! wait for it, and a signal handler nested in it, or a call from tracer
+//! code, is "nested": it never switches and pushes nothing):
 //!
 //! 1. No transition involves the site (a thread late in a stub after the
 //!    transition completed): the settled version.
@@ -23,8 +24,10 @@
 //! Every read of the slots is inside a seqlock read section
 //! (`state::read_begin`): a stale view is never mixed with new versions.
 //! After a CAS the view is loaded again: a reversal meanwhile means the
-//! decision is taken again (the completion re-checks after a grace period
-//! when there were reversals, `patcher.rs`).
+//! decision is taken again. Decisions run inside a deciding section
+//! (`state::Deciding`), which the completion waits for before its last
+//! look at the records (`patcher.rs`). Before the transition is armed
+//! (every site jumps to its stub) no thread switches: step 3 is skipped.
 
 use super::stack::{self, Lookups, OwnMemory, Start, Verdict};
 use super::state::{self, LpThread, View};
@@ -32,8 +35,9 @@ use crate::trace::{lp_guarded, lp_own_shadow, lp_push_marked};
 use std::sync::atomic::{AtomicPtr, Ordering};
 
 /// What a stack check compares against, for one transition (generation);
-/// published before the transition ([`CHECK`]) and retired through a
-/// grace period when the next one starts.
+/// published before the transition ([`CHECK`]) and freed when the next
+/// one starts, once the deciding sections (`state::Deciding`, inside which
+/// every self-check runs) begun before are over.
 pub(super) struct Check {
     pub gen: u32,
     /// By state ([`state::UNPATCHED`], [`state::PATCHED`]): the ranges of
@@ -57,6 +61,8 @@ pub(super) extern "C" fn lp_enter(index: usize, entry_sp: usize, caller_bp: usiz
 
 fn enter(index: u32, entry_sp: usize, caller_bp: usize, nested: bool) -> usize {
     let slot = state::slot(index);
+    // Every decision below reads the transition word and may CAS from it.
+    let _deciding = state::Deciding::enter();
     loop {
         let seq = state::read_begin();
         let t = View::load();
@@ -167,9 +173,9 @@ pub(super) fn held_word(func: u32, s: u8, frame: u32) -> u64 {
 /// A reliable unwind of the calling thread from `start`, else the scan of
 /// its stack (when the control side told it where its stack ends).
 fn check_own_stack(rec: &LpThread, t: View, s: u8, start: Start) -> Verdict {
-    // Acquire pairs with the Release store publishing the transition's check.
-    // SAFETY: a published Check is freed only after a grace period, and
-    // this runs under the raised count (`lp_guarded`, or an op callback).
+    // Acquire pairs with the AcqRel swap publishing the transition's check.
+    // SAFETY: a published Check is freed only after the deciding sections
+    // begun before its unpublishing are over; this runs inside one.
     let Some(check) = (unsafe { CHECK.load(Ordering::Acquire).as_ref() }) else { return Verdict::Unreliable };
     if check.gen != t.gen {
         return Verdict::Unreliable;
@@ -220,10 +226,20 @@ fn check_own_stack(rec: &LpThread, t: View, s: u8, start: Start) -> Verdict {
 /// `start` is the entered function's caller frame.
 pub(super) fn checkpoint(start: Start) {
     let t = View::load();
-    if !t.active || !t.armed {
+    if !t.active {
         return;
     }
     let Some(rec) = state::own_record() else { return };
+    // At the target already: nothing to decide (the common case, which
+    // stays out of the deciding sections the completion waits for).
+    if t.effective(rec.word.load(Ordering::Acquire)) == t.target {
+        return;
+    }
+    let _deciding = state::Deciding::enter();
+    let t = View::load();
+    if !t.active || !t.armed {
+        return;
+    }
     let w = rec.word.load(Ordering::Acquire); // pairs as in `enter`
     let s = t.effective(w);
     if s == t.target {

@@ -14,19 +14,23 @@
 //!    version for every function of earlier patches it leaves out) on each
 //!    site's stack;
 //! 3. in one seqlock write section: each site's versions by state, its
-//!    stub's word, then the transition word (active, new generation);
-//!    publish the stack-check ranges first (Release);
+//!    stub's word, then the transition word (active, not armed, new
+//!    generation); publish the stack-check ranges first (Release);
 //! 4. one batch turns every site into `jmp stub`: from its last sync on,
-//!    every call of a transitioning function goes through its stub.
+//!    every call of a transitioning function goes through its stub; then
+//!    the transition is *armed*: threads may switch.
 //!
 //! Drive (`wait`): the calling thread checks itself; every other thread
 //! not at the target is checked from outside if it is blocked
 //! (`outside.rs`), else left to switch itself; after 2 ms of running
 //! threads pending, the checkpoint op (an op on every prepared traced
 //! entry: `enter::checkpoint`) lets busy threads switch at any traced
-//! call. Complete when every thread of `/proc/self/task` is at the target
-//! (after a reversal: again after a grace period, for slow paths that
-//! read the transition before the reversal).
+//! call. When every thread of `/proc/self/task` is at the target, the
+//! transition is marked *completing* (threads created since count as
+//! switched), the deciding sections begun before are waited for
+//! (`state::sync_deciders`: a decision taken on an older transition word,
+//! before a reversal say, is over), and every record and thread is looked
+//! at again; then it completes.
 //!
 //! Complete: settled versions and an inactive transition word (one write
 //! section); one batch makes each site `jmp replacement` (a near far-jump
@@ -374,7 +378,7 @@ impl Patcher {
                 }
             }
             std::thread::sleep(pause.min(deadline.saturating_duration_since(Instant::now())));
-            pause = (pause * 2).min(Duration::from_millis(10));
+            pause = (pause * 2).min(Duration::from_millis(2));
         }
     }
 
@@ -619,13 +623,12 @@ impl Control {
             view.publish();
         }
         self.gen = gen;
-        // The previous check: freed after a grace period (self-checks read
-        // it under the raised count); leaked if the grace period does not end.
-        if !old.is_null() {
-            if crate::trace::wait_for_grace(Duration::from_secs(1)).unwrap_or(false) {
-                // SAFETY: unpublished above, and no reader is left after the grace period.
-                drop(unsafe { Box::from_raw(old) });
-            }
+        // The previous check: its readers are the self-checks, all inside a
+        // deciding section (`state::Deciding`); freed once those begun
+        // before are over, leaked if they do not end.
+        if !old.is_null() && state::sync_deciders(Duration::from_secs(1)) {
+            // SAFETY: unpublished above, and no reader is left (see above).
+            drop(unsafe { Box::from_raw(old) });
         }
         let writes: Vec<LiveWrite> = slots
             .iter()
@@ -783,16 +786,16 @@ impl Control {
         }
         // Every listed thread is at the target. Threads created since the
         // listing count as switched from now on ("completing"); once every
-        // slow path that read the transition before is over (a grace
-        // period: after a reversal, one may still switch a thread the old
-        // way; a new thread may have entered a stub), look again at every
-        // record of this generation and at the threads.
+        // decision that read the transition word before is over
+        // (`sync_deciders`: after a reversal, one may still switch a
+        // thread the old way; a new thread may have entered a stub), look
+        // again at every record of this generation and at the threads.
         let completing = View { completing: true, ..t };
         {
             let _w = state::WriteSection::open();
             completing.publish();
         }
-        let graced = crate::trace::wait_for_grace(Duration::from_secs(1)).unwrap_or(false);
+        let graced = state::sync_deciders(Duration::from_secs(1));
         let records_ok = state::records().iter().all(|r| {
             let w = r.word.load(Ordering::Acquire);
             r.tid.load(Ordering::Acquire) == 0 || (w >> 32) as u32 != t.gen || completing.effective(w) == t.target
@@ -805,6 +808,7 @@ impl Control {
         if graced && records_ok && threads_ok {
             return Ok(true);
         }
+
         let _w = state::WriteSection::open();
         t.publish();
         Ok(false)
@@ -825,7 +829,7 @@ impl Control {
                 gone.extend(self.patches.iter().filter(|p| p.id != pid).map(|p| p.id));
             }
             for s in &mut self.sites {
-                s.stack.retain(|v| !gone.contains(&v.patch) && !(v.patch == pid && v.nop));
+                s.stack.retain(|v| !(gone.contains(&v.patch) || v.patch == pid && v.nop));
             }
             if let Some(p) = self.patches.iter_mut().find(|p| p.id == pid) {
                 p.state = PatchState::Enabled;
@@ -1005,9 +1009,13 @@ impl TraceOp for Checkpoint {
 
 /// Registers the checkpoint op on every function whose entry sites are
 /// all one instruction already (a gcc pad would need stop-machine, which
-/// may interrupt a system call: rule 9).
+/// may interrupt a system call: rule 9), or on every function when the
+/// tracer enables pads by their first byte (no signal either).
 fn register_checkpoint() -> Option<OpHandle> {
     let tracer = Tracer::global();
+    if tracer.pad_mode() != crate::trace::PadMode::StopMachine {
+        return tracer.register(Arc::new(Checkpoint), Filter::all()).ok();
+    }
     let mut ok: HashMap<Arc<str>, bool> = HashMap::new();
     for f in tracer.functions() {
         if f.place != crate::trace::SitePlace::FunctionEntry {

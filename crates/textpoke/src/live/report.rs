@@ -29,9 +29,11 @@ pub enum PatchState {
 /// A patch, as [`Patcher::patches`](super::Patcher::patches) lists it.
 #[derive(Debug, Clone)]
 pub struct PatchInfo {
+    /// Its id.
     pub id: PatchId,
     /// [`PatchDesc::name`](super::PatchDesc::name).
     pub name: String,
+    /// Where it is in its life.
     pub state: PatchState,
     /// The functions it replaces (target names).
     pub functions: Vec<String>,
@@ -57,6 +59,7 @@ pub struct Holding {
     /// a stub or the slow path, `"(a frame entered during the transition)"`
     /// for a frame counted on its shadow stack.
     pub function: String,
+    /// Which version of it.
     pub version: Held,
     /// Frames from the top of its stack (for a scan: stack words).
     pub frame: u32,
@@ -71,15 +74,22 @@ pub enum Activity {
     /// Blocked in the kernel: in system call `syscall` (its name when
     /// known, else its number; `None`: blocked outside a system call, e.g.
     /// a page fault), seen so since `for_` ago.
-    Blocked { syscall: Option<String>, for_: Duration },
+    Blocked {
+        /// The system call's name or number.
+        syscall: Option<String>,
+        /// Since when it was seen blocked so.
+        for_: Duration,
+    },
 }
 
 /// One thread that has not switched.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ThreadReport {
+    /// Its thread id.
     pub tid: i32,
     /// Its name (`/proc/self/task/TID/comm`).
     pub comm: String,
+    /// Running or blocked.
     pub activity: Activity,
     /// What it holds, if a check found it.
     pub holds: Option<Holding>,
@@ -117,7 +127,9 @@ impl fmt::Display for ThreadReport {
 /// A transition in progress.
 #[derive(Debug, Clone)]
 pub struct TransitionReport {
+    /// The patch in transition.
     pub patch: PatchId,
+    /// Its name.
     pub name: String,
     /// [`PatchState::Patching`] or [`PatchState::Unpatching`].
     pub direction: PatchState,
@@ -150,6 +162,7 @@ impl fmt::Display for TransitionReport {
 /// A completed transition.
 #[derive(Debug, Clone)]
 pub struct Completed {
+    /// The patch whose transition completed.
     pub patch: PatchId,
     /// [`PatchState::Enabled`] (patched) or [`PatchState::Unpatching`]
     /// (reverted: the patch is gone from the list).
@@ -166,31 +179,45 @@ pub struct Completed {
 #[non_exhaustive]
 pub enum LiveError {
     #[error("patch {id} ({name}) is in transition: wait for it to complete (Patcher::wait), revert it (reverses it), or force it, then try again")]
+    /// One transition at a time (the kernel's `-EBUSY`).
     Busy { id: PatchId, name: String },
     #[error("patch {name:?} replaces no function")]
+    /// A patch with no function.
     Empty { name: String },
     #[error("patch {name:?}: {what}")]
+    /// A malformed description (a target twice, a zero size...).
     BadDesc { name: String, what: String },
     #[error("{function}() at {addr:#x} has no function-entry site: build it with -fpatchable-function-entry=5 (or -pg -mfentry -mnop-mcount -mrecord-mcount) so that it can be patched")]
+    /// A target without a function-entry site.
     NoEntrySite { function: String, addr: usize },
     #[error("patch {name:?}: its {callback} callback returned {code}: nothing was changed")]
+    /// A pre-patch or pre-unpatch callback refused.
     Callback { name: String, callback: &'static str, code: i32 },
     #[error("no patch {0}: see Patcher::patches for the applied ones")]
+    /// No such applied patch.
     UnknownPatch(PatchId),
     #[error("no patch is applied")]
+    /// Nothing to revert.
     NoPatches,
     #[error("patch {on_top} ({on_top_name}) is stacked on patch {patch} ({patch_name}) for {function}(): revert {on_top} first")]
+    /// A revert of a patch another is stacked on.
     Stacked { patch: PatchId, patch_name: String, on_top: PatchId, on_top_name: String, function: String },
     #[error("no transition is in progress")]
+    /// `wait` or `force` with no transition.
     NoTransition,
     #[error("{0}\nthe transition stays pending: wait again, revert (reverses it), or force it (its code is then never unloaded)")]
+    /// `wait` timed out: the transition stays pending.
     Pending(TransitionReport),
     #[error("at most {0} functions can be live-patched in one process")]
+    /// The live-site table is full.
     TooManySites(usize),
     #[error("cannot make live-patch stubs near {near:#x}: {source}")]
+    /// Stub memory could not be mapped or written.
     Memory { near: usize, source: std::io::Error },
     #[error("live patching cannot be changed from a signal handler or a tracing callback")]
+    /// Called from a signal handler inside live-patching code or a tracing callback.
     InCallback,
     #[error(transparent)]
+    /// The tracer refused a site change (nothing was written).
     Trace(#[from] crate::trace::TraceError),
 }

@@ -193,6 +193,64 @@ impl Drop for WriteSection {
     }
 }
 
+// ---------------------------------------------------------------- deciding sections
+
+/// Threads deciding a switch, by phase (an SRCU of two counters): a
+/// decision reads the transition word and may CAS a thread word from it;
+/// [`sync_deciders`] waits until every decision begun before it ended, so
+/// that one taken on a transition word published before is over.
+static DECIDING: [AtomicU64; 2] = [AtomicU64::new(0), AtomicU64::new(0)];
+static PHASE: AtomicU64 = AtomicU64::new(0);
+
+/// A decision in progress (see [`DECIDING`]).
+pub(super) struct Deciding(usize);
+
+impl Deciding {
+    pub(super) fn enter() -> Deciding {
+        loop {
+            // SeqCst, all four: the increment and the phase check are
+            // ordered against `sync_deciders`' flip and reads (the SRCU
+            // argument: a decider that saw the old phase after incrementing
+            // is counted in the old phase's counter, which the writer waits
+            // for).
+            let p = (PHASE.load(Ordering::SeqCst) & 1) as usize;
+            DECIDING[p].fetch_add(1, Ordering::SeqCst);
+            if (PHASE.load(Ordering::SeqCst) & 1) as usize == p {
+                return Deciding(p);
+            }
+            DECIDING[p].fetch_sub(1, Ordering::SeqCst);
+        }
+    }
+}
+
+impl Drop for Deciding {
+    fn drop(&mut self) {
+        // Release: the decision's CAS before the count the writer reads
+        // (SeqCst there).
+        DECIDING[self.0].fetch_sub(1, Ordering::Release);
+    }
+}
+
+/// Waits (up to `patience`) until every decision begun before the call has
+/// ended. Control side.
+pub(super) fn sync_deciders(patience: std::time::Duration) -> bool {
+    let start = std::time::Instant::now();
+    let old = (PHASE.fetch_add(1, Ordering::SeqCst) & 1) as usize;
+    let mut spins = 0u32;
+    while DECIDING[old].load(Ordering::SeqCst) != 0 {
+        if start.elapsed() >= patience {
+            return false;
+        }
+        spins += 1;
+        if spins < 64 {
+            std::thread::yield_now();
+        } else {
+            std::thread::sleep(std::time::Duration::from_micros(50));
+        }
+    }
+    true
+}
+
 // ---------------------------------------------------------------- sites
 
 /// The most live sites (functions patched at once, over the process's life).

@@ -296,7 +296,7 @@ impl Inner {
 
     /// The live sites still in gcc's five-one-byte-NOP form that `changing`
     /// (site indexes, ascending) does not write.
-    fn pads_to_prepare(&self, changing: &[usize]) -> Vec<usize> {
+    pub(super) fn pads_to_prepare(&self, changing: &[usize]) -> Vec<usize> {
         let mut next = changing.iter().copied().peekable();
         let mut pads = Vec::new();
         for (i, s) in self.sites.iter().enumerate() {

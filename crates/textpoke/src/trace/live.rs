@@ -94,6 +94,21 @@ impl Tracer {
                 None => poke,
             });
         }
+        // Parked anyway: with `prepare_pads`, every other pad becomes one
+        // 5-byte NOP in the same batch, as in the tracer's own changes.
+        let mut padded = Vec::new();
+        if stop_machine && g.prepare_pads {
+            let writing: Vec<usize> =
+                writes.iter().filter_map(|w| g.by_addr.get(&w.addr).map(|&i| i as usize)).collect();
+            let mut writing = writing;
+            writing.sort_unstable();
+            padded = g.pads_to_prepare(&writing);
+            padded.retain(|&i| !g.sites[i].live);
+            for &i in &padded {
+                let s = &g.sites[i];
+                batch.push(Poke::region(s.addr, GCC_PAD, NOP5).named(s.function.clone()));
+            }
+        }
         let strategy = if stop_machine { Strategy::StopMachine } else { Strategy::Breakpoint };
         let r = batch.commit_with(CommitOptions::strategy(strategy));
         if r.is_ok() {
@@ -101,6 +116,9 @@ impl Tracer {
                 if let Some(&i) = g.by_addr.get(&w.addr) {
                     g.sites[i as usize].prepared = true; // one instruction from now on
                 }
+            }
+            for i in padded {
+                g.sites[i].prepared = true;
             }
         }
         drop(g);
