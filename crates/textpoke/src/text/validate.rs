@@ -144,19 +144,40 @@ pub(crate) fn validate(pokes: &[Poke], strategy: Strategy) -> Result<Plan<'_>, P
             });
         }
     }
-    let maps = Maps::read().map_err(|source| PokeError::Sys { what: "read /proc/self/maps", source })?;
     let addrs: Vec<usize> = order.iter().map(|p| p.addr).collect();
     let symbols = dynsym::covering_sorted(&addrs);
     drop(addrs);
+    // `/proc/self/maps` is read in several system calls, between which other
+    // threads may map and unmap: an emulator's view (qemu-user builds it
+    // from its own page table) has been seen missing a stable mapping while
+    // other threads mapped memory. A poke found outside every mapping is
+    // checked against a second reading before it is refused.
+    let maps = read_maps()?;
+    match plan_with(&order, &symbols, &maps, strategy) {
+        Err(PokeError::NotMapped { .. }) => plan_with(&order, &symbols, &read_maps()?, strategy),
+        plan => plan,
+    }
+}
+
+fn read_maps() -> Result<Maps, PokeError> {
+    Maps::read().map_err(|source| PokeError::Sys { what: "read /proc/self/maps", source })
+}
+
+fn plan_with<'a>(
+    order: &[&'a Poke],
+    symbols: &[Option<dynsym::Covering>],
+    maps: &Maps,
+    strategy: Strategy,
+) -> Result<Plan<'a>, PokeError> {
     let mut planned = Vec::with_capacity(order.len());
-    for (p, sym) in order.into_iter().zip(symbols) {
+    for (p, sym) in order.iter().zip(symbols) {
         let function = sym.and_then(|c| function_range(p.addr, c));
-        if let Some(pl) = validate_one(p, &maps, function, strategy)? {
+        if let Some(pl) = validate_one(p, maps, function, strategy)? {
             planned.push(pl);
         }
     }
     let runs =
-        page_runs(&maps, planned.iter().map(|p| (p.addr, p.old().len()))).expect("validated pokes lie in mapped pages");
+        page_runs(maps, planned.iter().map(|p| (p.addr, p.old().len()))).expect("validated pokes lie in mapped pages");
     Ok(Plan { pokes: planned, runs })
 }
 
