@@ -21,8 +21,10 @@
 //! (`Patcher::wait`: outside checks of blocked threads, the checkpoint op
 //! for busy ones) until it completes, by itself or by `patch-force`, or is
 //! reverted; it notes each completion for `patch-done` and ends as soon as
-//! no transition is in progress: no thread of textpoke's stays while
-//! nothing is pending. A transition left pending when `textpoke patch`
+//! no transition is in progress, after stopping the tracer's reclaimer
+//! thread unless a recording needs it: no thread of textpoke's stays while
+//! nothing is pending (a program under `textpoke record` keeps its agent
+//! thread and reclaimer, as it did before). A transition left pending when `textpoke patch`
 //! timed out is driven on, whether or not a client is connected.
 //!
 //! # Completions
@@ -280,7 +282,25 @@ fn drive_loop() {
         // by the look below.
         DRIVING.store(false, Ordering::Release);
         if p.transition().is_none() || DRIVING.swap(true, Ordering::AcqRel) {
+            stop_reclaimer();
             return;
         }
+    }
+}
+
+/// When nothing records: frees what the completed transition retired and
+/// stops the tracer's reclaimer thread, so that no thread of textpoke's
+/// stays while no transition is pending (the next change starts it
+/// again). A recording agent keeps it (its filter changes retire
+/// trampolines).
+fn stop_reclaimer() {
+    let recording = crate::AGENT.lock().as_ref().is_some_and(|a| a.phase == crate::Phase::Recording);
+    if recording || DRIVING.load(Ordering::Acquire) {
+        return;
+    }
+    let tracer = textpoke::trace::Tracer::global();
+    let _ = tracer.reclaim(DRIVE_SLICE);
+    if let Err(e) = tracer.stop_reclaimer() {
+        crate::note_once(&format!("the tracer's reclaimer thread keeps running: {e}"));
     }
 }
