@@ -418,7 +418,21 @@ fn serve(owned: OwnedFd) {
     let mut reader = BufReader::new(&conn);
     match SessionStart::read(&mut reader) {
         Ok(SessionStart::Record(config)) => record_session(&conn, reader, config),
-        Ok(SessionStart::Patch) => patch_session(&conn, reader),
+        Ok(SessionStart::Patch) => {
+            // Served from a thread of our own: a live-patch check of the
+            // thread answering (it is running then) must unwind its stack
+            // reliably, which this thread's, made by the injector, does
+            // not. This one waits, blocked, until the session ends.
+            let conn = &conn;
+            std::thread::scope(|s| {
+                let served = std::thread::Builder::new()
+                    .name("textpoke-patch".into())
+                    .spawn_scoped(s, move || as_agent(|| patch_session(conn, reader)));
+                if served.is_err() {
+                    conn.send(&Reply::error("cannot start the patch session's thread"));
+                }
+            });
+        }
         Err(e) => {
             conn.send(&Reply::error(format!("bad first message from textpoke: {e}")));
         }
@@ -433,6 +447,7 @@ fn serve(owned: OwnedFd) {
 /// program's disposition). It runs beside a recording session, and in a
 /// preloaded agent too.
 fn patch_session(conn: &Conn, mut reader: BufReader<&Conn>) {
+    set_in_agent_thread();
     let mut line = Vec::new();
     loop {
         line.clear();

@@ -144,6 +144,11 @@ fn revert(id: Option<PatchId>) -> Reply {
 }
 
 fn done(id: PatchId, seq: u64) -> Reply {
+    // Looked at before the log: the live-patch thread notes a completion
+    // before it ends, so a completion not in the log below was either
+    // made after these looks, or made by a thread still running then.
+    let driving = DRIVING.load(Ordering::Acquire);
+    let known = Patcher::global().patches().iter().any(|i| i.id == id);
     let g = log();
     if let Some((_, c)) = g.done.iter().find(|(s, c)| *s >= seq && c.patch == id) {
         return Reply::ok()
@@ -156,12 +161,11 @@ fn done(id: PatchId, seq: u64) -> Reply {
         return Reply::error(format!("no completion {seq} can be awaited yet (the next is {})", g.next));
     }
     drop(g);
-    // In transition, or completed a moment ago by the live-patch thread,
-    // which notes it next.
-    let known = Patcher::global().patches().iter().any(|i| i.id == id);
-    if !known && !DRIVING.load(Ordering::Acquire) && Patcher::global().transition().is_none() {
+    if !known && !driving && Patcher::global().transition().is_none() {
         return Reply::error(format!("patch {id} is not applied and no transition of it was awaited"));
     }
+    // In transition, or completed a moment ago by the live-patch thread,
+    // which notes it next.
     Reply::ok().field("state", "pending")
 }
 
@@ -173,7 +177,17 @@ fn direction(s: PatchState) -> &'static str {
     }
 }
 
+/// One round of the transition on the calling thread, which checks
+/// itself: a session's thread, busy answering, would otherwise be
+/// reported (and forced) as a running thread that has not switched.
+fn check_self() {
+    if let Ok(c) = Patcher::global().wait(Duration::ZERO) {
+        note(c);
+    }
+}
+
 fn report() -> Reply {
+    check_self();
     let Some(t) = Patcher::global().transition() else {
         return Reply::ok().field("transition", "none");
     };
@@ -191,6 +205,7 @@ fn report() -> Reply {
 }
 
 fn force() -> Reply {
+    check_self();
     let p = Patcher::global();
     let Some(t) = p.transition() else {
         return Reply::error(LiveError::NoTransition.to_string());

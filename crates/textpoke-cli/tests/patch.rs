@@ -467,13 +467,16 @@ fn a_thread_inside_an_old_function_keeps_the_transition_pending_until_forced() {
     // Still pending, still reported; the list says so.
     let again = patch_cmd(pid, &["--report"]);
     assert_eq!(again.status.code(), Some(2));
-    assert!(text(&again.stdout).contains(&format!("tid {blocked} (blocked)")));
+    let report = text(&again.stdout);
+    assert!(report.contains("1 thread not switched"), "only the blocked thread, not textpoke's: {report}");
+    assert!(report.contains(&format!("tid {blocked} (blocked): holds holder() [old]")), "{report}");
     assert!(ok(&patch_cmd(pid, &["--list"])).contains("patching"));
     // The agent's live-patch thread drives it meanwhile.
     assert_eq!(threads_named(pid, "textpoke-live").len(), 1);
 
     let forced = ok(&patch_cmd(pid, &["--force"]));
-    assert!(forced.contains("by force") && forced.contains(&format!("tid {blocked} (blocked)")), "{forced}");
+    assert!(forced.contains("by force") && forced.contains("1 thread switched without a check"), "{forced}");
+    assert!(forced.contains(&format!("tid {blocked} (blocked): holds holder() [old]")), "{forced}");
     let list = ok(&patch_cmd(pid, &["--list"]));
     assert!(list.contains("enabled") && list.contains(" yes "), "forced: {list}");
     let deadline = Instant::now() + Duration::from_secs(5);
