@@ -185,6 +185,7 @@ impl Agent {
     fn inject(pid: i32, who: &str) -> Result<Agent, CliError> {
         let agent = agent_path()?;
         let agent = std::fs::canonicalize(&agent).unwrap_or(agent);
+        check_same_agent(pid, who, &agent)?;
         let injected = textpoke_inject::inject(pid, &InjectOptions::new(SoImage::TargetPath(&agent), ENTRY))
             .map_err(|e| failed(format!("cannot attach to {who}: {e}")))?;
         let mut s = injected.socket;
@@ -213,6 +214,29 @@ impl Agent {
             let _ = self.reader.get_mut().write_all(b"detach\n");
         }
     }
+}
+
+/// Refuses a process holding an agent of another textpoke build: two
+/// agents would fight over its sites (the same file is the same image:
+/// `dlopen` returns the one loaded).
+fn check_same_agent(pid: i32, who: &str, agent: &Path) -> Result<(), CliError> {
+    use std::os::unix::fs::MetadataExt;
+    let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).unwrap_or_default();
+    let Some(loaded) = maps.lines().filter_map(|l| l.splitn(6, ' ').nth(5).map(str::trim_start)).find(|p| {
+        p.starts_with('/') && Path::new(p).file_name().is_some_and(|n| n == AGENT_FILE_NAME)
+    }) else {
+        return Ok(());
+    };
+    let ours = std::fs::metadata(agent).map_err(|e| failed(format!("cannot read the agent {}: {e}", agent.display())))?;
+    let theirs = std::fs::metadata(format!("/proc/{pid}/root{loaded}"));
+    if theirs.is_ok_and(|m| (m.dev(), m.ino()) == (ours.dev(), ours.ino())) {
+        return Ok(());
+    }
+    Err(failed(format!(
+        "{who} has another textpoke agent loaded ({}) and its control socket was not found: patch it with the \
+         textpoke that loaded it (with the same TEXTPOKE_SOCKET_DIR)",
+        escape(loaded)
+    )))
 }
 
 /// Whether the agent's object is mapped in `pid`.
@@ -263,7 +287,8 @@ fn apply(args: &Args, who: &str, patch: &Path, t0: Instant) -> Result<ExitCode, 
     let targets = file.check_process(args.pid).map_err(|e| failed(format!("{e}")))?;
     if args.verbose {
         for t in &targets {
-            let id: String = t.build_id.as_ref().map_or("none".into(), |b| b.iter().map(|x| format!("{x:02x}")).collect());
+            let id: String =
+                t.build_id.as_ref().map_or("none".into(), |b| b.iter().map(|x| format!("{x:02x}")).collect());
             eprint_line(&format!("textpoke patch: target {} (build-id {id}) matches", t.path.display()));
         }
     }

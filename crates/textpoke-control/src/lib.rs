@@ -449,12 +449,10 @@ impl Request {
             ("disable", Some(g)) if !g.is_empty() => Ok(Request::Disable(g.to_owned())),
             ("enable" | "disable", _) => bad(format!("`{verb}` needs a GLOB: `{verb} GLOB`, e.g. `{verb} work*`")),
             ("status", Some(_)) => bad("`status` takes no argument".into()),
-            _ => {
-                bad(format!(
-                    "unknown request {:?}; expected `status`, `enable GLOB`, `disable GLOB` or a `patch-*` verb",
-                    shorten(line)
-                ))
-            }
+            _ => bad(format!(
+                "unknown request {:?}; expected `status`, `enable GLOB`, `disable GLOB` or a `patch-*` verb",
+                shorten(line)
+            )),
         }
     }
 
