@@ -4,7 +4,7 @@
 # `textpoke patch -v` prints it ("complete N ms after the agent was
 # loaded"). The first apply injects the agent; each later one reaches the
 # same agent again (a patch session), so REPS applies and reverts follow.
-#   TEXTPOKE=target/release/textpoke REPS=10 bench/livepatch/run.sh
+#   TEXTPOKE=target/release/textpoke REPS=10 THREADS=8 bench/livepatch/run.sh
 set -eu
 here=$(cd "$(dirname "$0")" && pwd)
 root=$(cd "$here/../.." && pwd)
@@ -17,7 +17,7 @@ gcc -O2 -pthread -pg -mfentry -mnop-mcount -mrecord-mcount -fno-pie -no-pie \
 id=$(readelf -n "$work/target" | sed -n 's/.*Build ID: //p')
 gcc -O2 -shared -fPIC -I "$root/crates/textpoke-c/include" -DBUILD_ID="\"$id\"" \
     -o "$work/cold-v2.so" "$here/patch.c"
-"$work/target" > "$work/pid" &
+"$work/target" "${THREADS:-8}" > "$work/pid" &
 pid=$!
 sleep 0.5
 i=0

@@ -1,9 +1,10 @@
 /* Benchmark target for `textpoke patch` (BENCHMARKS.md, "Live patching"):
- * 8 threads busy calling work(), none ever inside cold(), the function
+ * 8 threads (or argv[1]) busy calling work(), none ever inside cold(), the function
  * the patch replaces. Build: see run.sh. */
 #define _GNU_SOURCE
 #include <pthread.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <unistd.h>
 
 static volatile long sink;
@@ -17,9 +18,10 @@ static void *busy(void *a) {
     return 0;
 }
 
-int main(void) {
+int main(int argc, char **argv) {
     pthread_t t;
-    for (int i = 0; i < 8; i++) pthread_create(&t, 0, busy, 0);
+    int n = argc > 1 ? atoi(argv[1]) : 8;
+    for (int i = 0; i < n; i++) pthread_create(&t, 0, busy, 0);
     printf("%d\n", getpid());
     fflush(stdout);
     for (;;) {

@@ -222,12 +222,15 @@ impl Agent {
 fn check_same_agent(pid: i32, who: &str, agent: &Path) -> Result<(), CliError> {
     use std::os::unix::fs::MetadataExt;
     let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).unwrap_or_default();
-    let Some(loaded) = maps.lines().filter_map(|l| l.splitn(6, ' ').nth(5).map(str::trim_start)).find(|p| {
-        p.starts_with('/') && Path::new(p).file_name().is_some_and(|n| n == AGENT_FILE_NAME)
-    }) else {
+    let Some(loaded) = maps
+        .lines()
+        .filter_map(|l| l.splitn(6, ' ').nth(5).map(str::trim_start))
+        .find(|p| p.starts_with('/') && Path::new(p).file_name().is_some_and(|n| n == AGENT_FILE_NAME))
+    else {
         return Ok(());
     };
-    let ours = std::fs::metadata(agent).map_err(|e| failed(format!("cannot read the agent {}: {e}", agent.display())))?;
+    let ours =
+        std::fs::metadata(agent).map_err(|e| failed(format!("cannot read the agent {}: {e}", agent.display())))?;
     let theirs = std::fs::metadata(format!("/proc/{pid}/root{loaded}"));
     if theirs.is_ok_and(|m| (m.dev(), m.ino()) == (ours.dev(), ours.ino())) {
         return Ok(());
