@@ -8,25 +8,28 @@
  *
  *     void handle(struct request *r) {
  *         if (textpoke_static_branch_unlikely(&tracing))
- *             trace(r);                   // one 5-byte NOP while disabled
+ *             trace(r);                   // one NOP while disabled
  *         ...
  *     }
  *
  *     textpoke_static_key_enable(&tracing);   // patches every branch on it
  *
- * Each branch is an `asm goto` holding one 5-byte instruction: the NOP
- * 0f 1f 44 00 00 (fall through) or `jmp rel32` to the branch body. A record
+ * Each branch is an `asm goto` holding one instruction. On x86-64, 5 bytes:
+ * the NOP 0f 1f 44 00 00 (fall through) or `jmp rel32` to the branch body,
+ * flipped with the breakpoint protocol. On aarch64, one word: `nop` or
+ * `b label` (the kernel's arm64 jump_label), swapped whole, as the Arm ARM
+ * allows for B and NOP while other cores run them. A record
  * of it (site, label and key, as offsets relative to the record) goes in the
  * retained note section `.note.textpoke`, which the linker puts in a PT_NOTE
  * segment; the textpoke library finds the records of the executable and of
  * every shared library, including ones loaded later with dlopen, and patches
- * all the sites of a key in one batch with the breakpoint protocol. The
+ * all the sites of a key in one batch. The
  * layout compiled in follows the key's default: nothing is patched at start.
  * The record format and struct layout are those of the Rust macros, so Rust
  * and C keys are listed and flipped alike.
  *
  * Requirements: GNU C (gcc >= 8 or clang >= 9: asm goto, statement
- * expressions, __builtin_types_compatible_p), x86-64 ELF, binutils >= 2.36 or
+ * expressions, __builtin_types_compatible_p), x86-64 or aarch64 ELF, binutils >= 2.36 or
  * LLVM >= 13 (the `R` section flag). The key and branch macros are C only;
  * C++ gets the functions.
  *
@@ -71,9 +74,43 @@ struct textpoke_static_key_false {
 
 #ifndef __cplusplus /* the macros rely on __builtin_types_compatible_p */
 
+/*
+ * What differs between the two ISAs: the site instruction (TEXTPOKE__SITE,
+ * its label `1`, the body's label operand `textpoke__yes`), how gas spells
+ * the note type (`@` starts a comment in Arm assembly; TEXTPOKE__NOTE for
+ * top-level asm, TEXTPOKE__NOTE_OP inside an asm with operands, where `%`
+ * is doubled), and the constraint that gives the key's address as a
+ * link-time constant (x86-64 "i"; aarch64 "S", a symbolic address, which
+ * gcc and clang accept with -fPIC where "i" is refused).
+ */
+#if defined(__x86_64__)
+#define TEXTPOKE__NOTE "@note"
+#define TEXTPOKE__NOTE_OP "@note"
+#define TEXTPOKE__KEY_ADDR "i"
+#define TEXTPOKE__SITE                                                        \
+    ".if %c[init]\n\t"                                                       \
+    ".byte 0xe9\n\t"                                                         \
+    ".long %l[textpoke__yes] - 1b - 5\n\t"                                   \
+    ".else\n\t"                                                              \
+    ".byte 0x0f, 0x1f, 0x44, 0x00, 0x00\n\t"                                 \
+    ".endif\n\t"
+#elif defined(__aarch64__)
+#define TEXTPOKE__NOTE "%note"
+#define TEXTPOKE__NOTE_OP "%%note"
+#define TEXTPOKE__KEY_ADDR "S"
+#define TEXTPOKE__SITE                                                        \
+    ".if %c[init]\n\t"                                                       \
+    "b %l[textpoke__yes]\n\t"                                                \
+    ".else\n\t"                                                              \
+    "nop\n\t"                                                                \
+    ".endif\n\t"
+#else
+#error "textpoke.h: static keys support x86-64 and aarch64"
+#endif
+
 /* The key's record (note type 2): the offset from the record to the key. */
 #define TEXTPOKE__KEY_RECORD(name)                                            \
-    __asm__(".pushsection .note.textpoke,\"aR\",@note\n\t"                    \
+    __asm__(".pushsection .note.textpoke,\"aR\"," TEXTPOKE__NOTE "\n\t"       \
             ".balign 4\n\t"                                                   \
             ".long 9, 8, 2\n\t"                                               \
             ".asciz \"textpoke\"\n\t"                                         \
@@ -106,12 +143,13 @@ struct textpoke_static_key_false {
     __builtin_types_compatible_p(__typeof__(*(k)), struct textpoke_static_key_false)
 
 /*
- * The branch site. `jumped` is 1 when the site executed a JMP. A site is a
- * JMP exactly when (key enabled) != likely, so the branch value is
- * jumped != likely; the form compiled in is the one for the key's default.
- * Record (note type 1): site, label, key, flags (bit 0 likely, bit 1
- * compiled in as a JMP). The `?` flag puts the record in the function's
- * section group, if any, so a discarded COMDAT copy discards its record.
+ * The branch site. `jumped` is 1 when the site executed a JMP (aarch64: a
+ * B). A site is a JMP exactly when (key enabled) != likely, so the branch
+ * value is jumped != likely; the form compiled in is the one for the key's
+ * default. Record (note type 1): site, label, key, flags (bit 0 likely,
+ * bit 1 compiled in as a JMP). The `?` flag puts the record in the
+ * function's section group, if any, so a discarded COMDAT copy discards
+ * its record.
  */
 #define TEXTPOKE__BRANCH(k, likely)                                           \
     ({                                                                        \
@@ -121,13 +159,8 @@ struct textpoke_static_key_false {
                        "textpoke_static_branch_*() takes &key, a key defined " \
                        "with TEXTPOKE_DEFINE_STATIC_KEY_FALSE/TRUE");         \
         __asm__ goto("1:\n\t"                                                 \
-                     ".if %c[init]\n\t"                                       \
-                     ".byte 0xe9\n\t"                                         \
-                     ".long %l[textpoke__yes] - 1b - 5\n\t"                   \
-                     ".else\n\t"                                              \
-                     ".byte 0x0f, 0x1f, 0x44, 0x00, 0x00\n\t"                 \
-                     ".endif\n\t"                                             \
-                     ".pushsection .note.textpoke,\"a?R\",@note\n\t"          \
+                     TEXTPOKE__SITE                                           \
+                     ".pushsection .note.textpoke,\"a?R\"," TEXTPOKE__NOTE_OP "\n\t" \
                      ".balign 4\n\t"                                          \
                      ".long 9, 16, 1\n\t"                                     \
                      ".asciz \"textpoke\"\n\t"                                \
@@ -138,7 +171,7 @@ struct textpoke_static_key_false {
                      ".long %c[flags]\n\t"                                    \
                      ".popsection"                                            \
                      :                                                        \
-                     : [key] "i"(&(k)->key),                                  \
+                     : [key] TEXTPOKE__KEY_ADDR(&(k)->key),                   \
                        [init] "i"(TEXTPOKE__IS_TRUE_KEY(k) != (likely)),      \
                        [flags] "i"((likely) | ((TEXTPOKE__IS_TRUE_KEY(k) != (likely)) << 1)) \
                      :                                                        \

@@ -21,11 +21,13 @@
 //! | [`time`] | `CLOCK_MONOTONIC`, one `nanosleep` | `clock`, `sync::rendezvous` |
 //! | [`maps`] | `/proc/self/maps` | validation, `text::codemem` |
 //! | [`fs`] | where an output path leads (symbolic links, procfs) | the command line's `-o` |
+//! | [`emulation`] | a user-mode emulator (qemu-user): detecting it, its own threads, the signals it can carry | `sync::rendezvous` |
 //!
 //! And [`write_stderr`], one `write(2)` for messages from places that may
 //! not allocate.
 
 pub mod anon;
+pub mod emulation;
 pub mod fs;
 pub mod futex;
 pub mod loader;

@@ -50,9 +50,9 @@
 //! # Ok::<(), textpoke::PokeError>(())
 //! ```
 
-// On aarch64 the tracer is compiled out (see below), and with it the only
-// users of some engine items (sampling threads, symbol look-ups, parts of
-// arch's entry recognition): they stay, unused there for now.
+// On aarch64 some engine items are used by x86-64-only parts (live
+// patching, `#[traced]` sites, the one-byte pad mode): they stay, unused
+// there for now.
 #![cfg_attr(target_arch = "aarch64", allow(dead_code))]
 
 pub mod arch;
@@ -69,9 +69,9 @@ pub mod sync;
 /// The bottom layer, a crate of its own (see the list above).
 pub(crate) use textpoke_sys as sys;
 pub mod text;
-// The tracer's stubs and trampolines are generated x86-64 code
-// (arch::tramp, arch::asm): on aarch64 it is not built yet (issue 13).
-#[cfg(target_arch = "x86_64")]
+// The tracer: stubs and trampolines generated for x86-64 and aarch64
+// (arch::tramp, arch::asm; on aarch64 without the inline fast paths,
+// library-call thunks and `#[traced]` sites: arch/tramp_aarch64.rs).
 pub mod trace;
 
 pub use error::{Location, PokeError};
@@ -79,7 +79,6 @@ pub use keys::{KeyError, StaticKey, StaticKeyFalse, StaticKeyTrue, Update};
 pub use sites::{Site, SiteKind, SiteTable, SitesError};
 pub use sync::SyncMethod;
 pub use text::{capabilities, Batch, Capabilities, CommitOptions, CommitStats, Poke, Strategy, WriteMethod};
-#[cfg(target_arch = "x86_64")]
 pub use trace::{Entry, Exit, Filter, OpHandle, TraceError, TraceOp, Tracer};
 
 /// Marks a function, or every method of an `impl` block, for the function

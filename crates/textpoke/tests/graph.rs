@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::{child_scenario, compile_cxx_so, compile_so, glob_filter, rerun_self, Lib};
+use common::{child_scenario, compile_cxx_so, compile_so, glob_filter, rerun_self, Lib, PATCHABLE};
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use textpoke::trace::Tracer;
@@ -46,7 +46,7 @@ NOTRACE int g_run_cancel(void) {
 "#;
 
 fn setup() -> (Lib, Arc<Counts>, textpoke::trace::OpHandle) {
-    let lib = Lib::open(&compile_so("graph", SRC, &["-fpatchable-function-entry=5", "-O1", "-fno-inline", "-pthread"]));
+    let lib = Lib::open(&compile_so("graph", SRC, &[PATCHABLE, "-O1", "-fno-inline", "-pthread"]));
     let t = Tracer::global();
     t.refresh().unwrap();
     let c = Counts::new();
@@ -134,7 +134,7 @@ extern "C" int x_catcher(int *dtors) {
 /// C++ exceptions unwind through traced frames whose return addresses were
 /// replaced: destructors run, the catch is reached, the program goes on.
 fn cxx_exceptions() {
-    let lib = Lib::open(&compile_cxx_so("cxxgraph", CXX, &["-fpatchable-function-entry=5", "-O1", "-fno-inline"]));
+    let lib = Lib::open(&compile_cxx_so("cxxgraph", CXX, &[PATCHABLE, "-O1", "-fno-inline"]));
     let t = Tracer::global();
     t.refresh().unwrap();
     let c = Counts::new();
@@ -160,6 +160,9 @@ fn child_entry() {
     }
 }
 
+// aarch64: C++ exceptions through hooked returns are not handled there
+// (arch/tramp_aarch64.rs, "Not here yet").
+#[cfg(target_arch = "x86_64")]
 #[test]
 fn cxx_exceptions_through_traced_frames() {
     // In a child process: if unwinding broke, std::terminate would abort.

@@ -621,7 +621,12 @@ fn stress_100k_flips_while_8_threads_and_their_signal_handlers_branch() {
     );
     assert!(on > 1000 && off > 1000, "calls were checked in both steady states: {on} on, {off} off");
     assert!(hc > 0, "the timer handlers ran through the branches");
+    // x86-64's breakpoint protocol emulates the sites threads hit mid-flip;
+    // aarch64 swaps each site's word whole (b <-> nop) and never writes a trap.
+    #[cfg(target_arch = "x86_64")]
     assert!(traps > 0, "threads hit sites mid-flip and were emulated");
+    #[cfg(target_arch = "aarch64")]
+    assert_eq!(traps, 0, "the swap strategy writes no trap");
     for k in 0..STRESS_KEYS {
         assert_sites_match(stress_key(k));
     }

@@ -7,7 +7,15 @@ use std::time::Duration;
 use textpoke::stress::{run, Layout, StressConfig};
 use textpoke::{CommitOptions, Strategy, SyncMethod};
 
+/// `TEXTPOKE_STRESS_DIVISOR` divides every run's flips (at least 20 remain):
+/// `.ci/aarch64` sets it, as qemu runs the same work some 20 times slower.
+fn scaled(commits: u64) -> u64 {
+    let div = std::env::var("TEXTPOKE_STRESS_DIVISOR").ok().and_then(|v| v.parse::<u64>().ok()).unwrap_or(1);
+    (commits / div.max(1)).max(20)
+}
+
 fn stress(strategy: Strategy, layout: Layout, sync: Option<SyncMethod>, commits: u64) {
+    let commits = scaled(commits);
     let cfg = StressConfig {
         threads: 8,
         sites: 1000,
@@ -22,13 +30,17 @@ fn stress(strategy: Strategy, layout: Layout, sync: Option<SyncMethod>, commits:
     let r = run(&cfg).expect("stress run");
     assert_eq!(r.failures, 0, "{strategy}: {:?}", r.errors);
     assert_eq!(r.commits, commits, "every flip committed");
+    // x86-64 sites are 12 bytes apart and some cross a cache line; aarch64
+    // sites are aligned words, which never do.
+    #[cfg(target_arch = "x86_64")]
     assert!(r.straddling_sites > 0, "some sites straddle a cache line");
     assert!(r.calls > commits * 10, "workers made calls throughout: {}", r.calls);
     assert!(r.handler_calls > 0, "the timer handlers called sites");
-    if strategy == Strategy::Breakpoint {
+    // On aarch64 the live strategy swaps whole words and writes no trap.
+    if strategy == Strategy::Breakpoint && cfg!(target_arch = "x86_64") {
         assert!(r.traps > 0, "threads hit trap bytes and were emulated");
     } else {
-        assert_eq!(r.traps, 0, "stop-machine never writes trap bytes");
+        assert_eq!(r.traps, 0, "only x86-64's breakpoint protocol writes trap bytes");
     }
 }
 
@@ -101,6 +113,7 @@ fn thread_churn_during_commits() {
         (Strategy::Breakpoint, Some(SyncMethod::Signals), 200),
         (Strategy::StopMachine, None, 200),
     ] {
+        let commits = scaled(commits);
         let cfg = StressConfig {
             threads: 4,
             sites: 200,

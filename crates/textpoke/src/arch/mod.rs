@@ -59,10 +59,18 @@ pub const SITE_NOP: [u8; 5] = NOP5;
 pub(crate) fn sync_icache(_addr: usize, _len: usize) {}
 
 // aarch64 (issue 13): encodings, swappability, cache maintenance, signal
-// contexts. No trampolines and no assembler yet: the tracer is compiled
-// out there (see lib.rs).
+// contexts, an assembler and the tracer's trampolines.
 #[cfg(target_arch = "aarch64")]
 mod aarch64;
+/// Run-time generated trampolines (aarch64: sites enter their stubs by
+/// `b`, see the module docs).
+#[cfg(target_arch = "aarch64")]
+#[path = "tramp_aarch64.rs"]
+pub(crate) mod tramp;
+// The assembler of the aarch64 trampolines (op-facing like x86-64's).
+#[cfg(target_arch = "aarch64")]
+#[path = "aarch64/asm.rs"]
+pub mod asm;
 #[cfg(target_arch = "aarch64")]
 pub(crate) use self::aarch64::*;
 #[cfg(target_arch = "aarch64")]
@@ -74,6 +82,11 @@ pub use self::aarch64::{encode_call, encode_jmp, static_tls_offset, NopForm, NOP
 #[path = "aarch64/insn.rs"]
 #[allow(dead_code)]
 mod aarch64_insn;
+// So are the aarch64 assembler's (checked against GNU as).
+#[cfg(all(test, target_arch = "x86_64"))]
+#[path = "aarch64/asm.rs"]
+#[allow(dead_code)]
+mod aarch64_asm;
 
 #[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
 compile_error!("textpoke supports x86-64 and aarch64");

@@ -210,6 +210,21 @@ pub struct SavedRegs {
     pub vec: [[u8; 32]; 16],
 }
 
+impl SavedRegs {
+    /// Integer argument `n` (0-5: rdi, rsi, rdx, rcx, r8, r9).
+    pub fn int_arg(&self, n: usize) -> Option<u64> {
+        [self.rdi, self.rsi, self.rdx, self.rcx, self.r8, self.r9].get(n).copied()
+    }
+    /// Floating-point argument `n` (xmm0-7), low 8 bytes.
+    pub fn float_arg(&self, n: usize) -> Option<f64> {
+        (n < 8).then(|| f64::from_le_bytes(self.vec[n][..8].try_into().unwrap()))
+    }
+    /// The first integer result register (rax).
+    pub fn int_result(&self) -> u64 {
+        self.rax
+    }
+}
+
 /// Registers saved by the return trampoline.
 #[repr(C, align(32))]
 #[derive(Debug, Clone, Copy)]
@@ -219,6 +234,35 @@ pub struct SavedReturn {
     _pad: [u64; 2],
     pub vec0: [u8; 32],
     pub vec1: [u8; 32],
+}
+
+impl SavedReturn {
+    /// The integer result (rax).
+    pub fn int_result(&self) -> u64 {
+        self.rax
+    }
+    /// The floating-point result (xmm0's low 8 bytes).
+    pub fn float_result(&self) -> f64 {
+        f64::from_le_bytes(self.vec0[..8].try_into().unwrap())
+    }
+}
+
+/// Where the traced function's return address is: the stack slot above
+/// the site's return address (`frame[4]`, see "Entry trampoline").
+///
+/// # Safety
+/// `frame` must be the frame an entry trampoline passed to its handler.
+pub unsafe fn return_slot(frame: *const usize) -> usize {
+    frame as usize + 32
+}
+
+/// The stack pointer the traced function was entered with: its return
+/// address's slot.
+///
+/// # Safety
+/// As [`return_slot`].
+pub unsafe fn entry_sp(frame: *const usize) -> usize {
+    frame as usize + 32
 }
 
 const GPR_OFF: [(Reg64, i32); 9] =

@@ -222,16 +222,14 @@ fn find_symbol(patch: &Path, facts: &FileFacts, t: &TargetRef, want_func: bool) 
     let mut cands: Vec<&Sym> = named
         .iter()
         .copied()
+        .filter(|s| kind_ok(s.kind))
         .filter(|s| match &t.file {
             Some(f) => s.local && s.file.as_deref().is_some_and(|seen| file_matches(seen, f)),
             None => true,
         })
         .collect();
     if t.sympos != 0 {
-        let Some(s) = cands.get(t.sympos as usize - 1).copied() else {
-            return Err(ObjectError::SymbolNotFound { patch: patch.into(), target: Box::new(t.clone()) });
-        };
-        cands = vec![s];
+        cands = cands.get(t.sympos as usize - 1).copied().into_iter().collect();
     }
     let mut addrs: Vec<&Sym> = Vec::new();
     for s in cands {
@@ -242,26 +240,29 @@ fn find_symbol(patch: &Path, facts: &FileFacts, t: &TargetRef, want_func: bool) 
     let describe = |s: &Sym| {
         format!("{:#x} size {}{}", s.addr, s.size, s.file.as_ref().map(|f| format!(" in {f}")).unwrap_or_default())
     };
+    let target = Box::new(t.clone());
     match addrs[..] {
-        [] => Err(ObjectError::SymbolNotFound { patch: patch.into(), target: Box::new(t.clone()) }),
-        [s] if !kind_ok(s.kind) => Err(ObjectError::BadTarget {
-            patch: patch.into(),
-            target: Box::new(t.clone()),
-            what: format!(
-                "is not a {} (symbol kind {:?})",
-                if want_func { "function" } else { "function or variable" },
-                s.kind
-            ),
-        }),
+        [] => match named.iter().find(|s| !kind_ok(s.kind)) {
+            Some(s) if t.file.is_none() && t.sympos == 0 => Err(ObjectError::BadTarget {
+                patch: patch.into(),
+                target,
+                what: format!(
+                    "is not a {} (symbol kind {:?})",
+                    if want_func { "function" } else { "function or variable" },
+                    s.kind
+                ),
+            }),
+            _ => Err(ObjectError::SymbolNotFound { patch: patch.into(), target }),
+        },
         [s] if want_func && s.size == 0 => Err(ObjectError::BadTarget {
             patch: patch.into(),
-            target: Box::new(t.clone()),
+            target,
             what: "has no size in the symbol table (an assembly function without .size?)".into(),
         }),
         [s] => Ok((s.addr, s.size)),
         _ => Err(ObjectError::Ambiguous {
             patch: patch.into(),
-            target: Box::new(t.clone()),
+            target,
             candidates: addrs.iter().map(|s| describe(s)).collect(),
         }),
     }

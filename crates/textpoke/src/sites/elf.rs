@@ -19,6 +19,27 @@ use super::error::SitesError;
 use super::objects::{LoadedObject, Segment};
 use super::symbols::{FuncSym, Symbols};
 
+/// The ELF machine this build reads, and its relocation types for 8-byte
+/// pointers (none, relative, symbol + addend).
+#[cfg(target_arch = "x86_64")]
+mod machine {
+    use object::elf;
+    pub const EM: u16 = elf::EM_X86_64;
+    pub const NAME: &str = "x86-64";
+    pub const R_NONE: u32 = elf::R_X86_64_NONE;
+    pub const R_RELATIVE: u32 = elf::R_X86_64_RELATIVE;
+    pub const R_64: u32 = elf::R_X86_64_64;
+}
+#[cfg(target_arch = "aarch64")]
+mod machine {
+    use object::elf;
+    pub const EM: u16 = elf::EM_AARCH64;
+    pub const NAME: &str = "aarch64";
+    pub const R_NONE: u32 = elf::R_AARCH64_NONE;
+    pub const R_RELATIVE: u32 = elf::R_AARCH64_RELATIVE;
+    pub const R_64: u32 = elf::R_AARCH64_ABS64;
+}
+
 type Elf = FileHeader64<Endianness>;
 
 /// Which array section a record came from.
@@ -99,8 +120,8 @@ pub(crate) fn read_file(obj: &LoadedObject) -> Result<FileFacts, SitesError> {
     let header = Elf::parse(data).map_err(parse)?;
     let endian = header.endian().map_err(parse)?;
     let machine = header.e_machine(endian);
-    if machine != elf::EM_X86_64 {
-        return Err(unsupported(format!("e_machine {machine}, not x86-64")));
+    if machine != machine::EM {
+        return Err(unsupported(format!("e_machine {machine}, not {}", machine::NAME)));
     }
     let e_type = header.e_type(endian);
     if e_type != elf::ET_EXEC && e_type != elf::ET_DYN {
@@ -334,9 +355,9 @@ impl Relocs {
                     for r in relas {
                         let addend = r.r_addend(endian) as u64;
                         let reloc = match r.r_type(endian, false) {
-                            elf::R_X86_64_NONE => Reloc::Keep,
-                            elf::R_X86_64_RELATIVE => Reloc::Set(Some(addend)),
-                            elf::R_X86_64_64 => Reloc::Set(
+                            machine::R_NONE => Reloc::Keep,
+                            machine::R_RELATIVE => Reloc::Set(Some(addend)),
+                            machine::R_64 => Reloc::Set(
                                 symtab
                                     .symbol(object::SymbolIndex(r.r_sym(endian, false) as usize))
                                     .ok()
@@ -355,8 +376,8 @@ impl Relocs {
                     let symtab = sections.symbol_table_by_index(endian, data, symtab_index)?;
                     for r in rels {
                         let reloc = match r.r_type(endian) {
-                            elf::R_X86_64_NONE | elf::R_X86_64_RELATIVE => Reloc::Keep,
-                            elf::R_X86_64_64 => Reloc::AddSymbol(
+                            machine::R_NONE | machine::R_RELATIVE => Reloc::Keep,
+                            machine::R_64 => Reloc::AddSymbol(
                                 symtab
                                     .symbol(object::SymbolIndex(r.r_sym(endian) as usize))
                                     .ok()

@@ -606,6 +606,11 @@ impl<I: Image> Scan<'_, I> {
 
     /// Sites of `__patchable_function_entries` records (pad starts).
     fn patchable_entries(&self, pads: &[usize]) -> Vec<Found> {
+        // aarch64 `-mbranch-protection`: gcc records the pad after the
+        // function's `bti c`; the pad is taken to start at the entry, whose
+        // marker `nop_at_entry` steps over.
+        let pads: Vec<usize> = pads.iter().map(|&p| self.marker_before_pad(p).unwrap_or(p)).collect();
+        let pads = &pads[..];
         // First pass: the pads whose entry a symbol shows.
         let entries: Vec<Option<usize>> = pads.iter().map(|&p| self.entry_of_pad(p)).collect();
         // M of every located pad; used for the others when they all agree.
@@ -624,6 +629,20 @@ impl<I: Image> Scan<'_, I> {
                 self.pad_site(p, entry)
             })
             .collect()
+    }
+
+    /// The function entry just before a pad recorded at `p`, when a symbol
+    /// starts there with a branch-target marker and none starts at `p`.
+    fn marker_before_pad(&self, p: usize) -> Option<usize> {
+        const MARKER: usize = arch::BRANCH_TARGET_LEN;
+        let e = p.checked_sub(MARKER)?;
+        let (link, elink) = (p.checked_sub(self.bias)? as u64, e.checked_sub(self.bias)? as u64);
+        if self.symbols.starting_at(link).is_some() || self.symbols.starting_at(elink).is_none() {
+            return None;
+        }
+        let mut marker = [0u8; MARKER];
+        let marker = self.read_into(e, &mut marker)?;
+        (arch::branch_target_len(marker) == MARKER).then_some(e)
     }
 
     /// The entry of the function whose pad starts at `p`, if a symbol shows

@@ -51,9 +51,36 @@
 //!
 //! `GEN` is a counter (Relaxed `fetch_add`: unique values, nothing
 //! published through it; a generation travels in the signal's value).
+//!
+//! # Under a user-mode emulator (qemu-user)
+//!
+//! Two things differ there, both shown outside textpoke by
+//! `.ci/aarch64-qemu-signals.c` (see `sys::emulation`):
+//!
+//! - `SIGRTMAX - 1` may have no host signal behind it: sending it fails
+//!   with `EINVAL` (qemu-aarch64 7.2 carries guest signals up to 62 of
+//!   64). [`rendezvous_signal`] probes the number once and, when it cannot
+//!   be sent, takes the highest lower real-time signal that can and that
+//!   nobody handles; when none can, installing fails with an error saying
+//!   so. Any failure to send other than "the thread is gone" fails the
+//!   request: it used to be taken for a full slot table and retried
+//!   forever, which was the stop-machine hang under qemu.
+//! - `/proc/self/task` lists the emulator's own threads (qemu's
+//!   `call_rcu`), which run no program code and block every signal, so
+//!   they never answer. A thread that has not answered after
+//!   [`EMULATOR_GRACE`] while the process runs under qemu-user and whose
+//!   host mask blocks every asynchronous signal is taken for one: it is left out of
+//!   the request (nothing to park: it runs no program code) and
+//!   remembered, so later requests do not signal it at all. A remembered
+//!   thread is looked at again each time (its mask read from `/proc`,
+//!   allocation-free), in case its id was reused by a program thread. On a
+//!   kernel running the program natively, or under another emulator
+//!   (valgrind), none of this applies: no thread is ever left out, and one
+//!   blocking the signal fails the request.
 
 use crate::arch;
 use crate::error::PokeError;
+use crate::sys::emulation;
 use crate::sys::signals;
 use crate::sys::threads::{self, for_each_tid, gettid, signal_thread};
 use std::sync::atomic::{AtomicI32, AtomicPtr, AtomicU32, AtomicUsize, Ordering};
@@ -62,6 +89,18 @@ use std::time::{Duration, Instant};
 
 /// How long a thread may take to answer before the request fails.
 pub const RESPONSE_DEADLINE: Duration = Duration::from_secs(5);
+
+/// Under a user-mode emulator, how long a thread that blocks every signal
+/// in its host mask may take to answer before it is taken for one of the
+/// emulator's own threads (module docs). A program thread caught while
+/// qemu delivers it a signal unblocks within microseconds.
+pub const EMULATOR_GRACE: Duration = Duration::from_millis(50);
+
+/// The emulator's own threads found so far (0: a free entry): a cache,
+/// filled and emptied with compare-and-swap by the patcher and the grace
+/// periods' sampler alike. Relaxed throughout: no other data is published
+/// with an entry, and a lost or doubled entry only costs a wait.
+static EMULATOR_THREADS: [AtomicI32; 4] = [const { AtomicI32::new(0) }; 4];
 
 struct Slot {
     tid: AtomicI32,
@@ -106,11 +145,42 @@ pub fn set_sample_hook(f: extern "C" fn() -> usize) {
     SAMPLE_HOOK.store(f as *const () as usize, Ordering::Release);
 }
 
+/// The chosen rendezvous signal, 0 before the first choice.
+static SIGNAL: AtomicI32 = AtomicI32::new(0);
+
 /// The real-time signal textpoke uses for rendezvous: `SIGRTMAX - 1`,
 /// away from glibc's reserved low ones and the `SIGRTMIN + n` applications
-/// usually pick.
+/// usually pick. Under a user-mode emulator that cannot carry it, the
+/// highest lower one that can and that nobody handles (module docs). The
+/// first call probes (a few system calls, no handler runs); later calls
+/// return the same number.
 pub fn rendezvous_signal() -> i32 {
-    signals::realtime_max() - 1
+    // Relaxed: the number is the only data; every caller uses the first
+    // one stored.
+    match SIGNAL.load(Ordering::Relaxed) {
+        0 => {
+            let chosen = choose_signal();
+            match SIGNAL.compare_exchange(0, chosen, Ordering::Relaxed, Ordering::Relaxed) {
+                Ok(_) => chosen,
+                Err(first) => first,
+            }
+        }
+        s => s,
+    }
+}
+
+#[cold]
+fn choose_signal() -> i32 {
+    let preferred = signals::realtime_max() - 1;
+    if emulation::can_send_to_self(preferred).is_ok() {
+        return preferred;
+    }
+    // Leave the lowest few to the program (glibc's are below SIGRTMIN).
+    let nobody_handles = |s: i32| signals::action(s).sa_sigaction == libc::SIG_DFL;
+    ((libc::SIGRTMIN() + 4)..preferred)
+        .rev()
+        .find(|&s| nobody_handles(s) && emulation::can_send_to_self(s).is_ok())
+        .unwrap_or(preferred) // install() reports that it cannot be sent
 }
 
 /// `a` is at or past `b` in wrapping generation order.
@@ -150,20 +220,37 @@ fn reserve(which: usize, n: usize) {
     TABLES[which].store(t, Ordering::Release);
 }
 
+/// Installing failed because no real-time signal can be sent (module docs).
+const NO_SIGNAL: i32 = -1;
+
 fn install() -> Result<(), PokeError> {
     INSTALLED.call_once(|| {
         reserve(COMMIT_TABLE, 64);
         reserve(SAMPLE_TABLE, 64);
+        // Allocates on its first call: here, never while threads are parked.
+        emulation::user_mode_emulator();
+        let sig = rendezvous_signal();
+        if emulation::can_send_to_self(sig).is_err() {
+            // Relaxed: `call_once` orders it before every later load.
+            INSTALL_ERROR.store(NO_SIGNAL, Ordering::Relaxed);
+            return;
+        }
         // Everything but the synchronous signals blocked while the handler
         // runs (see `sys::signals`).
         let flags = libc::SA_RESTART | libc::SA_ONSTACK;
-        if let Err(e) = signals::install(rendezvous_signal(), on_rendezvous, flags) {
-            // Relaxed: `call_once` orders it before every later load.
+        if let Err(e) = signals::install(sig, on_rendezvous, flags) {
+            // Relaxed: as above.
             INSTALL_ERROR.store(e.raw_os_error().unwrap_or(libc::EINVAL), Ordering::Relaxed);
         }
     });
     match INSTALL_ERROR.load(Ordering::Relaxed) {
         0 => Ok(()),
+        NO_SIGNAL => Err(PokeError::Sys {
+            what: "find a real-time signal this process can send its threads (SIGRTMAX-1 and every lower one \
+                   nobody handles were refused; qemu-user carries only part of them): threads cannot be \
+                   parked or synced by signals",
+            source: std::io::Error::from_raw_os_error(libc::EINVAL),
+        }),
         e => Err(PokeError::Sys {
             what: "install the rendezvous signal handler",
             source: std::io::Error::from_raw_os_error(e),
@@ -263,12 +350,31 @@ unsafe fn record_context(slot: &Slot, ctx: *const libc::ucontext_t) {
     slot.restorer.store(restorer, Ordering::Relaxed);
 }
 
-/// Adds `tid` to the table and signals it. `Ok(false)` if the thread is gone
-/// or the table is full (`Err` from signal_thread other than ESRCH).
-fn enlist(t: &Table, tid: i32, gen: u32, kind: usize) -> Result<bool, i32> {
+/// Why a thread could not be enlisted.
+enum EnlistError {
+    /// The slot table is full (threads appeared since it was sized).
+    Full,
+    /// Sending the signal failed other than with ESRCH: the OS error.
+    Signal(i32),
+}
+
+impl EnlistError {
+    /// The error of a request that could not signal a thread.
+    #[cold]
+    fn into_error(self, what: &'static str) -> PokeError {
+        let code = match self {
+            EnlistError::Full => libc::EAGAIN,
+            EnlistError::Signal(e) => e,
+        };
+        PokeError::Sys { what, source: std::io::Error::from_raw_os_error(code) }
+    }
+}
+
+/// Adds `tid` to the table and signals it. `Ok(false)` if the thread is gone.
+fn enlist(t: &Table, tid: i32, gen: u32, kind: usize) -> Result<bool, EnlistError> {
     let i = t.used.load(Ordering::Relaxed); // only the patcher (one per table) writes `used`
     if i >= t.slots.len() {
-        return Err(-1);
+        return Err(EnlistError::Full);
     }
     // Relaxed: published by the Release store of `used` below.
     t.slots[i].tid.store(tid, Ordering::Relaxed);
@@ -285,8 +391,38 @@ fn enlist(t: &Table, tid: i32, gen: u32, kind: usize) -> Result<bool, i32> {
             t.slots[i].tid.store(0, Ordering::Relaxed);
             Ok(false)
         }
-        Err(e) => Err(e.raw_os_error().unwrap_or(-1)),
+        Err(e) => {
+            // Not signalled: nobody to wait for. Relaxed: as above.
+            t.slots[i].tid.store(0, Ordering::Relaxed);
+            Err(EnlistError::Signal(e.raw_os_error().unwrap_or(libc::EINVAL)))
+        }
     }
+}
+
+/// Whether `tid` is a thread of the emulator found earlier (module docs,
+/// "Under a user-mode emulator"), looked at again: an entry whose thread
+/// no longer blocks every signal is forgotten. Allocation-free.
+fn known_emulator_thread(tid: i32) -> bool {
+    // Relaxed: see EMULATOR_THREADS.
+    let Some(e) = EMULATOR_THREADS.iter().find(|e| e.load(Ordering::Relaxed) == tid) else {
+        return false;
+    };
+    if emulation::is_emulator_thread(tid) {
+        return true;
+    }
+    // Its id now names another thread.
+    let _ = e.compare_exchange(tid, 0, Ordering::Relaxed, Ordering::Relaxed);
+    false
+}
+
+/// Remembers `tid` as one of the emulator's threads (if there is room;
+/// without it the thread is only found again, after the grace, next time).
+fn remember_emulator_thread(tid: i32) {
+    // Relaxed: see EMULATOR_THREADS.
+    if EMULATOR_THREADS.iter().any(|e| e.load(Ordering::Relaxed) == tid) {
+        return;
+    }
+    let _ = EMULATOR_THREADS.iter().find(|e| e.compare_exchange(0, tid, Ordering::Relaxed, Ordering::Relaxed).is_ok());
 }
 
 fn is_enlisted(t: &Table, tid: i32) -> bool {
@@ -295,9 +431,11 @@ fn is_enlisted(t: &Table, tid: i32) -> bool {
     t.slots[..used].iter().any(|s| s.tid.load(Ordering::Relaxed) == tid)
 }
 
-/// Waits until every enlisted thread acked `gen` or is gone. On timeout,
-/// the id of a thread that never answered.
-fn wait_all(t: &Table, gen: u32, deadline: Instant) -> Result<(), i32> {
+/// Waits until every enlisted thread acked `gen` or is gone (or, under a
+/// user-mode emulator, turned out to be one of its own threads: module
+/// docs). `start` is when the signals were sent. On timeout, the id of a
+/// thread that never answered. Allocation-free.
+fn wait_all(t: &Table, gen: u32, start: Instant, deadline: Instant) -> Result<(), i32> {
     let mut spins = 0u32;
     loop {
         // Relaxed: `used` and `tid` are the patcher's own stores.
@@ -318,6 +456,12 @@ fn wait_all(t: &Table, gen: u32, deadline: Instant) -> Result<(), i32> {
             let tid = s.tid.load(Ordering::Relaxed); // the patcher's own store
             if signal_thread(tid, 0, 0).is_err() {
                 s.tid.store(0, Ordering::Relaxed); // exited before answering (the patcher's own)
+                continue;
+            }
+            if start.elapsed() > EMULATOR_GRACE && emulation::is_emulator_thread(tid) {
+                // Runs no program code: nothing to park or sync (module docs).
+                s.tid.store(0, Ordering::Relaxed); // the patcher's own
+                remember_emulator_thread(tid);
                 continue;
             }
             if Instant::now() > deadline {
@@ -343,6 +487,8 @@ fn count_threads() -> usize {
 fn unresponsive(tid: i32, deadline_start: Instant) -> PokeError {
     let sig = rendezvous_signal();
     let hint = match threads::blocked_mask(tid) {
+        // Under qemu-user /proc shows the host's mask, numbered otherwise.
+        Some(_) if emulation::user_mode_emulator() => " (under a user-mode emulator: is it stopped?)".to_string(),
         Some(mask) if mask & (1u64 << (sig - 1)) != 0 => format!(" (it blocks signal {sig})"),
         Some(_) => " (is it stopped or traced?)".to_string(),
         None => String::new(),
@@ -381,15 +527,13 @@ pub fn sample_threads(tids: &[i32], deadline: Duration) -> Result<Vec<(i32, usiz
                                                                    // Relaxed: a late handler of an earlier round that still sees the old
                                                                    // count acks its own, older `gen`, which nobody waits for.
     t.used.store(0, Ordering::Relaxed);
+    let start = Instant::now();
     for &tid in tids {
         if let Err(e) = enlist(t, tid, gen, KIND_SAMPLE) {
-            return Err(PokeError::Sys {
-                what: "signal a thread for a grace period sample",
-                source: std::io::Error::from_raw_os_error(if e > 0 { e } else { libc::EAGAIN }),
-            });
+            return Err(e.into_error("signal a thread for a grace period sample"));
         }
     }
-    let _ = wait_all(t, gen, Instant::now() + deadline); // late answers are left out
+    let _ = wait_all(t, gen, start, start + deadline); // late answers are left out
     let used = t.used.load(Ordering::Relaxed); // the patcher's own store
                                                // Acquire on `acked` pairs with the handler's Release: the Relaxed
                                                // load of `aux` after it sees the sample.
@@ -409,20 +553,20 @@ fn signal_round(kind: usize, deadline: Duration) -> Result<u32, PokeError> {
     t.used.store(0, Ordering::Relaxed); // as in sample_threads
     let me = gettid();
     let start = Instant::now();
-    let mut full = false;
+    let mut failed = None;
     for_each_tid(|tid| {
-        if tid != me && enlist(t, tid, gen, kind).is_err() {
-            full = true;
+        if tid == me || failed.is_some() || known_emulator_thread(tid) {
+            return;
+        }
+        if let Err(e) = enlist(t, tid, gen, kind) {
+            failed = Some(e);
         }
     })
     .map_err(|source| PokeError::Sys { what: "list /proc/self/task", source })?;
-    if full {
-        return Err(PokeError::Sys {
-            what: "signal every thread",
-            source: std::io::Error::from_raw_os_error(libc::EAGAIN),
-        });
+    if let Some(e) = failed {
+        return Err(e.into_error("signal every thread"));
     }
-    wait_all(t, gen, start + deadline).map_err(|tid| unresponsive(tid, start))?;
+    wait_all(t, gen, start, start + deadline).map_err(|tid| unresponsive(tid, start))?;
     Ok(gen)
 }
 
@@ -485,6 +629,8 @@ pub fn park_others() -> Result<Parked, PokeError> {
             Err(None) => continue, // table full: threads appeared; grow and retry
             Err(Some(e)) => return Err(e),
         }
+        // Only a full table loops: every other failure (a signal that cannot
+        // be sent, a thread that does not answer) is returned above.
     }
 }
 
@@ -497,26 +643,33 @@ fn try_park() -> Result<Parked, Option<PokeError>> {
     let start = Instant::now();
     loop {
         let mut added = 0;
-        let mut full = false;
+        let mut failed = None;
         let listed = for_each_tid(|tid| {
-            if tid == me || full || is_enlisted(t, tid) {
+            if tid == me || failed.is_some() || is_enlisted(t, tid) || known_emulator_thread(tid) {
                 return;
             }
             match enlist(t, tid, gen, KIND_PARK) {
                 Ok(true) => added += 1,
                 Ok(false) => {}
-                Err(_) => full = true,
+                Err(e) => failed = Some(e),
             }
         });
         if let Err(source) = listed {
             parked.do_release();
             return Err(Some(PokeError::Sys { what: "list /proc/self/task", source }));
         }
-        if full {
-            parked.do_release();
-            return Err(None);
+        match failed {
+            None => {}
+            Some(EnlistError::Full) => {
+                parked.do_release();
+                return Err(None);
+            }
+            Some(e) => {
+                parked.do_release();
+                return Err(Some(e.into_error("signal a thread to park it")));
+            }
         }
-        if let Err(tid) = wait_all(t, gen, start + RESPONSE_DEADLINE) {
+        if let Err(tid) = wait_all(t, gen, start, start + RESPONSE_DEADLINE) {
             parked.do_release();
             return Err(Some(unresponsive(tid, start)));
         }

@@ -9,7 +9,7 @@ use super::state::{Inner, SiteInfo, Target};
 use super::tramp_alloc::Wire;
 use super::Filter;
 use super::TraceError;
-use crate::arch::{self, NOP5};
+use crate::arch::{self, SiteInsn, SITE_NOP as NOP5};
 use crate::sites::ObjectId;
 use crate::{Batch, CommitOptions, Poke, Strategy};
 use std::sync::atomic::Ordering;
@@ -17,17 +17,27 @@ use std::sync::atomic::Ordering;
 // gcc's pad at a patchable entry, five 1-byte NOPs: five instructions,
 // made one ([`NOP5`]) only by stop-machine (step 3), or enabled by its
 // first byte, `GCC_PAD_JMP` (`mirror.rs`).
+#[cfg(target_arch = "x86_64")]
 use crate::arch::{GCC_PAD, GCC_PAD_JMP};
+// aarch64: a pad's first NOP is the site itself, swapped live with `b stub`
+// (`arch/tramp_aarch64.rs`): every site is "prepared" (state.rs) and the
+// pad paths below are never taken there.
+#[cfg(target_arch = "aarch64")]
+const GCC_PAD: SiteInsn = arch::SITE_NOP;
+#[cfg(target_arch = "aarch64")]
+const GCC_PAD_JMP: SiteInsn = arch::SITE_NOP;
 
-/// One of `Poke`'s constructors, for a site's five bytes.
-type MakePoke = fn(usize, [u8; 5], [u8; 5]) -> Poke;
+/// One of `Poke`'s constructors, for a site's bytes.
+type MakePoke = fn(usize, SiteInsn, SiteInsn) -> Poke;
 
 /// What a traced site becomes: a call to its stub, or for a graph
 /// trampoline a jump (its stub and trampoline call the function instead,
-/// see `tramp::graph_trampoline`).
-fn site_branch(site: usize, target: Target, stub: usize) -> [u8; 5] {
+/// see `tramp::graph_trampoline`). On aarch64 always a `b`: the stub saves
+/// x30 itself (`arch/tramp_aarch64.rs`).
+fn site_branch(site: usize, target: Target, stub: usize) -> SiteInsn {
     let b = match target {
         Target::Graph(_) => arch::encode_jmp(site, stub),
+        _ if cfg!(target_arch = "aarch64") => arch::encode_jmp(site, stub),
         _ => arch::encode_call(site, stub),
     };
     b.expect("stub in reach")
@@ -57,7 +67,7 @@ impl Inner {
         m
     }
 
-    fn site_bytes(&self, s: &SiteInfo) -> [u8; 5] {
+    fn site_bytes(&self, s: &SiteInfo) -> SiteInsn {
         match s.target.stub_kind().and_then(|k| s.stubs[k as usize]) {
             // A pad with a trampoline is one enabled by its first byte.
             Some(_) if !s.prepared => GCC_PAD_JMP,
@@ -214,7 +224,7 @@ impl Inner {
                 batch.push(p); // the pad's slot, jmp to jmp
             }
             let old = self.site_bytes(s);
-            let (new, poke): ([u8; 5], MakePoke) = match (c.stub, c.mirror) {
+            let (new, poke): (SiteInsn, MakePoke) = match (c.stub, c.mirror) {
                 (Some(_), Some(_)) => (GCC_PAD_JMP, Poke::first_byte),
                 (Some(w), None) if s.prepared => (site_branch(s.addr, c.target, w.stub), Poke::new),
                 (Some(w), None) => (site_branch(s.addr, c.target, w.stub), Poke::region),

@@ -67,7 +67,7 @@
 //! what keeps this right when signal handlers run on an alternate stack.
 //! The ops of the saved mask that are still registered get `exit`.
 
-use crate::arch::tramp::{SavedRegs, SavedReturn, UNREGISTERED};
+use crate::arch::tramp::{self, SavedRegs, SavedReturn, UNREGISTERED};
 use crate::sys::{signals, threads};
 use std::cell::Cell;
 use std::sync::atomic::{AtomicPtr, AtomicU32, AtomicU64, AtomicU8, AtomicUsize, Ordering};
@@ -166,29 +166,26 @@ pub struct Entry<'a> {
 }
 
 impl Entry<'_> {
-    /// Integer argument `n` (0-5: rdi, rsi, rdx, rcx, r8, r9) of a function
-    /// entered at its entry site; `None` for body sites.
+    /// Integer argument `n` of a function entered at its entry site (x86-64:
+    /// 0-5, rdi, rsi, rdx, rcx, r8, r9; aarch64: 0-7, x0-x7); `None` for
+    /// body sites.
     pub fn arg(&self, n: usize) -> Option<u64> {
-        if self.place != SitePlace::FunctionEntry {
-            return None;
-        }
-        let r = self.regs;
-        [r.rdi, r.rsi, r.rdx, r.rcx, r.r8, r.r9].get(n).copied()
+        (self.place == SitePlace::FunctionEntry).then(|| self.regs.int_arg(n)).flatten()
     }
-    /// Floating-point argument `n` (xmm0-7), low 8 bytes.
+    /// Floating-point argument `n` (xmm0-7 or d0-d7), low 8 bytes.
     pub fn float_arg(&self, n: usize) -> Option<f64> {
-        (self.place == SitePlace::FunctionEntry && n < 8)
-            .then(|| f64::from_le_bytes(self.regs.vec[n][..8].try_into().unwrap()))
+        (self.place == SitePlace::FunctionEntry).then(|| self.regs.float_arg(n)).flatten()
     }
     /// The traced function's return address (entry sites only).
     pub fn return_address(&self) -> Option<usize> {
-        // SAFETY: frame[4] is the word above the site's return address
-        // (arch::tramp's entry trampoline frame).
-        (self.place == SitePlace::FunctionEntry).then(|| unsafe { *self.frame.add(4) })
+        // SAFETY: the frame arch::tramp's entry trampoline passed; its
+        // return slot holds the site's return address.
+        (self.place == SitePlace::FunctionEntry).then(|| unsafe { *(tramp::return_slot(self.frame) as *const usize) })
     }
     /// The stack pointer at the function's entry (entry sites only).
     pub fn stack_pointer(&self) -> Option<usize> {
-        (self.place == SitePlace::FunctionEntry).then(|| self.frame as usize + 32)
+        // SAFETY: the frame arch::tramp's entry trampoline passed.
+        (self.place == SitePlace::FunctionEntry).then(|| unsafe { tramp::entry_sp(self.frame) })
     }
 }
 
@@ -201,9 +198,9 @@ pub struct Exit {
     pub depth: u32,
     pub entry_time: u64,
     pub exit_time: u64,
-    /// rax as the function returned it.
+    /// rax (x0) as the function returned it.
     pub retval: u64,
-    /// xmm0 (low 8 bytes) as the function returned it.
+    /// xmm0 (d0) (low 8 bytes) as the function returned it.
     pub fretval: f64,
 }
 
@@ -410,7 +407,15 @@ fn register(st: &ThreadState) -> bool {
     let saved_errno = threads::errno();
     let old_mask = signals::block_all_raw();
     let raw = st.in_tramp.load(Ordering::Relaxed);
-    let ok = raw & UNREGISTERED == 0 || {
+    // Registered already, by a signal handler that ran between the load
+    // and the store of this thread's stub raise (aarch64's raise is two
+    // instructions; its store put the bit back): the slot is ours, only the
+    // bit goes.
+    let again = raw & UNREGISTERED != 0 && st.slot.get() != 0;
+    if again {
+        st.in_tramp.store(raw & !UNREGISTERED, Ordering::Relaxed);
+    }
+    let ok = raw & UNREGISTERED == 0 || again || {
         let key = REGISTRY_KEY.load(Ordering::Relaxed);
         let low_key = key < 32; // set without allocating (registry.rs)
         let tid = crate::sys::threads::gettid();
@@ -712,8 +717,11 @@ fn function_entry(
         SHADOW_FULL.fetch_add(1, Ordering::Relaxed);
         return; // too deep: this call's exit is not traced, nothing breaks
     }
-    let slot_addr = if place == SitePlace::FunctionEntry { frame as usize + 32 } else { 0 };
-    // SAFETY: for an entry site, frame+32 is the function's return address.
+    // SAFETY: the frame the entry trampoline passed.
+    let slot_addr = if place == SitePlace::FunctionEntry { unsafe { tramp::return_slot(frame) } } else { 0 };
+    // SAFETY: for an entry site, the return slot holds the function's
+    // return address (x86-64: on the stack; aarch64: in the stub's frame
+    // record, whence the stub reloads x30).
     // A body entry keeps its function's identity there instead, for its exit
     // site to find.
     let orig = if slot_addr != 0 { unsafe { *(slot_addr as *const usize) } } else { identity };
@@ -753,7 +761,7 @@ fn body_exit(st: &ThreadState, site: u32, slot: &SiteSlot, regs: &SavedRegs) {
         depth: e.depth(),
         entry_time: e.time,
         exit_time: if e.time != 0 { now() } else { 0 },
-        retval: regs.rax,
+        retval: regs.int_result(),
         fretval: 0.0,
     };
     call_exits(e.mask, &x);
@@ -804,8 +812,8 @@ pub(crate) extern "C" fn on_return(saved: *mut SavedReturn, caller_sp: usize) ->
                 depth: e.depth(),
                 entry_time: e.time,
                 exit_time: if e.time != 0 { now() } else { 0 },
-                retval: r.rax,
-                fretval: f64::from_le_bytes(r.vec0[..8].try_into().unwrap()),
+                retval: r.int_result(),
+                fretval: r.float_result(),
             };
             call_exits(e.mask, &x);
         }

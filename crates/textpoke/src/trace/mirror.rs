@@ -246,7 +246,7 @@ impl Inner {
         let ps = crate::text::page_size();
         for (object, (lo, hi)) in spans {
             self.mirrors.tried.insert(object);
-            let (mut start, mut end) = (lo & !(ps - 1), (hi + arch::GCC_PAD_JMP.len()).next_multiple_of(ps));
+            let (mut start, mut end) = (lo & !(ps - 1), (hi + arch::REL32_LEN).next_multiple_of(ps));
             // A page at either end may hold another object's slots already.
             while start < end && self.mirrors.share(start, object) {
                 start += ps;
@@ -267,7 +267,7 @@ impl Inner {
     fn slot_pages(&mut self, i: usize, slot: usize) -> Result<(), NoMirror> {
         let object = self.sites[i].object;
         let ps = crate::text::page_size();
-        for page in [slot & !(ps - 1), (slot + arch::GCC_PAD_JMP.len() - 1) & !(ps - 1)] {
+        for page in [slot & !(ps - 1), (slot + arch::REL32_LEN - 1) & !(ps - 1)] {
             if self.mirrors.share(page, object) {
                 continue;
             }

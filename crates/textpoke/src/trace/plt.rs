@@ -302,7 +302,7 @@ impl Inner {
     fn add_slot(&mut self, object: ObjectId, near: usize, imp: &Import, resolved: usize) -> std::io::Result<()> {
         let thunk = self.new_thunk(near)?;
         let mut code = [0xccu8; THUNK];
-        code[..5].copy_from_slice(&crate::arch::NOP5);
+        code[..crate::arch::SITE_NOP.len()].copy_from_slice(&crate::arch::SITE_NOP);
         code[5..11].copy_from_slice(&[0xff, 0x25, (TARGET_AT - 11) as u8, 0, 0, 0]); // jmp [rip + 5]
         code[TARGET_AT..TARGET_AT + 8].copy_from_slice(&(resolved as u64).to_le_bytes());
         let b = self.plt.blocks.last().expect("new_thunk made one");

@@ -155,9 +155,11 @@ impl Inner {
     fn inline_code(&self, op: usize) -> Option<InlineCode> {
         // SAFETY: `boxed` stays valid while the op is registered.
         let o = unsafe { &(*self.ops[op].as_ref()?.boxed).op };
-        // Count and graph stubs raise the count in place (static TLS).
+        // Count and graph stubs raise the count in place (static TLS). The
+        // trampolines that run inline code are x86-64 code: on aarch64 every
+        // op is called through the hot path (`arch/tramp_aarch64.rs`).
         let tls = matches!(self.counter, tramp::Counter::Tls(_));
-        (self.inline_recording && tls).then(|| o.inline()).flatten()
+        (self.inline_recording && tls && cfg!(target_arch = "x86_64")).then(|| o.inline()).flatten()
     }
 
     /// Op `op`'s count code, if it may use the count trampoline.
@@ -249,6 +251,15 @@ impl Inner {
                 if self.by_addr.contains_key(&site.nop_addr) || self.sites.len() >= hot::MAX_SITES {
                     continue;
                 }
+                // aarch64: only gcc's and clang's fresh pads (`nop; nop` at a
+                // function's entry), whose first NOP is swapped with `b stub`
+                // (arch/tramp_aarch64.rs); `#[traced]` sites are x86-64 only,
+                // and an entry already `mov x9, x30; nop` is someone else's.
+                if cfg!(target_arch = "aarch64")
+                    && (matches!(site.kind, SiteKind::Marked(_)) || site.nop_form == NopForm::Single)
+                {
+                    continue;
+                }
                 // A #[traced] function's sites (entry and exit points, in every
                 // monomorphization and inlined copy) share its descriptor: it
                 // pairs exits with entries and names the function once.
@@ -271,7 +282,8 @@ impl Inner {
                     function,
                     object: site.object,
                     place,
-                    prepared: matches!(site.nop_form, NopForm::Single),
+                    // aarch64: a pad's first word is swapped live.
+                    prepared: matches!(site.nop_form, NopForm::Single) || cfg!(target_arch = "aarch64"),
                     mask: 0,
                     target: Target::Off,
                     stubs: [None; 3],

@@ -3,8 +3,9 @@
 //! traced call runs them, so that a test can keep the op's fast paths
 //! short without reaching into `arch::tramp`.
 
-use super::hot::{self, EmitFn};
-use crate::arch::tramp;
+use super::hot::EmitFn;
+#[cfg(target_arch = "x86_64")]
+use {super::hot, crate::arch::tramp};
 
 /// The fast paths of the trampolines around an op's inline code: how many
 /// instructions a traced call runs there when nothing is unusual (the
@@ -28,7 +29,15 @@ pub struct FastPaths {
 /// addresses, and measures their fast paths. `None` when the shadow
 /// stacks' layout is not known (the tracer's thread-local is not in the
 /// static TLS block): then the tracer makes no graph trampolines either.
-/// Panics if the code does not assemble.
+/// Panics if the code does not assemble. Always `None` on aarch64, where
+/// no trampoline runs an op's inline code (`arch/tramp_aarch64.rs`).
+#[cfg(target_arch = "aarch64")]
+pub fn inline_fast_paths(_count: EmitFn, _entry: EmitFn, _exit: EmitFn) -> Option<FastPaths> {
+    None
+}
+
+/// See the aarch64 version's docs.
+#[cfg(target_arch = "x86_64")]
 pub fn inline_fast_paths(count: EmitFn, entry: EmitFn, exit: EmitFn) -> Option<FastPaths> {
     const GRAPH: usize = 0x10000;
     const SLOW: usize = 0x20000;

@@ -73,6 +73,64 @@ pub(super) struct GraphCode {
     pub(super) block: CodeBlock,
 }
 
+/// A call stub for the site at `site`: x86-64 sites `call` it; aarch64
+/// sites (function entries) branch to it, and it branches back past the
+/// pad (`arch/tramp_aarch64.rs`).
+fn call_stub(
+    at: usize,
+    data: usize,
+    header: usize,
+    value: u32,
+    c: tramp::Counter,
+    site: usize,
+) -> Option<tramp::StubCode> {
+    #[cfg(target_arch = "x86_64")]
+    let _ = site;
+    #[cfg(target_arch = "x86_64")]
+    return tramp::call_stub(at, data, header, value, c);
+    #[cfg(target_arch = "aarch64")]
+    return tramp::call_stub(at, data, header, value, c, tramp::Entered::Branch { site });
+}
+
+/// Maps stub code within reach of every address in `[lo, addr]`, as near
+/// the site `addr` as can be: rel32 on x86-64 (`CodeBlock`'s reach); on
+/// aarch64 a `b` reaches ±128 MiB only, so a block farther than that is
+/// given back and another place tried.
+fn stub_code_near(lo: usize, addr: usize, len: usize) -> std::io::Result<CodeBlock> {
+    let reaches = |b: &CodeBlock| {
+        let last = b.addr() + b.len() - arch::REL32_LEN;
+        [lo, addr].iter().all(|&s| arch::encode_jmp(s, b.addr()).is_some() && arch::encode_jmp(s, last).is_some())
+    };
+    retry_elsewhere(|k| {
+        let step = k * (16 << 20);
+        let prefer = if k % 2 == 1 { addr.wrapping_sub(step) } else { addr.wrapping_add(step) };
+        let b = CodeBlock::near_preferring(lo, addr, prefer, len)?;
+        if reaches(&b) {
+            Ok(b)
+        } else {
+            Err(std::io::Error::new(std::io::ErrorKind::AddrInUse, "no free gap within a branch's reach"))
+        }
+    })
+}
+
+/// `map(0)`, and on aarch64 `map(1)`, `map(2)`... while it fails with
+/// `AddrInUse`: under qemu-user the guest's `/proc/self/maps` does not
+/// show qemu's own host mappings, so a gap that looks free may not be
+/// (`MAP_FIXED_NOREPLACE` then lands elsewhere); a real kernel reports
+/// `EEXIST`, which `codemem` retries itself. `map(k)` looks elsewhere for
+/// `k > 0`.
+fn retry_elsewhere<T>(mut map: impl FnMut(usize) -> std::io::Result<T>) -> std::io::Result<T> {
+    let mut r = map(0);
+    let tries = if cfg!(target_arch = "aarch64") { 8 } else { 0 };
+    for k in 1..=tries {
+        match &r {
+            Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => r = map(k),
+            _ => break,
+        }
+    }
+    r
+}
+
 impl Inner {
     pub(super) fn ensure_return_trampoline(&mut self) -> Result<(), TraceError> {
         if self.return_block.is_some() {
@@ -336,9 +394,13 @@ impl Inner {
     fn new_stub_block(&mut self, lo: usize, addr: usize, object: ObjectId) -> Result<usize, TraceError> {
         let header = self.routines()?;
         let mem = |source| TraceError::TrampolineMemory { near: addr, source };
-        let code = CodeBlock::near_preferring(lo, addr, addr, STUBS_PER_BLOCK * tramp::STUB_CODE).map_err(mem)?;
-        let data =
-            DataBlock::near(code.addr(), code.addr() + code.len(), STUBS_PER_BLOCK * tramp::STUB_DATA).map_err(mem)?;
+        let code = stub_code_near(lo, addr, STUBS_PER_BLOCK * tramp::STUB_CODE).map_err(mem)?;
+        let data = retry_elsewhere(|k| {
+            let shift = k * (32 << 20); // aarch64 only: the data is reached by adrp, ±4 GiB
+            let (lo, hi) = (code.addr().saturating_sub(shift), (code.addr() + code.len()).saturating_sub(shift));
+            DataBlock::near(lo, hi, STUBS_PER_BLOCK * tramp::STUB_DATA)
+        })
+        .map_err(mem)?;
         let words = [(tramp::HDR_CALL, header[0]), (tramp::HDR_GRAPH, header[1]), (tramp::HDR_LEAVE, header[2])];
         for (off, value) in words {
             // SAFETY: the header slot of our fresh, writable data block, not
@@ -385,8 +447,8 @@ impl Inner {
         let slot_info = hot::site_slot(i as u32).expect("site slot");
         let func = slot_info.func.load(Ordering::Relaxed);
         let code = match (kind, self.counter) {
-            (StubKind::Call, c) => tramp::call_stub(at, data, header, i as u32, c),
-            (StubKind::Count, c) => tramp::call_stub(at, data, header, func, c),
+            (StubKind::Call, c) => call_stub(at, data, header, i as u32, c, addr),
+            (StubKind::Count, c) => call_stub(at, data, header, func, c, addr),
             (StubKind::Graph, tramp::Counter::Tls(off)) => {
                 tramp::graph_stub(at, data, header, off, (addr + arch::REL32_LEN, i as u32, func))
             }

@@ -55,6 +55,7 @@ extern "C-unwind" fn rethrow_hook(exc: *mut c_void) -> i32 {
 /// `__cxa_begin_catch(exc)`, called by the catching frame's handler: tell
 /// the shadow stack where that frame is (the stack pointer just above our
 /// return address), then continue in the real function.
+#[cfg(target_arch = "x86_64")]
 #[unsafe(naked)]
 extern "C" fn begin_catch_hook() {
     core::arch::naked_asm!(
@@ -95,7 +96,10 @@ fn hook_for(name: &CStr) -> Option<(usize, &'static AtomicUsize)> {
     } else if name == HOOKS[1] {
         Some((rethrow_hook as *const () as usize, &ORIG_RETHROW))
     } else if name == HOOKS[2] {
-        Some((begin_catch_hook as *const () as usize, &ORIG_BEGIN_CATCH))
+        #[cfg(target_arch = "x86_64")]
+        return Some((begin_catch_hook as *const () as usize, &ORIG_BEGIN_CATCH));
+        #[cfg(not(target_arch = "x86_64"))]
+        None
     } else {
         None
     }
@@ -113,6 +117,12 @@ impl UnwindHooks {
     /// Points every loaded object's imports of the unwinder entry points at
     /// the hooks. Returns how many GOT entries were changed.
     pub fn install(&mut self) -> usize {
+        // aarch64: a replaced return address lives in x30 and wherever the
+        // function's prologue saved it, not in the slot the shadow record
+        // names (arch/tramp_aarch64.rs): nothing to put back, no hook.
+        if !cfg!(target_arch = "x86_64") {
+            return 0;
+        }
         let mut slots = Vec::new();
         let mut importers = Vec::new();
         for_each_dynamic(|name, bias, d| {

@@ -4,15 +4,33 @@
 use std::path::PathBuf;
 use std::process::Command;
 
+/// gcc's flag for the tracer's patchable entries: five 1-byte NOPs on
+/// x86-64, two NOPs on aarch64 (whose first the tracer swaps with `b`).
+pub const PATCHABLE: &str =
+    if cfg!(target_arch = "aarch64") { "-fpatchable-function-entry=2" } else { "-fpatchable-function-entry=5" };
+
 /// Compiles C source into a shared library with extra gcc flags; returns
 /// its path. Panics with gcc's output on failure.
 pub fn compile_so(name: &str, src: &str, flags: &[&str]) -> PathBuf {
-    compile_so_with("gcc", "c", name, src, flags)
+    compile_so_with(&compiler("gcc"), "c", name, src, flags)
 }
 
 /// Compiles C++ source (g++) into a shared library.
 pub fn compile_cxx_so(name: &str, src: &str, flags: &[&str]) -> PathBuf {
-    compile_so_with("g++", "cc", name, src, flags)
+    compile_so_with(&compiler("g++"), "cc", name, src, flags)
+}
+
+/// The compiler for this test binary's target: on aarch64, the cross
+/// compiler when there is one (the tests run under qemu-aarch64 on an
+/// x86-64 host, and exec the host's compilers natively), else the native one.
+fn compiler(base: &str) -> String {
+    if cfg!(target_arch = "aarch64") {
+        let cross = format!("aarch64-linux-gnu-{base}");
+        if Command::new(&cross).arg("--version").output().is_ok_and(|o| o.status.success()) {
+            return cross;
+        }
+    }
+    base.to_string()
 }
 
 fn compile_so_with(compiler: &str, ext: &str, name: &str, src: &str, flags: &[&str]) -> PathBuf {
@@ -126,7 +144,6 @@ impl EntryExitCounts {
     }
 }
 
-#[cfg(target_arch = "x86_64")]
 impl textpoke::trace::TraceOp for EntryExitCounts {
     fn entry(&self, _e: &textpoke::trace::Entry<'_>) {
         self.entries.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -173,7 +190,6 @@ pub fn mapped(addr: usize) -> bool {
     })
 }
 
-#[cfg(target_arch = "x86_64")]
 /// A tracer filter from include and exclude globs, as the recorder crate's
 /// `textpoke_record::filter::glob_filter` builds it: the engine knows no
 /// glob syntax, and its own tests, below the recorder, compile globs here
