@@ -25,7 +25,9 @@
 //! injector made for it; when the entry returns the thread exits.
 //!
 //! 1. The CLI sends the settings, an [`AgentConfig`] message (never the
-//!    environment: it is the program's).
+//!    environment: it is the program's). (`textpoke patch` sends
+//!    `textpoke_control::PATCH_SESSION` instead: a live-patching session,
+//!    see [`patch_session`]; what follows is a recording session's.)
 //! 2. The agent starts as a preloaded one does at load (step 2 of the
 //!    crate docs): finds the sites, starts the recorder in `config.dir` (a
 //!    path in the target's mount namespace), registers the recording op,
@@ -145,7 +147,7 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 use textpoke::clock::monotonic_ns;
 use textpoke::trace::{PadMode, Tracer};
-use textpoke_control::{AgentConfig, Reply};
+use textpoke_control::{AgentConfig, Reply, Request, SessionStart};
 use textpoke_record as record;
 
 /// How long detach waits for every thread to be past any trap before it
@@ -413,6 +415,66 @@ fn serve(owned: OwnedFd) {
     set_thread_mask();
     let Some(fd) = Fd::adopt(owned) else { return };
     let conn = Conn { fd };
+    let mut reader = BufReader::new(&conn);
+    match SessionStart::read(&mut reader) {
+        Ok(SessionStart::Record(config)) => record_session(&conn, reader, config),
+        Ok(SessionStart::Patch) => {
+            // Served from a thread of our own: a live-patch check of the
+            // thread answering (it is running then) must unwind its stack
+            // reliably, which this thread's, made by the injector, does
+            // not. This one waits, blocked, until the session ends.
+            let conn = &conn;
+            std::thread::scope(|s| {
+                let served = std::thread::Builder::new()
+                    .name("textpoke-patch".into())
+                    .spawn_scoped(s, move || as_agent(|| patch_session(conn, reader)));
+                if served.is_err() {
+                    conn.send(&Reply::error("cannot start the patch session's thread"));
+                }
+            });
+        }
+        Err(e) => {
+            conn.send(&Reply::error(format!("bad first message from textpoke: {e}")));
+        }
+    }
+}
+
+/// A `textpoke patch` session (see `patch`): answers `patch-*` requests
+/// until `detach` or the end of the socket. It records nothing, makes no
+/// control socket and installs no signal handler of its own (the engine's
+/// `SIGTRAP` handler comes with the first site change, as for any
+/// change, and stays: it passes every trap that is not textpoke's to the
+/// program's disposition). It runs beside a recording session, and in a
+/// preloaded agent too.
+fn patch_session(conn: &Conn, mut reader: BufReader<&Conn>) {
+    set_in_agent_thread();
+    let mut line = Vec::new();
+    loop {
+        line.clear();
+        // One byte past the limit: enough to tell a line too long.
+        let limit = (textpoke_control::MAX_REQUEST_LINE + 2) as u64;
+        match (&mut reader).take(limit).read_until(b'\n', &mut line) {
+            Ok(0) | Err(_) => return, // the CLI is gone
+            Ok(_) => {}
+        }
+        if line.strip_suffix(b"\n").unwrap_or(&line) == b"detach" {
+            return;
+        }
+        let too_long = !line.ends_with(b"\n");
+        let reply = match Request::parse_bytes(&line) {
+            Ok(Request::Patch(verb)) if !too_long => crate::patch::handle(verb),
+            Ok(_) if !too_long => Reply::error("a patch session serves only the patch-* requests"),
+            Ok(_) => Reply::error("the request ended without its newline"),
+            Err(e) => Reply::error(e.to_string()),
+        };
+        if !conn.send(&reply) || too_long {
+            return; // the rest cannot be read as requests
+        }
+    }
+}
+
+/// A `textpoke record -p` session (module docs, "The session").
+fn record_session(conn: &Conn, mut reader: BufReader<&Conn>, config: AgentConfig) {
     if !injected() {
         conn.send(&Reply::error(format!(
             "process {} runs under `textpoke record` (the agent was preloaded): use `textpoke ctl {}`",
@@ -433,14 +495,6 @@ fn serve(owned: OwnedFd) {
     // Release pairs with `fork_child`'s Acquire: the identity is set.
     SESSION_FD.store(conn.fd.raw(), Ordering::Release);
     let _published = Published;
-    let mut reader = BufReader::new(&conn);
-    let config = match AgentConfig::read_message(&mut reader) {
-        Ok(c) => c,
-        Err(e) => {
-            conn.send(&Reply::error(format!("bad settings from textpoke record -p: {e}")));
-            return;
-        }
-    };
     let started = match start(config) {
         Ok(s) => s,
         Err(why) => {

@@ -126,6 +126,15 @@ mod fatal;
 mod fds;
 mod front;
 mod interpose;
+#[cfg(target_arch = "x86_64")]
+mod patch;
+/// Live patching's transition engine is x86-64's only for now.
+#[cfg(not(target_arch = "x86_64"))]
+mod patch {
+    pub(crate) fn handle(_: textpoke_control::PatchVerb) -> textpoke_control::Reply {
+        textpoke_control::Reply::error("live patching is implemented on x86-64 only")
+    }
+}
 pub mod rules;
 mod server;
 

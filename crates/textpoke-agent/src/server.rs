@@ -11,7 +11,7 @@
 //! |---|---|
 //! | `server/wake.rs` | the wake pipe, written by signal handlers and wrappers |
 //! | `server/socket.rs` | the socket file and its listener; stale sockets of dead processes |
-//! | `server/commands.rs` | answering `status`, `enable`, `disable` |
+//! | `server/commands.rs` | answering `status`, `enable`, `disable` (the `patch-*` requests: `patch.rs`) |
 //! | `server/loader.rs` | following `dlopen`/`dlclose` through the loader's counters |
 //! | `server/stop_signals.rs` | `SIGINT`/`SIGTERM`/`SIGHUP`: a complete trace, then the signal |
 //! | `server/exit.rs` | the `_exit` handshake |

@@ -8,6 +8,7 @@ mod ctl;
 mod dump;
 mod list;
 mod output;
+mod patch;
 mod perfetto;
 mod record;
 mod replay;
@@ -45,6 +46,8 @@ enum Command {
     Record(record::Args),
     /// See and change what a program running under `textpoke record` traces
     Ctl(ctl::Args),
+    /// Replace functions of a running process (live patching), list, revert or force patches
+    Patch(patch::Args),
     /// Per-function calls, total, self, average, min and max time of a trace
     Report(report::Args),
     /// The function graph of a trace per thread, with durations (like uftrace replay)
@@ -128,6 +131,7 @@ fn main() -> ExitCode {
         Command::Selftest(args) => selftest::run(&args),
         Command::Record(args) => record::run(&args),
         Command::Ctl(args) => ctl::run(&args),
+        Command::Patch(args) => patch::run(&args),
         Command::Report(args) => report::run(&args),
         Command::Replay(args) => replay::run(&args),
         Command::Dump(args) => dump::run(&args),

@@ -58,6 +58,12 @@
 //!
 //! ```
 //!
+//! An injected agent's first message may instead be the two lines
+//! `textpoke-patch-session 1` and an empty one ([`PATCH_SESSION`]):
+//! `textpoke patch` asks for a session that records nothing (no recorder,
+//! no control socket, no signal handler of its own), whose requests are
+//! the `patch-*` lines of the control protocol ([`SessionStart`]).
+//!
 //! Keys: `dir`, `owner-pid`, `include`, `exclude` and `retval` (one line
 //! per glob, repeatable), `count-only`, `buffer-size`, `memory-limit`,
 //! `clock`, `socket-dir`, `front`; a setting left out is unset. Values
@@ -103,6 +109,51 @@ const MESSAGE_HEADER: &str = "textpoke-agent-config";
 const MESSAGE_VERSION: u32 = 1;
 /// The longest message [`AgentConfig::read_message`] reads, in bytes.
 pub const MAX_MESSAGE: usize = 1 << 20;
+
+/// The first message of a live-patching session (see the module docs).
+pub const PATCH_SESSION: &str = "textpoke-patch-session 1\n\n";
+
+/// What the first message of an injected agent's session asks for.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum SessionStart {
+    /// `textpoke record -p`: record with these settings.
+    Record(AgentConfig),
+    /// `textpoke patch`: serve `patch-*` requests, record nothing.
+    Patch,
+}
+
+impl SessionStart {
+    /// Reads a session's first message: [`PATCH_SESSION`] or an
+    /// [`AgentConfig`] message, at most [`MAX_MESSAGE`] bytes.
+    pub fn read(r: &mut impl BufRead) -> Result<SessionStart, ControlError> {
+        let text = read_until_empty_line(r)?;
+        if text == PATCH_SESSION {
+            return Ok(SessionStart::Patch);
+        }
+        AgentConfig::from_message(&text).map(SessionStart::Record)
+    }
+}
+
+/// Reads lines up to and with an empty one, at most [`MAX_MESSAGE`] bytes.
+fn read_until_empty_line(r: &mut impl BufRead) -> Result<String, ControlError> {
+    let mut text = String::new();
+    loop {
+        let start = text.len();
+        // At most one byte past the limit: enough to tell it was passed.
+        let n = std::io::Read::take(&mut *r, (MAX_MESSAGE + 1 - start) as u64)
+            .read_line(&mut text)
+            .map_err(|e| bad_message(format!("reading it: {e}")))?;
+        if text.len() > MAX_MESSAGE {
+            return Err(bad_message(format!("longer than {MAX_MESSAGE} bytes")));
+        }
+        if n == 0 {
+            return Err(bad_message("it ended before its empty line".into()));
+        }
+        if &text[start..] == "\n" {
+            return Ok(text);
+        }
+    }
+}
 
 /// The timestamp clock asked for (`--clock`): the names the recorder's
 /// clock sources go by.
@@ -374,23 +425,7 @@ impl AgentConfig {
     /// Reads one message from `r`, up to and with its empty line, at most
     /// [`MAX_MESSAGE`] bytes.
     pub fn read_message(r: &mut impl BufRead) -> Result<AgentConfig, ControlError> {
-        let mut text = String::new();
-        loop {
-            let start = text.len();
-            // At most one byte past the limit: enough to tell it was passed.
-            let n = std::io::Read::take(&mut *r, (MAX_MESSAGE + 1 - start) as u64)
-                .read_line(&mut text)
-                .map_err(|e| bad_message(format!("reading it: {e}")))?;
-            if text.len() > MAX_MESSAGE {
-                return Err(bad_message(format!("longer than {MAX_MESSAGE} bytes")));
-            }
-            if n == 0 {
-                return Err(bad_message("it ended before its empty line".into()));
-            }
-            if &text[start..] == "\n" {
-                return AgentConfig::from_message(&text);
-            }
-        }
+        AgentConfig::from_message(&read_until_empty_line(r)?)
     }
 
     /// Takes one `KEY VALUE` line of a message.
@@ -646,6 +681,21 @@ mod tests {
         assert!(AgentConfig::read_message(&mut short).unwrap_err().to_string().contains("ended before its empty line"));
         let mut huge = std::io::Cursor::new(format!("{header}include {}\n\n", "x".repeat(MAX_MESSAGE)));
         assert!(AgentConfig::read_message(&mut huge).unwrap_err().to_string().contains("longer than"));
+    }
+
+    #[test]
+    fn a_session_starts_with_settings_or_as_a_patch_session() {
+        let c = full();
+        let mut r = std::io::Cursor::new(format!("{}patch-list\n", c.to_message()));
+        assert_eq!(SessionStart::read(&mut r).unwrap(), SessionStart::Record(c));
+        let mut r = std::io::Cursor::new(format!("{PATCH_SESSION}patch-list\n"));
+        assert_eq!(SessionStart::read(&mut r).unwrap(), SessionStart::Patch);
+        let mut rest = String::new();
+        std::io::Read::read_to_string(&mut r, &mut rest).unwrap();
+        assert_eq!(rest, "patch-list\n", "the requests after it are left to read");
+        for bad in ["textpoke-patch-session 2\n\n", "textpoke-patch-session 1\nx\n\n", "textpoke-patch-session 1\n"] {
+            assert!(SessionStart::read(&mut std::io::Cursor::new(bad)).is_err(), "{bad:?}");
+        }
     }
 
     #[test]

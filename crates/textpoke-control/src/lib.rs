@@ -36,6 +36,12 @@
 //! status
 //! enable GLOB
 //! disable GLOB
+//! patch-load PATH
+//! patch-revert [ID]
+//! patch-done ID SEQ
+//! patch-report
+//! patch-force
+//! patch-list
 //! ```
 //!
 //! Each reply is a first line `ok` or `error MESSAGE`, then zero or more
@@ -49,6 +55,38 @@
 //! `dropped` (events lost), and one `rule +GLOB` or `rule -GLOB`
 //! line per filter rule. `enable` and `disable` answer with `traced` and
 //! `functions`; an error may carry `hint` lines (close function names).
+//!
+//! The `patch-*` verbs are live patching's (`textpoke patch`, issue 12;
+//! see [`PatchVerb`]). They are answered at once, never after a
+//! transition: the agent's live-patch thread drives a transition, and the
+//! client polls `patch-done`.
+//!
+//! - `patch-load PATH` loads the patch object at `PATH` (absolute, a path
+//!   in the target's mount namespace, UTF-8) and starts its transition:
+//!   `id`, `name`, `replace` (`yes`/`no`), one `function NAME` line per
+//!   replaced function, `seq` (the number to give `patch-done`) and
+//!   `load-us` (the `dlopen`, resolution and start).
+//! - `patch-revert` reverts the newest patch, `patch-revert ID` patch `ID`
+//!   (during that patch's own transition: reverses it): `id`, `name`,
+//!   `seq`, `reversal` (`yes` when it reversed a transition in progress).
+//!   Refused, naming both, when another patch is stacked on it.
+//! - `patch-done ID SEQ`: `state pending`, or `state complete` with
+//!   `direction` (`patched` or `reverted`), `took-us` and `forced`
+//!   (`yes`/`no`) for the first completion of patch `ID` numbered `SEQ` or
+//!   later.
+//! - `patch-report`: `transition none`, or `transition pending` with
+//!   `patch`, `name`, `direction` (`patching` or `unpatching`),
+//!   `reversals`, `elapsed-ms`, and one `thread` line per thread that has
+//!   not switched (`tid 4242 (worker-3): holds outer() [old] (frame 2),
+//!   blocked in read(2) for 12.4 s`, as the engine's `ThreadReport` says it).
+//! - `patch-force` completes the transition in progress by force: `patch`,
+//!   `direction`, `took-us`, one `forced` line per thread switched so (the
+//!   same text as `thread`).
+//! - `patch-list`: one `patch` line per applied patch, oldest first:
+//!   `ID STATE FORCED REPLACE FUNCTIONS NAME`, `STATE` one of `patching`,
+//!   `enabled`, `unpatching`, `FORCED` and `REPLACE` `yes`/`no`,
+//!   `FUNCTIONS` the replaced functions joined by `,`, `NAME` the rest of
+//!   the line.
 //!
 //! Every malformed request gets an `error` reply ([`Request::parse_bytes`]
 //! says why: not UTF-8, a NUL byte, an unknown verb, a missing glob), and
@@ -101,7 +139,7 @@
 
 pub mod agent;
 
-pub use agent::{AgentClock, AgentConfig, ConfigWarning};
+pub use agent::{AgentClock, AgentConfig, ConfigWarning, SessionStart, PATCH_SESSION};
 
 use std::ffi::OsString;
 use std::io::BufRead;
@@ -298,6 +336,77 @@ pub enum Request {
     Enable(String),
     /// Stop tracing the functions matching the glob (a `-GLOB` rule).
     Disable(String),
+    /// A live-patching request (`patch-*`).
+    Patch(PatchVerb),
+}
+
+/// A live-patching request (see the crate docs, "Protocol").
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum PatchVerb {
+    /// `patch-load PATH`: load a patch object and start its transition.
+    Load(String),
+    /// `patch-revert [ID]`: revert a patch (`None`: the newest).
+    Revert(Option<u64>),
+    /// `patch-done ID SEQ`: whether that transition completed.
+    Done { id: u64, seq: u64 },
+    /// `patch-report`: the transition in progress.
+    Report,
+    /// `patch-force`: complete the transition in progress by force.
+    Force,
+    /// `patch-list`: the applied patches.
+    List,
+}
+
+impl PatchVerb {
+    /// Parses the `patch-*` verb `verb` with its argument, if it is one.
+    fn parse(verb: &str, arg: Option<&str>) -> Option<Result<PatchVerb, String>> {
+        let number = |what: &str, s: &str| -> Result<u64, String> {
+            if s.is_empty() || !s.bytes().all(|b| b.is_ascii_digit()) {
+                return Err(format!("`{verb}`: {what} {:?} is not a number", shorten(s)));
+            }
+            s.parse().map_err(|_| format!("`{verb}`: {what} {:?} is too large", shorten(s)))
+        };
+        let no_arg = |v: PatchVerb| match arg {
+            None => Ok(v),
+            Some(_) => Err(format!("`{verb}` takes no argument")),
+        };
+        Some(match verb {
+            "patch-load" => match arg {
+                Some(p) if p.starts_with('/') => Ok(PatchVerb::Load(p.to_owned())),
+                Some(p) => Err(format!(
+                    "`patch-load` needs an absolute path (in the target's mount namespace), not {:?}",
+                    shorten(p)
+                )),
+                None => Err("`patch-load` needs a PATH: `patch-load /path/to/patch.so`".into()),
+            },
+            "patch-revert" => match arg {
+                None => Ok(PatchVerb::Revert(None)),
+                Some(a) => number("patch id", a).map(|id| PatchVerb::Revert(Some(id))),
+            },
+            "patch-done" => match arg.and_then(|a| a.split_once(' ')) {
+                Some((id, seq)) => number("patch id", id)
+                    .and_then(|id| number("sequence number", seq).map(|seq| PatchVerb::Done { id, seq })),
+                None => Err("`patch-done` needs a patch id and a sequence number: `patch-done ID SEQ`".into()),
+            },
+            "patch-report" => no_arg(PatchVerb::Report),
+            "patch-force" => no_arg(PatchVerb::Force),
+            "patch-list" => no_arg(PatchVerb::List),
+            _ => return None,
+        })
+    }
+
+    /// The request line, newline excluded.
+    fn line(&self) -> String {
+        match self {
+            PatchVerb::Load(p) => format!("patch-load {p}"),
+            PatchVerb::Revert(None) => "patch-revert".into(),
+            PatchVerb::Revert(Some(id)) => format!("patch-revert {id}"),
+            PatchVerb::Done { id, seq } => format!("patch-done {id} {seq}"),
+            PatchVerb::Report => "patch-report".into(),
+            PatchVerb::Force => "patch-force".into(),
+            PatchVerb::List => "patch-list".into(),
+        }
+    }
 }
 
 impl Request {
@@ -331,15 +440,19 @@ impl Request {
             None => (line, None),
         };
         let bad = |why: String| Err(ControlError::Protocol(why));
+        if let Some(p) = PatchVerb::parse(verb, arg) {
+            return p.map(Request::Patch).map_err(ControlError::Protocol);
+        }
         match (verb, arg) {
             ("status", None) => Ok(Request::Status),
             ("enable", Some(g)) if !g.is_empty() => Ok(Request::Enable(g.to_owned())),
             ("disable", Some(g)) if !g.is_empty() => Ok(Request::Disable(g.to_owned())),
             ("enable" | "disable", _) => bad(format!("`{verb}` needs a GLOB: `{verb} GLOB`, e.g. `{verb} work*`")),
             ("status", Some(_)) => bad("`status` takes no argument".into()),
-            _ => {
-                bad(format!("unknown request {:?}; expected `status`, `enable GLOB` or `disable GLOB`", shorten(line)))
-            }
+            _ => bad(format!(
+                "unknown request {:?}; expected `status`, `enable GLOB`, `disable GLOB` or a `patch-*` verb",
+                shorten(line)
+            )),
         }
     }
 
@@ -349,6 +462,7 @@ impl Request {
             Request::Status => "status\n".into(),
             Request::Enable(g) => format!("enable {g}\n"),
             Request::Disable(g) => format!("disable {g}\n"),
+            Request::Patch(v) => format!("{}\n", v.line()),
         }
     }
 }
@@ -554,6 +668,65 @@ mod tests {
         assert!(why(&huge).contains("request line too long (1048576 bytes, at most 4096)"));
         let long = why(&[b'x'; 4000]);
         assert!(long.contains(&format!("unknown request \"{}...\"", "x".repeat(60))), "{long}");
+    }
+
+    #[test]
+    fn patch_verbs_round_trip_and_malformed_ones_say_why() {
+        let verbs = [
+            PatchVerb::Load("/tmp/a dir/fix 1.so".into()),
+            PatchVerb::Revert(None),
+            PatchVerb::Revert(Some(3)),
+            PatchVerb::Done { id: 2, seq: 17 },
+            PatchVerb::Report,
+            PatchVerb::Force,
+            PatchVerb::List,
+        ];
+        for v in verbs {
+            let r = Request::Patch(v);
+            assert_eq!(Request::parse_bytes(r.to_line().as_bytes()).unwrap(), r);
+        }
+        let why = |b: &[u8]| Request::parse_bytes(b).unwrap_err().to_string();
+        assert!(why(b"patch-load\n").contains("needs a PATH"));
+        assert!(why(b"patch-load fix.so\n").contains("absolute path"));
+        assert!(why(b"patch-load \n").contains("absolute path"));
+        assert!(why(b"patch-revert x\n").contains("patch id \"x\" is not a number"));
+        assert!(why(b"patch-revert -1\n").contains("not a number"));
+        assert!(why(b"patch-revert 99999999999999999999999\n").contains("too large"));
+        assert!(why(b"patch-done 1\n").contains("`patch-done ID SEQ`"));
+        assert!(why(b"patch-done 1 2 3\n").contains("sequence number \"2 3\""));
+        assert!(why(b"patch-done +1 2\n").contains("not a number"));
+        assert!(why(b"patch-list all\n").contains("takes no argument"));
+        assert!(why(b"patch-force now\n").contains("takes no argument"));
+        assert!(why(b"patch-report x\n").contains("takes no argument"));
+        assert!(why(b"patch-frob\n").contains("unknown request"));
+        // Any byte string: an answer, never a panic; an accepted one
+        // round-trips (a small exhaustive sweep over short lines).
+        let alphabet: &[u8] = b"patch-lodrevisf 0129/ \r\n\xff";
+        let mut line = Vec::new();
+        for a in alphabet {
+            for b in alphabet {
+                for c in alphabet {
+                    line.clear();
+                    line.extend_from_slice(b"patch-");
+                    line.extend([*a, *b, *c]);
+                    if let Ok(r) = Request::parse_bytes(&line) {
+                        assert_eq!(Request::parse_bytes(r.to_line().as_bytes()).unwrap(), r, "{line:?}");
+                    }
+                }
+            }
+        }
+        for prefix in ["patch-load /", "patch-revert ", "patch-done 1 "] {
+            for a in alphabet {
+                for b in alphabet {
+                    line.clear();
+                    line.extend_from_slice(prefix.as_bytes());
+                    line.extend([*a, *b]);
+                    if let Ok(r) = Request::parse_bytes(&line) {
+                        assert_eq!(Request::parse_bytes(r.to_line().as_bytes()).unwrap(), r, "{line:?}");
+                    }
+                }
+            }
+        }
     }
 
     #[test]

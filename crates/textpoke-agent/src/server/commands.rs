@@ -1,7 +1,8 @@
 //! The control socket's requests, answered (the protocol is in
 //! [`textpoke_control`]): `status` reports what the agent traces and
 //! what the recorder wrote; `enable GLOB` and `disable GLOB` append a
-//! filter rule and bring the recording op's filter up to date.
+//! filter rule and bring the recording op's filter up to date; the
+//! `patch-*` requests are live patching's (`crate::patch`).
 //!
 //! Each request takes the agent's lock for as long as it is answered; the
 //! agent thread serves the connections (`clients`) and calls [`handle`]
@@ -14,6 +15,11 @@ use textpoke_record as record;
 
 /// Answers one request.
 pub(super) fn handle(req: Request) -> Reply {
+    let req = match req {
+        // Live patching needs no recording agent (`crate::patch`).
+        Request::Patch(verb) => return crate::patch::handle(verb),
+        r => r,
+    };
     let mut g = AGENT.lock();
     let Some(agent) = g.as_mut() else {
         return Reply::error("the agent is not loaded");
@@ -22,6 +28,7 @@ pub(super) fn handle(req: Request) -> Reply {
         Request::Status => status(agent),
         Request::Enable(glob) => change(agent, true, &glob),
         Request::Disable(glob) => change(agent, false, &glob),
+        Request::Patch(_) => unreachable!("answered above"),
     }
 }
 
