@@ -144,7 +144,10 @@ fn run(exe: &Path, lib: &Path) {
         }
         _ => Command::new(exe),
     };
-    let out = c.arg(lib).output().unwrap();
+    // The program finds libtextpoke_c.so by its RUNPATH (lib_dir()); cargo's
+    // LD_LIBRARY_PATH for tests would win over it and may name
+    // target/<profile>/, where an older `cargo build` left an older copy.
+    let out = c.arg(lib).env_remove("LD_LIBRARY_PATH").output().unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(
         out.status.success() && stdout.lines().last() == Some("ok"),
