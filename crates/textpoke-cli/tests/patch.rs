@@ -537,7 +537,12 @@ fn a_program_under_record_is_patched_through_its_control_socket() {
             std::thread::sleep(Duration::from_millis(10));
         }
     };
-    assert!(sockets.join(format!("{pid}.sock")).exists(), "the recorded program has a control socket");
+    // The agent thread makes its socket while the program already runs.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !sockets.join(format!("{pid}.sock")).exists() {
+        assert!(Instant::now() < deadline, "the recorded program has no control socket after 10 s");
+        std::thread::sleep(Duration::from_millis(10));
+    }
     let so = patch("fix-rec", 6, &build_id(&exe), &[]);
     let out = ok(&patch_cmd(pid, &[so.to_str().unwrap(), "-v"]));
     assert!(out.starts_with("patched inner(), outer()"), "{out}");
