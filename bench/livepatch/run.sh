@@ -5,6 +5,9 @@
 # loaded"). The first apply injects the agent; each later one reaches the
 # same agent again (a patch session), so REPS applies and reverts follow.
 #   TEXTPOKE=target/release/textpoke REPS=10 THREADS=8 bench/livepatch/run.sh
+# FLOOR=1 also measures, right after, how long until every one of THREADS
+# spinning threads has run once (sched_floor.c): the floor for any
+# signal-free transition on busy threads.
 set -eu
 here=$(cd "$(dirname "$0")" && pwd)
 root=$(cd "$here/../.." && pwd)
@@ -26,3 +29,8 @@ while [ $i -lt "$reps" ]; do
     "$textpoke" patch $pid --revert | sed 's/^/revert: /'
     i=$((i + 1))
 done
+if [ "${FLOOR:-0}" = 1 ]; then
+    kill $pid 2>/dev/null || true
+    gcc -O2 -pthread -o "$work/sched_floor" "$here/sched_floor.c"
+    "$work/sched_floor" "${THREADS:-8}" 50 | sed 's/^/floor: /'
+fi
