@@ -1,7 +1,8 @@
 //! The build script of `textpoke`. It does two things:
 //!
 //! 1. Builds the demo workload that `textpoke record` runs when it is given
-//!    no program (demo/textpoke-demo.c, with -fpatchable-function-entry=5).
+//!    no program (demo/textpoke-demo.c, with -fpatchable-function-entry=5,
+//!    =2 on aarch64).
 //!    The binary is embedded in `textpoke` (see src/record.rs). Without a C
 //!    compiler the build goes on with an empty demo, and `textpoke record`
 //!    without a program says so.
@@ -49,14 +50,9 @@ fn main() {
 fn build_demo(out_dir: &Path) {
     let src = "demo/textpoke-demo.c";
     println!("cargo:rerun-if-changed={src}");
-    println!("cargo:rerun-if-env-changed=CC");
     let out = out_dir.join("textpoke-demo");
-    let cc = std::env::var("CC").unwrap_or_else(|_| "gcc".into());
-    let built = Command::new(&cc)
-        .args(["-O1", "-g", "-pthread", "-fpatchable-function-entry=5", "-o"])
-        .arg(&out)
-        .arg(src)
-        .status();
+    let (cc, pad) = demo_compiler();
+    let built = Command::new(&cc).args(["-O1", "-g", "-pthread", pad, "-o"]).arg(&out).arg(src).status();
     match built {
         Ok(s) if s.success() => {}
         other => {
@@ -64,6 +60,29 @@ fn build_demo(out_dir: &Path) {
             std::fs::write(&out, b"").expect("write OUT_DIR/textpoke-demo");
         }
     }
+}
+
+/// The C compiler for the target `textpoke` is built for, and the pad the
+/// demo gets: five bytes on x86-64, two NOPs on aarch64 (the tracer's
+/// entry sites there). A cross build takes `CC_<target>` or `TARGET_CC`
+/// (the `cc` crate's names), else `<arch>-linux-gnu-gcc`; a native one
+/// `CC`, else gcc.
+fn demo_compiler() -> (String, &'static str) {
+    let var = |k: &str| {
+        println!("cargo:rerun-if-env-changed={k}");
+        std::env::var(k).ok().filter(|v| !v.is_empty())
+    };
+    let target = std::env::var("TARGET").unwrap_or_default();
+    let arch = std::env::var("CARGO_CFG_TARGET_ARCH").unwrap_or_default();
+    let pad = if arch == "aarch64" { "-fpatchable-function-entry=2" } else { "-fpatchable-function-entry=5" };
+    let cc = if std::env::var("HOST").ok().as_deref() == Some(target.as_str()) {
+        var("CC").unwrap_or_else(|| "gcc".into())
+    } else {
+        var(&format!("CC_{}", target.replace('-', "_")))
+            .or_else(|| var("TARGET_CC"))
+            .unwrap_or_else(|| format!("{arch}-linux-gnu-gcc"))
+    };
+    (cc, pad)
 }
 
 /// The file `include_bytes!` embeds as the agent: the agent cargo builds

@@ -611,12 +611,34 @@ extern "C" fn run_job(p: *mut c_void) {
 ///
 /// `top` is the 16-byte aligned top of writable memory large enough for
 /// `f`, that nothing else uses meanwhile.
+#[cfg(target_arch = "x86_64")]
 #[unsafe(naked)]
 unsafe extern "C" fn call_on_stack(arg: *mut c_void, f: extern "C" fn(*mut c_void), top: *mut u8) {
     // Entry: rsp = 8 mod 16; after the push, 0. `top` is 16-aligned, so
     // the call leaves f's entry at 8 mod 16, as the ABI wants. rdi (arg)
     // is f's argument as it stands.
     core::arch::naked_asm!("push rbp", "mov rbp, rsp", "mov rsp, rdx", "call rsi", "mov rsp, rbp", "pop rbp", "ret",)
+}
+
+/// Calls `f(arg)` with the stack pointer at `top`, and comes back.
+///
+/// # Safety
+///
+/// As the x86-64 version.
+#[cfg(target_arch = "aarch64")]
+#[unsafe(naked)]
+unsafe extern "C" fn call_on_stack(arg: *mut c_void, f: extern "C" fn(*mut c_void), top: *mut u8) {
+    // A frame record on the old stack, x29 keeping its address across the
+    // call (callee-saved); x0 (arg) is f's argument as it stands.
+    core::arch::naked_asm!(
+        "stp x29, x30, [sp, #-16]!",
+        "mov x29, sp",
+        "mov sp, x2",
+        "blr x1",
+        "mov sp, x29",
+        "ldp x29, x30, [sp], #16",
+        "ret",
+    )
 }
 
 /// A6: `SIG_DFL`, then `sig` queued again to this thread with its

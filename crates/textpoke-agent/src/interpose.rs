@@ -47,7 +47,7 @@
 //! `TEXTPOKE_PID` the pid that writes it.
 //!
 //! `execl`, `execlp` and `execle` are variadic, which stable Rust cannot
-//! define: a naked stub stores the five argument registers after the
+//! define: a naked stub stores the five (aarch64: seven) argument registers after the
 //! first next to each other and passes them, with the address of the
 //! arguments on the stack, to [`execl_impl`], which walks the list to its
 //! NULL (and, for `execle`, the environment after it).
@@ -425,9 +425,17 @@ const KIND_EXECL: c_int = 0;
 const KIND_EXECLP: c_int = 1;
 const KIND_EXECLE: c_int = 2;
 
+/// The argument registers after `path` that the `execl` stubs store:
+/// rsi, rdx, rcx, r8, r9 (x86-64), x1–x7 (aarch64; variadic arguments are
+/// passed as named ones by the Linux AAPCS64).
+#[cfg(target_arch = "x86_64")]
+const EXECL_REG_ARGS: usize = 5;
+#[cfg(target_arch = "aarch64")]
+const EXECL_REG_ARGS: usize = 7;
+
 /// The common part of the `execl` stubs: `regs` holds the variadic
-/// arguments that came in registers (the 2nd to 6th), `stack` points to
-/// the ones on the stack (the 7th on).
+/// arguments that came in registers (the 2nd to 6th on x86-64, to 8th on
+/// aarch64), `stack` points to the ones on the stack (the next on).
 ///
 /// # Safety
 ///
@@ -438,10 +446,10 @@ unsafe extern "C" fn execl_impl(path: *const c_char, regs: *const usize, stack: 
     // SAFETY: the caller's contract: the list is readable up to its NULL
     // (and the environment pointer after it for execle).
     let arg = |i: usize| unsafe {
-        if i < 5 {
+        if i < EXECL_REG_ARGS {
             *regs.add(i)
         } else {
-            *stack.add(i - 5)
+            *stack.add(i - EXECL_REG_ARGS)
         }
     };
     let mut n = 0;
@@ -481,6 +489,7 @@ macro_rules! execl_stub {
         /// # Safety
         ///
         /// Called from C with the arguments of the libc function.
+        #[cfg(target_arch = "x86_64")]
         #[unsafe(naked)]
         #[no_mangle]
         pub unsafe extern "C" fn $name(path: *const c_char, arg0: *const c_char) -> c_int {
@@ -499,6 +508,39 @@ macro_rules! execl_stub {
                 "mov ecx, {kind}",
                 "call {imp}",
                 "add rsp, 56",
+                "ret",
+                kind = const $kind,
+                imp = sym execl_impl,
+            )
+        }
+
+        /// The `execl`-family function of this name (variadic in C): see
+        /// the module docs.
+        ///
+        /// # Safety
+        ///
+        /// Called from C with the arguments of the libc function.
+        #[cfg(target_arch = "aarch64")]
+        #[unsafe(naked)]
+        #[no_mangle]
+        pub unsafe extern "C" fn $name(path: *const c_char, arg0: *const c_char) -> c_int {
+            // A frame record at [sp+64] (x29, x30), the seven register
+            // arguments x1-x7 at [sp, sp+56); sp stays 16-aligned. The
+            // stack arguments start at the entry sp, sp+80.
+            core::arch::naked_asm!(
+                "sub sp, sp, #80",
+                "stp x29, x30, [sp, #64]",
+                "add x29, sp, #64",
+                "stp x1, x2, [sp]",
+                "stp x3, x4, [sp, #16]",
+                "stp x5, x6, [sp, #32]",
+                "str x7, [sp, #48]",
+                "mov x1, sp",
+                "add x2, sp, #80",
+                "mov w3, #{kind}",
+                "bl {imp}",
+                "ldp x29, x30, [sp, #64]",
+                "add sp, sp, #80",
                 "ret",
                 kind = const $kind,
                 imp = sym execl_impl,
@@ -582,6 +624,7 @@ extern "C" fn dlopen_unavailable(_file: *const c_char, _mode: c_int) -> *mut c_v
 /// # Safety
 ///
 /// The arguments of `dlopen(3)`.
+#[cfg(target_arch = "x86_64")]
 #[unsafe(naked)]
 #[no_mangle]
 pub unsafe extern "C" fn dlopen(file: *const c_char, mode: c_int) -> *mut c_void {
@@ -595,6 +638,32 @@ pub unsafe extern "C" fn dlopen(file: *const c_char, mode: c_int) -> *mut c_void
         "pop rsi",
         "pop rdi",
         "jmp rax",
+        hook = sym on_dlopen,
+    )
+}
+
+/// `dlopen(3)`: wakes the agent thread, then branches to the real one with
+/// the caller's return address back in x30 (see the module docs).
+///
+/// # Safety
+///
+/// The arguments of `dlopen(3)`.
+#[cfg(target_arch = "aarch64")]
+#[unsafe(naked)]
+#[no_mangle]
+pub unsafe extern "C" fn dlopen(file: *const c_char, mode: c_int) -> *mut c_void {
+    // A frame record (x29, x30) and the two arguments; then x29, x30, x0
+    // and x1 as they came, and `br x16`, which a `bti c` at the real
+    // dlopen's entry accepts (x16/x17 are the branch registers for it).
+    core::arch::naked_asm!(
+        "stp x29, x30, [sp, #-32]!",
+        "mov x29, sp",
+        "stp x0, x1, [sp, #16]",
+        "bl {hook}",
+        "mov x16, x0",
+        "ldp x0, x1, [sp, #16]",
+        "ldp x29, x30, [sp], #32",
+        "br x16",
         hook = sym on_dlopen,
     )
 }

@@ -80,14 +80,7 @@ const DETACH_TIMEOUT: Duration = Duration::from_secs(120);
 /// How long to wait for the traces of children forked while attached.
 const CHILDREN_WAIT: Duration = Duration::from_secs(2);
 
-/// `--duration`: seconds, fractions allowed.
-pub(crate) fn parse_secs(s: &str) -> Result<Duration, String> {
-    let secs: f64 = s.trim().parse().map_err(|_| format!("{s:?} is not a number of seconds"))?;
-    if !secs.is_finite() || secs <= 0.0 || secs > 1e9 {
-        return Err(format!("{s} is not a positive number of seconds"));
-    }
-    Ok(Duration::from_secs_f64(secs))
-}
+pub(crate) use crate::cmdutil::parse_secs;
 
 /// A failure before or during the attach: exit code 1.
 fn failed(message: impl Into<String>) -> CliError {

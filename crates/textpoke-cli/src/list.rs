@@ -127,6 +127,17 @@ fn resolve(prog: &Path) -> Result<PathBuf, String> {
     ))
 }
 
+/// The NOP column: x86-64's 5-byte NOP or gcc's five 1-byte NOPs;
+/// aarch64's `nop; nop` pad or the kernel-style `mov x9, x30; nop`.
+fn nop_form_name(form: NopForm) -> &'static str {
+    match (form, cfg!(target_arch = "x86_64")) {
+        (NopForm::Single, true) => "nop5",
+        (NopForm::Split { .. }, true) => "nop1x5",
+        (NopForm::Single, false) => "movnop",
+        (NopForm::Split { .. }, false) => "nopx2",
+    }
+}
+
 fn list_prog(prog: &Path, skipped: bool, w: &mut dyn Write) -> Result<(), CliError> {
     let path = resolve(prog).map_err(failed)?;
     let found = scan_file(&path).map_err(|e| failed(e.to_string()))?;
@@ -138,10 +149,7 @@ fn list_prog(prog: &Path, skipped: bool, w: &mut dyn Write) -> Result<(), CliErr
         .with_help(HOW_TO_ADD_SITES));
     }
     for s in &found.sites {
-        let form = match s.nop_form {
-            NopForm::Single => "nop5",
-            NopForm::Split { .. } => "nop1x5",
-        };
+        let form = nop_form_name(s.nop_form);
         let name = if s.function.is_empty() { "?".into() } else { escape(&s.function) };
         writeln!(w, "{:#014x}  {:<12}  {form:<6}  {name}", s.entry, kind(s)).map_err(write_failed)?;
     }

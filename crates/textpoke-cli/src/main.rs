@@ -1,6 +1,12 @@
 //! The `textpoke` command: a thin front end over the textpoke library.
 
 mod agent_file;
+// `record -p` injects the agent with textpoke-inject, x86-64 ptrace code;
+// elsewhere it refuses (attach_other.rs).
+#[cfg(target_arch = "x86_64")]
+mod attach;
+#[cfg(not(target_arch = "x86_64"))]
+#[path = "attach_other.rs"]
 mod attach;
 mod cmdutil;
 mod common;

@@ -159,12 +159,19 @@ pub fn resolve_program(name: &OsStr) -> Result<PathBuf, CliError> {
     Err(CliError::new(127, format!("{shown}: {where_}")))
 }
 
+#[cfg(target_arch = "x86_64")]
 pub const HOW_TO_ADD_SITES: &str = "\
   build it with patchable function entries, one of:
     gcc or clang:  -fpatchable-function-entry=5
     gcc:           -pg -mfentry -mnop-mcount -mrecord-mcount when compiling (not linking),
                    with -fno-pie (executables) or -fno-pic (libraries)
     Rust:          #[textpoke::traced] on the functions to trace";
+/// On aarch64 the tracer's entry sites are two NOPs (mcount sites and
+/// `#[traced]` are x86-64 only so far).
+#[cfg(not(target_arch = "x86_64"))]
+pub const HOW_TO_ADD_SITES: &str = "\
+  build it with patchable function entries:
+    gcc or clang:  -fpatchable-function-entry=2";
 
 /// The libraries `prog` loads at start, as its interpreter lists them
 /// (`ld.so --list`, which maps them without running anything).
@@ -530,8 +537,24 @@ pub(crate) fn agent_config(args: &Args, dir: PathBuf) -> AgentConfig {
         memory_limit: args.memory_limit,
         clock: args.clock.as_deref().and_then(AgentClock::parse),
         socket_dir: None, // as this process's environment says
-        front: Some(FrontProcess::this()),
+        front: Some(this_front()),
     }
+}
+
+/// This process as its agent will check it ([`FrontProcess`]), with the
+/// start time read through `/proc/PID/task/PID/stat` (the main thread's,
+/// which is the process's). qemu-user answers `/proc/self/stat` and
+/// `/proc/PID/stat` of its own process with a start time it computes
+/// itself, a few ticks off the kernel's that the agent reads (seen in
+/// `.ci/aarch64`): the agent would take this process for gone and not
+/// record. The task path is the kernel's everywhere.
+fn this_front() -> FrontProcess {
+    let f = FrontProcess::this();
+    let stat = std::fs::read_to_string(format!("/proc/{0}/task/{0}/stat", f.pid)).ok();
+    // Field 22 is the start time; the fields after the command name's
+    // last `)` start at field 3.
+    let start = stat.and_then(|t| t[t.rfind(')')? + 1..].split_ascii_whitespace().nth(22 - 3)?.parse().ok());
+    FrontProcess { start: start.unwrap_or(f.start), ..f }
 }
 
 pub fn run(args: &Args) -> ExitCode {

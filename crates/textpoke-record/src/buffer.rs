@@ -291,7 +291,8 @@ thread_local! {
 /// Where the hot-path state lives, for the recorder's code generated at
 /// run time (`super::codegen`), which must do exactly what [`try_count`]
 /// (K1-K4) or [`try_push`] (H1-H8) do and fall back to the slow paths in
-/// every other case.
+/// every other case. x86-64 only, as that code is.
+#[cfg(target_arch = "x86_64")]
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct BufferLayout {
     /// Offset of this thread's buffer pointer from the thread pointer
@@ -314,6 +315,7 @@ pub(crate) struct BufferLayout {
 
 /// The buffer layout, if this module's thread-local lives in the static
 /// TLS block (see `arch::static_tls_offset`); `None` otherwise.
+#[cfg(target_arch = "x86_64")]
 pub(crate) fn buffer_layout() -> Option<BufferLayout> {
     static LAYOUT: std::sync::OnceLock<Option<BufferLayout>> = std::sync::OnceLock::new();
     *LAYOUT.get_or_init(|| {
@@ -707,10 +709,10 @@ fn try_count(b: &ThreadBuf, func: u32) -> Option<bool> {
     ok.then_some(true)
 }
 
-/// K3: adds one to a counter owned by this thread, in one instruction so
-/// that a signal handler counting on the same thread cannot lose an
-/// update; the writer reads it with atomic loads (aligned 8-byte stores are
-/// atomic on x86-64).
+/// K3: adds one to a counter owned by this thread, in one instruction
+/// (x86-64) or atomically (elsewhere) so that a signal handler counting on
+/// the same thread cannot lose an update; the writer reads it with atomic
+/// loads (aligned 8-byte stores are single-copy atomic).
 ///
 /// # Safety
 ///
@@ -724,11 +726,16 @@ unsafe fn increment(p: *mut u64) {
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
-        // Elsewhere: load + store; a same-thread signal handler counting
-        // between the two loses one count.
+        // Elsewhere (aarch64) no single instruction adds to memory without
+        // LSE: an atomic add (an LSE `ldadd`, or a load/store-exclusive
+        // loop, whose store-exclusive fails and retries when a signal handler
+        // ran in between), so a
+        // same-thread signal handler counting meanwhile loses nothing.
+        // Relaxed: only the count matters; the writer reads it with atomic
+        // loads, and the final drain after S4's acquire of `busy`.
         // SAFETY: the caller guarantees `p` is valid and aligned.
         let a = unsafe { &*(p as *const AtomicU64) };
-        a.store(a.load(Ordering::Relaxed) + 1, Ordering::Relaxed);
+        a.fetch_add(1, Ordering::Relaxed);
     }
 }
 

@@ -252,6 +252,9 @@
 //! [`crate::tracedata`] reads and validates it.
 
 mod buffer;
+// The inline fast paths are x86-64 code; on aarch64 the tracer calls
+// RecordOp's callbacks through its hot path (see `RecordOp::inline`).
+#[cfg(target_arch = "x86_64")]
 mod codegen;
 pub mod crash;
 pub mod dir;

@@ -22,7 +22,7 @@ use super::symbols::{FuncSym, Symbols};
 /// The ELF machine this build reads, and its relocation types for 8-byte
 /// pointers (none, relative, symbol + addend).
 #[cfg(target_arch = "x86_64")]
-mod machine {
+pub(super) mod machine {
     use object::elf;
     pub const EM: u16 = elf::EM_X86_64;
     pub const NAME: &str = "x86-64";
@@ -31,7 +31,7 @@ mod machine {
     pub const R_64: u32 = elf::R_X86_64_64;
 }
 #[cfg(target_arch = "aarch64")]
-mod machine {
+pub(super) mod machine {
     use object::elf;
     pub const EM: u16 = elf::EM_AARCH64;
     pub const NAME: &str = "aarch64";

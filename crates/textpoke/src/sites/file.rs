@@ -38,7 +38,7 @@ use object::read::elf::{FileHeader, ProgramHeader};
 use object::read::{ReadCache, ReadRef};
 use object::{Endianness, FileKind};
 
-use super::elf::{read_sites, record_count, site_sections, Relocs};
+use super::elf::{machine, read_sites, record_count, site_sections, Relocs};
 use super::marked::{self, MarkedPoint};
 use super::{Image, NopForm, RecordSource, Scan, Segment, SiteKind, SitesError, SkipReason};
 
@@ -127,7 +127,7 @@ impl FileProbe {
 }
 
 /// Reads the headers of the ELF file at `path` only (see the module
-/// docs); errors as [`scan_file`] for a file that is not a 64-bit x86-64
+/// docs); errors as [`scan_file`] for a file that is not a 64-bit x86-64 (aarch64)
 /// executable or shared object, or whose site section has a size that is
 /// not a whole number of records.
 pub fn probe_file(path: &Path) -> Result<FileProbe, SitesError> {
@@ -146,7 +146,7 @@ pub fn probe_file(path: &Path) -> Result<FileProbe, SitesError> {
     Ok(out)
 }
 
-/// The ELF header of a file checked to be a 64-bit x86-64 executable or
+/// The ELF header of a file checked to be a 64-bit x86-64 (aarch64) executable or
 /// shared object, and what its program headers say (no sections yet).
 fn probe_headers<'d>(
     path: &Path,
@@ -156,14 +156,18 @@ fn probe_headers<'d>(
     let unsupported = |what: String| SitesError::Unsupported { path: path.to_path_buf(), what };
     match FileKind::parse(data) {
         Ok(FileKind::Elf64) => {}
-        Ok(FileKind::Elf32) => return Err(unsupported("a 32-bit ELF file; textpoke handles x86-64".into())),
+        Ok(FileKind::Elf32) => {
+            return Err(unsupported(format!("a 32-bit ELF file; textpoke handles {}", machine::NAME)))
+        }
         Ok(kind) => return Err(unsupported(format!("not an ELF file ({kind:?})"))),
         Err(_) => return Err(unsupported("not an ELF file".into())),
     }
     let header = FileHeader64::<Endianness>::parse(data).map_err(parse)?;
     let endian = header.endian().map_err(parse)?;
-    if header.e_machine(endian) != elf::EM_X86_64 {
-        return Err(unsupported(format!("e_machine {}, not x86-64", header.e_machine(endian))));
+    // The machine this build traces (x86-64 or aarch64), as for loaded
+    // objects (`elf.rs`).
+    if header.e_machine(endian) != machine::EM {
+        return Err(unsupported(format!("e_machine {}, not {}", header.e_machine(endian), machine::NAME)));
     }
     let e_type = header.e_type(endian);
     if e_type != elf::ET_EXEC && e_type != elf::ET_DYN {
@@ -182,7 +186,8 @@ fn probe_headers<'d>(
 
 /// Finds the patchable sites of the ELF file at `path` (see the module
 /// docs). A file without site sections gives an empty result; a file that
-/// is not a 64-bit x86-64 ELF executable or shared object is an error.
+/// is not a 64-bit ELF executable or shared object of this build's machine
+/// (x86-64 or aarch64) is an error.
 pub fn scan_file(path: &Path) -> Result<FileSites, SitesError> {
     let file = File::open(path).map_err(|source| SitesError::Open { path: path.to_path_buf(), source })?;
     let cache = ReadCache::new(file);
