@@ -213,6 +213,7 @@ impl Patcher {
         P.get_or_init(|| {
             state::init_slots();
             state::init_threads();
+            state::register_fork_handlers();
             if let Ok(key) = crate::sys::threads::key_create(state::thread_exit) {
                 state::RECORD_KEY.store(key as usize, Ordering::Relaxed);
             }
@@ -499,8 +500,14 @@ impl Control {
         for s in &fresh {
             let i = self.sites.len() as u32;
             let stub = self.arena.alloc(s.addr, 128)?;
-            let code = tramp::live_stub(stub, state::slot_word_addr(i), state::mirror_offset(), i, slow)
-                .map_err(|e| LiveError::Trace(crate::trace::TraceError::CodeGen(e.to_string())))?;
+            let code = tramp::live_stub(
+                stub,
+                (state::slot_word_addr(i), state::trans_addr()),
+                state::mirror_offset(),
+                i,
+                slow,
+            )
+            .map_err(|e| LiveError::Trace(crate::trace::TraceError::CodeGen(e.to_string())))?;
             self.arena.write(stub, &code)?;
             let f = funcs.iter().zip(sites).find(|(_, x)| x.addr == s.addr).map(|(f, _)| f).expect("a site of funcs");
             self.sites.push(SiteRec {
