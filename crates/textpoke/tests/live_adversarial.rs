@@ -114,10 +114,10 @@ V int pad_f_v2(void) { return 2; }
 /// jump by stop-machine (`trace/live.rs` `live_write`: `Poke::region` +
 /// `Strategy::StopMachine`), which parks every thread with a signal,
 /// instead of the tracer's one-byte `e9` mirror form (`trace/mirror.rs`,
-/// note §4.1). `tests/live.rs` hides it by patching once before its
-/// sleepers start.
+/// note §4.1). `tests/live.rs` hid it by patching once before its
+/// sleepers start. (Fixed: live writes enable a pad by its first byte,
+/// through its mirror slot, by the breakpoint protocol.)
 #[test]
-#[ignore = "BUG: the first live patch of a gcc-pad function stops the machine with a signal: EINTR in nanosleep/epoll_wait/futex (rule 9)"]
 fn first_patch_of_a_gcc_pad_interrupts_no_blocked_thread() {
     let _g = serial();
     let lib = Lib::open(&compile_so("lpadv_pad", PAD_SRC, &["-fpatchable-function-entry=5"]));

@@ -100,6 +100,17 @@ struct SiteRec {
     /// The far-jump stub to the settled replacement, if out of reach.
     far: Option<(usize, usize)>,
     claimed: bool,
+    /// A gcc pad never made one instruction when claimed: the tracer
+    /// enables it by its first byte, a jump to its mirror slot
+    /// (`trace/live.rs`), so what it jumps to must also be within reach
+    /// of the slot ([`pad_slot`]).
+    pad: bool,
+}
+
+/// The mirror slot of a gcc pad at `site` (`trace/mirror.rs`): where its
+/// first byte, made `e9`, jumps.
+fn pad_slot(site: usize) -> Option<usize> {
+    crate::arch::gcc_pad_jmp_target(site).filter(|&m| m >= 0x10000)
 }
 
 impl SiteRec {
@@ -170,6 +181,42 @@ impl Arena {
             }
         };
         let (b, used) = &mut self.blocks[i];
+        let at = b.addr() + *used;
+        *used += len.next_multiple_of(16);
+        Ok(at)
+    }
+    /// `len` bytes for code a site's `jmp` reaches: within rel32 reach of
+    /// the site and, where one can be, of its pad's mirror slot too (the
+    /// slot then jumps there); else of the site only.
+    fn alloc_for_site(&mut self, site: usize, len: usize) -> Result<usize, LiveError> {
+        if let Some(slot) = pad_slot(site) {
+            if let Ok(at) = self.alloc_reaching((slot, site), site, len) {
+                return Ok(at);
+            }
+        }
+        self.alloc(site, len)
+    }
+    /// `len` bytes within rel32 reach of both `lo` and `hi`, preferring
+    /// `prefer`.
+    fn alloc_reaching(&mut self, (lo, hi): (usize, usize), prefer: usize, len: usize) -> Result<usize, LiveError> {
+        const REACH: usize = (1 << 31) - (1 << 16);
+        let fits = |b: &CodeBlock, used: usize| {
+            let at = b.addr() + used;
+            used + len <= b.len() && [lo, hi].iter().all(|&n| at.abs_diff(n) < REACH && (at + len).abs_diff(n) < REACH)
+        };
+        let i = match self.blocks.iter().position(|(b, used)| fits(b, *used)) {
+            Some(i) => i,
+            None => {
+                let b = CodeBlock::near_preferring(lo, hi, prefer, 4096)
+                    .map_err(|source| LiveError::Memory { near: prefer, source })?;
+                self.blocks.push((b, 0));
+                self.blocks.len() - 1
+            }
+        };
+        let (b, used) = &mut self.blocks[i];
+        if !fits(b, *used) {
+            return Err(LiveError::Memory { near: prefer, source: std::io::ErrorKind::AddrNotAvailable.into() });
+        }
         let at = b.addr() + *used;
         *used += len.next_multiple_of(16);
         Ok(at)
@@ -499,7 +546,7 @@ impl Control {
         let mut made = Vec::new();
         for s in &fresh {
             let i = self.sites.len() as u32;
-            let stub = self.arena.alloc(s.addr, 128)?;
+            let stub = self.arena.alloc_for_site(s.addr, 128)?;
             let code = tramp::live_stub(
                 stub,
                 (state::slot_word_addr(i), state::trans_addr()),
@@ -521,6 +568,7 @@ impl Control {
                 stack: Vec::new(),
                 far: None,
                 claimed: false,
+                pad: false,
             });
             self.by_site.insert(s.addr, i);
             made.push(i);
@@ -534,6 +582,7 @@ impl Control {
             for (&i, b) in unclaimed.iter().zip(bytes) {
                 let s = &mut self.sites[i as usize];
                 s.claimed = true;
+                s.pad = b == crate::arch::GCC_PAD;
                 s.bytes = b;
             }
         }
@@ -918,13 +967,15 @@ impl Control {
     /// when `to` is out of reach.
     fn direct_jump(&mut self, i: u32, to: usize) -> Result<[u8; 5], LiveError> {
         let addr = self.sites[i as usize].site.addr;
-        if let Some(b) = jmp(addr, to) {
+        // A pad's slot jumps there too (`SiteRec::pad`).
+        let slot_reaches = |to| !self.sites[i as usize].pad || pad_slot(addr).is_some_and(|m| jmp(m, to).is_some());
+        if let Some(b) = jmp(addr, to).filter(|_| slot_reaches(to)) {
             return Ok(b);
         }
         let far = match self.sites[i as usize].far {
             Some((at, dest)) if dest == to => at,
             _ => {
-                let at = self.arena.alloc(addr, 16)?;
+                let at = self.arena.alloc_for_site(addr, 16)?;
                 self.arena.write(at, &tramp::far_jump(to))?;
                 self.sites[i as usize].far = Some((at, to));
                 at
