@@ -398,7 +398,15 @@ impl Patcher {
         c.patches[idx].state = PatchState::Unpatching;
         let tracer = Tracer::global();
         if let Err(e) = c.start(tracer, id, slots, PATCHED, UNPATCHED) {
+            // Nothing was written: the patch stays enabled. Its post-patch
+            // callback runs again to redo what the pre-unpatch callback
+            // undid (the kernel pairs them so), and the revert can be
+            // retried.
             c.patches[idx].state = PatchState::Enabled;
+            if let Some(post) = c.patches[idx].callbacks.post_patch {
+                // SAFETY: the patch's own callback.
+                unsafe { post() };
+            }
             return Err(e);
         }
         Ok(id)
@@ -874,9 +882,6 @@ impl Control {
     fn complete(&mut self, forced: bool) -> Result<Completed, LiveError> {
         let tracer = Tracer::global();
         let t = self.trans.take().expect("a transition");
-        if let Some(h) = t.checkpoint {
-            let _ = tracer.unregister(h);
-        }
         let pid = t.patch;
         let mut gone: Vec<PatchId> = Vec::new();
         if t.target == PATCHED {
@@ -884,20 +889,58 @@ impl Control {
             if replace {
                 gone.extend(self.patches.iter().filter(|p| p.id != pid).map(|p| p.id));
             }
-            for s in &mut self.sites {
-                s.stack.retain(|v| !(gone.contains(&v.patch) || v.patch == pid && v.nop));
+        } else {
+            gone.push(pid);
+        }
+        let target = t.target;
+        let keep = |v: &Version| match target {
+            PATCHED => !(gone.contains(&v.patch) || v.patch == pid && v.nop),
+            _ => v.patch != pid,
+        };
+        // 1. The sites' direct jumps, before anything changes: every thread
+        // is at the target, so a thread jumping straight to the final
+        // version and one still deciding in a stub run the same version.
+        // A failure leaves the transition as it was (pending, every thread
+        // at its target, calls through the stubs) and the next `wait` or
+        // `force` completes it again: no half-written state.
+        let touched = t.slots.clone();
+        let mut writes = Vec::new();
+        for &i in &touched {
+            let top = self.sites[i as usize].stack.iter().rev().find(|v| keep(v)).map(|v| v.addr);
+            let new = match top.map(|to| self.direct_jump(i, to)) {
+                None => crate::arch::NOP5,
+                Some(Ok(b)) => b,
+                Some(Err(e)) => {
+                    self.trans = Some(t);
+                    return Err(e);
+                }
+            };
+            let s = &self.sites[i as usize];
+            if new != s.bytes {
+                writes.push(LiveWrite { addr: s.site.addr, old: s.bytes, new });
             }
+        }
+        if let Err(source) = tracer.live_write(&writes) {
+            self.trans = Some(t);
+            return Err(LiveError::Completing { patch: pid, source });
+        }
+        for w in &writes {
+            let i = self.by_site[&w.addr];
+            self.sites[i as usize].bytes = w.new;
+        }
+        if let Some(h) = t.checkpoint {
+            let _ = tracer.unregister(h);
+        }
+        // 2. The stacks and states, the settled versions, then the
+        // inactive transition word.
+        for s in &mut self.sites {
+            s.stack.retain(|v| keep(v));
+        }
+        if t.target == PATCHED {
             if let Some(p) = self.patches.iter_mut().find(|p| p.id == pid) {
                 p.state = PatchState::Enabled;
             }
-        } else {
-            gone.push(pid);
-            for s in &mut self.sites {
-                s.stack.retain(|v| v.patch != pid);
-            }
         }
-        // Settled versions, then the inactive transition word.
-        let touched = t.slots.clone();
         {
             let _w = state::WriteSection::open();
             for &i in &touched {
@@ -915,22 +958,6 @@ impl Control {
                 target: t.target,
             }
             .publish();
-        }
-        let mut writes = Vec::new();
-        for &i in &touched {
-            let new = match self.sites[i as usize].stack.last().map(|v| v.addr) {
-                None => crate::arch::NOP5,
-                Some(to) => self.direct_jump(i, to)?,
-            };
-            let s = &self.sites[i as usize];
-            if new != s.bytes {
-                writes.push(LiveWrite { addr: s.site.addr, old: s.bytes, new });
-            }
-        }
-        tracer.live_write(&writes)?;
-        for w in &writes {
-            let i = self.by_site[&w.addr];
-            self.sites[i as usize].bytes = w.new;
         }
         self.release_unused(tracer);
         // Post callbacks, then forget what went.

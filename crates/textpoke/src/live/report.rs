@@ -219,6 +219,15 @@ pub enum LiveError {
     #[error(transparent)]
     /// The tracer refused a site change (nothing was written).
     Trace(#[from] crate::trace::TraceError),
+    /// Completing a transition failed writing the sites' direct jumps;
+    /// nothing changed: the transition is still pending (every thread at
+    /// its target), and the next [`super::Patcher::wait`] or force tries
+    /// again.
+    #[error("completing patch {patch}: writing the sites' direct jumps failed: {source}; nothing changed: the transition stays pending (every thread is at its target, calls go through the stubs), and Patcher::wait or force completes it again")]
+    Completing {
+        patch: PatchId,
+        source: crate::trace::TraceError,
+    },
 }
 
 #[cfg(test)]
