@@ -549,6 +549,7 @@ impl Control {
         sites: &[LiveSite],
         funcs: &[FuncDesc],
     ) -> Result<Vec<u32>, LiveError> {
+        self.forget_unloaded_sites(sites, funcs)?;
         let fresh: Vec<LiveSite> = sites.iter().filter(|s| !self.by_site.contains_key(&s.addr)).copied().collect();
         let slow = self.slow.as_ref().expect("started").1;
         let mut made = Vec::new();
@@ -595,6 +596,39 @@ impl Control {
             }
         }
         Ok(sites.iter().map(|s| self.by_site[&s.addr]).collect())
+    }
+
+    /// A site at an address whose record belongs to another tracer site
+    /// (the object that had it was unloaded, and another was loaded
+    /// there): the record is made this site's (its slot index reused; the
+    /// old site's name, target, size and far jump forgotten) when no
+    /// patch holds it, else refused, naming the function.
+    fn forget_unloaded_sites(&mut self, sites: &[LiveSite], funcs: &[FuncDesc]) -> Result<(), LiveError> {
+        for (s, f) in sites.iter().zip(funcs) {
+            let Some(&i) = self.by_site.get(&s.addr) else { continue };
+            let rec = &mut self.sites[i as usize];
+            if rec.site == *s {
+                continue;
+            }
+            if rec.claimed || !rec.stack.is_empty() {
+                return Err(LiveError::BadDesc {
+                    name: f.name.clone(),
+                    what: format!(
+                        "{}() at {:#x} was patched in an object since unloaded ({}); revert that patch first",
+                        f.name, s.addr, rec.name
+                    ),
+                });
+            }
+            rec.site = *s;
+            rec.name = f.name.clone();
+            rec.target = f.target;
+            rec.target_size = f.target_size;
+            rec.orig_body = s.addr + 5;
+            rec.far = None;
+            rec.pad = false;
+            rec.bytes = crate::arch::NOP5;
+        }
+        Ok(())
     }
 
     fn start_patch(&mut self, tracer: &'static Tracer, patch: Patch, sites: &[LiveSite]) -> Result<(), LiveError> {
