@@ -913,3 +913,64 @@ fn a_frame_left_by_longjmp_does_not_pin_a_blocked_thread() {
     assert_eq!(r, 1, "old lj_g() called old lj_f()");
     assert!(done.is_ok(), "thread {tid} holds no patched frame, yet: {}", report.unwrap_or_default());
 }
+
+// ------------------------------------------------------- busy threads, pads
+
+const BUSY_SRC: &str = r#"
+#define V __attribute__((noipa))
+V long cp_work(long x) { return x * 3 + 1; }
+V int cp_f(void) { return 1; }
+V int cp_f_v2(void) { return 2; }
+"#;
+
+/// Busy threads that only run `cp_work()` (a gcc pad no patch replaces)
+/// while `cp_f()` is patched: they never take a stub's slow path, so they
+/// switch at the checkpoint op, which must reach them with no thread
+/// signalled: the pads are enabled by their first byte (live patching no
+/// longer makes them one instruction by stop-machine). Sleepers in timed
+/// waits check that nothing is interrupted.
+#[test]
+fn busy_threads_in_unpatched_pads_switch_without_a_signal() {
+    let _g = serial();
+    let lib = Lib::open(&compile_so("lpadv_busy", BUSY_SRC, &["-fpatchable-function-entry=5"]));
+    let p = Patcher::global();
+    // SAFETY: long (long).
+    let work = unsafe { std::mem::transmute::<usize, extern "C" fn(i64) -> i64>(lib.sym("cp_work")) };
+    let stop = Arc::new(AtomicBool::new(false));
+    let _stop = StopOnDrop(stop.clone());
+    let bad = Arc::new(Mutex::new(Vec::<String>::new()));
+    let mut threads: Vec<_> = (0..4)
+        .map(|_| {
+            let stop = stop.clone();
+            std::thread::spawn(move || {
+                let mut n = 0;
+                while !stop.load(Ordering::Relaxed) {
+                    n = std::hint::black_box(work(std::hint::black_box(n)));
+                }
+            })
+        })
+        .collect();
+    threads.extend((0..3).map(|k| {
+        let (stop, bad) = (stop.clone(), bad.clone());
+        std::thread::spawn(move || {
+            while !stop.load(Ordering::Relaxed) {
+                if let Some(e) = timed_wait(k) {
+                    bad.lock().unwrap().push(e);
+                }
+            }
+        })
+    }));
+    std::thread::sleep(Duration::from_millis(50));
+    for cycle in 0..3 {
+        let id = p.apply(desc("busy", vec![func(&lib, "cp_f", "cp_f_v2")])).unwrap();
+        complete(p, &format!("cycle {cycle}"));
+        p.revert(Some(id)).unwrap();
+        complete(p, &format!("cycle {cycle} revert"));
+    }
+    stop.store(true, Ordering::Relaxed);
+    for t in threads {
+        t.join().unwrap();
+    }
+    let bad = bad.lock().unwrap();
+    assert!(bad.is_empty(), "system calls interrupted: {bad:?}");
+}

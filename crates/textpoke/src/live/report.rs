@@ -224,10 +224,7 @@ pub enum LiveError {
     /// its target), and the next [`super::Patcher::wait`] or force tries
     /// again.
     #[error("completing patch {patch}: writing the sites' direct jumps failed: {source}; nothing changed: the transition stays pending (every thread is at its target, calls go through the stubs), and Patcher::wait or force completes it again")]
-    Completing {
-        patch: PatchId,
-        source: crate::trace::TraceError,
-    },
+    Completing { patch: PatchId, source: crate::trace::TraceError },
 }
 
 #[cfg(test)]
