@@ -136,7 +136,7 @@ pub(super) fn self_clean(rec: &LpThread, t: View, s: u8, start: Start) -> bool {
                            // (`stack::entry_alive`).
     lp_own_shadow(|e| {
         if e.marked == Some(tag) {
-            let b = *bounds.get_or_insert_with(|| own_stack_bounds(start.sp));
+            let b = *bounds.get_or_insert_with(|| own_stack_bounds(start));
             marked += u32::from(stack::entry_alive(&e, b, &OwnMemory, ret));
         }
     });
@@ -174,13 +174,17 @@ pub(super) fn self_clean(rec: &LpThread, t: View, s: u8, start: Start) -> bool {
     }
 }
 
-/// `(lo, sp)` for [`stack::entry_alive`] on the calling thread's stack:
-/// everything below `sp` is its own stack (`lo` 0), except on an
-/// alternate signal stack, which may lie below the stack holding older
-/// frames (`lo` = `sp`: no entry is dropped for its place).
-fn own_stack_bounds(sp: usize) -> (usize, usize) {
+/// `(lo, sp)` for [`stack::entry_alive`] on the calling thread's stack,
+/// `start` being the caller frame of a function being entered: `sp` is
+/// that function's return slot (`start.sp - 8`: the lowest slot of a live
+/// frame; the checkpoint op runs after the slow path may have marked it),
+/// everything below is its own stack (`lo` 0), except on an alternate
+/// signal stack, which may lie below the stack holding older frames
+/// (`lo` = `sp`: no entry is dropped for its place).
+fn own_stack_bounds(start: Start) -> (usize, usize) {
+    let slot = start.sp - 8;
     let on_alt = crate::sys::signals::altstack().is_ok_and(|a| a.ss_flags & libc::SS_ONSTACK != 0);
-    (if on_alt { sp } else { 0 }, sp)
+    (if on_alt { slot } else { 0 }, slot)
 }
 
 /// `func + 1 | state << 32 | frame << 40` (`LpThread::held`).
@@ -227,7 +231,7 @@ fn check_own_stack(rec: &LpThread, t: View, s: u8, start: Start) -> Verdict {
             let mut hit = None;
             lp_own_shadow(|e| {
                 // Not on an alternate stack (above): `lo` 0.
-                if hit.is_none() && stack::entry_alive(&e, (0, start.sp), &OwnMemory, check.return_trampoline) {
+                if hit.is_none() && stack::entry_alive(&e, (0, start.sp - 8), &OwnMemory, check.return_trampoline) {
                     hit = ranges.find(e.orig);
                 }
             });

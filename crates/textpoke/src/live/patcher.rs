@@ -1126,26 +1126,26 @@ impl TraceOp for Checkpoint {
     }
 }
 
-/// Registers the checkpoint op on every function-entry site, gcc pads
-/// included, with no thread signalled (rule 9): pads are enabled by their
-/// first byte (`trace/mirror.rs`), the tracer set to its one-byte-only
-/// mode for this one change when it would otherwise stop the machine
-/// (a pad whose mirror cannot be placed is then left out). Live patching
-/// no longer makes pads one instruction by stop-machine, so without this
-/// a busy thread that only runs pads would never reach a checkpoint.
+/// Registers the checkpoint op on every function whose entry sites are
+/// all one instruction already (a gcc pad would need stop-machine, which
+/// may interrupt a system call: rule 9), or on every function when the
+/// tracer enables pads by their first byte (no signal either).
 fn register_checkpoint() -> Option<OpHandle> {
-    use crate::trace::PadMode;
     let tracer = Tracer::global();
-    let mode = tracer.pad_mode();
-    if mode == PadMode::StopMachine {
-        // A tracer change made by another thread meanwhile refuses a pad
-        // it cannot mirror instead of stopping the machine: the cautious
-        // side.
-        tracer.set_pad_mode(PadMode::OneByteOnly);
+    if tracer.pad_mode() != crate::trace::PadMode::StopMachine {
+        return tracer.register(Arc::new(Checkpoint), Filter::all()).ok();
     }
-    let op = tracer.register(Arc::new(Checkpoint), Filter::all()).ok();
-    if mode == PadMode::StopMachine {
-        tracer.set_pad_mode(mode);
+    let mut ok: HashMap<Arc<str>, bool> = HashMap::new();
+    for f in tracer.functions() {
+        if f.place != crate::trace::SitePlace::FunctionEntry {
+            continue;
+        }
+        let prepared = tracer.is_gcc_pad(f.site) == Some(false);
+        *ok.entry(f.function.clone()).or_insert(true) &= prepared;
     }
-    op
+    let names: std::collections::HashSet<Arc<str>> = ok.into_iter().filter(|(_, v)| *v).map(|(k, _)| k).collect();
+    if names.is_empty() {
+        return None;
+    }
+    tracer.register(Arc::new(Checkpoint), Filter::new(move |n| names.contains(n))).ok()
 }
