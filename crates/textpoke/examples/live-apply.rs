@@ -10,8 +10,9 @@
 //!
 //! The busy threads call `work()`, a function with a patchable entry that
 //! no patch replaces, in a loop: they switch at the checkpoint op (note
-//! §5.3), registered once running threads have been pending 2 ms. A
-//! first apply/revert cycle, not timed, writes gcc's pads by stop-machine.
+//! §5.3), registered once running threads have been pending 2 ms (pads
+//! enabled by their first byte: no thread is signalled). A first
+//! apply/revert cycle is not timed.
 //!
 //! With the argument `calls`: calls the patched `target()` (a `jmp
 //! replacement` at its entry) and `replacement()` directly, 10^6 times
@@ -78,11 +79,11 @@ fn main() {
         keep_alive: None,
     };
     let p = Patcher::global();
-    // As the preloaded agent does: the first stop-machine batch makes every
-    // gcc pad one 5-byte NOP, so that later changes (the checkpoint op on
-    // `work`) need no stop-machine.
+    // As the preloaded agent does (a stop-machine batch, if one ever runs,
+    // makes every gcc pad one 5-byte NOP); live patching itself enables
+    // pads by their first byte and stops no thread.
     textpoke::Tracer::global().set_prepare_pads(true);
-    // The untimed first cycle: the pads' first jump by stop-machine.
+    // The untimed first cycle (mirror slots, stubs).
     let id = p.apply(desc()).unwrap();
     p.wait(Duration::from_secs(10)).unwrap();
     p.revert(Some(id)).unwrap();

@@ -1,8 +1,8 @@
 //! Live patching with the kernel's consistency model (issue 12):
 //! `textpoke::live::Patcher` over C functions compiled with
-//! `-fpatchable-function-entry=5` (gcc's pads: the first patch of each
-//! writes its jump by stop-machine, later ones by the breakpoint
-//! protocol).
+//! `-fpatchable-function-entry=5` (gcc's pads: enabled by their first
+//! byte, a jump to their mirror slot, by the breakpoint protocol; no
+//! thread is signalled).
 //!
 //! The fixture's functions return version tags: `outer` returns
 //! `10 * its version + inner's version`, so a caller sees at once whether
@@ -528,13 +528,8 @@ fn blocked_threads_see_no_eintr_over_a_hundred_cycles() {
     settle();
     let p = Patcher::global();
     let patch = || desc("outer+inner", vec![func("outer", "outer_v2"), func("inner", "inner_v2")]);
-    // Once before the sleepers start: gcc's pads get their first jump by
-    // stop-machine, which may interrupt a system call (the tracer's rule);
-    // from then on every change is a breakpoint batch, no signal.
-    let id = p.apply(patch()).unwrap();
-    p.wait(Duration::from_secs(20)).unwrap();
-    p.revert(Some(id)).unwrap();
-    p.wait(Duration::from_secs(20)).unwrap();
+    // No warm-up cycle: a pad's first jump is written by its first byte
+    // (its mirror slot), with no signal, like every later change.
     let stop = Arc::new(AtomicBool::new(false));
     let bad = Arc::new(Mutex::new(Vec::<String>::new()));
     let mut threads = Vec::new();

@@ -843,18 +843,24 @@ pub(crate) fn listing(ip: usize, code: &[u8]) -> String {
 /// 48-63 the transition's tag for its target state, bits 0-47 the target
 /// state's version) with the calling thread's tag (a `u64` at `mirror`
 /// from the thread pointer, `None` when the live module's thread-local is
-/// not in static TLS: then every call takes the slow path) and on a match
-/// jumps to that version; else it pushes `index` and goes to `slow` (see
-/// [`live_slow_path`]). One load of the word decides both, so a stale
-/// word is a stale pair, never a mix. Only the flags change, and the 32
-/// bytes below the stack pointer (the function's red zone: the function
-/// has not run yet, and signal frames skip the red zone):
+/// not in static TLS: then every call takes the slow path), and the whole
+/// transition word (at `trans`) with the one the thread set its tag under
+/// (the `u64` at `mirror + 8`): the 16-bit tag repeats every 16,384
+/// generations, the transition word does not, so a thread that set its
+/// tag long ago never takes the fast path on an old match. On a match it
+/// jumps to the version; else it pushes `index` and goes to `slow` (see
+/// [`live_slow_path`]). One load of the word gives tag and version, so a
+/// stale word is a stale pair, never a mix. Only the flags change, and
+/// the 32 bytes below the stack pointer (the function's red zone: the
+/// function has not run yet, and signal frames skip the red zone):
 ///
 /// ```text
 ///     push rax; push rcx
 ///     mov rax, WORD; mov rax, [rax]
 ///     mov rcx, rax; shr rcx, 48; shl rcx, 48
 ///     cmp rcx, fs:[mirror]; jne slow
+///     mov rcx, TRANS; mov rcx, [rcx]
+///     cmp rcx, fs:[mirror+8]; jne slow
 ///     shl rax, 16; shr rax, 16       ; the version
 ///     mov [rsp-8], rax; pop rcx; pop rax
 ///     jmp [rsp-24]
@@ -864,7 +870,13 @@ pub(crate) fn listing(ip: usize, code: &[u8]) -> String {
 ///     mov rax, SLOW; mov [rsp-8], rax; pop rax
 ///     jmp [rsp-16]
 /// ```
-pub fn live_stub(at: usize, word: usize, mirror: Option<i32>, index: u32, slow: usize) -> Result<Vec<u8>, AsmError> {
+pub fn live_stub(
+    at: usize,
+    (word, trans): (usize, usize),
+    mirror: Option<i32>,
+    index: u32,
+    slow: usize,
+) -> Result<Vec<u8>, AsmError> {
     let mut a = Assembler::new()?;
     let slow_label = a.create_label();
     a.push(rax)?;
@@ -877,6 +889,10 @@ pub fn live_stub(at: usize, word: usize, mirror: Option<i32>, index: u32, slow: 
             a.shr(rcx, 48)?;
             a.shl(rcx, 48)?;
             a.cmp(rcx, qword_ptr(off).fs())?;
+            a.jne(slow_label)?;
+            a.mov(rcx, trans as u64)?;
+            a.mov(rcx, qword_ptr(rcx))?;
+            a.cmp(rcx, qword_ptr(off + 8).fs())?;
             a.jne(slow_label)?;
         }
         None => a.jmp(slow_label)?,
@@ -907,6 +923,17 @@ pub fn live_stub(at: usize, word: usize, mirror: Option<i32>, index: u32, slow: 
 /// `entry_sp` is the address of that return address, restores everything
 /// and jumps to the version with the stack exactly as the caller's `call`
 /// left it.
+///
+/// Keeping r11 and the other call-clobbered registers holds on the way
+/// *in* only. A frame the slow path marks (its thread has not switched)
+/// returns through [`return_trampoline`], which keeps only what the ABI
+/// returns in (rax, rdx, xmm0/1): a caller that keeps a value in r11, or
+/// any call-clobbered register, across the call (gcc's `-fipa-ra`, knowing
+/// the old body does not touch it) loses it there, as it would with a
+/// replacement compiled separately. Targets and their callers must be
+/// built without interprocedural register allocation: `-fno-ipa-ra`, which
+/// `-flive-patching=inline-clone` implies (docs/livepatch-writing.md §2;
+/// gcc already turns it off for calls to patchable-entry functions).
 pub fn live_slow_path(at: usize, handler: usize, avx: bool) -> Result<Vec<u8>, AsmError> {
     let frame_size = VEC_OFF + 32 * 16;
     let mut a = Assembler::new()?;

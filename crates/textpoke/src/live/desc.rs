@@ -60,7 +60,9 @@ pub struct Callbacks {
     pub pre_patch: Option<PreCallback>,
     /// After every thread switched to the new versions.
     pub post_patch: Option<PostCallback>,
-    /// Before a revert starts; non-zero cancels the revert.
+    /// Before a revert starts; non-zero cancels the revert. If the revert
+    /// then fails to start (nothing written, the patch stays enabled),
+    /// `post_patch` runs again to redo what this undid.
     pub pre_unpatch: Option<PreCallback>,
     /// After every thread switched back.
     pub post_unpatch: Option<PostCallback>,

@@ -31,7 +31,7 @@
 
 use super::stack::{self, Lookups, OwnMemory, Start, Verdict};
 use super::state::{self, LpThread, View};
-use crate::trace::{lp_guarded, lp_own_shadow, lp_push_marked};
+use crate::trace::{lp_guarded, lp_own_shadow, lp_push_marked, lp_return_trampoline};
 use std::sync::atomic::{AtomicPtr, Ordering};
 
 /// What a stack check compares against, for one transition (generation);
@@ -99,7 +99,7 @@ fn enter(index: u32, entry_sp: usize, caller_bp: usize, nested: bool) -> usize {
                     continue;
                 }
             }
-            state::set_own_mirror(t.tag16());
+            state::set_own_mirror(t);
             return v_target;
         }
         // SAFETY: entry_sp is the address of the function's return address.
@@ -111,7 +111,7 @@ fn enter(index: u32, entry_sp: usize, caller_bp: usize, nested: bool) -> usize {
             if rec.word.compare_exchange(w, new, Ordering::AcqRel, Ordering::Relaxed).is_err() || View::load() != t {
                 continue;
             }
-            state::set_own_mirror(t.tag16());
+            state::set_own_mirror(t);
             return v_target;
         }
         let new = state::word(t.gen, state::epoch(w).wrapping_add(1), s);
@@ -130,7 +130,16 @@ fn enter(index: u32, entry_sp: usize, caller_bp: usize, nested: bool) -> usize {
 pub(super) fn self_clean(rec: &LpThread, t: View, s: u8, start: Start) -> bool {
     let tag = state::tag32(t.gen, s);
     let mut marked = 0u32;
-    lp_own_shadow(|e| marked += u32::from(e.marked == Some(tag)));
+    let ret = lp_return_trampoline();
+    let mut bounds = None; // a system call, only when an entry is marked
+                           // Entries of frames that are gone (longjmp) do not count
+                           // (`stack::entry_alive`).
+    lp_own_shadow(|e| {
+        if e.marked == Some(tag) {
+            let b = *bounds.get_or_insert_with(|| own_stack_bounds(start));
+            marked += u32::from(stack::entry_alive(&e, b, &OwnMemory, ret));
+        }
+    });
     if marked > 0 {
         rec.held.store(held_word(u32::MAX - 1, s, 0), Ordering::Relaxed);
         return false;
@@ -163,6 +172,19 @@ pub(super) fn self_clean(rec: &LpThread, t: View, s: u8, start: Start) -> bool {
             false
         }
     }
+}
+
+/// `(lo, sp)` for [`stack::entry_alive`] on the calling thread's stack,
+/// `start` being the caller frame of a function being entered: `sp` is
+/// that function's return slot (`start.sp - 8`: the lowest slot of a live
+/// frame; the checkpoint op runs after the slow path may have marked it),
+/// everything below is its own stack (`lo` 0), except on an alternate
+/// signal stack, which may lie below the stack holding older frames
+/// (`lo` = `sp`: no entry is dropped for its place).
+fn own_stack_bounds(start: Start) -> (usize, usize) {
+    let slot = start.sp - 8;
+    let on_alt = crate::sys::signals::altstack().is_ok_and(|a| a.ss_flags & libc::SS_ONSTACK != 0);
+    (if on_alt { slot } else { 0 }, slot)
 }
 
 /// `func + 1 | state << 32 | frame << 40` (`LpThread::held`).
@@ -208,7 +230,8 @@ fn check_own_stack(rec: &LpThread, t: View, s: u8, start: Start) -> Verdict {
         Verdict::Clean => {
             let mut hit = None;
             lp_own_shadow(|e| {
-                if hit.is_none() {
+                // Not on an alternate stack (above): `lo` 0.
+                if hit.is_none() && stack::entry_alive(&e, (0, start.sp - 8), &OwnMemory, check.return_trampoline) {
                     hit = ranges.find(e.orig);
                 }
             });
@@ -249,7 +272,7 @@ pub(super) fn checkpoint(start: Start) {
         let new = state::word(t.gen, state::epoch(w), t.target);
         // AcqRel: as in `enter`. A failure: the next entry tries again.
         if rec.word.compare_exchange(w, new, Ordering::AcqRel, Ordering::Relaxed).is_ok() && View::load() == t {
-            state::set_own_mirror(t.tag16());
+            state::set_own_mirror(t);
         }
     }
 }

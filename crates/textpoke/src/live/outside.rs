@@ -9,7 +9,9 @@
 //!    and PC it stopped at) and `status` (its voluntary and involuntary
 //!    context switches); then its word `w0`;
 //! 2. copy its stack from that stack pointer to the end of the mapping
-//!    holding it (`process_vm_readv`: never faults), and its shadow stack;
+//!    holding it, whole (`process_vm_readv` in 1 MiB pieces: never
+//!    faults; a short copy means "look again later", never a verdict on
+//!    part of the stack), and its shadow stack;
 //! 3. unwind from `(pc, sp)` (`rbp` unknown until a frame saved it) over the
 //!    copy; if that is not reliable, scan the copy conservatively;
 //! 4. read both files again: identical, and still not running, means
@@ -110,16 +112,17 @@ pub(super) fn check_blocked(tid: i32, t: View, check: &Check, maps: &crate::sys:
     // Its shadow stack and its stack, copied.
     let mut entries = Vec::new();
     let known = crate::trace::lp_read_shadow(rec.shadow_cell.load(Ordering::Relaxed), |e| entries.push(e));
-    let Some(hi) = mapping_end(maps, sp) else { return Outside::Pending };
-    let mut bytes = vec![0u8; (hi - sp).min(16 << 20)];
-    let got = crate::sys::mem::read_memory(sp, &mut bytes);
-    bytes.truncate(got);
+    let Some((lo, hi)) = maps.find(sp).map(|m| (m.start, m.end)) else { return Outside::Pending };
+    // The whole stack, or no verdict: an old frame may be anywhere up to
+    // its end, and a copy that stops short hides it from the unwind and
+    // from the scan alike.
+    let Some(bytes) = copy_stack(sp, hi) else { return Outside::Pending };
     let Some(after) = Sched::read(tid) else { return Outside::Pending };
     if after != before || !after.blocked() {
         return Outside::Pending; // it ran meanwhile: look again later
     }
     let snap = Snapshot { base: sp, bytes };
-    let (verdict, unreliable) = stack_verdict(t, s, check, &snap, &entries, known, pc);
+    let (verdict, unreliable) = stack_verdict((t, s), check, (&snap, lo), (&entries, known), pc);
     rec.unreliable.store(unreliable, Ordering::Relaxed);
     if let Verdict::Hit { func, frame, .. } = verdict {
         rec.held.store(super::enter::held_word(func, s, frame), Ordering::Relaxed);
@@ -140,25 +143,44 @@ pub(super) fn check_blocked(tid: i32, t: View, check: &Check, maps: &crate::sys:
     }
 }
 
-/// The check of a copied stack: `(verdict, whether the unwind was
-/// unreliable)`.
+/// Copies `[sp, hi)` in pieces of at most [`COPY_PIECE`] bytes; `None`
+/// if any piece comes back short (a truncated stack counts as "on the
+/// stack": the caller retries later).
+fn copy_stack(sp: usize, hi: usize) -> Option<Vec<u8>> {
+    let mut bytes = vec![0u8; hi.checked_sub(sp)?];
+    for (k, piece) in bytes.chunks_mut(COPY_PIECE).enumerate() {
+        if crate::sys::mem::read_memory(sp + k * COPY_PIECE, piece) != piece.len() {
+            return None;
+        }
+    }
+    Some(bytes)
+}
+
+/// The largest single `process_vm_readv` of [`copy_stack`].
+const COPY_PIECE: usize = 1 << 20;
+
+/// The check of a copied stack (`snap`, in the mapping that starts at
+/// `stack_lo`) and shadow stack (`entries`, whether they were read
+/// whole): `(verdict, whether the unwind was unreliable)`.
 fn stack_verdict(
-    t: View,
-    s: u8,
+    (t, s): (View, u8),
     check: &Check,
-    snap: &Snapshot,
-    entries: &[crate::trace::LpShadowEntry],
-    known: bool,
+    (snap, stack_lo): (&Snapshot, usize),
+    (entries, known): (&[crate::trace::LpShadowEntry], bool),
     pc: usize,
 ) -> (Verdict, bool) {
     let ranges = &check.ranges[s as usize];
+    let sp = snap.base;
+    // Entries of frames that are gone (longjmp) are ignored
+    // (`stack::entry_alive`).
+    let alive = |e: &crate::trace::LpShadowEntry| stack::entry_alive(e, (stack_lo, sp), snap, check.return_trampoline);
+    let entries: Vec<_> = entries.iter().copied().filter(alive).collect();
     // Marked entries of this generation and state are frames it entered
     // through a stub; originals hide return addresses.
     let tag = state::tag32(t.gen, s);
     if let Some(k) = entries.iter().position(|e| e.marked == Some(tag)) {
         return (Verdict::Hit { func: u32::MAX - 1, frame: k as u32, reliable: true }, false);
     }
-    let sp = snap.base;
     let shadow = |slot: usize| entries.iter().find(|e| e.slot == slot).map(|e| e.orig);
     let l = Lookups { ranges, return_trampoline: check.return_trampoline, shadow: &shadow };
     let v = stack::unwind(Start { pc, sp, bp: None, exact: true }, snap, &l);

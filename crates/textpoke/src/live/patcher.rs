@@ -100,6 +100,17 @@ struct SiteRec {
     /// The far-jump stub to the settled replacement, if out of reach.
     far: Option<(usize, usize)>,
     claimed: bool,
+    /// A gcc pad never made one instruction when claimed: the tracer
+    /// enables it by its first byte, a jump to its mirror slot
+    /// (`trace/live.rs`), so what it jumps to must also be within reach
+    /// of the slot ([`pad_slot`]).
+    pad: bool,
+}
+
+/// The mirror slot of a gcc pad at `site` (`trace/mirror.rs`): where its
+/// first byte, made `e9`, jumps.
+fn pad_slot(site: usize) -> Option<usize> {
+    crate::arch::gcc_pad_jmp_target(site).filter(|&m| m >= 0x10000)
 }
 
 impl SiteRec {
@@ -174,6 +185,42 @@ impl Arena {
         *used += len.next_multiple_of(16);
         Ok(at)
     }
+    /// `len` bytes for code a site's `jmp` reaches: within rel32 reach of
+    /// the site and, where one can be, of its pad's mirror slot too (the
+    /// slot then jumps there); else of the site only.
+    fn alloc_for_site(&mut self, site: usize, len: usize) -> Result<usize, LiveError> {
+        if let Some(slot) = pad_slot(site) {
+            if let Ok(at) = self.alloc_reaching((slot, site), site, len) {
+                return Ok(at);
+            }
+        }
+        self.alloc(site, len)
+    }
+    /// `len` bytes within rel32 reach of both `lo` and `hi`, preferring
+    /// `prefer`.
+    fn alloc_reaching(&mut self, (lo, hi): (usize, usize), prefer: usize, len: usize) -> Result<usize, LiveError> {
+        const REACH: usize = (1 << 31) - (1 << 16);
+        let fits = |b: &CodeBlock, used: usize| {
+            let at = b.addr() + used;
+            used + len <= b.len() && [lo, hi].iter().all(|&n| at.abs_diff(n) < REACH && (at + len).abs_diff(n) < REACH)
+        };
+        let i = match self.blocks.iter().position(|(b, used)| fits(b, *used)) {
+            Some(i) => i,
+            None => {
+                let b = CodeBlock::near_preferring(lo, hi, prefer, 4096)
+                    .map_err(|source| LiveError::Memory { near: prefer, source })?;
+                self.blocks.push((b, 0));
+                self.blocks.len() - 1
+            }
+        };
+        let (b, used) = &mut self.blocks[i];
+        if !fits(b, *used) {
+            return Err(LiveError::Memory { near: prefer, source: std::io::ErrorKind::AddrNotAvailable.into() });
+        }
+        let at = b.addr() + *used;
+        *used += len.next_multiple_of(16);
+        Ok(at)
+    }
     fn write(&self, at: usize, code: &[u8]) -> Result<(), LiveError> {
         let (b, _) = self.blocks.iter().find(|(b, _)| b.contains(at)).expect("allocated here");
         b.write(at - b.addr(), code).map_err(|source| LiveError::Memory { near: at, source })
@@ -213,6 +260,7 @@ impl Patcher {
         P.get_or_init(|| {
             state::init_slots();
             state::init_threads();
+            state::register_fork_handlers();
             if let Ok(key) = crate::sys::threads::key_create(state::thread_exit) {
                 state::RECORD_KEY.store(key as usize, Ordering::Relaxed);
             }
@@ -350,7 +398,15 @@ impl Patcher {
         c.patches[idx].state = PatchState::Unpatching;
         let tracer = Tracer::global();
         if let Err(e) = c.start(tracer, id, slots, PATCHED, UNPATCHED) {
+            // Nothing was written: the patch stays enabled. Its post-patch
+            // callback runs again to redo what the pre-unpatch callback
+            // undid (the kernel pairs them so), and the revert can be
+            // retried.
             c.patches[idx].state = PatchState::Enabled;
+            if let Some(post) = c.patches[idx].callbacks.post_patch {
+                // SAFETY: the patch's own callback.
+                unsafe { post() };
+            }
             return Err(e);
         }
         Ok(id)
@@ -493,14 +549,21 @@ impl Control {
         sites: &[LiveSite],
         funcs: &[FuncDesc],
     ) -> Result<Vec<u32>, LiveError> {
+        self.forget_unloaded_sites(sites, funcs)?;
         let fresh: Vec<LiveSite> = sites.iter().filter(|s| !self.by_site.contains_key(&s.addr)).copied().collect();
         let slow = self.slow.as_ref().expect("started").1;
         let mut made = Vec::new();
         for s in &fresh {
             let i = self.sites.len() as u32;
-            let stub = self.arena.alloc(s.addr, 128)?;
-            let code = tramp::live_stub(stub, state::slot_word_addr(i), state::mirror_offset(), i, slow)
-                .map_err(|e| LiveError::Trace(crate::trace::TraceError::CodeGen(e.to_string())))?;
+            let stub = self.arena.alloc_for_site(s.addr, 128)?;
+            let code = tramp::live_stub(
+                stub,
+                (state::slot_word_addr(i), state::trans_addr()),
+                state::mirror_offset(),
+                i,
+                slow,
+            )
+            .map_err(|e| LiveError::Trace(crate::trace::TraceError::CodeGen(e.to_string())))?;
             self.arena.write(stub, &code)?;
             let f = funcs.iter().zip(sites).find(|(_, x)| x.addr == s.addr).map(|(f, _)| f).expect("a site of funcs");
             self.sites.push(SiteRec {
@@ -514,6 +577,7 @@ impl Control {
                 stack: Vec::new(),
                 far: None,
                 claimed: false,
+                pad: false,
             });
             self.by_site.insert(s.addr, i);
             made.push(i);
@@ -527,10 +591,44 @@ impl Control {
             for (&i, b) in unclaimed.iter().zip(bytes) {
                 let s = &mut self.sites[i as usize];
                 s.claimed = true;
+                s.pad = b == crate::arch::GCC_PAD;
                 s.bytes = b;
             }
         }
         Ok(sites.iter().map(|s| self.by_site[&s.addr]).collect())
+    }
+
+    /// A site at an address whose record belongs to another tracer site
+    /// (the object that had it was unloaded, and another was loaded
+    /// there): the record is made this site's (its slot index reused; the
+    /// old site's name, target, size and far jump forgotten) when no
+    /// patch holds it, else refused, naming the function.
+    fn forget_unloaded_sites(&mut self, sites: &[LiveSite], funcs: &[FuncDesc]) -> Result<(), LiveError> {
+        for (s, f) in sites.iter().zip(funcs) {
+            let Some(&i) = self.by_site.get(&s.addr) else { continue };
+            let rec = &mut self.sites[i as usize];
+            if rec.site == *s {
+                continue;
+            }
+            if rec.claimed || !rec.stack.is_empty() {
+                return Err(LiveError::BadDesc {
+                    name: f.name.clone(),
+                    what: format!(
+                        "{}() at {:#x} was patched in an object since unloaded ({}); revert that patch first",
+                        f.name, s.addr, rec.name
+                    ),
+                });
+            }
+            rec.site = *s;
+            rec.name = f.name.clone();
+            rec.target = f.target;
+            rec.target_size = f.target_size;
+            rec.orig_body = s.addr + 5;
+            rec.far = None;
+            rec.pad = false;
+            rec.bytes = crate::arch::NOP5;
+        }
+        Ok(())
     }
 
     fn start_patch(&mut self, tracer: &'static Tracer, patch: Patch, sites: &[LiveSite]) -> Result<(), LiveError> {
@@ -818,9 +916,6 @@ impl Control {
     fn complete(&mut self, forced: bool) -> Result<Completed, LiveError> {
         let tracer = Tracer::global();
         let t = self.trans.take().expect("a transition");
-        if let Some(h) = t.checkpoint {
-            let _ = tracer.unregister(h);
-        }
         let pid = t.patch;
         let mut gone: Vec<PatchId> = Vec::new();
         if t.target == PATCHED {
@@ -828,20 +923,58 @@ impl Control {
             if replace {
                 gone.extend(self.patches.iter().filter(|p| p.id != pid).map(|p| p.id));
             }
-            for s in &mut self.sites {
-                s.stack.retain(|v| !(gone.contains(&v.patch) || v.patch == pid && v.nop));
+        } else {
+            gone.push(pid);
+        }
+        let target = t.target;
+        let keep = |v: &Version| match target {
+            PATCHED => !(gone.contains(&v.patch) || v.patch == pid && v.nop),
+            _ => v.patch != pid,
+        };
+        // 1. The sites' direct jumps, before anything changes: every thread
+        // is at the target, so a thread jumping straight to the final
+        // version and one still deciding in a stub run the same version.
+        // A failure leaves the transition as it was (pending, every thread
+        // at its target, calls through the stubs) and the next `wait` or
+        // `force` completes it again: no half-written state.
+        let touched = t.slots.clone();
+        let mut writes = Vec::new();
+        for &i in &touched {
+            let top = self.sites[i as usize].stack.iter().rev().find(|v| keep(v)).map(|v| v.addr);
+            let new = match top.map(|to| self.direct_jump(i, to)) {
+                None => crate::arch::NOP5,
+                Some(Ok(b)) => b,
+                Some(Err(e)) => {
+                    self.trans = Some(t);
+                    return Err(e);
+                }
+            };
+            let s = &self.sites[i as usize];
+            if new != s.bytes {
+                writes.push(LiveWrite { addr: s.site.addr, old: s.bytes, new });
             }
+        }
+        if let Err(source) = tracer.live_write(&writes) {
+            self.trans = Some(t);
+            return Err(LiveError::Completing { patch: pid, source });
+        }
+        for w in &writes {
+            let i = self.by_site[&w.addr];
+            self.sites[i as usize].bytes = w.new;
+        }
+        if let Some(h) = t.checkpoint {
+            let _ = tracer.unregister(h);
+        }
+        // 2. The stacks and states, the settled versions, then the
+        // inactive transition word.
+        for s in &mut self.sites {
+            s.stack.retain(|v| keep(v));
+        }
+        if t.target == PATCHED {
             if let Some(p) = self.patches.iter_mut().find(|p| p.id == pid) {
                 p.state = PatchState::Enabled;
             }
-        } else {
-            gone.push(pid);
-            for s in &mut self.sites {
-                s.stack.retain(|v| v.patch != pid);
-            }
         }
-        // Settled versions, then the inactive transition word.
-        let touched = t.slots.clone();
         {
             let _w = state::WriteSection::open();
             for &i in &touched {
@@ -859,22 +992,6 @@ impl Control {
                 target: t.target,
             }
             .publish();
-        }
-        let mut writes = Vec::new();
-        for &i in &touched {
-            let new = match self.sites[i as usize].stack.last().map(|v| v.addr) {
-                None => crate::arch::NOP5,
-                Some(to) => self.direct_jump(i, to)?,
-            };
-            let s = &self.sites[i as usize];
-            if new != s.bytes {
-                writes.push(LiveWrite { addr: s.site.addr, old: s.bytes, new });
-            }
-        }
-        tracer.live_write(&writes)?;
-        for w in &writes {
-            let i = self.by_site[&w.addr];
-            self.sites[i as usize].bytes = w.new;
         }
         self.release_unused(tracer);
         // Post callbacks, then forget what went.
@@ -911,13 +1028,15 @@ impl Control {
     /// when `to` is out of reach.
     fn direct_jump(&mut self, i: u32, to: usize) -> Result<[u8; 5], LiveError> {
         let addr = self.sites[i as usize].site.addr;
-        if let Some(b) = jmp(addr, to) {
+        // A pad's slot jumps there too (`SiteRec::pad`).
+        let slot_reaches = |to| !self.sites[i as usize].pad || pad_slot(addr).is_some_and(|m| jmp(m, to).is_some());
+        if let Some(b) = jmp(addr, to).filter(|_| slot_reaches(to)) {
             return Ok(b);
         }
         let far = match self.sites[i as usize].far {
             Some((at, dest)) if dest == to => at,
             _ => {
-                let at = self.arena.alloc(addr, 16)?;
+                let at = self.arena.alloc_for_site(addr, 16)?;
                 self.arena.write(at, &tramp::far_jump(to))?;
                 self.sites[i as usize].far = Some((at, to));
                 at

@@ -101,13 +101,12 @@ impl fmt::Display for ThreadReport {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "tid {} ({})", self.tid, self.comm)?;
         match &self.holds {
-            Some(h) => write!(
-                f,
-                ": holds {}() [{}] (frame {})",
-                h.function,
-                if h.version == Held::Old { "old" } else { "new" },
-                h.frame
-            )?,
+            Some(h) => {
+                // A pseudo-name in parentheses is no function: no "()".
+                let call = if h.function.starts_with('(') { "" } else { "()" };
+                let version = if h.version == Held::Old { "old" } else { "new" };
+                write!(f, ": holds {}{call} [{version}] (frame {})", h.function, h.frame)?
+            }
             None => f.write_str(": holds no patched function that a check saw")?,
         }
         match &self.activity {
@@ -220,4 +219,34 @@ pub enum LiveError {
     #[error(transparent)]
     /// The tracer refused a site change (nothing was written).
     Trace(#[from] crate::trace::TraceError),
+    /// Completing a transition failed writing the sites' direct jumps;
+    /// nothing changed: the transition is still pending (every thread at
+    /// its target), and the next [`super::Patcher::wait`] or force tries
+    /// again.
+    #[error("completing patch {patch}: writing the sites' direct jumps failed: {source}; nothing changed: the transition stays pending (every thread is at its target, calls go through the stubs), and Patcher::wait or force completes it again")]
+    Completing { patch: PatchId, source: crate::trace::TraceError },
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn holding(function: &str) -> ThreadReport {
+        ThreadReport {
+            tid: 7,
+            comm: "w".into(),
+            activity: Activity::Running,
+            holds: Some(Holding { function: function.into(), version: Held::Old, frame: 2 }),
+            unreliable: false,
+        }
+    }
+
+    #[test]
+    fn functions_get_parentheses_and_pseudo_names_do_not() {
+        assert_eq!(holding("outer").to_string(), "tid 7 (w): holds outer() [old] (frame 2), running");
+        assert_eq!(
+            holding("(a frame entered during the transition)").to_string(),
+            "tid 7 (w): holds (a frame entered during the transition) [old] (frame 2), running"
+        );
+    }
 }

@@ -216,6 +216,32 @@ impl Memory for Snapshot {
     }
 }
 
+/// Whether shadow entry `e` still stands for a frame of a stack whose
+/// pointer is `sp` and whose lowest address is `lo` (`sp` when unknown).
+/// A frame left by `longjmp`, or by an exception caught past the
+/// trampoline, leaves its entry behind until a later return through the
+/// trampoline drops it (`on_return`), which a blocked thread never makes.
+/// Such an entry's slot lies in `[lo, sp)` (below the stack pointer, on
+/// the same stack), or no longer holds what the entry put there (the
+/// return trampoline; the original once restored for an unwinder, low bit
+/// of `slot`): a live frame's return slot always does. An unreadable slot
+/// counts as live (this can only err towards "on the stack").
+pub(super) fn entry_alive(
+    e: &crate::trace::LpShadowEntry,
+    (lo, sp): (usize, usize),
+    mem: &dyn Memory,
+    return_trampoline: usize,
+) -> bool {
+    let (slot, restored) = (e.slot & !1, e.slot & 1 != 0);
+    if (lo..sp).contains(&slot) {
+        return false;
+    }
+    match mem.word(slot) {
+        Some(w) => w == if restored { e.orig } else { return_trampoline },
+        None => true,
+    }
+}
+
 /// What an unwind needs besides memory: the ranges to look for, the
 /// return trampoline, and the shadow entries' originals by slot.
 pub(super) struct Lookups<'a> {

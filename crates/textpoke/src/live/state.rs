@@ -25,7 +25,12 @@
 //! - **Tag**: `gen << 2 | state`, 16 bits in a stub's word and a thread's
 //!   mirror (`tag << 48`), 32 bits in a marked shadow entry. Generations
 //!   whose 16-bit tag would be below 4 are skipped, so a zero mirror never
-//!   matches.
+//!   matches. The 16-bit tag repeats every 16,384 generations, and only a
+//!   thread writes its mirror (a thread that takes no slow path for that
+//!   long keeps an old one): so the mirror also holds the whole transition
+//!   word it was set under, and stubs take the fast path only when that
+//!   is [`TRANS`] now (gen, reversals and flags: any change sends the
+//!   thread through the slow path once, which sets both again).
 //! - **Site slot**: the stub's word (`tag << 48 | version(target)`), the
 //!   versions by state, the settled version, and the generation they
 //!   belong to; written by the control side inside a [`SEQ`] write
@@ -417,11 +422,17 @@ pub(super) fn release(r: &LpThread) {
 }
 
 /// A thread's own live-patching state, in static TLS where possible
-/// (const-initialised, no destructor).
+/// (const-initialised, no destructor). `repr(C)`: stubs read `trans` at
+/// `mirror`'s offset + 8.
+#[repr(C)]
 pub(super) struct LpTls {
     /// `tag16 << 48` of the transition state this thread is in, when that
     /// is the transition's target (what stubs compare with their word).
     pub mirror: AtomicU64,
+    /// The transition word (`TRANS`) `mirror` was set under: stubs take
+    /// the fast path only while it is the current one, so a mirror set
+    /// 16,384 generations ago (same 16-bit tag) never matches.
+    pub trans: AtomicU64,
     /// Its record (null until its first slow path).
     pub rec: Cell<*const LpThread>,
     /// Its tid (0 until known).
@@ -430,7 +441,12 @@ pub(super) struct LpTls {
 
 thread_local! {
     pub(super) static TLS: LpTls = const {
-        LpTls { mirror: AtomicU64::new(0), rec: Cell::new(std::ptr::null()), tid: Cell::new(0) }
+        LpTls {
+            mirror: AtomicU64::new(0),
+            trans: AtomicU64::new(0),
+            rec: Cell::new(std::ptr::null()),
+            tid: Cell::new(0),
+        }
     };
 }
 
@@ -449,6 +465,54 @@ pub(super) unsafe extern "C" fn thread_exit(p: *mut libc::c_void) {
     TLS.with(|t| t.rec.set(std::ptr::null()));
     // SAFETY: the value set is this thread's record, in the leaked table.
     release(unsafe { &*(p as *const LpThread) });
+}
+
+/// Registers the fork handlers ([`before_fork`], [`after_fork_child`]);
+/// control side, once.
+pub(super) fn register_fork_handlers() {
+    // SAFETY: registering handlers of the right type; they touch only this
+    // module's statics and the forking thread's own thread-local.
+    // pthread_atfork fails only without memory for the entry: then a fork
+    // during a transition keeps the parent's records in the child.
+    unsafe { libc::pthread_atfork(Some(before_fork), None, Some(after_fork_child)) };
+}
+
+/// `pthread_atfork` prepare handler: the forking thread's tid is cached
+/// in its thread-local (the child's handler finds its record by it).
+unsafe extern "C" fn before_fork() {
+    TLS.with(|t| {
+        if t.tid.get() == 0 {
+            t.tid.set(crate::sys::threads::gettid());
+        }
+    });
+}
+
+/// `pthread_atfork` child handler, on the child's one thread. The child
+/// inherits its parent thread's patch state (the kernel's
+/// `klp_copy_process`): the forking thread's record becomes the child's
+/// (its word, mirror and shadow cell are the child's thread-locals at the
+/// same addresses); every other record belonged to a thread the child does
+/// not have, and is freed; the claim lock and the deciding counts, which
+/// such a thread may have held, are reset. Without this the child's
+/// thread kept its parent's tid cached, switched a record nobody looks
+/// at, and a transition never completed in the child.
+unsafe extern "C" fn after_fork_child() {
+    let tid = crate::sys::threads::gettid();
+    let parent = TLS.with(|t| t.tid.replace(tid));
+    for r in records() {
+        match r.tid.load(Ordering::Relaxed) {
+            0 => {}
+            // Release pairs with `find`'s Acquire (the record as it was).
+            p if p == parent => r.tid.store(tid, Ordering::Release),
+            _ => release(r),
+        }
+    }
+    // The only thread is this one, in none of these sections (fork is not
+    // called from the slow path or a self-check).
+    CLAIM_LOCK.store(false, Ordering::Release);
+    for d in &DECIDING {
+        d.store(0, Ordering::SeqCst);
+    }
 }
 
 /// The calling thread's record, claimed on first use (`None`: no room).
@@ -488,12 +552,23 @@ pub(super) fn own_record() -> Option<&'static LpThread> {
     })
 }
 
-/// Sets the calling thread's mirror to `tag16` (it is at the target).
-/// Only the thread itself writes its mirror: a thread switched from
-/// outside takes the slow path once more and sets it there.
-pub(super) fn set_own_mirror(tag16: u64) {
-    // Relaxed: only this thread's stubs read it.
-    TLS.with(|t| t.mirror.store(tag16 << 48, Ordering::Relaxed));
+/// Sets the calling thread's mirror to transition `t`'s target (it is at
+/// the target): its tag, and the transition word it holds for (stubs
+/// compare both). Only the thread itself writes its mirror: a thread
+/// switched from outside takes the slow path once more and sets it there.
+pub(super) fn set_own_mirror(t: View) {
+    // Relaxed: only this thread's stubs read them. A signal handler's stub
+    // between the two stores sees a pair that does not match, and takes
+    // the slow path.
+    TLS.with(|m| {
+        m.trans.store(t.encode(), Ordering::Relaxed);
+        m.mirror.store(t.tag16() << 48, Ordering::Relaxed);
+    });
+}
+
+/// The address of [`TRANS`], for the stubs' code.
+pub(super) fn trans_addr() -> usize {
+    TRANS.as_ptr() as usize
 }
 
 /// CLOCK_MONOTONIC in ns (async-signal-safe: the vDSO).

@@ -967,6 +967,13 @@ pub(crate) fn lp_push_marked(ret_slot: usize, tag: u32) -> bool {
     })
 }
 
+/// The return trampoline's address (0 before it exists): the word a
+/// marked entry's return slot holds while its frame is live.
+pub(crate) fn lp_return_trampoline() -> usize {
+    // Acquire pairs with the Release store in `ensure_return_trampoline`.
+    RETURN_TRAMPOLINE.load(Ordering::Acquire)
+}
+
 /// The address of this thread's shadow-stack pointer (a thread-local
 /// cell), for [`lp_read_shadow`] from another thread.
 pub(crate) fn lp_shadow_cell() -> usize {

@@ -9,14 +9,22 @@
 //! entry site, if it has one. Releasing a site gives it back to the
 //! tracer, which traces it again if an op's filter matches it.
 //!
-//! A gcc pad (five one-byte NOPs) gets its first write by stop-machine,
-//! as when the tracer first traces one (DESIGN rule 1); from then on it
-//! is one instruction and every change is a breakpoint batch.
+//! A gcc pad (five one-byte NOPs) never made one instruction is enabled
+//! by its first byte, as the tracer's one-byte pad modes do
+//! (`trace/mirror.rs`), whatever the tracer's mode: `90` becomes `e9`, a
+//! jump to the pad's mirror slot, and the slot holds the `jmp` the live
+//! patcher means the site to hold (to its stub, then to the version);
+//! later changes repoint the slot (one instruction), and switching it off
+//! puts the `90` back. No thread is stopped or signalled (DESIGN rule 9:
+//! a thread blocked in `nanosleep` must not see EINTR). Only a pad whose
+//! mirror cannot be placed gets its first branch by stop-machine (rule 1),
+//! after which it is one instruction.
 
 use super::api::Tracer;
 use super::hot;
+use super::mirror::NoMirror;
 use super::TraceError;
-use crate::arch::{GCC_PAD, NOP5};
+use crate::arch::{GCC_PAD, GCC_PAD_JMP, NOP5};
 use crate::{Batch, CommitOptions, Poke, Strategy};
 use std::sync::atomic::Ordering;
 
@@ -70,9 +78,15 @@ impl Tracer {
         Ok(now)
     }
 
-    /// Writes claimed sites in one batch: by the breakpoint protocol, or by
-    /// stop-machine when a pad gets its first branch. Nothing is written
-    /// if it fails.
+    /// Writes claimed sites in one batch by the breakpoint protocol, no
+    /// thread stopped or signalled (DESIGN rule 9). `old` and `new` are
+    /// what the live patcher means the site to hold: off (`NOP5`, or
+    /// `GCC_PAD` for a pad never made one instruction) or a `jmp`. A gcc
+    /// pad never made one instruction is enabled by its first byte (module
+    /// docs): its mirror slot jumps where `new` jumps. Only a pad whose
+    /// mirror cannot be placed gets its first branch by stop-machine
+    /// (rule 1), which signals every thread. Nothing is written if it
+    /// fails.
     pub(crate) fn live_write(&'static self, writes: &[LiveWrite]) -> Result<(), TraceError> {
         if writes.is_empty() {
             return Ok(());
@@ -81,26 +95,71 @@ impl Tracer {
         let _pins = g.pin_live_objects(writes);
         let mut batch = Batch::with_capacity(writes.len());
         let mut stop_machine = false;
+        // Slots pointed elsewhere by this batch: (site index, new target).
+        let mut moved = Vec::new();
+        let session = crate::text::codemem::WriteSession::open();
+        let mut made = Ok(());
         for w in writes {
-            let name = g.by_addr.get(&w.addr).map(|&i| g.sites[i as usize].function.clone());
-            let poke = if w.old == GCC_PAD {
-                stop_machine = true;
-                Poke::region(w.addr, w.old, w.new)
-            } else {
-                Poke::new(w.addr, w.old, w.new)
+            let i = g.by_addr.get(&w.addr).map(|&i| i as usize);
+            let name = i.map(|i| g.sites[i].function.clone());
+            let named = |p: Poke| match &name {
+                Some(n) => p.named(n.clone()),
+                None => p,
             };
-            batch.push(match name {
-                Some(n) => poke.named(n),
-                None => poke,
-            });
+            let pad = i.filter(|&i| !g.sites[i].prepared);
+            let (Some(i), Some(_)) = (i, pad) else {
+                batch.push(named(Poke::new(w.addr, w.old, w.new)));
+                continue;
+            };
+            match (jump_target(w.addr, w.old), jump_target(w.addr, w.new)) {
+                (None, None) => {}
+                (on, Some(to)) => match g.live_mirror(i, to) {
+                    Ok(slot_poke) => {
+                        if let Some(p) = slot_poke {
+                            batch.push(p);
+                        }
+                        moved.push((i, to));
+                        if on.is_none() {
+                            batch.push(named(Poke::first_byte(w.addr, GCC_PAD, GCC_PAD_JMP)));
+                        }
+                    }
+                    Err(NoMirror::Unavailable(_)) if on.is_none() => {
+                        // No mirror: one instruction by stop-machine.
+                        stop_machine = true;
+                        batch.push(named(Poke::region(w.addr, GCC_PAD, w.new)));
+                    }
+                    Err(NoMirror::Unavailable(why)) => {
+                        made = Err(TraceError::CodeGen(format!("live site at {:#x}: {why}", w.addr)));
+                        break;
+                    }
+                    Err(NoMirror::Failed(e)) => {
+                        made = Err(e);
+                        break;
+                    }
+                },
+                (Some(_), None) => {
+                    batch.push(named(Poke::first_byte(w.addr, GCC_PAD_JMP, GCC_PAD)));
+                }
+            }
+        }
+        if let Err(source) = session.finish() {
+            g.forget_unwritten_code();
+            g.forget_unwritten_mirrors(moved.iter().map(|&(i, _)| i));
+            return Err(TraceError::TrampolineMemory { near: writes[0].addr, source });
+        }
+        made?;
+        if std::mem::take(&mut g.fresh_code) {
+            // New slots are reached only through this batch's sites, whose
+            // writes sync every core; serialise first anyway, as the
+            // tracer does for fresh code (cross-modifying code).
+            crate::sync::sync_cores(crate::sync::best_method())?;
         }
         // Parked anyway: with `prepare_pads`, every other pad becomes one
         // 5-byte NOP in the same batch, as in the tracer's own changes.
         let mut padded = Vec::new();
         if stop_machine && g.prepare_pads {
-            let writing: Vec<usize> =
+            let mut writing: Vec<usize> =
                 writes.iter().filter_map(|w| g.by_addr.get(&w.addr).map(|&i| i as usize)).collect();
-            let mut writing = writing;
             writing.sort_unstable();
             padded = g.pads_to_prepare(&writing);
             padded.retain(|&i| !g.sites[i].live);
@@ -112,9 +171,14 @@ impl Tracer {
         let strategy = if stop_machine { Strategy::StopMachine } else { Strategy::Breakpoint };
         let r = batch.commit_with(CommitOptions::strategy(strategy));
         if r.is_ok() {
-            for w in writes.iter().filter(|w| w.old == GCC_PAD) {
+            for &(i, to) in &moved {
+                g.live_mirror_moved(i, to);
+            }
+            for w in writes.iter().filter(|w| w.old == GCC_PAD && jump_target(w.addr, w.new).is_some()) {
                 if let Some(&i) = g.by_addr.get(&w.addr) {
-                    g.sites[i as usize].prepared = true; // one instruction from now on
+                    if !moved.iter().any(|&(m, _)| m == i as usize) {
+                        g.sites[i as usize].prepared = true; // one instruction from now on
+                    }
                 }
             }
             for i in padded {
@@ -145,6 +209,14 @@ impl Tracer {
         // Pairs with the Release store in `ensure_return_trampoline`.
         Ok(hot::RETURN_TRAMPOLINE.load(Ordering::Acquire))
     }
+}
+
+/// Where `bytes` at `site` jump (`None`: a NOP, the pad or `NOP5`).
+fn jump_target(site: usize, bytes: [u8; 5]) -> Option<usize> {
+    (bytes[0] == 0xe9 && bytes != GCC_PAD_JMP).then(|| {
+        let rel = i32::from_le_bytes([bytes[1], bytes[2], bytes[3], bytes[4]]);
+        (site + 5).wrapping_add_signed(rel as isize)
+    })
 }
 
 impl super::state::Inner {

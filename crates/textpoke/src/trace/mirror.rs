@@ -356,6 +356,42 @@ impl Inner {
         Ok(MirrorChange { slot, from: None, to: entry })
     }
 
+    /// Live patching (`trace/live.rs`): site `i`'s slot made to jump to
+    /// `to` (a live stub or version, entered by a jump), whatever the
+    /// tracer's pad mode. A new slot is written now (inside the caller's
+    /// write session; nothing jumps there before the batch enabling the
+    /// site); an existing one gives the poke changing it (`None`: it jumps
+    /// to `to` already). [`Inner::live_mirror_moved`] once the batch is in.
+    pub(super) fn live_mirror(&mut self, i: usize, to: usize) -> Result<Option<Poke>, NoMirror> {
+        let s = &self.sites[i];
+        let slot = (s.alive && !s.prepared)
+            .then(|| arch::gcc_pad_jmp_target(s.addr))
+            .flatten()
+            .filter(|&m| m >= MIN_SLOT)
+            .ok_or_else(|| {
+                NoMirror::Unavailable("its first byte would jump below the lowest mappable address".into())
+            })?;
+        let Some(jmp) = arch::encode_jmp(slot, to) else {
+            return Err(NoMirror::Unavailable(format!("{to:#x} is out of rel32 reach of its mirror at {slot:#x}")));
+        };
+        if let Some(cur) = self.mirrors.slots.get(&(i as u32)) {
+            let from = cur.to;
+            return Ok(self.mirror_poke(i, MirrorChange { slot, from: Some(from), to }));
+        }
+        self.slot_pages(i, slot)?;
+        self.write_mirror(slot, &jmp)?;
+        self.mirrors.slots.insert(i as u32, Slot { to });
+        Ok(None)
+    }
+
+    /// The batch with [`Inner::live_mirror`]'s poke of site `i` is in: its
+    /// slot jumps to `to`.
+    pub(super) fn live_mirror_moved(&mut self, i: usize, to: usize) {
+        if let Some(s) = self.mirrors.slots.get_mut(&(i as u32)) {
+            s.to = to;
+        }
+    }
+
     /// The poke pointing a slot at its new entry, if it changes.
     pub(super) fn mirror_poke(&self, i: usize, m: MirrorChange) -> Option<Poke> {
         let from = m.from.filter(|&f| f != m.to)?;

@@ -130,7 +130,9 @@ mod unwind;
 pub use api::Tracer;
 pub use filter::{Filter, FilterError};
 #[cfg(target_arch = "x86_64")]
-pub(crate) use hot::{lp_guarded, lp_own_shadow, lp_push_marked, lp_read_shadow, lp_shadow_cell, LpShadowEntry};
+pub(crate) use hot::{
+    lp_guarded, lp_own_shadow, lp_push_marked, lp_read_shadow, lp_return_trampoline, lp_shadow_cell, LpShadowEntry,
+};
 pub use hot::{now, EmitFn, Entry, Exit, InlineCode, SitePlace, TraceOp, MAX_DEPTH, MAX_OPS};
 pub use mirror::{PadMode, RefusedPad};
 
