@@ -538,23 +538,19 @@ fn name_thread() {
     unsafe { libc::prctl(libc::PR_SET_NAME, c"textpoke-attach".as_ptr()) };
 }
 
-/// Every signal blocked but the synchronous ones and textpoke's
-/// rendezvous signal, as on the recorder's writer: a signal sent to the
-/// process goes to a thread of the program's, never to this one, nor to
-/// the threads it starts (the agent thread, the writer, the reclaimer),
-/// which inherit the mask. (The injector's loader left every signal but
-/// glibc's two blocked, `SIGTRAP` and `SIGSEGV` included.)
+/// Every signal blocked but the synchronous ones, the CPU-time ones and
+/// textpoke's rendezvous signal, as on the recorder's writer
+/// (`service_thread_mask`): a signal sent to the process goes to a thread
+/// of the program's, never to this one, nor to the threads it starts (the
+/// agent thread, the writer, the reclaimer, the live-patch thread), which
+/// inherit the mask; a CPU-time signal (`SIGPROF`...) goes to the thread
+/// that used the time, this one included, rather than to a program thread
+/// sleeping in `nanosleep` (DESIGN.md rule 9). (The injector's loader left
+/// every signal but glibc's two and the CPU-time ones blocked, `SIGTRAP`
+/// and `SIGSEGV` included.)
 fn set_thread_mask() {
-    // SAFETY: sigset_t is plain data; the calls write only the sets given.
-    unsafe {
-        let mut set: libc::sigset_t = std::mem::zeroed();
-        libc::sigfillset(&mut set);
-        for s in [libc::SIGSEGV, libc::SIGBUS, libc::SIGILL, libc::SIGFPE, libc::SIGTRAP, libc::SIGSYS] {
-            libc::sigdelset(&mut set, s);
-        }
-        libc::sigdelset(&mut set, textpoke::sync::rendezvous_signal());
-        libc::pthread_sigmask(libc::SIG_SETMASK, &set, std::ptr::null_mut());
-    }
+    let set = textpoke_sys::signals::service_thread_mask(textpoke::sync::rendezvous_signal());
+    textpoke_sys::signals::set_mask(libc::SIG_SETMASK, &set);
 }
 
 // ---------------------------------------------------------------------------

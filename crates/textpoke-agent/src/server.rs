@@ -174,8 +174,8 @@ fn block_async_signals() {
         libc::SIGWINCH,
         libc::SIGIO,
         libc::SIGURG,
-        libc::SIGPROF,
-        libc::SIGVTALRM,
+        // Not the CPU-time signals (`signals::CPU_TIME`): blocked here, the
+        // kernel would give them to another thread, perhaps one asleep.
         libc::SIGTSTP,
         libc::SIGTTIN,
         libc::SIGTTOU,

@@ -73,7 +73,11 @@
 //! 12. `PTRACE_SETSIGMASK` = all blocked but glibc's 32 (`SIGCANCEL`) and
 //!     33 (`SIGSETXID`): the new thread inherits this mask, and a thread
 //!     blocking `SIGSETXID` would hang every later `setuid` of the
-//!     program.
+//!     program. And but the CPU-time signals (`SIGPROF`, `SIGVTALRM`,
+//!     `SIGXCPU`), unless the thread must restart a call from its
+//!     `restart_block`: blocked on the thread using the CPU, the kernel
+//!     would give one to another thread, perhaps one in `nanosleep`
+//!     ([`loader::CPU_TIME_SIGNALS`]).
 //! 13. Registers: `rip` = loader, `rsp` = scratch top − 8, `orig_rax =
 //!     −1`, `DF` and `TF` cleared. `PTRACE_DETACH`. The stop time is
 //!     measured (`CLOCK_MONOTONIC`) from the interrupt to here.
@@ -162,6 +166,23 @@ const THREAD_ROUNDS: u32 = 50;
 const SURVEY_ONLY_ROUNDS: u32 = 3;
 /// glibc's `SIGCANCEL` and `SIGSETXID`, left unblocked (bits 31, 32).
 const GLIBC_INTERNAL_SIGNALS: u64 = (1 << 31) | (1 << 32);
+
+/// The mask the hijacked thread runs the loader with (step 12): every
+/// signal blocked but glibc's two and, unless the thread must still
+/// restart an interrupted call from its `restart_block`, the CPU-time
+/// signals ([`loader::CPU_TIME_SIGNALS`]: the loader's CPU time is the
+/// process's, and a CPU-time signal the thread that used it blocks goes
+/// to another thread, a sleeping one included, whose `nanosleep` then
+/// fails with `EINTR`). With a `restart_block` pending they stay blocked:
+/// a handler's `rt_sigreturn` would reset it (`do_no_restart_syscall`),
+/// turning the thread's own restart into `EINTR`.
+fn loader_mask(interrupted: Interrupted) -> u64 {
+    use threads::RestartKind;
+    match interrupted {
+        Interrupted::Restart { kind: RestartKind::RestartBlock, .. } => !GLIBC_INTERNAL_SIGNALS,
+        _ => !(GLIBC_INTERNAL_SIGNALS | loader::CPU_TIME_SIGNALS),
+    }
+}
 const DF: u64 = 1 << 10;
 const TF: u64 = 1 << 8;
 const MFD_CLOEXEC: u64 = 1;
@@ -564,7 +585,8 @@ fn hijack(
         if let Some((_, word)) = rseq {
             session.mem.write_all(word, &0u64.to_le_bytes())?;
         }
-        session.inject_loader(target, template, &saved, &fp, mask, resume_rip, resume_rax, dlopen_path)
+        let run_mask = loader_mask(interrupted);
+        session.inject_loader(target, template, &saved, &fp, (mask, run_mask), resume_rip, resume_rax, dlopen_path)
     })();
     match committed {
         Ok((local, left_mapped)) => {
@@ -678,7 +700,7 @@ impl Session {
         template: &loader::Template,
         saved: &Regs,
         fp: &FpState,
-        mask: u64,
+        (mask, run_mask): (u64, u64),
         resume_rip: u64,
         resume_rax: u64,
         dlopen_path: Option<&str>,
@@ -745,7 +767,7 @@ impl Session {
         )?;
         self.undo.push(Undo::Unmap(code, code_len));
         // Step 12.
-        ptrace::set_sigmask(tid, !GLIBC_INTERNAL_SIGNALS).map_err(self.perr("SETSIGMASK"))?;
+        ptrace::set_sigmask(tid, run_mask).map_err(self.perr("SETSIGMASK"))?;
         // Step 13.
         let mut regs = *saved;
         regs.rip = code;

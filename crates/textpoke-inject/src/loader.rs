@@ -21,8 +21,9 @@
 //! # The hijacked thread (entry)
 //!
 //! Entered with `rsp` at the top of the scratch mapping (`≡ 8 mod 16`,
-//! as after a CALL), every signal but glibc's 32 and 33 blocked, `DF`
-//! clear:
+//! as after a CALL), every signal but glibc's 32 and 33 blocked (and but
+//! the CPU-time ones, [`CPU_TIME_SIGNALS`], unless the thread must
+//! restart a call from its `restart_block`), `DF` clear:
 //!
 //! 1. `pthread_create(&slot, NULL, loader_main, NULL)` on the scratch
 //!    stack, the thread's `errno` saved around it (`__errno_location()`:
@@ -58,10 +59,11 @@
 //!
 //! # The new thread (loader_main)
 //!
-//! Inherits the blocked mask (all but 32/33), so no program signal
-//! handler ever runs on it.
+//! Inherits the blocked mask (all but 32/33 and, unless the hijacked
+//! thread keeps a `restart_block`, the CPU-time signals), so no program
+//! signal handler runs on it but a profiler's ([`CPU_TIME_SIGNALS`]).
 //!
-//! 0. `close` the loader's memfd (already mapped) and the injector's end
+//! 0. `rt_sigprocmask(SIG_UNBLOCK, CPU_TIME_SIGNALS)`; `close` the loader's memfd (already mapped) and the injector's end
 //!    of the socketpair (the injector holds a duplicate): two remote
 //!    calls fewer during the stop. Closing the latter first also makes
 //!    the `recv` below see EOF if the injector dies.
@@ -111,6 +113,18 @@ const SYS_CLOSE: i32 = 3;
 const SYS_RT_SIGPROCMASK: i32 = 14;
 const SYS_SENDTO: i32 = 44;
 const SIG_SETMASK: i32 = 2;
+const SIG_UNBLOCK: i32 = 1;
+/// The signals the kernel sends the process for the CPU time its threads
+/// use (kernel mask bits): `SIGPROF` (`ITIMER_PROF`), `SIGVTALRM`
+/// (`ITIMER_VIRTUAL`) and `SIGXCPU` (`RLIMIT_CPU`). Such a signal goes to
+/// the thread that was running when the timer expired, unless it blocks
+/// it: then to another thread, a sleeping one included, whose `nanosleep`
+/// fails with `EINTR` (`complete_signal`, kernel/signal.c). Our threads
+/// use the program's CPU time, so they take these (the program's handler
+/// runs on them, as on any thread that happens to be running: profilers
+/// are written for that).
+pub const CPU_TIME_SIGNALS: u64 =
+    (1 << (libc::SIGPROF - 1)) | (1 << (libc::SIGVTALRM - 1)) | (1 << (libc::SIGXCPU - 1));
 const RTLD_NOW: i32 = 2;
 /// AMX `XTILECFG` and `XTILEDATA`.
 const AMX_COMPONENTS: u64 = (1 << 17) | (1 << 18);
@@ -385,8 +399,18 @@ fn build(calls: &Calls, entry: &str, xsave: bool) -> Result<Template, IcedError>
     a.push(r12)?;
     a.push(r13)?;
     a.sub(rsp, MAIN_FRAME)?; // rsp ≡ 0 mod 16 here and at every call
-                             // 0. Close what the hijacked thread could not wait for: the loader
-                             // memfd (mapped) and the injector's socket end (duplicated).
+                             // 0. Take the CPU-time signals (blocked when the hijacked thread must
+                             // keep its restart_block, and inherited so): `rt_sigprocmask(
+                             // SIG_UNBLOCK, [rsp], NULL, 8)`, the set in the frame's first word.
+    a.mov(qword_ptr(rsp), CPU_TIME_SIGNALS as i32)?;
+    a.mov(eax, SYS_RT_SIGPROCMASK)?;
+    a.mov(edi, SIG_UNBLOCK)?;
+    a.mov(rsi, rsp)?;
+    a.xor(edx, edx)?;
+    a.mov(r10d, 8)?;
+    a.syscall()?;
+    // Then close what the hijacked thread could not wait for: the loader
+    // memfd (mapped) and the injector's socket end (duplicated).
     a.mov(edi, dword_ptr(l("loader_fd")))?;
     a.call(qword_ptr(l("close")))?;
     a.mov(edi, dword_ptr(l("peer_fd")))?;

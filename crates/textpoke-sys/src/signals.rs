@@ -81,17 +81,34 @@ pub fn remove(set: &mut libc::sigset_t, sig: libc::c_int) {
     unsafe { libc::sigdelset(set, sig) };
 }
 
+/// The signals the kernel sends the process for the CPU time its threads
+/// use: `SIGPROF` (`ITIMER_PROF`, a profiler's timer), `SIGVTALRM`
+/// (`ITIMER_VIRTUAL`) and `SIGXCPU` (`RLIMIT_CPU`). The kernel gives such
+/// a signal to the thread that was running when the timer expired, unless
+/// that thread blocks it; then to another thread, round-robin, a sleeping
+/// one included (`complete_signal`, kernel/signal.c), whose `nanosleep`
+/// then fails with `EINTR` (a handler ends it whatever `SA_RESTART` says).
+/// A textpoke thread uses the program's CPU time like any other, so it
+/// must not block these: the program's handler then runs on it, as it
+/// would on whichever program thread had been running (profilers are
+/// written for that). DESIGN.md rule 9.
+pub const CPU_TIME: [libc::c_int; 3] = [libc::SIGPROF, libc::SIGVTALRM, libc::SIGXCPU];
+
 /// The mask of a long-lived textpoke service thread (the recorder's
 /// writer, the agent's attach thread): every signal blocked but the
 /// [`SYNCHRONOUS`] ones, `SIGSYS` (raised by a seccomp filter on the
-/// thread's own system call, like a fault) and `rendezvous`, the signal
-/// the engine's rendezvous parks threads with, which must reach every
-/// thread. Such a thread, started with this mask (see [`swap_mask`]),
-/// never takes a signal meant for the program: the kernel delivers those
-/// to a program thread that does not block them.
+/// thread's own system call, like a fault), the [`CPU_TIME`] ones (their
+/// delivery follows the thread that used the time) and `rendezvous`, the
+/// signal the engine's rendezvous parks threads with, which must reach
+/// every thread. Such a thread, started with this mask (see
+/// [`swap_mask`]), takes no other signal meant for the program: the kernel
+/// delivers those to a program thread that does not block them.
 pub fn service_thread_mask(rendezvous: libc::c_int) -> libc::sigset_t {
     let mut set = all_but(&SYNCHRONOUS);
     remove(&mut set, libc::SIGSYS);
+    for s in CPU_TIME {
+        remove(&mut set, s);
+    }
     remove(&mut set, rendezvous);
     set
 }
