@@ -3,6 +3,9 @@
 //! gcc and clang, as C and as C++, optimised and not, with `-Wall
 //! -Werror`; loaded with `textpoke::live::object::load`, its pre-patch
 //! callback reaches the engine's shadow variables through the one slot.
+//!
+//! x86-64 only: `textpoke::live` is (its fixtures are host objects too).
+#![cfg(target_arch = "x86_64")]
 
 use std::ffi::{c_void, CString, OsStr};
 use std::path::{Path, PathBuf};
