@@ -54,9 +54,9 @@
 //! the agent's first live site, and the detach.
 
 use crate::cmdutil::{self as util, CliError};
+use crate::cmdutil::{environ, lookup};
 use crate::record::{self, Args, AGENT_FILE_NAME, HOW_TO_ADD_SITES};
 use std::collections::BTreeSet;
-use std::ffi::OsString;
 use std::io::{BufReader, Write};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::ffi::{OsStrExt, OsStringExt};
@@ -150,22 +150,6 @@ struct Target {
     /// The socket directory the agent puts its control socket in (the one
     /// `textpoke ctl` looks in first).
     socket_dir: PathBuf,
-}
-
-/// The target's environment variables (empty if unreadable).
-fn environ(pid: i32) -> Vec<(Vec<u8>, Vec<u8>)> {
-    let bytes = std::fs::read(format!("/proc/{pid}/environ")).unwrap_or_default();
-    bytes
-        .split(|&b| b == 0)
-        .filter_map(|kv| {
-            let i = kv.iter().position(|&b| b == b'=')?;
-            Some((kv[..i].to_vec(), kv[i + 1..].to_vec()))
-        })
-        .collect()
-}
-
-fn lookup(env: &[(Vec<u8>, Vec<u8>)], key: &str) -> Option<OsString> {
-    env.iter().find(|(k, _)| k == key.as_bytes()).map(|(_, v)| OsString::from_vec(v.clone()))
 }
 
 fn device_of(m: &std::fs::Metadata) -> (u32, u32) {

@@ -166,6 +166,24 @@ pub(crate) fn parse_secs(s: &str) -> Result<std::time::Duration, String> {
     Ok(std::time::Duration::from_secs_f64(secs))
 }
 
+/// The environment variables of process `pid` (empty if unreadable), for
+/// `record -p` and `patch`, which look for the agent's settings there.
+pub(crate) fn environ(pid: i32) -> Vec<(Vec<u8>, Vec<u8>)> {
+    let bytes = std::fs::read(format!("/proc/{pid}/environ")).unwrap_or_default();
+    bytes
+        .split(|&b| b == 0)
+        .filter_map(|kv| {
+            let i = kv.iter().position(|&b| b == b'=')?;
+            Some((kv[..i].to_vec(), kv[i + 1..].to_vec()))
+        })
+        .collect()
+}
+
+/// The value of `key` in an [`environ`] list.
+pub(crate) fn lookup(env: &[(Vec<u8>, Vec<u8>)], key: &str) -> Option<OsString> {
+    env.iter().find(|(k, _)| k == key.as_bytes()).map(|(_, v)| OsString::from_vec(v.clone()))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

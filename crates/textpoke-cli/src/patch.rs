@@ -32,11 +32,10 @@
 //! unloaded); this command may end at any time, the program runs on with
 //! its patches.
 
+use crate::cmdutil::{environ, lookup};
 use crate::cmdutil::{eprint_line, CliError};
 use crate::record::{agent_path, AGENT_FILE_NAME};
-use std::ffi::OsString;
 use std::io::{BufReader, Write};
-use std::os::unix::ffi::OsStringExt;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -247,21 +246,6 @@ fn agent_loaded(pid: i32) -> bool {
     std::fs::read_to_string(format!("/proc/{pid}/maps")).is_ok_and(|m| {
         m.lines().any(|l| l.rsplit('/').next().is_some_and(|n| n.trim_end_matches(" (deleted)") == AGENT_FILE_NAME))
     })
-}
-
-fn environ(pid: i32) -> Vec<(Vec<u8>, Vec<u8>)> {
-    let bytes = std::fs::read(format!("/proc/{pid}/environ")).unwrap_or_default();
-    bytes
-        .split(|&b| b == 0)
-        .filter_map(|kv| {
-            let i = kv.iter().position(|&b| b == b'=')?;
-            Some((kv[..i].to_vec(), kv[i + 1..].to_vec()))
-        })
-        .collect()
-}
-
-fn lookup(env: &[(Vec<u8>, Vec<u8>)], key: &str) -> Option<OsString> {
-    env.iter().find(|(k, _)| k == key.as_bytes()).map(|(_, v)| OsString::from_vec(v.clone()))
 }
 
 // ---------------------------------------------------------------------------
