@@ -168,6 +168,7 @@ pub(crate) fn parse_secs(s: &str) -> Result<std::time::Duration, String> {
 
 /// The environment variables of process `pid` (empty if unreadable), for
 /// `record -p` and `patch`, which look for the agent's settings there.
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))] // record -p and patch: x86-64 only
 pub(crate) fn environ(pid: i32) -> Vec<(Vec<u8>, Vec<u8>)> {
     let bytes = std::fs::read(format!("/proc/{pid}/environ")).unwrap_or_default();
     bytes
@@ -180,6 +181,7 @@ pub(crate) fn environ(pid: i32) -> Vec<(Vec<u8>, Vec<u8>)> {
 }
 
 /// The value of `key` in an [`environ`] list.
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
 pub(crate) fn lookup(env: &[(Vec<u8>, Vec<u8>)], key: &str) -> Option<OsString> {
     env.iter().find(|(k, _)| k == key.as_bytes()).map(|(_, v)| OsString::from_vec(v.clone()))
 }

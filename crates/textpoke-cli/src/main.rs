@@ -14,6 +14,12 @@ mod ctl;
 mod dump;
 mod list;
 mod output;
+// Live patching (textpoke::live, textpoke-inject) is x86-64 only for now;
+// elsewhere `patch` refuses (patch_other.rs).
+#[cfg(target_arch = "x86_64")]
+mod patch;
+#[cfg(not(target_arch = "x86_64"))]
+#[path = "patch_other.rs"]
 mod patch;
 mod perfetto;
 mod record;
