@@ -439,13 +439,7 @@ impl Inner {
         for i in fresh {
             self.mirrors.slots.remove(&(i as u32));
         }
-        let poisoned: Vec<std::ops::Range<usize>> = self
-            .stub_blocks
-            .iter()
-            .flatten()
-            .filter(|sb| sb.code.is_poisoned())
-            .map(|sb| sb.code.addr()..sb.code.addr() + sb.code.len())
-            .collect();
+        let poisoned = self.poisoned_stub_ranges();
         let used: HashSet<usize> = self.mirrors.slots.values().map(|s| s.to).collect();
         self.mirrors.adapters.retain(|_, a| used.contains(a) || !poisoned.iter().any(|r| r.contains(a)));
     }

@@ -522,6 +522,17 @@ impl Inner {
         }
     }
 
+    /// The address ranges of stub blocks whose code may not have been
+    /// written (a failed batch poisoned them).
+    pub(super) fn poisoned_stub_ranges(&self) -> Vec<std::ops::Range<usize>> {
+        self.stub_blocks
+            .iter()
+            .flatten()
+            .filter(|sb| sb.code.is_poisoned())
+            .map(|sb| sb.code.addr()..sb.code.addr() + sb.code.len())
+            .collect()
+    }
+
     /// After a failed [`WriteSession`](crate::text::codemem::WriteSession):
     /// the code made in it may not be in its blocks. Stubs in a poisoned
     /// block that their site does not call are forgotten (a slot lost; one
@@ -529,13 +540,7 @@ impl Inner {
     /// trampoline blocks no word points into are retired; new trampolines
     /// never go to a poisoned block (see `trampoline_for`).
     pub(super) fn forget_unwritten_code(&mut self) {
-        let poisoned: Vec<std::ops::Range<usize>> = self
-            .stub_blocks
-            .iter()
-            .flatten()
-            .filter(|sb| sb.code.is_poisoned())
-            .map(|sb| sb.code.addr()..sb.code.addr() + sb.code.len())
-            .collect();
+        let poisoned = self.poisoned_stub_ranges();
         for s in self.sites.iter_mut() {
             let calls = s.target.stub_kind();
             for (k, stub) in s.stubs.iter_mut().enumerate() {
