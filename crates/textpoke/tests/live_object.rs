@@ -293,6 +293,58 @@ fn patch_file_is_checked_against_a_running_process() {
     assert!(matches!(gone, Err(ObjectError::Process { .. })), "{gone:?}");
 }
 
+#[test]
+fn a_library_is_found_by_its_soname_in_process_and_by_the_file_check() {
+    // Its file name is not its SONAME, as with distributions' libraries.
+    let lib = dir().join("liblp_soname.so.1.2.3");
+    gcc(&[
+        "-O2",
+        "-shared",
+        "-fPIC",
+        "-Wl,--build-id",
+        "-Wl,-soname,liblp_soname.so.1",
+        "-o",
+        lib.to_str().unwrap(),
+        &fixture("soname_target.c"),
+    ]);
+    let open = |path: &Path| {
+        let c = CString::new(path.to_str().unwrap()).unwrap();
+        // SAFETY: a valid path; the library has no initialiser.
+        let h = unsafe { libc::dlopen(c.as_ptr(), libc::RTLD_NOW) };
+        assert!(!h.is_null(), "dlopen {path:?}");
+        h
+    };
+    let h = open(&lib);
+    // SAFETY: a live handle and a C string.
+    let func = unsafe { libc::dlsym(h, c"lps_func".as_ptr()) } as usize;
+    assert_ne!(func, 0);
+    let so = patch("soname_patch.c", "lp_patch_soname", &[define("TARGET_BUILD_ID", &build_id(&lib))]);
+
+    // In this process: the loader's name is the path dlopen was given.
+    let desc = load(&so).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(desc.funcs[0].target, func);
+    assert_eq!(call(desc.funcs[0].replacement, 1), 3);
+    drop(desc);
+    // From the file and /proc/PID/maps (this process's, as `textpoke patch`
+    // reads another's).
+    let file = PatchFile::open(&so).unwrap();
+    let found = file.check_process(std::process::id() as i32).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(found.len(), 1);
+    assert_eq!(found[0].path, std::fs::canonicalize(&lib).unwrap());
+    assert_eq!(found[0].object.as_deref(), Some("liblp_soname.so.1"));
+
+    // A second file with that SONAME: ambiguous, both listed, nothing done.
+    let copy = dir().join("liblp_soname_copy.so");
+    std::fs::copy(&lib, &copy).unwrap();
+    open(&copy);
+    for err in [load_err(&so), file.check_process(std::process::id() as i32).unwrap_err()] {
+        let msg = err.to_string();
+        assert!(matches!(&err, ObjectError::ObjectAmbiguous { candidates, .. } if candidates.len() == 2), "{msg}");
+        assert!(msg.contains("liblp_soname.so.1.2.3") && msg.contains("liblp_soname_copy.so"), "{msg}");
+        assert!(msg.contains("(SONAME liblp_soname.so.1)"), "{msg}");
+    }
+}
+
 // ---------------------------------------------------------------- Rust
 
 #[inline(never)]
