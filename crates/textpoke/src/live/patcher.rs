@@ -451,6 +451,7 @@ impl Patcher {
                 if c.round()? {
                     return c.complete(false);
                 }
+                super::nudge::tick(c.trans.as_ref().and_then(|t| t.running_since)); // opt-in (nudge.rs)
                 if Instant::now() >= deadline {
                     return Err(LiveError::Pending(c.report()));
                 }
