@@ -345,6 +345,58 @@ fn a_library_is_found_by_its_soname_in_process_and_by_the_file_check() {
     }
 }
 
+/// `(address, size)` of symbol `name` in the `.symtab` of the file at `path`.
+fn file_symbol(path: &Path, name: &str) -> Option<(usize, usize)> {
+    use object::{Object, ObjectSymbol};
+    let data = std::fs::read(path).unwrap();
+    let file = object::File::parse(&*data).unwrap();
+    let found = file.symbols().find(|s| s.name() == Ok(name));
+    found.map(|s| (s.address() as usize, s.size() as usize))
+}
+
+fn run(tool: &str, args: &[&str]) {
+    let out = Command::new(tool).args(args).output().unwrap_or_else(|e| panic!("{tool} (binutils): {e}"));
+    assert!(out.status.success(), "{tool} {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+}
+
+#[test]
+fn a_stripped_target_is_resolved_with_its_debug_file() {
+    // cold_target.c's lpc_outer has a .cold part, which only .symtab names:
+    // stripped, with the symbols in a separate file found by .gnu_debuglink.
+    let d = dir().join("stripped");
+    std::fs::create_dir_all(&d).unwrap();
+    let (lib, debug) = (d.join("liblp_cold.so"), d.join("liblp_cold.so.debug"));
+    let (lib_s, debug_s) = (lib.to_str().unwrap(), debug.to_str().unwrap());
+    gcc(&[
+        "-O2",
+        "-shared",
+        "-fPIC",
+        "-flive-patching=inline-clone",
+        "-Wl,--build-id",
+        "-o",
+        lib_s,
+        &fixture("cold_target.c"),
+    ]);
+    run("objcopy", &["--only-keep-debug", lib_s, debug_s]);
+    run("objcopy", &["--strip-all", lib_s]);
+    run("objcopy", &[&format!("--add-gnu-debuglink={debug_s}"), lib_s]);
+    assert_eq!(file_symbol(&lib, "lpc_outer.cold"), None, "stripped");
+    let cold = file_symbol(&debug, "lpc_outer.cold").expect("gcc -O2 split lpc_outer into lpc_outer.cold");
+    let c = CString::new(lib_s).unwrap();
+    // SAFETY: a valid path; the library has no initialiser.
+    let h = unsafe { libc::dlopen(c.as_ptr(), libc::RTLD_NOW) };
+    assert!(!h.is_null());
+    // SAFETY: a live handle and a C string.
+    let outer = unsafe { libc::dlsym(h, c"lpc_outer".as_ptr()) } as usize;
+    let bias = outer - file_symbol(&debug, "lpc_outer").unwrap().0;
+
+    let so = patch("cold_patch.c", "lp_cold_patch_stripped", &[define("TARGET_BUILD_ID", &build_id(&lib))]);
+    let desc = load(&so).unwrap_or_else(|e| panic!("{e}"));
+    let f = desc.funcs.iter().find(|f| f.name == "lpc_outer").unwrap();
+    assert_eq!(f.target, outer);
+    assert_eq!(f.target_fragments, [(bias + cold.0, cold.1)], "the .cold part, from the debug file");
+}
+
 // ---------------------------------------------------------------- Rust
 
 #[inline(never)]

@@ -19,7 +19,9 @@
 //!    memory) is compared with the one the patch expects: a mismatch is
 //!    refused, showing both.
 //! 4. Each target symbol is looked up in the object's file on disk
-//!    (`.symtab`, else `.dynsym`), whose build-id must be the mapped one's:
+//!    (`.symtab`; for a stripped file, its separate debug file's, found by
+//!    build-id or `.gnu_debuglink` as gdb does and of the same build-id;
+//!    else `.dynsym`), whose build-id must be the mapped one's:
 //!    a local symbol by the `STT_FILE` symbol preceding it or by its
 //!    position (`sympos`, 1-based, in symbol-table order, as the kernel's
 //!    `klp_find_object_symbol`); a name that still matches several
@@ -170,11 +172,28 @@ fn parse_elf<'d>(path: &Path, data: &'d [u8]) -> Result<ElfFile64<'d, Endianness
 
 fn file_facts(path: &Path, elf: &ElfFile64<'_, Endianness>) -> Result<FileFacts, ObjectError> {
     let build_id = elf.build_id().map_err(|e| read_err(path, e))?.map(<[u8]>::to_vec);
+    let mut symbols = table_symbols(elf.symbols());
+    if symbols.is_empty() {
+        // Stripped: its separate debug file's `.symtab`, else `.dynsym`.
+        symbols = debug_symbols(path, elf, build_id.as_deref()).unwrap_or_else(|| table_symbols(elf.dynamic_symbols()));
+    }
+    let rustc = elf.section_by_name(".comment").and_then(|c| c.data().ok()).and_then(|d| {
+        d.split(|&b| b == 0)
+            .filter_map(|l| std::str::from_utf8(l).ok())
+            .find(|l| l.starts_with("rustc version "))
+            .map(str::to_string)
+    });
+    Ok(FileFacts { build_id, symbols, rustc })
+}
+
+/// The symbols of one table, in table order, each local with the
+/// `STT_FILE` symbol before it.
+fn table_symbols<'d: 'f, 'f>(
+    table: impl Iterator<Item = object::read::elf::ElfSymbol64<'d, 'f, Endianness>>,
+) -> Vec<Sym> {
     let mut symbols = Vec::new();
     let mut file = None;
     let mut scope = None;
-    let table: Vec<_> =
-        if elf.symbols().next().is_some() { elf.symbols().collect() } else { elf.dynamic_symbols().collect() };
     for s in table {
         let name = s.name().unwrap_or("");
         if s.kind() == SymbolKind::File {
@@ -199,13 +218,40 @@ fn file_facts(path: &Path, elf: &ElfFile64<'_, Endianness>) -> Result<FileFacts,
             scope: if local { scope } else { None },
         });
     }
-    let rustc = elf.section_by_name(".comment").and_then(|c| c.data().ok()).and_then(|d| {
-        d.split(|&b| b == 0)
-            .filter_map(|l| std::str::from_utf8(l).ok())
-            .find(|l| l.starts_with("rustc version "))
-            .map(str::to_string)
-    });
-    Ok(FileFacts { build_id, symbols, rustc })
+    symbols
+}
+
+/// Where distributions install separate debug files.
+const DEBUG_DIR: &str = "/usr/lib/debug";
+
+/// The `.symtab` of the separate debug file of the stripped object at
+/// `path`, found as gdb finds it — by build-id
+/// (`/usr/lib/debug/.build-id/ab/cdef….debug`), else by its
+/// `.gnu_debuglink` name next to the object, in its `.debug/` directory,
+/// or under `/usr/lib/debug` + its directory — and taken only if its
+/// build-id is the object's. `None` if there is none.
+fn debug_symbols(path: &Path, elf: &ElfFile64<'_, Endianness>, build_id: Option<&[u8]>) -> Option<Vec<Sym>> {
+    let build_id = build_id?;
+    let mut candidates = Vec::new();
+    if build_id.len() >= 2 {
+        let h = hex(build_id);
+        candidates.push(PathBuf::from(format!("{DEBUG_DIR}/.build-id/{}/{}.debug", &h[..2], &h[2..])));
+    }
+    let link = elf.gnu_debuglink().ok().flatten().and_then(|(name, _)| std::str::from_utf8(name).ok());
+    let dir = std::fs::canonicalize(path).ok().and_then(|p| p.parent().map(Path::to_path_buf));
+    if let (Some(link), Some(dir)) = (link, dir) {
+        candidates.push(dir.join(link));
+        candidates.push(dir.join(".debug").join(link));
+        candidates.push(PathBuf::from(format!("{DEBUG_DIR}{}/{link}", dir.display())));
+    }
+    candidates.into_iter().find_map(|c| {
+        let data = std::fs::read(&c).ok()?;
+        let debug = ElfFile64::<Endianness>::parse(&*data).ok()?;
+        if debug.build_id().ok()?? != build_id {
+            return None; // another build's
+        }
+        Some(table_symbols(debug.symbols())).filter(|s| !s.is_empty())
+    })
 }
 
 fn read_facts(path: &Path) -> Result<FileFacts, ObjectError> {
