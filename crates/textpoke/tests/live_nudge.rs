@@ -11,7 +11,7 @@
 mod common;
 
 use common::{compile_so, Lib};
-use std::sync::atomic::{AtomicI32, Ordering};
+use std::sync::atomic::{AtomicI32, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use textpoke::live::{Activity, FuncDesc, LiveError, PatchDesc, Patcher};
@@ -48,6 +48,17 @@ fn func(lib: &Lib, name: &str, repl: &str) -> FuncDesc {
         replacement_size: size(replacement),
         ..Default::default()
     }
+}
+
+fn desc(funcs: Vec<FuncDesc>) -> PatchDesc {
+    PatchDesc { name: "nudge".into(), replace: false, funcs, callbacks: Default::default(), keep_alive: None }
+}
+
+/// Signals the program's own handler got.
+static PROGRAM_SIGNALS: AtomicU64 = AtomicU64::new(0);
+
+extern "C" fn program_handler(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {
+    PROGRAM_SIGNALS.fetch_add(1, Ordering::SeqCst);
 }
 
 fn gettid() -> i32 {
@@ -120,15 +131,8 @@ fn a_pure_loop_switches_when_nudged_and_a_blocked_thread_is_never_signalled() {
     });
     wait_blocked_in(poller, libc::SYS_poll);
 
-    let desc = PatchDesc {
-        name: "nudge".into(),
-        replace: false,
-        funcs: vec![func(&lib, "f", "f_v2"), func(&lib, "held", "held_v2")],
-        callbacks: Default::default(),
-        keep_alive: None,
-    };
     p.set_nudge(None);
-    let id = p.apply(desc).unwrap();
+    let id = p.apply(desc(vec![func(&lib, "f", "f_v2"), func(&lib, "held", "held_v2")])).unwrap();
     // Not nudged: the spinner never switches.
     let r = pending(p, Duration::from_millis(300));
     let t = r.pending.iter().find(|t| t.tid == spinner).unwrap_or_else(|| panic!("{r}"));
@@ -157,9 +161,25 @@ fn a_pure_loop_switches_when_nudged_and_a_blocked_thread_is_never_signalled() {
     assert_eq!(r, 11, "the poller's old held() called the old f()");
     let done = p.wait(Duration::from_secs(20)).unwrap_or_else(|e| panic!("{e}"));
     assert!(!done.forced && done.patch == id);
+    // Unpatching too: the nudged spinner switches back.
+    p.revert(Some(id)).unwrap();
+    p.wait(Duration::from_secs(20)).unwrap_or_else(|e| panic!("{e}"));
+
+    // The program installs a handler of its own on the nudge's signal (the
+    // highest handled real-time one below the rendezvous signal): no more
+    // nudges, which would now run the program's handler.
+    let handled = |s: i32| textpoke_sys::signals::action(s).sa_sigaction != libc::SIG_DFL;
+    let sig = ((libc::SIGRTMIN() + 4)..(libc::SIGRTMAX() - 1)).rev().find(|&s| handled(s)).expect("the nudge's signal");
+    textpoke_sys::signals::install(sig, program_handler, libc::SA_RESTART).unwrap();
+    let sent = p.nudges().sent;
+    let id = p.apply(desc(vec![func(&lib, "f", "f_v2")])).unwrap();
+    let r = pending(p, Duration::from_millis(300));
+    assert!(r.pending.iter().any(|t| t.tid == spinner), "{r}");
+    assert_eq!((p.nudges().sent, PROGRAM_SIGNALS.load(Ordering::SeqCst)), (sent, 0), "the program's handler ran");
     stop.store(1, Ordering::SeqCst);
     spinning.join().unwrap();
     p.set_nudge(None);
+    p.wait(Duration::from_secs(20)).unwrap_or_else(|e| panic!("{e}"));
     p.revert(Some(id)).unwrap();
     p.wait(Duration::from_secs(20)).unwrap_or_else(|e| panic!("{e}"));
     // SAFETY: our descriptors.

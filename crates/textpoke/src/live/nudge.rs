@@ -29,7 +29,8 @@
 //!    `sigsuspend` or `ppoll` that unblocks it, say, which would return
 //!    `EINTR`);
 //! 3. `tgkill` with the nudge signal, a real-time signal nobody handled
-//!    when it was installed, below the rendezvous signal.
+//!    when it was installed, below the rendezvous signal (nothing is sent
+//!    once the program has installed a handler of its own for it).
 //!
 //! The handler (`SA_RESTART`, asynchronous signals blocked, `errno` kept)
 //! runs the checkpoint self-check (`enter::checkpoint`) from the
@@ -148,6 +149,9 @@ fn nudge_pending() {
         return;
     }
     let Some(sig) = signal() else { return };
+    if signals::action(sig).sa_sigaction != on_nudge as *const () as usize {
+        return; // the program took the number since: its handler is not ours to run
+    }
     let me = threads::gettid();
     let mut tids = Vec::new();
     let _ = threads::for_each_tid(|tid| tids.push(tid));
