@@ -271,8 +271,13 @@ fn object_matches(path: &str, wanted: &str) -> bool {
 
 /// The `DT_SONAME` of the ELF file at `path`, reading only its headers,
 /// dynamic section and strings; `None` if it has none or cannot be read.
+/// Only a regular file is opened (a process may map device files, whose
+/// opening is not always harmless).
 fn file_soname(path: &Path) -> Option<String> {
     use object::read::elf::Dyn;
+    if !std::fs::metadata(path).is_ok_and(|m| m.is_file()) {
+        return None;
+    }
     let cache = object::ReadCache::new(std::fs::File::open(path).ok()?);
     let elf = ElfFile64::<Endianness, _>::parse(&cache).ok()?;
     let endian = elf.endian();
