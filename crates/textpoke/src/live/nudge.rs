@@ -76,7 +76,7 @@ pub struct NudgeStats {
     pub interrupted: u64,
 }
 
-/// Relaxed counters: statistics only.
+// [`NudgeStats`]' counters, Relaxed: statistics, publishing nothing.
 static SENT: AtomicU64 = AtomicU64::new(0);
 static INTERRUPTED: AtomicU64 = AtomicU64::new(0);
 
