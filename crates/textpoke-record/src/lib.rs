@@ -252,9 +252,12 @@
 //! [`crate::tracedata`] reads and validates it.
 
 mod buffer;
-// The inline fast paths are x86-64 code; on aarch64 the tracer calls
-// RecordOp's callbacks through its hot path (see `RecordOp::inline`).
+// The inline fast paths (`RecordOp::inline`), one file per architecture.
 #[cfg(target_arch = "x86_64")]
+#[path = "codegen/x86_64.rs"]
+mod codegen;
+#[cfg(target_arch = "aarch64")]
+#[path = "codegen/aarch64.rs"]
 mod codegen;
 pub mod crash;
 pub mod dir;
