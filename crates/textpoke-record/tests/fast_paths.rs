@@ -254,3 +254,51 @@ fn graph_fast_path_records_exactly_from_8_threads() {
         let _ = std::fs::remove_dir_all(&dir);
     }
 }
+
+/// Not a test: records `MEASURE_CALLS` calls of a traced leaf (graph mode,
+/// through the fast paths, or through the op's callbacks with
+/// `MEASURE_INLINE=0`) and prints where the generated code is (the
+/// executable anonymous mappings) and the leaf's address, for counting the
+/// instructions a recorded call runs under `qemu-aarch64 -singlestep -d
+/// exec,nochain -dfilter <ranges>` (ARCHITECTURE.md, "aarch64").
+#[test]
+#[ignore]
+fn measure_recorded_call() {
+    let _s = serial();
+    let lib = Lib::open(&compile_so("measurerec", "long m_leaf(long x) { return x + 1; }\n", &[common::PATCHABLE, "-O2"]));
+    // SAFETY: long (long).
+    let f: extern "C" fn(i64) -> i64 = unsafe { std::mem::transmute(lib.sym("m_leaf")) };
+    let inline = std::env::var("MEASURE_INLINE").map_or(true, |v| v != "0");
+    let n: i64 = std::env::var("MEASURE_CALLS").ok().and_then(|v| v.parse().ok()).unwrap_or(1000);
+    let t = Tracer::global();
+    t.refresh().unwrap();
+    t.set_inline_recording(inline);
+    let dir = trace_dir("measure");
+    let _ = std::fs::remove_dir_all(&dir);
+    let rec = record::start(config(&dir)).unwrap();
+    let h = t.register(Arc::new(RecordOp::graph()), glob_filter(["m_leaf"], Vec::<String>::new()).unwrap()).unwrap();
+    f(0); // the thread registers, its buffer is made
+    let s0 = slow_calls_of_this_thread();
+    for i in 0..n {
+        assert_eq!(f(i), i + 1);
+    }
+    let slow = slow_calls_of_this_thread() - s0;
+    println!("inline {inline}: {n} calls, {slow} slow calls");
+    let maps = std::fs::read_to_string("/proc/self/maps").unwrap();
+    for l in maps.lines().filter(|l| l.split_whitespace().nth(1) == Some("r-xp") && l.split_whitespace().count() == 5) {
+        println!("generated code: {}", l.split_whitespace().next().unwrap());
+    }
+    println!("site {:#x}", lib.sym("m_leaf"));
+    // Where this program is loaded: its callbacks' symbols (`nm`) are at
+    // that base plus their value.
+    let exe = std::env::current_exe().unwrap();
+    let base = maps.lines().find(|l| l.ends_with(exe.to_str().unwrap())).and_then(|l| l.split('-').next());
+    println!("program base 0x{}", base.unwrap_or("?"));
+    t.unregister(h).unwrap();
+    rec.stop().unwrap();
+    t.set_inline_recording(true);
+    let trace = Trace::open(&dir).unwrap();
+    let words: u64 = trace.threads().iter().map(|th| th.words).sum();
+    println!("trace: {words} words");
+    let _ = std::fs::remove_dir_all(&dir);
+}
