@@ -302,3 +302,56 @@ fn measure_recorded_call() {
     println!("trace: {words} words");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// Functions built with branch protection (`bti c` before the pad): the
+/// graph fast path finds the site after the BTI, goes on into the function
+/// and records, from 8 threads. The loader maps such code guarded (an
+/// indirect branch must land on a BTI: the toolchain's own crt objects,
+/// which have none, fault here without `-nostartfiles`), which is why the
+/// graph thunk goes on through the stub's direct `b`; but the engine's
+/// text writes restore a patched page's protection from /proc/self/maps,
+/// which does not show PROT_BTI, so today the patched page is no longer
+/// guarded and this test cannot tell a thunk branching indirectly into
+/// the function from one that does not.
+#[cfg(target_arch = "aarch64")]
+#[test]
+fn graph_fast_path_into_bti_functions() {
+    let _s = serial();
+    let src = SRC.replace("fp_", "fb_");
+    let lib = Lib::open(&compile_so(
+        "fastpathsbti",
+        &src,
+        // The property that makes the loader guard the code (force-bti),
+        // without the toolchain's crt objects, which have no BTI (the
+        // loader calls their constructors indirectly).
+        &[common::PATCHABLE, "-O1", "-fno-inline", "-mbranch-protection=standard", "-nostartfiles", "-Wl,-z,force-bti"],
+    ));
+    assert_eq!(
+        // SAFETY: the function's first instruction, in its mapped code.
+        unsafe { *(lib.sym("fb_leaf") as *const u32) },
+        0xd503_245f,
+        "bti c first"
+    );
+    // SAFETY: long (long).
+    let run: extern "C" fn(i64) -> i64 = unsafe { std::mem::transmute(lib.sym("fb_run")) };
+    let t = Tracer::global();
+    t.refresh().unwrap();
+    let dir = trace_dir("bti");
+    let _ = std::fs::remove_dir_all(&dir);
+    let rec = record::start(config(&dir)).unwrap();
+    let h = t.register(Arc::new(RecordOp::graph()), glob_filter(["fb_*"], Vec::<String>::new()).unwrap()).unwrap();
+    let k: Vec<TrampolineKind> =
+        t.functions().iter().filter(|f| f.function.starts_with("fb_")).map(|f| f.trampoline).collect();
+    assert_eq!(k, vec![TrampolineKind::Graph; 4]);
+    let slow = on_threads(run, true);
+    t.unregister(h).unwrap();
+    rec.stop().unwrap();
+    assert_eq!(slow, vec![0; THREADS], "no event reaches the op's callbacks");
+    let trace = Trace::open(&dir).unwrap();
+    let runs = THREADS as u64 * (CALLS as u64 + 1);
+    let counts: HashMap<String, u64> =
+        trace.counts().iter().filter(|c| c.1 > 0).map(|&(id, n)| (trace.name(id).to_string(), n)).collect();
+    assert_eq!(counts.get("fb_run"), Some(&runs));
+    assert_eq!(counts.get("fb_rec"), Some(&(4 * runs)));
+    let _ = std::fs::remove_dir_all(&dir);
+}

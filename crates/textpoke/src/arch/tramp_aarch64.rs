@@ -564,11 +564,16 @@ const GS_TAIL: i32 = 24;
 /// with its data slot at `data` and its block's header at `header` (needs
 /// [`Counter::Tls`] at offset `count`). The site branches to it from its
 /// first NOP with every register as the function's entry has it (x30 its
-/// return address); it points x16 at its data (the address to go on at,
-/// `resume`: the site's second NOP; the site `index`; the function id
-/// `func`; its word; its tail), raises the count (w9 = the count after
-/// the raise) and branches through its word. `None` if the data or
-/// `resume` is out of reach.
+/// return address); it points x16 at its data (where the function goes
+/// on: the stub's own `b resume`, `resume` being the site's second NOP;
+/// the site `index`; the function id `func`; its word; its tail), raises
+/// the count (w9 = the count after the raise) and branches through its
+/// word. `None` if the data or `resume` is out of reach.
+///
+/// The function goes on through the stub's `b resume`, not by an indirect
+/// branch to `resume` (the graph thunk's `blr`): with branch protection
+/// the function's code is guarded, and an indirect branch there must land
+/// on its `bti c`, while a direct branch may land anywhere.
 ///
 /// ```text
 ///    adrp x16, data ; add x16, x16, #:lo12:data
@@ -583,10 +588,10 @@ const GS_TAIL: i32 = 24;
 ///    <lower the count> ; b resume       ; no trampoline: on, untraced
 /// cold:                       ; register_routine; Z: it may not be traced
 ///    stp x29, x30, [sp, #-16]! ; adrp/ldr x17, [header.graph] ; blr x17
-///    ldp x29, x30, [sp], #16 ; b.eq skip
+///    ldp x29, x30, [sp], #16 ; b.eq go_on
 ///    <w9 = the count> ; b again
-/// skip:
-///    b resume
+/// go_on:                      ; the data's resume address: the thunk's
+///    b resume                 ; `blr` lands here
 /// ```
 pub fn graph_stub(
     at: usize,
@@ -596,7 +601,7 @@ pub fn graph_stub(
     (resume, index, func): (usize, u32, u32),
 ) -> Option<StubCode> {
     let mut a = Assembler::new().ok()?;
-    let (again, null, cold, skip) = (a.create_label(), a.create_label(), a.create_label(), a.create_label());
+    let (again, null, cold, go_on) = (a.create_label(), a.create_label(), a.create_label(), a.create_label());
     let tail = a.create_label();
     let build = |a: &mut Assembler| -> Result<(), AsmError> {
         a.adrp(X16, data)?;
@@ -623,22 +628,23 @@ pub fn graph_stub(
         a.load_far(X17, header + HDR_GRAPH)?;
         a.blr(X17)?; // keeps x0-x18 (x16: the data)
         a.ldp(FP, LR, SP, 16, Index::Post)?; // keeps the flags
-        a.b_cond(Cond::Eq, skip)?;
+        a.b_cond(Cond::Eq, go_on)?;
         a.mrs_tpidr(X17)?; // registered: the count without UNREGISTERED
         a.add_offset(X17, X17, count, X9)?;
         a.ldr_w(X9, X17, 0)?;
         a.b(again)?;
-        a.set_label(skip)?;
+        a.set_label(go_on)?;
         a.b_to(resume)
     };
     build(&mut a).ok()?;
     let (null_at, tail_at) = (at + 4 * a.label_index(null)?, at + 4 * a.label_index(tail)?);
+    let go_on_at = at + 4 * a.label_index(go_on)?;
     let code = a.assemble(at).ok()?;
     if code.len() > STUB_CODE {
         return None;
     }
     let mut d = [0u8; STUB_DATA];
-    d[0..8].copy_from_slice(&(resume as u64).to_le_bytes());
+    d[0..8].copy_from_slice(&(go_on_at as u64).to_le_bytes());
     d[8..12].copy_from_slice(&index.to_le_bytes());
     d[12..16].copy_from_slice(&func.to_le_bytes());
     d[GS_WORD..GS_WORD + 8].copy_from_slice(&(null_at as u64).to_le_bytes());
@@ -662,8 +668,8 @@ pub fn graph_stub(
 /// x9-x15, x17 and the flags, and must keep x16), pushes the shadow entry
 /// exactly as the tracer's hot path does (its slot: entry SP - 8, the
 /// frame's identity, `return_slot`'s rule; its original: x30), and
-/// branches to `thunk` with x9 = where the function goes on and x16 = the
-/// count's address. The thunk (never freed) lowers the count and calls
+/// branches to `thunk` with x9 = where the function goes on (the stub's
+/// `b resume`) and x16 = the count's address. The thunk (never freed) lowers the count and calls
 /// the function there with `blr`, whose return address is the return
 /// trampoline: the function returns into it with a return the CPU
 /// predicts, and the return trampoline's `ret` to the original address
@@ -1000,7 +1006,9 @@ mod tests {
         let null = (s.null - at) / 4;
         assert!(w[null..].contains(&0x889ffe11), "the null path lowers the count: stlr w17, [x16]");
         let d = |o: usize| u64::from_le_bytes(s.data[o..o + 8].try_into().unwrap());
-        assert_eq!((d(0), d(8), d(16)), (resume as u64, 7 | 42 << 32, s.null as u64));
+        assert_eq!((d(8), d(16)), (7 | 42 << 32, s.null as u64));
+        let go_on = (d(0) as usize - at) / 4;
+        assert_eq!(crate::arch::branch_target(d(0) as usize, w[go_on]), Some(resume), "goes on by a direct b");
         assert_eq!(words(&s.code)[(d(24) as usize - at) / 4], 0xa8c17bfd, "the tail pops the frame record");
         let far = graph_stub(at, data, header, 0x10, (at + (200 << 20), 7, 42));
         assert!(far.is_none(), "resume out of a b's reach");
