@@ -256,8 +256,8 @@ fn graph_fast_path_records_exactly_from_8_threads() {
 }
 
 /// Not a test: records `MEASURE_CALLS` calls of a traced leaf (graph mode,
-/// through the fast paths, or through the op's callbacks with
-/// `MEASURE_INLINE=0`) and prints where the generated code is (the
+/// or count-only with `MEASURE_COUNT=1`; through the fast paths, or
+/// through the op's callbacks with `MEASURE_INLINE=0`) and prints where the generated code is (the
 /// executable anonymous mappings) and the leaf's address, for counting the
 /// instructions a recorded call runs under `qemu-aarch64 -singlestep -d
 /// exec,nochain -dfilter <ranges>` (ARCHITECTURE.md, "aarch64").
@@ -275,15 +275,20 @@ fn measure_recorded_call() {
     t.set_inline_recording(inline);
     let dir = trace_dir("measure");
     let _ = std::fs::remove_dir_all(&dir);
-    let rec = record::start(config(&dir)).unwrap();
-    let h = t.register(Arc::new(RecordOp::graph()), glob_filter(["m_leaf"], Vec::<String>::new()).unwrap()).unwrap();
+    let count = std::env::var_os("MEASURE_COUNT").is_some();
+    let (cfg, op) = match count {
+        true => (config(&dir).count_only(), RecordOp::count_only()),
+        false => (config(&dir), RecordOp::graph()),
+    };
+    let rec = record::start(cfg).unwrap();
+    let h = t.register(Arc::new(op), glob_filter(["m_leaf"], Vec::<String>::new()).unwrap()).unwrap();
     f(0); // the thread registers, its buffer is made
     let s0 = slow_calls_of_this_thread();
     for i in 0..n {
         assert_eq!(f(i), i + 1);
     }
     let slow = slow_calls_of_this_thread() - s0;
-    println!("inline {inline}: {n} calls, {slow} slow calls");
+    println!("inline {inline}, count-only {count}: {n} calls, {slow} slow calls");
     let maps = std::fs::read_to_string("/proc/self/maps").unwrap();
     for l in maps.lines().filter(|l| l.split_whitespace().nth(1) == Some("r-xp") && l.split_whitespace().count() == 5) {
         println!("generated code: {}", l.split_whitespace().next().unwrap());

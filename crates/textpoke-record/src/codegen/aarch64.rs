@@ -315,19 +315,16 @@ mod tests {
     #[test]
     fn graph_fast_paths_stay_short() {
         if buffer_layout().is_none() {
-            println!("no buffer layout");
             return; // no inline code without a known buffer layout
         }
-        let Some(p) = textpoke::trace::inline_fast_paths(emit_count, emit_entry, emit_exit) else {
-            println!("no shadow layout");
-            return;
-        };
+        let Some(p) = textpoke::trace::inline_fast_paths(emit_count, emit_entry, emit_exit) else { return };
         let (e, r, c) = (p.graph_entry, p.graph_return, p.count);
         println!("fast paths: graph entry {e}, return {r}, count {c} instructions (lse: {})", has_lse());
         if std::env::var_os("TEXTPOKE_DUMP_CODE").is_some() {
             print!("{}", p.listing);
         }
-        // Measured (with LSE): entry 0, return 0, count 0.
-        assert!(e <= 100 && r <= 90 && c <= 40, "entry {e}, return {r}, count {c}");
+        // Measured: entry 90, return 86, count 25 with LSE; entry 92, count
+        // 27 with the exclusive loop (ARCHITECTURE.md, "aarch64").
+        assert!(e <= 92 && r <= 86 && c <= 27, "entry {e}, return {r}, count {c}");
     }
 }
