@@ -265,7 +265,8 @@ fn graph_fast_path_records_exactly_from_8_threads() {
 #[ignore]
 fn measure_recorded_call() {
     let _s = serial();
-    let lib = Lib::open(&compile_so("measurerec", "long m_leaf(long x) { return x + 1; }\n", &[common::PATCHABLE, "-O2"]));
+    let lib =
+        Lib::open(&compile_so("measurerec", "long m_leaf(long x) { return x + 1; }\n", &[common::PATCHABLE, "-O2"]));
     // SAFETY: long (long).
     let f: extern "C" fn(i64) -> i64 = unsafe { std::mem::transmute(lib.sym("m_leaf")) };
     let inline = std::env::var("MEASURE_INLINE").map_or(true, |v| v != "0");

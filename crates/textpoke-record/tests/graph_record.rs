@@ -1095,7 +1095,8 @@ fn storm(mode: Mode) {
             recorded_runs += runs;
             let w = workers.iter().position(|w| w.tid == *tid).unwrap() as i64;
             let base = storm_base(w);
-            let want = std::iter::once(base).chain((1..=storm_iters()).map(|i| base + i)).flat_map(|x| c4_records(&n, x));
+            let want =
+                std::iter::once(base).chain((1..=storm_iters()).map(|i| base + i)).flat_map(|x| c4_records(&n, x));
             assert_seq(&what, &mine, want);
             own.push((w, mine));
             let th = s.trace.threads().iter().find(|t| t.tid() == *tid).unwrap();

@@ -192,7 +192,13 @@ fn claim(
 }
 
 /// H4: room for `need` bytes at `pos` (loaded into `pos`), else `undo`.
-fn room(a: &mut Assembler, l: &BufferLayout, (buf, pos, t, t2): (Reg, Reg, Reg, Reg), need: u32, undo: Label) -> Result<(), AsmError> {
+fn room(
+    a: &mut Assembler,
+    l: &BufferLayout,
+    (buf, pos, t, t2): (Reg, Reg, Reg, Reg),
+    need: u32,
+    undo: Label,
+) -> Result<(), AsmError> {
     a.ldr(pos, buf, off(l.pos))?;
     a.add_imm(t, pos, need)?;
     a.ldr(t2, buf, off(l.end))?;

@@ -3,8 +3,8 @@
 //! traced call runs them, so that a test can keep the op's fast paths
 //! short without reaching into `arch::tramp`.
 
-use super::hot::EmitFn;
 use super::hot;
+use super::hot::EmitFn;
 use crate::arch::tramp;
 
 /// The fast paths of the trampolines around an op's inline code: how many
