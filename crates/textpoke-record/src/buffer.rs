@@ -291,12 +291,11 @@ thread_local! {
 /// Where the hot-path state lives, for the recorder's code generated at
 /// run time (`super::codegen`), which must do exactly what [`try_count`]
 /// (K1-K4) or [`try_push`] (H1-H8) do and fall back to the slow paths in
-/// every other case. x86-64 only, as that code is.
-#[cfg(target_arch = "x86_64")]
+/// every other case.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct BufferLayout {
     /// Offset of this thread's buffer pointer from the thread pointer
-    /// (`fs:0`): the same in every thread.
+    /// (`fs:0` on x86-64, `TPIDR_EL0` on aarch64): the same in every thread.
     pub tls_buf: i32,
     /// Address of the session word every buffer's `session` must equal.
     pub active: usize,
@@ -315,7 +314,6 @@ pub(crate) struct BufferLayout {
 
 /// The buffer layout, if this module's thread-local lives in the static
 /// TLS block (see `arch::static_tls_offset`); `None` otherwise.
-#[cfg(target_arch = "x86_64")]
 pub(crate) fn buffer_layout() -> Option<BufferLayout> {
     static LAYOUT: std::sync::OnceLock<Option<BufferLayout>> = std::sync::OnceLock::new();
     *LAYOUT.get_or_init(|| {

@@ -117,7 +117,9 @@
 //! and sets `busy`, **K2** checks the session and `id < max_functions`,
 //! **K3** adds one with a single `add [mem], 1` (no lock prefix: only this
 //! thread writes it, and a signal handler counting on the same thread runs
-//! between instructions, so counts nest without loss), **K4** restores
+//! between instructions, so counts nest without loss; on aarch64, where no
+//! instruction adds to memory without LSE, an atomic add: `stadd`, or a
+//! load/store-exclusive loop), **K4** restores
 //! `busy`. The writer sums the arrays. Ids out of range are counted as
 //! `dropped_range`. Record mode keeps the same arrays (K3 at every entry).
 //!
@@ -252,9 +254,12 @@
 //! [`crate::tracedata`] reads and validates it.
 
 mod buffer;
-// The inline fast paths are x86-64 code; on aarch64 the tracer calls
-// RecordOp's callbacks through its hot path (see `RecordOp::inline`).
+// The inline fast paths (`RecordOp::inline`), one file per architecture.
 #[cfg(target_arch = "x86_64")]
+#[path = "codegen/x86_64.rs"]
+mod codegen;
+#[cfg(target_arch = "aarch64")]
+#[path = "codegen/aarch64.rs"]
 mod codegen;
 pub mod crash;
 pub mod dir;

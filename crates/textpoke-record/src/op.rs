@@ -4,7 +4,6 @@
 //! code for the tracer's trampolines ([`super::codegen`]).
 
 use super::buffer;
-#[cfg(target_arch = "x86_64")]
 use super::codegen;
 use std::sync::atomic::{AtomicU64, Ordering};
 use textpoke::funcs::{self, FuncId};
@@ -16,7 +15,6 @@ use textpoke::trace::{Entry, Exit, Filter, InlineCode, TraceOp};
 static RETVAL: [AtomicU64; funcs::MAX_FUNCTIONS / 64] = [const { AtomicU64::new(0) }; funcs::MAX_FUNCTIONS / 64];
 
 /// Address of the return-value bitmap, for the generated exit code.
-#[cfg(target_arch = "x86_64")]
 pub(crate) fn retval_bits() -> usize {
     RETVAL.as_ptr() as usize
 }
@@ -46,7 +44,7 @@ impl RecordOp {
         RecordOp { count_only: true, retval: None }
     }
 
-    /// Also records the return value (rax) of the functions `filter`
+    /// Also records the return value (rax; x0 on aarch64) of the functions `filter`
     /// matches, in their exit events.
     pub fn with_retval(mut self, filter: Filter) -> RecordOp {
         self.retval = Some(filter);
@@ -106,7 +104,9 @@ impl TraceOp for RecordOp {
         }
     }
 
-    #[cfg(target_arch = "x86_64")]
+    /// The fast paths of `codegen` (`codegen/x86_64.rs` or
+    /// `codegen/aarch64.rs`, by the target), when the buffers' layout is
+    /// known (their thread-local is in the static TLS block).
     fn inline(&self) -> Option<InlineCode> {
         buffer::buffer_layout()?;
         Some(if self.count_only {
@@ -114,15 +114,5 @@ impl TraceOp for RecordOp {
         } else {
             InlineCode::Graph { entry: codegen::emit_entry, exit: codegen::emit_exit }
         })
-    }
-
-    /// None on aarch64: the fast paths are x86-64 code (`codegen.rs`), and
-    /// the aarch64 trampolines run no op's inline code
-    /// (`arch/tramp_aarch64.rs`). The tracer then calls `entry`, `exit`
-    /// and `call_cut` through its hot path, which record exactly what the
-    /// fast paths would (the same H0–H8 and K1–K4 in Rust).
-    #[cfg(not(target_arch = "x86_64"))]
-    fn inline(&self) -> Option<InlineCode> {
-        None
     }
 }

@@ -337,7 +337,19 @@ fn run_child(scenario: &str) -> (bool, String) {
     let out = trace_root().join(format!("child-{scenario}"));
     std::fs::create_dir_all(&out).unwrap();
     let (o, e) = (out.join("stdout"), out.join("stderr"));
-    let mut child = std::process::Command::new(std::env::current_exe().unwrap())
+    // Under qemu-user without binfmt_misc (`.ci/aarch64`) an emulated
+    // process cannot exec an aarch64 program itself: the child runs under
+    // the emulator the variable names (a host program, exec'd natively).
+    let exe = std::env::current_exe().unwrap();
+    let mut cmd = match std::env::var_os("TEXTPOKE_TEST_CHILD_RUNNER") {
+        Some(runner) => {
+            let mut c = std::process::Command::new(runner);
+            c.arg(exe);
+            c
+        }
+        None => std::process::Command::new(exe),
+    };
+    let mut child = cmd
         .args(["--exact", "child_entry", "--nocapture", "--test-threads=1"])
         .env("TEXTPOKE_CHILD", scenario)
         .stdout(std::fs::File::create(&o).unwrap())
@@ -865,6 +877,15 @@ F void c4_handler(int sig) {
 const STORM_THREADS: usize = 8;
 const STORM_ITERS: i64 = 15_000;
 
+/// Calls per storm worker: [`STORM_ITERS`] divided by
+/// `TEXTPOKE_STORM_DIVISOR` (`.ci/aarch64` sets it: under qemu-user a
+/// signal costs some thousand times what it costs natively; the checks are
+/// the same).
+fn storm_iters() -> i64 {
+    let d = std::env::var("TEXTPOKE_STORM_DIVISOR").ok().and_then(|v| v.parse::<i64>().ok()).unwrap_or(1);
+    (STORM_ITERS / d.max(1)).max(100)
+}
+
 fn c4_result(x: i64) -> i64 {
     8 * x + 20
 }
@@ -944,7 +965,7 @@ fn storm_round(run: extern "C" fn(i64) -> i64, round: i64, mode: Mode) -> (Vec<S
                 while !go.load(Ordering::SeqCst) {
                     std::hint::spin_loop();
                 }
-                for i in 1..=STORM_ITERS {
+                for i in 1..=storm_iters() {
                     let x = base + i;
                     let r = run(x);
                     if r != c4_result(x) && failure.is_none() {
@@ -1074,7 +1095,8 @@ fn storm(mode: Mode) {
             recorded_runs += runs;
             let w = workers.iter().position(|w| w.tid == *tid).unwrap() as i64;
             let base = storm_base(w);
-            let want = std::iter::once(base).chain((1..=STORM_ITERS).map(|i| base + i)).flat_map(|x| c4_records(&n, x));
+            let want =
+                std::iter::once(base).chain((1..=storm_iters()).map(|i| base + i)).flat_map(|x| c4_records(&n, x));
             assert_seq(&what, &mine, want);
             own.push((w, mine));
             let th = s.trace.threads().iter().find(|t| t.tid() == *tid).unwrap();

@@ -82,13 +82,23 @@
 //! `handler(saved, sp) -> original return address`, restores them and
 //! returns there with `ret`.
 //!
+//! # Count and graph trampolines
+//!
+//! As on x86-64, for a site whose only op has inline code (the recorder's
+//! fast paths: `textpoke-record`'s `codegen/aarch64.rs`): the count
+//! trampoline ([`count_trampoline`], behind a call stub) and, at a
+//! function's entry, the graph trampoline ([`graph_trampoline`], reached
+//! through a [`graph_stub`] the site branches to) run the op's code and
+//! fall back to a direct trampoline for anything unusual; the return
+//! block's return trampoline runs the op's exit code first
+//! ([`return_block`]). What aarch64 gives them: x9-x17 are dead at a
+//! function's entry and after a return, so the graph and return paths save
+//! nothing, and a thunk's `blr` keeps calls and returns paired for the
+//! return-address predictor, as x86-64's `call r11` does.
+//!
 //! # Not here yet
 //!
-//! The count and graph trampolines (an op's inline code: the recorder's
-//! fast paths) are x86-64 code; on aarch64 the tracer calls every op
-//! through the hot path (`trace::state`: no inline code), and
-//! [`count_trampoline`], [`graph_trampoline`] and [`graph_stub`] say so if
-//! asked. C++ exceptions through functions whose return is hooked are not
+//! C++ exceptions through functions whose return is hooked are not
 //! handled (x86-64's unwinder hooks restore return addresses in stack
 //! slots; on aarch64 the replaced x30 is saved wherever the function's
 //! prologue put it).
@@ -110,7 +120,7 @@ pub enum Counter {
 }
 
 /// Size of a stub's code slot and of its data slot.
-pub const STUB_CODE: usize = 128;
+pub const STUB_CODE: usize = 192;
 pub const STUB_DATA: usize = 32;
 
 /// A stub block's header (its first data slot): the words stubs call the
@@ -461,21 +471,67 @@ pub fn leave_routine(at: usize, handler: usize, _avx: bool) -> Result<Vec<u8>, A
     register_routine(at, handler, false, Skip::ToSite)
 }
 
-/// Code an op generates to run inline in a trampoline (see the x86-64
-/// version). No aarch64 trampoline runs it yet.
+/// Code an op generates to run inline in a trampoline, instead of being
+/// called: `emit(a, fail)` appends it to `a`. It either falls through
+/// having done its work, or branches to `fail` having changed nothing
+/// another thread or a later call could see. Which registers hold its
+/// inputs and which it may clobber depends on the trampoline: see
+/// [`count_trampoline`], [`graph_trampoline`] and [`return_block`].
 pub type Emit<'a> = &'a dyn Fn(&mut Assembler, Label) -> Result<(), AsmError>;
 
-fn x86_only(what: &str) -> AsmError {
-    AsmError::new(format!("{what}: inline op code runs in x86-64 trampolines only (aarch64 calls the op)"))
+const X10: Reg = Reg(10);
+const X11: Reg = Reg(11);
+const X12: Reg = Reg(12);
+const X13: Reg = Reg(13);
+const X14: Reg = Reg(14);
+const X15: Reg = Reg(15);
+const ZR: Reg = super::asm::ZR;
+
+/// `d = [TPIDR_EL0 + off]`, a u64 (`scratch` only for far offsets).
+fn load_tls(a: &mut Assembler, d: Reg, off: i32, scratch: Reg) -> Result<(), AsmError> {
+    a.mrs_tpidr(d)?;
+    if (0..32768).contains(&off) && off % 8 == 0 {
+        return a.ldr(d, d, off);
+    }
+    a.add_offset(d, d, off, scratch)?;
+    a.ldr(d, d, 0)
 }
 
-/// Not on aarch64 (module docs, "Not here yet").
-pub fn count_trampoline(_at: usize, _count: Emit<'_>, _slow: usize) -> Result<Vec<u8>, AsmError> {
-    Err(x86_only("count trampoline"))
+/// The count trampoline placed at `at`, entered by a call stub's `blr`
+/// with x9 = the function's id and x30 the return into the stub. It saves
+/// x10 and x11 and runs `count`, which gets x9 = the id (kept until it
+/// branches to `fail`) and may clobber x9, x10, x11, x16, x17 and the flags
+/// (x9, x16 and x17 are the stub's: dead at a function's entry, and a stub
+/// in a body clobbers them anyway), then returns into the stub, or, when
+/// `count` fails, branches to `slow` (a full entry trampoline that takes
+/// x9 as its value) with x9, x10, x11 as they came.
+///
+/// ```text
+///    stp x10, x11, [sp, #-16]!
+///    <count>                    ; fails to pop_slow
+///    ldp x10, x11, [sp], #16
+///    ret                        ; into the stub, which lowers the count
+/// pop_slow:
+///    ldp x10, x11, [sp], #16
+///    b slow
+/// ```
+pub fn count_trampoline(at: usize, count: Emit<'_>, slow: usize) -> Result<Vec<u8>, AsmError> {
+    let mut a = Assembler::new()?;
+    let pop_slow = a.create_label();
+    a.stp(X10, X11, SP, -16, Index::Pre)?;
+    count(&mut a, pop_slow)?;
+    a.ldp(X10, X11, SP, 16, Index::Post)?;
+    a.ret()?;
+    a.set_label(pop_slow)?;
+    a.ldp(X10, X11, SP, 16, Index::Post)?;
+    a.b_to(slow)?;
+    a.assemble(at)
 }
 
-/// Where the tracer keeps its per-thread state and shadow stacks (the
-/// x86-64 graph trampolines read it; here only the layout is shared).
+/// Where the tracer keeps its per-thread state and shadow stacks, for the
+/// graph and return trampolines (the tracer fills it in; see the x86-64
+/// version for each field). The offsets from the thread pointer are from
+/// `TPIDR_EL0`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ShadowOffsets {
     pub tls_in_tramp: i32,
@@ -493,37 +549,287 @@ pub struct ShadowOffsets {
     pub fast_exit: usize,
 }
 
-/// Not on aarch64 (module docs, "Not here yet").
-pub fn graph_stub(_at: usize, _data: usize, _header: usize, _count: i32, _ids: (usize, u32, u32)) -> Option<StubCode> {
-    None
+/// Offsets in a graph stub's data (what x16 points to), as on x86-64:
+/// where the function goes on after the site, the site index (a u64 whose
+/// upper half is the function's id), the stub's word (its graph
+/// trampoline) and its tail (what a direct trampoline entered on the graph
+/// trampoline's slow path returns to).
+const GS_RESUME: i32 = 0;
+const GS_INDEX: i32 = 8;
+const GS_FUNC: i32 = 12;
+const GS_WORD: usize = 16;
+const GS_TAIL: i32 = 24;
+
+/// The stub of a site whose target is a graph trampoline, placed at `at`
+/// with its data slot at `data` and its block's header at `header` (needs
+/// [`Counter::Tls`] at offset `count`). The site branches to it from its
+/// first NOP with every register as the function's entry has it (x30 its
+/// return address); it points x16 at its data (where the function goes
+/// on: the stub's own `b resume`, `resume` being the site's second NOP;
+/// the site `index`; the function id `func`; its word; its tail), raises
+/// the count (w9 = the count after the raise) and branches through its
+/// word. `None` if the data or `resume` is out of reach.
+///
+/// The function goes on through the stub's `b resume`, not by an indirect
+/// branch to `resume` (the graph thunk's `blr`): with branch protection
+/// the function's code is guarded, and an indirect branch there must land
+/// on its `bti c`, while a direct branch may land anywhere.
+///
+/// ```text
+///    adrp x16, data ; add x16, x16, #:lo12:data
+///    mrs x17, tpidr_el0 ; add x17, x17, #count
+///    ldr w9, [x17] ; add w9, w9, #1 ; str w9, [x17]
+///    tbnz w9, #31, cold
+/// again:
+///    ldr x17, [x16, #word] ; br x17
+/// tail:                       ; a direct trampoline returns here:
+///    ldp x29, x30, [sp], #16  ; the frame the graph trampoline made,
+/// null:                       ; the word points here while the stub has
+///    <lower the count> ; b resume       ; no trampoline: on, untraced
+/// cold:                       ; register_routine; Z: it may not be traced
+///    stp x29, x30, [sp, #-16]! ; adrp/ldr x17, [header.graph] ; blr x17
+///    ldp x29, x30, [sp], #16 ; b.eq go_on
+///    <w9 = the count> ; b again
+/// go_on:                      ; the data's resume address: the thunk's
+///    b resume                 ; `blr` lands here
+/// ```
+pub fn graph_stub(
+    at: usize,
+    data: usize,
+    header: usize,
+    count: i32,
+    (resume, index, func): (usize, u32, u32),
+) -> Option<StubCode> {
+    let mut a = Assembler::new().ok()?;
+    let (again, null, cold, go_on) = (a.create_label(), a.create_label(), a.create_label(), a.create_label());
+    let tail = a.create_label();
+    let build = |a: &mut Assembler| -> Result<(), AsmError> {
+        a.adrp(X16, data)?;
+        a.add_imm(X16, X16, (data & 0xfff) as u32)?;
+        a.mrs_tpidr(X17)?;
+        a.add_offset(X17, X17, count, X9)?;
+        a.ldr_w(X9, X17, 0)?;
+        a.add_imm_w(X9, X9, 1)?;
+        a.str_w(X9, X17, 0)?;
+        a.tbnz_w(X9, 31, cold)?;
+        a.set_label(again)?;
+        a.ldr(X17, X16, GS_WORD as i32)?;
+        a.br(X17)?;
+        a.set_label(tail)?;
+        a.ldp(FP, LR, SP, 16, Index::Post)?;
+        a.set_label(null)?;
+        count_address(a, count)?;
+        a.ldr_w(X17, X16, 0)?;
+        a.sub_imm_w(X17, X17, 1)?;
+        a.stlr_w(X17, X16)?;
+        a.b_to(resume)?;
+        a.set_label(cold)?;
+        a.stp(FP, LR, SP, -16, Index::Pre)?;
+        a.load_far(X17, header + HDR_GRAPH)?;
+        a.blr(X17)?; // keeps x0-x18 (x16: the data)
+        a.ldp(FP, LR, SP, 16, Index::Post)?; // keeps the flags
+        a.b_cond(Cond::Eq, go_on)?;
+        a.mrs_tpidr(X17)?; // registered: the count without UNREGISTERED
+        a.add_offset(X17, X17, count, X9)?;
+        a.ldr_w(X9, X17, 0)?;
+        a.b(again)?;
+        a.set_label(go_on)?;
+        a.b_to(resume)
+    };
+    build(&mut a).ok()?;
+    let (null_at, tail_at) = (at + 4 * a.label_index(null)?, at + 4 * a.label_index(tail)?);
+    let go_on_at = at + 4 * a.label_index(go_on)?;
+    let code = a.assemble(at).ok()?;
+    if code.len() > STUB_CODE {
+        return None;
+    }
+    let mut d = [0u8; STUB_DATA];
+    d[0..8].copy_from_slice(&(go_on_at as u64).to_le_bytes());
+    d[8..12].copy_from_slice(&index.to_le_bytes());
+    d[12..16].copy_from_slice(&func.to_le_bytes());
+    d[GS_WORD..GS_WORD + 8].copy_from_slice(&(null_at as u64).to_le_bytes());
+    d[24..32].copy_from_slice(&(tail_at as u64).to_le_bytes());
+    Some(StubCode { code, data: d, word: GS_WORD, null: null_at })
 }
 
-/// Not on aarch64 (module docs, "Not here yet").
+/// The graph trampoline placed at `at`, for function-entry sites whose
+/// only op `op` has inline entry and exit code (the tracer's
+/// `TraceOp::inline`).
+///
+/// Entered from a [`graph_stub`] with x16 = the stub's data, w9 = the
+/// thread's count (raised by the stub), x30 = the function's return
+/// address and SP as the function was entered. At a function's entry
+/// x9-x17 are dead (AAPCS64; module docs), so nothing is saved: x0-x8,
+/// x18, x29, x30, SP and q0-q31 are left alone. If the count is 1 (the
+/// thread was not already in tracer code: the recursion guard), `op` is
+/// still the op whose exits the return trampoline handles (`sh.fast_exit`)
+/// and the thread has room on its shadow stack, it runs the op's `entry`
+/// code with x9 = the function id and x10 = the depth (it may clobber
+/// x9-x15, x17 and the flags, and must keep x16), pushes the shadow entry
+/// exactly as the tracer's hot path does (its slot: entry SP - 8, the
+/// frame's identity, `return_slot`'s rule; its original: x30), and
+/// branches to `thunk` with x9 = where the function goes on (the stub's
+/// `b resume`) and x16 = the count's address. The thunk (never freed) lowers the count and calls
+/// the function there with `blr`, whose return address is the return
+/// trampoline: the function returns into it with a return the CPU
+/// predicts, and the return trampoline's `ret` to the original address
+/// pairs with the caller's own `bl` (as x86-64's thunk does).
+///
+/// Any other case (an op no longer the fast-exit op, a thread inside the
+/// tracer, no shadow stack yet, a full shadow stack, the op's code failing)
+/// makes the frame record a call stub would have (x29, x30), loads x9 =
+/// the site index and x30 = the stub's tail, and branches to `slow`, the
+/// op's direct trampoline, which returns into the tail (which pops the
+/// frame record, lowers the count and goes on at the resume address).
 pub fn graph_trampoline(
-    _at: usize,
-    _sh: &ShadowOffsets,
-    _op: usize,
-    _to: (usize, usize),
-    _entry: Emit<'_>,
+    at: usize,
+    sh: &ShadowOffsets,
+    op: usize,
+    (thunk, slow): (usize, usize),
+    entry: Emit<'_>,
 ) -> Result<Vec<u8>, AsmError> {
-    Err(x86_only("graph trampoline"))
+    let mut a = Assembler::new()?;
+    let to_slow = a.create_label();
+    let field = |off: usize| -> Result<i32, AsmError> {
+        i32::try_from(sh.entries + off).map_err(|_| AsmError::new("shadow entry offset"))
+    };
+    let (len, cap) = (sh.len as i32, sh.cap as i32);
+    a.cmp_imm_w(X9, 1)?; // the recursion guard: held until the thunk
+    a.b_cond(Cond::Ne, to_slow)?;
+    a.mov_imm(X10, sh.fast_exit as u64)?;
+    a.ldr(X10, X10, 0)?;
+    a.mov_imm(X11, 1u64 << op)?;
+    a.cmp(X10, X11)?;
+    a.b_cond(Cond::Ne, to_slow)?;
+    load_tls(&mut a, X12, sh.tls_shadow, X13)?;
+    a.cbz(X12, to_slow)?;
+    a.ldr(X10, X12, len)?; // depth
+    a.ldr(X11, X12, cap)?;
+    a.cmp(X10, X11)?;
+    a.b_cond(Cond::Hs, to_slow)?;
+    a.ldr_w(X9, X16, GS_FUNC)?;
+    entry(&mut a, to_slow)?;
+
+    // The shadow entry, then its length.
+    load_tls(&mut a, X12, sh.tls_shadow, X13)?;
+    a.ldr(X10, X12, len)?;
+    a.mov_imm(X11, sh.entry_size as u64)?;
+    a.madd(X13, X10, X11, X12)?; // the entry, less `entries`
+    a.sub_imm(X14, SP, 8)?;
+    a.str(X14, X13, field(sh.e_slot)?)?;
+    a.str(LR, X13, field(sh.e_orig)?)?;
+    a.ldr_w(X9, X16, GS_FUNC)?;
+    a.orr_lsl(X9, X9, X10, 32)?; // func | depth << 32
+    a.str(X9, X13, field(sh.e_func_depth)?)?;
+    a.mov_imm(X11, 1u64 << op)?;
+    a.str(X11, X13, field(sh.e_mask)?)?;
+    a.str(ZR, X13, field(sh.e_time)?)?;
+    a.ldr_w(X11, X16, GS_INDEX)?;
+    a.str_w(X11, X13, field(sh.e_site)?)?;
+    a.add_imm(X10, X10, 1)?;
+    a.str(X10, X12, len)?;
+    a.ldr(X9, X16, GS_RESUME)?;
+    count_address(&mut a, sh.tls_in_tramp)?; // x16
+    a.b_to(thunk)?; // lowers the count, calls the function
+    a.set_label(to_slow)?;
+    a.stp(FP, LR, SP, -16, Index::Pre)?; // as the call stub's frame record
+    a.mov_sp(FP, SP)?;
+    a.ldr_w(X9, X16, GS_INDEX)?; // the value a call stub passes: the index
+    a.ldr(LR, X16, GS_TAIL)?; // as if called from the stub's tail
+    a.b_to(slow)?;
+    a.assemble(at)
 }
 
-/// Offset of the return trampoline in [`return_block`]: no thunk before it.
-pub const RETURN_OFFSET: usize = 0;
+/// Offset of the return trampoline in [`return_block`]: after the thunk.
+pub const RETURN_OFFSET: usize = 16;
 
-/// The never-freed return block placed at `at`: the return trampoline
-/// (`fast`, an op's inline exit, is x86-64 only).
+/// A never-freed return block placed at `at`: the thunk graph trampolines
+/// branch to (with `fast`; `brk` padding without), then, at
+/// [`RETURN_OFFSET`] (the thunk's return address), the return trampoline,
+/// whose fast path runs `fast`'s exit code.
+///
+/// ```text
+/// thunk:                   ; x16 = the count's address, x9 = the resume address
+///    ldr w17, [x16] ; sub w17, w17, #1 ; stlr w17, [x16]
+///    blr x9                ; the function returns to:
+/// return trampoline:
+/// ```
+///
+/// The return trampoline's fast path, entered by the function's `ret`
+/// with SP back at its entry value and results in x0-x8 and q0-q7 (x9-x17
+/// are dead after a return): when the shadow stack's top entry is this
+/// frame's (its slot is SP - 8) and its mask is the fast-exit op's, it
+/// runs the op's `exit` code with x9 = the entry's `func_depth` and x0
+/// the return value (it may clobber x9, x10, x11, x14-x17 and the flags,
+/// and must keep x12 and x13), pops the entry and returns to the original
+/// address with x30 = it, every result register as the function left it.
+/// Anything else goes to the handler, as [`return_trampoline`] does.
 pub fn return_block(
     at: usize,
     handler: usize,
     _avx: bool,
     fast: Option<(&ShadowOffsets, Emit<'_>)>,
 ) -> Result<Vec<u8>, AsmError> {
-    if fast.is_some() {
-        return Err(x86_only("graph return block"));
+    let mut a = Assembler::new()?;
+    match fast {
+        Some(_) => {
+            a.ldr_w(X17, X16, 0)?;
+            a.sub_imm_w(X17, X17, 1)?;
+            a.stlr_w(X17, X16)?; // release: as a call stub's lowering
+            a.blr(X9)?;
+        }
+        None => {
+            for _ in 0..RETURN_OFFSET / 4 {
+                a.brk(0)?;
+            }
+        }
     }
-    return_trampoline(at, handler)
+    debug_assert_eq!(a.len() * 4, RETURN_OFFSET);
+    if let Some((sh, exit)) = fast {
+        fast_return(&mut a, sh, exit)?;
+    }
+    slow_return(&mut a, handler)?;
+    a.assemble(at)
+}
+
+/// The fast path of the return trampoline (see [`return_block`]); falls
+/// through to the slow one with x0-x8, q0-q7 and SP as they came.
+fn fast_return(a: &mut Assembler, sh: &ShadowOffsets, exit: Emit<'_>) -> Result<(), AsmError> {
+    let out = a.create_label();
+    let field = |off: usize| -> Result<i32, AsmError> {
+        i32::try_from(sh.entries + off).map_err(|_| AsmError::new("shadow entry offset"))
+    };
+    let len = sh.len as i32;
+    a.mov_imm(X9, sh.fast_exit as u64)?;
+    a.ldr(X9, X9, 0)?;
+    a.cbz(X9, out)?;
+    a.mrs_tpidr(X10)?;
+    a.add_offset(X11, X10, sh.tls_in_tramp, X12)?;
+    a.ldr_w(X11, X11, 0)?;
+    a.cbnz_w(X11, out)?; // inside the tracer, or unregistered (exiting)
+    load_tls(a, X11, sh.tls_shadow, X12)?;
+    a.cbz(X11, out)?;
+    a.ldr(X12, X11, len)?;
+    a.cbz(X12, out)?;
+    a.sub_imm(X12, X12, 1)?; // the top entry's index, and the length after the pop
+    a.mov_imm(X13, sh.entry_size as u64)?;
+    a.madd(X13, X12, X13, X11)?; // the entry, less `entries`
+    a.sub_imm(X14, SP, 8)?; // this frame's identity (else frames were skipped)
+    a.ldr(X15, X13, field(sh.e_slot)?)?;
+    a.cmp(X15, X14)?;
+    a.b_cond(Cond::Ne, out)?;
+    a.ldr(X15, X13, field(sh.e_mask)?)?;
+    a.cmp(X15, X9)?;
+    a.b_cond(Cond::Ne, out)?;
+    a.ldr(X9, X13, field(sh.e_func_depth)?)?;
+    exit(a, out)?;
+    // Recorded: pop the entry (a signal handler's traced calls from now on
+    // push over it), then return to the original address.
+    a.ldr(LR, X13, field(sh.e_orig)?)?;
+    load_tls(a, X11, sh.tls_shadow, X14)?;
+    a.str(X12, X11, len)?;
+    a.ret()?;
+    a.set_label(out)
 }
 
 /// Frame of the return trampoline: x29/x30, then [`SavedReturn`].
@@ -535,8 +841,14 @@ const RT_SIZE: u32 = (RT_SAVED as u32 + std::mem::size_of::<SavedReturn>() as u3
 /// original return address), then returning there with every result
 /// register as the function left it.
 pub fn return_trampoline(at: usize, handler: usize) -> Result<Vec<u8>, AsmError> {
-    let v = RT_SAVED + 8 * 10;
     let mut a = Assembler::new()?;
+    slow_return(&mut a, handler)?;
+    a.assemble(at)
+}
+
+/// The return trampoline's code through the handler.
+fn slow_return(a: &mut Assembler, handler: usize) -> Result<(), AsmError> {
+    let v = RT_SAVED + 8 * 10;
     a.sub_imm(SP, SP, RT_SIZE)?;
     a.stp(FP, LR, SP, 0, Index::Offset)?;
     a.mov_sp(FP, SP)?;
@@ -559,8 +871,7 @@ pub fn return_trampoline(at: usize, handler: usize) -> Result<Vec<u8>, AsmError>
     }
     a.ldr(FP, SP, 0)?;
     a.add_imm(SP, SP, RT_SIZE)?;
-    a.ret()?;
-    a.assemble(at)
+    a.ret()
 }
 
 /// Instructions on the path from `code`'s start (at `ip`) that takes no
@@ -645,6 +956,84 @@ mod tests {
         assert!(te <= 30 && tr <= 20, "entry {te}, return {tr}");
         assert!(words(&r).contains(&0xaa0003fe), "mov x30, x0: returns to the original address");
         assert!(return_block(0, 0, false, None).is_ok());
-        assert!(count_trampoline(0, &|_, _| Ok(()), 0).is_err());
+    }
+
+    fn offsets() -> ShadowOffsets {
+        ShadowOffsets {
+            tls_in_tramp: 0x10,
+            tls_shadow: 0x18,
+            len: 0,
+            cap: 8,
+            entries: 16,
+            entry_size: 48,
+            e_slot: 0,
+            e_orig: 8,
+            e_func_depth: 16,
+            e_mask: 24,
+            e_time: 32,
+            e_site: 40,
+            fast_exit: 0x1234_5678,
+        }
+    }
+
+    /// Inline code that fails when x9 is 0, else does nothing.
+    fn fails_on_zero(a: &mut Assembler, fail: Label) -> Result<(), AsmError> {
+        a.cbz(X9, fail)
+    }
+
+    #[test]
+    fn count_trampoline_saves_what_the_code_may_clobber() {
+        let (at, slow) = (0x10000, 0x10400);
+        let c = count_trampoline(at, &fails_on_zero, slow).unwrap();
+        let w = words(&c);
+        assert_eq!(w[0], 0xa9bf2fea, "stp x10, x11, [sp, #-16]!");
+        assert_eq!(&w[2..4], [0xa8c12fea, crate::arch::RET], "ldp x10, x11, [sp], #16; ret");
+        assert_eq!(w[4], 0xa8c12fea, "the failure path restores them too");
+        assert_eq!(crate::arch::branch_target(at + 20, w[5]), Some(slow));
+        assert_eq!(straight_path(at as u64, &c), 4);
+    }
+
+    #[test]
+    fn graph_stub_raises_the_count_and_leaves_through_its_word() {
+        let (at, data, header, resume) = (0x40_0000, 0x41_0040, 0x41_0000, 0x38_1004);
+        let s = graph_stub(at, data, header, 0x10, (resume, 7, 42)).unwrap();
+        assert!(s.code.len() <= STUB_CODE);
+        let w = words(&s.code);
+        assert_eq!(&w[2..4], [0xd53bd051, 0x91004231], "mrs x17, tpidr_el0; add x17, x17, #0x10");
+        assert_eq!(&w[4..7], [0xb9400229, 0x11000529, 0xb9000229], "ldr w9; add w9, #1; str w9");
+        assert_eq!(&w[8..10], [0xf9400a11, 0xd61f0220], "ldr x17, [x16, #16]; br x17");
+        assert_eq!(straight_path(at as u64, &s.code), 10);
+        let null = (s.null - at) / 4;
+        assert!(w[null..].contains(&0x889ffe11), "the null path lowers the count: stlr w17, [x16]");
+        let d = |o: usize| u64::from_le_bytes(s.data[o..o + 8].try_into().unwrap());
+        assert_eq!((d(8), d(16)), (7 | 42 << 32, s.null as u64));
+        let go_on = (d(0) as usize - at) / 4;
+        assert_eq!(crate::arch::branch_target(d(0) as usize, w[go_on]), Some(resume), "goes on by a direct b");
+        assert_eq!(words(&s.code)[(d(24) as usize - at) / 4], 0xa8c17bfd, "the tail pops the frame record");
+        let far = graph_stub(at, data, header, 0x10, (at + (200 << 20), 7, 42));
+        assert!(far.is_none(), "resume out of a b's reach");
+    }
+
+    #[test]
+    fn graph_trampoline_and_return_block_assemble_around_op_code() {
+        let sh = offsets();
+        let (at, block, slow) = (0x50000, 0x60000, 0x50800);
+        let g = graph_trampoline(at, &sh, 3, (block, slow), &fails_on_zero).unwrap();
+        let w = words(&g);
+        assert_eq!(w[0], 0x7100053f, "cmp w9, #1: the recursion guard");
+        // The fast path ends in a branch to the thunk, the slow one to the
+        // direct trampoline, with x30 the stub's tail.
+        let n = straight_path(at as u64, &g);
+        assert_eq!(crate::arch::branch_target(at + 4 * (n - 1), w[n - 1]), Some(block));
+        assert_eq!(crate::arch::branch_target(at + 4 * (w.len() - 1), w[w.len() - 1]), Some(slow));
+        assert_eq!(w[w.len() - 2], 0xf9400e1e, "ldr x30, [x16, #24]");
+        let r = return_block(block, 0x2000_0000, false, Some((&sh, &fails_on_zero))).unwrap();
+        let rw = words(&r);
+        assert_eq!(&rw[..4], [0xb9400211, 0x51000631, 0x889ffe11, 0xd63f0120], "ldr; sub; stlr; blr x9");
+        let rn = straight_path((block + RETURN_OFFSET) as u64, &r[RETURN_OFFSET..]);
+        assert_eq!(rw[RETURN_OFFSET / 4 + rn - 1], crate::arch::RET, "the fast return ends in ret");
+        let plain = return_block(block, 0x2000_0000, false, None).unwrap();
+        assert_eq!(&plain[RETURN_OFFSET..], return_trampoline(block + RETURN_OFFSET, 0x2000_0000).unwrap());
+        println!("graph entry {n}, fast return {rn} instructions around op code of one");
     }
 }

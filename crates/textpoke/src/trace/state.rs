@@ -160,11 +160,11 @@ impl Inner {
     fn inline_code(&self, op: usize) -> Option<InlineCode> {
         // SAFETY: `boxed` stays valid while the op is registered.
         let o = unsafe { &(*self.ops[op].as_ref()?.boxed).op };
-        // Count and graph stubs raise the count in place (static TLS). The
-        // trampolines that run inline code are x86-64 code: on aarch64 every
-        // op is called through the hot path (`arch/tramp_aarch64.rs`).
+        // Count and graph stubs raise the count in place (static TLS); both
+        // x86-64 and aarch64 have count, graph and return trampolines that
+        // run an op's code (`arch::tramp`).
         let tls = matches!(self.counter, tramp::Counter::Tls(_));
-        (self.inline_recording && tls && cfg!(target_arch = "x86_64")).then(|| o.inline()).flatten()
+        (self.inline_recording && tls).then(|| o.inline()).flatten()
     }
 
     /// Op `op`'s count code, if it may use the count trampoline.

@@ -3,9 +3,9 @@
 //! traced call runs them, so that a test can keep the op's fast paths
 //! short without reaching into `arch::tramp`.
 
+use super::hot;
 use super::hot::EmitFn;
-#[cfg(target_arch = "x86_64")]
-use {super::hot, crate::arch::tramp};
+use crate::arch::tramp;
 
 /// The fast paths of the trampolines around an op's inline code: how many
 /// instructions a traced call runs there when nothing is unusual (the
@@ -29,15 +29,7 @@ pub struct FastPaths {
 /// addresses, and measures their fast paths. `None` when the shadow
 /// stacks' layout is not known (the tracer's thread-local is not in the
 /// static TLS block): then the tracer makes no graph trampolines either.
-/// Panics if the code does not assemble. Always `None` on aarch64, where
-/// no trampoline runs an op's inline code (`arch/tramp_aarch64.rs`).
-#[cfg(target_arch = "aarch64")]
-pub fn inline_fast_paths(_count: EmitFn, _entry: EmitFn, _exit: EmitFn) -> Option<FastPaths> {
-    None
-}
-
-/// See the aarch64 version's docs.
-#[cfg(target_arch = "x86_64")]
+/// Panics if the code does not assemble.
 pub fn inline_fast_paths(count: EmitFn, entry: EmitFn, exit: EmitFn) -> Option<FastPaths> {
     const GRAPH: usize = 0x10000;
     const SLOW: usize = 0x20000;
@@ -54,6 +46,22 @@ pub fn inline_fast_paths(count: EmitFn, entry: EmitFn, exit: EmitFn) -> Option<F
         graph_entry: tramp::straight_path(GRAPH as u64, &g),
         graph_return: tramp::straight_path(ret as u64, &r[tramp::RETURN_OFFSET..]),
         count: tramp::straight_path(COUNT as u64, &c),
-        listing: tramp::listing(GRAPH, &g) + &tramp::listing(BLOCK, &r),
+        listing: listing(GRAPH, &g) + &listing(BLOCK, &r),
     })
+}
+
+/// The code at `at`, disassembled.
+#[cfg(target_arch = "x86_64")]
+fn listing(at: usize, code: &[u8]) -> String {
+    tramp::listing(at, code)
+}
+
+/// The code at `at`, one word a line (no disassembler here: feed the words
+/// to `aarch64-linux-gnu-objdump` to read them).
+#[cfg(target_arch = "aarch64")]
+fn listing(at: usize, code: &[u8]) -> String {
+    code.chunks_exact(4)
+        .enumerate()
+        .map(|(i, w)| format!("{:#x}: {:08x}\n", at + 4 * i, u32::from_le_bytes(w.try_into().unwrap())))
+        .collect()
 }

@@ -10,9 +10,10 @@
 //! [`AsmError`], never a wrong encoding.
 //!
 //! The op-facing part of the API (what an op's inline code is written
-//! with, `trace::EmitFn`) is [`Assembler`], [`Label`] and [`AsmError`];
-//! the recorder's inline fast paths are x86-64 code for now, so no op
-//! emits aarch64 code yet (see `arch/tramp_aarch64.rs`).
+//! with, `trace::EmitFn`: the recorder's count and graph fast paths) is
+//! [`Assembler`], [`Label`], [`AsmError`], [`Reg`] and [`Cond`]; the
+//! count, graph and return trampolines (`arch/tramp_aarch64.rs`) say which
+//! registers such code gets.
 
 use std::fmt;
 
@@ -58,6 +59,14 @@ pub struct Label(usize);
 pub enum Cond {
     Eq = 0,
     Ne = 1,
+    /// Unsigned `>=` (carry set).
+    Hs = 2,
+    /// Unsigned `<` (carry clear).
+    Lo = 3,
+    /// Unsigned `>`.
+    Hi = 8,
+    /// Unsigned `<=`.
+    Ls = 9,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -234,6 +243,16 @@ impl Assembler {
         Ok(())
     }
 
+    /// `mrs xd, cntvct_el0` (the generic timer's virtual count).
+    pub fn mrs_cntvct(&mut self, d: Reg) -> Result<(), AsmError> {
+        self.word(0xd53b_e040 | rd(d))
+    }
+
+    /// `isb`: the instructions after it wait for those before it.
+    pub fn isb(&mut self) -> Result<(), AsmError> {
+        self.word(0xd503_3fdf)
+    }
+
     /// `mrs xd, tpidr_el0` (the thread pointer).
     pub fn mrs_tpidr(&mut self, d: Reg) -> Result<(), AsmError> {
         self.word(0xd53b_d040 | rd(d))
@@ -294,6 +313,83 @@ impl Assembler {
         self.word(0x8b00_0000 | rm(m) | rn(n) | rd(d))
     }
 
+    /// `add xd, xn, xm, lsl #shift`.
+    pub fn add_lsl(&mut self, d: Reg, n: Reg, m: Reg, shift: u32) -> Result<(), AsmError> {
+        check(shift < 64, "shift below 64")?;
+        self.word(0x8b00_0000 | rm(m) | (shift << 10) | rn(n) | rd(d))
+    }
+
+    /// `sub xd, xn, xm`.
+    pub fn sub(&mut self, d: Reg, n: Reg, m: Reg) -> Result<(), AsmError> {
+        self.word(0xcb00_0000 | rm(m) | rn(n) | rd(d))
+    }
+
+    /// `orr xd, xn, xm, lsl #shift`.
+    pub fn orr_lsl(&mut self, d: Reg, n: Reg, m: Reg, shift: u32) -> Result<(), AsmError> {
+        check(shift < 64, "shift below 64")?;
+        self.word(0xaa00_0000 | rm(m) | (shift << 10) | rn(n) | rd(d))
+    }
+
+    /// `mov wd, wm`: the low half of `m`, zero-extended into `d`.
+    pub fn mov_w(&mut self, d: Reg, m: Reg) -> Result<(), AsmError> {
+        self.word(0x2a00_03e0 | rm(m) | rd(d))
+    }
+
+    /// `mov wd, #imm` (`movz`, `imm` < 65536).
+    pub fn mov_imm_w(&mut self, d: Reg, imm: u32) -> Result<(), AsmError> {
+        check(imm < 1 << 16, "movz w: 16 bits")?;
+        self.word(0x5280_0000 | (imm << 5) | rd(d))
+    }
+
+    /// `cmp xn, xm` (`subs xzr, xn, xm`).
+    pub fn cmp(&mut self, n: Reg, m: Reg) -> Result<(), AsmError> {
+        self.word(0xeb00_001f | rm(m) | rn(n))
+    }
+
+    /// `cmp xn, #imm` (`subs xzr, xn, #imm`).
+    pub fn cmp_imm(&mut self, n: Reg, imm: u32) -> Result<(), AsmError> {
+        self.addsub_imm(0xf100_0000, ZR, n, imm)
+    }
+
+    /// `csel xd, xn, xm, cond`: `d = cond ? n : m`.
+    pub fn csel(&mut self, d: Reg, n: Reg, m: Reg, c: Cond) -> Result<(), AsmError> {
+        self.word(0x9a80_0000 | rm(m) | ((c as u32) << 12) | rn(n) | rd(d))
+    }
+
+    /// `ubfm xd, xn, #immr, #imms` (the shifts and `ubfx` below).
+    fn ubfm(&mut self, d: Reg, n: Reg, immr: u32, imms: u32) -> Result<(), AsmError> {
+        check(immr < 64 && imms < 64, "ubfm: fields below 64")?;
+        self.word(0xd340_0000 | (immr << 16) | (imms << 10) | rn(n) | rd(d))
+    }
+
+    /// `lsl xd, xn, #shift`.
+    pub fn lsl_imm(&mut self, d: Reg, n: Reg, shift: u32) -> Result<(), AsmError> {
+        check((1..64).contains(&shift), "lsl: shift 1 to 63")?;
+        self.ubfm(d, n, 64 - shift, 63 - shift)
+    }
+
+    /// `lsr xd, xn, #shift`.
+    pub fn lsr_imm(&mut self, d: Reg, n: Reg, shift: u32) -> Result<(), AsmError> {
+        check(shift < 64, "lsr: shift below 64")?;
+        self.ubfm(d, n, shift, 63)
+    }
+
+    /// `ubfx xd, xn, #lsb, #width`: bits `lsb..lsb + width` of `n`.
+    pub fn ubfx(&mut self, d: Reg, n: Reg, lsb: u32, width: u32) -> Result<(), AsmError> {
+        check(width >= 1 && lsb + width <= 64, "ubfx: a field within 64 bits")?;
+        self.ubfm(d, n, lsb, lsb + width - 1)
+    }
+
+    /// `lsr xd, xn, xm` (`lsrv`: the shift is `m` modulo 64).
+    pub fn lsrv(&mut self, d: Reg, n: Reg, m: Reg) -> Result<(), AsmError> {
+        self.word(0x9ac0_2400 | rm(m) | rn(n) | rd(d))
+    }
+
+    /// `madd xd, xn, xm, xa`: `d = a + n * m`.
+    pub fn madd(&mut self, d: Reg, n: Reg, m: Reg, a: Reg) -> Result<(), AsmError> {
+        self.word(0x9b00_0000 | rm(m) | (((a.0 & 31) as u32) << 10) | rn(n) | rd(d))
+    }
+
     /// `xd = xn + off` for any 32-bit signed `off` (1 or 2 instructions,
     /// or 3 through `scratch` when it needs more than 24 bits).
     pub fn add_offset(&mut self, d: Reg, n: Reg, off: i32, scratch: Reg) -> Result<(), AsmError> {
@@ -322,6 +418,36 @@ impl Assembler {
     }
 
     // ------------------------------------------------------------ loads and stores
+
+    /// `ldrb wt, [xn, #off]`.
+    pub fn ldrb(&mut self, t: Reg, n: Reg, off: i32) -> Result<(), AsmError> {
+        self.word(0x3940_0000 | (uimm12(off, 1, "ldrb offset")? << 10) | rn(n) | rd(t))
+    }
+
+    /// `ldr xt, [xn, xm, lsl #3]`: the `m`-th word from `n`.
+    pub fn ldr_index(&mut self, t: Reg, n: Reg, m: Reg) -> Result<(), AsmError> {
+        self.word(0xf860_7800 | rm(m) | rn(n) | rd(t))
+    }
+
+    /// `stlr xt, [xn]`: a store-release.
+    pub fn stlr(&mut self, t: Reg, n: Reg) -> Result<(), AsmError> {
+        self.word(0xc89f_fc00 | rn(n) | rd(t))
+    }
+
+    /// `ldxr xt, [xn]`: a load-exclusive.
+    pub fn ldxr(&mut self, t: Reg, n: Reg) -> Result<(), AsmError> {
+        self.word(0xc85f_7c00 | rn(n) | rd(t))
+    }
+
+    /// `stxr ws, xt, [xn]`: a store-exclusive, `s` = 0 when it stored.
+    pub fn stxr(&mut self, s: Reg, t: Reg, n: Reg) -> Result<(), AsmError> {
+        self.word(0xc800_7c00 | rm(s) | rn(n) | rd(t))
+    }
+
+    /// `stadd xs, [xn]`: an atomic add to memory (ARMv8.1 LSE).
+    pub fn stadd(&mut self, s: Reg, n: Reg) -> Result<(), AsmError> {
+        self.word(0xf820_001f | rm(s) | rn(n))
+    }
 
     /// `ldr xt, [xn, #off]`.
     pub fn ldr(&mut self, t: Reg, n: Reg, off: i32) -> Result<(), AsmError> {
@@ -393,6 +519,26 @@ impl Assembler {
         self.fixup(0x3700_0000 | (bit << 19) | rd(t), Fixup::Imm14(l))
     }
 
+    /// `cbz xt, label`.
+    pub fn cbz(&mut self, t: Reg, l: Label) -> Result<(), AsmError> {
+        self.fixup(0xb400_0000 | rd(t), Fixup::Imm19(l))
+    }
+
+    /// `cbnz xt, label`.
+    pub fn cbnz(&mut self, t: Reg, l: Label) -> Result<(), AsmError> {
+        self.fixup(0xb500_0000 | rd(t), Fixup::Imm19(l))
+    }
+
+    /// `cbz wt, label`.
+    pub fn cbz_w(&mut self, t: Reg, l: Label) -> Result<(), AsmError> {
+        self.fixup(0x3400_0000 | rd(t), Fixup::Imm19(l))
+    }
+
+    /// `cbnz wt, label`.
+    pub fn cbnz_w(&mut self, t: Reg, l: Label) -> Result<(), AsmError> {
+        self.fixup(0x3500_0000 | rd(t), Fixup::Imm19(l))
+    }
+
     /// `blr xn`.
     pub fn blr(&mut self, n: Reg) -> Result<(), AsmError> {
         self.word(0xd63f_0000 | rn(n))
@@ -411,6 +557,12 @@ impl Assembler {
     /// `nop`.
     pub fn nop(&mut self) -> Result<(), AsmError> {
         self.word(0xd503_201f)
+    }
+
+    /// `brk #imm`: traps (padding no path runs).
+    pub fn brk(&mut self, imm: u32) -> Result<(), AsmError> {
+        check(imm < 1 << 16, "brk: 16 bits")?;
+        self.word(0xd420_0000 | (imm << 5))
     }
 }
 
@@ -471,6 +623,70 @@ mod tests {
             assert_eq!(g, w, "instruction {i}: {g:#010x} != {w:#010x}");
         }
         assert_eq!(got.len(), want.len());
+    }
+
+    /// The instructions of the recorder's fast paths (`textpoke-record`'s
+    /// aarch64 codegen and the count, graph and return trampolines),
+    /// against aarch64-linux-gnu-as 2.40 with `-march=armv8.1-a` (for
+    /// `stadd`), then `objdump -d`.
+    #[test]
+    fn fast_path_encodings_match_gnu_as() {
+        let r = Reg;
+        let mut a = Assembler::new().unwrap();
+        a.add_lsl(r(1), r(2), r(3), 3).unwrap(); // add x1, x2, x3, lsl #3
+        a.sub(r(4), r(5), r(6)).unwrap(); // sub x4, x5, x6
+        a.orr_lsl(r(7), r(8), r(9), 38).unwrap(); // orr x7, x8, x9, lsl #38
+        a.mov_w(r(10), r(11)).unwrap(); // mov w10, w11
+        a.mov_imm_w(r(12), 1).unwrap(); // mov w12, #1
+        a.cmp(r(13), r(14)).unwrap(); // cmp x13, x14
+        a.cmp_imm(r(15), 0x10).unwrap(); // cmp x15, #0x10
+        a.csel(r(1), r(2), r(3), Cond::Hs).unwrap(); // csel x1, x2, x3, hs
+        a.lsl_imm(r(4), r(5), 16).unwrap(); // lsl x4, x5, #16
+        a.lsr_imm(r(6), r(7), 26).unwrap(); // lsr x6, x7, #26
+        a.ubfx(r(8), r(9), 6, 26).unwrap(); // ubfx x8, x9, #6, #26
+        a.ubfx(r(10), r(11), 0, 1).unwrap(); // ubfx x10, x11, #0, #1
+        a.lsrv(r(12), r(13), r(14)).unwrap(); // lsr x12, x13, x14
+        a.madd(r(15), r(16), r(17), r(1)).unwrap(); // madd x15, x16, x17, x1
+        a.ldrb(r(2), r(3), 5).unwrap(); // ldrb w2, [x3, #5]
+        a.ldr_index(r(4), r(5), r(6)).unwrap(); // ldr x4, [x5, x6, lsl #3]
+        a.stlr(r(7), r(8)).unwrap(); // stlr x7, [x8]
+        a.ldxr(r(9), r(10)).unwrap(); // ldxr x9, [x10]
+        a.stxr(r(11), r(12), r(13)).unwrap(); // stxr w11, x12, [x13]
+        a.stadd(r(14), r(15)).unwrap(); // stadd x14, [x15]
+        a.mrs_cntvct(r(16)).unwrap(); // mrs x16, cntvct_el0
+        a.isb().unwrap(); // isb
+        a.brk(0x3e8).unwrap(); // brk #0x3e8
+        a.csel(r(1), r(2), r(3), Cond::Lo).unwrap(); // csel x1, x2, x3, lo
+        a.lsr_imm(r(2), r(3), 32).unwrap(); // lsr x2, x3, #32
+        let want = [
+            0x8b030c41, 0xcb0600a4, 0xaa099907, 0x2a0b03ea, 0x5280002c, 0xeb0e01bf, 0xf10041ff, 0x9a832041, 0xd370bca4,
+            0xd35afce6, 0xd3467d28, 0xd340016a, 0x9ace25ac, 0x9b11060f, 0x39401462, 0xf86678a4, 0xc89ffd07, 0xc85f7d49,
+            0xc80b7dac, 0xf82e01ff, 0xd53be050, 0xd5033fdf, 0xd4207d00, 0x9a833041, 0xd360fc62,
+        ];
+        let got = words(a, 0);
+        for (i, (g, w)) in got.iter().zip(want.iter()).enumerate() {
+            assert_eq!(g, w, "instruction {i}: {g:#010x} != {w:#010x}");
+        }
+        assert_eq!(got.len(), want.len());
+        // Branches to labels (`top:` before, `end:` after the eight).
+        let mut a = Assembler::new().unwrap();
+        let (top, end) = (a.create_label(), a.create_label());
+        a.set_label(top).unwrap();
+        a.cbz(r(3), end).unwrap(); // cbz x3, end
+        a.cbnz(r(4), top).unwrap(); // cbnz x4, top
+        a.cbz_w(r(5), end).unwrap(); // cbz w5, end
+        a.cbnz_w(r(6), top).unwrap(); // cbnz w6, top
+        a.b_cond(Cond::Hs, end).unwrap(); // b.hs end
+        a.b_cond(Cond::Lo, top).unwrap(); // b.lo top
+        a.b_cond(Cond::Hi, end).unwrap(); // b.hi end
+        a.b_cond(Cond::Ls, top).unwrap(); // b.ls top
+        a.set_label(end).unwrap();
+        assert_eq!(
+            words(a, 0x1000),
+            [0xb4000103, 0xb5ffffe4, 0x340000c5, 0x35ffffa6, 0x54000082, 0x54ffff63, 0x54000048, 0x54ffff29]
+        );
+        let mut a = Assembler::new().unwrap();
+        assert!(a.lsl_imm(r(0), r(0), 0).is_err() && a.ubfx(r(0), r(0), 60, 8).is_err());
     }
 
     #[test]
