@@ -20,6 +20,7 @@
 //! | [`mutex`] | a pthread mutex taken and released without a guard | `sync::ForkLock` |
 //! | [`time`] | `CLOCK_MONOTONIC`, one `nanosleep` | `clock`, `sync::rendezvous` |
 //! | [`maps`] | `/proc/self/maps` | validation, `text::codemem` |
+//! | [`bti`] | arm64 guarded pages (`PROT_BTI`): `HWCAP2_BTI`, `/proc/self/smaps` `VmFlags`, objects' BTI property notes | `text::write` |
 //! | [`fs`] | where an output path leads (symbolic links, procfs) | the command line's `-o` |
 //! | [`emulation`] | a user-mode emulator (qemu-user): detecting it, its own threads, the signals it can carry | `sync::rendezvous` |
 //!
@@ -27,6 +28,7 @@
 //! not allocate.
 
 pub mod anon;
+pub mod bti;
 pub mod emulation;
 pub mod fs;
 pub mod futex;

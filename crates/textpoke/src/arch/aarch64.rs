@@ -39,6 +39,24 @@
 //! - **Parked threads.** [`for_each_outer_pc`] finds the kernel's arm64
 //!   `rt_sigframe`s above a stack pointer by their first record, the
 //!   FPSIMD context header.
+//! - **Guarded pages (BTI).** On a CPU with BTI (`HWCAP2_BTI`) the loader
+//!   maps the code of objects whose `.note.gnu.property` says BTI with
+//!   `PROT_BTI`: an indirect branch into such a page must land on a `bti`
+//!   or it faults (SIGILL). `/proc/self/maps` does not show the bit and
+//!   `mprotect` sets a page's whole protection, so the mprotect write
+//!   method takes each page's guard from `sys::bti` (smaps `VmFlags: bt`
+//!   natively; the loader's rule, note plus hwcap, under qemu-user, whose
+//!   smaps is the host's) and keeps it while the page is writable and
+//!   after (`text/write.rs`, "Guarded pages"); a page without it never
+//!   gets it. The /proc/self/mem method changes no protection. The words
+//!   the tracer and the keys write (a pad's NOP, a key's NOP or B) are no
+//!   landing pads: an indirect call lands on the `bti c` before a pad,
+//!   which is never written. textpoke's own code blocks are never
+//!   guarded (`text/codemem.rs`, "Never guarded"): its stubs and
+//!   trampolines need no landing pads. `tests/bti.rs` checks under qemu
+//!   (which enforces BTI like hardware) that a `blr` past the landing pad
+//!   of a patched, then unpatched, page still faults, and that an object
+//!   built without the property is never guarded.
 //!
 //! # What qemu cannot prove
 //!

@@ -11,6 +11,20 @@
 //! Freeing a block that threads may still execute is the caller's problem:
 //! the tracer frees trampolines only after a grace period.
 //!
+//! # Never guarded (arm64 BTI)
+//!
+//! Blocks are mapped without `PROT_BTI` and never `mprotect`ed, so on a
+//! CPU with BTI their pages are not guarded: an indirect branch (`br`,
+//! `blr`) may land on any instruction in them, and the aarch64 stubs and
+//! trampolines (`arch/tramp_aarch64.rs`: a stub's `br x17` to its
+//! trampoline, the graph thunk's `blr` to a stub's `b resume`) start with
+//! no `bti`. What they branch to in guarded code keeps the rules: they go
+//! back into a function with a direct `b` (any instruction may be its
+//! target), return with `ret` (checked by no landing pad), and call
+//! handlers and callbacks, function entries, with `blr` (a BTI-built
+//! entry starts with `bti c`). Mapping a block with `PROT_BTI` would
+//! require a landing pad at each of those targets first.
+//!
 //! # Many small writes
 //!
 //! Each `pwrite` to `/proc/self/mem` costs about a microsecond in the

@@ -28,7 +28,8 @@ pub const MAX_PARK_ATTEMPTS: u32 = 200;
 
 /// Commits a validated plan with every other thread parked.
 ///
-///  1. make the pages writable (or open /proc/self/mem);
+///  1. make the pages writable (or open /proc/self/mem), an arm64 guarded
+///     page keeping `PROT_BTI` (`text/write.rs`, "Guarded pages");
 ///  2. block this thread's asynchronous signals: its own signal handlers
 ///     are the NMIs of rule 4 and must not run half-written code;
 ///  3. park every other thread in a signal handler with all signals
@@ -42,7 +43,7 @@ pub const MAX_PARK_ATTEMPTS: u32 = 200;
 ///     the threads are still parked; if the sync fails, every poke does: a
 ///     failed commit leaves the old code (the error says so, or that
 ///     putting it back failed too);
-///  6. release, unblock signals, restore protections.
+///  6. release, unblock signals, restore protections (the guard included).
 ///
 /// Between 3 and 6 nothing allocates or locks: parked threads may hold
 /// malloc's lock (or the loader's). Errors are made after the release.

@@ -16,7 +16,22 @@
 //! is written: the protection changes, or opening the file and rewriting one
 //! unchanged byte per page (which also breaks copy-on-write sharing up
 //! front), so that a batch either writes nothing or writes everything.
+//!
+//! # Guarded pages (arm64 `PROT_BTI`)
+//!
+//! `mprotect` sets a page's whole protection, and `/proc/self/maps` does
+//! not show arm64's `PROT_BTI`, the bit that makes a page enforce branch
+//! targets (the loader sets it on the code of objects built with BTI, when
+//! the CPU has it). A run's protection is therefore `/proc/self/maps`'
+//! bits plus `PROT_BTI` when [`sys::bti::Guarded`](crate::sys::bti::Guarded)
+//! says the page is guarded now (smaps natively, the loader's rule under
+//! qemu): the guard stays on while the page is writable and comes back
+//! with the rest, and is never added to a page that did not have it (an
+//! object built without BTI, a JIT's code). Elsewhere nothing is guarded
+//! and nothing changes. The /proc/self/mem method changes no protection
+//! (`pwrite` with FOLL_FORCE), so it keeps the guard as it is.
 
+use crate::sys::bti::{Guarded, PROT_BTI};
 use crate::sys::maps::Maps;
 use crate::sys::mem::{self, ProcMem};
 use std::io;
@@ -41,7 +56,8 @@ impl std::fmt::Display for WriteMethod {
     }
 }
 
-/// A run of pages with one original protection.
+/// A run of pages with one original protection (`PROT_BTI` included on
+/// a guarded page: see the module docs).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct PageRun {
     pub start: usize,
@@ -50,16 +66,27 @@ pub(crate) struct PageRun {
 }
 
 /// The page runs covering `ranges` (address, length), with the protection
-/// each page has now according to `maps`. `None` if a page is unmapped.
-/// Ranges sorted by address (a validated plan's) cost one look-up per page.
+/// each page has now according to `maps`, `PROT_BTI` included for a
+/// guarded page (module docs). `None` if a page is unmapped. Ranges sorted
+/// by address (a validated plan's) cost one look-up per page.
 pub(crate) fn page_runs(maps: &Maps, ranges: impl Iterator<Item = (usize, usize)>) -> Option<Vec<PageRun>> {
+    page_runs_guarded(maps, &Guarded::read(), ranges)
+}
+
+/// [`page_runs`] with the guarded ranges given.
+fn page_runs_guarded(
+    maps: &Maps,
+    guarded: &Guarded,
+    ranges: impl Iterator<Item = (usize, usize)>,
+) -> Option<Vec<PageRun>> {
     let ps = page_size();
     let mut pages: Vec<(usize, libc::c_int)> = Vec::new();
     for (addr, len) in ranges {
         let mut p = addr & !(ps - 1);
         while p < addr + len {
             if pages.last().is_none_or(|&(last, _)| last != p) {
-                pages.push((p, maps.find(p)?.prot()));
+                let bti = if guarded.contains(p) { PROT_BTI } else { 0 };
+                pages.push((p, maps.find(p)?.prot() | bti));
             }
             p += ps;
         }
@@ -117,7 +144,8 @@ impl Writer {
         for r in &self.runs {
             // SAFETY: the run is mapped and page-aligned (checked against
             // /proc/self/maps); adding PROT_WRITE keeps every existing
-            // permission, so threads running this code are unaffected.
+            // permission (PROT_BTI too: module docs), so threads running
+            // this code are unaffected.
             unsafe { mem::protect(r.start, r.len, r.prot | libc::PROT_WRITE) }?;
             self.changed += 1;
         }
@@ -207,4 +235,37 @@ impl Drop for Writer {
 /// mapped pages whatever their protection).
 pub(crate) fn read_code(addr: usize, len: usize) -> io::Result<Vec<u8>> {
     mem::read_vec(addr, len)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::sys::bti::Source;
+
+    /// A guarded page keeps PROT_BTI in its run and splits the runs there;
+    /// a page outside the guarded ranges never gets it.
+    #[test]
+    fn runs_carry_the_guard_of_guarded_pages_only() {
+        let ps = page_size();
+        let maps = Maps::read().unwrap();
+        // Three pages of this test binary's code, the middle one "guarded".
+        let code = runs_carry_the_guard_of_guarded_pages_only as fn() as usize;
+        let m = maps.find(code).unwrap();
+        let first = m.start;
+        assert!(m.end - m.start >= 3 * ps, "the test binary's text spans 3 pages");
+        let guarded = Guarded::from_ranges(vec![(first + ps, first + 2 * ps)], Source::Smaps);
+        let runs = page_runs_guarded(&maps, &guarded, [(first, 3 * ps)].into_iter()).unwrap();
+        let rx = libc::PROT_READ | libc::PROT_EXEC;
+        assert_eq!(
+            runs,
+            [
+                PageRun { start: first, len: ps, prot: rx },
+                PageRun { start: first + ps, len: ps, prot: rx | PROT_BTI },
+                PageRun { start: first + 2 * ps, len: ps, prot: rx },
+            ]
+        );
+        let none = Guarded::from_ranges(Vec::new(), Source::Unsupported);
+        let runs = page_runs_guarded(&maps, &none, [(first, 3 * ps)].into_iter()).unwrap();
+        assert_eq!(runs, [PageRun { start: first, len: 3 * ps, prot: rx }]);
+    }
 }
