@@ -20,7 +20,8 @@
 
 mod common;
 
-use common::{compile_so, peek, Lib, PATCHABLE};
+use common::{compile_so, glob_filter, peek, EntryExitCounts, Lib, PATCHABLE};
+use std::sync::atomic::Ordering;
 use textpoke::{Batch, CommitOptions, Poke, Strategy, WriteMethod};
 use textpoke_sys::bti::{self, Guarded};
 
@@ -145,4 +146,48 @@ fn a_page_without_the_guard_never_gets_it() {
             assert!(!Guarded::read().contains(entry), "not guarded after {opts:?}");
         }
     }
+}
+
+/// Two functions, the top one calling the leaf (a non-leaf: PAC signs its
+/// return address).
+const TRACED: &str = r#"
+__attribute__((noinline)) int bt_leaf(int x) { return x * 3 + 1; }
+int bt_top(int x) { return bt_leaf(x) + bt_leaf(x + 1); }
+"#;
+
+/// The tracer in guarded code: the sites branch to stubs and trampolines
+/// in textpoke's unguarded blocks and come back (`b`, `ret`), the graph
+/// exits' return trampoline included, with no landing pad of their own
+/// (text/codemem.rs, "Never guarded"); the page stays guarded while traced
+/// and after.
+#[test]
+fn the_tracer_runs_in_guarded_code() {
+    let flags = [PATCHABLE, "-O1", "-mbranch-protection=standard", "-nostartfiles"];
+    let lib = Lib::open(&compile_so("bti_traced", TRACED, &flags));
+    let (top, leaf) = (lib.sym("bt_top"), lib.sym("bt_leaf"));
+    assert_eq!((word(top), word(leaf)), (BTI_C, BTI_C));
+    let guarded = bti::supported();
+    assert_eq!(Guarded::read().contains(top), guarded);
+    let past_the_pad = |when: &str| {
+        let want = if guarded { Call::Signal(libc::SIGILL) } else { Call::Returned(7) };
+        assert_eq!(call_in_child(leaf + 12), want, "a blr past the landing pad, {when}");
+    };
+    past_the_pad("before tracing");
+    let t = textpoke::trace::Tracer::global();
+    t.refresh().unwrap();
+    let counts = EntryExitCounts::new();
+    let h = t.register(counts.clone(), glob_filter(["bt_*"], Vec::<String>::new()).unwrap()).unwrap();
+    assert_ne!(peek(top + 4, 4), NOP, "traced: the pad branches to its stub");
+    // SAFETY: signature as in TRACED; a Rust call through a pointer is a `blr`.
+    let bt_top = unsafe { std::mem::transmute::<usize, extern "C" fn(i32) -> i32>(top) };
+    for _ in 0..100 {
+        assert_eq!(std::hint::black_box(bt_top)(2), 7 + 10);
+    }
+    assert_eq!(call_in_child(top), Call::Returned(17), "a traced call in a child");
+    past_the_pad("while traced");
+    t.unregister(h).unwrap();
+    assert_eq!(peek(top + 4, 8), [NOP, NOP].concat());
+    assert_eq!((counts.entries.load(Ordering::Relaxed), counts.exits.load(Ordering::Relaxed)), (300, 300));
+    past_the_pad("after tracing");
+    assert_eq!(Guarded::read().contains(top), guarded);
 }
