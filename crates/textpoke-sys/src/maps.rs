@@ -2,7 +2,7 @@
 //!
 //! [`Maps::read`] parses the file once into a vector sorted by address (the
 //! kernel lists mappings in order); [`Maps::find`] is a binary search for
-//! the first mapping ending after an address, and [`Maps::covering`] walks
+//! the first mapping ending after an address, and `Maps::covering` (tests only) walks
 //! from there, mapping to adjacent mapping, until a range is covered or a
 //! hole shows. A snapshot: another thread may map or unmap meanwhile.
 
