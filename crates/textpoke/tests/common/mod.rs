@@ -119,12 +119,20 @@ pub fn wx_mappings() -> Vec<String> {
 
 /// Runs this test binary again with only test `name`, with `TEXTPOKE_CHILD`
 /// set to `scenario`; returns its exit status and output.
+/// An aarch64 test binary under qemu-user on another host (no binfmt_misc)
+/// cannot exec itself: the child exits 127 before it runs, saying nothing
+/// (an exec failure, as qemu reports it); it is run under `qemu-aarch64`
+/// then.
 pub fn rerun_self(name: &str, scenario: &str) -> std::process::Output {
-    Command::new(std::env::current_exe().unwrap())
-        .args(["--exact", name, "--nocapture", "--test-threads=1"])
-        .env("TEXTPOKE_CHILD", scenario)
-        .output()
-        .unwrap()
+    let exe = std::env::current_exe().unwrap();
+    let args = ["--exact", name, "--nocapture", "--test-threads=1"];
+    let run = |cmd: &mut Command| cmd.args(args).env("TEXTPOKE_CHILD", scenario).output().unwrap();
+    let out = run(&mut Command::new(&exe));
+    let not_run = out.status.code() == Some(127) && out.stdout.is_empty() && out.stderr.is_empty();
+    if cfg!(target_arch = "aarch64") && not_run {
+        return run(Command::new("qemu-aarch64").arg(&exe));
+    }
+    out
 }
 
 /// The child scenario this process runs, if it is a re-run child.
