@@ -23,8 +23,9 @@
 //! guard is created whose `Drop` runs an **exit site**, so that every call
 //! executes one entry site and, when it returns *or a panic unwinds through
 //! it*, one exit site. A site is a 5-byte NOP (`0f 1f 44 00 00`) that the
-//! tracer turns into a `call` of a trampoline while the program runs:
-//! disabled, a traced function costs the two NOPs.
+//! tracer turns into a `call` of a trampoline while the program runs
+//! (aarch64: one `nop`, swapped with a `b` to a stub that saves what it
+//! uses): disabled, a traced function costs the two NOPs.
 //!
 //! ```ignore
 //! fn f(args) -> R {
@@ -54,7 +55,7 @@
 //!
 //! ```text
 //!  offset size
-//!   0     i32   site      address of the 5-byte NOP - address of this field
+//!   0     i32   site      address of the NOP (5 bytes; aarch64: 4) - address of this field
 //!   4     i32   function  address of the MarkedFunction static - address of this field
 //!   8     u8    kind      0 = entry, 1 = exit
 //!   9     u8    version   1

@@ -87,8 +87,7 @@ pub use trace::{Entry, Exit, Filter, OpHandle, TraceError, TraceOp, Tracer};
 
 /// Marks a function, or every method of an `impl` block, for the function
 /// tracer: an entry site at the start of its body and an exit site run by a
-/// drop guard (also when a panic unwinds), each a 5-byte NOP recorded in the
-/// `textpoke_sites` section. See [`sites::marked`] for the record format and
-/// the crate `textpoke-macros` for the options.
-#[cfg(target_arch = "x86_64")]
+/// drop guard (also when a panic unwinds), each a 5-byte NOP (aarch64: one
+/// `nop`) recorded in the `textpoke_sites` section. See [`sites::marked`]
+/// for the record format and the crate `textpoke-macros` for the options.
 pub use textpoke_macros::traced;

@@ -7,7 +7,10 @@
 
 mod common;
 
-use common::{child_scenario, compile_so, glob_filter, mapped, peek, rerun_self, stub_and_trampoline, Lib};
+use common::{
+    child_scenario, compile_so, glob_filter, mapped, peek, rerun_self, rerun_self_with, stub_and_trampoline, Lib,
+    PATCHABLE,
+};
 use std::os::unix::process::ExitStatusExt;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -52,13 +55,15 @@ impl TraceOp for Count {
     }
 }
 
+/// What an untraced site holds: a 5-byte NOP (aarch64: a pad's first NOP).
+#[cfg(target_arch = "x86_64")]
+const SITE_NOP: &[u8] = &textpoke::arch::NOP5;
+#[cfg(target_arch = "aarch64")]
+const SITE_NOP: &[u8] = &textpoke::arch::SITE_NOP;
+
 /// Runs the scenario; returns whether the held thread came back.
 fn held_thread_while_unregistering(grace: bool) -> bool {
-    let lib = Arc::new(Lib::open(&compile_so(
-        "hazard",
-        "int haz_fn(int x) { return x + 1; }",
-        &["-fpatchable-function-entry=5", "-O1"],
-    )));
+    let lib = Arc::new(Lib::open(&compile_so("hazard", "int haz_fn(int x) { return x + 1; }", &[PATCHABLE, "-O1"])));
     let t = Tracer::global();
     t.refresh().unwrap();
     t.set_grace_period_for_tests(grace);
@@ -69,8 +74,7 @@ fn held_thread_while_unregistering(grace: bool) -> bool {
     });
     let h = t.register(op.clone(), filter(&["haz_fn"])).unwrap();
     let f = lib.sym("haz_fn");
-    let call = peek(f, 5);
-    assert_eq!(call[0], 0xe8);
+    assert_ne!(peek(f, SITE_NOP.len()), SITE_NOP, "the site calls its stub");
     let (stub, tramp) = stub_and_trampoline(f);
     let lib2 = lib.clone();
     let held = std::thread::spawn(move || {
@@ -84,7 +88,7 @@ fn held_thread_while_unregistering(grace: bool) -> bool {
     // The thread is inside the callback: a return into the trampoline is on
     // its stack. Unregister the op.
     t.unregister(h).unwrap();
-    assert_eq!(peek(f, 5), textpoke::arch::NOP5);
+    assert_eq!(peek(f, SITE_NOP.len()), SITE_NOP);
     if grace {
         assert!(t.reclaim(Duration::from_millis(300)).unwrap() == 0, "nothing may be freed while the thread is held");
         assert!(t.retired() > 0);
@@ -115,7 +119,9 @@ fn child_entry() {
             // enter and leave routines instead of counting in place.
             assert_eq!(Tracer::global().counter_mode(), "calls");
             assert!(held_thread_while_unregistering(true));
-            std::env::set_var("GRACE_STRESS_ROUNDS", "300");
+            if std::env::var_os("GRACE_STRESS_ROUNDS").is_none() {
+                std::env::set_var("GRACE_STRESS_ROUNDS", "300");
+            }
             stress();
             println!("dynamic-tls-ok");
         }
@@ -129,12 +135,7 @@ fn child_entry() {
 #[test]
 fn grace_periods_with_the_count_in_dynamic_tls() {
     let _s = serial();
-    let out = std::process::Command::new(std::env::current_exe().unwrap())
-        .args(["--exact", "child_entry", "--nocapture", "--test-threads=1"])
-        .env("TEXTPOKE_CHILD", "dynamic-tls")
-        .env("TEXTPOKE_TEST_DYNAMIC_TLS", "1")
-        .output()
-        .unwrap();
+    let out = rerun_self_with("child_entry", "dynamic-tls", &[("TEXTPOKE_TEST_DYNAMIC_TLS", "1")]);
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(
         out.status.success() && stdout.contains("dynamic-tls-ok"),
@@ -170,37 +171,66 @@ static HELD_AT: AtomicUsize = AtomicUsize::new(0);
 static GO: AtomicBool = AtomicBool::new(false);
 /// When non-zero: instead of holding where it found the thread, the
 /// handler makes the thread call the function at this address as if it
-/// had just executed the function's patched site (`call stub`): it pushes
-/// the interrupted PC (the function's return address), then the address
-/// after the site, and resumes the thread at the stub.
+/// had just executed the function's patched site: on x86-64 (`call stub`)
+/// it pushes the interrupted PC (the function's return address), then the
+/// address after the site; on aarch64 (`b stub`, after the caller's `bl`)
+/// it sets x30 to the interrupted PC. Then it resumes the thread at the
+/// stub.
 static CALL_FN: AtomicUsize = AtomicUsize::new(0);
 static CALL_STUB: AtomicUsize = AtomicUsize::new(0);
 
 extern "C" fn hold(_: i32, _: *mut libc::siginfo_t, uc: *mut libc::c_void) {
     // SAFETY: the kernel passes a valid ucontext to an SA_SIGINFO handler.
-    let gregs = unsafe { &mut (*(uc as *mut libc::ucontext_t)).uc_mcontext.gregs };
-    let pc = gregs[libc::REG_RIP as usize] as usize;
+    let uc = unsafe { &mut *(uc as *mut libc::ucontext_t) };
+    let pc = pc_of(uc);
     let (lo, hi) = (HOLD_LO.load(Ordering::SeqCst), HOLD_HI.load(Ordering::SeqCst));
     if !(lo..hi).contains(&pc) || HELD_AT.load(Ordering::SeqCst) != 0 {
         return;
     }
     let f = CALL_FN.load(Ordering::SeqCst);
     if f != 0 {
-        // The interrupted code is a leaf spin loop with nothing in its red
-        // zone; the kernel put this handler's frame below the red zone.
-        let mut sp = gregs[libc::REG_RSP as usize] as usize;
-        for ret in [pc, f + 5] {
-            sp -= 8;
-            // SAFETY: the thread's own stack, below its stack pointer.
-            unsafe { (sp as *mut usize).write(ret) };
-        }
-        gregs[libc::REG_RSP as usize] = sp as i64;
-        gregs[libc::REG_RIP as usize] = CALL_STUB.load(Ordering::SeqCst) as i64;
+        call_stub_from(uc, pc, f, CALL_STUB.load(Ordering::SeqCst));
     }
     HELD_AT.store(if f != 0 { CALL_STUB.load(Ordering::SeqCst) } else { pc }, Ordering::SeqCst);
     while !GO.load(Ordering::SeqCst) {
         std::hint::spin_loop();
     }
+}
+
+/// The interrupted PC.
+#[cfg(target_arch = "x86_64")]
+fn pc_of(uc: &libc::ucontext_t) -> usize {
+    uc.uc_mcontext.gregs[libc::REG_RIP as usize] as usize
+}
+
+#[cfg(target_arch = "aarch64")]
+fn pc_of(uc: &libc::ucontext_t) -> usize {
+    uc.uc_mcontext.pc as usize
+}
+
+/// Makes the interrupted thread (at `pc`) resume in `stub` as if it had
+/// called `f` from `pc` and run `f`'s site.
+#[cfg(target_arch = "x86_64")]
+fn call_stub_from(uc: &mut libc::ucontext_t, pc: usize, f: usize, stub: usize) {
+    let gregs = &mut uc.uc_mcontext.gregs;
+    // The interrupted code is a leaf spin loop with nothing in its red
+    // zone; the kernel put this handler's frame below the red zone.
+    let mut sp = gregs[libc::REG_RSP as usize] as usize;
+    for ret in [pc, f + 5] {
+        sp -= 8;
+        // SAFETY: the thread's own stack, below its stack pointer.
+        unsafe { (sp as *mut usize).write(ret) };
+    }
+    gregs[libc::REG_RSP as usize] = sp as i64;
+    gregs[libc::REG_RIP as usize] = stub as i64;
+}
+
+#[cfg(target_arch = "aarch64")]
+fn call_stub_from(uc: &mut libc::ucontext_t, pc: usize, _f: usize, stub: usize) {
+    // The spin loop saved its own x30 in its frame (it calls spin_tick):
+    // x30 is free to be the return address of the call.
+    uc.uc_mcontext.regs[30] = pc as u64;
+    uc.uc_mcontext.pc = stub as u64;
 }
 
 fn install_hold() {
@@ -238,14 +268,23 @@ volatile int spin_stop;
 volatile long held_calls;
 F long held_fn(long x) { held_calls++; return x + 1; }
 F long loop_fn(long n) { long s = 0; for (long i = 0; i < n; i++) s += held_fn(i); return s; }
+#ifdef __aarch64__
+/* Not a leaf, and calling in its loop: x30 is saved in the frame and free
+   while the loop spins, and nothing lives in a caller-saved register
+   across the loop's instructions but the flag just loaded (the test's
+   handler makes the loop call held_fn from anywhere in it). */
+F void spin_tick(void) {}
+F void spin(void) { while (!spin_stop) spin_tick(); }
+#else
 F void spin(void) { while (!spin_stop) ; }
+#endif
 F void spin_end(void) {}
 "#;
 
 #[test]
 fn a_thread_inside_a_trampoline_blocks_the_grace_period() {
     let _s = serial();
-    let lib = Arc::new(Lib::open(&compile_so("gtramp", SPIN_C, &["-fpatchable-function-entry=5", "-O1"])));
+    let lib = Arc::new(Lib::open(&compile_so("gtramp", SPIN_C, &[PATCHABLE, "-O1"])));
     let t = Tracer::global();
     t.refresh().unwrap();
     t.set_grace_period_for_tests(true);
@@ -293,7 +332,7 @@ fn a_thread_inside_a_trampoline_blocks_the_grace_period() {
 #[test]
 fn a_thread_preempted_right_after_a_site_call_survives_the_unmapping() {
     let _s = serial();
-    let lib = Arc::new(Lib::open(&compile_so("gcall", SPIN_C, &["-fpatchable-function-entry=5", "-O1"])));
+    let lib = Arc::new(Lib::open(&compile_so("gcall", SPIN_C, &[PATCHABLE, "-O1"])));
     let t = Tracer::global();
     t.refresh().unwrap();
     t.set_grace_period_for_tests(true);
@@ -358,7 +397,7 @@ F long gs_a(long x) { return x + 1; }
 F long gs_b(long x) { return gs_a(x) * 2; }
 F long gs_loop(long n) { long s = 0; for (long i = 0; i < n; i++) s += gs_b(i); return s; }
 "#,
-        &["-fpatchable-function-entry=5", "-O1"],
+        &[PATCHABLE, "-O1"],
     )));
     let t = Tracer::global();
     t.refresh().unwrap();
@@ -423,11 +462,7 @@ F long gs_loop(long n) { long s = 0; for (long i = 0; i < n; i++) s += gs_b(i); 
 #[test]
 fn stubs_of_an_unloaded_object_are_freed() {
     let _s = serial();
-    let lib = Lib::open(&compile_so(
-        "gunload",
-        "long gu_fn(long x) { return x * 3; }",
-        &["-fpatchable-function-entry=5", "-O1"],
-    ));
+    let lib = Lib::open(&compile_so("gunload", "long gu_fn(long x) { return x * 3; }", &[PATCHABLE, "-O1"]));
     let t = Tracer::global();
     t.refresh().unwrap();
     t.set_grace_period_for_tests(true);

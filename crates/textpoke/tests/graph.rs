@@ -129,44 +129,74 @@ extern "C" int x_thrower(int d, int *dtors) {
 extern "C" int x_catcher(int *dtors) {
     try { return x_thrower(4, dtors); } catch (const std::exception &e) { return std::string(e.what()).size(); }
 }
+extern "C" int x_rethrower(int *dtors) {
+    try { return x_thrower(2, dtors); } catch (...) { ++*dtors; throw; }
+}
+extern "C" int x_outer(int *dtors) {
+    try { return x_rethrower(dtors); } catch (const std::exception &e) { return 10; }
+}
 "#;
 
 /// C++ exceptions unwind through traced frames whose return addresses were
-/// replaced: destructors run, the catch is reached, the program goes on.
-fn cxx_exceptions() {
-    let lib = Lib::open(&compile_cxx_so("cxxgraph", CXX, &[PATCHABLE, "-O1", "-fno-inline"]));
+/// replaced: destructors run, the catch is reached, a rethrow from a catch
+/// too, the program goes on. `flags`: extra compiler flags (aarch64:
+/// return addresses signed with pointer authentication).
+fn cxx_exceptions(name: &str, flags: &[&str]) {
+    let lib = Lib::open(&compile_cxx_so(name, CXX, &[&[PATCHABLE, "-O1", "-fno-inline"], flags].concat()));
     let t = Tracer::global();
     t.refresh().unwrap();
     let c = Counts::new();
     let h = t.register(c.clone(), glob_filter(["x_*"], Vec::<String>::new()).unwrap()).unwrap();
-    // SAFETY: x_catcher(int *) -> int.
-    let catcher = unsafe { std::mem::transmute::<usize, extern "C" fn(*mut i32) -> i32>(lib.sym("x_catcher")) };
+    // SAFETY: x_catcher(int *) -> int, x_outer(int *) -> int.
+    let (catcher, outer) = unsafe {
+        let f = |s| std::mem::transmute::<usize, extern "C" fn(*mut i32) -> i32>(lib.sym(s));
+        (f("x_catcher"), f("x_outer"))
+    };
+    let lost = t.lost_exits();
     for round in 1..=100 {
         let mut dtors = 0;
         assert_eq!(catcher(&mut dtors), 4, "the catch got the exception");
         assert_eq!(dtors, 5, "every Guard was destroyed (round {round})");
+        let mut dtors = 0;
+        assert_eq!(outer(&mut dtors), 10, "the outer catch got the rethrown exception");
+        assert_eq!(dtors, 4, "every Guard was destroyed and the first catch ran (round {round})");
     }
-    // x_catcher and 5 x_thrower per round; x_catcher returns normally.
-    assert_eq!(c.entries.load(Ordering::Relaxed), 600);
-    assert_eq!(c.exits.load(Ordering::Relaxed), 100);
+    // Per round: x_catcher and 5 x_thrower, of which x_catcher returns;
+    // x_outer, x_rethrower and 3 x_thrower, of which x_outer returns.
+    assert_eq!(c.entries.load(Ordering::Relaxed), 1100);
+    assert_eq!(c.exits.load(Ordering::Relaxed), 200);
+    assert_eq!(t.lost_exits() - lost, 900, "the unwound frames' exits are lost");
     t.unregister(h).unwrap();
     println!("cxx-ok");
 }
 
 #[test]
 fn child_entry() {
-    if child_scenario().as_deref() == Some("cxx") {
-        cxx_exceptions();
+    match child_scenario().as_deref() {
+        Some("cxx") => cxx_exceptions("cxxgraph", &[]),
+        Some("cxx-pac") => cxx_exceptions("cxxgraph-pac", &["-mbranch-protection=standard"]),
+        _ => {}
     }
 }
 
-// aarch64: C++ exceptions through hooked returns are not handled there
-// (arch/tramp_aarch64.rs, "Not here yet").
-#[cfg(target_arch = "x86_64")]
-#[test]
-fn cxx_exceptions_through_traced_frames() {
-    // In a child process: if unwinding broke, std::terminate would abort.
-    let out = rerun_self("child_entry", "cxx");
+/// Runs a C++ scenario in a child process: if unwinding broke,
+/// std::terminate would abort.
+fn cxx_child(scenario: &str) {
+    let out = rerun_self("child_entry", scenario);
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success() && stdout.contains("cxx-ok"), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+}
+
+#[test]
+fn cxx_exceptions_through_traced_frames() {
+    cxx_child("cxx");
+}
+
+/// aarch64: functions that sign their return address (`paciasp`) keep the
+/// signed return trampoline in their frame; the unwinder hooks put back
+/// the original signed the same way.
+#[cfg(target_arch = "aarch64")]
+#[test]
+fn cxx_exceptions_through_frames_with_signed_return_addresses() {
+    cxx_child("cxx-pac");
 }

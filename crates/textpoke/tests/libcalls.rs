@@ -107,7 +107,7 @@ const THREADS: i32 = 8;
 const N: i64 = 2000;
 
 fn scenario(prefix: &str, link: &[&str], mode: libc::c_int) {
-    let mut flags = vec!["-fpatchable-function-entry=5", "-O1", "-fno-builtin", "-pthread"];
+    let mut flags = vec![common::PATCHABLE, "-O1", "-fno-builtin", "-pthread"];
     flags.extend_from_slice(link);
     let run = open(&compile_so(prefix, &src(prefix), &flags), mode, &format!("{prefix}_run"));
     let t = Tracer::global();

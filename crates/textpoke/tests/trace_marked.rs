@@ -75,3 +75,58 @@ fn marked_functions_are_traced_with_balanced_exits() {
     tm_outer(10);
     assert_eq!(c.entries.load(Ordering::Relaxed), e, "untraced after unregister");
 }
+
+/// Mixes sixteen integers and eight doubles around the sites of the
+/// inlined traced `lv_step`: with optimisation, values live in registers
+/// across both sites (caller-saved ones included: the asm block clobbers
+/// none), so a stub or trampoline that lost one changes the result.
+#[textpoke::traced]
+#[inline(always)]
+fn lv_step(x: u64) -> u64 {
+    x.rotate_left(7) ^ 0x9e37_79b9
+}
+
+#[textpoke::traced]
+#[inline(never)]
+fn lv_mix(seed: u64) -> (u64, f64) {
+    let xs: [u64; 16] = std::array::from_fn(|i| seed.wrapping_mul(i as u64 + 3));
+    let fs: [f64; 8] = std::array::from_fn(|i| seed as f64 * (i as f64 + 0.5));
+    let s = lv_step(seed);
+    let ints = xs.iter().fold(s, |a, &x| a.rotate_left(3) ^ x);
+    let floats = fs.iter().fold(s as f64, |a, &f| a * 0.5 + f);
+    (ints, floats)
+}
+
+fn lv_mix_plain(seed: u64) -> (u64, f64) {
+    let xs: [u64; 16] = std::array::from_fn(|i| seed.wrapping_mul(i as u64 + 3));
+    let fs: [f64; 8] = std::array::from_fn(|i| seed as f64 * (i as f64 + 0.5));
+    let s = seed.rotate_left(7) ^ 0x9e37_79b9;
+    let ints = xs.iter().fold(s, |a, &x| a.rotate_left(3) ^ x);
+    let floats = fs.iter().fold(s as f64, |a, &f| a * 0.5 + f);
+    (ints, floats)
+}
+
+#[test]
+fn registers_live_across_traced_sites_survive() {
+    let t = Tracer::global();
+    t.refresh().unwrap();
+    let c = Counts::new();
+    let h = t.register(c.clone(), glob_filter(["*::lv_*"], Vec::<String>::new()).unwrap()).unwrap();
+    let threads: Vec<_> = (0..8u64)
+        .map(|k| {
+            std::thread::spawn(move || {
+                for n in 0..500 {
+                    let seed = std::hint::black_box(k * 1000 + n);
+                    assert_eq!(lv_mix(seed), lv_mix_plain(seed));
+                }
+            })
+        })
+        .collect();
+    for th in threads {
+        th.join().unwrap();
+    }
+    // lv_mix and the inlined lv_step: 2 entries and 2 exits per call.
+    assert_eq!(c.entries.load(Ordering::Relaxed), 8 * 500 * 2);
+    assert_eq!(c.exits.load(Ordering::Relaxed), 8 * 500 * 2);
+    t.unregister(h).unwrap();
+}

@@ -10,16 +10,30 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Display;
 use std::hint::black_box;
-use std::path::{Path, PathBuf};
+use std::path::Path;
+#[cfg(target_arch = "x86_64")]
+use std::path::PathBuf;
+#[cfg(target_arch = "x86_64")]
 use std::process::Command;
+#[cfg(target_arch = "x86_64")]
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Mutex, MutexGuard, OnceLock};
+#[cfg(target_arch = "x86_64")]
+use std::sync::OnceLock;
+use std::sync::{Mutex, MutexGuard};
 
+#[cfg(target_arch = "x86_64")]
 use textpoke::arch::{encode_call, NOP5};
 use textpoke::sites::{
     scan_object, MarkedFunction, MarkedPoint, NopForm, RecordSource, Site, SiteKind, SiteTable, SkipReason,
 };
+#[cfg(target_arch = "x86_64")]
 use textpoke::{Batch, Poke};
+
+/// What a marked site holds: a 5-byte NOP (aarch64: one `nop`).
+#[cfg(target_arch = "x86_64")]
+const SITE_NOP: &[u8] = &NOP5;
+#[cfg(target_arch = "aarch64")]
+const SITE_NOP: &[u8] = &textpoke::arch::SITE_NOP;
 
 mod common;
 
@@ -342,8 +356,8 @@ fn sites_are_found_with_names_and_kinds() {
         assert!(!entries.is_empty() && !exits.is_empty(), "{name}: {list:#?}");
         for s in list {
             assert_eq!(s.nop_form, NopForm::Single);
-            assert_eq!(s.nop_len, 5);
-            assert_eq!(bytes_at(s.nop_addr, 5), NOP5);
+            assert_eq!(s.nop_len as usize, SITE_NOP.len());
+            assert_eq!(bytes_at(s.nop_addr, SITE_NOP.len()), SITE_NOP);
             assert!(!s.raw_symbol.is_empty(), "{name}: no symbol contains {:#x}", s.nop_addr);
             assert!(s.entry <= s.nop_addr, "{s:#?}");
         }
@@ -470,7 +484,11 @@ fn bad_records_are_skipped_with_a_reason() {
     assert_eq!(
         reasons,
         [
-            "bytes: [90, 90, 90, 90, 90] in c::good",
+            if cfg!(target_arch = "aarch64") {
+                "bytes: [e0, 03, 00, aa] in c::good"
+            } else {
+                "bytes: [90, 90, 90, 90, 90] in c::good"
+            },
             "descriptor: magic 0x6e665054 version 9, expected 0x6e665054 version 1",
             "descriptor: magic 0xdeadbeef version 1, expected 0x6e665054 version 1",
             "not in code: c::good",
@@ -486,14 +504,17 @@ fn bad_records_are_skipped_with_a_reason() {
 }
 
 // ---------------------------------------------------------------------------
-// Patching the sites into calls of counting trampolines.
+// Patching the sites into calls of counting trampolines (x86-64 code;
+// on aarch64 the tracer's own body stubs are tested by trace_marked.rs).
 
 /// Executable memory within ±2 GiB of `near`, holding `code`.
+#[cfg(target_arch = "x86_64")]
 struct NearCode {
     addr: usize,
     len: usize,
 }
 
+#[cfg(target_arch = "x86_64")]
 impl NearCode {
     fn new(near: usize, code: &[u8]) -> NearCode {
         let len = code.len().next_multiple_of(4096);
@@ -535,6 +556,7 @@ impl NearCode {
     }
 }
 
+#[cfg(target_arch = "x86_64")]
 impl Drop for NearCode {
     fn drop(&mut self) {
         // SAFETY: our mapping; every site calling into it was restored and
@@ -544,6 +566,7 @@ impl Drop for NearCode {
 }
 
 /// Size of one trampoline in the code block.
+#[cfg(target_arch = "x86_64")]
 const TRAMPOLINE_LEN: usize = 128;
 
 /// A trampoline that increments the `u64` at `counter` and preserves every
@@ -552,6 +575,7 @@ const TRAMPOLINE_LEN: usize = 128;
 /// site's stack pointer: the call and the `push` take the first 16, sixteen
 /// stores the rest), as any callee may: had the compiler kept live data
 /// there across the site, the results would be wrong.
+#[cfg(target_arch = "x86_64")]
 fn counting_trampoline(counter: *const AtomicU64) -> [u8; TRAMPOLINE_LEN] {
     let mut code = Vec::with_capacity(TRAMPOLINE_LEN);
     code.push(0x50); // push rax
@@ -569,12 +593,14 @@ fn counting_trampoline(counter: *const AtomicU64) -> [u8; TRAMPOLINE_LEN] {
 }
 
 /// Entry and exit counters of one function.
+#[cfg(target_arch = "x86_64")]
 #[derive(Default)]
 struct Counters {
     entry: AtomicU64,
     exit: AtomicU64,
 }
 
+#[cfg(target_arch = "x86_64")]
 impl Counters {
     fn get(&self) -> (u64, u64) {
         (self.entry.load(Ordering::SeqCst), self.exit.load(Ordering::SeqCst))
@@ -583,12 +609,14 @@ impl Counters {
 
 /// Every marked site of this binary patched to call the trampoline of its
 /// function and kind.
+#[cfg(target_arch = "x86_64")]
 struct Tracing {
     counters: BTreeMap<String, &'static Counters>,
     pokes: Vec<(usize, [u8; 5])>,
     _code: NearCode,
 }
 
+#[cfg(target_arch = "x86_64")]
 impl Tracing {
     fn enable() -> Tracing {
         let sites = marked_sites();
@@ -634,6 +662,7 @@ impl Tracing {
     }
 }
 
+#[cfg(target_arch = "x86_64")]
 fn run_threads(threads: usize, iterations: u64) -> BTreeMap<&'static str, u64> {
     let per_thread: Vec<BTreeMap<&'static str, u64>> = std::thread::scope(|s| {
         let handles: Vec<_> = (0..threads)
@@ -661,6 +690,7 @@ fn run_threads(threads: usize, iterations: u64) -> BTreeMap<&'static str, u64> {
     total
 }
 
+#[cfg(target_arch = "x86_64")]
 #[test]
 fn patched_sites_count_every_entry_and_exit() {
     let _serial = serial();
@@ -722,14 +752,17 @@ fn patched_sites_count_every_entry_and_exit() {
 }
 
 // ---------------------------------------------------------------------------
-// A release build with LTO keeps the sites.
+// A release build with LTO keeps the sites (x86-64: the fixture is built
+// by the host's cargo for the host).
 
+#[cfg(target_arch = "x86_64")]
 const LTO_FIXTURE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/traced_lto");
 
 /// Build `tests/fixtures/traced_lto` with `cargo build --release` and
 /// `lto = true`, as a cdylib and a binary, once per test run (in
 /// `CARGO_TARGET_TMPDIR`, so later runs are incremental). Returns the
 /// directory holding the outputs.
+#[cfg(target_arch = "x86_64")]
 fn lto_fixture() -> &'static Path {
     static BUILT: OnceLock<PathBuf> = OnceLock::new();
     BUILT.get_or_init(|| {
@@ -792,10 +825,13 @@ lto = true
 
 /// The fixture's functions that are called, so that their sites must be
 /// found in every build.
+#[cfg(target_arch = "x86_64")]
 const LTO_FUNCTIONS: [&str; 2] = ["traced_lto::lto_answer", "traced_lto::lto_helper"];
 /// Never called: LTO may remove it with its sites; if not, it has both.
+#[cfg(target_arch = "x86_64")]
 const LTO_UNUSED: &str = "traced_lto::lto_unused";
 
+#[cfg(target_arch = "x86_64")]
 #[test]
 fn lto_release_binary_keeps_its_sites() {
     let bin = lto_fixture().join("traced_lto_main");
@@ -820,6 +856,7 @@ fn lto_release_binary_keeps_its_sites() {
     assert_eq!(found, want, "{stdout}");
 }
 
+#[cfg(target_arch = "x86_64")]
 #[test]
 fn lto_cdylib_sites_are_found_after_dlopen() {
     let so = lto_fixture().join("libtraced_lto.so");

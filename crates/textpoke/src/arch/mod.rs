@@ -62,6 +62,14 @@ pub(crate) fn sync_icache(_addr: usize, _len: usize) {}
 // contexts, an assembler and the tracer's trampolines.
 #[cfg(target_arch = "aarch64")]
 mod aarch64;
+/// The stubs of sites inside function bodies (`#[traced]`).
+#[cfg(target_arch = "aarch64")]
+#[path = "aarch64/body_stub.rs"]
+pub(crate) mod body_stub;
+/// The library-call thunk (`trace/plt.rs`).
+#[cfg(target_arch = "aarch64")]
+#[path = "aarch64/plt_thunk.rs"]
+pub(crate) mod plt_thunk;
 /// Run-time generated trampolines (aarch64: sites enter their stubs by
 /// `b`, see the module docs).
 #[cfg(target_arch = "aarch64")]

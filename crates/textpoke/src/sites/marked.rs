@@ -77,6 +77,10 @@
 //!     .popsection
 //! ```
 //!
+//! On aarch64 the site is `2: nop`, swapped with a `b` to a stub that saves
+//! what it uses and branches back to the site + 4
+//! (`arch/aarch64/body_stub.rs`).
+//!
 //! # Record format
 //!
 //! The section `textpoke_sites` (`SHT_PROGBITS`, `SHF_ALLOC |
@@ -85,7 +89,7 @@
 //!
 //! ```text
 //!  offset size
-//!   0     i32   site      address of the 5-byte NOP  - address of this field
+//!   0     i32   site      address of the NOP (5 bytes; aarch64: 4) - address of this field
 //!   4     i32   function  address of the MarkedFunction descriptor - address of this field
 //!   8     u8    kind      0 = entry, 1 = exit
 //!   9     u8    version   1
@@ -165,12 +169,19 @@
 //! version must be known ([`SkipReason::BadRecord`]), the descriptor must lie
 //! in a readable segment of the same object, carry the magic and version, and
 //! name a valid UTF-8 string inside the object
-//! ([`SkipReason::BadDescriptor`]), and the five bytes at the site must be
-//! [`NOP5`](crate::arch::NOP5), in an executable segment
+//! ([`SkipReason::BadDescriptor`]), and the bytes at the site must be
+//! x86-64's 5-byte NOP (aarch64: one `nop`), in an executable segment
 //! ([`SkipReason::UnexpectedBytes`], [`SkipReason::NotInCode`]).
 
 use super::{Found, Hit, Miss, RecordSource, SectionReport, SiteKind, SitesError, SkipReason, NOP_LEN};
 use crate::arch::{self, NopForm};
+
+/// What a marked site holds: x86-64's 5-byte NOP (`NopForm::Single`), or
+/// aarch64's one `nop` (swapped alone, not part of a patchable entry).
+#[cfg(target_arch = "x86_64")]
+pub(super) const MARKED_NOP: [u8; 5] = arch::NOP5;
+#[cfg(target_arch = "aarch64")]
+pub(super) const MARKED_NOP: [u8; 4] = arch::SITE_NOP;
 
 /// Name of the section holding the records.
 pub(crate) const SECTION: &str = "textpoke_sites";
@@ -251,11 +262,12 @@ impl MarkedFunction {
 
 const _: () = assert!(std::mem::size_of::<MarkedFunction>() == MarkedFunction::SIZE);
 
-/// One site of a marked function: the 5-byte NOP and its record in
-/// `textpoke_sites` (see the [`sites::marked`](crate::sites::marked) module
-/// docs). `$kind` is 0 (entry) or 1 (exit); `$desc` the path of the
-/// function's `static` [`MarkedFunction`]. For the expansion of
-/// `#[textpoke::traced]` only.
+/// One site of a marked function: the 5-byte NOP (aarch64: one `nop`)
+/// and its record in `textpoke_sites` (see the
+/// [`sites::marked`](crate::sites::marked) module docs). `$kind` is 0
+/// (entry) or 1 (exit); `$desc` the path of the function's `static`
+/// [`MarkedFunction`]. For the expansion of `#[textpoke::traced]` only.
+#[cfg(target_arch = "x86_64")]
 #[doc(hidden)]
 #[macro_export]
 macro_rules! __traced_site {
@@ -269,6 +281,38 @@ macro_rules! __traced_site {
             ::core::arch::asm!(
                 "2:",
                 $crate::__nop5_asm!(),
+                ".pushsection textpoke_sites,\"aR\",@progbits",
+                ".balign 4",
+                ".long 2b - .",
+                ".long {desc} - .",
+                ".byte {kind}, 1, 0, 0",
+                ".popsection",
+                desc = sym $desc,
+                kind = const $kind,
+            )
+        }
+    };
+}
+
+/// One site of a marked function (see the x86-64 form): on aarch64 one
+/// `nop`, which the tracer swaps with `b stub` (NOP↔B, allowed while other
+/// cores run it); the body stub saves what it uses, NZCV included, and
+/// branches back to the site + 4 (`arch/aarch64/body_stub.rs`).
+#[cfg(target_arch = "aarch64")]
+#[doc(hidden)]
+#[macro_export]
+macro_rules! __traced_site {
+    ($kind:literal, $desc:path) => {
+        // SAFETY: the block executes one NOP; it reads and writes no
+        // register and no memory. The sites layer only ever swaps it with a
+        // `b` to a stub that preserves every register and the flags and
+        // stores only below the stack pointer after moving it (AAPCS64 has
+        // no red zone), which is why `nostack` and `preserves_flags` are
+        // not given. The record only holds link-time constants.
+        unsafe {
+            ::core::arch::asm!(
+                "2:",
+                "nop",
                 ".pushsection textpoke_sites,\"aR\",@progbits",
                 ".balign 4",
                 ".long 2b - .",
@@ -379,13 +423,13 @@ impl<I: super::Image> super::Scan<'_, I> {
             skipped.clone()
         })?;
         skipped.function = function.clone();
-        if !self.in_code(raw.site, NOP_LEN as usize) {
+        if !self.in_code(raw.site, MARKED_NOP.len()) {
             skipped.reason = SkipReason::NotInCode { addr: raw.site };
             return Err(skipped);
         }
         let mut buf = [0u8; NOP_LEN as usize];
-        let found = self.read_upto_into(raw.site, &mut buf);
-        if arch::classify_site_nop(found) != Some(NopForm::Single) {
+        let found = self.read_upto_into(raw.site, &mut buf[..MARKED_NOP.len()]);
+        if found != MARKED_NOP {
             skipped.reason = SkipReason::UnexpectedBytes { addr: raw.site, found: found.to_vec() };
             return Err(skipped);
         }

@@ -360,7 +360,9 @@ struct Hit {
 impl Hit {
     fn site(self, object: ObjectId) -> Site {
         let Hit { kind, entry, nop_addr, nop_form, function, raw_symbol } = self;
-        Site { object, kind, entry, nop_addr, nop_len: NOP_LEN, nop_form, function, raw_symbol }
+        // aarch64: a marked site is one `nop`, not a patchable entry's two.
+        let nop_len = if matches!(kind, SiteKind::Marked(_)) { marked::MARKED_NOP.len() as u8 } else { NOP_LEN };
+        Site { object, kind, entry, nop_addr, nop_len, nop_form, function, raw_symbol }
     }
 }
 

@@ -902,6 +902,57 @@ pub(crate) extern "C" fn rehijack_after_catch(catch_sp: usize) {
     })
 }
 
+/// For an unwinder walk where a replaced return address lives wherever
+/// the function saved x30 (aarch64, `unwind_aarch64.rs`), not in the
+/// record's slot: the newest record of the frame whose identity (entry SP
+/// − 8) is `identity`, restored or not. `f(orig, restored)` may change
+/// its mark by returning the new one. Returns the frame's original return
+/// address, `None` without a record.
+#[cfg(target_arch = "aarch64")]
+pub(crate) fn with_frame_record(identity: usize, f: impl FnOnce(usize, bool) -> Option<bool>) -> Option<usize> {
+    STATE.with(|st| {
+        let p = st.shadow.get();
+        if p.is_null() {
+            return None;
+        }
+        // SAFETY: this thread's own shadow stack.
+        let sh = unsafe { &mut *p };
+        let len = sh.len;
+        let e = entries(sh)[..len].iter_mut().rev().find(|e| e.slot != 0 && e.slot & !RESTORED == identity)?;
+        if let Some(restored) = f(e.orig, e.slot & RESTORED != 0) {
+            e.slot = identity | if restored { RESTORED } else { 0 };
+        }
+        Some(e.orig)
+    })
+}
+
+/// After an exception was caught and [`with_frame_record`] re-armed the
+/// live frames: the records still marked restored stand for frames the
+/// exception unwound; they are dropped, their exits counted as lost.
+#[cfg(target_arch = "aarch64")]
+pub(crate) fn drop_restored_records() {
+    STATE.with(|st| {
+        let p = st.shadow.get();
+        if p.is_null() {
+            return;
+        }
+        // SAFETY: this thread's own shadow stack.
+        let sh = unsafe { &mut *p };
+        let len = sh.len;
+        let es = entries(sh);
+        let mut kept = 0;
+        for i in 0..len {
+            if es[i].slot & RESTORED != 0 {
+                LOST_EXITS.fetch_add(1, Ordering::Relaxed);
+                continue;
+            }
+            es[kept] = es[i];
+            kept += 1;
+        }
+        sh.len = kept;
+    })
+}
+
 // ---------------------------------------------------------------- live patching hooks
 //
 // What `live` (the transition engine, issue 12) needs of the function graph

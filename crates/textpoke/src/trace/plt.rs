@@ -19,6 +19,10 @@
 //! ```
 //!
 //! and one site at offset 0 named as uftrace names the call (`malloc`).
+//! On aarch64 the PLT entry is `adrp x16; ldr x17, [x16, #slot]; add x16;
+//! br x17`, and the thunk is a patchable entry's two NOPs (the first
+//! swapped with `b stub`, as any aarch64 entry site) followed by `ldr x16,
+//! target; br x16` (`arch/aarch64/plt_thunk.rs`).
 //! Entered through the slot, the thunk looks exactly like the entry of a
 //! function: the caller's return address on top of the stack, the
 //! arguments in their registers, `r10`/`r11` free. So the site is an
@@ -31,15 +35,18 @@
 //!
 //! Switching a slot on is one aligned 8-byte store of the thunk's address
 //! into the GOT word; off, one store of the resolved target back. These
-//! are data writes, not code: an x86 store of an aligned quadword is
-//! single-copy atomic, so a thread running the PLT entry loads either the
+//! are data writes, not code: an aligned 8-byte store is single-copy
+//! atomic (x86-64 and aarch64), so a thread running the PLT entry loads either the
 //! old target or the new one, both valid and both jumping to the same
 //! function in the end. No instruction changes, so no breakpoint protocol.
 //! What must hold is that the thunk's code is visible before any thread
 //! can read its address: the code is written first, cores are synced
 //! (`membarrier(PRIVATE_EXPEDITED_SYNC_CORE)`, cross-modifying code as for
-//! new trampolines), and only then is the word stored (Release; its
-//! partner is the PLT's `jmp [GOT]`, a plain x86 load).
+//! new trampolines; on aarch64 the kernel's write through `/proc/self/mem`
+//! also cleans and invalidates the caches for executable pages), and only
+//! then is the word stored (Release; its partner is the PLT's load of the
+//! word, `jmp [GOT]` or `ldr x17`, whose address dependency orders the
+//! branch after it).
 //!
 //! The store is made by this thread, not through `/proc/self/mem` (the
 //! kernel's copy there is a `memcpy` that promises no single 8-byte
@@ -114,9 +121,13 @@ use std::ops::ControlFlow;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
-/// Bytes per thunk (code, then its target at [`TARGET_AT`]).
+/// Bytes per thunk (code, then its target at `TARGET_AT`).
+#[cfg(target_arch = "x86_64")]
 const THUNK: usize = 32;
+#[cfg(target_arch = "x86_64")]
 const TARGET_AT: usize = 16;
+#[cfg(target_arch = "aarch64")]
+use crate::arch::plt_thunk::THUNK;
 /// Thunks per block.
 const THUNKS_PER_BLOCK: usize = 128;
 
@@ -264,9 +275,7 @@ impl Inner {
         let objects = self.table.objects();
         self.plt.slots.retain(|s| objects.get(s.object).is_some());
         self.plt.scanned.retain(|&id| objects.get(id).is_some());
-        // The thunks are x86-64 code (aarch64: to do, with its own
-        // `JUMP_SLOT` type and an `ldr x16`/`br x16` thunk).
-        if !self.plt.on || !cfg!(target_arch = "x86_64") {
+        if !self.plt.on {
             return;
         }
         let mut owners: Vec<ObjectId> = self.sites.iter().filter(|s| s.alive).map(|s| s.object).collect();
@@ -301,10 +310,7 @@ impl Inner {
     /// Makes the thunk and the site of one slot.
     fn add_slot(&mut self, object: ObjectId, near: usize, imp: &Import, resolved: usize) -> std::io::Result<()> {
         let thunk = self.new_thunk(near)?;
-        let mut code = [0xccu8; THUNK];
-        code[..crate::arch::SITE_NOP.len()].copy_from_slice(&crate::arch::SITE_NOP);
-        code[5..11].copy_from_slice(&[0xff, 0x25, (TARGET_AT - 11) as u8, 0, 0, 0]); // jmp [rip + 5]
-        code[TARGET_AT..TARGET_AT + 8].copy_from_slice(&(resolved as u64).to_le_bytes());
+        let code = thunk_code(resolved);
         let b = self.plt.blocks.last().expect("new_thunk made one");
         b.write(thunk - b.addr(), &code)?;
         self.plt.fresh = true;
@@ -336,7 +342,8 @@ impl Inner {
     }
 
     /// Room for one thunk within rel32 reach of `near` (where its stubs
-    /// will be made too).
+    /// will be made too; on aarch64 they are placed within a `b`'s reach
+    /// of the thunk by `tramp_alloc`).
     fn new_thunk(&mut self, near: usize) -> std::io::Result<usize> {
         let p = &mut self.plt;
         let fits = p.blocks.last().is_some_and(|b| p.used + THUNK <= b.len() && b.addr().abs_diff(near) < 1 << 30);
@@ -380,6 +387,22 @@ impl Inner {
     }
 }
 
+/// The thunk that goes on to `resolved` (module docs, "The PLT site").
+#[cfg(target_arch = "x86_64")]
+fn thunk_code(resolved: usize) -> [u8; THUNK] {
+    let mut code = [0xccu8; THUNK];
+    code[..crate::arch::SITE_NOP.len()].copy_from_slice(&crate::arch::SITE_NOP);
+    code[5..11].copy_from_slice(&[0xff, 0x25, (TARGET_AT - 11) as u8, 0, 0, 0]); // jmp [rip + 5]
+    code[TARGET_AT..TARGET_AT + 8].copy_from_slice(&(resolved as u64).to_le_bytes());
+    code
+}
+
+/// The thunk that goes on to `resolved` (`arch/aarch64/plt_thunk.rs`).
+#[cfg(target_arch = "aarch64")]
+fn thunk_code(resolved: usize) -> [u8; THUNK] {
+    crate::arch::plt_thunk::thunk(resolved)
+}
+
 /// Only its address: which object holds textpoke's own code.
 #[inline(never)]
 fn plt_scan_marker() {}
@@ -401,8 +424,8 @@ fn store_word(maps: &sys::maps::Maps, got: usize, value: usize) -> std::io::Resu
     // SAFETY: an aligned, mapped and now writable word the loader made for
     // this slot; other threads only read it (the loader's lazy writes
     // aside, see "Lazy binding"). Release: the thunk's code and target are
-    // written (and cores synced) before; pairs with the PLT entry's `jmp
-    // [GOT]`, a plain x86 load.
+    // written (and cores synced) before; pairs with the PLT entry's load
+    // of the word (`jmp [GOT]`; aarch64 `ldr x17`, then `br x17`).
     unsafe { AtomicUsize::from_ptr(got as *mut usize) }.store(value, Ordering::Release);
     if let Some(prot) = restore {
         // SAFETY: as above: the page's own permissions back.
@@ -440,7 +463,10 @@ fn resolve(imp: &Import, lazy: bool, held: Option<&sys::loader::Handle>) -> Opti
 use sys::loader::Dynamic as Dyn;
 
 /// The relocation type of a PLT slot (elf.h).
-const R_X86_64_JUMP_SLOT: u32 = 7;
+#[cfg(target_arch = "x86_64")]
+const JUMP_SLOT: u32 = 7; // R_X86_64_JUMP_SLOT
+#[cfg(target_arch = "aarch64")]
+const JUMP_SLOT: u32 = 1026; // R_AARCH64_JUMP_SLOT
 
 /// The `JUMP_SLOT` imports of the loaded object `dl_name` at `bias`,
 /// those in [`SKIP`] left out.
@@ -475,7 +501,7 @@ unsafe fn collect(bias: usize, d: &Dyn, out: &mut Vec<Import>) {
     let relas = unsafe { std::slice::from_raw_parts(d.jmprel as *const libc::Elf64_Rela, d.pltrelsz / 24) };
     for r in relas {
         let (sym, ty) = ((r.r_info >> 32) as usize, (r.r_info & 0xffff_ffff) as u32);
-        if sym == 0 || ty != R_X86_64_JUMP_SLOT {
+        if sym == 0 || ty != JUMP_SLOT {
             continue; // IRELATIVE and the like: no import
         }
         // SAFETY: the symbol index and its name come from the object's own

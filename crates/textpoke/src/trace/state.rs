@@ -256,12 +256,14 @@ impl Inner {
                 if self.by_addr.contains_key(&site.nop_addr) || self.sites.len() >= hot::MAX_SITES {
                     continue;
                 }
-                // aarch64: only gcc's and clang's fresh pads (`nop; nop` at a
+                // aarch64: gcc's and clang's fresh pads (`nop; nop` at a
                 // function's entry), whose first NOP is swapped with `b stub`
-                // (arch/tramp_aarch64.rs); `#[traced]` sites are x86-64 only,
-                // and an entry already `mov x9, x30; nop` is someone else's.
+                // (arch/tramp_aarch64.rs), and `#[traced]` sites (one `nop`,
+                // arch/aarch64/body_stub.rs); an entry already `mov x9, x30;
+                // nop` is someone else's.
                 if cfg!(target_arch = "aarch64")
-                    && (matches!(site.kind, SiteKind::Marked(_)) || site.nop_form == NopForm::Single)
+                    && !matches!(site.kind, SiteKind::Marked(_))
+                    && site.nop_form == NopForm::Single
                 {
                     continue;
                 }

@@ -74,22 +74,26 @@ pub(super) struct GraphCode {
 }
 
 /// A call stub for the site at `site`: x86-64 sites `call` it; aarch64
-/// sites (function entries) branch to it, and it branches back past the
-/// pad (`arch/tramp_aarch64.rs`).
+/// sites branch to it, and it branches back past the pad (function
+/// entries, `arch/tramp_aarch64.rs`) or past the site with every register
+/// as it was (body sites, `arch/aarch64/body_stub.rs`).
 fn call_stub(
     at: usize,
     data: usize,
     header: usize,
     value: u32,
     c: tramp::Counter,
-    site: usize,
+    (site, place): (usize, SitePlace),
 ) -> Option<tramp::StubCode> {
     #[cfg(target_arch = "x86_64")]
-    let _ = site;
+    let _ = (site, place);
     #[cfg(target_arch = "x86_64")]
     return tramp::call_stub(at, data, header, value, c);
     #[cfg(target_arch = "aarch64")]
-    return tramp::call_stub(at, data, header, value, c, tramp::Entered::Branch { site });
+    return match place {
+        SitePlace::FunctionEntry => tramp::call_stub(at, data, header, value, c, tramp::Entered::Branch { site }),
+        SitePlace::BodyEntry | SitePlace::BodyExit => arch::body_stub::body_stub(at, data, header, value, c, site),
+    };
 }
 
 /// Maps stub code within reach of every address in `[lo, addr]`, as near
@@ -439,7 +443,7 @@ impl Inner {
 
     /// Makes site `i`'s stub of `kind` (its word at the null path).
     fn new_stub(&mut self, i: usize, kind: StubKind) -> Result<Stub, TraceError> {
-        let addr = self.sites[i].addr;
+        let (addr, place) = (self.sites[i].addr, self.sites[i].place);
         let (sb, at) = self.stub_code_slot(i)?;
         let blk = self.stub_blocks[sb].as_mut().expect("live stub block");
         let slot = (at - blk.code.addr()) / tramp::STUB_CODE;
@@ -447,8 +451,8 @@ impl Inner {
         let slot_info = hot::site_slot(i as u32).expect("site slot");
         let func = slot_info.func.load(Ordering::Relaxed);
         let code = match (kind, self.counter) {
-            (StubKind::Call, c) => call_stub(at, data, header, i as u32, c, addr),
-            (StubKind::Count, c) => call_stub(at, data, header, func, c, addr),
+            (StubKind::Call, c) => call_stub(at, data, header, i as u32, c, (addr, place)),
+            (StubKind::Count, c) => call_stub(at, data, header, func, c, (addr, place)),
             (StubKind::Graph, tramp::Counter::Tls(off)) => {
                 tramp::graph_stub(at, data, header, off, (addr + arch::REL32_LEN, i as u32, func))
             }

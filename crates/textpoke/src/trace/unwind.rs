@@ -17,13 +17,24 @@
 //! like cross-modifying code. It is written through `/proc/self/mem`, so a
 //! RELRO (read-only) GOT needs no protection change.
 //!
+//! On aarch64 a replaced return address is not in the record's slot but
+//! wherever the function's prologue saved x30: the hooks are assembly that
+//! saves the callee-saved registers and walks the thread's frames with
+//! their call frame information to find each saved x30
+//! (`unwind_aarch64.rs`); the records and their marks are the same.
+//!
 //! `pthread_exit` and cancellation need nothing: glibc's forced unwind
 //! stops at a frame it cannot unwind and still runs every cleanup handler
 //! (tested).
 
 use crate::sys;
+#[cfg(target_arch = "aarch64")]
+#[path = "unwind_aarch64.rs"]
+mod unwind_aarch64;
 use std::collections::HashSet;
-use std::ffi::{c_void, CStr};
+#[cfg(target_arch = "x86_64")]
+use std::ffi::c_void;
+use std::ffi::CStr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 static ORIG_RAISE: AtomicUsize = AtomicUsize::new(0);
@@ -35,6 +46,7 @@ static UNCAUGHT: AtomicUsize = AtomicUsize::new(0);
 
 const HOOKS: [&CStr; 3] = [c"_Unwind_RaiseException", c"_Unwind_Resume_or_Rethrow", c"__cxa_begin_catch"];
 
+#[cfg(target_arch = "x86_64")]
 extern "C-unwind" fn raise_hook(exc: *mut c_void) -> i32 {
     super::hot::restore_return_addresses();
     // SAFETY: ORIG_RAISE holds the real `_Unwind_RaiseException`, set before
@@ -44,12 +56,96 @@ extern "C-unwind" fn raise_hook(exc: *mut c_void) -> i32 {
     f(exc)
 }
 
+#[cfg(target_arch = "x86_64")]
 extern "C-unwind" fn rethrow_hook(exc: *mut c_void) -> i32 {
     super::hot::restore_return_addresses();
     // SAFETY: as above, the real `_Unwind_Resume_or_Rethrow`.
     let f: extern "C-unwind" fn(*mut c_void) -> i32 =
         unsafe { std::mem::transmute(ORIG_RETHROW.load(Ordering::Acquire)) }; // pairs with resolve_original
     f(exc)
+}
+
+/// An aarch64 hook: saves x19–x30 (its caller's frame's values) and x0/x1
+/// in a save area (`unwind_aarch64::SaveArea`), calls `$walk(save area,
+/// entry SP)`, which may rewrite saved x30 values in the stack and in the
+/// save area, restores every register from it and continues in the real
+/// function (`br x16`, a tail call: the real function returns to the
+/// hook's caller).
+#[cfg(target_arch = "aarch64")]
+macro_rules! aarch64_hook {
+    ($(#[$doc:meta])* $name:ident, $walk:path, $orig:path) => {
+        $(#[$doc])*
+        #[unsafe(naked)]
+        extern "C" fn $name() {
+            core::arch::naked_asm!(
+                "sub sp, sp, #{size}",
+                "stp x19, x20, [sp]",
+                "stp x21, x22, [sp, #16]",
+                "stp x23, x24, [sp, #32]",
+                "stp x25, x26, [sp, #48]",
+                "stp x27, x28, [sp, #64]",
+                "stp x29, x30, [sp, #80]",
+                "stp x0, x1, [sp, #96]",
+                "mov x0, sp",
+                "add x1, sp, #{size}",
+                "bl {walk}",
+                "ldp x19, x20, [sp]",
+                "ldp x21, x22, [sp, #16]",
+                "ldp x23, x24, [sp, #32]",
+                "ldp x25, x26, [sp, #48]",
+                "ldp x27, x28, [sp, #64]",
+                "ldp x29, x30, [sp, #80]",
+                "ldp x0, x1, [sp, #96]",
+                "add sp, sp, #{size}",
+                "adrp x16, {orig}",
+                "ldr x16, [x16, :lo12:{orig}]",
+                "br x16",
+                size = const unwind_aarch64::SAVE_AREA,
+                walk = sym $walk,
+                orig = sym $orig,
+            )
+        }
+    };
+}
+
+#[cfg(target_arch = "aarch64")]
+aarch64_hook!(
+    /// `_Unwind_RaiseException(exc)` on aarch64: hooked frames' return
+    /// addresses put back where they saved x30 (`unwind_aarch64.rs`).
+    raise_hook,
+    restore_for_unwinder,
+    ORIG_RAISE
+);
+#[cfg(target_arch = "aarch64")]
+aarch64_hook!(
+    /// `_Unwind_Resume_or_Rethrow(exc)` on aarch64, as `raise_hook`.
+    rethrow_hook,
+    restore_for_unwinder,
+    ORIG_RETHROW
+);
+#[cfg(target_arch = "aarch64")]
+aarch64_hook!(
+    /// `__cxa_begin_catch(exc)` on aarch64: the hooked frames from the
+    /// catching one outwards are hooked again.
+    begin_catch_hook,
+    rearm_unless_unwinding,
+    ORIG_BEGIN_CATCH
+);
+
+#[cfg(target_arch = "aarch64")]
+extern "C" fn restore_for_unwinder(save: *mut unwind_aarch64::SaveArea, sp: usize) {
+    // SAFETY: the hook's save area and entry SP: the walk starts at the
+    // hook's caller, whose frames are live until the hook returns.
+    unsafe { unwind_aarch64::restore_for_unwinder(unwind_aarch64::Start { save, sp }) }
+}
+
+#[cfg(target_arch = "aarch64")]
+extern "C" fn rearm_unless_unwinding(save: *mut unwind_aarch64::SaveArea, sp: usize) {
+    if another_exception_in_flight() {
+        return;
+    }
+    // SAFETY: as in restore_for_unwinder.
+    unsafe { unwind_aarch64::rearm_after_catch(unwind_aarch64::Start { save, sp }) }
 }
 
 /// `__cxa_begin_catch(exc)`, called by the catching frame's handler: tell
@@ -76,18 +172,26 @@ extern "C" fn begin_catch_hook() {
 /// exception's frames must keep their original return addresses until it
 /// is caught in turn (re-arming them aborted the program in
 /// `_Unwind_Resume`: the return trampoline has no unwind information).
+#[cfg(target_arch = "x86_64")]
 extern "C" fn rehijack_unless_unwinding(catch_sp: usize) {
-    // Pairs with the Release store in `resolve_original`.
-    let f = UNCAUGHT.load(Ordering::Acquire);
-    if f != 0 {
-        // SAFETY: `int std::uncaught_exceptions() noexcept` (or the
-        // unsigned C ABI twin): no arguments, a count in eax.
-        let uncaught: extern "C" fn() -> u32 = unsafe { std::mem::transmute(f) };
-        if uncaught() > 1 {
-            return;
-        }
+    if another_exception_in_flight() {
+        return;
     }
     super::hot::rehijack_after_catch(catch_sp)
+}
+
+/// Whether more than one exception is uncaught: the one being caught, and
+/// another still being unwound (see above).
+fn another_exception_in_flight() -> bool {
+    // Pairs with the Release store in `resolve_original`.
+    let f = UNCAUGHT.load(Ordering::Acquire);
+    if f == 0 {
+        return false;
+    }
+    // SAFETY: `int std::uncaught_exceptions() noexcept` (or the unsigned C
+    // ABI twin): no arguments, a count in eax / w0.
+    let uncaught: extern "C" fn() -> u32 = unsafe { std::mem::transmute(f) };
+    uncaught() > 1
 }
 
 fn hook_for(name: &CStr) -> Option<(usize, &'static AtomicUsize)> {
@@ -96,10 +200,7 @@ fn hook_for(name: &CStr) -> Option<(usize, &'static AtomicUsize)> {
     } else if name == HOOKS[1] {
         Some((rethrow_hook as *const () as usize, &ORIG_RETHROW))
     } else if name == HOOKS[2] {
-        #[cfg(target_arch = "x86_64")]
-        return Some((begin_catch_hook as *const () as usize, &ORIG_BEGIN_CATCH));
-        #[cfg(not(target_arch = "x86_64"))]
-        None
+        Some((begin_catch_hook as *const () as usize, &ORIG_BEGIN_CATCH))
     } else {
         None
     }
@@ -117,12 +218,6 @@ impl UnwindHooks {
     /// Points every loaded object's imports of the unwinder entry points at
     /// the hooks. Returns how many GOT entries were changed.
     pub fn install(&mut self) -> usize {
-        // aarch64: a replaced return address lives in x30 and wherever the
-        // function's prologue saved it, not in the slot the shadow record
-        // names (arch/tramp_aarch64.rs): nothing to put back, no hook.
-        if !cfg!(target_arch = "x86_64") {
-            return 0;
-        }
         let mut slots = Vec::new();
         let mut importers = Vec::new();
         for_each_dynamic(|name, bias, d| {
@@ -207,8 +302,11 @@ fn collect_slots(bias: usize, d: &Dyn, out: &mut Vec<(usize, usize, &'static Ato
     if d.symtab == 0 || d.strtab == 0 {
         return;
     }
-    const R_X86_64_GLOB_DAT: u32 = 6;
-    const R_X86_64_JUMP_SLOT: u32 = 7;
+    // R_X86_64_GLOB_DAT and _JUMP_SLOT; R_AARCH64_GLOB_DAT and _JUMP_SLOT.
+    #[cfg(target_arch = "x86_64")]
+    const GLOB_DAT_AND_JUMP_SLOT: [u32; 2] = [6, 7];
+    #[cfg(target_arch = "aarch64")]
+    const GLOB_DAT_AND_JUMP_SLOT: [u32; 2] = [1025, 1026];
     for (table, size) in [(d.rela, d.relasz), (d.jmprel, d.pltrelsz)] {
         if table == 0 {
             continue;
@@ -217,7 +315,7 @@ fn collect_slots(bias: usize, d: &Dyn, out: &mut Vec<(usize, usize, &'static Ato
         let relas = unsafe { std::slice::from_raw_parts(table as *const libc::Elf64_Rela, size / 24) };
         for r in relas {
             let (sym, ty) = ((r.r_info >> 32) as usize, (r.r_info & 0xffff_ffff) as u32);
-            if sym == 0 || !(ty == R_X86_64_JUMP_SLOT || ty == R_X86_64_GLOB_DAT) {
+            if sym == 0 || !GLOB_DAT_AND_JUMP_SLOT.contains(&ty) {
                 continue;
             }
             // SAFETY: the symbol index comes from the object's own relocation.

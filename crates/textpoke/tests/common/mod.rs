@@ -120,11 +120,26 @@ pub fn wx_mappings() -> Vec<String> {
 /// Runs this test binary again with only test `name`, with `TEXTPOKE_CHILD`
 /// set to `scenario`; returns its exit status and output.
 pub fn rerun_self(name: &str, scenario: &str) -> std::process::Output {
-    Command::new(std::env::current_exe().unwrap())
-        .args(["--exact", name, "--nocapture", "--test-threads=1"])
-        .env("TEXTPOKE_CHILD", scenario)
-        .output()
-        .unwrap()
+    rerun_self_with(name, scenario, &[])
+}
+
+/// [`rerun_self`] with more environment variables.
+///
+/// An aarch64 test binary under qemu-user on another host (no binfmt_misc)
+/// cannot exec itself: the child exits 127 before it runs, saying nothing
+/// (an exec failure, as qemu reports it); it is run under `qemu-aarch64`
+/// then.
+pub fn rerun_self_with(name: &str, scenario: &str, env: &[(&str, &str)]) -> std::process::Output {
+    let exe = std::env::current_exe().unwrap();
+    let args = ["--exact", name, "--nocapture", "--test-threads=1"];
+    let run =
+        |cmd: &mut Command| cmd.args(args).env("TEXTPOKE_CHILD", scenario).envs(env.iter().copied()).output().unwrap();
+    let out = run(&mut Command::new(&exe));
+    let not_run = out.status.code() == Some(127) && out.stdout.is_empty() && out.stderr.is_empty();
+    if cfg!(target_arch = "aarch64") && not_run {
+        return run(Command::new("qemu-aarch64").arg(&exe));
+    }
+    out
 }
 
 /// The child scenario this process runs, if it is a re-run child.
@@ -165,6 +180,7 @@ pub fn branch_target(at: usize) -> usize {
 /// The stub a traced site calls, and the trampoline its word points to now
 /// (`textpoke::arch::tramp::call_stub`: the word is read by the
 /// `call [rip+disp32]` after the stub's `push imm32`).
+#[cfg(target_arch = "x86_64")]
 pub fn stub_and_trampoline(site: usize) -> (usize, usize) {
     let stub = branch_target(site);
     let code = peek(stub, 32);
@@ -178,6 +194,37 @@ pub fn stub_and_trampoline(site: usize) -> (usize, usize) {
     // SAFETY: the word is an aligned usize in the stub's data page.
     let tramp =
         unsafe { (*(word as *const std::sync::atomic::AtomicUsize)).load(std::sync::atomic::Ordering::Acquire) };
+    (stub, tramp)
+}
+
+/// The stub a traced site branches to (`b stub`, the site's first word),
+/// and the trampoline its word points to now (aarch64's
+/// `arch::tramp::call_stub`: the word is loaded by the `adrp x16; ldr x16,
+/// [x16, #lo12]` right after the `movz`/`movk` of x9, then `blr x16`).
+#[cfg(target_arch = "aarch64")]
+pub fn stub_and_trampoline(site: usize) -> (usize, usize) {
+    let word = |at: usize| u32::from_le_bytes(peek(at, 4).try_into().unwrap());
+    let b = word(site);
+    assert_eq!(b & 0xfc00_0000, 0x1400_0000, "the site is `b stub`: {b:#010x}");
+    let stub = site.wrapping_add_signed((((b & 0x03ff_ffff) << 6) as i32 >> 6) as isize * 4);
+    let code: Vec<u32> = (0..32).map(|i| word(stub + 4 * i)).collect();
+    // movz x9 or movk x9 (the assembler's mov_imm).
+    let is_mov_x9 = |w: u32| w & 0xff80_001f == 0xd280_0009 || w & 0xff80_001f == 0xf280_0009;
+    let k = (1..code.len() - 2)
+        .find(|&k| {
+            is_mov_x9(code[k - 1])
+                && code[k] & 0x9f00_001f == 0x9000_0010 // adrp x16
+                && code[k + 1] & 0xffc0_03ff == 0xf940_0210 // ldr x16, [x16, #imm]
+                && code[k + 2] == 0xd63f_0200 // blr x16
+        })
+        .unwrap_or_else(|| panic!("no load of the stub's word after mov x9: {code:08x?}"));
+    let adrp = code[k];
+    let page = ((((adrp >> 5) & 0x7_ffff) << 2 | (adrp >> 29) & 3) as i32) << 11 >> 11;
+    let base = ((stub + 4 * k) & !0xfff).wrapping_add_signed(page as isize * 4096);
+    let word_at = base + ((code[k + 1] >> 10) & 0xfff) as usize * 8;
+    // SAFETY: the word is an aligned usize in the stub's data page.
+    let tramp =
+        unsafe { (*(word_at as *const std::sync::atomic::AtomicUsize)).load(std::sync::atomic::Ordering::Acquire) };
     (stub, tramp)
 }
 
