@@ -90,6 +90,24 @@ use std::time::{Duration, Instant};
 /// How long a thread may take to answer before the request fails.
 pub const RESPONSE_DEADLINE: Duration = Duration::from_secs(5);
 
+/// [`RESPONSE_DEADLINE`] under a user-mode emulator: there a guest thread
+/// takes a signal only when the emulator's thread for it gets back to its
+/// execution loop, behind the emulator's own locks (translation, exclusive
+/// sections for atomics), and on a loaded host that took more than 5 s
+/// (stress.rs's stop-machine test under qemu-aarch64 at load 25, a few
+/// runs in ten). Natively the deadline stays 5 s.
+pub const EMULATED_RESPONSE_DEADLINE: Duration = Duration::from_secs(30);
+
+/// The deadline for this process ([`RESPONSE_DEADLINE`], or
+/// [`EMULATED_RESPONSE_DEADLINE`] under a user-mode emulator).
+pub fn response_deadline() -> Duration {
+    if emulation::user_mode_emulator() {
+        EMULATED_RESPONSE_DEADLINE
+    } else {
+        RESPONSE_DEADLINE
+    }
+}
+
 /// Under a user-mode emulator, how long a thread that blocks every signal
 /// in its host mask may take to answer before it is taken for one of the
 /// emulator's own threads (module docs). A program thread caught while
@@ -498,7 +516,7 @@ fn unresponsive(tid: i32, deadline_start: Instant) -> PokeError {
 
 /// Sync cores by signalling every other thread (see module docs).
 pub fn sync_by_signals() -> Result<(), PokeError> {
-    sync_by_signals_within(RESPONSE_DEADLINE)
+    sync_by_signals_within(response_deadline())
 }
 
 /// As [`sync_by_signals`], waiting at most `deadline` for answers.
@@ -669,7 +687,7 @@ fn try_park() -> Result<Parked, Option<PokeError>> {
                 return Err(Some(e.into_error("signal a thread to park it")));
             }
         }
-        if let Err(tid) = wait_all(t, gen, start, start + RESPONSE_DEADLINE) {
+        if let Err(tid) = wait_all(t, gen, start, start + response_deadline()) {
             parked.do_release();
             return Err(Some(unresponsive(tid, start)));
         }
