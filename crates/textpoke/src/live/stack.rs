@@ -146,6 +146,12 @@ fn module_of(o: &crate::sys::loader::LoadedObjectInfo<'_>) -> Option<Module> {
     Some(Module { lo, hi, hdr, eh_frame, bases })
 }
 
+/// Whether `pc` lies in a loaded object's code (not in anonymous code:
+/// the tracer's stubs, trampolines and mirror slots, live stubs, a JIT's).
+pub(super) fn in_object(pc: usize) -> bool {
+    module_for(pc).is_some()
+}
+
 fn module_for(pc: usize) -> Option<&'static Module> {
     // Acquire pairs with refresh_modules' Release store.
     // SAFETY: tables are leaked, never freed.
