@@ -228,8 +228,9 @@ fn stack_verdict(
     // Its PC in code of no loaded object: a tracer stub, trampoline or
     // mirror slot before the count is raised (on its way into a function
     // whose frame nothing shows yet, as above), or a JIT's code. It counts
-    // as in transit (and a thread blocked in a system call is never there
-    // but for a JIT making raw system calls, which then waits for `force`).
+    // as in transit, also when the unwind below could not start (a thread
+    // blocked in a system call is never there but for a JIT making raw
+    // system calls, which then waits for `force`).
     if ranges.find(pc).is_none() && !stack::in_object(pc) {
         return (Verdict::Hit { func: stack::TRANSIT, frame: 0, reliable: true }, false);
     }

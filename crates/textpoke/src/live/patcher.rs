@@ -818,6 +818,16 @@ impl Control {
 
     /// One pass over the threads; whether all are at the target.
     fn round(&mut self) -> Result<bool, LiveError> {
+        // The versions of every patched function, which the checkpoint op
+        // leaves alone (`register_checkpoint`).
+        let version_ranges: Vec<(usize, usize)> = self
+            .sites
+            .iter()
+            .flat_map(|s| s.stack.iter().filter(|v| !v.nop).map(|v| (v.addr, v.addr + v.size)))
+            .collect();
+        // Objects loaded since: a thread's PC in code of no known object
+        // counts as in transit (`outside.rs`).
+        stack::refresh_modules();
         enter::check_current_thread();
         // SAFETY: the current check, freed only by this (locked) side.
         let check = unsafe { &*CHECK.load(Ordering::Acquire) };
@@ -892,7 +902,7 @@ impl Control {
         } else {
             let since = *trans.running_since.get_or_insert_with(Instant::now);
             if since.elapsed() >= Duration::from_millis(2) && trans.checkpoint.is_none() {
-                trans.checkpoint = register_checkpoint();
+                trans.checkpoint = register_checkpoint(&version_ranges);
             }
         }
         if pending > 0 {
@@ -916,14 +926,15 @@ impl Control {
         });
         let mut tids = Vec::new();
         let _ = crate::sys::threads::for_each_tid(|tid| tids.push(tid));
-        // A thread with no word of this generation counts as switched only
-        // if it was created after the transition was armed: an older one
+        // A thread with no word of this generation is in the initial state,
+        // the target after a reversal; else it counts as switched only if
+        // it was created after the transition was armed: an older one
         // missing from the first listing (a listing of /proc/self/task can
         // miss a thread while others exit) has not been checked.
         let armed_tick = trans.armed_tick;
         let threads_ok = tids.iter().all(|&tid| match state::find(tid).map(|r| r.word.load(Ordering::Acquire)) {
             Some(w) if (w >> 32) as u32 == t.gen => completing.effective(w) == t.target,
-            _ => tid != me && outside::born_after(tid, armed_tick),
+            _ => t.initial == t.target || tid != me && outside::born_after(tid, armed_tick),
         });
         if graced && records_ok && threads_ok {
             return Ok(true);
@@ -1184,9 +1195,12 @@ impl TraceOp for Checkpoint {
 /// pad whose mirror cannot be placed is then left out). Live patching
 /// does not make pads one instruction, so without this a busy thread that
 /// only runs pads would never reach a checkpoint. The op reaches the
-/// versions' own entries too (a replacement's pad): `enter::checkpoint`
-/// counts the function being entered as held.
-fn register_checkpoint() -> Option<OpHandle> {
+/// versions' own entries (a replacement's pad, `versions`: entry ranges)
+/// are left out: a thread entering a version came through its stub, which
+/// decided already, and a trampoline there would change `r11` on the way
+/// into it, which the stubs keep. (`enter::checkpoint` counts the function
+/// being entered as held anyway, should a name match one elsewhere.)
+fn register_checkpoint(versions: &[(usize, usize)]) -> Option<OpHandle> {
     use crate::trace::PadMode;
     let tracer = Tracer::global();
     let mode = tracer.pad_mode();
@@ -1196,7 +1210,15 @@ fn register_checkpoint() -> Option<OpHandle> {
         // side.
         tracer.set_pad_mode(PadMode::OneByteOnly);
     }
-    let op = tracer.register(Arc::new(Checkpoint), Filter::all()).ok();
+    let in_version = |a: usize| versions.iter().any(|&(lo, hi)| (lo..hi).contains(&a));
+    let left_out: std::collections::HashSet<Arc<str>> = tracer
+        .functions()
+        .into_iter()
+        .filter(|f| f.place == crate::trace::SitePlace::FunctionEntry && in_version(f.addr))
+        .map(|f| f.function)
+        .collect();
+    let filter = Filter::new(move |n| !left_out.contains(n));
+    let op = tracer.register(Arc::new(Checkpoint), filter).ok();
     if mode == PadMode::StopMachine {
         tracer.set_pad_mode(mode);
     }
