@@ -92,6 +92,9 @@ struct Module {
 struct Modules {
     counters: Option<(u64, u64)>,
     list: Vec<Module>,
+    /// Every loaded object's executable range, sorted (with unwind tables
+    /// or without).
+    code: Vec<(usize, usize)>,
 }
 
 /// The current module table. Replaced tables are leaked (a reader may be
@@ -111,16 +114,28 @@ pub(super) fn refresh_modules() {
         }
     }
     let mut list = Vec::new();
+    let mut code = Vec::new();
     crate::sys::loader::for_each_object(|o| {
         if let Some(m) = module_of(o) {
             list.push(m);
         }
+        code.extend(exec_range(o));
         std::ops::ControlFlow::Continue(())
     });
     list.sort_unstable_by_key(|m| m.lo);
-    let table = Box::into_raw(Box::new(Modules { counters, list }));
+    code.sort_unstable();
+    let table = Box::into_raw(Box::new(Modules { counters, list, code }));
     // Release pairs with the Acquire loads: the table is complete.
     MODULES.store(table, Ordering::Release);
+}
+
+/// The range covering an object's executable segments.
+fn exec_range(o: &crate::sys::loader::LoadedObjectInfo<'_>) -> Option<(usize, usize)> {
+    let exec = o.phdrs.iter().filter(|p| p.p_type == libc::PT_LOAD && p.p_flags & libc::PF_X != 0);
+    let (lo, hi) = exec.fold((usize::MAX, 0), |(a, b), p| {
+        (a.min(o.bias + p.p_vaddr as usize), b.max(o.bias + (p.p_vaddr + p.p_memsz) as usize))
+    });
+    (lo < hi).then_some((lo, hi))
 }
 
 fn module_of(o: &crate::sys::loader::LoadedObjectInfo<'_>) -> Option<Module> {
@@ -155,7 +170,11 @@ fn module_of(o: &crate::sys::loader::LoadedObjectInfo<'_>) -> Option<Module> {
 /// Whether `pc` lies in a loaded object's code (not in anonymous code:
 /// the tracer's stubs, trampolines and mirror slots, live stubs, a JIT's).
 pub(super) fn in_object(pc: usize) -> bool {
-    module_for(pc).is_some()
+    // Acquire pairs with refresh_modules' Release store.
+    // SAFETY: tables are leaked, never freed.
+    let Some(m) = (unsafe { MODULES.load(Ordering::Acquire).as_ref() }) else { return true };
+    let i = m.code.partition_point(|r| r.0 <= pc);
+    m.code[..i].last().is_some_and(|r| pc < r.1)
 }
 
 fn module_for(pc: usize) -> Option<&'static Module> {
