@@ -89,6 +89,11 @@ pub(crate) fn handle(verb: PatchVerb) -> Reply {
         PatchVerb::Report => report(),
         PatchVerb::Force => force(),
         PatchVerb::List => list(),
+        PatchVerb::Nudge(ms) => {
+            // The opt-in nudge of the transitions driven from now on.
+            Patcher::global().set_nudge(ms.map(Duration::from_millis));
+            Reply::ok().field("nudge", ms.map_or_else(|| "off".to_string(), |ms| ms.to_string()))
+        }
     }
 }
 

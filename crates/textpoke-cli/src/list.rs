@@ -50,6 +50,11 @@ pub fn run(args: &Args) -> ExitCode {
         }
     };
     if let Err(e) = r {
+        // `--skipped` asked why records are not sites: the answer is the
+        // listing, printed even when none is a site.
+        if args.skipped && !listing.is_empty() {
+            let _ = std::io::stdout().write_all(&listing);
+        }
         return e.report("textpoke list");
     }
     let mut out = match common::Output::create(None) {
@@ -130,11 +135,11 @@ fn resolve(prog: &Path) -> Result<PathBuf, String> {
 /// The NOP column: x86-64's 5-byte NOP or gcc's five 1-byte NOPs;
 /// aarch64's `nop; nop` pad or the kernel-style `mov x9, x30; nop`.
 fn nop_form_name(form: NopForm) -> &'static str {
-    match (form, cfg!(target_arch = "x86_64")) {
-        (NopForm::Single, true) => "nop5",
-        (NopForm::Split { .. }, true) => "nop1x5",
-        (NopForm::Single, false) => "movnop",
-        (NopForm::Split { .. }, false) => "nopx2",
+    match (form.is_single(), cfg!(target_arch = "x86_64")) {
+        (true, true) => "nop5",
+        (false, true) => "nop1x5",
+        (true, false) => "movnop",
+        (false, false) => "nopx2",
     }
 }
 

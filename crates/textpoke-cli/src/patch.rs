@@ -26,6 +26,11 @@
 //!    doing), the transition stays pending (the agent drives it on) and
 //!    the exit code is 2; `--force` completes it then instead.
 //!
+//! `--nudge[=S]` (before step 3, `patch-nudge`) opts in to the nudge for
+//! the transition started: threads running user code and still pending
+//! after S seconds get a signal that makes them check themselves
+//! (`textpoke::live::Patcher::set_nudge`).
+//!
 //! `--list`, `--revert [ID]` (waits as an apply does), `--report` and
 //! `--force` alone act on the patches the process has. The agent stays
 //! loaded while patches exist (and after: an injected object is never
@@ -83,6 +88,14 @@ pub struct Args {
     /// Print the transition in progress: the threads that have not switched and what they hold
     #[arg(long)]
     pub report: bool,
+    /// Opt in to the nudge for this transition: threads still pending after S seconds (default 1)
+    /// while running user code, never one the kernel shows in a system call, get a signal whose
+    /// handler checks and switches them (a thread in a loop that calls no patched or traced
+    /// function switches no other way than --force). A thread entering a system call just as the
+    /// signal arrives may see it fail with EINTR: the one exception to textpoke's "no EINTR"
+    #[arg(long, value_name = "S", num_args = 0..=1, require_equals = true, default_missing_value = "1",
+          value_parser = crate::attach::parse_secs)]
+    pub nudge: Option<Duration>,
     /// Print timings (the injection, the load, from the agent being loaded to complete)
     #[arg(short, long)]
     pub verbose: bool,
@@ -282,6 +295,7 @@ fn apply(args: &Args, who: &str, patch: &Path, t0: Instant) -> Result<ExitCode, 
     let checked = t0.elapsed();
     let mut agent = Agent::find(args.pid, who, false)?.expect("found or injected");
     let loaded = agent.ready;
+    agent.ask(nudge(args))?;
     let started = agent.ask(PatchVerb::Load(text))?;
     let functions = functions_of(&started);
     let id = number(&started, "id")?;
@@ -307,6 +321,7 @@ fn apply(args: &Args, who: &str, patch: &Path, t0: Instant) -> Result<ExitCode, 
 
 fn revert(args: &Args, agent: &mut Agent, id: Option<u64>) -> Result<ExitCode, CliError> {
     let patches = agent.ask(PatchVerb::List)?;
+    agent.ask(nudge(args))?;
     let started = agent.ask(PatchVerb::Revert(id))?;
     let id = number(&started, "id")?;
     let seq = number(&started, "seq")?;
@@ -319,6 +334,12 @@ fn revert(args: &Args, agent: &mut Agent, id: Option<u64>) -> Result<ExitCode, C
     let outcome = wait(agent, id, seq, args.timeout)?;
     let what = if started.get("reversal") == Some("yes") { "reversed the transition of" } else { "reverted" };
     finish(args, agent, outcome, &format!("{what} patch {id} ({}){functions}", escape(&name)), &name, id)
+}
+
+/// The agent's nudge setting for the transition this command starts
+/// (`--nudge`; off without it, whatever an earlier command asked).
+fn nudge(args: &Args) -> PatchVerb {
+    PatchVerb::Nudge(args.nudge.map(|d| d.as_millis().max(1) as u64))
 }
 
 /// The functions of a start reply, `outer(), inner()`.

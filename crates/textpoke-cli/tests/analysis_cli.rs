@@ -794,13 +794,18 @@ fn list_a_traces_functions() {
 }
 
 fn cc(name: &str, src: &str, flags: &[&str]) -> PathBuf {
+    cc_with("gcc", name, src, flags)
+}
+
+/// `cc` with another compiler (clang: installed by `.ci/run`).
+fn cc_with(compiler: &str, name: &str, src: &str, flags: &[&str]) -> PathBuf {
     let dir = tmpdir(name);
     std::fs::create_dir_all(&dir).unwrap();
     let c = dir.join("prog.c");
     std::fs::write(&c, src).unwrap();
     let exe = dir.join("prog");
-    let o = Command::new("gcc").args(flags).arg("-O1").arg("-o").arg(&exe).arg(&c).output().unwrap();
-    assert!(o.status.success(), "gcc: {}", String::from_utf8_lossy(&o.stderr));
+    let o = Command::new(compiler).args(flags).arg("-O1").arg("-o").arg(&exe).arg(&c).output().unwrap();
+    assert!(o.status.success(), "{compiler}: {}", String::from_utf8_lossy(&o.stderr));
     exe
 }
 
@@ -842,6 +847,19 @@ fn list_a_programs_patchable_functions() {
         }
         assert!(stderr(&o).contains("0 record(s) skipped"), "{name}: {}", stderr(&o));
     }
+    // clang's patchable entry is one 5-byte NOP of its own (0f 1f 44 00 08).
+    let exe = cc_with("clang", "list-clang", PROG, &["-fpatchable-function-entry=5"]);
+    let got = listed(&ok(&["list", exe.to_str().unwrap()]));
+    for f in ["main", "work", "bump"] {
+        assert!(got.iter().any(|(k, fm, n)| n == f && k == "patchable" && fm == "nop5"), "clang: {f}: {got:?}");
+    }
+    // Records that are no site: `--skipped` says why, even when none is one.
+    let short = cc("list-short", PROG, &["-fpatchable-function-entry=3"]);
+    let o = textpoke(&["list", "--skipped", short.to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    assert!(stderr(&o).contains("none of its"), "{}", stderr(&o));
+    let why: Vec<String> = stdout(&o).lines().filter(|l| l.starts_with("# skipped")).map(String::from).collect();
+    assert!(why.iter().any(|l| l.contains("(work)") && l.contains("only 3 NOP bytes")), "{}", stdout(&o));
     // No patchable entries: say which flags add them.
     let plain = cc("list-plain", PROG, &[]);
     fails(&["list", plain.to_str().unwrap()], &["has no patchable function entries", "-fpatchable-function-entry=5"]);

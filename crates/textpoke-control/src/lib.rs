@@ -42,6 +42,7 @@
 //! patch-report
 //! patch-force
 //! patch-list
+//! patch-nudge MS|off
 //! ```
 //!
 //! Each reply is a first line `ok` or `error MESSAGE`, then zero or more
@@ -87,6 +88,11 @@
 //!   `enabled`, `unpatching`, `FORCED` and `REPLACE` `yes`/`no`,
 //!   `FUNCTIONS` the replaced functions joined by `,`, `NAME` the rest of
 //!   the line.
+//! - `patch-nudge MS` turns the opt-in nudge on (`textpoke::live::
+//!   Patcher::set_nudge`: threads running user code that are still
+//!   pending after `MS` milliseconds get a signal whose handler checks
+//!   and switches them; never a thread the kernel shows in a system
+//!   call), `patch-nudge off` off: `nudge` (`MS` or `off`).
 //!
 //! Every malformed request gets an `error` reply ([`Request::parse_bytes`]
 //! says why: not UTF-8, a NUL byte, an unknown verb, a missing glob), and
@@ -355,6 +361,9 @@ pub enum PatchVerb {
     Force,
     /// `patch-list`: the applied patches.
     List,
+    /// `patch-nudge MS|off`: the opt-in nudge after `MS` milliseconds
+    /// (`None`: off).
+    Nudge(Option<u64>),
 }
 
 impl PatchVerb {
@@ -391,6 +400,11 @@ impl PatchVerb {
             "patch-report" => no_arg(PatchVerb::Report),
             "patch-force" => no_arg(PatchVerb::Force),
             "patch-list" => no_arg(PatchVerb::List),
+            "patch-nudge" => match arg {
+                Some("off") => Ok(PatchVerb::Nudge(None)),
+                Some(ms) => number("delay", ms).map(|ms| PatchVerb::Nudge(Some(ms))),
+                None => Err("`patch-nudge` needs a delay in milliseconds, or `off`: `patch-nudge 1000`".into()),
+            },
             _ => return None,
         })
     }
@@ -405,6 +419,8 @@ impl PatchVerb {
             PatchVerb::Report => "patch-report".into(),
             PatchVerb::Force => "patch-force".into(),
             PatchVerb::List => "patch-list".into(),
+            PatchVerb::Nudge(None) => "patch-nudge off".into(),
+            PatchVerb::Nudge(Some(ms)) => format!("patch-nudge {ms}"),
         }
     }
 }
@@ -680,6 +696,8 @@ mod tests {
             PatchVerb::Report,
             PatchVerb::Force,
             PatchVerb::List,
+            PatchVerb::Nudge(None),
+            PatchVerb::Nudge(Some(1000)),
         ];
         for v in verbs {
             let r = Request::Patch(v);
@@ -698,6 +716,8 @@ mod tests {
         assert!(why(b"patch-list all\n").contains("takes no argument"));
         assert!(why(b"patch-force now\n").contains("takes no argument"));
         assert!(why(b"patch-report x\n").contains("takes no argument"));
+        assert!(why(b"patch-nudge\n").contains("`patch-nudge 1000`"));
+        assert!(why(b"patch-nudge soon\n").contains("delay \"soon\" is not a number"));
         assert!(why(b"patch-frob\n").contains("unknown request"));
         // Any byte string: an answer, never a panic; an accepted one
         // round-trips (a small exhaustive sweep over short lines).

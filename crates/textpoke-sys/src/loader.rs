@@ -318,7 +318,8 @@ mod tests {
 
 /// The entries of a loaded object's dynamic section that textpoke reads
 /// (0 when absent), addresses at run time: the relocation tables, the
-/// dynamic symbols and strings, and the symbol versions.
+/// dynamic symbols and strings, the symbol versions, and the `DT_SONAME`
+/// string's offset in the strings.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct Dynamic {
     pub rela: usize,
@@ -330,6 +331,8 @@ pub struct Dynamic {
     pub versym: usize,
     pub verneed: usize,
     pub verneednum: usize,
+    /// `DT_SONAME`: an offset in `strtab`, 0 when the object has none.
+    pub soname: usize,
 }
 
 /// Reads the dynamic section at `at` of an object loaded at `bias`.
@@ -345,6 +348,7 @@ pub unsafe fn read_dynamic(at: usize, bias: usize) -> Dynamic {
     const DT_SYMTAB: i64 = 6;
     const DT_RELA: i64 = 7;
     const DT_RELASZ: i64 = 8;
+    const DT_SONAME: i64 = 14;
     const DT_JMPREL: i64 = 23;
     const DT_VERSYM: i64 = 0x6fff_fff0;
     const DT_VERNEED: i64 = 0x6fff_fffe;
@@ -371,6 +375,7 @@ pub unsafe fn read_dynamic(at: usize, bias: usize) -> Dynamic {
                 DT_VERSYM => d.versym = v,
                 DT_VERNEED => d.verneed = v,
                 DT_VERNEEDNUM => d.verneednum = v,
+                DT_SONAME => d.soname = v,
                 _ => {}
             }
             p = p.add(1);

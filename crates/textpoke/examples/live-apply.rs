@@ -74,6 +74,7 @@ fn main() {
             target_size: size(target),
             replacement: repl,
             replacement_size: size(repl),
+            ..Default::default()
         }],
         callbacks: Default::default(),
         keep_alive: None,

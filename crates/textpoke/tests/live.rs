@@ -73,7 +73,14 @@ fn size(addr: usize) -> usize {
 fn func(name: &str, repl: &str) -> FuncDesc {
     let lib = &fixture().lib;
     let (target, replacement) = (lib.sym(name), lib.sym(repl));
-    FuncDesc { name: name.into(), target, target_size: size(target), replacement, replacement_size: size(replacement) }
+    FuncDesc {
+        name: name.into(),
+        target,
+        target_size: size(target),
+        replacement,
+        replacement_size: size(replacement),
+        ..Default::default()
+    }
 }
 
 fn desc(name: &str, funcs: Vec<FuncDesc>) -> PatchDesc {

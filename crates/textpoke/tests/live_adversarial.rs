@@ -41,7 +41,14 @@ fn size(addr: usize) -> usize {
 
 fn func(lib: &Lib, name: &str, repl: &str) -> FuncDesc {
     let (target, replacement) = (lib.sym(name), lib.sym(repl));
-    FuncDesc { name: name.into(), target, target_size: size(target), replacement, replacement_size: size(replacement) }
+    FuncDesc {
+        name: name.into(),
+        target,
+        target_size: size(target),
+        replacement,
+        replacement_size: size(replacement),
+        ..Default::default()
+    }
 }
 
 fn desc(name: &str, funcs: Vec<FuncDesc>) -> PatchDesc {

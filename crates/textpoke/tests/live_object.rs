@@ -293,6 +293,110 @@ fn patch_file_is_checked_against_a_running_process() {
     assert!(matches!(gone, Err(ObjectError::Process { .. })), "{gone:?}");
 }
 
+#[test]
+fn a_library_is_found_by_its_soname_in_process_and_by_the_file_check() {
+    // Its file name is not its SONAME, as with distributions' libraries.
+    let lib = dir().join("liblp_soname.so.1.2.3");
+    gcc(&[
+        "-O2",
+        "-shared",
+        "-fPIC",
+        "-Wl,--build-id",
+        "-Wl,-soname,liblp_soname.so.1",
+        "-o",
+        lib.to_str().unwrap(),
+        &fixture("soname_target.c"),
+    ]);
+    let open = |path: &Path| {
+        let c = CString::new(path.to_str().unwrap()).unwrap();
+        // SAFETY: a valid path; the library has no initialiser.
+        let h = unsafe { libc::dlopen(c.as_ptr(), libc::RTLD_NOW) };
+        assert!(!h.is_null(), "dlopen {path:?}");
+        h
+    };
+    let h = open(&lib);
+    // SAFETY: a live handle and a C string.
+    let func = unsafe { libc::dlsym(h, c"lps_func".as_ptr()) } as usize;
+    assert_ne!(func, 0);
+    let so = patch("soname_patch.c", "lp_patch_soname", &[define("TARGET_BUILD_ID", &build_id(&lib))]);
+
+    // In this process: the loader's name is the path dlopen was given.
+    let desc = load(&so).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(desc.funcs[0].target, func);
+    assert_eq!(call(desc.funcs[0].replacement, 1), 3);
+    drop(desc);
+    // From the file and /proc/PID/maps (this process's, as `textpoke patch`
+    // reads another's).
+    let file = PatchFile::open(&so).unwrap();
+    let found = file.check_process(std::process::id() as i32).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(found.len(), 1);
+    assert_eq!(found[0].path, std::fs::canonicalize(&lib).unwrap());
+    assert_eq!(found[0].object.as_deref(), Some("liblp_soname.so.1"));
+
+    // A second file with that SONAME: ambiguous, both listed, nothing done.
+    let copy = dir().join("liblp_soname_copy.so");
+    std::fs::copy(&lib, &copy).unwrap();
+    open(&copy);
+    for err in [load_err(&so), file.check_process(std::process::id() as i32).unwrap_err()] {
+        let msg = err.to_string();
+        assert!(matches!(&err, ObjectError::ObjectAmbiguous { candidates, .. } if candidates.len() == 2), "{msg}");
+        assert!(msg.contains("liblp_soname.so.1.2.3") && msg.contains("liblp_soname_copy.so"), "{msg}");
+        assert!(msg.contains("(SONAME liblp_soname.so.1)"), "{msg}");
+    }
+}
+
+/// `(address, size)` of symbol `name` in the `.symtab` of the file at `path`.
+fn file_symbol(path: &Path, name: &str) -> Option<(usize, usize)> {
+    use object::{Object, ObjectSymbol};
+    let data = std::fs::read(path).unwrap();
+    let file = object::File::parse(&*data).unwrap();
+    let found = file.symbols().find(|s| s.name() == Ok(name));
+    found.map(|s| (s.address() as usize, s.size() as usize))
+}
+
+fn run(tool: &str, args: &[&str]) {
+    let out = Command::new(tool).args(args).output().unwrap_or_else(|e| panic!("{tool} (binutils): {e}"));
+    assert!(out.status.success(), "{tool} {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+}
+
+#[test]
+fn a_stripped_target_is_resolved_with_its_debug_file() {
+    // cold_target.c's lpc_outer has a .cold part, which only .symtab names:
+    // stripped, with the symbols in a separate file found by .gnu_debuglink.
+    let d = dir().join("stripped");
+    std::fs::create_dir_all(&d).unwrap();
+    let (lib, debug) = (d.join("liblp_cold.so"), d.join("liblp_cold.so.debug"));
+    let (lib_s, debug_s) = (lib.to_str().unwrap(), debug.to_str().unwrap());
+    gcc(&[
+        "-O2",
+        "-shared",
+        "-fPIC",
+        "-flive-patching=inline-clone",
+        "-Wl,--build-id",
+        "-o",
+        lib_s,
+        &fixture("cold_target.c"),
+    ]);
+    run("objcopy", &["--only-keep-debug", lib_s, debug_s]);
+    run("objcopy", &["--strip-all", lib_s]);
+    run("objcopy", &[&format!("--add-gnu-debuglink={debug_s}"), lib_s]);
+    assert_eq!(file_symbol(&lib, "lpc_outer.cold"), None, "stripped");
+    let cold = file_symbol(&debug, "lpc_outer.cold").expect("gcc -O2 split lpc_outer into lpc_outer.cold");
+    let c = CString::new(lib_s).unwrap();
+    // SAFETY: a valid path; the library has no initialiser.
+    let h = unsafe { libc::dlopen(c.as_ptr(), libc::RTLD_NOW) };
+    assert!(!h.is_null());
+    // SAFETY: a live handle and a C string.
+    let outer = unsafe { libc::dlsym(h, c"lpc_outer".as_ptr()) } as usize;
+    let bias = outer - file_symbol(&debug, "lpc_outer").unwrap().0;
+
+    let so = patch("cold_patch.c", "lp_cold_patch_stripped", &[define("TARGET_BUILD_ID", &build_id(&lib))]);
+    let desc = load(&so).unwrap_or_else(|e| panic!("{e}"));
+    let f = desc.funcs.iter().find(|f| f.name == "lpc_outer").unwrap();
+    assert_eq!(f.target, outer);
+    assert_eq!(f.target_fragments, [(bias + cold.0, cold.1)], "the .cold part, from the debug file");
+}
+
 // ---------------------------------------------------------------- Rust
 
 #[inline(never)]

@@ -31,7 +31,33 @@ pub struct PatchDesc {
 }
 
 /// One replaced function.
-#[derive(Clone, Debug, PartialEq, Eq)]
+///
+/// A function's code may be split: gcc moves the unlikely blocks of `foo`
+/// into a separate local symbol `foo.cold` (or `foo.cold.N`) in
+/// `.text.unlikely`, often far from `foo`, which `foo` jumps to and from
+/// (clang's `-fsplit-machine-functions` does the same). A thread executing
+/// there, or whose return address points there, is inside `foo`: the
+/// stack checks look for every fragment. [`object::load`] finds the `.cold`
+/// fragments of targets and replacements; a program filling this in
+/// itself lists them in `target_fragments` and `replacement_fragments`
+/// (empty for a function in one piece):
+///
+/// ```
+/// # use textpoke::live::FuncDesc;
+/// # let (target, size, cold, cold_size, replacement, rsize) = (0x1000, 32, 0x900, 46, 0x2000, 16);
+/// let f = FuncDesc {
+///     name: "parse".into(),
+///     target,
+///     target_size: size,
+///     target_fragments: vec![(cold, cold_size)], // `parse.cold`
+///     replacement,
+///     replacement_size: rsize,
+///     ..Default::default()
+/// };
+/// ```
+///
+/// [`object::load`]: super::object::load
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct FuncDesc {
     /// The target's name as the program's symbol table spells it (reports).
     pub name: String,
@@ -45,6 +71,12 @@ pub struct FuncDesc {
     pub replacement: usize,
     /// The replacement's size in bytes (at least 1), checked when reverting.
     pub replacement_size: usize,
+    /// The target's other fragments, `(start, size)`: gcc's `name.cold`
+    /// parts. Checked with `[target, target + target_size)`.
+    pub target_fragments: Vec<(usize, usize)>,
+    /// The replacement's other fragments, `(start, size)`, checked with
+    /// `[replacement, replacement + replacement_size)`.
+    pub replacement_fragments: Vec<(usize, usize)>,
 }
 
 /// A pre-patch / pre-unpatch callback: non-zero cancels the operation

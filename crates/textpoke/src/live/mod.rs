@@ -13,6 +13,8 @@ pub use desc::{Callbacks, FuncDesc, PatchDesc, PostCallback, PreCallback};
 #[cfg(target_arch = "x86_64")]
 mod enter;
 #[cfg(target_arch = "x86_64")]
+mod nudge;
+#[cfg(target_arch = "x86_64")]
 mod outside;
 #[cfg(target_arch = "x86_64")]
 mod patcher;
@@ -22,6 +24,8 @@ mod report;
 mod stack;
 #[cfg(target_arch = "x86_64")]
 mod state;
+#[cfg(target_arch = "x86_64")]
+pub use nudge::NudgeStats;
 #[cfg(target_arch = "x86_64")]
 pub use patcher::Patcher;
 #[cfg(target_arch = "x86_64")]

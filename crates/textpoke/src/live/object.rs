@@ -11,20 +11,30 @@
 //!    memory, strings from its read-only segments.
 //! 3. Each target object is found among the loaded objects (the main
 //!    executable when the record names none; else the object whose path is
-//!    the name or ends with `/name`: the file name, or more path
-//!    components; the executable may be named too; SONAMEs are not
-//!    compared), and its GNU build-id (read from its notes in memory) compared with the one
-//!    the patch expects: a mismatch is refused, showing both.
+//!    the name or ends with `/name` (the file name, or more path
+//!    components; the executable may be named too), or whose `DT_SONAME`
+//!    (read from its dynamic section in memory) is the name: `libssl.so.3`
+//!    finds `/usr/lib/x86_64-linux-gnu/libssl.so.3.0.11`. Several matches
+//!    are refused, listing them. Its GNU build-id (read from its notes in
+//!    memory) is compared with the one the patch expects: a mismatch is
+//!    refused, showing both.
 //! 4. Each target symbol is looked up in the object's file on disk
-//!    (`.symtab`, else `.dynsym`), whose build-id must be the mapped one's:
+//!    (`.symtab`; for a stripped file, its separate debug file's, found by
+//!    build-id or `.gnu_debuglink` as gdb does and of the same build-id;
+//!    else `.dynsym`), whose build-id must be the mapped one's:
 //!    a local symbol by the `STT_FILE` symbol preceding it or by its
 //!    position (`sympos`, 1-based, in symbol-table order, as the kernel's
 //!    `klp_find_object_symbol`); a name that still matches several
 //!    addresses is refused ("unresolvable ambiguity"), listing them.
-//!    Its size is its `st_size`. A Rust-ABI target (a Rust-mangled name)
-//!    needs a patch built by the same rustc (both `.comment`s).
+//!    Its size is its `st_size`; its other fragments are the local
+//!    functions `name.cold` / `name.cold.N` of the same `STT_FILE` scope
+//!    (gcc's split-off unlikely blocks: a thread there is inside the
+//!    target; [`FuncDesc::target_fragments`]). A Rust-ABI target (a
+//!    Rust-mangled name) needs a patch built by the same rustc (both
+//!    `.comment`s).
 //! 5. Replacements' and callbacks' addresses come from the records; a
-//!    replacement's size from the patch file's symbol at that address.
+//!    replacement's size and `.cold` fragments from the patch file's
+//!    symbols at that address.
 //! 6. Only when everything resolved are the patch's slots written
 //!    (`LP_SYMBOL`: target addresses, the engine's [`shadow::API`]), with
 //!    Release stores that the slot readers' Acquire loads pair with.
@@ -37,9 +47,9 @@
 //!
 //! The same records, read from the file (`PT_NOTE` segments, strings from
 //! `PT_LOAD` file bytes), and the same object matching against the paths
-//! of `/proc/PID/maps` (the executable: `/proc/PID/exe`), whose files'
-//! `NT_GNU_BUILD_ID` are compared. Symbols are resolved only by `load`, in
-//! the process itself.
+//! of `/proc/PID/maps` (the executable: `/proc/PID/exe`) and their files'
+//! `DT_SONAME`s; the matched files' `NT_GNU_BUILD_ID` are compared.
+//! Symbols are resolved only by `load`, in the process itself.
 
 use std::collections::HashMap;
 use std::ffi::{c_void, CString};
@@ -147,6 +157,9 @@ struct Sym {
     local: bool,
     /// The `STT_FILE` symbol before it (locals only).
     file: Option<String>,
+    /// The table index of that `STT_FILE` symbol: which object file's
+    /// locals it is among (two files may share a name).
+    scope: Option<usize>,
 }
 
 fn read_err(path: &Path, e: impl std::fmt::Display) -> ObjectError {
@@ -159,18 +172,37 @@ fn parse_elf<'d>(path: &Path, data: &'d [u8]) -> Result<ElfFile64<'d, Endianness
 
 fn file_facts(path: &Path, elf: &ElfFile64<'_, Endianness>) -> Result<FileFacts, ObjectError> {
     let build_id = elf.build_id().map_err(|e| read_err(path, e))?.map(<[u8]>::to_vec);
+    let mut symbols = table_symbols(elf.symbols());
+    if symbols.is_empty() {
+        // Stripped: its separate debug file's `.symtab`, else `.dynsym`.
+        symbols = debug_symbols(path, elf, build_id.as_deref()).unwrap_or_else(|| table_symbols(elf.dynamic_symbols()));
+    }
+    let rustc = elf.section_by_name(".comment").and_then(|c| c.data().ok()).and_then(|d| {
+        d.split(|&b| b == 0)
+            .filter_map(|l| std::str::from_utf8(l).ok())
+            .find(|l| l.starts_with("rustc version "))
+            .map(str::to_string)
+    });
+    Ok(FileFacts { build_id, symbols, rustc })
+}
+
+/// The symbols of one table, in table order, each local with the
+/// `STT_FILE` symbol before it.
+fn table_symbols<'d: 'f, 'f>(
+    table: impl Iterator<Item = object::read::elf::ElfSymbol64<'d, 'f, Endianness>>,
+) -> Vec<Sym> {
     let mut symbols = Vec::new();
     let mut file = None;
-    let table: Vec<_> =
-        if elf.symbols().next().is_some() { elf.symbols().collect() } else { elf.dynamic_symbols().collect() };
+    let mut scope = None;
     for s in table {
         let name = s.name().unwrap_or("");
         if s.kind() == SymbolKind::File {
             file = Some(name.to_string());
+            scope = Some(s.index().0);
             continue;
         }
         if !s.is_local() {
-            file = None; // globals follow every local: no file scope
+            (file, scope) = (None, None); // globals follow every local: no file scope
         }
         if s.is_undefined() || name.is_empty() {
             continue;
@@ -183,15 +215,43 @@ fn file_facts(path: &Path, elf: &ElfFile64<'_, Endianness>) -> Result<FileFacts,
             kind: s.kind(),
             local,
             file: if local { file.clone() } else { None },
+            scope: if local { scope } else { None },
         });
     }
-    let rustc = elf.section_by_name(".comment").and_then(|c| c.data().ok()).and_then(|d| {
-        d.split(|&b| b == 0)
-            .filter_map(|l| std::str::from_utf8(l).ok())
-            .find(|l| l.starts_with("rustc version "))
-            .map(str::to_string)
-    });
-    Ok(FileFacts { build_id, symbols, rustc })
+    symbols
+}
+
+/// Where distributions install separate debug files.
+const DEBUG_DIR: &str = "/usr/lib/debug";
+
+/// The `.symtab` of the separate debug file of the stripped object at
+/// `path`, found as gdb finds it — by build-id
+/// (`/usr/lib/debug/.build-id/ab/cdef….debug`), else by its
+/// `.gnu_debuglink` name next to the object, in its `.debug/` directory,
+/// or under `/usr/lib/debug` + its directory — and taken only if its
+/// build-id is the object's. `None` if there is none.
+fn debug_symbols(path: &Path, elf: &ElfFile64<'_, Endianness>, build_id: Option<&[u8]>) -> Option<Vec<Sym>> {
+    let build_id = build_id?;
+    let mut candidates = Vec::new();
+    if build_id.len() >= 2 {
+        let h = hex(build_id);
+        candidates.push(PathBuf::from(format!("{DEBUG_DIR}/.build-id/{}/{}.debug", &h[..2], &h[2..])));
+    }
+    let link = elf.gnu_debuglink().ok().flatten().and_then(|(name, _)| std::str::from_utf8(name).ok());
+    let dir = std::fs::canonicalize(path).ok().and_then(|p| p.parent().map(Path::to_path_buf));
+    if let (Some(link), Some(dir)) = (link, dir) {
+        candidates.push(dir.join(link));
+        candidates.push(dir.join(".debug").join(link));
+        candidates.push(PathBuf::from(format!("{DEBUG_DIR}{}/{link}", dir.display())));
+    }
+    candidates.into_iter().find_map(|c| {
+        let data = std::fs::read(&c).ok()?;
+        let debug = ElfFile64::<Endianness>::parse(&*data).ok()?;
+        if debug.build_id().ok()?? != build_id {
+            return None; // another build's
+        }
+        Some(table_symbols(debug.symbols())).filter(|s| !s.is_empty())
+    })
 }
 
 fn read_facts(path: &Path) -> Result<FileFacts, ObjectError> {
@@ -209,8 +269,28 @@ fn object_matches(path: &str, wanted: &str) -> bool {
     path == wanted || path.ends_with(&format!("/{wanted}"))
 }
 
-/// Resolves `t` among `facts`' symbols: `Ok((address, size))` at link time.
-fn find_symbol(patch: &Path, facts: &FileFacts, t: &TargetRef, want_func: bool) -> Result<(u64, u64), ObjectError> {
+/// The `DT_SONAME` of the ELF file at `path`, reading only its headers,
+/// dynamic section and strings; `None` if it has none or cannot be read.
+/// Only a regular file is opened (a process may map device files, whose
+/// opening is not always harmless).
+fn file_soname(path: &Path) -> Option<String> {
+    use object::read::elf::Dyn;
+    if !std::fs::metadata(path).is_ok_and(|m| m.is_file()) {
+        return None;
+    }
+    let cache = object::ReadCache::new(std::fs::File::open(path).ok()?);
+    let elf = ElfFile64::<Endianness, _>::parse(&cache).ok()?;
+    let endian = elf.endian();
+    let sections = elf.elf_section_table();
+    let (dynamic, link) = sections.dynamic(endian, &cache).ok()??;
+    let strings = sections.strings(endian, &cache, link).ok()?;
+    let soname = dynamic.iter().find(|d| d.d_tag(endian) == u64::from(object::elf::DT_SONAME))?;
+    let offset = u32::try_from(soname.d_val(endian)).ok()?;
+    strings.get(offset).ok().map(|s| String::from_utf8_lossy(s).into_owned())
+}
+
+/// Resolves `t` among `facts`' symbols (addresses at link time).
+fn find_symbol<'f>(patch: &Path, facts: &'f FileFacts, t: &TargetRef, want_func: bool) -> Result<&'f Sym, ObjectError> {
     let kind_ok = |k: SymbolKind| {
         if want_func {
             k == SymbolKind::Text
@@ -259,13 +339,60 @@ fn find_symbol(patch: &Path, facts: &FileFacts, t: &TargetRef, want_func: bool) 
             target,
             what: "has no size in the symbol table (an assembly function without .size?)".into(),
         }),
-        [s] => Ok((s.addr, s.size)),
+        [s] => Ok(s),
         _ => Err(ObjectError::Ambiguous {
             patch: patch.into(),
             target,
             candidates: addrs.iter().map(|s| describe(s)).collect(),
         }),
     }
+}
+
+/// The other fragments of function `f`, `(address, size)` at link time:
+/// gcc's `f.cold` and `f.cold.N` parts (its unlikely blocks, moved to
+/// `.text.unlikely`; clang's `-fsplit-machine-functions` names them the
+/// same). They are local functions among the locals of `f`'s object file
+/// (the same `STT_FILE` scope, as for `f` itself); for a global `f`, of
+/// every scope that has no local function of `f`'s name (whose `.cold`
+/// parts would be that local's). Erring towards more fragments only makes
+/// stack checks more conservative.
+///
+/// The parts are named after the function's own name, which may be an
+/// alias of the name the patch gives (glibc's `read` is `__libc_read`):
+/// every function symbol at `f`'s address is looked for.
+fn fragments(facts: &FileFacts, f: &Sym) -> Vec<(u64, u64)> {
+    let mut out: Vec<(u64, u64)> = facts
+        .symbols
+        .iter()
+        .filter(|a| a.addr == f.addr && a.kind == SymbolKind::Text)
+        .flat_map(|a| fragments_named(facts, a))
+        .collect();
+    out.sort_unstable();
+    out.dedup();
+    out
+}
+
+/// [`fragments`] named after `f`'s name.
+fn fragments_named<'f>(facts: &'f FileFacts, f: &'f Sym) -> impl Iterator<Item = (u64, u64)> + 'f {
+    let is_part = |name: &str| {
+        let Some(rest) = name.strip_prefix(f.name.as_str()).and_then(|r| r.strip_prefix(".cold")) else {
+            return false;
+        };
+        rest.is_empty()
+            || rest.strip_prefix('.').is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
+    };
+    let same_scope = |p: &Sym| {
+        if f.local {
+            p.scope == f.scope
+        } else {
+            !facts.symbols.iter().any(|o| o.local && o.name == f.name && o.scope == p.scope)
+        }
+    };
+    facts
+        .symbols
+        .iter()
+        .filter(move |p| p.local && p.kind == SymbolKind::Text && is_part(&p.name) && same_scope(p))
+        .map(|p| (p.addr, p.size.max(1)))
 }
 
 /// Whether `name` is a Rust-mangled symbol (legacy with its hash, or v0).
@@ -302,6 +429,9 @@ impl Seg {
 struct Loaded {
     /// The loader's name (the main executable: the path of /proc/self/exe).
     path: String,
+    /// Its `DT_SONAME` (read from its dynamic section in memory; by
+    /// `check_process`, from the file).
+    soname: Option<String>,
     is_main: bool,
     bias: usize,
     segs: Vec<Seg>,
@@ -325,6 +455,18 @@ fn loaded_objects() -> Vec<Loaded> {
                 align: p.p_align,
             })
             .collect();
+        let soname = segs.iter().find(|s| s.ty == libc::PT_DYNAMIC).and_then(|s| {
+            // SAFETY: the loader's lock is held during the walk, so the
+            // object stays mapped; its PT_DYNAMIC ends with DT_NULL.
+            let d = unsafe { loader::read_dynamic(o.bias.wrapping_add(s.vaddr as usize), o.bias) };
+            if d.soname == 0 || d.strtab == 0 {
+                return None;
+            }
+            // SAFETY: as above; DT_SONAME is an offset of a NUL-terminated
+            // string in the object's mapped DT_STRTAB.
+            let name = unsafe { std::ffi::CStr::from_ptr((d.strtab + d.soname) as *const std::ffi::c_char) };
+            Some(name.to_string_lossy().into_owned())
+        });
         let mut build_id = None;
         for s in segs.iter().filter(|s| s.ty == libc::PT_NOTE) {
             // SAFETY: the loader's lock is held during the walk, so the
@@ -337,7 +479,7 @@ fn loaded_objects() -> Vec<Loaded> {
         }
         let is_main = out.is_empty();
         let path = if is_main { exe.clone() } else { o.name.to_string_lossy().into_owned() };
-        out.push(Loaded { path, is_main, bias: o.bias, segs, build_id });
+        out.push(Loaded { path, soname, is_main, bias: o.bias, segs, build_id });
         ControlFlow::Continue(())
     });
     out
@@ -370,14 +512,23 @@ fn pick<'o>(
             process: process.into(),
         });
     };
-    let m: Vec<&Loaded> = objects.iter().filter(|o| object_matches(&o.path, wanted)).collect();
+    let by_soname = |o: &Loaded| o.soname.as_deref() == Some(wanted);
+    let m: Vec<&Loaded> = objects.iter().filter(|o| object_matches(&o.path, wanted) || by_soname(o)).collect();
     match m[..] {
         [o] => Ok(o),
         [] => Err(ObjectError::ObjectNotLoaded { patch: patch.into(), object: wanted.into(), process: process.into() }),
         _ => Err(ObjectError::ObjectAmbiguous {
             patch: patch.into(),
             object: wanted.into(),
-            candidates: m.iter().map(|o| o.path.clone()).collect(),
+            candidates: m
+                .iter()
+                .map(|o| match &o.soname {
+                    Some(soname) if by_soname(o) && !object_matches(&o.path, wanted) => {
+                        format!("{} (SONAME {soname})", o.path)
+                    }
+                    _ => o.path.clone(),
+                })
+                .collect(),
         }),
     }
 }
@@ -580,16 +731,22 @@ pub fn load(path: &Path) -> Result<PatchDesc, ObjectError> {
     let mut funcs = Vec::new();
     for f in &notes.funcs {
         let t = &cache[&f.target.object];
-        let (addr, size) = find_symbol(&path, &t.facts, &f.target, true)?;
+        let sym = find_symbol(&path, &t.facts, &f.target, true)?;
         if is_rust_symbol(&f.target.name) {
             check_rustc(&path, &f.target, t.facts.rustc.as_deref(), patch_rustc.as_deref())?;
         }
+        let repl = replacement_sym(&path, &own, f)?;
+        let at = |bias: usize, parts: Vec<(u64, u64)>| -> Vec<(usize, usize)> {
+            parts.into_iter().map(|(a, n)| (bias.wrapping_add(a as usize), n as usize)).collect()
+        };
         funcs.push(FuncDesc {
             name: f.target.name.clone(),
-            target: t.obj.bias.wrapping_add(addr as usize),
-            target_size: size as usize,
+            target: t.obj.bias.wrapping_add(sym.addr as usize),
+            target_size: sym.size as usize,
+            target_fragments: at(t.obj.bias, fragments(&t.facts, sym)),
             replacement: code_addr(&path, me, f.replacement, "replacement of", &f.target.to_string())?,
-            replacement_size: replacement_size(&path, &own, f)?,
+            replacement_size: repl.size as usize,
+            replacement_fragments: at(me.bias, fragments(&own, repl)),
         });
     }
     for (i, f) in funcs.iter().enumerate() {
@@ -608,8 +765,7 @@ pub fn load(path: &Path) -> Result<PatchDesc, ObjectError> {
             (SlotKind::Api, _) => &shadow::API as *const shadow::Api as usize,
             (SlotKind::Address, Some(t)) => {
                 let tg = &cache[&t.object];
-                let (addr, _) = find_symbol(&path, &tg.facts, t, false)?;
-                tg.obj.bias.wrapping_add(addr as usize)
+                tg.obj.bias.wrapping_add(find_symbol(&path, &tg.facts, t, false)?.addr as usize)
             }
             (SlotKind::Address, None) => unreachable!("the parser gives every SYMBOL slot a target"),
         };
@@ -664,12 +820,13 @@ fn code_addr(patch: &Path, me: &Loaded, vaddr: u64, what: &str, of: &str) -> Res
     })
 }
 
-fn replacement_size(patch: &Path, own: &FileFacts, f: &notes::FuncRecord) -> Result<usize, ObjectError> {
+/// The patch's symbol of a replacement (the largest sized function at its
+/// address): its size and its `.cold` fragments.
+fn replacement_sym<'f>(patch: &Path, own: &'f FileFacts, f: &notes::FuncRecord) -> Result<&'f Sym, ObjectError> {
     own.symbols
         .iter()
         .filter(|s| s.addr == f.replacement && s.kind == SymbolKind::Text && s.size > 0)
-        .map(|s| s.size as usize)
-        .max()
+        .max_by_key(|s| s.size)
         .ok_or_else(|| ObjectError::BadPatch {
             patch: patch.into(),
             what: format!(
@@ -790,6 +947,7 @@ impl PatchFile {
         let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).map_err(perr)?;
         let mut objects = vec![Loaded {
             path: exe.to_string_lossy().into_owned(),
+            soname: file_soname(Path::new(&format!("/proc/{pid}/exe"))),
             is_main: true,
             bias: 0,
             segs: vec![],
@@ -799,7 +957,15 @@ impl PatchFile {
             // address perms offset dev inode pathname (which may hold spaces)
             let Some(p) = line.splitn(6, ' ').nth(5).map(str::trim_start) else { continue };
             if p.starts_with('/') && !objects.iter().any(|o| o.path == p) {
-                objects.push(Loaded { path: p.to_string(), is_main: false, bias: 0, segs: vec![], build_id: None });
+                let soname = file_soname(Path::new(p));
+                objects.push(Loaded {
+                    path: p.to_string(),
+                    soname,
+                    is_main: false,
+                    bias: 0,
+                    segs: vec![],
+                    build_id: None,
+                });
             }
         }
         let process = format!("process {pid}");
@@ -834,6 +1000,43 @@ mod tests {
         assert!(file_matches("src/parse.c", "parse.c"));
         assert!(file_matches("parse.c", "src/parse.c"));
         assert!(!file_matches("reparse.c", "parse.c"));
+    }
+
+    fn sym(name: &str, addr: u64, local: bool, scope: Option<usize>) -> Sym {
+        let file = scope.map(|i| format!("f{i}.c"));
+        Sym { name: name.into(), addr, size: 8, kind: SymbolKind::Text, local, file, scope }
+    }
+
+    #[test]
+    fn cold_fragments_are_found_in_the_function_s_file_scope() {
+        let symbols = vec![
+            // file 1: a static `helper` split in two, a `run.cold` of the global `run`.
+            sym("helper", 0x100, true, Some(1)),
+            sym("helper.cold", 0x10, true, Some(1)),
+            sym("run.cold", 0x20, true, Some(1)),
+            // file 5: another static `helper`, in three parts.
+            sym("helper", 0x200, true, Some(5)),
+            sym("helper.cold.0", 0x30, true, Some(5)),
+            sym("helper.cold.1", 0x40, true, Some(5)),
+            // Not fragments of `helper`: a clone's, other names.
+            sym("helper.part.0.cold", 0x50, true, Some(5)),
+            sym("helper.coldx", 0x60, true, Some(5)),
+            sym("helper.cold.", 0x70, true, Some(5)),
+            sym("helperx.cold", 0x80, true, Some(5)),
+            // Globals: `run`, and `read` aliasing `__libc_read`, whose part is
+            // named after the latter.
+            sym("run", 0x300, false, None),
+            sym("__libc_read.cold", 0x90, true, Some(9)),
+            sym("__libc_read", 0x400, false, None),
+            sym("read", 0x400, false, None),
+        ];
+        let facts = FileFacts { build_id: None, symbols, rustc: None };
+        let of = |i: usize| fragments(&facts, &facts.symbols[i]);
+        assert_eq!(of(0), [(0x10, 8)], "file 1's helper");
+        assert_eq!(of(3), [(0x30, 8), (0x40, 8)], "file 5's helper");
+        assert_eq!(of(10), [(0x20, 8)], "the global run");
+        assert_eq!(of(13), [(0x90, 8)], "read, through its alias");
+        assert!(of(7).is_empty(), "helper.coldx has none");
     }
 
     #[test]

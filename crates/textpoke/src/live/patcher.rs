@@ -68,7 +68,14 @@ use std::time::{Duration, Instant};
 /// let desc = PatchDesc {
 ///     name: "fix-outer".into(),
 ///     replace: false,
-///     funcs: vec![FuncDesc { name: "outer".into(), target, target_size: size, replacement, replacement_size: rsize }],
+///     funcs: vec![FuncDesc {
+///         name: "outer".into(),
+///         target,
+///         target_size: size,
+///         replacement,
+///         replacement_size: rsize,
+///         ..Default::default() // no `.cold` fragments
+///     }],
 ///     callbacks: Default::default(),
 ///     keep_alive: None,
 /// };
@@ -126,12 +133,27 @@ impl SiteRec {
             v.addr
         }
     }
-    /// The range a frame of a version is found in.
-    fn range(&self, v: Option<&Version>) -> (usize, usize) {
-        match v {
-            Some(v) if !v.nop => (v.addr, v.addr + v.size),
-            _ => (self.target, self.target + self.target_size),
-        }
+    /// The ranges a frame of a version is found in (`None`: the original):
+    /// its code and its other fragments (gcc's `name.cold` parts), which the
+    /// `FuncDesc`s of `patches` (every applied patch, the transitioning
+    /// one included) give.
+    fn ranges(&self, v: Option<&Version>, patches: &[Patch]) -> Vec<(usize, usize)> {
+        let descs = patches.iter().flat_map(|p| p.funcs.iter().map(move |f| (p.id, f)));
+        let mut parts: Vec<(usize, usize)> = match v {
+            Some(v) if !v.nop => {
+                let mine = descs.filter(|(id, f)| *id == v.patch && f.replacement == v.addr);
+                mine.flat_map(|(_, f)| f.replacement_fragments.iter().copied()).chain([(v.addr, v.size)]).collect()
+            }
+            _ => {
+                let all = descs.filter(|(_, f)| f.target == self.target);
+                all.flat_map(|(_, f)| f.target_fragments.iter().copied())
+                    .chain([(self.target, self.target_size)])
+                    .collect()
+            }
+        };
+        parts.sort_unstable();
+        parts.dedup();
+        parts.into_iter().map(|(at, size)| (at, at + size)).collect()
     }
 }
 
@@ -437,6 +459,7 @@ impl Patcher {
                 if c.round()? {
                     return c.complete(false);
                 }
+                super::nudge::tick(c.trans.as_ref().and_then(|t| t.running_since)); // opt-in (nudge.rs)
                 if Instant::now() >= deadline {
                     return Err(LiveError::Pending(c.report()));
                 }
@@ -689,10 +712,12 @@ impl Control {
         for (k, &i) in slots.iter().enumerate() {
             let s = &self.sites[i as usize];
             let n = s.stack.len();
-            let (lo, hi) = s.range(s.stack.last());
-            by_state[PATCHED as usize].push(Range { lo, hi, func: k as u32 });
-            let (lo, hi) = s.range(n.checked_sub(2).map(|j| &s.stack[j]));
-            by_state[UNPATCHED as usize].push(Range { lo, hi, func: k as u32 });
+            for (lo, hi) in s.ranges(s.stack.last(), &self.patches) {
+                by_state[PATCHED as usize].push(Range { lo, hi, func: k as u32 });
+            }
+            for (lo, hi) in s.ranges(n.checked_sub(2).map(|j| &s.stack[j]), &self.patches) {
+                by_state[UNPATCHED as usize].push(Range { lo, hi, func: k as u32 });
+            }
         }
         let slow = self.slow.as_ref().expect("started");
         let transit: Vec<Range> = self

@@ -72,7 +72,7 @@ impl Inner {
             // A pad with a trampoline is one enabled by its first byte.
             Some(_) if !s.prepared => GCC_PAD_JMP,
             Some(stub) => site_branch(s.addr, s.target, stub.code),
-            None if s.prepared => NOP5,
+            None if s.prepared => s.nop,
             None => GCC_PAD,
         }
     }
@@ -228,7 +228,7 @@ impl Inner {
                 (Some(_), Some(_)) => (GCC_PAD_JMP, Poke::first_byte),
                 (Some(w), None) if s.prepared => (site_branch(s.addr, c.target, w.stub), Poke::new),
                 (Some(w), None) => (site_branch(s.addr, c.target, w.stub), Poke::region),
-                (None, _) if s.prepared => (NOP5, Poke::new),
+                (None, _) if s.prepared => (s.nop, Poke::new),
                 (None, _) => (GCC_PAD, Poke::first_byte), // a pad enabled by its first byte goes off
             };
             if old == new {

@@ -324,6 +324,7 @@ impl Inner {
             object,
             place: SitePlace::FunctionEntry,
             prepared: true,
+            nop: crate::arch::SITE_NOP,
             mask: 0,
             target: Target::Off,
             stubs: [None; 3],

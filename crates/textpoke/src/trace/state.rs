@@ -6,7 +6,7 @@ use super::hot::{self, InlineCode, OpBox, SitePlace, MAX_OPS};
 use super::reclaim::Retired;
 use super::tramp_alloc::{GraphCode, Routines, StubBlock, TrampBlock};
 use super::{unwind, EmitFn, Filter, FunctionInfo, TrampolineKind};
-use crate::arch::tramp;
+use crate::arch::{self, tramp, SiteInsn};
 use crate::sites::{MarkedPoint, NopForm, ObjectId, SiteKind, SiteTable};
 use crate::text::codemem::CodeBlock;
 use std::collections::HashMap;
@@ -34,6 +34,11 @@ pub(super) struct SiteInfo {
     /// rewritten once by stop-machine, or enabled by its first byte
     /// (`mirror.rs`), which leaves it unprepared.
     pub(super) prepared: bool,
+    /// The bytes of the site when it is off and prepared: its own NOP
+    /// when the compiler left one instruction (gcc's `0f 1f 44 00 00`,
+    /// clang's `0f 1f 44 00 08`), written back exactly; [`arch::SITE_NOP`]
+    /// for a gcc pad once rewritten.
+    pub(super) nop: SiteInsn,
     pub(super) mask: u64,
     pub(super) target: Target,
     /// The site's stubs by kind ([`StubKind`]), made on first need and
@@ -283,7 +288,8 @@ impl Inner {
                     object: site.object,
                     place,
                     // aarch64: a pad's first word is swapped live.
-                    prepared: matches!(site.nop_form, NopForm::Single) || cfg!(target_arch = "aarch64"),
+                    prepared: site.nop_form.is_single() || cfg!(target_arch = "aarch64"),
+                    nop: site_nop(site.nop_form),
                     mask: 0,
                     target: Target::Off,
                     stubs: [None; 3],
@@ -292,5 +298,15 @@ impl Inner {
                 });
             }
         }
+    }
+}
+
+/// What a site's first instruction is when it is off and prepared
+/// ([`SiteInfo::nop`]).
+fn site_nop(form: NopForm) -> SiteInsn {
+    match form {
+        #[cfg(target_arch = "x86_64")]
+        f @ NopForm::SingleDisp(_) => f.bytes(),
+        _ => arch::SITE_NOP,
     }
 }

@@ -228,6 +228,11 @@ impl NopForm {
             NopForm::Split { .. } => GCC_PAD,
         }
     }
+
+    /// Whether the entry is already in the kernel's prepared form.
+    pub fn is_single(self) -> bool {
+        matches!(self, NopForm::Single)
+    }
 }
 
 /// The encodings accepted at an entry, in the order error messages list them.

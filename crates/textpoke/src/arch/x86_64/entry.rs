@@ -10,6 +10,11 @@
 //! | `-fpatchable-function-entry=8,3`              | three `90` *before* the symbol, five `90` after it     |
 //! | `-pg -mfentry -mnop-mcount -mrecord-mcount`   | `0f 1f 44 00 00` (one 5-byte NOP)                      |
 //!
+//! clang 16's `-fpatchable-function-entry=5` emits one 5-byte NOP with
+//! another displacement byte, `0f 1f 44 00 08` (`nopl 8(%rax,%rax,1)`):
+//! a single instruction too ([`NopForm::SingleDisp`]), patched like
+//! [`NOP5`] and given back its own bytes when disabled.
+//!
 //! With `-fcf-protection` an `endbr64` (`f3 0f 1e fa`), the branch-target
 //! marker of indirect branch tracking, comes first at the symbol and the
 //! NOPs follow it; the M bytes before the symbol stay before it. The
@@ -70,6 +75,11 @@ pub enum NopForm {
     /// One 5-byte NOP instruction ([`NOP5`]): a single instruction that the
     /// breakpoint protocol can turn into a 5-byte CALL/JMP and back.
     Single,
+    /// One 5-byte NOP whose displacement byte is not 0 (clang's
+    /// `0f 1f 44 00 08`): as ready as [`NopForm::Single`]; a site keeps
+    /// its own bytes, so that disabling it writes back exactly what the
+    /// compiler left.
+    SingleDisp(u8),
     /// Several NOP instructions (gcc's [`GCC_PAD`]: `insns` = 5). Must be
     /// rewritten into [`NOP5`] with every thread parked before it can be
     /// patched live (DESIGN.md rule 1).
@@ -84,19 +94,27 @@ impl NopForm {
     pub fn bytes(self) -> [u8; 5] {
         match self {
             NopForm::Single => NOP5,
+            NopForm::SingleDisp(d) => [NOP5[0], NOP5[1], NOP5[2], NOP5[3], d],
             NopForm::Split { .. } => GCC_PAD,
         }
+    }
+
+    /// Whether the 5 bytes are one instruction (ready for the breakpoint
+    /// protocol, no one-time rewrite).
+    pub fn is_single(self) -> bool {
+        !matches!(self, NopForm::Split { .. })
     }
 }
 
 /// The encodings accepted at a 5-byte site, in the order error messages
 /// list them.
-pub const SITE_NOPS: &[[u8; 5]] = &[NOP5, GCC_PAD];
+pub const SITE_NOPS: &[[u8; 5]] = &[NOP5, [0x0f, 0x1f, 0x44, 0x00, 0x08], GCC_PAD];
 
 /// Which known 5-byte NOP these bytes are, if any.
 pub fn classify_site_nop(bytes: &[u8]) -> Option<NopForm> {
     match bytes {
         b if b == NOP5 => Some(NopForm::Single),
+        [0x0f, 0x1f, 0x44, 0x00, d] => Some(NopForm::SingleDisp(*d)),
         b if b == GCC_PAD => Some(NopForm::Split { insns: 5 }),
         _ => None,
     }
@@ -162,8 +180,16 @@ mod tests {
         assert_eq!(branch_target_len(&[0xf3, 0x0f, 0x1e, 0xfa, 0x90]), 4);
         assert_eq!(branch_target_len(&[0xf3, 0x0f, 0x1e]), 0);
         assert_eq!(branch_target_len(&NOP5), 0);
-        for form in [NopForm::Single, NopForm::Split { insns: 5 }] {
+        assert_eq!(classify_site_nop(&[0x0f, 0x1f, 0x44, 0x00, 0x08]), Some(NopForm::SingleDisp(8)));
+        for form in [NopForm::Single, NopForm::SingleDisp(8), NopForm::Split { insns: 5 }] {
             assert_eq!(classify_site_nop(&form.bytes()), Some(form));
+            assert_eq!(form.is_single(), form != NopForm::Split { insns: 5 });
+        }
+        // Every form decodes as what it claims: one instruction, or five.
+        for nop in SITE_NOPS {
+            let insns = Decoder::with_ip(64, nop, 0, DecoderOptions::NONE).into_iter().count();
+            let form = classify_site_nop(nop).expect("a listed form is recognised");
+            assert_eq!(insns == 1, form.is_single(), "{nop:02x?}");
         }
     }
 }
