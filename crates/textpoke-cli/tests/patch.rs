@@ -292,12 +292,31 @@ impl Target {
         }
     }
 
+    /// Status lines printed from now on only: the channel holds every
+    /// line since the last look (a `textpoke patch` taking a second
+    /// leaves fifty), and a line printed while the transition was under
+    /// way shows a worker's value from before it switched. (Reading that
+    /// backlog, `settled(505)` saw `last=101` a line after `last=505` in 2
+    /// runs of 80 although every worker had switched long before: the
+    /// lines were from the first milliseconds of the transition.) A line
+    /// printed just before the call may still be on its way: one more is
+    /// dropped. Returns how many were dropped.
+    fn fresh(&self) -> usize {
+        let mut stale = 0;
+        while self.lines.try_recv().is_ok() {
+            stale += 1;
+        }
+        self.status();
+        stale + 1
+    }
+
     /// A few status lines later (every worker ran on since), the value
     /// they all return now, checking nothing mixed and no EINTR.
     fn settled(&self, want: i64) -> Status {
+        let stale = self.fresh();
         let s = self.until(|s| s.last == want, &format!("the workers return {want}"));
         let later = self.until(|t| t.calls > s.calls + 10_000, "the workers run on");
-        assert_eq!(later.last, want);
+        assert_eq!(later.last, want, "{stale} status lines from before were dropped");
         assert_eq!(later.mixed, 0, "a thread ran one old and one new function");
         assert_eq!(later.eintr, 0, "a blocked thread saw EINTR or a short sleep");
         later

@@ -246,8 +246,18 @@ fn check_own_stack(rec: &LpThread, t: View, s: u8, start: Start) -> Verdict {
 
 /// The self-check and switch of a thread at any traced function entry
 /// (the checkpoint op, note §5.3): no frame is pushed, no version chosen.
-/// `start` is the entered function's caller frame.
-pub(super) fn checkpoint(start: Start) {
+/// `start` is the entered function's caller frame; `entering` the entered
+/// function's address, if known.
+///
+/// The function being entered counts as held: its frame is not on the
+/// stack the unwind from `start` walks, yet the thread is inside it. That
+/// matters for a version's own traced entry (a replacement's pad): a
+/// thread that went through a site's direct jump to the replacement just
+/// before the transition's stubs were armed is entering the patched
+/// version unmarked; switched here, it would run the rest of that
+/// version's callees in the other state (outer new, inner old: a mix;
+/// seen in tests/live.rs once the op reached every pad).
+pub(super) fn checkpoint(start: Start, entering: Option<usize>) {
     let t = View::load();
     if !t.active {
         return;
@@ -268,12 +278,27 @@ pub(super) fn checkpoint(start: Start) {
     if s == t.target {
         return;
     }
+    if let Some(func) = entering.and_then(|pc| entering_version(t, s, pc)) {
+        rec.held.store(held_word(func, s, 0), Ordering::Relaxed);
+        return;
+    }
     if self_clean(rec, t, s, start) {
         let new = state::word(t.gen, state::epoch(w), t.target);
         // AcqRel: as in `enter`. A failure: the next entry tries again.
         if rec.word.compare_exchange(w, new, Ordering::AcqRel, Ordering::Relaxed).is_ok() && View::load() == t {
             state::set_own_mirror(t);
         }
+    }
+}
+
+/// The function of the transition whose version(`s`) holds `pc` (an
+/// entry being entered), if any; unknown check data counts as held.
+fn entering_version(t: View, s: u8, pc: usize) -> Option<u32> {
+    // Acquire pairs with the AcqRel swap publishing the transition's check.
+    // SAFETY: as in `check_own_stack`: read inside a deciding section.
+    match unsafe { CHECK.load(Ordering::Acquire).as_ref() } {
+        Some(check) if check.gen == t.gen => check.ranges[s as usize].find(pc),
+        _ => Some(stack::TRANSIT),
     }
 }
 
@@ -290,7 +315,7 @@ pub(super) fn check_current_thread() {
     }
     lp_guarded(|nested| {
         if !nested {
-            checkpoint(Start { pc, sp, bp: Some(bp), exact: true });
+            checkpoint(Start { pc, sp, bp: Some(bp), exact: true }, None);
         }
     });
 }

@@ -192,7 +192,7 @@ extern "C" fn on_nudge(_sig: libc::c_int, _info: *mut libc::siginfo_t, ctx: *mut
     let start = Start { pc, sp: reg(libc::REG_RSP), bp: Some(reg(libc::REG_RBP)), exact: true };
     crate::trace::lp_guarded(|nested| {
         if !nested {
-            enter::checkpoint(start);
+            enter::checkpoint(start, None);
         }
     });
     threads::set_errno(errno);

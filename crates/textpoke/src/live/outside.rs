@@ -70,6 +70,40 @@ impl Sched {
     }
 }
 
+/// CLOCK_BOOTTIME now in clock ticks (`USER_HZ`, the unit of a thread's
+/// start time in `/proc/self/task/T/stat`), rounded down.
+pub(super) fn boot_ticks() -> u64 {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: a valid out-pointer.
+    unsafe { libc::clock_gettime(libc::CLOCK_BOOTTIME, &mut ts) };
+    let ns = ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64;
+    ns / (1_000_000_000 / clock_ticks_per_sec())
+}
+
+fn clock_ticks_per_sec() -> u64 {
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    if hz > 0 {
+        hz as u64
+    } else {
+        100
+    }
+}
+
+/// Whether thread `tid` was created after the clock tick `tick` (read by
+/// [`boot_ticks`]): its start time (field 22 of its `stat`, the kernel's
+/// `start_boottime` in the same ticks, rounded down) is a later tick.
+/// A later tick means a later instant; a thread started within the same
+/// tick counts as older (the cautious side), and so does one whose file
+/// cannot be read.
+pub(super) fn born_after(tid: i32, tick: u64) -> bool {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/self/task/{tid}/stat")) else { return false };
+    // After the name (which may hold spaces and parentheses): field 3 on.
+    let Some((_, rest)) = stat.rsplit_once(')') else { return false };
+    let start: Option<u64> = rest.split_whitespace().nth(22 - 3).and_then(|f| f.parse().ok());
+    start.is_some_and(|s| s > tick)
+}
+
 /// The thread's name (`comm`).
 pub(super) fn comm(tid: i32) -> String {
     std::fs::read_to_string(format!("/proc/self/task/{tid}/comm")).map(|s| s.trim().to_string()).unwrap_or_default()
@@ -117,9 +151,19 @@ pub(super) fn check_blocked(tid: i32, t: View, check: &Check, maps: &crate::sys:
     // its end, and a copy that stops short hides it from the unwind and
     // from the scan alike.
     let Some(bytes) = copy_stack(sp, hi) else { return Outside::Pending };
+    // Inside tracer code (a trampoline, an op's callback): it may be on
+    // its way from a function's entry site into the function, which no
+    // frame shows yet (a thread that went through a site's direct jump to
+    // a version before the transition was armed, now in the trampoline of
+    // that version's own traced entry). It leaves soon: look again later.
+    let in_tracer = crate::trace::Tracer::global().live_tracer_nesting(tid).is_some_and(|n| n > 0);
     let Some(after) = Sched::read(tid) else { return Outside::Pending };
     if after != before || !after.blocked() {
         return Outside::Pending; // it ran meanwhile: look again later
+    }
+    if in_tracer {
+        rec.held.store(super::enter::held_word(stack::TRANSIT, s, 0), Ordering::Relaxed);
+        return Outside::Pending;
     }
     let snap = Snapshot { base: sp, bytes };
     let (verdict, unreliable) = stack_verdict((t, s), check, (&snap, lo), (&entries, known), pc);
@@ -180,6 +224,15 @@ fn stack_verdict(
     let tag = state::tag32(t.gen, s);
     if let Some(k) = entries.iter().position(|e| e.marked == Some(tag)) {
         return (Verdict::Hit { func: u32::MAX - 1, frame: k as u32, reliable: true }, false);
+    }
+    // Its PC in code of no loaded object: a tracer stub, trampoline or
+    // mirror slot before the count is raised (on its way into a function
+    // whose frame nothing shows yet, as above), or a JIT's code. It counts
+    // as in transit, also when the unwind below could not start (a thread
+    // blocked in a system call is never there but for a JIT making raw
+    // system calls, which then waits for `force`).
+    if ranges.find(pc).is_none() && !stack::in_object(pc) {
+        return (Verdict::Hit { func: stack::TRANSIT, frame: 0, reliable: true }, false);
     }
     let shadow = |slot: usize| entries.iter().find(|e| e.slot == slot).map(|e| e.orig);
     let l = Lookups { ranges, return_trampoline: check.return_trampoline, shadow: &shadow };

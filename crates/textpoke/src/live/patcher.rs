@@ -20,17 +20,21 @@
 //!    every call of a transitioning function goes through its stub; then
 //!    the transition is *armed*: threads may switch.
 //!
-//! Drive (`wait`): the calling thread checks itself; every other thread
+//! Drive (`wait`): the calling thread checks itself; a thread created
+//! after the transition was armed that never took a slow path is switched
+//! by its birth (`switch_newborn`: it holds no frame); every other thread
 //! not at the target is checked from outside if it is blocked
 //! (`outside.rs`), else left to switch itself; after 2 ms of running
-//! threads pending, the checkpoint op (an op on every prepared traced
-//! entry: `enter::checkpoint`) lets busy threads switch at any traced
-//! call. When every thread of `/proc/self/task` is at the target, the
+//! threads pending, the checkpoint op (an op on every traced function
+//! entry, gcc pads included by their first byte: `enter::checkpoint`)
+//! lets busy threads switch at any traced call. When every thread of
+//! `/proc/self/task` is at the target, the
 //! transition is marked *completing* (threads created since count as
 //! switched), the deciding sections begun before are waited for
 //! (`state::sync_deciders`: a decision taken on an older transition word,
 //! before a reversal say, is over), and every record and thread is looked
-//! at again; then it completes.
+//! at again (a thread with no word of this generation must have been born
+//! after arming); then it completes.
 //!
 //! Complete: settled versions and an inactive transition word (one write
 //! section); one batch makes each site `jmp replacement` (a near far-jump
@@ -177,6 +181,10 @@ struct Trans {
     blocked_since: HashMap<i32, (String, Instant)>,
     running_since: Option<Instant>,
     checkpoint: Option<OpHandle>,
+    /// The clock tick (`outside::boot_ticks`) read once the transition was
+    /// armed: a thread whose start tick is later was created after every
+    /// site jumped to its stub (`outside::born_after`).
+    armed_tick: u64,
 }
 
 /// Stub memory: blocks near the sites, never freed (a thread may sit in a
@@ -775,6 +783,9 @@ impl Control {
             let _w = state::WriteSection::open();
             View { armed: true, ..view }.publish();
         }
+        // After the publication: a thread started later sees an armed
+        // transition at its first call, and holds no frame of before.
+        let armed_tick = outside::boot_ticks();
         self.trans = Some(Trans {
             patch,
             gen,
@@ -786,6 +797,7 @@ impl Control {
             blocked_since: HashMap::new(),
             running_since: None,
             checkpoint: None,
+            armed_tick,
         });
         Ok(())
     }
@@ -831,6 +843,16 @@ impl Control {
 
     /// One pass over the threads; whether all are at the target.
     fn round(&mut self) -> Result<bool, LiveError> {
+        // The versions of every patched function, which the checkpoint op
+        // leaves alone (`register_checkpoint`).
+        let version_ranges: Vec<(usize, usize)> = self
+            .sites
+            .iter()
+            .flat_map(|s| s.stack.iter().filter(|v| !v.nop).map(|v| (v.addr, v.addr + v.size)))
+            .collect();
+        // Objects loaded since: a thread's PC in code of no known object
+        // counts as in transit (`outside.rs`).
+        stack::refresh_modules();
         enter::check_current_thread();
         // SAFETY: the current check, freed only by this (locked) side.
         let check = unsafe { &*CHECK.load(Ordering::Acquire) };
@@ -851,6 +873,10 @@ impl Control {
             }
             if tid == me {
                 pending += 1;
+                continue;
+            }
+            if switch_newborn(tid, t, trans.armed_tick) {
+                trans.blocked_since.remove(&tid);
                 continue;
             }
             let verdict = match &maps {
@@ -901,7 +927,7 @@ impl Control {
         } else {
             let since = *trans.running_since.get_or_insert_with(Instant::now);
             if since.elapsed() >= Duration::from_millis(2) && trans.checkpoint.is_none() {
-                trans.checkpoint = register_checkpoint();
+                trans.checkpoint = register_checkpoint(&version_ranges);
             }
         }
         if pending > 0 {
@@ -925,8 +951,15 @@ impl Control {
         });
         let mut tids = Vec::new();
         let _ = crate::sys::threads::for_each_tid(|tid| tids.push(tid));
-        let threads_ok = tids.iter().all(|&tid| {
-            state::find(tid).is_none_or(|r| completing.effective(r.word.load(Ordering::Acquire)) == t.target)
+        // A thread with no word of this generation is in the initial state,
+        // the target after a reversal; else it counts as switched only if
+        // it was created after the transition was armed: an older one
+        // missing from the first listing (a listing of /proc/self/task can
+        // miss a thread while others exit) has not been checked.
+        let armed_tick = trans.armed_tick;
+        let threads_ok = tids.iter().all(|&tid| match state::find(tid).map(|r| r.word.load(Ordering::Acquire)) {
+            Some(w) if (w >> 32) as u32 == t.gen => completing.effective(w) == t.target,
+            _ => t.initial == t.target || tid != me && outside::born_after(tid, armed_tick),
         });
         if graced && records_ok && threads_ok {
             return Ok(true);
@@ -1140,6 +1173,34 @@ impl Control {
     }
 }
 
+/// Switches thread `tid` by its birth (the kernel's `klp_copy_process`
+/// inheritance, without a thread-creation hook). Created after the
+/// transition was armed (`armed_tick`), the thread reached every function
+/// of the transition through its stub, and its first stub took the slow
+/// path (a new thread's mirror is zero, which no stub word matches), which
+/// writes its word. With no word of this generation it called none: it
+/// holds no frame of any version and is at the target, whatever that is
+/// now (after a reversal too: the kernel's new task is in its parent's
+/// state, which is the target's direction). A thread that took a slow path
+/// has a word of this generation and follows the ordinary rules. The CAS
+/// fails if the thread writes its word meanwhile (note §5.4). A forked
+/// child's thread is a copy of an older one: `state::after_fork_child`
+/// gives it a word of this generation, so it is never taken for new.
+fn switch_newborn(tid: i32, t: View, armed_tick: u64) -> bool {
+    if !outside::born_after(tid, armed_tick) {
+        return false;
+    }
+    let Some(rec) = state::find_or_claim(tid) else { return false };
+    // Acquire pairs with the thread's own AcqRel CASes.
+    let w0 = rec.word.load(Ordering::Acquire);
+    if (w0 >> 32) as u32 == t.gen {
+        return t.effective(w0) == t.target;
+    }
+    let new = state::word(t.gen, state::epoch(w0), t.target);
+    // AcqRel: as every CAS of a thread word.
+    rec.word.compare_exchange(w0, new, Ordering::AcqRel, Ordering::Relaxed).is_ok()
+}
+
 /// The checkpoint op (note §5.3): at any traced function entry, a thread
 /// not at the target checks itself and switches if clean. No signal.
 struct Checkpoint;
@@ -1147,30 +1208,44 @@ struct Checkpoint;
 impl TraceOp for Checkpoint {
     fn entry(&self, e: &Entry<'_>) {
         let (Some(ra), Some(sp)) = (e.return_address(), e.stack_pointer()) else { return };
-        enter::checkpoint(stack::Start { pc: ra, sp: sp + 8, bp: Some(e.lp_caller_rbp()), exact: false });
+        let start = stack::Start { pc: ra, sp: sp + 8, bp: Some(e.lp_caller_rbp()), exact: false };
+        enter::checkpoint(start, e.lp_function_entry());
     }
 }
 
-/// Registers the checkpoint op on every function whose entry sites are
-/// all one instruction already (a gcc pad would need stop-machine, which
-/// may interrupt a system call: rule 9), or on every function when the
-/// tracer enables pads by their first byte (no signal either).
-fn register_checkpoint() -> Option<OpHandle> {
+/// Registers the checkpoint op on every function-entry site, gcc pads
+/// included, with no thread signalled (rule 9): pads are enabled by their
+/// first byte (`trace/mirror.rs`), the tracer set to its one-byte-only
+/// mode for this one change when it would otherwise stop the machine (a
+/// pad whose mirror cannot be placed is then left out). Live patching
+/// does not make pads one instruction, so without this a busy thread that
+/// only runs pads would never reach a checkpoint. The op reaches the
+/// versions' own entries (a replacement's pad, `versions`: entry ranges)
+/// are left out: a thread entering a version came through its stub, which
+/// decided already, and a trampoline there would change `r11` on the way
+/// into it, which the stubs keep. (`enter::checkpoint` counts the function
+/// being entered as held anyway, should a name match one elsewhere.)
+fn register_checkpoint(versions: &[(usize, usize)]) -> Option<OpHandle> {
+    use crate::trace::PadMode;
     let tracer = Tracer::global();
-    if tracer.pad_mode() != crate::trace::PadMode::StopMachine {
-        return tracer.register(Arc::new(Checkpoint), Filter::all()).ok();
+    let mode = tracer.pad_mode();
+    if mode == PadMode::StopMachine {
+        // A tracer change made by another thread meanwhile refuses a pad
+        // it cannot mirror instead of stopping the machine: the cautious
+        // side.
+        tracer.set_pad_mode(PadMode::OneByteOnly);
     }
-    let mut ok: HashMap<Arc<str>, bool> = HashMap::new();
-    for f in tracer.functions() {
-        if f.place != crate::trace::SitePlace::FunctionEntry {
-            continue;
-        }
-        let prepared = tracer.is_gcc_pad(f.site) == Some(false);
-        *ok.entry(f.function.clone()).or_insert(true) &= prepared;
+    let in_version = |a: usize| versions.iter().any(|&(lo, hi)| (lo..hi).contains(&a));
+    let left_out: std::collections::HashSet<Arc<str>> = tracer
+        .functions()
+        .into_iter()
+        .filter(|f| f.place == crate::trace::SitePlace::FunctionEntry && in_version(f.addr))
+        .map(|f| f.function)
+        .collect();
+    let filter = Filter::new(move |n| !left_out.contains(n));
+    let op = tracer.register(Arc::new(Checkpoint), filter).ok();
+    if mode == PadMode::StopMachine {
+        tracer.set_pad_mode(mode);
     }
-    let names: std::collections::HashSet<Arc<str>> = ok.into_iter().filter(|(_, v)| *v).map(|(k, _)| k).collect();
-    if names.is_empty() {
-        return None;
-    }
-    tracer.register(Arc::new(Checkpoint), Filter::new(move |n| names.contains(n))).ok()
+    op
 }

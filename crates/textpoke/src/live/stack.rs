@@ -8,11 +8,17 @@
 //!    counts as reliable only when every frame's address has an FDE, the
 //!    CFA is `rsp`/`rbp` plus an offset with the register known, the
 //!    return address is saved at an offset from the CFA, the stack pointer
-//!    strictly grows, no frame is a signal frame, and the walk ends at a
+//!    strictly grows (but across a signal frame), and the walk ends at a
 //!    frame whose return address is undefined (glibc's `_start` and
 //!    `clone3` mark the outermost frame so). A return address equal to the
 //!    return trampoline is the shadow entry's original (the entry whose
-//!    slot is CFA - 8); no such entry: unreliable.
+//!    slot is CFA - 8); no such entry: unreliable. A signal frame (glibc's
+//!    `__restore_rt`, its FDE marked so) is crossed through the
+//!    `ucontext` the kernel saved: the walk goes on from the interrupted
+//!    `rip`, `rsp` and `rbp`, an exact PC. An exact PC (where a thread is,
+//!    or was interrupted) in code of no loaded object is a hit on
+//!    [`TRANSIT`]: a tracer stub, trampoline or mirror slot may be between
+//!    a version's entry site and its body, which no frame shows yet.
 //! 2. **A conservative scan** of every 8-byte word from the stack pointer
 //!    to the end of its mapping, the PC, and every shadow entry's original
 //!    return address: a hit is any of them inside a checked function. Sound
@@ -86,6 +92,9 @@ struct Module {
 struct Modules {
     counters: Option<(u64, u64)>,
     list: Vec<Module>,
+    /// Every loaded object's executable range, sorted (with unwind tables
+    /// or without).
+    code: Vec<(usize, usize)>,
 }
 
 /// The current module table. Replaced tables are leaked (a reader may be
@@ -105,16 +114,28 @@ pub(super) fn refresh_modules() {
         }
     }
     let mut list = Vec::new();
+    let mut code = Vec::new();
     crate::sys::loader::for_each_object(|o| {
         if let Some(m) = module_of(o) {
             list.push(m);
         }
+        code.extend(exec_range(o));
         std::ops::ControlFlow::Continue(())
     });
     list.sort_unstable_by_key(|m| m.lo);
-    let table = Box::into_raw(Box::new(Modules { counters, list }));
+    code.sort_unstable();
+    let table = Box::into_raw(Box::new(Modules { counters, list, code }));
     // Release pairs with the Acquire loads: the table is complete.
     MODULES.store(table, Ordering::Release);
+}
+
+/// The range covering an object's executable segments.
+fn exec_range(o: &crate::sys::loader::LoadedObjectInfo<'_>) -> Option<(usize, usize)> {
+    let exec = o.phdrs.iter().filter(|p| p.p_type == libc::PT_LOAD && p.p_flags & libc::PF_X != 0);
+    let (lo, hi) = exec.fold((usize::MAX, 0), |(a, b), p| {
+        (a.min(o.bias + p.p_vaddr as usize), b.max(o.bias + (p.p_vaddr + p.p_memsz) as usize))
+    });
+    (lo < hi).then_some((lo, hi))
 }
 
 fn module_of(o: &crate::sys::loader::LoadedObjectInfo<'_>) -> Option<Module> {
@@ -144,6 +165,16 @@ fn module_of(o: &crate::sys::loader::LoadedObjectInfo<'_>) -> Option<Module> {
     let eh_frame: &'static [u8] = unsafe { std::slice::from_raw_parts(eh as *const u8, eh_end - eh) };
     let bases = bases.set_eh_frame(eh as u64);
     Some(Module { lo, hi, hdr, eh_frame, bases })
+}
+
+/// Whether `pc` lies in a loaded object's code (not in anonymous code:
+/// the tracer's stubs, trampolines and mirror slots, live stubs, a JIT's).
+pub(super) fn in_object(pc: usize) -> bool {
+    // Acquire pairs with refresh_modules' Release store.
+    // SAFETY: tables are leaked, never freed.
+    let Some(m) = (unsafe { MODULES.load(Ordering::Acquire).as_ref() }) else { return true };
+    let i = m.code.partition_point(|r| r.0 <= pc);
+    m.code[..i].last().is_some_and(|r| pc < r.1)
 }
 
 fn module_for(pc: usize) -> Option<&'static Module> {
@@ -261,8 +292,24 @@ pub(super) fn unwind(start: Start, mem: &dyn Memory, l: &Lookups<'_>) -> Verdict
         if let Some(func) = l.ranges.find(pc) {
             return Verdict::Hit { func, frame, reliable: true };
         }
+        if exact && !in_object(pc) {
+            // Where the thread is (or was when a signal came), in code of no
+            // loaded object: a tracer stub, trampoline or mirror slot, maybe
+            // between a version's entry site and its body (no frame shows
+            // that yet), or a JIT's code. In transit.
+            return Verdict::Hit { func: TRANSIT, frame, reliable: true };
+        }
         let lookup = if exact { pc } else { pc - 1 };
-        let Some(step) = step(&mut ctx, lookup, sp, bp, mem) else { return Verdict::Unreliable };
+        let step = match step(&mut ctx, lookup, sp, bp, mem) {
+            Some(StepOrSignal::Step(s)) => s,
+            Some(StepOrSignal::Signal) => {
+                // A signal frame: go on from the interrupted context.
+                let Some(regs) = interrupted(sp, mem) else { return Verdict::Unreliable };
+                (pc, sp, bp, exact) = (regs.0, regs.1, Some(regs.2), true);
+                continue;
+            }
+            None => return Verdict::Unreliable,
+        };
         let Step { cfa, ra, new_bp } = step;
         let Some(ra) = ra else { return Verdict::Clean }; // the outermost frame
         if cfa <= sp {
@@ -283,6 +330,23 @@ pub(super) fn unwind(start: Start, mem: &dyn Memory, l: &Lookups<'_>) -> Verdict
     Verdict::Unreliable
 }
 
+/// The interrupted `(rip, rsp, rbp)` of a signal frame whose `ucontext`
+/// is at `uc` (x86-64: the stack pointer in glibc's `__restore_rt`, the
+/// handler's `ret` having popped `pretcode`; `uc_mcontext.gregs` after
+/// `uc_flags`, `uc_link` and `uc_stack`, 40 bytes: rbp is greg 10, rsp
+/// 15, rip 16).
+fn interrupted(uc: usize, mem: &dyn Memory) -> Option<(usize, usize, usize)> {
+    const GREGS: usize = 40;
+    let greg = |n: usize| mem.word(uc + GREGS + 8 * n);
+    Some((greg(16)?, greg(15)?, greg(10)?))
+}
+
+enum StepOrSignal {
+    Step(Step),
+    /// The frame is a signal trampoline's (`__restore_rt`).
+    Signal,
+}
+
 struct Step {
     cfa: usize,
     /// `None`: the return address is undefined (the outermost frame).
@@ -296,14 +360,14 @@ fn step(
     sp: usize,
     bp: Option<usize>,
     mem: &dyn Memory,
-) -> Option<Step> {
+) -> Option<StepOrSignal> {
     let m = module_for(addr)?;
     let hdr = EhFrameHdr::new(m.hdr, NativeEndian).parse(&m.bases, 8).ok()?;
     let table = hdr.table()?;
     let eh = EhFrame::new(m.eh_frame, NativeEndian);
     let fde = table.fde_for_address(&eh, &m.bases, addr as u64, EhFrame::cie_from_offset).ok()?;
     if fde.is_signal_trampoline() {
-        return None; // signal frames: not evaluated (module docs)
+        return Some(StepOrSignal::Signal);
     }
     let row = fde.unwind_info_for_address(&eh, &m.bases, ctx, addr as u64).ok()?;
     let cfa = match *row.cfa() {
@@ -331,7 +395,7 @@ fn step(
         RegisterRule::Offset(o) => Some(mem.word(cfa.checked_add_signed(o as isize)?)?),
         _ => None,
     };
-    Some(Step { cfa, ra, new_bp })
+    Some(StepOrSignal::Step(Step { cfa, ra, new_bp }))
 }
 
 // ---------------------------------------------------------------- scanning

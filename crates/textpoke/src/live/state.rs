@@ -495,7 +495,9 @@ unsafe extern "C" fn before_fork() {
 /// not have, and is freed; the claim lock and the deciding counts, which
 /// such a thread may have held, are reset. Without this the child's
 /// thread kept its parent's tid cached, switched a record nobody looks
-/// at, and a transition never completed in the child.
+/// at, and a transition never completed in the child. With a transition
+/// in progress its inherited state gets a word of this generation (see
+/// the end).
 unsafe extern "C" fn after_fork_child() {
     let tid = crate::sys::threads::gettid();
     let parent = TLS.with(|t| t.tid.replace(tid));
@@ -512,6 +514,22 @@ unsafe extern "C" fn after_fork_child() {
     CLAIM_LOCK.store(false, Ordering::Release);
     for d in &DECIDING {
         d.store(0, Ordering::SeqCst);
+    }
+    // Its state made explicit: a word of this generation. The thread is
+    // a copy of its parent thread, stack included, though created after
+    // the transition was armed: without a word it would be taken for a
+    // thread born since, holding nothing (`patcher.rs` `switch_newborn`).
+    let t = View::load();
+    if t.active {
+        if let Some(r) = own_record() {
+            let w = r.word.load(Ordering::Relaxed);
+            if (w >> 32) as u32 != t.gen {
+                let inherited = word(t.gen, epoch(w).wrapping_add(1), t.effective(w));
+                // Release pairs with the driver's Acquire loads (one thread
+                // here: no CAS can race).
+                r.word.store(inherited, Ordering::Release);
+            }
+        }
     }
 }
 

@@ -1103,6 +1103,14 @@ pub(crate) fn lp_own_shadow(mut f: impl FnMut(LpShadowEntry)) {
 }
 
 impl Entry<'_> {
+    /// The entered function's entry address (function-entry sites only):
+    /// a live-patching check at a traced entry must count the function
+    /// being entered, whose frame the caller's unwind does not show.
+    pub(crate) fn lp_function_entry(&self) -> Option<usize> {
+        let slot = site_slot(self.site)?;
+        (self.place == SitePlace::FunctionEntry).then(|| slot.pair.load(Ordering::Relaxed))
+    }
+
     /// The caller's `rbp` at the function's entry (the trampoline's frame
     /// saved it), for a live-patching stack check from an entry callback.
     pub(crate) fn lp_caller_rbp(&self) -> usize {

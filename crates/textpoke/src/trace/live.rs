@@ -200,6 +200,21 @@ impl Tracer {
         r
     }
 
+    /// How many times thread `tid` is inside tracer code now (its
+    /// quiescence count, as grace periods read it; `None`: not known, or
+    /// the thread never entered the tracer and so has no count to read).
+    /// Live patching's outside check of a blocked thread: a thread inside
+    /// a trampoline or an op's callback may be on its way into the
+    /// function whose entry site it traces, a frame no unwind shows yet.
+    pub(crate) fn live_tracer_nesting(&self, tid: i32) -> Option<u32> {
+        let scan = super::registry::Scan::start();
+        let (i, _) = scan.live().into_iter().find(|&(_, t)| t == tid)?;
+        match scan.count(i, tid) {
+            super::registry::Count::Nesting(n) => Some(n),
+            _ => None,
+        }
+    }
+
     /// The return trampoline's address, made if needed (marked shadow
     /// entries return through it; the unwinder hooks come with it).
     pub(crate) fn live_return_trampoline(&'static self) -> Result<usize, TraceError> {
