@@ -3,7 +3,8 @@
 //! five one-byte NOPs nor `-mnop-mcount`'s `0f 1f 44 00 00`. The tracer
 //! takes such a site as one instruction (no one-time rewrite), counts every
 //! call while 8 threads call, and disabling it writes back clang's bytes
-//! exactly. x86-64 only (clang's aarch64 pad is gcc's `nop; nop`).
+//! exactly; live patching jumps from it to a replacement and gives it
+//! back as well. x86-64 only (clang's aarch64 pad is gcc's `nop; nop`).
 #![cfg(target_arch = "x86_64")]
 
 mod common;
@@ -13,6 +14,8 @@ use std::path::PathBuf;
 use std::process::Command;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
+use textpoke::live::{FuncDesc, PatchDesc, Patcher};
 use textpoke::trace::{Entry, TraceOp, Tracer};
 
 const SRC: &str = r#"
@@ -20,6 +23,7 @@ const SRC: &str = r#"
 F long cl_a(long x) { return x * 3 + 1; }
 F long cl_b(long x) { return cl_a(x) + 2; }
 F double cl_c(double x) { return x * 0.5 + 1.0; }
+F long cl_a_v2(long x) { return x * 3 + 100; }
 "#;
 
 /// clang's NOP at a patchable entry (checked with objdump: clang 14 and 16).
@@ -58,7 +62,7 @@ impl TraceOp for Counting {
 }
 
 struct Clang {
-    _lib: Lib,
+    lib: Lib,
     /// The NOP of cl_a, cl_b, cl_c (after `endbr64` when there is one).
     nops: [usize; 3],
     a: extern "C" fn(i64) -> i64,
@@ -80,7 +84,7 @@ fn load(name: &str, extra: &[&str], marker: usize) -> Clang {
             a: std::mem::transmute::<usize, extern "C" fn(i64) -> i64>(syms[0]),
             b: std::mem::transmute::<usize, extern "C" fn(i64) -> i64>(syms[1]),
             c: std::mem::transmute::<usize, extern "C" fn(f64) -> f64>(syms[2]),
-            _lib: lib,
+            lib,
         }
     }
 }
@@ -141,9 +145,66 @@ fn flip_under_load(l: Arc<Clang>, rounds: u32) {
     assert_eq!(HITS.load(Ordering::Relaxed), before, "off means off");
 }
 
+fn symbol_size(addr: usize) -> usize {
+    textpoke_sys::loader::symbol_at(addr).map(|s| s.size).filter(|&s| s > 0).expect("a sized symbol")
+}
+
+/// Patches cl_a with cl_a_v2 and reverts, 20 times, while 8 threads call
+/// it: the site jumps to the replacement once complete, and holds
+/// clang's NOP again after each revert; the tracer can trace it after.
+fn live_patch_and_revert(l: Arc<Clang>) {
+    let (target, replacement) = (l.lib.sym("cl_a"), l.lib.sym("cl_a_v2"));
+    let func = FuncDesc {
+        name: "cl_a".into(),
+        target,
+        target_size: symbol_size(target),
+        replacement,
+        replacement_size: symbol_size(replacement),
+        ..Default::default()
+    };
+    let stop = Arc::new(AtomicBool::new(false));
+    let workers: Vec<_> = (0..8)
+        .map(|t| {
+            let (l, stop) = (l.clone(), stop.clone());
+            std::thread::spawn(move || {
+                let mut x = t;
+                while !stop.load(Ordering::Relaxed) {
+                    let got = (l.a)(x);
+                    assert!(got == x * 3 + 1 || got == x * 3 + 100, "cl_a({x}) = {got}");
+                    x += 1;
+                }
+            })
+        })
+        .collect();
+    let p = Patcher::global();
+    for _ in 0..20 {
+        let desc = PatchDesc {
+            name: "clang-v2".into(),
+            replace: false,
+            funcs: vec![func.clone()],
+            callbacks: Default::default(),
+            keep_alive: None,
+        };
+        p.apply(desc).unwrap();
+        p.wait(Duration::from_secs(30)).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!((l.a)(5), 115, "patched");
+        assert_eq!(peek(l.nops[0], 1), [0xe9], "the site jumps to the replacement");
+        p.revert(None).unwrap();
+        p.wait(Duration::from_secs(30)).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!((l.a)(5), 16, "reverted");
+        assert_eq!(peek(l.nops[0], 5), CLANG_NOP5, "clang's own bytes after the revert");
+    }
+    stop.store(true, Ordering::Relaxed);
+    for w in workers {
+        w.join().expect("a worker saw a wrong result");
+    }
+}
+
 #[test]
 fn clang_entries_are_traced_and_given_back_their_own_bytes() {
-    flip_under_load(Arc::new(load("clang_sites", &[], 0)), 200);
+    let l = Arc::new(load("clang_sites", &[], 0));
+    live_patch_and_revert(l.clone());
+    flip_under_load(l, 200);
     // With `-fcf-protection` the NOP follows `endbr64`.
     let l = load("clang_sites_cet", &["-fcf-protection"], 4);
     assert_eq!(peek(l.nops[0] - 4, 4), [0xf3, 0x0f, 0x1e, 0xfa]);

@@ -101,6 +101,10 @@ struct SiteRec {
     stub: usize,
     /// What the site's five bytes are now.
     bytes: [u8; 5],
+    /// What they are with no version on them: the site's own NOP (gcc's
+    /// `NOP5`, clang's `0f 1f 44 00 08`), given back exactly; `NOP5` for
+    /// a gcc pad (the tracer writes its pad back).
+    off: [u8; 5],
     /// The target's entry and size, and the code after the site.
     target: usize,
     target_size: usize,
@@ -601,6 +605,7 @@ impl Control {
                 site: *s,
                 stub,
                 bytes: crate::arch::NOP5,
+                off: crate::arch::NOP5,
                 target: f.target,
                 target_size: f.target_size,
                 orig_body: s.addr + 5,
@@ -623,6 +628,7 @@ impl Control {
                 let s = &mut self.sites[i as usize];
                 s.claimed = true;
                 s.pad = b == crate::arch::GCC_PAD;
+                s.off = if s.pad { crate::arch::NOP5 } else { b };
                 s.bytes = b;
             }
         }
@@ -658,6 +664,7 @@ impl Control {
             rec.far = None;
             rec.pad = false;
             rec.bytes = crate::arch::NOP5;
+            rec.off = crate::arch::NOP5;
         }
         Ok(())
     }
@@ -1000,7 +1007,7 @@ impl Control {
         for &i in &touched {
             let top = self.sites[i as usize].stack.iter().rev().find(|v| keep(v)).map(|v| v.addr);
             let new = match top.map(|to| self.direct_jump(i, to)) {
-                None => crate::arch::NOP5,
+                None => self.sites[i as usize].off,
                 Some(Ok(b)) => b,
                 Some(Err(e)) => {
                     self.trans = Some(t);
@@ -1108,7 +1115,7 @@ impl Control {
         let idle: Vec<usize> = (0..self.sites.len())
             .filter(|&i| {
                 let s = &self.sites[i];
-                s.claimed && s.stack.is_empty() && s.bytes == crate::arch::NOP5
+                s.claimed && s.stack.is_empty() && s.bytes == s.off
             })
             .collect();
         if idle.is_empty() {

@@ -58,8 +58,8 @@ impl Tracer {
     }
 
     /// Claims `sites` for live patching: tracing them stops (one tracer
-    /// change); returns what each holds now ([`NOP5`], or [`GCC_PAD`] for
-    /// a pad never made one instruction). Sites claimed already are
+    /// change); returns what each holds now (its own NOP: [`NOP5`], or
+    /// clang's; [`GCC_PAD`] for a pad never made one instruction). Sites claimed already are
     /// refused by the caller, not here.
     pub(crate) fn live_claim(&'static self, sites: &[LiveSite]) -> Result<Vec<[u8; 5]>, TraceError> {
         let mut g = self.lock()?;
@@ -73,7 +73,13 @@ impl Tracer {
             self.after_change(g);
             return Err(e);
         }
-        let now = sites.iter().map(|s| if g.sites[s.index as usize].prepared { NOP5 } else { GCC_PAD }).collect();
+        let now = sites
+            .iter()
+            .map(|s| match &g.sites[s.index as usize] {
+                site if site.prepared => site.nop,
+                _ => GCC_PAD,
+            })
+            .collect();
         self.after_change(g);
         Ok(now)
     }
