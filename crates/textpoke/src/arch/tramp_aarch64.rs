@@ -96,12 +96,12 @@
 //! nothing, and a thunk's `blr` keeps calls and returns paired for the
 //! return-address predictor, as x86-64's `call r11` does.
 //!
-//! # Not here yet
+//! # C++ exceptions
 //!
-//! C++ exceptions through functions whose return is hooked are not
-//! handled (x86-64's unwinder hooks restore return addresses in stack
-//! slots; on aarch64 the replaced x30 is saved wherever the function's
-//! prologue put it).
+//! A replaced x30 is saved wherever the function's prologue put it, not in
+//! a slot the shadow record names (x86-64's case): the unwinder hooks walk
+//! the thread's frames with their CFI and put the originals back
+//! (`trace/unwind_aarch64.rs`).
 
 use super::asm::{AsmError, Assembler, Cond, Index, Label, Reg, FP, LR, SP};
 
