@@ -26,28 +26,36 @@
  * a site sees the new word.
  *
  * What qemu-aarch64 7.2 (Debian 1:7.2+dfsg-7+deb12u18, x86-64 host, 2
- * loaded cores) does, 1000 flips a run, ~1.7e8 checked calls: 1 to 4 stale
- * calls per run, every one on site_a (the site the loop calls right after
- * reading the phase), never on site_b; a stale call is a single call, not
- * a stale translation (the next calls of the same phase are right).
- * With `indirect` (site_a called through a pointer: `blr`), with
- * `caller-off-page`, or under `-d nochain`: none. The cause, read in
- * qemu 7.2's accel/tcg/tb-maint.c: invalidating a TB (on the write fault
- * or the mprotect to rwx, for every TB of the page) resets the direct
- * jumps *into* it (tb_jmp_unlink) but not its own jumps out of it
- * (tb_remove_from_jmp_list only unlists them). A caller thread that was
- * inside the loop's TB (its host thread preempted before the load of the
- * phase) when the page's TBs were invalidated resumes after the flip, reads
- * the new phase, and follows that TB's still-patched jump into the old,
- * invalidated TB of site_a, whose host code still holds the old word: one
- * stale call. When site_a's TB is invalidated before the caller's, the
- * caller's jump is reset first and nothing happens, which is why it is
- * rare. A context synchronisation event in the guest does not end the
- * host's execution of a TB chain, and membarrier passes through to the
- * host kernel, so nothing the guest can do short of not chaining (an
- * indirect call) prevents it. Nothing of textpoke's is involved; the
- * earlier version of this program had its callers' loop on another page
- * (their TB never invalidated), which is why it never saw it.
+ * cores under a load of ~20) did, 1000 flips a run, 0.9e8 to 2.2e8 checked
+ * calls a run: by default 7, 2, 3, 5, 2 and 3 stale calls in six runs
+ * (exit 1; `membarrier-last`: 2, 4 and 0),
+ * every one on site_a (the site the loop calls right after reading the
+ * phase), never on site_b. keys_test's own stale calls are single calls
+ * too: one in a steady phase of ~1.7e5 calls, the rest of that phase right
+ * (a stale *translation* would be called all phase long). Three runs each
+ * of `indirect` (site_a called through a pointer: `blr`), of
+ * `caller-off-page` and of `-d nochain`: no stale call. (With check()
+ * called out of line, on another page, none showed in three runs either:
+ * the window depends on where the loop spends its time.) The cause, read
+ * in qemu 7.2's accel/tcg/tb-maint.c: invalidating a TB (on the write
+ * fault, or the mprotect to rwx, for every TB of the page) resets the
+ * direct jumps *into* it (tb_jmp_unlink) but not its own jumps out of it
+ * (tb_remove_from_jmp_list only takes it off the target's list). A caller
+ * thread that was inside the loop's TB (its host thread preempted before
+ * the load of the phase) when the page's TBs were invalidated resumes
+ * after the flip, reads the new phase, and follows that TB's still-patched
+ * jump into the old, invalidated TB of site_a, whose host code still
+ * holds the old word: one stale call. When site_a's TB is invalidated
+ * before the caller's, the caller's jump is reset first and nothing
+ * happens, which is why it is rare. The guest cannot close the window:
+ * membarrier passes through to the host kernel (the host's cores are
+ * serialised, qemu's TB chains untouched), and an ISB ends its TB with a
+ * chained jump too (target/arm/translate-a64.c: gen_goto_tb), so only
+ * not chaining (an indirect call, or -d nochain) avoids it (with an ISB
+ * after the phase read none showed in three runs: the stale path then
+ * needs two TBs invalidated in that order). Nothing of textpoke's is
+ * involved; the earlier version of this program had its callers' loop on
+ * another page (their TB never invalidated), and never saw it.
  *
  * Prints the counts; exits 1 if any call disagreed (so natively, on Arm
  * hardware, it must exit 0). */
