@@ -137,9 +137,16 @@
 //! outside textpoke). And the C keys test's 4 threads see, a few times in
 //! 10^8 calls, a call that ran a site's old word after the flip had
 //! returned, while memory held the new word and the sync was done: rules
-//! 3 and 4 forbid that on hardware, so under qemu it is a stale
-//! translation, but `.ci/aarch64-qemu-smc.c` did not reproduce it outside
-//! textpoke and `.ci/aarch64` skips that test.
+//! 3 and 4 forbid that on hardware. The cause is qemu 7.2's translation
+//! chaining: invalidating a translation block unlinks the jumps *into* it
+//! but not its own patched jumps *out*, so a caller preempted inside the
+//! loop's (invalidated) block resumes after the flip and follows that
+//! block's old chained jump into the site's old block, once.
+//! `.ci/aarch64-qemu-smc.c` reproduces it with no textpoke code (2–7 stale
+//! calls per 1,000 flips with the callers' loop on the sites' page, none
+//! with `-d nochain`, none when the call is indirect or the loop is on
+//! another page); `.ci/aarch64` runs that test under `qemu-aarch64 -d
+//! nochain`, where it passes.
 //!
 //! Nothing here was run on real Arm cores in this project: that is the
 //! remaining gap. The first thing to do on Arm hardware is `.ci/aarch64`'s
