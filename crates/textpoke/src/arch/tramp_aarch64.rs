@@ -238,18 +238,41 @@ pub fn call_stub(
             Entered::Branch { site } => a.b_to(site + 2 * super::INSN_LEN)?,
             Entered::Call => a.ret()?,
         }
-        a.set_label(null)?;
-        a.ret()?;
-        a.set_label(cold)?;
-        if let Counter::Tls(_) = counter {
-            a.load_far(X16, header + HDR_CALL)?;
-            a.blr(X16)?;
-            a.b_cond(Cond::Ne, again)?;
-            a.b(done)?;
-        }
-        Ok(())
+        stub_tail(a, counter, header, StubLabels { again, done, null, cold })
     };
     build(&mut a).ok()?;
+    finish_stub(a, at, null)
+}
+
+/// The labels every call stub ([`call_stub`], `body_stub`) places.
+pub(super) struct StubLabels {
+    pub again: Label,
+    pub done: Label,
+    pub null: Label,
+    pub cold: Label,
+}
+
+/// The end shared by every call stub: `null` (where the word points while
+/// there is no trampoline: `ret`) and, with a TLS counter, `cold` (an
+/// unregistered thread calls the register routine, which sets Z when the
+/// thread may not be traced: on to `done`, else back to `again`).
+pub(super) fn stub_tail(a: &mut Assembler, counter: Counter, header: usize, l: StubLabels) -> Result<(), AsmError> {
+    a.set_label(l.null)?;
+    a.ret()?;
+    a.set_label(l.cold)?;
+    if let Counter::Tls(_) = counter {
+        a.load_far(X16, header + HDR_CALL)?;
+        a.blr(X16)?;
+        a.b_cond(Cond::Ne, l.again)?;
+        a.b(l.done)?;
+    }
+    Ok(())
+}
+
+/// Assembles a call stub for `at`; its data word starts at `null`'s
+/// address (a stub with no trampoline returns at once). `None` if it does
+/// not fit a stub slot.
+pub(super) fn finish_stub(a: Assembler, at: usize, null: Label) -> Option<StubCode> {
     let null_at = at + 4 * a.label_index(null)?;
     let code = a.assemble(at).ok()?;
     if code.len() > STUB_CODE {

@@ -44,7 +44,7 @@
 //! points to preserves it (the body trampoline saves x0–x18, the routines
 //! every register, the null path is a `ret`), as it must preserve every
 //! register the body may hold. That keeps the stub within a slot
-//! ([`STUB_CODE`]) with any positive 32-bit count offset (aarch64's static
+//! ([`STUB_CODE`](super::tramp::STUB_CODE)) with any positive 32-bit count offset (aarch64's static
 //! TLS offsets are positive) and any value. With
 //! [`Counter::Calls`] the enter and leave routines are called instead, as
 //! in the entry stub.
@@ -53,7 +53,7 @@
 //! sites (the return slot, the entry SP): a body site's entry has neither.
 
 use super::asm::{AsmError, Assembler, Cond, Index, Reg, FP, LR, SP};
-use super::tramp::{Counter, StubCode, HDR_CALL, HDR_LEAVE, STUB_CODE, STUB_DATA};
+use super::tramp::{finish_stub, stub_tail, Counter, StubCode, StubLabels, HDR_CALL, HDR_LEAVE};
 
 const X9: Reg = Reg(9);
 const X16: Reg = Reg(16);
@@ -116,26 +116,10 @@ pub fn body_stub(at: usize, data: usize, header: usize, value: u32, counter: Cou
         a.ldp(X16, X17, SP, 16, Index::Offset)?;
         a.ldp(FP, LR, SP, FRAME, Index::Post)?;
         a.b_to(site + super::INSN_LEN)?;
-        a.set_label(null)?;
-        a.ret()?;
-        a.set_label(cold)?;
-        if let Counter::Tls(_) = counter {
-            a.load_far(X16, header + HDR_CALL)?;
-            a.blr(X16)?;
-            a.b_cond(Cond::Ne, again)?;
-            a.b(done)?;
-        }
-        Ok(())
+        stub_tail(a, counter, header, StubLabels { again, done, null, cold })
     };
     build(&mut a).ok()?;
-    let null_at = at + 4 * a.label_index(null)?;
-    let code = a.assemble(at).ok()?;
-    if code.len() > STUB_CODE {
-        return None;
-    }
-    let mut d = [0u8; STUB_DATA];
-    d[..8].copy_from_slice(&(null_at as u64).to_le_bytes());
-    Some(StubCode { code, data: d, word: 0, null: null_at })
+    finish_stub(a, at, null)
 }
 
 #[cfg(test)]
