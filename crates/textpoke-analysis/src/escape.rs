@@ -45,7 +45,7 @@ use std::io;
 
 /// `s` with every character that a terminal would act on, or that would
 /// not show, replaced by a visible escape (see the [module
-/// documentation](self)); borrowed when nothing needs escaping.
+/// documentation](crate::escape)); borrowed when nothing needs escaping.
 pub fn escape(s: &str) -> Cow<'_, str> {
     if !s.chars().any(needs_escape) {
         return Cow::Borrowed(s);
@@ -80,7 +80,7 @@ fn push_escaped(out: &mut String, c: char) {
 
 /// Writes `value` as compact JSON to `w`, as `serde_json::to_writer`
 /// does, with the characters [`escape`] escapes and JSON leaves raw
-/// written as `\u` escapes (see the [module documentation](self)).
+/// written as `\u` escapes (see the [module documentation](crate::escape)).
 pub fn to_json_writer<W: io::Write, T: Serialize + ?Sized>(w: W, value: &T) -> serde_json::Result<()> {
     value.serialize(&mut serde_json::Serializer::with_formatter(w, TerminalSafe(CompactFormatter)))
 }

@@ -23,7 +23,7 @@
 //! # Encoding
 //!
 //! The descriptors are built with `perfetto_protos`. The packets written
-//! for every call and mark are encoded here by hand ([`wire`]): a handful
+//! for every call and mark are encoded here by hand (`wire`): a handful
 //! of varint and length-delimited fields into reused buffers, with no
 //! message objects. Through `perfetto_protos` (compiled unoptimised, see
 //! the workspace manifest) they took most of the exporter's time: 1.4 s

@@ -10,7 +10,7 @@
 //! client would: the tracer's ops and inline-code hook ([`RecordOp`]),
 //! the assembler and trampoline frames of `textpoke::arch` for its
 //! generated code, the clock, the function table, `sys`. The engine knows
-//! nothing of it. One crate holds the writer, the on-disk [`format`] and
+//! nothing of it. One crate holds the writer, the on-disk [`format`](mod@format) and
 //! its reader ([`tracedata`]): the three change together (the format's
 //! version), a round trip is tested in one place, and they need the same
 //! serde and serde_json, which the engine does not. Glob filters for the
@@ -62,7 +62,7 @@
 //!
 //! # Hot path (H0–H8)
 //!
-//! Each thread owns one [`buffer`], reached through a `const`-initialised
+//! Each thread owns one `buffer`, reached through a `const`-initialised
 //! thread-local pointer. An event:
 //!
 //! - **H0** reads the clock first (after a check that a recording session
@@ -78,7 +78,7 @@
 //!   the cold path.
 //! - **K3** (entries) counts the call in the thread's counter array.
 //! - **H4** checks that the event fits the current segment (`pos` plus its
-//!   size at most `end`) and a compact word (see [`format`]); else the
+//!   size at most `end`) and a compact word (see [`format`](mod@format)); else the
 //!   segment steps below (G).
 //! - **H5** clamps the time to the thread's previous one (a signal handler
 //!   that records between H0 and H2 could otherwise leave a later time
@@ -246,7 +246,7 @@
 //! - `tid-<tid>.bin` (record mode; `tid-<tid>-<n>.bin` if a tid was
 //!   reused): a 32-byte header — magic `TPKTHRD\0`, `u32` version (2),
 //!   `u32` word length (8), `i32` tid, 12 reserved zero bytes — then the
-//!   thread's event stream ([`format`]: 8-byte compact events, sync and
+//!   thread's event stream ([`format`](mod@format): 8-byte compact events, sync and
 //!   long records). The file has exactly `words` words, whose checksum
 //!   ([`format::checksum_step`]) is `checksum`.
 //! - `child-<pid>/`: the trace of a forked child, same layout.

@@ -146,9 +146,9 @@ impl ClockInfo {
 static MODE: AtomicU8 = AtomicU8::new(MODE_MONOTONIC);
 /// [`MODE`]: `CLOCK_MONOTONIC`.
 pub const MODE_MONOTONIC: u8 = 0;
-/// [`MODE`]: `lfence; rdtsc`.
+/// `MODE`: `lfence; rdtsc`.
 pub const MODE_TSC_ORDERED: u8 = 1;
-/// [`MODE`]: plain `rdtsc`.
+/// `MODE`: plain `rdtsc`.
 pub const MODE_TSC_UNORDERED: u8 = 2;
 
 /// Address of the mode byte ([`MODE_MONOTONIC`], [`MODE_TSC_ORDERED`] or

@@ -12,15 +12,15 @@
 //! - what compilers put at a patchable function entry: the NOP forms
 //!   ([`NopForm`]: gcc's pad of 1-byte NOPs, the single 5-byte NOP), the
 //!   branch-target marker before them (`endbr64`), the length of a run of
-//!   NOPs ([`nop_run_len`]);
+//!   NOPs (`nop_run_len`);
 //! - decoding checks: is this one whole instruction, whole instructions,
 //!   is this address an instruction boundary (decode from the function's
 //!   start and see whether an instruction starts exactly there);
-//! - what the trap handler emulates for a new instruction ([`Emulation`]),
+//! - what the trap handler emulates for a new instruction (`Emulation`),
 //!   access to the interrupted context's PC and SP, and the signal frames
-//!   a parked thread holds further up its stack ([`for_each_outer_pc`]);
-//! - a core-serialising instruction ([`serialize_core`]);
-//! - an assembler ([`asm`]) and trampoline frames ([`tramp`]).
+//!   a parked thread holds further up its stack (`for_each_outer_pc`);
+//! - a core-serialising instruction (`serialize_core`);
+//! - an assembler ([`asm`]) and trampoline frames (`tramp`).
 //!
 //! x86-64 (`x86_64.rs`) and aarch64 (`aarch64.rs`, `aarch64/insn.rs`; see
 //! DESIGN.md rule 6: there only B, BL, NOP and BRK may be swapped live).

@@ -17,16 +17,16 @@
 //!
 //! The checks cost the same per poke whatever the batch's size: the pokes
 //! are sorted once, `/proc/self/maps` is read once, each object's dynamic
-//! symbols are read once for all the pokes in it ([`dynsym`]: `dladdr1`
+//! symbols are read once for all the pokes in it (`dynsym`: `dladdr1`
 //! walks an object's whole table per call), bytes are compared in place,
-//! and nothing is allocated per poke (see [`validate`]).
+//! and nothing is allocated per poke (see `validate`).
 //!
 //! # Strategies
 //!
 //! - [`Strategy::Breakpoint`] (default): the kernel's text_poke_bp_batch,
-//!   three sync rounds per batch whatever its size; see [`breakpoint`].
+//!   three sync rounds per batch whatever its size; see `breakpoint`.
 //! - [`Strategy::StopMachine`]: park every other thread, check none is
-//!   stopped strictly inside a poke, write, release; see [`stop_machine`].
+//!   stopped strictly inside a poke, write, release; see `stop_machine`.
 //!   A write that fails puts back the old bytes before the release.
 //!
 //! Commits from several threads are serialised by one lock. Committing from

@@ -80,7 +80,7 @@ pub enum NopForm {
     /// its own bytes, so that disabling it writes back exactly what the
     /// compiler left.
     SingleDisp(u8),
-    /// Several NOP instructions (gcc's [`GCC_PAD`]: `insns` = 5). Must be
+    /// Several NOP instructions (gcc's `GCC_PAD`: `insns` = 5). Must be
     /// rewritten into [`NOP5`] with every thread parked before it can be
     /// patched live (DESIGN.md rule 1).
     Split {
