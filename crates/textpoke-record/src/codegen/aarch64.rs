@@ -32,19 +32,8 @@
 
 use super::buffer::{buffer_layout, BufferLayout};
 use super::format::{self, KIND_ENTRY, KIND_EXIT};
-use textpoke::arch::asm::{AsmError, Assembler, Cond, Label, Reg, ZR};
+use textpoke::arch::asm::{AsmError, Assembler, Cond, Label, Reg, X0, X10, X11, X12, X13, X14, X15, X16, X17, X9, ZR};
 use textpoke::clock::{MODE_TSC_ORDERED, MODE_TSC_UNORDERED};
-
-const X0: Reg = Reg(0);
-const X9: Reg = Reg(9);
-const X10: Reg = Reg(10);
-const X11: Reg = Reg(11);
-const X12: Reg = Reg(12);
-const X13: Reg = Reg(13);
-const X14: Reg = Reg(14);
-const X15: Reg = Reg(15);
-const X16: Reg = Reg(16);
-const X17: Reg = Reg(17);
 
 const _: () = assert!(format::DELTA_SHIFT + format::DELTA_BITS == 64);
 

@@ -103,7 +103,9 @@
 //! the thread's frames with their CFI and put the originals back
 //! (`trace/unwind_aarch64.rs`).
 
-use super::asm::{AsmError, Assembler, Cond, Index, Label, Reg, FP, LR, SP};
+use super::asm::{
+    AsmError, Assembler, Cond, Index, Label, Reg, FP, LR, SP, X10, X11, X12, X13, X14, X15, X16, X17, X9, ZR,
+};
 
 /// A thread's count while it is not registered with the tracer (bit 31):
 /// the stub tests it after its raise (`tbnz`). The low bits count nesting.
@@ -138,14 +140,38 @@ pub struct StubCode {
     pub null: usize,
 }
 
-const X9: Reg = Reg(9);
-const X16: Reg = Reg(16);
-const X17: Reg = Reg(17);
-
 /// x16 = the address of the count (`TPIDR_EL0 + off`).
 fn count_address(a: &mut Assembler, off: i32) -> Result<(), AsmError> {
     a.mrs_tpidr(X16)?;
     a.add_offset(X16, X16, off, X17)
+}
+
+/// A call stub's raise of the thread's count: `addr` = the count's
+/// address, `val` its new value (to `cold` when the thread is not
+/// registered), or with [`Counter::Calls`] the enter routine (Z set: not
+/// traced, to `done`). Clobbers x16, x17 and the flags, as every stub may.
+pub(super) fn raise_count(
+    a: &mut Assembler,
+    counter: Counter,
+    header: usize,
+    (addr, val): (Reg, Reg),
+    (cold, done): (Label, Label),
+) -> Result<(), AsmError> {
+    match counter {
+        Counter::Tls(off) => {
+            a.mrs_tpidr(addr)?;
+            a.add_offset(addr, addr, off, val)?;
+            a.ldr_w(val, addr, 0)?;
+            a.add_imm_w(val, val, 1)?;
+            a.str_w(val, addr, 0)?;
+            a.tbnz_w(val, 31, cold)
+        }
+        Counter::Calls => {
+            a.load_far(X16, header + HDR_CALL)?; // the enter routine
+            a.blr(X16)?;
+            a.b_cond(Cond::Eq, done)
+        }
+    }
 }
 
 /// How a site enters its stub, and so how the stub leaves.
@@ -202,20 +228,7 @@ pub fn call_stub(
     let build = |a: &mut Assembler| -> Result<(), AsmError> {
         a.stp(FP, LR, SP, -16, Index::Pre)?;
         a.mov_sp(FP, SP)?;
-        match counter {
-            Counter::Tls(off) => {
-                count_address(a, off)?;
-                a.ldr_w(X17, X16, 0)?;
-                a.add_imm_w(X17, X17, 1)?;
-                a.str_w(X17, X16, 0)?;
-                a.tbnz_w(X17, 31, cold)?;
-            }
-            Counter::Calls => {
-                a.load_far(X16, header + HDR_CALL)?; // the enter routine
-                a.blr(X16)?;
-                a.b_cond(Cond::Eq, done)?;
-            }
-        }
+        raise_count(a, counter, header, (X16, X17), (cold, done))?;
         a.set_label(again)?;
         a.mov_imm(X9, value as u64)?;
         a.load_far(X16, data)?;
@@ -501,14 +514,6 @@ pub fn leave_routine(at: usize, handler: usize, _avx: bool) -> Result<Vec<u8>, A
 /// inputs and which it may clobber depends on the trampoline: see
 /// [`count_trampoline`], [`graph_trampoline`] and [`return_block`].
 pub type Emit<'a> = &'a dyn Fn(&mut Assembler, Label) -> Result<(), AsmError>;
-
-const X10: Reg = Reg(10);
-const X11: Reg = Reg(11);
-const X12: Reg = Reg(12);
-const X13: Reg = Reg(13);
-const X14: Reg = Reg(14);
-const X15: Reg = Reg(15);
-const ZR: Reg = super::asm::ZR;
 
 /// `d = [TPIDR_EL0 + off]`, a u64 (`scratch` only for far offsets).
 fn load_tls(a: &mut Assembler, d: Reg, off: i32, scratch: Reg) -> Result<(), AsmError> {

@@ -31,6 +31,19 @@ pub const ZR: Reg = Reg(31);
 pub const FP: Reg = Reg(29);
 pub const LR: Reg = Reg(30);
 
+/// The general-purpose registers stubs, trampolines and the recorder's
+/// inline code name (one set for all of them).
+pub const X0: Reg = Reg(0);
+pub const X9: Reg = Reg(9);
+pub const X10: Reg = Reg(10);
+pub const X11: Reg = Reg(11);
+pub const X12: Reg = Reg(12);
+pub const X13: Reg = Reg(13);
+pub const X14: Reg = Reg(14);
+pub const X15: Reg = Reg(15);
+pub const X16: Reg = Reg(16);
+pub const X17: Reg = Reg(17);
+
 /// Why code could not be assembled.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AsmError(String);

@@ -52,12 +52,8 @@
 //! The entry trampoline reads the stub's SP from its frame only for entry
 //! sites (the return slot, the entry SP): a body site's entry has neither.
 
-use super::asm::{AsmError, Assembler, Cond, Index, Reg, FP, LR, SP};
-use super::tramp::{finish_stub, stub_tail, Counter, StubCode, StubLabels, HDR_CALL, HDR_LEAVE};
-
-const X9: Reg = Reg(9);
-const X16: Reg = Reg(16);
-const X17: Reg = Reg(17);
+use super::asm::{AsmError, Assembler, Index, FP, LR, SP, X16, X17, X9};
+use super::tramp::{finish_stub, raise_count, stub_tail, Counter, StubCode, StubLabels, HDR_LEAVE};
 
 /// `mrs x16, nzcv` and `msr nzcv, x16`.
 const MRS_X16_NZCV: u32 = 0xd53b_4200 | 16;
@@ -79,21 +75,8 @@ pub fn body_stub(at: usize, data: usize, header: usize, value: u32, counter: Cou
         a.stp(X16, X17, SP, 16, Index::Offset)?;
         a.word(MRS_X16_NZCV)?;
         a.stp(X9, X16, SP, 32, Index::Offset)?;
-        match counter {
-            Counter::Tls(off) => {
-                a.mrs_tpidr(X17)?;
-                a.add_offset(X17, X17, off, X16)?;
-                a.ldr_w(X16, X17, 0)?;
-                a.add_imm_w(X16, X16, 1)?;
-                a.str_w(X16, X17, 0)?;
-                a.tbnz_w(X16, 31, cold)?;
-            }
-            Counter::Calls => {
-                a.load_far(X16, header + HDR_CALL)?; // the enter routine
-                a.blr(X16)?;
-                a.b_cond(Cond::Eq, done)?;
-            }
-        }
+        // x17 keeps the count's address across the call (module docs).
+        raise_count(a, counter, header, (X17, X16), (cold, done))?;
         a.set_label(again)?;
         a.mov_imm(X9, value as u64)?;
         a.load_far(X16, data)?;
