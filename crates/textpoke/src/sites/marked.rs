@@ -262,57 +262,50 @@ impl MarkedFunction {
 
 const _: () = assert!(std::mem::size_of::<MarkedFunction>() == MarkedFunction::SIZE);
 
-/// One site of a marked function: the 5-byte NOP (aarch64: one `nop`)
-/// and its record in `textpoke_sites` (see the
-/// [`sites::marked`](crate::sites::marked) module docs). `$kind` is 0
-/// (entry) or 1 (exit); `$desc` the path of the function's `static`
-/// [`MarkedFunction`]. For the expansion of `#[textpoke::traced]` only.
+/// The instruction of a marked site: one 5-byte NOP on x86-64, which the
+/// sites layer patches into a `call` of a trampoline; on aarch64 one
+/// `nop`, which the tracer swaps with `b stub` (NOP↔B, allowed while
+/// other cores run it), the body stub branching back to the site + 4
+/// (`arch/aarch64/body_stub.rs`). For [`__traced_site!`] only.
 #[cfg(target_arch = "x86_64")]
 #[doc(hidden)]
 #[macro_export]
-macro_rules! __traced_site {
-    ($kind:literal, $desc:path) => {
-        // SAFETY: the block executes one 5-byte NOP; it reads and writes no
-        // register and no memory. The sites layer only ever patches it into
-        // a `call` of a trampoline that preserves every register, which is
-        // why `nostack` (the call pushes) and `preserves_flags` are not
-        // given. The record only holds link-time constants.
-        unsafe {
-            ::core::arch::asm!(
-                "2:",
-                $crate::__nop5_asm!(),
-                ".pushsection textpoke_sites,\"aR\",@progbits",
-                ".balign 4",
-                ".long 2b - .",
-                ".long {desc} - .",
-                ".byte {kind}, 1, 0, 0",
-                ".popsection",
-                desc = sym $desc,
-                kind = const $kind,
-            )
-        }
+macro_rules! __traced_site_insn {
+    () => {
+        $crate::__nop5_asm!()
     };
 }
 
-/// One site of a marked function (see the x86-64 form): on aarch64 one
-/// `nop`, which the tracer swaps with `b stub` (NOP↔B, allowed while other
-/// cores run it); the body stub saves what it uses, NZCV included, and
-/// branches back to the site + 4 (`arch/aarch64/body_stub.rs`).
+/// See the x86-64 form.
 #[cfg(target_arch = "aarch64")]
+#[doc(hidden)]
+#[macro_export]
+macro_rules! __traced_site_insn {
+    () => {
+        "nop"
+    };
+}
+
+/// One site of a marked function: its NOP ([`__traced_site_insn!`]) and
+/// its record in `textpoke_sites` (see the
+/// [`sites::marked`](crate::sites::marked) module docs). `$kind` is 0
+/// (entry) or 1 (exit); `$desc` the path of the function's `static`
+/// [`MarkedFunction`]. For the expansion of `#[textpoke::traced]` only.
 #[doc(hidden)]
 #[macro_export]
 macro_rules! __traced_site {
     ($kind:literal, $desc:path) => {
         // SAFETY: the block executes one NOP; it reads and writes no
-        // register and no memory. The sites layer only ever swaps it with a
-        // `b` to a stub that preserves every register and the flags and
-        // stores only below the stack pointer after moving it (AAPCS64 has
-        // no red zone), which is why `nostack` and `preserves_flags` are
-        // not given. The record only holds link-time constants.
+        // register and no memory. The sites layer only ever turns it into a
+        // call (x86-64) or a branch (aarch64) to code that preserves every
+        // register and the flags and that pushes or stores below the stack
+        // pointer (aarch64 has no red zone, and moves it first), which is
+        // why `nostack` and `preserves_flags` are not given. The record only
+        // holds link-time constants.
         unsafe {
             ::core::arch::asm!(
                 "2:",
-                "nop",
+                $crate::__traced_site_insn!(),
                 ".pushsection textpoke_sites,\"aR\",@progbits",
                 ".balign 4",
                 ".long 2b - .",
