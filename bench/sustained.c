@@ -39,4 +39,4 @@ int main(int argc,char**argv){ int secs=argc>1?atoi(argv[1]):10; pthread_t w[8],
   for(long i=0;i<3;i++) pthread_create(&s[i],0,sleeper,(void*)i);
   struct timespec ts={secs,0}; while(nanosleep(&ts,&ts)<0&&errno==EINTR) atomic_fetch_add(&eintr,1);
   atomic_store(&stop,1); for(int i=0;i<8;i++) pthread_join(w[i],0); for(int i=0;i<3;i++) pthread_join(s[i],0);
-  printf("top calls %ld (functions calls %ld), sleeps %ld, eintr %ld, early %ld\n",calls,calls*5,sleeps,eintr,early); return 0; }
+  printf("top calls %ld (traced calls %ld: top, 2 mid, 4 leaf each), sleeps %ld, eintr %ld, early %ld\n",calls,calls*7,sleeps,eintr,early); return 0; }
